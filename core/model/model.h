@@ -1,0 +1,85 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file model.h
+/// \brief The model graph of the three Qwen MoE families on the CPU (model-spec §3), explicit per layer.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "core/config/model_config.h"
+#include "core/model/routed_experts.h"
+#include "core/model/sequence_state.h"
+#include "core/model/weight_loader.h"
+#include "kernels/common/dtype.h"
+#include "kernels/common/executor.h"
+
+namespace tidal::core {
+
+struct AttentionWeights {
+  kernels::WeightView q_proj, k_proj, v_proj, o_proj;
+  std::vector<float> q_norm, k_norm;
+};
+
+struct DeltaNetWeights {
+  kernels::WeightView in_proj_qkvz, in_proj_ba;                      // qwen3_next
+  kernels::WeightView in_proj_qkv, in_proj_z, in_proj_b, in_proj_a;  // qwen3_5_moe
+  kernels::WeightView out_proj;
+  std::vector<float> conv1d;  // (channels, kernel)
+  std::vector<float> dt_bias, A_log, norm;
+};
+
+struct MlpWeights {
+  bool is_moe = false;
+  kernels::WeightView router;                                        // mlp.gate  [E, H]
+  kernels::WeightView shared_gate_proj, shared_up_proj, shared_down_proj;
+  std::vector<float> shared_expert_gate;                             // [H]
+  kernels::WeightView gate_proj, up_proj, down_proj;                 // dense layers
+};
+
+struct LayerWeights {
+  LayerType type = LayerType::kFullAttention;
+  std::vector<float> input_layernorm, post_attention_layernorm;
+  AttentionWeights attn;
+  DeltaNetWeights gdn;
+  MlpWeights mlp;
+};
+
+/// Which rows of logits a forward call produces.
+enum class LogitsMode : uint8_t { kNone, kLast, kAll };
+
+class Model {
+ public:
+  /// Binds and checks every non-expert tensor of `ck` (routed experts are the `experts` object's).
+  Model(const ModelConfig& cfg, const Checkpoint& ck, std::shared_ptr<RoutedExperts> experts);
+
+  const ModelConfig& config() const { return cfg_; }
+
+  /// A fresh per-sequence state (empty KV cache, zero DeltaNet states).
+  SequenceState new_state() const;
+
+  /// Runs `ids` (already range-checked) through the model after the tokens already in `state`, and
+  /// appends them to it. logits: (rows, vocab_size), rows = ids.size() (kAll), 1 (kLast) or 0.
+  void forward(std::span<const int64_t> ids, SequenceState& state, LogitsMode mode, std::vector<float>& logits,
+               kernels::Executor& ex) const;
+
+ private:
+  void attention_layer(const LayerWeights& w, LayerState& ls, int64_t pos0, const float* xn, int64_t T, float* out,
+                       kernels::Executor& ex) const;
+  void delta_net_layer(const LayerWeights& w, LayerState& ls, const float* xn, int64_t T, float* out,
+                       kernels::Executor& ex) const;
+  void mlp_block(int64_t layer, const MlpWeights& w, const float* xn, int64_t T, float* out,
+                 kernels::Executor& ex) const;
+
+  ModelConfig cfg_;
+  std::shared_ptr<OwnedWeights> owned_;
+  std::shared_ptr<RoutedExperts> experts_;
+  kernels::WeightView embed_tokens_, lm_head_;
+  std::vector<float> final_norm_;
+  std::vector<LayerWeights> layers_;
+  struct Rope;
+  std::shared_ptr<const Rope> rope_;
+};
+
+}  // namespace tidal::core

@@ -1,0 +1,83 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file sampler.cpp
+/// \brief Greedy and filtered sampling.
+#include "core/runtime/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "core/error.h"
+
+namespace tidal::runtime {
+
+void SamplingParams::validate() const {
+  TIDAL_CHECK(std::isfinite(temperature) && temperature >= 0.0f, InvalidArgument,
+              "temperature must be a finite number >= 0, got {}", temperature);
+  TIDAL_CHECK(top_k >= 0, InvalidArgument, "top_k must be >= 0 (0 disables it), got {}", top_k);
+  TIDAL_CHECK(top_p > 0.0f && top_p <= 1.0f, InvalidArgument, "top_p must be in (0, 1], got {}", top_p);
+  TIDAL_CHECK(min_p >= 0.0f && min_p <= 1.0f, InvalidArgument, "min_p must be in [0, 1], got {}", min_p);
+}
+
+Sampler::Sampler(const SamplingParams& p) : p_(p), rng_(p.seed.value_or(std::random_device{}())) { p_.validate(); }
+
+std::vector<float> Sampler::probabilities(std::span<const float> logits) const {
+  if (p_.temperature == 0.0f) return {};
+  const size_t V = logits.size();
+  std::vector<double> prob(V);
+  const float mx = *std::max_element(logits.begin(), logits.end());
+  double sum = 0.0;
+  for (size_t i = 0; i < V; ++i) {
+    prob[i] = std::exp((static_cast<double>(logits[i]) - mx) / p_.temperature);
+    sum += prob[i];
+  }
+  for (auto& v : prob) v /= sum;
+  std::vector<int64_t> order(V);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return prob[a] > prob[b]; });
+  size_t keep = V;
+  if (p_.top_k > 0) keep = std::min(keep, static_cast<size_t>(p_.top_k));
+  if (p_.top_p < 1.0f) {
+    // Smallest prefix (among the kept) whose mass reaches top_p; renormalised over the kept set.
+    double kept_mass = 0.0;
+    for (size_t i = 0; i < keep; ++i) kept_mass += prob[order[i]];
+    double cum = 0.0;
+    size_t n = 0;
+    while (n < keep) {
+      cum += prob[order[n]] / kept_mass;
+      ++n;
+      if (cum >= p_.top_p) break;
+    }
+    keep = std::max<size_t>(1, n);
+  }
+  if (p_.min_p > 0.0f) {
+    const double thresh = p_.min_p * prob[order[0]];
+    size_t n = 0;
+    while (n < keep && prob[order[n]] >= thresh) ++n;
+    keep = std::max<size_t>(1, n);
+  }
+  std::vector<float> out(V, 0.0f);
+  double mass = 0.0;
+  for (size_t i = 0; i < keep; ++i) mass += prob[order[i]];
+  for (size_t i = 0; i < keep; ++i) out[order[i]] = static_cast<float>(prob[order[i]] / mass);
+  return out;
+}
+
+int64_t Sampler::sample(std::span<const float> logits) {
+  if (p_.temperature == 0.0f)
+    return std::distance(logits.begin(), std::max_element(logits.begin(), logits.end()));
+  const std::vector<float> prob = probabilities(logits);
+  std::uniform_real_distribution<double> uni(0.0, 1.0);
+  const double r = uni(rng_);
+  double cum = 0.0;
+  int64_t last = 0;
+  for (size_t i = 0; i < prob.size(); ++i) {
+    if (prob[i] <= 0.0f) continue;
+    cum += prob[i];
+    last = static_cast<int64_t>(i);
+    if (r < cum) return last;
+  }
+  return last;
+}
+
+}  // namespace tidal::runtime

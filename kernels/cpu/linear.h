@@ -1,0 +1,37 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file linear.h
+/// \brief dst = src · weiᵀ (a projection `y = W x` for m tokens), fp32 activations, BF16 or F32 weights.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/common/dtype.h"
+#include "kernels/common/executor.h"
+
+namespace tidal::kernels::cpu {
+
+/// Arguments of one projection. src (m, k) with row stride ld_src; wei `[n, k]`; dst (m, n) with row
+/// stride ld_dst. With `accumulate`, dst += result instead of dst = result.
+struct LinearArgs {
+  const float* src = nullptr;
+  int64_t ld_src = 0;
+  WeightView wei;
+  float* dst = nullptr;
+  int64_t ld_dst = 0;
+  int64_t m = 0;
+  bool accumulate = false;
+};
+
+/// Scalar reference: plain loops, fp64 accumulation, one thread.
+void linear_ref(const LinearArgs& args);
+
+/// Threaded version: rows of wei split over the executor, fp32 accumulation in SIMD lanes.
+void linear(const LinearArgs& args, Executor& ex);
+
+/// Convenience: contiguous src (m, k) and dst (m, n).
+inline void linear(const float* src, int64_t m, const WeightView& wei, float* dst, Executor& ex,
+                   bool accumulate = false) {
+  linear({src, wei.cols, wei, dst, wei.rows, m, accumulate}, ex);
+}
+
+}  // namespace tidal::kernels::cpu
