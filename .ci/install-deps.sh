@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+# Installs tidal's build and test dependencies on a Debian/Ubuntu machine: system packages through apt
+# (only those missing), then the Python packages the tests use through pip. Safe to run again.
+set -euo pipefail
+
+pkgs=(build-essential cmake ninja-build pkg-config ccache git
+      libfmt-dev libhwloc-dev libtbb-dev nlohmann-json3-dev libboost-dev libgtest-dev)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ! python3 -m pip --version >/dev/null 2>&1; then
+  missing+=(python3-pip python3-dev)
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  echo "install-deps: apt-get install ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Debian's own python3 is "externally managed" (PEP 668); this lets pip install next to it. It has no
+# effect on a virtual environment or a pyenv/conda Python.
+export PIP_BREAK_SYSTEM_PACKAGES=1
+python3 -m pip install -q --disable-pip-version-check "numpy>=1.22" "pytest>=7"

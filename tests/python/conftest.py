@@ -1,0 +1,48 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Shared fixtures: paths of the golden checkpoints and a small safetensors writer/reader."""
+
+import json
+import pathlib
+import shutil
+import struct
+
+import numpy as np
+import pytest
+
+GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "golden"
+ARCHS = ["qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_moe"]
+
+
+def read_safetensors(path):
+    """-> (header dict, raw data bytes)."""
+    raw = pathlib.Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def write_safetensors(path, header, data):
+    h = json.dumps(header).encode()
+    pathlib.Path(path).write_bytes(struct.pack("<Q", len(h)) + h + data)
+
+
+def tensor_array(header, data, name):
+    """A tensor of a safetensors file as numpy (BF16 as float32)."""
+    t = header[name]
+    b0, b1 = t["data_offsets"]
+    buf = data[b0:b1]
+    if t["dtype"] == "BF16":
+        u = np.frombuffer(buf, np.uint16).astype(np.uint32) << 16
+        return u.view(np.float32).reshape(t["shape"])
+    return np.frombuffer(buf, {"F32": np.float32, "F16": np.float16}[t["dtype"]]).reshape(t["shape"])
+
+
+@pytest.fixture
+def golden_copy(tmp_path):
+    """Copy of a golden checkpoint directory that a test may modify."""
+
+    def make(arch):
+        dst = tmp_path / arch
+        shutil.copytree(GOLDEN / arch, dst)
+        return dst
+
+    return make

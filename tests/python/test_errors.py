@@ -1,0 +1,194 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Bad input gets a clear Python exception naming what is wrong; never a crash."""
+
+import json
+import os
+
+import pytest
+import tidal
+from conftest import GOLDEN, read_safetensors, write_safetensors
+
+
+@pytest.fixture(scope="module")
+def rt():
+    return tidal.Runtime.load(GOLDEN / "qwen3_5_moe_text")
+
+
+# ---- checkpoints and configs -------------------------------------------------------------------
+
+def test_missing_path():
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        tidal.Runtime.load("/nonexistent/model/dir")
+
+
+def test_missing_config(golden_copy):
+    d = golden_copy("qwen3_moe")
+    os.remove(d / "config.json")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        tidal.Runtime.load(d)
+
+
+def test_unknown_model_type_lists_supported(golden_copy):
+    d = golden_copy("qwen3_moe")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(NotImplementedError, match=r'"llama".*qwen3_next, qwen3_5_moe, qwen3_5_moe_text, qwen3_moe'):
+        tidal.Runtime.load(d)
+
+
+def test_config_not_json(golden_copy):
+    d = golden_copy("qwen3_moe")
+    (d / "config.json").write_text("{ not json")
+    with pytest.raises(tidal.FormatError, match="not valid JSON"):
+        tidal.Runtime.load(d)
+
+
+def test_config_missing_field(golden_copy):
+    d = golden_copy("qwen3_next")
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["hidden_size"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match='"hidden_size" is missing'):
+        tidal.Runtime.load(d)
+
+
+def _rewrite(path, edit):
+    header, data = read_safetensors(path)
+    header, data = edit(header, data)
+    write_safetensors(path, header, data)
+
+
+def test_missing_tensor_named(golden_copy):
+    d = golden_copy("qwen3_5_moe_text")
+    name = "model.layers.3.self_attn.k_proj.weight"
+    _rewrite(d / "model.safetensors", lambda h, b: ({k: v for k, v in h.items() if k != name}, b))
+    with pytest.raises(tidal.FormatError, match=rf'tensor "{name}" is missing'):
+        tidal.Runtime.load(d)
+
+
+def test_missing_expert_named(golden_copy):
+    d = golden_copy("qwen3_5_moe_text")
+    name = "model.layers.1.mlp.experts.5.down_proj.weight"
+    _rewrite(d / "model.safetensors", lambda h, b: ({k: v for k, v in h.items() if k != name}, b))
+    with pytest.raises(tidal.FormatError, match=rf'tensor "{name}" is missing'):
+        tidal.Runtime.load(d)
+
+
+def test_wrong_shape_names_tensor_file_and_fields(golden_copy):
+    d = golden_copy("qwen3_5_moe_text")
+    name = "model.layers.0.linear_attn.in_proj_qkv.weight"
+
+    def edit(h, b):
+        h[name]["shape"] = list(reversed(h[name]["shape"]))
+        return h, b
+
+    _rewrite(d / "model.safetensors", edit)
+    with pytest.raises(tidal.FormatError, match=rf'"model.safetensors": tensor "{name}" has shape \[64, 128\], '
+                                                r"expected \[128, 64\] \(hidden_size=64, linear_num_key_heads=2"):
+        tidal.Runtime.load(d)
+
+
+def test_wrong_fused_expert_shape(golden_copy):
+    d = golden_copy("qwen3_5_moe")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    name = "model.language_model.layers.2.mlp.experts.gate_up_proj"
+    shard = d / index["weight_map"][name]
+
+    def edit(h, b):
+        e, two_i, hid = h[name]["shape"]
+        h[name]["shape"] = [e * 2, two_i // 2, hid]
+        return h, b
+
+    _rewrite(shard, edit)
+    with pytest.raises(tidal.FormatError, match=rf'tensor "{name}" has shape \[16, 32, 64\], expected \[8, 64, 64\]'):
+        tidal.Runtime.load(d)
+
+
+def test_truncated_file(golden_copy):
+    d = golden_copy("qwen3_next")
+    shard = d / "model-00002-of-00003.safetensors"
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[: len(raw) - 1000])
+    with pytest.raises(tidal.FormatError, match=r"model-00002-of-00003.safetensors.*truncated"):
+        tidal.Runtime.load(d)
+
+
+def test_corrupt_header(golden_copy):
+    d = golden_copy("qwen3_5_moe_text")
+    raw = bytearray((d / "model.safetensors").read_bytes())
+    raw[8:20] = b"#garbage####"
+    (d / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(tidal.FormatError, match="corrupt header"):
+        tidal.Runtime.load(d)
+
+
+def test_unsupported_dtype_named(golden_copy):
+    d = golden_copy("qwen3_5_moe_text")
+    name = "model.layers.0.mlp.gate.weight"
+
+    def edit(h, b):
+        h[name]["dtype"] = "I16"  # same byte size as BF16: the header stays consistent
+        return h, b
+
+    _rewrite(d / "model.safetensors", edit)
+    with pytest.raises(NotImplementedError, match=rf'tensor "{name}" has dtype I16'):
+        tidal.Runtime.load(d)
+
+
+def test_extra_tensors_are_skipped():
+    # The wrapper fixture carries mtp.* and model.visual.* tensors; loading must ignore them.
+    rt = tidal.Runtime.load(GOLDEN / "qwen3_5_moe")
+    assert rt.logits([1, 2, 3]).shape == (3, 320)
+
+
+# ---- runtime arguments -------------------------------------------------------------------------
+
+def test_token_ids_out_of_range(rt):
+    with pytest.raises(ValueError, match=r"token_ids\[1\] = 320 is out of range \[0, 320\)"):
+        rt.logits([1, 320])
+    with pytest.raises(ValueError, match=r"token_ids\[0\] = -1"):
+        rt.generate([-1])
+    with pytest.raises(ValueError, match="out of range"):
+        rt.new_sequence().forward([5, 1000])
+
+
+def test_empty_prompt(rt):
+    with pytest.raises(ValueError, match="empty"):
+        rt.logits([])
+    with pytest.raises(ValueError, match="empty"):
+        rt.generate([], max_new_tokens=3)
+
+
+def test_bad_token_types(rt):
+    with pytest.raises(ValueError, match="string"):
+        rt.logits("hello")
+    with pytest.raises(ValueError, match="integers"):
+        rt.logits([1.5, 2.0])
+    with pytest.raises(ValueError, match="1-D"):
+        rt.logits([[1, 2], [3, 4]])
+
+
+def test_negative_lengths_and_bad_sampling(rt):
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        rt.generate([1, 2], max_new_tokens=-1)
+    with pytest.raises(ValueError, match="temperature"):
+        rt.generate([1, 2], temperature=-0.5)
+    with pytest.raises(ValueError, match="top_p"):
+        rt.generate([1, 2], temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        rt.generate([1, 2], top_k=-3)
+    with pytest.raises(ValueError, match="min_p"):
+        rt.generate([1, 2], min_p=1.5)
+    with pytest.raises(ValueError, match="seed"):
+        rt.generate([1, 2], temperature=1.0, seed=-4)
+    assert list(rt.generate([1, 2], max_new_tokens=0).token_ids) == []
+
+
+def test_bad_device_and_threads():
+    with pytest.raises(ValueError, match='device must be "cpu" or "cuda"'):
+        tidal.Runtime.load(GOLDEN / "qwen3_moe", device="tpu")
+    with pytest.raises((ValueError, NotImplementedError), match="cuda"):
+        tidal.Runtime.load(GOLDEN / "qwen3_moe", device="cuda")
+    with pytest.raises(ValueError, match="num_threads"):
+        tidal.Runtime.load(GOLDEN / "qwen3_moe", num_threads=-2)
