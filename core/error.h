@@ -25,7 +25,8 @@ class FileNotFound : public InvalidArgument {
  public:
   using InvalidArgument::InvalidArgument;
 };
-/// A malformed, truncated or inconsistent checkpoint or config (Python: tidal.FormatError, a ValueError).
+/// A malformed, truncated or inconsistent checkpoint or config (Python: tidal.FormatError, a
+/// ValueError).
 class FormatError : public Error {
  public:
   using Error::Error;
@@ -49,15 +50,15 @@ class InternalError : public Error {
 }  // namespace tidal
 
 /// Throws `type` with a fmt-formatted message when `cond` is false (bad input).
-#define TIDAL_CHECK(cond, type, ...)                    \
-  do {                                                  \
+#define TIDAL_CHECK(cond, type, ...)                   \
+  do {                                                 \
     if (!(cond)) throw type(fmt::format(__VA_ARGS__)); \
   } while (0)
 
 /// Throws InternalError when an invariant does not hold.
-#define TIDAL_ASSERT(cond, ...)                                                                       \
-  do {                                                                                                \
-    if (!(cond))                                                                                      \
-      throw ::tidal::InternalError(fmt::format("internal error at {}:{}: {} (please report)", __FILE__, \
-                                               __LINE__, fmt::format(__VA_ARGS__)));                  \
+#define TIDAL_ASSERT(cond, ...)                                                                \
+  do {                                                                                         \
+    if (!(cond))                                                                               \
+      throw ::tidal::InternalError(fmt::format("internal error at {}:{}: {} (please report)",  \
+                                               __FILE__, __LINE__, fmt::format(__VA_ARGS__))); \
   } while (0)

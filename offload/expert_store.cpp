@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file expert_store.cpp
-/// \brief Expert lookup for both layouts, and the CPU routed-expert forward (tokens grouped per expert).
+/// \brief Expert lookup for both layouts, and the CPU routed-expert forward (tokens grouped per
+/// expert).
 #include "offload/expert_store.h"
 
 #include <fmt/format.h>
@@ -17,7 +18,8 @@ ExpertStore::ExpertStore(const core::ModelConfig& cfg, const core::Checkpoint& c
     : hidden_(cfg.hidden_size), owned_(std::make_shared<core::OwnedWeights>()) {
   core::WeightLoader ld(ck, owned_);
   const int64_t E = cfg.num_experts, I = cfg.moe_intermediate_size, H = cfg.hidden_size;
-  const std::string why = fmt::format("num_experts={}, moe_intermediate_size={}, hidden_size={}", E, I, H);
+  const std::string why =
+      fmt::format("num_experts={}, moe_intermediate_size={}, hidden_size={}", E, I, H);
   layers_.resize(static_cast<size_t>(cfg.num_hidden_layers));
   for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
     if (!cfg.layer_is_moe[l]) continue;
@@ -60,7 +62,8 @@ void ExpertStore::forward(int64_t layer, const float* src, int64_t num_tokens, c
   // outputs are then summed in ascending expert id, as transformers does.
   std::vector<std::vector<std::pair<int64_t, float>>> routed(experts.size());
   for (int64_t t = 0; t < num_tokens; ++t)
-    for (int64_t i = 0; i < top_k; ++i) routed[ids[t * top_k + i]].emplace_back(t, weights[t * top_k + i]);
+    for (int64_t i = 0; i < top_k; ++i)
+      routed[ids[t * top_k + i]].emplace_back(t, weights[t * top_k + i]);
   std::vector<float> x, g, u, y;
   for (size_t e = 0; e < experts.size(); ++e) {
     const auto& tok = routed[e];
@@ -71,7 +74,8 @@ void ExpertStore::forward(int64_t layer, const float* src, int64_t num_tokens, c
     g.resize(static_cast<size_t>(m * I));
     u.resize(g.size());
     y.resize(x.size());
-    for (int64_t r = 0; r < m; ++r) std::copy(src + tok[r].first * H, src + (tok[r].first + 1) * H, x.data() + r * H);
+    for (int64_t r = 0; r < m; ++r)
+      std::copy(src + tok[r].first * H, src + (tok[r].first + 1) * H, x.data() + r * H);
     kc::linear(x.data(), m, w.gate_proj, g.data(), ex);
     kc::linear(x.data(), m, w.up_proj, u.data(), ex);
     for (size_t i = 0; i < g.size(); ++i) g[i] = kc::silu(g[i]) * u[i];

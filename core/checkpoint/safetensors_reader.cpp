@@ -37,7 +37,8 @@ std::string TensorInfo::shape_str() const { return fmt::format("[{}]", fmt::join
 MappedFile::MappedFile(const fs::path& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
-    if (errno == ENOENT) throw FileNotFound(fmt::format("checkpoint file \"{}\" not found", path.string()));
+    if (errno == ENOENT)
+      throw FileNotFound(fmt::format("checkpoint file \"{}\" not found", path.string()));
     throw FormatError(fmt::format("cannot open \"{}\": {}", path.string(), std::strerror(errno)));
   }
   struct stat st {};
@@ -50,7 +51,8 @@ MappedFile::MappedFile(const fs::path& path) {
     void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
     if (p == MAP_FAILED) {
       ::close(fd);
-      throw FormatError(fmt::format("cannot memory-map \"{}\": {}", path.string(), std::strerror(errno)));
+      throw FormatError(
+          fmt::format("cannot memory-map \"{}\": {}", path.string(), std::strerror(errno)));
     }
     data_ = static_cast<const std::byte*>(p);
   }
@@ -65,21 +67,25 @@ SafetensorsFile::SafetensorsFile(const fs::path& path) {
   map_ = std::make_unique<MappedFile>(path);
   const std::string fname = path.filename().string();
   const size_t size = map_->size();
-  TIDAL_CHECK(size >= 8, FormatError, "checkpoint \"{}\": file is {} bytes, too short for a safetensors header",
-              fname, size);
+  TIDAL_CHECK(size >= 8, FormatError,
+              "checkpoint \"{}\": file is {} bytes, too short for a safetensors header", fname,
+              size);
   uint64_t header_len = 0;
   std::memcpy(&header_len, map_->data(), 8);  // little-endian on every platform tidal runs on
   TIDAL_CHECK(header_len <= kMaxHeaderBytes && header_len <= size - 8, FormatError,
-              "checkpoint \"{}\": header length {} exceeds the file size {} (truncated or not a safetensors file)",
+              "checkpoint \"{}\": header length {} exceeds the file size {} (truncated or not a "
+              "safetensors file)",
               fname, header_len, size);
   json header;
   try {
     header = json::parse(reinterpret_cast<const char*>(map_->data()) + 8,
                          reinterpret_cast<const char*>(map_->data()) + 8 + header_len);
   } catch (const json::exception& e) {
-    throw FormatError(fmt::format("checkpoint \"{}\": corrupt header (invalid JSON): {}", fname, e.what()));
+    throw FormatError(
+        fmt::format("checkpoint \"{}\": corrupt header (invalid JSON): {}", fname, e.what()));
   }
-  TIDAL_CHECK(header.is_object(), FormatError, "checkpoint \"{}\": corrupt header (not a JSON object)", fname);
+  TIDAL_CHECK(header.is_object(), FormatError,
+              "checkpoint \"{}\": corrupt header (not a JSON object)", fname);
   const std::byte* base = map_->data() + 8 + header_len;
   const uint64_t data_size = size - 8 - header_len;
   for (const auto& [name, v] : header.items()) {
@@ -91,31 +97,37 @@ SafetensorsFile::SafetensorsFile(const fs::path& path) {
       t.dtype_name = v.at("dtype").get<std::string>();
       t.shape = v.at("shape").get<std::vector<int64_t>>();
       const auto off = v.at("data_offsets").get<std::vector<uint64_t>>();
-      TIDAL_CHECK(off.size() == 2, FormatError, "checkpoint \"{}\": tensor \"{}\" has {} data_offsets, expected 2",
-                  fname, name, off.size());
-      TIDAL_CHECK(off[0] <= off[1] && off[1] <= data_size, FormatError,
-                  "checkpoint \"{}\": tensor \"{}\" spans bytes [{}, {}) but the data section has {} bytes "
-                  "(truncated file?)",
-                  fname, name, off[0], off[1], data_size);
+      TIDAL_CHECK(off.size() == 2, FormatError,
+                  "checkpoint \"{}\": tensor \"{}\" has {} data_offsets, expected 2", fname, name,
+                  off.size());
+      TIDAL_CHECK(
+          off[0] <= off[1] && off[1] <= data_size, FormatError,
+          "checkpoint \"{}\": tensor \"{}\" spans bytes [{}, {}) but the data section has {} bytes "
+          "(truncated file?)",
+          fname, name, off[0], off[1], data_size);
       t.dtype = kernels::dtype_from_safetensors(t.dtype_name);
       uint64_t numel = 1;
       for (int64_t d : t.shape) {
-        TIDAL_CHECK(d >= 0, FormatError, "checkpoint \"{}\": tensor \"{}\" has a negative dimension", fname, name);
-        TIDAL_CHECK(d == 0 || numel <= std::numeric_limits<uint64_t>::max() / static_cast<uint64_t>(d),
-                    FormatError, "checkpoint \"{}\": tensor \"{}\" shape overflows", fname, name);
+        TIDAL_CHECK(d >= 0, FormatError,
+                    "checkpoint \"{}\": tensor \"{}\" has a negative dimension", fname, name);
+        TIDAL_CHECK(
+            d == 0 || numel <= std::numeric_limits<uint64_t>::max() / static_cast<uint64_t>(d),
+            FormatError, "checkpoint \"{}\": tensor \"{}\" shape overflows", fname, name);
         numel *= static_cast<uint64_t>(d);
       }
       t.data = base + off[0];
       t.nbytes = off[1] - off[0];
       const size_t es = kernels::dtype_size(t.dtype);
       if (es > 0) {
-        TIDAL_CHECK(numel <= std::numeric_limits<uint64_t>::max() / es && numel * es == t.nbytes, FormatError,
-                    "checkpoint \"{}\": tensor \"{}\" ({} {}) should take {} bytes but its data_offsets give {}",
+        TIDAL_CHECK(numel <= std::numeric_limits<uint64_t>::max() / es && numel * es == t.nbytes,
+                    FormatError,
+                    "checkpoint \"{}\": tensor \"{}\" ({} {}) should take {} bytes but its "
+                    "data_offsets give {}",
                     fname, name, t.dtype_name, t.shape_str(), numel * es, t.nbytes);
       }
     } catch (const json::exception& e) {
-      throw FormatError(fmt::format("checkpoint \"{}\": corrupt header entry for tensor \"{}\": {}", fname, name,
-                                    e.what()));
+      throw FormatError(fmt::format("checkpoint \"{}\": corrupt header entry for tensor \"{}\": {}",
+                                    fname, name, e.what()));
     }
     tensors_.emplace(name, std::move(t));
   }
@@ -124,7 +136,8 @@ SafetensorsFile::SafetensorsFile(const fs::path& path) {
 std::unique_ptr<Checkpoint> Checkpoint::open(const fs::path& path) {
   auto ck = std::unique_ptr<Checkpoint>(new Checkpoint());
   ck->path_ = path;
-  TIDAL_CHECK(fs::exists(path), FileNotFound, "checkpoint path \"{}\" does not exist", path.string());
+  TIDAL_CHECK(fs::exists(path), FileNotFound, "checkpoint path \"{}\" does not exist",
+              path.string());
   std::vector<fs::path> files;
   if (fs::is_regular_file(path)) {
     files.push_back(path);
@@ -136,17 +149,21 @@ std::unique_ptr<Checkpoint> Checkpoint::open(const fs::path& path) {
       try {
         j = json::parse(f);
       } catch (const json::exception& e) {
-        throw FormatError(fmt::format("checkpoint index \"{}\" is not valid JSON: {}", index.string(), e.what()));
+        throw FormatError(
+            fmt::format("checkpoint index \"{}\" is not valid JSON: {}", index.string(), e.what()));
       }
-      TIDAL_CHECK(j.is_object() && j.contains("weight_map") && j.at("weight_map").is_object(), FormatError,
-                  "checkpoint index \"{}\" has no \"weight_map\" object", index.string());
+      TIDAL_CHECK(j.is_object() && j.contains("weight_map") && j.at("weight_map").is_object(),
+                  FormatError, "checkpoint index \"{}\" has no \"weight_map\" object",
+                  index.string());
       std::set<std::string> shard_names;
       for (const auto& [name, file] : j.at("weight_map").items()) {
-        TIDAL_CHECK(file.is_string(), FormatError, "checkpoint index \"{}\": entry \"{}\" is not a file name",
-                    index.string(), name);
+        TIDAL_CHECK(file.is_string(), FormatError,
+                    "checkpoint index \"{}\": entry \"{}\" is not a file name", index.string(),
+                    name);
         const auto fn = file.get<std::string>();
-        TIDAL_CHECK(fn.find('/') == std::string::npos && fn != ".." , FormatError,
-                    "checkpoint index \"{}\": shard name \"{}\" must be a plain file name", index.string(), fn);
+        TIDAL_CHECK(fn.find('/') == std::string::npos && fn != "..", FormatError,
+                    "checkpoint index \"{}\": shard name \"{}\" must be a plain file name",
+                    index.string(), fn);
         shard_names.insert(fn);
       }
       for (const auto& s : shard_names) files.push_back(path / s);
@@ -158,7 +175,8 @@ std::unique_ptr<Checkpoint> Checkpoint::open(const fs::path& path) {
       std::sort(files.begin(), files.end());
     }
     TIDAL_CHECK(!files.empty(), FileNotFound,
-                "no safetensors checkpoint in \"{}\" (expected model.safetensors, model.safetensors.index.json or "
+                "no safetensors checkpoint in \"{}\" (expected model.safetensors, "
+                "model.safetensors.index.json or "
                 "*.safetensors)",
                 path.string());
   }
@@ -166,7 +184,8 @@ std::unique_ptr<Checkpoint> Checkpoint::open(const fs::path& path) {
     ck->files_.push_back(std::make_unique<SafetensorsFile>(f));
     for (const auto& [name, t] : ck->files_.back()->tensors()) {
       auto [it, inserted] = ck->index_.emplace(name, &t);
-      TIDAL_CHECK(inserted, FormatError, "checkpoint \"{}\": tensor \"{}\" appears in both \"{}\" and \"{}\"",
+      TIDAL_CHECK(inserted, FormatError,
+                  "checkpoint \"{}\": tensor \"{}\" appears in both \"{}\" and \"{}\"",
                   path.string(), name, it->second->file, t.file);
     }
   }

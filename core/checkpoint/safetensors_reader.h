@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file safetensors_reader.h
-/// \brief Memory-mapped safetensors checkpoints, single file or sharded (model.safetensors.index.json).
+/// \brief Memory-mapped safetensors checkpoints, single file or sharded
+/// (model.safetensors.index.json).
 #pragma once
 
 #include <cstddef>
@@ -44,10 +45,12 @@ class MappedFile {
   size_t size_ = 0;
 };
 
-/// One safetensors file: header parsed and checked (offsets inside the file, sizes matching shapes).
+/// One safetensors file: header parsed and checked (offsets inside the file, sizes matching
+/// shapes).
 class SafetensorsFile {
  public:
-  /// Throws FileNotFound, or FormatError naming the file (and tensor) for a corrupt or truncated file.
+  /// Throws FileNotFound, or FormatError naming the file (and tensor) for a corrupt or truncated
+  /// file.
   explicit SafetensorsFile(const std::filesystem::path& path);
   const std::map<std::string, TensorInfo>& tensors() const { return tensors_; }
 
@@ -59,8 +62,8 @@ class SafetensorsFile {
 /// All tensors of a checkpoint directory, across shards.
 class Checkpoint {
  public:
-  /// `path`: a directory holding model.safetensors, model.safetensors.index.json or *.safetensors files,
-  /// or one .safetensors file.
+  /// `path`: a directory holding model.safetensors, model.safetensors.index.json or *.safetensors
+  /// files, or one .safetensors file.
   static std::unique_ptr<Checkpoint> open(const std::filesystem::path& path);
 
   /// The tensor, or nullptr.

@@ -1,12 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file model_config.h
-/// \brief The model configuration tidal runs, parsed from a Hugging Face config.json (model-spec §1).
+/// \brief The model configuration tidal runs, parsed from a Hugging Face config.json (model-spec
+/// §1).
 #pragma once
-
-#include <nlohmann/json_fwd.hpp>
 
 #include <cstdint>
 #include <filesystem>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <vector>
 
@@ -33,9 +33,9 @@ struct RopeConfig {
 };
 
 struct ModelConfig {
-  std::string model_type;        ///< as written in config.json (qwen3_5_moe for the wrapper)
+  std::string model_type;  ///< as written in config.json (qwen3_5_moe for the wrapper)
   ArchFamily family = ArchFamily::kQwen3Moe;
-  std::string weight_prefix;     ///< "model." or "model.language_model."
+  std::string weight_prefix;  ///< "model." or "model.language_model."
 
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
@@ -67,11 +67,13 @@ struct ModelConfig {
   int64_t shared_expert_intermediate_size = 0;  ///< 0: no shared expert (qwen3_moe)
   bool norm_topk_prob = true;
 
-  /// Hybrids (qwen3_next, qwen3_5_moe): (1 + w) norms, gated attention, DeltaNet layers, shared expert.
+  /// Hybrids (qwen3_next, qwen3_5_moe): (1 + w) norms, gated attention, DeltaNet layers, shared
+  /// expert.
   bool is_hybrid() const { return family != ArchFamily::kQwen3Moe; }
   /// Conv channels of a DeltaNet layer: 2·n_k·d_k + n_v·d_v.
   int64_t linear_conv_channels() const {
-    return 2 * linear_num_key_heads * linear_key_head_dim + linear_num_value_heads * linear_value_head_dim;
+    return 2 * linear_num_key_heads * linear_key_head_dim +
+           linear_num_value_heads * linear_value_head_dim;
   }
 
   /// Parses a config.json object; `source` names the file in error messages.

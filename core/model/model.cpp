@@ -52,8 +52,9 @@ Model::Model(const ModelConfig& cfg, const Checkpoint& ck, std::shared_ptr<Route
     w.input_layernorm = ld.vector_f32(L + "input_layernorm.weight", {H}, hs);
     w.post_attention_layernorm = ld.vector_f32(L + "post_attention_layernorm.weight", {H}, hs);
     if (w.type == LayerType::kFullAttention) {
-      const std::string why = fmt::format("hidden_size={}, num_attention_heads={}, num_key_value_heads={}, head_dim={}{}",
-                                          H, nh, nkv, d, c.is_hybrid() ? ", query and gate per head" : "");
+      const std::string why = fmt::format(
+          "hidden_size={}, num_attention_heads={}, num_key_value_heads={}, head_dim={}{}", H, nh,
+          nkv, d, c.is_hybrid() ? ", query and gate per head" : "");
       auto& a = w.attn;
       a.q_proj = ld.matrix(L + "self_attn.q_proj.weight", nh * d * (c.is_hybrid() ? 2 : 1), H, why);
       a.k_proj = ld.matrix(L + "self_attn.k_proj.weight", nkv * d, H, why);
@@ -62,10 +63,12 @@ Model::Model(const ModelConfig& cfg, const Checkpoint& ck, std::shared_ptr<Route
       a.q_norm = ld.vector_f32(L + "self_attn.q_norm.weight", {d}, why);
       a.k_norm = ld.vector_f32(L + "self_attn.k_norm.weight", {d}, why);
     } else {
-      const int64_t nk = c.linear_num_key_heads, nv = c.linear_num_value_heads, dk = c.linear_key_head_dim,
-                    dv = c.linear_value_head_dim, K = c.linear_conv_kernel_dim, C = c.linear_conv_channels();
+      const int64_t nk = c.linear_num_key_heads, nv = c.linear_num_value_heads,
+                    dk = c.linear_key_head_dim, dv = c.linear_value_head_dim,
+                    K = c.linear_conv_kernel_dim, C = c.linear_conv_channels();
       const std::string why = fmt::format(
-          "hidden_size={}, linear_num_key_heads={}, linear_num_value_heads={}, linear_key_head_dim={}, "
+          "hidden_size={}, linear_num_key_heads={}, linear_num_value_heads={}, "
+          "linear_key_head_dim={}, "
           "linear_value_head_dim={}, linear_conv_kernel_dim={}",
           H, nk, nv, dk, dv, K);
       auto& g = w.gdn;
@@ -92,7 +95,8 @@ Model::Model(const ModelConfig& cfg, const Checkpoint& ck, std::shared_ptr<Route
       m.router = ld.matrix(L + "mlp.gate.weight", c.num_experts, H, why);
       if (c.shared_expert_intermediate_size > 0) {
         const int64_t Is = c.shared_expert_intermediate_size;
-        const std::string sw = fmt::format("hidden_size={}, shared_expert_intermediate_size={}", H, Is);
+        const std::string sw =
+            fmt::format("hidden_size={}, shared_expert_intermediate_size={}", H, Is);
         m.shared_gate_proj = ld.matrix(L + "mlp.shared_expert.gate_proj.weight", Is, H, sw);
         m.shared_up_proj = ld.matrix(L + "mlp.shared_expert.up_proj.weight", Is, H, sw);
         m.shared_down_proj = ld.matrix(L + "mlp.shared_expert.down_proj.weight", H, Is, sw);
@@ -100,7 +104,8 @@ Model::Model(const ModelConfig& cfg, const Checkpoint& ck, std::shared_ptr<Route
       }
     } else {
       const int64_t I = c.intermediate_size;
-      const std::string why = fmt::format("hidden_size={}, intermediate_size={} (dense MLP layer)", H, I);
+      const std::string why =
+          fmt::format("hidden_size={}, intermediate_size={} (dense MLP layer)", H, I);
       m.gate_proj = ld.matrix(L + "mlp.gate_proj.weight", I, H, why);
       m.up_proj = ld.matrix(L + "mlp.up_proj.weight", I, H, why);
       m.down_proj = ld.matrix(L + "mlp.down_proj.weight", H, I, why);
@@ -109,11 +114,12 @@ Model::Model(const ModelConfig& cfg, const Checkpoint& ck, std::shared_ptr<Route
   }
   auto rope = std::make_shared<Rope>();
   const auto& r = c.rope;
-  rope->table = r.rope_type == "yarn"
-                    ? kc::rope_table_yarn(r.rope_theta, c.rotary_dim, r.factor, r.original_max_position_embeddings,
-                                          r.beta_fast, r.beta_slow, r.truncate, r.attention_factor, r.mscale,
-                                          r.mscale_all_dim)
-                    : kc::rope_table_default(r.rope_theta, c.rotary_dim);
+  rope->table =
+      r.rope_type == "yarn"
+          ? kc::rope_table_yarn(r.rope_theta, c.rotary_dim, r.factor,
+                                r.original_max_position_embeddings, r.beta_fast, r.beta_slow,
+                                r.truncate, r.attention_factor, r.mscale, r.mscale_all_dim)
+          : kc::rope_table_default(r.rope_theta, c.rotary_dim);
   rope_ = rope;
 }
 
@@ -122,10 +128,13 @@ SequenceState Model::new_state() const {
   s.layers.resize(layers_.size());
   for (size_t l = 0; l < layers_.size(); ++l) {
     if (layers_[l].type == LayerType::kLinearAttention) {
-      s.layers[l].conv.assign(static_cast<size_t>((cfg_.linear_conv_kernel_dim - 1) * cfg_.linear_conv_channels()), 0.f);
-      s.layers[l].recurrent.assign(static_cast<size_t>(cfg_.linear_num_value_heads * cfg_.linear_key_head_dim *
-                                                       cfg_.linear_value_head_dim),
-                                   0.f);
+      s.layers[l].conv.assign(
+          static_cast<size_t>((cfg_.linear_conv_kernel_dim - 1) * cfg_.linear_conv_channels()),
+          0.f);
+      s.layers[l].recurrent.assign(
+          static_cast<size_t>(cfg_.linear_num_value_heads * cfg_.linear_key_head_dim *
+                              cfg_.linear_value_head_dim),
+          0.f);
     }
   }
   return s;
@@ -133,14 +142,15 @@ SequenceState Model::new_state() const {
 
 namespace {
 
-void norm_rows(const float* x, const std::vector<float>& w, float* y, int64_t T, int64_t dim, int64_t ld, float eps,
-               kc::NormScale scale) {
-  for (int64_t t = 0; t < T; ++t) kc::rms_norm_row(x + t * ld, w.data(), y + t * ld, dim, eps, scale);
+void norm_rows(const float* x, const std::vector<float>& w, float* y, int64_t T, int64_t dim,
+               int64_t ld, float eps, kc::NormScale scale) {
+  for (int64_t t = 0; t < T; ++t)
+    kc::rms_norm_row(x + t * ld, w.data(), y + t * ld, dim, eps, scale);
 }
 
 /// out (T, H) = down( silu(gate x) ⊙ up x ).
-void swiglu(const float* x, int64_t T, const WeightView& gate, const WeightView& up, const WeightView& down,
-            float* out, Executor& ex) {
+void swiglu(const float* x, int64_t T, const WeightView& gate, const WeightView& up,
+            const WeightView& down, float* out, Executor& ex) {
   const int64_t I = gate.rows;
   std::vector<float> g(static_cast<size_t>(T * I)), u(static_cast<size_t>(T * I));
   kc::linear(x, T, gate, g.data(), ex);
@@ -151,8 +161,8 @@ void swiglu(const float* x, int64_t T, const WeightView& gate, const WeightView&
 
 }  // namespace
 
-void Model::attention_layer(const LayerWeights& w, LayerState& ls, int64_t pos0, const float* xn, int64_t T,
-                            float* out, Executor& ex) const {
+void Model::attention_layer(const LayerWeights& w, LayerState& ls, int64_t pos0, const float* xn,
+                            int64_t T, float* out, Executor& ex) const {
   const auto& c = cfg_;
   const int64_t nh = c.num_attention_heads, nkv = c.num_key_value_heads, d = c.head_dim;
   const bool gated = c.is_hybrid();
@@ -161,8 +171,10 @@ void Model::attention_layer(const LayerWeights& w, LayerState& ls, int64_t pos0,
   const int64_t qw = w.attn.q_proj.rows;  // nh·d, or 2·nh·d with the gate
   std::vector<float> qg(static_cast<size_t>(T * qw));
   kc::linear(xn, T, w.attn.q_proj, qg.data(), ex);
-  // q: (T, nh, d) rows of stride nh·d; gate: (T, nh·d). The hybrid q_proj packs [q_h | gate_h] per head.
-  std::vector<float> q(static_cast<size_t>(T * nh * d)), gate(gated ? static_cast<size_t>(T * nh * d) : 0);
+  // q: (T, nh, d) rows of stride nh·d; gate: (T, nh·d). The hybrid q_proj packs [q_h | gate_h] per
+  // head.
+  std::vector<float> q(static_cast<size_t>(T * nh * d)),
+      gate(gated ? static_cast<size_t>(T * nh * d) : 0);
   for (int64_t t = 0; t < T; ++t)
     for (int64_t h = 0; h < nh; ++h) {
       const float* src = qg.data() + t * qw + h * d * (gated ? 2 : 1);
@@ -199,16 +211,18 @@ void Model::attention_layer(const LayerWeights& w, LayerState& ls, int64_t pos0,
   kc::linear(o.data(), T, w.attn.o_proj, out, ex);
 }
 
-void Model::delta_net_layer(const LayerWeights& w, LayerState& ls, const float* xn, int64_t T, float* out,
-                            Executor& ex) const {
+void Model::delta_net_layer(const LayerWeights& w, LayerState& ls, const float* xn, int64_t T,
+                            float* out, Executor& ex) const {
   const auto& c = cfg_;
   const auto& g = w.gdn;
-  const int64_t nk = c.linear_num_key_heads, nv = c.linear_num_value_heads, dk = c.linear_key_head_dim,
-                dv = c.linear_value_head_dim, rho = nv / nk, C = c.linear_conv_channels(), K = c.linear_conv_kernel_dim;
-  std::vector<float> m(static_cast<size_t>(T * C)), z(static_cast<size_t>(T * nv * dv)), b(static_cast<size_t>(T * nv)),
-      a(static_cast<size_t>(T * nv));
+  const int64_t nk = c.linear_num_key_heads, nv = c.linear_num_value_heads,
+                dk = c.linear_key_head_dim, dv = c.linear_value_head_dim, rho = nv / nk,
+                C = c.linear_conv_channels(), K = c.linear_conv_kernel_dim;
+  std::vector<float> m(static_cast<size_t>(T * C)), z(static_cast<size_t>(T * nv * dv)),
+      b(static_cast<size_t>(T * nv)), a(static_cast<size_t>(T * nv));
   if (c.family == ArchFamily::kQwen3Next) {
-    // Per key head g: [q_g | k_g | v_{gρ..gρ+ρ−1} | z_{gρ..}]; in_proj_ba per key head: [b(ρ) | a(ρ)].
+    // Per key head g: [q_g | k_g | v_{gρ..gρ+ρ−1} | z_{gρ..}]; in_proj_ba per key head: [b(ρ) |
+    // a(ρ)].
     const int64_t gw = 2 * dk + 2 * rho * dv;
     std::vector<float> p(static_cast<size_t>(T * nk * gw)), ba(static_cast<size_t>(T * 2 * nv));
     kc::linear(xn, T, g.in_proj_qkvz, p.data(), ex);
@@ -238,7 +252,8 @@ void Model::delta_net_layer(const LayerWeights& w, LayerState& ls, const float* 
   }
   std::vector<float> u(static_cast<size_t>(T * C));
   kc::causal_conv1d_silu(m.data(), T, C, K, g.conv1d.data(), ls.conv.data(), u.data(), ex);
-  std::vector<float> q(static_cast<size_t>(T * nk * dk)), k(q.size()), v(static_cast<size_t>(T * nv * dv));
+  std::vector<float> q(static_cast<size_t>(T * nk * dk)), k(q.size()),
+      v(static_cast<size_t>(T * nv * dv));
   const float qscale = 1.0f / std::sqrt(static_cast<float>(dk));
   for (int64_t t = 0; t < T; ++t) {
     const float* ut = u.data() + t * C;
@@ -275,11 +290,14 @@ void Model::delta_net_layer(const LayerWeights& w, LayerState& ls, const float* 
   args.num_v_heads = nv;
   args.d_k = dk;
   args.d_v = dv;
-  if (T == 1) kc::delta_rule_recurrent(args, ex);
-  else kc::delta_rule_chunked(args, ex);
+  if (T == 1)
+    kc::delta_rule_recurrent(args, ex);
+  else
+    kc::delta_rule_chunked(args, ex);
   const float eps = static_cast<float>(c.rms_norm_eps);
   for (int64_t r = 0; r < T * nv; ++r)
-    kc::rms_norm_gated_row(o.data() + r * dv, z.data() + r * dv, g.norm.data(), o.data() + r * dv, dv, eps);
+    kc::rms_norm_gated_row(o.data() + r * dv, z.data() + r * dv, g.norm.data(), o.data() + r * dv,
+                           dv, eps);
   kc::linear(o.data(), T, g.out_proj, out, ex);
 }
 
@@ -310,12 +328,12 @@ void Model::mlp_block(int64_t layer, const MlpWeights& w, const float* xn, int64
   }
 }
 
-void Model::forward(std::span<const int64_t> ids, SequenceState& state, LogitsMode mode, std::vector<float>& logits,
-                    Executor& ex) const {
+void Model::forward(std::span<const int64_t> ids, SequenceState& state, LogitsMode mode,
+                    std::vector<float>& logits, Executor& ex) const {
   const auto& c = cfg_;
   const int64_t T = static_cast<int64_t>(ids.size()), H = c.hidden_size;
-  TIDAL_ASSERT(state.layers.size() == layers_.size(), "sequence state has {} layers, model {}", state.layers.size(),
-               layers_.size());
+  TIDAL_ASSERT(state.layers.size() == layers_.size(), "sequence state has {} layers, model {}",
+               state.layers.size(), layers_.size());
   if (T == 0) {
     logits.clear();
     return;
@@ -329,8 +347,10 @@ void Model::forward(std::span<const int64_t> ids, SequenceState& state, LogitsMo
   for (size_t l = 0; l < layers_.size(); ++l) {
     const LayerWeights& w = layers_[l];
     norm_rows(x.data(), w.input_layernorm, xn.data(), T, H, H, eps, scale);
-    if (w.type == LayerType::kFullAttention) attention_layer(w, state.layers[l], pos0, xn.data(), T, y.data(), ex);
-    else delta_net_layer(w, state.layers[l], xn.data(), T, y.data(), ex);
+    if (w.type == LayerType::kFullAttention)
+      attention_layer(w, state.layers[l], pos0, xn.data(), T, y.data(), ex);
+    else
+      delta_net_layer(w, state.layers[l], xn.data(), T, y.data(), ex);
     for (size_t i = 0; i < x.size(); ++i) x[i] += y[i];
     norm_rows(x.data(), w.post_attention_layernorm, xn.data(), T, H, H, eps, scale);
     mlp_block(static_cast<int64_t>(l), w.mlp, xn.data(), T, y.data(), ex);

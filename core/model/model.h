@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file model.h
-/// \brief The model graph of the three Qwen MoE families on the CPU (model-spec §3), explicit per layer.
+/// \brief The model graph of the three Qwen MoE families on the CPU (model-spec §3), explicit per
+/// layer.
 #pragma once
 
 #include <cstdint>
@@ -32,10 +33,10 @@ struct DeltaNetWeights {
 
 struct MlpWeights {
   bool is_moe = false;
-  kernels::WeightView router;                                        // mlp.gate  [E, H]
+  kernels::WeightView router;  // mlp.gate  [E, H]
   kernels::WeightView shared_gate_proj, shared_up_proj, shared_down_proj;
-  std::vector<float> shared_expert_gate;                             // [H]
-  kernels::WeightView gate_proj, up_proj, down_proj;                 // dense layers
+  std::vector<float> shared_expert_gate;              // [H]
+  kernels::WeightView gate_proj, up_proj, down_proj;  // dense layers
 };
 
 struct LayerWeights {
@@ -61,14 +62,14 @@ class Model {
 
   /// Runs `ids` (already range-checked) through the model after the tokens already in `state`, and
   /// appends them to it. logits: (rows, vocab_size), rows = ids.size() (kAll), 1 (kLast) or 0.
-  void forward(std::span<const int64_t> ids, SequenceState& state, LogitsMode mode, std::vector<float>& logits,
-               kernels::Executor& ex) const;
+  void forward(std::span<const int64_t> ids, SequenceState& state, LogitsMode mode,
+               std::vector<float>& logits, kernels::Executor& ex) const;
 
  private:
-  void attention_layer(const LayerWeights& w, LayerState& ls, int64_t pos0, const float* xn, int64_t T, float* out,
-                       kernels::Executor& ex) const;
-  void delta_net_layer(const LayerWeights& w, LayerState& ls, const float* xn, int64_t T, float* out,
-                       kernels::Executor& ex) const;
+  void attention_layer(const LayerWeights& w, LayerState& ls, int64_t pos0, const float* xn,
+                       int64_t T, float* out, kernels::Executor& ex) const;
+  void delta_net_layer(const LayerWeights& w, LayerState& ls, const float* xn, int64_t T,
+                       float* out, kernels::Executor& ex) const;
   void mlp_block(int64_t layer, const MlpWeights& w, const float* xn, int64_t T, float* out,
                  kernels::Executor& ex) const;
 

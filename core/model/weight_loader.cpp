@@ -15,9 +15,12 @@ bool runnable(DType dt) { return dt == DType::kBF16 || dt == DType::kF16 || dt =
 
 float element(const TensorInfo& t, int64_t i) {
   switch (t.dtype) {
-    case DType::kBF16: return kernels::bf16_to_f32(reinterpret_cast<const uint16_t*>(t.data)[i]);
-    case DType::kF16: return kernels::f16_to_f32(reinterpret_cast<const uint16_t*>(t.data)[i]);
-    default: return reinterpret_cast<const float*>(t.data)[i];
+    case DType::kBF16:
+      return kernels::bf16_to_f32(reinterpret_cast<const uint16_t*>(t.data)[i]);
+    case DType::kF16:
+      return kernels::f16_to_f32(reinterpret_cast<const uint16_t*>(t.data)[i]);
+    default:
+      return reinterpret_cast<const float*>(t.data)[i];
   }
 }
 }  // namespace
@@ -25,17 +28,21 @@ float element(const TensorInfo& t, int64_t i) {
 const TensorInfo& WeightLoader::require(const std::string& name, const std::vector<int64_t>& shape,
                                         const std::string& why) const {
   const TensorInfo* t = ck_.find(name);
-  TIDAL_CHECK(t != nullptr, FormatError, "checkpoint \"{}\": tensor \"{}\" is missing (expected shape [{}]; {})",
+  TIDAL_CHECK(t != nullptr, FormatError,
+              "checkpoint \"{}\": tensor \"{}\" is missing (expected shape [{}]; {})",
               ck_.path().string(), name, fmt::join(shape, ", "), why);
-  TIDAL_CHECK(t->shape == shape, FormatError, "checkpoint \"{}\": tensor \"{}\" has shape {}, expected [{}] ({})",
-              t->file, name, t->shape_str(), fmt::join(shape, ", "), why);
+  TIDAL_CHECK(t->shape == shape, FormatError,
+              "checkpoint \"{}\": tensor \"{}\" has shape {}, expected [{}] ({})", t->file, name,
+              t->shape_str(), fmt::join(shape, ", "), why);
   TIDAL_CHECK(runnable(t->dtype), Unsupported,
-              "checkpoint \"{}\": tensor \"{}\" has dtype {}, which tidal cannot run yet (supported: BF16, F16, F32)",
+              "checkpoint \"{}\": tensor \"{}\" has dtype {}, which tidal cannot run yet "
+              "(supported: BF16, F16, F32)",
               t->file, name, t->dtype_name);
   return *t;
 }
 
-kernels::WeightView WeightLoader::rows_of(const TensorInfo& t, int64_t row0, int64_t rows, int64_t cols) {
+kernels::WeightView WeightLoader::rows_of(const TensorInfo& t, int64_t row0, int64_t rows,
+                                          int64_t cols) {
   if (t.dtype == DType::kF16) {
     auto buf = std::make_unique<std::vector<float>>(static_cast<size_t>(rows * cols));
     for (int64_t i = 0; i < rows * cols; ++i) (*buf)[i] = element(t, row0 * cols + i);
@@ -47,11 +54,13 @@ kernels::WeightView WeightLoader::rows_of(const TensorInfo& t, int64_t row0, int
   return {p, t.dtype, rows, cols};
 }
 
-kernels::WeightView WeightLoader::matrix(const std::string& name, int64_t rows, int64_t cols, const std::string& why) {
+kernels::WeightView WeightLoader::matrix(const std::string& name, int64_t rows, int64_t cols,
+                                         const std::string& why) {
   return rows_of(require(name, {rows, cols}, why), 0, rows, cols);
 }
 
-std::vector<float> WeightLoader::vector_f32(const std::string& name, const std::vector<int64_t>& shape,
+std::vector<float> WeightLoader::vector_f32(const std::string& name,
+                                            const std::vector<int64_t>& shape,
                                             const std::string& why) {
   const TensorInfo& t = require(name, shape, why);
   std::vector<float> out(static_cast<size_t>(t.numel()));

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file runtime.h
-/// \brief The user-facing engine: load a checkpoint, compute logits, generate; sequences with explicit state.
+/// \brief The user-facing engine: load a checkpoint, compute logits, generate; sequences with
+/// explicit state.
 #pragma once
 
 #include <cstdint>
@@ -57,7 +58,8 @@ class Sequence {
 class Runtime : public std::enable_shared_from_this<Runtime> {
  public:
   /// Loads a checkpoint directory (config.json + safetensors). All validation happens here.
-  static std::shared_ptr<Runtime> load(const std::filesystem::path& path, const RuntimeOptions& opts);
+  static std::shared_ptr<Runtime> load(const std::filesystem::path& path,
+                                       const RuntimeOptions& opts);
 
   const core::ModelConfig& config() const { return model_->config(); }
   const RuntimeOptions& options() const { return opts_; }
@@ -69,7 +71,8 @@ class Runtime : public std::enable_shared_from_this<Runtime> {
   /// Prefills `prompt` and generates up to max_new_tokens tokens.
   GenerationResult generate(std::span<const int64_t> prompt, const GenerationConfig& gen) const;
 
-  /// Throws InvalidArgument unless every id is in [0, vocab_size) (and, with `non_empty`, ids is not empty).
+  /// Throws InvalidArgument unless every id is in [0, vocab_size) (and, with `non_empty`, ids is
+  /// not empty).
   void check_token_ids(std::span<const int64_t> ids, bool non_empty) const;
 
   const core::Model& model() const { return *model_; }

@@ -15,11 +15,15 @@ void SamplingParams::validate() const {
   TIDAL_CHECK(std::isfinite(temperature) && temperature >= 0.0f, InvalidArgument,
               "temperature must be a finite number >= 0, got {}", temperature);
   TIDAL_CHECK(top_k >= 0, InvalidArgument, "top_k must be >= 0 (0 disables it), got {}", top_k);
-  TIDAL_CHECK(top_p > 0.0f && top_p <= 1.0f, InvalidArgument, "top_p must be in (0, 1], got {}", top_p);
-  TIDAL_CHECK(min_p >= 0.0f && min_p <= 1.0f, InvalidArgument, "min_p must be in [0, 1], got {}", min_p);
+  TIDAL_CHECK(top_p > 0.0f && top_p <= 1.0f, InvalidArgument, "top_p must be in (0, 1], got {}",
+              top_p);
+  TIDAL_CHECK(min_p >= 0.0f && min_p <= 1.0f, InvalidArgument, "min_p must be in [0, 1], got {}",
+              min_p);
 }
 
-Sampler::Sampler(const SamplingParams& p) : p_(p), rng_(p.seed.value_or(std::random_device{}())) { p_.validate(); }
+Sampler::Sampler(const SamplingParams& p) : p_(p), rng_(p.seed.value_or(std::random_device{}())) {
+  p_.validate();
+}
 
 std::vector<float> Sampler::probabilities(std::span<const float> logits) const {
   if (p_.temperature == 0.0f) return {};
@@ -34,7 +38,8 @@ std::vector<float> Sampler::probabilities(std::span<const float> logits) const {
   for (auto& v : prob) v /= sum;
   std::vector<int64_t> order(V);
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return prob[a] > prob[b]; });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return prob[a] > prob[b]; });
   size_t keep = V;
   if (p_.top_k > 0) keep = std::min(keep, static_cast<size_t>(p_.top_k));
   if (p_.top_p < 1.0f) {

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file sampler.h
-/// \brief Next-token selection: greedy, or temperature / top-k / top-p / min-p sampling with a seed.
+/// \brief Next-token selection: greedy, or temperature / top-k / top-p / min-p sampling with a
+/// seed.
 #pragma once
 
 #include <cstdint>
@@ -26,7 +27,8 @@ struct SamplingParams {
 class Sampler {
  public:
   explicit Sampler(const SamplingParams& p);
-  /// Picks a token from one row of logits. Order: temperature, top-k, top-p, min-p (as transformers).
+  /// Picks a token from one row of logits. Order: temperature, top-k, top-p, min-p (as
+  /// transformers).
   int64_t sample(std::span<const float> logits);
   /// The filtered, renormalised distribution `sample` draws from (for tests); empty when greedy.
   std::vector<float> probabilities(std::span<const float> logits) const;

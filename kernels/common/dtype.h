@@ -9,8 +9,23 @@
 
 namespace tidal::kernels {
 
-/// Element types tidal knows by name. Kernels compute on kF32 activations; weights may be kBF16 or kF32.
-enum class DType : uint8_t { kF32, kF16, kBF16, kF64, kI8, kU8, kI16, kI32, kI64, kBool, kF8E4M3, kF8E5M2, kUnknown };
+/// Element types tidal knows by name. Kernels compute on kF32 activations; weights may be kBF16 or
+/// kF32.
+enum class DType : uint8_t {
+  kF32,
+  kF16,
+  kBF16,
+  kF64,
+  kI8,
+  kU8,
+  kI16,
+  kI32,
+  kI64,
+  kBool,
+  kF8E4M3,
+  kF8E5M2,
+  kUnknown
+};
 
 /// Size of one element in bytes (0 for kUnknown).
 size_t dtype_size(DType dt);
@@ -54,7 +69,8 @@ struct WeightView {
   }
   /// View of rows [first, first + count).
   WeightView row_slice(int64_t first, int64_t count) const {
-    const auto* base = static_cast<const char*>(data) + first * cols * static_cast<int64_t>(dtype_size(dtype));
+    const auto* base =
+        static_cast<const char*>(data) + first * cols * static_cast<int64_t>(dtype_size(dtype));
     return {base, dtype, count, cols};
   }
 };

@@ -17,14 +17,16 @@ class Executor {
   virtual int num_threads() const = 0;
   /// Calls fn(begin, end) on disjoint sub-ranges covering [0, n); blocks until all are done.
   /// `grain` is the smallest sub-range worth a task.
-  virtual void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) = 0;
+  virtual void parallel_for(int64_t n, int64_t grain,
+                            const std::function<void(int64_t, int64_t)>& fn) = 0;
 };
 
 /// Runs everything on the calling thread (tests, references).
 class SerialExecutor final : public Executor {
  public:
   int num_threads() const override { return 1; }
-  void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) override {
+  void parallel_for(int64_t n, int64_t grain,
+                    const std::function<void(int64_t, int64_t)>& fn) override {
     if (n > 0) fn(0, n);
   }
 };

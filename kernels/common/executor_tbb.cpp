@@ -16,7 +16,8 @@ class TbbExecutor final : public Executor {
  public:
   explicit TbbExecutor(int num_threads) : arena_(num_threads) {}
   int num_threads() const override { return arena_.max_concurrency(); }
-  void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) override {
+  void parallel_for(int64_t n, int64_t grain,
+                    const std::function<void(int64_t, int64_t)>& fn) override {
     if (n <= 0) return;
     if (grain < 1) grain = 1;
     if (n <= grain || arena_.max_concurrency() == 1) {
@@ -36,7 +37,8 @@ class TbbExecutor final : public Executor {
 }  // namespace
 
 std::unique_ptr<Executor> make_tbb_executor(int num_threads) {
-  if (num_threads <= 0) num_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  if (num_threads <= 0)
+    num_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   return std::make_unique<TbbExecutor>(num_threads);
 }
 

@@ -9,9 +9,10 @@
 
 namespace tidal::kernels::cpu {
 
-/// q: (num_q, num_heads, head_dim), row stride ld_q. k_cache, v_cache: (num_kv_tokens, num_kv_heads,
-/// head_dim) contiguous; query t sits at position q_pos0 + t and sees cache rows [0, q_pos0 + t].
-/// dst: (num_q, num_heads * head_dim) contiguous. Query head h reads KV head h / (num_heads / num_kv_heads).
+/// q: (num_q, num_heads, head_dim), row stride ld_q. k_cache, v_cache: (num_kv_tokens,
+/// num_kv_heads, head_dim) contiguous; query t sits at position q_pos0 + t and sees cache rows [0,
+/// q_pos0 + t]. dst: (num_q, num_heads * head_dim) contiguous. Query head h reads KV head h /
+/// (num_heads / num_kv_heads).
 struct AttentionArgs {
   const float* q = nullptr;
   int64_t ld_q = 0;

@@ -15,7 +15,9 @@ void causal_conv1d_silu(const float* src, int64_t num_tokens, int64_t channels, 
                         const float* weight, float* state, float* dst, Executor& ex) {
   const int64_t hist = ksize - 1;
   // Value of pre-conv input at (relative) time s in [-hist, num_tokens) for channel c.
-  auto input = [&](int64_t s, int64_t c) { return s >= 0 ? src[s * channels + c] : state[(hist + s) * channels + c]; };
+  auto input = [&](int64_t s, int64_t c) {
+    return s >= 0 ? src[s * channels + c] : state[(hist + s) * channels + c];
+  };
   ex.parallel_for(channels, 64, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const float* w = weight + c * ksize;

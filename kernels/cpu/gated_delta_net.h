@@ -11,8 +11,9 @@
 namespace tidal::kernels::cpu {
 
 /// Causal depthwise conv1d + SiLU over `channels` channels with kernel `ksize`.
-/// src (num_tokens, channels), dst (num_tokens, channels) (may not alias src), weight (channels, ksize),
-/// state (ksize − 1, channels): the last ksize − 1 pre-conv inputs, oldest first; updated in place.
+/// src (num_tokens, channels), dst (num_tokens, channels) (may not alias src), weight (channels,
+/// ksize), state (ksize − 1, channels): the last ksize − 1 pre-conv inputs, oldest first; updated
+/// in place.
 void causal_conv1d_silu(const float* src, int64_t num_tokens, int64_t channels, int64_t ksize,
                         const float* weight, float* state, float* dst, Executor& ex);
 

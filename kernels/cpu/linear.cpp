@@ -1,16 +1,18 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file linear.cpp
-/// \brief Threaded linear(): each task converts a block of weight rows to fp32 once and reuses it for
-/// every token. Built with the baseline ISA; the compiler vectorises the dot products (omp simd).
+/// \brief Threaded linear(): each task converts a block of weight rows to fp32 once and reuses it
+/// for every token. Built with the baseline ISA; the compiler vectorises the dot products (omp
+/// simd).
+#include "kernels/cpu/linear.h"
+
 #include <algorithm>
 #include <vector>
-
-#include "kernels/cpu/linear.h"
 
 namespace tidal::kernels::cpu {
 namespace {
 
-// Weight rows per task: a block of 16 rows of a 2048-wide BF16 matrix is 64 KiB, about one L2 slice.
+// Weight rows per task: a block of 16 rows of a 2048-wide BF16 matrix is 64 KiB, about one L2
+// slice.
 constexpr int64_t kRowsPerTask = 16;
 
 inline float dot(const float* a, const float* b, int64_t k) {

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file linear.h
-/// \brief dst = src · weiᵀ (a projection `y = W x` for m tokens), fp32 activations, BF16 or F32 weights.
+/// \brief dst = src · weiᵀ (a projection `y = W x` for m tokens), fp32 activations, BF16 or F32
+/// weights.
 #pragma once
 
 #include <cstdint>
@@ -10,8 +11,8 @@
 
 namespace tidal::kernels::cpu {
 
-/// Arguments of one projection. src (m, k) with row stride ld_src; wei `[n, k]`; dst (m, n) with row
-/// stride ld_dst. With `accumulate`, dst += result instead of dst = result.
+/// Arguments of one projection. src (m, k) with row stride ld_src; wei `[n, k]`; dst (m, n) with
+/// row stride ld_dst. With `accumulate`, dst += result instead of dst = result.
 struct LinearArgs {
   const float* src = nullptr;
   int64_t ld_src = 0;

@@ -10,7 +10,8 @@ void linear_ref(const LinearArgs& a) {
   for (int64_t i = 0; i < a.m; ++i) {
     for (int64_t j = 0; j < n; ++j) {
       double acc = 0.0;
-      for (int64_t p = 0; p < k; ++p) acc += static_cast<double>(a.src[i * a.ld_src + p]) * a.wei.at(j, p);
+      for (int64_t p = 0; p < k; ++p)
+        acc += static_cast<double>(a.src[i * a.ld_src + p]) * a.wei.at(j, p);
       float& d = a.dst[i * a.ld_dst + j];
       d = a.accumulate ? d + static_cast<float>(acc) : static_cast<float>(acc);
     }

@@ -10,8 +10,8 @@
 
 namespace tidal::kernels::cpu {
 
-void moe_route(const float* logits, int64_t num_tokens, int64_t num_experts, int64_t top_k, bool renormalise,
-               int32_t* ids, float* weights) {
+void moe_route(const float* logits, int64_t num_tokens, int64_t num_experts, int64_t top_k,
+               bool renormalise, int32_t* ids, float* weights) {
   std::vector<float> p(static_cast<size_t>(num_experts));
   std::vector<int32_t> order(static_cast<size_t>(num_experts));
   for (int64_t t = 0; t < num_tokens; ++t) {
@@ -24,9 +24,8 @@ void moe_route(const float* logits, int64_t num_tokens, int64_t num_experts, int
     }
     for (int64_t e = 0; e < num_experts; ++e) p[e] = static_cast<float>(p[e] / sum);
     std::iota(order.begin(), order.end(), 0);
-    std::partial_sort(order.begin(), order.begin() + top_k, order.end(), [&](int32_t x, int32_t y) {
-      return p[x] > p[y] || (p[x] == p[y] && x < y);
-    });
+    std::partial_sort(order.begin(), order.begin() + top_k, order.end(),
+                      [&](int32_t x, int32_t y) { return p[x] > p[y] || (p[x] == p[y] && x < y); });
     float top_sum = 0.f;
     for (int64_t i = 0; i < top_k; ++i) top_sum += p[order[i]];
     for (int64_t i = 0; i < top_k; ++i) {

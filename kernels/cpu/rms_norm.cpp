@@ -20,7 +20,8 @@ float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 float silu(float x) { return x * sigmoid(x); }
 float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
 
-void rms_norm_row(const float* x, const float* w, float* y, int64_t dim, float eps, NormScale scale) {
+void rms_norm_row(const float* x, const float* w, float* y, int64_t dim, float eps,
+                  NormScale scale) {
   const float r = inv_rms(x, dim, eps);
   if (scale == NormScale::kZeroCentred) {
     for (int64_t i = 0; i < dim; ++i) y[i] = x[i] * r * (1.0f + w[i]);
@@ -29,7 +30,8 @@ void rms_norm_row(const float* x, const float* w, float* y, int64_t dim, float e
   }
 }
 
-void rms_norm_gated_row(const float* x, const float* z, const float* w, float* y, int64_t dim, float eps) {
+void rms_norm_gated_row(const float* x, const float* z, const float* w, float* y, int64_t dim,
+                        float eps) {
   const float r = inv_rms(x, dim, eps);
   for (int64_t i = 0; i < dim; ++i) y[i] = w[i] * (x[i] * r) * silu(z[i]);
 }

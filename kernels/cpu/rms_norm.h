@@ -14,10 +14,12 @@ enum class NormScale : uint8_t {
 };
 
 /// y[i] = scale(w)[i] · x[i] / sqrt(mean(x²) + eps), over `dim` elements. x and y may alias.
-void rms_norm_row(const float* x, const float* w, float* y, int64_t dim, float eps, NormScale scale);
+void rms_norm_row(const float* x, const float* w, float* y, int64_t dim, float eps,
+                  NormScale scale);
 
 /// Gated norm of the DeltaNet output (plain w): y = w ⊙ (x / rms(x)) ⊙ silu(z). x and y may alias.
-void rms_norm_gated_row(const float* x, const float* z, const float* w, float* y, int64_t dim, float eps);
+void rms_norm_gated_row(const float* x, const float* z, const float* w, float* y, int64_t dim,
+                        float eps);
 
 /// silu(x) = x · σ(x).
 float silu(float x);

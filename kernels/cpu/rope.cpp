@@ -21,8 +21,8 @@ RopeTable rope_table_default(double theta, int64_t rotary_dim) {
 }
 
 RopeTable rope_table_yarn(double theta, int64_t rotary_dim, double factor, double original_max_pos,
-                          double beta_fast, double beta_slow, bool truncate, double attention_factor,
-                          double mscale, double mscale_all_dim) {
+                          double beta_fast, double beta_slow, bool truncate,
+                          double attention_factor, double mscale, double mscale_all_dim) {
   auto m = [](double f, double s) { return f <= 1.0 ? 1.0 : 0.1 * s * std::log(f) + 1.0; };
   RopeTable t = rope_table_default(theta, rotary_dim);
   const double d = static_cast<double>(rotary_dim);
@@ -53,8 +53,8 @@ RopeTable rope_table_yarn(double theta, int64_t rotary_dim, double factor, doubl
   return t;
 }
 
-void rope_apply(float* x, int64_t num_tokens, int64_t ld, int64_t num_heads, int64_t head_dim, int64_t pos0,
-                const RopeTable& table) {
+void rope_apply(float* x, int64_t num_tokens, int64_t ld, int64_t num_heads, int64_t head_dim,
+                int64_t pos0, const RopeTable& table) {
   const int64_t half = table.rotary_dim / 2;
   std::vector<float> c(half), s(half);
   for (int64_t t = 0; t < num_tokens; ++t) {

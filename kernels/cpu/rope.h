@@ -21,12 +21,12 @@ RopeTable rope_table_default(double theta, int64_t rotary_dim);
 /// YaRN (static) as in transformers 5.x `_compute_yarn_parameters`; see model-spec §3.3 item 4.
 /// `attention_factor` < 0 means "derive from factor / mscale / mscale_all_dim".
 RopeTable rope_table_yarn(double theta, int64_t rotary_dim, double factor, double original_max_pos,
-                          double beta_fast, double beta_slow, bool truncate, double attention_factor,
-                          double mscale, double mscale_all_dim);
+                          double beta_fast, double beta_slow, bool truncate,
+                          double attention_factor, double mscale, double mscale_all_dim);
 
-/// Rotates the first rotary_dim dims of each head of x (num_tokens, num_heads, head_dim), row stride
-/// `ld` floats, token t at absolute position pos0 + t.
-void rope_apply(float* x, int64_t num_tokens, int64_t ld, int64_t num_heads, int64_t head_dim, int64_t pos0,
-                const RopeTable& table);
+/// Rotates the first rotary_dim dims of each head of x (num_tokens, num_heads, head_dim), row
+/// stride `ld` floats, token t at absolute position pos0 + t.
+void rope_apply(float* x, int64_t num_tokens, int64_t ld, int64_t num_heads, int64_t head_dim,
+                int64_t pos0, const RopeTable& table);
 
 }  // namespace tidal::kernels::cpu

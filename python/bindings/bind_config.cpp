@@ -12,9 +12,12 @@ namespace tidal::python {
 namespace {
 std::string family_name(core::ArchFamily f) {
   switch (f) {
-    case core::ArchFamily::kQwen3Next: return "qwen3_next";
-    case core::ArchFamily::kQwen35Moe: return "qwen3_5_moe";
-    case core::ArchFamily::kQwen3Moe: return "qwen3_moe";
+    case core::ArchFamily::kQwen3Next:
+      return "qwen3_next";
+    case core::ArchFamily::kQwen35Moe:
+      return "qwen3_5_moe";
+    case core::ArchFamily::kQwen3Moe:
+      return "qwen3_moe";
   }
   return "?";
 }
@@ -43,7 +46,8 @@ void bind_config(py::module_& m) {
       .def_readonly("max_position_embeddings", &C::max_position_embeddings)
       .def_property_readonly("rope_theta", [](const C& c) { return c.rope.rope_theta; })
       .def_property_readonly("rope_type", [](const C& c) { return c.rope.rope_type; })
-      .def_property_readonly("partial_rotary_factor", [](const C& c) { return c.rope.partial_rotary_factor; })
+      .def_property_readonly("partial_rotary_factor",
+                             [](const C& c) { return c.rope.partial_rotary_factor; })
       .def_property_readonly("layer_types", &layer_type_names)
       .def_readonly("layer_is_moe", &C::layer_is_moe)
       .def_readonly("intermediate_size", &C::intermediate_size)
@@ -58,10 +62,11 @@ void bind_config(py::module_& m) {
       .def_readonly("linear_num_key_heads", &C::linear_num_key_heads)
       .def_readonly("linear_num_value_heads", &C::linear_num_value_heads)
       .def("__repr__", [](const C& c) {
-        return "ModelConfig(model_type='" + c.model_type + "', hidden_size=" + std::to_string(c.hidden_size) +
+        return "ModelConfig(model_type='" + c.model_type +
+               "', hidden_size=" + std::to_string(c.hidden_size) +
                ", num_hidden_layers=" + std::to_string(c.num_hidden_layers) +
-               ", num_experts=" + std::to_string(c.num_experts) + ", vocab_size=" + std::to_string(c.vocab_size) +
-               ")";
+               ", num_experts=" + std::to_string(c.num_experts) +
+               ", vocab_size=" + std::to_string(c.vocab_size) + ")";
       });
 }
 

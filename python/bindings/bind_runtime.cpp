@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file bind_runtime.cpp
-/// \brief Runtime, Sequence and GenerationResult; arrays cross as numpy buffers; compute releases the GIL.
+/// \brief Runtime, Sequence and GenerationResult; arrays cross as numpy buffers; compute releases
+/// the GIL.
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 #include <pybind11/stl/filesystem.h>
@@ -17,18 +18,21 @@ using runtime::Runtime;
 
 /// Any 1-D integer array-like -> int64 ids, with a clear error otherwise.
 std::vector<int64_t> to_ids(const py::object& obj) {
-  TIDAL_CHECK(!py::isinstance<py::str>(obj) && !py::isinstance<py::bytes>(obj), InvalidArgument,
-              "token_ids must be a sequence of integer token ids, got a string (tokenize the text first)");
+  TIDAL_CHECK(
+      !py::isinstance<py::str>(obj) && !py::isinstance<py::bytes>(obj), InvalidArgument,
+      "token_ids must be a sequence of integer token ids, got a string (tokenize the text first)");
   py::array a;
   try {
     a = py::array::ensure(obj);
   } catch (const py::error_already_set&) {
   }
-  TIDAL_CHECK(a && a.ndim() == 1, InvalidArgument, "token_ids must be a 1-D sequence of integers, got {}",
+  TIDAL_CHECK(a && a.ndim() == 1, InvalidArgument,
+              "token_ids must be a 1-D sequence of integers, got {}",
               std::string(py::str(py::type::of(obj).attr("__name__"))));
   const char kind = a.dtype().kind();
   TIDAL_CHECK(a.size() == 0 || kind == 'i' || kind == 'u', InvalidArgument,
-              "token_ids must be integers, got an array of dtype {}", std::string(py::str(a.dtype())));
+              "token_ids must be integers, got an array of dtype {}",
+              std::string(py::str(a.dtype())));
   auto arr = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
   return std::vector<int64_t>(arr.data(), arr.data() + arr.size());
 }
@@ -59,12 +63,12 @@ void bind_runtime(py::module_& m) {
       .def_readonly("prefill_seconds", &GenerationResult::prefill_seconds)
       .def_readonly("decode_seconds", &GenerationResult::decode_seconds)
       .def("__repr__", [](const GenerationResult& r) {
-        return "GenerationResult(num_tokens=" + std::to_string(r.token_ids.size()) + ", finish_reason='" +
-               r.finish_reason + "')";
+        return "GenerationResult(num_tokens=" + std::to_string(r.token_ids.size()) +
+               ", finish_reason='" + r.finish_reason + "')";
       });
 
-  py::class_<Sequence, std::shared_ptr<Sequence>>(m, "Sequence",
-                                                   "One sequence with its own KV cache and DeltaNet state.")
+  py::class_<Sequence, std::shared_ptr<Sequence>>(
+      m, "Sequence", "One sequence with its own KV cache and DeltaNet state.")
       .def(
           "forward",
           [](Sequence& s, const py::object& ids_obj, bool all_logits) {
@@ -79,7 +83,8 @@ void bind_runtime(py::module_& m) {
             return to_numpy(std::move(out), rows, cols);
           },
           py::arg("token_ids"), py::arg("all_logits") = true,
-          "Append token_ids to the sequence; returns float32 logits (n, vocab) for every new token, or (1, vocab).")
+          "Append token_ids to the sequence; returns float32 logits (n, vocab) for every new "
+          "token, or (1, vocab).")
       .def_property_readonly("num_tokens", &Sequence::num_tokens);
 
   py::class_<Runtime, std::shared_ptr<Runtime>>(m, "Runtime", "A loaded model.")
@@ -93,7 +98,8 @@ void bind_runtime(py::module_& m) {
             return Runtime::load(path, o);
           },
           py::arg("path"), py::kw_only(), py::arg("device") = "cpu", py::arg("num_threads") = 0)
-      .def_property_readonly("config", &Runtime::config, py::return_value_policy::reference_internal)
+      .def_property_readonly("config", &Runtime::config,
+                             py::return_value_policy::reference_internal)
       .def_property_readonly("num_threads", &Runtime::num_threads)
       .def_property_readonly("device", [](const Runtime& r) { return r.options().device; })
       .def(
@@ -105,13 +111,15 @@ void bind_runtime(py::module_& m) {
               py::gil_scoped_release release;
               out = rt.logits(ids);
             }
-            return to_numpy(std::move(out), static_cast<int64_t>(ids.size()), rt.config().vocab_size);
+            return to_numpy(std::move(out), static_cast<int64_t>(ids.size()),
+                            rt.config().vocab_size);
           },
           py::arg("token_ids"))
       .def(
           "generate",
-          [](const Runtime& rt, const py::object& ids_obj, int64_t max_new_tokens, float temperature, int64_t top_k,
-             float top_p, float min_p, const py::object& seed, std::vector<int64_t> stop_token_ids) {
+          [](const Runtime& rt, const py::object& ids_obj, int64_t max_new_tokens,
+             float temperature, int64_t top_k, float top_p, float min_p, const py::object& seed,
+             std::vector<int64_t> stop_token_ids) {
             const auto ids = to_ids(ids_obj);
             runtime::GenerationConfig g;
             g.max_new_tokens = max_new_tokens;
@@ -124,10 +132,12 @@ void bind_runtime(py::module_& m) {
             py::gil_scoped_release release;
             return rt.generate(ids, g);
           },
-          py::arg("token_ids"), py::kw_only(), py::arg("max_new_tokens") = 32, py::arg("temperature") = 0.0f,
-          py::arg("top_k") = 0, py::arg("top_p") = 1.0f, py::arg("min_p") = 0.0f, py::arg("seed") = py::none(),
+          py::arg("token_ids"), py::kw_only(), py::arg("max_new_tokens") = 32,
+          py::arg("temperature") = 0.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f,
+          py::arg("min_p") = 0.0f, py::arg("seed") = py::none(),
           py::arg("stop_token_ids") = std::vector<int64_t>{})
-      .def("new_sequence", [](const std::shared_ptr<Runtime>& rt) { return std::make_shared<Sequence>(rt); });
+      .def("new_sequence",
+           [](const std::shared_ptr<Runtime>& rt) { return std::make_shared<Sequence>(rt); });
 }
 
 }  // namespace tidal::python

@@ -9,7 +9,8 @@
 
 namespace tidal::test {
 
-// fp32 kernels vs fp64 references on sums of up to ~1000 terms of O(1) values: a few fp32 ulps per term.
+// fp32 kernels vs fp64 references on sums of up to ~1000 terms of O(1) values: a few fp32 ulps per
+// term.
 constexpr float kF32Rtol = 1e-5f;
 constexpr float kF32Atol = 1e-5f;
 // The chunked delta rule reorders the recurrence (triangular solves, decays factored as e^{γt−γs}):

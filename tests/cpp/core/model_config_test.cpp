@@ -14,9 +14,16 @@ namespace {
 using nlohmann::json;
 
 json hybrid_base() {
-  return json{{"model_type", "qwen3_next"}, {"vocab_size", 320}, {"hidden_size", 64}, {"num_hidden_layers", 8},
-              {"num_attention_heads", 4}, {"num_key_value_heads", 2}, {"num_experts", 8},
-              {"num_experts_per_tok", 2}, {"moe_intermediate_size", 32}, {"shared_expert_intermediate_size", 32}};
+  return json{{"model_type", "qwen3_next"},
+              {"vocab_size", 320},
+              {"hidden_size", 64},
+              {"num_hidden_layers", 8},
+              {"num_attention_heads", 4},
+              {"num_key_value_heads", 2},
+              {"num_experts", 8},
+              {"num_experts_per_tok", 2},
+              {"moe_intermediate_size", 32},
+              {"shared_expert_intermediate_size", 32}};
 }
 
 TEST(ModelConfig, HybridDefaultsAndInterval) {
@@ -27,7 +34,9 @@ TEST(ModelConfig, HybridDefaultsAndInterval) {
   EXPECT_DOUBLE_EQ(c.rope.rope_theta, 10000.0);
   ASSERT_EQ(c.layer_types.size(), 8u);
   for (int i = 0; i < 8; ++i)
-    EXPECT_EQ(c.layer_types[i], (i + 1) % 4 == 0 ? LayerType::kFullAttention : LayerType::kLinearAttention) << i;
+    EXPECT_EQ(c.layer_types[i],
+              (i + 1) % 4 == 0 ? LayerType::kFullAttention : LayerType::kLinearAttention)
+        << i;
   EXPECT_TRUE(c.norm_topk_prob);
   EXPECT_EQ(c.weight_prefix, "model.");
 }
@@ -38,8 +47,10 @@ TEST(ModelConfig, RopeStylesResolveTheSame) {
   old_style["partial_rotary_factor"] = 0.5;
   old_style["rope_scaling"] = nullptr;
   auto new_style = hybrid_base();
-  new_style["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", 1e7}, {"partial_rotary_factor", 0.5}};
-  const auto a = ModelConfig::from_json(old_style, "old"), b = ModelConfig::from_json(new_style, "new");
+  new_style["rope_parameters"] = {
+      {"rope_type", "default"}, {"rope_theta", 1e7}, {"partial_rotary_factor", 0.5}};
+  const auto a = ModelConfig::from_json(old_style, "old"),
+             b = ModelConfig::from_json(new_style, "new");
   EXPECT_DOUBLE_EQ(a.rope.rope_theta, 1e7);
   EXPECT_DOUBLE_EQ(b.rope.rope_theta, 1e7);
   EXPECT_EQ(a.rotary_dim, 128);
@@ -47,7 +58,9 @@ TEST(ModelConfig, RopeStylesResolveTheSame) {
   // Legacy "type" key and dict values winning over top-level ones.
   auto yarn = hybrid_base();
   yarn["rope_theta"] = 5.0;
-  yarn["rope_scaling"] = {{"type", "yarn"}, {"factor", 4.0}, {"original_max_position_embeddings", 1024},
+  yarn["rope_scaling"] = {{"type", "yarn"},
+                          {"factor", 4.0},
+                          {"original_max_position_embeddings", 1024},
                           {"rope_theta", 1e6}};
   const auto y = ModelConfig::from_json(yarn, "yarn");
   EXPECT_EQ(y.rope.rope_type, "yarn");
@@ -68,7 +81,8 @@ TEST(ModelConfig, LayerTypesLegacyNamesAndMlpOnly) {
 }
 
 TEST(ModelConfig, WrapperAndQwen3Moe) {
-  json w{{"model_type", "qwen3_5_moe"}, {"tie_word_embeddings", true}, {"text_config", hybrid_base()}};
+  json w{
+      {"model_type", "qwen3_5_moe"}, {"tie_word_embeddings", true}, {"text_config", hybrid_base()}};
   w["text_config"]["model_type"] = "qwen3_5_moe_text";
   w["text_config"]["mlp_only_layers"] = {0};  // ignored: qwen3_5_moe is MoE everywhere
   const auto c = ModelConfig::from_json(w, "w");
@@ -76,9 +90,9 @@ TEST(ModelConfig, WrapperAndQwen3Moe) {
   EXPECT_TRUE(c.tie_word_embeddings);
   EXPECT_EQ(c.family, ArchFamily::kQwen35Moe);
   EXPECT_TRUE(c.layer_is_moe[0]);
-  json m{{"model_type", "qwen3_moe"}, {"vocab_size", 10}, {"hidden_size", 64}, {"num_hidden_layers", 2},
-         {"num_attention_heads", 4}, {"num_key_value_heads", 2}, {"num_local_experts", 8},
-         {"num_experts_per_tok", 2}, {"moe_intermediate_size", 16}};
+  json m{{"model_type", "qwen3_moe"}, {"vocab_size", 10},         {"hidden_size", 64},
+         {"num_hidden_layers", 2},    {"num_attention_heads", 4}, {"num_key_value_heads", 2},
+         {"num_local_experts", 8},    {"num_experts_per_tok", 2}, {"moe_intermediate_size", 16}};
   const auto q = ModelConfig::from_json(m, "m");
   EXPECT_EQ(q.num_experts, 8);  // num_local_experts accepted
   EXPECT_EQ(q.head_dim, 16);    // hidden / heads
@@ -93,7 +107,8 @@ TEST(ModelConfig, Errors) {
     ModelConfig::from_json(unknown, "cfg.json");
     FAIL() << "expected Unsupported";
   } catch (const Unsupported& e) {
-    EXPECT_NE(std::string(e.what()).find("qwen3_next, qwen3_5_moe, qwen3_5_moe_text, qwen3_moe"), std::string::npos);
+    EXPECT_NE(std::string(e.what()).find("qwen3_next, qwen3_5_moe, qwen3_5_moe_text, qwen3_moe"),
+              std::string::npos);
   }
   auto missing = hybrid_base();
   missing.erase("hidden_size");

@@ -17,8 +17,9 @@ namespace fs = std::filesystem;
 class SafetensorsTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = fs::temp_directory_path() / ("tidal_st_" + std::to_string(::getpid()) + "_" +
-                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    dir_ = fs::temp_directory_path() /
+           ("tidal_st_" + std::to_string(::getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
     fs::remove_all(dir_);
     fs::create_directories(dir_);
   }
@@ -38,7 +39,8 @@ TEST_F(SafetensorsTest, ReadsValuesAndShards) {
   write(dir_ / "a.safetensors",
         R"({"__metadata__":{"format":"pt"},"x":{"dtype":"F32","shape":[3],"data_offsets":[0,12]}})",
         std::string(reinterpret_cast<const char*>(vals), 12));
-  write(dir_ / "b.safetensors", R"({"y":{"dtype":"BF16","shape":[1,2],"data_offsets":[0,4]}})", std::string(4, '\0'));
+  write(dir_ / "b.safetensors", R"({"y":{"dtype":"BF16","shape":[1,2],"data_offsets":[0,4]}})",
+        std::string(4, '\0'));
   std::ofstream(dir_ / "model.safetensors.index.json")
       << R"({"metadata":{},"weight_map":{"x":"a.safetensors","y":"b.safetensors"}})";
   auto ck = Checkpoint::open(dir_);
@@ -54,7 +56,8 @@ TEST_F(SafetensorsTest, ReadsValuesAndShards) {
 }
 
 TEST_F(SafetensorsTest, MalformedFilesAreFormatErrors) {
-  auto expect_format_error = [&](const std::string& header, const std::string& data, const std::string& needle) {
+  auto expect_format_error = [&](const std::string& header, const std::string& data,
+                                 const std::string& needle) {
     write(dir_ / "model.safetensors", header, data);
     try {
       Checkpoint::open(dir_);
@@ -64,9 +67,10 @@ TEST_F(SafetensorsTest, MalformedFilesAreFormatErrors) {
       EXPECT_NE(std::string(e.what()).find("model.safetensors"), std::string::npos) << e.what();
     }
   };
-  expect_format_error(R"({"x":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", std::string(8, '\0'),
-                      "truncated");
-  expect_format_error(R"({"x":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", std::string(8, '\0'), "\"x\"");
+  expect_format_error(R"({"x":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})",
+                      std::string(8, '\0'), "truncated");
+  expect_format_error(R"({"x":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})",
+                      std::string(8, '\0'), "\"x\"");
   expect_format_error(R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0)", "", "corrupt header");
   expect_format_error(R"({"x":{"dtype":"F32","shape":[2]}})", std::string(8, '\0'), "\"x\"");
   expect_format_error(R"([1,2])", "", "not a JSON object");
@@ -85,9 +89,11 @@ TEST_F(SafetensorsTest, MalformedFilesAreFormatErrors) {
 TEST_F(SafetensorsTest, MissingThings) {
   EXPECT_THROW(Checkpoint::open(dir_ / "nope"), FileNotFound);
   EXPECT_THROW(Checkpoint::open(dir_), FileNotFound);  // empty directory
-  std::ofstream(dir_ / "model.safetensors.index.json") << R"({"weight_map":{"x":"missing.safetensors"}})";
+  std::ofstream(dir_ / "model.safetensors.index.json")
+      << R"({"weight_map":{"x":"missing.safetensors"}})";
   EXPECT_THROW(Checkpoint::open(dir_), FileNotFound);
-  std::ofstream(dir_ / "model.safetensors.index.json") << R"({"weight_map":{"x":"../evil.safetensors"}})";
+  std::ofstream(dir_ / "model.safetensors.index.json")
+      << R"({"weight_map":{"x":"../evil.safetensors"}})";
   EXPECT_THROW(Checkpoint::open(dir_), FormatError);
 }
 

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file sampler_test.cpp
-/// \brief Sampling: greedy, seeded reproducibility, each filter against hand-computed distributions.
+/// \brief Sampling: greedy, seeded reproducibility, each filter against hand-computed
+/// distributions.
 #include "core/runtime/sampler.h"
 
 #include <gtest/gtest.h>

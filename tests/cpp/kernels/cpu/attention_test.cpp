@@ -46,7 +46,8 @@ TEST_P(AttentionTest, MatchesNaive) {
       for (int64_t u = 0; u < n; ++u) {
         double dot = 0;
         for (int64_t j = 0; j < c.d; ++j)
-          dot += static_cast<double>(q[(t * c.heads + h) * c.d + j]) * k[(u * c.kv_heads + kvh) * c.d + j];
+          dot += static_cast<double>(q[(t * c.heads + h) * c.d + j]) *
+                 k[(u * c.kv_heads + kvh) * c.d + j];
         s[u] = dot * scale;
         mx = std::max(mx, s[u]);
       }
@@ -55,14 +56,16 @@ TEST_P(AttentionTest, MatchesNaive) {
         double o = 0;
         for (int64_t u = 0; u < n; ++u) o += s[u] / sum * v[(u * c.kv_heads + kvh) * c.d + j];
         ASSERT_NEAR(got[(t * c.heads + h) * c.d + j], o, 1e-5)
-            << "attention num_q=" << c.num_q << " q_pos0=" << c.q_pos0 << " t=" << t << " h=" << h << " j=" << j;
+            << "attention num_q=" << c.num_q << " q_pos0=" << c.q_pos0 << " t=" << t << " h=" << h
+            << " j=" << j;
       }
     }
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, AttentionTest,
-                         ::testing::Values(Case{1, 0, 1, 1, 1}, Case{1, 40, 4, 2, 32}, Case{7, 0, 4, 2, 24},
-                                           Case{5, 13, 6, 3, 17}, Case{17, 3, 8, 1, 64}));
+                         ::testing::Values(Case{1, 0, 1, 1, 1}, Case{1, 40, 4, 2, 32},
+                                           Case{7, 0, 4, 2, 24}, Case{5, 13, 6, 3, 17},
+                                           Case{17, 3, 8, 1, 64}));
 
 }  // namespace
 }  // namespace tidal::kernels::cpu

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file gated_delta_net_test.cpp
-/// \brief Delta rule: recurrent vs an fp64 oracle; chunked vs recurrent for any split and incoming state;
-/// causal conv1d vs a naive convolution, split into chunks.
+/// \brief Delta rule: recurrent vs an fp64 oracle; chunked vs recurrent for any split and incoming
+/// state; causal conv1d vs a naive convolution, split into chunks.
 #include "kernels/cpu/gated_delta_net.h"
 
 #include <gtest/gtest.h>
@@ -24,7 +24,8 @@ Inputs make_inputs(int64_t T, int64_t nk, int64_t nv, int64_t dk, int64_t dv, ui
     for (int64_t r = 0; r < rows; ++r) {
       double ss = 0;
       for (int64_t i = 0; i < dim; ++i) ss += x[r * dim + i] * x[r * dim + i];
-      for (int64_t i = 0; i < dim; ++i) x[r * dim + i] = static_cast<float>(x[r * dim + i] / std::sqrt(ss + 1e-6) * s);
+      for (int64_t i = 0; i < dim; ++i)
+        x[r * dim + i] = static_cast<float>(x[r * dim + i] / std::sqrt(ss + 1e-6) * s);
     }
   };
   in.q = test::random_vec(T * nk * dk, seed);
@@ -75,7 +76,8 @@ TEST(DeltaRule, RecurrentMatchesFp64Oracle) {
       for (int j = 0; j < 3; ++j)
         for (int i = 0; i < 5; ++i) kS[j] += k[i] * S[i * 3 + j];
       for (int i = 0; i < 5; ++i)
-        for (int j = 0; j < 3; ++j) S[i * 3 + j] = a * (S[i * 3 + j] - b * k[i] * kS[j]) + b * k[i] * v[j];
+        for (int j = 0; j < 3; ++j)
+          S[i * 3 + j] = a * (S[i * 3 + j] - b * k[i] * kS[j]) + b * k[i] * v[j];
       for (int j = 0; j < 3; ++j) {
         double o = 0;
         for (int i = 0; i < 5; ++i) o += S[i * 3 + j] * q[i];
@@ -97,13 +99,16 @@ TEST_P(ChunkedTest, ChunkedEqualsRecurrentWithIncomingState) {
   delta_rule_chunked(args_for(in, 0, T, s_chk.data(), o_chk.data()), *ex);
   ASSERT_GT(test::norm2(o_rec), 0.0);
   for (size_t i = 0; i < o_rec.size(); ++i)
-    ASSERT_NEAR(o_chk[i], o_rec[i], test::kDeltaRuleAtol) << "delta_rule_chunked T=" << T << " out " << i;
+    ASSERT_NEAR(o_chk[i], o_rec[i], test::kDeltaRuleAtol)
+        << "delta_rule_chunked T=" << T << " out " << i;
   for (size_t i = 0; i < s_rec.size(); ++i)
-    ASSERT_NEAR(s_chk[i], s_rec[i], test::kDeltaRuleAtol) << "delta_rule_chunked T=" << T << " state " << i;
+    ASSERT_NEAR(s_chk[i], s_rec[i], test::kDeltaRuleAtol)
+        << "delta_rule_chunked T=" << T << " state " << i;
   // Split into pieces of 7 (chunked prefill): same result as one shot.
   std::vector<float> s_split = s0, o_split(T * nv * dv);
   for (int64_t t0 = 0; t0 < T; t0 += 7)
-    delta_rule_chunked(args_for(in, t0, std::min<int64_t>(7, T - t0), s_split.data(), o_split.data()), *ex);
+    delta_rule_chunked(
+        args_for(in, t0, std::min<int64_t>(7, T - t0), s_split.data(), o_split.data()), *ex);
   for (size_t i = 0; i < o_rec.size(); ++i)
     ASSERT_NEAR(o_split[i], o_rec[i], test::kDeltaRuleAtol) << "split-7 T=" << T << " out " << i;
 }

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file linear_test.cpp
-/// \brief linear (threaded) vs linear_ref across odd shapes, dtypes, strides, accumulate; ref vs exact oracle.
+/// \brief linear (threaded) vs linear_ref across odd shapes, dtypes, strides, accumulate; ref vs
+/// exact oracle.
 #include "kernels/cpu/linear.h"
 
 #include <gtest/gtest.h>
@@ -31,21 +32,25 @@ TEST_P(LinearTest, ThreadedMatchesReference) {
   linear({src.data(), ld_src, w, got.data(), s.n, s.m, accumulate}, *ex);
   ASSERT_GT(test::norm2(ref), 0.0);
   for (size_t i = 0; i < ref.size(); ++i)
-    ASSERT_NEAR(got[i], ref[i], test::kF32Atol + test::kF32Rtol * std::sqrt(static_cast<float>(s.k)) * std::abs(ref[i]) +
-                                    1e-6f * std::sqrt(static_cast<float>(s.k)))
-        << "linear m=" << s.m << " n=" << s.n << " k=" << s.k << " dtype=" << dtype_name(dt) << " acc=" << accumulate
-        << " at " << i;
+    ASSERT_NEAR(got[i], ref[i],
+                test::kF32Atol +
+                    test::kF32Rtol * std::sqrt(static_cast<float>(s.k)) * std::abs(ref[i]) +
+                    1e-6f * std::sqrt(static_cast<float>(s.k)))
+        << "linear m=" << s.m << " n=" << s.n << " k=" << s.k << " dtype=" << dtype_name(dt)
+        << " acc=" << accumulate << " at " << i;
   // Determinism: same input, same threads -> bit-identical.
   std::vector<float> again = init;
   linear({src.data(), ld_src, w, again.data(), s.n, s.m, accumulate}, *ex);
   ASSERT_EQ(again, got);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    OddShapes, LinearTest,
-    ::testing::Combine(::testing::Values(Shape{1, 1, 1}, Shape{1, 17, 64}, Shape{2, 33, 7}, Shape{3, 15, 130},
-                                         Shape{5, 64, 63}, Shape{17, 31, 257}, Shape{33, 100, 96}),
-                       ::testing::Values(DType::kF32, DType::kBF16), ::testing::Bool()));
+INSTANTIATE_TEST_SUITE_P(OddShapes, LinearTest,
+                         ::testing::Combine(::testing::Values(Shape{1, 1, 1}, Shape{1, 17, 64},
+                                                              Shape{2, 33, 7}, Shape{3, 15, 130},
+                                                              Shape{5, 64, 63}, Shape{17, 31, 257},
+                                                              Shape{33, 100, 96}),
+                                            ::testing::Values(DType::kF32, DType::kBF16),
+                                            ::testing::Bool()));
 
 TEST(LinearRef, ExactOnSmallIntegers) {
   // Oracle by hand: [[1, 2, 3]] · [[1, 0, -1], [2, 2, 2]]ᵀ = [[-2, 12]]

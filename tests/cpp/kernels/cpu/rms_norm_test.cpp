@@ -15,7 +15,8 @@ class RmsNormTest : public ::testing::TestWithParam<int64_t> {};
 TEST_P(RmsNormTest, VariantsMatchFormula) {
   const int64_t dim = GetParam();
   const float eps = 1e-6f;
-  const auto x = test::random_vec(dim, 11, 3.0f), w = test::random_vec(dim, 12, 0.3f), z = test::random_vec(dim, 13);
+  const auto x = test::random_vec(dim, 11, 3.0f), w = test::random_vec(dim, 12, 0.3f),
+             z = test::random_vec(dim, 13);
   double ss = 0;
   for (float v : x) ss += static_cast<double>(v) * v;
   const double r = 1.0 / std::sqrt(ss / dim + eps);
@@ -26,9 +27,12 @@ TEST_P(RmsNormTest, VariantsMatchFormula) {
   for (int64_t i = 0; i < dim; ++i) {
     const double n = x[i] * r;
     const double silu_z = z[i] / (1.0 + std::exp(-static_cast<double>(z[i])));
-    EXPECT_NEAR(plain[i], w[i] * n, 1e-5 * (1 + std::abs(w[i] * n))) << "plain dim=" << dim << " i=" << i;
-    EXPECT_NEAR(zc[i], (1.0 + w[i]) * n, 1e-5 * (1 + std::abs(n))) << "zero-centred dim=" << dim << " i=" << i;
-    EXPECT_NEAR(gated[i], w[i] * n * silu_z, 1e-5 * (1 + std::abs(n))) << "gated dim=" << dim << " i=" << i;
+    EXPECT_NEAR(plain[i], w[i] * n, 1e-5 * (1 + std::abs(w[i] * n)))
+        << "plain dim=" << dim << " i=" << i;
+    EXPECT_NEAR(zc[i], (1.0 + w[i]) * n, 1e-5 * (1 + std::abs(n)))
+        << "zero-centred dim=" << dim << " i=" << i;
+    EXPECT_NEAR(gated[i], w[i] * n * silu_z, 1e-5 * (1 + std::abs(n)))
+        << "gated dim=" << dim << " i=" << i;
   }
   // In place (x and y alias) gives the same.
   auto inplace = x;

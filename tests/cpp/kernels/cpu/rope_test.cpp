@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file rope_test.cpp
-/// \brief Partial RoPE against a complex-rotation oracle; tables against their formulas (default, YaRN).
+/// \brief Partial RoPE against a complex-rotation oracle; tables against their formulas (default,
+/// YaRN).
 #include "kernels/cpu/rope.h"
 
 #include <gtest/gtest.h>
@@ -16,7 +17,8 @@ namespace {
 TEST(Rope, DefaultTableFormula) {
   const auto t = rope_table_default(10000.0, 64);
   ASSERT_EQ(t.inv_freq.size(), 32u);
-  for (int i = 0; i < 32; ++i) EXPECT_NEAR(t.inv_freq[i], std::pow(10000.0, -2.0 * i / 64), 1e-7 * (1 + i));
+  for (int i = 0; i < 32; ++i)
+    EXPECT_NEAR(t.inv_freq[i], std::pow(10000.0, -2.0 * i / 64), 1e-7 * (1 + i));
   EXPECT_EQ(t.attention_factor, 1.0f);
 }
 
@@ -31,14 +33,16 @@ TEST(Rope, PartialRotationMatchesComplexOracle) {
       const float* o = orig.data() + (t * heads + h) * d;
       const float* y = x.data() + (t * heads + h) * d;
       for (int64_t i = 0; i < half; ++i) {
-        // Pair (i, i + half) as the complex number o_i + i·o_{i+half}, rotated by angle p·inv_freq_i.
+        // Pair (i, i + half) as the complex number o_i + i·o_{i+half}, rotated by angle
+        // p·inv_freq_i.
         const double phi = static_cast<double>(pos0 + t) * table.inv_freq[i];
         const std::complex<double> z(o[i], o[i + half]);
         const auto r = z * std::polar(1.0, phi);
         EXPECT_NEAR(y[i], r.real(), 2e-5) << "t=" << t << " h=" << h << " i=" << i;
         EXPECT_NEAR(y[i + half], r.imag(), 2e-5) << "t=" << t << " h=" << h << " i=" << i;
       }
-      for (int64_t i = rd; i < d; ++i) EXPECT_EQ(y[i], o[i]) << "dims past rotary_dim must pass through";
+      for (int64_t i = rd; i < d; ++i)
+        EXPECT_EQ(y[i], o[i]) << "dims past rotary_dim must pass through";
     }
 }
 
