@@ -1,0 +1,78 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Type stubs of the native module (see python/bindings/)."""
+
+import os
+from typing import Iterable, Optional, Sequence as _Seq, Union
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+TokenIds = Union[_Seq[int], npt.NDArray[np.integer]]
+
+class FormatError(ValueError): ...
+
+class ModelConfig:
+    model_type: str
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rotary_dim: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    rope_theta: float
+    rope_type: str
+    partial_rotary_factor: float
+    layer_types: list[str]
+    layer_is_moe: list[bool]
+    intermediate_size: int
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    shared_expert_intermediate_size: int
+    norm_topk_prob: bool
+    linear_conv_kernel_dim: int
+    linear_key_head_dim: int
+    linear_value_head_dim: int
+    linear_num_key_heads: int
+    linear_num_value_heads: int
+
+class GenerationResult:
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+
+class Sequence:
+    num_tokens: int
+    def forward(self, token_ids: TokenIds, all_logits: bool = True) -> npt.NDArray[np.float32]:
+        """Append tokens; float32 logits (n, vocab) for every new token, or (1, vocab)."""
+
+class Runtime:
+    config: ModelConfig
+    num_threads: int
+    device: str
+    @staticmethod
+    def load(path: Union[str, os.PathLike[str]], *, device: str = "cpu", num_threads: int = 0) -> Runtime: ...
+    def logits(self, token_ids: TokenIds) -> npt.NDArray[np.float32]:
+        """float32 (len(token_ids), vocab_size): logits at every position of a fresh sequence."""
+    def generate(
+        self,
+        token_ids: TokenIds,
+        *,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        seed: Optional[int] = None,
+        stop_token_ids: Iterable[int] = (),
+    ) -> GenerationResult: ...
+    def new_sequence(self) -> Sequence: ...
