@@ -11,7 +11,10 @@ for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if ! python3 -m pip --version >/dev/null 2>&1; then
-  missing+=(python3-pip python3-dev)
+  missing+=(python3-pip)
+fi
+if ! python3 -c 'import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' 2>/dev/null; then
+  missing+=(python3-dev)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""

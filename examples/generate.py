@@ -5,7 +5,7 @@
 
 Until the trained default model lands, the model is a tiny random-weight Qwen3.5-MoE fixture, so the
 output is token ids (there is no tokenizer yet) and reads as noise; what it shows is the engine running
-end to end: load, chunked prefill, decode, timing.
+end to end: load, prefill, greedy and seeded sampled decoding, timing.
 """
 
 import argparse

@@ -94,6 +94,17 @@ SafetensorsFile::SafetensorsFile(const fs::path& path) {
     t.name = name;
     t.file = fname;
     try {
+      TIDAL_CHECK(v.is_object() && v.contains("shape") && v.at("shape").is_array() &&
+                      v.contains("data_offsets") && v.at("data_offsets").is_array(),
+                  FormatError, "checkpoint \"{}\": corrupt header entry for tensor \"{}\"", fname,
+                  name);
+      for (const auto* arr : {&v.at("shape"), &v.at("data_offsets")})
+        for (const auto& x : *arr)
+          TIDAL_CHECK(
+              x.is_number_unsigned() || (x.is_number_integer() && x.get<int64_t>() >= 0),
+              FormatError,
+              "checkpoint \"{}\": tensor \"{}\" has a non-integer or negative shape/offset {}",
+              fname, name, x.dump());
       t.dtype_name = v.at("dtype").get<std::string>();
       t.shape = v.at("shape").get<std::vector<int64_t>>();
       const auto off = v.at("data_offsets").get<std::vector<uint64_t>>();
@@ -165,6 +176,7 @@ std::unique_ptr<Checkpoint> Checkpoint::open(const fs::path& path) {
                     "checkpoint index \"{}\": shard name \"{}\" must be a plain file name",
                     index.string(), fn);
         shard_names.insert(fn);
+        ck->weight_map_[name] = fn;
       }
       for (const auto& s : shard_names) files.push_back(path / s);
     } else if (fs::exists(path / "model.safetensors")) {
@@ -195,6 +207,11 @@ std::unique_ptr<Checkpoint> Checkpoint::open(const fs::path& path) {
 const TensorInfo* Checkpoint::find(const std::string& name) const {
   auto it = index_.find(name);
   return it == index_.end() ? nullptr : it->second;
+}
+
+std::string Checkpoint::indexed_file(const std::string& name) const {
+  auto it = weight_map_.find(name);
+  return it == weight_map_.end() ? std::string() : it->second;
 }
 
 std::vector<std::string> Checkpoint::names() const {

@@ -70,6 +70,8 @@ class Checkpoint {
   const TensorInfo* find(const std::string& name) const;
   /// Every tensor name, sorted.
   std::vector<std::string> names() const;
+  /// The shard model.safetensors.index.json assigns `name` to ("" when there is no index or entry).
+  std::string indexed_file(const std::string& name) const;
   /// Where it was read from, for messages.
   const std::filesystem::path& path() const { return path_; }
 
@@ -77,6 +79,7 @@ class Checkpoint {
   std::filesystem::path path_;
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   std::map<std::string, const TensorInfo*> index_;
+  std::map<std::string, std::string> weight_map_;  // from the index file
 };
 
 }  // namespace tidal::core

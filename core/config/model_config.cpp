@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "kernels/cpu/gated_delta_net.h"
 
 namespace tidal::core {
 namespace {
@@ -50,9 +51,16 @@ struct Reader {
   }
 };
 
+// Upper bound of any one dimension or count in a config: 2^24 (16.7 M) is far above every real
+// model (largest: vocab 248,320) and keeps products of two dims inside int64 with room to spare.
+constexpr int64_t kMaxConfigDim = int64_t{1} << 24;
+
 void check_positive(const std::string& source, const char* name, int64_t v) {
   TIDAL_CHECK(v > 0, FormatError, "config \"{}\": \"{}\" must be positive, got {}", source, name,
               v);
+  TIDAL_CHECK(v <= kMaxConfigDim, FormatError,
+              "config \"{}\": \"{}\" = {} is implausibly large (limit {})", source, name, v,
+              kMaxConfigDim);
 }
 
 RopeConfig parse_rope(const json& text, const Reader& r, ArchFamily family) {
@@ -93,6 +101,8 @@ RopeConfig parse_rope(const json& text, const Reader& r, ArchFamily family) {
               "config \"{}\": rope_type \"{}\" is not supported (supported: default, yarn)",
               r.source, rope.rope_type);
   if (rope.rope_type == "mrope") rope.rope_type = "default";
+  TIDAL_CHECK(rope.rope_theta > 1.0 || rope.rope_type != "yarn", FormatError,
+              "config \"{}\": YaRN needs rope_theta > 1, got {}", r.source, rope.rope_theta);
   TIDAL_CHECK(rope.rope_theta > 0, FormatError,
               "config \"{}\": rope_theta must be positive, got {}", r.source, rope.rope_theta);
   TIDAL_CHECK(rope.partial_rotary_factor > 0 && rope.partial_rotary_factor <= 1.0, FormatError,
@@ -211,6 +221,9 @@ ModelConfig ModelConfig::from_json(const json& root, const std::string& source) 
   // MoE (rule 2).
   c.num_experts =
       r.has("num_experts") ? r.get_int("num_experts") : r.get_int("num_local_experts", 0);
+  TIDAL_CHECK(c.num_experts >= 0 && c.num_experts <= kMaxConfigDim, FormatError,
+              "config \"{}\": num_experts = {} is out of range [0, {}]", source, c.num_experts,
+              kMaxConfigDim);
   c.num_experts_per_tok = r.get_int("num_experts_per_tok", 0);
   c.moe_intermediate_size = r.get_int("moe_intermediate_size", 0);
   c.intermediate_size = r.get_int("intermediate_size", 0);
@@ -245,6 +258,12 @@ ModelConfig ModelConfig::from_json(const json& root, const std::string& source) 
                 c.num_experts_per_tok, c.num_experts);
   }
   if (any_dense) check_positive(source, "intermediate_size", c.intermediate_size);
+  // Only widths of the layer kinds present are checked above; the others must still not overflow.
+  for (auto [n, v] : {std::pair{"moe_intermediate_size", c.moe_intermediate_size},
+                      {"intermediate_size", c.intermediate_size},
+                      {"num_experts_per_tok", c.num_experts_per_tok}})
+    TIDAL_CHECK(v >= 0 && v <= kMaxConfigDim, FormatError,
+                "config \"{}\": \"{}\" = {} is out of range", source, n, v);
   if (c.is_hybrid()) {
     c.shared_expert_intermediate_size = r.get_int("shared_expert_intermediate_size", 0);
     check_positive(source, "shared_expert_intermediate_size", c.shared_expert_intermediate_size);
@@ -263,9 +282,9 @@ ModelConfig ModelConfig::from_json(const json& root, const std::string& source) 
                 "config \"{}\": linear_num_value_heads ({}) must be a multiple of "
                 "linear_num_key_heads ({})",
                 source, c.linear_num_value_heads, c.linear_num_key_heads);
-    TIDAL_CHECK(c.linear_conv_kernel_dim <= 16, Unsupported,
-                "config \"{}\": linear_conv_kernel_dim {} is larger than tidal supports (16)",
-                source, c.linear_conv_kernel_dim);
+    TIDAL_CHECK(c.linear_conv_kernel_dim <= kernels::cpu::kMaxConvKernel, Unsupported,
+                "config \"{}\": linear_conv_kernel_dim {} is larger than tidal supports ({})",
+                source, c.linear_conv_kernel_dim, kernels::cpu::kMaxConvKernel);
   }
   return c;
 }

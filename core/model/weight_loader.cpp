@@ -5,6 +5,8 @@
 
 #include <fmt/ranges.h>
 
+#include <cstring>
+
 #include "core/error.h"
 
 namespace tidal::core {
@@ -13,24 +15,30 @@ using kernels::DType;
 namespace {
 bool runnable(DType dt) { return dt == DType::kBF16 || dt == DType::kF16 || dt == DType::kF32; }
 
+// Reads through memcpy: tensor data need not be aligned in a safetensors file.
 float element(const TensorInfo& t, int64_t i) {
-  switch (t.dtype) {
-    case DType::kBF16:
-      return kernels::bf16_to_f32(reinterpret_cast<const uint16_t*>(t.data)[i]);
-    case DType::kF16:
-      return kernels::f16_to_f32(reinterpret_cast<const uint16_t*>(t.data)[i]);
-    default:
-      return reinterpret_cast<const float*>(t.data)[i];
+  if (t.dtype == DType::kF32) {
+    float f;
+    std::memcpy(&f, t.data + i * 4, 4);
+    return f;
   }
+  uint16_t h;
+  std::memcpy(&h, t.data + i * 2, 2);
+  return t.dtype == DType::kBF16 ? kernels::bf16_to_f32(h) : kernels::f16_to_f32(h);
 }
 }  // namespace
 
 const TensorInfo& WeightLoader::require(const std::string& name, const std::vector<int64_t>& shape,
                                         const std::string& why) const {
   const TensorInfo* t = ck_.find(name);
-  TIDAL_CHECK(t != nullptr, FormatError,
-              "checkpoint \"{}\": tensor \"{}\" is missing (expected shape [{}]; {})",
-              ck_.path().string(), name, fmt::join(shape, ", "), why);
+  if (t == nullptr) {
+    const std::string shard = ck_.indexed_file(name);
+    throw FormatError(fmt::format(
+        "checkpoint \"{}\": tensor \"{}\" is missing{} (expected shape [{}]; {})",
+        ck_.path().string(), name,
+        shard.empty() ? "" : fmt::format(" from \"{}\", where the index places it", shard),
+        fmt::join(shape, ", "), why));
+  }
   TIDAL_CHECK(t->shape == shape, FormatError,
               "checkpoint \"{}\": tensor \"{}\" has shape {}, expected [{}] ({})", t->file, name,
               t->shape_str(), fmt::join(shape, ", "), why);
@@ -43,7 +51,10 @@ const TensorInfo& WeightLoader::require(const std::string& name, const std::vect
 
 kernels::WeightView WeightLoader::rows_of(const TensorInfo& t, int64_t row0, int64_t rows,
                                           int64_t cols) {
-  if (t.dtype == DType::kF16) {
+  const size_t es = kernels::dtype_size(t.dtype);
+  const bool aligned = reinterpret_cast<uintptr_t>(t.data) % es == 0;
+  // F16 is widened at load; so is a matrix the file left unaligned for its element type.
+  if (t.dtype == DType::kF16 || !aligned) {
     auto buf = std::make_unique<std::vector<float>>(static_cast<size_t>(rows * cols));
     for (int64_t i = 0; i < rows * cols; ++i) (*buf)[i] = element(t, row0 * cols + i);
     const float* p = buf->data();

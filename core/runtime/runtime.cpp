@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <thread>
 
 #include "core/error.h"
 #include "offload/expert_store.h"
@@ -63,6 +64,10 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
   check_device(opts.device);
   TIDAL_CHECK(opts.num_threads >= 0, InvalidArgument,
               "num_threads must be >= 0 (0 = one per physical core), got {}", opts.num_threads);
+  const int max_threads = 4 * static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  TIDAL_CHECK(opts.num_threads <= max_threads, InvalidArgument,
+              "num_threads={} is more than 4x the {} hardware threads of this machine",
+              opts.num_threads, max_threads / 4);
   TIDAL_CHECK(fs::exists(path), FileNotFound, "model path \"{}\" does not exist", path.string());
   TIDAL_CHECK(fs::is_directory(path), InvalidArgument,
               "model path \"{}\" must be a checkpoint directory (config.json + *.safetensors)",

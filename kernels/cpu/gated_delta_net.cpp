@@ -26,14 +26,8 @@ void causal_conv1d_silu(const float* src, int64_t num_tokens, int64_t channels, 
         for (int64_t j = 0; j < ksize; ++j) acc += w[j] * input(t - hist + j, c);
         dst[t * channels + c] = silu(acc);
       }
-      // New state: the last `hist` inputs of [state; src], oldest first.
-      float tail[16];
-      float* buf = hist <= 16 ? tail : nullptr;
-      std::vector<float> big;
-      if (!buf) {
-        big.resize(static_cast<size_t>(hist));
-        buf = big.data();
-      }
+      // New state: the last `hist` inputs of [state; src], oldest first (read before overwriting).
+      float buf[kMaxConvKernel];
       for (int64_t j = 0; j < hist; ++j) buf[j] = input(num_tokens - hist + j, c);
       for (int64_t j = 0; j < hist; ++j) state[j * channels + c] = buf[j];
     }

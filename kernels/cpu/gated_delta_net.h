@@ -10,6 +10,10 @@
 
 namespace tidal::kernels::cpu {
 
+/// Largest conv kernel the conv kernel keeps its per-channel history for on the stack (released
+/// models use 4); the config parser rejects larger ones.
+constexpr int64_t kMaxConvKernel = 16;
+
 /// Causal depthwise conv1d + SiLU over `channels` channels with kernel `ksize`.
 /// src (num_tokens, channels), dst (num_tokens, channels) (may not alias src), weight (channels,
 /// ksize), state (ksize − 1, channels): the last ksize − 1 pre-conv inputs, oldest first; updated

@@ -46,9 +46,13 @@ py::array_t<float> to_numpy(std::vector<float>&& v, int64_t rows, int64_t cols) 
 std::optional<uint64_t> to_seed(const py::object& seed) {
   if (seed.is_none()) return std::nullopt;
   TIDAL_CHECK(py::isinstance<py::int_>(seed), InvalidArgument, "seed must be an int >= 0 or None");
-  const auto v = seed.cast<long long>();
-  TIDAL_CHECK(v >= 0, InvalidArgument, "seed must be >= 0, got {}", v);
-  return static_cast<uint64_t>(v);
+  const py::int_ v(seed);
+  const bool in_range =
+      v >= py::int_(0) && v < py::int_(py::reinterpret_steal<py::object>(
+                                  PyLong_FromString("18446744073709551616", nullptr, 10)));
+  TIDAL_CHECK(in_range, InvalidArgument, "seed must be in [0, 2**64), got {}",
+              std::string(py::str(v)));
+  return v.cast<uint64_t>();
 }
 
 }  // namespace

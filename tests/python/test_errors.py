@@ -173,9 +173,45 @@ def test_negative_lengths_and_bad_sampling(rt):
         rt.generate([1, 2], top_k=-3)
     with pytest.raises(ValueError, match="min_p"):
         rt.generate([1, 2], min_p=1.5)
-    with pytest.raises(ValueError, match="seed"):
-        rt.generate([1, 2], temperature=1.0, seed=-4)
+    for seed in (-4, 2**64, 10**30):
+        with pytest.raises(ValueError, match="seed"):
+            rt.generate([1, 2], temperature=1.0, seed=seed)
+    assert len(rt.generate([1, 2], max_new_tokens=2, temperature=1.0, seed=2**64 - 1).token_ids) == 2
     assert list(rt.generate([1, 2], max_new_tokens=0).token_ids) == []
+
+
+def test_missing_tensor_names_its_shard(golden_copy):
+    d = golden_copy("qwen3_next")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    name = "model.layers.4.linear_attn.in_proj_ba.weight"
+    shard = index["weight_map"][name]
+    _rewrite(d / shard, lambda h, b: ({k: v for k, v in h.items() if k != name}, b))
+    with pytest.raises(tidal.FormatError, match=rf'tensor "{name}" is missing from "{shard}"'):
+        tidal.Runtime.load(d)
+
+
+def test_non_integer_shape(golden_copy):
+    d = golden_copy("qwen3_5_moe_text")
+    name = "model.norm.weight"
+
+    def edit(h, b):
+        h[name]["shape"] = [64.5]
+        return h, b
+
+    _rewrite(d / "model.safetensors", edit)
+    with pytest.raises(tidal.FormatError, match=rf'"{name}" has a non-integer'):
+        tidal.Runtime.load(d)
+
+
+@pytest.mark.parametrize("field,value", [("num_hidden_layers", 10**12), ("head_dim", 2**62),
+                                         ("num_local_experts", 10**9)])
+def test_implausible_config_sizes(golden_copy, field, value):
+    d = golden_copy("qwen3_moe")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[field] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(tidal.FormatError, match=field.replace("num_local_experts", "num_experts")):
+        tidal.Runtime.load(d)
 
 
 def test_bad_device_and_threads():
@@ -185,3 +221,5 @@ def test_bad_device_and_threads():
         tidal.Runtime.load(GOLDEN / "qwen3_moe", device="cuda")
     with pytest.raises(ValueError, match="num_threads"):
         tidal.Runtime.load(GOLDEN / "qwen3_moe", num_threads=-2)
+    with pytest.raises(ValueError, match="num_threads=10000000"):
+        tidal.Runtime.load(GOLDEN / "qwen3_moe", num_threads=10**7)

@@ -45,6 +45,22 @@ def test_rope_theta_is_honoured(golden_copy):
     assert np.abs(a - b).max() > 1e-3
 
 
+def test_fused_experts_with_weight_suffix(golden_copy):
+    """llama.cpp accepts `mlp.experts.gate_up_proj.weight`; so does tidal (identical logits)."""
+    d = golden_copy("qwen3_5_moe")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    for shard in set(index["weight_map"].values()):
+        header, data = read_safetensors(d / shard)
+        renamed = {(k + ".weight" if k.endswith(("experts.gate_up_proj", "experts.down_proj")) else k): v
+                   for k, v in header.items()}
+        write_safetensors(d / shard, renamed, data)
+    index["weight_map"] = {(k + ".weight" if k.endswith(("experts.gate_up_proj", "experts.down_proj")) else k): v
+                           for k, v in index["weight_map"].items()}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    ids = list(range(7, 47))
+    np.testing.assert_array_equal(tidal.Runtime.load(d).logits(ids), tidal.Runtime.load(GOLDEN / "qwen3_5_moe").logits(ids))
+
+
 def test_f32_and_f16_weights(golden_copy):
     """The same checkpoint re-encoded in F32 (exact) and F16 (exact for these BF16 values in range)."""
     ids = list(range(3, 50))

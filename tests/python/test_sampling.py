@@ -47,6 +47,31 @@ def test_stop_token(rt):
 
 
 def test_gil_released_during_compute(rt):
+    """A Python thread keeps running while another is inside a long generate() call."""
+    import time
+
+    done = threading.Event()
+    ticks = []
+
+    def spin():
+        while not done.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.001)
+
+    t = threading.Thread(target=spin)
+    t.start()
+    time.sleep(0.02)
+    start = time.perf_counter()
+    rt.generate(PROMPT * 20, max_new_tokens=200)
+    end = time.perf_counter()
+    done.set()
+    t.join()
+    during = [x for x in ticks if start < x < end]
+    assert end - start > 0.05, "compute too short to observe"
+    assert len(during) >= 5, f"only {len(during)} ticks of the other thread during {end - start:.3f}s of compute"
+
+
+def test_concurrent_generates_are_correct(rt):
     """Two threads generating at once finish with the same results as sequential calls."""
     want = list(rt.generate(PROMPT, max_new_tokens=16).token_ids)
     results = []
