@@ -61,6 +61,16 @@ def _rewrite(path, edit):
 
 @pytest.mark.parametrize("name", ["model.layers.3.self_attn.k_proj.weight",  # a pinned tensor
                                   "model.layers.1.mlp.experts.5.down_proj.weight"])  # a routed expert
+def _set_field(path, name, field, value):
+    """Rewrite one header field of tensor `name` (the data stays as it is)."""
+
+    def edit(h, b):
+        h[name][field] = value(h[name][field]) if callable(value) else value
+        return h, b
+
+    _rewrite(path, edit)
+
+
 def test_missing_tensor_named(golden_copy, name):
     d = golden_copy("qwen3_5_moe_text")
     _rewrite(d / "model.safetensors", lambda h, b: ({k: v for k, v in h.items() if k != name}, b))
@@ -72,11 +82,7 @@ def test_wrong_shape_names_tensor_file_and_fields(golden_copy):
     d = golden_copy("qwen3_5_moe_text")
     name = "model.layers.0.linear_attn.in_proj_qkv.weight"
 
-    def edit(h, b):
-        h[name]["shape"] = list(reversed(h[name]["shape"]))
-        return h, b
-
-    _rewrite(d / "model.safetensors", edit)
+    _set_field(d / "model.safetensors", name, "shape", lambda old: list(reversed(old)))
     with pytest.raises(tidal.FormatError, match=rf'"model.safetensors": tensor "{name}" has shape \[64, 128\], '
                                                 r"expected \[128, 64\] \(hidden_size=64, linear_num_key_heads=2"):
         tidal.Runtime.load(d)
@@ -120,11 +126,7 @@ def test_unsupported_dtype_named(golden_copy):
     d = golden_copy("qwen3_5_moe_text")
     name = "model.layers.0.mlp.gate.weight"
 
-    def edit(h, b):
-        h[name]["dtype"] = "I16"  # same byte size as BF16: the header stays consistent
-        return h, b
-
-    _rewrite(d / "model.safetensors", edit)
+    _set_field(d / "model.safetensors", name, "dtype", "I16")  # same byte size as BF16: header stays consistent
     with pytest.raises(NotImplementedError, match=rf'tensor "{name}" has dtype I16'):
         tidal.Runtime.load(d)
 
@@ -194,11 +196,7 @@ def test_non_integer_shape(golden_copy):
     d = golden_copy("qwen3_5_moe_text")
     name = "model.norm.weight"
 
-    def edit(h, b):
-        h[name]["shape"] = [64.5]
-        return h, b
-
-    _rewrite(d / "model.safetensors", edit)
+    _set_field(d / "model.safetensors", name, "shape", [64.5])
     with pytest.raises(tidal.FormatError, match=rf'"{name}" has a non-integer'):
         tidal.Runtime.load(d)
 
