@@ -59,8 +59,6 @@ def _rewrite(path, edit):
     write_safetensors(path, header, data)
 
 
-@pytest.mark.parametrize("name", ["model.layers.3.self_attn.k_proj.weight",  # a pinned tensor
-                                  "model.layers.1.mlp.experts.5.down_proj.weight"])  # a routed expert
 def _set_field(path, name, field, value):
     """Rewrite one header field of tensor `name` (the data stays as it is)."""
 
@@ -71,6 +69,8 @@ def _set_field(path, name, field, value):
     _rewrite(path, edit)
 
 
+@pytest.mark.parametrize("name", ["model.layers.3.self_attn.k_proj.weight",  # a pinned tensor
+                                  "model.layers.1.mlp.experts.5.down_proj.weight"])  # a routed expert
 def test_missing_tensor_named(golden_copy, name):
     d = golden_copy("qwen3_5_moe_text")
     _rewrite(d / "model.safetensors", lambda h, b: ({k: v for k, v in h.items() if k != name}, b))
@@ -93,13 +93,7 @@ def test_wrong_fused_expert_shape(golden_copy):
     index = json.loads((d / "model.safetensors.index.json").read_text())
     name = "model.language_model.layers.2.mlp.experts.gate_up_proj"
     shard = d / index["weight_map"][name]
-
-    def edit(h, b):
-        e, two_i, hid = h[name]["shape"]
-        h[name]["shape"] = [e * 2, two_i // 2, hid]
-        return h, b
-
-    _rewrite(shard, edit)
+    _set_field(shard, name, "shape", lambda old: [old[0] * 2, old[1] // 2, old[2]])
     with pytest.raises(tidal.FormatError, match=rf'tensor "{name}" has shape \[16, 32, 64\], expected \[8, 64, 64\]'):
         tidal.Runtime.load(d)
 
