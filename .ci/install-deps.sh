@@ -27,4 +27,4 @@ fi
 # Debian's own python3 is "externally managed" (PEP 668); this lets pip install next to it. It has no
 # effect on a virtual environment or a pyenv/conda Python.
 export PIP_BREAK_SYSTEM_PACKAGES=1
-python3 -m pip install -q --disable-pip-version-check "numpy>=1.22" "pytest>=7"
+python3 -m pip install -q --disable-pip-version-check "numpy>=1.22" "tokenizers>=0.19" "pytest>=7" "jinja2>=3.1"

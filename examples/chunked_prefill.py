@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Explicit sequence state: prefill a prompt in chunks, then decode token by token.
 
-    python examples/chunked_prefill.py [MODEL_DIR]
+    python examples/chunked_prefill.py [MODEL_DIR]        (default: the shipped tidal-mini model)
 
 Shows that a Sequence carries its KV cache and DeltaNet state between calls, and that chunked prefill
 gives the logits of a one-shot prefill.
@@ -12,11 +12,14 @@ import sys
 
 import numpy as np
 import tidal
+from tokenizers import Tokenizer
 
-model = sys.argv[1] if len(sys.argv) > 1 else str(
-    pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "golden" / "qwen3_next")
+model = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else
+                     pathlib.Path(__file__).resolve().parents[1] / "models" / "tidal-mini")
 rt = tidal.Runtime.load(model)
-prompt = list(range(1, 101))
+tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
+text = pathlib.Path(__file__).read_text()  # this file's own source: ~100 tokens of Python to prefill
+prompt = tokenizer.encode(text, add_special_tokens=False).ids[:100]
 
 one_shot = rt.logits(prompt)
 seq = rt.new_sequence()
@@ -29,4 +32,5 @@ for _ in range(8):
     tok = int(np.argmax(last))
     tokens.append(tok)
     last = seq.forward([tok], all_logits=False)[0]
-print("decoded:", tokens, "| same as generate():", tokens == list(rt.generate(prompt, max_new_tokens=8).token_ids))
+print("decoded:", repr(tokenizer.decode(tokens)), "| same as generate():",
+      tokens == list(rt.generate(prompt, max_new_tokens=8).token_ids))
