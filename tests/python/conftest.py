@@ -9,8 +9,14 @@ import struct
 import numpy as np
 import pytest
 
-GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "golden"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+GOLDEN = ROOT / "tests" / "fixtures" / "golden"
 ARCHS = ["qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_moe"]
+MINI = ROOT / "models" / "tidal-mini"                     # the shipped trained model
+MINI_REF = ROOT / "tests" / "fixtures" / "tidal_mini"     # its transformers reference
+CHAT_FIXTURE = ROOT / "tests" / "fixtures" / "chat" / "tidal_mini_renderings.json"
+# (checkpoint dir, reference dir) of every model checked against transformers
+GOLDEN_CASES = {**{a: (GOLDEN / a, GOLDEN / a) for a in ARCHS}, "tidal_mini": (MINI, MINI_REF)}
 
 
 def read_safetensors(path):

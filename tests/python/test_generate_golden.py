@@ -1,25 +1,27 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Golden tests: tidal's CPU engine against Hugging Face transformers references (tests/fixtures)."""
+"""Golden tests: tidal's CPU engine against Hugging Face transformers references (tests/fixtures).
+
+Cases: the four tiny random-weight architecture fixtures and the shipped trained model tidal-mini."""
 
 import json
 
 import numpy as np
 import pytest
 import tidal
-from conftest import ARCHS, GOLDEN
+from conftest import GOLDEN_CASES
 from tolerances import CHUNKED_PREFILL_ATOL, GOLDEN_LOGITS_ATOL
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module", params=sorted(GOLDEN_CASES))
 def case(request):
-    d = GOLDEN / request.param
-    ref = np.load(d / "reference.npz")
-    return request.param, tidal.Runtime.load(d), ref
+    ckpt, ref_dir = GOLDEN_CASES[request.param]
+    ref = np.load(ref_dir / "reference.npz")
+    return request.param, tidal.Runtime.load(ckpt), ref
 
 
 def test_fixture_is_nontrivial(case):
     name, rt, ref = case
-    meta = json.loads((GOLDEN / name / "meta.json").read_text())
+    meta = json.loads((GOLDEN_CASES[name][1] / "meta.json").read_text())
     assert len(ref["prompt_ids"]) >= 100, "prompt must span several DeltaNet chunks"
     assert np.abs(ref["logits"]).max() > 1.0
     assert meta["min_greedy_margin"] > 1e-3, "greedy reference too close to a tie to compare tokens"
@@ -69,6 +71,7 @@ def test_decode_after_chunked_prefill_matches_greedy(case):
 
 def test_threads_do_not_change_results(case):
     name, _, ref = case
-    one = tidal.Runtime.load(GOLDEN / name, num_threads=1).logits(ref["prompt_ids"][:20])
-    two = tidal.Runtime.load(GOLDEN / name, num_threads=2).logits(ref["prompt_ids"][:20])
+    ckpt = GOLDEN_CASES[name][0]
+    one = tidal.Runtime.load(ckpt, num_threads=1).logits(ref["prompt_ids"][:20])
+    two = tidal.Runtime.load(ckpt, num_threads=2).logits(ref["prompt_ids"][:20])
     np.testing.assert_array_equal(one, two)
