@@ -74,5 +74,12 @@ class ChatTemplate:
         for i, m in enumerate(messages):
             if not isinstance(m, Mapping) or "role" not in m:
                 raise ValueError(f"messages[{i}] must be a dict with a 'role'")
+        if kwargs.get("continue_final_message"):
+            raise NotImplementedError("continue_final_message is not supported yet: render with "
+                                      "add_generation_prompt=True and append the partial reply's text instead")
+        for i, t in enumerate(tools or []):
+            if not isinstance(t, Mapping):
+                raise TypeError(f"tools[{i}] must be a JSON-schema dict ({{'type': 'function', 'function': {{...}}}})"
+                                f", not {type(t).__name__}; Python functions are not converted")
         return self._template.render(messages=list(messages), tools=tools,
                                      add_generation_prompt=add_generation_prompt, **kwargs)
