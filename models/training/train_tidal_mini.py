@@ -320,7 +320,6 @@ def install_hidden_capture(model):
 
 # ------------------------------------------------------------------------------------------- training
 def batches(tokens, seq, bsz, rng):
-    n = (len(tokens) - 1) // seq
     while True:
         starts = rng.integers(0, len(tokens) - seq - 1, size=bsz)
         yield np.stack([tokens[s:s + seq] for s in starts])
@@ -510,9 +509,9 @@ def main():
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device == "cuda")
 
-    code_iter = batches(code_tokens, args.seq + 1, args.batch, np_rng)
-    chat_iter = batches(chat_tokens, args.seq + 1, max(1, round(args.batch * args.chat_share)), np_rng)
     n_chat = max(1, round(args.batch * args.chat_share))
+    code_iter = batches(code_tokens, args.seq + 1, args.batch, np_rng)
+    chat_iter = batches(chat_tokens, args.seq + 1, n_chat, np_rng)
     budget = args.train_minutes * 60
     est_total = None
     curve = []
