@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 
 #include "core/error.h"
@@ -302,7 +303,7 @@ void Model::delta_net_layer(const LayerWeights& w, LayerState& ls, const float* 
 }
 
 void Model::mlp_block(int64_t layer, const MlpWeights& w, const float* xn, int64_t T, float* out,
-                      Executor& ex) const {
+                      Executor& ex, ForwardProfile* profile) const {
   const int64_t H = cfg_.hidden_size;
   if (!w.is_moe) {
     swiglu(xn, T, w.gate_proj, w.up_proj, w.down_proj, out, ex);
@@ -315,7 +316,14 @@ void Model::mlp_block(int64_t layer, const MlpWeights& w, const float* xn, int64
   std::vector<float> weights(static_cast<size_t>(T * k));
   kc::moe_route(logits.data(), T, E, k, cfg_.norm_topk_prob, ids.data(), weights.data());
   std::fill(out, out + T * H, 0.f);
-  experts_->forward(layer, xn, T, ids.data(), weights.data(), k, out, ex);
+  if (profile) {
+    const auto t0 = std::chrono::steady_clock::now();
+    experts_->forward(layer, xn, T, ids.data(), weights.data(), k, out, ex);
+    profile->routed_experts +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  } else {
+    experts_->forward(layer, xn, T, ids.data(), weights.data(), k, out, ex);
+  }
   if (cfg_.shared_expert_intermediate_size > 0) {
     std::vector<float> hs(static_cast<size_t>(T * H));
     swiglu(xn, T, w.shared_gate_proj, w.shared_up_proj, w.shared_down_proj, hs.data(), ex);
@@ -328,8 +336,23 @@ void Model::mlp_block(int64_t layer, const MlpWeights& w, const float* xn, int64
   }
 }
 
+size_t Model::state_bytes(const SequenceState& state) {
+  size_t n = 0;
+  for (const auto& l : state.layers)
+    n += (l.k_cache.size() + l.v_cache.size() + l.conv.size() + l.recurrent.size()) * sizeof(float);
+  return n;
+}
+
 void Model::forward(std::span<const int64_t> ids, SequenceState& state, LogitsMode mode,
-                    std::vector<float>& logits, Executor& ex) const {
+                    std::vector<float>& logits, Executor& ex, ForwardProfile* profile) const {
+  const auto t_start = std::chrono::steady_clock::now();
+  struct AddTotal {
+    ForwardProfile* p;
+    std::chrono::steady_clock::time_point t0;
+    ~AddTotal() {
+      if (p) p->total += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+  } add_total{profile, t_start};
   const auto& c = cfg_;
   const int64_t T = static_cast<int64_t>(ids.size()), H = c.hidden_size;
   TIDAL_ASSERT(state.layers.size() == layers_.size(), "sequence state has {} layers, model {}",
@@ -353,7 +376,7 @@ void Model::forward(std::span<const int64_t> ids, SequenceState& state, LogitsMo
       delta_net_layer(w, state.layers[l], xn.data(), T, y.data(), ex);
     for (size_t i = 0; i < x.size(); ++i) x[i] += y[i];
     norm_rows(x.data(), w.post_attention_layernorm, xn.data(), T, H, H, eps, scale);
-    mlp_block(static_cast<int64_t>(l), w.mlp, xn.data(), T, y.data(), ex);
+    mlp_block(static_cast<int64_t>(l), w.mlp, xn.data(), T, y.data(), ex, profile);
     for (size_t i = 0; i < x.size(); ++i) x[i] += y[i];
   }
   state.num_tokens += T;

@@ -47,6 +47,12 @@ struct LayerWeights {
   MlpWeights mlp;
 };
 
+/// Where forward calls spent their time, in seconds (added to, never reset by the model).
+struct ForwardProfile {
+  double routed_experts = 0.0;  ///< inside RoutedExperts::forward (CPU experts today)
+  double total = 0.0;           ///< the whole forward call
+};
+
 /// Which rows of logits a forward call produces.
 enum class LogitsMode : uint8_t { kNone, kLast, kAll };
 
@@ -63,7 +69,11 @@ class Model {
   /// Runs `ids` (already range-checked) through the model after the tokens already in `state`, and
   /// appends them to it. logits: (rows, vocab_size), rows = ids.size() (kAll), 1 (kLast) or 0.
   void forward(std::span<const int64_t> ids, SequenceState& state, LogitsMode mode,
-               std::vector<float>& logits, kernels::Executor& ex) const;
+               std::vector<float>& logits, kernels::Executor& ex,
+               ForwardProfile* profile = nullptr) const;
+
+  /// Bytes of `state` (KV cache + DeltaNet conv and recurrent states).
+  static size_t state_bytes(const SequenceState& state);
 
  private:
   void attention_layer(const LayerWeights& w, LayerState& ls, int64_t pos0, const float* xn,
@@ -71,7 +81,7 @@ class Model {
   void delta_net_layer(const LayerWeights& w, LayerState& ls, const float* xn, int64_t T,
                        float* out, kernels::Executor& ex) const;
   void mlp_block(int64_t layer, const MlpWeights& w, const float* xn, int64_t T, float* out,
-                 kernels::Executor& ex) const;
+                 kernels::Executor& ex, ForwardProfile* profile) const;
 
   ModelConfig cfg_;
   std::shared_ptr<OwnedWeights> owned_;

@@ -5,9 +5,14 @@
 #include "core/runtime/runtime.h"
 
 #include <hwloc.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
+#include <fstream>
 #include <thread>
 
 #include "core/error.h"
@@ -60,7 +65,50 @@ void check_device(const std::string& device) {
 }
 }  // namespace
 
-std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOptions& opts) {
+namespace {
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+/// Tensors the model never reads: the vision tower and the MTP head (not run yet).
+bool unused_tensor(const std::string& name) {
+  return name.rfind("mtp.", 0) == 0 || name.rfind("model.mtp.", 0) == 0 ||
+         name.rfind("visual.", 0) == 0 || name.rfind("model.visual.", 0) == 0;
+}
+
+/// MemAvailable of /proc/meminfo in bytes (0 when unknown).
+uint64_t available_memory() {
+  std::ifstream f("/proc/meminfo");
+  std::string key;
+  uint64_t kb = 0;
+  std::string unit;
+  while (f >> key >> kb >> unit)
+    if (key == "MemAvailable:") return kb * 1024;
+  return 0;
+}
+
+/// Reads the pages of [p, p+n) into memory: MADV_POPULATE_READ where the kernel has it (5.14+),
+/// else one load per page.
+void populate_range(const std::byte* p, size_t n) {
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t b = reinterpret_cast<uintptr_t>(p) & ~(page - 1);
+  const uintptr_t e = reinterpret_cast<uintptr_t>(p) + n;
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+  if (madvise(reinterpret_cast<void*>(b), e - b, MADV_POPULATE_READ) == 0) return;
+  uint8_t acc = 0;
+  for (uintptr_t a = b; a < e; a += page)
+    acc = static_cast<uint8_t>(acc ^ *reinterpret_cast<const volatile uint8_t*>(a));
+  static std::atomic<uint8_t> sink{0};  // keeps the loads
+  sink.fetch_xor(acc, std::memory_order_relaxed);
+}
+}  // namespace
+
+std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOptions& opts,
+                                       const LoadProgress& progress) {
+  const auto t_load = Clock::now();
   check_device(opts.device);
   TIDAL_CHECK(opts.num_threads >= 0, InvalidArgument,
               "num_threads must be >= 0 (0 = one per physical core), got {}", opts.num_threads);
@@ -85,7 +133,75 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
   rt->model_ = std::make_unique<core::Model>(cfg, *rt->checkpoint_, std::move(experts));
   rt->executor_ =
       kernels::make_tbb_executor(opts.num_threads > 0 ? opts.num_threads : physical_core_count());
+
+  // Bring the weights into RAM (progress in bytes) unless they cannot fit.
+  std::vector<const core::TensorInfo*> used;
+  uint64_t used_bytes = 0, all_bytes = 0;
+  for (const auto& name : rt->checkpoint_->names()) {
+    const core::TensorInfo* t = rt->checkpoint_->find(name);
+    all_bytes += t->nbytes;
+    if (unused_tensor(name)) continue;
+    used.push_back(t);
+    used_bytes += t->nbytes;
+  }
+  rt->stats_.weight_bytes = used_bytes;
+  rt->stats_.checkpoint_file_bytes = all_bytes;
+  const uint64_t avail = available_memory();
+  const bool populate = opts.populate && (avail == 0 || used_bytes < avail / 10 * 9);
+  uint64_t done = 0;
+  if (progress) progress(0, used_bytes);
+  if (populate) {
+    constexpr size_t kChunk = size_t{64} << 20;
+    for (const auto* t : used)
+      for (size_t off = 0; off < t->nbytes; off += kChunk) {
+        const size_t n = std::min(kChunk, t->nbytes - off);
+        populate_range(t->data + off, n);
+        done += n;
+        if (progress) progress(done, used_bytes);
+      }
+  }
+  if (progress && done != used_bytes) progress(used_bytes, used_bytes);
+  rt->stats_.weights_populated = populate;
+  rt->stats_.load_seconds = seconds_since(t_load);
   return rt;
+}
+
+RuntimeStats Runtime::stats() const {
+  std::lock_guard lock(stats_mu_);
+  return stats_;
+}
+
+void Runtime::reset_stats() {
+  std::lock_guard lock(stats_mu_);
+  stats_.prefill_tokens = stats_.decode_tokens = 0;
+  stats_.prefill_seconds = stats_.decode_seconds = 0;
+  stats_.routed_expert_seconds = stats_.dense_seconds = stats_.sample_seconds = 0;
+  stats_.forward_calls = 0;
+}
+
+void Runtime::record(int64_t tokens, const core::ForwardProfile& prof,
+                     double sample_seconds) const {
+  std::lock_guard lock(stats_mu_);
+  const double t = prof.total + sample_seconds;
+  if (tokens > 1) {
+    stats_.prefill_tokens += tokens;
+    stats_.prefill_seconds += t;
+  } else {
+    stats_.decode_tokens += tokens;
+    stats_.decode_seconds += t;
+  }
+  stats_.routed_expert_seconds += prof.routed_experts;
+  stats_.dense_seconds += prof.total - prof.routed_experts;
+  stats_.sample_seconds += sample_seconds;
+  ++stats_.forward_calls;
+}
+
+void Runtime::record_memory(int64_t live_delta, int64_t state_delta, int64_t saved_delta) const {
+  std::lock_guard lock(stats_mu_);
+  stats_.live_sequences += live_delta;
+  stats_.state_bytes = static_cast<uint64_t>(static_cast<int64_t>(stats_.state_bytes) + state_delta);
+  stats_.checkpoint_bytes =
+      static_cast<uint64_t>(static_cast<int64_t>(stats_.checkpoint_bytes) + saved_delta);
 }
 
 void Runtime::check_token_ids(std::span<const int64_t> ids, bool non_empty) const {
@@ -101,7 +217,9 @@ std::vector<float> Runtime::logits(std::span<const int64_t> ids) const {
   check_token_ids(ids, true);
   core::SequenceState st = model_->new_state();
   std::vector<float> out;
-  model_->forward(ids, st, core::LogitsMode::kAll, out, *executor_);
+  core::ForwardProfile prof;
+  model_->forward(ids, st, core::LogitsMode::kAll, out, *executor_, &prof);
+  record(static_cast<int64_t>(ids.size()), prof, 0.0);
   return out;
 }
 
@@ -114,11 +232,13 @@ GenerationResult Runtime::generate(std::span<const int64_t> prompt,
   res.finish_reason = "length";
   if (gen.max_new_tokens == 0) return res;
   using clock = std::chrono::steady_clock;
-  Sampler sampler(gen.sampling);
+  Sampler sampler(gen.sampling, prompt);
   core::SequenceState st = model_->new_state();
   std::vector<float> logits;
   auto t0 = clock::now();
-  model_->forward(prompt, st, core::LogitsMode::kLast, logits, *executor_);
+  core::ForwardProfile prof;
+  model_->forward(prompt, st, core::LogitsMode::kLast, logits, *executor_, &prof);
+  record(static_cast<int64_t>(prompt.size()), prof, 0.0);
   auto t1 = clock::now();
   res.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
   for (int64_t i = 0; i < gen.max_new_tokens; ++i) {
@@ -131,21 +251,135 @@ GenerationResult Runtime::generate(std::span<const int64_t> prompt,
     }
     if (i + 1 == gen.max_new_tokens) break;
     const int64_t one[1] = {tok};
-    model_->forward(one, st, core::LogitsMode::kLast, logits, *executor_);
+    core::ForwardProfile p1;
+    model_->forward(one, st, core::LogitsMode::kLast, logits, *executor_, &p1);
+    record(1, p1, 0.0);
   }
   res.decode_seconds = std::chrono::duration<double>(clock::now() - t1).count();
   return res;
 }
 
 Sequence::Sequence(std::shared_ptr<const Runtime> rt)
-    : rt_(std::move(rt)), state_(rt_->model().new_state()) {}
+    : rt_(std::move(rt)), state_(rt_->model().new_state()) {
+  rt_->record_memory(1, 0, 0);
+  std::lock_guard lock(mu_);
+  account_locked();
+}
+
+Sequence::~Sequence() {
+  rt_->record_memory(-1, -static_cast<int64_t>(accounted_state_),
+                     -static_cast<int64_t>(accounted_saved_));
+}
+
+void Sequence::account_locked() {
+  const uint64_t st = core::Model::state_bytes(state_);
+  uint64_t sv = 0;
+  for (const auto& s : saved_)
+    for (size_t l = 0; l < s.conv.size(); ++l)
+      sv += (s.conv[l].size() + s.recurrent[l].size()) * sizeof(float);
+  rt_->record_memory(0, static_cast<int64_t>(st) - static_cast<int64_t>(accounted_state_),
+                     static_cast<int64_t>(sv) - static_cast<int64_t>(accounted_saved_));
+  accounted_state_ = st;
+  accounted_saved_ = sv;
+}
+
+void Sequence::forward_locked(std::span<const int64_t> ids, core::LogitsMode mode,
+                              std::vector<float>& out) {
+  core::ForwardProfile prof;
+  rt_->model().forward(ids, state_, mode, out, rt_->executor(), &prof);
+  rt_->record(static_cast<int64_t>(ids.size()), prof, 0.0);
+  account_locked();
+}
 
 std::vector<float> Sequence::forward(std::span<const int64_t> ids, bool all_logits) {
   rt_->check_token_ids(ids, true);
+  std::lock_guard lock(mu_);
   std::vector<float> out;
-  rt_->model().forward(ids, state_, all_logits ? core::LogitsMode::kAll : core::LogitsMode::kLast,
-                       out, rt_->executor());
+  forward_locked(ids, all_logits ? core::LogitsMode::kAll : core::LogitsMode::kLast, out);
   return out;
+}
+
+void Sequence::prefill(std::span<const int64_t> ids) {
+  rt_->check_token_ids(ids, false);
+  if (ids.empty()) return;
+  std::lock_guard lock(mu_);
+  std::vector<float> out;
+  forward_locked(ids, core::LogitsMode::kNone, out);
+}
+
+int64_t Sequence::step(std::span<const int64_t> ids, Sampler& sampler) {
+  rt_->check_token_ids(ids, true);
+  std::lock_guard lock(mu_);
+  std::vector<float> logits;
+  core::ForwardProfile prof;
+  rt_->model().forward(ids, state_, core::LogitsMode::kLast, logits, rt_->executor(), &prof);
+  const auto t0 = Clock::now();
+  const int64_t tok = sampler.sample(logits);
+  rt_->record(static_cast<int64_t>(ids.size()), prof, seconds_since(t0));
+  account_locked();
+  return tok;
+}
+
+int64_t Sequence::num_tokens() const {
+  std::lock_guard lock(mu_);
+  return state_.num_tokens;
+}
+
+std::vector<int64_t> Sequence::checkpoint_positions() const {
+  std::lock_guard lock(mu_);
+  std::vector<int64_t> out;
+  for (const auto& s : saved_) out.push_back(s.num_tokens);
+  return out;
+}
+
+void Sequence::checkpoint() {
+  std::lock_guard lock(mu_);
+  if (!rt_->config().is_hybrid()) return;  // attention-only: truncate() is exact without one
+  if (!saved_.empty() && saved_.back().num_tokens == state_.num_tokens) return;
+  Saved s;
+  s.num_tokens = state_.num_tokens;
+  for (const auto& l : state_.layers) {
+    s.conv.push_back(l.conv);
+    s.recurrent.push_back(l.recurrent);
+  }
+  saved_.push_back(std::move(s));
+  if (saved_.size() > kMaxCheckpoints) saved_.pop_front();
+  account_locked();
+}
+
+int64_t Sequence::truncate(int64_t n) {
+  TIDAL_CHECK(n >= 0, InvalidArgument, "truncate: length must be >= 0, got {}", n);
+  std::lock_guard lock(mu_);
+  if (n >= state_.num_tokens) return state_.num_tokens;
+  int64_t to = n;
+  if (rt_->config().is_hybrid()) {
+    while (!saved_.empty() && saved_.back().num_tokens > n) saved_.pop_back();
+    if (saved_.empty()) {
+      to = 0;
+      const core::SequenceState fresh = rt_->model().new_state();
+      for (size_t l = 0; l < state_.layers.size(); ++l) {
+        state_.layers[l].conv = fresh.layers[l].conv;
+        state_.layers[l].recurrent = fresh.layers[l].recurrent;
+      }
+    } else {
+      const Saved& s = saved_.back();
+      to = s.num_tokens;
+      for (size_t l = 0; l < state_.layers.size(); ++l) {
+        state_.layers[l].conv = s.conv[l];
+        state_.layers[l].recurrent = s.recurrent[l];
+      }
+    }
+  }
+  const auto& c = rt_->config();
+  const auto row = static_cast<size_t>(c.num_key_value_heads * c.head_dim);
+  for (auto& l : state_.layers) {
+    if (l.k_cache.empty()) continue;
+    l.k_cache.resize(static_cast<size_t>(to) * row);
+    l.v_cache.resize(static_cast<size_t>(to) * row);
+  }
+  state_.num_tokens = to;
+  account_locked();
+  return to;
 }
 
 }  // namespace tidal::runtime

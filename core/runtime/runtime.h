@@ -5,8 +5,11 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <filesystem>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 #include <vector>
@@ -19,9 +22,32 @@
 
 namespace tidal::runtime {
 
+/// Called during loading with bytes done and bytes total (from the loading thread).
+using LoadProgress = std::function<void(uint64_t done, uint64_t total)>;
+
 struct RuntimeOptions {
   std::string device = "cpu";  ///< "cpu" (the CUDA backend is issue #4)
   int num_threads = 0;         ///< 0: one per physical core
+  /// Read every weight page into RAM while loading (with progress) when the weights fit in the
+  /// memory available, so the first tokens do not stall on disk reads. Off: pages load lazily.
+  bool populate = true;
+};
+
+/// Counters of one runtime since load (or reset_stats); times in seconds, sizes in bytes.
+struct RuntimeStats {
+  int64_t prefill_tokens = 0, decode_tokens = 0;
+  double prefill_seconds = 0, decode_seconds = 0;  ///< forward + sampling, per phase
+  double routed_expert_seconds = 0;                ///< CPU routed-expert compute (all phases)
+  double dense_seconds = 0;                        ///< everything else in forward calls
+  double sample_seconds = 0;
+  int64_t forward_calls = 0;
+  int64_t live_sequences = 0;
+  uint64_t state_bytes = 0;       ///< KV caches + DeltaNet states of live sequences
+  uint64_t checkpoint_bytes = 0;  ///< saved DeltaNet states (Sequence::checkpoint)
+  uint64_t weight_bytes = 0;      ///< checkpoint tensors the model uses (memory-mapped)
+  uint64_t checkpoint_file_bytes = 0;  ///< every tensor of the checkpoint
+  bool weights_populated = false;      ///< weights were read into RAM at load
+  double load_seconds = 0;
 };
 
 struct GenerationConfig {
@@ -43,23 +69,55 @@ struct GenerationResult {
 class Runtime;
 
 /// One sequence: its own KV cache and DeltaNet states. Feed it tokens in chunks of any size.
+/// Calls on one sequence are serialised; different sequences run concurrently.
 class Sequence {
  public:
   explicit Sequence(std::shared_ptr<const Runtime> rt);
+  ~Sequence();
+  Sequence(const Sequence&) = delete;
+  Sequence& operator=(const Sequence&) = delete;
+
   /// Appends `ids`; returns logits (rows, vocab) for every new token (all_logits) or only the last.
   std::vector<float> forward(std::span<const int64_t> ids, bool all_logits);
-  int64_t num_tokens() const { return state_.num_tokens; }
+  /// Appends `ids` (non-empty) and picks the next token from the last logits with `sampler`
+  /// (which records it). The picked token is not appended: feed it with the next call.
+  int64_t step(std::span<const int64_t> ids, Sampler& sampler);
+  /// Appends `ids` without computing logits (prefill of a prefix).
+  void prefill(std::span<const int64_t> ids);
+
+  /// Saves the DeltaNet states at the current position so truncate() can come back to it. At most
+  /// kMaxCheckpoints are kept (the oldest is dropped).
+  void checkpoint();
+  /// Rolls the sequence back to at most `n` tokens and returns the new length: exactly `n` when
+  /// the model has no DeltaNet layer (the KV cache is cut), otherwise the position of the latest
+  /// checkpoint at or before `n` (0: a fresh state). The caller re-feeds tokens from there.
+  int64_t truncate(int64_t n);
+  int64_t num_tokens() const;
+  std::vector<int64_t> checkpoint_positions() const;
+
+  static constexpr size_t kMaxCheckpoints = 8;
 
  private:
+  struct Saved {
+    int64_t num_tokens = 0;
+    std::vector<std::vector<float>> conv, recurrent;  // per layer (empty for attention layers)
+  };
+  void forward_locked(std::span<const int64_t> ids, core::LogitsMode mode,
+                      std::vector<float>& out);
+  void account_locked();
   std::shared_ptr<const Runtime> rt_;
   core::SequenceState state_;
+  std::deque<Saved> saved_;
+  mutable std::mutex mu_;
+  uint64_t accounted_state_ = 0, accounted_saved_ = 0;
 };
 
 class Runtime : public std::enable_shared_from_this<Runtime> {
  public:
   /// Loads a checkpoint directory (config.json + safetensors). All validation happens here.
   static std::shared_ptr<Runtime> load(const std::filesystem::path& path,
-                                       const RuntimeOptions& opts);
+                                       const RuntimeOptions& opts,
+                                       const LoadProgress& progress = {});
 
   const core::ModelConfig& config() const { return model_->config(); }
   const RuntimeOptions& options() const { return opts_; }
@@ -78,8 +136,19 @@ class Runtime : public std::enable_shared_from_this<Runtime> {
   const core::Model& model() const { return *model_; }
   kernels::Executor& executor() const { return *executor_; }
 
+  RuntimeStats stats() const;
+  /// Zeroes the token and time counters (memory figures stay).
+  void reset_stats();
+
  private:
+  friend class Sequence;
+  /// Adds one forward call (with its profile and sampling time) to the counters.
+  void record(int64_t tokens, const core::ForwardProfile& prof, double sample_seconds) const;
+  void record_memory(int64_t live_delta, int64_t state_delta, int64_t saved_delta) const;
+
   Runtime() = default;
+  mutable std::mutex stats_mu_;
+  mutable RuntimeStats stats_;
   RuntimeOptions opts_;
   std::unique_ptr<core::Checkpoint> checkpoint_;
   std::unique_ptr<core::Model> model_;

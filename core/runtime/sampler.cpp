@@ -19,14 +19,55 @@ void SamplingParams::validate() const {
               top_p);
   TIDAL_CHECK(min_p >= 0.0f && min_p <= 1.0f, InvalidArgument, "min_p must be in [0, 1], got {}",
               min_p);
+  TIDAL_CHECK(std::isfinite(repetition_penalty) && repetition_penalty > 0.0f, InvalidArgument,
+              "repetition_penalty must be a finite number > 0 (1 disables it), got {}",
+              repetition_penalty);
+  TIDAL_CHECK(std::isfinite(presence_penalty) && presence_penalty >= -2.0f &&
+                  presence_penalty <= 2.0f,
+              InvalidArgument, "presence_penalty must be in [-2, 2] (0 disables it), got {}",
+              presence_penalty);
+  TIDAL_CHECK(std::isfinite(frequency_penalty) && frequency_penalty >= -2.0f &&
+                  frequency_penalty <= 2.0f,
+              InvalidArgument, "frequency_penalty must be in [-2, 2] (0 disables it), got {}",
+              frequency_penalty);
 }
 
-Sampler::Sampler(const SamplingParams& p) : p_(p), rng_(p.seed.value_or(std::random_device{}())) {
+Sampler::Sampler(const SamplingParams& p, std::span<const int64_t> prompt)
+    : p_(p), rng_(p.seed.value_or(std::random_device{}())) {
   p_.validate();
+  if (p_.repetition_penalty != 1.0f) seen_.insert(prompt.begin(), prompt.end());
+}
+
+void Sampler::accept(int64_t token) {
+  if (!p_.has_penalties()) return;
+  ++output_counts_[token];
+  seen_.insert(token);
+}
+
+std::vector<float> Sampler::penalized(std::span<const float> logits) const {
+  std::vector<float> out(logits.begin(), logits.end());
+  const auto V = static_cast<int64_t>(out.size());
+  if (p_.repetition_penalty != 1.0f)
+    for (int64_t t : seen_)
+      if (t >= 0 && t < V) {
+        float& v = out[static_cast<size_t>(t)];
+        v = v > 0.0f ? v / p_.repetition_penalty : v * p_.repetition_penalty;
+      }
+  if (p_.presence_penalty != 0.0f || p_.frequency_penalty != 0.0f)
+    for (const auto& [t, n] : output_counts_)
+      if (t >= 0 && t < V)
+        out[static_cast<size_t>(t)] -=
+            p_.frequency_penalty * static_cast<float>(n) + p_.presence_penalty;
+  return out;
 }
 
 std::vector<float> Sampler::probabilities(std::span<const float> logits) const {
   if (p_.temperature == 0.0f) return {};
+  if (!p_.has_penalties()) return filtered(logits);
+  return filtered(penalized(logits));
+}
+
+std::vector<float> Sampler::filtered(std::span<const float> logits) const {
   const size_t V = logits.size();
   std::vector<double> prob(V);
   const float mx = *std::max_element(logits.begin(), logits.end());
@@ -68,10 +109,23 @@ std::vector<float> Sampler::probabilities(std::span<const float> logits) const {
   return out;
 }
 
-int64_t Sampler::sample(std::span<const float> logits) {
+int64_t Sampler::sample(std::span<const float> raw) {
+  std::vector<float> pen;
+  std::span<const float> logits = raw;
+  if (p_.has_penalties()) {
+    pen = penalized(raw);
+    logits = pen;
+  }
+  int64_t tok;
   if (p_.temperature == 0.0f)
-    return std::distance(logits.begin(), std::max_element(logits.begin(), logits.end()));
-  const std::vector<float> prob = probabilities(logits);
+    tok = std::distance(logits.begin(), std::max_element(logits.begin(), logits.end()));
+  else
+    tok = draw(filtered(logits));
+  accept(tok);
+  return tok;
+}
+
+int64_t Sampler::draw(const std::vector<float>& prob) {
   std::uniform_real_distribution<double> uni(0.0, 1.0);
   const double r = uni(rng_);
   double cum = 0.0;

@@ -55,9 +55,100 @@ std::optional<uint64_t> to_seed(const py::object& seed) {
   return v.cast<uint64_t>();
 }
 
+/// A 1-D float32 row of logits (copied when it is not already float32 contiguous).
+std::vector<float> to_row(const py::object& obj) {
+  py::array a;
+  try {
+    a = py::array::ensure(obj);
+  } catch (const py::error_already_set&) {
+  }
+  TIDAL_CHECK(a && a.ndim() == 1 && a.size() > 0, InvalidArgument,
+              "logits must be a non-empty 1-D array of floats");
+  auto f = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(a);
+  return std::vector<float>(f.data(), f.data() + f.size());
+}
+
+py::array_t<float> row_to_numpy(std::vector<float>&& v) {
+  const auto n = static_cast<int64_t>(v.size());
+  auto* heap = new std::vector<float>(std::move(v));
+  py::capsule owner(heap, [](void* p) { delete static_cast<std::vector<float>*>(p); });
+  return py::array_t<float>({n}, heap->data(), owner);
+}
+
+runtime::SamplingParams make_sampling(float temperature, int64_t top_k, float top_p, float min_p,
+                                      float repetition_penalty, float presence_penalty,
+                                      float frequency_penalty, const py::object& seed) {
+  runtime::SamplingParams sp;
+  sp.temperature = temperature;
+  sp.top_k = top_k;
+  sp.top_p = top_p;
+  sp.min_p = min_p;
+  sp.repetition_penalty = repetition_penalty;
+  sp.presence_penalty = presence_penalty;
+  sp.frequency_penalty = frequency_penalty;
+  sp.seed = to_seed(seed);
+  sp.validate();
+  return sp;
+}
+
+py::dict stats_dict(const runtime::RuntimeStats& s) {
+  py::dict d;
+  d["prefill_tokens"] = s.prefill_tokens;
+  d["decode_tokens"] = s.decode_tokens;
+  d["prefill_seconds"] = s.prefill_seconds;
+  d["decode_seconds"] = s.decode_seconds;
+  d["routed_expert_seconds"] = s.routed_expert_seconds;
+  d["dense_seconds"] = s.dense_seconds;
+  d["sample_seconds"] = s.sample_seconds;
+  d["forward_calls"] = s.forward_calls;
+  d["live_sequences"] = s.live_sequences;
+  d["state_bytes"] = s.state_bytes;
+  d["checkpoint_bytes"] = s.checkpoint_bytes;
+  d["weight_bytes"] = s.weight_bytes;
+  d["checkpoint_file_bytes"] = s.checkpoint_file_bytes;
+  d["weights_populated"] = s.weights_populated;
+  d["load_seconds"] = s.load_seconds;
+  return d;
+}
+
 }  // namespace
 
 void bind_runtime(py::module_& m) {
+  using runtime::Sampler;
+  py::class_<Sampler>(m, "Sampler",
+                      "Token selection state of one generation: penalties, filters, seeded RNG.")
+      .def(py::init([](float temperature, int64_t top_k, float top_p, float min_p,
+                       float repetition_penalty, float presence_penalty, float frequency_penalty,
+                       const py::object& seed, const py::object& prompt_ids) {
+             const auto sp = make_sampling(temperature, top_k, top_p, min_p, repetition_penalty,
+                                           presence_penalty, frequency_penalty, seed);
+             const auto ids = to_ids(prompt_ids);
+             return std::make_unique<Sampler>(sp, ids);
+           }),
+           py::kw_only(), py::arg("temperature") = 0.0f, py::arg("top_k") = 0,
+           py::arg("top_p") = 1.0f, py::arg("min_p") = 0.0f, py::arg("repetition_penalty") = 1.0f,
+           py::arg("presence_penalty") = 0.0f, py::arg("frequency_penalty") = 0.0f,
+           py::arg("seed") = py::none(), py::arg("prompt_ids") = py::list())
+      .def(
+          "sample", [](Sampler& s, const py::object& logits) { return s.sample(to_row(logits)); },
+          py::arg("logits"), "Pick a token from one row of logits and record it.")
+      .def("accept", &Sampler::accept, py::arg("token_id"),
+           "Record a token as generated without sampling it.")
+      .def(
+          "penalized",
+          [](const Sampler& s, const py::object& logits) {
+            return row_to_numpy(s.penalized(to_row(logits)));
+          },
+          py::arg("logits"), "The logits after repetition/presence/frequency penalties.")
+      .def(
+          "probabilities",
+          [](const Sampler& s, const py::object& logits) {
+            return row_to_numpy(s.probabilities(to_row(logits)));
+          },
+          py::arg("logits"),
+          "The distribution sample() draws from (after penalties and filters); empty when "
+          "greedy.");
+
   using runtime::GenerationResult;
   using runtime::Sequence;
   py::class_<GenerationResult>(m, "GenerationResult", "Output of Runtime.generate.")
@@ -89,19 +180,57 @@ void bind_runtime(py::module_& m) {
           py::arg("token_ids"), py::arg("all_logits") = true,
           "Append token_ids to the sequence; returns float32 logits (n, vocab) for every new "
           "token, or (1, vocab).")
+      .def(
+          "step",
+          [](Sequence& s, const py::object& ids_obj, Sampler& sampler) {
+            const auto ids = to_ids(ids_obj);
+            py::gil_scoped_release release;
+            return s.step(ids, sampler);
+          },
+          py::arg("token_ids"), py::arg("sampler"),
+          "Append token_ids and return the next token picked by `sampler` (not yet appended).")
+      .def(
+          "prefill",
+          [](Sequence& s, const py::object& ids_obj) {
+            const auto ids = to_ids(ids_obj);
+            py::gil_scoped_release release;
+            s.prefill(ids);
+          },
+          py::arg("token_ids"), "Append token_ids without computing logits.")
+      .def("checkpoint", &Sequence::checkpoint,
+           "Save the DeltaNet states at the current length so truncate() can return here.")
+      .def("truncate", &Sequence::truncate, py::arg("num_tokens"),
+           "Roll back to at most num_tokens; returns the new length (exact for attention-only "
+           "models, else the latest checkpoint at or before it).")
+      .def_property_readonly("checkpoint_positions", &Sequence::checkpoint_positions)
       .def_property_readonly("num_tokens", &Sequence::num_tokens);
 
   py::class_<Runtime, std::shared_ptr<Runtime>>(m, "Runtime", "A loaded model.")
       .def_static(
           "load",
-          [](const std::filesystem::path& path, const std::string& device, int num_threads) {
+          [](const std::filesystem::path& path, const std::string& device, int num_threads,
+             bool populate, const py::object& progress) {
             runtime::RuntimeOptions o;
             o.device = device;
             o.num_threads = num_threads;
+            o.populate = populate;
+            runtime::LoadProgress cb;
+            if (!progress.is_none()) {
+              cb = [progress](uint64_t done, uint64_t total) {
+                py::gil_scoped_acquire acquire;
+                progress(done, total);
+              };
+            }
             py::gil_scoped_release release;
-            return Runtime::load(path, o);
+            return Runtime::load(path, o, cb);
           },
-          py::arg("path"), py::kw_only(), py::arg("device") = "cpu", py::arg("num_threads") = 0)
+          py::arg("path"), py::kw_only(), py::arg("device") = "cpu", py::arg("num_threads") = 0,
+          py::arg("populate") = true, py::arg("progress") = py::none(),
+          "Load a checkpoint directory. progress(done_bytes, total_bytes) is called while the "
+          "weights are read into RAM.")
+      .def("stats", [](const Runtime& r) { return stats_dict(r.stats()); },
+           "Counters since load or reset_stats() (tokens, seconds, bytes) as a dict.")
+      .def("reset_stats", &Runtime::reset_stats)
       .def_property_readonly("config", &Runtime::config,
                              py::return_value_policy::reference_internal)
       .def_property_readonly("num_threads", &Runtime::num_threads)
@@ -122,26 +251,53 @@ void bind_runtime(py::module_& m) {
       .def(
           "generate",
           [](const Runtime& rt, const py::object& ids_obj, int64_t max_new_tokens,
-             float temperature, int64_t top_k, float top_p, float min_p, const py::object& seed,
+             float temperature, int64_t top_k, float top_p, float min_p, float repetition_penalty,
+             float presence_penalty, float frequency_penalty, const py::object& seed,
              std::vector<int64_t> stop_token_ids) {
             const auto ids = to_ids(ids_obj);
             runtime::GenerationConfig g;
             g.max_new_tokens = max_new_tokens;
-            g.sampling.temperature = temperature;
-            g.sampling.top_k = top_k;
-            g.sampling.top_p = top_p;
-            g.sampling.min_p = min_p;
-            g.sampling.seed = to_seed(seed);
+            g.sampling = make_sampling(temperature, top_k, top_p, min_p, repetition_penalty,
+                                       presence_penalty, frequency_penalty, seed);
             g.stop_token_ids = std::move(stop_token_ids);
             py::gil_scoped_release release;
             return rt.generate(ids, g);
           },
           py::arg("token_ids"), py::kw_only(), py::arg("max_new_tokens") = 32,
           py::arg("temperature") = 0.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f,
-          py::arg("min_p") = 0.0f, py::arg("seed") = py::none(),
-          py::arg("stop_token_ids") = std::vector<int64_t>{})
+          py::arg("min_p") = 0.0f, py::arg("repetition_penalty") = 1.0f,
+          py::arg("presence_penalty") = 0.0f, py::arg("frequency_penalty") = 0.0f,
+          py::arg("seed") = py::none(), py::arg("stop_token_ids") = std::vector<int64_t>{},
+          "Token-level generation loop in C++ (the tidal.Runtime wrapper adds text, streaming "
+          "and stop strings).")
       .def("new_sequence",
            [](const std::shared_ptr<Runtime>& rt) { return std::make_shared<Sequence>(rt); });
+
+  m.def(
+      "inspect_checkpoint",
+      [](const std::filesystem::path& path) {
+        TIDAL_CHECK(std::filesystem::exists(path), FileNotFound, "model path \"{}\" does not exist",
+                    path.string());
+        TIDAL_CHECK(std::filesystem::exists(path / "config.json"), FileNotFound,
+                    "model directory \"{}\" has no config.json", path.string());
+        core::ModelConfig cfg = core::ModelConfig::from_file(path / "config.json");
+        auto ck = core::Checkpoint::open(path);
+        py::list tensors;
+        for (const auto& name : ck->names()) {
+          const core::TensorInfo* t = ck->find(name);
+          py::dict d;
+          d["name"] = t->name;
+          d["dtype"] = t->dtype_name;
+          d["shape"] = t->shape;
+          d["nbytes"] = t->nbytes;
+          d["file"] = t->file;
+          tensors.append(d);
+        }
+        return py::make_tuple(cfg, tensors);
+      },
+      py::arg("path"),
+      "(ModelConfig, [ {name, dtype, shape, nbytes, file} ]) of a checkpoint directory, from its "
+      "config and safetensors headers only (no weights are read).");
 }
 
 }  // namespace tidal::python
