@@ -79,10 +79,18 @@ std::vector<float> Sampler::filtered(std::span<const float> logits) const {
   for (auto& v : prob) v /= sum;
   std::vector<int64_t> order(V);
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return prob[a] > prob[b]; });
+  // Descending probability, lower id first on ties (a total order, so partial and full sorts agree).
+  const auto before = [&](int64_t a, int64_t b) {
+    return prob[a] > prob[b] || (prob[a] == prob[b] && a < b);
+  };
   size_t keep = V;
-  if (p_.top_k > 0) keep = std::min(keep, static_cast<size_t>(p_.top_k));
+  if (p_.top_k > 0 && static_cast<size_t>(p_.top_k) < V) {
+    keep = static_cast<size_t>(p_.top_k);  // only the top k need an order: O(V log k)
+    std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(keep), order.end(),
+                      before);
+  } else {
+    std::sort(order.begin(), order.end(), before);
+  }
   if (p_.top_p < 1.0f) {
     // Smallest prefix (among the kept) whose mass reaches top_p; renormalised over the kept set.
     double kept_mass = 0.0;

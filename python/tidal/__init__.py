@@ -4,11 +4,29 @@
 Quick start::
 
     import tidal
-    rt = tidal.Runtime.load("path/to/checkpoint")          # config.json + *.safetensors
-    logits = rt.logits([1, 2, 3])                          # float32 (3, vocab)
-    out = rt.generate([1, 2, 3], max_new_tokens=16)        # greedy; out.token_ids
+    rt = tidal.Runtime.load("models/tidal-mini")            # a Hugging Face checkpoint directory
+    print(rt.generate("def fibonacci(n):\\n", max_new_tokens=48).text)
+
+    reply = rt.chat([{"role": "user", "content": "Write is_prime(n)."}])
+    print(reply.reasoning, reply.content)
+
+    for chunk in rt.generate("import os\\n", stream=True):  # text deltas, whole UTF-8 characters
+        print(chunk.text, end="")
+
+    s = rt.session(preserve_thinking=True)                  # multi-turn, reuses the cached state
+    s.chat("Write is_even(n).");  s.chat("Now is_odd(n).")
+    print(rt.stats())
 """
 
-from ._tidal import FormatError, GenerationResult, ModelConfig, Runtime, Sequence, __version__
+from ._tidal import FormatError, ModelConfig, Sampler, Sequence, __version__
+from .chat_template import ChatTemplate
+from .generation import ChatResult, GenerationResult, Stream, StreamChunk
+from .plan import Plan, inspect, plan
+from .runtime import Runtime
+from .session import Session
+from .stats import Stats
+from .tokenizer import Tokenizer
 
-__all__ = ["FormatError", "GenerationResult", "ModelConfig", "Runtime", "Sequence", "__version__"]
+__all__ = ["ChatResult", "ChatTemplate", "FormatError", "GenerationResult", "ModelConfig", "Plan", "Runtime",
+           "Sampler", "Sequence", "Session", "Stats", "Stream", "StreamChunk", "Tokenizer", "__version__", "inspect",
+           "plan"]

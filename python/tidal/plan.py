@@ -1,0 +1,223 @@
+# SPDX-License-Identifier: Apache-2.0
+"""What a checkpoint holds and where it goes: sizes per part of the model, and the placement plan for a
+device and a GPU memory budget (`tidal info MODEL --gpu-memory 12G`).
+
+Placement (docs/architecture.md): everything but the routed experts is pinned on the GPU (embeddings,
+attention and DeltaNet layers, routers, shared experts, norms, lm_head) together with the KV cache and
+DeltaNet states; routed experts live in host RAM and the VRAM left over becomes the expert cache. With
+device="cpu" every part lives in RAM.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["CheckpointSummary", "Plan", "inspect", "plan", "parse_bytes", "format_bytes"]
+
+# Parts of the model, in display order.
+PARTS = ("embeddings", "attention", "deltanet", "router", "shared_experts", "dense_mlp", "norms", "lm_head",
+         "routed_experts", "unused")
+
+# VRAM kept free for the CUDA context, cuBLAS workspace and activations of a prefill chunk (measured
+# CUDA context + cuBLAS on an H100 is ~500 MiB; the rest is headroom for activations).
+GPU_RESERVE_BYTES = 768 << 20
+# The KV cache on the GPU is BF16.
+KV_BYTES_PER_VALUE = 2
+
+
+def _part(name: str) -> str:
+    if name.startswith(("mtp.", "model.mtp.", "visual.", "model.visual.")):
+        return "unused"
+    if ".mlp.experts." in name or name.endswith(".mlp.experts.gate_up_proj") or name.endswith(".mlp.experts.down_proj"):
+        return "routed_experts"
+    if "shared_expert" in name:
+        return "shared_experts"
+    if name.endswith(".mlp.gate.weight"):
+        return "router"
+    if "embed_tokens" in name:
+        return "embeddings"
+    if name.startswith("lm_head"):
+        return "lm_head"
+    if "linear_attn" in name:
+        return "deltanet"
+    if "self_attn" in name:
+        return "norms" if re.search(r"\.(q|k)_norm\.", name) else "attention"
+    if re.search(r"\.mlp\.(gate_proj|up_proj|down_proj)\.", name):
+        return "dense_mlp"
+    if "norm" in name:
+        return "norms"
+    return "unused"
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """'12G', '12GiB', '8000M', '1.5T' or a number of bytes -> bytes (binary units: G = 2**30)."""
+    if isinstance(text, (int, float)):
+        if text < 0:
+            raise ValueError(f"memory size must be >= 0, got {text}")
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(text))
+    if not m:
+        raise ValueError(f"cannot read a memory size from {text!r}: use e.g. 12G, 11.5GiB or 8000M")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def format_bytes(n: float) -> str:
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass
+class CheckpointSummary:
+    """Sizes of a checkpoint per model part, read from its config and safetensors headers only."""
+
+    path: str
+    config: Any
+    part_bytes: dict[str, int]
+    dtypes: dict[str, int]  # dtype -> bytes
+    num_tensors: int
+    expert_bytes: int  # one routed expert of one layer (gate + up + down)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.part_bytes.values())
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Everything the model uses except routed experts."""
+        return sum(v for k, v in self.part_bytes.items() if k not in ("routed_experts", "unused"))
+
+    def kv_bytes_per_token(self, bytes_per_value: int = KV_BYTES_PER_VALUE) -> int:
+        c = self.config
+        n_attn = sum(t == "full_attention" for t in c.layer_types)
+        return n_attn * 2 * c.num_key_value_heads * c.head_dim * bytes_per_value
+
+    def deltanet_state_bytes(self) -> int:
+        """Conv + recurrent state of one sequence (fp32)."""
+        c = self.config
+        n_lin = sum(t == "linear_attention" for t in c.layer_types)
+        channels = 2 * c.linear_num_key_heads * c.linear_key_head_dim + c.linear_num_value_heads * c.linear_value_head_dim
+        rec = c.linear_num_value_heads * c.linear_key_head_dim * c.linear_value_head_dim
+        return n_lin * 4 * (rec + (c.linear_conv_kernel_dim - 1) * channels)
+
+
+def inspect(path: str | os.PathLike) -> CheckpointSummary:
+    """Summarise a checkpoint directory without reading its weights."""
+    from . import _tidal
+
+    cfg, tensors = _tidal.inspect_checkpoint(os.fspath(path))
+    parts = {p: 0 for p in PARTS}
+    dtypes: dict[str, int] = {}
+    for t in tensors:
+        parts[_part(t["name"])] += t["nbytes"]
+        dtypes[t["dtype"]] = dtypes.get(t["dtype"], 0) + t["nbytes"]
+    n_moe = sum(cfg.layer_is_moe) or 1
+    expert = parts["routed_experts"] // max(1, n_moe * max(1, cfg.num_experts))
+    return CheckpointSummary(os.fspath(path), cfg, parts, dtypes, len(tensors), expert)
+
+
+@dataclass
+class Plan:
+    """Where each part goes for a device and budget. Sizes in bytes."""
+
+    device: str
+    summary: CheckpointSummary
+    gpu_budget: int | None = None
+    context_tokens: int = 0
+    vram: dict[str, int] = field(default_factory=dict)
+    ram: dict[str, int] = field(default_factory=dict)
+    expert_cache_slots: int = 0
+    fits: bool = True
+    problem: str = ""
+    ram_available: int | None = None
+
+    @property
+    def vram_used(self) -> int:
+        return sum(self.vram.values())
+
+    @property
+    def ram_used(self) -> int:
+        return sum(self.ram.values())
+
+    def lines(self) -> list[str]:
+        s = self.summary
+        out = []
+        if self.device == "cpu":
+            weights = sum(v for k, v in self.ram.items() if k in PARTS)
+            out.append(f"placement (device=cpu): everything in host RAM: weights {format_bytes(weights)}, "
+                       f"KV cache {format_bytes(self.ram.get('kv_cache (fp32)', 0))} for {self.context_tokens} tokens, "
+                       f"DeltaNet state {format_bytes(self.ram.get('deltanet_state', 0))} per sequence"
+                       + (f"; {format_bytes(self.ram_available)} RAM available" if self.ram_available else ""))
+        else:
+            budget = format_bytes(self.gpu_budget) if self.gpu_budget is not None else "?"
+            out.append(f"placement (device={self.device}, GPU budget {budget}, context {self.context_tokens} tokens):")
+            for k, v in self.vram.items():
+                out.append(f"  VRAM  {k:<22} {format_bytes(v):>12}")
+            total_experts = max(1, s.config.num_experts * sum(s.config.layer_is_moe))
+            out.append(f"  VRAM  {'free':<22} {format_bytes(max(0, (self.gpu_budget or 0) - self.vram_used)):>12}")
+            for k, v in self.ram.items():
+                out.append(f"  RAM   {k:<22} {format_bytes(v):>12}")
+            if self.fits:
+                out.append(f"  expert cache: {self.expert_cache_slots} of {total_experts} routed experts "
+                           f"({100.0 * self.expert_cache_slots / total_experts:.1f}%), {format_bytes(s.expert_bytes)} each")
+        if self.problem:
+            out.append(("does not fit: " if not self.fits else "warning: ") + self.problem)
+        return out
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def plan(summary: CheckpointSummary, device: str = "cpu", gpu_memory: str | int | None = None,
+         context_tokens: int = 32768) -> Plan:
+    """The placement plan of `summary` for `device` ("cpu" or "cuda") and a GPU memory budget."""
+    if context_tokens < 1:
+        raise ValueError(f"context_tokens must be >= 1, got {context_tokens}")
+    s = summary
+    p = Plan(device="cpu" if device == "cpu" else "cuda", summary=s, context_tokens=context_tokens,
+             ram_available=_mem_available())
+    if p.device == "cpu":
+        p.ram = {k: v for k, v in s.part_bytes.items() if v and k != "unused"}
+        p.ram["kv_cache (fp32)"] = s.kv_bytes_per_token(4) * context_tokens
+        p.ram["deltanet_state"] = s.deltanet_state_bytes()
+        if p.ram_available is not None and p.ram_used > p.ram_available:
+            p.problem = (f"the weights and a {context_tokens}-token cache need {format_bytes(p.ram_used)} but only "
+                         f"{format_bytes(p.ram_available)} of RAM is available; pages will be read from disk")
+        return p
+    if gpu_memory is None:
+        raise ValueError("a GPU plan needs gpu_memory (e.g. '12G')")
+    p.gpu_budget = parse_bytes(gpu_memory)
+    p.vram = {"pinned weights": s.pinned_bytes,
+              f"kv_cache ({context_tokens} tok)": s.kv_bytes_per_token() * context_tokens,
+              "deltanet_state": s.deltanet_state_bytes(),
+              "cuda context + workspace": GPU_RESERVE_BYTES}
+    free = p.gpu_budget - p.vram_used
+    if free < 0:
+        p.fits = False
+        p.problem = (f"the GPU part needs {format_bytes(p.vram_used)} (pinned weights "
+                     f"{format_bytes(s.pinned_bytes)}, KV cache for {context_tokens} tokens) but the budget is "
+                     f"{format_bytes(p.gpu_budget)}; raise gpu_memory or lower the context")
+        return p
+    p.expert_cache_slots = int(min(free // max(1, s.expert_bytes), s.config.num_experts * sum(s.config.layer_is_moe)))
+    p.vram["expert cache"] = p.expert_cache_slots * s.expert_bytes
+    p.ram = {"routed_experts": s.part_bytes["routed_experts"]}
+    if p.ram_available is not None and p.ram_used > p.ram_available:
+        p.problem = (f"the routed experts need {format_bytes(p.ram_used)} of RAM but {format_bytes(p.ram_available)} "
+                     "is available; they will be paged from disk (quantize them to fit)")
+    return p

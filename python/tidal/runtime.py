@@ -1,0 +1,279 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`tidal.Runtime`: a loaded model with text in, text out.
+
+Wraps the native engine (`_tidal.Runtime`: checkpoint checks, forward passes, sampling, all in C++)
+with the checkpoint's tokenizer, chat template and generation defaults, streaming, chat parsing,
+sessions and statistics.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+from typing import Any, Iterable, Mapping, Sequence, Union
+
+import numpy as np
+
+from . import _tidal
+from .chat_template import ChatTemplate
+from .generation import ChatResult, GenerationResult, SamplingOptions, Stream, StreamChunk, run
+from .plan import Plan, format_bytes, inspect, plan
+from .stats import Stats
+from .text import prompt_opens_reasoning
+from .tokenizer import Tokenizer, read_generation_config
+
+__all__ = ["Runtime"]
+
+Prompt = Union[str, Sequence[int], np.ndarray]
+
+
+def _progress_bar(enabled: bool):
+    """A tqdm byte counter for loading (None when disabled or tqdm is missing)."""
+    if not enabled:
+        return None, None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency, but a bare install of the module must still load
+        return None, None
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading weights",
+                       leave=True, file=sys.stderr)
+        bar.update(done - bar.n)
+
+    def close() -> None:
+        if bar is not None:
+            bar.close()
+
+    return update, close
+
+
+class Runtime:
+    """A loaded model. Create with `Runtime.load(path)`.
+
+    Attributes
+    ----------
+    config : ModelConfig
+        The resolved model configuration.
+    tokenizer : Tokenizer | None
+        From tokenizer.json (None when the checkpoint has none: token ids only).
+    chat_template : ChatTemplate | None
+    generation_config : dict
+        generation_config.json: default sampling parameters and EOS ids.
+    plan : Plan
+        Where each part of the model lives.
+    """
+
+    def __init__(self, engine: Any, path: pathlib.Path, plan_: Plan):
+        self._engine = engine
+        self.path = path
+        self.plan = plan_
+        self.generation_config = read_generation_config(path)
+        self.tokenizer: Tokenizer | None = Tokenizer.from_checkpoint(path) if (path / "tokenizer.json").is_file() else None
+        try:
+            self.chat_template: ChatTemplate | None = ChatTemplate.from_checkpoint(path)
+        except (FileNotFoundError, ValueError):
+            self.chat_template = None
+        eos = self.generation_config.get("eos_token_id")
+        if eos is not None:
+            self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
+        else:
+            self.eos_token_ids = list(self.tokenizer.eos_token_ids) if self.tokenizer else []
+        self._last: GenerationResult | None = None
+        self._cached_prompt_tokens = 0
+        self._prompt_tokens = 0
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str = "cpu", num_threads: int = 0, progress: bool = True,
+             populate: bool = True) -> "Runtime":
+        """Load a Hugging Face checkpoint directory (config.json + safetensors, tokenizer files optional).
+
+        Every tensor is checked before compute; bad input raises FileNotFoundError, tidal.FormatError,
+        NotImplementedError or ValueError naming the problem. `progress` shows a tqdm bar (bytes, ETA)
+        while the weights are read into RAM, then prints the placement plan to stderr. `populate=False`
+        maps the weights lazily instead (pages are read on first use).
+        """
+        p = pathlib.Path(os.fspath(path))
+        update, close = _progress_bar(progress)
+        try:
+            engine = _tidal.Runtime.load(p, device=device, num_threads=num_threads, populate=populate,
+                                         progress=update)
+        finally:
+            if close:
+                close()
+        rt = cls(engine, p, plan(inspect(p), device="cpu" if device == "cpu" else "cuda"))
+        if progress:
+            st = engine.stats()
+            print(f"tidal: loaded {p.name} ({rt.config.model_type}, {format_bytes(st['weight_bytes'])}) in "
+                  f"{st['load_seconds']:.2f}s, {engine.num_threads} threads", file=sys.stderr)
+            print(rt.plan, file=sys.stderr)
+        return rt
+
+    # ---------------------------------------------------------------- engine passthrough
+    @property
+    def config(self) -> Any:
+        return self._engine.config
+
+    @property
+    def num_threads(self) -> int:
+        return self._engine.num_threads
+
+    @property
+    def device(self) -> str:
+        return self._engine.device
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """float32 (len(token_ids), vocab_size): logits at every position of a fresh sequence."""
+        return self._engine.logits(token_ids)
+
+    def new_sequence(self) -> Any:
+        """A fresh `Sequence` (explicit KV cache + DeltaNet state) for token-level control."""
+        return self._engine.new_sequence()
+
+    # ---------------------------------------------------------------- text
+    def _need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path}: this checkpoint has no tokenizer.json, so text input is not possible; "
+                             "pass token ids")
+        return self.tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self._need_tokenizer().encode(text)
+
+    def decode(self, token_ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self._need_tokenizer().decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def _prompt_ids(self, prompt: Prompt) -> tuple[list[int], str | None]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty: give some text or token ids")
+            return self.encode(prompt), prompt
+        if isinstance(prompt, (bytes, bytearray)):
+            raise TypeError("prompt must be a str or a sequence of token ids, not bytes")
+        ids = np.asarray(prompt)
+        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+            raise ValueError("prompt must be a str or a 1-D sequence of integer token ids")
+        return [int(i) for i in ids], None
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
+                    enable_thinking: bool | None = None, preserve_thinking: bool | None = None,
+                    add_generation_prompt: bool = True, **template_kwargs: Any) -> str:
+        """The prompt text of a conversation, as transformers' apply_chat_template renders it. Options
+        left at None are not passed, so the template's own defaults apply."""
+        if self.chat_template is None:
+            raise ValueError(f"{self.path}: no chat template (chat_template.jinja or tokenizer_config.json)")
+        kw = dict(template_kwargs)
+        if enable_thinking is not None:
+            kw["enable_thinking"] = enable_thinking
+        if preserve_thinking is not None:
+            kw["preserve_thinking"] = preserve_thinking
+        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools, **kw)
+
+    # ---------------------------------------------------------------- generation
+    def _options(self, kw: dict[str, Any]) -> SamplingOptions:
+        return SamplingOptions.resolve(self.generation_config, self.eos_token_ids, **kw)
+
+    def _start(self, prompt_ids: list[int], opts: SamplingOptions, result: GenerationResult, *, stream: bool,
+               in_reasoning: bool, tools: Any = None, seq: Any = None, **hooks: Any) -> Any:
+        if opts.stop and self.tokenizer is None:
+            raise ValueError("stop strings need the checkpoint's tokenizer (tokenizer.json); use stop_token_ids")
+        if not prompt_ids:
+            raise ValueError("prompt is empty: give at least one token")
+        # Checked again in C++; here too so that a stream fails when created, not at its first chunk.
+        V = self.config.vocab_size
+        for i, t in enumerate(prompt_ids):
+            if not 0 <= t < V:
+                raise ValueError(f"token_ids[{i}] = {t} is out of range [0, {V}) (vocab_size)")
+        seq = seq if seq is not None else self._engine.new_sequence()
+        user_finish = hooks.pop("on_finish", None)
+
+        def on_finish(r: GenerationResult) -> None:
+            self._last = r
+            self._prompt_tokens += r.prompt_tokens
+            self._cached_prompt_tokens += r.cached_tokens
+            if user_finish:
+                user_finish(r)
+
+        gen = run(seq, hooks.pop("feed", prompt_ids), prompt_ids, opts, result, tokenizer=self.tokenizer,
+                  in_reasoning=in_reasoning, tools=tools, max_positions=self.config.max_position_embeddings,
+                  on_finish=on_finish, **hooks)
+        if stream:
+            return Stream(gen, result)
+        for _ in gen:
+            pass
+        return result
+
+    def generate(self, prompt: Prompt, *, stream: bool = False, max_new_tokens: int | None = None,
+                 temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                 min_p: float | None = None, presence_penalty: float | None = None,
+                 frequency_penalty: float | None = None, repetition_penalty: float | None = None,
+                 seed: int | None = None, stop: str | Sequence[str] | None = None,
+                 stop_token_ids: Sequence[int] | None = None, ignore_eos: bool = False) -> Any:
+        """Continue `prompt` (text or token ids).
+
+        Sampling parameters left at None come from the checkpoint's generation_config.json (greedy
+        when it does not set do_sample). Generation ends at an EOS id, one of `stop_token_ids`, one of
+        the `stop` strings (excluded from the text, found even across token boundaries), after
+        `max_new_tokens`, or when the context is full.
+
+        Returns a `GenerationResult`, or with ``stream=True`` a `Stream` of `StreamChunk` text deltas
+        (always whole UTF-8 characters; reasoning inside ``<think>`` told apart from content).
+        """
+        ids, text = self._prompt_ids(prompt)
+        opts = self._options(dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                  min_p=min_p, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                  repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+                                  stop_token_ids=stop_token_ids, ignore_eos=ignore_eos))
+        in_reasoning = False
+        if self.tokenizer is not None:
+            tail = text if text is not None else self.tokenizer.decode(ids[-64:], skip_special_tokens=False)
+            in_reasoning = prompt_opens_reasoning(tail)
+        return self._start(ids, opts, GenerationResult(), stream=stream, in_reasoning=in_reasoning)
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False,
+             enable_thinking: bool | None = None, preserve_thinking: bool | None = None,
+             tools: Sequence[Mapping[str, Any]] | None = None, chat_template_kwargs: Mapping[str, Any] | None = None,
+             **generation: Any) -> Any:
+        """Reply to a conversation (OpenAI-style messages). Stateless: for multi-turn reuse of the cache
+        use `session()`.
+
+        Returns a `ChatResult` (`reasoning`, `content`, `tool_calls`, and `message` to append to
+        `messages`), or a `Stream` with ``stream=True``. enable_thinking / preserve_thinking / tools go
+        to the chat template; other keyword arguments are those of `generate`.
+        """
+        prompt = self.render_chat(messages, tools=tools, enable_thinking=enable_thinking,
+                                  preserve_thinking=preserve_thinking, **dict(chat_template_kwargs or {}))
+        ids = self.encode(prompt)
+        opts = self._options(generation)
+        return self._start(ids, opts, ChatResult(), stream=stream, in_reasoning=prompt_opens_reasoning(prompt),
+                           tools=tools)
+
+    def session(self, messages: Sequence[Mapping[str, Any]] | None = None, **defaults: Any) -> "Session":
+        """A multi-turn conversation that keeps its KV cache and DeltaNet state between turns (only the
+        new part of each prompt is prefilled). `defaults` (enable_thinking, preserve_thinking, tools,
+        sampling parameters) apply to every turn."""
+        from .session import Session
+
+        return Session(self, messages=messages, **defaults)
+
+    # ---------------------------------------------------------------- statistics
+    def stats(self) -> Stats:
+        """Throughput, where the time went, cache figures and memory since load (or reset_stats())."""
+        return Stats.collect(self)
+
+    def reset_stats(self) -> None:
+        self._engine.reset_stats()
+        self._cached_prompt_tokens = self._prompt_tokens = 0
+        self._last = None
+
+    def __repr__(self) -> str:
+        return f"Runtime({self.path.name!r}, {self.config.model_type}, device={self.device!r})"
+
+
+# Re-exported here for type hints in user code.
+__all__ += ["GenerationResult", "ChatResult", "Stream", "StreamChunk"]
