@@ -6,17 +6,13 @@
 The default model is tidal-mini (models/tidal-mini): a 17.9M-parameter model with the exact architecture
 of Qwen3.6-35B-A3B (Gated DeltaNet + gated attention, 48 routed experts + a shared expert, MTP head),
 trained by us on Python sources (docs/models.md). It completes Python code. Text goes in and out through
-the checkpoint's own tokenizer.json (Hugging Face `tokenizers`); sampling defaults come from its
-generation_config.json.
+the checkpoint's own tokenizer; sampling defaults come from its generation_config.json.
 """
 
 import argparse
-import json
 import pathlib
-import time
 
 import tidal
-from tokenizers import Tokenizer
 
 DEFAULT_MODEL = pathlib.Path(__file__).resolve().parents[1] / "models" / "tidal-mini"
 
@@ -28,28 +24,27 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    model = pathlib.Path(args.model)
 
-    t0 = time.perf_counter()
-    rt = tidal.Runtime.load(model)
-    tok = Tokenizer.from_file(str(model / "tokenizer.json"))
-    gen = json.loads((model / "generation_config.json").read_text())
-    print(f"loaded {rt.config} in {time.perf_counter() - t0:.3f}s on {rt.num_threads} threads")
+    rt = tidal.Runtime.load(args.model)  # progress bar + placement plan on stderr
+    print(f"model: {rt.config}, {rt.num_threads} threads")
 
-    prompt = tok.encode(args.prompt, add_special_tokens=False).ids
-    eos = gen.get("eos_token_id", [])
-    stop = eos if isinstance(eos, list) else [eos]
-    sampling = {k: gen[k] for k in ("temperature", "top_k", "top_p") if k in gen}
-    greedy = rt.generate(prompt, max_new_tokens=args.max_new_tokens, stop_token_ids=stop)
-    sampled = rt.generate(prompt, max_new_tokens=args.max_new_tokens, stop_token_ids=stop,
-                          seed=args.seed, **sampling)
-    print(f"--- greedy ({len(greedy.token_ids)} tokens, {greedy.finish_reason}) ---")
-    print(args.prompt + tok.decode(list(greedy.token_ids)))
-    print(f"--- sampled ({', '.join(f'{k}={v}' for k, v in sampling.items())}, seed={args.seed}) ---")
-    print(args.prompt + tok.decode(list(sampled.token_ids)))
-    n = len(greedy.token_ids)
-    print(f"--- prefill {len(prompt)} tokens in {greedy.prefill_seconds * 1e3:.1f} ms; "
-          f"decode {(n - 1) / max(greedy.decode_seconds, 1e-9):.0f} tok/s")
+    # Greedy decoding of a small model loops; a mild repetition penalty (vLLM semantics) breaks that.
+    greedy = rt.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=0, repetition_penalty=1.2)
+    print(f"--- greedy, repetition_penalty=1.2 ({greedy.completion_tokens} tokens, {greedy.finish_reason}) ---")
+    print(args.prompt + greedy.text)
+
+    # Sampled with the checkpoint's defaults (generation_config.json), streamed as it is generated.
+    defaults = {k: rt.generation_config[k] for k in ("temperature", "top_k", "top_p") if k in rt.generation_config}
+    print(f"--- sampled ({', '.join(f'{k}={v}' for k, v in defaults.items())}, seed={args.seed}), streamed ---")
+    print(args.prompt, end="")
+    stream = rt.generate(args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed, stream=True)
+    for chunk in stream:
+        print(chunk.text, end="", flush=True)
+    print()
+    r = stream.result
+    print(f"--- prefill {r.prompt_tokens} tokens in {r.prefill_seconds * 1e3:.1f} ms; "
+          f"decode {r.decode_tokens_per_second:.0f} tok/s ---")
+    print(rt.stats())
 
 
 if __name__ == "__main__":

@@ -242,6 +242,7 @@ class ToolCallExtractor:
     tools: Sequence[Mapping[str, Any]] | None = None
     _held: str = ""
     _inside: bool = False
+    _after_call: bool = False  # drop the newlines that separate consecutive calls
     calls: list = field(default_factory=list)
 
     def feed(self, delta: str) -> list[tuple[str, Any]]:
@@ -250,6 +251,11 @@ class ToolCallExtractor:
         self._held = ""
         while text:
             if not self._inside:
+                if self._after_call:
+                    text = text.lstrip("\n")
+                    if not text:
+                        return out
+                    self._after_call = False
                 i = text.find(TOOL_OPEN)
                 if i < 0:
                     keep = _partial_suffix(text, [TOOL_OPEN])
@@ -272,8 +278,9 @@ class ToolCallExtractor:
             else:
                 self.calls.append(call)
                 out.append(("tool_call", call))
+                self._after_call = True
             self._inside = False
-            text = text[j + len(TOOL_CLOSE):].lstrip("\n") if call is not None else text[j + len(TOOL_CLOSE):]
+            text = text[j + len(TOOL_CLOSE):]
         return out
 
     def flush(self) -> list[tuple[str, Any]]:
