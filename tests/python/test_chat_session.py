@@ -162,3 +162,21 @@ def test_scripted_tool_call_reply_streams_and_parses(rt):
     assert "Let me check.\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n" \
            "<parameter=days>\n2\n</parameter>\n</function>\n</tool_call><|im_end|>" in text
     assert "<tool_response>\n18C\n</tool_response>" in text
+
+
+def _chat_cases():
+    import json
+
+    from conftest import CHAT_FIXTURE
+
+    return json.loads(CHAT_FIXTURE.read_text(encoding="utf-8"))["cases"]
+
+
+@pytest.mark.parametrize("case", _chat_cases(), ids=lambda c: c["name"])
+def test_runtime_renders_and_tokenizes_like_transformers(rt, case):
+    """rt.render_chat + rt.encode (the path chat() and sessions take) give transformers' text and ids."""
+    kw = dict(case["kwargs"])
+    agp = kw.pop("add_generation_prompt", False)
+    text = rt.render_chat(case["messages"], add_generation_prompt=agp, **kw)
+    assert text == case["text"]
+    assert rt.encode(text) == case["ids"]
