@@ -2,7 +2,7 @@
 """Type stubs of the native module (see python/bindings/)."""
 
 import os
-from typing import Iterable, Optional, Sequence as _Seq, Union
+from typing import Any, Callable, Iterable, Optional, Sequence as _Seq, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -50,17 +50,52 @@ class GenerationResult:
     prefill_seconds: float
     decode_seconds: float
 
+class Sampler:
+    """Token selection state of one generation: penalties, filters, seeded RNG."""
+    def __init__(
+        self,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        seed: Optional[int] = None,
+        prompt_ids: TokenIds = ...,
+    ) -> None: ...
+    def sample(self, logits: npt.ArrayLike) -> int: ...
+    def accept(self, token_id: int) -> None: ...
+    def penalized(self, logits: npt.ArrayLike) -> npt.NDArray[np.float32]: ...
+    def probabilities(self, logits: npt.ArrayLike) -> npt.NDArray[np.float32]: ...
+
 class Sequence:
     num_tokens: int
+    checkpoint_positions: list[int]
     def forward(self, token_ids: TokenIds, all_logits: bool = True) -> npt.NDArray[np.float32]:
         """Append tokens; float32 logits (n, vocab) for every new token, or (1, vocab)."""
+    def step(self, token_ids: TokenIds, sampler: Sampler) -> int:
+        """Append tokens; the next token picked by `sampler` from the last logits (not appended)."""
+    def prefill(self, token_ids: TokenIds) -> None: ...
+    def checkpoint(self) -> None:
+        """Save the DeltaNet states at the current length (at most 8 kept)."""
+    def truncate(self, num_tokens: int) -> int:
+        """Roll back to at most num_tokens; returns the new length."""
 
 class Runtime:
     config: ModelConfig
     num_threads: int
     device: str
     @staticmethod
-    def load(path: Union[str, os.PathLike[str]], *, device: str = "cpu", num_threads: int = 0) -> Runtime: ...
+    def load(
+        path: Union[str, os.PathLike[str]],
+        *,
+        device: str = "cpu",
+        num_threads: int = 0,
+        populate: bool = True,
+        progress: Optional[Callable[[int, int], None]] = None,
+    ) -> Runtime: ...
     def logits(self, token_ids: TokenIds) -> npt.NDArray[np.float32]:
         """float32 (len(token_ids), vocab_size): logits at every position of a fresh sequence."""
     def generate(
@@ -72,7 +107,14 @@ class Runtime:
         top_k: int = 0,
         top_p: float = 1.0,
         min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
         seed: Optional[int] = None,
         stop_token_ids: Iterable[int] = (),
     ) -> GenerationResult: ...
     def new_sequence(self) -> Sequence: ...
+    def stats(self) -> dict[str, Any]: ...
+    def reset_stats(self) -> None: ...
+
+def inspect_checkpoint(path: Union[str, os.PathLike[str]]) -> tuple[ModelConfig, list[dict[str, Any]]]: ...
