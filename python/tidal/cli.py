@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     i = sub.add_parser("info", help="config, sizes and placement plan (reads headers only)")
     i.add_argument("model", help="checkpoint directory")
     i.add_argument("--gpu-memory", default=None, help="GPU budget, e.g. 12G (omit for the CPU plan)")
-    i.add_argument("--context", type=int, default=32768, help="context length the plan reserves KV cache for")
+    i.add_argument("--context", type=int, default=None,
+                   help="context length the plan reserves KV cache for (default: min(32768, the model's))")
     i.set_defaults(fn=cmd_info)
     a = ap.parse_args(argv)
     try:

@@ -8,6 +8,7 @@ calls, one token at a time, so streaming and non-streaming results are the same 
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -122,21 +123,31 @@ class SamplingOptions:
         if gc.get("repetition_penalty") is not None:
             defaults["repetition_penalty"] = float(gc["repetition_penalty"])
         resolved = {k: (sampling[k] if sampling.get(k) is not None else defaults[k]) for k in _SAMPLING_KEYS}
+        if not _is_int(resolved["top_k"]):
+            raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {resolved['top_k']!r}")
         resolved["top_k"] = int(resolved["top_k"])
         for k in _SAMPLING_KEYS:
             if k != "top_k":
+                if not isinstance(resolved[k], numbers.Real) or isinstance(resolved[k], bool):
+                    raise ValueError(f"{k} must be a number, got {resolved[k]!r}")
                 resolved[k] = float(resolved[k])
         if max_new_tokens is None:
             max_new_tokens = int(gc.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        if not _is_int(max_new_tokens) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0 (an int), got {max_new_tokens!r}")
+        max_new_tokens = int(max_new_tokens)
+        if stop is not None and not isinstance(stop, str) and not (
+                isinstance(stop, (list, tuple)) and all(isinstance(x, str) for x in stop)):
+            raise TypeError(f"stop must be a string or a list of strings, got {stop!r}")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         StopMatcher(stops)  # validates
         ids = [] if ignore_eos else list(eos_token_ids)
+        if stop_token_ids is not None and isinstance(stop_token_ids, (str, bytes)) or _is_int(stop_token_ids):
+            raise TypeError(f"stop_token_ids must be a list of ints, got {stop_token_ids!r}")
         for t in stop_token_ids or []:
-            if isinstance(t, bool) or not isinstance(t, int):
+            if not _is_int(t):
                 raise ValueError(f"stop_token_ids must be ints, got {t!r}")
-            ids.append(t)
+            ids.append(int(t))
         opts = cls(max_new_tokens, resolved, seed, stops, list(dict.fromkeys(ids)))
         opts.new_sampler([])  # validates ranges in C++ now, not at the first token
         return opts
@@ -145,9 +156,16 @@ class SamplingOptions:
         return _tidal.Sampler(**self.sampling, seed=self.seed, prompt_ids=list(prompt_ids))
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 class Stream:
-    """Iterator of `StreamChunk`s. Leaving the loop early (break, an exception) or calling close()
-    cancels the generation and frees its sequence; `result` holds the finished result."""
+    """Iterator of `StreamChunk`s; `result` holds the result once the last chunk was read.
+
+    Generation is pulled: leaving the loop early computes nothing more. close() (or ``with``, or the
+    stream being garbage-collected, which is immediate for an unnamed ``for chunk in rt.generate(...)``)
+    cancels it for good and frees its sequence."""
 
     def __init__(self, gen: Iterator[StreamChunk], result: GenerationResult):
         self._gen = gen
@@ -180,7 +198,8 @@ def run(seq: Any, feed: Sequence[int], prompt_ids: Sequence[int], opts: Sampling
         max_positions: int | None = None, before: Callable[[], tuple[Sequence[int], int]] | None = None,
         on_fed: Callable[[Sequence[int]], None] | None = None,
         on_prompt_done: Callable[[], None] | None = None,
-        on_finish: Callable[[GenerationResult], None] | None = None) -> Iterator[StreamChunk]:
+        on_finish: Callable[[GenerationResult], None] | None = None,
+        on_cancel: Callable[[GenerationResult], None] | None = None) -> Iterator[StreamChunk]:
     """The token loop (a generator). `before()` runs lazily and returns the ids still to feed and how
     many prompt tokens were reused (prefix reuse in sessions); `on_fed(ids)` is told about every token
     appended to `seq`."""
@@ -241,15 +260,15 @@ def run(seq: Any, feed: Sequence[int], prompt_ids: Sequence[int], opts: Sampling
     if before is not None:
         feed, result.cached_tokens = before()
     sampler = opts.new_sampler(prompt_ids)
-    tok = seq.step(list(feed), sampler)
-    if on_fed:
-        on_fed(feed)
-    if on_prompt_done:
-        on_prompt_done()
-    t1 = time.perf_counter()
-    result.prefill_seconds = t1 - t0
     limit = max_positions if max_positions else None
     try:
+        tok = seq.step(list(feed), sampler)
+        if on_fed:
+            on_fed(feed)
+        if on_prompt_done:
+            on_prompt_done()
+        t1 = time.perf_counter()
+        result.prefill_seconds = t1 - t0
         while True:
             result.token_ids.append(tok)
             if tok in stop_ids:
@@ -280,3 +299,5 @@ def run(seq: Any, feed: Sequence[int], prompt_ids: Sequence[int], opts: Sampling
             result.decode_seconds = time.perf_counter() - t1
             if decoder is not None:
                 result.text = "".join(raw)
+            if on_cancel:
+                on_cancel(result)

@@ -185,8 +185,12 @@ def _mem_available() -> int | None:
 
 
 def plan(summary: CheckpointSummary, device: str = "cpu", gpu_memory: str | int | None = None,
-         context_tokens: int = 32768) -> Plan:
-    """The placement plan of `summary` for `device` ("cpu" or "cuda") and a GPU memory budget."""
+         context_tokens: int | None = None) -> Plan:
+    """The placement plan of `summary` for `device` ("cpu" or "cuda") and a GPU memory budget.
+    context_tokens: the context the KV cache is sized for (default: 32768, or the model's
+    max_position_embeddings when smaller)."""
+    if context_tokens is None:
+        context_tokens = min(32768, summary.config.max_position_embeddings)
     if context_tokens < 1:
         raise ValueError(f"context_tokens must be >= 1, got {context_tokens}")
     s = summary

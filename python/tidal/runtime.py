@@ -106,7 +106,9 @@ class Runtime:
         finally:
             if close:
                 close()
-        rt = cls(engine, p, plan(inspect(p), device="cpu" if device == "cpu" else "cuda"))
+        summary = inspect(p)
+        rt = cls(engine, p, plan(summary, device="cpu" if device == "cpu" else "cuda",
+                                 context_tokens=min(32768, summary.config.max_position_embeddings)))
         if progress:
             st = engine.stats()
             print(f"tidal: loaded {p.name} ({rt.config.model_type}, {format_bytes(st['weight_bytes'])}) in "
@@ -189,6 +191,10 @@ class Runtime:
         for i, t in enumerate(prompt_ids):
             if not 0 <= t < V:
                 raise ValueError(f"token_ids[{i}] = {t} is out of range [0, {V}) (vocab_size)")
+        ctx = self.config.max_position_embeddings
+        if len(prompt_ids) >= ctx:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens but the model's context is {ctx} "
+                             "(max_position_embeddings): shorten it")
         seq = seq if seq is not None else self._engine.new_sequence()
         user_finish = hooks.pop("on_finish", None)
 

@@ -72,6 +72,10 @@ class Session:
         """Rewind the sequence to the longest reusable prefix of `ids`; prefill up to the assistant
         header and save the state there. Returns the ids still to feed (at least one) and the number
         of prompt tokens reused."""
+        if self._seq.num_tokens != len(self._tokens):
+            # An interrupted step (Ctrl-C as a native call returned) appended tokens we did not record:
+            # go back to what we know.
+            del self._tokens[self._seq.truncate(len(self._tokens)):]
         n = min(_common_prefix(self._tokens, ids), len(ids) - 1)
         if n < len(self._tokens):
             pos = self._seq.truncate(n)
@@ -96,13 +100,32 @@ class Session:
         return template, merged
 
     def _run(self, ids: list[int], opts: Any, result: GenerationResult, *, stream: bool, in_reasoning: bool,
-             tools: Any, on_finish: Any = None) -> Any:
+             tools: Any, on_finish: Any = None, on_cancel: Any = None) -> Any:
         if self._active is not None:  # one turn at a time: a new turn cancels an unfinished stream
             self._active.close()
             self._active = None
-        out = self.rt._start(ids, opts, result, stream=stream, in_reasoning=in_reasoning, tools=tools, seq=self._seq,
-                             before=lambda: self._reuse(ids), on_fed=self._tokens.extend,
-                             on_prompt_done=self._seq.checkpoint, on_finish=on_finish)
+        # Save the DeltaNet state every `every` generated tokens too, so that when the next prompt
+        # re-renders this reply differently (a sampled token sequence the tokenizer would not produce, a
+        # trimmed newline), the rewind lands near the difference instead of at the end of this prompt.
+        # At most 4 per reply, so with the 2 per prompt they fit in the sequence's 8.
+        every = max(32, -(-opts.max_new_tokens // 4))
+        seq = self._seq
+        fed_since = [0]
+
+        def on_fed(new: list[int]) -> None:
+            self._tokens.extend(new)
+            fed_since[0] += len(new)
+            if fed_since[0] >= every:
+                seq.checkpoint()
+                fed_since[0] = 0
+
+        def on_prompt_done() -> None:
+            seq.checkpoint()
+            fed_since[0] = 0
+
+        out = self.rt._start(ids, opts, result, stream=stream, in_reasoning=in_reasoning, tools=tools, seq=seq,
+                             before=lambda: self._reuse(ids), on_fed=on_fed, on_prompt_done=on_prompt_done,
+                             on_finish=on_finish, on_cancel=on_cancel)
         if stream:
             self._active = out
         return out
@@ -111,8 +134,10 @@ class Session:
              stream: bool = False, **kw: Any) -> Any:
         """One turn. `message`: the user's text, a message dict, a whole message list (replaces the
         history, as an OpenAI request does) or None (reply to the history as it is, e.g. after you
-        appended tool results). The reply is appended to `messages` when it finishes (not when a
-        stream is cancelled). Returns a ChatResult, or a Stream with ``stream=True``."""
+        appended tool results). The reply is appended to `messages` when it finishes; a cancelled turn
+        (stream closed early, Ctrl-C) leaves `messages` as it was before the call. Returns a
+        ChatResult, or a Stream with ``stream=True``."""
+        before = list(self.messages)
         if isinstance(message, str):
             self.messages.append({"role": "user", "content": message})
         elif isinstance(message, Mapping):
@@ -132,8 +157,11 @@ class Session:
         def on_finish(r: GenerationResult) -> None:
             self.messages.append(r.message)  # type: ignore[attr-defined]
 
+        def on_cancel(r: GenerationResult) -> None:
+            self.messages = before  # a cancelled turn leaves the history as it was
+
         return self._run(ids, opts, ChatResult(), stream=stream, in_reasoning=prompt_opens_reasoning(prompt),
-                         tools=template.get("tools"), on_finish=on_finish)
+                         tools=template.get("tools"), on_finish=on_finish, on_cancel=on_cancel)
 
     def generate(self, prompt: Any, *, stream: bool = False, **kw: Any) -> Any:
         """Continue a raw prompt (text or ids), reusing whatever prefix the session already holds."""

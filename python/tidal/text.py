@@ -85,7 +85,7 @@ class ReasoningSplitter:
         self.mode = "reasoning" if in_reasoning else "start"
         self._held = ""
         self._reasoning_started = False
-        self._content_started = False
+        self._strip_content = False  # after </think>: drop the newlines that separate it from the answer
         self._nl_held = ""  # trailing newlines of reasoning, shown once more reasoning follows
 
     def _emit(self, channel: str, text: str, out: list):
@@ -101,12 +101,11 @@ class ReasoningSplitter:
             stripped = text.rstrip("\n")
             self._nl_held = text[len(stripped):]
             text = stripped
-        else:
-            if not self._content_started:
-                text = text.lstrip("\n")
-                if not text:
-                    return
-                self._content_started = True
+        elif self._strip_content:
+            text = text.lstrip("\n")
+            if not text:
+                return
+            self._strip_content = False
         if text:
             if out and out[-1][0] == channel:
                 out[-1] = (channel, out[-1][1] + text)
@@ -138,6 +137,7 @@ class ReasoningSplitter:
                     self._emit("reasoning", text[:i], out)
                     self._nl_held = ""
                     self.mode = "content"
+                    self._strip_content = True
                     text = text[i + len(THINK_CLOSE):]
                     continue
                 keep = _partial_suffix(text, [THINK_CLOSE])
@@ -268,6 +268,11 @@ class ToolCallExtractor:
                 self._inside = True
                 text = text[i:]
             j = text.find(TOOL_CLOSE)
+            k = text.find(TOOL_OPEN, len(TOOL_OPEN))
+            if 0 < k and (j < 0 or k < j):  # an unclosed <tool_call> followed by another: the first is text
+                out.append(("content", text[:k]))
+                text = text[k:]
+                continue
             if j < 0:
                 self._held = text
                 return out

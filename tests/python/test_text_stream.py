@@ -63,10 +63,17 @@ def test_stream_equals_result_and_is_valid_utf8(rt):
     stream = rt.generate("# 日本語のコメント\ndef f(x):\n", stream=True, **kw)
     chunks = list(stream)
     assert chunks[-1].channel == "end" and chunks[-1].finish_reason == full.finish_reason
-    assert "".join(c.text for c in chunks) == full.content + full.reasoning
+    assert "".join(c.text for c in chunks) == full.text == full.content  # no <think> in a code completion
     assert stream.result.token_ids == full.token_ids and stream.result.text == full.text
     for c in chunks:
         c.text.encode("utf-8")  # never a lone surrogate
+
+
+def test_raw_completion_keeps_leading_newlines(rt):
+    """Only the newlines after </think> are dropped; a plain completion is passed through as generated."""
+    out = rt.generate("import os", max_new_tokens=8, temperature=0)
+    assert out.text.startswith("\n") and out.content == out.text
+    assert "".join(c.text for c in rt.generate("import os", max_new_tokens=8, temperature=0, stream=True)) == out.text
 
 
 def test_stop_string_across_token_boundaries(rt):
@@ -232,4 +239,15 @@ def test_bad_generation_arguments(rt):
         rt.generate("x", stop=[""])
     with pytest.raises(TypeError):
         rt.generate(b"bytes")
+    with pytest.raises(TypeError, match="stop must be"):
+        rt.generate("x", stop=123)
+    with pytest.raises(TypeError, match="stop_token_ids"):
+        rt.generate("x", stop_token_ids=5)
+    with pytest.raises(ValueError, match="top_k"):
+        rt.generate("x", top_k=1.5)
+    with pytest.raises(ValueError, match="context is 4096"):
+        rt.generate([1] * 4096)
+    import numpy as np  # numpy integers are integers
+    assert rt.generate(np.array([5, 6]), max_new_tokens=np.int64(2), stop_token_ids=[np.int32(1)],
+                       temperature=0).completion_tokens == 2
     assert json.dumps(rt.generate("x", max_new_tokens=0).token_ids) == "[]"
