@@ -350,7 +350,8 @@ void Model::forward(std::span<const int64_t> ids, SequenceState& state, LogitsMo
     ForwardProfile* p;
     std::chrono::steady_clock::time_point t0;
     ~AddTotal() {
-      if (p) p->total += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (p)
+        p->total += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     }
   } add_total{profile, t_start};
   const auto& c = cfg_;

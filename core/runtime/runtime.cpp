@@ -199,7 +199,8 @@ void Runtime::record(int64_t tokens, const core::ForwardProfile& prof,
 void Runtime::record_memory(int64_t live_delta, int64_t state_delta, int64_t saved_delta) const {
   std::lock_guard lock(stats_mu_);
   stats_.live_sequences += live_delta;
-  stats_.state_bytes = static_cast<uint64_t>(static_cast<int64_t>(stats_.state_bytes) + state_delta);
+  stats_.state_bytes =
+      static_cast<uint64_t>(static_cast<int64_t>(stats_.state_bytes) + state_delta);
   stats_.checkpoint_bytes =
       static_cast<uint64_t>(static_cast<int64_t>(stats_.checkpoint_bytes) + saved_delta);
 }

@@ -42,9 +42,9 @@ struct RuntimeStats {
   double sample_seconds = 0;
   int64_t forward_calls = 0;
   int64_t live_sequences = 0;
-  uint64_t state_bytes = 0;       ///< KV caches + DeltaNet states of live sequences
-  uint64_t checkpoint_bytes = 0;  ///< saved DeltaNet states (Sequence::checkpoint)
-  uint64_t weight_bytes = 0;      ///< checkpoint tensors the model uses (memory-mapped)
+  uint64_t state_bytes = 0;            ///< KV caches + DeltaNet states of live sequences
+  uint64_t checkpoint_bytes = 0;       ///< saved DeltaNet states (Sequence::checkpoint)
+  uint64_t weight_bytes = 0;           ///< checkpoint tensors the model uses (memory-mapped)
   uint64_t checkpoint_file_bytes = 0;  ///< every tensor of the checkpoint
   bool weights_populated = false;      ///< weights were read into RAM at load
   double load_seconds = 0;
@@ -102,8 +102,7 @@ class Sequence {
     int64_t num_tokens = 0;
     std::vector<std::vector<float>> conv, recurrent;  // per layer (empty for attention layers)
   };
-  void forward_locked(std::span<const int64_t> ids, core::LogitsMode mode,
-                      std::vector<float>& out);
+  void forward_locked(std::span<const int64_t> ids, core::LogitsMode mode, std::vector<float>& out);
   void account_locked();
   std::shared_ptr<const Runtime> rt_;
   core::SequenceState state_;

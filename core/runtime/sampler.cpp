@@ -22,14 +22,14 @@ void SamplingParams::validate() const {
   TIDAL_CHECK(std::isfinite(repetition_penalty) && repetition_penalty > 0.0f, InvalidArgument,
               "repetition_penalty must be a finite number > 0 (1 disables it), got {}",
               repetition_penalty);
-  TIDAL_CHECK(std::isfinite(presence_penalty) && presence_penalty >= -2.0f &&
-                  presence_penalty <= 2.0f,
-              InvalidArgument, "presence_penalty must be in [-2, 2] (0 disables it), got {}",
-              presence_penalty);
-  TIDAL_CHECK(std::isfinite(frequency_penalty) && frequency_penalty >= -2.0f &&
-                  frequency_penalty <= 2.0f,
-              InvalidArgument, "frequency_penalty must be in [-2, 2] (0 disables it), got {}",
-              frequency_penalty);
+  TIDAL_CHECK(
+      std::isfinite(presence_penalty) && presence_penalty >= -2.0f && presence_penalty <= 2.0f,
+      InvalidArgument, "presence_penalty must be in [-2, 2] (0 disables it), got {}",
+      presence_penalty);
+  TIDAL_CHECK(
+      std::isfinite(frequency_penalty) && frequency_penalty >= -2.0f && frequency_penalty <= 2.0f,
+      InvalidArgument, "frequency_penalty must be in [-2, 2] (0 disables it), got {}",
+      frequency_penalty);
 }
 
 Sampler::Sampler(const SamplingParams& p, std::span<const int64_t> prompt)
@@ -79,7 +79,8 @@ std::vector<float> Sampler::filtered(std::span<const float> logits) const {
   for (auto& v : prob) v /= sum;
   std::vector<int64_t> order(V);
   std::iota(order.begin(), order.end(), 0);
-  // Descending probability, lower id first on ties (a total order, so partial and full sorts agree).
+  // Descending probability, lower id first on ties (a total order, so partial and full sorts
+  // agree).
   const auto before = [&](int64_t a, int64_t b) {
     return prob[a] > prob[b] || (prob[a] == prob[b] && a < b);
   };

@@ -228,8 +228,9 @@ void bind_runtime(py::module_& m) {
           py::arg("populate") = true, py::arg("progress") = py::none(),
           "Load a checkpoint directory. progress(done_bytes, total_bytes) is called while the "
           "weights are read into RAM.")
-      .def("stats", [](const Runtime& r) { return stats_dict(r.stats()); },
-           "Counters since load or reset_stats() (tokens, seconds, bytes) as a dict.")
+      .def(
+          "stats", [](const Runtime& r) { return stats_dict(r.stats()); },
+          "Counters since load or reset_stats() (tokens, seconds, bytes) as a dict.")
       .def("reset_stats", &Runtime::reset_stats)
       .def_property_readonly("config", &Runtime::config,
                              py::return_value_policy::reference_internal)
