@@ -157,4 +157,9 @@ class Runtime : public std::enable_shared_from_this<Runtime> {
 /// Physical cores of this machine (hwloc), at least 1.
 int physical_core_count();
 
+/// Host memory read bandwidth in bytes/s: `num_threads` threads (0: physical cores) each sum their
+/// slice of a `bytes` buffer (already touched), best of `repeats` passes. The roofline for decoding
+/// from RAM.
+double measure_read_bandwidth(size_t bytes, int num_threads, int repeats);
+
 }  // namespace tidal::runtime

@@ -275,6 +275,14 @@ void bind_runtime(py::module_& m) {
            [](const std::shared_ptr<Runtime>& rt) { return std::make_shared<Sequence>(rt); });
 
   m.def(
+      "measure_read_bandwidth",
+      [](size_t bytes, int num_threads, int repeats) {
+        py::gil_scoped_release release;
+        return runtime::measure_read_bandwidth(bytes, num_threads, repeats);
+      },
+      py::arg("bytes") = size_t{1} << 30, py::arg("num_threads") = 0, py::arg("repeats") = 3,
+      "Host memory read bandwidth in bytes/s (threads sum slices of a buffer; best of repeats).");
+  m.def(
       "inspect_checkpoint",
       [](const std::filesystem::path& path) {
         TIDAL_CHECK(std::filesystem::exists(path), FileNotFound, "model path \"{}\" does not exist",

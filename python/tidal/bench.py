@@ -1,0 +1,236 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`python -m tidal.bench`: prompt processing (pp) and token generation (tg) speed, llama-bench style.
+
+    python -m tidal.bench MODEL_DIR [-p 512,2048] [-n 128] [-d 0] [-r 3] [--cpu-threads N] [--json OUT]
+    python -m tidal.bench --preset tiny ...        # synthesise the preset into a temporary directory
+
+ppN: a fresh sequence prefills N tokens. tgN@dD: after an untimed prefill of D tokens, N greedy decode
+steps (forward + sampling). Each test runs once as a warm-up, which is not counted, and then `-r`
+times. Results give the median and the spread (min, max).
+
+Every run also measures the host read bandwidth (all threads). It prints the physical bound for tg:
+the bytes that must be read from RAM per generated token on this placement, and the tok/s that the
+bandwidth allows. So a result reads as a fraction of its limit. On device="cpu", every byte of active
+weights comes from RAM (there is no PCIe traffic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+__all__ = ["run_bench", "bytes_per_token", "system_info", "main"]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"values must be >= 0, got {text!r}")
+    return vals
+
+
+def system_info() -> dict[str, Any]:
+    """tidal version and commit, CPU model and cores, GPU and driver (when nvidia-smi answers)."""
+    from . import __version__
+
+    info: dict[str, Any] = {"tidal_version": __version__, "commit": None, "python": platform.python_version(),
+                            "cpu": platform.processor() or None, "logical_cpus": os.cpu_count(), "gpu": None,
+                            "driver": None}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    here = pathlib.Path(__file__).resolve().parent
+    try:
+        info["commit"] = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                        text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout.strip().splitlines()
+        if out:
+            info["gpu"], info["driver"] = [x.strip() for x in out[0].split(",", 1)]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def bytes_per_token(summary: Any, depth: int) -> dict[str, int]:
+    """Bytes a decode step at context `depth` must read on device="cpu": every weight except the
+    embedding table (one row) and the routed experts (k of E per MoE layer), plus the KV cache (fp32)
+    and the DeltaNet states (read and written)."""
+    c = summary.config
+    n_moe = sum(c.layer_is_moe)
+    dense = summary.pinned_bytes - summary.part_bytes["embeddings"] + c.hidden_size * 2
+    experts = n_moe * c.num_experts_per_tok * summary.expert_bytes
+    kv = summary.kv_bytes_per_token(4) * depth
+    state = 2 * summary.deltanet_state_bytes()
+    return {"dense_weights": dense, "routed_experts": experts, "kv_cache": kv, "deltanet_state": state,
+            "total": dense + experts + kv + state}
+
+
+def _time_pp(rt: Any, n: int, rng: np.random.Generator) -> float:
+    ids = rng.integers(0, rt.config.vocab_size, n).tolist()
+    seq = rt.new_sequence()
+    t0 = time.perf_counter()
+    seq.forward(ids, all_logits=False)
+    return time.perf_counter() - t0
+
+
+def _time_tg(rt: Any, n: int, depth: int, rng: np.random.Generator) -> float:
+    from . import _tidal
+
+    seq = rt.new_sequence()
+    prompt = rng.integers(0, rt.config.vocab_size, max(1, depth)).tolist()
+    sampler = _tidal.Sampler(temperature=0.0)
+    tok = seq.step(prompt, sampler)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        tok = seq.step([tok], sampler)
+    return time.perf_counter() - t0
+
+
+def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths: list[int], repetitions: int = 3,
+              cpu_threads: int = 0, device: str = "cpu", bandwidth_bytes: int = 1 << 30, seed: int = 0) -> dict[str, Any]:
+    """Run the tests and return the JSON-ready report."""
+    from . import Runtime, _tidal, inspect
+
+    if repetitions < 1:
+        raise ValueError(f"repetitions must be >= 1, got {repetitions}")
+    rt = Runtime.load(model, device=device, num_threads=cpu_threads, progress=False)
+    summary = inspect(model)
+    ctx = rt.config.max_position_embeddings
+    for n in pp:
+        if not 1 <= n < ctx:
+            raise ValueError(f"pp{n}: prompt length must be in [1, {ctx}) for this model")
+    for n in tg:
+        for d in depths:
+            if n < 1 or d + n + 1 >= ctx:
+                raise ValueError(f"tg{n}@d{d}: must have 1 <= n and depth + n < {ctx}")
+    bw = _tidal.measure_read_bandwidth(bandwidth_bytes, rt.num_threads, 3)
+    rng = np.random.default_rng(seed)
+    results = []
+
+    def measure(name: str, tokens: int, fn: Any, **extra: Any) -> None:
+        fn()  # warm-up, not counted
+        times = [fn() for _ in range(repetitions)]
+        rates = sorted(tokens / t for t in times)
+        results.append({"test": name, "tokens": tokens, **extra, "tok_s_median": statistics.median(rates),
+                        "tok_s_min": rates[0], "tok_s_max": rates[-1], "seconds": times})
+
+    for n in pp:
+        measure(f"pp{n}", n, lambda n=n: _time_pp(rt, n, rng))
+    for d in depths:
+        for n in tg:
+            need = bytes_per_token(summary, d + n // 2)
+            measure(f"tg{n}@d{d}", n, lambda n=n, d=d: _time_tg(rt, n, d, rng), depth=d,
+                    bytes_per_token=need, bound_tok_s=bw / need["total"])
+            r = results[-1]
+            r["fraction_of_bound"] = r["tok_s_median"] / r["bound_tok_s"]
+    st = rt.stats()
+    c = rt.config
+    active = summary.pinned_bytes - summary.part_bytes["embeddings"] + sum(c.layer_is_moe) * c.num_experts_per_tok * summary.expert_bytes
+    return {
+        "system": system_info(),
+        "model": {"path": str(model), "model_type": c.model_type, "layers": c.num_hidden_layers,
+                  "layer_types": c.layer_types, "hidden_size": c.hidden_size, "num_experts": c.num_experts,
+                  "num_experts_per_tok": c.num_experts_per_tok, "weight_bytes": summary.total_bytes,
+                  "active_weight_bytes_per_token": active, "dtypes": summary.dtypes},
+        "caps": {"device": device, "cpu_threads": rt.num_threads, "gpu_memory": None, "expert_dtype": "checkpoint"},
+        "bounds": {"host_read_bytes_per_s": bw, "pinned_h2d_bytes_per_s": None},
+        "results": results,
+        "cache": {"expert_cache_hit_rate": st.expert_cache_hit_rate, "prediction_precision": st.prediction_precision},
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    s, m = report["system"], report["model"]
+    bw = report["bounds"]["host_read_bytes_per_s"]
+    lines = [f"tidal {s['tidal_version']} ({s['commit'] or 'no git'}) | {s['cpu']} | {report['caps']['cpu_threads']} threads"
+             f" | device {report['caps']['device']} | GPU {s['gpu'] or '-'}",
+             f"model {m['model_type']} x{m['layers']} layers ({m['weight_bytes'] / 2**30:.2f} GiB, "
+             f"{m['active_weight_bytes_per_token'] / 2**20:.1f} MiB active per token) | host read {bw / 1e9:.1f} GB/s",
+             "",
+             f"| {'test':<14} | {'tok/s (median)':>14} | {'min':>9} | {'max':>9} | {'bound tok/s':>11} | {'of bound':>8} |",
+             f"|{'-' * 16}|{'-' * 16}:|{'-' * 10}:|{'-' * 10}:|{'-' * 12}:|{'-' * 9}:|"]
+    for r in report["results"]:
+        bound = f"{r['bound_tok_s']:.1f}" if "bound_tok_s" in r else "-"
+        frac = f"{100 * r['fraction_of_bound']:.0f}%" if "fraction_of_bound" in r else "-"
+        lines.append(f"| {r['test']:<14} | {r['tok_s_median']:>14.1f} | {r['tok_s_min']:>9.1f} | {r['tok_s_max']:>9.1f} "
+                     f"| {bound:>11} | {frac:>8} |")
+    lines.append("")
+    lines.append("bound: host read bandwidth / bytes read per generated token (active weights, KV cache, DeltaNet "
+                 "state); pp is compute-bound and has no memory bound here")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tidal.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", nargs="?", help="checkpoint directory")
+    ap.add_argument("--preset", help="synthesise this tidal.synth preset into a temporary directory instead")
+    ap.add_argument("--layers", type=int, default=None, help="with --preset: number of layers")
+    ap.add_argument("-p", "--n-prompt", type=_ints, default=[512], help="prompt lengths (comma-separated)")
+    ap.add_argument("-n", "--n-gen", type=_ints, default=[128], help="generated tokens (comma-separated)")
+    ap.add_argument("-d", "--depth", type=_ints, default=[0], help="context depths for tg (comma-separated)")
+    ap.add_argument("-r", "--repetitions", type=int, default=3)
+    ap.add_argument("--cpu-threads", type=int, default=0, help="0: one per physical core")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--gpu-memory", default=None, help="VRAM cap (needs the CUDA backend)")
+    ap.add_argument("--expert-dtype", default="checkpoint", choices=["checkpoint", "bf16", "int8", "int4"])
+    ap.add_argument("--json", default=None, help="also write the report as JSON to this path ('-' for stdout)")
+    a = ap.parse_args(argv)
+    if (a.model is None) == (a.preset is None):
+        ap.error("give a checkpoint directory or --preset (one of them)")
+    if a.expert_dtype in ("int8", "int4") or a.gpu_memory is not None:
+        print("python -m tidal.bench: --expert-dtype int8/int4 and --gpu-memory need the CPU expert engine and the "
+              "CUDA backend, which are not in this build yet", file=sys.stderr)
+        return 2
+    tmp = None
+    try:
+        model = a.model
+        if a.preset:
+            from .synth import preset_config, write_checkpoint
+
+            tmp = tempfile.TemporaryDirectory(prefix="tidal-bench-")
+            model = str(write_checkpoint(preset_config(a.preset, a.layers), tmp.name, progress=False))
+        report = run_bench(model, pp=a.n_prompt, tg=a.n_gen, depths=a.depth, repetitions=a.repetitions,
+                           cpu_threads=a.cpu_threads, device=a.device)
+        if a.preset:
+            report["model"]["preset"] = a.preset
+    except (ValueError, FileNotFoundError, NotImplementedError, OSError) as exc:
+        print(f"python -m tidal.bench: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    if a.json == "-":
+        print(json.dumps(report, indent=1))
+    else:
+        print(format_table(report))
+        if a.json:
+            pathlib.Path(a.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+# SPDX-License-Identifier: Apache-2.0
+"""tidal.synth (real-shape synthetic checkpoints) and tidal.bench (pp/tg with physical bounds): shapes
+against transformers-written checkpoints, parameter counts of the released models, a CI-sized run."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import tidal
+from conftest import GOLDEN, MINI, read_safetensors
+from tidal import bench, synth
+
+
+def _golden_shapes(arch):
+    out = {}
+    for f in sorted((GOLDEN / arch).glob("*.safetensors")):
+        header, _ = read_safetensors(f)
+        header.pop("__metadata__", None)
+        out.update({k: v["shape"] for k, v in header.items()})
+    return out
+
+
+@pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5_moe_text"])
+def test_tensor_shapes_match_transformers_checkpoints(arch):
+    """The synthetic layout of a config equals, name for name and shape for shape, what transformers
+    writes for it (the golden fixtures are per-expert)."""
+    cfg = json.loads((GOLDEN / arch / "config.json").read_text())
+    ours = dict(synth.tensor_shapes(cfg, fused_experts=False))
+    theirs = {k: v for k, v in _golden_shapes(arch).items() if not k.startswith(("mtp.", "model.visual."))}
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("preset,low,high,active_low,active_high", [
+    ("qwen3.6-35b-a3b", 33.5e9, 35.5e9, 2.5e9, 3.6e9),     # 35B total incl. vision/MTP, ~3B active
+    ("qwen3-next-80b-a3b", 78e9, 81.5e9, 2.5e9, 4.0e9),    # 80B, ~3B active
+    ("qwen3-30b-a3b", 30.0e9, 31.0e9, 3.0e9, 3.6e9),       # 30.5B, 3.3B active
+])
+def test_presets_have_the_released_sizes(preset, low, high, active_low, active_high):
+    cfg = synth.preset_config(preset)
+    shapes = synth.tensor_shapes(cfg)
+    total = sum(math.prod(s) for _, s in shapes)
+    experts = sum(math.prod(s) for n, s in shapes if ".mlp.experts." in n)
+    active = total - experts + experts * cfg["num_experts_per_tok"] / cfg["num_experts"]
+    active -= cfg["vocab_size"] * cfg["hidden_size"]  # the embedding table is looked up, not multiplied
+    assert low <= total <= high, f"{preset}: {total / 1e9:.2f}B parameters"
+    assert active_low <= active <= active_high, f"{preset}: {active / 1e9:.2f}B active"
+
+
+def test_preset_config_layers():
+    cfg = synth.preset_config("qwen3.6-35b-a3b", layers=8)
+    assert cfg["num_hidden_layers"] == 8 and cfg["layer_types"].count("full_attention") == 2
+    assert cfg["hidden_size"] == 2048 and cfg["vocab_size"] == 248320  # real width kept
+    with pytest.raises(ValueError, match="layers"):
+        synth.preset_config("qwen3-30b-a3b", layers=49)
+    with pytest.raises(ValueError, match="unknown preset"):
+        synth.preset_config("llama")
+
+
+def test_tiny_preset_writes_loads_and_runs(tmp_path):
+    out = synth.write_checkpoint(synth.preset_config("tiny"), tmp_path / "tiny", progress=False)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    names = dict(synth.tensor_shapes(synth.preset_config("tiny")))
+    assert set(index["weight_map"]) == set(names)
+    rt = tidal.Runtime.load(out, progress=False)
+    logits = rt.logits([1, 2, 3, 4])
+    assert np.isfinite(logits).all() and logits.std() > 0.01
+    header, data = read_safetensors(next(out.glob("*.safetensors")))
+    w = np.frombuffer(data[slice(*header["model.embed_tokens.weight"]["data_offsets"])], np.uint16)
+    mags = np.abs((w.astype(np.uint32) << 16).view(np.float32))
+    assert mags.min() >= 1 / 128 and mags.max() < 1 / 64  # the documented value range, no NaN/Inf
+
+
+def test_synth_cli_rejects_quantised_experts_for_now(tmp_path, capsys):
+    assert synth.main(["--preset", "tiny", "--expert-dtype", "int4", str(tmp_path / "x")]) == 2
+    assert "quantised experts" in capsys.readouterr().err
+
+
+def test_bench_smoke_and_bounds(tmp_path, capsys):
+    """CI-sized: synthesise the tiny preset, run pp and tg, write JSON with system info and bounds."""
+    path = tmp_path / "bench.json"
+    assert bench.main(["--preset", "tiny", "-p", "32", "-n", "8", "-d", "0,16", "-r", "2", "--json", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert "pp32" in table and "tg8@d16" in table
+    r = json.loads(path.read_text())
+    assert r["system"]["tidal_version"] == tidal.__version__ and r["system"]["logical_cpus"] >= 1
+    assert r["bounds"]["host_read_bytes_per_s"] > 1e8 and r["bounds"]["pinned_h2d_bytes_per_s"] is None
+    tests = {x["test"]: x for x in r["results"]}
+    assert set(tests) == {"pp32", "tg8@d0", "tg8@d16"}
+    for x in tests.values():
+        assert 0 < x["tok_s_min"] <= x["tok_s_median"] <= x["tok_s_max"] and len(x["seconds"]) == 2
+    tg = tests["tg8@d16"]
+    assert tg["bound_tok_s"] == pytest.approx(r["bounds"]["host_read_bytes_per_s"] / tg["bytes_per_token"]["total"])
+    assert 0 < tg["fraction_of_bound"] < 1.5
+
+
+def test_bytes_per_token_arithmetic():
+    s = tidal.inspect(MINI)
+    c = s.config
+    b = bench.bytes_per_token(s, depth=100)
+    assert b["routed_experts"] == 8 * 4 * s.expert_bytes  # 8 MoE layers x top-4
+    assert b["dense_weights"] == s.pinned_bytes - s.part_bytes["embeddings"] + c.hidden_size * 2
+    assert b["kv_cache"] == 2 * 2 * 2 * 64 * 4 * 100  # 2 attention layers, K+V, 2 heads, dim 64, fp32
+    assert b["total"] == sum(v for k, v in b.items() if k != "total")
+
+
+def test_measure_read_bandwidth_checks_arguments():
+    assert tidal._tidal.measure_read_bandwidth(1 << 24, 1, 1) > 1e8
+    with pytest.raises(ValueError, match="1 MiB"):
+        tidal._tidal.measure_read_bandwidth(1000)
