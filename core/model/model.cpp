@@ -31,7 +31,11 @@ struct Model::Rope {
 constexpr float kL2NormEps = 1e-6f;
 
 Model::Model(const ModelConfig& cfg, const Checkpoint& ck, std::shared_ptr<RoutedExperts> experts)
-    : cfg_(cfg), owned_(std::make_shared<OwnedWeights>()), experts_(std::move(experts)) {
+    : cfg_(cfg),
+      owned_(std::make_shared<OwnedWeights>()),
+      experts_(std::move(experts)),
+      routing_(std::make_shared<RoutingControl>(cfg.num_hidden_layers, cfg.num_experts,
+                                                cfg.num_experts_per_tok)) {
   WeightLoader ld(ck, owned_);
   const auto& c = cfg_;
   const std::string P = c.weight_prefix;
@@ -315,6 +319,8 @@ void Model::mlp_block(int64_t layer, const MlpWeights& w, const float* xn, int64
   std::vector<int32_t> ids(static_cast<size_t>(T * k));
   std::vector<float> weights(static_cast<size_t>(T * k));
   kc::moe_route(logits.data(), T, E, k, cfg_.norm_topk_prob, ids.data(), weights.data());
+  if (routing_->active())
+    routing_->on_route(layer, logits.data(), T, cfg_.norm_topk_prob, ids.data(), weights.data());
   std::fill(out, out + T * H, 0.f);
   if (profile) {
     const auto t0 = std::chrono::steady_clock::now();

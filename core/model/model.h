@@ -11,6 +11,7 @@
 
 #include "core/config/model_config.h"
 #include "core/model/routed_experts.h"
+#include "core/model/routing_control.h"
 #include "core/model/sequence_state.h"
 #include "core/model/weight_loader.h"
 #include "kernels/common/dtype.h"
@@ -72,6 +73,9 @@ class Model {
                std::vector<float>& logits, kernels::Executor& ex,
                ForwardProfile* profile = nullptr) const;
 
+  /// Routing record / replay (benchmarks, cache studies); shared by all sequences of this model.
+  RoutingControl& routing() const { return *routing_; }
+
   /// Bytes of `state` (KV cache + DeltaNet conv and recurrent states).
   static size_t state_bytes(const SequenceState& state);
 
@@ -86,6 +90,7 @@ class Model {
   ModelConfig cfg_;
   std::shared_ptr<OwnedWeights> owned_;
   std::shared_ptr<RoutedExperts> experts_;
+  std::shared_ptr<RoutingControl> routing_;
   kernels::WeightView embed_tokens_, lm_head_;
   std::vector<float> final_norm_;
   std::vector<LayerWeights> layers_;

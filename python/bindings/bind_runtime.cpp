@@ -232,6 +232,44 @@ void bind_runtime(py::module_& m) {
           "stats", [](const Runtime& r) { return stats_dict(r.stats()); },
           "Counters since load or reset_stats() (tokens, seconds, bytes) as a dict.")
       .def("reset_stats", &Runtime::reset_stats)
+      .def(
+          "start_routing_record", [](const Runtime& r) { r.model().routing().start_recording(); },
+          "Record the experts every MoE router chooses from now on (one sequence at a time).")
+      .def(
+          "stop_routing_record",
+          [](const Runtime& r) {
+            int64_t tokens = 0;
+            auto ids = r.model().routing().stop_recording(tokens);
+            const auto& c = r.config();
+            auto* heap = new std::vector<int32_t>(std::move(ids));
+            py::capsule owner(heap, [](void* p) { delete static_cast<std::vector<int32_t>*>(p); });
+            return py::array_t<int32_t>({tokens, c.num_hidden_layers, c.num_experts_per_tok},
+                                        heap->data(), owner);
+          },
+          "Stop recording; int32 (tokens, num_hidden_layers, top_k) expert ids, -1 for dense "
+          "layers.")
+      .def(
+          "set_routing_replay",
+          [](const Runtime& r, const py::array& trace) {
+            const auto& c = r.config();
+            TIDAL_CHECK(trace.ndim() == 3 && trace.shape(1) == c.num_hidden_layers &&
+                            trace.shape(2) == c.num_experts_per_tok,
+                        InvalidArgument,
+                        "routing trace must have shape (tokens, {}, {}) (num_hidden_layers, "
+                        "num_experts_per_tok), got ndim {}",
+                        c.num_hidden_layers, c.num_experts_per_tok, trace.ndim());
+            TIDAL_CHECK(trace.dtype().kind() == 'i' || trace.dtype().kind() == 'u', InvalidArgument,
+                        "routing trace must hold integers");
+            auto a = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(trace);
+            r.model().routing().set_replay(std::vector<int32_t>(a.data(), a.data() + a.size()),
+                                           static_cast<int64_t>(trace.shape(0)));
+          },
+          py::arg("trace"),
+          "Replace the routers' choice by trace rows (looped); weights are the router's "
+          "probabilities of the replayed experts.")
+      .def(
+          "clear_routing_replay", [](const Runtime& r) { r.model().routing().clear_replay(); },
+          "Route with the routers again.")
       .def_property_readonly("config", &Runtime::config,
                              py::return_value_policy::reference_internal)
       .def_property_readonly("num_threads", &Runtime::num_threads)

@@ -110,8 +110,10 @@ def _time_tg(rt: Any, n: int, depth: int, rng: np.random.Generator) -> float:
 
 
 def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths: list[int], repetitions: int = 3,
-              cpu_threads: int = 0, device: str = "cpu", bandwidth_bytes: int = 1 << 30, seed: int = 0) -> dict[str, Any]:
-    """Run the tests and return the JSON-ready report."""
+              cpu_threads: int = 0, device: str = "cpu", bandwidth_bytes: int = 1 << 30, seed: int = 0,
+              routing: np.ndarray | None = None, routing_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the tests and return the JSON-ready report. `routing`: a trace (tokens, layers, top_k) the
+    MoE layers follow instead of their routers (see tidal.routing)."""
     from . import Runtime, _tidal, inspect
 
     if repetitions < 1:
@@ -126,6 +128,8 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
         for d in depths:
             if n < 1 or d + n + 1 >= ctx:
                 raise ValueError(f"tg{n}@d{d}: must have 1 <= n and depth + n < {ctx}")
+    if routing is not None:
+        rt._engine.set_routing_replay(np.asarray(routing))
     bw = _tidal.measure_read_bandwidth(bandwidth_bytes, rt.num_threads, 3)
     rng = np.random.default_rng(seed)
     results = []
@@ -159,6 +163,7 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
         "bounds": {"host_read_bytes_per_s": bw, "pinned_h2d_bytes_per_s": None},
         "results": results,
         "cache": {"expert_cache_hit_rate": st.expert_cache_hit_rate, "prediction_precision": st.prediction_precision},
+        "routing": routing_info or {"mode": "router" if routing is None else "trace"},
     }
 
 
@@ -197,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--gpu-memory", default=None, help="VRAM cap (needs the CUDA backend)")
     ap.add_argument("--expert-dtype", default="checkpoint", choices=["checkpoint", "bf16", "int8", "int4"])
+    ap.add_argument("--routing-trace", default=None, help="replay this routing trace (.npz, tidal.routing format)")
+    ap.add_argument("--routing-skew", type=float, default=None,
+                    help="replay a synthetic trace: Zipf exponent of expert popularity (0: uniform)")
+    ap.add_argument("--routing-reuse", type=float, default=0.5,
+                    help="synthetic trace: probability that an expert repeats from the previous token")
     ap.add_argument("--json", default=None, help="also write the report as JSON to this path ('-' for stdout)")
     a = ap.parse_args(argv)
     if (a.model is None) == (a.preset is None):
@@ -213,8 +223,24 @@ def main(argv: list[str] | None = None) -> int:
 
             tmp = tempfile.TemporaryDirectory(prefix="tidal-bench-")
             model = str(write_checkpoint(preset_config(a.preset, a.layers), tmp.name, progress=False))
+        trace, info = None, None
+        if a.routing_trace and a.routing_skew is not None:
+            raise ValueError("give --routing-trace or --routing-skew, not both")
+        if a.routing_trace:
+            from .routing import load_trace
+
+            trace = load_trace(a.routing_trace)["experts"]
+            info = {"mode": "trace", "file": a.routing_trace, "tokens": int(trace.shape[0])}
+        elif a.routing_skew is not None:
+            from . import _tidal
+            from .routing import synthetic_trace
+
+            cfg, _ = _tidal.inspect_checkpoint(model)
+            trace = synthetic_trace(4096, cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok,
+                                    skew=a.routing_skew, reuse=a.routing_reuse)
+            info = {"mode": "synthetic", "skew": a.routing_skew, "reuse": a.routing_reuse, "tokens": 4096}
         report = run_bench(model, pp=a.n_prompt, tg=a.n_gen, depths=a.depth, repetitions=a.repetitions,
-                           cpu_threads=a.cpu_threads, device=a.device)
+                           cpu_threads=a.cpu_threads, device=a.device, routing=trace, routing_info=info)
         if a.preset:
             report["model"]["preset"] = a.preset
     except (ValueError, FileNotFoundError, NotImplementedError, OSError) as exc:

@@ -267,6 +267,21 @@ class Runtime:
 
         return Session(self, messages=messages, **defaults)
 
+    # ---------------------------------------------------------------- routing
+    def record_routing(self) -> Any:
+        """Context manager: `with rt.record_routing() as rec: ...`; then `rec.experts` is the int32
+        (tokens, layers, top_k) trace of the experts chosen inside the block (tidal.routing)."""
+        from . import routing
+
+        return routing.record(self)
+
+    def replay_routing(self, experts: Any) -> Any:
+        """Context manager: inside the block every MoE layer uses the trace's experts (looped)
+        instead of its router's choice; for benchmarks and cache studies."""
+        from . import routing
+
+        return routing.replay(self, experts)
+
     # ---------------------------------------------------------------- statistics
     def stats(self) -> Stats:
         """Throughput, where the time went, cache figures and memory since load (or reset_stats())."""

@@ -108,3 +108,50 @@ def test_measure_read_bandwidth_checks_arguments():
     assert tidal._tidal.measure_read_bandwidth(1 << 24, 1, 1) > 1e8
     with pytest.raises(ValueError, match="1 MiB"):
         tidal._tidal.measure_read_bandwidth(1000)
+
+
+def test_routing_record_and_replay():
+    from tidal import routing
+
+    rt = tidal.Runtime.load(MINI, progress=False)
+    ids = np.load(MINI / "routing_trace.npz")["token_ids"][:48].tolist()
+    base = rt.logits(ids)
+    with rt.record_routing() as rec:
+        rt.logits(ids)
+    assert rec.experts.shape == (48, 8, 4)
+    # Replaying the recorded choice reproduces the logits; a different trace changes them.
+    with rt.replay_routing(rec.experts):
+        np.testing.assert_allclose(rt.logits(ids), base, atol=1e-4)
+    synthetic = routing.synthetic_trace(30, 8, 48, 4, skew=1.2, reuse=0.5, seed=1)
+    with rt.replay_routing(synthetic), rt.record_routing() as rec2:
+        other = rt.logits(ids)
+    looped = np.concatenate([synthetic, synthetic[:18]])  # 48 tokens from a 30-token trace: it loops
+    assert (rec2.experts == looped).all()
+    assert np.abs(other - base).max() > 0.1
+    np.testing.assert_allclose(rt.logits(ids), base)  # the routers are back after the block
+    with pytest.raises(ValueError, match="shape"):
+        rt._engine.set_routing_replay(np.zeros((4, 3, 4), np.int32))
+    with pytest.raises(ValueError, match="out of range"):
+        rt._engine.set_routing_replay(np.full((4, 8, 4), 48, np.int32))
+
+
+def test_synthetic_trace_statistics():
+    from tidal import routing
+
+    t = routing.synthetic_trace(2000, 2, 64, 8, skew=1.0, reuse=0.6, seed=0)
+    assert all(len(set(row)) == 8 for row in t.reshape(-1, 8))  # distinct ids per row
+    counts = np.sort(np.bincount(t[:, 0].ravel(), minlength=64))[::-1]
+    assert counts[:8].sum() > 2 * counts[-32:].sum()  # skewed popularity
+    reuse = np.mean([len(set(t[i, 0]) & set(t[i - 1, 0])) / 8 for i in range(1, 2000)])
+    assert 0.55 < reuse < 0.8  # at least the requested reuse (fresh draws can repeat too)
+    uniform = routing.synthetic_trace(2000, 1, 64, 8, skew=0.0, reuse=0.0, seed=0)
+    c = np.bincount(uniform.ravel(), minlength=64)
+    assert c.max() < 1.5 * c.mean()
+
+
+def test_bench_with_synthetic_routing(tmp_path):
+    path = tmp_path / "b.json"
+    assert bench.main(["--preset", "tiny", "-p", "16", "-n", "4", "-r", "1", "--routing-skew", "1.1",
+                       "--json", str(path)]) == 0
+    r = json.loads(path.read_text())
+    assert r["routing"] == {"mode": "synthetic", "skew": 1.1, "reuse": 0.5, "tokens": 4096}

@@ -1,0 +1,94 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file routing_control.cpp
+/// \brief Routing record / replay.
+#include "core/model/routing_control.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/error.h"
+
+namespace tidal::core {
+
+void RoutingControl::start_recording() {
+  std::lock_guard lock(mu_);
+  recording_ = true;
+  recorded_.assign(static_cast<size_t>(num_layers_), {});
+  update_active();
+}
+
+std::vector<int32_t> RoutingControl::stop_recording(int64_t& num_tokens) {
+  std::lock_guard lock(mu_);
+  recording_ = false;
+  update_active();
+  size_t rows = 0;
+  for (const auto& l : recorded_) rows = std::max(rows, l.size() / static_cast<size_t>(top_k_));
+  num_tokens = static_cast<int64_t>(rows);
+  const auto L = static_cast<size_t>(num_layers_), k = static_cast<size_t>(top_k_);
+  std::vector<int32_t> out(rows * L * k, -1);  // dense layers stay -1
+  for (size_t l = 0; l < recorded_.size(); ++l)
+    for (size_t i = 0; i < recorded_[l].size(); ++i) {
+      const size_t t = i / k, j = i % k;
+      out[(t * L + l) * k + j] = recorded_[l][i];
+    }
+  recorded_.clear();
+  return out;
+}
+
+void RoutingControl::set_replay(std::vector<int32_t> trace, int64_t num_tokens) {
+  TIDAL_CHECK(num_tokens > 0, InvalidArgument, "routing trace is empty");
+  TIDAL_CHECK(static_cast<int64_t>(trace.size()) == num_tokens * num_layers_ * top_k_,
+              InvalidArgument,
+              "routing trace has {} ids, expected (tokens={}, layers={}, top_k={})", trace.size(),
+              num_tokens, num_layers_, top_k_);
+  for (size_t i = 0; i < trace.size(); ++i)
+    TIDAL_CHECK(trace[i] >= -1 && trace[i] < num_experts_, InvalidArgument,
+                "routing trace: expert id {} at flat index {} is out of range [0, {})", trace[i], i,
+                num_experts_);
+  std::lock_guard lock(mu_);
+  replay_ = std::move(trace);
+  replay_tokens_ = num_tokens;
+  cursor_.assign(static_cast<size_t>(num_layers_), 0);
+  update_active();
+}
+
+void RoutingControl::clear_replay() {
+  std::lock_guard lock(mu_);
+  replay_.clear();
+  replay_tokens_ = 0;
+  update_active();
+}
+
+void RoutingControl::on_route(int64_t layer, const float* logits, int64_t num_tokens,
+                              bool renormalise, int32_t* ids, float* weights) {
+  std::lock_guard lock(mu_);
+  const int64_t k = top_k_, E = num_experts_;
+  if (replay_tokens_ > 0) {
+    int64_t& cur = cursor_[static_cast<size_t>(layer)];
+    for (int64_t t = 0; t < num_tokens; ++t) {
+      const int32_t* row = replay_.data() + (cur * num_layers_ + layer) * k;
+      cur = (cur + 1) % replay_tokens_;
+      if (row[0] < 0) continue;  // a dense layer in the trace's model: keep the router's choice
+      const float* lg = logits + t * E;
+      const float mx = *std::max_element(lg, lg + E);
+      double sum = 0.0;
+      for (int64_t e = 0; e < E; ++e) sum += std::exp(static_cast<double>(lg[e] - mx));
+      double kept = 0.0;
+      for (int64_t j = 0; j < k; ++j) {
+        ids[t * k + j] = row[j];
+        weights[t * k + j] =
+            static_cast<float>(std::exp(static_cast<double>(lg[row[j]] - mx)) / sum);
+        kept += weights[t * k + j];
+      }
+      if (renormalise)
+        for (int64_t j = 0; j < k; ++j)
+          weights[t * k + j] = static_cast<float>(weights[t * k + j] / kept);
+    }
+  }
+  if (recording_) {
+    auto& rec = recorded_[static_cast<size_t>(layer)];
+    rec.insert(rec.end(), ids, ids + num_tokens * k);
+  }
+}
+
+}  // namespace tidal::core

@@ -1,0 +1,54 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file routing_control.h
+/// \brief Benchmark and analysis control of MoE routing: record the experts the routers choose, or
+/// replay a routing trace in place of the routers' choice (expert-cache studies on synthetic
+/// models).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <mutex>
+#include <vector>
+
+namespace tidal::core {
+
+/// A trace is (num_tokens, num_layers, top_k) expert ids, row-major, -1 for dense layers: the
+/// `experts` array of models/tidal-mini/routing_trace.npz. Thread-safe; meant for one sequence at a
+/// time (rows are appended / consumed in call order).
+class RoutingControl {
+ public:
+  RoutingControl(int64_t num_layers, int64_t num_experts, int64_t top_k)
+      : num_layers_(num_layers), num_experts_(num_experts), top_k_(top_k) {}
+
+  /// Starts recording (drops anything recorded before).
+  void start_recording();
+  /// Stops recording; returns the trace and its number of tokens.
+  std::vector<int32_t> stop_recording(int64_t& num_tokens);
+  /// Replaces the routers' choice by `trace` (num_tokens rows, looped when exhausted). Throws
+  /// InvalidArgument for a wrong size or an expert id out of range.
+  void set_replay(std::vector<int32_t> trace, int64_t num_tokens);
+  void clear_replay();
+
+  /// Called by the model for MoE layer `layer` after routing T tokens: records `ids`, or overwrites
+  /// ids and weights from the trace (weights = router probabilities of the replayed experts,
+  /// renormalised when `renormalise`, as the router would).
+  void on_route(int64_t layer, const float* logits, int64_t num_tokens, bool renormalise,
+                int32_t* ids, float* weights);
+  /// Recording or replaying (a lock-free check, so the model pays nothing otherwise).
+  bool active() const { return active_.load(std::memory_order_acquire); }
+
+ private:
+  void update_active() {
+    active_.store(recording_ || replay_tokens_ > 0, std::memory_order_release);
+  }
+  std::mutex mu_;
+  std::atomic<bool> active_{false};
+  int64_t num_layers_, num_experts_, top_k_;
+  bool recording_ = false;
+  std::vector<std::vector<int32_t>> recorded_;  // per layer: rows of top_k ids
+  std::vector<int32_t> replay_;
+  int64_t replay_tokens_ = 0;
+  std::vector<int64_t> cursor_;  // per layer: next trace row
+};
+
+}  // namespace tidal::core
