@@ -303,7 +303,7 @@ Sequence::Sequence(std::shared_ptr<const Runtime> rt)
     : rt_(std::move(rt)), state_(rt_->model().new_state()) {
   rt_->record_memory(1, 0, 0);
   std::lock_guard lock(mu_);
-  account_locked();
+  account_locked(true);
 }
 
 Sequence::~Sequence() {
@@ -311,24 +311,35 @@ Sequence::~Sequence() {
                      -static_cast<int64_t>(accounted_saved_));
 }
 
-void Sequence::account_locked() {
+void Sequence::account_locked(bool saved_changed) {
   const uint64_t st = core::Model::state_bytes(state_);
-  uint64_t sv = 0;
-  for (const auto& s : saved_)
-    for (size_t l = 0; l < s.conv.size(); ++l)
-      sv += (s.conv[l].size() + s.recurrent[l].size()) * sizeof(float);
+  uint64_t sv = accounted_saved_;
+  if (saved_changed) {  // checkpoints change rarely: not recounted on every forward call
+    sv = 0;
+    for (const auto& s : saved_)
+      for (size_t l = 0; l < s.conv.size(); ++l)
+        sv += (s.conv[l].size() + s.recurrent[l].size()) * sizeof(float);
+  }
   rt_->record_memory(0, static_cast<int64_t>(st) - static_cast<int64_t>(accounted_state_),
                      static_cast<int64_t>(sv) - static_cast<int64_t>(accounted_saved_));
   accounted_state_ = st;
   accounted_saved_ = sv;
 }
 
-void Sequence::forward_locked(std::span<const int64_t> ids, core::LogitsMode mode,
-                              std::vector<float>& out) {
+int64_t Sequence::forward_locked(std::span<const int64_t> ids, core::LogitsMode mode,
+                                 std::vector<float>& out, Sampler* sampler) {
   core::ForwardProfile prof;
   rt_->model().forward(ids, state_, mode, out, rt_->executor(), &prof);
-  rt_->record(static_cast<int64_t>(ids.size()), prof, 0.0);
-  account_locked();
+  int64_t tok = -1;
+  double sample_seconds = 0.0;
+  if (sampler) {
+    const auto t0 = Clock::now();
+    tok = sampler->sample(out);
+    sample_seconds = seconds_since(t0);
+  }
+  rt_->record(static_cast<int64_t>(ids.size()), prof, sample_seconds);
+  account_locked(false);
+  return tok;
 }
 
 std::vector<float> Sequence::forward(std::span<const int64_t> ids, bool all_logits) {
@@ -351,13 +362,7 @@ int64_t Sequence::step(std::span<const int64_t> ids, Sampler& sampler) {
   rt_->check_token_ids(ids, true);
   std::lock_guard lock(mu_);
   std::vector<float> logits;
-  core::ForwardProfile prof;
-  rt_->model().forward(ids, state_, core::LogitsMode::kLast, logits, rt_->executor(), &prof);
-  const auto t0 = Clock::now();
-  const int64_t tok = sampler.sample(logits);
-  rt_->record(static_cast<int64_t>(ids.size()), prof, seconds_since(t0));
-  account_locked();
-  return tok;
+  return forward_locked(ids, core::LogitsMode::kLast, logits, &sampler);
 }
 
 int64_t Sequence::num_tokens() const {
@@ -384,7 +389,7 @@ void Sequence::checkpoint() {
   }
   saved_.push_back(std::move(s));
   if (saved_.size() > kMaxCheckpoints) saved_.pop_front();
-  account_locked();
+  account_locked(true);
 }
 
 int64_t Sequence::truncate(int64_t n) {
@@ -418,7 +423,7 @@ int64_t Sequence::truncate(int64_t n) {
     l.v_cache.resize(static_cast<size_t>(to) * row);
   }
   state_.num_tokens = to;
-  account_locked();
+  account_locked(true);
   return to;
 }
 

@@ -102,8 +102,11 @@ class Sequence {
     int64_t num_tokens = 0;
     std::vector<std::vector<float>> conv, recurrent;  // per layer (empty for attention layers)
   };
-  void forward_locked(std::span<const int64_t> ids, core::LogitsMode mode, std::vector<float>& out);
-  void account_locked();
+  /// Forward + counters; with a sampler, also picks the next token (returned; else -1).
+  int64_t forward_locked(std::span<const int64_t> ids, core::LogitsMode mode,
+                         std::vector<float>& out, Sampler* sampler = nullptr);
+  /// Updates the runtime's memory counters; checkpoint bytes are recounted only when they changed.
+  void account_locked(bool saved_changed);
   std::shared_ptr<const Runtime> rt_;
   core::SequenceState state_;
   std::deque<Saved> saved_;

@@ -186,12 +186,6 @@ class Stream:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        try:
-            self._gen.close()
-        except Exception:
-            pass
-
 
 def run(seq: Any, feed: Sequence[int], prompt_ids: Sequence[int], opts: SamplingOptions, result: GenerationResult, *,
         tokenizer: Any = None, in_reasoning: bool = False, tools: Sequence[Mapping[str, Any]] | None = None,
@@ -287,7 +281,6 @@ def run(seq: Any, feed: Sequence[int], prompt_ids: Sequence[int], opts: Sampling
             tok = seq.step([prev], sampler)
             if on_fed:
                 on_fed([prev])
-            result.decode_seconds = time.perf_counter() - t1
         result.decode_seconds = time.perf_counter() - t1
         for c in finish():
             yield c

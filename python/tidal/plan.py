@@ -31,7 +31,7 @@ KV_BYTES_PER_VALUE = 2
 def _part(name: str) -> str:
     if name.startswith(("mtp.", "model.mtp.", "visual.", "model.visual.")):
         return "unused"
-    if ".mlp.experts." in name or name.endswith(".mlp.experts.gate_up_proj") or name.endswith(".mlp.experts.down_proj"):
+    if ".mlp.experts." in name:  # per-expert and fused (experts.gate_up_proj / experts.down_proj)
         return "routed_experts"
     if "shared_expert" in name:
         return "shared_experts"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import pathlib
 import sys
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from .plan import Plan, format_bytes, inspect, plan
 from .stats import Stats
 from .text import prompt_opens_reasoning
 from .tokenizer import Tokenizer, read_generation_config
+
+if TYPE_CHECKING:
+    from .session import Session
 
 __all__ = ["Runtime"]
 

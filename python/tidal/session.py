@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from .generation import ChatResult, GenerationResult
+from .text import prompt_opens_reasoning
 
 __all__ = ["Session"]
 
@@ -152,7 +153,6 @@ class Session:
         self.last_prompt = prompt
         ids = self.rt.encode(prompt)
         opts = self.rt._options(gen)
-        from .text import prompt_opens_reasoning
 
         def on_finish(r: GenerationResult) -> None:
             self.messages.append(r.message)  # type: ignore[attr-defined]
@@ -168,8 +168,6 @@ class Session:
         ids, text = self.rt._prompt_ids(prompt)
         _, gen = self._split(kw)
         opts = self.rt._options(gen)
-        from .text import prompt_opens_reasoning
-
         in_reasoning = prompt_opens_reasoning(text) if text is not None else False
         return self._run(ids, opts, GenerationResult(), stream=stream, in_reasoning=in_reasoning, tools=None)
 
