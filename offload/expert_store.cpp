@@ -1,30 +1,53 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file expert_store.cpp
-/// \brief Expert lookup for both layouts, and the CPU routed-expert forward (tokens grouped per
-/// expert).
+/// \brief Expert lookup for both checkpoint layouts, packing into one huge-page-backed host
+/// region, and the routed-expert forward through the fused MoE op.
 #include "offload/expert_store.h"
 
 #include <fmt/format.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 
 #include "core/error.h"
-#include "kernels/cpu/linear.h"
-#include "kernels/cpu/rms_norm.h"
 
 namespace tidal::offload {
+namespace kc = kernels::cpu;
+
+int64_t default_group_size(kc::ExpertDType dtype) {
+  switch (dtype) {
+    case kc::ExpertDType::kINT4:
+      return 32;
+    case kc::ExpertDType::kINT8:
+      return 128;
+    case kc::ExpertDType::kBF16:
+      return 0;
+  }
+  return 0;
+}
 
 ExpertStore::ExpertStore(const core::ModelConfig& cfg, const core::Checkpoint& ck)
-    : hidden_(cfg.hidden_size), owned_(std::make_shared<core::OwnedWeights>()) {
+    : hidden_(cfg.hidden_size),
+      inter_(cfg.moe_intermediate_size),
+      num_experts_(cfg.num_experts),
+      owned_(std::make_shared<core::OwnedWeights>()) {
   core::WeightLoader ld(ck, owned_);
   const int64_t E = cfg.num_experts, I = cfg.moe_intermediate_size, H = cfg.hidden_size;
   const std::string why =
       fmt::format("num_experts={}, moe_intermediate_size={}, hidden_size={}", E, I, H);
-  layers_.resize(static_cast<size_t>(cfg.num_hidden_layers));
+  sources_.resize(static_cast<size_t>(cfg.num_hidden_layers));
+  auto note_mapped = [&](const core::TensorInfo& t, int64_t l) {
+    source_bytes_ += t.nbytes;
+    if (t.dtype == kernels::DType::kBF16 || t.dtype == kernels::DType::kF32) {
+      mapped_.emplace_back(t.data, t.nbytes);
+      mapped_layer_.push_back(static_cast<size_t>(l));
+    }
+  };
   for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
     if (!cfg.layer_is_moe[l]) continue;
     const std::string pre = fmt::format("{}layers.{}.mlp.experts.", cfg.weight_prefix, l);
-    auto& experts = layers_[l];
+    auto& experts = sources_[l];
     experts.resize(static_cast<size_t>(E));
     // Fused layout: gate_up_proj [E, 2I, H] (rows [0, I) gate, [I, 2I) up) and down_proj [E, H, I];
     // the published names have no ".weight" suffix, but accept it.
@@ -36,56 +59,151 @@ ExpertStore::ExpertStore(const core::ModelConfig& cfg, const core::Checkpoint& c
     if (ck.find(gu)) {
       const auto& tgu = ld.require(gu, {E, 2 * I, H}, why + " (fused experts: [E, 2I, H])");
       const auto& tdn = ld.require(dn, {E, H, I}, why + " (fused experts: [E, H, I])");
+      note_mapped(tgu, l);
+      note_mapped(tdn, l);
       for (int64_t e = 0; e < E; ++e) {
-        experts[e].gate_proj = ld.rows_of(tgu, e * 2 * I, I, H);
-        experts[e].up_proj = ld.rows_of(tgu, e * 2 * I + I, I, H);
-        experts[e].down_proj = ld.rows_of(tdn, e * H, H, I);
+        experts[e].gate = ld.rows_of(tgu, e * 2 * I, I, H);
+        experts[e].up = ld.rows_of(tgu, e * 2 * I + I, I, H);
+        experts[e].down = ld.rows_of(tdn, e * H, H, I);
       }
     } else {
       for (int64_t e = 0; e < E; ++e) {
         const std::string p = fmt::format("{}{}.", pre, e);
-        experts[e].gate_proj = ld.matrix(p + "gate_proj.weight", I, H, why);
-        experts[e].up_proj = ld.matrix(p + "up_proj.weight", I, H, why);
-        experts[e].down_proj = ld.matrix(p + "down_proj.weight", H, I, why);
+        experts[e].gate = ld.matrix(p + "gate_proj.weight", I, H, why);
+        experts[e].up = ld.matrix(p + "up_proj.weight", I, H, why);
+        experts[e].down = ld.matrix(p + "down_proj.weight", H, I, why);
+        for (const char* m : {"gate_proj.weight", "up_proj.weight", "down_proj.weight"})
+          note_mapped(*ck.find(p + m), l);
       }
     }
   }
 }
 
+ExpertStore::~ExpertStore() {
+  if (region_ != nullptr) munmap(region_, region_bytes_);
+}
+
+uint64_t ExpertStore::packed_bytes(kc::ExpertDType dtype, int64_t group_size) const {
+  if (group_size == 0) group_size = default_group_size(dtype);
+  const auto gu = kc::make_layout(dtype, inter_, hidden_, group_size);
+  const auto dn = kc::make_layout(dtype, hidden_, inter_, group_size);
+  uint64_t layers = 0;
+  for (const auto& s : sources_) layers += s.empty() ? 0 : 1;
+  return layers * static_cast<uint64_t>(num_experts_) *
+         static_cast<uint64_t>(2 * gu.bytes() + dn.bytes());
+}
+
+void ExpertStore::pack(const ExpertStoreOptions& opts, kernels::Executor& ex,
+                       const std::function<void(uint64_t)>& progress) {
+  TIDAL_ASSERT(region_ == nullptr, "ExpertStore::pack called twice");
+  opts_ = opts;
+  if (opts_.group_size == 0) opts_.group_size = default_group_size(opts_.dtype);
+  gate_up_ = kc::make_layout(opts_.dtype, inter_, hidden_, opts_.group_size);
+  down_ = kc::make_layout(opts_.dtype, hidden_, inter_, opts_.group_size);
+  const auto per_expert = static_cast<size_t>(2 * gate_up_.bytes() + down_.bytes());
+  int64_t moe_layers = 0;
+  for (const auto& s : sources_) moe_layers += s.empty() ? 0 : 1;
+  region_bytes_ = std::max<size_t>(
+      1, static_cast<size_t>(moe_layers) * static_cast<size_t>(num_experts_) * per_expert);
+  // One anonymous region; transparent huge pages keep the TLB out of the way of streaming reads.
+  region_ =
+      mmap(nullptr, region_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (region_ == MAP_FAILED) {
+    region_ = nullptr;
+    throw OutOfMemory(fmt::format("cannot reserve {:.2f} GiB of host memory for the packed experts",
+                                  static_cast<double>(region_bytes_) / (1u << 30)));
+  }
+#ifdef MADV_HUGEPAGE
+  madvise(region_, region_bytes_, MADV_HUGEPAGE);
+#endif
+  auto* base = static_cast<uint8_t*>(region_);
+  packed_.assign(sources_.size(), {});
+  const uint64_t layer_source = moe_layers ? source_bytes_ / static_cast<uint64_t>(moe_layers) : 0;
+  uint64_t done = 0;
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  size_t offset = 0;
+  for (size_t l = 0; l < sources_.size(); ++l) {
+    const auto& src = sources_[l];
+    if (src.empty()) continue;
+    auto& dst = packed_[l];
+    dst.resize(src.size());
+    for (size_t e = 0; e < src.size(); ++e) {
+      dst[e].gate = base + offset;
+      dst[e].up = dst[e].gate + gate_up_.bytes();
+      dst[e].down = dst[e].up + gate_up_.bytes();
+      offset += per_expert;
+    }
+    // Work items: (expert, matrix, tile); first touch by the packing threads.
+    const int64_t tiles_gu = gate_up_.num_tiles, tiles_dn = down_.num_tiles;
+    const int64_t per = 2 * tiles_gu + tiles_dn;
+    ex.parallel_for(static_cast<int64_t>(src.size()) * per, 4, [&](int64_t w0, int64_t w1) {
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t e = w / per, r = w % per;
+        const Source& s = src[e];
+        const kc::PackedExpert& d = dst[e];
+        if (r < tiles_gu) {
+          kc::pack_weights(gate_up_, s.gate.data, s.gate.dtype, hidden_,
+                           const_cast<uint8_t*>(d.gate), r, r + 1);
+        } else if (r < 2 * tiles_gu) {
+          kc::pack_weights(gate_up_, s.up.data, s.up.dtype, hidden_, const_cast<uint8_t*>(d.up),
+                           r - tiles_gu, r - tiles_gu + 1);
+        } else {
+          kc::pack_weights(down_, s.down.data, s.down.dtype, inter_, const_cast<uint8_t*>(d.down),
+                           r - 2 * tiles_gu, r - 2 * tiles_gu + 1);
+        }
+      }
+    });
+    // The checkpoint pages of this layer were read once; drop them (they are file-backed and
+    // clean, so this only frees page cache and RSS). Interior pages only.
+    for (size_t i = 0; i < mapped_.size(); ++i) {
+      if (mapped_layer_[i] != l) continue;
+      const auto b = (reinterpret_cast<uintptr_t>(mapped_[i].first) + page - 1) & ~(page - 1);
+      const auto e =
+          (reinterpret_cast<uintptr_t>(mapped_[i].first) + mapped_[i].second) & ~(page - 1);
+      if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);
+    }
+    done += layer_source;
+    if (progress) progress(std::min(done, source_bytes_));
+  }
+  if (progress) progress(source_bytes_);
+  sources_.clear();
+  sources_.shrink_to_fit();
+  owned_.reset();  // converted F16 sources, if any
+}
+
 void ExpertStore::forward(int64_t layer, const float* src, int64_t num_tokens, const int32_t* ids,
                           const float* weights, int64_t top_k, float* dst, kernels::Executor& ex) {
-  namespace kc = kernels::cpu;
-  const auto& experts = layers_.at(layer);
+  TIDAL_ASSERT(region_ != nullptr, "experts used before ExpertStore::pack");
+  const auto& experts = packed_.at(static_cast<size_t>(layer));
   TIDAL_ASSERT(!experts.empty(), "layer {} has no routed experts", layer);
-  const int64_t H = hidden_;
-  // Group (token, weight) pairs per expert, then visit experts in ascending id: each token's expert
-  // outputs are then summed in ascending expert id, as transformers does.
-  std::vector<std::vector<std::pair<int64_t, float>>> routed(experts.size());
-  for (int64_t t = 0; t < num_tokens; ++t)
-    for (int64_t i = 0; i < top_k; ++i)
-      routed[ids[t * top_k + i]].emplace_back(t, weights[t * top_k + i]);
-  std::vector<float> x, g, u, y;
-  for (size_t e = 0; e < experts.size(); ++e) {
-    const auto& tok = routed[e];
-    if (tok.empty()) continue;
-    const auto& w = experts[e];
-    const int64_t m = static_cast<int64_t>(tok.size()), I = w.gate_proj.rows;
-    x.resize(static_cast<size_t>(m * H));
-    g.resize(static_cast<size_t>(m * I));
-    u.resize(g.size());
-    y.resize(x.size());
-    for (int64_t r = 0; r < m; ++r)
-      std::copy(src + tok[r].first * H, src + (tok[r].first + 1) * H, x.data() + r * H);
-    kc::linear(x.data(), m, w.gate_proj, g.data(), ex);
-    kc::linear(x.data(), m, w.up_proj, u.data(), ex);
-    for (size_t i = 0; i < g.size(); ++i) g[i] = kc::silu(g[i]) * u[i];
-    kc::linear(g.data(), m, w.down_proj, y.data(), ex);
-    for (int64_t r = 0; r < m; ++r) {
-      float* d = dst + tok[r].first * H;
-      const float s = tok[r].second;
-      for (int64_t i = 0; i < H; ++i) d[i] += s * y[r * H + i];
-    }
-  }
+  // One workspace per calling thread: sequences may run concurrently, and the op allocates only
+  // until its workspace has grown to the largest call.
+  thread_local kc::MoeExperts op(kernels::Isa::kRef);
+  op.set_isa(opts_.isa);
+  kc::MoeExpertsArgs a;
+  a.gate_up = &gate_up_;
+  a.down = &down_;
+  a.experts = experts.data();
+  a.num_experts = static_cast<int64_t>(experts.size());
+  a.src = src;
+  a.ld_src = hidden_;
+  a.m = num_tokens;
+  a.ids = ids;
+  a.weights = weights;
+  a.top_k = top_k;
+  a.dst = dst;
+  a.ld_dst = hidden_;
+  op.run(a, ex);
+  last_small_.store(op.used_small(), std::memory_order_relaxed);
+  last_large_.store(op.used_large(), std::memory_order_relaxed);
+}
+
+std::string ExpertStore::last_kernels() const {
+  const char* s = last_small_.load(std::memory_order_relaxed);
+  const char* l = last_large_.load(std::memory_order_relaxed);
+  std::string out = s ? s : "";
+  if (l) out += (out.empty() ? "" : "+") + std::string(l);
+  return out;
 }
 
 }  // namespace tidal::offload

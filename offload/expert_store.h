@@ -1,39 +1,81 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file expert_store.h
-/// \brief Host expert store: the routed experts of every MoE layer, in host memory, computed on the
-/// CPU. Accepts both checkpoint layouts (per-expert tensors and fused 3-D tensors, model-spec §4).
+/// \brief Host expert store: the routed experts of every MoE layer, packed at load into the CPU
+/// expert engine's format (BF16 / INT8 / INT4, kernels/cpu/expert_gemm.h) in host RAM, and
+/// computed there by the fused MoE op. Accepts both checkpoint layouts (per-expert tensors and
+/// fused 3-D tensors, model-spec §4).
 #pragma once
 
+#include <atomic>
+#include <cstdint>
+#include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "core/config/model_config.h"
 #include "core/model/routed_experts.h"
 #include "core/model/weight_loader.h"
+#include "kernels/common/cpu_features.h"
 #include "kernels/common/dtype.h"
+#include "kernels/cpu/moe_experts.h"
 
 namespace tidal::offload {
 
-/// The three matrices of one routed expert: gate, up `[I, H]`, down `[H, I]`.
-struct ExpertWeights {
-  kernels::WeightView gate_proj, up_proj, down_proj;
+/// How the experts are packed and run.
+struct ExpertStoreOptions {
+  kernels::cpu::ExpertDType dtype = kernels::cpu::ExpertDType::kBF16;
+  int64_t group_size = 0;  ///< 0: the dtype's default (int8: 128, int4: 32)
+  kernels::Isa isa = kernels::Isa::kRef;
 };
+
+/// Default quantisation group: INT4 uses 32 (4.5 bits per weight, like GGUF Q4_0), INT8 128
+/// (8.125 bits; int8's 255 levels leave little to gain from smaller groups).
+int64_t default_group_size(kernels::cpu::ExpertDType dtype);
 
 class ExpertStore final : public core::RoutedExperts {
  public:
-  /// Locates and checks every routed expert of `cfg` in `ck` (presence, dtype and shape).
+  /// Locates and checks every routed expert of `cfg` in `ck` (presence, dtype and shape). Nothing
+  /// is packed yet.
   ExpertStore(const core::ModelConfig& cfg, const core::Checkpoint& ck);
+  ~ExpertStore() override;
+  ExpertStore(const ExpertStore&) = delete;
+  ExpertStore& operator=(const ExpertStore&) = delete;
+
+  /// Bytes of the routed experts in the checkpoint, and once packed as `dtype` / `group_size`.
+  uint64_t source_bytes() const { return source_bytes_; }
+  uint64_t packed_bytes(kernels::cpu::ExpertDType dtype, int64_t group_size) const;
+
+  /// Packs every expert (layer by layer, tiles in parallel on `ex`), then lets the kernel drop the
+  /// checkpoint pages just read, so peak memory stays near the packed size. `progress` receives
+  /// the source bytes done so far.
+  void pack(const ExpertStoreOptions& opts, kernels::Executor& ex,
+            const std::function<void(uint64_t)>& progress);
 
   void forward(int64_t layer, const float* src, int64_t num_tokens, const int32_t* ids,
                const float* weights, int64_t top_k, float* dst, kernels::Executor& ex) override;
 
-  /// Expert `e` of layer `layer` (a MoE layer).
-  const ExpertWeights& expert(int64_t layer, int64_t e) const { return layers_.at(layer).at(e); }
+  const ExpertStoreOptions& options() const { return opts_; }
+  uint64_t resident_bytes() const { return region_bytes_; }
+  /// Tile kernels of the most recent forward call ("avx512_vnni_int4", "...+amx_int4").
+  std::string last_kernels() const;
 
  private:
-  int64_t hidden_ = 0;
+  struct Source {
+    kernels::WeightView gate, up, down;
+  };
+  int64_t hidden_ = 0, inter_ = 0, num_experts_ = 0;
+  uint64_t source_bytes_ = 0;
   std::shared_ptr<core::OwnedWeights> owned_;
-  std::vector<std::vector<ExpertWeights>> layers_;  // empty for dense layers
+  std::vector<std::vector<Source>> sources_;  // empty for dense layers; cleared after pack()
+  std::vector<std::pair<const std::byte*, size_t>> mapped_;  // checkpoint ranges per layer
+  std::vector<size_t> mapped_layer_;                         // layer of each range
+  ExpertStoreOptions opts_;
+  kernels::cpu::PackedLayout gate_up_, down_;
+  std::vector<std::vector<kernels::cpu::PackedExpert>> packed_;
+  void* region_ = nullptr;
+  size_t region_bytes_ = 0;
+  std::atomic<const char*> last_small_{nullptr}, last_large_{nullptr};
 };
 
 }  // namespace tidal::offload

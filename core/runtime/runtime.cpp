@@ -116,6 +116,17 @@ bool unused_tensor(const std::string& name) {
          name.rfind("visual.", 0) == 0 || name.rfind("model.visual.", 0) == 0;
 }
 
+/// Routed-expert tensors: packed by the expert store, not memory-mapped for compute.
+bool routed_expert_tensor(const std::string& name) {
+  return name.find(".mlp.experts.") != std::string::npos;
+}
+
+// Note [Expert dtype choice]
+// "auto" keeps the checkpoint's precision (bf16) when dense weights + packed experts fit in 90%
+// of MemAvailable (which counts reclaimable page cache, so the checkpoint's own cached pages do
+// not block it), else the most precise quantised format that fits. An explicit dtype that cannot
+// fit is an OutOfMemory error naming the sizes, raised before anything is packed.
+
 /// MemAvailable of /proc/meminfo in bytes (0 when unknown).
 uint64_t available_memory() {
   std::ifstream f("/proc/meminfo");
@@ -169,26 +180,72 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
   // Experts first: every tensor is checked before any compute, and the expert store owns the routed
   // experts.
   auto experts = std::make_shared<offload::ExpertStore>(cfg, *rt->checkpoint_);
-  rt->model_ = std::make_unique<core::Model>(cfg, *rt->checkpoint_, std::move(experts));
+  rt->experts_ = experts;
+  rt->model_ = std::make_unique<core::Model>(cfg, *rt->checkpoint_, experts);
   rt->executor_ =
       kernels::make_tbb_executor(opts.num_threads > 0 ? opts.num_threads : physical_core_count());
 
-  // Bring the weights into RAM (progress in bytes) unless they cannot fit.
+  offload::ExpertStoreOptions eopts;
+  try {
+    eopts.isa = kernels::resolve_isa(opts.cpu_isa);
+  } catch (const std::invalid_argument& e) {
+    throw InvalidArgument(e.what());
+  }
+  TIDAL_CHECK(opts.expert_group_size == 0 || opts.expert_group_size == 32 ||
+                  opts.expert_group_size == 64 || opts.expert_group_size == 128,
+              InvalidArgument, "expert_group_size must be 32, 64 or 128 (0: default), got {}",
+              opts.expert_group_size);
+  eopts.group_size = opts.expert_group_size;
+
+  // Dense tensors stay memory-mapped (read into RAM below); routed experts are packed.
   std::vector<const core::TensorInfo*> used;
   uint64_t used_bytes = 0, all_bytes = 0;
   for (const auto& name : rt->checkpoint_->names()) {
     const core::TensorInfo* t = rt->checkpoint_->find(name);
     all_bytes += t->nbytes;
-    if (unused_tensor(name)) continue;
+    if (unused_tensor(name) || routed_expert_tensor(name)) continue;
     used.push_back(t);
     used_bytes += t->nbytes;
   }
-  rt->stats_.weight_bytes = used_bytes;
-  rt->stats_.checkpoint_file_bytes = all_bytes;
   const uint64_t avail = available_memory();
+  // See Note [Expert dtype choice].
+  const double gib = 1 << 30;
+  auto need = [&](kernels::cpu::ExpertDType dt) {
+    return used_bytes + experts->packed_bytes(dt, eopts.group_size);
+  };
+  auto fits = [&](kernels::cpu::ExpertDType dt) { return avail == 0 || need(dt) < avail / 10 * 9; };
+  using kernels::cpu::ExpertDType;
+  if (opts.expert_dtype == "auto") {
+    if (fits(ExpertDType::kBF16))
+      eopts.dtype = ExpertDType::kBF16;
+    else if (fits(ExpertDType::kINT8))
+      eopts.dtype = ExpertDType::kINT8;
+    else if (fits(ExpertDType::kINT4))
+      eopts.dtype = ExpertDType::kINT4;
+    else
+      throw OutOfMemory(fmt::format(
+          "the model needs {:.1f} GiB of RAM even with int4 experts, but {:.1f} GiB is available",
+          static_cast<double>(need(ExpertDType::kINT4)) / gib, static_cast<double>(avail) / gib));
+  } else {
+    try {
+      eopts.dtype = kernels::cpu::parse_expert_dtype(opts.expert_dtype);
+    } catch (const std::invalid_argument&) {
+      throw InvalidArgument(fmt::format("expert_dtype must be auto, bf16, int8 or int4, got \"{}\"",
+                                        opts.expert_dtype));
+    }
+    TIDAL_CHECK(fits(eopts.dtype), OutOfMemory,
+                "{} experts need {:.1f} GiB of RAM (with the dense weights), but {:.1f} GiB is "
+                "available; use expert_dtype=\"int8\" or \"int4\" (or \"auto\")",
+                kernels::cpu::expert_dtype_name(eopts.dtype),
+                static_cast<double>(need(eopts.dtype)) / gib, static_cast<double>(avail) / gib);
+  }
+
+  // Bring the dense weights into RAM (progress in bytes) unless they cannot fit, then pack the
+  // experts, streaming the checkpoint layer by layer.
+  const uint64_t total = used_bytes + experts->source_bytes();
   const bool populate = opts.populate && (avail == 0 || used_bytes < avail / 10 * 9);
   uint64_t done = 0;
-  if (progress) progress(0, used_bytes);
+  if (progress) progress(0, total);
   if (populate) {
     constexpr size_t kChunk = size_t{64} << 20;
     for (const auto* t : used)
@@ -196,13 +253,36 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
         const size_t n = std::min(kChunk, t->nbytes - off);
         populate_range(t->data + off, n);
         done += n;
-        if (progress) progress(done, used_bytes);
+        if (progress) progress(done, total);
       }
   }
-  if (progress && done != used_bytes) progress(used_bytes, used_bytes);
+  done = used_bytes;
+  experts->pack(eopts, *rt->executor_, [&](uint64_t d) {
+    if (progress) progress(done + d, total);
+  });
+  if (progress) progress(total, total);
+  rt->stats_.expert_bytes = experts->resident_bytes();
+  rt->stats_.weight_bytes = used_bytes + experts->resident_bytes();
+  rt->stats_.checkpoint_file_bytes = all_bytes;
   rt->stats_.weights_populated = populate;
   rt->stats_.load_seconds = seconds_since(t_load);
   return rt;
+}
+
+std::map<std::string, std::string> Runtime::describe() const {
+  const auto& eo = experts_->options();
+  std::map<std::string, std::string> d;
+  d["device"] = opts_.device;
+  d["cpu"] = kernels::cpu_features().brand;
+  d["cpu_isa"] = std::string(kernels::isa_name(eo.isa));
+  d["cpu_isa_best"] = std::string(kernels::isa_name(kernels::cpu_features().best));
+  d["expert_dtype"] = std::string(kernels::cpu::expert_dtype_name(eo.dtype));
+  d["expert_group_size"] =
+      std::to_string(eo.dtype == kernels::cpu::ExpertDType::kBF16 ? 0 : eo.group_size);
+  d["expert_layout"] = std::string(kernels::cpu::kExpertLayoutName);
+  d["expert_kernels"] = experts_->last_kernels();
+  d["threads"] = std::to_string(executor_->num_threads());
+  return d;
 }
 
 RuntimeStats Runtime::stats() const {

@@ -8,6 +8,7 @@
 #include <deque>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -20,6 +21,10 @@
 #include "core/runtime/sampler.h"
 #include "kernels/common/executor.h"
 
+namespace tidal::offload {
+class ExpertStore;
+}  // namespace tidal::offload
+
 namespace tidal::runtime {
 
 /// Called during loading with bytes done and bytes total (from the loading thread).
@@ -31,6 +36,13 @@ struct RuntimeOptions {
   /// Read every weight page into RAM while loading (with progress) when the weights fit in the
   /// memory available, so the first tokens do not stall on disk reads. Off: pages load lazily.
   bool populate = true;
+  /// Routed-expert weight format: "auto" (bf16 when it fits in available RAM, else int8, else
+  /// int4), "bf16", "int8" or "int4".
+  std::string expert_dtype = "auto";
+  int64_t expert_group_size = 0;  ///< INT8/INT4 quantisation group: 32, 64, 128 (0: default)
+  /// Highest CPU ISA the expert kernels use: "auto" (the best this CPU has, capped by the
+  /// TIDAL_CPU_ISA environment variable), "scalar", "avx2", "avx512" or "amx".
+  std::string cpu_isa = "auto";
 };
 
 /// Counters of one runtime since load (or reset_stats); times in seconds, sizes in bytes.
@@ -44,7 +56,8 @@ struct RuntimeStats {
   int64_t live_sequences = 0;
   uint64_t state_bytes = 0;            ///< KV caches + DeltaNet states of live sequences
   uint64_t checkpoint_bytes = 0;       ///< saved DeltaNet states (Sequence::checkpoint)
-  uint64_t weight_bytes = 0;           ///< checkpoint tensors the model uses (memory-mapped)
+  uint64_t weight_bytes = 0;           ///< dense tensors (memory-mapped) + packed experts
+  uint64_t expert_bytes = 0;           ///< packed routed experts in host RAM
   uint64_t checkpoint_file_bytes = 0;  ///< every tensor of the checkpoint
   bool weights_populated = false;      ///< weights were read into RAM at load
   double load_seconds = 0;
@@ -139,6 +152,9 @@ class Runtime : public std::enable_shared_from_this<Runtime> {
   kernels::Executor& executor() const { return *executor_; }
 
   RuntimeStats stats() const;
+  /// What runs: device, cpu_isa, expert_dtype, expert_group_size, expert_kernels (the tile
+  /// kernels of the last forward), cpu (brand string), threads.
+  std::map<std::string, std::string> describe() const;
   /// Zeroes the token and time counters (memory figures stay).
   void reset_stats();
 
@@ -155,6 +171,7 @@ class Runtime : public std::enable_shared_from_this<Runtime> {
   std::unique_ptr<core::Checkpoint> checkpoint_;
   std::unique_ptr<core::Model> model_;
   std::unique_ptr<kernels::Executor> executor_;
+  std::shared_ptr<offload::ExpertStore> experts_;
 };
 
 /// Physical cores of this machine (hwloc), at least 1.

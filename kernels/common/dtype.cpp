@@ -4,6 +4,7 @@
 #include "kernels/common/dtype.h"
 
 #include <cmath>
+#include <cstring>
 
 namespace tidal::kernels {
 namespace {
@@ -51,6 +52,27 @@ float f16_to_f32(uint16_t bits) {
     v = std::ldexp(static_cast<float>(mant | 0x400), exp - 25);
   }
   return sign ? -v : v;
+}
+
+uint16_t f32_to_f16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);   // NaN
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to >= 65520: inf
+  if (a < 0x38800000u) {  // below the smallest normal half (2^-14): subnormal or zero
+    // value = a_float; subnormal half units are 2^-24; round to nearest even.
+    float af;
+    std::memcpy(&af, &a, sizeof af);
+    const float units = af * 16777216.0f;   // exact scaling by 2^24
+    const float r = std::nearbyint(units);  // default rounding mode: nearest even
+    return static_cast<uint16_t>(sign | static_cast<uint16_t>(r));
+  }
+  // Normal: rebias exponent (127 -> 15) and round the 23-bit mantissa to 10 bits.
+  uint32_t v = a - 0x38000000u;  // exponent - 112
+  v += 0xfffu + ((v >> 13) & 1u);
+  return static_cast<uint16_t>(sign | (v >> 13));
 }
 
 }  // namespace tidal::kernels

@@ -53,6 +53,8 @@ inline uint16_t f32_to_bf16(float f) {
 
 /// IEEE half bits -> float (exact, subnormals included).
 float f16_to_f32(uint16_t bits);
+/// float -> IEEE half bits, round to nearest even (overflow to inf, NaN stays NaN).
+uint16_t f32_to_f16(float f);
 
 /// A read-only 2-D weight matrix `[rows, cols]`, row-major, in kF32 or kBF16. Not owning.
 struct WeightView {

@@ -105,6 +105,7 @@ py::dict stats_dict(const runtime::RuntimeStats& s) {
   d["state_bytes"] = s.state_bytes;
   d["checkpoint_bytes"] = s.checkpoint_bytes;
   d["weight_bytes"] = s.weight_bytes;
+  d["expert_bytes"] = s.expert_bytes;
   d["checkpoint_file_bytes"] = s.checkpoint_file_bytes;
   d["weights_populated"] = s.weights_populated;
   d["load_seconds"] = s.load_seconds;
@@ -209,11 +210,15 @@ void bind_runtime(py::module_& m) {
       .def_static(
           "load",
           [](const std::filesystem::path& path, const std::string& device, int num_threads,
-             bool populate, const py::object& progress) {
+             bool populate, const std::string& expert_dtype, int64_t expert_group_size,
+             const std::string& cpu_isa, const py::object& progress) {
             runtime::RuntimeOptions o;
             o.device = device;
             o.num_threads = num_threads;
             o.populate = populate;
+            o.expert_dtype = expert_dtype;
+            o.expert_group_size = expert_group_size;
+            o.cpu_isa = cpu_isa;
             runtime::LoadProgress cb;
             if (!progress.is_none()) {
               cb = [progress](uint64_t done, uint64_t total) {
@@ -225,9 +230,12 @@ void bind_runtime(py::module_& m) {
             return Runtime::load(path, o, cb);
           },
           py::arg("path"), py::kw_only(), py::arg("device") = "cpu", py::arg("num_threads") = 0,
-          py::arg("populate") = true, py::arg("progress") = py::none(),
+          py::arg("populate") = true, py::arg("expert_dtype") = "auto",
+          py::arg("expert_group_size") = 0, py::arg("cpu_isa") = "auto",
+          py::arg("progress") = py::none(),
           "Load a checkpoint directory. progress(done_bytes, total_bytes) is called while the "
-          "weights are read into RAM.")
+          "dense weights are read into RAM and the routed experts are packed.")
+      .def("describe", &Runtime::describe, "What runs: ISA, expert format, kernels, threads.")
       .def(
           "stats", [](const Runtime& r) { return stats_dict(r.stats()); },
           "Counters since load or reset_stats() (tokens, seconds, bytes) as a dict.")

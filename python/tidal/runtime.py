@@ -92,20 +92,37 @@ class Runtime:
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str = "cpu", num_threads: int = 0, progress: bool = True,
-             populate: bool = True) -> "Runtime":
+    def load(cls, path: str | os.PathLike, *, device: str = "cpu", cpu_threads: int = 0, progress: bool = True,
+             populate: bool = True, expert_dtype: str = "auto", expert_group_size: int = 0,
+             cpu_isa: str = "auto", num_threads: int | None = None) -> "Runtime":
         """Load a Hugging Face checkpoint directory (config.json + safetensors, tokenizer files optional).
 
         Every tensor is checked before compute; bad input raises FileNotFoundError, tidal.FormatError,
-        NotImplementedError or ValueError naming the problem. `progress` shows a tqdm bar (bytes, ETA)
-        while the weights are read into RAM, then prints the placement plan to stderr. `populate=False`
-        maps the weights lazily instead (pages are read on first use).
+        NotImplementedError or ValueError naming the problem, MemoryError when the model cannot fit.
+        `progress` shows a tqdm bar (bytes, ETA) while the dense weights are read into RAM and the routed
+        experts are packed, then prints the placement plan to stderr. `populate=False` maps the dense
+        weights lazily instead (pages are read on first use).
+
+        Parameters
+        ----------
+        cpu_threads : int
+            CPU worker threads (0: one per physical core). `num_threads` is the same setting's old name.
+        expert_dtype : {"auto", "bf16", "int8", "int4"}
+            Format of the routed experts in RAM. "auto" keeps bf16 when it fits in the available memory,
+            else the most precise quantised format that fits. INT8/INT4 are symmetric with one fp16 scale
+            per `expert_group_size` (32, 64 or 128; 0 = 128 for int8, 32 for int4) input columns.
+        cpu_isa : {"auto", "scalar", "avx2", "avx512", "amx"}
+            Highest instruction set the CPU kernels use; "auto" takes the best this CPU has, capped by the
+            TIDAL_CPU_ISA environment variable.
         """
         p = pathlib.Path(os.fspath(path))
+        if num_threads is not None:
+            cpu_threads = num_threads
         update, close = _progress_bar(progress)
         try:
-            engine = _tidal.Runtime.load(p, device=device, num_threads=num_threads, populate=populate,
-                                         progress=update)
+            engine = _tidal.Runtime.load(p, device=device, num_threads=cpu_threads, populate=populate,
+                                         expert_dtype=expert_dtype, expert_group_size=expert_group_size,
+                                         cpu_isa=cpu_isa, progress=update)
         finally:
             if close:
                 close()
@@ -127,6 +144,11 @@ class Runtime:
     @property
     def num_threads(self) -> int:
         return self._engine.num_threads
+
+    def describe(self) -> dict[str, str]:
+        """What runs: device, CPU and the ISA its kernels use, the routed experts' format
+        (expert_dtype, expert_group_size, expert_layout) and the tile kernels of the last forward call."""
+        return dict(self._engine.describe())
 
     @property
     def device(self) -> str:

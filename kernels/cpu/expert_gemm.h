@@ -1,0 +1,135 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file expert_gemm.h
+/// \brief Packed routed-expert weights (BF16 / INT8 / INT4 with group-wise scales) and the tile
+/// micro-kernels that multiply them by a few token rows, one variant per CPU ISA.
+///
+/// See Note [Expert weight layout tidal_n16_v1] in expert_gemm_pack.cpp for the byte layout.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "kernels/common/cpu_features.h"
+#include "kernels/common/dtype.h"
+
+namespace tidal::kernels::cpu {
+
+/// Weight formats of routed experts.
+///  - kBF16: bfloat16, no scales.
+///  - kINT8: symmetric int8 in [-127, 127], one fp16 scale per (row, group of `group` columns).
+///  - kINT4: symmetric int4 in [-8, 7], one fp16 scale per (row, group).
+enum class ExpertDType : uint8_t { kBF16, kINT8, kINT4 };
+
+std::string_view expert_dtype_name(ExpertDType dt);  ///< "bf16", "int8", "int4"
+/// Parses "bf16" / "int8" / "int4"; throws std::invalid_argument naming the accepted values.
+ExpertDType parse_expert_dtype(std::string_view s);
+
+/// Output rows per tile: one zmm of fp32 results, one AMX B-tile width.
+constexpr int64_t kTileRows = 16;
+/// Columns are padded to this for BF16: one AMX BF16 B tile spans 16 pairs = 32 columns.
+constexpr int64_t kBf16ColAlign = 32;
+/// Group sizes a quantised format may use.
+constexpr int kGroupSizes[] = {32, 64, 128};
+/// Token rows one micro-kernel call handles (AMX: four 16-row C tiles).
+constexpr int64_t kMaxRowsPerCall = 64;
+/// Layout name and version, stored in packed caches.
+constexpr std::string_view kExpertLayoutName = "tidal_n16_v1";
+
+/// The layout of one packed matrix W `[n, k]` (n outputs, k inputs), tile-major.
+struct PackedLayout {
+  ExpertDType dtype = ExpertDType::kBF16;
+  int64_t n = 0, k = 0;
+  int64_t group = 0;        ///< quantisation group along k (k_pad for BF16)
+  int64_t k_pad = 0;        ///< k rounded up to the group (INT) or to kBf16ColAlign (BF16)
+  int64_t num_tiles = 0;    ///< ceil(n / kTileRows)
+  int64_t num_groups = 0;   ///< k_pad / group
+  int64_t group_bytes = 0;  ///< bytes of one group's weights within a tile
+  int64_t data_bytes = 0;   ///< weight bytes of one tile
+  int64_t tile_bytes = 0;   ///< data + fp16 scales, padded to 64 bytes
+  int64_t bytes() const { return num_tiles * tile_bytes; }
+};
+
+/// The layout of an `[n, k]` matrix in `dtype` with quantisation group `group` (ignored for BF16).
+/// Throws std::invalid_argument for a group size other than 32/64/128 or non-positive sizes.
+PackedLayout make_layout(ExpertDType dtype, int64_t n, int64_t k, int64_t group);
+
+/// Quantises and packs W `[n, k]` (row-major, row stride `ld` elements, BF16 or F32) into `dst`
+/// (`layout.bytes()` bytes, 64-byte aligned); tiles [tile0, tile1) only, so callers can split the
+/// work. Padding rows and columns are zero.
+void pack_weights(const PackedLayout& layout, const void* src, DType src_dtype, int64_t ld,
+                  uint8_t* dst, int64_t tile0, int64_t tile1);
+
+/// One decoded weight: its value, and for INT formats the integer and the scale.
+struct PackedValue {
+  float value = 0.f;
+  int32_t q = 0;
+  float scale = 1.f;
+};
+/// Decodes element (row, col) of a packed matrix (tests, reference kernels).
+PackedValue packed_value(const PackedLayout& layout, const uint8_t* packed, int64_t row,
+                         int64_t col);
+
+/// How a variant wants its activation rows prepared.
+///  - kF32: fp32, zero-padded to k_pad.
+///  - kBf16Split: x ≈ hi + lo, both bf16 (error ≲ 2⁻¹⁷|x|), zero-padded.
+///  - kBf16: bf16 (round to nearest even), zero-padded.
+///  - kInt8Groups: per group g: scale s_g = max|x|/127, q = round(x / s_g) in [-127, 127], and
+///    sum_g = Σ q (used to undo the unsigned weight offset).
+enum class ActKind : uint8_t { kF32, kBf16Split, kBf16, kInt8Groups };
+
+/// Prepared activation rows for one micro-kernel call (row i at base + i * ld).
+struct ActRows {
+  const float* f32 = nullptr;
+  const uint16_t* bf16 = nullptr;     ///< kBf16 and the hi part of kBf16Split
+  const uint16_t* bf16_lo = nullptr;  ///< kBf16Split
+  const int8_t* q = nullptr;          ///< kInt8Groups
+  const float* q_scale = nullptr;     ///< kInt8Groups, [num_groups] per row
+  const int32_t* q_sum = nullptr;     ///< kInt8Groups, [num_groups] per row
+  int64_t ld = 0;                     ///< elements between rows of f32/bf16/bf16_lo/q
+  int64_t ld_group = 0;               ///< elements between rows of q_scale/q_sum
+};
+
+/// Bytes of workspace one prepared row of `kind` needs for `layout` (see ActBuffer).
+struct ActBuffer {
+  /// Sizes the buffer for `rows` rows of `kind` prepared for `layout`; reuses capacity.
+  void reserve(ActKind kind, const PackedLayout& layout, int64_t rows);
+  /// Prepares row `row` from x[0, layout.k) (layout as passed to reserve).
+  void prepare(int64_t row, const float* x);
+  /// The rows [row0, ...) as kernel arguments.
+  ActRows rows(int64_t row0) const;
+
+  ActKind kind = ActKind::kF32;
+  int64_t k = 0, k_pad = 0, group = 0, num_groups = 0, ld = 0, ld_group = 0, num_rows = 0;
+  std::vector<float> f32;
+  std::vector<uint16_t> bf16, bf16_lo;
+  std::vector<int8_t> q;
+  std::vector<float> q_scale;
+  std::vector<int32_t> q_sum;
+};
+
+/// dst[i * 16 + r] = Σ_c W[tile * 16 + r][c] · act_i[c] for i < m ≤ kMaxRowsPerCall, r < 16,
+/// computed from one packed tile. Rows of a padded tile beyond n give 0. For kBf16 activations
+/// `act` must have readable (zero) rows up to the next multiple of 16 above m.
+using TileKernelFn = void (*)(const PackedLayout& layout, const uint8_t* tile, const ActRows& act,
+                              int64_t m, float* dst);
+
+/// One micro-kernel variant.
+struct ExpertGemmVariant {
+  const char* name;  ///< e.g. "avx512_vnni_int8"
+  Isa isa;           ///< lowest ISA it needs
+  ExpertDType dtype;
+  ActKind act;
+  int64_t min_rows;  ///< it declines calls with fewer token rows (AMX is for prefill)
+  TileKernelFn run;
+};
+
+/// Every variant built into this binary, best first, reference variants last.
+const std::vector<ExpertGemmVariant>& expert_gemm_variants();
+
+/// The best variant for `dtype` at `max_isa` that accepts `rows` token rows (never null: the
+/// reference accepts everything).
+const ExpertGemmVariant& select_expert_gemm(ExpertDType dtype, Isa max_isa, int64_t rows);
+
+}  // namespace tidal::kernels::cpu

@@ -1,0 +1,169 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file expert_gemm_avx512.cpp
+/// \brief AVX-512 tile kernels for decode-sized token counts: `vpdpbusd` (VNNI) on INT8/INT4
+/// weights with per-group int8 activations; BF16 weights widened to fp32 against fp32
+/// activations. Compiled with AVX-512 F/BW/VL/DQ/VNNI/BF16 only.
+///
+/// Note [Why not vdpbf16ps at decode]
+/// Decode (M = 1..16) is bound by reading the weights, not by arithmetic, so BF16 weights gain
+/// nothing from `vdpbf16ps` there, and it would need bf16 activations. We tried keeping fp32
+/// accuracy by splitting x into bf16 hi + lo (two `vdpbf16ps`): on the development machine's
+/// AMD EPYC (Zen 4) the 8-layer qwen3_next golden logits then moved 1.1e-3 from the scalar path,
+/// against 5e-5 for fp32 FMAs, and chunked-vs-one-shot prefill broke its 5e-4 bound. bf16 dot
+/// products belong to the prefill path (AMX `tdpbf16ps`), where bf16 activations are the norm.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "kernels/cpu/expert_gemm_ref.h"
+
+namespace tidal::kernels::cpu::avx512 {
+namespace {
+
+// Token rows per register block: MC int32 + MC fp32 accumulators stay in zmm registers.
+constexpr int64_t kRowBlock = 4;
+
+inline int32_t load_i32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <int MC, bool kInt4>
+void int_block(const PackedLayout& l, const uint8_t* tile, const ActRows& a, float* dst) {
+  __m512 accf[MC];
+  for (int i = 0; i < MC; ++i) accf[i] = _mm512_setzero_ps();
+  const auto* scales = reinterpret_cast<const uint16_t*>(tile + l.data_bytes);
+  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  constexpr int32_t kOffset = kInt4 ? 8 : 128;
+  const int64_t G = l.group;
+  for (int64_t g = 0; g < l.num_groups; ++g) {
+    const uint8_t* gb = tile + g * l.group_bytes;
+    __m512i acc[MC];
+    const int8_t* xq[MC];
+    for (int i = 0; i < MC; ++i) {
+      acc[i] = _mm512_setzero_si512();
+      xq[i] = a.q + i * a.ld + g * G;
+    }
+    if constexpr (kInt4) {
+      for (int64_t j = 0; j < G / 8; ++j) {
+        const __m512i raw = _mm512_loadu_si512(gb + 64 * j);
+        const __m512i lo = _mm512_and_si512(raw, nibble);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
+        for (int i = 0; i < MC; ++i) {
+          acc[i] = _mm512_dpbusd_epi32(acc[i], lo, _mm512_set1_epi32(load_i32(xq[i] + 8 * j)));
+          acc[i] = _mm512_dpbusd_epi32(acc[i], hi, _mm512_set1_epi32(load_i32(xq[i] + 8 * j + 4)));
+        }
+      }
+    } else {
+      for (int64_t j = 0; j < G / 4; ++j) {
+        const __m512i w = _mm512_loadu_si512(gb + 64 * j);
+        for (int i = 0; i < MC; ++i)
+          acc[i] = _mm512_dpbusd_epi32(acc[i], w, _mm512_set1_epi32(load_i32(xq[i] + 4 * j)));
+      }
+    }
+    const __m512 ws = _mm512_cvtph_ps(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + g * kTileRows)));
+    for (int i = 0; i < MC; ++i) {
+      const int64_t gi = i * a.ld_group + g;
+      // Undo the unsigned weight offset: Σ (q_w + off) q_x - off Σ q_x, exact in int32.
+      const __m512i corr = _mm512_set1_epi32(kOffset * a.q_sum[gi]);
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i], corr));
+      accf[i] = _mm512_fmadd_ps(v, _mm512_mul_ps(ws, _mm512_set1_ps(a.q_scale[gi])), accf[i]);
+    }
+  }
+  for (int i = 0; i < MC; ++i) _mm512_storeu_ps(dst + i * kTileRows, accf[i]);
+}
+
+// BF16 weights against fp32 activations: each 32-bit lane holds (W[r][2p], W[r][2p+1]); widening a
+// bf16 to fp32 is a shift (low half) or a mask (high half), so the products and sums are plain
+// fp32 FMAs, as accurate as the scalar path. See Note [Why not vdpbf16ps at decode].
+template <int MC>
+void bf16_block(const PackedLayout& l, const uint8_t* tile, const ActRows& a, float* dst) {
+  __m512 acc[MC];
+  for (int i = 0; i < MC; ++i) acc[i] = _mm512_setzero_ps();
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  const int64_t pairs = l.k_pad / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512i v = _mm512_loadu_si512(tile + 64 * p);
+    const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    const __m512 w1 = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+    for (int i = 0; i < MC; ++i) {
+      const float* x = a.f32 + i * a.ld + 2 * p;
+      acc[i] = _mm512_fmadd_ps(w0, _mm512_set1_ps(x[0]), acc[i]);
+      acc[i] = _mm512_fmadd_ps(w1, _mm512_set1_ps(x[1]), acc[i]);
+    }
+  }
+  for (int i = 0; i < MC; ++i) _mm512_storeu_ps(dst + i * kTileRows, acc[i]);
+}
+
+ActRows offset_rows(const ActRows& a, int64_t i0) {
+  ActRows r = a;
+  if (r.q) r.q += i0 * a.ld;
+  if (r.q_scale) r.q_scale += i0 * a.ld_group;
+  if (r.q_sum) r.q_sum += i0 * a.ld_group;
+  if (r.bf16) r.bf16 += i0 * a.ld;
+  if (r.bf16_lo) r.bf16_lo += i0 * a.ld;
+  if (r.f32) r.f32 += i0 * a.ld;
+  return r;
+}
+
+template <template <int> class Block>
+void run_blocks(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m,
+                float* dst) {
+  for (int64_t i0 = 0; i0 < m; i0 += kRowBlock) {
+    const ActRows ai = offset_rows(a, i0);
+    float* d = dst + i0 * kTileRows;
+    switch (std::min<int64_t>(kRowBlock, m - i0)) {
+      case 4:
+        Block<4>::run(l, tile, ai, d);
+        break;
+      case 3:
+        Block<3>::run(l, tile, ai, d);
+        break;
+      case 2:
+        Block<2>::run(l, tile, ai, d);
+        break;
+      default:
+        Block<1>::run(l, tile, ai, d);
+        break;
+    }
+  }
+}
+
+template <int MC>
+struct Int8Block {
+  static void run(const PackedLayout& l, const uint8_t* t, const ActRows& a, float* d) {
+    int_block<MC, false>(l, t, a, d);
+  }
+};
+template <int MC>
+struct Int4Block {
+  static void run(const PackedLayout& l, const uint8_t* t, const ActRows& a, float* d) {
+    int_block<MC, true>(l, t, a, d);
+  }
+};
+template <int MC>
+struct Bf16Block {
+  static void run(const PackedLayout& l, const uint8_t* t, const ActRows& a, float* d) {
+    bf16_block<MC>(l, t, a, d);
+  }
+};
+
+}  // namespace
+
+void tile_bf16(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m,
+               float* dst) {
+  run_blocks<Bf16Block>(l, tile, a, m, dst);
+}
+void tile_int8(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m,
+               float* dst) {
+  run_blocks<Int8Block>(l, tile, a, m, dst);
+}
+void tile_int4(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m,
+               float* dst) {
+  run_blocks<Int4Block>(l, tile, a, m, dst);
+}
+
+}  // namespace tidal::kernels::cpu::avx512

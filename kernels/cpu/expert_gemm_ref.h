@@ -1,0 +1,41 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file expert_gemm_ref.h
+/// \brief Scalar reference tile kernels of expert_gemm.h, and the declarations of the ISA variants
+/// (each defined in its own file, compiled with that ISA's flags only).
+#pragma once
+
+#include "kernels/cpu/expert_gemm.h"
+
+namespace tidal::kernels::cpu {
+namespace ref {
+/// BF16 weights, fp32 activations (kF32): Σ w·x in fp64.
+void tile_f32(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
+/// INT8/INT4 weights, kInt8Groups activations: Σ_g s_w s_x Σ_{c∈g} q_w q_x (exact integer sums).
+void tile_int8_groups(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m,
+                      float* dst);
+/// Any format, kBf16 activations: Σ bf16(w)·x in fp64, where INT weights are first dequantised
+/// and rounded to bf16 (what the AMX variants compute).
+void tile_bf16_act(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m,
+                   float* dst);
+}  // namespace ref
+
+namespace avx2 {
+void tile_bf16(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
+void tile_int8(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
+void tile_int4(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
+}  // namespace avx2
+
+namespace avx512 {
+void tile_bf16(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
+void tile_int8(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
+void tile_int4(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
+}  // namespace avx512
+
+namespace amx {
+/// Any format with kBf16 activations; INT formats are dequantised to bf16 tile by tile.
+void tile_bf16(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
+void tile_int8(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
+void tile_int4(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
+}  // namespace amx
+
+}  // namespace tidal::kernels::cpu

@@ -1,0 +1,47 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file expert_gemm_registry.cpp
+/// \brief The ordered list of expert tile-kernel variants (best first, reference last) and the
+/// selection walk over it.
+#include <stdexcept>
+
+#include "kernels/cpu/expert_gemm_ref.h"
+
+namespace tidal::kernels::cpu {
+namespace {
+
+// AMX computes whole 16-token tiles and dequantises INT weights per 32-column chunk; below this
+// many token rows per expert the AVX-512 kernels, which stream the tile once per 4 tokens, win
+// (measured on the GPU machine's Xeon, docs/performance.md).
+constexpr int64_t kAmxMinRows = 8;
+
+}  // namespace
+
+const std::vector<ExpertGemmVariant>& expert_gemm_variants() {
+  using enum ExpertDType;
+  static const std::vector<ExpertGemmVariant> v = {
+      {"amx_bf16", Isa::kAmx, kBF16, ActKind::kBf16, kAmxMinRows, amx::tile_bf16},
+      {"amx_int8", Isa::kAmx, kINT8, ActKind::kBf16, kAmxMinRows, amx::tile_int8},
+      {"amx_int4", Isa::kAmx, kINT4, ActKind::kBf16, kAmxMinRows, amx::tile_int4},
+      {"avx512_bf16", Isa::kAvx512, kBF16, ActKind::kF32, 1, avx512::tile_bf16},
+      {"avx512_vnni_int8", Isa::kAvx512, kINT8, ActKind::kInt8Groups, 1, avx512::tile_int8},
+      {"avx512_vnni_int4", Isa::kAvx512, kINT4, ActKind::kInt8Groups, 1, avx512::tile_int4},
+      {"avx2_bf16", Isa::kAvx2, kBF16, ActKind::kF32, 1, avx2::tile_bf16},
+      {"avx2_int8", Isa::kAvx2, kINT8, ActKind::kInt8Groups, 1, avx2::tile_int8},
+      {"avx2_int4", Isa::kAvx2, kINT4, ActKind::kInt8Groups, 1, avx2::tile_int4},
+      {"ref_bf16", Isa::kRef, kBF16, ActKind::kF32, 1, ref::tile_f32},
+      {"ref_int8", Isa::kRef, kINT8, ActKind::kInt8Groups, 1, ref::tile_int8_groups},
+      {"ref_int4", Isa::kRef, kINT4, ActKind::kInt8Groups, 1, ref::tile_int8_groups},
+  };
+  return v;
+}
+
+const ExpertGemmVariant& select_expert_gemm(ExpertDType dtype, Isa max_isa, int64_t rows) {
+  for (const auto& v : expert_gemm_variants()) {
+    if (v.dtype != dtype || static_cast<int>(v.isa) > static_cast<int>(max_isa)) continue;
+    if (rows < v.min_rows) continue;
+    return v;
+  }
+  throw std::logic_error("no expert_gemm variant for this dtype");  // unreachable: ref accepts all
+}
+
+}  // namespace tidal::kernels::cpu

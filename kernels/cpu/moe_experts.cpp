@@ -1,0 +1,210 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file moe_experts.cpp
+/// \brief The fused MoE expert op: tokens grouped per expert, activations prepared once per
+/// (token, expert) slot, then two parallel phases over (expert, row tile) work items.
+///
+/// Note [Two-phase expert schedule]
+/// Phase 1 splits every active expert's gate/up matrices into 16-row tiles: one work item is one
+/// (expert, tile), so at decode (1 token, 8-10 experts, I = 512) there are 256-320 items for the
+/// threads to share, and each item streams 2 contiguous tiles once for all the expert's tokens.
+/// Phase 2 splits the hidden dimension into 16-row tiles of down_proj; one item loops over the
+/// active experts in ascending id and adds w · y into its 16 columns of dst, so no two items
+/// write the same output and the sum order per token is fixed (deterministic for any thread
+/// count). Between the phases silu(g)·u is prepared as the down projection's activations.
+#include "kernels/cpu/moe_experts.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "kernels/cpu/expert_gemm_ref.h"
+#include "kernels/cpu/rms_norm.h"
+
+namespace tidal::kernels::cpu {
+namespace {
+
+// Slots prepared per parallel task: a few µs of work each.
+constexpr int64_t kSlotsPerTask = 8;
+
+}  // namespace
+
+std::string MoeExperts::last_variants() const {
+  std::string s = used_small_ ? used_small_ : "";
+  if (used_large_) s += (s.empty() ? "" : "+") + std::string(used_large_);
+  return s;
+}
+
+void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
+  const int64_t E = a.num_experts, M = a.m, K = a.top_k;
+  const PackedLayout& lgu = *a.gate_up;
+  const PackedLayout& ldn = *a.down;
+  const int64_t H = ldn.n, I = lgu.n;
+  used_small_ = used_large_ = nullptr;
+  if (M <= 0 || K <= 0) return;
+
+  // Group (token, weight) slots per expert, experts ascending, tokens ascending within one.
+  count_.assign(static_cast<size_t>(E), 0);
+  for (int64_t s = 0; s < M * K; ++s) {
+    const int32_t e = a.ids[s];
+    if (e < 0 || e >= E)
+      throw std::invalid_argument("moe_experts: expert id " + std::to_string(e) + " of token " +
+                                  std::to_string(s / K) + " is outside [0, " + std::to_string(E) +
+                                  ")");
+    ++count_[static_cast<size_t>(e)];
+  }
+  offset_.resize(static_cast<size_t>(E + 1));
+  offset_[0] = 0;
+  active_.clear();
+  for (int64_t e = 0; e < E; ++e) {
+    offset_[e + 1] = offset_[e] + count_[e];
+    if (count_[e] > 0) active_.push_back(e);
+  }
+  const int64_t S = M * K;
+  slot_token_.resize(static_cast<size_t>(S));
+  slot_weight_.resize(static_cast<size_t>(S));
+  slot_row_.resize(static_cast<size_t>(S));
+  fill_.assign(offset_.begin(), offset_.end() - 1);
+  for (int64_t t = 0; t < M; ++t)
+    for (int64_t i = 0; i < K; ++i) {
+      const int64_t s = fill_[a.ids[t * K + i]]++;
+      slot_token_[s] = t;
+      slot_weight_[s] = a.weights[t * K + i];
+    }
+
+  // Kernel per expert: the large-m variant (AMX) where it accepts the expert's token count.
+  const ExpertDType dt = lgu.dtype;
+  const ExpertGemmVariant& small = select_expert_gemm(dt, isa_, 1);
+  const ExpertGemmVariant& large = select_expert_gemm(dt, isa_, kMaxRowsPerCall);
+  const int64_t num_active = static_cast<int64_t>(active_.size());
+  large_.resize(static_cast<size_t>(num_active));
+  row0_.resize(static_cast<size_t>(num_active));
+  int64_t rows_small = 0, rows_large = 0;
+  for (int64_t j = 0; j < num_active; ++j) {
+    const int64_t e = active_[j], c = count_[e];
+    const bool big = &large != &small && c >= large.min_rows;
+    large_[j] = big;
+    int64_t& rows = big ? rows_large : rows_small;
+    row0_[j] = rows;
+    for (int64_t s = offset_[e]; s < offset_[e + 1]; ++s) slot_row_[s] = rows + (s - offset_[e]);
+    rows += c;
+    (big ? used_large_ : used_small_) = big ? large.name : small.name;
+  }
+  auto slot_is_large = [&](int64_t s) {
+    // Experts are few; find the expert of slot s by binary search over active offsets.
+    const int64_t j = std::upper_bound(active_.begin(), active_.end(), s,
+                                       [&](int64_t v, int64_t e) { return v < offset_[e + 1]; }) -
+                      active_.begin();
+    return large_[j] != 0;
+  };
+
+  // Phase 1 activations.
+  act_small_.reserve(small.act, lgu, rows_small);
+  if (rows_large > 0) act_large_.reserve(large.act, lgu, rows_large);
+  ex.parallel_for((S + kSlotsPerTask - 1) / kSlotsPerTask, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t s = b0 * kSlotsPerTask; s < std::min(S, b1 * kSlotsPerTask); ++s)
+      (slot_is_large(s) ? act_large_ : act_small_)
+          .prepare(slot_row_[s], a.src + slot_token_[s] * a.ld_src);
+  });
+
+  // Phase 1: h = silu(gate x) * up x per (expert, 16-row tile of I). See Note [Two-phase expert
+  // schedule].
+  hidden_.resize(static_cast<size_t>(S * I));
+  const int64_t tiles_i = lgu.num_tiles;
+  ex.parallel_for(num_active * tiles_i, 1, [&](int64_t w0, int64_t w1) {
+    alignas(64) float g[kMaxRowsPerCall * kTileRows], u[kMaxRowsPerCall * kTileRows];
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t j = w / tiles_i, tile = w % tiles_i, e = active_[j];
+      const bool big = large_[j];
+      const ExpertGemmVariant& v = big ? large : small;
+      const ActBuffer& buf = big ? act_large_ : act_small_;
+      const uint8_t* gt = a.experts[e].gate + tile * lgu.tile_bytes;
+      const uint8_t* ut = a.experts[e].up + tile * lgu.tile_bytes;
+      const int64_t col0 = tile * kTileRows, ncol = std::min(kTileRows, I - col0);
+      for (int64_t c0 = 0; c0 < count_[e]; c0 += kMaxRowsPerCall) {
+        const int64_t mc = std::min(kMaxRowsPerCall, count_[e] - c0);
+        const ActRows rows = buf.rows(row0_[j] + c0);
+        v.run(lgu, gt, rows, mc, g);
+        v.run(lgu, ut, rows, mc, u);
+        for (int64_t i = 0; i < mc; ++i) {
+          float* h = hidden_.data() + (offset_[e] + c0 + i) * I + col0;
+          for (int64_t r = 0; r < ncol; ++r)
+            h[r] = silu(g[i * kTileRows + r]) * u[i * kTileRows + r];
+        }
+      }
+    }
+  });
+
+  // Phase 2 activations.
+  hid_small_.reserve(small.act, ldn, rows_small);
+  if (rows_large > 0) hid_large_.reserve(large.act, ldn, rows_large);
+  ex.parallel_for((S + kSlotsPerTask - 1) / kSlotsPerTask, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t s = b0 * kSlotsPerTask; s < std::min(S, b1 * kSlotsPerTask); ++s)
+      (slot_is_large(s) ? hid_large_ : hid_small_).prepare(slot_row_[s], hidden_.data() + s * I);
+  });
+
+  // Phase 2: dst[t] += w · down h per 16-row tile of H, experts ascending.
+  ex.parallel_for(ldn.num_tiles, 1, [&](int64_t t0, int64_t t1) {
+    alignas(64) float y[kMaxRowsPerCall * kTileRows];
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const int64_t col0 = tile * kTileRows, ncol = std::min(kTileRows, H - col0);
+      for (int64_t j = 0; j < num_active; ++j) {
+        const int64_t e = active_[j];
+        const bool big = large_[j];
+        const ExpertGemmVariant& v = big ? large : small;
+        const ActBuffer& buf = big ? hid_large_ : hid_small_;
+        const uint8_t* dt_ = a.experts[e].down + tile * ldn.tile_bytes;
+        for (int64_t c0 = 0; c0 < count_[e]; c0 += kMaxRowsPerCall) {
+          const int64_t mc = std::min(kMaxRowsPerCall, count_[e] - c0);
+          v.run(ldn, dt_, buf.rows(row0_[j] + c0), mc, y);
+          for (int64_t i = 0; i < mc; ++i) {
+            const int64_t s = offset_[e] + c0 + i;
+            float* d = a.dst + slot_token_[s] * a.ld_dst + col0;
+            const float wgt = slot_weight_[s];
+            for (int64_t r = 0; r < ncol; ++r) d[r] += wgt * y[i * kTileRows + r];
+          }
+        }
+      }
+    }
+  });
+}
+
+void moe_experts_ref(const MoeExpertsArgs& a, bool act_bf16) {
+  const PackedLayout& lgu = *a.gate_up;
+  const PackedLayout& ldn = *a.down;
+  const int64_t H = ldn.n, I = lgu.n, K = a.top_k;
+  const ExpertDType dt = lgu.dtype;
+  const ActKind kind = act_bf16                   ? ActKind::kBf16
+                       : dt == ExpertDType::kBF16 ? ActKind::kF32
+                                                  : ActKind::kInt8Groups;
+  const TileKernelFn fn = act_bf16                   ? ref::tile_bf16_act
+                          : dt == ExpertDType::kBF16 ? ref::tile_f32
+                                                     : ref::tile_int8_groups;
+  ActBuffer x, h;
+  x.reserve(kind, lgu, 1);
+  h.reserve(kind, ldn, 1);
+  std::vector<float> g(static_cast<size_t>(lgu.num_tiles * kTileRows)), u(g.size()),
+      hid(static_cast<size_t>(I)), y(static_cast<size_t>(ldn.num_tiles * kTileRows));
+  std::vector<std::pair<int32_t, float>> routed(static_cast<size_t>(K));
+  for (int64_t t = 0; t < a.m; ++t) {
+    for (int64_t i = 0; i < K; ++i) routed[i] = {a.ids[t * K + i], a.weights[t * K + i]};
+    std::sort(routed.begin(), routed.end(),
+              [](const auto& p, const auto& q) { return p.first < q.first; });
+    x.prepare(0, a.src + t * a.ld_src);
+    for (const auto& [e, w] : routed) {
+      if (e < 0 || e >= a.num_experts)
+        throw std::invalid_argument("moe_experts_ref: expert id out of range");
+      for (int64_t tile = 0; tile < lgu.num_tiles; ++tile) {
+        fn(lgu, a.experts[e].gate + tile * lgu.tile_bytes, x.rows(0), 1, g.data() + tile * 16);
+        fn(lgu, a.experts[e].up + tile * lgu.tile_bytes, x.rows(0), 1, u.data() + tile * 16);
+      }
+      for (int64_t c = 0; c < I; ++c) hid[c] = silu(g[c]) * u[c];
+      h.prepare(0, hid.data());
+      for (int64_t tile = 0; tile < ldn.num_tiles; ++tile)
+        fn(ldn, a.experts[e].down + tile * ldn.tile_bytes, h.rows(0), 1, y.data() + tile * 16);
+      float* d = a.dst + t * a.ld_dst;
+      for (int64_t c = 0; c < H; ++c) d[c] += w * y[c];
+    }
+  }
+}
+
+}  // namespace tidal::kernels::cpu

@@ -1,0 +1,73 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file moe_experts.h
+/// \brief The fused routed-expert op of one MoE layer on the CPU:
+/// dst[t] += Σ_i w[t,i] · down_e( silu(gate_e x_t) ⊙ up_e x_t ), e = ids[t,i], over packed
+/// experts, all experts of the layer as one parallel job.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernels/common/executor.h"
+#include "kernels/cpu/expert_gemm.h"
+
+namespace tidal::kernels::cpu {
+
+/// The packed matrices of one expert: gate and up `[I, H]` (layout `gate_up`), down `[H, I]`.
+struct PackedExpert {
+  const uint8_t* gate = nullptr;
+  const uint8_t* up = nullptr;
+  const uint8_t* down = nullptr;
+};
+
+struct MoeExpertsArgs {
+  const PackedLayout* gate_up = nullptr;  ///< layout of gate/up: n = I, k = H
+  const PackedLayout* down = nullptr;     ///< layout of down: n = H, k = I
+  const PackedExpert* experts = nullptr;  ///< [num_experts]
+  int64_t num_experts = 0;
+  const float* src = nullptr;  ///< (m, H), row stride ld_src
+  int64_t ld_src = 0;
+  int64_t m = 0;                   ///< tokens
+  const int32_t* ids = nullptr;    ///< (m, top_k) expert ids in [0, num_experts)
+  const float* weights = nullptr;  ///< (m, top_k) router weights
+  int64_t top_k = 0;
+  float* dst = nullptr;  ///< (m, H), row stride ld_dst; accumulated into
+  int64_t ld_dst = 0;
+};
+
+/// The op with its workspace (reused across calls: after the largest call nothing is allocated).
+/// Not thread-safe: one instance per concurrent caller.
+class MoeExperts {
+ public:
+  /// `isa`: highest ISA its kernels may use (resolve_isa()).
+  explicit MoeExperts(Isa isa) : isa_(isa) {}
+
+  /// Runs the op. Each token's expert outputs are added in ascending expert id, so results do
+  /// not depend on the thread count. Throws std::invalid_argument for an expert id out of range.
+  void run(const MoeExpertsArgs& args, Executor& ex);
+
+  Isa isa() const { return isa_; }
+  void set_isa(Isa isa) { isa_ = isa; }
+  /// Names of the tile kernels the last run used (e.g. "avx512_vnni_int4+amx_int4").
+  std::string last_variants() const;
+  /// The variants of the last run as static strings (null where unused); no allocation.
+  const char* used_small() const { return used_small_; }
+  const char* used_large() const { return used_large_; }
+
+ private:
+  Isa isa_;
+  const char* used_small_ = nullptr;
+  const char* used_large_ = nullptr;
+  // Workspace.
+  std::vector<int64_t> count_, offset_, fill_, active_, row0_, slot_token_, slot_row_;
+  std::vector<float> slot_weight_, hidden_;
+  std::vector<uint8_t> large_;  // per active expert: 1 if it runs the large-m variant
+  ActBuffer act_small_, act_large_, hid_small_, hid_large_;
+};
+
+/// Scalar reference of the op: token by token, experts in ascending id, reference tile kernels
+/// with the activations prepared as `act_bf16 ? kBf16 : (BF16 weights ? kF32 : kInt8Groups)`.
+void moe_experts_ref(const MoeExpertsArgs& args, bool act_bf16 = false);
+
+}  // namespace tidal::kernels::cpu

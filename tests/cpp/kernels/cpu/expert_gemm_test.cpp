@@ -1,0 +1,377 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file expert_gemm_test.cpp
+/// \brief Expert weight formats (fp16 scales, quantisation, layout), activation preparation, every
+/// tile-kernel variant this CPU runs against the scalar reference, and the fused MoE op against
+/// its reference, across odd shapes.
+#include "kernels/cpu/expert_gemm.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "kernels/common/cpu_features.h"
+#include "kernels/cpu/expert_gemm_ref.h"
+#include "kernels/cpu/moe_experts.h"
+#include "tolerances.h"
+
+namespace tidal::kernels::cpu {
+namespace {
+
+using test::random_vec;
+
+// Packed buffers must be 64-byte aligned.
+struct Packed {
+  PackedLayout layout;
+  std::vector<uint8_t> storage;
+  uint8_t* data() {
+    return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) &
+                                      ~uintptr_t{63});
+  }
+};
+
+Packed pack(ExpertDType dt, int64_t n, int64_t k, int64_t group, const std::vector<float>& w) {
+  Packed p;
+  p.layout = make_layout(dt, n, k, group);
+  p.storage.resize(static_cast<size_t>(p.layout.bytes() + 64));
+  pack_weights(p.layout, w.data(), DType::kF32, k, p.data(), 0, p.layout.num_tiles);
+  return p;
+}
+
+// Weights with a few outliers per row, as real expert matrices have.
+std::vector<float> weights(int64_t n, int64_t k, uint32_t seed) {
+  auto w = random_vec(static_cast<size_t>(n * k), seed, 0.05f);
+  std::mt19937 g(seed + 1);
+  for (int64_t r = 0; r < n; ++r) w[r * k + g() % k] *= 8.f;
+  return w;
+}
+
+bool isa_available(Isa isa) {
+  return static_cast<int>(isa) <= static_cast<int>(cpu_features().best);
+}
+
+TEST(ExpertFormat, HalfConversionRoundTripsEveryHalf) {
+  for (uint32_t b = 0; b < 65536; ++b) {
+    const uint16_t h = static_cast<uint16_t>(b);
+    const float f = f16_to_f32(h);
+    if (std::isnan(f)) continue;
+    ASSERT_EQ(f32_to_f16(f), h) << "half bits " << b;
+  }
+  EXPECT_EQ(f32_to_f16(1e6f), 0x7c00);                // overflow -> inf
+  EXPECT_EQ(f32_to_f16(1.0f + 1.0f / 4096), 0x3c00);  // ties to even: 1 + 2^-12 -> 1
+}
+
+TEST(ExpertFormat, LayoutSizes) {
+  const auto b = make_layout(ExpertDType::kBF16, 17, 45, 0);
+  EXPECT_EQ(b.num_tiles, 2);
+  EXPECT_EQ(b.k_pad, 64);
+  EXPECT_EQ(b.tile_bytes, 64 / 2 * 64);
+  const auto i8 = make_layout(ExpertDType::kINT8, 512, 2048, 32);
+  EXPECT_EQ(i8.num_groups, 64);
+  EXPECT_EQ(i8.tile_bytes, 16 * 2048 + 64 * 16 * 2);  // 1 byte + 1/16 fp16 scale per weight
+  const auto i4 = make_layout(ExpertDType::kINT4, 512, 2048, 128);
+  EXPECT_EQ(i4.tile_bytes, 16 * 2048 / 2 + 16 * 16 * 2);
+  EXPECT_THROW(make_layout(ExpertDType::kINT8, 16, 64, 48), std::invalid_argument);
+  EXPECT_THROW(make_layout(ExpertDType::kINT4, 0, 64, 32), std::invalid_argument);
+  EXPECT_THROW(parse_expert_dtype("fp4"), std::invalid_argument);
+  EXPECT_EQ(parse_expert_dtype("int4"), ExpertDType::kINT4);
+}
+
+// Independent oracle: a hand-computed INT4 group. w = c - 16 for c in [0, 32): the extreme is -16,
+// so s = -16 / -8 = 2 and q = round(w / 2) clamped to [-8, 7] (ties to even).
+TEST(ExpertFormat, Int4HandComputedGroup) {
+  std::vector<float> w(32);
+  for (int c = 0; c < 32; ++c) w[c] = static_cast<float>(c - 16);
+  Packed p = pack(ExpertDType::kINT4, 1, 32, 32, w);
+  const int expect_q[] = {-8, -8, -7, -6, -6, -6, -5, -4, -4, -4, -3, -2, -2, -2, -1, 0,
+                          0,  0,  1,  2,  2,  2,  3,  4,  4,  4,  5,  6,  6,  6,  7,  7};
+  for (int c = 0; c < 32; ++c) {
+    const auto v = packed_value(p.layout, p.data(), 0, c);
+    EXPECT_EQ(v.q, expect_q[c]) << "column " << c;
+    EXPECT_EQ(v.scale, 2.f);
+  }
+  // Padding row 1..15 decodes to zero.
+  EXPECT_EQ(packed_value(p.layout, p.data(), 5, 3).value, 0.f);
+}
+
+TEST(ExpertFormat, QuantiseDequantiseErrorBounds) {
+  const int64_t n = 37, k = 200;
+  const auto w = weights(n, k, 7);
+  for (int64_t group : {32, 64, 128}) {
+    for (auto dt : {ExpertDType::kINT8, ExpertDType::kINT4}) {
+      Packed p = pack(dt, n, k, group, w);
+      double err2 = 0, ref2 = 0;
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t c = 0; c < p.layout.k_pad; ++c) {
+          const auto v = packed_value(p.layout, p.data(), r, c);
+          if (c >= k) {
+            ASSERT_EQ(v.value, 0.f);
+            continue;
+          }
+          const float x = w[r * k + c];
+          // Rounding to the nearest level: half a step, plus the fp16 rounding of the scale
+          // (2^-11 relative) times the largest level. INT4 maps the extreme to -8, so values of
+          // the other sign near it clamp at +7: up to one full step there.
+          const float steps = dt == ExpertDType::kINT8 ? 0.5f + 128.f / 2048.f : 1.f + 8.f / 2048.f;
+          const float bound = std::fabs(v.scale) * steps + 1e-7f;
+          ASSERT_LE(std::fabs(x - v.value), bound)
+              << expert_dtype_name(dt) << " group " << group << " (" << r << ", " << c << ")";
+          err2 += (x - v.value) * (x - v.value);
+          ref2 += x * x;
+        }
+      // Relative RMS error of normal rows with one 8x outlier each (the outlier's group gets a
+      // coarse step): step/sqrt(12) per element. Measured int8 0.7-1.2%, int4 12-19% (group
+      // 32..128); the bounds leave ~1.5x margin and still fail a broken rounding or scale.
+      const double rel = std::sqrt(err2 / ref2);
+      std::printf("%s group %ld: relative RMS error %.4f\n",
+                  std::string(expert_dtype_name(dt)).c_str(), static_cast<long>(group), rel);
+      EXPECT_LT(rel, dt == ExpertDType::kINT8 ? 0.018 : 0.3) << group;
+      EXPECT_GT(rel, 0.0);
+    }
+  }
+  Packed b = pack(ExpertDType::kBF16, n, k, 0, w);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t c = 0; c < k; ++c)
+      ASSERT_EQ(packed_value(b.layout, b.data(), r, c).value,
+                bf16_to_f32(f32_to_bf16(w[r * k + c])));
+}
+
+TEST(ExpertFormat, ActivationPreparation) {
+  const auto l = make_layout(ExpertDType::kINT8, 16, 100, 32);
+  const auto x = random_vec(100, 3);
+  ActBuffer q;
+  q.reserve(ActKind::kInt8Groups, l, 1);
+  q.prepare(0, x.data());
+  for (int64_t g = 0; g < l.num_groups; ++g) {
+    int32_t sum = 0;
+    for (int64_t c = g * 32; c < (g + 1) * 32; ++c) {
+      const float xc = c < 100 ? x[c] : 0.f;
+      ASSERT_LE(std::fabs(xc - q.q[c] * q.q_scale[g]), 0.5f * q.q_scale[g] * 1.0001f);
+      sum += q.q[c];
+    }
+    EXPECT_EQ(sum, q.q_sum[g]);
+  }
+  ActBuffer s;
+  s.reserve(ActKind::kBf16Split, l, 1);
+  s.prepare(0, x.data());
+  for (int64_t c = 0; c < 100; ++c)
+    ASSERT_LE(std::fabs(x[c] - (bf16_to_f32(s.bf16[c]) + bf16_to_f32(s.bf16_lo[c]))),
+              std::ldexp(std::fabs(x[c]), -16));
+}
+
+// Σ_c |W[r][c]| |x[c]| per (row, token): the scale of a dot product's rounding error.
+float abs_dot(const PackedLayout& l, uint8_t* tile, const std::vector<float>& x, int64_t i,
+              int64_t r) {
+  double s = 0;
+  for (int64_t c = 0; c < l.k; ++c)
+    s += std::fabs(packed_value(l, tile, r, c).value) * std::fabs(x[i * l.k + c]);
+  return static_cast<float>(s);
+}
+
+// Every variant this CPU runs, against the reference with the same activations.
+TEST(ExpertGemm, VariantsMatchReference) {
+  struct Shape {
+    int64_t n, k, group;
+  };
+  const Shape shapes[] = {{16, 32, 32}, {17, 45, 32}, {40, 64, 64}, {33, 200, 128}, {512, 256, 32}};
+  int tested = 0;
+  for (const auto& v : expert_gemm_variants()) {
+    if (!isa_available(v.isa)) {
+      std::printf(
+          "[ SKIPPED ] %s: %s not available on this CPU (%s); AMX runs on the GPU test machine\n",
+          v.name, std::string(isa_name(v.isa)).c_str(), cpu_features().brand.c_str());
+      continue;
+    }
+    const TileKernelFn ref = v.act == ActKind::kBf16         ? ref::tile_bf16_act
+                             : v.dtype == ExpertDType::kBF16 ? ref::tile_f32
+                                                             : ref::tile_int8_groups;
+    const ActKind ref_act = v.act == ActKind::kBf16         ? ActKind::kBf16
+                            : v.dtype == ExpertDType::kBF16 ? ActKind::kF32
+                                                            : ActKind::kInt8Groups;
+    for (const auto& s : shapes) {
+      Packed p = pack(v.dtype, s.n, s.k, s.group, weights(s.n, s.k, 11));
+      for (int64_t m : {1, 2, 3, 5, 17, 33, 64}) {
+        const auto x = random_vec(static_cast<size_t>(m * s.k), 5 + static_cast<uint32_t>(m));
+        ActBuffer a, ar;
+        a.reserve(v.act, p.layout, m);
+        ar.reserve(ref_act, p.layout, m);
+        for (int64_t i = 0; i < m; ++i) {
+          a.prepare(i, x.data() + i * s.k);
+          ar.prepare(i, x.data() + i * s.k);
+        }
+        std::vector<float> out(static_cast<size_t>(kMaxRowsPerCall * kTileRows), -1.f),
+            want(out.size());
+        for (int64_t t = 0; t < p.layout.num_tiles; ++t) {
+          uint8_t* tile = p.data() + t * p.layout.tile_bytes;
+          v.run(p.layout, tile, a.rows(0), m, out.data());
+          ref(p.layout, tile, ar.rows(0), m, want.data());
+          for (int64_t i = 0; i < m; ++i)
+            for (int64_t r = 0; r < kTileRows; ++r) {
+              const int64_t row = t * kTileRows + r;
+              const float got = out[i * kTileRows + r], exp = want[i * kTileRows + r];
+              if (row >= s.n) {
+                ASSERT_EQ(got, 0.f) << v.name << " padding row " << row;
+                continue;
+              }
+              // fp32 accumulation (and, for avx512_bf16, the 2^-17 residue of the hi/lo split)
+              // against fp64: a few ulps of Σ|w·x|.
+              const float tol = 4e-5f * abs_dot(p.layout, p.data(), x, i, row) + 1e-6f;
+              ASSERT_NEAR(got, exp, tol) << "repro: variant=" << v.name << " n=" << s.n
+                                         << " k=" << s.k << " group=" << s.group << " m=" << m
+                                         << " tile=" << t << " token=" << i << " row=" << r;
+            }
+        }
+        ++tested;
+      }
+    }
+  }
+  EXPECT_GT(tested, 0);
+}
+
+struct MoeProblem {
+  int64_t hidden, inter, experts, top_k, m;
+  ExpertDType dt;
+  int64_t group;
+  std::vector<Packed> gate, up, down;
+  std::vector<PackedExpert> views;
+  std::vector<float> src;
+  std::vector<int32_t> ids;
+  std::vector<float> w;
+
+  MoeProblem(int64_t H, int64_t I, int64_t E, int64_t K, int64_t M, ExpertDType d, int64_t G,
+             uint32_t seed, int64_t unused_experts = 0)
+      : hidden(H), inter(I), experts(E), top_k(K), m(M), dt(d), group(G) {
+    for (int64_t e = 0; e < E; ++e) {
+      gate.push_back(pack(d, I, H, G, weights(I, H, seed + 3 * e)));
+      up.push_back(pack(d, I, H, G, weights(I, H, seed + 3 * e + 1)));
+      down.push_back(pack(d, H, I, G, weights(H, I, seed + 3 * e + 2)));
+    }
+    for (int64_t e = 0; e < E; ++e) views.push_back({gate[e].data(), up[e].data(), down[e].data()});
+    src = random_vec(static_cast<size_t>(M * H), seed + 99);
+    std::mt19937 g(seed);
+    for (int64_t t = 0; t < M; ++t) {
+      std::vector<int32_t> all(static_cast<size_t>(E - unused_experts));
+      for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int32_t>(i);
+      std::shuffle(all.begin(), all.end(), g);
+      for (int64_t i = 0; i < K; ++i) {
+        ids.push_back(all[i]);
+        w.push_back(std::uniform_real_distribution<float>(0.05f, 1.f)(g));
+      }
+    }
+  }
+  MoeExpertsArgs args(float* dst) const {
+    MoeExpertsArgs a;
+    a.gate_up = &gate[0].layout;
+    a.down = &down[0].layout;
+    a.experts = views.data();
+    a.num_experts = experts;
+    a.src = src.data();
+    a.ld_src = hidden;
+    a.m = m;
+    a.ids = ids.data();
+    a.weights = w.data();
+    a.top_k = top_k;
+    a.dst = dst;
+    a.ld_dst = hidden;
+    return a;
+  }
+};
+
+double rel_l2(const std::vector<float>& a, const std::vector<float>& b) {
+  double e = 0, n = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    e += (a[i] - b[i]) * (a[i] - b[i]);
+    n += b[i] * b[i];
+  }
+  return std::sqrt(e / n);
+}
+
+TEST(MoeExperts, EveryIsaMatchesReference) {
+  auto pool = make_tbb_executor(3);
+  for (Isa isa : {Isa::kRef, Isa::kAvx2, Isa::kAvx512, Isa::kAmx}) {
+    if (!isa_available(isa)) {
+      std::printf("[ SKIPPED ] MoeExperts at %s: not available on this CPU (%s)\n",
+                  std::string(isa_name(isa)).c_str(), cpu_features().brand.c_str());
+      continue;
+    }
+    for (auto dt : {ExpertDType::kBF16, ExpertDType::kINT8, ExpertDType::kINT4}) {
+      for (int64_t m : {1, 3, 17, 64}) {
+        // H and I not multiples of 16 or of the group; two experts never routed to.
+        MoeProblem p(72, 40, 10, 3, m, dt, 32, 100 + static_cast<uint32_t>(m), 2);
+        std::vector<float> got(static_cast<size_t>(m * 72), 0.25f), want(got);
+        MoeExperts op(isa);
+        op.run(p.args(got.data()), *pool);
+        // Experts with >= 8 tokens run AMX (bf16 activations) at isa=amx; others and every other
+        // ISA use the decode-precision activations of the reference.
+        const bool amx = op.last_variants().find("amx") != std::string::npos;
+        moe_experts_ref(p.args(want.data()));
+        const double rel = rel_l2(got, want);
+        // Same activations: fp32 vs fp64 sums (~1e-6). AMX: bf16 vs int8/fp32 activations, ~1e-3.
+        EXPECT_LT(rel, amx ? 2e-2 : 2e-5)
+            << "repro: isa=" << isa_name(isa) << " dtype=" << expert_dtype_name(dt) << " m=" << m
+            << " variants=" << op.last_variants();
+        // Deterministic: same input, different thread count -> bit-identical.
+        auto serial = SerialExecutor();
+        std::vector<float> again(got.size(), 0.25f);
+        op.run(p.args(again.data()), serial);
+        EXPECT_EQ(again, got) << isa_name(isa) << " " << expert_dtype_name(dt) << " m=" << m;
+      }
+    }
+  }
+}
+
+TEST(MoeExperts, AmxMatchesBf16ActivationReference) {
+  if (!isa_available(Isa::kAmx))
+    GTEST_SKIP() << "AMX not available on this CPU (" << cpu_features().brand
+                 << "); runs on the GPU test machine";
+  auto pool = make_tbb_executor(4);
+  for (auto dt : {ExpertDType::kBF16, ExpertDType::kINT8, ExpertDType::kINT4}) {
+    // 2 experts, top-2, 40 tokens: every expert gets 40 >= 8 rows -> AMX for all.
+    MoeProblem p(96, 64, 2, 2, 40, dt, 64, 9);
+    std::vector<float> got(static_cast<size_t>(40 * 96), 0.f), want(got);
+    MoeExperts op(Isa::kAmx);
+    op.run(p.args(got.data()), *pool);
+    ASSERT_EQ(op.last_variants().substr(0, 3), "amx");
+    moe_experts_ref(p.args(want.data()), /*act_bf16=*/true);
+    // Same bf16 operands; fp32 accumulation vs fp64, plus silu(g)·u rounded to bf16 differently
+    // when g, u differ in the last fp32 ulp: relative L2 within 1e-3.
+    EXPECT_LT(rel_l2(got, want), 1e-3) << expert_dtype_name(dt);
+  }
+}
+
+TEST(MoeExperts, RealShapeDecode) {
+  // Qwen3.6-35B-A3B expert shape, 8 active experts of 16, one token.
+  const int64_t H = 2048, I = 512;
+  auto pool = make_tbb_executor(2);
+  for (auto dt : {ExpertDType::kINT4, ExpertDType::kINT8}) {
+    MoeProblem p(H, I, 16, 8, 1, dt, 32, 77);
+    std::vector<float> got(static_cast<size_t>(H), 0.f), want(got);
+    MoeExperts op(cpu_features().best);
+    op.run(p.args(got.data()), *pool);
+    moe_experts_ref(p.args(want.data()));
+    EXPECT_LT(rel_l2(got, want), 2e-5) << expert_dtype_name(dt) << " " << op.last_variants();
+    EXPECT_GT(test::norm2(want), 0.0);
+  }
+}
+
+TEST(MoeExperts, RejectsBadExpertId) {
+  MoeProblem p(32, 32, 4, 2, 2, ExpertDType::kINT8, 32, 1);
+  p.ids[3] = 4;
+  std::vector<float> dst(64, 0.f);
+  MoeExperts op(Isa::kRef);
+  SerialExecutor ex;
+  EXPECT_THROW(op.run(p.args(dst.data()), ex), std::invalid_argument);
+}
+
+TEST(CpuFeatures, ResolveIsa) {
+  const auto& f = cpu_features();
+  EXPECT_EQ(resolve_isa("scalar"), Isa::kRef);
+  EXPECT_EQ(resolve_isa(isa_name(f.best)), f.best);
+  EXPECT_THROW(resolve_isa("sse9"), std::invalid_argument);
+  if (f.best != Isa::kAmx) EXPECT_THROW(resolve_isa("amx"), std::invalid_argument);
+}
+
+}  // namespace
+}  // namespace tidal::kernels::cpu
