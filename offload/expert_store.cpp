@@ -202,7 +202,10 @@ std::string ExpertStore::last_kernels() const {
   const char* s = last_small_.load(std::memory_order_relaxed);
   const char* l = last_large_.load(std::memory_order_relaxed);
   std::string out = s ? s : "";
-  if (l) out += (out.empty() ? "" : "+") + std::string(l);
+  if (l) {
+    if (!out.empty()) out += '+';
+    out += l;
+  }
   return out;
 }
 

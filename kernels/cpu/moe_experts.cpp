@@ -30,7 +30,10 @@ constexpr int64_t kSlotsPerTask = 8;
 
 std::string MoeExperts::last_variants() const {
   std::string s = used_small_ ? used_small_ : "";
-  if (used_large_) s += (s.empty() ? "" : "+") + std::string(used_large_);
+  if (used_large_) {
+    if (!s.empty()) s += '+';
+    s += used_large_;
+  }
   return s;
 }
 

@@ -74,14 +74,15 @@ def system_info() -> dict[str, Any]:
     return info
 
 
-def bytes_per_token(summary: Any, depth: int) -> dict[str, int]:
+def bytes_per_token(summary: Any, depth: int, expert_bytes: int | None = None) -> dict[str, int]:
     """Bytes a decode step at context `depth` must read on device="cpu": every weight except the
-    embedding table (one row) and the routed experts (k of E per MoE layer), plus the KV cache (fp32)
-    and the DeltaNet states (read and written)."""
+    embedding table (one row) and the routed experts (k of E per MoE layer, `expert_bytes` each as
+    packed in RAM; default: as in the checkpoint), plus the KV cache (fp32) and the DeltaNet states
+    (read and written)."""
     c = summary.config
     n_moe = sum(c.layer_is_moe)
     dense = summary.pinned_bytes - summary.part_bytes["embeddings"] + c.hidden_size * 2
-    experts = n_moe * c.num_experts_per_tok * summary.expert_bytes
+    experts = n_moe * c.num_experts_per_tok * (summary.expert_bytes if expert_bytes is None else expert_bytes)
     kv = summary.kv_bytes_per_token(4) * depth
     state = 2 * summary.deltanet_state_bytes()
     return {"dense_weights": dense, "routed_experts": experts, "kv_cache": kv, "deltanet_state": state,
@@ -111,15 +112,19 @@ def _time_tg(rt: Any, n: int, depth: int, rng: np.random.Generator) -> float:
 
 def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths: list[int], repetitions: int = 3,
               cpu_threads: int = 0, device: str = "cpu", bandwidth_bytes: int = 1 << 30, seed: int = 0,
-              routing: np.ndarray | None = None, routing_info: dict[str, Any] | None = None) -> dict[str, Any]:
+              routing: np.ndarray | None = None, routing_info: dict[str, Any] | None = None,
+              expert_dtype: str = "auto") -> dict[str, Any]:
     """Run the tests and return the JSON-ready report. `routing`: a trace (tokens, layers, top_k) the
-    MoE layers follow instead of their routers (see tidal.routing)."""
+    MoE layers follow instead of their routers (see tidal.routing). `expert_dtype`: as Runtime.load."""
     from . import Runtime, _tidal, inspect
 
     if repetitions < 1:
         raise ValueError(f"repetitions must be >= 1, got {repetitions}")
-    rt = Runtime.load(model, device=device, num_threads=cpu_threads, progress=False)
+    rt = Runtime.load(model, device=device, num_threads=cpu_threads, progress=False, expert_dtype=expert_dtype)
     summary = inspect(model)
+    c0 = rt.config
+    n_experts_total = max(1, sum(c0.layer_is_moe) * c0.num_experts)
+    packed_expert_bytes = rt._engine.stats()["expert_bytes"] // n_experts_total
     ctx = rt.config.max_position_embeddings
     for n in pp:
         if not 1 <= n < ctx:
@@ -145,21 +150,25 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
         measure(f"pp{n}", n, lambda n=n: _time_pp(rt, n, rng))
     for d in depths:
         for n in tg:
-            need = bytes_per_token(summary, d + n // 2)
+            need = bytes_per_token(summary, d + n // 2, packed_expert_bytes)
             measure(f"tg{n}@d{d}", n, lambda n=n, d=d: _time_tg(rt, n, d, rng), depth=d,
                     bytes_per_token=need, bound_tok_s=bw / need["total"])
             r = results[-1]
             r["fraction_of_bound"] = r["tok_s_median"] / r["bound_tok_s"]
     st = rt.stats()
     c = rt.config
-    active = summary.pinned_bytes - summary.part_bytes["embeddings"] + sum(c.layer_is_moe) * c.num_experts_per_tok * summary.expert_bytes
+    active = summary.pinned_bytes - summary.part_bytes["embeddings"] + sum(c.layer_is_moe) * c.num_experts_per_tok * packed_expert_bytes
+    d = rt.describe()
     return {
         "system": system_info(),
         "model": {"path": str(model), "model_type": c.model_type, "layers": c.num_hidden_layers,
                   "layer_types": c.layer_types, "hidden_size": c.hidden_size, "num_experts": c.num_experts,
+                  "moe_intermediate_size": c.moe_intermediate_size, "moe_layers": sum(c.layer_is_moe),
                   "num_experts_per_tok": c.num_experts_per_tok, "weight_bytes": summary.total_bytes,
                   "active_weight_bytes_per_token": active, "dtypes": summary.dtypes},
-        "caps": {"device": device, "cpu_threads": rt.num_threads, "gpu_memory": None, "expert_dtype": "checkpoint"},
+        "caps": {"device": device, "cpu_threads": rt.num_threads, "gpu_memory": None, "expert_dtype": d["expert_dtype"],
+                 "expert_group_size": int(d["expert_group_size"]), "cpu_isa": d["cpu_isa"],
+                 "expert_kernels": d["expert_kernels"]},
         "bounds": {"host_read_bytes_per_s": bw, "pinned_h2d_bytes_per_s": None},
         "results": results,
         "cache": {"expert_cache_hit_rate": st.expert_cache_hit_rate, "prediction_precision": st.prediction_precision},
@@ -201,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-threads", type=int, default=0, help="0: one per physical core")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--gpu-memory", default=None, help="VRAM cap (needs the CUDA backend)")
-    ap.add_argument("--expert-dtype", default="checkpoint", choices=["checkpoint", "bf16", "int8", "int4"])
+    ap.add_argument("--expert-dtype", default="auto", choices=["auto", "bf16", "int8", "int4"],
+                    help="routed-expert format in RAM (Runtime.load's expert_dtype)")
     ap.add_argument("--routing-trace", default=None, help="replay this routing trace (.npz, tidal.routing format)")
     ap.add_argument("--routing-skew", type=float, default=None,
                     help="replay a synthetic trace: Zipf exponent of expert popularity (0: uniform)")
@@ -211,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if (a.model is None) == (a.preset is None):
         ap.error("give a checkpoint directory or --preset (one of them)")
-    if a.expert_dtype in ("int8", "int4") or a.gpu_memory is not None:
-        print("python -m tidal.bench: --expert-dtype int8/int4 and --gpu-memory need the CPU expert engine and the "
-              "CUDA backend, which are not in this build yet", file=sys.stderr)
+    if a.gpu_memory is not None:
+        print("python -m tidal.bench: --gpu-memory needs the CUDA backend and the hybrid offload pipeline, which "
+              "are not in this build yet", file=sys.stderr)
         return 2
     tmp = None
     try:
@@ -240,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                                     skew=a.routing_skew, reuse=a.routing_reuse)
             info = {"mode": "synthetic", "skew": a.routing_skew, "reuse": a.routing_reuse, "tokens": 4096}
         report = run_bench(model, pp=a.n_prompt, tg=a.n_gen, depths=a.depth, repetitions=a.repetitions,
-                           cpu_threads=a.cpu_threads, device=a.device, routing=trace, routing_info=info)
+                           cpu_threads=a.cpu_threads, device=a.device, routing=trace, routing_info=info,
+                           expert_dtype=a.expert_dtype)
         if a.preset:
             report["model"]["preset"] = a.preset
     except (ValueError, FileNotFoundError, NotImplementedError, OSError) as exc:

@@ -63,7 +63,7 @@ class Stats:
         dense = s["dense_seconds"]
         time = {"gpu": dense if on_gpu else 0.0, "cpu_experts": s["routed_expert_seconds"],
                 "cpu_dense": 0.0 if on_gpu else dense, "sampling": s["sample_seconds"], "copies": 0.0, "waits": 0.0}
-        memory = {"weights_ram": s["weight_bytes"], "weights_vram": 0, "kv_and_state": s["state_bytes"],
+        memory = {"weights_ram": s["weight_bytes"] - s["expert_bytes"], "experts_ram": s["expert_bytes"], "weights_vram": 0, "kv_and_state": s["state_bytes"],
                   "state_checkpoints": s["checkpoint_bytes"], "process_rss": _rss_bytes(), "vram_free": None}
         notes = []
         if not on_gpu:

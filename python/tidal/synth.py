@@ -11,8 +11,9 @@ layers. Embedding and lm_head are a fixed cost on top.
 
 Weights are random BF16 of magnitude ~1/128 with random signs; norms are neutral, A_log/dt_bias
 small. The output is a Hugging Face directory (config.json, sharded safetensors with an index) that
-`tidal.Runtime.load` reads like any other. Quantised expert formats (int8/int4) arrive with the CPU
-expert engine; until then `--expert-dtype` accepts bf16 only and says so.
+`tidal.Runtime.load` reads like any other. Checkpoints are BF16, as published: tidal quantises the
+routed experts at load (`Runtime.load(expert_dtype="int8"|"int4")`, `tidal.bench --expert-dtype`), so
+`--expert-dtype` accepts bf16 only and says so.
 """
 
 from __future__ import annotations
@@ -235,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="per-expert tensors instead of the fused layout (qwen3_5_moe_text default: fused)")
     a = ap.parse_args(argv)
     if a.expert_dtype != "bf16":
-        print(f"python -m tidal.synth: --expert-dtype {a.expert_dtype}: tidal cannot load quantised experts yet "
-              "(the CPU expert engine issue adds INT8/INT4); use bf16 with --layers", file=sys.stderr)
+        print(f"python -m tidal.synth: --expert-dtype {a.expert_dtype}: checkpoints are written in BF16; quantised "
+              "experts are made at load (Runtime.load(expert_dtype=...), python -m tidal.bench --expert-dtype)",
+              file=sys.stderr)
         return 2
     try:
         cfg = preset_config(a.preset, a.layers)

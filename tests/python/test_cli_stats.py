@@ -106,7 +106,9 @@ def test_stats_account_for_generation():
     assert st.time["cpu_experts"] > 0 and st.time["cpu_dense"] > 0 and st.time["gpu"] == 0
     assert abs(sum(st.time.values()) - (st.prefill_seconds + st.decode_seconds)) < 1e-6
     assert st.expert_cache_hit_rate is None and st.prediction_precision is None and st.notes
-    assert st.memory["weights_ram"] == rt._engine.stats()["weight_bytes"] > 0
+    raw = rt._engine.stats()
+    assert st.memory["weights_ram"] + st.memory["experts_ram"] == raw["weight_bytes"]
+    assert st.memory["experts_ram"] == raw["expert_bytes"] > 0 and st.memory["weights_ram"] > 0
     assert st.memory["kv_and_state"] == 0 and st.live_sequences == 0
     assert st.last["completion_tokens"] == 20
     d = st.to_dict()

@@ -71,7 +71,7 @@ def test_tiny_preset_writes_loads_and_runs(tmp_path):
     assert mags.min() >= 1 / 128 and mags.max() < 1 / 64  # the documented value range, no NaN/Inf
 
 
-def test_synth_cli_rejects_quantised_experts_for_now(tmp_path, capsys):
+def test_synth_cli_points_quantised_experts_to_load(tmp_path, capsys):
     assert synth.main(["--preset", "tiny", "--expert-dtype", "int4", str(tmp_path / "x")]) == 2
     assert "quantised experts" in capsys.readouterr().err
 
@@ -92,6 +92,23 @@ def test_bench_smoke_and_bounds(tmp_path, capsys):
     tg = tests["tg8@d16"]
     assert tg["bound_tok_s"] == pytest.approx(r["bounds"]["host_read_bytes_per_s"] / tg["bytes_per_token"]["total"])
     assert 0 < tg["fraction_of_bound"] < 1.5
+
+
+def test_bench_quantised_experts(tmp_path):
+    """--expert-dtype int4: the report names the format and its bound counts the packed expert bytes."""
+    path = tmp_path / "bench.json"
+    assert bench.main(["--preset", "tiny", "-p", "16", "-n", "4", "-r", "1", "--expert-dtype", "int4",
+                       "--json", str(path)]) == 0
+    r = json.loads(path.read_text())
+    assert r["caps"]["expert_dtype"] == "int4" and r["caps"]["expert_group_size"] == 32
+    assert "int4" in r["caps"]["expert_kernels"]
+    tg = next(x for x in r["results"] if x["test"].startswith("tg"))
+    c = r["model"]
+    # int4 with group 32 stores 4.5 bits per weight (+ tile padding): about 0.28x the bf16 bytes.
+    per_expert_bf16 = 3 * c["hidden_size"] * c["moe_intermediate_size"] * 2
+    n_moe = c["moe_layers"]
+    ratio = tg["bytes_per_token"]["routed_experts"] / (n_moe * c["num_experts_per_tok"] * per_expert_bf16)
+    assert 0.28 <= ratio < 0.40, ratio
 
 
 def test_bytes_per_token_arithmetic():

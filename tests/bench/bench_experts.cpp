@@ -1,0 +1,501 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file bench_experts.cpp
+/// \brief Benchmark (not a test) of the fused MoE expert op on real Qwen expert shapes: decode
+/// GB/s of expert bytes against the machine's read bandwidth measured in the same run, prefill
+/// TFLOP/s against the roofline min(AMX peak, bandwidth x arithmetic intensity), and oneDNN's
+/// matmul on the same total work where oneDNN is built in. JSON lines on stdout.
+///
+/// Usage: tidal_bench_experts [--shape 35b|80b] [--dtypes bf16,int8,int4] [--m 1,4,16,128,512,2048]
+///        [--threads 1,2,4,8,16] [--seconds 0.5] [--onednn] [--group G]
+#include <immintrin.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kernels/common/cpu_features.h"
+#include "kernels/common/executor.h"
+#include "kernels/cpu/expert_gemm.h"
+#include "kernels/cpu/moe_experts.h"
+#include "kernels/cpu/rms_norm.h"
+#ifdef TIDAL_BENCH_ONEDNN
+#include <dnnl.hpp>
+#endif
+
+namespace kc = tidal::kernels::cpu;
+using tidal::kernels::Executor;
+using tidal::kernels::Isa;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+double now_s() { return std::chrono::duration<double>(Clock::now().time_since_epoch()).count(); }
+
+std::vector<int64_t> parse_list(const std::string& s) {
+  std::vector<int64_t> v;
+  size_t p = 0;
+  while (p < s.size()) {
+    size_t q = s.find(',', p);
+    if (q == std::string::npos) q = s.size();
+    v.push_back(std::stoll(s.substr(p, q - p)));
+    p = q + 1;
+  }
+  return v;
+}
+
+std::vector<std::string> parse_names(const std::string& s) {
+  std::vector<std::string> v;
+  size_t p = 0;
+  while (p < s.size()) {
+    size_t q = s.find(',', p);
+    if (q == std::string::npos) q = s.size();
+    v.push_back(s.substr(p, q - p));
+    p = q + 1;
+  }
+  return v;
+}
+
+// Read bandwidth with the benchmark's own threads: every thread streams its slice with 64-byte
+// loads (4 independent accumulators), best of `repeats` passes over a buffer far larger than LLC.
+__attribute__((target("avx512f"))) uint64_t read_slice(const uint8_t* p, size_t n) {
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  for (size_t i = 0; i + 256 <= n; i += 256) {
+    a0 = _mm512_add_epi64(a0, _mm512_load_si512(p + i));
+    a1 = _mm512_add_epi64(a1, _mm512_load_si512(p + i + 64));
+    a2 = _mm512_add_epi64(a2, _mm512_load_si512(p + i + 128));
+    a3 = _mm512_add_epi64(a3, _mm512_load_si512(p + i + 192));
+  }
+  return static_cast<uint64_t>(_mm512_reduce_add_epi64(
+      _mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3))));
+}
+
+double measure_bandwidth(Executor& ex, size_t bytes, int repeats) {
+  auto* buf = static_cast<uint8_t*>(std::aligned_alloc(4096, bytes));
+  const int64_t chunks = 1024;
+  const size_t per = bytes / chunks / 256 * 256;
+  ex.parallel_for(chunks, 1,
+                  [&](int64_t c0, int64_t c1) { std::memset(buf + c0 * per, 1, (c1 - c0) * per); });
+  std::atomic<uint64_t> sink{0};
+  double best = 0;
+  for (int r = 0; r < repeats; ++r) {
+    const double t0 = now_s();
+    ex.parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
+      sink += read_slice(buf + c0 * per, (c1 - c0) * per);
+    });
+    best = std::max(best, static_cast<double>(per * chunks) / (now_s() - t0));
+  }
+  std::free(buf);
+  return best;
+}
+
+// AMX peak: every thread issues independent tdpbf16ps / tdpbssd on resident tiles.
+__attribute__((target("amx-tile,amx-bf16,amx-int8"))) void amx_spin(bool int8, int64_t iters) {
+  struct alignas(64) {
+    uint8_t palette = 1, start = 0, res[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+  } cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  alignas(64) static thread_local uint8_t z[1024] = {};
+  _tile_loadd(4, z, 64);
+  _tile_loadd(5, z, 64);
+  _tile_loadd(6, z, 64);
+  _tile_loadd(7, z, 64);
+  for (int64_t i = 0; i < iters; ++i) {
+    if (int8) {
+      _tile_dpbssd(0, 4, 5);
+      _tile_dpbssd(1, 4, 7);
+      _tile_dpbssd(2, 6, 5);
+      _tile_dpbssd(3, 6, 7);
+    } else {
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 6, 5);
+      _tile_dpbf16ps(3, 6, 7);
+    }
+  }
+  // No tile release: the configuration above is the one tidal's AMX kernels load once per thread
+  // (palette 1, eight 16 x 64-byte tiles), so they run on unchanged after this on the same threads.
+}
+
+double amx_peak(Executor& ex, bool int8) {
+  const int nt = ex.num_threads();
+  constexpr int64_t kIters = 200000;
+  const double t0 = now_s();
+  ex.parallel_for(nt, 1, [&](int64_t a, int64_t b) {
+    for (int64_t w = a; w < b; ++w) amx_spin(int8, kIters);
+  });
+  const double s = now_s() - t0;
+  const double per_insn = int8 ? 16.0 * 16 * 64 * 2 : 16.0 * 16 * 32 * 2;
+  return static_cast<double>(nt) * kIters * 4 * per_insn / s;
+}
+
+struct Shape {
+  const char* name;
+  int64_t hidden, inter, experts, top_k;
+};
+
+struct Layer {
+  std::vector<uint8_t*> blocks;
+  std::vector<kc::PackedExpert> experts;
+};
+
+uint8_t* alloc64(size_t n) {
+  return static_cast<uint8_t*>(std::aligned_alloc(64, (n + 63) / 64 * 64));
+}
+
+// Packs `num_layers` layers of random experts (normal weights, a few outliers), in parallel.
+std::vector<Layer> make_layers(const Shape& s, const kc::PackedLayout& gu,
+                               const kc::PackedLayout& dn, int num_layers, Executor& ex) {
+  const int64_t H = s.hidden, I = s.inter;
+  std::vector<float> src(static_cast<size_t>(H * I + 4096));
+  std::mt19937 g(1);
+  std::normal_distribution<float> d(0.f, 0.02f);
+  for (auto& v : src) v = d(g);
+  std::vector<Layer> layers(static_cast<size_t>(num_layers));
+  for (auto& L : layers) {
+    L.blocks.resize(static_cast<size_t>(s.experts));
+    L.experts.resize(static_cast<size_t>(s.experts));
+    ex.parallel_for(s.experts, 1, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) {
+        uint8_t* b = alloc64(static_cast<size_t>(2 * gu.bytes() + dn.bytes()));
+        L.blocks[e] = b;
+        L.experts[e] = {b, b + gu.bytes(), b + 2 * gu.bytes()};
+        const float* w = src.data() + (e * 37) % 4096;  // different weights per expert
+        kc::pack_weights(gu, w, tidal::kernels::DType::kF32, H, b, 0, gu.num_tiles);
+        kc::pack_weights(gu, w + 1, tidal::kernels::DType::kF32, H, b + gu.bytes(), 0,
+                         gu.num_tiles);
+        kc::pack_weights(dn, w + 2, tidal::kernels::DType::kF32, I, b + 2 * gu.bytes(), 0,
+                         dn.num_tiles);
+      }
+    });
+  }
+  return layers;
+}
+
+struct Routing {
+  std::vector<int32_t> ids;
+  std::vector<float> w;
+  int64_t unique = 0;
+};
+
+// Router-like choice: top_k distinct experts per token, uniformly at random.
+Routing route(const Shape& s, int64_t m, uint32_t seed) {
+  Routing r;
+  std::mt19937 g(seed);
+  std::vector<int32_t> perm(static_cast<size_t>(s.experts));
+  std::iota(perm.begin(), perm.end(), 0);
+  std::vector<uint8_t> used(static_cast<size_t>(s.experts), 0);
+  for (int64_t t = 0; t < m; ++t) {
+    for (int64_t i = 0; i < s.top_k; ++i) {
+      std::swap(perm[i], perm[i + g() % (s.experts - i)]);
+      r.ids.push_back(perm[i]);
+      r.w.push_back(1.f / static_cast<float>(s.top_k));
+      used[perm[i]] = 1;
+    }
+  }
+  r.unique = std::accumulate(used.begin(), used.end(), int64_t{0});
+  return r;
+}
+
+#ifdef TIDAL_BENCH_ONEDNN
+// oneDNN baseline: per active expert, gate and up matmuls [m_e, H] x [H, I] and down [m_e, I] x
+// [I, H] (bf16 -> f32, or u8 x s8 with per-channel scales for int8), silu(g)·u between, the same
+// routing; weights reordered once into the format oneDNN prefers; primitives made before timing.
+struct OnednnMoe {
+  dnnl::engine eng{dnnl::engine::kind::cpu, 0};
+  dnnl::stream strm{eng};
+  bool int8;
+  int64_t H, I;
+  struct Mats {
+    dnnl::memory gate, up, down;
+  };
+  std::vector<Mats> w;
+  struct Prims {
+    dnnl::matmul gu, dn;
+    dnnl::memory::desc src_gu, wei_gu, dst_gu, src_dn, wei_dn, dst_dn;
+  };
+  std::vector<std::pair<int64_t, Prims>> prims;
+
+  using dt = dnnl::memory::data_type;
+  using tag = dnnl::memory::format_tag;
+
+  OnednnMoe(const Shape& s, bool int8_) : int8(int8_), H(s.hidden), I(s.inter) {}
+
+  Prims make(int64_t m) {
+    Prims p;
+    const dt sdt = int8 ? dt::u8 : dt::bf16, wdt = int8 ? dt::s8 : dt::bf16;
+    p.src_gu = {{m, H}, sdt, tag::ab};
+    p.wei_gu = {{H, I}, wdt, tag::any};
+    p.dst_gu = {{m, I}, dt::f32, tag::ab};
+    p.src_dn = {{m, I}, sdt, tag::ab};
+    p.wei_dn = {{I, H}, wdt, tag::any};
+    p.dst_dn = {{m, H}, dt::f32, tag::ab};
+    dnnl::primitive_attr attr;
+    if (int8) attr.set_output_scales(2, {DNNL_RUNTIME_F32_VAL});
+    auto pd_gu =
+        dnnl::matmul::primitive_desc(dnnl::matmul::desc(p.src_gu, p.wei_gu, p.dst_gu), attr, eng);
+    auto pd_dn =
+        dnnl::matmul::primitive_desc(dnnl::matmul::desc(p.src_dn, p.wei_dn, p.dst_dn), attr, eng);
+    p.wei_gu = pd_gu.weights_desc();
+    p.wei_dn = pd_dn.weights_desc();
+    p.gu = dnnl::matmul(pd_gu);
+    p.dn = dnnl::matmul(pd_dn);
+    return p;
+  }
+  const Prims& get(int64_t m) {
+    for (auto& [k, p] : prims)
+      if (k == m) return p;
+    prims.emplace_back(m, make(m));
+    return prims.back().second;
+  }
+};
+#endif
+
+void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
+               const std::vector<int64_t>& ms, const std::vector<int64_t>& threads, double seconds,
+               int64_t group, bool onednn) {
+  const auto& f = tidal::kernels::cpu_features();
+  const Isa isa = tidal::kernels::resolve_isa("auto");
+  const long llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  for (const auto& dname : dtypes) {
+    const kc::ExpertDType dt = kc::parse_expert_dtype(dname);
+    const int64_t G = dt == kc::ExpertDType::kBF16
+                          ? 0
+                          : (group ? group : (dt == kc::ExpertDType::kINT4 ? 32 : 128));
+    const auto gu = kc::make_layout(dt, s.inter, s.hidden, G ? G : 32);
+    const auto dn = kc::make_layout(dt, s.hidden, s.inter, G ? G : 32);
+    const double expert_bytes = static_cast<double>(2 * gu.bytes() + dn.bytes());
+    // Enough layers that the experts touched between two reuses exceed any LLC: >= 3 GB in all.
+    auto ex_all = tidal::kernels::make_tbb_executor(static_cast<int>(threads.back()));
+    const double layer_bytes = expert_bytes * static_cast<double>(s.experts);
+    const int num_layers = std::max(2, static_cast<int>(std::ceil(3e9 / layer_bytes)));
+    auto layers = make_layers(s, gu, dn, num_layers, *ex_all);
+    for (int64_t nt : threads) {
+      auto ex = tidal::kernels::make_tbb_executor(static_cast<int>(nt));
+      const double bw = measure_bandwidth(*ex, size_t{2} << 30, 5);
+      double peak_bf16 = 0, peak_int8 = 0;
+      if (isa == Isa::kAmx) {
+        peak_bf16 = amx_peak(*ex, false);
+        peak_int8 = amx_peak(*ex, true);
+      }
+      for (int64_t m : ms) {
+        kc::MoeExperts op(isa);
+        std::vector<float> src(static_cast<size_t>(m * s.hidden)), dst(src.size());
+        std::mt19937 g(7);
+        std::normal_distribution<float> nd(0.f, 1.f);
+        for (auto& v : src) v = nd(g);
+        constexpr int kRoutings = 16;
+        std::vector<Routing> routes;
+        for (int r = 0; r < kRoutings; ++r) routes.push_back(route(s, m, 100 + r));
+        auto call = [&](int64_t i) {
+          const Routing& r = routes[i % kRoutings];
+          const Layer& L = layers[i % num_layers];
+          kc::MoeExpertsArgs a;
+          a.gate_up = &gu;
+          a.down = &dn;
+          a.experts = L.experts.data();
+          a.num_experts = s.experts;
+          a.src = src.data();
+          a.ld_src = s.hidden;
+          a.m = m;
+          a.ids = r.ids.data();
+          a.weights = r.w.data();
+          a.top_k = s.top_k;
+          a.dst = dst.data();
+          a.ld_dst = s.hidden;
+          op.run(a, *ex);
+        };
+        for (int i = 0; i < 3; ++i) call(i);  // workspace growth, page faults
+        std::vector<double> times;
+        const double t_end = now_s() + seconds;
+        int64_t i = 3;
+        while (now_s() < t_end || times.size() < 5) {
+          const double t0 = now_s();
+          call(i++);
+          times.push_back(now_s() - t0);
+        }
+        std::sort(times.begin(), times.end());
+        const double t = times[times.size() / 2];
+        double uniq = 0;
+        for (const auto& r : routes) uniq += static_cast<double>(r.unique);
+        uniq /= kRoutings;
+        const double bytes = uniq * expert_bytes;
+        const double flops =
+            2.0 * static_cast<double>(m * s.top_k) * 3.0 * static_cast<double>(s.hidden * s.inter);
+        const double peak = dt == kc::ExpertDType::kBF16 ? peak_bf16 : peak_int8;
+        const double roof = peak > 0 ? std::min(peak, bw * flops / bytes) : bw * flops / bytes;
+        std::printf(
+            "{\"bench\":\"moe_experts\",\"shape\":\"%s\",\"dtype\":\"%s\",\"group\":%ld,\"m\":%ld,"
+            "\"threads\":%ld,\"kernels\":\"%s\",\"median_us\":%.1f,\"min_us\":%.1f,\"calls\":%zu,"
+            "\"expert_bytes_per_call\":%.0f,\"gbps\":%.2f,\"read_bw_gbps\":%.2f,"
+            "\"bw_fraction\":%.3f,\"tflops\":%.3f,\"amx_peak_bf16_tflops\":%.2f,"
+            "\"amx_peak_int8_tops\":%.2f,\"roofline_tflops\":%.3f,\"roofline_fraction\":%.3f,"
+            "\"layers\":%d,\"llc_bytes\":%ld,\"cpu\":\"%s\",\"isa\":\"%s\"}\n",
+            s.name, dname.c_str(), static_cast<long>(G), static_cast<long>(m),
+            static_cast<long>(nt), op.last_variants().c_str(), t * 1e6, times.front() * 1e6,
+            times.size(), bytes, bytes / t / 1e9, bw / 1e9, bytes / t / bw, flops / t / 1e12,
+            peak_bf16 / 1e12, peak_int8 / 1e12, roof / 1e12, flops / t / roof, num_layers, llc,
+            f.brand.c_str(), std::string(tidal::kernels::isa_name(isa)).c_str());
+        std::fflush(stdout);
+#ifdef TIDAL_BENCH_ONEDNN
+        if (onednn && dt != kc::ExpertDType::kINT4 && m >= 128) {
+          OnednnMoe od(s, dt == kc::ExpertDType::kINT8);
+          using dt_ = dnnl::memory::data_type;
+          // Routing 0 grouped per expert; weights: one layer per call in rotation, as above.
+          const Routing& r = routes[0];
+          std::vector<std::vector<int64_t>> tok(static_cast<size_t>(s.experts));
+          for (int64_t q = 0; q < m * s.top_k; ++q) tok[r.ids[q]].push_back(q / s.top_k);
+          const auto& p0 = od.get(64);
+          // Weights per layer per expert in oneDNN's preferred format (contents: constant).
+          std::vector<std::vector<OnednnMoe::Mats>> wl(static_cast<size_t>(num_layers));
+          for (auto& ws : wl) {
+            ws.resize(static_cast<size_t>(s.experts));
+            for (auto& mt : ws) {
+              mt.gate = dnnl::memory(p0.wei_gu, od.eng);
+              mt.up = dnnl::memory(p0.wei_gu, od.eng);
+              mt.down = dnnl::memory(p0.wei_dn, od.eng);
+              for (auto* mm : {&mt.gate, &mt.up, &mt.down})
+                std::memset(mm->get_data_handle(), 1, mm->get_desc().get_size());
+            }
+          }
+          const bool i8 = dt == kc::ExpertDType::kINT8;
+          const size_t es = i8 ? 1 : 2;
+          std::vector<uint8_t> xs(
+              static_cast<size_t>(m * s.top_k * std::max(s.hidden, s.inter)) * es, 0x3c);
+          std::vector<float> gbuf(static_cast<size_t>(m * s.top_k * s.inter)), ubuf(gbuf.size()),
+              ybuf(static_cast<size_t>(m * s.top_k * s.hidden));
+          std::vector<float> scales_i(static_cast<size_t>(s.inter), 1e-3f),
+              scales_h(static_cast<size_t>(s.hidden), 1e-3f);
+          auto run_od = [&](int64_t it) {
+            const auto& ws = wl[it % num_layers];
+            int64_t off = 0;
+            for (int64_t e = 0; e < s.experts; ++e) {
+              const int64_t me = static_cast<int64_t>(tok[e].size());
+              if (me == 0) continue;
+              const auto& p = od.get(me);
+              // Gather rows of the expert's tokens (as our op does) and convert.
+              dnnl::memory xsrc(p.src_gu, od.eng, xs.data() + off * s.hidden * es);
+              dnnl::memory gdst(p.dst_gu, od.eng, gbuf.data() + off * s.inter);
+              dnnl::memory udst(p.dst_gu, od.eng, ubuf.data() + off * s.inter);
+              std::unordered_map<int, dnnl::memory> args = {
+                  {DNNL_ARG_SRC, xsrc}, {DNNL_ARG_WEIGHTS, ws[e].gate}, {DNNL_ARG_DST, gdst}};
+              dnnl::memory sc_i({{s.inter}, dt_::f32, dnnl::memory::format_tag::a}, od.eng,
+                                scales_i.data());
+              dnnl::memory sc_h({{s.hidden}, dt_::f32, dnnl::memory::format_tag::a}, od.eng,
+                                scales_h.data());
+              if (i8) args[DNNL_ARG_ATTR_OUTPUT_SCALES] = sc_i;
+              p.gu.execute(od.strm, args);
+              args[DNNL_ARG_WEIGHTS] = ws[e].up;
+              args[DNNL_ARG_DST] = udst;
+              p.gu.execute(od.strm, args);
+              // silu(g)·u into the down projection's source (bf16 or u8), threaded like ours.
+              uint8_t* hs = xs.data() + off * s.inter * es;
+              ex->parallel_for(me, 1, [&](int64_t a0, int64_t a1) {
+                for (int64_t q = a0 * s.inter; q < a1 * s.inter; ++q) {
+                  const float h =
+                      tidal::kernels::cpu::silu(gbuf[off * s.inter + q]) * ubuf[off * s.inter + q];
+                  if (i8)
+                    hs[q] = static_cast<uint8_t>(std::clamp(h * 100.f + 128.f, 0.f, 255.f));
+                  else
+                    reinterpret_cast<uint16_t*>(hs)[q] = tidal::kernels::f32_to_bf16(h);
+                }
+              });
+              dnnl::memory hsrc(p.src_dn, od.eng, hs);
+              dnnl::memory ydst(p.dst_dn, od.eng, ybuf.data() + off * s.hidden);
+              std::unordered_map<int, dnnl::memory> a2 = {
+                  {DNNL_ARG_SRC, hsrc}, {DNNL_ARG_WEIGHTS, ws[e].down}, {DNNL_ARG_DST, ydst}};
+              if (i8) a2[DNNL_ARG_ATTR_OUTPUT_SCALES] = sc_h;
+              p.dn.execute(od.strm, a2);
+              off += me;
+            }
+            od.strm.wait();
+          };
+          for (int w = 0; w < 2; ++w) run_od(w);
+          std::vector<double> ot;
+          const double oend = now_s() + seconds;
+          int64_t it = 2;
+          while (now_s() < oend || ot.size() < 3) {
+            const double t0 = now_s();
+            run_od(it++);
+            ot.push_back(now_s() - t0);
+          }
+          std::sort(ot.begin(), ot.end());
+          const double to = ot[ot.size() / 2];
+          std::printf(
+              "{\"bench\":\"onednn_matmul_experts\",\"shape\":\"%s\",\"dtype\":\"%s\",\"m\":%ld,"
+              "\"threads\":%ld,\"onednn\":\"%d.%d.%d\",\"median_us\":%.1f,\"tflops\":%.3f,"
+              "\"tidal_speedup\":%.3f}\n",
+              s.name, dname.c_str(), static_cast<long>(m), static_cast<long>(nt),
+              dnnl_version()->major, dnnl_version()->minor, dnnl_version()->patch, to * 1e6,
+              flops / to / 1e12, to / t);
+          std::fflush(stdout);
+        }
+#else
+        (void)onednn;
+#endif
+      }
+    }
+    for (auto& L : layers)
+      for (auto* b : L.blocks) std::free(b);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string shape = "35b", dtypes = "int4,int8,bf16", ms = "1,4,16,128,512,2048";
+  std::string threads = std::to_string(std::thread::hardware_concurrency());
+  double seconds = 0.5;
+  int64_t group = 0;
+  bool onednn = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "%s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--shape")
+      shape = next();
+    else if (a == "--dtypes")
+      dtypes = next();
+    else if (a == "--m")
+      ms = next();
+    else if (a == "--threads")
+      threads = next();
+    else if (a == "--seconds")
+      seconds = std::stod(next());
+    else if (a == "--group")
+      group = std::stoll(next());
+    else if (a == "--onednn")
+      onednn = true;
+    else {
+      std::fprintf(stderr, "unknown argument %s\n", a.c_str());
+      return 2;
+    }
+  }
+  // Qwen3.6-35B-A3B: hidden 2048, expert intermediate 512, 8 of 256; Qwen3-Next-80B-A3B: 10 of 512.
+  const Shape s35{"qwen3.6-35b-a3b", 2048, 512, 256, 8},
+      s80{"qwen3-next-80b-a3b", 2048, 512, 512, 10};
+  for (const auto& sh : parse_names(shape))
+    run_shape(sh == "80b" ? s80 : s35, parse_names(dtypes), parse_list(ms), parse_list(threads),
+              seconds, group, onednn);
+  return 0;
+}

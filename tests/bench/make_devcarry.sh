@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+# Packs what the GPU test machine (no network) lacks for tests/bench/run_device_*.sh into
+# .devcarry/deps.tar.xz (~9 MB; the device tool carries at most 64 MiB with the working tree):
+# TBB from PyPI wheels, oneDNN 2.6 and its OpenCL loader from Debian, the kt-kernel wheel. Run on a
+# Debian/Ubuntu machine with network, then: echo ".devcarry/" >> .git/info/exclude
+set -euo pipefail
+w=$(mktemp -d)
+p=$w/prefix
+mkdir -p "$p/lib" "$p/include" "$p/kt" .devcarry
+python3 -m pip download -q --no-deps --only-binary :all: --python-version 3.12 \
+  --platform manylinux_2_28_x86_64 -d "$w" tbb-devel==2023.2.0 tbb==2023.2.0 kt-kernel
+(cd "$w" && apt-get download libdnnl2 libdnnl-dev ocl-icd-libopencl1 >/dev/null)
+for f in "$w"/tbb*.whl; do unzip -q -o "$f" -d "$w/tbb"; done
+cp -a "$w"/tbb/tbb_devel-*.data/data/include/* "$p/include/"
+cp -a "$w"/tbb/tbb_devel-*.data/data/lib/cmake "$p/lib/"
+for l in libtbb.so.12 libtbbmalloc.so.2 libtbbmalloc_proxy.so.2; do
+  cp "$w"/tbb/tbb-*.data/data/lib/$l "$p/lib/"
+  ln -sf $l "$p/lib/${l%%.so.*}.so"
+done
+for d in "$w"/*.deb; do dpkg-deb -x "$d" "$w/deb"; done
+cp -a "$w"/deb/usr/lib/x86_64-linux-gnu/libdnnl.so* "$w"/deb/usr/lib/x86_64-linux-gnu/libOpenCL.so.1* "$p/lib/"
+cp -a "$w"/deb/usr/include/* "$p/include/"
+unzip -q -o "$w"/kt_kernel-*.whl -d "$p/kt"
+tar -cJf .devcarry/deps.tar.xz -C "$p" .
+rm -rf "$w"
+ls -la .devcarry/deps.tar.xz
