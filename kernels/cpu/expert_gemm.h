@@ -93,14 +93,16 @@ struct ActRows {
 
 /// Bytes of workspace one prepared row of `kind` needs for `layout` (see ActBuffer).
 struct ActBuffer {
-  /// Sizes the buffer for `rows` rows of `kind` prepared for `layout`; reuses capacity.
-  void reserve(ActKind kind, const PackedLayout& layout, int64_t rows);
+  /// Sizes the buffer for `rows` rows of `kind` prepared for `layout`; reuses capacity. `isa`
+  /// picks the preparation code (results are bit-identical at every ISA).
+  void reserve(ActKind kind, const PackedLayout& layout, int64_t rows, Isa isa = Isa::kRef);
   /// Prepares row `row` from x[0, layout.k) (layout as passed to reserve).
   void prepare(int64_t row, const float* x);
   /// The rows [row0, ...) as kernel arguments.
   ActRows rows(int64_t row0) const;
 
   ActKind kind = ActKind::kF32;
+  Isa isa = Isa::kRef;
   int64_t k = 0, k_pad = 0, group = 0, num_groups = 0, ld = 0, ld_group = 0, num_rows = 0;
   std::vector<float> f32;
   std::vector<uint16_t> bf16, bf16_lo;

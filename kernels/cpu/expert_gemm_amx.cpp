@@ -9,8 +9,7 @@
 /// tmm0..3: C, four 16-token x 16-row fp32 accumulators (up to kMaxRowsPerCall = 64 tokens);
 /// tmm4, tmm6: A, 16 tokens x 32 bf16 columns, alternated so a load does not wait for the previous
 /// product to release its register; tmm5, tmm7: B, 16 column pairs x 16 rows, alternated per
-/// 32-column chunk. The configuration is loaded once per thread (tidal's threads do not share
-/// tile state with other AMX users).
+/// 32-column chunk. Each call checks the thread's tile configuration (configure_tiles()).
 #include <immintrin.h>
 
 #include <cstring>
@@ -28,16 +27,21 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
+// Loads tidal's tile configuration unless it is the current one. Other AMX users on the same
+// thread (oneDNN, PyTorch) load their own configurations or release the tiles, so a per-thread
+// "configured" flag is not enough: read the current configuration back and compare.
 void configure_tiles() {
-  thread_local bool configured = false;
-  if (configured) return;
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-  configured = true;
+  static const TileConfig want = [] {
+    TileConfig c;
+    for (int t = 0; t < 8; ++t) {
+      c.rows[t] = 16;
+      c.colsb[t] = 64;
+    }
+    return c;
+  }();
+  TileConfig cur;
+  _tile_storeconfig(&cur);
+  if (std::memcmp(&cur, &want, sizeof cur) != 0) _tile_loadconfig(&want);
 }
 
 // Dequantises the 32 columns [c0, c0 + 32) of an INT8/INT4 tile into `dst` in the VNNI pair

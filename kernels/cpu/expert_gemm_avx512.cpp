@@ -30,37 +30,48 @@ inline int32_t load_i32(const void* p) {
   return v;
 }
 
-template <int MC, bool kInt4>
+// Two independent int32 accumulators per token (INT4: low/high nibble quads; INT8: even/odd
+// blocks) so consecutive `vpdpbusd` do not wait on each other's 5-cycle latency; the group size is
+// a template argument so the block loop is fully unrolled.
+template <int MC, bool kInt4, int G>
 void int_block(const PackedLayout& l, const uint8_t* tile, const ActRows& a, float* dst) {
   __m512 accf[MC];
   for (int i = 0; i < MC; ++i) accf[i] = _mm512_setzero_ps();
   const auto* scales = reinterpret_cast<const uint16_t*>(tile + l.data_bytes);
   const __m512i nibble = _mm512_set1_epi8(0x0f);
   constexpr int32_t kOffset = kInt4 ? 8 : 128;
-  const int64_t G = l.group;
+  constexpr int64_t kGroupBytes = kInt4 ? G * 8 : G * 16;
   for (int64_t g = 0; g < l.num_groups; ++g) {
-    const uint8_t* gb = tile + g * l.group_bytes;
-    __m512i acc[MC];
+    const uint8_t* gb = tile + g * kGroupBytes;
+    __m512i acc0[MC], acc1[MC];
     const int8_t* xq[MC];
     for (int i = 0; i < MC; ++i) {
-      acc[i] = _mm512_setzero_si512();
+      acc0[i] = _mm512_setzero_si512();
+      acc1[i] = _mm512_setzero_si512();
       xq[i] = a.q + i * a.ld + g * G;
     }
     if constexpr (kInt4) {
-      for (int64_t j = 0; j < G / 8; ++j) {
+#pragma GCC unroll 16
+      for (int j = 0; j < G / 8; ++j) {
         const __m512i raw = _mm512_loadu_si512(gb + 64 * j);
         const __m512i lo = _mm512_and_si512(raw, nibble);
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
         for (int i = 0; i < MC; ++i) {
-          acc[i] = _mm512_dpbusd_epi32(acc[i], lo, _mm512_set1_epi32(load_i32(xq[i] + 8 * j)));
-          acc[i] = _mm512_dpbusd_epi32(acc[i], hi, _mm512_set1_epi32(load_i32(xq[i] + 8 * j + 4)));
+          acc0[i] = _mm512_dpbusd_epi32(acc0[i], lo, _mm512_set1_epi32(load_i32(xq[i] + 8 * j)));
+          acc1[i] =
+              _mm512_dpbusd_epi32(acc1[i], hi, _mm512_set1_epi32(load_i32(xq[i] + 8 * j + 4)));
         }
       }
     } else {
-      for (int64_t j = 0; j < G / 4; ++j) {
-        const __m512i w = _mm512_loadu_si512(gb + 64 * j);
-        for (int i = 0; i < MC; ++i)
-          acc[i] = _mm512_dpbusd_epi32(acc[i], w, _mm512_set1_epi32(load_i32(xq[i] + 4 * j)));
+#pragma GCC unroll 16
+      for (int j = 0; j < G / 4; j += 2) {
+        const __m512i w0 = _mm512_loadu_si512(gb + 64 * j);
+        const __m512i w1 = _mm512_loadu_si512(gb + 64 * j + 64);
+        for (int i = 0; i < MC; ++i) {
+          acc0[i] = _mm512_dpbusd_epi32(acc0[i], w0, _mm512_set1_epi32(load_i32(xq[i] + 4 * j)));
+          acc1[i] =
+              _mm512_dpbusd_epi32(acc1[i], w1, _mm512_set1_epi32(load_i32(xq[i] + 4 * j + 4)));
+        }
       }
     }
     const __m512 ws = _mm512_cvtph_ps(
@@ -69,11 +80,27 @@ void int_block(const PackedLayout& l, const uint8_t* tile, const ActRows& a, flo
       const int64_t gi = i * a.ld_group + g;
       // Undo the unsigned weight offset: Σ (q_w + off) q_x - off Σ q_x, exact in int32.
       const __m512i corr = _mm512_set1_epi32(kOffset * a.q_sum[gi]);
-      const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i], corr));
-      accf[i] = _mm512_fmadd_ps(v, _mm512_mul_ps(ws, _mm512_set1_ps(a.q_scale[gi])), accf[i]);
+      const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(acc0[i], acc1[i]), corr);
+      accf[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum),
+                                _mm512_mul_ps(ws, _mm512_set1_ps(a.q_scale[gi])), accf[i]);
     }
   }
   for (int i = 0; i < MC; ++i) _mm512_storeu_ps(dst + i * kTileRows, accf[i]);
+}
+
+template <int MC, bool kInt4>
+void int_block_any(const PackedLayout& l, const uint8_t* tile, const ActRows& a, float* dst) {
+  switch (l.group) {
+    case 32:
+      int_block<MC, kInt4, 32>(l, tile, a, dst);
+      break;
+    case 64:
+      int_block<MC, kInt4, 64>(l, tile, a, dst);
+      break;
+    default:
+      int_block<MC, kInt4, 128>(l, tile, a, dst);
+      break;
+  }
 }
 
 // BF16 weights against fp32 activations: each 32-bit lane holds (W[r][2p], W[r][2p+1]); widening a
@@ -135,13 +162,13 @@ void run_blocks(const PackedLayout& l, const uint8_t* tile, const ActRows& a, in
 template <int MC>
 struct Int8Block {
   static void run(const PackedLayout& l, const uint8_t* t, const ActRows& a, float* d) {
-    int_block<MC, false>(l, t, a, d);
+    int_block_any<MC, false>(l, t, a, d);
   }
 };
 template <int MC>
 struct Int4Block {
   static void run(const PackedLayout& l, const uint8_t* t, const ActRows& a, float* d) {
-    int_block<MC, true>(l, t, a, d);
+    int_block_any<MC, true>(l, t, a, d);
   }
 };
 template <int MC>
@@ -164,6 +191,78 @@ void tile_int8(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int
 void tile_int4(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m,
                float* dst) {
   run_blocks<Int4Block>(l, tile, a, m, dst);
+}
+
+namespace {
+
+// e^x for x <= 88 (larger gives inf), ~2 ulp: 2^(x log2 e) with the integer part through scalef
+// and the fraction by a degree-6 minimax-style Taylor polynomial on [-0.5, 0.5].
+inline __m512 exp_ps(__m512 x) {
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+}  // namespace
+
+void silu_mul(const float* g, const float* u, float* h, int64_t n) {
+  int64_t i = 0;
+  for (; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(k, g + i);
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x));
+    const __m512 s = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+    _mm512_mask_storeu_ps(h + i, k, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(k, u + i)));
+  }
+}
+
+void prepare_bf16(const float* x, int64_t k, int64_t k_pad, uint16_t* dst) {
+  int64_t c = 0;
+  for (; c < k_pad; c += 16) {
+    const __mmask16 m = k - c >= 16 ? __mmask16(0xffff)
+                        : k > c     ? __mmask16((1u << (k - c)) - 1)
+                                    : 0;
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + c);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), (__m256i)_mm512_cvtneps_pbh(v));
+  }
+}
+
+void prepare_int8(const float* x, int64_t k, int64_t group, int64_t num_groups, int8_t* q,
+                  float* scale, int32_t* sum) {
+  for (int64_t g = 0; g < num_groups; ++g) {
+    const int64_t c0 = g * group;
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t c = c0; c < c0 + group; c += 16) {
+      const __mmask16 m = k - c >= 16 ? __mmask16(0xffff)
+                          : k > c     ? __mmask16((1u << (k - c)) - 1)
+                                      : 0;
+      amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + c)));
+    }
+    const float am = _mm512_reduce_max_ps(amax);
+    const float inv = am > 0.f ? 127.f / am : 0.f;
+    const __m512 vinv = _mm512_set1_ps(inv);
+    __m512i acc = _mm512_setzero_si512();
+    for (int64_t c = c0; c < c0 + group; c += 16) {
+      const __mmask16 m = k - c >= 16 ? __mmask16(0xffff)
+                          : k > c     ? __mmask16((1u << (k - c)) - 1)
+                                      : 0;
+      // cvtps_epi32 rounds to nearest even, as std::nearbyint in the scalar path; |x·inv| <= 127.
+      __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + c), vinv));
+      v = _mm512_max_epi32(_mm512_min_epi32(v, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+      acc = _mm512_add_epi32(acc, v);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + c), _mm512_cvtepi32_epi8(v));
+    }
+    scale[g] = am / 127.f;
+    sum[g] = _mm512_reduce_add_epi32(acc);
+  }
 }
 
 }  // namespace tidal::kernels::cpu::avx512

@@ -26,6 +26,7 @@
 #include <string>
 
 #include "kernels/cpu/expert_gemm.h"
+#include "kernels/cpu/expert_gemm_ref.h"
 
 namespace tidal::kernels::cpu {
 namespace {
@@ -196,21 +197,24 @@ PackedValue packed_value(const PackedLayout& l, const uint8_t* packed, int64_t r
   return v;
 }
 
-void ActBuffer::reserve(ActKind kind_, const PackedLayout& l, int64_t rows_) {
+void ActBuffer::reserve(ActKind kind_, const PackedLayout& l, int64_t rows_, Isa isa_) {
   kind = kind_;
+  isa = isa_;
   k = l.k;
   k_pad = l.k_pad;
   group = l.dtype == ExpertDType::kBF16 ? l.k_pad : l.group;
   num_groups = k_pad / group;
-  ld = k_pad;
+  // Rows are 64 bytes (32 elements) longer than k_pad: with a power-of-two row pitch the 16 rows
+  // of an AMX A tile would all fall in one L1 set.
+  ld = k_pad + 32;
   ld_group = num_groups;
   num_rows = rows_;
   // kTileRows spare rows: AMX loads whole 16-row A tiles.
-  const auto cap = static_cast<size_t>((rows_ + kTileRows) * k_pad);
+  const auto cap = static_cast<size_t>((rows_ + kTileRows) * ld);
   auto grow_zero = [&](auto& v, size_t n) {
     if (v.size() < n) v.resize(n);
     // The spare rows must be finite: zero them.
-    std::fill(v.begin() + static_cast<std::ptrdiff_t>(rows_ * k_pad),
+    std::fill(v.begin() + static_cast<std::ptrdiff_t>(rows_ * ld),
               v.begin() + static_cast<std::ptrdiff_t>(n), 0);
   };
   switch (kind) {
@@ -246,6 +250,10 @@ void ActBuffer::prepare(int64_t row, const float* x) {
     case ActKind::kBf16Split:
     case ActKind::kBf16: {
       uint16_t* hi = bf16.data() + o;
+      if (kind == ActKind::kBf16 && isa >= Isa::kAvx512) {
+        avx512::prepare_bf16(x, k, k_pad, hi);
+        break;
+      }
       for (int64_t c = 0; c < k; ++c) hi[c] = f32_to_bf16(x[c]);
       std::fill(hi + k, hi + k_pad, uint16_t{0});
       if (kind == ActKind::kBf16Split) {
@@ -257,6 +265,11 @@ void ActBuffer::prepare(int64_t row, const float* x) {
     }
     case ActKind::kInt8Groups: {
       int8_t* qd = q.data() + o;
+      if (isa >= Isa::kAvx512) {
+        avx512::prepare_int8(x, k, group, num_groups, qd, q_scale.data() + row * num_groups,
+                             q_sum.data() + row * num_groups);
+        break;
+      }
       for (int64_t g = 0; g < num_groups; ++g) {
         const int64_t c0 = g * group, c1 = std::min(k, c0 + group);
         float amax = 0.f;

@@ -14,6 +14,7 @@
 #include "kernels/cpu/moe_experts.h"
 
 #include <algorithm>
+#include <chrono>
 #include <stdexcept>
 #include <string>
 
@@ -23,8 +24,25 @@
 namespace tidal::kernels::cpu {
 namespace {
 
-// Slots prepared per parallel task: a few µs of work each.
+// Slots prepared per parallel task: a few µs of work each. Up to kSerialSlots slots (decode) are
+// prepared on the calling thread: cheaper than waking the workers.
 constexpr int64_t kSlotsPerTask = 8;
+constexpr int64_t kSerialSlots = 32;
+
+double now_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+template <class Fn>
+void for_slots(Executor& ex, int64_t S, const Fn& fn) {
+  if (S <= kSerialSlots) {
+    for (int64_t s = 0; s < S; ++s) fn(s);
+    return;
+  }
+  ex.parallel_for((S + kSlotsPerTask - 1) / kSlotsPerTask, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t s = b0 * kSlotsPerTask; s < std::min(S, b1 * kSlotsPerTask); ++s) fn(s);
+  });
+}
 
 }  // namespace
 
@@ -101,13 +119,21 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   };
 
   // Phase 1 activations.
-  act_small_.reserve(small.act, lgu, rows_small);
-  if (rows_large > 0) act_large_.reserve(large.act, lgu, rows_large);
-  ex.parallel_for((S + kSlotsPerTask - 1) / kSlotsPerTask, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t s = b0 * kSlotsPerTask; s < std::min(S, b1 * kSlotsPerTask); ++s)
-      (slot_is_large(s) ? act_large_ : act_small_)
-          .prepare(slot_row_[s], a.src + slot_token_[s] * a.ld_src);
+  double t0 = profile_ ? now_seconds() : 0.0;
+  auto lap = [&](int i) {
+    if (!profile_) return;
+    const double t = now_seconds();
+    phase_s_[i] = t - t0;
+    t0 = t;
+  };
+  act_small_.reserve(small.act, lgu, rows_small, isa_);
+  if (rows_large > 0) act_large_.reserve(large.act, lgu, rows_large, isa_);
+  for_slots(ex, S, [&](int64_t s) {
+    (slot_is_large(s) ? act_large_ : act_small_)
+        .prepare(slot_row_[s], a.src + slot_token_[s] * a.ld_src);
   });
+  lap(0);
+  const bool vec_silu = isa_ >= Isa::kAvx512;
 
   // Phase 1: h = silu(gate x) * up x per (expert, 16-row tile of I). See Note [Two-phase expert
   // schedule].
@@ -130,25 +156,30 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
         v.run(lgu, ut, rows, mc, u);
         for (int64_t i = 0; i < mc; ++i) {
           float* h = hidden_.data() + (offset_[e] + c0 + i) * I + col0;
-          for (int64_t r = 0; r < ncol; ++r)
-            h[r] = silu(g[i * kTileRows + r]) * u[i * kTileRows + r];
+          if (vec_silu) {
+            avx512::silu_mul(g + i * kTileRows, u + i * kTileRows, h, ncol);
+          } else {
+            for (int64_t r = 0; r < ncol; ++r)
+              h[r] = silu(g[i * kTileRows + r]) * u[i * kTileRows + r];
+          }
         }
       }
     }
   });
 
+  lap(1);
   // Phase 2 activations.
-  hid_small_.reserve(small.act, ldn, rows_small);
-  if (rows_large > 0) hid_large_.reserve(large.act, ldn, rows_large);
-  ex.parallel_for((S + kSlotsPerTask - 1) / kSlotsPerTask, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t s = b0 * kSlotsPerTask; s < std::min(S, b1 * kSlotsPerTask); ++s)
-      (slot_is_large(s) ? hid_large_ : hid_small_).prepare(slot_row_[s], hidden_.data() + s * I);
+  hid_small_.reserve(small.act, ldn, rows_small, isa_);
+  if (rows_large > 0) hid_large_.reserve(large.act, ldn, rows_large, isa_);
+  for_slots(ex, S, [&](int64_t s) {
+    (slot_is_large(s) ? hid_large_ : hid_small_).prepare(slot_row_[s], hidden_.data() + s * I);
   });
+  lap(2);
 
   // Phase 2: dst[t] += w · down h per 16-row tile of H, experts ascending.
-  ex.parallel_for(ldn.num_tiles, 1, [&](int64_t t0, int64_t t1) {
+  ex.parallel_for(ldn.num_tiles, 1, [&](int64_t tile0, int64_t tile1) {
     alignas(64) float y[kMaxRowsPerCall * kTileRows];
-    for (int64_t tile = t0; tile < t1; ++tile) {
+    for (int64_t tile = tile0; tile < tile1; ++tile) {
       const int64_t col0 = tile * kTileRows, ncol = std::min(kTileRows, H - col0);
       for (int64_t j = 0; j < num_active; ++j) {
         const int64_t e = active_[j];
@@ -169,6 +200,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
       }
     }
   });
+  lap(3);
 }
 
 void moe_experts_ref(const MoeExpertsArgs& a, bool act_bf16) {

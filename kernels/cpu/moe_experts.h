@@ -51,12 +51,18 @@ class MoeExperts {
   void set_isa(Isa isa) { isa_ = isa; }
   /// Names of the tile kernels the last run used (e.g. "avx512_vnni_int4+amx_int4").
   std::string last_variants() const;
+  /// With profiling on, run() records the wall time of its phases: prepare x, gate/up, prepare
+  /// h, down (seconds of the last call).
+  void set_profile(bool on) { profile_ = on; }
+  const double* phase_seconds() const { return phase_s_; }
   /// The variants of the last run as static strings (null where unused); no allocation.
   const char* used_small() const { return used_small_; }
   const char* used_large() const { return used_large_; }
 
  private:
   Isa isa_;
+  bool profile_ = false;
+  double phase_s_[4] = {};
   const char* used_small_ = nullptr;
   const char* used_large_ = nullptr;
   // Workspace.

@@ -321,15 +321,22 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
           op.run(a, *ex);
         };
         for (int i = 0; i < 3; ++i) call(i);  // workspace growth, page faults
-        std::vector<double> times;
+        op.set_profile(true);
+        std::vector<double> times, phases[4];
         const double t_end = now_s() + seconds;
         int64_t i = 3;
         while (now_s() < t_end || times.size() < 5) {
           const double t0 = now_s();
           call(i++);
           times.push_back(now_s() - t0);
+          for (int p = 0; p < 4; ++p) phases[p].push_back(op.phase_seconds()[p]);
         }
         std::sort(times.begin(), times.end());
+        double ph[4];
+        for (int p = 0; p < 4; ++p) {
+          std::sort(phases[p].begin(), phases[p].end());
+          ph[p] = phases[p][phases[p].size() / 2] * 1e6;
+        }
         const double t = times[times.size() / 2];
         double uniq = 0;
         for (const auto& r : routes) uniq += static_cast<double>(r.unique);
@@ -345,12 +352,15 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
             "\"expert_bytes_per_call\":%.0f,\"gbps\":%.2f,\"read_bw_gbps\":%.2f,"
             "\"bw_fraction\":%.3f,\"tflops\":%.3f,\"amx_peak_bf16_tflops\":%.2f,"
             "\"amx_peak_int8_tops\":%.2f,\"roofline_tflops\":%.3f,\"roofline_fraction\":%.3f,"
-            "\"layers\":%d,\"llc_bytes\":%ld,\"cpu\":\"%s\",\"isa\":\"%s\"}\n",
+            "\"layers\":%d,\"llc_bytes\":%ld,\"cpu\":\"%s\",\"isa\":\"%s\","
+            "\"phase_us\":{\"prepare_x\":%.1f,\"gate_up\":%.1f,\"prepare_h\":%.1f,\"down\":%.1f}}"
+            "\n",
             s.name, dname.c_str(), static_cast<long>(G), static_cast<long>(m),
             static_cast<long>(nt), op.last_variants().c_str(), t * 1e6, times.front() * 1e6,
             times.size(), bytes, bytes / t / 1e9, bw / 1e9, bytes / t / bw, flops / t / 1e12,
             peak_bf16 / 1e12, peak_int8 / 1e12, roof / 1e12, flops / t / roof, num_layers, llc,
-            f.brand.c_str(), std::string(tidal::kernels::isa_name(isa)).c_str());
+            f.brand.c_str(), std::string(tidal::kernels::isa_name(isa)).c_str(), ph[0], ph[1],
+            ph[2], ph[3]);
         std::fflush(stdout);
 #ifdef TIDAL_BENCH_ONEDNN
         if (onednn && dt != kc::ExpertDType::kINT4 && m >= 128) {

@@ -161,6 +161,26 @@ TEST(ExpertFormat, ActivationPreparation) {
               std::ldexp(std::fabs(x[c]), -16));
 }
 
+TEST(ExpertFormat, VectorPreparationIsBitIdentical) {
+  if (cpu_features().best < Isa::kAvx512) GTEST_SKIP() << "AVX-512 not available on this CPU";
+  for (int64_t k : {1, 45, 100, 2048}) {
+    const auto l = make_layout(ExpertDType::kINT8, 16, k, 32);
+    auto x = random_vec(static_cast<size_t>(k), 9 + static_cast<uint32_t>(k), 3.f);
+    x[0] = 0.f;
+    for (ActKind kind : {ActKind::kBf16, ActKind::kInt8Groups}) {
+      ActBuffer s, v;
+      s.reserve(kind, l, 2, Isa::kRef);
+      v.reserve(kind, l, 2, Isa::kAvx512);
+      s.prepare(1, x.data());
+      v.prepare(1, x.data());
+      EXPECT_EQ(s.bf16, v.bf16) << k;
+      EXPECT_EQ(s.q, v.q) << k;
+      EXPECT_EQ(s.q_scale, v.q_scale) << k;
+      EXPECT_EQ(s.q_sum, v.q_sum) << k;
+    }
+  }
+}
+
 // Σ_c |W[r][c]| |x[c]| per (row, token): the scale of a dot product's rounding error.
 float abs_dot(const PackedLayout& l, uint8_t* tile, const std::vector<float>& x, int64_t i,
               int64_t r) {
