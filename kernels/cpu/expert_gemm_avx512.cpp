@@ -14,6 +14,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 
 #include "kernels/cpu/expert_gemm_ref.h"
@@ -23,6 +24,13 @@ namespace {
 
 // Token rows per register block: MC int32 + MC fp32 accumulators stay in zmm registers.
 constexpr int64_t kRowBlock = 4;
+
+// Software prefetch distance in bytes ahead of the weight stream (0: hardware prefetch only);
+// TIDAL_EXPERT_PREFETCH overrides it (benchmark knob, docs/performance.md).
+const int64_t kPrefetchBytes = [] {
+  const char* e = std::getenv("TIDAL_EXPERT_PREFETCH");
+  return e ? std::atoll(e) : int64_t{1024};
+}();
 
 inline int32_t load_i32(const void* p) {
   int32_t v;
@@ -39,8 +47,10 @@ void int_block(const PackedLayout& l, const uint8_t* tile, const ActRows& a, flo
   for (int i = 0; i < MC; ++i) accf[i] = _mm512_setzero_ps();
   const auto* scales = reinterpret_cast<const uint16_t*>(tile + l.data_bytes);
   const __m512i nibble = _mm512_set1_epi8(0x0f);
+  const __m512i high_nibble = _mm512_set1_epi8(static_cast<char>(0xf0));
   constexpr int32_t kOffset = kInt4 ? 8 : 128;
   constexpr int64_t kGroupBytes = kInt4 ? G * 8 : G * 16;
+  const int64_t pf = kPrefetchBytes;
   for (int64_t g = 0; g < l.num_groups; ++g) {
     const uint8_t* gb = tile + g * kGroupBytes;
     __m512i acc0[MC], acc1[MC];
@@ -53,9 +63,11 @@ void int_block(const PackedLayout& l, const uint8_t* tile, const ActRows& a, flo
     if constexpr (kInt4) {
 #pragma GCC unroll 16
       for (int j = 0; j < G / 8; ++j) {
+        if (pf) _mm_prefetch(reinterpret_cast<const char*>(gb + 64 * j + pf), _MM_HINT_T0);
         const __m512i raw = _mm512_loadu_si512(gb + 64 * j);
         const __m512i lo = _mm512_and_si512(raw, nibble);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
+        // High nibbles in place (16·q): acc1 is 16x the sum, undone by an exact shift below.
+        const __m512i hi = _mm512_and_si512(raw, high_nibble);
         for (int i = 0; i < MC; ++i) {
           acc0[i] = _mm512_dpbusd_epi32(acc0[i], lo, _mm512_set1_epi32(load_i32(xq[i] + 8 * j)));
           acc1[i] =
@@ -65,6 +77,8 @@ void int_block(const PackedLayout& l, const uint8_t* tile, const ActRows& a, flo
     } else {
 #pragma GCC unroll 16
       for (int j = 0; j < G / 4; j += 2) {
+        if (pf) _mm_prefetch(reinterpret_cast<const char*>(gb + 64 * j + pf), _MM_HINT_T0);
+        if (pf) _mm_prefetch(reinterpret_cast<const char*>(gb + 64 * j + 64 + pf), _MM_HINT_T0);
         const __m512i w0 = _mm512_loadu_si512(gb + 64 * j);
         const __m512i w1 = _mm512_loadu_si512(gb + 64 * j + 64);
         for (int i = 0; i < MC; ++i) {
@@ -80,7 +94,8 @@ void int_block(const PackedLayout& l, const uint8_t* tile, const ActRows& a, flo
       const int64_t gi = i * a.ld_group + g;
       // Undo the unsigned weight offset: Σ (q_w + off) q_x - off Σ q_x, exact in int32.
       const __m512i corr = _mm512_set1_epi32(kOffset * a.q_sum[gi]);
-      const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(acc0[i], acc1[i]), corr);
+      const __m512i hi_sum = kInt4 ? _mm512_srai_epi32(acc1[i], 4) : acc1[i];
+      const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(acc0[i], hi_sum), corr);
       accf[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum),
                                 _mm512_mul_ps(ws, _mm512_set1_ps(a.q_scale[gi])), accf[i]);
     }
