@@ -123,21 +123,31 @@ void int_block_any(const PackedLayout& l, const uint8_t* tile, const ActRows& a,
 // fp32 FMAs, as accurate as the scalar path. See Note [Why not vdpbf16ps at decode].
 template <int MC>
 void bf16_block(const PackedLayout& l, const uint8_t* tile, const ActRows& a, float* dst) {
-  __m512 acc[MC];
-  for (int i = 0; i < MC; ++i) acc[i] = _mm512_setzero_ps();
+  // Four accumulators per token (two blocks x even/odd column) keep four independent FMA chains.
+  __m512 acc[MC][4];
+  for (int i = 0; i < MC; ++i)
+    for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_setzero_ps();
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-  const int64_t pairs = l.k_pad / 2;
-  for (int64_t p = 0; p < pairs; ++p) {
-    const __m512i v = _mm512_loadu_si512(tile + 64 * p);
-    const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-    const __m512 w1 = _mm512_castsi512_ps(_mm512_and_si512(v, high));
-    for (int i = 0; i < MC; ++i) {
-      const float* x = a.f32 + i * a.ld + 2 * p;
-      acc[i] = _mm512_fmadd_ps(w0, _mm512_set1_ps(x[0]), acc[i]);
-      acc[i] = _mm512_fmadd_ps(w1, _mm512_set1_ps(x[1]), acc[i]);
+  const int64_t pairs = l.k_pad / 2;  // even: k_pad is a multiple of 32
+  const int64_t pf = kPrefetchBytes;
+  for (int64_t p = 0; p < pairs; p += 2) {
+    if (pf) _mm_prefetch(reinterpret_cast<const char*>(tile + 64 * p + pf), _MM_HINT_T0);
+    if (pf) _mm_prefetch(reinterpret_cast<const char*>(tile + 64 * p + 64 + pf), _MM_HINT_T0);
+    for (int b = 0; b < 2; ++b) {
+      const __m512i v = _mm512_loadu_si512(tile + 64 * (p + b));
+      const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      const __m512 w1 = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+      for (int i = 0; i < MC; ++i) {
+        const float* x = a.f32 + i * a.ld + 2 * (p + b);
+        acc[i][2 * b] = _mm512_fmadd_ps(w0, _mm512_set1_ps(x[0]), acc[i][2 * b]);
+        acc[i][2 * b + 1] = _mm512_fmadd_ps(w1, _mm512_set1_ps(x[1]), acc[i][2 * b + 1]);
+      }
     }
   }
-  for (int i = 0; i < MC; ++i) _mm512_storeu_ps(dst + i * kTileRows, acc[i]);
+  for (int i = 0; i < MC; ++i)
+    _mm512_storeu_ps(dst + i * kTileRows,
+                     _mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]),
+                                   _mm512_add_ps(acc[i][2], acc[i][3])));
 }
 
 ActRows offset_rows(const ActRows& a, int64_t i0) {

@@ -465,6 +465,49 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
   }
 }
 
+// Single-thread micro-benchmark of one tile kernel: `hot` reuses one tile (weights in L1/L2: the
+// kernel's compute rate), `cold` walks tiles of a 1 GiB buffer (with the DRAM stream).
+void run_micro(const Shape& s, const std::vector<std::string>& dtypes, const std::vector<int64_t>& ms) {
+  const Isa isa = tidal::kernels::resolve_isa("auto");
+  for (const auto& dname : dtypes) {
+    const kc::ExpertDType dt = kc::parse_expert_dtype(dname);
+    const int64_t G = dt == kc::ExpertDType::kINT4 ? 32 : 128;
+    const auto l = kc::make_layout(dt, 16, s.hidden, G);
+    const size_t total = size_t{1} << 30;
+    const int64_t ntiles = static_cast<int64_t>(total / static_cast<size_t>(l.tile_bytes));
+    auto* buf = static_cast<uint8_t*>(std::aligned_alloc(4096, static_cast<size_t>(ntiles * l.tile_bytes)));
+    std::vector<float> w(static_cast<size_t>(16 * s.hidden));
+    std::mt19937 g(3);
+    std::normal_distribution<float> nd(0.f, 0.02f);
+    for (auto& v : w) v = nd(g);
+    kc::pack_weights(l, w.data(), tidal::kernels::DType::kF32, s.hidden, buf, 0, 1);
+    for (int64_t t = 1; t < ntiles; ++t) std::memcpy(buf + t * l.tile_bytes, buf, static_cast<size_t>(l.tile_bytes));
+    for (int64_t m : ms) {
+      const auto& v = kc::select_expert_gemm(dt, isa, m);
+      kc::ActBuffer a;
+      a.reserve(v.act, l, m, isa);
+      std::vector<float> x(static_cast<size_t>(s.hidden));
+      for (auto& e : x) e = nd(g) * 50.f;
+      for (int64_t i = 0; i < m; ++i) a.prepare(i, x.data());
+      alignas(64) static float out[kc::kMaxRowsPerCall * kc::kTileRows];
+      for (int cold = 0; cold < 2; ++cold) {
+        const int64_t calls = cold ? std::min<int64_t>(ntiles, 20000) : 20000;
+        const double t0 = now_s();
+        for (int64_t c = 0; c < calls; ++c)
+          v.run(l, buf + (cold ? c : 0) * l.tile_bytes, a.rows(0), m, out);
+        const double t = (now_s() - t0) / static_cast<double>(calls);
+        std::printf("{\"bench\":\"micro\",\"variant\":\"%s\",\"m\":%ld,\"k\":%ld,\"cold\":%d,\"us_per_call\":%.3f,"
+                    "\"weight_gbps\":%.2f,\"tflops\":%.3f}\n",
+                    v.name, static_cast<long>(m), static_cast<long>(s.hidden), cold, t * 1e6,
+                    static_cast<double>(l.tile_bytes) / t / 1e9,
+                    2.0 * static_cast<double>(m) * 16 * static_cast<double>(s.hidden) / t / 1e12);
+        std::fflush(stdout);
+      }
+    }
+    std::free(buf);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -472,7 +515,7 @@ int main(int argc, char** argv) {
   std::string threads = std::to_string(std::thread::hardware_concurrency());
   double seconds = 0.5;
   int64_t group = 0;
-  bool onednn = false;
+  bool onednn = false, micro = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -496,6 +539,8 @@ int main(int argc, char** argv) {
       group = std::stoll(next());
     else if (a == "--onednn")
       onednn = true;
+    else if (a == "--micro")
+      micro = true;
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
@@ -504,6 +549,10 @@ int main(int argc, char** argv) {
   // Qwen3.6-35B-A3B: hidden 2048, expert intermediate 512, 8 of 256; Qwen3-Next-80B-A3B: 10 of 512.
   const Shape s35{"qwen3.6-35b-a3b", 2048, 512, 256, 8},
       s80{"qwen3-next-80b-a3b", 2048, 512, 512, 10};
+  if (micro) {
+    run_micro(s35, parse_names(dtypes), parse_list(ms));
+    return 0;
+  }
   for (const auto& sh : parse_names(shape))
     run_shape(sh == "80b" ? s80 : s35, parse_names(dtypes), parse_list(ms), parse_list(threads),
               seconds, group, onednn);
