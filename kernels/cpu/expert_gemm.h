@@ -32,8 +32,8 @@ constexpr int64_t kTileRows = 16;
 constexpr int64_t kBf16ColAlign = 32;
 /// Group sizes a quantised format may use.
 constexpr int kGroupSizes[] = {32, 64, 128};
-/// Token rows one micro-kernel call handles (AMX: four 16-row C tiles).
-constexpr int64_t kMaxRowsPerCall = 64;
+/// Token rows one micro-kernel call handles (AMX: passes of 32 tokens over one dequantised tile).
+constexpr int64_t kMaxRowsPerCall = 128;
 /// Layout name and version, stored in packed caches.
 constexpr std::string_view kExpertLayoutName = "tidal_n16_v1";
 
@@ -116,6 +116,10 @@ struct ActBuffer {
 /// `act` must have readable (zero) rows up to the next multiple of 16 above m.
 using TileKernelFn = void (*)(const PackedLayout& layout, const uint8_t* tile, const ActRows& act,
                               int64_t m, float* dst);
+/// The same for two tiles against the same activations (dst0 from tile0, dst1 from tile1).
+using TileKernel2Fn = void (*)(const PackedLayout& layout, const uint8_t* tile0,
+                               const uint8_t* tile1, const ActRows& act, int64_t m, float* dst0,
+                               float* dst1);
 
 /// One micro-kernel variant.
 struct ExpertGemmVariant {
@@ -125,6 +129,18 @@ struct ExpertGemmVariant {
   ActKind act;
   int64_t min_rows;  ///< it declines calls with fewer token rows (AMX is for prefill)
   TileKernelFn run;
+  TileKernel2Fn run2 = nullptr;  ///< optional: two tiles in one pass (AMX)
+
+  /// run2 when the variant has it, else run twice.
+  void run_pair(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a,
+                int64_t m, float* d0, float* d1) const {
+    if (run2 != nullptr) {
+      run2(l, t0, t1, a, m, d0, d1);
+    } else {
+      run(l, t0, a, m, d0);
+      run(l, t1, a, m, d1);
+    }
+  }
 };
 
 /// Every variant built into this binary, best first, reference variants last.

@@ -5,13 +5,13 @@
 /// layout); INT8/INT4 weights are dequantised 32 columns at a time into a 1 KiB bf16 B tile
 /// (q·s rounded to bf16) in L1. Compiled with AMX-TILE/BF16/INT8 and AVX-512 flags only.
 ///
-/// Note [AMX tile registers]
-/// tmm0..3: C, four 16-token x 16-row fp32 accumulators (up to kMaxRowsPerCall = 64 tokens);
-/// tmm4, tmm6: A, 16 tokens x 32 bf16 columns, alternated so a load does not wait for the previous
-/// product to release its register; tmm5, tmm7: B, 16 column pairs x 16 rows, alternated per
-/// 32-column chunk. Each call checks the thread's tile configuration (configure_tiles()).
+/// Note [AMX tile registers] (see also Note [AMX 2x2 blocking])
+/// All eight tiles are 16 rows x 64 bytes: C fp32 16 tokens x 16 outputs, A bf16 16 tokens x 32
+/// columns, B bf16 16 column pairs x 16 outputs. Each call checks the thread's tile configuration
+/// (configure_tiles()).
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "kernels/cpu/expert_gemm_ref.h"
@@ -93,96 +93,122 @@ inline void dequant_chunk(const PackedLayout& l, const uint8_t* tile, int64_t c0
   }
 }
 
-// Tile numbers must be immediates: the body is instantiated for MB = 1..4 C tiles.
-template <int MB, ExpertDType kDType>
-void gemm(const PackedLayout& l, const uint8_t* tile, const ActRows& a, float* dst) {
-  configure_tiles();
-  if constexpr (MB >= 1) _tile_zero(0);
-  if constexpr (MB >= 2) _tile_zero(1);
-  if constexpr (MB >= 3) _tile_zero(2);
-  if constexpr (MB >= 4) _tile_zero(3);
-  alignas(64) uint16_t bbuf[2][16 * 32];
-  const int64_t chunks = l.k_pad / 32;
-  const auto lda = static_cast<long>(a.ld * 2);
-  // Weight bytes per 32-column chunk; chunks of a tile are contiguous (then come its scales, then
-  // the next tile), so the stream is prefetched kPrefetchChunks chunks ahead. Without it every B
-  // tile waits for DRAM: at 64 tokens per expert the loop is bound by the weight stream.
-  constexpr int64_t kChunkBytes = kDType == ExpertDType::kBF16   ? 1024
-                                  : kDType == ExpertDType::kINT8 ? 512
-                                                                 : 256;
-  constexpr int64_t kPrefetchChunks = 4;
-  for (int64_t kc = 0; kc < chunks; ++kc) {
-    const uint8_t* ahead = tile + (kc + kPrefetchChunks) * kChunkBytes;
-    for (int64_t p = 0; p < kChunkBytes; p += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(ahead + p), _MM_HINT_T0);
-    const void* b;
+// Weight bytes per 32-column chunk of a tile; a tile's chunks are contiguous (then come its
+// scales, then the next tile).
+template <ExpertDType kDType>
+constexpr int64_t kChunkBytes = kDType == ExpertDType::kBF16   ? 1024
+                                : kDType == ExpertDType::kINT8 ? 512
+                                                               : 256;
+// The weight streams are prefetched this many chunks ahead: without it every B tile waits for
+// DRAM, and at ~64 tokens per expert the loop is bound by the weight stream.
+constexpr int64_t kPrefetchChunks = 4;
+
+// Column chunks of one tile as bf16 B tiles: BF16 weights are used in place; INT8/INT4 are
+// dequantised, the whole tile at once into `buf` when several token passes will reuse it.
+template <ExpertDType kDType>
+struct BSource {
+  const PackedLayout& l;
+  const uint8_t* tile;
+  uint16_t* full;  // dequantised tile (k_pad/32 chunks of 512 bf16) or null
+  const void* chunk(int64_t kc, uint16_t* scratch) const {
     if constexpr (kDType == ExpertDType::kBF16) {
-      b = tile + kc * 1024;
+      return tile + kc * 1024;
     } else {
-      dequant_chunk<kDType == ExpertDType::kINT4>(l, tile, kc * 32, bbuf[kc & 1]);
-      b = bbuf[kc & 1];
+      if (full != nullptr) return full + kc * 512;
+      dequant_chunk<kDType == ExpertDType::kINT4>(l, tile, kc * 32, scratch);
+      return scratch;
     }
-    const uint16_t* a0 = a.bf16 + kc * 32;
-    if (kc & 1) {
-      _tile_loadd(7, b, 64);
-      _tile_loadd(4, a0, lda);
-      _tile_dpbf16ps(0, 4, 7);
-      if constexpr (MB >= 2) {
-        _tile_loadd(6, a0 + 16 * a.ld, lda);
-        _tile_dpbf16ps(1, 6, 7);
-      }
-      if constexpr (MB >= 3) {
-        _tile_loadd(4, a0 + 32 * a.ld, lda);
-        _tile_dpbf16ps(2, 4, 7);
-      }
-      if constexpr (MB >= 4) {
-        _tile_loadd(6, a0 + 48 * a.ld, lda);
-        _tile_dpbf16ps(3, 6, 7);
-      }
-    } else {
-      _tile_loadd(5, b, 64);
-      _tile_loadd(4, a0, lda);
-      _tile_dpbf16ps(0, 4, 5);
-      if constexpr (MB >= 2) {
-        _tile_loadd(6, a0 + 16 * a.ld, lda);
-        _tile_dpbf16ps(1, 6, 5);
-      }
-      if constexpr (MB >= 3) {
-        _tile_loadd(4, a0 + 32 * a.ld, lda);
-        _tile_dpbf16ps(2, 4, 5);
-      }
-      if constexpr (MB >= 4) {
-        _tile_loadd(6, a0 + 48 * a.ld, lda);
-        _tile_dpbf16ps(3, 6, 5);
+  }
+  void prefetch(int64_t kc) const {
+    const uint8_t* ahead = tile + (kc + kPrefetchChunks) * kChunkBytes<kDType>;
+    for (int64_t p = 0; p < kChunkBytes<kDType>; p += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + p), _MM_HINT_T0);
+  }
+};
+
+// Note [AMX 2x2 blocking]
+// One pass computes NB (1 or 2) 16-token blocks against two weight tiles (gate and up of the same
+// rows, or two adjacent tiles of down): C[i][j] = A_i x B_j in tmm0..3, A_i in tmm4/5, B_j in
+// tmm6/7. Each A and B tile feeds two products and the four accumulation chains are independent,
+// so tile loads overlap the products (a single 16-row tile with one A register serialises on it).
+template <int NB, ExpertDType kDType>
+void pass2(const BSource<kDType>& b0, const BSource<kDType>& b1, const uint16_t* a, int64_t ld,
+           int64_t chunks, float* c0, float* c1) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (NB == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  alignas(64) uint16_t s0[16 * 32], s1[16 * 32];
+  const auto lda = static_cast<long>(ld * 2);
+  for (int64_t kc = 0; kc < chunks; ++kc) {
+    b0.prefetch(kc);
+    b1.prefetch(kc);
+    const void* p0 = b0.chunk(kc, s0);
+    const void* p1 = b1.chunk(kc, s1);
+    _tile_loadd(4, a + kc * 32, lda);
+    _tile_loadd(6, p0, 64);
+    _tile_loadd(7, p1, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if constexpr (NB == 2) {
+      _tile_loadd(5, a + 16 * ld + kc * 32, lda);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c0, 64);
+  _tile_stored(1, c1, 64);
+  if constexpr (NB == 2) {
+    _tile_stored(2, c0 + 256, 64);
+    _tile_stored(3, c1 + 256, 64);
+  }
+}
+
+// Dequantised tiles for multi-pass calls: two tiles of up to 2048 columns (k_pad larger: per
+// chunk). 128 KiB per thread, L2-resident.
+constexpr int64_t kFullTileCols = 2048;
+
+template <ExpertDType kDType>
+void run2(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a, int64_t m,
+          float* d0, float* d1) {
+  configure_tiles();
+  const int64_t chunks = l.k_pad / 32;
+  const int64_t passes = (m + 31) / 32;
+  uint16_t* full0 = nullptr;
+  uint16_t* full1 = nullptr;
+  if constexpr (kDType != ExpertDType::kBF16) {
+    if (passes > 1 && l.k_pad <= kFullTileCols) {
+      alignas(64) static thread_local uint16_t full[2][kFullTileCols * kTileRows];
+      full0 = full[0];
+      full1 = full[1];
+      for (int64_t kc = 0; kc < chunks; ++kc) {
+        dequant_chunk<kDType == ExpertDType::kINT4>(l, t0, kc * 32, full0 + kc * 512);
+        dequant_chunk<kDType == ExpertDType::kINT4>(l, t1, kc * 32, full1 + kc * 512);
       }
     }
   }
-  _tile_stored(0, dst, 64);
-  if constexpr (MB >= 2) _tile_stored(1, dst + 256, 64);
-  if constexpr (MB >= 3) _tile_stored(2, dst + 512, 64);
-  if constexpr (MB >= 4) _tile_stored(3, dst + 768, 64);
+  const BSource<kDType> b0{l, t0, full0}, b1{l, t1, full1};
+  alignas(64) float c0[32 * kTileRows], c1[32 * kTileRows];
+  for (int64_t p = 0; p < passes; ++p) {
+    const int64_t r0 = 32 * p, rows = std::min<int64_t>(32, m - r0);
+    const uint16_t* ap = a.bf16 + r0 * a.ld;
+    if (rows > 16)
+      pass2<2, kDType>(b0, b1, ap, a.ld, chunks, c0, c1);
+    else
+      pass2<1, kDType>(b0, b1, ap, a.ld, chunks, c0, c1);
+    std::memcpy(d0 + r0 * kTileRows, c0, static_cast<size_t>(rows * kTileRows) * sizeof(float));
+    std::memcpy(d1 + r0 * kTileRows, c1, static_cast<size_t>(rows * kTileRows) * sizeof(float));
+  }
 }
 
 template <ExpertDType kDType>
 void run(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst) {
-  // dst has room for kMaxRowsPerCall rows; C tiles store whole 16-row blocks.
-  alignas(64) float out[kMaxRowsPerCall * kTileRows];
-  const int64_t mb = (m + 15) / 16;
-  switch (mb) {
-    case 1:
-      gemm<1, kDType>(l, tile, a, out);
-      break;
-    case 2:
-      gemm<2, kDType>(l, tile, a, out);
-      break;
-    case 3:
-      gemm<3, kDType>(l, tile, a, out);
-      break;
-    default:
-      gemm<4, kDType>(l, tile, a, out);
-      break;
-  }
-  std::memcpy(dst, out, static_cast<size_t>(m * kTileRows) * sizeof(float));
+  // One tile: the pair kernel with the same tile twice (the second result is dropped). Callers
+  // with two tiles use run2 directly.
+  alignas(64) static thread_local float scratch[kMaxRowsPerCall * kTileRows];
+  run2<kDType>(l, tile, tile, a, m, dst, scratch);
 }
 
 }  // namespace
@@ -198,6 +224,18 @@ void tile_int8(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int
 void tile_int4(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m,
                float* dst) {
   run<ExpertDType::kINT4>(l, tile, a, m, dst);
+}
+void tile2_bf16(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a,
+                int64_t m, float* d0, float* d1) {
+  run2<ExpertDType::kBF16>(l, t0, t1, a, m, d0, d1);
+}
+void tile2_int8(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a,
+                int64_t m, float* d0, float* d1) {
+  run2<ExpertDType::kINT8>(l, t0, t1, a, m, d0, d1);
+}
+void tile2_int4(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a,
+                int64_t m, float* d0, float* d1) {
+  run2<ExpertDType::kINT4>(l, t0, t1, a, m, d0, d1);
 }
 
 }  // namespace tidal::kernels::cpu::amx

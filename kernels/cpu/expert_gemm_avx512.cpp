@@ -145,9 +145,8 @@ void bf16_block(const PackedLayout& l, const uint8_t* tile, const ActRows& a, fl
     }
   }
   for (int i = 0; i < MC; ++i)
-    _mm512_storeu_ps(dst + i * kTileRows,
-                     _mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]),
-                                   _mm512_add_ps(acc[i][2], acc[i][3])));
+    _mm512_storeu_ps(dst + i * kTileRows, _mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]),
+                                                        _mm512_add_ps(acc[i][2], acc[i][3])));
 }
 
 ActRows offset_rows(const ActRows& a, int64_t i0) {

@@ -42,6 +42,13 @@ namespace amx {
 void tile_bf16(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
 void tile_int8(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
 void tile_int4(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
+/// Two tiles against the same activations (gate and up, or two adjacent down tiles).
+void tile2_bf16(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a,
+                int64_t m, float* d0, float* d1);
+void tile2_int8(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a,
+                int64_t m, float* d0, float* d1);
+void tile2_int4(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a,
+                int64_t m, float* d0, float* d1);
 }  // namespace amx
 
 }  // namespace tidal::kernels::cpu

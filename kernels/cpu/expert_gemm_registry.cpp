@@ -19,9 +19,9 @@ constexpr int64_t kAmxMinRows = 8;
 const std::vector<ExpertGemmVariant>& expert_gemm_variants() {
   using enum ExpertDType;
   static const std::vector<ExpertGemmVariant> v = {
-      {"amx_bf16", Isa::kAmx, kBF16, ActKind::kBf16, kAmxMinRows, amx::tile_bf16},
-      {"amx_int8", Isa::kAmx, kINT8, ActKind::kBf16, kAmxMinRows, amx::tile_int8},
-      {"amx_int4", Isa::kAmx, kINT4, ActKind::kBf16, kAmxMinRows, amx::tile_int4},
+      {"amx_bf16", Isa::kAmx, kBF16, ActKind::kBf16, kAmxMinRows, amx::tile_bf16, amx::tile2_bf16},
+      {"amx_int8", Isa::kAmx, kINT8, ActKind::kBf16, kAmxMinRows, amx::tile_int8, amx::tile2_int8},
+      {"amx_int4", Isa::kAmx, kINT4, ActKind::kBf16, kAmxMinRows, amx::tile_int4, amx::tile2_int4},
       {"avx512_bf16", Isa::kAvx512, kBF16, ActKind::kF32, 1, avx512::tile_bf16},
       {"avx512_vnni_int8", Isa::kAvx512, kINT8, ActKind::kInt8Groups, 1, avx512::tile_int8},
       {"avx512_vnni_int4", Isa::kAvx512, kINT4, ActKind::kInt8Groups, 1, avx512::tile_int4},

@@ -151,9 +151,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
       const int64_t col0 = tile * kTileRows, ncol = std::min(kTileRows, I - col0);
       for (int64_t c0 = 0; c0 < count_[e]; c0 += kMaxRowsPerCall) {
         const int64_t mc = std::min(kMaxRowsPerCall, count_[e] - c0);
-        const ActRows rows = buf.rows(row0_[j] + c0);
-        v.run(lgu, gt, rows, mc, g);
-        v.run(lgu, ut, rows, mc, u);
+        v.run_pair(lgu, gt, ut, buf.rows(row0_[j] + c0), mc, g, u);
         for (int64_t i = 0; i < mc; ++i) {
           float* h = hidden_.data() + (offset_[e] + c0 + i) * I + col0;
           if (vec_silu) {
@@ -176,25 +174,35 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   });
   lap(2);
 
-  // Phase 2: dst[t] += w · down h per 16-row tile of H, experts ascending.
-  ex.parallel_for(ldn.num_tiles, 1, [&](int64_t tile0, int64_t tile1) {
-    alignas(64) float y[kMaxRowsPerCall * kTileRows];
-    for (int64_t tile = tile0; tile < tile1; ++tile) {
-      const int64_t col0 = tile * kTileRows, ncol = std::min(kTileRows, H - col0);
+  // Phase 2: dst[t] += w · down h per pair of 16-row tiles of H, experts ascending.
+  const int64_t pairs = (ldn.num_tiles + 1) / 2;
+  ex.parallel_for(pairs, 1, [&](int64_t p0, int64_t p1) {
+    alignas(64) float y0[kMaxRowsPerCall * kTileRows], y1[kMaxRowsPerCall * kTileRows];
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t tile = 2 * p;
+      const bool two = tile + 1 < ldn.num_tiles;
+      const int64_t col0 = tile * kTileRows, ncol = std::min(2 * kTileRows, H - col0);
       for (int64_t j = 0; j < num_active; ++j) {
         const int64_t e = active_[j];
         const bool big = large_[j];
         const ExpertGemmVariant& v = big ? large : small;
         const ActBuffer& buf = big ? hid_large_ : hid_small_;
-        const uint8_t* dt_ = a.experts[e].down + tile * ldn.tile_bytes;
+        const uint8_t* t0 = a.experts[e].down + tile * ldn.tile_bytes;
         for (int64_t c0 = 0; c0 < count_[e]; c0 += kMaxRowsPerCall) {
           const int64_t mc = std::min(kMaxRowsPerCall, count_[e] - c0);
-          v.run(ldn, dt_, buf.rows(row0_[j] + c0), mc, y);
+          const ActRows rows = buf.rows(row0_[j] + c0);
+          if (two)
+            v.run_pair(ldn, t0, t0 + ldn.tile_bytes, rows, mc, y0, y1);
+          else
+            v.run(ldn, t0, rows, mc, y0);
           for (int64_t i = 0; i < mc; ++i) {
             const int64_t s = offset_[e] + c0 + i;
             float* d = a.dst + slot_token_[s] * a.ld_dst + col0;
             const float wgt = slot_weight_[s];
-            for (int64_t r = 0; r < ncol; ++r) d[r] += wgt * y[i * kTileRows + r];
+            const float* ya = y0 + i * kTileRows;
+            const float* yb = y1 + i * kTileRows;
+            for (int64_t r = 0; r < ncol; ++r)
+              d[r] += wgt * (r < kTileRows ? ya[r] : yb[r - kTileRows]);
           }
         }
       }

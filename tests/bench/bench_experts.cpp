@@ -467,7 +467,8 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
 
 // Single-thread micro-benchmark of one tile kernel: `hot` reuses one tile (weights in L1/L2: the
 // kernel's compute rate), `cold` walks tiles of a 1 GiB buffer (with the DRAM stream).
-void run_micro(const Shape& s, const std::vector<std::string>& dtypes, const std::vector<int64_t>& ms) {
+void run_micro(const Shape& s, const std::vector<std::string>& dtypes,
+               const std::vector<int64_t>& ms) {
   const Isa isa = tidal::kernels::resolve_isa("auto");
   for (const auto& dname : dtypes) {
     const kc::ExpertDType dt = kc::parse_expert_dtype(dname);
@@ -475,13 +476,15 @@ void run_micro(const Shape& s, const std::vector<std::string>& dtypes, const std
     const auto l = kc::make_layout(dt, 16, s.hidden, G);
     const size_t total = size_t{1} << 30;
     const int64_t ntiles = static_cast<int64_t>(total / static_cast<size_t>(l.tile_bytes));
-    auto* buf = static_cast<uint8_t*>(std::aligned_alloc(4096, static_cast<size_t>(ntiles * l.tile_bytes)));
+    auto* buf =
+        static_cast<uint8_t*>(std::aligned_alloc(4096, static_cast<size_t>(ntiles * l.tile_bytes)));
     std::vector<float> w(static_cast<size_t>(16 * s.hidden));
     std::mt19937 g(3);
     std::normal_distribution<float> nd(0.f, 0.02f);
     for (auto& v : w) v = nd(g);
     kc::pack_weights(l, w.data(), tidal::kernels::DType::kF32, s.hidden, buf, 0, 1);
-    for (int64_t t = 1; t < ntiles; ++t) std::memcpy(buf + t * l.tile_bytes, buf, static_cast<size_t>(l.tile_bytes));
+    for (int64_t t = 1; t < ntiles; ++t)
+      std::memcpy(buf + t * l.tile_bytes, buf, static_cast<size_t>(l.tile_bytes));
     for (int64_t m : ms) {
       const auto& v = kc::select_expert_gemm(dt, isa, m);
       kc::ActBuffer a;
@@ -496,11 +499,13 @@ void run_micro(const Shape& s, const std::vector<std::string>& dtypes, const std
         for (int64_t c = 0; c < calls; ++c)
           v.run(l, buf + (cold ? c : 0) * l.tile_bytes, a.rows(0), m, out);
         const double t = (now_s() - t0) / static_cast<double>(calls);
-        std::printf("{\"bench\":\"micro\",\"variant\":\"%s\",\"m\":%ld,\"k\":%ld,\"cold\":%d,\"us_per_call\":%.3f,"
-                    "\"weight_gbps\":%.2f,\"tflops\":%.3f}\n",
-                    v.name, static_cast<long>(m), static_cast<long>(s.hidden), cold, t * 1e6,
-                    static_cast<double>(l.tile_bytes) / t / 1e9,
-                    2.0 * static_cast<double>(m) * 16 * static_cast<double>(s.hidden) / t / 1e12);
+        std::printf(
+            "{\"bench\":\"micro\",\"variant\":\"%s\",\"m\":%ld,\"k\":%ld,\"cold\":%d,\"us_per_"
+            "call\":%.3f,"
+            "\"weight_gbps\":%.2f,\"tflops\":%.3f}\n",
+            v.name, static_cast<long>(m), static_cast<long>(s.hidden), cold, t * 1e6,
+            static_cast<double>(l.tile_bytes) / t / 1e9,
+            2.0 * static_cast<double>(m) * 16 * static_cast<double>(s.hidden) / t / 1e12);
         std::fflush(stdout);
       }
     }

@@ -212,7 +212,7 @@ TEST(ExpertGemm, VariantsMatchReference) {
                                                             : ActKind::kInt8Groups;
     for (const auto& s : shapes) {
       Packed p = pack(v.dtype, s.n, s.k, s.group, weights(s.n, s.k, 11));
-      for (int64_t m : {1, 2, 3, 5, 17, 33, 64}) {
+      for (int64_t m : {1, 2, 3, 5, 17, 33, 64, 100}) {
         const auto x = random_vec(static_cast<size_t>(m * s.k), 5 + static_cast<uint32_t>(m));
         ActBuffer a, ar;
         a.reserve(v.act, p.layout, m);
@@ -242,6 +242,18 @@ TEST(ExpertGemm, VariantsMatchReference) {
                                          << " k=" << s.k << " group=" << s.group << " m=" << m
                                          << " tile=" << t << " token=" << i << " row=" << r;
             }
+        }
+        // The pair entry point (AMX: two tiles in one 2x2-blocked pass) on tiles 0 and last.
+        std::vector<float> o0(out.size()), o1(out.size()), w0(out.size()), w1(out.size());
+        const int64_t tl = p.layout.num_tiles - 1;
+        uint8_t* ta = p.data();
+        uint8_t* tb = p.data() + tl * p.layout.tile_bytes;
+        v.run_pair(p.layout, ta, tb, a.rows(0), m, o0.data(), o1.data());
+        v.run(p.layout, ta, a.rows(0), m, w0.data());
+        v.run(p.layout, tb, a.rows(0), m, w1.data());
+        for (int64_t q = 0; q < m * kTileRows; ++q) {
+          ASSERT_EQ(o0[q], w0[q]) << "repro: run_pair tile 0, variant=" << v.name << " m=" << m;
+          ASSERT_EQ(o1[q], w1[q]) << "repro: run_pair last tile, variant=" << v.name << " m=" << m;
         }
         ++tested;
       }
