@@ -98,6 +98,8 @@ struct ActBuffer {
   void reserve(ActKind kind, const PackedLayout& layout, int64_t rows, Isa isa = Isa::kRef);
   /// Prepares row `row` from x[0, layout.k) (layout as passed to reserve).
   void prepare(int64_t row, const float* x);
+  /// Copies row `src_row` of `src` (same kind and layout) into row `row`.
+  void copy_row(int64_t row, const ActBuffer& src, int64_t src_row);
   /// The rows [row0, ...) as kernel arguments.
   ActRows rows(int64_t row0) const;
 

@@ -290,6 +290,30 @@ void ActBuffer::prepare(int64_t row, const float* x) {
   }
 }
 
+void ActBuffer::copy_row(int64_t row, const ActBuffer& src, int64_t src_row) {
+  auto cp = [&](auto& d, const auto& sv, int64_t n, int64_t ldd) {
+    if (!sv.empty())
+      std::copy(sv.begin() + src_row * ldd, sv.begin() + src_row * ldd + n, d.begin() + row * ldd);
+  };
+  switch (kind) {
+    case ActKind::kF32:
+      cp(f32, src.f32, k_pad, ld);
+      break;
+    case ActKind::kBf16Split:
+      cp(bf16, src.bf16, k_pad, ld);
+      cp(bf16_lo, src.bf16_lo, k_pad, ld);
+      break;
+    case ActKind::kBf16:
+      cp(bf16, src.bf16, k_pad, ld);
+      break;
+    case ActKind::kInt8Groups:
+      cp(q, src.q, k_pad, ld);
+      cp(q_scale, src.q_scale, num_groups, num_groups);
+      cp(q_sum, src.q_sum, num_groups, num_groups);
+      break;
+  }
+}
+
 ActRows ActBuffer::rows(int64_t row0) const {
   ActRows a;
   a.ld = ld;

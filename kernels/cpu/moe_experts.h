@@ -69,7 +69,7 @@ class MoeExperts {
   std::vector<int64_t> count_, offset_, fill_, active_, row0_, slot_token_, slot_row_;
   std::vector<float> slot_weight_, hidden_;
   std::vector<uint8_t> large_;  // per active expert: 1 if it runs the large-m variant
-  ActBuffer act_small_, act_large_, hid_small_, hid_large_;
+  ActBuffer tok_small_, tok_large_, act_small_, act_large_, hid_small_, hid_large_;
 };
 
 /// Scalar reference of the op: token by token, experts in ascending id, reference tile kernels
