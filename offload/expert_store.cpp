@@ -18,7 +18,7 @@ namespace kc = kernels::cpu;
 int64_t default_group_size(kc::ExpertDType dtype) {
   switch (dtype) {
     case kc::ExpertDType::kINT4:
-      return 32;
+      return 64;
     case kc::ExpertDType::kINT8:
       return 128;
     case kc::ExpertDType::kBF16:

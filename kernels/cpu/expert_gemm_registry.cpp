@@ -9,19 +9,25 @@
 namespace tidal::kernels::cpu {
 namespace {
 
-// AMX computes whole 16-token tiles and dequantises INT weights per 32-column chunk; below this
-// many token rows per expert the AVX-512 kernels, which stream the tile once per 4 tokens, win
-// (measured on the GPU machine's Xeon, docs/performance.md).
-constexpr int64_t kAmxMinRows = 8;
+// AMX computes whole 16-token blocks and dequantises INT weights to bf16; below these token counts
+// per expert the AVX-512 kernels win. Single-thread micro-benchmark on the GPU machine's Xeon
+// (tidal_bench_experts --micro, per 16-row tile of K = 2048): INT8 at 8 tokens AMX 3.3 us vs VNNI
+// 2.1 us, at 16 tokens 3.4 vs 4.3, at 64 tokens 10 vs 17; BF16 AMX beats the fp32-FMA kernel
+// from 2 tokens on (0.9 us at 8 tokens vs 2 x 5.4 us at 4 + 4).
+constexpr int64_t kAmxMinRowsBf16 = 2;
+constexpr int64_t kAmxMinRowsInt = 16;
 
 }  // namespace
 
 const std::vector<ExpertGemmVariant>& expert_gemm_variants() {
   using enum ExpertDType;
   static const std::vector<ExpertGemmVariant> v = {
-      {"amx_bf16", Isa::kAmx, kBF16, ActKind::kBf16, kAmxMinRows, amx::tile_bf16, amx::tile2_bf16},
-      {"amx_int8", Isa::kAmx, kINT8, ActKind::kBf16, kAmxMinRows, amx::tile_int8, amx::tile2_int8},
-      {"amx_int4", Isa::kAmx, kINT4, ActKind::kBf16, kAmxMinRows, amx::tile_int4, amx::tile2_int4},
+      {"amx_bf16", Isa::kAmx, kBF16, ActKind::kBf16, kAmxMinRowsBf16, amx::tile_bf16,
+       amx::tile2_bf16},
+      {"amx_int8", Isa::kAmx, kINT8, ActKind::kBf16, kAmxMinRowsInt, amx::tile_int8,
+       amx::tile2_int8},
+      {"amx_int4", Isa::kAmx, kINT4, ActKind::kBf16, kAmxMinRowsInt, amx::tile_int4,
+       amx::tile2_int4},
       {"avx512_bf16", Isa::kAvx512, kBF16, ActKind::kF32, 1, avx512::tile_bf16},
       {"avx512_vnni_int8", Isa::kAvx512, kINT8, ActKind::kInt8Groups, 1, avx512::tile_int8},
       {"avx512_vnni_int4", Isa::kAvx512, kINT4, ActKind::kInt8Groups, 1, avx512::tile_int4},

@@ -110,7 +110,7 @@ class Runtime:
         expert_dtype : {"auto", "bf16", "int8", "int4"}
             Format of the routed experts in RAM. "auto" keeps bf16 when it fits in the available memory,
             else the most precise quantised format that fits. INT8/INT4 are symmetric with one fp16 scale
-            per `expert_group_size` (32, 64 or 128; 0 = 128 for int8, 32 for int4) input columns.
+            per `expert_group_size` (32, 64 or 128; 0 = 128 for int8, 64 for int4) input columns.
         cpu_isa : {"auto", "scalar", "avx2", "avx512", "amx"}
             Highest instruction set the CPU kernels use; "auto" takes the best this CPU has, capped by the
             TIDAL_CPU_ISA environment variable.
