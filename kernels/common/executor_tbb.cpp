@@ -1,10 +1,22 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file executor_tbb.cpp
-/// \brief Executor implementation on a TBB task arena.
+/// \brief Executor implementation on a TBB task arena whose worker threads are pinned to physical
+/// cores with hwloc.
+///
+/// Note [Worker pinning]
+/// Each TBB worker that enters the arena is bound to one physical core (its first hardware
+/// thread), distinct per arena slot, so the expert kernels' per-thread streams do not migrate and
+/// two workers never share a core's caches and prefetchers. The calling thread (arena slot 0,
+/// usually the application's own thread) is left unpinned. Pinning is skipped when the arena has
+/// more threads than the machine has cores, or with TIDAL_PIN_THREADS=0.
+#include <hwloc.h>
 #include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
 #include <tbb/task_arena.h>
+#include <tbb/task_scheduler_observer.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <thread>
 
 #include "kernels/common/executor.h"
@@ -12,9 +24,46 @@
 namespace tidal::kernels {
 namespace {
 
+class CorePinner final : public tbb::task_scheduler_observer {
+ public:
+  CorePinner(tbb::task_arena& arena, int threads) : tbb::task_scheduler_observer(arena) {
+    const char* env = std::getenv("TIDAL_PIN_THREADS");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return;
+    if (hwloc_topology_init(&topo_) != 0) return;
+    if (hwloc_topology_load(topo_) != 0) {
+      hwloc_topology_destroy(topo_);
+      topo_ = nullptr;
+      return;
+    }
+    cores_ = hwloc_get_nbobjs_by_type(topo_, HWLOC_OBJ_CORE);
+    if (cores_ <= 0 || threads > cores_) return;
+    observe(true);
+  }
+  ~CorePinner() override {
+    observe(false);
+    if (topo_ != nullptr) hwloc_topology_destroy(topo_);
+  }
+  void on_scheduler_entry(bool is_worker) override {
+    if (!is_worker) return;
+    const int slot = tbb::this_task_arena::current_thread_index();
+    if (slot < 0) return;
+    hwloc_obj_t core = hwloc_get_obj_by_type(topo_, HWLOC_OBJ_CORE, static_cast<unsigned>(slot % cores_));
+    if (core == nullptr || core->cpuset == nullptr) return;
+    hwloc_bitmap_t set = hwloc_bitmap_dup(core->cpuset);
+    hwloc_bitmap_singlify(set);
+    hwloc_set_cpubind(topo_, set, HWLOC_CPUBIND_THREAD);  // best effort: a refusal is harmless
+    hwloc_bitmap_free(set);
+  }
+
+ private:
+  hwloc_topology_t topo_ = nullptr;
+  int cores_ = 0;
+};
+
 class TbbExecutor final : public Executor {
  public:
-  explicit TbbExecutor(int num_threads) : arena_(num_threads) {}
+  explicit TbbExecutor(int num_threads) : arena_(num_threads), pinner_(arena_, num_threads) {}
+  ~TbbExecutor() override = default;
   int num_threads() const override { return arena_.max_concurrency(); }
   void parallel_for(int64_t n, int64_t grain,
                     const std::function<void(int64_t, int64_t)>& fn) override {
@@ -32,6 +81,7 @@ class TbbExecutor final : public Executor {
 
  private:
   tbb::task_arena arena_;
+  CorePinner pinner_;
 };
 
 }  // namespace
