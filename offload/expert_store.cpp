@@ -4,11 +4,13 @@
 /// region, and the routed-expert forward through the fused MoE op.
 #include "offload/expert_store.h"
 
+#include <fcntl.h>
 #include <fmt/format.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include "core/error.h"
 
@@ -37,8 +39,11 @@ ExpertStore::ExpertStore(const core::ModelConfig& cfg, const core::Checkpoint& c
   const std::string why =
       fmt::format("num_experts={}, moe_intermediate_size={}, hidden_size={}", E, I, H);
   sources_.resize(static_cast<size_t>(cfg.num_hidden_layers));
+  checkpoint_dir_ = ck.path();
   auto note_mapped = [&](const core::TensorInfo& t, int64_t l) {
     source_bytes_ += t.nbytes;
+    if (std::find(source_files_.begin(), source_files_.end(), t.file) == source_files_.end())
+      source_files_.push_back(t.file);
     if (t.dtype == kernels::DType::kBF16 || t.dtype == kernels::DType::kF32) {
       mapped_.emplace_back(t.data, t.nbytes);
       mapped_layer_.push_back(static_cast<size_t>(l));
@@ -80,7 +85,124 @@ ExpertStore::ExpertStore(const core::ModelConfig& cfg, const core::Checkpoint& c
 }
 
 ExpertStore::~ExpertStore() {
-  if (region_ != nullptr) munmap(region_, region_bytes_);
+  if (mapping_ != nullptr) munmap(mapping_, mapping_bytes_);
+}
+
+// Note [Packed expert cache]
+// Quantising a 35B-A3B checkpoint's experts takes minutes; the packed bytes are written once to
+// `<cache_dir>/experts-<dtype>-g<group>-<key hash>.bin` (4 KiB header, then the region) and the
+// next load maps that file instead of re-quantising. The header holds the full key: layout name
+// and version, dtype, group, shapes, and every source file's name, size and modification time, so
+// a changed checkpoint or format never reads a stale cache (the key differs: the file is rebuilt).
+// Writes go to a temporary file renamed into place, so a crash leaves no half-written cache.
+namespace {
+constexpr size_t kCacheHeaderBytes = 4096;
+constexpr char kCacheMagic[8] = {'T', 'I', 'D', 'A', 'L', 'E', 'X', 'P'};
+
+uint64_t fnv1a(const std::string& s) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+}  // namespace
+
+std::string ExpertStore::cache_key() const {
+  std::string k = fmt::format(
+      "layout={} dtype={} group={} hidden={} inter={} experts={} layers=", kc::kExpertLayoutName,
+      kc::expert_dtype_name(opts_.dtype), opts_.group_size, hidden_, inter_, num_experts_);
+  for (size_t l = 0; l < sources_.size(); ++l)
+    if (!sources_[l].empty()) k += fmt::format("{},", l);
+  for (const auto& f : source_files_) {
+    const auto p =
+        std::filesystem::is_directory(checkpoint_dir_) ? checkpoint_dir_ / f : checkpoint_dir_;
+    std::error_code ec;
+    const auto size = std::filesystem::file_size(p, ec);
+    const auto mtime = std::filesystem::last_write_time(p, ec).time_since_epoch().count();
+    k += fmt::format(" file={}:{}:{}", f, ec ? 0 : size, ec ? 0 : mtime);
+  }
+  return k;
+}
+
+bool ExpertStore::load_cache(kernels::Executor& ex, const std::function<void(uint64_t)>& progress) {
+  (void)ex;
+  std::error_code ec;
+  const auto size = std::filesystem::file_size(cache_file_, ec);
+  if (ec || size != kCacheHeaderBytes + region_bytes_) return false;
+  const int fd = ::open(cache_file_.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  char header[kCacheHeaderBytes];
+  const bool ok =
+      ::pread(fd, header, sizeof header, 0) == static_cast<ssize_t>(sizeof header) &&
+      std::memcmp(header, kCacheMagic, sizeof kCacheMagic) == 0 &&
+      std::string(header + 8, strnlen(header + 8, kCacheHeaderBytes - 8)) == cache_key();
+  void* m = ok ? mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0) : MAP_FAILED;
+  ::close(fd);
+  if (m == MAP_FAILED) return false;
+  mapping_ = m;
+  mapping_bytes_ = size;
+  region_ = static_cast<uint8_t*>(m) + kCacheHeaderBytes;
+  // Read it in now (with progress), so the first tokens do not wait on the disk.
+  constexpr size_t kChunk = size_t{64} << 20;
+  const auto* base = static_cast<const uint8_t*>(region_);
+  for (size_t off = 0; off < region_bytes_; off += kChunk) {
+    const size_t n = std::min(kChunk, region_bytes_ - off);
+#ifdef MADV_POPULATE_READ
+    if (madvise(const_cast<uint8_t*>(base) + off - (off % 4096), n, MADV_POPULATE_READ) != 0)
+#endif
+    {
+      volatile uint8_t sink = 0;
+      for (size_t i = 0; i < n; i += 4096) sink = sink ^ base[off + i];
+      (void)sink;
+    }
+    if (progress) progress(source_bytes_ * (off + n) / std::max<size_t>(1, region_bytes_));
+  }
+  return true;
+}
+
+void ExpertStore::write_cache() {
+  std::error_code ec;
+  std::filesystem::create_directories(cache_file_.parent_path(), ec);
+  if (ec) {
+    cache_state_ = "not written: cannot create " + cache_file_.parent_path().string();
+    return;
+  }
+  const auto space = std::filesystem::space(cache_file_.parent_path(), ec);
+  if (ec || space.available < kCacheHeaderBytes + region_bytes_ + (size_t{1} << 30)) {
+    cache_state_ =
+        "not written: not enough free disk space in " + cache_file_.parent_path().string();
+    return;
+  }
+  const auto tmp = cache_file_.string() + ".tmp";
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    cache_state_ = "not written: cannot write " + tmp;
+    return;
+  }
+  char header[kCacheHeaderBytes] = {};
+  std::memcpy(header, kCacheMagic, sizeof kCacheMagic);
+  const std::string key = cache_key();
+  std::memcpy(header + 8, key.data(), std::min(key.size(), kCacheHeaderBytes - 9));
+  bool ok =
+      key.size() < kCacheHeaderBytes - 9 && ::write(fd, header, sizeof header) == sizeof header;
+  const auto* p = static_cast<const uint8_t*>(region_);
+  for (size_t off = 0; ok && off < region_bytes_;) {
+    const ssize_t w = ::write(fd, p + off, std::min<size_t>(region_bytes_ - off, size_t{1} << 30));
+    if (w <= 0)
+      ok = false;
+    else
+      off += static_cast<size_t>(w);
+  }
+  ok = ::close(fd) == 0 && ok;
+  if (ok) std::filesystem::rename(tmp, cache_file_, ec);
+  if (!ok || ec) {
+    std::filesystem::remove(tmp, ec);
+    cache_state_ = "not written: write to " + cache_file_.string() + " failed";
+    return;
+  }
+  cache_state_ = "written";
 }
 
 uint64_t ExpertStore::packed_bytes(kc::ExpertDType dtype, int64_t group_size) const {
@@ -105,34 +227,57 @@ void ExpertStore::pack(const ExpertStoreOptions& opts, kernels::Executor& ex,
   for (const auto& s : sources_) moe_layers += s.empty() ? 0 : 1;
   region_bytes_ = std::max<size_t>(
       1, static_cast<size_t>(moe_layers) * static_cast<size_t>(num_experts_) * per_expert);
+  // Pointers into the region, the same for a fresh pack and a cached file.
+  auto assign_pointers = [&] {
+    auto* base = static_cast<uint8_t*>(region_);
+    packed_.assign(sources_.size(), {});
+    size_t off = 0;
+    for (size_t l = 0; l < sources_.size(); ++l) {
+      if (sources_[l].empty()) continue;
+      packed_[l].resize(sources_[l].size());
+      for (auto& d : packed_[l]) {
+        d.gate = base + off;
+        d.up = d.gate + gate_up_.bytes();
+        d.down = d.up + gate_up_.bytes();
+        off += per_expert;
+      }
+    }
+  };
+  if (!opts_.cache_dir.empty()) {
+    cache_file_ = opts_.cache_dir /
+                  fmt::format("experts-{}-g{}-{:016x}.bin", kc::expert_dtype_name(opts_.dtype),
+                              opts_.dtype == kc::ExpertDType::kBF16 ? 0 : opts_.group_size,
+                              fnv1a(cache_key()));
+    if (load_cache(ex, progress)) {
+      cache_state_ = "hit";
+      assign_pointers();
+      if (progress) progress(source_bytes_);
+      sources_.clear();
+      owned_.reset();
+      return;
+    }
+  }
   // One anonymous region; transparent huge pages keep the TLB out of the way of streaming reads.
-  region_ =
+  mapping_ =
       mmap(nullptr, region_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (region_ == MAP_FAILED) {
-    region_ = nullptr;
+  if (mapping_ == MAP_FAILED) {
+    mapping_ = nullptr;
     throw OutOfMemory(fmt::format("cannot reserve {:.2f} GiB of host memory for the packed experts",
                                   static_cast<double>(region_bytes_) / (1u << 30)));
   }
+  mapping_bytes_ = region_bytes_;
+  region_ = mapping_;
 #ifdef MADV_HUGEPAGE
   madvise(region_, region_bytes_, MADV_HUGEPAGE);
 #endif
-  auto* base = static_cast<uint8_t*>(region_);
-  packed_.assign(sources_.size(), {});
+  assign_pointers();
   const uint64_t layer_source = moe_layers ? source_bytes_ / static_cast<uint64_t>(moe_layers) : 0;
   uint64_t done = 0;
   const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  size_t offset = 0;
   for (size_t l = 0; l < sources_.size(); ++l) {
     const auto& src = sources_[l];
     if (src.empty()) continue;
     auto& dst = packed_[l];
-    dst.resize(src.size());
-    for (size_t e = 0; e < src.size(); ++e) {
-      dst[e].gate = base + offset;
-      dst[e].up = dst[e].gate + gate_up_.bytes();
-      dst[e].down = dst[e].up + gate_up_.bytes();
-      offset += per_expert;
-    }
     // Work items: (expert, matrix, tile); first touch by the packing threads.
     const int64_t tiles_gu = gate_up_.num_tiles, tiles_dn = down_.num_tiles;
     const int64_t per = 2 * tiles_gu + tiles_dn;
@@ -165,6 +310,7 @@ void ExpertStore::pack(const ExpertStoreOptions& opts, kernels::Executor& ex,
     done += layer_source;
     if (progress) progress(std::min(done, source_bytes_));
   }
+  if (!opts_.cache_dir.empty()) write_cache();  // needs sources_ for its key
   if (progress) progress(source_bytes_);
   sources_.clear();
   sources_.shrink_to_fit();

@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <memory>
 #include <string>
@@ -27,6 +28,8 @@ struct ExpertStoreOptions {
   kernels::cpu::ExpertDType dtype = kernels::cpu::ExpertDType::kBF16;
   int64_t group_size = 0;  ///< 0: the dtype's default (int8: 128, int4: 64)
   kernels::Isa isa = kernels::Isa::kRef;
+  /// Directory of the packed-expert cache (empty: no cache). See Note [Packed expert cache].
+  std::filesystem::path cache_dir;
 };
 
 /// Default quantisation group: INT4 uses 64 (4.25 bits per weight), INT8 128 (8.125 bits).
@@ -58,6 +61,9 @@ class ExpertStore final : public core::RoutedExperts {
                const float* weights, int64_t top_k, float* dst, kernels::Executor& ex) override;
 
   const ExpertStoreOptions& options() const { return opts_; }
+  /// What the cache did at load: "off", "hit", "written", or "not written: <reason>".
+  const std::string& cache_state() const { return cache_state_; }
+  const std::filesystem::path& cache_file() const { return cache_file_; }
   uint64_t resident_bytes() const { return region_bytes_; }
   /// Tile kernels of the most recent forward call ("avx512_vnni_int4", "...+amx_int4").
   std::string last_kernels() const;
@@ -75,8 +81,17 @@ class ExpertStore final : public core::RoutedExperts {
   ExpertStoreOptions opts_;
   kernels::cpu::PackedLayout gate_up_, down_;
   std::vector<std::vector<kernels::cpu::PackedExpert>> packed_;
-  void* region_ = nullptr;
+  void* region_ = nullptr;  // packed experts (inside the mapping below)
   size_t region_bytes_ = 0;
+  void* mapping_ = nullptr;  // anonymous memory, or the cache file's mapping
+  size_t mapping_bytes_ = 0;
+  std::string cache_state_ = "off";
+  std::filesystem::path cache_file_;
+  std::vector<std::string> source_files_;  // checkpoint files holding routed experts
+  std::filesystem::path checkpoint_dir_;
+  std::string cache_key() const;
+  bool load_cache(kernels::Executor& ex, const std::function<void(uint64_t)>& progress);
+  void write_cache();
   std::atomic<const char*> last_small_{nullptr}, last_large_{nullptr};
 };
 

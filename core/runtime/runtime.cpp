@@ -12,6 +12,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <fstream>
 #include <thread>
 
@@ -240,6 +241,28 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
                 static_cast<double>(need(eopts.dtype)) / gib, static_cast<double>(avail) / gib);
   }
 
+  // See Note [Packed expert cache] (offload/expert_store.cpp).
+  if (opts.expert_cache == "auto") {
+    if (eopts.dtype != ExpertDType::kBF16 && experts->source_bytes() >= (uint64_t{1} << 30)) {
+      const fs::path dir = fs::is_directory(path) ? path : path.parent_path();
+      if (access(dir.c_str(), W_OK) == 0) {
+        eopts.cache_dir = dir / ".tidal-cache";
+      } else {
+        const char* xdg = std::getenv("XDG_CACHE_HOME");
+        const char* home = std::getenv("HOME");
+        const fs::path base = xdg && *xdg ? fs::path(xdg)
+                              : home      ? fs::path(home) / ".cache"
+                                          : fs::path();
+        if (!base.empty())
+          eopts.cache_dir =
+              base / "tidal" /
+              fmt::format("{:016x}", std::hash<std::string>{}(fs::absolute(dir).string()));
+      }
+    }
+  } else if (opts.expert_cache != "off" && !opts.expert_cache.empty()) {
+    eopts.cache_dir = opts.expert_cache;
+  }
+
   // Bring the dense weights into RAM (progress in bytes) unless they cannot fit, then pack the
   // experts, streaming the checkpoint layer by layer.
   const uint64_t total = used_bytes + experts->source_bytes();
@@ -281,6 +304,8 @@ std::map<std::string, std::string> Runtime::describe() const {
       std::to_string(eo.dtype == kernels::cpu::ExpertDType::kBF16 ? 0 : eo.group_size);
   d["expert_layout"] = std::string(kernels::cpu::kExpertLayoutName);
   d["expert_kernels"] = experts_->last_kernels();
+  d["expert_cache"] = experts_->cache_state();
+  d["expert_cache_file"] = experts_->cache_file().string();
   d["threads"] = std::to_string(executor_->num_threads());
   return d;
 }

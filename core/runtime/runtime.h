@@ -43,6 +43,10 @@ struct RuntimeOptions {
   /// Highest CPU ISA the expert kernels use: "auto" (the best this CPU has, capped by the
   /// TIDAL_CPU_ISA environment variable), "scalar", "avx2", "avx512" or "amx".
   std::string cpu_isa = "auto";
+  /// Packed-expert cache: "auto" (int8/int4 experts of checkpoints with at least 1 GiB of
+  /// experts: `<checkpoint>/.tidal-cache`, or `$XDG_CACHE_HOME/tidal` when that is not writable),
+  /// "off", or a directory to use for any checkpoint and format.
+  std::string expert_cache = "auto";
 };
 
 /// Counters of one runtime since load (or reset_stats); times in seconds, sizes in bytes.

@@ -47,7 +47,8 @@ class CorePinner final : public tbb::task_scheduler_observer {
     if (!is_worker) return;
     const int slot = tbb::this_task_arena::current_thread_index();
     if (slot < 0) return;
-    hwloc_obj_t core = hwloc_get_obj_by_type(topo_, HWLOC_OBJ_CORE, static_cast<unsigned>(slot % cores_));
+    hwloc_obj_t core =
+        hwloc_get_obj_by_type(topo_, HWLOC_OBJ_CORE, static_cast<unsigned>(slot % cores_));
     if (core == nullptr || core->cpuset == nullptr) return;
     hwloc_bitmap_t set = hwloc_bitmap_dup(core->cpuset);
     hwloc_bitmap_singlify(set);

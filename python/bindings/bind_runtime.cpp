@@ -211,7 +211,8 @@ void bind_runtime(py::module_& m) {
           "load",
           [](const std::filesystem::path& path, const std::string& device, int num_threads,
              bool populate, const std::string& expert_dtype, int64_t expert_group_size,
-             const std::string& cpu_isa, const py::object& progress) {
+             const std::string& cpu_isa, const std::string& expert_cache,
+             const py::object& progress) {
             runtime::RuntimeOptions o;
             o.device = device;
             o.num_threads = num_threads;
@@ -219,6 +220,7 @@ void bind_runtime(py::module_& m) {
             o.expert_dtype = expert_dtype;
             o.expert_group_size = expert_group_size;
             o.cpu_isa = cpu_isa;
+            o.expert_cache = expert_cache;
             runtime::LoadProgress cb;
             if (!progress.is_none()) {
               cb = [progress](uint64_t done, uint64_t total) {
@@ -232,7 +234,7 @@ void bind_runtime(py::module_& m) {
           py::arg("path"), py::kw_only(), py::arg("device") = "cpu", py::arg("num_threads") = 0,
           py::arg("populate") = true, py::arg("expert_dtype") = "auto",
           py::arg("expert_group_size") = 0, py::arg("cpu_isa") = "auto",
-          py::arg("progress") = py::none(),
+          py::arg("expert_cache") = "auto", py::arg("progress") = py::none(),
           "Load a checkpoint directory. progress(done_bytes, total_bytes) is called while the "
           "dense weights are read into RAM and the routed experts are packed.")
       .def("describe", &Runtime::describe, "What runs: ISA, expert format, kernels, threads.")

@@ -94,7 +94,8 @@ class Runtime:
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str = "cpu", cpu_threads: int = 0, progress: bool = True,
              populate: bool = True, expert_dtype: str = "auto", expert_group_size: int = 0,
-             cpu_isa: str = "auto", num_threads: int | None = None) -> "Runtime":
+             cpu_isa: str = "auto", expert_cache: str | os.PathLike = "auto",
+             num_threads: int | None = None) -> "Runtime":
         """Load a Hugging Face checkpoint directory (config.json + safetensors, tokenizer files optional).
 
         Every tensor is checked before compute; bad input raises FileNotFoundError, tidal.FormatError,
@@ -114,6 +115,10 @@ class Runtime:
         cpu_isa : {"auto", "scalar", "avx2", "avx512", "amx"}
             Highest instruction set the CPU kernels use; "auto" takes the best this CPU has, capped by the
             TIDAL_CPU_ISA environment variable.
+        expert_cache : "auto", "off" or a directory
+            Where packed int8/int4 experts are kept so the next load maps them instead of quantising
+            again. "auto": `<checkpoint>/.tidal-cache` (or `$XDG_CACHE_HOME/tidal`) for checkpoints
+            with at least 1 GiB of experts. A changed checkpoint or format is detected and rebuilt.
         """
         p = pathlib.Path(os.fspath(path))
         if num_threads is not None:
@@ -122,7 +127,8 @@ class Runtime:
         try:
             engine = _tidal.Runtime.load(p, device=device, num_threads=cpu_threads, populate=populate,
                                          expert_dtype=expert_dtype, expert_group_size=expert_group_size,
-                                         cpu_isa=cpu_isa, progress=update)
+                                         cpu_isa=cpu_isa, expert_cache=os.fspath(expert_cache),
+                                         progress=update)
         finally:
             if close:
                 close()

@@ -2,6 +2,8 @@
 """Quantised routed experts end to end: the golden models and tidal-mini with INT8 and INT4 experts,
 the KL divergence of their next-token distributions against BF16 experts, and the load options."""
 
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -99,3 +101,42 @@ def test_amx_request_on_cpu_without_amx():
         pytest.skip("this CPU has AMX; the refusal is for CPUs without it")
     with pytest.raises(ValueError, match="supports up to"):
         tidal.Runtime.load(ckpt, cpu_isa="amx", progress=False)
+
+
+def test_packed_expert_cache(tmp_path):
+    """Second load maps the cache; a changed checkpoint, format or a damaged file is rebuilt."""
+    import os
+    import shutil
+
+    src, ref = GOLDEN_CASES["qwen3_next"]
+    ckpt = tmp_path / "model"
+    shutil.copytree(src, ckpt)
+    cache = tmp_path / "cache"
+    ids = _prompt(ref)
+    first = tidal.Runtime.load(ckpt, expert_dtype="int4", expert_cache=cache, progress=False)
+    assert first.describe()["expert_cache"] == "written"
+    files = list(cache.glob("experts-int4-g64-*.bin"))
+    assert len(files) == 1 and files[0] == pathlib.Path(first.describe()["expert_cache_file"])
+    second = tidal.Runtime.load(ckpt, expert_dtype="int4", expert_cache=cache, progress=False)
+    assert second.describe()["expert_cache"] == "hit"
+    np.testing.assert_array_equal(second.logits(ids), first.logits(ids))
+    # Another format: another file.
+    assert tidal.Runtime.load(ckpt, expert_dtype="int8", expert_cache=cache,
+                              progress=False).describe()["expert_cache"] == "written"
+    # A damaged cache file is not used.
+    with open(files[0], "r+b") as f:
+        f.truncate(1000)
+    assert tidal.Runtime.load(ckpt, expert_dtype="int4", expert_cache=cache,
+                              progress=False).describe()["expert_cache"] == "written"
+    # The checkpoint changes (new modification time): new key, rebuilt.
+    shard = sorted(ckpt.glob("*.safetensors"))[0]
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    third = tidal.Runtime.load(ckpt, expert_dtype="int4", expert_cache=cache, progress=False)
+    assert third.describe()["expert_cache"] == "written"
+    assert len(list(cache.glob("experts-int4-g64-*.bin"))) == 2
+    np.testing.assert_array_equal(third.logits(ids), first.logits(ids))
+    # Off by default for small checkpoints, and on request.
+    assert tidal.Runtime.load(ckpt, expert_dtype="int4", progress=False).describe()["expert_cache"] == "off"
+    assert tidal.Runtime.load(ckpt, expert_dtype="int4", expert_cache="off",
+                              progress=False).describe()["expert_cache"] == "off"
