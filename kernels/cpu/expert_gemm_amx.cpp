@@ -101,7 +101,7 @@ constexpr int64_t kChunkBytes = kDType == ExpertDType::kBF16   ? 1024
                                                                : 256;
 // The weight streams are prefetched this many chunks ahead: without it every B tile waits for
 // DRAM, and at ~64 tokens per expert the loop is bound by the weight stream.
-constexpr int64_t kPrefetchChunks = 4;
+constexpr int64_t kPrefetchChunks = 8;
 
 // Column chunks of one tile as bf16 B tiles: BF16 weights are used in place; INT8/INT4 are
 // dequantised, the whole tile at once into `buf` when several token passes will reuse it.

@@ -212,14 +212,17 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
               v.run_pair(ldn, t0, t0 + ldn.tile_bytes, rows, mc, y0, y1);
             else
               v.run(ldn, t0, rows, mc, y0);
+            const int64_t n0 = std::min(kTileRows, ncol), n1 = ncol - n0;
             for (int64_t i = 0; i < mc; ++i) {
               const int64_t s = offset_[e] + c0 + i;
               float* d = a.dst + slot_token_[s] * a.ld_dst + col0;
               const float wgt = slot_weight_[s];
               const float* ya = y0 + i * kTileRows;
               const float* yb = y1 + i * kTileRows;
-              for (int64_t r = 0; r < ncol; ++r)
-                d[r] += wgt * (r < kTileRows ? ya[r] : yb[r - kTileRows]);
+#pragma omp simd
+              for (int64_t r = 0; r < n0; ++r) d[r] += wgt * ya[r];
+#pragma omp simd
+              for (int64_t r = 0; r < n1; ++r) d[kTileRows + r] += wgt * yb[r];
             }
           }
         }
