@@ -1,28 +1,44 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
 # CPU expert engine on the GPU test machine (Xeon with AMX, no network): build the kernels, the C++
-# tests and tidal_bench_experts (with the oneDNN baseline), run the expert tests (AMX included),
-# the benchmark on the Qwen3.6-35B-A3B and Qwen3-Next-80B-A3B expert shapes, and KTransformers'
-# kt-kernel on the same shapes. Writes logs and JSON lines to $OUT (or ./bench-out).
+# tests and tidal_bench_experts (with the oneDNN baseline), run the C++ tests (AMX included) and
+# the Python tests on the AMX paths, the benchmark on the Qwen3.6-35B-A3B and Qwen3-Next-80B-A3B
+# expert shapes, and KTransformers' kt-kernel on the same shapes. Logs and JSON lines go to $OUT
+# (or ./bench-out).
 #
 # What that machine lacks travels in .devcarry/deps.tar.xz (see tests/bench/make_devcarry.sh):
 # TBB (PyPI wheels), oneDNN 2.6 + its OpenCL loader (Debian .debs), the kt-kernel wheel.
+# STEPS (default "tests python bench kt") selects parts.
 set -euo pipefail
 out=${OUT:-bench-out}
+steps=${STEPS:-tests python bench kt}
 mkdir -p "$out" /tmp/deps
 tar -xJf .devcarry/deps.tar.xz -C /tmp/deps
 export LD_LIBRARY_PATH=/tmp/deps/lib:${LD_LIBRARY_PATH:-}
 threads=${THREADS:-$(nproc)}
 cmake -S . -B build/bench -G Ninja -DTIDAL_CUDA=OFF -DTIDAL_BUILD_TESTS=ON -DTIDAL_BUILD_BENCHMARKS=ON \
-  -DTIDAL_BUILD_PYTHON=OFF -DCMAKE_PREFIX_PATH=/tmp/deps \
-  > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
+  -DTIDAL_BUILD_PYTHON=OFF -DCMAKE_PREFIX_PATH=/tmp/deps > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
 ninja -C build/bench tidal_tests tidal_bench_experts >> "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
-grep -E "oneDNN|benchmarks" "$out/build.log" || true
-./build/bench/tests/tidal_tests --gtest_filter='Expert*:Moe*:CpuFeatures*' > "$out/tests.log" 2>&1 || true
-tail -4 "$out/tests.log"; grep -E "FAILED|SKIPPED" "$out/tests.log" || true
+if [[ $steps == *tests* ]]; then
+  ./build/bench/tests/tidal_tests > "$out/cpp_tests.log" 2>&1 || true
+  tail -3 "$out/cpp_tests.log"; grep -E "^\[  FAILED|SKIPPED \]" "$out/cpp_tests.log" | sort -u || true
+fi
+if [[ $steps == *python* ]]; then
+  python3 -m pip install -q --no-deps --no-build-isolation . -Cbuild-dir=build/py \
+    -Ccmake.define.TIDAL_CUDA=OFF -Ccmake.define.CMAKE_PREFIX_PATH=/tmp/deps \
+    -Ccmake.define.pybind11_DIR="$(python3 -c 'import pybind11; print(pybind11.get_cmake_dir())')" \
+    > "$out/pip.log" 2>&1 || { tail -20 "$out/pip.log"; exit 1; }
+  (cd tests/python && python3 -m pytest -q -p no:cacheprovider --deselect test_notebook.py::test_quickstart_notebook_runs \
+    . > "../../$out/pytest.log" 2>&1) || true
+  tail -3 "$out/pytest.log"; grep -E "^FAILED|Error" "$out/pytest.log" | head -20 || true
+fi
 b=./build/bench/tests/bench/tidal_bench_experts
-"$b" --shape 35b --m 1 --threads 1,2,4,8,"$threads" --dtypes int4,int8,bf16 > "$out/decode_scaling.jsonl"
-"$b" --shape 35b --m 1,4,16,128,512,2048 --threads "$threads" --dtypes int4,int8,bf16 --onednn > "$out/bench_35b.jsonl"
-"$b" --shape 80b --m 1,16,2048 --threads "$threads" --dtypes int4,int8 > "$out/bench_80b.jsonl"
-python3 tests/bench/bench_kt.py /tmp/deps/kt/kt_kernel/kt_kernel_ext*.so --threads "$threads" \
-  > "$out/kt_35b.jsonl" 2> "$out/kt.log" || { echo "kt-kernel failed:"; tail -5 "$out/kt.log"; }
+if [[ $steps == *bench* ]]; then
+  "$b" --shape 35b --m 1 --threads 1,2,4,8,"$threads" --dtypes int4,int8,bf16 > "$out/decode_scaling.jsonl"
+  "$b" --shape 35b --m 1,4,16,128,512,2048 --threads "$threads" --dtypes int4,int8,bf16 --onednn > "$out/bench_35b.jsonl"
+  "$b" --shape 80b --m 1,16,2048 --threads "$threads" --dtypes int4,int8 > "$out/bench_80b.jsonl"
+fi
+if [[ $steps == *kt* ]]; then
+  python3 tests/bench/bench_kt.py /tmp/deps/kt/kt_kernel/kt_kernel_ext*.so --threads "$threads" \
+    > "$out/kt_35b.jsonl" 2> "$out/kt.log" || { echo "kt-kernel failed:"; tail -5 "$out/kt.log"; }
+fi
