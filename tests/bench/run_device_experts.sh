@@ -10,9 +10,9 @@
 # TBB (PyPI wheels), oneDNN 2.6 + its OpenCL loader (Debian .debs), the kt-kernel wheel.
 # STEPS (default "tests python bench kt") selects parts.
 set -euo pipefail
-out=${OUT:-bench-out}
+mkdir -p "${OUT:-bench-out}" /tmp/deps
+out=$(cd "${OUT:-bench-out}" && pwd)
 steps=${STEPS:-tests python bench kt}
-mkdir -p "$out" /tmp/deps
 tar -xJf .devcarry/deps.tar.xz -C /tmp/deps
 export LD_LIBRARY_PATH=/tmp/deps/lib:${LD_LIBRARY_PATH:-}
 threads=${THREADS:-$(nproc)}
@@ -29,8 +29,9 @@ if [[ $steps == *python* ]]; then
     -Ccmake.define.pybind11_DIR="$(python3 -c 'import pybind11; print(pybind11.get_cmake_dir())')" \
     > "$out/pip.log" 2>&1 || { tail -20 "$out/pip.log"; exit 1; }
   (cd tests/python && python3 -m pytest -q -p no:cacheprovider --deselect test_notebook.py::test_quickstart_notebook_runs \
-    . > "../../$out/pytest.log" 2>&1) || true
-  tail -3 "$out/pytest.log"; grep -E "^FAILED|Error" "$out/pytest.log" | head -20 || true
+    . > "$out/pytest.log" 2>&1) || true
+  tail -3 "$out/pytest.log" || true
+  grep -E "^FAILED|Error" "$out/pytest.log" | head -20 || true
 fi
 b=./build/bench/tests/bench/tidal_bench_experts
 if [[ $steps == *bench* ]]; then
