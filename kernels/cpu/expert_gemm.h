@@ -132,6 +132,10 @@ struct ExpertGemmVariant {
   int64_t min_rows;  ///< it declines calls with fewer token rows (AMX is for prefill)
   TileKernelFn run;
   TileKernel2Fn run2 = nullptr;  ///< optional: two tiles in one pass (AMX)
+  int64_t group_multiple = 1;    ///< it needs the quantisation group to be a multiple of this
+
+  /// Whether it runs matrices of `layout` (the group size condition).
+  bool supports(const PackedLayout& layout) const { return layout.group % group_multiple == 0; }
 
   /// run2 when the variant has it, else run twice.
   void run_pair(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a,
@@ -148,8 +152,9 @@ struct ExpertGemmVariant {
 /// Every variant built into this binary, best first, reference variants last.
 const std::vector<ExpertGemmVariant>& expert_gemm_variants();
 
-/// The best variant for `dtype` at `max_isa` that accepts `rows` token rows (never null: the
-/// reference accepts everything).
-const ExpertGemmVariant& select_expert_gemm(ExpertDType dtype, Isa max_isa, int64_t rows);
+/// The best variant for `dtype` at `max_isa` that accepts `rows` token rows and, when given,
+/// `layout` (never fails: the reference accepts everything).
+const ExpertGemmVariant& select_expert_gemm(ExpertDType dtype, Isa max_isa, int64_t rows,
+                                            const PackedLayout* layout = nullptr);
 
 }  // namespace tidal::kernels::cpu

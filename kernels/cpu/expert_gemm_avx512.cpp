@@ -248,14 +248,20 @@ void silu_mul(const float* g, const float* u, float* h, int64_t n) {
   }
 }
 
-void prepare_bf16(const float* x, int64_t k, int64_t k_pad, uint16_t* dst) {
-  int64_t c = 0;
-  for (; c < k_pad; c += 16) {
+void prepare_bf16(const float* x, int64_t k, int64_t k_pad, uint16_t* dst, uint16_t* lo) {
+  for (int64_t c = 0; c < k_pad; c += 16) {
     const __mmask16 m = k - c >= 16 ? __mmask16(0xffff)
                         : k > c     ? __mmask16((1u << (k - c)) - 1)
                                     : 0;
     const __m512 v = _mm512_maskz_loadu_ps(m, x + c);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), (__m256i)_mm512_cvtneps_pbh(v));
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), h);
+    if (lo != nullptr) {
+      // x - float(hi), exactly representable in fp32, then rounded to bf16 like the scalar path.
+      const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + c),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, hf)));
+    }
   }
 }
 

@@ -250,8 +250,9 @@ void ActBuffer::prepare(int64_t row, const float* x) {
     case ActKind::kBf16Split:
     case ActKind::kBf16: {
       uint16_t* hi = bf16.data() + o;
-      if (kind == ActKind::kBf16 && isa >= Isa::kAvx512) {
-        avx512::prepare_bf16(x, k, k_pad, hi);
+      if (isa >= Isa::kAvx512) {
+        avx512::prepare_bf16(x, k, k_pad, hi,
+                             kind == ActKind::kBf16Split ? bf16_lo.data() + o : nullptr);
         break;
       }
       for (int64_t c = 0; c < k; ++c) hi[c] = f32_to_bf16(x[c]);

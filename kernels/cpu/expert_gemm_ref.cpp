@@ -39,22 +39,4 @@ void tile_int8_groups(const PackedLayout& l, const uint8_t* tile, const ActRows&
   }
 }
 
-void tile_bf16_act(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m,
-                   float* dst) {
-  for (int64_t i = 0; i < m; ++i) {
-    const uint16_t* x = a.bf16 + i * a.ld;
-    for (int64_t r = 0; r < kTileRows; ++r) {
-      double acc = 0;
-      for (int64_t c = 0; c < l.k_pad; ++c) {
-        // INT weights are dequantised to bf16 (the AMX path multiplies bf16 x bf16).
-        const float w = l.dtype == ExpertDType::kBF16
-                            ? packed_value(l, tile, r, c).value
-                            : bf16_to_f32(f32_to_bf16(packed_value(l, tile, r, c).value));
-        acc += static_cast<double>(w) * bf16_to_f32(x[c]);
-      }
-      dst[i * kTileRows + r] = static_cast<float>(acc);
-    }
-  }
-}
-
 }  // namespace tidal::kernels::cpu::ref

@@ -13,10 +13,6 @@ void tile_f32(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int6
 /// INT8/INT4 weights, kInt8Groups activations: Σ_g s_w s_x Σ_{c∈g} q_w q_x (exact integer sums).
 void tile_int8_groups(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m,
                       float* dst);
-/// Any format, kBf16 activations: Σ bf16(w)·x in fp64, where INT weights are first dequantised
-/// and rounded to bf16 (what the AMX variants compute).
-void tile_bf16_act(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m,
-                   float* dst);
 }  // namespace ref
 
 namespace avx2 {
@@ -31,14 +27,15 @@ void tile_int8(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int
 void tile_int4(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
 /// h[i] = silu(g[i]) · u[i], vectorised exp (~2 ulp).
 void silu_mul(const float* g, const float* u, float* h, int64_t n);
-/// ActBuffer::prepare for kBf16 / kInt8Groups, bit-identical to the scalar code.
-void prepare_bf16(const float* x, int64_t k, int64_t k_pad, uint16_t* dst);
+/// ActBuffer::prepare for kBf16 / kBf16Split (`lo` non-null) / kInt8Groups, bit-identical to the
+/// scalar code.
+void prepare_bf16(const float* x, int64_t k, int64_t k_pad, uint16_t* dst, uint16_t* lo = nullptr);
 void prepare_int8(const float* x, int64_t k, int64_t group, int64_t num_groups, int8_t* q,
                   float* scale, int32_t* sum);
 }  // namespace avx512
 
 namespace amx {
-/// Any format with kBf16 activations; INT formats are dequantised to bf16 tile by tile.
+/// BF16 with kBf16Split activations; INT8/INT4 with kInt8Groups (groups of 64 or 128).
 void tile_bf16(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
 void tile_int8(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
 void tile_int4(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);

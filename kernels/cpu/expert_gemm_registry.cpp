@@ -9,25 +9,25 @@
 namespace tidal::kernels::cpu {
 namespace {
 
-// AMX computes whole 16-token blocks and dequantises INT weights to bf16; below these token counts
-// per expert the AVX-512 kernels win. Single-thread micro-benchmark on the GPU machine's Xeon
-// (tidal_bench_experts --micro, per 16-row tile of K = 2048): INT8 at 8 tokens AMX 3.3 us vs VNNI
-// 2.1 us, at 16 tokens 3.4 vs 4.3, at 64 tokens 10 vs 17; BF16 AMX beats the fp32-FMA kernel
-// from 2 tokens on (0.9 us at 8 tokens vs 2 x 5.4 us at 4 + 4).
+// Below these token counts per expert the AVX-512 kernels beat AMX, which computes whole 16-token
+// blocks (single-thread micro-benchmark on the GPU machine's Xeon, tidal_bench_experts --micro,
+// docs/performance.md): BF16 AMX wins from 2 tokens on; INT from 16.
 constexpr int64_t kAmxMinRowsBf16 = 2;
 constexpr int64_t kAmxMinRowsInt = 16;
+// tdpbsud B tiles span 64 columns: the INT groups must be multiples of 64.
+constexpr int64_t kAmxIntGroup = 64;
 
 }  // namespace
 
 const std::vector<ExpertGemmVariant>& expert_gemm_variants() {
   using enum ExpertDType;
   static const std::vector<ExpertGemmVariant> v = {
-      {"amx_bf16", Isa::kAmx, kBF16, ActKind::kBf16, kAmxMinRowsBf16, amx::tile_bf16,
+      {"amx_bf16", Isa::kAmx, kBF16, ActKind::kBf16Split, kAmxMinRowsBf16, amx::tile_bf16,
        amx::tile2_bf16},
-      {"amx_int8", Isa::kAmx, kINT8, ActKind::kBf16, kAmxMinRowsInt, amx::tile_int8,
-       amx::tile2_int8},
-      {"amx_int4", Isa::kAmx, kINT4, ActKind::kBf16, kAmxMinRowsInt, amx::tile_int4,
-       amx::tile2_int4},
+      {"amx_int8", Isa::kAmx, kINT8, ActKind::kInt8Groups, kAmxMinRowsInt, amx::tile_int8,
+       amx::tile2_int8, kAmxIntGroup},
+      {"amx_int4", Isa::kAmx, kINT4, ActKind::kInt8Groups, kAmxMinRowsInt, amx::tile_int4,
+       amx::tile2_int4, kAmxIntGroup},
       {"avx512_bf16", Isa::kAvx512, kBF16, ActKind::kF32, 1, avx512::tile_bf16},
       {"avx512_vnni_int8", Isa::kAvx512, kINT8, ActKind::kInt8Groups, 1, avx512::tile_int8},
       {"avx512_vnni_int4", Isa::kAvx512, kINT4, ActKind::kInt8Groups, 1, avx512::tile_int4},
@@ -41,10 +41,12 @@ const std::vector<ExpertGemmVariant>& expert_gemm_variants() {
   return v;
 }
 
-const ExpertGemmVariant& select_expert_gemm(ExpertDType dtype, Isa max_isa, int64_t rows) {
+const ExpertGemmVariant& select_expert_gemm(ExpertDType dtype, Isa max_isa, int64_t rows,
+                                            const PackedLayout* layout) {
   for (const auto& v : expert_gemm_variants()) {
     if (v.dtype != dtype || static_cast<int>(v.isa) > static_cast<int>(max_isa)) continue;
     if (rows < v.min_rows) continue;
+    if (layout != nullptr && !v.supports(*layout)) continue;
     return v;
   }
   throw std::logic_error("no expert_gemm variant for this dtype");  // unreachable: ref accepts all

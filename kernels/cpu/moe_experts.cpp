@@ -95,7 +95,8 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   // Kernel per expert: the large-m variant (AMX) where it accepts the expert's token count.
   const ExpertDType dt = lgu.dtype;
   const ExpertGemmVariant& small = select_expert_gemm(dt, isa_, 1);
-  const ExpertGemmVariant& large = select_expert_gemm(dt, isa_, kMaxRowsPerCall);
+  const ExpertGemmVariant& large =
+      ldn.group == lgu.group ? select_expert_gemm(dt, isa_, kMaxRowsPerCall, &lgu) : small;
   const int64_t num_active = static_cast<int64_t>(active_.size());
   large_.resize(static_cast<size_t>(num_active));
   row0_.resize(static_cast<size_t>(num_active));
@@ -232,17 +233,13 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   lap(3);
 }
 
-void moe_experts_ref(const MoeExpertsArgs& a, bool act_bf16) {
+void moe_experts_ref(const MoeExpertsArgs& a) {
   const PackedLayout& lgu = *a.gate_up;
   const PackedLayout& ldn = *a.down;
   const int64_t H = ldn.n, I = lgu.n, K = a.top_k;
   const ExpertDType dt = lgu.dtype;
-  const ActKind kind = act_bf16                   ? ActKind::kBf16
-                       : dt == ExpertDType::kBF16 ? ActKind::kF32
-                                                  : ActKind::kInt8Groups;
-  const TileKernelFn fn = act_bf16                   ? ref::tile_bf16_act
-                          : dt == ExpertDType::kBF16 ? ref::tile_f32
-                                                     : ref::tile_int8_groups;
+  const ActKind kind = dt == ExpertDType::kBF16 ? ActKind::kF32 : ActKind::kInt8Groups;
+  const TileKernelFn fn = dt == ExpertDType::kBF16 ? ref::tile_f32 : ref::tile_int8_groups;
   ActBuffer x, h;
   x.reserve(kind, lgu, 1);
   h.reserve(kind, ldn, 1);

@@ -73,7 +73,7 @@ class MoeExperts {
 };
 
 /// Scalar reference of the op: token by token, experts in ascending id, reference tile kernels
-/// with the activations prepared as `act_bf16 ? kBf16 : (BF16 weights ? kF32 : kInt8Groups)`.
-void moe_experts_ref(const MoeExpertsArgs& args, bool act_bf16 = false);
+/// with the activations prepared as kF32 (BF16 weights) or kInt8Groups (INT8/INT4).
+void moe_experts_ref(const MoeExpertsArgs& args);
 
 }  // namespace tidal::kernels::cpu
