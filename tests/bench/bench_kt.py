@@ -11,6 +11,7 @@ __init__ imports more than the kernels need). Needs torch for the weight tensors
 import argparse
 import importlib.util
 import json
+import sys
 import time
 
 import torch
@@ -35,12 +36,22 @@ def main():
     ap.add_argument("--shape", default="35b")
     ap.add_argument("--seconds", type=float, default=0.5)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--pool", choices=["config", "int"], default="config",
+                    help="CPUInfer from a WorkerPoolConfig (one NUMA subpool) or from a thread count")
     a = ap.parse_args()
+    def log(msg):
+        print(f"bench_kt: {msg}", file=sys.stderr, flush=True)
+
     ext = load_ext(a.ext)
+    log("extension loaded")
     cls = {"bf16": ext.moe.AMXBF16_MOE, "int8": ext.moe.AMXInt8_MOE, "int4": ext.moe.AMXInt4_MOE}
-    wc = ext.WorkerPoolConfig()
-    wc.subpool_count, wc.subpool_numa_map, wc.subpool_thread_count = 1, [0], [a.threads]
-    cpu = ext.CPUInfer(wc)
+    if a.pool == "config":
+        wc = ext.WorkerPoolConfig()
+        wc.subpool_count, wc.subpool_numa_map, wc.subpool_thread_count = 1, [0], [a.threads]
+        cpu = ext.CPUInfer(wc)
+    else:
+        cpu = ext.CPUInfer(a.threads)
+    log("CPUInfer created")
     name, H, I, E, K = SHAPES[a.shape]
     ms = [int(x) for x in a.m.split(",")]
     torch.manual_seed(0)
@@ -54,10 +65,13 @@ def main():
             cfg.max_len = max(ms)
             cfg.pool = cpu.backend_
             cfg.gate_proj, cfg.up_proj, cfg.down_proj = g.data_ptr(), u.data_ptr(), d.data_ptr()
+            log(f"{dt}: MOEConfig set, constructing")
             moe = cls[dt](cfg)
             p2l = torch.arange(E, dtype=torch.int64)
+            log(f"{dt}: loading weights")
             cpu.submit(moe.load_weights_task(p2l.data_ptr()))
             cpu.sync()
+            log(f"{dt}: weights loaded")
             layers.append(moe)
             keep.append((g, u, d, p2l))
         keep.clear()  # weights are repacked inside kt-kernel
