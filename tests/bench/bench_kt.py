@@ -106,7 +106,7 @@ def main():
                               "median_us": t * 1e6, "min_us": times[0] * 1e6, "calls": len(times),
                               "gbps_unique_weights": uniq * 3 * H * I * BYTES[dt] / t / 1e9,
                               "tflops": flops / t / 1e12, "layers": len(layers)}), flush=True)
-        del layers
+        layers.clear()
 
 
 if __name__ == "__main__":
