@@ -17,18 +17,6 @@
 namespace tidal::offload {
 namespace kc = kernels::cpu;
 
-int64_t default_group_size(kc::ExpertDType dtype) {
-  switch (dtype) {
-    case kc::ExpertDType::kINT4:
-      return 64;
-    case kc::ExpertDType::kINT8:
-      return 128;
-    case kc::ExpertDType::kBF16:
-      return 0;
-  }
-  return 0;
-}
-
 ExpertStore::ExpertStore(const core::ModelConfig& cfg, const core::Checkpoint& ck)
     : hidden_(cfg.hidden_size),
       inter_(cfg.moe_intermediate_size),
@@ -206,7 +194,7 @@ void ExpertStore::write_cache() {
 }
 
 uint64_t ExpertStore::packed_bytes(kc::ExpertDType dtype, int64_t group_size) const {
-  if (group_size == 0) group_size = default_group_size(dtype);
+  if (group_size == 0) group_size = kc::default_group_size(dtype);
   const auto gu = kc::make_layout(dtype, inter_, hidden_, group_size);
   const auto dn = kc::make_layout(dtype, hidden_, inter_, group_size);
   uint64_t layers = 0;
@@ -219,7 +207,7 @@ void ExpertStore::pack(const ExpertStoreOptions& opts, kernels::Executor& ex,
                        const std::function<void(uint64_t)>& progress) {
   TIDAL_ASSERT(region_ == nullptr, "ExpertStore::pack called twice");
   opts_ = opts;
-  if (opts_.group_size == 0) opts_.group_size = default_group_size(opts_.dtype);
+  if (opts_.group_size == 0) opts_.group_size = kc::default_group_size(opts_.dtype);
   gate_up_ = kc::make_layout(opts_.dtype, inter_, hidden_, opts_.group_size);
   down_ = kc::make_layout(opts_.dtype, hidden_, inter_, opts_.group_size);
   const auto per_expert = static_cast<size_t>(2 * gate_up_.bytes() + down_.bytes());

@@ -32,12 +32,6 @@ struct ExpertStoreOptions {
   std::filesystem::path cache_dir;
 };
 
-/// Default quantisation group: INT4 uses 64 (4.25 bits per weight), INT8 128 (8.125 bits).
-/// Group 32 costs INT4 decode a third of its speed on the GPU machine's Xeon (52% of read
-/// bandwidth against 80% at 64: one scale epilogue per 256 bytes), while the KL divergence of the
-/// golden models against bf16 moves by less than 10% between 32 and 128 (docs/performance.md).
-int64_t default_group_size(kernels::cpu::ExpertDType dtype);
-
 class ExpertStore final : public core::RoutedExperts {
  public:
   /// Locates and checks every routed expert of `cfg` in `ck` (presence, dtype and shape). Nothing

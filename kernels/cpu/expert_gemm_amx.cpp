@@ -55,6 +55,11 @@ void configure_tiles() {
   if (std::memcmp(&cur, &want, sizeof cur) != 0) _tile_loadconfig(&want);
 }
 
+// GCC's tile load/store intrinsics are asm statements without a memory clobber: the compiler does
+// not see them read or write memory, and may drop stores to a buffer only a tile load reads, or
+// read a buffer before the tile store that fills it. A compiler barrier orders them.
+inline void memory_barrier() { __asm__ __volatile__("" ::: "memory"); }
+
 // Weight streams are prefetched this many bytes ahead: without it every B tile waits for DRAM,
 // and at ~64 tokens per expert the loop is bound by the weight stream.
 constexpr int64_t kPrefetchAhead = 8192;
@@ -104,6 +109,7 @@ void bf16_pass(const uint8_t* t0, const uint8_t* t1, const uint16_t* a, const ui
     _tile_stored(2, c0 + 256, 64);
     _tile_stored(3, c1 + 256, 64);
   }
+  memory_barrier();
 }
 
 void bf16_run2(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a,
@@ -171,6 +177,7 @@ void int_pass(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const
       if constexpr (kInt4) {
         unpack_int4(g0, h * 64, u0);
         unpack_int4(g1, h * 64, u1);
+        memory_barrier();
         b0 = u0;
         b1 = u1;
       } else {
@@ -195,6 +202,7 @@ void int_pass(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const
       _tile_stored(2, c[2], 64);
       _tile_stored(3, c[3], 64);
     }
+    memory_barrier();
     const __m512 ws0 =
         _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s0 + g * kTileRows)));
     const __m512 ws1 =

@@ -95,8 +95,9 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   // Kernel per expert: the large-m variant (AMX) where it accepts the expert's token count.
   const ExpertDType dt = lgu.dtype;
   const ExpertGemmVariant& small = select_expert_gemm(dt, isa_, 1);
-  const ExpertGemmVariant& large =
-      ldn.group == lgu.group ? select_expert_gemm(dt, isa_, kMaxRowsPerCall, &lgu) : small;
+  const ExpertGemmVariant* large_v = &select_expert_gemm(dt, isa_, kMaxRowsPerCall, &lgu);
+  if (!large_v->supports(ldn)) large_v = &small;
+  const ExpertGemmVariant& large = *large_v;
   const int64_t num_active = static_cast<int64_t>(active_.size());
   large_.resize(static_cast<size_t>(num_active));
   row0_.resize(static_cast<size_t>(num_active));

@@ -274,9 +274,8 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
   const long llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
   for (const auto& dname : dtypes) {
     const kc::ExpertDType dt = kc::parse_expert_dtype(dname);
-    const int64_t G = dt == kc::ExpertDType::kBF16
-                          ? 0
-                          : (group ? group : (dt == kc::ExpertDType::kINT4 ? 32 : 128));
+    const int64_t G =
+        dt == kc::ExpertDType::kBF16 ? 0 : (group ? group : kc::default_group_size(dt));
     const auto gu = kc::make_layout(dt, s.inter, s.hidden, G ? G : 32);
     const auto dn = kc::make_layout(dt, s.hidden, s.inter, G ? G : 32);
     const double expert_bytes = static_cast<double>(2 * gu.bytes() + dn.bytes());
@@ -472,7 +471,7 @@ void run_micro(const Shape& s, const std::vector<std::string>& dtypes,
   const Isa isa = tidal::kernels::resolve_isa("auto");
   for (const auto& dname : dtypes) {
     const kc::ExpertDType dt = kc::parse_expert_dtype(dname);
-    const int64_t G = dt == kc::ExpertDType::kINT4 ? 32 : 128;
+    const int64_t G = dt == kc::ExpertDType::kBF16 ? 32 : kc::default_group_size(dt);
     const auto l = kc::make_layout(dt, 16, s.hidden, G);
     const size_t total = size_t{1} << 30;
     const int64_t ntiles = static_cast<int64_t>(total / static_cast<size_t>(l.tile_bytes));
