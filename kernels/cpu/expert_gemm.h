@@ -140,6 +140,9 @@ struct ExpertGemmVariant {
   TileKernelFn run;
   TileKernel2Fn run2 = nullptr;  ///< optional: two tiles in one pass (AMX)
   int64_t group_multiple = 1;    ///< it needs the quantisation group to be a multiple of this
+  /// Its results may differ from the reference by more than fp32 reassociation (AMX BF16: see
+  /// Note [AMX BF16 is opt-in]); selected only when asked for.
+  bool approximate = false;
 
   /// Whether it runs matrices of `layout` (the group size condition).
   bool supports(const PackedLayout& layout) const { return layout.group % group_multiple == 0; }
@@ -162,6 +165,7 @@ const std::vector<ExpertGemmVariant>& expert_gemm_variants();
 /// The best variant for `dtype` at `max_isa` that accepts `rows` token rows and, when given,
 /// `layout` (never fails: the reference accepts everything).
 const ExpertGemmVariant& select_expert_gemm(ExpertDType dtype, Isa max_isa, int64_t rows,
-                                            const PackedLayout* layout = nullptr);
+                                            const PackedLayout* layout = nullptr,
+                                            bool allow_approximate = false);
 
 }  // namespace tidal::kernels::cpu

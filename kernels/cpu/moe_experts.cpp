@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -45,6 +46,14 @@ void for_slots(Executor& ex, int64_t S, const Fn& fn) {
 }
 
 }  // namespace
+
+bool MoeExperts::default_allow_approximate() {
+  static const bool on = [] {
+    const char* e = std::getenv("TIDAL_EXPERT_AMX_BF16");
+    return e != nullptr && std::string(e) == "1";
+  }();
+  return on;
+}
 
 std::string MoeExperts::last_variants() const {
   std::string s = used_small_ ? used_small_ : "";
@@ -95,7 +104,8 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   // Kernel per expert: the large-m variant (AMX) where it accepts the expert's token count.
   const ExpertDType dt = lgu.dtype;
   const ExpertGemmVariant& small = select_expert_gemm(dt, isa_, 1);
-  const ExpertGemmVariant* large_v = &select_expert_gemm(dt, isa_, kMaxRowsPerCall, &lgu);
+  const ExpertGemmVariant* large_v =
+      &select_expert_gemm(dt, isa_, kMaxRowsPerCall, &lgu, allow_approximate_);
   if (!large_v->supports(ldn)) large_v = &small;
   const ExpertGemmVariant& large = *large_v;
   const int64_t num_active = static_cast<int64_t>(active_.size());

@@ -48,6 +48,9 @@ class MoeExperts {
   void run(const MoeExpertsArgs& args, Executor& ex);
 
   Isa isa() const { return isa_; }
+  /// Lets run() pick approximate variants (AMX BF16, Note [AMX BF16 is opt-in]). Default: the
+  /// TIDAL_EXPERT_AMX_BF16=1 environment variable.
+  void set_allow_approximate(bool on) { allow_approximate_ = on; }
   void set_isa(Isa isa) { isa_ = isa; }
   /// Names of the tile kernels the last run used (e.g. "avx512_vnni_int4+amx_int4").
   std::string last_variants() const;
@@ -61,7 +64,9 @@ class MoeExperts {
 
  private:
   Isa isa_;
+  bool allow_approximate_ = default_allow_approximate();
   bool profile_ = false;
+  static bool default_allow_approximate();
   double phase_s_[4] = {};
   const char* used_small_ = nullptr;
   const char* used_large_ = nullptr;

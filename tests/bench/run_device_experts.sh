@@ -37,9 +37,15 @@ b=./build/bench/tests/bench/tidal_bench_experts
 if [[ $steps == *bench* ]]; then
   "$b" --shape 35b --m 1 --threads 1,2,4,8,"$threads" --dtypes int4,int8,bf16 > "$out/decode_scaling.jsonl"
   "$b" --shape 35b --m 1,4,16,128,512,2048 --threads "$threads" --dtypes int4,int8,bf16 --onednn > "$out/bench_35b.jsonl"
+  # BF16 prefill on AMX is opt-in (kernels/cpu/expert_gemm_registry.cpp, Note [AMX BF16 is opt-in]).
+  TIDAL_EXPERT_AMX_BF16=1 "$b" --shape 35b --m 128,512,2048 --threads "$threads" --dtypes bf16 > "$out/bench_35b_amx_bf16.jsonl"
+  for rep in 1 2 3; do "$b" --shape 35b --m 1 --threads "$threads" --dtypes int4,int8 --seconds 1; done > "$out/decode_repeats.jsonl"
   "$b" --shape 80b --m 1,16,2048 --threads "$threads" --dtypes int4,int8 > "$out/bench_80b.jsonl"
 fi
 if [[ $steps == *kt* ]]; then
-  python3 tests/bench/bench_kt.py /tmp/deps/kt/kt_kernel/kt_kernel_ext*.so --threads "$threads" \
-    > "$out/kt_35b.jsonl" 2> "$out/kt.log" || { echo "kt-kernel failed:"; tail -5 "$out/kt.log"; }
+  # One layer per format: with two, kt-kernel 0.6.1 aborted ("free(): invalid pointer") here.
+  for dt in int4 int8 bf16; do
+    python3 tests/bench/bench_kt.py /tmp/deps/kt/kt_kernel/kt_kernel_ext*.so --threads "$threads" \
+      --dtypes $dt --layers 1 >> "$out/kt_35b.jsonl" 2>> "$out/kt.log" || { echo "kt-kernel $dt failed:"; tail -3 "$out/kt.log"; }
+  done
 fi

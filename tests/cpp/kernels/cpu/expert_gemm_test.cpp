@@ -333,6 +333,7 @@ TEST(MoeExperts, EveryIsaMatchesReference) {
         MoeProblem p(72, 40, 10, 3, m, dt, 64, 100 + static_cast<uint32_t>(m), 2);
         std::vector<float> got(static_cast<size_t>(m * 72), 0.25f), want(got);
         MoeExperts op(isa);
+        op.set_allow_approximate(true);  // AMX BF16 too (5e-5 holds for it on these shapes)
         op.run(p.args(got.data()), *pool);
         moe_experts_ref(p.args(want.data()));
         // At 64 tokens (~19 per expert) AMX takes the experts: guards the variant selection.
@@ -371,6 +372,16 @@ TEST(MoeExperts, AmxIntegerPathEqualsVnni) {
       EXPECT_GT(test::norm2(vnni), 0.0);
     }
   }
+}
+
+TEST(MoeExperts, ApproximateVariantsAreOptIn) {
+  MoeProblem p(64, 64, 2, 2, 40, ExpertDType::kBF16, 64, 3);
+  std::vector<float> dst(static_cast<size_t>(40 * 64), 0.f);
+  auto pool = make_tbb_executor(2);
+  MoeExperts op(cpu_features().best);
+  op.set_allow_approximate(false);
+  op.run(p.args(dst.data()), *pool);
+  EXPECT_EQ(op.last_variants().find("amx"), std::string::npos) << op.last_variants();
 }
 
 TEST(MoeExperts, RealShapeDecode) {
