@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <functional>
 #include <stdexcept>
 #include <string>
 
@@ -40,9 +41,12 @@ void for_slots(Executor& ex, int64_t S, const Fn& fn) {
     for (int64_t s = 0; s < S; ++s) fn(s);
     return;
   }
-  ex.parallel_for((S + kSlotsPerTask - 1) / kSlotsPerTask, 1, [&](int64_t b0, int64_t b1) {
+  auto body = [&](int64_t b0, int64_t b1) {
     for (int64_t s = b0 * kSlotsPerTask; s < std::min(S, b1 * kSlotsPerTask); ++s) fn(s);
-  });
+  };
+  // std::ref: a std::function holds a reference_wrapper in place (a capturing lambda larger than
+  // its small buffer would be heap-allocated on every call: no allocation per token).
+  ex.parallel_for((S + kSlotsPerTask - 1) / kSlotsPerTask, 1, std::ref(body));
 }
 
 }  // namespace
@@ -160,7 +164,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   // schedule].
   hidden_.resize(static_cast<size_t>(S * I));
   const int64_t tiles_i = lgu.num_tiles;
-  ex.parallel_for(num_active * tiles_i, 1, [&](int64_t w0, int64_t w1) {
+  auto phase1 = [&](int64_t w0, int64_t w1) {
     alignas(64) float g[kMaxRowsPerCall * kTileRows], u[kMaxRowsPerCall * kTileRows];
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t j = w / tiles_i, tile = w % tiles_i, e = active_[j];
@@ -184,7 +188,8 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
         }
       }
     }
-  });
+  };
+  ex.parallel_for(num_active * tiles_i, 1, std::ref(phase1));
 
   lap(1);
   // Phase 2 activations.
@@ -203,7 +208,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   const int64_t per_task = std::max<int64_t>(
       1, pairs / std::max<int64_t>(1, 2 * static_cast<int64_t>(ex.num_threads())));
   const int64_t blocks = (pairs + per_task - 1) / per_task;
-  ex.parallel_for(blocks, 1, [&](int64_t b0, int64_t b1) {
+  auto phase2 = [&](int64_t b0, int64_t b1) {
     alignas(64) float y0[kMaxRowsPerCall * kTileRows], y1[kMaxRowsPerCall * kTileRows];
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t q0 = blk * per_task, q1 = std::min(pairs, q0 + per_task);
@@ -240,7 +245,8 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
         }
       }
     }
-  });
+  };
+  ex.parallel_for(blocks, 1, std::ref(phase2));
   lap(3);
 }
 

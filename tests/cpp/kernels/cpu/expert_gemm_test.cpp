@@ -8,7 +8,10 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <new>
 #include <random>
 #include <vector>
 
@@ -16,6 +19,20 @@
 #include "kernels/cpu/expert_gemm_ref.h"
 #include "kernels/cpu/moe_experts.h"
 #include "tolerances.h"
+
+// Counts operator new calls (the whole test binary uses this allocator) so a test can assert that
+// the MoE op allocates nothing once its workspace has grown.
+namespace {
+std::atomic<long> g_allocations{0};
+}  // namespace
+
+void* operator new(std::size_t n) {
+  g_allocations.fetch_add(1, std::memory_order_relaxed);
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 
 namespace tidal::kernels::cpu {
 namespace {
@@ -396,6 +413,21 @@ TEST(MoeExperts, RealShapeDecode) {
     moe_experts_ref(p.args(want.data()));
     EXPECT_LT(rel_l2(got, want), 2e-5) << expert_dtype_name(dt) << " " << op.last_variants();
     EXPECT_GT(test::norm2(want), 0.0);
+  }
+}
+
+TEST(MoeExperts, NoAllocationOnceWarm) {
+  // Decode-sized and prefill-sized calls through the threaded executor: after one call of each
+  // size, further calls allocate nothing (no heap allocation per token).
+  auto pool = make_tbb_executor(3);
+  MoeExperts op(cpu_features().best);
+  for (int64_t m : {1, 40}) {
+    MoeProblem p(128, 64, 8, 2, m, ExpertDType::kINT4, 64, 21);
+    std::vector<float> dst(static_cast<size_t>(m * 128), 0.f);
+    op.run(p.args(dst.data()), *pool);  // grows the workspace
+    const long before = g_allocations.load();
+    for (int i = 0; i < 3; ++i) op.run(p.args(dst.data()), *pool);
+    EXPECT_EQ(g_allocations.load() - before, 0) << "m=" << m << " " << op.last_variants();
   }
 }
 
