@@ -82,9 +82,13 @@ ExpertStore::~ExpertStore() {
 // next load maps that file instead of re-quantising. The header holds the full key: layout name
 // and version, dtype, group, shapes, and every source file's name, size and modification time, so
 // a changed checkpoint or format never reads a stale cache (the key differs: the file is rebuilt).
-// Writes go to a temporary file renamed into place, so a crash leaves no half-written cache.
+// Writes go to a temporary file of the writing process, fsync'ed and renamed into place, so a crash
+// or a concurrent loader never leaves a half-written cache under the final name. The contents
+// carry no checksum: a file damaged in place at the same size is not detected. Caches of an older
+// key are not deleted (a shared cache directory may hold other checkpoints' files).
 namespace {
 constexpr size_t kCacheHeaderBytes = 4096;
+constexpr size_t kCacheKeyBytes = kCacheHeaderBytes - 9;  // after the magic, NUL-terminated
 constexpr char kCacheMagic[8] = {'T', 'I', 'D', 'A', 'L', 'E', 'X', 'P'};
 
 uint64_t fnv1a(const std::string& s) {
@@ -94,6 +98,14 @@ uint64_t fnv1a(const std::string& s) {
     h *= 1099511628211ull;
   }
   return h;
+}
+
+// What the header stores: the key itself, or for very long keys (checkpoints of hundreds of
+// shards) its length and two independent 64-bit hashes.
+std::string header_key(const std::string& key) {
+  if (key.size() < kCacheKeyBytes) return key;
+  return fmt::format("long key: {} bytes, {:016x} {:016x}", key.size(), fnv1a(key),
+                     std::hash<std::string>{}(key));
 }
 }  // namespace
 
@@ -125,7 +137,7 @@ bool ExpertStore::load_cache(kernels::Executor& ex, const std::function<void(uin
   const bool ok =
       ::pread(fd, header, sizeof header, 0) == static_cast<ssize_t>(sizeof header) &&
       std::memcmp(header, kCacheMagic, sizeof kCacheMagic) == 0 &&
-      std::string(header + 8, strnlen(header + 8, kCacheHeaderBytes - 8)) == cache_key();
+      std::string(header + 8, strnlen(header + 8, kCacheKeyBytes)) == header_key(cache_key());
   void* m = ok ? mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0) : MAP_FAILED;
   ::close(fd);
   if (m == MAP_FAILED) return false;
@@ -163,7 +175,10 @@ void ExpertStore::write_cache() {
         "not written: not enough free disk space in " + cache_file_.parent_path().string();
     return;
   }
-  const auto tmp = cache_file_.string() + ".tmp";
+  // A name of this process's own: concurrent loaders of the same checkpoint each write their
+  // own file and the last rename wins, with complete contents either way.
+  const auto tmp = fmt::format("{}.{}.{:x}.tmp", cache_file_.string(), ::getpid(),
+                               reinterpret_cast<uintptr_t>(this));
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) {
     cache_state_ = "not written: cannot write " + tmp;
@@ -171,10 +186,9 @@ void ExpertStore::write_cache() {
   }
   char header[kCacheHeaderBytes] = {};
   std::memcpy(header, kCacheMagic, sizeof kCacheMagic);
-  const std::string key = cache_key();
-  std::memcpy(header + 8, key.data(), std::min(key.size(), kCacheHeaderBytes - 9));
-  bool ok =
-      key.size() < kCacheHeaderBytes - 9 && ::write(fd, header, sizeof header) == sizeof header;
+  const std::string key = header_key(cache_key());
+  std::memcpy(header + 8, key.data(), key.size());
+  bool ok = ::write(fd, header, sizeof header) == sizeof header;
   const auto* p = static_cast<const uint8_t*>(region_);
   for (size_t off = 0; ok && off < region_bytes_;) {
     const ssize_t w = ::write(fd, p + off, std::min<size_t>(region_bytes_ - off, size_t{1} << 30));
@@ -183,6 +197,8 @@ void ExpertStore::write_cache() {
     else
       off += static_cast<size_t>(w);
   }
+  // Durable before it becomes visible under its final name.
+  ok = ok && ::fsync(fd) == 0;
   ok = ::close(fd) == 0 && ok;
   if (ok) std::filesystem::rename(tmp, cache_file_, ec);
   if (!ok || ec) {

@@ -4,17 +4,21 @@
 /// cores with hwloc.
 ///
 /// Note [Worker pinning]
-/// Each TBB worker that enters the arena is bound to one physical core (its first hardware
-/// thread), distinct per arena slot, so the expert kernels' per-thread streams do not migrate and
-/// two workers never share a core's caches and prefetchers. The calling thread (arena slot 0,
-/// usually the application's own thread) is left unpinned. Pinning is skipped when the arena has
-/// more threads than the machine has cores, or with TIDAL_PIN_THREADS=0.
+/// Each TBB worker thread, the first time it enters the arena, is bound to one physical core (its
+/// first hardware thread): cores are handed out in order from core 1, so the expert kernels'
+/// per-thread streams do not migrate and two workers do not share a core's caches and
+/// prefetchers. TBB calls the observer every time a worker joins the arena (that can be every
+/// parallel job), so later entries cost one thread-local check: no allocation or syscall per job.
+/// The application's own thread (it joins as the arena's master) is left unpinned. Pinning is
+/// skipped when the arena has more threads than the machine has cores, or with
+/// TIDAL_PIN_THREADS=0.
 #include <hwloc.h>
 #include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
 #include <tbb/task_arena.h>
 #include <tbb/task_scheduler_observer.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
@@ -59,6 +63,7 @@ class CorePinner final : public tbb::task_scheduler_observer {
  private:
   hwloc_topology_t topo_ = nullptr;
   int cores_ = 0;
+  std::atomic<int> next_core_{1};  // core 0 is left to the application's thread
 };
 
 class TbbExecutor final : public Executor {

@@ -56,8 +56,9 @@ void configure_tiles() {
 }
 
 // GCC's tile load/store intrinsics are asm statements without a memory clobber: the compiler does
-// not see them read or write memory, and may drop stores to a buffer only a tile load reads, or
-// read a buffer before the tile store that fills it. A compiler barrier orders them.
+// not see them read or write memory, and may drop stores to a buffer only a tile load reads, move
+// stores before an earlier tile load of the same buffer, or read a buffer before the tile store
+// that fills it. Compiler barriers on both sides of each such access order them.
 inline void memory_barrier() { __asm__ __volatile__("" ::: "memory"); }
 
 // Weight streams are prefetched this many bytes ahead: without it every B tile waits for DRAM,
@@ -103,6 +104,7 @@ void bf16_pass(const uint8_t* t0, const uint8_t* t1, const uint16_t* a, const ui
       _tile_dpbf16ps(3, 5, 7);
     }
   }
+  memory_barrier();  // earlier reads of c0/c1 by the caller come before these stores
   _tile_stored(0, c0, 64);
   _tile_stored(1, c1, 64);
   if constexpr (NB == 2) {
@@ -175,6 +177,7 @@ void int_pass(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const
       const void* b0;
       const void* b1;
       if constexpr (kInt4) {
+        memory_barrier();  // the previous tile loads of u0/u1 come before these stores
         unpack_int4(g0, h * 64, u0);
         unpack_int4(g1, h * 64, u1);
         memory_barrier();
@@ -196,6 +199,7 @@ void int_pass(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const
         _tile_dpbsud(3, 5, 7);
       }
     }
+    memory_barrier();  // the previous group's epilogue reads of c come before these stores
     _tile_stored(0, c[0], 64);
     _tile_stored(1, c[1], 64);
     if constexpr (NB == 2) {

@@ -279,7 +279,10 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
     const auto gu = kc::make_layout(dt, s.inter, s.hidden, G ? G : 32);
     const auto dn = kc::make_layout(dt, s.hidden, s.inter, G ? G : 32);
     const double expert_bytes = static_cast<double>(2 * gu.bytes() + dn.bytes());
-    // Enough layers that the experts touched between two reuses exceed any LLC: >= 3 GB in all.
+    // At least 3 GB of layers, and call i uses layer i % L with routing i % 61 (a prime): the same
+    // (layer, routing) pair comes back only after 61 L calls, so the experts read in between (GBs
+    // even at decode) exceed any LLC. With 16 routings and 8 int4 layers, pairs repeated every 16
+    // calls (~200 MB of int4 experts, inside a 300 MB L3).
     auto ex_all = tidal::kernels::make_tbb_executor(static_cast<int>(threads.back()));
     const double layer_bytes = expert_bytes * static_cast<double>(s.experts);
     const int num_layers = std::max(2, static_cast<int>(std::ceil(3e9 / layer_bytes)));
@@ -298,7 +301,7 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
         std::mt19937 g(7);
         std::normal_distribution<float> nd(0.f, 1.f);
         for (auto& v : src) v = nd(g);
-        constexpr int kRoutings = 16;
+        constexpr int kRoutings = 61;
         std::vector<Routing> routes;
         for (int r = 0; r < kRoutings; ++r) routes.push_back(route(s, m, 100 + r));
         auto call = [&](int64_t i) {

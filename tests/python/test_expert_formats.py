@@ -19,8 +19,8 @@ from conftest import GOLDEN_CASES
 #   qwen3_5_moe_text  8.1e-4    2.8e-2
 #   qwen3_moe         3.1e-5    2.8e-3
 #   tidal_mini        6.6e-5    5.6e-3   (trained; its reference prompt is real text)
-# The bounds are 3-7x the worst measured value of each format (the GPU machine's AMX prefill path
-# uses bf16 activations, so its figures differ a little). A wrong scale, a swapped nibble or a
+# The bounds are 3-7x the worst measured value of each format (the GPU machine's AMX INT path gives
+# the same results as the VNNI path, bit for bit). A wrong scale, a swapped nibble or a
 # broken activation quantiser moves whole distributions (KL of order 1, the entropy of these models
 # is ~5 nats), so the test still fails on real bugs; and int4 must be measurably worse than int8.
 KL_BOUND = {"int8": 2e-2, "int4": 0.4}
