@@ -7,10 +7,15 @@
 /// Phase 1 splits every active expert's gate/up matrices into 16-row tiles: one work item is one
 /// (expert, tile), so at decode (1 token, 8-10 experts, I = 512) there are 256-320 items for the
 /// threads to share, and each item streams 2 contiguous tiles once for all the expert's tokens.
-/// Phase 2 splits the hidden dimension into 16-row tiles of down_proj; one item loops over the
-/// active experts in ascending id and adds w · y into its 16 columns of dst, so no two items
-/// write the same output and the sum order per token is fixed (deterministic for any thread
-/// count). Between the phases silu(g)·u is prepared as the down projection's activations.
+/// Phase 2, small batches (decode): work items (expert, pair of 16-row tiles of H) write
+/// y[slot] = down h, so each thread streams long contiguous runs of one expert's down matrix; then
+/// dst[t] += Σ w·y over t's slots in ascending expert id. Large batches (prefill): a work item is a
+/// block of tile pairs of H and loops over the active experts in ascending id, adding w·y into its
+/// columns of dst, so each expert's activations are reused from L2 across the block and no slot-
+/// major output buffer (S x H floats) is written. Both schedules do the same additions in the same
+/// order per output (tested bit-identical): no two items write the same output, and the results
+/// do not depend on the thread count. Between the phases silu(g)·u is prepared as the down
+/// projection's activations.
 #include "kernels/cpu/moe_experts.h"
 
 #include <algorithm>
@@ -200,11 +205,73 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   });
   lap(2);
 
+  const int64_t pairs = (ldn.num_tiles + 1) / 2;
+  // Default limit 1 Mi outputs = 4 MiB, e.g. 512 slots of H = 2048 (64 tokens of top-8).
+  if (S * H <= slot_major_limit_) {
+    // Phase 2, small batches: work items (expert, pair of 16-row tiles of H), so that each thread
+    // streams long contiguous runs of one expert's down matrix (per-column blocks over all experts
+    // made 8 short streams per item at decode); outputs go to y[slot] and are added to dst below.
+    slot_out_.resize(static_cast<size_t>(S * H));
+    auto phase2 = [&](int64_t w0, int64_t w1) {
+      alignas(64) float y0[kMaxRowsPerCall * kTileRows], y1[kMaxRowsPerCall * kTileRows];
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t j = w / pairs, tile = 2 * (w % pairs), e = active_[j];
+        const bool big = large_[j];
+        const ExpertGemmVariant& v = big ? large : small;
+        const ActBuffer& buf = big ? hid_large_ : hid_small_;
+        const bool two = tile + 1 < ldn.num_tiles;
+        const int64_t col0 = tile * kTileRows, ncol = std::min(2 * kTileRows, H - col0);
+        const int64_t n0 = std::min(kTileRows, ncol), n1 = ncol - n0;
+        const uint8_t* t0 = a.experts[e].down + tile * ldn.tile_bytes;
+        for (int64_t c0 = 0; c0 < count_[e]; c0 += kMaxRowsPerCall) {
+          const int64_t mc = std::min(kMaxRowsPerCall, count_[e] - c0);
+          const ActRows rows = buf.rows(row0_[j] + c0);
+          if (two)
+            v.run_pair(ldn, t0, t0 + ldn.tile_bytes, rows, mc, y0, y1);
+          else
+            v.run(ldn, t0, rows, mc, y0);
+          for (int64_t i = 0; i < mc; ++i) {
+            float* y = slot_out_.data() + (offset_[e] + c0 + i) * H + col0;
+            std::copy(y0 + i * kTileRows, y0 + i * kTileRows + n0, y);
+            std::copy(y1 + i * kTileRows, y1 + i * kTileRows + n1, y + kTileRows);
+          }
+        }
+      }
+    };
+    ex.parallel_for(num_active * pairs, 1, std::ref(phase2));
+    // dst[t] += Σ w · y over t's slots in ascending expert id: the same operations, in the same
+    // order, as the column-block path below, so both give identical results.
+    token_slots_.resize(static_cast<size_t>(M * K));
+    fill_.assign(static_cast<size_t>(M), 0);
+    for (int64_t j = 0; j < num_active; ++j)
+      for (int64_t s = offset_[active_[j]]; s < offset_[active_[j] + 1]; ++s) {
+        const int64_t t = slot_token_[s];
+        token_slots_[t * K + fill_[t]++] = s;
+      }
+    auto reduce = [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        float* d = a.dst + t * a.ld_dst;
+        for (int64_t i = 0; i < K; ++i) {
+          const int64_t s = token_slots_[t * K + i];
+          const float wgt = slot_weight_[s];
+          const float* y = slot_out_.data() + s * H;
+#pragma omp simd
+          for (int64_t c = 0; c < H; ++c) d[c] += wgt * y[c];
+        }
+      }
+    };
+    if (M <= 4)
+      reduce(0, M);
+    else
+      ex.parallel_for(M, 1, std::ref(reduce));
+    lap(3);
+    return;
+  }
+
   // Phase 2: dst[t] += w · down h over blocks of column-tile pairs of H, experts ascending. A task
   // takes a block of pairs so that each expert's activations (A tiles) are read once per block
   // from L3 and then reused from L2 across its pairs: with one pair per task, 64 tasks each
   // re-read every expert's activations (18 MB at 2048 tokens).
-  const int64_t pairs = (ldn.num_tiles + 1) / 2;
   const int64_t per_task = std::max<int64_t>(
       1, pairs / std::max<int64_t>(1, 2 * static_cast<int64_t>(ex.num_threads())));
   const int64_t blocks = (pairs + per_task - 1) / per_task;

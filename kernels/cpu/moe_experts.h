@@ -51,6 +51,9 @@ class MoeExperts {
   /// Lets run() pick approximate variants (AMX BF16, Note [AMX BF16 is opt-in]). Default: the
   /// TIDAL_EXPERT_AMX_BF16=1 environment variable.
   void set_allow_approximate(bool on) { allow_approximate_ = on; }
+  /// Phase 2 runs per expert into slot-major outputs up to this many (slot, column) outputs, per
+  /// column block above (tests set it to cover both schedules).
+  void set_slot_major_limit(int64_t outputs) { slot_major_limit_ = outputs; }
   void set_isa(Isa isa) { isa_ = isa; }
   /// Names of the tile kernels the last run used (e.g. "avx512_vnni_int4+amx_int4").
   std::string last_variants() const;
@@ -65,6 +68,7 @@ class MoeExperts {
  private:
   Isa isa_;
   bool allow_approximate_ = default_allow_approximate();
+  int64_t slot_major_limit_ = int64_t{1} << 20;
   bool profile_ = false;
   static bool default_allow_approximate();
   double phase_s_[4] = {};
@@ -72,7 +76,8 @@ class MoeExperts {
   const char* used_large_ = nullptr;
   // Workspace.
   std::vector<int64_t> count_, offset_, fill_, active_, row0_, slot_token_, slot_row_;
-  std::vector<float> slot_weight_, hidden_;
+  std::vector<float> slot_weight_, hidden_, slot_out_;
+  std::vector<int64_t> token_slots_;
   std::vector<uint8_t> large_;  // per active expert: 1 if it runs the large-m variant
   ActBuffer tok_small_, tok_large_, act_small_, act_large_, hid_small_, hid_large_;
 };

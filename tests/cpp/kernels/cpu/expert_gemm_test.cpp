@@ -351,6 +351,7 @@ TEST(MoeExperts, EveryIsaMatchesReference) {
         std::vector<float> got(static_cast<size_t>(m * 72), 0.25f), want(got);
         MoeExperts op(isa);
         op.set_allow_approximate(true);  // AMX BF16 too (5e-5 holds for it on these shapes)
+        if (m == 64) op.set_slot_major_limit(0);  // the prefill schedule of phase 2
         op.run(p.args(got.data()), *pool);
         moe_experts_ref(p.args(want.data()));
         // At 64 tokens (~19 per expert) AMX takes the experts: guards the variant selection.
@@ -388,6 +389,20 @@ TEST(MoeExperts, AmxIntegerPathEqualsVnni) {
       EXPECT_EQ(amx, vnni) << expert_dtype_name(dt) << " group " << group;
       EXPECT_GT(test::norm2(vnni), 0.0);
     }
+  }
+}
+
+TEST(MoeExperts, BothPhase2SchedulesAgreeBitwise) {
+  auto pool = make_tbb_executor(3);
+  for (auto dt : {ExpertDType::kBF16, ExpertDType::kINT8, ExpertDType::kINT4}) {
+    MoeProblem p(72, 40, 10, 3, 17, dt, 64, 5);
+    std::vector<float> slot(static_cast<size_t>(17 * 72), 0.5f), column(slot);
+    MoeExperts a(cpu_features().best), b(cpu_features().best);
+    a.set_slot_major_limit(int64_t{1} << 30);
+    b.set_slot_major_limit(0);
+    a.run(p.args(slot.data()), *pool);
+    b.run(p.args(column.data()), *pool);
+    EXPECT_EQ(slot, column) << expert_dtype_name(dt);
   }
 }
 
