@@ -8,6 +8,7 @@
 /// Usage: tidal_bench_experts [--shape 35b|80b] [--dtypes bf16,int8,int4] [--m 1,4,16,128,512,2048]
 ///        [--threads 1,2,4,8,16] [--seconds 0.5] [--onednn] [--group G]
 #include <immintrin.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -79,8 +80,20 @@ __attribute__((target("avx512f"))) uint64_t read_slice(const uint8_t* p, size_t 
       _mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3))));
 }
 
+// One anonymous region (per layer, and the bandwidth buffer), advised for transparent huge pages:
+// as the runtime's expert store allocates its packed experts (offload/expert_store.cpp).
+void* alloc_region(size_t n) {
+  void* p = mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) {
+    std::fprintf(stderr, "cannot map %zu bytes\n", n);
+    std::exit(1);
+  }
+  madvise(p, n, MADV_HUGEPAGE);
+  return p;
+}
+
 double measure_bandwidth(Executor& ex, size_t bytes, int repeats) {
-  auto* buf = static_cast<uint8_t*>(std::aligned_alloc(4096, bytes));
+  auto* buf = static_cast<uint8_t*>(alloc_region(bytes));
   const int64_t chunks = 1024;
   const size_t per = bytes / chunks / 256 * 256;
   ex.parallel_for(chunks, 1,
@@ -94,7 +107,7 @@ double measure_bandwidth(Executor& ex, size_t bytes, int repeats) {
     });
     best = std::max(best, static_cast<double>(per * chunks) / (now_s() - t0));
   }
-  std::free(buf);
+  munmap(buf, bytes);
   return best;
 }
 
@@ -150,13 +163,10 @@ struct Shape {
 };
 
 struct Layer {
-  std::vector<uint8_t*> blocks;
+  void* region = nullptr;
+  size_t bytes = 0;
   std::vector<kc::PackedExpert> experts;
 };
-
-uint8_t* alloc64(size_t n) {
-  return static_cast<uint8_t*>(std::aligned_alloc(64, (n + 63) / 64 * 64));
-}
 
 // Packs `num_layers` layers of random experts (normal weights, a few outliers), in parallel.
 std::vector<Layer> make_layers(const Shape& s, const kc::PackedLayout& gu,
@@ -167,13 +177,14 @@ std::vector<Layer> make_layers(const Shape& s, const kc::PackedLayout& gu,
   std::normal_distribution<float> d(0.f, 0.02f);
   for (auto& v : src) v = d(g);
   std::vector<Layer> layers(static_cast<size_t>(num_layers));
+  const auto per_expert = static_cast<size_t>(2 * gu.bytes() + dn.bytes());
   for (auto& L : layers) {
-    L.blocks.resize(static_cast<size_t>(s.experts));
+    L.bytes = per_expert * static_cast<size_t>(s.experts);
+    L.region = alloc_region(L.bytes);
     L.experts.resize(static_cast<size_t>(s.experts));
     ex.parallel_for(s.experts, 1, [&](int64_t e0, int64_t e1) {
       for (int64_t e = e0; e < e1; ++e) {
-        uint8_t* b = alloc64(static_cast<size_t>(2 * gu.bytes() + dn.bytes()));
-        L.blocks[e] = b;
+        uint8_t* b = static_cast<uint8_t*>(L.region) + static_cast<size_t>(e) * per_expert;
         L.experts[e] = {b, b + gu.bytes(), b + 2 * gu.bytes()};
         const float* w = src.data() + (e * 37) % 4096;  // different weights per expert
         kc::pack_weights(gu, w, tidal::kernels::DType::kF32, H, b, 0, gu.num_tiles);
@@ -462,8 +473,7 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
 #endif
       }
     }
-    for (auto& L : layers)
-      for (auto* b : L.blocks) std::free(b);
+    for (auto& L : layers) munmap(L.region, L.bytes);
   }
 }
 
