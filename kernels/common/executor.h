@@ -19,6 +19,11 @@ class Executor {
   /// `grain` is the smallest sub-range worth a task.
   virtual void parallel_for(int64_t n, int64_t grain,
                             const std::function<void(int64_t, int64_t)>& fn) = 0;
+  /// As parallel_for, for items of equal cost: each thread gets one contiguous share of [0, n)
+  /// (no work stealing, no further splitting).
+  virtual void parallel_for_even(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+    parallel_for(n, 1, fn);
+  }
 };
 
 /// Runs everything on the calling thread (tests, references).

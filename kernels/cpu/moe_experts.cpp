@@ -56,6 +56,14 @@ void for_slots(Executor& ex, int64_t S, const Fn& fn) {
 
 }  // namespace
 
+bool MoeExperts::default_even_split() {
+  static const bool on = [] {
+    const char* e = std::getenv("TIDAL_EXPERT_EVEN");
+    return e == nullptr || std::string(e) != "0";
+  }();
+  return on;
+}
+
 bool MoeExperts::default_allow_approximate() {
   static const bool on = [] {
     const char* e = std::getenv("TIDAL_EXPERT_AMX_BF16");
@@ -194,7 +202,13 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
       }
     }
   };
-  ex.parallel_for(num_active * tiles_i, 1, std::ref(phase1));
+  // Decode-sized calls: every item costs the same; one contiguous share per thread (long runs of
+  // consecutive tiles) unless TIDAL_EXPERT_EVEN=0. Prefill: experts differ in token count:
+  // stealing.
+  if (even_split_ && M <= 16)
+    ex.parallel_for_even(num_active * tiles_i, std::ref(phase1));
+  else
+    ex.parallel_for(num_active * tiles_i, 1, std::ref(phase1));
 
   lap(1);
   // Phase 2 activations.
@@ -238,7 +252,10 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
         }
       }
     };
-    ex.parallel_for(num_active * pairs, 1, std::ref(phase2));
+    if (even_split_ && M <= 16)
+      ex.parallel_for_even(num_active * pairs, std::ref(phase2));
+    else
+      ex.parallel_for(num_active * pairs, 1, std::ref(phase2));
     // dst[t] += Σ w · y over t's slots in ascending expert id: the same operations, in the same
     // order, as the column-block path below, so both give identical results.
     token_slots_.resize(static_cast<size_t>(M * K));

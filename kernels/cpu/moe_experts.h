@@ -71,6 +71,8 @@ class MoeExperts {
   int64_t slot_major_limit_ = int64_t{1} << 20;
   bool profile_ = false;
   static bool default_allow_approximate();
+  bool even_split_ = default_even_split();
+  static bool default_even_split();
   double phase_s_[4] = {};
   const char* used_small_ = nullptr;
   const char* used_large_ = nullptr;
