@@ -96,6 +96,18 @@ struct ActRows {
   const int32_t* q_sum = nullptr;     ///< kInt8Groups, [num_groups] per row
   int64_t ld = 0;                     ///< elements between rows of f32/bf16/bf16_lo/q
   int64_t ld_group = 0;               ///< elements between rows of q_scale/q_sum
+
+  /// The rows from `i0` on.
+  ActRows shifted(int64_t i0) const {
+    ActRows r = *this;
+    if (r.f32) r.f32 += i0 * ld;
+    if (r.bf16) r.bf16 += i0 * ld;
+    if (r.bf16_lo) r.bf16_lo += i0 * ld;
+    if (r.q) r.q += i0 * ld;
+    if (r.q_scale) r.q_scale += i0 * ld_group;
+    if (r.q_sum) r.q_sum += i0 * ld_group;
+    return r;
+  }
 };
 
 /// Bytes of workspace one prepared row of `kind` needs for `layout` (see ActBuffer).

@@ -234,10 +234,7 @@ void int_run2(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const
   configure_tiles();
   for (int64_t r0 = 0; r0 < m; r0 += 32) {
     const int64_t rows = std::min<int64_t>(32, m - r0);
-    ActRows ar = a;
-    ar.q += r0 * a.ld;
-    ar.q_scale += r0 * a.ld_group;
-    ar.q_sum += r0 * a.ld_group;
+    const ActRows ar = a.shifted(r0);
     if (rows > 16)
       int_pass<2, kInt4>(l, t0, t1, ar, rows, d0 + r0 * kTileRows, d1 + r0 * kTileRows);
     else

@@ -107,19 +107,10 @@ void bf16_block(const PackedLayout& l, const uint8_t* tile, const ActRows& a, fl
     for (int h = 0; h < 2; ++h) _mm256_storeu_ps(dst + i * kTileRows + 8 * h, acc[i][h]);
 }
 
-ActRows offset_rows(const ActRows& a, int64_t i0) {
-  ActRows r = a;
-  if (r.q) r.q += i0 * a.ld;
-  if (r.q_scale) r.q_scale += i0 * a.ld_group;
-  if (r.q_sum) r.q_sum += i0 * a.ld_group;
-  if (r.f32) r.f32 += i0 * a.ld;
-  return r;
-}
-
 template <class Fn2, class Fn1>
 void run_blocks(const ActRows& a, int64_t m, float* dst, Fn2 two, Fn1 one) {
   for (int64_t i0 = 0; i0 < m; i0 += kRowBlock) {
-    const ActRows ai = offset_rows(a, i0);
+    const ActRows ai = a.shifted(i0);
     if (m - i0 >= 2)
       two(ai, dst + i0 * kTileRows);
     else

@@ -149,22 +149,11 @@ void bf16_block(const PackedLayout& l, const uint8_t* tile, const ActRows& a, fl
                                                         _mm512_add_ps(acc[i][2], acc[i][3])));
 }
 
-ActRows offset_rows(const ActRows& a, int64_t i0) {
-  ActRows r = a;
-  if (r.q) r.q += i0 * a.ld;
-  if (r.q_scale) r.q_scale += i0 * a.ld_group;
-  if (r.q_sum) r.q_sum += i0 * a.ld_group;
-  if (r.bf16) r.bf16 += i0 * a.ld;
-  if (r.bf16_lo) r.bf16_lo += i0 * a.ld;
-  if (r.f32) r.f32 += i0 * a.ld;
-  return r;
-}
-
 template <template <int> class Block>
 void run_blocks(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m,
                 float* dst) {
   for (int64_t i0 = 0; i0 < m; i0 += kRowBlock) {
-    const ActRows ai = offset_rows(a, i0);
+    const ActRows ai = a.shifted(i0);
     float* d = dst + i0 * kTileRows;
     switch (std::min<int64_t>(kRowBlock, m - i0)) {
       case 4:

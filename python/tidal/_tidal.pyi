@@ -94,8 +94,15 @@ class Runtime:
         device: str = "cpu",
         num_threads: int = 0,
         populate: bool = True,
+        expert_dtype: str = "auto",
+        expert_group_size: int = 0,
+        cpu_isa: str = "auto",
+        expert_cache: str = "auto",
         progress: Optional[Callable[[int, int], None]] = None,
     ) -> Runtime: ...
+    def describe(self) -> dict[str, str]:
+        """What runs: device, cpu, cpu_isa, cpu_isa_best, expert_dtype, expert_group_size,
+        expert_layout, expert_kernels, expert_cache, expert_cache_file, threads."""
     def logits(self, token_ids: TokenIds) -> npt.NDArray[np.float32]:
         """float32 (len(token_ids), vocab_size): logits at every position of a fresh sequence."""
     def generate(
