@@ -27,6 +27,19 @@ constexpr int64_t kRowBlock = 4;
 
 // Software prefetch distance in bytes ahead of the weight stream (0: hardware prefetch only);
 // TIDAL_EXPERT_PREFETCH overrides it (benchmark knob, docs/performance.md).
+// TIDAL_EXPERT_PREFETCH_L2=1 prefetches into L2 only (prefetcht1), for longer distances.
+const bool kPrefetchL2 = [] {
+  const char* e = std::getenv("TIDAL_EXPERT_PREFETCH_L2");
+  return e != nullptr && e[0] == '1';
+}();
+
+inline void prefetch_line(const uint8_t* p) {
+  if (kPrefetchL2)
+    _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
+  else
+    _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+}
+
 const int64_t kPrefetchBytes = [] {
   const char* e = std::getenv("TIDAL_EXPERT_PREFETCH");
   return e ? std::atoll(e) : int64_t{1024};
@@ -63,7 +76,7 @@ void int_block(const PackedLayout& l, const uint8_t* tile, const ActRows& a, flo
     if constexpr (kInt4) {
 #pragma GCC unroll 16
       for (int j = 0; j < G / 8; ++j) {
-        if (pf) _mm_prefetch(reinterpret_cast<const char*>(gb + 64 * j + pf), _MM_HINT_T0);
+        if (pf) prefetch_line(gb + 64 * j + pf);
         const __m512i raw = _mm512_loadu_si512(gb + 64 * j);
         const __m512i lo = _mm512_and_si512(raw, nibble);
         // High nibbles in place (16·q): acc1 is 16x the sum, undone by an exact shift below.
@@ -77,8 +90,8 @@ void int_block(const PackedLayout& l, const uint8_t* tile, const ActRows& a, flo
     } else {
 #pragma GCC unroll 16
       for (int j = 0; j < G / 4; j += 2) {
-        if (pf) _mm_prefetch(reinterpret_cast<const char*>(gb + 64 * j + pf), _MM_HINT_T0);
-        if (pf) _mm_prefetch(reinterpret_cast<const char*>(gb + 64 * j + 64 + pf), _MM_HINT_T0);
+        if (pf) prefetch_line(gb + 64 * j + pf);
+        if (pf) prefetch_line(gb + 64 * j + 64 + pf);
         const __m512i w0 = _mm512_loadu_si512(gb + 64 * j);
         const __m512i w1 = _mm512_loadu_si512(gb + 64 * j + 64);
         for (int i = 0; i < MC; ++i) {
@@ -131,8 +144,8 @@ void bf16_block(const PackedLayout& l, const uint8_t* tile, const ActRows& a, fl
   const int64_t pairs = l.k_pad / 2;  // even: k_pad is a multiple of 32
   const int64_t pf = kPrefetchBytes;
   for (int64_t p = 0; p < pairs; p += 2) {
-    if (pf) _mm_prefetch(reinterpret_cast<const char*>(tile + 64 * p + pf), _MM_HINT_T0);
-    if (pf) _mm_prefetch(reinterpret_cast<const char*>(tile + 64 * p + 64 + pf), _MM_HINT_T0);
+    if (pf) prefetch_line(tile + 64 * p + pf);
+    if (pf) prefetch_line(tile + 64 * p + 64 + pf);
     for (int b = 0; b < 2; ++b) {
       const __m512i v = _mm512_loadu_si512(tile + 64 * (p + b));
       const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
