@@ -26,11 +26,13 @@ namespace {
 constexpr int64_t kRowBlock = 4;
 
 // Software prefetch distance in bytes ahead of the weight stream (0: hardware prefetch only);
-// TIDAL_EXPERT_PREFETCH overrides it (benchmark knob, docs/performance.md).
-// TIDAL_EXPERT_PREFETCH_L2=1 prefetches into L2 only (prefetcht1), for longer distances.
+// TIDAL_EXPERT_PREFETCH overrides it (benchmark knob). On the GPU machine's Xeon, 4 KiB into L2
+// read int4/int8 decode at 52-60% / 71-74% of the bandwidth against 43-48% / 62-64% at 1 KiB into
+// L1 in the same run (docs/results/cpu-experts-2026-11-23/decode_prefetch.jsonl).
+// Prefetch into L2 (prefetcht1) by default; TIDAL_EXPERT_PREFETCH_L2=0 prefetches into L1.
 const bool kPrefetchL2 = [] {
   const char* e = std::getenv("TIDAL_EXPERT_PREFETCH_L2");
-  return e != nullptr && e[0] == '1';
+  return e == nullptr || e[0] != '0';
 }();
 
 inline void prefetch_line(const uint8_t* p) {
@@ -42,7 +44,7 @@ inline void prefetch_line(const uint8_t* p) {
 
 const int64_t kPrefetchBytes = [] {
   const char* e = std::getenv("TIDAL_EXPERT_PREFETCH");
-  return e ? std::atoll(e) : int64_t{1024};
+  return e ? std::atoll(e) : int64_t{4096};
 }();
 
 inline int32_t load_i32(const void* p) {
