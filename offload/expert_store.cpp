@@ -126,8 +126,7 @@ std::string ExpertStore::cache_key() const {
   return k;
 }
 
-bool ExpertStore::load_cache(kernels::Executor& ex, const std::function<void(uint64_t)>& progress) {
-  (void)ex;
+bool ExpertStore::load_cache(const std::function<void(uint64_t)>& progress) {
   std::error_code ec;
   const auto size = std::filesystem::file_size(cache_file_, ec);
   if (ec || size != kCacheHeaderBytes + region_bytes_) return false;
@@ -252,7 +251,7 @@ void ExpertStore::pack(const ExpertStoreOptions& opts, kernels::Executor& ex,
                   fmt::format("experts-{}-g{}-{:016x}.bin", kc::expert_dtype_name(opts_.dtype),
                               opts_.dtype == kc::ExpertDType::kBF16 ? 0 : opts_.group_size,
                               fnv1a(cache_key()));
-    if (load_cache(ex, progress)) {
+    if (load_cache(progress)) {
       cache_state_ = "hit";
       assign_pointers();
       if (progress) progress(source_bytes_);

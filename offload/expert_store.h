@@ -84,7 +84,7 @@ class ExpertStore final : public core::RoutedExperts {
   std::vector<std::string> source_files_;  // checkpoint files holding routed experts
   std::filesystem::path checkpoint_dir_;
   std::string cache_key() const;
-  bool load_cache(kernels::Executor& ex, const std::function<void(uint64_t)>& progress);
+  bool load_cache(const std::function<void(uint64_t)>& progress);
   void write_cache();
   std::atomic<const char*> last_small_{nullptr}, last_large_{nullptr};
 };

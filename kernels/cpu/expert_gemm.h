@@ -81,15 +81,14 @@ PackedValue packed_value(const PackedLayout& layout, const uint8_t* packed, int6
 /// How a variant wants its activation rows prepared.
 ///  - kF32: fp32, zero-padded to k_pad.
 ///  - kBf16Split: x ≈ hi + lo, both bf16 (error ≲ 2⁻¹⁷|x|), zero-padded.
-///  - kBf16: bf16 (round to nearest even), zero-padded.
 ///  - kInt8Groups: per group g: scale s_g = max|x|/127, q = round(x / s_g) in [-127, 127], and
 ///    sum_g = Σ q (used to undo the unsigned weight offset).
-enum class ActKind : uint8_t { kF32, kBf16Split, kBf16, kInt8Groups };
+enum class ActKind : uint8_t { kF32, kBf16Split, kInt8Groups };
 
 /// Prepared activation rows for one micro-kernel call (row i at base + i * ld).
 struct ActRows {
   const float* f32 = nullptr;
-  const uint16_t* bf16 = nullptr;     ///< kBf16 and the hi part of kBf16Split
+  const uint16_t* bf16 = nullptr;     ///< the hi part of kBf16Split
   const uint16_t* bf16_lo = nullptr;  ///< kBf16Split
   const int8_t* q = nullptr;          ///< kInt8Groups
   const float* q_scale = nullptr;     ///< kInt8Groups, [num_groups] per row
@@ -133,7 +132,7 @@ struct ActBuffer {
 };
 
 /// dst[i * 16 + r] = Σ_c W[tile * 16 + r][c] · act_i[c] for i < m ≤ kMaxRowsPerCall, r < 16,
-/// computed from one packed tile. Rows of a padded tile beyond n give 0. For kBf16 activations
+/// computed from one packed tile. Rows of a padded tile beyond n give 0. For AMX variants
 /// `act` must have readable (zero) rows up to the next multiple of 16 above m.
 using TileKernelFn = void (*)(const PackedLayout& layout, const uint8_t* tile, const ActRows& act,
                               int64_t m, float* dst);

@@ -225,9 +225,6 @@ void ActBuffer::reserve(ActKind kind_, const PackedLayout& l, int64_t rows_, Isa
       grow_zero(bf16, cap);
       grow_zero(bf16_lo, cap);
       break;
-    case ActKind::kBf16:
-      grow_zero(bf16, cap);
-      break;
     case ActKind::kInt8Groups:
       grow_zero(q, cap);
       if (q_scale.size() < static_cast<size_t>(rows_ * num_groups)) {
@@ -247,21 +244,19 @@ void ActBuffer::prepare(int64_t row, const float* x) {
       std::fill(d + k, d + k_pad, 0.f);
       break;
     }
-    case ActKind::kBf16Split:
-    case ActKind::kBf16: {
+    case ActKind::kBf16Split: {
       uint16_t* hi = bf16.data() + o;
+      uint16_t* lo = bf16_lo.data() + o;
       if (isa >= Isa::kAvx512) {
-        avx512::prepare_bf16(x, k, k_pad, hi,
-                             kind == ActKind::kBf16Split ? bf16_lo.data() + o : nullptr);
+        avx512::prepare_bf16(x, k, k_pad, hi, lo);
         break;
       }
-      for (int64_t c = 0; c < k; ++c) hi[c] = f32_to_bf16(x[c]);
-      std::fill(hi + k, hi + k_pad, uint16_t{0});
-      if (kind == ActKind::kBf16Split) {
-        uint16_t* lo = bf16_lo.data() + o;
-        for (int64_t c = 0; c < k; ++c) lo[c] = f32_to_bf16(x[c] - bf16_to_f32(hi[c]));
-        std::fill(lo + k, lo + k_pad, uint16_t{0});
+      for (int64_t c = 0; c < k; ++c) {
+        hi[c] = f32_to_bf16(x[c]);
+        lo[c] = f32_to_bf16(x[c] - bf16_to_f32(hi[c]));
       }
+      std::fill(hi + k, hi + k_pad, uint16_t{0});
+      std::fill(lo + k, lo + k_pad, uint16_t{0});
       break;
     }
     case ActKind::kInt8Groups: {
@@ -303,9 +298,6 @@ void ActBuffer::copy_row(int64_t row, const ActBuffer& src, int64_t src_row) {
     case ActKind::kBf16Split:
       cp(bf16, src.bf16, k_pad, ld);
       cp(bf16_lo, src.bf16_lo, k_pad, ld);
-      break;
-    case ActKind::kBf16:
-      cp(bf16, src.bf16, k_pad, ld);
       break;
     case ActKind::kInt8Groups:
       cp(q, src.q, k_pad, ld);

@@ -27,9 +27,9 @@ void tile_int8(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int
 void tile_int4(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
 /// h[i] = silu(g[i]) · u[i], vectorised exp (~2 ulp).
 void silu_mul(const float* g, const float* u, float* h, int64_t n);
-/// ActBuffer::prepare for kBf16 / kBf16Split (`lo` non-null) / kInt8Groups, bit-identical to the
+/// ActBuffer::prepare for kBf16Split (hi into dst, lo) and kInt8Groups, bit-identical to the
 /// scalar code.
-void prepare_bf16(const float* x, int64_t k, int64_t k_pad, uint16_t* dst, uint16_t* lo = nullptr);
+void prepare_bf16(const float* x, int64_t k, int64_t k_pad, uint16_t* dst, uint16_t* lo);
 void prepare_int8(const float* x, int64_t k, int64_t group, int64_t num_groups, int8_t* q,
                   float* scale, int32_t* sum);
 }  // namespace avx512

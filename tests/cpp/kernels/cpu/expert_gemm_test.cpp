@@ -184,7 +184,7 @@ TEST(ExpertFormat, VectorPreparationIsBitIdentical) {
     const auto l = make_layout(ExpertDType::kINT8, 16, k, 32);
     auto x = random_vec(static_cast<size_t>(k), 9 + static_cast<uint32_t>(k), 3.f);
     x[0] = 0.f;
-    for (ActKind kind : {ActKind::kBf16, ActKind::kBf16Split, ActKind::kInt8Groups}) {
+    for (ActKind kind : {ActKind::kBf16Split, ActKind::kInt8Groups}) {
       ActBuffer s, v;
       s.reserve(kind, l, 2, Isa::kRef);
       v.reserve(kind, l, 2, Isa::kAvx512);
