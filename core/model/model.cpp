@@ -30,7 +30,10 @@ struct Model::Rope {
 // L2-normalisation epsilon of the DeltaNet q/k (fixed in transformers, not rms_norm_eps).
 constexpr float kL2NormEps = 1e-6f;
 
-Model::Model(const ModelConfig& cfg, const Checkpoint& ck, std::shared_ptr<RoutedExperts> experts)
+Model::~Model() = default;
+
+Model::Model(const ModelConfig& cfg, const Checkpoint& ck, std::shared_ptr<RoutedExperts> experts,
+             const CudaOptions* cuda, kernels::Executor* ex)
     : cfg_(cfg),
       owned_(std::make_shared<OwnedWeights>()),
       experts_(std::move(experts)),
@@ -126,11 +129,34 @@ Model::Model(const ModelConfig& cfg, const Checkpoint& ck, std::shared_ptr<Route
                                 r.truncate, r.attention_factor, r.mscale, r.mscale_all_dim)
           : kc::rope_table_default(r.rope_theta, c.rotary_dim);
   rope_ = rope;
+  if (cuda) {
+#if TIDAL_WITH_CUDA
+    HostWeights hw;
+    hw.embed_tokens = embed_tokens_;
+    hw.lm_head = lm_head_;
+    hw.final_norm = &final_norm_;
+    hw.layers = &layers_;
+    hw.rope_inv_freq = rope->table.inv_freq;
+    hw.rope_scale = rope->table.attention_factor;
+    TIDAL_ASSERT(ex != nullptr, "the CUDA model needs an executor");
+    cuda_ = std::make_unique<CudaModel>(cfg_, hw, experts_.get(), routing_.get(), *cuda, *ex);
+#else
+    throw InvalidArgument(
+        "device=\"cuda\": this build of tidal has no CUDA support (built without nvcc); use "
+        "device=\"cpu\"");
+#endif
+  }
 }
 
 SequenceState Model::new_state() const {
   SequenceState s;
   s.layers.resize(layers_.size());
+#if TIDAL_WITH_CUDA
+  if (cuda_) {
+    s.device = cuda_->new_state();
+    return s;
+  }
+#endif
   for (size_t l = 0; l < layers_.size(); ++l) {
     if (layers_[l].type == LayerType::kLinearAttention) {
       s.layers[l].conv.assign(
@@ -344,6 +370,9 @@ void Model::mlp_block(int64_t layer, const MlpWeights& w, const float* xn, int64
 
 size_t Model::state_bytes(const SequenceState& state) {
   size_t n = 0;
+#if TIDAL_WITH_CUDA
+  if (state.device) n += CudaModel::state_bytes(*state.device);
+#endif
   for (const auto& l : state.layers)
     n += (l.k_cache.size() + l.v_cache.size() + l.conv.size() + l.recurrent.size()) * sizeof(float);
   return n;
@@ -368,6 +397,13 @@ void Model::forward(std::span<const int64_t> ids, SequenceState& state, LogitsMo
     logits.clear();
     return;
   }
+#if TIDAL_WITH_CUDA
+  if (cuda_) {
+    TIDAL_ASSERT(state.device != nullptr, "a CPU sequence state given to the CUDA model");
+    cuda_->forward(ids, state, mode, logits, ex, profile);
+    return;
+  }
+#endif
   const auto scale = c.is_hybrid() ? kc::NormScale::kZeroCentred : kc::NormScale::kPlain;
   const float eps = static_cast<float>(c.rms_norm_eps);
   std::vector<float> x(static_cast<size_t>(T * H)), xn(x.size()), y(x.size());
@@ -396,6 +432,49 @@ void Model::forward(std::span<const int64_t> ids, SequenceState& state, LogitsMo
   norm_rows(x.data() + first * H, final_norm_, xn.data(), rows, H, H, eps, scale);
   logits.resize(static_cast<size_t>(rows * c.vocab_size));
   kc::linear(xn.data(), rows, lm_head_, logits.data(), ex);
+}
+
+void Model::save_linear_states(const SequenceState& state, std::vector<std::vector<float>>& conv,
+                               std::vector<std::vector<float>>& rec) const {
+#if TIDAL_WITH_CUDA
+  if (cuda_) {
+    cuda_->download_linear_states(state, conv, rec);
+    return;
+  }
+#endif
+  conv.clear();
+  rec.clear();
+  for (const auto& l : state.layers) {
+    conv.push_back(l.conv);
+    rec.push_back(l.recurrent);
+  }
+}
+
+void Model::restore_linear_states(SequenceState& state,
+                                  const std::vector<std::vector<float>>* conv,
+                                  const std::vector<std::vector<float>>* rec) const {
+#if TIDAL_WITH_CUDA
+  if (cuda_) {
+    cuda_->upload_linear_states(state, conv, rec);
+    return;
+  }
+#endif
+  const SequenceState fresh = conv && rec ? SequenceState{} : new_state();
+  for (size_t l = 0; l < state.layers.size(); ++l) {
+    state.layers[l].conv = conv ? (*conv)[l] : fresh.layers[l].conv;
+    state.layers[l].recurrent = rec ? (*rec)[l] : fresh.layers[l].recurrent;
+  }
+}
+
+void Model::truncate_kv(SequenceState& state, int64_t n) const {
+  // The GPU KV cache keeps its capacity; positions >= n are simply overwritten later.
+  const auto row = static_cast<size_t>(cfg_.num_key_value_heads * cfg_.head_dim);
+  for (auto& l : state.layers) {
+    if (l.k_cache.empty()) continue;
+    l.k_cache.resize(static_cast<size_t>(n) * row);
+    l.v_cache.resize(static_cast<size_t>(n) * row);
+  }
+  state.num_tokens = n;
 }
 
 }  // namespace tidal::core

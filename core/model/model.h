@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "core/config/model_config.h"
+#include "core/model/cuda_model.h"
 #include "core/model/routed_experts.h"
 #include "core/model/routing_control.h"
 #include "core/model/sequence_state.h"
@@ -60,7 +61,10 @@ enum class LogitsMode : uint8_t { kNone, kLast, kAll };
 class Model {
  public:
   /// Binds and checks every non-expert tensor of `ck` (routed experts are the `experts` object's).
-  Model(const ModelConfig& cfg, const Checkpoint& ck, std::shared_ptr<RoutedExperts> experts);
+  /// With `cuda`, the non-expert weights are uploaded to the GPU and forward runs there.
+  Model(const ModelConfig& cfg, const Checkpoint& ck, std::shared_ptr<RoutedExperts> experts,
+        const CudaOptions* cuda = nullptr, kernels::Executor* ex = nullptr);
+  ~Model();
 
   const ModelConfig& config() const { return cfg_; }
 
@@ -76,8 +80,20 @@ class Model {
   /// Routing record / replay (benchmarks, cache studies); shared by all sequences of this model.
   RoutingControl& routing() const { return *routing_; }
 
-  /// Bytes of `state` (KV cache + DeltaNet conv and recurrent states).
+  /// Bytes of `state` (KV cache + DeltaNet conv and recurrent states), host or device.
   static size_t state_bytes(const SequenceState& state);
+
+  /// DeltaNet conv and recurrent states, one pair per layer (empty for attention layers).
+  void save_linear_states(const SequenceState& state, std::vector<std::vector<float>>& conv,
+                          std::vector<std::vector<float>>& rec) const;
+  /// Restores saved states; null: zero states.
+  void restore_linear_states(SequenceState& state, const std::vector<std::vector<float>>* conv,
+                             const std::vector<std::vector<float>>* rec) const;
+  /// Cuts the KV cache to `n` tokens and sets num_tokens = n (DeltaNet states are the caller's).
+  void truncate_kv(SequenceState& state, int64_t n) const;
+
+  /// The GPU part (device="cuda"), or null.
+  CudaModel* cuda() const { return cuda_.get(); }
 
  private:
   void attention_layer(const LayerWeights& w, LayerState& ls, int64_t pos0, const float* xn,
@@ -96,6 +112,7 @@ class Model {
   std::vector<LayerWeights> layers_;
   struct Rope;
   std::shared_ptr<const Rope> rope_;
+  std::unique_ptr<CudaModel> cuda_;
 };
 
 }  // namespace tidal::core

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace tidal::core {
@@ -18,9 +19,12 @@ struct LayerState {
   std::vector<float> recurrent;  ///< (num_v_heads, d_k, d_v) fp32
 };
 
+struct DeviceSequenceState;  // core/model/cuda_model.cpp
+
 struct SequenceState {
   int64_t num_tokens = 0;  ///< tokens already processed; the next token sits at this position
-  std::vector<LayerState> layers;
+  std::vector<LayerState> layers;  ///< CPU engine (empty vectors on the GPU)
+  std::shared_ptr<DeviceSequenceState> device;  ///< device="cuda": the state in VRAM
 };
 
 }  // namespace tidal::core

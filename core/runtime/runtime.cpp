@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <optional>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -81,19 +82,28 @@ void GenerationConfig::validate() const {
 }
 
 namespace {
-void check_device(const std::string& device) {
-  if (device == "cpu") return;
+/// Parses "cpu", "cuda" or "cuda:N"; returns the CUDA ordinal (-1 for the CPU). Throws for an
+/// unknown device, a build without CUDA, or a machine without a GPU.
+int check_device(const std::string& device) {
+  if (device == "cpu") return -1;
   if (device == "cuda" || device.rfind("cuda:", 0) == 0) {
+    int ordinal = 0;
+    if (device.size() > 5) {
+      const std::string num = device.substr(5);
+      TIDAL_CHECK(!num.empty() && num.size() < 4 &&
+                      num.find_first_not_of("0123456789") == std::string::npos,
+                  InvalidArgument, "device=\"{}\": expected \"cuda\" or \"cuda:N\"", device);
+      ordinal = std::stoi(num);
+    }
 #ifdef TIDAL_WITH_CUDA
     const int n = kernels::cuda::device_count();
     TIDAL_CHECK(n > 0, InvalidArgument,
                 "device=\"{}\" was requested but no CUDA device is available on this machine; "
                 "use device=\"cpu\"",
                 device);
-    throw Unsupported(
-        fmt::format("device=\"{}\": the CUDA backend is not implemented yet (found {}); use "
-                    "device=\"cpu\"",
-                    device, kernels::cuda::device_description(0)));
+    TIDAL_CHECK(ordinal < n, InvalidArgument, "device=\"{}\": this machine has {} CUDA device(s)",
+                device, n);
+    return ordinal;
 #else
     throw Unsupported(
         fmt::format("device=\"{}\": this build of tidal has no CUDA support (built without nvcc); "
@@ -160,7 +170,7 @@ void populate_range(const std::byte* p, size_t n) {
 std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOptions& opts,
                                        const LoadProgress& progress) {
   const auto t_load = Clock::now();
-  check_device(opts.device);
+  const int cuda_ordinal = check_device(opts.device);
   TIDAL_CHECK(opts.num_threads >= 0, InvalidArgument,
               "num_threads must be >= 0 (0 = one per physical core), got {}", opts.num_threads);
   const int max_threads = 4 * static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
@@ -182,9 +192,19 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
   // experts.
   auto experts = std::make_shared<offload::ExpertStore>(cfg, *rt->checkpoint_);
   rt->experts_ = experts;
-  rt->model_ = std::make_unique<core::Model>(cfg, *rt->checkpoint_, experts);
   rt->executor_ =
       kernels::make_tbb_executor(opts.num_threads > 0 ? opts.num_threads : physical_core_count());
+  std::optional<core::CudaOptions> cuda;
+  if (cuda_ordinal >= 0) {
+    cuda.emplace();
+    cuda->device = cuda_ordinal;
+    cuda->weights = opts.gpu_weights;
+    cuda->precision = opts.gpu_precision;
+    cuda->memory_limit = opts.gpu_memory;
+    cuda->graphs = opts.cuda_graphs;
+  }
+  rt->model_ = std::make_unique<core::Model>(cfg, *rt->checkpoint_, experts,
+                                             cuda ? &*cuda : nullptr, rt->executor_.get());
 
   offload::ExpertStoreOptions eopts;
   try {
@@ -307,7 +327,34 @@ std::map<std::string, std::string> Runtime::describe() const {
   d["expert_cache"] = experts_->cache_state();
   d["expert_cache_file"] = experts_->cache_file().string();
   d["threads"] = std::to_string(executor_->num_threads());
+  if (const auto* g = model_->cuda()) {
+    d["gpu"] = g->device_name();
+    d["gpu_weights"] = opts_.gpu_weights;
+    d["gpu_precision"] = opts_.gpu_precision;
+    d["cuda_graphs"] = opts_.cuda_graphs ? "on" : "off";
+  }
   return d;
+}
+
+std::map<std::string, uint64_t> Runtime::memory_report() const {
+  std::map<std::string, uint64_t> r;
+  const auto* g = model_->cuda();
+  TIDAL_CHECK(g != nullptr, InvalidArgument,
+              "memory_report() describes VRAM; this runtime runs on device=\"{}\" (see stats())",
+              opts_.device);
+#if TIDAL_WITH_CUDA
+  const core::GpuMemoryReport m = g->memory_report();
+  r["weights"] = m.weights;
+  r["weights_bf16_equivalent"] = m.weights_bf16_equivalent;
+  r["kv_cache"] = m.kv_cache;
+  r["deltanet_state"] = m.deltanet_state;
+  r["workspaces"] = m.workspaces;
+  r["used"] = m.weights + m.kv_cache + m.deltanet_state + m.workspaces;
+  r["free"] = m.free;
+  r["total"] = m.total;
+  r["limit"] = m.limit;
+#endif
+  return r;
 }
 
 RuntimeStats Runtime::stats() const {
@@ -488,10 +535,7 @@ void Sequence::checkpoint() {
   if (!saved_.empty() && saved_.back().num_tokens == state_.num_tokens) return;
   Saved s;
   s.num_tokens = state_.num_tokens;
-  for (const auto& l : state_.layers) {
-    s.conv.push_back(l.conv);
-    s.recurrent.push_back(l.recurrent);
-  }
+  rt_->model().save_linear_states(state_, s.conv, s.recurrent);
   saved_.push_back(std::move(s));
   if (saved_.size() > kMaxCheckpoints) saved_.pop_front();
   account_locked(true);
@@ -506,28 +550,14 @@ int64_t Sequence::truncate(int64_t n) {
     while (!saved_.empty() && saved_.back().num_tokens > n) saved_.pop_back();
     if (saved_.empty()) {
       to = 0;
-      const core::SequenceState fresh = rt_->model().new_state();
-      for (size_t l = 0; l < state_.layers.size(); ++l) {
-        state_.layers[l].conv = fresh.layers[l].conv;
-        state_.layers[l].recurrent = fresh.layers[l].recurrent;
-      }
+      rt_->model().restore_linear_states(state_, nullptr, nullptr);
     } else {
       const Saved& s = saved_.back();
       to = s.num_tokens;
-      for (size_t l = 0; l < state_.layers.size(); ++l) {
-        state_.layers[l].conv = s.conv[l];
-        state_.layers[l].recurrent = s.recurrent[l];
-      }
+      rt_->model().restore_linear_states(state_, &s.conv, &s.recurrent);
     }
   }
-  const auto& c = rt_->config();
-  const auto row = static_cast<size_t>(c.num_key_value_heads * c.head_dim);
-  for (auto& l : state_.layers) {
-    if (l.k_cache.empty()) continue;
-    l.k_cache.resize(static_cast<size_t>(to) * row);
-    l.v_cache.resize(static_cast<size_t>(to) * row);
-  }
-  state_.num_tokens = to;
+  rt_->model().truncate_kv(state_, to);
   account_locked(true);
   return to;
 }

@@ -31,7 +31,7 @@ namespace tidal::runtime {
 using LoadProgress = std::function<void(uint64_t done, uint64_t total)>;
 
 struct RuntimeOptions {
-  std::string device = "cpu";  ///< "cpu" (the CUDA backend is issue #4)
+  std::string device = "cpu";  ///< "cpu", "cuda" or "cuda:N"
   int num_threads = 0;         ///< 0: one per physical core
   /// Read every weight page into RAM while loading (with progress) when the weights fit in the
   /// memory available, so the first tokens do not stall on disk reads. Off: pages load lazily.
@@ -47,6 +47,11 @@ struct RuntimeOptions {
   /// experts: `<checkpoint>/.tidal-cache`, or `$XDG_CACHE_HOME/tidal` when that is not writable),
   /// "off", or a directory to use for any checkpoint and format.
   std::string expert_cache = "auto";
+  // device="cuda" only:
+  uint64_t gpu_memory = 0;            ///< VRAM budget in bytes (0: what is free at load)
+  std::string gpu_weights = "bf16";   ///< GPU-resident matrices: "bf16" or "int8" (weight-only)
+  std::string gpu_precision = "bf16";  ///< prefill GEMMs: "bf16" (tensor cores) or "fp32"
+  bool cuda_graphs = true;            ///< replay decode steps from CUDA graphs
 };
 
 /// Counters of one runtime since load (or reset_stats); times in seconds, sizes in bytes.
@@ -159,6 +164,9 @@ class Runtime : public std::enable_shared_from_this<Runtime> {
   /// What runs: device, cpu_isa, expert_dtype, expert_group_size, expert_kernels (the tile
   /// kernels of the last forward), cpu (brand string), threads.
   std::map<std::string, std::string> describe() const;
+  /// VRAM use in bytes (device="cuda"): weights, weights_bf16_equivalent, kv_cache,
+  /// deltanet_state, workspaces, used, free, total, limit. InvalidArgument on the CPU.
+  std::map<std::string, uint64_t> memory_report() const;
   /// Zeroes the token and time counters (memory figures stay).
   void reset_stats();
 

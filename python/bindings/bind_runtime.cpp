@@ -212,7 +212,8 @@ void bind_runtime(py::module_& m) {
           [](const std::filesystem::path& path, const std::string& device, int num_threads,
              bool populate, const std::string& expert_dtype, int64_t expert_group_size,
              const std::string& cpu_isa, const std::string& expert_cache,
-             const py::object& progress) {
+             const py::object& progress, uint64_t gpu_memory, const std::string& gpu_weights,
+             const std::string& gpu_precision, bool cuda_graphs) {
             runtime::RuntimeOptions o;
             o.device = device;
             o.num_threads = num_threads;
@@ -221,6 +222,10 @@ void bind_runtime(py::module_& m) {
             o.expert_group_size = expert_group_size;
             o.cpu_isa = cpu_isa;
             o.expert_cache = expert_cache;
+            o.gpu_memory = gpu_memory;
+            o.gpu_weights = gpu_weights;
+            o.gpu_precision = gpu_precision;
+            o.cuda_graphs = cuda_graphs;
             runtime::LoadProgress cb;
             if (!progress.is_none()) {
               cb = [progress](uint64_t done, uint64_t total) {
@@ -235,6 +240,8 @@ void bind_runtime(py::module_& m) {
           py::arg("populate") = true, py::arg("expert_dtype") = "auto",
           py::arg("expert_group_size") = 0, py::arg("cpu_isa") = "auto",
           py::arg("expert_cache") = "auto", py::arg("progress") = py::none(),
+          py::arg("gpu_memory") = 0, py::arg("gpu_weights") = "bf16",
+          py::arg("gpu_precision") = "bf16", py::arg("cuda_graphs") = true,
           "Load a checkpoint directory. progress(done_bytes, total_bytes) is called while the "
           "dense weights are read into RAM and the routed experts are packed.")
       .def("describe", &Runtime::describe, "What runs: ISA, expert format, kernels, threads.")
@@ -242,6 +249,9 @@ void bind_runtime(py::module_& m) {
           "stats", [](const Runtime& r) { return stats_dict(r.stats()); },
           "Counters since load or reset_stats() (tokens, seconds, bytes) as a dict.")
       .def("reset_stats", &Runtime::reset_stats)
+      .def("memory_report", &Runtime::memory_report,
+           "VRAM use in bytes (device=\"cuda\"): weights, kv_cache, deltanet_state, workspaces, "
+           "used, free, total, limit.")
       .def(
           "start_routing_record", [](const Runtime& r) { r.model().routing().start_recording(); },
           "Record the experts every MoE router chooses from now on (one sequence at a time).")

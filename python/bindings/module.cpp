@@ -3,8 +3,13 @@
 /// \brief The _tidal extension module: error translation and the bound types.
 #include <pybind11/pybind11.h>
 
+#include <string>
+
 #include "core/error.h"
 #include "python/bindings/bindings.h"
+#ifdef TIDAL_WITH_CUDA
+#include "kernels/cuda/device_info.h"
+#endif
 
 namespace py = pybind11;
 
@@ -30,6 +35,23 @@ PYBIND11_MODULE(_tidal, m) {
       PyErr_SetString(PyExc_RuntimeError, e.what());
     }
   });
+  m.def(
+      "cuda_devices",
+      []() {
+        py::list out;
+#ifdef TIDAL_WITH_CUDA
+        for (int i = 0; i < tidal::kernels::cuda::device_count(); ++i)
+          out.append(tidal::kernels::cuda::device_description(i));
+#endif
+        return out;
+      },
+      "Descriptions of the CUDA devices this build can use (empty: none, or built without CUDA).");
+  m.attr("built_with_cuda") =
+#ifdef TIDAL_WITH_CUDA
+      true;
+#else
+      false;
+#endif
   tidal::python::bind_config(m);
   tidal::python::bind_runtime(m);
 }

@@ -83,6 +83,11 @@ class Sequence:
     def truncate(self, num_tokens: int) -> int:
         """Roll back to at most num_tokens; returns the new length."""
 
+built_with_cuda: bool
+
+def cuda_devices() -> list[str]:
+    """Descriptions of the CUDA devices this build can use (empty: none, or built without CUDA)."""
+
 class Runtime:
     config: ModelConfig
     num_threads: int
@@ -99,7 +104,14 @@ class Runtime:
         cpu_isa: str = "auto",
         expert_cache: str = "auto",
         progress: Optional[Callable[[int, int], None]] = None,
+        gpu_memory: int = 0,
+        gpu_weights: str = "bf16",
+        gpu_precision: str = "bf16",
+        cuda_graphs: bool = True,
     ) -> Runtime: ...
+    def memory_report(self) -> dict[str, int]:
+        """VRAM use in bytes (device="cuda"): weights, weights_bf16_equivalent, kv_cache,
+        deltanet_state, workspaces, used, free, total, limit."""
     def describe(self) -> dict[str, str]:
         """What runs: device, cpu, cpu_isa, cpu_isa_best, expert_dtype, expert_group_size,
         expert_layout, expert_kernels, expert_cache, expert_cache_file, threads."""

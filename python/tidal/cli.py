@@ -30,7 +30,10 @@ def _add_generation_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: one per physical core)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--gpu-memory", default=None, help="VRAM budget with --device cuda (e.g. 11G; default: all free)")
+    ap.add_argument("--gpu-weights", default="bf16", choices=["bf16", "int8"],
+                    help="format of the GPU-resident weights with --device cuda")
     ap.add_argument("--no-think", action="store_true", help="enable_thinking=False in the chat template")
     ap.add_argument("--quiet", action="store_true", help="no progress bar, plan or statistics")
 
@@ -44,7 +47,8 @@ def _generation_kwargs(a: argparse.Namespace) -> dict[str, Any]:
 def _load(a: argparse.Namespace) -> Any:
     import tidal
 
-    return tidal.Runtime.load(a.model, device=a.device, num_threads=a.threads, progress=not a.quiet)
+    return tidal.Runtime.load(a.model, device=a.device, num_threads=a.threads, progress=not a.quiet,
+                              gpu_memory=a.gpu_memory, gpu_weights=a.gpu_weights)
 
 
 class _Printer:

@@ -18,7 +18,7 @@ import numpy as np
 from . import _tidal
 from .chat_template import ChatTemplate
 from .generation import ChatResult, GenerationResult, SamplingOptions, Stream, StreamChunk, run
-from .plan import Plan, format_bytes, inspect, plan
+from .plan import Plan, format_bytes, inspect, parse_bytes, plan
 from .stats import Stats
 from .text import prompt_opens_reasoning
 from .tokenizer import Tokenizer, read_generation_config
@@ -95,7 +95,8 @@ class Runtime:
     def load(cls, path: str | os.PathLike, *, device: str = "cpu", cpu_threads: int = 0, progress: bool = True,
              populate: bool = True, expert_dtype: str = "auto", expert_group_size: int = 0,
              cpu_isa: str = "auto", expert_cache: str | os.PathLike = "auto",
-             num_threads: int | None = None) -> "Runtime":
+             num_threads: int | None = None, gpu_memory: str | int | None = None, gpu_weights: str = "bf16",
+             gpu_precision: str = "bf16", cuda_graphs: bool = True) -> "Runtime":
         """Load a Hugging Face checkpoint directory (config.json + safetensors, tokenizer files optional).
 
         Every tensor is checked before compute; bad input raises FileNotFoundError, tidal.FormatError,
@@ -119,21 +120,38 @@ class Runtime:
             Where packed int8/int4 experts are kept so the next load maps them instead of quantising
             again. "auto": `<checkpoint>/.tidal-cache` (or `$XDG_CACHE_HOME/tidal`) for checkpoints
             with at least 1 GiB of experts. A changed checkpoint or format is detected and rebuilt.
+        device : "cpu", "cuda" or "cuda:N"
+            "cuda" keeps embeddings, attention and DeltaNet layers, routers, shared experts and lm_head in
+            VRAM (routed experts stay in RAM on the CPU kernels).
+        gpu_memory : "11G", bytes or None
+            VRAM budget (None: what is free at load); MemoryError when the GPU part does not fit.
+        gpu_weights : {"bf16", "int8"}
+            Format of the GPU-resident matrices; "int8" (weight-only, per-row scale) halves them.
+        gpu_precision : {"bf16", "fp32"}
+            Prefill matrix products (more than 8 tokens): BF16 tensor cores or fp32. Decode is fp32.
+        cuda_graphs : bool
+            Replay each decode step from CUDA graphs (off: launch kernels one by one).
         """
         p = pathlib.Path(os.fspath(path))
         if num_threads is not None:
             cpu_threads = num_threads
+        gpu_bytes = 0 if gpu_memory is None else parse_bytes(gpu_memory)
+        if gpu_memory is not None and gpu_bytes == 0:
+            raise ValueError("gpu_memory must be > 0 (or None for what is free)")
         update, close = _progress_bar(progress)
         try:
             engine = _tidal.Runtime.load(p, device=device, num_threads=cpu_threads, populate=populate,
                                          expert_dtype=expert_dtype, expert_group_size=expert_group_size,
                                          cpu_isa=cpu_isa, expert_cache=os.fspath(expert_cache),
-                                         progress=update)
+                                         progress=update, gpu_memory=gpu_bytes, gpu_weights=gpu_weights,
+                                         gpu_precision=gpu_precision, cuda_graphs=bool(cuda_graphs))
         finally:
             if close:
                 close()
         summary = inspect(p)
-        rt = cls(engine, p, plan(summary, device="cpu" if device == "cpu" else "cuda",
+        on_gpu = device != "cpu"
+        rt = cls(engine, p, plan(summary, device="cuda" if on_gpu else "cpu",
+                                 gpu_memory=engine.memory_report()["limit"] if on_gpu else None,
                                  context_tokens=min(32768, summary.config.max_position_embeddings)))
         if progress:
             st = engine.stats()
@@ -159,6 +177,11 @@ class Runtime:
     @property
     def device(self) -> str:
         return self._engine.device
+
+    def memory_report(self) -> dict[str, int]:
+        """VRAM use in bytes on device="cuda": weights (and weights_bf16_equivalent, the same matrices at
+        BF16), kv_cache, deltanet_state, workspaces, used, free, total and limit (the budget)."""
+        return dict(self._engine.memory_report())
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """float32 (len(token_ids), vocab_size): logits at every position of a fresh sequence."""

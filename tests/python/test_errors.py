@@ -209,8 +209,13 @@ def test_implausible_config_sizes(golden_copy, field, value):
 def test_bad_device_and_threads():
     with pytest.raises(ValueError, match='device must be "cpu" or "cuda"'):
         tidal.Runtime.load(GOLDEN / "qwen3_moe", device="tpu")
+    if not tidal.cuda_devices():  # no GPU or a CPU-only build: a clear error, not a crash
+        with pytest.raises((ValueError, NotImplementedError), match="cuda"):
+            tidal.Runtime.load(GOLDEN / "qwen3_moe", device="cuda")
     with pytest.raises((ValueError, NotImplementedError), match="cuda"):
-        tidal.Runtime.load(GOLDEN / "qwen3_moe", device="cuda")
+        tidal.Runtime.load(GOLDEN / "qwen3_moe", device="cuda:7x")
+    with pytest.raises((ValueError, NotImplementedError), match="cuda"):
+        tidal.Runtime.load(GOLDEN / "qwen3_moe", device="cuda:99")
     with pytest.raises(ValueError, match="num_threads"):
         tidal.Runtime.load(GOLDEN / "qwen3_moe", num_threads=-2)
     with pytest.raises(ValueError, match="num_threads=10000000"):

@@ -1,0 +1,964 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file cuda_model.cpp
+/// \brief Weight upload, workspace plan, the GPU forward pass (segments between host expert calls)
+/// and decode-step CUDA graphs. Kernels: kernels/cuda/ops.h.
+#include "core/model/cuda_model.h"
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <mutex>
+
+#include "core/error.h"
+#include "core/model/model.h"
+#include "kernels/cuda/ops.h"
+
+namespace tidal::core {
+namespace kc = kernels::cuda;
+using kc::DevMatrix;
+using kc::WFormat;
+
+namespace {
+
+void cuda_check(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return;
+  cudaGetLastError();
+  if (e == cudaErrorMemoryAllocation)
+    throw OutOfMemory(fmt::format("CUDA out of memory during {}", what));
+  throw InternalError(fmt::format("CUDA error during {}: {}", what, cudaGetErrorString(e)));
+}
+void cublas_check(cublasStatus_t s, const char* what) {
+  if (s != CUBLAS_STATUS_SUCCESS)
+    throw InternalError(fmt::format("cuBLAS error {} during {}", static_cast<int>(s), what));
+}
+constexpr size_t kAlign = 256;
+size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+double gib(uint64_t b) { return static_cast<double>(b) / (1024.0 * 1024.0 * 1024.0); }
+
+}  // namespace
+
+struct DeviceSequenceState {
+  CudaModel::Impl* owner = nullptr;
+  std::vector<kc::LayerStateDev> table;  // host copy
+  kc::LayerStateDev* d_table = nullptr;
+  int64_t capacity = 0;  // KV tokens
+  uint64_t kv_bytes = 0, linear_bytes = 0;
+  ~DeviceSequenceState();
+};
+
+struct GpuLayer {
+  LayerType type = LayerType::kFullAttention;
+  const float* in_norm = nullptr;
+  const float* post_norm = nullptr;
+  // attention
+  DevMatrix q, k, v, o;
+  const float *q_norm = nullptr, *k_norm = nullptr;
+  // deltanet
+  DevMatrix qkvz, ba, qkv, z, b, a, out;
+  const float *conv = nullptr, *dt_bias = nullptr, *A_log = nullptr, *gnorm = nullptr;
+  // mlp
+  bool is_moe = false;
+  DevMatrix router, sh_gate_up, sh_down, sh_gate, gate_up, down;
+};
+
+struct CudaModel::Impl {
+  ModelConfig cfg;
+  CudaOptions opts;
+  RoutedExperts* experts = nullptr;
+  RoutingControl* routing = nullptr;
+  int sm_count = 1;
+  std::string name;
+  cudaStream_t stream = nullptr;
+  cublasHandle_t blas = nullptr;
+  mutable std::mutex mu;  // one forward at a time (shared workspaces)
+
+  // weights
+  char* wbase = nullptr;
+  uint64_t weight_bytes = 0, weight_bf16_bytes = 0;
+  DevMatrix embed, lm_head;
+  const float* final_norm = nullptr;
+  const float* inv_freq = nullptr;
+  float rope_scale = 1.0f;
+  std::vector<GpuLayer> layers;
+
+  // workspaces (one allocation)
+  char* ws = nullptr;
+  uint64_t ws_bytes = 0;
+  int64_t Tmax = 0;
+  float *x = nullptr, *xn = nullptr, *y = nullptr, *hs = nullptr, *sg = nullptr;
+  float *qg = nullptr, *kb = nullptr, *vb = nullptr, *qb = nullptr, *gate = nullptr, *ao = nullptr;
+  float* partial = nullptr;
+  int attn_splits_decode = 1;
+  float *mixed = nullptr, *zb = nullptr, *bb = nullptr, *ab = nullptr, *u = nullptr, *gq = nullptr,
+        *gk = nullptr, *gv = nullptr, *beta = nullptr, *gg = nullptr, *go = nullptr, *proj = nullptr;
+  float *rlogits = nullptr, *rw = nullptr, *gu = nullptr, *hmid = nullptr, *logits = nullptr;
+  int32_t *ids = nullptr, *rids = nullptr;
+  uint16_t* act16 = nullptr;
+  void* wscratch = nullptr;
+  size_t wscratch_elems = 0;
+  int64_t logits_rows = 1;
+  kc::StepDev* d_step = nullptr;
+
+  // pinned host staging
+  void* pinned = nullptr;
+  int32_t* h_ids = nullptr;
+  kc::StepDev* h_step = nullptr;
+  float *h_xn = nullptr, *h_out = nullptr, *h_w = nullptr, *h_rlogits = nullptr, *h_logits = nullptr;
+  int32_t* h_rids = nullptr;
+  cudaEvent_t ev_d2h = nullptr;
+
+  // decode graphs: one per segment (routed experts run on the host between segments)
+  std::vector<cudaGraphExec_t> graphs;
+  bool graphs_ready = false;
+
+  std::atomic<uint64_t> kv_bytes{0}, linear_bytes{0};
+
+  // ---------------------------------------------------------------------------- helpers
+  void linear(const DevMatrix& w, const float* xin, int64_t ldx, float* yout, int64_t ldy,
+              int64_t T, bool acc = false) {
+    if (T <= kc::kMaxGemvRows) {
+      kc::gemv(w, xin, ldx, yout, ldy, T, acc, stream);
+      return;
+    }
+    const float one = 1.0f, beta_v = acc ? 1.0f : 0.0f;
+    const int64_t K = w.cols;
+    const bool fp32 = opts.precision == "fp32";
+    if (!fp32) kc::f32_to_bf16(xin, ldx, act16, T, K, stream);
+    const WFormat want = fp32 ? WFormat::kF32 : WFormat::kBF16;
+    const int64_t slice_rows =
+        w.format == want ? w.rows
+                         : std::max<int64_t>(1, static_cast<int64_t>(wscratch_elems) / K);
+    for (int64_t n0 = 0; n0 < w.rows; n0 += slice_rows) {
+      const int64_t n = std::min(slice_rows, w.rows - n0);
+      DevMatrix ws_m = w;
+      const void* wp;
+      if (w.format == want) {
+        wp = static_cast<const char*>(w.data) + n0 * K * (fp32 ? 4 : 2);
+      } else {
+        const size_t esz = w.format == WFormat::kF32 ? 4 : w.format == WFormat::kBF16 ? 2 : 1;
+        ws_m.data = static_cast<const char*>(w.data) + n0 * K * esz;
+        ws_m.scale = w.scale ? w.scale + n0 : nullptr;
+        ws_m.rows = n;
+        if (fp32)
+          kc::weight_to_f32(ws_m, static_cast<float*>(wscratch), stream);
+        else
+          kc::weight_to_bf16(ws_m, static_cast<uint16_t*>(wscratch), stream);
+        wp = wscratch;
+      }
+      if (fp32)
+        cublas_check(cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n),
+                                 static_cast<int>(T), static_cast<int>(K), &one,
+                                 static_cast<const float*>(wp), static_cast<int>(K), xin,
+                                 static_cast<int>(ldx), &beta_v, yout + n0, static_cast<int>(ldy)),
+                     "cublasSgemm");
+      else
+        cublas_check(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n),
+                                  static_cast<int>(T), static_cast<int>(K), &one, wp, CUDA_R_16BF,
+                                  static_cast<int>(K), act16, CUDA_R_16BF, static_cast<int>(K),
+                                  &beta_v, yout + n0, CUDA_R_32F, static_cast<int>(ldy),
+                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                     "cublasGemmEx");
+    }
+  }
+
+  bool experts_on_host(const GpuLayer& L) const { return L.is_moe && experts != nullptr; }
+
+  /// Enqueues layers [l0, l1) for T tokens. `routed_pending`: y holds nothing yet and the previous
+  /// layer's routed output waits in h_out (added at the start).
+  void enqueue_layers(size_t l0, size_t l1, int64_t T, bool first);
+  void enqueue_attention(const GpuLayer& L, int layer, int64_t T);
+  void enqueue_deltanet(const GpuLayer& L, int layer, int64_t T);
+  /// MLP of layer l into y; for MoE layers with host experts, stops after the D2H copies and the
+  /// shared expert (y = 0 then; h_out is added by finish_moe).
+  void enqueue_mlp(const GpuLayer& L, int layer, int64_t T);
+  void enqueue_final(int64_t T, LogitsMode mode, int64_t rows_first);
+  void finish_moe_enqueue(const GpuLayer& L, int64_t T);
+  std::vector<std::pair<size_t, size_t>> segments() const;
+  void ensure_capacity(DeviceSequenceState& s, int64_t need);
+  void free_state(DeviceSequenceState& s);
+};
+
+DeviceSequenceState::~DeviceSequenceState() {
+  if (owner) owner->free_state(*this);
+}
+
+void CudaModel::Impl::free_state(DeviceSequenceState& s) {
+  for (auto& t : s.table) {
+    cudaFree(t.k_cache);
+    cudaFree(t.v_cache);
+    cudaFree(t.conv);
+    cudaFree(t.recurrent);
+  }
+  cudaFree(s.d_table);
+  kv_bytes -= s.kv_bytes;
+  linear_bytes -= s.linear_bytes;
+  s.table.clear();
+}
+
+void CudaModel::Impl::ensure_capacity(DeviceSequenceState& s, int64_t need) {
+  if (need <= s.capacity) return;
+  const int64_t row = cfg.num_key_value_heads * cfg.head_dim;
+  int64_t cap = std::max<int64_t>(s.capacity * 2, std::max<int64_t>(need, opts.initial_context));
+  cap = (cap + 255) / 256 * 256;
+  const size_t bytes = static_cast<size_t>(cap * row) * 2;
+  size_t n_attn = 0;
+  for (const auto& L : layers) n_attn += L.type == LayerType::kFullAttention;
+  size_t free_b = 0, total_b = 0;
+  cudaMemGetInfo(&free_b, &total_b);
+  const uint64_t used = weight_bytes + ws_bytes + kv_bytes + linear_bytes;
+  const uint64_t add = 2 * n_attn * bytes - s.kv_bytes;
+  TIDAL_CHECK(opts.memory_limit == 0 || used + add <= opts.memory_limit, OutOfMemory,
+              "a {}-token KV cache needs {:.2f} GiB more VRAM, over the gpu_memory limit of {:.2f} "
+              "GiB ({:.2f} GiB in use)",
+              cap, gib(add), gib(opts.memory_limit), gib(used));
+  for (size_t l = 0; l < layers.size(); ++l) {
+    if (layers[l].type != LayerType::kFullAttention) continue;
+    auto& t = s.table[l];
+    for (uint16_t** p : {&t.k_cache, &t.v_cache}) {
+      void* fresh = nullptr;
+      cuda_check(cudaMalloc(&fresh, bytes), "KV cache allocation");
+      if (*p && s.capacity > 0)
+        cuda_check(cudaMemcpyAsync(fresh, *p, static_cast<size_t>(s.capacity * row) * 2,
+                                   cudaMemcpyDeviceToDevice, stream),
+                   "KV cache growth");
+      cudaStreamSynchronize(stream);
+      cudaFree(*p);
+      *p = static_cast<uint16_t*>(fresh);
+    }
+  }
+  kv_bytes += 2 * n_attn * bytes - s.kv_bytes;
+  s.kv_bytes = 2 * n_attn * bytes;
+  s.capacity = cap;
+  cuda_check(cudaMemcpy(s.d_table, s.table.data(), s.table.size() * sizeof(kc::LayerStateDev),
+                        cudaMemcpyHostToDevice),
+             "state table upload");
+}
+
+std::vector<std::pair<size_t, size_t>> CudaModel::Impl::segments() const {
+  std::vector<std::pair<size_t, size_t>> seg;
+  size_t start = 0;
+  for (size_t l = 0; l < layers.size(); ++l)
+    if (experts_on_host(layers[l])) {
+      seg.emplace_back(start, l + 1);
+      start = l + 1;
+    }
+  seg.emplace_back(start, layers.size());  // the last one also runs the final norm + lm_head
+  return seg;
+}
+
+void CudaModel::Impl::enqueue_attention(const GpuLayer& L, int layer, int64_t T) {
+  const auto& c = cfg;
+  const int64_t nh = c.num_attention_heads, nkv = c.num_key_value_heads, d = c.head_dim;
+  const bool gated = c.is_hybrid();
+  linear(L.q, xn, c.hidden_size, qg, L.q.rows, T);
+  linear(L.k, xn, c.hidden_size, kb, nkv * d, T);
+  linear(L.v, xn, c.hidden_size, vb, nkv * d, T);
+  kc::AttnPrepArgs p;
+  p.qg = qg;
+  p.k = kb;
+  p.v = vb;
+  p.q_norm = L.q_norm;
+  p.k_norm = L.k_norm;
+  p.inv_freq = inv_freq;
+  p.rope_scale = rope_scale;
+  p.q = qb;
+  p.gate = gate;
+  p.step = d_step;
+  p.layer = layer;
+  p.T = T;
+  p.nh = nh;
+  p.nkv = nkv;
+  p.d = d;
+  p.rotary_dim = c.rotary_dim;
+  p.eps = static_cast<float>(c.rms_norm_eps);
+  p.zero_centred = gated;
+  p.gated = gated;
+  kc::attn_prep(p, stream);
+  kc::AttentionArgs a;
+  a.q = qb;
+  a.gate = gated ? gate : nullptr;
+  a.out = ao;
+  a.partial = partial;
+  a.step = d_step;
+  a.layer = layer;
+  a.T = T;
+  a.nh = nh;
+  a.nkv = nkv;
+  a.d = d;
+  a.max_splits = T == 1 ? attn_splits_decode : kc::attention_max_splits(T, nkv, sm_count);
+  a.scale = 1.0f / std::sqrt(static_cast<float>(d));
+  kc::attention(a, stream);
+  linear(L.o, ao, nh * d, y, c.hidden_size, T);
+}
+
+void CudaModel::Impl::enqueue_deltanet(const GpuLayer& L, int layer, int64_t T) {
+  const auto& c = cfg;
+  const int64_t H = c.hidden_size, nk = c.linear_num_key_heads, nv = c.linear_num_value_heads,
+                dk = c.linear_key_head_dim, dv = c.linear_value_head_dim,
+                C = c.linear_conv_channels(), K = c.linear_conv_kernel_dim;
+  if (c.family == ArchFamily::kQwen3Next) {
+    const int64_t pw = L.qkvz.rows;
+    linear(L.qkvz, xn, H, proj, pw, T);
+    linear(L.ba, xn, H, proj + T * pw, 2 * nv, T);
+    kc::gdn_split_next(proj, proj + T * pw, mixed, zb, bb, ab, T, nk, nv, dk, dv, stream);
+  } else {
+    linear(L.qkv, xn, H, mixed, C, T);
+    linear(L.z, xn, H, zb, nv * dv, T);
+    linear(L.b, xn, H, bb, nv, T);
+    linear(L.a, xn, H, ab, nv, T);
+  }
+  kc::causal_conv1d_silu(mixed, T, C, K, L.conv, d_step, layer, u, stream);
+  kc::gdn_prep(u, bb, ab, L.A_log, L.dt_bias, gq, gk, gv, beta, gg, T, nk, nv, dk, dv, stream);
+  kc::delta_rule(gq, gk, gv, gg, beta, d_step, layer, go, T, nk, nv, dk, dv, stream);
+  kc::rms_norm_gated(go, zb, L.gnorm, go, T * nv, dv, static_cast<float>(c.rms_norm_eps), stream);
+  linear(L.out, go, nv * dv, y, H, T);
+}
+
+void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
+  const auto& c = cfg;
+  const int64_t H = c.hidden_size;
+  if (!L.is_moe) {
+    const int64_t I = L.down.cols;
+    linear(L.gate_up, xn, H, gu, 2 * I, T);
+    kc::silu_mul(gu, gu + I, 2 * I, hmid, T, I, stream);
+    linear(L.down, hmid, I, y, H, T);
+    return;
+  }
+  const int64_t E = c.num_experts, k = c.num_experts_per_tok;
+  linear(L.router, xn, H, rlogits, E, T);
+  kc::moe_route(rlogits, T, E, k, c.norm_topk_prob, rids, rw, stream);
+  if (experts) {
+    cuda_check(cudaMemcpyAsync(h_xn, xn, static_cast<size_t>(T * H) * 4, cudaMemcpyDeviceToHost,
+                               stream),
+               "copy to host");
+    cuda_check(cudaMemcpyAsync(h_rids, rids, static_cast<size_t>(T * k) * 4,
+                               cudaMemcpyDeviceToHost, stream),
+               "copy to host");
+    cuda_check(cudaMemcpyAsync(h_w, rw, static_cast<size_t>(T * k) * 4, cudaMemcpyDeviceToHost,
+                               stream),
+               "copy to host");
+    if (routing->active())
+      cuda_check(cudaMemcpyAsync(h_rlogits, rlogits, static_cast<size_t>(T * E) * 4,
+                                 cudaMemcpyDeviceToHost, stream),
+                 "copy to host");
+    // External: inside a captured decode graph this becomes an event-record node the host waits on.
+    cuda_check(cudaEventRecordWithFlags(ev_d2h, stream, cudaEventRecordExternal), "event record");
+  }
+  (void)layer;
+  if (c.shared_expert_intermediate_size > 0) {
+    const int64_t Is = c.shared_expert_intermediate_size;
+    linear(L.sh_gate_up, xn, H, gu, 2 * Is, T);
+    kc::silu_mul(gu, gu + Is, 2 * Is, hmid, T, Is, stream);
+    linear(L.sh_down, hmid, Is, hs, H, T);
+    linear(L.sh_gate, xn, H, sg, 1, T);
+  }
+  if (!experts) {  // routed experts skipped (GPU-only benchmark): y = shared expert only
+    cudaMemsetAsync(y, 0, static_cast<size_t>(T * H) * 4, stream);
+    finish_moe_enqueue(L, T);
+  }
+}
+
+void CudaModel::Impl::finish_moe_enqueue(const GpuLayer& L, int64_t T) {
+  (void)L;
+  const int64_t H = cfg.hidden_size;
+  if (cfg.shared_expert_intermediate_size > 0) kc::add_gated(y, hs, sg, T, H, stream);
+}
+
+void CudaModel::Impl::enqueue_layers(size_t l0, size_t l1, int64_t T, bool first) {
+  const auto& c = cfg;
+  const int64_t H = c.hidden_size;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  const bool zc = c.is_hybrid();
+  if (!first) {  // routed output of the previous segment's last layer
+    cuda_check(cudaMemcpyAsync(y, h_out, static_cast<size_t>(T * H) * 4, cudaMemcpyHostToDevice,
+                               stream),
+               "copy to device");
+    finish_moe_enqueue(layers[l0 - 1], T);
+  }
+  for (size_t l = l0; l < l1; ++l) {
+    const GpuLayer& L = layers[l];
+    kc::add_rms_norm(x, (first && l == 0) ? nullptr : y, L.in_norm, xn, T, H, eps, zc, stream);
+    if (L.type == LayerType::kFullAttention)
+      enqueue_attention(L, static_cast<int>(l), T);
+    else
+      enqueue_deltanet(L, static_cast<int>(l), T);
+    kc::add_rms_norm(x, y, L.post_norm, xn, T, H, eps, zc, stream);
+    enqueue_mlp(L, static_cast<int>(l), T);
+  }
+}
+
+void CudaModel::Impl::enqueue_final(int64_t T, LogitsMode mode, int64_t rows_first) {
+  const auto& c = cfg;
+  const int64_t H = c.hidden_size;
+  kc::add(x, y, T * H, stream);
+  if (mode == LogitsMode::kNone) return;
+  kc::rms_norm(x + rows_first * H, H, final_norm, xn, H, T - rows_first, H,
+               static_cast<float>(c.rms_norm_eps), c.is_hybrid(), stream);
+}
+
+CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExperts* experts,
+                     RoutingControl* routing, const CudaOptions& opts, kernels::Executor& ex)
+    : impl_(std::make_unique<Impl>()) {
+  Impl& m = *impl_;
+  m.cfg = cfg;
+  m.opts = opts;
+  m.experts = experts;
+  m.routing = routing;
+  TIDAL_CHECK(opts.weights == "bf16" || opts.weights == "int8", InvalidArgument,
+              "gpu_weights must be \"bf16\" or \"int8\", got \"{}\"", opts.weights);
+  TIDAL_CHECK(opts.precision == "bf16" || opts.precision == "fp32", InvalidArgument,
+              "gpu_precision must be \"bf16\" or \"fp32\", got \"{}\"", opts.precision);
+  TIDAL_CHECK(opts.max_chunk >= 16, InvalidArgument, "max_chunk must be >= 16");
+  int ndev = 0;
+  if (cudaGetDeviceCount(&ndev) != cudaSuccess) {
+    cudaGetLastError();
+    ndev = 0;
+  }
+  TIDAL_CHECK(ndev > 0, InvalidArgument,
+              "device=\"cuda\" was requested but no CUDA device is available on this machine; use "
+              "device=\"cpu\"");
+  TIDAL_CHECK(opts.device >= 0 && opts.device < ndev, InvalidArgument,
+              "device=\"cuda:{}\": this machine has {} CUDA device(s)", opts.device, ndev);
+  cuda_check(cudaSetDevice(opts.device), "cudaSetDevice");
+  cudaDeviceProp prop{};
+  cuda_check(cudaGetDeviceProperties(&prop, opts.device), "cudaGetDeviceProperties");
+  m.sm_count = prop.multiProcessorCount;
+  m.name = prop.name;
+  size_t free_b = 0, total_b = 0;
+  cuda_check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
+  TIDAL_CHECK(opts.memory_limit <= total_b, InvalidArgument,
+              "gpu_memory={:.2f} GiB is more than the {:.2f} GiB of {}", gib(opts.memory_limit),
+              gib(total_b), m.name);
+  if (m.opts.memory_limit == 0) m.opts.memory_limit = free_b;
+  TIDAL_CHECK(cfg.head_dim <= 256, Unsupported, "head_dim={} > 256 is not supported on CUDA",
+              cfg.head_dim);
+  if (cfg.is_hybrid()) {
+    const int64_t dk = cfg.linear_key_head_dim, dv = cfg.linear_value_head_dim;
+    const bool ok = (dk == 16 || dk == 32 || dk == 64 || dk == 128 || dk == 256) &&
+                    dv % std::min<int64_t>(32, dv) == 0 && cfg.linear_conv_kernel_dim <= 8;
+    TIDAL_CHECK(ok, Unsupported,
+                "the CUDA DeltaNet kernel needs linear_key_head_dim in {{16, 32, 64, 128, 256}}, "
+                "linear_value_head_dim a multiple of 32 (or < 32), linear_conv_kernel_dim <= 8");
+  }
+  TIDAL_CHECK(cfg.num_experts <= 1024 && cfg.num_experts_per_tok <= 16, Unsupported,
+              "the CUDA router supports up to 1024 experts and top-16");
+
+  // ------------------------------------------------------------------ weight upload plan
+  const bool int8 = opts.weights == "int8";
+  struct Up {
+    const void* src;
+    size_t bytes;
+    std::vector<char> conv;  // converted host data when not uploaded as-is
+    size_t off = 0;
+  };
+  std::vector<Up> ups;
+  auto push_raw = [&](const void* p, size_t bytes) {
+    ups.push_back({p, bytes, {}, 0});
+    return ups.size() - 1;
+  };
+  struct MatRef {
+    DevMatrix* dst;
+    size_t data_up, scale_up;
+  };
+  std::vector<MatRef> mats;
+  std::vector<std::pair<const float**, size_t>> vecs;
+  auto add_vec = [&](const float** dst, const std::vector<float>& v) {
+    vecs.emplace_back(dst, push_raw(v.data(), v.size() * 4));
+  };
+  // One matrix or several stacked by rows (gate|up), quantised when int8.
+  auto add_mat = [&](DevMatrix* dst, std::vector<kernels::WeightView> parts) {
+    const int64_t cols = parts[0].cols;
+    int64_t rows = 0;
+    for (auto& p : parts) rows += p.rows;
+    dst->rows = rows;
+    dst->cols = cols;
+    m.weight_bf16_bytes += static_cast<uint64_t>(rows * cols) * 2;
+    if (int8) {
+      dst->format = WFormat::kI8;
+      Up q{nullptr, static_cast<size_t>(rows * cols), {}, 0};
+      Up s{nullptr, static_cast<size_t>(rows) * 4, {}, 0};
+      q.conv.resize(q.bytes);
+      s.conv.resize(s.bytes);
+      auto* qd = reinterpret_cast<int8_t*>(q.conv.data());
+      auto* sd = reinterpret_cast<float*>(s.conv.data());
+      int64_t r0 = 0;
+      for (auto& p : parts) {
+        ex.parallel_for(p.rows, 16, [&](int64_t a, int64_t b) {
+          for (int64_t r = a; r < b; ++r) {
+            float mx = 0.f;
+            for (int64_t c = 0; c < cols; ++c) mx = std::max(mx, std::fabs(p.at(r, c)));
+            const float sc = mx > 0.f ? mx / 127.0f : 1.0f;
+            sd[r0 + r] = sc;
+            for (int64_t c = 0; c < cols; ++c)
+              qd[(r0 + r) * cols + c] = static_cast<int8_t>(
+                  std::clamp(std::nearbyint(p.at(r, c) / sc), -127.0f, 127.0f));
+          }
+        });
+        r0 += p.rows;
+      }
+      ups.push_back(std::move(q));
+      const size_t qi = ups.size() - 1;
+      ups.push_back(std::move(s));
+      mats.push_back({dst, qi, ups.size() - 1});
+      return;
+    }
+    bool all_bf16 = true;
+    for (auto& p : parts) all_bf16 = all_bf16 && p.dtype == kernels::DType::kBF16;
+    dst->format = all_bf16 ? WFormat::kBF16 : WFormat::kF32;
+    if (parts.size() == 1 && (all_bf16 || parts[0].dtype == kernels::DType::kF32)) {
+      mats.push_back({dst, push_raw(parts[0].data, parts[0].dtype == kernels::DType::kBF16
+                                                       ? static_cast<size_t>(rows * cols) * 2
+                                                       : static_cast<size_t>(rows * cols) * 4),
+                      SIZE_MAX});
+      return;
+    }
+    const size_t esz = all_bf16 ? 2 : 4;
+    Up u{nullptr, static_cast<size_t>(rows * cols) * esz, {}, 0};
+    u.conv.resize(u.bytes);
+    size_t off = 0;
+    for (auto& p : parts) {
+      if (all_bf16) {
+        std::memcpy(u.conv.data() + off, p.data, static_cast<size_t>(p.rows * cols) * 2);
+      } else {
+        auto* f = reinterpret_cast<float*>(u.conv.data() + off);
+        for (int64_t r = 0; r < p.rows; ++r)
+          for (int64_t c = 0; c < cols; ++c) f[r * cols + c] = p.at(r, c);
+      }
+      off += static_cast<size_t>(p.rows * cols) * esz;
+    }
+    ups.push_back(std::move(u));
+    mats.push_back({dst, ups.size() - 1, SIZE_MAX});
+  };
+
+  add_mat(&m.embed, {hw.embed_tokens});
+  if (cfg.tie_word_embeddings && !int8)
+    mats.push_back({&m.lm_head, mats.back().data_up, SIZE_MAX});  // shares the upload
+  else
+    add_mat(&m.lm_head, {hw.lm_head});
+  if (cfg.tie_word_embeddings && !int8) {
+    m.lm_head.rows = m.embed.rows;
+    m.lm_head.cols = m.embed.cols;
+    m.lm_head.format = m.embed.format;
+  }
+  add_vec(&m.final_norm, *hw.final_norm);
+  std::vector<float> inv(hw.rope_inv_freq);
+  if (inv.empty()) inv.push_back(0.f);
+  add_vec(&m.inv_freq, inv);
+  m.rope_scale = hw.rope_scale;
+  const auto& HL = *hw.layers;
+  m.layers.resize(HL.size());
+  for (size_t l = 0; l < HL.size(); ++l) {
+    const LayerWeights& w = HL[l];
+    GpuLayer& g = m.layers[l];
+    g.type = w.type;
+    add_vec(&g.in_norm, w.input_layernorm);
+    add_vec(&g.post_norm, w.post_attention_layernorm);
+    if (w.type == LayerType::kFullAttention) {
+      add_mat(&g.q, {w.attn.q_proj});
+      add_mat(&g.k, {w.attn.k_proj});
+      add_mat(&g.v, {w.attn.v_proj});
+      add_mat(&g.o, {w.attn.o_proj});
+      add_vec(&g.q_norm, w.attn.q_norm);
+      add_vec(&g.k_norm, w.attn.k_norm);
+    } else {
+      const auto& d = w.gdn;
+      if (cfg.family == ArchFamily::kQwen3Next) {
+        add_mat(&g.qkvz, {d.in_proj_qkvz});
+        add_mat(&g.ba, {d.in_proj_ba});
+      } else {
+        add_mat(&g.qkv, {d.in_proj_qkv});
+        add_mat(&g.z, {d.in_proj_z});
+        add_mat(&g.b, {d.in_proj_b});
+        add_mat(&g.a, {d.in_proj_a});
+      }
+      add_mat(&g.out, {d.out_proj});
+      add_vec(&g.conv, d.conv1d);
+      add_vec(&g.dt_bias, d.dt_bias);
+      add_vec(&g.A_log, d.A_log);
+      add_vec(&g.gnorm, d.norm);
+    }
+    g.is_moe = w.mlp.is_moe;
+    if (g.is_moe) {
+      add_mat(&g.router, {w.mlp.router});
+      if (cfg.shared_expert_intermediate_size > 0) {
+        add_mat(&g.sh_gate_up, {w.mlp.shared_gate_proj, w.mlp.shared_up_proj});
+        add_mat(&g.sh_down, {w.mlp.shared_down_proj});
+        kernels::WeightView sgv{w.mlp.shared_expert_gate.data(), kernels::DType::kF32, 1,
+                                cfg.hidden_size};
+        add_mat(&g.sh_gate, {sgv});
+      }
+    } else {
+      add_mat(&g.gate_up, {w.mlp.gate_proj, w.mlp.up_proj});
+      add_mat(&g.down, {w.mlp.down_proj});
+    }
+  }
+  size_t total = 0;
+  for (auto& u : ups) {
+    u.off = total;
+    total += align_up(u.bytes);
+  }
+  m.weight_bytes = total;
+
+  // ------------------------------------------------------------------ workspace plan
+  const auto& c = cfg;
+  const int64_t T = opts.max_chunk, H = c.hidden_size;
+  m.Tmax = T;
+  m.attn_splits_decode = kc::attention_max_splits(1, std::max<int64_t>(1, c.num_key_value_heads),
+                                                  m.sm_count);
+  size_t wsz = 0;
+  std::vector<std::pair<void**, size_t>> wl;
+  auto W = [&](auto** p, size_t bytes) {
+    wl.emplace_back(reinterpret_cast<void**>(p), bytes);
+    wsz += align_up(bytes);
+  };
+  const size_t f = 4;
+  W(&m.x, T * H * f);
+  W(&m.xn, T * H * f);
+  W(&m.y, T * H * f);
+  W(&m.hs, T * H * f);
+  W(&m.sg, T * f);
+  W(&m.ids, T * 4);
+  int64_t Kmax = std::max<int64_t>(H, c.num_attention_heads * c.head_dim);
+  bool has_attention = false;
+  for (const auto& g : m.layers) has_attention = has_attention || g.type == LayerType::kFullAttention;
+  if (has_attention) {
+    const int64_t nh = c.num_attention_heads, nkv = c.num_key_value_heads, d = c.head_dim;
+    W(&m.qg, T * nh * d * 2 * f);
+    W(&m.kb, T * nkv * d * f);
+    W(&m.vb, T * nkv * d * f);
+    W(&m.qb, T * nh * d * f);
+    W(&m.gate, T * nh * d * f);
+    W(&m.ao, T * nh * d * f);
+    // Shorter chunks use more splits: the worst case over every chunk length.
+    size_t pf = 0;
+    for (int64_t t = 1; t <= T; ++t)
+      pf = std::max(pf, kc::attention_workspace_floats(
+                            t, nh, d, kc::attention_max_splits(t, nkv, m.sm_count)));
+    W(&m.partial, pf * f);
+  }
+  if (c.is_hybrid()) {
+    const int64_t nk = c.linear_num_key_heads, nv = c.linear_num_value_heads,
+                  dk = c.linear_key_head_dim, dv = c.linear_value_head_dim,
+                  C = c.linear_conv_channels();
+    W(&m.mixed, T * C * f);
+    W(&m.zb, T * nv * dv * f);
+    W(&m.bb, T * nv * f);
+    W(&m.ab, T * nv * f);
+    W(&m.u, T * C * f);
+    W(&m.gq, T * nk * dk * f);
+    W(&m.gk, T * nk * dk * f);
+    W(&m.gv, T * nv * dv * f);
+    W(&m.beta, T * nv * f);
+    W(&m.gg, T * nv * f);
+    W(&m.go, T * nv * dv * f);
+    if (c.family == ArchFamily::kQwen3Next)
+      W(&m.proj, T * (2 * nk * dk + 2 * nv * dv + 2 * nv) * f);
+    Kmax = std::max(Kmax, nv * dv);
+  }
+  int64_t I2 = 0;
+  for (const auto& g : m.layers) {
+    if (g.is_moe && c.shared_expert_intermediate_size > 0) I2 = std::max(I2, g.sh_gate_up.rows);
+    if (!g.is_moe) I2 = std::max(I2, g.gate_up.rows);
+  }
+  Kmax = std::max(Kmax, I2 / 2);
+  const int64_t E = std::max<int64_t>(1, c.num_experts), k = std::max<int64_t>(1, c.num_experts_per_tok);
+  W(&m.rlogits, T * E * f);
+  W(&m.rids, T * k * 4);
+  W(&m.rw, T * k * f);
+  W(&m.gu, T * std::max<int64_t>(I2, 1) * f);
+  W(&m.hmid, T * std::max<int64_t>(I2 / 2, 1) * f);
+  // logits in row blocks of at most 64 MiB
+  m.logits_rows = std::clamp<int64_t>((int64_t{64} << 20) / (c.vocab_size * 4), 1, T);
+  W(&m.logits, static_cast<size_t>(m.logits_rows * c.vocab_size) * f);
+  W(&m.act16, static_cast<size_t>(T * Kmax) * 2);
+  // Weight conversion scratch for prefill GEMMs whose weights are not in the GEMM's format.
+  {
+    const WFormat want = opts.precision == "fp32" ? WFormat::kF32 : WFormat::kBF16;
+    int64_t most = 0;
+    auto see = [&](const DevMatrix& d) {
+      if (d.rows && d.format != want) most = std::max(most, d.rows * d.cols);
+    };
+    see(m.lm_head);
+    for (const auto& g : m.layers)
+      for (const DevMatrix* d : {&g.q, &g.k, &g.v, &g.o, &g.qkvz, &g.ba, &g.qkv, &g.z, &g.b, &g.a,
+                                 &g.out, &g.router, &g.sh_gate_up, &g.sh_down, &g.sh_gate,
+                                 &g.gate_up, &g.down})
+        see(*d);
+    m.wscratch_elems = static_cast<size_t>(std::min<int64_t>(most, int64_t{16} << 20));
+    m.wscratch_elems = std::max(m.wscratch_elems, static_cast<size_t>(Kmax));
+    W(&m.wscratch, m.wscratch_elems * (want == WFormat::kF32 ? 4 : 2));
+  }
+  W(&m.d_step, sizeof(kc::StepDev));
+  m.ws_bytes = wsz + (size_t{32} << 20);  // + cuBLAS workspace
+
+  const uint64_t need = m.weight_bytes + m.ws_bytes;
+  TIDAL_CHECK(need <= m.opts.memory_limit, OutOfMemory,
+              "the GPU part of this model needs {:.2f} GiB (weights {:.2f} GiB{}, workspaces {:.2f} "
+              "GiB) but the VRAM budget is {:.2f} GiB ({} has {:.2f} GiB free){}",
+              gib(need), gib(m.weight_bytes), int8 ? " as int8" : "", gib(m.ws_bytes),
+              gib(m.opts.memory_limit), m.name, gib(free_b),
+              int8 ? "" : "; gpu_weights=\"int8\" halves the weights");
+
+  cuda_check(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking), "stream creation");
+  cuda_check(cudaMalloc(reinterpret_cast<void**>(&m.wbase), total), "weight allocation");
+  for (auto& u : ups)
+    cuda_check(cudaMemcpy(m.wbase + u.off, u.conv.empty() ? u.src : u.conv.data(), u.bytes,
+                          cudaMemcpyHostToDevice),
+               "weight upload");
+  for (auto& mr : mats) {
+    mr.dst->data = m.wbase + ups[mr.data_up].off;
+    if (mr.scale_up != SIZE_MAX)
+      mr.dst->scale = reinterpret_cast<const float*>(m.wbase + ups[mr.scale_up].off);
+  }
+  for (auto& [dst, ui] : vecs) *dst = reinterpret_cast<const float*>(m.wbase + ups[ui].off);
+
+  cuda_check(cudaMalloc(reinterpret_cast<void**>(&m.ws), wsz), "workspace allocation");
+  size_t off = 0;
+  for (auto& [p, bytes] : wl) {
+    *p = m.ws + off;
+    off += align_up(bytes);
+  }
+  cublas_check(cublasCreate(&m.blas), "cublasCreate");
+  cublas_check(cublasSetStream(m.blas, m.stream), "cublasSetStream");
+  void* blas_ws = nullptr;
+  cuda_check(cudaMalloc(&blas_ws, size_t{32} << 20), "cuBLAS workspace");
+  cublas_check(cublasSetWorkspace(m.blas, blas_ws, size_t{32} << 20), "cublasSetWorkspace");
+
+  // Pinned staging.
+  const size_t pin = sizeof(kc::StepDev) + align_up(T * 4) + 2 * align_up(T * H * f) +
+                     2 * align_up(T * k * 4) + align_up(T * E * f) +
+                     align_up(static_cast<size_t>(m.logits_rows * c.vocab_size) * f);
+  cuda_check(cudaMallocHost(&m.pinned, pin), "pinned host allocation");
+  char* hp = static_cast<char*>(m.pinned);
+  auto take = [&](size_t bytes) {
+    char* r = hp;
+    hp += align_up(bytes);
+    return r;
+  };
+  m.h_step = reinterpret_cast<kc::StepDev*>(take(sizeof(kc::StepDev)));
+  m.h_ids = reinterpret_cast<int32_t*>(take(T * 4));
+  m.h_xn = reinterpret_cast<float*>(take(T * H * f));
+  m.h_out = reinterpret_cast<float*>(take(T * H * f));
+  m.h_rids = reinterpret_cast<int32_t*>(take(T * k * 4));
+  m.h_w = reinterpret_cast<float*>(take(T * k * 4));
+  m.h_rlogits = reinterpret_cast<float*>(take(T * E * f));
+  m.h_logits = reinterpret_cast<float*>(take(static_cast<size_t>(m.logits_rows * c.vocab_size) * f));
+  cuda_check(cudaEventCreateWithFlags(&m.ev_d2h, cudaEventDisableTiming), "event creation");
+}
+
+CudaModel::~CudaModel() {
+  Impl& m = *impl_;
+  for (auto g : m.graphs) cudaGraphExecDestroy(g);
+  if (m.blas) cublasDestroy(m.blas);
+  if (m.ev_d2h) cudaEventDestroy(m.ev_d2h);
+  if (m.stream) cudaStreamDestroy(m.stream);
+  cudaFree(m.wbase);
+  cudaFree(m.ws);
+  cudaFreeHost(m.pinned);
+}
+
+std::string CudaModel::device_name() const { return impl_->name; }
+
+std::shared_ptr<DeviceSequenceState> CudaModel::new_state() {
+  Impl& m = *impl_;
+  auto s = std::make_shared<DeviceSequenceState>();
+  s->owner = &m;
+  s->table.resize(m.layers.size());
+  cuda_check(cudaMalloc(reinterpret_cast<void**>(&s->d_table),
+                        s->table.size() * sizeof(kc::LayerStateDev)),
+             "state table allocation");
+  const auto& c = m.cfg;
+  for (size_t l = 0; l < m.layers.size(); ++l) {
+    if (m.layers[l].type != LayerType::kLinearAttention) continue;
+    const size_t cb = static_cast<size_t>((c.linear_conv_kernel_dim - 1) * c.linear_conv_channels()) * 4;
+    const size_t rb = static_cast<size_t>(c.linear_num_value_heads * c.linear_key_head_dim *
+                                          c.linear_value_head_dim) * 4;
+    auto& t = s->table[l];
+    cuda_check(cudaMalloc(reinterpret_cast<void**>(&t.conv), std::max<size_t>(cb, 4)), "DeltaNet state");
+    cuda_check(cudaMalloc(reinterpret_cast<void**>(&t.recurrent), rb), "DeltaNet state");
+    cudaMemset(t.conv, 0, std::max<size_t>(cb, 4));
+    cudaMemset(t.recurrent, 0, rb);
+    s->linear_bytes += cb + rb;
+  }
+  m.linear_bytes += s->linear_bytes;
+  cuda_check(cudaMemcpy(s->d_table, s->table.data(), s->table.size() * sizeof(kc::LayerStateDev),
+                        cudaMemcpyHostToDevice),
+             "state table upload");
+  return s;
+}
+
+uint64_t CudaModel::state_bytes(const DeviceSequenceState& s) { return s.kv_bytes + s.linear_bytes; }
+
+void CudaModel::set_length(SequenceState& state, int64_t n) {
+  std::lock_guard lock(impl_->mu);
+  impl_->ensure_capacity(*state.device, n + 1);
+  state.num_tokens = n;
+}
+
+void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, LogitsMode mode,
+                        std::vector<float>& logits, kernels::Executor& ex,
+                        ForwardProfile* profile) {
+  Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  const auto& c = m.cfg;
+  const int64_t total = static_cast<int64_t>(ids.size()), H = c.hidden_size, V = c.vocab_size;
+  auto& ds = *state.device;
+  m.ensure_capacity(ds, state.num_tokens + total);
+  if (mode == LogitsMode::kAll)
+    logits.resize(static_cast<size_t>(total * V));
+  else if (mode == LogitsMode::kLast)
+    logits.resize(static_cast<size_t>(V));
+  else
+    logits.clear();
+  const auto segs = m.segments();
+  for (int64_t c0 = 0; c0 < total; c0 += m.Tmax) {
+    const int64_t T = std::min(m.Tmax, total - c0);
+    const bool last_chunk = c0 + T == total;
+    const LogitsMode cm = mode == LogitsMode::kAll ? LogitsMode::kAll
+                          : last_chunk && mode == LogitsMode::kLast ? LogitsMode::kLast
+                                                                     : LogitsMode::kNone;
+    for (int64_t t = 0; t < T; ++t) m.h_ids[t] = static_cast<int32_t>(ids[c0 + t]);
+    m.h_step->pos0 = state.num_tokens;
+    m.h_step->layers = ds.d_table;
+    cuda_check(cudaMemcpyAsync(m.d_step, m.h_step, sizeof(kc::StepDev), cudaMemcpyHostToDevice,
+                               m.stream),
+               "step upload");
+    cuda_check(cudaMemcpyAsync(m.ids, m.h_ids, static_cast<size_t>(T) * 4, cudaMemcpyHostToDevice,
+                               m.stream),
+               "ids upload");
+    const int64_t rows_first = cm == LogitsMode::kAll ? 0 : T - 1;
+    const bool use_graph = m.opts.graphs && T == 1 && cm == LogitsMode::kLast &&
+                           !(m.experts && m.routing->active());
+    // Segment s: embedding (s = 0) or the previous segment's routed output, layers, and for the
+    // last segment the final norm.
+    auto enqueue_segment = [&](size_t s) {
+      if (s == 0) kc::embed(m.embed, m.ids, T, m.x, m.stream);
+      m.enqueue_layers(segs[s].first, segs[s].second, T, s == 0);
+      if (s + 1 == segs.size()) {
+        m.enqueue_final(T, cm, rows_first);
+        if (cm == LogitsMode::kLast) {
+          m.linear(m.lm_head, m.xn, H, m.logits, V, 1);
+          cuda_check(cudaMemcpyAsync(m.h_logits, m.logits, static_cast<size_t>(V) * 4,
+                                     cudaMemcpyDeviceToHost, m.stream),
+                     "logits download");
+        }
+      }
+    };
+    if (use_graph && !m.graphs_ready) {
+      for (size_t s = 0; s < segs.size(); ++s) {
+        cudaGraph_t g = nullptr;
+        cuda_check(cudaStreamBeginCapture(m.stream, cudaStreamCaptureModeThreadLocal), "capture");
+        enqueue_segment(s);
+        cuda_check(cudaStreamEndCapture(m.stream, &g), "capture");
+        cudaGraphExec_t e = nullptr;
+        cuda_check(cudaGraphInstantiate(&e, g, 0), "graph instantiation");
+        cudaGraphDestroy(g);
+        m.graphs.push_back(e);
+      }
+      m.graphs_ready = true;
+    }
+    for (size_t s = 0; s < segs.size(); ++s) {
+      if (use_graph)
+        cuda_check(cudaGraphLaunch(m.graphs[s], m.stream), "graph launch");
+      else
+        enqueue_segment(s);
+      if (s + 1 < segs.size()) {  // routed experts of layer segs[s].second - 1 on the host
+        const int64_t layer = static_cast<int64_t>(segs[s].second) - 1;
+        const int64_t k = c.num_experts_per_tok;
+        cuda_check(cudaEventSynchronize(m.ev_d2h), "event wait");
+        if (m.routing->active())
+          m.routing->on_route(layer, m.h_rlogits, T, c.norm_topk_prob, m.h_rids, m.h_w);
+        std::fill(m.h_out, m.h_out + T * H, 0.f);
+        const auto t0 = std::chrono::steady_clock::now();
+        m.experts->forward(layer, m.h_xn, T, m.h_rids, m.h_w, k, m.h_out, ex);
+        if (profile)
+          profile->routed_experts +=
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      }
+    }
+    if (cm == LogitsMode::kAll) {
+      for (int64_t r0 = 0; r0 < T; r0 += m.logits_rows) {
+        const int64_t r = std::min(m.logits_rows, T - r0);
+        m.linear(m.lm_head, m.xn + r0 * H, H, m.logits, V, r);
+        cuda_check(cudaMemcpyAsync(m.h_logits, m.logits, static_cast<size_t>(r * V) * 4,
+                                   cudaMemcpyDeviceToHost, m.stream),
+                   "logits download");
+        cuda_check(cudaStreamSynchronize(m.stream), "forward");
+        std::memcpy(logits.data() + (c0 + r0) * V, m.h_logits, static_cast<size_t>(r * V) * 4);
+      }
+    }
+    cuda_check(cudaStreamSynchronize(m.stream), "forward");
+    if (cm == LogitsMode::kLast) std::memcpy(logits.data(), m.h_logits, static_cast<size_t>(V) * 4);
+    state.num_tokens += T;
+  }
+}
+
+void CudaModel::download_linear_states(const SequenceState& state,
+                                       std::vector<std::vector<float>>& conv,
+                                       std::vector<std::vector<float>>& rec) const {
+  const Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  const auto& c = m.cfg;
+  conv.assign(m.layers.size(), {});
+  rec.assign(m.layers.size(), {});
+  for (size_t l = 0; l < m.layers.size(); ++l) {
+    if (m.layers[l].type != LayerType::kLinearAttention) continue;
+    conv[l].resize(static_cast<size_t>((c.linear_conv_kernel_dim - 1) * c.linear_conv_channels()));
+    rec[l].resize(static_cast<size_t>(c.linear_num_value_heads * c.linear_key_head_dim *
+                                      c.linear_value_head_dim));
+    const auto& t = state.device->table[l];
+    cuda_check(cudaMemcpy(conv[l].data(), t.conv, conv[l].size() * 4, cudaMemcpyDeviceToHost),
+               "state download");
+    cuda_check(cudaMemcpy(rec[l].data(), t.recurrent, rec[l].size() * 4, cudaMemcpyDeviceToHost),
+               "state download");
+  }
+}
+
+void CudaModel::upload_linear_states(SequenceState& state,
+                                     const std::vector<std::vector<float>>* conv,
+                                     const std::vector<std::vector<float>>* rec) const {
+  const Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  const auto& c = m.cfg;
+  for (size_t l = 0; l < m.layers.size(); ++l) {
+    if (m.layers[l].type != LayerType::kLinearAttention) continue;
+    const auto& t = state.device->table[l];
+    const size_t cb = static_cast<size_t>((c.linear_conv_kernel_dim - 1) * c.linear_conv_channels()) * 4;
+    const size_t rb = static_cast<size_t>(c.linear_num_value_heads * c.linear_key_head_dim *
+                                          c.linear_value_head_dim) * 4;
+    if (conv)
+      cuda_check(cudaMemcpy(t.conv, (*conv)[l].data(), cb, cudaMemcpyHostToDevice), "state upload");
+    else
+      cuda_check(cudaMemset(t.conv, 0, cb), "state reset");
+    if (rec)
+      cuda_check(cudaMemcpy(t.recurrent, (*rec)[l].data(), rb, cudaMemcpyHostToDevice),
+                 "state upload");
+    else
+      cuda_check(cudaMemset(t.recurrent, 0, rb), "state reset");
+  }
+}
+
+GpuMemoryReport CudaModel::memory_report() const {
+  const Impl& m = *impl_;
+  GpuMemoryReport r;
+  r.device = m.name;
+  r.weights = m.weight_bytes;
+  r.weights_bf16_equivalent = m.weight_bf16_bytes;
+  r.kv_cache = m.kv_bytes;
+  r.deltanet_state = m.linear_bytes;
+  r.workspaces = m.ws_bytes;
+  size_t f = 0, t = 0;
+  cudaMemGetInfo(&f, &t);
+  r.free = f;
+  r.total = t;
+  r.limit = m.opts.memory_limit;
+  return r;
+}
+
+}  // namespace tidal::core

@@ -1,0 +1,99 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file cuda_model.h
+/// \brief The GPU side of the model (device="cuda"): embeddings, attention and Gated DeltaNet
+/// layers, routers, shared experts, final norm and lm_head resident in VRAM; routed experts run
+/// through RoutedExperts on the host between GPU segments. Decode steps replay CUDA graphs.
+/// See docs/architecture.md "CUDA backend".
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "core/config/model_config.h"
+#include "core/model/routed_experts.h"
+#include "core/model/routing_control.h"
+#include "core/model/sequence_state.h"
+#include "kernels/common/dtype.h"
+#include "kernels/common/executor.h"
+
+namespace tidal::core {
+
+struct LayerWeights;
+struct ForwardProfile;
+enum class LogitsMode : uint8_t;
+
+/// Options of the CUDA backend (RuntimeOptions carries them from the user).
+struct CudaOptions {
+  int device = 0;
+  /// Format of the GPU-resident matrices: "bf16" (as the checkpoint; F32 stays F32) or "int8"
+  /// (weight-only, one fp32 scale per output row).
+  std::string weights = "bf16";
+  /// Prefill GEMMs (more than 8 tokens): "bf16" (tensor cores, activations rounded to BF16) or
+  /// "fp32". Decode projections always use fp32 activations.
+  std::string precision = "bf16";
+  /// VRAM tidal may use, bytes; 0 = what the device has free at load.
+  uint64_t memory_limit = 0;
+  bool graphs = true;         ///< replay decode steps from CUDA graphs
+  int64_t max_chunk = 512;    ///< tokens per GPU pass; longer inputs run in chunks
+  int64_t initial_context = 1024;  ///< first KV capacity of a sequence (grows by doubling)
+};
+
+/// Host-visible view of the model weights the GPU part uploads.
+struct HostWeights {
+  kernels::WeightView embed_tokens, lm_head;
+  const std::vector<float>* final_norm = nullptr;
+  const std::vector<LayerWeights>* layers = nullptr;
+  std::vector<float> rope_inv_freq;
+  float rope_scale = 1.0f;
+};
+
+/// VRAM use in bytes.
+struct GpuMemoryReport {
+  std::string device;
+  uint64_t weights = 0, kv_cache = 0, deltanet_state = 0, workspaces = 0;
+  uint64_t free = 0, total = 0, limit = 0;
+  uint64_t weights_bf16_equivalent = 0;  ///< the same matrices at BF16 (to compare int8)
+};
+
+struct DeviceSequenceState;
+
+class CudaModel {
+ public:
+  /// Uploads the weights and plans every workspace. `experts` may be null (the routed experts
+  /// are skipped: GPU-only benchmarks). Throws InvalidArgument / OutOfMemory / Unsupported.
+  CudaModel(const ModelConfig& cfg, const HostWeights& w, RoutedExperts* experts,
+            RoutingControl* routing, const CudaOptions& opts, kernels::Executor& ex);
+  ~CudaModel();
+  CudaModel(const CudaModel&) = delete;
+  CudaModel& operator=(const CudaModel&) = delete;
+
+  std::shared_ptr<DeviceSequenceState> new_state();
+  void forward(std::span<const int64_t> ids, SequenceState& state, LogitsMode mode,
+               std::vector<float>& logits, kernels::Executor& ex, ForwardProfile* profile);
+
+  /// DeltaNet conv / recurrent states of `state` to host vectors (one pair per layer; empty for
+  /// attention layers), and back (empty vectors: zero state).
+  void download_linear_states(const SequenceState& state, std::vector<std::vector<float>>& conv,
+                              std::vector<std::vector<float>>& rec) const;
+  void upload_linear_states(SequenceState& state, const std::vector<std::vector<float>>* conv,
+                            const std::vector<std::vector<float>>* rec) const;
+
+  GpuMemoryReport memory_report() const;
+  std::string device_name() const;
+  /// Device bytes of one sequence's state (KV capacity + DeltaNet states).
+  static uint64_t state_bytes(const DeviceSequenceState& s);
+  /// Testing/benchmarks: pretend `state` already holds `n` tokens (KV contents left as they are,
+  /// capacity grown as needed).
+  void set_length(SequenceState& state, int64_t n);
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace tidal::core

@@ -1,0 +1,153 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file ops.h
+/// \brief CUDA kernels of the GPU-pinned layers (norms, projections, attention, Gated DeltaNet,
+/// router). Launchers enqueue on a stream and never synchronise; fp32 activations, BF16 / F32 /
+/// INT8 (per-row scale) weights, BF16 KV cache, fp32 DeltaNet state. CPU references:
+/// kernels/cpu/*. This header is plain C++17 (it is included from .cu and .cpp files).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace tidal::kernels::cuda {
+
+/// Weight formats on the GPU.
+enum class WFormat : uint8_t { kF32, kBF16, kI8 };
+
+/// A `[rows, cols]` row-major weight in device memory. kI8: `scale` holds one fp32 per row
+/// (weight-only symmetric quantisation, w = q · scale[row]).
+struct DevMatrix {
+  const void* data = nullptr;
+  const float* scale = nullptr;
+  WFormat format = WFormat::kBF16;
+  int64_t rows = 0, cols = 0;
+  size_t bytes() const;
+};
+
+/// Rows of activations the GEMV kernel takes at once; more rows go to cuBLAS (gemm.h).
+constexpr int64_t kMaxGemvRows = 8;
+
+/// y(m, n) [+]= x(m, k) · Wᵀ for m ≤ kMaxGemvRows: fp32 activations, fp32 accumulation, the weight
+/// read once (the decode projection; bandwidth bound).
+void gemv(const DevMatrix& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t m,
+          bool accumulate, cudaStream_t s);
+
+/// dst = W as BF16 (kF32 rounded, kI8 dequantised) or as F32; for the cuBLAS prefill path.
+void weight_to_bf16(const DevMatrix& w, uint16_t* dst, cudaStream_t s);
+void weight_to_f32(const DevMatrix& w, float* dst, cudaStream_t s);
+/// y (rows, cols) = BF16(x) with row strides; round to nearest even.
+void f32_to_bf16(const float* x, int64_t ldx, uint16_t* y, int64_t rows, int64_t cols,
+                 cudaStream_t s);
+
+/// out (T, H) = table[ids[t]] in fp32 (any WFormat).
+void embed(const DevMatrix& table, const int32_t* ids, int64_t T, float* out, cudaStream_t s);
+
+/// y = rms_norm(x) · w (plain) or · (1 + w) (zero_centred), one row of `dim` per row.
+void rms_norm(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t rows,
+              int64_t dim, float eps, bool zero_centred, cudaStream_t s);
+/// x += y, then xn = rms_norm(x) (the residual add fused with the next norm). y may be null.
+void add_rms_norm(float* x, const float* y, const float* w, float* xn, int64_t rows, int64_t dim,
+                  float eps, bool zero_centred, cudaStream_t s);
+/// x[i] += y[i].
+void add(float* x, const float* y, int64_t n, cudaStream_t s);
+/// h (T, I) = silu(g) ⊙ u, with g and u of row stride ld (g and u may be halves of one buffer).
+void silu_mul(const float* g, const float* u, int64_t ld, float* h, int64_t T, int64_t I,
+              cudaStream_t s);
+/// out[t, :] += sigmoid(gate[t]) · hs[t, :] (the shared expert and its gate).
+void add_gated(float* out, const float* hs, const float* gate, int64_t T, int64_t H,
+               cudaStream_t s);
+
+/// Where a sequence's state lives on the GPU, one entry per layer (unused pointers null). Kept in
+/// device memory and read by the kernels, so a captured CUDA graph serves any sequence and any
+/// position: the host rewrites this block before each replay, never the graph.
+struct LayerStateDev {
+  uint16_t* k_cache = nullptr;  ///< (capacity, num_kv_heads, head_dim) BF16
+  uint16_t* v_cache = nullptr;
+  float* conv = nullptr;       ///< (K − 1, channels)
+  float* recurrent = nullptr;  ///< (num_v_heads, d_k, d_v)
+};
+struct StepDev {
+  int64_t pos0 = 0;  ///< tokens already in the sequence
+  LayerStateDev* layers = nullptr;
+};
+
+/// Attention input prep, one block per (token, head): q heads get q_norm and RoPE (into q, (T,
+/// nh, d)) and, when `gated`, their gate half copied to gate (T, nh·d); k heads get k_norm and
+/// RoPE, v heads are copied, both written as BF16 into the KV cache of `layer` at pos0 + t.
+struct AttnPrepArgs {
+  const float* qg = nullptr;  ///< q_proj output (T, nh·d·(gated ? 2 : 1)), [q_h | gate_h] per head
+  const float* k = nullptr;   ///< (T, nkv·d)
+  const float* v = nullptr;
+  const float* q_norm = nullptr;
+  const float* k_norm = nullptr;
+  const float* inv_freq = nullptr;  ///< rotary_dim / 2 frequencies
+  float rope_scale = 1.0f;          ///< attention_factor of YaRN (1 otherwise)
+  float* q = nullptr;
+  float* gate = nullptr;
+  const StepDev* step = nullptr;
+  int layer = 0;
+  int64_t T = 0, nh = 0, nkv = 0, d = 0, rotary_dim = 0;
+  float eps = 1e-6f;
+  bool zero_centred = false, gated = false;
+};
+void attn_prep(const AttnPrepArgs& a, cudaStream_t s);
+
+/// Causal GQA attention of T new tokens (positions pos0..pos0+T−1) over the BF16 KV cache of
+/// `layer`, flash style (online softmax, fp32), split over the keys into at most `max_splits`
+/// parts that a second kernel combines; the combine applies the sigmoid output gate when given.
+/// `partial` is workspace of attention_workspace_floats(T, nh, d, max_splits) floats.
+struct AttentionArgs {
+  const float* q = nullptr;     ///< (T, nh, d)
+  const float* gate = nullptr;  ///< (T, nh·d) or null
+  float* out = nullptr;         ///< (T, nh·d)
+  float* partial = nullptr;
+  const StepDev* step = nullptr;
+  int layer = 0;
+  int64_t T = 0, nh = 0, nkv = 0, d = 0;
+  int max_splits = 1;
+  float scale = 1.0f;
+};
+void attention(const AttentionArgs& a, cudaStream_t s);
+size_t attention_workspace_floats(int64_t T, int64_t nh, int64_t d, int max_splits);
+/// Head dims the attention kernel is compiled for.
+bool attention_supports_head_dim(int64_t d);
+/// The split count used for T tokens (enough blocks to fill `sm_count` SMs).
+int attention_max_splits(int64_t T, int64_t nkv, int sm_count);
+
+/// qwen3_next's interleaved projections to the flat layout of qwen3_5_moe: p (T, nk·(2dk+2ρdv))
+/// and ba (T, 2nv) -> mixed (T, C), z (T, nv·dv), b (T, nv), a (T, nv).
+void gdn_split_next(const float* p, const float* ba, float* mixed, float* z, float* b, float* a,
+                    int64_t T, int64_t nk, int64_t nv, int64_t dk, int64_t dv, cudaStream_t s);
+
+/// Causal depthwise conv1d over T tokens with the (K − 1)-token history of layer `layer` (updated),
+/// then SiLU: dst (T, C).
+void causal_conv1d_silu(const float* src, int64_t T, int64_t C, int64_t K, const float* weight,
+                        const StepDev* step, int layer, float* dst, cudaStream_t s);
+
+/// From the conv output u (T, C): q, k (T, nk, dk) L2-normalised (q also × dk^−½), v (T, nv, dv);
+/// beta = sigmoid(b), g = −exp(A_log) · softplus(a + dt_bias) (T, nv).
+void gdn_prep(const float* u, const float* b, const float* a, const float* A_log,
+              const float* dt_bias, float* q, float* k, float* v, float* beta, float* g, int64_t T,
+              int64_t nk, int64_t nv, int64_t dk, int64_t dv, cudaStream_t s);
+
+/// Gated delta rule over T tokens on the fp32 state of `layer` (model-spec §3.4), token by token
+/// with the state in registers: out (T, nv, dv). d_k and d_v must be multiples of 32 (≤ 256).
+void delta_rule(const float* q, const float* k, const float* v, const float* g, const float* beta,
+                const StepDev* step, int layer, float* out, int64_t T, int64_t nk, int64_t nv,
+                int64_t dk, int64_t dv, cudaStream_t s);
+
+/// y = w · rms_norm(x) · silu(z), rows of dim (the DeltaNet output norm).
+void rms_norm_gated(const float* x, const float* z, const float* w, float* y, int64_t rows,
+                    int64_t dim, float eps, cudaStream_t s);
+
+/// Router: softmax over E logits per token, top-k (ties to the lower id), optional renormalisation.
+/// ids (T, k), weights (T, k). E ≤ 1024, k ≤ 16.
+void moe_route(const float* logits, int64_t T, int64_t E, int64_t k, bool renormalise,
+               int32_t* ids, float* weights, cudaStream_t s);
+
+/// Reads `bytes` (a multiple of 16) with 16-byte loads over `blocks` blocks and folds them into
+/// *sink: the HBM read-bandwidth probe of the benchmarks.
+void read_probe(const void* p, size_t bytes, unsigned* sink, int blocks, cudaStream_t s);
+
+}  // namespace tidal::kernels::cuda

@@ -1,0 +1,406 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file bench_cuda.cpp
+/// \brief GPU benchmark of the pinned layers on real Qwen3.6-35B-A3B shapes (random weights: speed
+/// depends on shapes and bytes). Prints JSON lines:
+///   - "hbm": the measured read bandwidth (a streaming-read kernel over 2 GiB, best of 10) and the
+///     device-to-device copy bandwidth; every ratio below is against the measured read figure;
+///   - "kernel": per-kernel time and achieved bandwidth (projections in BF16 and INT8, attention
+///     decode at 1K / 32K / 128K context, DeltaNet recurrent step, norms, router);
+///   - "decode_step": one decode step of the full 40-layer model with the routed experts excluded,
+///     at a given context, with and without CUDA graphs, against the time to read the
+///     GPU-resident bytes once at the measured bandwidth.
+/// Usage: tidal_bench_cuda [--contexts 1024,32768,131072] [--step-context 4096] [--weights bf16,int8]
+#include <cuda_runtime.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/model/cuda_model.h"
+#include "core/model/model.h"
+#include "core/model/routing_control.h"
+#include "kernels/common/dtype.h"
+#include "kernels/common/executor.h"
+#include "kernels/cuda/ops.h"
+
+namespace {
+namespace kc = tidal::kernels::cuda;
+using tidal::kernels::DType;
+using tidal::kernels::WeightView;
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    fmt::print(stderr, "CUDA error in {}: {}\n", what, cudaGetErrorString(e));
+    std::exit(1);
+  }
+}
+
+__attribute__((unused)) double now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+/// Median of `reps` timings (seconds) of fn on the stream, measured with events.
+double time_gpu(const std::function<void()>& fn, int reps = 20) {
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  fn();  // warm-up
+  cudaDeviceSynchronize();
+  std::vector<double> t;
+  for (int i = 0; i < reps; ++i) {
+    cudaEventRecord(a);
+    fn();
+    cudaEventRecord(b);
+    cudaEventSynchronize(b);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, a, b);
+    t.push_back(ms * 1e-3);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+__attribute__((unused)) void fill_random(void* p, size_t bytes, uint32_t seed) {
+  // Random BF16 pairs of small magnitude (|w| ~ 1/128), generated on the host in chunks.
+  std::vector<uint16_t> h(std::min<size_t>(bytes / 2, size_t{1} << 24));
+  std::mt19937 g(seed);
+  std::normal_distribution<float> d(0.f, 1.0f / 128);
+  for (auto& x : h) x = tidal::kernels::f32_to_bf16(d(g));
+  for (size_t off = 0; off < bytes; off += h.size() * 2)
+    check(cudaMemcpy(static_cast<char*>(p) + off, h.data(), std::min(h.size() * 2, bytes - off),
+                     cudaMemcpyHostToDevice),
+          "fill");
+}
+
+const char* kConfig35b = R"({
+  "model_type": "qwen3_5_moe_text", "hidden_size": 2048, "num_hidden_layers": 40,
+  "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256, "vocab_size": 248320,
+  "num_experts": 256, "num_experts_per_tok": 8, "moe_intermediate_size": 512,
+  "shared_expert_intermediate_size": 512, "linear_num_key_heads": 16, "linear_num_value_heads": 32,
+  "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4,
+  "full_attention_interval": 4, "max_position_embeddings": 262144, "rms_norm_eps": 1e-6,
+  "tie_word_embeddings": false,
+  "rope_parameters": {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25}})";
+
+std::vector<int64_t> parse_list(const std::string& s) {
+  std::vector<int64_t> v;
+  size_t p = 0;
+  while (p < s.size()) {
+    const size_t q = s.find(',', p);
+    v.push_back(std::stoll(s.substr(p, q - p)));
+    if (q == std::string::npos) break;
+    p = q + 1;
+  }
+  return v;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<int64_t> contexts = {1024, 32768, 131072};
+  int64_t step_ctx = 4096;
+  std::vector<std::string> wfmts = {"bf16", "int8"};
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--contexts" && i + 1 < argc) contexts = parse_list(argv[++i]);
+    else if (a == "--step-context" && i + 1 < argc) step_ctx = std::stoll(argv[++i]);
+    else if (a == "--weights" && i + 1 < argc) {
+      wfmts.clear();
+      std::string s = argv[++i];
+      size_t p = 0;
+      while (p <= s.size()) {
+        const size_t q = s.find(',', p);
+        wfmts.push_back(s.substr(p, q == std::string::npos ? std::string::npos : q - p));
+        if (q == std::string::npos) break;
+        p = q + 1;
+      }
+    } else {
+      fmt::print(stderr, "usage: {} [--contexts A,B] [--step-context N] [--weights bf16,int8]\n",
+                 argv[0]);
+      return 2;
+    }
+  }
+  cudaDeviceProp prop{};
+  check(cudaGetDeviceProperties(&prop, 0), "properties");
+  const std::string dev = fmt::format("{} (sm_{}{}, {} SMs)", prop.name, prop.major, prop.minor,
+                                      prop.multiProcessorCount);
+
+  // ---------------------------------------------------------------- measured bandwidth
+  const size_t probe_bytes = size_t{2} << 30;
+  void *buf = nullptr, *buf2 = nullptr;
+  unsigned* sink = nullptr;
+  check(cudaMalloc(&buf, probe_bytes), "probe alloc");
+  check(cudaMalloc(&buf2, probe_bytes), "probe alloc");
+  check(cudaMalloc(&sink, 4), "sink");
+  cudaMemset(buf, 1, probe_bytes);
+  const double t_read = time_gpu(
+      [&] {
+        kc::read_probe(buf, probe_bytes, sink, prop.multiProcessorCount * 8, nullptr);
+      },
+      10);
+  const double t_copy =
+      time_gpu([&] { cudaMemcpyAsync(buf2, buf, probe_bytes, cudaMemcpyDeviceToDevice); }, 10);
+  const double bw = probe_bytes / t_read;
+  fmt::print("{}\n", nlohmann::json{{"bench", "hbm"},
+                                    {"device", dev},
+                                    {"read_GBps", bw / 1e9},
+                                    {"d2d_copy_GBps", 2.0 * probe_bytes / t_copy / 1e9}}
+                         .dump());
+  cudaFree(buf2);
+  cudaFree(buf);
+
+  auto report = [&](const std::string& name, const std::string& shape, double t, double bytes) {
+    fmt::print("{}\n", nlohmann::json{{"bench", "kernel"},
+                                      {"kernel", name},
+                                      {"shape", shape},
+                                      {"us", t * 1e6},
+                                      {"bytes", bytes},
+                                      {"GBps", bytes / t / 1e9},
+                                      {"of_measured_bw", bytes / t / bw}}
+                           .dump());
+  };
+
+  // ---------------------------------------------------------------- projections (decode GEMV)
+  struct Proj {
+    const char* name;
+    int64_t rows, cols;
+  };
+  const Proj projs[] = {{"attn.q_proj (q+gate)", 8192, 2048}, {"attn.k_proj", 512, 2048},
+                        {"attn.o_proj", 2048, 4096},          {"gdn.in_proj_qkv", 8192, 2048},
+                        {"gdn.in_proj_z", 4096, 2048},        {"gdn.out_proj", 2048, 4096},
+                        {"mlp.gate (router)", 256, 2048},     {"shared gate|up", 1024, 2048},
+                        {"shared down", 2048, 512},           {"lm_head", 248320, 2048}};
+  float *x = nullptr, *y = nullptr;
+  check(cudaMalloc(&x, 8 * 8192 * 4), "x");
+  check(cudaMalloc(&y, 8 * 248320 * 4), "y");
+  cudaMemset(x, 0, 8 * 8192 * 4);
+  for (const auto& p : projs)
+    for (const auto& f : wfmts) {
+      kc::DevMatrix m;
+      m.rows = p.rows;
+      m.cols = p.cols;
+      m.format = f == "int8" ? kc::WFormat::kI8 : kc::WFormat::kBF16;
+      void* w = nullptr;
+      float* sc = nullptr;
+      const size_t bytes = m.bytes();
+      check(cudaMalloc(&w, bytes), "w");
+      fill_random(w, static_cast<size_t>(p.rows * p.cols) * (f == "int8" ? 1 : 2), 7);
+      if (f == "int8") {
+        check(cudaMalloc(&sc, p.rows * 4), "sc");
+        cudaMemset(sc, 0, p.rows * 4);
+      }
+      m.data = w;
+      m.scale = sc;
+      for (int64_t M : {1, 4}) {
+        const double t = time_gpu([&] { kc::gemv(m, x, p.cols, y, p.rows, M, false, nullptr); });
+        report(fmt::format("gemv {} M={}", f, M), fmt::format("{} [{}x{}]", p.name, p.rows, p.cols),
+               t, static_cast<double>(bytes));
+      }
+      cudaFree(w);
+      cudaFree(sc);
+    }
+
+  // ---------------------------------------------------------------- attention decode
+  const int64_t nh = 16, nkv = 2, d = 256;
+  for (int64_t ctx : contexts) {
+    const size_t kv_bytes = static_cast<size_t>(ctx * nkv * d) * 2;
+    uint16_t *kc_ = nullptr, *vc_ = nullptr;
+    check(cudaMalloc(&kc_, kv_bytes), "k");
+    check(cudaMalloc(&vc_, kv_bytes), "v");
+    fill_random(kc_, kv_bytes, 1);
+    fill_random(vc_, kv_bytes, 2);
+    kc::LayerStateDev ls{kc_, vc_, nullptr, nullptr};
+    kc::LayerStateDev* dls = nullptr;
+    kc::StepDev* dstep = nullptr;
+    cudaMalloc(&dls, sizeof ls);
+    cudaMemcpy(dls, &ls, sizeof ls, cudaMemcpyHostToDevice);
+    const kc::StepDev st{ctx - 1, dls};
+    cudaMalloc(&dstep, sizeof st);
+    cudaMemcpy(dstep, &st, sizeof st, cudaMemcpyHostToDevice);
+    float *q = nullptr, *o = nullptr, *gate = nullptr, *part = nullptr;
+    const int splits = kc::attention_max_splits(1, nkv, prop.multiProcessorCount);
+    cudaMalloc(&q, nh * d * 4);
+    cudaMalloc(&o, nh * d * 4);
+    cudaMalloc(&gate, nh * d * 4);
+    cudaMalloc(&part, kc::attention_workspace_floats(1, nh, d, splits) * 4);
+    cudaMemset(q, 0, nh * d * 4);
+    cudaMemset(gate, 0, nh * d * 4);
+    kc::AttentionArgs a;
+    a.q = q;
+    a.gate = gate;
+    a.out = o;
+    a.partial = part;
+    a.step = dstep;
+    a.T = 1;
+    a.nh = nh;
+    a.nkv = nkv;
+    a.d = d;
+    a.max_splits = splits;
+    a.scale = 1.0f / 16;
+    const double t = time_gpu([&] { kc::attention(a, nullptr); });
+    report("attention decode (+combine, gate)", fmt::format("ctx={} nh=16 nkv=2 d=256 bf16 KV", ctx), t,
+           2.0 * static_cast<double>(kv_bytes));
+    cudaFree(kc_);
+    cudaFree(vc_);
+    cudaFree(dls);
+    cudaFree(dstep);
+    cudaFree(q);
+    cudaFree(o);
+    cudaFree(gate);
+    cudaFree(part);
+  }
+
+  // ---------------------------------------------------------------- DeltaNet decode step
+  {
+    const int64_t nk = 16, nv = 32, dk = 128, dv = 128, C = 2 * nk * dk + nv * dv;
+    float *S = nullptr, *conv = nullptr, *buf3 = nullptr;
+    const size_t sbytes = static_cast<size_t>(nv * dk * dv) * 4;
+    cudaMalloc(&S, sbytes);
+    cudaMalloc(&conv, 3 * C * 4);
+    cudaMalloc(&buf3, 16 * C * 4);
+    cudaMemset(S, 0, sbytes);
+    cudaMemset(conv, 0, 3 * C * 4);
+    cudaMemset(buf3, 0, 16 * C * 4);
+    kc::LayerStateDev ls{nullptr, nullptr, conv, S};
+    kc::LayerStateDev* dls = nullptr;
+    kc::StepDev* dstep = nullptr;
+    cudaMalloc(&dls, sizeof ls);
+    cudaMemcpy(dls, &ls, sizeof ls, cudaMemcpyHostToDevice);
+    const kc::StepDev st{0, dls};
+    cudaMalloc(&dstep, sizeof st);
+    cudaMemcpy(dstep, &st, sizeof st, cudaMemcpyHostToDevice);
+    float* b = buf3;
+    const double t = time_gpu([&] {
+      kc::delta_rule(b, b + C, b + 2 * C, b + 3 * C, b + 4 * C, dstep, 0, b + 5 * C, 1, nk, nv, dk,
+                     dv, nullptr);
+    });
+    report("delta_rule decode", "nv=32 dk=dv=128 fp32 state", t, 2.0 * static_cast<double>(sbytes));
+    const double tc = time_gpu([&] {
+      kc::causal_conv1d_silu(b, 1, C, 4, b + 2 * C, dstep, 0, b + 4 * C, nullptr);
+    });
+    report("conv1d decode", "C=8192 K=4", tc, static_cast<double>(C) * 4 * (3 * 2 + 4 + 2));
+    cudaFree(S);
+    cudaFree(conv);
+    cudaFree(buf3);
+    cudaFree(dls);
+    cudaFree(dstep);
+  }
+
+  // ---------------------------------------------------------------- full decode step
+  const auto cfg = tidal::core::ModelConfig::from_json(nlohmann::json::parse(kConfig35b), "35b");
+  auto ex = tidal::kernels::make_tbb_executor(8);
+  // Host weights: every matrix views one shared random BF16 buffer (values do not matter).
+  const int64_t H = cfg.hidden_size;
+  size_t biggest = static_cast<size_t>(cfg.vocab_size * H);
+  std::vector<uint16_t> host(biggest);
+  {
+    std::mt19937 g(3);
+    std::normal_distribution<float> dd(0.f, 1.0f / 128);
+    std::vector<uint16_t> pat(1 << 20);
+    for (auto& v : pat) v = tidal::kernels::f32_to_bf16(dd(g));
+    for (size_t i = 0; i < host.size(); i += pat.size())
+      std::memcpy(host.data() + i, pat.data(), std::min(pat.size(), host.size() - i) * 2);
+  }
+  auto view = [&](int64_t r, int64_t c) { return WeightView{host.data(), DType::kBF16, r, c}; };
+  std::vector<tidal::core::LayerWeights> layers(static_cast<size_t>(cfg.num_hidden_layers));
+  const int64_t nk = cfg.linear_num_key_heads, nv = cfg.linear_num_value_heads,
+                dk = cfg.linear_key_head_dim, dv = cfg.linear_value_head_dim,
+                C = cfg.linear_conv_channels();
+  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
+    auto& w = layers[l];
+    w.type = cfg.layer_types[l];
+    w.input_layernorm.assign(H, 0.f);
+    w.post_attention_layernorm.assign(H, 0.f);
+    if (w.type == tidal::core::LayerType::kFullAttention) {
+      w.attn.q_proj = view(2 * nh * d, H);
+      w.attn.k_proj = view(nkv * d, H);
+      w.attn.v_proj = view(nkv * d, H);
+      w.attn.o_proj = view(H, nh * d);
+      w.attn.q_norm.assign(d, 0.f);
+      w.attn.k_norm.assign(d, 0.f);
+    } else {
+      w.gdn.in_proj_qkv = view(C, H);
+      w.gdn.in_proj_z = view(nv * dv, H);
+      w.gdn.in_proj_b = view(nv, H);
+      w.gdn.in_proj_a = view(nv, H);
+      w.gdn.out_proj = view(H, nv * dv);
+      w.gdn.conv1d.assign(static_cast<size_t>(C * 4), 0.1f);
+      w.gdn.dt_bias.assign(nv, 0.f);
+      w.gdn.A_log.assign(nv, 0.f);
+      w.gdn.norm.assign(dv, 1.f);
+    }
+    w.mlp.is_moe = true;
+    w.mlp.router = view(cfg.num_experts, H);
+    w.mlp.shared_gate_proj = view(cfg.shared_expert_intermediate_size, H);
+    w.mlp.shared_up_proj = view(cfg.shared_expert_intermediate_size, H);
+    w.mlp.shared_down_proj = view(H, cfg.shared_expert_intermediate_size);
+    w.mlp.shared_expert_gate.assign(H, 0.f);
+  }
+  std::vector<float> final_norm(H, 0.f);
+  (void)nk;
+  (void)dk;
+  for (const auto& f : wfmts) {
+    for (bool graphs : {true, false}) {
+      tidal::core::HostWeights hw;
+      hw.embed_tokens = view(cfg.vocab_size, H);
+      hw.lm_head = view(cfg.vocab_size, H);
+      hw.final_norm = &final_norm;
+      hw.layers = &layers;
+      for (int64_t i = 0; i < cfg.rotary_dim / 2; ++i)
+        hw.rope_inv_freq.push_back(std::pow(1e7f, -2.0f * i / cfg.rotary_dim));
+      tidal::core::RoutingControl routing(cfg.num_hidden_layers, cfg.num_experts,
+                                          cfg.num_experts_per_tok);
+      tidal::core::CudaOptions o;
+      o.weights = f;
+      o.graphs = graphs;
+      tidal::core::CudaModel model(cfg, hw, nullptr, &routing, o, *ex);
+      tidal::core::SequenceState st;
+      st.layers.resize(layers.size());
+      st.device = model.new_state();
+      model.set_length(st, step_ctx);
+      const auto rep = model.memory_report();
+      std::vector<float> logits;
+      const int64_t tok[1] = {42};
+      std::vector<double> ts;
+      for (int i = 0; i < 30; ++i) {
+        st.num_tokens = step_ctx;  // every step at the same context
+        const auto t0 = std::chrono::steady_clock::now();
+        model.forward(tok, st, tidal::core::LogitsMode::kLast, logits, *ex, nullptr);
+        ts.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+      }
+      std::sort(ts.begin() + 3, ts.end());
+      const double t = ts[3 + (ts.size() - 3) / 2];
+      // Bytes one step must read: every resident weight except the embedding table (one row), the
+      // KV cache up to the context, DeltaNet states read and written.
+      int64_t n_attn = 0;
+      for (auto lt : cfg.layer_types) n_attn += lt == tidal::core::LayerType::kFullAttention;
+      const double embed_bytes = static_cast<double>(cfg.vocab_size * H) * (f == "int8" ? 1.0 : 2.0);
+      const double kv = static_cast<double>(n_attn * step_ctx * nkv * d * 2 * 2);
+      const double state = static_cast<double>(rep.deltanet_state) * 2.0;
+      const double bytes = static_cast<double>(rep.weights) - embed_bytes + kv + state;
+      fmt::print("{}\n", nlohmann::json{{"bench", "decode_step"},
+                                        {"model", "qwen3.6-35b-a3b shape, routed experts excluded"},
+                                        {"weights", f},
+                                        {"graphs", graphs},
+                                        {"context", step_ctx},
+                                        {"ms", t * 1e3},
+                                        {"bytes_read", bytes},
+                                        {"weights_bytes", rep.weights},
+                                        {"workspaces_bytes", rep.workspaces},
+                                        {"kv_bytes_at_context", kv},
+                                        {"bytes_at_measured_bw_ms", bytes / bw * 1e3},
+                                        {"ratio_to_bandwidth_time", t / (bytes / bw)}}
+                             .dump());
+    }
+  }
+  return 0;
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+# CUDA backend on the GPU test machine: build with CUDA (sm_90 only, to keep the build short), run
+# the CUDA kernel tests (C++), the device="cuda" Python tests (golden fixtures, graphs, VRAM
+# accounting, bad input) and tidal_bench_cuda (kernel bandwidth and the 40-layer decode step).
+# Logs and JSON lines go to $OUT (or ./bench-out); exit status non-zero when a test failed.
+# STEPS (default "cpp python bench") selects parts; ARCH (default 90) the CUDA architecture.
+set -euo pipefail
+mkdir -p "${OUT:-bench-out}" /tmp/deps
+out=$(cd "${OUT:-bench-out}" && pwd)
+steps=${STEPS:-cpp python bench}
+failed=0
+tar -xJf .devcarry/deps.tar.xz -C /tmp/deps
+export LD_LIBRARY_PATH=/tmp/deps/lib:${LD_LIBRARY_PATH:-}
+for d in /usr/local/cuda/bin /usr/local/cuda-*/bin; do [ -x "$d/nvcc" ] && export PATH="$PATH:$d"; done
+command -v nvcc >/dev/null || { echo "no nvcc on this machine"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv,noheader || true
+log=$out/build.log
+cmake -S . -B build/gpu -G Ninja -DTIDAL_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${ARCH:-90}" \
+  -DTIDAL_BUILD_TESTS=ON -DTIDAL_BUILD_BENCHMARKS=ON -DCMAKE_PREFIX_PATH=/tmp/deps \
+  -Dpybind11_DIR="$(python3 -c 'import pybind11; print(pybind11.get_cmake_dir())')" > "$log" 2>&1 \
+  || { tail -30 "$log"; exit 1; }
+ninja -C build/gpu >> "$log" 2>&1 || { grep -E "error|FAILED" -A5 "$log" | head -60; exit 1; }
+ln -sf "$PWD"/build/gpu/python/_tidal*.so python/tidal/
+if [[ $steps == *cpp* ]]; then
+  ./build/gpu/tests/tidal_tests > "$out/cpp_tests.log" 2>&1 || failed=1
+  tail -3 "$out/cpp_tests.log"; grep -E "^\[  FAILED|SKIPPED \]|Failure|error" "$out/cpp_tests.log" | sort -u | head -40 || true
+fi
+if [[ $steps == *python* ]]; then
+  (cd tests/python && PYTHONPATH="$PWD/../../python" python3 -m pytest -q -s -p no:cacheprovider -rs \
+    ${PYTEST_ARGS:-test_cuda.py} > "$out/pytest_cuda.log" 2>&1) || failed=1
+  tail -3 "$out/pytest_cuda.log"
+  grep -E "cuda-measure" "$out/pytest_cuda.log" || true
+  grep -E "^FAILED|^E  " "$out/pytest_cuda.log" | head -40 || true
+fi
+if [[ $steps == *bench* ]]; then
+  ./build/gpu/tests/bench/tidal_bench_cuda ${BENCH_ARGS:-} > "$out/bench_cuda.jsonl" || failed=1
+  cat "$out/bench_cuda.jsonl"
+fi
+exit $failed

@@ -1,0 +1,437 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file ops_test.cpp
+/// \brief Every CUDA kernel against its CPU reference (kernels/cpu) on odd shapes. Skips, saying so,
+/// where no CUDA device exists (CI compiles these; the device machine runs them).
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <vector>
+
+#include "kernels/common/dtype.h"
+#include "kernels/common/executor.h"
+#include "kernels/cpu/attention.h"
+#include "kernels/cpu/gated_delta_net.h"
+#include "kernels/cpu/linear.h"
+#include "kernels/cpu/moe_router.h"
+#include "kernels/cpu/rms_norm.h"
+#include "kernels/cpu/rope.h"
+#include "kernels/cuda/ops.h"
+#include "tolerances.h"
+
+namespace tidal::kernels::cuda {
+namespace {
+
+using test::random_vec;
+
+bool have_gpu() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return n > 0;
+}
+
+#define REQUIRE_GPU() \
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device on this machine (the device machine runs these)"
+
+/// A device buffer of T.
+template <typename T>
+struct Dev {
+  T* p = nullptr;
+  size_t n = 0;
+  explicit Dev(size_t count) : n(count) {
+    EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&p), std::max<size_t>(1, n) * sizeof(T)), cudaSuccess);
+    cudaMemset(p, 0, std::max<size_t>(1, n) * sizeof(T));
+  }
+  explicit Dev(const std::vector<T>& v) : Dev(v.size()) { put(v); }
+  ~Dev() { cudaFree(p); }
+  void put(const std::vector<T>& v) {
+    cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice);
+  }
+  std::vector<T> get() const {
+    std::vector<T> v(n);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost);
+    return v;
+  }
+};
+
+float max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  float m = 0.f;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, std::fabs(a[i] - b[i]));
+  return m;
+}
+
+std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
+  std::vector<uint16_t> o(v.size());
+  for (size_t i = 0; i < v.size(); ++i) o[i] = kernels::f32_to_bf16(v[i]);
+  return o;
+}
+std::vector<float> round_bf16(const std::vector<float>& v) {
+  std::vector<float> o(v.size());
+  for (size_t i = 0; i < v.size(); ++i) o[i] = bf16_to_f32(kernels::f32_to_bf16(v[i]));
+  return o;
+}
+
+std::unique_ptr<Executor> cpu() { return make_tbb_executor(2); }
+
+// ------------------------------------------------------------------------------------- GEMV
+
+struct GemvCase {
+  WFormat fmt;
+  int64_t rows, cols, m;
+};
+
+class CudaGemvTest : public ::testing::TestWithParam<GemvCase> {};
+
+TEST_P(CudaGemvTest, MatchesCpuLinear) {
+  REQUIRE_GPU();
+  const auto c = GetParam();
+  auto w = random_vec(static_cast<size_t>(c.rows * c.cols), 1, 0.05f);
+  auto x = random_vec(static_cast<size_t>(c.m * c.cols), 2);
+  auto y0 = random_vec(static_cast<size_t>(c.m * c.rows), 3);
+  // The CPU reference runs on exactly the weights the GPU sees (rounded / quantised).
+  std::vector<float> wref(w.size());
+  std::vector<float> scale(static_cast<size_t>(c.rows));
+  std::vector<int8_t> q(w.size());
+  for (int64_t r = 0; r < c.rows; ++r) {
+    float mx = 0.f;
+    for (int64_t j = 0; j < c.cols; ++j) mx = std::max(mx, std::fabs(w[r * c.cols + j]));
+    scale[r] = mx / 127.f;
+    for (int64_t j = 0; j < c.cols; ++j) {
+      const size_t i = static_cast<size_t>(r * c.cols + j);
+      q[i] = static_cast<int8_t>(std::nearbyint(w[i] / scale[r]));
+      wref[i] = c.fmt == WFormat::kF32    ? w[i]
+                : c.fmt == WFormat::kBF16 ? bf16_to_f32(kernels::f32_to_bf16(w[i]))
+                                          : static_cast<float>(q[i]) * scale[r];
+    }
+  }
+  Dev<float> dwf(w);
+  Dev<uint16_t> dwb(to_bf16(w));
+  Dev<int8_t> dwq(q);
+  Dev<float> dsc(scale);
+  DevMatrix dm;
+  dm.format = c.fmt;
+  dm.rows = c.rows;
+  dm.cols = c.cols;
+  dm.data = c.fmt == WFormat::kF32 ? static_cast<const void*>(dwf.p)
+            : c.fmt == WFormat::kBF16 ? static_cast<const void*>(dwb.p)
+                                      : static_cast<const void*>(dwq.p);
+  dm.scale = dsc.p;
+  Dev<float> dx(x);
+  for (bool acc : {false, true}) {
+    Dev<float> dy(y0);
+    gemv(dm, dx.p, c.cols, dy.p, c.rows, c.m, acc, nullptr);
+    std::vector<float> ref = y0;
+    cpu::linear_ref({x.data(), c.cols, WeightView{wref.data(), DType::kF32, c.rows, c.cols},
+                     ref.data(), c.rows, c.m, acc});
+    const auto got = dy.get();
+    for (size_t i = 0; i < ref.size(); ++i)
+      ASSERT_NEAR(got[i], ref[i], 2e-5f * std::sqrt(static_cast<float>(c.cols)) + 1e-5f * std::fabs(ref[i]))
+          << "i=" << i << " acc=" << acc;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, CudaGemvTest,
+    ::testing::Values(GemvCase{WFormat::kBF16, 37, 64, 1}, GemvCase{WFormat::kBF16, 300, 2048, 1},
+                      GemvCase{WFormat::kBF16, 129, 4096, 8}, GemvCase{WFormat::kBF16, 17, 50, 3},
+                      GemvCase{WFormat::kF32, 33, 96, 5}, GemvCase{WFormat::kF32, 7, 13, 2},
+                      GemvCase{WFormat::kI8, 65, 512, 1}, GemvCase{WFormat::kI8, 31, 40, 7},
+                      GemvCase{WFormat::kI8, 200, 2048, 4}));
+
+// --------------------------------------------------------------------------------- norms etc.
+
+TEST(CudaOps, RmsNormVariantsAndFusedResidual) {
+  REQUIRE_GPU();
+  const int64_t rows = 5, dim = 333;
+  auto x = random_vec(rows * dim, 4), y = random_vec(rows * dim, 5), w = random_vec(dim, 6, 0.1f);
+  Dev<float> dw(w);
+  for (bool zc : {false, true}) {
+    Dev<float> dx(x), dout(rows * dim);
+    rms_norm(dx.p, dim, dw.p, dout.p, dim, rows, dim, 1e-6f, zc, nullptr);
+    std::vector<float> ref(x.size());
+    for (int64_t r = 0; r < rows; ++r)
+      cpu::rms_norm_row(&x[r * dim], w.data(), &ref[r * dim], dim, 1e-6f,
+                        zc ? cpu::NormScale::kZeroCentred : cpu::NormScale::kPlain);
+    EXPECT_LT(max_abs_diff(dout.get(), ref), 1e-5f);
+    // Fused: x += y; xn = norm(x).
+    Dev<float> dy(y);
+    add_rms_norm(dx.p, dy.p, dw.p, dout.p, rows, dim, 1e-6f, zc, nullptr);
+    std::vector<float> xs(x.size());
+    for (size_t i = 0; i < x.size(); ++i) xs[i] = x[i] + y[i];
+    for (int64_t r = 0; r < rows; ++r)
+      cpu::rms_norm_row(&xs[r * dim], w.data(), &ref[r * dim], dim, 1e-6f,
+                        zc ? cpu::NormScale::kZeroCentred : cpu::NormScale::kPlain);
+    EXPECT_EQ(max_abs_diff(dx.get(), xs), 0.f);
+    EXPECT_LT(max_abs_diff(dout.get(), ref), 1e-5f);
+  }
+  // Gated norm of the DeltaNet output.
+  auto z = random_vec(rows * dim, 7);
+  Dev<float> dx(x), dz(z), dout(rows * dim);
+  rms_norm_gated(dx.p, dz.p, dw.p, dout.p, rows, dim, 1e-6f, nullptr);
+  std::vector<float> ref(x.size());
+  for (int64_t r = 0; r < rows; ++r)
+    cpu::rms_norm_gated_row(&x[r * dim], &z[r * dim], w.data(), &ref[r * dim], dim, 1e-6f);
+  EXPECT_LT(max_abs_diff(dout.get(), ref), 1e-5f);
+}
+
+TEST(CudaOps, RouterMatchesCpuIncludingTies) {
+  REQUIRE_GPU();
+  for (auto [T, E, k] : {std::tuple{5, 256, 8}, std::tuple{3, 48, 4}, std::tuple{2, 512, 10},
+                         std::tuple{1, 7, 3}}) {
+    auto l = random_vec(static_cast<size_t>(T * E), 8 + E);
+    l[3] = l[4] = 9.f;  // a tie on top: the lower id first
+    Dev<float> dl(l);
+    Dev<int32_t> di(T * k);
+    Dev<float> dwt(T * k);
+    for (bool renorm : {true, false}) {
+      moe_route(dl.p, T, E, k, renorm, di.p, dwt.p, nullptr);
+      std::vector<int32_t> ids(T * k);
+      std::vector<float> wts(T * k);
+      cpu::moe_route(l.data(), T, E, k, renorm, ids.data(), wts.data());
+      EXPECT_EQ(di.get(), ids) << "E=" << E;
+      EXPECT_LT(max_abs_diff(dwt.get(), wts), 1e-6f);
+    }
+  }
+}
+
+// --------------------------------------------------------------------------------- attention
+
+struct AttnCase {
+  int64_t nh, nkv, d, pos0, T;
+  bool gated;
+};
+class CudaAttentionTest : public ::testing::TestWithParam<AttnCase> {};
+
+/// attn_prep + attention vs the CPU: q/k norms, RoPE (partial), cache write in BF16, causal GQA
+/// with the sigmoid gate. The CPU reference attends over the same BF16-rounded cache.
+TEST_P(CudaAttentionTest, PrepAndAttentionMatchCpu) {
+  REQUIRE_GPU();
+  const auto c = GetParam();
+  const int64_t n = c.pos0 + c.T, kvw = c.nkv * c.d, qw = c.nh * c.d * (c.gated ? 2 : 1);
+  const int64_t rot = std::max<int64_t>(2, c.d / 4 / 2 * 2);  // partial rotary (d/4, even)
+  const auto table = cpu::rope_table_default(1e7, rot);
+  auto qg = random_vec(c.T * qw, 10), kn = random_vec(c.T * kvw, 11), vn = random_vec(c.T * kvw, 12);
+  auto qnorm = random_vec(c.d, 13, 0.1f), knorm = random_vec(c.d, 14, 0.1f);
+  // Cache history (positions < pos0), as BF16.
+  auto kh = round_bf16(random_vec(n * kvw, 15)), vh = round_bf16(random_vec(n * kvw, 16));
+  Dev<uint16_t> dk(to_bf16(kh)), dv(to_bf16(vh));
+  LayerStateDev ls{dk.p, dv.p, nullptr, nullptr};
+  Dev<LayerStateDev> dls(std::vector<LayerStateDev>{ls});
+  Dev<StepDev> dstep(std::vector<StepDev>{StepDev{c.pos0, dls.p}});
+  Dev<float> dqg(qg), dkn(kn), dvn(vn), dqn(qnorm), dkn2(knorm), dinv(table.inv_freq);
+  Dev<float> dq(c.T * c.nh * c.d), dgate(c.T * c.nh * c.d), dout(c.T * c.nh * c.d);
+  AttnPrepArgs p;
+  p.qg = dqg.p;
+  p.k = dkn.p;
+  p.v = dvn.p;
+  p.q_norm = dqn.p;
+  p.k_norm = dkn2.p;
+  p.inv_freq = dinv.p;
+  p.q = dq.p;
+  p.gate = dgate.p;
+  p.step = dstep.p;
+  p.T = c.T;
+  p.nh = c.nh;
+  p.nkv = c.nkv;
+  p.d = c.d;
+  p.rotary_dim = rot;
+  p.zero_centred = c.gated;
+  p.gated = c.gated;
+  attn_prep(p, nullptr);
+  AttentionArgs a;
+  a.q = dq.p;
+  a.gate = c.gated ? dgate.p : nullptr;
+  a.out = dout.p;
+  a.step = dstep.p;
+  a.T = c.T;
+  a.nh = c.nh;
+  a.nkv = c.nkv;
+  a.d = c.d;
+  a.scale = 1.0f / std::sqrt(static_cast<float>(c.d));
+  for (int splits : {1, 3, attention_max_splits(c.T, c.nkv, 132)}) {
+    a.max_splits = splits;
+    Dev<float> part(attention_workspace_floats(c.T, c.nh, c.d, splits));
+    a.partial = part.p;
+    attention(a, nullptr);
+    // CPU: same prep, then attention over the BF16 cache.
+    const auto scale = c.gated ? cpu::NormScale::kZeroCentred : cpu::NormScale::kPlain;
+    std::vector<float> q(c.T * c.nh * c.d), gate(q.size());
+    for (int64_t t = 0; t < c.T; ++t)
+      for (int64_t h = 0; h < c.nh; ++h) {
+        const float* src = &qg[t * qw + h * c.d * (c.gated ? 2 : 1)];
+        cpu::rms_norm_row(src, qnorm.data(), &q[(t * c.nh + h) * c.d], c.d, 1e-6f, scale);
+        if (c.gated) std::copy(src + c.d, src + 2 * c.d, &gate[(t * c.nh + h) * c.d]);
+      }
+    std::vector<float> kcur(c.T * kvw);
+    for (int64_t r = 0; r < c.T * c.nkv; ++r)
+      cpu::rms_norm_row(&kn[r * c.d], knorm.data(), &kcur[r * c.d], c.d, 1e-6f, scale);
+    cpu::rope_apply(q.data(), c.T, c.nh * c.d, c.nh, c.d, c.pos0, table);
+    cpu::rope_apply(kcur.data(), c.T, kvw, c.nkv, c.d, c.pos0, table);
+    std::vector<float> kc = kh, vc = vh;
+    for (int64_t i = 0; i < c.T * kvw; ++i) {
+      kc[c.pos0 * kvw + i] = bf16_to_f32(kernels::f32_to_bf16(kcur[i]));
+      vc[c.pos0 * kvw + i] = bf16_to_f32(kernels::f32_to_bf16(vn[i]));
+    }
+    // The cache the GPU wrote equals the rounded CPU values (up to RoPE's sin/cos ulps).
+    std::vector<float> kgot(n * kvw);
+    const auto kbits = dk.get();
+    for (size_t i = 0; i < kgot.size(); ++i) kgot[i] = bf16_to_f32(kbits[i]);
+    EXPECT_LT(max_abs_diff(kgot, kc), 2e-2f);
+    std::vector<float> ref(c.T * c.nh * c.d);
+    auto ex = cpu();
+    cpu::AttentionArgs ca;
+    ca.q = q.data();
+    ca.ld_q = c.nh * c.d;
+    ca.k_cache = kgot.data();  // attend over exactly the cache the GPU holds
+    ca.v_cache = vc.data();
+    ca.dst = ref.data();
+    ca.num_q = c.T;
+    ca.q_pos0 = c.pos0;
+    ca.num_heads = c.nh;
+    ca.num_kv_heads = c.nkv;
+    ca.head_dim = c.d;
+    ca.scale = a.scale;
+    cpu::attention(ca, *ex);
+    if (c.gated)
+      for (size_t i = 0; i < ref.size(); ++i) ref[i] *= cpu::sigmoid(gate[i]);
+    EXPECT_LT(max_abs_diff(dout.get(), ref), 2e-5f) << "splits=" << splits;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, CudaAttentionTest,
+    ::testing::Values(AttnCase{16, 2, 256, 1000, 1, true},   // 35B decode
+                      AttnCase{16, 2, 256, 77, 37, true},    // prefill chunk after a prefix
+                      AttnCase{4, 2, 24, 0, 45, false},      // qwen3_moe fixture shape, odd d
+                      AttnCase{4, 2, 64, 5, 1, true},        // tidal-mini decode
+                      AttnCase{32, 4, 128, 300, 3, false},   // 30B-A3B, 3 tokens
+                      AttnCase{8, 1, 32, 0, 1, true}));      // first token, one KV head
+
+// -------------------------------------------------------------------------- Gated DeltaNet
+
+TEST(CudaOps, ConvAndPrepMatchCpu) {
+  REQUIRE_GPU();
+  const int64_t T = 70, nk = 2, nv = 4, dk = 16, dv = 32, K = 4, C = 2 * nk * dk + nv * dv;
+  auto src = random_vec(T * C, 20), w = random_vec(C * K, 21, 0.3f), st0 = random_vec((K - 1) * C, 22);
+  Dev<float> dsrc(src), dw(w), dst0(st0), dout(T * C);
+  LayerStateDev ls{nullptr, nullptr, dst0.p, nullptr};
+  Dev<LayerStateDev> dls(std::vector<LayerStateDev>{ls});
+  Dev<StepDev> dstep(std::vector<StepDev>{StepDev{0, dls.p}});
+  causal_conv1d_silu(dsrc.p, T, C, K, dw.p, dstep.p, 0, dout.p, nullptr);
+  std::vector<float> ref(T * C), st = st0;
+  auto ex = cpu();
+  cpu::causal_conv1d_silu(src.data(), T, C, K, w.data(), st.data(), ref.data(), *ex);
+  const auto u = dout.get();
+  EXPECT_LT(max_abs_diff(u, ref), 1e-5f);
+  EXPECT_EQ(max_abs_diff(dst0.get(), st), 0.f);
+  // Prep: L2 norms (q scaled by dk^-1/2), beta, g.
+  auto b = random_vec(T * nv, 23), a = random_vec(T * nv, 24), alog = random_vec(nv, 25, 0.5f),
+       dtb = random_vec(nv, 26, 0.5f);
+  Dev<float> du(u), db(b), da(a), dal(alog), ddt(dtb), q(T * nk * dk), k(T * nk * dk),
+      v(T * nv * dv), beta(T * nv), g(T * nv);
+  gdn_prep(du.p, db.p, da.p, dal.p, ddt.p, q.p, k.p, v.p, beta.p, g.p, T, nk, nv, dk, dv, nullptr);
+  const auto qg = q.get(), kg = k.get(), bg = beta.get(), gg = g.get();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < nk; ++h)
+      for (int which = 0; which < 2; ++which) {
+        const float* s = &u[t * C + which * nk * dk + h * dk];
+        double ss = 0;
+        for (int64_t i = 0; i < dk; ++i) ss += static_cast<double>(s[i]) * s[i];
+        const float f = 1.0f / std::sqrt(static_cast<float>(ss) + 1e-6f) *
+                        (which == 0 ? 1.0f / std::sqrt(static_cast<float>(dk)) : 1.0f);
+        const auto& got = which == 0 ? qg : kg;
+        for (int64_t i = 0; i < dk; ++i) ASSERT_NEAR(got[(t * nk + h) * dk + i], s[i] * f, 1e-6f);
+      }
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < nv; ++h) {
+      ASSERT_NEAR(bg[t * nv + h], cpu::sigmoid(b[t * nv + h]), 1e-6f);
+      ASSERT_NEAR(gg[t * nv + h], -std::exp(alog[h]) * cpu::softplus(a[t * nv + h] + dtb[h]),
+                  1e-5f);
+    }
+}
+
+struct DeltaCase {
+  int64_t T, nk, nv, dk, dv;
+};
+class CudaDeltaRuleTest : public ::testing::TestWithParam<DeltaCase> {};
+
+/// The register-resident recurrence against the CPU chunked form (T not a multiple of the chunk)
+/// and recurrent form, then a decode step after it.
+TEST_P(CudaDeltaRuleTest, MatchesCpuAcrossChunkBoundariesThenDecode) {
+  REQUIRE_GPU();
+  const auto c = GetParam();
+  auto q = random_vec(c.T * c.nk * c.dk, 30, 0.2f), k = random_vec(c.T * c.nk * c.dk, 31, 0.2f),
+       v = random_vec(c.T * c.nv * c.dv, 32), g = random_vec(c.T * c.nv, 33, 0.1f),
+       beta = random_vec(c.T * c.nv, 34, 0.3f), s0 = random_vec(c.nv * c.dk * c.dv, 35, 0.1f);
+  for (auto& x : g) x = -std::fabs(x);
+  for (auto& x : beta) x = cpu::sigmoid(x);
+  Dev<float> dq(q), dk(k), dv(v), dg(g), db(beta), ds(s0), dout(c.T * c.nv * c.dv);
+  LayerStateDev ls{nullptr, nullptr, nullptr, ds.p};
+  Dev<LayerStateDev> dls(std::vector<LayerStateDev>{ls});
+  Dev<StepDev> dstep(std::vector<StepDev>{StepDev{0, dls.p}});
+  delta_rule(dq.p, dk.p, dv.p, dg.p, db.p, dstep.p, 0, dout.p, c.T, c.nk, c.nv, c.dk, c.dv, nullptr);
+  std::vector<float> ref(dout.n), S = s0;
+  cpu::DeltaRuleArgs a{q.data(), k.data(), v.data(), g.data(), beta.data(), S.data(), ref.data(),
+                       c.T, c.nk, c.nv, c.dk, c.dv};
+  auto ex = cpu();
+  if (c.T > 1)
+    cpu::delta_rule_chunked(a, *ex);
+  else
+    cpu::delta_rule_recurrent(a, *ex);
+  EXPECT_LT(max_abs_diff(dout.get(), ref), test::kDeltaRuleAtol);
+  EXPECT_LT(max_abs_diff(ds.get(), S), test::kDeltaRuleAtol);
+  // One decode token on the updated state.
+  Dev<float> dout1(c.nv * c.dv);
+  delta_rule(dq.p, dk.p, dv.p, dg.p, db.p, dstep.p, 0, dout1.p, 1, c.nk, c.nv, c.dk, c.dv, nullptr);
+  std::vector<float> ref1(dout1.n);
+  cpu::DeltaRuleArgs a1{q.data(), k.data(), v.data(), g.data(), beta.data(), S.data(), ref1.data(),
+                        1, c.nk, c.nv, c.dk, c.dv};
+  cpu::delta_rule_recurrent(a1, *ex);
+  EXPECT_LT(max_abs_diff(dout1.get(), ref1), test::kDeltaRuleAtol);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaDeltaRuleTest,
+                         ::testing::Values(DeltaCase{1, 16, 32, 128, 128},   // 35B decode
+                                           DeltaCase{70, 16, 32, 128, 128},  // 64 + 6
+                                           DeltaCase{129, 2, 4, 16, 16},     // fixtures
+                                           DeltaCase{33, 2, 4, 64, 64},      // tidal-mini
+                                           DeltaCase{5, 1, 2, 32, 16}));     // dv < 32
+
+TEST(CudaOps, QwenNextSplitMatchesLayout) {
+  REQUIRE_GPU();
+  const int64_t T = 3, nk = 2, nv = 4, dk = 8, dv = 4, rho = nv / nk, gw = 2 * dk + 2 * rho * dv,
+                C = 2 * nk * dk + nv * dv;
+  std::vector<float> p(T * nk * gw), ba(T * 2 * nv);
+  for (size_t i = 0; i < p.size(); ++i) p[i] = static_cast<float>(i);
+  for (size_t i = 0; i < ba.size(); ++i) ba[i] = 1000.f + static_cast<float>(i);
+  Dev<float> dp(p), dba(ba), m(T * C), z(T * nv * dv), b(T * nv), a(T * nv);
+  gdn_split_next(dp.p, dba.p, m.p, z.p, b.p, a.p, T, nk, nv, dk, dv, nullptr);
+  const auto mg = m.get(), zg = z.get(), bg = b.get(), ag = a.get();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t kh = 0; kh < nk; ++kh) {
+      const float* grp = &p[t * nk * gw + kh * gw];
+      for (int64_t i = 0; i < dk; ++i) {
+        EXPECT_EQ(mg[t * C + kh * dk + i], grp[i]);
+        EXPECT_EQ(mg[t * C + nk * dk + kh * dk + i], grp[dk + i]);
+      }
+      for (int64_t j = 0; j < rho; ++j) {
+        const int64_t vh = kh * rho + j;
+        for (int64_t e = 0; e < dv; ++e) {
+          EXPECT_EQ(mg[t * C + 2 * nk * dk + vh * dv + e], grp[2 * dk + j * dv + e]);
+          EXPECT_EQ(zg[(t * nv + vh) * dv + e], grp[2 * dk + rho * dv + j * dv + e]);
+        }
+        EXPECT_EQ(bg[t * nv + vh], ba[t * 2 * nv + 2 * rho * kh + j]);
+        EXPECT_EQ(ag[t * nv + vh], ba[t * 2 * nv + 2 * rho * kh + rho + j]);
+      }
+    }
+}
+
+}  // namespace
+}  // namespace tidal::kernels::cuda
