@@ -56,15 +56,16 @@ struct GpuLayer {
   LayerType type = LayerType::kFullAttention;
   const float* in_norm = nullptr;
   const float* post_norm = nullptr;
-  // attention
-  DevMatrix q, k, v, o;
+  // Projections of the same input are stacked by rows and run as one GEMV / GEMM:
+  //   attention  in = [q (with gate) | k | v]
+  //   deltanet   in = [qkv | z | b | a]  (qwen3_5_moe)  or  [qkvz | ba]  (qwen3_next)
+  //   moe mlp    in = [router | shared gate | shared up | shared_expert_gate]
+  //   dense mlp  in = [gate | up]
+  DevMatrix mix, o, out;  // token mixer: stacked input projections, output projection
+  DevMatrix mlp_in, down;
   const float *q_norm = nullptr, *k_norm = nullptr;
-  // deltanet
-  DevMatrix qkvz, ba, qkv, z, b, a, out;
   const float *conv = nullptr, *dt_bias = nullptr, *A_log = nullptr, *gnorm = nullptr;
-  // mlp
   bool is_moe = false;
-  DevMatrix router, sh_gate_up, sh_down, sh_gate, gate_up, down;
 };
 
 struct CudaModel::Impl {
@@ -91,13 +92,13 @@ struct CudaModel::Impl {
   char* ws = nullptr;
   uint64_t ws_bytes = 0;
   int64_t Tmax = 0;
-  float *x = nullptr, *xn = nullptr, *y = nullptr, *hs = nullptr, *sg = nullptr;
-  float *qg = nullptr, *kb = nullptr, *vb = nullptr, *qb = nullptr, *gate = nullptr, *ao = nullptr;
+  float *x = nullptr, *xn = nullptr, *y = nullptr, *hs = nullptr;
+  float *qb = nullptr, *gate = nullptr, *ao = nullptr;
   float* partial = nullptr;
   int attn_splits_decode = 1;
   float *mixed = nullptr, *zb = nullptr, *bb = nullptr, *ab = nullptr, *u = nullptr, *gq = nullptr,
         *gk = nullptr, *gv = nullptr, *beta = nullptr, *gg = nullptr, *go = nullptr, *proj = nullptr;
-  float *rlogits = nullptr, *rw = nullptr, *gu = nullptr, *hmid = nullptr, *logits = nullptr;
+  float *rw = nullptr, *hmid = nullptr, *logits = nullptr;
   int32_t *ids = nullptr, *rids = nullptr;
   uint16_t* act16 = nullptr;
   void* wscratch = nullptr;
@@ -128,8 +129,12 @@ struct CudaModel::Impl {
     }
     const float one = 1.0f, beta_v = acc ? 1.0f : 0.0f;
     const int64_t K = w.cols;
-    const bool fp32 = opts.precision == "fp32";
-    if (!fp32) kc::f32_to_bf16(xin, ldx, act16, T, K, stream);
+    const bool fp32 = opts.precision == "fp32", split = opts.precision == "bf16x2";
+    uint16_t* act_lo = act16 + T * K;
+    if (split)
+      kc::f32_to_bf16_split(xin, ldx, act16, act_lo, T, K, stream);
+    else if (!fp32)
+      kc::f32_to_bf16(xin, ldx, act16, T, K, stream);
     const WFormat want = fp32 ? WFormat::kF32 : WFormat::kBF16;
     const int64_t slice_rows =
         w.format == want ? w.rows
@@ -158,15 +163,21 @@ struct CudaModel::Impl {
                                  static_cast<int>(ldx), &beta_v, yout + n0, static_cast<int>(ldy)),
                      "cublasSgemm");
       else
-        cublas_check(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n),
-                                  static_cast<int>(T), static_cast<int>(K), &one, wp, CUDA_R_16BF,
-                                  static_cast<int>(K), act16, CUDA_R_16BF, static_cast<int>(K),
-                                  &beta_v, yout + n0, CUDA_R_32F, static_cast<int>(ldy),
-                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                     "cublasGemmEx");
+        for (int part = 0; part < (split ? 2 : 1); ++part) {  // hi, then + lo
+          const float b = part == 0 ? beta_v : 1.0f;
+          cublas_check(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n),
+                                    static_cast<int>(T), static_cast<int>(K), &one, wp,
+                                    CUDA_R_16BF, static_cast<int>(K), part == 0 ? act16 : act_lo,
+                                    CUDA_R_16BF, static_cast<int>(K), &b, yout + n0, CUDA_R_32F,
+                                    static_cast<int>(ldy), CUBLAS_COMPUTE_32F,
+                                    CUBLAS_GEMM_DEFAULT),
+                       "cublasGemmEx");
+        }
     }
   }
 
+  /// gpu_precision="fp32" keeps the KV cache in fp32 (the mode that matches the CPU engine).
+  bool kv_f32() const { return opts.precision == "fp32"; }
   bool experts_on_host(const GpuLayer& L) const { return L.is_moe && experts != nullptr; }
 
   /// Enqueues layers [l0, l1) for T tokens. `routed_pending`: y holds nothing yet and the previous
@@ -206,7 +217,8 @@ void CudaModel::Impl::ensure_capacity(DeviceSequenceState& s, int64_t need) {
   const int64_t row = cfg.num_key_value_heads * cfg.head_dim;
   int64_t cap = std::max<int64_t>(s.capacity * 2, std::max<int64_t>(need, opts.initial_context));
   cap = (cap + 255) / 256 * 256;
-  const size_t bytes = static_cast<size_t>(cap * row) * 2;
+  const size_t esz = kv_f32() ? 4 : 2;
+  const size_t bytes = static_cast<size_t>(cap * row) * esz;
   size_t n_attn = 0;
   for (const auto& L : layers) n_attn += L.type == LayerType::kFullAttention;
   size_t free_b = 0, total_b = 0;
@@ -220,16 +232,16 @@ void CudaModel::Impl::ensure_capacity(DeviceSequenceState& s, int64_t need) {
   for (size_t l = 0; l < layers.size(); ++l) {
     if (layers[l].type != LayerType::kFullAttention) continue;
     auto& t = s.table[l];
-    for (uint16_t** p : {&t.k_cache, &t.v_cache}) {
+    for (void** p : {&t.k_cache, &t.v_cache}) {
       void* fresh = nullptr;
       cuda_check(cudaMalloc(&fresh, bytes), "KV cache allocation");
       if (*p && s.capacity > 0)
-        cuda_check(cudaMemcpyAsync(fresh, *p, static_cast<size_t>(s.capacity * row) * 2,
+        cuda_check(cudaMemcpyAsync(fresh, *p, static_cast<size_t>(s.capacity * row) * esz,
                                    cudaMemcpyDeviceToDevice, stream),
                    "KV cache growth");
       cudaStreamSynchronize(stream);
       cudaFree(*p);
-      *p = static_cast<uint16_t*>(fresh);
+      *p = fresh;
     }
   }
   kv_bytes += 2 * n_attn * bytes - s.kv_bytes;
@@ -256,13 +268,13 @@ void CudaModel::Impl::enqueue_attention(const GpuLayer& L, int layer, int64_t T)
   const auto& c = cfg;
   const int64_t nh = c.num_attention_heads, nkv = c.num_key_value_heads, d = c.head_dim;
   const bool gated = c.is_hybrid();
-  linear(L.q, xn, c.hidden_size, qg, L.q.rows, T);
-  linear(L.k, xn, c.hidden_size, kb, nkv * d, T);
-  linear(L.v, xn, c.hidden_size, vb, nkv * d, T);
+  const int64_t W = L.mix.rows, qw = nh * d * (gated ? 2 : 1);
+  linear(L.mix, xn, c.hidden_size, proj, W, T);
   kc::AttnPrepArgs p;
-  p.qg = qg;
-  p.k = kb;
-  p.v = vb;
+  p.qg = proj;
+  p.k = proj + qw;
+  p.v = proj + qw + nkv * d;
+  p.ld = W;
   p.q_norm = L.q_norm;
   p.k_norm = L.k_norm;
   p.inv_freq = inv_freq;
@@ -279,6 +291,7 @@ void CudaModel::Impl::enqueue_attention(const GpuLayer& L, int layer, int64_t T)
   p.eps = static_cast<float>(c.rms_norm_eps);
   p.zero_centred = gated;
   p.gated = gated;
+  p.kv_f32 = kv_f32();
   kc::attn_prep(p, stream);
   kc::AttentionArgs a;
   a.q = qb;
@@ -293,6 +306,7 @@ void CudaModel::Impl::enqueue_attention(const GpuLayer& L, int layer, int64_t T)
   a.d = d;
   a.max_splits = T == 1 ? attn_splits_decode : kc::attention_max_splits(T, nkv, sm_count);
   a.scale = 1.0f / std::sqrt(static_cast<float>(d));
+  a.kv_f32 = kv_f32();
   kc::attention(a, stream);
   linear(L.o, ao, nh * d, y, c.hidden_size, T);
 }
@@ -302,37 +316,49 @@ void CudaModel::Impl::enqueue_deltanet(const GpuLayer& L, int layer, int64_t T) 
   const int64_t H = c.hidden_size, nk = c.linear_num_key_heads, nv = c.linear_num_value_heads,
                 dk = c.linear_key_head_dim, dv = c.linear_value_head_dim,
                 C = c.linear_conv_channels(), K = c.linear_conv_kernel_dim;
+  const int64_t W = L.mix.rows;
+  linear(L.mix, xn, H, proj, W, T);
+  const float *src = proj, *z = proj + C, *b = proj + C + nv * dv, *a = b + nv;
+  int64_t ld_src = W, ld_z = W, ld_ba = W;
   if (c.family == ArchFamily::kQwen3Next) {
-    const int64_t pw = L.qkvz.rows;
-    linear(L.qkvz, xn, H, proj, pw, T);
-    linear(L.ba, xn, H, proj + T * pw, 2 * nv, T);
-    kc::gdn_split_next(proj, proj + T * pw, mixed, zb, bb, ab, T, nk, nv, dk, dv, stream);
-  } else {
-    linear(L.qkv, xn, H, mixed, C, T);
-    linear(L.z, xn, H, zb, nv * dv, T);
-    linear(L.b, xn, H, bb, nv, T);
-    linear(L.a, xn, H, ab, nv, T);
+    const int64_t pw = 2 * nk * dk + 2 * nv * dv;
+    kc::gdn_split_next(proj, proj + pw, W, mixed, zb, bb, ab, T, nk, nv, dk, dv, stream);
+    src = mixed;
+    z = zb;
+    b = bb;
+    a = ab;
+    ld_src = C;
+    ld_z = nv * dv;
+    ld_ba = nv;
   }
-  kc::causal_conv1d_silu(mixed, T, C, K, L.conv, d_step, layer, u, stream);
-  kc::gdn_prep(u, bb, ab, L.A_log, L.dt_bias, gq, gk, gv, beta, gg, T, nk, nv, dk, dv, stream);
+  kc::causal_conv1d_silu(src, ld_src, T, C, K, L.conv, d_step, layer, u, stream);
+  kc::gdn_prep(u, b, a, ld_ba, L.A_log, L.dt_bias, gq, gk, gv, beta, gg, T, nk, nv, dk, dv, stream);
   kc::delta_rule(gq, gk, gv, gg, beta, d_step, layer, go, T, nk, nv, dk, dv, stream);
-  kc::rms_norm_gated(go, zb, L.gnorm, go, T * nv, dv, static_cast<float>(c.rms_norm_eps), stream);
+  kc::rms_norm_gated(go, z, ld_z, nv, L.gnorm, go, T * nv, dv, static_cast<float>(c.rms_norm_eps),
+                     stream);
   linear(L.out, go, nv * dv, y, H, T);
 }
 
 void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
   const auto& c = cfg;
   const int64_t H = c.hidden_size;
+  const int64_t W = L.mlp_in.rows;
+  linear(L.mlp_in, xn, H, proj, W, T);
+  // SwiGLU: down(silu(gate) ⊙ up), the product fused into the GEMV for decode.
+  auto swiglu_down = [&](const float* gu, int64_t I, float* dst) {
+    if (T <= kc::kMaxGemvRows) {
+      kc::gemv(L.down, gu, W, dst, H, T, false, stream, gu + I);
+    } else {
+      kc::silu_mul(gu, gu + I, W, hmid, T, I, stream);
+      linear(L.down, hmid, I, dst, H, T);
+    }
+  };
   if (!L.is_moe) {
-    const int64_t I = L.down.cols;
-    linear(L.gate_up, xn, H, gu, 2 * I, T);
-    kc::silu_mul(gu, gu + I, 2 * I, hmid, T, I, stream);
-    linear(L.down, hmid, I, y, H, T);
+    swiglu_down(proj, L.down.cols, y);
     return;
   }
   const int64_t E = c.num_experts, k = c.num_experts_per_tok;
-  linear(L.router, xn, H, rlogits, E, T);
-  kc::moe_route(rlogits, T, E, k, c.norm_topk_prob, rids, rw, stream);
+  kc::moe_route(proj, W, T, E, k, c.norm_topk_prob, rids, rw, stream);
   if (experts) {
     cuda_check(cudaMemcpyAsync(h_xn, xn, static_cast<size_t>(T * H) * 4, cudaMemcpyDeviceToHost,
                                stream),
@@ -344,20 +370,21 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
                                stream),
                "copy to host");
     if (routing->active())
-      cuda_check(cudaMemcpyAsync(h_rlogits, rlogits, static_cast<size_t>(T * E) * 4,
-                                 cudaMemcpyDeviceToHost, stream),
+      cuda_check(cudaMemcpy2DAsync(h_rlogits, static_cast<size_t>(E) * 4, proj,
+                                   static_cast<size_t>(W) * 4, static_cast<size_t>(E) * 4,
+                                   static_cast<size_t>(T), cudaMemcpyDeviceToHost, stream),
                  "copy to host");
-    // External: inside a captured decode graph this becomes an event-record node the host waits on.
-    cuda_check(cudaEventRecordWithFlags(ev_d2h, stream, cudaEventRecordExternal), "event record");
+    // Inside a captured decode graph an external event record becomes a node the host waits on.
+    cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+    cuda_check(cudaStreamIsCapturing(stream, &cap), "capture status");
+    cuda_check(cap == cudaStreamCaptureStatusActive
+                   ? cudaEventRecordWithFlags(ev_d2h, stream, cudaEventRecordExternal)
+                   : cudaEventRecord(ev_d2h, stream),
+               "event record");
   }
   (void)layer;
-  if (c.shared_expert_intermediate_size > 0) {
-    const int64_t Is = c.shared_expert_intermediate_size;
-    linear(L.sh_gate_up, xn, H, gu, 2 * Is, T);
-    kc::silu_mul(gu, gu + Is, 2 * Is, hmid, T, Is, stream);
-    linear(L.sh_down, hmid, Is, hs, H, T);
-    linear(L.sh_gate, xn, H, sg, 1, T);
-  }
+  // The shared expert runs on the GPU while the host computes the routed experts.
+  if (c.shared_expert_intermediate_size > 0) swiglu_down(proj + E, c.shared_expert_intermediate_size, hs);
   if (!experts) {  // routed experts skipped (GPU-only benchmark): y = shared expert only
     cudaMemsetAsync(y, 0, static_cast<size_t>(T * H) * 4, stream);
     finish_moe_enqueue(L, T);
@@ -365,9 +392,10 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
 }
 
 void CudaModel::Impl::finish_moe_enqueue(const GpuLayer& L, int64_t T) {
-  (void)L;
   const int64_t H = cfg.hidden_size;
-  if (cfg.shared_expert_intermediate_size > 0) kc::add_gated(y, hs, sg, T, H, stream);
+  if (cfg.shared_expert_intermediate_size > 0)
+    kc::add_gated(y, hs, proj + cfg.num_experts + 2 * cfg.shared_expert_intermediate_size,
+                  L.mlp_in.rows, T, H, stream);
 }
 
 void CudaModel::Impl::enqueue_layers(size_t l0, size_t l1, int64_t T, bool first) {
@@ -412,8 +440,10 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
   m.routing = routing;
   TIDAL_CHECK(opts.weights == "bf16" || opts.weights == "int8", InvalidArgument,
               "gpu_weights must be \"bf16\" or \"int8\", got \"{}\"", opts.weights);
-  TIDAL_CHECK(opts.precision == "bf16" || opts.precision == "fp32", InvalidArgument,
-              "gpu_precision must be \"bf16\" or \"fp32\", got \"{}\"", opts.precision);
+  TIDAL_CHECK(opts.precision == "bf16x2" || opts.precision == "bf16" || opts.precision == "fp32",
+              InvalidArgument,
+              "gpu_precision must be \"bf16x2\", \"bf16\" or \"fp32\", got \"{}\"",
+              opts.precision);
   TIDAL_CHECK(opts.max_chunk >= 16, InvalidArgument, "max_chunk must be >= 16");
   int ndev = 0;
   if (cudaGetDeviceCount(&ndev) != cudaSuccess) {
@@ -471,14 +501,17 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
   auto add_vec = [&](const float** dst, const std::vector<float>& v) {
     vecs.emplace_back(dst, push_raw(v.data(), v.size() * 4));
   };
-  // One matrix or several stacked by rows (gate|up), quantised when int8.
+  // One matrix, or several stacked by rows (projections of the same input run as one GEMV) with
+  // zero rows up to a multiple of 4, so every part's output stays 16-byte aligned. Quantised when
+  // int8.
   auto add_mat = [&](DevMatrix* dst, std::vector<kernels::WeightView> parts) {
     const int64_t cols = parts[0].cols;
     int64_t rows = 0;
     for (auto& p : parts) rows += p.rows;
+    m.weight_bf16_bytes += static_cast<uint64_t>(rows * cols) * 2;
+    if (parts.size() > 1) rows = (rows + 3) / 4 * 4;
     dst->rows = rows;
     dst->cols = cols;
-    m.weight_bf16_bytes += static_cast<uint64_t>(rows * cols) * 2;
     if (int8) {
       dst->format = WFormat::kI8;
       Up q{nullptr, static_cast<size_t>(rows * cols), {}, 0};
@@ -508,10 +541,16 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
       mats.push_back({dst, qi, ups.size() - 1});
       return;
     }
+    // BF16 when every part is BF16 or an fp32 vector holding BF16 values (norm-like gate rows).
     bool all_bf16 = true;
-    for (auto& p : parts) all_bf16 = all_bf16 && p.dtype == kernels::DType::kBF16;
+    for (auto& p : parts) {
+      if (p.dtype == kernels::DType::kBF16) continue;
+      for (int64_t r = 0; r < p.rows && all_bf16; ++r)
+        for (int64_t c = 0; c < cols && all_bf16; ++c)
+          all_bf16 = kernels::bf16_to_f32(kernels::f32_to_bf16(p.at(r, c))) == p.at(r, c);
+    }
     dst->format = all_bf16 ? WFormat::kBF16 : WFormat::kF32;
-    if (parts.size() == 1 && (all_bf16 || parts[0].dtype == kernels::DType::kF32)) {
+    if (parts.size() == 1 && parts[0].dtype == (all_bf16 ? kernels::DType::kBF16 : kernels::DType::kF32)) {
       mats.push_back({dst, push_raw(parts[0].data, parts[0].dtype == kernels::DType::kBF16
                                                        ? static_cast<size_t>(rows * cols) * 2
                                                        : static_cast<size_t>(rows * cols) * 4),
@@ -523,8 +562,12 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
     u.conv.resize(u.bytes);
     size_t off = 0;
     for (auto& p : parts) {
-      if (all_bf16) {
+      if (all_bf16 && p.dtype == kernels::DType::kBF16) {
         std::memcpy(u.conv.data() + off, p.data, static_cast<size_t>(p.rows * cols) * 2);
+      } else if (all_bf16) {
+        auto* b = reinterpret_cast<uint16_t*>(u.conv.data() + off);
+        for (int64_t r = 0; r < p.rows; ++r)
+          for (int64_t c = 0; c < cols; ++c) b[r * cols + c] = kernels::f32_to_bf16(p.at(r, c));
       } else {
         auto* f = reinterpret_cast<float*>(u.conv.data() + off);
         for (int64_t r = 0; r < p.rows; ++r)
@@ -560,23 +603,16 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
     add_vec(&g.in_norm, w.input_layernorm);
     add_vec(&g.post_norm, w.post_attention_layernorm);
     if (w.type == LayerType::kFullAttention) {
-      add_mat(&g.q, {w.attn.q_proj});
-      add_mat(&g.k, {w.attn.k_proj});
-      add_mat(&g.v, {w.attn.v_proj});
+      add_mat(&g.mix, {w.attn.q_proj, w.attn.k_proj, w.attn.v_proj});
       add_mat(&g.o, {w.attn.o_proj});
       add_vec(&g.q_norm, w.attn.q_norm);
       add_vec(&g.k_norm, w.attn.k_norm);
     } else {
       const auto& d = w.gdn;
-      if (cfg.family == ArchFamily::kQwen3Next) {
-        add_mat(&g.qkvz, {d.in_proj_qkvz});
-        add_mat(&g.ba, {d.in_proj_ba});
-      } else {
-        add_mat(&g.qkv, {d.in_proj_qkv});
-        add_mat(&g.z, {d.in_proj_z});
-        add_mat(&g.b, {d.in_proj_b});
-        add_mat(&g.a, {d.in_proj_a});
-      }
+      if (cfg.family == ArchFamily::kQwen3Next)
+        add_mat(&g.mix, {d.in_proj_qkvz, d.in_proj_ba});
+      else
+        add_mat(&g.mix, {d.in_proj_qkv, d.in_proj_z, d.in_proj_b, d.in_proj_a});
       add_mat(&g.out, {d.out_proj});
       add_vec(&g.conv, d.conv1d);
       add_vec(&g.dt_bias, d.dt_bias);
@@ -585,16 +621,16 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
     }
     g.is_moe = w.mlp.is_moe;
     if (g.is_moe) {
-      add_mat(&g.router, {w.mlp.router});
       if (cfg.shared_expert_intermediate_size > 0) {
-        add_mat(&g.sh_gate_up, {w.mlp.shared_gate_proj, w.mlp.shared_up_proj});
-        add_mat(&g.sh_down, {w.mlp.shared_down_proj});
         kernels::WeightView sgv{w.mlp.shared_expert_gate.data(), kernels::DType::kF32, 1,
                                 cfg.hidden_size};
-        add_mat(&g.sh_gate, {sgv});
+        add_mat(&g.mlp_in, {w.mlp.router, w.mlp.shared_gate_proj, w.mlp.shared_up_proj, sgv});
+        add_mat(&g.down, {w.mlp.shared_down_proj});
+      } else {
+        add_mat(&g.mlp_in, {w.mlp.router});
       }
     } else {
-      add_mat(&g.gate_up, {w.mlp.gate_proj, w.mlp.up_proj});
+      add_mat(&g.mlp_in, {w.mlp.gate_proj, w.mlp.up_proj});
       add_mat(&g.down, {w.mlp.down_proj});
     }
   }
@@ -622,16 +658,15 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
   W(&m.xn, T * H * f);
   W(&m.y, T * H * f);
   W(&m.hs, T * H * f);
-  W(&m.sg, T * f);
   W(&m.ids, T * 4);
+  int64_t Wmax = 1;  // widest stacked projection output
+  for (const auto& g : m.layers) Wmax = std::max({Wmax, g.mix.rows, g.mlp_in.rows});
+  W(&m.proj, T * Wmax * f);
   int64_t Kmax = std::max<int64_t>(H, c.num_attention_heads * c.head_dim);
   bool has_attention = false;
   for (const auto& g : m.layers) has_attention = has_attention || g.type == LayerType::kFullAttention;
   if (has_attention) {
     const int64_t nh = c.num_attention_heads, nkv = c.num_key_value_heads, d = c.head_dim;
-    W(&m.qg, T * nh * d * 2 * f);
-    W(&m.kb, T * nkv * d * f);
-    W(&m.vb, T * nkv * d * f);
     W(&m.qb, T * nh * d * f);
     W(&m.gate, T * nh * d * f);
     W(&m.ao, T * nh * d * f);
@@ -646,10 +681,12 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
     const int64_t nk = c.linear_num_key_heads, nv = c.linear_num_value_heads,
                   dk = c.linear_key_head_dim, dv = c.linear_value_head_dim,
                   C = c.linear_conv_channels();
-    W(&m.mixed, T * C * f);
-    W(&m.zb, T * nv * dv * f);
-    W(&m.bb, T * nv * f);
-    W(&m.ab, T * nv * f);
+    if (c.family == ArchFamily::kQwen3Next) {  // de-interleaved projections
+      W(&m.mixed, T * C * f);
+      W(&m.zb, T * nv * dv * f);
+      W(&m.bb, T * nv * f);
+      W(&m.ab, T * nv * f);
+    }
     W(&m.u, T * C * f);
     W(&m.gq, T * nk * dk * f);
     W(&m.gk, T * nk * dk * f);
@@ -657,26 +694,19 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
     W(&m.beta, T * nv * f);
     W(&m.gg, T * nv * f);
     W(&m.go, T * nv * dv * f);
-    if (c.family == ArchFamily::kQwen3Next)
-      W(&m.proj, T * (2 * nk * dk + 2 * nv * dv + 2 * nv) * f);
     Kmax = std::max(Kmax, nv * dv);
   }
-  int64_t I2 = 0;
-  for (const auto& g : m.layers) {
-    if (g.is_moe && c.shared_expert_intermediate_size > 0) I2 = std::max(I2, g.sh_gate_up.rows);
-    if (!g.is_moe) I2 = std::max(I2, g.gate_up.rows);
-  }
-  Kmax = std::max(Kmax, I2 / 2);
+  int64_t Imax = 1;  // widest SwiGLU intermediate (down projection input)
+  for (const auto& g : m.layers) Imax = std::max(Imax, g.down.cols);
+  Kmax = std::max(Kmax, Imax);
   const int64_t E = std::max<int64_t>(1, c.num_experts), k = std::max<int64_t>(1, c.num_experts_per_tok);
-  W(&m.rlogits, T * E * f);
   W(&m.rids, T * k * 4);
   W(&m.rw, T * k * f);
-  W(&m.gu, T * std::max<int64_t>(I2, 1) * f);
-  W(&m.hmid, T * std::max<int64_t>(I2 / 2, 1) * f);
+  W(&m.hmid, T * Imax * f);
   // logits in row blocks of at most 64 MiB
   m.logits_rows = std::clamp<int64_t>((int64_t{64} << 20) / (c.vocab_size * 4), 1, T);
   W(&m.logits, static_cast<size_t>(m.logits_rows * c.vocab_size) * f);
-  W(&m.act16, static_cast<size_t>(T * Kmax) * 2);
+  W(&m.act16, static_cast<size_t>(2 * T * Kmax) * 2);  // hi and lo halves
   // Weight conversion scratch for prefill GEMMs whose weights are not in the GEMM's format.
   {
     const WFormat want = opts.precision == "fp32" ? WFormat::kF32 : WFormat::kBF16;
@@ -686,9 +716,7 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
     };
     see(m.lm_head);
     for (const auto& g : m.layers)
-      for (const DevMatrix* d : {&g.q, &g.k, &g.v, &g.o, &g.qkvz, &g.ba, &g.qkv, &g.z, &g.b, &g.a,
-                                 &g.out, &g.router, &g.sh_gate_up, &g.sh_down, &g.sh_gate,
-                                 &g.gate_up, &g.down})
+      for (const DevMatrix* d : {&g.mix, &g.o, &g.out, &g.mlp_in, &g.down})
         see(*d);
     m.wscratch_elems = static_cast<size_t>(std::min<int64_t>(most, int64_t{16} << 20));
     m.wscratch_elems = std::max(m.wscratch_elems, static_cast<size_t>(Kmax));
@@ -731,7 +759,7 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
   cublas_check(cublasSetWorkspace(m.blas, blas_ws, size_t{32} << 20), "cublasSetWorkspace");
 
   // Pinned staging.
-  const size_t pin = sizeof(kc::StepDev) + align_up(T * 4) + 2 * align_up(T * H * f) +
+  const size_t pin = align_up(sizeof(kc::StepDev)) + align_up(T * 4) + 2 * align_up(T * H * f) +
                      2 * align_up(T * k * 4) + align_up(T * E * f) +
                      align_up(static_cast<size_t>(m.logits_rows * c.vocab_size) * f);
   cuda_check(cudaMallocHost(&m.pinned, pin), "pinned host allocation");

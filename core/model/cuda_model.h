@@ -32,9 +32,11 @@ struct CudaOptions {
   /// Format of the GPU-resident matrices: "bf16" (as the checkpoint; F32 stays F32) or "int8"
   /// (weight-only, one fp32 scale per output row).
   std::string weights = "bf16";
-  /// Prefill GEMMs (more than 8 tokens): "bf16" (tensor cores, activations rounded to BF16) or
-  /// "fp32". Decode projections always use fp32 activations.
-  std::string precision = "bf16";
+  /// Prefill GEMMs (more than 8 tokens): "bf16x2" (BF16 tensor cores on activations split into
+  /// two BF16 terms: near-fp32 products), "bf16" (one term: fastest, activations rounded) or
+  /// "fp32" (CUDA cores, and an fp32 KV cache: the mode that matches the CPU engine). Decode
+  /// projections always use fp32 activations.
+  std::string precision = "bf16x2";
   /// VRAM tidal may use, bytes; 0 = what the device has free at load.
   uint64_t memory_limit = 0;
   bool graphs = true;         ///< replay decode steps from CUDA graphs

@@ -3,6 +3,7 @@
 /// \brief The CUDA kernels of ops.h. Each mirrors a CPU reference in kernels/cpu (tests compare
 /// them on odd shapes): same formulas, fp32 arithmetic, reductions reordered for warps.
 #include <cuda_bf16.h>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -103,9 +104,10 @@ struct Chunk<WFormat::kI8> {
 };
 
 /// One warp per weight row; each lane takes 16-byte chunks of the row, M activation rows at once.
-template <WFormat F, int M>
+template <WFormat F, int M, bool GATED>
 __global__ void gemv_kernel(DevMatrix w, const float* __restrict__ x, int64_t ldx,
-                            float* __restrict__ y, int64_t ldy, bool accumulate, bool vec) {
+                            float* __restrict__ y, int64_t ldy, bool accumulate, bool vec,
+                            const float* __restrict__ xu) {
   constexpr int E = Chunk<F>::E;
   const int lane = threadIdx.x % kWarp;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
@@ -127,7 +129,12 @@ __global__ void gemv_kernel(DevMatrix w, const float* __restrict__ x, int64_t ld
         const float* xr = x + m * ldx + c * E;
 #pragma unroll
         for (int e = 0; e < E; e += 4) {
-          const float4 xv = *reinterpret_cast<const float4*>(xr + e);
+          float4 xv = *reinterpret_cast<const float4*>(xr + e);
+          if constexpr (GATED) {
+            const float4 u = *reinterpret_cast<const float4*>(xu + m * ldx + c * E + e);
+            xv = make_float4(siluf_(xv.x) * u.x, siluf_(xv.y) * u.y, siluf_(xv.z) * u.z,
+                             siluf_(xv.w) * u.w);
+          }
           acc[m] = fmaf(wv[e], xv.x, acc[m]);
           acc[m] = fmaf(wv[e + 1], xv.y, acc[m]);
           acc[m] = fmaf(wv[e + 2], xv.z, acc[m]);
@@ -141,7 +148,11 @@ __global__ void gemv_kernel(DevMatrix w, const float* __restrict__ x, int64_t ld
     float wj = weight_at(w, row, j);
     if (F == WFormat::kI8) wj = static_cast<float>(static_cast<const int8_t*>(w.data)[row * K + j]);
 #pragma unroll
-    for (int m = 0; m < M; ++m) acc[m] = fmaf(wj, x[m * ldx + j], acc[m]);
+    for (int m = 0; m < M; ++m) {
+      float xj = x[m * ldx + j];
+      if constexpr (GATED) xj = siluf_(xj) * xu[m * ldx + j];
+      acc[m] = fmaf(wj, xj, acc[m]);
+    }
   }
   const float sc = F == WFormat::kI8 ? w.scale[row] : 1.0f;
 #pragma unroll
@@ -156,19 +167,23 @@ __global__ void gemv_kernel(DevMatrix w, const float* __restrict__ x, int64_t ld
 
 template <WFormat F>
 void gemv_launch(const DevMatrix& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t m,
-                 bool acc, cudaStream_t s) {
+                 bool acc, cudaStream_t s, const float* xu) {
   constexpr int E = Chunk<F>::E;
   // Vector path: 16-byte aligned rows and activations.
   const bool vec = w.cols % E == 0 && w.cols % 4 == 0 && ldx % 4 == 0 &&
                    reinterpret_cast<uintptr_t>(w.data) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(x) % 16 == 0;
+                   reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(xu) % 16 == 0;
   constexpr int kWarps = 8;
   const dim3 grid(static_cast<unsigned>((w.rows + kWarps - 1) / kWarps));
   const dim3 block(kWarps * kWarp);
   switch (m) {
-#define TIDAL_GEMV_CASE(M)                                                        \
-  case M:                                                                         \
-    gemv_kernel<F, M><<<grid, block, 0, s>>>(w, x, ldx, y, ldy, acc, vec);        \
+#define TIDAL_GEMV_CASE(M)                                                                 \
+  case M:                                                                                  \
+    if (xu)                                                                                \
+      gemv_kernel<F, M, true><<<grid, block, 0, s>>>(w, x, ldx, y, ldy, acc, vec, xu);     \
+    else                                                                                   \
+      gemv_kernel<F, M, false><<<grid, block, 0, s>>>(w, x, ldx, y, ldy, acc, vec, xu);    \
     break;
     TIDAL_GEMV_CASE(1)
     TIDAL_GEMV_CASE(2)
@@ -201,6 +216,18 @@ __global__ void f32_to_bf16_kernel(const float* x, int64_t ldx, uint16_t* y, int
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = i / cols, c = i % cols;
     y[i] = f2bf16(x[r * ldx + c]);
+  }
+}
+
+__global__ void f32_to_bf16_split_kernel(const float* x, int64_t ldx, uint16_t* hi, uint16_t* lo,
+                                         int64_t rows, int64_t cols) {
+  const int64_t n = rows * cols;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float v = x[(i / cols) * ldx + i % cols];
+    const uint16_t h = f2bf16(v);
+    hi[i] = h;
+    lo[i] = f2bf16(v - bf16f(h));
   }
 }
 
@@ -257,13 +284,21 @@ __global__ void silu_mul_kernel(const float* g, const float* u, int64_t ld, floa
   }
 }
 
-__global__ void add_gated_kernel(float* out, const float* hs, const float* gate, int64_t H) {
-  const float s = sigmoidf_(gate[blockIdx.x]);
+__global__ void add_gated_kernel(float* out, const float* hs, const float* gate, int64_t ld_gate,
+                                 int64_t H) {
+  const float s = sigmoidf_(gate[blockIdx.x * ld_gate]);
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x)
     out[blockIdx.x * H + i] += s * hs[blockIdx.x * H + i];
 }
 
 // ----------------------------------------------------------------------------------- attention
+
+__device__ __forceinline__ void store_kv(void* cache, int64_t i, float v, bool f32) {
+  if (f32)
+    static_cast<float*>(cache)[i] = v;
+  else
+    static_cast<uint16_t*>(cache)[i] = f2bf16(v);
+}
 
 /// Block per (token, head): heads [0, nh) are queries, [nh, nh+nkv) keys, then values.
 __global__ void attn_prep_kernel(AttnPrepArgs a) {
@@ -273,18 +308,19 @@ __global__ void attn_prep_kernel(AttnPrepArgs a) {
   const LayerStateDev ls = a.step->layers[a.layer];
   if (h >= a.nh + a.nkv) {  // value head -> cache
     const int64_t vh = h - a.nh - a.nkv;
+    const int64_t ldv = a.ld ? a.ld : a.nkv * d;
     for (int64_t i = threadIdx.x; i < d; i += blockDim.x)
-      ls.v_cache[(pos * a.nkv + vh) * d + i] = f2bf16(a.v[(t * a.nkv + vh) * d + i]);
+      store_kv(ls.v_cache, (pos * a.nkv + vh) * d + i, a.v[t * ldv + vh * d + i], a.kv_f32);
     return;
   }
   const bool is_q = h < a.nh;
   const float* src;
   const float* w;
   if (is_q) {
-    src = a.qg + t * a.nh * d * (a.gated ? 2 : 1) + h * d * (a.gated ? 2 : 1);
+    src = a.qg + t * (a.ld ? a.ld : a.nh * d * (a.gated ? 2 : 1)) + h * d * (a.gated ? 2 : 1);
     w = a.q_norm;
   } else {
-    src = a.k + (t * a.nkv + (h - a.nh)) * d;
+    src = a.k + t * (a.ld ? a.ld : a.nkv * d) + (h - a.nh) * d;
     w = a.k_norm;
   }
   float ss = 0.f;
@@ -308,7 +344,7 @@ __global__ void attn_prep_kernel(AttnPrepArgs a) {
       a.q[(t * a.nh + h) * d + i] = v;
       if (a.gated) a.gate[(t * a.nh + h) * d + i] = src[d + i];
     } else {
-      ls.k_cache[(pos * a.nkv + (h - a.nh)) * d + i] = f2bf16(v);
+      store_kv(ls.k_cache, (pos * a.nkv + (h - a.nh)) * d + i, v, a.kv_f32);
     }
   }
 }
@@ -334,40 +370,95 @@ __device__ __forceinline__ float transpose_reduce(float (&v)[R], int lane) {
   return s;
 }
 
+/// DPL values of one cache row, raw (loads stay in flight while earlier keys are computed).
+template <typename KT, int DPL>
+struct RawKV;
 template <int DPL>
-__device__ __forceinline__ void load_kv(const uint16_t* p, int64_t dim0, int64_t d, float* out) {
-  if constexpr (DPL == 8) {
-    if (dim0 + 8 <= d) {
+struct RawKV<uint16_t, DPL> {
+  uint32_t w[(DPL + 1) / 2];
+};
+template <int DPL>
+struct RawKV<float, DPL> {
+  float w[DPL];
+};
+template <typename KT, int DPL>
+__device__ __forceinline__ RawKV<float, DPL> load_raw(const float* p, int64_t dim0, int64_t d) {
+  RawKV<float, DPL> r;
+  if (dim0 + DPL <= d && DPL % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < DPL; i += 4) {
+      const float4 v = *reinterpret_cast<const float4*>(p + i);
+      r.w[i] = v.x;
+      r.w[i + 1] = v.y;
+      r.w[i + 2] = v.z;
+      r.w[i + 3] = v.w;
+    }
+    return r;
+  }
+#pragma unroll
+  for (int i = 0; i < DPL; ++i) r.w[i] = dim0 + i < d ? p[i] : 0.f;
+  return r;
+}
+template <int DPL>
+__device__ __forceinline__ void raw_to_f32(const RawKV<float, DPL>& r, float* out) {
+#pragma unroll
+  for (int i = 0; i < DPL; ++i) out[i] = r.w[i];
+}
+template <typename KT, int DPL>
+__device__ __forceinline__ RawKV<uint16_t, DPL> load_raw(const uint16_t* p, int64_t dim0,
+                                                         int64_t d) {
+  RawKV<uint16_t, DPL> r;
+  if (dim0 + DPL <= d) {
+    if constexpr (DPL == 8) {
       const uint4 v = *reinterpret_cast<const uint4*>(p);
-      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        out[2 * i] = __uint_as_float(w[i] << 16);
-        out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-      }
-      return;
-    }
-  }
-  if constexpr (DPL == 4) {
-    if (dim0 + 4 <= d) {
+      r.w[0] = v.x;
+      r.w[1] = v.y;
+      r.w[2] = v.z;
+      r.w[3] = v.w;
+    } else if constexpr (DPL == 4) {
       const uint2 v = *reinterpret_cast<const uint2*>(p);
-      out[0] = __uint_as_float(v.x << 16);
-      out[1] = __uint_as_float(v.x & 0xffff0000u);
-      out[2] = __uint_as_float(v.y << 16);
-      out[3] = __uint_as_float(v.y & 0xffff0000u);
-      return;
+      r.w[0] = v.x;
+      r.w[1] = v.y;
+    } else if constexpr (DPL == 2) {
+      r.w[0] = *reinterpret_cast<const uint32_t*>(p);
+    } else {
+      r.w[0] = p[0];
     }
+    return r;
   }
 #pragma unroll
-  for (int i = 0; i < DPL; ++i) out[i] = dim0 + i < d ? bf16f(p[i]) : 0.f;
+  for (int i = 0; i < (DPL + 1) / 2; ++i) r.w[i] = 0;
+#pragma unroll
+  for (int i = 0; i < DPL; ++i)
+    if (dim0 + i < d) r.w[i / 2] |= static_cast<uint32_t>(p[i]) << (16 * (i % 2));
+  return r;
+}
+template <int DPL>
+__device__ __forceinline__ void raw_to_f32(const RawKV<uint16_t, DPL>& r, float* out) {
+#pragma unroll
+  for (int i = 0; i < DPL; ++i)
+    out[i] = i % 2 == 0 ? __uint_as_float(r.w[i / 2] << 16)
+                        : __uint_as_float(r.w[i / 2] & 0xffff0000u);
 }
 
 constexpr int kAttnWarps = 4;
+constexpr int kKeyGroup = 8;            // cache rows loaded before any is used
+constexpr int64_t kMinSplitKeys = 256;  // a split covers at least this many keys
+constexpr int kMaxSplits = 512;
+
+/// Keys per split and splits in use for a query that sees n keys.
+__device__ __forceinline__ void split_plan(int64_t n, int splits, int64_t min_keys, int64_t& chunk,
+                                           int64_t& used) {
+  chunk = (n + splits - 1) / splits;
+  chunk = chunk < min_keys ? min_keys : (chunk + 31) / 32 * 32;
+  used = (n + chunk - 1) / chunk;
+}
 
 /// One warp per (token, kv head, head subset, split): R query heads of the GQA group against keys
 /// [u0, u1) of the split, 32 keys at a time (scores to shared memory, online softmax per row, then
-/// P·V). Lane l owns dims [l·DPL, (l+1)·DPL). Partial results (m, l, o) go to `partial`.
-template <int DPL, int R>
+/// P·V), cache rows loaded kKeyGroup at a time. Lane l owns dims [l·DPL, (l+1)·DPL). Partial
+/// results (m, l, o) go to `partial`; splits past the keys do nothing.
+template <typename KT, int DPL, int R>
 __global__ void __launch_bounds__(kAttnWarps* kWarp)
     attention_kernel(AttentionArgs a, int subsets, int splits) {
   __shared__ float sp[kAttnWarps][R][kWarp];
@@ -377,11 +468,12 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
   const int64_t kvh = blockIdx.z / subsets, sub = blockIdx.z % subsets;
   const int64_t group = a.nh / a.nkv, d = a.d;
   const int64_t h0 = kvh * group + sub * R;
-  const int nrows = static_cast<int>(std::min<int64_t>(R, group - sub * R));
+  const int nrows = static_cast<int>(group - sub * R < R ? group - sub * R : R);
   const int64_t n = a.step->pos0 + t + 1;  // causal: keys [0, n)
-  const int64_t chunk = ((n + splits - 1) / splits + 31) / 32 * 32;
-  const int64_t u0 = std::min<int64_t>(n, split * chunk), u1 = std::min<int64_t>(n, u0 + chunk);
-  if (split >= splits) return;
+  int64_t chunk, used;
+  split_plan(n, splits, kMinSplitKeys, chunk, used);
+  if (split >= used) return;
+  const int64_t u0 = split * chunk, u1 = u0 + chunk < n ? u0 + chunk : n;
   const LayerStateDev ls = a.step->layers[a.layer];
   const int64_t dim0 = lane * DPL;
   float q[R][DPL], o[R][DPL], m[R], l[R];
@@ -398,20 +490,30 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
   constexpr int kLog = R == 1 ? 0 : R == 2 ? 1 : R == 4 ? 2 : R == 8 ? 3 : 4;
   const int my_row = lane >> (5 - kLog);
   const int64_t kv_stride = a.nkv * d;
+  const KT* kbase = static_cast<const KT*>(ls.k_cache) + kvh * d + dim0;
+  const KT* vbase = static_cast<const KT*>(ls.v_cache) + kvh * d + dim0;
   for (int64_t b0 = u0; b0 < u1; b0 += kWarp) {
-    const int nb = static_cast<int>(std::min<int64_t>(kWarp, u1 - b0));
-    for (int j = 0; j < nb; ++j) {
-      float kv[DPL];
-      load_kv<DPL>(ls.k_cache + (b0 + j) * kv_stride + kvh * d + dim0, dim0, d, kv);
-      float s[R];
+    const int nb = static_cast<int>(u1 - b0 < kWarp ? u1 - b0 : kWarp);
+    for (int g0 = 0; g0 < nb; g0 += kKeyGroup) {
+      RawKV<KT, DPL> kr[kKeyGroup];
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        s[r] = 0.f;
+      for (int jj = 0; jj < kKeyGroup; ++jj)
+        if (g0 + jj < nb) kr[jj] = load_raw<KT, DPL>(kbase + (b0 + g0 + jj) * kv_stride, dim0, d);
 #pragma unroll
-        for (int i = 0; i < DPL; ++i) s[r] = fmaf(q[r][i], kv[i], s[r]);
+      for (int jj = 0; jj < kKeyGroup; ++jj) {
+        if (g0 + jj >= nb) break;
+        float kv[DPL];
+        raw_to_f32<DPL>(kr[jj], kv);
+        float sc[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          sc[r] = 0.f;
+#pragma unroll
+          for (int i = 0; i < DPL; ++i) sc[r] = fmaf(q[r][i], kv[i], sc[r]);
+        }
+        const float tot = transpose_reduce<R>(sc, lane);
+        if ((lane & ((32 >> kLog) - 1)) == 0) sp[wid][my_row][g0 + jj] = tot;
       }
-      const float tot = transpose_reduce<R>(s, lane);
-      if ((lane & ((32 >> kLog) - 1)) == 0) sp[wid][my_row][j] = tot;
     }
     __syncwarp();
     float scale_r[R];
@@ -430,14 +532,22 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
     for (int r = 0; r < R; ++r)
 #pragma unroll
       for (int i = 0; i < DPL; ++i) o[r][i] *= scale_r[r];
-    for (int j = 0; j < nb; ++j) {
-      float vv[DPL];
-      load_kv<DPL>(ls.v_cache + (b0 + j) * kv_stride + kvh * d + dim0, dim0, d, vv);
+    for (int g0 = 0; g0 < nb; g0 += kKeyGroup) {
+      RawKV<KT, DPL> vr[kKeyGroup];
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const float p = sp[wid][r][j];
+      for (int jj = 0; jj < kKeyGroup; ++jj)
+        if (g0 + jj < nb) vr[jj] = load_raw<KT, DPL>(vbase + (b0 + g0 + jj) * kv_stride, dim0, d);
 #pragma unroll
-        for (int i = 0; i < DPL; ++i) o[r][i] = fmaf(p, vv[i], o[r][i]);
+      for (int jj = 0; jj < kKeyGroup; ++jj) {
+        if (g0 + jj >= nb) break;
+        float vv[DPL];
+        raw_to_f32<DPL>(vr[jj], vv);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const float p = sp[wid][r][g0 + jj];
+#pragma unroll
+          for (int i = 0; i < DPL; ++i) o[r][i] = fmaf(p, vv[i], o[r][i]);
+        }
       }
     }
     __syncwarp();
@@ -461,60 +571,308 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
   }
 }
 
-/// Block per (token, head): merges the splits' (m, l, o), applies the gate.
-__global__ void attention_combine_kernel(AttentionArgs a, int splits) {
+/// Block per (token, head, 32 dims): merges the used splits' (m, l, o), applies the gate. Warps
+/// take splits round-robin, then reduce through shared memory.
+__global__ void attention_combine_kernel(AttentionArgs a, int splits, int64_t min_keys) {
+  __shared__ float wts[kMaxSplits];
+  __shared__ float red[8][kWarp + 1];
+  __shared__ float stat[1];
   const int64_t t = blockIdx.x, h = blockIdx.y, d = a.d;
+  const int lane = threadIdx.x % kWarp, wid = threadIdx.x / kWarp, nw = blockDim.x / kWarp;
   const int64_t nrow_total = static_cast<int64_t>(gridDim.x) * a.nh * splits;
   const float* pm = a.partial;
   const float* pl = a.partial + nrow_total;
   const float* po = a.partial + 2 * nrow_total;
   const int64_t base = (t * a.nh + h) * splits;
-  float M = -INFINITY;
-  for (int s = 0; s < splits; ++s) M = fmaxf(M, pm[base + s]);
-  float L = 0.f;
-  for (int s = 0; s < splits; ++s)
-    if (pl[base + s] > 0.f) L += pl[base + s] * expf(pm[base + s] - M);
-  const float invL = 1.0f / L;
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
-    float acc = 0.f;
-    for (int s = 0; s < splits; ++s)
-      if (pl[base + s] > 0.f) acc += po[(base + s) * d + i] * expf(pm[base + s] - M);
-    float v = acc * invL;
-    if (a.gate) v *= sigmoidf_(a.gate[(t * a.nh + h) * d + i]);
-    a.out[(t * a.nh + h) * d + i] = v;
+  int64_t chunk, used;
+  split_plan(a.step->pos0 + t + 1, splits, min_keys, chunk, used);
+  float mx = -INFINITY;
+  for (int64_t s = threadIdx.x; s < used; s += blockDim.x) mx = fmaxf(mx, pm[base + s]);
+  mx = warp_max(mx);
+  if (lane == 0) red[wid][0] = mx;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float M = red[0][0];
+    for (int w = 1; w < nw; ++w) M = fmaxf(M, red[w][0]);
+    stat[0] = M;
+  }
+  __syncthreads();
+  const float M = stat[0];
+  float lsum = 0.f;
+  for (int64_t s = threadIdx.x; s < used; s += blockDim.x) {
+    const float w = expf(pm[base + s] - M);
+    wts[s] = w;
+    lsum += w * pl[base + s];
+  }
+  lsum = block_sum(lsum);  // synchronises, so wts is visible below
+  const int64_t dim = blockIdx.z * kWarp + lane;
+  float acc = 0.f;
+  if (dim < d)
+    for (int64_t s = wid; s < used; s += nw) acc += wts[s] * po[(base + s) * d + dim];
+  red[wid][lane] = acc;
+  __syncthreads();
+  if (wid == 0 && dim < d) {
+    float v = 0.f;
+    for (int w = 0; w < nw; ++w) v += red[w][lane];
+    v /= lsum;
+    if (a.gate) v *= sigmoidf_(a.gate[(t * a.nh + h) * d + dim]);
+    a.out[(t * a.nh + h) * d + dim] = v;
   }
 }
 
-template <int DPL>
+// ------------------------------------------------------------------ decode attention, tiled
+
+constexpr int kTileKeys = 64;            // keys per shared-memory tile
+constexpr int64_t kTileMinSplitKeys = 64;  // a split of the tiled kernel covers at least one tile
+
+/// Decode (one query token) for BF16 caches and head_dim 64 / 128 / 256: block per (kv head,
+/// split), 256 threads. Each tile of 64 keys is copied to shared memory with cp.async (16-byte
+/// chunks, XOR-swizzled by key so that reading one chunk of consecutive keys hits distinct banks),
+/// then all G query heads of the group score it together (thread = key × head group), one warp per
+/// head runs the online softmax, and thread = dim × head group accumulates P·V. Partial (m, l, o)
+/// per split as in attention_kernel; the same combine kernel merges them.
+template <int D, int G>
+__global__ void __launch_bounds__(256) attention_tile_kernel(AttentionArgs a, int splits) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  constexpr int kChunks = D / 8;  // 16-byte chunks per cache row
+  uint16_t* Ks = reinterpret_cast<uint16_t*>(smem);
+  uint16_t* Vs = Ks + kTileKeys * D;
+  float* qs = reinterpret_cast<float*>(Vs + kTileKeys * D);  // [G][D], pre-scaled
+  float* ps = qs + G * D;                                     // [kTileKeys][G]
+  float* ml = ps + kTileKeys * G;                             // m[G], l[G], alpha[G]
+  const int tid = threadIdx.x, lane = tid % kWarp, wid = tid / kWarp;
+  const int64_t kvh = blockIdx.y, split = blockIdx.x;
+  const int64_t n = a.step->pos0 + 1;
+  int64_t chunk, used;
+  split_plan(n, splits, kTileMinSplitKeys, chunk, used);
+  if (split >= used) return;
+  const int64_t u0 = split * chunk, u1 = u0 + chunk < n ? u0 + chunk : n;
+  const LayerStateDev ls = a.step->layers[a.layer];
+  const int64_t kv_stride = a.nkv * D;
+  const uint16_t* kg = static_cast<const uint16_t*>(ls.k_cache) + kvh * D;
+  const uint16_t* vg = static_cast<const uint16_t*>(ls.v_cache) + kvh * D;
+  const int64_t h0 = kvh * G;
+  for (int i = tid; i < G * D; i += blockDim.x) qs[i] = a.q[h0 * D + i] * a.scale;
+  if (tid < G) {
+    ml[tid] = -INFINITY;
+    ml[G + tid] = 0.f;
+  }
+  // PV mapping: thread = (dim, head group); heads hg, hg + HG, ...
+  constexpr int HG = 256 / D;
+  constexpr int HPT = (G + HG - 1) / HG;
+  const int pdim = tid % D, phg = tid / D;
+  float acc[HPT];
+#pragma unroll
+  for (int j = 0; j < HPT; ++j) acc[j] = 0.f;
+  // Score mapping: thread = (key, head group of 4); heads sg, sg + 4, ...
+  const int skey = tid % kTileKeys, sg = tid / kTileKeys;
+  constexpr int SPT = (G + 3) / 4;
+  for (int64_t b0 = u0; b0 < u1; b0 += kTileKeys) {
+    const int nb = static_cast<int>(u1 - b0 < kTileKeys ? u1 - b0 : kTileKeys);
+    __syncthreads();  // previous tile fully consumed
+    for (int i = tid; i < nb * kChunks; i += blockDim.x) {
+      const int key = i / kChunks, c = i % kChunks;
+      const int pc = c ^ (key & (kChunks - 1) & 7);
+      __pipeline_memcpy_async(Ks + key * D + pc * 8, kg + (b0 + key) * kv_stride + c * 8, 16);
+      __pipeline_memcpy_async(Vs + key * D + pc * 8, vg + (b0 + key) * kv_stride + c * 8, 16);
+    }
+    __pipeline_commit();
+    __pipeline_wait_prior(0);
+    __syncthreads();
+    // Scores.
+    if (skey < nb) {
+      float sc[SPT];
+#pragma unroll
+      for (int j = 0; j < SPT; ++j) sc[j] = 0.f;
+      const int sw = skey & (kChunks - 1) & 7;
+#pragma unroll 4
+      for (int c = 0; c < kChunks; ++c) {
+        const uint4 kv4 = *reinterpret_cast<const uint4*>(Ks + skey * D + (c ^ sw) * 8);
+        const uint32_t w[4] = {kv4.x, kv4.y, kv4.z, kv4.w};
+        float kf[8];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          kf[2 * e] = __uint_as_float(w[e] << 16);
+          kf[2 * e + 1] = __uint_as_float(w[e] & 0xffff0000u);
+        }
+#pragma unroll
+        for (int j = 0; j < SPT; ++j) {
+          const int h = sg + 4 * j;
+          if (h < G) {
+            const float4 qa = *reinterpret_cast<const float4*>(qs + h * D + c * 8);
+            const float4 qb = *reinterpret_cast<const float4*>(qs + h * D + c * 8 + 4);
+            sc[j] = fmaf(qa.x, kf[0], sc[j]);
+            sc[j] = fmaf(qa.y, kf[1], sc[j]);
+            sc[j] = fmaf(qa.z, kf[2], sc[j]);
+            sc[j] = fmaf(qa.w, kf[3], sc[j]);
+            sc[j] = fmaf(qb.x, kf[4], sc[j]);
+            sc[j] = fmaf(qb.y, kf[5], sc[j]);
+            sc[j] = fmaf(qb.z, kf[6], sc[j]);
+            sc[j] = fmaf(qb.w, kf[7], sc[j]);
+          }
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < SPT; ++j)
+        if (sg + 4 * j < G) ps[skey * G + sg + 4 * j] = sc[j];
+    }
+    __syncthreads();
+    // Online softmax, one warp per head.
+    for (int h = wid; h < G; h += blockDim.x / kWarp) {
+      const float s0 = lane < nb ? ps[lane * G + h] : -INFINITY;
+      const float s1 = lane + kWarp < nb ? ps[(lane + kWarp) * G + h] : -INFINITY;
+      const float mold = ml[h];
+      const float mx = fmaxf(mold, warp_max(fmaxf(s0, s1)));
+      const float p0 = lane < nb ? expf(s0 - mx) : 0.f;
+      const float p1 = lane + kWarp < nb ? expf(s1 - mx) : 0.f;
+      const float sum = warp_sum(p0 + p1);
+      if (lane < nb) ps[lane * G + h] = p0;
+      if (lane + kWarp < nb) ps[(lane + kWarp) * G + h] = p1;
+      if (lane == 0) {
+        const float alpha = expf(mold - mx);
+        ml[2 * G + h] = alpha;
+        ml[G + h] = ml[G + h] * alpha + sum;
+        ml[h] = mx;
+      }
+    }
+    __syncthreads();
+    // P·V.
+    if (phg < HG) {
+#pragma unroll
+      for (int j = 0; j < HPT; ++j) {
+        const int h = phg + HG * j;
+        if (h < G) acc[j] *= ml[2 * G + h];
+      }
+      const int pc = pdim / 8, pe = pdim % 8;
+      for (int key = 0; key < nb; ++key) {
+        const float v = bf16f(Vs[key * D + ((pc ^ (key & (kChunks - 1) & 7)) * 8) + pe]);
+#pragma unroll
+        for (int j = 0; j < HPT; ++j) {
+          const int h = phg + HG * j;
+          if (h < G) acc[j] = fmaf(ps[key * G + h], v, acc[j]);
+        }
+      }
+    }
+  }
+  __syncthreads();
+  const int64_t nrow_total = static_cast<int64_t>(a.nh) * splits;  // T = 1
+  float* pm = a.partial;
+  float* pl = a.partial + nrow_total;
+  float* po = a.partial + 2 * nrow_total;
+  if (tid < G) {
+    pm[(h0 + tid) * splits + split] = ml[tid];
+    pl[(h0 + tid) * splits + split] = ml[G + tid];
+  }
+  if (phg < HG)
+#pragma unroll
+    for (int j = 0; j < HPT; ++j) {
+      const int h = phg + HG * j;
+      if (h < G) po[((h0 + h) * splits + split) * D + pdim] = acc[j];
+    }
+}
+
+template <int D, int G>
+bool launch_tile(const AttentionArgs& a, cudaStream_t s) {
+  const size_t smem = static_cast<size_t>(2 * kTileKeys * D) * 2 + static_cast<size_t>(G * D) * 4 +
+                      static_cast<size_t>(kTileKeys * G) * 4 + 3 * G * 4;
+  static const bool ok = [&] {
+    return cudaFuncSetAttribute(attention_tile_kernel<D, G>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                static_cast<int>(smem)) == cudaSuccess;
+  }();
+  if (!ok) {
+    cudaGetLastError();
+    return false;
+  }
+  const dim3 grid(static_cast<unsigned>(a.max_splits), static_cast<unsigned>(a.nkv));
+  attention_tile_kernel<D, G><<<grid, 256, smem, s>>>(a, a.max_splits);
+  return true;
+}
+
+template <int D>
+bool launch_tile_g(const AttentionArgs& a, int64_t G, cudaStream_t s) {
+  switch (G) {
+    case 1:
+      return launch_tile<D, 1>(a, s);
+    case 2:
+      return launch_tile<D, 2>(a, s);
+    case 4:
+      return launch_tile<D, 4>(a, s);
+    case 8:
+      return launch_tile<D, 8>(a, s);
+    case 16:
+      return launch_tile<D, 16>(a, s);
+    default:
+      return false;
+  }
+}
+
+/// The tiled decode kernel when it applies (one token, BF16 cache, head_dim 64/128/256, GQA group
+/// 1..16 a power of two); false: use the general kernel.
+bool attention_tile(const AttentionArgs& a, cudaStream_t s) {
+  if (a.T != 1 || a.kv_f32 || a.nh % a.nkv != 0) return false;
+  const int64_t G = a.nh / a.nkv;
+  switch (a.d) {
+    case 64:
+      return launch_tile_g<64>(a, G, s);
+    case 128:
+      return launch_tile_g<128>(a, G, s);
+    case 256:
+      return launch_tile_g<256>(a, G, s);
+    default:
+      return false;
+  }
+}
+
+template <typename KT, int DPL>
 void attention_dispatch_r(const AttentionArgs& a, int R, int subsets, int splits, dim3 grid,
                           cudaStream_t s) {
   const dim3 block(kAttnWarps * kWarp);
   switch (R) {
     case 1:
-      attention_kernel<DPL, 1><<<grid, block, 0, s>>>(a, subsets, splits);
+      attention_kernel<KT, DPL, 1><<<grid, block, 0, s>>>(a, subsets, splits);
       break;
     case 2:
-      attention_kernel<DPL, 2><<<grid, block, 0, s>>>(a, subsets, splits);
+      attention_kernel<KT, DPL, 2><<<grid, block, 0, s>>>(a, subsets, splits);
       break;
     case 4:
-      attention_kernel<DPL, 4><<<grid, block, 0, s>>>(a, subsets, splits);
+      attention_kernel<KT, DPL, 4><<<grid, block, 0, s>>>(a, subsets, splits);
       break;
     case 8:
-      attention_kernel<DPL, 8><<<grid, block, 0, s>>>(a, subsets, splits);
+      attention_kernel<KT, DPL, 8><<<grid, block, 0, s>>>(a, subsets, splits);
       break;
     default:
-      attention_kernel<DPL, 16><<<grid, block, 0, s>>>(a, subsets, splits);
+      attention_kernel<KT, DPL, 16><<<grid, block, 0, s>>>(a, subsets, splits);
+      break;
+  }
+}
+template <typename KT>
+void attention_dispatch(const AttentionArgs& a, int dpl, int R, int subsets, int splits, dim3 grid,
+                        cudaStream_t s) {
+  switch (dpl) {
+    case 1:
+      attention_dispatch_r<KT, 1>(a, R, subsets, splits, grid, s);
+      break;
+    case 2:
+      attention_dispatch_r<KT, 2>(a, R, subsets, splits, grid, s);
+      break;
+    case 4:
+      attention_dispatch_r<KT, 4>(a, R, subsets, splits, grid, s);
+      break;
+    default:
+      attention_dispatch_r<KT, 8>(a, R, subsets, splits, grid, s);
       break;
   }
 }
 
 // --------------------------------------------------------------------------- Gated DeltaNet
 
-__global__ void gdn_split_next_kernel(const float* p, const float* ba, float* mixed, float* z,
-                                      float* b, float* a, int64_t nk, int64_t nv, int64_t dk,
-                                      int64_t dv) {
+__global__ void gdn_split_next_kernel(const float* p, const float* ba, int64_t ld, float* mixed,
+                                      float* z, float* b, float* a, int64_t nk, int64_t nv,
+                                      int64_t dk, int64_t dv) {
   const int64_t t = blockIdx.x, rho = nv / nk, gw = 2 * dk + 2 * rho * dv, C = 2 * nk * dk + nv * dv;
-  const float* pt = p + t * nk * gw;
+  const float* pt = p + t * (ld ? ld : nk * gw);
+  const float* bat = ba + t * (ld ? ld : 2 * nv);
   for (int64_t i = threadIdx.x; i < nk * gw; i += blockDim.x) {
     const int64_t kh = i / gw, o = i % gw;
     const float v = pt[i];
@@ -533,14 +891,14 @@ __global__ void gdn_split_next_kernel(const float* p, const float* ba, float* mi
   for (int64_t i = threadIdx.x; i < 2 * nv; i += blockDim.x) {
     const int64_t kh = i / (2 * rho), o = i % (2 * rho);
     if (o < rho)
-      b[t * nv + kh * rho + o] = ba[t * 2 * nv + i];
+      b[t * nv + kh * rho + o] = bat[i];
     else
-      a[t * nv + kh * rho + (o - rho)] = ba[t * 2 * nv + i];
+      a[t * nv + kh * rho + (o - rho)] = bat[i];
   }
 }
 
 /// Thread per channel, sequential over tokens (K ≤ 8).
-__global__ void conv1d_kernel(const float* src, int64_t T, int64_t C, int64_t K, const float* w,
+__global__ void conv1d_kernel(const float* src, int64_t ld, int64_t T, int64_t C, int64_t K, const float* w,
                               const StepDev* step, int layer, float* dst) {
   const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (c >= C) return;
@@ -550,7 +908,7 @@ __global__ void conv1d_kernel(const float* src, int64_t T, int64_t C, int64_t K,
   for (int64_t j = 0; j < hist; ++j) win[j] = state[j * C + c];
   for (int64_t j = 0; j < K; ++j) wk[j] = w[c * K + j];
   for (int64_t t = 0; t < T; ++t) {
-    const float x = src[t * C + c];
+    const float x = src[t * ld + c];
     float acc = 0.f;
     for (int64_t j = 0; j < hist; ++j) acc = fmaf(wk[j], win[j], acc);
     acc = fmaf(wk[hist], x, acc);
@@ -562,7 +920,8 @@ __global__ void conv1d_kernel(const float* src, int64_t T, int64_t C, int64_t K,
 }
 
 /// Block per token: warps normalise q/k heads, then v copy and beta/g.
-__global__ void gdn_prep_kernel(const float* u, const float* b, const float* a, const float* A_log,
+__global__ void gdn_prep_kernel(const float* u, const float* b, const float* a, int64_t ld_ba,
+                                const float* A_log,
                                 const float* dt_bias, float* q, float* k, float* v, float* beta,
                                 float* g, int64_t nk, int64_t nv, int64_t dk, int64_t dv) {
   const int64_t t = blockIdx.x, C = 2 * nk * dk + nv * dv;
@@ -582,8 +941,8 @@ __global__ void gdn_prep_kernel(const float* u, const float* b, const float* a, 
   }
   for (int64_t i = threadIdx.x; i < nv * dv; i += blockDim.x) v[t * nv * dv + i] = ut[2 * nk * dk + i];
   for (int64_t h = threadIdx.x; h < nv; h += blockDim.x) {
-    beta[t * nv + h] = sigmoidf_(b[t * nv + h]);
-    g[t * nv + h] = -expf(A_log[h]) * softplusf_(a[t * nv + h] + dt_bias[h]);
+    beta[t * nv + h] = sigmoidf_(b[t * ld_ba + h]);
+    g[t * nv + h] = -expf(A_log[h]) * softplusf_(a[t * ld_ba + h] + dt_bias[h]);
   }
 }
 
@@ -634,8 +993,9 @@ __global__ void delta_rule_kernel(const float* __restrict__ q, const float* __re
   for (int i = 0; i < RPT; ++i) S[(rg * RPT + i) * dv + col] = st[i];
 }
 
-__global__ void rms_norm_gated_kernel(const float* x, const float* z, const float* w, float* y,
-                                      int64_t rows, int64_t dim, float eps) {
+__global__ void rms_norm_gated_kernel(const float* x, const float* z, int64_t ld_z, int64_t rpt,
+                                      const float* w, float* y, int64_t rows, int64_t dim,
+                                      float eps) {
   const int lane = threadIdx.x % kWarp;
   const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x / kWarp) + threadIdx.x / kWarp;
   if (r >= rows) return;
@@ -643,20 +1003,21 @@ __global__ void rms_norm_gated_kernel(const float* x, const float* z, const floa
   for (int64_t i = lane; i < dim; i += kWarp) ss += x[r * dim + i] * x[r * dim + i];
   ss = warp_sum(ss);
   const float inv = rsqrtf(ss / static_cast<float>(dim) + eps);
+  const float* zr = z + (r / rpt) * ld_z + (r % rpt) * dim;
   for (int64_t i = lane; i < dim; i += kWarp)
-    y[r * dim + i] = w[i] * (x[r * dim + i] * inv) * siluf_(z[r * dim + i]);
+    y[r * dim + i] = w[i] * (x[r * dim + i] * inv) * siluf_(zr[i]);
 }
 
 // ---------------------------------------------------------------------------------------- router
 
 /// Warp per token.
-__global__ void moe_route_kernel(const float* logits, int64_t T, int64_t E, int64_t k, bool renorm,
+__global__ void moe_route_kernel(const float* logits, int64_t ld, int64_t T, int64_t E, int64_t k, bool renorm,
                                  int32_t* ids, float* weights) {
   constexpr int kMaxPer = 32;  // E ≤ 1024
   const int lane = threadIdx.x % kWarp;
   const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x / kWarp) + threadIdx.x / kWarp;
   if (t >= T) return;
-  const float* l = logits + t * E;
+  const float* l = logits + t * ld;
   float p[kMaxPer];
   float mx = -INFINITY;
 #pragma unroll
@@ -741,17 +1102,17 @@ size_t DevMatrix::bytes() const {
 }
 
 void gemv(const DevMatrix& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t m,
-          bool accumulate, cudaStream_t s) {
+          bool accumulate, cudaStream_t s, const float* x_up) {
   if (m <= 0 || w.rows == 0) return;
   switch (w.format) {
     case WFormat::kF32:
-      gemv_launch<WFormat::kF32>(w, x, ldx, y, ldy, m, accumulate, s);
+      gemv_launch<WFormat::kF32>(w, x, ldx, y, ldy, m, accumulate, s, x_up);
       break;
     case WFormat::kBF16:
-      gemv_launch<WFormat::kBF16>(w, x, ldx, y, ldy, m, accumulate, s);
+      gemv_launch<WFormat::kBF16>(w, x, ldx, y, ldy, m, accumulate, s, x_up);
       break;
     case WFormat::kI8:
-      gemv_launch<WFormat::kI8>(w, x, ldx, y, ldy, m, accumulate, s);
+      gemv_launch<WFormat::kI8>(w, x, ldx, y, ldy, m, accumulate, s, x_up);
       break;
   }
 }
@@ -766,6 +1127,13 @@ void f32_to_bf16(const float* x, int64_t ldx, uint16_t* y, int64_t rows, int64_t
                  cudaStream_t s) {
   if (rows * cols == 0) return;
   f32_to_bf16_kernel<<<grid_stride_blocks(rows * cols), 256, 0, s>>>(x, ldx, y, rows, cols);
+}
+
+void f32_to_bf16_split(const float* x, int64_t ldx, uint16_t* hi, uint16_t* lo, int64_t rows,
+                       int64_t cols, cudaStream_t s) {
+  if (rows * cols == 0) return;
+  f32_to_bf16_split_kernel<<<grid_stride_blocks(rows * cols), 256, 0, s>>>(x, ldx, hi, lo, rows,
+                                                                            cols);
 }
 
 void embed(const DevMatrix& table, const int32_t* ids, int64_t T, float* out, cudaStream_t s) {
@@ -798,10 +1166,10 @@ void silu_mul(const float* g, const float* u, int64_t ld, float* h, int64_t T, i
   silu_mul_kernel<<<grid_stride_blocks(T * I), 256, 0, s>>>(g, u, ld, h, T, I);
 }
 
-void add_gated(float* out, const float* hs, const float* gate, int64_t T, int64_t H,
-               cudaStream_t s) {
+void add_gated(float* out, const float* hs, const float* gate, int64_t ld_gate, int64_t T,
+               int64_t H, cudaStream_t s) {
   if (T == 0) return;
-  add_gated_kernel<<<static_cast<unsigned>(T), 256, 0, s>>>(out, hs, gate, H);
+  add_gated_kernel<<<static_cast<unsigned>(T), 256, 0, s>>>(out, hs, gate, ld_gate, H);
 }
 
 void attn_prep(const AttnPrepArgs& a, cudaStream_t s) {
@@ -815,7 +1183,7 @@ bool attention_supports_head_dim(int64_t d) { return d >= 1 && d <= 256; }
 int attention_max_splits(int64_t T, int64_t nkv, int sm_count) {
   // ~16 warps per SM in all; at least 256 keys per split is decided inside the kernel's chunking.
   const int64_t want = (static_cast<int64_t>(sm_count) * 16) / std::max<int64_t>(1, T * nkv);
-  return static_cast<int>(std::clamp<int64_t>(want, 1, 512));
+  return static_cast<int>(std::clamp<int64_t>(want, 1, kMaxSplits));
 }
 
 size_t attention_workspace_floats(int64_t T, int64_t nh, int64_t d, int max_splits) {
@@ -833,42 +1201,40 @@ void attention(const AttentionArgs& a, cudaStream_t s) {
   const int splits = a.max_splits;
   const dim3 grid(static_cast<unsigned>((splits + kAttnWarps - 1) / kAttnWarps),
                   static_cast<unsigned>(a.T), static_cast<unsigned>(a.nkv * subsets));
-  switch (dpl) {
-    case 1:
-      attention_dispatch_r<1>(a, R, subsets, splits, grid, s);
-      break;
-    case 2:
-      attention_dispatch_r<2>(a, R, subsets, splits, grid, s);
-      break;
-    case 4:
-      attention_dispatch_r<4>(a, R, subsets, splits, grid, s);
-      break;
-    default:
-      attention_dispatch_r<8>(a, R, subsets, splits, grid, s);
-      break;
-  }
-  const dim3 cgrid(static_cast<unsigned>(a.T), static_cast<unsigned>(a.nh));
-  attention_combine_kernel<<<cgrid, 256, 0, s>>>(a, splits);
+  int64_t min_keys = kMinSplitKeys;
+  if (attention_tile(a, s))
+    min_keys = kTileMinSplitKeys;
+  else if (a.kv_f32)
+    attention_dispatch<float>(a, dpl, R, subsets, splits, grid, s);
+  else
+    attention_dispatch<uint16_t>(a, dpl, R, subsets, splits, grid, s);
+  const dim3 cgrid(static_cast<unsigned>(a.T), static_cast<unsigned>(a.nh),
+                   static_cast<unsigned>((a.d + kWarp - 1) / kWarp));
+  attention_combine_kernel<<<cgrid, 256, 0, s>>>(a, splits, min_keys);
 }
 
-void gdn_split_next(const float* p, const float* ba, float* mixed, float* z, float* b, float* a,
-                    int64_t T, int64_t nk, int64_t nv, int64_t dk, int64_t dv, cudaStream_t s) {
+void gdn_split_next(const float* p, const float* ba, int64_t ld, float* mixed, float* z, float* b,
+                    float* a, int64_t T, int64_t nk, int64_t nv, int64_t dk, int64_t dv,
+                    cudaStream_t s) {
   if (T == 0) return;
-  gdn_split_next_kernel<<<static_cast<unsigned>(T), 256, 0, s>>>(p, ba, mixed, z, b, a, nk, nv,
-                                                                  dk, dv);
+  gdn_split_next_kernel<<<static_cast<unsigned>(T), 256, 0, s>>>(p, ba, ld, mixed, z, b, a, nk,
+                                                                  nv, dk, dv);
 }
 
-void causal_conv1d_silu(const float* src, int64_t T, int64_t C, int64_t K, const float* weight,
-                        const StepDev* step, int layer, float* dst, cudaStream_t s) {
-  conv1d_kernel<<<blocks_for(C, 128), 128, 0, s>>>(src, T, C, K, weight, step, layer, dst);
+void causal_conv1d_silu(const float* src, int64_t ld_src, int64_t T, int64_t C, int64_t K,
+                        const float* weight, const StepDev* step, int layer, float* dst,
+                        cudaStream_t s) {
+  conv1d_kernel<<<blocks_for(C, 128), 128, 0, s>>>(src, ld_src ? ld_src : C, T, C, K, weight, step,
+                                                    layer, dst);
 }
 
-void gdn_prep(const float* u, const float* b, const float* a, const float* A_log,
+void gdn_prep(const float* u, const float* b, const float* a, int64_t ld_ba, const float* A_log,
               const float* dt_bias, float* q, float* k, float* v, float* beta, float* g, int64_t T,
               int64_t nk, int64_t nv, int64_t dk, int64_t dv, cudaStream_t s) {
   if (T == 0) return;
-  gdn_prep_kernel<<<static_cast<unsigned>(T), 256, 0, s>>>(u, b, a, A_log, dt_bias, q, k, v, beta,
-                                                            g, nk, nv, dk, dv);
+  gdn_prep_kernel<<<static_cast<unsigned>(T), 256, 0, s>>>(u, b, a, ld_ba ? ld_ba : nv, A_log,
+                                                            dt_bias, q, k, v, beta, g, nk, nv, dk,
+                                                            dv);
 }
 
 void delta_rule(const float* q, const float* k, const float* v, const float* g, const float* beta,
@@ -887,16 +1253,18 @@ void delta_rule(const float* q, const float* k, const float* v, const float* g, 
                                                        nv, dk, dv, CB);
 }
 
-void rms_norm_gated(const float* x, const float* z, const float* w, float* y, int64_t rows,
-                    int64_t dim, float eps, cudaStream_t s) {
+void rms_norm_gated(const float* x, const float* z, int64_t ld_z, int64_t rows_per_token,
+                    const float* w, float* y, int64_t rows, int64_t dim, float eps, cudaStream_t s) {
   if (rows == 0) return;
-  rms_norm_gated_kernel<<<blocks_for(rows, 8), 256, 0, s>>>(x, z, w, y, rows, dim, eps);
+  rms_norm_gated_kernel<<<blocks_for(rows, 8), 256, 0, s>>>(
+      x, z, ld_z ? ld_z : rows_per_token * dim, rows_per_token, w, y, rows, dim, eps);
 }
 
-void moe_route(const float* logits, int64_t T, int64_t E, int64_t k, bool renormalise,
+void moe_route(const float* logits, int64_t ld, int64_t T, int64_t E, int64_t k, bool renormalise,
                int32_t* ids, float* weights, cudaStream_t s) {
   if (T == 0) return;
-  moe_route_kernel<<<blocks_for(T, 8), 256, 0, s>>>(logits, T, E, k, renormalise, ids, weights);
+  moe_route_kernel<<<blocks_for(T, 8), 256, 0, s>>>(logits, ld ? ld : E, T, E, k, renormalise, ids,
+                                                    weights);
 }
 
 }  // namespace tidal::kernels::cuda

@@ -29,10 +29,15 @@ struct DevMatrix {
 constexpr int64_t kMaxGemvRows = 8;
 
 /// y(m, n) [+]= x(m, k) · Wᵀ for m ≤ kMaxGemvRows: fp32 activations, fp32 accumulation, the weight
-/// read once (the decode projection; bandwidth bound).
+/// read once (the decode projection; bandwidth bound). With `x_up`, the input is
+/// silu(x) ⊙ x_up (the SwiGLU product fused into the down projection; same row stride).
 void gemv(const DevMatrix& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t m,
-          bool accumulate, cudaStream_t s);
+          bool accumulate, cudaStream_t s, const float* x_up = nullptr);
 
+/// hi = BF16(x), lo = BF16(x − hi): x = hi + lo to ~16 significant bits, so a BF16 GEMM on each
+/// half (summed) gives near-fp32 products against BF16 weights (gpu_precision="bf16x2").
+void f32_to_bf16_split(const float* x, int64_t ldx, uint16_t* hi, uint16_t* lo, int64_t rows,
+                       int64_t cols, cudaStream_t s);
 /// dst = W as BF16 (kF32 rounded, kI8 dequantised) or as F32; for the cuBLAS prefill path.
 void weight_to_bf16(const DevMatrix& w, uint16_t* dst, cudaStream_t s);
 void weight_to_f32(const DevMatrix& w, float* dst, cudaStream_t s);
@@ -55,15 +60,15 @@ void add(float* x, const float* y, int64_t n, cudaStream_t s);
 void silu_mul(const float* g, const float* u, int64_t ld, float* h, int64_t T, int64_t I,
               cudaStream_t s);
 /// out[t, :] += sigmoid(gate[t]) · hs[t, :] (the shared expert and its gate).
-void add_gated(float* out, const float* hs, const float* gate, int64_t T, int64_t H,
-               cudaStream_t s);
+void add_gated(float* out, const float* hs, const float* gate, int64_t ld_gate, int64_t T,
+               int64_t H, cudaStream_t s);
 
 /// Where a sequence's state lives on the GPU, one entry per layer (unused pointers null). Kept in
 /// device memory and read by the kernels, so a captured CUDA graph serves any sequence and any
 /// position: the host rewrites this block before each replay, never the graph.
 struct LayerStateDev {
-  uint16_t* k_cache = nullptr;  ///< (capacity, num_kv_heads, head_dim) BF16
-  uint16_t* v_cache = nullptr;
+  void* k_cache = nullptr;  ///< (capacity, num_kv_heads, head_dim), BF16 (or fp32: kv_f32)
+  void* v_cache = nullptr;
   float* conv = nullptr;       ///< (K − 1, channels)
   float* recurrent = nullptr;  ///< (num_v_heads, d_k, d_v)
 };
@@ -79,6 +84,7 @@ struct AttnPrepArgs {
   const float* qg = nullptr;  ///< q_proj output (T, nh·d·(gated ? 2 : 1)), [q_h | gate_h] per head
   const float* k = nullptr;   ///< (T, nkv·d)
   const float* v = nullptr;
+  int64_t ld = 0;  ///< row stride of qg, k and v (0: each contiguous); one stacked q|k|v output
   const float* q_norm = nullptr;
   const float* k_norm = nullptr;
   const float* inv_freq = nullptr;  ///< rotary_dim / 2 frequencies
@@ -90,6 +96,7 @@ struct AttnPrepArgs {
   int64_t T = 0, nh = 0, nkv = 0, d = 0, rotary_dim = 0;
   float eps = 1e-6f;
   bool zero_centred = false, gated = false;
+  bool kv_f32 = false;  ///< the cache holds fp32 (gpu_precision="fp32") instead of BF16
 };
 void attn_prep(const AttnPrepArgs& a, cudaStream_t s);
 
@@ -107,6 +114,7 @@ struct AttentionArgs {
   int64_t T = 0, nh = 0, nkv = 0, d = 0;
   int max_splits = 1;
   float scale = 1.0f;
+  bool kv_f32 = false;
 };
 void attention(const AttentionArgs& a, cudaStream_t s);
 size_t attention_workspace_floats(int64_t T, int64_t nh, int64_t d, int max_splits);
@@ -117,17 +125,17 @@ int attention_max_splits(int64_t T, int64_t nkv, int sm_count);
 
 /// qwen3_next's interleaved projections to the flat layout of qwen3_5_moe: p (T, nk·(2dk+2ρdv))
 /// and ba (T, 2nv) -> mixed (T, C), z (T, nv·dv), b (T, nv), a (T, nv).
-void gdn_split_next(const float* p, const float* ba, float* mixed, float* z, float* b, float* a,
+void gdn_split_next(const float* p, const float* ba, int64_t ld, float* mixed, float* z, float* b, float* a,
                     int64_t T, int64_t nk, int64_t nv, int64_t dk, int64_t dv, cudaStream_t s);
 
 /// Causal depthwise conv1d over T tokens with the (K − 1)-token history of layer `layer` (updated),
 /// then SiLU: dst (T, C).
-void causal_conv1d_silu(const float* src, int64_t T, int64_t C, int64_t K, const float* weight,
+void causal_conv1d_silu(const float* src, int64_t ld_src, int64_t T, int64_t C, int64_t K, const float* weight,
                         const StepDev* step, int layer, float* dst, cudaStream_t s);
 
 /// From the conv output u (T, C): q, k (T, nk, dk) L2-normalised (q also × dk^−½), v (T, nv, dv);
 /// beta = sigmoid(b), g = −exp(A_log) · softplus(a + dt_bias) (T, nv).
-void gdn_prep(const float* u, const float* b, const float* a, const float* A_log,
+void gdn_prep(const float* u, const float* b, const float* a, int64_t ld_ba, const float* A_log,
               const float* dt_bias, float* q, float* k, float* v, float* beta, float* g, int64_t T,
               int64_t nk, int64_t nv, int64_t dk, int64_t dv, cudaStream_t s);
 
@@ -138,12 +146,13 @@ void delta_rule(const float* q, const float* k, const float* v, const float* g, 
                 int64_t dk, int64_t dv, cudaStream_t s);
 
 /// y = w · rms_norm(x) · silu(z), rows of dim (the DeltaNet output norm).
-void rms_norm_gated(const float* x, const float* z, const float* w, float* y, int64_t rows,
-                    int64_t dim, float eps, cudaStream_t s);
+/// z row r sits at z + (r / rows_per_token) · ld_z + (r % rows_per_token) · dim.
+void rms_norm_gated(const float* x, const float* z, int64_t ld_z, int64_t rows_per_token,
+                    const float* w, float* y, int64_t rows, int64_t dim, float eps, cudaStream_t s);
 
 /// Router: softmax over E logits per token, top-k (ties to the lower id), optional renormalisation.
 /// ids (T, k), weights (T, k). E ≤ 1024, k ≤ 16.
-void moe_route(const float* logits, int64_t T, int64_t E, int64_t k, bool renormalise,
+void moe_route(const float* logits, int64_t ld, int64_t T, int64_t E, int64_t k, bool renormalise,
                int32_t* ids, float* weights, cudaStream_t s);
 
 /// Reads `bytes` (a multiple of 16) with 16-byte loads over `blocks` blocks and folds them into

@@ -241,7 +241,7 @@ void bind_runtime(py::module_& m) {
           py::arg("expert_group_size") = 0, py::arg("cpu_isa") = "auto",
           py::arg("expert_cache") = "auto", py::arg("progress") = py::none(),
           py::arg("gpu_memory") = 0, py::arg("gpu_weights") = "bf16",
-          py::arg("gpu_precision") = "bf16", py::arg("cuda_graphs") = true,
+          py::arg("gpu_precision") = "bf16x2", py::arg("cuda_graphs") = true,
           "Load a checkpoint directory. progress(done_bytes, total_bytes) is called while the "
           "dense weights are read into RAM and the routed experts are packed.")
       .def("describe", &Runtime::describe, "What runs: ISA, expert format, kernels, threads.")

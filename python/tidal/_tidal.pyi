@@ -106,7 +106,7 @@ class Runtime:
         progress: Optional[Callable[[int, int], None]] = None,
         gpu_memory: int = 0,
         gpu_weights: str = "bf16",
-        gpu_precision: str = "bf16",
+        gpu_precision: str = "bf16x2",
         cuda_graphs: bool = True,
     ) -> Runtime: ...
     def memory_report(self) -> dict[str, int]:

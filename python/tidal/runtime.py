@@ -96,7 +96,7 @@ class Runtime:
              populate: bool = True, expert_dtype: str = "auto", expert_group_size: int = 0,
              cpu_isa: str = "auto", expert_cache: str | os.PathLike = "auto",
              num_threads: int | None = None, gpu_memory: str | int | None = None, gpu_weights: str = "bf16",
-             gpu_precision: str = "bf16", cuda_graphs: bool = True) -> "Runtime":
+             gpu_precision: str = "bf16x2", cuda_graphs: bool = True) -> "Runtime":
         """Load a Hugging Face checkpoint directory (config.json + safetensors, tokenizer files optional).
 
         Every tensor is checked before compute; bad input raises FileNotFoundError, tidal.FormatError,
@@ -127,8 +127,12 @@ class Runtime:
             VRAM budget (None: what is free at load); MemoryError when the GPU part does not fit.
         gpu_weights : {"bf16", "int8"}
             Format of the GPU-resident matrices; "int8" (weight-only, per-row scale) halves them.
-        gpu_precision : {"bf16", "fp32"}
-            Prefill matrix products (more than 8 tokens): BF16 tensor cores or fp32. Decode is fp32.
+        gpu_precision : {"bf16x2", "bf16", "fp32"}
+            Prefill matrix products (more than 8 tokens). "bf16x2": BF16 tensor cores with activations split
+            into two BF16 terms (near-fp32 results at twice the BF16 cost); "bf16": one term, fastest,
+            activations rounded to BF16; "fp32": fp32 GEMMs and an fp32 KV cache, the mode that reproduces
+            the CPU engine. Decode projections always use fp32 activations; the KV cache is BF16 except in
+            "fp32".
         cuda_graphs : bool
             Replay each decode step from CUDA graphs (off: launch kernels one by one).
         """

@@ -109,9 +109,11 @@ int main(int argc, char** argv) {
   std::vector<int64_t> contexts = {1024, 32768, 131072};
   int64_t step_ctx = 4096;
   std::vector<std::string> wfmts = {"bf16", "int8"};
+  bool only_step = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "--contexts" && i + 1 < argc) contexts = parse_list(argv[++i]);
+    if (a == "--only-step") only_step = true;
+    else if (a == "--contexts" && i + 1 < argc) contexts = parse_list(argv[++i]);
     else if (a == "--step-context" && i + 1 < argc) step_ctx = std::stoll(argv[++i]);
     else if (a == "--weights" && i + 1 < argc) {
       wfmts.clear();
@@ -169,16 +171,20 @@ int main(int argc, char** argv) {
                            .dump());
   };
 
+  if (!only_step) {
   // ---------------------------------------------------------------- projections (decode GEMV)
   struct Proj {
     const char* name;
     int64_t rows, cols;
   };
-  const Proj projs[] = {{"attn.q_proj (q+gate)", 8192, 2048}, {"attn.k_proj", 512, 2048},
-                        {"attn.o_proj", 2048, 4096},          {"gdn.in_proj_qkv", 8192, 2048},
-                        {"gdn.in_proj_z", 4096, 2048},        {"gdn.out_proj", 2048, 4096},
-                        {"mlp.gate (router)", 256, 2048},     {"shared gate|up", 1024, 2048},
-                        {"shared down", 2048, 512},           {"lm_head", 248320, 2048}};
+  // The stacked projections the model runs (core/model/cuda_model.cpp, GpuLayer).
+  const Proj projs[] = {{"attn in [q+gate|k|v]", 9216, 2048},
+                        {"attn.o_proj", 2048, 4096},
+                        {"gdn in [qkv|z|b|a]", 12352, 2048},
+                        {"gdn.out_proj", 2048, 4096},
+                        {"mlp in [router|shared gate|up|shared_expert_gate]", 1284, 2048},
+                        {"shared down", 2048, 512},
+                        {"lm_head", 248320, 2048}};
   float *x = nullptr, *y = nullptr;
   check(cudaMalloc(&x, 8 * 8192 * 4), "x");
   check(cudaMalloc(&y, 8 * 248320 * 4), "y");
@@ -285,7 +291,7 @@ int main(int argc, char** argv) {
     });
     report("delta_rule decode", "nv=32 dk=dv=128 fp32 state", t, 2.0 * static_cast<double>(sbytes));
     const double tc = time_gpu([&] {
-      kc::causal_conv1d_silu(b, 1, C, 4, b + 2 * C, dstep, 0, b + 4 * C, nullptr);
+      kc::causal_conv1d_silu(b, 0, 1, C, 4, b + 2 * C, dstep, 0, b + 4 * C, nullptr);
     });
     report("conv1d decode", "C=8192 K=4", tc, static_cast<double>(C) * 4 * (3 * 2 + 4 + 2));
     cudaFree(S);
@@ -294,6 +300,8 @@ int main(int argc, char** argv) {
     cudaFree(dls);
     cudaFree(dstep);
   }
+
+  }  // !only_step
 
   // ---------------------------------------------------------------- full decode step
   const auto cfg = tidal::core::ModelConfig::from_json(nlohmann::json::parse(kConfig35b), "35b");

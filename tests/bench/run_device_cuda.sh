@@ -37,4 +37,16 @@ if [[ $steps == *bench* ]]; then
   ./build/gpu/tests/bench/tidal_bench_cuda ${BENCH_ARGS:-} > "$out/bench_cuda.jsonl" || failed=1
   cat "$out/bench_cuda.jsonl"
 fi
+if [[ $steps == *profile* ]]; then
+  nsys=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems*/bin/nsys 2>/dev/null | head -1 || true)
+  if [ -n "$nsys" ]; then
+    "$nsys" profile -o /tmp/step --force-overwrite true --cuda-graph-trace=node \
+      ./build/gpu/tests/bench/tidal_bench_cuda --only-step --weights bf16 > /dev/null 2>&1 || true
+    "$nsys" stats --report cuda_gpu_kern_sum --format csv /tmp/step.nsys-rep 2>/dev/null \
+      | head -40 > "$out/profile_kernels.csv" || true
+    cut -c1-160 "$out/profile_kernels.csv"
+  else
+    echo "no nsys on this machine"
+  fi
+fi
 exit $failed

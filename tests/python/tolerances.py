@@ -10,12 +10,16 @@ GOLDEN_LOGITS_ATOL = 1e-3
 # bound is 2x that, still 4x tighter than the transformers bound.
 CHUNKED_PREFILL_ATOL = 5e-4
 
-# device="cuda" vs transformers (fp32 on BF16 weights). The GPU keeps the KV cache in BF16, so keys and
-# values are rounded (rel. 2^-9) before attention; with gpu_precision="bf16" the prefill GEMM inputs are
-# rounded to BF16 too. Bounds set from the measured worst case over the five fixtures (pytest -s prints
-# "[cuda-measure]" lines), with about 2x margin: see docs/performance.md "CUDA backend".
-CUDA_FP32_LOGITS_ATOL = 5e-3
-CUDA_BF16_LOGITS_ATOL = 5e-2
-# One-shot vs chunked prefill on the GPU: different chunkings change only fp32 summation order inside
-# the kernels (the BF16 cache holds the same rounded values either way).
-CUDA_CHUNKED_ATOL = 2e-3
+# device="cuda" vs transformers (fp32 activations on BF16 weights), max |logits difference| by
+# gpu_precision. Measured worst case over the five fixtures on the H100 (pytest -s prints
+# "[cuda-measure]" lines; docs/performance.md "CUDA backend"), bounds about 2x that:
+#   fp32:   fp32 GEMMs and KV cache; differs from transformers by summation order only.
+#   bf16x2: activations split into two BF16 terms for prefill GEMMs, KV cache in BF16 (rel. 2^-9 per
+#           key/value): the cache rounding dominates.
+#   bf16:   one BF16 term per activation: rel. 2^-9 per GEMM input. The random-weight fixtures have
+#           logit margins down to 1e-3, below that error, so only this bound is checked (no top-1).
+#   fp32_vs_cpu: the fp32 mode against tidal's CPU engine (same math, other summation order).
+CUDA_LOGITS_ATOL = {"fp32": 1e-3, "bf16x2": 5e-2, "bf16": 2.0, "fp32_vs_cpu": 1e-3}
+# One-shot vs chunked prefill on the GPU (default bf16x2): chunking changes which projections run
+# through cuBLAS (> 8 tokens) or the fp32 GEMV, and the summation order.
+CUDA_CHUNKED_ATOL = 5e-3

@@ -137,6 +137,27 @@ TEST_P(CudaGemvTest, MatchesCpuLinear) {
   }
 }
 
+/// The SwiGLU product fused into the down-projection GEMV: input silu(g) ⊙ u of strided rows.
+TEST(CudaOps, GemvWithGatedInputMatchesSiluMulThenLinear) {
+  REQUIRE_GPU();
+  for (int64_t m : {1, 3, 8}) {
+    const int64_t rows = 70, I = 96, ld = 2 * I + 4;
+    auto w = random_vec(static_cast<size_t>(rows * I), 40, 0.05f);
+    auto gu = random_vec(static_cast<size_t>(m * ld), 41);
+    std::vector<float> h(static_cast<size_t>(m * I)), ref(static_cast<size_t>(m * rows));
+    for (int64_t t = 0; t < m; ++t)
+      for (int64_t i = 0; i < I; ++i) h[t * I + i] = cpu::silu(gu[t * ld + i]) * gu[t * ld + I + i];
+    auto wb = round_bf16(w);
+    cpu::linear_ref({h.data(), I, WeightView{wb.data(), DType::kF32, rows, I}, ref.data(), rows, m,
+                     false});
+    Dev<uint16_t> dw(to_bf16(w));
+    Dev<float> dgu(gu), dy(static_cast<size_t>(m * rows));
+    DevMatrix dm{dw.p, nullptr, WFormat::kBF16, rows, I};
+    gemv(dm, dgu.p, ld, dy.p, rows, m, false, nullptr, dgu.p + I);
+    EXPECT_LT(max_abs_diff(dy.get(), ref), 1e-4f) << "m=" << m;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Shapes, CudaGemvTest,
     ::testing::Values(GemvCase{WFormat::kBF16, 37, 64, 1}, GemvCase{WFormat::kBF16, 300, 2048, 1},
@@ -174,7 +195,7 @@ TEST(CudaOps, RmsNormVariantsAndFusedResidual) {
   // Gated norm of the DeltaNet output.
   auto z = random_vec(rows * dim, 7);
   Dev<float> dx(x), dz(z), dout(rows * dim);
-  rms_norm_gated(dx.p, dz.p, dw.p, dout.p, rows, dim, 1e-6f, nullptr);
+  rms_norm_gated(dx.p, dz.p, 0, 1, dw.p, dout.p, rows, dim, 1e-6f, nullptr);
   std::vector<float> ref(x.size());
   for (int64_t r = 0; r < rows; ++r)
     cpu::rms_norm_gated_row(&x[r * dim], &z[r * dim], w.data(), &ref[r * dim], dim, 1e-6f);
@@ -191,12 +212,19 @@ TEST(CudaOps, RouterMatchesCpuIncludingTies) {
     Dev<int32_t> di(T * k);
     Dev<float> dwt(T * k);
     for (bool renorm : {true, false}) {
-      moe_route(dl.p, T, E, k, renorm, di.p, dwt.p, nullptr);
+      moe_route(dl.p, 0, T, E, k, renorm, di.p, dwt.p, nullptr);
       std::vector<int32_t> ids(T * k);
       std::vector<float> wts(T * k);
       cpu::moe_route(l.data(), T, E, k, renorm, ids.data(), wts.data());
       EXPECT_EQ(di.get(), ids) << "E=" << E;
       EXPECT_LT(max_abs_diff(dwt.get(), wts), 1e-6f);
+      // The same logits inside wider rows (the stacked router | shared expert output).
+      const int64_t ld = E + 5;
+      std::vector<float> wide(static_cast<size_t>(T * ld), 50.f);
+      for (int64_t t = 0; t < T; ++t) std::copy(&l[t * E], &l[t * E] + E, &wide[t * ld]);
+      Dev<float> dwide(wide);
+      moe_route(dwide.p, ld, T, E, k, renorm, di.p, dwt.p, nullptr);
+      EXPECT_EQ(di.get(), ids) << "strided E=" << E;
     }
   }
 }
@@ -324,7 +352,7 @@ TEST(CudaOps, ConvAndPrepMatchCpu) {
   LayerStateDev ls{nullptr, nullptr, dst0.p, nullptr};
   Dev<LayerStateDev> dls(std::vector<LayerStateDev>{ls});
   Dev<StepDev> dstep(std::vector<StepDev>{StepDev{0, dls.p}});
-  causal_conv1d_silu(dsrc.p, T, C, K, dw.p, dstep.p, 0, dout.p, nullptr);
+  causal_conv1d_silu(dsrc.p, 0, T, C, K, dw.p, dstep.p, 0, dout.p, nullptr);
   std::vector<float> ref(T * C), st = st0;
   auto ex = cpu();
   cpu::causal_conv1d_silu(src.data(), T, C, K, w.data(), st.data(), ref.data(), *ex);
@@ -336,7 +364,7 @@ TEST(CudaOps, ConvAndPrepMatchCpu) {
        dtb = random_vec(nv, 26, 0.5f);
   Dev<float> du(u), db(b), da(a), dal(alog), ddt(dtb), q(T * nk * dk), k(T * nk * dk),
       v(T * nv * dv), beta(T * nv), g(T * nv);
-  gdn_prep(du.p, db.p, da.p, dal.p, ddt.p, q.p, k.p, v.p, beta.p, g.p, T, nk, nv, dk, dv, nullptr);
+  gdn_prep(du.p, db.p, da.p, 0, dal.p, ddt.p, q.p, k.p, v.p, beta.p, g.p, T, nk, nv, dk, dv, nullptr);
   const auto qg = q.get(), kg = k.get(), bg = beta.get(), gg = g.get();
   for (int64_t t = 0; t < T; ++t)
     for (int64_t h = 0; h < nk; ++h)
@@ -412,7 +440,7 @@ TEST(CudaOps, QwenNextSplitMatchesLayout) {
   for (size_t i = 0; i < p.size(); ++i) p[i] = static_cast<float>(i);
   for (size_t i = 0; i < ba.size(); ++i) ba[i] = 1000.f + static_cast<float>(i);
   Dev<float> dp(p), dba(ba), m(T * C), z(T * nv * dv), b(T * nv), a(T * nv);
-  gdn_split_next(dp.p, dba.p, m.p, z.p, b.p, a.p, T, nk, nv, dk, dv, nullptr);
+  gdn_split_next(dp.p, dba.p, 0, m.p, z.p, b.p, a.p, T, nk, nv, dk, dv, nullptr);
   const auto mg = m.get(), zg = z.get(), bg = b.get(), ag = a.get();
   for (int64_t t = 0; t < T; ++t)
     for (int64_t kh = 0; kh < nk; ++kh) {
