@@ -216,6 +216,7 @@ int main(int argc, char** argv) {
     }
 
   // ---------------------------------------------------------------- attention decode
+  {
   const int64_t nh = 16, nkv = 2, d = 256;
   for (int64_t ctx : contexts) {
     const size_t kv_bytes = static_cast<size_t>(ctx * nkv * d) * 2;
@@ -265,6 +266,8 @@ int main(int argc, char** argv) {
     cudaFree(part);
   }
 
+  }
+
   // ---------------------------------------------------------------- DeltaNet decode step
   {
     const int64_t nk = 16, nv = 32, dk = 128, dv = 128, C = 2 * nk * dk + nv * dv;
@@ -304,6 +307,7 @@ int main(int argc, char** argv) {
   }  // !only_step
 
   // ---------------------------------------------------------------- full decode step
+  const int64_t nh = 16, nkv = 2, d = 256;
   const auto cfg = tidal::core::ModelConfig::from_json(nlohmann::json::parse(kConfig35b), "35b");
   auto ex = tidal::kernels::make_tbb_executor(8);
   // Host weights: every matrix views one shared random BF16 buffer (values do not matter).
