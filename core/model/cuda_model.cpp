@@ -177,7 +177,7 @@ struct CudaModel::Impl {
   }
 
   /// gpu_precision="fp32" keeps the KV cache in fp32 (the mode that matches the CPU engine).
-  bool kv_f32() const { return opts.precision == "fp32"; }
+  bool kv_f32() const { return opts.precision == "fp32" || opts.kv_dtype == "fp32"; }
   bool experts_on_host(const GpuLayer& L) const { return L.is_moe && experts != nullptr; }
 
   /// Enqueues layers [l0, l1) for T tokens. `routed_pending`: y holds nothing yet and the previous
@@ -444,6 +444,8 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
               InvalidArgument,
               "gpu_precision must be \"bf16x2\", \"bf16\" or \"fp32\", got \"{}\"",
               opts.precision);
+  TIDAL_CHECK(opts.kv_dtype == "bf16" || opts.kv_dtype == "fp32", InvalidArgument,
+              "kv_cache_dtype must be \"bf16\" or \"fp32\", got \"{}\"", opts.kv_dtype);
   TIDAL_CHECK(opts.max_chunk >= 16, InvalidArgument, "max_chunk must be >= 16");
   int ndev = 0;
   if (cudaGetDeviceCount(&ndev) != cudaSuccess) {

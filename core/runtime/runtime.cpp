@@ -202,6 +202,7 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
     cuda->precision = opts.gpu_precision;
     cuda->memory_limit = opts.gpu_memory;
     cuda->graphs = opts.cuda_graphs;
+    cuda->kv_dtype = opts.kv_cache_dtype;
   }
   rt->model_ = std::make_unique<core::Model>(cfg, *rt->checkpoint_, experts,
                                              cuda ? &*cuda : nullptr, rt->executor_.get());
@@ -331,6 +332,7 @@ std::map<std::string, std::string> Runtime::describe() const {
     d["gpu"] = g->device_name();
     d["gpu_weights"] = opts_.gpu_weights;
     d["gpu_precision"] = opts_.gpu_precision;
+    d["kv_cache_dtype"] = opts_.gpu_precision == "fp32" ? "fp32" : opts_.kv_cache_dtype;
     d["cuda_graphs"] = opts_.cuda_graphs ? "on" : "off";
   }
   return d;

@@ -120,7 +120,7 @@ __global__ void gemv_kernel(DevMatrix w, const float* __restrict__ x, int64_t ld
   if (vec) {
     const int64_t nchunk = K / E;
     const auto* base = static_cast<const char*>(w.data) + row * K * (16 / E);
-#pragma unroll 4
+#pragma unroll 8
     for (int64_t c = lane; c < nchunk; c += kWarp) {
       float wv[E];
       Chunk<F>::load(base + c * 16, wv);
@@ -622,24 +622,25 @@ __global__ void attention_combine_kernel(AttentionArgs a, int splits, int64_t mi
 
 // ------------------------------------------------------------------ decode attention, tiled
 
-constexpr int kTileKeys = 64;            // keys per shared-memory tile
-constexpr int64_t kTileMinSplitKeys = 64;  // a split of the tiled kernel covers at least one tile
+constexpr int kTileKeys = 32;              // keys per shared-memory tile
+constexpr int kScoreGroups = 256 / kTileKeys;  // head groups in the score phase
+constexpr int64_t kTileMinSplitKeys = 64;  // a split of the tiled kernel covers at least two tiles
 
 /// Decode (one query token) for BF16 caches and head_dim 64 / 128 / 256: block per (kv head,
-/// split), 256 threads. Each tile of 64 keys is copied to shared memory with cp.async (16-byte
-/// chunks, XOR-swizzled by key so that reading one chunk of consecutive keys hits distinct banks),
-/// then all G query heads of the group score it together (thread = key × head group), one warp per
-/// head runs the online softmax, and thread = dim × head group accumulates P·V. Partial (m, l, o)
-/// per split as in attention_kernel; the same combine kernel merges them.
+/// split), 256 threads, two shared-memory stages. While tile i is computed, tile i + 1 streams in
+/// with cp.async (16-byte chunks, XOR-swizzled by key so that one chunk of consecutive keys hits
+/// distinct banks). All G query heads of the group score a tile together (thread = key × head
+/// group), one warp per head runs the online softmax, thread = dim × head group accumulates P·V.
+/// Partial (m, l, o) per split as in attention_kernel; the same combine kernel merges them.
 template <int D, int G>
 __global__ void __launch_bounds__(256) attention_tile_kernel(AttentionArgs a, int splits) {
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int kChunks = D / 8;  // 16-byte chunks per cache row
-  uint16_t* Ks = reinterpret_cast<uint16_t*>(smem);
-  uint16_t* Vs = Ks + kTileKeys * D;
-  float* qs = reinterpret_cast<float*>(Vs + kTileKeys * D);  // [G][D], pre-scaled
-  float* ps = qs + G * D;                                     // [kTileKeys][G]
-  float* ml = ps + kTileKeys * G;                             // m[G], l[G], alpha[G]
+  constexpr int kStage = 2 * kTileKeys * D;  // K then V of one tile, in uint16
+  uint16_t* stage0 = reinterpret_cast<uint16_t*>(smem);
+  float* qs = reinterpret_cast<float*>(stage0 + 2 * kStage);  // [G][D], pre-scaled
+  float* ps = qs + G * D;                                      // [kTileKeys][G]
+  float* ml = ps + kTileKeys * G;                              // m[G], l[G], alpha[G]
   const int tid = threadIdx.x, lane = tid % kWarp, wid = tid / kWarp;
   const int64_t kvh = blockIdx.y, split = blockIdx.x;
   const int64_t n = a.step->pos0 + 1;
@@ -652,6 +653,18 @@ __global__ void __launch_bounds__(256) attention_tile_kernel(AttentionArgs a, in
   const uint16_t* kg = static_cast<const uint16_t*>(ls.k_cache) + kvh * D;
   const uint16_t* vg = static_cast<const uint16_t*>(ls.v_cache) + kvh * D;
   const int64_t h0 = kvh * G;
+  auto load_tile = [&](int64_t b0, uint16_t* dst) {
+    const int nb = static_cast<int>(u1 - b0 < kTileKeys ? u1 - b0 : kTileKeys);
+    for (int i = tid; i < nb * kChunks; i += blockDim.x) {
+      const int key = i / kChunks, c = i % kChunks;
+      const int pc = c ^ (key & (kChunks - 1) & 7);
+      __pipeline_memcpy_async(dst + key * D + pc * 8, kg + (b0 + key) * kv_stride + c * 8, 16);
+      __pipeline_memcpy_async(dst + kTileKeys * D + key * D + pc * 8,
+                              vg + (b0 + key) * kv_stride + c * 8, 16);
+    }
+    __pipeline_commit();
+  };
+  load_tile(u0, stage0);
   for (int i = tid; i < G * D; i += blockDim.x) qs[i] = a.q[h0 * D + i] * a.scale;
   if (tid < G) {
     ml[tid] = -INFINITY;
@@ -664,23 +677,23 @@ __global__ void __launch_bounds__(256) attention_tile_kernel(AttentionArgs a, in
   float acc[HPT];
 #pragma unroll
   for (int j = 0; j < HPT; ++j) acc[j] = 0.f;
-  // Score mapping: thread = (key, head group of 4); heads sg, sg + 4, ...
+  // Score mapping: thread = (key, head group); heads sg, sg + kScoreGroups, ...
   const int skey = tid % kTileKeys, sg = tid / kTileKeys;
-  constexpr int SPT = (G + 3) / 4;
-  for (int64_t b0 = u0; b0 < u1; b0 += kTileKeys) {
+  constexpr int SPT = (G + kScoreGroups - 1) / kScoreGroups;
+  int stage = 0;
+  for (int64_t b0 = u0; b0 < u1; b0 += kTileKeys, stage ^= 1) {
     const int nb = static_cast<int>(u1 - b0 < kTileKeys ? u1 - b0 : kTileKeys);
-    __syncthreads();  // previous tile fully consumed
-    for (int i = tid; i < nb * kChunks; i += blockDim.x) {
-      const int key = i / kChunks, c = i % kChunks;
-      const int pc = c ^ (key & (kChunks - 1) & 7);
-      __pipeline_memcpy_async(Ks + key * D + pc * 8, kg + (b0 + key) * kv_stride + c * 8, 16);
-      __pipeline_memcpy_async(Vs + key * D + pc * 8, vg + (b0 + key) * kv_stride + c * 8, 16);
+    uint16_t* Ks = stage0 + stage * kStage;
+    uint16_t* Vs = Ks + kTileKeys * D;
+    if (b0 + kTileKeys < u1) {  // stream the next tile into the other stage
+      load_tile(b0 + kTileKeys, stage0 + (stage ^ 1) * kStage);
+      __pipeline_wait_prior(1);
+    } else {
+      __pipeline_wait_prior(0);
     }
-    __pipeline_commit();
-    __pipeline_wait_prior(0);
     __syncthreads();
     // Scores.
-    if (skey < nb) {
+    if (skey < nb && sg < G) {
       float sc[SPT];
 #pragma unroll
       for (int j = 0; j < SPT; ++j) sc[j] = 0.f;
@@ -697,7 +710,7 @@ __global__ void __launch_bounds__(256) attention_tile_kernel(AttentionArgs a, in
         }
 #pragma unroll
         for (int j = 0; j < SPT; ++j) {
-          const int h = sg + 4 * j;
+          const int h = sg + kScoreGroups * j;
           if (h < G) {
             const float4 qa = *reinterpret_cast<const float4*>(qs + h * D + c * 8);
             const float4 qb = *reinterpret_cast<const float4*>(qs + h * D + c * 8 + 4);
@@ -714,20 +727,17 @@ __global__ void __launch_bounds__(256) attention_tile_kernel(AttentionArgs a, in
       }
 #pragma unroll
       for (int j = 0; j < SPT; ++j)
-        if (sg + 4 * j < G) ps[skey * G + sg + 4 * j] = sc[j];
+        if (sg + kScoreGroups * j < G) ps[skey * G + sg + kScoreGroups * j] = sc[j];
     }
     __syncthreads();
-    // Online softmax, one warp per head.
+    // Online softmax, one warp per head, lane = key.
     for (int h = wid; h < G; h += blockDim.x / kWarp) {
       const float s0 = lane < nb ? ps[lane * G + h] : -INFINITY;
-      const float s1 = lane + kWarp < nb ? ps[(lane + kWarp) * G + h] : -INFINITY;
       const float mold = ml[h];
-      const float mx = fmaxf(mold, warp_max(fmaxf(s0, s1)));
+      const float mx = fmaxf(mold, warp_max(s0));
       const float p0 = lane < nb ? expf(s0 - mx) : 0.f;
-      const float p1 = lane + kWarp < nb ? expf(s1 - mx) : 0.f;
-      const float sum = warp_sum(p0 + p1);
+      const float sum = warp_sum(p0);
       if (lane < nb) ps[lane * G + h] = p0;
-      if (lane + kWarp < nb) ps[(lane + kWarp) * G + h] = p1;
       if (lane == 0) {
         const float alpha = expf(mold - mx);
         ml[2 * G + h] = alpha;
@@ -753,8 +763,8 @@ __global__ void __launch_bounds__(256) attention_tile_kernel(AttentionArgs a, in
         }
       }
     }
+    __syncthreads();  // this stage is refilled two tiles later
   }
-  __syncthreads();
   const int64_t nrow_total = static_cast<int64_t>(a.nh) * splits;  // T = 1
   float* pm = a.partial;
   float* pl = a.partial + nrow_total;
@@ -773,7 +783,7 @@ __global__ void __launch_bounds__(256) attention_tile_kernel(AttentionArgs a, in
 
 template <int D, int G>
 bool launch_tile(const AttentionArgs& a, cudaStream_t s) {
-  const size_t smem = static_cast<size_t>(2 * kTileKeys * D) * 2 + static_cast<size_t>(G * D) * 4 +
+  const size_t smem = static_cast<size_t>(4 * kTileKeys * D) * 2 + static_cast<size_t>(G * D) * 4 +
                       static_cast<size_t>(kTileKeys * G) * 4 + 3 * G * 4;
   static const bool ok = [&] {
     return cudaFuncSetAttribute(attention_tile_kernel<D, G>,

@@ -213,7 +213,8 @@ void bind_runtime(py::module_& m) {
              bool populate, const std::string& expert_dtype, int64_t expert_group_size,
              const std::string& cpu_isa, const std::string& expert_cache,
              const py::object& progress, uint64_t gpu_memory, const std::string& gpu_weights,
-             const std::string& gpu_precision, bool cuda_graphs) {
+             const std::string& gpu_precision, bool cuda_graphs,
+             const std::string& kv_cache_dtype) {
             runtime::RuntimeOptions o;
             o.device = device;
             o.num_threads = num_threads;
@@ -226,6 +227,7 @@ void bind_runtime(py::module_& m) {
             o.gpu_weights = gpu_weights;
             o.gpu_precision = gpu_precision;
             o.cuda_graphs = cuda_graphs;
+            o.kv_cache_dtype = kv_cache_dtype;
             runtime::LoadProgress cb;
             if (!progress.is_none()) {
               cb = [progress](uint64_t done, uint64_t total) {
@@ -242,6 +244,7 @@ void bind_runtime(py::module_& m) {
           py::arg("expert_cache") = "auto", py::arg("progress") = py::none(),
           py::arg("gpu_memory") = 0, py::arg("gpu_weights") = "bf16",
           py::arg("gpu_precision") = "bf16x2", py::arg("cuda_graphs") = true,
+          py::arg("kv_cache_dtype") = "bf16",
           "Load a checkpoint directory. progress(done_bytes, total_bytes) is called while the "
           "dense weights are read into RAM and the routed experts are packed.")
       .def("describe", &Runtime::describe, "What runs: ISA, expert format, kernels, threads.")

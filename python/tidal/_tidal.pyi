@@ -108,6 +108,7 @@ class Runtime:
         gpu_weights: str = "bf16",
         gpu_precision: str = "bf16x2",
         cuda_graphs: bool = True,
+        kv_cache_dtype: str = "bf16",
     ) -> Runtime: ...
     def memory_report(self) -> dict[str, int]:
         """VRAM use in bytes (device="cuda"): weights, weights_bf16_equivalent, kv_cache,

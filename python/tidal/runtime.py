@@ -96,7 +96,8 @@ class Runtime:
              populate: bool = True, expert_dtype: str = "auto", expert_group_size: int = 0,
              cpu_isa: str = "auto", expert_cache: str | os.PathLike = "auto",
              num_threads: int | None = None, gpu_memory: str | int | None = None, gpu_weights: str = "bf16",
-             gpu_precision: str = "bf16x2", cuda_graphs: bool = True) -> "Runtime":
+             gpu_precision: str = "bf16x2", cuda_graphs: bool = True,
+             kv_cache_dtype: str = "bf16") -> "Runtime":
         """Load a Hugging Face checkpoint directory (config.json + safetensors, tokenizer files optional).
 
         Every tensor is checked before compute; bad input raises FileNotFoundError, tidal.FormatError,
@@ -135,6 +136,9 @@ class Runtime:
             "fp32".
         cuda_graphs : bool
             Replay each decode step from CUDA graphs (off: launch kernels one by one).
+        kv_cache_dtype : {"bf16", "fp32"}
+            Element type of the GPU KV cache; "fp32" doubles its memory and removes the BF16 rounding of
+            keys and values (gpu_precision="fp32" implies it).
         """
         p = pathlib.Path(os.fspath(path))
         if num_threads is not None:
@@ -148,7 +152,8 @@ class Runtime:
                                          expert_dtype=expert_dtype, expert_group_size=expert_group_size,
                                          cpu_isa=cpu_isa, expert_cache=os.fspath(expert_cache),
                                          progress=update, gpu_memory=gpu_bytes, gpu_weights=gpu_weights,
-                                         gpu_precision=gpu_precision, cuda_graphs=bool(cuda_graphs))
+                                         gpu_precision=gpu_precision, cuda_graphs=bool(cuda_graphs),
+                                         kv_cache_dtype=kv_cache_dtype)
         finally:
             if close:
                 close()

@@ -31,10 +31,15 @@ def case(request):
     return request.param, ckpt, np.load(ref_dir / "reference.npz")
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16x2", "bf16"])
-def test_prefill_logits_and_teacher_forced_top1(case, precision):
+# (gpu_precision, kv_cache_dtype): fp32 throughout; BF16 tensor-core prefill (two-term activations) with
+# an fp32 cache; the default (BF16 cache); one-term BF16 activations.
+MODES = [("fp32", "fp32"), ("bf16x2", "fp32"), ("bf16x2", "bf16"), ("bf16", "bf16")]
+
+
+@pytest.mark.parametrize("precision,kv", MODES, ids=[f"{p}-kv_{k}" for p, k in MODES])
+def test_prefill_logits_and_teacher_forced_top1(case, precision, kv):
     name, ckpt, ref = case
-    rt = _load(ckpt, gpu_precision=precision)
+    rt = _load(ckpt, gpu_precision=precision, kv_cache_dtype=kv)
     got = rt.logits(ref["prompt_ids"])
     err = float(np.abs(got - ref["logits"]).max())
     # Teacher forcing over prompt + greedy continuation: top-1 at every position.
@@ -44,11 +49,21 @@ def test_prefill_logits_and_teacher_forced_top1(case, precision):
     n = len(ref["prompt_ids"])
     ref_top = np.concatenate([ref["logits"].argmax(-1), ref["greedy_ids"][1:]])
     mismatches = int((top[:len(ref_top)] != ref_top).sum())
-    _record(f"{name} prefill {precision}", max_abs_err=err, top1_mismatches=mismatches, positions=len(ref_top))
-    assert err <= CUDA_LOGITS_ATOL[precision], f"{name}: {err}"
+    # Where the reference's top-2 margin is below the mode's error bound, top-1 is not determined at
+    # that precision: those positions are excluded (none for the fp32-cache modes).
+    bound = CUDA_LOGITS_ATOL[f"{precision}-kv_{kv}"]
+    if kv == "bf16":  # relative to the fixture's logit scale (max |logit| 4.4 to 67)
+        bound *= float(np.abs(ref["logits"]).max())
+    srt = np.sort(np.concatenate([ref["logits"], full[n:]])[:len(ref_top)], axis=-1)
+    decided = (srt[:, -1] - srt[:, -2]) > 2 * bound if kv == "bf16" else np.ones(len(ref_top), bool)
+    bad = int(((top[:len(ref_top)] != ref_top) & decided).sum())
+    _record(f"{name} prefill {precision} kv={kv}", max_abs_err=err, top1_mismatches=mismatches,
+            top1_mismatches_decided=bad, undecided=int((~decided).sum()), positions=len(ref_top))
+    assert err <= bound, f"{name}: {err}"
     if precision != "bf16":  # one-term BF16 activations: see tolerances.py
-        assert mismatches == 0
-        assert top[n - 1] == ref["greedy_ids"][0]
+        assert bad == 0
+        if kv == "fp32":
+            assert mismatches == 0 and top[n - 1] == ref["greedy_ids"][0]
 
 
 def test_fp32_mode_reproduces_the_cpu_engine(case):

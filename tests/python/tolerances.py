@@ -10,16 +10,20 @@ GOLDEN_LOGITS_ATOL = 1e-3
 # bound is 2x that, still 4x tighter than the transformers bound.
 CHUNKED_PREFILL_ATOL = 5e-4
 
-# device="cuda" vs transformers (fp32 activations on BF16 weights), max |logits difference| by
-# gpu_precision. Measured worst case over the five fixtures on the H100 (pytest -s prints
-# "[cuda-measure]" lines; docs/performance.md "CUDA backend"), bounds about 2x that:
-#   fp32:   fp32 GEMMs and KV cache; differs from transformers by summation order only.
-#   bf16x2: activations split into two BF16 terms for prefill GEMMs, KV cache in BF16 (rel. 2^-9 per
-#           key/value): the cache rounding dominates.
-#   bf16:   one BF16 term per activation: rel. 2^-9 per GEMM input. The random-weight fixtures have
-#           logit margins down to 1e-3, below that error, so only this bound is checked (no top-1).
-#   fp32_vs_cpu: the fp32 mode against tidal's CPU engine (same math, other summation order).
-CUDA_LOGITS_ATOL = {"fp32": 1e-3, "bf16x2": 5e-2, "bf16": 2.0, "fp32_vs_cpu": 1e-3}
-# One-shot vs chunked prefill on the GPU (default bf16x2): chunking changes which projections run
-# through cuBLAS (> 8 tokens) or the fp32 GEMV, and the summation order.
-CUDA_CHUNKED_ATOL = 5e-3
+# device="cuda" vs transformers (fp32 activations on BF16 weights): max |logits difference| per
+# (gpu_precision, kv_cache_dtype). Measured worst case over the five fixtures on the H100 (pytest -s
+# prints "[cuda-measure]" lines; docs/performance.md "CUDA backend"), bounds about 2x that.
+#   fp32-kv_fp32:   fp32 GEMMs and cache; only the summation order differs from transformers.
+#   bf16x2-kv_fp32: prefill activations split into two BF16 terms (rel. error ~2^-17 per input).
+#   *-kv_bf16:      keys and values rounded to BF16 (rel. 2^-9) before attention. Relative bounds,
+#                   times the fixture's max |logit|: the random-weight fixtures have logits up to 67
+#                   and tiny heads (d = 24 to 64), so cache rounding moves logits by up to ~10% of
+#                   that scale (qwen3_moe: 6.8 of 67). Top-1 is checked where the reference margin
+#                   exceeds twice the bound; greedy decoding matches transformers exactly.
+#   bf16-kv_bf16:   also one-term BF16 prefill activations: bound only (margins down to 1e-3).
+#   fp32_vs_cpu:    the fp32 mode against tidal's CPU engine.
+CUDA_LOGITS_ATOL = {"fp32-kv_fp32": 1e-3, "bf16x2-kv_fp32": 1e-2, "bf16x2-kv_bf16": 0.2, "bf16-kv_bf16": 0.7,
+                    "fp32_vs_cpu": 1e-3}
+# One-shot vs chunked prefill on the GPU (default mode): chunking moves projections between cuBLAS
+# (> 8 tokens, two-term BF16) and the fp32 GEMV. Measured worst 0.011 on qwen3_moe (logits up to 67).
+CUDA_CHUNKED_ATOL = 2.5e-2
