@@ -626,20 +626,43 @@ constexpr int kTileKeys = 32;              // keys per shared-memory tile
 constexpr int kScoreGroups = 256 / kTileKeys;  // head groups in the score phase
 constexpr int64_t kTileMinSplitKeys = 64;  // a split of the tiled kernel covers at least two tiles
 
-/// Decode (one query token) for BF16 caches and head_dim 64 / 128 / 256: block per (kv head,
-/// split), 256 threads, two shared-memory stages. While tile i is computed, tile i + 1 streams in
-/// with cp.async (16-byte chunks, XOR-swizzled by key so that one chunk of consecutive keys hits
-/// distinct banks). All G query heads of the group score a tile together (thread = key × head
-/// group), one warp per head runs the online softmax, thread = dim × head group accumulates P·V.
-/// Partial (m, l, o) per split as in attention_kernel; the same combine kernel merges them.
+/// Sum of R values over groups of W adjacent lanes (R ≤ W, both powers of two): afterwards lane l
+/// holds the group's sum of value index (l % W) / (W / R).
+template <int R, int W>
+__device__ __forceinline__ float group_transpose_reduce(float (&v)[R], int lane) {
+#pragma unroll
+  for (int n = R, off = W / 2; n > 1; n >>= 1, off >>= 1) {
+    const bool upper = (lane & off) != 0;
+#pragma unroll
+    for (int i = 0; i < n / 2; ++i) {
+      const float send = upper ? v[i] : v[i + n / 2];
+      const float keep = upper ? v[i + n / 2] : v[i];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+    }
+  }
+  float s = v[0];
+#pragma unroll
+  for (int off = W / R / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+  return s;
+}
+
+/// Decode (one query token) for BF16 caches, head_dim D in {64, 128, 256} and GQA group G ≤ D/8:
+/// block per (kv head, split), 256 threads, two shared-memory stages: while tile i is computed,
+/// tile i + 1 streams in with cp.async (16-byte chunks, XOR-swizzled by key so that one chunk of
+/// consecutive keys hits distinct banks). Scores: D/8 lanes per key, lane = 16-byte chunk, holding
+/// that chunk of all G query vectors in registers (8·G FMAs per shared load), then a transposed
+/// shuffle reduction. Softmax: one warp per head. P·V: thread = (pair of dims, key slice) with
+/// 2·G accumulators, slices summed at the end. Partial (m, l, o) per split as in attention_kernel.
 template <int D, int G>
 __global__ void __launch_bounds__(256) attention_tile_kernel(AttentionArgs a, int splits) {
   extern __shared__ __align__(16) unsigned char smem[];
-  constexpr int kChunks = D / 8;  // 16-byte chunks per cache row
-  constexpr int kStage = 2 * kTileKeys * D;  // K then V of one tile, in uint16
+  constexpr int kChunks = D / 8;              // 16-byte chunks per row = lanes per key
+  constexpr int kKeysPerPass = 256 / kChunks;  // keys scored at once by the block
+  constexpr int kStage = 2 * kTileKeys * D;    // K then V of one tile, in uint16
+  constexpr int kPairs = D / 2;
+  constexpr int kSlices = 256 / kPairs;        // key slices of the P·V phase
   uint16_t* stage0 = reinterpret_cast<uint16_t*>(smem);
-  float* qs = reinterpret_cast<float*>(stage0 + 2 * kStage);  // [G][D], pre-scaled
-  float* ps = qs + G * D;                                      // [kTileKeys][G]
+  float* ps = reinterpret_cast<float*>(stage0 + 2 * kStage);  // [kTileKeys][G]
   float* ml = ps + kTileKeys * G;                              // m[G], l[G], alpha[G]
   const int tid = threadIdx.x, lane = tid % kWarp, wid = tid / kWarp;
   const int64_t kvh = blockIdx.y, split = blockIdx.x;
@@ -665,26 +688,26 @@ __global__ void __launch_bounds__(256) attention_tile_kernel(AttentionArgs a, in
     __pipeline_commit();
   };
   load_tile(u0, stage0);
-  for (int i = tid; i < G * D; i += blockDim.x) qs[i] = a.q[h0 * D + i] * a.scale;
+  // This lane's chunk of every query head, pre-scaled.
+  const int my_c = tid % kChunks, my_k = tid / kChunks;  // chunk, key within a pass
+  float q[G][8];
+#pragma unroll
+  for (int h = 0; h < G; ++h)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) q[h][e] = a.q[(h0 + h) * D + my_c * 8 + e] * a.scale;
   if (tid < G) {
     ml[tid] = -INFINITY;
     ml[G + tid] = 0.f;
   }
-  // PV mapping: thread = (dim, head group); heads hg, hg + HG, ...
-  constexpr int HG = 256 / D;
-  constexpr int HPT = (G + HG - 1) / HG;
-  const int pdim = tid % D, phg = tid / D;
-  float acc[HPT];
+  const int pp = tid % kPairs, slice = tid / kPairs;
+  float acc[G][2];
 #pragma unroll
-  for (int j = 0; j < HPT; ++j) acc[j] = 0.f;
-  // Score mapping: thread = (key, head group); heads sg, sg + kScoreGroups, ...
-  const int skey = tid % kTileKeys, sg = tid / kTileKeys;
-  constexpr int SPT = (G + kScoreGroups - 1) / kScoreGroups;
+  for (int h = 0; h < G; ++h) acc[h][0] = acc[h][1] = 0.f;
   int stage = 0;
   for (int64_t b0 = u0; b0 < u1; b0 += kTileKeys, stage ^= 1) {
     const int nb = static_cast<int>(u1 - b0 < kTileKeys ? u1 - b0 : kTileKeys);
-    uint16_t* Ks = stage0 + stage * kStage;
-    uint16_t* Vs = Ks + kTileKeys * D;
+    const uint16_t* Ks = stage0 + stage * kStage;
+    const uint16_t* Vs = Ks + kTileKeys * D;
     if (b0 + kTileKeys < u1) {  // stream the next tile into the other stage
       load_tile(b0 + kTileKeys, stage0 + (stage ^ 1) * kStage);
       __pipeline_wait_prior(1);
@@ -692,42 +715,28 @@ __global__ void __launch_bounds__(256) attention_tile_kernel(AttentionArgs a, in
       __pipeline_wait_prior(0);
     }
     __syncthreads();
-    // Scores.
-    if (skey < nb && sg < G) {
-      float sc[SPT];
+    // Scores: pass p covers keys p·kKeysPerPass + my_k.
+    for (int key = my_k; key < kTileKeys; key += kKeysPerPass) {
+      float sc[G];
+      const uint4 kv4 =
+          *reinterpret_cast<const uint4*>(Ks + key * D + (my_c ^ (key & (kChunks - 1) & 7)) * 8);
+      const uint32_t w[4] = {kv4.x, kv4.y, kv4.z, kv4.w};
+      float kf[8];
 #pragma unroll
-      for (int j = 0; j < SPT; ++j) sc[j] = 0.f;
-      const int sw = skey & (kChunks - 1) & 7;
-#pragma unroll 4
-      for (int c = 0; c < kChunks; ++c) {
-        const uint4 kv4 = *reinterpret_cast<const uint4*>(Ks + skey * D + (c ^ sw) * 8);
-        const uint32_t w[4] = {kv4.x, kv4.y, kv4.z, kv4.w};
-        float kf[8];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          kf[2 * e] = __uint_as_float(w[e] << 16);
-          kf[2 * e + 1] = __uint_as_float(w[e] & 0xffff0000u);
-        }
-#pragma unroll
-        for (int j = 0; j < SPT; ++j) {
-          const int h = sg + kScoreGroups * j;
-          if (h < G) {
-            const float4 qa = *reinterpret_cast<const float4*>(qs + h * D + c * 8);
-            const float4 qb = *reinterpret_cast<const float4*>(qs + h * D + c * 8 + 4);
-            sc[j] = fmaf(qa.x, kf[0], sc[j]);
-            sc[j] = fmaf(qa.y, kf[1], sc[j]);
-            sc[j] = fmaf(qa.z, kf[2], sc[j]);
-            sc[j] = fmaf(qa.w, kf[3], sc[j]);
-            sc[j] = fmaf(qb.x, kf[4], sc[j]);
-            sc[j] = fmaf(qb.y, kf[5], sc[j]);
-            sc[j] = fmaf(qb.z, kf[6], sc[j]);
-            sc[j] = fmaf(qb.w, kf[7], sc[j]);
-          }
-        }
+      for (int e = 0; e < 4; ++e) {
+        kf[2 * e] = __uint_as_float(w[e] << 16);
+        kf[2 * e + 1] = __uint_as_float(w[e] & 0xffff0000u);
       }
 #pragma unroll
-      for (int j = 0; j < SPT; ++j)
-        if (sg + kScoreGroups * j < G) ps[skey * G + sg + kScoreGroups * j] = sc[j];
+      for (int h = 0; h < G; ++h) {
+        float t = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) t = fmaf(q[h][e], kf[e], t);
+        sc[h] = t;
+      }
+      const float tot = group_transpose_reduce<G, kChunks>(sc, lane);
+      const int row = (lane % kChunks) / (kChunks / G);
+      if ((lane % (kChunks / G)) == 0 && key < nb) ps[key * G + row] = tot;
     }
     __syncthreads();
     // Online softmax, one warp per head, lane = key.
@@ -737,7 +746,7 @@ __global__ void __launch_bounds__(256) attention_tile_kernel(AttentionArgs a, in
       const float mx = fmaxf(mold, warp_max(s0));
       const float p0 = lane < nb ? expf(s0 - mx) : 0.f;
       const float sum = warp_sum(p0);
-      if (lane < nb) ps[lane * G + h] = p0;
+      ps[lane * G + h] = p0;  // 0 past nb
       if (lane == 0) {
         const float alpha = expf(mold - mx);
         ml[2 * G + h] = alpha;
@@ -746,25 +755,36 @@ __global__ void __launch_bounds__(256) attention_tile_kernel(AttentionArgs a, in
       }
     }
     __syncthreads();
-    // P·V.
-    if (phg < HG) {
+    // P·V over this thread's key slice.
 #pragma unroll
-      for (int j = 0; j < HPT; ++j) {
-        const int h = phg + HG * j;
-        if (h < G) acc[j] *= ml[2 * G + h];
-      }
-      const int pc = pdim / 8, pe = pdim % 8;
-      for (int key = 0; key < nb; ++key) {
-        const float v = bf16f(Vs[key * D + ((pc ^ (key & (kChunks - 1) & 7)) * 8) + pe]);
+    for (int h = 0; h < G; ++h) {
+      const float al = ml[2 * G + h];
+      acc[h][0] *= al;
+      acc[h][1] *= al;
+    }
+    const int pc = (2 * pp) / 8, pe = (2 * pp) % 8;
+    for (int key = slice; key < nb; key += kSlices) {
+      const uint32_t vw = *reinterpret_cast<const uint32_t*>(
+          Vs + key * D + ((pc ^ (key & (kChunks - 1) & 7)) * 8) + pe);
+      const float v0 = __uint_as_float(vw << 16), v1 = __uint_as_float(vw & 0xffff0000u);
+      const float* pk = ps + key * G;
 #pragma unroll
-        for (int j = 0; j < HPT; ++j) {
-          const int h = phg + HG * j;
-          if (h < G) acc[j] = fmaf(ps[key * G + h], v, acc[j]);
-        }
+      for (int h = 0; h < G; ++h) {
+        const float p = pk[h];
+        acc[h][0] = fmaf(p, v0, acc[h][0]);
+        acc[h][1] = fmaf(p, v1, acc[h][1]);
       }
     }
-    __syncthreads();  // this stage is refilled two tiles later
+    __syncthreads();  // this stage is refilled two tiles later; ps is rewritten next tile
   }
+  // Sum the key slices through shared memory (the stages are free now).
+  float* red = reinterpret_cast<float*>(stage0);  // [kSlices][G][D]
+#pragma unroll
+  for (int h = 0; h < G; ++h) {
+    red[(slice * G + h) * D + 2 * pp] = acc[h][0];
+    red[(slice * G + h) * D + 2 * pp + 1] = acc[h][1];
+  }
+  __syncthreads();
   const int64_t nrow_total = static_cast<int64_t>(a.nh) * splits;  // T = 1
   float* pm = a.partial;
   float* pl = a.partial + nrow_total;
@@ -773,17 +793,17 @@ __global__ void __launch_bounds__(256) attention_tile_kernel(AttentionArgs a, in
     pm[(h0 + tid) * splits + split] = ml[tid];
     pl[(h0 + tid) * splits + split] = ml[G + tid];
   }
-  if (phg < HG)
-#pragma unroll
-    for (int j = 0; j < HPT; ++j) {
-      const int h = phg + HG * j;
-      if (h < G) po[((h0 + h) * splits + split) * D + pdim] = acc[j];
-    }
+  for (int i = tid; i < G * D; i += blockDim.x) {
+    float v = 0.f;
+    for (int sl = 0; sl < kSlices; ++sl) v += red[sl * G * D + i];
+    po[((h0 + i / D) * splits + split) * D + i % D] = v;
+  }
 }
 
 template <int D, int G>
 bool launch_tile(const AttentionArgs& a, cudaStream_t s) {
-  const size_t smem = static_cast<size_t>(4 * kTileKeys * D) * 2 + static_cast<size_t>(G * D) * 4 +
+  static_assert((256 / (D / 2)) * G * D * 4 <= 4 * kTileKeys * D * 2, "slice reduction fits");
+  const size_t smem = static_cast<size_t>(4 * kTileKeys * D) * 2 +
                       static_cast<size_t>(kTileKeys * G) * 4 + 3 * G * 4;
   static const bool ok = [&] {
     return cudaFuncSetAttribute(attention_tile_kernel<D, G>,
@@ -801,6 +821,7 @@ bool launch_tile(const AttentionArgs& a, cudaStream_t s) {
 
 template <int D>
 bool launch_tile_g(const AttentionArgs& a, int64_t G, cudaStream_t s) {
+  if (G > D / 8) return false;
   switch (G) {
     case 1:
       return launch_tile<D, 1>(a, s);
@@ -811,7 +832,8 @@ bool launch_tile_g(const AttentionArgs& a, int64_t G, cudaStream_t s) {
     case 8:
       return launch_tile<D, 8>(a, s);
     case 16:
-      return launch_tile<D, 16>(a, s);
+      if constexpr (D >= 128) return launch_tile<D, 16>(a, s);
+      return false;
     default:
       return false;
   }
