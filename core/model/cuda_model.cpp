@@ -12,7 +12,9 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
 
 #include "core/error.h"
@@ -119,6 +121,35 @@ struct CudaModel::Impl {
   bool graphs_ready = false;
 
   std::atomic<uint64_t> kv_bytes{0}, linear_bytes{0};
+
+  // TIDAL_CUDA_PROFILE=1: events between the ops of uncaptured forwards, time per op label.
+  bool profiling = false;
+  std::vector<cudaEvent_t> prof_events;
+  std::vector<const char*> prof_labels;
+  size_t prof_n = 0;
+  std::map<std::string, double> prof_seconds;
+  void mark(const char* label) {
+    if (!profiling) return;
+    cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+    cudaStreamIsCapturing(stream, &cap);
+    if (cap != cudaStreamCaptureStatusNone) return;
+    if (prof_n == prof_events.size()) {
+      cudaEvent_t e;
+      cudaEventCreate(&e);
+      prof_events.push_back(e);
+      prof_labels.push_back(nullptr);
+    }
+    cudaEventRecord(prof_events[prof_n], stream);
+    prof_labels[prof_n++] = label;
+  }
+  void prof_collect() {  // after a stream sync
+    for (size_t i = 1; i < prof_n; ++i) {
+      float ms = 0;
+      cudaEventElapsedTime(&ms, prof_events[i - 1], prof_events[i]);
+      prof_seconds[prof_labels[i]] += ms * 1e-3;
+    }
+    prof_n = 0;
+  }
 
   // ---------------------------------------------------------------------------- helpers
   void linear(const DevMatrix& w, const float* xin, int64_t ldx, float* yout, int64_t ldy,
@@ -270,6 +301,7 @@ void CudaModel::Impl::enqueue_attention(const GpuLayer& L, int layer, int64_t T)
   const bool gated = c.is_hybrid();
   const int64_t W = L.mix.rows, qw = nh * d * (gated ? 2 : 1);
   linear(L.mix, xn, c.hidden_size, proj, W, T);
+  mark("attn: in-proj [q|k|v]");
   kc::AttnPrepArgs p;
   p.qg = proj;
   p.k = proj + qw;
@@ -293,6 +325,7 @@ void CudaModel::Impl::enqueue_attention(const GpuLayer& L, int layer, int64_t T)
   p.gated = gated;
   p.kv_f32 = kv_f32();
   kc::attn_prep(p, stream);
+  mark("attn: norms, rope, cache write");
   kc::AttentionArgs a;
   a.q = qb;
   a.gate = gated ? gate : nullptr;
@@ -308,7 +341,9 @@ void CudaModel::Impl::enqueue_attention(const GpuLayer& L, int layer, int64_t T)
   a.scale = 1.0f / std::sqrt(static_cast<float>(d));
   a.kv_f32 = kv_f32();
   kc::attention(a, stream);
+  mark("attn: attention + combine");
   linear(L.o, ao, nh * d, y, c.hidden_size, T);
+  mark("attn: o_proj");
 }
 
 void CudaModel::Impl::enqueue_deltanet(const GpuLayer& L, int layer, int64_t T) {
@@ -318,6 +353,7 @@ void CudaModel::Impl::enqueue_deltanet(const GpuLayer& L, int layer, int64_t T) 
                 C = c.linear_conv_channels(), K = c.linear_conv_kernel_dim;
   const int64_t W = L.mix.rows;
   linear(L.mix, xn, H, proj, W, T);
+  mark("gdn: in-proj [qkv|z|b|a]");
   const float *src = proj, *z = proj + C, *b = proj + C + nv * dv, *a = b + nv;
   int64_t ld_src = W, ld_z = W, ld_ba = W;
   if (c.family == ArchFamily::kQwen3Next) {
@@ -332,11 +368,16 @@ void CudaModel::Impl::enqueue_deltanet(const GpuLayer& L, int layer, int64_t T) 
     ld_ba = nv;
   }
   kc::causal_conv1d_silu(src, ld_src, T, C, K, L.conv, d_step, layer, u, stream);
+  mark("gdn: conv1d");
   kc::gdn_prep(u, b, a, ld_ba, L.A_log, L.dt_bias, gq, gk, gv, beta, gg, T, nk, nv, dk, dv, stream);
+  mark("gdn: l2norm, beta, g");
   kc::delta_rule(gq, gk, gv, gg, beta, d_step, layer, go, T, nk, nv, dk, dv, stream);
+  mark("gdn: delta rule");
   kc::rms_norm_gated(go, z, ld_z, nv, L.gnorm, go, T * nv, dv, static_cast<float>(c.rms_norm_eps),
                      stream);
+  mark("gdn: gated norm");
   linear(L.out, go, nv * dv, y, H, T);
+  mark("gdn: out_proj");
 }
 
 void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
@@ -344,6 +385,7 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
   const int64_t H = c.hidden_size;
   const int64_t W = L.mlp_in.rows;
   linear(L.mlp_in, xn, H, proj, W, T);
+  mark("mlp: in-proj [router|shared]");
   // SwiGLU: down(silu(gate) ⊙ up), the product fused into the GEMV for decode.
   auto swiglu_down = [&](const float* gu, int64_t I, float* dst) {
     if (T <= kc::kMaxGemvRows) {
@@ -359,6 +401,7 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
   }
   const int64_t E = c.num_experts, k = c.num_experts_per_tok;
   kc::moe_route(proj, W, T, E, k, c.norm_topk_prob, rids, rw, stream);
+  mark("mlp: router top-k");
   if (experts) {
     cuda_check(cudaMemcpyAsync(h_xn, xn, static_cast<size_t>(T * H) * 4, cudaMemcpyDeviceToHost,
                                stream),
@@ -384,10 +427,14 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
   }
   (void)layer;
   // The shared expert runs on the GPU while the host computes the routed experts.
-  if (c.shared_expert_intermediate_size > 0) swiglu_down(proj + E, c.shared_expert_intermediate_size, hs);
+  if (c.shared_expert_intermediate_size > 0) {
+    swiglu_down(proj + E, c.shared_expert_intermediate_size, hs);
+    mark("mlp: shared down (SwiGLU fused)");
+  }
   if (!experts) {  // routed experts skipped (GPU-only benchmark): y = shared expert only
     cudaMemsetAsync(y, 0, static_cast<size_t>(T * H) * 4, stream);
     finish_moe_enqueue(L, T);
+    mark("mlp: combine");
   }
 }
 
@@ -412,11 +459,13 @@ void CudaModel::Impl::enqueue_layers(size_t l0, size_t l1, int64_t T, bool first
   for (size_t l = l0; l < l1; ++l) {
     const GpuLayer& L = layers[l];
     kc::add_rms_norm(x, (first && l == 0) ? nullptr : y, L.in_norm, xn, T, H, eps, zc, stream);
+    mark("residual + norm");
     if (L.type == LayerType::kFullAttention)
       enqueue_attention(L, static_cast<int>(l), T);
     else
       enqueue_deltanet(L, static_cast<int>(l), T);
     kc::add_rms_norm(x, y, L.post_norm, xn, T, H, eps, zc, stream);
+    mark("residual + norm");
     enqueue_mlp(L, static_cast<int>(l), T);
   }
 }
@@ -436,6 +485,7 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
   Impl& m = *impl_;
   m.cfg = cfg;
   m.opts = opts;
+  if (const char* e = std::getenv("TIDAL_CUDA_PROFILE")) m.profiling = std::string(e) == "1";
   m.experts = experts;
   m.routing = routing;
   TIDAL_CHECK(opts.weights == "bf16" || opts.weights == "int8", InvalidArgument,
@@ -795,6 +845,8 @@ CudaModel::~CudaModel() {
 
 std::string CudaModel::device_name() const { return impl_->name; }
 
+std::map<std::string, double> CudaModel::profile_seconds() const { return impl_->prof_seconds; }
+
 std::shared_ptr<DeviceSequenceState> CudaModel::new_state() {
   Impl& m = *impl_;
   auto s = std::make_shared<DeviceSequenceState>();
@@ -868,12 +920,18 @@ void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, Logi
     // Segment s: embedding (s = 0) or the previous segment's routed output, layers, and for the
     // last segment the final norm.
     auto enqueue_segment = [&](size_t s) {
-      if (s == 0) kc::embed(m.embed, m.ids, T, m.x, m.stream);
+      if (s == 0) {
+        m.mark("start");
+        kc::embed(m.embed, m.ids, T, m.x, m.stream);
+        m.mark("embedding");
+      }
       m.enqueue_layers(segs[s].first, segs[s].second, T, s == 0);
       if (s + 1 == segs.size()) {
         m.enqueue_final(T, cm, rows_first);
         if (cm == LogitsMode::kLast) {
+          m.mark("final norm");
           m.linear(m.lm_head, m.xn, H, m.logits, V, 1);
+          m.mark("lm_head");
           cuda_check(cudaMemcpyAsync(m.h_logits, m.logits, static_cast<size_t>(V) * 4,
                                      cudaMemcpyDeviceToHost, m.stream),
                      "logits download");
@@ -924,6 +982,7 @@ void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, Logi
       }
     }
     cuda_check(cudaStreamSynchronize(m.stream), "forward");
+    if (m.profiling) m.prof_collect();
     if (cm == LogitsMode::kLast) std::memcpy(logits.data(), m.h_logits, static_cast<size_t>(V) * 4);
     state.num_tokens += T;
   }

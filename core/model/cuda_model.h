@@ -88,6 +88,8 @@ class CudaModel {
 
   GpuMemoryReport memory_report() const;
   std::string device_name() const;
+  /// With TIDAL_CUDA_PROFILE=1: GPU seconds per op label over the uncaptured forwards so far.
+  std::map<std::string, double> profile_seconds() const;
   /// Device bytes of one sequence's state (KV capacity + DeltaNet states).
   static uint64_t state_bytes(const DeviceSequenceState& s);
   /// Testing/benchmarks: pretend `state` already holds `n` tokens (KV contents left as they are,

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
 #include "kernels/cuda/ops.h"
 
@@ -174,7 +175,12 @@ void gemv_launch(const DevMatrix& w, const float* x, int64_t ldx, float* y, int6
                    reinterpret_cast<uintptr_t>(w.data) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(xu) % 16 == 0;
-  constexpr int kWarps = 8;
+  // Warps (rows) per block; TIDAL_GEMV_WARPS overrides for tuning experiments.
+  static const int kWarps = [] {
+    const char* e = std::getenv("TIDAL_GEMV_WARPS");
+    const int v = e ? std::atoi(e) : 8;
+    return v == 2 || v == 4 || v == 8 || v == 16 ? v : 8;
+  }();
   const dim3 grid(static_cast<unsigned>((w.rows + kWarps - 1) / kWarps));
   const dim3 block(kWarps * kWarp);
   switch (m) {

@@ -389,6 +389,16 @@ int main(int argc, char** argv) {
         model.forward(tok, st, tidal::core::LogitsMode::kLast, logits, *ex, nullptr);
         ts.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
       }
+      if (!graphs) {  // TIDAL_CUDA_PROFILE=1: GPU time per op label, per step
+        const auto prof = model.profile_seconds();
+        if (!prof.empty()) {
+          nlohmann::json pj;
+          for (const auto& [k, v] : prof) pj[k] = v / static_cast<double>(ts.size()) * 1e6;
+          fmt::print("{}\n", nlohmann::json{{"bench", "decode_step_profile_us"}, {"weights", f},
+                                             {"context", step_ctx}, {"ops", pj}}
+                                 .dump());
+        }
+      }
       std::sort(ts.begin() + 3, ts.end());
       const double t = ts[3 + (ts.size() - 3) / 2];
       // Bytes one step must read: every resident weight except the embedding table (one row), the
