@@ -209,6 +209,22 @@ struct CudaModel::Impl {
 
   /// gpu_precision="fp32" keeps the KV cache in fp32 (the mode that matches the CPU engine).
   bool kv_f32() const { return opts.precision == "fp32" || opts.kv_dtype == "fp32"; }
+  // What the next fused "residual + norm" adds to x: y, and sigmoid(gate) · hs (shared expert).
+  const float* pend_y = nullptr;
+  const float* pend_hs = nullptr;
+  const float* pend_gate = nullptr;
+  int64_t pend_ld = 0;
+  void pend(const float* yy, const float* h = nullptr, const float* g = nullptr, int64_t ld = 0) {
+    pend_y = yy;
+    pend_hs = h;
+    pend_gate = g;
+    pend_ld = ld;
+  }
+  void residual_norm(const float* w, int64_t T) {
+    kc::add_rms_norm(x, pend_y, w, xn, T, cfg.hidden_size, static_cast<float>(cfg.rms_norm_eps),
+                     cfg.is_hybrid(), stream, pend_hs, pend_gate, pend_ld);
+    mark("residual + norm");
+  }
   bool experts_on_host(const GpuLayer& L) const { return L.is_moe && experts != nullptr; }
 
   /// Enqueues layers [l0, l1) for T tokens. `routed_pending`: y holds nothing yet and the previous
@@ -219,8 +235,7 @@ struct CudaModel::Impl {
   /// MLP of layer l into y; for MoE layers with host experts, stops after the D2H copies and the
   /// shared expert (y = 0 then; h_out is added by finish_moe).
   void enqueue_mlp(const GpuLayer& L, int layer, int64_t T);
-  void enqueue_final(int64_t T, LogitsMode mode, int64_t rows_first);
-  void finish_moe_enqueue(const GpuLayer& L, int64_t T);
+  void enqueue_final(int64_t T, LogitsMode mode);
   std::vector<std::pair<size_t, size_t>> segments() const;
   void ensure_capacity(DeviceSequenceState& s, int64_t need);
   void free_state(DeviceSequenceState& s);
@@ -367,15 +382,28 @@ void CudaModel::Impl::enqueue_deltanet(const GpuLayer& L, int layer, int64_t T) 
     ld_z = nv * dv;
     ld_ba = nv;
   }
-  kc::causal_conv1d_silu(src, ld_src, T, C, K, L.conv, d_step, layer, u, stream);
-  mark("gdn: conv1d");
-  kc::gdn_prep(u, b, a, ld_ba, L.A_log, L.dt_bias, gq, gk, gv, beta, gg, T, nk, nv, dk, dv, stream);
-  mark("gdn: l2norm, beta, g");
-  kc::delta_rule(gq, gk, gv, gg, beta, d_step, layer, go, T, nk, nv, dk, dv, stream);
-  mark("gdn: delta rule");
-  kc::rms_norm_gated(go, z, ld_z, nv, L.gnorm, go, T * nv, dv, static_cast<float>(c.rms_norm_eps),
-                     stream);
-  mark("gdn: gated norm");
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  if (T == 1 && std::max(dk, dv) <= 1024) {  // decode: conv + norms in one kernel
+    kc::gdn_conv_prep_step(src, L.conv, d_step, layer, K, b, a, L.A_log, L.dt_bias, gq, gk, gv,
+                           beta, gg, nk, nv, dk, dv, stream);
+    mark("gdn: conv1d + l2norm, beta, g");
+  } else {
+    kc::causal_conv1d_silu(src, ld_src, T, C, K, L.conv, d_step, layer, u, stream);
+    mark("gdn: conv1d");
+    kc::gdn_prep(u, b, a, ld_ba, L.A_log, L.dt_bias, gq, gk, gv, beta, gg, T, nk, nv, dk, dv,
+                 stream);
+    mark("gdn: l2norm, beta, g");
+  }
+  if (T == 1 &&
+      kc::delta_rule_normed(gq, gk, gv, gg, beta, d_step, layer, z, ld_z, L.gnorm, eps, go, T, nk,
+                            nv, dk, dv, stream)) {
+    mark("gdn: delta rule + gated norm");
+  } else {
+    kc::delta_rule(gq, gk, gv, gg, beta, d_step, layer, go, T, nk, nv, dk, dv, stream);
+    mark("gdn: delta rule");
+    kc::rms_norm_gated(go, z, ld_z, nv, L.gnorm, go, T * nv, dv, eps, stream);
+    mark("gdn: gated norm");
+  }
   linear(L.out, go, nv * dv, y, H, T);
   mark("gdn: out_proj");
 }
@@ -397,6 +425,7 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
   };
   if (!L.is_moe) {
     swiglu_down(proj, L.down.cols, y);
+    pend(y);
     return;
   }
   const int64_t E = c.num_experts, k = c.num_experts_per_tok;
@@ -427,56 +456,45 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
   }
   (void)layer;
   // The shared expert runs on the GPU while the host computes the routed experts.
+  // The MLP output reaches x in the next fused residual + norm: routed experts in y (copied from
+  // the host at the start of the next segment; none in the GPU-only benchmark) plus the gated
+  // shared expert. proj (the gate logit) is not overwritten before then.
+  const float* routed = experts ? y : nullptr;
   if (c.shared_expert_intermediate_size > 0) {
-    swiglu_down(proj + E, c.shared_expert_intermediate_size, hs);
+    const int64_t Is = c.shared_expert_intermediate_size;
+    swiglu_down(proj + E, Is, hs);
     mark("mlp: shared down (SwiGLU fused)");
+    pend(routed, hs, proj + E + 2 * Is, W);
+  } else {
+    pend(routed);
   }
-  if (!experts) {  // routed experts skipped (GPU-only benchmark): y = shared expert only
-    cudaMemsetAsync(y, 0, static_cast<size_t>(T * H) * 4, stream);
-    finish_moe_enqueue(L, T);
-    mark("mlp: combine");
-  }
-}
-
-void CudaModel::Impl::finish_moe_enqueue(const GpuLayer& L, int64_t T) {
-  const int64_t H = cfg.hidden_size;
-  if (cfg.shared_expert_intermediate_size > 0)
-    kc::add_gated(y, hs, proj + cfg.num_experts + 2 * cfg.shared_expert_intermediate_size,
-                  L.mlp_in.rows, T, H, stream);
 }
 
 void CudaModel::Impl::enqueue_layers(size_t l0, size_t l1, int64_t T, bool first) {
-  const auto& c = cfg;
-  const int64_t H = c.hidden_size;
-  const float eps = static_cast<float>(c.rms_norm_eps);
-  const bool zc = c.is_hybrid();
-  if (!first) {  // routed output of the previous segment's last layer
+  const int64_t H = cfg.hidden_size;
+  if (first) {
+    pend(nullptr);
+  } else {  // routed output of the previous segment's last layer (pending since its MLP)
     cuda_check(cudaMemcpyAsync(y, h_out, static_cast<size_t>(T * H) * 4, cudaMemcpyHostToDevice,
                                stream),
                "copy to device");
-    finish_moe_enqueue(layers[l0 - 1], T);
   }
   for (size_t l = l0; l < l1; ++l) {
     const GpuLayer& L = layers[l];
-    kc::add_rms_norm(x, (first && l == 0) ? nullptr : y, L.in_norm, xn, T, H, eps, zc, stream);
-    mark("residual + norm");
+    residual_norm(L.in_norm, T);
     if (L.type == LayerType::kFullAttention)
       enqueue_attention(L, static_cast<int>(l), T);
     else
       enqueue_deltanet(L, static_cast<int>(l), T);
-    kc::add_rms_norm(x, y, L.post_norm, xn, T, H, eps, zc, stream);
-    mark("residual + norm");
+    pend(y);
+    residual_norm(L.post_norm, T);
     enqueue_mlp(L, static_cast<int>(l), T);
   }
 }
 
-void CudaModel::Impl::enqueue_final(int64_t T, LogitsMode mode, int64_t rows_first) {
-  const auto& c = cfg;
-  const int64_t H = c.hidden_size;
-  kc::add(x, y, T * H, stream);
-  if (mode == LogitsMode::kNone) return;
-  kc::rms_norm(x + rows_first * H, H, final_norm, xn, H, T - rows_first, H,
-               static_cast<float>(c.rms_norm_eps), c.is_hybrid(), stream);
+void CudaModel::Impl::enqueue_final(int64_t T, LogitsMode mode) {
+  if (mode == LogitsMode::kNone) return;  // x is not needed after this forward
+  residual_norm(final_norm, T);           // xn: all T rows
 }
 
 CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExperts* experts,
@@ -914,7 +932,6 @@ void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, Logi
     cuda_check(cudaMemcpyAsync(m.ids, m.h_ids, static_cast<size_t>(T) * 4, cudaMemcpyHostToDevice,
                                m.stream),
                "ids upload");
-    const int64_t rows_first = cm == LogitsMode::kAll ? 0 : T - 1;
     const bool use_graph = m.opts.graphs && T == 1 && cm == LogitsMode::kLast &&
                            !(m.experts && m.routing->active());
     // Segment s: embedding (s = 0) or the previous segment's routed output, layers, and for the
@@ -927,10 +944,9 @@ void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, Logi
       }
       m.enqueue_layers(segs[s].first, segs[s].second, T, s == 0);
       if (s + 1 == segs.size()) {
-        m.enqueue_final(T, cm, rows_first);
+        m.enqueue_final(T, cm);
         if (cm == LogitsMode::kLast) {
-          m.mark("final norm");
-          m.linear(m.lm_head, m.xn, H, m.logits, V, 1);
+          m.linear(m.lm_head, m.xn + (T - 1) * H, H, m.logits, V, 1);
           m.mark("lm_head");
           cuda_check(cudaMemcpyAsync(m.h_logits, m.logits, static_cast<size_t>(V) * 4,
                                      cudaMemcpyDeviceToHost, m.stream),

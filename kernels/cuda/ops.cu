@@ -250,14 +250,18 @@ __global__ void embed_kernel(DevMatrix t, const int32_t* ids, float* out) {
 }
 
 __global__ void rms_norm_kernel(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy,
-                                int64_t dim, float eps, bool zc, float* x_add, const float* y_add) {
+                                int64_t dim, float eps, bool zc, float* x_add, const float* y_add,
+                                const float* hs, const float* gate, int64_t ld_gate) {
   const int64_t r = blockIdx.x;
   float ss = 0.f;
-  if (x_add) {  // fused residual: x += y, then normalise x
+  if (x_add) {  // fused residual: x += y + sigmoid(gate)·hs, then normalise x
     float* xr = x_add + r * dim;
     const float* yr = y_add ? y_add + r * dim : nullptr;
+    const float* hr = hs ? hs + r * dim : nullptr;
+    const float gs = hs ? sigmoidf_(gate[r * ld_gate]) : 0.f;
     for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
-      const float v = yr ? xr[i] + yr[i] : xr[i];
+      float v = yr ? xr[i] + yr[i] : xr[i];
+      if (hr) v += gs * hr[i];
       xr[i] = v;
       ss += v * v;
     }
@@ -274,12 +278,6 @@ __global__ void rms_norm_kernel(const float* x, int64_t ldx, const float* w, flo
   }
 }
 
-__global__ void add_kernel(float* x, const float* y, int64_t n) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    x[i] += y[i];
-}
-
 __global__ void silu_mul_kernel(const float* g, const float* u, int64_t ld, float* h, int64_t T,
                                 int64_t I) {
   const int64_t n = T * I;
@@ -288,13 +286,6 @@ __global__ void silu_mul_kernel(const float* g, const float* u, int64_t ld, floa
     const int64_t t = i / I, c = i % I;
     h[i] = siluf_(g[t * ld + c]) * u[t * ld + c];
   }
-}
-
-__global__ void add_gated_kernel(float* out, const float* hs, const float* gate, int64_t ld_gate,
-                                 int64_t H) {
-  const float s = sigmoidf_(gate[blockIdx.x * ld_gate]);
-  for (int64_t i = threadIdx.x; i < H; i += blockDim.x)
-    out[blockIdx.x * H + i] += s * hs[blockIdx.x * H + i];
 }
 
 // ----------------------------------------------------------------------------------- attention
@@ -629,7 +620,6 @@ __global__ void attention_combine_kernel(AttentionArgs a, int splits, int64_t mi
 // ------------------------------------------------------------------ decode attention, tiled
 
 constexpr int kTileKeys = 32;              // keys per shared-memory tile
-constexpr int kScoreGroups = 256 / kTileKeys;  // head groups in the score phase
 constexpr int64_t kTileMinSplitKeys = 64;  // a split of the tiled kernel covers at least two tiles
 
 /// Sum of R values over groups of W adjacent lanes (R ≤ W, both powers of two): afterwards lane l
@@ -957,6 +947,44 @@ __global__ void conv1d_kernel(const float* src, int64_t ld, int64_t T, int64_t C
   for (int64_t j = 0; j < hist; ++j) state[j * C + c] = win[j];
 }
 
+/// Decode step (T = 1) of conv1d + SiLU + q/k L2 norms + beta/g: block per q, k or v head, thread
+/// per channel of the head.
+__global__ void gdn_conv_prep_step_kernel(const float* src, const float* cw, const StepDev* step,
+                                          int layer, int64_t K, const float* b, const float* a,
+                                          const float* A_log, const float* dt_bias, float* q,
+                                          float* k, float* v, float* beta, float* g, int64_t nk,
+                                          int64_t nv, int64_t dk, int64_t dv) {
+  const int64_t C = 2 * nk * dk + nv * dv, blk = blockIdx.x;
+  const bool is_v = blk >= 2 * nk;
+  const int64_t width = is_v ? dv : dk;
+  const int64_t base = is_v ? 2 * nk * dk + (blk - 2 * nk) * dv : blk * dk;
+  const int c = threadIdx.x;
+  float u = 0.f;
+  if (c < width) {
+    const int64_t ch = base + c;
+    float* state = step->layers[layer].conv;
+    const float x = src[ch];
+    float acc = cw[ch * K + K - 1] * x;
+    for (int64_t j = 0; j + 1 < K; ++j) acc = fmaf(cw[ch * K + j], state[j * C + ch], acc);
+    for (int64_t j = 0; j + 2 < K; ++j) state[j * C + ch] = state[(j + 1) * C + ch];
+    if (K > 1) state[(K - 2) * C + ch] = x;
+    u = siluf_(acc);
+  }
+  if (is_v) {
+    if (c < width) v[(blk - 2 * nk) * dv + c] = u;
+  } else {
+    const float ss = block_sum(u * u);
+    const bool is_k = blk >= nk;
+    const float f = (1.0f / sqrtf(ss + 1e-6f)) * (is_k ? 1.0f : rsqrtf(static_cast<float>(dk)));
+    if (c < width) (is_k ? k + (blk - nk) * dk : q + blk * dk)[c] = u * f;
+  }
+  if (blk == 0)
+    for (int64_t h = c; h < nv; h += blockDim.x) {
+      beta[h] = sigmoidf_(b[h]);
+      g[h] = -expf(A_log[h]) * softplusf_(a[h] + dt_bias[h]);
+    }
+}
+
 /// Block per token: warps normalise q/k heads, then v copy and beta/g.
 __global__ void gdn_prep_kernel(const float* u, const float* b, const float* a, int64_t ld_ba,
                                 const float* A_log,
@@ -987,12 +1015,13 @@ __global__ void gdn_prep_kernel(const float* u, const float* b, const float* a, 
 /// Block per (v head, slice of CB value columns); thread (col, row group) keeps RPT rows of one
 /// state column in registers; lanes of one column are adjacent, so the dot products over d_k are
 /// warp shuffles. Tokens are processed in order.
-template <int RPT>
+template <int RPT, bool NORM>
 __global__ void delta_rule_kernel(const float* __restrict__ q, const float* __restrict__ k,
                                   const float* __restrict__ v, const float* __restrict__ g,
                                   const float* __restrict__ beta, const StepDev* step, int layer,
                                   float* __restrict__ out, int64_t T, int64_t nk, int64_t nv,
-                                  int64_t dk, int64_t dv, int CB) {
+                                  int64_t dk, int64_t dv, int CB, const float* __restrict__ z,
+                                  int64_t ld_z, const float* __restrict__ nw, float eps) {
   extern __shared__ float qk[];  // q then k of the current token (2·dk)
   const int RG = static_cast<int>(dk / RPT);
   const int h = blockIdx.x, col = blockIdx.y * CB + threadIdx.x / RG, rg = threadIdx.x % RG;
@@ -1024,7 +1053,14 @@ __global__ void delta_rule_kernel(const float* __restrict__ q, const float* __re
       o = fmaf(st[i], qq[i], o);
     }
     for (int off = 1; off < RG; off <<= 1) o += __shfl_xor_sync(0xffffffffu, o, off);
-    if (rg == 0) out[(t * nv + h) * dv + col] = o;
+    if constexpr (NORM) {  // the block holds the whole head: y = w · rms_norm(o) · silu(z)
+      const float ss = block_sum(rg == 0 ? o * o : 0.f);
+      const float inv = rsqrtf(ss / static_cast<float>(dv) + eps);
+      if (rg == 0)
+        out[(t * nv + h) * dv + col] = nw[col] * (o * inv) * siluf_(z[t * ld_z + h * dv + col]);
+    } else {
+      if (rg == 0) out[(t * nv + h) * dv + col] = o;
+    }
     __syncthreads();
   }
 #pragma unroll
@@ -1049,9 +1085,9 @@ __global__ void rms_norm_gated_kernel(const float* x, const float* z, int64_t ld
 // ---------------------------------------------------------------------------------------- router
 
 /// Warp per token.
+template <int kMaxPer>  // ceil(E / 32) rounded up to a power of two
 __global__ void moe_route_kernel(const float* logits, int64_t ld, int64_t T, int64_t E, int64_t k, bool renorm,
                                  int32_t* ids, float* weights) {
-  constexpr int kMaxPer = 32;  // E ≤ 1024
   const int lane = threadIdx.x % kWarp;
   const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x / kWarp) + threadIdx.x / kWarp;
   if (t >= T) return;
@@ -1076,8 +1112,6 @@ __global__ void moe_route_kernel(const float* logits, int64_t ld, int64_t T, int
   const float inv = 1.0f / sum;
 #pragma unroll
   for (int i = 0; i < kMaxPer; ++i) p[i] *= inv;
-  float top[16];
-  int32_t top_id[16];
   float top_sum = 0.f;
   for (int64_t j = 0; j < k; ++j) {
     float best = -1.f;
@@ -1099,16 +1133,17 @@ __global__ void moe_route_kernel(const float* logits, int64_t ld, int64_t T, int
         best_e = oe;
       }
     }
-    if (best_e % kWarp == lane) p[best_e / kWarp] = -2.f;  // taken
-    top[j] = best;
-    top_id[j] = best_e;
+#pragma unroll
+    for (int i = 0; i < kMaxPer; ++i)  // mark taken (static indices: p stays in registers)
+      if (lane + i * kWarp == best_e) p[i] = -2.f;
+    if (lane == 0) {
+      ids[t * k + j] = best_e;
+      weights[t * k + j] = best;
+    }
     top_sum += best;
   }
-  if (lane == 0)
-    for (int64_t j = 0; j < k; ++j) {
-      ids[t * k + j] = top_id[j];
-      weights[t * k + j] = renorm ? top[j] / top_sum : top[j];
-    }
+  __syncwarp();
+  if (renorm && lane < k) weights[t * k + lane] /= top_sum;
 }
 
 __global__ void read_probe_kernel(const uint4* p, size_t n, unsigned* sink) {
@@ -1182,32 +1217,22 @@ void embed(const DevMatrix& table, const int32_t* ids, int64_t T, float* out, cu
 void rms_norm(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t rows,
               int64_t dim, float eps, bool zero_centred, cudaStream_t s) {
   if (rows == 0) return;
-  rms_norm_kernel<<<static_cast<unsigned>(rows), 256, 0, s>>>(x, ldx, w, y, ldy, dim, eps,
-                                                               zero_centred, nullptr, nullptr);
+  rms_norm_kernel<<<static_cast<unsigned>(rows), 256, 0, s>>>(
+      x, ldx, w, y, ldy, dim, eps, zero_centred, nullptr, nullptr, nullptr, nullptr, 0);
 }
 
 void add_rms_norm(float* x, const float* y, const float* w, float* xn, int64_t rows, int64_t dim,
-                  float eps, bool zero_centred, cudaStream_t s) {
+                  float eps, bool zero_centred, cudaStream_t s, const float* hs,
+                  const float* gate, int64_t ld_gate) {
   if (rows == 0) return;
   rms_norm_kernel<<<static_cast<unsigned>(rows), 256, 0, s>>>(x, dim, w, xn, dim, dim, eps,
-                                                               zero_centred, x, y);
-}
-
-void add(float* x, const float* y, int64_t n, cudaStream_t s) {
-  if (n == 0) return;
-  add_kernel<<<grid_stride_blocks(n), 256, 0, s>>>(x, y, n);
+                                                               zero_centred, x, y, hs, gate, ld_gate);
 }
 
 void silu_mul(const float* g, const float* u, int64_t ld, float* h, int64_t T, int64_t I,
               cudaStream_t s) {
   if (T * I == 0) return;
   silu_mul_kernel<<<grid_stride_blocks(T * I), 256, 0, s>>>(g, u, ld, h, T, I);
-}
-
-void add_gated(float* out, const float* hs, const float* gate, int64_t ld_gate, int64_t T,
-               int64_t H, cudaStream_t s) {
-  if (T == 0) return;
-  add_gated_kernel<<<static_cast<unsigned>(T), 256, 0, s>>>(out, hs, gate, ld_gate, H);
 }
 
 void attn_prep(const AttnPrepArgs& a, cudaStream_t s) {
@@ -1266,6 +1291,15 @@ void causal_conv1d_silu(const float* src, int64_t ld_src, int64_t T, int64_t C, 
                                                     layer, dst);
 }
 
+void gdn_conv_prep_step(const float* src, const float* conv_w, const StepDev* step, int layer,
+                        int64_t K, const float* b, const float* a, const float* A_log,
+                        const float* dt_bias, float* q, float* k, float* v, float* beta, float* g,
+                        int64_t nk, int64_t nv, int64_t dk, int64_t dv, cudaStream_t s) {
+  const int threads = static_cast<int>((std::max(dk, dv) + 31) / 32 * 32);
+  gdn_conv_prep_step_kernel<<<static_cast<unsigned>(2 * nk + nv), threads, 0, s>>>(
+      src, conv_w, step, layer, K, b, a, A_log, dt_bias, q, k, v, beta, g, nk, nv, dk, dv);
+}
+
 void gdn_prep(const float* u, const float* b, const float* a, int64_t ld_ba, const float* A_log,
               const float* dt_bias, float* q, float* k, float* v, float* beta, float* g, int64_t T,
               int64_t nk, int64_t nv, int64_t dk, int64_t dv, cudaStream_t s) {
@@ -1284,11 +1318,32 @@ void delta_rule(const float* q, const float* k, const float* v, const float* g, 
   const dim3 grid(static_cast<unsigned>(nv), static_cast<unsigned>(dv / CB));
   const size_t smem = static_cast<size_t>(2 * dk) * sizeof(float);
   if (rpt == 32)
-    delta_rule_kernel<32><<<grid, CB * RG, smem, s>>>(q, k, v, g, beta, step, layer, out, T, nk,
-                                                       nv, dk, dv, CB);
+    delta_rule_kernel<32, false><<<grid, CB * RG, smem, s>>>(q, k, v, g, beta, step, layer, out, T,
+                                                              nk, nv, dk, dv, CB, nullptr, 0,
+                                                              nullptr, 0.f);
   else
-    delta_rule_kernel<16><<<grid, CB * RG, smem, s>>>(q, k, v, g, beta, step, layer, out, T, nk,
-                                                       nv, dk, dv, CB);
+    delta_rule_kernel<16, false><<<grid, CB * RG, smem, s>>>(q, k, v, g, beta, step, layer, out, T,
+                                                              nk, nv, dk, dv, CB, nullptr, 0,
+                                                              nullptr, 0.f);
+}
+
+bool delta_rule_normed(const float* q, const float* k, const float* v, const float* g,
+                       const float* beta, const StepDev* step, int layer, const float* z,
+                       int64_t ld_z, const float* w, float eps, float* out, int64_t T, int64_t nk,
+                       int64_t nv, int64_t dk, int64_t dv, cudaStream_t s) {
+  const int rpt = dk % 32 == 0 && dk >= 64 ? 32 : 16;
+  const int RG = static_cast<int>(dk / rpt);
+  if (dv * RG > 1024 || dv % 32 != 0) return false;
+  const dim3 grid(static_cast<unsigned>(nv), 1);
+  const size_t smem = static_cast<size_t>(2 * dk) * sizeof(float);
+  const int CB = static_cast<int>(dv);
+  if (rpt == 32)
+    delta_rule_kernel<32, true><<<grid, CB * RG, smem, s>>>(q, k, v, g, beta, step, layer, out, T,
+                                                             nk, nv, dk, dv, CB, z, ld_z, w, eps);
+  else
+    delta_rule_kernel<16, true><<<grid, CB * RG, smem, s>>>(q, k, v, g, beta, step, layer, out, T,
+                                                             nk, nv, dk, dv, CB, z, ld_z, w, eps);
+  return true;
 }
 
 void rms_norm_gated(const float* x, const float* z, int64_t ld_z, int64_t rows_per_token,
@@ -1301,8 +1356,19 @@ void rms_norm_gated(const float* x, const float* z, int64_t ld_z, int64_t rows_p
 void moe_route(const float* logits, int64_t ld, int64_t T, int64_t E, int64_t k, bool renormalise,
                int32_t* ids, float* weights, cudaStream_t s) {
   if (T == 0) return;
-  moe_route_kernel<<<blocks_for(T, 8), 256, 0, s>>>(logits, ld ? ld : E, T, E, k, renormalise, ids,
-                                                    weights);
+  const int64_t per = (E + kWarp - 1) / kWarp;
+  const dim3 grid(blocks_for(T, 8)), block(256);
+  const int64_t l = ld ? ld : E;
+  if (per <= 2)
+    moe_route_kernel<2><<<grid, block, 0, s>>>(logits, l, T, E, k, renormalise, ids, weights);
+  else if (per <= 4)
+    moe_route_kernel<4><<<grid, block, 0, s>>>(logits, l, T, E, k, renormalise, ids, weights);
+  else if (per <= 8)
+    moe_route_kernel<8><<<grid, block, 0, s>>>(logits, l, T, E, k, renormalise, ids, weights);
+  else if (per <= 16)
+    moe_route_kernel<16><<<grid, block, 0, s>>>(logits, l, T, E, k, renormalise, ids, weights);
+  else
+    moe_route_kernel<32><<<grid, block, 0, s>>>(logits, l, T, E, k, renormalise, ids, weights);
 }
 
 }  // namespace tidal::kernels::cuda

@@ -51,18 +51,14 @@ void embed(const DevMatrix& table, const int32_t* ids, int64_t T, float* out, cu
 /// y = rms_norm(x) · w (plain) or · (1 + w) (zero_centred), one row of `dim` per row.
 void rms_norm(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t rows,
               int64_t dim, float eps, bool zero_centred, cudaStream_t s);
-/// x += y, then xn = rms_norm(x) (the residual add fused with the next norm). y may be null.
+/// x += y + sigmoid(gate[t · ld_gate]) · hs, then xn = rms_norm(x): the residual add (and the gated
+/// shared expert) fused with the next norm. y and hs may be null.
 void add_rms_norm(float* x, const float* y, const float* w, float* xn, int64_t rows, int64_t dim,
-                  float eps, bool zero_centred, cudaStream_t s);
-/// x[i] += y[i].
-void add(float* x, const float* y, int64_t n, cudaStream_t s);
+                  float eps, bool zero_centred, cudaStream_t s, const float* hs = nullptr,
+                  const float* gate = nullptr, int64_t ld_gate = 0);
 /// h (T, I) = silu(g) ⊙ u, with g and u of row stride ld (g and u may be halves of one buffer).
 void silu_mul(const float* g, const float* u, int64_t ld, float* h, int64_t T, int64_t I,
               cudaStream_t s);
-/// out[t, :] += sigmoid(gate[t]) · hs[t, :] (the shared expert and its gate).
-void add_gated(float* out, const float* hs, const float* gate, int64_t ld_gate, int64_t T,
-               int64_t H, cudaStream_t s);
-
 /// Where a sequence's state lives on the GPU, one entry per layer (unused pointers null). Kept in
 /// device memory and read by the kernels, so a captured CUDA graph serves any sequence and any
 /// position: the host rewrites this block before each replay, never the graph.
@@ -138,6 +134,20 @@ void causal_conv1d_silu(const float* src, int64_t ld_src, int64_t T, int64_t C, 
 void gdn_prep(const float* u, const float* b, const float* a, int64_t ld_ba, const float* A_log,
               const float* dt_bias, float* q, float* k, float* v, float* beta, float* g, int64_t T,
               int64_t nk, int64_t nv, int64_t dk, int64_t dv, cudaStream_t s);
+
+/// Decode step (T = 1) of causal_conv1d_silu + gdn_prep in one kernel (block per head); b and a
+/// are (nv) vectors.
+void gdn_conv_prep_step(const float* src, const float* conv_w, const StepDev* step, int layer,
+                        int64_t K, const float* b, const float* a, const float* A_log,
+                        const float* dt_bias, float* q, float* k, float* v, float* beta, float* g,
+                        int64_t nk, int64_t nv, int64_t dk, int64_t dv, cudaStream_t s);
+
+/// delta_rule with the gated output norm fused (block per value head): out = w · rms_norm(o) ·
+/// silu(z), z row t at z + t · ld_z. False (nothing launched) when a head does not fit one block.
+bool delta_rule_normed(const float* q, const float* k, const float* v, const float* g,
+                       const float* beta, const StepDev* step, int layer, const float* z,
+                       int64_t ld_z, const float* w, float eps, float* out, int64_t T, int64_t nk,
+                       int64_t nv, int64_t dk, int64_t dv, cudaStream_t s);
 
 /// Gated delta rule over T tokens on the fp32 state of `layer` (model-spec §3.4), token by token
 /// with the state in registers: out (T, nv, dv). d_k and d_v must be multiples of 32 (≤ 256).

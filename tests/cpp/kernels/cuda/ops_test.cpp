@@ -432,6 +432,61 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaDeltaRuleTest,
                                            DeltaCase{33, 2, 4, 64, 64},      // tidal-mini
                                            DeltaCase{5, 1, 2, 32, 16}));     // dv < 32
 
+/// The decode-step fusions equal the unfused kernels: conv1d + prep in one kernel, the delta rule
+/// with the gated norm, the residual add with the gated shared expert.
+TEST(CudaOps, FusedDecodeKernelsMatchUnfused) {
+  REQUIRE_GPU();
+  for (auto [nk, nv, dk, dv] : {std::tuple<int64_t, int64_t, int64_t, int64_t>{16, 32, 128, 128},
+                                {2, 4, 16, 16}, {2, 4, 64, 64}, {1, 2, 32, 64}}) {
+    const int64_t K = 4, C = 2 * nk * dk + nv * dv;
+    auto src = random_vec(C, 50), w = random_vec(C * K, 51, 0.3f), st0 = random_vec((K - 1) * C, 52);
+    auto b = random_vec(nv, 53), a = random_vec(nv, 54), alog = random_vec(nv, 55, 0.5f),
+         dtb = random_vec(nv, 56, 0.5f), s0 = random_vec(nv * dk * dv, 57, 0.1f),
+         z = random_vec(nv * dv, 58), nw = random_vec(dv, 59, 0.2f);
+    Dev<float> dsrc(src), dw(w), db(b), da(a), dal(alog), ddt(dtb), dz(z), dnw(nw);
+    std::vector<std::vector<float>> outs;
+    for (int fused = 0; fused < 2; ++fused) {
+      Dev<float> conv(st0), rec(s0), u(C), q(nk * dk), k(nk * dk), v(nv * dv), beta(nv), g(nv),
+          o(nv * dv);
+      LayerStateDev ls{nullptr, nullptr, conv.p, rec.p};
+      Dev<LayerStateDev> dls(std::vector<LayerStateDev>{ls});
+      Dev<StepDev> dstep(std::vector<StepDev>{StepDev{0, dls.p}});
+      if (fused) {
+        gdn_conv_prep_step(dsrc.p, dw.p, dstep.p, 0, K, db.p, da.p, dal.p, ddt.p, q.p, k.p, v.p,
+                           beta.p, g.p, nk, nv, dk, dv, nullptr);
+        ASSERT_TRUE(delta_rule_normed(q.p, k.p, v.p, g.p, beta.p, dstep.p, 0, dz.p, 0, dnw.p, 1e-6f,
+                                      o.p, 1, nk, nv, dk, dv, nullptr));
+      } else {
+        causal_conv1d_silu(dsrc.p, 0, 1, C, K, dw.p, dstep.p, 0, u.p, nullptr);
+        gdn_prep(u.p, db.p, da.p, 0, dal.p, ddt.p, q.p, k.p, v.p, beta.p, g.p, 1, nk, nv, dk, dv,
+                 nullptr);
+        delta_rule(q.p, k.p, v.p, g.p, beta.p, dstep.p, 0, o.p, 1, nk, nv, dk, dv, nullptr);
+        rms_norm_gated(o.p, dz.p, 0, nv, dnw.p, o.p, nv, dv, 1e-6f, nullptr);
+      }
+      auto out = o.get();
+      const auto cs = conv.get(), rs = rec.get();
+      out.insert(out.end(), cs.begin(), cs.end());
+      out.insert(out.end(), rs.begin(), rs.end());
+      outs.push_back(out);
+    }
+    EXPECT_LT(max_abs_diff(outs[0], outs[1]), 2e-5f) << "nk=" << nk << " dv=" << dv;
+  }
+  // x += y + sigmoid(gate) · hs, then the norm.
+  const int64_t T = 3, H = 200, ld = 7;
+  auto x = random_vec(T * H, 60), y = random_vec(T * H, 61), hs = random_vec(T * H, 62),
+       gate = random_vec(T * ld, 63), w = random_vec(H, 64, 0.1f);
+  Dev<float> dx(x), dy(y), dh(hs), dg(gate), dw(w), dxn(T * H);
+  add_rms_norm(dx.p, dy.p, dw.p, dxn.p, T, H, 1e-6f, true, nullptr, dh.p, dg.p, ld);
+  std::vector<float> xs(x.size()), ref(x.size());
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < H; ++i)
+      xs[t * H + i] = x[t * H + i] + y[t * H + i] + cpu::sigmoid(gate[t * ld]) * hs[t * H + i];
+  for (int64_t t = 0; t < T; ++t)
+    cpu::rms_norm_row(&xs[t * H], w.data(), &ref[t * H], H, 1e-6f, cpu::NormScale::kZeroCentred);
+  EXPECT_LT(max_abs_diff(dx.get(), xs), 1e-6f);
+  EXPECT_LT(max_abs_diff(dxn.get(), ref), 1e-5f);
+}
+
 TEST(CudaOps, QwenNextSplitMatchesLayout) {
   REQUIRE_GPU();
   const int64_t T = 3, nk = 2, nv = 4, dk = 8, dv = 4, rho = nv / nk, gw = 2 * dk + 2 * rho * dv,
