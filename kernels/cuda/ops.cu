@@ -1158,6 +1158,14 @@ __global__ void read_probe_kernel(const uint4* p, size_t n, unsigned* sink) {
 
 }  // namespace
 
+__global__ void gpu_sleep_kernel(int64_t ns) {
+  const long long t0 = clock64();
+  // clock64 counts SM cycles; ~1 cycle per ns at the ~1-2 GHz clocks of current GPUs is enough here.
+  while (clock64() - t0 < ns) __nanosleep(1000);
+}
+
+void gpu_sleep(int64_t ns, cudaStream_t s) { gpu_sleep_kernel<<<1, 1, 0, s>>>(ns); }
+
 void read_probe(const void* p, size_t bytes, unsigned* sink, int blocks, cudaStream_t s) {
   read_probe_kernel<<<blocks, 512, 0, s>>>(static_cast<const uint4*>(p), bytes / 16, sink);
 }

@@ -165,6 +165,10 @@ void rms_norm_gated(const float* x, const float* z, int64_t ld_z, int64_t rows_p
 void moe_route(const float* logits, int64_t ld, int64_t T, int64_t E, int64_t k, bool renormalise,
                int32_t* ids, float* weights, cudaStream_t s);
 
+/// Keeps the stream busy for about `ns` nanoseconds (profiling: lets the host queue the work behind
+/// it, so events between kernels time the GPU, not the launches).
+void gpu_sleep(int64_t ns, cudaStream_t s);
+
 /// Reads `bytes` (a multiple of 16) with 16-byte loads over `blocks` blocks and folds them into
 /// *sink: the HBM read-bandwidth probe of the benchmarks.
 void read_probe(const void* p, size_t bytes, unsigned* sink, int blocks, cudaStream_t s);
