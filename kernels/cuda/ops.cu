@@ -104,25 +104,31 @@ struct Chunk<WFormat::kI8> {
   }
 };
 
-/// One warp per weight row; each lane takes 16-byte chunks of the row, M activation rows at once.
+constexpr int kGemvWarps = 8;  // warps per block
+
+/// `wpr` warps per weight row (split K, partial sums added through shared memory); each lane
+/// takes 16-byte chunks of its part of the row, M activation rows at once.
 template <WFormat F, int M, bool GATED>
-__global__ void gemv_kernel(DevMatrix w, const float* __restrict__ x, int64_t ldx,
-                            float* __restrict__ y, int64_t ldy, bool accumulate, bool vec,
-                            const float* __restrict__ xu) {
+__global__ void __launch_bounds__(kGemvWarps* kWarp)
+    gemv_kernel(DevMatrix w, const float* __restrict__ x, int64_t ldx, float* __restrict__ y,
+                int64_t ldy, bool accumulate, bool vec, const float* __restrict__ xu, int wpr) {
   constexpr int E = Chunk<F>::E;
-  const int lane = threadIdx.x % kWarp;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
-  if (row >= w.rows) return;
+  __shared__ float red[kGemvWarps][M];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kGemvWarps / wpr) + warp / wpr;
+  const int part = warp % wpr;
+  const bool active = row < w.rows;
   const int64_t K = w.cols;
   float acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.f;
   int64_t j0 = 0;
-  if (vec) {
-    const int64_t nchunk = K / E;
+  if (vec && active) {
+    const int64_t nchunk = K / E, per = (nchunk + wpr - 1) / wpr;
+    const int64_t c_end = (part + 1) * per < nchunk ? (part + 1) * per : nchunk;
     const auto* base = static_cast<const char*>(w.data) + row * K * (16 / E);
 #pragma unroll 8
-    for (int64_t c = lane; c < nchunk; c += kWarp) {
+    for (int64_t c = part * per + lane; c < c_end; c += kWarp) {
       float wv[E];
       Chunk<F>::load(base + c * 16, wv);
 #pragma unroll
@@ -145,7 +151,7 @@ __global__ void gemv_kernel(DevMatrix w, const float* __restrict__ x, int64_t ld
     }
     j0 = nchunk * E;
   }
-  for (int64_t j = j0 + lane; j < K; j += kWarp) {
+  for (int64_t j = j0 + part * kWarp + lane; active && j < K; j += kWarp * wpr) {
     float wj = weight_at(w, row, j);
     if (F == WFormat::kI8) wj = static_cast<float>(static_cast<const int8_t*>(w.data)[row * K + j]);
 #pragma unroll
@@ -155,15 +161,19 @@ __global__ void gemv_kernel(DevMatrix w, const float* __restrict__ x, int64_t ld
       acc[m] = fmaf(wj, xj, acc[m]);
     }
   }
-  const float sc = F == WFormat::kI8 ? w.scale[row] : 1.0f;
 #pragma unroll
   for (int m = 0; m < M; ++m) {
-    const float v = warp_sum(acc[m]) * sc;
-    if (lane == 0) {
-      float* d = y + m * ldy + row;
-      *d = accumulate ? *d + v : v;
-    }
+    const float v = warp_sum(acc[m]);
+    if (lane == 0) red[warp][m] = v;
   }
+  if (wpr > 1) __syncthreads();
+  if (!active || part != 0 || lane >= M) return;
+  const float sc = F == WFormat::kI8 ? w.scale[row] : 1.0f;
+  float v = 0.f;
+  for (int p = 0; p < wpr; ++p) v += red[warp + p][lane];
+  v *= sc;
+  float* d = y + lane * ldy + row;
+  *d = accumulate ? *d + v : v;
 }
 
 template <WFormat F>
@@ -175,21 +185,27 @@ void gemv_launch(const DevMatrix& w, const float* x, int64_t ldx, float* y, int6
                    reinterpret_cast<uintptr_t>(w.data) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(xu) % 16 == 0;
-  // Warps (rows) per block; TIDAL_GEMV_WARPS overrides for tuning experiments.
-  static const int kWarps = [] {
-    const char* e = std::getenv("TIDAL_GEMV_WARPS");
-    const int v = e ? std::atoi(e) : 8;
-    return v == 2 || v == 4 || v == 8 || v == 16 ? v : 8;
+  // Warps per row: split K until there are enough warps to keep every SM's loads in flight, while
+  // each warp still covers at least 16 chunks. TIDAL_GEMV_WPR (1, 2, 4, 8) forces it for tuning.
+  const int64_t nchunk = w.cols / E;
+  int wpr = 1;
+  while (wpr < kGemvWarps && w.rows * wpr < 16384 && nchunk / (wpr * 2) >= 16) wpr *= 2;
+  static const int forced = [] {
+    const char* e = std::getenv("TIDAL_GEMV_WPR");
+    const int v = e ? std::atoi(e) : 0;
+    return v == 1 || v == 2 || v == 4 || v == 8 ? v : 0;
   }();
-  const dim3 grid(static_cast<unsigned>((w.rows + kWarps - 1) / kWarps));
-  const dim3 block(kWarps * kWarp);
+  if (forced) wpr = forced;
+  const int rows_per_block = kGemvWarps / wpr;
+  const dim3 grid(static_cast<unsigned>((w.rows + rows_per_block - 1) / rows_per_block));
+  const dim3 block(kGemvWarps * kWarp);
   switch (m) {
 #define TIDAL_GEMV_CASE(M)                                                                 \
   case M:                                                                                  \
     if (xu)                                                                                \
-      gemv_kernel<F, M, true><<<grid, block, 0, s>>>(w, x, ldx, y, ldy, acc, vec, xu);     \
+      gemv_kernel<F, M, true><<<grid, block, 0, s>>>(w, x, ldx, y, ldy, acc, vec, xu, wpr);     \
     else                                                                                   \
-      gemv_kernel<F, M, false><<<grid, block, 0, s>>>(w, x, ldx, y, ldy, acc, vec, xu);    \
+      gemv_kernel<F, M, false><<<grid, block, 0, s>>>(w, x, ldx, y, ldy, acc, vec, xu, wpr);    \
     break;
     TIDAL_GEMV_CASE(1)
     TIDAL_GEMV_CASE(2)
@@ -247,6 +263,48 @@ __global__ void embed_kernel(DevMatrix t, const int32_t* ids, float* out) {
   const int64_t row = ids[blockIdx.x];
   for (int64_t i = threadIdx.x; i < t.cols; i += blockDim.x)
     out[blockIdx.x * t.cols + i] = weight_at(t, row, i);
+}
+
+/// Row norm with everything in registers (dim ≤ 16 · 256): all loads of a row are issued at
+/// once, instead of one dependent round trip per loop iteration.
+__global__ void __launch_bounds__(256)
+    rms_norm_reg_kernel(const float* __restrict__ x, int64_t ldx, const float* __restrict__ w,
+                        float* __restrict__ y, int64_t ldy, int64_t dim, float eps, bool zc,
+                        float* __restrict__ x_add, const float* __restrict__ y_add,
+                        const float* __restrict__ hs, const float* __restrict__ gate,
+                        int64_t ld_gate) {
+  constexpr int kPer = 16;
+  const int64_t r = blockIdx.x;
+  const int tid = threadIdx.x;
+  float v[kPer];
+  const float* src = x_add ? x_add + r * dim : x + r * ldx;
+  const float* yr = y_add ? y_add + r * dim : nullptr;
+  const float* hr = hs ? hs + r * dim : nullptr;
+  const float gs = hs ? sigmoidf_(gate[r * ld_gate]) : 0.f;
+  float ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int64_t i = tid + j * 256;
+    float a = 0.f;
+    if (i < dim) {
+      a = src[i];
+      if (yr) a += yr[i];
+      if (hr) a += gs * hr[i];
+    }
+    v[j] = a;
+    ss += a * a;
+  }
+  if (x_add)
+#pragma unroll
+    for (int j = 0; j < kPer; ++j)
+      if (tid + j * 256 < dim) x_add[r * dim + tid + j * 256] = v[j];
+  ss = block_sum(ss);
+  const float inv = rsqrtf(ss / static_cast<float>(dim) + eps);
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int64_t i = tid + j * 256;
+    if (i < dim) y[r * ldy + i] = zc ? v[j] * inv * (1.0f + w[i]) : w[i] * (v[j] * inv);
+  }
 }
 
 __global__ void rms_norm_kernel(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy,
@@ -1112,7 +1170,8 @@ __global__ void moe_route_kernel(const float* logits, int64_t ld, int64_t T, int
   const float inv = 1.0f / sum;
 #pragma unroll
   for (int i = 0; i < kMaxPer; ++i) p[i] *= inv;
-  float top_sum = 0.f;
+  float top_sum = 0.f, my_w = 0.f;
+  int my_id = 0;
   for (int64_t j = 0; j < k; ++j) {
     float best = -1.f;
     int best_e = 0x7fffffff;
@@ -1136,14 +1195,16 @@ __global__ void moe_route_kernel(const float* logits, int64_t ld, int64_t T, int
 #pragma unroll
     for (int i = 0; i < kMaxPer; ++i)  // mark taken (static indices: p stays in registers)
       if (lane + i * kWarp == best_e) p[i] = -2.f;
-    if (lane == 0) {
-      ids[t * k + j] = best_e;
-      weights[t * k + j] = best;
+    if (lane == j) {
+      my_id = best_e;
+      my_w = best;
     }
     top_sum += best;
   }
-  __syncwarp();
-  if (renorm && lane < k) weights[t * k + lane] /= top_sum;
+  if (lane < k) {
+    ids[t * k + lane] = my_id;
+    weights[t * k + lane] = renorm ? my_w / top_sum : my_w;
+  }
 }
 
 __global__ void read_probe_kernel(const uint4* p, size_t n, unsigned* sink) {
@@ -1225,16 +1286,25 @@ void embed(const DevMatrix& table, const int32_t* ids, int64_t T, float* out, cu
 void rms_norm(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t rows,
               int64_t dim, float eps, bool zero_centred, cudaStream_t s) {
   if (rows == 0) return;
-  rms_norm_kernel<<<static_cast<unsigned>(rows), 256, 0, s>>>(
-      x, ldx, w, y, ldy, dim, eps, zero_centred, nullptr, nullptr, nullptr, nullptr, 0);
+  if (dim <= 16 * 256)
+    rms_norm_reg_kernel<<<static_cast<unsigned>(rows), 256, 0, s>>>(
+        x, ldx, w, y, ldy, dim, eps, zero_centred, nullptr, nullptr, nullptr, nullptr, 0);
+  else
+    rms_norm_kernel<<<static_cast<unsigned>(rows), 256, 0, s>>>(
+        x, ldx, w, y, ldy, dim, eps, zero_centred, nullptr, nullptr, nullptr, nullptr, 0);
 }
 
 void add_rms_norm(float* x, const float* y, const float* w, float* xn, int64_t rows, int64_t dim,
                   float eps, bool zero_centred, cudaStream_t s, const float* hs,
                   const float* gate, int64_t ld_gate) {
   if (rows == 0) return;
-  rms_norm_kernel<<<static_cast<unsigned>(rows), 256, 0, s>>>(x, dim, w, xn, dim, dim, eps,
-                                                               zero_centred, x, y, hs, gate, ld_gate);
+  if (dim <= 16 * 256)
+    rms_norm_reg_kernel<<<static_cast<unsigned>(rows), 256, 0, s>>>(
+        x, dim, w, xn, dim, dim, eps, zero_centred, x, y, hs, gate, ld_gate);
+  else
+    rms_norm_kernel<<<static_cast<unsigned>(rows), 256, 0, s>>>(x, dim, w, xn, dim, dim, eps,
+                                                                 zero_centred, x, y, hs, gate,
+                                                                 ld_gate);
 }
 
 void silu_mul(const float* g, const float* u, int64_t ld, float* h, int64_t T, int64_t I,
