@@ -166,7 +166,10 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
     const float v = warp_sum(acc[m]);
     if (lane == 0) red[warp][m] = v;
   }
-  if (wpr > 1) __syncthreads();
+  if (wpr > 1)
+    __syncthreads();
+  else
+    __syncwarp();
   if (!active || part != 0 || lane >= M) return;
   const float sc = F == WFormat::kI8 ? w.scale[row] : 1.0f;
   float v = 0.f;
