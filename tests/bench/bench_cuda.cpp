@@ -160,6 +160,38 @@ int main(int argc, char** argv) {
   cudaFree(buf2);
   cudaFree(buf);
 
+  // Launch floor: an empty kernel replayed from a CUDA graph, 200 in a row (each waits for the
+  // previous one, like the ops of a decode step).
+  {
+    cudaStream_t st;
+    cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking);
+    cudaGraph_t g;
+    cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal);
+    for (int i = 0; i < 200; ++i) kc::gpu_sleep(0, st);
+    cudaStreamEndCapture(st, &g);
+    cudaGraphExec_t ge;
+    check(cudaGraphInstantiate(&ge, g, 0), "graph");
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    std::vector<double> ts;
+    for (int r = 0; r < 10; ++r) {
+      cudaEventRecord(e0, st);
+      cudaGraphLaunch(ge, st);
+      cudaEventRecord(e1, st);
+      cudaEventSynchronize(e1);
+      float ms = 0;
+      cudaEventElapsedTime(&ms, e0, e1);
+      ts.push_back(ms * 1e3 / 200);
+    }
+    std::sort(ts.begin(), ts.end());
+    fmt::print("{}\n", nlohmann::json{{"bench", "graph_kernel_floor"},
+                                      {"us_per_empty_kernel", ts[ts.size() / 2]}}
+                           .dump());
+    cudaGraphExecDestroy(ge);
+    cudaGraphDestroy(g);
+  }
+
   auto report = [&](const std::string& name, const std::string& shape, double t, double bytes) {
     fmt::print("{}\n", nlohmann::json{{"bench", "kernel"},
                                       {"kernel", name},
