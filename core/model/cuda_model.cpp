@@ -121,6 +121,8 @@ struct CudaModel::Impl {
   bool graphs_ready = false;
 
   std::atomic<uint64_t> kv_bytes{0}, linear_bytes{0};
+  void* blas_ws = nullptr;
+  ~Impl();
 
   // TIDAL_CUDA_PROFILE=1: events between the ops of uncaptured forwards, time per op label.
   bool profiling = false;
@@ -275,27 +277,41 @@ void CudaModel::Impl::ensure_capacity(DeviceSequenceState& s, int64_t need) {
               "a {}-token KV cache needs {:.2f} GiB more VRAM, over the gpu_memory limit of {:.2f} "
               "GiB ({:.2f} GiB in use)",
               cap, gib(add), gib(opts.memory_limit), gib(used));
+  // Allocate every new buffer first: on failure the sequence keeps its old cache intact.
+  std::vector<void*> fresh;
+  for (size_t i = 0; i < 2 * n_attn; ++i) {
+    void* p = nullptr;
+    const cudaError_t e = cudaMalloc(&p, bytes);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      for (void* q : fresh) cudaFree(q);
+      throw OutOfMemory(fmt::format("CUDA out of memory growing a KV cache to {} tokens ({:.2f} GiB)",
+                                    cap, gib(2 * n_attn * bytes)));
+    }
+    fresh.push_back(p);
+  }
+  size_t next = 0;
   for (size_t l = 0; l < layers.size(); ++l) {
     if (layers[l].type != LayerType::kFullAttention) continue;
     auto& t = s.table[l];
     for (void** p : {&t.k_cache, &t.v_cache}) {
-      void* fresh = nullptr;
-      cuda_check(cudaMalloc(&fresh, bytes), "KV cache allocation");
+      void* nb = fresh[next++];
       if (*p && s.capacity > 0)
-        cuda_check(cudaMemcpyAsync(fresh, *p, static_cast<size_t>(s.capacity * row) * esz,
+        cuda_check(cudaMemcpyAsync(nb, *p, static_cast<size_t>(s.capacity * row) * esz,
                                    cudaMemcpyDeviceToDevice, stream),
                    "KV cache growth");
-      cudaStreamSynchronize(stream);
+      cuda_check(cudaStreamSynchronize(stream), "KV cache growth");
       cudaFree(*p);
-      *p = fresh;
+      *p = nb;
     }
   }
   kv_bytes += 2 * n_attn * bytes - s.kv_bytes;
   s.kv_bytes = 2 * n_attn * bytes;
   s.capacity = cap;
-  cuda_check(cudaMemcpy(s.d_table, s.table.data(), s.table.size() * sizeof(kc::LayerStateDev),
-                        cudaMemcpyHostToDevice),
+  cuda_check(cudaMemcpyAsync(s.d_table, s.table.data(), s.table.size() * sizeof(kc::LayerStateDev),
+                             cudaMemcpyHostToDevice, stream),
              "state table upload");
+  cuda_check(cudaStreamSynchronize(stream), "state table upload");
 }
 
 std::vector<std::pair<size_t, size_t>> CudaModel::Impl::segments() const {
@@ -536,15 +552,22 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
               "gpu_memory={:.2f} GiB is more than the {:.2f} GiB of {}", gib(opts.memory_limit),
               gib(total_b), m.name);
   if (m.opts.memory_limit == 0) m.opts.memory_limit = free_b;
-  TIDAL_CHECK(cfg.head_dim <= 256, Unsupported, "head_dim={} > 256 is not supported on CUDA",
+  TIDAL_CHECK(cfg.head_dim <= 256 && (cfg.head_dim <= 32 || cfg.head_dim % 8 == 0), Unsupported,
+              "the CUDA attention kernels need head_dim <= 32 or a multiple of 8 up to 256 (vector "
+              "loads of the KV cache), got {}",
               cfg.head_dim);
   if (cfg.is_hybrid()) {
     const int64_t dk = cfg.linear_key_head_dim, dv = cfg.linear_value_head_dim;
+    // delta_rule: a block holds min(32, d_v) columns × (d_k / rows-per-thread) lanes per column;
+    // lanes of one column reduce by shuffles, so a block of fewer than 32 threads needs one lane
+    // per column (d_k = 16).
     const bool ok = (dk == 16 || dk == 32 || dk == 64 || dk == 128 || dk == 256) &&
-                    dv % std::min<int64_t>(32, dv) == 0 && cfg.linear_conv_kernel_dim <= 8;
+                    (dv % 32 == 0 || (dk == 16 && dv <= 32)) && cfg.linear_conv_kernel_dim <= 8;
     TIDAL_CHECK(ok, Unsupported,
                 "the CUDA DeltaNet kernel needs linear_key_head_dim in {{16, 32, 64, 128, 256}}, "
-                "linear_value_head_dim a multiple of 32 (or < 32), linear_conv_kernel_dim <= 8");
+                "linear_value_head_dim a multiple of 32 (or <= 32 with linear_key_head_dim 16), "
+                "linear_conv_kernel_dim <= 8; got {}, {}, {}",
+                dk, dv, cfg.linear_conv_kernel_dim);
   }
   TIDAL_CHECK(cfg.num_experts <= 1024 && cfg.num_experts_per_tok <= 16, Unsupported,
               "the CUDA router supports up to 1024 experts and top-16");
@@ -824,9 +847,8 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
   }
   cublas_check(cublasCreate(&m.blas), "cublasCreate");
   cublas_check(cublasSetStream(m.blas, m.stream), "cublasSetStream");
-  void* blas_ws = nullptr;
-  cuda_check(cudaMalloc(&blas_ws, size_t{32} << 20), "cuBLAS workspace");
-  cublas_check(cublasSetWorkspace(m.blas, blas_ws, size_t{32} << 20), "cublasSetWorkspace");
+  cuda_check(cudaMalloc(&m.blas_ws, size_t{32} << 20), "cuBLAS workspace");
+  cublas_check(cublasSetWorkspace(m.blas, m.blas_ws, size_t{32} << 20), "cublasSetWorkspace");
 
   // Pinned staging.
   const size_t pin = align_up(sizeof(kc::StepDev)) + align_up(T * 4) + 2 * align_up(T * H * f) +
@@ -850,15 +872,20 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
   cuda_check(cudaEventCreateWithFlags(&m.ev_d2h, cudaEventDisableTiming), "event creation");
 }
 
-CudaModel::~CudaModel() {
-  Impl& m = *impl_;
-  for (auto g : m.graphs) cudaGraphExecDestroy(g);
-  if (m.blas) cublasDestroy(m.blas);
-  if (m.ev_d2h) cudaEventDestroy(m.ev_d2h);
-  if (m.stream) cudaStreamDestroy(m.stream);
-  cudaFree(m.wbase);
-  cudaFree(m.ws);
-  cudaFreeHost(m.pinned);
+CudaModel::~CudaModel() = default;
+
+// Frees whatever was created, also when the constructor threw halfway (impl_ is destroyed then).
+CudaModel::Impl::~Impl() {
+  if (stream) cudaStreamSynchronize(stream);
+  for (auto g : graphs) cudaGraphExecDestroy(g);
+  if (blas) cublasDestroy(blas);
+  if (ev_d2h) cudaEventDestroy(ev_d2h);
+  for (auto e : prof_events) cudaEventDestroy(e);
+  if (stream) cudaStreamDestroy(stream);
+  cudaFree(wbase);
+  cudaFree(ws);
+  cudaFree(blas_ws);
+  cudaFreeHost(pinned);
 }
 
 std::string CudaModel::device_name() const { return impl_->name; }
@@ -867,6 +894,7 @@ std::map<std::string, double> CudaModel::profile_seconds() const { return impl_-
 
 std::shared_ptr<DeviceSequenceState> CudaModel::new_state() {
   Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
   auto s = std::make_shared<DeviceSequenceState>();
   s->owner = &m;
   s->table.resize(m.layers.size());
@@ -881,15 +909,20 @@ std::shared_ptr<DeviceSequenceState> CudaModel::new_state() {
                                           c.linear_value_head_dim) * 4;
     auto& t = s->table[l];
     cuda_check(cudaMalloc(reinterpret_cast<void**>(&t.conv), std::max<size_t>(cb, 4)), "DeltaNet state");
+    s->linear_bytes += cb;
+    m.linear_bytes += cb;
     cuda_check(cudaMalloc(reinterpret_cast<void**>(&t.recurrent), rb), "DeltaNet state");
-    cudaMemset(t.conv, 0, std::max<size_t>(cb, 4));
-    cudaMemset(t.recurrent, 0, rb);
-    s->linear_bytes += cb + rb;
+    s->linear_bytes += rb;
+    m.linear_bytes += rb;
+    // On the compute stream (non-blocking: the legacy default stream would not order them).
+    cuda_check(cudaMemsetAsync(t.conv, 0, std::max<size_t>(cb, 4), m.stream), "state reset");
+    cuda_check(cudaMemsetAsync(t.recurrent, 0, rb, m.stream), "state reset");
   }
-  m.linear_bytes += s->linear_bytes;
-  cuda_check(cudaMemcpy(s->d_table, s->table.data(), s->table.size() * sizeof(kc::LayerStateDev),
-                        cudaMemcpyHostToDevice),
+  cuda_check(cudaMemcpyAsync(s->d_table, s->table.data(),
+                             s->table.size() * sizeof(kc::LayerStateDev), cudaMemcpyHostToDevice,
+                             m.stream),
              "state table upload");
+  cuda_check(cudaStreamSynchronize(m.stream), "state creation");
   return s;
 }
 
@@ -938,7 +971,8 @@ void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, Logi
     // last segment the final norm.
     auto enqueue_segment = [&](size_t s) {
       if (s == 0) {
-        if (m.profiling) kc::gpu_sleep(int64_t{30} * 1000 * 1000, m.stream);  // host runs ahead
+        if (m.profiling && !use_graph)  // host runs ahead, so events time kernels, not launches
+          kc::gpu_sleep(int64_t{30} * 1000 * 1000, m.stream);
         m.mark("start");
         kc::embed(m.embed, m.ids, T, m.x, m.stream);
         m.mark("embedding");
@@ -956,15 +990,29 @@ void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, Logi
       }
     };
     if (use_graph && !m.graphs_ready) {
-      for (size_t s = 0; s < segs.size(); ++s) {
-        cudaGraph_t g = nullptr;
-        cuda_check(cudaStreamBeginCapture(m.stream, cudaStreamCaptureModeThreadLocal), "capture");
-        enqueue_segment(s);
-        cuda_check(cudaStreamEndCapture(m.stream, &g), "capture");
-        cudaGraphExec_t e = nullptr;
-        cuda_check(cudaGraphInstantiate(&e, g, 0), "graph instantiation");
-        cudaGraphDestroy(g);
-        m.graphs.push_back(e);
+      try {
+        for (size_t s = 0; s < segs.size(); ++s) {
+          cudaGraph_t g = nullptr;
+          cuda_check(cudaStreamBeginCapture(m.stream, cudaStreamCaptureModeThreadLocal), "capture");
+          try {
+            enqueue_segment(s);
+          } catch (...) {
+            cudaStreamEndCapture(m.stream, &g);  // leave capture mode, drop the partial graph
+            if (g) cudaGraphDestroy(g);
+            cudaGetLastError();
+            throw;
+          }
+          cuda_check(cudaStreamEndCapture(m.stream, &g), "capture");
+          cudaGraphExec_t e = nullptr;
+          const cudaError_t ie = cudaGraphInstantiate(&e, g, 0);
+          cudaGraphDestroy(g);
+          cuda_check(ie, "graph instantiation");
+          m.graphs.push_back(e);
+        }
+      } catch (...) {
+        for (auto e : m.graphs) cudaGraphExecDestroy(e);
+        m.graphs.clear();
+        throw;
       }
       m.graphs_ready = true;
     }
@@ -973,6 +1021,7 @@ void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, Logi
         cuda_check(cudaGraphLaunch(m.graphs[s], m.stream), "graph launch");
       else
         enqueue_segment(s);
+      cuda_check(cudaGetLastError(), "kernel launch");
       if (s + 1 < segs.size()) {  // routed experts of layer segs[s].second - 1 on the host
         const int64_t layer = static_cast<int64_t>(segs[s].second) - 1;
         const int64_t k = c.num_experts_per_tok;
@@ -1019,10 +1068,13 @@ void CudaModel::download_linear_states(const SequenceState& state,
     rec[l].resize(static_cast<size_t>(c.linear_num_value_heads * c.linear_key_head_dim *
                                       c.linear_value_head_dim));
     const auto& t = state.device->table[l];
-    cuda_check(cudaMemcpy(conv[l].data(), t.conv, conv[l].size() * 4, cudaMemcpyDeviceToHost),
+    cuda_check(cudaMemcpyAsync(conv[l].data(), t.conv, conv[l].size() * 4, cudaMemcpyDeviceToHost,
+                               m.stream),
                "state download");
-    cuda_check(cudaMemcpy(rec[l].data(), t.recurrent, rec[l].size() * 4, cudaMemcpyDeviceToHost),
+    cuda_check(cudaMemcpyAsync(rec[l].data(), t.recurrent, rec[l].size() * 4,
+                               cudaMemcpyDeviceToHost, m.stream),
                "state download");
+    cuda_check(cudaStreamSynchronize(m.stream), "state download");
   }
 }
 
@@ -1039,14 +1091,17 @@ void CudaModel::upload_linear_states(SequenceState& state,
     const size_t rb = static_cast<size_t>(c.linear_num_value_heads * c.linear_key_head_dim *
                                           c.linear_value_head_dim) * 4;
     if (conv)
-      cuda_check(cudaMemcpy(t.conv, (*conv)[l].data(), cb, cudaMemcpyHostToDevice), "state upload");
-    else
-      cuda_check(cudaMemset(t.conv, 0, cb), "state reset");
-    if (rec)
-      cuda_check(cudaMemcpy(t.recurrent, (*rec)[l].data(), rb, cudaMemcpyHostToDevice),
+      cuda_check(cudaMemcpyAsync(t.conv, (*conv)[l].data(), cb, cudaMemcpyHostToDevice, m.stream),
                  "state upload");
     else
-      cuda_check(cudaMemset(t.recurrent, 0, rb), "state reset");
+      cuda_check(cudaMemsetAsync(t.conv, 0, cb, m.stream), "state reset");
+    if (rec)
+      cuda_check(cudaMemcpyAsync(t.recurrent, (*rec)[l].data(), rb, cudaMemcpyHostToDevice,
+                                 m.stream),
+                 "state upload");
+    else
+      cuda_check(cudaMemsetAsync(t.recurrent, 0, rb, m.stream), "state reset");
+    cuda_check(cudaStreamSynchronize(m.stream), "state upload");  // the host vectors may go away
   }
 }
 
