@@ -421,6 +421,33 @@ int main(int argc, char** argv) {
         model.forward(tok, st, tidal::core::LogitsMode::kLast, logits, *ex, nullptr);
         ts.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
       }
+      if (graphs) {  // prefill: 2048 tokens from an empty sequence, in the model's 512-token chunks
+        std::vector<int64_t> prompt(2048);
+        for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int64_t>((i * 7919) % 248000);
+        std::vector<double> tp;
+        for (int r = 0; r < 4; ++r) {
+          tidal::core::SequenceState ps;
+          ps.layers.resize(layers.size());
+          ps.device = model.new_state();
+          const auto t0 = std::chrono::steady_clock::now();
+          model.forward(prompt, ps, tidal::core::LogitsMode::kLast, logits, *ex, nullptr);
+          tp.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        }
+        std::sort(tp.begin() + 1, tp.end());
+        const double t = tp[2];
+        // Dense FLOPs per token: 2 · (every resident weight but the embedding table), + attention.
+        const double flops = 2.0 * (static_cast<double>(rep.weights_bf16_equivalent) / 2.0 -
+                                    static_cast<double>(cfg.vocab_size * H)) * 2048.0;
+        fmt::print("{}\n", nlohmann::json{{"bench", "prefill"},
+                                          {"model", "qwen3.6-35b-a3b shape, routed experts excluded"},
+                                          {"weights", f},
+                                          {"precision", "bf16x2"},
+                                          {"tokens", 2048},
+                                          {"ms", t * 1e3},
+                                          {"tokens_per_s", 2048.0 / t},
+                                          {"dense_TFLOPs", flops / t / 1e12}}
+                               .dump());
+      }
       if (!graphs) {  // TIDAL_CUDA_PROFILE=1: GPU time per op label, per step
         const auto prof = model.profile_seconds();
         if (!prof.empty()) {
