@@ -1325,8 +1325,14 @@ void attn_prep(const AttnPrepArgs& a, cudaStream_t s) {
 bool attention_supports_head_dim(int64_t d) { return d >= 1 && d <= 256; }
 
 int attention_max_splits(int64_t T, int64_t nkv, int sm_count) {
-  // ~16 warps per SM in all; at least 256 keys per split is decided inside the kernel's chunking.
-  const int64_t want = (static_cast<int64_t>(sm_count) * 16) / std::max<int64_t>(1, T * nkv);
+  // Splits per SM (over all KV heads and tokens); the minimum keys per split is decided inside the
+  // kernels' chunking. TIDAL_ATTN_SPLITS_PER_SM overrides the default 16 for tuning.
+  static const int64_t per_sm = [] {
+    const char* e = std::getenv("TIDAL_ATTN_SPLITS_PER_SM");
+    const int64_t v = e ? std::atoll(e) : 0;
+    return v >= 1 && v <= 64 ? v : int64_t{16};
+  }();
+  const int64_t want = (static_cast<int64_t>(sm_count) * per_sm) / std::max<int64_t>(1, T * nkv);
   return static_cast<int>(std::clamp<int64_t>(want, 1, kMaxSplits));
 }
 
