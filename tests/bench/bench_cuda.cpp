@@ -109,10 +109,11 @@ int main(int argc, char** argv) {
   std::vector<int64_t> contexts = {1024, 32768, 131072};
   int64_t step_ctx = 4096;
   std::vector<std::string> wfmts = {"bf16", "int8"};
-  bool only_step = false;
+  bool only_step = false, no_step = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--only-step") only_step = true;
+    else if (a == "--no-step") no_step = true;
     else if (a == "--contexts" && i + 1 < argc) contexts = parse_list(argv[++i]);
     else if (a == "--step-context" && i + 1 < argc) step_ctx = std::stoll(argv[++i]);
     else if (a == "--weights" && i + 1 < argc) {
@@ -338,6 +339,7 @@ int main(int argc, char** argv) {
 
   }  // !only_step
 
+  if (no_step) return 0;
   // ---------------------------------------------------------------- full decode step
   const int64_t nh = 16, nkv = 2, d = 256;
   const auto cfg = tidal::core::ModelConfig::from_json(nlohmann::json::parse(kConfig35b), "35b");
