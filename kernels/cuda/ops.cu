@@ -1330,9 +1330,12 @@ int attention_max_splits(int64_t T, int64_t nkv, int sm_count) {
   static const int64_t per_sm = [] {
     const char* e = std::getenv("TIDAL_ATTN_SPLITS_PER_SM");
     const int64_t v = e ? std::atoll(e) : 0;
-    return v >= 1 && v <= 64 ? v : int64_t{16};
+    return v >= 1 && v <= 64 ? v : int64_t{0};
   }();
-  const int64_t want = (static_cast<int64_t>(sm_count) * per_sm) / std::max<int64_t>(1, T * nkv);
+  // Decode: 3 per SM, one wave of the tiled kernel at its 3 resident blocks per SM (measured best of
+  // 3..24 at 4K-128K context on the H100); more splits for the warp kernel's short prefill chunks.
+  const int64_t f = per_sm ? per_sm : (T == 1 ? 3 : 16);
+  const int64_t want = (static_cast<int64_t>(sm_count) * f) / std::max<int64_t>(1, T * nkv);
   return static_cast<int>(std::clamp<int64_t>(want, 1, kMaxSplits));
 }
 
