@@ -158,6 +158,79 @@ TEST(CudaOps, GemvWithGatedInputMatchesSiluMulThenLinear) {
   }
 }
 
+/// The prefill-path converters and the embedding gather, element by element.
+TEST(CudaOps, ConvertersEmbeddingAndSiluMul) {
+  REQUIRE_GPU();
+  const int64_t rows = 13, cols = 37;
+  auto w = random_vec(static_cast<size_t>(rows * cols), 70, 0.5f);
+  std::vector<float> scale(rows);
+  std::vector<int8_t> q(w.size());
+  for (int64_t r = 0; r < rows; ++r) {
+    scale[r] = 0.01f * static_cast<float>(r + 1);
+    for (int64_t c = 0; c < cols; ++c)
+      q[r * cols + c] = static_cast<int8_t>(std::clamp(std::nearbyint(w[r * cols + c] / scale[r]),
+                                                       -127.0f, 127.0f));
+  }
+  Dev<uint16_t> dwb(to_bf16(w));
+  Dev<int8_t> dwq(q);
+  Dev<float> dsc(scale), dwf(w);
+  const DevMatrix mb{dwb.p, nullptr, WFormat::kBF16, rows, cols};
+  const DevMatrix mq{dwq.p, dsc.p, WFormat::kI8, rows, cols};
+  const DevMatrix mf{dwf.p, nullptr, WFormat::kF32, rows, cols};
+  // weight_to_f32 / weight_to_bf16 of every format.
+  for (const DevMatrix* m : {&mb, &mq, &mf}) {
+    std::vector<float> ref(w.size());
+    for (size_t i = 0; i < w.size(); ++i)
+      ref[i] = m->format == WFormat::kF32    ? w[i]
+               : m->format == WFormat::kBF16 ? bf16_to_f32(kernels::f32_to_bf16(w[i]))
+                                             : static_cast<float>(q[i]) * scale[i / cols];
+    Dev<float> f32(w.size());
+    Dev<uint16_t> b16(w.size());
+    weight_to_f32(*m, f32.p, nullptr);
+    weight_to_bf16(*m, b16.p, nullptr);
+    EXPECT_EQ(max_abs_diff(f32.get(), ref), 0.f);
+    const auto bits = b16.get();
+    for (size_t i = 0; i < ref.size(); ++i) ASSERT_EQ(bits[i], kernels::f32_to_bf16(ref[i]));
+  }
+  // f32_to_bf16 and the hi/lo split (strided rows): hi + lo reproduces x to ~2^-16 relative.
+  const int64_t ld = cols + 3;
+  auto x = random_vec(static_cast<size_t>(rows * ld), 71, 3.0f);
+  Dev<float> dx(x);
+  Dev<uint16_t> hi(rows * cols), lo(rows * cols), one(rows * cols);
+  f32_to_bf16_split(dx.p, ld, hi.p, lo.p, rows, cols, nullptr);
+  f32_to_bf16(dx.p, ld, one.p, rows, cols, nullptr);
+  const auto h = hi.get(), l = lo.get(), o = one.get();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      const float v = x[r * ld + c];
+      const size_t i = static_cast<size_t>(r * cols + c);
+      ASSERT_EQ(h[i], kernels::f32_to_bf16(v));
+      ASSERT_EQ(o[i], kernels::f32_to_bf16(v));
+      ASSERT_NEAR(bf16_to_f32(h[i]) + bf16_to_f32(l[i]), v, std::fabs(v) * 1.6e-5f);
+    }
+  // Embedding gather of every format.
+  const std::vector<int32_t> ids = {12, 0, 5, 5, 7};
+  Dev<int32_t> dids(ids);
+  for (const DevMatrix* m : {&mb, &mq, &mf}) {
+    Dev<float> out(ids.size() * cols), conv(w.size());
+    embed(*m, dids.p, static_cast<int64_t>(ids.size()), out.p, nullptr);
+    weight_to_f32(*m, conv.p, nullptr);
+    const auto got = out.get(), table = conv.get();
+    for (size_t t = 0; t < ids.size(); ++t)
+      for (int64_t c = 0; c < cols; ++c)
+        ASSERT_EQ(got[t * cols + c], table[ids[t] * cols + c]);
+  }
+  // silu_mul with strided [g | u] rows.
+  const int64_t T = 4, I = 29, ldg = 2 * I + 6;
+  auto gu = random_vec(static_cast<size_t>(T * ldg), 72);
+  Dev<float> dgu(gu), hbuf(T * I);
+  silu_mul(dgu.p, dgu.p + I, ldg, hbuf.p, T, I, nullptr);
+  const auto hv = hbuf.get();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < I; ++i)
+      ASSERT_NEAR(hv[t * I + i], cpu::silu(gu[t * ldg + i]) * gu[t * ldg + I + i], 1e-6f);
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Shapes, CudaGemvTest,
     ::testing::Values(GemvCase{WFormat::kBF16, 37, 64, 1}, GemvCase{WFormat::kBF16, 300, 2048, 1},
@@ -234,6 +307,7 @@ TEST(CudaOps, RouterMatchesCpuIncludingTies) {
 struct AttnCase {
   int64_t nh, nkv, d, pos0, T;
   bool gated;
+  bool kv_f32 = false;  ///< fp32 cache (gpu_precision="fp32")
 };
 class CudaAttentionTest : public ::testing::TestWithParam<AttnCase> {};
 
@@ -250,7 +324,9 @@ TEST_P(CudaAttentionTest, PrepAndAttentionMatchCpu) {
   // Cache history (positions < pos0), as BF16.
   auto kh = round_bf16(random_vec(n * kvw, 15)), vh = round_bf16(random_vec(n * kvw, 16));
   Dev<uint16_t> dk(to_bf16(kh)), dv(to_bf16(vh));
+  Dev<float> dkf(kh), dvf(vh);  // the fp32 cache variant
   LayerStateDev ls{dk.p, dv.p, nullptr, nullptr};
+  if (c.kv_f32) ls = LayerStateDev{dkf.p, dvf.p, nullptr, nullptr};
   Dev<LayerStateDev> dls(std::vector<LayerStateDev>{ls});
   Dev<StepDev> dstep(std::vector<StepDev>{StepDev{c.pos0, dls.p}});
   Dev<float> dqg(qg), dkn(kn), dvn(vn), dqn(qnorm), dkn2(knorm), dinv(table.inv_freq);
@@ -272,6 +348,7 @@ TEST_P(CudaAttentionTest, PrepAndAttentionMatchCpu) {
   p.rotary_dim = rot;
   p.zero_centred = c.gated;
   p.gated = c.gated;
+  p.kv_f32 = c.kv_f32;
   attn_prep(p, nullptr);
   AttentionArgs a;
   a.q = dq.p;
@@ -283,6 +360,7 @@ TEST_P(CudaAttentionTest, PrepAndAttentionMatchCpu) {
   a.nkv = c.nkv;
   a.d = c.d;
   a.scale = 1.0f / std::sqrt(static_cast<float>(c.d));
+  a.kv_f32 = c.kv_f32;
   for (int splits : {1, 3, attention_max_splits(c.T, c.nkv, 132)}) {
     a.max_splits = splits;
     Dev<float> part(attention_workspace_floats(c.T, c.nh, c.d, splits));
@@ -304,14 +382,20 @@ TEST_P(CudaAttentionTest, PrepAndAttentionMatchCpu) {
     cpu::rope_apply(kcur.data(), c.T, kvw, c.nkv, c.d, c.pos0, table);
     std::vector<float> kc = kh, vc = vh;
     for (int64_t i = 0; i < c.T * kvw; ++i) {
-      kc[c.pos0 * kvw + i] = bf16_to_f32(kernels::f32_to_bf16(kcur[i]));
-      vc[c.pos0 * kvw + i] = bf16_to_f32(kernels::f32_to_bf16(vn[i]));
+      kc[c.pos0 * kvw + i] = c.kv_f32 ? kcur[i] : bf16_to_f32(kernels::f32_to_bf16(kcur[i]));
+      vc[c.pos0 * kvw + i] = c.kv_f32 ? vn[i] : bf16_to_f32(kernels::f32_to_bf16(vn[i]));
     }
     // The cache the GPU wrote equals the rounded CPU values (up to RoPE's sin/cos ulps).
     std::vector<float> kgot(n * kvw);
-    const auto kbits = dk.get();
-    for (size_t i = 0; i < kgot.size(); ++i) kgot[i] = bf16_to_f32(kbits[i]);
-    EXPECT_LT(max_abs_diff(kgot, kc), 2e-2f);
+    if (c.kv_f32) {
+      kgot = dkf.get();
+      EXPECT_LT(max_abs_diff(kgot, kc), 1e-4f);
+      EXPECT_EQ(max_abs_diff(dvf.get(), vc), 0.f);
+    } else {
+      const auto kbits = dk.get();
+      for (size_t i = 0; i < kgot.size(); ++i) kgot[i] = bf16_to_f32(kbits[i]);
+      EXPECT_LT(max_abs_diff(kgot, kc), 2e-2f);
+    }
     std::vector<float> ref(c.T * c.nh * c.d);
     auto ex = cpu();
     cpu::AttentionArgs ca;
@@ -340,7 +424,11 @@ INSTANTIATE_TEST_SUITE_P(
                       AttnCase{4, 2, 24, 0, 45, false},      // qwen3_moe fixture shape, odd d
                       AttnCase{4, 2, 64, 5, 1, true},        // tidal-mini decode
                       AttnCase{32, 4, 128, 300, 3, false},   // 30B-A3B, 3 tokens
-                      AttnCase{8, 1, 32, 0, 1, true}));      // first token, one KV head
+                      AttnCase{8, 1, 32, 0, 1, true},        // first token, one KV head
+                      AttnCase{16, 2, 128, 700, 1, false},   // tiled decode at d = 128
+                      AttnCase{32, 2, 128, 300, 1, false},   // G = 16 (tiled, 16 heads per pass)
+                      AttnCase{16, 2, 256, 513, 1, true, true},  // fp32 cache, decode
+                      AttnCase{4, 2, 24, 9, 30, false, true}));  // fp32 cache, prefill, odd d
 
 // -------------------------------------------------------------------------- Gated DeltaNet
 
