@@ -99,7 +99,8 @@ struct CudaModel::Impl {
   float* partial = nullptr;
   int attn_splits_decode = 1;
   float *mixed = nullptr, *zb = nullptr, *bb = nullptr, *ab = nullptr, *u = nullptr, *gq = nullptr,
-        *gk = nullptr, *gv = nullptr, *beta = nullptr, *gg = nullptr, *go = nullptr, *proj = nullptr;
+        *gk = nullptr, *gv = nullptr, *beta = nullptr, *gg = nullptr, *go = nullptr,
+        *proj = nullptr;
   float *rw = nullptr, *hmid = nullptr, *logits = nullptr;
   int32_t *ids = nullptr, *rids = nullptr;
   uint16_t* act16 = nullptr;
@@ -112,7 +113,8 @@ struct CudaModel::Impl {
   void* pinned = nullptr;
   int32_t* h_ids = nullptr;
   kc::StepDev* h_step = nullptr;
-  float *h_xn = nullptr, *h_out = nullptr, *h_w = nullptr, *h_rlogits = nullptr, *h_logits = nullptr;
+  float *h_xn = nullptr, *h_out = nullptr, *h_w = nullptr, *h_rlogits = nullptr,
+        *h_logits = nullptr;
   int32_t* h_rids = nullptr;
   cudaEvent_t ev_d2h = nullptr;
 
@@ -170,8 +172,7 @@ struct CudaModel::Impl {
       kc::f32_to_bf16(xin, ldx, act16, T, K, stream);
     const WFormat want = fp32 ? WFormat::kF32 : WFormat::kBF16;
     const int64_t slice_rows =
-        w.format == want ? w.rows
-                         : std::max<int64_t>(1, static_cast<int64_t>(wscratch_elems) / K);
+        w.format == want ? w.rows : std::max<int64_t>(1, static_cast<int64_t>(wscratch_elems) / K);
     for (int64_t n0 = 0; n0 < w.rows; n0 += slice_rows) {
       const int64_t n = std::min(slice_rows, w.rows - n0);
       DevMatrix ws_m = w;
@@ -199,11 +200,10 @@ struct CudaModel::Impl {
         for (int part = 0; part < (split ? 2 : 1); ++part) {  // hi, then + lo
           const float b = part == 0 ? beta_v : 1.0f;
           cublas_check(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n),
-                                    static_cast<int>(T), static_cast<int>(K), &one, wp,
-                                    CUDA_R_16BF, static_cast<int>(K), part == 0 ? act16 : act_lo,
-                                    CUDA_R_16BF, static_cast<int>(K), &b, yout + n0, CUDA_R_32F,
-                                    static_cast<int>(ldy), CUBLAS_COMPUTE_32F,
-                                    CUBLAS_GEMM_DEFAULT),
+                                    static_cast<int>(T), static_cast<int>(K), &one, wp, CUDA_R_16BF,
+                                    static_cast<int>(K), part == 0 ? act16 : act_lo, CUDA_R_16BF,
+                                    static_cast<int>(K), &b, yout + n0, CUDA_R_32F,
+                                    static_cast<int>(ldy), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                        "cublasGemmEx");
         }
     }
@@ -239,6 +239,7 @@ struct CudaModel::Impl {
   void enqueue_mlp(const GpuLayer& L, int layer, int64_t T);
   void enqueue_final(int64_t T, LogitsMode mode);
   std::vector<std::pair<size_t, size_t>> segments() const;
+  std::vector<std::pair<size_t, size_t>> segs;  // segments(), fixed after load
   void ensure_capacity(DeviceSequenceState& s, int64_t need);
   void free_state(DeviceSequenceState& s);
 };
@@ -285,8 +286,9 @@ void CudaModel::Impl::ensure_capacity(DeviceSequenceState& s, int64_t need) {
     if (e != cudaSuccess) {
       cudaGetLastError();
       for (void* q : fresh) cudaFree(q);
-      throw OutOfMemory(fmt::format("CUDA out of memory growing a KV cache to {} tokens ({:.2f} GiB)",
-                                    cap, gib(2 * n_attn * bytes)));
+      throw OutOfMemory(
+          fmt::format("CUDA out of memory growing a KV cache to {} tokens ({:.2f} GiB)", cap,
+                      gib(2 * n_attn * bytes)));
     }
     fresh.push_back(p);
   }
@@ -410,9 +412,8 @@ void CudaModel::Impl::enqueue_deltanet(const GpuLayer& L, int layer, int64_t T) 
                  stream);
     mark("gdn: l2norm, beta, g");
   }
-  if (T == 1 &&
-      kc::delta_rule_normed(gq, gk, gv, gg, beta, d_step, layer, z, ld_z, L.gnorm, eps, go, T, nk,
-                            nv, dk, dv, stream)) {
+  if (T == 1 && kc::delta_rule_normed(gq, gk, gv, gg, beta, d_step, layer, z, ld_z, L.gnorm, eps,
+                                      go, T, nk, nv, dk, dv, stream)) {
     mark("gdn: delta rule + gated norm");
   } else {
     kc::delta_rule(gq, gk, gv, gg, beta, d_step, layer, go, T, nk, nv, dk, dv, stream);
@@ -448,15 +449,15 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
   kc::moe_route(proj, W, T, E, k, c.norm_topk_prob, rids, rw, stream);
   mark("mlp: router top-k");
   if (experts) {
-    cuda_check(cudaMemcpyAsync(h_xn, xn, static_cast<size_t>(T * H) * 4, cudaMemcpyDeviceToHost,
+    cuda_check(
+        cudaMemcpyAsync(h_xn, xn, static_cast<size_t>(T * H) * 4, cudaMemcpyDeviceToHost, stream),
+        "copy to host");
+    cuda_check(cudaMemcpyAsync(h_rids, rids, static_cast<size_t>(T * k) * 4, cudaMemcpyDeviceToHost,
                                stream),
                "copy to host");
-    cuda_check(cudaMemcpyAsync(h_rids, rids, static_cast<size_t>(T * k) * 4,
-                               cudaMemcpyDeviceToHost, stream),
-               "copy to host");
-    cuda_check(cudaMemcpyAsync(h_w, rw, static_cast<size_t>(T * k) * 4, cudaMemcpyDeviceToHost,
-                               stream),
-               "copy to host");
+    cuda_check(
+        cudaMemcpyAsync(h_w, rw, static_cast<size_t>(T * k) * 4, cudaMemcpyDeviceToHost, stream),
+        "copy to host");
     if (routing->active())
       cuda_check(cudaMemcpy2DAsync(h_rlogits, static_cast<size_t>(E) * 4, proj,
                                    static_cast<size_t>(W) * 4, static_cast<size_t>(E) * 4,
@@ -491,9 +492,9 @@ void CudaModel::Impl::enqueue_layers(size_t l0, size_t l1, int64_t T, bool first
   if (first) {
     pend(nullptr);
   } else {  // routed output of the previous segment's last layer (pending since its MLP)
-    cuda_check(cudaMemcpyAsync(y, h_out, static_cast<size_t>(T * H) * 4, cudaMemcpyHostToDevice,
-                               stream),
-               "copy to device");
+    cuda_check(
+        cudaMemcpyAsync(y, h_out, static_cast<size_t>(T * H) * 4, cudaMemcpyHostToDevice, stream),
+        "copy to device");
   }
   for (size_t l = l0; l < l1; ++l) {
     const GpuLayer& L = layers[l];
@@ -525,8 +526,7 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
   TIDAL_CHECK(opts.weights == "bf16" || opts.weights == "int8", InvalidArgument,
               "gpu_weights must be \"bf16\" or \"int8\", got \"{}\"", opts.weights);
   TIDAL_CHECK(opts.precision == "bf16x2" || opts.precision == "bf16" || opts.precision == "fp32",
-              InvalidArgument,
-              "gpu_precision must be \"bf16x2\", \"bf16\" or \"fp32\", got \"{}\"",
+              InvalidArgument, "gpu_precision must be \"bf16x2\", \"bf16\" or \"fp32\", got \"{}\"",
               opts.precision);
   TIDAL_CHECK(opts.kv_dtype == "bf16" || opts.kv_dtype == "fp32", InvalidArgument,
               "kv_cache_dtype must be \"bf16\" or \"fp32\", got \"{}\"", opts.kv_dtype);
@@ -622,8 +622,8 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
             const float sc = mx > 0.f ? mx / 127.0f : 1.0f;
             sd[r0 + r] = sc;
             for (int64_t c = 0; c < cols; ++c)
-              qd[(r0 + r) * cols + c] = static_cast<int8_t>(
-                  std::clamp(std::nearbyint(p.at(r, c) / sc), -127.0f, 127.0f));
+              qd[(r0 + r) * cols + c] =
+                  static_cast<int8_t>(std::clamp(std::nearbyint(p.at(r, c) / sc), -127.0f, 127.0f));
           }
         });
         r0 += p.rows;
@@ -643,10 +643,12 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
           all_bf16 = kernels::bf16_to_f32(kernels::f32_to_bf16(p.at(r, c))) == p.at(r, c);
     }
     dst->format = all_bf16 ? WFormat::kBF16 : WFormat::kF32;
-    if (parts.size() == 1 && parts[0].dtype == (all_bf16 ? kernels::DType::kBF16 : kernels::DType::kF32)) {
-      mats.push_back({dst, push_raw(parts[0].data, parts[0].dtype == kernels::DType::kBF16
-                                                       ? static_cast<size_t>(rows * cols) * 2
-                                                       : static_cast<size_t>(rows * cols) * 4),
+    if (parts.size() == 1 &&
+        parts[0].dtype == (all_bf16 ? kernels::DType::kBF16 : kernels::DType::kF32)) {
+      mats.push_back({dst,
+                      push_raw(parts[0].data, parts[0].dtype == kernels::DType::kBF16
+                                                  ? static_cast<size_t>(rows * cols) * 2
+                                                  : static_cast<size_t>(rows * cols) * 4),
                       SIZE_MAX});
       return;
     }
@@ -738,8 +740,8 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
   const auto& c = cfg;
   const int64_t T = opts.max_chunk, H = c.hidden_size;
   m.Tmax = T;
-  m.attn_splits_decode = kc::attention_max_splits(1, std::max<int64_t>(1, c.num_key_value_heads),
-                                                  m.sm_count);
+  m.attn_splits_decode =
+      kc::attention_max_splits(1, std::max<int64_t>(1, c.num_key_value_heads), m.sm_count);
   size_t wsz = 0;
   std::vector<std::pair<void**, size_t>> wl;
   auto W = [&](auto** p, size_t bytes) {
@@ -757,7 +759,8 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
   W(&m.proj, T * Wmax * f);
   int64_t Kmax = std::max<int64_t>(H, c.num_attention_heads * c.head_dim);
   bool has_attention = false;
-  for (const auto& g : m.layers) has_attention = has_attention || g.type == LayerType::kFullAttention;
+  for (const auto& g : m.layers)
+    has_attention = has_attention || g.type == LayerType::kFullAttention;
   if (has_attention) {
     const int64_t nh = c.num_attention_heads, nkv = c.num_key_value_heads, d = c.head_dim;
     W(&m.qb, T * nh * d * f);
@@ -792,7 +795,8 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
   int64_t Imax = 1;  // widest SwiGLU intermediate (down projection input)
   for (const auto& g : m.layers) Imax = std::max(Imax, g.down.cols);
   Kmax = std::max(Kmax, Imax);
-  const int64_t E = std::max<int64_t>(1, c.num_experts), k = std::max<int64_t>(1, c.num_experts_per_tok);
+  const int64_t E = std::max<int64_t>(1, c.num_experts),
+                k = std::max<int64_t>(1, c.num_experts_per_tok);
   W(&m.rids, T * k * 4);
   W(&m.rw, T * k * f);
   W(&m.hmid, T * Imax * f);
@@ -809,8 +813,7 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
     };
     see(m.lm_head);
     for (const auto& g : m.layers)
-      for (const DevMatrix* d : {&g.mix, &g.o, &g.out, &g.mlp_in, &g.down})
-        see(*d);
+      for (const DevMatrix* d : {&g.mix, &g.o, &g.out, &g.mlp_in, &g.down}) see(*d);
     m.wscratch_elems = static_cast<size_t>(std::min<int64_t>(most, int64_t{16} << 20));
     m.wscratch_elems = std::max(m.wscratch_elems, static_cast<size_t>(Kmax));
     W(&m.wscratch, m.wscratch_elems * (want == WFormat::kF32 ? 4 : 2));
@@ -819,12 +822,13 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
   m.ws_bytes = wsz + (size_t{32} << 20);  // + cuBLAS workspace
 
   const uint64_t need = m.weight_bytes + m.ws_bytes;
-  TIDAL_CHECK(need <= m.opts.memory_limit, OutOfMemory,
-              "the GPU part of this model needs {:.2f} GiB (weights {:.2f} GiB{}, workspaces {:.2f} "
-              "GiB) but the VRAM budget is {:.2f} GiB ({} has {:.2f} GiB free){}",
-              gib(need), gib(m.weight_bytes), int8 ? " as int8" : "", gib(m.ws_bytes),
-              gib(m.opts.memory_limit), m.name, gib(free_b),
-              int8 ? "" : "; gpu_weights=\"int8\" halves the weights");
+  TIDAL_CHECK(
+      need <= m.opts.memory_limit, OutOfMemory,
+      "the GPU part of this model needs {:.2f} GiB (weights {:.2f} GiB{}, workspaces {:.2f} "
+      "GiB) but the VRAM budget is {:.2f} GiB ({} has {:.2f} GiB free){}",
+      gib(need), gib(m.weight_bytes), int8 ? " as int8" : "", gib(m.ws_bytes),
+      gib(m.opts.memory_limit), m.name, gib(free_b),
+      int8 ? "" : "; gpu_weights=\"int8\" halves the weights");
 
   cuda_check(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking), "stream creation");
   cuda_check(cudaMalloc(reinterpret_cast<void**>(&m.wbase), total), "weight allocation");
@@ -868,8 +872,10 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
   m.h_rids = reinterpret_cast<int32_t*>(take(T * k * 4));
   m.h_w = reinterpret_cast<float*>(take(T * k * 4));
   m.h_rlogits = reinterpret_cast<float*>(take(T * E * f));
-  m.h_logits = reinterpret_cast<float*>(take(static_cast<size_t>(m.logits_rows * c.vocab_size) * f));
+  m.h_logits =
+      reinterpret_cast<float*>(take(static_cast<size_t>(m.logits_rows * c.vocab_size) * f));
   cuda_check(cudaEventCreateWithFlags(&m.ev_d2h, cudaEventDisableTiming), "event creation");
+  m.segs = m.segments();
 }
 
 CudaModel::~CudaModel() = default;
@@ -904,11 +910,14 @@ std::shared_ptr<DeviceSequenceState> CudaModel::new_state() {
   const auto& c = m.cfg;
   for (size_t l = 0; l < m.layers.size(); ++l) {
     if (m.layers[l].type != LayerType::kLinearAttention) continue;
-    const size_t cb = static_cast<size_t>((c.linear_conv_kernel_dim - 1) * c.linear_conv_channels()) * 4;
+    const size_t cb =
+        static_cast<size_t>((c.linear_conv_kernel_dim - 1) * c.linear_conv_channels()) * 4;
     const size_t rb = static_cast<size_t>(c.linear_num_value_heads * c.linear_key_head_dim *
-                                          c.linear_value_head_dim) * 4;
+                                          c.linear_value_head_dim) *
+                      4;
     auto& t = s->table[l];
-    cuda_check(cudaMalloc(reinterpret_cast<void**>(&t.conv), std::max<size_t>(cb, 4)), "DeltaNet state");
+    cuda_check(cudaMalloc(reinterpret_cast<void**>(&t.conv), std::max<size_t>(cb, 4)),
+               "DeltaNet state");
     s->linear_bytes += cb;
     m.linear_bytes += cb;
     cuda_check(cudaMalloc(reinterpret_cast<void**>(&t.recurrent), rb), "DeltaNet state");
@@ -918,15 +927,17 @@ std::shared_ptr<DeviceSequenceState> CudaModel::new_state() {
     cuda_check(cudaMemsetAsync(t.conv, 0, std::max<size_t>(cb, 4), m.stream), "state reset");
     cuda_check(cudaMemsetAsync(t.recurrent, 0, rb, m.stream), "state reset");
   }
-  cuda_check(cudaMemcpyAsync(s->d_table, s->table.data(),
-                             s->table.size() * sizeof(kc::LayerStateDev), cudaMemcpyHostToDevice,
-                             m.stream),
-             "state table upload");
+  cuda_check(
+      cudaMemcpyAsync(s->d_table, s->table.data(), s->table.size() * sizeof(kc::LayerStateDev),
+                      cudaMemcpyHostToDevice, m.stream),
+      "state table upload");
   cuda_check(cudaStreamSynchronize(m.stream), "state creation");
   return s;
 }
 
-uint64_t CudaModel::state_bytes(const DeviceSequenceState& s) { return s.kv_bytes + s.linear_bytes; }
+uint64_t CudaModel::state_bytes(const DeviceSequenceState& s) {
+  return s.kv_bytes + s.linear_bytes;
+}
 
 void CudaModel::set_length(SequenceState& state, int64_t n) {
   std::lock_guard lock(impl_->mu);
@@ -949,24 +960,24 @@ void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, Logi
     logits.resize(static_cast<size_t>(V));
   else
     logits.clear();
-  const auto segs = m.segments();
+  const auto& segs = m.segs;  // computed once at load
   for (int64_t c0 = 0; c0 < total; c0 += m.Tmax) {
     const int64_t T = std::min(m.Tmax, total - c0);
     const bool last_chunk = c0 + T == total;
-    const LogitsMode cm = mode == LogitsMode::kAll ? LogitsMode::kAll
+    const LogitsMode cm = mode == LogitsMode::kAll                  ? LogitsMode::kAll
                           : last_chunk && mode == LogitsMode::kLast ? LogitsMode::kLast
-                                                                     : LogitsMode::kNone;
+                                                                    : LogitsMode::kNone;
     for (int64_t t = 0; t < T; ++t) m.h_ids[t] = static_cast<int32_t>(ids[c0 + t]);
     m.h_step->pos0 = state.num_tokens;
     m.h_step->layers = ds.d_table;
-    cuda_check(cudaMemcpyAsync(m.d_step, m.h_step, sizeof(kc::StepDev), cudaMemcpyHostToDevice,
-                               m.stream),
-               "step upload");
+    cuda_check(
+        cudaMemcpyAsync(m.d_step, m.h_step, sizeof(kc::StepDev), cudaMemcpyHostToDevice, m.stream),
+        "step upload");
     cuda_check(cudaMemcpyAsync(m.ids, m.h_ids, static_cast<size_t>(T) * 4, cudaMemcpyHostToDevice,
                                m.stream),
                "ids upload");
-    const bool use_graph = m.opts.graphs && T == 1 && cm == LogitsMode::kLast &&
-                           !(m.experts && m.routing->active());
+    const bool use_graph =
+        m.opts.graphs && T == 1 && cm == LogitsMode::kLast && !(m.experts && m.routing->active());
     // Segment s: embedding (s = 0) or the previous segment's routed output, layers, and for the
     // last segment the final norm.
     auto enqueue_segment = [&](size_t s) {
@@ -1087,18 +1098,20 @@ void CudaModel::upload_linear_states(SequenceState& state,
   for (size_t l = 0; l < m.layers.size(); ++l) {
     if (m.layers[l].type != LayerType::kLinearAttention) continue;
     const auto& t = state.device->table[l];
-    const size_t cb = static_cast<size_t>((c.linear_conv_kernel_dim - 1) * c.linear_conv_channels()) * 4;
+    const size_t cb =
+        static_cast<size_t>((c.linear_conv_kernel_dim - 1) * c.linear_conv_channels()) * 4;
     const size_t rb = static_cast<size_t>(c.linear_num_value_heads * c.linear_key_head_dim *
-                                          c.linear_value_head_dim) * 4;
+                                          c.linear_value_head_dim) *
+                      4;
     if (conv)
       cuda_check(cudaMemcpyAsync(t.conv, (*conv)[l].data(), cb, cudaMemcpyHostToDevice, m.stream),
                  "state upload");
     else
       cuda_check(cudaMemsetAsync(t.conv, 0, cb, m.stream), "state reset");
     if (rec)
-      cuda_check(cudaMemcpyAsync(t.recurrent, (*rec)[l].data(), rb, cudaMemcpyHostToDevice,
-                                 m.stream),
-                 "state upload");
+      cuda_check(
+          cudaMemcpyAsync(t.recurrent, (*rec)[l].data(), rb, cudaMemcpyHostToDevice, m.stream),
+          "state upload");
     else
       cuda_check(cudaMemsetAsync(t.recurrent, 0, rb, m.stream), "state reset");
     cuda_check(cudaStreamSynchronize(m.stream), "state upload");  // the host vectors may go away

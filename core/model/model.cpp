@@ -450,8 +450,7 @@ void Model::save_linear_states(const SequenceState& state, std::vector<std::vect
   }
 }
 
-void Model::restore_linear_states(SequenceState& state,
-                                  const std::vector<std::vector<float>>* conv,
+void Model::restore_linear_states(SequenceState& state, const std::vector<std::vector<float>>* conv,
                                   const std::vector<std::vector<float>>* rec) const {
 #if TIDAL_WITH_CUDA
   if (cuda_) {

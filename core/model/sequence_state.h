@@ -23,7 +23,7 @@ struct DeviceSequenceState;  // core/model/cuda_model.cpp
 
 struct SequenceState {
   int64_t num_tokens = 0;  ///< tokens already processed; the next token sits at this position
-  std::vector<LayerState> layers;  ///< CPU engine (empty vectors on the GPU)
+  std::vector<LayerState> layers;               ///< CPU engine (empty vectors on the GPU)
   std::shared_ptr<DeviceSequenceState> device;  ///< device="cuda": the state in VRAM
 };
 

@@ -48,11 +48,12 @@ struct RuntimeOptions {
   /// "off", or a directory to use for any checkpoint and format.
   std::string expert_cache = "auto";
   // device="cuda" only:
-  uint64_t gpu_memory = 0;            ///< VRAM budget in bytes (0: what is free at load)
-  std::string gpu_weights = "bf16";   ///< GPU-resident matrices: "bf16" or "int8" (weight-only)
-  std::string gpu_precision = "bf16x2";  ///< prefill GEMMs: "bf16x2", "bf16" or "fp32" (CudaOptions)
+  uint64_t gpu_memory = 0;           ///< VRAM budget in bytes (0: what is free at load)
+  std::string gpu_weights = "bf16";  ///< GPU-resident matrices: "bf16" or "int8" (weight-only)
+  std::string gpu_precision =
+      "bf16x2";                         ///< prefill GEMMs: "bf16x2", "bf16" or "fp32" (CudaOptions)
   std::string kv_cache_dtype = "bf16";  ///< GPU KV cache: "bf16" or "fp32"
-  bool cuda_graphs = true;            ///< replay decode steps from CUDA graphs
+  bool cuda_graphs = true;              ///< replay decode steps from CUDA graphs
 };
 
 /// Counters of one runtime since load (or reset_stats); times in seconds, sizes in bytes.

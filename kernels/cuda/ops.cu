@@ -100,7 +100,8 @@ struct Chunk<WFormat::kI8> {
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-      for (int b = 0; b < 4; ++b) out[4 * i + b] = static_cast<float>(static_cast<int8_t>(w[i] >> (8 * b)));
+      for (int b = 0; b < 4; ++b)
+        out[4 * i + b] = static_cast<float>(static_cast<int8_t>(w[i] >> (8 * b)));
   }
 };
 
@@ -203,12 +204,12 @@ void gemv_launch(const DevMatrix& w, const float* x, int64_t ldx, float* y, int6
   const dim3 grid(static_cast<unsigned>((w.rows + rows_per_block - 1) / rows_per_block));
   const dim3 block(kGemvWarps * kWarp);
   switch (m) {
-#define TIDAL_GEMV_CASE(M)                                                                 \
-  case M:                                                                                  \
-    if (xu)                                                                                \
-      gemv_kernel<F, M, true><<<grid, block, 0, s>>>(w, x, ldx, y, ldy, acc, vec, xu, wpr);     \
-    else                                                                                   \
-      gemv_kernel<F, M, false><<<grid, block, 0, s>>>(w, x, ldx, y, ldy, acc, vec, xu, wpr);    \
+#define TIDAL_GEMV_CASE(M)                                                                   \
+  case M:                                                                                    \
+    if (xu)                                                                                  \
+      gemv_kernel<F, M, true><<<grid, block, 0, s>>>(w, x, ldx, y, ldy, acc, vec, xu, wpr);  \
+    else                                                                                     \
+      gemv_kernel<F, M, false><<<grid, block, 0, s>>>(w, x, ldx, y, ldy, acc, vec, xu, wpr); \
     break;
     TIDAL_GEMV_CASE(1)
     TIDAL_GEMV_CASE(2)
@@ -407,13 +408,12 @@ __global__ void attn_prep_kernel(AttnPrepArgs a) {
   }
 }
 
-/// Reduces R values held by every lane to R sums over the warp: afterwards lane l holds the sum of
-/// value index l >> (5 − log2 R) (each value in 32/R lanes).
-template <int R>
-__device__ __forceinline__ float transpose_reduce(float (&v)[R], int lane) {
-  // Halve the number of values per lane per round.
+/// Sum of R values over groups of W adjacent lanes (R ≤ W, both powers of two): afterwards lane l
+/// holds the group's sum of value index (l % W) / (W / R).
+template <int R, int W>
+__device__ __forceinline__ float group_transpose_reduce(float (&v)[R], int lane) {
 #pragma unroll
-  for (int n = R, off = 16; n > 1; n >>= 1, off >>= 1) {
+  for (int n = R, off = W / 2; n > 1; n >>= 1, off >>= 1) {
     const bool upper = (lane & off) != 0;
 #pragma unroll
     for (int i = 0; i < n / 2; ++i) {
@@ -424,8 +424,14 @@ __device__ __forceinline__ float transpose_reduce(float (&v)[R], int lane) {
   }
   float s = v[0];
 #pragma unroll
-  for (int off = 16 / R; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+  for (int off = W / R / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
   return s;
+}
+
+/// The whole-warp case: lane l holds the sum of value index l >> (5 − log2 R).
+template <int R>
+__device__ __forceinline__ float transpose_reduce(float (&v)[R], int lane) {
+  return group_transpose_reduce<R, kWarp>(v, lane);
 }
 
 /// DPL values of one cache row, raw (loads stay in flight while earlier keys are computed).
@@ -495,8 +501,8 @@ template <int DPL>
 __device__ __forceinline__ void raw_to_f32(const RawKV<uint16_t, DPL>& r, float* out) {
 #pragma unroll
   for (int i = 0; i < DPL; ++i)
-    out[i] = i % 2 == 0 ? __uint_as_float(r.w[i / 2] << 16)
-                        : __uint_as_float(r.w[i / 2] & 0xffff0000u);
+    out[i] =
+        i % 2 == 0 ? __uint_as_float(r.w[i / 2] << 16) : __uint_as_float(r.w[i / 2] & 0xffff0000u);
 }
 
 constexpr int kAttnWarps = 4;
@@ -683,26 +689,6 @@ __global__ void attention_combine_kernel(AttentionArgs a, int splits, int64_t mi
 constexpr int kTileKeys = 32;              // keys per shared-memory tile
 constexpr int64_t kTileMinSplitKeys = 64;  // a split of the tiled kernel covers at least two tiles
 
-/// Sum of R values over groups of W adjacent lanes (R ≤ W, both powers of two): afterwards lane l
-/// holds the group's sum of value index (l % W) / (W / R).
-template <int R, int W>
-__device__ __forceinline__ float group_transpose_reduce(float (&v)[R], int lane) {
-#pragma unroll
-  for (int n = R, off = W / 2; n > 1; n >>= 1, off >>= 1) {
-    const bool upper = (lane & off) != 0;
-#pragma unroll
-    for (int i = 0; i < n / 2; ++i) {
-      const float send = upper ? v[i] : v[i + n / 2];
-      const float keep = upper ? v[i + n / 2] : v[i];
-      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
-    }
-  }
-  float s = v[0];
-#pragma unroll
-  for (int off = W / R / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-  return s;
-}
-
 /// Decode (one query token) for BF16 caches, head_dim D in {64, 128, 256} and GQA group G ≤ D/8:
 /// block per (kv head, split), 256 threads, two shared-memory stages: while tile i is computed,
 /// tile i + 1 streams in with cp.async (16-byte chunks, XOR-swizzled by key so that one chunk of
@@ -713,14 +699,14 @@ __device__ __forceinline__ float group_transpose_reduce(float (&v)[R], int lane)
 template <int D, int G>
 __global__ void __launch_bounds__(256) attention_tile_kernel(AttentionArgs a, int splits) {
   extern __shared__ __align__(16) unsigned char smem[];
-  constexpr int kChunks = D / 8;              // 16-byte chunks per row = lanes per key
+  constexpr int kChunks = D / 8;               // 16-byte chunks per row = lanes per key
   constexpr int kKeysPerPass = 256 / kChunks;  // keys scored at once by the block
   constexpr int kStage = 2 * kTileKeys * D;    // K then V of one tile, in uint16
   constexpr int kPairs = D / 2;
-  constexpr int kSlices = 256 / kPairs;        // key slices of the P·V phase
+  constexpr int kSlices = 256 / kPairs;  // key slices of the P·V phase
   uint16_t* stage0 = reinterpret_cast<uint16_t*>(smem);
   float* ps = reinterpret_cast<float*>(stage0 + 2 * kStage);  // [kTileKeys][G]
-  float* ml = ps + kTileKeys * G;                              // m[G], l[G], alpha[G]
+  float* ml = ps + kTileKeys * G;                             // m[G], l[G], alpha[G]
   const int tid = threadIdx.x, lane = tid % kWarp, wid = tid / kWarp;
   const int64_t kvh = blockIdx.y, split = blockIdx.x;
   const int64_t n = a.step->pos0 + 1;
@@ -959,7 +945,8 @@ void attention_dispatch(const AttentionArgs& a, int dpl, int R, int subsets, int
 __global__ void gdn_split_next_kernel(const float* p, const float* ba, int64_t ld, float* mixed,
                                       float* z, float* b, float* a, int64_t nk, int64_t nv,
                                       int64_t dk, int64_t dv) {
-  const int64_t t = blockIdx.x, rho = nv / nk, gw = 2 * dk + 2 * rho * dv, C = 2 * nk * dk + nv * dv;
+  const int64_t t = blockIdx.x, rho = nv / nk, gw = 2 * dk + 2 * rho * dv,
+                C = 2 * nk * dk + nv * dv;
   const float* pt = p + t * (ld ? ld : nk * gw);
   const float* bat = ba + t * (ld ? ld : 2 * nv);
   for (int64_t i = threadIdx.x; i < nk * gw; i += blockDim.x) {
@@ -987,8 +974,8 @@ __global__ void gdn_split_next_kernel(const float* p, const float* ba, int64_t l
 }
 
 /// Thread per channel, sequential over tokens (K ≤ 8).
-__global__ void conv1d_kernel(const float* src, int64_t ld, int64_t T, int64_t C, int64_t K, const float* w,
-                              const StepDev* step, int layer, float* dst) {
+__global__ void conv1d_kernel(const float* src, int64_t ld, int64_t T, int64_t C, int64_t K,
+                              const float* w, const StepDev* step, int layer, float* dst) {
   const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (c >= C) return;
   float* state = step->layers[layer].conv;
@@ -1048,9 +1035,9 @@ __global__ void gdn_conv_prep_step_kernel(const float* src, const float* cw, con
 
 /// Block per token: warps normalise q/k heads, then v copy and beta/g.
 __global__ void gdn_prep_kernel(const float* u, const float* b, const float* a, int64_t ld_ba,
-                                const float* A_log,
-                                const float* dt_bias, float* q, float* k, float* v, float* beta,
-                                float* g, int64_t nk, int64_t nv, int64_t dk, int64_t dv) {
+                                const float* A_log, const float* dt_bias, float* q, float* k,
+                                float* v, float* beta, float* g, int64_t nk, int64_t nv, int64_t dk,
+                                int64_t dv) {
   const int64_t t = blockIdx.x, C = 2 * nk * dk + nv * dv;
   const float* ut = u + t * C;
   const int lane = threadIdx.x % kWarp, wid = threadIdx.x / kWarp, nw = blockDim.x / kWarp;
@@ -1066,7 +1053,8 @@ __global__ void gdn_prep_kernel(const float* u, const float* b, const float* a, 
     float* dst = (is_k ? k : q) + (t * nk + kh) * dk;
     for (int64_t i = lane; i < dk; i += kWarp) dst[i] = src[i] * f;
   }
-  for (int64_t i = threadIdx.x; i < nv * dv; i += blockDim.x) v[t * nv * dv + i] = ut[2 * nk * dk + i];
+  for (int64_t i = threadIdx.x; i < nv * dv; i += blockDim.x)
+    v[t * nv * dv + i] = ut[2 * nk * dk + i];
   for (int64_t h = threadIdx.x; h < nv; h += blockDim.x) {
     beta[t * nv + h] = sigmoidf_(b[t * ld_ba + h]);
     g[t * nv + h] = -expf(A_log[h]) * softplusf_(a[t * ld_ba + h] + dt_bias[h]);
@@ -1147,8 +1135,8 @@ __global__ void rms_norm_gated_kernel(const float* x, const float* z, int64_t ld
 
 /// Warp per token.
 template <int kMaxPer>  // ceil(E / 32) rounded up to a power of two
-__global__ void moe_route_kernel(const float* logits, int64_t ld, int64_t T, int64_t E, int64_t k, bool renorm,
-                                 int32_t* ids, float* weights) {
+__global__ void moe_route_kernel(const float* logits, int64_t ld, int64_t T, int64_t E, int64_t k,
+                                 bool renorm, int32_t* ids, float* weights) {
   const int lane = threadIdx.x % kWarp;
   const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x / kWarp) + threadIdx.x / kWarp;
   if (t >= T) return;
@@ -1224,7 +1212,8 @@ __global__ void read_probe_kernel(const uint4* p, size_t n, unsigned* sink) {
 
 __global__ void gpu_sleep_kernel(int64_t ns) {
   const long long t0 = clock64();
-  // clock64 counts SM cycles; ~1 cycle per ns at the ~1-2 GHz clocks of current GPUs is enough here.
+  // clock64 counts SM cycles; ~1 cycle per ns at the ~1-2 GHz clocks of current GPUs is enough
+  // here.
   while (clock64() - t0 < ns) __nanosleep(1000);
 }
 
@@ -1278,7 +1267,7 @@ void f32_to_bf16_split(const float* x, int64_t ldx, uint16_t* hi, uint16_t* lo, 
                        int64_t cols, cudaStream_t s) {
   if (rows * cols == 0) return;
   f32_to_bf16_split_kernel<<<grid_stride_blocks(rows * cols), 256, 0, s>>>(x, ldx, hi, lo, rows,
-                                                                            cols);
+                                                                           cols);
 }
 
 void embed(const DevMatrix& table, const int32_t* ids, int64_t T, float* out, cudaStream_t s) {
@@ -1298,16 +1287,15 @@ void rms_norm(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy
 }
 
 void add_rms_norm(float* x, const float* y, const float* w, float* xn, int64_t rows, int64_t dim,
-                  float eps, bool zero_centred, cudaStream_t s, const float* hs,
-                  const float* gate, int64_t ld_gate) {
+                  float eps, bool zero_centred, cudaStream_t s, const float* hs, const float* gate,
+                  int64_t ld_gate) {
   if (rows == 0) return;
   if (dim <= 16 * 256)
     rms_norm_reg_kernel<<<static_cast<unsigned>(rows), 256, 0, s>>>(
         x, dim, w, xn, dim, dim, eps, zero_centred, x, y, hs, gate, ld_gate);
   else
-    rms_norm_kernel<<<static_cast<unsigned>(rows), 256, 0, s>>>(x, dim, w, xn, dim, dim, eps,
-                                                                 zero_centred, x, y, hs, gate,
-                                                                 ld_gate);
+    rms_norm_kernel<<<static_cast<unsigned>(rows), 256, 0, s>>>(
+        x, dim, w, xn, dim, dim, eps, zero_centred, x, y, hs, gate, ld_gate);
 }
 
 void silu_mul(const float* g, const float* u, int64_t ld, float* h, int64_t T, int64_t I,
@@ -1322,8 +1310,6 @@ void attn_prep(const AttnPrepArgs& a, cudaStream_t s) {
   attn_prep_kernel<<<grid, 256, static_cast<size_t>(a.d) * sizeof(float), s>>>(a);
 }
 
-bool attention_supports_head_dim(int64_t d) { return d >= 1 && d <= 256; }
-
 int attention_max_splits(int64_t T, int64_t nkv, int sm_count) {
   // Splits per SM (over all KV heads and tokens); the minimum keys per split is decided inside the
   // kernels' chunking. TIDAL_ATTN_SPLITS_PER_SM overrides the default 16 for tuning.
@@ -1332,8 +1318,9 @@ int attention_max_splits(int64_t T, int64_t nkv, int sm_count) {
     const int64_t v = e ? std::atoll(e) : 0;
     return v >= 1 && v <= 64 ? v : int64_t{0};
   }();
-  // Decode: 3 per SM, one wave of the tiled kernel at its 3 resident blocks per SM (measured best of
-  // 3..24 at 4K-128K context on the H100); more splits for the warp kernel's short prefill chunks.
+  // Decode: 3 per SM, one wave of the tiled kernel at its 3 resident blocks per SM (measured best
+  // of 3..24 at 4K-128K context on the H100); more splits for the warp kernel's short prefill
+  // chunks.
   const int64_t f = per_sm ? per_sm : (T == 1 ? 3 : 16);
   const int64_t want = (static_cast<int64_t>(sm_count) * f) / std::max<int64_t>(1, T * nkv);
   return static_cast<int>(std::clamp<int64_t>(want, 1, kMaxSplits));
@@ -1370,15 +1357,15 @@ void gdn_split_next(const float* p, const float* ba, int64_t ld, float* mixed, f
                     float* a, int64_t T, int64_t nk, int64_t nv, int64_t dk, int64_t dv,
                     cudaStream_t s) {
   if (T == 0) return;
-  gdn_split_next_kernel<<<static_cast<unsigned>(T), 256, 0, s>>>(p, ba, ld, mixed, z, b, a, nk,
-                                                                  nv, dk, dv);
+  gdn_split_next_kernel<<<static_cast<unsigned>(T), 256, 0, s>>>(p, ba, ld, mixed, z, b, a, nk, nv,
+                                                                 dk, dv);
 }
 
 void causal_conv1d_silu(const float* src, int64_t ld_src, int64_t T, int64_t C, int64_t K,
                         const float* weight, const StepDev* step, int layer, float* dst,
                         cudaStream_t s) {
   conv1d_kernel<<<blocks_for(C, 128), 128, 0, s>>>(src, ld_src ? ld_src : C, T, C, K, weight, step,
-                                                    layer, dst);
+                                                   layer, dst);
 }
 
 void gdn_conv_prep_step(const float* src, const float* conv_w, const StepDev* step, int layer,
@@ -1394,9 +1381,8 @@ void gdn_prep(const float* u, const float* b, const float* a, int64_t ld_ba, con
               const float* dt_bias, float* q, float* k, float* v, float* beta, float* g, int64_t T,
               int64_t nk, int64_t nv, int64_t dk, int64_t dv, cudaStream_t s) {
   if (T == 0) return;
-  gdn_prep_kernel<<<static_cast<unsigned>(T), 256, 0, s>>>(u, b, a, ld_ba ? ld_ba : nv, A_log,
-                                                            dt_bias, q, k, v, beta, g, nk, nv, dk,
-                                                            dv);
+  gdn_prep_kernel<<<static_cast<unsigned>(T), 256, 0, s>>>(
+      u, b, a, ld_ba ? ld_ba : nv, A_log, dt_bias, q, k, v, beta, g, nk, nv, dk, dv);
 }
 
 void delta_rule(const float* q, const float* k, const float* v, const float* g, const float* beta,
@@ -1408,13 +1394,11 @@ void delta_rule(const float* q, const float* k, const float* v, const float* g, 
   const dim3 grid(static_cast<unsigned>(nv), static_cast<unsigned>(dv / CB));
   const size_t smem = static_cast<size_t>(2 * dk) * sizeof(float);
   if (rpt == 32)
-    delta_rule_kernel<32, false><<<grid, CB * RG, smem, s>>>(q, k, v, g, beta, step, layer, out, T,
-                                                              nk, nv, dk, dv, CB, nullptr, 0,
-                                                              nullptr, 0.f);
+    delta_rule_kernel<32, false><<<grid, CB * RG, smem, s>>>(
+        q, k, v, g, beta, step, layer, out, T, nk, nv, dk, dv, CB, nullptr, 0, nullptr, 0.f);
   else
-    delta_rule_kernel<16, false><<<grid, CB * RG, smem, s>>>(q, k, v, g, beta, step, layer, out, T,
-                                                              nk, nv, dk, dv, CB, nullptr, 0,
-                                                              nullptr, 0.f);
+    delta_rule_kernel<16, false><<<grid, CB * RG, smem, s>>>(
+        q, k, v, g, beta, step, layer, out, T, nk, nv, dk, dv, CB, nullptr, 0, nullptr, 0.f);
 }
 
 bool delta_rule_normed(const float* q, const float* k, const float* v, const float* g,
@@ -1429,15 +1413,16 @@ bool delta_rule_normed(const float* q, const float* k, const float* v, const flo
   const int CB = static_cast<int>(dv);
   if (rpt == 32)
     delta_rule_kernel<32, true><<<grid, CB * RG, smem, s>>>(q, k, v, g, beta, step, layer, out, T,
-                                                             nk, nv, dk, dv, CB, z, ld_z, w, eps);
+                                                            nk, nv, dk, dv, CB, z, ld_z, w, eps);
   else
     delta_rule_kernel<16, true><<<grid, CB * RG, smem, s>>>(q, k, v, g, beta, step, layer, out, T,
-                                                             nk, nv, dk, dv, CB, z, ld_z, w, eps);
+                                                            nk, nv, dk, dv, CB, z, ld_z, w, eps);
   return true;
 }
 
 void rms_norm_gated(const float* x, const float* z, int64_t ld_z, int64_t rows_per_token,
-                    const float* w, float* y, int64_t rows, int64_t dim, float eps, cudaStream_t s) {
+                    const float* w, float* y, int64_t rows, int64_t dim, float eps,
+                    cudaStream_t s) {
   if (rows == 0) return;
   rms_norm_gated_kernel<<<blocks_for(rows, 8), 256, 0, s>>>(
       x, z, ld_z ? ld_z : rows_per_token * dim, rows_per_token, w, y, rows, dim, eps);

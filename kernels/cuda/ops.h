@@ -114,20 +114,20 @@ struct AttentionArgs {
 };
 void attention(const AttentionArgs& a, cudaStream_t s);
 size_t attention_workspace_floats(int64_t T, int64_t nh, int64_t d, int max_splits);
-/// Head dims the attention kernel is compiled for.
-bool attention_supports_head_dim(int64_t d);
 /// The split count used for T tokens (enough blocks to fill `sm_count` SMs).
 int attention_max_splits(int64_t T, int64_t nkv, int sm_count);
 
 /// qwen3_next's interleaved projections to the flat layout of qwen3_5_moe: p (T, nk·(2dk+2ρdv))
 /// and ba (T, 2nv) -> mixed (T, C), z (T, nv·dv), b (T, nv), a (T, nv).
-void gdn_split_next(const float* p, const float* ba, int64_t ld, float* mixed, float* z, float* b, float* a,
-                    int64_t T, int64_t nk, int64_t nv, int64_t dk, int64_t dv, cudaStream_t s);
+void gdn_split_next(const float* p, const float* ba, int64_t ld, float* mixed, float* z, float* b,
+                    float* a, int64_t T, int64_t nk, int64_t nv, int64_t dk, int64_t dv,
+                    cudaStream_t s);
 
 /// Causal depthwise conv1d over T tokens with the (K − 1)-token history of layer `layer` (updated),
 /// then SiLU: dst (T, C).
-void causal_conv1d_silu(const float* src, int64_t ld_src, int64_t T, int64_t C, int64_t K, const float* weight,
-                        const StepDev* step, int layer, float* dst, cudaStream_t s);
+void causal_conv1d_silu(const float* src, int64_t ld_src, int64_t T, int64_t C, int64_t K,
+                        const float* weight, const StepDev* step, int layer, float* dst,
+                        cudaStream_t s);
 
 /// From the conv output u (T, C): q, k (T, nk, dk) L2-normalised (q also × dk^−½), v (T, nv, dv);
 /// beta = sigmoid(b), g = −exp(A_log) · softplus(a + dt_bias) (T, nv).

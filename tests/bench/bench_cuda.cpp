@@ -9,7 +9,8 @@
 ///   - "decode_step": one decode step of the full 40-layer model with the routed experts excluded,
 ///     at a given context, with and without CUDA graphs, against the time to read the
 ///     GPU-resident bytes once at the measured bandwidth.
-/// Usage: tidal_bench_cuda [--contexts 1024,32768,131072] [--step-context 4096] [--weights bf16,int8]
+/// Usage: tidal_bench_cuda [--contexts 1024,32768,131072] [--step-context 4096] [--weights
+/// bf16,int8]
 #include <cuda_runtime.h>
 #include <fmt/format.h>
 
@@ -112,10 +113,14 @@ int main(int argc, char** argv) {
   bool only_step = false, no_step = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "--only-step") only_step = true;
-    else if (a == "--no-step") no_step = true;
-    else if (a == "--contexts" && i + 1 < argc) contexts = parse_list(argv[++i]);
-    else if (a == "--step-context" && i + 1 < argc) step_ctx = std::stoll(argv[++i]);
+    if (a == "--only-step")
+      only_step = true;
+    else if (a == "--no-step")
+      no_step = true;
+    else if (a == "--contexts" && i + 1 < argc)
+      contexts = parse_list(argv[++i]);
+    else if (a == "--step-context" && i + 1 < argc)
+      step_ctx = std::stoll(argv[++i]);
     else if (a == "--weights" && i + 1 < argc) {
       wfmts.clear();
       std::string s = argv[++i];
@@ -146,10 +151,7 @@ int main(int argc, char** argv) {
   check(cudaMalloc(&sink, 4), "sink");
   cudaMemset(buf, 1, probe_bytes);
   const double t_read = time_gpu(
-      [&] {
-        kc::read_probe(buf, probe_bytes, sink, prop.multiProcessorCount * 8, nullptr);
-      },
-      10);
+      [&] { kc::read_probe(buf, probe_bytes, sink, prop.multiProcessorCount * 8, nullptr); }, 10);
   const double t_copy =
       time_gpu([&] { cudaMemcpyAsync(buf2, buf, probe_bytes, cudaMemcpyDeviceToDevice); }, 10);
   const double bw = probe_bytes / t_read;
@@ -205,137 +207,137 @@ int main(int argc, char** argv) {
   };
 
   if (!only_step) {
-  // ---------------------------------------------------------------- projections (decode GEMV)
-  struct Proj {
-    const char* name;
-    int64_t rows, cols;
-  };
-  // The stacked projections the model runs (core/model/cuda_model.cpp, GpuLayer).
-  const Proj projs[] = {{"attn in [q+gate|k|v]", 9216, 2048},
-                        {"attn.o_proj", 2048, 4096},
-                        {"gdn in [qkv|z|b|a]", 12352, 2048},
-                        {"gdn.out_proj", 2048, 4096},
-                        {"mlp in [router|shared gate|up|shared_expert_gate]", 1284, 2048},
-                        {"shared down", 2048, 512},
-                        {"lm_head", 248320, 2048}};
-  float *x = nullptr, *y = nullptr;
-  check(cudaMalloc(&x, 8 * 8192 * 4), "x");
-  check(cudaMalloc(&y, 8 * 248320 * 4), "y");
-  cudaMemset(x, 0, 8 * 8192 * 4);
-  for (const auto& p : projs)
-    for (const auto& f : wfmts) {
-      kc::DevMatrix m;
-      m.rows = p.rows;
-      m.cols = p.cols;
-      m.format = f == "int8" ? kc::WFormat::kI8 : kc::WFormat::kBF16;
-      void* w = nullptr;
-      float* sc = nullptr;
-      const size_t bytes = m.bytes();
-      check(cudaMalloc(&w, bytes), "w");
-      fill_random(w, static_cast<size_t>(p.rows * p.cols) * (f == "int8" ? 1 : 2), 7);
-      if (f == "int8") {
-        check(cudaMalloc(&sc, p.rows * 4), "sc");
-        cudaMemset(sc, 0, p.rows * 4);
+    // ---------------------------------------------------------------- projections (decode GEMV)
+    struct Proj {
+      const char* name;
+      int64_t rows, cols;
+    };
+    // The stacked projections the model runs (core/model/cuda_model.cpp, GpuLayer).
+    const Proj projs[] = {{"attn in [q+gate|k|v]", 9216, 2048},
+                          {"attn.o_proj", 2048, 4096},
+                          {"gdn in [qkv|z|b|a]", 12352, 2048},
+                          {"gdn.out_proj", 2048, 4096},
+                          {"mlp in [router|shared gate|up|shared_expert_gate]", 1284, 2048},
+                          {"shared down", 2048, 512},
+                          {"lm_head", 248320, 2048}};
+    float *x = nullptr, *y = nullptr;
+    check(cudaMalloc(&x, 8 * 8192 * 4), "x");
+    check(cudaMalloc(&y, 8 * 248320 * 4), "y");
+    cudaMemset(x, 0, 8 * 8192 * 4);
+    for (const auto& p : projs)
+      for (const auto& f : wfmts) {
+        kc::DevMatrix m;
+        m.rows = p.rows;
+        m.cols = p.cols;
+        m.format = f == "int8" ? kc::WFormat::kI8 : kc::WFormat::kBF16;
+        void* w = nullptr;
+        float* sc = nullptr;
+        const size_t bytes = m.bytes();
+        check(cudaMalloc(&w, bytes), "w");
+        fill_random(w, static_cast<size_t>(p.rows * p.cols) * (f == "int8" ? 1 : 2), 7);
+        if (f == "int8") {
+          check(cudaMalloc(&sc, p.rows * 4), "sc");
+          cudaMemset(sc, 0, p.rows * 4);
+        }
+        m.data = w;
+        m.scale = sc;
+        for (int64_t M : {1, 4}) {
+          const double t = time_gpu([&] { kc::gemv(m, x, p.cols, y, p.rows, M, false, nullptr); });
+          report(fmt::format("gemv {} M={}", f, M),
+                 fmt::format("{} [{}x{}]", p.name, p.rows, p.cols), t, static_cast<double>(bytes));
+        }
+        cudaFree(w);
+        cudaFree(sc);
       }
-      m.data = w;
-      m.scale = sc;
-      for (int64_t M : {1, 4}) {
-        const double t = time_gpu([&] { kc::gemv(m, x, p.cols, y, p.rows, M, false, nullptr); });
-        report(fmt::format("gemv {} M={}", f, M), fmt::format("{} [{}x{}]", p.name, p.rows, p.cols),
-               t, static_cast<double>(bytes));
+
+    // ---------------------------------------------------------------- attention decode
+    {
+      const int64_t nh = 16, nkv = 2, d = 256;
+      for (int64_t ctx : contexts) {
+        const size_t kv_bytes = static_cast<size_t>(ctx * nkv * d) * 2;
+        uint16_t *kc_ = nullptr, *vc_ = nullptr;
+        check(cudaMalloc(&kc_, kv_bytes), "k");
+        check(cudaMalloc(&vc_, kv_bytes), "v");
+        fill_random(kc_, kv_bytes, 1);
+        fill_random(vc_, kv_bytes, 2);
+        kc::LayerStateDev ls{kc_, vc_, nullptr, nullptr};
+        kc::LayerStateDev* dls = nullptr;
+        kc::StepDev* dstep = nullptr;
+        cudaMalloc(&dls, sizeof ls);
+        cudaMemcpy(dls, &ls, sizeof ls, cudaMemcpyHostToDevice);
+        const kc::StepDev st{ctx - 1, dls};
+        cudaMalloc(&dstep, sizeof st);
+        cudaMemcpy(dstep, &st, sizeof st, cudaMemcpyHostToDevice);
+        float *q = nullptr, *o = nullptr, *gate = nullptr, *part = nullptr;
+        const int splits = kc::attention_max_splits(1, nkv, prop.multiProcessorCount);
+        cudaMalloc(&q, nh * d * 4);
+        cudaMalloc(&o, nh * d * 4);
+        cudaMalloc(&gate, nh * d * 4);
+        cudaMalloc(&part, kc::attention_workspace_floats(1, nh, d, splits) * 4);
+        cudaMemset(q, 0, nh * d * 4);
+        cudaMemset(gate, 0, nh * d * 4);
+        kc::AttentionArgs a;
+        a.q = q;
+        a.gate = gate;
+        a.out = o;
+        a.partial = part;
+        a.step = dstep;
+        a.T = 1;
+        a.nh = nh;
+        a.nkv = nkv;
+        a.d = d;
+        a.max_splits = splits;
+        a.scale = 1.0f / 16;
+        const double t = time_gpu([&] { kc::attention(a, nullptr); });
+        report("attention decode (+combine, gate)",
+               fmt::format("ctx={} nh=16 nkv=2 d=256 bf16 KV", ctx), t,
+               2.0 * static_cast<double>(kv_bytes));
+        cudaFree(kc_);
+        cudaFree(vc_);
+        cudaFree(dls);
+        cudaFree(dstep);
+        cudaFree(q);
+        cudaFree(o);
+        cudaFree(gate);
+        cudaFree(part);
       }
-      cudaFree(w);
-      cudaFree(sc);
     }
 
-  // ---------------------------------------------------------------- attention decode
-  {
-  const int64_t nh = 16, nkv = 2, d = 256;
-  for (int64_t ctx : contexts) {
-    const size_t kv_bytes = static_cast<size_t>(ctx * nkv * d) * 2;
-    uint16_t *kc_ = nullptr, *vc_ = nullptr;
-    check(cudaMalloc(&kc_, kv_bytes), "k");
-    check(cudaMalloc(&vc_, kv_bytes), "v");
-    fill_random(kc_, kv_bytes, 1);
-    fill_random(vc_, kv_bytes, 2);
-    kc::LayerStateDev ls{kc_, vc_, nullptr, nullptr};
-    kc::LayerStateDev* dls = nullptr;
-    kc::StepDev* dstep = nullptr;
-    cudaMalloc(&dls, sizeof ls);
-    cudaMemcpy(dls, &ls, sizeof ls, cudaMemcpyHostToDevice);
-    const kc::StepDev st{ctx - 1, dls};
-    cudaMalloc(&dstep, sizeof st);
-    cudaMemcpy(dstep, &st, sizeof st, cudaMemcpyHostToDevice);
-    float *q = nullptr, *o = nullptr, *gate = nullptr, *part = nullptr;
-    const int splits = kc::attention_max_splits(1, nkv, prop.multiProcessorCount);
-    cudaMalloc(&q, nh * d * 4);
-    cudaMalloc(&o, nh * d * 4);
-    cudaMalloc(&gate, nh * d * 4);
-    cudaMalloc(&part, kc::attention_workspace_floats(1, nh, d, splits) * 4);
-    cudaMemset(q, 0, nh * d * 4);
-    cudaMemset(gate, 0, nh * d * 4);
-    kc::AttentionArgs a;
-    a.q = q;
-    a.gate = gate;
-    a.out = o;
-    a.partial = part;
-    a.step = dstep;
-    a.T = 1;
-    a.nh = nh;
-    a.nkv = nkv;
-    a.d = d;
-    a.max_splits = splits;
-    a.scale = 1.0f / 16;
-    const double t = time_gpu([&] { kc::attention(a, nullptr); });
-    report("attention decode (+combine, gate)", fmt::format("ctx={} nh=16 nkv=2 d=256 bf16 KV", ctx), t,
-           2.0 * static_cast<double>(kv_bytes));
-    cudaFree(kc_);
-    cudaFree(vc_);
-    cudaFree(dls);
-    cudaFree(dstep);
-    cudaFree(q);
-    cudaFree(o);
-    cudaFree(gate);
-    cudaFree(part);
-  }
-
-  }
-
-  // ---------------------------------------------------------------- DeltaNet decode step
-  {
-    const int64_t nk = 16, nv = 32, dk = 128, dv = 128, C = 2 * nk * dk + nv * dv;
-    float *S = nullptr, *conv = nullptr, *buf3 = nullptr;
-    const size_t sbytes = static_cast<size_t>(nv * dk * dv) * 4;
-    cudaMalloc(&S, sbytes);
-    cudaMalloc(&conv, 3 * C * 4);
-    cudaMalloc(&buf3, 16 * C * 4);
-    cudaMemset(S, 0, sbytes);
-    cudaMemset(conv, 0, 3 * C * 4);
-    cudaMemset(buf3, 0, 16 * C * 4);
-    kc::LayerStateDev ls{nullptr, nullptr, conv, S};
-    kc::LayerStateDev* dls = nullptr;
-    kc::StepDev* dstep = nullptr;
-    cudaMalloc(&dls, sizeof ls);
-    cudaMemcpy(dls, &ls, sizeof ls, cudaMemcpyHostToDevice);
-    const kc::StepDev st{0, dls};
-    cudaMalloc(&dstep, sizeof st);
-    cudaMemcpy(dstep, &st, sizeof st, cudaMemcpyHostToDevice);
-    float* b = buf3;
-    const double t = time_gpu([&] {
-      kc::delta_rule(b, b + C, b + 2 * C, b + 3 * C, b + 4 * C, dstep, 0, b + 5 * C, 1, nk, nv, dk,
-                     dv, nullptr);
-    });
-    report("delta_rule decode", "nv=32 dk=dv=128 fp32 state", t, 2.0 * static_cast<double>(sbytes));
-    const double tc = time_gpu([&] {
-      kc::causal_conv1d_silu(b, 0, 1, C, 4, b + 2 * C, dstep, 0, b + 4 * C, nullptr);
-    });
-    report("conv1d decode", "C=8192 K=4", tc, static_cast<double>(C) * 4 * (3 * 2 + 4 + 2));
-    cudaFree(S);
-    cudaFree(conv);
-    cudaFree(buf3);
-    cudaFree(dls);
-    cudaFree(dstep);
-  }
+    // ---------------------------------------------------------------- DeltaNet decode step
+    {
+      const int64_t nk = 16, nv = 32, dk = 128, dv = 128, C = 2 * nk * dk + nv * dv;
+      float *S = nullptr, *conv = nullptr, *buf3 = nullptr;
+      const size_t sbytes = static_cast<size_t>(nv * dk * dv) * 4;
+      cudaMalloc(&S, sbytes);
+      cudaMalloc(&conv, 3 * C * 4);
+      cudaMalloc(&buf3, 16 * C * 4);
+      cudaMemset(S, 0, sbytes);
+      cudaMemset(conv, 0, 3 * C * 4);
+      cudaMemset(buf3, 0, 16 * C * 4);
+      kc::LayerStateDev ls{nullptr, nullptr, conv, S};
+      kc::LayerStateDev* dls = nullptr;
+      kc::StepDev* dstep = nullptr;
+      cudaMalloc(&dls, sizeof ls);
+      cudaMemcpy(dls, &ls, sizeof ls, cudaMemcpyHostToDevice);
+      const kc::StepDev st{0, dls};
+      cudaMalloc(&dstep, sizeof st);
+      cudaMemcpy(dstep, &st, sizeof st, cudaMemcpyHostToDevice);
+      float* b = buf3;
+      const double t = time_gpu([&] {
+        kc::delta_rule(b, b + C, b + 2 * C, b + 3 * C, b + 4 * C, dstep, 0, b + 5 * C, 1, nk, nv,
+                       dk, dv, nullptr);
+      });
+      report("delta_rule decode", "nv=32 dk=dv=128 fp32 state", t,
+             2.0 * static_cast<double>(sbytes));
+      const double tc = time_gpu(
+          [&] { kc::causal_conv1d_silu(b, 0, 1, C, 4, b + 2 * C, dstep, 0, b + 4 * C, nullptr); });
+      report("conv1d decode", "C=8192 K=4", tc, static_cast<double>(C) * 4 * (3 * 2 + 4 + 2));
+      cudaFree(S);
+      cudaFree(conv);
+      cudaFree(buf3);
+      cudaFree(dls);
+      cudaFree(dstep);
+    }
 
   }  // !only_step
 
@@ -425,7 +427,8 @@ int main(int argc, char** argv) {
       }
       if (graphs) {  // prefill: 2048 tokens from an empty sequence, in the model's 512-token chunks
         std::vector<int64_t> prompt(2048);
-        for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int64_t>((i * 7919) % 248000);
+        for (size_t i = 0; i < prompt.size(); ++i)
+          prompt[i] = static_cast<int64_t>((i * 7919) % 248000);
         std::vector<double> tp;
         for (int r = 0; r < 4; ++r) {
           tidal::core::SequenceState ps;
@@ -433,30 +436,36 @@ int main(int argc, char** argv) {
           ps.device = model.new_state();
           const auto t0 = std::chrono::steady_clock::now();
           model.forward(prompt, ps, tidal::core::LogitsMode::kLast, logits, *ex, nullptr);
-          tp.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+          tp.push_back(
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
         }
         std::sort(tp.begin() + 1, tp.end());
         const double t = tp[2];
         // Dense FLOPs per token: 2 · (every resident weight but the embedding table), + attention.
-        const double flops = 2.0 * (static_cast<double>(rep.weights_bf16_equivalent) / 2.0 -
-                                    static_cast<double>(cfg.vocab_size * H)) * 2048.0;
-        fmt::print("{}\n", nlohmann::json{{"bench", "prefill"},
-                                          {"model", "qwen3.6-35b-a3b shape, routed experts excluded"},
-                                          {"weights", f},
-                                          {"precision", "bf16x2"},
-                                          {"tokens", 2048},
-                                          {"ms", t * 1e3},
-                                          {"tokens_per_s", 2048.0 / t},
-                                          {"dense_TFLOPs", flops / t / 1e12}}
-                               .dump());
+        const double flops = 2.0 *
+                             (static_cast<double>(rep.weights_bf16_equivalent) / 2.0 -
+                              static_cast<double>(cfg.vocab_size * H)) *
+                             2048.0;
+        fmt::print("{}\n",
+                   nlohmann::json{{"bench", "prefill"},
+                                  {"model", "qwen3.6-35b-a3b shape, routed experts excluded"},
+                                  {"weights", f},
+                                  {"precision", "bf16x2"},
+                                  {"tokens", 2048},
+                                  {"ms", t * 1e3},
+                                  {"tokens_per_s", 2048.0 / t},
+                                  {"dense_TFLOPs", flops / t / 1e12}}
+                       .dump());
       }
       if (!graphs) {  // TIDAL_CUDA_PROFILE=1: GPU time per op label, per step
         const auto prof = model.profile_seconds();
         if (!prof.empty()) {
           nlohmann::json pj;
           for (const auto& [k, v] : prof) pj[k] = v / static_cast<double>(ts.size()) * 1e6;
-          fmt::print("{}\n", nlohmann::json{{"bench", "decode_step_profile_us"}, {"weights", f},
-                                             {"context", step_ctx}, {"ops", pj}}
+          fmt::print("{}\n", nlohmann::json{{"bench", "decode_step_profile_us"},
+                                            {"weights", f},
+                                            {"context", step_ctx},
+                                            {"ops", pj}}
                                  .dump());
         }
       }
@@ -466,7 +475,8 @@ int main(int argc, char** argv) {
       // KV cache up to the context, DeltaNet states read and written.
       int64_t n_attn = 0;
       for (auto lt : cfg.layer_types) n_attn += lt == tidal::core::LayerType::kFullAttention;
-      const double embed_bytes = static_cast<double>(cfg.vocab_size * H) * (f == "int8" ? 1.0 : 2.0);
+      const double embed_bytes =
+          static_cast<double>(cfg.vocab_size * H) * (f == "int8" ? 1.0 : 2.0);
       const double kv = static_cast<double>(n_attn * step_ctx * nkv * d * 2 * 2);
       const double state = static_cast<double>(rep.deltanet_state) * 2.0;
       const double bytes = static_cast<double>(rep.weights) - embed_bytes + kv + state;

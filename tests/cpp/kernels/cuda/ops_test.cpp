@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file ops_test.cpp
-/// \brief Every CUDA kernel against its CPU reference (kernels/cpu) on odd shapes. Skips, saying so,
-/// where no CUDA device exists (CI compiles these; the device machine runs them).
+/// \brief Every CUDA kernel against its CPU reference (kernels/cpu) on odd shapes. Skips, saying
+/// so, where no CUDA device exists (CI compiles these; the device machine runs them).
+#include "kernels/cuda/ops.h"
+
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
@@ -18,7 +20,6 @@
 #include "kernels/cpu/moe_router.h"
 #include "kernels/cpu/rms_norm.h"
 #include "kernels/cpu/rope.h"
-#include "kernels/cuda/ops.h"
 #include "tolerances.h"
 
 namespace tidal::kernels::cuda {
@@ -35,8 +36,9 @@ bool have_gpu() {
   return n > 0;
 }
 
+constexpr const char* kNoGpu = "no CUDA device on this machine (the device machine runs these)";
 #define REQUIRE_GPU() \
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device on this machine (the device machine runs these)"
+  if (!have_gpu()) GTEST_SKIP() << kNoGpu
 
 /// A device buffer of T.
 template <typename T>
@@ -44,7 +46,8 @@ struct Dev {
   T* p = nullptr;
   size_t n = 0;
   explicit Dev(size_t count) : n(count) {
-    EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&p), std::max<size_t>(1, n) * sizeof(T)), cudaSuccess);
+    EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&p), std::max<size_t>(1, n) * sizeof(T)),
+              cudaSuccess);
     cudaMemset(p, 0, std::max<size_t>(1, n) * sizeof(T));
   }
   explicit Dev(const std::vector<T>& v) : Dev(v.size()) { put(v); }
@@ -119,7 +122,7 @@ TEST_P(CudaGemvTest, MatchesCpuLinear) {
   dm.format = c.fmt;
   dm.rows = c.rows;
   dm.cols = c.cols;
-  dm.data = c.fmt == WFormat::kF32 ? static_cast<const void*>(dwf.p)
+  dm.data = c.fmt == WFormat::kF32    ? static_cast<const void*>(dwf.p)
             : c.fmt == WFormat::kBF16 ? static_cast<const void*>(dwb.p)
                                       : static_cast<const void*>(dwq.p);
   dm.scale = dsc.p;
@@ -132,7 +135,8 @@ TEST_P(CudaGemvTest, MatchesCpuLinear) {
                      ref.data(), c.rows, c.m, acc});
     const auto got = dy.get();
     for (size_t i = 0; i < ref.size(); ++i)
-      ASSERT_NEAR(got[i], ref[i], 2e-5f * std::sqrt(static_cast<float>(c.cols)) + 1e-5f * std::fabs(ref[i]))
+      ASSERT_NEAR(got[i], ref[i],
+                  2e-5f * std::sqrt(static_cast<float>(c.cols)) + 1e-5f * std::fabs(ref[i]))
           << "i=" << i << " acc=" << acc;
   }
 }
@@ -148,8 +152,8 @@ TEST(CudaOps, GemvWithGatedInputMatchesSiluMulThenLinear) {
     for (int64_t t = 0; t < m; ++t)
       for (int64_t i = 0; i < I; ++i) h[t * I + i] = cpu::silu(gu[t * ld + i]) * gu[t * ld + I + i];
     auto wb = round_bf16(w);
-    cpu::linear_ref({h.data(), I, WeightView{wb.data(), DType::kF32, rows, I}, ref.data(), rows, m,
-                     false});
+    cpu::linear_ref(
+        {h.data(), I, WeightView{wb.data(), DType::kF32, rows, I}, ref.data(), rows, m, false});
     Dev<uint16_t> dw(to_bf16(w));
     Dev<float> dgu(gu), dy(static_cast<size_t>(m * rows));
     DevMatrix dm{dw.p, nullptr, WFormat::kBF16, rows, I};
@@ -168,8 +172,8 @@ TEST(CudaOps, ConvertersEmbeddingAndSiluMul) {
   for (int64_t r = 0; r < rows; ++r) {
     scale[r] = 0.01f * static_cast<float>(r + 1);
     for (int64_t c = 0; c < cols; ++c)
-      q[r * cols + c] = static_cast<int8_t>(std::clamp(std::nearbyint(w[r * cols + c] / scale[r]),
-                                                       -127.0f, 127.0f));
+      q[r * cols + c] = static_cast<int8_t>(
+          std::clamp(std::nearbyint(w[r * cols + c] / scale[r]), -127.0f, 127.0f));
   }
   Dev<uint16_t> dwb(to_bf16(w));
   Dev<int8_t> dwq(q);
@@ -217,8 +221,7 @@ TEST(CudaOps, ConvertersEmbeddingAndSiluMul) {
     weight_to_f32(*m, conv.p, nullptr);
     const auto got = out.get(), table = conv.get();
     for (size_t t = 0; t < ids.size(); ++t)
-      for (int64_t c = 0; c < cols; ++c)
-        ASSERT_EQ(got[t * cols + c], table[ids[t] * cols + c]);
+      for (int64_t c = 0; c < cols; ++c) ASSERT_EQ(got[t * cols + c], table[ids[t] * cols + c]);
   }
   // silu_mul with strided [g | u] rows.
   const int64_t T = 4, I = 29, ldg = 2 * I + 6;
@@ -277,8 +280,8 @@ TEST(CudaOps, RmsNormVariantsAndFusedResidual) {
 
 TEST(CudaOps, RouterMatchesCpuIncludingTies) {
   REQUIRE_GPU();
-  for (auto [T, E, k] : {std::tuple{5, 256, 8}, std::tuple{3, 48, 4}, std::tuple{2, 512, 10},
-                         std::tuple{1, 7, 3}}) {
+  for (auto [T, E, k] :
+       {std::tuple{5, 256, 8}, std::tuple{3, 48, 4}, std::tuple{2, 512, 10}, std::tuple{1, 7, 3}}) {
     auto l = random_vec(static_cast<size_t>(T * E), 8 + E);
     l[3] = l[4] = 9.f;  // a tie on top: the lower id first
     Dev<float> dl(l);
@@ -319,7 +322,8 @@ TEST_P(CudaAttentionTest, PrepAndAttentionMatchCpu) {
   const int64_t n = c.pos0 + c.T, kvw = c.nkv * c.d, qw = c.nh * c.d * (c.gated ? 2 : 1);
   const int64_t rot = std::max<int64_t>(2, c.d / 4 / 2 * 2);  // partial rotary (d/4, even)
   const auto table = cpu::rope_table_default(1e7, rot);
-  auto qg = random_vec(c.T * qw, 10), kn = random_vec(c.T * kvw, 11), vn = random_vec(c.T * kvw, 12);
+  auto qg = random_vec(c.T * qw, 10), kn = random_vec(c.T * kvw, 11),
+       vn = random_vec(c.T * kvw, 12);
   auto qnorm = random_vec(c.d, 13, 0.1f), knorm = random_vec(c.d, 14, 0.1f);
   // Cache history (positions < pos0), as BF16.
   auto kh = round_bf16(random_vec(n * kvw, 15)), vh = round_bf16(random_vec(n * kvw, 16));
@@ -419,14 +423,14 @@ TEST_P(CudaAttentionTest, PrepAndAttentionMatchCpu) {
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, CudaAttentionTest,
-    ::testing::Values(AttnCase{16, 2, 256, 1000, 1, true},   // 35B decode
-                      AttnCase{16, 2, 256, 77, 37, true},    // prefill chunk after a prefix
-                      AttnCase{4, 2, 24, 0, 45, false},      // qwen3_moe fixture shape, odd d
-                      AttnCase{4, 2, 64, 5, 1, true},        // tidal-mini decode
-                      AttnCase{32, 4, 128, 300, 3, false},   // 30B-A3B, 3 tokens
-                      AttnCase{8, 1, 32, 0, 1, true},        // first token, one KV head
-                      AttnCase{16, 2, 128, 700, 1, false},   // tiled decode at d = 128
-                      AttnCase{32, 2, 128, 300, 1, false},   // G = 16 (tiled, 16 heads per pass)
+    ::testing::Values(AttnCase{16, 2, 256, 1000, 1, true},  // 35B decode
+                      AttnCase{16, 2, 256, 77, 37, true},   // prefill chunk after a prefix
+                      AttnCase{4, 2, 24, 0, 45, false},     // qwen3_moe fixture shape, odd d
+                      AttnCase{4, 2, 64, 5, 1, true},       // tidal-mini decode
+                      AttnCase{32, 4, 128, 300, 3, false},  // 30B-A3B, 3 tokens
+                      AttnCase{8, 1, 32, 0, 1, true},       // first token, one KV head
+                      AttnCase{16, 2, 128, 700, 1, false},  // tiled decode at d = 128
+                      AttnCase{32, 2, 128, 300, 1, false},  // G = 16 (tiled, 16 heads per pass)
                       AttnCase{16, 2, 256, 513, 1, true, true},  // fp32 cache, decode
                       AttnCase{4, 2, 24, 9, 30, false, true}));  // fp32 cache, prefill, odd d
 
@@ -435,7 +439,8 @@ INSTANTIATE_TEST_SUITE_P(
 TEST(CudaOps, ConvAndPrepMatchCpu) {
   REQUIRE_GPU();
   const int64_t T = 70, nk = 2, nv = 4, dk = 16, dv = 32, K = 4, C = 2 * nk * dk + nv * dv;
-  auto src = random_vec(T * C, 20), w = random_vec(C * K, 21, 0.3f), st0 = random_vec((K - 1) * C, 22);
+  auto src = random_vec(T * C, 20), w = random_vec(C * K, 21, 0.3f),
+       st0 = random_vec((K - 1) * C, 22);
   Dev<float> dsrc(src), dw(w), dst0(st0), dout(T * C);
   LayerStateDev ls{nullptr, nullptr, dst0.p, nullptr};
   Dev<LayerStateDev> dls(std::vector<LayerStateDev>{ls});
@@ -452,7 +457,8 @@ TEST(CudaOps, ConvAndPrepMatchCpu) {
        dtb = random_vec(nv, 26, 0.5f);
   Dev<float> du(u), db(b), da(a), dal(alog), ddt(dtb), q(T * nk * dk), k(T * nk * dk),
       v(T * nv * dv), beta(T * nv), g(T * nv);
-  gdn_prep(du.p, db.p, da.p, 0, dal.p, ddt.p, q.p, k.p, v.p, beta.p, g.p, T, nk, nv, dk, dv, nullptr);
+  gdn_prep(du.p, db.p, da.p, 0, dal.p, ddt.p, q.p, k.p, v.p, beta.p, g.p, T, nk, nv, dk, dv,
+           nullptr);
   const auto qg = q.get(), kg = k.get(), bg = beta.get(), gg = g.get();
   for (int64_t t = 0; t < T; ++t)
     for (int64_t h = 0; h < nk; ++h)
@@ -492,10 +498,11 @@ TEST_P(CudaDeltaRuleTest, MatchesCpuAcrossChunkBoundariesThenDecode) {
   LayerStateDev ls{nullptr, nullptr, nullptr, ds.p};
   Dev<LayerStateDev> dls(std::vector<LayerStateDev>{ls});
   Dev<StepDev> dstep(std::vector<StepDev>{StepDev{0, dls.p}});
-  delta_rule(dq.p, dk.p, dv.p, dg.p, db.p, dstep.p, 0, dout.p, c.T, c.nk, c.nv, c.dk, c.dv, nullptr);
+  delta_rule(dq.p, dk.p, dv.p, dg.p, db.p, dstep.p, 0, dout.p, c.T, c.nk, c.nv, c.dk, c.dv,
+             nullptr);
   std::vector<float> ref(dout.n), S = s0;
-  cpu::DeltaRuleArgs a{q.data(), k.data(), v.data(), g.data(), beta.data(), S.data(), ref.data(),
-                       c.T, c.nk, c.nv, c.dk, c.dv};
+  cpu::DeltaRuleArgs a{q.data(),   k.data(), v.data(), g.data(), beta.data(), S.data(),
+                       ref.data(), c.T,      c.nk,     c.nv,     c.dk,        c.dv};
   auto ex = cpu();
   if (c.T > 1)
     cpu::delta_rule_chunked(a, *ex);
@@ -507,8 +514,8 @@ TEST_P(CudaDeltaRuleTest, MatchesCpuAcrossChunkBoundariesThenDecode) {
   Dev<float> dout1(c.nv * c.dv);
   delta_rule(dq.p, dk.p, dv.p, dg.p, db.p, dstep.p, 0, dout1.p, 1, c.nk, c.nv, c.dk, c.dv, nullptr);
   std::vector<float> ref1(dout1.n);
-  cpu::DeltaRuleArgs a1{q.data(), k.data(), v.data(), g.data(), beta.data(), S.data(), ref1.data(),
-                        1, c.nk, c.nv, c.dk, c.dv};
+  cpu::DeltaRuleArgs a1{q.data(),    k.data(), v.data(), g.data(), beta.data(), S.data(),
+                        ref1.data(), 1,        c.nk,     c.nv,     c.dk,        c.dv};
   cpu::delta_rule_recurrent(a1, *ex);
   EXPECT_LT(max_abs_diff(dout1.get(), ref1), test::kDeltaRuleAtol);
 }
@@ -525,9 +532,12 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaDeltaRuleTest,
 TEST(CudaOps, FusedDecodeKernelsMatchUnfused) {
   REQUIRE_GPU();
   for (auto [nk, nv, dk, dv] : {std::tuple<int64_t, int64_t, int64_t, int64_t>{16, 32, 128, 128},
-                                {2, 4, 16, 16}, {2, 4, 64, 64}, {1, 2, 32, 64}}) {
+                                {2, 4, 16, 16},
+                                {2, 4, 64, 64},
+                                {1, 2, 32, 64}}) {
     const int64_t K = 4, C = 2 * nk * dk + nv * dv;
-    auto src = random_vec(C, 50), w = random_vec(C * K, 51, 0.3f), st0 = random_vec((K - 1) * C, 52);
+    auto src = random_vec(C, 50), w = random_vec(C * K, 51, 0.3f),
+         st0 = random_vec((K - 1) * C, 52);
     auto b = random_vec(nv, 53), a = random_vec(nv, 54), alog = random_vec(nv, 55, 0.5f),
          dtb = random_vec(nv, 56, 0.5f), s0 = random_vec(nv * dk * dv, 57, 0.1f),
          z = random_vec(nv * dv, 58), nw = random_vec(dv, 59, 0.2f);
