@@ -46,6 +46,33 @@ PYBIND11_MODULE(_tidal, m) {
         return out;
       },
       "Descriptions of the CUDA devices this build can use (empty: none, or built without CUDA).");
+  m.def(
+      "measure_gpu_bandwidth",
+      [](int device, size_t bytes, int repeats) {
+        py::dict d;
+#ifdef TIDAL_WITH_CUDA
+        tidal::kernels::cuda::Bandwidth bw;
+        {
+          py::gil_scoped_release release;
+          if (device < 0 || device >= tidal::kernels::cuda::device_count())
+            throw tidal::InvalidArgument(
+                "measure_gpu_bandwidth: no CUDA device " + std::to_string(device) + " (" +
+                std::to_string(tidal::kernels::cuda::device_count()) + " visible)");
+          bw = tidal::kernels::cuda::measure_bandwidth(device, bytes, repeats);
+        }
+        d["hbm_read_bytes_per_s"] = bw.hbm_read;
+        d["pinned_h2d_bytes_per_s"] = bw.h2d_pinned;
+        d["pinned_d2h_bytes_per_s"] = bw.d2h_pinned;
+#else
+        (void)device;
+        (void)bytes;
+        (void)repeats;
+        throw tidal::Unsupported("measure_gpu_bandwidth: this tidal was built without CUDA");
+#endif
+        return d;
+      },
+      py::arg("device") = 0, py::arg("bytes") = size_t{256} << 20, py::arg("repeats") = 5,
+      "Measured HBM read and pinned host<->device copy bandwidths of a CUDA device, bytes/s.");
   m.attr("built_with_cuda") =
 #ifdef TIDAL_WITH_CUDA
       true;

@@ -74,19 +74,32 @@ def system_info() -> dict[str, Any]:
     return info
 
 
-def bytes_per_token(summary: Any, depth: int, expert_bytes: int | None = None) -> dict[str, int]:
-    """Bytes a decode step at context `depth` must read on device="cpu": every weight except the
-    embedding table (one row) and the routed experts (k of E per MoE layer, `expert_bytes` each as
-    packed in RAM; default: as in the checkpoint), plus the KV cache (fp32) and the DeltaNet states
-    (read and written)."""
+def bytes_per_token(summary: Any, depth: int, expert_bytes: int | None = None, *, kv_elem_bytes: int = 4,
+                    dense_scale: float = 1.0) -> dict[str, int]:
+    """Bytes a decode step at context `depth` must read: every weight except the embedding table (one
+    row) and the routed experts (k of E per MoE layer, `expert_bytes` each as packed in RAM; default:
+    as in the checkpoint), plus the KV cache (`kv_elem_bytes` per value: 4 on the CPU, 2 for the GPU's
+    BF16 cache) and the DeltaNet states (read and written). `dense_scale`: bytes of the dense weights
+    as stored relative to the checkpoint (0.5 for INT8 GPU weights). On device="cpu" all of it comes
+    from RAM; on device="cuda" the routed experts come from RAM and the rest from VRAM."""
     c = summary.config
     n_moe = sum(c.layer_is_moe)
-    dense = summary.pinned_bytes - summary.part_bytes["embeddings"] + c.hidden_size * 2
+    dense = int(dense_scale * (summary.pinned_bytes - summary.part_bytes["embeddings"])) + c.hidden_size * 2
     experts = n_moe * c.num_experts_per_tok * (summary.expert_bytes if expert_bytes is None else expert_bytes)
-    kv = summary.kv_bytes_per_token(4) * depth
+    kv = summary.kv_bytes_per_token(kv_elem_bytes) * depth
     state = 2 * summary.deltanet_state_bytes()
     return {"dense_weights": dense, "routed_experts": experts, "kv_cache": kv, "deltanet_state": state,
             "total": dense + experts + kv + state}
+
+
+def decode_bound(need: dict[str, int], host_read: float, gpu_read: float | None) -> float:
+    """tok/s allowed by memory bandwidth: on the CPU every byte at `host_read`; with a GPU the routed
+    experts at `host_read` plus the rest at `gpu_read`, one after the other (no overlap assumed:
+    the next layer's experts need this layer's output)."""
+    if gpu_read is None:
+        return host_read / need["total"]
+    gpu_bytes = need["total"] - need["routed_experts"]
+    return 1.0 / (need["routed_experts"] / host_read + gpu_bytes / gpu_read)
 
 
 def _time_pp(rt: Any, n: int, rng: np.random.Generator) -> float:
@@ -113,14 +126,25 @@ def _time_tg(rt: Any, n: int, depth: int, rng: np.random.Generator) -> float:
 def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths: list[int], repetitions: int = 3,
               cpu_threads: int = 0, device: str = "cpu", bandwidth_bytes: int = 1 << 30, seed: int = 0,
               routing: np.ndarray | None = None, routing_info: dict[str, Any] | None = None,
-              expert_dtype: str = "auto") -> dict[str, Any]:
+              expert_dtype: str = "auto", gpu_memory: str | int | None = None, gpu_weights: str = "bf16",
+              gpu_precision: str | None = None) -> dict[str, Any]:
     """Run the tests and return the JSON-ready report. `routing`: a trace (tokens, layers, top_k) the
-    MoE layers follow instead of their routers (see tidal.routing). `expert_dtype`: as Runtime.load."""
+    MoE layers follow instead of their routers (see tidal.routing). `expert_dtype`, `gpu_memory`,
+    `gpu_weights`, `gpu_precision`: as Runtime.load (the gpu_* ones with device="cuda" only)."""
     from . import Runtime, _tidal, inspect
 
     if repetitions < 1:
         raise ValueError(f"repetitions must be >= 1, got {repetitions}")
-    rt = Runtime.load(model, device=device, num_threads=cpu_threads, progress=False, expert_dtype=expert_dtype)
+    on_gpu = device.startswith("cuda")
+    gpu_kw: dict[str, Any] = {}
+    if on_gpu:
+        gpu_kw = {"gpu_memory": gpu_memory, "gpu_weights": gpu_weights}
+        if gpu_precision is not None:
+            gpu_kw["gpu_precision"] = gpu_precision
+    elif gpu_memory is not None or gpu_weights != "bf16" or gpu_precision is not None:
+        raise ValueError("--gpu-memory, --gpu-weights and --gpu-precision need --device cuda")
+    rt = Runtime.load(model, device=device, num_threads=cpu_threads, progress=False, expert_dtype=expert_dtype,
+                      **gpu_kw)
     summary = inspect(model)
     c0 = rt.config
     n_experts_total = max(1, sum(c0.layer_is_moe) * c0.num_experts)
@@ -136,6 +160,16 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
     if routing is not None:
         rt._engine.set_routing_replay(np.asarray(routing))
     bw = _tidal.measure_read_bandwidth(bandwidth_bytes, rt.num_threads, 3)
+    gpu_bw: dict[str, float] = {}
+    memory: dict[str, int] | None = None
+    dense_scale = 1.0
+    kv_elem_bytes = 4
+    if on_gpu:
+        kv_elem_bytes = 4 if rt.describe().get("kv_cache_dtype") == "fp32" else 2
+        gpu_bw = _tidal.measure_gpu_bandwidth(int(device.split(":")[1]) if ":" in device else 0)
+        memory = {k: int(v) for k, v in rt.memory_report().items()}
+        if memory.get("weights_bf16_equivalent"):
+            dense_scale = memory["weights"] / memory["weights_bf16_equivalent"]
     rng = np.random.default_rng(seed)
     results = []
 
@@ -150,9 +184,12 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
         measure(f"pp{n}", n, lambda n=n: _time_pp(rt, n, rng))
     for d in depths:
         for n in tg:
-            need = bytes_per_token(summary, d + n // 2, packed_expert_bytes)
+            need = bytes_per_token(summary, d + n // 2, packed_expert_bytes,
+                                   kv_elem_bytes=kv_elem_bytes,
+                                   dense_scale=dense_scale)
+            bound = decode_bound(need, bw, gpu_bw.get("hbm_read_bytes_per_s"))
             measure(f"tg{n}@d{d}", n, lambda n=n, d=d: _time_tg(rt, n, d, rng), depth=d,
-                    bytes_per_token=need, bound_tok_s=bw / need["total"])
+                    bytes_per_token=need, bound_tok_s=bound)
             r = results[-1]
             r["fraction_of_bound"] = r["tok_s_median"] / r["bound_tok_s"]
     st = rt.stats()
@@ -166,10 +203,14 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
                   "moe_intermediate_size": c.moe_intermediate_size, "moe_layers": sum(c.layer_is_moe),
                   "num_experts_per_tok": c.num_experts_per_tok, "weight_bytes": summary.total_bytes,
                   "active_weight_bytes_per_token": active, "dtypes": summary.dtypes},
-        "caps": {"device": device, "cpu_threads": rt.num_threads, "gpu_memory": None, "expert_dtype": d["expert_dtype"],
-                 "expert_group_size": int(d["expert_group_size"]), "cpu_isa": d["cpu_isa"],
-                 "expert_kernels": d["expert_kernels"]},
-        "bounds": {"host_read_bytes_per_s": bw, "pinned_h2d_bytes_per_s": None},
+        "caps": {"device": device, "cpu_threads": rt.num_threads, "gpu_memory": gpu_memory if on_gpu else None,
+                 "gpu_weights": gpu_weights if on_gpu else None,
+                 "gpu_precision": (gpu_precision or d.get("gpu_precision")) if on_gpu else None,
+                 "expert_dtype": d["expert_dtype"], "expert_group_size": int(d["expert_group_size"]),
+                 "cpu_isa": d["cpu_isa"], "expert_kernels": d["expert_kernels"]},
+        "bounds": {"host_read_bytes_per_s": bw, "pinned_h2d_bytes_per_s": gpu_bw.get("pinned_h2d_bytes_per_s"),
+                   "gpu_read_bytes_per_s": gpu_bw.get("hbm_read_bytes_per_s")},
+        "gpu_memory": memory,
         "results": results,
         "cache": {"expert_cache_hit_rate": st.expert_cache_hit_rate, "prediction_precision": st.prediction_precision},
         "routing": routing_info or {"mode": "router" if routing is None else "trace"},
@@ -182,7 +223,10 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [f"tidal {s['tidal_version']} ({s['commit'] or 'no git'}) | {s['cpu']} | {report['caps']['cpu_threads']} threads"
              f" | device {report['caps']['device']} | GPU {s['gpu'] or '-'}",
              f"model {m['model_type']} x{m['layers']} layers ({m['weight_bytes'] / 2**30:.2f} GiB, "
-             f"{m['active_weight_bytes_per_token'] / 2**20:.1f} MiB active per token) | host read {bw / 1e9:.1f} GB/s",
+             f"{m['active_weight_bytes_per_token'] / 2**20:.1f} MiB active per token) | host read {bw / 1e9:.1f} GB/s"
+             + (f" | GPU read {report['bounds']['gpu_read_bytes_per_s'] / 1e9:.0f} GB/s | pinned H2D "
+                f"{report['bounds']['pinned_h2d_bytes_per_s'] / 1e9:.1f} GB/s"
+                if report["bounds"].get("gpu_read_bytes_per_s") else ""),
              "",
              f"| {'test':<14} | {'tok/s (median)':>14} | {'min':>9} | {'max':>9} | {'bound tok/s':>11} | {'of bound':>8} |",
              f"|{'-' * 16}|{'-' * 16}:|{'-' * 10}:|{'-' * 10}:|{'-' * 12}:|{'-' * 9}:|"]
@@ -192,8 +236,12 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"| {r['test']:<14} | {r['tok_s_median']:>14.1f} | {r['tok_s_min']:>9.1f} | {r['tok_s_max']:>9.1f} "
                      f"| {bound:>11} | {frac:>8} |")
     lines.append("")
-    lines.append("bound: host read bandwidth / bytes read per generated token (active weights, KV cache, DeltaNet "
-                 "state); pp is compute-bound and has no memory bound here")
+    if report["bounds"].get("gpu_read_bytes_per_s"):
+        lines.append("bound: routed-expert bytes per token at the host read bandwidth plus the GPU-resident bytes "
+                     "(dense weights, KV cache, DeltaNet state) at the GPU read bandwidth; pp has no memory bound here")
+    else:
+        lines.append("bound: host read bandwidth / bytes read per generated token (active weights, KV cache, DeltaNet "
+                     "state); pp is compute-bound and has no memory bound here")
     return "\n".join(lines)
 
 
@@ -209,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-r", "--repetitions", type=int, default=3)
     ap.add_argument("--cpu-threads", type=int, default=0, help="0: one per physical core")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--gpu-memory", default=None, help="VRAM cap (needs the CUDA backend)")
+    ap.add_argument("--gpu-memory", default=None, help="VRAM cap, e.g. 12GiB (--device cuda)")
+    ap.add_argument("--gpu-weights", default="bf16", choices=["bf16", "int8"],
+                    help="format of the GPU-resident matrices (--device cuda)")
+    ap.add_argument("--gpu-precision", default=None, choices=["bf16x2", "bf16", "fp32"],
+                    help="prefill matrix products on the GPU (default: Runtime.load's)")
     ap.add_argument("--expert-dtype", default="auto", choices=["auto", "bf16", "int8", "int4"],
                     help="routed-expert format in RAM (Runtime.load's expert_dtype)")
     ap.add_argument("--routing-trace", default=None, help="replay this routing trace (.npz, tidal.routing format)")
@@ -221,10 +273,6 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if (a.model is None) == (a.preset is None):
         ap.error("give a checkpoint directory or --preset (one of them)")
-    if a.gpu_memory is not None:
-        print("python -m tidal.bench: --gpu-memory needs the CUDA backend and the hybrid offload pipeline, which "
-              "are not in this build yet", file=sys.stderr)
-        return 2
     tmp = None
     try:
         model = a.model
@@ -251,10 +299,11 @@ def main(argv: list[str] | None = None) -> int:
             info = {"mode": "synthetic", "skew": a.routing_skew, "reuse": a.routing_reuse, "tokens": 4096}
         report = run_bench(model, pp=a.n_prompt, tg=a.n_gen, depths=a.depth, repetitions=a.repetitions,
                            cpu_threads=a.cpu_threads, device=a.device, routing=trace, routing_info=info,
-                           expert_dtype=a.expert_dtype)
+                           expert_dtype=a.expert_dtype, gpu_memory=a.gpu_memory, gpu_weights=a.gpu_weights,
+                           gpu_precision=a.gpu_precision)
         if a.preset:
             report["model"]["preset"] = a.preset
-    except (ValueError, FileNotFoundError, NotImplementedError, OSError) as exc:
+    except (ValueError, FileNotFoundError, NotImplementedError, OSError, MemoryError) as exc:
         print(f"python -m tidal.bench: error: {exc}", file=sys.stderr)
         return 2
     finally:
