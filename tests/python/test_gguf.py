@@ -151,3 +151,178 @@ def test_custom_alignment_is_recorded_and_respected(tmp_path):
     offs = [t.data_offset for t in r.tensors]
     assert all(o % 64 == 0 for o in offs)
     np.testing.assert_array_equal(np.asarray(r.tensors[1].data), np.arange(5, dtype=np.float32))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Converter: Hugging Face checkpoints -> the tensors and metadata llama.cpp loads.
+
+import os  # noqa: E402
+import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+
+from conftest import GOLDEN, MINI  # noqa: E402
+
+# Tensors llama.cpp's qwen35moe loader asks for (src/models/qwen35moe.cpp), per layer kind.
+_Q35_COMMON = ["attn_norm", "post_attention_norm", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps",
+               "ffn_down_exps", "ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"]
+_Q35_FULL = ["attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm"]
+_Q35_LINEAR = ["attn_qkv", "attn_gate", "ssm_conv1d", "ssm_dt", "ssm_a", "ssm_beta", "ssm_alpha", "ssm_norm",
+               "ssm_out"]
+
+
+def _read(path):
+    r = gguf.GGUFReader(str(path))
+    return r, {t.name: t for t in r.tensors}
+
+
+def _hf(model_dir):
+    from tidal.gguf import _Checkpoint
+
+    return _Checkpoint(pathlib.Path(model_dir))
+
+
+def test_convert_qwen3_5_moe_names_metadata_and_values(tmp_path):
+    src = GOLDEN / "qwen3_5_moe"  # the multimodal wrapper: text model under model.language_model.
+    cfg = json.loads((src / "config.json").read_text())["text_config"]
+    out = tg.convert(src, tmp_path / "m.gguf", expert_type="q8_0", workers=1, progress=False)
+    r, t = _read(out)
+    f = {k: v.contents() for k, v in r.fields.items() if not k.startswith("GGUF.")}
+    assert f["general.architecture"] == "qwen35moe"
+    n = cfg["num_hidden_layers"]
+    assert f["qwen35moe.block_count"] == n
+    assert r.fields["qwen35moe.block_count"].types == [gguf.GGUFValueType.UINT32]
+    assert r.fields["qwen35moe.attention.layer_norm_rms_epsilon"].types == [gguf.GGUFValueType.FLOAT32]
+    assert f["qwen35moe.attention.recurrent_layers"] == [k == "linear_attention" for k in cfg["layer_types"]]
+    assert len(f["qwen35moe.rope.dimension_sections"]) == 4
+    assert f["qwen35moe.rope.dimension_count"] == int(cfg["head_dim"] * cfg["rope_parameters"]["partial_rotary_factor"])
+    assert f["qwen35moe.ssm.time_step_rank"] == cfg["linear_num_value_heads"]
+    assert f["tokenizer.ggml.model"] == "none" and f["qwen35moe.vocab_size"] == cfg["vocab_size"]
+    want = {"token_embd.weight", "output_norm.weight"} | (set() if cfg.get("tie_word_embeddings") else {"output.weight"})
+    for i, kind in enumerate(cfg["layer_types"]):
+        for x in _Q35_COMMON + (_Q35_FULL if kind == "full_attention" else _Q35_LINEAR):
+            want.add(f"blk.{i}.{x}" + ("" if x == "ssm_a" else ".bias" if x == "ssm_dt" else ".weight"))
+    assert set(t) == want  # llama.cpp refuses files with a tensor too many or too few
+    hf = _hf(src)
+    nk, nv, dv = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"], cfg["linear_value_head_dim"]
+    r_ = nv // nk
+
+    def arr(name):
+        x = t[name]
+        return gguf.quants.dequantize(np.asarray(x.data), x.tensor_type).reshape([int(s) for s in x.shape][::-1])
+
+    # Norms of the hybrids are zero-centred (x * (1 + w)): llama.cpp stores 1 + w; not the gated norm.
+    np.testing.assert_array_equal(arr("blk.0.attn_norm.weight"), hf.get("model.layers.0.input_layernorm.weight") + 1)
+    np.testing.assert_array_equal(arr("blk.0.ssm_norm.weight"), hf.get("model.layers.0.linear_attn.norm.weight"))
+    # Value heads: HF groups them per key head, llama.cpp tiles them (head h of group g -> h * nk + g).
+    perm = np.array([g * r_ + h for h in range(r_) for g in range(nk)])
+    a_log = hf.get("model.layers.0.linear_attn.A_log")
+    np.testing.assert_allclose(arr("blk.0.ssm_a"), -np.exp(a_log)[perm], rtol=1e-6)
+    z = hf.get("model.layers.0.linear_attn.in_proj_z.weight").reshape(nv, dv, -1)
+    np.testing.assert_array_equal(arr("blk.0.attn_gate.weight").reshape(nv, dv, -1),
+                                  tg.dequantize(tg.quantize(z[perm], tg.GGMLType.BF16), tg.GGMLType.BF16, z.shape))
+    out_proj = hf.get("model.layers.0.linear_attn.out_proj.weight")
+    H = out_proj.shape[0]
+    np.testing.assert_array_equal(arr("blk.0.ssm_out.weight").reshape(H, nv, dv), out_proj.reshape(H, nv, dv)[:, perm])
+    assert t["blk.0.ssm_conv1d.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    # Experts: gate = first half of gate_up_proj, up = second half; Q8_0 within its bound.
+    gu = hf.get("model.layers.0.mlp.experts.gate_up_proj")
+    inter = gu.shape[1] // 2
+    for name, ref in (("ffn_gate_exps", gu[:, :inter]), ("ffn_up_exps", gu[:, inter:]),
+                      ("ffn_down_exps", hf.get("model.layers.0.mlp.experts.down_proj"))):
+        got = arr(f"blk.0.{name}.weight")
+        assert got.shape == ref.shape
+        assert np.sqrt(np.mean((got - ref) ** 2)) <= 0.01 * np.sqrt(np.mean(ref ** 2))
+
+
+def test_convert_qwen3_next_splits_qkvz(tmp_path):
+    src = GOLDEN / "qwen3_next"
+    cfg = json.loads((src / "config.json").read_text())
+    out = tg.convert(src, tmp_path / "n.gguf", expert_type="f32", dense_type="f32", workers=1, progress=False)
+    r, t = _read(out)
+    assert r.fields["general.architecture"].contents() == "qwen3next"
+    i = cfg["layer_types"].index("linear_attention")
+    assert f"blk.{i}.ssm_ba.weight" in t and f"blk.{i}.ssm_beta.weight" not in t
+    nk, nv = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
+    dk, dv = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"]
+    qkvz = _hf(src).get(f"model.layers.{i}.linear_attn.in_proj_qkvz.weight")
+    H = qkvz.shape[1]
+    g = qkvz.reshape(nk, 2 * dk + 2 * (nv // nk) * dv, H)
+    want_qkv = np.concatenate([g[:, :dk].reshape(-1, H), g[:, dk:2 * dk].reshape(-1, H),
+                               g[:, 2 * dk:2 * dk + (nv // nk) * dv].reshape(-1, H)])
+    np.testing.assert_array_equal(np.asarray(t[f"blk.{i}.attn_qkv.weight"].data), want_qkv)
+    np.testing.assert_array_equal(np.asarray(t[f"blk.{i}.attn_gate.weight"].data),
+                                  g[:, 2 * dk + (nv // nk) * dv:].reshape(-1, H))
+
+
+def test_convert_q4_k_experts_and_row_fallback(tmp_path):
+    from tidal.synth import preset_config, write_checkpoint
+
+    cfg = preset_config("tiny")
+    cfg.update(hidden_size=256, moe_intermediate_size=256)  # Q4_K rows are 256 wide
+    src = write_checkpoint(cfg, tmp_path / "ck", progress=False)
+    r, t = _read(tg.convert(src, tmp_path / "q.gguf", expert_type="q4_k", workers=2, progress=False))
+    assert t["blk.0.ffn_gate_exps.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_K
+    assert t["blk.0.ffn_down_exps.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_K
+    assert r.fields["general.file_type"].contents() == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    # tiny preset (hidden 128): rows of 128 cannot hold Q4_K blocks -> Q8_0, as llama.cpp falls back
+    src2 = write_checkpoint(preset_config("tiny"), tmp_path / "ck2", progress=False)
+    _, t2 = _read(tg.convert(src2, tmp_path / "q2.gguf", expert_type="q4_k", workers=1, progress=False))
+    assert t2["blk.0.ffn_gate_exps.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+
+
+def test_convert_bad_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        tg.convert(tmp_path, tmp_path / "x.gguf")
+    with pytest.raises(NotImplementedError, match="dense MLP layers"):
+        tg.convert(GOLDEN / "qwen3_moe", tmp_path / "x.gguf")
+    d = tmp_path / "unknown"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(NotImplementedError, match="no GGUF mapping"):
+        tg.convert(d, tmp_path / "x.gguf")
+    with pytest.raises(ValueError, match="unknown GGUF tensor type"):
+        tg.convert(GOLDEN / "qwen3_next", tmp_path / "x.gguf", expert_type="iq2_xs")
+    assert not (tmp_path / "x.gguf").exists()
+    assert tg.main([str(GOLDEN / "qwen3_moe"), str(tmp_path / "x.gguf")]) == 2
+
+
+def test_tokenizer_json_becomes_gpt2_vocab(tmp_path):
+    out = tg.convert(MINI, tmp_path / "mini.gguf", expert_type="q8_0", workers=1, progress=False)
+    r, _ = _read(out)
+    tok = json.loads((MINI / "tokenizer.json").read_text())
+    tokens = r.fields["tokenizer.ggml.tokens"].contents()
+    cfg = json.loads((MINI / "config.json").read_text())
+    assert r.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert r.fields["tokenizer.ggml.pre"].contents() == "qwen2"
+    assert len(tokens) == cfg["vocab_size"] and len(set(tokens)) == len(tokens)
+    for text, i in list(tok["model"]["vocab"].items())[:50]:
+        assert tokens[i] == text
+    assert len(r.fields["tokenizer.ggml.merges"].contents()) == len(tok["model"]["merges"])
+    assert r.fields["tokenizer.ggml.eos_token_id"].contents() == cfg["eos_token_id"]
+
+
+# llama.cpp itself runs the converted tidal-mini and must continue a prompt exactly as tidal does
+# (greedy, 40 tokens, F32 weights on both sides). Needs a llama.cpp build: TIDAL_LLAMA_CPP_BIN is the
+# folder with llama-completion (tests/bench/run_device_llama_cpp.sh builds one and sets it).
+LLAMA_BIN = os.environ.get("TIDAL_LLAMA_CPP_BIN")
+
+
+@pytest.mark.skipif(not LLAMA_BIN, reason="no llama.cpp build: set TIDAL_LLAMA_CPP_BIN to the folder with "
+                                          "llama-completion (tests/bench/run_device_llama_cpp.sh does)")
+@pytest.mark.parametrize("expert_type", ["f32", "q8_0"])
+def test_llama_cpp_continues_like_tidal(tmp_path, expert_type):
+    import tidal
+
+    prompt = "The little robot looked at the river and said that"
+    out = tg.convert(MINI, tmp_path / "mini.gguf", expert_type=expert_type, dense_type="f32", workers=1,
+                     progress=False)
+    res = subprocess.run([str(pathlib.Path(LLAMA_BIN) / "llama-completion"), "-m", str(out), "-p", prompt, "-n", "40",
+                          "--temp", "0", "--no-warmup", "-t", "4", "-ngl", "99", "-ot", "exps=CPU"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith(prompt), res.stdout[:200]
+    theirs = res.stdout[len(prompt):]
+    rt = tidal.Runtime.load(MINI, progress=False, expert_dtype="bf16")
+    ours = rt.generate(prompt, max_new_tokens=40, temperature=0.0).text
+    n = min(len(ours), len(theirs.rstrip("\n")))
+    assert n >= 40 and theirs[:n] == ours[:n], (theirs, ours)
