@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+# tidal and llama.cpp side by side on the GPU test machine, on the same synthetic model.
+#
+#   LLAMA_SRC=<llama.cpp tree or .tar.xz> bash tests/bench/run_device_llama_cpp.sh
+#
+# 1. build: tidal with CUDA (tests/bench/run_device_cuda.sh's build) and llama.cpp's llama-bench and
+#    llama-completion with CUDA, from LLAMA_SRC (default .devcarry/llama.cpp-src.tar.xz, made by
+#    tests/bench/pack_llama_cpp.sh: the source is not committed).
+# 2. check: llama.cpp runs tidal-mini converted by tidal.gguf and continues a prompt exactly as tidal
+#    does (tests/python/test_gguf.py -k llama_cpp), so both engines run the same model.
+# 3. bench: tidal.synth writes the Qwen3.6-35B-A3B shape (LAYERS layers, default 8, real width) as
+#    BF16 safetensors; tidal.gguf writes the same weights as GGUF with Q4_K and Q8_0 experts (BF16
+#    dense weights, like tidal's GPU copy). llama-bench runs each with every routed expert on the CPU
+#    (-ot exps=CPU) and everything else on the GPU; tidal.bench runs the checkpoint with device cuda,
+#    a 12 GiB VRAM cap, INT4 / INT8 experts. Same threads (THREADS, default 16), same tests (pp512,
+#    pp8192, tg128, 3 repetitions after a warm-up). tests/bench/side_by_side.py prints the table.
+# STEPS (default "build check bench") selects parts. Output in $OUT (or ./bench-out).
+set -euo pipefail
+mkdir -p "${OUT:-bench-out}"
+out=$(cd "${OUT:-bench-out}" && pwd)
+steps=${STEPS:-build check bench}
+layers=${LAYERS:-8}
+threads=${THREADS:-16}
+reps=${REPS:-3}
+prompts=${PROMPTS:-512,8192}
+work=${WORK:-/tmp/tidal-side-by-side}
+mkdir -p "$work"
+for d in /usr/local/cuda/bin /usr/local/cuda-*/bin; do [ -x "$d/nvcc" ] && export PATH="$PATH:$d"; done
+export LD_LIBRARY_PATH=/tmp/deps/lib:${LD_LIBRARY_PATH:-}
+llama=build/llama/bin
+if [[ $steps == *build* ]]; then
+  STEPS=build OUT="$out" bash tests/bench/run_device_cuda.sh
+  src=${LLAMA_SRC:-.devcarry/llama.cpp-src.tar.xz}
+  if [ -f "$src" ]; then
+    [ -d build/llama-src/llama.cpp ] || { mkdir -p build/llama-src && tar -xJf "$src" -C build/llama-src; }
+    src=build/llama-src/llama.cpp
+  fi
+  [ -f "$src/CMakeLists.txt" ] || { echo "LLAMA_SRC=$src is not a llama.cpp tree"; exit 1; }
+  cmake -S "$src" -B build/llama -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
+    -DCMAKE_CUDA_ARCHITECTURES="${ARCH:-90}" -DGGML_NATIVE=ON -DGGML_CUDA_NCCL=OFF -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF \
+    > "$out/llama_build.log" 2>&1 || { tail -30 "$out/llama_build.log"; exit 1; }
+  ninja -C build/llama llama-bench llama-completion >> "$out/llama_build.log" 2>&1 \
+    || { grep -E "error|FAILED" -A5 "$out/llama_build.log" | head -40; exit 1; }
+  echo "llama.cpp built: $(grep -m1 -o 'version: [0-9]* ([0-9a-f]*)' "$out/llama_build.log" || true)"
+fi
+if [[ $steps == *check* ]]; then
+  (cd tests/python && TIDAL_LLAMA_CPP_BIN="$PWD/../../$llama" PYTHONPATH="$PWD/../../python" \
+    python3 -m pytest -q -p no:cacheprovider -rs test_gguf.py > "$out/pytest_gguf.log" 2>&1) || true
+  tail -3 "$out/pytest_gguf.log"; grep -E "^FAILED|^E  " "$out/pytest_gguf.log" | head -20 || true
+fi
+if [[ $steps == *bench* ]]; then
+  export PYTHONPATH=$PWD/python
+  model=$work/qwen3.6-35b-a3b-L$layers
+  [ -f "$model/config.json" ] || python3 -m tidal.synth --preset qwen3.6-35b-a3b --layers "$layers" "$model" 2>/dev/null
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
+  for pair in int4:q4_k int8:q8_0; do
+    td=${pair%%:*}; q=${pair##*:}
+    g=$work/model-L$layers-$q.gguf
+    [ -f "$g" ] || python3 -m tidal.gguf "$model" "$g" --expert-type "$q" 2>/dev/null
+    # VRAM use of llama.cpp: nvidia-smi sampled every 200 ms during its run.
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$out/vram_llama_$q.txt" &
+    poll=$!
+    "$llama"/llama-bench -m "$g" -p "$prompts" -n 128 -r "$reps" -t "$threads" -ngl 99 -ot "exps=CPU" -fa on \
+      -o json > "$out/llama_$q.json" 2> "$out/llama_$q.log" || { tail -20 "$out/llama_$q.log"; }
+    kill $poll || true
+    python3 -m tidal.bench "$model" --device cuda --gpu-memory 12GiB --cpu-threads "$threads" \
+      --expert-dtype "$td" -p "$prompts" -n 128 -r "$reps" --json "$out/tidal_$td.json" \
+      > "$out/tidal_$td.txt" 2>&1 || tail -20 "$out/tidal_$td.txt"
+  done
+  python3 tests/bench/side_by_side.py "$out" | tee "$out/side_by_side.md"
+fi

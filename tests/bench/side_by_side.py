@@ -1,0 +1,78 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Ratio table of tidal.bench and llama-bench results (tests/bench/run_device_llama_cpp.sh).
+
+    python3 tests/bench/side_by_side.py OUT_DIR
+
+Reads OUT_DIR/tidal_{int4,int8}.json (python -m tidal.bench --json) and OUT_DIR/llama_{q4_k,q8_0}.json
+(llama-bench -o json) and prints a markdown table: tok/s of each engine per test (tidal: median of
+the repetitions with min-max; llama.cpp: mean with standard deviation, as llama-bench reports),
+tidal / llama.cpp, and for tg tidal's fraction of its memory-bandwidth bound. VRAM: tidal's own
+accounting (memory_report "used") and the largest nvidia-smi reading during llama-bench minus the
+reading before it started.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import statistics
+import sys
+
+PAIRS = [("int4", "q4_k", "INT4 class (tidal int4 g64 / llama.cpp Q4_K)"),
+         ("int8", "q8_0", "INT8 class (tidal int8 g128 / llama.cpp Q8_0)")]
+
+
+def _vram(path: pathlib.Path) -> float | None:
+    try:
+        vals = [float(x) for x in path.read_text().split() if x.strip()]
+    except (OSError, ValueError):
+        return None
+    return (max(vals) - vals[0]) / 1024 if len(vals) > 1 else None
+
+
+def main(argv: list[str]) -> int:
+    out = pathlib.Path(argv[1] if len(argv) > 1 else "bench-out")
+    lines = []
+    for td, q, label in PAIRS:
+        tp, lp = out / f"tidal_{td}.json", out / f"llama_{q}.json"
+        if not tp.exists() or not lp.exists():
+            lines.append(f"{label}: missing {tp.name if not tp.exists() else lp.name}\n")
+            continue
+        t = json.loads(tp.read_text())
+        lrows = json.loads(lp.read_text())
+        llama = {}
+        for r in lrows:
+            name = f"pp{r['n_prompt']}" if r["n_gen"] == 0 else f"tg{r['n_gen']}"
+            llama[name] = r
+        m = t["model"]
+        vram_t = (t.get("gpu_memory") or {}).get("used")
+        vram_l = _vram(out / f"vram_llama_{q}.txt")
+        desc = (f"model: {m['model_type']} x{m['layers']} layers at full width ({m['weight_bytes'] / 2**30:.1f} GiB "
+                f"BF16 checkpoint); llama.cpp file {lrows[0]['model_size'] / 2**30:.2f} GiB ({lrows[0]['model_type']}); "
+                f"threads {t['caps']['cpu_threads']}")
+        if vram_t:
+            desc += f"; tidal VRAM used {vram_t / 2**30:.2f} GiB (cap {t['caps']['gpu_memory']})"
+        if vram_l is not None:
+            desc += f"; llama.cpp VRAM (nvidia-smi peak over idle) {vram_l:.2f} GiB"
+        lines += [f"### {label}", "", desc, "",
+                  "| test | tidal tok/s (min-max) | llama.cpp tok/s (± sd) | tidal / llama.cpp | tidal of its bound |",
+                  "|---|---:|---:|---:|---:|"]
+        for r in t["results"]:
+            name = r["test"].split("@")[0]
+            lr = llama.get(name)
+            if lr is None:
+                continue
+            ratio = r["tok_s_median"] / lr["avg_ts"]
+            frac = f"{100 * r['fraction_of_bound']:.0f}%" if "fraction_of_bound" in r else "-"
+            lines.append(f"| {name} | {r['tok_s_median']:.1f} ({r['tok_s_min']:.1f}-{r['tok_s_max']:.1f}) | "
+                         f"{lr['avg_ts']:.1f} ± {lr['stddev_ts']:.1f} | {ratio:.2f}x | {frac} |")
+        lines.append("")
+    s = json.loads((out / f"tidal_{PAIRS[0][0]}.json").read_text())["system"] if (out / "tidal_int4.json").exists() else {}
+    if s:
+        lines.append(f"machine: {s.get('cpu')}, {s.get('gpu')} (driver {s.get('driver')}); tidal {s.get('commit')}")
+    print("\n".join(x for x in lines if x is not None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
