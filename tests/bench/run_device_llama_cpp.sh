@@ -8,7 +8,7 @@
 #    llama-completion with CUDA, from LLAMA_SRC (default .devcarry/llama.cpp-src.tar.xz, made by
 #    tests/bench/pack_llama_cpp.sh: the source is not committed).
 # 2. check: llama.cpp runs tidal-mini converted by tidal.gguf and continues a prompt exactly as tidal
-#    does (tests/python/test_gguf.py -k llama_cpp), so both engines run the same model.
+#    does (tests/python/test_llama_cpp.py), so both engines run the same model.
 # 3. bench: tidal.synth writes the Qwen3.6-35B-A3B shape (LAYERS layers, default 8, real width) as
 #    BF16 safetensors; tidal.gguf writes the same weights as GGUF with Q4_K and Q8_0 experts (BF16
 #    dense weights, like tidal's GPU copy). llama-bench runs each with every routed expert on the CPU
@@ -47,7 +47,7 @@ if [[ $steps == *build* ]]; then
 fi
 if [[ $steps == *check* ]]; then
   (cd tests/python && TIDAL_LLAMA_CPP_BIN="$PWD/../../$llama" PYTHONPATH="$PWD/../../python" \
-    python3 -m pytest -q -p no:cacheprovider -rs test_gguf.py > "$out/pytest_gguf.log" 2>&1) || true
+    python3 -m pytest -q -p no:cacheprovider -rs test_gguf.py test_llama_cpp.py > "$out/pytest_gguf.log" 2>&1) || true
   tail -3 "$out/pytest_gguf.log"; grep -E "^FAILED|^E  " "$out/pytest_gguf.log" | head -20 || true
 fi
 if [[ $steps == *bench* ]]; then
@@ -62,8 +62,11 @@ if [[ $steps == *bench* ]]; then
     # VRAM use of llama.cpp: nvidia-smi sampled every 200 ms during its run.
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$out/vram_llama_$q.txt" &
     poll=$!
+    # llama.cpp at its best: weights loaded into pinned host buffers (-lm none; with mmap its prompt
+    # processing copies experts to the GPU from pageable memory, 3-4x slower), micro-batches of 512
+    # and 2048 (side_by_side.py takes the faster one per test).
     "$llama"/llama-bench -m "$g" -p "$prompts" -n 128 -r "$reps" -t "$threads" -ngl 99 -ot "exps=CPU" -fa on \
-      -o json > "$out/llama_$q.json" 2> "$out/llama_$q.log" || { tail -20 "$out/llama_$q.log"; }
+      -lm none -b 8192 -ub 512,2048 -o json > "$out/llama_$q.json" 2> "$out/llama_$q.log" || { tail -20 "$out/llama_$q.log"; }
     kill $poll || true
     python3 -m tidal.bench "$model" --device cuda --gpu-memory 12GiB --cpu-threads "$threads" \
       --expert-dtype "$td" -p "$prompts" -n 128 -r "$reps" --json "$out/tidal_$td.json" \

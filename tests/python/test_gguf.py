@@ -156,9 +156,7 @@ def test_custom_alignment_is_recorded_and_respected(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # Converter: Hugging Face checkpoints -> the tensors and metadata llama.cpp loads.
 
-import os  # noqa: E402
 import pathlib  # noqa: E402
-import subprocess  # noqa: E402
 
 from conftest import GOLDEN, MINI  # noqa: E402
 
@@ -299,30 +297,3 @@ def test_tokenizer_json_becomes_gpt2_vocab(tmp_path):
         assert tokens[i] == text
     assert len(r.fields["tokenizer.ggml.merges"].contents()) == len(tok["model"]["merges"])
     assert r.fields["tokenizer.ggml.eos_token_id"].contents() == cfg["eos_token_id"]
-
-
-# llama.cpp itself runs the converted tidal-mini and must continue a prompt exactly as tidal does
-# (greedy, 40 tokens, F32 weights on both sides). Needs a llama.cpp build: TIDAL_LLAMA_CPP_BIN is the
-# folder with llama-completion (tests/bench/run_device_llama_cpp.sh builds one and sets it).
-LLAMA_BIN = os.environ.get("TIDAL_LLAMA_CPP_BIN")
-
-
-@pytest.mark.skipif(not LLAMA_BIN, reason="no llama.cpp build: set TIDAL_LLAMA_CPP_BIN to the folder with "
-                                          "llama-completion (tests/bench/run_device_llama_cpp.sh does)")
-@pytest.mark.parametrize("expert_type", ["f32", "q8_0"])
-def test_llama_cpp_continues_like_tidal(tmp_path, expert_type):
-    import tidal
-
-    prompt = "The little robot looked at the river and said that"
-    out = tg.convert(MINI, tmp_path / "mini.gguf", expert_type=expert_type, dense_type="f32", workers=1,
-                     progress=False)
-    res = subprocess.run([str(pathlib.Path(LLAMA_BIN) / "llama-completion"), "-m", str(out), "-p", prompt, "-n", "40",
-                          "--temp", "0", "--no-warmup", "-t", "4", "-ngl", "99", "-ot", "exps=CPU"],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.startswith(prompt), res.stdout[:200]
-    theirs = res.stdout[len(prompt):]
-    rt = tidal.Runtime.load(MINI, progress=False, expert_dtype="bf16")
-    ours = rt.generate(prompt, max_new_tokens=40, temperature=0.0).text
-    n = min(len(ours), len(theirs.rstrip("\n")))
-    assert n >= 40 and theirs[:n] == ours[:n], (theirs, ours)
