@@ -249,3 +249,20 @@ def test_routing_record_and_replay_on_gpu():
     with rt.replay_routing(other):
         changed = rt.logits(ids)
     assert np.abs(changed - free).max() > 1e-2
+
+
+def test_gpu_bandwidth_probe_and_bench_on_gpu(tmp_path):
+    from tidal import _tidal, bench
+
+    bw = _tidal.measure_gpu_bandwidth(0, 64 << 20, 3)
+    # Physical sanity: any GPU tidal targets reads its memory faster than it copies over PCIe, and
+    # PCIe (gen3 x4 .. gen6 x16) lies between 1 and 256 GB/s.
+    assert bw["hbm_read_bytes_per_s"] > bw["pinned_h2d_bytes_per_s"] > 1e9
+    assert 1e9 < bw["pinned_d2h_bytes_per_s"] < 2.56e11
+    with pytest.raises(ValueError, match="no CUDA device 99"):
+        _tidal.measure_gpu_bandwidth(99)
+    report = bench.run_bench(MINI, pp=[16], tg=[4], depths=[0], repetitions=1, device="cuda", gpu_memory="2GiB")
+    assert report["caps"]["gpu_memory"] == "2GiB" and report["gpu_memory"]["used"] <= 2 << 30
+    assert report["bounds"]["pinned_h2d_bytes_per_s"] > 1e9
+    tg = report["results"][-1]
+    assert tg["bound_tok_s"] > 0 and 0 < tg["fraction_of_bound"] < 1.5

@@ -172,3 +172,19 @@ def test_bench_with_synthetic_routing(tmp_path):
                        "--json", str(path)]) == 0
     r = json.loads(path.read_text())
     assert r["routing"] == {"mode": "synthetic", "skew": 1.1, "reuse": 0.5, "tokens": 4096}
+
+
+def test_gpu_caps_need_cuda_device(tmp_path):
+    from tidal import bench
+
+    with pytest.raises(ValueError, match="need --device cuda"):
+        bench.run_bench(MINI, pp=[4], tg=[], depths=[0], repetitions=1, gpu_memory="1GiB")
+    assert bench.main([str(MINI), "--gpu-memory", "1GiB", "-p", "4", "-n", "0"]) == 2
+
+
+def test_decode_bound_splits_host_and_gpu_bytes():
+    from tidal.bench import decode_bound
+
+    need = {"routed_experts": 100, "total": 400}
+    assert decode_bound(need, 100.0, None) == pytest.approx(0.25)          # all 400 bytes from RAM
+    assert decode_bound(need, 100.0, 300.0) == pytest.approx(1 / (1 + 1))  # 100 from RAM, 300 from VRAM
