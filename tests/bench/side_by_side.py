@@ -2,6 +2,7 @@
 """Ratio table of tidal.bench and llama-bench results (tests/bench/run_device_llama_cpp.sh).
 
     python3 tests/bench/side_by_side.py OUT_DIR
+    python3 tests/bench/side_by_side.py OUT_DIR_A OUT_DIR_B --extrapolate 40
 
 Reads OUT_DIR/tidal_{int4,int8}.json (python -m tidal.bench --json) and OUT_DIR/llama_{q4_k,q8_0}.json
 (llama-bench -o json) and prints a markdown table: tok/s of each engine per test (tidal: median of
@@ -10,6 +11,12 @@ its fastest configuration for that test),
 tidal / llama.cpp, and for tg tidal's fraction of its memory-bandwidth bound. VRAM: tidal's own
 accounting (memory_report "used") and the largest nvidia-smi reading during llama-bench minus the
 reading before it started.
+
+With two result folders of the same model at two layer counts (tidal.synth --layers) and
+`--extrapolate N`, it also prints both engines' tok/s extrapolated to N layers: the time per token is
+fixed (embedding, lm_head, sampling, launch) plus the same cost for every block of layers, so two
+layer counts determine the line t(L) = a + b L (the layer counts should be multiples of the 4-layer
+pattern). The extrapolation amplifies noise by about N / (L_B - L_A); read it as an estimate.
 """
 
 from __future__ import annotations
@@ -31,7 +38,50 @@ def _vram(path: pathlib.Path) -> float | None:
     return (max(vals) - vals[0]) / 1024 if len(vals) > 1 else None
 
 
+def _rates(out: pathlib.Path) -> tuple[int, dict[tuple[str, str], float]]:
+    """Layer count and {(engine/class, test): tok/s} of one result folder (llama.cpp: best config)."""
+    rates: dict[tuple[str, str], float] = {}
+    layers = 0
+    for td, q, _ in PAIRS:
+        t = json.loads((out / f"tidal_{td}.json").read_text())
+        layers = t["model"]["layers"]
+        for r in t["results"]:
+            rates[(f"tidal {td}", r["test"].split("@")[0])] = r["tok_s_median"]
+        for r in json.loads((out / f"llama_{q}.json").read_text()):
+            name = f"pp{r['n_prompt']}" if r["n_gen"] == 0 else f"tg{r['n_gen']}"
+            rates[(f"llama.cpp {q}", name)] = max(rates.get((f"llama.cpp {q}", name), 0.0), r["avg_ts"])
+    return layers, rates
+
+
+def extrapolate(a: pathlib.Path, b: pathlib.Path, n: int) -> str:
+    la, ra = _rates(a)
+    lb, rb = _rates(b)
+    if la == lb:
+        raise SystemExit("--extrapolate needs results at two different layer counts")
+    est = {}
+    for key in ra.keys() & rb.keys():
+        ta, tb = 1 / ra[key], 1 / rb[key]  # seconds per token
+        slope = (tb - ta) / (lb - la)
+        est[key] = 1 / (ta + slope * (n - la))
+    lines = [f"### Extrapolated to {n} layers (from {la} and {lb})", "",
+             "| test | class | tidal tok/s | llama.cpp tok/s | tidal / llama.cpp |", "|---|---|---:|---:|---:|"]
+    for test in sorted({k[1] for k in est}, key=lambda x: (x[:2], int(x[2:]))):
+        for td, q, _ in PAIRS:
+            t, ll = est.get((f"tidal {td}", test)), est.get((f"llama.cpp {q}", test))
+            if t and ll:
+                lines.append(f"| {test} | {td} / {q} | {t:.1f} | {ll:.1f} | {t / ll:.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
+    if "--extrapolate" in argv:
+        i = argv.index("--extrapolate")
+        n = int(argv[i + 1])
+        dirs = [pathlib.Path(x) for x in argv[1:i] + argv[i + 2:]]
+        if len(dirs) != 2:
+            raise SystemExit("usage: side_by_side.py OUT_A OUT_B --extrapolate N")
+        print(extrapolate(dirs[0], dirs[1], n))
+        return 0
     out = pathlib.Path(argv[1] if len(argv) > 1 else "bench-out")
     lines = []
     for td, q, label in PAIRS:
