@@ -37,6 +37,32 @@ ExpertStore::ExpertStore(const core::ModelConfig& cfg, const core::Checkpoint& c
       mapped_layer_.push_back(static_cast<size_t>(l));
     }
   };
+  if (!cfg.packed_experts.file.empty()) {  // Note [Pre-packed experts]
+    const auto& pe = cfg.packed_experts;
+    TIDAL_CHECK(pe.layout == kc::kExpertLayoutName, Unsupported,
+                "pre-packed experts \"{}\" use layout \"{}\"; this tidal reads \"{}\" (write them "
+                "again with python -m tidal.synth)",
+                pe.file, pe.layout, kc::kExpertLayoutName);
+    try {
+      prepacked_dtype_ = kc::parse_expert_dtype(pe.dtype);
+      kc::make_layout(prepacked_dtype_, I, H, pe.group_size);
+    } catch (const std::invalid_argument& e) {
+      throw FormatError(fmt::format("pre-packed experts \"{}\": {}", pe.file, e.what()));
+    }
+    prepacked_group_ = pe.group_size;
+    prepacked_file_ = std::filesystem::is_directory(ck.path()) ? ck.path() / pe.file
+                                                               : ck.path().parent_path() / pe.file;
+    std::error_code ec;
+    const auto size = std::filesystem::file_size(prepacked_file_, ec);
+    TIDAL_CHECK(!ec, FileNotFound,
+                "pre-packed experts file \"{}\" (config.json "
+                "tidal_packed_experts) does not exist",
+                prepacked_file_.string());
+    source_bytes_ = size;
+    for (int64_t l = 0; l < cfg.num_hidden_layers; ++l)
+      if (cfg.layer_is_moe[l]) sources_[l].resize(static_cast<size_t>(E));
+    return;
+  }
   for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
     if (!cfg.layer_is_moe[l]) continue;
     const std::string pre = fmt::format("{}layers.{}.mlp.experts.", cfg.weight_prefix, l);
@@ -107,14 +133,23 @@ std::string header_key(const std::string& key) {
   return fmt::format("long key: {} bytes, {:016x} {:016x}", key.size(), fnv1a(key),
                      std::hash<std::string>{}(key));
 }
+
+// The key without source files: shapes and format (also the whole key of a pre-packed file).
+std::string format_key(kc::ExpertDType dtype, int64_t group, int64_t hidden, int64_t inter,
+                       int64_t experts, const std::vector<int64_t>& moe_layers) {
+  std::string k = fmt::format(
+      "layout={} dtype={} group={} hidden={} inter={} experts={} layers=", kc::kExpertLayoutName,
+      kc::expert_dtype_name(dtype), group, hidden, inter, experts);
+  for (int64_t l : moe_layers) k += fmt::format("{},", l);
+  return k;
+}
 }  // namespace
 
 std::string ExpertStore::cache_key() const {
-  std::string k = fmt::format(
-      "layout={} dtype={} group={} hidden={} inter={} experts={} layers=", kc::kExpertLayoutName,
-      kc::expert_dtype_name(opts_.dtype), opts_.group_size, hidden_, inter_, num_experts_);
+  std::vector<int64_t> layers;
   for (size_t l = 0; l < sources_.size(); ++l)
-    if (!sources_[l].empty()) k += fmt::format("{},", l);
+    if (!sources_[l].empty()) layers.push_back(static_cast<int64_t>(l));
+  std::string k = format_key(opts_.dtype, opts_.group_size, hidden_, inter_, num_experts_, layers);
   for (const auto& f : source_files_) {
     const auto p =
         std::filesystem::is_directory(checkpoint_dir_) ? checkpoint_dir_ / f : checkpoint_dir_;
@@ -246,6 +281,30 @@ void ExpertStore::pack(const ExpertStoreOptions& opts, kernels::Executor& ex,
       }
     }
   };
+  if (prepacked()) {  // Note [Pre-packed experts]
+    TIDAL_CHECK(
+        opts_.dtype == prepacked_dtype_, InvalidArgument,
+        "this checkpoint's experts are pre-packed as {}; expert_dtype=\"{}\" cannot be made "
+        "from them: use expert_dtype=\"auto\" or \"{}\"",
+        kc::expert_dtype_name(prepacked_dtype_), kc::expert_dtype_name(opts_.dtype),
+        kc::expert_dtype_name(prepacked_dtype_));
+    TIDAL_CHECK(opts_.group_size == prepacked_group_, InvalidArgument,
+                "this checkpoint's experts are pre-packed with group size {}; expert_group_size={} "
+                "cannot be made from them: use 0 (the file's)",
+                prepacked_group_, opts_.group_size);
+    cache_file_ = prepacked_file_;
+    TIDAL_CHECK(load_cache(progress), FormatError,
+                "pre-packed experts file \"{}\" does not match config.json (expected {} bytes of "
+                "{} experts with header key \"{}\"): truncated, or written for another config",
+                prepacked_file_.string(), kCacheHeaderBytes + region_bytes_,
+                kc::expert_dtype_name(prepacked_dtype_), header_key(cache_key()));
+    cache_state_ = "pre-packed";
+    assign_pointers();
+    if (progress) progress(source_bytes_);
+    sources_.clear();
+    owned_.reset();
+    return;
+  }
   if (!opts_.cache_dir.empty()) {
     cache_file_ = opts_.cache_dir /
                   fmt::format("experts-{}-g{}-{:016x}.bin", kc::expert_dtype_name(opts_.dtype),
@@ -356,6 +415,100 @@ std::string ExpertStore::last_kernels() const {
     out += l;
   }
   return out;
+}
+
+PackedExpertsWriter::PackedExpertsWriter(const std::filesystem::path& path,
+                                         const core::ModelConfig& cfg, kc::ExpertDType dtype,
+                                         int64_t group_size, int num_threads)
+    : path_(path),
+      hidden_(cfg.hidden_size),
+      inter_(cfg.moe_intermediate_size),
+      experts_(cfg.num_experts) {
+  if (group_size == 0) group_size = kc::default_group_size(dtype);
+  try {
+    gate_up_ = kc::make_layout(dtype, inter_, hidden_, group_size);
+    down_ = kc::make_layout(dtype, hidden_, inter_, group_size);
+  } catch (const std::invalid_argument& e) {
+    throw InvalidArgument(e.what());
+  }
+  std::vector<int64_t> layers;
+  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l)
+    if (cfg.layer_is_moe[l]) layers.push_back(l);
+  moe_layers_ = static_cast<int64_t>(layers.size());
+  TIDAL_CHECK(moe_layers_ > 0, InvalidArgument, "the config has no MoE layer: no experts to pack");
+  ex_ = kernels::make_tbb_executor(num_threads);
+  tmp_ = path_;
+  tmp_ += ".partial";
+  fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  TIDAL_CHECK(fd_ >= 0, InvalidArgument, "cannot write \"{}\"", tmp_.string());
+  char header[kCacheHeaderBytes] = {};
+  std::memcpy(header, kCacheMagic, sizeof kCacheMagic);
+  const std::string key =
+      header_key(format_key(dtype, group_size, hidden_, inter_, experts_, layers));
+  std::memcpy(header + 8, key.data(), key.size());
+  TIDAL_CHECK(::write(fd_, header, sizeof header) == sizeof header, Error, "writing \"{}\" failed",
+              tmp_.string());
+  buf_.resize(static_cast<size_t>(experts_ * (2 * gate_up_.bytes() + down_.bytes())));
+}
+
+PackedExpertsWriter::~PackedExpertsWriter() {
+  if (fd_ >= 0) {  // not finished: leave nothing under either name
+    ::close(fd_);
+    std::error_code ec;
+    std::filesystem::remove(tmp_, ec);
+  }
+}
+
+void PackedExpertsWriter::add_layer(const void* gate_up, const void* down,
+                                    kernels::DType src_dtype) {
+  TIDAL_CHECK(fd_ >= 0 && written_ < moe_layers_, InvalidArgument,
+              "all {} MoE layers were already written", moe_layers_);
+  TIDAL_CHECK(src_dtype == kernels::DType::kBF16 || src_dtype == kernels::DType::kF32,
+              InvalidArgument, "experts to pack must be BF16 or F32");
+  const size_t el = src_dtype == kernels::DType::kBF16 ? 2 : 4;
+  const auto* gu = static_cast<const uint8_t*>(gate_up);
+  const auto* dn = static_cast<const uint8_t*>(down);
+  const int64_t tiles_gu = gate_up_.num_tiles, tiles_dn = down_.num_tiles;
+  const int64_t per = 2 * tiles_gu + tiles_dn;
+  const auto per_expert = static_cast<size_t>(2 * gate_up_.bytes() + down_.bytes());
+  const size_t gu_rows = static_cast<size_t>(inter_ * hidden_) * el;  // one I x H half
+  ex_->parallel_for(experts_ * per, 4, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t e = w / per, r = w % per;
+      uint8_t* d = buf_.data() + static_cast<size_t>(e) * per_expert;
+      const uint8_t* g = gu + static_cast<size_t>(e) * 2 * gu_rows;
+      if (r < tiles_gu)
+        kc::pack_weights(gate_up_, g, src_dtype, hidden_, d, r, r + 1);
+      else if (r < 2 * tiles_gu)
+        kc::pack_weights(gate_up_, g + gu_rows, src_dtype, hidden_, d + gate_up_.bytes(),
+                         r - tiles_gu, r - tiles_gu + 1);
+      else
+        kc::pack_weights(down_, dn + static_cast<size_t>(e) * hidden_ * inter_ * el, src_dtype,
+                         inter_, d + 2 * gate_up_.bytes(), r - 2 * tiles_gu, r - 2 * tiles_gu + 1);
+    }
+  });
+  for (size_t off = 0; off < buf_.size();) {
+    const ssize_t n =
+        ::write(fd_, buf_.data() + off, std::min<size_t>(buf_.size() - off, size_t{1} << 30));
+    TIDAL_CHECK(n > 0, Error, "writing \"{}\" failed (disk full?)", tmp_.string());
+    off += static_cast<size_t>(n);
+  }
+  ++written_;
+}
+
+void PackedExpertsWriter::finish() {
+  TIDAL_CHECK(fd_ >= 0, InvalidArgument, "\"{}\" is already finished", path_.string());
+  TIDAL_CHECK(written_ == moe_layers_, InvalidArgument,
+              "{} of {} MoE layers were written; every layer is needed", written_, moe_layers_);
+  const bool ok = ::fsync(fd_) == 0;
+  const bool closed = ::close(fd_) == 0;
+  fd_ = -1;
+  std::error_code ec;
+  if (ok && closed) std::filesystem::rename(tmp_, path_, ec);
+  if (!ok || !closed || ec) {
+    std::filesystem::remove(tmp_, ec);
+    throw Error(fmt::format("writing \"{}\" failed", path_.string()));
+  }
 }
 
 }  // namespace tidal::offload

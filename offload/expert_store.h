@@ -32,10 +32,19 @@ struct ExpertStoreOptions {
   std::filesystem::path cache_dir;
 };
 
+// Note [Pre-packed experts]
+// A checkpoint may carry its routed experts already packed (config.json "tidal_packed_experts":
+// file, dtype, group_size, layout) instead of as tensors: a file in the packed-expert cache's
+// format (4 KiB header holding the key, then every MoE layer's experts in load order) whose key has
+// no source files. `python -m tidal.synth --expert-dtype int4|int8` writes them, so benchmark
+// models whose BF16 form would not fit the disk or RAM (a 35B-A3B is 70 GB in BF16, an 80B-A3B 160
+// GB) exist at all. Loading maps the file (like a cache hit); the requested expert_dtype must be
+// the file's ("auto" takes it).
+
 class ExpertStore final : public core::RoutedExperts {
  public:
-  /// Locates and checks every routed expert of `cfg` in `ck` (presence, dtype and shape). Nothing
-  /// is packed yet.
+  /// Locates and checks every routed expert of `cfg` in `ck` (presence, dtype and shape), or the
+  /// pre-packed experts file `cfg.packed_experts` names. Nothing is packed yet.
   ExpertStore(const core::ModelConfig& cfg, const core::Checkpoint& ck);
   ~ExpertStore() override;
   ExpertStore(const ExpertStore&) = delete;
@@ -55,6 +64,8 @@ class ExpertStore final : public core::RoutedExperts {
                const float* weights, int64_t top_k, float* dst, kernels::Executor& ex) override;
 
   const ExpertStoreOptions& options() const { return opts_; }
+  /// True when the checkpoint's experts are pre-packed (Note [Pre-packed experts]).
+  bool prepacked() const { return !prepacked_file_.empty(); }
   /// What the cache did at load: "off", "hit", "written", or "not written: <reason>".
   const std::string& cache_state() const { return cache_state_; }
   const std::filesystem::path& cache_file() const { return cache_file_; }
@@ -83,10 +94,37 @@ class ExpertStore final : public core::RoutedExperts {
   std::filesystem::path cache_file_;
   std::vector<std::string> source_files_;  // checkpoint files holding routed experts
   std::filesystem::path checkpoint_dir_;
+  std::filesystem::path prepacked_file_;
+  kernels::cpu::ExpertDType prepacked_dtype_ = kernels::cpu::ExpertDType::kBF16;
+  int64_t prepacked_group_ = 0;
   std::string cache_key() const;
   bool load_cache(const std::function<void(uint64_t)>& progress);
   void write_cache();
   std::atomic<const char*> last_small_{nullptr}, last_large_{nullptr};
+};
+
+/// Writes a pre-packed experts file (Note [Pre-packed experts]) for `cfg`: one add_layer() per MoE
+/// layer in order, with that layer's experts as fused tensors (gate_up [E, 2I, H], down [E, H, I];
+/// BF16 or F32, row-major), then finish(). The file appears under its name only when complete.
+class PackedExpertsWriter {
+ public:
+  PackedExpertsWriter(const std::filesystem::path& path, const core::ModelConfig& cfg,
+                      kernels::cpu::ExpertDType dtype, int64_t group_size, int num_threads = 0);
+  ~PackedExpertsWriter();
+  PackedExpertsWriter(const PackedExpertsWriter&) = delete;
+  PackedExpertsWriter& operator=(const PackedExpertsWriter&) = delete;
+  void add_layer(const void* gate_up, const void* down, kernels::DType src_dtype);
+  void finish();
+  int64_t layers_written() const { return written_; }
+  int64_t layers_expected() const { return moe_layers_; }
+
+ private:
+  std::filesystem::path path_, tmp_;
+  int fd_ = -1;
+  int64_t hidden_, inter_, experts_, moe_layers_ = 0, written_ = 0;
+  kernels::cpu::PackedLayout gate_up_, down_;
+  std::unique_ptr<kernels::Executor> ex_;
+  std::vector<uint8_t> buf_;
 };
 
 }  // namespace tidal::offload

@@ -258,6 +258,28 @@ ModelConfig ModelConfig::from_json(const json& root, const std::string& source) 
                 c.num_experts_per_tok, c.num_experts);
   }
   if (any_dense) check_positive(source, "intermediate_size", c.intermediate_size);
+  if (root.contains("tidal_packed_experts")) {
+    const json& pe = root.at("tidal_packed_experts");
+    TIDAL_CHECK(pe.is_object() && pe.contains("file") && pe.at("file").is_string() &&
+                    pe.contains("dtype") && pe.at("dtype").is_string() &&
+                    pe.contains("group_size") && pe.at("group_size").is_number_integer() &&
+                    pe.contains("layout") && pe.at("layout").is_string(),
+                FormatError,
+                "config \"{}\": \"tidal_packed_experts\" must be an object with \"file\", "
+                "\"dtype\", \"group_size\" and \"layout\"",
+                source);
+    c.packed_experts.file = pe.at("file").get<std::string>();
+    c.packed_experts.dtype = pe.at("dtype").get<std::string>();
+    c.packed_experts.group_size = pe.at("group_size").get<int64_t>();
+    c.packed_experts.layout = pe.at("layout").get<std::string>();
+    TIDAL_CHECK(!c.packed_experts.file.empty() &&
+                    c.packed_experts.file.find('/') == std::string::npos &&
+                    c.packed_experts.file.find("..") == std::string::npos,
+                FormatError,
+                "config \"{}\": tidal_packed_experts.file must be a file name in the checkpoint "
+                "directory, got \"{}\"",
+                source, c.packed_experts.file);
+  }
   // Only widths of the layer kinds present are checked above; the others must still not overflow.
   for (auto [n, v] : {std::pair{"moe_intermediate_size", c.moe_intermediate_size},
                       {"intermediate_size", c.intermediate_size},

@@ -67,6 +67,16 @@ struct ModelConfig {
   int64_t shared_expert_intermediate_size = 0;  ///< 0: no shared expert (qwen3_moe)
   bool norm_topk_prob = true;
 
+  /// Routed experts stored pre-packed in tidal's CPU format (a file next to config.json, written
+  /// by `python -m tidal.synth --expert-dtype int4|int8`) instead of as checkpoint tensors. Empty
+  /// `file`: the experts are checkpoint tensors. See offload/expert_store.h.
+  struct PackedExperts {
+    std::string file;   ///< relative to the checkpoint directory
+    std::string dtype;  ///< "int8", "int4" or "bf16"
+    int64_t group_size = 0;
+    std::string layout;  ///< kernels::cpu::kExpertLayoutName it was packed with
+  } packed_experts;
+
   /// Hybrids (qwen3_next, qwen3_5_moe): (1 + w) norms, gated attention, DeltaNet layers, shared
   /// expert.
   bool is_hybrid() const { return family != ArchFamily::kQwen3Moe; }

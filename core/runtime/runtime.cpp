@@ -237,7 +237,16 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
   };
   auto fits = [&](kernels::cpu::ExpertDType dt) { return avail == 0 || need(dt) < avail / 10 * 9; };
   using kernels::cpu::ExpertDType;
-  if (opts.expert_dtype == "auto") {
+  if (experts->prepacked() && opts.expert_dtype == "auto") {
+    // Note [Pre-packed experts]: "auto" is the file's format; another one is refused by pack().
+    eopts.dtype = kernels::cpu::parse_expert_dtype(cfg.packed_experts.dtype);
+    if (eopts.group_size == 0) eopts.group_size = cfg.packed_experts.group_size;
+    TIDAL_CHECK(fits(eopts.dtype), OutOfMemory,
+                "the model needs {:.1f} GiB of RAM with its pre-packed {} experts, but {:.1f} GiB "
+                "is available",
+                static_cast<double>(need(eopts.dtype)) / gib, cfg.packed_experts.dtype,
+                static_cast<double>(avail) / gib);
+  } else if (opts.expert_dtype == "auto") {
     if (fits(ExpertDType::kBF16))
       eopts.dtype = ExpertDType::kBF16;
     else if (fits(ExpertDType::kINT8))
@@ -263,7 +272,11 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
   }
 
   // See Note [Packed expert cache] (offload/expert_store.cpp).
-  if (opts.expert_cache == "auto") {
+  if (experts->prepacked() && eopts.group_size == 0)
+    eopts.group_size = cfg.packed_experts.group_size;  // an explicit dtype with the default group
+  if (experts->prepacked()) {
+    // The pre-packed file is mapped as it is; there is nothing to cache.
+  } else if (opts.expert_cache == "auto") {
     if (eopts.dtype != ExpertDType::kBF16 && experts->source_bytes() >= (uint64_t{1} << 30)) {
       const fs::path dir = fs::is_directory(path) ? path : path.parent_path();
       if (access(dir.c_str(), W_OK) == 0) {

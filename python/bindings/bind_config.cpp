@@ -61,6 +61,18 @@ void bind_config(py::module_& m) {
       .def_readonly("linear_value_head_dim", &C::linear_value_head_dim)
       .def_readonly("linear_num_key_heads", &C::linear_num_key_heads)
       .def_readonly("linear_num_value_heads", &C::linear_num_value_heads)
+      .def_property_readonly(
+          "packed_experts",
+          [](const C& c) -> py::object {
+            if (c.packed_experts.file.empty()) return py::none();
+            py::dict d;
+            d["file"] = c.packed_experts.file;
+            d["dtype"] = c.packed_experts.dtype;
+            d["group_size"] = c.packed_experts.group_size;
+            d["layout"] = c.packed_experts.layout;
+            return d;
+          },
+          "The pre-packed routed experts file (config.json tidal_packed_experts), or None.")
       .def("__repr__", [](const C& c) {
         return "ModelConfig(model_type='" + c.model_type +
                "', hidden_size=" + std::to_string(c.hidden_size) +

@@ -2,12 +2,14 @@
 /// \file bind_runtime.cpp
 /// \brief Runtime, Sequence and GenerationResult; arrays cross as numpy buffers; compute releases
 /// the GIL.
+#include <fmt/ranges.h>
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 #include <pybind11/stl/filesystem.h>
 
 #include "core/error.h"
 #include "core/runtime/runtime.h"
+#include "offload/expert_store.h"
 #include "python/bindings/bindings.h"
 
 namespace py = pybind11;
@@ -334,6 +336,67 @@ void bind_runtime(py::module_& m) {
           "and stop strings).")
       .def("new_sequence",
            [](const std::shared_ptr<Runtime>& rt) { return std::make_shared<Sequence>(rt); });
+
+  // Note [Pre-packed experts] (offload/expert_store.h): tidal.synth writes benchmark models whose
+  // routed experts are packed directly, layer by layer.
+  struct PyPackedWriter {
+    std::unique_ptr<offload::PackedExpertsWriter> w;
+    int64_t experts, inter, hidden;
+  };
+  py::class_<PyPackedWriter>(m, "PackedExpertsWriter",
+                             "Writes a pre-packed routed-experts file for a config.json: "
+                             "add_layer(gate_up [E, 2I, H], down [E, H, I]) per MoE layer "
+                             "(float32, or uint16 holding BF16 bits), then finish().")
+      .def(py::init([](const std::filesystem::path& path, const std::filesystem::path& config,
+                       const std::string& dtype, int64_t group_size, int num_threads) {
+             const auto cfg = core::ModelConfig::from_file(config);
+             kernels::cpu::ExpertDType dt;
+             try {
+               dt = kernels::cpu::parse_expert_dtype(dtype);
+             } catch (const std::invalid_argument&) {
+               throw InvalidArgument(
+                   fmt::format("expert dtype must be bf16, int8 or int4, got \"{}\"", dtype));
+             }
+             return PyPackedWriter{std::make_unique<offload::PackedExpertsWriter>(
+                                       path, cfg, dt, group_size, num_threads),
+                                   cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size};
+           }),
+           py::arg("path"), py::arg("config"), py::arg("dtype"), py::arg("group_size") = 0,
+           py::arg("num_threads") = 0)
+      .def(
+          "add_layer",
+          [](PyPackedWriter& pw, const py::array& gate_up, const py::array& down) {
+            auto dtype_of = [](const py::array& a, const char* what) {
+              TIDAL_CHECK(a.flags() & py::array::c_style, InvalidArgument,
+                          "{} must be C-contiguous", what);
+              if (a.dtype().is(py::dtype::of<float>())) return kernels::DType::kF32;
+              TIDAL_CHECK(a.dtype().is(py::dtype::of<uint16_t>()), InvalidArgument,
+                          "{} must be float32 or uint16 (BF16 bits)", what);
+              return kernels::DType::kBF16;
+            };
+            const auto dt = dtype_of(gate_up, "gate_up");
+            TIDAL_CHECK(dtype_of(down, "down") == dt, InvalidArgument,
+                        "gate_up and down must have the same dtype");
+            auto shape = [](const py::array& a) {
+              return std::vector<int64_t>(a.shape(), a.shape() + a.ndim());
+            };
+            const std::vector<int64_t> want_gu{pw.experts, 2 * pw.inter, pw.hidden},
+                want_dn{pw.experts, pw.hidden, pw.inter};
+            TIDAL_CHECK(shape(gate_up) == want_gu, InvalidArgument,
+                        "gate_up has shape [{}], expected [{}]", fmt::join(shape(gate_up), ", "),
+                        fmt::join(want_gu, ", "));
+            TIDAL_CHECK(shape(down) == want_dn, InvalidArgument,
+                        "down has shape [{}], expected [{}]", fmt::join(shape(down), ", "),
+                        fmt::join(want_dn, ", "));
+            py::gil_scoped_release release;
+            pw.w->add_layer(gate_up.data(), down.data(), dt);
+          },
+          py::arg("gate_up"), py::arg("down"))
+      .def("finish", [](PyPackedWriter& pw) { pw.w->finish(); })
+      .def_property_readonly("layers_written",
+                             [](const PyPackedWriter& pw) { return pw.w->layers_written(); })
+      .def_property_readonly("layers_expected",
+                             [](const PyPackedWriter& pw) { return pw.w->layers_expected(); });
 
   m.def(
       "measure_read_bandwidth",

@@ -42,6 +42,7 @@ class ModelConfig:
     linear_value_head_dim: int
     linear_num_key_heads: int
     linear_num_value_heads: int
+    packed_experts: Optional[dict[str, Any]]  # config.json tidal_packed_experts, or None
 
 class GenerationResult:
     token_ids: list[int]
@@ -138,3 +139,14 @@ class Runtime:
     def reset_stats(self) -> None: ...
 
 def inspect_checkpoint(path: Union[str, os.PathLike[str]]) -> tuple[ModelConfig, list[dict[str, Any]]]: ...
+def measure_read_bandwidth(bytes: int = ..., num_threads: int = 0, repeats: int = 3) -> float: ...
+def measure_gpu_bandwidth(device: int = 0, bytes: int = ..., repeats: int = 5) -> dict[str, float]:
+    """hbm_read_bytes_per_s, pinned_h2d_bytes_per_s, pinned_d2h_bytes_per_s of a CUDA device."""
+
+class PackedExpertsWriter:
+    """Writes a pre-packed routed-experts file for a config.json (tidal.synth --expert-dtype int4|int8)."""
+    layers_written: int
+    layers_expected: int
+    def __init__(self, path: str, config: str, dtype: str, group_size: int = 0, num_threads: int = 0) -> None: ...
+    def add_layer(self, gate_up: Any, down: Any) -> None: ...
+    def finish(self) -> None: ...

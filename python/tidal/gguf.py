@@ -509,6 +509,14 @@ _WORKER: dict[str, Any] = {}
 def _job(args: tuple[Any, ...]) -> bytes:
     """One unit of conversion work: read (a slice of) a tensor, transform it, encode it."""
     model_dir, name, index, kind, gtype, cfg = args
+    if name.startswith("synth:"):  # experts of a pre-packed tidal.synth checkpoint: regenerate them
+        from .synth import expert_layer
+
+        layer, e = index
+        gu, dn = expert_layer(cfg, layer, cfg["tidal_synth"]["seed"], experts=[e])
+        inter = cfg["moe_intermediate_size"]
+        bits = {"synth:gate": gu[0, :inter], "synth:up": gu[0, inter:], "synth:down": dn[0]}[name]
+        return quantize((bits.astype(np.uint32) << 16).view(np.float32), gtype)
     ck = _WORKER.get(model_dir)
     if ck is None:
         ck = _WORKER[model_dir] = _Checkpoint(pathlib.Path(model_dir))
@@ -606,6 +614,17 @@ def _plan_tensors(ck: _Checkpoint, cfg: dict[str, Any], arch: str, expert_type: 
                              [(name, (e, slice(I, 2 * I)), None) for e in range(E)]))
             outs.append(_Out(b + "ffn_down_exps.weight", [E, H, I], et["down"],
                              [(prefix + m + "experts.down_proj", (e,), None) for e in range(E)]))
+        elif cfg.get("tidal_packed_experts"):
+            # Pre-packed experts hold quantised values only; a tidal.synth checkpoint records the
+            # seed its BF16 experts were drawn from, so they are drawn again (same values as the
+            # BF16 form of the same seed).
+            if "tidal_synth" not in cfg:
+                raise NotImplementedError(f"{m}experts: the routed experts are pre-packed "
+                                          f"({cfg['tidal_packed_experts']['file']}) and not from tidal.synth; "
+                                          "GGUF conversion needs their source weights")
+            for g, shp in (("gate", [E, I, H]), ("up", [E, I, H]), ("down", [E, H, I])):
+                outs.append(_Out(b + f"ffn_{g}_exps.weight", shp, et[g], [(f"synth:{g}", (i, e), None)
+                                                                         for e in range(E)]))
         else:
             for g in ("gate", "up", "down"):
                 names = [f"{prefix}{m}experts.{e}.{g}_proj.weight" for e in range(E)]

@@ -11,6 +11,7 @@ device="cpu" every part lives in RAM.
 from __future__ import annotations
 
 import os
+import pathlib
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,6 +117,13 @@ def inspect(path: str | os.PathLike) -> CheckpointSummary:
     for t in tensors:
         parts[_part(t["name"])] += t["nbytes"]
         dtypes[t["dtype"]] = dtypes.get(t["dtype"], 0) + t["nbytes"]
+    packed = cfg.packed_experts
+    if packed is not None:  # routed experts pre-packed in one file (tidal.synth --expert-dtype int4|int8)
+        f = pathlib.Path(path) / packed["file"]
+        size = max(0, f.stat().st_size - 4096) if f.exists() else 0
+        parts["routed_experts"] += size
+        key = f"{packed['dtype']} (pre-packed)"
+        dtypes[key] = dtypes.get(key, 0) + size
     n_moe = sum(cfg.layer_is_moe) or 1
     expert = parts["routed_experts"] // max(1, n_moe * max(1, cfg.num_experts))
     return CheckpointSummary(os.fspath(path), cfg, parts, dtypes, len(tensors), expert)

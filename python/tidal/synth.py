@@ -11,9 +11,17 @@ layers. Embedding and lm_head are a fixed cost on top.
 
 Weights are random BF16 of magnitude ~1/128 with random signs; norms are neutral, A_log/dt_bias
 small. The output is a Hugging Face directory (config.json, sharded safetensors with an index) that
-`tidal.Runtime.load` reads like any other. Checkpoints are BF16, as published: tidal quantises the
-routed experts at load (`Runtime.load(expert_dtype="int8"|"int4")`, `tidal.bench --expert-dtype`), so
-`--expert-dtype` accepts bf16 only and says so.
+`tidal.Runtime.load` reads like any other. With `--expert-dtype bf16` (default) everything is BF16,
+as published, and tidal quantises the routed experts at load (`Runtime.load(expert_dtype=...)`).
+With `--expert-dtype int4|int8` the routed experts are written directly in tidal's packed CPU format
+(a file named in config.json's `tidal_packed_experts`), so models whose BF16 form does not fit the
+disk or RAM exist at all: Qwen3.6-35B-A3B is 70 GB in BF16 and 19 GB with INT4 experts,
+Qwen3-Next-80B-A3B 160 GB and 45 GB. Those experts are never materialised in BF16 on disk.
+
+Every tensor (every expert of a fused expert tensor) is drawn from its own random stream, seeded by
+(seed, tensor name, expert), so the same weights can be regenerated anywhere: the BF16 and the
+packed forms of one seed hold the same values (before quantisation), and `python -m tidal.gguf`
+converts a packed synthetic checkpoint by regenerating its experts.
 """
 
 from __future__ import annotations
@@ -25,11 +33,12 @@ import os
 import pathlib
 import struct
 import sys
+import zlib
 from typing import Any, Iterator
 
 import numpy as np
 
-__all__ = ["PRESETS", "preset_config", "tensor_shapes", "write_checkpoint", "main"]
+__all__ = ["PRESETS", "preset_config", "tensor_shapes", "write_checkpoint", "expert_layer", "main"]
 
 # Released configurations (shared/docs/model-spec.md §2), plus a tiny one of the 35B's pattern for CI.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -134,37 +143,95 @@ def _bf16(values: np.ndarray) -> bytes:
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).tobytes()
 
 
-def _fill(name: str, numel: int, rng: np.random.Generator, zero_centred: bool) -> Iterator[bytes]:
+def _rng(seed: int, name: str, index: int = 0) -> np.random.Generator:
+    """The random stream of one tensor (index 0) or of one expert of a fused expert tensor (e + 1)."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode()), index])
+
+
+def _bits(rng: np.random.Generator, n: int) -> np.ndarray:
+    # Random signs and mantissas at exponent 2^-7 (|w| in [1/128, 1/64)): bounded activations, no
+    # NaN/Inf, cheap to generate (bits, not floats).
+    bits = rng.integers(0, 1 << 16, n, dtype=np.uint16)
+    return (bits & np.uint16(0x807F)) | np.uint16(0x3C00)
+
+
+def _is_fused_experts(name: str) -> bool:
+    return name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj"))
+
+
+def _fill(name: str, shape: list[int], seed: int, zero_centred: bool) -> Iterator[bytes]:
     """BF16 bytes of one tensor, in chunks."""
+    numel = math.prod(shape)
     if name.endswith("norm.weight"):
         # Hybrids scale by (1 + w): zeros are neutral. qwen3_moe scales by w: ones.
         value = 0.0 if zero_centred and "linear_attn.norm" not in name else 1.0
         yield _bf16(np.full(numel, value, np.float32))
         return
     if name.endswith("A_log"):
-        yield _bf16(np.log(rng.uniform(1.0, 16.0, numel)).astype(np.float32))
+        yield _bf16(np.log(_rng(seed, name).uniform(1.0, 16.0, numel)).astype(np.float32))
         return
     if name.endswith("dt_bias"):
         yield _bf16(np.full(numel, 1.0, np.float32))
         return
-    # Random signs and mantissas at exponent 2^-7 (|w| in [1/128, 1/64)): bounded activations, no
-    # NaN/Inf, cheap to generate (bits, not floats).
+    if _is_fused_experts(name):  # one stream per expert (see expert_layer)
+        for e in range(shape[0]):
+            yield _bits(_rng(seed, name, e + 1), numel // shape[0]).tobytes()
+        return
+    rng = _rng(seed, name)
     left = numel
     while left:
         n = min(left, _CHUNK)
-        bits = rng.integers(0, 1 << 16, n, dtype=np.uint16)
-        bits = (bits & np.uint16(0x807F)) | np.uint16(0x3C00)
-        yield bits.tobytes()
+        yield _bits(rng, n).tobytes()
         left -= n
 
 
+def expert_layer(cfg: dict[str, Any], layer: int, seed: int = 0, experts: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """BF16 bits (uint16) of one layer's routed experts as fused tensors, gate_up [E, 2I, H] and
+    down [E, H, I] (or of the experts `experts` selects), exactly as write_checkpoint writes them."""
+    E, I, H = cfg["num_experts"], cfg["moe_intermediate_size"], cfg["hidden_size"]
+    ids = list(range(E)) if experts is None else list(np.arange(E)[experts].reshape(-1))
+    gu_name = f"model.layers.{layer}.mlp.experts.gate_up_proj"
+    dn_name = f"model.layers.{layer}.mlp.experts.down_proj"
+    gu = np.empty((len(ids), 2 * I, H), np.uint16)
+    dn = np.empty((len(ids), H, I), np.uint16)
+    for j, e in enumerate(ids):
+        gu[j] = _bits(_rng(seed, gu_name, e + 1), 2 * I * H).reshape(2 * I, H)
+        dn[j] = _bits(_rng(seed, dn_name, e + 1), H * I).reshape(H, I)
+    return gu, dn
+
+
+PACKED_LAYOUT = "tidal_n16_v1"  # kernels/cpu/expert_gemm.h kExpertLayoutName
+_DEFAULT_GROUP = {"int8": 128, "int4": 64}
+
+
+def _packed_bytes(cfg: dict[str, Any], dtype: str, group: int) -> int:
+    """Approximate size of the packed experts (for the disk check): weights plus fp16 scales."""
+    E, I, H = cfg["num_experts"], cfg["moe_intermediate_size"], cfg["hidden_size"]
+    bits = {"int8": 8, "int4": 4}[dtype]
+    per = 3 * I * H * (bits / 8 + 2 / group)
+    return int(cfg["num_hidden_layers"] * E * per) + 4096  # every layer of the presets is MoE
+
+
 def write_checkpoint(cfg: dict[str, Any], out_dir: str | os.PathLike, *, seed: int = 0,
-                     fused_experts: bool | None = None, progress: bool = True) -> pathlib.Path:
-    """Write config.json and BF16 safetensors shards (with an index) of `cfg` with random weights."""
+                     fused_experts: bool | None = None, progress: bool = True, expert_dtype: str = "bf16",
+                     expert_group_size: int = 0) -> pathlib.Path:
+    """Write config.json and BF16 safetensors shards (with an index) of `cfg` with random weights.
+    `expert_dtype` "int4"/"int8": the routed experts go to a pre-packed file instead (tidal's CPU
+    format, group `expert_group_size`, 0: tidal's default), written layer by layer."""
     out = pathlib.Path(out_dir)
+    if expert_dtype not in ("bf16", "int8", "int4"):
+        raise ValueError(f"expert dtype must be bf16, int8 or int4, got {expert_dtype!r}")
+    packed = expert_dtype != "bf16"
+    if packed and fused_experts is False:
+        raise ValueError("pre-packed experts (--expert-dtype int8/int4) have no per-expert tensors")
+    group = expert_group_size or _DEFAULT_GROUP.get(expert_dtype, 0)
+    if packed and group not in (32, 64, 128):
+        raise ValueError(f"expert group size must be 32, 64 or 128, got {expert_group_size}")
     out.mkdir(parents=True, exist_ok=True)
-    shapes = tensor_shapes(cfg, fused_experts)
-    total = sum(2 * math.prod(s) for _, s in shapes)
+    shapes = tensor_shapes(cfg, True if packed else fused_experts)
+    if packed:
+        shapes = [(n, s) for n, s in shapes if not _is_fused_experts(n)]
+    total = sum(2 * math.prod(s) for _, s in shapes) + (_packed_bytes(cfg, expert_dtype, group) if packed else 0)
     free = _free_disk(out)
     if free is not None and total > free:
         raise OSError(f"{out}: the checkpoint needs {total / 2**30:.1f} GiB but the disk has {free / 2**30:.1f} GiB "
@@ -187,7 +254,6 @@ def write_checkpoint(cfg: dict[str, Any], out_dir: str | os.PathLike, *, seed: i
                        file=sys.stderr)
         except ImportError:
             bar = None
-    rng = np.random.default_rng(seed)
     zero_centred = cfg["model_type"] != "qwen3_moe"
     weight_map = {}
     for i, shard in enumerate(shards):
@@ -204,15 +270,33 @@ def write_checkpoint(cfg: dict[str, Any], out_dir: str | os.PathLike, *, seed: i
         with open(out / fname, "wb") as f:
             f.write(struct.pack("<Q", len(h)) + h)
             for name, shape in shard:
-                for chunk in _fill(name, math.prod(shape), rng, zero_centred):
+                for chunk in _fill(name, shape, seed, zero_centred):
                     f.write(chunk)
                     if bar is not None:
                         bar.update(len(chunk))
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": sum(2 * math.prod(s) for _, s in shapes)}, "weight_map": weight_map},
+        indent=1))
+    cfg = dict(cfg)
+    cfg["tidal_synth"] = {"seed": seed, "streams": "per tensor and expert"}
+    if packed:
+        fname = f"experts-{expert_dtype}-g{group}.tidal"
+        cfg["tidal_packed_experts"] = {"file": fname, "dtype": expert_dtype, "group_size": group,
+                                       "layout": PACKED_LAYOUT}
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    if packed:
+        from . import _tidal
+
+        w = _tidal.PackedExpertsWriter(str(out / fname), str(out / "config.json"), expert_dtype, group)
+        moe = [i for i in range(cfg["num_hidden_layers"])]  # every layer of these presets is MoE
+        for layer in moe:
+            gu, dn = expert_layer(cfg, layer, seed)
+            w.add_layer(gu, dn)
+            if bar is not None:
+                bar.update(gu.nbytes // 2 * (8 if expert_dtype == "int8" else 4) // 8)
+        w.finish()
     if bar is not None:
         bar.close()
-    (out / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
     return out
 
 
@@ -230,20 +314,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out_dir")
     ap.add_argument("--preset", required=True, choices=list(PRESETS))
     ap.add_argument("--layers", type=int, default=None, help="keep the first N layers (real width)")
-    ap.add_argument("--expert-dtype", default="bf16", choices=["bf16", "int8", "int4"])
+    ap.add_argument("--expert-dtype", default="bf16", choices=["bf16", "int8", "int4"],
+                    help="routed experts: bf16 tensors (default) or pre-packed int8/int4 (tidal's CPU format)")
+    ap.add_argument("--expert-group-size", type=int, default=0, help="int8/int4 group size (0: tidal's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--per-expert", action="store_true",
                     help="per-expert tensors instead of the fused layout (qwen3_5_moe_text default: fused)")
     a = ap.parse_args(argv)
-    if a.expert_dtype != "bf16":
-        print(f"python -m tidal.synth: --expert-dtype {a.expert_dtype}: checkpoints are written in BF16; quantised "
-              "experts are made at load (Runtime.load(expert_dtype=...), python -m tidal.bench --expert-dtype)",
-              file=sys.stderr)
-        return 2
     try:
         cfg = preset_config(a.preset, a.layers)
-        out = write_checkpoint(cfg, a.out_dir, seed=a.seed, fused_experts=False if a.per_expert else None)
-    except (ValueError, OSError) as exc:
+        out = write_checkpoint(cfg, a.out_dir, seed=a.seed, fused_experts=False if a.per_expert else None,
+                               expert_dtype=a.expert_dtype, expert_group_size=a.expert_group_size)
+    except (ValueError, OSError, MemoryError) as exc:
         print(f"python -m tidal.synth: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({a.preset}, {cfg['num_hidden_layers']} layers)")

@@ -297,3 +297,24 @@ def test_tokenizer_json_becomes_gpt2_vocab(tmp_path):
         assert tokens[i] == text
     assert len(r.fields["tokenizer.ggml.merges"].contents()) == len(tok["model"]["merges"])
     assert r.fields["tokenizer.ggml.eos_token_id"].contents() == cfg["eos_token_id"]
+
+
+def test_convert_prepacked_synth_regenerates_its_experts(tmp_path):
+    """A synthetic checkpoint with pre-packed experts converts to the same GGUF as its BF16 twin
+    (same seed): the experts are drawn again from their recorded streams."""
+    from tidal.synth import preset_config, write_checkpoint
+
+    cfg = preset_config("tiny")
+    cfg.update(hidden_size=256, moe_intermediate_size=256)
+    a = write_checkpoint(cfg, tmp_path / "bf16", progress=False, seed=3)
+    b = write_checkpoint(cfg, tmp_path / "int4", progress=False, seed=3, expert_dtype="int4")
+    _, ta = _read(tg.convert(a, tmp_path / "a.gguf", workers=2, progress=False))
+    _, tb = _read(tg.convert(b, tmp_path / "b.gguf", workers=2, progress=False))
+    assert list(ta) == list(tb)
+    for name in ta:
+        np.testing.assert_array_equal(np.asarray(ta[name].data), np.asarray(tb[name].data), err_msg=name)
+    conf = json.loads((b / "config.json").read_text())
+    del conf["tidal_synth"]
+    (b / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(NotImplementedError, match="not from tidal.synth"):
+        tg.convert(b, tmp_path / "c.gguf", workers=1, progress=False)

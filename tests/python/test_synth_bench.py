@@ -71,9 +71,85 @@ def test_tiny_preset_writes_loads_and_runs(tmp_path):
     assert mags.min() >= 1 / 128 and mags.max() < 1 / 64  # the documented value range, no NaN/Inf
 
 
-def test_synth_cli_points_quantised_experts_to_load(tmp_path, capsys):
-    assert synth.main(["--preset", "tiny", "--expert-dtype", "int4", str(tmp_path / "x")]) == 2
-    assert "quantised experts" in capsys.readouterr().err
+@pytest.mark.parametrize("dtype,group", [("int8", 0), ("int4", 0), ("int4", 32)])
+def test_prepacked_experts_equal_load_time_quantisation(tmp_path, dtype, group):
+    """Experts written pre-packed by tidal.synth hold exactly what tidal makes when it quantises the
+    BF16 checkpoint of the same seed at load: logits are bit-identical."""
+    cfg = synth.preset_config("tiny")
+    bf16 = synth.write_checkpoint(cfg, tmp_path / "bf16", progress=False)
+    packed = synth.write_checkpoint(cfg, tmp_path / dtype, progress=False, expert_dtype=dtype,
+                                    expert_group_size=group)
+    meta = json.loads((packed / "config.json").read_text())["tidal_packed_experts"]
+    assert meta["dtype"] == dtype and meta["layout"] == "tidal_n16_v1"
+    index = json.loads((packed / "model.safetensors.index.json").read_text())
+    assert not any(".mlp.experts." in n for n in index["weight_map"])  # no BF16 experts on disk
+    a = tidal.Runtime.load(bf16, progress=False, expert_dtype=dtype, expert_group_size=group, expert_cache="off")
+    b = tidal.Runtime.load(packed, progress=False)  # "auto" takes the file's format
+    assert b.describe()["expert_cache"] == "pre-packed" and b.describe()["expert_dtype"] == dtype
+    assert int(b.describe()["expert_group_size"]) == int(a.describe()["expert_group_size"])
+    ids = list(range(3, 60))
+    np.testing.assert_array_equal(a.logits(ids), b.logits(ids))
+    s = tidal.inspect(packed)
+    assert s.part_bytes["routed_experts"] == (packed / meta["file"]).stat().st_size - 4096
+    assert s.part_bytes["routed_experts"] == b.stats().memory["experts_ram"]
+
+
+def test_prepacked_experts_bad_input(tmp_path):
+    cfg = synth.preset_config("tiny")
+    packed = synth.write_checkpoint(cfg, tmp_path / "p", progress=False, expert_dtype="int8")
+    with pytest.raises(ValueError, match="pre-packed as int8.*expert_dtype=\"int4\""):
+        tidal.Runtime.load(packed, progress=False, expert_dtype="int4")
+    with pytest.raises(ValueError, match="group size 128"):
+        tidal.Runtime.load(packed, progress=False, expert_group_size=32)
+    conf = json.loads((packed / "config.json").read_text())
+    f = packed / conf["tidal_packed_experts"]["file"]
+    data = f.read_bytes()
+    f.write_bytes(data[:-100])  # truncated
+    with pytest.raises(ValueError, match="does not match config.json"):
+        tidal.Runtime.load(packed, progress=False)
+    f.unlink()
+    with pytest.raises(FileNotFoundError, match="pre-packed experts file"):
+        tidal.Runtime.load(packed, progress=False)
+    f.write_bytes(data)
+    for field, value, exc, msg in [("layout", "other_v9", NotImplementedError, "layout"),
+                                   ("dtype", "int3", ValueError, "pre-packed experts"),
+                                   ("file", "../x.bin", ValueError, "file name in the checkpoint")]:
+        bad = dict(conf, tidal_packed_experts=dict(conf["tidal_packed_experts"], **{field: value}))
+        (packed / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(exc, match=msg):
+            tidal.Runtime.load(packed, progress=False)
+    (packed / "config.json").write_text(json.dumps(conf))
+    other = dict(conf, moe_intermediate_size=16)  # the file was written for another config
+    (packed / "config.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="does not match config.json"):
+        tidal.Runtime.load(packed, progress=False)
+    with pytest.raises(ValueError, match="per-expert tensors"):
+        synth.write_checkpoint(cfg, tmp_path / "q", progress=False, expert_dtype="int4", fused_experts=False)
+    with pytest.raises(ValueError, match="group size must be 32, 64 or 128"):
+        synth.write_checkpoint(cfg, tmp_path / "q", progress=False, expert_dtype="int4", expert_group_size=48)
+
+
+def test_packed_writer_checks_its_input(tmp_path):
+    cfg = synth.preset_config("tiny")
+    ck = synth.write_checkpoint(cfg, tmp_path / "c", progress=False)
+    w = tidal._tidal.PackedExpertsWriter(str(tmp_path / "e.tidal"), str(ck / "config.json"), "int8")
+    E, I, H = cfg["num_experts"], cfg["moe_intermediate_size"], cfg["hidden_size"]
+    with pytest.raises(ValueError, match="gate_up has shape"):
+        w.add_layer(np.zeros((E, I, H), np.float32), np.zeros((E, H, I), np.float32))
+    with pytest.raises(ValueError, match="float32 or uint16"):
+        w.add_layer(np.zeros((E, 2 * I, H)), np.zeros((E, H, I)))
+    w.add_layer(np.zeros((E, 2 * I, H), np.float32), np.zeros((E, H, I), np.float32))
+    with pytest.raises(ValueError, match="1 of 4 MoE layers"):
+        w.finish()
+    del w
+    assert not list(tmp_path.glob("e.tidal*"))  # an unfinished file leaves nothing behind
+
+
+def test_synth_cli_writes_prepacked_experts(tmp_path, capsys):
+    assert synth.main(["--preset", "tiny", "--expert-dtype", "int4", str(tmp_path / "x")]) == 0
+    assert (tmp_path / "x" / "experts-int4-g64.tidal").exists()
+    assert synth.main(["--preset", "tiny", "--expert-dtype", "int4", "--per-expert", str(tmp_path / "y")]) == 2
+    assert "per-expert tensors" in capsys.readouterr().err
 
 
 def test_bench_smoke_and_bounds(tmp_path, capsys):
