@@ -15,6 +15,11 @@
 #    (-ot exps=CPU) and everything else on the GPU; tidal.bench runs the checkpoint with device cuda,
 #    a 12 GiB VRAM cap, INT4 / INT8 experts. Same threads (THREADS, default 16), same tests (pp512,
 #    pp8192, tg128, 3 repetitions after a warm-up). tests/bench/side_by_side.py prints the table.
+# 4. full depth (STEPS "full4", "full8l", "full8t"; each fits one 10-minute device call): the 40-layer
+#    model does not fit the 64 GiB disk in BF16 (70 GB), so tidal.synth writes it with pre-packed
+#    INT4 experts (21 GB) and tidal.gguf regenerates its experts from their seeds for the GGUF; the
+#    INT8 class reuses the dense tensors for the Q8_0 GGUF (41 GB), then tidal's INT8 model is written
+#    once that GGUF is gone. Peak disk ~45 GB.
 # STEPS (default "build check bench") selects parts. Output in $OUT (or ./bench-out).
 set -euo pipefail
 mkdir -p "${OUT:-bench-out}"
@@ -50,8 +55,47 @@ if [[ $steps == *check* ]]; then
     python3 -m pytest -q -p no:cacheprovider -rs test_gguf.py test_llama_cpp.py > "$out/pytest_gguf.log" 2>&1) || true
   tail -3 "$out/pytest_gguf.log"; grep -E "^FAILED|^E  " "$out/pytest_gguf.log" | head -20 || true
 fi
+export PYTHONPATH=$PWD/python
+run_llama() {  # GGUF, tag
+  # VRAM use of llama.cpp: nvidia-smi sampled every 200 ms during its run.
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$out/vram_llama_$2.txt" &
+  local poll=$!
+  # llama.cpp at its best: weights loaded into pinned host buffers (-lm none; with mmap its prompt
+  # processing copies experts to the GPU from pageable memory, 3-5x slower), micro-batches of 512
+  # and 2048 (side_by_side.py takes the faster one per test).
+  "$llama"/llama-bench -m "$1" -p "$prompts" -n 128 -r "$reps" -t "$threads" -ngl 99 -ot "exps=CPU" -fa on \
+    -lm none -b 8192 -ub 512,2048 -o json > "$out/llama_$2.json" 2> "$out/llama_$2.log" || tail -20 "$out/llama_$2.log"
+  kill $poll || true
+}
+run_tidal() {  # model dir, expert dtype
+  python3 -m tidal.bench "$1" --device cuda --gpu-memory 12GiB --cpu-threads "$threads" \
+    --expert-dtype "$2" -p "$prompts" -n 128 -r "$reps" --json "$out/tidal_$2.json" \
+    > "$out/tidal_$2.txt" 2>&1 || tail -20 "$out/tidal_$2.txt"
+  tail -8 "$out/tidal_$2.txt"
+}
+full=$work/full
+if [[ $steps == *full4* ]]; then
+  rm -rf "$work"/*L* ; mkdir -p "$full"
+  [ -f "$full/int4/config.json" ] || python3 -m tidal.synth --preset qwen3.6-35b-a3b --expert-dtype int4 "$full/int4" 2>/dev/null
+  [ -f "$full/q4_k.gguf" ] || python3 -m tidal.gguf "$full/int4" "$full/q4_k.gguf" --expert-type q4_k 2>/dev/null
+  df -h "$full" | tail -1
+  run_llama "$full/q4_k.gguf" q4_k
+  run_tidal "$full/int4" int4
+  rm -f "$full/q4_k.gguf"
+fi
+if [[ $steps == *full8l* ]]; then
+  rm -f "$full"/int4/experts-*.tidal  # the Q8_0 GGUF needs only the dense tensors and the seed
+  [ -f "$full/q8_0.gguf" ] || python3 -m tidal.gguf "$full/int4" "$full/q8_0.gguf" --expert-type q8_0 2>/dev/null
+  df -h "$full" | tail -1
+  run_llama "$full/q8_0.gguf" q8_0
+  rm -f "$full/q8_0.gguf"
+fi
+if [[ $steps == *full8t* ]]; then
+  rm -f "$full/q8_0.gguf"
+  [ -f "$full/int8/config.json" ] || python3 -m tidal.synth --preset qwen3.6-35b-a3b --expert-dtype int8 "$full/int8" 2>/dev/null
+  run_tidal "$full/int8" int8
+fi
 if [[ $steps == *bench* ]]; then
-  export PYTHONPATH=$PWD/python
   model=$work/qwen3.6-35b-a3b-L$layers
   [ -f "$model/config.json" ] || python3 -m tidal.synth --preset qwen3.6-35b-a3b --layers "$layers" "$model" 2>/dev/null
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
@@ -59,18 +103,8 @@ if [[ $steps == *bench* ]]; then
     td=${pair%%:*}; q=${pair##*:}
     g=$work/model-L$layers-$q.gguf
     [ -f "$g" ] || python3 -m tidal.gguf "$model" "$g" --expert-type "$q" 2>/dev/null
-    # VRAM use of llama.cpp: nvidia-smi sampled every 200 ms during its run.
-    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$out/vram_llama_$q.txt" &
-    poll=$!
-    # llama.cpp at its best: weights loaded into pinned host buffers (-lm none; with mmap its prompt
-    # processing copies experts to the GPU from pageable memory, 3-4x slower), micro-batches of 512
-    # and 2048 (side_by_side.py takes the faster one per test).
-    "$llama"/llama-bench -m "$g" -p "$prompts" -n 128 -r "$reps" -t "$threads" -ngl 99 -ot "exps=CPU" -fa on \
-      -lm none -b 8192 -ub 512,2048 -o json > "$out/llama_$q.json" 2> "$out/llama_$q.log" || { tail -20 "$out/llama_$q.log"; }
-    kill $poll || true
-    python3 -m tidal.bench "$model" --device cuda --gpu-memory 12GiB --cpu-threads "$threads" \
-      --expert-dtype "$td" -p "$prompts" -n 128 -r "$reps" --json "$out/tidal_$td.json" \
-      > "$out/tidal_$td.txt" 2>&1 || tail -20 "$out/tidal_$td.txt"
+    run_llama "$g" "$q"
+    run_tidal "$model" "$td"
   done
   python3 tests/bench/side_by_side.py "$out" | tee "$out/side_by_side.md"
 fi
