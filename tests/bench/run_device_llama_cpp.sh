@@ -57,6 +57,7 @@ if [[ $steps == *check* ]]; then
 fi
 export PYTHONPATH=$PWD/python
 run_llama() {  # GGUF, tag
+  sync  # files just written are flushed before anything is timed
   # VRAM use of llama.cpp: nvidia-smi sampled every 200 ms during its run.
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$out/vram_llama_$2.txt" &
   local poll=$!
@@ -68,6 +69,7 @@ run_llama() {  # GGUF, tag
   kill $poll || true
 }
 run_tidal() {  # model dir, expert dtype
+  sync
   python3 -m tidal.bench "$1" --device cuda --gpu-memory 12GiB --cpu-threads "$threads" \
     --expert-dtype "$2" -p "$prompts" -n 128 -r "$reps" --json "$out/tidal_$2.json" \
     > "$out/tidal_$2.txt" 2>&1 || tail -20 "$out/tidal_$2.txt"
@@ -98,6 +100,7 @@ fi
 if [[ $steps == *bench* ]]; then
   model=$work/qwen3.6-35b-a3b-L$layers
   [ -f "$model/config.json" ] || python3 -m tidal.synth --preset qwen3.6-35b-a3b --layers "$layers" "$model" 2>/dev/null
+  sync  # written checkpoints flushed before anything is timed
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
   for pair in int4:q4_k int8:q8_0; do
     td=${pair%%:*}; q=${pair##*:}

@@ -99,9 +99,9 @@ def main(argv: list[str]) -> int:
         m = t["model"]
         vram_t = (t.get("gpu_memory") or {}).get("used")
         vram_l = _vram(out / f"vram_llama_{q}.txt")
-        desc = (f"model: {m['model_type']} x{m['layers']} layers at full width ({m['weight_bytes'] / 2**30:.1f} GiB "
-                f"BF16 checkpoint); llama.cpp file {lrows[0]['model_size'] / 2**30:.2f} GiB ({lrows[0]['model_type']}); "
-                f"threads {t['caps']['cpu_threads']}")
+        desc = (f"model: {m['model_type']} x{m['layers']} layers at full width (tidal checkpoint "
+                f"{m['weight_bytes'] / 2**30:.1f} GiB: {', '.join(sorted(m.get('dtypes', {})))}); llama.cpp file "
+                f"{lrows[0]['model_size'] / 2**30:.2f} GiB ({lrows[0]['model_type']}); threads {t['caps']['cpu_threads']}")
         if vram_t:
             desc += f"; tidal VRAM used {vram_t / 2**30:.2f} GiB (cap {t['caps']['gpu_memory']})"
         if vram_l is not None:
