@@ -92,14 +92,19 @@ def bytes_per_token(summary: Any, depth: int, expert_bytes: int | None = None, *
             "total": dense + experts + kv + state}
 
 
-def decode_bound(need: dict[str, int], host_read: float, gpu_read: float | None) -> float:
+def decode_bound(need: dict[str, int], host_read: float, gpu_read: float | None,
+                 pcie: float | None = None) -> float:
     """tok/s allowed by memory bandwidth: on the CPU every byte at `host_read`; with a GPU the routed
-    experts at `host_read` plus the rest at `gpu_read`, one after the other (no overlap assumed:
-    the next layer's experts need this layer's output)."""
+    experts at `host_read`, the rest at `gpu_read` and `need["pcie"]` bytes at the pinned copy
+    bandwidth `pcie`, one after the other (no overlap assumed: the next layer's experts need this
+    layer's output)."""
     if gpu_read is None:
         return host_read / need["total"]
     gpu_bytes = need["total"] - need["routed_experts"]
-    return 1.0 / (need["routed_experts"] / host_read + gpu_bytes / gpu_read)
+    t = need["routed_experts"] / host_read + gpu_bytes / gpu_read
+    if pcie and need.get("pcie"):
+        t += need["pcie"] / pcie
+    return 1.0 / t
 
 
 def _time_pp(rt: Any, n: int, rng: np.random.Generator) -> float:
@@ -191,7 +196,13 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
             need = bytes_per_token(summary, d + n // 2, packed_expert_bytes,
                                    kv_elem_bytes=kv_elem_bytes,
                                    dense_scale=dense_scale)
-            bound = decode_bound(need, bw, gpu_bw.get("hbm_read_bytes_per_s"))
+            if on_gpu:
+                # Crossing PCIe per token on this placement (routed experts computed where they
+                # live): each MoE layer's input rows to the host and its expert output back (fp32),
+                # plus the routing (ids and weights). No weights move.
+                c = rt.config
+                need["pcie"] = sum(c.layer_is_moe) * (2 * c.hidden_size * 4 + c.num_experts_per_tok * 8)
+            bound = decode_bound(need, bw, gpu_bw.get("hbm_read_bytes_per_s"), gpu_bw.get("pinned_h2d_bytes_per_s"))
             measure(f"tg{n}@d{d}", n, lambda n=n, d=d: _time_tg(rt, n, d, rng), depth=d,
                     bytes_per_token=need, bound_tok_s=bound)
             r = results[-1]
@@ -201,7 +212,8 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
         bw = bw_after
         for r in results:
             if "bytes_per_token" in r:
-                r["bound_tok_s"] = decode_bound(r["bytes_per_token"], bw, gpu_bw.get("hbm_read_bytes_per_s"))
+                r["bound_tok_s"] = decode_bound(r["bytes_per_token"], bw, gpu_bw.get("hbm_read_bytes_per_s"),
+                                                gpu_bw.get("pinned_h2d_bytes_per_s"))
                 r["fraction_of_bound"] = r["tok_s_median"] / r["bound_tok_s"]
     st = rt.stats()
     c = rt.config
@@ -249,8 +261,11 @@ def format_table(report: dict[str, Any]) -> str:
                      f"| {bound:>11} | {frac:>8} |")
     lines.append("")
     if report["bounds"].get("gpu_read_bytes_per_s"):
+        pcie = next((r["bytes_per_token"].get("pcie") for r in report["results"] if "bytes_per_token" in r), None)
         lines.append("bound: routed-expert bytes per token at the host read bandwidth plus the GPU-resident bytes "
-                     "(dense weights, KV cache, DeltaNet state) at the GPU read bandwidth; pp has no memory bound here")
+                     "(dense weights, KV cache, DeltaNet state) at the GPU read bandwidth"
+                     + (f" plus {pcie / 1024:.0f} KiB of activations over PCIe (no weights cross it on this placement)"
+                        if pcie else "") + "; pp has no memory bound here")
     else:
         lines.append("bound: host read bandwidth / bytes read per generated token (active weights, KV cache, DeltaNet "
                      "state); pp is compute-bound and has no memory bound here")

@@ -266,3 +266,5 @@ def test_gpu_bandwidth_probe_and_bench_on_gpu(tmp_path):
     assert report["bounds"]["pinned_h2d_bytes_per_s"] > 1e9
     tg = report["results"][-1]
     assert tg["bound_tok_s"] > 0 and 0 < tg["fraction_of_bound"] < 1.5
+    cfg = tidal.inspect(MINI).config
+    assert tg["bytes_per_token"]["pcie"] == sum(cfg.layer_is_moe) * (2 * cfg.hidden_size * 4 + cfg.num_experts_per_tok * 8)

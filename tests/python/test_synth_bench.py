@@ -264,3 +264,5 @@ def test_decode_bound_splits_host_and_gpu_bytes():
     need = {"routed_experts": 100, "total": 400}
     assert decode_bound(need, 100.0, None) == pytest.approx(0.25)          # all 400 bytes from RAM
     assert decode_bound(need, 100.0, 300.0) == pytest.approx(1 / (1 + 1))  # 100 from RAM, 300 from VRAM
+    need["pcie"] = 50
+    assert decode_bound(need, 100.0, 300.0, 50.0) == pytest.approx(1 / (1 + 1 + 1))  # + 50 over PCIe
