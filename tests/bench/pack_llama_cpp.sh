@@ -21,9 +21,11 @@ fi
 mkdir -p .devcarry
 parent=$(cd "$src/.." && pwd)
 name=$(basename "$src")
+# Where the source came from, for the results (the packed tree has no git metadata).
+echo "llama.cpp from the llama-cpp-python $version sdist (vendor/llama.cpp)${2:+, unpacked tree given}" > "$src/SOURCE.txt"
 x=()
 for b in vulkan sycl opencl hexagon metal et webgpu openvino cann; do x+=(--exclude="$name/ggml/src/ggml-$b"); done
 tar "${x[@]}" --exclude="$name/tools/ui" --exclude='*.png' --transform "s|^$name|llama.cpp|" \
   -cJf .devcarry/llama.cpp-src.tar.xz -C "$parent" \
-  "$name"/{CMakeLists.txt,cmake,ggml,src,include,common,vendor,tools,licenses,LICENSE,app}
+  "$name"/{CMakeLists.txt,cmake,ggml,src,include,common,vendor,tools,licenses,LICENSE,app,SOURCE.txt}
 ls -la .devcarry/llama.cpp-src.tar.xz

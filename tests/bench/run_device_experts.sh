@@ -49,9 +49,11 @@ if [[ $steps == *bench* ]]; then
 fi
 if [[ $steps == *kt* ]]; then
   # One layer per format: with two, kt-kernel 0.6.1 aborted ("free(): invalid pointer") here.
+  # KT_BATCH=32 submits 32 calls per sync (bench_kt.py); kt-kernel 0.7.2 took 8 ms per call either way.
   for dt in int4 int8 bf16; do
-    python3 tests/bench/bench_kt.py /tmp/deps/kt/kt_kernel/kt_kernel_ext*.so --threads "$threads" \
-      --dtypes $dt --layers 1 --m 1,16,128,512,2048 >> "$out/kt_35b.jsonl" 2>> /tmp/kt.log \
+    LD_LIBRARY_PATH=/tmp/deps/kt/kt_kernel.libs:${LD_LIBRARY_PATH:-} \
+    python3 tests/bench/bench_kt.py "$(ls /tmp/deps/kt/kt_kernel/*kt_kernel_ext*.so | head -1)" --threads "$threads" \
+      --dtypes $dt --layers 1 --m 1,16,128,512,2048 --batch "${KT_BATCH:-1}" >> "$out/kt_35b.jsonl" 2>> /tmp/kt.log \
       || { echo "kt-kernel $dt failed:"; tail -3 /tmp/kt.log; }
   done
 fi

@@ -20,7 +20,11 @@
 #    INT4 experts (21 GB) and tidal.gguf regenerates its experts from their seeds for the GGUF; the
 #    INT8 class reuses the dense tensors for the Q8_0 GGUF (41 GB), then tidal's INT8 model is written
 #    once that GGUF is gone. Peak disk ~45 GB.
-# STEPS (default "build check bench") selects parts. Output in $OUT (or ./bench-out).
+# STEPS (default "build check bench") selects parts. Output in $OUT (or ./bench-out). Pass
+# TIDAL_COMMIT=$(git rev-parse --short HEAD) from the checkout you run: the results record it (a
+# copied tree's git metadata may lag). llama.cpp is built outside this tree (LLAMA_SRC_DIR, default
+# /tmp/llama-src) so its build does not take tidal's git commit for its own; the packed source
+# carries the version it came from (SOURCE.txt, copied to $OUT/llama_source.txt).
 set -euo pipefail
 mkdir -p "${OUT:-bench-out}"
 out=$(cd "${OUT:-bench-out}" && pwd)
@@ -38,8 +42,9 @@ if [[ $steps == *build* ]]; then
   STEPS=build OUT="$out" bash tests/bench/run_device_cuda.sh
   src=${LLAMA_SRC:-.devcarry/llama.cpp-src.tar.xz}
   if [ -f "$src" ]; then
-    [ -d build/llama-src/llama.cpp ] || { mkdir -p build/llama-src && tar -xJf "$src" -C build/llama-src; }
-    src=build/llama-src/llama.cpp
+    sdir=${LLAMA_SRC_DIR:-/tmp/llama-src}
+    [ -d "$sdir/llama.cpp" ] || { mkdir -p "$sdir" && tar -xJf "$src" -C "$sdir"; }
+    src=$sdir/llama.cpp
   fi
   [ -f "$src/CMakeLists.txt" ] || { echo "LLAMA_SRC=$src is not a llama.cpp tree"; exit 1; }
   cmake -S "$src" -B build/llama -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
@@ -48,7 +53,8 @@ if [[ $steps == *build* ]]; then
     > "$out/llama_build.log" 2>&1 || { tail -30 "$out/llama_build.log"; exit 1; }
   ninja -C build/llama llama-bench llama-completion >> "$out/llama_build.log" 2>&1 \
     || { grep -E "error|FAILED" -A5 "$out/llama_build.log" | head -40; exit 1; }
-  echo "llama.cpp built: $(grep -m1 -o 'version: [0-9]* ([0-9a-f]*)' "$out/llama_build.log" || true)"
+  cp "$src/SOURCE.txt" "$out/llama_source.txt" 2>/dev/null || echo "unknown source" > "$out/llama_source.txt"
+  echo "llama.cpp built from: $(cat "$out/llama_source.txt")"
 fi
 if [[ $steps == *check* ]]; then
   (cd tests/python && TIDAL_LLAMA_CPP_BIN="$PWD/../../$llama" PYTHONPATH="$PWD/../../python" \
@@ -70,9 +76,12 @@ run_llama() {  # GGUF, tag
 }
 run_tidal() {  # model dir, expert dtype
   sync
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$out/vram_tidal_$2.txt" &
+  local poll=$!
   python3 -m tidal.bench "$1" --device cuda --gpu-memory 12GiB --cpu-threads "$threads" \
     --expert-dtype "$2" -p "$prompts" -n 128 -r "$reps" --json "$out/tidal_$2.json" \
     > "$out/tidal_$2.txt" 2>&1 || tail -20 "$out/tidal_$2.txt"
+  kill $poll || true
   tail -8 "$out/tidal_$2.txt"
 }
 full=$work/full

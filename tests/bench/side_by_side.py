@@ -8,9 +8,10 @@ Reads OUT_DIR/tidal_{int4,int8}.json (python -m tidal.bench --json) and OUT_DIR/
 (llama-bench -o json) and prints a markdown table: tok/s of each engine per test (tidal: median of
 the repetitions with min-max; llama.cpp: mean with standard deviation, as llama-bench reports, of
 its fastest configuration for that test),
-tidal / llama.cpp, and for tg tidal's fraction of its memory-bandwidth bound. VRAM: tidal's own
-accounting (memory_report "used") and the largest nvidia-smi reading during llama-bench minus the
-reading before it started.
+tidal / llama.cpp (tidal's median over llama.cpp's mean), and for tg tidal's fraction of its
+memory-bandwidth bound. VRAM: tidal's own accounting at load (memory_report "used": weights and
+workspaces, before any KV cache) and, like for like, the largest nvidia-smi reading during each
+engine's run minus the reading before it started.
 
 With two result folders of the same model at two layer counts (tidal.synth --layers) and
 `--extrapolate N`, it also prints both engines' tok/s extrapolated to N layers: the time per token is
@@ -99,13 +100,16 @@ def main(argv: list[str]) -> int:
         m = t["model"]
         vram_t = (t.get("gpu_memory") or {}).get("used")
         vram_l = _vram(out / f"vram_llama_{q}.txt")
+        vram_ts = _vram(out / f"vram_tidal_{td}.txt")
         desc = (f"model: {m['model_type']} x{m['layers']} layers at full width (tidal checkpoint "
                 f"{m['weight_bytes'] / 2**30:.1f} GiB: {', '.join(sorted(m.get('dtypes', {})))}); llama.cpp file "
                 f"{lrows[0]['model_size'] / 2**30:.2f} GiB ({lrows[0]['model_type']}); threads {t['caps']['cpu_threads']}")
         if vram_t:
-            desc += f"; tidal VRAM used {vram_t / 2**30:.2f} GiB (cap {t['caps']['gpu_memory']})"
+            desc += f"; tidal VRAM at load {vram_t / 2**30:.2f} GiB by its own accounting (cap {t['caps']['gpu_memory']})"
+        if vram_ts is not None:
+            desc += f"; nvidia-smi peak over idle: tidal {vram_ts:.2f} GiB"
         if vram_l is not None:
-            desc += f"; llama.cpp VRAM (nvidia-smi peak over idle) {vram_l:.2f} GiB"
+            desc += f"{',' if vram_ts is not None else '; nvidia-smi peak over idle:'} llama.cpp {vram_l:.2f} GiB"
         lines += [f"### {label}", "", desc, "",
                   "| test | tidal tok/s (min-max) | llama.cpp tok/s (± sd, best micro-batch) | tidal / llama.cpp | tidal of its bound |",
                   "|---|---:|---:|---:|---:|"]
