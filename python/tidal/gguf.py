@@ -5,7 +5,7 @@
 
 The converter writes a checkpoint (config.json + safetensors, e.g. one made by `tidal.synth`) in the
 layout llama.cpp loads for these architectures (`qwen35moe`, `qwen3next`, `qwen3moe`), so that the
-same model can be run by llama.cpp and by tidal (`tests/bench/llama_cpp_side_by_side.sh`). Routed
+same model can be run by llama.cpp and by tidal (`tests/bench/run_device_llama_cpp.sh`). Routed
 experts take `--expert-type` (Q4_K: the INT4 class, Q8_0: the INT8 class); the other matrices take
 `--dense-type` (BF16 by default, like tidal's GPU-resident weights); norms and small vectors stay F32.
 

@@ -15,8 +15,8 @@ small. The output is a Hugging Face directory (config.json, sharded safetensors 
 as published, and tidal quantises the routed experts at load (`Runtime.load(expert_dtype=...)`).
 With `--expert-dtype int4|int8` the routed experts are written directly in tidal's packed CPU format
 (a file named in config.json's `tidal_packed_experts`), so models whose BF16 form does not fit the
-disk or RAM exist at all: Qwen3.6-35B-A3B is 70 GB in BF16 and 19 GB with INT4 experts,
-Qwen3-Next-80B-A3B 160 GB and 45 GB. Those experts are never materialised in BF16 on disk.
+disk or RAM exist at all: Qwen3.6-35B-A3B is 70 GB in BF16 and 20.5 GiB with INT4 experts,
+Qwen3-Next-80B-A3B 160 GB and 42.7 GiB. Those experts are never materialised in BF16 on disk.
 
 Every tensor (every expert of a fused expert tensor) is drawn from its own random stream, seeded by
 (seed, tensor name, expert), so the same weights can be regenerated anywhere: the BF16 and the

@@ -250,12 +250,16 @@ def test_bench_with_synthetic_routing(tmp_path):
     assert r["routing"] == {"mode": "synthetic", "skew": 1.1, "reuse": 0.5, "tokens": 4096}
 
 
-def test_gpu_caps_need_cuda_device(tmp_path):
+def test_gpu_caps_need_cuda_device(tmp_path, capsys):
     from tidal import bench
 
     with pytest.raises(ValueError, match="need --device cuda"):
         bench.run_bench(MINI, pp=[4], tg=[], depths=[0], repetitions=1, gpu_memory="1GiB")
-    assert bench.main([str(MINI), "--gpu-memory", "1GiB", "-p", "4", "-n", "0"]) == 2
+    assert bench.main([str(MINI), "--gpu-memory", "1GiB", "-p", "4", "-n", "4", "-r", "1"]) == 2
+    assert "need --device cuda" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main([str(MINI), "--layers", "2"])
+    assert "--layers applies to --preset" in capsys.readouterr().err
 
 
 def test_decode_bound_splits_host_and_gpu_bytes():
