@@ -48,14 +48,28 @@ def system_info() -> dict[str, Any]:
     from . import __version__
 
     info: dict[str, Any] = {"tidal_version": __version__, "commit": None, "python": platform.python_version(),
-                            "cpu": platform.processor() or None, "logical_cpus": os.cpu_count(), "gpu": None,
+                            "cpu": platform.processor() or None, "logical_cpus": os.cpu_count(),
+                            "physical_cores": None, "gpu": None,
                             "driver": None}
     try:
+        cores: set[tuple[str, str]] = set()
+        phys = core = ""
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "model name" and info["cpu"] in (None, platform.processor() or None):
+                    info["cpu"] = value
+                elif key == "physical id":
+                    phys = value
+                elif key == "core id":
+                    core = value
+                elif not key and (phys or core):
+                    cores.add((phys, core))
+                    phys = core = ""
+        if phys or core:
+            cores.add((phys, core))
+        info["physical_cores"] = len(cores) or None
     except OSError:
         pass
     here = pathlib.Path(__file__).resolve().parent

@@ -160,6 +160,7 @@ def test_bench_smoke_and_bounds(tmp_path, capsys):
     assert "pp32" in table and "tg8@d16" in table
     r = json.loads(path.read_text())
     assert r["system"]["tidal_version"] == tidal.__version__ and r["system"]["logical_cpus"] >= 1
+    assert 1 <= r["system"]["physical_cores"] <= r["system"]["logical_cpus"]
     assert r["bounds"]["host_read_bytes_per_s"] > 1e8 and r["bounds"]["pinned_h2d_bytes_per_s"] is None
     tests = {x["test"]: x for x in r["results"]}
     assert set(tests) == {"pp32", "tg8@d0", "tg8@d16"}
