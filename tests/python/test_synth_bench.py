@@ -271,3 +271,45 @@ def test_decode_bound_splits_host_and_gpu_bytes():
     assert decode_bound(need, 100.0, 300.0) == pytest.approx(1 / (1 + 1))  # 100 from RAM, 300 from VRAM
     need["pcie"] = 50
     assert decode_bound(need, 100.0, 300.0, 50.0) == pytest.approx(1 / (1 + 1 + 1))  # + 50 over PCIe
+
+
+def test_gpu_bound_logic_without_a_gpu(monkeypatch):
+    """The device="cuda" branch of the bench on a stand-in runtime (CPU engine, fake VRAM report and
+    GPU bandwidth probe): PCIe bytes, the split bound, and the larger of two bandwidth readings."""
+    real_load = tidal.Runtime.load
+    readings = iter([{"hbm_read_bytes_per_s": 1e12, "pinned_h2d_bytes_per_s": 2e10, "pinned_d2h_bytes_per_s": 2e10},
+                     {"hbm_read_bytes_per_s": 2e12, "pinned_h2d_bytes_per_s": 1e10, "pinned_d2h_bytes_per_s": 1e10}])
+
+    class FakeGpuRuntime:
+        def __init__(self, rt):
+            self._rt = rt
+
+        def __getattr__(self, name):
+            return getattr(self._rt, name)
+
+        def memory_report(self):
+            return {"weights": 50, "weights_bf16_equivalent": 100, "used": 60}  # int8 GPU weights: half
+
+        def describe(self):
+            return {**self._rt.describe(), "kv_cache_dtype": "bf16", "gpu_precision": "bf16x2"}
+
+    def fake_load(path, device="cpu", gpu_memory=None, gpu_weights="bf16", **kw):
+        assert device == "cuda" and gpu_memory == "3GiB" and gpu_weights == "int8"
+        return FakeGpuRuntime(real_load(path, **kw))
+
+    monkeypatch.setattr(tidal.Runtime, "load", staticmethod(fake_load))
+    monkeypatch.setattr(tidal._tidal, "measure_gpu_bandwidth", lambda device=0: next(readings))
+    r = bench.run_bench(MINI, pp=[8], tg=[4], depths=[0], repetitions=1, device="cuda", gpu_memory="3GiB",
+                        gpu_weights="int8")
+    assert r["caps"]["gpu_memory"] == "3GiB" and r["gpu_memory"]["used"] == 60
+    assert r["bounds"]["gpu_read_bytes_per_s"] == 2e12 and r["bounds"]["pinned_h2d_bytes_per_s"] == 2e10
+    tg = r["results"][-1]
+    need = tg["bytes_per_token"]
+    cfg = tidal.inspect(MINI).config
+    assert need["pcie"] == sum(cfg.layer_is_moe) * (2 * cfg.hidden_size * 4 + cfg.num_experts_per_tok * 8)
+    summary = tidal.inspect(MINI)
+    assert need["dense_weights"] == int(0.5 * (summary.pinned_bytes - summary.part_bytes["embeddings"])) + cfg.hidden_size * 2
+    host = r["bounds"]["host_read_bytes_per_s"]
+    want = 1 / (need["routed_experts"] / host + (need["total"] - need["routed_experts"]) / 2e12 + need["pcie"] / 2e10)
+    assert tg["bound_tok_s"] == pytest.approx(want)
+    assert tg["fraction_of_bound"] == pytest.approx(tg["tok_s_median"] / want)
