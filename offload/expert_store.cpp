@@ -281,6 +281,14 @@ void ExpertStore::pack(const ExpertStoreOptions& opts, kernels::Executor& ex,
       }
     }
   };
+  // The experts come mapped from a file (cache hit or pre-packed): nothing to pack.
+  auto use_mapped_file = [&](const char* state) {
+    cache_state_ = state;
+    assign_pointers();
+    if (progress) progress(source_bytes_);
+    sources_.clear();
+    owned_.reset();
+  };
   if (prepacked()) {  // Note [Pre-packed experts]
     TIDAL_CHECK(
         opts_.dtype == prepacked_dtype_, InvalidArgument,
@@ -298,11 +306,7 @@ void ExpertStore::pack(const ExpertStoreOptions& opts, kernels::Executor& ex,
                 "{} experts with header key \"{}\"): truncated, or written for another config",
                 prepacked_file_.string(), kCacheHeaderBytes + region_bytes_,
                 kc::expert_dtype_name(prepacked_dtype_), header_key(cache_key()));
-    cache_state_ = "pre-packed";
-    assign_pointers();
-    if (progress) progress(source_bytes_);
-    sources_.clear();
-    owned_.reset();
+    use_mapped_file("pre-packed");
     return;
   }
   if (!opts_.cache_dir.empty()) {
@@ -311,11 +315,7 @@ void ExpertStore::pack(const ExpertStoreOptions& opts, kernels::Executor& ex,
                               opts_.dtype == kc::ExpertDType::kBF16 ? 0 : opts_.group_size,
                               fnv1a(cache_key()));
     if (load_cache(progress)) {
-      cache_state_ = "hit";
-      assign_pointers();
-      if (progress) progress(source_bytes_);
-      sources_.clear();
-      owned_.reset();
+      use_mapped_file("hit");
       return;
     }
   }
