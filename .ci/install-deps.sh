@@ -4,7 +4,7 @@
 # (only those missing), then the Python packages the tests use through pip. Safe to run again.
 set -euo pipefail
 
-pkgs=(build-essential cmake ninja-build pkg-config ccache git
+pkgs=(build-essential cmake ninja-build pkg-config ccache git clang
       libfmt-dev libhwloc-dev libtbb-dev nlohmann-json3-dev libboost-dev libgtest-dev)
 missing=()
 for p in "${pkgs[@]}"; do
@@ -22,6 +22,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "install-deps: apt-get install ${missing[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# libFuzzer for the fuzz harnesses (tests/fuzz): its package is named after clang's major version.
+if [ "$(clang++ -print-file-name=libclang_rt.fuzzer-x86_64.a)" = "libclang_rt.fuzzer-x86_64.a" ]; then
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  v=$(clang++ -dumpversion | cut -d. -f1)
+  echo "install-deps: apt-get install libclang-rt-$v-dev (libFuzzer)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "libclang-rt-$v-dev" >/dev/null
 fi
 
 # Debian's own python3 is "externally managed" (PEP 668); this lets pip install next to it. It has no

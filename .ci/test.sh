@@ -29,6 +29,9 @@ echo "== pytest"
 # Run from tests/python so `import tidal` finds the installed package, not the source tree.
 (cd tests/python && python3 -m pytest -q -p no:cacheprovider)
 
+echo "== fuzz (libFuzzer + ASan/UBSan, ${TIDAL_FUZZ_SECONDS:-60}s per harness)"
+bash tests/fuzz/run.sh "${TIDAL_FUZZ_SECONDS:-60}"
+
 echo "== examples"
 for ex in examples/*.py; do
   echo "-- $ex"

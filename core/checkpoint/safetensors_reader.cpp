@@ -65,28 +65,34 @@ MappedFile::~MappedFile() {
 
 SafetensorsFile::SafetensorsFile(const fs::path& path) {
   map_ = std::make_unique<MappedFile>(path);
-  const std::string fname = path.filename().string();
-  const size_t size = map_->size();
+  parse(map_->data(), map_->size(), path.filename().string());
+}
+
+SafetensorsFile::SafetensorsFile(const std::byte* data, size_t size, const std::string& name) {
+  parse(data, size, name);
+}
+
+void SafetensorsFile::parse(const std::byte* data, size_t size, const std::string& fname) {
   TIDAL_CHECK(size >= 8, FormatError,
               "checkpoint \"{}\": file is {} bytes, too short for a safetensors header", fname,
               size);
   uint64_t header_len = 0;
-  std::memcpy(&header_len, map_->data(), 8);  // little-endian on every platform tidal runs on
+  std::memcpy(&header_len, data, 8);  // little-endian on every platform tidal runs on
   TIDAL_CHECK(header_len <= kMaxHeaderBytes && header_len <= size - 8, FormatError,
               "checkpoint \"{}\": header length {} exceeds the file size {} (truncated or not a "
               "safetensors file)",
               fname, header_len, size);
   json header;
   try {
-    header = json::parse(reinterpret_cast<const char*>(map_->data()) + 8,
-                         reinterpret_cast<const char*>(map_->data()) + 8 + header_len);
+    header = json::parse(reinterpret_cast<const char*>(data) + 8,
+                         reinterpret_cast<const char*>(data) + 8 + header_len);
   } catch (const json::exception& e) {
     throw FormatError(
         fmt::format("checkpoint \"{}\": corrupt header (invalid JSON): {}", fname, e.what()));
   }
   TIDAL_CHECK(header.is_object(), FormatError,
               "checkpoint \"{}\": corrupt header (not a JSON object)", fname);
-  const std::byte* base = map_->data() + 8 + header_len;
+  const std::byte* base = data + 8 + header_len;
   const uint64_t data_size = size - 8 - header_len;
   for (const auto& [name, v] : header.items()) {
     if (name == "__metadata__") continue;

@@ -52,9 +52,12 @@ class SafetensorsFile {
   /// Throws FileNotFound, or FormatError naming the file (and tensor) for a corrupt or truncated
   /// file.
   explicit SafetensorsFile(const std::filesystem::path& path);
+  /// Parses `size` bytes at `data` (no mapping; `name` in messages). For tests and fuzzing.
+  SafetensorsFile(const std::byte* data, size_t size, const std::string& name);
   const std::map<std::string, TensorInfo>& tensors() const { return tensors_; }
 
  private:
+  void parse(const std::byte* data, size_t size, const std::string& fname);
   std::unique_ptr<MappedFile> map_;
   std::map<std::string, TensorInfo> tensors_;
 };

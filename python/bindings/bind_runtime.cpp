@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 #include <pybind11/stl/filesystem.h>
 
+#include "core/checkpoint/gguf_reader.h"
 #include "core/error.h"
 #include "core/runtime/runtime.h"
 #include "offload/expert_store.h"
@@ -398,6 +399,48 @@ void bind_runtime(py::module_& m) {
       .def_property_readonly("layers_expected",
                              [](const PyPackedWriter& pw) { return pw.w->layers_expected(); });
 
+  m.def(
+      "read_gguf",
+      [](const std::filesystem::path& path) {
+        std::unique_ptr<core::GgufFile> f;
+        {
+          py::gil_scoped_release release;
+          f = std::make_unique<core::GgufFile>(path);
+        }
+        static const char* kTypeNames[] = {"u8",   "i8",     "u16",   "i16", "u32", "i32", "f32",
+                                           "bool", "string", "array", "u64", "i64", "f64"};
+        py::dict types;
+        for (const auto& [k, t] : f->metadata_types()) {
+          std::string name = kTypeNames[static_cast<uint32_t>(t)];
+          if (t == core::GgufValueType::kArray)
+            name +=
+                std::string("[") + kTypeNames[static_cast<uint32_t>(f->array_types().at(k))] + "]";
+          types[py::str(k)] = name;
+        }
+        py::list tensors;
+        for (const auto& t : f->tensors()) {
+          py::dict d;
+          d["name"] = t.name;
+          d["type"] = t.type;
+          d["type_name"] = std::string(core::ggml_type_info(t.type)->name);
+          d["shape"] = t.shape();
+          d["offset"] = t.offset;
+          d["nbytes"] = t.nbytes;
+          tensors.append(d);
+        }
+        py::dict out;
+        out["version"] = f->version();
+        out["alignment"] = f->alignment();
+        out["data_offset"] = f->data_offset();
+        out["metadata_json"] =
+            f->metadata().dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+        out["types"] = types;
+        out["tensors"] = tensors;
+        return out;
+      },
+      py::arg("path"),
+      "Parse a GGUF file (header, metadata, tensor infos; every field checked against the file). "
+      "tidal.gguf.read wraps it.");
   m.def(
       "measure_read_bandwidth",
       [](size_t bytes, int num_threads, int repeats) {

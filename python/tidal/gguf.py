@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 __all__ = [
-    "GGMLType", "GGUFWriter", "quantize", "dequantize", "type_size", "convert", "main",
+    "GGMLType", "GGUFWriter", "GGUFInfo", "read", "quantize", "dequantize", "type_size", "convert", "main",
     "U8", "I8", "U16", "I16", "U32", "I32", "F32", "BOOL", "STR", "U64", "I64", "F64",
 ]
 
@@ -310,6 +310,39 @@ class GGUFWriter:
             tmp.unlink(missing_ok=True)
             raise
         return self.path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reader (the C++ parser of core/checkpoint/gguf_reader.cpp: every field bounded by the file)
+
+
+class GGUFInfo:
+    """A parsed GGUF file: version, alignment, metadata (with each key's GGUF type) and tensor
+    infos (name, ggml type, numpy shape, offset in the data section, bytes)."""
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.version: int = raw["version"]
+        self.alignment: int = raw["alignment"]
+        self.data_offset: int = raw["data_offset"]
+        self.metadata: dict[str, Any] = json.loads(raw["metadata_json"])
+        self.types: dict[str, str] = dict(raw["types"])
+        self.tensors: list[dict[str, Any]] = list(raw["tensors"])
+
+    def tensor(self, name: str) -> dict[str, Any]:
+        for t in self.tensors:
+            if t["name"] == name:
+                return t
+        raise KeyError(f"GGUF file has no tensor {name!r}")
+
+
+def read(path: str | os.PathLike) -> GGUFInfo:
+    """Parse a GGUF file's header, metadata and tensor infos. A file that is not valid GGUF (bad
+    magic or version, truncated, counts or sizes that cannot fit the file, unknown types, misaligned
+    or overlapping-the-end tensors) raises tidal.FormatError (a ValueError) naming the file and the
+    key or tensor."""
+    from . import _tidal
+
+    return GGUFInfo(_tidal.read_gguf(os.fspath(path)))
 
 
 # ----------------------------------------------------------------------------------------------------
