@@ -38,7 +38,13 @@ constexpr GgmlTypeInfo kTypes[] = {
 // refused (llama.cpp does not write them), so nesting is one level deep. Nothing is allocated from
 // a declared size before that check, so a 1 KB file claiming 2^60 tensors fails at once.
 constexpr uint64_t kMaxDims = 4;
-constexpr uint64_t kMaxNameBytes = 1 << 16;  // GGUF names are < 64 bytes; be lenient, but bounded
+// Keys and tensor names: llama.cpp writes tensor names under 64 bytes; accept longer ones (and long
+// keys), but bounded.
+constexpr uint64_t kMaxNameBytes = 1 << 16;
+// Metadata values held in memory (array elements count one each): a file byte can become ~16 bytes
+// of JSON (a u8 array), so the total is capped rather than only bounded by the file. Real files
+// hold a few hundred thousand (the tokenizer's tokens and merges).
+constexpr uint64_t kMaxMetadataValues = uint64_t{1} << 24;
 
 class Cursor {
  public:
@@ -196,11 +202,23 @@ GgufFile::GgufFile(const std::filesystem::path& path) : name_(path.filename().st
   TIDAL_CHECK(!std::filesystem::is_directory(path), InvalidArgument,
               "\"{}\" is a directory, not a GGUF file", path.string());
   map_ = std::make_unique<MappedFile>(path);
-  parse(map_->data(), map_->size());
+  parse_checked(map_->data(), map_->size());
 }
 
 GgufFile::GgufFile(const std::byte* data, size_t size, std::string name) : name_(std::move(name)) {
-  parse(data, size);
+  parse_checked(data, size);
+}
+
+void GgufFile::parse_checked(const std::byte* data, size_t size) {
+  // The checks bound every size by the file; these turn what is left (memory for the metadata of a
+  // very large file, a JSON library error) into the same clear error.
+  try {
+    parse(data, size);
+  } catch (const std::bad_alloc&) {
+    throw FormatError(fmt::format("GGUF file \"{}\": its metadata does not fit in memory", name_));
+  } catch (const nlohmann::json::exception& e) {
+    throw FormatError(fmt::format("GGUF file \"{}\": bad metadata: {}", name_, e.what()));
+  }
 }
 
 GgufFile::~GgufFile() = default;
@@ -220,11 +238,12 @@ void GgufFile::parse(const std::byte* data, size_t size) {
               "GGUF file \"{}\" has version {}; tidal reads versions 2 and 3", name_, version_);
   const auto n_tensors = c.read<uint64_t>("the tensor count");
   const auto n_kv = c.read<uint64_t>("the metadata count");
-  // Smallest entries: a key of 0 bytes + type + 1-byte value; a tensor info of an empty name, one
-  // dimension, type and offset.
+  // Smallest entries: a key's length prefix + type + 1-byte value; a tensor info of an empty name,
+  // one dimension, type and offset.
   c.check_count(n_kv, 8 + 4 + 1, "the metadata count");
   c.check_count(n_tensors, 8 + 4 + 8 + 4 + 8, "the tensor count");
 
+  uint64_t values = 0;
   for (uint64_t i = 0; i < n_kv; ++i) {
     std::string key = c.read_string("a metadata key", kMaxNameBytes);
     TIDAL_CHECK(!key.empty(), FormatError, "GGUF file \"{}\": metadata key {} is empty", name_, i);
@@ -250,6 +269,10 @@ void GgufFile::parse(const std::byte* data, size_t size) {
     const auto n = c.read<uint64_t>("an array length");
     const auto elem = static_cast<GgufValueType>(et);
     c.check_count(n, scalar_size(elem), "an array length");
+    values += n;
+    TIDAL_CHECK(values <= kMaxMetadataValues, FormatError,
+                "GGUF file \"{}\": the metadata holds more than {} values (array \"{}\" has {})",
+                name_, kMaxMetadataValues, key, n);
     array_types_[key] = elem;
     nlohmann::json arr = nlohmann::json::array();
     arr.get_ref<nlohmann::json::array_t&>().reserve(static_cast<size_t>(n));
@@ -258,14 +281,15 @@ void GgufFile::parse(const std::byte* data, size_t size) {
   }
   if (types_.count("general.alignment")) {
     const auto& a = metadata_.at("general.alignment");
-    TIDAL_CHECK(types_.at("general.alignment") == GgufValueType::kU32 && a.get<uint64_t>() > 0 &&
-                    (a.get<uint64_t>() & (a.get<uint64_t>() - 1)) == 0,
-                FormatError,
+    const bool u32 = types_.at("general.alignment") == GgufValueType::kU32;
+    const uint64_t v = u32 ? a.get<uint64_t>() : 0;
+    TIDAL_CHECK(u32 && v > 0 && (v & (v - 1)) == 0, FormatError,
                 "GGUF file \"{}\": general.alignment must be a u32 power of two, got {}", name_,
-                a.dump());
-    alignment_ = a.get<uint64_t>();
+                u32 ? std::to_string(v) : std::string("a value of another type"));
+    alignment_ = v;
   }
-
+  // Counted again against what is left after the metadata, before reserving.
+  c.check_count(n_tensors, 8 + 4 + 8 + 4 + 8, "the tensor count");
   tensors_.reserve(static_cast<size_t>(n_tensors));
   for (uint64_t i = 0; i < n_tensors; ++i) {
     GgufTensor t;

@@ -64,7 +64,8 @@ class GgufFile {
   /// Maps and parses `path`. Throws FileNotFound, or FormatError naming the file (and the key or
   /// tensor) for a file that is not valid GGUF.
   explicit GgufFile(const std::filesystem::path& path);
-  /// Parses `size` bytes at `data` (no mapping; `name` is used in messages). For tests and fuzzing.
+  /// Parses `size` bytes at `data` (no mapping; `name` is used in messages; the buffer must outlive
+  /// the object). For tests and fuzzing.
   GgufFile(const std::byte* data, size_t size, std::string name);
   ~GgufFile();
   GgufFile(const GgufFile&) = delete;
@@ -85,6 +86,7 @@ class GgufFile {
 
  private:
   void parse(const std::byte* data, size_t size);
+  void parse_checked(const std::byte* data, size_t size);
   std::string name_;
   std::unique_ptr<MappedFile> map_;
   uint32_t version_ = 0;

@@ -109,8 +109,8 @@ void SafetensorsFile::parse(const std::byte* data, size_t size, const std::strin
           TIDAL_CHECK(
               x.is_number_unsigned() || (x.is_number_integer() && x.get<int64_t>() >= 0),
               FormatError,
-              "checkpoint \"{}\": tensor \"{}\" has a non-integer or negative shape/offset {}",
-              fname, name, x.dump());
+              "checkpoint \"{}\": tensor \"{}\" has a non-integer or negative shape/offset (a {})",
+              fname, name, x.type_name());  // not dump(): it recurses as deep as the input
       t.dtype_name = v.at("dtype").get<std::string>();
       t.shape = v.at("shape").get<std::vector<int64_t>>();
       const auto off = v.at("data_offsets").get<std::vector<uint64_t>>();

@@ -52,7 +52,8 @@ class SafetensorsFile {
   /// Throws FileNotFound, or FormatError naming the file (and tensor) for a corrupt or truncated
   /// file.
   explicit SafetensorsFile(const std::filesystem::path& path);
-  /// Parses `size` bytes at `data` (no mapping; `name` in messages). For tests and fuzzing.
+  /// Parses `size` bytes at `data` (no mapping; `name` in messages; the buffer must outlive the
+  /// object). For tests and fuzzing.
   SafetensorsFile(const std::byte* data, size_t size, const std::string& name);
   const std::map<std::string, TensorInfo>& tensors() const { return tensors_; }
 

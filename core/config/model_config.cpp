@@ -16,6 +16,12 @@ namespace {
 
 using nlohmann::json;
 
+// A wrong value in a message: scalars as written, containers by kind only (dumping a container
+// recurses as deep as the input, which a hostile file can make arbitrarily deep).
+std::string shown(const json& v) {
+  return v.is_structured() ? std::string("a JSON ") + v.type_name() : v.dump();
+}
+
 struct Reader {
   const json& j;
   const std::string& source;
@@ -32,21 +38,21 @@ struct Reader {
   }
   int64_t as_int(const char* key, const json& v) const {
     TIDAL_CHECK(v.is_number_integer(), FormatError,
-                "config \"{}\": field \"{}\" must be an integer, got {}", source, key, v.dump());
+                "config \"{}\": field \"{}\" must be an integer, got {}", source, key, shown(v));
     return v.get<int64_t>();
   }
   double get_double(const char* key, double dflt) const {
     if (!has(key)) return dflt;
     const json& v = j.at(key);
     TIDAL_CHECK(v.is_number(), FormatError, "config \"{}\": field \"{}\" must be a number, got {}",
-                source, key, v.dump());
+                source, key, shown(v));
     return v.get<double>();
   }
   bool get_bool(const char* key, bool dflt) const {
     if (!has(key)) return dflt;
     const json& v = j.at(key);
     TIDAL_CHECK(v.is_boolean(), FormatError,
-                "config \"{}\": field \"{}\" must be true or false, got {}", source, key, v.dump());
+                "config \"{}\": field \"{}\" must be true or false, got {}", source, key, shown(v));
     return v.get<bool>();
   }
 };
@@ -119,12 +125,28 @@ const std::vector<std::string>& ModelConfig::supported_model_types() {
   return kTypes;
 }
 
+namespace {
+ModelConfig parse_config(const json& root, const std::string& source);
+}  // namespace
+
 ModelConfig ModelConfig::from_json(const json& root, const std::string& source) {
+  // A field of the wrong JSON type that a check below does not name first (a list where a string
+  // belongs, ...) is still a FormatError naming the file. Found by tests/fuzz (config harness).
+  try {
+    return parse_config(root, source);
+  } catch (const json::exception& e) {
+    throw FormatError(
+        fmt::format("config \"{}\": a field has the wrong type: {}", source, e.what()));
+  }
+}
+
+namespace {
+ModelConfig parse_config(const json& root, const std::string& source) {
   TIDAL_CHECK(root.is_object(), FormatError,
               "config \"{}\": expected a JSON object at the top level", source);
   TIDAL_CHECK(root.contains("model_type") && root.at("model_type").is_string(), FormatError,
               "config \"{}\": field \"model_type\" is missing (supported: {})", source,
-              fmt::join(supported_model_types(), ", "));
+              fmt::join(ModelConfig::supported_model_types(), ", "));
   ModelConfig c;
   c.model_type = root.at("model_type").get<std::string>();
   const json* text = &root;
@@ -146,7 +168,7 @@ ModelConfig ModelConfig::from_json(const json& root, const std::string& source) 
   } else {
     throw Unsupported(
         fmt::format("config \"{}\": model_type \"{}\" is not supported (supported: {})", source,
-                    c.model_type, fmt::join(supported_model_types(), ", ")));
+                    c.model_type, fmt::join(ModelConfig::supported_model_types(), ", ")));
   }
   const Reader r{*text, source};
   const Reader top{root, source};
@@ -197,9 +219,11 @@ ModelConfig ModelConfig::from_json(const json& root, const std::string& source) 
     TIDAL_CHECK(
         lt.is_array() && static_cast<int64_t>(lt.size()) == L, FormatError,
         "config \"{}\": layer_types must be a list of num_hidden_layers ({}) entries, got {}",
-        source, L, lt.dump());
+        source, L,
+        lt.is_array() ? fmt::format("{} entries", lt.size()) : std::string(lt.type_name()));
     for (const auto& e : lt) {
-      const std::string s = e.is_string() ? e.get<std::string>() : e.dump();
+      const std::string s =
+          e.is_string() ? e.get<std::string>() : std::string("a JSON ") + e.type_name();
       if (s == "full_attention" || s == "attention")
         c.layer_types.push_back(LayerType::kFullAttention);
       else if (s == "linear_attention" || s == "mamba")
@@ -310,6 +334,8 @@ ModelConfig ModelConfig::from_json(const json& root, const std::string& source) 
   }
   return c;
 }
+
+}  // namespace
 
 ModelConfig ModelConfig::from_file(const std::filesystem::path& path) {
   std::ifstream f(path);

@@ -7,6 +7,8 @@
 #include <pybind11/stl.h>
 #include <pybind11/stl/filesystem.h>
 
+#include <functional>
+
 #include "core/checkpoint/gguf_reader.h"
 #include "core/error.h"
 #include "core/runtime/runtime.h"
@@ -432,8 +434,39 @@ void bind_runtime(py::module_& m) {
         out["version"] = f->version();
         out["alignment"] = f->alignment();
         out["data_offset"] = f->data_offset();
-        out["metadata_json"] =
-            f->metadata().dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+        // Metadata as Python objects: floats keep NaN/Inf, strings that are not UTF-8 come as
+        // bytes.
+        std::function<py::object(const nlohmann::json&)> to_py =
+            [&](const nlohmann::json& j) -> py::object {
+          switch (j.type()) {
+            case nlohmann::json::value_t::boolean:
+              return py::bool_(j.get<bool>());
+            case nlohmann::json::value_t::number_integer:
+              return py::int_(j.get<int64_t>());
+            case nlohmann::json::value_t::number_unsigned:
+              return py::int_(j.get<uint64_t>());
+            case nlohmann::json::value_t::number_float:
+              return py::float_(j.get<double>());
+            case nlohmann::json::value_t::string: {
+              const auto& s = j.get_ref<const std::string&>();
+              PyObject* u =
+                  PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "strict");
+              if (u != nullptr) return py::reinterpret_steal<py::object>(u);
+              PyErr_Clear();
+              return py::bytes(s);
+            }
+            case nlohmann::json::value_t::array: {
+              py::list l;
+              for (const auto& x : j) l.append(to_py(x));
+              return l;
+            }
+            default:
+              return py::none();
+          }
+        };
+        py::dict meta;
+        for (const auto& [k, v] : f->metadata().items()) meta[py::str(k)] = to_py(v);
+        out["metadata"] = meta;
         out["types"] = types;
         out["tensors"] = tensors;
         return out;

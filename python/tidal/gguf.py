@@ -324,7 +324,7 @@ class GGUFInfo:
         self.version: int = raw["version"]
         self.alignment: int = raw["alignment"]
         self.data_offset: int = raw["data_offset"]
-        self.metadata: dict[str, Any] = json.loads(raw["metadata_json"])
+        self.metadata: dict[str, Any] = dict(raw["metadata"])
         self.types: dict[str, str] = dict(raw["types"])
         self.tensors: list[dict[str, Any]] = list(raw["tensors"])
 

@@ -53,6 +53,32 @@ def test_config_missing_field(golden_copy):
         tidal.Runtime.load(d)
 
 
+# Found by the config fuzzer (tests/fuzz, kept in its corpus as regression-hidden-act-not-a-string):
+# a field of the wrong JSON type escaped as a JSON library error instead of a FormatError. Values
+# nested deeply are not printed whole (printing recursed as deep as the input).
+@pytest.mark.parametrize("field,value,msg", [
+    ("hidden_act", False, "wrong type"),
+    ("mlp_only_layers", ["x"], "wrong type"),
+    ("hidden_size", [[[[1]]]], "must be an integer, got a JSON array"),
+    ("layer_types", {"a": 1}, "layer_types must be a list"),
+])
+def test_config_fields_of_the_wrong_type(golden_copy, field, value, msg):
+    d = golden_copy("qwen3_moe" if field != "layer_types" else "qwen3_next")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[field] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(tidal.FormatError, match=msg):
+        tidal.Runtime.load(d)
+
+
+def test_deeply_nested_config_value_is_a_clear_error(golden_copy):
+    d = golden_copy("qwen3_moe")
+    text = (d / "config.json").read_text().replace('"hidden_size": 64', '"hidden_size": ' + "[" * 50000 + "]" * 50000)
+    (d / "config.json").write_text(text)
+    with pytest.raises(tidal.FormatError, match="hidden_size"):
+        tidal.Runtime.load(d)
+
+
 def _rewrite(path, edit):
     header, data = read_safetensors(path)
     header, data = edit(header, data)

@@ -179,3 +179,28 @@ def test_missing_and_directory(tmp_path):
         tg.read(tmp_path / "nope.gguf")
     with pytest.raises(ValueError, match="directory"):
         tg.read(tmp_path)
+
+
+def test_version_2_reads_like_version_3(tmp_path):
+    path, arrays = _sample(tmp_path / "s.gguf")
+    raw = bytearray(path.read_bytes())
+    raw[4:8] = struct.pack("<I", 2)  # v2 has the same layout (64-bit counts and lengths)
+    p2 = tmp_path / "v2.gguf"
+    p2.write_bytes(bytes(raw))
+    a, b = tg.read(path), tg.read(p2)
+    assert b.version == 2 and a.tensors == b.tensors and a.metadata == b.metadata
+
+
+def test_special_values_survive(tmp_path):
+    body = (_kv(b"nan", 6, struct.pack("<f", float("nan"))) + _kv(b"inf", 12, struct.pack("<d", float("-inf")))
+            + _kv(b"raw", 8, _s(b"\xff\xfe")) + _kv(b"big", 10, struct.pack("<Q", 2**64 - 1)))
+    p = tmp_path / "special.gguf"
+    p.write_bytes(_pad(_header(n_kv=4) + body))
+    m = tg.read(p).metadata
+    assert np.isnan(m["nan"]) and m["inf"] == float("-inf")
+    assert m["raw"] == b"\xff\xfe"  # not UTF-8: kept as bytes, not replaced
+    assert m["big"] == 2**64 - 1
+    bad = tmp_path / "align.gguf"
+    bad.write_bytes(_header(n_kv=1) + _kv(b"general.alignment", 8, _s(b"\xff")) + b"\0" * 64)
+    with pytest.raises(tidal.FormatError, match="power of two"):
+        tg.read(bad)
