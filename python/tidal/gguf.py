@@ -566,17 +566,17 @@ class _Out:
         self.name, self.shape, self.gtype, self.jobs = name, shape, gtype, jobs
 
 
-def _plan_tensors(ck: _Checkpoint, cfg: dict[str, Any], arch: str, expert_type: int, dense_type: int,
-                  prefix: str) -> list[_Out]:
+def _plan_tensors(ck: _Checkpoint, cfg: dict[str, Any], arch: str, expert_type: int,
+                  dense_type: int) -> list[_Out]:
     H, E, I = cfg["hidden_size"], cfg["num_experts"], cfg["moe_intermediate_size"]
     hybrid = arch != "qwen3moe"
     outs: list[_Out] = []
 
     def has(name: str) -> bool:
-        return prefix + name in ck
+        return name in ck
 
     def shape(name: str) -> list[int]:
-        return ck.shape(prefix + name)
+        return ck.shape(name)
 
     def matrix_type(want: int, row: int) -> int:
         # Rows that do not fill whole blocks of `want` fall back to Q8_0, then to F16 (llama.cpp's
@@ -589,13 +589,13 @@ def _plan_tensors(ck: _Checkpoint, cfg: dict[str, Any], arch: str, expert_type: 
     def add(gguf: str, hf: str, kind: str | None = None, gtype: int | None = None,
             out_shape: list[int] | None = None) -> None:
         if not has(hf):
-            raise FileNotFoundError(f"checkpoint has no tensor {prefix + hf!r} (needed for {gguf})")
+            raise FileNotFoundError(f"checkpoint has no tensor {hf!r} (needed for {gguf})")
         s = out_shape or shape(hf)
         if gtype is None:
             small = len(s) == 1 or gguf.endswith("norm.weight") or "ffn_gate_inp" in gguf or "ssm_conv1d" in gguf \
                 or not gguf.endswith(".weight")
             gtype = GGMLType.F32 if small else matrix_type(dense_type, s[-1])
-        outs.append(_Out(gguf, s, gtype, [(prefix + hf, None, kind)]))
+        outs.append(_Out(gguf, s, gtype, [(hf, None, kind)]))
 
     norm = "plus_one" if hybrid else None
     n_vocab = cfg["vocab_size"]
@@ -639,14 +639,14 @@ def _plan_tensors(ck: _Checkpoint, cfg: dict[str, Any], arch: str, expert_type: 
         if has(m + "experts.gate_up_proj"):
             gu = shape(m + "experts.gate_up_proj")
             if gu != [E, 2 * I, H]:
-                raise ValueError(f"{prefix}{m}experts.gate_up_proj has shape {gu}, expected {[E, 2 * I, H]}")
-            name = prefix + m + "experts.gate_up_proj"
+                raise ValueError(f"{m}experts.gate_up_proj has shape {gu}, expected {[E, 2 * I, H]}")
+            name = m + "experts.gate_up_proj"
             outs.append(_Out(b + "ffn_gate_exps.weight", [E, I, H], et["gate"],
                              [(name, (e, slice(0, I)), None) for e in range(E)]))
             outs.append(_Out(b + "ffn_up_exps.weight", [E, I, H], et["up"],
                              [(name, (e, slice(I, 2 * I)), None) for e in range(E)]))
             outs.append(_Out(b + "ffn_down_exps.weight", [E, H, I], et["down"],
-                             [(prefix + m + "experts.down_proj", (e,), None) for e in range(E)]))
+                             [(m + "experts.down_proj", (e,), None) for e in range(E)]))
         elif cfg.get("tidal_packed_experts"):
             # Pre-packed experts hold quantised values only; a tidal.synth checkpoint records the
             # seed its BF16 experts were drawn from, so they are drawn again (same values as the
@@ -660,7 +660,7 @@ def _plan_tensors(ck: _Checkpoint, cfg: dict[str, Any], arch: str, expert_type: 
                                                                          for e in range(E)]))
         else:
             for g in ("gate", "up", "down"):
-                names = [f"{prefix}{m}experts.{e}.{g}_proj.weight" for e in range(E)]
+                names = [f"{m}experts.{e}.{g}_proj.weight" for e in range(E)]
                 missing = [n for n in names if n not in ck]
                 if missing:
                     raise FileNotFoundError(f"checkpoint has no tensor {missing[0]!r} (needed for ffn_{g}_exps)")
@@ -705,7 +705,7 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, *, expert
                                   "renormalises the top-k router weights")
     etype, dtype_ = GGMLType.parse(expert_type), GGMLType.parse(dense_type)
     ck = _Checkpoint(model_dir)
-    outs = _plan_tensors(ck, cfg, arch, etype, dtype_, "")
+    outs = _plan_tensors(ck, cfg, arch, etype, dtype_)
     w = GGUFWriter(out_path)
     w.add("general.architecture", arch, STR)
     w.add("general.name", model_dir.name, STR)
