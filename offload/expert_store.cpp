@@ -6,6 +6,7 @@
 
 #include <fcntl.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -32,7 +33,8 @@ ExpertStore::ExpertStore(const core::ModelConfig& cfg, const core::Checkpoint& c
     source_bytes_ += t.nbytes;
     if (std::find(source_files_.begin(), source_files_.end(), t.file) == source_files_.end())
       source_files_.push_back(t.file);
-    if (t.dtype == kernels::DType::kBF16 || t.dtype == kernels::DType::kF32) {
+    if (t.dtype == kernels::DType::kBF16 || t.dtype == kernels::DType::kF32 ||
+        t.dtype == kernels::DType::kF8E4M3 || t.ggml_type >= 0) {
       mapped_.emplace_back(t.data, t.nbytes);
       mapped_layer_.push_back(static_cast<size_t>(l));
     }
@@ -63,6 +65,74 @@ ExpertStore::ExpertStore(const core::ModelConfig& cfg, const core::Checkpoint& c
       if (cfg.layer_is_moe[l]) sources_[l].resize(static_cast<size_t>(E));
     return;
   }
+  // A routed-expert tensor as a source of `rows` x `cols` matrices; Note [Expert sources].
+  auto require_expert = [&](const std::string& name, const std::vector<int64_t>& shape,
+                            const std::string& what) -> const core::TensorInfo& {
+    const core::TensorInfo* t = ck.find(name);
+    if (t == nullptr || t->dtype == kernels::DType::kBF16 || t->dtype == kernels::DType::kF16 ||
+        t->dtype == kernels::DType::kF32)
+      return ld.require(name, shape, what);
+    TIDAL_CHECK(t->shape == shape, FormatError,
+                "checkpoint \"{}\": tensor \"{}\" has shape {}, expected [{}] ({})", t->file, name,
+                t->shape_str(), fmt::join(shape, ", "), what);
+    if (t->ggml_type >= 0) {
+      TIDAL_CHECK(kc::ggml_decodable(t->ggml_type), Unsupported,
+                  "GGUF file \"{}\": tensor \"{}\" has type {}, which tidal cannot run (supported "
+                  "for experts: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, "
+                  "Q5_K, Q6_K)",
+                  t->file, t->source_name.empty() ? name : t->source_name, t->dtype_name);
+      return *t;
+    }
+    if (t->dtype == kernels::DType::kF8E4M3) {
+      const core::TensorInfo* s = ck.find(core::fp8_scale_name(name));
+      TIDAL_CHECK(s != nullptr, FormatError,
+                  "checkpoint \"{}\": FP8 tensor \"{}\" has no block scales \"{}\"", t->file, name,
+                  core::fp8_scale_name(name));
+      return *t;
+    }
+    return ld.require(name, shape, what);  // names the unsupported dtype
+  };
+  auto source_of = [&](const core::TensorInfo& t, int64_t row0, int64_t rows, int64_t cols,
+                       int64_t expert, int64_t rows_per_expert) {
+    kc::MatrixSource m;
+    m.rows = rows;
+    m.cols = cols;
+    if (t.ggml_type >= 0) {
+      m.ggml_type = t.ggml_type;
+      m.row_bytes = kc::ggml_row_bytes(t.ggml_type, cols);
+      m.data = t.data + static_cast<size_t>(row0) * m.row_bytes;
+      return m;
+    }
+    if (t.dtype == kernels::DType::kF8E4M3) {
+      const core::TensorInfo& s = *ck.find(core::fp8_scale_name(t.name));
+      m.dtype = t.dtype;
+      m.ld = cols;
+      m.data = t.data + static_cast<size_t>(row0 * cols);
+      m.block = ck.fp8_block();
+      const int64_t grid_r = (rows_per_expert + m.block - 1) / m.block;
+      m.scale_ld = (cols + m.block - 1) / m.block;
+      const std::vector<int64_t> want = t.shape.size() == 3
+                                            ? std::vector<int64_t>{t.shape[0], grid_r, m.scale_ld}
+                                            : std::vector<int64_t>{grid_r, m.scale_ld};
+      TIDAL_CHECK(
+          s.shape == want && (s.dtype == kernels::DType::kF32 || s.dtype == kernels::DType::kBF16),
+          FormatError,
+          "checkpoint \"{}\": FP8 block scales \"{}\" are {} {}, expected F32 or BF16 "
+          "[{}] ({}x{} blocks of {})",
+          s.file, s.name, s.dtype_name, s.shape_str(), fmt::join(want, ", "), m.block, m.block,
+          t.name);
+      m.scale_dtype = s.dtype;
+      m.scale_inv =
+          s.data + static_cast<size_t>(expert * grid_r * m.scale_ld) * kernels::dtype_size(s.dtype);
+      m.r0 = row0 - expert * rows_per_expert;
+      return m;
+    }
+    const kernels::WeightView v = ld.rows_of(t, row0, rows, cols);
+    m.data = v.data;
+    m.dtype = v.dtype;
+    m.ld = cols;
+    return m;
+  };
   for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
     if (!cfg.layer_is_moe[l]) continue;
     const std::string pre = fmt::format("{}layers.{}.mlp.experts.", cfg.weight_prefix, l);
@@ -76,26 +146,69 @@ ExpertStore::ExpertStore(const core::ModelConfig& cfg, const core::Checkpoint& c
       dn += ".weight";
     }
     if (ck.find(gu)) {
-      const auto& tgu = ld.require(gu, {E, 2 * I, H}, why + " (fused experts: [E, 2I, H])");
-      const auto& tdn = ld.require(dn, {E, H, I}, why + " (fused experts: [E, H, I])");
+      const auto& tgu = require_expert(gu, {E, 2 * I, H}, why + " (fused experts: [E, 2I, H])");
+      const auto& tdn = require_expert(dn, {E, H, I}, why + " (fused experts: [E, H, I])");
       note_mapped(tgu, l);
       note_mapped(tdn, l);
       for (int64_t e = 0; e < E; ++e) {
-        experts[e].gate = ld.rows_of(tgu, e * 2 * I, I, H);
-        experts[e].up = ld.rows_of(tgu, e * 2 * I + I, I, H);
-        experts[e].down = ld.rows_of(tdn, e * H, H, I);
+        experts[e].gate = source_of(tgu, e * 2 * I, I, H, e, 2 * I);
+        experts[e].up = source_of(tgu, e * 2 * I + I, I, H, e, 2 * I);
+        experts[e].down = source_of(tdn, e * H, H, I, e, H);
+      }
+    } else if (ck.find(pre + "gate_proj")) {
+      // Stacked, unfused (GGUF ffn_{gate,up,down}_exps): gate_proj / up_proj [E, I, H],
+      // down_proj [E, H, I].
+      const auto& tg = require_expert(pre + "gate_proj", {E, I, H}, why + " (stacked: [E, I, H])");
+      const auto& tu = require_expert(pre + "up_proj", {E, I, H}, why + " (stacked: [E, I, H])");
+      const auto& td = require_expert(pre + "down_proj", {E, H, I}, why + " (stacked: [E, H, I])");
+      for (const auto* t : {&tg, &tu, &td}) note_mapped(*t, l);
+      for (int64_t e = 0; e < E; ++e) {
+        experts[e].gate = source_of(tg, e * I, I, H, e, I);
+        experts[e].up = source_of(tu, e * I, I, H, e, I);
+        experts[e].down = source_of(td, e * H, H, I, e, H);
       }
     } else {
       for (int64_t e = 0; e < E; ++e) {
         const std::string p = fmt::format("{}{}.", pre, e);
-        experts[e].gate = ld.matrix(p + "gate_proj.weight", I, H, why);
-        experts[e].up = ld.matrix(p + "up_proj.weight", I, H, why);
-        experts[e].down = ld.matrix(p + "down_proj.weight", H, I, why);
-        for (const char* m : {"gate_proj.weight", "up_proj.weight", "down_proj.weight"})
-          note_mapped(*ck.find(p + m), l);
+        const auto& tg = require_expert(p + "gate_proj.weight", {I, H}, why);
+        const auto& tu = require_expert(p + "up_proj.weight", {I, H}, why);
+        const auto& td = require_expert(p + "down_proj.weight", {H, I}, why);
+        experts[e].gate = source_of(tg, 0, I, H, 0, I);
+        experts[e].up = source_of(tu, 0, I, H, 0, I);
+        experts[e].down = source_of(td, 0, H, I, 0, H);
+        for (const auto* t : {&tg, &tu, &td}) note_mapped(*t, l);
       }
     }
+    for (const auto& x : experts)
+      for (const auto* m : {&x.gate, &x.up, &x.down}) {
+        const std::string f = m->ggml_type >= 0 ? std::string(kc::ggml_type_name(m->ggml_type))
+                                                : std::string(kernels::dtype_name(m->dtype));
+        if (std::find(source_formats_.begin(), source_formats_.end(), f) == source_formats_.end())
+          source_formats_.push_back(f);
+      }
   }
+}
+
+bool ExpertStore::exact_pack(kc::ExpertDType dtype, int64_t group) const {
+  if (prepacked()) return false;
+  const auto gu = kc::make_layout(dtype, inter_, hidden_, group);
+  const auto dn = kc::make_layout(dtype, hidden_, inter_, group);
+  for (const auto& layer : sources_)
+    for (const auto& x : layer)
+      if (!kc::pack_is_exact(gu, x.gate) || !kc::pack_is_exact(gu, x.up) ||
+          !kc::pack_is_exact(dn, x.down))
+        return false;
+  return true;
+}
+
+bool ExpertStore::quantized_source() const {
+  for (const auto& f : source_formats_)
+    if (f != "BF16" && f != "F16" && f != "F32") return true;
+  return false;
+}
+
+std::string ExpertStore::source_format() const {
+  return fmt::format("{}", fmt::join(source_formats_, "+"));
 }
 
 ExpertStore::~ExpertStore() {
@@ -151,8 +264,9 @@ std::string ExpertStore::cache_key() const {
     if (!sources_[l].empty()) layers.push_back(static_cast<int64_t>(l));
   std::string k = format_key(opts_.dtype, opts_.group_size, hidden_, inter_, num_experts_, layers);
   for (const auto& f : source_files_) {
-    const auto p =
-        std::filesystem::is_directory(checkpoint_dir_) ? checkpoint_dir_ / f : checkpoint_dir_;
+    const auto p = std::filesystem::is_directory(checkpoint_dir_)
+                       ? checkpoint_dir_ / f
+                       : checkpoint_dir_.parent_path() / f;
     std::error_code ec;
     const auto size = std::filesystem::file_size(p, ec);
     const auto mtime = std::filesystem::last_write_time(p, ec).time_since_epoch().count();
@@ -349,14 +463,13 @@ void ExpertStore::pack(const ExpertStoreOptions& opts, kernels::Executor& ex,
         const Source& s = src[e];
         const kc::PackedExpert& d = dst[e];
         if (r < tiles_gu) {
-          kc::pack_weights(gate_up_, s.gate.data, s.gate.dtype, hidden_,
-                           const_cast<uint8_t*>(d.gate), r, r + 1);
+          kc::pack_weights_from(gate_up_, s.gate, const_cast<uint8_t*>(d.gate), r, r + 1);
         } else if (r < 2 * tiles_gu) {
-          kc::pack_weights(gate_up_, s.up.data, s.up.dtype, hidden_, const_cast<uint8_t*>(d.up),
-                           r - tiles_gu, r - tiles_gu + 1);
+          kc::pack_weights_from(gate_up_, s.up, const_cast<uint8_t*>(d.up), r - tiles_gu,
+                                r - tiles_gu + 1);
         } else {
-          kc::pack_weights(down_, s.down.data, s.down.dtype, inter_, const_cast<uint8_t*>(d.down),
-                           r - 2 * tiles_gu, r - 2 * tiles_gu + 1);
+          kc::pack_weights_from(down_, s.down, const_cast<uint8_t*>(d.down), r - 2 * tiles_gu,
+                                r - 2 * tiles_gu + 1);
         }
       }
     });

@@ -64,6 +64,13 @@ class ExpertStore final : public core::RoutedExperts {
                const float* weights, int64_t top_k, float* dst, kernels::Executor& ex) override;
 
   const ExpertStoreOptions& options() const { return opts_; }
+  /// The checkpoint's expert formats ("BF16", "Q4_K+Q6_K", "F8_E4M3").
+  std::string source_format() const;
+  /// Whether the experts are stored quantised (GGUF blocks, FP8) rather than as BF16/F16/F32.
+  bool quantized_source() const;
+  /// Whether packing as `dtype` / `group` keeps every source value exactly (GGUF Q8_0 -> INT8
+  /// group 32, Q4_0 -> INT4/INT8 group 32); false for pre-packed experts.
+  bool exact_pack(kernels::cpu::ExpertDType dtype, int64_t group) const;
   /// True when the checkpoint's experts are pre-packed (Note [Pre-packed experts]).
   bool prepacked() const { return !prepacked_file_.empty(); }
   /// What the cache did at load: "off", "hit", "written", or "not written: <reason>".
@@ -75,8 +82,9 @@ class ExpertStore final : public core::RoutedExperts {
 
  private:
   struct Source {
-    kernels::WeightView gate, up, down;
+    kernels::cpu::MatrixSource gate, up, down;
   };
+  std::vector<std::string> source_formats_;
   int64_t hidden_ = 0, inter_ = 0, num_experts_ = 0;
   uint64_t source_bytes_ = 0;
   std::shared_ptr<core::OwnedWeights> owned_;

@@ -18,6 +18,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "kernels/cpu/weight_decode.h"
 
 namespace tidal::core {
 namespace fs = std::filesystem;
@@ -207,7 +208,111 @@ std::unique_ptr<Checkpoint> Checkpoint::open(const fs::path& path) {
                   path.string(), name, it->second->file, t.file);
     }
   }
+  ck->convert_fp8();
   return ck;
+}
+
+std::unique_ptr<Checkpoint> Checkpoint::from_tensors(const fs::path& path,
+                                                     std::vector<TensorInfo> tensors,
+                                                     std::shared_ptr<void> keep) {
+  auto ck = std::unique_ptr<Checkpoint>(new Checkpoint());
+  ck->path_ = path;
+  ck->keep_ = std::move(keep);
+  for (auto& t : tensors) {
+    ck->synthetic_.push_back(std::make_unique<TensorInfo>(std::move(t)));
+    const TensorInfo* p = ck->synthetic_.back().get();
+    auto [it, inserted] = ck->index_.emplace(p->name, p);
+    TIDAL_CHECK(inserted, FormatError, "checkpoint \"{}\": tensor \"{}\" appears twice",
+                path.string(), p->name);
+  }
+  return ck;
+}
+
+// See Note [FP8 checkpoints].
+void Checkpoint::convert_fp8() {
+  bool any = false;
+  for (const auto& [name, t] : index_) any = any || t->dtype == kernels::DType::kF8E4M3;
+  if (!any) return;
+  const fs::path cfg =
+      fs::is_directory(path_) ? path_ / "config.json" : path_.parent_path() / "config.json";
+  int64_t block = 128;
+  if (fs::exists(cfg)) {
+    try {
+      std::ifstream f(cfg);
+      const json j = json::parse(f);
+      const json* q = nullptr;
+      if (j.contains("quantization_config"))
+        q = &j.at("quantization_config");
+      else if (j.contains("text_config") && j.at("text_config").contains("quantization_config"))
+        q = &j.at("text_config").at("quantization_config");
+      if (q != nullptr) {
+        const std::string method = q->value("quant_method", std::string("fp8"));
+        TIDAL_CHECK(method == "fp8", Unsupported,
+                    "checkpoint \"{}\": quantization_config.quant_method \"{}\" is not "
+                    "supported (tidal reads fp8 with block scales)",
+                    path_.string(), method);
+        if (q->contains("weight_block_size")) {
+          const auto b = q->at("weight_block_size").get<std::vector<int64_t>>();
+          TIDAL_CHECK(b.size() == 2 && b[0] == b[1] && b[0] > 0 && b[0] <= 4096, Unsupported,
+                      "checkpoint \"{}\": FP8 weight_block_size [{}] is not supported (square "
+                      "blocks, e.g. [128, 128])",
+                      path_.string(), fmt::join(b, ", "));
+          block = b[0];
+        }
+      }
+    } catch (const json::exception& e) {
+      throw FormatError(
+          fmt::format("config \"{}\": bad quantization_config: {}", cfg.string(), e.what()));
+    }
+  }
+  fp8_block_ = block;
+  for (auto& [name, tp] : index_) {
+    const TensorInfo& t = *tp;
+    if (t.dtype != kernels::DType::kF8E4M3 || name.find(".mlp.experts.") != std::string::npos)
+      continue;
+    const auto sit = index_.find(fp8_scale_name(name));
+    TIDAL_CHECK(sit != index_.end(), FormatError,
+                "checkpoint \"{}\": FP8 tensor \"{}\" has no block scales \"{}\"", t.file, name,
+                fp8_scale_name(name));
+    const TensorInfo& s = *sit->second;
+    TIDAL_CHECK(t.shape.size() == 2, FormatError,
+                "checkpoint \"{}\": FP8 tensor \"{}\" is {}-D; tidal reads 2-D FP8 matrices "
+                "(and 3-D fused experts)",
+                t.file, name, t.shape.size());
+    const int64_t rows = t.shape[0], cols = t.shape[1];
+    kernels::cpu::MatrixSource m;
+    m.data = t.data;
+    m.dtype = t.dtype;
+    m.rows = rows;
+    m.cols = cols;
+    m.ld = cols;
+    m.block = block;
+    m.scale_ld = (cols + block - 1) / block;
+    const std::vector<int64_t> want{(rows + block - 1) / block, m.scale_ld};
+    TIDAL_CHECK(
+        s.shape == want && (s.dtype == kernels::DType::kF32 || s.dtype == kernels::DType::kBF16),
+        FormatError,
+        "checkpoint \"{}\": FP8 block scales \"{}\" are {} {}, expected F32 or BF16 [{}] "
+        "({}x{} blocks of \"{}\" {})",
+        s.file, s.name, s.dtype_name, s.shape_str(), fmt::join(want, ", "), block, block, name,
+        t.shape_str());
+    m.scale_inv = s.data;
+    m.scale_dtype = s.dtype;
+    auto buf = std::make_unique<uint16_t[]>(static_cast<size_t>(rows * cols));
+    std::vector<float> row(static_cast<size_t>(cols));
+    for (int64_t r = 0; r < rows; ++r) {
+      m.decode_row(r, row.data());
+      for (int64_t c = 0; c < cols; ++c) buf[r * cols + c] = kernels::f32_to_bf16(row[c]);
+    }
+    auto conv = std::make_unique<TensorInfo>(t);
+    conv->dtype = kernels::DType::kBF16;
+    conv->dtype_name = "BF16";
+    conv->data = reinterpret_cast<const std::byte*>(buf.get());
+    conv->nbytes = static_cast<size_t>(rows * cols) * 2;
+    owned_.push_back(std::move(buf));
+    synthetic_.push_back(std::move(conv));
+    tp = synthetic_.back().get();
+  }
 }
 
 const TensorInfo* Checkpoint::find(const std::string& name) const {

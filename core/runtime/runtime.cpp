@@ -4,6 +4,7 @@
 /// generation.
 #include "core/runtime/runtime.h"
 
+#include <fmt/ranges.h>
 #include <hwloc.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -17,6 +18,7 @@
 #include <optional>
 #include <thread>
 
+#include "core/checkpoint/gguf_model.h"
 #include "core/error.h"
 #include "offload/expert_store.h"
 #ifdef TIDAL_WITH_CUDA
@@ -178,16 +180,34 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
               "num_threads={} is more than 4x the {} hardware threads of this machine",
               opts.num_threads, max_threads / 4);
   TIDAL_CHECK(fs::exists(path), FileNotFound, "model path \"{}\" does not exist", path.string());
-  TIDAL_CHECK(fs::is_directory(path), InvalidArgument,
-              "model path \"{}\" must be a checkpoint directory (config.json + *.safetensors)",
-              path.string());
-  const fs::path cfg_path = path / "config.json";
-  TIDAL_CHECK(fs::exists(cfg_path), FileNotFound, "model directory \"{}\" has no config.json",
+  const bool gguf = fs::is_regular_file(path) && path.extension() == ".gguf";
+  TIDAL_CHECK(gguf || fs::is_directory(path), InvalidArgument,
+              "model path \"{}\" must be a checkpoint directory (config.json + *.safetensors) or a "
+              ".gguf file",
               path.string());
   auto rt = std::shared_ptr<Runtime>(new Runtime());
   rt->opts_ = opts;
-  const core::ModelConfig cfg = core::ModelConfig::from_file(cfg_path);
-  rt->checkpoint_ = core::Checkpoint::open(path);
+  core::ModelConfig cfg;
+  if (gguf) {  // Note [GGUF models] (core/checkpoint/gguf_model.cpp)
+    core::GgufModel gm = core::open_gguf_model(path);
+    cfg = core::ModelConfig::from_json(gm.config, path.string());
+    rt->checkpoint_ = std::move(gm.checkpoint);
+  } else {
+    const fs::path cfg_path = path / "config.json";
+    if (!fs::exists(cfg_path)) {
+      std::vector<std::string> ggufs;
+      for (const auto& e : fs::directory_iterator(path))
+        if (e.path().extension() == ".gguf") ggufs.push_back(e.path().filename().string());
+      std::sort(ggufs.begin(), ggufs.end());
+      TIDAL_CHECK(ggufs.empty(), InvalidArgument,
+                  "model directory \"{}\" has no config.json but holds GGUF files ({}): pass the "
+                  ".gguf file itself (the first part of a split model)",
+                  path.string(), fmt::join(ggufs, ", "));
+      throw FileNotFound(fmt::format("model directory \"{}\" has no config.json", path.string()));
+    }
+    cfg = core::ModelConfig::from_file(cfg_path);
+    rt->checkpoint_ = core::Checkpoint::open(path);
+  }
   // Experts first: every tensor is checked before any compute, and the expert store owns the routed
   // experts.
   auto experts = std::make_shared<offload::ExpertStore>(cfg, *rt->checkpoint_);
@@ -246,6 +266,21 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
                 "is available",
                 static_cast<double>(need(eopts.dtype)) / gib, cfg.packed_experts.dtype,
                 static_cast<double>(avail) / gib);
+  } else if (opts.expert_dtype == "auto" && experts->quantized_source()) {
+    // GGUF blocks and FP8 (Note [Expert dtype choice]): an exact repack where the source has one
+    // (Q4_0 -> int4, Q8_0 -> int8, group 32), else int8 (group 32: the blocks of the source), else
+    // int4. BF16 would be bigger than the file the user chose.
+    if (eopts.group_size == 0) eopts.group_size = 32;
+    if (experts->exact_pack(ExpertDType::kINT4, eopts.group_size) && fits(ExpertDType::kINT4))
+      eopts.dtype = ExpertDType::kINT4;
+    else if (fits(ExpertDType::kINT8))
+      eopts.dtype = ExpertDType::kINT8;
+    else if (fits(ExpertDType::kINT4))
+      eopts.dtype = ExpertDType::kINT4;
+    else
+      throw OutOfMemory(fmt::format(
+          "the model needs {:.1f} GiB of RAM even with int4 experts, but {:.1f} GiB is available",
+          static_cast<double>(need(ExpertDType::kINT4)) / gib, static_cast<double>(avail) / gib));
   } else if (opts.expert_dtype == "auto") {
     if (fits(ExpertDType::kBF16))
       eopts.dtype = ExpertDType::kBF16;
@@ -258,6 +293,7 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
           "the model needs {:.1f} GiB of RAM even with int4 experts, but {:.1f} GiB is available",
           static_cast<double>(need(ExpertDType::kINT4)) / gib, static_cast<double>(avail) / gib));
   } else {
+    if (experts->quantized_source() && eopts.group_size == 0) eopts.group_size = 32;
     try {
       eopts.dtype = kernels::cpu::parse_expert_dtype(opts.expert_dtype);
     } catch (const std::invalid_argument&) {
@@ -277,7 +313,11 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
   if (experts->prepacked()) {
     // The pre-packed file is mapped as it is; there is nothing to cache.
   } else if (opts.expert_cache == "auto") {
-    if (eopts.dtype != ExpertDType::kBF16 && experts->source_bytes() >= (uint64_t{1} << 30)) {
+    // An exact repack (GGUF Q8_0 / Q4_0) is a copy: caching it would only double the disk use.
+    if (eopts.dtype != ExpertDType::kBF16 && experts->source_bytes() >= (uint64_t{1} << 30) &&
+        !experts->exact_pack(eopts.dtype, eopts.group_size
+                                              ? eopts.group_size
+                                              : kernels::cpu::default_group_size(eopts.dtype))) {
       const fs::path dir = fs::is_directory(path) ? path : path.parent_path();
       if (access(dir.c_str(), W_OK) == 0) {
         eopts.cache_dir = dir / ".tidal-cache";
@@ -339,6 +379,7 @@ std::map<std::string, std::string> Runtime::describe() const {
   d["expert_layout"] = std::string(kernels::cpu::kExpertLayoutName);
   d["expert_kernels"] = experts_->last_kernels();
   d["expert_cache"] = experts_->cache_state();
+  d["expert_source"] = experts_->prepacked() ? "pre-packed" : experts_->source_format();
   d["expert_cache_file"] = experts_->cache_file().string();
   d["threads"] = std::to_string(executor_->num_threads());
   if (const auto* g = model_->cuda()) {

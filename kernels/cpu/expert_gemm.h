@@ -13,6 +13,7 @@
 
 #include "kernels/common/cpu_features.h"
 #include "kernels/common/dtype.h"
+#include "kernels/cpu/weight_decode.h"
 
 namespace tidal::kernels::cpu {
 
@@ -67,6 +68,14 @@ PackedLayout make_layout(ExpertDType dtype, int64_t n, int64_t k, int64_t group)
 /// work. Padding rows and columns are zero.
 void pack_weights(const PackedLayout& layout, const void* src, DType src_dtype, int64_t ld,
                   uint8_t* dst, int64_t tile0, int64_t tile1);
+
+/// pack_weights() for any MatrixSource (weight_decode.h): plain sources as above; Q8_0 / Q4_0
+/// into an INT8 (or, for Q4_0, INT4) layout of group 32 copy their integers and fp16 scales
+/// exactly; everything else is decoded to fp32 row by row and quantised.
+void pack_weights_from(const PackedLayout& layout, const MatrixSource& src, uint8_t* dst,
+                       int64_t tile0, int64_t tile1);
+/// Whether pack_weights_from() keeps `src`'s values exactly (a plain source: always).
+bool pack_is_exact(const PackedLayout& layout, const MatrixSource& src);
 
 /// One decoded weight: its value, and for INT formats the integer and the scale.
 struct PackedValue {

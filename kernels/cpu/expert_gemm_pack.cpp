@@ -24,9 +24,11 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "kernels/cpu/expert_gemm.h"
 #include "kernels/cpu/expert_gemm_ref.h"
+#include "kernels/cpu/weight_decode.h"
 
 namespace tidal::kernels::cpu {
 namespace {
@@ -90,15 +92,17 @@ PackedLayout make_layout(ExpertDType dtype, int64_t n, int64_t k, int64_t group)
   return l;
 }
 
-void pack_weights(const PackedLayout& l, const void* src, DType src_dtype, int64_t ld, uint8_t* dst,
-                  int64_t tile0, int64_t tile1) {
+namespace {
+// Packs tiles [tile0, tile1); matrix row `row` is read at src + (row - src_row0) * ld.
+void pack_tiles(const PackedLayout& l, const void* src, DType src_dtype, int64_t ld, uint8_t* dst,
+                int64_t tile0, int64_t tile1, int64_t src_row0) {
   for (int64_t t = tile0; t < tile1; ++t) {
     uint8_t* tile = dst + t * l.tile_bytes;
     std::memset(tile, 0, static_cast<size_t>(l.tile_bytes));
     for (int64_t r = 0; r < kTileRows; ++r) {
       const int64_t row = t * kTileRows + r;
       if (row >= l.n) break;
-      const int64_t base = row * ld;
+      const int64_t base = (row - src_row0) * ld;
       if (l.dtype == ExpertDType::kBF16) {
         auto* w = reinterpret_cast<uint16_t*>(tile);
         for (int64_t c = 0; c < l.k; ++c) {
@@ -171,6 +175,74 @@ void pack_weights(const PackedLayout& l, const void* src, DType src_dtype, int64
         }
       }
     }
+  }
+}
+
+}  // namespace
+
+void pack_weights(const PackedLayout& l, const void* src, DType src_dtype, int64_t ld, uint8_t* dst,
+                  int64_t tile0, int64_t tile1) {
+  pack_tiles(l, src, src_dtype, ld, dst, tile0, tile1, 0);
+}
+
+bool pack_is_exact(const PackedLayout& l, const MatrixSource& src) {
+  if (src.plain()) return true;  // (as exact as pack_weights: quantisation is the format's)
+  return ggml_is_symmetric32(src.ggml_type) && l.group == 32 &&
+         (l.dtype == ExpertDType::kINT8 ||
+          (l.dtype == ExpertDType::kINT4 && src.ggml_type == kGgmlQ4_0));
+}
+
+void pack_weights_from(const PackedLayout& l, const MatrixSource& src, uint8_t* dst, int64_t tile0,
+                       int64_t tile1) {
+  if (src.plain()) {
+    pack_weights(l, src.data, src.dtype, src.ld, dst, tile0, tile1);
+    return;
+  }
+  if (pack_is_exact(l, src)) {
+    // Note [Exact GGUF repack]: the integers and fp16 scales of Q8_0 / Q4_0 blocks are the
+    // format's own; values pack as they are (Q8_0 may hold -128: stored as byte 0).
+    thread_local std::vector<int8_t> q;
+    thread_local std::vector<uint16_t> sc;
+    q.resize(static_cast<size_t>(l.k_pad));
+    sc.resize(static_cast<size_t>(l.num_groups));
+    const bool int8 = l.dtype == ExpertDType::kINT8;
+    for (int64_t t = tile0; t < tile1; ++t) {
+      // Padding as the quantiser writes it: q = 0 (stored with its offset), scale 0.
+      uint8_t* tile = dst + t * l.tile_bytes;
+      std::memset(tile, int8 ? 128 : 0x88, static_cast<size_t>(l.data_bytes));
+      std::memset(tile + l.data_bytes, 0, static_cast<size_t>(l.tile_bytes - l.data_bytes));
+      auto* scales = reinterpret_cast<uint16_t*>(tile + l.data_bytes);
+      for (int64_t r = 0; r < kTileRows && t * kTileRows + r < l.n; ++r) {
+        const int64_t row = t * kTileRows + r;
+        decode_ggml_symmetric32(src.ggml_type,
+                                static_cast<const uint8_t*>(src.data) + row * src.row_bytes, l.k,
+                                q.data(), sc.data());
+        for (int64_t g = 0; g < l.num_groups; ++g) {
+          scales[g * kTileRows + r] = sc[g];
+          uint8_t* gb = tile + g * l.group_bytes;
+          for (int64_t cl = 0; cl < l.group; ++cl) {
+            const int v = q[g * l.group + cl];
+            const int64_t quad = cl / 4, kk = cl % 4;
+            if (int8) {
+              gb[quad * 64 + r * 4 + kk] = static_cast<uint8_t>(v + 128);
+            } else {
+              uint8_t& b = gb[(quad / 2) * 64 + r * 4 + kk];
+              const int sh = 4 * (quad % 2);
+              b = static_cast<uint8_t>((b & ~(0xF << sh)) | ((v + 8) << sh));
+            }
+          }
+        }
+      }
+    }
+    return;
+  }
+  // Everything else: decode the tile's rows to fp32, then quantise as usual.
+  thread_local std::vector<float> rows;
+  rows.resize(static_cast<size_t>(kTileRows * l.k));
+  for (int64_t t = tile0; t < tile1; ++t) {
+    for (int64_t r = 0; r < kTileRows && t * kTileRows + r < l.n; ++r)
+      src.decode_row(t * kTileRows + r, rows.data() + r * l.k);
+    pack_tiles(l, rows.data(), DType::kF32, l.k, dst, t, t + 1, t * kTileRows);
   }
 }
 

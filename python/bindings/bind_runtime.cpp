@@ -9,9 +9,11 @@
 
 #include <functional>
 
+#include "core/checkpoint/gguf_model.h"
 #include "core/checkpoint/gguf_reader.h"
 #include "core/error.h"
 #include "core/runtime/runtime.h"
+#include "kernels/cpu/weight_decode.h"
 #include "offload/expert_store.h"
 #include "python/bindings/bindings.h"
 
@@ -475,6 +477,87 @@ void bind_runtime(py::module_& m) {
       "Parse a GGUF file (header, metadata, tensor infos; every field checked against the file). "
       "tidal.gguf.read wraps it.");
   m.def(
+      "decode_ggml",
+      [](py::bytes data, int32_t type, int64_t n) {
+        namespace kc = kernels::cpu;
+        TIDAL_CHECK(kc::ggml_decodable(type), Unsupported, "ggml type {} cannot be decoded", type);
+        TIDAL_CHECK(n >= 0 && n % kc::ggml_block_values(type) == 0, InvalidArgument,
+                    "n={} is not a multiple of the {} block ({})", n, kc::ggml_type_name(type),
+                    kc::ggml_block_values(type));
+        const std::string_view b = data;
+        TIDAL_CHECK(b.size() == kc::ggml_row_bytes(type, n), InvalidArgument,
+                    "{} values of {} take {} bytes, got {}", n, kc::ggml_type_name(type),
+                    kc::ggml_row_bytes(type, n), b.size());
+        py::array_t<float> out(n);
+        kc::decode_ggml_row(type, b.data(), n, out.mutable_data());
+        return out;
+      },
+      py::arg("data"), py::arg("type"), py::arg("n"),
+      "Decode n values of ggml block type `type` (tests: against the gguf package).");
+  m.def(
+      "gguf_config",
+      [](const std::filesystem::path& path) {
+        core::GgufModel gm;
+        {
+          py::gil_scoped_release release;
+          gm = core::open_gguf_model(path);
+        }
+        return gm.config.dump();
+      },
+      py::arg("path"), "The Hugging Face config (JSON text) tidal derives from a GGUF model.");
+  m.def(
+      "checkpoint_tensor",
+      [](const std::filesystem::path& path, const std::string& name) {
+        namespace kc = kernels::cpu;
+        core::GgufModel gm;
+        std::unique_ptr<core::Checkpoint> ck;
+        if (std::filesystem::is_regular_file(path) && path.extension() == ".gguf") {
+          gm = core::open_gguf_model(path);
+          ck = std::move(gm.checkpoint);
+        } else {
+          ck = core::Checkpoint::open(path);
+        }
+        const core::TensorInfo* t = ck->find(name);
+        TIDAL_CHECK(t != nullptr, InvalidArgument, "checkpoint \"{}\" has no tensor \"{}\"",
+                    path.string(), name);
+        const int64_t cols = t->shape.empty() ? 1 : t->shape.back();
+        const int64_t rows = t->numel() / std::max<int64_t>(cols, 1);
+        const int64_t per = t->shape.size() == 3 ? t->shape[1] : rows;  // rows of one expert
+        py::array_t<float> out(t->shape);
+        float* o = out.mutable_data();
+        for (int64_t e = 0; e < rows / std::max<int64_t>(per, 1); ++e) {
+          kc::MatrixSource m;
+          m.rows = per;
+          m.cols = cols;
+          m.ld = cols;
+          if (t->ggml_type >= 0) {
+            m.ggml_type = t->ggml_type;
+            m.row_bytes = kc::ggml_row_bytes(t->ggml_type, cols);
+            m.data = t->data + e * per * m.row_bytes;
+          } else {
+            m.dtype = t->dtype;
+            TIDAL_CHECK(t->dtype == kernels::DType::kF32 || t->dtype == kernels::DType::kBF16 ||
+                            t->dtype == kernels::DType::kF16 || t->dtype == kernels::DType::kF8E4M3,
+                        Unsupported, "tensor \"{}\" has dtype {}", name, t->dtype_name);
+            m.data = t->data + e * per * cols * kernels::dtype_size(t->dtype);
+            if (t->dtype == kernels::DType::kF8E4M3) {
+              const core::TensorInfo* sc = ck->find(core::fp8_scale_name(name));
+              TIDAL_CHECK(sc != nullptr, FormatError, "no block scales for \"{}\"", name);
+              m.block = ck->fp8_block();
+              m.scale_ld = (cols + m.block - 1) / m.block;
+              m.scale_inv = sc->data + e * ((per + m.block - 1) / m.block) * m.scale_ld *
+                                           kernels::dtype_size(sc->dtype);
+              m.scale_dtype = sc->dtype;
+            }
+          }
+          for (int64_t r = 0; r < per; ++r) m.decode_row(r, o + (e * per + r) * cols);
+        }
+        return out;
+      },
+      py::arg("path"), py::arg("name"),
+      "One tensor as tidal loads it (GGUF: under its Hugging Face name, values restored; FP8: "
+      "dequantised), as float32. For tests.");
+  m.def(
       "measure_read_bandwidth",
       [](size_t bytes, int num_threads, int repeats) {
         py::gil_scoped_release release;
@@ -487,10 +570,18 @@ void bind_runtime(py::module_& m) {
       [](const std::filesystem::path& path) {
         TIDAL_CHECK(std::filesystem::exists(path), FileNotFound, "model path \"{}\" does not exist",
                     path.string());
-        TIDAL_CHECK(std::filesystem::exists(path / "config.json"), FileNotFound,
-                    "model directory \"{}\" has no config.json", path.string());
-        core::ModelConfig cfg = core::ModelConfig::from_file(path / "config.json");
-        auto ck = core::Checkpoint::open(path);
+        core::ModelConfig cfg;
+        std::unique_ptr<core::Checkpoint> ck;
+        if (std::filesystem::is_regular_file(path) && path.extension() == ".gguf") {
+          core::GgufModel gm = core::open_gguf_model(path, /*decode=*/false);
+          cfg = core::ModelConfig::from_json(gm.config, path.string());
+          ck = std::move(gm.checkpoint);
+        } else {
+          TIDAL_CHECK(std::filesystem::exists(path / "config.json"), FileNotFound,
+                      "model directory \"{}\" has no config.json", path.string());
+          cfg = core::ModelConfig::from_file(path / "config.json");
+          ck = core::Checkpoint::open(path);
+        }
         py::list tensors;
         for (const auto& name : ck->names()) {
           const core::TensorInfo* t = ck->find(name);

@@ -53,9 +53,12 @@ _SCALAR_FMT = {U8: "<B", I8: "<b", U16: "<H", I16: "<h", U32: "<I", I32: "<i", F
 
 class GGMLType:
     """ggml tensor types tidal writes (ggml.h: enum ggml_type) with (block size, bytes per block)."""
-    F32, F16, Q4_0, Q8_0, Q4_K, Q6_K, BF16 = 0, 1, 2, 8, 12, 14, 30
-    NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 8: "Q8_0", 12: "Q4_K", 14: "Q6_K", 30: "BF16"}
-    BLOCK = {0: (1, 4), 1: (1, 2), 2: (32, 18), 8: (32, 34), 12: (256, 144), 14: (256, 210), 30: (1, 2)}
+    F32, F16, Q4_0, Q8_0, Q4_K, Q6_K, BF16 = 0, 1, 2, 8, 12, 14, 30  # noqa: N815
+    NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 10: "Q2_K", 11: "Q3_K",
+             12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 16: "IQ2_XXS", 23: "IQ4_XS", 30: "BF16"}
+    BLOCK = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 10: (256, 84),
+             11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 16: (256, 66), 23: (256, 136),
+             30: (1, 2)}
 
     @classmethod
     def parse(cls, name: str) -> int:
@@ -134,6 +137,48 @@ def _q4_k(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _q4_0(x: np.ndarray) -> np.ndarray:
+    """ggml's Q4_0: the element of largest magnitude maps to -8 (d = extreme / -8), q = x/d + 8."""
+    b = x.reshape(-1, 32)
+    idx = np.abs(b).argmax(axis=1)
+    d = _f16(b[np.arange(b.shape[0]), idx] / -8.0)
+    df = d.astype(np.float32)
+    inv = np.divide(1.0, df, out=np.zeros_like(df), where=df != 0)
+    q = np.clip(np.rint(b * inv[:, None]) + 8, 0, 15).astype(np.uint8)
+    out = np.empty((b.shape[0], 18), np.uint8)
+    out[:, :2] = d.view(np.uint8).reshape(-1, 2)
+    out[:, 2:] = q[:, :16] | (q[:, 16:] << 4)
+    return out
+
+
+def _q6_k(x: np.ndarray) -> np.ndarray:
+    """ggml's Q6_K: 16 sub-blocks of 16 with int8 scales (times one fp16 d per 256), 6-bit values."""
+    b = x.reshape(-1, 16, 16)
+    nb = b.shape[0]
+    idx = np.abs(b).argmax(axis=2)
+    extreme = np.take_along_axis(b, idx[:, :, None], axis=2)[:, :, 0]
+    scale = extreme / -32.0                              # sub-block scale: the extreme maps to -32
+    big = np.take_along_axis(scale, np.abs(scale).argmax(axis=1)[:, None], axis=1)[:, 0]
+    d = _f16(big / -128.0)
+    df = d.astype(np.float32)
+    inv_d = np.divide(1.0, df, out=np.zeros_like(df), where=df != 0)
+    sc = np.clip(np.rint(scale * inv_d[:, None]), -128, 127).astype(np.int8)
+    step = df[:, None] * sc.astype(np.float32)
+    inv = np.divide(1.0, step, out=np.zeros_like(step), where=step != 0)
+    q = (np.clip(np.rint(b * inv[:, :, None]), -32, 31) + 32).astype(np.uint8).reshape(nb, 2, 4, 32)
+    out = np.empty((nb, 210), np.uint8)
+    # Per half h (128 values, 4 parts of 32): ql[h*64 + L] = part0 | part2 << 4,
+    # ql[h*64 + 32 + L] = part1 | part3 << 4, qh[h*32 + L] = high bits of parts 0..3 at bits 0,2,4,6.
+    ql = np.concatenate([(q[:, :, 0] & 15) | ((q[:, :, 2] & 15) << 4),
+                         (q[:, :, 1] & 15) | ((q[:, :, 3] & 15) << 4)], axis=2)
+    qh = (q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6)
+    out[:, :128] = ql.reshape(nb, 128)
+    out[:, 128:192] = qh.reshape(nb, 64)
+    out[:, 192:208] = sc.view(np.uint8)
+    out[:, 208:210] = d.view(np.uint8).reshape(-1, 2)
+    return out
+
+
 def _dq4_k(blocks: np.ndarray) -> np.ndarray:
     nb = blocks.shape[0]
     d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32).reshape(nb)
@@ -163,6 +208,10 @@ def quantize(x: np.ndarray, ggml_type: int) -> bytes:
         return _q8_0(x).tobytes()
     if ggml_type == GGMLType.Q4_K:
         return _q4_k(x).tobytes()
+    if ggml_type == GGMLType.Q4_0:
+        return _q4_0(x).tobytes()
+    if ggml_type == GGMLType.Q6_K:
+        return _q6_k(x).tobytes()
     raise ValueError(f"tidal cannot quantise to {GGMLType.NAMES.get(ggml_type, ggml_type)}")
 
 
@@ -185,6 +234,10 @@ def dequantize(data: bytes | np.ndarray, ggml_type: int, shape: Iterable[int]) -
         return _dq8_0(blocks).reshape(shape)
     if ggml_type == GGMLType.Q4_K:
         return _dq4_k(blocks).reshape(shape)
+    if ggml_type in (GGMLType.Q4_0, GGMLType.Q6_K):  # decoded by tidal's C++ decoder
+        from . import _tidal
+
+        return np.asarray(_tidal.decode_ggml(raw.tobytes(), ggml_type, math.prod(shape))).reshape(shape)
     raise ValueError(f"tidal cannot dequantise {GGMLType.NAMES.get(ggml_type, ggml_type)}")
 
 
@@ -345,6 +398,45 @@ def read(path: str | os.PathLike) -> GGUFInfo:
     return GGUFInfo(_tidal.read_gguf(os.fspath(path)))
 
 
+_VTYPES = {"u8": U8, "i8": I8, "u16": U16, "i16": I16, "u32": U32, "i32": I32, "f32": F32, "bool": BOOL,
+           "string": STR, "u64": U64, "i64": I64, "f64": F64}
+
+
+def split(path: str | os.PathLike, parts: int) -> list[pathlib.Path]:
+    """Write `path` as `parts` files `<stem>-0000K-of-0000N.gguf` next to it, as llama.cpp's gguf-split
+    does: every metadata entry in the first part, split.no / split.count / split.tensors.count in each,
+    the tensors in order, in contiguous groups."""
+    path = pathlib.Path(path)
+    info = read(path)
+    n = len(info.tensors)
+    if not 1 <= parts <= max(1, n):
+        raise ValueError(f"cannot split {n} tensors into {parts} parts")
+    data = np.memmap(path, np.uint8, mode="r")
+    out = []
+    for k in range(parts):
+        name = path.with_name(f"{path.stem}-{k + 1:05d}-of-{parts:05d}.gguf")
+        w = GGUFWriter(name, alignment=info.alignment)
+        if k == 0:
+            for key, value in info.metadata.items():
+                if key in ("general.alignment",) or key.startswith("split."):
+                    continue
+                t = info.types[key]
+                if t.startswith("array["):
+                    w.add(key, value, ARR, _VTYPES[t[6:-1]])
+                else:
+                    w.add(key, value, _VTYPES[t])
+        w.add("split.no", k, U16)
+        w.add("split.count", parts, U16)
+        w.add("split.tensors.count", n, I32)
+        for t in info.tensors[k * n // parts:(k + 1) * n // parts]:
+            start = info.data_offset + t["offset"]
+            w.add_tensor(t["name"], t["shape"], t["type"],
+                         lambda s=start, e=start + t["nbytes"]: bytes(data[s:e]))
+        w.write()
+        out.append(name)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # Hugging Face checkpoint -> GGUF (llama.cpp's names and metadata for the Qwen MoE architectures)
 
@@ -398,7 +490,8 @@ _ARCH = {"qwen3_5_moe_text": "qwen35moe", "qwen3_5_moe": "qwen35moe", "qwen3_nex
 _QWEN2_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
                 "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
 # GGUF file types (llama.h: llama_ftype), a label llama.cpp prints: by the routed experts' type.
-_FILE_TYPE = {GGMLType.F32: 0, GGMLType.F16: 1, GGMLType.Q8_0: 7, GGMLType.Q4_K: 15, GGMLType.BF16: 32}
+_FILE_TYPE = {GGMLType.F32: 0, GGMLType.F16: 1, GGMLType.Q4_0: 2, GGMLType.Q8_0: 7, GGMLType.Q4_K: 15,
+              GGMLType.BF16: 32}
 
 
 def _text_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -454,6 +547,21 @@ def _metadata(cfg: dict[str, Any], arch: str, n_vocab: int) -> list[tuple[str, A
     return kv
 
 
+# generation_config.json sampling defaults <-> GGUF general.sampling.* (gguf-py: Keys.General.SAMPLING_*).
+SAMPLING_KEYS = {"temperature": "general.sampling.temp", "top_k": "general.sampling.top_k",
+                 "top_p": "general.sampling.top_p", "min_p": "general.sampling.min_p",
+                 "repetition_penalty": "general.sampling.penalty_repeat"}
+
+
+def _sampling(model_dir: pathlib.Path) -> list[tuple[str, Any, int, int | None]]:
+    p = model_dir / "generation_config.json"
+    gen = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+    if not gen.get("do_sample"):
+        return []
+    return [(key, gen[name], I32 if name == "top_k" else F32, None) for name, key in SAMPLING_KEYS.items()
+            if isinstance(gen.get(name), (int, float)) and not isinstance(gen.get(name), bool)]
+
+
 def _tokenizer(model_dir: pathlib.Path, cfg: dict[str, Any], n_vocab: int) -> list[tuple[str, Any, int, int | None]]:
     """Tokenizer metadata: the checkpoint's byte-level BPE tokenizer.json as llama.cpp's "gpt2" model,
     or "none" (ids only: enough for llama-bench, which feeds random ids) when there is none."""
@@ -473,13 +581,18 @@ def _tokenizer(model_dir: pathlib.Path, cfg: dict[str, Any], n_vocab: int) -> li
     for added in tok.get("added_tokens", []):
         if added["id"] < n_vocab:
             tokens[added["id"]] = added["content"]
-            types[added["id"]] = 3 if added.get("special") else 1
+            types[added["id"]] = 3 if added.get("special") else 4  # control / user-defined
     for i, t in enumerate(tokens):
         if t.startswith("[PAD") and t == f"[PAD{i}]":
             types[i] = 5
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     pre = json.dumps(tok.get("pre_tokenizer") or {})
     is_qwen2 = json.dumps(_QWEN2_REGEX)[1:-1] in pre
+    chat = None
+    if (model_dir / "chat_template.jinja").is_file():
+        chat = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    elif (model_dir / "tokenizer_config.json").is_file():
+        chat = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
     kv = [("tokenizer.ggml.model", "gpt2", STR, None),
           ("tokenizer.ggml.pre", "qwen2" if is_qwen2 or not cfg["model_type"].startswith("qwen3_5") else "qwen35",
            STR, None),
@@ -492,6 +605,10 @@ def _tokenizer(model_dir: pathlib.Path, cfg: dict[str, Any], n_vocab: int) -> li
             v = v[0] if v else None
         if isinstance(v, int) and 0 <= v < n_vocab:
             kv.append((f"tokenizer.ggml.{key}", v, U32, None))
+    if isinstance(chat, str):
+        kv.append(("tokenizer.chat_template", chat, STR, None))
+    norm = (tok.get("normalizer") or {}).get("type")
+    kv.append(("tidal.tokenizer.normalizer", norm if norm == "NFC" else "none", STR, None))
     return kv
 
 
@@ -678,10 +795,28 @@ def _plan_tensors(ck: _Checkpoint, cfg: dict[str, Any], arch: str, expert_type: 
     return outs
 
 
+def _q4_k_m(outs: list[_Out], n_layer: int) -> None:
+    """llama.cpp's LLAMA_FTYPE_MOSTLY_Q4_K_M choices (src/llama-quant.cpp, llama_tensor_get_type): output
+    in Q6_K; attn_v and ffn_down (experts and shared expert too) in Q6_K in the layers its use_more_bits
+    picks (the first and last eighth, every third in between); Q4_K elsewhere."""
+    def more_bits(i: int) -> bool:
+        return i < n_layer // 8 or i >= 7 * n_layer // 8 or (i - n_layer // 8) % 3 == 2
+
+    for o in outs:
+        if o.gtype != GGMLType.Q4_K:
+            continue  # vectors, and rows that fell back to Q8_0 / F16
+        parts = o.name.split(".")
+        layer = int(parts[1]) if parts[0] == "blk" else -1
+        if o.name == "output.weight" or (layer >= 0 and more_bits(layer) and
+                                         parts[2] in ("attn_v", "ffn_down_exps", "ffn_down_shexp")):
+            o.gtype = GGMLType.Q6_K
+
+
 def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, *, expert_type: str = "q4_k",
             dense_type: str = "bf16", workers: int = 0, progress: bool = True) -> pathlib.Path:
     """Write the Hugging Face checkpoint `model_dir` as a GGUF file llama.cpp runs. Routed experts in
-    `expert_type` (q4_k, q8_0, bf16, f16, f32), other matrices in `dense_type`; norms, routers and
+    `expert_type` (q4_k, q4_0, q6_k, q8_0, bf16, f16, f32; or q4_k_m: llama.cpp's Q4_K_M mix for the
+    whole file, Q4_K with Q6_K where it spends more bits), other matrices in `dense_type`; norms, routers and
     the DeltaNet conv/decay vectors in F32 (as llama.cpp's converter does). MTP layers are left out.
     `workers`: processes encoding tensors in parallel (0: one per CPU)."""
     model_dir = pathlib.Path(model_dir)
@@ -703,15 +838,20 @@ def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike, *, expert
     if cfg.get("norm_topk_prob", True) is False:
         raise NotImplementedError(f"{model_dir}: norm_topk_prob=false; llama.cpp's {arch} graph always "
                                   "renormalises the top-k router weights")
+    mix = expert_type.lower() == "q4_k_m"
+    if mix:  # llama.cpp's Q4_K_M: Q4_K everywhere, Q6_K where it spends more bits
+        expert_type = dense_type = "q4_k"
     etype, dtype_ = GGMLType.parse(expert_type), GGMLType.parse(dense_type)
     ck = _Checkpoint(model_dir)
     outs = _plan_tensors(ck, cfg, arch, etype, dtype_)
+    if mix:
+        _q4_k_m(outs, cfg["num_hidden_layers"])
     w = GGUFWriter(out_path)
     w.add("general.architecture", arch, STR)
     w.add("general.name", model_dir.name, STR)
     w.add("general.file_type", _FILE_TYPE.get(etype, 0), U32)
     w.add("general.quantization_version", 2, U32)
-    for key, value, vtype, elem in _metadata(cfg, arch, cfg["vocab_size"]) + _tokenizer(model_dir, cfg,
+    for key, value, vtype, elem in _metadata(cfg, arch, cfg["vocab_size"]) + _sampling(model_dir) + _tokenizer(model_dir, cfg,
                                                                                          cfg["vocab_size"]):
         w.add(key, value, vtype, elem)
     workers = workers or os.cpu_count() or 1
@@ -751,7 +891,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", help="Hugging Face checkpoint directory (config.json + safetensors)")
     ap.add_argument("out", help="GGUF file to write")
-    ap.add_argument("--expert-type", default="q4_k", help="routed experts: q4_k (default), q8_0, bf16, f16, f32")
+    ap.add_argument("--expert-type", default="q4_k",
+                    help="routed experts: q4_k (default), q4_0, q6_k, q8_0, bf16, f16, f32; or q4_k_m (llama.cpp's "
+                         "Q4_K_M mix for every matrix)")
     ap.add_argument("--dense-type", default="bf16", help="other matrices: bf16 (default), f16, f32, q8_0")
     ap.add_argument("--workers", type=int, default=0, help="encoding processes (0: one per CPU)")
     a = ap.parse_args(argv)

@@ -71,16 +71,51 @@ class Runtime:
         Where each part of the model lives.
     """
 
-    def __init__(self, engine: Any, path: pathlib.Path, plan_: Plan):
+    def __init__(self, engine: Any, path: pathlib.Path, plan_: Plan, tokenizer: str | os.PathLike | None = None):
         self._engine = engine
         self.path = path
         self.plan = plan_
-        self.generation_config = read_generation_config(path)
-        self.tokenizer: Tokenizer | None = Tokenizer.from_checkpoint(path) if (path / "tokenizer.json").is_file() else None
-        try:
-            self.chat_template: ChatTemplate | None = ChatTemplate.from_checkpoint(path)
-        except (FileNotFoundError, ValueError):
-            self.chat_template = None
+        tok_dir = None if tokenizer is None else pathlib.Path(os.fspath(tokenizer))
+        if tok_dir is not None and tok_dir.is_file():
+            tok_dir = tok_dir.parent
+        if tok_dir is not None and not (tok_dir / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"tokenizer={os.fspath(tokenizer)!r}: no tokenizer.json there")
+        self.generation_config: dict[str, Any] = {}
+        self.tokenizer: Tokenizer | None = None
+        self.chat_template: ChatTemplate | None = None
+        if path.suffix == ".gguf" and path.is_file():
+            # Note [GGUF models]: tokenizer, EOS and chat template come from the file's metadata.
+            from .gguf import read as read_gguf
+
+            md = read_gguf(path).metadata
+            if tok_dir is None and md.get("tokenizer.ggml.model", "none") != "none":
+                self.tokenizer = Tokenizer.from_gguf(md, source=str(path))
+            tpl = md.get("tokenizer.chat_template")
+            if isinstance(tpl, str):
+                self.chat_template = ChatTemplate(tpl)
+            if self.tokenizer is not None and self.tokenizer.eos_token_ids:
+                self.generation_config = {"eos_token_id": list(self.tokenizer.eos_token_ids)}
+            from .gguf import SAMPLING_KEYS
+
+            sampling = {name: md[key] for name, key in SAMPLING_KEYS.items() if isinstance(md.get(key), (int, float))}
+            if sampling:  # the file's recommended sampling (general.sampling.*)
+                self.generation_config.update(do_sample=True, **sampling)
+        else:
+            self.generation_config = read_generation_config(path)
+            if tok_dir is None and (path / "tokenizer.json").is_file():
+                self.tokenizer = Tokenizer.from_checkpoint(path)
+            try:
+                self.chat_template = ChatTemplate.from_checkpoint(path)
+            except (FileNotFoundError, ValueError):
+                self.chat_template = None
+        if tok_dir is not None:  # the user's tokenizer wins (and its template, where the model has none)
+            self.tokenizer = Tokenizer.from_checkpoint(tok_dir)
+            self.generation_config = {**self.generation_config, **read_generation_config(tok_dir)}
+            if self.chat_template is None:
+                try:
+                    self.chat_template = ChatTemplate.from_checkpoint(tok_dir)
+                except (FileNotFoundError, ValueError):
+                    pass
         eos = self.generation_config.get("eos_token_id")
         if eos is not None:
             self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
@@ -97,8 +132,9 @@ class Runtime:
              cpu_isa: str = "auto", expert_cache: str | os.PathLike = "auto",
              num_threads: int | None = None, gpu_memory: str | int | None = None, gpu_weights: str = "bf16",
              gpu_precision: str = "bf16x2", cuda_graphs: bool = True,
-             kv_cache_dtype: str = "bf16") -> "Runtime":
-        """Load a Hugging Face checkpoint directory (config.json + safetensors, tokenizer files optional).
+             kv_cache_dtype: str = "bf16", tokenizer: str | os.PathLike | None = None) -> "Runtime":
+        """Load a Hugging Face checkpoint directory (config.json + safetensors, tokenizer files optional;
+        BF16 or official FP8 weights) or a llama.cpp GGUF file (the first part of a split one).
 
         Every tensor is checked before compute; bad input raises FileNotFoundError, tidal.FormatError,
         NotImplementedError or ValueError naming the problem, MemoryError when the model cannot fit.
@@ -136,11 +172,19 @@ class Runtime:
             "fp32".
         cuda_graphs : bool
             Replay each decode step from CUDA graphs (off: launch kernels one by one).
+        tokenizer : path or None
+            A tokenizer.json (or the directory holding it, with its tokenizer_config.json and
+            generation_config.json) to use instead of the model's own: for GGUF files whose tokenizer tidal
+            cannot rebuild, or checkpoints without one.
         kv_cache_dtype : {"bf16", "fp32"}
             Element type of the GPU KV cache; "fp32" doubles its memory and removes the BF16 rounding of
             keys and values (gpu_precision="fp32" implies it).
         """
         p = pathlib.Path(os.fspath(path))
+        if tokenizer is not None:
+            t = pathlib.Path(os.fspath(tokenizer))
+            if not (t / "tokenizer.json" if t.is_dir() else t).is_file():
+                raise FileNotFoundError(f"tokenizer={os.fspath(tokenizer)!r}: no tokenizer.json there")
         if num_threads is not None:
             cpu_threads = num_threads
         gpu_bytes = 0 if gpu_memory is None else parse_bytes(gpu_memory)
@@ -161,7 +205,8 @@ class Runtime:
         on_gpu = device != "cpu"
         rt = cls(engine, p, plan(summary, device="cuda" if on_gpu else "cpu",
                                  gpu_memory=engine.memory_report()["limit"] if on_gpu else None,
-                                 context_tokens=min(32768, summary.config.max_position_embeddings)))
+                                 context_tokens=min(32768, summary.config.max_position_embeddings)),
+                 tokenizer=tokenizer)
         if progress:
             st = engine.stats()
             print(f"tidal: loaded {p.name} ({rt.config.model_type}, {format_bytes(st['weight_bytes'])}) in "

@@ -15,6 +15,17 @@ from typing import Any, Iterable, Sequence
 __all__ = ["Tokenizer", "read_generation_config"]
 
 
+# Pre-tokenizer regexes of llama.cpp's `tokenizer.ggml.pre` names (src/llama-vocab.cpp): the split that
+# Qwen's tokenizer.json applies before byte-level BPE. qwen35 adds combining marks (\p{M}) to letters.
+_GGUF_PRE = {
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+             r"\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen35": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+_EOG_TEXTS = {"<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"}
+
+
 def read_generation_config(path: str | pathlib.Path) -> dict[str, Any]:
     """generation_config.json of a checkpoint directory as a dict ({} when there is none)."""
     p = pathlib.Path(path) / "generation_config.json"
@@ -81,6 +92,60 @@ class Tokenizer:
             if isinstance(name, str) and tok.token_to_id(name) is not None and not eos:
                 eos = [tok.token_to_id(name)]
         return cls(tok, eos, source=str(tj))
+
+    @classmethod
+    def from_gguf(cls, metadata: dict[str, Any], source: str = "") -> "Tokenizer":
+        """Rebuild a GGUF file's byte-level BPE tokenizer (`tokenizer.ggml.model` "gpt2", as llama.cpp's
+        converter writes Qwen's) from its metadata: vocabulary, merges, token types (3: control, 4:
+        user-defined become added tokens, special and not) and the pre-tokenizer its
+        `tokenizer.ggml.pre` names (qwen2, qwen35). Other tokenizers raise NotImplementedError that says
+        to pass the model's tokenizer.json instead."""
+        from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        kind = metadata.get("tokenizer.ggml.model")
+        pre = metadata.get("tokenizer.ggml.pre", "qwen2")
+        if kind != "gpt2" or pre not in _GGUF_PRE:
+            raise NotImplementedError(
+                f"{source}: tidal cannot rebuild this GGUF tokenizer (tokenizer.ggml.model={kind!r}, "
+                f"pre={pre!r}; it rebuilds gpt2 byte-level BPE with the qwen2 / qwen35 pre-tokenizers): pass "
+                "Runtime.load(..., tokenizer='path/to/tokenizer.json') from the original model")
+        tokens = metadata.get("tokenizer.ggml.tokens")
+        merges = metadata.get("tokenizer.ggml.merges") or []
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise ValueError(f"{source}: tokenizer.ggml.tokens must be a list of strings")
+        types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        if len(types) != len(tokens):
+            raise ValueError(f"{source}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+        vocab = {t: i for i, t in enumerate(tokens) if types[i] in (1, 2, 6)}  # normal, unknown, byte
+        pairs = []
+        for m in merges:
+            a, sep, b = m.partition(" ") if isinstance(m, str) else ("", "", "")
+            if not sep:
+                raise ValueError(f"{source}: bad merge {m!r} in tokenizer.ggml.merges")
+            pairs.append((a, b))
+        tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs))
+        # Qwen's tokenizer.json normalises to NFC; GGUF has no key for it, so tidal's converter records
+        # the source's choice (tidal.tokenizer.normalizer) and files without it get Qwen's.
+        if metadata.get("tidal.tokenizer.normalizer", "NFC") == "NFC":
+            tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_GGUF_PRE[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+        added = [(i, t, types[i] == 3) for i, t in enumerate(tokens) if types[i] in (3, 4)]
+        for i, t, special in added:  # in id order, so each gets its own id
+            tok.add_tokens([AddedToken(t, special=special, normalized=False)])
+            if tok.token_to_id(t) != i:
+                raise ValueError(f"{source}: added token {t!r} should have id {i} but got {tok.token_to_id(t)}")
+        eos = metadata.get("tokenizer.ggml.eos_token_id")
+        eos_ids = [eos] if isinstance(eos, int) and 0 <= eos < len(tokens) else []
+        eot = metadata.get("tokenizer.ggml.eot_token_id")
+        if isinstance(eot, int) and 0 <= eot < len(tokens):
+            eos_ids.append(eot)
+        # End-of-generation tokens as llama.cpp finds them (by their text) when the file names one EOS.
+        eos_ids += [i for i, t, special in added if special and t in _EOG_TEXTS]
+        return cls(tok, eos_ids, source=source)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (special-token strings in it are recognised, no BOS is added)."""
