@@ -207,6 +207,13 @@ bool ExpertStore::quantized_source() const {
   return false;
 }
 
+bool ExpertStore::ggml_source() const {
+  for (const auto& layer : sources_)
+    for (const auto& x : layer)
+      if (x.gate.ggml_type >= 0 || x.up.ggml_type >= 0 || x.down.ggml_type >= 0) return true;
+  return false;
+}
+
 std::string ExpertStore::source_format() const {
   return fmt::format("{}", fmt::join(source_formats_, "+"));
 }

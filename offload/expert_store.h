@@ -68,6 +68,8 @@ class ExpertStore final : public core::RoutedExperts {
   std::string source_format() const;
   /// Whether the experts are stored quantised (GGUF blocks, FP8) rather than as BF16/F16/F32.
   bool quantized_source() const;
+  /// Whether they are GGUF blocks (of any ggml type but F32/F16/BF16).
+  bool ggml_source() const;
   /// Whether packing as `dtype` / `group` keeps every source value exactly (GGUF Q8_0 -> INT8
   /// group 32, Q4_0 -> INT4/INT8 group 32); false for pre-packed experts.
   bool exact_pack(kernels::cpu::ExpertDType dtype, int64_t group) const;

@@ -4,6 +4,8 @@
 /// once, then packed or converted).
 #include "kernels/cpu/weight_decode.h"
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -276,6 +278,45 @@ float fp8_e4m3_to_f32(uint8_t bits) {
   return sign ? -v : v;
 }
 
+uint8_t f32_to_fp8_e4m3(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const auto sign = static_cast<uint8_t>((u >> 31) << 7);
+  const float a = std::fabs(f);
+  if (std::isnan(f)) return static_cast<uint8_t>(sign | 0x7f);
+  if (a >= 448.f) return static_cast<uint8_t>(sign | 0x7e);
+  if (a < 0.015625f) {  // below 2^-6: subnormal steps of 2^-9 (8 rounds up to the first normal)
+    return static_cast<uint8_t>(sign | static_cast<uint8_t>(std::nearbyint(a * 512.f)));
+  }
+  int e = static_cast<int>((u >> 23) & 0xff) - 127;
+  uint32_t m = (u & 0x7fffff) >> 20;
+  const uint32_t rem = u & 0xfffff;
+  if (rem > 0x80000 || (rem == 0x80000 && (m & 1))) ++m;
+  if (m == 8) {
+    m = 0;
+    ++e;
+  }
+  const int code = ((e + 7) << 3) | static_cast<int>(m);
+  return static_cast<uint8_t>(sign | std::min(code, 0x7e));
+}
+
+void quantize_fp8_blocks(const float* w, int64_t rows, int64_t cols, int64_t block, uint8_t* codes,
+                         float* scale_inv) {
+  const int64_t gc = (cols + block - 1) / block;
+  for (int64_t r0 = 0; r0 < rows; r0 += block)
+    for (int64_t c0 = 0; c0 < cols; c0 += block) {
+      const int64_t r1 = std::min(rows, r0 + block), c1 = std::min(cols, c0 + block);
+      float amax = 0.f;
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = c0; c < c1; ++c) amax = std::max(amax, std::fabs(w[r * cols + c]));
+      const float s = amax > 0.f ? amax / 448.f : 1.f;
+      scale_inv[(r0 / block) * gc + c0 / block] = s;
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = c0; c < c1; ++c)
+          codes[r * cols + c] = f32_to_fp8_e4m3(w[r * cols + c] / s);
+    }
+}
+
 void MatrixSource::decode_row(int64_t r, float* dst) const {
   if (ggml_type >= 0) {
     decode_ggml_row(ggml_type, static_cast<const uint8_t*>(data) + r * row_bytes, cols, dst);
@@ -294,6 +335,11 @@ void MatrixSource::decode_row(int64_t r, float* dst) const {
       for (int64_t c = 0; c < cols; ++c) dst[c] = f16_to_f32(u16(p + (i0 + c) * 2));
       return;
     case DType::kF8E4M3: {
+      static const auto table = [] {
+        std::array<float, 256> t{};
+        for (int i = 0; i < 256; ++i) t[i] = fp8_e4m3_to_f32(static_cast<uint8_t>(i));
+        return t;
+      }();
       const int64_t sr = (r0 + r) / block;
       for (int64_t c0 = 0; c0 < cols; c0 += block) {
         const int64_t si = sr * scale_ld + c0 / block;
@@ -304,7 +350,7 @@ void MatrixSource::decode_row(int64_t r, float* dst) const {
           std::memcpy(&s, static_cast<const uint8_t*>(scale_inv) + si * 4, 4);
         }
         const int64_t c1 = c0 + block < cols ? c0 + block : cols;
-        for (int64_t c = c0; c < c1; ++c) dst[c] = fp8_e4m3_to_f32(p[i0 + c]) * s;
+        for (int64_t c = c0; c < c1; ++c) dst[c] = table[p[i0 + c]] * s;
       }
       return;
     }

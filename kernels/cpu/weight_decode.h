@@ -56,6 +56,14 @@ void decode_ggml_symmetric32(int32_t type, const void* src, int64_t n, int8_t* q
 
 /// FP8 E4M3 (float8_e4m3fn: no infinities, 0x7f / 0xff are NaN) bits -> float (exact).
 float fp8_e4m3_to_f32(uint8_t bits);
+/// float -> FP8 E4M3 bits, round to nearest even; magnitudes beyond 448 saturate to +-448, NaN
+/// stays NaN.
+uint8_t f32_to_fp8_e4m3(float f);
+/// Block-wise FP8 quantisation as the official checkpoints store it: for each `block` x `block`
+/// tile of W [rows, cols], s = max|w| / 448 (1 for an all-zero tile), codes = e4m3(w / s), and
+/// scale_inv[r / block][c / block] = s (the factor that dequantises).
+void quantize_fp8_blocks(const float* w, int64_t rows, int64_t cols, int64_t block, uint8_t* codes,
+                         float* scale_inv);
 
 /// A row-major matrix `[rows, cols]` in any format the packers read:
 ///  - plain: `dtype` kF32 / kBF16 / kF16, row stride `ld` elements;

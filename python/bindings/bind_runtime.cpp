@@ -495,6 +495,34 @@ void bind_runtime(py::module_& m) {
       py::arg("data"), py::arg("type"), py::arg("n"),
       "Decode n values of ggml block type `type` (tests: against the gguf package).");
   m.def(
+      "quantize_fp8_blocks",
+      [](py::array_t<float, py::array::c_style | py::array::forcecast> w, int64_t block) {
+        TIDAL_CHECK(w.ndim() >= 2, InvalidArgument, "w must have at least 2 dimensions, got {}",
+                    w.ndim());
+        TIDAL_CHECK(block > 0, InvalidArgument, "block must be positive, got {}", block);
+        const int64_t rows = w.shape(w.ndim() - 2), cols = w.shape(w.ndim() - 1);
+        const int64_t lead = rows * cols == 0 ? 0 : w.size() / (rows * cols);
+        std::vector<py::ssize_t> cshape(w.shape(), w.shape() + w.ndim());
+        std::vector<py::ssize_t> sshape(cshape);
+        sshape[sshape.size() - 2] = (rows + block - 1) / block;
+        sshape[sshape.size() - 1] = (cols + block - 1) / block;
+        py::array_t<uint8_t> codes(cshape);
+        py::array_t<float> scales(sshape);
+        const float* src = w.data();
+        uint8_t* c = codes.mutable_data();
+        float* s = scales.mutable_data();
+        const int64_t per_s = sshape[sshape.size() - 2] * sshape[sshape.size() - 1];
+        {
+          py::gil_scoped_release release;
+          for (int64_t i = 0; i < lead; ++i)
+            kernels::cpu::quantize_fp8_blocks(src + i * rows * cols, rows, cols, block,
+                                              c + i * rows * cols, s + i * per_s);
+        }
+        return py::make_tuple(codes, scales);
+      },
+      py::arg("w"), py::arg("block") = 128,
+      "Block-wise FP8 E4M3 quantisation of the last two dims: (codes uint8, scale_inv float32).");
+  m.def(
       "gguf_config",
       [](const std::filesystem::path& path) {
         core::GgufModel gm;

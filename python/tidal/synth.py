@@ -13,6 +13,9 @@ Weights are random BF16 of magnitude ~1/128 with random signs; norms are neutral
 small. The output is a Hugging Face directory (config.json, sharded safetensors with an index) that
 `tidal.Runtime.load` reads like any other. With `--expert-dtype bf16` (default) everything is BF16,
 as published, and tidal quantises the routed experts at load (`Runtime.load(expert_dtype=...)`).
+With `--expert-dtype fp8` the checkpoint is in the official FP8 layout (tidal.fp8: every projection, experts
+included, as F8_E4M3 with 128 x 128 block scales; the same random values quantised), as the published
+"-FP8" releases are: Qwen3.6-35B-A3B is then 35 GB.
 With `--expert-dtype int4|int8` the routed experts are written directly in tidal's packed CPU format
 (a file named in config.json's `tidal_packed_experts`), so models whose BF16 form does not fit the
 disk or RAM exist at all: Qwen3.6-35B-A3B is 70 GB in BF16 and 20.5 GiB with INT4 experts,
@@ -200,6 +203,11 @@ def expert_layer(cfg: dict[str, Any], layer: int, seed: int = 0, experts: Any = 
     return gu, dn
 
 
+from .fp8 import BLOCK as FP8_BLOCK  # noqa: E402
+from .fp8 import is_fp8_weight  # noqa: E402
+from .fp8 import quantization_config as fp8_quantization_config  # noqa: E402
+from .fp8 import quantize_blocks as quantize_fp8  # noqa: E402
+
 PACKED_LAYOUT = "tidal_n16_v1"  # kernels/cpu/expert_gemm.h kExpertLayoutName
 _DEFAULT_GROUP = {"int8": 128, "int4": 64}
 
@@ -219,9 +227,10 @@ def write_checkpoint(cfg: dict[str, Any], out_dir: str | os.PathLike, *, seed: i
     `expert_dtype` "int4"/"int8": the routed experts go to a pre-packed file instead (tidal's CPU
     format, group `expert_group_size`, 0: tidal's default), written layer by layer."""
     out = pathlib.Path(out_dir)
-    if expert_dtype not in ("bf16", "int8", "int4"):
-        raise ValueError(f"expert dtype must be bf16, int8 or int4, got {expert_dtype!r}")
-    packed = expert_dtype != "bf16"
+    if expert_dtype not in ("bf16", "int8", "int4", "fp8"):
+        raise ValueError(f"expert dtype must be bf16, int8, int4 or fp8, got {expert_dtype!r}")
+    fp8_mode = expert_dtype == "fp8"  # the official FP8 layout for every projection (tidal.fp8)
+    packed = expert_dtype in ("int8", "int4")
     if packed and fused_experts is False:
         raise ValueError("pre-packed experts (--expert-dtype int8/int4) have no per-expert tensors")
     group = expert_group_size or _DEFAULT_GROUP.get(expert_dtype, 0)
@@ -231,19 +240,28 @@ def write_checkpoint(cfg: dict[str, Any], out_dir: str | os.PathLike, *, seed: i
     shapes = tensor_shapes(cfg, True if packed else fused_experts)
     if packed:
         shapes = [(n, s) for n, s in shapes if not _is_fused_experts(n)]
-    total = sum(2 * math.prod(s) for _, s in shapes) + (_packed_bytes(cfg, expert_dtype, group) if packed else 0)
+    # (name, safetensors dtype, shape, bytes); FP8 weights are followed by their block scales.
+    entries: list[tuple[str, str, list[int], int]] = []
+    for name, shape in shapes:
+        if fp8_mode and is_fp8_weight(name, shape):
+            entries.append((name, "F8_E4M3", shape, math.prod(shape)))
+            sshape = shape[:-2] + [-(-shape[-2] // FP8_BLOCK), -(-shape[-1] // FP8_BLOCK)]
+            entries.append((name + "_scale_inv", "F32", sshape, 4 * math.prod(sshape)))
+        else:
+            entries.append((name, "BF16", shape, 2 * math.prod(shape)))
+    total = sum(e[3] for e in entries) + (_packed_bytes(cfg, expert_dtype, group) if packed else 0)
     free = _free_disk(out)
     if free is not None and total > free:
         raise OSError(f"{out}: the checkpoint needs {total / 2**30:.1f} GiB but the disk has {free / 2**30:.1f} GiB "
                       "free; use --layers to write fewer layers")
-    shards: list[list[tuple[str, list[int]]]] = [[]]
+    shards: list[list[tuple[str, str, list[int], int]]] = [[]]
     size = 0
-    for name, shape in shapes:
-        b = 2 * math.prod(shape)
-        if shards[-1] and size + b > SHARD_BYTES:
+    for e in entries:
+        b = e[3]
+        if shards[-1] and size + b > SHARD_BYTES and not e[0].endswith("_scale_inv"):
             shards.append([])
             size = 0
-        shards[-1].append((name, shape))
+        shards[-1].append(e)
         size += b
     bar = None
     if progress:
@@ -260,25 +278,45 @@ def write_checkpoint(cfg: dict[str, Any], out_dir: str | os.PathLike, *, seed: i
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         header: dict[str, Any] = {"__metadata__": {"format": "pt", "generator": "tidal.synth"}}
         off = 0
-        for name, shape in shard:
-            b = 2 * math.prod(shape)
-            header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [off, off + b]}
+        for name, dt, shape, b in shard:
+            header[name] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + b]}
             off += b
             weight_map[name] = fname
         h = json.dumps(header).encode()
         h += b" " * (-len(h) % 8)
         with open(out / fname, "wb") as f:
             f.write(struct.pack("<Q", len(h)) + h)
-            for name, shape in shard:
+            scales: list[np.ndarray] = []
+            for name, dt, shape, b in shard:
+                if dt == "F32":  # the block scales of the FP8 weight just written
+                    f.write(np.concatenate([x.reshape(-1) for x in scales]).astype(np.float32).tobytes())
+                    scales = []
+                    continue
+                if dt == "F8_E4M3":  # one expert (or the whole matrix) at a time, from the BF16 stream
+                    per = math.prod(shape[-2:])
+                    buf = b""
+                    for chunk in _fill(name, shape, seed, zero_centred):
+                        buf += chunk
+                        while len(buf) >= 2 * per:
+                            x = (np.frombuffer(buf[:2 * per], np.uint16).astype(np.uint32) << 16).view(np.float32)
+                            codes, sc = quantize_fp8(x.reshape(shape[-2:]), FP8_BLOCK)
+                            f.write(codes.tobytes())
+                            scales.append(sc)
+                            buf = buf[2 * per:]
+                            if bar is not None:
+                                bar.update(per)
+                    continue
                 for chunk in _fill(name, shape, seed, zero_centred):
                     f.write(chunk)
                     if bar is not None:
                         bar.update(len(chunk))
     (out / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": sum(2 * math.prod(s) for _, s in shapes)}, "weight_map": weight_map},
+        {"metadata": {"total_size": sum(e[3] for e in entries)}, "weight_map": weight_map},
         indent=1))
     cfg = dict(cfg)
     cfg["tidal_synth"] = {"seed": seed, "streams": "per tensor and expert"}
+    if fp8_mode:
+        cfg["quantization_config"] = fp8_quantization_config(FP8_BLOCK)
     if packed:
         fname = f"experts-{expert_dtype}-g{group}.tidal"
         cfg["tidal_packed_experts"] = {"file": fname, "dtype": expert_dtype, "group_size": group,
@@ -314,8 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out_dir")
     ap.add_argument("--preset", required=True, choices=list(PRESETS))
     ap.add_argument("--layers", type=int, default=None, help="keep the first N layers (real width)")
-    ap.add_argument("--expert-dtype", default="bf16", choices=["bf16", "int8", "int4"],
-                    help="routed experts: bf16 tensors (default) or pre-packed int8/int4 (tidal's CPU format)")
+    ap.add_argument("--expert-dtype", default="bf16", choices=["bf16", "int8", "int4", "fp8"],
+                    help="routed experts: bf16 tensors (default), pre-packed int8/int4 (tidal's CPU format), "
+                         "or fp8: the whole checkpoint in the official FP8 layout")
     ap.add_argument("--expert-group-size", type=int, default=0, help="int8/int4 group size (0: tidal's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--per-expert", action="store_true",

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 #include <random>
 #include <vector>
@@ -18,6 +19,7 @@
 #include "kernels/common/cpu_features.h"
 #include "kernels/cpu/expert_gemm_ref.h"
 #include "kernels/cpu/moe_experts.h"
+#include "kernels/cpu/weight_decode.h"
 #include "tolerances.h"
 
 // Counts operator new calls (the whole test binary uses this allocator) so a test can assert that
@@ -275,6 +277,155 @@ TEST(ExpertGemm, VariantsMatchReference) {
     }
   }
   EXPECT_GT(tested, 0);
+}
+
+// Random ggml blocks of `type` for an [n, k] matrix (fp16 scales kept finite and small).
+std::vector<uint8_t> random_blocks(int32_t type, int64_t n, int64_t k, uint32_t seed) {
+  std::vector<uint8_t> b(ggml_row_bytes(type, k) * static_cast<size_t>(n));
+  std::mt19937 g(seed);
+  for (auto& v : b) v = static_cast<uint8_t>(g());
+  const int64_t bb = ggml_block_bytes(type), nb = static_cast<int64_t>(b.size()) / bb;
+  // Scale fields: Q8_0/Q4_0 d at 0; K-quants d (and dmin) where the decoder reads them.
+  std::vector<int64_t> at = type == kGgmlQ6_K                        ? std::vector<int64_t>{208}
+                            : type == kGgmlQ4_K || type == kGgmlQ5_K ? std::vector<int64_t>{0, 2}
+                                                                     : std::vector<int64_t>{0};
+  for (int64_t i = 0; i < nb; ++i)
+    for (int64_t o : at) {
+      const uint16_t h = f32_to_f16(std::uniform_real_distribution<float>(-0.01f, 0.01f)(g));
+      std::memcpy(&b[static_cast<size_t>(i * bb + o)], &h, 2);
+    }
+  return b;
+}
+
+// Q8_0 / Q4_0 pack into INT8 / INT4 group 32 exactly (Note [Exact GGUF repack]): every packed value
+// equals the block's value, including Q8_0's -128, and every tile kernel this CPU runs agrees with
+// the reference on them.
+TEST(ExpertFormat, GgufSymmetricBlocksRepackExactly) {
+  struct Case {
+    int32_t type;
+    ExpertDType dt;
+  };
+  for (const Case c : {Case{kGgmlQ8_0, ExpertDType::kINT8}, Case{kGgmlQ4_0, ExpertDType::kINT4},
+                       Case{kGgmlQ4_0, ExpertDType::kINT8}}) {
+    const int64_t n = 37, k = 96;
+    auto blocks = random_blocks(c.type, n, k, 7);
+    if (c.type == kGgmlQ8_0) blocks[2] = 0x80;  // a -128 in the first block
+    MatrixSource src;
+    src.ggml_type = c.type;
+    src.rows = n;
+    src.cols = k;
+    src.row_bytes = ggml_row_bytes(c.type, k);
+    src.data = blocks.data();
+    Packed p;
+    p.layout = make_layout(c.dt, n, k, 32);
+    ASSERT_TRUE(pack_is_exact(p.layout, src));
+    p.storage.resize(static_cast<size_t>(p.layout.bytes() + 64));
+    pack_weights_from(p.layout, src, p.data(), 0, p.layout.num_tiles);
+    std::vector<float> row(static_cast<size_t>(k));
+    bool saw_min = false;
+    for (int64_t r = 0; r < n; ++r) {
+      src.decode_row(r, row.data());
+      for (int64_t col = 0; col < k; ++col) {
+        const PackedValue v = packed_value(p.layout, p.data(), r, col);
+        ASSERT_EQ(v.value, row[col]) << "type " << c.type << " row " << r << " col " << col;
+        saw_min = saw_min || v.q == -128;
+      }
+    }
+    EXPECT_EQ(saw_min, c.type == kGgmlQ8_0);
+    // Every variant on these tiles, against the reference.
+    for (const auto& v : expert_gemm_variants()) {
+      if (v.dtype != c.dt || !isa_available(v.isa) || !v.supports(p.layout)) continue;
+      for (int64_t m : {1, 3, 17, 64}) {
+        const auto x = random_vec(static_cast<size_t>(m * k), 3 + static_cast<uint32_t>(m));
+        ActBuffer a, ar;
+        a.reserve(v.act, p.layout, m);
+        ar.reserve(ActKind::kInt8Groups, p.layout, m);
+        for (int64_t i = 0; i < m; ++i) {
+          a.prepare(i, x.data() + i * k);
+          ar.prepare(i, x.data() + i * k);
+        }
+        std::vector<float> out(static_cast<size_t>(kMaxRowsPerCall * kTileRows)), want(out.size());
+        for (int64_t t = 0; t < p.layout.num_tiles; ++t) {
+          uint8_t* tile = p.data() + t * p.layout.tile_bytes;
+          v.run(p.layout, tile, a.rows(0), m, out.data());
+          ref::tile_int8_groups(p.layout, tile, ar.rows(0), m, want.data());
+          for (int64_t i = 0; i < m; ++i)
+            for (int64_t r = 0; r < kTileRows && t * kTileRows + r < n; ++r) {
+              const float tol =
+                  4e-5f * abs_dot(p.layout, p.data(), x, i, t * kTileRows + r) + 1e-6f;
+              ASSERT_NEAR(out[i * kTileRows + r], want[i * kTileRows + r], tol)
+                  << v.name << " type " << c.type << " m " << m << " tile " << t;
+            }
+        }
+      }
+    }
+  }
+}
+
+// Other ggml types (and FP8) are decoded row by row and quantised: the same bytes as packing the
+// decoded fp32 matrix.
+TEST(ExpertFormat, DecodedSourcesPackLikeTheirFloatValues) {
+  const int64_t n = 33, k = 512;
+  for (int32_t type : {kGgmlQ4_K, kGgmlQ5_K, kGgmlQ6_K, kGgmlQ8_0}) {
+    const auto blocks = random_blocks(type, n, k, 11);
+    MatrixSource src;
+    src.ggml_type = type;
+    src.rows = n;
+    src.cols = k;
+    src.row_bytes = ggml_row_bytes(type, k);
+    src.data = blocks.data();
+    std::vector<float> dense(static_cast<size_t>(n * k));
+    for (int64_t r = 0; r < n; ++r) src.decode_row(r, dense.data() + r * k);
+    for (ExpertDType dt : {ExpertDType::kINT8, ExpertDType::kINT4, ExpertDType::kBF16}) {
+      const auto layout = make_layout(dt, n, k, 64);
+      std::vector<uint8_t> a(static_cast<size_t>(layout.bytes())), b(a.size());
+      pack_weights_from(layout, src, a.data(), 0, layout.num_tiles);
+      pack_weights(layout, dense.data(), DType::kF32, k, b.data(), 0, layout.num_tiles);
+      EXPECT_EQ(a, b) << "type " << type << " dtype " << expert_dtype_name(dt);
+      EXPECT_FALSE(pack_is_exact(layout, src));
+    }
+  }
+}
+
+TEST(ExpertFormat, Fp8E4M3EncodeDecode) {
+  // Every finite code decodes and encodes back to itself; known values.
+  for (int c = 0; c < 256; ++c) {
+    const float v = fp8_e4m3_to_f32(static_cast<uint8_t>(c));
+    if ((c & 0x7f) == 0x7f) {
+      EXPECT_TRUE(std::isnan(v));
+      continue;
+    }
+    const uint8_t back = f32_to_fp8_e4m3(v);
+    EXPECT_EQ(fp8_e4m3_to_f32(back), v) << "code " << c;
+  }
+  EXPECT_EQ(fp8_e4m3_to_f32(0x7e), 448.f);
+  EXPECT_EQ(fp8_e4m3_to_f32(0x38), 1.f);
+  EXPECT_EQ(fp8_e4m3_to_f32(0x01), std::ldexp(1.f, -9));
+  EXPECT_EQ(fp8_e4m3_to_f32(0xb8), -1.f);
+  // Round to nearest even between neighbours, saturation, NaN.
+  EXPECT_EQ(f32_to_fp8_e4m3(1.0625f), 0x38);  // halfway 1 and 1.125: even (1)
+  EXPECT_EQ(f32_to_fp8_e4m3(1.1875f), 0x3a);  // halfway 1.125 and 1.25: even (1.25)
+  EXPECT_EQ(f32_to_fp8_e4m3(1000.f), 0x7e);
+  EXPECT_EQ(f32_to_fp8_e4m3(-1000.f), 0xfe);
+  EXPECT_EQ(f32_to_fp8_e4m3(std::ldexp(1.5f, -10)), 0x01);   // 0.75 of the smallest step: rounds up
+  EXPECT_EQ(f32_to_fp8_e4m3(std::ldexp(1.f, -10)), 0x00);    // halfway to the smallest: even (0)
+  EXPECT_EQ(f32_to_fp8_e4m3(std::ldexp(15.9f, -10)), 0x08);  // rounds up into the first normal
+  EXPECT_EQ(f32_to_fp8_e4m3(std::nanf("")) & 0x7f, 0x7f);
+  // Random values: the nearest code (ties aside) by brute force.
+  std::mt19937 g(5);
+  for (int i = 0; i < 20000; ++i) {
+    const float x = std::uniform_real_distribution<float>(-500.f, 500.f)(g) *
+                    std::ldexp(1.f, -static_cast<int>(g() % 12));
+    float best = 0.f, bd = 1e30f;
+    for (int c = 0; c < 256; ++c) {
+      const float v = fp8_e4m3_to_f32(static_cast<uint8_t>(c));
+      if (!std::isnan(v) && std::fabs(v - x) < bd) {
+        bd = std::fabs(v - x);
+        best = v;
+      }
+    }
+    ASSERT_EQ(std::fabs(fp8_e4m3_to_f32(f32_to_fp8_e4m3(x)) - x), std::fabs(best - x)) << x;
+  }
 }
 
 struct MoeProblem {
