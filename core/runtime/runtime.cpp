@@ -324,11 +324,11 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
   if (experts->prepacked()) {
     // The pre-packed file is mapped as it is; there is nothing to cache.
   } else if (opts.expert_cache == "auto") {
-    // An exact repack (GGUF Q8_0 / Q4_0) is a copy: caching it would only double the disk use.
+    // Only BF16/F16/F32 sources: GGUF and FP8 experts are already compact, so a cache would read
+    // about as many bytes from disk as the source (a Q4_K_M repacked to int8 g32 is 1.9x its size)
+    // and double the disk use, to save a decode that runs at memory speed (docs/performance.md).
     if (eopts.dtype != ExpertDType::kBF16 && experts->source_bytes() >= (uint64_t{1} << 30) &&
-        !experts->exact_pack(eopts.dtype, eopts.group_size
-                                              ? eopts.group_size
-                                              : kernels::cpu::default_group_size(eopts.dtype))) {
+        !experts->quantized_source()) {
       const fs::path dir = fs::is_directory(path) ? path : path.parent_path();
       if (access(dir.c_str(), W_OK) == 0) {
         eopts.cache_dir = dir / ".tidal-cache";

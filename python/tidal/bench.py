@@ -149,7 +149,7 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
               cpu_threads: int = 0, device: str = "cpu", bandwidth_bytes: int = 1 << 30, seed: int = 0,
               routing: np.ndarray | None = None, routing_info: dict[str, Any] | None = None,
               expert_dtype: str = "auto", gpu_memory: str | int | None = None, gpu_weights: str = "bf16",
-              gpu_precision: str | None = None) -> dict[str, Any]:
+              gpu_precision: str | None = None, expert_group_size: int = 0) -> dict[str, Any]:
     """Run the tests and return the JSON-ready report. `routing`: a trace (tokens, layers, top_k) the
     MoE layers follow instead of their routers (see tidal.routing). `expert_dtype`, `gpu_memory`,
     `gpu_weights`, `gpu_precision`: as Runtime.load (the gpu_* ones with device="cuda" only)."""
@@ -166,7 +166,8 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
     elif gpu_memory is not None or gpu_weights != "bf16" or gpu_precision is not None:
         raise ValueError("--gpu-memory, --gpu-weights and --gpu-precision need --device cuda")
     rt = Runtime.load(model, device=device, num_threads=cpu_threads, progress=False, expert_dtype=expert_dtype,
-                      **gpu_kw)
+                      expert_group_size=expert_group_size, **gpu_kw)
+    load = _load_report(rt)
     summary = inspect(model)
     c0 = rt.config
     n_experts_total = max(1, sum(c0.layer_is_moe) * c0.num_experts)
@@ -256,6 +257,7 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
                   "moe_intermediate_size": c.moe_intermediate_size, "moe_layers": sum(c.layer_is_moe),
                   "num_experts_per_tok": c.num_experts_per_tok, "weight_bytes": summary.total_bytes,
                   "active_weight_bytes_per_token": active, "dtypes": summary.dtypes},
+        "load": load,
         "caps": {"device": device, "cpu_threads": rt.num_threads, "gpu_memory": gpu_memory if on_gpu else None,
                  "gpu_weights": gpu_weights if on_gpu else None,
                  "gpu_precision": (gpu_precision or d.get("gpu_precision")) if on_gpu else None,
@@ -304,10 +306,29 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _load_report(rt: Any) -> dict[str, Any]:
+    """Load time and memory right after Runtime.load: peak and current resident set (anonymous =
+    packed experts and converted tensors; file = memory-mapped weights), from /proc where it exists."""
+    import resource
+
+    st = rt._engine.stats()
+    out: dict[str, Any] = {"seconds": st["load_seconds"], "weight_bytes": st["weight_bytes"],
+                           "expert_bytes": st["expert_bytes"], "expert_source": rt.describe().get("expert_source"),
+                           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                out[key.lower() + "_bytes"] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tidal.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", nargs="?", help="checkpoint directory")
+    ap.add_argument("model", nargs="?", help="checkpoint directory or .gguf file")
     ap.add_argument("--preset", help="synthesise this tidal.synth preset into a temporary directory instead")
     ap.add_argument("--layers", type=int, default=None, help="with --preset: number of layers")
     ap.add_argument("-p", "--n-prompt", type=_ints, default=[512], help="prompt lengths (comma-separated)")
@@ -323,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="prefill matrix products on the GPU (default: Runtime.load's)")
     ap.add_argument("--expert-dtype", default="auto", choices=["auto", "bf16", "int8", "int4"],
                     help="routed-expert format in RAM (Runtime.load's expert_dtype)")
+    ap.add_argument("--expert-group-size", type=int, default=0, help="INT8/INT4 group (0: Runtime.load's choice)")
     ap.add_argument("--routing-trace", default=None, help="replay this routing trace (.npz, tidal.routing format)")
     ap.add_argument("--routing-skew", type=float, default=None,
                     help="replay a synthetic trace: Zipf exponent of expert popularity (0: uniform)")
@@ -361,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         report = run_bench(model, pp=a.n_prompt, tg=a.n_gen, depths=a.depth, repetitions=a.repetitions,
                            cpu_threads=a.cpu_threads, device=a.device, routing=trace, routing_info=info,
                            expert_dtype=a.expert_dtype, gpu_memory=a.gpu_memory, gpu_weights=a.gpu_weights,
-                           gpu_precision=a.gpu_precision)
+                           gpu_precision=a.gpu_precision, expert_group_size=a.expert_group_size)
         if a.preset:
             report["model"]["preset"] = a.preset
     except (ValueError, FileNotFoundError, NotImplementedError, OSError, MemoryError) as exc:

@@ -150,13 +150,17 @@ class Runtime:
             Format of the routed experts in RAM. "auto" keeps bf16 when it fits in the available memory,
             else the most precise quantised format that fits. INT8/INT4 are symmetric with one fp16 scale
             per `expert_group_size` (32, 64 or 128; 0 = 128 for int8, 64 for int4) input columns.
+            GGUF experts: Q8_0 / Q4_0 become int8 / int4 with group 32 exactly; other ggml types (Q4_K,
+            Q5_K, Q6_K, ...) are decoded and requantised to int8 group 32 (int4 when int8 does not fit).
+            FP8 experts: int8 (then int4) at the default groups.
         cpu_isa : {"auto", "scalar", "avx2", "avx512", "amx"}
             Highest instruction set the CPU kernels use; "auto" takes the best this CPU has, capped by the
             TIDAL_CPU_ISA environment variable.
         expert_cache : "auto", "off" or a directory
             Where packed int8/int4 experts are kept so the next load maps them instead of quantising
             again. "auto": `<checkpoint>/.tidal-cache` (or `$XDG_CACHE_HOME/tidal`) for checkpoints
-            with at least 1 GiB of experts. A changed checkpoint or format is detected and rebuilt.
+            with at least 1 GiB of BF16/F16/F32 experts (GGUF and FP8 experts are repacked at every load:
+            a cache would be larger than the file). A changed checkpoint or format is detected and rebuilt.
         device : "cpu", "cuda" or "cuda:N"
             "cuda" keeps embeddings, attention and DeltaNet layers, routers, shared experts and lm_head in
             VRAM (routed experts stay in RAM on the CPU kernels).

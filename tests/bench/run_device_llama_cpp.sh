@@ -51,7 +51,7 @@ if [[ $steps == *build* ]]; then
     -DCMAKE_CUDA_ARCHITECTURES="${ARCH:-90}" -DGGML_NATIVE=ON -DGGML_CUDA_NCCL=OFF -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF \
     > "$out/llama_build.log" 2>&1 || { tail -30 "$out/llama_build.log"; exit 1; }
-  ninja -C build/llama llama-bench llama-completion >> "$out/llama_build.log" 2>&1 \
+  ninja -C build/llama llama-bench llama-completion llama-quantize >> "$out/llama_build.log" 2>&1 \
     || { grep -E "error|FAILED" -A5 "$out/llama_build.log" | head -40; exit 1; }
   cp "$src/SOURCE.txt" "$out/llama_source.txt" 2>/dev/null || echo "unknown source" > "$out/llama_source.txt"
   echo "llama.cpp built from: $(cat "$out/llama_source.txt")"

@@ -232,3 +232,15 @@ def test_bad_fp8_checkpoints(mini_fp8, tmp_path):
     (method / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(NotImplementedError, match=r'quant_method "gptq" is not supported'):
         tidal.Runtime.load(method, progress=False)
+
+
+@pytest.mark.skipif(not tidal.cuda_devices(), reason="no CUDA device on this machine (or a build without CUDA); "
+                    "runs on the GPU test machine")
+def test_fp8_on_cuda_equals_cpu(mini_fp8):
+    """FP8 dense weights reach the GPU converted to BF16 (Note [FP8 checkpoints]); fp32 mode equals the CPU."""
+    from tolerances import CUDA_LOGITS_ATOL
+
+    ids = [1, 5, 9, 200, 3, 7, 11, 13]
+    cpu = tidal.Runtime.load(mini_fp8, progress=False)
+    gpu = tidal.Runtime.load(mini_fp8, progress=False, device="cuda", gpu_precision="fp32")
+    np.testing.assert_allclose(gpu.logits(ids), cpu.logits(ids), rtol=0, atol=CUDA_LOGITS_ATOL["fp32_vs_cpu"])

@@ -354,3 +354,16 @@ def test_file_quantised_by_llama_cpp_loads(tmp_path):
     ids = a.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4)
     la, lb = a.logits(ids), b.logits(ids)
     assert (la.argmax(-1) == lb.argmax(-1)).mean() >= 0.8
+
+
+@pytest.mark.skipif(not tidal.cuda_devices(), reason="no CUDA device on this machine (or a build without CUDA); "
+                    "runs on the GPU test machine")
+@pytest.mark.parametrize("arch", HYBRIDS)
+def test_gguf_on_cuda_equals_cpu(arch, tmp_path):
+    """device="cuda" takes the decoded dense tensors like any other (fp32 mode: the CPU engine's numbers)."""
+    from tolerances import CUDA_LOGITS_ATOL
+
+    path = _convert(GOLDEN / arch, tmp_path / "m.gguf", "q4_k_m", "bf16")
+    cpu = tidal.Runtime.load(path, progress=False)
+    gpu = tidal.Runtime.load(path, progress=False, device="cuda", gpu_precision="fp32")
+    np.testing.assert_allclose(gpu.logits(IDS), cpu.logits(IDS), rtol=0, atol=CUDA_LOGITS_ATOL["fp32_vs_cpu"])
