@@ -21,6 +21,10 @@ work=${WORK:-/tmp/tidal-load}
 mkdir -p "$work"
 export LD_LIBRARY_PATH=/tmp/deps/lib:${LD_LIBRARY_PATH:-}
 export PYTHONPATH=$PWD/python
+# The `gguf` package (reference decoder for the tests), carried as a wheel: the machine is offline.
+if ls .devcarry/gguf-*.whl >/dev/null 2>&1 && ! python3 -c "import gguf" 2>/dev/null; then
+  python3 -m pip install -q --no-deps --target /tmp/pylib .devcarry/gguf-*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/pylib
+fi
 failed=0
 if [[ $steps == *build* ]]; then
   STEPS=build OUT="$out" bash tests/bench/run_device_cuda.sh
