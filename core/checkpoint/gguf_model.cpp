@@ -26,11 +26,15 @@
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
-#include <tbb/parallel_for.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <exception>
+#include <mutex>
 #include <regex>
+#include <thread>
 
 #include "core/checkpoint/gguf_reader.h"
 #include "core/config/model_config.h"
@@ -426,7 +430,12 @@ GgufModel open_gguf_model(const fs::path& path, bool decode) {
                     static_cast<size_t>(head * cols) * 4);
     (void)rows;
   };
-  tbb::parallel_for(size_t{0}, jobs.size(), [&](size_t k) {
+  // Plain threads pulling tensors (the loader runs before any executor exists, often with the GIL
+  // released from Python's main thread); the first exception is rethrown.
+  std::atomic<size_t> next{0};
+  std::exception_ptr error;
+  std::mutex error_mu;
+  auto one = [&](size_t k) {
     const Job& j = jobs[k];
     const GgufTensor& t0 = *j.src[0];
     TensorInfo ti;
@@ -527,7 +536,23 @@ GgufModel open_gguf_model(const fs::path& path, bool decode) {
     ti.nbytes = n * (to_bf16 ? 2 : 4);
     keep->buffers[k] = std::move(buf);
     made[k] = std::move(ti);
-  });
+  };
+  const size_t nthreads =
+      std::max<size_t>(1, std::min<size_t>({jobs.size(), std::thread::hardware_concurrency(), 32}));
+  std::vector<std::thread> pool;
+  for (size_t w = 0; w < nthreads; ++w)
+    pool.emplace_back([&] {
+      for (size_t k = next++; k < jobs.size(); k = next++) {
+        try {
+          one(k);
+        } catch (...) {
+          std::lock_guard<std::mutex> lock(error_mu);
+          if (!error) error = std::current_exception();
+        }
+      }
+    });
+  for (auto& t : pool) t.join();
+  if (error) std::rethrow_exception(error);
   for (auto& t : direct) made.push_back(std::move(t));
   out.checkpoint = Checkpoint::from_tensors(path, std::move(made), keep);
   return out;

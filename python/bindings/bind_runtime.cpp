@@ -7,7 +7,10 @@
 #include <pybind11/stl.h>
 #include <pybind11/stl/filesystem.h>
 
+#include <algorithm>
+#include <atomic>
 #include <functional>
+#include <thread>
 
 #include "core/checkpoint/gguf_model.h"
 #include "core/checkpoint/gguf_reader.h"
@@ -513,10 +516,25 @@ void bind_runtime(py::module_& m) {
         float* s = scales.mutable_data();
         const int64_t per_s = sshape[sshape.size() - 2] * sshape[sshape.size() - 1];
         {
+          // One task per (matrix, block row), on plain threads.
           py::gil_scoped_release release;
-          for (int64_t i = 0; i < lead; ++i)
-            kernels::cpu::quantize_fp8_blocks(src + i * rows * cols, rows, cols, block,
-                                              c + i * rows * cols, s + i * per_s);
+          const int64_t brows = (rows + block - 1) / block, gc = (cols + block - 1) / block;
+          const int64_t tasks = lead * brows;
+          std::atomic<int64_t> next{0};
+          auto work = [&] {
+            for (int64_t t = next++; t < tasks; t = next++) {
+              const int64_t i = t / brows, r0 = (t % brows) * block;
+              const size_t off = static_cast<size_t>(i * rows * cols + r0 * cols);
+              kernels::cpu::quantize_fp8_blocks(src + off, std::min(block, rows - r0), cols, block,
+                                                c + off, s + i * per_s + (r0 / block) * gc);
+            }
+          };
+          const int64_t n =
+              std::clamp<int64_t>(tasks / 4, 1, std::max(1u, std::thread::hardware_concurrency()));
+          std::vector<std::thread> pool;
+          for (int64_t w = 1; w < n; ++w) pool.emplace_back(work);
+          work();
+          for (auto& t : pool) t.join();
         }
         return py::make_tuple(codes, scales);
       },

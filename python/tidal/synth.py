@@ -292,19 +292,15 @@ def write_checkpoint(cfg: dict[str, Any], out_dir: str | os.PathLike, *, seed: i
                     f.write(np.concatenate([x.reshape(-1) for x in scales]).astype(np.float32).tobytes())
                     scales = []
                     continue
-                if dt == "F8_E4M3":  # one expert (or the whole matrix) at a time, from the BF16 stream
-                    per = math.prod(shape[-2:])
-                    buf = b""
-                    for chunk in _fill(name, shape, seed, zero_centred):
-                        buf += chunk
-                        while len(buf) >= 2 * per:
-                            x = (np.frombuffer(buf[:2 * per], np.uint16).astype(np.uint32) << 16).view(np.float32)
-                            codes, sc = quantize_fp8(x.reshape(shape[-2:]), FP8_BLOCK)
-                            f.write(codes.tobytes())
-                            scales.append(sc)
-                            buf = buf[2 * per:]
-                            if bar is not None:
-                                bar.update(per)
+                if dt == "F8_E4M3":  # the whole tensor from its BF16 stream, quantised on all cores
+                    bits = np.frombuffer(b"".join(_fill(name, shape, seed, zero_centred)), np.uint16)
+                    x = (bits.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+                    codes, sc = quantize_fp8(x, FP8_BLOCK)
+                    del bits, x
+                    f.write(codes.tobytes())
+                    scales.append(sc)
+                    if bar is not None:
+                        bar.update(codes.size)
                     continue
                 for chunk in _fill(name, shape, seed, zero_centred):
                     f.write(chunk)
