@@ -33,7 +33,7 @@
 #include <cstring>
 #include <exception>
 #include <mutex>
-#include <regex>
+#include <string_view>
 #include <thread>
 
 #include "core/checkpoint/gguf_reader.h"
@@ -74,20 +74,30 @@ class Mapper {
   Mapper(const fs::path& path, Keep& keep) : path_(path), keep_(keep) {}
 
   void open_parts() {
-    static const std::regex split(R"((.*)-(\d{5})-of-(\d{5})\.gguf)");
-    std::smatch m;
+    // "<stem>-0000K-of-0000N.gguf", parsed by hand: std::regex consults the global locale, which a
+    // Python process may have set to one libstdc++'s regex compiler crashes on (seen on the GPU
+    // machine with pytest).
     const std::string fname = path_.filename().string();
-    if (std::regex_match(fname, m, split)) {
-      const int n = std::stoi(m[3].str()), no = std::stoi(m[2].str());
-      TIDAL_CHECK(n >= 1 && n <= 9999, FormatError, "GGUF file \"{}\": bad split count in its name",
+    auto digits = [](std::string_view v) {
+      return v.size() == 5 &&
+             std::all_of(v.begin(), v.end(), [](char c) { return c >= '0' && c <= '9'; });
+    };
+    const std::string_view f(fname);
+    const bool split = f.size() > 20 && f.substr(f.size() - 5) == ".gguf" &&
+                       f.substr(f.size() - 20, 1) == "-" && digits(f.substr(f.size() - 19, 5)) &&
+                       f.substr(f.size() - 14, 4) == "-of-" && digits(f.substr(f.size() - 10, 5));
+    if (split) {
+      const std::string stem(f.substr(0, f.size() - 20)), count(f.substr(f.size() - 10, 5));
+      const int n = std::stoi(count), no = std::stoi(std::string(f.substr(f.size() - 19, 5)));
+      TIDAL_CHECK(n >= 1, FormatError, "GGUF file \"{}\": bad split count in its name",
                   path_.string());
       TIDAL_CHECK(no == 1, InvalidArgument,
                   "GGUF file \"{}\" is part {} of a split model: load its first part ({}-00001-of-"
                   "{}.gguf)",
-                  path_.string(), no, m[1].str(), m[3].str());
+                  path_.string(), no, stem, count);
       for (int i = 1; i <= n; ++i) {
         const fs::path p =
-            path_.parent_path() / fmt::format("{}-{:05d}-of-{}.gguf", m[1].str(), i, m[3].str());
+            path_.parent_path() / fmt::format("{}-{:05d}-of-{}.gguf", stem, i, count);
         TIDAL_CHECK(fs::exists(p), FileNotFound,
                     "GGUF split model \"{}\": part {} of {} (\"{}\") is missing", path_.string(), i,
                     n, p.filename().string());
