@@ -88,6 +88,9 @@ ExpertStore::ExpertStore(const core::ModelConfig& cfg, const core::Checkpoint& c
       TIDAL_CHECK(s != nullptr, FormatError,
                   "checkpoint \"{}\": FP8 tensor \"{}\" has no block scales \"{}\"", t->file, name,
                   core::fp8_scale_name(name));
+      // The scales' shard is part of the source too (packed-expert cache key).
+      if (std::find(source_files_.begin(), source_files_.end(), s->file) == source_files_.end())
+        source_files_.push_back(s->file);
       return *t;
     }
     return ld.require(name, shape, what);  // names the unsupported dtype

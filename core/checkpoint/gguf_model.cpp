@@ -34,6 +34,7 @@
 #include <exception>
 #include <mutex>
 #include <string_view>
+#include <system_error>
 #include <thread>
 
 #include "core/checkpoint/gguf_reader.h"
@@ -107,6 +108,17 @@ class Mapper {
       parts_.push_back(path_);
     }
     for (const auto& p : parts_) keep_.files.push_back(std::make_unique<GgufFile>(p));
+    index();
+  }
+
+  /// One file already parsed (from memory: tests and fuzzing).
+  void use(std::unique_ptr<GgufFile> f) {
+    parts_.push_back(path_);
+    keep_.files.push_back(std::move(f));
+    index();
+  }
+
+  void index() {
     const json& md = keep_.files[0]->metadata();
     const int64_t count = md.contains("split.count") && md["split.count"].is_number_integer()
                               ? md["split.count"].get<int64_t>()
@@ -128,6 +140,7 @@ class Mapper {
   const json& md() const { return keep_.files[0]->metadata(); }
   std::string where() const { return path_.string(); }
 
+  size_t tensor_count() const { return tensors_.size(); }
   const GgufTensor* find(const std::string& n) const {
     auto it = tensors_.find(n);
     return it == tensors_.end() ? nullptr : it->second;
@@ -184,11 +197,28 @@ std::vector<float> decode_all(const GgufTensor& t) {
 
 }  // namespace
 
+namespace {
+GgufModel build(Mapper& g, const std::shared_ptr<Keep>& keep, const fs::path& path, bool decode);
+}  // namespace
+
 GgufModel open_gguf_model(const fs::path& path, bool decode) {
   TIDAL_CHECK(fs::exists(path), FileNotFound, "GGUF file \"{}\" does not exist", path.string());
   auto keep = std::make_shared<Keep>();
   Mapper g(path, *keep);
   g.open_parts();
+  return build(g, keep, path, decode);
+}
+
+GgufModel open_gguf_model(const std::byte* data, size_t size, const std::string& name,
+                          bool decode) {
+  auto keep = std::make_shared<Keep>();
+  Mapper g(name, *keep);
+  g.use(std::make_unique<GgufFile>(data, size, name));
+  return build(g, keep, name, decode);
+}
+
+namespace {
+GgufModel build(Mapper& g, const std::shared_ptr<Keep>& keep, const fs::path& path, bool decode) {
   GgufModel out;
   out.parts = g.parts_;
   const json& md = g.md();
@@ -210,7 +240,16 @@ GgufModel open_gguf_model(const fs::path& path, bool decode) {
   c["model_type"] = arch == "qwen35moe"   ? "qwen3_5_moe_text"
                     : arch == "qwen3next" ? "qwen3_next"
                                           : "qwen3_moe";
-  const int64_t L = g.u(a + "block_count"), H = g.u(a + "embedding_length");
+  // Qwen3.5/3.6 files from current llama.cpp append their MTP layers (nextn) to block_count; tidal
+  // runs the main layers and leaves blk.L.. (MTP) out.
+  const int64_t blocks = g.u(a + "block_count"), nextn = g.u(a + "nextn_predict_layers", 0);
+  TIDAL_CHECK(
+      blocks >= 1 && nextn >= 0 && nextn < blocks &&
+          blocks <= static_cast<int64_t>(g.tensor_count()),
+      FormatError,
+      "GGUF file \"{}\": block_count {} (nextn_predict_layers {}) does not fit its {} tensors",
+      path.string(), blocks, nextn, g.tensor_count());
+  const int64_t L = blocks - nextn, H = g.u(a + "embedding_length");
   const int64_t heads = g.u(a + "attention.head_count");
   const GgufTensor& embd = g.need("token_embd.weight", "the token embedding");
   TIDAL_CHECK(embd.ne.size() == 2 && embd.ne[0] == H, FormatError,
@@ -418,9 +457,12 @@ GgufModel open_gguf_model(const fs::path& path, bool decode) {
     } else {
       // Row length must match too (a transposed tensor has the right count).
       const int64_t cols = j.shape.back();
-      TIDAL_CHECK(want == have && (j.shape.size() == 1 || j.fix == Fix::kConv ||
-                                   j.src[0]->ne[0] == cols || j.shape[0] == 1),
-                  FormatError,
+      // conv1d is stored [channels, kernel] (ne = [kernel, channels]); HF has [channels, 1,
+      // kernel].
+      const bool rows_ok = j.fix == Fix::kConv
+                               ? j.src[0]->ne.size() == 2 && j.src[0]->ne[0] == cols
+                               : j.shape.size() == 1 || j.src[0]->ne[0] == cols || j.shape[0] == 1;
+      TIDAL_CHECK(want == have && rows_ok, FormatError,
                   "GGUF model \"{}\": tensor \"{}\" has shape {} (ggml ne), expected {} values "
                   "as [{}] (for {})",
                   path.string(), j.src[0]->name, fmt::join(j.src[0]->ne, ", "), want,
@@ -491,7 +533,15 @@ GgufModel open_gguf_model(const fs::path& path, bool decode) {
       case Fix::kQkv:
       case Fix::kConv: {
         if (j.fix == Fix::kLogNeg)
-          for (auto& v : x) v = std::log(-v);
+          for (auto& v : x) {
+            // ssm_a = -exp(A_log) is negative; anything else has no A_log.
+            TIDAL_CHECK(
+                v < 0.f, FormatError,
+                "GGUF model \"{}\": tensor \"{}\" holds {}, but ssm_a = -exp(A_log) must be "
+                "negative",
+                path.string(), t0.name, v);
+            v = std::log(-v);
+          }
         if (!reorder) break;
         const int64_t head = j.fix == Fix::kLogNeg || j.fix == Fix::kVRows1 ? 1 : dv;
         const int64_t c = j.shape.size() == 1 ? 1 : cols;  // values per row (conv: the kernel)
@@ -549,23 +599,32 @@ GgufModel open_gguf_model(const fs::path& path, bool decode) {
   };
   const size_t nthreads =
       std::max<size_t>(1, std::min<size_t>({jobs.size(), std::thread::hardware_concurrency(), 32}));
-  std::vector<std::thread> pool;
-  for (size_t w = 0; w < nthreads; ++w)
-    pool.emplace_back([&] {
-      for (size_t k = next++; k < jobs.size(); k = next++) {
-        try {
-          one(k);
-        } catch (...) {
-          std::lock_guard<std::mutex> lock(error_mu);
-          if (!error) error = std::current_exception();
-        }
+  std::atomic<bool> failed{false};
+  auto work = [&] {
+    for (size_t k = next++; k < jobs.size() && !failed; k = next++) {
+      try {
+        one(k);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mu);
+        if (!error) error = std::current_exception();
+        failed = true;
       }
-    });
+    }
+  };
+  std::vector<std::thread> pool;
+  try {
+    for (size_t w = 1; w < nthreads; ++w) pool.emplace_back(work);
+  } catch (const std::system_error&) {
+    // Fewer threads than asked for: the ones started (and this one) do the work.
+  }
+  work();
   for (auto& t : pool) t.join();
   if (error) std::rethrow_exception(error);
   for (auto& t : direct) made.push_back(std::move(t));
   out.checkpoint = Checkpoint::from_tensors(path, std::move(made), keep);
   return out;
 }
+
+}  // namespace
 
 }  // namespace tidal::core

@@ -29,6 +29,10 @@ struct GgufModel {
 /// With `decode` false nothing is decoded: tensors that would be are listed with their source
 /// type and bytes (for inspection: no values may be read from them).
 GgufModel open_gguf_model(const std::filesystem::path& path, bool decode = true);
+/// The same for one GGUF file held in memory (`name` in messages; the buffer must outlive the
+/// model). For tests and fuzzing.
+GgufModel open_gguf_model(const std::byte* data, size_t size, const std::string& name,
+                          bool decode = true);
 
 /// The architectures open_gguf_model() maps, as general.architecture spells them.
 const std::vector<std::string>& gguf_architectures();

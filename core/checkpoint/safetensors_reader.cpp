@@ -10,12 +10,15 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <system_error>
+#include <thread>
 
 #include "core/error.h"
 #include "kernels/cpu/weight_decode.h"
@@ -266,6 +269,7 @@ void Checkpoint::convert_fp8() {
     }
   }
   fp8_block_ = block;
+  std::vector<std::pair<kernels::cpu::MatrixSource, uint16_t*>> work;
   for (auto& [name, tp] : index_) {
     const TensorInfo& t = *tp;
     if (t.dtype != kernels::DType::kF8E4M3 || name.find(".mlp.experts.") != std::string::npos)
@@ -299,20 +303,40 @@ void Checkpoint::convert_fp8() {
     m.scale_inv = s.data;
     m.scale_dtype = s.dtype;
     auto buf = std::make_unique<uint16_t[]>(static_cast<size_t>(rows * cols));
-    std::vector<float> row(static_cast<size_t>(cols));
-    for (int64_t r = 0; r < rows; ++r) {
-      m.decode_row(r, row.data());
-      for (int64_t c = 0; c < cols; ++c) buf[r * cols + c] = kernels::f32_to_bf16(row[c]);
-    }
     auto conv = std::make_unique<TensorInfo>(t);
     conv->dtype = kernels::DType::kBF16;
     conv->dtype_name = "BF16";
     conv->data = reinterpret_cast<const std::byte*>(buf.get());
     conv->nbytes = static_cast<size_t>(rows * cols) * 2;
+    work.push_back({m, buf.get()});
     owned_.push_back(std::move(buf));
     synthetic_.push_back(std::move(conv));
     tp = synthetic_.back().get();
   }
+  // Decode (rows of every tensor in blocks of 64) on plain threads: no executor exists yet.
+  std::vector<std::pair<size_t, int64_t>> tasks;
+  for (size_t i = 0; i < work.size(); ++i)
+    for (int64_t r = 0; r < work[i].first.rows; r += 64) tasks.emplace_back(i, r);
+  std::atomic<size_t> next{0};
+  auto run = [&] {
+    std::vector<float> row;
+    for (size_t k = next++; k < tasks.size(); k = next++) {
+      const auto& [m, out] = work[tasks[k].first];
+      row.resize(static_cast<size_t>(m.cols));
+      for (int64_t r = tasks[k].second; r < std::min(m.rows, tasks[k].second + 64); ++r) {
+        m.decode_row(r, row.data());
+        for (int64_t c = 0; c < m.cols; ++c) out[r * m.cols + c] = kernels::f32_to_bf16(row[c]);
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  const size_t n = std::min<size_t>(std::max(1u, std::thread::hardware_concurrency()), 32);
+  try {
+    for (size_t w = 1; w < n && w < tasks.size(); ++w) pool.emplace_back(run);
+  } catch (const std::system_error&) {
+  }
+  run();
+  for (auto& th : pool) th.join();
 }
 
 const TensorInfo* Checkpoint::find(const std::string& name) const {

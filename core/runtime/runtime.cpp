@@ -324,11 +324,12 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
   if (experts->prepacked()) {
     // The pre-packed file is mapped as it is; there is nothing to cache.
   } else if (opts.expert_cache == "auto") {
-    // Only BF16/F16/F32 sources: GGUF and FP8 experts are already compact, so a cache would read
-    // about as many bytes from disk as the source (a Q4_K_M repacked to int8 g32 is 1.9x its size)
-    // and double the disk use, to save a decode that runs at memory speed (docs/performance.md).
+    // Not for GGUF experts: the int8 repack of a K-quant file is 1.75x its experts' size, so a
+    // cache would read more from disk than the file and double the disk use, to save a decode that
+    // runs at memory speed (docs/performance.md). FP8 experts are cached like BF16 ones (int8 g128
+    // is about their size; a warm reload maps instead of decoding).
     if (eopts.dtype != ExpertDType::kBF16 && experts->source_bytes() >= (uint64_t{1} << 30) &&
-        !experts->quantized_source()) {
+        !experts->ggml_source()) {
       const fs::path dir = fs::is_directory(path) ? path : path.parent_path();
       if (access(dir.c_str(), W_OK) == 0) {
         eopts.cache_dir = dir / ".tidal-cache";

@@ -159,8 +159,8 @@ class Runtime:
         expert_cache : "auto", "off" or a directory
             Where packed int8/int4 experts are kept so the next load maps them instead of quantising
             again. "auto": `<checkpoint>/.tidal-cache` (or `$XDG_CACHE_HOME/tidal`) for checkpoints
-            with at least 1 GiB of BF16/F16/F32 experts (GGUF and FP8 experts are repacked at every load:
-            a cache would be larger than the file). A changed checkpoint or format is detected and rebuilt.
+            with at least 1 GiB of BF16/F16/F32/FP8 experts (GGUF experts are repacked at every load: their
+            INT8 repack is larger than the file). A changed checkpoint or format is detected and rebuilt.
         device : "cpu", "cuda" or "cuda:N"
             "cuda" keeps embeddings, attention and DeltaNet layers, routers, shared experts and lm_head in
             VRAM (routed experts stay in RAM on the CPU kernels).

@@ -75,6 +75,33 @@ def main(out: str) -> None:
     w.write()
     w = tg.GGUFWriter(d / "empty.gguf")
     w.write()
+    # Whole models (one per architecture llama.cpp names), small enough for -max_len 65536, so the
+    # model mapping (gguf_model.cpp) is reached: tiny configs written by tidal.synth, converted.
+    import tempfile
+
+    from tidal import synth
+
+    hybrid = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                  vocab_size=32, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
+                  shared_expert_intermediate_size=32, linear_num_key_heads=1, linear_num_value_heads=2,
+                  linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+                  layer_types=["linear_attention", "full_attention"], max_position_embeddings=64, rms_norm_eps=1e-6,
+                  tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                              "partial_rotary_factor": 0.25})
+    models = {"qwen35moe": dict(hybrid, model_type="qwen3_5_moe_text"),
+              "qwen3next": dict(hybrid, model_type="qwen3_next", intermediate_size=32, decoder_sparse_step=1,
+                                mlp_only_layers=[], norm_topk_prob=True),
+              "qwen3moe": dict(model_type="qwen3_moe", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               num_key_value_heads=1, head_dim=16, vocab_size=32, num_experts=2, num_experts_per_tok=1,
+                               moe_intermediate_size=32, intermediate_size=32, decoder_sparse_step=1,
+                               mlp_only_layers=[], norm_topk_prob=True, max_position_embeddings=64,
+                               rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=1e4)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch, cfg in models.items():
+            src = synth.write_checkpoint(cfg, pathlib.Path(tmp) / arch, progress=False)
+            out = tg.convert(src, d / f"model-{arch}.gguf", expert_type="q8_0", dense_type="bf16", workers=1,
+                             progress=False)
+            assert out.stat().st_size <= 65536, (out, out.stat().st_size)
 
 
 if __name__ == "__main__":

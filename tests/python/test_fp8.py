@@ -244,3 +244,23 @@ def test_fp8_on_cuda_equals_cpu(mini_fp8):
     cpu = tidal.Runtime.load(mini_fp8, progress=False)
     gpu = tidal.Runtime.load(mini_fp8, progress=False, device="cuda", gpu_precision="fp32")
     np.testing.assert_allclose(gpu.logits(ids), cpu.logits(ids), rtol=0, atol=CUDA_LOGITS_ATOL["fp32_vs_cpu"])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fp8_multi_block_scales(fused, tmp_path):
+    """Widths above one 128-block and not multiples of it (hidden 192, expert width 160), fused and
+    per-expert: every scale row and column is used, and the partial blocks at the edges too."""
+    cfg = synth.preset_config("tiny")
+    cfg.update(hidden_size=192, moe_intermediate_size=160, shared_expert_intermediate_size=160, num_experts=4,
+               num_experts_per_tok=2)
+    src = fp8.convert(synth.write_checkpoint(cfg, tmp_path / "bf16", fused_experts=fused, progress=False),
+                      tmp_path / "fp8", progress=False)
+    t = _read(src)
+    key = "model.layers.0.mlp.experts.gate_up_proj_scale_inv" if fused else \
+        "model.layers.0.mlp.experts.3.gate_proj.weight_scale_inv"
+    assert t[key][1] == ([4, 3, 2] if fused else [2, 2])
+    twin = _bf16_twin(src, tmp_path / "twin")
+    a = tidal.Runtime.load(src, progress=False, expert_dtype="bf16")
+    b = tidal.Runtime.load(twin, progress=False, expert_dtype="bf16")
+    ids = [1, 5, 9, 200, 3, 7, 11, 13]
+    np.testing.assert_allclose(a.logits(ids), b.logits(ids), rtol=0, atol=1e-5 * float(np.abs(b.logits(ids)).max()))

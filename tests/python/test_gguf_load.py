@@ -302,10 +302,10 @@ def test_bad_gguf_files_name_the_file_and_tensor(tmp_path, mini_gguf):
         return gtype, shape, raw
     info = tg.read(src)
     up = next(t for t in info.tensors if t["name"] == "blk.0.ffn_up_exps.weight")
-    if up["shape"][-1] % 256 == 0:
-        bad = _rewrite(src, tmp_path / "iq.gguf", iq)
-        with pytest.raises(NotImplementedError, match=r'"blk.0.ffn_up_exps.weight" has type IQ2_XXS'):
-            tidal.Runtime.load(bad, progress=False)
+    assert up["shape"][-1] % 256 == 0  # tidal-mini's hidden size holds whole IQ2_XXS blocks
+    bad = _rewrite(src, tmp_path / "iq.gguf", iq)
+    with pytest.raises(NotImplementedError, match=r'"blk.0.ffn_up_exps.weight" has type IQ2_XXS'):
+        tidal.Runtime.load(bad, progress=False)
     # Truncated: the reader names the file.
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
@@ -323,11 +323,79 @@ def test_unsupported_dense_type_is_named(tmp_path):
     path = _convert(GOLDEN / "qwen3_5_moe_text", tmp_path / "m.gguf", "q8_0")
 
     def fn(name, gtype, shape, raw):
-        if name == "blk.0.attn_qkv.weight":
-            return 23, [shape[0], 256], b"\0" * tg.type_size(23, [shape[0], 256])  # IQ4_XS, wrong width too
+        if name == "blk.0.attn_qkv.weight":  # IQ4_NL (32-value blocks): right shape, a type tidal lacks
+            return 20, shape, b"\0" * tg.type_size(20, shape)
         return gtype, shape, raw
     bad = _rewrite(path, tmp_path / "bad.gguf", fn)
-    with pytest.raises((NotImplementedError, tidal.FormatError), match=r"blk.0.attn_qkv.weight"):
+    with pytest.raises(NotImplementedError, match=r'tensor "blk.0.attn_qkv.weight" has type IQ4_NL'):
+        tidal.Runtime.load(bad, progress=False)
+
+
+def _with_metadata(src: pathlib.Path, dst: pathlib.Path, edit, extra_tensors=()) -> pathlib.Path:
+    """A copy of GGUF `src` with metadata edited (edit(key, value) -> value) and tensors appended
+    (name, source tensor name) copied from existing ones."""
+    info = tg.read(src)
+    data = np.memmap(src, np.uint8, mode="r")
+    w = tg.GGUFWriter(dst)
+    for key, value in info.metadata.items():
+        t = info.types[key]
+        value = edit(key, value)
+        w.add(key, value, tg.ARR, tg._VTYPES[t[6:-1]]) if t.startswith("array[") else w.add(key, value, tg._VTYPES[t])
+    by_name = {t["name"]: t for t in info.tensors}
+    for name, t in [(t["name"], t) for t in info.tensors] + [(n, by_name[s]) for n, s in extra_tensors]:
+        s0 = info.data_offset + t["offset"]
+        w.add_tensor(name, t["shape"], t["type"], lambda a=s0, b=s0 + t["nbytes"]: bytes(data[a:b]))
+    return w.write()
+
+
+def test_mtp_layers_of_current_llama_cpp_files_are_left_out(tmp_path):
+    """llama.cpp writes Qwen3.5/3.6's MTP layer as blk.<n_layer> with block_count = n_layer + 1 and
+    nextn_predict_layers = 1: tidal runs the main layers only (same logits as without it)."""
+    path = _convert(GOLDEN / "qwen3_5_moe_text", tmp_path / "m.gguf", "q8_0")
+    n = tg.read(path).metadata["qwen35moe.block_count"]
+    last = f"blk.{n - 1}."
+    extra = [(t["name"].replace(last, f"blk.{n}.", 1), t["name"]) for t in tg.read(path).tensors
+             if t["name"].startswith(last)]
+    mtp = _with_metadata(path, tmp_path / "mtp.gguf",
+                         lambda k, v: n + 1 if k == "qwen35moe.block_count" else v, extra)
+    info = tg.read(mtp)
+    w = tg.GGUFWriter(tmp_path / "mtp2.gguf")
+    data = np.memmap(mtp, np.uint8, mode="r")
+    for key, value in info.metadata.items():
+        t = info.types[key]
+        w.add(key, value, tg.ARR, tg._VTYPES[t[6:-1]]) if t.startswith("array[") else w.add(key, value, tg._VTYPES[t])
+    w.add("qwen35moe.nextn_predict_layers", 1, tg.U32)
+    for t in info.tensors:
+        s0 = info.data_offset + t["offset"]
+        w.add_tensor(t["name"], t["shape"], t["type"], lambda a=s0, b=s0 + t["nbytes"]: bytes(data[a:b]))
+    mtp2 = w.write()
+    a = tidal.Runtime.load(path, progress=False)
+    b = tidal.Runtime.load(mtp2, progress=False)
+    assert b.config.num_hidden_layers == n
+    np.testing.assert_array_equal(a.logits(IDS), b.logits(IDS))
+
+
+def test_hostile_metadata_and_values(tmp_path):
+    path = _convert(GOLDEN / "qwen3_5_moe_text", tmp_path / "m.gguf", "q8_0")
+    huge = _with_metadata(path, tmp_path / "huge.gguf",
+                          lambda k, v: 2**31 if k == "qwen35moe.block_count" else v)
+    with pytest.raises(tidal.FormatError, match=r"block_count 2147483648 .* does not fit its \d+ tensors"):
+        tidal.Runtime.load(huge, progress=False)
+
+    def positive_a(name, gtype, shape, raw):
+        if name == "blk.0.ssm_a":
+            return gtype, shape, np.abs(np.frombuffer(raw, np.float32)).tobytes()
+        return gtype, shape, raw
+    bad = _rewrite(path, tmp_path / "a.gguf", positive_a)
+    with pytest.raises(tidal.FormatError, match=r'"blk.0.ssm_a" holds .* must be negative'):
+        tidal.Runtime.load(bad, progress=False)
+
+    def transposed_conv(name, gtype, shape, raw):
+        if name == "blk.0.ssm_conv1d.weight":  # same count, rows and columns swapped
+            return gtype, shape[::-1], raw
+        return gtype, shape, raw
+    bad = _rewrite(path, tmp_path / "conv.gguf", transposed_conv)
+    with pytest.raises(tidal.FormatError, match=r'"blk.0.ssm_conv1d.weight" has shape'):
         tidal.Runtime.load(bad, progress=False)
 
 
