@@ -264,3 +264,14 @@ def test_fp8_multi_block_scales(fused, tmp_path):
     b = tidal.Runtime.load(twin, progress=False, expert_dtype="bf16")
     ids = [1, 5, 9, 200, 3, 7, 11, 13]
     np.testing.assert_allclose(a.logits(ids), b.logits(ids), rtol=0, atol=1e-5 * float(np.abs(b.logits(ids)).max()))
+
+
+def test_fp8_experts_are_cached_like_bf16(mini_fp8, tmp_path):
+    """The INT8 repack of FP8 experts goes to the packed-expert cache (keyed by the weight and scale
+    shards): the second load maps it, with the same logits."""
+    ids = [1, 5, 9, 200, 3, 7, 11, 13]
+    a = tidal.Runtime.load(mini_fp8, progress=False, expert_cache=tmp_path / "cache")
+    assert a.describe()["expert_cache"] == "written"
+    b = tidal.Runtime.load(mini_fp8, progress=False, expert_cache=tmp_path / "cache")
+    assert b.describe()["expert_cache"] == "hit"
+    np.testing.assert_array_equal(a.logits(ids), b.logits(ids))
