@@ -139,6 +139,27 @@ def _rewrite(src: pathlib.Path, dst: pathlib.Path, fn) -> pathlib.Path:
     return w.write()
 
 
+def _with_metadata(src: pathlib.Path, dst: pathlib.Path, edit=lambda k, v: v, *, add=(), drop=(),
+                   extra_tensors=()) -> pathlib.Path:
+    """A copy of GGUF `src`: metadata edited (edit(key, value) -> value), keys `add`ed (key, value,
+    type), tensors in `drop` left out and (new name, source name) pairs in `extra_tensors` appended."""
+    info = tg.read(src)
+    data = np.memmap(src, np.uint8, mode="r")
+    w = tg.GGUFWriter(dst)
+    for key, value in info.metadata.items():
+        t = info.types[key]
+        value = edit(key, value)
+        w.add(key, value, tg.ARR, tg._VTYPES[t[6:-1]]) if t.startswith("array[") else w.add(key, value, tg._VTYPES[t])
+    for key, value, vtype in add:
+        w.add(key, value, vtype)
+    by_name = {t["name"]: t for t in info.tensors}
+    for name, t in [(t["name"], t) for t in info.tensors if t["name"] not in drop] + \
+            [(n, by_name[s]) for n, s in extra_tensors]:
+        s0 = info.data_offset + t["offset"]
+        w.add_tensor(name, t["shape"], t["type"], lambda a=s0, b=s0 + t["nbytes"]: bytes(data[a:b]))
+    return w.write()
+
+
 def _dequantised_experts(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
     """The same model with every expert tensor decoded (gguf package) and stored as F32."""
     def fn(name, gtype, shape, raw):
@@ -245,21 +266,7 @@ def test_tokenizer_template_and_generation_from_gguf_metadata(mini_gguf):
 
 def test_tokenizer_override_and_unrebuildable_tokenizers(mini_gguf, tmp_path):
     # A GGUF whose tokenizer model tidal cannot rebuild: clear advice, and tokenizer= works.
-    def fn(name, gtype, shape, raw):
-        return gtype, shape, raw
-    info = tg.read(mini_gguf)
-    path = tmp_path / "spm.gguf"
-    w = tg.GGUFWriter(path)
-    for key, value in info.metadata.items():
-        if key == "tokenizer.ggml.model":
-            value = "llama"
-        t = info.types[key]
-        w.add(key, value, tg.ARR, tg._VTYPES[t[6:-1]]) if t.startswith("array[") else w.add(key, value, tg._VTYPES[t])
-    data = np.memmap(mini_gguf, np.uint8, mode="r")
-    for t in info.tensors:
-        s = info.data_offset + t["offset"]
-        w.add_tensor(t["name"], t["shape"], t["type"], lambda s=s, e=s + t["nbytes"]: bytes(data[s:e]))
-    w.write()
+    path = _with_metadata(mini_gguf, tmp_path / "spm.gguf", lambda k, v: "llama" if k == "tokenizer.ggml.model" else v)
     with pytest.raises(NotImplementedError, match="tokenizer='path/to/tokenizer.json'"):
         tidal.Runtime.load(path, progress=False)
     rt = tidal.Runtime.load(path, progress=False, tokenizer=MINI / "tokenizer.json")
@@ -272,27 +279,10 @@ def test_tokenizer_override_and_unrebuildable_tokenizers(mini_gguf, tmp_path):
 
 def test_bad_gguf_files_name_the_file_and_tensor(tmp_path, mini_gguf):
     src = mini_gguf
-
-    def meta(edit):
-        info = tg.read(src)
-        path = tmp_path / f"bad{len(list(tmp_path.iterdir()))}.gguf"
-        w = tg.GGUFWriter(path)
-        for key, value in info.metadata.items():
-            t = info.types[key]
-            value = edit(key, value)
-            w.add(key, value, tg.ARR, tg._VTYPES[t[6:-1]]) if t.startswith("array[") else w.add(key, value, tg._VTYPES[t])
-        data = np.memmap(src, np.uint8, mode="r")
-        for t in info.tensors:
-            if t["name"] == "blk.1.attn_norm.weight" and edit("drop", None) == "drop":
-                continue
-            s = info.data_offset + t["offset"]
-            w.add_tensor(t["name"], t["shape"], t["type"], lambda s=s, e=s + t["nbytes"]: bytes(data[s:e]))
-        return w.write()
-
-    unknown = meta(lambda k, v: "llama" if k == "general.architecture" else v)
+    unknown = _with_metadata(src, tmp_path / "arch.gguf", lambda k, v: "llama" if k == "general.architecture" else v)
     with pytest.raises(NotImplementedError, match=r'architecture "llama" is not supported \(tidal runs: qwen35moe'):
         tidal.Runtime.load(unknown, progress=False)
-    missing = meta(lambda k, v: "drop" if k == "drop" else v)
+    missing = _with_metadata(src, tmp_path / "missing.gguf", drop=["blk.1.attn_norm.weight"])
     with pytest.raises(tidal.FormatError, match=r'tensor "blk.1.attn_norm.weight" is missing'):
         tidal.Runtime.load(missing, progress=False)
     # An expert tensor in a type tidal cannot run (IQ2_XXS): named with its type.
@@ -331,23 +321,6 @@ def test_unsupported_dense_type_is_named(tmp_path):
         tidal.Runtime.load(bad, progress=False)
 
 
-def _with_metadata(src: pathlib.Path, dst: pathlib.Path, edit, extra_tensors=()) -> pathlib.Path:
-    """A copy of GGUF `src` with metadata edited (edit(key, value) -> value) and tensors appended
-    (name, source tensor name) copied from existing ones."""
-    info = tg.read(src)
-    data = np.memmap(src, np.uint8, mode="r")
-    w = tg.GGUFWriter(dst)
-    for key, value in info.metadata.items():
-        t = info.types[key]
-        value = edit(key, value)
-        w.add(key, value, tg.ARR, tg._VTYPES[t[6:-1]]) if t.startswith("array[") else w.add(key, value, tg._VTYPES[t])
-    by_name = {t["name"]: t for t in info.tensors}
-    for name, t in [(t["name"], t) for t in info.tensors] + [(n, by_name[s]) for n, s in extra_tensors]:
-        s0 = info.data_offset + t["offset"]
-        w.add_tensor(name, t["shape"], t["type"], lambda a=s0, b=s0 + t["nbytes"]: bytes(data[a:b]))
-    return w.write()
-
-
 def test_mtp_layers_of_current_llama_cpp_files_are_left_out(tmp_path):
     """llama.cpp writes Qwen3.5/3.6's MTP layer as blk.<n_layer> with block_count = n_layer + 1 and
     nextn_predict_layers = 1: tidal runs the main layers only (same logits as without it)."""
@@ -356,19 +329,8 @@ def test_mtp_layers_of_current_llama_cpp_files_are_left_out(tmp_path):
     last = f"blk.{n - 1}."
     extra = [(t["name"].replace(last, f"blk.{n}.", 1), t["name"]) for t in tg.read(path).tensors
              if t["name"].startswith(last)]
-    mtp = _with_metadata(path, tmp_path / "mtp.gguf",
-                         lambda k, v: n + 1 if k == "qwen35moe.block_count" else v, extra)
-    info = tg.read(mtp)
-    w = tg.GGUFWriter(tmp_path / "mtp2.gguf")
-    data = np.memmap(mtp, np.uint8, mode="r")
-    for key, value in info.metadata.items():
-        t = info.types[key]
-        w.add(key, value, tg.ARR, tg._VTYPES[t[6:-1]]) if t.startswith("array[") else w.add(key, value, tg._VTYPES[t])
-    w.add("qwen35moe.nextn_predict_layers", 1, tg.U32)
-    for t in info.tensors:
-        s0 = info.data_offset + t["offset"]
-        w.add_tensor(t["name"], t["shape"], t["type"], lambda a=s0, b=s0 + t["nbytes"]: bytes(data[a:b]))
-    mtp2 = w.write()
+    mtp2 = _with_metadata(path, tmp_path / "mtp.gguf", lambda k, v: n + 1 if k == "qwen35moe.block_count" else v,
+                          add=[("qwen35moe.nextn_predict_layers", 1, tg.U32)], extra_tensors=extra)
     a = tidal.Runtime.load(path, progress=False)
     b = tidal.Runtime.load(mtp2, progress=False)
     assert b.config.num_hidden_layers == n
