@@ -41,3 +41,9 @@ if ! fuzz_probe; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "libclang-rt-$v-dev" >/dev/null ||
     echo "install-deps: warning: no libFuzzer package for clang $v; tests/fuzz/run.sh will say so"
 fi
+
+# Debian's own python3 is "externally managed" (PEP 668); this lets pip install next to it. It has no
+# effect on a virtual environment or a pyenv/conda Python.
+export PIP_BREAK_SYSTEM_PACKAGES=1
+python3 -m pip install -q --disable-pip-version-check "numpy>=1.22" "tokenizers>=0.21.1" "jinja2>=3.1" "tqdm>=4.60" \
+  "pytest>=7" "nbclient>=0.7" "nbformat>=5" "ipykernel>=6" "matplotlib>=3.5" "gguf>=0.10"
