@@ -207,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--context", type=int, default=None,
                    help="context length the plan reserves KV cache for (default: min(32768, the model's))")
     i.set_defaults(fn=cmd_info)
+    sub.add_parser("serve", help="OpenAI-compatible HTTP server (see: tidal serve --help)", add_help=False)
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["serve"]:  # its own parser (tidal.serve), so `tidal serve --help` shows its options
+        from .serve import main as serve_main
+
+        return serve_main(args[1:])
     a = ap.parse_args(argv)
     try:
         return a.fn(a)

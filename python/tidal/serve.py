@@ -1,0 +1,376 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`tidal serve`: an OpenAI-compatible HTTP server for one loaded model (FastAPI + uvicorn).
+
+    tidal serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--served-model-name NAME]
+
+Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (streaming as server-sent
+events, or not), GET /health, GET /metrics (Prometheus text). Requests take the fields OpenAI clients
+send (messages, tools / tool_choice, temperature, top_p, max_tokens / max_completion_tokens, stop,
+seed, presence / frequency penalties) plus vLLM's top_k, min_p, repetition_penalty, ignore_eos and
+chat_template_kwargs (enable_thinking, preserve_thinking). Replies carry `reasoning_content` apart from
+`content`, `tool_calls`, `finish_reason` and `usage`. Errors use OpenAI's shape
+({"error": {"message", "type", "param", "code"}}) with the matching HTTP status.
+
+This first version runs each request on its own sequence in a worker thread (sequences of one runtime
+run concurrently); batching the decode steps of concurrent requests through the experts is the
+scheduler's job (docs/architecture.md, "Where the next pieces go"). A bounded number of requests is
+admitted; beyond it the server answers 503 instead of queueing without limit.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request).
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+from typing import Any, Iterator
+
+__all__ = ["create_app", "main"]
+
+_SAMPLING = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "presence_penalty": float,
+             "frequency_penalty": float, "repetition_penalty": float, "seed": int}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: "str | None" = None,
+                 code: "str | None" = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _generation_args(body: dict[str, Any]) -> dict[str, Any]:
+    """The sampling and stopping fields of a request, checked, as Runtime.generate keywords."""
+    out: dict[str, Any] = {}
+    for name, kind in _SAMPLING.items():
+        v = body.get(name)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
+            raise APIError(400, f"'{name}' must be a {'integer' if kind is int else 'number'}, got {v!r}", param=name)
+        out[name] = kind(v)
+    n = body.get("max_completion_tokens", body.get("max_tokens"))
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise APIError(400, f"'max_tokens' must be a positive integer, got {n!r}", param="max_tokens")
+        out["max_new_tokens"] = n
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
+            raise APIError(400, "'stop' must be a non-empty string or a list of at most 16 of them", param="stop")
+        out["stop"] = stop
+    if body.get("ignore_eos") is not None:  # vLLM's extra field: generate max_tokens regardless of EOS
+        if not isinstance(body["ignore_eos"], bool):
+            raise APIError(400, "'ignore_eos' must be a boolean", param="ignore_eos")
+        out["ignore_eos"] = body["ignore_eos"]
+    if body.get("n", 1) != 1:
+        raise APIError(400, "only n=1 is supported", param="n")
+    return out
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise APIError(400, "'messages' must be a non-empty list", param="messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise APIError(400, f"messages[{i}] must be an object with a 'role'", param="messages")
+        m = dict(m)
+        content = m.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            m["content"] = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        calls = []
+        for c in m.get("tool_calls") or []:  # arguments arrive as JSON text; Qwen's templates read mappings
+            c = json.loads(json.dumps(c))
+            fn = c.get("function") or {}
+            if isinstance(fn.get("arguments"), str):
+                try:
+                    fn["arguments"] = json.loads(fn["arguments"])
+                except json.JSONDecodeError:
+                    pass
+            calls.append(c)
+        if calls:
+            m["tool_calls"] = calls
+        out.append(m)
+    return out
+
+
+def _openai_tool_call(c: dict[str, Any], index: int) -> dict[str, Any]:
+    fn = dict(c.get("function") or {})
+    if not isinstance(fn.get("arguments"), str):
+        fn["arguments"] = json.dumps(fn.get("arguments", {}), ensure_ascii=False)
+    return {"index": index, "id": c.get("id") or f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": fn}
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests = 0
+        self.errors = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.active = 0
+
+
+def create_app(rt: Any, *, model_name: str, api_key: "str | None" = None, max_requests: int = 16) -> Any:
+    """The FastAPI application serving `rt` (a loaded tidal.Runtime) as `model_name`. At most
+    `max_requests` requests run or wait at once; more get 503."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+
+    app = FastAPI(title="tidal", docs_url=None, redoc_url=None)
+    metrics = _Metrics()
+    slots = threading.BoundedSemaphore(max_requests)
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        with metrics.lock:
+            metrics.errors += 1
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next: Any) -> Any:
+        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+            return JSONResponse(APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                         "authentication_error", code="invalid_api_key").body(), status_code=401)
+        try:
+            return await call_next(request)
+        except APIError as exc:
+            return JSONResponse(exc.body(), status_code=exc.status)
+
+    async def _body(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        if len(raw) > 64 << 20:
+            raise APIError(413, "request body over 64 MiB")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != model_name:
+            raise APIError(404, f"model '{model}' does not exist; this server has '{model_name}'",
+                           param="model", code="model_not_found")
+        return body
+
+    def _admit() -> None:
+        if not slots.acquire(blocking=False):
+            raise APIError(503, f"server busy: {max_requests} requests already running or waiting; retry later",
+                           "server_error", code="busy")
+        with metrics.lock:
+            metrics.requests += 1
+            metrics.active += 1
+
+    def _release() -> None:
+        with metrics.lock:
+            metrics.active -= 1
+        slots.release()
+
+    def _count(result: Any) -> dict[str, int]:
+        with metrics.lock:
+            metrics.prompt_tokens += result.prompt_tokens
+            metrics.completion_tokens += result.completion_tokens
+        return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+    def _start(kind: str, body: dict[str, Any]) -> Any:
+        gen = _generation_args(body)
+        try:
+            if kind == "chat":
+                tools = body.get("tools")
+                if body.get("tool_choice") == "none":
+                    tools = None
+                kw = body.get("chat_template_kwargs") or {}
+                if not isinstance(kw, dict):
+                    raise APIError(400, "'chat_template_kwargs' must be an object", param="chat_template_kwargs")
+                kw = dict(kw)
+                return rt.chat(_messages(body), stream=True, tools=tools or None,
+                               enable_thinking=kw.pop("enable_thinking", None),
+                               preserve_thinking=kw.pop("preserve_thinking", None), chat_template_kwargs=kw, **gen)
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1:
+                prompt = prompt[0]
+            if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
+                raise APIError(400, "'prompt' must be a string or a list of token ids", param="prompt")
+            return rt.generate(prompt, stream=True, **gen)
+        except APIError:
+            raise
+        except (ValueError, TypeError, NotImplementedError) as exc:
+            raise APIError(400, str(exc)) from None
+
+    def _drain(stream: Any) -> Any:
+        with stream:
+            for _ in stream:
+                pass
+        return stream.result
+
+    async def _handle(request: Request, kind: str) -> Any:
+        body = await _body(request)
+        _admit()
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        try:
+            stream = await run_in_threadpool(_start, kind, body)
+        except BaseException:
+            _release()
+            raise
+        if not body.get("stream"):
+            try:
+                result = await run_in_threadpool(_drain, stream)
+            finally:
+                _release()
+            usage = _count(result)
+            if kind == "chat":
+                msg: dict[str, Any] = {"role": "assistant", "content": result.content}
+                if result.reasoning:
+                    msg["reasoning_content"] = result.reasoning
+                if result.tool_calls:
+                    msg["tool_calls"] = [_openai_tool_call(c, i) for i, c in enumerate(result.tool_calls)]
+                choice = {"index": 0, "message": msg, "logprobs": None,
+                          "finish_reason": "tool_calls" if result.tool_calls else result.finish_reason}
+                obj = "chat.completion"
+            else:
+                choice = {"index": 0, "text": result.text or "", "logprobs": None,
+                          "finish_reason": result.finish_reason}
+                obj = "text_completion"
+            return JSONResponse({"id": rid, "object": obj, "created": int(time.time()), "model": model_name,
+                                 "choices": [choice], "usage": usage})
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return StreamingResponse(_sse(request, stream, kind, rid, include_usage), media_type="text/event-stream")
+
+    async def _sse(request: Request, stream: Any, kind: str, rid: str, include_usage: bool) -> Any:
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        now = int(time.time())
+
+        def event(choice: "dict[str, Any] | None", usage: "dict[str, int] | None" = None) -> str:
+            d: dict[str, Any] = {"id": rid, "object": obj, "created": now, "model": model_name,
+                                 "choices": [choice] if choice is not None else []}
+            if usage is not None:
+                d["usage"] = usage
+            return f"data: {json.dumps(d, ensure_ascii=False)}\n\n"
+
+        it: Iterator[Any] = iter(stream)
+        ncalls = 0
+        try:
+            if kind == "chat":
+                yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+            while True:
+                if await request.is_disconnected():
+                    return  # finally: the stream is closed, its sequence freed
+                chunk = await run_in_threadpool(next, it, None)
+                if chunk is None:
+                    break
+                if chunk.channel == "end":
+                    finish = "tool_calls" if ncalls and kind == "chat" else chunk.finish_reason
+                    yield event({"index": 0, "delta": {}, "finish_reason": finish} if kind == "chat"
+                                else {"index": 0, "text": "", "finish_reason": finish})
+                    continue
+                if kind != "chat":
+                    if chunk.text:
+                        yield event({"index": 0, "text": chunk.text, "finish_reason": None})
+                    continue
+                if chunk.channel == "tool_call" and chunk.tool_call is not None:
+                    delta = {"tool_calls": [_openai_tool_call(chunk.tool_call, ncalls)]}
+                    ncalls += 1
+                elif chunk.channel == "reasoning":
+                    delta = {"reasoning_content": chunk.text}
+                else:
+                    delta = {"content": chunk.text}
+                if chunk.text or "tool_calls" in delta:
+                    yield event({"index": 0, "delta": delta, "finish_reason": None})
+            usage = _count(stream.result)
+            if include_usage:
+                yield event(None, usage)
+            yield "data: [DONE]\n\n"
+        finally:
+            stream.close()
+            _release()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "tidal"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        return await _handle(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await _handle(request, "completion")
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        st = rt.stats()
+        with metrics.lock:
+            lines = [
+                "# TYPE tidal_requests_total counter", f"tidal_requests_total {metrics.requests}",
+                "# TYPE tidal_request_errors_total counter", f"tidal_request_errors_total {metrics.errors}",
+                "# TYPE tidal_requests_active gauge", f"tidal_requests_active {metrics.active}",
+                "# TYPE tidal_prompt_tokens_total counter", f"tidal_prompt_tokens_total {metrics.prompt_tokens}",
+                "# TYPE tidal_generation_tokens_total counter",
+                f"tidal_generation_tokens_total {metrics.completion_tokens}",
+            ]
+        lines += ["# TYPE tidal_decode_tokens_per_second gauge",
+                  f"tidal_decode_tokens_per_second {st.decode_tokens_per_second or 0.0:.3f}",
+                  "# TYPE tidal_prefill_tokens_per_second gauge",
+                  f"tidal_prefill_tokens_per_second {st.prefill_tokens_per_second or 0.0:.3f}",
+                  "# TYPE tidal_live_sequences gauge", f"tidal_live_sequences {st.live_sequences}",
+                  "# TYPE tidal_memory_bytes gauge"]
+        for k, v in (st.memory or {}).items():
+            if isinstance(v, (int, float)):
+                lines.append(f'tidal_memory_bytes{{kind="{k}"}} {v}')
+        hit = st.expert_cache_hit_rate
+        lines += ["# TYPE tidal_expert_cache_hit_rate gauge",
+                  f"tidal_expert_cache_hit_rate {hit if isinstance(hit, (int, float)) else 'NaN'}"]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def main(argv: "list[str] | None" = None) -> int:
+    ap = argparse.ArgumentParser(prog="tidal serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", help="checkpoint directory or .gguf file")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--api-key", default=os.environ.get("TIDAL_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' on every request (default: $TIDAL_API_KEY, else none)")
+    ap.add_argument("--served-model-name", default=None, help="the model id clients use (default: the path's name)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--gpu-memory", default=None)
+    ap.add_argument("--cpu-threads", type=int, default=0)
+    ap.add_argument("--max-requests", type=int, default=16, help="requests running or waiting before 503")
+    a = ap.parse_args(argv)
+    try:
+        import uvicorn
+    except ImportError:
+        print("tidal serve: needs FastAPI and uvicorn: pip install 'tidal[serve]'", file=sys.stderr)
+        return 2
+    from .runtime import Runtime
+
+    kw: dict[str, Any] = {"device": a.device, "cpu_threads": a.cpu_threads}
+    if a.gpu_memory:
+        kw["gpu_memory"] = a.gpu_memory
+    rt = Runtime.load(a.model, **kw)
+    name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
+    uvicorn.run(create_app(rt, model_name=name, api_key=a.api_key, max_requests=a.max_requests), host=a.host,
+                port=a.port, log_level="info")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

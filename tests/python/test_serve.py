@@ -1,0 +1,223 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`tidal serve` (tidal.serve) on tidal-mini, driven by the official `openai` client: chat and
+completions, streaming equal to non-streaming, stop strings, seed reproducibility, concurrent streams
+equal to sequential runs, cancellation, errors in OpenAI's shape, API key, metrics."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+import tidal
+from conftest import MINI
+
+fastapi = pytest.importorskip("fastapi", reason="tidal serve needs FastAPI and uvicorn (pip install 'tidal[serve]')")
+uvicorn = pytest.importorskip("uvicorn", reason="tidal serve needs FastAPI and uvicorn (pip install 'tidal[serve]')")
+openai = pytest.importorskip("openai", reason="the tests drive the server with the official openai client")
+httpx = pytest.importorskip("httpx", reason="raw HTTP checks use httpx (an openai dependency)")
+
+from tidal.serve import create_app  # noqa: E402
+
+NAME = "tidal-mini"
+MSGS = [{"role": "user", "content": "Write a Python function that adds two numbers."}]
+
+
+class _Server:
+    def __init__(self, app):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        sock.close()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                break
+            time.sleep(0.05)
+        assert self.server.started
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def rt():
+    return tidal.Runtime.load(MINI, progress=False)
+
+
+@pytest.fixture(scope="module")
+def server(rt):
+    s = _Server(create_app(rt, model_name=NAME, max_requests=8))
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+
+def test_chat_matches_the_runtime_and_streams_the_same(client, rt):
+    want = rt.chat(MSGS, max_new_tokens=24, temperature=0)
+    r = client.chat.completions.create(model=NAME, messages=MSGS, max_tokens=24, temperature=0)
+    assert r.choices[0].message.content == want.content
+    assert r.choices[0].finish_reason == want.finish_reason
+    assert r.usage.prompt_tokens == want.prompt_tokens and r.usage.completion_tokens == len(want.token_ids)
+    parts, finish, usage = [], None, None
+    for ev in client.chat.completions.create(model=NAME, messages=MSGS, max_tokens=24, temperature=0, stream=True,
+                                             stream_options={"include_usage": True}):
+        if ev.usage is not None:
+            usage = ev.usage
+        for c in ev.choices:
+            parts.append(c.delta.content or "")
+            finish = c.finish_reason or finish
+    assert "".join(parts) == want.content and finish == want.finish_reason
+    assert usage is not None and usage.completion_tokens == len(want.token_ids)
+
+
+def test_thinking_is_returned_apart_and_preserved(client):
+    """enable_thinking opens a reasoning block that comes back as reasoning_content; a second turn with
+    preserve_thinking accepts the assistant message as returned (reasoning included)."""
+    r = client.chat.completions.create(model=NAME, messages=MSGS, max_tokens=32, temperature=0,
+                                       extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    msg = r.choices[0].message
+    reasoning = getattr(msg, "reasoning_content", None) or (msg.model_extra or {}).get("reasoning_content")
+    assert reasoning  # the prompt opens <think>: everything until </think> (or the limit) is reasoning
+    turn2 = MSGS + [{"role": "assistant", "content": msg.content or "", "reasoning_content": reasoning},
+                    {"role": "user", "content": "Now subtract them."}]
+    r2 = client.chat.completions.create(model=NAME, messages=turn2, max_tokens=8, temperature=0,
+                                        extra_body={"chat_template_kwargs": {"enable_thinking": True,
+                                                                             "preserve_thinking": True}})
+    assert r2.usage.prompt_tokens > r.usage.prompt_tokens
+
+
+def test_completions_stop_and_seed(client, rt):
+    prompt = "def add(a, b):\n"
+    want = rt.generate(prompt, max_new_tokens=16, temperature=0)
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=0)
+    assert r.choices[0].text == want.text
+    stop = want.text[len(want.text) // 2:][:3] if len(want.text) > 6 else None
+    if stop:
+        rs = client.completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=0, stop=[stop])
+        assert stop not in rs.choices[0].text and rs.choices[0].finish_reason == "stop"
+    a = client.completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=1.0, seed=7)
+    b = client.completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=1.0, seed=7)
+    assert a.choices[0].text == b.choices[0].text
+
+
+def test_concurrent_streams_equal_sequential_runs(client):
+    prompts = [f"# task {i}\ndef f{i}(x):\n" for i in range(4)]
+
+    def run(p, stream):
+        if not stream:
+            return client.completions.create(model=NAME, prompt=p, max_tokens=12, temperature=0).choices[0].text
+        return "".join(c.choices[0].text for c in client.completions.create(model=NAME, prompt=p, max_tokens=12,
+                                                                                temperature=0, stream=True)
+                       if c.choices)
+    sequential = [run(p, False) for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(lambda p: run(p, True), prompts))
+    assert parallel == sequential
+
+
+def test_cancelling_one_stream_leaves_the_others(client, server, rt):
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        other = pool.submit(lambda: client.completions.create(model=NAME, prompt="import os\n", max_tokens=12,
+                                                              temperature=0).choices[0].text)
+        with httpx.stream("POST", server.url + "/v1/completions",
+                          json={"model": NAME, "prompt": "x = 1\n", "max_tokens": 200, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    break  # leave after the first chunk: the connection closes
+        assert other.result() == rt.generate("import os\n", max_new_tokens=12, temperature=0).text
+    for _ in range(100):  # the cancelled request releases its slot and its sequence
+        m = httpx.get(server.url + "/metrics").text
+        if "tidal_requests_active 0" in m:
+            break
+        time.sleep(0.05)
+    assert "tidal_requests_active 0" in m
+
+
+def test_errors_have_openai_shape(client, server):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4", messages=MSGS)
+    assert "does not exist" in str(e.value)
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json",
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": NAME, "messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": NAME, "messages": MSGS, "temperature": "hot"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    long_prompt = "word " * 5000  # beyond tidal-mini's 4096-token context
+    r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": long_prompt, "max_tokens": 4})
+    assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+    assert httpx.get(server.url + "/health").status_code == 200  # still up
+    m = httpx.get(server.url + "/metrics").text
+    assert "tidal_request_errors_total" in m and "tidal_generation_tokens_total" in m
+
+
+def test_api_key_and_busy(rt):
+    s = _Server(create_app(rt, model_name=NAME, api_key="sekret", max_requests=1))
+    try:
+        bad = openai.OpenAI(base_url=s.url + "/v1", api_key="wrong")
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        assert httpx.get(s.url + "/health").status_code == 401  # checked on every request
+        good = openai.OpenAI(base_url=s.url + "/v1", api_key="sekret", max_retries=0)
+        assert [m.id for m in good.models.list().data] == [NAME]
+        # One slot: a second request while a long stream holds it gets 503 at once.
+        with httpx.stream("POST", s.url + "/v1/completions", headers={"authorization": "Bearer sekret"},
+                          json={"model": NAME, "prompt": "x", "max_tokens": 2000, "ignore_eos": True,
+                                "stream": True}) as r:
+            lines = r.iter_lines()  # kept: a dropped iterator closes the connection (and the request)
+            first = next(lines)
+            assert r.status_code == 200 and first.startswith("data: {"), (r.status_code, first)
+            busy = httpx.post(s.url + "/v1/completions", headers={"authorization": "Bearer sekret"},
+                              json={"model": NAME, "prompt": "y", "max_tokens": 2})
+            assert busy.status_code == 503 and busy.json()["error"]["code"] == "busy"
+    finally:
+        s.stop()
+
+
+def test_tidal_serve_command(tmp_path):
+    """The CLI: loads the model, binds 127.0.0.1 by default, serves until stopped."""
+    import os
+    import subprocess
+    import sys
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    p = subprocess.Popen([sys.executable, "-c", "import sys, tidal.cli; sys.exit(tidal.cli.main(sys.argv[1:]))",
+                          "serve", str(MINI), "--port", str(port), "--served-model-name", "mini"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"] == "mini":
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError(p.stdout.read1().decode() if p.poll() is not None else "server did not start")
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
+                       json={"model": "mini", "prompt": "def f():", "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    finally:
+        p.terminate()
+        p.wait(timeout=20)
