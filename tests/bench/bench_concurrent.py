@@ -1,0 +1,78 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Aggregate decode speed of N concurrent streams on one runtime, as `tidal serve` runs them (one
+sequence per request, each in its own thread), for N in --streams. Prints a table and writes JSON.
+
+    python tests/bench/bench_concurrent.py MODEL [--device cuda --gpu-memory 12GiB] [--cpu-threads 16]
+        [--streams 1,2,4,8] [--tokens 64] [--json OUT]
+
+Each stream feeds a short distinct prompt, then generates --tokens tokens (EOS ignored, greedy). The
+aggregate rate is all generated tokens over the wall time from the first stream's start to the last
+stream's end (prefill included, 16 tokens per stream); the ratio is against one stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import tidal
+
+
+def run(rt, n: int, tokens: int) -> dict:
+    prompts = [[(17 * i + 3 * k) % 997 + 10 for k in range(16)] for i in range(n)]
+    done = []
+    barrier = threading.Barrier(n + 1)
+
+    def one(p):
+        barrier.wait()
+        r = rt.generate(p, max_new_tokens=tokens, temperature=0, ignore_eos=True)
+        done.append(len(r.token_ids))
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"streams": n, "tokens": sum(done), "seconds": wall, "tok_s": sum(done) / wall}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--gpu-memory", default=None)
+    ap.add_argument("--cpu-threads", type=int, default=0)
+    ap.add_argument("--streams", default="1,2,4,8")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    kw = {"device": a.device, "cpu_threads": a.cpu_threads, "progress": False}
+    if a.gpu_memory:
+        kw["gpu_memory"] = a.gpu_memory
+    rt = tidal.Runtime.load(a.model, **kw)
+    run(rt, 1, 8)  # warm-up (graphs, caches)
+    rows = [run(rt, int(n), a.tokens) for n in a.streams.split(",")]
+    base = rows[0]["tok_s"]
+    print(f"| streams | tokens | seconds | aggregate tok/s | ratio to 1 stream |\n|---:|---:|---:|---:|---:|")
+    for r in rows:
+        r["ratio"] = r["tok_s"] / base
+        print(f"| {r['streams']} | {r['tokens']} | {r['seconds']:.2f} | {r['tok_s']:.1f} | {r['ratio']:.2f} |")
+    if a.json:
+        commit = os.environ.get("TIDAL_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        with open(a.json, "w") as f:
+            json.dump({"model": a.model, "device": a.device, "gpu_memory": a.gpu_memory, "threads": rt.num_threads,
+                       "describe": rt.describe(), "commit": commit, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
