@@ -221,3 +221,21 @@ def test_tidal_serve_command(tmp_path):
     finally:
         p.terminate()
         p.wait(timeout=20)
+
+
+def test_tool_call_round_trip_request(client, rt):
+    """A conversation that already holds a tool call and its result (as agents send it: arguments as
+    JSON text) renders as the chat template renders the same call with mapped arguments."""
+    tools = [{"type": "function", "function": {"name": "add", "description": "Add two numbers",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "a": {"type": "number"}, "b": {"type": "number"}}}}}]
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
+    msgs = [{"role": "user", "content": "What is 2+3?"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "5"}]
+    r = client.chat.completions.create(model=NAME, messages=msgs, tools=tools, max_tokens=4, temperature=0)
+    mapped = json.loads(json.dumps(msgs))
+    mapped[1]["tool_calls"][0]["function"]["arguments"] = {"a": 2, "b": 3}
+    want = rt.encode(rt.render_chat(mapped, tools=tools))
+    assert r.usage.prompt_tokens == len(want)
+    assert '"a": 2' in rt.render_chat(mapped, tools=tools) or "<parameter=a>" in rt.render_chat(mapped, tools=tools)
