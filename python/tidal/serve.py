@@ -19,6 +19,7 @@ admitted; beyond it the server answers 503 instead of queueing without limit.
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request).
 import argparse
+import hmac
 import json
 import os
 import sys
@@ -53,7 +54,9 @@ def _generation_args(body: dict[str, Any]) -> dict[str, Any]:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
             raise APIError(400, f"'{name}' must be a {'integer' if kind is int else 'number'}, got {v!r}", param=name)
         out[name] = kind(v)
-    n = body.get("max_completion_tokens", body.get("max_tokens"))
+    n = body.get("max_completion_tokens")
+    if n is None:
+        n = body.get("max_tokens")
     if n is not None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise APIError(400, f"'max_tokens' must be a positive integer, got {n!r}", param="max_tokens")
@@ -69,7 +72,7 @@ def _generation_args(body: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(body["ignore_eos"], bool):
             raise APIError(400, "'ignore_eos' must be a boolean", param="ignore_eos")
         out["ignore_eos"] = body["ignore_eos"]
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise APIError(400, "only n=1 is supported", param="n")
     return out
 
@@ -124,6 +127,7 @@ def create_app(rt: Any, *, model_name: str, api_key: "str | None" = None, max_re
     `max_requests` requests run or wait at once; more get 503."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.background import BackgroundTask
     from starlette.concurrency import run_in_threadpool
 
     app = FastAPI(title="tidal", docs_url=None, redoc_url=None)
@@ -137,15 +141,28 @@ def create_app(rt: Any, *, model_name: str, api_key: "str | None" = None, max_re
             metrics.errors += 1
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        with metrics.lock:
+            metrics.errors += 1
+        return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").body(),
+                            status_code=500)
+
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:  # 404 / 405 routes
+        return JSONResponse(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                     "invalid_request_error").body(), status_code=exc.status_code)
+
     @app.middleware("http")
     async def _auth(request: Request, call_next: Any) -> Any:
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+        given = request.headers.get("authorization", "")
+        if api_key is not None and not (given[:7].lower() == "bearer " and
+                                        hmac.compare_digest(given[7:].encode(), api_key.encode())):
             return JSONResponse(APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
                                          "authentication_error", code="invalid_api_key").body(), status_code=401)
-        try:
-            return await call_next(request)
-        except APIError as exc:
-            return JSONResponse(exc.body(), status_code=exc.status)
+        return await call_next(request)
 
     async def _body(request: Request) -> dict[str, Any]:
         raw = await request.body()
@@ -198,7 +215,7 @@ def create_app(rt: Any, *, model_name: str, api_key: "str | None" = None, max_re
                                enable_thinking=kw.pop("enable_thinking", None),
                                preserve_thinking=kw.pop("preserve_thinking", None), chat_template_kwargs=kw, **gen)
             prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1:
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
                 prompt = prompt[0]
             if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
                 raise APIError(400, "'prompt' must be a string or a list of token ids", param="prompt")
@@ -216,27 +233,47 @@ def create_app(rt: Any, *, model_name: str, api_key: "str | None" = None, max_re
 
     async def _handle(request: Request, kind: str) -> Any:
         body = await _body(request)
+        streaming = body.get("stream", False)
+        if not isinstance(streaming, bool) and streaming is not None:
+            raise APIError(400, "'stream' must be a boolean", param="stream")
+        opts = body.get("stream_options")
+        if opts is not None and not isinstance(opts, dict):
+            raise APIError(400, "'stream_options' must be an object", param="stream_options")
+        include_usage = bool((opts or {}).get("include_usage"))
         _admit()
+        released = threading.Event()
+
+        def cleanup(stream: Any = None) -> None:  # the slot exactly once, whichever path gets here first
+            if stream is not None:
+                try:
+                    stream.close()
+                except ValueError:  # still running a step in a worker thread: it ends with that step
+                    pass
+            if not released.is_set():
+                released.set()
+                _release()
+
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         try:
             stream = await run_in_threadpool(_start, kind, body)
         except BaseException:
-            _release()
+            cleanup()
             raise
-        if not body.get("stream"):
+        if not streaming:
             try:
                 result = await run_in_threadpool(_drain, stream)
             finally:
-                _release()
+                cleanup(stream)
             usage = _count(result)
             if kind == "chat":
-                msg: dict[str, Any] = {"role": "assistant", "content": result.content}
+                content = result.content.strip() if result.tool_calls else result.content
+                msg: dict[str, Any] = {"role": "assistant", "content": content or (None if result.tool_calls else "")}
                 if result.reasoning:
                     msg["reasoning_content"] = result.reasoning
                 if result.tool_calls:
                     msg["tool_calls"] = [_openai_tool_call(c, i) for i, c in enumerate(result.tool_calls)]
-                choice = {"index": 0, "message": msg, "logprobs": None,
-                          "finish_reason": "tool_calls" if result.tool_calls else result.finish_reason}
+                finish = "tool_calls" if result.tool_calls and result.finish_reason == "stop" else result.finish_reason
+                choice = {"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}
                 obj = "chat.completion"
             else:
                 choice = {"index": 0, "text": result.text or "", "logprobs": None,
@@ -244,10 +281,12 @@ def create_app(rt: Any, *, model_name: str, api_key: "str | None" = None, max_re
                 obj = "text_completion"
             return JSONResponse({"id": rid, "object": obj, "created": int(time.time()), "model": model_name,
                                  "choices": [choice], "usage": usage})
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(_sse(request, stream, kind, rid, include_usage), media_type="text/event-stream")
+        # The background task also runs when the response is cancelled before the generator starts
+        # (the client left at once): the slot and the sequence are freed either way.
+        return StreamingResponse(_sse(request, stream, kind, rid, include_usage, cleanup),
+                                 media_type="text/event-stream", background=BackgroundTask(cleanup, stream))
 
-    async def _sse(request: Request, stream: Any, kind: str, rid: str, include_usage: bool) -> Any:
+    async def _sse(request: Request, stream: Any, kind: str, rid: str, include_usage: bool, cleanup: Any) -> Any:
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         now = int(time.time())
 
@@ -266,11 +305,19 @@ def create_app(rt: Any, *, model_name: str, api_key: "str | None" = None, max_re
             while True:
                 if await request.is_disconnected():
                     return  # finally: the stream is closed, its sequence freed
-                chunk = await run_in_threadpool(next, it, None)
+                try:
+                    chunk = await run_in_threadpool(next, it, None)
+                except Exception as exc:  # after the 200: say so in the stream (OpenAI error shape)
+                    err = APIError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error")
+                    yield f"data: {json.dumps(err.body())}\n\n"
+                    with metrics.lock:
+                        metrics.errors += 1
+                    return
                 if chunk is None:
                     break
                 if chunk.channel == "end":
-                    finish = "tool_calls" if ncalls and kind == "chat" else chunk.finish_reason
+                    finish = "tool_calls" if ncalls and kind == "chat" and chunk.finish_reason == "stop" \
+                        else chunk.finish_reason
                     yield event({"index": 0, "delta": {}, "finish_reason": finish} if kind == "chat"
                                 else {"index": 0, "text": "", "finish_reason": finish})
                     continue
@@ -292,8 +339,7 @@ def create_app(rt: Any, *, model_name: str, api_key: "str | None" = None, max_re
                 yield event(None, usage)
             yield "data: [DONE]\n\n"
         finally:
-            stream.close()
-            _release()
+            cleanup(stream)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -88,7 +88,7 @@ def test_chat_matches_the_runtime_and_streams_the_same(client, rt):
     assert usage is not None and usage.completion_tokens == len(want.token_ids)
 
 
-def test_thinking_is_returned_apart_and_preserved(client):
+def test_thinking_is_returned_apart_and_preserved(client, rt):
     """enable_thinking opens a reasoning block that comes back as reasoning_content; a second turn with
     preserve_thinking accepts the assistant message as returned (reasoning included)."""
     r = client.chat.completions.create(model=NAME, messages=MSGS, max_tokens=32, temperature=0,
@@ -101,7 +101,10 @@ def test_thinking_is_returned_apart_and_preserved(client):
     r2 = client.chat.completions.create(model=NAME, messages=turn2, max_tokens=8, temperature=0,
                                         extra_body={"chat_template_kwargs": {"enable_thinking": True,
                                                                              "preserve_thinking": True}})
-    assert r2.usage.prompt_tokens > r.usage.prompt_tokens
+    # The second prompt is exactly what the template makes of the conversation with its reasoning kept.
+    want = rt.encode(rt.render_chat(turn2, enable_thinking=True, preserve_thinking=True))
+    assert r2.usage.prompt_tokens == len(want)
+    assert reasoning.strip()[:20] in rt.render_chat(turn2, enable_thinking=True, preserve_thinking=True)
 
 
 def test_completions_stop_and_seed(client, rt):
@@ -138,7 +141,8 @@ def test_cancelling_one_stream_leaves_the_others(client, server, rt):
         other = pool.submit(lambda: client.completions.create(model=NAME, prompt="import os\n", max_tokens=12,
                                                               temperature=0).choices[0].text)
         with httpx.stream("POST", server.url + "/v1/completions",
-                          json={"model": NAME, "prompt": "x = 1\n", "max_tokens": 200, "stream": True}) as r:
+                          json={"model": NAME, "prompt": "x = 1\n", "max_tokens": 3000, "ignore_eos": True,
+                                "stream": True}) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     break  # leave after the first chunk: the connection closes
@@ -149,6 +153,23 @@ def test_cancelling_one_stream_leaves_the_others(client, server, rt):
             break
         time.sleep(0.05)
     assert "tidal_requests_active 0" in m
+    # Well short of the 3000 tokens asked for: the generation stopped with the connection.
+    assert rt.stats().live_sequences == 0
+
+
+def test_raw_stream_format(server):
+    """The SSE stream as OpenAI sends it: a role chunk, content deltas, a finish chunk, a usage chunk
+    with no choices, then [DONE]."""
+    with httpx.stream("POST", server.url + "/v1/chat/completions",
+                      json={"model": NAME, "messages": MSGS, "max_tokens": 5, "temperature": 0, "stream": True,
+                            "stream_options": {"include_usage": True}}) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == NAME for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
 
 
 def test_errors_have_openai_shape(client, server):
@@ -166,8 +187,15 @@ def test_errors_have_openai_shape(client, server):
     r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": long_prompt, "max_tokens": 4})
     assert r.status_code == 400 and "context" in r.json()["error"]["message"]
     assert httpx.get(server.url + "/health").status_code == 200  # still up
+    r = httpx.post(server.url + "/v1/responses", json={})
+    assert r.status_code == 404 and "error" in r.json()  # unknown routes answer in OpenAI's shape too
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": NAME, "messages": MSGS, "stream": True,
+                                                              "stream_options": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
     m = httpx.get(server.url + "/metrics").text
-    assert "tidal_request_errors_total" in m and "tidal_generation_tokens_total" in m
+    errors = [int(line.split()[1]) for line in m.splitlines() if line.startswith("tidal_request_errors_total ")]
+    assert errors and errors[0] >= 5
+    assert "tidal_requests_active 0" in m  # no request kept its slot
 
 
 def test_api_key_and_busy(rt):
@@ -189,6 +217,16 @@ def test_api_key_and_busy(rt):
             busy = httpx.post(s.url + "/v1/completions", headers={"authorization": "Bearer sekret"},
                               json={"model": NAME, "prompt": "y", "max_tokens": 2})
             assert busy.status_code == 503 and busy.json()["error"]["code"] == "busy"
+        h = {"authorization": "Bearer sekret"}
+        for _ in range(3):  # failing requests give their slot back
+            bad_req = httpx.post(s.url + "/v1/completions", headers=h, json={"model": NAME, "prompt": {}})
+            assert bad_req.status_code == 400
+        for _ in range(100):  # and so does the closed stream
+            ok = httpx.post(s.url + "/v1/completions", headers=h, json={"model": NAME, "prompt": "y", "max_tokens": 2})
+            if ok.status_code == 200:
+                break
+            time.sleep(0.05)
+        assert ok.status_code == 200
     finally:
         s.stop()
 
@@ -205,7 +243,7 @@ def test_tidal_serve_command(tmp_path):
     sock.close()
     p = subprocess.Popen([sys.executable, "-c", "import sys, tidal.cli; sys.exit(tidal.cli.main(sys.argv[1:]))",
                           "serve", str(MINI), "--port", str(port), "--served-model-name", "mini"],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     try:
         for _ in range(300):
             try:
@@ -214,7 +252,7 @@ def test_tidal_serve_command(tmp_path):
             except httpx.HTTPError:
                 time.sleep(0.1)
         else:
-            raise AssertionError(p.stdout.read1().decode() if p.poll() is not None else "server did not start")
+            raise AssertionError(f"server did not start (exit status {p.poll()})")
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
                        json={"model": "mini", "prompt": "def f():", "max_tokens": 4, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
