@@ -47,4 +47,4 @@ fi
 export PIP_BREAK_SYSTEM_PACKAGES=1
 python3 -m pip install -q --disable-pip-version-check "numpy>=1.22" "tokenizers>=0.21.1" "jinja2>=3.1" "tqdm>=4.60" \
   "pytest>=7" "nbclient>=0.7" "nbformat>=5" "ipykernel>=6" "matplotlib>=3.5" "gguf>=0.10" \
-  "fastapi>=0.110" "uvicorn>=0.29" "openai>=1.30"
+  "fastapi>=0.110" "uvicorn>=0.29" "openai>=1.30" "httpx>=0.27"

@@ -19,7 +19,7 @@ from conftest import MINI
 fastapi = pytest.importorskip("fastapi", reason="tidal serve needs FastAPI and uvicorn (pip install 'tidal[serve]')")
 uvicorn = pytest.importorskip("uvicorn", reason="tidal serve needs FastAPI and uvicorn (pip install 'tidal[serve]')")
 openai = pytest.importorskip("openai", reason="the tests drive the server with the official openai client")
-httpx = pytest.importorskip("httpx", reason="raw HTTP checks use httpx (an openai dependency)")
+httpx = pytest.importorskip("httpx", reason="raw HTTP checks use httpx (pip install httpx)")
 
 from tidal.serve import create_app  # noqa: E402
 
