@@ -119,8 +119,12 @@ struct CudaModel::Impl {
   cudaEvent_t ev_d2h = nullptr;
 
   // decode graphs: one per segment (routed experts run on the host between segments)
-  std::vector<cudaGraphExec_t> graphs;
-  bool graphs_ready = false;
+  std::vector<cudaGraphExec_t> graphs;  // T = 1, captured on first use
+  // Batched decode (forward_batch): rows are independent sequences, d_step[r] is row r's state.
+  // Graphs per batch size, captured on first use.
+  bool batched = false;
+  int64_t max_batch = 1;
+  std::map<int64_t, std::vector<cudaGraphExec_t>> batch_graphs;
 
   std::atomic<uint64_t> kv_bytes{0}, linear_bytes{0};
   void* blas_ws = nullptr;
@@ -239,6 +243,13 @@ struct CudaModel::Impl {
   void enqueue_mlp(const GpuLayer& L, int layer, int64_t T);
   void enqueue_final(int64_t T, LogitsMode mode);
   std::vector<std::pair<size_t, size_t>> segments() const;
+  /// Enqueues segment s of a forward of T rows; the last one ends with the final norm and, for
+  /// kLast, the lm_head of the last row (of every row when batched) copied to h_logits.
+  void enqueue_segment(size_t s, int64_t T, LogitsMode cm, bool use_graph);
+  /// Runs every segment (from `graphs`, captured on first use, when not null) with the routed
+  /// experts on the host in between.
+  void run_segments(int64_t T, LogitsMode cm, std::vector<cudaGraphExec_t>* graphs,
+                    kernels::Executor& ex, ForwardProfile* profile);
   std::vector<std::pair<size_t, size_t>> segs;  // segments(), fixed after load
   void ensure_capacity(DeviceSequenceState& s, int64_t need);
   void free_state(DeviceSequenceState& s);
@@ -335,20 +346,16 @@ void CudaModel::Impl::enqueue_attention(const GpuLayer& L, int layer, int64_t T)
   const int64_t W = L.mix.rows, qw = nh * d * (gated ? 2 : 1);
   linear(L.mix, xn, c.hidden_size, proj, W, T);
   mark("attn: in-proj [q|k|v]");
+  // Batched decode: row r is its own sequence (one token, its own state and position).
+  const int64_t nseq = batched ? T : 1, Tr = batched ? 1 : T;
   kc::AttnPrepArgs p;
-  p.qg = proj;
-  p.k = proj + qw;
-  p.v = proj + qw + nkv * d;
   p.ld = W;
   p.q_norm = L.q_norm;
   p.k_norm = L.k_norm;
   p.inv_freq = inv_freq;
   p.rope_scale = rope_scale;
-  p.q = qb;
-  p.gate = gate;
-  p.step = d_step;
   p.layer = layer;
-  p.T = T;
+  p.T = Tr;
   p.nh = nh;
   p.nkv = nkv;
   p.d = d;
@@ -357,23 +364,33 @@ void CudaModel::Impl::enqueue_attention(const GpuLayer& L, int layer, int64_t T)
   p.zero_centred = gated;
   p.gated = gated;
   p.kv_f32 = kv_f32();
-  kc::attn_prep(p, stream);
+  for (int64_t r = 0; r < nseq; ++r) {
+    p.qg = proj + r * W;
+    p.k = p.qg + qw;
+    p.v = p.qg + qw + nkv * d;
+    p.q = qb + r * nh * d;
+    p.gate = gate + r * nh * d;
+    p.step = d_step + r;
+    kc::attn_prep(p, stream);
+  }
   mark("attn: norms, rope, cache write");
   kc::AttentionArgs a;
-  a.q = qb;
-  a.gate = gated ? gate : nullptr;
-  a.out = ao;
-  a.partial = partial;
-  a.step = d_step;
   a.layer = layer;
-  a.T = T;
+  a.T = Tr;
   a.nh = nh;
   a.nkv = nkv;
   a.d = d;
-  a.max_splits = T == 1 ? attn_splits_decode : kc::attention_max_splits(T, nkv, sm_count);
+  a.max_splits = Tr == 1 ? attn_splits_decode : kc::attention_max_splits(Tr, nkv, sm_count);
   a.scale = 1.0f / std::sqrt(static_cast<float>(d));
   a.kv_f32 = kv_f32();
-  kc::attention(a, stream);
+  a.partial = partial;  // reused row after row: the launches are ordered on the stream
+  for (int64_t r = 0; r < nseq; ++r) {
+    a.q = qb + r * nh * d;
+    a.gate = gated ? gate + r * nh * d : nullptr;
+    a.out = ao + r * nh * d;
+    a.step = d_step + r;
+    kc::attention(a, stream);
+  }
   mark("attn: attention + combine");
   linear(L.o, ao, nh * d, y, c.hidden_size, T);
   mark("attn: o_proj");
@@ -401,22 +418,35 @@ void CudaModel::Impl::enqueue_deltanet(const GpuLayer& L, int layer, int64_t T) 
     ld_ba = nv;
   }
   const float eps = static_cast<float>(c.rms_norm_eps);
-  if (T == 1 && std::max(dk, dv) <= 1024) {  // decode: conv + norms in one kernel
-    kc::gdn_conv_prep_step(src, L.conv, d_step, layer, K, b, a, L.A_log, L.dt_bias, gq, gk, gv,
-                           beta, gg, nk, nv, dk, dv, stream);
+  // Batched decode: row r is its own sequence (one token on its own conv and recurrent state).
+  const int64_t nseq = batched ? T : 1, Tr = batched ? 1 : T;
+  if (Tr == 1 && std::max(dk, dv) <= 1024) {  // decode: conv + norms in one kernel
+    for (int64_t r = 0; r < nseq; ++r)
+      kc::gdn_conv_prep_step(src + r * ld_src, L.conv, d_step + r, layer, K, b + r * ld_ba,
+                             a + r * ld_ba, L.A_log, L.dt_bias, gq + r * nk * dk, gk + r * nk * dk,
+                             gv + r * nv * dv, beta + r * nv, gg + r * nv, nk, nv, dk, dv, stream);
     mark("gdn: conv1d + l2norm, beta, g");
   } else {
-    kc::causal_conv1d_silu(src, ld_src, T, C, K, L.conv, d_step, layer, u, stream);
+    for (int64_t r = 0; r < nseq; ++r)
+      kc::causal_conv1d_silu(src + r * ld_src, ld_src, Tr, C, K, L.conv, d_step + r, layer,
+                             u + r * C, stream);
     mark("gdn: conv1d");
     kc::gdn_prep(u, b, a, ld_ba, L.A_log, L.dt_bias, gq, gk, gv, beta, gg, T, nk, nv, dk, dv,
                  stream);
     mark("gdn: l2norm, beta, g");
   }
-  if (T == 1 && kc::delta_rule_normed(gq, gk, gv, gg, beta, d_step, layer, z, ld_z, L.gnorm, eps,
-                                      go, T, nk, nv, dk, dv, stream)) {
+  bool fused = Tr == 1;
+  for (int64_t r = 0; r < nseq && fused; ++r)  // all rows or none (the condition is the shape's)
+    fused = kc::delta_rule_normed(gq + r * nk * dk, gk + r * nk * dk, gv + r * nv * dv, gg + r * nv,
+                                  beta + r * nv, d_step + r, layer, z + r * ld_z, ld_z, L.gnorm,
+                                  eps, go + r * nv * dv, Tr, nk, nv, dk, dv, stream);
+  if (fused) {
     mark("gdn: delta rule + gated norm");
   } else {
-    kc::delta_rule(gq, gk, gv, gg, beta, d_step, layer, go, T, nk, nv, dk, dv, stream);
+    for (int64_t r = 0; r < nseq; ++r)
+      kc::delta_rule(gq + r * nk * dk, gk + r * nk * dk, gv + r * nv * dv, gg + r * nv,
+                     beta + r * nv, d_step + r, layer, go + r * nv * dv, Tr, nk, nv, dk, dv,
+                     stream);
     mark("gdn: delta rule");
     kc::rms_norm_gated(go, z, ld_z, nv, L.gnorm, go, T * nv, dv, eps, stream);
     mark("gdn: gated norm");
@@ -818,7 +848,9 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
     m.wscratch_elems = std::max(m.wscratch_elems, static_cast<size_t>(Kmax));
     W(&m.wscratch, m.wscratch_elems * (want == WFormat::kF32 ? 4 : 2));
   }
-  W(&m.d_step, sizeof(kc::StepDev));
+  // Batched decode: up to 64 sequences a step, their logits in one block.
+  m.max_batch = std::min<int64_t>({64, m.logits_rows, T});
+  W(&m.d_step, static_cast<size_t>(m.max_batch) * sizeof(kc::StepDev));
   m.ws_bytes = wsz + (size_t{32} << 20);  // + cuBLAS workspace
 
   const uint64_t need = m.weight_bytes + m.ws_bytes;
@@ -855,8 +887,9 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
   cublas_check(cublasSetWorkspace(m.blas, m.blas_ws, size_t{32} << 20), "cublasSetWorkspace");
 
   // Pinned staging.
-  const size_t pin = align_up(sizeof(kc::StepDev)) + align_up(T * 4) + 2 * align_up(T * H * f) +
-                     2 * align_up(T * k * 4) + align_up(T * E * f) +
+  const size_t pin = align_up(static_cast<size_t>(m.max_batch) * sizeof(kc::StepDev)) +
+                     align_up(T * 4) + 2 * align_up(T * H * f) + 2 * align_up(T * k * 4) +
+                     align_up(T * E * f) +
                      align_up(static_cast<size_t>(m.logits_rows * c.vocab_size) * f);
   cuda_check(cudaMallocHost(&m.pinned, pin), "pinned host allocation");
   char* hp = static_cast<char*>(m.pinned);
@@ -865,7 +898,8 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
     hp += align_up(bytes);
     return r;
   };
-  m.h_step = reinterpret_cast<kc::StepDev*>(take(sizeof(kc::StepDev)));
+  m.h_step =
+      reinterpret_cast<kc::StepDev*>(take(static_cast<size_t>(m.max_batch) * sizeof(kc::StepDev)));
   m.h_ids = reinterpret_cast<int32_t*>(take(T * 4));
   m.h_xn = reinterpret_cast<float*>(take(T * H * f));
   m.h_out = reinterpret_cast<float*>(take(T * H * f));
@@ -884,6 +918,8 @@ CudaModel::~CudaModel() = default;
 CudaModel::Impl::~Impl() {
   if (stream) cudaStreamSynchronize(stream);
   for (auto g : graphs) cudaGraphExecDestroy(g);
+  for (auto& [n, gs] : batch_graphs)
+    for (auto g : gs) cudaGraphExecDestroy(g);
   if (blas) cublasDestroy(blas);
   if (ev_d2h) cudaEventDestroy(ev_d2h);
   for (auto e : prof_events) cudaEventDestroy(e);
@@ -960,7 +996,6 @@ void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, Logi
     logits.resize(static_cast<size_t>(V));
   else
     logits.clear();
-  const auto& segs = m.segs;  // computed once at load
   for (int64_t c0 = 0; c0 < total; c0 += m.Tmax) {
     const int64_t T = std::min(m.Tmax, total - c0);
     const bool last_chunk = c0 + T == total;
@@ -978,75 +1013,8 @@ void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, Logi
                "ids upload");
     const bool use_graph =
         m.opts.graphs && T == 1 && cm == LogitsMode::kLast && !(m.experts && m.routing->active());
-    // Segment s: embedding (s = 0) or the previous segment's routed output, layers, and for the
-    // last segment the final norm.
-    auto enqueue_segment = [&](size_t s) {
-      if (s == 0) {
-        if (m.profiling && !use_graph)  // host runs ahead, so events time kernels, not launches
-          kc::gpu_sleep(int64_t{30} * 1000 * 1000, m.stream);
-        m.mark("start");
-        kc::embed(m.embed, m.ids, T, m.x, m.stream);
-        m.mark("embedding");
-      }
-      m.enqueue_layers(segs[s].first, segs[s].second, T, s == 0);
-      if (s + 1 == segs.size()) {
-        m.enqueue_final(T, cm);
-        if (cm == LogitsMode::kLast) {
-          m.linear(m.lm_head, m.xn + (T - 1) * H, H, m.logits, V, 1);
-          m.mark("lm_head");
-          cuda_check(cudaMemcpyAsync(m.h_logits, m.logits, static_cast<size_t>(V) * 4,
-                                     cudaMemcpyDeviceToHost, m.stream),
-                     "logits download");
-        }
-      }
-    };
-    if (use_graph && !m.graphs_ready) {
-      try {
-        for (size_t s = 0; s < segs.size(); ++s) {
-          cudaGraph_t g = nullptr;
-          cuda_check(cudaStreamBeginCapture(m.stream, cudaStreamCaptureModeThreadLocal), "capture");
-          try {
-            enqueue_segment(s);
-          } catch (...) {
-            cudaStreamEndCapture(m.stream, &g);  // leave capture mode, drop the partial graph
-            if (g) cudaGraphDestroy(g);
-            cudaGetLastError();
-            throw;
-          }
-          cuda_check(cudaStreamEndCapture(m.stream, &g), "capture");
-          cudaGraphExec_t e = nullptr;
-          const cudaError_t ie = cudaGraphInstantiate(&e, g, 0);
-          cudaGraphDestroy(g);
-          cuda_check(ie, "graph instantiation");
-          m.graphs.push_back(e);
-        }
-      } catch (...) {
-        for (auto e : m.graphs) cudaGraphExecDestroy(e);
-        m.graphs.clear();
-        throw;
-      }
-      m.graphs_ready = true;
-    }
-    for (size_t s = 0; s < segs.size(); ++s) {
-      if (use_graph)
-        cuda_check(cudaGraphLaunch(m.graphs[s], m.stream), "graph launch");
-      else
-        enqueue_segment(s);
-      cuda_check(cudaGetLastError(), "kernel launch");
-      if (s + 1 < segs.size()) {  // routed experts of layer segs[s].second - 1 on the host
-        const int64_t layer = static_cast<int64_t>(segs[s].second) - 1;
-        const int64_t k = c.num_experts_per_tok;
-        cuda_check(cudaEventSynchronize(m.ev_d2h), "event wait");
-        if (m.routing->active())
-          m.routing->on_route(layer, m.h_rlogits, T, c.norm_topk_prob, m.h_rids, m.h_w);
-        std::fill(m.h_out, m.h_out + T * H, 0.f);
-        const auto t0 = std::chrono::steady_clock::now();
-        m.experts->forward(layer, m.h_xn, T, m.h_rids, m.h_w, k, m.h_out, ex);
-        if (profile)
-          profile->routed_experts +=
-              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      }
-    }
+    m.batched = false;
+    m.run_segments(T, cm, use_graph ? &m.graphs : nullptr, ex, profile);
     if (cm == LogitsMode::kAll) {
       for (int64_t r0 = 0; r0 < T; r0 += m.logits_rows) {
         const int64_t r = std::min(m.logits_rows, T - r0);
@@ -1063,6 +1031,127 @@ void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, Logi
     if (cm == LogitsMode::kLast) std::memcpy(logits.data(), m.h_logits, static_cast<size_t>(V) * 4);
     state.num_tokens += T;
   }
+}
+
+void CudaModel::Impl::enqueue_segment(size_t s, int64_t T, LogitsMode cm, bool use_graph) {
+  const int64_t H = cfg.hidden_size, V = cfg.vocab_size;
+  if (s == 0) {
+    if (profiling && !use_graph)  // host runs ahead, so events time kernels, not launches
+      kc::gpu_sleep(int64_t{30} * 1000 * 1000, stream);
+    mark("start");
+    kc::embed(embed, ids, T, x, stream);
+    mark("embedding");
+  }
+  enqueue_layers(segs[s].first, segs[s].second, T, s == 0);
+  if (s + 1 == segs.size()) {
+    enqueue_final(T, cm);
+    if (cm == LogitsMode::kLast) {
+      const int64_t rows = batched ? T : 1;
+      linear(lm_head, xn + (T - rows) * H, H, logits, V, rows);
+      mark("lm_head");
+      cuda_check(cudaMemcpyAsync(h_logits, logits, static_cast<size_t>(rows * V) * 4,
+                                 cudaMemcpyDeviceToHost, stream),
+                 "logits download");
+    }
+  }
+}
+
+void CudaModel::Impl::run_segments(int64_t T, LogitsMode cm, std::vector<cudaGraphExec_t>* graphs,
+                                   kernels::Executor& ex, ForwardProfile* profile) {
+  const int64_t H = cfg.hidden_size;
+  if (graphs && graphs->empty()) {
+    try {
+      for (size_t s = 0; s < segs.size(); ++s) {
+        cudaGraph_t g = nullptr;
+        cuda_check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "capture");
+        try {
+          enqueue_segment(s, T, cm, true);
+        } catch (...) {
+          cudaStreamEndCapture(stream, &g);  // leave capture mode, drop the partial graph
+          if (g) cudaGraphDestroy(g);
+          cudaGetLastError();
+          throw;
+        }
+        cuda_check(cudaStreamEndCapture(stream, &g), "capture");
+        cudaGraphExec_t e = nullptr;
+        const cudaError_t ie = cudaGraphInstantiate(&e, g, 0);
+        cudaGraphDestroy(g);
+        cuda_check(ie, "graph instantiation");
+        graphs->push_back(e);
+      }
+    } catch (...) {
+      for (auto e : *graphs) cudaGraphExecDestroy(e);
+      graphs->clear();
+      throw;
+    }
+  }
+  for (size_t s = 0; s < segs.size(); ++s) {
+    if (graphs)
+      cuda_check(cudaGraphLaunch((*graphs)[s], stream), "graph launch");
+    else
+      enqueue_segment(s, T, cm, false);
+    cuda_check(cudaGetLastError(), "kernel launch");
+    if (s + 1 < segs.size()) {  // routed experts of layer segs[s].second - 1 on the host
+      const int64_t layer = static_cast<int64_t>(segs[s].second) - 1;
+      const int64_t k = cfg.num_experts_per_tok;
+      cuda_check(cudaEventSynchronize(ev_d2h), "event wait");
+      if (routing->active())
+        routing->on_route(layer, h_rlogits, T, cfg.norm_topk_prob, h_rids, h_w);
+      std::fill(h_out, h_out + T * H, 0.f);
+      const auto t0 = std::chrono::steady_clock::now();
+      experts->forward(layer, h_xn, T, h_rids, h_w, k, h_out, ex);
+      if (profile)
+        profile->routed_experts +=
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+  }
+}
+
+void CudaModel::reserve(SequenceState& state, int64_t tokens) {
+  std::lock_guard lock(impl_->mu);
+  impl_->ensure_capacity(*state.device, tokens);
+}
+
+int64_t CudaModel::max_batch() const { return impl_->max_batch; }
+
+void CudaModel::forward_batch(std::span<SequenceState* const> states, std::span<const int64_t> ids,
+                              std::vector<float>& logits, kernels::Executor& ex,
+                              ForwardProfile* profile) {
+  Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  const int64_t B = static_cast<int64_t>(ids.size()), V = m.cfg.vocab_size;
+  TIDAL_CHECK(B >= 1 && B <= m.max_batch, InvalidArgument,
+              "a batch of {} sequences (this model takes 1 to {} per step on the GPU)", B,
+              m.max_batch);
+  for (auto* st : states) m.ensure_capacity(*st->device, st->num_tokens + 1);
+  for (int64_t r = 0; r < B; ++r) {
+    m.h_ids[r] = static_cast<int32_t>(ids[r]);
+    m.h_step[r].pos0 = states[r]->num_tokens;
+    m.h_step[r].layers = states[r]->device->d_table;
+  }
+  cuda_check(cudaMemcpyAsync(m.d_step, m.h_step, static_cast<size_t>(B) * sizeof(kc::StepDev),
+                             cudaMemcpyHostToDevice, m.stream),
+             "step upload");
+  cuda_check(
+      cudaMemcpyAsync(m.ids, m.h_ids, static_cast<size_t>(B) * 4, cudaMemcpyHostToDevice, m.stream),
+      "ids upload");
+  const bool use_graph = m.opts.graphs && !(m.experts && m.routing->active());
+  m.batched = B > 1;  // one row: the ordinary decode step (and its graphs)
+  std::vector<cudaGraphExec_t>* graphs = !use_graph ? nullptr
+                                         : B == 1   ? &m.graphs
+                                                    : &m.batch_graphs[B];
+  try {
+    m.run_segments(B, LogitsMode::kLast, graphs, ex, profile);
+  } catch (...) {
+    m.batched = false;
+    throw;
+  }
+  m.batched = false;
+  cuda_check(cudaStreamSynchronize(m.stream), "forward");
+  if (m.profiling) m.prof_collect();
+  logits.resize(static_cast<size_t>(B * V));
+  std::memcpy(logits.data(), m.h_logits, static_cast<size_t>(B * V) * 4);
+  for (auto* st : states) st->num_tokens += 1;
 }
 
 void CudaModel::download_linear_states(const SequenceState& state,

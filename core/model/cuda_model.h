@@ -76,6 +76,13 @@ class CudaModel {
   CudaModel& operator=(const CudaModel&) = delete;
 
   std::shared_ptr<DeviceSequenceState> new_state();
+  /// One decode step of B ≤ max_batch() sequences (Model::forward_batch): logits (B, vocab).
+  void forward_batch(std::span<SequenceState* const> states, std::span<const int64_t> ids,
+                     std::vector<float>& logits, kernels::Executor& ex, ForwardProfile* profile);
+  /// Grows the KV cache of `state` to hold `tokens` tokens (OutOfMemory: unchanged).
+  void reserve(SequenceState& state, int64_t tokens);
+  /// Most sequences forward_batch takes at once.
+  int64_t max_batch() const;
   void forward(std::span<const int64_t> ids, SequenceState& state, LogitsMode mode,
                std::vector<float>& logits, kernels::Executor& ex, ForwardProfile* profile);
 

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <limits>
 
 #include "core/error.h"
 #include "kernels/cpu/attention.h"
@@ -432,6 +433,76 @@ void Model::forward(std::span<const int64_t> ids, SequenceState& state, LogitsMo
   norm_rows(x.data() + first * H, final_norm_, xn.data(), rows, H, H, eps, scale);
   logits.resize(static_cast<size_t>(rows * c.vocab_size));
   kc::linear(xn.data(), rows, lm_head_, logits.data(), ex);
+}
+
+void Model::reserve(SequenceState& state, int64_t tokens) const {
+#if TIDAL_WITH_CUDA
+  if (cuda_) cuda_->reserve(state, tokens);
+#endif
+  (void)state;
+  (void)tokens;
+}
+
+int64_t Model::max_batch() const {
+#if TIDAL_WITH_CUDA
+  if (cuda_) return cuda_->max_batch();
+#endif
+  return std::numeric_limits<int64_t>::max();
+}
+
+void Model::forward_batch(std::span<SequenceState* const> states, std::span<const int64_t> ids,
+                          std::vector<float>& logits, Executor& ex, ForwardProfile* profile) const {
+  const auto t_start = std::chrono::steady_clock::now();
+  const auto& c = cfg_;
+  const int64_t B = static_cast<int64_t>(ids.size()), H = c.hidden_size;
+  TIDAL_ASSERT(states.size() == ids.size(), "{} states for {} tokens", states.size(), ids.size());
+  for (int64_t b = 0; b < B; ++b) {
+    TIDAL_ASSERT(states[b] != nullptr && states[b]->layers.size() == layers_.size(),
+                 "bad sequence state in a batch");
+    for (int64_t o = 0; o < b; ++o)
+      TIDAL_ASSERT(states[o] != states[b], "one sequence twice in a batch");
+  }
+  if (B == 0) {
+    logits.clear();
+    return;
+  }
+#if TIDAL_WITH_CUDA
+  if (cuda_) {
+    for (auto* s : states) TIDAL_ASSERT(s->device != nullptr, "a CPU sequence state given to CUDA");
+    cuda_->forward_batch(states, ids, logits, ex, profile);
+    if (profile)
+      profile->total +=
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+    return;
+  }
+#endif
+  const auto scale = c.is_hybrid() ? kc::NormScale::kZeroCentred : kc::NormScale::kPlain;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  std::vector<float> x(static_cast<size_t>(B * H)), xn(x.size()), y(x.size());
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < H; ++i) x[b * H + i] = embed_tokens_.at(ids[b], i);
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const LayerWeights& w = layers_[l];
+    norm_rows(x.data(), w.input_layernorm, xn.data(), B, H, H, eps, scale);
+    for (int64_t b = 0; b < B; ++b) {  // token mixer: each sequence on its own state
+      SequenceState& st = *states[b];
+      if (w.type == LayerType::kFullAttention)
+        attention_layer(w, st.layers[l], st.num_tokens, xn.data() + b * H, 1, y.data() + b * H, ex);
+      else
+        delta_net_layer(w, st.layers[l], xn.data() + b * H, 1, y.data() + b * H, ex);
+    }
+    for (size_t i = 0; i < x.size(); ++i) x[i] += y[i];
+    norm_rows(x.data(), w.post_attention_layernorm, xn.data(), B, H, H, eps, scale);
+    mlp_block(static_cast<int64_t>(l), w.mlp, xn.data(), B, y.data(), ex, profile);  // one batch
+    for (size_t i = 0; i < x.size(); ++i) x[i] += y[i];
+  }
+  for (auto* s : states) s->num_tokens += 1;
+  norm_rows(x.data(), final_norm_, xn.data(), B, H, H, eps, scale);
+  logits.resize(static_cast<size_t>(B * c.vocab_size));
+  kc::linear(xn.data(), B, lm_head_, logits.data(), ex);
+  if (profile)
+    profile->total +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
 }
 
 void Model::save_linear_states(const SequenceState& state, std::vector<std::vector<float>>& conv,

@@ -77,6 +77,21 @@ class Model {
                std::vector<float>& logits, kernels::Executor& ex,
                ForwardProfile* profile = nullptr) const;
 
+  /// One decode step of B independent sequences: token ids[b] is appended to *states[b] (each at
+  /// its own position). The token mixers (attention, DeltaNet) run per sequence on its own state;
+  /// every MoE layer takes all B rows as one batch, so an expert's weights are read once for all
+  /// the sequences routed to it. logits: (B, vocab_size). States must be distinct.
+  void forward_batch(std::span<SequenceState* const> states, std::span<const int64_t> ids,
+                     std::vector<float>& logits, kernels::Executor& ex,
+                     ForwardProfile* profile = nullptr) const;
+
+  /// Makes room for `tokens` tokens in `state` (the GPU KV cache grows; nothing on the CPU).
+  /// Throws OutOfMemory, leaving the state as it was.
+  void reserve(SequenceState& state, int64_t tokens) const;
+  /// Most sequences forward_batch takes at once (the GPU's workspaces bound it; unbounded on the
+  /// CPU).
+  int64_t max_batch() const;
+
   /// Routing record / replay (benchmarks, cache studies); shared by all sequences of this model.
   RoutingControl& routing() const { return *routing_; }
 

@@ -527,6 +527,7 @@ Sequence::Sequence(std::shared_ptr<const Runtime> rt)
 }
 
 Sequence::~Sequence() {
+  if (Scheduler* sched = rt_->scheduler()) sched->forget(&state_);
   rt_->record_memory(-1, -static_cast<int64_t>(accounted_state_),
                      -static_cast<int64_t>(accounted_saved_));
 }
@@ -549,9 +550,16 @@ void Sequence::account_locked(bool saved_changed) {
 int64_t Sequence::forward_locked(std::span<const int64_t> ids, core::LogitsMode mode,
                                  std::vector<float>& out, Sampler* sampler) {
   core::ForwardProfile prof;
-  rt_->model().forward(ids, state_, mode, out, rt_->executor(), &prof);
   int64_t tok = -1;
   double sample_seconds = 0.0;
+  if (Scheduler* sched = rt_->scheduler()) {
+    tok = sched->run(state_, ids, mode, out, sampler, ctl_, prof, sample_seconds);
+    rt_->record(static_cast<int64_t>(ids.size()), prof, sample_seconds);
+    account_locked(false);
+    return tok;
+  }
+  ctl_.check();
+  rt_->model().forward(ids, state_, mode, out, rt_->executor(), &prof);
   if (sampler) {
     const auto t0 = Clock::now();
     tok = sampler->sample(out);
@@ -583,6 +591,33 @@ int64_t Sequence::step(std::span<const int64_t> ids, Sampler& sampler) {
   std::lock_guard lock(mu_);
   std::vector<float> logits;
   return forward_locked(ids, core::LogitsMode::kLast, logits, &sampler);
+}
+
+void Sequence::cancel() {
+  ctl_.cancelled.store(true);
+  if (Scheduler* sched = rt_->scheduler()) sched->poke();
+}
+
+void Sequence::set_deadline(double seconds) {
+  TIDAL_CHECK(std::isfinite(seconds) && seconds >= 0, InvalidArgument,
+              "a deadline must be a finite number of seconds >= 0, got {}", seconds);
+  if (seconds == 0) {
+    ctl_.deadline_ns.store(0);
+    return;
+  }
+  const auto d = std::chrono::steady_clock::now() +
+                 std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                     std::chrono::duration<double>(seconds));
+  ctl_.deadline_ns.store(std::max<int64_t>(1, d.time_since_epoch().count()));
+}
+
+void Runtime::enable_batching(const SchedulerOptions& opts) {
+  opts.validate();
+  std::lock_guard lock(sched_mu_);
+  TIDAL_CHECK(scheduler_ == nullptr, InvalidArgument,
+              "batching is already enabled on this runtime");
+  scheduler_ = std::make_unique<Scheduler>(*this, opts);
+  scheduler_ptr_.store(scheduler_.get());
 }
 
 int64_t Sequence::num_tokens() const {

@@ -4,6 +4,7 @@
 /// explicit state.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <filesystem>
@@ -19,6 +20,7 @@
 #include "core/config/model_config.h"
 #include "core/model/model.h"
 #include "core/runtime/sampler.h"
+#include "core/runtime/scheduler.h"
 #include "kernels/common/executor.h"
 
 namespace tidal::offload {
@@ -119,6 +121,13 @@ class Sequence {
   int64_t num_tokens() const;
   std::vector<int64_t> checkpoint_positions() const;
 
+  /// Makes the forward call waiting or running on this sequence (or, when none is, the next
+  /// one) throw Cancelled. Any thread; does not wait for the sequence's lock. With batching on, a
+  /// prompt being prefilled stops at the next chunk.
+  void cancel();
+  /// Forward calls after `seconds` from now throw DeadlineExceeded (0: no deadline).
+  void set_deadline(double seconds);
+
   static constexpr size_t kMaxCheckpoints = 8;
 
  private:
@@ -134,6 +143,7 @@ class Sequence {
   std::shared_ptr<const Runtime> rt_;
   core::SequenceState state_;
   std::deque<Saved> saved_;
+  SequenceControl ctl_;
   mutable std::mutex mu_;
   uint64_t accounted_state_ = 0, accounted_saved_ = 0;
 };
@@ -172,6 +182,13 @@ class Runtime : public std::enable_shared_from_this<Runtime> {
   /// Zeroes the token and time counters (memory figures stay).
   void reset_stats();
 
+  /// Routes the forward calls of every sequence through a Scheduler from now on: one-token steps
+  /// of concurrent sequences run as one batch, prompts in chunks. Once per runtime
+  /// (InvalidArgument the second time).
+  void enable_batching(const SchedulerOptions& opts);
+  /// The scheduler, or null while batching is off.
+  Scheduler* scheduler() const { return scheduler_ptr_.load(); }
+
  private:
   friend class Sequence;
   /// Adds one forward call (with its profile and sampling time) to the counters.
@@ -186,6 +203,9 @@ class Runtime : public std::enable_shared_from_this<Runtime> {
   std::unique_ptr<core::Model> model_;
   std::unique_ptr<kernels::Executor> executor_;
   std::shared_ptr<offload::ExpertStore> experts_;
+  std::mutex sched_mu_;
+  std::unique_ptr<Scheduler> scheduler_;  // destroyed first (declared last): it uses the model
+  std::atomic<Scheduler*> scheduler_ptr_{nullptr};
 };
 
 /// Physical cores of this machine (hwloc), at least 1.

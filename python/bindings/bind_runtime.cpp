@@ -214,7 +214,17 @@ void bind_runtime(py::module_& m) {
            "Roll back to at most num_tokens; returns the new length (exact for attention-only "
            "models, else the latest checkpoint at or before it).")
       .def_property_readonly("checkpoint_positions", &Sequence::checkpoint_positions)
-      .def_property_readonly("num_tokens", &Sequence::num_tokens);
+      .def_property_readonly("num_tokens", &Sequence::num_tokens)
+      .def("cancel", &Sequence::cancel,
+           "Make the call waiting or running on this sequence (or else the next one) raise "
+           "tidal.Cancelled. Safe from any thread; returns at once.")
+      .def("set_deadline", &Sequence::set_deadline, py::arg("seconds"),
+           "Calls after `seconds` from now raise TimeoutError (0: no deadline).");
+
+  using runtime::Scheduler;
+  py::class_<Scheduler::Admission>(m, "Admission",
+                                   "One admitted request of the batching scheduler.")
+      .def("release", &Scheduler::Admission::release, "Free the slot (idempotent).");
 
   py::class_<Runtime, std::shared_ptr<Runtime>>(m, "Runtime", "A loaded model.")
       .def_static(
@@ -262,6 +272,54 @@ void bind_runtime(py::module_& m) {
           "stats", [](const Runtime& r) { return stats_dict(r.stats()); },
           "Counters since load or reset_stats() (tokens, seconds, bytes) as a dict.")
       .def("reset_stats", &Runtime::reset_stats)
+      .def(
+          "enable_batching",
+          [](Runtime& r, int64_t max_batch, int64_t max_requests, int64_t prefill_chunk,
+             double batch_wait) {
+            runtime::SchedulerOptions o;
+            o.max_batch = max_batch;
+            o.max_requests = max_requests;
+            o.prefill_chunk = prefill_chunk;
+            o.batch_wait = batch_wait;
+            r.enable_batching(o);
+          },
+          py::kw_only(), py::arg("max_batch") = 32, py::arg("max_requests") = 16,
+          py::arg("prefill_chunk") = 512, py::arg("batch_wait") = 0.003,
+          "Route every sequence's forward calls through the batching scheduler: one-token steps "
+          "of concurrent sequences run as one batch through each MoE layer, prompts in chunks of "
+          "prefill_chunk tokens between decode steps.")
+      .def_property_readonly("batching", [](const Runtime& r) { return r.scheduler() != nullptr; })
+      .def(
+          "try_admit",
+          [](Runtime& r) {
+            Scheduler* s = r.scheduler();
+            TIDAL_CHECK(s != nullptr, InvalidArgument, "batching is off (enable_batching)");
+            return s->try_admit();
+          },
+          "A slot for one more request, or tidal.Busy when max_requests are running.")
+      .def(
+          "scheduler_stats",
+          [](const Runtime& r) {
+            py::dict d;
+            const Scheduler* s = r.scheduler();
+            if (!s) return d;
+            const auto st = s->stats();
+            d["decode_steps"] = st.decode_steps;
+            d["decode_rows"] = st.decode_rows;
+            d["max_rows"] = st.max_rows;
+            d["prefill_chunks"] = st.prefill_chunks;
+            d["admitted"] = st.admitted;
+            d["rejected"] = st.rejected;
+            d["active_requests"] = st.active_requests;
+            d["cancelled"] = st.cancelled;
+            d["deadline_exceeded"] = st.deadline_exceeded;
+            d["failed"] = st.failed;
+            d["queued"] = st.queued;
+            d["max_batch"] = s->options().max_batch;
+            d["max_requests"] = s->options().max_requests;
+            return d;
+          },
+          "Counters of the batching scheduler (empty while batching is off).")
       .def("memory_report", &Runtime::memory_report,
            "VRAM use in bytes (device=\"cuda\"): weights, kv_cache, deltanet_state, workspaces, "
            "used, free, total, limit.")

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "core/error.h"
+#include "core/runtime/scheduler.h"
 #include "python/bindings/bindings.h"
 #ifdef TIDAL_WITH_CUDA
 #include "kernels/cuda/device_info.h"
@@ -18,11 +19,20 @@ PYBIND11_MODULE(_tidal, m) {
   m.attr("__version__") = TIDAL_VERSION;
   // tidal.FormatError: a malformed or truncated checkpoint/config; a ValueError for callers.
   static py::exception<tidal::FormatError> format_error(m, "FormatError", PyExc_ValueError);
+  // tidal.Busy / tidal.Cancelled: the batching scheduler (RuntimeErrors).
+  static py::exception<tidal::Busy> busy(m, "Busy", PyExc_RuntimeError);
+  static py::exception<tidal::Cancelled> cancelled(m, "Cancelled", PyExc_RuntimeError);
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const tidal::FormatError& e) {
       py::set_error(format_error, e.what());
+    } catch (const tidal::Busy& e) {
+      py::set_error(busy, e.what());
+    } catch (const tidal::Cancelled& e) {
+      py::set_error(cancelled, e.what());
+    } catch (const tidal::DeadlineExceeded& e) {
+      PyErr_SetString(PyExc_TimeoutError, e.what());
     } catch (const tidal::FileNotFound& e) {
       PyErr_SetString(PyExc_FileNotFoundError, e.what());
     } catch (const tidal::InvalidArgument& e) {

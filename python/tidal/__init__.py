@@ -18,7 +18,7 @@ Quick start::
     print(rt.stats())
 """
 
-from ._tidal import FormatError, ModelConfig, Sampler, Sequence, __version__, cuda_devices
+from ._tidal import Busy, Cancelled, FormatError, ModelConfig, Sampler, Sequence, __version__, cuda_devices
 from .chat_template import ChatTemplate
 from .generation import ChatResult, GenerationResult, Stream, StreamChunk
 from .plan import Plan, inspect, plan
@@ -27,6 +27,6 @@ from .session import Session
 from .stats import Stats
 from .tokenizer import Tokenizer
 
-__all__ = ["ChatResult", "ChatTemplate", "FormatError", "GenerationResult", "ModelConfig", "Plan", "Runtime",
+__all__ = ["Busy", "Cancelled", "ChatResult", "ChatTemplate", "FormatError", "GenerationResult", "ModelConfig", "Plan", "Runtime",
            "Sampler", "Sequence", "Session", "Stats", "Stream", "StreamChunk", "Tokenizer", "__version__", "cuda_devices",
            "inspect", "plan"]

@@ -167,8 +167,9 @@ class Stream:
     stream being garbage-collected, which is immediate for an unnamed ``for chunk in rt.generate(...)``)
     cancels it for good and frees its sequence."""
 
-    def __init__(self, gen: Iterator[StreamChunk], result: GenerationResult):
+    def __init__(self, gen: Iterator[StreamChunk], result: GenerationResult, seq: Any = None):
         self._gen = gen
+        self._seq = seq
         self.result = result
 
     def __iter__(self) -> "Stream":
@@ -179,6 +180,13 @@ class Stream:
 
     def close(self) -> None:
         self._gen.close()
+
+    def cancel(self) -> None:
+        """From any thread: stop the generation, also while another thread is inside a step of it
+        (that step raises `tidal.Cancelled` in the consuming thread, which ends the stream with
+        finish_reason "cancelled"). Returns at once."""
+        if self._seq is not None:
+            self._seq.cancel()
 
     def __enter__(self) -> "Stream":
         return self
@@ -256,7 +264,10 @@ def run(seq: Any, feed: Sequence[int], prompt_ids: Sequence[int], opts: Sampling
     sampler = opts.new_sampler(prompt_ids)
     limit = max_positions if max_positions else None
     try:
-        tok = seq.step(list(feed), sampler)
+        try:
+            tok = seq.step(list(feed), sampler)
+        except _tidal.Cancelled:  # Stream.cancel() from another thread
+            return
         if on_fed:
             on_fed(feed)
         if on_prompt_done:
@@ -278,7 +289,10 @@ def run(seq: Any, feed: Sequence[int], prompt_ids: Sequence[int], opts: Sampling
                 result.finish_reason = "length"
                 break
             prev = tok
-            tok = seq.step([prev], sampler)
+            try:
+                tok = seq.step([prev], sampler)
+            except _tidal.Cancelled:
+                return
             if on_fed:
                 on_fed([prev])
         result.decode_seconds = time.perf_counter() - t1

@@ -245,6 +245,33 @@ class Runtime:
         """float32 (len(token_ids), vocab_size): logits at every position of a fresh sequence."""
         return self._engine.logits(token_ids)
 
+    def enable_batching(self, *, max_batch: int = 32, max_requests: int = 16, prefill_chunk: int = 512,
+                        batch_wait: float = 0.003) -> None:
+        """Run the forward calls of all sequences through the batching scheduler from now on: the
+        one-token steps of sequences generating at the same time (from several threads) go through
+        each MoE layer as one batch, so every routed expert is read once per step for all of them;
+        prompts are prefilled in chunks of `prefill_chunk` tokens between decode steps. A step waits
+        up to `batch_wait` seconds for the other sequences of the last batch. `try_admit()` then
+        bounds the running requests at `max_requests` (`tidal serve` turns this on)."""
+        self._engine.enable_batching(max_batch=max_batch, max_requests=max_requests, prefill_chunk=prefill_chunk,
+                                     batch_wait=batch_wait)
+
+    @property
+    def batching(self) -> bool:
+        """Whether enable_batching() was called."""
+        return bool(self._engine.batching)
+
+    def try_admit(self) -> Any:
+        """With batching on: a slot for one more request (call .release() when it ends), or
+        `tidal.Busy` when max_requests are running."""
+        return self._engine.try_admit()
+
+    def scheduler_stats(self) -> dict[str, int]:
+        """Counters of the batching scheduler: decode_steps, decode_rows (their mean batch is
+        rows / steps), max_rows, prefill_chunks, admitted, rejected, active_requests, cancelled,
+        deadline_exceeded, failed, queued. Empty while batching is off."""
+        return dict(self._engine.scheduler_stats())
+
     def new_sequence(self) -> Any:
         """A fresh `Sequence` (explicit KV cache + DeltaNet state) for token-level control."""
         return self._engine.new_sequence()
@@ -321,7 +348,7 @@ class Runtime:
                   in_reasoning=in_reasoning, tools=tools, max_positions=self.config.max_position_embeddings,
                   on_finish=on_finish, **hooks)
         if stream:
-            return Stream(gen, result)
+            return Stream(gen, result, seq)
         for _ in gen:
             pass
         return result
