@@ -611,6 +611,42 @@ void Sequence::set_deadline(double seconds) {
   ctl_.deadline_ns.store(std::max<int64_t>(1, d.time_since_epoch().count()));
 }
 
+std::vector<float> Runtime::forward_batch(std::span<Sequence* const> seqs,
+                                          std::span<const int64_t> ids) const {
+  TIDAL_CHECK(seqs.size() == ids.size(), InvalidArgument, "{} sequences but {} token ids",
+              seqs.size(), ids.size());
+  TIDAL_CHECK(!seqs.empty(), InvalidArgument, "forward_batch needs at least one sequence");
+  check_token_ids(ids, true);
+  std::vector<Sequence*> order(seqs.begin(), seqs.end());
+  std::sort(order.begin(), order.end());
+  for (size_t i = 0; i < order.size(); ++i) {
+    TIDAL_CHECK(order[i] != nullptr, InvalidArgument, "forward_batch: a sequence is None");
+    TIDAL_CHECK(i == 0 || order[i] != order[i - 1], InvalidArgument,
+                "forward_batch: the same sequence twice");
+    TIDAL_CHECK(order[i]->rt_.get() == this, InvalidArgument,
+                "forward_batch: a sequence of another runtime");
+  }
+  const auto B = static_cast<int64_t>(seqs.size());
+  TIDAL_CHECK(B <= model_->max_batch(), InvalidArgument,
+              "forward_batch: {} sequences, this model takes at most {} per step", B,
+              model_->max_batch());
+  std::vector<std::unique_lock<std::mutex>> locks;  // address order: no lock-order inversion
+  for (Sequence* s : order) locks.emplace_back(s->mu_);
+  for (Sequence* s : seqs) s->ctl_.check();
+  std::vector<core::SequenceState*> states;
+  for (Sequence* s : seqs) states.push_back(&s->state_);
+  core::ForwardProfile prof;
+  std::vector<float> logits;
+  model_->forward_batch(states, ids, logits, *executor_, &prof);
+  prof.total /= static_cast<double>(B);
+  prof.routed_experts /= static_cast<double>(B);
+  for (Sequence* s : seqs) {
+    record(1, prof, 0.0);
+    s->account_locked(false);
+  }
+  return logits;
+}
+
 void Runtime::enable_batching(const SchedulerOptions& opts) {
   opts.validate();
   std::lock_guard lock(sched_mu_);

@@ -131,6 +131,7 @@ class Sequence {
   static constexpr size_t kMaxCheckpoints = 8;
 
  private:
+  friend class Runtime;  // forward_batch
   struct Saved {
     int64_t num_tokens = 0;
     std::vector<std::vector<float>> conv, recurrent;  // per layer (empty for attention layers)
@@ -181,6 +182,11 @@ class Runtime : public std::enable_shared_from_this<Runtime> {
   std::map<std::string, uint64_t> memory_report() const;
   /// Zeroes the token and time counters (memory figures stay).
   void reset_stats();
+
+  /// One decode step of several distinct sequences at once (Model::forward_batch): token ids[b]
+  /// is appended to seqs[b]; returns logits (B, vocab). Direct, not through the scheduler.
+  std::vector<float> forward_batch(std::span<Sequence* const> seqs,
+                                   std::span<const int64_t> ids) const;
 
   /// Routes the forward calls of every sequence through a Scheduler from now on: one-token steps
   /// of concurrent sequences run as one batch, prompts in chunks. Once per runtime

@@ -120,7 +120,6 @@ std::unique_ptr<Scheduler::Admission> Scheduler::try_admit() {
 int64_t Scheduler::run(core::SequenceState& state, std::span<const int64_t> ids,
                        core::LogitsMode mode, std::vector<float>& out, Sampler* sampler,
                        SequenceControl& ctl, core::ForwardProfile& prof, double& sample_seconds) {
-  ctl.check();
   auto job = std::make_shared<Job>();
   job->state = &state;
   job->ids = ids;

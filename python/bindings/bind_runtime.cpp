@@ -288,6 +288,25 @@ void bind_runtime(py::module_& m) {
           "Route every sequence's forward calls through the batching scheduler: one-token steps "
           "of concurrent sequences run as one batch through each MoE layer, prompts in chunks of "
           "prefill_chunk tokens between decode steps.")
+      .def(
+          "forward_batch",
+          [](const Runtime& r, const std::vector<std::shared_ptr<Sequence>>& seqs,
+             const py::object& ids_obj) {
+            const auto ids = to_ids(ids_obj);
+            std::vector<Sequence*> raw;
+            for (const auto& s : seqs) raw.push_back(s.get());
+            std::vector<float> out;
+            {
+              py::gil_scoped_release release;
+              out = r.forward_batch(raw, ids);
+            }
+            const auto rows = static_cast<int64_t>(raw.size());
+            return to_numpy(std::move(out), rows, rows ? r.config().vocab_size : 0);
+          },
+          py::arg("sequences"), py::arg("token_ids"),
+          "One decode step of several sequences at once: token_ids[b] is appended to "
+          "sequences[b]; returns float32 logits (B, vocab). Each MoE layer runs all B rows as one "
+          "batch.")
       .def_property_readonly("batching", [](const Runtime& r) { return r.scheduler() != nullptr; })
       .def(
           "try_admit",

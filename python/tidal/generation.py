@@ -176,10 +176,15 @@ class Stream:
         return self
 
     def __next__(self) -> StreamChunk:
-        return next(self._gen)
+        try:
+            return next(self._gen)
+        except BaseException:
+            self._seq = None  # ended: the sequence is freed with the generator
+            raise
 
     def close(self) -> None:
         self._gen.close()
+        self._seq = None
 
     def cancel(self) -> None:
         """From any thread: stop the generation, also while another thread is inside a step of it
@@ -187,6 +192,11 @@ class Stream:
         finish_reason "cancelled"). Returns at once."""
         if self._seq is not None:
             self._seq.cancel()
+
+    def set_deadline(self, seconds: float) -> None:
+        """Steps after `seconds` from now raise TimeoutError in the consuming thread (0: none)."""
+        if self._seq is not None:
+            self._seq.set_deadline(seconds)
 
     def __enter__(self) -> "Stream":
         return self

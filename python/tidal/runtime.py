@@ -272,6 +272,13 @@ class Runtime:
         deadline_exceeded, failed, queued. Empty while batching is off."""
         return dict(self._engine.scheduler_stats())
 
+    def forward_batch(self, sequences: Sequence[Any], token_ids: Sequence[int]) -> np.ndarray:
+        """One decode step of several distinct sequences at once: token_ids[b] is appended to
+        sequences[b]. Returns float32 logits (B, vocab_size). Every MoE layer runs the B rows as one
+        batch (each routed expert read once for all of them); attention and DeltaNet layers run each
+        sequence on its own state."""
+        return self._engine.forward_batch(list(sequences), token_ids)
+
     def new_sequence(self) -> Any:
         """A fresh `Sequence` (explicit KV cache + DeltaNet state) for token-level control."""
         return self._engine.new_sequence()

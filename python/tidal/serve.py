@@ -11,14 +11,18 @@ chat_template_kwargs (enable_thinking, preserve_thinking). Replies carry `reason
 `content`, `tool_calls`, `finish_reason` and `usage`. Errors use OpenAI's shape
 ({"error": {"message", "type", "param", "code"}}) with the matching HTTP status.
 
-This first version runs each request on its own sequence in a worker thread (sequences of one runtime
-run concurrently); batching the decode steps of concurrent requests through the experts is the
-scheduler's job (docs/architecture.md, "Where the next pieces go"). A bounded number of requests is
-admitted; beyond it the server answers 503 instead of queueing without limit.
+Each request runs on its own sequence; the runtime's batching scheduler (C++, Boost.Asio:
+`Runtime.enable_batching`, which create_app turns on) decodes the concurrent sequences together, one
+token of each per step, so every routed expert is read from RAM once per step for all the requests
+routed to it, and prefills prompts in chunks between decode steps. A bounded number of requests is
+admitted (the scheduler's `try_admit`); beyond it the server answers 503 instead of queueing without
+limit. A client that disconnects cancels its request (also during a long prefill), and
+`--request-timeout` bounds each request's time (504, or an error event in a stream).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request).
 import argparse
+import asyncio
 import hmac
 import json
 import os
@@ -122,17 +126,29 @@ class _Metrics:
         self.active = 0
 
 
-def create_app(rt: Any, *, model_name: str, api_key: "str | None" = None, max_requests: int = 16) -> Any:
-    """The FastAPI application serving `rt` (a loaded tidal.Runtime) as `model_name`. At most
-    `max_requests` requests run or wait at once; more get 503."""
+def create_app(rt: Any, *, model_name: str, api_key: "str | None" = None, max_requests: int = 16,
+               max_batch: int = 32, batch_wait: float = 0.003, prefill_chunk: int = 512,
+               request_timeout: "float | None" = None) -> Any:
+    """The FastAPI application serving `rt` (a loaded tidal.Runtime) as `model_name`. Turns on the
+    runtime's batching scheduler (max_requests, max_batch, batch_wait, prefill_chunk: see
+    Runtime.enable_batching) unless it already runs, in which case its own limits apply. At most
+    max_requests requests run or wait at once; more get 503. `request_timeout`: seconds a request may
+    take (None: no limit)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.background import BackgroundTask
     from starlette.concurrency import run_in_threadpool
 
+    from ._tidal import Busy
+
+    if request_timeout is not None and not request_timeout > 0:
+        raise ValueError(f"request_timeout must be > 0 seconds, got {request_timeout}")
+    if not rt.batching:
+        rt.enable_batching(max_batch=max_batch, max_requests=max_requests, prefill_chunk=prefill_chunk,
+                           batch_wait=batch_wait)
+    limit = rt.scheduler_stats()["max_requests"]
     app = FastAPI(title="tidal", docs_url=None, redoc_url=None)
     metrics = _Metrics()
-    slots = threading.BoundedSemaphore(max_requests)
     created = int(time.time())
 
     @app.exception_handler(APIError)
@@ -155,14 +171,25 @@ def create_app(rt: Any, *, model_name: str, api_key: "str | None" = None, max_re
         return JSONResponse(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                                      "invalid_request_error").body(), status_code=exc.status_code)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Any:
-        given = request.headers.get("authorization", "")
-        if api_key is not None and not (given[:7].lower() == "bearer " and
-                                        hmac.compare_digest(given[7:].encode(), api_key.encode())):
-            return JSONResponse(APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
-                                         "authentication_error", code="invalid_api_key").body(), status_code=401)
-        return await call_next(request)
+    class _Auth:  # plain ASGI, not BaseHTTPMiddleware: that one hides client disconnects from endpoints
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if api_key is not None and scope["type"] == "http":
+                given = ""
+                for k, v in scope.get("headers", []):
+                    if k.lower() == b"authorization":
+                        given = v.decode("latin-1")
+                if not (given[:7].lower() == "bearer " and hmac.compare_digest(given[7:].encode(), api_key.encode())):
+                    resp = JSONResponse(APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                                 "authentication_error", code="invalid_api_key").body(),
+                                        status_code=401)
+                    await resp(scope, receive, send)
+                    return
+            await self.inner(scope, receive, send)
+
+    app.add_middleware(_Auth)
 
     async def _body(request: Request) -> dict[str, Any]:
         raw = await request.body()
@@ -180,18 +207,21 @@ def create_app(rt: Any, *, model_name: str, api_key: "str | None" = None, max_re
                            param="model", code="model_not_found")
         return body
 
-    def _admit() -> None:
-        if not slots.acquire(blocking=False):
-            raise APIError(503, f"server busy: {max_requests} requests already running or waiting; retry later",
-                           "server_error", code="busy")
+    def _admit() -> Any:
+        try:
+            ticket = rt.try_admit()
+        except Busy:
+            raise APIError(503, f"server busy: {limit} requests already running or waiting; retry later",
+                           "server_error", code="busy") from None
         with metrics.lock:
             metrics.requests += 1
             metrics.active += 1
+        return ticket
 
-    def _release() -> None:
+    def _release(ticket: Any) -> None:
         with metrics.lock:
             metrics.active -= 1
-        slots.release()
+        ticket.release()
 
     def _count(result: Any) -> dict[str, int]:
         with metrics.lock:
@@ -240,18 +270,18 @@ def create_app(rt: Any, *, model_name: str, api_key: "str | None" = None, max_re
         if opts is not None and not isinstance(opts, dict):
             raise APIError(400, "'stream_options' must be an object", param="stream_options")
         include_usage = bool((opts or {}).get("include_usage"))
-        _admit()
+        ticket = _admit()
         released = threading.Event()
 
         def cleanup(stream: Any = None) -> None:  # the slot exactly once, whichever path gets here first
             if stream is not None:
                 try:
                     stream.close()
-                except ValueError:  # still running a step in a worker thread: it ends with that step
-                    pass
+                except ValueError:  # a worker thread is inside a step: that step raises Cancelled
+                    stream.cancel()
             if not released.is_set():
                 released.set()
-                _release()
+                _release(ticket)
 
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         try:
@@ -259,9 +289,20 @@ def create_app(rt: Any, *, model_name: str, api_key: "str | None" = None, max_re
         except BaseException:
             cleanup()
             raise
+        if request_timeout is not None:
+            stream.set_deadline(request_timeout)
         if not streaming:
             try:
-                result = await run_in_threadpool(_drain, stream)
+                work = asyncio.ensure_future(run_in_threadpool(_drain, stream))
+                while not work.done():  # a client that leaves cancels its request
+                    await asyncio.wait({work}, timeout=0.25)
+                    if not work.done() and await request.is_disconnected():
+                        stream.cancel()
+                try:
+                    result = work.result()
+                except TimeoutError:
+                    raise APIError(504, f"the request took longer than --request-timeout ({request_timeout} s)",
+                                   "server_error", code="timeout") from None
             finally:
                 cleanup(stream)
             usage = _count(result)
@@ -308,7 +349,9 @@ def create_app(rt: Any, *, model_name: str, api_key: "str | None" = None, max_re
                 try:
                     chunk = await run_in_threadpool(next, it, None)
                 except Exception as exc:  # after the 200: say so in the stream (OpenAI error shape)
-                    err = APIError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error")
+                    err = APIError(504, f"the request took longer than --request-timeout ({request_timeout} s)",
+                                   "server_error", code="timeout") if isinstance(exc, TimeoutError) else \
+                        APIError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error")
                     yield f"data: {json.dumps(err.body())}\n\n"
                     with metrics.lock:
                         metrics.errors += 1
@@ -379,6 +422,20 @@ def create_app(rt: Any, *, model_name: str, api_key: "str | None" = None, max_re
         for k, v in (st.memory or {}).items():
             if isinstance(v, (int, float)):
                 lines.append(f'tidal_memory_bytes{{kind="{k}"}} {v}')
+        sched = rt.scheduler_stats()
+        if sched:
+            steps = sched["decode_steps"]
+            lines += ["# TYPE tidal_scheduler_queue gauge", f"tidal_scheduler_queue {sched['queued']}",
+                      "# TYPE tidal_decode_steps_total counter", f"tidal_decode_steps_total {steps}",
+                      "# TYPE tidal_decode_rows_total counter", f"tidal_decode_rows_total {sched['decode_rows']}",
+                      "# TYPE tidal_decode_batch_mean gauge",
+                      f"tidal_decode_batch_mean {sched['decode_rows'] / steps if steps else 0.0:.3f}",
+                      "# TYPE tidal_requests_rejected_total counter",
+                      f"tidal_requests_rejected_total {sched['rejected']}",
+                      "# TYPE tidal_requests_cancelled_total counter",
+                      f"tidal_requests_cancelled_total {sched['cancelled']}",
+                      "# TYPE tidal_requests_timed_out_total counter",
+                      f"tidal_requests_timed_out_total {sched['deadline_exceeded']}"]
         hit = st.expert_cache_hit_rate
         lines += ["# TYPE tidal_expert_cache_hit_rate gauge",
                   f"tidal_expert_cache_hit_rate {hit if isinstance(hit, (int, float)) else 'NaN'}"]
@@ -400,6 +457,12 @@ def main(argv: "list[str] | None" = None) -> int:
     ap.add_argument("--gpu-memory", default=None)
     ap.add_argument("--cpu-threads", type=int, default=0)
     ap.add_argument("--max-requests", type=int, default=16, help="requests running or waiting before 503")
+    ap.add_argument("--max-batch", type=int, default=32, help="sequences decoded together per step")
+    ap.add_argument("--batch-wait", type=float, default=0.003,
+                    help="seconds a decode step waits for the other running requests to join it")
+    ap.add_argument("--prefill-chunk", type=int, default=512,
+                    help="prompt tokens per turn; decode steps of other requests run between chunks")
+    ap.add_argument("--request-timeout", type=float, default=None, help="seconds a request may take (default: no limit)")
     a = ap.parse_args(argv)
     try:
         import uvicorn
@@ -413,8 +476,9 @@ def main(argv: "list[str] | None" = None) -> int:
         kw["gpu_memory"] = a.gpu_memory
     rt = Runtime.load(a.model, **kw)
     name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
-    uvicorn.run(create_app(rt, model_name=name, api_key=a.api_key, max_requests=a.max_requests), host=a.host,
-                port=a.port, log_level="info")
+    app = create_app(rt, model_name=name, api_key=a.api_key, max_requests=a.max_requests, max_batch=a.max_batch,
+                     batch_wait=a.batch_wait, prefill_chunk=a.prefill_chunk, request_timeout=a.request_timeout)
+    uvicorn.run(app, host=a.host, port=a.port, log_level="info")
     return 0
 
 

@@ -121,7 +121,7 @@ def test_completions_stop_and_seed(client, rt):
     assert a.choices[0].text == b.choices[0].text
 
 
-def test_concurrent_streams_equal_sequential_runs(client):
+def test_concurrent_streams_equal_sequential_runs(client, rt):
     prompts = [f"# task {i}\ndef f{i}(x):\n" for i in range(4)]
 
     def run(p, stream):
@@ -131,9 +131,12 @@ def test_concurrent_streams_equal_sequential_runs(client):
                                                                                 temperature=0, stream=True)
                        if c.choices)
     sequential = [run(p, False) for p in prompts]
+    before = rt.scheduler_stats()
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         parallel = list(pool.map(lambda p: run(p, True), prompts))
     assert parallel == sequential
+    st = rt.scheduler_stats()  # the server's scheduler decoded them together
+    assert st["max_rows"] >= 2 and st["decode_rows"] - before["decode_rows"] > st["decode_steps"] - before["decode_steps"]
 
 
 def test_cancelling_one_stream_leaves_the_others(client, server, rt):
@@ -149,7 +152,7 @@ def test_cancelling_one_stream_leaves_the_others(client, server, rt):
         assert other.result() == rt.generate("import os\n", max_new_tokens=12, temperature=0).text
     for _ in range(100):  # the cancelled request releases its slot and its sequence
         m = httpx.get(server.url + "/metrics").text
-        if "tidal_requests_active 0" in m:
+        if "tidal_requests_active 0" in m and rt.stats().live_sequences == 0:
             break
         time.sleep(0.05)
     assert "tidal_requests_active 0" in m
@@ -198,7 +201,8 @@ def test_errors_have_openai_shape(client, server):
     assert "tidal_requests_active 0" in m  # no request kept its slot
 
 
-def test_api_key_and_busy(rt):
+def test_api_key_and_busy():
+    rt = tidal.Runtime.load(MINI, progress=False)  # its own scheduler, with one request slot
     s = _Server(create_app(rt, model_name=NAME, api_key="sekret", max_requests=1))
     try:
         bad = openai.OpenAI(base_url=s.url + "/v1", api_key="wrong")
@@ -227,6 +231,38 @@ def test_api_key_and_busy(rt):
                 break
             time.sleep(0.05)
         assert ok.status_code == 200
+    finally:
+        s.stop()
+
+
+def test_request_timeout_and_non_streaming_disconnect():
+    rt = tidal.Runtime.load(MINI, progress=False)
+    s = _Server(create_app(rt, model_name=NAME, request_timeout=0.3))
+    try:
+        long = {"model": NAME, "prompt": "x", "max_tokens": 4000, "ignore_eos": True}
+        r = httpx.post(s.url + "/v1/completions", json=long, timeout=60)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        with httpx.stream("POST", s.url + "/v1/completions", json={**long, "stream": True}, timeout=60) as r:
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert json.loads(events[-1])["error"]["code"] == "timeout"
+        ok = httpx.post(s.url + "/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 3}, timeout=60)
+        assert ok.status_code == 200  # short requests still pass
+        assert rt.scheduler_stats()["deadline_exceeded"] >= 2
+    finally:
+        s.stop()
+    # A non-streaming client that goes away cancels its request (no timeout on this server).
+    s = _Server(create_app(rt, model_name=NAME))
+    try:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(s.url + "/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 4000,
+                                                        "ignore_eos": True}, timeout=0.5)
+        for _ in range(200):
+            if rt.stats().live_sequences == 0:
+                break
+            time.sleep(0.05)
+        assert rt.stats().live_sequences == 0 and rt.scheduler_stats()["cancelled"] >= 1
+        m = httpx.get(s.url + "/metrics").text
+        assert "tidal_requests_cancelled_total" in m and "tidal_decode_batch_mean" in m
     finally:
         s.stop()
 
