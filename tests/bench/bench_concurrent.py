@@ -1,9 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
 """Aggregate decode speed of N concurrent streams on one runtime, as `tidal serve` runs them (one
-sequence per request, each in its own thread), for N in --streams. Prints a table and writes JSON.
+sequence per request, each in its own thread), for N in --streams: first with every sequence running
+its own forward calls ("unbatched"), then through the batching scheduler ("batched":
+Runtime.enable_batching, one decode step for all sequences). Prints a table and writes JSON.
 
     python tests/bench/bench_concurrent.py MODEL [--device cuda --gpu-memory 12GiB] [--cpu-threads 16]
-        [--streams 1,2,4,8] [--tokens 64] [--json OUT]
+        [--streams 1,2,4,8] [--tokens 64] [--modes unbatched,batched] [--json OUT]
+
+Besides tok/s, each row has the routed-expert time per decode step (CPU experts: the part batching
+shares) and, batched, the mean sequences per step.
 
 Each stream feeds a short distinct prompt, then generates --tokens tokens (EOS ignored, greedy). The
 aggregate rate is all generated tokens over the wall time from the first stream's start to the last
@@ -36,12 +41,20 @@ def run(rt, n: int, tokens: int) -> dict:
     threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
     for t in threads:
         t.start()
+    rt.reset_stats()
+    s0 = rt.scheduler_stats()
     barrier.wait()
     t0 = time.perf_counter()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    return {"streams": n, "tokens": sum(done), "seconds": wall, "tok_s": sum(done) / wall}
+    st = rt.stats()
+    s1 = rt.scheduler_stats()
+    steps = s1["decode_steps"] - s0["decode_steps"] if s1 else st.decode_tokens
+    rows = s1["decode_rows"] - s0["decode_rows"] if s1 else st.decode_tokens
+    return {"streams": n, "tokens": sum(done), "seconds": wall, "tok_s": sum(done) / wall,
+            "decode_steps": steps, "mean_batch": rows / steps if steps else 0.0,
+            "expert_ms_per_step": 1e3 * st.time["cpu_experts"] / steps if steps else 0.0}
 
 
 def main() -> int:
@@ -52,19 +65,31 @@ def main() -> int:
     ap.add_argument("--cpu-threads", type=int, default=0)
     ap.add_argument("--streams", default="1,2,4,8")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--modes", default="unbatched,batched")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     kw = {"device": a.device, "cpu_threads": a.cpu_threads, "progress": False}
     if a.gpu_memory:
         kw["gpu_memory"] = a.gpu_memory
     rt = tidal.Runtime.load(a.model, **kw)
-    run(rt, 1, 8)  # warm-up (graphs, caches)
-    rows = [run(rt, int(n), a.tokens) for n in a.streams.split(",")]
-    base = rows[0]["tok_s"]
-    print(f"| streams | tokens | seconds | aggregate tok/s | ratio to 1 stream |\n|---:|---:|---:|---:|---:|")
-    for r in rows:
-        r["ratio"] = r["tok_s"] / base
-        print(f"| {r['streams']} | {r['tokens']} | {r['seconds']:.2f} | {r['tok_s']:.1f} | {r['ratio']:.2f} |")
+    table = []
+    for mode in a.modes.split(","):
+        if mode == "batched":
+            rt.enable_batching(max_batch=max(int(n) for n in a.streams.split(",")), max_requests=64)
+        elif mode != "unbatched":
+            raise SystemExit(f"unknown mode {mode!r}")
+        run(rt, 1, 8)  # warm-up (graphs, caches)
+        rows = [run(rt, int(n), a.tokens) for n in a.streams.split(",")]
+        base = rows[0]["tok_s"]
+        print(f"\n{mode}:\n| streams | tokens | seconds | aggregate tok/s | ratio to 1 stream | mean batch "
+              f"| expert ms / step |\n|---:|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            r["mode"] = mode
+            r["ratio"] = r["tok_s"] / base
+            print(f"| {r['streams']} | {r['tokens']} | {r['seconds']:.2f} | {r['tok_s']:.1f} | {r['ratio']:.2f} "
+                  f"| {r['mean_batch']:.2f} | {r['expert_ms_per_step']:.2f} |")
+        table += rows
+    rows = table
     if a.json:
         commit = os.environ.get("TIDAL_COMMIT") or subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
