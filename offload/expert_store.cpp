@@ -525,6 +525,22 @@ void ExpertStore::forward(int64_t layer, const float* src, int64_t num_tokens, c
   a.dst = dst;
   a.ld_dst = hidden_;
   op.run(a, ex);
+  {  // distinct experts of this call (each read from RAM once), and the pairs computed
+    thread_local std::vector<uint8_t> seen;
+    seen.assign(experts.size(), 0);
+    uint64_t distinct = 0, pairs = 0;
+    for (int64_t i = 0; i < num_tokens * top_k; ++i) {
+      const int32_t e = ids[i];
+      if (e < 0 || static_cast<size_t>(e) >= seen.size()) continue;
+      ++pairs;
+      if (!seen[static_cast<size_t>(e)]) {
+        seen[static_cast<size_t>(e)] = 1;
+        ++distinct;
+      }
+    }
+    reads_.fetch_add(distinct, std::memory_order_relaxed);
+    pairs_.fetch_add(pairs, std::memory_order_relaxed);
+  }
   last_small_.store(op.used_small(), std::memory_order_relaxed);
   last_large_.store(op.used_large(), std::memory_order_relaxed);
 }

@@ -81,6 +81,11 @@ class ExpertStore final : public core::RoutedExperts {
   uint64_t resident_bytes() const { return region_bytes_; }
   /// Tile kernels of the most recent forward call ("avx512_vnni_int4", "...+amx_int4").
   std::string last_kernels() const;
+  /// Since load: expert weight reads (distinct experts per forward call and layer: each is read
+  /// from RAM once per call however many tokens route to it) and (token, expert) pairs computed.
+  /// reads < pairs is what batching tokens (prefill, or many sequences per decode step) saves.
+  uint64_t expert_reads() const { return reads_.load(std::memory_order_relaxed); }
+  uint64_t expert_pairs() const { return pairs_.load(std::memory_order_relaxed); }
 
  private:
   struct Source {
@@ -111,6 +116,7 @@ class ExpertStore final : public core::RoutedExperts {
   bool load_cache(const std::function<void(uint64_t)>& progress);
   void write_cache();
   std::atomic<const char*> last_small_{nullptr}, last_large_{nullptr};
+  std::atomic<uint64_t> reads_{0}, pairs_{0};
 };
 
 /// Writes a pre-packed experts file (Note [Pre-packed experts]) for `cfg`: one add_layer() per MoE

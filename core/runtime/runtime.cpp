@@ -427,11 +427,20 @@ std::map<std::string, uint64_t> Runtime::memory_report() const {
 
 RuntimeStats Runtime::stats() const {
   std::lock_guard lock(stats_mu_);
-  return stats_;
+  RuntimeStats s = stats_;
+  if (experts_) {
+    s.expert_reads = experts_->expert_reads() - reads_base_;
+    s.expert_pairs = experts_->expert_pairs() - pairs_base_;
+  }
+  return s;
 }
 
 void Runtime::reset_stats() {
   std::lock_guard lock(stats_mu_);
+  if (experts_) {
+    reads_base_ = experts_->expert_reads();
+    pairs_base_ = experts_->expert_pairs();
+  }
   stats_.prefill_tokens = stats_.decode_tokens = 0;
   stats_.prefill_seconds = stats_.decode_seconds = 0;
   stats_.routed_expert_seconds = stats_.dense_seconds = stats_.sample_seconds = 0;

@@ -74,6 +74,9 @@ struct RuntimeStats {
   uint64_t checkpoint_file_bytes = 0;  ///< every tensor of the checkpoint
   bool weights_populated = false;      ///< weights were read into RAM at load
   double load_seconds = 0;
+  /// Routed experts since load or reset_stats: weight reads (distinct experts per forward call and
+  /// MoE layer) and (token, expert) pairs computed; reads / pairs < 1 is the sharing batching gets.
+  uint64_t expert_reads = 0, expert_pairs = 0;
 };
 
 struct GenerationConfig {
@@ -204,6 +207,7 @@ class Runtime : public std::enable_shared_from_this<Runtime> {
   Runtime() = default;
   mutable std::mutex stats_mu_;
   mutable RuntimeStats stats_;
+  uint64_t reads_base_ = 0, pairs_base_ = 0;  // expert counters at the last reset_stats
   RuntimeOptions opts_;
   std::unique_ptr<core::Checkpoint> checkpoint_;
   std::unique_ptr<core::Model> model_;

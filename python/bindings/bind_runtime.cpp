@@ -119,6 +119,8 @@ py::dict stats_dict(const runtime::RuntimeStats& s) {
   d["checkpoint_file_bytes"] = s.checkpoint_file_bytes;
   d["weights_populated"] = s.weights_populated;
   d["load_seconds"] = s.load_seconds;
+  d["expert_reads"] = s.expert_reads;
+  d["expert_pairs"] = s.expert_pairs;
   return d;
 }
 
