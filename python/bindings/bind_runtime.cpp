@@ -309,6 +309,17 @@ void bind_runtime(py::module_& m) {
           "One decode step of several sequences at once: token_ids[b] is appended to "
           "sequences[b]; returns float32 logits (B, vocab). Each MoE layer runs all B rows as one "
           "batch.")
+      .def(
+          "gpu_profile",
+          [](const Runtime& r) {
+            std::map<std::string, double> out;
+#if TIDAL_WITH_CUDA
+            if (r.model().cuda()) out = r.model().cuda()->profile_seconds();
+#endif
+            return out;
+          },
+          "With TIDAL_CUDA_PROFILE=1 at load and cuda_graphs=False: GPU seconds per op label over "
+          "the forwards so far (empty on the CPU).")
       .def_property_readonly("batching", [](const Runtime& r) { return r.scheduler() != nullptr; })
       .def(
           "try_admit",
