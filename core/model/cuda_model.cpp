@@ -420,11 +420,9 @@ void CudaModel::Impl::enqueue_deltanet(const GpuLayer& L, int layer, int64_t T) 
   const float eps = static_cast<float>(c.rms_norm_eps);
   // Batched decode: row r is its own sequence (one token on its own conv and recurrent state).
   const int64_t nseq = batched ? T : 1, Tr = batched ? 1 : T;
-  if (Tr == 1 && std::max(dk, dv) <= 1024) {  // decode: conv + norms in one kernel
-    for (int64_t r = 0; r < nseq; ++r)
-      kc::gdn_conv_prep_step(src + r * ld_src, L.conv, d_step + r, layer, K, b + r * ld_ba,
-                             a + r * ld_ba, L.A_log, L.dt_bias, gq + r * nk * dk, gk + r * nk * dk,
-                             gv + r * nv * dv, beta + r * nv, gg + r * nv, nk, nv, dk, dv, stream);
+  if (Tr == 1 && std::max(dk, dv) <= 1024) {  // decode: conv + norms in one kernel (all rows)
+    kc::gdn_conv_prep_step(src, L.conv, d_step, layer, K, b, a, L.A_log, L.dt_bias, gq, gk, gv,
+                           beta, gg, nk, nv, dk, dv, stream, nseq, ld_src, ld_ba);
     mark("gdn: conv1d + l2norm, beta, g");
   } else {
     for (int64_t r = 0; r < nseq; ++r)
@@ -435,18 +433,11 @@ void CudaModel::Impl::enqueue_deltanet(const GpuLayer& L, int layer, int64_t T) 
                  stream);
     mark("gdn: l2norm, beta, g");
   }
-  bool fused = Tr == 1;
-  for (int64_t r = 0; r < nseq && fused; ++r)  // all rows or none (the condition is the shape's)
-    fused = kc::delta_rule_normed(gq + r * nk * dk, gk + r * nk * dk, gv + r * nv * dv, gg + r * nv,
-                                  beta + r * nv, d_step + r, layer, z + r * ld_z, ld_z, L.gnorm,
-                                  eps, go + r * nv * dv, Tr, nk, nv, dk, dv, stream);
-  if (fused) {
+  if (Tr == 1 && kc::delta_rule_normed(gq, gk, gv, gg, beta, d_step, layer, z, ld_z, L.gnorm, eps,
+                                       go, Tr, nk, nv, dk, dv, stream, nseq)) {
     mark("gdn: delta rule + gated norm");
   } else {
-    for (int64_t r = 0; r < nseq; ++r)
-      kc::delta_rule(gq + r * nk * dk, gk + r * nk * dk, gv + r * nv * dv, gg + r * nv,
-                     beta + r * nv, d_step + r, layer, go + r * nv * dv, Tr, nk, nv, dk, dv,
-                     stream);
+    kc::delta_rule(gq, gk, gv, gg, beta, d_step, layer, go, Tr, nk, nv, dk, dv, stream, nseq);
     mark("gdn: delta rule");
     kc::rms_norm_gated(go, z, ld_z, nv, L.gnorm, go, T * nv, dv, eps, stream);
     mark("gdn: gated norm");

@@ -1001,8 +1001,21 @@ __global__ void gdn_conv_prep_step_kernel(const float* src, const float* cw, con
                                           int layer, int64_t K, const float* b, const float* a,
                                           const float* A_log, const float* dt_bias, float* q,
                                           float* k, float* v, float* beta, float* g, int64_t nk,
-                                          int64_t nv, int64_t dk, int64_t dv) {
+                                          int64_t nv, int64_t dk, int64_t dv, int64_t ld_src,
+                                          int64_t ld_ba) {
   const int64_t C = 2 * nk * dk + nv * dv, blk = blockIdx.x;
+  {  // row blockIdx.y: its own sequence (batched decode)
+    const int64_t r = blockIdx.y;
+    src += r * ld_src;
+    b += r * ld_ba;
+    a += r * ld_ba;
+    q += r * nk * dk;
+    k += r * nk * dk;
+    v += r * nv * dv;
+    beta += r * nv;
+    g += r * nv;
+    step += r;
+  }
   const bool is_v = blk >= 2 * nk;
   const int64_t width = is_v ? dv : dk;
   const int64_t base = is_v ? 2 * nk * dk + (blk - 2 * nk) * dv : blk * dk;
@@ -1072,6 +1085,17 @@ __global__ void delta_rule_kernel(const float* __restrict__ q, const float* __re
                                   int64_t dk, int64_t dv, int CB, const float* __restrict__ z,
                                   int64_t ld_z, const float* __restrict__ nw, float eps) {
   extern __shared__ float qk[];  // q then k of the current token (2·dk)
+  {  // row blockIdx.z: its own sequence of T tokens (batched decode: T = 1)
+    const int64_t r = blockIdx.z;
+    q += r * T * nk * dk;
+    k += r * T * nk * dk;
+    v += r * T * nv * dv;
+    g += r * T * nv;
+    beta += r * T * nv;
+    out += r * T * nv * dv;
+    if (z) z += r * T * ld_z;
+    step += r;
+  }
   const int RG = static_cast<int>(dk / RPT);
   const int h = blockIdx.x, col = blockIdx.y * CB + threadIdx.x / RG, rg = threadIdx.x % RG;
   const int64_t kh = h / (nv / nk);
@@ -1371,10 +1395,14 @@ void causal_conv1d_silu(const float* src, int64_t ld_src, int64_t T, int64_t C, 
 void gdn_conv_prep_step(const float* src, const float* conv_w, const StepDev* step, int layer,
                         int64_t K, const float* b, const float* a, const float* A_log,
                         const float* dt_bias, float* q, float* k, float* v, float* beta, float* g,
-                        int64_t nk, int64_t nv, int64_t dk, int64_t dv, cudaStream_t s) {
+                        int64_t nk, int64_t nv, int64_t dk, int64_t dv, cudaStream_t s,
+                        int64_t rows, int64_t ld_src, int64_t ld_ba) {
+  if (rows == 0) return;
   const int threads = static_cast<int>((std::max(dk, dv) + 31) / 32 * 32);
-  gdn_conv_prep_step_kernel<<<static_cast<unsigned>(2 * nk + nv), threads, 0, s>>>(
-      src, conv_w, step, layer, K, b, a, A_log, dt_bias, q, k, v, beta, g, nk, nv, dk, dv);
+  const dim3 grid(static_cast<unsigned>(2 * nk + nv), static_cast<unsigned>(rows));
+  gdn_conv_prep_step_kernel<<<grid, threads, 0, s>>>(src, conv_w, step, layer, K, b, a, A_log,
+                                                     dt_bias, q, k, v, beta, g, nk, nv, dk, dv,
+                                                     ld_src, ld_ba);
 }
 
 void gdn_prep(const float* u, const float* b, const float* a, int64_t ld_ba, const float* A_log,
@@ -1387,11 +1415,13 @@ void gdn_prep(const float* u, const float* b, const float* a, int64_t ld_ba, con
 
 void delta_rule(const float* q, const float* k, const float* v, const float* g, const float* beta,
                 const StepDev* step, int layer, float* out, int64_t T, int64_t nk, int64_t nv,
-                int64_t dk, int64_t dv, cudaStream_t s) {
+                int64_t dk, int64_t dv, cudaStream_t s, int64_t rows) {
+  if (rows == 0) return;
   const int rpt = dk % 32 == 0 && dk >= 64 ? 32 : 16;  // rows per thread; dk / rpt ≤ 8 lanes
   const int CB = static_cast<int>(std::min<int64_t>(32, dv));
   const int RG = static_cast<int>(dk / rpt);
-  const dim3 grid(static_cast<unsigned>(nv), static_cast<unsigned>(dv / CB));
+  const dim3 grid(static_cast<unsigned>(nv), static_cast<unsigned>(dv / CB),
+                  static_cast<unsigned>(rows));
   const size_t smem = static_cast<size_t>(2 * dk) * sizeof(float);
   if (rpt == 32)
     delta_rule_kernel<32, false><<<grid, CB * RG, smem, s>>>(
@@ -1404,11 +1434,12 @@ void delta_rule(const float* q, const float* k, const float* v, const float* g, 
 bool delta_rule_normed(const float* q, const float* k, const float* v, const float* g,
                        const float* beta, const StepDev* step, int layer, const float* z,
                        int64_t ld_z, const float* w, float eps, float* out, int64_t T, int64_t nk,
-                       int64_t nv, int64_t dk, int64_t dv, cudaStream_t s) {
+                       int64_t nv, int64_t dk, int64_t dv, cudaStream_t s, int64_t rows) {
   const int rpt = dk % 32 == 0 && dk >= 64 ? 32 : 16;
   const int RG = static_cast<int>(dk / rpt);
   if (dv * RG > 1024 || dv % 32 != 0) return false;
-  const dim3 grid(static_cast<unsigned>(nv), 1);
+  if (rows == 0) return true;
+  const dim3 grid(static_cast<unsigned>(nv), 1, static_cast<unsigned>(rows));
   const size_t smem = static_cast<size_t>(2 * dk) * sizeof(float);
   const int CB = static_cast<int>(dv);
   if (rpt == 32)

@@ -136,24 +136,28 @@ void gdn_prep(const float* u, const float* b, const float* a, int64_t ld_ba, con
               int64_t nk, int64_t nv, int64_t dk, int64_t dv, cudaStream_t s);
 
 /// Decode step (T = 1) of causal_conv1d_silu + gdn_prep in one kernel (block per head); b and a
-/// are (nv) vectors.
+/// are (nv) vectors. `rows` > 1: batched decode, row r is its own sequence (state step[r]) with
+/// src, b and a at row strides ld_src, ld_ba and outputs packed by row.
 void gdn_conv_prep_step(const float* src, const float* conv_w, const StepDev* step, int layer,
                         int64_t K, const float* b, const float* a, const float* A_log,
                         const float* dt_bias, float* q, float* k, float* v, float* beta, float* g,
-                        int64_t nk, int64_t nv, int64_t dk, int64_t dv, cudaStream_t s);
+                        int64_t nk, int64_t nv, int64_t dk, int64_t dv, cudaStream_t s,
+                        int64_t rows = 1, int64_t ld_src = 0, int64_t ld_ba = 0);
 
 /// delta_rule with the gated output norm fused (block per value head): out = w · rms_norm(o) ·
 /// silu(z), z row t at z + t · ld_z. False (nothing launched) when a head does not fit one block.
+/// `rows` > 1: that many sequences of T tokens each, packed one after the other (state step[r]).
 bool delta_rule_normed(const float* q, const float* k, const float* v, const float* g,
                        const float* beta, const StepDev* step, int layer, const float* z,
                        int64_t ld_z, const float* w, float eps, float* out, int64_t T, int64_t nk,
-                       int64_t nv, int64_t dk, int64_t dv, cudaStream_t s);
+                       int64_t nv, int64_t dk, int64_t dv, cudaStream_t s, int64_t rows = 1);
 
 /// Gated delta rule over T tokens on the fp32 state of `layer` (model-spec §3.4), token by token
 /// with the state in registers: out (T, nv, dv). d_k and d_v must be multiples of 32 (≤ 256).
+/// `rows` > 1: that many sequences of T tokens each, packed one after the other (state step[r]).
 void delta_rule(const float* q, const float* k, const float* v, const float* g, const float* beta,
                 const StepDev* step, int layer, float* out, int64_t T, int64_t nk, int64_t nv,
-                int64_t dk, int64_t dv, cudaStream_t s);
+                int64_t dk, int64_t dv, cudaStream_t s, int64_t rows = 1);
 
 /// y = w · rms_norm(x) · silu(z), rows of dim (the DeltaNet output norm).
 /// z row r sits at z + (r / rows_per_token) · ld_z + (r % rows_per_token) · dim.
