@@ -267,6 +267,23 @@ def test_request_timeout_and_non_streaming_disconnect():
         s.stop()
 
 
+def test_agent_client_example_runs_unchanged(server):
+    """examples/agent_client.py: an agent loop as clients write it (streamed tools, preserve_thinking,
+    tool results fed back), pointed at the server by OPENAI_BASE_URL / MODEL only."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = dict(os.environ, OPENAI_BASE_URL=server.url + "/v1", MODEL=NAME)
+    p = subprocess.run([sys.executable, str(root / "examples" / "agent_client.py"), "--max-tokens", "48"],
+                       capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    assert summary["turns"] >= 2 and summary["messages"] >= 5
+
+
 def test_tidal_serve_command(tmp_path):
     """The CLI: loads the model, binds 127.0.0.1 by default, serves until stopped."""
     import os
