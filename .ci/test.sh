@@ -35,5 +35,19 @@ bash tests/fuzz/run.sh "${TIDAL_FUZZ_SECONDS:-60}"
 echo "== examples"
 for ex in examples/*.py; do
   echo "-- $ex"
-  python3 "$ex"
+  if grep -q "^# ci: needs tidal serve" "$ex"; then  # an OpenAI client: run it against a live server
+    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    python3 -m tidal serve models/tidal-mini --port "$port" > /tmp/tidal-serve-ci.log 2>&1 &
+    server=$!
+    for _ in $(seq 300); do
+      python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/health')" 2>/dev/null && break
+      sleep 0.2
+    done
+    OPENAI_BASE_URL="http://127.0.0.1:$port/v1" MODEL=tidal-mini python3 "$ex" --max-tokens 64 \
+      || { kill "$server"; tail -20 /tmp/tidal-serve-ci.log; exit 1; }
+    kill "$server"
+    wait "$server" 2>/dev/null || true
+  else
+    python3 "$ex"
+  fi
 done

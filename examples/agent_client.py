@@ -1,4 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
+# ci: needs tidal serve (.ci/test.sh starts one on tidal-mini)
 """A coding-agent loop against an OpenAI-compatible endpoint, written as agents write it: the official
 `openai` client, streamed chat completions with tools, reasoning kept across turns
 (`chat_template_kwargs.preserve_thinking`), tool results fed back. Nothing in it is tidal-specific.
