@@ -162,8 +162,12 @@ struct CudaModel::Impl {
   // ---------------------------------------------------------------------------- helpers
   void linear(const DevMatrix& w, const float* xin, int64_t ldx, float* yout, int64_t ldy,
               int64_t T, bool acc = false) {
-    if (T <= kc::kMaxGemvRows) {
-      kc::gemv(w, xin, ldx, yout, ldy, T, acc, stream);
+    if (T <= kc::kMaxGemvRows || batched) {
+      // Batched decode stays on the fp32-activation GEMV (slices of kMaxGemvRows rows), so a
+      // sequence's logits do not depend on how many others share its step.
+      for (int64_t r0 = 0; r0 < T; r0 += kc::kMaxGemvRows)
+        kc::gemv(w, xin + r0 * ldx, ldx, yout + r0 * ldy, ldy,
+                 std::min<int64_t>(kc::kMaxGemvRows, T - r0), acc, stream);
       return;
     }
     const float one = 1.0f, beta_v = acc ? 1.0f : 0.0f;
@@ -454,8 +458,10 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
   mark("mlp: in-proj [router|shared]");
   // SwiGLU: down(silu(gate) ⊙ up), the product fused into the GEMV for decode.
   auto swiglu_down = [&](const float* gu, int64_t I, float* dst) {
-    if (T <= kc::kMaxGemvRows) {
-      kc::gemv(L.down, gu, W, dst, H, T, false, stream, gu + I);
+    if (T <= kc::kMaxGemvRows || batched) {
+      for (int64_t r0 = 0; r0 < T; r0 += kc::kMaxGemvRows)
+        kc::gemv(L.down, gu + r0 * W, W, dst + r0 * H, H,
+                 std::min<int64_t>(kc::kMaxGemvRows, T - r0), false, stream, gu + r0 * W + I);
     } else {
       kc::silu_mul(gu, gu + I, W, hmid, T, I, stream);
       linear(L.down, hmid, I, dst, H, T);

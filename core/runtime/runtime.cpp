@@ -607,6 +607,11 @@ void Sequence::cancel() {
   if (Scheduler* sched = rt_->scheduler()) sched->poke();
 }
 
+void Sequence::reset_controls() {
+  ctl_.cancelled.store(false);
+  ctl_.deadline_ns.store(0);
+}
+
 void Sequence::set_deadline(double seconds) {
   TIDAL_CHECK(std::isfinite(seconds) && seconds >= 0, InvalidArgument,
               "a deadline must be a finite number of seconds >= 0, got {}", seconds);

@@ -130,6 +130,8 @@ class Sequence {
   void cancel();
   /// Forward calls after `seconds` from now throw DeadlineExceeded (0: no deadline).
   void set_deadline(double seconds);
+  /// Clears a pending cancel and the deadline (a new request on a reused sequence).
+  void reset_controls();
 
   static constexpr size_t kMaxCheckpoints = 8;
 

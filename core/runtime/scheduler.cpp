@@ -106,8 +106,8 @@ std::unique_ptr<Scheduler::Admission> Scheduler::try_admit() {
     active_.fetch_sub(1);
     std::lock_guard lock(stats_mu_);
     ++stats_.rejected;
-    throw Busy(fmt::format("the server is busy: {} requests are running (max_requests={})",
-                           opts_.max_requests, opts_.max_requests));
+    throw Busy(fmt::format("the server is busy: {} requests are running (max_requests={})", before,
+                           opts_.max_requests));
   }
   {
     std::lock_guard lock(stats_mu_);
@@ -135,7 +135,12 @@ int64_t Scheduler::run(core::SequenceState& state, std::span<const int64_t> ids,
       return;
     }
     job->enqueued = Clock::now();
-    (job->is_decode() ? m.decode_q : m.prefill_q).push_back(job);
+    try {
+      (job->is_decode() ? m.decode_q : m.prefill_q).push_back(job);
+    } catch (...) {
+      job->fail(std::current_exception());
+      return;
+    }
     {
       std::lock_guard lock(stats_mu_);
       stats_.queued = static_cast<int64_t>(m.decode_q.size() + m.prefill_q.size());
@@ -187,6 +192,21 @@ bool Scheduler::check_job(Job& job) {
 }
 
 void Scheduler::turn() {
+  try {
+    turn_unsafe();
+  } catch (...) {  // never let an error end the executor thread: fail what is queued instead
+    Impl& m = *impl_;
+    auto err = std::current_exception();
+    for (auto* q : {&m.decode_q, &m.prefill_q}) {
+      for (auto& j : *q)
+        if (!j->finished) j->fail(err);
+      q->clear();
+    }
+    m.scheduled = false;
+  }
+}
+
+void Scheduler::turn_unsafe() {
   Impl& m = *impl_;
   m.scheduled = false;
   if (m.stopping) return;

@@ -119,7 +119,8 @@ class Scheduler {
   struct Job;
   struct Impl;
   void post(std::function<void()> fn);
-  void turn();  // executor thread only
+  void turn();  // executor thread only; never throws
+  void turn_unsafe();
   void run_decode(std::vector<std::shared_ptr<Job>>& batch);
   void run_prefill_chunk(Job& job);
   bool check_job(Job& job);  // false: failed (cancelled / deadline) and finished

@@ -210,13 +210,24 @@ void bind_runtime(py::module_& m) {
             s.prefill(ids);
           },
           py::arg("token_ids"), "Append token_ids without computing logits.")
-      .def("checkpoint", &Sequence::checkpoint,
+      .def("checkpoint", &Sequence::checkpoint, py::call_guard<py::gil_scoped_release>(),
            "Save the DeltaNet states at the current length so truncate() can return here.")
       .def("truncate", &Sequence::truncate, py::arg("num_tokens"),
+           py::call_guard<py::gil_scoped_release>(),
            "Roll back to at most num_tokens; returns the new length (exact for attention-only "
            "models, else the latest checkpoint at or before it).")
-      .def_property_readonly("checkpoint_positions", &Sequence::checkpoint_positions)
-      .def_property_readonly("num_tokens", &Sequence::num_tokens)
+      .def_property_readonly("checkpoint_positions",
+                             [](const Sequence& s) {
+                               py::gil_scoped_release release;  // waits for a running step
+                               return s.checkpoint_positions();
+                             })
+      .def_property_readonly("num_tokens",
+                             [](const Sequence& s) {
+                               py::gil_scoped_release release;
+                               return s.num_tokens();
+                             })
+      .def("reset_controls", &Sequence::reset_controls,
+           "Clear a pending cancel() and the deadline (before a new request on this sequence).")
       .def("cancel", &Sequence::cancel,
            "Make the call waiting or running on this sequence (or else the next one) raise "
            "tidal.Cancelled. Safe from any thread; returns at once.")
@@ -328,6 +339,7 @@ void bind_runtime(py::module_& m) {
             TIDAL_CHECK(s != nullptr, InvalidArgument, "batching is off (enable_batching)");
             return s->try_admit();
           },
+          py::keep_alive<0, 1>(),  // the slot keeps its runtime (and scheduler) alive
           "A slot for one more request, or tidal.Busy when max_requests are running.")
       .def(
           "scheduler_stats",

@@ -179,12 +179,19 @@ class Stream:
         try:
             return next(self._gen)
         except BaseException:
-            self._seq = None  # ended: the sequence is freed with the generator
+            self._end()
             raise
+
+    def _end(self) -> None:
+        # The request is over: a session's sequence carries no cancel or deadline into its next turn,
+        # and a finished stream frees its sequence with the generator.
+        if self._seq is not None:
+            self._seq.reset_controls()
+            self._seq = None
 
     def close(self) -> None:
         self._gen.close()
-        self._seq = None
+        self._end()
 
     def cancel(self) -> None:
         """From any thread: stop the generation, also while another thread is inside a step of it

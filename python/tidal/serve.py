@@ -272,6 +272,7 @@ def create_app(rt: Any, *, model_name: str, api_key: "str | None" = None, max_re
         include_usage = bool((opts or {}).get("include_usage"))
         ticket = _admit()
         released = threading.Event()
+        release_lock = threading.Lock()
 
         def cleanup(stream: Any = None) -> None:  # the slot exactly once, whichever path gets here first
             if stream is not None:
@@ -279,9 +280,11 @@ def create_app(rt: Any, *, model_name: str, api_key: "str | None" = None, max_re
                     stream.close()
                 except ValueError:  # a worker thread is inside a step: that step raises Cancelled
                     stream.cancel()
-            if not released.is_set():
+            with release_lock:  # runs in the event loop and in a worker thread
+                if released.is_set():
+                    return
                 released.set()
-                _release(ticket)
+            _release(ticket)
 
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         try:

@@ -216,3 +216,32 @@ def test_scheduler_options_are_checked(pair):
         with pytest.raises(ValueError):
             fresh.enable_batching(**bad)
     assert not fresh.batching
+
+
+@pytest.mark.skipif(not tidal.cuda_devices(), reason="needs a CUDA GPU (runs on the GPU machine)")
+def test_cuda_batches_over_eight_rows_match_single_rows_at_default_precision():
+    """More rows than one GEMV takes: the batch still decodes with the one-row numerics (bf16x2)."""
+    rt = tidal.Runtime.load(MINI, device="cuda", progress=False)
+    n = 12
+    alone = [rt.new_sequence() for _ in range(n)]
+    batch = [rt.new_sequence() for _ in range(n)]
+    for k, (a, b) in enumerate(zip(alone, batch)):
+        ids = [(11 * k + j) % 8000 + 5 for j in range(3 + k)]
+        a.prefill(ids)
+        b.prefill(ids)
+    toks = [(29 * k) % 8000 + 7 for k in range(n)]
+    got = rt.forward_batch(batch, toks)
+    for k, (a, t) in enumerate(zip(alone, toks)):
+        want = a.forward([t], all_logits=False)[0]
+        assert float(np.abs(got[k] - want).max()) <= 1e-4 * float(np.abs(want).max()), k
+
+
+def test_stream_controls_do_not_leak_into_the_next_turn(pair):
+    _, rt = pair
+    s = rt.session()
+    st = s.generate("def f(x):", stream=True, max_new_tokens=4, temperature=0)
+    st.set_deadline(30)
+    list(st)
+    st.cancel()  # after the end: no effect on the session's next turn
+    r = s.generate("def g(y):", max_new_tokens=4, temperature=0, ignore_eos=True)
+    assert r.finish_reason == "length" and len(r.token_ids) == 4
