@@ -379,6 +379,38 @@ size_t Model::state_bytes(const SequenceState& state) {
   return n;
 }
 
+void Model::cpu_layers(std::span<SequenceState* const> states, int64_t T,
+                       std::span<const int64_t> ids, std::vector<float>& x, std::vector<float>& xn,
+                       Executor& ex, ForwardProfile* profile) const {
+  const auto& c = cfg_;
+  const int64_t R = static_cast<int64_t>(ids.size()), H = c.hidden_size;
+  const auto scale = c.is_hybrid() ? kc::NormScale::kZeroCentred : kc::NormScale::kPlain;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  x.resize(static_cast<size_t>(R * H));
+  xn.resize(x.size());
+  std::vector<float> y(x.size());
+  for (int64_t t = 0; t < R; ++t)
+    for (int64_t i = 0; i < H; ++i) x[t * H + i] = embed_tokens_.at(ids[t], i);
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const LayerWeights& w = layers_[l];
+    norm_rows(x.data(), w.input_layernorm, xn.data(), R, H, H, eps, scale);
+    for (size_t s = 0; s < states.size(); ++s) {  // token mixer: each sequence on its own state
+      SequenceState& st = *states[s];
+      const float* in = xn.data() + static_cast<int64_t>(s) * T * H;
+      float* out = y.data() + static_cast<int64_t>(s) * T * H;
+      if (w.type == LayerType::kFullAttention)
+        attention_layer(w, st.layers[l], st.num_tokens, in, T, out, ex);
+      else
+        delta_net_layer(w, st.layers[l], in, T, out, ex);
+    }
+    for (size_t i = 0; i < x.size(); ++i) x[i] += y[i];
+    norm_rows(x.data(), w.post_attention_layernorm, xn.data(), R, H, H, eps, scale);
+    mlp_block(static_cast<int64_t>(l), w.mlp, xn.data(), R, y.data(), ex, profile);  // all rows
+    for (size_t i = 0; i < x.size(); ++i) x[i] += y[i];
+  }
+  for (auto* st : states) st->num_tokens += T;
+}
+
 void Model::forward(std::span<const int64_t> ids, SequenceState& state, LogitsMode mode,
                     std::vector<float>& logits, Executor& ex, ForwardProfile* profile) const {
   const auto t_start = std::chrono::steady_clock::now();
@@ -407,23 +439,9 @@ void Model::forward(std::span<const int64_t> ids, SequenceState& state, LogitsMo
 #endif
   const auto scale = c.is_hybrid() ? kc::NormScale::kZeroCentred : kc::NormScale::kPlain;
   const float eps = static_cast<float>(c.rms_norm_eps);
-  std::vector<float> x(static_cast<size_t>(T * H)), xn(x.size()), y(x.size());
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = 0; i < H; ++i) x[t * H + i] = embed_tokens_.at(ids[t], i);
-  const int64_t pos0 = state.num_tokens;
-  for (size_t l = 0; l < layers_.size(); ++l) {
-    const LayerWeights& w = layers_[l];
-    norm_rows(x.data(), w.input_layernorm, xn.data(), T, H, H, eps, scale);
-    if (w.type == LayerType::kFullAttention)
-      attention_layer(w, state.layers[l], pos0, xn.data(), T, y.data(), ex);
-    else
-      delta_net_layer(w, state.layers[l], xn.data(), T, y.data(), ex);
-    for (size_t i = 0; i < x.size(); ++i) x[i] += y[i];
-    norm_rows(x.data(), w.post_attention_layernorm, xn.data(), T, H, H, eps, scale);
-    mlp_block(static_cast<int64_t>(l), w.mlp, xn.data(), T, y.data(), ex, profile);
-    for (size_t i = 0; i < x.size(); ++i) x[i] += y[i];
-  }
-  state.num_tokens += T;
+  std::vector<float> x, xn;
+  SequenceState* one[] = {&state};
+  cpu_layers(one, T, ids, x, xn, ex, profile);
   if (mode == LogitsMode::kNone) {
     logits.clear();
     return;
@@ -478,25 +496,8 @@ void Model::forward_batch(std::span<SequenceState* const> states, std::span<cons
 #endif
   const auto scale = c.is_hybrid() ? kc::NormScale::kZeroCentred : kc::NormScale::kPlain;
   const float eps = static_cast<float>(c.rms_norm_eps);
-  std::vector<float> x(static_cast<size_t>(B * H)), xn(x.size()), y(x.size());
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t i = 0; i < H; ++i) x[b * H + i] = embed_tokens_.at(ids[b], i);
-  for (size_t l = 0; l < layers_.size(); ++l) {
-    const LayerWeights& w = layers_[l];
-    norm_rows(x.data(), w.input_layernorm, xn.data(), B, H, H, eps, scale);
-    for (int64_t b = 0; b < B; ++b) {  // token mixer: each sequence on its own state
-      SequenceState& st = *states[b];
-      if (w.type == LayerType::kFullAttention)
-        attention_layer(w, st.layers[l], st.num_tokens, xn.data() + b * H, 1, y.data() + b * H, ex);
-      else
-        delta_net_layer(w, st.layers[l], xn.data() + b * H, 1, y.data() + b * H, ex);
-    }
-    for (size_t i = 0; i < x.size(); ++i) x[i] += y[i];
-    norm_rows(x.data(), w.post_attention_layernorm, xn.data(), B, H, H, eps, scale);
-    mlp_block(static_cast<int64_t>(l), w.mlp, xn.data(), B, y.data(), ex, profile);  // one batch
-    for (size_t i = 0; i < x.size(); ++i) x[i] += y[i];
-  }
-  for (auto* s : states) s->num_tokens += 1;
+  std::vector<float> x, xn;
+  cpu_layers(states, 1, ids, x, xn, ex, profile);
   norm_rows(x.data(), final_norm_, xn.data(), B, H, H, eps, scale);
   logits.resize(static_cast<size_t>(B * c.vocab_size));
   kc::linear(xn.data(), B, lm_head_, logits.data(), ex);

@@ -115,6 +115,12 @@ class Model {
                        int64_t T, float* out, kernels::Executor& ex) const;
   void delta_net_layer(const LayerWeights& w, LayerState& ls, const float* xn, int64_t T,
                        float* out, kernels::Executor& ex) const;
+  /// The decoder layers on the CPU for states.size() sequences of T tokens each (ids: their rows,
+  /// one sequence after the other): embeddings into x, token mixers per sequence on its own state,
+  /// every MLP on all rows at once; x holds the last hidden states, num_tokens advance by T.
+  void cpu_layers(std::span<SequenceState* const> states, int64_t T, std::span<const int64_t> ids,
+                  std::vector<float>& x, std::vector<float>& xn, kernels::Executor& ex,
+                  ForwardProfile* profile) const;
   void mlp_block(int64_t layer, const MlpWeights& w, const float* xn, int64_t T, float* out,
                  kernels::Executor& ex, ForwardProfile* profile) const;
 
