@@ -7,8 +7,11 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <string>
+#include <utility>
 
 #include "kernels/cuda/ops.h"
 
@@ -49,6 +52,51 @@ __device__ __forceinline__ float softplusf_(float x) { return x > 20.0f ? x : lo
 
 int blocks_for(int64_t n, int threads) { return static_cast<int>((n + threads - 1) / threads); }
 
+// Note [programmatic dependent launch]
+// A decode step is a chain of ~400 dependent kernels, most of them small, and each boundary costs
+// the drain of one grid plus the launch and ramp-up of the next (µs each, the bulk of the step
+// beside the weight bytes). On sm_90+ every kernel here is launched with programmatic stream
+// serialisation: the next kernel's blocks may start as soon as every block of the running one has
+// passed `pdl_begin()`, and they wait in `griddepcontrol.wait` until the running grid has finished
+// and its writes are visible. The rule that keeps this exactly as ordered as plain launches: a
+// kernel touches no global memory before `pdl_wait()` except weights, which nothing writes during
+// a forward (the GEMV loads its first weight chunks there, so weight streaming overlaps the tail of
+// the kernels before it). Captured into the decode graphs as programmatic edges. TIDAL_CUDA_PDL=0
+// turns it off (plain launches; the benchmark compares both).
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+/// Start of every kernel launched through `launch`: wait for the kernel before it, then let the
+/// next one be scheduled.
+__device__ __forceinline__ void pdl_begin() {
+  pdl_wait();
+  pdl_trigger();
+}
+
+/// Launches `kernel` on `s`, with programmatic stream serialisation where the device has it.
+template <typename... KArgs, typename... Args>
+void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s,
+            Args&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
 // ------------------------------------------------------------------------------------------ GEMV
 
 /// Element j of row `row` as float (any format), for the scalar tail and gathers.
@@ -64,14 +112,13 @@ __device__ __forceinline__ float weight_at(const DevMatrix& w, int64_t row, int6
   }
 }
 
-/// 16 bytes of weights -> E floats.
+/// 16 bytes of weights -> E floats (`convert` of one 16-byte load).
 template <WFormat F>
 struct Chunk;
 template <>
 struct Chunk<WFormat::kBF16> {
   static constexpr int E = 8;
-  __device__ static void load(const void* p, float* out) {
-    const uint4 v = __ldg(static_cast<const uint4*>(p));
+  __device__ static void convert(const uint4 v, float* out) {
     const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -83,19 +130,17 @@ struct Chunk<WFormat::kBF16> {
 template <>
 struct Chunk<WFormat::kF32> {
   static constexpr int E = 4;
-  __device__ static void load(const void* p, float* out) {
-    const float4 v = __ldg(static_cast<const float4*>(p));
-    out[0] = v.x;
-    out[1] = v.y;
-    out[2] = v.z;
-    out[3] = v.w;
+  __device__ static void convert(const uint4 v, float* out) {
+    out[0] = __uint_as_float(v.x);
+    out[1] = __uint_as_float(v.y);
+    out[2] = __uint_as_float(v.z);
+    out[3] = __uint_as_float(v.w);
   }
 };
 template <>
 struct Chunk<WFormat::kI8> {
   static constexpr int E = 16;
-  __device__ static void load(const void* p, float* out) {
-    const uint4 v = __ldg(static_cast<const uint4*>(p));
+  __device__ static void convert(const uint4 v, float* out) {
     const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i)
@@ -106,6 +151,9 @@ struct Chunk<WFormat::kI8> {
 };
 
 constexpr int kGemvWarps = 8;  // warps per block
+/// 16-byte weight chunks per lane loaded before the dependency wait: a whole 2048-wide BF16 row
+/// per warp (32 registers a thread).
+constexpr int kGemvPrefetch = 8;
 
 /// `wpr` warps per weight row (split K, partial sums added through shared memory); each lane
 /// takes 16-byte chunks of its part of the row, M activation rows at once.
@@ -124,32 +172,51 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.f;
   int64_t j0 = 0;
-  if (vec && active) {
-    const int64_t nchunk = K / E, per = (nchunk + wpr - 1) / wpr;
-    const int64_t c_end = (part + 1) * per < nchunk ? (part + 1) * per : nchunk;
-    const auto* base = static_cast<const char*>(w.data) + row * K * (16 / E);
-#pragma unroll 8
-    for (int64_t c = part * per + lane; c < c_end; c += kWarp) {
-      float wv[E];
-      Chunk<F>::load(base + c * 16, wv);
+  const int64_t nchunk = K / E, per = (nchunk + wpr - 1) / wpr;
+  const int64_t c_begin = part * per + lane;
+  const int64_t c_end = (part + 1) * per < nchunk ? (part + 1) * per : nchunk;
+  const auto* base = static_cast<const uint4*>(w.data) + row * (K / E);
+  // The lane's first kGemvPrefetch weight chunks are loaded before the dependency wait (Note
+  // [programmatic dependent launch]): weights are constant, and these loads overlap the end of the
+  // kernel that produces x.
+  uint4 pre[kGemvPrefetch];
 #pragma unroll
-      for (int m = 0; m < M; ++m) {
-        const float* xr = x + m * ldx + c * E;
+  for (int i = 0; i < kGemvPrefetch; ++i) {
+    const int64_t c = c_begin + i * kWarp;
+    if (vec && active && c < c_end) pre[i] = __ldg(base + c);
+  }
+  pdl_begin();
+  // acc[m] += the chunk's E weights · x (or silu(x) ⊙ x_up) at chunk c.
+  auto fma_chunk = [&](const uint4 raw, int64_t c) {
+    float wv[E];
+    Chunk<F>::convert(raw, wv);
 #pragma unroll
-        for (int e = 0; e < E; e += 4) {
-          float4 xv = *reinterpret_cast<const float4*>(xr + e);
-          if constexpr (GATED) {
-            const float4 u = *reinterpret_cast<const float4*>(xu + m * ldx + c * E + e);
-            xv = make_float4(siluf_(xv.x) * u.x, siluf_(xv.y) * u.y, siluf_(xv.z) * u.z,
-                             siluf_(xv.w) * u.w);
-          }
-          acc[m] = fmaf(wv[e], xv.x, acc[m]);
-          acc[m] = fmaf(wv[e + 1], xv.y, acc[m]);
-          acc[m] = fmaf(wv[e + 2], xv.z, acc[m]);
-          acc[m] = fmaf(wv[e + 3], xv.w, acc[m]);
+    for (int m = 0; m < M; ++m) {
+      const float* xr = x + m * ldx + c * E;
+#pragma unroll
+      for (int e = 0; e < E; e += 4) {
+        float4 xv = *reinterpret_cast<const float4*>(xr + e);
+        if constexpr (GATED) {
+          const float4 u = *reinterpret_cast<const float4*>(xu + m * ldx + c * E + e);
+          xv = make_float4(siluf_(xv.x) * u.x, siluf_(xv.y) * u.y, siluf_(xv.z) * u.z,
+                           siluf_(xv.w) * u.w);
         }
+        acc[m] = fmaf(wv[e], xv.x, acc[m]);
+        acc[m] = fmaf(wv[e + 1], xv.y, acc[m]);
+        acc[m] = fmaf(wv[e + 2], xv.z, acc[m]);
+        acc[m] = fmaf(wv[e + 3], xv.w, acc[m]);
       }
     }
+  };
+  if (vec && active) {
+#pragma unroll
+    for (int i = 0; i < kGemvPrefetch; ++i) {
+      const int64_t c = c_begin + i * kWarp;
+      if (c < c_end) fma_chunk(pre[i], c);
+    }
+#pragma unroll 8
+    for (int64_t c = c_begin + kGemvPrefetch * kWarp; c < c_end; c += kWarp)
+      fma_chunk(__ldg(base + c), c);
     j0 = nchunk * E;
   }
   for (int64_t j = j0 + part * kWarp + lane; active && j < K; j += kWarp * wpr) {
@@ -204,12 +271,12 @@ void gemv_launch(const DevMatrix& w, const float* x, int64_t ldx, float* y, int6
   const dim3 grid(static_cast<unsigned>((w.rows + rows_per_block - 1) / rows_per_block));
   const dim3 block(kGemvWarps * kWarp);
   switch (m) {
-#define TIDAL_GEMV_CASE(M)                                                                   \
-  case M:                                                                                    \
-    if (xu)                                                                                  \
-      gemv_kernel<F, M, true><<<grid, block, 0, s>>>(w, x, ldx, y, ldy, acc, vec, xu, wpr);  \
-    else                                                                                     \
-      gemv_kernel<F, M, false><<<grid, block, 0, s>>>(w, x, ldx, y, ldy, acc, vec, xu, wpr); \
+#define TIDAL_GEMV_CASE(M)                                                                       \
+  case M:                                                                                        \
+    if (xu)                                                                                      \
+      launch(gemv_kernel<F, M, true>, grid, block, 0, s, w, x, ldx, y, ldy, acc, vec, xu, wpr);  \
+    else                                                                                         \
+      launch(gemv_kernel<F, M, false>, grid, block, 0, s, w, x, ldx, y, ldy, acc, vec, xu, wpr); \
     break;
     TIDAL_GEMV_CASE(1)
     TIDAL_GEMV_CASE(2)
@@ -226,6 +293,7 @@ void gemv_launch(const DevMatrix& w, const float* x, int64_t ldx, float* y, int6
 }
 
 __global__ void weight_convert_kernel(DevMatrix w, uint16_t* bf, float* f) {
+  pdl_begin();
   const int64_t n = w.rows * w.cols;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -237,6 +305,7 @@ __global__ void weight_convert_kernel(DevMatrix w, uint16_t* bf, float* f) {
 
 __global__ void f32_to_bf16_kernel(const float* x, int64_t ldx, uint16_t* y, int64_t rows,
                                    int64_t cols) {
+  pdl_begin();
   const int64_t n = rows * cols;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -247,6 +316,7 @@ __global__ void f32_to_bf16_kernel(const float* x, int64_t ldx, uint16_t* y, int
 
 __global__ void f32_to_bf16_split_kernel(const float* x, int64_t ldx, uint16_t* hi, uint16_t* lo,
                                          int64_t rows, int64_t cols) {
+  pdl_begin();
   const int64_t n = rows * cols;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -264,6 +334,7 @@ int grid_stride_blocks(int64_t n) {
 // ------------------------------------------------------------------------------- element-wise
 
 __global__ void embed_kernel(DevMatrix t, const int32_t* ids, float* out) {
+  pdl_begin();
   const int64_t row = ids[blockIdx.x];
   for (int64_t i = threadIdx.x; i < t.cols; i += blockDim.x)
     out[blockIdx.x * t.cols + i] = weight_at(t, row, i);
@@ -277,6 +348,7 @@ __global__ void __launch_bounds__(256)
                         float* __restrict__ x_add, const float* __restrict__ y_add,
                         const float* __restrict__ hs, const float* __restrict__ gate,
                         int64_t ld_gate) {
+  pdl_begin();
   constexpr int kPer = 16;
   const int64_t r = blockIdx.x;
   const int tid = threadIdx.x;
@@ -314,6 +386,7 @@ __global__ void __launch_bounds__(256)
 __global__ void rms_norm_kernel(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy,
                                 int64_t dim, float eps, bool zc, float* x_add, const float* y_add,
                                 const float* hs, const float* gate, int64_t ld_gate) {
+  pdl_begin();
   const int64_t r = blockIdx.x;
   float ss = 0.f;
   if (x_add) {  // fused residual: x += y + sigmoid(gate)·hs, then normalise x
@@ -342,6 +415,7 @@ __global__ void rms_norm_kernel(const float* x, int64_t ldx, const float* w, flo
 
 __global__ void silu_mul_kernel(const float* g, const float* u, int64_t ld, float* h, int64_t T,
                                 int64_t I) {
+  pdl_begin();
   const int64_t n = T * I;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -361,6 +435,7 @@ __device__ __forceinline__ void store_kv(void* cache, int64_t i, float v, bool f
 
 /// Block per (token, head): heads [0, nh) are queries, [nh, nh+nkv) keys, then values.
 __global__ void attn_prep_kernel(AttnPrepArgs a) {
+  pdl_begin();
   extern __shared__ float sh[];  // d floats
   const int64_t t = blockIdx.x, h = blockIdx.y, d = a.d;
   const int64_t pos = a.step->pos0 + t;
@@ -525,6 +600,7 @@ __device__ __forceinline__ void split_plan(int64_t n, int splits, int64_t min_ke
 template <typename KT, int DPL, int R>
 __global__ void __launch_bounds__(kAttnWarps* kWarp)
     attention_kernel(AttentionArgs a, int subsets, int splits) {
+  pdl_begin();
   __shared__ float sp[kAttnWarps][R][kWarp];
   const int lane = threadIdx.x % kWarp, wid = threadIdx.x / kWarp;
   const int split = blockIdx.x * kAttnWarps + wid;
@@ -638,6 +714,7 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
 /// Block per (token, head, 32 dims): merges the used splits' (m, l, o), applies the gate. Warps
 /// take splits round-robin, then reduce through shared memory.
 __global__ void attention_combine_kernel(AttentionArgs a, int splits, int64_t min_keys) {
+  pdl_begin();
   __shared__ float wts[kMaxSplits];
   __shared__ float red[8][kWarp + 1];
   __shared__ float stat[1];
@@ -698,6 +775,7 @@ constexpr int64_t kTileMinSplitKeys = 64;  // a split of the tiled kernel covers
 /// 2·G accumulators, slices summed at the end. Partial (m, l, o) per split as in attention_kernel.
 template <int D, int G>
 __global__ void __launch_bounds__(256) attention_tile_kernel(AttentionArgs a, int splits) {
+  pdl_begin();
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int kChunks = D / 8;               // 16-byte chunks per row = lanes per key
   constexpr int kKeysPerPass = 256 / kChunks;  // keys scored at once by the block
@@ -858,7 +936,7 @@ bool launch_tile(const AttentionArgs& a, cudaStream_t s) {
     return false;
   }
   const dim3 grid(static_cast<unsigned>(a.max_splits), static_cast<unsigned>(a.nkv));
-  attention_tile_kernel<D, G><<<grid, 256, smem, s>>>(a, a.max_splits);
+  launch(attention_tile_kernel<D, G>, grid, 256, smem, s, a, a.max_splits);
   return true;
 }
 
@@ -877,6 +955,308 @@ bool launch_tile_g(const AttentionArgs& a, int64_t G, cudaStream_t s) {
     case 16:
       if constexpr (D >= 128) return launch_tile<D, 16>(a, s);
       return false;
+    default:
+      return false;
+  }
+}
+
+// ------------------------------------------------------- decode attention on tensor cores
+
+// Note [tensor-core decode attention]
+// At long context the SIMT tile kernel above is bound by instructions, not bytes: every BF16 key
+// and value element costs G fp32 FMAs plus a conversion (8 FMAs per element for the 35B-A3B's
+// 8-head groups), which held it at 54-56% of HBM bandwidth at 128K. Here the GQA group's query
+// heads are the 16 rows of an `mma.sync.m16n8k16` A operand (rows past G are zero), so scores
+// S = Q·Kᵀ and O += P·V run on tensor cores with fp32 accumulation. K and V come straight from the
+// BF16 cache in shared memory (`ldmatrix`, `.trans` for V), so they are exact. Q and P are fp32
+// values: each is split into hi = bf16(x) and lo = bf16(x − hi) and multiplied twice, which keeps
+// them to ~2^-17 relative (the "bf16x2" idea of the GEMVs) at twice the tensor work, which is
+// still a small fraction of what the tensor cores can do while the bytes stream in.
+// Layout per block (kv head, split): 8 warps; a tile is 32 keys, three cp.async stages.
+//   scores: warp w takes keys [8(w mod 4), +8) and half the head dims (w / 4); the two halves'
+//           partial scores are summed in shared memory by the softmax;
+//   softmax: one warp per head, lane = key; P (hi, lo) to shared memory as BF16;
+//   P·V:    warp w takes dims [w·D/8, (w+1)·D/8) for all 32 keys.
+// Partial (m, l, o) per split as the other decode kernels write them (the combine is shared).
+
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                               uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* p) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(addr));
+}
+/// Two fp32 values as their BF16 hi parts packed (x0 in the low half) and the BF16 remainders.
+__device__ __forceinline__ void split_pack(float x0, float x1, uint32_t& hi, uint32_t& lo) {
+  const __nv_bfloat16 h0 = __float2bfloat16_rn(x0), h1 = __float2bfloat16_rn(x1);
+  const __nv_bfloat16 l0 = __float2bfloat16_rn(x0 - __bfloat162float(h0));
+  const __nv_bfloat16 l1 = __float2bfloat16_rn(x1 - __bfloat162float(h1));
+  hi = static_cast<uint32_t>(__bfloat16_as_ushort(h0)) |
+       (static_cast<uint32_t>(__bfloat16_as_ushort(h1)) << 16);
+  lo = static_cast<uint32_t>(__bfloat16_as_ushort(l0)) |
+       (static_cast<uint32_t>(__bfloat16_as_ushort(l1)) << 16);
+}
+
+constexpr int kMmaStages = 3;
+constexpr int kMmaPitch = kTileKeys + 8;  // P rows in shared memory (bf16), padded
+
+template <int D>
+__global__ void __launch_bounds__(256, 2) attention_mma_kernel(AttentionArgs a, int splits) {
+  pdl_begin();
+  extern __shared__ __align__(16) unsigned char smem[];
+  constexpr int kStage = 2 * kTileKeys * D;  // K then V of one tile, in uint16
+  constexpr int kChunks = D / 8;             // 16-byte chunks per cache row
+  constexpr int kKSteps = D / 32;            // 16-dim steps per warp in the score phase
+  constexpr int kDimsPerWarp = D / 8;        // P·V: output dims per warp
+  constexpr int kNT = kDimsPerWarp / 8;      // P·V: 8-dim n-tiles per warp
+  static_assert(D % 64 == 0 && kChunks >= 8, "swizzle needs 8 chunks per row");
+  uint16_t* stages = reinterpret_cast<uint16_t*>(smem);
+  float* sp = reinterpret_cast<float*>(stages + kMmaStages * kStage);   // [2][16][kTileKeys]
+  uint16_t* ph = reinterpret_cast<uint16_t*>(sp + 2 * 16 * kTileKeys);  // [16][kMmaPitch]
+  uint16_t* pl = ph + 16 * kMmaPitch;
+  float* ml = reinterpret_cast<float*>(pl + 16 * kMmaPitch);  // m[16], l[16], alpha[16]
+  const int tid = threadIdx.x, lane = tid % kWarp, wid = tid / kWarp;
+  const int G = static_cast<int>(a.nh / a.nkv);
+  const int64_t kvh = blockIdx.y, split = blockIdx.x;
+  const int64_t n = a.step->pos0 + 1;
+  int64_t chunk, used;
+  split_plan(n, splits, kTileMinSplitKeys, chunk, used);
+  if (split >= used) return;
+  const int64_t u0 = split * chunk, u1 = u0 + chunk < n ? u0 + chunk : n;
+  const int64_t ntiles = (u1 - u0 + kTileKeys - 1) / kTileKeys;
+  const LayerStateDev ls = a.step->layers[a.layer];
+  const int64_t kv_stride = a.nkv * D;
+  const uint16_t* kg = static_cast<const uint16_t*>(ls.k_cache) + kvh * D;
+  const uint16_t* vg = static_cast<const uint16_t*>(ls.v_cache) + kvh * D;
+  const int64_t h0 = kvh * G;
+  // Rows at or past nb of the last tile are zero-filled: P is 0 there, and 0 · garbage could be
+  // NaN.
+  auto load_tile = [&](int64_t t, uint16_t* dst) {
+    if (t < ntiles) {
+      const int64_t b0 = u0 + t * kTileKeys;
+      const int nb = static_cast<int>(u1 - b0 < kTileKeys ? u1 - b0 : kTileKeys);
+      for (int i = tid; i < kTileKeys * kChunks; i += blockDim.x) {
+        const int key = i / kChunks, c = i % kChunks;
+        const int pc = c ^ (key & 7);
+        uint16_t* dk = dst + key * D + pc * 8;
+        uint16_t* dv = dst + kTileKeys * D + key * D + pc * 8;
+        if (key < nb) {
+          __pipeline_memcpy_async(dk, kg + (b0 + key) * kv_stride + c * 8, 16);
+          __pipeline_memcpy_async(dv, vg + (b0 + key) * kv_stride + c * 8, 16);
+        } else {
+          *reinterpret_cast<uint4*>(dk) = make_uint4(0, 0, 0, 0);
+          *reinterpret_cast<uint4*>(dv) = make_uint4(0, 0, 0, 0);
+        }
+      }
+    }
+    __pipeline_commit();  // an empty group past the last tile keeps the wait counts uniform
+  };
+  load_tile(0, stages);
+  load_tile(1, stages + kStage);
+
+  // Q fragments of this warp's half of the dims, pre-scaled, split into hi and lo.
+  const int nt_s = wid % 4, khalf = wid / 4;
+  const int r0 = lane / 4, cq = (lane % 4) * 2;
+  uint32_t qh[kKSteps][4], ql[kKSteps][4];
+  {
+    auto qv = [&](int row, int dim) -> float {
+      return row < G ? a.q[(h0 + row) * D + dim] * a.scale : 0.f;
+    };
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      const int k0 = khalf * (D / 2) + ks * 16 + cq;
+      split_pack(qv(r0, k0), qv(r0, k0 + 1), qh[ks][0], ql[ks][0]);
+      split_pack(qv(r0 + 8, k0), qv(r0 + 8, k0 + 1), qh[ks][1], ql[ks][1]);
+      split_pack(qv(r0, k0 + 8), qv(r0, k0 + 9), qh[ks][2], ql[ks][2]);
+      split_pack(qv(r0 + 8, k0 + 8), qv(r0 + 8, k0 + 9), qh[ks][3], ql[ks][3]);
+    }
+  }
+  // P rows past G stay zero; m, l, alpha start neutral.
+  for (int i = tid; i < 16 * kMmaPitch; i += blockDim.x) ph[i] = pl[i] = 0;
+  if (tid < 16) {
+    ml[tid] = -INFINITY;
+    ml[16 + tid] = 0.f;
+    ml[32 + tid] = 1.f;
+  }
+  float o[kNT][4];
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+
+  for (int64_t t = 0; t < ntiles; ++t) {
+    const int64_t b0 = u0 + t * kTileKeys;
+    const int nb = static_cast<int>(u1 - b0 < kTileKeys ? u1 - b0 : kTileKeys);
+    __pipeline_wait_prior(1);  // tile t has landed (t + 1 may still be in flight)
+    __syncthreads();           // ... for every thread; iteration t − 1 is finished everywhere
+    load_tile(t + 2, stages + ((t + 2) % kMmaStages) * kStage);
+    const uint16_t* Ks = stages + (t % kMmaStages) * kStage;
+    const uint16_t* Vs = Ks + kTileKeys * D;
+
+    // Scores for keys [8·nt_s, +8) over this warp's half of the dims.
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+    {
+      const int key = nt_s * 8 + (lane % 8);
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ks += 2) {
+        const int c = (khalf * (D / 2) + ks * 16) / 8 + lane / 8;  // chunk of matrix lane / 8
+        uint32_t kb[4];
+        ldmatrix_x4(kb, Ks + key * D + ((c ^ (key & 7)) * 8));
+        mma_bf16_16816(s, qh[ks], kb[0], kb[1]);
+        mma_bf16_16816(s, ql[ks], kb[0], kb[1]);
+        mma_bf16_16816(s, qh[ks + 1], kb[2], kb[3]);
+        mma_bf16_16816(s, ql[ks + 1], kb[2], kb[3]);
+      }
+      float* dst = sp + khalf * 16 * kTileKeys;
+      dst[r0 * kTileKeys + nt_s * 8 + cq] = s[0];
+      dst[r0 * kTileKeys + nt_s * 8 + cq + 1] = s[1];
+      dst[(r0 + 8) * kTileKeys + nt_s * 8 + cq] = s[2];
+      dst[(r0 + 8) * kTileKeys + nt_s * 8 + cq + 1] = s[3];
+    }
+    __syncthreads();
+    // Online softmax, one warp per head, lane = key.
+    for (int h = wid; h < G; h += blockDim.x / kWarp) {
+      const float s0 = lane < nb
+                           ? sp[h * kTileKeys + lane] + sp[16 * kTileKeys + h * kTileKeys + lane]
+                           : -INFINITY;
+      const float mold = ml[h];
+      const float mx = fmaxf(mold, warp_max(s0));
+      const float p = lane < nb ? expf(s0 - mx) : 0.f;
+      const float sum = warp_sum(p);
+      const __nv_bfloat16 hi = __float2bfloat16_rn(p);
+      ph[h * kMmaPitch + lane] = __bfloat16_as_ushort(hi);
+      pl[h * kMmaPitch + lane] =
+          __bfloat16_as_ushort(__float2bfloat16_rn(p - __bfloat162float(hi)));
+      if (lane == 0) {
+        const float alpha = expf(mold - mx);  // 0 on the first tile (m = −inf)
+        ml[32 + h] = alpha;
+        ml[16 + h] = ml[16 + h] * alpha + sum;
+        ml[h] = mx;
+      }
+    }
+    __syncthreads();
+    // O(16 × this warp's dims) = alpha · O + P · V over the tile's 32 keys.
+    {
+      const float a0 = ml[32 + r0], a1 = ml[32 + r0 + 8];
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        o[j][0] *= a0;
+        o[j][1] *= a0;
+        o[j][2] *= a1;
+        o[j][3] *= a1;
+      }
+#pragma unroll
+      for (int ks = 0; ks < kTileKeys / 16; ++ks) {
+        uint32_t pa_h[4], pa_l[4];
+        const int kc = ks * 16 + cq;
+        pa_h[0] = *reinterpret_cast<const uint32_t*>(ph + r0 * kMmaPitch + kc);
+        pa_h[1] = *reinterpret_cast<const uint32_t*>(ph + (r0 + 8) * kMmaPitch + kc);
+        pa_h[2] = *reinterpret_cast<const uint32_t*>(ph + r0 * kMmaPitch + kc + 8);
+        pa_h[3] = *reinterpret_cast<const uint32_t*>(ph + (r0 + 8) * kMmaPitch + kc + 8);
+        pa_l[0] = *reinterpret_cast<const uint32_t*>(pl + r0 * kMmaPitch + kc);
+        pa_l[1] = *reinterpret_cast<const uint32_t*>(pl + (r0 + 8) * kMmaPitch + kc);
+        pa_l[2] = *reinterpret_cast<const uint32_t*>(pl + r0 * kMmaPitch + kc + 8);
+        pa_l[3] = *reinterpret_cast<const uint32_t*>(pl + (r0 + 8) * kMmaPitch + kc + 8);
+        // ldmatrix row addresses: matrix lane / 8 = (keys +0 / +8) × (dims +0 / +8).
+        const int key = ks * 16 + ((lane / 8) % 2) * 8 + (lane % 8);
+        if constexpr (kNT >= 2) {
+#pragma unroll
+          for (int j = 0; j < kNT; j += 2) {
+            const int c = (wid * kDimsPerWarp + j * 8) / 8 + lane / 16;
+            uint32_t vb[4];
+            ldmatrix_x4_trans(vb, Vs + key * D + ((c ^ (key & 7)) * 8));
+            mma_bf16_16816(o[j], pa_h, vb[0], vb[1]);
+            mma_bf16_16816(o[j], pa_l, vb[0], vb[1]);
+            mma_bf16_16816(o[j + 1], pa_h, vb[2], vb[3]);
+            mma_bf16_16816(o[j + 1], pa_l, vb[2], vb[3]);
+          }
+        } else {
+          const int c = wid * kDimsPerWarp / 8;
+          uint32_t vb[2];
+          ldmatrix_x2_trans(vb, Vs + key * D + ((c ^ (key & 7)) * 8));
+          mma_bf16_16816(o[0], pa_h, vb[0], vb[1]);
+          mma_bf16_16816(o[0], pa_l, vb[0], vb[1]);
+        }
+      }
+    }
+  }
+  __pipeline_wait_prior(0);
+  __syncthreads();
+  const int64_t nrow_total = static_cast<int64_t>(a.nh) * splits;  // T = 1
+  float* pm = a.partial;
+  float* plo = a.partial + nrow_total;
+  float* po = a.partial + 2 * nrow_total;
+  if (tid < G) {
+    pm[(h0 + tid) * splits + split] = ml[tid];
+    plo[(h0 + tid) * splits + split] = ml[16 + tid];
+  }
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) {
+    const int dim = wid * kDimsPerWarp + j * 8 + cq;
+    if (r0 < G) {
+      float* dst = po + ((h0 + r0) * splits + split) * D + dim;
+      dst[0] = o[j][0];
+      dst[1] = o[j][1];
+    }
+    if (r0 + 8 < G) {
+      float* dst = po + ((h0 + r0 + 8) * splits + split) * D + dim;
+      dst[0] = o[j][2];
+      dst[1] = o[j][3];
+    }
+  }
+}
+
+template <int D>
+size_t attention_mma_smem() {
+  return static_cast<size_t>(kMmaStages) * 2 * kTileKeys * D * 2 + 2 * 16 * kTileKeys * 4 +
+         2 * 16 * kMmaPitch * 2 + 48 * 4;
+}
+
+template <int D>
+bool launch_mma(const AttentionArgs& a, cudaStream_t s) {
+  const size_t smem = attention_mma_smem<D>();
+  static const bool ok = [&] {
+    return cudaFuncSetAttribute(attention_mma_kernel<D>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                static_cast<int>(smem)) == cudaSuccess;
+  }();
+  if (!ok) {
+    cudaGetLastError();
+    return false;
+  }
+  const dim3 grid(static_cast<unsigned>(a.max_splits), static_cast<unsigned>(a.nkv));
+  launch(attention_mma_kernel<D>, grid, 256, smem, s, a, a.max_splits);
+  return true;
+}
+
+/// The tensor-core decode kernel when it applies (one token, BF16 cache, head_dim 64/128/256, GQA
+/// group ≤ 16); false: try the others.
+bool attention_mma(const AttentionArgs& a, cudaStream_t s) {
+  if (a.T != 1 || a.kv_f32 || a.nh % a.nkv != 0 || a.nh / a.nkv > 16) return false;
+  switch (a.d) {
+    case 64:
+      return launch_mma<64>(a, s);
+    case 128:
+      return launch_mma<128>(a, s);
+    case 256:
+      return launch_mma<256>(a, s);
     default:
       return false;
   }
@@ -905,19 +1285,19 @@ void attention_dispatch_r(const AttentionArgs& a, int R, int subsets, int splits
   const dim3 block(kAttnWarps * kWarp);
   switch (R) {
     case 1:
-      attention_kernel<KT, DPL, 1><<<grid, block, 0, s>>>(a, subsets, splits);
+      launch(attention_kernel<KT, DPL, 1>, grid, block, 0, s, a, subsets, splits);
       break;
     case 2:
-      attention_kernel<KT, DPL, 2><<<grid, block, 0, s>>>(a, subsets, splits);
+      launch(attention_kernel<KT, DPL, 2>, grid, block, 0, s, a, subsets, splits);
       break;
     case 4:
-      attention_kernel<KT, DPL, 4><<<grid, block, 0, s>>>(a, subsets, splits);
+      launch(attention_kernel<KT, DPL, 4>, grid, block, 0, s, a, subsets, splits);
       break;
     case 8:
-      attention_kernel<KT, DPL, 8><<<grid, block, 0, s>>>(a, subsets, splits);
+      launch(attention_kernel<KT, DPL, 8>, grid, block, 0, s, a, subsets, splits);
       break;
     default:
-      attention_kernel<KT, DPL, 16><<<grid, block, 0, s>>>(a, subsets, splits);
+      launch(attention_kernel<KT, DPL, 16>, grid, block, 0, s, a, subsets, splits);
       break;
   }
 }
@@ -945,6 +1325,7 @@ void attention_dispatch(const AttentionArgs& a, int dpl, int R, int subsets, int
 __global__ void gdn_split_next_kernel(const float* p, const float* ba, int64_t ld, float* mixed,
                                       float* z, float* b, float* a, int64_t nk, int64_t nv,
                                       int64_t dk, int64_t dv) {
+  pdl_begin();
   const int64_t t = blockIdx.x, rho = nv / nk, gw = 2 * dk + 2 * rho * dv,
                 C = 2 * nk * dk + nv * dv;
   const float* pt = p + t * (ld ? ld : nk * gw);
@@ -976,6 +1357,7 @@ __global__ void gdn_split_next_kernel(const float* p, const float* ba, int64_t l
 /// Thread per channel, sequential over tokens (K ≤ 8).
 __global__ void conv1d_kernel(const float* src, int64_t ld, int64_t T, int64_t C, int64_t K,
                               const float* w, const StepDev* step, int layer, float* dst) {
+  pdl_begin();
   const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (c >= C) return;
   float* state = step->layers[layer].conv;
@@ -1003,6 +1385,7 @@ __global__ void gdn_conv_prep_step_kernel(const float* src, const float* cw, con
                                           float* k, float* v, float* beta, float* g, int64_t nk,
                                           int64_t nv, int64_t dk, int64_t dv, int64_t ld_src,
                                           int64_t ld_ba) {
+  pdl_begin();
   const int64_t C = 2 * nk * dk + nv * dv, blk = blockIdx.x;
   {  // row blockIdx.y: its own sequence (batched decode)
     const int64_t r = blockIdx.y;
@@ -1051,6 +1434,7 @@ __global__ void gdn_prep_kernel(const float* u, const float* b, const float* a, 
                                 const float* A_log, const float* dt_bias, float* q, float* k,
                                 float* v, float* beta, float* g, int64_t nk, int64_t nv, int64_t dk,
                                 int64_t dv) {
+  pdl_begin();
   const int64_t t = blockIdx.x, C = 2 * nk * dk + nv * dv;
   const float* ut = u + t * C;
   const int lane = threadIdx.x % kWarp, wid = threadIdx.x / kWarp, nw = blockDim.x / kWarp;
@@ -1084,6 +1468,7 @@ __global__ void delta_rule_kernel(const float* __restrict__ q, const float* __re
                                   float* __restrict__ out, int64_t T, int64_t nk, int64_t nv,
                                   int64_t dk, int64_t dv, int CB, const float* __restrict__ z,
                                   int64_t ld_z, const float* __restrict__ nw, float eps) {
+  pdl_begin();
   extern __shared__ float qk[];  // q then k of the current token (2·dk)
   {  // row blockIdx.z: its own sequence of T tokens (batched decode: T = 1)
     const int64_t r = blockIdx.z;
@@ -1143,6 +1528,7 @@ __global__ void delta_rule_kernel(const float* __restrict__ q, const float* __re
 __global__ void rms_norm_gated_kernel(const float* x, const float* z, int64_t ld_z, int64_t rpt,
                                       const float* w, float* y, int64_t rows, int64_t dim,
                                       float eps) {
+  pdl_begin();
   const int lane = threadIdx.x % kWarp;
   const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x / kWarp) + threadIdx.x / kWarp;
   if (r >= rows) return;
@@ -1161,6 +1547,7 @@ __global__ void rms_norm_gated_kernel(const float* x, const float* z, int64_t ld
 template <int kMaxPer>  // ceil(E / 32) rounded up to a power of two
 __global__ void moe_route_kernel(const float* logits, int64_t ld, int64_t T, int64_t E, int64_t k,
                                  bool renorm, int32_t* ids, float* weights) {
+  pdl_begin();
   const int lane = threadIdx.x % kWarp;
   const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x / kWarp) + threadIdx.x / kWarp;
   if (t >= T) return;
@@ -1247,6 +1634,31 @@ void read_probe(const void* p, size_t bytes, unsigned* sink, int blocks, cudaStr
   read_probe_kernel<<<blocks, 512, 0, s>>>(static_cast<const uint4*>(p), bytes / 16, sink);
 }
 
+namespace {
+std::atomic<int> g_pdl{-1};  // -1: not decided yet
+}  // namespace
+
+bool pdl_enabled() {
+  int v = g_pdl.load(std::memory_order_relaxed);
+  if (v < 0) {
+    const char* e = std::getenv("TIDAL_CUDA_PDL");
+    int dev = 0, major = 0;
+    const bool sm90 =
+        cudaGetDevice(&dev) == cudaSuccess &&
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+        major >= 9;
+    cudaGetLastError();
+    v = sm90 && !(e && std::string(e) == "0") ? 1 : 0;
+    g_pdl.store(v, std::memory_order_relaxed);
+  }
+  return v == 1;
+}
+
+void set_pdl_enabled(bool on) {
+  g_pdl.store(on ? -1 : 0, std::memory_order_relaxed);  // on: decided again (device, env)
+  if (on) pdl_enabled();
+}
+
 size_t DevMatrix::bytes() const {
   const size_t n = static_cast<size_t>(rows * cols);
   switch (format) {
@@ -1276,38 +1688,38 @@ void gemv(const DevMatrix& w, const float* x, int64_t ldx, float* y, int64_t ldy
 }
 
 void weight_to_bf16(const DevMatrix& w, uint16_t* dst, cudaStream_t s) {
-  weight_convert_kernel<<<grid_stride_blocks(w.rows * w.cols), 256, 0, s>>>(w, dst, nullptr);
+  launch(weight_convert_kernel, grid_stride_blocks(w.rows * w.cols), 256, 0, s, w, dst, nullptr);
 }
 void weight_to_f32(const DevMatrix& w, float* dst, cudaStream_t s) {
-  weight_convert_kernel<<<grid_stride_blocks(w.rows * w.cols), 256, 0, s>>>(w, nullptr, dst);
+  launch(weight_convert_kernel, grid_stride_blocks(w.rows * w.cols), 256, 0, s, w, nullptr, dst);
 }
 void f32_to_bf16(const float* x, int64_t ldx, uint16_t* y, int64_t rows, int64_t cols,
                  cudaStream_t s) {
   if (rows * cols == 0) return;
-  f32_to_bf16_kernel<<<grid_stride_blocks(rows * cols), 256, 0, s>>>(x, ldx, y, rows, cols);
+  launch(f32_to_bf16_kernel, grid_stride_blocks(rows * cols), 256, 0, s, x, ldx, y, rows, cols);
 }
 
 void f32_to_bf16_split(const float* x, int64_t ldx, uint16_t* hi, uint16_t* lo, int64_t rows,
                        int64_t cols, cudaStream_t s) {
   if (rows * cols == 0) return;
-  f32_to_bf16_split_kernel<<<grid_stride_blocks(rows * cols), 256, 0, s>>>(x, ldx, hi, lo, rows,
-                                                                           cols);
+  launch(f32_to_bf16_split_kernel, grid_stride_blocks(rows * cols), 256, 0, s, x, ldx, hi, lo, rows,
+         cols);
 }
 
 void embed(const DevMatrix& table, const int32_t* ids, int64_t T, float* out, cudaStream_t s) {
   if (T == 0) return;
-  embed_kernel<<<static_cast<unsigned>(T), 256, 0, s>>>(table, ids, out);
+  launch(embed_kernel, static_cast<unsigned>(T), 256, 0, s, table, ids, out);
 }
 
 void rms_norm(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy, int64_t rows,
               int64_t dim, float eps, bool zero_centred, cudaStream_t s) {
   if (rows == 0) return;
   if (dim <= 16 * 256)
-    rms_norm_reg_kernel<<<static_cast<unsigned>(rows), 256, 0, s>>>(
-        x, ldx, w, y, ldy, dim, eps, zero_centred, nullptr, nullptr, nullptr, nullptr, 0);
+    launch(rms_norm_reg_kernel, static_cast<unsigned>(rows), 256, 0, s, x, ldx, w, y, ldy, dim, eps,
+           zero_centred, nullptr, nullptr, nullptr, nullptr, 0);
   else
-    rms_norm_kernel<<<static_cast<unsigned>(rows), 256, 0, s>>>(
-        x, ldx, w, y, ldy, dim, eps, zero_centred, nullptr, nullptr, nullptr, nullptr, 0);
+    launch(rms_norm_kernel, static_cast<unsigned>(rows), 256, 0, s, x, ldx, w, y, ldy, dim, eps,
+           zero_centred, nullptr, nullptr, nullptr, nullptr, 0);
 }
 
 void add_rms_norm(float* x, const float* y, const float* w, float* xn, int64_t rows, int64_t dim,
@@ -1315,26 +1727,26 @@ void add_rms_norm(float* x, const float* y, const float* w, float* xn, int64_t r
                   int64_t ld_gate) {
   if (rows == 0) return;
   if (dim <= 16 * 256)
-    rms_norm_reg_kernel<<<static_cast<unsigned>(rows), 256, 0, s>>>(
-        x, dim, w, xn, dim, dim, eps, zero_centred, x, y, hs, gate, ld_gate);
+    launch(rms_norm_reg_kernel, static_cast<unsigned>(rows), 256, 0, s, x, dim, w, xn, dim, dim,
+           eps, zero_centred, x, y, hs, gate, ld_gate);
   else
-    rms_norm_kernel<<<static_cast<unsigned>(rows), 256, 0, s>>>(
-        x, dim, w, xn, dim, dim, eps, zero_centred, x, y, hs, gate, ld_gate);
+    launch(rms_norm_kernel, static_cast<unsigned>(rows), 256, 0, s, x, dim, w, xn, dim, dim, eps,
+           zero_centred, x, y, hs, gate, ld_gate);
 }
 
 void silu_mul(const float* g, const float* u, int64_t ld, float* h, int64_t T, int64_t I,
               cudaStream_t s) {
   if (T * I == 0) return;
-  silu_mul_kernel<<<grid_stride_blocks(T * I), 256, 0, s>>>(g, u, ld, h, T, I);
+  launch(silu_mul_kernel, grid_stride_blocks(T * I), 256, 0, s, g, u, ld, h, T, I);
 }
 
 void attn_prep(const AttnPrepArgs& a, cudaStream_t s) {
   if (a.T == 0) return;
   const dim3 grid(static_cast<unsigned>(a.T), static_cast<unsigned>(a.nh + 2 * a.nkv));
-  attn_prep_kernel<<<grid, 256, static_cast<size_t>(a.d) * sizeof(float), s>>>(a);
+  launch(attn_prep_kernel, grid, 256, static_cast<size_t>(a.d) * sizeof(float), s, a);
 }
 
-int attention_max_splits(int64_t T, int64_t nkv, int sm_count) {
+int attention_max_splits(int64_t T, int64_t nkv, int sm_count, int per_sm_arg) {
   // Splits per SM (over all KV heads and tokens); the minimum keys per split is decided inside the
   // kernels' chunking. TIDAL_ATTN_SPLITS_PER_SM overrides the default 16 for tuning.
   static const int64_t per_sm = [] {
@@ -1342,10 +1754,11 @@ int attention_max_splits(int64_t T, int64_t nkv, int sm_count) {
     const int64_t v = e ? std::atoll(e) : 0;
     return v >= 1 && v <= 64 ? v : int64_t{0};
   }();
-  // Decode: 3 per SM, one wave of the tiled kernel at its 3 resident blocks per SM (measured best
-  // of 3..24 at 4K-128K context on the H100); more splits for the warp kernel's short prefill
+  // Decode: 2 per SM, one wave of the tensor-core kernel at its 2 resident blocks per SM (the
+  // SIMT tile kernel, 3 resident, measured best at 3 of 3..24 at 4K-128K context on the H100;
+  // tests/bench/bench_cuda.cpp sweeps both); more splits for the warp kernel's short prefill
   // chunks.
-  const int64_t f = per_sm ? per_sm : (T == 1 ? 3 : 16);
+  const int64_t f = per_sm_arg > 0 ? per_sm_arg : per_sm ? per_sm : (T == 1 ? 2 : 16);
   const int64_t want = (static_cast<int64_t>(sm_count) * f) / std::max<int64_t>(1, T * nkv);
   return static_cast<int>(std::clamp<int64_t>(want, 1, kMaxSplits));
 }
@@ -1366,7 +1779,7 @@ void attention(const AttentionArgs& a, cudaStream_t s) {
   const dim3 grid(static_cast<unsigned>((splits + kAttnWarps - 1) / kAttnWarps),
                   static_cast<unsigned>(a.T), static_cast<unsigned>(a.nkv * subsets));
   int64_t min_keys = kMinSplitKeys;
-  if (attention_tile(a, s))
+  if ((a.tensor_cores && attention_mma(a, s)) || attention_tile(a, s))
     min_keys = kTileMinSplitKeys;
   else if (a.kv_f32)
     attention_dispatch<float>(a, dpl, R, subsets, splits, grid, s);
@@ -1374,22 +1787,22 @@ void attention(const AttentionArgs& a, cudaStream_t s) {
     attention_dispatch<uint16_t>(a, dpl, R, subsets, splits, grid, s);
   const dim3 cgrid(static_cast<unsigned>(a.T), static_cast<unsigned>(a.nh),
                    static_cast<unsigned>((a.d + kWarp - 1) / kWarp));
-  attention_combine_kernel<<<cgrid, 256, 0, s>>>(a, splits, min_keys);
+  launch(attention_combine_kernel, cgrid, 256, 0, s, a, splits, min_keys);
 }
 
 void gdn_split_next(const float* p, const float* ba, int64_t ld, float* mixed, float* z, float* b,
                     float* a, int64_t T, int64_t nk, int64_t nv, int64_t dk, int64_t dv,
                     cudaStream_t s) {
   if (T == 0) return;
-  gdn_split_next_kernel<<<static_cast<unsigned>(T), 256, 0, s>>>(p, ba, ld, mixed, z, b, a, nk, nv,
-                                                                 dk, dv);
+  launch(gdn_split_next_kernel, static_cast<unsigned>(T), 256, 0, s, p, ba, ld, mixed, z, b, a, nk,
+         nv, dk, dv);
 }
 
 void causal_conv1d_silu(const float* src, int64_t ld_src, int64_t T, int64_t C, int64_t K,
                         const float* weight, const StepDev* step, int layer, float* dst,
                         cudaStream_t s) {
-  conv1d_kernel<<<blocks_for(C, 128), 128, 0, s>>>(src, ld_src ? ld_src : C, T, C, K, weight, step,
-                                                   layer, dst);
+  launch(conv1d_kernel, blocks_for(C, 128), 128, 0, s, src, ld_src ? ld_src : C, T, C, K, weight,
+         step, layer, dst);
 }
 
 void gdn_conv_prep_step(const float* src, const float* conv_w, const StepDev* step, int layer,
@@ -1400,17 +1813,16 @@ void gdn_conv_prep_step(const float* src, const float* conv_w, const StepDev* st
   if (rows == 0) return;
   const int threads = static_cast<int>((std::max(dk, dv) + 31) / 32 * 32);
   const dim3 grid(static_cast<unsigned>(2 * nk + nv), static_cast<unsigned>(rows));
-  gdn_conv_prep_step_kernel<<<grid, threads, 0, s>>>(src, conv_w, step, layer, K, b, a, A_log,
-                                                     dt_bias, q, k, v, beta, g, nk, nv, dk, dv,
-                                                     ld_src, ld_ba);
+  launch(gdn_conv_prep_step_kernel, grid, threads, 0, s, src, conv_w, step, layer, K, b, a, A_log,
+         dt_bias, q, k, v, beta, g, nk, nv, dk, dv, ld_src, ld_ba);
 }
 
 void gdn_prep(const float* u, const float* b, const float* a, int64_t ld_ba, const float* A_log,
               const float* dt_bias, float* q, float* k, float* v, float* beta, float* g, int64_t T,
               int64_t nk, int64_t nv, int64_t dk, int64_t dv, cudaStream_t s) {
   if (T == 0) return;
-  gdn_prep_kernel<<<static_cast<unsigned>(T), 256, 0, s>>>(
-      u, b, a, ld_ba ? ld_ba : nv, A_log, dt_bias, q, k, v, beta, g, nk, nv, dk, dv);
+  launch(gdn_prep_kernel, static_cast<unsigned>(T), 256, 0, s, u, b, a, ld_ba ? ld_ba : nv, A_log,
+         dt_bias, q, k, v, beta, g, nk, nv, dk, dv);
 }
 
 void delta_rule(const float* q, const float* k, const float* v, const float* g, const float* beta,
@@ -1424,11 +1836,11 @@ void delta_rule(const float* q, const float* k, const float* v, const float* g, 
                   static_cast<unsigned>(rows));
   const size_t smem = static_cast<size_t>(2 * dk) * sizeof(float);
   if (rpt == 32)
-    delta_rule_kernel<32, false><<<grid, CB * RG, smem, s>>>(
-        q, k, v, g, beta, step, layer, out, T, nk, nv, dk, dv, CB, nullptr, 0, nullptr, 0.f);
+    launch(delta_rule_kernel<32, false>, grid, CB * RG, smem, s, q, k, v, g, beta, step, layer, out,
+           T, nk, nv, dk, dv, CB, nullptr, 0, nullptr, 0.f);
   else
-    delta_rule_kernel<16, false><<<grid, CB * RG, smem, s>>>(
-        q, k, v, g, beta, step, layer, out, T, nk, nv, dk, dv, CB, nullptr, 0, nullptr, 0.f);
+    launch(delta_rule_kernel<16, false>, grid, CB * RG, smem, s, q, k, v, g, beta, step, layer, out,
+           T, nk, nv, dk, dv, CB, nullptr, 0, nullptr, 0.f);
 }
 
 bool delta_rule_normed(const float* q, const float* k, const float* v, const float* g,
@@ -1443,11 +1855,11 @@ bool delta_rule_normed(const float* q, const float* k, const float* v, const flo
   const size_t smem = static_cast<size_t>(2 * dk) * sizeof(float);
   const int CB = static_cast<int>(dv);
   if (rpt == 32)
-    delta_rule_kernel<32, true><<<grid, CB * RG, smem, s>>>(q, k, v, g, beta, step, layer, out, T,
-                                                            nk, nv, dk, dv, CB, z, ld_z, w, eps);
+    launch(delta_rule_kernel<32, true>, grid, CB * RG, smem, s, q, k, v, g, beta, step, layer, out,
+           T, nk, nv, dk, dv, CB, z, ld_z, w, eps);
   else
-    delta_rule_kernel<16, true><<<grid, CB * RG, smem, s>>>(q, k, v, g, beta, step, layer, out, T,
-                                                            nk, nv, dk, dv, CB, z, ld_z, w, eps);
+    launch(delta_rule_kernel<16, true>, grid, CB * RG, smem, s, q, k, v, g, beta, step, layer, out,
+           T, nk, nv, dk, dv, CB, z, ld_z, w, eps);
   return true;
 }
 
@@ -1455,8 +1867,8 @@ void rms_norm_gated(const float* x, const float* z, int64_t ld_z, int64_t rows_p
                     const float* w, float* y, int64_t rows, int64_t dim, float eps,
                     cudaStream_t s) {
   if (rows == 0) return;
-  rms_norm_gated_kernel<<<blocks_for(rows, 8), 256, 0, s>>>(
-      x, z, ld_z ? ld_z : rows_per_token * dim, rows_per_token, w, y, rows, dim, eps);
+  launch(rms_norm_gated_kernel, blocks_for(rows, 8), 256, 0, s, x, z,
+         ld_z ? ld_z : rows_per_token * dim, rows_per_token, w, y, rows, dim, eps);
 }
 
 void moe_route(const float* logits, int64_t ld, int64_t T, int64_t E, int64_t k, bool renormalise,
@@ -1466,15 +1878,15 @@ void moe_route(const float* logits, int64_t ld, int64_t T, int64_t E, int64_t k,
   const dim3 grid(blocks_for(T, 8)), block(256);
   const int64_t l = ld ? ld : E;
   if (per <= 2)
-    moe_route_kernel<2><<<grid, block, 0, s>>>(logits, l, T, E, k, renormalise, ids, weights);
+    launch(moe_route_kernel<2>, grid, block, 0, s, logits, l, T, E, k, renormalise, ids, weights);
   else if (per <= 4)
-    moe_route_kernel<4><<<grid, block, 0, s>>>(logits, l, T, E, k, renormalise, ids, weights);
+    launch(moe_route_kernel<4>, grid, block, 0, s, logits, l, T, E, k, renormalise, ids, weights);
   else if (per <= 8)
-    moe_route_kernel<8><<<grid, block, 0, s>>>(logits, l, T, E, k, renormalise, ids, weights);
+    launch(moe_route_kernel<8>, grid, block, 0, s, logits, l, T, E, k, renormalise, ids, weights);
   else if (per <= 16)
-    moe_route_kernel<16><<<grid, block, 0, s>>>(logits, l, T, E, k, renormalise, ids, weights);
+    launch(moe_route_kernel<16>, grid, block, 0, s, logits, l, T, E, k, renormalise, ids, weights);
   else
-    moe_route_kernel<32><<<grid, block, 0, s>>>(logits, l, T, E, k, renormalise, ids, weights);
+    launch(moe_route_kernel<32>, grid, block, 0, s, logits, l, T, E, k, renormalise, ids, weights);
 }
 
 }  // namespace tidal::kernels::cuda

@@ -25,6 +25,12 @@ struct DevMatrix {
   size_t bytes() const;
 };
 
+/// Programmatic dependent launch (Note [programmatic dependent launch] in ops.cu): on where the
+/// current device is sm_90 or newer, unless TIDAL_CUDA_PDL=0; `set_pdl_enabled(false)` turns it
+/// off for later launches (benchmarks compare both; graphs keep what they were captured with).
+bool pdl_enabled();
+void set_pdl_enabled(bool on);
+
 /// Rows of activations the GEMV kernel takes at once; more rows go to cuBLAS (gemm.h).
 constexpr int64_t kMaxGemvRows = 8;
 
@@ -111,11 +117,16 @@ struct AttentionArgs {
   int max_splits = 1;
   float scale = 1.0f;
   bool kv_f32 = false;
+  /// One-token decode over a BF16 cache on tensor cores where it applies (head_dim 64/128/256,
+  /// GQA group ≤ 16; Note [tensor-core decode attention]); false: the SIMT kernels (tests and
+  /// the benchmark compare the two).
+  bool tensor_cores = true;
 };
 void attention(const AttentionArgs& a, cudaStream_t s);
 size_t attention_workspace_floats(int64_t T, int64_t nh, int64_t d, int max_splits);
-/// The split count used for T tokens (enough blocks to fill `sm_count` SMs).
-int attention_max_splits(int64_t T, int64_t nkv, int sm_count);
+/// The split count used for T tokens (enough blocks to fill `sm_count` SMs); `per_sm` > 0
+/// overrides the splits per SM (benchmark sweeps).
+int attention_max_splits(int64_t T, int64_t nkv, int sm_count, int per_sm = 0);
 
 /// qwen3_next's interleaved projections to the flat layout of qwen3_5_moe: p (T, nk·(2dk+2ρdv))
 /// and ba (T, 2nv) -> mixed (T, C), z (T, nv·dv), b (T, nv), a (T, nv).

@@ -22,6 +22,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/model/cuda_model.h"
@@ -273,7 +274,10 @@ int main(int argc, char** argv) {
         cudaMalloc(&q, nh * d * 4);
         cudaMalloc(&o, nh * d * 4);
         cudaMalloc(&gate, nh * d * 4);
-        cudaMalloc(&part, kc::attention_workspace_floats(1, nh, d, splits) * 4);
+        cudaMalloc(&part,
+                   kc::attention_workspace_floats(
+                       1, nh, d, kc::attention_max_splits(1, nkv, prop.multiProcessorCount, 8)) *
+                       4);
         cudaMemset(q, 0, nh * d * 4);
         cudaMemset(gate, 0, nh * d * 4);
         kc::AttentionArgs a;
@@ -292,6 +296,17 @@ int main(int argc, char** argv) {
         report("attention decode (+combine, gate)",
                fmt::format("ctx={} nh=16 nkv=2 d=256 bf16 KV", ctx), t,
                2.0 * static_cast<double>(kv_bytes));
+        // The tensor-core kernel against the SIMT tile kernel, over splits per SM.
+        for (bool tc : {true, false})
+          for (int per_sm : {1, 2, 3, 4, 6, 8}) {
+            a.tensor_cores = tc;
+            a.max_splits = kc::attention_max_splits(1, nkv, prop.multiProcessorCount, per_sm);
+            const double ts = time_gpu([&] { kc::attention(a, nullptr); });
+            report(fmt::format("attention decode sweep {}", tc ? "tensor-core" : "simt-tile"),
+                   fmt::format("ctx={} splits/SM={} splits={}", ctx, per_sm, a.max_splits), ts,
+                   2.0 * static_cast<double>(kv_bytes));
+          }
+        a.tensor_cores = true;
         cudaFree(kc_);
         cudaFree(vc_);
         cudaFree(dls);
@@ -397,7 +412,10 @@ int main(int argc, char** argv) {
   (void)nk;
   (void)dk;
   for (const auto& f : wfmts) {
-    for (bool graphs : {true, false}) {
+    // CUDA graphs with and without programmatic dependent launch, then launches one by one.
+    for (const auto& [graphs, pdl] :
+         {std::pair{true, true}, std::pair{true, false}, std::pair{false, true}}) {
+      kc::set_pdl_enabled(pdl);
       tidal::core::HostWeights hw;
       hw.embed_tokens = view(cfg.vocab_size, H);
       hw.lm_head = view(cfg.vocab_size, H);
@@ -425,7 +443,8 @@ int main(int argc, char** argv) {
         model.forward(tok, st, tidal::core::LogitsMode::kLast, logits, *ex, nullptr);
         ts.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
       }
-      if (graphs) {  // prefill: 2048 tokens from an empty sequence, in the model's 512-token chunks
+      if (graphs &&
+          pdl) {  // prefill: 2048 tokens from an empty sequence, in the model's 512-token chunks
         std::vector<int64_t> prompt(2048);
         for (size_t i = 0; i < prompt.size(); ++i)
           prompt[i] = static_cast<int64_t>((i * 7919) % 248000);
@@ -484,6 +503,7 @@ int main(int argc, char** argv) {
                                         {"model", "qwen3.6-35b-a3b shape, routed experts excluded"},
                                         {"weights", f},
                                         {"graphs", graphs},
+                                        {"pdl", kc::pdl_enabled()},
                                         {"context", step_ctx},
                                         {"ms", t * 1e3},
                                         {"bytes_read", bytes},

@@ -242,6 +242,63 @@ INSTANTIATE_TEST_SUITE_P(
                       GemvCase{WFormat::kI8, 65, 512, 1}, GemvCase{WFormat::kI8, 31, 40, 7},
                       GemvCase{WFormat::kI8, 200, 2048, 4}));
 
+/// Programmatic dependent launch (Note [programmatic dependent launch]): a long chain of dependent
+/// kernels (residual + norm -> GEMV -> gated GEMV back into the residual, the decode step's
+/// pattern) on a stream, launched one by one and replayed from a CUDA graph, equals the same chain
+/// with plain launches bit for bit. A kernel that read its input before the one producing it had
+/// finished would show here as a difference.
+TEST(CudaOps, ProgrammaticLaunchChainEqualsPlainLaunches) {
+  REQUIRE_GPU();
+  const int64_t H = 2048, R = 1024, steps = 48;
+  auto w1 = random_vec(static_cast<size_t>(R * H), 31, 0.05f);
+  auto w2 = random_vec(static_cast<size_t>(H * R / 2), 32, 0.05f);
+  auto x0 = random_vec(static_cast<size_t>(H), 33), nw = random_vec(H, 34, 0.1f);
+  Dev<uint16_t> d1(to_bf16(w1)), d2(to_bf16(w2));
+  Dev<float> dnw(nw), dx(x0), dy(H), dxn(H), dmid(R);
+  DevMatrix m1{d1.p, nullptr, WFormat::kBF16, R, H}, m2{d2.p, nullptr, WFormat::kBF16, H, R / 2};
+  cudaStream_t s = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+  auto chain = [&] {
+    for (int64_t i = 0; i < steps; ++i) {
+      add_rms_norm(dx.p, i == 0 ? nullptr : dy.p, dnw.p, dxn.p, 1, H, 1e-6f, true, s);
+      gemv(m1, dxn.p, H, dmid.p, R, 1, false, s);
+      gemv(m2, dmid.p, R, dy.p, H, 1, false, s, dmid.p + R / 2);
+    }
+  };
+  auto run = [&](bool pdl, bool graph) {
+    set_pdl_enabled(pdl);
+    dx.put(x0);
+    if (graph) {
+      cudaGraph_t g = nullptr;
+      cudaGraphExec_t e = nullptr;
+      EXPECT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+      chain();
+      EXPECT_EQ(cudaStreamEndCapture(s, &g), cudaSuccess);
+      EXPECT_EQ(cudaGraphInstantiate(&e, g, 0), cudaSuccess);
+      EXPECT_EQ(cudaGraphLaunch(e, s), cudaSuccess);
+      EXPECT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+      cudaGraphExecDestroy(e);
+      cudaGraphDestroy(g);
+    } else {
+      chain();
+      EXPECT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+    }
+    EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+    return dx.get();
+  };
+  const auto plain = run(false, false);
+  float norm = 0.f;
+  for (float v : plain) norm += v * v;
+  ASSERT_GT(norm, 0.f);
+  ASSERT_TRUE(std::all_of(plain.begin(), plain.end(), [](float v) { return std::isfinite(v); }));
+  for (int rep = 0; rep < 3; ++rep) {
+    EXPECT_EQ(max_abs_diff(run(true, false), plain), 0.f) << "PDL, launches, rep " << rep;
+    EXPECT_EQ(max_abs_diff(run(true, true), plain), 0.f) << "PDL, graph, rep " << rep;
+  }
+  set_pdl_enabled(true);
+  cudaStreamDestroy(s);
+}
+
 // --------------------------------------------------------------------------------- norms etc.
 
 TEST(CudaOps, RmsNormVariantsAndFusedResidual) {
@@ -365,60 +422,65 @@ TEST_P(CudaAttentionTest, PrepAndAttentionMatchCpu) {
   a.d = c.d;
   a.scale = 1.0f / std::sqrt(static_cast<float>(c.d));
   a.kv_f32 = c.kv_f32;
-  for (int splits : {1, 3, attention_max_splits(c.T, c.nkv, 132)}) {
-    a.max_splits = splits;
-    Dev<float> part(attention_workspace_floats(c.T, c.nh, c.d, splits));
-    a.partial = part.p;
-    attention(a, nullptr);
-    // CPU: same prep, then attention over the BF16 cache.
-    const auto scale = c.gated ? cpu::NormScale::kZeroCentred : cpu::NormScale::kPlain;
-    std::vector<float> q(c.T * c.nh * c.d), gate(q.size());
-    for (int64_t t = 0; t < c.T; ++t)
-      for (int64_t h = 0; h < c.nh; ++h) {
-        const float* src = &qg[t * qw + h * c.d * (c.gated ? 2 : 1)];
-        cpu::rms_norm_row(src, qnorm.data(), &q[(t * c.nh + h) * c.d], c.d, 1e-6f, scale);
-        if (c.gated) std::copy(src + c.d, src + 2 * c.d, &gate[(t * c.nh + h) * c.d]);
+  // Every split count on the tensor-core decode kernel and on the SIMT kernels.
+  for (int splits : {1, 3, attention_max_splits(c.T, c.nkv, 132)})
+    for (bool tc : {true, false}) {
+      a.max_splits = splits;
+      a.tensor_cores = tc;
+      Dev<float> part(attention_workspace_floats(c.T, c.nh, c.d, splits));
+      a.partial = part.p;
+      attention(a, nullptr);
+      // CPU: same prep, then attention over the BF16 cache.
+      const auto scale = c.gated ? cpu::NormScale::kZeroCentred : cpu::NormScale::kPlain;
+      std::vector<float> q(c.T * c.nh * c.d), gate(q.size());
+      for (int64_t t = 0; t < c.T; ++t)
+        for (int64_t h = 0; h < c.nh; ++h) {
+          const float* src = &qg[t * qw + h * c.d * (c.gated ? 2 : 1)];
+          cpu::rms_norm_row(src, qnorm.data(), &q[(t * c.nh + h) * c.d], c.d, 1e-6f, scale);
+          if (c.gated) std::copy(src + c.d, src + 2 * c.d, &gate[(t * c.nh + h) * c.d]);
+        }
+      std::vector<float> kcur(c.T * kvw);
+      for (int64_t r = 0; r < c.T * c.nkv; ++r)
+        cpu::rms_norm_row(&kn[r * c.d], knorm.data(), &kcur[r * c.d], c.d, 1e-6f, scale);
+      cpu::rope_apply(q.data(), c.T, c.nh * c.d, c.nh, c.d, c.pos0, table);
+      cpu::rope_apply(kcur.data(), c.T, kvw, c.nkv, c.d, c.pos0, table);
+      std::vector<float> kc = kh, vc = vh;
+      for (int64_t i = 0; i < c.T * kvw; ++i) {
+        kc[c.pos0 * kvw + i] = c.kv_f32 ? kcur[i] : bf16_to_f32(kernels::f32_to_bf16(kcur[i]));
+        vc[c.pos0 * kvw + i] = c.kv_f32 ? vn[i] : bf16_to_f32(kernels::f32_to_bf16(vn[i]));
       }
-    std::vector<float> kcur(c.T * kvw);
-    for (int64_t r = 0; r < c.T * c.nkv; ++r)
-      cpu::rms_norm_row(&kn[r * c.d], knorm.data(), &kcur[r * c.d], c.d, 1e-6f, scale);
-    cpu::rope_apply(q.data(), c.T, c.nh * c.d, c.nh, c.d, c.pos0, table);
-    cpu::rope_apply(kcur.data(), c.T, kvw, c.nkv, c.d, c.pos0, table);
-    std::vector<float> kc = kh, vc = vh;
-    for (int64_t i = 0; i < c.T * kvw; ++i) {
-      kc[c.pos0 * kvw + i] = c.kv_f32 ? kcur[i] : bf16_to_f32(kernels::f32_to_bf16(kcur[i]));
-      vc[c.pos0 * kvw + i] = c.kv_f32 ? vn[i] : bf16_to_f32(kernels::f32_to_bf16(vn[i]));
+      // The cache the GPU wrote equals the rounded CPU values (up to RoPE's sin/cos ulps).
+      std::vector<float> kgot(n * kvw);
+      if (c.kv_f32) {
+        kgot = dkf.get();
+        EXPECT_LT(max_abs_diff(kgot, kc), 1e-4f);
+        EXPECT_EQ(max_abs_diff(dvf.get(), vc), 0.f);
+      } else {
+        const auto kbits = dk.get();
+        for (size_t i = 0; i < kgot.size(); ++i) kgot[i] = bf16_to_f32(kbits[i]);
+        EXPECT_LT(max_abs_diff(kgot, kc), 2e-2f);
+      }
+      std::vector<float> ref(c.T * c.nh * c.d);
+      auto ex = cpu();
+      cpu::AttentionArgs ca;
+      ca.q = q.data();
+      ca.ld_q = c.nh * c.d;
+      ca.k_cache = kgot.data();  // attend over exactly the cache the GPU holds
+      ca.v_cache = vc.data();
+      ca.dst = ref.data();
+      ca.num_q = c.T;
+      ca.q_pos0 = c.pos0;
+      ca.num_heads = c.nh;
+      ca.num_kv_heads = c.nkv;
+      ca.head_dim = c.d;
+      ca.scale = a.scale;
+      cpu::attention(ca, *ex);
+      if (c.gated)
+        for (size_t i = 0; i < ref.size(); ++i) ref[i] *= cpu::sigmoid(gate[i]);
+      EXPECT_LT(max_abs_diff(dout.get(), ref), 2e-5f)
+          << "splits=" << splits << " tensor_cores=" << tc << " nh=" << c.nh << " nkv=" << c.nkv
+          << " d=" << c.d << " pos0=" << c.pos0 << " T=" << c.T;
     }
-    // The cache the GPU wrote equals the rounded CPU values (up to RoPE's sin/cos ulps).
-    std::vector<float> kgot(n * kvw);
-    if (c.kv_f32) {
-      kgot = dkf.get();
-      EXPECT_LT(max_abs_diff(kgot, kc), 1e-4f);
-      EXPECT_EQ(max_abs_diff(dvf.get(), vc), 0.f);
-    } else {
-      const auto kbits = dk.get();
-      for (size_t i = 0; i < kgot.size(); ++i) kgot[i] = bf16_to_f32(kbits[i]);
-      EXPECT_LT(max_abs_diff(kgot, kc), 2e-2f);
-    }
-    std::vector<float> ref(c.T * c.nh * c.d);
-    auto ex = cpu();
-    cpu::AttentionArgs ca;
-    ca.q = q.data();
-    ca.ld_q = c.nh * c.d;
-    ca.k_cache = kgot.data();  // attend over exactly the cache the GPU holds
-    ca.v_cache = vc.data();
-    ca.dst = ref.data();
-    ca.num_q = c.T;
-    ca.q_pos0 = c.pos0;
-    ca.num_heads = c.nh;
-    ca.num_kv_heads = c.nkv;
-    ca.head_dim = c.d;
-    ca.scale = a.scale;
-    cpu::attention(ca, *ex);
-    if (c.gated)
-      for (size_t i = 0; i < ref.size(); ++i) ref[i] *= cpu::sigmoid(gate[i]);
-    EXPECT_LT(max_abs_diff(dout.get(), ref), 2e-5f) << "splits=" << splits;
-  }
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -431,6 +493,9 @@ INSTANTIATE_TEST_SUITE_P(
                       AttnCase{8, 1, 32, 0, 1, true},       // first token, one KV head
                       AttnCase{16, 2, 128, 700, 1, false},  // tiled decode at d = 128
                       AttnCase{32, 2, 128, 300, 1, false},  // G = 16 (tiled, 16 heads per pass)
+                      AttnCase{12, 2, 128, 333, 1, true},   // G = 6: tensor cores, not tiled
+                      AttnCase{16, 2, 256, 4999, 1, true},  // many tiles per split, odd tail
+                      AttnCase{16, 2, 64, 31, 1, false},    // d = 64, 32 keys (one full tile)
                       AttnCase{16, 2, 256, 513, 1, true, true},  // fp32 cache, decode
                       AttnCase{4, 2, 24, 9, 30, false, true}));  // fp32 cache, prefill, odd d
 
