@@ -162,6 +162,13 @@ struct CudaModel::Impl {
   // ---------------------------------------------------------------------------- helpers
   void linear(const DevMatrix& w, const float* xin, int64_t ldx, float* yout, int64_t ldy,
               int64_t T, bool acc = false) {
+    if (norm_pending && xin == xn) {  // the deferred RMSNorm of x, inside this projection
+      TIDAL_ASSERT(T == 1, "a deferred norm is only for one-token decode");
+      kc::gemv_rms_norm(w, x, norm_pending, static_cast<float>(cfg.rms_norm_eps), cfg.is_hybrid(),
+                        yout, acc, stream);
+      norm_pending = nullptr;
+      return;
+    }
     if (T <= kc::kMaxGemvRows || batched) {
       // Batched decode stays on the fp32-activation GEMV (slices of kMaxGemvRows rows), so a
       // sequence's logits do not depend on how many others share its step.
@@ -230,10 +237,33 @@ struct CudaModel::Impl {
     pend_gate = g;
     pend_ld = ld;
   }
-  void residual_norm(const float* w, int64_t T) {
+  /// Fused one-token decode (CudaOptions::fuse_decode): the GEMVs add their outputs to x
+  /// themselves, and a norm with nothing pending is left to the next projection of xn.
+  bool fused = false;
+  const float* norm_pending = nullptr;  // norm weight of the RMSNorm that projection applies
+  /// xn = rms_norm(x + what is pending) · w; with `fused`, nothing pending and `materialise`
+  /// false, only recorded for the next linear() of xn (Note [norm inside the GEMV]).
+  void residual_norm(const float* w, int64_t T, bool materialise = false) {
+    TIDAL_ASSERT(norm_pending == nullptr, "a deferred norm was not consumed");
+    if (fused && !materialise && !pend_y && !pend_hs) {
+      norm_pending = w;
+      return;
+    }
     kc::add_rms_norm(x, pend_y, w, xn, T, cfg.hidden_size, static_cast<float>(cfg.rms_norm_eps),
                      cfg.is_hybrid(), stream, pend_hs, pend_gate, pend_ld);
+    pend(nullptr);
     mark("residual + norm");
+  }
+  /// Where a token mixer's output projection goes: added to x in the GEMV (fused), or to y for
+  /// the next residual + norm.
+  void mixer_out(const DevMatrix& w, const float* in, int64_t ld_in, int64_t T) {
+    if (fused) {
+      linear(w, in, ld_in, x, cfg.hidden_size, T, true);
+      pend(nullptr);
+    } else {
+      linear(w, in, ld_in, y, cfg.hidden_size, T);
+      pend(y);
+    }
   }
   bool experts_on_host(const GpuLayer& L) const { return L.is_moe && experts != nullptr; }
 
@@ -396,7 +426,7 @@ void CudaModel::Impl::enqueue_attention(const GpuLayer& L, int layer, int64_t T)
     kc::attention(a, stream);
   }
   mark("attn: attention + combine");
-  linear(L.o, ao, nh * d, y, c.hidden_size, T);
+  mixer_out(L.o, ao, nh * d, T);
   mark("attn: o_proj");
 }
 
@@ -446,7 +476,7 @@ void CudaModel::Impl::enqueue_deltanet(const GpuLayer& L, int layer, int64_t T) 
     kc::rms_norm_gated(go, z, ld_z, nv, L.gnorm, go, T * nv, dv, eps, stream);
     mark("gdn: gated norm");
   }
-  linear(L.out, go, nv * dv, y, H, T);
+  mixer_out(L.out, go, nv * dv, T);
   mark("gdn: out_proj");
 }
 
@@ -458,7 +488,10 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
   mark("mlp: in-proj [router|shared]");
   // SwiGLU: down(silu(gate) ⊙ up), the product fused into the GEMV for decode.
   auto swiglu_down = [&](const float* gu, int64_t I, float* dst) {
-    if (T <= kc::kMaxGemvRows || batched) {
+    if (fused) {  // x += [sigmoid(gate) ·] down(silu(g) ⊙ u)
+      const float* g = dst == hs ? gu + 2 * I : nullptr;  // the shared expert's gate logit
+      kc::gemv(L.down, gu, W, x, H, 1, true, stream, gu + I, g, W);
+    } else if (T <= kc::kMaxGemvRows || batched) {
       for (int64_t r0 = 0; r0 < T; r0 += kc::kMaxGemvRows)
         kc::gemv(L.down, gu + r0 * W, W, dst + r0 * H, H,
                  std::min<int64_t>(kc::kMaxGemvRows, T - r0), false, stream, gu + r0 * W + I);
@@ -467,12 +500,13 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
       linear(L.down, hmid, I, dst, H, T);
     }
   };
+  const int64_t E = L.is_moe ? c.num_experts : 0;
   if (!L.is_moe) {
     swiglu_down(proj, L.down.cols, y);
-    pend(y);
+    pend(fused ? nullptr : y);
     return;
   }
-  const int64_t E = c.num_experts, k = c.num_experts_per_tok;
+  const int64_t k = c.num_experts_per_tok;
   kc::moe_route(proj, W, T, E, k, c.norm_topk_prob, rids, rw, stream);
   mark("mlp: router top-k");
   if (experts) {
@@ -508,7 +542,10 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
     const int64_t Is = c.shared_expert_intermediate_size;
     swiglu_down(proj + E, Is, hs);
     mark("mlp: shared down (SwiGLU fused)");
-    pend(routed, hs, proj + E + 2 * Is, W);
+    if (fused)
+      pend(routed);
+    else
+      pend(routed, hs, proj + E + 2 * Is, W);
   } else {
     pend(routed);
   }
@@ -530,15 +567,14 @@ void CudaModel::Impl::enqueue_layers(size_t l0, size_t l1, int64_t T, bool first
       enqueue_attention(L, static_cast<int>(l), T);
     else
       enqueue_deltanet(L, static_cast<int>(l), T);
-    pend(y);
-    residual_norm(L.post_norm, T);
+    residual_norm(L.post_norm, T, experts_on_host(L));  // host experts read xn
     enqueue_mlp(L, static_cast<int>(l), T);
   }
 }
 
 void CudaModel::Impl::enqueue_final(int64_t T, LogitsMode mode) {
-  if (mode == LogitsMode::kNone) return;  // x is not needed after this forward
-  residual_norm(final_norm, T);           // xn: all T rows
+  if (mode == LogitsMode::kNone) return;                    // x is not needed after this forward
+  residual_norm(final_norm, T, mode != LogitsMode::kLast);  // xn (all T rows for kAll)
 }
 
 CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExperts* experts,
@@ -1032,6 +1068,8 @@ void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, Logi
 
 void CudaModel::Impl::enqueue_segment(size_t s, int64_t T, LogitsMode cm, bool use_graph) {
   const int64_t H = cfg.hidden_size, V = cfg.vocab_size;
+  fused = opts.fuse_decode && T == 1 && !batched;
+  norm_pending = nullptr;  // a segment never starts with one (left over only by a failed capture)
   if (s == 0) {
     if (profiling && !use_graph)  // host runs ahead, so events time kernels, not launches
       kc::gpu_sleep(int64_t{30} * 1000 * 1000, stream);

@@ -41,7 +41,11 @@ struct CudaOptions {
   uint64_t memory_limit = 0;
   /// KV cache elements: "bf16" (default, half the memory) or "fp32" (implied by precision "fp32").
   std::string kv_dtype = "bf16";
-  bool graphs = true;              ///< replay decode steps from CUDA graphs
+  bool graphs = true;  ///< replay decode steps from CUDA graphs
+  /// One-token decode: residual adds in the epilogues of the GEMVs that produce them and each
+  /// RMSNorm inside the GEMV that consumes it, so no norm kernel runs between them (false: the
+  /// separate fused residual + norm kernel; the benchmark compares both).
+  bool fuse_decode = true;
   int64_t max_chunk = 512;         ///< tokens per GPU pass; longer inputs run in chunks
   int64_t initial_context = 1024;  ///< first KV capacity of a sequence (grows by doubling)
 };

@@ -155,14 +155,46 @@ constexpr int kGemvWarps = 8;  // warps per block
 /// per warp (32 registers a thread).
 constexpr int kGemvPrefetch = 8;
 
+/// What a GEMV launch takes (ops.h `gemv`, `gemv_rms_norm`).
+struct GemvParams {
+  DevMatrix w;
+  const float* x = nullptr;
+  int64_t ldx = 0;
+  float* y = nullptr;
+  int64_t ldy = 0;
+  const float* xu = nullptr;      ///< kGated: the input is silu(x) ⊙ xu
+  const float* norm_w = nullptr;  ///< kNormed: the input is rms_norm(x) ⊙ norm_w (M = 1)
+  float eps = 0.f;
+  bool zero_centred = false;        ///< kNormed: ⊙ (1 + norm_w)
+  const float* out_gate = nullptr;  ///< output × sigmoid(out_gate[m · ld_gate]) when set
+  int64_t ld_gate = 0;
+  bool accumulate = false, vec = false;
+  int wpr = 1;
+};
+/// How the GEMV forms its input vector from x.
+enum class GemvIn { kPlain, kGated, kNormed };
+
+// Note [norm inside the GEMV]
+// rms_norm(x) ⊙ w times Wᵀ equals inv_rms(x) · (W (x ⊙ w)), and every warp of a row already reads
+// all of x (or its part of it, split K) for its dot product. So the normed GEMV accumulates Σ x²
+// next to the dot product, reduces both the same way, and scales the row's result by
+// rsqrt(Σ x² / K + eps) at the end: the norm costs one FMA per element and no kernel of its own.
+// With the residual adds moved into the epilogues of the GEMVs that produce them (`accumulate`,
+// `out_gate`), a decode layer needs no separate residual + norm kernel at all.
+
 /// `wpr` warps per weight row (split K, partial sums added through shared memory); each lane
 /// takes 16-byte chunks of its part of the row, M activation rows at once.
-template <WFormat F, int M, bool GATED>
-__global__ void __launch_bounds__(kGemvWarps* kWarp)
-    gemv_kernel(DevMatrix w, const float* __restrict__ x, int64_t ldx, float* __restrict__ y,
-                int64_t ldy, bool accumulate, bool vec, const float* __restrict__ xu, int wpr) {
+template <WFormat F, int M, GemvIn IN>
+__global__ void __launch_bounds__(kGemvWarps* kWarp) gemv_kernel(const GemvParams p) {
+  static_assert(IN != GemvIn::kNormed || M == 1, "the normed GEMV takes one row");
   constexpr int E = Chunk<F>::E;
-  __shared__ float red[kGemvWarps][M];
+  __shared__ float red[kGemvWarps][M + 1];  // dot products, then Σ x² (kNormed)
+  const DevMatrix& w = p.w;
+  const float* __restrict__ x = p.x;
+  const float* __restrict__ xu = p.xu;
+  const float* __restrict__ nw = p.norm_w;
+  const int64_t ldx = p.ldx;
+  const int wpr = p.wpr;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (kGemvWarps / wpr) + warp / wpr;
   const int part = warp % wpr;
@@ -171,6 +203,7 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
   float acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.f;
+  float ss = 0.f;  // kNormed: Σ x² over this warp's part of the row
   int64_t j0 = 0;
   const int64_t nchunk = K / E, per = (nchunk + wpr - 1) / wpr;
   const int64_t c_begin = part * per + lane;
@@ -183,10 +216,11 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
 #pragma unroll
   for (int i = 0; i < kGemvPrefetch; ++i) {
     const int64_t c = c_begin + i * kWarp;
-    if (vec && active && c < c_end) pre[i] = __ldg(base + c);
+    if (p.vec && active && c < c_end) pre[i] = __ldg(base + c);
   }
   pdl_begin();
-  // acc[m] += the chunk's E weights · x (or silu(x) ⊙ x_up) at chunk c.
+  const float nw0 = p.zero_centred ? 1.0f : 0.0f;
+  // acc[m] += the chunk's E weights · the input at chunk c.
   auto fma_chunk = [&](const uint4 raw, int64_t c) {
     float wv[E];
     Chunk<F>::convert(raw, wv);
@@ -196,10 +230,15 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
 #pragma unroll
       for (int e = 0; e < E; e += 4) {
         float4 xv = *reinterpret_cast<const float4*>(xr + e);
-        if constexpr (GATED) {
+        if constexpr (IN == GemvIn::kGated) {
           const float4 u = *reinterpret_cast<const float4*>(xu + m * ldx + c * E + e);
           xv = make_float4(siluf_(xv.x) * u.x, siluf_(xv.y) * u.y, siluf_(xv.z) * u.z,
                            siluf_(xv.w) * u.w);
+        } else if constexpr (IN == GemvIn::kNormed) {
+          ss = fmaf(xv.x, xv.x, fmaf(xv.y, xv.y, fmaf(xv.z, xv.z, fmaf(xv.w, xv.w, ss))));
+          const float4 g = *reinterpret_cast<const float4*>(nw + c * E + e);
+          xv = make_float4(xv.x * (nw0 + g.x), xv.y * (nw0 + g.y), xv.z * (nw0 + g.z),
+                           xv.w * (nw0 + g.w));
         }
         acc[m] = fmaf(wv[e], xv.x, acc[m]);
         acc[m] = fmaf(wv[e + 1], xv.y, acc[m]);
@@ -208,7 +247,7 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
       }
     }
   };
-  if (vec && active) {
+  if (p.vec && active) {
 #pragma unroll
     for (int i = 0; i < kGemvPrefetch; ++i) {
       const int64_t c = c_begin + i * kWarp;
@@ -225,7 +264,11 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       float xj = x[m * ldx + j];
-      if constexpr (GATED) xj = siluf_(xj) * xu[m * ldx + j];
+      if constexpr (IN == GemvIn::kGated) xj = siluf_(xj) * xu[m * ldx + j];
+      if constexpr (IN == GemvIn::kNormed) {
+        ss = fmaf(xj, xj, ss);
+        xj *= nw0 + nw[j];
+      }
       acc[m] = fmaf(wj, xj, acc[m]);
     }
   }
@@ -234,6 +277,10 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
     const float v = warp_sum(acc[m]);
     if (lane == 0) red[warp][m] = v;
   }
+  if constexpr (IN == GemvIn::kNormed) {
+    const float v = warp_sum(ss);
+    if (lane == 0) red[warp][M] = v;
+  }
   if (wpr > 1)
     __syncthreads();
   else
@@ -241,21 +288,28 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
   if (!active || part != 0 || lane >= M) return;
   const float sc = F == WFormat::kI8 ? w.scale[row] : 1.0f;
   float v = 0.f;
-  for (int p = 0; p < wpr; ++p) v += red[warp + p][lane];
+  for (int q = 0; q < wpr; ++q) v += red[warp + q][lane];
   v *= sc;
-  float* d = y + lane * ldy + row;
-  *d = accumulate ? *d + v : v;
+  if constexpr (IN == GemvIn::kNormed) {
+    float sum_sq = 0.f;
+    for (int q = 0; q < wpr; ++q) sum_sq += red[warp + q][M];
+    v *= rsqrtf(sum_sq / static_cast<float>(K) + p.eps);
+  }
+  if (p.out_gate) v *= sigmoidf_(p.out_gate[lane * p.ld_gate]);
+  float* d = p.y + lane * p.ldy + row;
+  *d = p.accumulate ? *d + v : v;
 }
 
 template <WFormat F>
-void gemv_launch(const DevMatrix& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t m,
-                 bool acc, cudaStream_t s, const float* xu) {
+void gemv_launch(GemvParams p, int64_t m, cudaStream_t s) {
   constexpr int E = Chunk<F>::E;
+  const DevMatrix& w = p.w;
   // Vector path: 16-byte aligned rows and activations.
-  const bool vec = w.cols % E == 0 && w.cols % 4 == 0 && ldx % 4 == 0 &&
-                   reinterpret_cast<uintptr_t>(w.data) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(xu) % 16 == 0;
+  p.vec = w.cols % E == 0 && w.cols % 4 == 0 && p.ldx % 4 == 0 &&
+          reinterpret_cast<uintptr_t>(w.data) % 16 == 0 &&
+          reinterpret_cast<uintptr_t>(p.x) % 16 == 0 &&
+          reinterpret_cast<uintptr_t>(p.xu) % 16 == 0 &&
+          reinterpret_cast<uintptr_t>(p.norm_w) % 16 == 0;
   // Warps per row: split K until there are enough warps to keep every SM's loads in flight, while
   // each warp still covers at least 16 chunks. TIDAL_GEMV_WPR (1, 2, 4, 8) forces it for tuning.
   const int64_t nchunk = w.cols / E;
@@ -267,16 +321,21 @@ void gemv_launch(const DevMatrix& w, const float* x, int64_t ldx, float* y, int6
     return v == 1 || v == 2 || v == 4 || v == 8 ? v : 0;
   }();
   if (forced) wpr = forced;
+  p.wpr = wpr;
   const int rows_per_block = kGemvWarps / wpr;
   const dim3 grid(static_cast<unsigned>((w.rows + rows_per_block - 1) / rows_per_block));
   const dim3 block(kGemvWarps * kWarp);
+  if (p.norm_w) {
+    launch(gemv_kernel<F, 1, GemvIn::kNormed>, grid, block, 0, s, p);
+    return;
+  }
   switch (m) {
-#define TIDAL_GEMV_CASE(M)                                                                       \
-  case M:                                                                                        \
-    if (xu)                                                                                      \
-      launch(gemv_kernel<F, M, true>, grid, block, 0, s, w, x, ldx, y, ldy, acc, vec, xu, wpr);  \
-    else                                                                                         \
-      launch(gemv_kernel<F, M, false>, grid, block, 0, s, w, x, ldx, y, ldy, acc, vec, xu, wpr); \
+#define TIDAL_GEMV_CASE(M)                                             \
+  case M:                                                              \
+    if (p.xu)                                                          \
+      launch(gemv_kernel<F, M, GemvIn::kGated>, grid, block, 0, s, p); \
+    else                                                               \
+      launch(gemv_kernel<F, M, GemvIn::kPlain>, grid, block, 0, s, p); \
     break;
     TIDAL_GEMV_CASE(1)
     TIDAL_GEMV_CASE(2)
@@ -1671,20 +1730,50 @@ size_t DevMatrix::bytes() const {
   }
 }
 
-void gemv(const DevMatrix& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t m,
-          bool accumulate, cudaStream_t s, const float* x_up) {
-  if (m <= 0 || w.rows == 0) return;
-  switch (w.format) {
+namespace {
+void gemv_dispatch(const GemvParams& p, int64_t m, cudaStream_t s) {
+  if (m <= 0 || p.w.rows == 0) return;
+  switch (p.w.format) {
     case WFormat::kF32:
-      gemv_launch<WFormat::kF32>(w, x, ldx, y, ldy, m, accumulate, s, x_up);
+      gemv_launch<WFormat::kF32>(p, m, s);
       break;
     case WFormat::kBF16:
-      gemv_launch<WFormat::kBF16>(w, x, ldx, y, ldy, m, accumulate, s, x_up);
+      gemv_launch<WFormat::kBF16>(p, m, s);
       break;
     case WFormat::kI8:
-      gemv_launch<WFormat::kI8>(w, x, ldx, y, ldy, m, accumulate, s, x_up);
+      gemv_launch<WFormat::kI8>(p, m, s);
       break;
   }
+}
+}  // namespace
+
+void gemv(const DevMatrix& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t m,
+          bool accumulate, cudaStream_t s, const float* x_up, const float* out_gate,
+          int64_t ld_gate) {
+  GemvParams p;
+  p.w = w;
+  p.x = x;
+  p.ldx = ldx;
+  p.y = y;
+  p.ldy = ldy;
+  p.xu = x_up;
+  p.out_gate = out_gate;
+  p.ld_gate = ld_gate;
+  p.accumulate = accumulate;
+  gemv_dispatch(p, m, s);
+}
+
+void gemv_rms_norm(const DevMatrix& w, const float* x, const float* norm_w, float eps,
+                   bool zero_centred, float* y, bool accumulate, cudaStream_t s) {
+  GemvParams p;
+  p.w = w;
+  p.x = x;
+  p.y = y;
+  p.norm_w = norm_w;
+  p.eps = eps;
+  p.zero_centred = zero_centred;
+  p.accumulate = accumulate;
+  gemv_dispatch(p, 1, s);
 }
 
 void weight_to_bf16(const DevMatrix& w, uint16_t* dst, cudaStream_t s) {

@@ -37,8 +37,16 @@ constexpr int64_t kMaxGemvRows = 8;
 /// y(m, n) [+]= x(m, k) · Wᵀ for m ≤ kMaxGemvRows: fp32 activations, fp32 accumulation, the weight
 /// read once (the decode projection; bandwidth bound). With `x_up`, the input is
 /// silu(x) ⊙ x_up (the SwiGLU product fused into the down projection; same row stride).
+/// `out_gate`: each output row m is scaled by sigmoid(out_gate[m · ld_gate]) before it is stored
+/// or added (the shared expert's gate, with `accumulate` its residual add).
 void gemv(const DevMatrix& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t m,
-          bool accumulate, cudaStream_t s, const float* x_up = nullptr);
+          bool accumulate, cudaStream_t s, const float* x_up = nullptr,
+          const float* out_gate = nullptr, int64_t ld_gate = 0);
+/// y [+]= W · (rms_norm(x) ⊙ norm_w) for one row x of w.cols values (⊙ (1 + norm_w) when
+/// `zero_centred`): the RMSNorm folded into the projection that consumes it (Note [norm inside
+/// the GEMV] in ops.cu), so the normalised row is never written.
+void gemv_rms_norm(const DevMatrix& w, const float* x, const float* norm_w, float eps,
+                   bool zero_centred, float* y, bool accumulate, cudaStream_t s);
 
 /// hi = BF16(x), lo = BF16(x − hi): x = hi + lo to ~16 significant bits, so a BF16 GEMM on each
 /// half (summed) gives near-fp32 products against BF16 weights (gpu_precision="bf16x2").

@@ -412,9 +412,14 @@ int main(int argc, char** argv) {
   (void)nk;
   (void)dk;
   for (const auto& f : wfmts) {
-    // CUDA graphs with and without programmatic dependent launch, then launches one by one.
-    for (const auto& [graphs, pdl] :
-         {std::pair{true, true}, std::pair{true, false}, std::pair{false, true}}) {
+    // CUDA graphs with everything on; without the fused decode GEMVs; without programmatic
+    // dependent launch either (the CUDA backend as it was); then launches one by one.
+    struct Mode {
+      bool graphs, pdl, fuse;
+    };
+    for (const Mode mode : {Mode{true, true, true}, Mode{true, true, false},
+                            Mode{true, false, false}, Mode{false, true, true}}) {
+      const bool graphs = mode.graphs, pdl = mode.pdl;
       kc::set_pdl_enabled(pdl);
       tidal::core::HostWeights hw;
       hw.embed_tokens = view(cfg.vocab_size, H);
@@ -428,6 +433,7 @@ int main(int argc, char** argv) {
       tidal::core::CudaOptions o;
       o.weights = f;
       o.graphs = graphs;
+      o.fuse_decode = mode.fuse;
       tidal::core::CudaModel model(cfg, hw, nullptr, &routing, o, *ex);
       tidal::core::SequenceState st;
       st.layers.resize(layers.size());
@@ -443,8 +449,8 @@ int main(int argc, char** argv) {
         model.forward(tok, st, tidal::core::LogitsMode::kLast, logits, *ex, nullptr);
         ts.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
       }
-      if (graphs &&
-          pdl) {  // prefill: 2048 tokens from an empty sequence, in the model's 512-token chunks
+      if (graphs && pdl && mode.fuse) {  // prefill: 2048 tokens from an empty sequence, in the
+                                         // model's 512-token chunks
         std::vector<int64_t> prompt(2048);
         for (size_t i = 0; i < prompt.size(); ++i)
           prompt[i] = static_cast<int64_t>((i * 7919) % 248000);
@@ -504,6 +510,7 @@ int main(int argc, char** argv) {
                                         {"weights", f},
                                         {"graphs", graphs},
                                         {"pdl", kc::pdl_enabled()},
+                                        {"fused_decode", mode.fuse},
                                         {"context", step_ctx},
                                         {"ms", t * 1e3},
                                         {"bytes_read", bytes},

@@ -139,6 +139,29 @@ TEST_P(CudaGemvTest, MatchesCpuLinear) {
                   2e-5f * std::sqrt(static_cast<float>(c.cols)) + 1e-5f * std::fabs(ref[i]))
           << "i=" << i << " acc=" << acc;
   }
+  // The RMSNorm folded into the GEMV (Note [norm inside the GEMV]) on x's first row: equals
+  // rms_norm_row followed by the linear, plain and zero-centred, stored and accumulated.
+  const auto nw = random_vec(static_cast<size_t>(c.cols), 4, 0.3f);
+  Dev<float> dnw(nw);
+  std::vector<float> xn(static_cast<size_t>(c.cols));
+  for (bool zc : {false, true})
+    for (bool acc : {false, true}) {
+      cpu::rms_norm_row(x.data(), nw.data(), xn.data(), c.cols, 1e-6f,
+                        zc ? cpu::NormScale::kZeroCentred : cpu::NormScale::kPlain);
+      std::vector<float> ref(y0.begin(), y0.begin() + c.rows);
+      cpu::linear_ref({xn.data(), c.cols, WeightView{wref.data(), DType::kF32, c.rows, c.cols},
+                       ref.data(), c.rows, 1, acc});
+      Dev<float> dy(y0);
+      gemv_rms_norm(dm, dx.p, dnw.p, 1e-6f, zc, dy.p, acc, nullptr);
+      const auto got = dy.get();
+      for (int64_t i = 0; i < c.rows; ++i)
+        ASSERT_NEAR(got[i], ref[i],
+                    2e-5f * std::sqrt(static_cast<float>(c.cols)) + 1e-5f * std::fabs(ref[i]))
+            << "normed GEMV i=" << i << " zc=" << zc << " acc=" << acc << " rows=" << c.rows
+            << " cols=" << c.cols;
+      for (int64_t i = c.rows; i < static_cast<int64_t>(got.size()); ++i)
+        ASSERT_EQ(got[i], y0[i]) << "normed GEMV wrote past its one row";
+    }
 }
 
 /// The SwiGLU product fused into the down-projection GEMV: input silu(g) ⊙ u of strided rows.
@@ -159,6 +182,16 @@ TEST(CudaOps, GemvWithGatedInputMatchesSiluMulThenLinear) {
     DevMatrix dm{dw.p, nullptr, WFormat::kBF16, rows, I};
     gemv(dm, dgu.p, ld, dy.p, rows, m, false, nullptr, dgu.p + I);
     EXPECT_LT(max_abs_diff(dy.get(), ref), 1e-4f) << "m=" << m;
+    // The shared expert's epilogue: y += sigmoid(gate[t · ld]) · down(...), gate in gu's last
+    // column.
+    auto y0 = random_vec(static_cast<size_t>(m * rows), 42);
+    dy.put(y0);
+    gemv(dm, dgu.p, ld, dy.p, rows, m, true, nullptr, dgu.p + I, dgu.p + ld - 1, ld);
+    for (int64_t t = 0; t < m; ++t)
+      for (int64_t r = 0; r < rows; ++r)
+        ref[t * rows + r] =
+            y0[t * rows + r] + cpu::sigmoid(gu[t * ld + ld - 1]) * ref[t * rows + r];
+    EXPECT_LT(max_abs_diff(dy.get(), ref), 1e-4f) << "out_gate, m=" << m;
   }
 }
 
@@ -240,7 +273,9 @@ INSTANTIATE_TEST_SUITE_P(
                       GemvCase{WFormat::kBF16, 129, 4096, 8}, GemvCase{WFormat::kBF16, 17, 50, 3},
                       GemvCase{WFormat::kF32, 33, 96, 5}, GemvCase{WFormat::kF32, 7, 13, 2},
                       GemvCase{WFormat::kI8, 65, 512, 1}, GemvCase{WFormat::kI8, 31, 40, 7},
-                      GemvCase{WFormat::kI8, 200, 2048, 4}));
+                      GemvCase{WFormat::kI8, 200, 2048, 4}, GemvCase{WFormat::kBF16, 23, 1001, 1},
+                      GemvCase{WFormat::kF32, 2050, 2048, 1},
+                      GemvCase{WFormat::kBF16, 9, 4096, 2}));
 
 /// Programmatic dependent launch (Note [programmatic dependent launch]): a long chain of dependent
 /// kernels (residual + norm -> GEMV -> gated GEMV back into the residual, the decode step's

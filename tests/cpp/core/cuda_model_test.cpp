@@ -1,0 +1,165 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file cuda_model_test.cpp
+/// \brief The GPU model's fused one-token decode (CudaOptions::fuse_decode: residual adds in the
+/// GEMV epilogues, each RMSNorm inside the GEMV that consumes it) against the unfused kernels, on
+/// a small random hybrid model with the routed experts left out (the GPU-only step of the
+/// benchmark; with host experts the same code runs between host calls and the golden tests in
+/// tests/python/test_cuda.py cover it). Skips, saying why, where no CUDA device exists.
+#include "core/model/cuda_model.h"
+
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <vector>
+
+#include "core/model/model.h"
+#include "core/model/routing_control.h"
+#include "kernels/common/dtype.h"
+#include "kernels/common/executor.h"
+#include "tolerances.h"
+
+namespace tidal::core {
+namespace {
+
+bool have_gpu() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return n > 0;
+}
+
+// Three Gated DeltaNet layers then a gated attention layer, twice; layer 2 has a dense MLP.
+const char* kTinyHybrid = R"({
+  "model_type": "qwen3_5_moe_text", "hidden_size": 256, "num_hidden_layers": 8,
+  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1000,
+  "num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 64,
+  "shared_expert_intermediate_size": 96, "intermediate_size": 160, "linear_num_key_heads": 2,
+  "linear_num_value_heads": 4, "linear_key_head_dim": 64, "linear_value_head_dim": 64,
+  "linear_conv_kernel_dim": 4, "full_attention_interval": 4, "max_position_embeddings": 4096,
+  "rms_norm_eps": 1e-6, "tie_word_embeddings": false,
+  "rope_parameters": {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25}})";
+
+/// Random BF16 matrices and fp32 vectors that outlive the model views of them.
+struct Weights {
+  std::vector<std::vector<uint16_t>> mats;
+  uint32_t seed = 100;
+  kernels::WeightView mat(int64_t rows, int64_t cols) {
+    const auto v = test::random_vec(static_cast<size_t>(rows * cols), seed++,
+                                    1.0f / std::sqrt(static_cast<float>(cols)));
+    std::vector<uint16_t> b(v.size());
+    for (size_t i = 0; i < v.size(); ++i) b[i] = kernels::f32_to_bf16(v[i]);
+    mats.push_back(std::move(b));
+    return kernels::WeightView{mats.back().data(), kernels::DType::kBF16, rows, cols};
+  }
+  std::vector<float> vec(int64_t n, float scale) {
+    return test::random_vec(static_cast<size_t>(n), seed++, scale);
+  }
+};
+
+/// Logits of a 7-token prompt, then of 12 greedy-free decode steps (fixed ids), per option set.
+std::vector<std::vector<float>> run(const ModelConfig& cfg, const HostWeights& hw, bool fuse,
+                                    bool graphs) {
+  auto ex = kernels::make_tbb_executor(2);
+  RoutingControl routing(cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok);
+  CudaOptions o;
+  o.fuse_decode = fuse;
+  o.graphs = graphs;
+  CudaModel model(cfg, hw, nullptr, &routing, o, *ex);
+  SequenceState st;
+  st.layers.resize(static_cast<size_t>(cfg.num_hidden_layers));
+  st.device = model.new_state();
+  std::vector<std::vector<float>> out;
+  std::vector<float> logits;
+  const std::vector<int64_t> prompt = {3, 141, 59, 265, 358, 979, 323};
+  model.forward(prompt, st, LogitsMode::kLast, logits, *ex, nullptr);
+  out.push_back(logits);
+  for (int64_t i = 0; i < 12; ++i) {
+    const int64_t tok[1] = {(i * 37 + 11) % cfg.vocab_size};
+    model.forward(tok, st, LogitsMode::kLast, logits, *ex, nullptr);
+    out.push_back(logits);
+  }
+  return out;
+}
+
+TEST(CudaModel, FusedDecodeMatchesUnfusedKernels) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device on this machine (the device machine runs this)";
+  const auto cfg = ModelConfig::from_json(nlohmann::json::parse(kTinyHybrid), "tiny");
+  const int64_t H = cfg.hidden_size, nh = cfg.num_attention_heads, nkv = cfg.num_key_value_heads,
+                d = cfg.head_dim, nv = cfg.linear_num_value_heads, dv = cfg.linear_value_head_dim,
+                C = cfg.linear_conv_channels(), Is = cfg.shared_expert_intermediate_size;
+  Weights w;
+  std::vector<LayerWeights> layers(static_cast<size_t>(cfg.num_hidden_layers));
+  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
+    auto& L = layers[static_cast<size_t>(l)];
+    L.type = cfg.layer_types[static_cast<size_t>(l)];
+    L.input_layernorm = w.vec(H, 0.2f);
+    L.post_attention_layernorm = w.vec(H, 0.2f);
+    if (L.type == LayerType::kFullAttention) {
+      L.attn.q_proj = w.mat(2 * nh * d, H);
+      L.attn.k_proj = w.mat(nkv * d, H);
+      L.attn.v_proj = w.mat(nkv * d, H);
+      L.attn.o_proj = w.mat(H, nh * d);
+      L.attn.q_norm = w.vec(d, 0.2f);
+      L.attn.k_norm = w.vec(d, 0.2f);
+    } else {
+      L.gdn.in_proj_qkv = w.mat(C, H);
+      L.gdn.in_proj_z = w.mat(nv * dv, H);
+      L.gdn.in_proj_b = w.mat(nv, H);
+      L.gdn.in_proj_a = w.mat(nv, H);
+      L.gdn.out_proj = w.mat(H, nv * dv);
+      L.gdn.conv1d = w.vec(C * cfg.linear_conv_kernel_dim, 0.5f);
+      L.gdn.dt_bias = w.vec(nv, 0.5f);
+      L.gdn.A_log = w.vec(nv, 0.5f);
+      L.gdn.norm = w.vec(dv, 0.2f);
+    }
+    if (l == 2) {  // a dense MLP
+      L.mlp.is_moe = false;
+      L.mlp.gate_proj = w.mat(cfg.intermediate_size, H);
+      L.mlp.up_proj = w.mat(cfg.intermediate_size, H);
+      L.mlp.down_proj = w.mat(H, cfg.intermediate_size);
+    } else {
+      L.mlp.is_moe = true;
+      L.mlp.router = w.mat(cfg.num_experts, H);
+      L.mlp.shared_gate_proj = w.mat(Is, H);
+      L.mlp.shared_up_proj = w.mat(Is, H);
+      L.mlp.shared_down_proj = w.mat(H, Is);
+      L.mlp.shared_expert_gate = w.vec(H, 0.1f);
+    }
+  }
+  std::vector<float> final_norm = w.vec(H, 0.2f);
+  HostWeights hw;
+  hw.embed_tokens = w.mat(cfg.vocab_size, H);
+  hw.lm_head = w.mat(cfg.vocab_size, H);
+  hw.final_norm = &final_norm;
+  hw.layers = &layers;
+  for (int64_t i = 0; i < cfg.rotary_dim / 2; ++i)
+    hw.rope_inv_freq.push_back(std::pow(1e7f, -2.0f * static_cast<float>(i) / cfg.rotary_dim));
+
+  const auto unfused = run(cfg, hw, false, true);
+  const auto fused = run(cfg, hw, true, true);
+  const auto fused_eager = run(cfg, hw, true, false);
+  ASSERT_EQ(unfused.size(), fused.size());
+  for (size_t s = 0; s < unfused.size(); ++s) {
+    float scale = 0.f, diff = 0.f;
+    for (size_t i = 0; i < unfused[s].size(); ++i) {
+      ASSERT_TRUE(std::isfinite(fused[s][i])) << "step " << s << " logit " << i;
+      scale = std::max(scale, std::fabs(unfused[s][i]));
+      diff = std::max(diff, std::fabs(fused[s][i] - unfused[s][i]));
+    }
+    ASSERT_GT(scale, 0.f);
+    // fp32 throughout; the fused path adds the same terms in another order (the shared expert
+    // before the next residual, the norm's scale after the dot product): rounding only.
+    EXPECT_LE(diff, 1e-4f * scale) << "step " << s << " (0 = prompt), max |logit| " << scale;
+    // Graph replay and launches one by one run the same kernels: bit-identical.
+    EXPECT_EQ(fused[s], fused_eager[s]) << "step " << s;
+  }
+}
+
+}  // namespace
+}  // namespace tidal::core
