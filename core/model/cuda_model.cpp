@@ -117,6 +117,11 @@ struct CudaModel::Impl {
         *h_logits = nullptr;
   int32_t* h_rids = nullptr;
   cudaEvent_t ev_d2h = nullptr;
+  // The router beside the shared expert when no host call waits for its ids (GPU-only decode):
+  // forked onto `side` and joined at the end of the segment.
+  cudaStream_t side = nullptr;
+  cudaEvent_t ev_fork = nullptr, ev_join = nullptr;
+  bool side_pending = false;
 
   // decode graphs: one per segment (routed experts run on the host between segments)
   std::vector<cudaGraphExec_t> graphs;  // T = 1, captured on first use
@@ -507,8 +512,15 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
     return;
   }
   const int64_t k = c.num_experts_per_tok;
-  kc::moe_route(proj, W, T, E, k, c.norm_topk_prob, rids, rw, stream);
-  mark("mlp: router top-k");
+  if (fused && !experts) {  // nothing on this stream reads the ids: route beside the shared expert
+    cuda_check(cudaEventRecord(ev_fork, stream), "event record");
+    cuda_check(cudaStreamWaitEvent(side, ev_fork), "stream wait");
+    kc::moe_route(proj, W, T, E, k, c.norm_topk_prob, rids, rw, side);
+    side_pending = true;
+  } else {
+    kc::moe_route(proj, W, T, E, k, c.norm_topk_prob, rids, rw, stream);
+    mark("mlp: router top-k");
+  }
   if (experts) {
     cuda_check(
         cudaMemcpyAsync(h_xn, xn, static_cast<size_t>(T * H) * 4, cudaMemcpyDeviceToHost, stream),
@@ -942,6 +954,9 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
   m.h_logits =
       reinterpret_cast<float*>(take(static_cast<size_t>(m.logits_rows * c.vocab_size) * f));
   cuda_check(cudaEventCreateWithFlags(&m.ev_d2h, cudaEventDisableTiming), "event creation");
+  cuda_check(cudaStreamCreateWithFlags(&m.side, cudaStreamNonBlocking), "stream creation");
+  cuda_check(cudaEventCreateWithFlags(&m.ev_fork, cudaEventDisableTiming), "event creation");
+  cuda_check(cudaEventCreateWithFlags(&m.ev_join, cudaEventDisableTiming), "event creation");
   m.segs = m.segments();
 }
 
@@ -955,6 +970,9 @@ CudaModel::Impl::~Impl() {
     for (auto g : gs) cudaGraphExecDestroy(g);
   if (blas) cublasDestroy(blas);
   if (ev_d2h) cudaEventDestroy(ev_d2h);
+  if (ev_fork) cudaEventDestroy(ev_fork);
+  if (ev_join) cudaEventDestroy(ev_join);
+  if (side) cudaStreamDestroy(side);
   for (auto e : prof_events) cudaEventDestroy(e);
   if (stream) cudaStreamDestroy(stream);
   cudaFree(wbase);
@@ -1070,6 +1088,7 @@ void CudaModel::Impl::enqueue_segment(size_t s, int64_t T, LogitsMode cm, bool u
   const int64_t H = cfg.hidden_size, V = cfg.vocab_size;
   fused = opts.fuse_decode && T == 1 && !batched;
   norm_pending = nullptr;  // a segment never starts with one (left over only by a failed capture)
+  side_pending = false;
   if (s == 0) {
     if (profiling && !use_graph)  // host runs ahead, so events time kernels, not launches
       kc::gpu_sleep(int64_t{30} * 1000 * 1000, stream);
@@ -1088,6 +1107,11 @@ void CudaModel::Impl::enqueue_segment(size_t s, int64_t T, LogitsMode cm, bool u
                                  cudaMemcpyDeviceToHost, stream),
                  "logits download");
     }
+  }
+  if (side_pending) {  // join the routers forked beside the shared experts
+    cuda_check(cudaEventRecord(ev_join, side), "event record");
+    cuda_check(cudaStreamWaitEvent(stream, ev_join), "stream wait");
+    side_pending = false;
   }
 }
 
