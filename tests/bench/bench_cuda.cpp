@@ -196,6 +196,94 @@ int main(int argc, char** argv) {
     cudaGraphDestroy(g);
   }
 
+  // The decode step's projections alone: every GEMV of the 40 layers and the lm_head, each on
+  // its own weights (no L2 reuse), chained on one stream as the step chains them and replayed from
+  // a graph, with and without programmatic dependent launch. Its time against the bytes at the
+  // measured bandwidth says how much of the step is weight streaming and how much is everything
+  // between the projections.
+  {
+    struct Shape {
+      int64_t rows, cols;
+      bool gated;
+    };
+    std::vector<Shape> chain;
+    for (int l = 0; l < 40; ++l) {
+      if (l % 4 == 3) {
+        chain.push_back({9216, 2048, false});  // attention q+gate | k | v
+        chain.push_back({2048, 4096, false});  // o_proj
+      } else {
+        chain.push_back({12352, 2048, false});  // DeltaNet qkv | z | b | a
+        chain.push_back({2048, 4096, false});   // out_proj
+      }
+      chain.push_back({1284, 2048, false});  // router | shared gate | shared up | gate logit
+      chain.push_back({2048, 512, true});    // shared down (SwiGLU input)
+    }
+    chain.push_back({248320, 2048, false});  // lm_head
+    double bytes = 0;
+    std::vector<void*> mats;
+    for (const auto& c : chain) {
+      void* p = nullptr;
+      check(cudaMalloc(&p, static_cast<size_t>(c.rows * c.cols) * 2), "chain weights");
+      cudaMemset(p, 0, static_cast<size_t>(c.rows * c.cols) * 2);
+      mats.push_back(p);
+      bytes += static_cast<double>(c.rows * c.cols) * 2;
+    }
+    float *xa = nullptr, *xb = nullptr;
+    check(cudaMalloc(&xa, 248320 * 4), "chain x");
+    check(cudaMalloc(&xb, 248320 * 4), "chain y");
+    cudaMemset(xa, 0, 248320 * 4);
+    cudaStream_t st;
+    cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking);
+    for (bool pdl : {true, false}) {
+      kc::set_pdl_enabled(pdl);
+      cudaGraph_t g;
+      cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal);
+      for (size_t i = 0; i < chain.size(); ++i) {
+        const auto& c = chain[i];
+        const kc::DevMatrix m{mats[i], nullptr, kc::WFormat::kBF16, c.rows, c.cols};
+        // ping-pong the activations so each GEMV depends on the one before
+        float* in = i % 2 ? xb : xa;
+        float* out = i % 2 ? xa : xb;
+        kc::gemv(m, in, c.cols, out, c.rows, 1, false, st, c.gated ? in + 512 : nullptr);
+      }
+      cudaStreamEndCapture(st, &g);
+      cudaGraphExec_t ge;
+      check(cudaGraphInstantiate(&ge, g, 0), "chain graph");
+      cudaEvent_t e0, e1;
+      cudaEventCreate(&e0);
+      cudaEventCreate(&e1);
+      std::vector<double> ts;
+      for (int r = 0; r < 12; ++r) {
+        cudaEventRecord(e0, st);
+        cudaGraphLaunch(ge, st);
+        cudaEventRecord(e1, st);
+        cudaEventSynchronize(e1);
+        float ms = 0;
+        cudaEventElapsedTime(&ms, e0, e1);
+        if (r >= 2) ts.push_back(ms * 1e-3);
+      }
+      std::sort(ts.begin(), ts.end());
+      const double t = ts[ts.size() / 2];
+      fmt::print("{}\n", nlohmann::json{{"bench", "decode_gemv_chain"},
+                                        {"model", "qwen3.6-35b-a3b shape, 40 layers + lm_head"},
+                                        {"gemvs", chain.size()},
+                                        {"pdl", kc::pdl_enabled()},
+                                        {"ms", t * 1e3},
+                                        {"bytes", bytes},
+                                        {"of_measured_bw", bytes / t / bw}}
+                             .dump());
+      cudaGraphExecDestroy(ge);
+      cudaGraphDestroy(g);
+      cudaEventDestroy(e0);
+      cudaEventDestroy(e1);
+    }
+    kc::set_pdl_enabled(true);
+    cudaStreamDestroy(st);
+    for (void* p : mats) cudaFree(p);
+    cudaFree(xa);
+    cudaFree(xb);
+  }
+
   auto report = [&](const std::string& name, const std::string& shape, double t, double bytes) {
     fmt::print("{}\n", nlohmann::json{{"bench", "kernel"},
                                       {"kernel", name},

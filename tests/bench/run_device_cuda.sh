@@ -4,7 +4,8 @@
 # the CUDA kernel tests (C++), the device="cuda" Python tests (golden fixtures, graphs, VRAM
 # accounting, bad input) and tidal_bench_cuda (kernel bandwidth and the 40-layer decode step).
 # Logs and JSON lines go to $OUT (or ./bench-out); exit status non-zero when a test failed.
-# STEPS (default "cpp python bench") selects parts; ARCH (default 90) the CUDA architecture.
+# STEPS (default "cpp python bench"; run in that order) selects parts; ARCH (default 90) the CUDA
+# architecture; GTEST_FILTER narrows the C++ tests (e.g. "*Cuda*").
 set -euo pipefail
 mkdir -p "${OUT:-bench-out}" /tmp/deps
 out=$(cd "${OUT:-bench-out}" && pwd)
@@ -22,22 +23,22 @@ cmake -S . -B build/gpu -G Ninja -DTIDAL_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${A
   || { tail -30 "$log"; exit 1; }
 ninja -C build/gpu >> "$log" 2>&1 || { grep -E "error|FAILED" -A5 "$log" | head -60; exit 1; }
 ln -sf "$PWD"/build/gpu/python/_tidal*.so python/tidal/
-if [[ $steps == *cpp* ]]; then
+run_cpp() {
   ./build/gpu/tests/tidal_tests > "$out/cpp_tests.log" 2>&1 || failed=1
   tail -3 "$out/cpp_tests.log"; grep -E "^\[  FAILED|SKIPPED \]|Failure|error" "$out/cpp_tests.log" | sort -u | head -40 || true
-fi
-if [[ $steps == *python* ]]; then
+}
+run_python() {
   (cd tests/python && PYTHONPATH="$PWD/../../python" python3 -m pytest -q -s -p no:cacheprovider -rs \
     ${PYTEST_ARGS:-test_cuda.py} > "$out/pytest_cuda.log" 2>&1) || failed=1
   tail -3 "$out/pytest_cuda.log"
   grep -E "cuda-measure" "$out/pytest_cuda.log" || true
   grep -E "^FAILED|^E  " "$out/pytest_cuda.log" | head -40 || true
-fi
-if [[ $steps == *bench* ]]; then
+}
+run_bench() {
   ./build/gpu/tests/bench/tidal_bench_cuda ${BENCH_ARGS:-} > "$out/bench_cuda.jsonl" || failed=1
   cat "$out/bench_cuda.jsonl"
-fi
-if [[ $steps == *profile* ]]; then
+}
+run_profile() {
   nsys=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems*/bin/nsys 2>/dev/null | head -1 || true)
   if [ -n "$nsys" ]; then
     "$nsys" profile -o /tmp/step --force-overwrite true --cuda-graph-trace=node \
@@ -48,5 +49,13 @@ if [[ $steps == *profile* ]]; then
   else
     echo "no nsys on this machine"
   fi
-fi
+}
+# Steps run in the order STEPS names them (e.g. "bench cpp python": the numbers first).
+for step in $steps; do
+  echo "== $step"
+  case $step in
+    cpp|python|bench|profile) "run_$step" ;;
+    *) echo "unknown step $step"; failed=1 ;;
+  esac
+done
 exit $failed
