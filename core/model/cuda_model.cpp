@@ -122,6 +122,13 @@ struct CudaModel::Impl {
   cudaStream_t side = nullptr;
   cudaEvent_t ev_fork = nullptr, ev_join = nullptr;
   bool side_pending = false;
+  /// The main stream waits for the router forked onto `side` (if one is).
+  void join_side() {
+    if (!side_pending) return;
+    side_pending = false;
+    cuda_check(cudaEventRecord(ev_join, side), "event record");
+    cuda_check(cudaStreamWaitEvent(stream, ev_join), "stream wait");
+  }
 
   // decode graphs: one per segment (routed experts run on the host between segments)
   std::vector<cudaGraphExec_t> graphs;  // T = 1, captured on first use
@@ -516,7 +523,7 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
     cuda_check(cudaEventRecord(ev_fork, stream), "event record");
     cuda_check(cudaStreamWaitEvent(side, ev_fork), "stream wait");
     kc::moe_route(proj, W, T, E, k, c.norm_topk_prob, rids, rw, side);
-    side_pending = true;
+    side_pending = true;  // joined after the shared expert, before anything rewrites proj
   } else {
     kc::moe_route(proj, W, T, E, k, c.norm_topk_prob, rids, rw, stream);
     mark("mlp: router top-k");
@@ -554,11 +561,13 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
     const int64_t Is = c.shared_expert_intermediate_size;
     swiglu_down(proj + E, Is, hs);
     mark("mlp: shared down (SwiGLU fused)");
+    join_side();
     if (fused)
       pend(routed);
     else
       pend(routed, hs, proj + E + 2 * Is, W);
   } else {
+    join_side();
     pend(routed);
   }
 }
@@ -1108,11 +1117,6 @@ void CudaModel::Impl::enqueue_segment(size_t s, int64_t T, LogitsMode cm, bool u
                  "logits download");
     }
   }
-  if (side_pending) {  // join the routers forked beside the shared experts
-    cuda_check(cudaEventRecord(ev_join, side), "event record");
-    cuda_check(cudaStreamWaitEvent(stream, ev_join), "stream wait");
-    side_pending = false;
-  }
 }
 
 void CudaModel::Impl::run_segments(int64_t T, LogitsMode cm, std::vector<cudaGraphExec_t>* graphs,
@@ -1126,6 +1130,11 @@ void CudaModel::Impl::run_segments(int64_t T, LogitsMode cm, std::vector<cudaGra
         try {
           enqueue_segment(s, T, cm, true);
         } catch (...) {
+          if (side_pending) {  // rejoin a forked router, or the capture cannot end
+            side_pending = false;
+            cudaEventRecord(ev_join, side);
+            cudaStreamWaitEvent(stream, ev_join);
+          }
           cudaStreamEndCapture(stream, &g);  // leave capture mode, drop the partial graph
           if (g) cudaGraphDestroy(g);
           cudaGetLastError();

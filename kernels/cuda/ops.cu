@@ -1288,37 +1288,51 @@ size_t attention_mma_smem() {
          2 * 16 * kMmaPitch * 2 + 48 * 4;
 }
 
+/// Whether the tensor-core kernel for head_dim D can run on this device (its shared memory: 105 KB
+/// at D = 256, more than sm_86/89 give a block).
 template <int D>
-bool launch_mma(const AttentionArgs& a, cudaStream_t s) {
-  const size_t smem = attention_mma_smem<D>();
-  static const bool ok = [&] {
-    return cudaFuncSetAttribute(attention_mma_kernel<D>,
-                                cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                static_cast<int>(smem)) == cudaSuccess;
+bool mma_ready() {
+  static const bool ok = [] {
+    const bool r =
+        cudaFuncSetAttribute(attention_mma_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(attention_mma_smem<D>())) == cudaSuccess;
+    if (!r) cudaGetLastError();  // the error of this probe only
+    return r;
   }();
-  if (!ok) {
-    cudaGetLastError();
-    return false;
-  }
-  const dim3 grid(static_cast<unsigned>(a.max_splits), static_cast<unsigned>(a.nkv));
-  launch(attention_mma_kernel<D>, grid, 256, smem, s, a, a.max_splits);
-  return true;
+  return ok;
 }
 
-/// The tensor-core decode kernel when it applies (one token, BF16 cache, head_dim 64/128/256, GQA
-/// group ≤ 16); false: try the others.
-bool attention_mma(const AttentionArgs& a, cudaStream_t s) {
+bool mma_applies(const AttentionArgs& a) {
   if (a.T != 1 || a.kv_f32 || a.nh % a.nkv != 0 || a.nh / a.nkv > 16) return false;
   switch (a.d) {
     case 64:
-      return launch_mma<64>(a, s);
+      return mma_ready<64>();
     case 128:
-      return launch_mma<128>(a, s);
+      return mma_ready<128>();
     case 256:
-      return launch_mma<256>(a, s);
+      return mma_ready<256>();
     default:
       return false;
   }
+}
+
+template <int D>
+void launch_mma(const AttentionArgs& a, cudaStream_t s) {
+  const dim3 grid(static_cast<unsigned>(a.max_splits), static_cast<unsigned>(a.nkv));
+  launch(attention_mma_kernel<D>, grid, 256, attention_mma_smem<D>(), s, a, a.max_splits);
+}
+
+/// The tensor-core decode kernel when it applies (one token, BF16 cache, head_dim 64/128/256, GQA
+/// group ≤ 16, shared memory for it); false: try the others.
+bool attention_mma(const AttentionArgs& a, cudaStream_t s) {
+  if (!mma_applies(a)) return false;
+  if (a.d == 64)
+    launch_mma<64>(a, s);
+  else if (a.d == 128)
+    launch_mma<128>(a, s);
+  else
+    launch_mma<256>(a, s);
+  return true;
 }
 
 /// The tiled decode kernel when it applies (one token, BF16 cache, head_dim 64/128/256, GQA group
@@ -1701,12 +1715,17 @@ bool pdl_enabled() {
   int v = g_pdl.load(std::memory_order_relaxed);
   if (v < 0) {
     const char* e = std::getenv("TIDAL_CUDA_PDL");
+    // The device must have it and the kernels must have been compiled for it: a build for sm_86
+    // running on an H100 through PTX JIT has no griddepcontrol instructions in its kernels.
     int dev = 0, major = 0;
+    cudaFuncAttributes fa{};
     const bool sm90 =
         cudaGetDevice(&dev) == cudaSuccess &&
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-        major >= 9;
-    cudaGetLastError();
+        major >= 9 &&
+        cudaFuncGetAttributes(&fa, gemv_kernel<WFormat::kBF16, 1, GemvIn::kPlain>) == cudaSuccess &&
+        fa.ptxVersion >= 90;
+    if (!sm90) cudaGetLastError();  // only what these queries may have left
     v = sm90 && !(e && std::string(e) == "0") ? 1 : 0;
     g_pdl.store(v, std::memory_order_relaxed);
   }
@@ -1854,6 +1873,10 @@ int attention_max_splits(int64_t T, int64_t nkv, int sm_count, int per_sm_arg) {
 
 size_t attention_workspace_floats(int64_t T, int64_t nh, int64_t d, int max_splits) {
   return static_cast<size_t>(T * nh * max_splits) * static_cast<size_t>(d + 2);
+}
+
+bool attention_uses_tensor_cores(const AttentionArgs& a) {
+  return a.tensor_cores && mma_applies(a);
 }
 
 void attention(const AttentionArgs& a, cudaStream_t s) {

@@ -34,6 +34,9 @@ void set_pdl_enabled(bool on);
 /// Rows of activations the GEMV kernel takes at once; more rows go to cuBLAS (gemm.h).
 constexpr int64_t kMaxGemvRows = 8;
 
+/// The GEMVs read their weights before waiting for the kernel before them (Note [programmatic
+/// dependent launch]): a weight written by the immediately preceding kernel on the stream (a
+/// dequantised scratch copy, say) needs a plain launch or an event in between.
 /// y(m, n) [+]= x(m, k) · Wᵀ for m ≤ kMaxGemvRows: fp32 activations, fp32 accumulation, the weight
 /// read once (the decode projection; bandwidth bound). With `x_up`, the input is
 /// silu(x) ⊙ x_up (the SwiGLU product fused into the down projection; same row stride).
@@ -131,6 +134,8 @@ struct AttentionArgs {
   bool tensor_cores = true;
 };
 void attention(const AttentionArgs& a, cudaStream_t s);
+/// Whether `attention(a)` runs the tensor-core decode kernel (tests check which kernel they test).
+bool attention_uses_tensor_cores(const AttentionArgs& a);
 size_t attention_workspace_floats(int64_t T, int64_t nh, int64_t d, int max_splits);
 /// The split count used for T tokens (enough blocks to fill `sm_count` SMs); `per_sm` > 0
 /// overrides the splits per SM (benchmark sweeps).

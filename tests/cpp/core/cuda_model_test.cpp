@@ -20,6 +20,7 @@
 #include "core/model/routing_control.h"
 #include "kernels/common/dtype.h"
 #include "kernels/common/executor.h"
+#include "kernels/cuda/ops.h"
 #include "tolerances.h"
 
 namespace tidal::core {
@@ -144,6 +145,9 @@ TEST(CudaModel, FusedDecodeMatchesUnfusedKernels) {
   const auto unfused = run(cfg, hw, false, true);
   const auto fused = run(cfg, hw, true, true);
   const auto fused_eager = run(cfg, hw, true, false);
+  kernels::cuda::set_pdl_enabled(false);  // plain launches: the order PDL must reproduce
+  const auto fused_plain = run(cfg, hw, true, true);
+  kernels::cuda::set_pdl_enabled(true);
   ASSERT_EQ(unfused.size(), fused.size());
   for (size_t s = 0; s < unfused.size(); ++s) {
     float scale = 0.f, diff = 0.f;
@@ -156,8 +160,10 @@ TEST(CudaModel, FusedDecodeMatchesUnfusedKernels) {
     // fp32 throughout; the fused path adds the same terms in another order (the shared expert
     // before the next residual, the norm's scale after the dot product): rounding only.
     EXPECT_LE(diff, 1e-4f * scale) << "step " << s << " (0 = prompt), max |logit| " << scale;
-    // Graph replay and launches one by one run the same kernels: bit-identical.
+    // Graph replay, launches one by one and launches without PDL run the same kernels in the
+    // same order: bit-identical.
     EXPECT_EQ(fused[s], fused_eager[s]) << "step " << s;
+    EXPECT_EQ(fused[s], fused_plain[s]) << "step " << s << " (PDL off)";
   }
 }
 

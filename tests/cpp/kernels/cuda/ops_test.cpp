@@ -274,8 +274,9 @@ INSTANTIATE_TEST_SUITE_P(
                       GemvCase{WFormat::kF32, 33, 96, 5}, GemvCase{WFormat::kF32, 7, 13, 2},
                       GemvCase{WFormat::kI8, 65, 512, 1}, GemvCase{WFormat::kI8, 31, 40, 7},
                       GemvCase{WFormat::kI8, 200, 2048, 4}, GemvCase{WFormat::kBF16, 23, 1001, 1},
-                      GemvCase{WFormat::kF32, 2050, 2048, 1},
-                      GemvCase{WFormat::kBF16, 9, 4096, 2}));
+                      GemvCase{WFormat::kF32, 2050, 2048, 1}, GemvCase{WFormat::kBF16, 9, 4096, 2},
+                      // one warp per row and 16 chunks per lane: past the prefetched first 8
+                      GemvCase{WFormat::kBF16, 8192, 4096, 1}));
 
 /// Programmatic dependent launch (Note [programmatic dependent launch]): a long chain of dependent
 /// kernels (residual + norm -> GEMV -> gated GEMV back into the residual, the decode step's
@@ -300,9 +301,14 @@ TEST(CudaOps, ProgrammaticLaunchChainEqualsPlainLaunches) {
       gemv(m2, dmid.p, R, dy.p, H, 1, false, s, dmid.p + R / 2);
     }
   };
+  // PDL back on whatever happens below (a failed assertion returns early).
+  struct PdlRestore {
+    ~PdlRestore() { set_pdl_enabled(true); }
+  } restore;
   auto run = [&](bool pdl, bool graph) {
     set_pdl_enabled(pdl);
     dx.put(x0);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);  // the copy is on the legacy stream, not s
     if (graph) {
       cudaGraph_t g = nullptr;
       cudaGraphExec_t e = nullptr;
@@ -330,7 +336,6 @@ TEST(CudaOps, ProgrammaticLaunchChainEqualsPlainLaunches) {
     EXPECT_EQ(max_abs_diff(run(true, false), plain), 0.f) << "PDL, launches, rep " << rep;
     EXPECT_EQ(max_abs_diff(run(true, true), plain), 0.f) << "PDL, graph, rep " << rep;
   }
-  set_pdl_enabled(true);
   cudaStreamDestroy(s);
 }
 
@@ -462,6 +467,16 @@ TEST_P(CudaAttentionTest, PrepAndAttentionMatchCpu) {
     for (bool tc : {true, false}) {
       a.max_splits = splits;
       a.tensor_cores = tc;
+      // The tensor-core kernel must really run where it applies (sm_90: every BF16-cache decode
+      // case here); elsewhere the SIMT kernels stand in and are what this checks.
+      int major = 0;
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+      if (tc && major >= 9 && c.T == 1 && !c.kv_f32 && (c.d == 64 || c.d == 128 || c.d == 256)) {
+        EXPECT_TRUE(attention_uses_tensor_cores(a)) << "nh=" << c.nh << " d=" << c.d;
+      }
+      if (!tc) {
+        EXPECT_FALSE(attention_uses_tensor_cores(a));
+      }
       Dev<float> part(attention_workspace_floats(c.T, c.nh, c.d, splits));
       a.partial = part.p;
       attention(a, nullptr);
