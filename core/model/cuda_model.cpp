@@ -429,6 +429,7 @@ void CudaModel::Impl::enqueue_attention(const GpuLayer& L, int layer, int64_t T)
   a.max_splits = Tr == 1 ? attn_splits_decode : kc::attention_max_splits(Tr, nkv, sm_count);
   a.scale = 1.0f / std::sqrt(static_cast<float>(d));
   a.kv_f32 = kv_f32();
+  a.tensor_cores = opts.attention_tensor_cores;
   a.partial = partial;  // reused row after row: the launches are ordered on the stream
   for (int64_t r = 0; r < nseq; ++r) {
     a.q = qb + r * nh * d;
@@ -596,6 +597,11 @@ void CudaModel::Impl::enqueue_layers(size_t l0, size_t l1, int64_t T, bool first
 void CudaModel::Impl::enqueue_final(int64_t T, LogitsMode mode) {
   if (mode == LogitsMode::kNone) return;                    // x is not needed after this forward
   residual_norm(final_norm, T, mode != LogitsMode::kLast);  // xn (all T rows for kAll)
+}
+
+bool CudaOptions::default_from_env(const char* name) {
+  const char* e = std::getenv(name);
+  return e && std::string(e) == "1";
 }
 
 CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExperts* experts,

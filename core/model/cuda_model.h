@@ -44,8 +44,14 @@ struct CudaOptions {
   bool graphs = true;  ///< replay decode steps from CUDA graphs
   /// One-token decode: residual adds in the epilogues of the GEMVs that produce them and each
   /// RMSNorm inside the GEMV that consumes it, so no norm kernel runs between them (false: the
-  /// separate fused residual + norm kernel; the benchmark compares both).
-  bool fuse_decode = true;
+  /// separate fused residual + norm kernel; the benchmark compares both). Off by default until a
+  /// GPU run of the golden tests has validated it (TIDAL_CUDA_FUSE=1 turns it on).
+  bool fuse_decode = default_from_env("TIDAL_CUDA_FUSE");
+  /// Decode attention on tensor cores (Note [tensor-core decode attention]); off by default
+  /// until validated on a GPU (TIDAL_CUDA_ATTN_TC=1 turns it on).
+  bool attention_tensor_cores = default_from_env("TIDAL_CUDA_ATTN_TC");
+  /// True when the environment variable `name` is "1".
+  static bool default_from_env(const char* name);
   int64_t max_chunk = 512;         ///< tokens per GPU pass; longer inputs run in chunks
   int64_t initial_context = 1024;  ///< first KV capacity of a sequence (grows by doubling)
 };

@@ -61,8 +61,9 @@ int blocks_for(int64_t n, int threads) { return static_cast<int>((n + threads - 
 // and its writes are visible. The rule that keeps this exactly as ordered as plain launches: a
 // kernel touches no global memory before `pdl_wait()` except weights, which nothing writes during
 // a forward (the GEMV loads its first weight chunks there, so weight streaming overlaps the tail of
-// the kernels before it). Captured into the decode graphs as programmatic edges. TIDAL_CUDA_PDL=0
-// turns it off (plain launches; the benchmark compares both).
+// the kernels before it). Captured into the decode graphs as programmatic edges. Off by default
+// until validated on a GPU; TIDAL_CUDA_PDL=1 or set_pdl_enabled(true) turns it on (the benchmark
+// compares both).
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -1717,30 +1718,36 @@ namespace {
 std::atomic<int> g_pdl{-1};  // -1: not decided yet
 }  // namespace
 
+namespace {
+/// The device has programmatic dependent launch and the kernels were compiled for it: a build for
+/// sm_86 running on an H100 through PTX JIT has no griddepcontrol instructions in its kernels.
+bool pdl_supported() {
+  int dev = 0, major = 0;
+  cudaFuncAttributes fa{};
+  const bool ok =
+      cudaGetDevice(&dev) == cudaSuccess &&
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+      major >= 9 &&
+      cudaFuncGetAttributes(&fa, gemv_kernel<WFormat::kBF16, 1, GemvIn::kPlain>) == cudaSuccess &&
+      fa.ptxVersion >= 90;
+  if (!ok) cudaGetLastError();  // only what these queries may have left
+  return ok;
+}
+}  // namespace
+
 bool pdl_enabled() {
   int v = g_pdl.load(std::memory_order_relaxed);
   if (v < 0) {
+    // Off unless TIDAL_CUDA_PDL=1 until a device run has validated it (docs/performance.md).
     const char* e = std::getenv("TIDAL_CUDA_PDL");
-    // The device must have it and the kernels must have been compiled for it: a build for sm_86
-    // running on an H100 through PTX JIT has no griddepcontrol instructions in its kernels.
-    int dev = 0, major = 0;
-    cudaFuncAttributes fa{};
-    const bool sm90 =
-        cudaGetDevice(&dev) == cudaSuccess &&
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-        major >= 9 &&
-        cudaFuncGetAttributes(&fa, gemv_kernel<WFormat::kBF16, 1, GemvIn::kPlain>) == cudaSuccess &&
-        fa.ptxVersion >= 90;
-    if (!sm90) cudaGetLastError();  // only what these queries may have left
-    v = sm90 && !(e && std::string(e) == "0") ? 1 : 0;
+    v = e && std::string(e) == "1" && pdl_supported() ? 1 : 0;
     g_pdl.store(v, std::memory_order_relaxed);
   }
   return v == 1;
 }
 
 void set_pdl_enabled(bool on) {
-  g_pdl.store(on ? -1 : 0, std::memory_order_relaxed);  // on: decided again (device, env)
-  if (on) pdl_enabled();
+  g_pdl.store(on && pdl_supported() ? 1 : 0, std::memory_order_relaxed);
 }
 
 size_t DevMatrix::bytes() const {

@@ -25,9 +25,10 @@ struct DevMatrix {
   size_t bytes() const;
 };
 
-/// Programmatic dependent launch (Note [programmatic dependent launch] in ops.cu): on where the
-/// current device is sm_90 or newer, unless TIDAL_CUDA_PDL=0; `set_pdl_enabled(false)` turns it
-/// off for later launches (benchmarks compare both; graphs keep what they were captured with).
+/// Programmatic dependent launch (Note [programmatic dependent launch] in ops.cu) for later
+/// launches: off by default until validated on a GPU (TIDAL_CUDA_PDL=1 turns it on);
+/// `set_pdl_enabled(true)` turns it on where the device and the build have it (sm_90+). Graphs
+/// keep what they were captured with.
 bool pdl_enabled();
 void set_pdl_enabled(bool on);
 

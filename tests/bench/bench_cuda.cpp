@@ -501,7 +501,8 @@ int main(int argc, char** argv) {
   (void)dk;
   for (const auto& f : wfmts) {
     // CUDA graphs with everything on; without the fused decode GEMVs; without programmatic
-    // dependent launch either (the CUDA backend as it was); then launches one by one.
+    // dependent launch and tensor-core attention either (the CUDA backend as it was, today's
+    // defaults); then launches one by one.
     struct Mode {
       bool graphs, pdl, fuse;
     };
@@ -522,6 +523,7 @@ int main(int argc, char** argv) {
       o.weights = f;
       o.graphs = graphs;
       o.fuse_decode = mode.fuse;
+      o.attention_tensor_cores = mode.pdl;  // the new decode: PDL and tensor-core attention
       tidal::core::CudaModel model(cfg, hw, nullptr, &routing, o, *ex);
       tidal::core::SequenceState st;
       st.layers.resize(layers.size());

@@ -70,6 +70,7 @@ std::vector<std::vector<float>> run(const ModelConfig& cfg, const HostWeights& h
   RoutingControl routing(cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok);
   CudaOptions o;
   o.fuse_decode = fuse;
+  o.attention_tensor_cores = true;
   o.graphs = graphs;
   CudaModel model(cfg, hw, nullptr, &routing, o, *ex);
   SequenceState st;
@@ -142,12 +143,14 @@ TEST(CudaModel, FusedDecodeMatchesUnfusedKernels) {
   for (int64_t i = 0; i < cfg.rotary_dim / 2; ++i)
     hw.rope_inv_freq.push_back(std::pow(1e7f, -2.0f * static_cast<float>(i) / cfg.rotary_dim));
 
+  const bool pdl_was = kernels::cuda::pdl_enabled();
+  kernels::cuda::set_pdl_enabled(true);  // where the GPU has it (sm_90+)
   const auto unfused = run(cfg, hw, false, true);
   const auto fused = run(cfg, hw, true, true);
   const auto fused_eager = run(cfg, hw, true, false);
   kernels::cuda::set_pdl_enabled(false);  // plain launches: the order PDL must reproduce
   const auto fused_plain = run(cfg, hw, true, true);
-  kernels::cuda::set_pdl_enabled(true);
+  kernels::cuda::set_pdl_enabled(pdl_was);
   ASSERT_EQ(unfused.size(), fused.size());
   for (size_t s = 0; s < unfused.size(); ++s) {
     float scale = 0.f, diff = 0.f;

@@ -301,9 +301,10 @@ TEST(CudaOps, ProgrammaticLaunchChainEqualsPlainLaunches) {
       gemv(m2, dmid.p, R, dy.p, H, 1, false, s, dmid.p + R / 2);
     }
   };
-  // PDL back on whatever happens below (a failed assertion returns early).
+  // PDL back as it was whatever happens below (a failed assertion returns early).
   struct PdlRestore {
-    ~PdlRestore() { set_pdl_enabled(true); }
+    bool was = pdl_enabled();
+    ~PdlRestore() { set_pdl_enabled(was); }
   } restore;
   auto run = [&](bool pdl, bool graph) {
     set_pdl_enabled(pdl);
