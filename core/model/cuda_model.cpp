@@ -599,9 +599,11 @@ void CudaModel::Impl::enqueue_final(int64_t T, LogitsMode mode) {
   residual_norm(final_norm, T, mode != LogitsMode::kLast);  // xn (all T rows for kAll)
 }
 
-bool CudaOptions::default_from_env(const char* name) {
+bool CudaOptions::env_flag(const char* name, bool fallback) {
   const char* e = std::getenv(name);
-  return e && std::string(e) == "1";
+  if (e && std::string(e) == "1") return true;
+  if (e && std::string(e) == "0") return false;
+  return fallback;
 }
 
 CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExperts* experts,

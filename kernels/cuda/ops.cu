@@ -61,9 +61,8 @@ int blocks_for(int64_t n, int threads) { return static_cast<int>((n + threads - 
 // and its writes are visible. The rule that keeps this exactly as ordered as plain launches: a
 // kernel touches no global memory before `pdl_wait()` except weights, which nothing writes during
 // a forward (the GEMV loads its first weight chunks there, so weight streaming overlaps the tail of
-// the kernels before it). Captured into the decode graphs as programmatic edges. Off by default
-// until validated on a GPU; TIDAL_CUDA_PDL=1 or set_pdl_enabled(true) turns it on (the benchmark
-// compares both).
+// the kernels before it). Captured into the decode graphs as programmatic edges. TIDAL_CUDA_PDL=0
+// or set_pdl_enabled(false) turns it off (plain launches; the benchmark compares both).
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -1738,9 +1737,8 @@ bool pdl_supported() {
 bool pdl_enabled() {
   int v = g_pdl.load(std::memory_order_relaxed);
   if (v < 0) {
-    // Off unless TIDAL_CUDA_PDL=1 until a device run has validated it (docs/performance.md).
     const char* e = std::getenv("TIDAL_CUDA_PDL");
-    v = e && std::string(e) == "1" && pdl_supported() ? 1 : 0;
+    v = !(e && std::string(e) == "0") && pdl_supported() ? 1 : 0;
     g_pdl.store(v, std::memory_order_relaxed);
   }
   return v == 1;

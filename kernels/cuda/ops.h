@@ -26,9 +26,8 @@ struct DevMatrix {
 };
 
 /// Programmatic dependent launch (Note [programmatic dependent launch] in ops.cu) for later
-/// launches: off by default until validated on a GPU (TIDAL_CUDA_PDL=1 turns it on);
-/// `set_pdl_enabled(true)` turns it on where the device and the build have it (sm_90+). Graphs
-/// keep what they were captured with.
+/// launches: on where the device and the build have it (sm_90+), unless TIDAL_CUDA_PDL=0;
+/// `set_pdl_enabled` switches it. Graphs keep what they were captured with.
 bool pdl_enabled();
 void set_pdl_enabled(bool on);
 
