@@ -1000,6 +1000,24 @@ CudaModel::Impl::~Impl() {
 
 std::string CudaModel::device_name() const { return impl_->name; }
 
+std::string CudaModel::decode_kernels() const {
+  const Impl& m = *impl_;
+  bool tc = false;
+  if (m.cfg.num_attention_heads > 0 && m.cfg.num_key_value_heads > 0) {
+    kc::AttentionArgs a;
+    a.T = 1;
+    a.nh = m.cfg.num_attention_heads;
+    a.nkv = m.cfg.num_key_value_heads;
+    a.d = m.cfg.head_dim;
+    a.kv_f32 = m.kv_f32();
+    a.tensor_cores = m.opts.attention_tensor_cores;
+    tc = kc::attention_uses_tensor_cores(a);
+  }
+  return fmt::format("attention on {}, programmatic launch {}, fused norms {}",
+                     tc ? "tensor cores" : "CUDA cores", kc::pdl_enabled() ? "on" : "off",
+                     m.opts.fuse_decode ? "on" : "off");
+}
+
 std::map<std::string, double> CudaModel::profile_seconds() const { return impl_->prof_seconds; }
 
 std::shared_ptr<DeviceSequenceState> CudaModel::new_state() {

@@ -106,6 +106,8 @@ class CudaModel {
 
   GpuMemoryReport memory_report() const;
   std::string device_name() const;
+  /// The one-token decode path in use: attention kernel, programmatic dependent launch, fusion.
+  std::string decode_kernels() const;
   /// With TIDAL_CUDA_PROFILE=1: GPU seconds per op label over the uncaptured forwards so far.
   std::map<std::string, double> profile_seconds() const;
   /// Device bytes of one sequence's state (KV capacity + DeltaNet states).

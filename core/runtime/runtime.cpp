@@ -400,6 +400,7 @@ std::map<std::string, std::string> Runtime::describe() const {
     d["gpu_precision"] = opts_.gpu_precision;
     d["kv_cache_dtype"] = opts_.gpu_precision == "fp32" ? "fp32" : opts_.kv_cache_dtype;
     d["cuda_graphs"] = opts_.cuda_graphs ? "on" : "off";
+    d["cuda_decode"] = g->decode_kernels();
   }
   return d;
 }

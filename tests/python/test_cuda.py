@@ -120,6 +120,7 @@ def test_graph_replay_equals_eager_launches():
         seq.prefill(ref["prompt_ids"][:50])
         outs.append(np.stack([seq.forward([int(t)], all_logits=False)[0] for t in ref["prompt_ids"][50:80]]))
         assert rt.describe()["cuda_graphs"] == ("on" if graphs else "off")
+        assert rt.describe()["cuda_decode"].startswith("attention on ")
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
