@@ -48,8 +48,8 @@ __attribute__((unused)) double now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-/// Median of `reps` timings (seconds) of fn on the stream, measured with events.
-double time_gpu(const std::function<void()>& fn, int reps = 20) {
+/// Median of `reps` timings (seconds) of fn on stream `s`, measured with events.
+double time_gpu(const std::function<void()>& fn, int reps = 20, cudaStream_t s = nullptr) {
   cudaEvent_t a, b;
   cudaEventCreate(&a);
   cudaEventCreate(&b);
@@ -57,9 +57,9 @@ double time_gpu(const std::function<void()>& fn, int reps = 20) {
   cudaDeviceSynchronize();
   std::vector<double> t;
   for (int i = 0; i < reps; ++i) {
-    cudaEventRecord(a);
+    cudaEventRecord(a, s);
     fn();
-    cudaEventRecord(b);
+    cudaEventRecord(b, s);
     cudaEventSynchronize(b);
     float ms = 0;
     cudaEventElapsedTime(&ms, a, b);
@@ -175,22 +175,9 @@ int main(int argc, char** argv) {
     cudaStreamEndCapture(st, &g);
     cudaGraphExec_t ge;
     check(cudaGraphInstantiate(&ge, g, 0), "graph");
-    cudaEvent_t e0, e1;
-    cudaEventCreate(&e0);
-    cudaEventCreate(&e1);
-    std::vector<double> ts;
-    for (int r = 0; r < 10; ++r) {
-      cudaEventRecord(e0, st);
-      cudaGraphLaunch(ge, st);
-      cudaEventRecord(e1, st);
-      cudaEventSynchronize(e1);
-      float ms = 0;
-      cudaEventElapsedTime(&ms, e0, e1);
-      ts.push_back(ms * 1e3 / 200);
-    }
-    std::sort(ts.begin(), ts.end());
+    const double t = time_gpu([&] { cudaGraphLaunch(ge, st); }, 10, st);
     fmt::print("{}\n", nlohmann::json{{"bench", "graph_kernel_floor"},
-                                      {"us_per_empty_kernel", ts[ts.size() / 2]}}
+                                      {"us_per_empty_kernel", t * 1e6 / 200}}
                            .dump());
     cudaGraphExecDestroy(ge);
     cudaGraphDestroy(g);
@@ -249,21 +236,7 @@ int main(int argc, char** argv) {
       cudaStreamEndCapture(st, &g);
       cudaGraphExec_t ge;
       check(cudaGraphInstantiate(&ge, g, 0), "chain graph");
-      cudaEvent_t e0, e1;
-      cudaEventCreate(&e0);
-      cudaEventCreate(&e1);
-      std::vector<double> ts;
-      for (int r = 0; r < 12; ++r) {
-        cudaEventRecord(e0, st);
-        cudaGraphLaunch(ge, st);
-        cudaEventRecord(e1, st);
-        cudaEventSynchronize(e1);
-        float ms = 0;
-        cudaEventElapsedTime(&ms, e0, e1);
-        if (r >= 2) ts.push_back(ms * 1e-3);
-      }
-      std::sort(ts.begin(), ts.end());
-      const double t = ts[ts.size() / 2];
+      const double t = time_gpu([&] { cudaGraphLaunch(ge, st); }, 10, st);
       fmt::print("{}\n", nlohmann::json{{"bench", "decode_gemv_chain"},
                                         {"model", "qwen3.6-35b-a3b shape, 40 layers + lm_head"},
                                         {"gemvs", chain.size()},
@@ -274,8 +247,6 @@ int main(int argc, char** argv) {
                              .dump());
       cudaGraphExecDestroy(ge);
       cudaGraphDestroy(g);
-      cudaEventDestroy(e0);
-      cudaEventDestroy(e1);
     }
     kc::set_pdl_enabled(true);
     cudaStreamDestroy(st);

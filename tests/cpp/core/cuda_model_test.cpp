@@ -18,6 +18,7 @@
 
 #include "core/model/model.h"
 #include "core/model/routing_control.h"
+#include "gpu.h"
 #include "kernels/common/dtype.h"
 #include "kernels/common/executor.h"
 #include "kernels/cuda/ops.h"
@@ -25,15 +26,6 @@
 
 namespace tidal::core {
 namespace {
-
-bool have_gpu() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return n > 0;
-}
 
 // Three Gated DeltaNet layers then a gated attention layer, twice; layer 2 has a dense MLP.
 const char* kTinyHybrid = R"({
@@ -90,7 +82,7 @@ std::vector<std::vector<float>> run(const ModelConfig& cfg, const HostWeights& h
 }
 
 TEST(CudaModel, FusedDecodeMatchesUnfusedKernels) {
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device on this machine (the device machine runs this)";
+  if (!test::have_gpu()) GTEST_SKIP() << test::kNoGpu;
   const auto cfg = ModelConfig::from_json(nlohmann::json::parse(kTinyHybrid), "tiny");
   const int64_t H = cfg.hidden_size, nh = cfg.num_attention_heads, nkv = cfg.num_key_value_heads,
                 d = cfg.head_dim, nv = cfg.linear_num_value_heads, dv = cfg.linear_value_head_dim,

@@ -12,6 +12,7 @@
 #include <memory>
 #include <vector>
 
+#include "gpu.h"
 #include "kernels/common/dtype.h"
 #include "kernels/common/executor.h"
 #include "kernels/cpu/attention.h"
@@ -27,18 +28,8 @@ namespace {
 
 using test::random_vec;
 
-bool have_gpu() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return n > 0;
-}
-
-constexpr const char* kNoGpu = "no CUDA device on this machine (the device machine runs these)";
 #define REQUIRE_GPU() \
-  if (!have_gpu()) GTEST_SKIP() << kNoGpu
+  if (!test::have_gpu()) GTEST_SKIP() << test::kNoGpu
 
 /// A device buffer of T.
 template <typename T>
