@@ -117,8 +117,8 @@ struct CudaModel::Impl {
         *h_logits = nullptr;
   int32_t* h_rids = nullptr;
   cudaEvent_t ev_d2h = nullptr;
-  // The router beside the shared expert when no host call waits for its ids (GPU-only decode):
-  // forked onto `side` and joined at the end of the segment.
+  // The router beside the shared expert when no host call waits for its ids (GPU-only fused
+  // decode): forked onto `side`, joined after the shared expert, before proj is rewritten.
   cudaStream_t side = nullptr;
   cudaEvent_t ev_fork = nullptr, ev_join = nullptr;
   bool side_pending = false;
@@ -612,7 +612,7 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
   Impl& m = *impl_;
   m.cfg = cfg;
   m.opts = opts;
-  if (const char* e = std::getenv("TIDAL_CUDA_PROFILE")) m.profiling = std::string(e) == "1";
+  m.profiling = CudaOptions::env_flag("TIDAL_CUDA_PROFILE", false);
   m.experts = experts;
   m.routing = routing;
   TIDAL_CHECK(opts.weights == "bf16" || opts.weights == "int8", InvalidArgument,
@@ -1156,10 +1156,9 @@ void CudaModel::Impl::run_segments(int64_t T, LogitsMode cm, std::vector<cudaGra
         try {
           enqueue_segment(s, T, cm, true);
         } catch (...) {
-          if (side_pending) {  // rejoin a forked router, or the capture cannot end
-            side_pending = false;
-            cudaEventRecord(ev_join, side);
-            cudaStreamWaitEvent(stream, ev_join);
+          try {
+            join_side();  // rejoin a forked router, or the capture cannot end
+          } catch (...) {
           }
           cudaStreamEndCapture(stream, &g);  // leave capture mode, drop the partial graph
           if (g) cudaGraphDestroy(g);
