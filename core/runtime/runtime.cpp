@@ -213,7 +213,7 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
   auto experts = std::make_shared<offload::ExpertStore>(cfg, *rt->checkpoint_);
   rt->experts_ = experts;
   rt->executor_ =
-      kernels::make_tbb_executor(opts.num_threads > 0 ? opts.num_threads : physical_core_count());
+      kernels::make_executor(opts.num_threads > 0 ? opts.num_threads : physical_core_count());
   std::optional<core::CudaOptions> cuda;
   if (cuda_ordinal >= 0) {
     cuda.emplace();

@@ -24,6 +24,15 @@ class Executor {
   virtual void parallel_for_even(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
     parallel_for(n, 1, fn);
   }
+  /// Runs fn(i) for every i in [0, n) on n different threads at the same time, so the calls may
+  /// wait on each other, and returns true; or returns false having run nothing, where that cannot
+  /// be promised (an executor without dedicated threads, n > num_threads(), a call from inside a
+  /// job, or another thread's job running).
+  virtual bool try_run_concurrent(int n, const std::function<void(int)>& fn) {
+    (void)n;
+    (void)fn;
+    return false;
+  }
 };
 
 /// Runs everything on the calling thread (tests, references).
@@ -38,5 +47,14 @@ class SerialExecutor final : public Executor {
 
 /// An executor backed by a TBB task arena of `num_threads` workers (0 = all hardware threads).
 std::unique_ptr<Executor> make_tbb_executor(int num_threads);
+
+/// An executor of `num_threads` threads (the caller plus num_threads - 1 pinned workers) that
+/// spin between jobs for `spin_us` µs (< 0: TIDAL_SPIN_US, default 2000) and then sleep. See
+/// Note [Spinning workers] in executor_spin.cpp.
+std::unique_ptr<Executor> make_spin_executor(int num_threads, int64_t spin_us = -1);
+
+/// The runtime's executor: the spinning one, or TBB's with TIDAL_EXECUTOR=tbb. Throws
+/// std::invalid_argument for another value of TIDAL_EXECUTOR.
+std::unique_ptr<Executor> make_executor(int num_threads);
 
 }  // namespace tidal::kernels

@@ -122,7 +122,11 @@ struct ActRows {
 struct ActBuffer {
   /// Sizes the buffer for `rows` rows of `kind` prepared for `layout`; reuses capacity. `isa`
   /// picks the preparation code (results are bit-identical at every ISA).
-  void reserve(ActKind kind, const PackedLayout& layout, int64_t rows, Isa isa = Isa::kRef);
+  /// With `zero_spare`, the kTileRows rows after `rows` are zeroed for kernels that read whole
+  /// tiles (ExpertGemmVariant::whole_tiles); others skip that memset (33 KB for K = 2048, a few
+  /// µs per decode call).
+  void reserve(ActKind kind, const PackedLayout& layout, int64_t rows, Isa isa = Isa::kRef,
+               bool zero_spare = true);
   /// Prepares row `row` from x[0, layout.k) (layout as passed to reserve).
   void prepare(int64_t row, const float* x);
   /// Copies row `src_row` of `src` (same kind and layout) into row `row`.
@@ -163,6 +167,10 @@ struct ExpertGemmVariant {
   /// Its results may differ from the reference by more than fp32 reassociation (AMX BF16: see
   /// Note [AMX BF16 is opt-in]); selected only when asked for.
   bool approximate = false;
+
+  /// Whether it reads whole 16-row activation tiles (AMX), so the rows past the call's token
+  /// rows must be readable zeros (ActBuffer::reserve's `zero_spare`).
+  bool whole_tiles() const { return isa == Isa::kAmx; }
 
   /// Whether it runs matrices of `layout` (the group size condition).
   bool supports(const PackedLayout& layout) const { return layout.group % group_multiple == 0; }

@@ -53,9 +53,12 @@ inline int32_t load_i32(const void* p) {
   return v;
 }
 
-// Two independent int32 accumulators per token (INT4: low/high nibble quads; INT8: even/odd
-// blocks) so consecutive `vpdpbusd` do not wait on each other's 5-cycle latency; the group size is
-// a template argument so the block loop is fully unrolled.
+// Four independent int32 accumulator chains per token (INT4: low/high nibble quads of even and
+// odd 64-byte blocks; INT8: four consecutive blocks): a group's 8-32 `vpdpbusd` per chain would
+// otherwise wait on each other's 5-cycle latency (two chains held one core to ~38 GB/s of int4
+// from L2, too close to the ~13 GB/s a core must stream when 16 share the memory bus). Integer
+// sums are exact, so the chains change nothing in the result. The group size is a template
+// argument so the block loop is fully unrolled.
 template <int MC, bool kInt4, int G>
 void int_block(const PackedLayout& l, const uint8_t* tile, const ActRows& a, float* dst) {
   __m512 accf[MC];
@@ -68,38 +71,39 @@ void int_block(const PackedLayout& l, const uint8_t* tile, const ActRows& a, flo
   const int64_t pf = kPrefetchBytes;
   for (int64_t g = 0; g < l.num_groups; ++g) {
     const uint8_t* gb = tile + g * kGroupBytes;
-    __m512i acc0[MC], acc1[MC];
+    __m512i acc[4][MC];
     const int8_t* xq[MC];
     for (int i = 0; i < MC; ++i) {
-      acc0[i] = _mm512_setzero_si512();
-      acc1[i] = _mm512_setzero_si512();
+      for (int c = 0; c < 4; ++c) acc[c][i] = _mm512_setzero_si512();
       xq[i] = a.q + i * a.ld + g * G;
     }
     if constexpr (kInt4) {
+      // Chains 0/1: low/high nibbles of even blocks; 2/3: of odd blocks.
 #pragma GCC unroll 16
       for (int j = 0; j < G / 8; ++j) {
         if (pf) prefetch_line(gb + 64 * j + pf);
         const __m512i raw = _mm512_loadu_si512(gb + 64 * j);
         const __m512i lo = _mm512_and_si512(raw, nibble);
-        // High nibbles in place (16·q): acc1 is 16x the sum, undone by an exact shift below.
+        // High nibbles in place (16·q): their chains sum 16x, undone by an exact shift below.
         const __m512i hi = _mm512_and_si512(raw, high_nibble);
+        const int c = 2 * (j % 2);
         for (int i = 0; i < MC; ++i) {
-          acc0[i] = _mm512_dpbusd_epi32(acc0[i], lo, _mm512_set1_epi32(load_i32(xq[i] + 8 * j)));
-          acc1[i] =
-              _mm512_dpbusd_epi32(acc1[i], hi, _mm512_set1_epi32(load_i32(xq[i] + 8 * j + 4)));
+          acc[c][i] =
+              _mm512_dpbusd_epi32(acc[c][i], lo, _mm512_set1_epi32(load_i32(xq[i] + 8 * j)));
+          acc[c + 1][i] = _mm512_dpbusd_epi32(acc[c + 1][i], hi,
+                                              _mm512_set1_epi32(load_i32(xq[i] + 8 * j + 4)));
         }
       }
     } else {
 #pragma GCC unroll 16
-      for (int j = 0; j < G / 4; j += 2) {
-        if (pf) prefetch_line(gb + 64 * j + pf);
-        if (pf) prefetch_line(gb + 64 * j + 64 + pf);
-        const __m512i w0 = _mm512_loadu_si512(gb + 64 * j);
-        const __m512i w1 = _mm512_loadu_si512(gb + 64 * j + 64);
-        for (int i = 0; i < MC; ++i) {
-          acc0[i] = _mm512_dpbusd_epi32(acc0[i], w0, _mm512_set1_epi32(load_i32(xq[i] + 4 * j)));
-          acc1[i] =
-              _mm512_dpbusd_epi32(acc1[i], w1, _mm512_set1_epi32(load_i32(xq[i] + 4 * j + 4)));
+      for (int j = 0; j < G / 4; j += 4) {
+        for (int c = 0; c < 4; ++c)
+          if (pf) prefetch_line(gb + 64 * (j + c) + pf);
+        for (int c = 0; c < 4; ++c) {
+          const __m512i w = _mm512_loadu_si512(gb + 64 * (j + c));
+          for (int i = 0; i < MC; ++i)
+            acc[c][i] =
+                _mm512_dpbusd_epi32(acc[c][i], w, _mm512_set1_epi32(load_i32(xq[i] + 4 * (j + c))));
         }
       }
     }
@@ -109,8 +113,16 @@ void int_block(const PackedLayout& l, const uint8_t* tile, const ActRows& a, flo
       const int64_t gi = i * a.ld_group + g;
       // Undo the unsigned weight offset: Σ (q_w + off) q_x - off Σ q_x, exact in int32.
       const __m512i corr = _mm512_set1_epi32(kOffset * a.q_sum[gi]);
-      const __m512i hi_sum = kInt4 ? _mm512_srai_epi32(acc1[i], 4) : acc1[i];
-      const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(acc0[i], hi_sum), corr);
+      __m512i sum;
+      if constexpr (kInt4) {
+        const __m512i lo_sum = _mm512_add_epi32(acc[0][i], acc[2][i]);
+        const __m512i hi_sum = _mm512_srai_epi32(_mm512_add_epi32(acc[1][i], acc[3][i]), 4);
+        sum = _mm512_add_epi32(lo_sum, hi_sum);
+      } else {
+        sum = _mm512_add_epi32(_mm512_add_epi32(acc[0][i], acc[1][i]),
+                               _mm512_add_epi32(acc[2][i], acc[3][i]));
+      }
+      sum = _mm512_sub_epi32(sum, corr);
       accf[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum),
                                 _mm512_mul_ps(ws, _mm512_set1_ps(a.q_scale[gi])), accf[i]);
     }

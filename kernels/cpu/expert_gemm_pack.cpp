@@ -269,7 +269,8 @@ PackedValue packed_value(const PackedLayout& l, const uint8_t* packed, int64_t r
   return v;
 }
 
-void ActBuffer::reserve(ActKind kind_, const PackedLayout& l, int64_t rows_, Isa isa_) {
+void ActBuffer::reserve(ActKind kind_, const PackedLayout& l, int64_t rows_, Isa isa_,
+                        bool zero_spare) {
   kind = kind_;
   isa = isa_;
   k = l.k;
@@ -285,6 +286,7 @@ void ActBuffer::reserve(ActKind kind_, const PackedLayout& l, int64_t rows_, Isa
   const auto cap = static_cast<size_t>((rows_ + kTileRows) * ld);
   auto grow_zero = [&](auto& v, size_t n) {
     if (v.size() < n) v.resize(n);
+    if (!zero_spare) return;
     // The spare rows must be finite: zero them.
     std::fill(v.begin() + static_cast<std::ptrdiff_t>(rows_ * ld),
               v.begin() + static_cast<std::ptrdiff_t>(n), 0);

@@ -16,14 +16,36 @@
 /// order per output (tested bit-identical): no two items write the same output, and the results
 /// do not depend on the thread count. Between the phases silu(g)·u is prepared as the down
 /// projection's activations.
+///
+/// Note [Per-expert hand-off]
+/// At decode the barrier between the phases costs the slowest thread's lag plus a serial
+/// preparation of h. Where the executor can run one share per thread at once
+/// (Executor::try_run_concurrent: the spinning executor), decode runs as one job: thread i takes
+/// the i-th contiguous share of the phase 1 items, then the i-th share of the phase 2 items. Each
+/// expert counts its finished gate/up tiles; the thread that finishes the last one prepares the
+/// expert's h and raises its ready flag, and a phase 2 item waits only for its own expert's flag.
+/// Shares of both phases follow expert order, so a thread mostly waits for itself and its
+/// neighbours. A thread whose share of a phase is done takes items from the back of the other
+/// threads' shares (one atomic word per share holds its [front, back)), so one slow core (a
+/// shared machine's noise) does not hold up the call. After its last phase 2 item a thread waits
+/// for all (a spin barrier) and adds the slot outputs of its block of columns into dst: the serial
+/// sum over 8-10 slots written by other cores cost ~5 µs per call at 16 threads. The arithmetic is
+/// that of the two-phase path, item for item and column for column (tested bitwise);
+/// TIDAL_EXPERT_DATAFLOW=0 turns it off.
 #include "kernels/cpu/moe_experts.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <functional>
 #include <stdexcept>
 #include <string>
+#include <thread>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include "kernels/cpu/expert_gemm_ref.h"
 #include "kernels/cpu/rms_norm.h"
@@ -35,6 +57,53 @@ namespace {
 // prepared on the calling thread: cheaper than waking the workers.
 constexpr int64_t kSlotsPerTask = 8;
 constexpr int64_t kSerialSlots = 32;
+
+// Waiting for another thread's share (Note [Per-expert hand-off]): spin briefly, then yield, so
+// that an oversubscribed machine still runs the thread being waited for.
+inline void wait_a_little(int spins) {
+  if (spins < 256) {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#endif
+  } else {
+    std::this_thread::yield();
+  }
+}
+
+// A work range [front, back) in one atomic word: front in the low, back in the high 32 bits.
+uint64_t pack_range(int64_t front, int64_t back) {
+  return static_cast<uint64_t>(front) | (static_cast<uint64_t>(back) << 32);
+}
+
+}  // namespace
+
+// The owner's next item (from the front), or -1 when the range is empty.
+int64_t MoeExperts::take_front(Range& r) {
+  uint64_t v = r.v.load(std::memory_order_acquire);
+  for (;;) {
+    const uint64_t f = v & 0xffffffffu, b = v >> 32;
+    if (f >= b) return -1;
+    if (r.v.compare_exchange_weak(v,
+                                  pack_range(static_cast<int64_t>(f + 1), static_cast<int64_t>(b)),
+                                  std::memory_order_acq_rel))
+      return static_cast<int64_t>(f);
+  }
+}
+
+// Another thread's item (from the back), or -1 when the range is empty.
+int64_t MoeExperts::take_back(Range& r) {
+  uint64_t v = r.v.load(std::memory_order_acquire);
+  for (;;) {
+    const uint64_t f = v & 0xffffffffu, b = v >> 32;
+    if (f >= b) return -1;
+    if (r.v.compare_exchange_weak(v,
+                                  pack_range(static_cast<int64_t>(f), static_cast<int64_t>(b - 1)),
+                                  std::memory_order_acq_rel))
+      return static_cast<int64_t>(b - 1);
+  }
+}
+
+namespace {
 
 double now_seconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -64,6 +133,14 @@ bool MoeExperts::default_even_split() {
   return on;
 }
 
+bool MoeExperts::default_dataflow() {
+  static const bool on = [] {
+    const char* e = std::getenv("TIDAL_EXPERT_DATAFLOW");
+    return e == nullptr || std::string(e) != "0";
+  }();
+  return on;
+}
+
 bool MoeExperts::default_allow_approximate() {
   static const bool on = [] {
     const char* e = std::getenv("TIDAL_EXPERT_AMX_BF16");
@@ -87,6 +164,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   const PackedLayout& ldn = *a.down;
   const int64_t H = ldn.n, I = lgu.n;
   used_small_ = used_large_ = nullptr;
+  used_dataflow_ = false;
   if (M <= 0 || K <= 0) return;
 
   // Group (token, weight) slots per expert, experts ascending, tokens ascending within one.
@@ -157,10 +235,11 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   };
   // Each token is prepared once (per kind in use), then copied to its K expert slots.
   const bool any_small = rows_small > 0, any_large = rows_large > 0;
-  if (any_small) tok_small_.reserve(small.act, lgu, M, isa_);
-  if (any_large) tok_large_.reserve(large.act, lgu, M, isa_);
-  act_small_.reserve(small.act, lgu, rows_small, isa_);
-  if (any_large) act_large_.reserve(large.act, lgu, rows_large, isa_);
+  // The per-token rows are only copied from: no spare rows (ActBuffer::reserve).
+  if (any_small) tok_small_.reserve(small.act, lgu, M, isa_, false);
+  if (any_large) tok_large_.reserve(large.act, lgu, M, isa_, false);
+  act_small_.reserve(small.act, lgu, rows_small, isa_, small.whole_tiles());
+  if (any_large) act_large_.reserve(large.act, lgu, rows_large, isa_, large.whole_tiles());
   for_slots(ex, M, [&](int64_t t) {
     if (any_small) tok_small_.prepare(t, a.src + t * a.ld_src);
     if (any_large) tok_large_.prepare(t, a.src + t * a.ld_src);
@@ -202,62 +281,47 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
       }
     }
   };
-  // Decode-sized calls: every item costs the same; one contiguous share per thread (long runs of
-  // consecutive tiles) unless TIDAL_EXPERT_EVEN=0. Prefill: experts differ in token count:
-  // stealing.
-  if (even_split_ && M <= 16)
-    ex.parallel_for_even(num_active * tiles_i, std::ref(phase1));
-  else
-    ex.parallel_for(num_active * tiles_i, 1, std::ref(phase1));
-
-  lap(1);
-  // Phase 2 activations.
-  hid_small_.reserve(small.act, ldn, rows_small, isa_);
-  if (rows_large > 0) hid_large_.reserve(large.act, ldn, rows_large, isa_);
-  for_slots(ex, S, [&](int64_t s) {
-    (slot_is_large(s) ? hid_large_ : hid_small_).prepare(slot_row_[s], hidden_.data() + s * I);
-  });
-  lap(2);
-
+  // Phase 2 activations of active expert j: silu(g)·u of its slots.
+  auto prepare_hidden = [&](int64_t j) {
+    const int64_t e = active_[j];
+    ActBuffer& buf = large_[j] ? hid_large_ : hid_small_;
+    for (int64_t s = offset_[e]; s < offset_[e + 1]; ++s)
+      buf.prepare(slot_row_[s], hidden_.data() + s * I);
+  };
   const int64_t pairs = (ldn.num_tiles + 1) / 2;
-  // Default limit 1 Mi outputs = 4 MiB, e.g. 512 slots of H = 2048 (64 tokens of top-8).
-  if (S * H <= slot_major_limit_) {
-    // Phase 2, small batches: work items (expert, pair of 16-row tiles of H), so that each thread
-    // streams long contiguous runs of one expert's down matrix (per-column blocks over all experts
-    // made 8 short streams per item at decode); outputs go to y[slot] and are added to dst below.
-    slot_out_.resize(static_cast<size_t>(S * H));
-    auto phase2 = [&](int64_t w0, int64_t w1) {
-      alignas(64) float y0[kMaxRowsPerCall * kTileRows], y1[kMaxRowsPerCall * kTileRows];
-      for (int64_t w = w0; w < w1; ++w) {
-        const int64_t j = w / pairs, tile = 2 * (w % pairs), e = active_[j];
-        const bool big = large_[j];
-        const ExpertGemmVariant& v = big ? large : small;
-        const ActBuffer& buf = big ? hid_large_ : hid_small_;
-        const bool two = tile + 1 < ldn.num_tiles;
-        const int64_t col0 = tile * kTileRows, ncol = std::min(2 * kTileRows, H - col0);
-        const int64_t n0 = std::min(kTileRows, ncol), n1 = ncol - n0;
-        const uint8_t* t0 = a.experts[e].down + tile * ldn.tile_bytes;
-        for (int64_t c0 = 0; c0 < count_[e]; c0 += kMaxRowsPerCall) {
-          const int64_t mc = std::min(kMaxRowsPerCall, count_[e] - c0);
-          const ActRows rows = buf.rows(row0_[j] + c0);
-          if (two)
-            v.run_pair(ldn, t0, t0 + ldn.tile_bytes, rows, mc, y0, y1);
-          else
-            v.run(ldn, t0, rows, mc, y0);
-          for (int64_t i = 0; i < mc; ++i) {
-            float* y = slot_out_.data() + (offset_[e] + c0 + i) * H + col0;
-            std::copy(y0 + i * kTileRows, y0 + i * kTileRows + n0, y);
-            std::copy(y1 + i * kTileRows, y1 + i * kTileRows + n1, y + kTileRows);
-          }
+  // Phase 2, small batches: work items (expert, pair of 16-row tiles of H), so that each thread
+  // streams long contiguous runs of one expert's down matrix (per-column blocks over all experts
+  // made 8 short streams per item at decode); outputs go to y[slot] and are added to dst by
+  // reduce_slots.
+  auto phase2_slots = [&](int64_t w0, int64_t w1) {
+    alignas(64) float y0[kMaxRowsPerCall * kTileRows], y1[kMaxRowsPerCall * kTileRows];
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t j = w / pairs, tile = 2 * (w % pairs), e = active_[j];
+      const bool big = large_[j];
+      const ExpertGemmVariant& v = big ? large : small;
+      const ActBuffer& buf = big ? hid_large_ : hid_small_;
+      const bool two = tile + 1 < ldn.num_tiles;
+      const int64_t col0 = tile * kTileRows, ncol = std::min(2 * kTileRows, H - col0);
+      const int64_t n0 = std::min(kTileRows, ncol), n1 = ncol - n0;
+      const uint8_t* t0 = a.experts[e].down + tile * ldn.tile_bytes;
+      for (int64_t c0 = 0; c0 < count_[e]; c0 += kMaxRowsPerCall) {
+        const int64_t mc = std::min(kMaxRowsPerCall, count_[e] - c0);
+        const ActRows rows = buf.rows(row0_[j] + c0);
+        if (two)
+          v.run_pair(ldn, t0, t0 + ldn.tile_bytes, rows, mc, y0, y1);
+        else
+          v.run(ldn, t0, rows, mc, y0);
+        for (int64_t i = 0; i < mc; ++i) {
+          float* y = slot_out_.data() + (offset_[e] + c0 + i) * H + col0;
+          std::copy(y0 + i * kTileRows, y0 + i * kTileRows + n0, y);
+          std::copy(y1 + i * kTileRows, y1 + i * kTileRows + n1, y + kTileRows);
         }
       }
-    };
-    if (even_split_ && M <= 16)
-      ex.parallel_for_even(num_active * pairs, std::ref(phase2));
-    else
-      ex.parallel_for(num_active * pairs, 1, std::ref(phase2));
-    // dst[t] += Σ w · y over t's slots in ascending expert id: the same operations, in the same
-    // order, as the column-block path below, so both give identical results.
+    }
+  };
+  // dst[t] += Σ w · y over t's slots in ascending expert id: the same operations, in the same
+  // order, as the column-block path below, so both give identical results.
+  auto order_token_slots = [&] {
     token_slots_.resize(static_cast<size_t>(M * K));
     fill_.assign(static_cast<size_t>(M), 0);
     for (int64_t j = 0; j < num_active; ++j)
@@ -265,22 +329,124 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
         const int64_t t = slot_token_[s];
         token_slots_[t * K + fill_[t]++] = s;
       }
-    auto reduce = [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        float* d = a.dst + t * a.ld_dst;
-        for (int64_t i = 0; i < K; ++i) {
-          const int64_t s = token_slots_[t * K + i];
-          const float wgt = slot_weight_[s];
-          const float* y = slot_out_.data() + s * H;
+  };
+  auto reduce_block = [&](int64_t t0, int64_t t1, int64_t c0, int64_t c1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* d = a.dst + t * a.ld_dst;
+      for (int64_t i = 0; i < K; ++i) {
+        const int64_t s = token_slots_[t * K + i];
+        const float wgt = slot_weight_[s];
+        const float* y = slot_out_.data() + s * H;
 #pragma omp simd
-          for (int64_t c = 0; c < H; ++c) d[c] += wgt * y[c];
-        }
+        for (int64_t c = c0; c < c1; ++c) d[c] += wgt * y[c];
+      }
+    }
+  };
+  auto reduce_tokens = [&](int64_t t0, int64_t t1) { reduce_block(t0, t1, 0, H); };
+  auto reduce_slots = [&] {
+    order_token_slots();
+    if (M <= 4)
+      reduce_tokens(0, M);
+    else
+      ex.parallel_for(M, 1, std::ref(reduce_tokens));
+  };
+  const bool decode = even_split_ && M <= 16;
+  const bool slot_major = S * H <= slot_major_limit_;
+
+  // Decode on an executor whose shares run at once: one job, phase 2 of an expert starting as
+  // soon as its own gate/up tiles are done. See Note [Per-expert hand-off].
+  if (decode && slot_major && dataflow_ && ex.num_threads() > 1) {
+    hid_small_.reserve(small.act, ldn, rows_small, isa_, small.whole_tiles());
+    if (rows_large > 0) hid_large_.reserve(large.act, ldn, rows_large, isa_, large.whole_tiles());
+    slot_out_.resize(static_cast<size_t>(S * H));
+    if (flags_cap_ < num_active) {
+      done_ = std::make_unique<std::atomic<int64_t>[]>(static_cast<size_t>(num_active));
+      ready_ = std::make_unique<std::atomic<int32_t>[]>(static_cast<size_t>(num_active));
+      flags_cap_ = num_active;
+    }
+    for (int64_t j = 0; j < num_active; ++j) {
+      done_[j].store(0, std::memory_order_relaxed);
+      ready_[j].store(0, std::memory_order_relaxed);
+    }
+    const int T = ex.num_threads();
+    const int64_t n1 = num_active * tiles_i, n2 = num_active * pairs;
+    order_token_slots();
+    left_.store(T, std::memory_order_relaxed);
+    // Column blocks of the final reduction: whole cache lines per thread.
+    auto col = [&](int i) { return i >= T ? H : H * i / T / 16 * 16; };
+    // Item ranges [front, back) per thread and phase: the owner takes from the front, a thread
+    // that has run out takes from the back of the others' (Note [Per-expert hand-off]).
+    if (ranges_cap_ < 2 * T) {
+      ranges_ = std::make_unique<Range[]>(static_cast<size_t>(2 * T));
+      ranges_cap_ = 2 * T;
+    }
+    for (int i = 0; i < T; ++i) {
+      ranges_[i].v.store(pack_range(n1 * i / T, n1 * (i + 1) / T), std::memory_order_relaxed);
+      ranges_[T + i].v.store(pack_range(n2 * i / T, n2 * (i + 1) / T), std::memory_order_relaxed);
+    }
+    auto gate_up_item = [&](int64_t w) {
+      phase1(w, w + 1);
+      // The thread that completes expert j's tiles prepares its phase 2 activations.
+      const int64_t j = w / tiles_i;
+      if (done_[j].fetch_add(1, std::memory_order_acq_rel) + 1 == tiles_i) {
+        prepare_hidden(j);
+        ready_[j].store(1, std::memory_order_release);
       }
     };
-    if (M <= 4)
-      reduce(0, M);
+    auto down_item = [&](int64_t w) {
+      for (int spins = 0; ready_[w / pairs].load(std::memory_order_acquire) == 0; ++spins)
+        wait_a_little(spins);
+      phase2_slots(w, w + 1);
+    };
+    auto share = [&](int i) {
+      for (int phase = 0; phase < 2; ++phase) {
+        Range* r = ranges_.get() + phase * T;
+        for (int64_t w; (w = take_front(r[i])) >= 0;) phase == 0 ? gate_up_item(w) : down_item(w);
+        for (int q = 1; q < T; ++q)
+          for (int64_t w; (w = take_back(r[(i + q) % T])) >= 0;)
+            phase == 0 ? gate_up_item(w) : down_item(w);
+      }
+      // Once every slot output exists, each thread adds its block of columns into dst.
+      left_.fetch_sub(1, std::memory_order_acq_rel);
+      for (int spins = 0; left_.load(std::memory_order_acquire) != 0; ++spins) wait_a_little(spins);
+      reduce_block(0, M, col(i), col(i + 1));
+    };
+    if (ex.try_run_concurrent(T, std::ref(share))) {
+      used_dataflow_ = true;
+      lap(1);
+      return;
+    }
+  }
+
+  // Decode-sized calls: every item costs the same; one contiguous share per thread (long runs of
+  // consecutive tiles) unless TIDAL_EXPERT_EVEN=0. Prefill: experts differ in token count:
+  // stealing.
+  if (decode)
+    ex.parallel_for_even(num_active * tiles_i, std::ref(phase1));
+  else
+    ex.parallel_for(num_active * tiles_i, 1, std::ref(phase1));
+
+  lap(1);
+  // Phase 2 activations.
+  hid_small_.reserve(small.act, ldn, rows_small, isa_, small.whole_tiles());
+  if (rows_large > 0) hid_large_.reserve(large.act, ldn, rows_large, isa_, large.whole_tiles());
+  auto prepare_hidden_range = [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) prepare_hidden(j);
+  };
+  if (num_active > 1 && S > kSerialSlots)
+    ex.parallel_for(num_active, 1, std::ref(prepare_hidden_range));
+  else
+    prepare_hidden_range(0, num_active);
+  lap(2);
+
+  // Default limit 1 Mi outputs = 4 MiB, e.g. 512 slots of H = 2048 (64 tokens of top-8).
+  if (slot_major) {
+    slot_out_.resize(static_cast<size_t>(S * H));
+    if (decode)
+      ex.parallel_for_even(num_active * pairs, std::ref(phase2_slots));
     else
-      ex.parallel_for(M, 1, std::ref(reduce));
+      ex.parallel_for(num_active * pairs, 1, std::ref(phase2_slots));
+    reduce_slots();
     lap(3);
     return;
   }

@@ -5,7 +5,9 @@
 /// experts, all experts of the layer as one parallel job.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -55,6 +57,11 @@ class MoeExperts {
   /// column block above (tests set it to cover both schedules).
   void set_slot_major_limit(int64_t outputs) { slot_major_limit_ = outputs; }
   void set_isa(Isa isa) { isa_ = isa; }
+  /// Decode as one job with a per-expert hand-off between the phases where the executor allows
+  /// (Note [Per-expert hand-off]). Default: on unless TIDAL_EXPERT_DATAFLOW=0.
+  void set_dataflow(bool on) { dataflow_ = on; }
+  /// Whether the last run took the hand-off path.
+  bool last_dataflow() const { return used_dataflow_; }
   /// Names of the tile kernels the last run used (e.g. "avx512_vnni_int4+amx_int4").
   std::string last_variants() const;
   /// With profiling on, run() records the wall time of its phases: prepare x, gate/up, prepare
@@ -73,6 +80,9 @@ class MoeExperts {
   static bool default_allow_approximate();
   bool even_split_ = default_even_split();
   static bool default_even_split();
+  bool dataflow_ = default_dataflow();
+  bool used_dataflow_ = false;
+  static bool default_dataflow();
   double phase_s_[4] = {};
   const char* used_small_ = nullptr;
   const char* used_large_ = nullptr;
@@ -82,6 +92,18 @@ class MoeExperts {
   std::vector<int64_t> token_slots_;
   std::vector<uint8_t> large_;  // per active expert: 1 if it runs the large-m variant
   ActBuffer tok_small_, tok_large_, act_small_, act_large_, hid_small_, hid_large_;
+  // Per active expert (hand-off): gate/up tiles done, phase 2 activations ready.
+  std::unique_ptr<std::atomic<int64_t>[]> done_;
+  std::unique_ptr<std::atomic<int32_t>[]> ready_;
+  int64_t flags_cap_ = 0;
+  alignas(64) std::atomic<int> left_{0};  // threads still in phase 2 (hand-off)
+  struct alignas(64) Range {
+    std::atomic<uint64_t> v{0};  // [front, back) of a share of items: front low, back high
+  };
+  std::unique_ptr<Range[]> ranges_;  // per phase and thread (hand-off)
+  int ranges_cap_ = 0;
+  static int64_t take_front(Range& r);
+  static int64_t take_back(Range& r);
 };
 
 /// Scalar reference of the op: token by token, experts in ascending id, reference tile kernels

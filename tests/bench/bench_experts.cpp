@@ -6,7 +6,8 @@
 /// matmul on the same total work where oneDNN is built in. JSON lines on stdout.
 ///
 /// Usage: tidal_bench_experts [--shape 35b|80b] [--dtypes bf16,int8,int4] [--m 1,4,16,128,512,2048]
-///        [--threads 1,2,4,8,16] [--seconds 0.5] [--onednn] [--group G]
+///        [--threads 1,2,4,8,16] [--seconds 0.5] [--onednn] [--group G] [--executors spin,tbb]
+///        [--dataflow 0,1]
 #include <immintrin.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -277,9 +278,15 @@ struct OnednnMoe {
 };
 #endif
 
+std::unique_ptr<Executor> make_named_executor(const std::string& kind, int threads) {
+  return kind == "tbb" ? tidal::kernels::make_tbb_executor(threads)
+                       : tidal::kernels::make_spin_executor(threads);
+}
+
 void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
                const std::vector<int64_t>& ms, const std::vector<int64_t>& threads, double seconds,
-               int64_t group, bool onednn) {
+               int64_t group, bool onednn, const std::vector<std::string>& executors,
+               const std::vector<int64_t>& dataflows) {
   const auto& f = tidal::kernels::cpu_features();
   const Isa isa = tidal::kernels::resolve_isa("auto");
   const long llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
@@ -294,185 +301,209 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
     // (layer, routing) pair comes back only after 61 L calls, so the experts read in between (GBs
     // even at decode) exceed any LLC. With 16 routings and 8 int4 layers, pairs repeated every 16
     // calls (~200 MB of int4 experts, inside a 300 MB L3).
-    auto ex_all = tidal::kernels::make_tbb_executor(static_cast<int>(threads.back()));
+    auto ex_all = make_named_executor(executors.front(), static_cast<int>(threads.back()));
     const double layer_bytes = expert_bytes * static_cast<double>(s.experts);
     const int num_layers = std::max(2, static_cast<int>(std::ceil(3e9 / layer_bytes)));
     auto layers = make_layers(s, gu, dn, num_layers, *ex_all);
-    for (int64_t nt : threads) {
-      auto ex = tidal::kernels::make_tbb_executor(static_cast<int>(nt));
-      const double bw = measure_bandwidth(*ex, size_t{2} << 30, 5);
-      double peak_bf16 = 0, peak_int8 = 0;
-      if (isa == Isa::kAmx) {
-        peak_bf16 = amx_peak(*ex, false);
-        peak_int8 = amx_peak(*ex, true);
-      }
-      for (int64_t m : ms) {
-        kc::MoeExperts op(isa);
-        std::vector<float> src(static_cast<size_t>(m * s.hidden)), dst(src.size());
-        std::mt19937 g(7);
-        std::normal_distribution<float> nd(0.f, 1.f);
-        for (auto& v : src) v = nd(g);
-        constexpr int kRoutings = 61;
-        std::vector<Routing> routes;
-        for (int r = 0; r < kRoutings; ++r) routes.push_back(route(s, m, 100 + r));
-        auto call = [&](int64_t i) {
-          const Routing& r = routes[i % kRoutings];
-          const Layer& L = layers[i % num_layers];
-          kc::MoeExpertsArgs a;
-          a.gate_up = &gu;
-          a.down = &dn;
-          a.experts = L.experts.data();
-          a.num_experts = s.experts;
-          a.src = src.data();
-          a.ld_src = s.hidden;
-          a.m = m;
-          a.ids = r.ids.data();
-          a.weights = r.w.data();
-          a.top_k = s.top_k;
-          a.dst = dst.data();
-          a.ld_dst = s.hidden;
-          op.run(a, *ex);
-        };
-        for (int i = 0; i < 3; ++i) call(i);  // workspace growth, page faults
-        op.set_profile(true);
-        std::vector<double> times, phases[4];
-        const double t_end = now_s() + seconds;
-        int64_t i = 3;
-        while (now_s() < t_end || times.size() < 5) {
-          const double t0 = now_s();
-          call(i++);
-          times.push_back(now_s() - t0);
-          for (int p = 0; p < 4; ++p) phases[p].push_back(op.phase_seconds()[p]);
-        }
-        std::sort(times.begin(), times.end());
-        double ph[4];
-        for (int p = 0; p < 4; ++p) {
-          std::sort(phases[p].begin(), phases[p].end());
-          ph[p] = phases[p][phases[p].size() / 2] * 1e6;
-        }
-        const double t = times[times.size() / 2];
-        double uniq = 0;
-        for (const auto& r : routes) uniq += static_cast<double>(r.unique);
-        uniq /= kRoutings;
-        const double bytes = uniq * expert_bytes;
-        const double flops =
-            2.0 * static_cast<double>(m * s.top_k) * 3.0 * static_cast<double>(s.hidden * s.inter);
-        const double peak = dt == kc::ExpertDType::kBF16 ? peak_bf16 : peak_int8;
-        const double roof = peak > 0 ? std::min(peak, bw * flops / bytes) : bw * flops / bytes;
-        std::printf(
-            "{\"bench\":\"moe_experts\",\"shape\":\"%s\",\"dtype\":\"%s\",\"group\":%ld,\"m\":%ld,"
-            "\"threads\":%ld,\"kernels\":\"%s\",\"median_us\":%.1f,\"min_us\":%.1f,\"calls\":%zu,"
-            "\"expert_bytes_per_call\":%.0f,\"gbps\":%.2f,\"read_bw_gbps\":%.2f,"
-            "\"bw_fraction\":%.3f,\"tflops\":%.3f,\"amx_peak_bf16_tflops\":%.2f,"
-            "\"amx_peak_int8_tops\":%.2f,\"roofline_tflops\":%.3f,\"roofline_fraction\":%.3f,"
-            "\"layers\":%d,\"llc_bytes\":%ld,\"cpu\":\"%s\",\"isa\":\"%s\","
-            "\"phase_us\":{\"prepare_x\":%.1f,\"gate_up\":%.1f,\"prepare_h\":%.1f,\"down\":%.1f}}"
-            "\n",
-            s.name, dname.c_str(), static_cast<long>(G), static_cast<long>(m),
-            static_cast<long>(nt), op.last_variants().c_str(), t * 1e6, times.front() * 1e6,
-            times.size(), bytes, bytes / t / 1e9, bw / 1e9, bytes / t / bw, flops / t / 1e12,
-            peak_bf16 / 1e12, peak_int8 / 1e12, roof / 1e12, flops / t / roof, num_layers, llc,
-            f.brand.c_str(), std::string(tidal::kernels::isa_name(isa)).c_str(), ph[0], ph[1],
-            ph[2], ph[3]);
-        std::fflush(stdout);
-#ifdef TIDAL_BENCH_ONEDNN
-        if (onednn && dt != kc::ExpertDType::kINT4 && m >= 128) {
-          OnednnMoe od(s, dt == kc::ExpertDType::kINT8);
-          using dt_ = dnnl::memory::data_type;
-          // Routing 0 grouped per expert; weights: one layer per call in rotation, as above.
-          const Routing& r = routes[0];
-          std::vector<std::vector<int64_t>> tok(static_cast<size_t>(s.experts));
-          for (int64_t q = 0; q < m * s.top_k; ++q) tok[r.ids[q]].push_back(q / s.top_k);
-          const auto& p0 = od.get(64);
-          // Weights per layer per expert in oneDNN's preferred format (contents: constant).
-          std::vector<std::vector<OnednnMoe::Mats>> wl(static_cast<size_t>(num_layers));
-          for (auto& ws : wl) {
-            ws.resize(static_cast<size_t>(s.experts));
-            for (auto& mt : ws) {
-              mt.gate = dnnl::memory(p0.wei_gu, od.eng);
-              mt.up = dnnl::memory(p0.wei_gu, od.eng);
-              mt.down = dnnl::memory(p0.wei_dn, od.eng);
-              for (auto* mm : {&mt.gate, &mt.up, &mt.down})
-                std::memset(mm->get_data_handle(), 1, mm->get_desc().get_size());
-            }
-          }
-          const bool i8 = dt == kc::ExpertDType::kINT8;
-          const size_t es = i8 ? 1 : 2;
-          std::vector<uint8_t> xs(
-              static_cast<size_t>(m * s.top_k * std::max(s.hidden, s.inter)) * es, 0x3c);
-          std::vector<float> gbuf(static_cast<size_t>(m * s.top_k * s.inter)), ubuf(gbuf.size()),
-              ybuf(static_cast<size_t>(m * s.top_k * s.hidden));
-          std::vector<float> scales_i(static_cast<size_t>(s.inter), 1e-3f),
-              scales_h(static_cast<size_t>(s.hidden), 1e-3f);
-          auto run_od = [&](int64_t it) {
-            const auto& ws = wl[it % num_layers];
-            int64_t off = 0;
-            for (int64_t e = 0; e < s.experts; ++e) {
-              const int64_t me = static_cast<int64_t>(tok[e].size());
-              if (me == 0) continue;
-              const auto& p = od.get(me);
-              // Gather rows of the expert's tokens (as our op does) and convert.
-              dnnl::memory xsrc(p.src_gu, od.eng, xs.data() + off * s.hidden * es);
-              dnnl::memory gdst(p.dst_gu, od.eng, gbuf.data() + off * s.inter);
-              dnnl::memory udst(p.dst_gu, od.eng, ubuf.data() + off * s.inter);
-              std::unordered_map<int, dnnl::memory> args = {
-                  {DNNL_ARG_SRC, xsrc}, {DNNL_ARG_WEIGHTS, ws[e].gate}, {DNNL_ARG_DST, gdst}};
-              dnnl::memory sc_i({{s.inter}, dt_::f32, dnnl::memory::format_tag::a}, od.eng,
-                                scales_i.data());
-              dnnl::memory sc_h({{s.hidden}, dt_::f32, dnnl::memory::format_tag::a}, od.eng,
-                                scales_h.data());
-              if (i8) args[DNNL_ARG_ATTR_OUTPUT_SCALES] = sc_i;
-              p.gu.execute(od.strm, args);
-              args[DNNL_ARG_WEIGHTS] = ws[e].up;
-              args[DNNL_ARG_DST] = udst;
-              p.gu.execute(od.strm, args);
-              // silu(g)·u into the down projection's source (bf16 or u8), threaded like ours.
-              uint8_t* hs = xs.data() + off * s.inter * es;
-              ex->parallel_for(me, 1, [&](int64_t a0, int64_t a1) {
-                for (int64_t q = a0 * s.inter; q < a1 * s.inter; ++q) {
-                  const float h =
-                      tidal::kernels::cpu::silu(gbuf[off * s.inter + q]) * ubuf[off * s.inter + q];
-                  if (i8)
-                    hs[q] = static_cast<uint8_t>(std::clamp(h * 100.f + 128.f, 0.f, 255.f));
-                  else
-                    reinterpret_cast<uint16_t*>(hs)[q] = tidal::kernels::f32_to_bf16(h);
-                }
-              });
-              dnnl::memory hsrc(p.src_dn, od.eng, hs);
-              dnnl::memory ydst(p.dst_dn, od.eng, ybuf.data() + off * s.hidden);
-              std::unordered_map<int, dnnl::memory> a2 = {
-                  {DNNL_ARG_SRC, hsrc}, {DNNL_ARG_WEIGHTS, ws[e].down}, {DNNL_ARG_DST, ydst}};
-              if (i8) a2[DNNL_ARG_ATTR_OUTPUT_SCALES] = sc_h;
-              p.dn.execute(od.strm, a2);
-              off += me;
-            }
-            od.strm.wait();
-          };
-          for (int w = 0; w < 2; ++w) run_od(w);
-          std::vector<double> ot;
-          const double oend = now_s() + seconds;
-          int64_t it = 2;
-          while (now_s() < oend || ot.size() < 3) {
+    for (int64_t nt : threads)
+      for (const std::string& exname : executors)
+        for (int64_t flow : dataflows) {
+          if (flow && exname == "tbb" && dataflows.size() > 1) continue;  // TBB has no hand-off
+          auto ex = make_named_executor(exname, static_cast<int>(nt));
+          {
+            // Dispatch cost: an empty job of one item per thread, back to back.
+            std::atomic<int64_t> items{0};
+            std::function<void(int64_t, int64_t)> touch = [&](int64_t b, int64_t e) {
+              items.fetch_add(e - b, std::memory_order_relaxed);
+            };
+            for (int i = 0; i < 100; ++i) ex->parallel_for_even(nt, touch);
+            const int calls = 20000;
             const double t0 = now_s();
-            run_od(it++);
-            ot.push_back(now_s() - t0);
+            for (int i = 0; i < calls; ++i) ex->parallel_for_even(nt, touch);
+            std::printf(
+                "{\"bench\":\"dispatch\",\"executor\":\"%s\",\"threads\":%ld,"
+                "\"us_per_job\":%.2f}\n",
+                exname.c_str(), static_cast<long>(nt), (now_s() - t0) / calls * 1e6);
           }
-          std::sort(ot.begin(), ot.end());
-          const double to = ot[ot.size() / 2];
-          std::printf(
-              "{\"bench\":\"onednn_matmul_experts\",\"shape\":\"%s\",\"dtype\":\"%s\",\"m\":%ld,"
-              "\"threads\":%ld,\"onednn\":\"%d.%d.%d\",\"median_us\":%.1f,\"tflops\":%.3f,"
-              "\"tidal_speedup\":%.3f}\n",
-              s.name, dname.c_str(), static_cast<long>(m), static_cast<long>(nt),
-              dnnl_version()->major, dnnl_version()->minor, dnnl_version()->patch, to * 1e6,
-              flops / to / 1e12, to / t);
-          std::fflush(stdout);
-        }
+          const double bw = measure_bandwidth(*ex, size_t{2} << 30, 5);
+          double peak_bf16 = 0, peak_int8 = 0;
+          if (isa == Isa::kAmx) {
+            peak_bf16 = amx_peak(*ex, false);
+            peak_int8 = amx_peak(*ex, true);
+          }
+          for (int64_t m : ms) {
+            kc::MoeExperts op(isa);
+            op.set_dataflow(flow != 0);
+            std::vector<float> src(static_cast<size_t>(m * s.hidden)), dst(src.size());
+            std::mt19937 g(7);
+            std::normal_distribution<float> nd(0.f, 1.f);
+            for (auto& v : src) v = nd(g);
+            constexpr int kRoutings = 61;
+            std::vector<Routing> routes;
+            for (int r = 0; r < kRoutings; ++r) routes.push_back(route(s, m, 100 + r));
+            auto call = [&](int64_t i) {
+              const Routing& r = routes[i % kRoutings];
+              const Layer& L = layers[i % num_layers];
+              kc::MoeExpertsArgs a;
+              a.gate_up = &gu;
+              a.down = &dn;
+              a.experts = L.experts.data();
+              a.num_experts = s.experts;
+              a.src = src.data();
+              a.ld_src = s.hidden;
+              a.m = m;
+              a.ids = r.ids.data();
+              a.weights = r.w.data();
+              a.top_k = s.top_k;
+              a.dst = dst.data();
+              a.ld_dst = s.hidden;
+              op.run(a, *ex);
+            };
+            for (int i = 0; i < 3; ++i) call(i);  // workspace growth, page faults
+            op.set_profile(true);
+            std::vector<double> times, phases[4];
+            const double t_end = now_s() + seconds;
+            int64_t i = 3;
+            while (now_s() < t_end || times.size() < 5) {
+              const double t0 = now_s();
+              call(i++);
+              times.push_back(now_s() - t0);
+              for (int p = 0; p < 4; ++p) phases[p].push_back(op.phase_seconds()[p]);
+            }
+            std::sort(times.begin(), times.end());
+            double ph[4];
+            for (int p = 0; p < 4; ++p) {
+              std::sort(phases[p].begin(), phases[p].end());
+              ph[p] = phases[p][phases[p].size() / 2] * 1e6;
+            }
+            const double t = times[times.size() / 2];
+            double uniq = 0;
+            for (const auto& r : routes) uniq += static_cast<double>(r.unique);
+            uniq /= kRoutings;
+            const double bytes = uniq * expert_bytes;
+            const double flops = 2.0 * static_cast<double>(m * s.top_k) * 3.0 *
+                                 static_cast<double>(s.hidden * s.inter);
+            const double peak = dt == kc::ExpertDType::kBF16 ? peak_bf16 : peak_int8;
+            const double roof = peak > 0 ? std::min(peak, bw * flops / bytes) : bw * flops / bytes;
+            std::printf(
+                "{\"bench\":\"moe_experts\",\"shape\":\"%s\",\"dtype\":\"%s\",\"group\":%ld,\"m\":%"
+                "ld,"
+                "\"threads\":%ld,\"kernels\":\"%s\",\"median_us\":%.1f,\"min_us\":%.1f,\"calls\":%"
+                "zu,"
+                "\"expert_bytes_per_call\":%.0f,\"gbps\":%.2f,\"read_bw_gbps\":%.2f,"
+                "\"bw_fraction\":%.3f,\"tflops\":%.3f,\"amx_peak_bf16_tflops\":%.2f,"
+                "\"amx_peak_int8_tops\":%.2f,\"roofline_tflops\":%.3f,\"roofline_fraction\":%.3f,"
+                "\"layers\":%d,\"llc_bytes\":%ld,\"cpu\":\"%s\",\"isa\":\"%s\","
+                "\"executor\":\"%s\",\"dataflow\":%d,"
+                "\"phase_us\":{\"prepare_x\":%.1f,\"gate_up\":%.1f,\"prepare_h\":%.1f,\"down\":%."
+                "1f}}"
+                "\n",
+                s.name, dname.c_str(), static_cast<long>(G), static_cast<long>(m),
+                static_cast<long>(nt), op.last_variants().c_str(), t * 1e6, times.front() * 1e6,
+                times.size(), bytes, bytes / t / 1e9, bw / 1e9, bytes / t / bw, flops / t / 1e12,
+                peak_bf16 / 1e12, peak_int8 / 1e12, roof / 1e12, flops / t / roof, num_layers, llc,
+                f.brand.c_str(), std::string(tidal::kernels::isa_name(isa)).c_str(), exname.c_str(),
+                op.last_dataflow() ? 1 : 0, ph[0], ph[1], ph[2], ph[3]);
+            std::fflush(stdout);
+#ifdef TIDAL_BENCH_ONEDNN
+            if (onednn && dt != kc::ExpertDType::kINT4 && m >= 128) {
+              OnednnMoe od(s, dt == kc::ExpertDType::kINT8);
+              using dt_ = dnnl::memory::data_type;
+              // Routing 0 grouped per expert; weights: one layer per call in rotation, as above.
+              const Routing& r = routes[0];
+              std::vector<std::vector<int64_t>> tok(static_cast<size_t>(s.experts));
+              for (int64_t q = 0; q < m * s.top_k; ++q) tok[r.ids[q]].push_back(q / s.top_k);
+              const auto& p0 = od.get(64);
+              // Weights per layer per expert in oneDNN's preferred format (contents: constant).
+              std::vector<std::vector<OnednnMoe::Mats>> wl(static_cast<size_t>(num_layers));
+              for (auto& ws : wl) {
+                ws.resize(static_cast<size_t>(s.experts));
+                for (auto& mt : ws) {
+                  mt.gate = dnnl::memory(p0.wei_gu, od.eng);
+                  mt.up = dnnl::memory(p0.wei_gu, od.eng);
+                  mt.down = dnnl::memory(p0.wei_dn, od.eng);
+                  for (auto* mm : {&mt.gate, &mt.up, &mt.down})
+                    std::memset(mm->get_data_handle(), 1, mm->get_desc().get_size());
+                }
+              }
+              const bool i8 = dt == kc::ExpertDType::kINT8;
+              const size_t es = i8 ? 1 : 2;
+              std::vector<uint8_t> xs(
+                  static_cast<size_t>(m * s.top_k * std::max(s.hidden, s.inter)) * es, 0x3c);
+              std::vector<float> gbuf(static_cast<size_t>(m * s.top_k * s.inter)),
+                  ubuf(gbuf.size()), ybuf(static_cast<size_t>(m * s.top_k * s.hidden));
+              std::vector<float> scales_i(static_cast<size_t>(s.inter), 1e-3f),
+                  scales_h(static_cast<size_t>(s.hidden), 1e-3f);
+              auto run_od = [&](int64_t it) {
+                const auto& ws = wl[it % num_layers];
+                int64_t off = 0;
+                for (int64_t e = 0; e < s.experts; ++e) {
+                  const int64_t me = static_cast<int64_t>(tok[e].size());
+                  if (me == 0) continue;
+                  const auto& p = od.get(me);
+                  // Gather rows of the expert's tokens (as our op does) and convert.
+                  dnnl::memory xsrc(p.src_gu, od.eng, xs.data() + off * s.hidden * es);
+                  dnnl::memory gdst(p.dst_gu, od.eng, gbuf.data() + off * s.inter);
+                  dnnl::memory udst(p.dst_gu, od.eng, ubuf.data() + off * s.inter);
+                  std::unordered_map<int, dnnl::memory> args = {
+                      {DNNL_ARG_SRC, xsrc}, {DNNL_ARG_WEIGHTS, ws[e].gate}, {DNNL_ARG_DST, gdst}};
+                  dnnl::memory sc_i({{s.inter}, dt_::f32, dnnl::memory::format_tag::a}, od.eng,
+                                    scales_i.data());
+                  dnnl::memory sc_h({{s.hidden}, dt_::f32, dnnl::memory::format_tag::a}, od.eng,
+                                    scales_h.data());
+                  if (i8) args[DNNL_ARG_ATTR_OUTPUT_SCALES] = sc_i;
+                  p.gu.execute(od.strm, args);
+                  args[DNNL_ARG_WEIGHTS] = ws[e].up;
+                  args[DNNL_ARG_DST] = udst;
+                  p.gu.execute(od.strm, args);
+                  // silu(g)·u into the down projection's source (bf16 or u8), threaded like ours.
+                  uint8_t* hs = xs.data() + off * s.inter * es;
+                  ex->parallel_for(me, 1, [&](int64_t a0, int64_t a1) {
+                    for (int64_t q = a0 * s.inter; q < a1 * s.inter; ++q) {
+                      const float h = tidal::kernels::cpu::silu(gbuf[off * s.inter + q]) *
+                                      ubuf[off * s.inter + q];
+                      if (i8)
+                        hs[q] = static_cast<uint8_t>(std::clamp(h * 100.f + 128.f, 0.f, 255.f));
+                      else
+                        reinterpret_cast<uint16_t*>(hs)[q] = tidal::kernels::f32_to_bf16(h);
+                    }
+                  });
+                  dnnl::memory hsrc(p.src_dn, od.eng, hs);
+                  dnnl::memory ydst(p.dst_dn, od.eng, ybuf.data() + off * s.hidden);
+                  std::unordered_map<int, dnnl::memory> a2 = {
+                      {DNNL_ARG_SRC, hsrc}, {DNNL_ARG_WEIGHTS, ws[e].down}, {DNNL_ARG_DST, ydst}};
+                  if (i8) a2[DNNL_ARG_ATTR_OUTPUT_SCALES] = sc_h;
+                  p.dn.execute(od.strm, a2);
+                  off += me;
+                }
+                od.strm.wait();
+              };
+              for (int w = 0; w < 2; ++w) run_od(w);
+              std::vector<double> ot;
+              const double oend = now_s() + seconds;
+              int64_t it = 2;
+              while (now_s() < oend || ot.size() < 3) {
+                const double t0 = now_s();
+                run_od(it++);
+                ot.push_back(now_s() - t0);
+              }
+              std::sort(ot.begin(), ot.end());
+              const double to = ot[ot.size() / 2];
+              std::printf(
+                  "{\"bench\":\"onednn_matmul_experts\",\"shape\":\"%s\",\"dtype\":\"%s\",\"m\":%"
+                  "ld,"
+                  "\"threads\":%ld,\"onednn\":\"%d.%d.%d\",\"median_us\":%.1f,\"tflops\":%.3f,"
+                  "\"tidal_speedup\":%.3f}\n",
+                  s.name, dname.c_str(), static_cast<long>(m), static_cast<long>(nt),
+                  dnnl_version()->major, dnnl_version()->minor, dnnl_version()->patch, to * 1e6,
+                  flops / to / 1e12, to / t);
+              std::fflush(stdout);
+            }
 #else
-        (void)onednn;
+            (void)onednn;
 #endif
-      }
-    }
+          }
+        }
     for (auto& L : layers) munmap(L.region, L.bytes);
   }
 }
@@ -530,6 +561,7 @@ void run_micro(const Shape& s, const std::vector<std::string>& dtypes,
 int main(int argc, char** argv) {
   std::string shape = "35b", dtypes = "int4,int8,bf16", ms = "1,4,16,128,512,2048";
   std::string threads = std::to_string(std::thread::hardware_concurrency());
+  std::string executors = "spin", dataflows = "1";
   double seconds = 0.5;
   int64_t group = 0;
   bool onednn = false, micro = false;
@@ -558,6 +590,10 @@ int main(int argc, char** argv) {
       onednn = true;
     else if (a == "--micro")
       micro = true;
+    else if (a == "--executors")  // spin (the runtime's), tbb, or both: spin,tbb
+      executors = next();
+    else if (a == "--dataflow")  // 1 (the default), 0, or 0,1: Note [Per-expert hand-off]
+      dataflows = next();
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
@@ -572,6 +608,6 @@ int main(int argc, char** argv) {
   }
   for (const auto& sh : parse_names(shape))
     run_shape(sh == "80b" ? s80 : s35, parse_names(dtypes), parse_list(ms), parse_list(threads),
-              seconds, group, onednn);
+              seconds, group, onednn, parse_names(executors), parse_list(dataflows));
   return 0;
 }

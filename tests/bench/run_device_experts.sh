@@ -8,7 +8,8 @@
 #
 # What that machine lacks travels in .devcarry/deps.tar.xz (see tests/bench/make_devcarry.sh):
 # TBB (PyPI wheels), oneDNN 2.6 + its OpenCL loader (Debian .debs), the kt-kernel wheel.
-# STEPS (default "tests python bench kt") selects parts.
+# STEPS (default "tests python bench kt") selects parts; "decode" is the M = 1 comparison of the
+# executors and of the per-expert hand-off (Note [Spinning workers], Note [Per-expert hand-off]).
 set -euo pipefail
 mkdir -p "${OUT:-bench-out}" /tmp/deps
 out=$(cd "${OUT:-bench-out}" && pwd)
@@ -21,8 +22,9 @@ log=/tmp/tidal-device-build.log
 cmake -S . -B build/bench -G Ninja -DTIDAL_CUDA=OFF -DTIDAL_BUILD_TESTS=ON -DTIDAL_BUILD_BENCHMARKS=ON \
   -DTIDAL_BUILD_PYTHON=OFF -DCMAKE_PREFIX_PATH=/tmp/deps > "$log" 2>&1 || { tail -30 "$log"; exit 1; }
 ninja -C build/bench tidal_tests tidal_bench_experts >> "$log" 2>&1 || { tail -30 "$log"; exit 1; }
+echo "built in ${SECONDS}s"
 if [[ $steps == *tests* ]]; then
-  ./build/bench/tests/tidal_tests > "$out/cpp_tests.log" 2>&1 || failed=1
+  ./build/bench/tests/tidal_tests --gtest_filter="${GTEST_FILTER:-*}" > "$out/cpp_tests.log" 2>&1 || failed=1
   tail -3 "$out/cpp_tests.log"; grep -E "^\[  FAILED|SKIPPED \]" "$out/cpp_tests.log" | sort -u || true
 fi
 if [[ $steps == *python* ]]; then
@@ -46,6 +48,25 @@ if [[ $steps == *bench* ]]; then
   TIDAL_EXPERT_AMX_BF16=1 "$b" --shape 35b --m 16,128,512,2048 --threads "$threads" --dtypes bf16 > "$out/bench_35b_amx_bf16.jsonl"
   for rep in 1 2 3 4 5; do "$b" --shape 35b --m 1 --threads "$threads" --dtypes int4,int8 --seconds 1; done > "$out/decode_repeats.jsonl"
   "$b" --shape 80b --m 1,16,128,2048 --threads "$threads" --dtypes int4,int8,bf16 > "$out/bench_80b.jsonl"
+fi
+if [[ $steps == *decode* ]]; then
+  for rep in 1 2 3; do
+    "$b" --shape 35b --m 1 --threads "$threads" --dtypes int4,int8 --executors spin,tbb --dataflow 0,1 --seconds 1
+  done > "$out/decode_executors.jsonl"
+  "$b" --shape 80b --m 1 --threads "$threads" --dtypes int4,int8 --executors spin,tbb --dataflow 0,1 > "$out/decode_executors_80b.jsonl"
+  [[ -n ${SCALING:-} ]] && "$b" --shape 35b --m 1,4,16 --threads 1,2,4,8,"$threads" --dtypes int4,int8 > "$out/decode_scaling_spin.jsonl"
+  python3 - "$out"/decode_executors.jsonl "$out"/decode_executors_80b.jsonl <<'PY'
+import json, sys
+for f in sys.argv[1:]:
+    for line in open(f):
+        d = json.loads(line)
+        if d["bench"] == "dispatch":
+            print(f'dispatch {d["executor"]:5s} {d["threads"]} threads: {d["us_per_job"]} us/job')
+        elif d["bench"] == "moe_experts":
+            print(f'{d["shape"][:10]} {d["dtype"]} m={d["m"]} {d["executor"]:5s} flow={d["dataflow"]} '
+                  f'{d["median_us"]:7.1f} us {d["bw_fraction"]:.3f} of {d["read_bw_gbps"]:.0f} GB/s '
+                  f'phases {d["phase_us"]}')
+PY
 fi
 if [[ $steps == *kt* ]]; then
   # One layer per format: with two, kt-kernel 0.6.1 aborted ("free(): invalid pointer") here.

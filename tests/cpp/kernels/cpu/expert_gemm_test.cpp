@@ -557,6 +557,41 @@ TEST(MoeExperts, BothPhase2SchedulesAgreeBitwise) {
   }
 }
 
+TEST(MoeExperts, HandOffEqualsTwoPhasesBitwise) {
+  // Note [Per-expert hand-off]: the one-job decode path does the two-phase arithmetic item for
+  // item, for every thread count (more threads than experts' tiles included) and both variants.
+  for (int threads : {2, 3, 5}) {
+    auto pool = make_spin_executor(threads);
+    for (auto dt : {ExpertDType::kBF16, ExpertDType::kINT8, ExpertDType::kINT4}) {
+      for (int64_t m : {1, 3, 16}) {
+        MoeProblem p(72, 40, 10, 3, m, dt, 64, 50 + static_cast<uint32_t>(m));
+        std::vector<float> flow(static_cast<size_t>(m * 72), 0.5f), two(flow), ref(flow);
+        MoeExperts a(cpu_features().best), b(cpu_features().best);
+        a.set_dataflow(true);
+        b.set_dataflow(false);
+        a.run(p.args(flow.data()), *pool);
+        b.run(p.args(two.data()), *pool);
+        EXPECT_TRUE(a.last_dataflow()) << threads << " threads";
+        EXPECT_FALSE(b.last_dataflow());
+        EXPECT_EQ(flow, two) << expert_dtype_name(dt) << " m=" << m << " threads=" << threads;
+        moe_experts_ref(p.args(ref.data()));
+        EXPECT_LT(rel_l2(flow, ref), 5e-5) << expert_dtype_name(dt) << " m=" << m;
+        // Repeated calls reuse the hand-off flags.
+        std::vector<float> again(flow.size(), 0.5f);
+        a.run(p.args(again.data()), *pool);
+        EXPECT_EQ(again, flow);
+      }
+    }
+  }
+  // TBB cannot promise concurrent shares: the op falls back to the two phases.
+  auto tbb = make_tbb_executor(3);
+  MoeProblem p(72, 40, 10, 3, 1, ExpertDType::kINT4, 64, 8);
+  std::vector<float> dst(72, 0.f);
+  MoeExperts op(cpu_features().best);
+  op.run(p.args(dst.data()), *tbb);
+  EXPECT_FALSE(op.last_dataflow());
+}
+
 TEST(MoeExperts, ApproximateVariantsAreOptIn) {
   MoeProblem p(64, 64, 2, 2, 40, ExpertDType::kBF16, 64, 3);
   std::vector<float> dst(static_cast<size_t>(40 * 64), 0.f);
@@ -583,17 +618,21 @@ TEST(MoeExperts, RealShapeDecode) {
 }
 
 TEST(MoeExperts, NoAllocationOnceWarm) {
-  // Decode-sized and prefill-sized calls through the threaded executor: after one call of each
+  // Decode-sized and prefill-sized calls through both threaded executors: after one call of each
   // size, further calls allocate nothing (no heap allocation per token).
-  auto pool = make_tbb_executor(3);
-  MoeExperts op(cpu_features().best);
-  for (int64_t m : {1, 40}) {
-    MoeProblem p(128, 64, 8, 2, m, ExpertDType::kINT4, 64, 21);
-    std::vector<float> dst(static_cast<size_t>(m * 128), 0.f);
-    op.run(p.args(dst.data()), *pool);  // grows the workspace
-    const long before = g_allocations.load();
-    for (int i = 0; i < 3; ++i) op.run(p.args(dst.data()), *pool);
-    EXPECT_EQ(g_allocations.load() - before, 0) << "m=" << m << " " << op.last_variants();
+  auto tbb = make_tbb_executor(3);
+  auto spin = make_spin_executor(3);
+  for (Executor* pool : {tbb.get(), spin.get()}) {
+    for (int64_t m : {1, 40}) {
+      MoeExperts op(cpu_features().best);
+      MoeProblem p(128, 64, 8, 2, m, ExpertDType::kINT4, 64, 21);
+      std::vector<float> dst(static_cast<size_t>(m * 128), 0.f);
+      op.run(p.args(dst.data()), *pool);  // grows the workspace
+      const long before = g_allocations.load();
+      for (int i = 0; i < 3; ++i) op.run(p.args(dst.data()), *pool);
+      EXPECT_EQ(g_allocations.load() - before, 0)
+          << "m=" << m << " " << op.last_variants() << " dataflow=" << op.last_dataflow();
+    }
   }
 }
 

@@ -1,0 +1,188 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file executor_test.cpp
+/// \brief The executors: every index covered exactly once for odd sizes and grains, even shares
+/// contiguous and in thread order, concurrent runs able to wait on each other, nested and
+/// simultaneous calls, exceptions, and workers that went to sleep.
+#include "kernels/common/executor.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace tidal::kernels {
+namespace {
+
+// Each index of [0, n) seen exactly once.
+void expect_cover(Executor& ex, int64_t n, int64_t grain, bool even) {
+  std::vector<std::atomic<int>> hits(static_cast<size_t>(n));
+  std::function<void(int64_t, int64_t)> fn = [&](int64_t b, int64_t e) {
+    ASSERT_LE(0, b);
+    ASSERT_LE(b, e);
+    ASSERT_LE(e, n);
+    for (int64_t i = b; i < e; ++i) hits[static_cast<size_t>(i)].fetch_add(1);
+  };
+  if (even)
+    ex.parallel_for_even(n, fn);
+  else
+    ex.parallel_for(n, grain, fn);
+  for (int64_t i = 0; i < n; ++i)
+    ASSERT_EQ(hits[static_cast<size_t>(i)].load(), 1)
+        << "index " << i << " of n=" << n << " grain=" << grain << " even=" << even;
+}
+
+TEST(SpinExecutor, CoversEveryIndexOnce) {
+  for (int threads : {1, 2, 3, 5}) {
+    auto ex = make_spin_executor(threads);
+    EXPECT_EQ(ex->num_threads(), threads);
+    for (int64_t n : {0, 1, 2, 3, 7, 16, 17, 100, 1001, 65537})
+      for (int64_t grain : {1, 3, 64}) {
+        expect_cover(*ex, n, grain, false);
+        expect_cover(*ex, n, grain, true);
+      }
+  }
+}
+
+TEST(SpinExecutor, EvenSharesAreContiguousAndDistinctThreads) {
+  auto ex = make_spin_executor(4);
+  const int64_t n = 103;
+  std::vector<int64_t> begin(4, -1), end(4, -1);
+  std::vector<std::thread::id> who(4);
+  std::atomic<int> calls{0};
+  ex->parallel_for_even(n, [&](int64_t b, int64_t e) {
+    const int k = calls.fetch_add(1);
+    ASSERT_LT(k, 4);
+    begin[k] = b;
+    end[k] = e;
+    who[k] = std::this_thread::get_id();
+  });
+  ASSERT_EQ(calls.load(), 4);  // one call per thread, each a contiguous share
+  int64_t total = 0;
+  for (int k = 0; k < 4; ++k) {
+    total += end[k] - begin[k];
+    EXPECT_GE(end[k] - begin[k], n / 4);
+    EXPECT_LE(end[k] - begin[k], n / 4 + 1);
+    for (int q = 0; q < k; ++q) EXPECT_NE(who[k], who[q]);
+  }
+  EXPECT_EQ(total, n);
+}
+
+TEST(SpinExecutor, ConcurrentRunsMayWaitOnEachOther) {
+  // Every function waits until all have started: this finishes only if they run at once.
+  for (int threads : {2, 3, 4}) {
+    auto ex = make_spin_executor(threads);
+    for (int round = 0; round < 50; ++round) {
+      std::atomic<int> arrived{0};
+      std::vector<int> ran(static_cast<size_t>(threads), 0);
+      const bool ok = ex->try_run_concurrent(threads, [&](int i) {
+        arrived.fetch_add(1);
+        while (arrived.load() < threads) std::this_thread::yield();
+        ran[static_cast<size_t>(i)] = 1;
+      });
+      ASSERT_TRUE(ok);
+      for (int i = 0; i < threads; ++i) EXPECT_EQ(ran[static_cast<size_t>(i)], 1);
+    }
+    // More functions than threads cannot be promised.
+    EXPECT_FALSE(ex->try_run_concurrent(threads + 1, [](int) { FAIL() << "must not run"; }));
+  }
+  // Executors without dedicated threads decline.
+  SerialExecutor serial;
+  EXPECT_FALSE(serial.try_run_concurrent(1, [](int) { FAIL() << "must not run"; }));
+  auto tbb = make_tbb_executor(2);
+  EXPECT_FALSE(tbb->try_run_concurrent(2, [](int) { FAIL() << "must not run"; }));
+}
+
+TEST(SpinExecutor, NestedCallsRunInline) {
+  auto ex = make_spin_executor(3);
+  std::atomic<int64_t> sum{0};
+  ex->parallel_for(6, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      ex->parallel_for(10, 1, [&](int64_t b2, int64_t e2) {
+        for (int64_t j = b2; j < e2; ++j) sum.fetch_add(i * 10 + j);
+      });
+      EXPECT_FALSE(ex->try_run_concurrent(2, [](int) { FAIL() << "must not run"; }));
+    }
+  });
+  EXPECT_EQ(sum.load(), 59 * 60 / 2);
+}
+
+TEST(SpinExecutor, CallersOnSeveralThreads) {
+  // Two application threads share one executor: each call completes, whole and correct.
+  auto ex = make_spin_executor(3);
+  auto caller = [&](int64_t seed, int64_t* out) {
+    int64_t total = 0;
+    for (int r = 0; r < 200; ++r) {
+      std::atomic<int64_t> s{0};
+      ex->parallel_for(257, 2, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) s.fetch_add(i + seed);
+      });
+      total += s.load();
+    }
+    *out = total;
+  };
+  int64_t a = 0, b = 0;
+  std::thread t1(caller, 1, &a), t2(caller, 2, &b);
+  t1.join();
+  t2.join();
+  EXPECT_EQ(a, 200 * (256 * 257 / 2 + 257 * 1));
+  EXPECT_EQ(b, 200 * (256 * 257 / 2 + 257 * 2));
+}
+
+TEST(SpinExecutor, ExceptionsReachTheCaller) {
+  auto ex = make_spin_executor(3);
+  for (int thrower : {0, 1, 2}) {
+    EXPECT_THROW(ex->try_run_concurrent(3,
+                                        [&](int i) {
+                                          if (i == thrower) throw std::runtime_error("boom");
+                                        }),
+                 std::runtime_error)
+        << "thrower " << thrower;
+  }
+  EXPECT_THROW(ex->parallel_for_even(
+                   9, [](int64_t b, int64_t) { throw std::invalid_argument(std::to_string(b)); }),
+               std::invalid_argument);
+  // The pool still works afterwards.
+  expect_cover(*ex, 1000, 1, false);
+}
+
+TEST(SpinExecutor, SleepingWorkersWakeForTheNextJob) {
+  // spin_us = 0: the workers sleep on the futex as soon as they see no job.
+  auto ex = make_spin_executor(3, 0);
+  for (int r = 0; r < 20; ++r) {
+    std::this_thread::sleep_for(std::chrono::microseconds(r % 4 == 0 ? 2000 : 0));
+    expect_cover(*ex, 333, 1, r % 2 == 0);
+    std::atomic<int> arrived{0};
+    ASSERT_TRUE(ex->try_run_concurrent(3, [&](int) {
+      arrived.fetch_add(1);
+      while (arrived.load() < 3) std::this_thread::yield();
+    }));
+  }
+}
+
+TEST(Executor, EnvironmentChoosesTheKind) {
+  const char* old = std::getenv("TIDAL_EXECUTOR");
+  const std::string saved = old ? old : "";
+  setenv("TIDAL_EXECUTOR", "tbb", 1);
+  EXPECT_FALSE(make_executor(2)->try_run_concurrent(2, [](int) {}));
+  setenv("TIDAL_EXECUTOR", "spin", 1);
+  EXPECT_TRUE(make_executor(2)->try_run_concurrent(2, [](int) {}));
+  setenv("TIDAL_EXECUTOR", "openmp", 1);
+  try {
+    make_executor(2);
+    ADD_FAILURE() << "TIDAL_EXECUTOR=openmp was accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("openmp"), std::string::npos) << e.what();
+  }
+  if (old)
+    setenv("TIDAL_EXECUTOR", saved.c_str(), 1);
+  else
+    unsetenv("TIDAL_EXECUTOR");
+}
+
+}  // namespace
+}  // namespace tidal::kernels
