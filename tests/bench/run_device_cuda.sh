@@ -4,7 +4,7 @@
 # the CUDA kernel tests (C++), the device="cuda" Python tests (golden fixtures, graphs, VRAM
 # accounting, bad input) and tidal_bench_cuda (kernel bandwidth and the 40-layer decode step).
 # Logs and JSON lines go to $OUT (or ./bench-out); exit status non-zero when a test failed.
-# STEPS (default "cpp python bench"; run in that order) selects parts; ARCH (default 90) the CUDA
+# STEPS (default "cpp python bench"; run in that order; "build" builds only) selects parts; ARCH (default 90) the CUDA
 # architecture; GTEST_FILTER narrows the C++ tests (e.g. "*Cuda*").
 set -euo pipefail
 mkdir -p "${OUT:-bench-out}" /tmp/deps
@@ -54,6 +54,7 @@ run_profile() {
 for step in $steps; do
   echo "== $step"
   case $step in
+    build) ;;  # the build above is all
     cpp|python|bench|profile) "run_$step" ;;
     *) echo "unknown step $step"; failed=1 ;;
   esac

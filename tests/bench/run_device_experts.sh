@@ -54,8 +54,12 @@ if [[ $steps == *decode* ]]; then
     "$b" --shape 35b --m 1 --threads "$threads" --dtypes int4,int8 --executors spin,tbb --dataflow 0,1 --seconds 1
   done > "$out/decode_executors.jsonl"
   "$b" --shape 80b --m 1 --threads "$threads" --dtypes int4,int8 --executors spin,tbb --dataflow 0,1 > "$out/decode_executors_80b.jsonl"
+  for pf in ${PF_SWEEP:-}; do  # software prefetch distance (bytes) with the hand-off
+    TIDAL_EXPERT_PREFETCH=$pf "$b" --shape 35b --m 1 --threads "$threads" --dtypes int4,int8 --seconds 1 \
+      | sed "s/^{/{\"prefetch\":$pf,/"
+  done > "$out/decode_prefetch.jsonl"
   [[ -n ${SCALING:-} ]] && "$b" --shape 35b --m 1,4,16 --threads 1,2,4,8,"$threads" --dtypes int4,int8 > "$out/decode_scaling_spin.jsonl"
-  python3 - "$out"/decode_executors.jsonl "$out"/decode_executors_80b.jsonl <<'PY'
+  python3 - "$out"/decode_executors.jsonl "$out"/decode_executors_80b.jsonl "$out"/decode_prefetch.jsonl <<'PY'
 import json, sys
 for f in sys.argv[1:]:
     for line in open(f):
@@ -63,7 +67,7 @@ for f in sys.argv[1:]:
         if d["bench"] == "dispatch":
             print(f'dispatch {d["executor"]:5s} {d["threads"]} threads: {d["us_per_job"]} us/job')
         elif d["bench"] == "moe_experts":
-            print(f'{d["shape"][:10]} {d["dtype"]} m={d["m"]} {d["executor"]:5s} flow={d["dataflow"]} '
+            print(f'{d["shape"][:10]} {d["dtype"]} m={d["m"]} {d["executor"]:5s} flow={d["dataflow"]} pf={d.get("prefetch", "-")} '
                   f'{d["median_us"]:7.1f} us {d["bw_fraction"]:.3f} of {d["read_bw_gbps"]:.0f} GB/s '
                   f'phases {d["phase_us"]}')
 PY
