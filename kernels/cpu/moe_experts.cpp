@@ -25,15 +25,13 @@
 /// expert counts its finished gate/up tiles; the thread that finishes the last one prepares the
 /// expert's h and raises its ready flag, and a phase 2 item waits only for its own expert's flag.
 /// Shares of both phases follow expert order, so a thread mostly waits for itself and its
-/// neighbours. Phase 1 items are single matrices, (expert, gate or up, tile), so that a thread's
-/// share streams one matrix rather than gate and up side by side (half the concurrent DRAM
-/// streams); g and u go to slot-major buffers and the expert's last item forms silu(g)·u. A thread
-/// whose share of a phase is done takes items from the back of the other threads' shares (one
-/// atomic word per share holds its [front, back)), so one slow core (a shared machine's noise) does
-/// not hold up the call. After its last phase 2 item a thread waits for all (a spin barrier) and
-/// adds the slot outputs of its block of columns into dst: the serial sum over 8-10 slots written
-/// by other cores cost ~5 µs per call at 16 threads. The arithmetic is that of the two-phase path,
-/// item for item and column for column (tested bitwise); TIDAL_EXPERT_DATAFLOW=0 turns it off.
+/// neighbours. A thread whose share of a phase is done takes items from the back of the other
+/// threads' shares (one atomic word per share holds its [front, back)), so one slow core (a
+/// shared machine's noise) does not hold up the call. After its last phase 2 item a thread waits
+/// for all (a spin barrier) and adds the slot outputs of its block of columns into dst: the serial
+/// sum over 8-10 slots written by other cores cost ~5 µs per call at 16 threads. The arithmetic is
+/// that of the two-phase path, item for item and column for column (tested bitwise);
+/// TIDAL_EXPERT_DATAFLOW=0 turns it off.
 #include "kernels/cpu/moe_experts.h"
 
 #include <algorithm>
@@ -371,12 +369,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
       ready_[j].store(0, std::memory_order_relaxed);
     }
     const int T = ex.num_threads();
-    // Phase 1 items are single matrices here, (expert, gate or up, tile): a thread's share is one
-    // stream of one matrix, not the two streams of gate and up tiles side by side. g and u land in
-    // slot-major buffers; the expert's last item computes silu(g)·u as phase 1 does per tile.
-    const int64_t n1 = num_active * 2 * tiles_i, n2 = num_active * pairs;
-    gate_.resize(static_cast<size_t>(S * I));
-    up_.resize(static_cast<size_t>(S * I));
+    const int64_t n1 = num_active * tiles_i, n2 = num_active * pairs;
     order_token_slots();
     left_.store(T, std::memory_order_relaxed);
     // Column blocks of the final reduction: whole cache lines per thread.
@@ -392,35 +385,10 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
       ranges_[T + i].v.store(pack_range(n2 * i / T, n2 * (i + 1) / T), std::memory_order_relaxed);
     }
     auto gate_up_item = [&](int64_t w) {
-      const int64_t j = w / (2 * tiles_i), r = w % (2 * tiles_i), e = active_[j];
-      const bool is_up = r >= tiles_i;
-      const int64_t tile = r % tiles_i;
-      const bool big = large_[j];
-      const ExpertGemmVariant& v = big ? large : small;
-      const ActBuffer& buf = big ? act_large_ : act_small_;
-      const uint8_t* t = (is_up ? a.experts[e].up : a.experts[e].gate) + tile * lgu.tile_bytes;
-      float* out = (is_up ? up_ : gate_).data();
-      const int64_t col0 = tile * kTileRows, ncol = std::min(kTileRows, I - col0);
-      alignas(64) float y[kMaxRowsPerCall * kTileRows];
-      for (int64_t c0 = 0; c0 < count_[e]; c0 += kMaxRowsPerCall) {
-        const int64_t mc = std::min(kMaxRowsPerCall, count_[e] - c0);
-        v.run(lgu, t, buf.rows(row0_[j] + c0), mc, y);
-        for (int64_t i = 0; i < mc; ++i)
-          std::copy(y + i * kTileRows, y + i * kTileRows + ncol,
-                    out + (offset_[e] + c0 + i) * I + col0);
-      }
-      // The thread that completes expert j's items computes h and its phase 2 activations.
-      if (done_[j].fetch_add(1, std::memory_order_acq_rel) + 1 == 2 * tiles_i) {
-        for (int64_t s = offset_[e]; s < offset_[e + 1]; ++s) {
-          const float* g = gate_.data() + s * I;
-          const float* u = up_.data() + s * I;
-          float* h = hidden_.data() + s * I;
-          if (vec_silu) {
-            avx512::silu_mul(g, u, h, I);
-          } else {
-            for (int64_t c = 0; c < I; ++c) h[c] = silu(g[c]) * u[c];
-          }
-        }
+      phase1(w, w + 1);
+      // The thread that completes expert j's tiles prepares its phase 2 activations.
+      const int64_t j = w / tiles_i;
+      if (done_[j].fetch_add(1, std::memory_order_acq_rel) + 1 == tiles_i) {
         prepare_hidden(j);
         ready_[j].store(1, std::memory_order_release);
       }

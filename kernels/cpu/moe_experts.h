@@ -88,7 +88,7 @@ class MoeExperts {
   const char* used_large_ = nullptr;
   // Workspace.
   std::vector<int64_t> count_, offset_, fill_, active_, row0_, slot_token_, slot_row_;
-  std::vector<float> slot_weight_, hidden_, slot_out_, gate_, up_;
+  std::vector<float> slot_weight_, hidden_, slot_out_;
   std::vector<int64_t> token_slots_;
   std::vector<uint8_t> large_;  // per active expert: 1 if it runs the large-m variant
   ActBuffer tok_small_, tok_large_, act_small_, act_large_, hid_small_, hid_large_;

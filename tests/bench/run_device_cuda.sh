@@ -5,7 +5,8 @@
 # accounting, bad input) and tidal_bench_cuda (kernel bandwidth and the 40-layer decode step).
 # Logs and JSON lines go to $OUT (or ./bench-out); exit status non-zero when a test failed.
 # STEPS (default "cpp python bench"; run in that order; "build" builds only) selects parts; ARCH (default 90) the CUDA
-# architecture; GTEST_FILTER narrows the C++ tests (e.g. "*Cuda*").
+# architecture; GTEST_FILTER narrows the C++ tests (e.g. "*Cuda*"); NINJA_TARGETS narrows the build
+# (e.g. "_tidal": the Python module only).
 set -euo pipefail
 mkdir -p "${OUT:-bench-out}" /tmp/deps
 out=$(cd "${OUT:-bench-out}" && pwd)
@@ -21,7 +22,7 @@ cmake -S . -B build/gpu -G Ninja -DTIDAL_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${A
   -DTIDAL_BUILD_TESTS=ON -DTIDAL_BUILD_BENCHMARKS=ON -DCMAKE_PREFIX_PATH=/tmp/deps \
   -Dpybind11_DIR="$(python3 -c 'import pybind11; print(pybind11.get_cmake_dir())')" > "$log" 2>&1 \
   || { tail -30 "$log"; exit 1; }
-ninja -C build/gpu >> "$log" 2>&1 || { grep -E "error|FAILED" -A5 "$log" | head -60; exit 1; }
+ninja -C build/gpu ${NINJA_TARGETS:-} >> "$log" 2>&1 || { grep -E "error|FAILED" -A5 "$log" | head -60; exit 1; }
 ln -sf "$PWD"/build/gpu/python/_tidal*.so python/tidal/
 run_cpp() {
   ./build/gpu/tests/tidal_tests > "$out/cpp_tests.log" 2>&1 || failed=1

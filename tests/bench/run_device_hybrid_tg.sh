@@ -11,7 +11,7 @@ out=$(cd "${OUT:-bench-out}" && pwd)
 layers=${LAYERS:-8}
 dtype=${EXPERT_DTYPE:-int4}
 threads=${THREADS:-16}
-STEPS=build OUT="$out" bash tests/bench/run_device_cuda.sh > "$out/build_steps.log" 2>&1 \
+STEPS=build NINJA_TARGETS=${NINJA_TARGETS:-_tidal} OUT="$out" bash tests/bench/run_device_cuda.sh > "$out/build_steps.log" 2>&1 \
   || { tail -30 "$out/build_steps.log"; exit 1; }
 echo "built in ${SECONDS}s"
 export LD_LIBRARY_PATH=/tmp/deps/lib:${LD_LIBRARY_PATH:-} PYTHONPATH=$PWD/python
