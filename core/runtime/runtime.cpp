@@ -47,6 +47,9 @@ double measure_read_bandwidth(size_t bytes, int num_threads, int repeats) {
               "bandwidth buffer must be at least 1 MiB, got {} bytes", bytes);
   TIDAL_CHECK(repeats >= 1, InvalidArgument, "repeats must be >= 1, got {}", repeats);
   const int nt = num_threads > 0 ? num_threads : physical_core_count();
+  // The runtime's workers poll for work for TIDAL_SPIN_US after each job: let them fall asleep, or
+  // they share the cores with the probe's threads (a reading 10-20% low on the GPU machine).
+  kernels::wait_for_idle_workers(std::chrono::milliseconds(200));
   const size_t n = bytes / sizeof(uint64_t);
   std::vector<uint64_t> buf(n);
   for (size_t i = 0; i < n; ++i) buf[i] = i;  // touch every page before timing

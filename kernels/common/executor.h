@@ -3,6 +3,7 @@
 /// \brief The one threading interface kernels see: a parallel_for over an index range.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -52,6 +53,11 @@ std::unique_ptr<Executor> make_tbb_executor(int num_threads);
 /// spin between jobs for `spin_us` µs (< 0: TIDAL_SPIN_US, default 2000) and then sleep. See
 /// Note [Spinning workers] in executor_spin.cpp.
 std::unique_ptr<Executor> make_spin_executor(int num_threads, int64_t spin_us = -1);
+
+/// Waits, up to `max_wait`, until no worker of any spinning executor is polling for work (all
+/// asleep or busy), and says whether that happened. For measurements that need every core to
+/// themselves (the host read-bandwidth probe): pollers would share the cores with its threads.
+bool wait_for_idle_workers(std::chrono::milliseconds max_wait);
 
 /// The runtime's executor: the spinning one, or TBB's with TIDAL_EXECUTOR=tbb. Throws
 /// std::invalid_argument for another value of TIDAL_EXECUTOR.

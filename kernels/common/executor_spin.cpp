@@ -89,7 +89,10 @@ void futex_wake_all(std::atomic<uint32_t>& word) {
           nullptr, 0);
 }
 
-thread_local const void* t_inside = nullptr;  // the executor whose job this thread is running
+thread_local const void* t_inside = nullptr;
+
+// Workers of every spinning executor that are polling for a job right now (wait_for_idle_workers).
+std::atomic<int> g_polling{0};  // the executor whose job this thread is running
 
 class SpinExecutor final : public Executor {
  public:
@@ -221,6 +224,7 @@ class SpinExecutor final : public Executor {
     for (;;) {
       uint32_t g = gen_.load(std::memory_order_acquire);
       if (g == seen) {
+        g_polling.fetch_add(1, std::memory_order_relaxed);
         const int64_t t0 = now_ns();
         for (uint32_t spins = 1; g == seen; ++spins) {
           if (oversubscribed_)
@@ -228,12 +232,15 @@ class SpinExecutor final : public Executor {
           else
             cpu_relax();
           if ((spins & 255) == 0 && now_ns() - t0 > spin_ns_) {
+            g_polling.fetch_sub(1, std::memory_order_relaxed);
             sleepers_.fetch_add(1, std::memory_order_seq_cst);
             futex_wait(gen_, seen);
             sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+            g_polling.fetch_add(1, std::memory_order_relaxed);
           }
           g = gen_.load(std::memory_order_acquire);
         }
+        g_polling.fetch_sub(1, std::memory_order_relaxed);
       }
       seen = g;
       if (stop_.load(std::memory_order_acquire)) return;
@@ -301,6 +308,15 @@ std::unique_ptr<Executor> make_spin_executor(int num_threads, int64_t spin_us) {
   if (num_threads <= 0)
     num_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   return std::make_unique<SpinExecutor>(num_threads, spin_us < 0 ? default_spin_us() : spin_us);
+}
+
+bool wait_for_idle_workers(std::chrono::milliseconds max_wait) {
+  const auto end = std::chrono::steady_clock::now() + max_wait;
+  while (g_polling.load(std::memory_order_relaxed) > 0) {
+    if (std::chrono::steady_clock::now() >= end) return false;
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  return true;
 }
 
 std::unique_ptr<Executor> make_executor(int num_threads) {

@@ -6,6 +6,7 @@
 #include "kernels/common/executor.h"
 
 #include <gtest/gtest.h>
+#include <sched.h>
 
 #include <atomic>
 #include <chrono>
@@ -17,6 +18,12 @@
 
 namespace tidal::kernels {
 namespace {
+
+int sched_getaffinity_count() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  return sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 1;
+}
 
 // Each index of [0, n) seen exactly once.
 void expect_cover(Executor& ex, int64_t n, int64_t grain, bool even) {
@@ -162,6 +169,20 @@ TEST(SpinExecutor, SleepingWorkersWakeForTheNextJob) {
       while (arrived.load() < 3) std::this_thread::yield();
     }));
   }
+}
+
+TEST(SpinExecutor, IdleWorkersCanBeAwaited) {
+  // Workers poll for 100 ms after a job, then sleep: a short wait sees them polling, a long one
+  // sees them asleep (the read-bandwidth probe waits for that).
+  // Two threads: on a machine with fewer CPUs than threads the pool polls only 20 µs.
+  auto ex = make_spin_executor(2, 100000);
+  expect_cover(*ex, 100, 1, true);
+  if (sched_getaffinity_count() >= 2)
+    EXPECT_FALSE(wait_for_idle_workers(std::chrono::milliseconds(5)));
+  EXPECT_TRUE(wait_for_idle_workers(std::chrono::milliseconds(5000)));
+  expect_cover(*ex, 100, 1, false);  // and they wake for the next job
+  ex.reset();
+  EXPECT_TRUE(wait_for_idle_workers(std::chrono::milliseconds(0)));
 }
 
 TEST(Executor, EnvironmentChoosesTheKind) {
