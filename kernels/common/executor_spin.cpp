@@ -13,8 +13,12 @@
 /// way; no system call and no allocation per job. A worker that has seen no job for
 /// TIDAL_SPIN_US (default 2000 µs: longer than the GPU's share of a layer, shorter than a human
 /// pause) sleeps on a futex and is woken by the next job, so an idle runtime
-/// costs no CPU. Where the pool has more threads than the cores it may use, spinning would steal
-/// the time of the thread doing the work: the workers then spin only 20 µs and wait by yielding.
+/// costs no CPU. A waiting worker polls with `pause` for the first 50 µs (the next job of a step
+/// usually comes sooner) and then yields its core between polls (sched_yield): on an otherwise idle
+/// core that returns at once, but the process's other threads (the GPU-driving thread, CUDA's,
+/// the server's event loop) get the core when they need it; pure spinning for 2 ms made a
+/// 2-core CI machine's server test lose its race. Where the pool has more threads than the
+/// cores it may use, the workers yield from the start and poll only 20 µs.
 ///
 /// Jobs: `parallel_for_even` gives thread i the i-th contiguous share (the caller is thread 0);
 /// `parallel_for` hands out guided chunks (half the remaining work divided by the threads, at
@@ -70,6 +74,10 @@ int usable_cpus() {
   if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
   return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
+
+// Polling starts with `pause` for this long after a job (consecutive jobs of one step), then
+// yields the core between polls (Note [Spinning workers]).
+constexpr int64_t kPauseNs = 50'000;
 
 int64_t default_spin_us() {
   const char* e = std::getenv("TIDAL_SPIN_US");
@@ -226,11 +234,13 @@ class SpinExecutor final : public Executor {
       if (g == seen) {
         g_polling.fetch_add(1, std::memory_order_relaxed);
         const int64_t t0 = now_ns();
+        bool polite = oversubscribed_;
         for (uint32_t spins = 1; g == seen; ++spins) {
-          if (oversubscribed_)
+          if (polite)
             std::this_thread::yield();
           else
             cpu_relax();
+          if ((spins & 255) == 0 && !polite) polite = now_ns() - t0 > kPauseNs;
           if ((spins & 255) == 0 && now_ns() - t0 > spin_ns_) {
             g_polling.fetch_sub(1, std::memory_order_relaxed);
             sleepers_.fetch_add(1, std::memory_order_seq_cst);
