@@ -393,23 +393,34 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
         ready_[j].store(1, std::memory_order_release);
       }
     };
+    // A share that throws raises `abort_`, so that no other share waits for its work forever;
+    // the executor hands the exception to the caller.
+    abort_.store(false, std::memory_order_relaxed);
     auto down_item = [&](int64_t w) {
-      for (int spins = 0; ready_[w / pairs].load(std::memory_order_acquire) == 0; ++spins)
+      for (int spins = 0; ready_[w / pairs].load(std::memory_order_acquire) == 0; ++spins) {
+        if (abort_.load(std::memory_order_relaxed)) return;
         wait_a_little(spins);
+      }
       phase2_slots(w, w + 1);
     };
     auto share = [&](int i) {
-      for (int phase = 0; phase < 2; ++phase) {
-        Range* r = ranges_.get() + phase * T;
-        for (int64_t w; (w = take_front(r[i])) >= 0;) phase == 0 ? gate_up_item(w) : down_item(w);
-        for (int q = 1; q < T; ++q)
-          for (int64_t w; (w = take_back(r[(i + q) % T])) >= 0;)
-            phase == 0 ? gate_up_item(w) : down_item(w);
+      try {
+        for (int phase = 0; phase < 2; ++phase) {
+          Range* r = ranges_.get() + phase * T;
+          for (int64_t w; (w = take_front(r[i])) >= 0;) phase == 0 ? gate_up_item(w) : down_item(w);
+          for (int q = 1; q < T; ++q)
+            for (int64_t w; (w = take_back(r[(i + q) % T])) >= 0;)
+              phase == 0 ? gate_up_item(w) : down_item(w);
+        }
+      } catch (...) {
+        abort_.store(true, std::memory_order_relaxed);
+        left_.fetch_sub(1, std::memory_order_acq_rel);
+        throw;
       }
       // Once every slot output exists, each thread adds its block of columns into dst.
       left_.fetch_sub(1, std::memory_order_acq_rel);
       for (int spins = 0; left_.load(std::memory_order_acquire) != 0; ++spins) wait_a_little(spins);
-      reduce_block(0, M, col(i), col(i + 1));
+      if (!abort_.load(std::memory_order_relaxed)) reduce_block(0, M, col(i), col(i + 1));
     };
     if (ex.try_run_concurrent(T, std::ref(share))) {
       used_dataflow_ = true;

@@ -97,6 +97,7 @@ class MoeExperts {
   std::unique_ptr<std::atomic<int32_t>[]> ready_;
   int64_t flags_cap_ = 0;
   alignas(64) std::atomic<int> left_{0};  // threads still in phase 2 (hand-off)
+  std::atomic<bool> abort_{false};        // a share threw (hand-off)
   struct alignas(64) Range {
     std::atomic<uint64_t> v{0};  // [front, back) of a share of items: front low, back high
   };
