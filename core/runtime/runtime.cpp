@@ -397,6 +397,7 @@ std::map<std::string, std::string> Runtime::describe() const {
   d["expert_source"] = experts_->prepacked() ? "pre-packed" : experts_->source_format();
   d["expert_cache_file"] = experts_->cache_file().string();
   d["threads"] = std::to_string(executor_->num_threads());
+  d["cpu_executor"] = executor_->name();
   if (const auto* g = model_->cuda()) {
     d["gpu"] = g->device_name();
     d["gpu_weights"] = opts_.gpu_weights;

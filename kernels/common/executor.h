@@ -16,6 +16,8 @@ class Executor {
   virtual ~Executor() = default;
   /// Number of worker threads work is spread over.
   virtual int num_threads() const = 0;
+  /// "spin", "tbb" or "serial" (Runtime.describe()["cpu_executor"]).
+  virtual const char* name() const = 0;
   /// Calls fn(begin, end) on disjoint sub-ranges covering [0, n); blocks until all are done.
   /// `grain` is the smallest sub-range worth a task.
   virtual void parallel_for(int64_t n, int64_t grain,
@@ -40,6 +42,7 @@ class Executor {
 class SerialExecutor final : public Executor {
  public:
   int num_threads() const override { return 1; }
+  const char* name() const override { return "serial"; }
   void parallel_for(int64_t n, int64_t grain,
                     const std::function<void(int64_t, int64_t)>& fn) override {
     if (n > 0) fn(0, n);

@@ -72,6 +72,7 @@ class TbbExecutor final : public Executor {
   explicit TbbExecutor(int num_threads) : arena_(num_threads), pinner_(arena_, num_threads) {}
   ~TbbExecutor() override = default;
   int num_threads() const override { return arena_.max_concurrency(); }
+  const char* name() const override { return "tbb"; }
   void parallel_for(int64_t n, int64_t grain,
                     const std::function<void(int64_t, int64_t)>& fn) override {
     if (n <= 0) return;

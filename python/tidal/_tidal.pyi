@@ -116,7 +116,7 @@ class Runtime:
         deltanet_state, workspaces, used, free, total, limit."""
     def describe(self) -> dict[str, str]:
         """What runs: device, cpu, cpu_isa, cpu_isa_best, expert_dtype, expert_group_size,
-        expert_layout, expert_kernels, expert_cache, expert_cache_file, threads."""
+        expert_layout, expert_kernels, expert_cache, expert_cache_file, threads, cpu_executor."""
     def logits(self, token_ids: TokenIds) -> npt.NDArray[np.float32]:
         """float32 (len(token_ids), vocab_size): logits at every position of a fresh sequence."""
     def generate(

@@ -258,7 +258,7 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
                   "num_experts_per_tok": c.num_experts_per_tok, "weight_bytes": summary.total_bytes,
                   "active_weight_bytes_per_token": active, "dtypes": summary.dtypes},
         "load": load,
-        "caps": {"device": device, "cpu_threads": rt.num_threads, "gpu_memory": gpu_memory if on_gpu else None,
+        "caps": {"device": device, "cpu_threads": rt.num_threads, "cpu_executor": d.get("cpu_executor"), "gpu_memory": gpu_memory if on_gpu else None,
                  "gpu_weights": gpu_weights if on_gpu else None,
                  "gpu_precision": (gpu_precision or d.get("gpu_precision")) if on_gpu else None,
                  "expert_dtype": d["expert_dtype"], "expert_group_size": int(d["expert_group_size"]),

@@ -2,6 +2,7 @@
 """Quantised routed experts end to end: the golden models and tidal-mini with INT8 and INT4 experts,
 the KL divergence of their next-token distributions against BF16 experts, and the load options."""
 
+import os
 import pathlib
 
 import numpy as np
@@ -63,6 +64,8 @@ def test_load_options_and_describe():
     d = rt.describe()
     assert d["expert_dtype"] == "int4" and d["expert_group_size"] == "64" and d["cpu_isa"] == "ref"
     assert d["expert_kernels"] == "ref_int4"
+    # The runtime's CPU threads: tidal's spinning workers unless TIDAL_EXECUTOR=tbb asks for TBB.
+    assert d["cpu_executor"] == os.environ.get("TIDAL_EXECUTOR", "spin")
     mem = rt.stats().memory
     assert mem["experts_ram"] > 0 and mem["weights_ram"] > 0
     # The scalar reference and the best kernels of this CPU compute the same INT4 math.

@@ -190,8 +190,10 @@ TEST(Executor, EnvironmentChoosesTheKind) {
   const std::string saved = old ? old : "";
   setenv("TIDAL_EXECUTOR", "tbb", 1);
   EXPECT_FALSE(make_executor(2)->try_run_concurrent(2, [](int) {}));
+  EXPECT_STREQ(make_executor(2)->name(), "tbb");
   setenv("TIDAL_EXECUTOR", "spin", 1);
   EXPECT_TRUE(make_executor(2)->try_run_concurrent(2, [](int) {}));
+  EXPECT_STREQ(make_executor(2)->name(), "spin");
   setenv("TIDAL_EXECUTOR", "openmp", 1);
   try {
     make_executor(2);
