@@ -30,7 +30,7 @@ class Executor {
   /// Runs fn(i) for every i in [0, n) on n different threads at the same time, so the calls may
   /// wait on each other, and returns true; or returns false having run nothing, where that cannot
   /// be promised (an executor without dedicated threads, n > num_threads(), a call from inside a
-  /// job, or another thread's job running).
+  /// job).
   virtual bool try_run_concurrent(int n, const std::function<void(int)>& fn) {
     (void)n;
     (void)fn;

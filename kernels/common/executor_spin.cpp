@@ -23,8 +23,10 @@
 /// Jobs: `parallel_for_even` gives thread i the i-th contiguous share (the caller is thread 0);
 /// `parallel_for` hands out guided chunks (half the remaining work divided by the threads, at
 /// least `grain`) from an atomic counter; `try_run_concurrent` runs n functions on n threads at
-/// once, so they may wait on each other. A call made from inside a job, or while another thread's
-/// job runs, runs on the calling thread alone (and `try_run_concurrent` declines it).
+/// once, so they may wait on each other. A call made from inside a job runs on the calling thread
+/// alone (and `try_run_concurrent` declines it); a call from another application thread while a
+/// job runs waits for that job to end. After fork() the child has no workers: do not use an
+/// executor made before the fork there.
 #include <hwloc.h>
 #include <linux/futex.h>
 #include <sched.h>
@@ -110,16 +112,15 @@ class SpinExecutor final : public Executor {
         spin_ns_((oversubscribed_ ? std::min<int64_t>(spin_us, 20) : spin_us) * 1000) {
     pin_setup();
     workers_.reserve(static_cast<size_t>(n_ - 1));
-    for (int i = 1; i < n_; ++i) workers_.emplace_back([this, i] { worker(i); });
+    try {
+      for (int i = 1; i < n_; ++i) workers_.emplace_back([this, i] { worker(i); });
+    } catch (...) {  // no thread left joinable: std::system_error reaches the caller
+      shut_down();
+      throw;
+    }
   }
 
-  ~SpinExecutor() override {
-    stop_.store(true, std::memory_order_seq_cst);
-    gen_.fetch_add(1, std::memory_order_seq_cst);
-    futex_wake_all(gen_);
-    for (auto& t : workers_) t.join();
-    if (topo_ != nullptr) hwloc_topology_destroy(topo_);
-  }
+  ~SpinExecutor() override { shut_down(); }
 
   int num_threads() const override { return n_; }
   const char* name() const override { return "spin"; }
@@ -166,10 +167,29 @@ class SpinExecutor final : public Executor {
   enum class Mode { kEven, kGuided, kConcurrent };
 
   // Takes the pool for one job, or returns false (nested call, or another thread's job running).
+  void shut_down() {
+    stop_.store(true, std::memory_order_seq_cst);
+    gen_.fetch_add(1, std::memory_order_seq_cst);
+    futex_wake_all(gen_);
+    for (auto& t : workers_) t.join();
+    workers_.clear();
+    if (topo_ != nullptr) hwloc_topology_destroy(topo_);
+    topo_ = nullptr;
+  }
+
+  // Takes the pool for one job; false for a call from inside one of its jobs (run inline). A
+  // second application thread waits for the running job to end, then has every worker for its
+  // own: its work runs as parallel as before, jobs of the two interleaving.
   bool begin_job() {
     if (t_inside == this) return false;
-    bool expected = false;
-    return busy_.compare_exchange_strong(expected, true, std::memory_order_acquire);
+    for (int spins = 0;; ++spins) {
+      bool expected = false;
+      if (busy_.compare_exchange_weak(expected, true, std::memory_order_acquire)) return true;
+      if (spins < 64)
+        cpu_relax();
+      else
+        std::this_thread::yield();
+    }
   }
 
   void run_job() {

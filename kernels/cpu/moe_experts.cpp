@@ -355,7 +355,9 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
 
   // Decode on an executor whose shares run at once: one job, phase 2 of an expert starting as
   // soon as its own gate/up tiles are done. See Note [Per-expert hand-off].
-  if (decode && slot_major && dataflow_ && ex.num_threads() > 1) {
+  // Only where every expert runs the small variant: AMX BF16 (2+ tokens, opt-in) reads whole
+  // 16-row activation tiles, i.e. rows of the next expert that another thread may be preparing.
+  if (decode && slot_major && dataflow_ && rows_large == 0 && ex.num_threads() > 1) {
     hid_small_.reserve(small.act, ldn, rows_small, isa_, small.whole_tiles());
     if (rows_large > 0) hid_large_.reserve(large.act, ldn, rows_large, isa_, large.whole_tiles());
     slot_out_.resize(static_cast<size_t>(S * H));
@@ -425,6 +427,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
     if (ex.try_run_concurrent(T, std::ref(share))) {
       used_dataflow_ = true;
       lap(1);
+      phase_s_[2] = phase_s_[3] = 0.0;  // one job: all of it counts as phase 1
       return;
     }
   }

@@ -140,6 +140,33 @@ TEST(SpinExecutor, CallersOnSeveralThreads) {
   EXPECT_EQ(b, 200 * (256 * 257 / 2 + 257 * 2));
 }
 
+TEST(SpinExecutor, ASecondCallerWaitsForThePool) {
+  // While one application thread's job runs, another thread's try_run_concurrent waits for it and
+  // then runs on all threads at once (it is not declined, nor run on one thread).
+  auto ex = make_spin_executor(2);
+  std::atomic<bool> started{false}, release{false};
+  std::thread first([&] {
+    ex->parallel_for_even(2, [&](int64_t, int64_t) {
+      started = true;
+      while (!release) std::this_thread::yield();
+    });
+  });
+  while (!started) std::this_thread::yield();
+  std::atomic<int> arrived{0};
+  std::thread second([&] {
+    EXPECT_TRUE(ex->try_run_concurrent(2, [&](int) {
+      arrived.fetch_add(1);
+      while (arrived.load() < 2) std::this_thread::yield();
+    }));
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_EQ(arrived.load(), 0);  // still waiting for the first job
+  release = true;
+  first.join();
+  second.join();
+  EXPECT_EQ(arrived.load(), 2);
+}
+
 TEST(SpinExecutor, ExceptionsReachTheCaller) {
   auto ex = make_spin_executor(3);
   for (int thrower : {0, 1, 2}) {
