@@ -398,6 +398,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
     // A share that throws raises `abort_`, so that no other share waits for its work forever;
     // the executor hands the exception to the caller.
     abort_.store(false, std::memory_order_relaxed);
+    stolen_.store(0, std::memory_order_relaxed);
     auto down_item = [&](int64_t w) {
       for (int spins = 0; ready_[w / pairs].load(std::memory_order_acquire) == 0; ++spins) {
         if (abort_.load(std::memory_order_relaxed)) return;
@@ -411,8 +412,10 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
           Range* r = ranges_.get() + phase * T;
           for (int64_t w; (w = take_front(r[i])) >= 0;) phase == 0 ? gate_up_item(w) : down_item(w);
           for (int q = 1; q < T; ++q)
-            for (int64_t w; (w = take_back(r[(i + q) % T])) >= 0;)
+            for (int64_t w; (w = take_back(r[(i + q) % T])) >= 0;) {
+              stolen_.fetch_add(1, std::memory_order_relaxed);
               phase == 0 ? gate_up_item(w) : down_item(w);
+            }
         }
       } catch (...) {
         abort_.store(true, std::memory_order_relaxed);

@@ -62,6 +62,8 @@ class MoeExperts {
   void set_dataflow(bool on) { dataflow_ = on; }
   /// Whether the last run took the hand-off path.
   bool last_dataflow() const { return used_dataflow_; }
+  /// Items the last hand-off run took from other threads' shares.
+  int64_t last_stolen() const { return stolen_.load(std::memory_order_relaxed); }
   /// Names of the tile kernels the last run used (e.g. "avx512_vnni_int4+amx_int4").
   std::string last_variants() const;
   /// With profiling on, run() records the wall time of its phases: prepare x, gate/up, prepare
@@ -98,6 +100,7 @@ class MoeExperts {
   int64_t flags_cap_ = 0;
   alignas(64) std::atomic<int> left_{0};  // threads still in phase 2 (hand-off)
   std::atomic<bool> abort_{false};        // a share threw (hand-off)
+  std::atomic<int64_t> stolen_{0};        // items taken from others' shares (hand-off)
   struct alignas(64) Range {
     std::atomic<uint64_t> v{0};  // [front, back) of a share of items: front low, back high
   };

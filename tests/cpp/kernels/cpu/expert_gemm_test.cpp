@@ -9,11 +9,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <new>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "kernels/common/cpu_features.h"
@@ -590,6 +592,44 @@ TEST(MoeExperts, HandOffEqualsTwoPhasesBitwise) {
   MoeExperts op(cpu_features().best);
   op.run(p.args(dst.data()), *tbb);
   EXPECT_FALSE(op.last_dataflow());
+}
+
+// Runs try_run_concurrent on an inner executor with thread 0 held back, so that the others run
+// out of work first and take its items (Note [Per-expert hand-off]).
+class LateFirstThread final : public Executor {
+ public:
+  explicit LateFirstThread(Executor& inner) : inner_(inner) {}
+  int num_threads() const override { return inner_.num_threads(); }
+  const char* name() const override { return "late-first-thread"; }
+  void parallel_for(int64_t n, int64_t grain,
+                    const std::function<void(int64_t, int64_t)>& fn) override {
+    inner_.parallel_for(n, grain, fn);
+  }
+  bool try_run_concurrent(int n, const std::function<void(int)>& fn) override {
+    return inner_.try_run_concurrent(n, [&](int i) {
+      if (i == 0) std::this_thread::sleep_for(std::chrono::milliseconds(30));
+      fn(i);
+    });
+  }
+
+ private:
+  Executor& inner_;
+};
+
+TEST(MoeExperts, HandOffStealsFromASlowThreadAndStaysExact) {
+  auto spin = make_spin_executor(3);
+  LateFirstThread late(*spin);
+  for (auto dt : {ExpertDType::kINT8, ExpertDType::kINT4}) {
+    MoeProblem p(72, 40, 10, 3, 2, dt, 64, 71);
+    std::vector<float> flow(static_cast<size_t>(2 * 72), 0.5f), two(flow);
+    MoeExperts a(cpu_features().best), b(cpu_features().best);
+    b.set_dataflow(false);
+    a.run(p.args(flow.data()), late);
+    b.run(p.args(two.data()), *spin);
+    ASSERT_TRUE(a.last_dataflow());
+    EXPECT_GT(a.last_stolen(), 0) << "the held-back thread's items were not taken by the others";
+    EXPECT_EQ(flow, two) << expert_dtype_name(dt);
+  }
 }
 
 TEST(MoeExperts, ApproximateVariantsAreOptIn) {
