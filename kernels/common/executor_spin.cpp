@@ -88,7 +88,7 @@ int64_t default_spin_us() {
 }
 
 // The futex calls behind a sleeping worker: the kernel compares *word with `expected` atomically
-// with going to sleep. (libstdc++ 12's std::atomic::wait lost a wake-up here under test.)
+// with going to sleep, which is all the sleepers protocol needs (no waiter pool in between).
 static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t));
 void futex_wait(std::atomic<uint32_t>& word, uint32_t expected) {
   syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAIT_PRIVATE, expected, nullptr,
