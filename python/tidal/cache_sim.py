@@ -1,0 +1,177 @@
+# SPDX-License-Identifier: Apache-2.0
+"""VRAM expert-cache policies replayed on routing traces: how often a layer's routed experts would
+already be on the GPU, per policy, before the cache itself exists (docs/performance.md, "Expert
+cache policies on synthetic traces").
+
+    python -m tidal.cache_sim --slots 3900 --tokens 2000 [--layers 40 --experts 256 --top-k 8]
+
+The cache is one pool of `slots` expert slots shared by all MoE layers (keys are (layer, expert)).
+The trace's first `warmup` tokens fill the cache (and profile the static set); hits, misses and
+evictions count over the rest. Policies:
+
+- ``lru``: evict the least recently used expert.
+- ``lfu``: evict the expert with the lowest exponentially decayed use count (each token multiplies
+  every count by ``decay``; an access adds 1).
+- ``static``: the ``slots`` most used experts of the warm-up tokens stay resident; nothing is
+  replaced (no copies after the warm-up).
+
+Everything is deterministic for a given trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["CacheResult", "simulate", "POLICIES"]
+
+POLICIES = ("lru", "lfu", "static")
+
+
+@dataclass
+class CacheResult:
+    policy: str
+    slots: int
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    layer_hits: list[int] = field(default_factory=list)
+    layer_accesses: list[int] = field(default_factory=list)
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.hits + self.misses
+        return self.hits / n if n else 0.0
+
+    def layer_hit_rates(self) -> list[float]:
+        return [h / a if a else 0.0 for h, a in zip(self.layer_hits, self.layer_accesses)]
+
+
+def simulate(experts: np.ndarray, num_experts: int, slots: int, policy: str = "lru", *,
+             warmup: int = 0, decay: float = 0.98) -> CacheResult:
+    """Replays `experts` (tokens, layers, top_k) int ids, -1 for dense layers, through a cache of
+    `slots` experts under `policy`; counts over the tokens after the first `warmup`."""
+    experts = np.asarray(experts)
+    if experts.ndim != 3:
+        raise ValueError(f"experts must be (tokens, layers, top_k), got shape {experts.shape}")
+    if policy not in POLICIES:
+        raise ValueError(f"unknown cache policy {policy!r}: expected one of {', '.join(POLICIES)}")
+    if slots < 0:
+        raise ValueError(f"slots must be >= 0, got {slots}")
+    if not 0 <= warmup < experts.shape[0]:
+        raise ValueError(f"warmup must be in [0, {experts.shape[0]}), got {warmup}")
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"decay must be in (0, 1], got {decay}")
+    if experts.size and (experts.max() >= num_experts or experts.min() < -1):
+        raise ValueError(f"expert ids must be in [-1, {num_experts}), got [{experts.min()}, {experts.max()}]")
+    tokens, layers, _ = experts.shape
+    res = CacheResult(policy, slots, layer_hits=[0] * layers, layer_accesses=[0] * layers)
+    keys = np.where(experts >= 0, np.arange(layers)[None, :, None] * num_experts + experts, -1)
+
+    if policy == "static":
+        counts = np.bincount(keys[:warmup][keys[:warmup] >= 0].ravel(), minlength=layers * num_experts)
+        # The most used keys, ties broken by the lower key: deterministic.
+        order = np.lexsort((np.arange(counts.size), -counts))
+        resident = np.zeros(counts.size, bool)
+        resident[order[:slots]] = True
+        for t in range(warmup, tokens):
+            for layer in range(layers):
+                row = keys[t, layer]
+                row = row[row >= 0]
+                h = int(resident[row].sum())
+                res.layer_hits[layer] += h
+                res.layer_accesses[layer] += row.size
+        res.hits = sum(res.layer_hits)
+        res.misses = sum(res.layer_accesses) - res.hits
+        return res
+
+    lru: OrderedDict[int, None] = OrderedDict()
+    score = np.zeros(layers * num_experts)  # lfu: decayed count as of `stamp`
+    stamp = np.zeros(layers * num_experts)
+    resident = np.zeros(layers * num_experts, bool)
+    members: list[int] = []  # lfu: resident keys
+    step = 0
+    for t in range(tokens):
+        counted = t >= warmup
+        step += 1  # lfu: counts decay per token
+        for layer in range(layers):
+            row = keys[t, layer]
+            row = row[row >= 0]
+            if row.size == 0:
+                continue
+            for key in row.tolist():
+                hit = bool(resident[key])
+                if counted:
+                    res.layer_accesses[layer] += 1
+                    res.layer_hits[layer] += hit
+                if policy == "lru":
+                    if hit:
+                        lru.move_to_end(key)
+                        continue
+                    if slots == 0:
+                        continue
+                    if len(lru) >= slots:
+                        victim, _ = lru.popitem(last=False)
+                        resident[victim] = False
+                        res.evictions += counted
+                    lru[key] = None
+                    resident[key] = True
+                else:  # lfu
+                    score[key] = score[key] * decay ** (step - stamp[key]) + 1.0
+                    stamp[key] = step
+                    if hit or slots == 0:
+                        continue
+                    if len(members) >= slots:
+                        m = np.asarray(members)
+                        now = score[m] * np.power(decay, step - stamp[m])
+                        i = int(np.argmin(now))  # first minimum: deterministic
+                        victim = members[i]
+                        members[i] = members[-1]
+                        members.pop()
+                        resident[victim] = False
+                        res.evictions += counted
+                    members.append(key)
+                    resident[key] = True
+    res.hits = sum(res.layer_hits)
+    res.misses = sum(res.layer_accesses) - res.hits
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .routing import synthetic_trace
+
+    ap = argparse.ArgumentParser(prog="python -m tidal.cache_sim", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--slots", type=int, required=True, help="expert slots in VRAM (all layers together)")
+    ap.add_argument("--tokens", type=int, default=2000)
+    ap.add_argument("--layers", type=int, default=40)
+    ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=None, help="tokens that fill the cache (default: a quarter)")
+    ap.add_argument("--decay", type=float, default=0.98)
+    ap.add_argument("--traces", default="random:0:0,skewed:1.0:0.5",
+                    help="name:zipf_skew:reuse,... synthetic traces (tidal.routing.synthetic_trace)")
+    a = ap.parse_args(argv)
+    warmup = a.tokens // 4 if a.warmup is None else a.warmup
+    total = a.layers * a.experts
+    print(f"{a.slots} slots of {total} routed experts ({100.0 * a.slots / total:.1f}%), {a.tokens} tokens "
+          f"({warmup} warm-up), {a.layers} layers, top-{a.top_k} of {a.experts}")
+    print("| trace | policy | hit rate | evictions per token | worst layer |")
+    print("|---|---|---:|---:|---:|")
+    for spec in a.traces.split(","):
+        name, skew, reuse = spec.split(":")
+        trace = synthetic_trace(a.tokens, a.layers, a.experts, a.top_k, skew=float(skew), reuse=float(reuse))
+        for policy in POLICIES:
+            r = simulate(trace, a.experts, a.slots, policy, warmup=warmup, decay=a.decay)
+            counted = a.tokens - warmup
+            worst = min(r.layer_hit_rates()) if r.layer_accesses else math.nan
+            print(f"| {name} (skew {skew}, reuse {reuse}) | {policy} | {100 * r.hit_rate:.1f}% | "
+                  f"{r.evictions / counted:.1f} | {100 * worst:.1f}% |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
