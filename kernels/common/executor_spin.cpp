@@ -27,7 +27,6 @@
 /// alone (and `try_run_concurrent` declines it); a call from another application thread while a
 /// job runs waits for that job to end. After fork() the child has no workers: do not use an
 /// executor made before the fork there.
-#include <hwloc.h>
 #include <linux/futex.h>
 #include <sched.h>
 #include <sys/syscall.h>
@@ -51,6 +50,7 @@
 #include <immintrin.h>
 #endif
 
+#include "kernels/common/core_pinning.h"
 #include "kernels/common/executor.h"
 
 namespace tidal::kernels {
@@ -109,8 +109,8 @@ class SpinExecutor final : public Executor {
   SpinExecutor(int num_threads, int64_t spin_us)
       : n_(std::max(1, num_threads)),
         oversubscribed_(n_ > usable_cpus()),
-        spin_ns_((oversubscribed_ ? std::min<int64_t>(spin_us, 20) : spin_us) * 1000) {
-    pin_setup();
+        spin_ns_((oversubscribed_ ? std::min<int64_t>(spin_us, 20) : spin_us) * 1000),
+        pins_(n_) {
     workers_.reserve(static_cast<size_t>(n_ - 1));
     try {
       for (int i = 1; i < n_; ++i) workers_.emplace_back([this, i] { worker(i); });
@@ -173,8 +173,6 @@ class SpinExecutor final : public Executor {
     futex_wake_all(gen_);
     for (auto& t : workers_) t.join();
     workers_.clear();
-    if (topo_ != nullptr) hwloc_topology_destroy(topo_);
-    topo_ = nullptr;
   }
 
   // Takes the pool for one job; false for a call from inside one of its jobs (run inline). A
@@ -246,7 +244,7 @@ class SpinExecutor final : public Executor {
   }
 
   void worker(int i) {
-    pin(i);
+    pins_.bind(i);
     // Generation 0 is the pool's state before any job; reading gen_ here instead would miss a job
     // published before this thread got going.
     uint32_t seen = 0;
@@ -282,39 +280,10 @@ class SpinExecutor final : public Executor {
     }
   }
 
-  // Note [Worker pinning] (executor_tbb.cpp): worker i on physical core i; core 0 is left to the
-  // caller's thread. Skipped when the pool has more threads than cores or TIDAL_PIN_THREADS=0.
-  void pin_setup() {
-    const char* env = std::getenv("TIDAL_PIN_THREADS");
-    if (env != nullptr && std::strcmp(env, "0") == 0) return;
-    if (hwloc_topology_init(&topo_) != 0) {
-      topo_ = nullptr;
-      return;
-    }
-    if (hwloc_topology_load(topo_) != 0) {
-      hwloc_topology_destroy(topo_);
-      topo_ = nullptr;
-      return;
-    }
-    cores_ = hwloc_get_nbobjs_by_type(topo_, HWLOC_OBJ_CORE);
-    if (cores_ <= 0 || n_ > cores_) cores_ = 0;
-  }
-  void pin(int i) {
-    if (topo_ == nullptr || cores_ <= 0) return;
-    hwloc_obj_t core =
-        hwloc_get_obj_by_type(topo_, HWLOC_OBJ_CORE, static_cast<unsigned>(i % cores_));
-    if (core == nullptr || core->cpuset == nullptr) return;
-    hwloc_bitmap_t set = hwloc_bitmap_dup(core->cpuset);
-    hwloc_bitmap_singlify(set);
-    hwloc_set_cpubind(topo_, set, HWLOC_CPUBIND_THREAD);  // best effort: a refusal is harmless
-    hwloc_bitmap_free(set);
-  }
-
   const int n_;
   const bool oversubscribed_;
   const int64_t spin_ns_;
-  hwloc_topology_t topo_ = nullptr;
-  int cores_ = 0;
+  CorePinning pins_;  // Note [Worker pinning] (executor_tbb.cpp): worker i on core i
   std::vector<std::thread> workers_;
 
   // The job: written by the caller before gen_ is bumped, read by workers after they see it.

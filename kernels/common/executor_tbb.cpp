@@ -12,7 +12,6 @@
 /// The application's own thread (it joins as the arena's master) is left unpinned. Pinning is
 /// skipped when the arena has more threads than the machine has cores, or with
 /// TIDAL_PIN_THREADS=0.
-#include <hwloc.h>
 #include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
 #include <tbb/partitioner.h>
@@ -24,6 +23,7 @@
 #include <cstring>
 #include <thread>
 
+#include "kernels/common/core_pinning.h"
 #include "kernels/common/executor.h"
 
 namespace tidal::kernels {
@@ -31,40 +31,17 @@ namespace {
 
 class CorePinner final : public tbb::task_scheduler_observer {
  public:
-  CorePinner(tbb::task_arena& arena, int threads) : tbb::task_scheduler_observer(arena) {
-    const char* env = std::getenv("TIDAL_PIN_THREADS");
-    if (env != nullptr && std::strcmp(env, "0") == 0) return;
-    if (hwloc_topology_init(&topo_) != 0) return;
-    if (hwloc_topology_load(topo_) != 0) {
-      hwloc_topology_destroy(topo_);
-      topo_ = nullptr;
-      return;
-    }
-    cores_ = hwloc_get_nbobjs_by_type(topo_, HWLOC_OBJ_CORE);
-    if (cores_ <= 0 || threads > cores_) return;
-    observe(true);
+  CorePinner(tbb::task_arena& arena, int threads)
+      : tbb::task_scheduler_observer(arena), cores_(threads) {
+    if (cores_.active()) observe(true);
   }
-  ~CorePinner() override {
-    observe(false);
-    if (topo_ != nullptr) hwloc_topology_destroy(topo_);
-  }
+  ~CorePinner() override { observe(false); }
   void on_scheduler_entry(bool is_worker) override {
-    if (!is_worker) return;
-    const int slot = tbb::this_task_arena::current_thread_index();
-    if (slot < 0) return;
-    hwloc_obj_t core =
-        hwloc_get_obj_by_type(topo_, HWLOC_OBJ_CORE, static_cast<unsigned>(slot % cores_));
-    if (core == nullptr || core->cpuset == nullptr) return;
-    hwloc_bitmap_t set = hwloc_bitmap_dup(core->cpuset);
-    hwloc_bitmap_singlify(set);
-    hwloc_set_cpubind(topo_, set, HWLOC_CPUBIND_THREAD);  // best effort: a refusal is harmless
-    hwloc_bitmap_free(set);
+    if (is_worker) cores_.bind(tbb::this_task_arena::current_thread_index());
   }
 
  private:
-  hwloc_topology_t topo_ = nullptr;
-  int cores_ = 0;
-  std::atomic<int> next_core_{1};  // core 0 is left to the application's thread
+  CorePinning cores_;
 };
 
 class TbbExecutor final : public Executor {
