@@ -92,7 +92,18 @@ PackedValue packed_value(const PackedLayout& layout, const uint8_t* packed, int6
 ///  - kBf16Split: x ≈ hi + lo, both bf16 (error ≲ 2⁻¹⁷|x|), zero-padded.
 ///  - kInt8Groups: per group g: scale s_g = max|x|/127, q = round(x / s_g) in [-127, 127], and
 ///    sum_g = Σ q (used to undo the unsigned weight offset).
-enum class ActKind : uint8_t { kF32, kBf16Split, kInt8Groups };
+///  - kBf16: x rounded to bf16 (relative error ≤ 2⁻⁸), zero-padded.
+enum class ActKind : uint8_t { kF32, kBf16Split, kInt8Groups, kBf16 };
+
+/// How far a variant's results may stray from the reference (Note [AMX BF16 is opt-in]).
+///  - kExact: fp32 reassociation only (INT variants: bit-identical integer sums).
+///  - kSplit: bf16 products of hi + lo activations, ~2⁻¹⁷ relative per activation.
+///  - kBf16Activations: activations rounded to bf16 (≤ 2⁻⁸), as transformers in bf16, llama.cpp's
+///    bf16 vec_dot and KTransformers' AMX kernels compute.
+enum class Approximation : uint8_t { kExact = 0, kSplit = 1, kBf16Activations = 2 };
+/// Parses TIDAL_EXPERT_AMX_BF16-style values: "0"/"" → kExact, "1"/"split" → kSplit, "bf16" →
+/// kBf16Activations; anything else throws std::invalid_argument naming the accepted values.
+Approximation parse_approximation(std::string_view s);
 
 /// Prepared activation rows for one micro-kernel call (row i at base + i * ld).
 struct ActRows {
@@ -164,9 +175,9 @@ struct ExpertGemmVariant {
   TileKernelFn run;
   TileKernel2Fn run2 = nullptr;  ///< optional: two tiles in one pass (AMX)
   int64_t group_multiple = 1;    ///< it needs the quantisation group to be a multiple of this
-  /// Its results may differ from the reference by more than fp32 reassociation (AMX BF16: see
-  /// Note [AMX BF16 is opt-in]); selected only when asked for.
-  bool approximate = false;
+  /// How far its results may differ from the reference (AMX BF16: see Note [AMX BF16 is
+  /// opt-in]); selected only when the caller allows at least this.
+  Approximation approximation = Approximation::kExact;
 
   /// Whether it reads whole 16-row activation tiles (AMX), so the rows past the call's token
   /// rows must be readable zeros (ActBuffer::reserve's `zero_spare`).
@@ -191,9 +202,10 @@ struct ExpertGemmVariant {
 const std::vector<ExpertGemmVariant>& expert_gemm_variants();
 
 /// The best variant for `dtype` at `max_isa` that accepts `rows` token rows and, when given,
-/// `layout` (never fails: the reference accepts everything).
+/// `layout`, and approximates no more than `allowed` (never fails: the reference accepts
+/// everything).
 const ExpertGemmVariant& select_expert_gemm(ExpertDType dtype, Isa max_isa, int64_t rows,
                                             const PackedLayout* layout = nullptr,
-                                            bool allow_approximate = false);
+                                            Approximation allowed = Approximation::kExact);
 
 }  // namespace tidal::kernels::cpu

@@ -23,7 +23,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "kernels/cpu/expert_gemm_ref.h"
 
@@ -72,7 +74,10 @@ inline void prefetch(const uint8_t* p, int64_t bytes) {
 
 // ---------------------------------------------------------------- BF16
 
-template <int NB>
+// kSplit: x = hi + lo, both halves against the same weights (Note [AMX activation split]);
+// otherwise x rounded to bf16 (ActKind::kBf16, Approximation::kBf16Activations). The four C
+// tiles' chains are interleaved so that consecutive products never feed the same accumulator.
+template <int NB, bool kSplit>
 void bf16_pass(const uint8_t* t0, const uint8_t* t1, const uint16_t* a, const uint16_t* a_lo,
                int64_t ld, int64_t chunks, float* c0, float* c1) {
   _tile_zero(0);
@@ -88,20 +93,23 @@ void bf16_pass(const uint8_t* t0, const uint8_t* t1, const uint16_t* a, const ui
     prefetch(t1 + kc * 1024, 1024);
     _tile_loadd(6, t0 + kc * 1024, 64);
     _tile_loadd(7, t1 + kc * 1024, 64);
-    // x = hi + lo: both halves against the same weights (Note [AMX activation split]).
     _tile_loadd(4, a + kc * 32, lda);
-    _tile_loadd(5, a_lo + kc * 32, lda);
+    if constexpr (NB == 2) _tile_loadd(5, a + 16 * ld + kc * 32, lda);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(0, 5, 6);
-    _tile_dpbf16ps(1, 5, 7);
     if constexpr (NB == 2) {
-      _tile_loadd(4, a + 16 * ld + kc * 32, lda);
-      _tile_loadd(5, a_lo + 16 * ld + kc * 32, lda);
-      _tile_dpbf16ps(2, 4, 6);
-      _tile_dpbf16ps(3, 4, 7);
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
+    }
+    if constexpr (kSplit) {
+      _tile_loadd(4, a_lo + kc * 32, lda);
+      if constexpr (NB == 2) _tile_loadd(5, a_lo + 16 * ld + kc * 32, lda);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if constexpr (NB == 2) {
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
     }
   }
   memory_barrier();  // earlier reads of c0/c1 by the caller come before these stores
@@ -114,6 +122,7 @@ void bf16_pass(const uint8_t* t0, const uint8_t* t1, const uint16_t* a, const ui
   memory_barrier();
 }
 
+template <bool kSplit>
 void bf16_run2(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a,
                int64_t m, float* d0, float* d1) {
   configure_tiles();
@@ -122,11 +131,11 @@ void bf16_run2(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, cons
   for (int64_t r0 = 0; r0 < m; r0 += 32) {
     const int64_t rows = std::min<int64_t>(32, m - r0);
     const uint16_t* ap = a.bf16 + r0 * a.ld;
-    const uint16_t* lp = a.bf16_lo + r0 * a.ld;
+    const uint16_t* lp = kSplit ? a.bf16_lo + r0 * a.ld : nullptr;
     if (rows > 16)
-      bf16_pass<2>(t0, t1, ap, lp, a.ld, chunks, c0, c1);
+      bf16_pass<2, kSplit>(t0, t1, ap, lp, a.ld, chunks, c0, c1);
     else
-      bf16_pass<1>(t0, t1, ap, lp, a.ld, chunks, c0, c1);
+      bf16_pass<1, kSplit>(t0, t1, ap, lp, a.ld, chunks, c0, c1);
     std::memcpy(d0 + r0 * kTileRows, c0, static_cast<size_t>(rows * kTileRows) * sizeof(float));
     std::memcpy(d1 + r0 * kTileRows, c1, static_cast<size_t>(rows * kTileRows) * sizeof(float));
   }
@@ -151,16 +160,50 @@ inline void unpack_int4(const uint8_t* gb, int64_t cl0, uint8_t* dst) {
   }
 }
 
-template <int NB, bool kInt4>
+// The fp32 epilogue of one group: acc += float(C - off · Σq_x) · (s_w · s_x) per token row, the
+// VNNI kernel's operations in its order (bit-identical results). `c` holds the group's 2·NB
+// int32 C tiles as stored: [2·blk + j][16 rows][16 outputs].
+template <int NB>
+inline void int_epilogue(const int32_t* c, const uint16_t* s0, const uint16_t* s1, const ActRows& a,
+                         int64_t g, int64_t rows, int32_t offset, float* acc0, float* acc1) {
+  const __m512 ws0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s0)));
+  const __m512 ws1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s1)));
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t gi = r * a.ld_group + g;
+    const __m512i corr = _mm512_set1_epi32(offset * a.q_sum[gi]);
+    const __m512 xs = _mm512_set1_ps(a.q_scale[gi]);
+    const int64_t blk = r / 16, rr = r % 16;
+    const __m512i i0 = _mm512_sub_epi32(_mm512_load_si512(c + (2 * blk) * 256 + rr * 16), corr);
+    const __m512i i1 = _mm512_sub_epi32(_mm512_load_si512(c + (2 * blk + 1) * 256 + rr * 16), corr);
+    float* a0 = acc0 + r * kTileRows;
+    float* a1 = acc1 + r * kTileRows;
+    _mm512_storeu_ps(
+        a0, _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_mul_ps(ws0, xs), _mm512_loadu_ps(a0)));
+    _mm512_storeu_ps(
+        a1, _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_mul_ps(ws1, xs), _mm512_loadu_ps(a1)));
+  }
+}
+
+// Note [AMX group epilogue one group late]
+// AMX has no move from a tile to vector registers: C goes through memory. Reading a C tile right
+// after `tilestored` waits for the store to commit, and the store waits for the group's products:
+// every group ran products, drain, store, epilogue in series (the single-tile micro-benchmark:
+// ~500 ns per group for ~60 ns of products). Here group g's C tiles go to one of two buffers, and
+// the epilogue of group g - 1 (stored one group earlier) is issued right after group g's
+// products, so the vector units fold g - 1 while the tile unit multiplies g. The buffers are
+// 4 KiB + 256 B apart, so their rows do not alias modulo 4 KiB. Same operations in the same order
+// per output: bit-identical to the VNNI kernel.
+template <int NB, bool kInt4, bool kLate>
 void int_pass(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a,
               int64_t rows, float* acc0, float* acc1) {
   constexpr int32_t kOffset = kInt4 ? 8 : 128;
+  constexpr int64_t kBufInts = 4 * 256 + 64;  // 4 KiB + 256 B
   const int64_t G = l.group, per_group = G / 64;
   const auto lda = static_cast<long>(a.ld);
   const auto* s0 = reinterpret_cast<const uint16_t*>(t0 + l.data_bytes);
   const auto* s1 = reinterpret_cast<const uint16_t*>(t1 + l.data_bytes);
   alignas(64) uint8_t u0[1024], u1[1024];
-  alignas(64) int32_t c[4][16 * 16];
+  alignas(64) int32_t c[2][kBufInts];
   for (int64_t i = 0; i < rows * kTileRows; ++i) acc0[i] = acc1[i] = 0.f;
   for (int64_t g = 0; g < l.num_groups; ++g) {
     _tile_zero(0);
@@ -199,33 +242,36 @@ void int_pass(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const
         _tile_dpbsud(3, 5, 7);
       }
     }
-    memory_barrier();  // the previous group's epilogue reads of c come before these stores
-    _tile_stored(0, c[0], 64);
-    _tile_stored(1, c[1], 64);
+    // Group g - 1's epilogue while this group's products run (Note [AMX group epilogue one group
+    // late]); its loads come before this group's stores, so they never wait for them.
+    if (kLate && g > 0)
+      int_epilogue<NB>(c[(g - 1) & 1], s0 + (g - 1) * kTileRows, s1 + (g - 1) * kTileRows, a, g - 1,
+                       rows, kOffset, acc0, acc1);
+    int32_t* cb = c[g & 1];
+    memory_barrier();  // the epilogue's reads of this buffer (group g - 2) come before the stores
+    _tile_stored(0, cb, 64);
+    _tile_stored(1, cb + 256, 64);
     if constexpr (NB == 2) {
-      _tile_stored(2, c[2], 64);
-      _tile_stored(3, c[3], 64);
+      _tile_stored(2, cb + 512, 64);
+      _tile_stored(3, cb + 768, 64);
     }
-    memory_barrier();
-    const __m512 ws0 =
-        _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s0 + g * kTileRows)));
-    const __m512 ws1 =
-        _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s1 + g * kTileRows)));
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t gi = r * a.ld_group + g;
-      const __m512i corr = _mm512_set1_epi32(kOffset * a.q_sum[gi]);
-      const __m512 xs = _mm512_set1_ps(a.q_scale[gi]);
-      const int blk = static_cast<int>(r / 16), rr = static_cast<int>(r % 16);
-      const __m512i i0 = _mm512_sub_epi32(_mm512_load_si512(c[2 * blk] + rr * 16), corr);
-      const __m512i i1 = _mm512_sub_epi32(_mm512_load_si512(c[2 * blk + 1] + rr * 16), corr);
-      float* a0 = acc0 + r * kTileRows;
-      float* a1 = acc1 + r * kTileRows;
-      _mm512_storeu_ps(
-          a0, _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_mul_ps(ws0, xs), _mm512_loadu_ps(a0)));
-      _mm512_storeu_ps(
-          a1, _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_mul_ps(ws1, xs), _mm512_loadu_ps(a1)));
-    }
+    memory_barrier();  // the stores come before the next epilogue's reads
+    if (!kLate)        // the previous order, kept for comparison (TIDAL_AMX_LATE_EPILOGUE=0)
+      int_epilogue<NB>(cb, s0 + g * kTileRows, s1 + g * kTileRows, a, g, rows, kOffset, acc0, acc1);
   }
+  if constexpr (kLate) {
+    const int64_t g = l.num_groups - 1;
+    int_epilogue<NB>(c[g & 1], s0 + g * kTileRows, s1 + g * kTileRows, a, g, rows, kOffset, acc0,
+                     acc1);
+  }
+}
+
+bool late_epilogue() {
+  static const bool on = [] {
+    const char* e = std::getenv("TIDAL_AMX_LATE_EPILOGUE");
+    return e == nullptr || std::string(e) != "0";
+  }();
+  return on;
 }
 
 template <bool kInt4>
@@ -235,10 +281,19 @@ void int_run2(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const
   for (int64_t r0 = 0; r0 < m; r0 += 32) {
     const int64_t rows = std::min<int64_t>(32, m - r0);
     const ActRows ar = a.shifted(r0);
-    if (rows > 16)
-      int_pass<2, kInt4>(l, t0, t1, ar, rows, d0 + r0 * kTileRows, d1 + r0 * kTileRows);
-    else
-      int_pass<1, kInt4>(l, t0, t1, ar, rows, d0 + r0 * kTileRows, d1 + r0 * kTileRows);
+    float* a0 = d0 + r0 * kTileRows;
+    float* a1 = d1 + r0 * kTileRows;
+    if (late_epilogue()) {
+      if (rows > 16)
+        int_pass<2, kInt4, true>(l, t0, t1, ar, rows, a0, a1);
+      else
+        int_pass<1, kInt4, true>(l, t0, t1, ar, rows, a0, a1);
+    } else {
+      if (rows > 16)
+        int_pass<2, kInt4, false>(l, t0, t1, ar, rows, a0, a1);
+      else
+        int_pass<1, kInt4, false>(l, t0, t1, ar, rows, a0, a1);
+    }
   }
 }
 
@@ -247,7 +302,12 @@ void int_run2(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const
 void tile_bf16(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m,
                float* dst) {
   alignas(64) static thread_local float scratch[kMaxRowsPerCall * kTileRows];
-  bf16_run2(l, tile, tile, a, m, dst, scratch);
+  bf16_run2<true>(l, tile, tile, a, m, dst, scratch);
+}
+void tile_bf16_act(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m,
+                   float* dst) {
+  alignas(64) static thread_local float scratch[kMaxRowsPerCall * kTileRows];
+  bf16_run2<false>(l, tile, tile, a, m, dst, scratch);
 }
 void tile_int8(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m,
                float* dst) {
@@ -261,7 +321,11 @@ void tile_int4(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int
 }
 void tile2_bf16(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a,
                 int64_t m, float* d0, float* d1) {
-  bf16_run2(l, t0, t1, a, m, d0, d1);
+  bf16_run2<true>(l, t0, t1, a, m, d0, d1);
+}
+void tile2_bf16_act(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a,
+                    int64_t m, float* d0, float* d1) {
+  bf16_run2<false>(l, t0, t1, a, m, d0, d1);
 }
 void tile2_int8(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a,
                 int64_t m, float* d0, float* d1) {

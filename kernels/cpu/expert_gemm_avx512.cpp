@@ -272,6 +272,7 @@ void prepare_bf16(const float* x, int64_t k, int64_t k_pad, uint16_t* dst, uint1
     const __m512 v = _mm512_maskz_loadu_ps(m, x + c);
     const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), h);
+    if (lo == nullptr) continue;  // ActKind::kBf16: hi only
     // x - float(hi), exactly representable in fp32, then rounded to bf16 like the scalar path.
     const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + c),

@@ -299,6 +299,9 @@ void ActBuffer::reserve(ActKind kind_, const PackedLayout& l, int64_t rows_, Isa
       grow_zero(bf16, cap);
       grow_zero(bf16_lo, cap);
       break;
+    case ActKind::kBf16:
+      grow_zero(bf16, cap);
+      break;
     case ActKind::kInt8Groups:
       grow_zero(q, cap);
       if (q_scale.size() < static_cast<size_t>(rows_ * num_groups)) {
@@ -331,6 +334,16 @@ void ActBuffer::prepare(int64_t row, const float* x) {
       }
       std::fill(hi + k, hi + k_pad, uint16_t{0});
       std::fill(lo + k, lo + k_pad, uint16_t{0});
+      break;
+    }
+    case ActKind::kBf16: {
+      uint16_t* hi = bf16.data() + o;
+      if (isa >= Isa::kAvx512) {
+        avx512::prepare_bf16(x, k, k_pad, hi, nullptr);
+        break;
+      }
+      for (int64_t c = 0; c < k; ++c) hi[c] = f32_to_bf16(x[c]);
+      std::fill(hi + k, hi + k_pad, uint16_t{0});
       break;
     }
     case ActKind::kInt8Groups: {
@@ -372,6 +385,9 @@ void ActBuffer::copy_row(int64_t row, const ActBuffer& src, int64_t src_row) {
     case ActKind::kBf16Split:
       cp(bf16, src.bf16, k_pad, ld);
       cp(bf16_lo, src.bf16_lo, k_pad, ld);
+      break;
+    case ActKind::kBf16:
+      cp(bf16, src.bf16, k_pad, ld);
       break;
     case ActKind::kInt8Groups:
       cp(q, src.q, k_pad, ld);

@@ -27,21 +27,26 @@ void tile_int8(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int
 void tile_int4(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
 /// h[i] = silu(g[i]) · u[i], vectorised exp (~2 ulp).
 void silu_mul(const float* g, const float* u, float* h, int64_t n);
-/// ActBuffer::prepare for kBf16Split (hi into dst, lo) and kInt8Groups, bit-identical to the
-/// scalar code.
+/// ActBuffer::prepare for kBf16Split (hi into dst, lo; lo null: kBf16) and kInt8Groups,
+/// bit-identical to the scalar code.
 void prepare_bf16(const float* x, int64_t k, int64_t k_pad, uint16_t* dst, uint16_t* lo);
 void prepare_int8(const float* x, int64_t k, int64_t group, int64_t num_groups, int8_t* q,
                   float* scale, int32_t* sum);
 }  // namespace avx512
 
 namespace amx {
-/// BF16 with kBf16Split activations; INT8/INT4 with kInt8Groups (groups of 64 or 128).
+/// BF16 with kBf16Split activations (tile_bf16) or kBf16 (tile_bf16_act); INT8/INT4 with
+/// kInt8Groups (groups of 64 or 128).
 void tile_bf16(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
+void tile_bf16_act(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m,
+                   float* dst);
 void tile_int8(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
 void tile_int4(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
 /// Two tiles against the same activations (gate and up, or two adjacent down tiles).
 void tile2_bf16(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a,
                 int64_t m, float* d0, float* d1);
+void tile2_bf16_act(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a,
+                    int64_t m, float* d0, float* d1);
 void tile2_int8(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a,
                 int64_t m, float* d0, float* d1);
 void tile2_int4(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a,

@@ -3,6 +3,7 @@
 /// \brief The ordered list of expert tile-kernel variants (best first, reference last) and the
 /// selection walk over it.
 #include <stdexcept>
+#include <string>
 
 #include "kernels/cpu/expert_gemm_ref.h"
 
@@ -28,11 +29,21 @@ constexpr int64_t kAmxIntGroup = 64;
 
 }  // namespace
 
+Approximation parse_approximation(std::string_view s) {
+  if (s.empty() || s == "0") return Approximation::kExact;
+  if (s == "1" || s == "split") return Approximation::kSplit;
+  if (s == "bf16") return Approximation::kBf16Activations;
+  throw std::invalid_argument("TIDAL_EXPERT_AMX_BF16: unknown value '" + std::string(s) +
+                              "' (accepted: 0, 1 or split, bf16)");
+}
+
 const std::vector<ExpertGemmVariant>& expert_gemm_variants() {
   using enum ExpertDType;
   static const std::vector<ExpertGemmVariant> v = {
+      {"amx_bf16_act", Isa::kAmx, kBF16, ActKind::kBf16, kAmxMinRowsBf16, amx::tile_bf16_act,
+       amx::tile2_bf16_act, 1, Approximation::kBf16Activations},
       {"amx_bf16", Isa::kAmx, kBF16, ActKind::kBf16Split, kAmxMinRowsBf16, amx::tile_bf16,
-       amx::tile2_bf16, 1, /*approximate=*/true},
+       amx::tile2_bf16, 1, Approximation::kSplit},
       {"amx_int8", Isa::kAmx, kINT8, ActKind::kInt8Groups, kAmxMinRowsInt, amx::tile_int8,
        amx::tile2_int8, kAmxIntGroup},
       {"amx_int4", Isa::kAmx, kINT4, ActKind::kInt8Groups, kAmxMinRowsInt, amx::tile_int4,
@@ -51,12 +62,12 @@ const std::vector<ExpertGemmVariant>& expert_gemm_variants() {
 }
 
 const ExpertGemmVariant& select_expert_gemm(ExpertDType dtype, Isa max_isa, int64_t rows,
-                                            const PackedLayout* layout, bool allow_approximate) {
+                                            const PackedLayout* layout, Approximation allowed) {
   for (const auto& v : expert_gemm_variants()) {
     if (v.dtype != dtype || static_cast<int>(v.isa) > static_cast<int>(max_isa)) continue;
     if (rows < v.min_rows) continue;
     if (layout != nullptr && !v.supports(*layout)) continue;
-    if (v.approximate && !allow_approximate) continue;
+    if (static_cast<int>(v.approximation) > static_cast<int>(allowed)) continue;
     return v;
   }
   throw std::logic_error("no expert_gemm variant for this dtype");  // unreachable: ref accepts all

@@ -141,12 +141,12 @@ bool MoeExperts::default_dataflow() {
   return on;
 }
 
-bool MoeExperts::default_allow_approximate() {
-  static const bool on = [] {
+Approximation MoeExperts::default_approximation() {
+  static const Approximation a = [] {
     const char* e = std::getenv("TIDAL_EXPERT_AMX_BF16");
-    return e != nullptr && std::string(e) == "1";
+    return parse_approximation(e == nullptr ? "" : e);
   }();
-  return on;
+  return a;
 }
 
 std::string MoeExperts::last_variants() const {
@@ -200,7 +200,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   const ExpertDType dt = lgu.dtype;
   const ExpertGemmVariant& small = select_expert_gemm(dt, isa_, 1);
   const ExpertGemmVariant* large_v =
-      &select_expert_gemm(dt, isa_, kMaxRowsPerCall, &lgu, allow_approximate_);
+      &select_expert_gemm(dt, isa_, kMaxRowsPerCall, &lgu, approximation_);
   if (!large_v->supports(ldn)) large_v = &small;
   const ExpertGemmVariant& large = *large_v;
   const int64_t num_active = static_cast<int64_t>(active_.size());

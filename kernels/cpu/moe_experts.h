@@ -50,9 +50,13 @@ class MoeExperts {
   void run(const MoeExpertsArgs& args, Executor& ex);
 
   Isa isa() const { return isa_; }
-  /// Lets run() pick approximate variants (AMX BF16, Note [AMX BF16 is opt-in]). Default: the
-  /// TIDAL_EXPERT_AMX_BF16=1 environment variable.
-  void set_allow_approximate(bool on) { allow_approximate_ = on; }
+  /// Lets run() pick approximate variants (AMX BF16, Note [AMX BF16 is opt-in]): `on` allows the
+  /// hi + lo split. Default: the TIDAL_EXPERT_AMX_BF16 environment variable (0, 1/split, bf16).
+  void set_allow_approximate(bool on) {
+    approximation_ = on ? Approximation::kSplit : Approximation::kExact;
+  }
+  /// The most approximate variant run() may pick.
+  void set_approximation(Approximation a) { approximation_ = a; }
   /// Phase 2 runs per expert into slot-major outputs up to this many (slot, column) outputs, per
   /// column block above (tests set it to cover both schedules).
   void set_slot_major_limit(int64_t outputs) { slot_major_limit_ = outputs; }
@@ -76,10 +80,10 @@ class MoeExperts {
 
  private:
   Isa isa_;
-  bool allow_approximate_ = default_allow_approximate();
+  Approximation approximation_ = default_approximation();
   int64_t slot_major_limit_ = int64_t{1} << 20;
   bool profile_ = false;
-  static bool default_allow_approximate();
+  static Approximation default_approximation();
   bool even_split_ = default_even_split();
   static bool default_even_split();
   bool dataflow_ = default_dataflow();

@@ -72,6 +72,34 @@ for f in sys.argv[1:]:
                   f'phases {d["phase_us"]}')
 PY
 fi
+if [[ $steps == *prefill* ]]; then
+  # AMX prefill: the late group epilogue against the previous order (TIDAL_AMX_LATE_EPILOGUE=0),
+  # BF16 with bf16 activations against the hi + lo split (Note [AMX BF16 is opt-in]).
+  for late in 1 0; do
+    for amx in bf16 split; do
+      TIDAL_AMX_LATE_EPILOGUE=$late TIDAL_EXPERT_AMX_BF16=$amx "$b" --micro --dtypes int8,int4,bf16 \
+        --m 16,32,64,128 | sed "s/^{/{\"late\":$late,\"amx_bf16\":\"$amx\",/"
+    done
+  done > "$out/prefill_micro.jsonl"
+  TIDAL_EXPERT_AMX_BF16=bf16 "$b" --shape 35b --m ${PREFILL_M:-512,2048} --threads "$threads" \
+    --dtypes int8,int4,bf16 ${ONEDNN:+--onednn} | sed 's/^{/{"late":1,"amx_bf16":"bf16",/' > "$out/prefill.jsonl"
+  TIDAL_AMX_LATE_EPILOGUE=0 TIDAL_EXPERT_AMX_BF16=split "$b" --shape 35b --m 2048 --threads "$threads" \
+    --dtypes int8,int4,bf16 | sed 's/^{/{"late":0,"amx_bf16":"split",/' >> "$out/prefill.jsonl"
+  python3 - "$out"/prefill_micro.jsonl "$out"/prefill.jsonl <<'PY'
+import json, sys
+for f in sys.argv[1:]:
+    for line in open(f):
+        d = json.loads(line)
+        if d["bench"] == "micro" and d["variant"].startswith("amx"):
+            print(f'micro late={d["late"]} {d["variant"]:13s} m={d["m"]:3d} cold={d["cold"]} {d["us_per_call"]:7.2f} us {d["tflops"]:.3f} TFLOP/s')
+        elif d["bench"] == "moe_experts":
+            print(f'op late={d["late"]} {d["dtype"]} m={d["m"]} {d["kernels"]} {d["median_us"]:8.0f} us {d["tflops"]:.2f} TFLOP/s '
+                  f'{d["roofline_fraction"]:.3f} of roofline {d["roofline_tflops"]:.1f} (bw {d["read_bw_gbps"]:.0f} GB/s, '
+                  f'peak bf16 {d["amx_peak_bf16_tflops"]:.1f} int8 {d["amx_peak_int8_tops"]:.1f}) phases {d["phase_us"]}')
+        elif d["bench"].startswith("onednn"):
+            print("onednn", {k: d[k] for k in d if k not in ("bench",)})
+PY
+fi
 if [[ $steps == *kt* ]]; then
   # One layer per format: with two, kt-kernel 0.6.1 aborted ("free(): invalid pointer") here.
   # KT_BATCH=32 submits 32 calls per sync (bench_kt.py); kt-kernel 0.7.2 took 8 ms per call either way.

@@ -180,6 +180,32 @@ TEST(ExpertFormat, ActivationPreparation) {
   for (int64_t c = 0; c < 100; ++c)
     ASSERT_LE(std::fabs(x[c] - (bf16_to_f32(s.bf16[c]) + bf16_to_f32(s.bf16_lo[c]))),
               std::ldexp(std::fabs(x[c]), -16));
+  // kBf16: x rounded to nearest bf16 (≤ 2^-8 relative), padding zero, no lo part.
+  ActBuffer b;
+  b.reserve(ActKind::kBf16, l, 1);
+  b.prepare(0, x.data());
+  EXPECT_TRUE(b.bf16_lo.empty());
+  for (int64_t c = 0; c < l.k_pad; ++c) {
+    const float want = c < 100 ? x[c] : 0.f;
+    ASSERT_EQ(b.bf16[c], f32_to_bf16(want)) << c;
+    ASSERT_LE(std::fabs(want - bf16_to_f32(b.bf16[c])), std::ldexp(std::fabs(want), -8)) << c;
+  }
+}
+
+TEST(ExpertFormat, ApproximationParsing) {
+  EXPECT_EQ(parse_approximation(""), Approximation::kExact);
+  EXPECT_EQ(parse_approximation("0"), Approximation::kExact);
+  EXPECT_EQ(parse_approximation("1"), Approximation::kSplit);
+  EXPECT_EQ(parse_approximation("split"), Approximation::kSplit);
+  EXPECT_EQ(parse_approximation("bf16"), Approximation::kBf16Activations);
+  EXPECT_THROW(parse_approximation("yes"), std::invalid_argument);
+  // Selection never goes past the allowed level.
+  const auto l = make_layout(ExpertDType::kBF16, 16, 64, 0);
+  for (Approximation a :
+       {Approximation::kExact, Approximation::kSplit, Approximation::kBf16Activations})
+    EXPECT_LE(static_cast<int>(
+                  select_expert_gemm(ExpertDType::kBF16, Isa::kAmx, 64, &l, a).approximation),
+              static_cast<int>(a));
 }
 
 TEST(ExpertFormat, VectorPreparationIsBitIdentical) {
@@ -188,7 +214,7 @@ TEST(ExpertFormat, VectorPreparationIsBitIdentical) {
     const auto l = make_layout(ExpertDType::kINT8, 16, k, 32);
     auto x = random_vec(static_cast<size_t>(k), 9 + static_cast<uint32_t>(k), 3.f);
     x[0] = 0.f;
-    for (ActKind kind : {ActKind::kBf16Split, ActKind::kInt8Groups}) {
+    for (ActKind kind : {ActKind::kBf16Split, ActKind::kInt8Groups, ActKind::kBf16}) {
       ActBuffer s, v;
       s.reserve(kind, l, 2, Isa::kRef);
       v.reserve(kind, l, 2, Isa::kAvx512);
@@ -232,7 +258,11 @@ TEST(ExpertGemm, VariantsMatchReference) {
       Packed p = pack(v.dtype, s.n, s.k, s.group, weights(s.n, s.k, 11));
       if (!v.supports(p.layout)) continue;  // AMX INT: groups of 64 and 128 only
       for (int64_t m : {1, 2, 3, 5, 17, 33, 64, 100}) {
-        const auto x = random_vec(static_cast<size_t>(m * s.k), 5 + static_cast<uint32_t>(m));
+        auto x = random_vec(static_cast<size_t>(m * s.k), 5 + static_cast<uint32_t>(m));
+        // A variant that rounds activations to bf16 is compared with the reference on the
+        // rounded activations: the same products, fp32 sums.
+        if (v.act == ActKind::kBf16)
+          for (auto& e : x) e = bf16_to_f32(f32_to_bf16(e));
         ActBuffer a, ar;
         a.reserve(v.act, p.layout, m);
         ar.reserve(ref_act, p.layout, m);
@@ -640,6 +670,29 @@ TEST(MoeExperts, ApproximateVariantsAreOptIn) {
   op.set_allow_approximate(false);
   op.run(p.args(dst.data()), *pool);
   EXPECT_EQ(op.last_variants().find("amx"), std::string::npos) << op.last_variants();
+}
+
+// AMX BF16 with bf16 activations: picked only at kBf16Activations, and within the bf16 rounding
+// of the activations of the fp64 reference: each activation moves by at most 2^-8 of itself, so
+// each dot product by at most 2^-8 Σ|w·x|, and with random signs the relative L2 error of the
+// outputs stays below 2^-8 (3.9e-3).
+TEST(MoeExperts, Bf16ActivationsVariantOnAmx) {
+  if (!isa_available(Isa::kAmx))
+    GTEST_SKIP() << "AMX not available on this CPU (" << cpu_features().brand
+                 << "); runs on the GPU test machine";
+  MoeProblem p(200, 130, 3, 2, 70, ExpertDType::kBF16, 64, 13);
+  auto pool = make_tbb_executor(4);
+  std::vector<float> want(static_cast<size_t>(70 * 200), 0.f);
+  moe_experts_ref(p.args(want.data()));
+  for (Approximation a : {Approximation::kSplit, Approximation::kBf16Activations}) {
+    std::vector<float> got(want.size(), 0.f);
+    MoeExperts op(Isa::kAmx);
+    op.set_approximation(a);
+    op.run(p.args(got.data()), *pool);
+    const bool act = op.last_variants().find("amx_bf16_act") != std::string::npos;
+    EXPECT_EQ(act, a == Approximation::kBf16Activations) << op.last_variants();
+    EXPECT_LT(rel_l2(got, want), a == Approximation::kSplit ? 5e-5 : 3.9e-3) << op.last_variants();
+  }
 }
 
 TEST(MoeExperts, RealShapeDecode) {
