@@ -64,12 +64,31 @@ void configure_tiles() {
 inline void memory_barrier() { __asm__ __volatile__("" ::: "memory"); }
 
 // Weight streams are prefetched this many bytes ahead: without it every B tile waits for DRAM,
-// and at ~64 tokens per expert the loop is bound by the weight stream.
-constexpr int64_t kPrefetchAhead = 8192;
+// and at ~64 tokens per expert the loop is bound by the weight stream. TIDAL_AMX_PREFETCH
+// (bytes, 0: hardware prefetch only) and TIDAL_AMX_PREFETCH_L2=1 (prefetcht1) are benchmark knobs.
+struct AmxPrefetch {
+  int64_t ahead = 8192;
+  bool l2 = false;
+};
+const AmxPrefetch& amx_prefetch() {
+  static const AmxPrefetch p = [] {
+    AmxPrefetch q;
+    if (const char* e = std::getenv("TIDAL_AMX_PREFETCH")) q.ahead = std::strtoll(e, nullptr, 10);
+    if (const char* e = std::getenv("TIDAL_AMX_PREFETCH_L2")) q.l2 = std::string(e) == "1";
+    return q;
+  }();
+  return p;
+}
 
 inline void prefetch(const uint8_t* p, int64_t bytes) {
-  for (int64_t o = 0; o < bytes; o += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchAhead + o), _MM_HINT_T0);
+  const AmxPrefetch& pf = amx_prefetch();
+  if (pf.ahead <= 0) return;
+  const char* q = reinterpret_cast<const char*>(p + pf.ahead);
+  if (pf.l2) {
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(q + o, _MM_HINT_T1);
+  } else {
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(q + o, _MM_HINT_T0);
+  }
 }
 
 // ---------------------------------------------------------------- BF16
