@@ -121,8 +121,14 @@ class Model {
   void cpu_layers(std::span<SequenceState* const> states, int64_t T, std::span<const int64_t> ids,
                   std::vector<float>& x, std::vector<float>& xn, kernels::Executor& ex,
                   ForwardProfile* profile) const;
+  /// `routed`, when given, receives the T x top_k expert ids the layer used (MoE layers only).
   void mlp_block(int64_t layer, const MlpWeights& w, const float* xn, int64_t T, float* out,
-                 kernels::Executor& ex, ForwardProfile* profile) const;
+                 kernels::Executor& ex, ForwardProfile* profile,
+                 std::vector<int32_t>* routed = nullptr) const;
+  /// Note [Router lookahead]: layer `next`'s router on the residual stream `x` (R rows) normed
+  /// with layer `next`'s post-attention norm; the kp highest logits per row into `pred`.
+  void predict_experts(size_t next, const float* x, int64_t R, int64_t kp,
+                       std::vector<int32_t>& pred, kernels::Executor& ex) const;
 
   ModelConfig cfg_;
   std::shared_ptr<OwnedWeights> owned_;

@@ -91,4 +91,51 @@ void RoutingControl::on_route(int64_t layer, const float* logits, int64_t num_to
   }
 }
 
+void RoutingControl::set_lookahead(bool on, int64_t predict_k) {
+  TIDAL_CHECK(predict_k >= 0 && predict_k <= num_experts_, InvalidArgument,
+              "router lookahead: predict_k must be in [0, {}] (0: top_k = {}), got {}",
+              num_experts_, top_k_, predict_k);
+  lookahead_k_.store(predict_k > 0 ? predict_k : top_k_, std::memory_order_release);
+  lookahead_.store(on, std::memory_order_release);
+}
+
+void RoutingControl::add_lookahead(int64_t layer, const int32_t* predicted, int64_t kp,
+                                   const int32_t* routed, int64_t k, int64_t num_tokens) {
+  std::lock_guard lock(mu_);
+  if (replay_tokens_ > 0) return;
+  if (counts_.predicted.empty()) {
+    const auto L = static_cast<size_t>(num_layers_);
+    counts_.predicted.assign(L, 0);
+    counts_.routed.assign(L, 0);
+    counts_.hits.assign(L, 0);
+  }
+  uint64_t hits = 0;
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const int32_t* p = predicted + t * kp;
+    for (int64_t j = 0; j < k; ++j)
+      if (std::find(p, p + kp, routed[t * k + j]) != p + kp) ++hits;
+  }
+  const auto l = static_cast<size_t>(layer);
+  counts_.predicted[l] += static_cast<uint64_t>(num_tokens * kp);
+  counts_.routed[l] += static_cast<uint64_t>(num_tokens * k);
+  counts_.hits[l] += hits;
+}
+
+RoutingControl::LookaheadCounts RoutingControl::lookahead_counts() const {
+  std::lock_guard lock(mu_);
+  LookaheadCounts c = counts_;
+  if (c.predicted.empty()) {
+    const auto L = static_cast<size_t>(num_layers_);
+    c.predicted.assign(L, 0);
+    c.routed.assign(L, 0);
+    c.hits.assign(L, 0);
+  }
+  return c;
+}
+
+void RoutingControl::reset_lookahead() {
+  std::lock_guard lock(mu_);
+  counts_ = {};
+}
+
 }  // namespace tidal::core

@@ -37,12 +37,32 @@ class RoutingControl {
   /// Recording or replaying (a lock-free check, so the model pays nothing otherwise).
   bool active() const { return active_.load(std::memory_order_acquire); }
 
+  /// Router lookahead accounting (Note [Router lookahead] in model.cpp). With it on, the CPU model
+  /// predicts each MoE layer's experts one layer early and reports them here. `predict_k`: experts
+  /// predicted per token (0: top_k); more than num_experts is InvalidArgument.
+  void set_lookahead(bool on, int64_t predict_k = 0);
+  bool lookahead() const { return lookahead_.load(std::memory_order_acquire); }
+  int64_t lookahead_k() const { return lookahead_k_.load(std::memory_order_acquire); }
+  /// Adds T tokens of MoE layer `layer`: `predicted` (T rows of kp ids) against `routed` (T rows
+  /// of k ids). Ignored while a trace is replayed (the router did not choose those experts).
+  void add_lookahead(int64_t layer, const int32_t* predicted, int64_t kp, const int32_t* routed,
+                     int64_t k, int64_t num_tokens);
+  /// Per layer since the last reset: ids predicted, ids routed, routed ids that were predicted.
+  struct LookaheadCounts {
+    std::vector<uint64_t> predicted, routed, hits;
+  };
+  LookaheadCounts lookahead_counts() const;
+  void reset_lookahead();
+
  private:
   void update_active() {
     active_.store(recording_ || replay_tokens_ > 0, std::memory_order_release);
   }
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::atomic<bool> active_{false};
+  std::atomic<bool> lookahead_{false};
+  std::atomic<int64_t> lookahead_k_{0};
+  LookaheadCounts counts_;
   int64_t num_layers_, num_experts_, top_k_;
   bool recording_ = false;
   std::vector<std::vector<int32_t>> recorded_;  // per layer: rows of top_k ids

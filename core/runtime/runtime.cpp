@@ -437,11 +437,16 @@ RuntimeStats Runtime::stats() const {
     s.expert_reads = experts_->expert_reads() - reads_base_;
     s.expert_pairs = experts_->expert_pairs() - pairs_base_;
   }
+  auto la = model().routing().lookahead_counts();
+  s.lookahead_predicted = std::move(la.predicted);
+  s.lookahead_routed = std::move(la.routed);
+  s.lookahead_hits = std::move(la.hits);
   return s;
 }
 
 void Runtime::reset_stats() {
   std::lock_guard lock(stats_mu_);
+  model().routing().reset_lookahead();
   if (experts_) {
     reads_base_ = experts_->expert_reads();
     pairs_base_ = experts_->expert_pairs();

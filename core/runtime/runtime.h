@@ -77,6 +77,9 @@ struct RuntimeStats {
   /// Routed experts since load or reset_stats: weight reads (distinct experts per forward call and
   /// MoE layer) and (token, expert) pairs computed; reads / pairs < 1 is the sharing batching gets.
   uint64_t expert_reads = 0, expert_pairs = 0;
+  /// Router lookahead (Note [Router lookahead]), per layer since load or reset_stats: expert ids
+  /// predicted one layer early, ids routed, routed ids that were predicted. All zero while off.
+  std::vector<uint64_t> lookahead_predicted, lookahead_routed, lookahead_hits;
 };
 
 struct GenerationConfig {

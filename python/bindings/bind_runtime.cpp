@@ -121,6 +121,9 @@ py::dict stats_dict(const runtime::RuntimeStats& s) {
   d["load_seconds"] = s.load_seconds;
   d["expert_reads"] = s.expert_reads;
   d["expert_pairs"] = s.expert_pairs;
+  d["lookahead_predicted"] = s.lookahead_predicted;
+  d["lookahead_routed"] = s.lookahead_routed;
+  d["lookahead_hits"] = s.lookahead_hits;
   return d;
 }
 
@@ -405,6 +408,14 @@ void bind_runtime(py::module_& m) {
       .def(
           "clear_routing_replay", [](const Runtime& r) { r.model().routing().clear_replay(); },
           "Route with the routers again.")
+      .def(
+          "set_router_lookahead",
+          [](const Runtime& r, bool on, int64_t predict_k) {
+            r.model().routing().set_lookahead(on, predict_k);
+          },
+          py::arg("on"), py::arg("predict_k") = 0,
+          "Predict each MoE layer's experts one layer early and count hits (stats()); "
+          "predict_k experts per token, 0 = top_k.")
       .def_property_readonly("config", &Runtime::config,
                              py::return_value_policy::reference_internal)
       .def_property_readonly("num_threads", &Runtime::num_threads)

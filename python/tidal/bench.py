@@ -268,7 +268,8 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
                    "gpu_read_bytes_per_s": gpu_bw.get("hbm_read_bytes_per_s")},
         "gpu_memory": memory,
         "results": results,
-        "cache": {"expert_cache_hit_rate": st.expert_cache_hit_rate, "prediction_precision": st.prediction_precision},
+        "cache": {"expert_cache_hit_rate": st.expert_cache_hit_rate, "prediction_precision": st.prediction_precision,
+                  "prediction_recall": st.prediction_recall},
         "routing": routing_info or {"mode": "router" if routing is None else "trace"},
     }
 

@@ -428,6 +428,17 @@ class Runtime:
 
         return routing.replay(self, experts)
 
+    def set_router_lookahead(self, on: bool = True, predict_k: int | None = None) -> None:
+        """Measure router lookahead: at every MoE layer, predict the next MoE layer's experts from
+        the hidden state this layer has (the next router on it), and count how many of the experts
+        the next layer then routes to were predicted. `stats()` reports precision and recall
+        (overall and per layer). `predict_k`: experts predicted per token (default: top_k).
+        device="cpu" only for now; costs one extra router matvec per MoE layer while on."""
+        k = 0 if predict_k is None else int(predict_k)
+        if k < 0:
+            raise ValueError(f"predict_k must be positive, got {predict_k}")
+        self._engine.set_router_lookahead(bool(on), k)
+
     # ---------------------------------------------------------------- statistics
     def stats(self) -> Stats:
         """Throughput, where the time went, cache figures and memory since load (or reset_stats())."""

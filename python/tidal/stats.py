@@ -41,6 +41,8 @@ class Stats:
     time: dict[str, float]
     expert_cache_hit_rate: float | None
     prediction_precision: float | None
+    prediction_recall: float | None
+    prediction_per_layer: dict[int, dict[str, float]]
     memory: dict[str, int | None]
     live_sequences: int
     prompt_tokens: int
@@ -66,8 +68,16 @@ class Stats:
         memory = {"weights_ram": s["weight_bytes"] - s["expert_bytes"], "experts_ram": s["expert_bytes"], "weights_vram": 0, "kv_and_state": s["state_bytes"],
                   "state_checkpoints": s["checkpoint_bytes"], "process_rss": _rss_bytes(), "vram_free": None}
         notes = []
+        # Router lookahead (rt.set_router_lookahead): per layer ids predicted, routed, predicted and routed.
+        pred, routed, hits = s["lookahead_predicted"], s["lookahead_routed"], s["lookahead_hits"]
+        per_layer = {layer: {"precision": hits[layer] / pred[layer], "recall": hits[layer] / routed[layer]}
+                     for layer in range(len(pred)) if pred[layer] > 0 and routed[layer] > 0}
+        precision = sum(hits) / sum(pred) if sum(pred) > 0 else None
+        recall = sum(hits) / sum(routed) if sum(routed) > 0 else None
         if not on_gpu:
-            notes.append("device=cpu: no VRAM expert cache, so no hit rate or prediction precision; no copies")
+            notes.append("device=cpu: no VRAM expert cache, so no hit rate; no copies")
+        if precision is None:
+            notes.append("no router lookahead measured (rt.set_router_lookahead(True), device=cpu)")
         if not s["weights_populated"]:
             notes.append("weights are memory-mapped lazily (populate=False or they exceed available RAM)")
         last = {}
@@ -78,7 +88,8 @@ class Stats:
                     "decode_tokens_per_second": r.decode_tokens_per_second, "finish_reason": r.finish_reason}
         return cls(device=rt.device, prefill_tokens=s["prefill_tokens"], prefill_seconds=s["prefill_seconds"],
                    decode_tokens=s["decode_tokens"], decode_seconds=s["decode_seconds"], time=time,
-                   expert_cache_hit_rate=None, prediction_precision=None, memory=memory,
+                   expert_cache_hit_rate=None, prediction_precision=precision, prediction_recall=recall,
+                   prediction_per_layer=per_layer, memory=memory,
                    live_sequences=s["live_sequences"], prompt_tokens=rt._prompt_tokens,
                    cached_prompt_tokens=rt._cached_prompt_tokens, last=last, notes=notes)
 
@@ -97,7 +108,8 @@ class Stats:
                  "time     " + ", ".join(f"{k} {v:.3f}s ({100 * v / total:.0f}%)" for k, v in self.time.items() if v),
                  f"prompt cache: {self.cached_prompt_tokens} of {self.prompt_tokens} prompt tokens reused",
                  "expert cache hit rate: " + ("n/a" if self.expert_cache_hit_rate is None else f"{self.expert_cache_hit_rate:.1%}")
-                 + ", prediction precision: " + ("n/a" if self.prediction_precision is None else f"{self.prediction_precision:.1%}"),
+                 + ", prediction precision: " + ("n/a" if self.prediction_precision is None else f"{self.prediction_precision:.1%}")
+                 + ", recall: " + ("n/a" if self.prediction_recall is None else f"{self.prediction_recall:.1%}"),
                  "memory   " + ", ".join(f"{k} {format_bytes(v)}" for k, v in self.memory.items() if v is not None)]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
