@@ -3,23 +3,24 @@
 # AMX prefill knobs on the GPU test machine, interleaved repeats (the shared machine's noise is
 # up to 2x between identical runs): the weight prefetch (TIDAL_AMX_PREFETCH bytes ahead,
 # TIDAL_AMX_PREFETCH_L2), single-thread tile calls (hot and cold) and the whole op at 2048 tokens
-# at 1, 8 and 16 threads. Run after run_device_experts.sh has built build/bench (any STEPS).
+# at 1, 8 and 16 threads. MICRO_REPS, PF_LIST, OP_REPS, OP_PF_LIST, OP_THREADS, OP_DTYPES and
+# SCALING choose what runs. Run after run_device_experts.sh has built build/bench (any STEPS).
 # Output: $OUT/amx_sweep.jsonl and a summary on stdout.
 set -euo pipefail
 out=$(cd "${OUT:-bench-out}" && pwd)
 b=./build/bench/tests/bench/tidal_bench_experts
 threads=${THREADS:-$(nproc)}
 lscpu | grep -E "^(Model name|Thread|Core|Socket|L2|L3|CPU\(s\)|NUMA node\(s\))" || true
-for rep in 1 2 3; do
+for rep in $(seq 1 "${MICRO_REPS:-3}"); do
   for pf in ${PF_LIST:-0:0 8192:0 16384:1 32768:1}; do
     TIDAL_AMX_PREFETCH=${pf%:*} TIDAL_AMX_PREFETCH_L2=${pf#*:} "$b" --micro --dtypes int8,int4 --m 64,128 |
       sed "s/^{/{\"rep\":$rep,\"pf\":\"$pf\",/"
   done
 done > "$out/amx_sweep.jsonl"
-for rep in 1 2; do
+for rep in $(seq 1 "${OP_REPS:-2}"); do
   for pf in ${OP_PF_LIST:-8192:0 32768:1}; do
     TIDAL_AMX_PREFETCH=${pf%:*} TIDAL_AMX_PREFETCH_L2=${pf#*:} "$b" --shape 35b --m 2048 \
-      --threads "${OP_THREADS:-$threads}" --dtypes int8 --seconds 1 | sed "s/^{/{\"rep\":$rep,\"pf\":\"$pf\",/"
+      --threads "${OP_THREADS:-$threads}" --dtypes "${OP_DTYPES:-int8}" --seconds 1 | sed "s/^{/{\"rep\":$rep,\"pf\":\"$pf\",/"
   done
 done >> "$out/amx_sweep.jsonl"
 [[ -n ${SCALING:-} ]] && "$b" --shape 35b --m 2048 --threads 1,8,"$threads" --dtypes int8 --seconds 1 |
