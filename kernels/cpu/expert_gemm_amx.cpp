@@ -63,11 +63,14 @@ void configure_tiles() {
 // that fills it. Compiler barriers on both sides of each such access order them.
 inline void memory_barrier() { __asm__ __volatile__("" ::: "memory"); }
 
-// Weight streams are prefetched this many bytes ahead: without it every B tile waits for DRAM,
-// and at ~64 tokens per expert the loop is bound by the weight stream. TIDAL_AMX_PREFETCH
-// (bytes, 0: hardware prefetch only) and TIDAL_AMX_PREFETCH_L2=1 (prefetcht1) are benchmark knobs.
+// Software prefetch of the weight stream: off by default. With hardware prefetch only, the whole
+// op at 2048 tokens ran 4-7% faster on one thread (int8 209-213 ms against 220-222 ms with 8 KiB
+// into L1 or 32 KiB into L2; bf16 247 against 265 ms) and no slower on 16, interleaved in one run
+// (docs/results/cpu-experts-2026-12-06/run18-amx-prefetch-op.jsonl): the weights of one tile are
+// one contiguous stream, which the L2 streamer follows. TIDAL_AMX_PREFETCH (bytes ahead) and
+// TIDAL_AMX_PREFETCH_L2=1 (prefetcht1) turn it on for comparison.
 struct AmxPrefetch {
-  int64_t ahead = 8192;
+  int64_t ahead = 0;
   bool l2 = false;
 };
 const AmxPrefetch& amx_prefetch() {
