@@ -7,7 +7,7 @@
 /// builds in seconds on the device with
 ///   g++ -O2 -march=sapphirerapids -o /tmp/amx_probe tests/bench/amx_probe.cpp && /tmp/amx_probe
 /// A "group" is the kernel's unit for INT8 group 128 with 32 tokens (NB = 2): 2 x 4 `tdpbsud`
-/// (16x16x64 each) = 262144 int8 MACs, 4 C tiles of 16x16 int32.
+/// (16x16x64 each) = 131072 int8 MACs (262144 ops), 4 C tiles of 16x16 int32.
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
