@@ -83,14 +83,33 @@ __attribute__((target("avx512f"))) uint64_t read_slice(const uint8_t* p, size_t 
 
 // One anonymous region (per layer, and the bandwidth buffer), advised for transparent huge pages:
 // as the runtime's expert store allocates its packed experts (offload/expert_store.cpp).
-void* alloc_region(size_t n) {
+// TIDAL_BENCH_HUGEPAGES=0 advises the expert layers against them (4 KiB pages, as a memory-mapped
+// packed cache file has), to measure what page walks cost.
+void* alloc_region(size_t n, bool huge = true) {
   void* p = mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) {
     std::fprintf(stderr, "cannot map %zu bytes\n", n);
     std::exit(1);
   }
-  madvise(p, n, MADV_HUGEPAGE);
+  madvise(p, n, huge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
   return p;
+}
+
+bool layer_hugepages() {
+  const char* e = std::getenv("TIDAL_BENCH_HUGEPAGES");
+  return e == nullptr || std::string(e) != "0";
+}
+
+// AnonHugePages of /proc/meminfo in KiB (-1 where unreadable).
+long anon_huge_kb() {
+  FILE* f = std::fopen("/proc/meminfo", "r");
+  if (f == nullptr) return -1;
+  char line[256];
+  long kb = -1;
+  while (std::fgets(line, sizeof line, f))
+    if (std::sscanf(line, "AnonHugePages: %ld kB", &kb) == 1) break;
+  std::fclose(f);
+  return kb;
 }
 
 double measure_bandwidth(Executor& ex, size_t bytes, int repeats) {
@@ -181,7 +200,7 @@ std::vector<Layer> make_layers(const Shape& s, const kc::PackedLayout& gu,
   const auto per_expert = static_cast<size_t>(2 * gu.bytes() + dn.bytes());
   for (auto& L : layers) {
     L.bytes = per_expert * static_cast<size_t>(s.experts);
-    L.region = alloc_region(L.bytes);
+    L.region = alloc_region(L.bytes, layer_hugepages());
     L.experts.resize(static_cast<size_t>(s.experts));
     ex.parallel_for(s.experts, 1, [&](int64_t e0, int64_t e1) {
       for (int64_t e = e0; e < e1; ++e) {
@@ -394,7 +413,7 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
                 "\"bw_fraction\":%.3f,\"tflops\":%.3f,\"amx_peak_bf16_tflops\":%.2f,"
                 "\"amx_peak_int8_tops\":%.2f,\"roofline_tflops\":%.3f,\"roofline_fraction\":%.3f,"
                 "\"layers\":%d,\"llc_bytes\":%ld,\"cpu\":\"%s\",\"isa\":\"%s\","
-                "\"executor\":\"%s\",\"dataflow\":%d,"
+                "\"executor\":\"%s\",\"dataflow\":%d,\"anon_huge_kb\":%ld,"
                 "\"phase_us\":{\"prepare_x\":%.1f,\"gate_up\":%.1f,\"prepare_h\":%.1f,\"down\":%."
                 "1f}}"
                 "\n",
@@ -403,7 +422,7 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
                 times.size(), bytes, bytes / t / 1e9, bw / 1e9, bytes / t / bw, flops / t / 1e12,
                 peak_bf16 / 1e12, peak_int8 / 1e12, roof / 1e12, flops / t / roof, num_layers, llc,
                 f.brand.c_str(), std::string(tidal::kernels::isa_name(isa)).c_str(), exname.c_str(),
-                op.last_dataflow() ? 1 : 0, ph[0], ph[1], ph[2], ph[3]);
+                op.last_dataflow() ? 1 : 0, anon_huge_kb(), ph[0], ph[1], ph[2], ph[3]);
             std::fflush(stdout);
 #ifdef TIDAL_BENCH_ONEDNN
             if (onednn && dt != kc::ExpertDType::kINT4 && m >= 128) {
