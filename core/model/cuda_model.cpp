@@ -19,6 +19,7 @@
 
 #include "core/error.h"
 #include "core/model/model.h"
+#include "core/model/step_trace.h"
 #include "kernels/cuda/ops.h"
 
 namespace tidal::core {
@@ -75,6 +76,7 @@ struct CudaModel::Impl {
   CudaOptions opts;
   RoutedExperts* experts = nullptr;
   RoutingControl* routing = nullptr;
+  StepTrace* trace = nullptr;
   int sm_count = 1;
   std::string name;
   cudaStream_t stream = nullptr;
@@ -1178,19 +1180,43 @@ void CudaModel::Impl::run_segments(int64_t T, LogitsMode cm, std::vector<cudaGra
       throw;
     }
   }
+  // Note [Step trace]: while recording, CUDA events around each segment give the GPU track.
+  StepTrace* tr = trace != nullptr && trace->on() ? trace : nullptr;
+  struct TraceEvents {
+    std::vector<cudaEvent_t> ev;
+    ~TraceEvents() {
+      for (auto e : ev) cudaEventDestroy(e);
+    }
+  } tev;
+  StepTrace::Clock::time_point anchor{};
+  if (tr) {
+    tev.ev.assign(2 * segs.size(), nullptr);
+    for (auto& e : tev.ev) cuda_check(cudaEventCreate(&e), "trace event");
+    anchor = StepTrace::Clock::now();
+  }
   for (size_t s = 0; s < segs.size(); ++s) {
-    if (graphs)
-      cuda_check(cudaGraphLaunch((*graphs)[s], stream), "graph launch");
-    else
-      enqueue_segment(s, T, cm, false);
-    cuda_check(cudaGetLastError(), "kernel launch");
+    const int64_t last_layer = static_cast<int64_t>(segs[s].second) - 1;
+    if (tr) cuda_check(cudaEventRecord(tev.ev[2 * s], stream), "trace event");
+    {
+      TraceSpan span(tr, "gpu_launch", "gpu", last_layer);
+      if (graphs)
+        cuda_check(cudaGraphLaunch((*graphs)[s], stream), "graph launch");
+      else
+        enqueue_segment(s, T, cm, false);
+      cuda_check(cudaGetLastError(), "kernel launch");
+    }
+    if (tr) cuda_check(cudaEventRecord(tev.ev[2 * s + 1], stream), "trace event");
     if (s + 1 < segs.size()) {  // routed experts of layer segs[s].second - 1 on the host
-      const int64_t layer = static_cast<int64_t>(segs[s].second) - 1;
+      const int64_t layer = last_layer;
       const int64_t k = cfg.num_experts_per_tok;
-      cuda_check(cudaEventSynchronize(ev_d2h), "event wait");
+      {
+        TraceSpan span(tr, "wait_router_ids", "waits", layer);
+        cuda_check(cudaEventSynchronize(ev_d2h), "event wait");
+      }
       if (routing->active())
         routing->on_route(layer, h_rlogits, T, cfg.norm_topk_prob, h_rids, h_w);
       std::fill(h_out, h_out + T * H, 0.f);
+      TraceSpan span(tr, "routed_experts", "cpu_experts", layer);
       const auto t0 = std::chrono::steady_clock::now();
       experts->forward(layer, h_xn, T, h_rids, h_w, k, h_out, ex);
       if (profile)
@@ -1198,7 +1224,20 @@ void CudaModel::Impl::run_segments(int64_t T, LogitsMode cm, std::vector<cudaGra
             std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     }
   }
+  if (tr) {
+    cuda_check(cudaEventSynchronize(tev.ev.back()), "trace event");
+    const double base = tr->us(anchor);
+    for (size_t s = 0; s < segs.size(); ++s) {
+      float t0 = 0.f, t1 = 0.f;
+      cuda_check(cudaEventElapsedTime(&t0, tev.ev[0], tev.ev[2 * s]), "trace event");
+      cuda_check(cudaEventElapsedTime(&t1, tev.ev[0], tev.ev[2 * s + 1]), "trace event");
+      tr->add_us("gpu_segment", "gpu", base + 1e3 * t0, 1e3 * (t1 - t0), StepTrace::kGpu,
+                 static_cast<int64_t>(segs[s].second) - 1);
+    }
+  }
 }
+
+void CudaModel::set_trace(StepTrace* trace) { impl_->trace = trace; }
 
 void CudaModel::reserve(SequenceState& state, int64_t tokens) {
   std::lock_guard lock(impl_->mu);

@@ -76,6 +76,8 @@ struct GpuMemoryReport {
 
 struct DeviceSequenceState;
 
+class StepTrace;
+
 class CudaModel {
  public:
   /// Uploads the weights and plans every workspace. `experts` may be null (the routed experts
@@ -85,6 +87,8 @@ class CudaModel {
   ~CudaModel();
   CudaModel(const CudaModel&) = delete;
   CudaModel& operator=(const CudaModel&) = delete;
+  /// Where forward calls add their spans while it records (Note [Step trace]); may be null.
+  void set_trace(StepTrace* trace);
 
   std::shared_ptr<DeviceSequenceState> new_state();
   /// One decode step of B ≤ max_batch() sequences (Model::forward_batch): logits (B, vocab).

@@ -141,6 +141,7 @@ Model::Model(const ModelConfig& cfg, const Checkpoint& ck, std::shared_ptr<Route
     hw.rope_scale = rope->table.attention_factor;
     TIDAL_ASSERT(ex != nullptr, "the CUDA model needs an executor");
     cuda_ = std::make_unique<CudaModel>(cfg_, hw, experts_.get(), routing_.get(), *cuda, *ex);
+    cuda_->set_trace(trace_.get());
 #else
     throw InvalidArgument(
         "device=\"cuda\": this build of tidal has no CUDA support (built without nvcc); use "
@@ -337,28 +338,37 @@ void Model::mlp_block(int64_t layer, const MlpWeights& w, const float* xn, int64
                       Executor& ex, ForwardProfile* profile, std::vector<int32_t>* routed) const {
   const int64_t H = cfg_.hidden_size;
   if (!w.is_moe) {
+    TraceSpan span(trace_.get(), "dense_mlp", "cpu_dense", layer);
     swiglu(xn, T, w.gate_proj, w.up_proj, w.down_proj, out, ex);
     return;
   }
   const int64_t E = cfg_.num_experts, k = cfg_.num_experts_per_tok;
-  std::vector<float> logits(static_cast<size_t>(T * E));
-  kc::linear(xn, T, w.router, logits.data(), ex);
+  StepTrace* tr = trace_.get();
   std::vector<int32_t> ids(static_cast<size_t>(T * k));
   std::vector<float> weights(static_cast<size_t>(T * k));
-  kc::moe_route(logits.data(), T, E, k, cfg_.norm_topk_prob, ids.data(), weights.data());
-  if (routing_->active())
-    routing_->on_route(layer, logits.data(), T, cfg_.norm_topk_prob, ids.data(), weights.data());
+  {
+    TraceSpan span(tr, "router", "cpu_dense", layer);
+    std::vector<float> logits(static_cast<size_t>(T * E));
+    kc::linear(xn, T, w.router, logits.data(), ex);
+    kc::moe_route(logits.data(), T, E, k, cfg_.norm_topk_prob, ids.data(), weights.data());
+    if (routing_->active())
+      routing_->on_route(layer, logits.data(), T, cfg_.norm_topk_prob, ids.data(), weights.data());
+  }
   if (routed) *routed = ids;
   std::fill(out, out + T * H, 0.f);
-  if (profile) {
-    const auto t0 = std::chrono::steady_clock::now();
-    experts_->forward(layer, xn, T, ids.data(), weights.data(), k, out, ex);
-    profile->routed_experts +=
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  } else {
-    experts_->forward(layer, xn, T, ids.data(), weights.data(), k, out, ex);
+  {
+    TraceSpan span(tr, "routed_experts", "cpu_experts", layer);
+    if (profile) {
+      const auto t0 = std::chrono::steady_clock::now();
+      experts_->forward(layer, xn, T, ids.data(), weights.data(), k, out, ex);
+      profile->routed_experts +=
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    } else {
+      experts_->forward(layer, xn, T, ids.data(), weights.data(), k, out, ex);
+    }
   }
   if (cfg_.shared_expert_intermediate_size > 0) {
+    TraceSpan span(tr, "shared_expert", "cpu_dense", layer);
     std::vector<float> hs(static_cast<size_t>(T * H));
     swiglu(xn, T, w.shared_gate_proj, w.shared_up_proj, w.shared_down_proj, hs.data(), ex);
     for (int64_t t = 0; t < T; ++t) {
@@ -435,7 +445,10 @@ void Model::cpu_layers(std::span<SequenceState* const> states, int64_t T,
       SequenceState& st = *states[s];
       const float* in = xn.data() + static_cast<int64_t>(s) * T * H;
       float* out = y.data() + static_cast<int64_t>(s) * T * H;
-      if (w.type == LayerType::kFullAttention)
+      const bool attn = w.type == LayerType::kFullAttention;
+      TraceSpan span(trace_.get(), attn ? "attention" : "deltanet", "cpu_dense",
+                     static_cast<int64_t>(l));
+      if (attn)
         attention_layer(w, st.layers[l], st.num_tokens, in, T, out, ex);
       else
         delta_net_layer(w, st.layers[l], in, T, out, ex);
@@ -443,7 +456,10 @@ void Model::cpu_layers(std::span<SequenceState* const> states, int64_t T,
     for (size_t i = 0; i < x.size(); ++i) x[i] += y[i];
     norm_rows(x.data(), w.post_attention_layernorm, xn.data(), R, H, H, eps, scale);
     const bool predict_next = lookahead && l + 1 < layers_.size() && layers_[l + 1].mlp.is_moe;
-    if (predict_next) predict_experts(l + 1, x.data(), R, kp, next_pred, ex);
+    if (predict_next) {
+      TraceSpan span(trace_.get(), "router_lookahead", "cpu_dense", static_cast<int64_t>(l + 1));
+      predict_experts(l + 1, x.data(), R, kp, next_pred, ex);
+    }
     const bool check = have_pred && w.mlp.is_moe;
     mlp_block(static_cast<int64_t>(l), w.mlp, xn.data(), R, y.data(), ex, profile,
               check ? &routed : nullptr);  // all rows
@@ -468,6 +484,7 @@ void Model::forward(std::span<const int64_t> ids, SequenceState& state, LogitsMo
         p->total += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     }
   } add_total{profile, t_start};
+  TraceSpan step_span(trace_.get(), "forward", "step");
   const auto& c = cfg_;
   const int64_t T = static_cast<int64_t>(ids.size()), H = c.hidden_size;
   TIDAL_ASSERT(state.layers.size() == layers_.size(), "sequence state has {} layers, model {}",
@@ -494,6 +511,7 @@ void Model::forward(std::span<const int64_t> ids, SequenceState& state, LogitsMo
   }
   const int64_t first = mode == LogitsMode::kAll ? 0 : T - 1;
   const int64_t rows = T - first;
+  TraceSpan span(trace_.get(), "lm_head", "cpu_dense");
   norm_rows(x.data() + first * H, final_norm_, xn.data(), rows, H, H, eps, scale);
   logits.resize(static_cast<size_t>(rows * c.vocab_size));
   kc::linear(xn.data(), rows, lm_head_, logits.data(), ex);
@@ -517,6 +535,7 @@ int64_t Model::max_batch() const {
 void Model::forward_batch(std::span<SequenceState* const> states, std::span<const int64_t> ids,
                           std::vector<float>& logits, Executor& ex, ForwardProfile* profile) const {
   const auto t_start = std::chrono::steady_clock::now();
+  TraceSpan step_span(trace_.get(), "forward_batch", "step");
   const auto& c = cfg_;
   const int64_t B = static_cast<int64_t>(ids.size()), H = c.hidden_size;
   TIDAL_ASSERT(states.size() == ids.size(), "{} states for {} tokens", states.size(), ids.size());
@@ -544,6 +563,7 @@ void Model::forward_batch(std::span<SequenceState* const> states, std::span<cons
   const float eps = static_cast<float>(c.rms_norm_eps);
   std::vector<float> x, xn;
   cpu_layers(states, 1, ids, x, xn, ex, profile);
+  TraceSpan span(trace_.get(), "lm_head", "cpu_dense");
   norm_rows(x.data(), final_norm_, xn.data(), B, H, H, eps, scale);
   logits.resize(static_cast<size_t>(B * c.vocab_size));
   kc::linear(xn.data(), B, lm_head_, logits.data(), ex);

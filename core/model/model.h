@@ -14,6 +14,7 @@
 #include "core/model/routed_experts.h"
 #include "core/model/routing_control.h"
 #include "core/model/sequence_state.h"
+#include "core/model/step_trace.h"
 #include "core/model/weight_loader.h"
 #include "kernels/common/dtype.h"
 #include "kernels/common/executor.h"
@@ -94,6 +95,8 @@ class Model {
 
   /// Routing record / replay (benchmarks, cache studies); shared by all sequences of this model.
   RoutingControl& routing() const { return *routing_; }
+  /// The timeline of forward calls while recording (Note [Step trace]); shared by all sequences.
+  StepTrace& trace() const { return *trace_; }
 
   /// Bytes of `state` (KV cache + DeltaNet conv and recurrent states), host or device.
   static size_t state_bytes(const SequenceState& state);
@@ -134,6 +137,7 @@ class Model {
   std::shared_ptr<OwnedWeights> owned_;
   std::shared_ptr<RoutedExperts> experts_;
   std::shared_ptr<RoutingControl> routing_;
+  std::shared_ptr<StepTrace> trace_ = std::make_shared<StepTrace>();
   kernels::WeightView embed_tokens_, lm_head_;
   std::vector<float> final_norm_;
   std::vector<LayerWeights> layers_;

@@ -409,6 +409,12 @@ void bind_runtime(py::module_& m) {
           "clear_routing_replay", [](const Runtime& r) { r.model().routing().clear_replay(); },
           "Route with the routers again.")
       .def(
+          "start_trace", [](const Runtime& r) { r.model().trace().start(); },
+          "Record a timeline of the forward calls from now on (Note [Step trace]).")
+      .def(
+          "stop_trace", [](const Runtime& r) { return r.model().trace().stop_json(); },
+          "Stop recording; the timeline as Chrome trace JSON (a str).")
+      .def(
           "set_router_lookahead",
           [](const Runtime& r, bool on, int64_t predict_k) {
             r.model().routing().set_lookahead(on, predict_k);

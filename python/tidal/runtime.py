@@ -428,6 +428,19 @@ class Runtime:
 
         return routing.replay(self, experts)
 
+    def trace(self, path: str | os.PathLike | None = None) -> Any:
+        """Context manager: record a timeline of every forward call inside the block.
+
+        `with rt.trace("step.json") as tr: rt.generate(prompt, max_new_tokens=2)` writes a Chrome
+        trace (open it in ui.perfetto.dev or chrome://tracing); `tr.events` holds its events either
+        way. Spans: per layer the token mixer, router, routed experts and shared expert on the CPU;
+        on device="cuda" the GPU segments between host expert calls (CUDA events), the host's waits
+        for router ids and the CPU experts. Diagnostic: a mutex per span, events created per step.
+        """
+        from .tracing import record
+
+        return record(self, path)
+
     def set_router_lookahead(self, on: bool = True, predict_k: int | None = None) -> None:
         """Measure router lookahead: at every MoE layer, predict the next MoE layer's experts from
         the hidden state this layer has (the next router on it), and count how many of the experts

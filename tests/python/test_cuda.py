@@ -252,6 +252,32 @@ def test_routing_record_and_replay_on_gpu():
     assert np.abs(changed - free).max() > 1e-2
 
 
+def test_trace_on_gpu(tmp_path):
+    """Note [Step trace] on device="cuda": per decode step, one GPU segment per MoE layer (the layers
+    up to each host expert call, timed with CUDA events on the GPU track), and between them the
+    host's wait for the router ids and the routed experts on the CPU."""
+    rt = _load(MINI)
+    rt.generate("def f(x):", max_new_tokens=2)  # graphs captured before recording
+    with rt.trace(tmp_path / "gpu.json") as tr:
+        rt.generate("def read_lines(path):", max_new_tokens=3)
+    assert json.loads((tmp_path / "gpu.json").read_text())["traceEvents"] == tr.events
+    forwards = tr.spans("step", "forward")
+    assert len(forwards) >= 2
+    layers = rt.config.num_hidden_layers
+    segments = tr.spans("gpu", "gpu_segment")
+    # 8 MoE layers: 8 host expert calls, so 9 segments per forward call (the last ends at lm_head).
+    assert len(segments) == (layers + 1) * len(forwards)
+    assert all(e["tid"] == 1 and e["dur"] > 0 for e in segments)
+    experts = tr.spans("cpu_experts", "routed_experts")
+    assert sorted({e["args"]["layer"] for e in experts}) == list(range(layers))
+    assert len(experts) == layers * len(forwards)
+    assert len(tr.spans("waits", "wait_router_ids")) == len(experts)
+    # The GPU track lies within the recorded window and segments of one call do not overlap.
+    for f in forwards:
+        segs = sorted((e for e in segments if f["ts"] - 50 <= e["ts"] <= f["ts"] + f["dur"] + 50), key=lambda e: e["ts"])
+        assert all(a["ts"] + a["dur"] <= b["ts"] + 1.0 for a, b in zip(segs, segs[1:]))
+
+
 def test_gpu_bandwidth_probe_and_bench_on_gpu(tmp_path):
     from tidal import _tidal, bench
 
