@@ -78,8 +78,12 @@ int usable_cpus() {
 }
 
 // Polling starts with `pause` for this long after a job (consecutive jobs of one step), then
-// yields the core between polls (Note [Spinning workers]).
-constexpr int64_t kPauseNs = 50'000;
+// yields the core between polls (Note [Spinning workers]). TIDAL_SPIN_PAUSE_US overrides it (a
+// benchmark knob: yielding costs a system call per poll, which is slow in some virtual machines).
+const int64_t kPauseNs = [] {
+  const char* e = std::getenv("TIDAL_SPIN_PAUSE_US");
+  return (e != nullptr && *e != '\0' ? std::max<long long>(0, std::atoll(e)) : 50) * 1000;
+}();
 
 int64_t default_spin_us() {
   const char* e = std::getenv("TIDAL_SPIN_US");

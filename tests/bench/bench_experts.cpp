@@ -302,6 +302,9 @@ std::unique_ptr<Executor> make_named_executor(const std::string& kind, int threa
                        : tidal::kernels::make_spin_executor(threads);
 }
 
+// --gap-us: idle time between the op's calls (see run_shape).
+double gap_us = 0;
+
 void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
                const std::vector<int64_t>& ms, const std::vector<int64_t>& threads, double seconds,
                int64_t group, bool onednn, const std::vector<std::string>& executors,
@@ -384,6 +387,11 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
             const double t_end = now_s() + seconds;
             int64_t i = 3;
             while (now_s() < t_end || times.size() < 5) {
+              // --gap-us: the calling thread busy-waits between calls, as the GPU's share of a
+              // layer leaves the workers idle in a hybrid decode step.
+              if (gap_us > 0)
+                for (const double g0 = now_s(); now_s() - g0 < gap_us * 1e-6;) {
+                }
               const double t0 = now_s();
               call(i++);
               times.push_back(now_s() - t0);
@@ -413,7 +421,7 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
                 "\"bw_fraction\":%.3f,\"tflops\":%.3f,\"amx_peak_bf16_tflops\":%.2f,"
                 "\"amx_peak_int8_tops\":%.2f,\"roofline_tflops\":%.3f,\"roofline_fraction\":%.3f,"
                 "\"layers\":%d,\"llc_bytes\":%ld,\"cpu\":\"%s\",\"isa\":\"%s\","
-                "\"executor\":\"%s\",\"dataflow\":%d,\"anon_huge_kb\":%ld,"
+                "\"executor\":\"%s\",\"dataflow\":%d,\"anon_huge_kb\":%ld,\"gap_us\":%.0f,"
                 "\"phase_us\":{\"prepare_x\":%.1f,\"gate_up\":%.1f,\"prepare_h\":%.1f,\"down\":%."
                 "1f}}"
                 "\n",
@@ -422,7 +430,7 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
                 times.size(), bytes, bytes / t / 1e9, bw / 1e9, bytes / t / bw, flops / t / 1e12,
                 peak_bf16 / 1e12, peak_int8 / 1e12, roof / 1e12, flops / t / roof, num_layers, llc,
                 f.brand.c_str(), std::string(tidal::kernels::isa_name(isa)).c_str(), exname.c_str(),
-                op.last_dataflow() ? 1 : 0, anon_huge_kb(), ph[0], ph[1], ph[2], ph[3]);
+                op.last_dataflow() ? 1 : 0, anon_huge_kb(), gap_us, ph[0], ph[1], ph[2], ph[3]);
             std::fflush(stdout);
 #ifdef TIDAL_BENCH_ONEDNN
             if (onednn && dt != kc::ExpertDType::kINT4 && m >= 128) {
@@ -613,6 +621,8 @@ int main(int argc, char** argv) {
       seconds = std::stod(next());
     else if (a == "--group")
       group = std::stoll(next());
+    else if (a == "--gap-us")
+      gap_us = std::stod(next());
     else if (a == "--onednn")
       onednn = true;
     else if (a == "--micro")
@@ -628,13 +638,15 @@ int main(int argc, char** argv) {
   }
   // Qwen3.6-35B-A3B: hidden 2048, expert intermediate 512, 8 of 256; Qwen3-Next-80B-A3B: 10 of 512.
   const Shape s35{"qwen3.6-35b-a3b", 2048, 512, 256, 8},
-      s80{"qwen3-next-80b-a3b", 2048, 512, 512, 10};
+      s80{"qwen3-next-80b-a3b", 2048, 512, 512, 10},
+      // tidal-mini's shape: the op's fixed cost per call (dispatch, hand-off, reduction).
+      smini{"tidal-mini", 256, 128, 48, 4};
   if (micro) {
     run_micro(s35, parse_names(dtypes), parse_list(ms));
     return 0;
   }
   for (const auto& sh : parse_names(shape))
-    run_shape(sh == "80b" ? s80 : s35, parse_names(dtypes), parse_list(ms), parse_list(threads),
+    run_shape(sh == "80b" ? s80 : sh == "mini" ? smini : s35, parse_names(dtypes), parse_list(ms), parse_list(threads),
               seconds, group, onednn, parse_names(executors), parse_list(dataflows));
   return 0;
 }
