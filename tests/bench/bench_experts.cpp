@@ -640,7 +640,7 @@ int main(int argc, char** argv) {
   const Shape s35{"qwen3.6-35b-a3b", 2048, 512, 256, 8},
       s80{"qwen3-next-80b-a3b", 2048, 512, 512, 10},
       // tidal-mini's shape: the op's fixed cost per call (dispatch, hand-off, reduction).
-      smini{"tidal-mini", 256, 128, 48, 4};
+      smini{"tidal-mini", 256, 32, 48, 4};
   if (micro) {
     run_micro(s35, parse_names(dtypes), parse_list(ms));
     return 0;
