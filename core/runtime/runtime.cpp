@@ -215,8 +215,17 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
   // experts.
   auto experts = std::make_shared<offload::ExpertStore>(cfg, *rt->checkpoint_);
   rt->experts_ = experts;
+  // Note [A core for the GPU thread]: with device="cuda" one core is kept for the thread that
+  // drives the GPU (it waits for the router ids between the host expert calls) and the CUDA
+  // driver's own threads. The default thread count is one less than the physical cores, and workers
+  // are pinned only where the threads and that core fit. With a worker pinned to every core, each
+  // decode expert call of tidal-mini took 67 µs instead of 11, and the whole step 894 µs instead of
+  // 444 (H100 machine, 16 cores; docs/performance.md): those threads preempted pinned workers,
+  // which could not move. An explicit cpu_threads is kept (unpinned when it leaves no core free).
+  const int reserve = cuda_ordinal >= 0 ? 1 : 0;
+  const int default_threads = std::max(1, physical_core_count() - reserve);
   rt->executor_ =
-      kernels::make_executor(opts.num_threads > 0 ? opts.num_threads : physical_core_count());
+      kernels::make_executor(opts.num_threads > 0 ? opts.num_threads : default_threads, reserve);
   std::optional<core::CudaOptions> cuda;
   if (cuda_ordinal >= 0) {
     cuda.emplace();

@@ -8,7 +8,7 @@
 
 namespace tidal::kernels {
 
-CorePinning::CorePinning(int threads) {
+CorePinning::CorePinning(int threads, int reserved) {
   const char* env = std::getenv("TIDAL_PIN_THREADS");
   if (env != nullptr && std::strcmp(env, "0") == 0) return;
   if (hwloc_topology_init(&topo_) != 0) {
@@ -21,7 +21,7 @@ CorePinning::CorePinning(int threads) {
     return;
   }
   const int cores = hwloc_get_nbobjs_by_type(topo_, HWLOC_OBJ_CORE);
-  cores_ = cores > 0 && threads <= cores ? cores : 0;
+  cores_ = cores > 0 && threads + reserved <= cores ? cores : 0;
 }
 
 CorePinning::~CorePinning() {

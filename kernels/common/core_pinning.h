@@ -9,10 +9,12 @@
 namespace tidal::kernels {
 
 /// The machine's cores, loaded once per executor. Inactive (bind() does nothing) with
-/// TIDAL_PIN_THREADS=0, when hwloc cannot load the topology, or when `threads` exceeds the cores.
+/// TIDAL_PIN_THREADS=0, when hwloc cannot load the topology, or when `threads` plus `reserved`
+/// exceeds the cores (`reserved`: cores other busy threads need, e.g. the one driving a GPU; see
+/// Note [A core for the GPU thread] in core/runtime/runtime.cpp).
 class CorePinning {
  public:
-  explicit CorePinning(int threads);
+  explicit CorePinning(int threads, int reserved = 0);
   ~CorePinning();
   CorePinning(const CorePinning&) = delete;
   CorePinning& operator=(const CorePinning&) = delete;

@@ -50,12 +50,15 @@ class SerialExecutor final : public Executor {
 };
 
 /// An executor backed by a TBB task arena of `num_threads` workers (0 = all hardware threads).
-std::unique_ptr<Executor> make_tbb_executor(int num_threads);
+/// Workers are pinned one per core unless `num_threads + reserved_cores` exceeds the cores
+/// (CorePinning).
+std::unique_ptr<Executor> make_tbb_executor(int num_threads, int reserved_cores = 0);
 
 /// An executor of `num_threads` threads (the caller plus num_threads - 1 pinned workers) that
 /// spin between jobs for `spin_us` µs (< 0: TIDAL_SPIN_US, default 2000) and then sleep. See
 /// Note [Spinning workers] in executor_spin.cpp.
-std::unique_ptr<Executor> make_spin_executor(int num_threads, int64_t spin_us = -1);
+std::unique_ptr<Executor> make_spin_executor(int num_threads, int64_t spin_us = -1,
+                                             int reserved_cores = 0);
 
 /// Waits, up to `max_wait`, until no worker of any spinning executor is polling for work (all
 /// asleep or busy), and says whether that happened. For measurements that need every core to
@@ -63,7 +66,8 @@ std::unique_ptr<Executor> make_spin_executor(int num_threads, int64_t spin_us = 
 bool wait_for_idle_workers(std::chrono::milliseconds max_wait);
 
 /// The runtime's executor: the spinning one, or TBB's with TIDAL_EXECUTOR=tbb. Throws
-/// std::invalid_argument for another value of TIDAL_EXECUTOR.
-std::unique_ptr<Executor> make_executor(int num_threads);
+/// std::invalid_argument for another value of TIDAL_EXECUTOR. `reserved_cores`: cores that other
+/// busy threads need (CorePinning).
+std::unique_ptr<Executor> make_executor(int num_threads, int reserved_cores = 0);
 
 }  // namespace tidal::kernels

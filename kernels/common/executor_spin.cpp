@@ -110,11 +110,11 @@ std::atomic<int> g_polling{0};  // the executor whose job this thread is running
 
 class SpinExecutor final : public Executor {
  public:
-  SpinExecutor(int num_threads, int64_t spin_us)
+  SpinExecutor(int num_threads, int64_t spin_us, int reserved_cores)
       : n_(std::max(1, num_threads)),
         oversubscribed_(n_ > usable_cpus()),
         spin_ns_((oversubscribed_ ? std::min<int64_t>(spin_us, 20) : spin_us) * 1000),
-        pins_(n_) {
+        pins_(n_, reserved_cores) {
     workers_.reserve(static_cast<size_t>(n_ - 1));
     try {
       for (int i = 1; i < n_; ++i) workers_.emplace_back([this, i] { worker(i); });
@@ -308,10 +308,11 @@ class SpinExecutor final : public Executor {
 
 }  // namespace
 
-std::unique_ptr<Executor> make_spin_executor(int num_threads, int64_t spin_us) {
+std::unique_ptr<Executor> make_spin_executor(int num_threads, int64_t spin_us, int reserved_cores) {
   if (num_threads <= 0)
     num_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  return std::make_unique<SpinExecutor>(num_threads, spin_us < 0 ? default_spin_us() : spin_us);
+  return std::make_unique<SpinExecutor>(num_threads, spin_us < 0 ? default_spin_us() : spin_us,
+                                        reserved_cores);
 }
 
 bool wait_for_idle_workers(std::chrono::milliseconds max_wait) {
@@ -323,13 +324,13 @@ bool wait_for_idle_workers(std::chrono::milliseconds max_wait) {
   return true;
 }
 
-std::unique_ptr<Executor> make_executor(int num_threads) {
+std::unique_ptr<Executor> make_executor(int num_threads, int reserved_cores) {
   const char* e = std::getenv("TIDAL_EXECUTOR");
   const std::string kind = e != nullptr && *e != '\0' ? e : "spin";
-  if (kind == "tbb") return make_tbb_executor(num_threads);
+  if (kind == "tbb") return make_tbb_executor(num_threads, reserved_cores);
   if (kind != "spin")
     throw std::invalid_argument("TIDAL_EXECUTOR=" + kind + ": expected \"spin\" or \"tbb\"");
-  return make_spin_executor(num_threads);
+  return make_spin_executor(num_threads, -1, reserved_cores);
 }
 
 }  // namespace tidal::kernels

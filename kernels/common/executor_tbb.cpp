@@ -31,8 +31,8 @@ namespace {
 
 class CorePinner final : public tbb::task_scheduler_observer {
  public:
-  CorePinner(tbb::task_arena& arena, int threads)
-      : tbb::task_scheduler_observer(arena), cores_(threads) {
+  CorePinner(tbb::task_arena& arena, int threads, int reserved)
+      : tbb::task_scheduler_observer(arena), cores_(threads, reserved) {
     if (cores_.active()) observe(true);
   }
   ~CorePinner() override { observe(false); }
@@ -46,7 +46,8 @@ class CorePinner final : public tbb::task_scheduler_observer {
 
 class TbbExecutor final : public Executor {
  public:
-  explicit TbbExecutor(int num_threads) : arena_(num_threads), pinner_(arena_, num_threads) {}
+  TbbExecutor(int num_threads, int reserved)
+      : arena_(num_threads), pinner_(arena_, num_threads, reserved) {}
   ~TbbExecutor() override = default;
   int num_threads() const override { return arena_.max_concurrency(); }
   const char* name() const override { return "tbb"; }
@@ -71,10 +72,10 @@ class TbbExecutor final : public Executor {
 
 }  // namespace
 
-std::unique_ptr<Executor> make_tbb_executor(int num_threads) {
+std::unique_ptr<Executor> make_tbb_executor(int num_threads, int reserved_cores) {
   if (num_threads <= 0)
     num_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  return std::make_unique<TbbExecutor>(num_threads);
+  return std::make_unique<TbbExecutor>(num_threads, reserved_cores);
 }
 
 }  // namespace tidal::kernels

@@ -145,7 +145,8 @@ class Runtime:
         Parameters
         ----------
         cpu_threads : int
-            CPU worker threads (0: one per physical core). `num_threads` is the same setting's old name.
+            CPU worker threads (0: one per physical core; with device="cuda" one fewer, so that the
+            thread driving the GPU keeps a core). `num_threads` is the same setting's old name.
         expert_dtype : {"auto", "bf16", "int8", "int4"}
             Format of the routed experts in RAM. "auto" keeps bf16 when it fits in the available memory,
             else the most precise quantised format that fits. INT8/INT4 are symmetric with one fp16 scale
