@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", "--n-gen", type=_ints, default=[128], help="generated tokens (comma-separated)")
     ap.add_argument("-d", "--depth", type=_ints, default=[0], help="context depths for tg (comma-separated)")
     ap.add_argument("-r", "--repetitions", type=int, default=3)
-    ap.add_argument("--cpu-threads", type=int, default=0, help="0: one per physical core")
+    ap.add_argument("--cpu-threads", type=int, default=0, help="0: one per physical core (one fewer with a GPU)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--gpu-memory", default=None, help="VRAM cap, e.g. 12GiB (--device cuda)")
     ap.add_argument("--gpu-weights", default="bf16", choices=["bf16", "int8"],

@@ -29,7 +29,7 @@ def _add_generation_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--frequency-penalty", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: one per physical core)")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: one per physical core, one fewer with a GPU)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--gpu-memory", default=None, help="VRAM budget with --device cuda (e.g. 11G; default: all free)")
     ap.add_argument("--gpu-weights", default="bf16", choices=["bf16", "int8"],
