@@ -16,6 +16,8 @@
 #include <thread>
 #include <vector>
 
+#include "kernels/common/core_pinning.h"
+
 namespace tidal::kernels {
 namespace {
 
@@ -232,6 +234,38 @@ TEST(Executor, EnvironmentChoosesTheKind) {
     setenv("TIDAL_EXECUTOR", saved.c_str(), 1);
   else
     unsetenv("TIDAL_EXECUTOR");
+}
+
+// Note [A core for the GPU thread]: pinning is on only where the threads and the reserved cores
+// fit the machine's cores; the affinity of a pinned worker is one CPU, of an unpinned one more.
+TEST(CorePinning, ReservedCoresTurnPinningOff) {
+  const char* old = std::getenv("TIDAL_PIN_THREADS");
+  if (old != nullptr && std::string(old) == "0") GTEST_SKIP() << "TIDAL_PIN_THREADS=0 is set";
+  const CorePinning probe(1);
+  if (!probe.active()) GTEST_SKIP() << "hwloc cannot load this machine's topology";
+  int cores = 0;
+  for (int n = 1; n <= 4096 && CorePinning(n).active(); n *= 2) cores = n;  // a lower bound
+  ASSERT_GE(cores, 1);
+  EXPECT_TRUE(CorePinning(cores).active());
+  EXPECT_FALSE(CorePinning(cores, cores).active());
+  EXPECT_FALSE(CorePinning(1, 4096).active());
+  // Through an executor: with every core reserved, a worker's affinity is not narrowed to one CPU.
+  if (std::thread::hardware_concurrency() < 2) GTEST_SKIP() << "one CPU";
+  auto cpus_of_workers = [](std::unique_ptr<Executor> ex) {
+    std::atomic<int> min_cpus{1 << 30};
+    ex->try_run_concurrent(2, [&](int i) {
+      if (i == 0) return;  // the caller is never pinned
+      cpu_set_t set;
+      CPU_ZERO(&set);
+      sched_getaffinity(0, sizeof set, &set);
+      min_cpus.store(CPU_COUNT(&set));
+    });
+    return min_cpus.load();
+  };
+  const int pinned = cpus_of_workers(make_spin_executor(2));
+  if (pinned != 1)
+    GTEST_SKIP() << "thread binding is refused here (affinity " << pinned << " CPUs)";
+  EXPECT_GT(cpus_of_workers(make_spin_executor(2, -1, 4096)), 1);
 }
 
 }  // namespace
