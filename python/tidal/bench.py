@@ -145,14 +145,48 @@ def _time_tg(rt: Any, n: int, depth: int, rng: np.random.Generator) -> float:
     return time.perf_counter() - t0
 
 
+def _trace_steps(rt: Any, path: str | os.PathLike, seed: int) -> dict[str, Any]:
+    """rt.trace() of a 32-token prompt and 8 decode steps; medians per decode step by category."""
+    import statistics
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, rt.config.vocab_size, 40).tolist()
+    seq = rt.new_sequence()
+    with rt.trace(path) as tr:
+        seq.forward(ids[:32], all_logits=False)
+        for t in ids[32:]:
+            seq.forward([t], all_logits=False)
+    steps = tr.spans("step")[1:]
+    per_step: dict[str, list[float]] = {}
+    for f in steps:
+        t0, t1 = f["ts"], f["ts"] + f["dur"]
+        sums: dict[str, float] = {}
+        for e in tr.spans():
+            # Host spans lie inside their forward call; the GPU track starts there (within the
+            # launch queue's delay).
+            inside = (t0 <= e["ts"] and e["ts"] + e["dur"] <= t1 + 1e-3) if e["tid"] == 0 else t0 <= e["ts"] <= t1
+            if e["cat"] != "step" and inside:
+                key = e["cat"] + ("_gpu_track" if e["tid"] == 1 else "")
+                sums[key] = sums.get(key, 0.0) + e["dur"]
+        for k, v in sums.items():
+            per_step.setdefault(k + "_us", []).append(v)
+    out = {"path": os.fspath(path), "decode_steps": len(steps),
+           "decode_step_us": statistics.median(f["dur"] for f in steps) if steps else None}
+    out.update({k: statistics.median(v) for k, v in sorted(per_step.items())})
+    return out
+
+
 def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths: list[int], repetitions: int = 3,
               cpu_threads: int = 0, device: str = "cpu", bandwidth_bytes: int = 1 << 30, seed: int = 0,
               routing: np.ndarray | None = None, routing_info: dict[str, Any] | None = None,
               expert_dtype: str = "auto", gpu_memory: str | int | None = None, gpu_weights: str = "bf16",
-              gpu_precision: str | None = None, expert_group_size: int = 0) -> dict[str, Any]:
+              gpu_precision: str | None = None, expert_group_size: int = 0,
+              trace_path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run the tests and return the JSON-ready report. `routing`: a trace (tokens, layers, top_k) the
     MoE layers follow instead of their routers (see tidal.routing). `expert_dtype`, `gpu_memory`,
-    `gpu_weights`, `gpu_precision`: as Runtime.load (the gpu_* ones with device="cuda" only)."""
+    `gpu_weights`, `gpu_precision`: as Runtime.load (the gpu_* ones with device="cuda" only).
+    `trace_path`: after the tests, record a 32-token prompt and 8 decode steps with rt.trace() into
+    this Chrome trace file and summarise the decode steps in the report ("trace")."""
     from . import Runtime, _tidal, inspect
 
     if repetitions < 1:
@@ -246,6 +280,9 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
             r["above_bound"] = True
             print(f"python -m tidal.bench: warning: {r['test']} runs at {100 * r['fraction_of_bound']:.0f}% of "
                   "its memory bound; the bandwidth measurement was probably disturbed", file=sys.stderr)
+    trace_summary = None
+    if trace_path is not None:
+        trace_summary = _trace_steps(rt, trace_path, seed)
     st = rt.stats()
     c = rt.config
     active = summary.pinned_bytes - summary.part_bytes["embeddings"] + sum(c.layer_is_moe) * c.num_experts_per_tok * packed_expert_bytes
@@ -271,6 +308,7 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
         "cache": {"expert_cache_hit_rate": st.expert_cache_hit_rate, "prediction_precision": st.prediction_precision,
                   "prediction_recall": st.prediction_recall},
         "routing": routing_info or {"mode": "router" if routing is None else "trace"},
+        "trace": trace_summary,
     }
 
 
@@ -352,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--routing-reuse", type=float, default=0.5,
                     help="synthetic trace: probability that an expert repeats from the previous token")
     ap.add_argument("--json", default=None, help="also write the report as JSON to this path ('-' for stdout)")
+    ap.add_argument("--trace", default=None,
+                    help="after the tests, write a Chrome trace of a prompt and 8 decode steps to this path")
     a = ap.parse_args(argv)
     if (a.model is None) == (a.preset is None):
         ap.error("give a checkpoint directory or --preset (one of them)")
@@ -384,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         report = run_bench(model, pp=a.n_prompt, tg=a.n_gen, depths=a.depth, repetitions=a.repetitions,
                            cpu_threads=a.cpu_threads, device=a.device, routing=trace, routing_info=info,
                            expert_dtype=a.expert_dtype, gpu_memory=a.gpu_memory, gpu_weights=a.gpu_weights,
-                           gpu_precision=a.gpu_precision, expert_group_size=a.expert_group_size)
+                           gpu_precision=a.gpu_precision, expert_group_size=a.expert_group_size,
+                           trace_path=a.trace)
         if a.preset:
             report["model"]["preset"] = a.preset
     except (ValueError, FileNotFoundError, NotImplementedError, OSError, MemoryError) as exc:
