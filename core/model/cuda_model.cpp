@@ -1185,7 +1185,8 @@ void CudaModel::Impl::run_segments(int64_t T, LogitsMode cm, std::vector<cudaGra
   struct TraceEvents {
     std::vector<cudaEvent_t> ev;
     ~TraceEvents() {
-      for (auto e : ev) cudaEventDestroy(e);
+      for (auto e : ev)
+        if (e != nullptr) cudaEventDestroy(e);  // a null one would set the last CUDA error
     }
   } tev;
   StepTrace::Clock::time_point anchor{};

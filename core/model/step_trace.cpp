@@ -6,7 +6,8 @@
 /// `rt.trace(path)` (Python) starts a StepTrace; every forward call inside the block adds spans:
 /// - device="cpu" (Model::cpu_layers): per layer the token mixer (attention or deltanet), the
 ///   router, the routed experts and the shared expert; then the final norm and lm_head; the whole
-///   call as one "forward" span. All on the host track (the executor's workers run inside them).
+///   call as one "forward" span. All on the calling thread's track (the executor's workers run
+///   inside them); each application thread has its own.
 /// - device="cuda" (CudaModel::forward): per GPU segment (the layers between two host expert calls)
 ///   the host's launch, its wait for the router ids ("waits"), and the routed experts on the CPU;
 ///   the segments' GPU execution from CUDA events on the GPU track. GPU times are placed from the
@@ -16,9 +17,21 @@
 /// layer and step), so it is meant for inspecting a few steps, not for production serving.
 #include "core/model/step_trace.h"
 
+#include <atomic>
 #include <nlohmann/json.hpp>
+#include <set>
 
 namespace tidal::core {
+namespace {
+
+// The calling thread's track: 2, 3, ... in the order threads first record (1 is the GPU).
+int host_track() {
+  static std::atomic<int> next{2};
+  thread_local const int tid = next.fetch_add(1, std::memory_order_relaxed);
+  return tid;
+}
+
+}  // namespace
 
 void StepTrace::start() {
   std::lock_guard lock(mu_);
@@ -35,12 +48,17 @@ std::string StepTrace::stop_json() {
     ev.swap(events_);
   }
   nlohmann::json events = nlohmann::json::array();
-  for (int t : {kHost, kGpu})
-    events.push_back({{"name", "thread_name"},
-                      {"ph", "M"},
-                      {"pid", 1},
-                      {"tid", t},
-                      {"args", {{"name", t == kHost ? "host (forward call)" : "GPU stream"}}}});
+  std::set<int> tracks = {kGpu};
+  for (const auto& e : ev) tracks.insert(e.track);
+  for (int t : tracks)
+    events.push_back(
+        {{"name", "thread_name"},
+         {"ph", "M"},
+         {"pid", 1},
+         {"tid", t},
+         {"args",
+          {{"name", t == kGpu ? std::string("GPU stream")
+                              : "host thread " + std::to_string(t - 1) + " (forward calls)"}}}});
   for (const auto& e : ev) {
     nlohmann::json j = {{"name", e.name}, {"cat", e.cat}, {"ph", "X"},     {"ts", e.ts},
                         {"dur", e.dur},   {"pid", 1},     {"tid", e.track}};
@@ -51,19 +69,22 @@ std::string StepTrace::stop_json() {
 }
 
 double StepTrace::us(Clock::time_point t) const {
+  std::lock_guard lock(mu_);
   return std::chrono::duration<double, std::micro>(t - origin_).count();
 }
 
 void StepTrace::add(const char* name, const char* cat, Clock::time_point t0, Clock::time_point t1,
                     int track, int64_t layer) {
+  const int tid = track == kHost ? host_track() : track;
   std::lock_guard lock(mu_);
-  if (!on_.load(std::memory_order_relaxed)) return;
-  events_.push_back({name, cat, us(t0), std::chrono::duration<double, std::micro>(t1 - t0).count(),
-                     track, layer});
+  if (!on_.load(std::memory_order_relaxed) || t0 < origin_) return;  // a span from before start()
+  events_.push_back({name, cat, std::chrono::duration<double, std::micro>(t0 - origin_).count(),
+                     std::chrono::duration<double, std::micro>(t1 - t0).count(), tid, layer});
 }
 
 void StepTrace::add_us(const char* name, const char* cat, double ts_us, double dur_us, int track,
                        int64_t layer) {
+  if (track == kHost) track = host_track();
   std::lock_guard lock(mu_);
   if (!on_.load(std::memory_order_relaxed)) return;
   events_.push_back({name, cat, ts_us, dur_us, track, layer});

@@ -16,14 +16,17 @@ namespace tidal::core {
 class StepTrace {
  public:
   using Clock = std::chrono::steady_clock;
-  /// Tracks (Chrome trace "tid"s): the thread that runs the forward call, and the GPU stream.
+  /// Tracks (Chrome trace "tid"s): kHost stands for the calling thread (each application thread
+  /// gets its own tid, 2 and up, so concurrent forward calls do not interleave on one track), and
+  /// kGpu for the GPU stream (tid 1).
   enum Track : int { kHost = 0, kGpu = 1 };
 
   /// Starts recording (drops earlier events); the origin of the timeline is now.
   void start();
   /// Stops recording; returns {"traceEvents": [...], "displayTimeUnit": "ms"}. Events are complete
   /// events ("ph": "X") with ts / dur in µs from start(); `cat` is one of step, gpu, cpu_dense,
-  /// cpu_experts, waits, copies; args.layer where the span belongs to one layer.
+  /// cpu_experts, waits; args.layer where the span belongs to one layer. Spans that began before
+  /// start() are dropped.
   std::string stop_json();
   /// Recording (a lock-free check, so the model pays one atomic load per span otherwise).
   bool on() const { return on_.load(std::memory_order_acquire); }

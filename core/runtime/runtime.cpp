@@ -20,6 +20,7 @@
 
 #include "core/checkpoint/gguf_model.h"
 #include "core/error.h"
+#include "kernels/cpu/expert_gemm.h"
 #include "offload/expert_store.h"
 #ifdef TIDAL_WITH_CUDA
 #include "kernels/cuda/device_info.h"
@@ -176,6 +177,14 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
                                        const LoadProgress& progress) {
   const auto t_load = Clock::now();
   const int cuda_ordinal = check_device(opts.device);
+  {  // read by the expert op at its first call; a bad value must fail here, not mid-forward
+    const char* amx = std::getenv("TIDAL_EXPERT_AMX_BF16");
+    try {
+      kernels::cpu::parse_approximation(amx == nullptr ? "" : amx);
+    } catch (const std::invalid_argument& e) {
+      throw InvalidArgument(e.what());
+    }
+  }
   TIDAL_CHECK(opts.num_threads >= 0, InvalidArgument,
               "num_threads must be >= 0 (0 = one per physical core), got {}", opts.num_threads);
   const int max_threads = 4 * static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
@@ -216,12 +225,14 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
   auto experts = std::make_shared<offload::ExpertStore>(cfg, *rt->checkpoint_);
   rt->experts_ = experts;
   // Note [A core for the GPU thread]: with device="cuda" one core is kept for the thread that
-  // drives the GPU (it waits for the router ids between the host expert calls) and the CUDA
-  // driver's own threads. The default thread count is one less than the physical cores, and workers
-  // are pinned only where the threads and that core fit. With a worker pinned to every core, each
-  // decode expert call of tidal-mini took 67 µs instead of 11, and the whole step 894 µs instead of
-  // 444 (H100 machine, 16 cores; docs/performance.md): those threads preempted pinned workers,
-  // which could not move. An explicit cpu_threads is kept (unpinned when it leaves no core free).
+  // drives the GPU (it spins in the CUDA driver while it waits for the router ids between the host
+  // expert calls) and the driver's own threads. The default thread count is one less than the
+  // physical cores, and workers are pinned only where the threads and that core fit. With 16
+  // threads on 16 cores (workers pinned to cores 1-15, the calling thread unpinned), each decode
+  // expert call of tidal-mini took 67 µs instead of 11, and the whole step 894 µs instead of 444
+  // (H100 machine; docs/performance.md): most likely those threads preempted pinned workers, which
+  // could not move, and the op's hand-offs waited for them. An explicit cpu_threads is kept
+  // (unpinned when it leaves no core free).
   const int reserve = cuda_ordinal >= 0 ? 1 : 0;
   const int default_threads = std::max(1, physical_core_count() - reserve);
   rt->executor_ =
@@ -447,6 +458,7 @@ RuntimeStats Runtime::stats() const {
     s.expert_pairs = experts_->expert_pairs() - pairs_base_;
   }
   auto la = model().routing().lookahead_counts();
+  s.lookahead_on = model().routing().lookahead();
   s.lookahead_predicted = std::move(la.predicted);
   s.lookahead_routed = std::move(la.routed);
   s.lookahead_hits = std::move(la.hits);

@@ -80,6 +80,7 @@ struct RuntimeStats {
   /// Router lookahead (Note [Router lookahead]), per layer since load or reset_stats: expert ids
   /// predicted one layer early, ids routed, routed ids that were predicted. All zero while off.
   std::vector<uint64_t> lookahead_predicted, lookahead_routed, lookahead_hits;
+  bool lookahead_on = false;  ///< rt.set_router_lookahead(True) is in force
 };
 
 struct GenerationConfig {

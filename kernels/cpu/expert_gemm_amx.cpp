@@ -65,7 +65,8 @@ inline void memory_barrier() { __asm__ __volatile__("" ::: "memory"); }
 
 // Software prefetch of the weight stream: off by default. With hardware prefetch only, the whole
 // op at 2048 tokens ran 4-7% faster on one thread (int8 209-213 ms against 220-222 ms with 8 KiB
-// into L1 or 32 KiB into L2; bf16 247 against 265 ms) and no slower on 16, interleaved in one run
+// into L1 or 32 KiB into L2; bf16 247 against 265 ms) and within the noise on 16 (int8 16.7-18.0
+// against 17.7-20.4 ms; bf16 21.9-25.0 against 23.3-25.2 ms), interleaved in one device call
 // (docs/results/cpu-experts-2026-12-06/run18-amx-prefetch-op.jsonl): the weights of one tile are
 // one contiguous stream, which the L2 streamer follows. TIDAL_AMX_PREFETCH (bytes ahead) and
 // TIDAL_AMX_PREFETCH_L2=1 (prefetcht1) turn it on for comparison.
@@ -123,15 +124,17 @@ void bf16_pass(const uint8_t* t0, const uint8_t* t1, const uint16_t* a, const ui
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
-    if constexpr (kSplit) {
+    if constexpr (kSplit && NB == 1) {  // lo in the free tile 5: no wait for tile 4's readers
+      _tile_loadd(5, a_lo + kc * 32, lda);
+      _tile_dpbf16ps(0, 5, 6);
+      _tile_dpbf16ps(1, 5, 7);
+    } else if constexpr (kSplit) {
       _tile_loadd(4, a_lo + kc * 32, lda);
-      if constexpr (NB == 2) _tile_loadd(5, a_lo + 16 * ld + kc * 32, lda);
+      _tile_loadd(5, a_lo + 16 * ld + kc * 32, lda);
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(1, 4, 7);
-      if constexpr (NB == 2) {
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
     }
   }
   memory_barrier();  // earlier reads of c0/c1 by the caller come before these stores
@@ -212,9 +215,13 @@ inline void int_epilogue(const int32_t* c, const uint16_t* s0, const uint16_t* s
 // every group ran products, drain, store, epilogue in series (the single-tile micro-benchmark:
 // ~500 ns per group for ~60 ns of products). Here group g's C tiles go to one of two buffers, and
 // the epilogue of group g - 1 (stored one group earlier) is issued right after group g's
-// products, so the vector units fold g - 1 while the tile unit multiplies g. The buffers are
-// 4 KiB + 256 B apart, so their rows do not alias modulo 4 KiB. Same operations in the same order
-// per output: bit-identical to the VNNI kernel.
+// products, so that it need not wait for a store just made. Measured (docs/performance.md,
+// 2026-12-06 AMX prefill): the INT4 tile call ran 1.5-1.7x faster (its nibble unpacking overlaps
+// too), INT8 and the whole op moved within the noise, and the stage probe
+// (tests/bench/amx_probe.cpp) found that the vector epilogue still does not overlap the tile
+// unit's products. The two buffers are 4 KiB + 256 B apart, so the same row of both is not at
+// the same offset modulo 4 KiB. Same operations in the same order per output: bit-identical to
+// the VNNI kernel.
 template <int NB, bool kInt4, bool kLate>
 void int_pass(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a,
               int64_t rows, float* acc0, float* acc1) {

@@ -23,7 +23,10 @@ constexpr int64_t kAmxMinRowsInt = 16;
 // moved 1.4e-3 from transformers (bound 1e-3) and 1.5e-3 from token-by-token decoding (bound
 // 5e-4), against 1.2e-4 with the fp32 kernels: its near-tied routers amplify the difference. The
 // INT8/INT4 AMX path is bit-identical to VNNI and always on; BF16 AMX runs when the caller allows
-// approximate kernels (MoeExperts::set_allow_approximate, TIDAL_EXPERT_AMX_BF16=1).
+// approximate kernels: the hi + lo kernel at Approximation::kSplit (MoeExperts::
+// set_allow_approximate, TIDAL_EXPERT_AMX_BF16=1 or split), the bf16-activation kernel
+// (amx_bf16_act, one product per tile) at kBf16Activations (set_approximation,
+// TIDAL_EXPERT_AMX_BF16=bf16).
 // tdpbsud B tiles span 64 columns: the INT groups must be multiples of 64.
 constexpr int64_t kAmxIntGroup = 64;
 

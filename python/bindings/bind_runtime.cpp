@@ -124,6 +124,7 @@ py::dict stats_dict(const runtime::RuntimeStats& s) {
   d["lookahead_predicted"] = s.lookahead_predicted;
   d["lookahead_routed"] = s.lookahead_routed;
   d["lookahead_hits"] = s.lookahead_hits;
+  d["lookahead_on"] = s.lookahead_on;
   return d;
 }
 
@@ -417,6 +418,10 @@ void bind_runtime(py::module_& m) {
       .def(
           "set_router_lookahead",
           [](const Runtime& r, bool on, int64_t predict_k) {
+            TIDAL_CHECK(
+                !on || r.model().cuda() == nullptr, Unsupported,
+                "router lookahead is measured by the CPU engine only for now "
+                "(device=\"cpu\"); the GPU path does not run the next layer's router early");
             r.model().routing().set_lookahead(on, predict_k);
           },
           py::arg("on"), py::arg("predict_k") = 0,

@@ -432,11 +432,20 @@ class Runtime:
     def trace(self, path: str | os.PathLike | None = None) -> Any:
         """Context manager: record a timeline of every forward call inside the block.
 
-        `with rt.trace("step.json") as tr: rt.generate(prompt, max_new_tokens=2)` writes a Chrome
-        trace (open it in ui.perfetto.dev or chrome://tracing); `tr.events` holds its events either
-        way. Spans: per layer the token mixer, router, routed experts and shared expert on the CPU;
-        on device="cuda" the GPU segments between host expert calls (CUDA events), the host's waits
-        for router ids and the CPU experts. Diagnostic: a mutex per span, events created per step.
+        Spans: per layer the token mixer, router, routed experts and shared expert on the CPU; on
+        device="cuda" the GPU segments between host expert calls (CUDA events), the host's waits for
+        router ids and the CPU experts. A diagnostic: a mutex per span, CUDA events per step.
+
+        Parameters
+        ----------
+        path : str, os.PathLike or None
+            Where to write the Chrome trace JSON at the end of the block (open it in
+            ui.perfetto.dev or chrome://tracing); None keeps it in memory only.
+
+        Returns
+        -------
+        A context manager yielding a `tidal.tracing.Trace`, whose `events` are filled when the
+        block ends: `with rt.trace("step.json") as tr: rt.generate(prompt, max_new_tokens=2)`.
         """
         from .tracing import record
 
@@ -446,12 +455,22 @@ class Runtime:
         """Measure router lookahead: at every MoE layer, predict the next MoE layer's experts from
         the hidden state this layer has (the next router on it), and count how many of the experts
         the next layer then routes to were predicted. `stats()` reports precision and recall
-        (overall and per layer). `predict_k`: experts predicted per token (default: top_k).
-        device="cpu" only for now; costs one extra router matvec per MoE layer while on."""
-        k = 0 if predict_k is None else int(predict_k)
-        if k < 0:
-            raise ValueError(f"predict_k must be positive, got {predict_k}")
-        self._engine.set_router_lookahead(bool(on), k)
+        (overall and per layer). Costs one extra norm and router matvec per MoE layer while on.
+
+        Parameters
+        ----------
+        on : bool
+            Start (True) or stop (False) measuring; counts restart with `reset_stats()`.
+        predict_k : int or None
+            Experts predicted per token, 1 to num_experts (None: the model's top_k); anything else
+            is a ValueError.
+
+        Raises
+        ------
+        NotImplementedError
+            With device="cuda": the GPU path does not run the next layer's router early yet.
+        """
+        self._engine.set_router_lookahead(bool(on), 0 if predict_k is None else int(predict_k))
 
     # ---------------------------------------------------------------- statistics
     def stats(self) -> Stats:

@@ -76,8 +76,9 @@ class Stats:
         recall = sum(hits) / sum(routed) if sum(routed) > 0 else None
         if not on_gpu:
             notes.append("device=cpu: no VRAM expert cache, so no hit rate; no copies")
-        if precision is None:
-            notes.append("no router lookahead measured (rt.set_router_lookahead(True), device=cpu)")
+        if precision is None and s["lookahead_on"]:
+            notes.append("router lookahead is on but has measured nothing yet (no forward call since, "
+                         "or a routing trace replaying)")
         if not s["weights_populated"]:
             notes.append("weights are memory-mapped lazily (populate=False or they exceed available RAM)")
         last = {}

@@ -3,8 +3,8 @@
 /// \brief What one quantisation group of the AMX INT kernel costs, stage by stage, on one core:
 /// tile products alone, then with B and A tile loads (L1, L2, DRAM), tile stores, and the fp32
 /// epilogue (right away or one group late), plus a two-C-set variant. "Time variants that leave
-/// one stage out and take differences" (no perf on the GPU machine). Standalone on purpose: it
-/// builds in seconds on the device with
+/// one stage out and take differences" (no perf on the GPU machine). Standalone, so that it builds
+/// in seconds on the device: the `tidal_amx_probe` benchmark target, or
 ///   g++ -O2 -march=sapphirerapids -o /tmp/amx_probe tests/bench/amx_probe.cpp && /tmp/amx_probe
 /// A "group" is the kernel's unit for INT8 group 128 with 32 tokens (NB = 2): 2 x 4 `tdpbsud`
 /// (16x16x64 each) = 131072 int8 MACs (262144 ops), 4 C tiles of 16x16 int32.
@@ -62,13 +62,13 @@ alignas(64) float acc0[32 * 16], acc1[32 * 16];
 alignas(64) uint16_t wscale[kGroups * 16 * 2];
 
 enum Stage : int {
-  kTdp = 1,        // products
-  kLoadB = 2,      // B tile loads
-  kLoadAL1 = 4,    // A tile loads from a 2 KiB L1 buffer
-  kLoadAL2 = 8,    // A tile loads from the 133 KB activation rows (L2)
-  kStore = 16,     // tilezero + 4 tile stores per group
-  kEpiNow = 32,    // epilogue of this group right after its stores
-  kEpiLate = 64,   // epilogue of the previous group after this group's products
+  kTdp = 1,           // products
+  kLoadB = 2,         // B tile loads
+  kLoadAL1 = 4,       // A tile loads from a 2 KiB L1 buffer
+  kLoadAL2 = 8,       // A tile loads from the 133 KB activation rows (L2)
+  kStore = 16,        // tilezero + 4 tile stores per group
+  kEpiNow = 32,       // epilogue of this group right after its stores
+  kEpiLate = 64,      // epilogue of the previous group after this group's products
   kBStreamL2 = 128,   // B from a 1 MiB buffer walked in order (L2)
   kBStreamMem = 256,  // B from a 1 GiB buffer walked in order (DRAM)
   kEpiSplit = 512,    // with kEpiLate: 16 rows of the previous group's epilogue after each h
@@ -78,7 +78,8 @@ enum Stage : int {
 };
 
 void epilogue(const int32_t* c, int64_t g, int64_t r0 = 0, int64_t r1 = 32) {
-  const __m512 ws0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wscale + g * 16)));
+  const __m512 ws0 =
+      _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wscale + g * 16)));
   const __m512 ws1 =
       _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wscale + 256 + g * 16)));
   for (int64_t r = r0; r < r1; ++r) {
@@ -228,10 +229,12 @@ double run_two_sets(int64_t groups, const uint8_t* stream, size_t stream_bytes) 
         const __m512 xs = _mm512_set1_ps(q_scale[gi]);
         const __m512i i0 = _mm512_sub_epi32(_mm512_load_si512(c + r * 16), corr);
         const __m512i i1 = _mm512_sub_epi32(_mm512_load_si512(c + 256 + r * 16), corr);
-        _mm512_store_ps(acc0 + r * 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_mul_ps(ws0, xs),
-                                                       _mm512_load_ps(acc0 + r * 16)));
-        _mm512_store_ps(acc1 + r * 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_mul_ps(ws1, xs),
-                                                       _mm512_load_ps(acc1 + r * 16)));
+        _mm512_store_ps(acc0 + r * 16,
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_mul_ps(ws0, xs),
+                                        _mm512_load_ps(acc0 + r * 16)));
+        _mm512_store_ps(acc1 + r * 16,
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_mul_ps(ws1, xs),
+                                        _mm512_load_ps(acc1 + r * 16)));
       }
     }
   }
@@ -273,12 +276,18 @@ int main(int argc, char** argv) {
       {"epilogue_only", kEpiNow},
       {"ldB+ldA_L2_only", kLoadB | kLoadAL2},
       {"epi_late_split", kTdp | kLoadB | kLoadAL2 | kStore | kEpiLate | kEpiSplit},
-      {"epi_late_split+stagger", kTdp | kLoadB | kLoadAL2 | kStore | kEpiLate | kEpiSplit | kStagger},
-      {"epi_late_split,B_L2stream", kTdp | kLoadB | kLoadAL2 | kStore | kEpiLate | kEpiSplit | kBStreamL2},
-      {"epi_late_split,B_DRAM", kTdp | kLoadB | kLoadAL2 | kStore | kEpiLate | kEpiSplit | kBStreamMem},
-      {"epi_late_split,B_DRAM,pf16k", kTdp | kLoadB | kLoadAL2 | kStore | kEpiLate | kEpiSplit | kBStreamMem | kPf16k},
-      {"epi_late_split,B_DRAM,pf64k", kTdp | kLoadB | kLoadAL2 | kStore | kEpiLate | kEpiSplit | kBStreamMem | kPf64k},
-      {"epi_late,B_DRAM,pf16k", kTdp | kLoadB | kLoadAL2 | kStore | kEpiLate | kBStreamMem | kPf16k},
+      {"epi_late_split+stagger",
+       kTdp | kLoadB | kLoadAL2 | kStore | kEpiLate | kEpiSplit | kStagger},
+      {"epi_late_split,B_L2stream",
+       kTdp | kLoadB | kLoadAL2 | kStore | kEpiLate | kEpiSplit | kBStreamL2},
+      {"epi_late_split,B_DRAM",
+       kTdp | kLoadB | kLoadAL2 | kStore | kEpiLate | kEpiSplit | kBStreamMem},
+      {"epi_late_split,B_DRAM,pf16k",
+       kTdp | kLoadB | kLoadAL2 | kStore | kEpiLate | kEpiSplit | kBStreamMem | kPf16k},
+      {"epi_late_split,B_DRAM,pf64k",
+       kTdp | kLoadB | kLoadAL2 | kStore | kEpiLate | kEpiSplit | kBStreamMem | kPf64k},
+      {"epi_late,B_DRAM,pf16k",
+       kTdp | kLoadB | kLoadAL2 | kStore | kEpiLate | kBStreamMem | kPf16k},
   };
   constexpr double kMacs = 2.0 * 4 * 16 * 16 * 64;  // per group
   for (const auto& v : vs) {
@@ -300,8 +309,10 @@ int main(int argc, char** argv) {
     for (int rep = 0; rep < 5; ++rep) best = std::min(best, run_two_sets(groups, s, sb));
     const double ns = best / static_cast<double>(groups) * 1e9;
     std::printf("{\"probe\":\"two_sets_nb1,B_%s\",\"ns_per_group\":%.1f,\"tops\":%.3f}\n",
-                where == 0 ? "L1" : where == 1 ? "L2stream" : "DRAMstream", ns,
-                2.0 * (kMacs / 2) / ns / 1e3);
+                where == 0   ? "L1"
+                : where == 1 ? "L2stream"
+                             : "DRAMstream",
+                ns, 2.0 * (kMacs / 2) / ns / 1e3);
     std::fflush(stdout);
   }
   return 0;

@@ -646,7 +646,10 @@ int main(int argc, char** argv) {
     return 0;
   }
   for (const auto& sh : parse_names(shape))
-    run_shape(sh == "80b" ? s80 : sh == "mini" ? smini : s35, parse_names(dtypes), parse_list(ms), parse_list(threads),
-              seconds, group, onednn, parse_names(executors), parse_list(dataflows));
+    run_shape(sh == "80b"    ? s80
+              : sh == "mini" ? smini
+                             : s35,
+              parse_names(dtypes), parse_list(ms), parse_list(threads), seconds, group, onednn,
+              parse_names(executors), parse_list(dataflows));
   return 0;
 }

@@ -268,6 +268,7 @@ def test_trace_on_gpu(tmp_path):
     # 8 MoE layers: 8 host expert calls, so 9 segments per forward call (the last ends at lm_head).
     assert len(segments) == (layers + 1) * len(forwards)
     assert all(e["tid"] == 1 and e["dur"] > 0 for e in segments)
+    assert all(e["tid"] >= 2 for e in tr.spans() if e["cat"] != "gpu" or e["name"] != "gpu_segment")
     experts = tr.spans("cpu_experts", "routed_experts")
     assert sorted({e["args"]["layer"] for e in experts}) == list(range(layers))
     assert len(experts) == layers * len(forwards)

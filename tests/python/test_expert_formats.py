@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tidal
-from conftest import GOLDEN_CASES
+from conftest import GOLDEN_CASES, MINI
 
 # Note [KL bounds of quantised experts]
 # Mean over the prompt positions of KL(p_bf16 || p_quant), default groups (int8: 128, int4: 64),
@@ -143,3 +143,11 @@ def test_packed_expert_cache(tmp_path):
     assert tidal.Runtime.load(ckpt, expert_dtype="int4", progress=False).describe()["expert_cache"] == "off"
     assert tidal.Runtime.load(ckpt, expert_dtype="int4", expert_cache="off",
                               progress=False).describe()["expert_cache"] == "off"
+
+
+def test_bad_amx_bf16_setting_fails_at_load(monkeypatch):
+    """TIDAL_EXPERT_AMX_BF16 is read by the expert op at its first call; a bad value is refused by
+    Runtime.load, before any sequence state exists, naming the accepted values."""
+    monkeypatch.setenv("TIDAL_EXPERT_AMX_BF16", "yes")
+    with pytest.raises(ValueError, match="TIDAL_EXPERT_AMX_BF16.*accepted"):
+        tidal.Runtime.load(MINI, progress=False)

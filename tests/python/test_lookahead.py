@@ -27,7 +27,13 @@ def test_off_by_default_and_reported_as_missing(rt, ids):
     st = rt.stats()
     assert st.prediction_precision is None and st.prediction_recall is None
     assert st.prediction_per_layer == {}
-    assert any("router lookahead" in n for n in st.notes)
+    assert not any("lookahead" in n for n in st.notes)  # no note for a feature that is off
+    rt.set_router_lookahead(True)
+    try:
+        rt.reset_stats()
+        assert any("router lookahead is on" in n for n in rt.stats().notes)
+    finally:
+        rt.set_router_lookahead(False)
 
 
 def test_counts_per_layer_and_beats_chance(rt, ids):
@@ -98,3 +104,18 @@ def test_bad_predict_k(rt):
         rt.set_router_lookahead(True, predict_k=E + 1)
     with pytest.raises(ValueError, match="predict_k"):
         rt.set_router_lookahead(True, predict_k=-1)
+
+
+def test_batched_rows_are_counted_per_sequence_row(rt):
+    """forward_batch: one decode row per sequence, every row predicted and checked."""
+    seqs = [rt.new_sequence() for _ in range(3)]
+    for i, s in enumerate(seqs):
+        s.forward([10 + i, 20 + i, 30 + i], all_logits=False)
+    rt.set_router_lookahead(True)
+    try:
+        rt.reset_stats()
+        rt.forward_batch(seqs, [5, 6, 7])
+        counts = rt._engine.stats()
+    finally:
+        rt.set_router_lookahead(False)
+    assert counts["lookahead_predicted"] == [0] + [3 * K] * (LAYERS - 1)
