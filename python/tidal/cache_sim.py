@@ -15,6 +15,14 @@ evictions count over the rest. Policies:
 - ``static``: the ``slots`` most used experts of the warm-up tokens stay resident; nothing is
   replaced (no copies after the warm-up).
 
+History predictors (`predict`): a replayed trace has no router to run early (Note [Router
+lookahead] measures that predictor on real models), so what a trace alone offers is its history:
+- ``previous``: a layer's experts for token t are predicted to be its experts for token t - 1;
+- ``previous+popular``: those, then the layer's most used experts so far (decayed counts, as the
+  ``lfu`` policy keeps them) up to `predict_k` per token.
+Precision = predicted ids that were routed / predicted ids, recall = routed ids that were
+predicted / routed ids, over the tokens after the warm-up.
+
 Everything is deterministic for a given trace.
 """
 
@@ -27,9 +35,74 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["CacheResult", "simulate", "POLICIES"]
+__all__ = ["CacheResult", "PredictionResult", "simulate", "predict", "POLICIES", "PREDICTORS"]
 
 POLICIES = ("lru", "lfu", "static")
+PREDICTORS = ("previous", "previous+popular")
+
+
+@dataclass
+class PredictionResult:
+    predictor: str
+    predict_k: int
+    predicted: int = 0
+    routed: int = 0
+    hits: int = 0
+
+    @property
+    def precision(self) -> float:
+        return self.hits / self.predicted if self.predicted else 0.0
+
+    @property
+    def recall(self) -> float:
+        return self.hits / self.routed if self.routed else 0.0
+
+
+def predict(experts: np.ndarray, num_experts: int, predictor: str = "previous", *, predict_k: int | None = None,
+            warmup: int = 0, decay: float = 0.98) -> PredictionResult:
+    """Precision and recall of a history predictor (module docstring) on `experts` (tokens, layers,
+    top_k), -1 for dense layers; counts over the tokens after the first `warmup` (at least 1: the
+    first token has no history)."""
+    experts = np.asarray(experts)
+    if experts.ndim != 3:
+        raise ValueError(f"experts must be (tokens, layers, top_k), got shape {experts.shape}")
+    if predictor not in PREDICTORS:
+        raise ValueError(f"unknown predictor {predictor!r}: expected one of {', '.join(PREDICTORS)}")
+    tokens, layers, k = experts.shape
+    kp = k if predict_k is None else int(predict_k)
+    if not 1 <= kp <= num_experts:
+        raise ValueError(f"predict_k must be in [1, {num_experts}], got {predict_k}")
+    if predictor == "previous" and kp != k:
+        raise ValueError(f"the 'previous' predictor predicts top_k = {k} experts; use 'previous+popular' for more")
+    if not 0 <= warmup < tokens:
+        raise ValueError(f"warmup must be in [0, {tokens}), got {warmup}")
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"decay must be in (0, 1], got {decay}")
+    res = PredictionResult(predictor, kp)
+    counts = np.zeros((layers, num_experts))
+    ids = np.arange(num_experts)
+    for t in range(tokens):
+        for layer in range(layers):
+            row = experts[t, layer]
+            row = row[row >= 0]
+            if t >= max(1, warmup) and row.size:
+                prev = experts[t - 1, layer]
+                pred = list(dict.fromkeys(prev[prev >= 0].tolist()))[:kp]
+                if predictor == "previous+popular" and len(pred) < kp:
+                    # Most used first, lower id on ties; skip those already predicted.
+                    order = np.lexsort((ids, -counts[layer]))
+                    taken = set(pred)
+                    for e in order.tolist():
+                        if len(pred) == kp:
+                            break
+                        if e not in taken:
+                            pred.append(e)
+                res.predicted += len(pred)
+                res.routed += row.size
+                res.hits += len(set(pred) & set(row.tolist()))
+            counts[layer] *= decay
+            counts[layer, row] += 1.0
+    return res
 
 
 @dataclass
@@ -152,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=None, help="tokens that fill the cache (default: a quarter)")
     ap.add_argument("--decay", type=float, default=0.98)
+    ap.add_argument("--predict-k", type=lambda s: [int(v) for v in s.split(",") if v], default=[],
+                    help="also report the history predictors, previous+popular at these counts (e.g. 8,16)")
     ap.add_argument("--traces", default="random:0:0,skewed:1.0:0.5",
                     help="name:zipf_skew:reuse,... synthetic traces (tidal.routing.synthetic_trace)")
     a = ap.parse_args(argv)
@@ -170,6 +245,16 @@ def main(argv: list[str] | None = None) -> int:
             worst = min(r.layer_hit_rates()) if r.layer_accesses else math.nan
             print(f"| {name} (skew {skew}, reuse {reuse}) | {policy} | {100 * r.hit_rate:.1f}% | "
                   f"{r.evictions / counted:.1f} | {100 * worst:.1f}% |")
+    if a.predict_k:
+        print("\n| trace | predictor | predicted per token and layer | precision | recall |")
+        print("|---|---|---:|---:|---:|")
+        for spec in a.traces.split(","):
+            name, skew, reuse = spec.split(":")
+            trace = synthetic_trace(a.tokens, a.layers, a.experts, a.top_k, skew=float(skew), reuse=float(reuse))
+            for predictor, kp in [("previous", a.top_k)] + [("previous+popular", k) for k in a.predict_k]:
+                r = predict(trace, a.experts, predictor, predict_k=kp, warmup=warmup, decay=a.decay)
+                print(f"| {name} (skew {skew}, reuse {reuse}) | {predictor} | {kp} | {100 * r.precision:.1f}% | "
+                      f"{100 * r.recall:.1f}% |")
     return 0
 
 

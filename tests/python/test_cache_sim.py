@@ -98,3 +98,52 @@ def test_cli_prints_a_table(capsys):
     assert main(["--slots", "16", "--tokens", "200", "--layers", "2", "--experts", "32", "--top-k", "2"]) == 0
     out = capsys.readouterr().out
     assert "| random (skew 0, reuse 0) | lru |" in out and "| skewed (skew 1.0, reuse 0.5) | static |" in out
+
+
+def test_history_predictors_on_hand_made_traces():
+    from tidal.cache_sim import predict
+
+    # 1 layer, top-2 of 6. A constant trace is predicted exactly from the previous token.
+    const = np.tile(np.array([[[1, 4]]]), (10, 1, 1))
+    r = predict(const, 6, "previous")
+    assert (r.predicted, r.routed, r.hits) == (18, 18, 18) and r.precision == r.recall == 1.0
+    # Alternating disjoint sets: the previous token never helps; the popular fill finds the other.
+    alt = np.array([[[0, 1]], [[2, 3]]] * 5)
+    assert predict(alt, 6, "previous").hits == 0
+    r = predict(alt, 6, "previous+popular", predict_k=4, warmup=2)
+    assert r.recall == 1.0 and r.precision == 0.5
+    # Predicting every expert finds every routed one; precision is top_k / E.
+    r = predict(alt, 6, "previous+popular", predict_k=6)
+    assert r.recall == 1.0 and r.precision == pytest.approx(2 / 6)
+    # Dense layers (-1) are neither predicted nor counted.
+    mixed = np.concatenate([const, np.full((10, 1, 2), -1)], axis=1)
+    assert predict(mixed, 6, "previous").routed == 18
+
+
+def test_history_predictor_arguments():
+    from tidal.cache_sim import predict
+
+    t = np.zeros((4, 1, 2), int)
+    t[:, 0, 1] = 1
+    with pytest.raises(ValueError, match="unknown predictor"):
+        predict(t, 6, "oracle")
+    with pytest.raises(ValueError, match="previous\\+popular"):
+        predict(t, 6, "previous", predict_k=3)
+    with pytest.raises(ValueError, match="predict_k"):
+        predict(t, 6, "previous+popular", predict_k=7)
+    with pytest.raises(ValueError, match="warmup"):
+        predict(t, 6, "previous", warmup=4)
+
+
+def test_history_predictor_on_synthetic_traces():
+    """Random routing is unpredictable from history (chance: k / E); the skewed trace's reuse makes
+    the previous token a predictor of about its reuse probability."""
+    from tidal.cache_sim import predict
+    from tidal.routing import synthetic_trace
+
+    rnd = synthetic_trace(400, 2, 64, 4, skew=0.0, reuse=0.0, seed=1)
+    assert predict(rnd, 64, "previous", warmup=50).precision < 0.15  # chance 4/64 = 6%
+    skew = synthetic_trace(400, 2, 64, 4, skew=1.0, reuse=0.5, seed=1)
+    p = predict(skew, 64, "previous", warmup=50)
+    assert 0.5 <= p.precision <= 0.85
+    assert predict(skew, 64, "previous+popular", predict_k=8, warmup=50).recall > p.recall
