@@ -18,6 +18,8 @@ class Executor {
   virtual int num_threads() const = 0;
   /// "spin", "tbb" or "serial" (Runtime.describe()["cpu_executor"]).
   virtual const char* name() const = 0;
+  /// Whether its workers are pinned one per core (CorePinning; Runtime.describe()["cpu_pinned"]).
+  virtual bool pinned() const { return false; }
   /// Calls fn(begin, end) on disjoint sub-ranges covering [0, n); blocks until all are done.
   /// `grain` is the smallest sub-range worth a task.
   virtual void parallel_for(int64_t n, int64_t grain,

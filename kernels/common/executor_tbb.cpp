@@ -36,6 +36,7 @@ class CorePinner final : public tbb::task_scheduler_observer {
     if (cores_.active()) observe(true);
   }
   ~CorePinner() override { observe(false); }
+  bool active() const { return cores_.active(); }
   void on_scheduler_entry(bool is_worker) override {
     if (is_worker) cores_.bind(tbb::this_task_arena::current_thread_index());
   }
@@ -51,6 +52,7 @@ class TbbExecutor final : public Executor {
   ~TbbExecutor() override = default;
   int num_threads() const override { return arena_.max_concurrency(); }
   const char* name() const override { return "tbb"; }
+  bool pinned() const override { return pinner_.active(); }
   void parallel_for(int64_t n, int64_t grain,
                     const std::function<void(int64_t, int64_t)>& fn) override {
     if (n <= 0) return;

@@ -23,6 +23,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -69,26 +70,33 @@ inline void memory_barrier() { __asm__ __volatile__("" ::: "memory"); }
 // against 17.7-20.4 ms; bf16 21.9-25.0 against 23.3-25.2 ms), interleaved in one device call
 // (docs/results/cpu-experts-2026-12-06/run18-amx-prefetch-op.jsonl): the weights of one tile are
 // one contiguous stream, which the L2 streamer follows. TIDAL_AMX_PREFETCH (bytes ahead) and
-// TIDAL_AMX_PREFETCH_L2=1 (prefetcht1) turn it on for comparison.
-struct AmxPrefetch {
-  int64_t ahead = 0;
-  bool l2 = false;
+// TIDAL_AMX_PREFETCH_L2=1 (prefetcht1) turn it on for comparison; so does set_prefetch().
+struct Knobs {
+  std::atomic<int64_t> prefetch_ahead{0};
+  std::atomic<bool> prefetch_l2{false};
+  std::atomic<bool> late_epilogue{true};  // Note [AMX group epilogue one group late]
 };
-const AmxPrefetch& amx_prefetch() {
-  static const AmxPrefetch p = [] {
-    AmxPrefetch q;
-    if (const char* e = std::getenv("TIDAL_AMX_PREFETCH")) q.ahead = std::strtoll(e, nullptr, 10);
-    if (const char* e = std::getenv("TIDAL_AMX_PREFETCH_L2")) q.l2 = std::string(e) == "1";
-    return q;
+Knobs& knobs() {
+  static Knobs k;
+  static const bool init = [] {
+    if (const char* e = std::getenv("TIDAL_AMX_PREFETCH"))
+      k.prefetch_ahead.store(std::strtoll(e, nullptr, 10));
+    if (const char* e = std::getenv("TIDAL_AMX_PREFETCH_L2"))
+      k.prefetch_l2.store(std::string(e) == "1");
+    if (const char* e = std::getenv("TIDAL_AMX_LATE_EPILOGUE"))
+      k.late_epilogue.store(std::string(e) != "0");
+    return true;
   }();
-  return p;
+  (void)init;
+  return k;
 }
 
 inline void prefetch(const uint8_t* p, int64_t bytes) {
-  const AmxPrefetch& pf = amx_prefetch();
-  if (pf.ahead <= 0) return;
-  const char* q = reinterpret_cast<const char*>(p + pf.ahead);
-  if (pf.l2) {
+  const Knobs& k = knobs();
+  const int64_t ahead = k.prefetch_ahead.load(std::memory_order_relaxed);
+  if (ahead <= 0) return;
+  const char* q = reinterpret_cast<const char*>(p + ahead);
+  if (k.prefetch_l2.load(std::memory_order_relaxed)) {
     for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(q + o, _MM_HINT_T1);
   } else {
     for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(q + o, _MM_HINT_T0);
@@ -295,14 +303,6 @@ void int_pass(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const
   }
 }
 
-bool late_epilogue() {
-  static const bool on = [] {
-    const char* e = std::getenv("TIDAL_AMX_LATE_EPILOGUE");
-    return e == nullptr || std::string(e) != "0";
-  }();
-  return on;
-}
-
 template <bool kInt4>
 void int_run2(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a,
               int64_t m, float* d0, float* d1) {
@@ -327,6 +327,13 @@ void int_run2(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const
 }
 
 }  // namespace
+
+void set_late_epilogue(bool on) { knobs().late_epilogue.store(on, std::memory_order_relaxed); }
+bool late_epilogue() { return knobs().late_epilogue.load(std::memory_order_relaxed); }
+void set_prefetch(int64_t ahead, bool l2) {
+  knobs().prefetch_ahead.store(ahead, std::memory_order_relaxed);
+  knobs().prefetch_l2.store(l2, std::memory_order_relaxed);
+}
 
 void tile_bf16(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m,
                float* dst) {

@@ -35,6 +35,14 @@ void prepare_int8(const float* x, int64_t k, int64_t group, int64_t num_groups, 
 }  // namespace avx512
 
 namespace amx {
+/// Process-wide knobs of the AMX kernels, for benchmarks and tests; results do not depend on
+/// them. The INT group epilogue one group late (Note [AMX group epilogue one group late]; default
+/// on, TIDAL_AMX_LATE_EPILOGUE=0 turns it off), and software prefetch of the weight stream `ahead`
+/// bytes ahead (0: none, the default; TIDAL_AMX_PREFETCH) into L1, or L2 with `l2`
+/// (TIDAL_AMX_PREFETCH_L2=1).
+void set_late_epilogue(bool on);
+bool late_epilogue();
+void set_prefetch(int64_t ahead, bool l2);
 /// BF16 with kBf16Split activations (tile_bf16) or kBf16 (tile_bf16_act); INT8/INT4 with
 /// kInt8Groups (groups of 64 or 128).
 void tile_bf16(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);

@@ -66,6 +66,10 @@ def test_load_options_and_describe():
     assert d["expert_kernels"] == "ref_int4"
     # The runtime's CPU threads: tidal's spinning workers unless TIDAL_EXECUTOR=tbb asks for TBB.
     assert d["cpu_executor"] == os.environ.get("TIDAL_EXECUTOR", "spin")
+    assert d["cpu_pinned"] in ("yes", "no")
+    # One thread has no workers to pin; on a CPU runtime a thread count above the cores is unpinned.
+    assert tidal.Runtime.load(ckpt, cpu_threads=1, progress=False).describe()["cpu_pinned"] == "no"
+    assert tidal.Runtime.load(ckpt, cpu_threads=4 * (os.cpu_count() or 1), progress=False).describe()["cpu_pinned"] == "no"
     mem = rt.stats().memory
     assert mem["experts_ram"] > 0 and mem["weights_ram"] > 0
     # The scalar reference and the best kernels of this CPU compute the same INT4 math.

@@ -575,6 +575,34 @@ TEST(MoeExperts, AmxIntegerPathEqualsVnni) {
   }
 }
 
+// The AMX knobs (epilogue order, software prefetch) change timing only: every setting stays
+// bit-identical to the VNNI kernel.
+TEST(MoeExperts, AmxKnobsKeepResultsBitwise) {
+  if (!isa_available(Isa::kAmx))
+    GTEST_SKIP() << "AMX not available on this CPU (" << cpu_features().brand
+                 << "); runs on the GPU test machine";
+  auto pool = make_tbb_executor(4);
+  const bool late0 = amx::late_epilogue();
+  for (auto dt : {ExpertDType::kINT8, ExpertDType::kINT4}) {
+    MoeProblem p(200, 130, 3, 2, 70, dt, dt == ExpertDType::kINT8 ? 128 : 64, 21);
+    std::vector<float> vnni(static_cast<size_t>(70 * 200), 0.f);
+    MoeExperts v(Isa::kAvx512);
+    v.run(p.args(vnni.data()), *pool);
+    for (bool late : {true, false})
+      for (int pf : {0, 1, 2}) {
+        amx::set_late_epilogue(late);
+        amx::set_prefetch(pf == 0 ? 0 : pf == 1 ? 8192 : 32768, pf == 2);
+        std::vector<float> got(vnni.size(), 0.f);
+        MoeExperts a(Isa::kAmx);
+        a.run(p.args(got.data()), *pool);
+        ASSERT_NE(a.last_variants().find("amx"), std::string::npos) << a.last_variants();
+        EXPECT_EQ(got, vnni) << expert_dtype_name(dt) << " late=" << late << " prefetch=" << pf;
+      }
+  }
+  amx::set_late_epilogue(late0);
+  amx::set_prefetch(0, false);
+}
+
 TEST(MoeExperts, BothPhase2SchedulesAgreeBitwise) {
   auto pool = make_tbb_executor(3);
   for (auto dt : {ExpertDType::kBF16, ExpertDType::kINT8, ExpertDType::kINT4}) {
