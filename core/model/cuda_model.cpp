@@ -482,8 +482,22 @@ void CudaModel::Impl::enqueue_deltanet(const GpuLayer& L, int layer, int64_t T) 
                  stream);
     mark("gdn: l2norm, beta, g");
   }
-  if (Tr == 1 && kc::delta_rule_normed(gq, gk, gv, gg, beta, d_step, layer, z, ld_z, L.gnorm, eps,
-                                       go, Tr, nk, nv, dk, dv, stream, nseq)) {
+  // One-token decode: the delta rule in column blocks (4x the blocks of one per value head) and
+  // its gated output norm applied by out_proj's streaming GEMV while it stages its input row.
+  if (T == 1 && !batched) {
+    kc::delta_rule(gq, gk, gv, gg, beta, d_step, layer, go, 1, nk, nv, dk, dv, stream, 1);
+    mark("gdn: delta rule");
+    float* dst = fused ? x : y;
+    if (kc::gemv_gated_norm(L.out, go, z, L.gnorm, dv, eps, dst, fused, stream)) {
+      pend(fused ? nullptr : y);
+      mark("gdn: gated norm + out_proj");
+      return;
+    }
+    kc::rms_norm_gated(go, z, ld_z, nv, L.gnorm, go, nv, dv, eps, stream);  // shape it does not take
+    mark("gdn: gated norm");
+  } else if (Tr == 1 && kc::delta_rule_normed(gq, gk, gv, gg, beta, d_step, layer, z, ld_z,
+                                              L.gnorm, eps, go, Tr, nk, nv, dk, dv, stream,
+                                              nseq)) {
     mark("gdn: delta rule + gated norm");
   } else {
     kc::delta_rule(gq, gk, gv, gg, beta, d_step, layer, go, Tr, nk, nv, dk, dv, stream, nseq);

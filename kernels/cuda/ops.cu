@@ -61,7 +61,10 @@ int blocks_for(int64_t n, int threads) { return static_cast<int>((n + threads - 
 // and its writes are visible. The rule that keeps this exactly as ordered as plain launches: a
 // kernel touches no global memory before `pdl_wait()` except weights, which nothing writes during
 // a forward (the GEMV loads its first weight chunks there, so weight streaming overlaps the tail of
-// the kernels before it). Captured into the decode graphs as programmatic edges. TIDAL_CUDA_PDL=0
+// the kernels before it), and a DeltaNet layer's conv and recurrent state, which only that layer's
+// own conv / delta-rule kernel writes and never as the kernel just before its next reader (when a
+// kernel starts, every kernel before its immediate predecessor has finished: each passes
+// `pdl_wait()` before it lets the next one start). Captured into the decode graphs as programmatic edges. TIDAL_CUDA_PDL=0
 // or set_pdl_enabled(false) turns it off (plain launches; the benchmark compares both).
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -176,9 +179,10 @@ struct GemvParams {
   int64_t ld_gate = 0;
   bool accumulate = false, vec = false;
   int wpr = 1;
+  int64_t group = 0;  ///< kGroupNormGated: values per RMS-normalised group (a value head)
 };
 /// How the GEMV forms its input vector from x.
-enum class GemvIn { kPlain, kGated, kNormed };
+enum class GemvIn { kPlain, kGated, kNormed, kGroupNormGated };
 
 // Note [norm inside the GEMV]
 // rms_norm(x) ⊙ w times Wᵀ equals inv_rms(x) · (W (x ⊙ w)), and every warp of a row already reads
@@ -306,6 +310,227 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp) gemv_kernel(const GemvParam
   *d = p.accumulate ? *d + v : v;
 }
 
+// Note [streaming GEMV]
+// The one-row decode GEMV (M = 1) is a chain of ~160 launches a step, most of them 2-50 MB, too
+// short for a grid of short-lived blocks: every block waits one DRAM latency with a handful of
+// loads in flight, reduces, exits, and the next block's first loads start only then, so the
+// bytes in flight sag between block generations and at each kernel's ramp and tail (measured on
+// an H100, launches of one shape chained in a graph: 52% of HBM bandwidth on 2048x4096, 29% on
+// 1284x2048, 9% on the 2048x512 shared-expert down projection). This kernel is one wave of
+// resident blocks instead:
+//   - every warp owns whole rows (rows gw, gw + warps, ...), each row cut into segments of
+//     kSeg 16-byte chunks per lane (a 2048-wide BF16 row is one 4 KB segment), and keeps two
+//     segments' loads in flight in registers: the next segment is issued before the current one
+//     is reduced;
+//   - the input row is staged once per block in shared memory, where the RMSNorm (Σx² by a block
+//     reduction) or the SwiGLU product is applied once, not per warp and chunk;
+//   - the first two segments are loaded before the dependency wait (Note [programmatic dependent
+//     launch]).
+// A variant that kept three or four segments per warp in flight through cp.async into shared
+// memory, one block per SM so that the next kernel's block fits beside it, measured slower on
+// every shape (decode step 3.20 ms against 2.50 ms, H100): more resident warps mattered more than
+// more bytes in flight per warp.
+// Each lane sums its chunks (lane, lane + 32, ...) in turn and the warp adds the lanes as a tree,
+// the order gemv_kernel uses with one warp per row. TIDAL_GEMV_STREAM=0 turns it off (the
+// block-per-rows kernel for every shape; the benchmark compares both); TIDAL_GEMV_BPS sets the
+// resident blocks per SM.
+constexpr int kStreamWarps = 8;
+constexpr int kSeg = 8;                // 16-byte chunks per lane per segment
+constexpr int64_t kStreamMaxK = 8192;  // fp32 input row in (static-limit) shared memory
+constexpr int64_t kStreamMaxGroups = 64;  // kGroupNormGated: value heads
+
+/// A 16-byte weight load that skips L1 (weights are read once per step; the input row lives in
+/// shared memory).
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+template <WFormat F, GemvIn IN>
+__global__ void __launch_bounds__(kStreamWarps* kWarp) gemv_stream_kernel(const GemvParams p) {
+  constexpr int E = Chunk<F>::E;
+  extern __shared__ float4 xs4[];  // the input row, K floats (transformed)
+  float* xs = reinterpret_cast<float*>(xs4);
+  const DevMatrix& w = p.w;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t K = w.cols, nchunk = K / E;
+  const int64_t segs = (nchunk + kSeg * kWarp - 1) / (kSeg * kWarp);  // per row
+  const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kStreamWarps;
+  const int64_t gw = static_cast<int64_t>(blockIdx.x) * kStreamWarps + warp;
+  const int64_t items = gw < w.rows ? ((w.rows - 1 - gw) / nwarps + 1) * segs : 0;
+  const auto* base = static_cast<const uint4*>(w.data);
+  auto load = [&](uint4(&buf)[kSeg], int64_t t) {
+    const uint4* rp = base + (gw + (t / segs) * nwarps) * nchunk;
+    const int64_t c0 = (t % segs) * (kSeg * kWarp) + lane;
+#pragma unroll
+    for (int i = 0; i < kSeg; ++i) {
+      const int64_t c = c0 + i * kWarp;
+      if (c < nchunk) buf[i] = ld_stream(rp + c);
+    }
+  };
+  uint4 a[kSeg], b[kSeg];
+  if (items > 0) load(a, 0);
+  if (items > 1) load(b, 1);
+  pdl_begin();
+  // Stage the input row (K % 4 == 0 and 16-byte aligned, checked by the launcher).
+  const float nw0 = p.zero_centred ? 1.0f : 0.0f;
+  float ss = 0.f;
+  __shared__ float ginv[kStreamMaxGroups];  // kGroupNormGated: rsqrt(mean square) per group
+  if constexpr (IN == GemvIn::kGroupNormGated) {
+    const int64_t G = p.group;
+    for (int64_t gi = warp; gi < K / G; gi += kStreamWarps) {
+      float s2 = 0.f;
+      for (int64_t j = lane; j < G; j += kWarp) s2 = fmaf(p.x[gi * G + j], p.x[gi * G + j], s2);
+      s2 = warp_sum(s2);
+      if (lane == 0) ginv[gi] = rsqrtf(s2 / static_cast<float>(G) + p.eps);
+    }
+    __syncthreads();
+  }
+  for (int64_t j = threadIdx.x * 4; j < K; j += blockDim.x * 4) {
+    float4 v = *reinterpret_cast<const float4*>(p.x + j);
+    if constexpr (IN == GemvIn::kGroupNormGated) {  // w · (o · inv) · silu(z), as rms_norm_gated
+      const float4 z = *reinterpret_cast<const float4*>(p.xu + j);
+      const float4 g = *reinterpret_cast<const float4*>(p.norm_w + j % p.group);
+      const float r = ginv[j / p.group];  // group % 4 == 0: the 4 values share a group
+      v = make_float4(g.x * (v.x * r) * siluf_(z.x), g.y * (v.y * r) * siluf_(z.y),
+                      g.z * (v.z * r) * siluf_(z.z), g.w * (v.w * r) * siluf_(z.w));
+    } else if constexpr (IN == GemvIn::kGated) {
+      const float4 u = *reinterpret_cast<const float4*>(p.xu + j);
+      v = make_float4(siluf_(v.x) * u.x, siluf_(v.y) * u.y, siluf_(v.z) * u.z, siluf_(v.w) * u.w);
+    } else if constexpr (IN == GemvIn::kNormed) {
+      ss = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, ss))));
+      const float4 g = *reinterpret_cast<const float4*>(p.norm_w + j);
+      v = make_float4(v.x * (nw0 + g.x), v.y * (nw0 + g.y), v.z * (nw0 + g.z), v.w * (nw0 + g.w));
+    }
+    *reinterpret_cast<float4*>(xs + j) = v;
+  }
+  float inv = 1.0f;
+  if constexpr (IN == GemvIn::kNormed) {
+    inv = rsqrtf(block_sum(ss) / static_cast<float>(K) + p.eps);  // its syncs publish xs
+  } else {
+    __syncthreads();
+  }
+  const float gate = p.out_gate ? sigmoidf_(p.out_gate[0]) : 1.0f;
+  float acc = 0.f;
+  auto fma_seg = [&](const uint4(&buf)[kSeg], int64_t t) {
+    const int64_t c0 = (t % segs) * (kSeg * kWarp) + lane;
+#pragma unroll
+    for (int i = 0; i < kSeg; ++i) {
+      const int64_t c = c0 + i * kWarp;
+      if (c < nchunk) {
+        float wv[E];
+        Chunk<F>::convert(buf[i], wv);
+        const float* xr = xs + c * E;
+#pragma unroll
+        for (int e = 0; e < E; e += 4) {
+          const float4 xv = *reinterpret_cast<const float4*>(xr + e);
+          acc = fmaf(wv[e], xv.x, acc);
+          acc = fmaf(wv[e + 1], xv.y, acc);
+          acc = fmaf(wv[e + 2], xv.z, acc);
+          acc = fmaf(wv[e + 3], xv.w, acc);
+        }
+      }
+    }
+    if (t % segs == segs - 1) {  // the row is complete
+      const int64_t row = gw + (t / segs) * nwarps;
+      float v = warp_sum(acc);
+      acc = 0.f;
+      if (lane == 0) {
+        if (F == WFormat::kI8) v *= w.scale[row];
+        v *= inv * gate;
+        float* d = p.y + row;
+        *d = p.accumulate ? *d + v : v;
+      }
+    }
+  };
+  for (int64_t t = 0; t < items; t += 2) {
+    fma_seg(a, t);
+    if (t + 2 < items) load(a, t + 2);
+    if (t + 1 < items) {
+      fma_seg(b, t + 1);
+      if (t + 3 < items) load(b, t + 3);
+    }
+  }
+}
+
+/// Resident blocks per SM for the streaming GEMV: the occupancy limit, or TIDAL_GEMV_BPS (1-8) for
+/// tuning. 0 when TIDAL_GEMV_STREAM=0 (the block-per-rows kernel for every shape).
+template <WFormat F, GemvIn IN>
+int stream_blocks_per_sm(size_t smem) {
+  static const int forced = [] {
+    const char* e = std::getenv("TIDAL_GEMV_BPS");
+    const int v = e ? std::atoi(e) : 0;
+    return v >= 1 && v <= 8 ? v : 0;
+  }();
+  static const bool off = [] {
+    const char* e = std::getenv("TIDAL_GEMV_STREAM");
+    return e && std::string(e) == "0";
+  }();
+  if (off) return 0;
+  if (forced) return forced;
+  static std::atomic<long> cached{-1};  // (smem << 8) | blocks of the last query
+  const long c = cached.load(std::memory_order_relaxed);
+  if (c >= 0 && static_cast<size_t>(c >> 8) == smem) return static_cast<int>(c & 0xff);
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemv_stream_kernel<F, IN>,
+                                                    kStreamWarps * kWarp, smem) != cudaSuccess) {
+    (void)cudaGetLastError();
+    n = 1;
+  }
+  n = std::max(1, std::min(n, 8));
+  cached.store((static_cast<long>(smem) << 8) | n, std::memory_order_relaxed);
+  return n;
+}
+
+int device_sm_count() {
+  static const int n = [] {
+    int dev = 0, v = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+      return 1;
+    return std::max(1, v);
+  }();
+  return n;
+}
+
+/// Launches the streaming GEMV (one input row) when the shape suits it; false otherwise.
+template <WFormat F>
+bool gemv_stream_launch(const GemvParams& p, cudaStream_t s) {
+  constexpr int E = Chunk<F>::E;
+  const DevMatrix& w = p.w;
+  if (!p.vec || w.cols % E != 0 || w.cols > kStreamMaxK) return false;
+  const size_t smem = static_cast<size_t>(w.cols) * 4;
+  if (p.group > 0 && (p.group % 4 != 0 || w.cols % p.group != 0 ||
+                      w.cols / p.group > kStreamMaxGroups || !p.xu || !p.norm_w))
+    return false;
+  int bps = 0;
+  if (p.group > 0)
+    bps = stream_blocks_per_sm<F, GemvIn::kGroupNormGated>(smem);
+  else if (p.norm_w)
+    bps = stream_blocks_per_sm<F, GemvIn::kNormed>(smem);
+  else if (p.xu)
+    bps = stream_blocks_per_sm<F, GemvIn::kGated>(smem);
+  else
+    bps = stream_blocks_per_sm<F, GemvIn::kPlain>(smem);
+  if (bps == 0) return false;
+  const int64_t want = (w.rows + kStreamWarps - 1) / kStreamWarps;
+  const dim3 grid(static_cast<unsigned>(
+      std::min<int64_t>(want, static_cast<int64_t>(device_sm_count()) * bps)));
+  const dim3 block(kStreamWarps * kWarp);
+  if (p.group > 0)
+    launch(gemv_stream_kernel<F, GemvIn::kGroupNormGated>, grid, block, smem, s, p);
+  else if (p.norm_w)
+    launch(gemv_stream_kernel<F, GemvIn::kNormed>, grid, block, smem, s, p);
+  else if (p.xu)
+    launch(gemv_stream_kernel<F, GemvIn::kGated>, grid, block, smem, s, p);
+  else
+    launch(gemv_stream_kernel<F, GemvIn::kPlain>, grid, block, smem, s, p);
+  return true;
+}
+
 template <WFormat F>
 void gemv_launch(GemvParams p, int64_t m, cudaStream_t s) {
   constexpr int E = Chunk<F>::E;
@@ -328,6 +553,7 @@ void gemv_launch(GemvParams p, int64_t m, cudaStream_t s) {
   }();
   if (forced) wpr = forced;
   p.wpr = wpr;
+  if (m == 1 && gemv_stream_launch<F>(p, s)) return;  // Note [streaming GEMV]
   const int rows_per_block = kGemvWarps / wpr;
   const dim3 grid(static_cast<unsigned>((w.rows + rows_per_block - 1) / rows_per_block));
   const dim3 block(kGemvWarps * kWarp);
@@ -1464,7 +1690,6 @@ __global__ void gdn_conv_prep_step_kernel(const float* src, const float* cw, con
                                           float* k, float* v, float* beta, float* g, int64_t nk,
                                           int64_t nv, int64_t dk, int64_t dv, int64_t ld_src,
                                           int64_t ld_ba) {
-  pdl_begin();
   const int64_t C = 2 * nk * dk + nv * dv, blk = blockIdx.x;
   {  // row blockIdx.y: its own sequence (batched decode)
     const int64_t r = blockIdx.y;
@@ -1482,10 +1707,36 @@ __global__ void gdn_conv_prep_step_kernel(const float* src, const float* cw, con
   const int64_t width = is_v ? dv : dk;
   const int64_t base = is_v ? 2 * nk * dk + (blk - 2 * nk) * dv : blk * dk;
   const int c = threadIdx.x;
+  const int64_t ch = base + c;
+  float* state = step->layers[layer].conv;
+  // Filter taps and the conv state are read before the dependency wait (K ≤ 4, the models'
+  // kernel): only this layer's conv step writes the state, and never as the kernel just before
+  // this one (Note [programmatic dependent launch]).
+  constexpr int kPre = 4;
+  float cwr[kPre] = {}, str[kPre] = {};
+  const bool pre = K <= kPre && c < width;
+  if (pre) {
+#pragma unroll
+    for (int j = 0; j < kPre; ++j)
+      if (j < K) {
+        cwr[j] = cw[ch * K + j];
+        if (j + 1 < K) str[j] = state[j * C + ch];
+      }
+  }
+  pdl_begin();
   float u = 0.f;
-  if (c < width) {
-    const int64_t ch = base + c;
-    float* state = step->layers[layer].conv;
+  if (pre) {
+    const float x = src[ch];
+    float acc = cwr[K - 1] * x;
+#pragma unroll
+    for (int j = 0; j + 1 < kPre; ++j)
+      if (j + 1 < K) acc = fmaf(cwr[j], str[j], acc);
+#pragma unroll
+    for (int j = 0; j + 2 < kPre; ++j)
+      if (j + 2 < K) state[j * C + ch] = str[j + 1];
+    if (K > 1) state[(K - 2) * C + ch] = x;
+    u = siluf_(acc);
+  } else if (c < width) {
     const float x = src[ch];
     float acc = cw[ch * K + K - 1] * x;
     for (int64_t j = 0; j + 1 < K; ++j) acc = fmaf(cw[ch * K + j], state[j * C + ch], acc);
@@ -1547,7 +1798,6 @@ __global__ void delta_rule_kernel(const float* __restrict__ q, const float* __re
                                   float* __restrict__ out, int64_t T, int64_t nk, int64_t nv,
                                   int64_t dk, int64_t dv, int CB, const float* __restrict__ z,
                                   int64_t ld_z, const float* __restrict__ nw, float eps) {
-  pdl_begin();
   extern __shared__ float qk[];  // q then k of the current token (2·dk)
   {  // row blockIdx.z: its own sequence of T tokens (batched decode: T = 1)
     const int64_t r = blockIdx.z;
@@ -1564,9 +1814,12 @@ __global__ void delta_rule_kernel(const float* __restrict__ q, const float* __re
   const int h = blockIdx.x, col = blockIdx.y * CB + threadIdx.x / RG, rg = threadIdx.x % RG;
   const int64_t kh = h / (nv / nk);
   float* S = step->layers[layer].recurrent + static_cast<int64_t>(h) * dk * dv;
+  // The state is loaded before the dependency wait: only this layer's delta rule writes it, and
+  // never as the kernel just before this one (Note [programmatic dependent launch]).
   float st[RPT];
 #pragma unroll
   for (int i = 0; i < RPT; ++i) st[i] = S[(rg * RPT + i) * dv + col];
+  pdl_begin();
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t i = threadIdx.x; i < 2 * dk; i += blockDim.x)
       qk[i] = i < dk ? q[(t * nk + kh) * dk + i] : k[(t * nk + kh) * dk + (i - dk)];
@@ -1804,6 +2057,33 @@ void gemv_rms_norm(const DevMatrix& w, const float* x, const float* norm_w, floa
   p.zero_centred = zero_centred;
   p.accumulate = accumulate;
   gemv_dispatch(p, 1, s);
+}
+
+bool gemv_gated_norm(const DevMatrix& w, const float* o, const float* z, const float* norm_w,
+                     int64_t group, float eps, float* y, bool accumulate, cudaStream_t s) {
+  if (w.rows == 0) return true;
+  GemvParams p;
+  p.w = w;
+  p.x = o;
+  p.xu = z;
+  p.norm_w = norm_w;
+  p.group = group;
+  p.eps = eps;
+  p.y = y;
+  p.accumulate = accumulate;
+  p.vec = reinterpret_cast<uintptr_t>(w.data) % 16 == 0 &&
+          reinterpret_cast<uintptr_t>(o) % 16 == 0 && reinterpret_cast<uintptr_t>(z) % 16 == 0 &&
+          reinterpret_cast<uintptr_t>(norm_w) % 16 == 0 && w.cols % 4 == 0;
+  if (group <= 0) return false;
+  switch (w.format) {
+    case WFormat::kF32:
+      return gemv_stream_launch<WFormat::kF32>(p, s);
+    case WFormat::kBF16:
+      return gemv_stream_launch<WFormat::kBF16>(p, s);
+    case WFormat::kI8:
+      return gemv_stream_launch<WFormat::kI8>(p, s);
+  }
+  return false;
 }
 
 void weight_to_bf16(const DevMatrix& w, uint16_t* dst, cudaStream_t s) {

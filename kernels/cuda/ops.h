@@ -50,6 +50,14 @@ void gemv(const DevMatrix& w, const float* x, int64_t ldx, float* y, int64_t ldy
 /// the GEMV] in ops.cu), so the normalised row is never written.
 void gemv_rms_norm(const DevMatrix& w, const float* x, const float* norm_w, float eps,
                    bool zero_centred, float* y, bool accumulate, cudaStream_t s);
+/// y [+]= W · gated_norm(o, z) for one row o of w.cols values: each group of `group` values is
+/// RMS-normalised, times norm_w (`group` values) and silu(z) (the DeltaNet output norm, model-spec
+/// §3.4, as rms_norm_gated), applied while the streaming GEMV stages its input row (Note
+/// [streaming GEMV] in ops.cu), so the delta rule need not hold a whole value head per block.
+/// Returns false, launching nothing, where the streaming GEMV does not take the shape (the caller
+/// runs rms_norm_gated, then gemv).
+bool gemv_gated_norm(const DevMatrix& w, const float* o, const float* z, const float* norm_w,
+                     int64_t group, float eps, float* y, bool accumulate, cudaStream_t s);
 
 /// hi = BF16(x), lo = BF16(x − hi): x = hi + lo to ~16 significant bits, so a BF16 GEMM on each
 /// half (summed) gives near-fp32 products against BF16 weights (gpu_precision="bf16x2").

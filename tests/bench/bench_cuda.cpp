@@ -11,6 +11,7 @@
 ///     GPU-resident bytes once at the measured bandwidth.
 /// Usage: tidal_bench_cuda [--contexts 1024,32768,131072] [--step-context 4096] [--weights
 /// bf16,int8]
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 #include <fmt/format.h>
 
@@ -111,11 +112,15 @@ int main(int argc, char** argv) {
   std::vector<int64_t> contexts = {1024, 32768, 131072};
   int64_t step_ctx = 4096;
   std::vector<std::string> wfmts = {"bf16", "int8"};
-  bool only_step = false, no_step = false;
+  bool only_step = false, no_step = false, profile_step = false, gemv_only = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--only-step")
       only_step = true;
+    else if (a == "--gemv-only")  // bandwidth probe, GEMV chain and per-shape GEMV streams only
+      gemv_only = true;
+    else if (a == "--profile-step")  // one eager default-mode step between cudaProfilerStart/Stop
+      only_step = profile_step = true;
     else if (a == "--no-step")
       no_step = true;
     else if (a == "--contexts" && i + 1 < argc)
@@ -188,7 +193,7 @@ int main(int argc, char** argv) {
   // a graph, with and without programmatic dependent launch. Its time against the bytes at the
   // measured bandwidth says how much of the step is weight streaming and how much is everything
   // between the projections.
-  {
+  if (!only_step) {
     struct Shape {
       int64_t rows, cols;
       bool gated;
@@ -254,6 +259,79 @@ int main(int argc, char** argv) {
     cudaFree(xa);
     cudaFree(xb);
   }
+
+  // Each projection shape on its own, as the decode step runs it: launches of one shape chained
+  // in a graph (each reads the previous one's output), cycling over copies of the weights that
+  // together exceed L2 (so no launch finds its matrix cached), time per launch. Unlike one
+  // event-timed launch, this includes the overlap a chain gets (programmatic dependent launch)
+  // and leaves out the event and launch overheads a step does not pay.
+  if (!only_step) {
+    struct Proj {
+      const char* name;
+      int64_t rows, cols;
+      bool gated;
+    };
+    const Proj projs[] = {{"gdn in [qkv|z|b|a]", 12352, 2048, false},
+                          {"attn in [q+gate|k|v]", 9216, 2048, false},
+                          {"o_proj / out_proj", 2048, 4096, false},
+                          {"mlp in [router|shared gate|up|shared_expert_gate]", 1284, 2048, false},
+                          {"shared down (SwiGLU input)", 2048, 512, true}};
+    float *xa = nullptr, *xb = nullptr;
+    check(cudaMalloc(&xa, 16384 * 4), "x");
+    check(cudaMalloc(&xb, 16384 * 4), "y");
+    cudaMemset(xa, 0, 16384 * 4);
+    cudaMemset(xb, 0, 16384 * 4);
+    cudaStream_t st;
+    cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking);
+    for (const auto& f : wfmts)
+      for (const auto& p : projs) {
+        kc::DevMatrix m;
+        m.rows = p.rows;
+        m.cols = p.cols;
+        m.format = f == "int8" ? kc::WFormat::kI8 : kc::WFormat::kBF16;
+        const size_t bytes = m.bytes();
+        const size_t copies = std::max<size_t>(8, (size_t{512} << 20) / bytes);
+        std::vector<void*> ws(copies);
+        float* sc = nullptr;
+        check(cudaMalloc(&sc, p.rows * 4), "sc");
+        cudaMemset(sc, 0, p.rows * 4);
+        for (auto& w : ws) {
+          check(cudaMalloc(&w, bytes), "w");
+          cudaMemset(w, 0, bytes);
+        }
+        cudaGraph_t g;
+        cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal);
+        for (size_t i = 0; i < copies; ++i) {
+          m.data = ws[i];
+          m.scale = f == "int8" ? sc : nullptr;
+          float* in = i % 2 ? xb : xa;
+          float* out = i % 2 ? xa : xb;
+          kc::gemv(m, in, p.cols, out, p.rows, 1, false, st, p.gated ? in + 512 : nullptr);
+        }
+        cudaStreamEndCapture(st, &g);
+        cudaGraphExec_t ge;
+        check(cudaGraphInstantiate(&ge, g, 0), "shape graph");
+        const double t = time_gpu([&] { cudaGraphLaunch(ge, st); }, 10, st) /
+                         static_cast<double>(copies);
+        fmt::print("{}\n", nlohmann::json{{"bench", "gemv_stream_shape"},
+                                          {"weights", f},
+                                          {"shape", fmt::format("{} [{}x{}]", p.name, p.rows,
+                                                                p.cols)},
+                                          {"launches", copies},
+                                          {"us", t * 1e6},
+                                          {"bytes", bytes},
+                                          {"of_measured_bw", static_cast<double>(bytes) / t / bw}}
+                               .dump());
+        cudaGraphExecDestroy(ge);
+        cudaGraphDestroy(g);
+        for (auto& w : ws) cudaFree(w);
+        cudaFree(sc);
+      }
+    cudaStreamDestroy(st);
+    cudaFree(xa);
+    cudaFree(xb);
+  }
+  if (gemv_only) return 0;
 
   auto report = [&](const std::string& name, const std::string& shape, double t, double bytes) {
     fmt::print("{}\n", nlohmann::json{{"bench", "kernel"},
@@ -406,6 +484,96 @@ int main(int argc, char** argv) {
       const double tc = time_gpu(
           [&] { kc::causal_conv1d_silu(b, 0, 1, C, 4, b + 2 * C, dstep, 0, b + 4 * C, nullptr); });
       report("conv1d decode", "C=8192 K=4", tc, static_cast<double>(C) * 4 * (3 * 2 + 4 + 2));
+      // The DeltaNet part of a decode step between its projections, as the step runs it: conv +
+      // norms (gdn_conv_prep_step) then the delta rule with its gated norm, for 30 layers each on
+      // its own state (60 MB, past L2), chained in a graph. Time per layer.
+      {
+        const int nl = 30;
+        std::vector<float*> states(nl), convs(nl);
+        std::vector<kc::LayerStateDev> lsv(nl);
+        for (int l = 0; l < nl; ++l) {
+          check(cudaMalloc(&states[l], sbytes), "state");
+          check(cudaMalloc(&convs[l], 3 * C * 4), "conv");
+          cudaMemset(states[l], 0, sbytes);
+          cudaMemset(convs[l], 0, 3 * C * 4);
+          lsv[l] = kc::LayerStateDev{nullptr, nullptr, convs[l], states[l]};
+        }
+        kc::LayerStateDev* dl = nullptr;
+        kc::StepDev* ds = nullptr;
+        cudaMalloc(&dl, nl * sizeof(kc::LayerStateDev));
+        cudaMemcpy(dl, lsv.data(), nl * sizeof(kc::LayerStateDev), cudaMemcpyHostToDevice);
+        const kc::StepDev st2{0, dl};
+        cudaMalloc(&ds, sizeof st2);
+        cudaMemcpy(ds, &st2, sizeof st2, cudaMemcpyHostToDevice);
+        float* wbuf = nullptr;  // conv weights, norm weight, A_log, dt_bias, z, src, q, k, v, ...
+        check(cudaMalloc(&wbuf, 32 * C * 4), "gdn buffers");
+        cudaMemset(wbuf, 0, 32 * C * 4);
+        float *cw = wbuf, *src = wbuf + 4 * C, *z = wbuf + 6 * C, *gq = wbuf + 8 * C,
+              *gk = wbuf + 10 * C, *gv = wbuf + 12 * C, *be = wbuf + 14 * C, *gg = wbuf + 15 * C,
+              *nwt = wbuf + 16 * C, *al = wbuf + 17 * C, *dtb = wbuf + 18 * C, *go = wbuf + 20 * C;
+        // out_proj of each layer (BF16, 2048 x 4096), so both variants end where the layer's
+        // token mixer ends.
+        const int64_t H = 2048;
+        std::vector<void*> outw(nl);
+        for (auto& p : outw) {
+          check(cudaMalloc(&p, static_cast<size_t>(H * nv * dv) * 2), "out_proj");
+          cudaMemset(p, 0, static_cast<size_t>(H * nv * dv) * 2);
+        }
+        float* hx = nullptr;
+        check(cudaMalloc(&hx, H * 4), "x");
+        cudaMemset(hx, 0, H * 4);
+        cudaStream_t st3;
+        cudaStreamCreateWithFlags(&st3, cudaStreamNonBlocking);
+        // split: the delta rule in column blocks, its gated norm staged by out_proj's streaming
+        // GEMV (today's decode); head: one block per value head with the norm inside, then
+        // out_proj (the decode before).
+        for (const bool split : {true, false}) {
+          cudaGraph_t g;
+          cudaStreamBeginCapture(st3, cudaStreamCaptureModeThreadLocal);
+          for (int l = 0; l < nl; ++l) {
+            const kc::DevMatrix om{outw[l], nullptr, kc::WFormat::kBF16, H, nv * dv};
+            kc::gdn_conv_prep_step(src, cw, ds, l, 4, src + C, src + C + nv, al, dtb, gq, gk, gv,
+                                   be, gg, nk, nv, dk, dv, st3);
+            if (split) {
+              kc::delta_rule(gq, gk, gv, gg, be, ds, l, go, 1, nk, nv, dk, dv, st3);
+              if (!kc::gemv_gated_norm(om, go, z, nwt, dv, 1e-6f, hx, true, st3)) {
+                kc::rms_norm_gated(go, z, nv * dv, nv, nwt, go, nv, dv, 1e-6f, st3);
+                kc::gemv(om, go, nv * dv, hx, H, 1, true, st3);
+              }
+            } else {
+              kc::delta_rule_normed(gq, gk, gv, gg, be, ds, l, z, nv * dv, nwt, 1e-6f, go, 1, nk,
+                                    nv, dk, dv, st3);
+              kc::gemv(om, go, nv * dv, hx, H, 1, true, st3);
+            }
+          }
+          cudaStreamEndCapture(st3, &g);
+          cudaGraphExec_t ge;
+          check(cudaGraphInstantiate(&ge, g, 0), "gdn graph");
+          const double tl = time_gpu([&] { cudaGraphLaunch(ge, st3); }, 10, st3) / nl;
+          const double lb = 2.0 * sbytes + static_cast<double>(H * nv * dv) * 2;
+          fmt::print("{}\n",
+                     nlohmann::json{{"bench", "deltanet_decode_chain"},
+                                    {"variant", split ? "split delta rule, norm in out_proj"
+                                                      : "delta rule per head with norm, out_proj"},
+                                    {"layers", nl},
+                                    {"us_per_layer", tl * 1e6},
+                                    {"bytes_per_layer", lb},
+                                    {"bytes_at_measured_bw_us", lb / bw * 1e6}}
+                         .dump());
+          cudaGraphExecDestroy(ge);
+          cudaGraphDestroy(g);
+        }
+        for (auto& p : outw) cudaFree(p);
+        cudaFree(hx);
+        cudaStreamDestroy(st3);
+        for (int l = 0; l < nl; ++l) {
+          cudaFree(states[l]);
+          cudaFree(convs[l]);
+        }
+        cudaFree(dl);
+        cudaFree(ds);
+        cudaFree(wbuf);
+      }
       cudaFree(S);
       cudaFree(conv);
       cudaFree(buf3);
@@ -477,8 +645,12 @@ int main(int argc, char** argv) {
     struct Mode {
       bool graphs, pdl, fuse;
     };
-    for (const Mode mode : {Mode{true, true, true}, Mode{true, true, false},
-                            Mode{true, false, false}, Mode{false, true, true}}) {
+    std::vector<Mode> modes = {Mode{true, true, true}, Mode{true, true, false},
+                               Mode{true, false, false}, Mode{false, true, true}};
+    // --profile-step: today's default launches, eager, so a kernel profiler (ncu
+    // --profile-from-start off) sees exactly one step's kernels.
+    if (profile_step) modes = {Mode{false, true, false}};
+    for (const Mode mode : modes) {
       const bool graphs = mode.graphs, pdl = mode.pdl;
       kc::set_pdl_enabled(pdl);
       tidal::core::HostWeights hw;
@@ -506,11 +678,14 @@ int main(int argc, char** argv) {
       std::vector<double> ts;
       for (int i = 0; i < 30; ++i) {
         st.num_tokens = step_ctx;  // every step at the same context
+        const bool prof = profile_step && i == 29;
+        if (prof) cudaProfilerStart();
         const auto t0 = std::chrono::steady_clock::now();
         model.forward(tok, st, tidal::core::LogitsMode::kLast, logits, *ex, nullptr);
+        if (prof) cudaProfilerStop();
         ts.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
       }
-      if (graphs && pdl && mode.fuse) {  // prefill: 2048 tokens from an empty sequence, in the
+      if (graphs && pdl && mode.fuse && !profile_step) {  // prefill: 2048 tokens from an empty sequence, in the
                                          // model's 512-token chunks
         std::vector<int64_t> prompt(2048);
         for (size_t i = 0; i < prompt.size(); ++i)

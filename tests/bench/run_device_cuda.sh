@@ -51,12 +51,24 @@ run_profile() {
     echo "no nsys on this machine"
   fi
 }
+# One eager decode step (bf16, today's defaults) under Nsight Compute: time, DRAM bytes, registers
+# and occupancy per kernel (tests/bench/ncu_summary.py). Clocks left alone (--clock-control none).
+run_ncu() {
+  ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)
+  [ -n "$ncu" ] || { echo "no ncu on this machine"; return; }
+  "$ncu" --clock-control none --profile-from-start off --csv --print-units base --metrics \
+    gpu__time_duration.sum,dram__bytes_read.sum,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active \
+    ./build/gpu/tests/bench/tidal_bench_cuda --profile-step --weights bf16 ${NCU_BENCH_ARGS:-} \
+    > /tmp/ncu.csv 2> "$out/ncu.err" || { tail -5 "$out/ncu.err"; failed=1; return; }
+  xz -c /tmp/ncu.csv > "$out/ncu_step.csv.xz" || true
+  python3 tests/bench/ncu_summary.py /tmp/ncu.csv "${NCU_PEAK_GBPS:-0}" | tee "$out/ncu_step.txt" | head -40
+}
 # Steps run in the order STEPS names them (e.g. "bench cpp python": the numbers first).
 for step in $steps; do
   echo "== $step"
   case $step in
     build) ;;  # the build above is all
-    cpp|python|bench|profile) "run_$step" ;;
+    cpp|python|bench|profile|ncu) "run_$step" ;;
     *) echo "unknown step $step"; failed=1 ;;
   esac
 done

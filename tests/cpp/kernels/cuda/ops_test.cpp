@@ -155,6 +155,73 @@ TEST_P(CudaGemvTest, MatchesCpuLinear) {
     }
 }
 
+/// The DeltaNet output norm staged by the streaming GEMV (gemv_gated_norm): equals
+/// rms_norm_gated_row per value head, then the linear; stored and accumulated; false (nothing
+/// written) for a head width it does not take.
+TEST(CudaOps, GemvGatedNormMatchesGatedNormThenLinear) {
+  REQUIRE_GPU();
+  struct Case {
+    WFormat fmt;
+    int64_t rows, heads, dv;
+  };
+  for (const Case c : {Case{WFormat::kBF16, 2048, 32, 128}, Case{WFormat::kF32, 37, 4, 16},
+                       Case{WFormat::kI8, 101, 2, 64}, Case{WFormat::kBF16, 9, 64, 128}}) {
+    const int64_t K = c.heads * c.dv;
+    auto w = random_vec(static_cast<size_t>(c.rows * K), 80, 0.05f);
+    auto o = random_vec(static_cast<size_t>(K), 81), z = random_vec(static_cast<size_t>(K), 82);
+    auto nw = random_vec(static_cast<size_t>(c.dv), 83, 0.3f);
+    auto y0 = random_vec(static_cast<size_t>(c.rows), 84);
+    std::vector<float> wref(w.size()), scale(static_cast<size_t>(c.rows), 1.0f);
+    std::vector<int8_t> q(w.size());
+    for (int64_t r = 0; r < c.rows; ++r) {
+      float mx = 0.f;
+      for (int64_t j = 0; j < K; ++j) mx = std::max(mx, std::fabs(w[r * K + j]));
+      scale[r] = mx / 127.f;
+      for (int64_t j = 0; j < K; ++j) {
+        const size_t i = static_cast<size_t>(r * K + j);
+        q[i] = static_cast<int8_t>(std::nearbyint(w[i] / scale[r]));
+        wref[i] = c.fmt == WFormat::kF32    ? w[i]
+                  : c.fmt == WFormat::kBF16 ? bf16_to_f32(kernels::f32_to_bf16(w[i]))
+                                            : static_cast<float>(q[i]) * scale[r];
+      }
+    }
+    std::vector<float> xn(static_cast<size_t>(K));
+    for (int64_t h = 0; h < c.heads; ++h)
+      cpu::rms_norm_gated_row(o.data() + h * c.dv, z.data() + h * c.dv, nw.data(),
+                              xn.data() + h * c.dv, c.dv, 1e-6f);
+    Dev<float> dwf(w), dsc(scale), dob(o), dz(z), dnw(nw);
+    Dev<uint16_t> dwb(to_bf16(w));
+    Dev<int8_t> dwq(q);
+    DevMatrix dm;
+    dm.format = c.fmt;
+    dm.rows = c.rows;
+    dm.cols = K;
+    dm.data = c.fmt == WFormat::kF32    ? static_cast<const void*>(dwf.p)
+              : c.fmt == WFormat::kBF16 ? static_cast<const void*>(dwb.p)
+                                        : static_cast<const void*>(dwq.p);
+    dm.scale = dsc.p;
+    for (bool acc : {false, true}) {
+      std::vector<float> ref = y0;
+      cpu::linear_ref({xn.data(), K, WeightView{wref.data(), DType::kF32, c.rows, K}, ref.data(),
+                       c.rows, 1, acc});
+      Dev<float> dy(y0);
+      ASSERT_TRUE(gemv_gated_norm(dm, dob.p, dz.p, dnw.p, c.dv, 1e-6f, dy.p, acc, nullptr));
+      const auto got = dy.get();
+      for (int64_t i = 0; i < c.rows; ++i)
+        ASSERT_NEAR(got[i], ref[i],
+                    2e-5f * std::sqrt(static_cast<float>(K)) + 1e-5f * std::fabs(ref[i]))
+            << "i=" << i << " acc=" << acc << " heads=" << c.heads << " dv=" << c.dv;
+    }
+  }
+  // A head width that is not a multiple of 4: not taken, nothing written.
+  auto w = random_vec(6 * 12, 85);
+  Dev<float> dw(w), dob(random_vec(12, 86)), dz(random_vec(12, 87)), dnw(random_vec(6, 88)),
+      dy(std::vector<float>(6, 7.0f));
+  DevMatrix dm{dw.p, nullptr, WFormat::kF32, 6, 12};
+  EXPECT_FALSE(gemv_gated_norm(dm, dob.p, dz.p, dnw.p, 6, 1e-6f, dy.p, false, nullptr));
+  for (float v : dy.get()) EXPECT_EQ(v, 7.0f);
+}
+
 /// The SwiGLU product fused into the down-projection GEMV: input silu(g) ⊙ u of strided rows.
 TEST(CudaOps, GemvWithGatedInputMatchesSiluMulThenLinear) {
   REQUIRE_GPU();
@@ -267,7 +334,13 @@ INSTANTIATE_TEST_SUITE_P(
                       GemvCase{WFormat::kI8, 200, 2048, 4}, GemvCase{WFormat::kBF16, 23, 1001, 1},
                       GemvCase{WFormat::kF32, 2050, 2048, 1}, GemvCase{WFormat::kBF16, 9, 4096, 2},
                       // one warp per row and 16 chunks per lane: past the prefetched first 8
-                      GemvCase{WFormat::kBF16, 8192, 4096, 1}));
+                      GemvCase{WFormat::kBF16, 8192, 4096, 1},
+                      // Note [streaming GEMV]: many rows per warp (the ring wraps many times), a
+                      // last segment of one chunk, INT8 at the widest staged row, and a row too
+                      // wide to stage (the block-per-rows kernel)
+                      GemvCase{WFormat::kBF16, 40001, 256, 1}, GemvCase{WFormat::kBF16, 97, 2056, 1},
+                      GemvCase{WFormat::kI8, 4099, 1536, 1}, GemvCase{WFormat::kI8, 300, 8192, 1},
+                      GemvCase{WFormat::kBF16, 5, 12800, 1}));
 
 /// Programmatic dependent launch (Note [programmatic dependent launch]): a long chain of dependent
 /// kernels (residual + norm -> GEMV -> gated GEMV back into the residual, the decode step's
