@@ -484,7 +484,7 @@ void CudaModel::Impl::enqueue_deltanet(const GpuLayer& L, int layer, int64_t T) 
   }
   // One-token decode: the delta rule in column blocks (4x the blocks of one per value head) and
   // its gated output norm applied by out_proj's streaming GEMV while it stages its input row.
-  if (T == 1 && !batched) {
+  if (T == 1 && !batched && opts.deltanet_split) {
     kc::delta_rule(gq, gk, gv, gg, beta, d_step, layer, go, 1, nk, nv, dk, dv, stream, 1);
     mark("gdn: delta rule");
     float* dst = fused ? x : y;
@@ -536,7 +536,8 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
     return;
   }
   const int64_t k = c.num_experts_per_tok;
-  if (fused && !experts) {  // nothing on this stream reads the ids: route beside the shared expert
+  if (fused && !experts && opts.side_route) {  // nothing on this stream reads the ids: route
+                                                // beside the shared expert
     cuda_check(cudaEventRecord(ev_fork, stream), "event record");
     cuda_check(cudaStreamWaitEvent(side, ev_fork), "stream wait");
     kc::moe_route(proj, W, T, E, k, c.norm_topk_prob, rids, rw, side);
@@ -1029,9 +1030,12 @@ std::string CudaModel::decode_kernels() const {
     a.tensor_cores = m.opts.attention_tensor_cores;
     tc = kc::attention_uses_tensor_cores(a);
   }
-  return fmt::format("attention on {}, programmatic launch {}, fused norms {}",
-                     tc ? "tensor cores" : "CUDA cores", kc::pdl_enabled() ? "on" : "off",
-                     m.opts.fuse_decode ? "on" : "off");
+  return fmt::format(
+      "attention on {}, programmatic launch {}, fused norms {}, DeltaNet {}, router {}",
+      tc ? "tensor cores" : "CUDA cores", kc::pdl_enabled() ? "on" : "off",
+      m.opts.fuse_decode ? "on" : "off",
+      m.opts.deltanet_split ? "split (norm in out_proj)" : "block per head",
+      m.opts.side_route ? "on a side stream" : "in line");
 }
 
 std::map<std::string, double> CudaModel::profile_seconds() const { return impl_->prof_seconds; }

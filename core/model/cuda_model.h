@@ -43,14 +43,20 @@ struct CudaOptions {
   std::string kv_dtype = "bf16";
   bool graphs = true;  ///< replay decode steps from CUDA graphs
   /// One-token decode: residual adds in the epilogues of the GEMVs that produce them and each
-  /// RMSNorm inside the GEMV that consumes it, so no norm kernel runs between them (false: the
-  /// separate fused residual + norm kernel). Correct (tests), but measured slower than the
-  /// separate norm kernel with today's GEMV (docs/performance.md), so off unless
-  /// TIDAL_CUDA_FUSE=1.
-  bool fuse_decode = env_flag("TIDAL_CUDA_FUSE", false);
+  /// RMSNorm inside the GEMV that consumes it (staged once per block by the streaming GEMV), so
+  /// no norm kernel runs between them (false: the separate fused residual + norm kernel).
+  /// TIDAL_CUDA_FUSE=0 turns it off (docs/performance.md compares both).
+  bool fuse_decode = env_flag("TIDAL_CUDA_FUSE", true);
   /// Decode attention on tensor cores (Note [tensor-core decode attention]); TIDAL_CUDA_ATTN_TC=0
   /// selects the CUDA-core kernel.
   bool attention_tensor_cores = env_flag("TIDAL_CUDA_ATTN_TC", true);
+  /// One-token DeltaNet decode: the delta rule in column blocks and its gated output norm staged
+  /// by out_proj's streaming GEMV (true), or one block per value head with the norm inside
+  /// (false). TIDAL_CUDA_GDN_SPLIT.
+  bool deltanet_split = env_flag("TIDAL_CUDA_GDN_SPLIT", true);
+  /// Fused GPU-only decode: the router's top-k on a side stream beside the shared expert (true)
+  /// or in line on the main stream. TIDAL_CUDA_SIDE_ROUTE.
+  bool side_route = env_flag("TIDAL_CUDA_SIDE_ROUTE", true);
   /// The environment variable `name` as a flag ("1" on, "0" off), `fallback` when unset.
   static bool env_flag(const char* name, bool fallback);
   int64_t max_chunk = 512;         ///< tokens per GPU pass; longer inputs run in chunks

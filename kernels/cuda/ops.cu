@@ -379,7 +379,10 @@ __global__ void __launch_bounds__(kStreamWarps* kWarp) gemv_stream_kernel(const 
   const float nw0 = p.zero_centred ? 1.0f : 0.0f;
   float ss = 0.f;
   __shared__ float ginv[kStreamMaxGroups];  // kGroupNormGated: rsqrt(mean square) per group
-  if constexpr (IN == GemvIn::kGroupNormGated) {
+  // kGroupNormGated with 128-value groups (the models' value heads): the staging loop's float4s
+  // of one warp in one pass are exactly one group, so a warp sum gives its norm in the same pass.
+  const bool warp_groups = IN == GemvIn::kGroupNormGated && p.group == 4 * kWarp;
+  if (IN == GemvIn::kGroupNormGated && !warp_groups) {
     const int64_t G = p.group;
     for (int64_t gi = warp; gi < K / G; gi += kStreamWarps) {
       float s2 = 0.f;
@@ -394,7 +397,13 @@ __global__ void __launch_bounds__(kStreamWarps* kWarp) gemv_stream_kernel(const 
     if constexpr (IN == GemvIn::kGroupNormGated) {  // w · (o · inv) · silu(z), as rms_norm_gated
       const float4 z = *reinterpret_cast<const float4*>(p.xu + j);
       const float4 g = *reinterpret_cast<const float4*>(p.norm_w + j % p.group);
-      const float r = ginv[j / p.group];  // group % 4 == 0: the 4 values share a group
+      // group % 4 == 0: the 4 values share a group. blockDim.x · 4 is a multiple of 128, so with
+      // warp_groups every lane of the warp is in this pass (K % 128 == 0) and in one group.
+      const float r =
+          warp_groups ? rsqrtf(warp_sum(fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, v.w * v.w)))) /
+                                   static_cast<float>(p.group) +
+                               p.eps)
+                      : ginv[j / p.group];
       v = make_float4(g.x * (v.x * r) * siluf_(z.x), g.y * (v.y * r) * siluf_(z.y),
                       g.z * (v.z * r) * siluf_(z.z), g.w * (v.w * r) * siluf_(z.w));
     } else if constexpr (IN == GemvIn::kGated) {

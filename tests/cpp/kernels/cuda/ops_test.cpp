@@ -9,7 +9,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "gpu.h"
@@ -205,7 +207,13 @@ TEST(CudaOps, GemvGatedNormMatchesGatedNormThenLinear) {
       cpu::linear_ref({xn.data(), K, WeightView{wref.data(), DType::kF32, c.rows, K}, ref.data(),
                        c.rows, 1, acc});
       Dev<float> dy(y0);
-      ASSERT_TRUE(gemv_gated_norm(dm, dob.p, dz.p, dnw.p, c.dv, 1e-6f, dy.p, acc, nullptr));
+      if (!gemv_gated_norm(dm, dob.p, dz.p, dnw.p, c.dv, 1e-6f, dy.p, acc, nullptr)) {
+        // Only where the streaming GEMV is switched off; then nothing may be written.
+        const char* off = std::getenv("TIDAL_GEMV_STREAM");
+        ASSERT_TRUE(off && std::string(off) == "0") << "heads=" << c.heads << " dv=" << c.dv;
+        ASSERT_EQ(dy.get(), y0);
+        continue;
+      }
       const auto got = dy.get();
       for (int64_t i = 0; i < c.rows; ++i)
         ASSERT_NEAR(got[i], ref[i],
