@@ -50,10 +50,11 @@ struct CudaOptions {
   /// Decode attention on tensor cores (Note [tensor-core decode attention]); TIDAL_CUDA_ATTN_TC=0
   /// selects the CUDA-core kernel.
   bool attention_tensor_cores = env_flag("TIDAL_CUDA_ATTN_TC", true);
-  /// One-token DeltaNet decode: the delta rule in column blocks and its gated output norm staged
-  /// by out_proj's streaming GEMV (true), or one block per value head with the norm inside
-  /// (false). TIDAL_CUDA_GDN_SPLIT.
-  bool deltanet_split = env_flag("TIDAL_CUDA_GDN_SPLIT", true);
+  /// One-token DeltaNet decode: the delta rule in column blocks (4x the blocks) and its gated
+  /// output norm staged by out_proj's streaming GEMV (true), or one block per value head with the
+  /// norm inside (false). Both measured the same decode step on an H100 (docs/performance.md), so
+  /// the simpler one is the default; TIDAL_CUDA_GDN_SPLIT=1 selects the other.
+  bool deltanet_split = env_flag("TIDAL_CUDA_GDN_SPLIT", false);
   /// Fused GPU-only decode: the router's top-k on a side stream beside the shared expert (true)
   /// or in line on the main stream. TIDAL_CUDA_SIDE_ROUTE.
   bool side_route = env_flag("TIDAL_CUDA_SIDE_ROUTE", true);

@@ -29,7 +29,7 @@ for l in sys.stdin:
         d=json.loads(l); d["variant"]=v; print(json.dumps(d))' "$1"; }
 # The golden transformers fixtures on device="cuda" (tests/python/test_cuda.py), with the default
 # decode and with each of PYTEST_VARIANTS.
-IFS=';' read -ra pv <<< "${PYTEST_VARIANTS:-TIDAL_CUDA_FUSE=0;TIDAL_CUDA_GDN_SPLIT=0}"
+IFS=';' read -ra pv <<< "${PYTEST_VARIANTS:-TIDAL_CUDA_FUSE=0;TIDAL_CUDA_GDN_SPLIT=1}"
 for v in "default" "${pv[@]}"; do
   [ -n "${SKIP_PYTEST:-}" ] && break
   e=$v; [ "$v" = default ] && e=
@@ -42,7 +42,7 @@ IFS=';' read -ra gv <<< "${GEMV_VARIANTS:-TIDAL_GEMV_STREAM=0;TIDAL_GEMV_STREAM=
 for v in "${gv[@]}"; do
   env $v $bench --gemv-only --weights "${WEIGHTS:-bf16}" | tag "$v" | tee -a "$out/gemv.jsonl" | cut -c1-220
 done
-IFS=';' read -ra sv <<< "${STEP_VARIANTS:-TIDAL_CUDA_GDN_SPLIT=0;TIDAL_CUDA_SIDE_ROUTE=0;TIDAL_GEMV_STREAM=0}"
+IFS=';' read -ra sv <<< "${STEP_VARIANTS:-TIDAL_CUDA_GDN_SPLIT=1;TIDAL_CUDA_SIDE_ROUTE=0;TIDAL_GEMV_STREAM=0}"
 for v in "default" "${sv[@]}"; do
   e=$v; a="--only-step"; [ "$v" = default ] && e= && a="--contexts 4096"
   env $e $bench $a --weights "${WEIGHTS:-bf16}" | grep -v gemv_stream_shape | grep -v decode_gemv_chain | tag "$v" | tee -a "$out/gemv.jsonl" | cut -c1-260
