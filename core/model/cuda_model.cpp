@@ -493,11 +493,11 @@ void CudaModel::Impl::enqueue_deltanet(const GpuLayer& L, int layer, int64_t T) 
       mark("gdn: gated norm + out_proj");
       return;
     }
-    kc::rms_norm_gated(go, z, ld_z, nv, L.gnorm, go, nv, dv, eps, stream);  // shape it does not take
+    kc::rms_norm_gated(go, z, ld_z, nv, L.gnorm, go, nv, dv, eps,
+                       stream);  // shape it does not take
     mark("gdn: gated norm");
-  } else if (Tr == 1 && kc::delta_rule_normed(gq, gk, gv, gg, beta, d_step, layer, z, ld_z,
-                                              L.gnorm, eps, go, Tr, nk, nv, dk, dv, stream,
-                                              nseq)) {
+  } else if (Tr == 1 && kc::delta_rule_normed(gq, gk, gv, gg, beta, d_step, layer, z, ld_z, L.gnorm,
+                                              eps, go, Tr, nk, nv, dk, dv, stream, nseq)) {
     mark("gdn: delta rule + gated norm");
   } else {
     kc::delta_rule(gq, gk, gv, gg, beta, d_step, layer, go, Tr, nk, nv, dk, dv, stream, nseq);
@@ -537,7 +537,7 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
   }
   const int64_t k = c.num_experts_per_tok;
   if (fused && !experts && opts.side_route) {  // nothing on this stream reads the ids: route
-                                                // beside the shared expert
+                                               // beside the shared expert
     cuda_check(cudaEventRecord(ev_fork, stream), "event record");
     cuda_check(cudaStreamWaitEvent(side, ev_fork), "stream wait");
     kc::moe_route(proj, W, T, E, k, c.norm_topk_prob, rids, rw, side);

@@ -64,8 +64,9 @@ int blocks_for(int64_t n, int threads) { return static_cast<int>((n + threads - 
 // the kernels before it), and a DeltaNet layer's conv and recurrent state, which only that layer's
 // own conv / delta-rule kernel writes and never as the kernel just before its next reader (when a
 // kernel starts, every kernel before its immediate predecessor has finished: each passes
-// `pdl_wait()` before it lets the next one start). Captured into the decode graphs as programmatic edges. TIDAL_CUDA_PDL=0
-// or set_pdl_enabled(false) turns it off (plain launches; the benchmark compares both).
+// `pdl_wait()` before it lets the next one start). Captured into the decode graphs as programmatic
+// edges. TIDAL_CUDA_PDL=0 or set_pdl_enabled(false) turns it off (plain launches; the benchmark
+// compares both).
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -335,8 +336,8 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp) gemv_kernel(const GemvParam
 // block-per-rows kernel for every shape; the benchmark compares both); TIDAL_GEMV_BPS sets the
 // resident blocks per SM.
 constexpr int kStreamWarps = 8;
-constexpr int kSeg = 8;                // 16-byte chunks per lane per segment
-constexpr int64_t kStreamMaxK = 8192;  // fp32 input row in (static-limit) shared memory
+constexpr int kSeg = 8;                   // 16-byte chunks per lane per segment
+constexpr int64_t kStreamMaxK = 8192;     // fp32 input row in (static-limit) shared memory
 constexpr int64_t kStreamMaxGroups = 64;  // kGroupNormGated: value heads
 
 /// A 16-byte weight load that skips L1 (weights are read once per step; the input row lives in

@@ -311,17 +311,17 @@ int main(int argc, char** argv) {
         cudaStreamEndCapture(st, &g);
         cudaGraphExec_t ge;
         check(cudaGraphInstantiate(&ge, g, 0), "shape graph");
-        const double t = time_gpu([&] { cudaGraphLaunch(ge, st); }, 10, st) /
-                         static_cast<double>(copies);
-        fmt::print("{}\n", nlohmann::json{{"bench", "gemv_stream_shape"},
-                                          {"weights", f},
-                                          {"shape", fmt::format("{} [{}x{}]", p.name, p.rows,
-                                                                p.cols)},
-                                          {"launches", copies},
-                                          {"us", t * 1e6},
-                                          {"bytes", bytes},
-                                          {"of_measured_bw", static_cast<double>(bytes) / t / bw}}
-                               .dump());
+        const double t =
+            time_gpu([&] { cudaGraphLaunch(ge, st); }, 10, st) / static_cast<double>(copies);
+        fmt::print("{}\n",
+                   nlohmann::json{{"bench", "gemv_stream_shape"},
+                                  {"weights", f},
+                                  {"shape", fmt::format("{} [{}x{}]", p.name, p.rows, p.cols)},
+                                  {"launches", copies},
+                                  {"us", t * 1e6},
+                                  {"bytes", bytes},
+                                  {"of_measured_bw", static_cast<double>(bytes) / t / bw}}
+                       .dump());
         cudaGraphExecDestroy(ge);
         cudaGraphDestroy(g);
         for (auto& w : ws) cudaFree(w);
@@ -685,8 +685,9 @@ int main(int argc, char** argv) {
         if (prof) cudaProfilerStop();
         ts.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
       }
-      if (graphs && pdl && mode.fuse && !profile_step) {  // prefill: 2048 tokens from an empty sequence, in the
-                                         // model's 512-token chunks
+      if (graphs && pdl && mode.fuse &&
+          !profile_step) {  // prefill: 2048 tokens from an empty sequence, in the
+                            // model's 512-token chunks
         std::vector<int64_t> prompt(2048);
         for (size_t i = 0; i < prompt.size(); ++i)
           prompt[i] = static_cast<int64_t>((i * 7919) % 248000);

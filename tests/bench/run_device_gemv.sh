@@ -26,7 +26,7 @@ v=sys.argv[1]
 for l in sys.stdin:
     l=l.strip()
     if l.startswith("{"):
-        d=json.loads(l); d["variant"]=v; print(json.dumps(d))' "$1"; }
+        d=json.loads(l); d["env"]=v; print(json.dumps(d))' "$1"; }
 # The golden transformers fixtures on device="cuda" (tests/python/test_cuda.py), with the default
 # decode and with each of PYTEST_VARIANTS.
 IFS=';' read -ra pv <<< "${PYTEST_VARIANTS:-TIDAL_CUDA_FUSE=0;TIDAL_CUDA_GDN_SPLIT=1}"

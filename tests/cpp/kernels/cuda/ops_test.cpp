@@ -346,9 +346,9 @@ INSTANTIATE_TEST_SUITE_P(
                       // Note [streaming GEMV]: many rows per warp (the ring wraps many times), a
                       // last segment of one chunk, INT8 at the widest staged row, and a row too
                       // wide to stage (the block-per-rows kernel)
-                      GemvCase{WFormat::kBF16, 40001, 256, 1}, GemvCase{WFormat::kBF16, 97, 2056, 1},
-                      GemvCase{WFormat::kI8, 4099, 1536, 1}, GemvCase{WFormat::kI8, 300, 8192, 1},
-                      GemvCase{WFormat::kBF16, 5, 12800, 1}));
+                      GemvCase{WFormat::kBF16, 40001, 256, 1},
+                      GemvCase{WFormat::kBF16, 97, 2056, 1}, GemvCase{WFormat::kI8, 4099, 1536, 1},
+                      GemvCase{WFormat::kI8, 300, 8192, 1}, GemvCase{WFormat::kBF16, 5, 12800, 1}));
 
 /// Programmatic dependent launch (Note [programmatic dependent launch]): a long chain of dependent
 /// kernels (residual + norm -> GEMV -> gated GEMV back into the residual, the decode step's
