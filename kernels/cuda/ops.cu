@@ -520,7 +520,11 @@ int device_sm_count() {
 // cp.async.bulk per 4 KB segment, completing on the slot's mbarrier, and the warp waits on the
 // barrier's phase before it reads the slot. Registers no longer bound the bytes in flight (two
 // blocks of 8 warps x 3 slots: 192 KB per SM). The arithmetic and its order are the streaming
-// kernel's. TIDAL_GEMV_STAGES sets the slots per warp (1-4).
+// kernel's. TIDAL_GEMV_STAGES sets the slots per warp (1-4). Measured on an H100 (run 7 in
+// docs/results/cuda-decode-2026-12-06): correct, but slower (the step's GEMVs chained 1.75 ms
+// against 1.63, the decode step 2.51 against 2.40 ms), and the 12352x2048 projection no faster
+// (21.3 µs either way) with 1.5x the bytes in flight: bytes in flight are not what holds the
+// streaming kernel at ~77% there. Kept, off, to re-measure on other GPUs.
 constexpr int kStreamMaxStages = 4;
 
 __device__ __forceinline__ unsigned smem_u32(const void* ptr) {
@@ -544,8 +548,8 @@ __global__ void __launch_bounds__(kStreamWarps* kWarp)
   const int64_t items = gw < w.rows ? ((w.rows - 1 - gw) / nwarps + 1) * segs : 0;
   const auto* base = static_cast<const uint4*>(w.data);
   uint4* ring = smem_ring + static_cast<int64_t>(warp) * stages * kSegChunks;
-  float* xs = reinterpret_cast<float*>(smem_ring + static_cast<int64_t>(kStreamWarps) * stages *
-                                                       kSegChunks);
+  float* xs = reinterpret_cast<float*>(smem_ring +
+                                       static_cast<int64_t>(kStreamWarps) * stages * kSegChunks);
   uint64_t* bar = bars + warp * kStreamMaxStages;
   if (lane == 0) {
     for (int i = 0; i < stages; ++i)
@@ -558,13 +562,14 @@ __global__ void __launch_bounds__(kStreamWarps* kWarp)
     if (t >= items) return;
     const int slot = static_cast<int>(t % stages);
     const int64_t c0 = (t % segs) * kSegChunks;
-    const auto bytes = static_cast<unsigned>(min(static_cast<int64_t>(kSegChunks), nchunk - c0) * 16);
+    const auto bytes =
+        static_cast<unsigned>(min(static_cast<int64_t>(kSegChunks), nchunk - c0) * 16);
     const uint4* src = base + (gw + (t / segs) * nwarps) * nchunk + c0;
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(
-                     smem_u32(bar + slot)),
-                 "r"(bytes)
-                 : "memory");
+    asm volatile(
+        "mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar + slot)),
+        "r"(bytes)
+        : "memory");
     asm volatile(
         "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
             "r"(smem_u32(ring + slot * kSegChunks)),
@@ -662,8 +667,7 @@ bool gemv_tma_launch(const GemvParams& p, cudaStream_t s) {
   static const std::pair<size_t, size_t> dev = [] {  // shared memory per SM, per block (opt-in)
     int d = 0, a = 0, b = 0;
     if (cudaGetDevice(&d) != cudaSuccess ||
-        cudaDeviceGetAttribute(&a, cudaDevAttrMaxSharedMemoryPerMultiprocessor, d) !=
-            cudaSuccess ||
+        cudaDeviceGetAttribute(&a, cudaDevAttrMaxSharedMemoryPerMultiprocessor, d) != cudaSuccess ||
         cudaDeviceGetAttribute(&b, cudaDevAttrMaxSharedMemoryPerBlockOptin, d) != cudaSuccess) {
       (void)cudaGetLastError();
       return std::pair<size_t, size_t>{0, 0};
@@ -671,7 +675,8 @@ bool gemv_tma_launch(const GemvParams& p, cudaStream_t s) {
     return std::pair<size_t, size_t>{static_cast<size_t>(a), static_cast<size_t>(b)};
   }();
   const int bps = forced_bps ? forced_bps : 2;
-  const size_t seg = static_cast<size_t>(kSeg) * kWarp * 16, xbytes = static_cast<size_t>(p.w.cols) * 4;
+  const size_t seg = static_cast<size_t>(kSeg) * kWarp * 16,
+               xbytes = static_cast<size_t>(p.w.cols) * 4;
   const size_t budget = std::min(dev.first / static_cast<size_t>(bps), dev.second);
   if (budget < xbytes + 2048 + kStreamWarps * seg) return false;
   int stages = static_cast<int>(
@@ -680,8 +685,8 @@ bool gemv_tma_launch(const GemvParams& p, cudaStream_t s) {
   const size_t smem = xbytes + static_cast<size_t>(kStreamWarps) * stages * seg;
   if (!tma_allow_smem<F, IN>(smem)) return false;
   const int64_t want = (p.w.rows + kStreamWarps - 1) / kStreamWarps;
-  const dim3 grid(
-      static_cast<unsigned>(std::min<int64_t>(want, static_cast<int64_t>(device_sm_count()) * bps)));
+  const dim3 grid(static_cast<unsigned>(
+      std::min<int64_t>(want, static_cast<int64_t>(device_sm_count()) * bps)));
   launch(gemv_tma_kernel<F, IN>, grid, dim3(kStreamWarps * kWarp), smem, s, p, stages);
   return true;
 }
