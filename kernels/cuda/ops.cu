@@ -64,9 +64,10 @@ int blocks_for(int64_t n, int threads) { return static_cast<int>((n + threads - 
 // the kernels before it), and a DeltaNet layer's conv and recurrent state, which only that layer's
 // own conv / delta-rule kernel writes and never as the kernel just before its next reader (when a
 // kernel starts, every kernel before its immediate predecessor has finished: each passes
-// `pdl_wait()` before it lets the next one start). Captured into the decode graphs as programmatic
-// edges. TIDAL_CUDA_PDL=0 or set_pdl_enabled(false) turns it off (plain launches; the benchmark
-// compares both).
+// `pdl_wait()` before it lets the next one start), located through `StepDev`, which only
+// host-to-device copies write. Callers keep that true: ops.h says which kernels read state early.
+// Captured into the decode graphs as programmatic edges. TIDAL_CUDA_PDL=0 or set_pdl_enabled(false)
+// turns it off (plain launches; the benchmark compares both).
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -473,20 +474,31 @@ __global__ void __launch_bounds__(kStreamWarps* kWarp) gemv_stream_kernel(const 
   }
 }
 
-/// Resident blocks per SM for the streaming GEMV: the occupancy limit, or TIDAL_GEMV_BPS (1-8) for
-/// tuning. 0 when TIDAL_GEMV_STREAM=0 (the block-per-rows kernel for every shape).
-template <WFormat F, GemvIn IN>
-int stream_blocks_per_sm(size_t smem) {
-  static const int forced = [] {
-    const char* e = std::getenv("TIDAL_GEMV_BPS");
-    const int v = e ? std::atoi(e) : 0;
-    return v >= 1 && v <= 8 ? v : 0;
-  }();
+/// TIDAL_GEMV_STREAM=0: the block-per-rows kernel for every shape (streaming and bulk-copy off).
+bool stream_off() {
   static const bool off = [] {
     const char* e = std::getenv("TIDAL_GEMV_STREAM");
     return e && std::string(e) == "0";
   }();
-  if (off) return 0;
+  return off;
+}
+
+/// TIDAL_GEMV_BPS: resident blocks per SM for the streaming and bulk-copy GEMVs (1-8), 0 unset.
+int forced_blocks_per_sm() {
+  static const int v = [] {
+    const char* e = std::getenv("TIDAL_GEMV_BPS");
+    const int n = e ? std::atoi(e) : 0;
+    return n >= 1 && n <= 8 ? n : 0;
+  }();
+  return v;
+}
+
+/// Resident blocks per SM for the streaming GEMV: the occupancy limit, or TIDAL_GEMV_BPS (1-8) for
+/// tuning. 0 when TIDAL_GEMV_STREAM=0 (the block-per-rows kernel for every shape).
+template <WFormat F, GemvIn IN>
+int stream_blocks_per_sm(size_t smem) {
+  const int forced = forced_blocks_per_sm();
+  if (stream_off()) return 0;
   if (forced) return forced;
   static std::atomic<long> cached{-1};  // (smem << 8) | blocks of the last query
   const long c = cached.load(std::memory_order_relaxed);
@@ -527,9 +539,11 @@ int device_sm_count() {
 // streaming kernel at ~77% there. Kept, off, to re-measure on other GPUs.
 constexpr int kStreamMaxStages = 4;
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ unsigned smem_u32(const void* ptr) {
   return static_cast<unsigned>(__cvta_generic_to_shared(ptr));
 }
+#endif
 
 template <WFormat F, GemvIn IN>
 __global__ void __launch_bounds__(kStreamWarps* kWarp)
@@ -632,16 +646,23 @@ __global__ void __launch_bounds__(kStreamWarps* kWarp)
 
 bool pdl_supported();  // sm_90 device running sm_90 code (below)
 
-/// Raises gemv_tma_kernel<F, IN>'s dynamic shared-memory limit to `bytes` (once per size).
+/// Raises gemv_tma_kernel<F, IN>'s dynamic shared-memory limit to `bytes` (once per size it
+/// grows to). Without the attribute, static plus dynamic shared memory must fit 48 KB, and the
+/// kernel's static part (barriers, norms, block_sum) counts. Process-wide, like the other launch
+/// caches here: one device per process (a limitation of this opt-in path).
 template <WFormat F, GemvIn IN>
 bool tma_allow_smem(size_t bytes) {
-  static std::atomic<size_t> allowed{48 * 1024};
+  static const size_t static_bytes = [] {
+    cudaFuncAttributes fa{};
+    if (cudaFuncGetAttributes(&fa, gemv_tma_kernel<F, IN>) != cudaSuccess) return size_t{48 * 1024};
+    return fa.sharedSizeBytes;
+  }();
+  static std::atomic<size_t> allowed{
+      size_t{48 * 1024} > static_bytes ? size_t{48 * 1024} - static_bytes : size_t{0}};
   if (bytes <= allowed.load(std::memory_order_relaxed)) return true;
   if (cudaFuncSetAttribute(gemv_tma_kernel<F, IN>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(bytes)) != cudaSuccess) {
-    (void)cudaGetLastError();
+                           static_cast<int>(bytes)) != cudaSuccess)
     return false;
-  }
   allowed.store(bytes, std::memory_order_relaxed);
   return true;
 }
@@ -654,11 +675,7 @@ bool gemv_tma_launch(const GemvParams& p, cudaStream_t s) {
     return e && std::string(e) == "1" && pdl_supported();
   }();
   if (!on) return false;
-  static const int forced_bps = [] {
-    const char* e = std::getenv("TIDAL_GEMV_BPS");
-    const int v = e ? std::atoi(e) : 0;
-    return v >= 1 && v <= 4 ? v : 0;
-  }();
+  const int forced_bps = forced_blocks_per_sm();
   static const int forced_stages = [] {
     const char* e = std::getenv("TIDAL_GEMV_STAGES");
     const int v = e ? std::atoi(e) : 0;
@@ -696,7 +713,8 @@ template <WFormat F>
 bool gemv_stream_launch(const GemvParams& p, cudaStream_t s) {
   constexpr int E = Chunk<F>::E;
   const DevMatrix& w = p.w;
-  if (!p.vec || w.cols % E != 0 || w.cols > kStreamMaxK) return false;
+  if (!p.vec || w.cols == 0 || w.cols % E != 0 || w.cols > kStreamMaxK || stream_off())
+    return false;
   const size_t smem = static_cast<size_t>(w.cols) * 4;
   if (p.group > 0 && (p.group % 4 != 0 || w.cols % p.group != 0 ||
                       w.cols / p.group > kStreamMaxGroups || !p.xu || !p.norm_w))

@@ -170,6 +170,9 @@ void gdn_prep(const float* u, const float* b, const float* a, int64_t ld_ba, con
 /// Decode step (T = 1) of causal_conv1d_silu + gdn_prep in one kernel (block per head); b and a
 /// are (nv) vectors. `rows` > 1: batched decode, row r is its own sequence (state step[r]) with
 /// src, b and a at row strides ld_src, ld_ba and outputs packed by row.
+/// Reads the layer's state before the programmatic-launch wait (Note [programmatic dependent
+/// launch]): the kernel just before it on the stream must not write that state (run another
+/// kernel, a copy or a sync in between, as a forward always does).
 void gdn_conv_prep_step(const float* src, const float* conv_w, const StepDev* step, int layer,
                         int64_t K, const float* b, const float* a, const float* A_log,
                         const float* dt_bias, float* q, float* k, float* v, float* beta, float* g,
@@ -179,6 +182,9 @@ void gdn_conv_prep_step(const float* src, const float* conv_w, const StepDev* st
 /// delta_rule with the gated output norm fused (block per value head): out = w · rms_norm(o) ·
 /// silu(z), z row t at z + t · ld_z. False (nothing launched) when a head does not fit one block.
 /// `rows` > 1: that many sequences of T tokens each, packed one after the other (state step[r]).
+/// Reads the layer's state before the programmatic-launch wait (Note [programmatic dependent
+/// launch]): the kernel just before it on the stream must not write that state (run another
+/// kernel, a copy or a sync in between, as a forward always does).
 bool delta_rule_normed(const float* q, const float* k, const float* v, const float* g,
                        const float* beta, const StepDev* step, int layer, const float* z,
                        int64_t ld_z, const float* w, float eps, float* out, int64_t T, int64_t nk,
@@ -187,6 +193,9 @@ bool delta_rule_normed(const float* q, const float* k, const float* v, const flo
 /// Gated delta rule over T tokens on the fp32 state of `layer` (model-spec §3.4), token by token
 /// with the state in registers: out (T, nv, dv). d_k and d_v must be multiples of 32 (≤ 256).
 /// `rows` > 1: that many sequences of T tokens each, packed one after the other (state step[r]).
+/// Reads the layer's state before the programmatic-launch wait (Note [programmatic dependent
+/// launch]): the kernel just before it on the stream must not write that state (run another
+/// kernel, a copy or a sync in between, as a forward always does).
 void delta_rule(const float* q, const float* k, const float* v, const float* g, const float* beta,
                 const StepDev* step, int layer, float* out, int64_t T, int64_t nk, int64_t nv,
                 int64_t dk, int64_t dv, cudaStream_t s, int64_t rows = 1);

@@ -57,11 +57,12 @@ struct Weights {
 
 /// Logits of a 7-token prompt, then of 12 greedy-free decode steps (fixed ids), per option set.
 std::vector<std::vector<float>> run(const ModelConfig& cfg, const HostWeights& hw, bool fuse,
-                                    bool graphs) {
+                                    bool graphs, bool gdn_split = false) {
   auto ex = kernels::make_tbb_executor(2);
   RoutingControl routing(cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok);
   CudaOptions o;
   o.fuse_decode = fuse;
+  o.deltanet_split = gdn_split;
   o.attention_tensor_cores = true;
   o.graphs = graphs;
   CudaModel model(cfg, hw, nullptr, &routing, o, *ex);
@@ -140,6 +141,10 @@ TEST(CudaModel, FusedDecodeMatchesUnfusedKernels) {
   const auto unfused = run(cfg, hw, false, true);
   const auto fused = run(cfg, hw, true, true);
   const auto fused_eager = run(cfg, hw, true, false);
+  // DeltaNet decode with the delta rule in column blocks and its gated norm in out_proj's GEMV
+  // (CudaOptions::deltanet_split), fused and not.
+  const auto split_fused = run(cfg, hw, true, true, true);
+  const auto split_unfused = run(cfg, hw, false, true, true);
   kernels::cuda::set_pdl_enabled(false);  // plain launches: the order PDL must reproduce
   const auto fused_plain = run(cfg, hw, true, true);
   kernels::cuda::set_pdl_enabled(pdl_was);
@@ -155,6 +160,13 @@ TEST(CudaModel, FusedDecodeMatchesUnfusedKernels) {
     // fp32 throughout; the fused path adds the same terms in another order (the shared expert
     // before the next residual, the norm's scale after the dot product): rounding only.
     EXPECT_LE(diff, 1e-4f * scale) << "step " << s << " (0 = prompt), max |logit| " << scale;
+    for (const auto* v : {&split_fused, &split_unfused}) {
+      float d2 = 0.f;
+      for (size_t i = 0; i < unfused[s].size(); ++i)
+        d2 = std::max(d2, std::fabs((*v)[s][i] - unfused[s][i]));
+      EXPECT_LE(d2, 1e-4f * scale)
+          << "DeltaNet split, step " << s << ", fused " << (v == &split_fused);
+    }
     // Graph replay, launches one by one and launches without PDL run the same kernels in the
     // same order: bit-identical.
     EXPECT_EQ(fused[s], fused_eager[s]) << "step " << s;

@@ -221,6 +221,15 @@ TEST(CudaOps, GemvGatedNormMatchesGatedNormThenLinear) {
             << "i=" << i << " acc=" << acc << " heads=" << c.heads << " dv=" << c.dv;
     }
   }
+  // More value heads than the kernel keeps norms for (65 > 64): not taken, nothing written.
+  {
+    const int64_t heads = 65, dv = 16, K = heads * dv;
+    Dev<float> dw(random_vec(static_cast<size_t>(3 * K), 89)), dob(random_vec(K, 90)),
+        dz(random_vec(K, 91)), dnw(random_vec(dv, 92)), dy(std::vector<float>(3, 7.0f));
+    DevMatrix dm{dw.p, nullptr, WFormat::kF32, 3, K};
+    EXPECT_FALSE(gemv_gated_norm(dm, dob.p, dz.p, dnw.p, dv, 1e-6f, dy.p, false, nullptr));
+    for (float v : dy.get()) EXPECT_EQ(v, 7.0f);
+  }
   // A head width that is not a multiple of 4: not taken, nothing written.
   auto w = random_vec(6 * 12, 85);
   Dev<float> dw(w), dob(random_vec(12, 86)), dz(random_vec(12, 87)), dnw(random_vec(6, 88)),
@@ -348,7 +357,10 @@ INSTANTIATE_TEST_SUITE_P(
                       // wide to stage (the block-per-rows kernel)
                       GemvCase{WFormat::kBF16, 40001, 256, 1},
                       GemvCase{WFormat::kBF16, 97, 2056, 1}, GemvCase{WFormat::kI8, 4099, 1536, 1},
-                      GemvCase{WFormat::kI8, 300, 8192, 1}, GemvCase{WFormat::kBF16, 5, 12800, 1}));
+                      GemvCase{WFormat::kI8, 300, 8192, 1}, GemvCase{WFormat::kBF16, 5, 12800, 1},
+                      // three segments per row (an odd count above one), the last one partial
+                      GemvCase{WFormat::kF32, 129, 2560, 1},
+                      GemvCase{WFormat::kBF16, 33, 6144, 1}));
 
 /// Programmatic dependent launch (Note [programmatic dependent launch]): a long chain of dependent
 /// kernels (residual + norm -> GEMV -> gated GEMV back into the residual, the decode step's
