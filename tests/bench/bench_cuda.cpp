@@ -8,9 +8,13 @@
 ///     decode at 1K / 32K / 128K context, DeltaNet recurrent step, norms, router);
 ///   - "decode_step": one decode step of the full 40-layer model with the routed experts excluded,
 ///     at a given context, with and without CUDA graphs, against the time to read the
-///     GPU-resident bytes once at the measured bandwidth.
+///     GPU-resident bytes once at the measured bandwidth: wall time of forward() ("ms") and, with
+///     graphs, GPU time between CUDA events around the step on the stream ("gpu_ms");
+///   - "decode_gemv_chain", "gemv_stream_shape", "deltanet_decode_chain": parts of the step chained
+///     in graphs (--gemv-only: the bandwidth probe and the GEMV parts only); --profile-step: one
+///     eager step between cudaProfilerStart/Stop, for Nsight Compute.
 /// Usage: tidal_bench_cuda [--contexts 1024,32768,131072] [--step-context 4096] [--weights
-/// bf16,int8]
+/// bf16,int8] [--only-step | --no-step | --gemv-only | --profile-step]
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 #include <fmt/format.h>
@@ -29,6 +33,7 @@
 #include "core/model/cuda_model.h"
 #include "core/model/model.h"
 #include "core/model/routing_control.h"
+#include "core/model/step_trace.h"
 #include "kernels/common/dtype.h"
 #include "kernels/common/executor.h"
 #include "kernels/cuda/ops.h"
@@ -138,7 +143,9 @@ int main(int argc, char** argv) {
         p = q + 1;
       }
     } else {
-      fmt::print(stderr, "usage: {} [--contexts A,B] [--step-context N] [--weights bf16,int8]\n",
+      fmt::print(stderr,
+                 "usage: {} [--contexts A,B] [--step-context N] [--weights bf16,int8] "
+                 "[--only-step | --no-step | --gemv-only | --profile-step]\n",
                  argv[0]);
       return 2;
     }
@@ -731,6 +738,28 @@ int main(int argc, char** argv) {
                                  .dump());
         }
       }
+      // GPU time of a step: CUDA events around the step's graph on the stream (the step trace's
+      // GPU track, Note [Step trace]), median of 15 steps; the wall time above adds the host's
+      // graph launch and the wait for the logits.
+      double gpu_ms = 0;
+      if (graphs) {
+        tidal::core::StepTrace trace;
+        model.set_trace(&trace);
+        trace.start();
+        for (int i = 0; i < 15; ++i) {
+          st.num_tokens = step_ctx;
+          model.forward(tok, st, tidal::core::LogitsMode::kLast, logits, *ex, nullptr);
+        }
+        const auto j = nlohmann::json::parse(trace.stop_json());
+        model.set_trace(nullptr);
+        std::vector<double> g;
+        for (const auto& e : j["traceEvents"])
+          if (e.value("name", "") == "gpu_segment") g.push_back(e["dur"].get<double>() * 1e-3);
+        if (!g.empty()) {
+          std::sort(g.begin(), g.end());
+          gpu_ms = g[g.size() / 2];
+        }
+      }
       std::sort(ts.begin() + 3, ts.end());
       const double t = ts[3 + (ts.size() - 3) / 2];
       // Bytes one step must read: every resident weight except the embedding table (one row), the
@@ -755,7 +784,10 @@ int main(int argc, char** argv) {
                                         {"workspaces_bytes", rep.workspaces},
                                         {"kv_bytes_at_context", kv},
                                         {"bytes_at_measured_bw_ms", bytes / bw * 1e3},
-                                        {"ratio_to_bandwidth_time", t / (bytes / bw)}}
+                                        {"ratio_to_bandwidth_time", t / (bytes / bw)},
+                                        {"gpu_ms", gpu_ms},
+                                        {"gpu_ratio_to_bandwidth_time",
+                                         gpu_ms > 0 ? gpu_ms * 1e-3 / (bytes / bw) : 0.0}}
                              .dump());
     }
   }
