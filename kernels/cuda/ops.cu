@@ -331,7 +331,10 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp) gemv_kernel(const GemvParam
 // A variant that kept three or four segments per warp in flight through cp.async into shared
 // memory, one block per SM so that the next kernel's block fits beside it, measured slower on
 // every shape (decode step 3.20 ms against 2.50 ms, H100): more resident warps mattered more than
-// more bytes in flight per warp.
+// more bytes in flight per warp. Nor did the bulk-copy engine (one cp.async.bulk per 4 KB segment
+// into an mbarrier ring, 192 KB per SM in flight without registers; commit 081e476, removed since):
+// correct, but slower (step 2.51 against 2.40 ms), and the 12352x2048 projection took 21.3 µs
+// either way, so bytes in flight are not what holds the large projections near 77%.
 // Each lane sums its chunks (lane, lane + 32, ...) in turn and the warp adds the lanes as a tree,
 // the order gemv_kernel uses with one warp per row. TIDAL_GEMV_STREAM=0 turns it off (the
 // block-per-rows kernel for every shape; the benchmark compares both); TIDAL_GEMV_BPS sets the
@@ -474,7 +477,7 @@ __global__ void __launch_bounds__(kStreamWarps* kWarp) gemv_stream_kernel(const 
   }
 }
 
-/// TIDAL_GEMV_STREAM=0: the block-per-rows kernel for every shape (streaming and bulk-copy off).
+/// TIDAL_GEMV_STREAM=0: the block-per-rows kernel for every shape.
 bool stream_off() {
   static const bool off = [] {
     const char* e = std::getenv("TIDAL_GEMV_STREAM");
@@ -483,7 +486,7 @@ bool stream_off() {
   return off;
 }
 
-/// TIDAL_GEMV_BPS: resident blocks per SM for the streaming and bulk-copy GEMVs (1-8), 0 unset.
+/// TIDAL_GEMV_BPS: resident blocks per SM for the streaming GEMV (1-8), 0 unset.
 int forced_blocks_per_sm() {
   static const int v = [] {
     const char* e = std::getenv("TIDAL_GEMV_BPS");
@@ -525,189 +528,6 @@ int device_sm_count() {
   return n;
 }
 
-// Note [bulk-copy GEMV]
-// The streaming GEMV's bytes in flight live in registers (two 4 KB segments per warp, 16 warps per
-// SM at most). This variant (sm_90, TIDAL_GEMV_TMA=1, off by default) keeps `stages` segments per
-// warp in a shared-memory ring filled by the bulk-copy engine: lane 0 issues one
-// cp.async.bulk per 4 KB segment, completing on the slot's mbarrier, and the warp waits on the
-// barrier's phase before it reads the slot. Registers no longer bound the bytes in flight (two
-// blocks of 8 warps x 3 slots: 192 KB per SM). The arithmetic and its order are the streaming
-// kernel's. TIDAL_GEMV_STAGES sets the slots per warp (1-4). Measured on an H100 (run 7 in
-// docs/results/cuda-decode-2026-12-06): correct, but slower (the step's GEMVs chained 1.75 ms
-// against 1.63, the decode step 2.51 against 2.40 ms), and the 12352x2048 projection no faster
-// (21.3 µs either way) with 1.5x the bytes in flight: bytes in flight are not what holds the
-// streaming kernel at ~77% there. Kept, off, to re-measure on other GPUs.
-constexpr int kStreamMaxStages = 4;
-
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ unsigned smem_u32(const void* ptr) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(ptr));
-}
-#endif
-
-template <WFormat F, GemvIn IN>
-__global__ void __launch_bounds__(kStreamWarps* kWarp)
-    gemv_tma_kernel(const GemvParams p, int stages) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  constexpr int E = Chunk<F>::E;
-  constexpr int kSegChunks = kSeg * kWarp;
-  extern __shared__ __align__(128) uint4 smem_ring[];
-  __shared__ __align__(8) uint64_t bars[kStreamWarps * kStreamMaxStages];
-  const DevMatrix& w = p.w;
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int64_t K = w.cols, nchunk = K / E;
-  const int64_t segs = (nchunk + kSegChunks - 1) / kSegChunks;  // per row
-  const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kStreamWarps;
-  const int64_t gw = static_cast<int64_t>(blockIdx.x) * kStreamWarps + warp;
-  const int64_t items = gw < w.rows ? ((w.rows - 1 - gw) / nwarps + 1) * segs : 0;
-  const auto* base = static_cast<const uint4*>(w.data);
-  uint4* ring = smem_ring + static_cast<int64_t>(warp) * stages * kSegChunks;
-  float* xs = reinterpret_cast<float*>(smem_ring +
-                                       static_cast<int64_t>(kStreamWarps) * stages * kSegChunks);
-  uint64_t* bar = bars + warp * kStreamMaxStages;
-  if (lane == 0) {
-    for (int i = 0; i < stages; ++i)
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(bar + i)));
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  __syncwarp();
-  // Lane 0: segment t of this warp into slot t % stages (weights only: before the PDL wait).
-  auto issue = [&](int64_t t) {
-    if (t >= items) return;
-    const int slot = static_cast<int>(t % stages);
-    const int64_t c0 = (t % segs) * kSegChunks;
-    const auto bytes =
-        static_cast<unsigned>(min(static_cast<int64_t>(kSegChunks), nchunk - c0) * 16);
-    const uint4* src = base + (gw + (t / segs) * nwarps) * nchunk + c0;
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    asm volatile(
-        "mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar + slot)),
-        "r"(bytes)
-        : "memory");
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
-            "r"(smem_u32(ring + slot * kSegChunks)),
-        "l"(src), "r"(bytes), "r"(smem_u32(bar + slot))
-        : "memory");
-  };
-  if (lane == 0)
-    for (int t = 0; t < stages; ++t) issue(t);
-  pdl_begin();
-  const float inv = stage_row<IN>(p, xs, K, warp, lane);
-  const float gate = p.out_gate ? sigmoidf_(p.out_gate[0]) : 1.0f;
-  float acc = 0.f;
-  for (int64_t t = 0; t < items; ++t) {
-    const int slot = static_cast<int>(t % stages);
-    const unsigned parity = static_cast<unsigned>((t / stages) & 1);
-    unsigned done = 0;
-    while (!done)
-      asm volatile(
-          "{\n .reg .pred pp;\n mbarrier.try_wait.parity.shared::cta.b64 pp, [%1], %2;\n"
-          " selp.u32 %0, 1, 0, pp;\n}"
-          : "=r"(done)
-          : "r"(smem_u32(bar + slot)), "r"(parity)
-          : "memory");
-    const uint4* seg = ring + slot * kSegChunks;
-    const int64_t c0 = (t % segs) * kSegChunks;
-#pragma unroll
-    for (int i = 0; i < kSeg; ++i) {
-      const int ci = i * kWarp + lane;
-      const int64_t c = c0 + ci;
-      if (c < nchunk) {
-        float wv[E];
-        Chunk<F>::convert(seg[ci], wv);
-        const float* xr = xs + c * E;
-#pragma unroll
-        for (int e = 0; e < E; e += 4) {
-          const float4 xv = *reinterpret_cast<const float4*>(xr + e);
-          acc = fmaf(wv[e], xv.x, acc);
-          acc = fmaf(wv[e + 1], xv.y, acc);
-          acc = fmaf(wv[e + 2], xv.z, acc);
-          acc = fmaf(wv[e + 3], xv.w, acc);
-        }
-      }
-    }
-    if (t % segs == segs - 1) {  // the row is complete
-      const int64_t row = gw + (t / segs) * nwarps;
-      float v = warp_sum(acc);
-      acc = 0.f;
-      if (lane == 0) {
-        if (F == WFormat::kI8) v *= w.scale[row];
-        v *= inv * gate;
-        float* d = p.y + row;
-        *d = p.accumulate ? *d + v : v;
-      }
-    }
-    __syncwarp();  // every lane has read the slot before it is refilled
-    if (lane == 0) issue(t + stages);
-  }
-#endif
-}
-
-bool pdl_supported();  // sm_90 device running sm_90 code (below)
-
-/// Raises gemv_tma_kernel<F, IN>'s dynamic shared-memory limit to `bytes` (once per size it
-/// grows to). Without the attribute, static plus dynamic shared memory must fit 48 KB, and the
-/// kernel's static part (barriers, norms, block_sum) counts. Process-wide, like the other launch
-/// caches here: one device per process (a limitation of this opt-in path).
-template <WFormat F, GemvIn IN>
-bool tma_allow_smem(size_t bytes) {
-  static const size_t static_bytes = [] {
-    cudaFuncAttributes fa{};
-    if (cudaFuncGetAttributes(&fa, gemv_tma_kernel<F, IN>) != cudaSuccess) return size_t{48 * 1024};
-    return fa.sharedSizeBytes;
-  }();
-  static std::atomic<size_t> allowed{
-      size_t{48 * 1024} > static_bytes ? size_t{48 * 1024} - static_bytes : size_t{0}};
-  if (bytes <= allowed.load(std::memory_order_relaxed)) return true;
-  if (cudaFuncSetAttribute(gemv_tma_kernel<F, IN>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(bytes)) != cudaSuccess)
-    return false;
-  allowed.store(bytes, std::memory_order_relaxed);
-  return true;
-}
-
-/// The bulk-copy GEMV where TIDAL_GEMV_TMA=1 and the device and code are sm_90+; false otherwise.
-template <WFormat F, GemvIn IN>
-bool gemv_tma_launch(const GemvParams& p, cudaStream_t s) {
-  static const bool on = [] {
-    const char* e = std::getenv("TIDAL_GEMV_TMA");
-    return e && std::string(e) == "1" && pdl_supported();
-  }();
-  if (!on) return false;
-  const int forced_bps = forced_blocks_per_sm();
-  static const int forced_stages = [] {
-    const char* e = std::getenv("TIDAL_GEMV_STAGES");
-    const int v = e ? std::atoi(e) : 0;
-    return v >= 1 && v <= kStreamMaxStages ? v : 0;
-  }();
-  static const std::pair<size_t, size_t> dev = [] {  // shared memory per SM, per block (opt-in)
-    int d = 0, a = 0, b = 0;
-    if (cudaGetDevice(&d) != cudaSuccess ||
-        cudaDeviceGetAttribute(&a, cudaDevAttrMaxSharedMemoryPerMultiprocessor, d) != cudaSuccess ||
-        cudaDeviceGetAttribute(&b, cudaDevAttrMaxSharedMemoryPerBlockOptin, d) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return std::pair<size_t, size_t>{0, 0};
-    }
-    return std::pair<size_t, size_t>{static_cast<size_t>(a), static_cast<size_t>(b)};
-  }();
-  const int bps = forced_bps ? forced_bps : 2;
-  const size_t seg = static_cast<size_t>(kSeg) * kWarp * 16,
-               xbytes = static_cast<size_t>(p.w.cols) * 4;
-  const size_t budget = std::min(dev.first / static_cast<size_t>(bps), dev.second);
-  if (budget < xbytes + 2048 + kStreamWarps * seg) return false;
-  int stages = static_cast<int>(
-      std::min<size_t>(kStreamMaxStages, (budget - xbytes - 2048) / (kStreamWarps * seg)));
-  if (forced_stages) stages = std::min(stages, forced_stages);
-  const size_t smem = xbytes + static_cast<size_t>(kStreamWarps) * stages * seg;
-  if (!tma_allow_smem<F, IN>(smem)) return false;
-  const int64_t want = (p.w.rows + kStreamWarps - 1) / kStreamWarps;
-  const dim3 grid(static_cast<unsigned>(
-      std::min<int64_t>(want, static_cast<int64_t>(device_sm_count()) * bps)));
-  launch(gemv_tma_kernel<F, IN>, grid, dim3(kStreamWarps * kWarp), smem, s, p, stages);
-  return true;
-}
-
 /// Launches the streaming GEMV (one input row) when the shape suits it; false otherwise.
 template <WFormat F>
 bool gemv_stream_launch(const GemvParams& p, cudaStream_t s) {
@@ -719,11 +539,6 @@ bool gemv_stream_launch(const GemvParams& p, cudaStream_t s) {
   if (p.group > 0 && (p.group % 4 != 0 || w.cols % p.group != 0 ||
                       w.cols / p.group > kStreamMaxGroups || !p.xu || !p.norm_w))
     return false;
-  if (p.group > 0 ? gemv_tma_launch<F, GemvIn::kGroupNormGated>(p, s)
-      : p.norm_w  ? gemv_tma_launch<F, GemvIn::kNormed>(p, s)
-      : p.xu      ? gemv_tma_launch<F, GemvIn::kGated>(p, s)
-                  : gemv_tma_launch<F, GemvIn::kPlain>(p, s))
-    return true;  // Note [bulk-copy GEMV]
   int bps = 0;
   if (p.group > 0)
     bps = stream_blocks_per_sm<F, GemvIn::kGroupNormGated>(smem);
