@@ -191,6 +191,8 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
   TIDAL_CHECK(opts.num_threads <= max_threads, InvalidArgument,
               "num_threads={} is more than 4x the {} hardware threads of this machine",
               opts.num_threads, max_threads / 4);
+  TIDAL_CHECK(opts.max_context >= 0, InvalidArgument,
+              "max_context must be >= 1 tokens (or unset), got {}", opts.max_context);
   TIDAL_CHECK(fs::exists(path), FileNotFound, "model path \"{}\" does not exist", path.string());
   const bool gguf = fs::is_regular_file(path) && path.extension() == ".gguf";
   TIDAL_CHECK(gguf || fs::is_directory(path), InvalidArgument,
@@ -222,6 +224,9 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
   }
   // Experts first: every tensor is checked before any compute, and the expert store owns the routed
   // experts.
+  TIDAL_CHECK(opts.max_context <= cfg.max_position_embeddings, InvalidArgument,
+              "max_context={} is longer than the model's context (max_position_embeddings = {})",
+              opts.max_context, cfg.max_position_embeddings);
   auto experts = std::make_shared<offload::ExpertStore>(cfg, *rt->checkpoint_);
   rt->experts_ = experts;
   // Note [A core for the GPU thread]: with device="cuda" one core is kept for the thread that
@@ -588,8 +593,17 @@ void Sequence::account_locked(bool saved_changed) {
   accounted_saved_ = sv;
 }
 
+void Runtime::check_context(int64_t held, int64_t adding) const {
+  const int64_t limit = opts_.max_context;
+  TIDAL_CHECK(limit == 0 || held + adding <= limit, InvalidArgument,
+              "context full: the sequence holds {} tokens and {} more would pass max_context = {} "
+              "(Runtime.load(max_context=...))",
+              held, adding, limit);
+}
+
 int64_t Sequence::forward_locked(std::span<const int64_t> ids, core::LogitsMode mode,
                                  std::vector<float>& out, Sampler* sampler) {
+  rt_->check_context(state_.num_tokens, static_cast<int64_t>(ids.size()));
   core::ForwardProfile prof;
   int64_t tok = -1;
   double sample_seconds = 0.0;
@@ -678,7 +692,10 @@ std::vector<float> Runtime::forward_batch(std::span<Sequence* const> seqs,
               model_->max_batch());
   std::vector<std::unique_lock<std::mutex>> locks;  // address order: no lock-order inversion
   for (Sequence* s : order) locks.emplace_back(s->mu_);
-  for (Sequence* s : seqs) s->ctl_.check();
+  for (Sequence* s : seqs) {
+    s->ctl_.check();
+    check_context(s->state_.num_tokens, 1);
+  }
   std::vector<core::SequenceState*> states;
   for (Sequence* s : seqs) states.push_back(&s->state_);
   core::ForwardProfile prof;

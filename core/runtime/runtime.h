@@ -56,6 +56,11 @@ struct RuntimeOptions {
       "bf16x2";                         ///< prefill GEMMs: "bf16x2", "bf16" or "fp32" (CudaOptions)
   std::string kv_cache_dtype = "bf16";  ///< GPU KV cache: "bf16" or "fp32"
   bool cuda_graphs = true;              ///< replay decode steps from CUDA graphs
+  /// Tokens one sequence may hold (prompt and generated): a forward call that would go past it
+  /// throws InvalidArgument, before any work. 0: no limit of tidal's own (the model's
+  /// max_position_embeddings is checked where prompts enter, as before). At most
+  /// max_position_embeddings.
+  int64_t max_context = 0;
 };
 
 /// Counters of one runtime since load (or reset_stats); times in seconds, sizes in bytes.
@@ -167,6 +172,9 @@ class Runtime : public std::enable_shared_from_this<Runtime> {
 
   const core::ModelConfig& config() const { return model_->config(); }
   const RuntimeOptions& options() const { return opts_; }
+  /// Throws InvalidArgument when a sequence holding `held` tokens may not take `adding` more
+  /// (RuntimeOptions::max_context).
+  void check_context(int64_t held, int64_t adding) const;
   int num_threads() const { return executor_->num_threads(); }
 
   /// Logits at every position of a fresh sequence: (ids.size(), vocab_size) row-major.

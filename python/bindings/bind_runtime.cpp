@@ -250,8 +250,8 @@ void bind_runtime(py::module_& m) {
              bool populate, const std::string& expert_dtype, int64_t expert_group_size,
              const std::string& cpu_isa, const std::string& expert_cache,
              const py::object& progress, uint64_t gpu_memory, const std::string& gpu_weights,
-             const std::string& gpu_precision, bool cuda_graphs,
-             const std::string& kv_cache_dtype) {
+             const std::string& gpu_precision, bool cuda_graphs, const std::string& kv_cache_dtype,
+             int64_t max_context) {
             runtime::RuntimeOptions o;
             o.device = device;
             o.num_threads = num_threads;
@@ -265,6 +265,7 @@ void bind_runtime(py::module_& m) {
             o.gpu_precision = gpu_precision;
             o.cuda_graphs = cuda_graphs;
             o.kv_cache_dtype = kv_cache_dtype;
+            o.max_context = max_context;
             runtime::LoadProgress cb;
             if (!progress.is_none()) {
               cb = [progress](uint64_t done, uint64_t total) {
@@ -281,10 +282,13 @@ void bind_runtime(py::module_& m) {
           py::arg("expert_cache") = "auto", py::arg("progress") = py::none(),
           py::arg("gpu_memory") = 0, py::arg("gpu_weights") = "bf16",
           py::arg("gpu_precision") = "bf16x2", py::arg("cuda_graphs") = true,
-          py::arg("kv_cache_dtype") = "bf16",
+          py::arg("kv_cache_dtype") = "bf16", py::arg("max_context") = 0,
           "Load a checkpoint directory. progress(done_bytes, total_bytes) is called while the "
           "dense weights are read into RAM and the routed experts are packed.")
       .def("describe", &Runtime::describe, "What runs: ISA, expert format, kernels, threads.")
+      .def_property_readonly(
+          "max_context", [](const Runtime& r) { return r.options().max_context; },
+          "Tokens one sequence may hold (0: no limit of tidal's own).")
       .def(
           "stats", [](const Runtime& r) { return stats_dict(r.stats()); },
           "Counters since load or reset_stats() (tokens, seconds, bytes) as a dict.")

@@ -93,6 +93,7 @@ class Runtime:
     config: ModelConfig
     num_threads: int
     device: str
+    max_context: int
     @staticmethod
     def load(
         path: Union[str, os.PathLike[str]],
@@ -110,6 +111,7 @@ class Runtime:
         gpu_precision: str = "bf16x2",
         cuda_graphs: bool = True,
         kv_cache_dtype: str = "bf16",
+        max_context: int = 0,
     ) -> Runtime: ...
     def memory_report(self) -> dict[str, int]:
         """VRAM use in bytes (device="cuda"): weights, weights_bf16_equivalent, kv_cache,

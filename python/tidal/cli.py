@@ -34,6 +34,8 @@ def _add_generation_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--gpu-memory", default=None, help="VRAM budget with --device cuda (e.g. 11G; default: all free)")
     ap.add_argument("--gpu-weights", default="bf16", choices=["bf16", "int8"],
                     help="format of the GPU-resident weights with --device cuda")
+    ap.add_argument("--max-context", type=int, default=None,
+                    help="tokens a conversation may hold (default: the model's context)")
     ap.add_argument("--no-think", action="store_true", help="enable_thinking=False in the chat template")
     ap.add_argument("--quiet", action="store_true", help="no progress bar, plan or statistics")
 
@@ -48,7 +50,7 @@ def _load(a: argparse.Namespace) -> Any:
     import tidal
 
     return tidal.Runtime.load(a.model, device=a.device, num_threads=a.threads, progress=not a.quiet,
-                              gpu_memory=a.gpu_memory, gpu_weights=a.gpu_weights)
+                              gpu_memory=a.gpu_memory, gpu_weights=a.gpu_weights, max_context=a.max_context)
 
 
 class _Printer:

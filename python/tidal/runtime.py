@@ -132,7 +132,8 @@ class Runtime:
              cpu_isa: str = "auto", expert_cache: str | os.PathLike = "auto",
              num_threads: int | None = None, gpu_memory: str | int | None = None, gpu_weights: str = "bf16",
              gpu_precision: str = "bf16x2", cuda_graphs: bool = True,
-             kv_cache_dtype: str = "bf16", tokenizer: str | os.PathLike | None = None) -> "Runtime":
+             kv_cache_dtype: str = "bf16", tokenizer: str | os.PathLike | None = None,
+             max_context: int | None = None) -> "Runtime":
         """Load a Hugging Face checkpoint directory (config.json + safetensors, tokenizer files optional;
         BF16 or official FP8 weights) or a llama.cpp GGUF file (the first part of a split one).
 
@@ -184,6 +185,12 @@ class Runtime:
         kv_cache_dtype : {"bf16", "fp32"}
             Element type of the GPU KV cache; "fp32" doubles its memory and removes the BF16 rounding of
             keys and values (gpu_precision="fp32" implies it).
+        max_context : int or None
+            Tokens one sequence may hold, prompt and generated (at most the model's
+            max_position_embeddings). The placement plan sizes the KV cache for it; a prompt or a forward
+            call that would pass it raises ValueError before any work, and generation stops there with
+            finish_reason "length". None: the model's context, with the plan sized for
+            min(32768, max_position_embeddings).
         """
         p = pathlib.Path(os.fspath(path))
         if tokenizer is not None:
@@ -195,6 +202,9 @@ class Runtime:
         gpu_bytes = 0 if gpu_memory is None else parse_bytes(gpu_memory)
         if gpu_memory is not None and gpu_bytes == 0:
             raise ValueError("gpu_memory must be > 0 (or None for what is free)")
+        if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
+                                        or max_context < 1):
+            raise ValueError(f"max_context must be a positive number of tokens (or None), got {max_context!r}")
         update, close = _progress_bar(progress)
         try:
             engine = _tidal.Runtime.load(p, device=device, num_threads=cpu_threads, populate=populate,
@@ -202,7 +212,7 @@ class Runtime:
                                          cpu_isa=cpu_isa, expert_cache=os.fspath(expert_cache),
                                          progress=update, gpu_memory=gpu_bytes, gpu_weights=gpu_weights,
                                          gpu_precision=gpu_precision, cuda_graphs=bool(cuda_graphs),
-                                         kv_cache_dtype=kv_cache_dtype)
+                                         kv_cache_dtype=kv_cache_dtype, max_context=max_context or 0)
         finally:
             if close:
                 close()
@@ -210,7 +220,7 @@ class Runtime:
         on_gpu = device != "cpu"
         rt = cls(engine, p, plan(summary, device="cuda" if on_gpu else "cpu",
                                  gpu_memory=engine.memory_report()["limit"] if on_gpu else None,
-                                 context_tokens=min(32768, summary.config.max_position_embeddings)),
+                                 context_tokens=max_context or min(32768, summary.config.max_position_embeddings)),
                  tokenizer=tokenizer)
         if progress:
             st = engine.stats()
@@ -227,6 +237,12 @@ class Runtime:
     @property
     def num_threads(self) -> int:
         return self._engine.num_threads
+
+    @property
+    def context_limit(self) -> int:
+        """Tokens one sequence may hold: `max_context` from load, else the model's
+        max_position_embeddings."""
+        return self._engine.max_context or self.config.max_position_embeddings
 
     def describe(self) -> dict[str, str]:
         """What runs: device, CPU and the ISA its kernels use, the routed experts' format
@@ -338,10 +354,12 @@ class Runtime:
         for i, t in enumerate(prompt_ids):
             if not 0 <= t < V:
                 raise ValueError(f"token_ids[{i}] = {t} is out of range [0, {V}) (vocab_size)")
-        ctx = self.config.max_position_embeddings
+        ctx = self.context_limit
         if len(prompt_ids) >= ctx:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens but the model's context is {ctx} "
-                             "(max_position_embeddings): shorten it")
+            why = ("max_context given to Runtime.load" if self._engine.max_context
+                   else "max_position_embeddings")
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens but the context is {ctx} ({why}): "
+                             "shorten it")
         seq = seq if seq is not None else self._engine.new_sequence()
         user_finish = hooks.pop("on_finish", None)
 
@@ -353,7 +371,7 @@ class Runtime:
                 user_finish(r)
 
         gen = run(seq, hooks.pop("feed", prompt_ids), prompt_ids, opts, result, tokenizer=self.tokenizer,
-                  in_reasoning=in_reasoning, tools=tools, max_positions=self.config.max_position_embeddings,
+                  in_reasoning=in_reasoning, tools=tools, max_positions=self.context_limit,
                   on_finish=on_finish, **hooks)
         if stream:
             return Stream(gen, result, seq)

@@ -459,6 +459,8 @@ def main(argv: "list[str] | None" = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--gpu-memory", default=None)
     ap.add_argument("--cpu-threads", type=int, default=0)
+    ap.add_argument("--max-context", type=int, default=None,
+                    help="tokens one request may hold, prompt and completion (default: the model's context)")
     ap.add_argument("--max-requests", type=int, default=16, help="requests running or waiting before 503")
     ap.add_argument("--max-batch", type=int, default=32, help="sequences decoded together per step")
     ap.add_argument("--batch-wait", type=float, default=0.003,
@@ -477,6 +479,8 @@ def main(argv: "list[str] | None" = None) -> int:
     kw: dict[str, Any] = {"device": a.device, "cpu_threads": a.cpu_threads}
     if a.gpu_memory:
         kw["gpu_memory"] = a.gpu_memory
+    if a.max_context:
+        kw["max_context"] = a.max_context
     rt = Runtime.load(a.model, **kw)
     name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
     app = create_app(rt, model_name=name, api_key=a.api_key, max_requests=a.max_requests, max_batch=a.max_batch,

@@ -245,7 +245,7 @@ def test_bad_generation_arguments(rt):
         rt.generate("x", stop_token_ids=5)
     with pytest.raises(ValueError, match="top_k"):
         rt.generate("x", top_k=1.5)
-    with pytest.raises(ValueError, match="context is 4096"):
+    with pytest.raises(ValueError, match=r"context is 4096 \(max_position_embeddings\)"):
         rt.generate([1] * 4096)
     import numpy as np  # numpy integers are integers
     assert rt.generate(np.array([5, 6]), max_new_tokens=np.int64(2), stop_token_ids=[np.int32(1)],
