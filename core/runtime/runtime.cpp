@@ -521,6 +521,7 @@ void Runtime::check_token_ids(std::span<const int64_t> ids, bool non_empty) cons
 
 std::vector<float> Runtime::logits(std::span<const int64_t> ids) const {
   check_token_ids(ids, true);
+  check_context(0, static_cast<int64_t>(ids.size()));
   core::SequenceState st = model_->new_state();
   std::vector<float> out;
   core::ForwardProfile prof;

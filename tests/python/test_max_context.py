@@ -58,6 +58,9 @@ def test_forward_past_the_limit_runs_nothing(rt):
     with pytest.raises(ValueError, match="context full"):
         rt.forward_batch([seq, rt.new_sequence()], [7, 8])
     assert seq.num_tokens == LIMIT
+    with pytest.raises(ValueError, match="context full: the sequence holds 0 tokens and 49 more"):
+        rt.logits(_ids(LIMIT + 1, 6))
+    assert rt.logits(_ids(LIMIT, 6)).shape == (LIMIT, rt.config.vocab_size)
 
 
 @pytest.mark.parametrize("bad", [0, -3, True, 1.5, "64"])
