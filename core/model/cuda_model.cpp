@@ -412,16 +412,6 @@ void CudaModel::Impl::enqueue_attention(const GpuLayer& L, int layer, int64_t T)
   p.zero_centred = gated;
   p.gated = gated;
   p.kv_f32 = kv_f32();
-  for (int64_t r = 0; r < nseq; ++r) {
-    p.qg = proj + r * W;
-    p.k = p.qg + qw;
-    p.v = p.qg + qw + nkv * d;
-    p.q = qb + r * nh * d;
-    p.gate = gate + r * nh * d;
-    p.step = d_step + r;
-    kc::attn_prep(p, stream);
-  }
-  mark("attn: norms, rope, cache write");
   kc::AttentionArgs a;
   a.layer = layer;
   a.T = Tr;
@@ -433,6 +423,23 @@ void CudaModel::Impl::enqueue_attention(const GpuLayer& L, int layer, int64_t T)
   a.kv_f32 = kv_f32();
   a.tensor_cores = opts.attention_tensor_cores;
   a.partial = partial;  // reused row after row: the launches are ordered on the stream
+  // One-token decode: the norms, RoPE and cache write inside the tensor-core attention kernel
+  // (Note [attention prep in the decode kernel]); otherwise attn_prep first.
+  a.fused_prep =
+      fused && nseq == 1 && opts.attention_prep_in_kernel && kc::attention_uses_tensor_cores(a);
+  for (int64_t r = 0; r < nseq; ++r) {
+    p.qg = proj + r * W;
+    p.k = p.qg + qw;
+    p.v = p.qg + qw + nkv * d;
+    p.q = qb + r * nh * d;
+    p.gate = gate + r * nh * d;
+    p.step = d_step + r;
+    if (a.fused_prep)
+      a.prep = p;
+    else
+      kc::attn_prep(p, stream);
+  }
+  if (!a.fused_prep) mark("attn: norms, rope, cache write");
   for (int64_t r = 0; r < nseq; ++r) {
     a.q = qb + r * nh * d;
     a.gate = gated ? gate + r * nh * d : nullptr;
@@ -451,9 +458,28 @@ void CudaModel::Impl::enqueue_deltanet(const GpuLayer& L, int layer, int64_t T) 
                 dk = c.linear_key_head_dim, dv = c.linear_value_head_dim,
                 C = c.linear_conv_channels(), K = c.linear_conv_kernel_dim;
   const int64_t W = L.mix.rows;
-  linear(L.mix, xn, H, proj, W, T);
-  mark("gdn: in-proj [qkv|z|b|a]");
+  const float eps = static_cast<float>(c.rms_norm_eps);
   const float *src = proj, *z = proj + C, *b = proj + C + nv * dv, *a = b + nv;
+  // One-token decode on the [qkv | z | b | a] layout: conv, SiLU, beta and g in the projection's
+  // epilogue (Note [DeltaNet conv in the GEMV]); q and k stay unnormalised for the delta rule.
+  bool conv_done = false;
+  if (fused && opts.deltanet_conv_in_gemv && c.family != ArchFamily::kQwen3Next) {
+    kc::GdnConvEpilogue e;
+    e.conv_w = L.conv;
+    e.step = d_step;
+    e.layer = layer;
+    e.C = C;
+    e.K = K;
+    e.ba_row = C + nv * dv;
+    e.nv = nv;
+    e.A_log = L.A_log;
+    e.dt_bias = L.dt_bias;
+    conv_done = kc::gemv_gdn_in(L.mix, norm_pending ? x : xn, norm_pending, eps, cfg.is_hybrid(),
+                                proj, e, stream);
+    if (conv_done) norm_pending = nullptr;
+  }
+  if (!conv_done) linear(L.mix, xn, H, proj, W, T);
+  mark(conv_done ? "gdn: in-proj [qkv|z|b|a] + conv1d, beta, g" : "gdn: in-proj [qkv|z|b|a]");
   int64_t ld_src = W, ld_z = W, ld_ba = W;
   if (c.family == ArchFamily::kQwen3Next) {
     const int64_t pw = 2 * nk * dk + 2 * nv * dv;
@@ -466,10 +492,17 @@ void CudaModel::Impl::enqueue_deltanet(const GpuLayer& L, int layer, int64_t T) 
     ld_z = nv * dv;
     ld_ba = nv;
   }
-  const float eps = static_cast<float>(c.rms_norm_eps);
   // Batched decode: row r is its own sequence (one token on its own conv and recurrent state).
   const int64_t nseq = batched ? T : 1, Tr = batched ? 1 : T;
-  if (Tr == 1 && std::max(dk, dv) <= 1024) {  // decode: conv + norms in one kernel (all rows)
+  // The delta rule's inputs: the epilogue's rows in proj, or the prep kernels' buffers.
+  const float *dq = gq, *dk_ = gk, *dvv = gv, *dbeta = beta, *dg = gg;
+  if (conv_done) {
+    dq = proj;
+    dk_ = proj + nk * dk;
+    dvv = proj + 2 * nk * dk;
+    dbeta = b;
+    dg = a;
+  } else if (Tr == 1 && std::max(dk, dv) <= 1024) {  // decode: conv + norms in one kernel
     kc::gdn_conv_prep_step(src, L.conv, d_step, layer, K, b, a, L.A_log, L.dt_bias, gq, gk, gv,
                            beta, gg, nk, nv, dk, dv, stream, nseq, ld_src, ld_ba);
     mark("gdn: conv1d + l2norm, beta, g");
@@ -485,7 +518,8 @@ void CudaModel::Impl::enqueue_deltanet(const GpuLayer& L, int layer, int64_t T) 
   // One-token decode: the delta rule in column blocks (4x the blocks of one per value head) and
   // its gated output norm applied by out_proj's streaming GEMV while it stages its input row.
   if (T == 1 && !batched && opts.deltanet_split) {
-    kc::delta_rule(gq, gk, gv, gg, beta, d_step, layer, go, 1, nk, nv, dk, dv, stream, 1);
+    kc::delta_rule(dq, dk_, dvv, dg, dbeta, d_step, layer, go, 1, nk, nv, dk, dv, stream, 1,
+                   conv_done);
     mark("gdn: delta rule");
     float* dst = fused ? x : y;
     if (kc::gemv_gated_norm(L.out, go, z, L.gnorm, dv, eps, dst, fused, stream)) {
@@ -496,11 +530,13 @@ void CudaModel::Impl::enqueue_deltanet(const GpuLayer& L, int layer, int64_t T) 
     kc::rms_norm_gated(go, z, ld_z, nv, L.gnorm, go, nv, dv, eps,
                        stream);  // shape it does not take
     mark("gdn: gated norm");
-  } else if (Tr == 1 && kc::delta_rule_normed(gq, gk, gv, gg, beta, d_step, layer, z, ld_z, L.gnorm,
-                                              eps, go, Tr, nk, nv, dk, dv, stream, nseq)) {
+  } else if (Tr == 1 &&
+             kc::delta_rule_normed(dq, dk_, dvv, dg, dbeta, d_step, layer, z, ld_z, L.gnorm, eps,
+                                   go, Tr, nk, nv, dk, dv, stream, nseq, conv_done)) {
     mark("gdn: delta rule + gated norm");
   } else {
-    kc::delta_rule(gq, gk, gv, gg, beta, d_step, layer, go, Tr, nk, nv, dk, dv, stream, nseq);
+    kc::delta_rule(dq, dk_, dvv, dg, dbeta, d_step, layer, go, Tr, nk, nv, dk, dv, stream, nseq,
+                   conv_done);
     mark("gdn: delta rule");
     kc::rms_norm_gated(go, z, ld_z, nv, L.gnorm, go, T * nv, dv, eps, stream);
     mark("gdn: gated norm");

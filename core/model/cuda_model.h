@@ -58,6 +58,15 @@ struct CudaOptions {
   /// Fused GPU-only decode: the router's top-k on a side stream beside the shared expert (true)
   /// or in line on the main stream. TIDAL_CUDA_SIDE_ROUTE.
   bool side_route = env_flag("TIDAL_CUDA_SIDE_ROUTE", true);
+  /// One-token DeltaNet decode (qwen3_5_moe row layout): the causal conv, SiLU, beta and g applied
+  /// by the in-projection's streaming GEMV to the rows it produces, q/k L2 norms by the delta rule
+  /// (Note [DeltaNet conv in the GEMV]); false: the separate conv + prep kernel.
+  /// TIDAL_CUDA_GDN_CONV=0 turns it off.
+  bool deltanet_conv_in_gemv = env_flag("TIDAL_CUDA_GDN_CONV", true);
+  /// One-token decode on the tensor-core attention kernel: q/k norms, RoPE and the cache write
+  /// done by the attention kernel (Note [attention prep in the decode kernel]); false: attn_prep
+  /// first. TIDAL_CUDA_ATTN_PREP=0 turns it off.
+  bool attention_prep_in_kernel = env_flag("TIDAL_CUDA_ATTN_PREP", true);
   /// The environment variable `name` as a flag ("1" on, "0" off), `fallback` when unset.
   static bool env_flag(const char* name, bool fallback);
   int64_t max_chunk = 512;         ///< tokens per GPU pass; longer inputs run in chunks

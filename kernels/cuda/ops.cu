@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <stdexcept>
 #include <string>
 #include <utility>
 
@@ -181,7 +182,8 @@ struct GemvParams {
   int64_t ld_gate = 0;
   bool accumulate = false, vec = false;
   int wpr = 1;
-  int64_t group = 0;  ///< kGroupNormGated: values per RMS-normalised group (a value head)
+  int64_t group = 0;    ///< kGroupNormGated: values per RMS-normalised group (a value head)
+  GdnConvEpilogue gdn;  ///< gemv_stream_kernel<..., true>: the DeltaNet decode epilogue
 };
 /// How the GEMV forms its input vector from x.
 enum class GemvIn { kPlain, kGated, kNormed, kGroupNormGated };
@@ -407,7 +409,18 @@ __device__ float stage_row(const GemvParams& p, float* xs, int64_t K, int warp, 
   }
 }
 
-template <WFormat F, GemvIn IN>
+// Note [DeltaNet conv in the GEMV]
+// A DeltaNet decode step's causal conv, SiLU, beta and g are per channel: output row c of the
+// in-projection, the K − 1 values of c in the layer's conv state and c's K filter taps. So the
+// streaming GEMV that produces row c applies them (gemv_gdn_in) instead of a kernel of its own
+// between the projection and the delta rule (which now L2-normalises q and k itself): one launch
+// and one round trip through memory less per DeltaNet layer. The taps and the state slots are
+// loaded with the row's first weight segment, one per lane (lane j < K a tap, lane K + j state
+// slot j), so their latency hides behind the row's weights; when the row's dot product is done the
+// warp forms the conv sum with shuffles and lanes 0..K−2 store the shifted window. The state is
+// read before the dependency wait, as gdn_conv_prep_step reads it (Note [programmatic dependent
+// launch]): only this layer's conv step writes it, never as the kernel just before this one.
+template <WFormat F, GemvIn IN, bool GDN>
 __global__ void __launch_bounds__(kStreamWarps* kWarp) gemv_stream_kernel(const GemvParams p) {
   constexpr int E = Chunk<F>::E;
   extern __shared__ float4 xs4[];  // the input row, K floats (transformed)
@@ -420,23 +433,46 @@ __global__ void __launch_bounds__(kStreamWarps* kWarp) gemv_stream_kernel(const 
   const int64_t gw = static_cast<int64_t>(blockIdx.x) * kStreamWarps + warp;
   const int64_t items = gw < w.rows ? ((w.rows - 1 - gw) / nwarps + 1) * segs : 0;
   const auto* base = static_cast<const uint4*>(w.data);
-  auto load = [&](uint4(&buf)[kSeg], int64_t t) {
-    const uint4* rp = base + (gw + (t / segs) * nwarps) * nchunk;
+  // GDN: per lane, the epilogue operand of the row whose first segment a buffer holds (epa, epb),
+  // then of the row being reduced (epc), Note [DeltaNet conv in the GEMV].
+  const GdnConvEpilogue& ge = p.gdn;
+  float* conv_state = nullptr;
+  if constexpr (GDN) conv_state = ge.step->layers[ge.layer].conv;
+  float epa = 0.f, epb = 0.f, epc = 0.f;
+  auto load = [&](uint4(&buf)[kSeg], float& ep, int64_t t) {
+    const int64_t row = gw + (t / segs) * nwarps;
+    const uint4* rp = base + row * nchunk;
     const int64_t c0 = (t % segs) * (kSeg * kWarp) + lane;
 #pragma unroll
     for (int i = 0; i < kSeg; ++i) {
       const int64_t c = c0 + i * kWarp;
       if (c < nchunk) buf[i] = ld_stream(rp + c);
     }
+    if constexpr (GDN) {
+      if (t % segs == 0) {
+        if (row < ge.C) {
+          if (lane < ge.K)
+            ep = ge.conv_w[row * ge.K + lane];
+          else if (lane < 2 * ge.K - 1)
+            ep = conv_state[(lane - ge.K) * ge.C + row];
+        } else if (row >= ge.ba_row + ge.nv && row < ge.ba_row + 2 * ge.nv && lane < 2) {
+          const int64_t h = row - ge.ba_row - ge.nv;
+          ep = lane == 0 ? ge.A_log[h] : ge.dt_bias[h];
+        }
+      }
+    }
   };
   uint4 a[kSeg], b[kSeg];
-  if (items > 0) load(a, 0);
-  if (items > 1) load(b, 1);
+  if (items > 0) load(a, epa, 0);
+  if (items > 1) load(b, epb, 1);
   pdl_begin();
   const float inv = stage_row<IN>(p, xs, K, warp, lane);
   const float gate = p.out_gate ? sigmoidf_(p.out_gate[0]) : 1.0f;
   float acc = 0.f;
   auto fma_seg = [&](const uint4(&buf)[kSeg], int64_t t) {
+    if constexpr (GDN) {
+      if (t % segs == 0) epc = (t & 1) ? epb : epa;  // before the buffer's next load
+    }
     const int64_t c0 = (t % segs) * (kSeg * kWarp) + lane;
 #pragma unroll
     for (int i = 0; i < kSeg; ++i) {
@@ -459,7 +495,27 @@ __global__ void __launch_bounds__(kStreamWarps* kWarp) gemv_stream_kernel(const 
       const int64_t row = gw + (t / segs) * nwarps;
       float v = warp_sum(acc);
       acc = 0.f;
-      if (lane == 0) {
+      if constexpr (GDN) {  // every lane holds v; the row's operands are spread over the lanes
+        if (F == WFormat::kI8) v *= w.scale[row];
+        v *= inv * gate;
+        const int K1 = static_cast<int>(ge.K) - 1;
+        if (row < ge.C) {
+          const float slot = __shfl_sync(0xffffffffu, epc, (lane + K1 + 1) & 31);  // slot lane
+          const float next = __shfl_sync(0xffffffffu, epc, (lane + K1 + 2) & 31);  // slot lane+1
+          const float conv = warp_sum(lane < K1    ? epc * slot
+                                      : lane == K1 ? epc * v
+                                                   : 0.f);  // Σ taps · window
+          if (lane < K1) conv_state[lane * ge.C + row] = lane + 1 < K1 ? next : v;
+          v = siluf_(conv);
+        } else if (row >= ge.ba_row && row < ge.ba_row + ge.nv) {
+          v = sigmoidf_(v);
+        } else if (row >= ge.ba_row + ge.nv && row < ge.ba_row + 2 * ge.nv) {
+          const float alog = __shfl_sync(0xffffffffu, epc, 0);
+          const float dtb = __shfl_sync(0xffffffffu, epc, 1);
+          v = -expf(alog) * softplusf_(v + dtb);
+        }
+        if (lane == 0) p.y[row] = v;
+      } else if (lane == 0) {
         if (F == WFormat::kI8) v *= w.scale[row];
         v *= inv * gate;
         float* d = p.y + row;
@@ -469,10 +525,10 @@ __global__ void __launch_bounds__(kStreamWarps* kWarp) gemv_stream_kernel(const 
   };
   for (int64_t t = 0; t < items; t += 2) {
     fma_seg(a, t);
-    if (t + 2 < items) load(a, t + 2);
+    if (t + 2 < items) load(a, epa, t + 2);
     if (t + 1 < items) {
       fma_seg(b, t + 1);
-      if (t + 3 < items) load(b, t + 3);
+      if (t + 3 < items) load(b, epb, t + 3);
     }
   }
 }
@@ -496,27 +552,6 @@ int forced_blocks_per_sm() {
   return v;
 }
 
-/// Resident blocks per SM for the streaming GEMV: the occupancy limit, or TIDAL_GEMV_BPS (1-8) for
-/// tuning. 0 when TIDAL_GEMV_STREAM=0 (the block-per-rows kernel for every shape).
-template <WFormat F, GemvIn IN>
-int stream_blocks_per_sm(size_t smem) {
-  const int forced = forced_blocks_per_sm();
-  if (stream_off()) return 0;
-  if (forced) return forced;
-  static std::atomic<long> cached{-1};  // (smem << 8) | blocks of the last query
-  const long c = cached.load(std::memory_order_relaxed);
-  if (c >= 0 && static_cast<size_t>(c >> 8) == smem) return static_cast<int>(c & 0xff);
-  int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemv_stream_kernel<F, IN>,
-                                                    kStreamWarps * kWarp, smem) != cudaSuccess) {
-    (void)cudaGetLastError();
-    n = 1;
-  }
-  n = std::max(1, std::min(n, 8));
-  cached.store((static_cast<long>(smem) << 8) | n, std::memory_order_relaxed);
-  return n;
-}
-
 int device_sm_count() {
   static const int n = [] {
     int dev = 0, v = 0;
@@ -526,6 +561,34 @@ int device_sm_count() {
     return std::max(1, v);
   }();
   return n;
+}
+
+/// Launches gemv_stream_kernel<F, IN, GDN>: one wave of `bps` resident blocks per SM, bps =
+/// TIDAL_GEMV_BPS (1-8) or the occupancy limit.
+template <WFormat F, GemvIn IN, bool GDN = false>
+void stream_launch(const GemvParams& p, size_t smem, cudaStream_t s) {
+  void (*k)(GemvParams) = gemv_stream_kernel<F, IN, GDN>;
+  int bps = forced_blocks_per_sm();
+  if (bps == 0) {
+    static std::atomic<long> cached{-1};  // (smem << 8) | blocks of the last query
+    const long c = cached.load(std::memory_order_relaxed);
+    if (c >= 0 && static_cast<size_t>(c >> 8) == smem) {
+      bps = static_cast<int>(c & 0xff);
+    } else {
+      int n = 0;
+      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k, kStreamWarps * kWarp, smem) !=
+          cudaSuccess) {
+        (void)cudaGetLastError();
+        n = 1;
+      }
+      bps = std::max(1, std::min(n, 8));
+      cached.store((static_cast<long>(smem) << 8) | bps, std::memory_order_relaxed);
+    }
+  }
+  const int64_t want = (p.w.rows + kStreamWarps - 1) / kStreamWarps;
+  const dim3 grid(static_cast<unsigned>(
+      std::min<int64_t>(want, static_cast<int64_t>(device_sm_count()) * bps)));
+  launch(k, grid, kStreamWarps * kWarp, smem, s, p);
 }
 
 /// Launches the streaming GEMV (one input row) when the shape suits it; false otherwise.
@@ -539,28 +602,30 @@ bool gemv_stream_launch(const GemvParams& p, cudaStream_t s) {
   if (p.group > 0 && (p.group % 4 != 0 || w.cols % p.group != 0 ||
                       w.cols / p.group > kStreamMaxGroups || !p.xu || !p.norm_w))
     return false;
-  int bps = 0;
   if (p.group > 0)
-    bps = stream_blocks_per_sm<F, GemvIn::kGroupNormGated>(smem);
+    stream_launch<F, GemvIn::kGroupNormGated>(p, smem, s);
   else if (p.norm_w)
-    bps = stream_blocks_per_sm<F, GemvIn::kNormed>(smem);
+    stream_launch<F, GemvIn::kNormed>(p, smem, s);
   else if (p.xu)
-    bps = stream_blocks_per_sm<F, GemvIn::kGated>(smem);
+    stream_launch<F, GemvIn::kGated>(p, smem, s);
   else
-    bps = stream_blocks_per_sm<F, GemvIn::kPlain>(smem);
-  if (bps == 0) return false;
-  const int64_t want = (w.rows + kStreamWarps - 1) / kStreamWarps;
-  const dim3 grid(static_cast<unsigned>(
-      std::min<int64_t>(want, static_cast<int64_t>(device_sm_count()) * bps)));
-  const dim3 block(kStreamWarps * kWarp);
-  if (p.group > 0)
-    launch(gemv_stream_kernel<F, GemvIn::kGroupNormGated>, grid, block, smem, s, p);
-  else if (p.norm_w)
-    launch(gemv_stream_kernel<F, GemvIn::kNormed>, grid, block, smem, s, p);
-  else if (p.xu)
-    launch(gemv_stream_kernel<F, GemvIn::kGated>, grid, block, smem, s, p);
+    stream_launch<F, GemvIn::kPlain>(p, smem, s);
+  return true;
+}
+
+/// gemv_gdn_in: the streaming GEMV with the DeltaNet epilogue; false where it does not apply.
+template <WFormat F>
+bool gemv_gdn_launch(const GemvParams& p, cudaStream_t s) {
+  constexpr int E = Chunk<F>::E;
+  const DevMatrix& w = p.w;
+  if (!p.vec || w.cols == 0 || w.cols % E != 0 || w.cols > kStreamMaxK || stream_off() ||
+      p.gdn.K < 1 || p.gdn.K > 16)
+    return false;
+  const size_t smem = static_cast<size_t>(w.cols) * 4;
+  if (p.norm_w)
+    stream_launch<F, GemvIn::kNormed, true>(p, smem, s);
   else
-    launch(gemv_stream_kernel<F, GemvIn::kPlain>, grid, block, smem, s, p);
+    stream_launch<F, GemvIn::kPlain, true>(p, smem, s);
   return true;
 }
 
@@ -1080,7 +1145,11 @@ __global__ void attention_combine_kernel(AttentionArgs a, int splits, int64_t mi
     float v = 0.f;
     for (int w = 0; w < nw; ++w) v += red[w][lane];
     v /= lsum;
-    if (a.gate) v *= sigmoidf_(a.gate[(t * a.nh + h) * d + dim]);
+    if (a.fused_prep) {  // the gate in the projection output, [q_h | gate_h] per head (T = 1)
+      if (a.prep.gated) v *= sigmoidf_(a.prep.qg[h * 2 * d + d + dim]);
+    } else if (a.gate) {
+      v *= sigmoidf_(a.gate[(t * a.nh + h) * d + dim]);
+    }
     a.out[(t * a.nh + h) * d + dim] = v;
   }
 }
@@ -1113,7 +1182,7 @@ __global__ void __launch_bounds__(256) attention_tile_kernel(AttentionArgs a, in
   const int64_t kvh = blockIdx.y, split = blockIdx.x;
   const int64_t n = a.step->pos0 + 1;
   int64_t chunk, used;
-  split_plan(n, splits, kTileMinSplitKeys, chunk, used);
+  split_plan(n, splits, a.min_split_keys, chunk, used);
   if (split >= used) return;
   const int64_t u0 = split * chunk, u1 = u0 + chunk < n ? u0 + chunk : n;
   const LayerStateDev ls = a.step->layers[a.layer];
@@ -1343,9 +1412,52 @@ __device__ __forceinline__ void split_pack(float x0, float x1, uint32_t& hi, uin
 constexpr int kMmaStages = 3;
 constexpr int kMmaPitch = kTileKeys + 8;  // P rows in shared memory (bf16), padded
 
+// Note [attention prep in the decode kernel]
+// attn_prep (q/k RMSNorm, partial RoPE, the new key and value into the cache) is a kernel of its
+// own between the q|k|v projection and the attention, one more launch and dependency per
+// attention layer of a decode step. With AttentionArgs::fused_prep the tensor-core decode kernel
+// does it: every block (split, KV head) normalises and rotates the q vectors of its GQA group
+// into shared memory (the third tile stage, free until the main loop loads it), one warp per
+// head, and the block of the last split, the only one whose keys include the new position,
+// writes the new key and value into the cache before it loads its tiles. The other splits read
+// only older cache rows, which no kernel of this step writes, so they issue their first two tile
+// loads before the dependency wait (Note [programmatic dependent launch]). The gate stays in the
+// projection output, where the combine reads it.
+
+/// RMSNorm (plain or zero-centred) and partial RoPE of one D-wide head vector, by one warp, into
+/// shared memory `dst` (as attn_prep_kernel computes it).
+template <int D>
+__device__ __forceinline__ void norm_rope_warp(const float* src, const float* w, float* dst,
+                                               const AttnPrepArgs& p, float pos, int lane) {
+  constexpr int PL = D / kWarp;
+  float x[PL];
+  float ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < PL; ++j) {
+    x[j] = src[lane + kWarp * j];
+    ss = fmaf(x[j], x[j], ss);
+  }
+  ss = warp_sum(ss);
+  const float inv = rsqrtf(ss / static_cast<float>(D) + p.eps);
+#pragma unroll
+  for (int j = 0; j < PL; ++j) {
+    const int i = lane + kWarp * j;
+    dst[i] = p.zero_centred ? x[j] * inv * (1.0f + w[i]) : w[i] * (x[j] * inv);
+  }
+  __syncwarp();
+  const int half = static_cast<int>(p.rotary_dim / 2);
+  for (int i = lane; i < half; i += kWarp) {
+    const float phi = pos * p.inv_freq[i];
+    const float c = cosf(phi) * p.rope_scale, sn = sinf(phi) * p.rope_scale;
+    const float x1 = dst[i], x2 = dst[i + half];
+    dst[i] = x1 * c - x2 * sn;
+    dst[i + half] = x2 * c + x1 * sn;
+  }
+  __syncwarp();
+}
+
 template <int D>
 __global__ void __launch_bounds__(256, 2) attention_mma_kernel(AttentionArgs a, int splits) {
-  pdl_begin();
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int kStage = 2 * kTileKeys * D;  // K then V of one tile, in uint16
   constexpr int kChunks = D / 8;             // 16-byte chunks per cache row
@@ -1363,10 +1475,14 @@ __global__ void __launch_bounds__(256, 2) attention_mma_kernel(AttentionArgs a, 
   const int64_t kvh = blockIdx.y, split = blockIdx.x;
   const int64_t n = a.step->pos0 + 1;
   int64_t chunk, used;
-  split_plan(n, splits, kTileMinSplitKeys, chunk, used);
-  if (split >= used) return;
+  split_plan(n, splits, a.min_split_keys, chunk, used);
+  if (split >= used) {
+    pdl_begin();
+    return;
+  }
   const int64_t u0 = split * chunk, u1 = u0 + chunk < n ? u0 + chunk : n;
   const int64_t ntiles = (u1 - u0 + kTileKeys - 1) / kTileKeys;
+  const bool last = split == used - 1;  // the split whose keys include the new position
   const LayerStateDev ls = a.step->layers[a.layer];
   const int64_t kv_stride = a.nkv * D;
   const uint16_t* kg = static_cast<const uint16_t*>(ls.k_cache) + kvh * D;
@@ -1394,8 +1510,38 @@ __global__ void __launch_bounds__(256, 2) attention_mma_kernel(AttentionArgs a, 
     }
     __pipeline_commit();  // an empty group past the last tile keeps the wait counts uniform
   };
-  load_tile(0, stages);
-  load_tile(1, stages + kStage);
+  // Rows before the new position: written by earlier steps only (Note [attention prep in the
+  // decode kernel]).
+  if (!last) {
+    load_tile(0, stages);
+    load_tile(1, stages + kStage);
+  }
+  pdl_begin();
+  float* qs = reinterpret_cast<float*>(stages + 2 * kStage);  // fused_prep: G q rows, then k
+  if (a.fused_prep) {
+    const AttnPrepArgs& p = a.prep;
+    const float pos = static_cast<float>(n - 1);
+    const int64_t qw = p.gated ? 2 * D : D;
+    for (int h = wid; h < G; h += 8)
+      norm_rope_warp<D>(p.qg + (h0 + h) * qw, p.q_norm, qs + h * D, p, pos, lane);
+    if (last) {
+      const int64_t row = ((n - 1) * a.nkv + kvh) * D;
+      if (wid == (G % 8)) {  // the new key: norm, RoPE, into the cache
+        float* ks = qs + G * D;
+        norm_rope_warp<D>(p.k + kvh * D, p.k_norm, ks, p, pos, lane);
+        for (int i = lane; i < D; i += kWarp)
+          static_cast<uint16_t*>(ls.k_cache)[row + i] = f2bf16(ks[i]);
+      } else if (wid == ((G + 1) % 8)) {  // the new value
+        for (int i = lane; i < D; i += kWarp)
+          static_cast<uint16_t*>(ls.v_cache)[row + i] = f2bf16(p.v[kvh * D + i]);
+      }
+    }
+    __syncthreads();  // q rows complete; the new cache row written before this block loads it
+  }
+  if (last) {
+    load_tile(0, stages);
+    load_tile(1, stages + kStage);
+  }
 
   // Q fragments of this warp's half of the dims, pre-scaled, split into hi and lo.
   const int nt_s = wid % 4, khalf = wid / 4;
@@ -1403,7 +1549,8 @@ __global__ void __launch_bounds__(256, 2) attention_mma_kernel(AttentionArgs a, 
   uint32_t qh[kKSteps][4], ql[kKSteps][4];
   {
     auto qv = [&](int row, int dim) -> float {
-      return row < G ? a.q[(h0 + row) * D + dim] * a.scale : 0.f;
+      if (row >= G) return 0.f;
+      return (a.fused_prep ? qs[row * D + dim] : a.q[(h0 + row) * D + dim]) * a.scale;
     };
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks) {
@@ -1830,8 +1977,10 @@ __global__ void delta_rule_kernel(const float* __restrict__ q, const float* __re
                                   const float* __restrict__ beta, const StepDev* step, int layer,
                                   float* __restrict__ out, int64_t T, int64_t nk, int64_t nv,
                                   int64_t dk, int64_t dv, int CB, const float* __restrict__ z,
-                                  int64_t ld_z, const float* __restrict__ nw, float eps) {
+                                  int64_t ld_z, const float* __restrict__ nw, float eps,
+                                  bool qk_l2) {
   extern __shared__ float qk[];  // q then k of the current token (2·dk)
+  __shared__ float qkf[2];       // qk_l2: the q and k L2-norm factors
   {  // row blockIdx.z: its own sequence of T tokens (batched decode: T = 1)
     const int64_t r = blockIdx.z;
     q += r * T * nk * dk;
@@ -1857,6 +2006,34 @@ __global__ void delta_rule_kernel(const float* __restrict__ q, const float* __re
     for (int64_t i = threadIdx.x; i < 2 * dk; i += blockDim.x)
       qk[i] = i < dk ? q[(t * nk + kh) * dk + i] : k[(t * nk + kh) * dk + (i - dk)];
     __syncthreads();
+    // qk_l2: q and k as they come from the conv (gemv_gdn_in), L2-normalised here as
+    // gdn_conv_prep_step does (q also by 1/sqrt(d_k)); the factors scale the sums below.
+    float fq = 1.f, fk = 1.f;
+    if (qk_l2) {
+      // Full warps reduce (one per vector); a block narrower than a warp (d_v < 32) sums serially.
+      const int ln = threadIdx.x % kWarp, wid = threadIdx.x / kWarp;
+      const int nfull = static_cast<int>(blockDim.x / kWarp);
+      auto factor = [&](int r, float ss) {
+        qkf[r] = (1.0f / sqrtf(ss + 1e-6f)) * (r == 0 ? rsqrtf(static_cast<float>(dk)) : 1.0f);
+      };
+      if (nfull > 0) {
+        if (wid < nfull)
+          for (int r = wid; r < 2; r += nfull) {
+            float ss = 0.f;
+            for (int64_t i = ln; i < dk; i += kWarp) ss = fmaf(qk[r * dk + i], qk[r * dk + i], ss);
+            ss = warp_sum(ss);
+            if (ln == 0) factor(r, ss);
+          }
+      } else if (threadIdx.x < 2) {
+        const int r = static_cast<int>(threadIdx.x);
+        float ss = 0.f;
+        for (int64_t i = 0; i < dk; ++i) ss = fmaf(qk[r * dk + i], qk[r * dk + i], ss);
+        factor(r, ss);
+      }
+      __syncthreads();
+      fq = qkf[0];
+      fk = qkf[1];
+    }
     const float decay = expf(g[t * nv + h]);
     const float bt = beta[t * nv + h];
     const float* kk = qk + dk + rg * RPT;
@@ -1868,7 +2045,7 @@ __global__ void delta_rule_kernel(const float* __restrict__ q, const float* __re
       mem = fmaf(st[i], kk[i], mem);
     }
     for (int off = 1; off < RG; off <<= 1) mem += __shfl_xor_sync(0xffffffffu, mem, off);
-    const float delta = bt * (v[(t * nv + h) * dv + col] - mem);
+    const float delta = bt * (v[(t * nv + h) * dv + col] - mem * fk) * fk;
     float o = 0.f;
 #pragma unroll
     for (int i = 0; i < RPT; ++i) {
@@ -1876,6 +2053,7 @@ __global__ void delta_rule_kernel(const float* __restrict__ q, const float* __re
       o = fmaf(st[i], qq[i], o);
     }
     for (int off = 1; off < RG; off <<= 1) o += __shfl_xor_sync(0xffffffffu, o, off);
+    o *= fq;
     if constexpr (NORM) {  // the block holds the whole head: y = w · rms_norm(o) · silu(z)
       const float ss = block_sum(rg == 0 ? o * o : 0.f);
       const float inv = rsqrtf(ss / static_cast<float>(dv) + eps);
@@ -2092,6 +2270,32 @@ void gemv_rms_norm(const DevMatrix& w, const float* x, const float* norm_w, floa
   gemv_dispatch(p, 1, s);
 }
 
+bool gemv_gdn_in(const DevMatrix& w, const float* x, const float* norm_w, float eps,
+                 bool zero_centred, float* y, const GdnConvEpilogue& e, cudaStream_t s) {
+  if (w.rows == 0) return true;
+  GemvParams p;
+  p.w = w;
+  p.x = x;
+  p.y = y;
+  p.norm_w = norm_w;
+  p.eps = eps;
+  p.zero_centred = zero_centred;
+  p.gdn = e;
+  p.vec = reinterpret_cast<uintptr_t>(w.data) % 16 == 0 &&
+          reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+          reinterpret_cast<uintptr_t>(norm_w) % 16 == 0 && w.cols % 4 == 0;
+  if (!e.conv_w || !e.step || e.C > w.rows || e.ba_row + 2 * e.nv > w.rows) return false;
+  switch (w.format) {
+    case WFormat::kF32:
+      return gemv_gdn_launch<WFormat::kF32>(p, s);
+    case WFormat::kBF16:
+      return gemv_gdn_launch<WFormat::kBF16>(p, s);
+    case WFormat::kI8:
+      return gemv_gdn_launch<WFormat::kI8>(p, s);
+  }
+  return false;
+}
+
 bool gemv_gated_norm(const DevMatrix& w, const float* o, const float* z, const float* norm_w,
                      int64_t group, float eps, float* y, bool accumulate, cudaStream_t s) {
   if (w.rows == 0) return true;
@@ -2214,16 +2418,28 @@ void attention(const AttentionArgs& a, cudaStream_t s) {
   const int splits = a.max_splits;
   const dim3 grid(static_cast<unsigned>((splits + kAttnWarps - 1) / kAttnWarps),
                   static_cast<unsigned>(a.T), static_cast<unsigned>(a.nkv * subsets));
+  // The tensor-core and tile kernels' minimum keys per split: the caller's,
+  // TIDAL_ATTN_MIN_SPLIT_KEYS (tuning), or two tiles.
+  static const int64_t env_min_keys = [] {
+    const char* e = std::getenv("TIDAL_ATTN_MIN_SPLIT_KEYS");
+    const int64_t v = e ? std::atoll(e) : 0;
+    return v >= kTileKeys && v <= (int64_t{1} << 20) ? v / kTileKeys * kTileKeys : int64_t{0};
+  }();
+  AttentionArgs b = a;
+  if (b.min_split_keys <= 0) b.min_split_keys = env_min_keys ? env_min_keys : kTileMinSplitKeys;
   int64_t min_keys = kMinSplitKeys;
-  if ((a.tensor_cores && attention_mma(a, s)) || attention_tile(a, s))
-    min_keys = kTileMinSplitKeys;
+  if ((b.tensor_cores && attention_mma(b, s)) || (!b.fused_prep && attention_tile(b, s)))
+    min_keys = b.min_split_keys;
+  else if (b.fused_prep)
+    throw std::invalid_argument(
+        "attention: fused_prep needs the tensor-core decode kernel (attention_uses_tensor_cores)");
   else if (a.kv_f32)
     attention_dispatch<float>(a, dpl, R, subsets, splits, grid, s);
   else
     attention_dispatch<uint16_t>(a, dpl, R, subsets, splits, grid, s);
   const dim3 cgrid(static_cast<unsigned>(a.T), static_cast<unsigned>(a.nh),
                    static_cast<unsigned>((a.d + kWarp - 1) / kWarp));
-  launch(attention_combine_kernel, cgrid, 256, 0, s, a, splits, min_keys);
+  launch(attention_combine_kernel, cgrid, 256, 0, s, b, splits, min_keys);
 }
 
 void gdn_split_next(const float* p, const float* ba, int64_t ld, float* mixed, float* z, float* b,
@@ -2263,7 +2479,7 @@ void gdn_prep(const float* u, const float* b, const float* a, int64_t ld_ba, con
 
 void delta_rule(const float* q, const float* k, const float* v, const float* g, const float* beta,
                 const StepDev* step, int layer, float* out, int64_t T, int64_t nk, int64_t nv,
-                int64_t dk, int64_t dv, cudaStream_t s, int64_t rows) {
+                int64_t dk, int64_t dv, cudaStream_t s, int64_t rows, bool l2norm_qk) {
   if (rows == 0) return;
   const int rpt = dk % 32 == 0 && dk >= 64 ? 32 : 16;  // rows per thread; dk / rpt ≤ 8 lanes
   const int CB = static_cast<int>(std::min<int64_t>(32, dv));
@@ -2273,16 +2489,17 @@ void delta_rule(const float* q, const float* k, const float* v, const float* g, 
   const size_t smem = static_cast<size_t>(2 * dk) * sizeof(float);
   if (rpt == 32)
     launch(delta_rule_kernel<32, false>, grid, CB * RG, smem, s, q, k, v, g, beta, step, layer, out,
-           T, nk, nv, dk, dv, CB, nullptr, 0, nullptr, 0.f);
+           T, nk, nv, dk, dv, CB, nullptr, 0, nullptr, 0.f, l2norm_qk);
   else
     launch(delta_rule_kernel<16, false>, grid, CB * RG, smem, s, q, k, v, g, beta, step, layer, out,
-           T, nk, nv, dk, dv, CB, nullptr, 0, nullptr, 0.f);
+           T, nk, nv, dk, dv, CB, nullptr, 0, nullptr, 0.f, l2norm_qk);
 }
 
 bool delta_rule_normed(const float* q, const float* k, const float* v, const float* g,
                        const float* beta, const StepDev* step, int layer, const float* z,
                        int64_t ld_z, const float* w, float eps, float* out, int64_t T, int64_t nk,
-                       int64_t nv, int64_t dk, int64_t dv, cudaStream_t s, int64_t rows) {
+                       int64_t nv, int64_t dk, int64_t dv, cudaStream_t s, int64_t rows,
+                       bool l2norm_qk) {
   const int rpt = dk % 32 == 0 && dk >= 64 ? 32 : 16;
   const int RG = static_cast<int>(dk / rpt);
   if (dv * RG > 1024 || dv % 32 != 0) return false;
@@ -2292,10 +2509,10 @@ bool delta_rule_normed(const float* q, const float* k, const float* v, const flo
   const int CB = static_cast<int>(dv);
   if (rpt == 32)
     launch(delta_rule_kernel<32, true>, grid, CB * RG, smem, s, q, k, v, g, beta, step, layer, out,
-           T, nk, nv, dk, dv, CB, z, ld_z, w, eps);
+           T, nk, nv, dk, dv, CB, z, ld_z, w, eps, l2norm_qk);
   else
     launch(delta_rule_kernel<16, true>, grid, CB * RG, smem, s, q, k, v, g, beta, step, layer, out,
-           T, nk, nv, dk, dv, CB, z, ld_z, w, eps);
+           T, nk, nv, dk, dv, CB, z, ld_z, w, eps, l2norm_qk);
   return true;
 }
 

@@ -59,6 +59,30 @@ void gemv_rms_norm(const DevMatrix& w, const float* x, const float* norm_w, floa
 bool gemv_gated_norm(const DevMatrix& w, const float* o, const float* z, const float* norm_w,
                      int64_t group, float eps, float* y, bool accumulate, cudaStream_t s);
 
+/// The DeltaNet decode step's per-channel work, applied by the in-projection's GEMV to the rows it
+/// produces (Note [DeltaNet conv in the GEMV] in ops.cu), for the [qkv | z | b | a] row layout of
+/// qwen3_5_moe: rows c < C are conv channels, y[c] = silu(Σ_j conv_w[c, j] · window_j) over the
+/// layer's conv state and the new value, and the state shifts by one; rows ba_row + h (h < nv) are
+/// beta = sigmoid(b); rows ba_row + nv + h are g = −exp(A_log[h]) · softplus(a + dt_bias[h]); the
+/// z rows between stay as they are. q and k come out unnormalised (the delta rule's `l2norm_qk`).
+struct StepDev;
+struct GdnConvEpilogue {
+  const float* conv_w = nullptr;  ///< (C, K)
+  const StepDev* step = nullptr;  ///< the conv state: step->layers[layer].conv, (K − 1, C)
+  int layer = 0;
+  int64_t C = 0, K = 0;
+  int64_t ba_row = 0, nv = 0;
+  const float* A_log = nullptr;
+  const float* dt_bias = nullptr;
+};
+/// y = W · x' with the epilogue above, one row, where x' = rms_norm(x) ⊙ norm_w (⊙ (1 + norm_w)
+/// when `zero_centred`) or x itself when norm_w is null. Returns false, launching nothing, where
+/// the streaming GEMV does not take the shape or K > 16 (the caller runs the GEMV, then
+/// gdn_conv_prep_step). Reads the conv state before the programmatic-launch wait, as
+/// gdn_conv_prep_step does.
+bool gemv_gdn_in(const DevMatrix& w, const float* x, const float* norm_w, float eps,
+                 bool zero_centred, float* y, const GdnConvEpilogue& e, cudaStream_t s);
+
 /// hi = BF16(x), lo = BF16(x − hi): x = hi + lo to ~16 significant bits, so a BF16 GEMM on each
 /// half (summed) gives near-fp32 products against BF16 weights (gpu_precision="bf16x2").
 void f32_to_bf16_split(const float* x, int64_t ldx, uint16_t* hi, uint16_t* lo, int64_t rows,
@@ -140,6 +164,16 @@ struct AttentionArgs {
   /// GQA group ≤ 16; Note [tensor-core decode attention]); false: the SIMT kernels (tests and
   /// the benchmark compare the two).
   bool tensor_cores = true;
+  /// Keys a split covers at least (tensor-core and tile kernels); 0: TIDAL_ATTN_MIN_SPLIT_KEYS or
+  /// 64.
+  int64_t min_split_keys = 0;
+  /// One-token decode where the tensor-core kernel runs (attention_uses_tensor_cores): q's norm
+  /// and RoPE and the new key/value's cache write done by the attention kernel itself from
+  /// `prep` (its qg/k/v, norm, RoPE and step fields; prep.q and prep.gate are not written, the
+  /// combine reads the gate from qg) instead of attn_prep (Note [attention prep in the decode
+  /// kernel] in ops.cu).
+  bool fused_prep = false;
+  AttnPrepArgs prep;
 };
 void attention(const AttentionArgs& a, cudaStream_t s);
 /// Whether `attention(a)` runs the tensor-core decode kernel (tests check which kernel they test).
@@ -188,17 +222,20 @@ void gdn_conv_prep_step(const float* src, const float* conv_w, const StepDev* st
 bool delta_rule_normed(const float* q, const float* k, const float* v, const float* g,
                        const float* beta, const StepDev* step, int layer, const float* z,
                        int64_t ld_z, const float* w, float eps, float* out, int64_t T, int64_t nk,
-                       int64_t nv, int64_t dk, int64_t dv, cudaStream_t s, int64_t rows = 1);
+                       int64_t nv, int64_t dk, int64_t dv, cudaStream_t s, int64_t rows = 1,
+                       bool l2norm_qk = false);
 
 /// Gated delta rule over T tokens on the fp32 state of `layer` (model-spec §3.4), token by token
 /// with the state in registers: out (T, nv, dv). d_k and d_v must be multiples of 32 (≤ 256).
 /// `rows` > 1: that many sequences of T tokens each, packed one after the other (state step[r]).
+/// `l2norm_qk`: q and k are raw conv outputs (gemv_gdn_in), L2-normalised here (q also scaled by
+/// 1/sqrt(d_k)), as gdn_conv_prep_step would; the same flag on delta_rule_normed.
 /// Reads the layer's state before the programmatic-launch wait (Note [programmatic dependent
 /// launch]): the kernel just before it on the stream must not write that state (run another
 /// kernel, a copy or a sync in between, as a forward always does).
 void delta_rule(const float* q, const float* k, const float* v, const float* g, const float* beta,
                 const StepDev* step, int layer, float* out, int64_t T, int64_t nk, int64_t nv,
-                int64_t dk, int64_t dv, cudaStream_t s, int64_t rows = 1);
+                int64_t dk, int64_t dv, cudaStream_t s, int64_t rows = 1, bool l2norm_qk = false);
 
 /// y = w · rms_norm(x) · silu(z), rows of dim (the DeltaNet output norm).
 /// z row r sits at z + (r / rows_per_token) · ld_z + (r % rows_per_token) · dim.

@@ -12,12 +12,12 @@ export LD_LIBRARY_PATH=/tmp/deps/lib:${LD_LIBRARY_PATH:-}
 bench=./build/gpu/tests/bench/tidal_bench_cuda
 failed=0
 if [ -z "${SKIP_TESTS:-}" ]; then
-  ./build/gpu/tests/tidal_tests --gtest_filter="${GTEST_FILTER:-*Cuda*}" > "$out/cpp_tests.log" 2>&1 || failed=1
+  timeout "${TEST_TIMEOUT:-240}" ./build/gpu/tests/tidal_tests --gtest_filter="${GTEST_FILTER:-*Cuda*}" > "$out/cpp_tests.log" 2>&1 || failed=1
   tail -3 "$out/cpp_tests.log"; grep -E "^\[  FAILED|Failure" "$out/cpp_tests.log" | sort -u | head -20 || true
   # The GEMV tests again under other launch settings (TEST_VARIANTS, ';'-separated).
   IFS=';' read -ra tv <<< "${TEST_VARIANTS:-TIDAL_GEMV_BPS=1;TIDAL_GEMV_STREAM=0}"
   for v in "${tv[@]}"; do
-    env $v ./build/gpu/tests/tidal_tests --gtest_filter='*CudaGemv*:*CudaOps.Gemv*:*CudaModel*:*CudaDeltaRule*' > "$out/cpp_tests_variant.log" 2>&1 || failed=1
+    env $v timeout "${TEST_TIMEOUT:-240}" ./build/gpu/tests/tidal_tests --gtest_filter='*CudaGemv*:*CudaOps.Gemv*:*CudaModel*:*CudaDeltaRule*' > "$out/cpp_tests_variant.log" 2>&1 || failed=1
     echo "$v: $(tail -1 "$out/cpp_tests_variant.log")"; grep -E "^\[  FAILED" "$out/cpp_tests_variant.log" | sort -u | head -5 || true
   done
 fi
@@ -33,7 +33,7 @@ IFS=';' read -ra pv <<< "${PYTEST_VARIANTS:-TIDAL_CUDA_FUSE=0;TIDAL_CUDA_GDN_SPL
 for v in "default" "${pv[@]}"; do
   [ -n "${SKIP_PYTEST:-}" ] && break
   e=$v; [ "$v" = default ] && e=
-  (cd tests/python && env $e PYTHONPATH="$PWD/../../python" python3 -m pytest -q -p no:cacheprovider \
+  (cd tests/python && env $e PYTHONPATH="$PWD/../../python" timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider \
     test_cuda.py > "$out/pytest_cuda.log" 2>&1) || failed=1
   echo "pytest test_cuda.py [$v]: $(tail -1 "$out/pytest_cuda.log")"
   grep -E "^FAILED|^E  " "$out/pytest_cuda.log" | head -10 || true

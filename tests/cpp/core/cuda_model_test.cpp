@@ -57,12 +57,15 @@ struct Weights {
 
 /// Logits of a 7-token prompt, then of 12 greedy-free decode steps (fixed ids), per option set.
 std::vector<std::vector<float>> run(const ModelConfig& cfg, const HostWeights& hw, bool fuse,
-                                    bool graphs, bool gdn_split = false) {
+                                    bool graphs, bool gdn_split = false, bool gdn_conv = true,
+                                    bool attn_prep_in_kernel = true) {
   auto ex = kernels::make_tbb_executor(2);
   RoutingControl routing(cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok);
   CudaOptions o;
   o.fuse_decode = fuse;
   o.deltanet_split = gdn_split;
+  o.deltanet_conv_in_gemv = gdn_conv;
+  o.attention_prep_in_kernel = attn_prep_in_kernel;
   o.attention_tensor_cores = true;
   o.graphs = graphs;
   CudaModel model(cfg, hw, nullptr, &routing, o, *ex);
@@ -145,6 +148,10 @@ TEST(CudaModel, FusedDecodeMatchesUnfusedKernels) {
   // (CudaOptions::deltanet_split), fused and not.
   const auto split_fused = run(cfg, hw, true, true, true);
   const auto split_unfused = run(cfg, hw, false, true, true);
+  // ... and with the conv step as its own kernel (CudaOptions::deltanet_conv_in_gemv off).
+  const auto conv_kernel = run(cfg, hw, true, true, false, false);
+  // ... and with attn_prep before the attention (CudaOptions::attention_prep_in_kernel off).
+  const auto prep_kernel = run(cfg, hw, true, true, false, true, false);
   kernels::cuda::set_pdl_enabled(false);  // plain launches: the order PDL must reproduce
   const auto fused_plain = run(cfg, hw, true, true);
   kernels::cuda::set_pdl_enabled(pdl_was);
@@ -160,12 +167,14 @@ TEST(CudaModel, FusedDecodeMatchesUnfusedKernels) {
     // fp32 throughout; the fused path adds the same terms in another order (the shared expert
     // before the next residual, the norm's scale after the dot product): rounding only.
     EXPECT_LE(diff, 1e-4f * scale) << "step " << s << " (0 = prompt), max |logit| " << scale;
-    for (const auto* v : {&split_fused, &split_unfused}) {
+    for (const auto* v : {&split_fused, &split_unfused, &conv_kernel, &prep_kernel}) {
       float d2 = 0.f;
       for (size_t i = 0; i < unfused[s].size(); ++i)
         d2 = std::max(d2, std::fabs((*v)[s][i] - unfused[s][i]));
-      EXPECT_LE(d2, 1e-4f * scale)
-          << "DeltaNet split, step " << s << ", fused " << (v == &split_fused);
+      EXPECT_LE(d2, 1e-4f * scale) << (v == &conv_kernel   ? "DeltaNet conv kernel"
+                                       : v == &prep_kernel ? "attention prep kernel"
+                                                           : "DeltaNet split")
+                                   << ", step " << s << ", fused " << (v != &split_unfused);
     }
     // Graph replay, launches one by one and launches without PDL run the same kernels in the
     // same order: bit-identical.

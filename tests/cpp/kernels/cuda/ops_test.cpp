@@ -615,6 +615,40 @@ TEST_P(CudaAttentionTest, PrepAndAttentionMatchCpu) {
       EXPECT_LT(max_abs_diff(dout.get(), ref), 2e-5f)
           << "splits=" << splits << " tensor_cores=" << tc << " nh=" << c.nh << " nkv=" << c.nkv
           << " d=" << c.d << " pos0=" << c.pos0 << " T=" << c.T;
+      if (!(tc && attention_uses_tensor_cores(a))) continue;
+      // The same step with the prep inside the attention kernel (fused_prep, Note [attention prep
+      // in the decode kernel]), from the cache as it was before this step's row was written, at
+      // the default and at a larger minimum of keys per split: the same output, and the same new
+      // cache row (the norm's sum in another order: a BF16 ulp at most).
+      for (int64_t mk : {int64_t{0}, int64_t{256}}) {
+        dk.put(to_bf16(kh));
+        dv.put(to_bf16(vh));
+        AttentionArgs f = a;
+        f.fused_prep = true;
+        f.prep = p;
+        f.q = nullptr;
+        f.gate = nullptr;
+        f.min_split_keys = mk;
+        Dev<float> fout(dout.n);
+        f.out = fout.p;
+        attention(f, nullptr);
+        EXPECT_LT(max_abs_diff(fout.get(), ref), 5e-5f)
+            << "fused prep, splits=" << splits << " min keys=" << mk << " nh=" << c.nh
+            << " d=" << c.d << " pos0=" << c.pos0;
+        const auto kbits = dk.get();
+        std::vector<float> kf(kbits.size());
+        for (size_t i = 0; i < kf.size(); ++i) kf[i] = bf16_to_f32(kbits[i]);
+        EXPECT_LT(max_abs_diff(kf, kgot), 2e-2f) << "fused prep key row";
+        const auto vbits = dv.get();
+        std::vector<float> vf(vbits.size());
+        for (size_t i = 0; i < vf.size(); ++i) vf[i] = bf16_to_f32(vbits[i]);
+        EXPECT_EQ(max_abs_diff(vf, vc), 0.f) << "fused prep value row";
+      }
+      // Put the step's cache back as attn_prep wrote it, for the next split count.
+      std::vector<uint16_t> kb(kgot.size());
+      for (size_t i = 0; i < kb.size(); ++i) kb[i] = kernels::f32_to_bf16(kgot[i]);
+      dk.put(kb);
+      dv.put(to_bf16(vc));
     }
 }
 
@@ -789,6 +823,154 @@ TEST(CudaOps, FusedDecodeKernelsMatchUnfused) {
     cpu::rms_norm_row(&xs[t * H], w.data(), &ref[t * H], H, 1e-6f, cpu::NormScale::kZeroCentred);
   EXPECT_LT(max_abs_diff(dx.get(), xs), 1e-6f);
   EXPECT_LT(max_abs_diff(dxn.get(), ref), 1e-5f);
+}
+
+/// The DeltaNet decode's conv, SiLU, beta and g in the in-projection's epilogue (gemv_gdn_in,
+/// Note [DeltaNet conv in the GEMV]), then the delta rule normalising q and k itself, equal the
+/// projection followed by gdn_conv_prep_step and the plain delta rule: outputs, z/beta/g rows, the
+/// conv state and the recurrent state; normed and plain input, both delta-rule kernels, every
+/// weight format; shapes it does not take launch nothing.
+TEST(CudaOps, GemvGdnInMatchesSeparateKernels) {
+  REQUIRE_GPU();
+  struct Case {
+    WFormat fmt;
+    int64_t nk, nv, dk, dv, H, K;
+    bool normed;
+  };
+  const char* off = std::getenv("TIDAL_GEMV_STREAM");
+  const bool stream_off = off && std::string(off) == "0";
+  for (const Case c : {Case{WFormat::kBF16, 16, 32, 128, 128, 2048, 4, true},
+                       Case{WFormat::kF32, 2, 4, 16, 16, 64, 4, true},
+                       Case{WFormat::kI8, 2, 4, 64, 64, 208, 3, true},
+                       Case{WFormat::kBF16, 1, 2, 32, 64, 96, 4, false},
+                       Case{WFormat::kF32, 2, 4, 32, 32, 4100, 1, true}}) {
+    const int64_t C = 2 * c.nk * c.dk + c.nv * c.dv, ba = C + c.nv * c.dv, W = ba + 2 * c.nv;
+    auto w = random_vec(static_cast<size_t>(W * c.H), 70, 0.05f);
+    std::vector<float> scale(static_cast<size_t>(W));
+    std::vector<int8_t> q8(w.size());
+    for (int64_t r = 0; r < W; ++r) {
+      float mx = 1e-6f;
+      for (int64_t j = 0; j < c.H; ++j) mx = std::max(mx, std::fabs(w[r * c.H + j]));
+      scale[r] = mx / 127.f;
+      for (int64_t j = 0; j < c.H; ++j)
+        q8[r * c.H + j] = static_cast<int8_t>(std::nearbyint(w[r * c.H + j] / scale[r]));
+    }
+    Dev<float> dwf(w), dsc(scale);
+    Dev<uint16_t> dwb(to_bf16(w));
+    Dev<int8_t> dwq(q8);
+    DevMatrix dm;
+    dm.format = c.fmt;
+    dm.rows = W;
+    dm.cols = c.H;
+    dm.data = c.fmt == WFormat::kF32    ? static_cast<const void*>(dwf.p)
+              : c.fmt == WFormat::kBF16 ? static_cast<const void*>(dwb.p)
+                                        : static_cast<const void*>(dwq.p);
+    dm.scale = dsc.p;
+    auto x = random_vec(static_cast<size_t>(c.H), 71), nw = random_vec(c.H, 72, 0.3f),
+         cw = random_vec(C * c.K, 73, 0.3f),
+         st0 = random_vec(std::max<int64_t>(1, c.K - 1) * C, 74), alog = random_vec(c.nv, 75, 0.5f),
+         dtb = random_vec(c.nv, 76, 0.5f), s0 = random_vec(c.nv * c.dk * c.dv, 77, 0.1f),
+         z = random_vec(c.nv * c.dv, 78);
+    Dev<float> dx(x), dnw(nw), dcw(cw), dal(alog), ddt(dtb), dgn(random_vec(c.dv, 79, 0.2f));
+    std::vector<std::vector<float>> outs;
+    for (int fused = 0; fused < 2; ++fused)
+      for (int normed_rule = 0; normed_rule < 2; ++normed_rule) {
+        Dev<float> conv(st0), rec(s0), y(W), q(c.nk * c.dk), k(c.nk * c.dk), v(c.nv * c.dv),
+            beta(c.nv), g(c.nv), o(c.nv * c.dv);
+        LayerStateDev ls{nullptr, nullptr, conv.p, rec.p};
+        Dev<LayerStateDev> dls(std::vector<LayerStateDev>{ls});
+        Dev<StepDev> dstep(std::vector<StepDev>{StepDev{0, dls.p}});
+        const float* nwp = c.normed ? dnw.p : nullptr;
+        const float *pq = q.p, *pk = k.p, *pv = v.p, *pb = beta.p, *pg = g.p;
+        if (fused) {
+          GdnConvEpilogue e;
+          e.conv_w = dcw.p;
+          e.step = dstep.p;
+          e.C = C;
+          e.K = c.K;
+          e.ba_row = ba;
+          e.nv = c.nv;
+          e.A_log = dal.p;
+          e.dt_bias = ddt.p;
+          if (!gemv_gdn_in(dm, dx.p, nwp, 1e-6f, true, y.p, e, nullptr)) {
+            ASSERT_TRUE(stream_off) << "H=" << c.H << " K=" << c.K;
+            ASSERT_EQ(y.get(), std::vector<float>(y.n, 0.f));
+            ASSERT_EQ(conv.get(), st0);
+            return;
+          }
+          pq = y.p;
+          pk = y.p + c.nk * c.dk;
+          pv = y.p + 2 * c.nk * c.dk;
+          pb = y.p + ba;
+          pg = y.p + ba + c.nv;
+        } else {
+          if (c.normed)
+            gemv_rms_norm(dm, dx.p, dnw.p, 1e-6f, true, y.p, false, nullptr);
+          else
+            gemv(dm, dx.p, c.H, y.p, W, 1, false, nullptr);
+          gdn_conv_prep_step(y.p, dcw.p, dstep.p, 0, c.K, y.p + ba, y.p + ba + c.nv, dal.p, ddt.p,
+                             q.p, k.p, v.p, beta.p, g.p, c.nk, c.nv, c.dk, c.dv, nullptr);
+        }
+        Dev<float> dz(z);
+        if (normed_rule) {
+          if (!delta_rule_normed(pq, pk, pv, pg, pb, dstep.p, 0, dz.p, 0, dgn.p, 1e-6f, o.p, 1,
+                                 c.nk, c.nv, c.dk, c.dv, nullptr, 1, fused == 1))
+            continue;  // a head wider than one block: the plain kernel's case covers it
+        } else {
+          delta_rule(pq, pk, pv, pg, pb, dstep.p, 0, o.p, 1, c.nk, c.nv, c.dk, c.dv, nullptr, 1,
+                     fused == 1);
+        }
+        auto out = o.get();
+        const auto yv = y.get(), cs = conv.get(), rs = rec.get();
+        out.insert(out.end(), yv.begin() + C, yv.begin() + ba);  // z rows, as projected
+        out.insert(out.end(), cs.begin(), cs.end());
+        out.insert(out.end(), rs.begin(), rs.end());
+        if (fused) {  // beta and g where the prep kernel puts them
+          out.insert(out.end(), yv.begin() + ba, yv.end());
+        } else {
+          const auto bv = beta.get(), gv = g.get();
+          out.insert(out.end(), bv.begin(), bv.end());
+          out.insert(out.end(), gv.begin(), gv.end());
+        }
+        outs.push_back(out);
+      }
+    ASSERT_EQ(outs.size() % 2, 0u);
+    const size_t half = outs.size() / 2;
+    for (size_t i = 0; i < half; ++i) {
+      ASSERT_EQ(outs[i].size(), outs[half + i].size());
+      float worst = 0.f;
+      for (size_t j = 0; j < outs[i].size(); ++j)
+        worst = std::max(
+            worst, std::fabs(outs[i][j] - outs[half + i][j]) / (1.0f + std::fabs(outs[i][j])));
+      EXPECT_LT(worst, 2e-5f) << "nk=" << c.nk << " dv=" << c.dv << " K=" << c.K
+                              << " fmt=" << static_cast<int>(c.fmt) << " rule=" << i;
+    }
+  }
+  if (stream_off) return;
+  // Not taken, nothing launched: a conv kernel wider than 16 taps, a row not a multiple of 4.
+  for (auto [H, K] : {std::pair<int64_t, int64_t>{64, 17}, {66, 4}}) {
+    const int64_t nk = 1, nv = 1, dk = 32, dv = 32, C = 2 * nk * dk + nv * dv,
+                  W = C + nv * dv + 2 * nv;
+    Dev<float> dw(random_vec(W * H, 90)), dx(random_vec(H, 91)), dcw(random_vec(C * K, 92)),
+        conv(std::vector<float>((K - 1) * C, 3.0f)), y(std::vector<float>(W, 7.0f)),
+        dal(random_vec(nv, 93)), ddt(random_vec(nv, 94));
+    LayerStateDev ls{nullptr, nullptr, conv.p, nullptr};
+    Dev<LayerStateDev> dls(std::vector<LayerStateDev>{ls});
+    Dev<StepDev> dstep(std::vector<StepDev>{StepDev{0, dls.p}});
+    DevMatrix dm{dw.p, nullptr, WFormat::kF32, W, H};
+    GdnConvEpilogue e;
+    e.conv_w = dcw.p;
+    e.step = dstep.p;
+    e.C = C;
+    e.K = K;
+    e.ba_row = C + nv * dv;
+    e.nv = nv;
+    e.A_log = dal.p;
+    e.dt_bias = ddt.p;
+    EXPECT_FALSE(gemv_gdn_in(dm, dx.p, nullptr, 1e-6f, false, y.p, e, nullptr)) << "K=" << K;
+    for (float v : y.get()) EXPECT_EQ(v, 7.0f);
+    for (float v : conv.get()) EXPECT_EQ(v, 3.0f);
+  }
 }
 
 TEST(CudaOps, QwenNextSplitMatchesLayout) {
