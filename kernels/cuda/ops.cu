@@ -2284,7 +2284,7 @@ bool gemv_gdn_in(const DevMatrix& w, const float* x, const float* norm_w, float 
   p.vec = reinterpret_cast<uintptr_t>(w.data) % 16 == 0 &&
           reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
           reinterpret_cast<uintptr_t>(norm_w) % 16 == 0 && w.cols % 4 == 0;
-  if (!e.conv_w || !e.step || e.C > w.rows || e.ba_row + 2 * e.nv > w.rows) return false;
+  if (!e.conv_w || !e.step || e.C > e.ba_row || e.ba_row + 2 * e.nv > w.rows) return false;
   switch (w.format) {
     case WFormat::kF32:
       return gemv_gdn_launch<WFormat::kF32>(p, s);
@@ -2426,7 +2426,10 @@ void attention(const AttentionArgs& a, cudaStream_t s) {
     return v >= kTileKeys && v <= (int64_t{1} << 20) ? v / kTileKeys * kTileKeys : int64_t{0};
   }();
   AttentionArgs b = a;
-  if (b.min_split_keys <= 0) b.min_split_keys = env_min_keys ? env_min_keys : kTileMinSplitKeys;
+  if (b.min_split_keys <= 0)
+    b.min_split_keys = env_min_keys ? env_min_keys : kTileMinSplitKeys;
+  else  // whole tiles, like the environment's value
+    b.min_split_keys = std::max<int64_t>(kTileKeys, b.min_split_keys / kTileKeys * kTileKeys);
   int64_t min_keys = kMinSplitKeys;
   if ((b.tensor_cores && attention_mma(b, s)) || (!b.fused_prep && attention_tile(b, s)))
     min_keys = b.min_split_keys;

@@ -55,10 +55,11 @@ struct Weights {
   }
 };
 
-/// Logits of a 7-token prompt, then of 12 greedy-free decode steps (fixed ids), per option set.
+/// Logits of a prompt (7 fixed tokens, then more up to prompt_len), then of 12 greedy-free decode
+/// steps (fixed ids), per option set.
 std::vector<std::vector<float>> run(const ModelConfig& cfg, const HostWeights& hw, bool fuse,
                                     bool graphs, bool gdn_split = false, bool gdn_conv = true,
-                                    bool attn_prep_in_kernel = true) {
+                                    bool attn_prep_in_kernel = true, int64_t prompt_len = 7) {
   auto ex = kernels::make_tbb_executor(2);
   RoutingControl routing(cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok);
   CudaOptions o;
@@ -74,7 +75,9 @@ std::vector<std::vector<float>> run(const ModelConfig& cfg, const HostWeights& h
   st.device = model.new_state();
   std::vector<std::vector<float>> out;
   std::vector<float> logits;
-  const std::vector<int64_t> prompt = {3, 141, 59, 265, 358, 979, 323};
+  std::vector<int64_t> prompt = {3, 141, 59, 265, 358, 979, 323};
+  for (int64_t i = static_cast<int64_t>(prompt.size()); i < prompt_len; ++i)
+    prompt.push_back((i * 7919 + 5) % cfg.vocab_size);
   model.forward(prompt, st, LogitsMode::kLast, logits, *ex, nullptr);
   out.push_back(logits);
   for (int64_t i = 0; i < 12; ++i) {
@@ -180,6 +183,30 @@ TEST(CudaModel, FusedDecodeMatchesUnfusedKernels) {
     // same order: bit-identical.
     EXPECT_EQ(fused[s], fused_eager[s]) << "step " << s;
     EXPECT_EQ(fused[s], fused_plain[s]) << "step " << s << " (PDL off)";
+  }
+  // After a 200-token prompt, so each decode step's attention spans several splits of 64 keys:
+  // the tensor-core kernel's tile loads issued before the dependency wait, the last split's
+  // cache write (Note [attention prep in the decode kernel]) and the combine over several
+  // splits, under graphs and PDL, against the unfused kernels, launches one by one and no PDL.
+  kernels::cuda::set_pdl_enabled(true);
+  const auto long_unfused = run(cfg, hw, false, true, false, true, true, 200);
+  const auto long_fused = run(cfg, hw, true, true, false, true, true, 200);
+  const auto long_eager = run(cfg, hw, true, false, false, true, true, 200);
+  kernels::cuda::set_pdl_enabled(false);
+  const auto long_plain = run(cfg, hw, true, true, false, true, true, 200);
+  kernels::cuda::set_pdl_enabled(pdl_was);
+  ASSERT_EQ(long_unfused.size(), long_fused.size());
+  for (size_t s = 0; s < long_unfused.size(); ++s) {
+    float scale = 0.f, diff = 0.f;
+    for (size_t i = 0; i < long_unfused[s].size(); ++i) {
+      ASSERT_TRUE(std::isfinite(long_fused[s][i])) << "long prompt, step " << s;
+      scale = std::max(scale, std::fabs(long_unfused[s][i]));
+      diff = std::max(diff, std::fabs(long_fused[s][i] - long_unfused[s][i]));
+    }
+    ASSERT_GT(scale, 0.f);
+    EXPECT_LE(diff, 1e-4f * scale) << "long prompt, step " << s << ", max |logit| " << scale;
+    EXPECT_EQ(long_fused[s], long_eager[s]) << "long prompt, step " << s;
+    EXPECT_EQ(long_fused[s], long_plain[s]) << "long prompt, step " << s << " (PDL off)";
   }
 }
 

@@ -843,7 +843,13 @@ TEST(CudaOps, GemvGdnInMatchesSeparateKernels) {
                        Case{WFormat::kF32, 2, 4, 16, 16, 64, 4, true},
                        Case{WFormat::kI8, 2, 4, 64, 64, 208, 3, true},
                        Case{WFormat::kBF16, 1, 2, 32, 64, 96, 4, false},
-                       Case{WFormat::kF32, 2, 4, 32, 32, 4100, 1, true}}) {
+                       Case{WFormat::kF32, 2, 4, 32, 32, 4100, 1, true},
+                       // Rows of several weight segments (BF16 4096 wide: 2; F32 3072: 3) with
+                       // the widest conv (16 taps: lanes 0..30) and a 4-tap one, more rows than
+                       // one per warp (3088 rows).
+                       Case{WFormat::kBF16, 4, 8, 128, 128, 4096, 16, true},
+                       Case{WFormat::kF32, 4, 8, 128, 128, 3072, 4, false},
+                       Case{WFormat::kI8, 2, 4, 64, 64, 2048, 2, true}}) {
     const int64_t C = 2 * c.nk * c.dk + c.nv * c.dv, ba = C + c.nv * c.dv, W = ba + 2 * c.nv;
     auto w = random_vec(static_cast<size_t>(W * c.H), 70, 0.05f);
     std::vector<float> scale(static_cast<size_t>(W));
