@@ -8,4 +8,5 @@
 namespace tidal::python {
 void bind_config(pybind11::module_& m);
 void bind_runtime(pybind11::module_& m);
+void bind_offload(pybind11::module_& m);
 }  // namespace tidal::python

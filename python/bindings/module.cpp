@@ -91,4 +91,5 @@ PYBIND11_MODULE(_tidal, m) {
 #endif
   tidal::python::bind_config(m);
   tidal::python::bind_runtime(m);
+  tidal::python::bind_offload(m);
 }

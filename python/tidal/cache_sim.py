@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["CacheResult", "PredictionResult", "simulate", "predict", "POLICIES", "PREDICTORS"]
+__all__ = ["CacheResult", "PredictionResult", "simulate", "simulate_native", "predict", "POLICIES", "PREDICTORS"]
 
 POLICIES = ("lru", "lfu", "static")
 PREDICTORS = ("previous", "previous+popular")
@@ -211,6 +211,48 @@ def simulate(experts: np.ndarray, num_experts: int, slots: int, policy: str = "l
                     resident[key] = True
     res.hits = sum(res.layer_hits)
     res.misses = sum(res.layer_accesses) - res.hits
+    return res
+
+
+def simulate_native(experts: np.ndarray, num_experts: int, slots: int, policy: str = "lru", *,
+                    warmup: int = 0, decay: float = 0.98) -> CacheResult:
+    """`simulate` through tidal's own cache bookkeeping (the C++ ``ExpertSlotCache`` the VRAM expert
+    cache uses) instead of the Python model of it: same arguments, same counters. Pins are released
+    after every access, as the Python model has none. LRU and static count exactly what `simulate`
+    counts; LFU may differ where decayed counts tie (the C++ class evicts the lower key, the model
+    the first in its member order)."""
+    from ._tidal import ExpertSlotCache
+
+    experts = np.asarray(experts)
+    if experts.ndim != 3:
+        raise ValueError(f"experts must be (tokens, layers, top_k), got shape {experts.shape}")
+    if not 0 <= warmup < experts.shape[0]:
+        raise ValueError(f"warmup must be in [0, {experts.shape[0]}), got {warmup}")
+    tokens, layers, _ = experts.shape
+    cache = ExpertSlotCache(layers, num_experts, slots, policy, decay)
+    start = 0
+    if policy == "static":
+        keys = np.where(experts[:warmup] >= 0, np.arange(layers)[None, :, None] * num_experts + experts[:warmup], -1)
+        counts = np.bincount(keys[keys >= 0].ravel(), minlength=layers * num_experts)
+        order = np.lexsort((np.arange(counts.size), -counts))[:slots]
+        cache.set_resident([(int(k) // num_experts, int(k) % num_experts) for k in order])
+        start = warmup
+    res = CacheResult(policy, slots, layer_hits=[0] * layers, layer_accesses=[0] * layers)
+    for t in range(start, tokens):
+        if t == warmup:
+            cache.reset_stats()
+        for layer in range(layers):
+            for e in experts[t, layer].tolist():
+                if e >= 0:
+                    cache.access(layer, e)
+                    cache.release_pins()
+        cache.next_token()
+    stats = cache.stats()
+    res.layer_hits = [s["hits"] for s in stats]
+    res.layer_accesses = [s["hits"] + s["misses"] for s in stats]
+    res.hits = sum(res.layer_hits)
+    res.misses = sum(res.layer_accesses) - res.hits
+    res.evictions = cache.total()["evictions"]
     return res
 
 
