@@ -192,6 +192,27 @@ def _mem_available() -> int | None:
     return None
 
 
+def _what_fits(p: Plan) -> str:
+    """The options that would make a GPU plan that does not fit fit, largest first: a shorter
+    context, int8 GPU weights (about half the pinned bytes), both; else a larger budget."""
+    s, budget = p.summary, p.gpu_budget or 0
+    kv_tok = s.kv_bytes_per_token()
+    rest = s.deltanet_state_bytes() + GPU_RESERVE_BYTES
+    options = []
+    for label, pinned in (("", s.pinned_bytes), ('gpu_weights="int8" (pinned weights about half), ', s.pinned_bytes // 2)):
+        room = budget - pinned - rest
+        if room < kv_tok:
+            continue
+        ctx = room // kv_tok if kv_tok else p.context_tokens
+        if ctx >= p.context_tokens:
+            options.append(f"{label.rstrip(', ') or 'this budget'} with the {p.context_tokens}-token context")
+        else:
+            options.append(f"{label}a context of at most {ctx} tokens (max_context)")
+    if not options:
+        return "neither a shorter context nor int8 GPU weights fits: raise gpu_memory"
+    return "would fit: " + "; or ".join(options)
+
+
 def plan(summary: CheckpointSummary, device: str = "cpu", gpu_memory: str | int | None = None,
          context_tokens: int | None = None) -> Plan:
     """The placement plan of `summary` for `device` ("cpu" or "cuda") and a GPU memory budget.
@@ -224,7 +245,7 @@ def plan(summary: CheckpointSummary, device: str = "cpu", gpu_memory: str | int 
         p.fits = False
         p.problem = (f"the GPU part needs {format_bytes(p.vram_used)} (pinned weights "
                      f"{format_bytes(s.pinned_bytes)}, KV cache for {context_tokens} tokens) but the budget is "
-                     f"{format_bytes(p.gpu_budget)}; raise gpu_memory or lower the context")
+                     f"{format_bytes(p.gpu_budget)}: {format_bytes(-free)} missing; " + _what_fits(p))
         return p
     p.expert_cache_slots = int(min(free // max(1, s.expert_bytes), s.config.num_experts * sum(s.config.layer_is_moe)))
     p.vram["expert cache"] = p.expert_cache_slots * s.expert_bytes

@@ -118,3 +118,26 @@ def test_stats_account_for_generation():
     assert rt.stats().live_sequences == 1 and rt.stats().memory["kv_and_state"] > 0
     rt.reset_stats()
     assert rt.stats().decode_tokens == 0 and rt.stats().live_sequences == 1
+
+
+def test_plan_that_does_not_fit_says_what_would():
+    from tidal.plan import GPU_RESERVE_BYTES, plan
+
+    s = tidal.inspect(MINI)
+    rest = s.deltanet_state_bytes() + GPU_RESERVE_BYTES
+    need = s.pinned_bytes + s.kv_bytes_per_token() * 4096 + rest
+    # 2 MiB short: a shorter context fits (exactly this many tokens), and int8 weights fit the full one.
+    budget = need - (2 << 20)
+    p = plan(s, device="cuda", gpu_memory=budget, context_tokens=4096)
+    assert not p.fits
+    ctx = (budget - s.pinned_bytes - rest) // s.kv_bytes_per_token()
+    assert 0 < ctx < 4096
+    assert "2.00 MiB missing" in p.problem
+    assert f"a context of at most {ctx} tokens" in p.problem
+    assert 'gpu_weights="int8" (pinned weights about half) with the 4096-token context' in p.problem
+    # Below what even int8 weights and one token need: only a larger budget helps.
+    p = plan(s, device="cuda", gpu_memory=s.pinned_bytes // 2 + rest - 1, context_tokens=4096)
+    assert not p.fits and "raise gpu_memory" in p.problem and "would fit" not in p.problem
+    # Exactly what it needs: it fits, and says nothing.
+    p = plan(s, device="cuda", gpu_memory=need, context_tokens=4096)
+    assert p.fits and p.problem == ""
