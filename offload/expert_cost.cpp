@@ -1,0 +1,89 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "offload/expert_cost.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <numeric>
+#include <utility>
+
+#include "core/error.h"
+
+namespace tidal::offload {
+namespace {
+
+void check(const ExpertCostInputs& in) {
+  const std::pair<const char*, double> fields[] = {
+      {"pcie_bytes_per_s", in.pcie_bytes_per_s}, {"cpu_bytes_per_s", in.cpu_bytes_per_s},
+      {"cpu_flops_per_s", in.cpu_flops_per_s},   {"gpu_bytes_per_s", in.gpu_bytes_per_s},
+      {"gpu_flops_per_s", in.gpu_flops_per_s},   {"expert_bytes", in.expert_bytes},
+      {"flops_per_token", in.flops_per_token}};
+  for (const auto& [name, v] : fields)
+    TIDAL_CHECK(v > 0, InvalidArgument, "expert cost model: {} must be > 0, got {}", name, v);
+}
+
+}  // namespace
+
+double cpu_expert_seconds(const ExpertCostInputs& in, int64_t tokens) {
+  if (tokens <= 0) return 0.0;
+  return std::max(in.expert_bytes / in.cpu_bytes_per_s,
+                  static_cast<double>(tokens) * in.flops_per_token / in.cpu_flops_per_s);
+}
+
+double gpu_expert_seconds(const ExpertCostInputs& in, int64_t tokens, bool resident) {
+  if (tokens <= 0) return 0.0;
+  const double run =
+      std::max(in.expert_bytes / in.gpu_bytes_per_s,
+               static_cast<double>(tokens) * in.flops_per_token / in.gpu_flops_per_s);
+  return run + (resident ? 0.0 : in.expert_bytes / in.pcie_bytes_per_s);
+}
+
+LayerSplit split_layer(const ExpertCostInputs& in, const std::vector<int64_t>& tokens,
+                       const std::vector<uint8_t>& resident, bool allow_copies) {
+  check(in);
+  TIDAL_CHECK(tokens.size() == resident.size(), InvalidArgument,
+              "expert cost model: {} token counts for {} residency flags", tokens.size(),
+              resident.size());
+  const size_t n = tokens.size();
+  LayerSplit s;
+  s.on_gpu.assign(n, 0);
+  s.copy.assign(n, 0);
+  std::vector<size_t> candidates;
+  for (size_t e = 0; e < n; ++e) {
+    TIDAL_CHECK(tokens[e] >= 0, InvalidArgument, "expert cost model: expert {} has {} tokens", e,
+                tokens[e]);
+    if (tokens[e] == 0) continue;
+    if (resident[e]) {
+      s.on_gpu[e] = 1;
+      s.gpu_seconds += gpu_expert_seconds(in, tokens[e], true);
+    } else {
+      s.cpu_seconds += cpu_expert_seconds(in, tokens[e]);
+      candidates.push_back(e);
+    }
+  }
+  if (!allow_copies) return s;
+  // Most tokens first; the lower expert id on ties (deterministic).
+  std::stable_sort(candidates.begin(), candidates.end(),
+                   [&](size_t a, size_t b) { return tokens[a] > tokens[b]; });
+  for (const size_t e : candidates) {
+    const double cpu = s.cpu_seconds - cpu_expert_seconds(in, tokens[e]);
+    const double gpu = s.gpu_seconds + gpu_expert_seconds(in, tokens[e], false);
+    if (std::max(cpu, gpu) < s.seconds()) {
+      s.cpu_seconds = cpu;
+      s.gpu_seconds = gpu;
+      s.on_gpu[e] = 1;
+      s.copy[e] = 1;
+    }
+  }
+  // The reported times summed again from the final placement (no subtraction residue).
+  s.cpu_seconds = s.gpu_seconds = 0;
+  for (size_t e = 0; e < n; ++e) {
+    if (s.on_gpu[e])
+      s.gpu_seconds += gpu_expert_seconds(in, tokens[e], !s.copy[e]);
+    else
+      s.cpu_seconds += cpu_expert_seconds(in, tokens[e]);
+  }
+  return s;
+}
+
+}  // namespace tidal::offload
