@@ -12,7 +12,9 @@
 ///     graphs, GPU time between CUDA events around the step on the stream ("gpu_ms");
 ///   - "decode_gemv_chain", "gemv_stream_shape", "deltanet_decode_chain": parts of the step chained
 ///     in graphs (--gemv-only: the bandwidth probe and the GEMV parts only); --profile-step: one
-///     eager step between cudaProfilerStart/Stop, for Nsight Compute.
+///     eager step between cudaProfilerStart/Stop, for Nsight Compute;
+///   - "decode_gemv_chain_persistent": the GEMV chain in one cooperative kernel with grid barriers
+///     (an experiment for a persistent decode kernel, tests/bench/persistent_chain.cu).
 /// Usage: tidal_bench_cuda [--contexts 1024,32768,131072] [--step-context 4096] [--weights
 /// bf16,int8] [--only-step | --no-step | --gemv-only | --profile-step]
 #include <cuda_profiler_api.h>
@@ -37,6 +39,7 @@
 #include "kernels/common/dtype.h"
 #include "kernels/common/executor.h"
 #include "kernels/cuda/ops.h"
+#include "persistent_chain.h"
 
 namespace {
 namespace kc = tidal::kernels::cuda;
@@ -261,6 +264,25 @@ int main(int argc, char** argv) {
       cudaGraphDestroy(g);
     }
     kc::set_pdl_enabled(true);
+    // The same chain in one persistent cooperative kernel with a grid barrier between GEMVs
+    // (Note [persistent GEMV chain experiment] in persistent_chain.cu; the shared expert's SwiGLU
+    // input left out), at the occupancy limit and at one block per SM.
+    std::vector<tidal::bench::ChainGemv> pc;
+    for (size_t i = 0; i < chain.size(); ++i) pc.push_back({mats[i], chain[i].rows, chain[i].cols});
+    for (int bps : {0, 1}) {
+      const auto r = tidal::bench::persistent_gemv_chain(pc, xa, xb, 10, bps, st);
+      fmt::print("{}\n",
+                 nlohmann::json{{"bench", "decode_gemv_chain_persistent"},
+                                {"model", "qwen3.6-35b-a3b shape, 40 layers + lm_head"},
+                                {"gemvs", chain.size()},
+                                {"ran", r.ran},
+                                {"blocks", r.blocks},
+                                {"ms", r.ms},
+                                {"bytes", bytes},
+                                {"of_measured_bw", r.ms > 0 ? bytes / (r.ms * 1e-3) / bw : 0.0},
+                                {"barrier_us", r.barrier_us}}
+                     .dump());
+    }
     cudaStreamDestroy(st);
     for (void* p : mats) cudaFree(p);
     cudaFree(xa);
