@@ -123,11 +123,10 @@ int32_t ExpertSlotCache::lookup(int64_t layer, int64_t expert) {
   return s;
 }
 
-std::vector<int32_t> ExpertSlotCache::lookup(int64_t layer, const std::vector<int64_t>& experts) {
-  std::vector<int32_t> out;
-  out.reserve(experts.size());
-  for (const int64_t e : experts) out.push_back(lookup(layer, e));
-  return out;
+void ExpertSlotCache::lookup(int64_t layer, const std::vector<int64_t>& experts,
+                             std::vector<int32_t>& slots) {
+  slots.resize(experts.size());
+  for (size_t i = 0; i < experts.size(); ++i) slots[i] = lookup(layer, experts[i]);
 }
 
 ExpertSlotCache::Admission ExpertSlotCache::admit(int64_t layer, int64_t expert) {

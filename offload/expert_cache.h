@@ -68,8 +68,9 @@ class ExpertSlotCache {
                   double decay = 0.98, uint64_t expert_bytes = 0);
 
   /// The step's routed experts of one layer: counts a hit or a miss for each, updates recency /
-  /// frequency and pins the hits. Returns each expert's slot, kNone for a miss.
-  std::vector<int32_t> lookup(int64_t layer, const std::vector<int64_t>& experts);
+  /// frequency and pins the hits. `slots` gets each expert's slot, kNone for a miss (resized; a
+  /// caller that keeps it allocates nothing per step).
+  void lookup(int64_t layer, const std::vector<int64_t>& experts, std::vector<int32_t>& slots);
   /// One expert; as lookup.
   int32_t lookup(int64_t layer, int64_t expert);
   /// A slot for (layer, expert), which must not be resident: a free slot, else the policy's

@@ -591,7 +591,8 @@ void stream_launch(const GemvParams& p, size_t smem, cudaStream_t s) {
   launch(k, grid, kStreamWarps * kWarp, smem, s, p);
 }
 
-/// Launches the streaming GEMV (one input row) when the shape suits it; false otherwise.
+/// Launches the streaming GEMV (one input row) when the shape suits it; false otherwise. With
+/// p.gdn.conv_w set, the DeltaNet epilogue variant (gemv_gdn_in).
 template <WFormat F>
 bool gemv_stream_launch(const GemvParams& p, cudaStream_t s) {
   constexpr int E = Chunk<F>::E;
@@ -599,6 +600,14 @@ bool gemv_stream_launch(const GemvParams& p, cudaStream_t s) {
   if (!p.vec || w.cols == 0 || w.cols % E != 0 || w.cols > kStreamMaxK || stream_off())
     return false;
   const size_t smem = static_cast<size_t>(w.cols) * 4;
+  if (p.gdn.conv_w) {
+    if (p.gdn.K < 1 || p.gdn.K > 16 || p.group > 0 || p.xu) return false;
+    if (p.norm_w)
+      stream_launch<F, GemvIn::kNormed, true>(p, smem, s);
+    else
+      stream_launch<F, GemvIn::kPlain, true>(p, smem, s);
+    return true;
+  }
   if (p.group > 0 && (p.group % 4 != 0 || w.cols % p.group != 0 ||
                       w.cols / p.group > kStreamMaxGroups || !p.xu || !p.norm_w))
     return false;
@@ -613,20 +622,22 @@ bool gemv_stream_launch(const GemvParams& p, cudaStream_t s) {
   return true;
 }
 
-/// gemv_gdn_in: the streaming GEMV with the DeltaNet epilogue; false where it does not apply.
-template <WFormat F>
-bool gemv_gdn_launch(const GemvParams& p, cudaStream_t s) {
-  constexpr int E = Chunk<F>::E;
-  const DevMatrix& w = p.w;
-  if (!p.vec || w.cols == 0 || w.cols % E != 0 || w.cols > kStreamMaxK || stream_off() ||
-      p.gdn.K < 1 || p.gdn.K > 16)
-    return false;
-  const size_t smem = static_cast<size_t>(w.cols) * 4;
-  if (p.norm_w)
-    stream_launch<F, GemvIn::kNormed, true>(p, smem, s);
-  else
-    stream_launch<F, GemvIn::kPlain, true>(p, smem, s);
-  return true;
+/// The streaming GEMV or nothing (the variants only it has: gemv_gated_norm, gemv_gdn_in): sets
+/// the vector-path flag from p's pointers, false where the kernel does not take the shape.
+bool gemv_stream_only(GemvParams& p, cudaStream_t s) {
+  p.vec = reinterpret_cast<uintptr_t>(p.w.data) % 16 == 0 &&
+          reinterpret_cast<uintptr_t>(p.x) % 16 == 0 &&
+          reinterpret_cast<uintptr_t>(p.xu) % 16 == 0 &&
+          reinterpret_cast<uintptr_t>(p.norm_w) % 16 == 0 && p.w.cols % 4 == 0;
+  switch (p.w.format) {
+    case WFormat::kF32:
+      return gemv_stream_launch<WFormat::kF32>(p, s);
+    case WFormat::kBF16:
+      return gemv_stream_launch<WFormat::kBF16>(p, s);
+    case WFormat::kI8:
+      return gemv_stream_launch<WFormat::kI8>(p, s);
+  }
+  return false;
 }
 
 template <WFormat F>
@@ -2273,6 +2284,7 @@ void gemv_rms_norm(const DevMatrix& w, const float* x, const float* norm_w, floa
 bool gemv_gdn_in(const DevMatrix& w, const float* x, const float* norm_w, float eps,
                  bool zero_centred, float* y, const GdnConvEpilogue& e, cudaStream_t s) {
   if (w.rows == 0) return true;
+  if (!e.conv_w || !e.step || e.C > e.ba_row || e.ba_row + 2 * e.nv > w.rows) return false;
   GemvParams p;
   p.w = w;
   p.x = x;
@@ -2281,19 +2293,7 @@ bool gemv_gdn_in(const DevMatrix& w, const float* x, const float* norm_w, float 
   p.eps = eps;
   p.zero_centred = zero_centred;
   p.gdn = e;
-  p.vec = reinterpret_cast<uintptr_t>(w.data) % 16 == 0 &&
-          reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
-          reinterpret_cast<uintptr_t>(norm_w) % 16 == 0 && w.cols % 4 == 0;
-  if (!e.conv_w || !e.step || e.C > e.ba_row || e.ba_row + 2 * e.nv > w.rows) return false;
-  switch (w.format) {
-    case WFormat::kF32:
-      return gemv_gdn_launch<WFormat::kF32>(p, s);
-    case WFormat::kBF16:
-      return gemv_gdn_launch<WFormat::kBF16>(p, s);
-    case WFormat::kI8:
-      return gemv_gdn_launch<WFormat::kI8>(p, s);
-  }
-  return false;
+  return gemv_stream_only(p, s);
 }
 
 bool gemv_gated_norm(const DevMatrix& w, const float* o, const float* z, const float* norm_w,
@@ -2308,19 +2308,8 @@ bool gemv_gated_norm(const DevMatrix& w, const float* o, const float* z, const f
   p.eps = eps;
   p.y = y;
   p.accumulate = accumulate;
-  p.vec = reinterpret_cast<uintptr_t>(w.data) % 16 == 0 &&
-          reinterpret_cast<uintptr_t>(o) % 16 == 0 && reinterpret_cast<uintptr_t>(z) % 16 == 0 &&
-          reinterpret_cast<uintptr_t>(norm_w) % 16 == 0 && w.cols % 4 == 0;
   if (group <= 0) return false;
-  switch (w.format) {
-    case WFormat::kF32:
-      return gemv_stream_launch<WFormat::kF32>(p, s);
-    case WFormat::kBF16:
-      return gemv_stream_launch<WFormat::kBF16>(p, s);
-    case WFormat::kI8:
-      return gemv_stream_launch<WFormat::kI8>(p, s);
-  }
-  return false;
+  return gemv_stream_only(p, s);
 }
 
 void weight_to_bf16(const DevMatrix& w, uint16_t* dst, cudaStream_t s) {

@@ -43,10 +43,15 @@ void bind_offload(py::module_& m) {
            }),
            py::arg("layers"), py::arg("experts"), py::arg("slots"), py::arg("policy") = "lru",
            py::arg("decay") = 0.98, py::arg("expert_bytes") = 0)
-      .def("lookup",
-           py::overload_cast<int64_t, const std::vector<int64_t>&>(&ExpertSlotCache::lookup),
-           py::arg("layer"), py::arg("experts"),
-           "Each expert's slot, -1 for a miss; counts hits and misses, pins the hits.")
+      .def(
+          "lookup",
+          [](ExpertSlotCache& c, int64_t layer, const std::vector<int64_t>& experts) {
+            std::vector<int32_t> slots;
+            c.lookup(layer, experts, slots);
+            return slots;
+          },
+          py::arg("layer"), py::arg("experts"),
+          "Each expert's slot, -1 for a miss; counts hits and misses, pins the hits.")
       .def(
           "admit",
           [](ExpertSlotCache& c, int64_t layer, int64_t expert) {

@@ -67,8 +67,9 @@ TEST(ExpertSlotCache, LfuStaysExactOverALongRunWithStrongDecay) {
 TEST(ExpertSlotCache, PinnedSlotsAreNotReplacedUntilReleased) {
   ExpertSlotCache c(2, 8, 2, CachePolicy::kLru, 0.98, 1000);
   // Layer 0's step: 3 and 5 miss and take both slots, pinned.
-  EXPECT_EQ(c.lookup(0, std::vector<int64_t>{3, 5}),
-            (std::vector<int32_t>{ExpertSlotCache::kNone, ExpertSlotCache::kNone}));
+  std::vector<int32_t> slots = {7, 7, 7};  // resized to the experts looked up
+  c.lookup(0, std::vector<int64_t>{3, 5}, slots);
+  EXPECT_EQ(slots, (std::vector<int32_t>{ExpertSlotCache::kNone, ExpertSlotCache::kNone}));
   const auto a3 = c.admit(0, 3), a5 = c.admit(0, 5);
   EXPECT_EQ(a3.slot, 0);
   EXPECT_EQ(a5.slot, 1);
