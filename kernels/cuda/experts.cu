@@ -1,0 +1,191 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file experts.cu
+/// \brief Routed experts from VRAM cache slots, one-token decode (experts.h).
+#include "kernels/cuda/experts.h"
+
+#include <cuda_fp16.h>
+
+namespace tidal::kernels::cuda {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kTileRows = 16;
+
+__device__ __forceinline__ float bf16_lo(uint32_t v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
+__device__ __forceinline__ float siluf(float x) { return x / (1.0f + expf(-x)); }
+
+// Note [GPU experts from the packed layout]
+// The host packs a matrix in tiles of 16 rows (Note [Expert weight layout tidal_n16_v1]); within
+// a tile every 64-byte block holds 4 bytes per row, so a 16-byte load at offset 16·u holds rows
+// 4(u % 4) .. 4(u % 4) + 3 of block u / 4: two BF16 columns, four INT8 columns or eight INT4
+// columns (low nibbles the block's first quad, high nibbles its second) of each row. A block of
+// 128 threads walks one tile with such loads: thread t always holds the same four rows (t % 4),
+// sums its columns against the input row in shared memory, and applies the fp16 group scale per
+// load (one group per 64-byte block). Lanes of equal t % 4 are then added by shuffles and the four
+// warps through shared memory. Quantised weights are stored unsigned (q + 128, q + 8): the
+// offset is subtracted per element.
+template <int DT>
+__device__ __forceinline__ void tile_dot(const ExpertMatrixLayout& L, const uint8_t* tile,
+                                         const float* xs, float acc[4]) {
+  const uint4* w = reinterpret_cast<const uint4*>(tile);
+  const int64_t nu = L.data_bytes / 16;
+  const int q = threadIdx.x & 3;
+  const __half* sc = reinterpret_cast<const __half*>(tile + L.data_bytes);
+  const int64_t bpg = L.group_bytes / 64;  // 64-byte blocks per group (INT formats)
+  for (int64_t u = threadIdx.x; u < nu; u += kThreads) {
+    const uint4 v = __ldg(w + u);
+    const uint32_t r4[4] = {v.x, v.y, v.z, v.w};
+    const int64_t b = u >> 2;
+    if constexpr (DT == 0) {
+      const float x0 = xs[2 * b], x1 = xs[2 * b + 1];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[i] = fmaf(bf16_lo(r4[i]), x0, fmaf(bf16_hi(r4[i]), x1, acc[i]));
+    } else if constexpr (DT == 1) {
+      const int64_t g = b / bpg, c0 = g * L.group + (b % bpg) * 4;
+      const float x0 = xs[c0], x1 = xs[c0 + 1], x2 = xs[c0 + 2], x3 = xs[c0 + 3];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t r = r4[i];
+        float s = static_cast<float>(static_cast<int>(r & 0xff) - 128) * x0;
+        s = fmaf(static_cast<float>(static_cast<int>((r >> 8) & 0xff) - 128), x1, s);
+        s = fmaf(static_cast<float>(static_cast<int>((r >> 16) & 0xff) - 128), x2, s);
+        s = fmaf(static_cast<float>(static_cast<int>(r >> 24) - 128), x3, s);
+        acc[i] = fmaf(s, __half2float(sc[g * kTileRows + 4 * q + i]), acc[i]);
+      }
+    } else {
+      const int64_t g = b / bpg, c0 = g * L.group + (b % bpg) * 8;
+      float xl[4], xh[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        xl[c] = xs[c0 + c];
+        xh[c] = xs[c0 + 4 + c];
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t r = r4[i];
+        float s = 0.f;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const uint32_t byte = (r >> (8 * c)) & 0xff;
+          s = fmaf(static_cast<float>(static_cast<int>(byte & 0xf) - 8), xl[c], s);
+          s = fmaf(static_cast<float>(static_cast<int>(byte >> 4) - 8), xh[c], s);
+        }
+        acc[i] = fmaf(s, __half2float(sc[g * kTileRows + 4 * q + i]), acc[i]);
+      }
+    }
+  }
+}
+
+/// The 16 row sums of a tile from every thread's acc[4] (rows 4(t % 4) + i), into out[16] in
+/// shared memory; every thread calls it.
+__device__ __forceinline__ void tile_reduce(float acc[4], float (*red)[kTileRows], float* out) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    for (int o = 4; o < 32; o <<= 1) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], o);
+  if (lane < 4)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) red[warp][4 * lane + i] = acc[i];
+  __syncthreads();
+  if (threadIdx.x < kTileRows) {
+    float s = 0.f;
+    for (int w = 0; w < kThreads / 32; ++w) s += red[w][threadIdx.x];
+    out[threadIdx.x] = s;
+  }
+  __syncthreads();
+}
+
+template <int DT>
+__device__ void tile_rows(const ExpertMatrixLayout& L, const uint8_t* tile, const float* xs,
+                          float (*red)[kTileRows], float* out) {
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  tile_dot<DT>(L, tile, xs, acc);
+  tile_reduce(acc, red, out);
+}
+
+/// Input row v (k floats) into shared xs, zero up to k_pad.
+__device__ void stage(const float* v, int64_t k, int64_t k_pad, float* xs) {
+  for (int64_t j = threadIdx.x; j < k_pad; j += kThreads) xs[j] = j < k ? v[j] : 0.f;
+  __syncthreads();
+}
+
+/// Slot of routed expert i, or -1 (not resident, or an id outside the layer).
+__device__ __forceinline__ int32_t slot_of(const GpuExpertsArgs& a, int i) {
+  const int32_t e = a.ids[i];
+  return e >= 0 && e < a.num_experts ? a.slot_of[e] : -1;
+}
+
+/// grid (gate_up tiles, top_k): hid[i][rows of the tile] = silu(gate x) ⊙ up x for resident i.
+template <int DT>
+__global__ void __launch_bounds__(kThreads) experts_gate_up_kernel(const GpuExpertsArgs a) {
+  extern __shared__ float xs[];
+  __shared__ float red[kThreads / 32][kTileRows];
+  __shared__ float g[kTileRows], u[kTileRows];
+  const int i = blockIdx.y;
+  const int32_t s = slot_of(a, i);
+  if (s < 0) return;
+  const ExpertMatrixLayout& L = a.gate_up;
+  stage(a.x, L.k, L.k_pad, xs);
+  const uint8_t* gate = a.slots + s * a.slot_bytes + blockIdx.x * L.tile_bytes;
+  tile_rows<DT>(L, gate, xs, red, g);
+  tile_rows<DT>(L, gate + L.num_tiles * L.tile_bytes, xs, red, u);
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kTileRows + threadIdx.x;
+  if (threadIdx.x < kTileRows && row < L.n)
+    a.hid[i * L.n + row] = siluf(g[threadIdx.x]) * u[threadIdx.x];
+}
+
+/// grid (down tiles): y[rows of the tile] += Σ over resident i, in order, weight_i · down_i hid_i.
+template <int DT>
+__global__ void __launch_bounds__(kThreads) experts_down_kernel(const GpuExpertsArgs a) {
+  extern __shared__ float xs[];
+  __shared__ float red[kThreads / 32][kTileRows];
+  __shared__ float d[kTileRows];
+  const ExpertMatrixLayout& L = a.down;
+  float sum = 0.f;  // thread r < 16: row r of the tile
+  bool any = false;
+  for (int i = 0; i < a.top_k; ++i) {
+    const int32_t s = slot_of(a, i);
+    if (s < 0) continue;
+    any = true;
+    stage(a.hid + i * L.k, L.k, L.k_pad, xs);
+    const uint8_t* tile =
+        a.slots + s * a.slot_bytes + 2 * a.gate_up.num_tiles * a.gate_up.tile_bytes +
+        blockIdx.x * L.tile_bytes;
+    tile_rows<DT>(L, tile, xs, red, d);
+    if (threadIdx.x < kTileRows) sum = fmaf(a.weights[i], d[threadIdx.x], sum);
+  }
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kTileRows + threadIdx.x;
+  if (any && threadIdx.x < kTileRows && row < L.n) a.y[row] += sum;
+}
+
+template <int DT>
+void launch_experts(const GpuExpertsArgs& a, cudaStream_t s) {
+  const size_t smem_gu = static_cast<size_t>(a.gate_up.k_pad) * sizeof(float);
+  const size_t smem_dn = static_cast<size_t>(a.down.k_pad) * sizeof(float);
+  experts_gate_up_kernel<DT><<<dim3(static_cast<unsigned>(a.gate_up.num_tiles), a.top_k),
+                               kThreads, smem_gu, s>>>(a);
+  experts_down_kernel<DT>
+      <<<static_cast<unsigned>(a.down.num_tiles), kThreads, smem_dn, s>>>(a);
+}
+
+}  // namespace
+
+bool gpu_experts_decode(const GpuExpertsArgs& a, cudaStream_t s) {
+  const ExpertMatrixLayout &gu = a.gate_up, &dn = a.down;
+  if (a.top_k <= 0 || a.top_k > kMaxGpuTopK || gu.dtype != dn.dtype || gu.dtype < 0 ||
+      gu.dtype > 2 || gu.k_pad > kMaxGpuExpertK || dn.k_pad > kMaxGpuExpertK || dn.k != gu.n ||
+      gu.data_bytes % 64 != 0 || dn.data_bytes % 64 != 0 ||
+      (gu.dtype != 0 && (gu.group_bytes % 64 != 0 || dn.group_bytes % 64 != 0)) ||
+      a.slot_bytes < gu.bytes() * 2 + dn.bytes())
+    return false;
+  if (gu.dtype == 0)
+    launch_experts<0>(a, s);
+  else if (gu.dtype == 1)
+    launch_experts<1>(a, s);
+  else
+    launch_experts<2>(a, s);
+  return true;
+}
+
+}  // namespace tidal::kernels::cuda

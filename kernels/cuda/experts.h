@@ -1,0 +1,53 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file experts.h
+/// \brief Routed experts on the GPU, from the host's packed layout (Note [Expert weight layout
+/// tidal_n16_v1] in kernels/cpu/expert_gemm_pack.cpp), so an expert copied byte for byte from
+/// host RAM into a VRAM cache slot runs as it is. One-token decode: the router's ids and weights
+/// stay on the device; each routed expert that a slot holds is computed and added, the others are
+/// left to the host.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace tidal::kernels::cuda {
+
+/// One packed matrix's layout (the fields of kernels::cpu::PackedLayout the GPU needs).
+/// dtype: 0 BF16, 1 INT8, 2 INT4.
+struct ExpertMatrixLayout {
+  int dtype = 0;
+  int64_t n = 0, k = 0, group = 0, k_pad = 0, num_tiles = 0, num_groups = 0, group_bytes = 0,
+          data_bytes = 0, tile_bytes = 0;
+  int64_t bytes() const { return num_tiles * tile_bytes; }
+};
+
+/// The routed experts of one MoE layer for one token whose ids a VRAM slot holds.
+struct GpuExpertsArgs {
+  ExpertMatrixLayout gate_up;  ///< gate and up: n = I, k = H
+  ExpertMatrixLayout down;     ///< n = H, k = I
+  const int32_t* ids = nullptr;  ///< top_k router ids (device)
+  const float* weights = nullptr;  ///< top_k router weights (device)
+  int top_k = 0;
+  int64_t num_experts = 0;
+  /// Slot of each expert of this layer, -1 where none holds it (device, num_experts entries).
+  const int32_t* slot_of = nullptr;
+  /// Slot s holds gate at slots + s·slot_bytes, up at + gate_up.bytes(), down at
+  /// + 2·gate_up.bytes().
+  const uint8_t* slots = nullptr;
+  int64_t slot_bytes = 0;
+  const float* x = nullptr;  ///< the token's normed hidden state, k = H floats
+  float* y = nullptr;        ///< += Σ over resident routed experts of weight · expert(x), H floats
+  float* hid = nullptr;      ///< workspace, top_k · I floats
+};
+
+/// Max top_k and H of gpu_experts_decode.
+constexpr int kMaxGpuTopK = 16;
+constexpr int64_t kMaxGpuExpertK = 8192;
+
+/// y += Σ_i [slot_of[ids[i]] ≥ 0] · weights[i] · down(silu(gate x) ⊙ up x) for one token: two
+/// launches (gate/up by 16-row tiles, then down by 16-row tiles over the resident experts in the
+/// order of ids). Returns false (nothing launched) for a shape it does not take.
+bool gpu_experts_decode(const GpuExpertsArgs& a, cudaStream_t s);
+
+}  // namespace tidal::kernels::cuda
