@@ -502,6 +502,22 @@ void ExpertStore::pack(const ExpertStoreOptions& opts, kernels::Executor& ex,
   owned_.reset();  // converted F16 sources, if any
 }
 
+bool ExpertStore::packed_layouts(kc::PackedLayout& gate_up, kc::PackedLayout& down) const {
+  if (region_ == nullptr) return false;
+  gate_up = gate_up_;
+  down = down_;
+  return true;
+}
+
+core::RoutedExperts::PackedExpertView ExpertStore::packed_expert(int64_t layer,
+                                                                 int64_t expert) const {
+  if (region_ == nullptr || layer < 0 || static_cast<size_t>(layer) >= packed_.size()) return {};
+  const auto& experts = packed_[static_cast<size_t>(layer)];
+  if (expert < 0 || static_cast<size_t>(expert) >= experts.size()) return {};
+  const auto& e = experts[static_cast<size_t>(expert)];
+  return {e.gate, e.up, e.down};
+}
+
 void ExpertStore::forward(int64_t layer, const float* src, int64_t num_tokens, const int32_t* ids,
                           const float* weights, int64_t top_k, float* dst, kernels::Executor& ex) {
   TIDAL_ASSERT(region_ != nullptr, "experts used before ExpertStore::pack");

@@ -63,6 +63,11 @@ class ExpertStore final : public core::RoutedExperts {
   void forward(int64_t layer, const float* src, int64_t num_tokens, const int32_t* ids,
                const float* weights, int64_t top_k, float* dst, kernels::Executor& ex) override;
 
+  bool packed_layouts(kernels::cpu::PackedLayout& gate_up,
+                      kernels::cpu::PackedLayout& down) const override;
+  PackedExpertView packed_expert(int64_t layer, int64_t expert) const override;
+  std::pair<void*, size_t> packed_region() const override { return {region_, region_bytes_}; }
+
   const ExpertStoreOptions& options() const { return opts_; }
   /// The checkpoint's expert formats ("BF16", "Q4_K+Q6_K", "F8_E4M3").
   std::string source_format() const;

@@ -20,7 +20,9 @@
 #include "core/error.h"
 #include "core/model/model.h"
 #include "core/model/step_trace.h"
+#include "kernels/cuda/experts.h"
 #include "kernels/cuda/ops.h"
+#include "offload/expert_cache.h"
 
 namespace tidal::core {
 namespace kc = kernels::cuda;
@@ -174,6 +176,57 @@ struct CudaModel::Impl {
     pf_pending = false;
     cuda_check(cudaEventRecord(ev_pf_join, pf), "event record");
     cuda_check(cudaStreamWaitEvent(stream, ev_pf_join), "stream wait");
+  }
+
+  // Note [VRAM expert cache]
+  // One-token decode with packed host experts keeps a pool of whole experts in VRAM, copied byte
+  // for byte from host RAM (kernels/cuda/experts.h runs the host's layout), placed by
+  // offload::ExpertSlotCache. A table [layer][expert] -> slot (or -1) on the device says what the
+  // GPU computes: after the router, the step's graph runs every routed expert the table holds into
+  // `yg` while the host computes the others (its sum reaches y at the next segment, then y += yg).
+  // The host splits each layer's experts by the same table (`vx_htable`, the copy uploaded at the
+  // step's start and left alone until the step ends), so no expert is computed twice or not at all.
+  // A miss is admitted (at most `expert_fills` copies queued or in flight) into a slot the policy
+  // frees; its old expert leaves the table at once (`vx_next`), and the copy is issued at the next
+  // step's start, after that table is uploaded on the compute stream, on a copy stream that waits
+  // for the upload: the GPU may still read the old expert during the step that admitted the new
+  // one, never after its copy starts. The copy runs beside that step and enters the table at the
+  // step after. Steps with routing control active, prefill and batched decode compute every expert
+  // on the host.
+  bool vx_tried = false, vx_on = false, vx_step = false;
+  kc::GpuExpertsArgs vx;
+  int32_t* vx_dtable = nullptr;  // device [layers][E]
+  int32_t* vx_htable = nullptr;  // pinned: what the device table holds this step
+  std::vector<int32_t> vx_next;  // the table for the next step
+  std::unique_ptr<offload::ExpertSlotCache> vx_cache;
+  cudaStream_t vx_copy = nullptr;
+  cudaEvent_t vx_ev_table = nullptr;
+  struct Fill {
+    int32_t slot = -1;
+    int64_t layer = -1, expert = -1;
+    cudaEvent_t done = nullptr;
+  };
+  std::vector<Fill> vx_queued, vx_inflight;
+  std::vector<cudaEvent_t> vx_events;  // free
+  void* vx_registered = nullptr;
+  uint64_t vx_bytes = 0;
+  float* yg = nullptr;
+  std::vector<int32_t> vx_ids;
+  std::vector<float> vx_w;
+  std::vector<int64_t> vx_keys;
+  std::vector<int32_t> vx_slots_out;
+  GpuExpertCacheStats vx_stats;
+  void vx_init();
+  void vx_begin_step();
+  /// Layer `layer`'s routed experts on the host (those the table does not hold, when vx_step).
+  void host_experts(int64_t layer, int64_t T, kernels::Executor& ex);
+  void vx_free();
+  /// After a step: its experts unpinned, LFU's token count advanced.
+  void vx_end_step() {
+    if (!vx_step) return;
+    vx_step = false;
+    vx_cache->release_pins();
+    vx_cache->next_token();
   }
 
   // decode graphs: one per segment (routed experts run on the host between segments)
@@ -431,6 +484,224 @@ std::vector<std::pair<size_t, size_t>> CudaModel::Impl::segments() const {
   return seg;
 }
 
+// ------------------------------------------------------------------ VRAM expert cache
+
+namespace {
+kc::ExpertMatrixLayout gpu_layout(const kernels::cpu::PackedLayout& l) {
+  kc::ExpertMatrixLayout g;
+  g.dtype = static_cast<int>(l.dtype);
+  g.n = l.n;
+  g.k = l.k;
+  g.group = l.group;
+  g.k_pad = l.k_pad;
+  g.num_tiles = l.num_tiles;
+  g.num_groups = l.num_groups;
+  g.group_bytes = l.group_bytes;
+  g.data_bytes = l.data_bytes;
+  g.tile_bytes = l.tile_bytes;
+  return g;
+}
+}  // namespace
+
+void CudaModel::Impl::vx_init() {
+  vx_tried = true;
+  if (experts == nullptr || opts.expert_slots == 0) return;
+  kernels::cpu::PackedLayout gu, dn;
+  if (!experts->packed_layouts(gu, dn)) return;
+  const int64_t E = cfg.num_experts, k = cfg.num_experts_per_tok, H = cfg.hidden_size;
+  if (E <= 0 || k > kc::kMaxGpuTopK || gu.n != dn.k) return;
+  vx.gate_up = gpu_layout(gu);
+  vx.down = gpu_layout(dn);
+  vx.slot_bytes = static_cast<int64_t>(align_up(static_cast<size_t>(2 * gu.bytes() + dn.bytes())));
+  int64_t moe_layers = 0;
+  for (const auto& L : layers) moe_layers += experts_on_host(L);
+  const int64_t L = static_cast<int64_t>(layers.size());
+  const uint64_t side = align_up(static_cast<size_t>(L * E) * 4) +
+                        align_up(static_cast<size_t>(k * gu.n) * 4) +
+                        align_up(static_cast<size_t>(H) * 4);
+  int64_t slots = opts.expert_slots;
+  if (slots < 0) {  // what the budget leaves after a KV cache of kv_reserve_tokens
+    int64_t n_attn = 0;
+    for (const auto& g : layers) n_attn += g.type == LayerType::kFullAttention;
+    const uint64_t kv_full = static_cast<uint64_t>(2 * n_attn * opts.kv_reserve_tokens *
+                                                   cfg.num_key_value_heads * cfg.head_dim) *
+                             (kv_f32() ? 4 : 2);
+    const uint64_t used = weight_bytes + ws_bytes + std::max<uint64_t>(kv_bytes, kv_full) +
+                          linear_bytes + side + (uint64_t{256} << 20);
+    slots = used < opts.memory_limit ? static_cast<int64_t>((opts.memory_limit - used) /
+                                                            static_cast<uint64_t>(vx.slot_bytes))
+                                     : 0;
+    size_t free_b = 0, total_b = 0;
+    cuda_check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
+    const uint64_t avail =
+        free_b > side + (uint64_t{256} << 20) ? free_b - side - (uint64_t{256} << 20) : 0;
+    slots = std::min<int64_t>(slots,
+                              static_cast<int64_t>(avail / static_cast<uint64_t>(vx.slot_bytes)));
+  }
+  slots = std::min(slots, moe_layers * E);
+  if (slots <= 0) return;
+  const uint64_t bytes = static_cast<uint64_t>(slots * vx.slot_bytes);
+  if (opts.expert_slots > 0) {
+    const uint64_t used = weight_bytes + ws_bytes + kv_bytes + linear_bytes;
+    TIDAL_CHECK(
+        opts.memory_limit == 0 || used + bytes + side <= opts.memory_limit, OutOfMemory,
+        "{} expert cache slots need {:.2f} GiB of VRAM, over the gpu_memory limit of {:.2f} "
+        "GiB ({:.2f} GiB in use)",
+        slots, gib(bytes + side), gib(opts.memory_limit), gib(used));
+  }
+  uint8_t* slot_mem = nullptr;
+  cuda_check(cudaMalloc(reinterpret_cast<void**>(&slot_mem), bytes), "expert cache slots");
+  vx.slots = slot_mem;
+  cuda_check(cudaMalloc(reinterpret_cast<void**>(&vx_dtable), static_cast<size_t>(L * E) * 4),
+             "expert cache table");
+  cuda_check(cudaMalloc(reinterpret_cast<void**>(&vx.hid), static_cast<size_t>(k * gu.n) * 4),
+             "expert cache workspace");
+  cuda_check(cudaMalloc(reinterpret_cast<void**>(&yg), static_cast<size_t>(H) * 4),
+             "expert cache workspace");
+  cuda_check(cudaMallocHost(reinterpret_cast<void**>(&vx_htable), static_cast<size_t>(L * E) * 4),
+             "expert cache table");
+  vx_next.assign(static_cast<size_t>(L * E), -1);
+  std::copy(vx_next.begin(), vx_next.end(), vx_htable);
+  cuda_check(
+      cudaMemcpy(vx_dtable, vx_htable, static_cast<size_t>(L * E) * 4, cudaMemcpyHostToDevice),
+      "expert cache table");
+  cuda_check(cudaStreamCreateWithFlags(&vx_copy, cudaStreamNonBlocking), "stream creation");
+  cuda_check(cudaEventCreateWithFlags(&vx_ev_table, cudaEventDisableTiming), "event creation");
+  vx_cache = std::make_unique<offload::ExpertSlotCache>(
+      L, E, slots, offload::parse_cache_policy(opts.expert_cache_policy), 0.98,
+      static_cast<uint64_t>(2 * gu.bytes() + dn.bytes()));
+  // Full-speed DMA from the host store: page-locked where the OS allows it (else the copies
+  // stage through the driver, correct but slower).
+  const auto [region, region_bytes] = experts->packed_region();
+  if (region != nullptr &&
+      cudaHostRegister(region, region_bytes, cudaHostRegisterDefault) == cudaSuccess)
+    vx_registered = region;
+  else
+    cudaGetLastError();
+  vx_bytes = bytes + side;
+  vx_stats = {};
+  vx_stats.slots = slots;
+  vx_stats.policy = opts.expert_cache_policy;
+  vx_stats.slot_bytes = static_cast<uint64_t>(vx.slot_bytes);
+  vx_stats.layer_gpu_pairs.assign(static_cast<size_t>(L), 0);
+  vx_stats.layer_cpu_pairs.assign(static_cast<size_t>(L), 0);
+  vx_on = true;
+}
+
+void CudaModel::Impl::vx_begin_step() {
+  const int64_t E = cfg.num_experts;
+  const uint64_t expert_bytes = static_cast<uint64_t>(2 * vx.gate_up.bytes() + vx.down.bytes());
+  // The copies issued at the last step's start enter the table. They ran beside that step
+  // (at most expert_fills experts: ~1 ms over PCIe against a step of several), so this wait is
+  // normally over at once; waiting rather than polling keeps which experts the GPU computes, and
+  // so the results, a function of the routing alone (graphs and eager launches agree bitwise).
+  for (const Fill& f : vx_inflight) {
+    cuda_check(cudaEventSynchronize(f.done), "expert copy");
+    if (vx_cache->expert_in(f.slot) == std::pair<int64_t, int64_t>{f.layer, f.expert}) {
+      vx_next[static_cast<size_t>(f.layer * E + f.expert)] = f.slot;
+      ++vx_stats.fills;
+      vx_stats.bytes_in += expert_bytes;
+    }
+    vx_events.push_back(f.done);
+  }
+  vx_inflight.clear();
+  const size_t tb = vx_next.size() * 4;
+  if (std::memcmp(vx_htable, vx_next.data(), tb) != 0) {
+    std::memcpy(vx_htable, vx_next.data(), tb);  // the last upload ended with the last step
+    cuda_check(cudaMemcpyAsync(vx_dtable, vx_htable, tb, cudaMemcpyHostToDevice, stream),
+               "expert cache table");
+  }
+  if (vx_queued.empty()) return;
+  // The copies start once this step's table (without the experts they replace) is in place.
+  cuda_check(cudaEventRecord(vx_ev_table, stream), "event record");
+  cuda_check(cudaStreamWaitEvent(vx_copy, vx_ev_table), "stream wait");
+  uint8_t* base = const_cast<uint8_t*>(vx.slots);
+  const size_t gub = static_cast<size_t>(vx.gate_up.bytes()),
+               dnb = static_cast<size_t>(vx.down.bytes());
+  for (Fill& f : vx_queued) {
+    const auto v = experts->packed_expert(f.layer, f.expert);
+    TIDAL_ASSERT(v.gate && v.up && v.down, "no packed bytes for expert {} of layer {}", f.expert,
+                 f.layer);
+    uint8_t* dst = base + static_cast<int64_t>(f.slot) * vx.slot_bytes;
+    cuda_check(cudaMemcpyAsync(dst, v.gate, gub, cudaMemcpyHostToDevice, vx_copy), "expert copy");
+    cuda_check(cudaMemcpyAsync(dst + gub, v.up, gub, cudaMemcpyHostToDevice, vx_copy),
+               "expert copy");
+    cuda_check(cudaMemcpyAsync(dst + 2 * gub, v.down, dnb, cudaMemcpyHostToDevice, vx_copy),
+               "expert copy");
+    if (vx_events.empty()) {
+      cudaEvent_t e = nullptr;
+      cuda_check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "event creation");
+      vx_events.push_back(e);
+    }
+    f.done = vx_events.back();
+    vx_events.pop_back();
+    cuda_check(cudaEventRecord(f.done, vx_copy), "event record");
+    vx_inflight.push_back(f);
+  }
+  vx_queued.clear();
+}
+
+void CudaModel::Impl::host_experts(int64_t layer, int64_t T, kernels::Executor& ex) {
+  const int64_t k = cfg.num_experts_per_tok, H = cfg.hidden_size, E = cfg.num_experts;
+  std::fill(h_out, h_out + T * H, 0.f);
+  if (!vx_step) {
+    experts->forward(layer, h_xn, T, h_rids, h_w, k, h_out, ex);
+    if (vx_on) {
+      vx_stats.cpu_pairs += T * k;
+      vx_stats.layer_cpu_pairs[static_cast<size_t>(layer)] += T * k;
+    }
+    return;
+  }
+  // One token: the experts the table does not hold (the GPU computes the others into yg).
+  const int32_t* row = vx_htable + layer * E;
+  vx_ids.clear();
+  vx_w.clear();
+  vx_keys.clear();
+  for (int64_t i = 0; i < k; ++i) {
+    const int32_t e = h_rids[i];
+    vx_keys.push_back(e);
+    if (e >= 0 && e < E && row[e] >= 0) continue;
+    vx_ids.push_back(e);
+    vx_w.push_back(h_w[i]);
+  }
+  const int64_t on_cpu = static_cast<int64_t>(vx_ids.size());
+  if (on_cpu > 0) experts->forward(layer, h_xn, 1, vx_ids.data(), vx_w.data(), on_cpu, h_out, ex);
+  vx_stats.cpu_pairs += on_cpu;
+  vx_stats.gpu_pairs += k - on_cpu;
+  vx_stats.layer_cpu_pairs[static_cast<size_t>(layer)] += on_cpu;
+  vx_stats.layer_gpu_pairs[static_cast<size_t>(layer)] += k - on_cpu;
+  // The policy sees the step's experts; misses are admitted while copies may still be queued.
+  vx_cache->lookup(layer, vx_keys, vx_slots_out);
+  for (int64_t i = 0; i < k; ++i) {
+    if (vx_slots_out[static_cast<size_t>(i)] != offload::ExpertSlotCache::kNone) continue;
+    const int64_t e = vx_keys[static_cast<size_t>(i)];
+    if (e < 0 || e >= E) continue;
+    if (static_cast<int64_t>(vx_queued.size() + vx_inflight.size()) >= opts.expert_fills) break;
+    const auto adm = vx_cache->admit(layer, e);
+    if (adm.slot == offload::ExpertSlotCache::kNone) break;
+    if (adm.evicted_layer != offload::ExpertSlotCache::kNone)
+      vx_next[static_cast<size_t>(adm.evicted_layer * E + adm.evicted_expert)] = -1;
+    vx_next[static_cast<size_t>(layer * E + e)] = -1;  // until its copy is done
+    vx_queued.push_back({adm.slot, layer, e, nullptr});
+  }
+}
+
+void CudaModel::Impl::vx_free() {
+  if (vx_copy) cudaStreamSynchronize(vx_copy);
+  for (auto& f : vx_inflight) vx_events.push_back(f.done);
+  for (auto e : vx_events) cudaEventDestroy(e);
+  vx_events.clear();
+  vx_inflight.clear();
+  if (vx_ev_table) cudaEventDestroy(vx_ev_table);
+  if (vx_copy) cudaStreamDestroy(vx_copy);
+  if (vx_registered) cudaHostUnregister(vx_registered);
+  cudaFree(const_cast<uint8_t*>(vx.slots));
+  cudaFree(vx_dtable);
+  cudaFree(vx.hid);
+  cudaFree(yg);
+  if (vx_htable) cudaFreeHost(vx_htable);
+}
+
 void CudaModel::Impl::enqueue_attention(const GpuLayer& L, int layer, int64_t T) {
   const auto& c = cfg;
   const int64_t nh = c.num_attention_heads, nkv = c.num_key_value_heads, d = c.head_dim;
@@ -653,8 +924,20 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
                    ? cudaEventRecordWithFlags(ev_d2h, stream, cudaEventRecordExternal)
                    : cudaEventRecord(ev_d2h, stream),
                "event record");
+    if (vx_step) {  // the resident routed experts, while the host computes the others
+      cuda_check(cudaMemsetAsync(yg, 0, static_cast<size_t>(H) * 4, stream), "memset");
+      kc::GpuExpertsArgs a = vx;
+      a.ids = rids;
+      a.weights = rw;
+      a.top_k = static_cast<int>(k);
+      a.num_experts = E;
+      a.slot_of = vx_dtable + static_cast<int64_t>(layer) * E;
+      a.x = xn;
+      a.y = yg;
+      TIDAL_ASSERT(kc::gpu_experts_decode(a, stream), "GPU experts refused a checked shape");
+      mark("mlp: cached routed experts");
+    }
   }
-  (void)layer;
   // The shared expert runs on the GPU while the host computes the routed experts.
   // The MLP output reaches x in the next fused residual + norm: routed experts in y (copied from
   // the host at the start of the next segment; none in the GPU-only benchmark) plus the gated
@@ -683,6 +966,7 @@ void CudaModel::Impl::enqueue_layers(size_t l0, size_t l1, int64_t T, bool first
     cuda_check(
         cudaMemcpyAsync(y, h_out, static_cast<size_t>(T * H) * 4, cudaMemcpyHostToDevice, stream),
         "copy to device");
+    if (vx_step) kc::add_vector(y, yg, T * H, stream);  // + the cached experts' sum
   }
   for (size_t l = l0; l < l1; ++l) {
     const GpuLayer& L = layers[l];
@@ -1118,6 +1402,7 @@ CudaModel::Impl::~Impl() {
   if (ev_pf_fork) cudaEventDestroy(ev_pf_fork);
   if (ev_pf_join) cudaEventDestroy(ev_pf_join);
   if (pf) cudaStreamDestroy(pf);
+  vx_free();
   for (auto e : prof_events) cudaEventDestroy(e);
   if (stream) cudaStreamDestroy(stream);
   cudaFree(wbase);
@@ -1231,7 +1516,11 @@ void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, Logi
     const bool use_graph =
         m.opts.graphs && T == 1 && cm == LogitsMode::kLast && !(m.experts && m.routing->active());
     m.batched = false;
+    if (!m.vx_tried) m.vx_init();
+    m.vx_step = m.vx_on && T == 1 && !m.routing->active();
+    if (m.vx_step) m.vx_begin_step();
     m.run_segments(T, cm, use_graph ? &m.graphs : nullptr, ex, profile);
+    m.vx_end_step();
     if (cm == LogitsMode::kAll) {
       for (int64_t r0 = 0; r0 < T; r0 += m.logits_rows) {
         const int64_t r = std::min(m.logits_rows, T - r0);
@@ -1281,7 +1570,6 @@ void CudaModel::Impl::enqueue_segment(size_t s, int64_t T, LogitsMode cm, bool u
 
 void CudaModel::Impl::run_segments(int64_t T, LogitsMode cm, std::vector<cudaGraphExec_t>* graphs,
                                    kernels::Executor& ex, ForwardProfile* profile) {
-  const int64_t H = cfg.hidden_size;
   if (graphs && graphs->empty()) {
     try {
       for (size_t s = 0; s < segs.size(); ++s) {
@@ -1342,17 +1630,15 @@ void CudaModel::Impl::run_segments(int64_t T, LogitsMode cm, std::vector<cudaGra
     if (tr) cuda_check(cudaEventRecord(tev.ev[2 * s + 1], stream), "trace event");
     if (s + 1 < segs.size()) {  // routed experts of layer segs[s].second - 1 on the host
       const int64_t layer = last_layer;
-      const int64_t k = cfg.num_experts_per_tok;
       {
         TraceSpan span(tr, "wait_router_ids", "waits", layer);
         cuda_check(cudaEventSynchronize(ev_d2h), "event wait");
       }
       if (routing->active())
         routing->on_route(layer, h_rlogits, T, cfg.norm_topk_prob, h_rids, h_w);
-      std::fill(h_out, h_out + T * H, 0.f);
       TraceSpan span(tr, "routed_experts", "cpu_experts", layer);
       const auto t0 = std::chrono::steady_clock::now();
-      experts->forward(layer, h_xn, T, h_rids, h_w, k, h_out, ex);
+      host_experts(layer, T, ex);
       if (profile)
         profile->routed_experts +=
             std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -1406,12 +1692,17 @@ void CudaModel::forward_batch(std::span<SequenceState* const> states, std::span<
   std::vector<cudaGraphExec_t>* graphs = !use_graph ? nullptr
                                          : B == 1   ? &m.graphs
                                                     : &m.batch_graphs[B];
+  if (!m.vx_tried) m.vx_init();
+  m.vx_step = m.vx_on && B == 1 && !m.routing->active();
+  if (m.vx_step) m.vx_begin_step();
   try {
     m.run_segments(B, LogitsMode::kLast, graphs, ex, profile);
   } catch (...) {
     m.batched = false;
+    m.vx_end_step();
     throw;
   }
+  m.vx_end_step();
   m.batched = false;
   cuda_check(cudaStreamSynchronize(m.stream), "forward");
   if (m.profiling) m.prof_collect();
@@ -1473,6 +1764,22 @@ void CudaModel::upload_linear_states(SequenceState& state,
   }
 }
 
+GpuExpertCacheStats CudaModel::expert_cache_stats() const {
+  const Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  return m.vx_stats;
+}
+
+void CudaModel::reset_expert_cache_stats() {
+  Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  m.vx_stats.gpu_pairs = m.vx_stats.cpu_pairs = m.vx_stats.fills = 0;
+  m.vx_stats.bytes_in = 0;
+  std::fill(m.vx_stats.layer_gpu_pairs.begin(), m.vx_stats.layer_gpu_pairs.end(), 0);
+  std::fill(m.vx_stats.layer_cpu_pairs.begin(), m.vx_stats.layer_cpu_pairs.end(), 0);
+  if (m.vx_cache) m.vx_cache->reset_stats();
+}
+
 GpuMemoryReport CudaModel::memory_report() const {
   const Impl& m = *impl_;
   GpuMemoryReport r;
@@ -1482,6 +1789,7 @@ GpuMemoryReport CudaModel::memory_report() const {
   r.kv_cache = m.kv_bytes;
   r.deltanet_state = m.linear_bytes;
   r.workspaces = m.ws_bytes;
+  r.expert_cache = m.vx_bytes;
   size_t f = 0, t = 0;
   cudaMemGetInfo(&f, &t);
   r.free = f;

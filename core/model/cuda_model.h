@@ -73,6 +73,18 @@ struct CudaOptions {
   int64_t l2_lead_bytes = env_int("TIDAL_CUDA_L2_LEAD_MB", 24) << 20;
   /// The environment variable `name` as an integer, `fallback` when unset or not a number.
   static int64_t env_int(const char* name, int64_t fallback);
+  /// VRAM expert cache (Note [VRAM expert cache] in cuda_model.cpp), for one-token decode with
+  /// packed host experts: slots of whole experts, -1 = as many as the budget leaves after the
+  /// weights, workspaces and a KV cache of kv_reserve_tokens (capped at every expert), 0 = off.
+  /// TIDAL_CUDA_EXPERT_SLOTS overrides it.
+  int64_t expert_slots = env_int("TIDAL_CUDA_EXPERT_SLOTS", -1);
+  /// "lru", "lfu" (decayed counts) or "static" (the first experts filled stay).
+  std::string expert_cache_policy = "lfu";
+  /// Most expert copies queued or in flight at once (each step's misses beyond it stay on the
+  /// CPU without being admitted). TIDAL_CUDA_EXPERT_FILLS overrides it.
+  int64_t expert_fills = env_int("TIDAL_CUDA_EXPERT_FILLS", 16);
+  /// Tokens of KV cache the automatic slot count leaves room for (Runtime: max_context if set).
+  int64_t kv_reserve_tokens = 32768;
   /// The environment variable `name` as a flag ("1" on, "0" off), `fallback` when unset.
   static bool env_flag(const char* name, bool fallback);
   int64_t max_chunk = 512;         ///< tokens per GPU pass; longer inputs run in chunks
@@ -88,10 +100,23 @@ struct HostWeights {
   float rope_scale = 1.0f;
 };
 
+/// The VRAM expert cache since load (Note [VRAM expert cache]).
+struct GpuExpertCacheStats {
+  int64_t slots = 0;  ///< 0: no cache
+  std::string policy;
+  uint64_t slot_bytes = 0;
+  int64_t gpu_pairs = 0;  ///< routed (token, expert) pairs computed from a slot
+  int64_t cpu_pairs = 0;  ///< ... on the host (not resident, or a one-token step without it)
+  int64_t fills = 0;      ///< experts copied into a slot (completed)
+  uint64_t bytes_in = 0;  ///< their bytes
+  std::vector<int64_t> layer_gpu_pairs, layer_cpu_pairs;  ///< per layer
+};
+
 /// VRAM use in bytes.
 struct GpuMemoryReport {
   std::string device;
   uint64_t weights = 0, kv_cache = 0, deltanet_state = 0, workspaces = 0;
+  uint64_t expert_cache = 0;  ///< expert slots (+ their table and workspaces)
   uint64_t free = 0, total = 0, limit = 0;
   uint64_t weights_bf16_equivalent = 0;  ///< the same matrices at BF16 (to compare int8)
 };
@@ -131,6 +156,8 @@ class CudaModel {
                             const std::vector<std::vector<float>>* rec) const;
 
   GpuMemoryReport memory_report() const;
+  GpuExpertCacheStats expert_cache_stats() const;
+  void reset_expert_cache_stats();
   std::string device_name() const;
   /// The one-token decode path in use: attention kernel, programmatic dependent launch, fusion.
   std::string decode_kernels() const;

@@ -4,9 +4,12 @@
 /// where experts live (host RAM, VRAM cache); the offload component implements this.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <utility>
 
 #include "kernels/common/executor.h"
+#include "kernels/cpu/expert_gemm.h"
 
 namespace tidal::core {
 
@@ -19,6 +22,24 @@ class RoutedExperts {
   /// token.
   virtual void forward(int64_t layer, const float* src, int64_t num_tokens, const int32_t* ids,
                        const float* weights, int64_t top_k, float* dst, kernels::Executor& ex) = 0;
+
+  /// For a VRAM expert cache, which copies experts byte for byte: the packed bytes of one
+  /// expert's gate, up and down matrices (kernels::cpu layout), or nulls where experts are not
+  /// packed.
+  struct PackedExpertView {
+    const uint8_t* gate = nullptr;
+    const uint8_t* up = nullptr;
+    const uint8_t* down = nullptr;
+  };
+  /// The layouts of every expert's gate/up and down matrices; false where experts are not
+  /// packed (then no VRAM cache).
+  virtual bool packed_layouts(kernels::cpu::PackedLayout& /*gate_up*/,
+                              kernels::cpu::PackedLayout& /*down*/) const {
+    return false;
+  }
+  virtual PackedExpertView packed_expert(int64_t /*layer*/, int64_t /*expert*/) const { return {}; }
+  /// The host memory that holds every packed expert (to register for DMA); {nullptr, 0} if none.
+  virtual std::pair<void*, size_t> packed_region() const { return {nullptr, 0}; }
 };
 
 }  // namespace tidal::core

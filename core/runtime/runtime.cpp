@@ -251,6 +251,7 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
     cuda->memory_limit = opts.gpu_memory;
     cuda->graphs = opts.cuda_graphs;
     cuda->kv_dtype = opts.kv_cache_dtype;
+    if (opts.max_context > 0) cuda->kv_reserve_tokens = opts.max_context;
   }
   rt->model_ = std::make_unique<core::Model>(cfg, *rt->checkpoint_, experts,
                                              cuda ? &*cuda : nullptr, rt->executor_.get());
@@ -448,7 +449,8 @@ std::map<std::string, uint64_t> Runtime::memory_report() const {
   r["kv_cache"] = m.kv_cache;
   r["deltanet_state"] = m.deltanet_state;
   r["workspaces"] = m.workspaces;
-  r["used"] = m.weights + m.kv_cache + m.deltanet_state + m.workspaces;
+  r["expert_cache"] = m.expert_cache;
+  r["used"] = m.weights + m.kv_cache + m.deltanet_state + m.workspaces + m.expert_cache;
   r["free"] = m.free;
   r["total"] = m.total;
   r["limit"] = m.limit;
@@ -468,12 +470,28 @@ RuntimeStats Runtime::stats() const {
   s.lookahead_predicted = std::move(la.predicted);
   s.lookahead_routed = std::move(la.routed);
   s.lookahead_hits = std::move(la.hits);
+#if TIDAL_WITH_CUDA
+  if (const auto* g = model().cuda()) {
+    const core::GpuExpertCacheStats c = g->expert_cache_stats();
+    s.gpu_expert_slots = c.slots;
+    s.gpu_expert_policy = c.policy;
+    s.gpu_expert_pairs = c.gpu_pairs;
+    s.host_expert_pairs = c.cpu_pairs;
+    s.gpu_expert_fills = c.fills;
+    s.gpu_expert_bytes_in = c.bytes_in;
+    s.layer_gpu_expert_pairs = c.layer_gpu_pairs;
+    s.layer_host_expert_pairs = c.layer_cpu_pairs;
+  }
+#endif
   return s;
 }
 
 void Runtime::reset_stats() {
   std::lock_guard lock(stats_mu_);
   model().routing().reset_lookahead();
+#if TIDAL_WITH_CUDA
+  if (auto* g = model().cuda()) g->reset_expert_cache_stats();
+#endif
   if (experts_) {
     reads_base_ = experts_->expert_reads();
     pairs_base_ = experts_->expert_pairs();

@@ -86,6 +86,14 @@ struct RuntimeStats {
   /// predicted one layer early, ids routed, routed ids that were predicted. All zero while off.
   std::vector<uint64_t> lookahead_predicted, lookahead_routed, lookahead_hits;
   bool lookahead_on = false;  ///< rt.set_router_lookahead(True) is in force
+  /// VRAM expert cache (device="cuda", Note [VRAM expert cache]): its slots (0: none) and
+  /// policy; routed (token, expert) pairs computed from a slot and on the host since load or
+  /// reset_stats, per layer too; experts copied in and their bytes.
+  int64_t gpu_expert_slots = 0;
+  std::string gpu_expert_policy;
+  int64_t gpu_expert_pairs = 0, host_expert_pairs = 0, gpu_expert_fills = 0;
+  uint64_t gpu_expert_bytes_in = 0;
+  std::vector<int64_t> layer_gpu_expert_pairs, layer_host_expert_pairs;
 };
 
 struct GenerationConfig {

@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file experts.cu
 /// \brief Routed experts from VRAM cache slots, one-token decode (experts.h).
-#include "kernels/cuda/experts.h"
-
 #include <cuda_fp16.h>
+
+#include "kernels/cuda/experts.h"
 
 namespace tidal::kernels::cuda {
 namespace {
@@ -40,7 +40,8 @@ __device__ __forceinline__ void tile_dot(const ExpertMatrixLayout& L, const uint
     if constexpr (DT == 0) {
       const float x0 = xs[2 * b], x1 = xs[2 * b + 1];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[i] = fmaf(bf16_lo(r4[i]), x0, fmaf(bf16_hi(r4[i]), x1, acc[i]));
+      for (int i = 0; i < 4; ++i)
+        acc[i] = fmaf(bf16_lo(r4[i]), x0, fmaf(bf16_hi(r4[i]), x1, acc[i]));
     } else if constexpr (DT == 1) {
       const int64_t g = b / bpg, c0 = g * L.group + (b % bpg) * 4;
       const float x0 = xs[c0], x1 = xs[c0 + 1], x2 = xs[c0 + 2], x3 = xs[c0 + 3];
@@ -149,9 +150,9 @@ __global__ void __launch_bounds__(kThreads) experts_down_kernel(const GpuExperts
     if (s < 0) continue;
     any = true;
     stage(a.hid + i * L.k, L.k, L.k_pad, xs);
-    const uint8_t* tile =
-        a.slots + s * a.slot_bytes + 2 * a.gate_up.num_tiles * a.gate_up.tile_bytes +
-        blockIdx.x * L.tile_bytes;
+    const uint8_t* tile = a.slots + s * a.slot_bytes +
+                          2 * a.gate_up.num_tiles * a.gate_up.tile_bytes +
+                          blockIdx.x * L.tile_bytes;
     tile_rows<DT>(L, tile, xs, red, d);
     if (threadIdx.x < kTileRows) sum = fmaf(a.weights[i], d[threadIdx.x], sum);
   }
@@ -163,13 +164,22 @@ template <int DT>
 void launch_experts(const GpuExpertsArgs& a, cudaStream_t s) {
   const size_t smem_gu = static_cast<size_t>(a.gate_up.k_pad) * sizeof(float);
   const size_t smem_dn = static_cast<size_t>(a.down.k_pad) * sizeof(float);
-  experts_gate_up_kernel<DT><<<dim3(static_cast<unsigned>(a.gate_up.num_tiles), a.top_k),
-                               kThreads, smem_gu, s>>>(a);
-  experts_down_kernel<DT>
-      <<<static_cast<unsigned>(a.down.num_tiles), kThreads, smem_dn, s>>>(a);
+  experts_gate_up_kernel<DT>
+      <<<dim3(static_cast<unsigned>(a.gate_up.num_tiles), a.top_k), kThreads, smem_gu, s>>>(a);
+  experts_down_kernel<DT><<<static_cast<unsigned>(a.down.num_tiles), kThreads, smem_dn, s>>>(a);
+}
+
+__global__ void add_vector_kernel(float* y, const float* x, int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) y[i] += x[i];
 }
 
 }  // namespace
+
+void add_vector(float* y, const float* x, int64_t n, cudaStream_t s) {
+  if (n <= 0) return;
+  add_vector_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, s>>>(y, x, n);
+}
 
 bool gpu_experts_decode(const GpuExpertsArgs& a, cudaStream_t s) {
   const ExpertMatrixLayout &gu = a.gate_up, &dn = a.down;

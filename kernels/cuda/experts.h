@@ -24,9 +24,9 @@ struct ExpertMatrixLayout {
 
 /// The routed experts of one MoE layer for one token whose ids a VRAM slot holds.
 struct GpuExpertsArgs {
-  ExpertMatrixLayout gate_up;  ///< gate and up: n = I, k = H
-  ExpertMatrixLayout down;     ///< n = H, k = I
-  const int32_t* ids = nullptr;  ///< top_k router ids (device)
+  ExpertMatrixLayout gate_up;      ///< gate and up: n = I, k = H
+  ExpertMatrixLayout down;         ///< n = H, k = I
+  const int32_t* ids = nullptr;    ///< top_k router ids (device)
   const float* weights = nullptr;  ///< top_k router weights (device)
   int top_k = 0;
   int64_t num_experts = 0;
@@ -37,8 +37,8 @@ struct GpuExpertsArgs {
   const uint8_t* slots = nullptr;
   int64_t slot_bytes = 0;
   const float* x = nullptr;  ///< the token's normed hidden state, k = H floats
-  float* y = nullptr;        ///< += Σ over resident routed experts of weight · expert(x), H floats
-  float* hid = nullptr;      ///< workspace, top_k · I floats
+  float* y = nullptr;    ///< += Σ over resident routed experts of weight · expert(x), H floats
+  float* hid = nullptr;  ///< workspace, top_k · I floats
 };
 
 /// Max top_k and H of gpu_experts_decode.
@@ -49,5 +49,8 @@ constexpr int64_t kMaxGpuExpertK = 8192;
 /// launches (gate/up by 16-row tiles, then down by 16-row tiles over the resident experts in the
 /// order of ids). Returns false (nothing launched) for a shape it does not take.
 bool gpu_experts_decode(const GpuExpertsArgs& a, cudaStream_t s);
+
+/// y[i] += x[i], i < n.
+void add_vector(float* y, const float* x, int64_t n, cudaStream_t s);
 
 }  // namespace tidal::kernels::cuda

@@ -125,6 +125,14 @@ py::dict stats_dict(const runtime::RuntimeStats& s) {
   d["lookahead_routed"] = s.lookahead_routed;
   d["lookahead_hits"] = s.lookahead_hits;
   d["lookahead_on"] = s.lookahead_on;
+  d["gpu_expert_slots"] = s.gpu_expert_slots;
+  d["gpu_expert_policy"] = s.gpu_expert_policy;
+  d["gpu_expert_pairs"] = s.gpu_expert_pairs;
+  d["host_expert_pairs"] = s.host_expert_pairs;
+  d["gpu_expert_fills"] = s.gpu_expert_fills;
+  d["gpu_expert_bytes_in"] = s.gpu_expert_bytes_in;
+  d["layer_gpu_expert_pairs"] = s.layer_gpu_expert_pairs;
+  d["layer_host_expert_pairs"] = s.layer_host_expert_pairs;
   return d;
 }
 

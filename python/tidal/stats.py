@@ -24,6 +24,15 @@ def _rss_bytes() -> int | None:
         return None
 
 
+def _expert_cache_hit_rate(s: dict[str, Any]) -> float | None:
+    """Routed (token, expert) pairs computed from the VRAM expert cache over all routed pairs since
+    load / reset_stats (None without a cache, or before any pair)."""
+    if not s.get("gpu_expert_slots"):
+        return None
+    total = s["gpu_expert_pairs"] + s["host_expert_pairs"]
+    return s["gpu_expert_pairs"] / total if total else None
+
+
 @dataclass
 class Stats:
     """Counters of one runtime. Times in seconds, sizes in bytes.
@@ -89,7 +98,7 @@ class Stats:
                     "decode_tokens_per_second": r.decode_tokens_per_second, "finish_reason": r.finish_reason}
         return cls(device=rt.device, prefill_tokens=s["prefill_tokens"], prefill_seconds=s["prefill_seconds"],
                    decode_tokens=s["decode_tokens"], decode_seconds=s["decode_seconds"], time=time,
-                   expert_cache_hit_rate=None, prediction_precision=precision, prediction_recall=recall,
+                   expert_cache_hit_rate=_expert_cache_hit_rate(s), prediction_precision=precision, prediction_recall=recall,
                    prediction_per_layer=per_layer, memory=memory,
                    live_sequences=s["live_sequences"], prompt_tokens=rt._prompt_tokens,
                    cached_prompt_tokens=rt._cached_prompt_tokens, last=last, notes=notes)

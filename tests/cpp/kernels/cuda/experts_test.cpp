@@ -137,8 +137,7 @@ void run_case(const Case& c) {
   cudaMemcpy(y.data(), d_y, y.size() * 4, cudaMemcpyDeviceToHost);
   double scale = 0;
   for (double v : ref) scale = std::max(scale, std::fabs(v));
-  for (int64_t r = 0; r < c.H; ++r)
-    ASSERT_NEAR(y[r], ref[r], 2e-5 * scale + 1e-6) << "row " << r;
+  for (int64_t r = 0; r < c.H; ++r) ASSERT_NEAR(y[r], ref[r], 2e-5 * scale + 1e-6) << "row " << r;
   // No resident expert among the routed ones: y untouched.
   const std::vector<int32_t> host_only = {1, 4, 6, 1, 4, 6, 1};
   cudaMemcpy(d_ids, host_only.data(), host_only.size() * 4, cudaMemcpyHostToDevice);
