@@ -509,10 +509,12 @@ void CudaModel::Impl::vx_init() {
   kernels::cpu::PackedLayout gu, dn;
   if (!experts->packed_layouts(gu, dn)) return;
   const int64_t E = cfg.num_experts, k = cfg.num_experts_per_tok, H = cfg.hidden_size;
-  if (E <= 0 || k > kc::kMaxGpuTopK || gu.n != dn.k) return;
   vx.gate_up = gpu_layout(gu);
   vx.down = gpu_layout(dn);
   vx.slot_bytes = static_cast<int64_t>(align_up(static_cast<size_t>(2 * gu.bytes() + dn.bytes())));
+  vx.top_k = static_cast<int>(k);
+  vx.num_experts = E;
+  if (E <= 0 || !kc::gpu_experts_supported(vx)) return;  // every expert stays on the host
   int64_t moe_layers = 0;
   for (const auto& L : layers) moe_layers += experts_on_host(L);
   const int64_t L = static_cast<int64_t>(layers.size());
@@ -573,11 +575,17 @@ void CudaModel::Impl::vx_init() {
   // Full-speed DMA from the host store: page-locked where the OS allows it (else the copies
   // stage through the driver, correct but slower).
   const auto [region, region_bytes] = experts->packed_region();
-  if (region != nullptr &&
-      cudaHostRegister(region, region_bytes, cudaHostRegisterDefault) == cudaSuccess)
-    vx_registered = region;
-  else
-    cudaGetLastError();
+  if (region != nullptr) {
+    // A packed-expert cache file is mapped read-only: such pages register only as read-only.
+    for (const unsigned flags :
+         {unsigned{cudaHostRegisterDefault}, unsigned{cudaHostRegisterReadOnly}}) {
+      if (cudaHostRegister(region, region_bytes, flags) == cudaSuccess) {
+        vx_registered = region;
+        break;
+      }
+      cudaGetLastError();
+    }
+  }
   vx_bytes = bytes + side;
   vx_stats = {};
   vx_stats.slots = slots;

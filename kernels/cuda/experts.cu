@@ -181,14 +181,18 @@ void add_vector(float* y, const float* x, int64_t n, cudaStream_t s) {
   add_vector_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, s>>>(y, x, n);
 }
 
-bool gpu_experts_decode(const GpuExpertsArgs& a, cudaStream_t s) {
+bool gpu_experts_supported(const GpuExpertsArgs& a) {
   const ExpertMatrixLayout &gu = a.gate_up, &dn = a.down;
-  if (a.top_k <= 0 || a.top_k > kMaxGpuTopK || gu.dtype != dn.dtype || gu.dtype < 0 ||
-      gu.dtype > 2 || gu.k_pad > kMaxGpuExpertK || dn.k_pad > kMaxGpuExpertK || dn.k != gu.n ||
-      gu.data_bytes % 64 != 0 || dn.data_bytes % 64 != 0 ||
-      (gu.dtype != 0 && (gu.group_bytes % 64 != 0 || dn.group_bytes % 64 != 0)) ||
-      a.slot_bytes < gu.bytes() * 2 + dn.bytes())
-    return false;
+  return a.top_k > 0 && a.top_k <= kMaxGpuTopK && gu.dtype == dn.dtype && gu.dtype >= 0 &&
+         gu.dtype <= 2 && gu.k_pad <= kMaxGpuExpertK && dn.k_pad <= kMaxGpuExpertK &&
+         dn.k == gu.n && gu.data_bytes % 64 == 0 && dn.data_bytes % 64 == 0 &&
+         (gu.dtype == 0 || (gu.group_bytes % 64 == 0 && dn.group_bytes % 64 == 0)) &&
+         a.slot_bytes >= gu.bytes() * 2 + dn.bytes();
+}
+
+bool gpu_experts_decode(const GpuExpertsArgs& a, cudaStream_t s) {
+  if (!gpu_experts_supported(a)) return false;
+  const ExpertMatrixLayout& gu = a.gate_up;
   if (gu.dtype == 0)
     launch_experts<0>(a, s);
   else if (gu.dtype == 1)

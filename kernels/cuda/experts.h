@@ -49,6 +49,8 @@ constexpr int64_t kMaxGpuExpertK = 8192;
 /// launches (gate/up by 16-row tiles, then down by 16-row tiles over the resident experts in the
 /// order of ids). Returns false (nothing launched) for a shape it does not take.
 bool gpu_experts_decode(const GpuExpertsArgs& a, cudaStream_t s);
+/// Whether gpu_experts_decode takes this shape (layouts, top_k, slot size; pointers unchecked).
+bool gpu_experts_supported(const GpuExpertsArgs& a);
 
 /// y[i] += x[i], i < n.
 void add_vector(float* y, const float* x, int64_t n, cudaStream_t s);
