@@ -254,10 +254,28 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
                 # plus the routing (ids and weights). No weights move.
                 c = rt.config
                 need["pcie"] = sum(c.layer_is_moe) * (2 * c.hidden_size * 4 + c.num_experts_per_tok * 8)
-            bound = decode_bound(need, bw, gpu_bw.get("hbm_read_bytes_per_s"), gpu_bw.get("pinned_h2d_bytes_per_s"))
-            measure(f"tg{n}@d{d}", n, lambda n=n, d=d: _time_tg(rt, n, d, rng), depth=d,
-                    bytes_per_token=need, bound_tok_s=bound)
+            before = rt._engine.stats() if on_gpu else None
+            measure(f"tg{n}@d{d}", n, lambda n=n, d=d: _time_tg(rt, n, d, rng), depth=d, bytes_per_token=need)
             r = results[-1]
+            if before is not None and before.get("gpu_expert_slots"):
+                # The VRAM expert cache (Note [VRAM expert cache]): the routed experts it computed
+                # were read from VRAM, not host RAM, and its copies crossed PCIe. The bound takes
+                # the hit rate and copies measured over the timed steps (warm-up included).
+                after = rt._engine.stats()
+                gpu = after["gpu_expert_pairs"] - before["gpu_expert_pairs"]
+                tokens = (repetitions + 1) * n
+                c = rt.config
+                prompt_pairs = (repetitions + 1) * (d if d > 1 else 0) * c.num_experts_per_tok * sum(c.layer_is_moe)
+                host = after["host_expert_pairs"] - before["host_expert_pairs"] - prompt_pairs  # decode only
+                hit = gpu / (gpu + host) if gpu + host else 0.0
+                need["routed_experts_in_vram"] = int(need["routed_experts"] * hit)
+                need["routed_experts"] -= need["routed_experts_in_vram"]
+                need["pcie"] += int((after["gpu_expert_bytes_in"] - before["gpu_expert_bytes_in"]) / tokens)
+                r["expert_cache"] = {"slots": after["gpu_expert_slots"], "policy": after["gpu_expert_policy"],
+                                     "hit_rate": hit,
+                                     "fills_per_token": (after["gpu_expert_fills"] - before["gpu_expert_fills"]) / tokens}
+            r["bound_tok_s"] = decode_bound(need, bw, gpu_bw.get("hbm_read_bytes_per_s"),
+                                            gpu_bw.get("pinned_h2d_bytes_per_s"))
             r["fraction_of_bound"] = r["tok_s_median"] / r["bound_tok_s"]
     bw_after = _tidal.measure_read_bandwidth(bandwidth_bytes, rt.num_threads, 3)
     if on_gpu:  # the GPU figures, too, are the larger of two readings
