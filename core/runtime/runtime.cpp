@@ -21,6 +21,7 @@
 #include "core/checkpoint/gguf_model.h"
 #include "core/error.h"
 #include "kernels/cpu/expert_gemm.h"
+#include "offload/expert_cache.h"
 #include "offload/expert_store.h"
 #ifdef TIDAL_WITH_CUDA
 #include "kernels/cuda/device_info.h"
@@ -252,6 +253,14 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
     cuda->graphs = opts.cuda_graphs;
     cuda->kv_dtype = opts.kv_cache_dtype;
     if (opts.max_context > 0) cuda->kv_reserve_tokens = opts.max_context;
+    TIDAL_CHECK(opts.gpu_expert_slots >= -1, InvalidArgument,
+                "gpu_expert_slots must be >= 0 (or None for what gpu_memory leaves), got {}",
+                opts.gpu_expert_slots);
+    (void)offload::parse_cache_policy(opts.gpu_expert_policy);  // InvalidArgument naming it
+    // TIDAL_CUDA_EXPERT_SLOTS (experiments) wins over the default, not over an explicit count.
+    if (opts.gpu_expert_slots >= 0 || cuda->expert_slots < 0)
+      cuda->expert_slots = opts.gpu_expert_slots;
+    cuda->expert_cache_policy = opts.gpu_expert_policy;
   }
   rt->model_ = std::make_unique<core::Model>(cfg, *rt->checkpoint_, experts,
                                              cuda ? &*cuda : nullptr, rt->executor_.get());

@@ -61,6 +61,10 @@ struct RuntimeOptions {
   /// max_position_embeddings is checked where prompts enter, as before). At most
   /// max_position_embeddings.
   int64_t max_context = 0;
+  /// VRAM expert cache (Note [VRAM expert cache]): slots, -1 = what gpu_memory leaves (the
+  /// default), 0 = none; and its policy, "lfu" (decayed counts), "lru" or "static".
+  int64_t gpu_expert_slots = -1;
+  std::string gpu_expert_policy = "lfu";
 };
 
 /// Counters of one runtime since load (or reset_stats); times in seconds, sizes in bytes.

@@ -259,7 +259,7 @@ void bind_runtime(py::module_& m) {
              const std::string& cpu_isa, const std::string& expert_cache,
              const py::object& progress, uint64_t gpu_memory, const std::string& gpu_weights,
              const std::string& gpu_precision, bool cuda_graphs, const std::string& kv_cache_dtype,
-             int64_t max_context) {
+             int64_t max_context, int64_t gpu_expert_slots, const std::string& gpu_expert_policy) {
             runtime::RuntimeOptions o;
             o.device = device;
             o.num_threads = num_threads;
@@ -274,6 +274,8 @@ void bind_runtime(py::module_& m) {
             o.cuda_graphs = cuda_graphs;
             o.kv_cache_dtype = kv_cache_dtype;
             o.max_context = max_context;
+            o.gpu_expert_slots = gpu_expert_slots;
+            o.gpu_expert_policy = gpu_expert_policy;
             runtime::LoadProgress cb;
             if (!progress.is_none()) {
               cb = [progress](uint64_t done, uint64_t total) {
@@ -291,6 +293,7 @@ void bind_runtime(py::module_& m) {
           py::arg("gpu_memory") = 0, py::arg("gpu_weights") = "bf16",
           py::arg("gpu_precision") = "bf16x2", py::arg("cuda_graphs") = true,
           py::arg("kv_cache_dtype") = "bf16", py::arg("max_context") = 0,
+          py::arg("gpu_expert_slots") = -1, py::arg("gpu_expert_policy") = "lfu",
           "Load a checkpoint directory. progress(done_bytes, total_bytes) is called while the "
           "dense weights are read into RAM and the routed experts are packed.")
       .def("describe", &Runtime::describe, "What runs: ISA, expert format, kernels, threads.")

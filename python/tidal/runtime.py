@@ -133,7 +133,8 @@ class Runtime:
              num_threads: int | None = None, gpu_memory: str | int | None = None, gpu_weights: str = "bf16",
              gpu_precision: str = "bf16x2", cuda_graphs: bool = True,
              kv_cache_dtype: str = "bf16", tokenizer: str | os.PathLike | None = None,
-             max_context: int | None = None) -> "Runtime":
+             max_context: int | None = None, gpu_expert_slots: int | None = None,
+             gpu_expert_policy: str = "lfu") -> "Runtime":
         """Load a Hugging Face checkpoint directory (config.json + safetensors, tokenizer files optional;
         BF16 or official FP8 weights) or a llama.cpp GGUF file (the first part of a split one).
 
@@ -191,6 +192,14 @@ class Runtime:
             call that would pass it raises ValueError before any work, and generation stops there with
             finish_reason "length". None: the model's context, with the plan sized for
             min(32768, max_position_embeddings).
+        gpu_expert_slots : int or None
+            device="cuda": routed experts kept in a VRAM cache and computed on the GPU during decode
+            (docs/architecture.md, "The VRAM expert cache"). None: as many as gpu_memory leaves after the
+            weights, workspaces and a KV cache of max_context tokens; 0: none (every routed expert on the
+            CPU).
+        gpu_expert_policy : {"lfu", "lru", "static"}
+            Which cached expert a missed one replaces: decayed use counts, least recently used, or none
+            (the first experts cached stay).
         """
         p = pathlib.Path(os.fspath(path))
         if tokenizer is not None:
@@ -199,6 +208,9 @@ class Runtime:
                 raise FileNotFoundError(f"tokenizer={os.fspath(tokenizer)!r}: no tokenizer.json there")
         if num_threads is not None:
             cpu_threads = num_threads
+        if gpu_expert_slots is not None and (isinstance(gpu_expert_slots, bool) or not isinstance(gpu_expert_slots, int)
+                                             or gpu_expert_slots < 0):
+            raise ValueError(f"gpu_expert_slots must be an int >= 0 (or None), got {gpu_expert_slots!r}")
         gpu_bytes = 0 if gpu_memory is None else parse_bytes(gpu_memory)
         if gpu_memory is not None and gpu_bytes == 0:
             raise ValueError("gpu_memory must be > 0 (or None for what is free)")
@@ -212,7 +224,9 @@ class Runtime:
                                          cpu_isa=cpu_isa, expert_cache=os.fspath(expert_cache),
                                          progress=update, gpu_memory=gpu_bytes, gpu_weights=gpu_weights,
                                          gpu_precision=gpu_precision, cuda_graphs=bool(cuda_graphs),
-                                         kv_cache_dtype=kv_cache_dtype, max_context=max_context or 0)
+                                         kv_cache_dtype=kv_cache_dtype, max_context=max_context or 0,
+                                         gpu_expert_slots=-1 if gpu_expert_slots is None else gpu_expert_slots,
+                                         gpu_expert_policy=gpu_expert_policy)
         finally:
             if close:
                 close()

@@ -225,6 +225,13 @@ def test_bad_gpu_requests_are_clear_errors():
         _load(MINI, gpu_precision="fp16")
     with pytest.raises(ValueError, match="cuda"):
         tidal.Runtime.load(MINI, device="cuda:99", progress=False)
+    with pytest.raises(ValueError, match="'mru'"):
+        _load(MINI, gpu_expert_policy="mru")
+    # More slots than routed experts: one slot per expert.
+    rt = _load(MINI, gpu_expert_slots=10**6)
+    rt.logits([5, 6])
+    cfg = rt.config
+    assert rt._engine.stats()["gpu_expert_slots"] == sum(cfg.layer_is_moe) * cfg.num_experts
 
 
 def test_routing_record_and_replay_on_gpu():

@@ -81,3 +81,10 @@ def test_no_limit_by_default():
     seq = rt.new_sequence()
     seq.prefill(_ids(LIMIT + 10, 5))  # past what the limited runtime takes
     assert seq.num_tokens == LIMIT + 10
+
+
+@pytest.mark.parametrize("bad", [-1, True, 2.5, "8"])
+def test_bad_gpu_expert_slots(bad):
+    """Checked before anything loads, whatever the device (the cache exists only on device="cuda")."""
+    with pytest.raises(ValueError, match="gpu_expert_slots must be an int >= 0"):
+        tidal.Runtime.load(MINI, progress=False, gpu_expert_slots=bad)
