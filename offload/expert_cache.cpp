@@ -185,6 +185,14 @@ void ExpertSlotCache::release_pins() {
   pinned_list_.clear();
 }
 
+void ExpertSlotCache::pin(int32_t slot) {
+  if (slot < 0 || slot >= slots())
+    throw InvalidArgument(fmt::format("expert cache: slot {} outside [0, {})", slot, slots()));
+  if (pinned_[static_cast<size_t>(slot)]) return;
+  pinned_[static_cast<size_t>(slot)] = 1;
+  pinned_list_.push_back(slot);
+}
+
 void ExpertSlotCache::set_resident(const std::vector<std::pair<int64_t, int64_t>>& keys) {
   if (static_cast<int64_t>(keys.size()) > slots())
     throw InvalidArgument(

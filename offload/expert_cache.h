@@ -82,6 +82,9 @@ class ExpertSlotCache {
   void next_token();
   /// Unpins every slot (the GPU is done with the step's experts).
   void release_pins();
+  /// Pins `slot` until the next release_pins() without counting an access (a slot whose copy is
+  /// still in flight must not be handed to another expert).
+  void pin(int32_t slot);
 
   /// kStatic (or a warm start for the others): the slots hold exactly these (layer, expert) keys,
   /// in order, at most `slots` of them; the rest stay free. Throws on a duplicate or out-of-range

@@ -216,18 +216,31 @@ struct CudaModel::Impl {
   std::vector<int64_t> vx_keys;
   std::vector<int32_t> vx_slots_out;
   GpuExpertCacheStats vx_stats;
+  mutable std::mutex vx_mu;  // vx_stats: read by stats() while a forward (holding mu) runs
   void vx_init();
+  void vx_init_impl();
   void vx_begin_step();
   /// Layer `layer`'s routed experts on the host (those the table does not hold, when vx_step).
   void host_experts(int64_t layer, int64_t T, kernels::Executor& ex);
   void vx_free();
-  /// After a step: its experts unpinned, LFU's token count advanced.
+  /// After a step: its experts unpinned (but slots whose copy is queued stay pinned until it has
+  /// entered the table), LFU's token count advanced.
   void vx_end_step() {
     if (!vx_step) return;
     vx_step = false;
     vx_cache->release_pins();
+    for (const Fill& f : vx_queued) vx_cache->pin(f.slot);
     vx_cache->next_token();
   }
+  /// A forward that threw: let the stream finish what it was given (so the pinned table is free
+  /// to rewrite), then end the step.
+  void step_failed() {
+    cudaStreamSynchronize(stream);
+    cudaGetLastError();
+    vx_end_step();
+  }
+  bool route_ctl = false;  // routing control active for this forward (read once)
+  std::vector<std::pair<int64_t, int64_t>> vx_static_keys;  // "static": in slot order
 
   // decode graphs: one per segment (routed experts run on the host between segments)
   std::vector<cudaGraphExec_t> graphs;  // T = 1, captured on first use
@@ -428,12 +441,14 @@ void CudaModel::Impl::ensure_capacity(DeviceSequenceState& s, int64_t need) {
   for (const auto& L : layers) n_attn += L.type == LayerType::kFullAttention;
   size_t free_b = 0, total_b = 0;
   cudaMemGetInfo(&free_b, &total_b);
-  const uint64_t used = weight_bytes + ws_bytes + kv_bytes + linear_bytes;
+  const uint64_t used = weight_bytes + ws_bytes + kv_bytes + linear_bytes + vx_bytes;
   const uint64_t add = 2 * n_attn * bytes - s.kv_bytes;
   TIDAL_CHECK(opts.memory_limit == 0 || used + add <= opts.memory_limit, OutOfMemory,
               "a {}-token KV cache needs {:.2f} GiB more VRAM, over the gpu_memory limit of {:.2f} "
-              "GiB ({:.2f} GiB in use)",
-              cap, gib(add), gib(opts.memory_limit), gib(used));
+              "GiB ({:.2f} GiB in use{}){}",
+              cap, gib(add), gib(opts.memory_limit), gib(used),
+              vx_bytes ? fmt::format(", {:.2f} GiB of it the expert cache", gib(vx_bytes)) : "",
+              vx_bytes ? "; a smaller gpu_expert_slots or a max_context leaves room" : "");
   // Allocate every new buffer first: on failure the sequence keeps its old cache intact.
   std::vector<void*> fresh;
   for (size_t i = 0; i < 2 * n_attn; ++i) {
@@ -505,6 +520,17 @@ kc::ExpertMatrixLayout gpu_layout(const kernels::cpu::PackedLayout& l) {
 
 void CudaModel::Impl::vx_init() {
   vx_tried = true;
+  try {
+    vx_init_impl();
+  } catch (...) {
+    vx_free();  // nothing half-made stays allocated or counted
+    vx_on = false;
+    vx_bytes = 0;
+    throw;
+  }
+}
+
+void CudaModel::Impl::vx_init_impl() {
   if (experts == nullptr || opts.expert_slots == 0) return;
   kernels::cpu::PackedLayout gu, dn;
   if (!experts->packed_layouts(gu, dn)) return;
@@ -525,7 +551,9 @@ void CudaModel::Impl::vx_init() {
   if (slots < 0) {  // what the budget leaves after a KV cache of kv_reserve_tokens
     int64_t n_attn = 0;
     for (const auto& g : layers) n_attn += g.type == LayerType::kFullAttention;
-    const uint64_t kv_full = static_cast<uint64_t>(2 * n_attn * opts.kv_reserve_tokens *
+    const int64_t reserve_tokens =
+        std::min<int64_t>(opts.kv_reserve_tokens, cfg.max_position_embeddings);
+    const uint64_t kv_full = static_cast<uint64_t>(2 * n_attn * reserve_tokens *
                                                    cfg.num_key_value_heads * cfg.head_dim) *
                              (kv_f32() ? 4 : 2);
     const uint64_t used = weight_bytes + ws_bytes + std::max<uint64_t>(kv_bytes, kv_full) +
@@ -587,6 +615,7 @@ void CudaModel::Impl::vx_init() {
     }
   }
   vx_bytes = bytes + side;
+  std::lock_guard lock(vx_mu);
   vx_stats = {};
   vx_stats.slots = slots;
   vx_stats.policy = opts.expert_cache_policy;
@@ -607,8 +636,8 @@ void CudaModel::Impl::vx_begin_step() {
     cuda_check(cudaEventSynchronize(f.done), "expert copy");
     if (vx_cache->expert_in(f.slot) == std::pair<int64_t, int64_t>{f.layer, f.expert}) {
       vx_next[static_cast<size_t>(f.layer * E + f.expert)] = f.slot;
+      std::lock_guard lock(vx_mu);
       ++vx_stats.fills;
-      vx_stats.bytes_in += expert_bytes;
     }
     vx_events.push_back(f.done);
   }
@@ -644,6 +673,11 @@ void CudaModel::Impl::vx_begin_step() {
     f.done = vx_events.back();
     vx_events.pop_back();
     cuda_check(cudaEventRecord(f.done, vx_copy), "event record");
+    {
+      std::lock_guard lock(vx_mu);
+      vx_stats.bytes_in += expert_bytes;  // counted when issued, whether or not it is kept
+    }
+    vx_cache->pin(f.slot);  // no other expert takes the slot while it fills
     vx_inflight.push_back(f);
   }
   vx_queued.clear();
@@ -655,6 +689,7 @@ void CudaModel::Impl::host_experts(int64_t layer, int64_t T, kernels::Executor& 
   if (!vx_step) {
     experts->forward(layer, h_xn, T, h_rids, h_w, k, h_out, ex);
     if (vx_on) {
+      std::lock_guard lock(vx_mu);
       vx_stats.cpu_pairs += T * k;
       vx_stats.layer_cpu_pairs[static_cast<size_t>(layer)] += T * k;
     }
@@ -667,25 +702,35 @@ void CudaModel::Impl::host_experts(int64_t layer, int64_t T, kernels::Executor& 
   vx_keys.clear();
   for (int64_t i = 0; i < k; ++i) {
     const int32_t e = h_rids[i];
-    vx_keys.push_back(e);
+    if (e >= 0 && e < E) vx_keys.push_back(e);  // the policy sees valid ids only
     if (e >= 0 && e < E && row[e] >= 0) continue;
-    vx_ids.push_back(e);
+    vx_ids.push_back(e);  // an invalid id reaches the host op, which names it
     vx_w.push_back(h_w[i]);
   }
   const int64_t on_cpu = static_cast<int64_t>(vx_ids.size());
   if (on_cpu > 0) experts->forward(layer, h_xn, 1, vx_ids.data(), vx_w.data(), on_cpu, h_out, ex);
+  std::unique_lock stats_lock(vx_mu);
   vx_stats.cpu_pairs += on_cpu;
   vx_stats.gpu_pairs += k - on_cpu;
   vx_stats.layer_cpu_pairs[static_cast<size_t>(layer)] += on_cpu;
   vx_stats.layer_gpu_pairs[static_cast<size_t>(layer)] += k - on_cpu;
+  stats_lock.unlock();
   // The policy sees the step's experts; misses are admitted while copies may still be queued.
   vx_cache->lookup(layer, vx_keys, vx_slots_out);
-  for (int64_t i = 0; i < k; ++i) {
-    if (vx_slots_out[static_cast<size_t>(i)] != offload::ExpertSlotCache::kNone) continue;
-    const int64_t e = vx_keys[static_cast<size_t>(i)];
-    if (e < 0 || e >= E) continue;
+  const bool fixed = vx_cache->policy() == offload::CachePolicy::kStatic;
+  for (size_t i = 0; i < vx_keys.size(); ++i) {
+    if (vx_slots_out[i] != offload::ExpertSlotCache::kNone) continue;
+    const int64_t e = vx_keys[i];
     if (static_cast<int64_t>(vx_queued.size() + vx_inflight.size()) >= opts.expert_fills) break;
-    const auto adm = vx_cache->admit(layer, e);
+    offload::ExpertSlotCache::Admission adm;
+    if (fixed) {  // "static": the first experts to miss fill the free slots and stay
+      if (static_cast<int64_t>(vx_static_keys.size()) >= vx_cache->slots()) break;
+      vx_static_keys.emplace_back(layer, e);
+      vx_cache->set_resident(vx_static_keys);  // slot i keeps key i
+      adm.slot = vx_cache->slot_of(layer, e);
+    } else {
+      adm = vx_cache->admit(layer, e);
+    }
     if (adm.slot == offload::ExpertSlotCache::kNone) break;
     if (adm.evicted_layer != offload::ExpertSlotCache::kNone)
       vx_next[static_cast<size_t>(adm.evicted_layer * E + adm.evicted_expert)] = -1;
@@ -700,6 +745,7 @@ void CudaModel::Impl::vx_free() {
   for (auto e : vx_events) cudaEventDestroy(e);
   vx_events.clear();
   vx_inflight.clear();
+  vx_queued.clear();
   if (vx_ev_table) cudaEventDestroy(vx_ev_table);
   if (vx_copy) cudaStreamDestroy(vx_copy);
   if (vx_registered) cudaHostUnregister(vx_registered);
@@ -708,6 +754,15 @@ void CudaModel::Impl::vx_free() {
   cudaFree(vx.hid);
   cudaFree(yg);
   if (vx_htable) cudaFreeHost(vx_htable);
+  vx_ev_table = nullptr;
+  vx_copy = nullptr;
+  vx_registered = nullptr;
+  vx.slots = nullptr;
+  vx.hid = nullptr;
+  vx_dtable = nullptr;
+  yg = nullptr;
+  vx_htable = nullptr;
+  cudaGetLastError();
 }
 
 void CudaModel::Impl::enqueue_attention(const GpuLayer& L, int layer, int64_t T) {
@@ -920,7 +975,7 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
     cuda_check(
         cudaMemcpyAsync(h_w, rw, static_cast<size_t>(T * k) * 4, cudaMemcpyDeviceToHost, stream),
         "copy to host");
-    if (routing->active())
+    if (route_ctl)
       cuda_check(cudaMemcpy2DAsync(h_rlogits, static_cast<size_t>(E) * 4, proj,
                                    static_cast<size_t>(W) * 4, static_cast<size_t>(E) * 4,
                                    static_cast<size_t>(T), cudaMemcpyDeviceToHost, stream),
@@ -1521,13 +1576,20 @@ void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, Logi
     cuda_check(cudaMemcpyAsync(m.ids, m.h_ids, static_cast<size_t>(T) * 4, cudaMemcpyHostToDevice,
                                m.stream),
                "ids upload");
-    const bool use_graph =
-        m.opts.graphs && T == 1 && cm == LogitsMode::kLast && !(m.experts && m.routing->active());
+    // Routing control is read once per chunk: the graph, the host's split of the experts and
+    // on_route must agree for the whole step.
+    m.route_ctl = m.experts && m.routing->active();
+    const bool use_graph = m.opts.graphs && T == 1 && cm == LogitsMode::kLast && !m.route_ctl;
     m.batched = false;
     if (!m.vx_tried) m.vx_init();
-    m.vx_step = m.vx_on && T == 1 && !m.routing->active();
+    m.vx_step = m.vx_on && T == 1 && !m.route_ctl;
     if (m.vx_step) m.vx_begin_step();
-    m.run_segments(T, cm, use_graph ? &m.graphs : nullptr, ex, profile);
+    try {
+      m.run_segments(T, cm, use_graph ? &m.graphs : nullptr, ex, profile);
+    } catch (...) {
+      m.step_failed();
+      throw;
+    }
     m.vx_end_step();
     if (cm == LogitsMode::kAll) {
       for (int64_t r0 = 0; r0 < T; r0 += m.logits_rows) {
@@ -1642,8 +1704,7 @@ void CudaModel::Impl::run_segments(int64_t T, LogitsMode cm, std::vector<cudaGra
         TraceSpan span(tr, "wait_router_ids", "waits", layer);
         cuda_check(cudaEventSynchronize(ev_d2h), "event wait");
       }
-      if (routing->active())
-        routing->on_route(layer, h_rlogits, T, cfg.norm_topk_prob, h_rids, h_w);
+      if (route_ctl) routing->on_route(layer, h_rlogits, T, cfg.norm_topk_prob, h_rids, h_w);
       TraceSpan span(tr, "routed_experts", "cpu_experts", layer);
       const auto t0 = std::chrono::steady_clock::now();
       host_experts(layer, T, ex);
@@ -1695,19 +1756,20 @@ void CudaModel::forward_batch(std::span<SequenceState* const> states, std::span<
   cuda_check(
       cudaMemcpyAsync(m.ids, m.h_ids, static_cast<size_t>(B) * 4, cudaMemcpyHostToDevice, m.stream),
       "ids upload");
-  const bool use_graph = m.opts.graphs && !(m.experts && m.routing->active());
+  m.route_ctl = m.experts && m.routing->active();  // read once: see forward()
+  const bool use_graph = m.opts.graphs && !m.route_ctl;
   m.batched = B > 1;  // one row: the ordinary decode step (and its graphs)
   std::vector<cudaGraphExec_t>* graphs = !use_graph ? nullptr
                                          : B == 1   ? &m.graphs
                                                     : &m.batch_graphs[B];
   if (!m.vx_tried) m.vx_init();
-  m.vx_step = m.vx_on && B == 1 && !m.routing->active();
+  m.vx_step = m.vx_on && B == 1 && !m.route_ctl;
   if (m.vx_step) m.vx_begin_step();
   try {
     m.run_segments(B, LogitsMode::kLast, graphs, ex, profile);
   } catch (...) {
     m.batched = false;
-    m.vx_end_step();
+    m.step_failed();
     throw;
   }
   m.vx_end_step();
@@ -1772,20 +1834,25 @@ void CudaModel::upload_linear_states(SequenceState& state,
   }
 }
 
+void CudaModel::init_expert_cache() {
+  Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  if (!m.vx_tried) m.vx_init();
+}
+
 GpuExpertCacheStats CudaModel::expert_cache_stats() const {
   const Impl& m = *impl_;
-  std::lock_guard lock(m.mu);
+  std::lock_guard lock(m.vx_mu);  // not mu: a forward holds that for its whole step
   return m.vx_stats;
 }
 
 void CudaModel::reset_expert_cache_stats() {
   Impl& m = *impl_;
-  std::lock_guard lock(m.mu);
+  std::lock_guard lock(m.vx_mu);
   m.vx_stats.gpu_pairs = m.vx_stats.cpu_pairs = m.vx_stats.fills = 0;
   m.vx_stats.bytes_in = 0;
   std::fill(m.vx_stats.layer_gpu_pairs.begin(), m.vx_stats.layer_gpu_pairs.end(), 0);
   std::fill(m.vx_stats.layer_cpu_pairs.begin(), m.vx_stats.layer_cpu_pairs.end(), 0);
-  if (m.vx_cache) m.vx_cache->reset_stats();
 }
 
 GpuMemoryReport CudaModel::memory_report() const {

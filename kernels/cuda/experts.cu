@@ -187,7 +187,7 @@ bool gpu_experts_supported(const GpuExpertsArgs& a) {
          gu.dtype <= 2 && gu.k_pad <= kMaxGpuExpertK && dn.k_pad <= kMaxGpuExpertK &&
          dn.k == gu.n && gu.data_bytes % 64 == 0 && dn.data_bytes % 64 == 0 &&
          (gu.dtype == 0 || (gu.group_bytes % 64 == 0 && dn.group_bytes % 64 == 0)) &&
-         a.slot_bytes >= gu.bytes() * 2 + dn.bytes();
+         gu.k == dn.n && a.slot_bytes % 16 == 0 && a.slot_bytes >= gu.bytes() * 2 + dn.bytes();
 }
 
 bool gpu_experts_decode(const GpuExpertsArgs& a, cudaStream_t s) {

@@ -320,17 +320,18 @@ def _teacher_forced(rt, ids, n_prompt):
 VX_LOGIT_RTOL = {"bf16": 1e-3, "int4": 2e-2}
 
 
+CACHES = [(None, "lfu"), (5, "lfu"), (5, "lru"), (5, "static")]
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "int4"])
-@pytest.mark.parametrize("slots", ["-1", "5"], ids=["every_expert", "five_slots"])
-def test_vram_expert_cache_matches_host_experts(monkeypatch, dtype, slots):
+@pytest.mark.parametrize("slots,policy", CACHES, ids=["every_expert", "five_lfu", "five_lru", "five_static"])
+def test_vram_expert_cache_matches_host_experts(dtype, slots, policy):
     ids = [int(i) for i in np.random.default_rng(2).integers(5, 8000, 200)]
-    monkeypatch.setenv("TIDAL_CUDA_EXPERT_SLOTS", "0")
-    host_rt = _load(MINI, expert_dtype=dtype)
+    host_rt = _load(MINI, expert_dtype=dtype, gpu_expert_slots=0)
     host = _teacher_forced(host_rt, ids, 40)
     assert host_rt._engine.stats()["gpu_expert_slots"] == 0
     assert host_rt.stats().expert_cache_hit_rate is None
-    monkeypatch.setenv("TIDAL_CUDA_EXPERT_SLOTS", slots)
-    rt = _load(MINI, expert_dtype=dtype)
+    rt = _load(MINI, expert_dtype=dtype, gpu_expert_slots=slots, gpu_expert_policy=policy)
     got = _teacher_forced(rt, ids, 40)
     st = rt._engine.stats()
     cfg = rt.config
@@ -339,49 +340,52 @@ def test_vram_expert_cache_matches_host_experts(monkeypatch, dtype, slots):
     scale = float(np.abs(host).max())
     err = float(np.abs(got - host).max())
     agree = float((got.argmax(-1) == host.argmax(-1)).mean())
-    _record(f"vram cache {dtype} slots={slots}", max_abs_err=err, logit_scale=scale, top1_agreement=agree,
+    _record(f"vram cache {dtype} slots={slots} {policy}", max_abs_err=err, logit_scale=scale, top1_agreement=agree,
             gpu_pairs=st["gpu_expert_pairs"], host_pairs=st["host_expert_pairs"], fills=st["gpu_expert_fills"])
     assert err <= VX_LOGIT_RTOL[dtype] * scale
     # Every routed pair ran once, on one side or the other (the prefill's on the host).
     k = cfg.num_experts_per_tok
     assert st["gpu_expert_pairs"] + st["host_expert_pairs"] == k * moe * len(ids)
     assert sum(st["layer_gpu_expert_pairs"]) == st["gpu_expert_pairs"]
-    mem = rt.memory_report()
     expert_bytes = st["gpu_expert_bytes_in"] // max(1, st["gpu_expert_fills"])
-    if slots == "-1":  # the budget holds every expert: all resident after the first steps' copies
+    if slots is None:  # the budget holds every expert: all resident after the first steps' copies
         assert st["gpu_expert_slots"] == moe * cfg.num_experts
         assert st["gpu_expert_fills"] <= moe * cfg.num_experts
         assert st["gpu_expert_pairs"] > 0.5 * k * moe * steps
+    elif policy == "static":  # the first five experts to miss fill the slots and stay
+        assert st["gpu_expert_slots"] == 5 and st["gpu_expert_fills"] == 5
     else:  # five slots for 8 layers x 48 experts: constant eviction
         assert st["gpu_expert_slots"] == 5
         assert st["gpu_expert_fills"] > 5 * 4
-        assert 0 < st["gpu_expert_pairs"] < 0.2 * k * moe * steps
-    assert mem["expert_cache"] >= st["gpu_expert_slots"] * expert_bytes > 0
+        assert st["gpu_expert_pairs"] < 0.2 * k * moe * steps
+    assert rt.memory_report()["expert_cache"] >= st["gpu_expert_slots"] * expert_bytes > 0
     assert rt.stats().expert_cache_hit_rate == pytest.approx(
         st["gpu_expert_pairs"] / (st["gpu_expert_pairs"] + st["host_expert_pairs"]))
 
 
-def test_vram_expert_cache_thousands_of_steps(monkeypatch):
+def test_vram_expert_cache_thousands_of_steps():
     """2000 decode steps through a 5-slot cache (constant eviction): no drift from the host-only
-    engine, and the cache's VRAM is constant (nothing allocated per step)."""
+    engine, and no VRAM allocated per step (the device's free memory is the same at step 1100, after
+    the KV cache's growth past 1024 tokens, and at step 2000)."""
+    import gc
+
+    gc.collect()  # earlier tests' runtimes release their VRAM now, not during the loop
     ids = [int(i) for i in np.random.default_rng(3).integers(5, 8000, 2040)]
-    monkeypatch.setenv("TIDAL_CUDA_EXPERT_SLOTS", "0")
-    host_rt = _load(MINI, expert_dtype="bf16")
+    host_rt = _load(MINI, expert_dtype="bf16", gpu_expert_slots=0)
     seq_h = host_rt.new_sequence()
     seq_h.prefill(ids[:40])
-    monkeypatch.setenv("TIDAL_CUDA_EXPERT_SLOTS", "5")
-    rt = _load(MINI, expert_dtype="bf16")
+    rt = _load(MINI, expert_dtype="bf16", gpu_expert_slots=5)
     seq = rt.new_sequence()
     seq.prefill(ids[:40])
-    worst, cache_bytes = 0.0, None
+    worst, free = 0.0, None
     for i, t in enumerate(ids[40:]):
         a = seq.forward([t], all_logits=False)[0]
         b = seq_h.forward([t], all_logits=False)[0]
         worst = max(worst, float(np.abs(a - b).max() / max(1e-6, np.abs(b).max())))
-        if i == 100:
-            cache_bytes = rt.memory_report()["expert_cache"]
-    assert rt.memory_report()["expert_cache"] == cache_bytes > 0
+        if i == 1100:
+            free = rt.memory_report()["free"]
+    assert rt.memory_report()["free"] == free
     st = rt._engine.stats()
     _record("vram cache 2000 steps", worst_rel_err=worst, fills=st["gpu_expert_fills"], gpu_pairs=st["gpu_expert_pairs"])
-    assert st["gpu_expert_fills"] > 1000
+    assert st["gpu_expert_fills"] > 500
     assert worst <= VX_LOGIT_RTOL["bf16"]

@@ -133,6 +133,7 @@ void run_case(const Case& c) {
   a.hid = d_hid;
   ASSERT_TRUE(gpu_experts_decode(a, nullptr));
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
   std::vector<float> y(y0.size());
   cudaMemcpy(y.data(), d_y, y.size() * 4, cudaMemcpyDeviceToHost);
   double scale = 0;
@@ -143,6 +144,7 @@ void run_case(const Case& c) {
   cudaMemcpy(d_ids, host_only.data(), host_only.size() * 4, cudaMemcpyHostToDevice);
   ASSERT_TRUE(gpu_experts_decode(a, nullptr));
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
   std::vector<float> y2(y0.size());
   cudaMemcpy(y2.data(), d_y, y2.size() * 4, cudaMemcpyDeviceToHost);
   EXPECT_EQ(y2, y);
@@ -158,13 +160,13 @@ void run_case(const Case& c) {
 TEST(CudaExperts, MatchDecodedReferenceEveryFormat) {
   if (!test::have_gpu()) GTEST_SKIP() << test::kNoGpu;
   for (const auto dt : {kc::ExpertDType::kBF16, kc::ExpertDType::kINT8, kc::ExpertDType::kINT4}) {
-    run_case({dt, 256, 64, 32});
-    run_case({dt, 200, 40, 64});   // k not a whole group, n not a whole tile
-    run_case({dt, 136, 72, 128});  // down's k (72) and gate/up's k (136) padded to 128
+    ASSERT_NO_FATAL_FAILURE(run_case({dt, 256, 64, 32}));
+    ASSERT_NO_FATAL_FAILURE(run_case({dt, 200, 40, 64}));   // k not a whole group, n not a tile
+    ASSERT_NO_FATAL_FAILURE(run_case({dt, 136, 72, 128}));  // both k padded to 128
   }
   // The real shape (Qwen3.6-35B-A3B: H 2048, I 512) in the formats the issue measures.
-  run_case({kc::ExpertDType::kINT4, 2048, 512, 64});
-  run_case({kc::ExpertDType::kINT8, 2048, 512, 128});
+  ASSERT_NO_FATAL_FAILURE(run_case({kc::ExpertDType::kINT4, 2048, 512, 64}));
+  ASSERT_NO_FATAL_FAILURE(run_case({kc::ExpertDType::kINT8, 2048, 512, 128}));
 }
 
 }  // namespace

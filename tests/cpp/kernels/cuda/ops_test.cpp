@@ -825,11 +825,6 @@ TEST(CudaOps, FusedDecodeKernelsMatchUnfused) {
   EXPECT_LT(max_abs_diff(dxn.get(), ref), 1e-5f);
 }
 
-/// The DeltaNet decode's conv, SiLU, beta and g in the in-projection's epilogue (gemv_gdn_in,
-/// Note [DeltaNet conv in the GEMV]), then the delta rule normalising q and k itself, equal the
-/// projection followed by gdn_conv_prep_step and the plain delta rule: outputs, z/beta/g rows, the
-/// conv state and the recurrent state; normed and plain input, both delta-rule kernels, every
-/// weight format; shapes it does not take launch nothing.
 // l2_prefetch is a hint with nothing to read back; what can fail is the launch: ranges that
 // are unaligned, shorter than 16 bytes, not a whole number of pieces, more than kMaxL2Ranges,
 // or empty, and the data must be unchanged after it.
@@ -855,6 +850,11 @@ TEST(CudaOps, L2PrefetchTakesAnyRanges) {
   cudaFree(d);
 }
 
+/// The DeltaNet decode's conv, SiLU, beta and g in the in-projection's epilogue (gemv_gdn_in,
+/// Note [DeltaNet conv in the GEMV]), then the delta rule normalising q and k itself, equal the
+/// projection followed by gdn_conv_prep_step and the plain delta rule: outputs, z/beta/g rows, the
+/// conv state and the recurrent state; normed and plain input, both delta-rule kernels, every
+/// weight format; shapes it does not take launch nothing.
 TEST(CudaOps, GemvGdnInMatchesSeparateKernels) {
   REQUIRE_GPU();
   struct Case {
