@@ -69,15 +69,17 @@ struct CudaOptions {
   bool attention_prep_in_kernel = env_flag("TIDAL_CUDA_ATTN_PREP", true);
   /// One-token decode: after each large projection a side-stream kernel asks L2 for the next
   /// this many bytes of the step's weights (Note [L2 lead] in kernels/cuda/ops.cu); capped at
-  /// 3/4 of the device's L2, off below 4 MB of L2 or at 0. TIDAL_CUDA_L2_LEAD_MB sets it (MiB).
-  int64_t l2_lead_bytes = env_int("TIDAL_CUDA_L2_LEAD_MB", 24) << 20;
+  /// 3/4 of the device's L2, off below 4 MB of L2 or at 0. TIDAL_CUDA_L2_LEAD_MB sets it (MiB);
+  /// off by default until it has been measured on a GPU (docs/performance.md).
+  int64_t l2_lead_bytes = env_int("TIDAL_CUDA_L2_LEAD_MB", 0) << 20;
   /// The environment variable `name` as an integer, `fallback` when unset or not a number.
   static int64_t env_int(const char* name, int64_t fallback);
   /// VRAM expert cache (Note [VRAM expert cache] in cuda_model.cpp), for one-token decode with
   /// packed host experts: slots of whole experts, -1 = as many as the budget leaves after the
-  /// weights, workspaces and a KV cache of kv_reserve_tokens (capped at every expert), 0 = off.
-  /// TIDAL_CUDA_EXPERT_SLOTS overrides it.
-  int64_t expert_slots = env_int("TIDAL_CUDA_EXPERT_SLOTS", -1);
+  /// weights, workspaces and a KV cache of kv_reserve_tokens (capped at every expert), 0 = off
+  /// (the default; Runtime sets it from Runtime.load(gpu_expert_slots=...), benchmarks that build
+  /// the model directly from TIDAL_CUDA_EXPERT_SLOTS).
+  int64_t expert_slots = env_int("TIDAL_CUDA_EXPERT_SLOTS", 0);
   /// "lru", "lfu" (decayed counts) or "static" (the first experts filled stay).
   std::string expert_cache_policy = "lfu";
   /// Most expert copies queued or in flight at once (each step's misses beyond it stay on the

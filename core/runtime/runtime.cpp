@@ -257,9 +257,7 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
                 "gpu_expert_slots must be >= 0 (or None for what gpu_memory leaves), got {}",
                 opts.gpu_expert_slots);
     (void)offload::parse_cache_policy(opts.gpu_expert_policy);  // InvalidArgument naming it
-    // TIDAL_CUDA_EXPERT_SLOTS (experiments) wins over the default, not over an explicit count.
-    if (opts.gpu_expert_slots >= 0 || cuda->expert_slots < 0)
-      cuda->expert_slots = opts.gpu_expert_slots;
+    cuda->expert_slots = opts.gpu_expert_slots;
     cuda->expert_cache_policy = opts.gpu_expert_policy;
   }
   rt->model_ = std::make_unique<core::Model>(cfg, *rt->checkpoint_, experts,

@@ -61,9 +61,10 @@ struct RuntimeOptions {
   /// max_position_embeddings is checked where prompts enter, as before). At most
   /// max_position_embeddings.
   int64_t max_context = 0;
-  /// VRAM expert cache (Note [VRAM expert cache]): slots, -1 = what gpu_memory leaves (the
-  /// default), 0 = none; and its policy, "lfu" (decayed counts), "lru" or "static".
-  int64_t gpu_expert_slots = -1;
+  /// VRAM expert cache (Note [VRAM expert cache]): slots, -1 = what gpu_memory leaves, 0 = none
+  /// (the default until the cache has been validated on a GPU); and its policy, "lfu" (decayed
+  /// counts), "lru" or "static".
+  int64_t gpu_expert_slots = 0;
   std::string gpu_expert_policy = "lfu";
 };
 

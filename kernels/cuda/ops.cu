@@ -2194,8 +2194,8 @@ void gpu_sleep(int64_t ns, cudaStream_t s) { gpu_sleep_kernel<<<1, 1, 0, s>>>(ns
 // reads them (CudaModel's weight stream): those bytes arrive while the latency-bound kernels
 // run, and the projections then read them from L2. One bulk prefetch per 4 KB piece (sm_90+,
 // `cp.async.bulk.prefetch.L2`), a line prefetch per 128 bytes before that; a hint, so results
-// cannot change. The lead is at most 3/4 of the L2 (TIDAL_CUDA_L2_LEAD_MB sets it, 0 turns it
-// off; docs/performance.md has the measurement).
+// cannot change. The lead is at most 3/4 of the L2; TIDAL_CUDA_L2_LEAD_MB sets it (MiB). Off
+// by default until it has been measured on a GPU (written in a session without device time).
 struct L2PrefetchArgs {
   L2Range r[kMaxL2Ranges];
   int n = 0;

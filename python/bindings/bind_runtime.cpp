@@ -293,7 +293,7 @@ void bind_runtime(py::module_& m) {
           py::arg("gpu_memory") = 0, py::arg("gpu_weights") = "bf16",
           py::arg("gpu_precision") = "bf16x2", py::arg("cuda_graphs") = true,
           py::arg("kv_cache_dtype") = "bf16", py::arg("max_context") = 0,
-          py::arg("gpu_expert_slots") = -1, py::arg("gpu_expert_policy") = "lfu",
+          py::arg("gpu_expert_slots") = 0, py::arg("gpu_expert_policy") = "lfu",
           "Load a checkpoint directory. progress(done_bytes, total_bytes) is called while the "
           "dense weights are read into RAM and the routed experts are packed.")
       .def("describe", &Runtime::describe, "What runs: ISA, expert format, kernels, threads.")

@@ -112,7 +112,7 @@ class Runtime:
         cuda_graphs: bool = True,
         kv_cache_dtype: str = "bf16",
         max_context: int = 0,
-        gpu_expert_slots: int = -1,
+        gpu_expert_slots: int = 0,
         gpu_expert_policy: str = "lfu",
     ) -> Runtime: ...
     def memory_report(self) -> dict[str, int]:

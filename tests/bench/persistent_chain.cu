@@ -22,6 +22,9 @@ namespace {
 // as the runtime's streaming GEMV (two 4 KB segments in flight per warp), plain input (the shared
 // expert's SwiGLU product left out: bytes are what matter). If this chain beats the launched
 // chain by more than the barrier costs, a persistent per-layer decode kernel is worth building.
+// Result (H100, 2026-12-06, docs/performance.md): it does not. 1.99 ms at 264 blocks and 2.12 ms
+// at 132 against 1.63 ms launched with PDL; one grid barrier costs ~2 µs, more than a launch
+// boundary does with PDL.
 
 constexpr int kWarps = 8, kWarp = 32, kSeg = 8;
 
