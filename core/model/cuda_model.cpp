@@ -23,6 +23,7 @@
 #include "kernels/cuda/experts.h"
 #include "kernels/cuda/ops.h"
 #include "offload/expert_cache.h"
+#include "offload/expert_schedule.h"
 
 namespace tidal::core {
 namespace kc = kernels::cuda;
@@ -187,34 +188,28 @@ struct CudaModel::Impl {
   // The host splits each layer's experts by the same table (`vx_htable`, the copy uploaded at the
   // step's start and left alone until the step ends), so no expert is computed twice or not at all.
   // A miss is admitted (at most `expert_fills` copies queued or in flight) into a slot the policy
-  // frees; its old expert leaves the table at once (`vx_next`), and the copy is issued at the next
-  // step's start, after that table is uploaded on the compute stream, on a copy stream that waits
-  // for the upload: the GPU may still read the old expert during the step that admitted the new
-  // one, never after its copy starts. The copy runs beside that step and enters the table at the
-  // step after. Steps with routing control active, prefill and batched decode compute every expert
-  // on the host.
+  // frees; its old expert leaves the next step's table, and the copy is issued at the next step's
+  // start, after that table is uploaded on the compute stream, on a copy stream that waits for
+  // the upload: the GPU may still read the old expert during the step that admitted the new one,
+  // never after its copy starts. The copy runs beside that step and enters the table at the step
+  // after (offload::ExpertCacheSchedule decides all of it, Note [Expert cache schedule]). Steps
+  // with routing control active, prefill and batched decode compute every expert on the host.
+  // The decisions (who computes what, admissions, when copies are issued and enter the table)
+  // are offload::ExpertCacheSchedule's (Note [Expert cache schedule]); this class moves bytes.
   bool vx_tried = false, vx_on = false, vx_step = false;
   kc::GpuExpertsArgs vx;
   int32_t* vx_dtable = nullptr;  // device [layers][E]
   int32_t* vx_htable = nullptr;  // pinned: what the device table holds this step
-  std::vector<int32_t> vx_next;  // the table for the next step
-  std::unique_ptr<offload::ExpertSlotCache> vx_cache;
+  std::unique_ptr<offload::ExpertCacheSchedule> vx_sched;
   cudaStream_t vx_copy = nullptr;
   cudaEvent_t vx_ev_table = nullptr;
-  struct Fill {
-    int32_t slot = -1;
-    int64_t layer = -1, expert = -1;
-    cudaEvent_t done = nullptr;
-  };
-  std::vector<Fill> vx_queued, vx_inflight;
-  std::vector<cudaEvent_t> vx_events;  // free
+  std::vector<cudaEvent_t> vx_running;  // one per copy issued at this step's start
+  std::vector<cudaEvent_t> vx_events;   // free
   void* vx_registered = nullptr;
   uint64_t vx_bytes = 0;
   float* yg = nullptr;
-  std::vector<int32_t> vx_ids;
+  std::vector<int32_t> vx_ids, vx_host;
   std::vector<float> vx_w;
-  std::vector<int64_t> vx_keys;
-  std::vector<int32_t> vx_slots_out;
   GpuExpertCacheStats vx_stats;
   mutable std::mutex vx_mu;  // vx_stats: read by stats() while a forward (holding mu) runs
   void vx_init();
@@ -223,14 +218,10 @@ struct CudaModel::Impl {
   /// Layer `layer`'s routed experts on the host (those the table does not hold, when vx_step).
   void host_experts(int64_t layer, int64_t T, kernels::Executor& ex);
   void vx_free();
-  /// After a step: its experts unpinned (but slots whose copy is queued stay pinned until it has
-  /// entered the table), LFU's token count advanced.
   void vx_end_step() {
     if (!vx_step) return;
     vx_step = false;
-    vx_cache->release_pins();
-    for (const Fill& f : vx_queued) vx_cache->pin(f.slot);
-    vx_cache->next_token();
+    vx_sched->end_step();
   }
   /// A forward that threw: let the stream finish what it was given (so the pinned table is free
   /// to rewrite), then end the step.
@@ -240,7 +231,6 @@ struct CudaModel::Impl {
     vx_end_step();
   }
   bool route_ctl = false;  // routing control active for this forward (read once)
-  std::vector<std::pair<int64_t, int64_t>> vx_static_keys;  // "static": in slot order
 
   // decode graphs: one per segment (routed experts run on the host between segments)
   std::vector<cudaGraphExec_t> graphs;  // T = 1, captured on first use
@@ -590,16 +580,15 @@ void CudaModel::Impl::vx_init_impl() {
              "expert cache workspace");
   cuda_check(cudaMallocHost(reinterpret_cast<void**>(&vx_htable), static_cast<size_t>(L * E) * 4),
              "expert cache table");
-  vx_next.assign(static_cast<size_t>(L * E), -1);
-  std::copy(vx_next.begin(), vx_next.end(), vx_htable);
+  std::fill(vx_htable, vx_htable + L * E, -1);
   cuda_check(
       cudaMemcpy(vx_dtable, vx_htable, static_cast<size_t>(L * E) * 4, cudaMemcpyHostToDevice),
       "expert cache table");
   cuda_check(cudaStreamCreateWithFlags(&vx_copy, cudaStreamNonBlocking), "stream creation");
   cuda_check(cudaEventCreateWithFlags(&vx_ev_table, cudaEventDisableTiming), "event creation");
-  vx_cache = std::make_unique<offload::ExpertSlotCache>(
-      L, E, slots, offload::parse_cache_policy(opts.expert_cache_policy), 0.98,
-      static_cast<uint64_t>(2 * gu.bytes() + dn.bytes()));
+  vx_sched = std::make_unique<offload::ExpertCacheSchedule>(
+      L, E, slots, offload::parse_cache_policy(opts.expert_cache_policy),
+      std::max<int64_t>(1, opts.expert_fills));
   // Full-speed DMA from the host store: page-locked where the OS allows it (else the copies
   // stage through the driver, correct but slower).
   const auto [region, region_bytes] = experts->packed_region();
@@ -626,36 +615,38 @@ void CudaModel::Impl::vx_init_impl() {
 }
 
 void CudaModel::Impl::vx_begin_step() {
-  const int64_t E = cfg.num_experts;
-  const uint64_t expert_bytes = static_cast<uint64_t>(2 * vx.gate_up.bytes() + vx.down.bytes());
-  // The copies issued at the last step's start enter the table. They ran beside that step
-  // (at most expert_fills experts: ~1 ms over PCIe against a step of several), so this wait is
-  // normally over at once; waiting rather than polling keeps which experts the GPU computes, and
-  // so the results, a function of the routing alone (graphs and eager launches agree bitwise).
-  for (const Fill& f : vx_inflight) {
-    cuda_check(cudaEventSynchronize(f.done), "expert copy");
-    if (vx_cache->expert_in(f.slot) == std::pair<int64_t, int64_t>{f.layer, f.expert}) {
-      vx_next[static_cast<size_t>(f.layer * E + f.expert)] = f.slot;
-      std::lock_guard lock(vx_mu);
-      ++vx_stats.fills;
-    }
-    vx_events.push_back(f.done);
+  // The copies issued at the last step's start have landed: they ran beside that step (at most
+  // expert_fills experts, ~1 ms over PCIe against a step of several), so this wait is normally
+  // over at once; waiting rather than polling keeps which experts the GPU computes, and so the
+  // results, a function of the routing alone (graphs and eager launches agree bitwise).
+  for (cudaEvent_t e : vx_running) {
+    cuda_check(cudaEventSynchronize(e), "expert copy");
+    vx_events.push_back(e);
   }
-  vx_inflight.clear();
-  const size_t tb = vx_next.size() * 4;
-  if (std::memcmp(vx_htable, vx_next.data(), tb) != 0) {
-    std::memcpy(vx_htable, vx_next.data(), tb);  // the last upload ended with the last step
-    cuda_check(cudaMemcpyAsync(vx_dtable, vx_htable, tb, cudaMemcpyHostToDevice, stream),
-               "expert cache table");
+  vx_running.clear();
+  const int64_t kept = vx_sched->fills_kept();
+  const auto& issue = vx_sched->begin_step();
+  const auto& table = vx_sched->table();
+  if (vx_sched->table_changed()) {  // the last upload ended with the last step
+    std::copy(table.begin(), table.end(), vx_htable);
+    cuda_check(
+        cudaMemcpyAsync(vx_dtable, vx_htable, table.size() * 4, cudaMemcpyHostToDevice, stream),
+        "expert cache table");
   }
-  if (vx_queued.empty()) return;
+  {
+    std::lock_guard lock(vx_mu);
+    vx_stats.fills += vx_sched->fills_kept() - kept;
+    vx_stats.bytes_in +=
+        issue.size() * static_cast<uint64_t>(2 * vx.gate_up.bytes() + vx.down.bytes());
+  }
+  if (issue.empty()) return;
   // The copies start once this step's table (without the experts they replace) is in place.
   cuda_check(cudaEventRecord(vx_ev_table, stream), "event record");
   cuda_check(cudaStreamWaitEvent(vx_copy, vx_ev_table), "stream wait");
   uint8_t* base = const_cast<uint8_t*>(vx.slots);
   const size_t gub = static_cast<size_t>(vx.gate_up.bytes()),
                dnb = static_cast<size_t>(vx.down.bytes());
-  for (Fill& f : vx_queued) {
+  for (const auto& f : issue) {
     const auto v = experts->packed_expert(f.layer, f.expert);
     TIDAL_ASSERT(v.gate && v.up && v.down, "no packed bytes for expert {} of layer {}", f.expert,
                  f.layer);
@@ -665,26 +656,19 @@ void CudaModel::Impl::vx_begin_step() {
                "expert copy");
     cuda_check(cudaMemcpyAsync(dst + 2 * gub, v.down, dnb, cudaMemcpyHostToDevice, vx_copy),
                "expert copy");
-    if (vx_events.empty()) {
-      cudaEvent_t e = nullptr;
-      cuda_check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "event creation");
-      vx_events.push_back(e);
-    }
-    f.done = vx_events.back();
-    vx_events.pop_back();
-    cuda_check(cudaEventRecord(f.done, vx_copy), "event record");
-    {
-      std::lock_guard lock(vx_mu);
-      vx_stats.bytes_in += expert_bytes;  // counted when issued, whether or not it is kept
-    }
-    vx_cache->pin(f.slot);  // no other expert takes the slot while it fills
-    vx_inflight.push_back(f);
   }
-  vx_queued.clear();
+  if (vx_events.empty()) {
+    cudaEvent_t e = nullptr;
+    cuda_check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "event creation");
+    vx_events.push_back(e);
+  }
+  vx_running.push_back(vx_events.back());  // one event after the step's copies
+  vx_events.pop_back();
+  cuda_check(cudaEventRecord(vx_running.back(), vx_copy), "event record");
 }
 
 void CudaModel::Impl::host_experts(int64_t layer, int64_t T, kernels::Executor& ex) {
-  const int64_t k = cfg.num_experts_per_tok, H = cfg.hidden_size, E = cfg.num_experts;
+  const int64_t k = cfg.num_experts_per_tok, H = cfg.hidden_size;
   std::fill(h_out, h_out + T * H, 0.f);
   if (!vx_step) {
     experts->forward(layer, h_xn, T, h_rids, h_w, k, h_out, ex);
@@ -695,57 +679,30 @@ void CudaModel::Impl::host_experts(int64_t layer, int64_t T, kernels::Executor& 
     }
     return;
   }
-  // One token: the experts the table does not hold (the GPU computes the others into yg).
-  const int32_t* row = vx_htable + layer * E;
+  // One token: the schedule splits the routed experts by this step's table (the GPU computes the
+  // others into yg) and admits misses.
+  const int64_t on_gpu = vx_sched->route(layer, h_rids, k, vx_host);
   vx_ids.clear();
   vx_w.clear();
-  vx_keys.clear();
-  for (int64_t i = 0; i < k; ++i) {
-    const int32_t e = h_rids[i];
-    if (e >= 0 && e < E) vx_keys.push_back(e);  // the policy sees valid ids only
-    if (e >= 0 && e < E && row[e] >= 0) continue;
-    vx_ids.push_back(e);  // an invalid id reaches the host op, which names it
+  for (const int32_t i : vx_host) {
+    vx_ids.push_back(h_rids[i]);
     vx_w.push_back(h_w[i]);
   }
   const int64_t on_cpu = static_cast<int64_t>(vx_ids.size());
   if (on_cpu > 0) experts->forward(layer, h_xn, 1, vx_ids.data(), vx_w.data(), on_cpu, h_out, ex);
-  std::unique_lock stats_lock(vx_mu);
+  std::lock_guard lock(vx_mu);
   vx_stats.cpu_pairs += on_cpu;
-  vx_stats.gpu_pairs += k - on_cpu;
+  vx_stats.gpu_pairs += on_gpu;
   vx_stats.layer_cpu_pairs[static_cast<size_t>(layer)] += on_cpu;
-  vx_stats.layer_gpu_pairs[static_cast<size_t>(layer)] += k - on_cpu;
-  stats_lock.unlock();
-  // The policy sees the step's experts; misses are admitted while copies may still be queued.
-  vx_cache->lookup(layer, vx_keys, vx_slots_out);
-  const bool fixed = vx_cache->policy() == offload::CachePolicy::kStatic;
-  for (size_t i = 0; i < vx_keys.size(); ++i) {
-    if (vx_slots_out[i] != offload::ExpertSlotCache::kNone) continue;
-    const int64_t e = vx_keys[i];
-    if (static_cast<int64_t>(vx_queued.size() + vx_inflight.size()) >= opts.expert_fills) break;
-    offload::ExpertSlotCache::Admission adm;
-    if (fixed) {  // "static": the first experts to miss fill the free slots and stay
-      if (static_cast<int64_t>(vx_static_keys.size()) >= vx_cache->slots()) break;
-      vx_static_keys.emplace_back(layer, e);
-      vx_cache->set_resident(vx_static_keys);  // slot i keeps key i
-      adm.slot = vx_cache->slot_of(layer, e);
-    } else {
-      adm = vx_cache->admit(layer, e);
-    }
-    if (adm.slot == offload::ExpertSlotCache::kNone) break;
-    if (adm.evicted_layer != offload::ExpertSlotCache::kNone)
-      vx_next[static_cast<size_t>(adm.evicted_layer * E + adm.evicted_expert)] = -1;
-    vx_next[static_cast<size_t>(layer * E + e)] = -1;  // until its copy is done
-    vx_queued.push_back({adm.slot, layer, e, nullptr});
-  }
+  vx_stats.layer_gpu_pairs[static_cast<size_t>(layer)] += on_gpu;
 }
 
 void CudaModel::Impl::vx_free() {
   if (vx_copy) cudaStreamSynchronize(vx_copy);
-  for (auto& f : vx_inflight) vx_events.push_back(f.done);
+  for (auto e : vx_running) vx_events.push_back(e);
   for (auto e : vx_events) cudaEventDestroy(e);
   vx_events.clear();
-  vx_inflight.clear();
-  vx_queued.clear();
+  vx_running.clear();
   if (vx_ev_table) cudaEventDestroy(vx_ev_table);
   if (vx_copy) cudaStreamDestroy(vx_copy);
   if (vx_registered) cudaHostUnregister(vx_registered);

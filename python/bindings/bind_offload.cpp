@@ -5,11 +5,13 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "offload/expert_cache.h"
+#include "offload/expert_schedule.h"
 #include "python/bindings/bindings.h"
 
 namespace py = pybind11;
@@ -81,6 +83,41 @@ void bind_offload(py::module_& m) {
       .def_property_readonly("policy", [](const ExpertSlotCache& c) {
         return std::string(offload::cache_policy_name(c.policy()));
       });
+
+  using offload::ExpertCacheSchedule;
+  py::class_<ExpertCacheSchedule>(
+      m, "ExpertCacheSchedule",
+      "The VRAM expert cache's step rules (Note [Expert cache schedule]): which routed experts of "
+      "a decode step the GPU computes, admissions, when copies are issued and land.")
+      .def(py::init([](int64_t layers, int64_t experts, int64_t slots, const std::string& policy,
+                       int64_t max_fills, double decay) {
+             return std::make_unique<ExpertCacheSchedule>(
+                 layers, experts, slots, offload::parse_cache_policy(policy), max_fills, decay);
+           }),
+           py::arg("layers"), py::arg("experts"), py::arg("slots"), py::arg("policy") = "lfu",
+           py::arg("max_fills") = 16, py::arg("decay") = 0.98)
+      .def(
+          "begin_step",
+          [](ExpertCacheSchedule& s) {
+            py::list out;
+            for (const auto& f : s.begin_step())
+              out.append(py::make_tuple(f.slot, f.layer, f.expert));
+            return out;
+          },
+          "Starts a step: the copies to issue now, as (slot, layer, expert).")
+      .def(
+          "route",
+          [](ExpertCacheSchedule& s, int64_t layer, const std::vector<int32_t>& ids) {
+            std::vector<int32_t> host;
+            const int64_t gpu = s.route(layer, ids.data(), static_cast<int64_t>(ids.size()), host);
+            return py::make_tuple(gpu, host);
+          },
+          py::arg("layer"), py::arg("ids"),
+          "(number the GPU computes, positions the host computes) for one layer's routed ids.")
+      .def("end_step", &ExpertCacheSchedule::end_step)
+      .def_property_readonly("fills_issued", &ExpertCacheSchedule::fills_issued)
+      .def_property_readonly("fills_kept", &ExpertCacheSchedule::fills_kept)
+      .def_property_readonly("slots", &ExpertCacheSchedule::slots);
 }
 
 }  // namespace tidal::python

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["CacheResult", "PredictionResult", "simulate", "simulate_native", "predict", "POLICIES", "PREDICTORS"]
+__all__ = ["CacheResult", "PredictionResult", "RuntimeResult", "simulate", "simulate_native", "simulate_runtime",
+           "predict", "POLICIES", "PREDICTORS"]
 
 POLICIES = ("lru", "lfu", "static")
 PREDICTORS = ("previous", "previous+popular")
@@ -256,6 +257,62 @@ def simulate_native(experts: np.ndarray, num_experts: int, slots: int, policy: s
     return res
 
 
+@dataclass
+class RuntimeResult:
+    """`simulate_runtime`: routed (token, expert) pairs the GPU computed from a slot and the host computed,
+    and copies issued, over the counted tokens."""
+
+    policy: str
+    slots: int
+    max_fills: int
+    gpu_pairs: int = 0
+    host_pairs: int = 0
+    fills: int = 0
+    tokens: int = 0
+
+    @property
+    def gpu_share(self) -> float:
+        n = self.gpu_pairs + self.host_pairs
+        return self.gpu_pairs / n if n else 0.0
+
+    @property
+    def fills_per_token(self) -> float:
+        return self.fills / self.tokens if self.tokens else 0.0
+
+
+def simulate_runtime(experts: np.ndarray, num_experts: int, slots: int, policy: str = "lfu", *,
+                     max_fills: int = 16, warmup: int = 0, decay: float = 0.98) -> RuntimeResult:
+    """A trace through the runtime's own step rules (``ExpertCacheSchedule``, Note [Expert cache schedule]):
+    a miss is admitted only while fewer than `max_fills` copies are queued or running, its copy is issued at
+    the next token's start and the GPU computes it from the token after. So this counts what the runtime's
+    cache would compute on the GPU (`gpu_share`) and copy (`fills_per_token`), where `simulate` counts
+    a policy's hit rate with every miss copied at once."""
+    from ._tidal import ExpertCacheSchedule
+
+    experts = np.asarray(experts)
+    if experts.ndim != 3:
+        raise ValueError(f"experts must be (tokens, layers, top_k), got shape {experts.shape}")
+    if not 0 <= warmup < experts.shape[0]:
+        raise ValueError(f"warmup must be in [0, {experts.shape[0]}), got {warmup}")
+    tokens, layers, _ = experts.shape
+    s = ExpertCacheSchedule(layers, num_experts, slots, policy, max_fills, decay)
+    res = RuntimeResult(policy, slots, max_fills)
+    for t in range(tokens):
+        issued = len(s.begin_step())
+        counted = t >= warmup
+        for layer in range(layers):
+            ids = experts[t, layer].tolist()
+            gpu, host = s.route(layer, ids)
+            if counted:
+                res.gpu_pairs += gpu
+                res.host_pairs += len(host)
+        s.end_step()
+        if counted:
+            res.fills += issued
+            res.tokens += 1
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     from .routing import synthetic_trace
 
@@ -269,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decay", type=float, default=0.98)
     ap.add_argument("--predict-k", type=lambda s: [int(v) for v in s.split(",") if v], default=[],
                     help="also report the history predictors, previous+popular at these counts (e.g. 8,16)")
+    ap.add_argument("--fills", type=lambda s: [int(v) for v in s.split(",") if v], default=[],
+                    help="also replay the runtime's step rules with these copy limits (e.g. 16,64)")
     ap.add_argument("--traces", default="random:0:0,skewed:1.0:0.5",
                     help="name:zipf_skew:reuse,... synthetic traces (tidal.routing.synthetic_trace)")
     a = ap.parse_args(argv)
@@ -287,6 +346,18 @@ def main(argv: list[str] | None = None) -> int:
             worst = min(r.layer_hit_rates()) if r.layer_accesses else math.nan
             print(f"| {name} (skew {skew}, reuse {reuse}) | {policy} | {100 * r.hit_rate:.1f}% | "
                   f"{r.evictions / counted:.1f} | {100 * worst:.1f}% |")
+    if a.fills:
+        print("\nThe runtime's rules (simulate_runtime: copies limited, issued a token late, used the token after):")
+        print("| trace | policy | copies at once | GPU share of routed pairs | copies per token |")
+        print("|---|---|---:|---:|---:|")
+        for spec in a.traces.split(","):
+            name, skew, reuse = spec.split(":")
+            trace = synthetic_trace(a.tokens, a.layers, a.experts, a.top_k, skew=float(skew), reuse=float(reuse))
+            for policy in POLICIES:
+                for f in a.fills:
+                    r = simulate_runtime(trace, a.experts, a.slots, policy, max_fills=f, warmup=warmup, decay=a.decay)
+                    print(f"| {name} (skew {skew}, reuse {reuse}) | {policy} | {f} | {100 * r.gpu_share:.1f}% | "
+                          f"{r.fills_per_token:.1f} |")
     if a.predict_k:
         print("\n| trace | predictor | predicted per token and layer | precision | recall |")
         print("|---|---|---:|---:|---:|")

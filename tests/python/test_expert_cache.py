@@ -66,3 +66,28 @@ def test_counters_pins_and_errors():
         c.lookup(2, [0])
     with pytest.raises(ValueError, match="already in slot"):
         c.admit(1, 7)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "static"])
+def test_runtime_rules_on_traces(policy):
+    """tidal.cache_sim.simulate_runtime replays the runtime's own step rules (ExpertCacheSchedule):
+    every routed pair counted once, copies within the limit, deterministic, and with room for every
+    expert the GPU computes nearly all of them once the copies have landed."""
+    from tidal.cache_sim import simulate_runtime
+
+    layers, experts, k, tokens = 6, 32, 4, 300
+    trace = synthetic_trace(tokens, layers, experts, k, skew=1.0, reuse=0.5)
+    small = simulate_runtime(trace, experts, 20, policy, max_fills=4, warmup=100)
+    assert small.gpu_pairs + small.host_pairs == (tokens - 100) * layers * k
+    assert small.fills_per_token <= 4
+    assert simulate_runtime(trace, experts, 20, policy, max_fills=4, warmup=100) == small
+    if policy == "static":  # 20 slots fill once and stay
+        assert small.fills == 0  # all 20 were issued during the warm-up
+    else:
+        assert small.fills > 0
+    everything = simulate_runtime(trace, experts, layers * experts, policy, max_fills=64, warmup=100)
+    assert everything.gpu_share > 0.95
+    assert 0 < small.gpu_share < everything.gpu_share
+    # The limit binds: one copy at a time lands fewer experts than 64.
+    slow = simulate_runtime(trace, experts, layers * experts, policy, max_fills=1, warmup=100)
+    assert slow.gpu_share < everything.gpu_share

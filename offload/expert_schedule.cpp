@@ -1,0 +1,88 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "offload/expert_schedule.h"
+
+#include <fmt/format.h>
+
+#include "core/error.h"
+
+namespace tidal::offload {
+
+ExpertCacheSchedule::ExpertCacheSchedule(int64_t layers, int64_t experts, int64_t slots,
+                                         CachePolicy policy, int64_t max_fills, double decay)
+    : layers_(layers),
+      experts_(experts),
+      max_fills_(max_fills),
+      cache_(layers, experts, slots, policy, decay) {
+  if (layers <= 0 || experts <= 0 || slots <= 0 || max_fills <= 0)
+    throw InvalidArgument(fmt::format(
+        "expert cache schedule: layers {}, experts {}, slots {} and max_fills {} must be > 0",
+        layers, experts, slots, max_fills));
+  table_.assign(static_cast<size_t>(layers * experts), ExpertSlotCache::kNone);
+  next_ = table_;
+}
+
+const std::vector<ExpertCacheSchedule::Fill>& ExpertCacheSchedule::begin_step() {
+  for (const Fill& f : running_) {  // issued at the last step's start, landed since
+    if (cache_.expert_in(f.slot) != std::pair<int64_t, int64_t>{f.layer, f.expert}) continue;
+    next_[static_cast<size_t>(f.layer * experts_ + f.expert)] = f.slot;
+    ++fills_kept_;
+  }
+  running_.clear();
+  changed_ = next_ != table_;
+  if (changed_) table_ = next_;
+  issued_.swap(queued_);
+  queued_.clear();
+  for (const Fill& f : issued_) cache_.pin(f.slot);  // not handed on while it fills
+  fills_issued_ += static_cast<int64_t>(issued_.size());
+  running_ = issued_;
+  return issued_;
+}
+
+int64_t ExpertCacheSchedule::route(int64_t layer, const int32_t* ids, int64_t k,
+                                   std::vector<int32_t>& host) {
+  if (layer < 0 || layer >= layers_)
+    throw InvalidArgument(
+        fmt::format("expert cache schedule: layer {} outside [0, {})", layer, layers_));
+  host.clear();
+  keys_.clear();
+  const int32_t* row = table_.data() + layer * experts_;
+  for (int64_t i = 0; i < k; ++i) {
+    const int32_t e = ids[i];
+    const bool valid = e >= 0 && e < experts_;
+    if (valid) keys_.push_back(e);  // the policy sees valid ids only
+    if (valid && row[e] != ExpertSlotCache::kNone) continue;
+    host.push_back(static_cast<int32_t>(i));
+  }
+  cache_.lookup(layer, keys_, found_);
+  const bool fixed = cache_.policy() == CachePolicy::kStatic;
+  for (size_t i = 0; i < keys_.size(); ++i) {
+    if (found_[i] != ExpertSlotCache::kNone) continue;
+    const int64_t e = keys_[i];
+    if (cache_.slot_of(layer, e) != ExpertSlotCache::kNone) continue;  // listed twice
+    if (static_cast<int64_t>(queued_.size() + running_.size()) >= max_fills_) break;
+    ExpertSlotCache::Admission adm;
+    if (fixed) {  // the first experts to miss fill the free slots and stay
+      if (static_cast<int64_t>(static_keys_.size()) >= cache_.slots()) break;
+      static_keys_.emplace_back(layer, e);
+      cache_.set_resident(static_keys_);  // slot i keeps key i; drops pins, which static ignores
+      adm.slot = cache_.slot_of(layer, e);
+    } else {
+      adm = cache_.admit(layer, e);
+    }
+    if (adm.slot == ExpertSlotCache::kNone) break;
+    if (adm.evicted_layer != ExpertSlotCache::kNone)
+      next_[static_cast<size_t>(adm.evicted_layer * experts_ + adm.evicted_expert)] =
+          ExpertSlotCache::kNone;
+    next_[static_cast<size_t>(layer * experts_ + e)] = ExpertSlotCache::kNone;  // until landed
+    queued_.push_back({adm.slot, layer, e});
+  }
+  return k - static_cast<int64_t>(host.size());
+}
+
+void ExpertCacheSchedule::end_step() {
+  cache_.release_pins();
+  for (const Fill& f : queued_) cache_.pin(f.slot);
+  cache_.next_token();
+}
+
+}  // namespace tidal::offload

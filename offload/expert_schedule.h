@@ -1,0 +1,80 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file expert_schedule.h
+/// \brief The step-by-step bookkeeping of the VRAM expert cache (Note [VRAM expert cache] in
+/// core/model/cuda_model.cpp), without CUDA: which routed experts of a one-token decode step the
+/// GPU computes from a slot and which the host computes, which misses are admitted, when each
+/// admitted expert's copy is issued and when it enters the table the GPU reads. CudaModel moves
+/// the bytes and uploads the table; this class decides, so the rules are tested on the CPU
+/// (tests/cpp/offload/expert_schedule_test.cpp) and replayed on routing traces
+/// (tidal.cache_sim.simulate_runtime) exactly as the runtime applies them.
+#pragma once
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "offload/expert_cache.h"
+
+namespace tidal::offload {
+
+// Note [Expert cache schedule]
+// A decode step t goes:
+//   begin_step(): the copies issued at step t−1's start have completed (the caller waited for
+//     them) and enter the table; the experts admitted during step t−1 are returned to be copied
+//     now (their slots already left the table when they were admitted). table() is what the GPU
+//     reads during step t; nothing changes it until the next begin_step().
+//   route(layer, ids): for each MoE layer, the routed ids the table holds go to the GPU, the
+//     others to the host (invalid ids too: the host op names them). The policy then sees the
+//     valid ids (hits pinned); misses are admitted while fewer than `max_fills` copies are queued
+//     or running. An admitted expert's slot, and the expert it evicts, leave the *next* table:
+//     the evicted expert stays readable for the rest of step t (its copy is only issued at step
+//     t+1's start, after the next table is uploaded).
+//   end_step(): pins released, except the slots whose copy is queued (they stay pinned until
+//     their copy is issued, and issued copies are pinned for the step they run in), so no slot is
+//     handed to another expert before its copy has landed.
+// "static" fills free slots with the first experts that miss and never replaces one.
+
+class ExpertCacheSchedule {
+ public:
+  struct Fill {
+    int32_t slot = ExpertSlotCache::kNone;
+    int64_t layer = -1, expert = -1;
+  };
+  /// `layers` x `experts` keys, `slots` slots (> 0), at most `max_fills` (> 0) copies queued or
+  /// running. Throws InvalidArgument on bad sizes or a policy name it does not know.
+  ExpertCacheSchedule(int64_t layers, int64_t experts, int64_t slots, CachePolicy policy,
+                      int64_t max_fills, double decay = 0.98);
+
+  /// Starts a step; returns the copies to issue now (valid until the next call).
+  const std::vector<Fill>& begin_step();
+  /// One MoE layer of the step: `host` gets the positions i (0 <= i < k) of `ids` the host
+  /// computes (resized; a caller that keeps it allocates nothing per step). Returns the number
+  /// the GPU computes (k − host.size()).
+  int64_t route(int64_t layer, const int32_t* ids, int64_t k, std::vector<int32_t>& host);
+  void end_step();
+
+  /// [layer][expert] -> slot or kNone: what the GPU reads this step.
+  const std::vector<int32_t>& table() const { return table_; }
+  /// Whether begin_step() changed table() (so it must be uploaded).
+  bool table_changed() const { return changed_; }
+  int64_t slots() const { return cache_.slots(); }
+  int64_t experts() const { return experts_; }
+  const ExpertSlotCache& cache() const { return cache_; }
+  /// Since construction: copies issued, and those that entered the table (a copy whose slot was
+  /// taken over before it landed does not; none can be with the pins above, but it is checked).
+  int64_t fills_issued() const { return fills_issued_; }
+  int64_t fills_kept() const { return fills_kept_; }
+
+ private:
+  int64_t layers_, experts_, max_fills_;
+  ExpertSlotCache cache_;
+  std::vector<int32_t> table_, next_;
+  std::vector<Fill> queued_, issued_, running_;
+  std::vector<std::pair<int64_t, int64_t>> static_keys_;
+  std::vector<int64_t> keys_;
+  std::vector<int32_t> found_;
+  bool changed_ = false;
+  int64_t fills_issued_ = 0, fills_kept_ = 0;
+};
+
+}  // namespace tidal::offload
