@@ -4,7 +4,9 @@
 # builds tidal with CUDA (run_device_cuda.sh's build), writes the Qwen3.6-35B-A3B shape at real width
 # with LAYERS layers (default 8) and pre-packed EXPERT_DTYPE experts (default int4), then runs
 # tidal.bench with device cuda, a 12 GiB VRAM cap and 16 threads, alternating TIDAL_EXECUTOR=spin
-# and tbb (Note [Spinning workers]; EXECUTORS to choose) ROUNDS times (default 2). JSON and text in $OUT (or ./bench-out).
+# and tbb (Note [Spinning workers]; EXECUTORS to choose) ROUNDS times (default 2); BENCH_ARGS are
+# added to tidal.bench's (e.g. "--gpu-expert-slots auto" for the VRAM expert cache). JSON and text
+# in $OUT (or ./bench-out).
 set -euo pipefail
 mkdir -p "${OUT:-bench-out}"
 out=$(cd "${OUT:-bench-out}" && pwd)
@@ -23,7 +25,7 @@ echo "model written at ${SECONDS}s"
 for round in $(seq "${ROUNDS:-2}"); do
   for ex in ${EXECUTORS:-spin tbb}; do
     TIDAL_EXECUTOR=$ex python3 -m tidal.bench "$model" --device cuda --gpu-memory 12GiB \
-      --cpu-threads "$threads" --expert-dtype "$dtype" -p "${PROMPTS:-512}" -n 128 -r 3 \
+      --cpu-threads "$threads" --expert-dtype "$dtype" -p "${PROMPTS:-512}" -n 128 -r 3 ${BENCH_ARGS:-} \
       --json "$out/tg_${ex}_$round.json" > "$out/tg_${ex}_$round.txt" 2>&1 || tail -20 "$out/tg_${ex}_$round.txt"
     echo "== TIDAL_EXECUTOR=$ex round $round"
     grep -E "^\| (pp|tg)" "$out/tg_${ex}_$round.txt" || true
