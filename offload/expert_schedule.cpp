@@ -8,15 +8,21 @@
 namespace tidal::offload {
 
 ExpertCacheSchedule::ExpertCacheSchedule(int64_t layers, int64_t experts, int64_t slots,
-                                         CachePolicy policy, int64_t max_fills, double decay)
+                                         CachePolicy policy, int64_t max_fills, double decay,
+                                         int64_t static_steps)
     : layers_(layers),
       experts_(experts),
       max_fills_(max_fills),
-      cache_(layers, experts, slots, policy, decay) {
-  if (layers <= 0 || experts <= 0 || slots <= 0 || max_fills <= 0)
+      static_(policy == CachePolicy::kStatic),
+      static_steps_(static_steps),
+      // "static" profiles with LFU's counts, then stops admitting (frozen()).
+      cache_(layers, experts, slots, policy == CachePolicy::kStatic ? CachePolicy::kLfu : policy,
+             decay) {
+  if (layers <= 0 || experts <= 0 || slots <= 0 || max_fills <= 0 || static_steps < 0)
     throw InvalidArgument(fmt::format(
-        "expert cache schedule: layers {}, experts {}, slots {} and max_fills {} must be > 0",
-        layers, experts, slots, max_fills));
+        "expert cache schedule: layers {}, experts {}, slots {} and max_fills {} must be > 0 "
+        "(static_steps {} >= 0)",
+        layers, experts, slots, max_fills, static_steps));
   table_.assign(static_cast<size_t>(layers * experts), ExpertSlotCache::kNone);
   next_ = table_;
 }
@@ -54,21 +60,13 @@ int64_t ExpertCacheSchedule::route(int64_t layer, const int32_t* ids, int64_t k,
     host.push_back(static_cast<int32_t>(i));
   }
   cache_.lookup(layer, keys_, found_);
-  const bool fixed = cache_.policy() == CachePolicy::kStatic;
+  if (frozen()) return k - static_cast<int64_t>(host.size());
   for (size_t i = 0; i < keys_.size(); ++i) {
     if (found_[i] != ExpertSlotCache::kNone) continue;
     const int64_t e = keys_[i];
     if (cache_.slot_of(layer, e) != ExpertSlotCache::kNone) continue;  // listed twice
     if (static_cast<int64_t>(queued_.size() + running_.size()) >= max_fills_) break;
-    ExpertSlotCache::Admission adm;
-    if (fixed) {  // the first experts to miss fill the free slots and stay
-      if (static_cast<int64_t>(static_keys_.size()) >= cache_.slots()) break;
-      static_keys_.emplace_back(layer, e);
-      cache_.set_resident(static_keys_);  // slot i keeps key i; drops pins, which static ignores
-      adm.slot = cache_.slot_of(layer, e);
-    } else {
-      adm = cache_.admit(layer, e);
-    }
+    const ExpertSlotCache::Admission adm = cache_.admit(layer, e);
     if (adm.slot == ExpertSlotCache::kNone) break;
     if (adm.evicted_layer != ExpertSlotCache::kNone)
       next_[static_cast<size_t>(adm.evicted_layer * experts_ + adm.evicted_expert)] =
@@ -80,6 +78,7 @@ int64_t ExpertCacheSchedule::route(int64_t layer, const int32_t* ids, int64_t k,
 }
 
 void ExpertCacheSchedule::end_step() {
+  ++steps_;
   cache_.release_pins();
   for (const Fill& f : queued_) cache_.pin(f.slot);
   cache_.next_token();

@@ -32,7 +32,8 @@ namespace tidal::offload {
 //   end_step(): pins released, except the slots whose copy is queued (they stay pinned until
 //     their copy is issued, and issued copies are pinned for the step they run in), so no slot is
 //     handed to another expert before its copy has landed.
-// "static" fills free slots with the first experts that miss and never replaces one.
+// "static" places experts as "lfu" does for the first `static_steps` steps (a profile of the
+// routing, taken while it runs) and then freezes the set: no copies after that.
 
 class ExpertCacheSchedule {
  public:
@@ -43,8 +44,10 @@ class ExpertCacheSchedule {
   /// `layers` x `experts` keys, `slots` slots (> 0), at most `max_fills` (> 0) copies queued or
   /// running. Throws InvalidArgument on bad sizes or a policy name it does not know.
   ExpertCacheSchedule(int64_t layers, int64_t experts, int64_t slots, CachePolicy policy,
-                      int64_t max_fills, double decay = 0.98);
+                      int64_t max_fills, double decay = 0.98, int64_t static_steps = 256);
 
+  /// Whether the set no longer changes ("static" after its profile steps).
+  bool frozen() const { return static_ && steps_ >= static_steps_; }
   /// Starts a step; returns the copies to issue now (valid until the next call).
   const std::vector<Fill>& begin_step();
   /// One MoE layer of the step: `host` gets the positions i (0 <= i < k) of `ids` the host
@@ -67,10 +70,11 @@ class ExpertCacheSchedule {
 
  private:
   int64_t layers_, experts_, max_fills_;
+  bool static_;
+  int64_t static_steps_, steps_ = 0;
   ExpertSlotCache cache_;
   std::vector<int32_t> table_, next_;
   std::vector<Fill> queued_, issued_, running_;
-  std::vector<std::pair<int64_t, int64_t>> static_keys_;
   std::vector<int64_t> keys_;
   std::vector<int32_t> found_;
   bool changed_ = false;

@@ -80,7 +80,7 @@ struct CudaOptions {
   /// (the default; Runtime sets it from Runtime.load(gpu_expert_slots=...), benchmarks that build
   /// the model directly from TIDAL_CUDA_EXPERT_SLOTS).
   int64_t expert_slots = env_int("TIDAL_CUDA_EXPERT_SLOTS", 0);
-  /// "lru", "lfu" (decayed counts) or "static" (the first experts filled stay).
+  /// "lru", "lfu" (decayed counts) or "static" (LFU over the first 256 decode steps, then frozen).
   std::string expert_cache_policy = "lfu";
   /// Most expert copies queued or in flight at once (each step's misses beyond it stay on the
   /// CPU without being admitted). TIDAL_CUDA_EXPERT_FILLS overrides it.

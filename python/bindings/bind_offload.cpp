@@ -90,12 +90,13 @@ void bind_offload(py::module_& m) {
       "The VRAM expert cache's step rules (Note [Expert cache schedule]): which routed experts of "
       "a decode step the GPU computes, admissions, when copies are issued and land.")
       .def(py::init([](int64_t layers, int64_t experts, int64_t slots, const std::string& policy,
-                       int64_t max_fills, double decay) {
-             return std::make_unique<ExpertCacheSchedule>(
-                 layers, experts, slots, offload::parse_cache_policy(policy), max_fills, decay);
+                       int64_t max_fills, double decay, int64_t static_steps) {
+             return std::make_unique<ExpertCacheSchedule>(layers, experts, slots,
+                                                          offload::parse_cache_policy(policy),
+                                                          max_fills, decay, static_steps);
            }),
            py::arg("layers"), py::arg("experts"), py::arg("slots"), py::arg("policy") = "lfu",
-           py::arg("max_fills") = 16, py::arg("decay") = 0.98)
+           py::arg("max_fills") = 16, py::arg("decay") = 0.98, py::arg("static_steps") = 256)
       .def(
           "begin_step",
           [](ExpertCacheSchedule& s) {
@@ -117,7 +118,8 @@ void bind_offload(py::module_& m) {
       .def("end_step", &ExpertCacheSchedule::end_step)
       .def_property_readonly("fills_issued", &ExpertCacheSchedule::fills_issued)
       .def_property_readonly("fills_kept", &ExpertCacheSchedule::fills_kept)
-      .def_property_readonly("slots", &ExpertCacheSchedule::slots);
+      .def_property_readonly("slots", &ExpertCacheSchedule::slots)
+      .def_property_readonly("frozen", &ExpertCacheSchedule::frozen);
 }
 
 }  // namespace tidal::python

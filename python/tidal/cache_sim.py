@@ -281,7 +281,8 @@ class RuntimeResult:
 
 
 def simulate_runtime(experts: np.ndarray, num_experts: int, slots: int, policy: str = "lfu", *,
-                     max_fills: int = 16, warmup: int = 0, decay: float = 0.98) -> RuntimeResult:
+                     max_fills: int = 16, warmup: int = 0, decay: float = 0.98,
+                     static_steps: int = 256) -> RuntimeResult:
     """A trace through the runtime's own step rules (``ExpertCacheSchedule``, Note [Expert cache schedule]):
     a miss is admitted only while fewer than `max_fills` copies are queued or running, its copy is issued at
     the next token's start and the GPU computes it from the token after. So this counts what the runtime's
@@ -295,7 +296,7 @@ def simulate_runtime(experts: np.ndarray, num_experts: int, slots: int, policy: 
     if not 0 <= warmup < experts.shape[0]:
         raise ValueError(f"warmup must be in [0, {experts.shape[0]}), got {warmup}")
     tokens, layers, _ = experts.shape
-    s = ExpertCacheSchedule(layers, num_experts, slots, policy, max_fills, decay)
+    s = ExpertCacheSchedule(layers, num_experts, slots, policy, max_fills, decay, static_steps)
     res = RuntimeResult(policy, slots, max_fills)
     for t in range(tokens):
         issued = len(s.begin_step())
@@ -355,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             trace = synthetic_trace(a.tokens, a.layers, a.experts, a.top_k, skew=float(skew), reuse=float(reuse))
             for policy in POLICIES:
                 for f in a.fills:
-                    r = simulate_runtime(trace, a.experts, a.slots, policy, max_fills=f, warmup=warmup, decay=a.decay)
+                    r = simulate_runtime(trace, a.experts, a.slots, policy, max_fills=f, warmup=warmup, decay=a.decay,
+                                         static_steps=warmup)
                     print(f"| {name} (skew {skew}, reuse {reuse}) | {policy} | {f} | {100 * r.gpu_share:.1f}% | "
                           f"{r.fills_per_token:.1f} |")
     if a.predict_k:

@@ -199,7 +199,7 @@ class Runtime:
             is new and not yet validated on a GPU): none, every routed expert on the CPU.
         gpu_expert_policy : {"lfu", "lru", "static"}
             Which cached expert a missed one replaces: decayed use counts, least recently used, or none
-            (the first experts cached stay).
+            (placed as "lfu" over the first 256 decode steps, then frozen: no copies after that).
         """
         p = pathlib.Path(os.fspath(path))
         if tokenizer is not None:

@@ -351,8 +351,8 @@ def test_vram_expert_cache_matches_host_experts(dtype, slots, policy):
         assert st["gpu_expert_slots"] == moe * cfg.num_experts
         assert st["gpu_expert_fills"] <= moe * cfg.num_experts
         assert st["gpu_expert_pairs"] > 0.5 * k * moe * steps
-    elif policy == "static":  # the first five experts to miss fill the slots and stay
-        assert st["gpu_expert_slots"] == 5 and st["gpu_expert_fills"] == 5
+    elif policy == "static":  # placed as LFU for the first 256 steps (all of these), then frozen
+        assert st["gpu_expert_slots"] == 5 and st["gpu_expert_fills"] >= 5
     else:  # five slots for 8 layers x 48 experts: constant eviction
         assert st["gpu_expert_slots"] == 5
         assert st["gpu_expert_fills"] > 5 * 4

@@ -105,17 +105,21 @@ TEST(ExpertCacheSchedule, CopyLimitAndInvalidIds) {
   EXPECT_THROW(s.route(1, ids.data(), 1, host), InvalidArgument);
 }
 
-TEST(ExpertCacheSchedule, StaticFillsFreeSlotsThenStays) {
-  ExpertCacheSchedule s(1, 16, 3, CachePolicy::kStatic, 16);
+TEST(ExpertCacheSchedule, StaticProfilesThenStays) {
+  // Two profile steps (placed as LFU would), then frozen: no admission, no copy, ever.
+  ExpertCacheSchedule s(1, 16, 3, CachePolicy::kStatic, 16, 0.98, 2);
   std::vector<int32_t> host;
   const std::vector<int32_t> a = {0, 1}, b = {2, 3, 4};
   s.begin_step();
   s.route(0, a.data(), 2, host);
-  s.route(0, b.data(), 3, host);  // 2 fills the third slot; 3 and 4 find none
+  s.route(0, b.data(), 3, host);  // 2 fills the third slot; 3 and 4 find none (all pinned)
   s.end_step();
   const auto issued = s.begin_step();
   ASSERT_EQ(issued.size(), 3u);
+  EXPECT_FALSE(s.frozen());
+  s.route(0, b.data(), 3, host);  // the three slots are filling (pinned): nothing admitted
   s.end_step();
+  EXPECT_TRUE(s.frozen());
   for (int t = 0; t < 20; ++t) {
     EXPECT_TRUE(s.begin_step().empty());
     s.route(0, b.data(), 3, host);
