@@ -33,7 +33,8 @@ namespace tidal::offload {
 //     their copy is issued, and issued copies are pinned for the step they run in), so no slot is
 //     handed to another expert before its copy has landed.
 // "static" places experts as "lfu" does for the first `static_steps` steps (a profile of the
-// routing, taken while it runs) and then freezes the set: no copies after that.
+// routing, taken while it runs) and then freezes the set: no admissions after that (the copies
+// admitted in the last profile step are still issued and land, one step later).
 
 class ExpertCacheSchedule {
  public:

@@ -192,10 +192,12 @@ struct CudaModel::Impl {
   // start, after that table is uploaded on the compute stream, on a copy stream that waits for
   // the upload: the GPU may still read the old expert during the step that admitted the new one,
   // never after its copy starts. The copy runs beside that step and enters the table at the step
-  // after (offload::ExpertCacheSchedule decides all of it, Note [Expert cache schedule]). Steps
-  // with routing control active, prefill and batched decode compute every expert on the host.
-  // The decisions (who computes what, admissions, when copies are issued and enter the table)
-  // are offload::ExpertCacheSchedule's (Note [Expert cache schedule]); this class moves bytes.
+  // after. offload::ExpertCacheSchedule makes every one of these decisions (Note [Expert cache
+  // schedule]); this class moves the bytes. Steps with routing control active, prefill and
+  // batched decode compute every expert on the host. If starting a step fails (a CUDA error
+  // while uploading the table or issuing copies), the cache is abandoned: every expert goes to
+  // the host from then on, and the one-token graphs, captured with the GPU expert kernels, are
+  // dropped so they are captured again without them (vx_abandon).
   bool vx_tried = false, vx_on = false, vx_step = false;
   kc::GpuExpertsArgs vx;
   int32_t* vx_dtable = nullptr;  // device [layers][E]
@@ -203,7 +205,7 @@ struct CudaModel::Impl {
   std::unique_ptr<offload::ExpertCacheSchedule> vx_sched;
   cudaStream_t vx_copy = nullptr;
   cudaEvent_t vx_ev_table = nullptr;
-  std::vector<cudaEvent_t> vx_running;  // one per copy issued at this step's start
+  std::vector<cudaEvent_t> vx_running;  // recorded after the copies issued at this step's start
   std::vector<cudaEvent_t> vx_events;   // free
   void* vx_registered = nullptr;
   uint64_t vx_bytes = 0;
@@ -215,6 +217,7 @@ struct CudaModel::Impl {
   void vx_init();
   void vx_init_impl();
   void vx_begin_step();
+  void vx_begin_step_impl();
   /// Layer `layer`'s routed experts on the host (those the table does not hold, when vx_step).
   void host_experts(int64_t layer, int64_t T, kernels::Executor& ex);
   void vx_free();
@@ -222,6 +225,16 @@ struct CudaModel::Impl {
     if (!vx_step) return;
     vx_step = false;
     vx_sched->end_step();
+  }
+  /// After a failure inside vx_begin_step: the schedule and the device may disagree, so the
+  /// cache is no longer used (see the Note).
+  void vx_abandon() {
+    vx_on = vx_step = false;
+    cudaStreamSynchronize(stream);
+    if (vx_copy) cudaStreamSynchronize(vx_copy);
+    cudaGetLastError();
+    for (auto g : graphs) cudaGraphExecDestroy(g);
+    graphs.clear();
   }
   /// A forward that threw: let the stream finish what it was given (so the pinned table is free
   /// to rewrite), then end the step.
@@ -615,6 +628,15 @@ void CudaModel::Impl::vx_init_impl() {
 }
 
 void CudaModel::Impl::vx_begin_step() {
+  try {
+    vx_begin_step_impl();
+  } catch (...) {
+    vx_abandon();
+    throw;
+  }
+}
+
+void CudaModel::Impl::vx_begin_step_impl() {
   // The copies issued at the last step's start have landed: they ran beside that step (at most
   // expert_fills experts, ~1 ms over PCIe against a step of several), so this wait is normally
   // over at once; waiting rather than polling keeps which experts the GPU computes, and so the
@@ -1540,8 +1562,8 @@ void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, Logi
     m.batched = false;
     if (!m.vx_tried) m.vx_init();
     m.vx_step = m.vx_on && T == 1 && !m.route_ctl;
-    if (m.vx_step) m.vx_begin_step();
     try {
+      if (m.vx_step) m.vx_begin_step();
       m.run_segments(T, cm, use_graph ? &m.graphs : nullptr, ex, profile);
     } catch (...) {
       m.step_failed();
@@ -1721,8 +1743,8 @@ void CudaModel::forward_batch(std::span<SequenceState* const> states, std::span<
                                                     : &m.batch_graphs[B];
   if (!m.vx_tried) m.vx_init();
   m.vx_step = m.vx_on && B == 1 && !m.route_ctl;
-  if (m.vx_step) m.vx_begin_step();
   try {
+    if (m.vx_step) m.vx_begin_step();
     m.run_segments(B, LogitsMode::kLast, graphs, ex, profile);
   } catch (...) {
     m.batched = false;

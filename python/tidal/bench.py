@@ -271,8 +271,11 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
                 host = after["host_expert_pairs"] - before["host_expert_pairs"] - prompt_pairs  # decode only
                 hit = gpu / (gpu + host) if gpu + host else 0.0
                 need["routed_experts_in_vram"] = int(need["routed_experts"] * hit)
-                need["routed_experts"] -= need["routed_experts_in_vram"]
-                need["pcie"] += int((after["gpu_expert_bytes_in"] - before["gpu_expert_bytes_in"]) / tokens)
+                # The copies read host RAM (beside the CPU experts) and cross PCIe on their own
+                # stream, beside the step: they count as host bytes, not as serial PCIe time.
+                copies = int((after["gpu_expert_bytes_in"] - before["gpu_expert_bytes_in"]) / tokens)
+                need["routed_experts"] += copies - need["routed_experts_in_vram"]
+                need["expert_copies"] = copies
                 r["expert_cache"] = {"slots": after["gpu_expert_slots"], "policy": after["gpu_expert_policy"],
                                      "hit_rate": hit,
                                      "fills_per_token": (after["gpu_expert_fills"] - before["gpu_expert_fills"]) / tokens}

@@ -295,15 +295,22 @@ def simulate_runtime(experts: np.ndarray, num_experts: int, slots: int, policy: 
         raise ValueError(f"experts must be (tokens, layers, top_k), got shape {experts.shape}")
     if not 0 <= warmup < experts.shape[0]:
         raise ValueError(f"warmup must be in [0, {experts.shape[0]}), got {warmup}")
+    if experts.size and int(experts.max()) >= num_experts:
+        raise ValueError(f"expert id {int(experts.max())} is not below num_experts={num_experts}")
     tokens, layers, _ = experts.shape
-    s = ExpertCacheSchedule(layers, num_experts, slots, policy, max_fills, decay, static_steps)
     res = RuntimeResult(policy, slots, max_fills)
+    s = ExpertCacheSchedule(layers, num_experts, max(1, slots), policy, max_fills, decay, static_steps)
     for t in range(tokens):
         issued = len(s.begin_step())
         counted = t >= warmup
         for layer in range(layers):
-            ids = experts[t, layer].tolist()
-            gpu, host = s.route(layer, ids)
+            ids = [e for e in experts[t, layer].tolist() if e >= 0]  # -1: a dense layer's row
+            if not ids:
+                continue
+            if slots == 0:  # no cache: every routed pair on the host
+                gpu, host = 0, ids
+            else:
+                gpu, host = s.route(layer, ids)
             if counted:
                 res.gpu_pairs += gpu
                 res.host_pairs += len(host)

@@ -91,3 +91,12 @@ def test_runtime_rules_on_traces(policy):
     # The limit binds: one copy at a time lands fewer experts than 64.
     slow = simulate_runtime(trace, experts, layers * experts, policy, max_fills=1, warmup=100)
     assert slow.gpu_share < everything.gpu_share
+    # A dense layer's rows (-1) are no routed pairs; no slots: everything on the host; bad ids.
+    dense = trace.copy()
+    dense[:, 2, :] = -1
+    r = simulate_runtime(dense, experts, 20, policy, max_fills=4, warmup=100, static_steps=80)
+    assert r.gpu_pairs + r.host_pairs == (tokens - 100) * (layers - 1) * k
+    none = simulate_runtime(trace, experts, 0, policy, warmup=100)
+    assert none.gpu_pairs == 0 and none.host_pairs == (tokens - 100) * layers * k
+    with pytest.raises(ValueError, match="not below num_experts"):
+        simulate_runtime(trace, experts - 1, 20, policy)

@@ -140,27 +140,43 @@ TEST(ExpertCacheSchedule, RandomRunKeepsEveryInvariant) {
       ExpertCacheSchedule s(L, E, slots, policy, 5);
       std::mt19937 rng(static_cast<unsigned>(slots * 7 + static_cast<int>(policy)));
       std::vector<std::pair<int64_t, int64_t>> holds(static_cast<size_t>(slots), {-1, -1});
+      // What the device's table holds: the schedule's table, copied only when it says it changed
+      // (as CudaModel uploads it).
+      std::vector<int32_t> device(static_cast<size_t>(L * E), ExpertSlotCache::kNone);
       std::vector<Fill> running;
       std::vector<int32_t> host;
       int64_t gpu = 0, total = 0;
       for (int t = 0; t < 400; ++t) {
         for (const Fill& f : running) holds[static_cast<size_t>(f.slot)] = {f.layer, f.expert};
         const auto issued = s.begin_step();
+        if (s.table_changed()) device = s.table();
+        ASSERT_EQ(device, s.table()) << "step " << t << ": a changed table not reported";
         running = issued;
         std::set<int32_t> filling;
         for (const Fill& f : issued) EXPECT_TRUE(filling.insert(f.slot).second) << "slot twice";
         for (int64_t l = 0; l < L; ++l) {
           std::vector<int32_t> ids;
           while (static_cast<int64_t>(ids.size()) < k) {
-            const int32_t e =
-                static_cast<int32_t>(std::min<int64_t>(rng() % E, rng() % E));  // skewed
-            if (std::find(ids.begin(), ids.end(), e) == ids.end()) ids.push_back(e);
+            const uint32_t r = rng() % 40;  // now and then an invalid id or a repeated one
+            if (r == 0) {
+              ids.push_back(-1);
+            } else if (r == 1) {
+              ids.push_back(static_cast<int32_t>(E + 3));
+            } else if (r == 2 && !ids.empty()) {
+              ids.push_back(ids[0]);
+            } else {
+              const int32_t e =
+                  static_cast<int32_t>(std::min<int64_t>(rng() % E, rng() % E));  // skewed
+              if (std::find(ids.begin(), ids.end(), e) == ids.end()) ids.push_back(e);
+            }
           }
           const int64_t g = s.route(l, ids.data(), k, host);
+          ASSERT_EQ(device, s.table()) << "step " << t << ": the table changed within a step";
           const auto gs = gpu_side(ids, host);
           ASSERT_EQ(static_cast<int64_t>(gs.size()), g);
           for (const int32_t e : gs) {
-            const int32_t slot = s.table()[static_cast<size_t>(l * E + e)];
+            ASSERT_TRUE(e >= 0 && e < E) << "an invalid id went to the GPU";
+            const int32_t slot = device[static_cast<size_t>(l * E + e)];
             ASSERT_GE(slot, 0);
             EXPECT_EQ(holds[static_cast<size_t>(slot)], (std::pair<int64_t, int64_t>{l, e}))
                 << "step " << t << ": the GPU would read a slot that does not hold the expert";
