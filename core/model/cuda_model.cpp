@@ -21,6 +21,7 @@
 #include "core/model/model.h"
 #include "core/model/step_trace.h"
 #include "kernels/cuda/experts.h"
+#include "kernels/cuda/experts_layout.h"
 #include "kernels/cuda/ops.h"
 #include "offload/expert_cache.h"
 #include "offload/expert_schedule.h"
@@ -504,23 +505,6 @@ std::vector<std::pair<size_t, size_t>> CudaModel::Impl::segments() const {
 
 // ------------------------------------------------------------------ VRAM expert cache
 
-namespace {
-kc::ExpertMatrixLayout gpu_layout(const kernels::cpu::PackedLayout& l) {
-  kc::ExpertMatrixLayout g;
-  g.dtype = static_cast<int>(l.dtype);
-  g.n = l.n;
-  g.k = l.k;
-  g.group = l.group;
-  g.k_pad = l.k_pad;
-  g.num_tiles = l.num_tiles;
-  g.num_groups = l.num_groups;
-  g.group_bytes = l.group_bytes;
-  g.data_bytes = l.data_bytes;
-  g.tile_bytes = l.tile_bytes;
-  return g;
-}
-}  // namespace
-
 void CudaModel::Impl::vx_init() {
   vx_tried = true;
   try {
@@ -538,8 +522,8 @@ void CudaModel::Impl::vx_init_impl() {
   kernels::cpu::PackedLayout gu, dn;
   if (!experts->packed_layouts(gu, dn)) return;
   const int64_t E = cfg.num_experts, k = cfg.num_experts_per_tok, H = cfg.hidden_size;
-  vx.gate_up = gpu_layout(gu);
-  vx.down = gpu_layout(dn);
+  vx.gate_up = kc::gpu_layout(gu);
+  vx.down = kc::gpu_layout(dn);
   vx.slot_bytes = static_cast<int64_t>(align_up(static_cast<size_t>(2 * gu.bytes() + dn.bytes())));
   vx.top_k = static_cast<int>(k);
   vx.num_experts = E;

@@ -16,27 +16,13 @@
 
 #include "gpu.h"
 #include "kernels/cpu/expert_gemm.h"
+#include "kernels/cuda/experts_layout.h"
 #include "tolerances.h"
 
 namespace tidal::kernels::cuda {
 namespace {
 
 namespace kc = tidal::kernels::cpu;
-
-ExpertMatrixLayout gpu_layout(const kc::PackedLayout& l) {
-  ExpertMatrixLayout g;
-  g.dtype = static_cast<int>(l.dtype);
-  g.n = l.n;
-  g.k = l.k;
-  g.group = l.group;
-  g.k_pad = l.k_pad;
-  g.num_tiles = l.num_tiles;
-  g.num_groups = l.num_groups;
-  g.group_bytes = l.group_bytes;
-  g.data_bytes = l.data_bytes;
-  g.tile_bytes = l.tile_bytes;
-  return g;
-}
 
 struct Case {
   kc::ExpertDType dtype;
