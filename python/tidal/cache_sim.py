@@ -23,6 +23,12 @@ lookahead] measures that predictor on real models), so what a trace alone offers
 Precision = predicted ids that were routed / predicted ids, recall = routed ids that were
 predicted / routed ids, over the tokens after the warm-up.
 
+The runtime's own rules (`simulate_runtime`, ``--fills``): the same trace through
+``ExpertCacheSchedule``, the class the VRAM expert cache runs on (Note [Expert cache schedule]): at
+most `max_fills` copies queued or running, each issued a token after its miss and used from the token
+after that, "static" profiled as "lfu" over the first tokens and then frozen. It counts the routed
+pairs the GPU would compute and the copies per token.
+
 Everything is deterministic for a given trace.
 """
 
