@@ -79,8 +79,7 @@ int64_t ExpertCacheSchedule::route(int64_t layer, const int32_t* ids, int64_t k,
 
 void ExpertCacheSchedule::end_step() {
   ++steps_;
-  cache_.release_pins();
-  for (const Fill& f : queued_) cache_.pin(f.slot);
+  cache_.release_pins();  // a queued copy's slot is pinned again when begin_step issues it
   cache_.next_token();
 }
 

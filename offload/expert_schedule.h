@@ -29,9 +29,9 @@ namespace tidal::offload {
 //     or running. An admitted expert's slot, and the expert it evicts, leave the *next* table:
 //     the evicted expert stays readable for the rest of step t (its copy is only issued at step
 //     t+1's start, after the next table is uploaded).
-//   end_step(): pins released, except the slots whose copy is queued (they stay pinned until
-//     their copy is issued, and issued copies are pinned for the step they run in), so no slot is
-//     handed to another expert before its copy has landed.
+//   end_step(): pins released. Nothing is admitted between end_step() and the next
+//     begin_step(), which pins every slot whose copy it issues for the step the copy runs in: no
+//     slot is handed to another expert before its copy has landed.
 // "static" places experts as "lfu" does for the first `static_steps` steps (a profile of the
 // routing, taken while it runs) and then freezes the set: no admissions after that (the copies
 // admitted in the last profile step are still issued and land, one step later).
