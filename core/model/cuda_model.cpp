@@ -142,44 +142,6 @@ struct CudaModel::Impl {
     cuda_check(cudaStreamWaitEvent(stream, ev_join), "stream wait");
   }
 
-  // Note [L2 lead] (kernels/cuda/ops.cu): the matrices of a fused decode step in the order it
-  // reads them (per layer: in-projection, output projection, MLP in, down; then lm_head), their
-  // start offsets in that stream, and each layer's first entry.
-  std::vector<kc::L2Range> wstream;
-  std::vector<int64_t> wstart;
-  std::vector<size_t> wfirst;
-  int64_t l2_lead = 0, pf_frontier = 0;
-  cudaStream_t pf = nullptr;
-  cudaEvent_t ev_pf_fork = nullptr, ev_pf_join = nullptr;
-  bool pf_pending = false;
-  /// Fused decode: on `pf`, once the work enqueued so far is done, asks L2 for the stream's
-  /// bytes from the end of entry `idx` to `l2_lead` past it (those not asked for already).
-  void prefetch_after(size_t idx) {
-    if (!fused || l2_lead <= 0 || idx + 1 >= wstream.size()) return;
-    const int64_t a = std::max(pf_frontier, wstart[idx + 1]);
-    const int64_t b = std::min(wstart[idx + 1] + l2_lead, wstart.back());
-    if (b <= a) return;
-    kc::L2Range r[kc::kMaxL2Ranges];
-    int n = 0;
-    for (size_t i = idx + 1; i < wstream.size() && n < kc::kMaxL2Ranges; ++i) {
-      const int64_t s0 = std::max(a, wstart[i]), s1 = std::min(b, wstart[i + 1]);
-      if (s1 <= s0) continue;
-      r[n++] = {static_cast<const char*>(wstream[i].p) + (s0 - wstart[i]), s1 - s0};
-    }
-    pf_frontier = b;
-    cuda_check(cudaEventRecord(ev_pf_fork, stream), "event record");
-    cuda_check(cudaStreamWaitEvent(pf, ev_pf_fork), "stream wait");
-    kc::l2_prefetch(r, n, pf);
-    pf_pending = true;
-  }
-  /// The main stream waits for the prefetch stream (before a capture ends).
-  void join_pf() {
-    if (!pf_pending) return;
-    pf_pending = false;
-    cuda_check(cudaEventRecord(ev_pf_join, pf), "event record");
-    cuda_check(cudaStreamWaitEvent(stream, ev_pf_join), "stream wait");
-  }
-
   // Note [VRAM expert cache]
   // One-token decode with packed host experts keeps a pool of whole experts in VRAM, copied byte
   // for byte from host RAM (kernels/cuda/experts.h runs the host's layout), placed by
@@ -735,7 +697,6 @@ void CudaModel::Impl::enqueue_attention(const GpuLayer& L, int layer, int64_t T)
   const int64_t W = L.mix.rows, qw = nh * d * (gated ? 2 : 1);
   linear(L.mix, xn, c.hidden_size, proj, W, T);
   mark("attn: in-proj [q|k|v]");
-  prefetch_after(wfirst[layer]);
   // Batched decode: row r is its own sequence (one token, its own state and position).
   const int64_t nseq = batched ? T : 1, Tr = batched ? 1 : T;
   kc::AttnPrepArgs p;
@@ -792,7 +753,6 @@ void CudaModel::Impl::enqueue_attention(const GpuLayer& L, int layer, int64_t T)
   mark("attn: attention + combine");
   mixer_out(L.o, ao, nh * d, T);
   mark("attn: o_proj");
-  prefetch_after(wfirst[layer] + 1);
 }
 
 void CudaModel::Impl::enqueue_deltanet(const GpuLayer& L, int layer, int64_t T) {
@@ -823,7 +783,6 @@ void CudaModel::Impl::enqueue_deltanet(const GpuLayer& L, int layer, int64_t T) 
   }
   if (!conv_done) linear(L.mix, xn, H, proj, W, T);
   mark(conv_done ? "gdn: in-proj [qkv|z|b|a] + conv1d, beta, g" : "gdn: in-proj [qkv|z|b|a]");
-  prefetch_after(wfirst[layer]);
   int64_t ld_src = W, ld_z = W, ld_ba = W;
   if (c.family == ArchFamily::kQwen3Next) {
     const int64_t pw = 2 * nk * dk + 2 * nv * dv;
@@ -869,7 +828,6 @@ void CudaModel::Impl::enqueue_deltanet(const GpuLayer& L, int layer, int64_t T) 
     if (kc::gemv_gated_norm(L.out, go, z, L.gnorm, dv, eps, dst, fused, stream)) {
       pend(fused ? nullptr : y);
       mark("gdn: gated norm + out_proj");
-      prefetch_after(wfirst[layer] + 1);
       return;
     }
     kc::rms_norm_gated(go, z, ld_z, nv, L.gnorm, go, nv, dv, eps,
@@ -888,7 +846,6 @@ void CudaModel::Impl::enqueue_deltanet(const GpuLayer& L, int layer, int64_t T) 
   }
   mixer_out(L.out, go, nv * dv, T);
   mark("gdn: out_proj");
-  prefetch_after(wfirst[layer] + 1);
 }
 
 void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
@@ -1394,21 +1351,6 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
   cuda_check(cudaStreamCreateWithFlags(&m.side, cudaStreamNonBlocking), "stream creation");
   cuda_check(cudaEventCreateWithFlags(&m.ev_fork, cudaEventDisableTiming), "event creation");
   cuda_check(cudaEventCreateWithFlags(&m.ev_join, cudaEventDisableTiming), "event creation");
-  cuda_check(cudaStreamCreateWithFlags(&m.pf, cudaStreamNonBlocking), "stream creation");
-  cuda_check(cudaEventCreateWithFlags(&m.ev_pf_fork, cudaEventDisableTiming), "event creation");
-  cuda_check(cudaEventCreateWithFlags(&m.ev_pf_join, cudaEventDisableTiming), "event creation");
-  // Note [L2 lead]: the weight stream of a fused decode step, and the lead (3/4 of the L2 at most).
-  for (const GpuLayer& L : m.layers) {
-    m.wfirst.push_back(m.wstream.size());
-    const DevMatrix& out = L.type == LayerType::kFullAttention ? L.o : L.out;
-    for (const DevMatrix* w : {&L.mix, &out, &L.mlp_in, &L.down})
-      m.wstream.push_back({w->data, weight_data_bytes(*w)});
-  }
-  m.wstream.push_back({m.lm_head.data, weight_data_bytes(m.lm_head)});
-  m.wstart.assign(1, 0);
-  for (const auto& r : m.wstream) m.wstart.push_back(m.wstart.back() + r.bytes);
-  const int64_t l2 = prop.l2CacheSize;
-  m.l2_lead = l2 >= (int64_t{4} << 20) ? std::min<int64_t>(m.opts.l2_lead_bytes, l2 * 3 / 4) : 0;
   m.segs = m.segments();
 }
 
@@ -1425,9 +1367,6 @@ CudaModel::Impl::~Impl() {
   if (ev_fork) cudaEventDestroy(ev_fork);
   if (ev_join) cudaEventDestroy(ev_join);
   if (side) cudaStreamDestroy(side);
-  if (ev_pf_fork) cudaEventDestroy(ev_pf_fork);
-  if (ev_pf_join) cudaEventDestroy(ev_pf_join);
-  if (pf) cudaStreamDestroy(pf);
   vx_free();
   for (auto e : prof_events) cudaEventDestroy(e);
   if (stream) cudaStreamDestroy(stream);
@@ -1577,8 +1516,6 @@ void CudaModel::Impl::enqueue_segment(size_t s, int64_t T, LogitsMode cm, bool u
   fused = opts.fuse_decode && T == 1 && !batched;
   norm_pending = nullptr;  // a segment never starts with one (left over only by a failed capture)
   side_pending = false;
-  pf_pending = false;
-  if (s == 0) pf_frontier = 0;
   if (s == 0) {
     if (profiling && !use_graph)  // host runs ahead, so events time kernels, not launches
       kc::gpu_sleep(int64_t{30} * 1000 * 1000, stream);
@@ -1598,7 +1535,6 @@ void CudaModel::Impl::enqueue_segment(size_t s, int64_t T, LogitsMode cm, bool u
                  "logits download");
     }
   }
-  join_pf();
 }
 
 void CudaModel::Impl::run_segments(int64_t T, LogitsMode cm, std::vector<cudaGraphExec_t>* graphs,
@@ -1613,7 +1549,6 @@ void CudaModel::Impl::run_segments(int64_t T, LogitsMode cm, std::vector<cudaGra
         } catch (...) {
           try {
             join_side();  // rejoin a forked router, or the capture cannot end
-            join_pf();
           } catch (...) {
           }
           cudaStreamEndCapture(stream, &g);  // leave capture mode, drop the partial graph

@@ -67,11 +67,6 @@ struct CudaOptions {
   /// done by the attention kernel (Note [attention prep in the decode kernel]); false: attn_prep
   /// first. TIDAL_CUDA_ATTN_PREP=0 turns it off.
   bool attention_prep_in_kernel = env_flag("TIDAL_CUDA_ATTN_PREP", true);
-  /// One-token decode: after each large projection a side-stream kernel asks L2 for the next
-  /// this many bytes of the step's weights (Note [L2 lead] in kernels/cuda/ops.cu); capped at
-  /// 3/4 of the device's L2, off below 4 MB of L2 or at 0. TIDAL_CUDA_L2_LEAD_MB sets it (MiB);
-  /// off by default until it has been measured on a GPU (docs/performance.md).
-  int64_t l2_lead_bytes = env_int("TIDAL_CUDA_L2_LEAD_MB", 0) << 20;
   /// The environment variable `name` as an integer, `fallback` when unset or not a number.
   static int64_t env_int(const char* name, int64_t fallback);
   /// VRAM expert cache (Note [VRAM expert cache] in cuda_model.cpp), for one-token decode with

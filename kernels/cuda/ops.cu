@@ -2184,64 +2184,6 @@ __global__ void gpu_sleep_kernel(int64_t ns) {
 
 void gpu_sleep(int64_t ns, cudaStream_t s) { gpu_sleep_kernel<<<1, 1, 0, s>>>(ns); }
 
-// Note [L2 lead]
-// Between its large projections a decode step runs kernels that read little from DRAM (the
-// delta rule, attention at short contexts, the small MoE-in and shared-down GEMVs, the router):
-// they are latency-bound, and DRAM idles while they run. The next projection's blocks start
-// early (Note [programmatic dependent launch]), but they hold only two weight segments per warp
-// in registers. So after each large projection the model forks a small kernel onto a side
-// stream that asks L2 for the next `lead` bytes of the step's weights, in the order the step
-// reads them (CudaModel's weight stream): those bytes arrive while the latency-bound kernels
-// run, and the projections then read them from L2. One bulk prefetch per 4 KB piece (sm_90+,
-// `cp.async.bulk.prefetch.L2`), a line prefetch per 128 bytes before that; a hint, so results
-// cannot change. The lead is at most 3/4 of the L2; TIDAL_CUDA_L2_LEAD_MB sets it (MiB). Off
-// by default until it has been measured on a GPU (written in a session without device time).
-struct L2PrefetchArgs {
-  L2Range r[kMaxL2Ranges];
-  int n = 0;
-};
-constexpr int64_t kL2Piece = 4096;
-
-__global__ void l2_prefetch_kernel(const L2PrefetchArgs a) {
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t nt = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  int64_t base = 0;  // pieces of the ranges before r
-  for (int r = 0; r < a.n; ++r) {
-    const char* p = static_cast<const char*>(a.r[r].p);
-    const int64_t bytes = a.r[r].bytes & ~int64_t{15};
-    const int64_t pieces = (bytes + kL2Piece - 1) / kL2Piece;
-    // this thread's pieces of range r: global piece indices tid, tid + nt, ...
-    int64_t first = tid - base % nt;
-    if (first < 0) first += nt;
-    for (int64_t i = first; i < pieces; i += nt) {
-      const char* q = p + i * kL2Piece;
-      const int64_t n = bytes - i * kL2Piece < kL2Piece ? bytes - i * kL2Piece : kL2Piece;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(q),
-                   "r"(static_cast<unsigned>(n))
-                   : "memory");
-#else
-      for (int64_t o = 0; o < n; o += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(q + o));
-#endif
-    }
-    base += pieces;
-  }
-}
-
-void l2_prefetch(const L2Range* ranges, int n, cudaStream_t s) {
-  L2PrefetchArgs a;
-  int64_t pieces = 0;
-  for (int i = 0; i < n && a.n < kMaxL2Ranges; ++i) {
-    if (ranges[i].bytes < 16 || reinterpret_cast<uintptr_t>(ranges[i].p) % 16 != 0) continue;
-    a.r[a.n++] = ranges[i];
-    pieces += (ranges[i].bytes + kL2Piece - 1) / kL2Piece;
-  }
-  if (a.n == 0) return;
-  constexpr int kThreads = 128;
-  const int blocks = static_cast<int>(std::min<int64_t>(32, (pieces + kThreads - 1) / kThreads));
-  l2_prefetch_kernel<<<blocks, kThreads, 0, s>>>(a);
-}
-
 void read_probe(const void* p, size_t bytes, unsigned* sink, int blocks, cudaStream_t s) {
   read_probe_kernel<<<blocks, 512, 0, s>>>(static_cast<const uint4*>(p), bytes / 16, sink);
 }

@@ -251,18 +251,6 @@ void moe_route(const float* logits, int64_t ld, int64_t T, int64_t E, int64_t k,
 /// it, so events between kernels time the GPU, not the launches).
 void gpu_sleep(int64_t ns, cudaStream_t s);
 
-/// A byte range of device memory for l2_prefetch.
-struct L2Range {
-  const void* p = nullptr;
-  int64_t bytes = 0;
-};
-constexpr int kMaxL2Ranges = 8;
-/// Asks the L2 cache to fetch up to kMaxL2Ranges ranges of device memory (weights the step reads
-/// next; Note [L2 lead] in ops.cu). A hint with no effect on results; a range whose start is not
-/// 16-byte aligned is skipped, and each one's last bytes < 16 are left out. Launched without
-/// programmatic dependence, on the caller's (side) stream.
-void l2_prefetch(const L2Range* ranges, int n, cudaStream_t s);
-
 /// Reads `bytes` (a multiple of 16) with 16-byte loads over `blocks` blocks and folds them into
 /// *sink: the HBM read-bandwidth probe of the benchmarks.
 void read_probe(const void* p, size_t bytes, unsigned* sink, int blocks, cudaStream_t s);

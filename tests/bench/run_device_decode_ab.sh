@@ -3,7 +3,7 @@
 # One device call for the GPU decode path: build (run_device_cuda.sh), the CUDA C++ tests and
 # tests/python/test_cuda.py (golden fixtures, VRAM expert cache), then the decode step at 4K context
 # (tidal_bench_cuda --only-step, BF16) under each setting of VARIANTS (environment assignments,
-# ';'-separated, "default" for none; default: the L2 lead off and on, twice, alternating), then
+# ';'-separated, "default" for none; default: "default" twice), then
 # attention decode at 128K context (SKIP_LONG=1: not). Prints one line per step run (gpu_ms, ratio to the bytes
 # time); raw JSON lines in $OUT/steps.jsonl, logs in $OUT.
 set -euo pipefail
@@ -22,7 +22,7 @@ if [ -z "${SKIP_PYTEST:-}" ]; then
   echo "pytest test_cuda.py: $(tail -1 "$out/pytest_cuda.log")"
   grep -E "^FAILED|^E  |cuda-measure\] vram" "$out/pytest_cuda.log" | cut -c1-300 | head -30 || true
 fi
-IFS=';' read -ra vs <<< "${VARIANTS:-TIDAL_CUDA_L2_LEAD_MB=0;default;TIDAL_CUDA_L2_LEAD_MB=0;default}"
+IFS=';' read -ra vs <<< "${VARIANTS:-default;default}"
 for v in "${vs[@]}"; do
   e=$v; [ "$v" = default ] && e=
   env $e timeout 120 $bench --only-step --weights "${WEIGHTS:-bf16}" | python3 -c 'import json, sys

@@ -12,9 +12,10 @@ STEPS=build NINJA_TARGETS=_tidal OUT="$out" bash tests/bench/run_device_cuda.sh 
   || { tail -30 "$out/build_steps.log"; exit 1; }
 export LD_LIBRARY_PATH=/tmp/deps/lib:${LD_LIBRARY_PATH:-}
 failed=0
-(cd tests/python && PYTHONPATH="$PWD/../../python" python3 -m pytest -q -p no:cacheprovider test_cuda.py \
+(cd tests/python && PYTHONPATH="$PWD/../../python" python3 -m pytest -q -s -p no:cacheprovider test_cuda.py \
   > "$out/pytest_cuda.log" 2>&1) || failed=1
 echo "pytest test_cuda.py: $(tail -1 "$out/pytest_cuda.log")"
+grep -E "^FAILED|^E  |cuda-measure\] vram" "$out/pytest_cuda.log" | cut -c1-400 | head -30 || true
 IFS=';' read -ra vs <<< "${VARIANTS:-default;TIDAL_GEMV_STREAM=0 TIDAL_CUDA_FUSE=0}"
 n=0
 for v in "${vs[@]}"; do

@@ -315,22 +315,38 @@ def _teacher_forced(rt, ids, n_prompt):
 # VRAM expert cache (Note [VRAM expert cache]) against every routed expert on the host, on the same
 # teacher-forced decode. The GPU computes a cached expert from the same packed bytes with fp32
 # activations, where the host's VNNI kernels quantise activations to int8 per group (INT4/INT8) or
-# round them to two BF16 terms: the bound is that activation rounding's effect on the logits
-# (measured: see the [cuda-measure] lines), about 2x the worst seen.
-VX_LOGIT_RTOL = {"bf16": 1e-3, "int4": 2e-2}
+# round them to two BF16 terms. BF16: the two agree to VX_BF16_RTOL of the logit scale (measured
+# worst 8e-5 relative on the H100; bound about 10x). INT4: int8 activation rounding on the host
+# flips near-tied router choices now and then, and one flipped expert moves the logits by up to
+# 8% of their scale (measured: the [cuda-measure] lines), whichever side computes the rest. So
+# the INT4 check is against the unquantised (BF16) model: the cached run must be as close to it as
+# the host-only INT4 run is (mean |error| within VX_INT4_MEAN_SLACK), and agree with the host-only
+# run's top-1 token on almost every step.
+VX_BF16_RTOL = 1e-3
+VX_INT4_MEAN_SLACK = 1.25
+VX_INT4_TOP1 = 0.95
 
 
 CACHES = [(None, "lfu"), (5, "lfu"), (5, "lru"), (5, "static")]
+_vx_refs: dict = {}
+
+
+def _vx_reference(dtype, ids):
+    """The host-only engine's teacher-forced logits for ``dtype`` experts (cached across the
+    parametrisations: the same ids every time)."""
+    if dtype not in _vx_refs:
+        host_rt = _load(MINI, expert_dtype=dtype, gpu_expert_slots=0)
+        _vx_refs[dtype] = _teacher_forced(host_rt, ids, 40)
+        assert host_rt._engine.stats()["gpu_expert_slots"] == 0
+        assert host_rt.stats().expert_cache_hit_rate is None
+    return _vx_refs[dtype]
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "int4"])
 @pytest.mark.parametrize("slots,policy", CACHES, ids=["every_expert", "five_lfu", "five_lru", "five_static"])
 def test_vram_expert_cache_matches_host_experts(dtype, slots, policy):
     ids = [int(i) for i in np.random.default_rng(2).integers(5, 8000, 200)]
-    host_rt = _load(MINI, expert_dtype=dtype, gpu_expert_slots=0)
-    host = _teacher_forced(host_rt, ids, 40)
-    assert host_rt._engine.stats()["gpu_expert_slots"] == 0
-    assert host_rt.stats().expert_cache_hit_rate is None
+    host = _vx_reference(dtype, ids)
     rt = _load(MINI, expert_dtype=dtype, gpu_expert_slots=slots, gpu_expert_policy=policy)
     got = _teacher_forced(rt, ids, 40)
     st = rt._engine.stats()
@@ -340,9 +356,18 @@ def test_vram_expert_cache_matches_host_experts(dtype, slots, policy):
     scale = float(np.abs(host).max())
     err = float(np.abs(got - host).max())
     agree = float((got.argmax(-1) == host.argmax(-1)).mean())
-    _record(f"vram cache {dtype} slots={slots} {policy}", max_abs_err=err, logit_scale=scale, top1_agreement=agree,
-            gpu_pairs=st["gpu_expert_pairs"], host_pairs=st["host_expert_pairs"], fills=st["gpu_expert_fills"])
-    assert err <= VX_LOGIT_RTOL[dtype] * scale
+    m = {"max_abs_err": err, "logit_scale": scale, "top1_agreement": agree}
+    if dtype == "int4":
+        exact = _vx_reference("bf16", ids)
+        m["mean_err_vs_bf16_cached"] = float(np.abs(got - exact).mean())
+        m["mean_err_vs_bf16_host"] = float(np.abs(host - exact).mean())
+    _record(f"vram cache {dtype} slots={slots} {policy}", **m, gpu_pairs=st["gpu_expert_pairs"],
+            host_pairs=st["host_expert_pairs"], fills=st["gpu_expert_fills"])
+    if dtype == "bf16":
+        assert err <= VX_BF16_RTOL * scale
+    else:
+        assert m["mean_err_vs_bf16_cached"] <= VX_INT4_MEAN_SLACK * m["mean_err_vs_bf16_host"]
+        assert agree >= VX_INT4_TOP1
     # Every routed pair ran once, on one side or the other (the prefill's on the host).
     k = cfg.num_experts_per_tok
     assert st["gpu_expert_pairs"] + st["host_expert_pairs"] == k * moe * len(ids)
@@ -389,4 +414,4 @@ def test_vram_expert_cache_thousands_of_steps():
     st = rt._engine.stats()
     _record("vram cache 2000 steps", worst_rel_err=worst, fills=st["gpu_expert_fills"], gpu_pairs=st["gpu_expert_pairs"])
     assert st["gpu_expert_fills"] > 500
-    assert worst <= VX_LOGIT_RTOL["bf16"]
+    assert worst <= VX_BF16_RTOL

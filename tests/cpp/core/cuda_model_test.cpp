@@ -59,8 +59,7 @@ struct Weights {
 /// steps (fixed ids), per option set.
 std::vector<std::vector<float>> run(const ModelConfig& cfg, const HostWeights& hw, bool fuse,
                                     bool graphs, bool gdn_split = false, bool gdn_conv = true,
-                                    bool attn_prep_in_kernel = true, int64_t prompt_len = 7,
-                                    int64_t l2_lead_bytes = int64_t{24} << 20) {
+                                    bool attn_prep_in_kernel = true, int64_t prompt_len = 7) {
   auto ex = kernels::make_tbb_executor(2);
   RoutingControl routing(cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok);
   CudaOptions o;
@@ -70,7 +69,6 @@ std::vector<std::vector<float>> run(const ModelConfig& cfg, const HostWeights& h
   o.attention_prep_in_kernel = attn_prep_in_kernel;
   o.attention_tensor_cores = true;
   o.graphs = graphs;
-  o.l2_lead_bytes = l2_lead_bytes;
   CudaModel model(cfg, hw, nullptr, &routing, o, *ex);
   SequenceState st;
   st.layers.resize(static_cast<size_t>(cfg.num_hidden_layers));
@@ -157,8 +155,6 @@ TEST(CudaModel, FusedDecodeMatchesUnfusedKernels) {
   const auto conv_kernel = run(cfg, hw, true, true, false, false);
   // ... and with attn_prep before the attention (CudaOptions::attention_prep_in_kernel off).
   const auto prep_kernel = run(cfg, hw, true, true, false, true, false);
-  // ... and without the side-stream L2 prefetches (Note [L2 lead]): a hint, so bit-identical.
-  const auto no_lead = run(cfg, hw, true, true, false, true, true, 7, 0);
   kernels::cuda::set_pdl_enabled(false);  // plain launches: the order PDL must reproduce
   const auto fused_plain = run(cfg, hw, true, true);
   kernels::cuda::set_pdl_enabled(pdl_was);
@@ -187,7 +183,6 @@ TEST(CudaModel, FusedDecodeMatchesUnfusedKernels) {
     // same order: bit-identical.
     EXPECT_EQ(fused[s], fused_eager[s]) << "step " << s;
     EXPECT_EQ(fused[s], fused_plain[s]) << "step " << s << " (PDL off)";
-    EXPECT_EQ(fused[s], no_lead[s]) << "step " << s << " (no L2 lead)";
   }
   // After a 200-token prompt, so each decode step's attention spans several splits of 64 keys:
   // the tensor-core kernel's tile loads issued before the dependency wait, the last split's

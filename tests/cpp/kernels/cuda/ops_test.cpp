@@ -825,31 +825,6 @@ TEST(CudaOps, FusedDecodeKernelsMatchUnfused) {
   EXPECT_LT(max_abs_diff(dxn.get(), ref), 1e-5f);
 }
 
-// l2_prefetch is a hint with nothing to read back; what can fail is the launch: ranges that
-// are unaligned, shorter than 16 bytes, not a whole number of pieces, more than kMaxL2Ranges,
-// or empty, and the data must be unchanged after it.
-TEST(CudaOps, L2PrefetchTakesAnyRanges) {
-  if (!test::have_gpu()) GTEST_SKIP() << test::kNoGpu;
-  const size_t n = (size_t{3} << 20) + 40;
-  std::vector<uint8_t> host(n);
-  for (size_t i = 0; i < n; ++i) host[i] = static_cast<uint8_t>(i * 131 + 7);
-  uint8_t* d = nullptr;
-  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d), n), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(d, host.data(), n, cudaMemcpyHostToDevice), cudaSuccess);
-  std::vector<L2Range> r = {
-      {d, 15},       {d + 1, 4096},  {d + 16, 4096 * 3 + 48}, {d, int64_t(n)},  {d + 4096, 0},
-      {d + 64, 100}, {d + 32, 8192}, {d + 128, 200},          {d + 256, 70000}, {d, 4096}};
-  l2_prefetch(r.data(), static_cast<int>(r.size()), nullptr);
-  l2_prefetch(r.data(), 0, nullptr);
-  l2_prefetch(r.data() + 3, 1, nullptr);
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
-  std::vector<uint8_t> back(n);
-  ASSERT_EQ(cudaMemcpy(back.data(), d, n, cudaMemcpyDeviceToHost), cudaSuccess);
-  EXPECT_EQ(back, host);
-  cudaFree(d);
-}
-
 /// The DeltaNet decode's conv, SiLU, beta and g in the in-projection's epilogue (gemv_gdn_in,
 /// Note [DeltaNet conv in the GEMV]), then the delta rule normalising q and k itself, equal the
 /// projection followed by gdn_conv_prep_step and the plain delta rule: outputs, z/beta/g rows, the
