@@ -408,6 +408,7 @@ void ExpertStore::pack(const ExpertStoreOptions& opts, kernels::Executor& ex,
   // The experts come mapped from a file (cache hit or pre-packed): nothing to pack.
   auto use_mapped_file = [&](const char* state) {
     cache_state_ = state;
+    file_backed_ = true;
     assign_pointers();
     if (progress) progress(source_bytes_);
     sources_.clear();
@@ -507,6 +508,60 @@ bool ExpertStore::packed_layouts(kc::PackedLayout& gate_up, kc::PackedLayout& do
   gate_up = gate_up_;
   down = down_;
   return true;
+}
+
+std::vector<std::pair<void*, size_t>> ExpertStore::packed_layer_regions() const {
+  std::vector<std::pair<void*, size_t>> r;
+  for (const auto& experts : packed_)
+    if (!experts.empty())
+      r.emplace_back(
+          const_cast<uint8_t*>(experts.front().gate),
+          static_cast<size_t>(experts.back().down + down_.bytes() - experts.front().gate));
+  return r;
+}
+
+// Note [Packed experts out of the file mapping]
+// The VRAM expert cache copies experts with DMA, which needs their host pages page-locked
+// (cudaHostRegister). Registering a large file mapping (a pre-packed checkpoint, or a cache
+// hit: 21 GB for the 35B-A3B at INT4) hung on the GPU test machine: 95-170 s without return,
+// every thread idle in futex waits (2026-12-06; others report the same: llama.cpp turned off
+// registering its mmap'd weights by default, vLLM-Omni saw cudaHostRegister on file ranges never
+// complete). Anonymous memory is what pinned-memory users normally register, so before
+// registering, the packed experts move into an anonymous region: one parallel copy (the pages
+// were read in at load; ~1 s per 10 GB on 16 threads), then the mapping goes and the page cache
+// may drop the file.
+void ExpertStore::copy_packed_to_anonymous(kernels::Executor& ex) {
+  if (!packed_region_file_backed()) return;
+  void* m =
+      mmap(nullptr, region_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m == MAP_FAILED)
+    throw OutOfMemory(fmt::format(
+        "cannot reserve {:.2f} GiB of host memory to hold the packed experts for GPU copies",
+        static_cast<double>(region_bytes_) / (1u << 30)));
+#ifdef MADV_HUGEPAGE
+  madvise(m, region_bytes_, MADV_HUGEPAGE);
+#endif
+  constexpr int64_t kPiece = int64_t{8} << 20;
+  const auto* from = static_cast<const uint8_t*>(region_);
+  auto* to = static_cast<uint8_t*>(m);
+  const int64_t n = static_cast<int64_t>(region_bytes_);
+  ex.parallel_for((n + kPiece - 1) / kPiece, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t o = p * kPiece;
+      std::memcpy(to + o, from + o, static_cast<size_t>(std::min(kPiece, n - o)));
+    }
+  });
+  for (auto& experts : packed_)
+    for (auto& e : experts) {
+      e.gate = to + (e.gate - from);
+      e.up = to + (e.up - from);
+      e.down = to + (e.down - from);
+    }
+  munmap(mapping_, mapping_bytes_);
+  mapping_ = m;
+  mapping_bytes_ = region_bytes_;
+  region_ = m;
+  file_backed_ = false;
 }
 
 core::RoutedExperts::PackedExpertView ExpertStore::packed_expert(int64_t layer,

@@ -67,6 +67,9 @@ class ExpertStore final : public core::RoutedExperts {
                       kernels::cpu::PackedLayout& down) const override;
   PackedExpertView packed_expert(int64_t layer, int64_t expert) const override;
   std::pair<void*, size_t> packed_region() const override { return {region_, region_bytes_}; }
+  std::vector<std::pair<void*, size_t>> packed_layer_regions() const override;
+  bool packed_region_file_backed() const override { return region_ != nullptr && file_backed_; }
+  void copy_packed_to_anonymous(kernels::Executor& ex) override;
 
   const ExpertStoreOptions& options() const { return opts_; }
   /// The checkpoint's expert formats ("BF16", "Q4_K+Q6_K", "F8_E4M3").
@@ -109,6 +112,7 @@ class ExpertStore final : public core::RoutedExperts {
   void* region_ = nullptr;  // packed experts (inside the mapping below)
   size_t region_bytes_ = 0;
   void* mapping_ = nullptr;  // anonymous memory, or the cache file's mapping
+  bool file_backed_ = false;
   size_t mapping_bytes_ = 0;
   std::string cache_state_ = "off";
   std::filesystem::path cache_file_;

@@ -170,15 +170,15 @@ struct CudaModel::Impl {
   cudaEvent_t vx_ev_table = nullptr;
   std::vector<cudaEvent_t> vx_running;  // recorded after the copies issued at this step's start
   std::vector<cudaEvent_t> vx_events;   // free
-  void* vx_registered = nullptr;
+  std::vector<void*> vx_registered;     // page-locked layer ranges of the host store
   uint64_t vx_bytes = 0;
   float* yg = nullptr;
   std::vector<int32_t> vx_ids, vx_host;
   std::vector<float> vx_w;
   GpuExpertCacheStats vx_stats;
   mutable std::mutex vx_mu;  // vx_stats: read by stats() while a forward (holding mu) runs
-  void vx_init();
-  void vx_init_impl();
+  void vx_init(kernels::Executor& ex);
+  void vx_init_impl(kernels::Executor& ex);
   void vx_begin_step();
   void vx_begin_step_impl();
   /// Layer `layer`'s routed experts on the host (those the table does not hold, when vx_step).
@@ -467,10 +467,10 @@ std::vector<std::pair<size_t, size_t>> CudaModel::Impl::segments() const {
 
 // ------------------------------------------------------------------ VRAM expert cache
 
-void CudaModel::Impl::vx_init() {
+void CudaModel::Impl::vx_init(kernels::Executor& ex) {
   vx_tried = true;
   try {
-    vx_init_impl();
+    vx_init_impl(ex);
   } catch (...) {
     vx_free();  // nothing half-made stays allocated or counted
     vx_on = false;
@@ -479,7 +479,7 @@ void CudaModel::Impl::vx_init() {
   }
 }
 
-void CudaModel::Impl::vx_init_impl() {
+void CudaModel::Impl::vx_init_impl(kernels::Executor& ex) {
   if (experts == nullptr || opts.expert_slots == 0) return;
   kernels::cpu::PackedLayout gu, dn;
   if (!experts->packed_layouts(gu, dn)) return;
@@ -549,18 +549,17 @@ void CudaModel::Impl::vx_init_impl() {
       L, E, slots, offload::parse_cache_policy(opts.expert_cache_policy),
       std::max<int64_t>(1, opts.expert_fills));
   // Full-speed DMA from the host store: page-locked where the OS allows it (else the copies
-  // stage through the driver, correct but slower).
-  const auto [region, region_bytes] = experts->packed_region();
-  if (region != nullptr) {
-    // A packed-expert cache file is mapped read-only: such pages register only as read-only.
-    for (const unsigned flags :
-         {unsigned{cudaHostRegisterDefault}, unsigned{cudaHostRegisterReadOnly}}) {
-      if (cudaHostRegister(region, region_bytes, flags) == cudaSuccess) {
-        vx_registered = region;
-        break;
-      }
+  // stage through the driver, correct but slower). From anonymous memory only, one MoE layer per
+  // registration (Note [Packed experts out of the file mapping] in offload/expert_store.cpp).
+  if (experts->packed_region_file_backed()) experts->copy_packed_to_anonymous(ex);
+  for (const auto& [p, n] : experts->packed_layer_regions()) {
+    if (cudaHostRegister(p, n, cudaHostRegisterDefault) != cudaSuccess) {
       cudaGetLastError();
+      for (void* r : vx_registered) cudaHostUnregister(r);
+      vx_registered.clear();
+      break;
     }
+    vx_registered.push_back(p);
   }
   vx_bytes = bytes + side;
   std::lock_guard lock(vx_mu);
@@ -673,7 +672,8 @@ void CudaModel::Impl::vx_free() {
   vx_running.clear();
   if (vx_ev_table) cudaEventDestroy(vx_ev_table);
   if (vx_copy) cudaStreamDestroy(vx_copy);
-  if (vx_registered) cudaHostUnregister(vx_registered);
+  for (void* r : vx_registered) cudaHostUnregister(r);
+  vx_registered.clear();
   cudaFree(const_cast<uint8_t*>(vx.slots));
   cudaFree(vx_dtable);
   cudaFree(vx.hid);
@@ -681,7 +681,6 @@ void CudaModel::Impl::vx_free() {
   if (vx_htable) cudaFreeHost(vx_htable);
   vx_ev_table = nullptr;
   vx_copy = nullptr;
-  vx_registered = nullptr;
   vx.slots = nullptr;
   vx.hid = nullptr;
   vx_dtable = nullptr;
@@ -1483,7 +1482,7 @@ void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, Logi
     m.route_ctl = m.experts && m.routing->active();
     const bool use_graph = m.opts.graphs && T == 1 && cm == LogitsMode::kLast && !m.route_ctl;
     m.batched = false;
-    if (!m.vx_tried) m.vx_init();
+    if (!m.vx_tried) m.vx_init(ex);
     m.vx_step = m.vx_on && T == 1 && !m.route_ctl;
     try {
       if (m.vx_step) m.vx_begin_step();
@@ -1660,7 +1659,7 @@ void CudaModel::forward_batch(std::span<SequenceState* const> states, std::span<
   std::vector<cudaGraphExec_t>* graphs = !use_graph ? nullptr
                                          : B == 1   ? &m.graphs
                                                     : &m.batch_graphs[B];
-  if (!m.vx_tried) m.vx_init();
+  if (!m.vx_tried) m.vx_init(ex);
   m.vx_step = m.vx_on && B == 1 && !m.route_ctl;
   try {
     if (m.vx_step) m.vx_begin_step();
@@ -1732,10 +1731,10 @@ void CudaModel::upload_linear_states(SequenceState& state,
   }
 }
 
-void CudaModel::init_expert_cache() {
+void CudaModel::init_expert_cache(kernels::Executor& ex) {
   Impl& m = *impl_;
   std::lock_guard lock(m.mu);
-  if (!m.vx_tried) m.vx_init();
+  if (!m.vx_tried) m.vx_init(ex);
 }
 
 GpuExpertCacheStats CudaModel::expert_cache_stats() const {

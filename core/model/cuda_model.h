@@ -156,7 +156,7 @@ class CudaModel {
   GpuExpertCacheStats expert_cache_stats() const;
   /// Sizes and allocates the VRAM expert cache once the routed experts are packed (else at the
   /// first forward); OutOfMemory for an explicit slot count over the budget.
-  void init_expert_cache();
+  void init_expert_cache(kernels::Executor& ex);
   void reset_expert_cache_stats();
   std::string device_name() const;
   /// The one-token decode path in use: attention kernel, programmatic dependent launch, fusion.

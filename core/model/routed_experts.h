@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <utility>
+#include <vector>
 
 #include "kernels/common/executor.h"
 #include "kernels/cpu/expert_gemm.h"
@@ -40,6 +41,14 @@ class RoutedExperts {
   virtual PackedExpertView packed_expert(int64_t /*layer*/, int64_t /*expert*/) const { return {}; }
   /// The host memory that holds every packed expert (to register for DMA); {nullptr, 0} if none.
   virtual std::pair<void*, size_t> packed_region() const { return {nullptr, 0}; }
+  /// Each MoE layer's part of packed_region() (its experts are contiguous there, in order).
+  virtual std::vector<std::pair<void*, size_t>> packed_layer_regions() const { return {}; }
+  /// Whether packed_region() is a file's mapping (a pre-packed checkpoint or a packed-expert
+  /// cache hit) rather than anonymous memory.
+  virtual bool packed_region_file_backed() const { return false; }
+  /// Moves the packed experts from a file mapping into anonymous memory (copied in parallel on
+  /// `ex`; packed_expert() views and packed_region() change). Only while no forward runs.
+  virtual void copy_packed_to_anonymous(kernels::Executor& /*ex*/) {}
 };
 
 }  // namespace tidal::core

@@ -409,7 +409,7 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
 #if TIDAL_WITH_CUDA
   // The VRAM expert cache: slots sized and allocated, host experts registered for DMA, now (a
   // budget it cannot meet is a load error, not a first-request one).
-  if (auto* g = rt->model_->cuda()) g->init_expert_cache();
+  if (auto* g = rt->model_->cuda()) g->init_expert_cache(*rt->executor_);
 #endif
   rt->stats_.expert_bytes = experts->resident_bytes();
   rt->stats_.weight_bytes = used_bytes + experts->resident_bytes();
