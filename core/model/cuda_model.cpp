@@ -206,6 +206,50 @@ struct CudaModel::Impl {
     cudaGetLastError();
     vx_end_step();
   }
+
+  // Note [Prefill expert streaming]
+  // A long prompt reads every routed expert many times over, and the host computes those
+  // products at a fraction of the GPU's rate: llama.cpp copies each layer's experts to the GPU for
+  // large batches instead. With CudaOptions::prefill_stream, a chunk of at least stream_min_tokens
+  // does the same. Each MoE layer's packed experts (one contiguous range of the host store,
+  // page-locked) are copied whole into one of two VRAM buffers on their own stream: the first MoE
+  // layer's at the chunk's start, layer L+1's when layer L's experts are enqueued (once the
+  // buffer's previous layer is done with it), so the copies run beside the attention, DeltaNet and
+  // expert work. At layer L the router's ids come to the host (the one wait per layer), which
+  // sorts the (token, expert) pairs by expert and uploads the order; the GPU gathers the normed
+  // rows in that order as BF16, decodes stream_group experts at a time to BF16 from the packed
+  // layout (kernels/cuda/experts.h), runs gate/up and down as cuBLAS BF16 GEMMs (fp32
+  // accumulate) over each expert's rows, and sums each token's k rows in routing order into y
+  // (deterministic). The shared expert and everything after are unchanged. Chunks grow to
+  // stream_chunk tokens, so the experts cross PCIe once per stream_chunk tokens: 17 GB per 4096
+  // tokens for the 35B-A3B at INT4, ~0.3 s at 55 GB/s. Routing control works (its rewritten ids
+  // and weights are what gets uploaded). Off by default until measured.
+  bool px_on = false, px_step = false;
+  int64_t px_stride = 0, px_layer_bytes = 0, px_group = 16, px_rows_max = 0;
+  kc::ExpertMatrixLayout px_gu, px_dn;
+  uint8_t* px_stage[2] = {nullptr, nullptr};
+  int px_stage_layer[2] = {-1, -1};
+  cudaEvent_t px_ev_filled[2] = {nullptr, nullptr}, px_ev_free[2] = {nullptr, nullptr};
+  cudaStream_t px_copy = nullptr;
+  uint16_t *px_xs = nullptr, *px_wgu = nullptr, *px_wdn = nullptr, *px_act = nullptr;
+  float *px_hb = nullptr, *px_out = nullptr;
+  int32_t *px_rows = nullptr, *px_pos = nullptr;      // device
+  int32_t *h_px_rows = nullptr, *h_px_pos = nullptr;  // pinned
+  std::vector<int64_t> px_count, px_off;
+  std::vector<int> px_moe_index;  // per layer: its index among MoE layers, -1 for dense
+  std::vector<int> px_next_moe;   // per layer: the next MoE layer after it, -1 if none
+  uint64_t px_bytes = 0;
+  bool host_registered = false;
+  void px_init(kernels::Executor& ex);
+  /// Issues the copy of `layer`'s experts into its buffer unless the buffer holds it already.
+  void px_issue(int layer);
+  /// Layer `layer`'s routed experts for T rows of xn on the GPU into y (Note above).
+  void px_layer(int layer, int64_t T, int64_t W);
+  void px_free();
+  /// Page-locks the host store, one MoE layer's range per registration, from anonymous memory
+  /// (Note [Packed experts out of the file mapping] in offload/expert_store.cpp). Once.
+  void register_host_store(kernels::Executor& ex);
+
   bool route_ctl = false;  // routing control active for this forward (read once)
 
   // decode graphs: one per segment (routed experts run on the host between segments)
@@ -470,8 +514,10 @@ std::vector<std::pair<size_t, size_t>> CudaModel::Impl::segments() const {
 void CudaModel::Impl::vx_init(kernels::Executor& ex) {
   vx_tried = true;
   try {
+    px_init(ex);
     vx_init_impl(ex);
   } catch (...) {
+    px_free();
     vx_free();  // nothing half-made stays allocated or counted
     vx_on = false;
     vx_bytes = 0;
@@ -505,8 +551,9 @@ void CudaModel::Impl::vx_init_impl(kernels::Executor& ex) {
     const uint64_t kv_full = static_cast<uint64_t>(2 * n_attn * reserve_tokens *
                                                    cfg.num_key_value_heads * cfg.head_dim) *
                              (kv_f32() ? 4 : 2);
-    const uint64_t used = weight_bytes + ws_bytes + std::max<uint64_t>(kv_bytes, kv_full) +
-                          linear_bytes + side + (uint64_t{256} << 20);
+    const uint64_t used = weight_bytes + ws_bytes + px_bytes +
+                          std::max<uint64_t>(kv_bytes, kv_full) + linear_bytes + side +
+                          (uint64_t{256} << 20);
     slots = used < opts.memory_limit ? static_cast<int64_t>((opts.memory_limit - used) /
                                                             static_cast<uint64_t>(vx.slot_bytes))
                                      : 0;
@@ -521,7 +568,7 @@ void CudaModel::Impl::vx_init_impl(kernels::Executor& ex) {
   if (slots <= 0) return;
   const uint64_t bytes = static_cast<uint64_t>(slots * vx.slot_bytes);
   if (opts.expert_slots > 0) {
-    const uint64_t used = weight_bytes + ws_bytes + kv_bytes + linear_bytes;
+    const uint64_t used = weight_bytes + ws_bytes + px_bytes + kv_bytes + linear_bytes;
     TIDAL_CHECK(
         opts.memory_limit == 0 || used + bytes + side <= opts.memory_limit, OutOfMemory,
         "{} expert cache slots need {:.2f} GiB of VRAM, over the gpu_memory limit of {:.2f} "
@@ -548,19 +595,7 @@ void CudaModel::Impl::vx_init_impl(kernels::Executor& ex) {
   vx_sched = std::make_unique<offload::ExpertCacheSchedule>(
       L, E, slots, offload::parse_cache_policy(opts.expert_cache_policy),
       std::max<int64_t>(1, opts.expert_fills));
-  // Full-speed DMA from the host store: page-locked where the OS allows it (else the copies
-  // stage through the driver, correct but slower). From anonymous memory only, one MoE layer per
-  // registration (Note [Packed experts out of the file mapping] in offload/expert_store.cpp).
-  if (experts->packed_region_file_backed()) experts->copy_packed_to_anonymous(ex);
-  for (const auto& [p, n] : experts->packed_layer_regions()) {
-    if (cudaHostRegister(p, n, cudaHostRegisterDefault) != cudaSuccess) {
-      cudaGetLastError();
-      for (void* r : vx_registered) cudaHostUnregister(r);
-      vx_registered.clear();
-      break;
-    }
-    vx_registered.push_back(p);
-  }
+  register_host_store(ex);
   vx_bytes = bytes + side;
   std::lock_guard lock(vx_mu);
   vx_stats = {};
@@ -664,6 +699,244 @@ void CudaModel::Impl::host_experts(int64_t layer, int64_t T, kernels::Executor& 
   vx_stats.layer_gpu_pairs[static_cast<size_t>(layer)] += on_gpu;
 }
 
+void CudaModel::Impl::register_host_store(kernels::Executor& ex) {
+  if (host_registered || experts == nullptr) return;
+  host_registered = true;
+  if (experts->packed_region_file_backed()) experts->copy_packed_to_anonymous(ex);
+  for (const auto& [p, n] : experts->packed_layer_regions()) {
+    if (cudaHostRegister(p, n, cudaHostRegisterDefault) != cudaSuccess) {
+      cudaGetLastError();  // copies then stage through the driver: correct, slower
+      for (void* r : vx_registered) cudaHostUnregister(r);
+      vx_registered.clear();
+      return;
+    }
+    vx_registered.push_back(p);
+  }
+}
+
+void CudaModel::Impl::px_init(kernels::Executor& ex) {
+  if (!opts.prefill_stream || experts == nullptr || px_on) return;
+  kernels::cpu::PackedLayout gu, dn;
+  if (!experts->packed_layouts(gu, dn)) return;
+  const auto ggu = kc::gpu_layout(gu), gdn = kc::gpu_layout(dn);
+  if (!kc::dequant_supported(ggu) || !kc::dequant_supported(gdn)) return;
+  const int64_t E = cfg.num_experts, H = cfg.hidden_size, I = gu.n, k = cfg.num_experts_per_tok;
+  if (E <= 0 || gu.k != H || dn.n != H || dn.k != I) return;
+  // Each layer's experts must be one range with a fixed stride (gate, up, down in order).
+  int64_t stride = -1;
+  const int L = static_cast<int>(layers.size());
+  px_moe_index.assign(static_cast<size_t>(L), -1);
+  px_next_moe.assign(static_cast<size_t>(L), -1);
+  int moe = 0;
+  for (int l = 0; l < L; ++l) {
+    if (!experts_on_host(layers[static_cast<size_t>(l)])) continue;
+    px_moe_index[static_cast<size_t>(l)] = moe++;
+    const auto e0 = experts->packed_expert(l, 0);
+    if (e0.gate == nullptr) return;
+    if (stride < 0)
+      stride = E > 1 ? experts->packed_expert(l, 1).gate - e0.gate : gu.bytes() * 2 + dn.bytes();
+    for (int64_t e = 0; e < E; ++e) {
+      const auto v = experts->packed_expert(l, e);
+      if (v.gate != e0.gate + e * stride || v.up != v.gate + gu.bytes() ||
+          v.down != v.up + gu.bytes())
+        return;  // not the store's contiguous layout: prefill stays on the host
+    }
+  }
+  for (int l = L - 2; l >= 0; --l)
+    px_next_moe[static_cast<size_t>(l)] = px_moe_index[static_cast<size_t>(l + 1)] >= 0
+                                              ? l + 1
+                                              : px_next_moe[static_cast<size_t>(l + 1)];
+  if (moe == 0 || stride < 2 * gu.bytes() + dn.bytes() || stride % 16 != 0) return;
+  register_host_store(ex);
+  px_stride = stride;
+  px_layer_bytes = E * stride;
+  px_gu = ggu;
+  px_dn = gdn;
+  px_group = std::clamp<int64_t>(opts.stream_group, 1, E);
+  px_rows_max = Tmax * k;
+  const size_t R = static_cast<size_t>(px_rows_max);
+  const size_t bytes[10] = {static_cast<size_t>(px_layer_bytes),
+                            static_cast<size_t>(px_layer_bytes),
+                            static_cast<size_t>(px_group * 2 * I * H) * 2,
+                            static_cast<size_t>(px_group * H * I) * 2,
+                            R * static_cast<size_t>(H) * 2,
+                            R * static_cast<size_t>(2 * I) * 4,
+                            R * static_cast<size_t>(I) * 2,
+                            R * static_cast<size_t>(H) * 4,
+                            R * 4,
+                            R * 4};
+  uint64_t total = 0;
+  for (const size_t b : bytes) total += align_up(b);
+  const uint64_t used = weight_bytes + ws_bytes + kv_bytes + linear_bytes;
+  TIDAL_CHECK(
+      opts.memory_limit == 0 || used + total <= opts.memory_limit, OutOfMemory,
+      "prefill expert streaming needs {:.2f} GiB of VRAM (two layers of experts and "
+      "workspaces for chunks of {} tokens), over the gpu_memory limit of {:.2f} GiB "
+      "({:.2f} GiB in use); a smaller TIDAL_CUDA_STREAM_CHUNK, or no streaming, fits better",
+      gib(total), Tmax, gib(opts.memory_limit), gib(used));
+  void** ptrs[10] = {reinterpret_cast<void**>(&px_stage[0]), reinterpret_cast<void**>(&px_stage[1]),
+                     reinterpret_cast<void**>(&px_wgu),      reinterpret_cast<void**>(&px_wdn),
+                     reinterpret_cast<void**>(&px_xs),       reinterpret_cast<void**>(&px_hb),
+                     reinterpret_cast<void**>(&px_act),      reinterpret_cast<void**>(&px_out),
+                     reinterpret_cast<void**>(&px_rows),     reinterpret_cast<void**>(&px_pos)};
+  for (int i = 0; i < 10; ++i)
+    cuda_check(cudaMalloc(ptrs[i], bytes[i]), "prefill expert streaming");
+  cuda_check(cudaMallocHost(reinterpret_cast<void**>(&h_px_rows), R * 4), "pinned host allocation");
+  cuda_check(cudaMallocHost(reinterpret_cast<void**>(&h_px_pos), R * 4), "pinned host allocation");
+  cuda_check(cudaStreamCreateWithFlags(&px_copy, cudaStreamNonBlocking), "stream creation");
+  for (int b = 0; b < 2; ++b) {
+    cuda_check(cudaEventCreateWithFlags(&px_ev_filled[b], cudaEventDisableTiming),
+               "event creation");
+    cuda_check(cudaEventCreateWithFlags(&px_ev_free[b], cudaEventDisableTiming), "event creation");
+  }
+  px_count.assign(static_cast<size_t>(E), 0);
+  px_off.assign(static_cast<size_t>(E) + 1, 0);
+  px_bytes = total;
+  px_on = true;
+}
+
+void CudaModel::Impl::px_issue(int layer) {
+  if (layer < 0) return;
+  const int b = px_moe_index[static_cast<size_t>(layer)] & 1;
+  if (px_stage_layer[b] == layer) return;
+  const uint8_t* src = experts->packed_expert(layer, 0).gate;
+  // The buffer's previous layer is done with it (a never-recorded event: nothing to wait for).
+  cuda_check(cudaStreamWaitEvent(px_copy, px_ev_free[b]), "stream wait");
+  cuda_check(cudaMemcpyAsync(px_stage[b], src, static_cast<size_t>(px_layer_bytes),
+                             cudaMemcpyHostToDevice, px_copy),
+             "expert copy");
+  cuda_check(cudaEventRecord(px_ev_filled[b], px_copy), "event record");
+  px_stage_layer[b] = layer;
+  std::lock_guard lock(vx_mu);
+  vx_stats.stream_bytes += static_cast<uint64_t>(px_layer_bytes);
+}
+
+void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
+  const int64_t k = cfg.num_experts_per_tok, E = cfg.num_experts, H = cfg.hidden_size;
+  const int64_t I = px_gu.n, R = T * k;
+  const int b = px_moe_index[static_cast<size_t>(layer)] & 1;
+  cuda_check(
+      cudaMemcpyAsync(h_rids, rids, static_cast<size_t>(R) * 4, cudaMemcpyDeviceToHost, stream),
+      "copy to host");
+  cuda_check(cudaMemcpyAsync(h_w, rw, static_cast<size_t>(R) * 4, cudaMemcpyDeviceToHost, stream),
+             "copy to host");
+  if (route_ctl)
+    cuda_check(cudaMemcpy2DAsync(h_rlogits, static_cast<size_t>(E) * 4, proj,
+                                 static_cast<size_t>(W) * 4, static_cast<size_t>(E) * 4,
+                                 static_cast<size_t>(T), cudaMemcpyDeviceToHost, stream),
+               "copy to host");
+  cuda_check(cudaEventRecord(ev_d2h, stream), "event record");
+  px_issue(layer);                                    // normally issued a layer ago
+  px_issue(px_next_moe[static_cast<size_t>(layer)]);  // the next layer's, beside this one
+  cuda_check(cudaEventSynchronize(ev_d2h), "event wait");
+  if (route_ctl) routing->on_route(layer, h_rlogits, T, cfg.norm_topk_prob, h_rids, h_w);
+  // (token, expert) pairs sorted by expert: row r of the sorted order is token h_px_rows[r];
+  // pair p (token p / k, its p % k-th expert) is row h_px_pos[p].
+  std::fill(px_count.begin(), px_count.end(), 0);
+  for (int64_t p = 0; p < R; ++p) {
+    const int32_t e = h_rids[p];
+    TIDAL_CHECK(e >= 0 && e < E, InvalidArgument,
+                "routed expert id {} of layer {} is outside [0, {})", e, layer, E);
+    ++px_count[static_cast<size_t>(e)];
+  }
+  px_off[0] = 0;
+  for (int64_t e = 0; e < E; ++e)
+    px_off[static_cast<size_t>(e) + 1] =
+        px_off[static_cast<size_t>(e)] + px_count[static_cast<size_t>(e)];
+  {
+    std::vector<int64_t> cur(px_off.begin(), px_off.end() - 1);
+    for (int64_t p = 0; p < R; ++p) {
+      const int64_t r = cur[static_cast<size_t>(h_rids[p])]++;
+      h_px_rows[r] = static_cast<int32_t>(p / k);
+      h_px_pos[p] = static_cast<int32_t>(r);
+    }
+  }
+  cuda_check(cudaMemcpyAsync(px_rows, h_px_rows, static_cast<size_t>(R) * 4, cudaMemcpyHostToDevice,
+                             stream),
+             "copy to device");
+  cuda_check(
+      cudaMemcpyAsync(px_pos, h_px_pos, static_cast<size_t>(R) * 4, cudaMemcpyHostToDevice, stream),
+      "copy to device");
+  cuda_check(cudaMemcpyAsync(rw, h_w, static_cast<size_t>(R) * 4, cudaMemcpyHostToDevice, stream),
+             "copy to device");
+  kc::gather_rows_bf16(xn, H, px_rows, R, H, px_xs, stream);
+  cuda_check(cudaStreamWaitEvent(stream, px_ev_filled[b]), "stream wait");
+  const kc::ExpertMatrixLayout &gu = px_gu, &dn = px_dn;
+  const uint8_t* stage = px_stage[b];
+  const float one = 1.f, zero = 0.f;
+  for (int64_t e0 = 0; e0 < E; e0 += px_group) {
+    const int64_t e1 = std::min(E, e0 + px_group);
+    if (px_off[static_cast<size_t>(e1)] == px_off[static_cast<size_t>(e0)]) continue;
+    for (int64_t e = e0; e < e1; ++e) {
+      if (px_count[static_cast<size_t>(e)] == 0) continue;
+      const uint8_t* src = stage + e * px_stride;
+      uint16_t* wgu = px_wgu + (e - e0) * 2 * I * H;
+      kc::dequant_expert_matrix(gu, src, wgu, stream);
+      kc::dequant_expert_matrix(gu, src + gu.bytes(), wgu + I * H, stream);
+      kc::dequant_expert_matrix(dn, src + 2 * gu.bytes(), px_wdn + (e - e0) * H * I, stream);
+    }
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t n = px_count[static_cast<size_t>(e)], r0 = px_off[static_cast<size_t>(e)];
+      if (n == 0) continue;
+      // hb[r0 .. r0+n) (rows of 2I) = xs rows · [gate; up]^T
+      cublas_check(
+          cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(2 * I), static_cast<int>(n),
+                       static_cast<int>(H), &one, px_wgu + (e - e0) * 2 * I * H, CUDA_R_16BF,
+                       static_cast<int>(H), px_xs + r0 * H, CUDA_R_16BF, static_cast<int>(H), &zero,
+                       px_hb + r0 * 2 * I, CUDA_R_32F, static_cast<int>(2 * I), CUBLAS_COMPUTE_32F,
+                       CUBLAS_GEMM_DEFAULT),
+          "cublasGemmEx");
+    }
+    const int64_t ra = px_off[static_cast<size_t>(e0)], rb = px_off[static_cast<size_t>(e1)];
+    kc::silu_mul_bf16(px_hb + ra * 2 * I, rb - ra, I, px_act + ra * I, stream);
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t n = px_count[static_cast<size_t>(e)], r0 = px_off[static_cast<size_t>(e)];
+      if (n == 0) continue;
+      // out[r0 .. r0+n) (rows of H) = act rows · down^T
+      cublas_check(
+          cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(H), static_cast<int>(n),
+                       static_cast<int>(I), &one, px_wdn + (e - e0) * H * I, CUDA_R_16BF,
+                       static_cast<int>(I), px_act + r0 * I, CUDA_R_16BF, static_cast<int>(I),
+                       &zero, px_out + r0 * H, CUDA_R_32F, static_cast<int>(H), CUBLAS_COMPUTE_32F,
+                       CUBLAS_GEMM_DEFAULT),
+          "cublasGemmEx");
+    }
+  }
+  cuda_check(cudaEventRecord(px_ev_free[b], stream), "event record");
+  kc::combine_routed(px_out, px_pos, rw, T, static_cast<int>(k), H, y, stream);
+  mark("mlp: streamed routed experts");
+  std::lock_guard lock(vx_mu);
+  ++vx_stats.stream_layers;
+  vx_stats.stream_pairs += R;
+}
+
+void CudaModel::Impl::px_free() {
+  if (px_copy) cudaStreamSynchronize(px_copy);
+  for (int b = 0; b < 2; ++b) {
+    if (px_ev_filled[b]) cudaEventDestroy(px_ev_filled[b]);
+    if (px_ev_free[b]) cudaEventDestroy(px_ev_free[b]);
+    px_ev_filled[b] = px_ev_free[b] = nullptr;
+    cudaFree(px_stage[b]);
+    px_stage[b] = nullptr;
+    px_stage_layer[b] = -1;
+  }
+  if (px_copy) cudaStreamDestroy(px_copy);
+  px_copy = nullptr;
+  for (void* p : {static_cast<void*>(px_wgu), static_cast<void*>(px_wdn), static_cast<void*>(px_xs),
+                  static_cast<void*>(px_hb), static_cast<void*>(px_act), static_cast<void*>(px_out),
+                  static_cast<void*>(px_rows), static_cast<void*>(px_pos)})
+    cudaFree(p);
+  px_wgu = px_wdn = px_xs = px_act = nullptr;
+  px_hb = px_out = nullptr;
+  px_rows = px_pos = nullptr;
+  if (h_px_rows) cudaFreeHost(h_px_rows);
+  if (h_px_pos) cudaFreeHost(h_px_pos);
+  h_px_rows = h_px_pos = nullptr;
+  px_bytes = 0;
+  px_on = px_step = false;
+  cudaGetLastError();
+}
+
 void CudaModel::Impl::vx_free() {
   if (vx_copy) cudaStreamSynchronize(vx_copy);
   for (auto e : vx_running) vx_events.push_back(e);
@@ -672,8 +945,6 @@ void CudaModel::Impl::vx_free() {
   vx_running.clear();
   if (vx_ev_table) cudaEventDestroy(vx_ev_table);
   if (vx_copy) cudaStreamDestroy(vx_copy);
-  for (void* r : vx_registered) cudaHostUnregister(r);
-  vx_registered.clear();
   cudaFree(const_cast<uint8_t*>(vx.slots));
   cudaFree(vx_dtable);
   cudaFree(vx.hid);
@@ -884,7 +1155,9 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
     kc::moe_route(proj, W, T, E, k, c.norm_topk_prob, rids, rw, stream);
     mark("mlp: router top-k");
   }
-  if (experts) {
+  if (experts && px_step) {
+    px_layer(layer, T, W);  // routed experts on the GPU, into y
+  } else if (experts) {
     cuda_check(
         cudaMemcpyAsync(h_xn, xn, static_cast<size_t>(T * H) * 4, cudaMemcpyDeviceToHost, stream),
         "copy to host");
@@ -944,7 +1217,8 @@ void CudaModel::Impl::enqueue_layers(size_t l0, size_t l1, int64_t T, bool first
   const int64_t H = cfg.hidden_size;
   if (first) {
     pend(nullptr);
-  } else {  // routed output of the previous segment's last layer (pending since its MLP)
+  } else if (!px_step) {  // routed output of the previous segment's last layer (pending since
+                          // its MLP; streamed experts wrote it to y already)
     cuda_check(
         cudaMemcpyAsync(y, h_out, static_cast<size_t>(T * H) * 4, cudaMemcpyHostToDevice, stream),
         "copy to device");
@@ -988,6 +1262,11 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
   Impl& m = *impl_;
   m.cfg = cfg;
   m.opts = opts;
+  if (opts.prefill_stream) {
+    TIDAL_CHECK(opts.stream_chunk >= 16 && opts.stream_group >= 1, InvalidArgument,
+                "TIDAL_CUDA_STREAM_CHUNK must be >= 16 and TIDAL_CUDA_STREAM_GROUP >= 1");
+    m.opts.max_chunk = opts.stream_chunk;
+  }
   m.profiling = CudaOptions::env_flag("TIDAL_CUDA_PROFILE", false);
   m.experts = experts;
   m.routing = routing;
@@ -1206,7 +1485,7 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
 
   // ------------------------------------------------------------------ workspace plan
   const auto& c = cfg;
-  const int64_t T = opts.max_chunk, H = c.hidden_size;
+  const int64_t T = m.opts.max_chunk, H = c.hidden_size;
   m.Tmax = T;
   m.attn_splits_decode =
       kc::attention_max_splits(1, std::max<int64_t>(1, c.num_key_value_heads), m.sm_count);
@@ -1367,6 +1646,8 @@ CudaModel::Impl::~Impl() {
   if (ev_join) cudaEventDestroy(ev_join);
   if (side) cudaStreamDestroy(side);
   vx_free();
+  px_free();
+  for (void* r : vx_registered) cudaHostUnregister(r);
   for (auto e : prof_events) cudaEventDestroy(e);
   if (stream) cudaStreamDestroy(stream);
   cudaFree(wbase);
@@ -1484,8 +1765,15 @@ void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, Logi
     m.batched = false;
     if (!m.vx_tried) m.vx_init(ex);
     m.vx_step = m.vx_on && T == 1 && !m.route_ctl;
+    m.px_step = m.px_on && T >= std::max<int64_t>(2, m.opts.stream_min_tokens);
     try {
       if (m.vx_step) m.vx_begin_step();
+      if (m.px_step)  // the first MoE layer's experts, while the layers before it run
+        for (size_t l = 0; l < m.layers.size(); ++l)
+          if (m.px_moe_index[l] >= 0) {
+            m.px_issue(static_cast<int>(l));
+            break;
+          }
       m.run_segments(T, cm, use_graph ? &m.graphs : nullptr, ex, profile);
     } catch (...) {
       m.step_failed();
@@ -1595,7 +1883,8 @@ void CudaModel::Impl::run_segments(int64_t T, LogitsMode cm, std::vector<cudaGra
       cuda_check(cudaGetLastError(), "kernel launch");
     }
     if (tr) cuda_check(cudaEventRecord(tev.ev[2 * s + 1], stream), "trace event");
-    if (s + 1 < segs.size()) {  // routed experts of layer segs[s].second - 1 on the host
+    if (s + 1 < segs.size() &&
+        !px_step) {  // routed experts of layer segs[s].second - 1 on the host
       const int64_t layer = last_layer;
       {
         TraceSpan span(tr, "wait_router_ids", "waits", layer);
@@ -1661,6 +1950,7 @@ void CudaModel::forward_batch(std::span<SequenceState* const> states, std::span<
                                                     : &m.batch_graphs[B];
   if (!m.vx_tried) m.vx_init(ex);
   m.vx_step = m.vx_on && B == 1 && !m.route_ctl;
+  m.px_step = false;
   try {
     if (m.vx_step) m.vx_begin_step();
     m.run_segments(B, LogitsMode::kLast, graphs, ex, profile);
@@ -1748,6 +2038,8 @@ void CudaModel::reset_expert_cache_stats() {
   std::lock_guard lock(m.vx_mu);
   m.vx_stats.gpu_pairs = m.vx_stats.cpu_pairs = m.vx_stats.fills = 0;
   m.vx_stats.bytes_in = 0;
+  m.vx_stats.stream_layers = m.vx_stats.stream_pairs = 0;
+  m.vx_stats.stream_bytes = 0;
   std::fill(m.vx_stats.layer_gpu_pairs.begin(), m.vx_stats.layer_gpu_pairs.end(), 0);
   std::fill(m.vx_stats.layer_cpu_pairs.begin(), m.vx_stats.layer_cpu_pairs.end(), 0);
 }
@@ -1760,7 +2052,7 @@ GpuMemoryReport CudaModel::memory_report() const {
   r.weights_bf16_equivalent = m.weight_bf16_bytes;
   r.kv_cache = m.kv_bytes;
   r.deltanet_state = m.linear_bytes;
-  r.workspaces = m.ws_bytes;
+  r.workspaces = m.ws_bytes + m.px_bytes;
   r.expert_cache = m.vx_bytes;
   size_t f = 0, t = 0;
   cudaMemGetInfo(&f, &t);

@@ -84,7 +84,18 @@ struct CudaOptions {
   int64_t kv_reserve_tokens = 32768;
   /// The environment variable `name` as a flag ("1" on, "0" off), `fallback` when unset.
   static bool env_flag(const char* name, bool fallback);
-  int64_t max_chunk = 512;         ///< tokens per GPU pass; longer inputs run in chunks
+  int64_t max_chunk = 512;  ///< tokens per GPU pass; longer inputs run in chunks
+  /// Prefill expert streaming (Note [Prefill expert streaming] in cuda_model.cpp): a prompt chunk
+  /// of at least stream_min_tokens computes its routed experts on the GPU, each MoE layer's
+  /// packed experts copied to VRAM whole (the next layer's while this one computes), instead
+  /// of on the host. Chunks are then up to stream_chunk tokens (it replaces max_chunk), so each
+  /// layer's experts cross PCIe once per stream_chunk tokens. Off by default until measured on a
+  /// GPU; TIDAL_CUDA_PREFILL_STREAM=1, TIDAL_CUDA_STREAM_MIN_TOKENS, TIDAL_CUDA_STREAM_CHUNK.
+  bool prefill_stream = env_flag("TIDAL_CUDA_PREFILL_STREAM", false);
+  int64_t stream_min_tokens = env_int("TIDAL_CUDA_STREAM_MIN_TOKENS", 1024);
+  int64_t stream_chunk = env_int("TIDAL_CUDA_STREAM_CHUNK", 4096);
+  /// Experts decoded to BF16 at once (their VRAM workspace) while streaming.
+  int64_t stream_group = env_int("TIDAL_CUDA_STREAM_GROUP", 16);
   int64_t initial_context = 1024;  ///< first KV capacity of a sequence (grows by doubling)
 };
 
@@ -107,6 +118,10 @@ struct GpuExpertCacheStats {
   int64_t fills = 0;      ///< experts copied into a slot (completed)
   uint64_t bytes_in = 0;  ///< their bytes
   std::vector<int64_t> layer_gpu_pairs, layer_cpu_pairs;  ///< per layer
+  /// Prefill expert streaming (Note [Prefill expert streaming]): MoE layers computed from
+  /// streamed experts, their (token, expert) pairs, and the packed bytes copied for them.
+  int64_t stream_layers = 0, stream_pairs = 0;
+  uint64_t stream_bytes = 0;
 };
 
 /// VRAM use in bytes.

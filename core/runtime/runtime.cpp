@@ -493,6 +493,9 @@ RuntimeStats Runtime::stats() const {
     s.gpu_expert_bytes_in = c.bytes_in;
     s.layer_gpu_expert_pairs = c.layer_gpu_pairs;
     s.layer_host_expert_pairs = c.layer_cpu_pairs;
+    s.gpu_streamed_layers = c.stream_layers;
+    s.gpu_streamed_pairs = c.stream_pairs;
+    s.gpu_streamed_bytes = c.stream_bytes;
   }
 #endif
   return s;

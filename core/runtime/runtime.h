@@ -99,6 +99,10 @@ struct RuntimeStats {
   int64_t gpu_expert_pairs = 0, host_expert_pairs = 0, gpu_expert_fills = 0;
   uint64_t gpu_expert_bytes_in = 0;
   std::vector<int64_t> layer_gpu_expert_pairs, layer_host_expert_pairs;
+  /// Prefill expert streaming (device="cuda", TIDAL_CUDA_PREFILL_STREAM=1): MoE layers whose
+  /// routed experts ran on the GPU from experts copied for the chunk, those pairs, those bytes.
+  int64_t gpu_streamed_layers = 0, gpu_streamed_pairs = 0;
+  uint64_t gpu_streamed_bytes = 0;
 };
 
 struct GenerationConfig {

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file experts.cu
 /// \brief Routed experts from VRAM cache slots, one-token decode (experts.h).
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include "kernels/cuda/experts.h"
@@ -200,6 +201,127 @@ bool gpu_experts_decode(const GpuExpertsArgs& a, cudaStream_t s) {
   else
     launch_experts<2>(a, s);
   return true;
+}
+
+namespace {
+
+// One 16-byte unit per thread (Note [GPU experts from the packed layout]): rows 4(u % 4) .. +3 of
+// 64-byte block u / 4, decoded and written to their columns of the row-major BF16 matrix.
+template <int DT>
+__global__ void dequant_kernel(const ExpertMatrixLayout L, const uint8_t* packed,
+                               __nv_bfloat16* dst) {
+  const int64_t tile = blockIdx.y;
+  const int64_t nu = L.data_bytes / 16;
+  const int64_t u = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (u >= nu) return;
+  const uint8_t* t = packed + tile * L.tile_bytes;
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(t) + u);
+  const uint32_t r4[4] = {v.x, v.y, v.z, v.w};
+  const int q = static_cast<int>(u & 3);
+  const int64_t b = u >> 2;
+  const __half* sc = reinterpret_cast<const __half*>(t + L.data_bytes);
+  const int64_t bpg = DT == 0 ? 1 : L.group_bytes / 64;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t row = tile * kTileRows + 4 * q + i;
+    if (row >= L.n) continue;
+    __nv_bfloat16* d = dst + row * L.k;
+    const uint32_t r = r4[i];
+    if constexpr (DT == 0) {
+      const int64_t c = 2 * b;
+      if (c < L.k) d[c] = __float2bfloat16_rn(bf16_lo(r));
+      if (c + 1 < L.k) d[c + 1] = __float2bfloat16_rn(bf16_hi(r));
+    } else {
+      const int64_t g = b / bpg;
+      const float scale = __half2float(sc[g * kTileRows + 4 * q + i]);
+      if constexpr (DT == 1) {
+        const int64_t c0 = g * L.group + (b % bpg) * 4;
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          if (c0 + c < L.k)
+            d[c0 + c] = __float2bfloat16_rn(
+                static_cast<float>(static_cast<int>((r >> (8 * c)) & 0xff) - 128) * scale);
+      } else {
+        const int64_t c0 = g * L.group + (b % bpg) * 8;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const uint32_t byte = (r >> (8 * c)) & 0xff;
+          if (c0 + c < L.k)
+            d[c0 + c] =
+                __float2bfloat16_rn(static_cast<float>(static_cast<int>(byte & 0xf) - 8) * scale);
+          if (c0 + 4 + c < L.k)
+            d[c0 + 4 + c] =
+                __float2bfloat16_rn(static_cast<float>(static_cast<int>(byte >> 4) - 8) * scale);
+        }
+      }
+    }
+  }
+}
+
+__global__ void gather_rows_kernel(const float* x, int64_t ldx, const int32_t* rows, int64_t h,
+                                   __nv_bfloat16* dst) {
+  const int64_t r = blockIdx.x;
+  const float* src = x + static_cast<int64_t>(rows[r]) * ldx;
+  for (int64_t j = threadIdx.x; j < h; j += blockDim.x)
+    dst[r * h + j] = __float2bfloat16_rn(src[j]);
+}
+
+__global__ void silu_mul_bf16_kernel(const float* gu, int64_t i, __nv_bfloat16* dst) {
+  const int64_t r = blockIdx.x;
+  const float* g = gu + r * 2 * i;
+  for (int64_t j = threadIdx.x; j < i; j += blockDim.x)
+    dst[r * i + j] = __float2bfloat16_rn(siluf(g[j]) * g[i + j]);
+}
+
+__global__ void combine_routed_kernel(const float* out, const int32_t* pos, const float* w, int k,
+                                      int64_t h, float* y) {
+  const int64_t t = blockIdx.x;
+  for (int64_t c = threadIdx.x; c < h; c += blockDim.x) {
+    float s = 0.f;
+    for (int j = 0; j < k; ++j)
+      s = fmaf(w[t * k + j], out[static_cast<int64_t>(pos[t * k + j]) * h + c], s);
+    y[t * h + c] = s;
+  }
+}
+
+}  // namespace
+
+bool dequant_supported(const ExpertMatrixLayout& L) {
+  return L.dtype >= 0 && L.dtype <= 2 && L.data_bytes % 64 == 0 && L.num_tiles > 0 &&
+         (L.dtype == 0 || (L.group_bytes % 64 == 0 && L.group > 0));
+}
+
+void dequant_expert_matrix(const ExpertMatrixLayout& L, const uint8_t* packed, uint16_t* dst,
+                           cudaStream_t s) {
+  const int64_t nu = L.data_bytes / 16;
+  const dim3 grid(static_cast<unsigned>((nu + kThreads - 1) / kThreads),
+                  static_cast<unsigned>(L.num_tiles));
+  auto* d = reinterpret_cast<__nv_bfloat16*>(dst);
+  if (L.dtype == 0)
+    dequant_kernel<0><<<grid, kThreads, 0, s>>>(L, packed, d);
+  else if (L.dtype == 1)
+    dequant_kernel<1><<<grid, kThreads, 0, s>>>(L, packed, d);
+  else
+    dequant_kernel<2><<<grid, kThreads, 0, s>>>(L, packed, d);
+}
+
+void gather_rows_bf16(const float* x, int64_t ldx, const int32_t* rows, int64_t nrows, int64_t h,
+                      uint16_t* dst, cudaStream_t s) {
+  if (nrows <= 0) return;
+  gather_rows_kernel<<<static_cast<unsigned>(nrows), 256, 0, s>>>(
+      x, ldx, rows, h, reinterpret_cast<__nv_bfloat16*>(dst));
+}
+
+void silu_mul_bf16(const float* gu, int64_t rows, int64_t i, uint16_t* dst, cudaStream_t s) {
+  if (rows <= 0) return;
+  silu_mul_bf16_kernel<<<static_cast<unsigned>(rows), 256, 0, s>>>(
+      gu, i, reinterpret_cast<__nv_bfloat16*>(dst));
+}
+
+void combine_routed(const float* out, const int32_t* pos, const float* w, int64_t T, int k,
+                    int64_t h, float* y, cudaStream_t s) {
+  if (T <= 0) return;
+  combine_routed_kernel<<<static_cast<unsigned>(T), 256, 0, s>>>(out, pos, w, k, h, y);
 }
 
 }  // namespace tidal::kernels::cuda

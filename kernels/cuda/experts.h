@@ -55,4 +55,24 @@ bool gpu_experts_supported(const GpuExpertsArgs& a);
 /// y[i] += x[i], i < n.
 void add_vector(float* y, const float* x, int64_t n, cudaStream_t s);
 
+// Prefill expert streaming (Note [Prefill expert streaming] in core/model/cuda_model.cpp): a
+// layer's packed experts are copied to VRAM whole, decoded to BF16 and multiplied with cuBLAS
+// over the tokens routed to each, rows grouped by expert.
+
+/// dst (row-major L.n x L.k BF16, row stride L.k) = the packed matrix at `packed`, element for
+/// element as kernels::cpu::packed_value decodes it, rounded to BF16 (nearest even).
+void dequant_expert_matrix(const ExpertMatrixLayout& L, const uint8_t* packed, uint16_t* dst,
+                           cudaStream_t s);
+/// Whether dequant_expert_matrix takes this layout (dtype 0-2, 64-byte blocks).
+bool dequant_supported(const ExpertMatrixLayout& L);
+/// dst[r] (BF16, h values) = x[rows[r]] (fp32 rows of stride ldx), r < nrows.
+void gather_rows_bf16(const float* x, int64_t ldx, const int32_t* rows, int64_t nrows, int64_t h,
+                      uint16_t* dst, cudaStream_t s);
+/// dst[r][j] (BF16, rows x i) = silu(gu[r][j]) * gu[r][i + j] for fp32 rows gu of 2i values.
+void silu_mul_bf16(const float* gu, int64_t rows, int64_t i, uint16_t* dst, cudaStream_t s);
+/// y[t] = Σ_j w[t·k + j] · out[pos[t·k + j]] (rows of h floats), t < T: each token's routed
+/// experts' rows, summed in routing order (deterministic).
+void combine_routed(const float* out, const int32_t* pos, const float* w, int64_t T, int k,
+                    int64_t h, float* y, cudaStream_t s);
+
 }  // namespace tidal::kernels::cuda

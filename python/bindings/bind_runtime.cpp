@@ -133,6 +133,9 @@ py::dict stats_dict(const runtime::RuntimeStats& s) {
   d["gpu_expert_bytes_in"] = s.gpu_expert_bytes_in;
   d["layer_gpu_expert_pairs"] = s.layer_gpu_expert_pairs;
   d["layer_host_expert_pairs"] = s.layer_host_expert_pairs;
+  d["gpu_streamed_layers"] = s.gpu_streamed_layers;
+  d["gpu_streamed_pairs"] = s.gpu_streamed_pairs;
+  d["gpu_streamed_bytes"] = s.gpu_streamed_bytes;
   return d;
 }
 

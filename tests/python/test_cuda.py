@@ -415,3 +415,67 @@ def test_vram_expert_cache_thousands_of_steps():
     _record("vram cache 2000 steps", worst_rel_err=worst, fills=st["gpu_expert_fills"], gpu_pairs=st["gpu_expert_pairs"])
     assert st["gpu_expert_fills"] > 500
     assert worst <= VX_BF16_RTOL
+
+
+# Prefill expert streaming (Note [Prefill expert streaming] in core/model/cuda_model.cpp): the
+# prompt's routed experts on the GPU from experts copied per chunk, against every routed expert on
+# the host. Chunks of 128 tokens (TIDAL_CUDA_STREAM_CHUNK), so a 256-token prompt is two streamed
+# chunks (the second reads the first's KV cache and DeltaNet state), then teacher-forced decode
+# steps on the host experts check the state the streamed prompt left. The GPU rounds activations
+# to BF16 (relative 2^-9) where the host keeps two BF16 terms (BF16 experts) or rounds to int8 per
+# group (INT4), so: for INT4, as close to the unquantised model as the host's own INT4 run
+# (VX_INT4_MEAN_SLACK); for BF16, closer to the host than the host's INT4 run is to BF16 (an
+# error the project accepts), and the same top-1 token on almost every row.
+STREAM_ENV = {"TIDAL_CUDA_PREFILL_STREAM": "1", "TIDAL_CUDA_STREAM_MIN_TOKENS": "64",
+              "TIDAL_CUDA_STREAM_CHUNK": "128", "TIDAL_CUDA_STREAM_GROUP": "5"}
+
+
+def _prompt_and_decode(rt, ids, n_prompt):
+    seq = rt.new_sequence()
+    prompt = np.asarray(seq.forward(ids[:n_prompt], all_logits=True)).reshape(n_prompt, -1)
+    dec = np.stack([seq.forward([int(t)], all_logits=False)[0] for t in ids[n_prompt:]])
+    return np.concatenate([prompt, dec])
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int4"])
+def test_prefill_expert_streaming_matches_host_experts(dtype, monkeypatch):
+    ids = [int(i) for i in np.random.default_rng(5).integers(5, 8000, 280)]
+    n_prompt = 256
+    ref = {d: _prompt_and_decode(_load(MINI, expert_dtype=d, gpu_expert_slots=0), ids, n_prompt)
+           for d in ("bf16", "int4")}
+    for k, v in STREAM_ENV.items():
+        monkeypatch.setenv(k, v)
+    rt = _load(MINI, expert_dtype=dtype, gpu_expert_slots=0)
+    got = _prompt_and_decode(rt, ids, n_prompt)
+    st = rt._engine.stats()
+    cfg = rt.config
+    moe = sum(cfg.layer_is_moe)
+    host = ref[dtype]
+    int4_noise = float(np.abs(ref["int4"] - ref["bf16"]).mean())
+    m = {"max_abs_err": float(np.abs(got - host).max()), "mean_abs_err": float(np.abs(got - host).mean()),
+         "logit_scale": float(np.abs(host).max()), "int4_noise": int4_noise,
+         "top1_agreement": float((got.argmax(-1) == host.argmax(-1)).mean()),
+         "mean_err_vs_bf16": float(np.abs(got - ref["bf16"]).mean()),
+         "streamed_layers": st["gpu_streamed_layers"], "streamed_bytes": st["gpu_streamed_bytes"]}
+    _record(f"prefill streaming {dtype}", **m)
+    # Two chunks of 128 streamed through every MoE layer; the decode steps are not.
+    assert st["gpu_streamed_layers"] == 2 * moe
+    assert st["gpu_streamed_pairs"] == n_prompt * cfg.num_experts_per_tok * moe
+    assert st["gpu_streamed_bytes"] > 0
+    assert m["top1_agreement"] >= VX_INT4_TOP1
+    if dtype == "int4":
+        assert m["mean_err_vs_bf16"] <= VX_INT4_MEAN_SLACK * int4_noise
+    else:
+        assert m["mean_abs_err"] <= int4_noise
+
+
+def test_prefill_expert_streaming_threshold(monkeypatch):
+    """A chunk shorter than TIDAL_CUDA_STREAM_MIN_TOKENS keeps its experts on the host."""
+    for k, v in STREAM_ENV.items():
+        monkeypatch.setenv(k, v)
+    rt = _load(MINI, expert_dtype="int4", gpu_expert_slots=0)
+    seq = rt.new_sequence()
+    seq.prefill(list(range(5, 45)))  # 40 tokens < 64
+    assert rt._engine.stats()["gpu_streamed_layers"] == 0
+    seq.prefill(list(range(5, 105)))  # 100 tokens: one streamed chunk
+    assert rt._engine.stats()["gpu_streamed_layers"] == sum(rt.config.layer_is_moe)

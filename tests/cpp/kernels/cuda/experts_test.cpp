@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "gpu.h"
+#include "kernels/common/dtype.h"
 #include "kernels/cpu/expert_gemm.h"
 #include "kernels/cuda/experts_layout.h"
 #include "tolerances.h"
@@ -153,6 +154,116 @@ TEST(CudaExperts, MatchDecodedReferenceEveryFormat) {
   // The real shape (Qwen3.6-35B-A3B: H 2048, I 512) in the formats the issue measures.
   ASSERT_NO_FATAL_FAILURE(run_case({kc::ExpertDType::kINT4, 2048, 512, 64}));
   ASSERT_NO_FATAL_FAILURE(run_case({kc::ExpertDType::kINT8, 2048, 512, 128}));
+}
+
+// dequant_expert_matrix: every element equals packed_value's, rounded to BF16, for each format
+// and for shapes that are not whole tiles or groups (rows past n and columns past k untouched).
+void run_dequant(kc::ExpertDType dt, int64_t n, int64_t k, int64_t group) {
+  SCOPED_TRACE(::testing::Message() << "dtype " << static_cast<int>(dt) << " n " << n << " k " << k
+                                    << " group " << group);
+  const auto l = kc::make_layout(dt, n, k, group);
+  const auto w = test::random_vec(static_cast<size_t>(n * k), 11, 0.3f);
+  std::vector<uint8_t> packed(static_cast<size_t>(l.bytes()), 0);
+  kc::pack_weights(l, w.data(), DType::kF32, k, packed.data(), 0, l.num_tiles);
+  const auto g = gpu_layout(l);
+  ASSERT_TRUE(dequant_supported(g));
+  uint8_t* d_packed = nullptr;
+  uint16_t* d_out = nullptr;
+  const size_t out_elems = static_cast<size_t>(n * k) + 64;  // + a guard band
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_packed), packed.size()), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_out), out_elems * 2), cudaSuccess);
+  cudaMemcpy(d_packed, packed.data(), packed.size(), cudaMemcpyHostToDevice);
+  cudaMemset(d_out, 0xff, out_elems * 2);
+  dequant_expert_matrix(g, d_packed, d_out, nullptr);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+  std::vector<uint16_t> out(out_elems);
+  cudaMemcpy(out.data(), d_out, out.size() * 2, cudaMemcpyDeviceToHost);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t c = 0; c < k; ++c) {
+      const float want = bf16_to_f32(f32_to_bf16(kc::packed_value(l, packed.data(), r, c).value));
+      ASSERT_EQ(bf16_to_f32(out[static_cast<size_t>(r * k + c)]), want)
+          << "row " << r << " col " << c;
+    }
+  for (size_t i = static_cast<size_t>(n * k); i < out_elems; ++i) ASSERT_EQ(out[i], 0xffff) << i;
+  cudaFree(d_packed);
+  cudaFree(d_out);
+}
+
+TEST(CudaExperts, DequantMatchesPackedValues) {
+  if (!test::have_gpu()) GTEST_SKIP() << test::kNoGpu;
+  for (const auto dt : {kc::ExpertDType::kBF16, kc::ExpertDType::kINT8, kc::ExpertDType::kINT4}) {
+    ASSERT_NO_FATAL_FAILURE(run_dequant(dt, 64, 256, 32));
+    ASSERT_NO_FATAL_FAILURE(run_dequant(dt, 40, 200, 64));   // n not a tile, k not a group
+    ASSERT_NO_FATAL_FAILURE(run_dequant(dt, 72, 136, 128));  // k padded to 128
+  }
+  ASSERT_NO_FATAL_FAILURE(run_dequant(kc::ExpertDType::kINT4, 512, 2048, 64));  // 35B-A3B gate
+  ASSERT_NO_FATAL_FAILURE(run_dequant(kc::ExpertDType::kINT4, 2048, 512, 64));  // and down
+}
+
+// gather_rows_bf16, silu_mul_bf16 and combine_routed against host loops: rows in expert order,
+// tokens with repeated and out-of-order positions.
+TEST(CudaExperts, GatherActivateCombine) {
+  if (!test::have_gpu()) GTEST_SKIP() << test::kNoGpu;
+  const int64_t T = 5, k = 3, h = 37, I = 19, R = T * k;
+  const auto x = test::random_vec(static_cast<size_t>(T * h), 1, 2.0f);
+  std::vector<int32_t> rows(static_cast<size_t>(R)), pos(static_cast<size_t>(R));
+  for (int64_t r = 0; r < R; ++r) rows[r] = static_cast<int32_t>((r * 7) % T);
+  for (int64_t p = 0; p < R; ++p) pos[p] = static_cast<int32_t>((p * 4 + 1) % R);
+  const auto gu = test::random_vec(static_cast<size_t>(R * 2 * I), 2, 3.0f);
+  const auto out = test::random_vec(static_cast<size_t>(R * h), 3, 1.0f);
+  const auto w = test::random_vec(static_cast<size_t>(R), 4, 0.5f);
+  float *d_x, *d_gu, *d_out, *d_w, *d_y;
+  int32_t *d_rows, *d_pos;
+  uint16_t *d_xs, *d_act;
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_x), x.size() * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_gu), gu.size() * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_out), out.size() * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_w), w.size() * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_y), static_cast<size_t>(T * h) * 4),
+            cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_rows), rows.size() * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_pos), pos.size() * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_xs), static_cast<size_t>(R * h) * 2),
+            cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_act), static_cast<size_t>(R * I) * 2),
+            cudaSuccess);
+  cudaMemcpy(d_x, x.data(), x.size() * 4, cudaMemcpyHostToDevice);
+  cudaMemcpy(d_gu, gu.data(), gu.size() * 4, cudaMemcpyHostToDevice);
+  cudaMemcpy(d_out, out.data(), out.size() * 4, cudaMemcpyHostToDevice);
+  cudaMemcpy(d_w, w.data(), w.size() * 4, cudaMemcpyHostToDevice);
+  cudaMemcpy(d_rows, rows.data(), rows.size() * 4, cudaMemcpyHostToDevice);
+  cudaMemcpy(d_pos, pos.data(), pos.size() * 4, cudaMemcpyHostToDevice);
+  gather_rows_bf16(d_x, h, d_rows, R, h, d_xs, nullptr);
+  silu_mul_bf16(d_gu, R, I, d_act, nullptr);
+  combine_routed(d_out, d_pos, d_w, T, static_cast<int>(k), h, d_y, nullptr);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+  std::vector<uint16_t> xs(static_cast<size_t>(R * h)), act(static_cast<size_t>(R * I));
+  std::vector<float> y(static_cast<size_t>(T * h));
+  cudaMemcpy(xs.data(), d_xs, xs.size() * 2, cudaMemcpyDeviceToHost);
+  cudaMemcpy(act.data(), d_act, act.size() * 2, cudaMemcpyDeviceToHost);
+  cudaMemcpy(y.data(), d_y, y.size() * 4, cudaMemcpyDeviceToHost);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < h; ++j)
+      ASSERT_EQ(xs[r * h + j], f32_to_bf16(x[rows[r] * h + j])) << r << "," << j;
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < I; ++j) {
+      const double g = gu[r * 2 * I + j], u = gu[r * 2 * I + I + j];
+      const double want = g / (1.0 + std::exp(-g)) * u;
+      ASSERT_NEAR(bf16_to_f32(act[r * I + j]), want, 8e-3 * std::fabs(want) + 1e-6)
+          << r << "," << j;
+    }
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t c = 0; c < h; ++c) {
+      double want = 0;
+      for (int64_t j = 0; j < k; ++j) want += double(w[t * k + j]) * out[pos[t * k + j] * h + c];
+      ASSERT_NEAR(y[t * h + c], want, 1e-5) << t << "," << c;
+    }
+  for (void* p : {static_cast<void*>(d_x), static_cast<void*>(d_gu), static_cast<void*>(d_out),
+                  static_cast<void*>(d_w), static_cast<void*>(d_y), static_cast<void*>(d_rows),
+                  static_cast<void*>(d_pos), static_cast<void*>(d_xs), static_cast<void*>(d_act)})
+    cudaFree(p);
 }
 
 }  // namespace
