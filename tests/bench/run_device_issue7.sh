@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+# Issue 7's open measurements on the GPU test machine, in parts that each fit one device call
+# (run them back to back: a warm machine keeps build/gpu and /tmp, so later parts skip the build
+# and the model). STEPS (default "build tests model probe"; in this order):
+#   build  tidal with CUDA (run_device_cuda.sh's build: _tidal and the C++ tests)
+#   tests  the CUDA C++ tests (*Cuda*, *ExpertStore*) and tests/python/test_cuda.py (VRAM expert
+#          cache, prefill expert streaming), with their [cuda-measure] lines
+#   model  the 40-layer Qwen3.6-35B-A3B shape with pre-packed INT4 experts (/tmp/m40, 21 GB)
+#   probe  tests/bench/cache_probe.py on it: Runtime.load with the VRAM expert cache (SLOTS,
+#          default auto) and 256 decode steps, under a 240 s limit (the start hung before the
+#          store was copied out of its file mapping)
+#   tg     tidal.bench tg128 with the cache (auto slots) and without (one bench each)
+#   pp     tidal.bench pp8192 with prefill expert streaming (TIDAL_CUDA_PREFILL_STREAM=1, chunks of
+#          STREAM_CHUNK, default 4096) and with the experts on the host
+# Output (text and JSON) in $OUT.
+set -euo pipefail
+mkdir -p "${OUT:-bench-out}"
+out=$(cd "${OUT:-bench-out}" && pwd)
+steps=${STEPS:-build tests model probe}
+failed=0
+m=${MODEL:-/tmp/m40}
+bench() {  # name, then tidal.bench arguments
+  local name=$1
+  shift
+  TIDAL_EXECUTOR=spin timeout "${BENCH_TIMEOUT:-280}" python3 -m tidal.bench "$m" --device cuda \
+    --gpu-memory 12GiB --cpu-threads 15 --expert-dtype int4 -r 3 "$@" --json "$out/$name.json" \
+    > "$out/$name.txt" 2>&1 || { failed=1; tail -5 "$out/$name.txt"; }
+  echo "== $name ($SECONDS s)"
+  grep -E "^\| (pp|tg)" "$out/$name.txt" || true
+  python3 - "$out/$name.json" <<'EOF' || true
+import json, sys
+d = json.load(open(sys.argv[1]))
+for r in d["results"]:
+    if r.get("expert_cache"):
+        print("expert cache:", r["test"], r["expert_cache"])
+print("gpu memory:", d.get("gpu_memory"))
+EOF
+}
+if [[ $steps == *build* ]]; then
+  STEPS=build NINJA_TARGETS="tidal_tests _tidal" OUT="$out" bash tests/bench/run_device_cuda.sh \
+    > "$out/build_steps.log" 2>&1 || { tail -30 "$out/build_steps.log"; exit 1; }
+  echo "built ($SECONDS s)"
+fi
+export LD_LIBRARY_PATH=/tmp/deps/lib:${LD_LIBRARY_PATH:-} PYTHONPATH=$PWD/python
+if [[ $steps == *tests* ]]; then
+  timeout 200 ./build/gpu/tests/tidal_tests --gtest_filter='*Cuda*:*ExpertStore*' \
+    > "$out/cpp_tests.log" 2>&1 || failed=1
+  tail -1 "$out/cpp_tests.log"; grep -E "^\[  FAILED|Failure" "$out/cpp_tests.log" | sort -u | head -20 || true
+  (cd tests/python && timeout 300 python3 -m pytest -q -s -p no:cacheprovider test_cuda.py \
+    > "$out/pytest_cuda.log" 2>&1) || failed=1
+  echo "pytest test_cuda.py: $(tail -1 "$out/pytest_cuda.log") ($SECONDS s)"
+  grep -E "^FAILED|^E  |cuda-measure\] (vram|prefill)" "$out/pytest_cuda.log" | cut -c1-400 | head -40 || true
+fi
+if [[ $steps == *model* ]] && [ ! -f "$m/config.json" ]; then
+  python3 -m tidal.synth --preset qwen3.6-35b-a3b --layers 40 --expert-dtype int4 "$m" > /dev/null 2>&1
+  echo "model written ($SECONDS s)"
+fi
+if [[ $steps == *probe* ]]; then
+  timeout 240 python3 tests/bench/cache_probe.py "$m" --slots "${SLOTS:-auto}" --steps 256 \
+    2>&1 | cut -c1-600 || failed=1
+  echo "probe done ($SECONDS s)"
+fi
+if [[ $steps == *tg* ]]; then
+  bench tg_cache -p 512 -n 128 --gpu-expert-slots auto
+  bench tg_nocache -p 512 -n 128 --gpu-expert-slots 0
+fi
+if [[ $steps == *pp* ]]; then
+  TIDAL_CUDA_PREFILL_STREAM=1 TIDAL_CUDA_STREAM_CHUNK=${STREAM_CHUNK:-4096} \
+    TIDAL_CUDA_STREAM_MIN_TOKENS=${STREAM_MIN:-1024} bench pp_stream -p 512,8192 -n 16
+  bench pp_host -p 8192 -n 16
+fi
+exit $failed
