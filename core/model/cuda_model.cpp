@@ -156,10 +156,12 @@ struct CudaModel::Impl {
   // the upload: the GPU may still read the old expert during the step that admitted the new one,
   // never after its copy starts. The copy runs beside that step and enters the table at the step
   // after. offload::ExpertCacheSchedule makes every one of these decisions (Note [Expert cache
-  // schedule]); this class moves the bytes. Steps with routing control active, prefill and
-  // batched decode compute every expert on the host. If starting a step fails (a CUDA error
-  // while uploading the table or issuing copies), the cache is abandoned: every expert goes to
-  // the host from then on, and the one-token graphs, captured with the GPU expert kernels, are
+  // schedule]); this class moves the bytes. Under routing control (replay) the host may rewrite a
+  // layer's ids after the GPU routed, so the cached experts run at the next segment's start from
+  // the host's ids (uploaded first). Prefill and batched decode compute every expert on the host
+  // (prefill: unless streamed, Note [Prefill expert streaming]). If starting a step fails (a CUDA
+  // error while uploading the table or issuing copies), the cache is abandoned: every expert goes
+  // to the host from then on, and the one-token graphs, captured with the GPU expert kernels, are
   // dropped so they are captured again without them (vx_abandon).
   bool vx_tried = false, vx_on = false, vx_step = false;
   kc::GpuExpertsArgs vx;
@@ -183,6 +185,8 @@ struct CudaModel::Impl {
   void vx_begin_step_impl();
   /// Layer `layer`'s routed experts on the host (those the table does not hold, when vx_step).
   void host_experts(int64_t layer, int64_t T, kernels::Executor& ex);
+  /// One token: yg = the routed experts of `layer` that the table holds, from rids / rw / xn.
+  void cached_experts(int64_t layer);
   void vx_free();
   void vx_end_step() {
     if (!vx_step) return;
@@ -667,6 +671,21 @@ void CudaModel::Impl::vx_begin_step_impl() {
   vx_running.push_back(vx_events.back());  // one event after the step's copies
   vx_events.pop_back();
   cuda_check(cudaEventRecord(vx_running.back(), vx_copy), "event record");
+}
+
+void CudaModel::Impl::cached_experts(int64_t layer) {
+  const int64_t E = cfg.num_experts;
+  cuda_check(cudaMemsetAsync(yg, 0, static_cast<size_t>(cfg.hidden_size) * 4, stream), "memset");
+  kc::GpuExpertsArgs a = vx;
+  a.ids = rids;
+  a.weights = rw;
+  a.top_k = static_cast<int>(cfg.num_experts_per_tok);
+  a.num_experts = E;
+  a.slot_of = vx_dtable + layer * E;
+  a.x = xn;
+  a.y = yg;
+  TIDAL_ASSERT(kc::gpu_experts_decode(a, stream), "GPU experts refused a checked shape");
+  mark("mlp: cached routed experts");
 }
 
 void CudaModel::Impl::host_experts(int64_t layer, int64_t T, kernels::Executor& ex) {
@@ -1179,19 +1198,9 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
                    ? cudaEventRecordWithFlags(ev_d2h, stream, cudaEventRecordExternal)
                    : cudaEventRecord(ev_d2h, stream),
                "event record");
-    if (vx_step) {  // the resident routed experts, while the host computes the others
-      cuda_check(cudaMemsetAsync(yg, 0, static_cast<size_t>(H) * 4, stream), "memset");
-      kc::GpuExpertsArgs a = vx;
-      a.ids = rids;
-      a.weights = rw;
-      a.top_k = static_cast<int>(k);
-      a.num_experts = E;
-      a.slot_of = vx_dtable + static_cast<int64_t>(layer) * E;
-      a.x = xn;
-      a.y = yg;
-      TIDAL_ASSERT(kc::gpu_experts_decode(a, stream), "GPU experts refused a checked shape");
-      mark("mlp: cached routed experts");
-    }
+    // The resident routed experts, while the host computes the others. Under routing control
+    // the host may rewrite the ids, so they run at the next segment's start, from its ids.
+    if (vx_step && !route_ctl) cached_experts(layer);
   }
   // The shared expert runs on the GPU while the host computes the routed experts.
   // The MLP output reaches x in the next fused residual + norm: routed experts in y (copied from
@@ -1222,6 +1231,16 @@ void CudaModel::Impl::enqueue_layers(size_t l0, size_t l1, int64_t T, bool first
     cuda_check(
         cudaMemcpyAsync(y, h_out, static_cast<size_t>(T * H) * 4, cudaMemcpyHostToDevice, stream),
         "copy to device");
+    if (vx_step && route_ctl) {  // the host's (possibly rewritten) ids, then the cached experts
+      const int64_t k = cfg.num_experts_per_tok;
+      cuda_check(
+          cudaMemcpyAsync(rids, h_rids, static_cast<size_t>(k) * 4, cudaMemcpyHostToDevice, stream),
+          "copy to device");
+      cuda_check(
+          cudaMemcpyAsync(rw, h_w, static_cast<size_t>(k) * 4, cudaMemcpyHostToDevice, stream),
+          "copy to device");
+      cached_experts(static_cast<int64_t>(l0) - 1);
+    }
     if (vx_step) kc::add_vector(y, yg, T * H, stream);  // + the cached experts' sum
   }
   for (size_t l = l0; l < l1; ++l) {
@@ -1764,7 +1783,7 @@ void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, Logi
     const bool use_graph = m.opts.graphs && T == 1 && cm == LogitsMode::kLast && !m.route_ctl;
     m.batched = false;
     if (!m.vx_tried) m.vx_init(ex);
-    m.vx_step = m.vx_on && T == 1 && !m.route_ctl;
+    m.vx_step = m.vx_on && T == 1;
     m.px_step = m.px_on && T >= std::max<int64_t>(2, m.opts.stream_min_tokens);
     try {
       if (m.vx_step) m.vx_begin_step();
@@ -1949,7 +1968,7 @@ void CudaModel::forward_batch(std::span<SequenceState* const> states, std::span<
                                          : B == 1   ? &m.graphs
                                                     : &m.batch_graphs[B];
   if (!m.vx_tried) m.vx_init(ex);
-  m.vx_step = m.vx_on && B == 1 && !m.route_ctl;
+  m.vx_step = m.vx_on && B == 1;
   m.px_step = false;
   try {
     if (m.vx_step) m.vx_begin_step();

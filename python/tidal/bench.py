@@ -407,8 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="prefill matrix products on the GPU (default: Runtime.load's)")
     ap.add_argument("--gpu-expert-slots", default="0",
                     help="VRAM expert cache slots (--device cuda): a number (0, the default: no cache), or 'auto' "
-                         "(Runtime.load's gpu_expert_slots=None: what --gpu-memory leaves); routing replay "
-                         "(--routing-*) turns the cache off")
+                         "(Runtime.load's gpu_expert_slots=None: what --gpu-memory leaves); with --routing-* "
+                         "the cache sees the replayed experts")
     ap.add_argument("--gpu-expert-policy", default="lfu", choices=["lfu", "lru", "static"])
     ap.add_argument("--expert-dtype", default="auto", choices=["auto", "bf16", "int8", "int4"],
                     help="routed-expert format in RAM (Runtime.load's expert_dtype)")

@@ -389,6 +389,33 @@ def test_vram_expert_cache_matches_host_experts(dtype, slots, policy):
         st["gpu_expert_pairs"] / (st["gpu_expert_pairs"] + st["host_expert_pairs"]))
 
 
+def test_vram_expert_cache_under_routing_replay():
+    """Routing replay rewrites the ids on the host after the GPU routed; the cached experts then
+    run from the host's ids at the next segment's start. A trace that differs from the router's
+    own choice everywhere, replayed on the host-only engine and through the cache: the same
+    logits (BF16 bound), and the cache computed some of the pairs."""
+    ids = [int(i) for i in np.random.default_rng(6).integers(5, 8000, 100)]
+    host_rt = _load(MINI, expert_dtype="bf16", gpu_expert_slots=0)
+    with host_rt.record_routing() as rec:
+        _teacher_forced(host_rt, ids, 20)
+    E = host_rt.config.num_experts
+    other = np.where(rec.experts >= 0, (rec.experts + 3) % E, -1)
+    with host_rt.replay_routing(other):
+        ref = _teacher_forced(host_rt, ids, 20)
+    rt = _load(MINI, expert_dtype="bf16", gpu_expert_slots=None)
+    with rt.replay_routing(other):
+        got = _teacher_forced(rt, ids, 20)
+    st = rt._engine.stats()
+    scale = float(np.abs(ref).max())
+    err = float(np.abs(got - ref).max())
+    _record("vram cache under replay", max_abs_err=err, logit_scale=scale, gpu_pairs=st["gpu_expert_pairs"],
+            host_pairs=st["host_expert_pairs"])
+    assert st["gpu_expert_pairs"] > 0
+    assert err <= VX_BF16_RTOL * scale
+    with host_rt.replay_routing(rec.experts):  # the replayed trace mattered
+        assert np.abs(_teacher_forced(host_rt, ids, 20) - ref).max() > 1e-2
+
+
 def test_vram_expert_cache_thousands_of_steps():
     """2000 decode steps through a 5-slot cache (constant eviction): no drift from the host-only
     engine, and no VRAM allocated per step (the device's free memory is the same at step 1100, after
