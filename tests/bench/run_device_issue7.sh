@@ -11,6 +11,8 @@
 #          default auto) and 256 decode steps, under a 240 s limit (the start hung before the
 #          store was copied out of its file mapping)
 #   tg     tidal.bench tg128 with the cache (auto slots) and without (one bench each)
+#   route  tidal.bench tg128 through the cache (auto slots) on synthetic routing: uniform, then
+#          skewed and temporally correlated (Zipf 1.0, reuse 0.5): issue 7's hit-rate line
 #   pp     tidal.bench pp8192 with prefill expert streaming (TIDAL_CUDA_PREFILL_STREAM=1, chunks of
 #          STREAM_CHUNK, default 4096) and with the experts on the host
 # Output (text and JSON) in $OUT.
@@ -64,6 +66,10 @@ fi
 if [[ $steps == *tg* ]]; then
   bench tg_cache -p 512 -n 128 --gpu-expert-slots auto
   bench tg_nocache -p 512 -n 128 --gpu-expert-slots 0
+fi
+if [[ $steps == *route* ]]; then
+  bench route_uniform -p 512 -n 128 --gpu-expert-slots auto --routing-skew 0
+  bench route_skewed -p 512 -n 128 --gpu-expert-slots auto --routing-skew 1.0 --routing-reuse 0.5
 fi
 if [[ $steps == *pp* ]]; then
   TIDAL_CUDA_PREFILL_STREAM=1 TIDAL_CUDA_STREAM_CHUNK=${STREAM_CHUNK:-4096} \
