@@ -68,7 +68,7 @@ if [[ $steps == *tg* ]]; then
   bench tg_nocache -p 512 -n 128 --gpu-expert-slots 0
 fi
 if [[ $steps == *route* ]]; then
-  bench route_uniform -p 512 -n 128 --gpu-expert-slots auto --routing-skew 0
+  bench route_uniform -p 512 -n 128 --gpu-expert-slots auto --routing-skew 0 --routing-reuse 0
   bench route_skewed -p 512 -n 128 --gpu-expert-slots auto --routing-skew 1.0 --routing-reuse 0.5
 fi
 if [[ $steps == *pp* ]]; then
