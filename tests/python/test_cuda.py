@@ -446,7 +446,7 @@ def test_vram_expert_cache_thousands_of_steps():
 
 # Prefill expert streaming (Note [Prefill expert streaming] in core/model/cuda_model.cpp): the
 # prompt's routed experts on the GPU from experts copied per chunk, against every routed expert on
-# the host. Chunks of 128 tokens (TIDAL_CUDA_STREAM_CHUNK), so a 256-token prompt is two streamed
+# the host. Chunks of 128 (or 1024) tokens (TIDAL_CUDA_STREAM_CHUNK), so the prompt is two streamed
 # chunks (the second reads the first's KV cache and DeltaNet state), then teacher-forced decode
 # steps on the host experts check the state the streamed prompt left. The GPU rounds activations
 # to BF16 (relative 2^-9) where the host keeps two BF16 terms (BF16 experts) or rounds to int8 per
@@ -464,14 +464,16 @@ def _prompt_and_decode(rt, ids, n_prompt):
     return np.concatenate([prompt, dec])
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "int4"])
-def test_prefill_expert_streaming_matches_host_experts(dtype, monkeypatch):
-    ids = [int(i) for i in np.random.default_rng(5).integers(5, 8000, 280)]
-    n_prompt = 256
+@pytest.mark.parametrize("dtype,chunk,n_prompt", [("bf16", 128, 256), ("int4", 128, 256), ("bf16", 1024, 1100)])
+def test_prefill_expert_streaming_matches_host_experts(dtype, chunk, n_prompt, monkeypatch):
+    """(1024-token chunks: longer than the 512 of the host path, so the attention and DeltaNet
+    prefill kernels run at a chunk size only streaming uses.)"""
+    ids = [int(i) for i in np.random.default_rng(5).integers(5, 8000, n_prompt + 24)]
     ref = {d: _prompt_and_decode(_load(MINI, expert_dtype=d, gpu_expert_slots=0), ids, n_prompt)
            for d in ("bf16", "int4")}
     for k, v in STREAM_ENV.items():
         monkeypatch.setenv(k, v)
+    monkeypatch.setenv("TIDAL_CUDA_STREAM_CHUNK", str(chunk))
     rt = _load(MINI, expert_dtype=dtype, gpu_expert_slots=0)
     got = _prompt_and_decode(rt, ids, n_prompt)
     st = rt._engine.stats()
@@ -484,9 +486,9 @@ def test_prefill_expert_streaming_matches_host_experts(dtype, monkeypatch):
          "top1_agreement": float((got.argmax(-1) == host.argmax(-1)).mean()),
          "mean_err_vs_bf16": float(np.abs(got - ref["bf16"]).mean()),
          "streamed_layers": st["gpu_streamed_layers"], "streamed_bytes": st["gpu_streamed_bytes"]}
-    _record(f"prefill streaming {dtype}", **m)
-    # Two chunks of 128 streamed through every MoE layer; the decode steps are not.
-    assert st["gpu_streamed_layers"] == 2 * moe
+    _record(f"prefill streaming {dtype} chunk {chunk}", **m)
+    # Every chunk (here all >= 64 tokens) streamed through every MoE layer; the decode steps not.
+    assert st["gpu_streamed_layers"] == -(-n_prompt // chunk) * moe
     assert st["gpu_streamed_pairs"] == n_prompt * cfg.num_experts_per_tok * moe
     assert st["gpu_streamed_bytes"] > 0
     assert m["top1_agreement"] >= VX_INT4_TOP1
