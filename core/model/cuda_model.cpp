@@ -11,7 +11,9 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cinttypes>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -214,18 +216,19 @@ struct CudaModel::Impl {
   // Note [Prefill expert streaming]
   // A long prompt reads every routed expert many times over, and the host computes those
   // products at a fraction of the GPU's rate: llama.cpp copies each layer's experts to the GPU for
-  // large batches instead. With CudaOptions::prefill_stream, a chunk of at least stream_min_tokens
-  // does the same. Each MoE layer's packed experts (one contiguous range of the host store,
-  // page-locked) are copied whole into one of two VRAM buffers on their own stream: the first MoE
-  // layer's at the chunk's start, layer L+1's when layer L's experts are enqueued (once the
-  // buffer's previous layer is done with it), so the copies run beside the attention, DeltaNet and
-  // expert work. At layer L the router's ids come to the host (the one wait per layer), which
-  // sorts the (token, expert) pairs by expert and uploads the order; the GPU gathers the normed
-  // rows in that order as BF16, decodes stream_group experts at a time to BF16 from the packed
-  // layout (kernels/cuda/experts.h), runs gate/up and down as cuBLAS BF16 GEMMs (fp32
-  // accumulate) over each expert's rows, and sums each token's k rows in routing order into y
-  // (deterministic). The shared expert and everything after are unchanged. Chunks grow to
-  // stream_chunk tokens, so the experts cross PCIe once per stream_chunk tokens: 17 GB per 4096
+  // large batches instead. With CudaOptions::prefill_stream, a prompt of at least
+  // stream_min_tokens does the same for each of its chunks (equal chunks of at most stream_chunk
+  // tokens, so no short last one goes back to the host). Each MoE layer's packed experts (one
+  // contiguous range of the host store, page-locked) are copied whole into one of two VRAM buffers
+  // on their own stream: the first MoE layer's at the chunk's start, layer L+1's when layer L's
+  // experts are enqueued (once the buffer's previous layer is done with it), so the copies run
+  // beside the attention, DeltaNet and expert work. At layer L the router's ids come to the host
+  // (the one wait per layer), which sorts the (token, expert) pairs by expert and uploads the
+  // order; the GPU gathers the normed rows in that order as BF16, decodes stream_group experts at a
+  // time to BF16 from the packed layout (kernels/cuda/experts.h), runs gate/up and down as cuBLAS
+  // BF16 GEMMs (fp32 accumulate) over each expert's rows, and sums each token's k rows in routing
+  // order into y (deterministic). The shared expert and everything after are unchanged. Chunks grow
+  // to stream_chunk tokens, so the experts cross PCIe once per stream_chunk tokens: 17 GB per 4096
   // tokens for the 35B-A3B at INT4, ~0.3 s at 55 GB/s. Routing control works (its rewritten ids
   // and weights are what gets uploaded). Off by default until measured.
   bool px_on = false, px_step = false;
@@ -455,7 +458,7 @@ void CudaModel::Impl::ensure_capacity(DeviceSequenceState& s, int64_t need) {
   for (const auto& L : layers) n_attn += L.type == LayerType::kFullAttention;
   size_t free_b = 0, total_b = 0;
   cudaMemGetInfo(&free_b, &total_b);
-  const uint64_t used = weight_bytes + ws_bytes + kv_bytes + linear_bytes + vx_bytes;
+  const uint64_t used = weight_bytes + ws_bytes + kv_bytes + linear_bytes + vx_bytes + px_bytes;
   const uint64_t add = 2 * n_attn * bytes - s.kv_bytes;
   TIDAL_CHECK(opts.memory_limit == 0 || used + add <= opts.memory_limit, OutOfMemory,
               "a {}-token KV cache needs {:.2f} GiB more VRAM, over the gpu_memory limit of {:.2f} "
@@ -718,10 +721,29 @@ void CudaModel::Impl::host_experts(int64_t layer, int64_t T, kernels::Executor& 
   vx_stats.layer_gpu_pairs[static_cast<size_t>(layer)] += on_gpu;
 }
 
+namespace {
+/// MemAvailable from /proc/meminfo (bytes), or 0 where it cannot be read.
+uint64_t available_host_bytes() {
+  std::FILE* f = std::fopen("/proc/meminfo", "r");
+  if (f == nullptr) return 0;
+  char line[256];
+  uint64_t kb = 0;
+  while (std::fgets(line, sizeof line, f) != nullptr)
+    if (std::sscanf(line, "MemAvailable: %" SCNu64 " kB", &kb) == 1) break;
+  std::fclose(f);
+  return kb * 1024;
+}
+}  // namespace
+
 void CudaModel::Impl::register_host_store(kernels::Executor& ex) {
   if (host_registered || experts == nullptr) return;
   host_registered = true;
-  if (experts->packed_region_file_backed()) experts->copy_packed_to_anonymous(ex);
+  if (experts->packed_region_file_backed()) {
+    // A second copy of the experts must fit in what the OS has available (the file's pages
+    // become reclaimable once copied); else no page-locking: copies stage through the driver.
+    if (available_host_bytes() < experts->packed_region().second + (uint64_t{1} << 30)) return;
+    experts->copy_packed_to_anonymous(ex);
+  }
   for (const auto& [p, n] : experts->packed_layer_regions()) {
     if (cudaHostRegister(p, n, cudaHostRegisterDefault) != cudaSuccess) {
       cudaGetLastError();  // copies then stage through the driver: correct, slower
@@ -766,7 +788,6 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
                                               ? l + 1
                                               : px_next_moe[static_cast<size_t>(l + 1)];
   if (moe == 0 || stride < 2 * gu.bytes() + dn.bytes() || stride % 16 != 0) return;
-  register_host_store(ex);
   px_stride = stride;
   px_layer_bytes = E * stride;
   px_gu = ggu;
@@ -812,6 +833,7 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
   px_off.assign(static_cast<size_t>(E) + 1, 0);
   px_bytes = total;
   px_on = true;
+  register_host_store(ex);
 }
 
 void CudaModel::Impl::px_issue(int layer) {
@@ -845,8 +867,7 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
                                  static_cast<size_t>(T), cudaMemcpyDeviceToHost, stream),
                "copy to host");
   cuda_check(cudaEventRecord(ev_d2h, stream), "event record");
-  px_issue(layer);                                    // normally issued a layer ago
-  px_issue(px_next_moe[static_cast<size_t>(layer)]);  // the next layer's, beside this one
+  px_issue(layer);  // normally issued a layer ago
   cuda_check(cudaEventSynchronize(ev_d2h), "event wait");
   if (route_ctl) routing->on_route(layer, h_rlogits, T, cfg.norm_topk_prob, h_rids, h_w);
   // (token, expert) pairs sorted by expert: row r of the sorted order is token h_px_rows[r];
@@ -878,6 +899,9 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
       "copy to device");
   cuda_check(cudaMemcpyAsync(rw, h_w, static_cast<size_t>(R) * 4, cudaMemcpyHostToDevice, stream),
              "copy to device");
+  // The next layer's experts, beside this one (after the small uploads above, so they do not
+  // queue behind it on a shared copy engine).
+  px_issue(px_next_moe[static_cast<size_t>(layer)]);
   kc::gather_rows_bf16(xn, H, px_rows, R, H, px_xs, stream);
   cuda_check(cudaStreamWaitEvent(stream, px_ev_filled[b]), "stream wait");
   const kc::ExpertMatrixLayout &gu = px_gu, &dn = px_dn;
@@ -1281,9 +1305,13 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
   Impl& m = *impl_;
   m.cfg = cfg;
   m.opts = opts;
-  if (opts.prefill_stream) {
-    TIDAL_CHECK(opts.stream_chunk >= 16 && opts.stream_group >= 1, InvalidArgument,
-                "TIDAL_CUDA_STREAM_CHUNK must be >= 16 and TIDAL_CUDA_STREAM_GROUP >= 1");
+  if (opts.prefill_stream && experts != nullptr) {
+    TIDAL_CHECK(opts.stream_chunk >= 16 && opts.stream_group >= 1 &&
+                    opts.stream_min_tokens <= opts.stream_chunk,
+                InvalidArgument,
+                "prefill expert streaming: TIDAL_CUDA_STREAM_CHUNK must be >= 16 and >= "
+                "TIDAL_CUDA_STREAM_MIN_TOKENS, TIDAL_CUDA_STREAM_GROUP >= 1 (got {}, {}, {})",
+                opts.stream_chunk, opts.stream_min_tokens, opts.stream_group);
     m.opts.max_chunk = opts.stream_chunk;
   }
   m.profiling = CudaOptions::env_flag("TIDAL_CUDA_PROFILE", false);
@@ -1762,8 +1790,14 @@ void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, Logi
     logits.resize(static_cast<size_t>(V));
   else
     logits.clear();
-  for (int64_t c0 = 0; c0 < total; c0 += m.Tmax) {
-    const int64_t T = std::min(m.Tmax, total - c0);
+  if (!m.vx_tried) m.vx_init(ex);
+  // Note [Prefill expert streaming]: a prompt long enough streams every chunk, in equal chunks
+  // (no short last one).
+  const bool stream = m.px_on && total >= std::max<int64_t>(2, m.opts.stream_min_tokens);
+  const int64_t nchunks = (total + m.Tmax - 1) / m.Tmax;
+  const int64_t chunk = stream ? (total + nchunks - 1) / nchunks : m.Tmax;
+  for (int64_t c0 = 0; c0 < total; c0 += chunk) {
+    const int64_t T = std::min(chunk, total - c0);
     const bool last_chunk = c0 + T == total;
     const LogitsMode cm = mode == LogitsMode::kAll                  ? LogitsMode::kAll
                           : last_chunk && mode == LogitsMode::kLast ? LogitsMode::kLast
@@ -1782,9 +1816,8 @@ void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, Logi
     m.route_ctl = m.experts && m.routing->active();
     const bool use_graph = m.opts.graphs && T == 1 && cm == LogitsMode::kLast && !m.route_ctl;
     m.batched = false;
-    if (!m.vx_tried) m.vx_init(ex);
     m.vx_step = m.vx_on && T == 1;
-    m.px_step = m.px_on && T >= std::max<int64_t>(2, m.opts.stream_min_tokens);
+    m.px_step = stream;
     try {
       if (m.vx_step) m.vx_begin_step();
       if (m.px_step)  // the first MoE layer's experts, while the layers before it run

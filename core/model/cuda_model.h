@@ -85,12 +85,12 @@ struct CudaOptions {
   /// The environment variable `name` as a flag ("1" on, "0" off), `fallback` when unset.
   static bool env_flag(const char* name, bool fallback);
   int64_t max_chunk = 512;  ///< tokens per GPU pass; longer inputs run in chunks
-  /// Prefill expert streaming (Note [Prefill expert streaming] in cuda_model.cpp): a prompt chunk
-  /// of at least stream_min_tokens computes its routed experts on the GPU, each MoE layer's
-  /// packed experts copied to VRAM whole (the next layer's while this one computes), instead
-  /// of on the host. Chunks are then up to stream_chunk tokens (it replaces max_chunk), so each
-  /// layer's experts cross PCIe once per stream_chunk tokens. Off by default until measured on a
-  /// GPU; TIDAL_CUDA_PREFILL_STREAM=1, TIDAL_CUDA_STREAM_MIN_TOKENS, TIDAL_CUDA_STREAM_CHUNK.
+  /// Prefill expert streaming (Note [Prefill expert streaming] in cuda_model.cpp): a prompt of at
+  /// least stream_min_tokens computes its routed experts on the GPU, each MoE layer's packed
+  /// experts copied to VRAM whole (the next layer's while this one computes), in equal chunks of
+  /// at most stream_chunk tokens (it replaces max_chunk), so each layer's experts cross PCIe once
+  /// per chunk. Off by default until measured on a GPU; TIDAL_CUDA_PREFILL_STREAM=1,
+  /// TIDAL_CUDA_STREAM_MIN_TOKENS (<= the chunk), TIDAL_CUDA_STREAM_CHUNK.
   bool prefill_stream = env_flag("TIDAL_CUDA_PREFILL_STREAM", false);
   int64_t stream_min_tokens = env_int("TIDAL_CUDA_STREAM_MIN_TOKENS", 1024);
   int64_t stream_chunk = env_int("TIDAL_CUDA_STREAM_CHUNK", 4096);

@@ -288,6 +288,7 @@ __global__ void combine_routed_kernel(const float* out, const int32_t* pos, cons
 
 bool dequant_supported(const ExpertMatrixLayout& L) {
   return L.dtype >= 0 && L.dtype <= 2 && L.data_bytes % 64 == 0 && L.num_tiles > 0 &&
+         L.num_tiles <= 65535 &&  // grid y
          (L.dtype == 0 || (L.group_bytes % 64 == 0 && L.group > 0));
 }
 

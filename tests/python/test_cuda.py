@@ -469,8 +469,12 @@ def test_prefill_expert_streaming_matches_host_experts(dtype, chunk, n_prompt, m
     """(1024-token chunks: longer than the 512 of the host path, so the attention and DeltaNet
     prefill kernels run at a chunk size only streaming uses.)"""
     ids = [int(i) for i in np.random.default_rng(5).integers(5, 8000, n_prompt + 24)]
-    ref = {d: _prompt_and_decode(_load(MINI, expert_dtype=d, gpu_expert_slots=0), ids, n_prompt)
-           for d in ("bf16", "int4")}
+    monkeypatch.delenv("TIDAL_CUDA_PREFILL_STREAM", raising=False)
+    ref = {}
+    for d in ("bf16", "int4"):
+        host_rt = _load(MINI, expert_dtype=d, gpu_expert_slots=0)
+        ref[d] = _prompt_and_decode(host_rt, ids, n_prompt)
+        assert host_rt._engine.stats()["gpu_streamed_layers"] == 0
     for k, v in STREAM_ENV.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("TIDAL_CUDA_STREAM_CHUNK", str(chunk))
