@@ -20,6 +20,8 @@
 #    INT4 experts (21 GB) and tidal.gguf regenerates its experts from their seeds for the GGUF; the
 #    INT8 class reuses the dense tensors for the Q8_0 GGUF (41 GB), then tidal's INT8 model is written
 #    once that GGUF is gone. Peak disk ~45 GB.
+# TIDAL_BENCH_ARGS are added to tidal.bench's (e.g. "--gpu-expert-slots auto"); TIDAL_CUDA_* switches
+# (e.g. TIDAL_CUDA_PREFILL_STREAM=1) pass through the environment.
 # STEPS (default "build check bench") selects parts. Output in $OUT (or ./bench-out). Pass
 # TIDAL_COMMIT=$(git rev-parse --short HEAD) from the checkout you run: the results record it (a
 # copied tree's git metadata may lag). llama.cpp is built outside this tree (LLAMA_SRC_DIR, default
@@ -79,7 +81,7 @@ run_tidal() {  # model dir, expert dtype
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$out/vram_tidal_$2.txt" &
   local poll=$!
   python3 -m tidal.bench "$1" --device cuda --gpu-memory 12GiB --cpu-threads "$threads" \
-    --expert-dtype "$2" -p "$prompts" -n 128 -r "$reps" --json "$out/tidal_$2.json" \
+    --expert-dtype "$2" -p "$prompts" -n 128 -r "$reps" ${TIDAL_BENCH_ARGS:-} --json "$out/tidal_$2.json" \
     > "$out/tidal_$2.txt" 2>&1 || tail -20 "$out/tidal_$2.txt"
   kill $poll || true
   tail -8 "$out/tidal_$2.txt"
