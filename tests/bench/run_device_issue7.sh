@@ -59,8 +59,18 @@ if [[ $steps == *model* ]] && [ ! -f "$m/config.json" ]; then
   echo "model written ($SECONDS s)"
 fi
 if [[ $steps == *probe* ]]; then
-  timeout 240 python3 tests/bench/cache_probe.py "$m" --slots "${SLOTS:-auto}" --steps 256 \
-    2>&1 | cut -c1-600 || failed=1
+  python3 tests/bench/cache_probe.py "$m" --slots "${SLOTS:-auto}" --steps 256 > "$out/probe.log" 2>&1 &
+  pid=$!
+  for t in $(seq 1 240); do
+    kill -0 $pid 2>/dev/null || break
+    sleep 1
+    # Still loading after 90 s: where its threads are (the cache's start hung once).
+    if [ "$t" = 90 ] && ! grep -q '"phase": "load"' "$out/probe.log"; then
+      echo "probe: no load after 90 s"; python3 tests/bench/proc_stacks.py $pid || true
+    fi
+  done
+  kill $pid 2>/dev/null && { echo "probe killed at 240 s"; failed=1; } || wait $pid || failed=1
+  cut -c1-600 "$out/probe.log"
   echo "probe done ($SECONDS s)"
 fi
 if [[ $steps == *tg* ]]; then
