@@ -13,8 +13,9 @@
 #   tg     tidal.bench tg128 with the cache (auto slots) and without (one bench each)
 #   route  tidal.bench tg128 through the cache (auto slots) on synthetic routing: uniform, then
 #          skewed and temporally correlated (Zipf 1.0, reuse 0.5): issue 7's hit-rate line
-#   pp     tidal.bench pp8192 with prefill expert streaming (TIDAL_CUDA_PREFILL_STREAM=1, chunks of
-#          STREAM_CHUNK, default 4096) and with the experts on the host
+#   pp     tidal.bench pp512 and pp8192 with prefill expert streaming (TIDAL_CUDA_PREFILL_STREAM=1,
+#          chunks of each of STREAM_CHUNKS, default "4096 8192"; prompts from STREAM_MIN, default 512
+#          tokens) and with the experts on the host
 # Output (text and JSON) in $OUT.
 set -euo pipefail
 mkdir -p "${OUT:-bench-out}"
@@ -82,8 +83,10 @@ if [[ $steps == *route* ]]; then
   bench route_skewed -p 512 -n 128 --gpu-expert-slots auto --routing-skew 1.0 --routing-reuse 0.5
 fi
 if [[ $steps == *pp* ]]; then
-  TIDAL_CUDA_PREFILL_STREAM=1 TIDAL_CUDA_STREAM_CHUNK=${STREAM_CHUNK:-4096} \
-    TIDAL_CUDA_STREAM_MIN_TOKENS=${STREAM_MIN:-1024} bench pp_stream -p 512,8192 -n 16
-  bench pp_host -p 8192 -n 16
+  for c in ${STREAM_CHUNKS:-4096 8192}; do
+    TIDAL_CUDA_PREFILL_STREAM=1 TIDAL_CUDA_STREAM_CHUNK=$c TIDAL_CUDA_STREAM_MIN_TOKENS=${STREAM_MIN:-512} \
+      bench pp_stream$c -p 512,8192 -n 16
+  done
+  bench pp_host -p 512,8192 -n 16
 fi
 exit $failed
