@@ -16,6 +16,9 @@
 #   pp     tidal.bench pp512 and pp8192 with prefill expert streaming (TIDAL_CUDA_PREFILL_STREAM=1,
 #          chunks of each of STREAM_CHUNKS, default "4096 8192"; prompts from STREAM_MIN, default 512
 #          tokens) and with the experts on the host
+#   q80    the Qwen3-Next-80B-A3B shape (48 layers, 512 experts, INT4 pre-packed: 45 GB, written to
+#          /tmp/q80 after /tmp/m40 is removed: the disk is 64 GB) loaded under the same caps,
+#          tidal.bench pp512 and tg128 with the expert cache
 # Output (text and JSON) in $OUT.
 set -euo pipefail
 mkdir -p "${OUT:-bench-out}"
@@ -88,5 +91,12 @@ if [[ $steps == *pp* ]]; then
       bench pp_stream$c -p 512,8192 -n 16
   done
   bench pp_host -p 512,8192 -n 16
+fi
+if [[ $steps == *q80* ]]; then
+  rm -rf "$m"
+  [ -f /tmp/q80/config.json ] || python3 -m tidal.synth --preset qwen3-next-80b-a3b --expert-dtype int4 /tmp/q80 \
+    > /dev/null 2>&1
+  echo "80B written ($SECONDS s)"
+  m=/tmp/q80 bench q80_cache -p 512 -n 128 --gpu-expert-slots auto
 fi
 exit $failed
