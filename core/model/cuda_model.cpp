@@ -159,12 +159,12 @@ struct CudaModel::Impl {
   // never after its copy starts. The copy runs beside that step and enters the table at the step
   // after. offload::ExpertCacheSchedule makes every one of these decisions (Note [Expert cache
   // schedule]); this class moves the bytes. Under routing control (replay) the host may rewrite a
-  // layer's ids after the GPU routed, so the cached experts run at the next segment's start from
-  // the host's ids (uploaded first). Prefill and batched decode compute every expert on the host
-  // (prefill: unless streamed, Note [Prefill expert streaming]). If starting a step fails (a CUDA
-  // error while uploading the table or issuing copies), the cache is abandoned: every expert goes
-  // to the host from then on, and the one-token graphs, captured with the GPU expert kernels, are
-  // dropped so they are captured again without them (vx_abandon).
+  // layer's ids after the GPU routed, so the cached experts are launched once it has, from the
+  // host's ids (uploaded first), still beside the host's experts. Prefill and batched decode
+  // compute every expert on the host (prefill: unless streamed, Note [Prefill expert streaming]).
+  // If starting a step fails (a CUDA error while uploading the table or issuing copies), the cache
+  // is abandoned: every expert goes to the host from then on, and the one-token graphs, captured
+  // with the GPU expert kernels, are dropped so they are captured again without them (vx_abandon).
   bool vx_tried = false, vx_on = false, vx_step = false;
   kc::GpuExpertsArgs vx;
   int32_t* vx_dtable = nullptr;  // device [layers][E]
@@ -408,8 +408,8 @@ struct CudaModel::Impl {
   }
   bool experts_on_host(const GpuLayer& L) const { return L.is_moe && experts != nullptr; }
 
-  /// Enqueues layers [l0, l1) for T tokens. `routed_pending`: y holds nothing yet and the previous
-  /// layer's routed output waits in h_out (added at the start).
+  /// Enqueues layers [l0, l1) for T tokens. `first`: the forward's first segment; otherwise the
+  /// previous segment's last layer's routed output waits in h_out (and yg) and is added first.
   void enqueue_layers(size_t l0, size_t l1, int64_t T, bool first);
   void enqueue_attention(const GpuLayer& L, int layer, int64_t T);
   void enqueue_deltanet(const GpuLayer& L, int layer, int64_t T);
@@ -1223,7 +1223,7 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
                    : cudaEventRecord(ev_d2h, stream),
                "event record");
     // The resident routed experts, while the host computes the others. Under routing control
-    // the host may rewrite the ids, so they run at the next segment's start, from its ids.
+    // the host may rewrite the ids: they run once it has (run_segments), from its ids.
     if (vx_step && !route_ctl) cached_experts(layer);
   }
   // The shared expert runs on the GPU while the host computes the routed experts.
@@ -1255,16 +1255,6 @@ void CudaModel::Impl::enqueue_layers(size_t l0, size_t l1, int64_t T, bool first
     cuda_check(
         cudaMemcpyAsync(y, h_out, static_cast<size_t>(T * H) * 4, cudaMemcpyHostToDevice, stream),
         "copy to device");
-    if (vx_step && route_ctl) {  // the host's (possibly rewritten) ids, then the cached experts
-      const int64_t k = cfg.num_experts_per_tok;
-      cuda_check(
-          cudaMemcpyAsync(rids, h_rids, static_cast<size_t>(k) * 4, cudaMemcpyHostToDevice, stream),
-          "copy to device");
-      cuda_check(
-          cudaMemcpyAsync(rw, h_w, static_cast<size_t>(k) * 4, cudaMemcpyHostToDevice, stream),
-          "copy to device");
-      cached_experts(static_cast<int64_t>(l0) - 1);
-    }
     if (vx_step) kc::add_vector(y, yg, T * H, stream);  // + the cached experts' sum
   }
   for (size_t l = l0; l < l1; ++l) {
@@ -1943,6 +1933,18 @@ void CudaModel::Impl::run_segments(int64_t T, LogitsMode cm, std::vector<cudaGra
         cuda_check(cudaEventSynchronize(ev_d2h), "event wait");
       }
       if (route_ctl) routing->on_route(layer, h_rlogits, T, cfg.norm_topk_prob, h_rids, h_w);
+      if (vx_step && route_ctl) {
+        // The host may have rewritten the ids: the cached experts run from its ids, uploaded
+        // now, beside the host's experts (no graphs under routing control, so this is eager).
+        const int64_t k = cfg.num_experts_per_tok;
+        cuda_check(cudaMemcpyAsync(rids, h_rids, static_cast<size_t>(T * k) * 4,
+                                   cudaMemcpyHostToDevice, stream),
+                   "copy to device");
+        cuda_check(cudaMemcpyAsync(rw, h_w, static_cast<size_t>(T * k) * 4, cudaMemcpyHostToDevice,
+                                   stream),
+                   "copy to device");
+        cached_experts(layer);
+      }
       TraceSpan span(tr, "routed_experts", "cpu_experts", layer);
       const auto t0 = std::chrono::steady_clock::now();
       host_experts(layer, T, ex);

@@ -45,6 +45,18 @@ void RoutingControl::set_replay(std::vector<int32_t> trace, int64_t num_tokens) 
     TIDAL_CHECK(trace[i] >= -1 && trace[i] < num_experts_, InvalidArgument,
                 "routing trace: expert id {} at flat index {} is out of range [0, {})", trace[i], i,
                 num_experts_);
+  // A row (one token, one layer) is all -1 (a dense layer: the router's choice stays) or all
+  // experts: a -1 among experts would reach the expert kernels as an id.
+  for (size_t r = 0; r < trace.size(); r += static_cast<size_t>(top_k_)) {
+    const auto* row = trace.data() + r;
+    const bool dense = row[0] < 0;
+    for (int64_t j = 1; j < top_k_; ++j)
+      TIDAL_CHECK((row[j] < 0) == dense, InvalidArgument,
+                  "routing trace: token {}, layer {} mixes -1 with expert ids (a row is all -1 for "
+                  "a dense layer, or {} expert ids)",
+                  r / static_cast<size_t>(top_k_ * num_layers_),
+                  (r / static_cast<size_t>(top_k_)) % static_cast<size_t>(num_layers_), top_k_);
+  }
   std::lock_guard lock(mu_);
   replay_ = std::move(trace);
   replay_tokens_ = num_tokens;

@@ -389,11 +389,13 @@ def test_vram_expert_cache_matches_host_experts(dtype, slots, policy):
         st["gpu_expert_pairs"] / (st["gpu_expert_pairs"] + st["host_expert_pairs"]))
 
 
-def test_vram_expert_cache_under_routing_replay():
+@pytest.mark.parametrize("slots", [None, 5], ids=["every_expert", "five"])
+def test_vram_expert_cache_under_routing_replay(slots):
     """Routing replay rewrites the ids on the host after the GPU routed; the cached experts then
-    run from the host's ids at the next segment's start. A trace that differs from the router's
-    own choice everywhere, replayed on the host-only engine and through the cache: the same
-    logits (BF16 bound), and the cache computed some of the pairs."""
+    run from the host's ids, uploaded once it has. A trace that differs from the recorded run's
+    choice everywhere, replayed on the host-only engine and through the cache (every expert, or 5
+    slots with constant eviction): the same logits (BF16 bound), every routed pair computed once,
+    some of them from the cache."""
     ids = [int(i) for i in np.random.default_rng(6).integers(5, 8000, 100)]
     host_rt = _load(MINI, expert_dtype="bf16", gpu_expert_slots=0)
     with host_rt.record_routing() as rec:
@@ -402,13 +404,15 @@ def test_vram_expert_cache_under_routing_replay():
     other = np.where(rec.experts >= 0, (rec.experts + 3) % E, -1)
     with host_rt.replay_routing(other):
         ref = _teacher_forced(host_rt, ids, 20)
-    rt = _load(MINI, expert_dtype="bf16", gpu_expert_slots=None)
+    rt = _load(MINI, expert_dtype="bf16", gpu_expert_slots=slots)
     with rt.replay_routing(other):
         got = _teacher_forced(rt, ids, 20)
     st = rt._engine.stats()
+    cfg = rt.config
+    assert st["gpu_expert_pairs"] + st["host_expert_pairs"] == cfg.num_experts_per_tok * sum(cfg.layer_is_moe) * len(ids)
     scale = float(np.abs(ref).max())
     err = float(np.abs(got - ref).max())
-    _record("vram cache under replay", max_abs_err=err, logit_scale=scale, gpu_pairs=st["gpu_expert_pairs"],
+    _record(f"vram cache under replay, slots={slots}", max_abs_err=err, logit_scale=scale, gpu_pairs=st["gpu_expert_pairs"],
             host_pairs=st["host_expert_pairs"])
     assert st["gpu_expert_pairs"] > 0
     assert err <= VX_BF16_RTOL * scale

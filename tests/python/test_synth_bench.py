@@ -227,6 +227,14 @@ def test_routing_record_and_replay():
         rt._engine.set_routing_replay(np.zeros((4, 3, 4), np.int32))
     with pytest.raises(ValueError, match="out of range"):
         rt._engine.set_routing_replay(np.full((4, 8, 4), 48, np.int32))
+    mixed = np.zeros((4, 8, 4), np.int32)
+    mixed[2, 5, 1] = -1  # one -1 among expert ids (a row is all -1 for a dense layer, or all ids)
+    with pytest.raises(ValueError, match="token 2, layer 5 mixes -1 with expert ids"):
+        rt._engine.set_routing_replay(mixed)
+    dense = np.zeros((4, 8, 4), np.int32)
+    dense[:, 3, :] = -1  # a whole row of -1: accepted
+    rt._engine.set_routing_replay(dense)
+    rt._engine.clear_routing_replay()
 
 
 def test_synthetic_trace_statistics():
