@@ -244,7 +244,20 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
                         "tok_s_min": rates[0], "tok_s_max": rates[-1], "seconds": times})
 
     for n in pp:
+        before = rt._engine.stats() if on_gpu else None
         measure(f"pp{n}", n, lambda n=n: _time_pp(rt, n, rng))
+        if before is not None:
+            after = rt._engine.stats()
+            streamed = after.get("gpu_streamed_bytes", 0) - before.get("gpu_streamed_bytes", 0)
+            if streamed > 0:
+                # Prefill expert streaming (Note [Prefill expert streaming]): each chunk copies
+                # every MoE layer's experts over PCIe, so the prompt can go no faster than those
+                # bytes at the measured pinned host-to-device bandwidth (warm-up run included).
+                runs = repetitions + 1
+                r = results[-1]
+                r["streamed"] = {"bytes_per_run": streamed / runs,
+                                 "layers_per_run": (after["gpu_streamed_layers"] - before["gpu_streamed_layers"]) / runs}
+                r["pcie_bytes"] = streamed / runs
     for d in depths:
         for n in tg:
             need = bytes_per_token(summary, d + n // 2, packed_expert_bytes,
@@ -296,6 +309,11 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
                 r["bound_tok_s"] = decode_bound(r["bytes_per_token"], bw, gpu_bw.get("hbm_read_bytes_per_s"),
                                                 gpu_bw.get("pinned_h2d_bytes_per_s"))
                 r["fraction_of_bound"] = r["tok_s_median"] / r["bound_tok_s"]
+    h2d = gpu_bw.get("pinned_h2d_bytes_per_s")
+    for r in results:
+        if r.get("pcie_bytes") and h2d:
+            r["bound_tok_s"] = r["tokens"] / (r["pcie_bytes"] / h2d)
+            r["fraction_of_bound"] = r["tok_s_median"] / r["bound_tok_s"]
     for r in results:
         if r.get("fraction_of_bound", 0) > 1.0:
             # Faster than the memory bound: the bandwidth reading was too low (other activity), or
@@ -362,7 +380,9 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append("bound: routed-expert bytes per token at the host read bandwidth plus the GPU-resident bytes "
                      "(dense weights, KV cache, DeltaNet state) at the GPU read bandwidth"
                      + (f" plus {pcie / 1024:.0f} KiB of activations over PCIe (no weights cross it on this placement)"
-                        if pcie else "") + "; pp has no memory bound here")
+                        if pcie else "")
+                     + ("; pp with streamed experts: their bytes over PCIe at the pinned H2D bandwidth"
+                        if any(r.get("pcie_bytes") for r in report["results"]) else "; pp has no memory bound here"))
     else:
         lines.append("bound: host read bandwidth / bytes read per generated token (active weights, KV cache, DeltaNet "
                      "state); pp is compute-bound and has no memory bound here")
