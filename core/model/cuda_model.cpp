@@ -218,7 +218,8 @@ struct CudaModel::Impl {
   // products at a fraction of the GPU's rate: llama.cpp copies each layer's experts to the GPU for
   // large batches instead. With CudaOptions::prefill_stream, a prompt of at least
   // stream_min_tokens does the same for each of its chunks (equal chunks of at most stream_chunk
-  // tokens, so no short last one goes back to the host). Each MoE layer's packed experts (one
+  // tokens, so no short last chunk pays a whole pass of expert copies; with streaming on, every
+  // prompt runs in chunks of up to stream_chunk). Each MoE layer's packed experts (one
   // contiguous range of the host store, page-locked) are copied whole into one of two VRAM buffers
   // on their own stream: the first MoE layer's at the chunk's start, layer L+1's when layer L's
   // experts are enqueued (once the buffer's previous layer is done with it), so the copies run
@@ -742,7 +743,11 @@ void CudaModel::Impl::register_host_store(kernels::Executor& ex) {
     // A second copy of the experts must fit in what the OS has available (the file's pages
     // become reclaimable once copied); else no page-locking: copies stage through the driver.
     if (available_host_bytes() < experts->packed_region().second + (uint64_t{1} << 30)) return;
-    experts->copy_packed_to_anonymous(ex);
+    try {
+      experts->copy_packed_to_anonymous(ex);
+    } catch (const OutOfMemory&) {
+      return;  // no room after all: unregistered, as above
+    }
   }
   for (const auto& [p, n] : experts->packed_layer_regions()) {
     if (cudaHostRegister(p, n, cudaHostRegisterDefault) != cudaSuccess) {

@@ -11,7 +11,9 @@ times. Results give the median and the spread (min, max).
 Every run also measures the host read bandwidth (all threads). It prints the physical bound for tg:
 the bytes that must be read from RAM per generated token on this placement, and the tok/s that the
 bandwidth allows. So a result reads as a fraction of its limit. On device="cpu", every byte of active
-weights comes from RAM (there is no PCIe traffic).
+weights comes from RAM (there is no PCIe traffic). A prompt whose routed experts were streamed to the
+GPU (TIDAL_CUDA_PREFILL_STREAM=1) is bounded by the streamed bytes at the pinned host-to-device
+bandwidth.
 """
 
 from __future__ import annotations

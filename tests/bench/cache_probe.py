@@ -3,7 +3,7 @@
 host expert store registered for DMA), then decode steps, printing the hit rate and fills as the
 cache warms up. One JSON line per phase.
 
-    python3 tests/bench/cache_probe.py MODEL [--gpu-memory 12GiB] [--threads 15] [--steps 256]
+    python3 tests/bench/cache_probe.py MODEL [--gpu-memory 12GiB] [--threads 15] [--steps 256] [--slots auto|N]
 """
 import argparse
 import json

@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """Where the threads of a stuck process are, without a debugger: for each thread its state, the
 syscall it is in (or "running"), the kernel function it waits in, and the shared object holding
-its user-space program counter (from /proc/PID/task/TID/syscall and /proc/PID/maps). Run as the
-process's user or root:
+its user-space program counter (from /proc/PID/task/TID/syscall and /proc/PID/maps). The syscall
+file needs ptrace rights over the process (root, or kernel.yama.ptrace_scope 0); without them the
+state and wait channel are still shown:
 
     python3 tests/bench/proc_stacks.py PID
 """
@@ -28,11 +29,18 @@ def main() -> None:
         base = f"/proc/{pid}/task/{tid}"
         try:
             state = open(f"{base}/stat").read().rsplit(")", 1)[1].split()[0]
-            sc = open(f"{base}/syscall").read().split()
-            wchan = open(f"{base}/wchan").read().strip() or "-"
         except OSError:
-            continue
-        if sc and sc[0] not in ("running", "-1"):
+            continue  # the thread exited
+        try:
+            wchan = open(f"{base}/wchan").read().strip() or "-"
+        except OSError as e:
+            wchan = f"unreadable ({e.strerror})"
+        try:
+            sc = open(f"{base}/syscall").read().split()
+        except OSError as e:
+            sc = [f"unreadable({e.strerror})"]
+        if sc and sc[0] != "running" and len(sc) >= 3:
+            # "nr args... sp pc", or "-1 sp pc" when blocked outside a syscall
             nr, pc = sc[0], where(pid, int(sc[-1], 16))
         else:
             nr, pc = (sc[0] if sc else "?"), "-"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
-# Issue 7's open measurements on the GPU test machine, in parts that each fit one device call
-# (run them back to back: a warm machine keeps build/gpu and /tmp, so later parts skip the build
-# and the model). STEPS (default "build tests model probe"; in this order):
+# Issue 7's open measurements on the GPU test machine, in parts (run them back to back: a warm
+# machine keeps build/gpu and /tmp, so later parts skip the build and the model). One call each:
+# "build tests model probe", "tg route", "pp", "q80" (each bench is cut at BENCH_TIMEOUT, 190 s). STEPS (default "build tests model probe"; in this order):
 #   build  tidal with CUDA (run_device_cuda.sh's build: _tidal and the C++ tests)
 #   tests  the CUDA C++ tests (*Cuda*, *ExpertStore*) and tests/python/test_cuda.py (VRAM expert
 #          cache, prefill expert streaming), with their [cuda-measure] lines
@@ -29,7 +29,7 @@ m=${MODEL:-/tmp/m40}
 bench() {  # name, then tidal.bench arguments
   local name=$1
   shift
-  TIDAL_EXECUTOR=spin timeout "${BENCH_TIMEOUT:-280}" python3 -m tidal.bench "$m" --device cuda \
+  TIDAL_EXECUTOR=spin timeout "${BENCH_TIMEOUT:-190}" python3 -m tidal.bench "$m" --device cuda \
     --gpu-memory 12GiB --cpu-threads 15 --expert-dtype int4 -r 3 "$@" --json "$out/$name.json" \
     > "$out/$name.txt" 2>&1 || { failed=1; tail -5 "$out/$name.txt"; }
   echo "== $name ($SECONDS s)"
@@ -59,7 +59,8 @@ if [[ $steps == *tests* ]]; then
   grep -E "^FAILED|^E  |cuda-measure\] (vram|prefill)" "$out/pytest_cuda.log" | cut -c1-400 | head -40 || true
 fi
 if [[ $steps == *model* ]] && [ ! -f "$m/config.json" ]; then
-  python3 -m tidal.synth --preset qwen3.6-35b-a3b --layers 40 --expert-dtype int4 "$m" > /dev/null 2>&1
+  python3 -m tidal.synth --preset qwen3.6-35b-a3b --layers 40 --expert-dtype int4 "$m" > "$out/synth.log" 2>&1 \
+    || { tail -20 "$out/synth.log"; exit 1; }
   echo "model written ($SECONDS s)"
 fi
 if [[ $steps == *probe* ]]; then
@@ -93,9 +94,9 @@ if [[ $steps == *pp* ]]; then
   bench pp_host -p 512,8192 -n 16
 fi
 if [[ $steps == *q80* ]]; then
-  rm -rf "$m"
+  rm -rf /tmp/m40  # the disk holds one of the two
   [ -f /tmp/q80/config.json ] || python3 -m tidal.synth --preset qwen3-next-80b-a3b --expert-dtype int4 /tmp/q80 \
-    > /dev/null 2>&1
+    > "$out/synth80.log" 2>&1 || { tail -20 "$out/synth80.log"; exit 1; }
   echo "80B written ($SECONDS s)"
   m=/tmp/q80 bench q80_cache -p 512 -n 128 --gpu-expert-slots auto
 fi

@@ -507,7 +507,7 @@ def test_prefill_expert_streaming_matches_host_experts(dtype, chunk, n_prompt, m
 
 
 def test_prefill_expert_streaming_threshold(monkeypatch):
-    """A chunk shorter than TIDAL_CUDA_STREAM_MIN_TOKENS keeps its experts on the host."""
+    """A prompt shorter than TIDAL_CUDA_STREAM_MIN_TOKENS keeps its experts on the host."""
     for k, v in STREAM_ENV.items():
         monkeypatch.setenv(k, v)
     rt = _load(MINI, expert_dtype="int4", gpu_expert_slots=0)
