@@ -22,6 +22,7 @@
 #include "core/error.h"
 #include "core/model/model.h"
 #include "core/model/step_trace.h"
+#include "kernels/cpu/linear.h"
 #include "kernels/cuda/experts.h"
 #include "kernels/cuda/experts_layout.h"
 #include "kernels/cuda/ops.h"
@@ -259,6 +260,18 @@ struct CudaModel::Impl {
   void register_host_store(kernels::Executor& ex);
 
   bool route_ctl = false;  // routing control active for this forward (read once)
+  // Note [Router lookahead] on the GPU path: the host has each MoE layer's normed input xn_L
+  // (for its experts); x / rms(x) is shared by every norm of the same residual, so the next MoE
+  // layer's router input as the CPU engine predicts it (its post-attention norm of the same
+  // residual) is xn_L scaled per element by that norm's weight over layer L's ((1 + w) for
+  // zero-centred norms). One router matvec per token on the host; counted when the next
+  // layer's ids arrive. Measurement only (rt.set_router_lookahead); skipped where a weight of
+  // layer L's norm is zero, and in streamed prefill (no xn on the host).
+  const std::vector<LayerWeights>* host_layers = nullptr;
+  std::vector<float> la_x, la_logits;
+  std::vector<int32_t> la_pred;
+  int64_t la_layer = -1, la_k = 0;
+  void lookahead_after(int64_t layer, int64_t T, kernels::Executor& ex);
 
   // decode graphs: one per segment (routed experts run on the host between segments)
   std::vector<cudaGraphExec_t> graphs;  // T = 1, captured on first use
@@ -675,6 +688,44 @@ void CudaModel::Impl::vx_begin_step_impl() {
   vx_running.push_back(vx_events.back());  // one event after the step's copies
   vx_events.pop_back();
   cuda_check(cudaEventRecord(vx_running.back(), vx_copy), "event record");
+}
+
+void CudaModel::Impl::lookahead_after(int64_t layer, int64_t T, kernels::Executor& ex) {
+  const int64_t k = cfg.num_experts_per_tok, H = cfg.hidden_size, E = cfg.num_experts;
+  if (la_layer == layer)  // predicted one MoE layer ago: count against this layer's ids
+    routing->add_lookahead(layer, la_pred.data(), la_k, h_rids, k, T);
+  la_layer = -1;
+  const size_t next = static_cast<size_t>(layer) + 1;
+  if (host_layers == nullptr || next >= layers.size() || !experts_on_host(layers[next])) return;
+  const auto& wl = (*host_layers)[static_cast<size_t>(layer)].post_attention_layernorm;
+  const auto& wn = (*host_layers)[next].post_attention_layernorm;
+  if (static_cast<int64_t>(wl.size()) != H || static_cast<int64_t>(wn.size()) != H) return;
+  const bool zc = cfg.is_hybrid();  // zero-centred norms scale by 1 + w
+  std::vector<float> f(static_cast<size_t>(H));
+  for (int64_t i = 0; i < H; ++i) {
+    const float a = zc ? 1.f + wl[i] : wl[i], b = zc ? 1.f + wn[i] : wn[i];
+    if (a == 0.f) return;
+    f[i] = b / a;
+  }
+  la_x.resize(static_cast<size_t>(T * H));
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < H; ++i) la_x[t * H + i] = h_xn[t * H + i] * f[i];
+  la_logits.resize(static_cast<size_t>(T * E));
+  kernels::cpu::linear(la_x.data(), T, (*host_layers)[next].mlp.router, la_logits.data(), ex);
+  la_k = routing->lookahead_k();
+  if (la_k <= 0 || la_k > E) la_k = k;
+  la_pred.resize(static_cast<size_t>(T * la_k));
+  std::vector<int32_t> order(static_cast<size_t>(E));
+  for (int64_t t = 0; t < T; ++t) {
+    const float* lg = la_logits.data() + t * E;
+    for (int64_t e = 0; e < E; ++e) order[e] = static_cast<int32_t>(e);
+    // Highest logit first, lower id on ties (as moe_route's top-k).
+    std::partial_sort(order.begin(), order.begin() + la_k, order.end(), [&](int32_t a, int32_t b) {
+      return lg[a] > lg[b] || (lg[a] == lg[b] && a < b);
+    });
+    std::copy(order.begin(), order.begin() + la_k, la_pred.begin() + t * la_k);
+  }
+  la_layer = static_cast<int64_t>(next);
 }
 
 void CudaModel::Impl::cached_experts(int64_t layer) {
@@ -1312,6 +1363,7 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
   m.profiling = CudaOptions::env_flag("TIDAL_CUDA_PROFILE", false);
   m.experts = experts;
   m.routing = routing;
+  m.host_layers = hw.layers;
   TIDAL_CHECK(opts.weights == "bf16" || opts.weights == "int8", InvalidArgument,
               "gpu_weights must be \"bf16\" or \"int8\", got \"{}\"", opts.weights);
   TIDAL_CHECK(opts.precision == "bf16x2" || opts.precision == "bf16" || opts.precision == "fp32",
@@ -1873,6 +1925,7 @@ void CudaModel::Impl::enqueue_segment(size_t s, int64_t T, LogitsMode cm, bool u
 
 void CudaModel::Impl::run_segments(int64_t T, LogitsMode cm, std::vector<cudaGraphExec_t>* graphs,
                                    kernels::Executor& ex, ForwardProfile* profile) {
+  la_layer = -1;  // no prediction carries over from another forward
   if (graphs && graphs->empty()) {
     try {
       for (size_t s = 0; s < segs.size(); ++s) {
@@ -1953,6 +2006,7 @@ void CudaModel::Impl::run_segments(int64_t T, LogitsMode cm, std::vector<cudaGra
       TraceSpan span(tr, "routed_experts", "cpu_experts", layer);
       const auto t0 = std::chrono::steady_clock::now();
       host_experts(layer, T, ex);
+      if (routing->lookahead()) lookahead_after(layer, T, ex);
       if (profile)
         profile->routed_experts +=
             std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

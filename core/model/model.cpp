@@ -388,7 +388,8 @@ void Model::mlp_block(int64_t layer, const MlpWeights& w, const float* xn, int64
 // survives. The prediction is what a prefetcher would copy to the VRAM expert cache during layer
 // l (issue 7); here it is measured: RoutingControl counts, per layer, predicted ids, routed ids
 // and routed ids that were predicted (precision = hits / predicted, recall = hits / routed).
-// Off by default (one more norm and router matvec per MoE layer); CPU engine only for now.
+// Off by default (one more norm and router matvec per MoE layer). The GPU path does the same on
+// the host (CudaModel::Impl::lookahead_after).
 void Model::predict_experts(size_t next, const float* x, int64_t R, int64_t kp,
                             std::vector<int32_t>& pred, Executor& ex) const {
   const LayerWeights& w = layers_[next];

@@ -436,10 +436,6 @@ void bind_runtime(py::module_& m) {
       .def(
           "set_router_lookahead",
           [](const Runtime& r, bool on, int64_t predict_k) {
-            TIDAL_CHECK(
-                !on || r.model().cuda() == nullptr, Unsupported,
-                "router lookahead is measured by the CPU engine only for now "
-                "(device=\"cpu\"); the GPU path does not run the next layer's router early");
             r.model().routing().set_lookahead(on, predict_k);
           },
           py::arg("on"), py::arg("predict_k") = 0,

@@ -498,10 +498,9 @@ class Runtime:
             Experts predicted per token, 1 to num_experts (None: the model's top_k); anything else
             is a ValueError.
 
-        Raises
-        ------
-        NotImplementedError
-            With device="cuda": the GPU path does not run the next layer's router early yet.
+        On device="cuda" the host predicts from the normed rows it receives for the CPU experts
+        (Note [Router lookahead] in core/model/cuda_model.cpp): the same prediction up to rounding;
+        not in prompts whose experts are streamed to the GPU.
         """
         self._engine.set_router_lookahead(bool(on), 0 if predict_k is None else int(predict_k))
 

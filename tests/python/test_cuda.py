@@ -516,3 +516,27 @@ def test_prefill_expert_streaming_threshold(monkeypatch):
     assert rt._engine.stats()["gpu_streamed_layers"] == 0
     seq.prefill(list(range(5, 105)))  # 100 tokens: one streamed chunk
     assert rt._engine.stats()["gpu_streamed_layers"] == sum(rt.config.layer_is_moe)
+
+
+def test_router_lookahead_on_gpu():
+    """Note [Router lookahead] on device="cuda": the host predicts each MoE layer's experts from the
+    previous layer's normed rows. Same counts as the CPU engine, and nearly the same hits (the
+    GPU's hidden states differ by rounding: a near-tied prediction or routing may flip)."""
+    ids = np.load(MINI / "routing_trace.npz")["token_ids"][:96].tolist()
+    got = {}
+    for name, r in (("cpu", tidal.Runtime.load(MINI, progress=False)), ("cuda", _load(MINI))):
+        base = r.logits(ids)
+        r.set_router_lookahead(True)
+        try:
+            r.reset_stats()
+            on = r.logits(ids)
+            got[name] = (r.stats(), r._engine.stats())
+        finally:
+            r.set_router_lookahead(False)
+        np.testing.assert_allclose(on, base, rtol=0, atol=1e-4)  # measuring changes nothing
+    (cpu, cpu_c), (gpu, gpu_c) = got["cpu"], got["cuda"]
+    _record("router lookahead", cpu=cpu.prediction_precision, cuda=gpu.prediction_precision)
+    assert gpu_c["lookahead_predicted"] == cpu_c["lookahead_predicted"]
+    assert gpu_c["lookahead_routed"] == cpu_c["lookahead_routed"]
+    assert sorted(gpu.prediction_per_layer) == sorted(cpu.prediction_per_layer)
+    assert abs(gpu.prediction_precision - cpu.prediction_precision) <= 0.02
