@@ -523,10 +523,10 @@ std::vector<std::pair<void*, size_t>> ExpertStore::packed_layer_regions() const 
 // Note [Packed experts out of the file mapping]
 // The VRAM expert cache copies experts with DMA, which needs their host pages page-locked
 // (cudaHostRegister). Registering a large file mapping (a pre-packed checkpoint, or a cache
-// hit: 17 GB of experts for the 35B-A3B at INT4) hung on the GPU test machine: 95-170 s without return,
-// every thread idle in futex waits (2026-12-06; others report the same: llama.cpp turned off
-// registering its mmap'd weights by default, vLLM-Omni saw cudaHostRegister on file ranges never
-// complete). Anonymous memory is what pinned-memory users normally register, so before
+// hit: 17 GB of experts for the 35B-A3B at INT4) hung on the GPU test machine: 95-170 s without
+// return, every thread idle in futex waits (2026-12-06; others report the same: llama.cpp turned
+// off registering its mmap'd weights by default, vLLM-Omni saw cudaHostRegister on file ranges
+// never complete). Anonymous memory is what pinned-memory users normally register, so before
 // registering, the packed experts move into an anonymous region: one parallel copy (the pages
 // were read in at load; ~1 s per 10 GB on 16 threads), then the mapping goes and the page cache
 // may drop the file. The copy briefly needs a second region's worth of RAM: the caller

@@ -272,6 +272,22 @@ struct CudaModel::Impl {
   std::vector<int32_t> la_pred;
   int64_t la_layer = -1, la_k = 0;
   void lookahead_after(int64_t layer, int64_t T, kernels::Executor& ex);
+  /// The router's ids and weights for T rows to h_rids / h_w (and, under routing control, its
+  /// logits, the first E of each row of `proj`, W wide, to h_rlogits), on the stream.
+  void routing_to_host(int64_t T, int64_t W) {
+    const int64_t k = cfg.num_experts_per_tok, E = cfg.num_experts;
+    cuda_check(cudaMemcpyAsync(h_rids, rids, static_cast<size_t>(T * k) * 4, cudaMemcpyDeviceToHost,
+                               stream),
+               "copy to host");
+    cuda_check(
+        cudaMemcpyAsync(h_w, rw, static_cast<size_t>(T * k) * 4, cudaMemcpyDeviceToHost, stream),
+        "copy to host");
+    if (route_ctl)
+      cuda_check(cudaMemcpy2DAsync(h_rlogits, static_cast<size_t>(E) * 4, proj,
+                                   static_cast<size_t>(W) * 4, static_cast<size_t>(E) * 4,
+                                   static_cast<size_t>(T), cudaMemcpyDeviceToHost, stream),
+                 "copy to host");
+  }
 
   // decode graphs: one per segment (routed experts run on the host between segments)
   std::vector<cudaGraphExec_t> graphs;  // T = 1, captured on first use
@@ -715,16 +731,7 @@ void CudaModel::Impl::lookahead_after(int64_t layer, int64_t T, kernels::Executo
   la_k = routing->lookahead_k();
   if (la_k <= 0 || la_k > E) la_k = k;
   la_pred.resize(static_cast<size_t>(T * la_k));
-  std::vector<int32_t> order(static_cast<size_t>(E));
-  for (int64_t t = 0; t < T; ++t) {
-    const float* lg = la_logits.data() + t * E;
-    for (int64_t e = 0; e < E; ++e) order[e] = static_cast<int32_t>(e);
-    // Highest logit first, lower id on ties (as moe_route's top-k).
-    std::partial_sort(order.begin(), order.begin() + la_k, order.end(), [&](int32_t a, int32_t b) {
-      return lg[a] > lg[b] || (lg[a] == lg[b] && a < b);
-    });
-    std::copy(order.begin(), order.begin() + la_k, la_pred.begin() + t * la_k);
-  }
+  top_k_ids(la_logits.data(), T, E, la_k, la_pred.data());
   la_layer = static_cast<int64_t>(next);
 }
 
@@ -912,16 +919,7 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
   const int64_t k = cfg.num_experts_per_tok, E = cfg.num_experts, H = cfg.hidden_size;
   const int64_t I = px_gu.n, R = T * k;
   const int b = px_moe_index[static_cast<size_t>(layer)] & 1;
-  cuda_check(
-      cudaMemcpyAsync(h_rids, rids, static_cast<size_t>(R) * 4, cudaMemcpyDeviceToHost, stream),
-      "copy to host");
-  cuda_check(cudaMemcpyAsync(h_w, rw, static_cast<size_t>(R) * 4, cudaMemcpyDeviceToHost, stream),
-             "copy to host");
-  if (route_ctl)
-    cuda_check(cudaMemcpy2DAsync(h_rlogits, static_cast<size_t>(E) * 4, proj,
-                                 static_cast<size_t>(W) * 4, static_cast<size_t>(E) * 4,
-                                 static_cast<size_t>(T), cudaMemcpyDeviceToHost, stream),
-               "copy to host");
+  routing_to_host(T, W);
   cuda_check(cudaEventRecord(ev_d2h, stream), "event record");
   px_issue(layer);  // normally issued a layer ago
   cuda_check(cudaEventSynchronize(ev_d2h), "event wait");
@@ -1260,17 +1258,7 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
     cuda_check(
         cudaMemcpyAsync(h_xn, xn, static_cast<size_t>(T * H) * 4, cudaMemcpyDeviceToHost, stream),
         "copy to host");
-    cuda_check(cudaMemcpyAsync(h_rids, rids, static_cast<size_t>(T * k) * 4, cudaMemcpyDeviceToHost,
-                               stream),
-               "copy to host");
-    cuda_check(
-        cudaMemcpyAsync(h_w, rw, static_cast<size_t>(T * k) * 4, cudaMemcpyDeviceToHost, stream),
-        "copy to host");
-    if (route_ctl)
-      cuda_check(cudaMemcpy2DAsync(h_rlogits, static_cast<size_t>(E) * 4, proj,
-                                   static_cast<size_t>(W) * 4, static_cast<size_t>(E) * 4,
-                                   static_cast<size_t>(T), cudaMemcpyDeviceToHost, stream),
-                 "copy to host");
+    routing_to_host(T, W);
     // Inside a captured decode graph an external event record becomes a node the host waits on.
     cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
     cuda_check(cudaStreamIsCapturing(stream, &cap), "capture status");

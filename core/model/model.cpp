@@ -400,16 +400,7 @@ void Model::predict_experts(size_t next, const float* x, int64_t R, int64_t kp,
             static_cast<float>(cfg_.rms_norm_eps), scale);
   kc::linear(xn.data(), R, w.mlp.router, logits.data(), ex);
   pred.resize(static_cast<size_t>(R * kp));
-  std::vector<int32_t> order(static_cast<size_t>(E));
-  for (int64_t t = 0; t < R; ++t) {
-    const float* lg = logits.data() + t * E;
-    for (int64_t e = 0; e < E; ++e) order[e] = static_cast<int32_t>(e);
-    // Highest logit first, lower id on ties (as moe_route's top-k).
-    std::partial_sort(order.begin(), order.begin() + kp, order.end(), [&](int32_t a, int32_t b) {
-      return lg[a] > lg[b] || (lg[a] == lg[b] && a < b);
-    });
-    std::copy(order.begin(), order.begin() + kp, pred.begin() + t * kp);
-  }
+  top_k_ids(logits.data(), R, E, kp, pred.data());
 }
 
 size_t Model::state_bytes(const SequenceState& state) {

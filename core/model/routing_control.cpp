@@ -35,6 +35,18 @@ std::vector<int32_t> RoutingControl::stop_recording(int64_t& num_tokens) {
   return out;
 }
 
+void top_k_ids(const float* logits, int64_t rows, int64_t E, int64_t k, int32_t* out) {
+  std::vector<int32_t> order(static_cast<size_t>(E));
+  for (int64_t t = 0; t < rows; ++t) {
+    const float* lg = logits + t * E;
+    for (int64_t e = 0; e < E; ++e) order[static_cast<size_t>(e)] = static_cast<int32_t>(e);
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
+      return lg[a] > lg[b] || (lg[a] == lg[b] && a < b);
+    });
+    std::copy(order.begin(), order.begin() + k, out + t * k);
+  }
+}
+
 void RoutingControl::set_replay(std::vector<int32_t> trace, int64_t num_tokens) {
   TIDAL_CHECK(num_tokens > 0, InvalidArgument, "routing trace is empty");
   TIDAL_CHECK(static_cast<int64_t>(trace.size()) == num_tokens * num_layers_ * top_k_,

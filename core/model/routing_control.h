@@ -15,6 +15,10 @@ namespace tidal::core {
 /// A trace is (num_tokens, num_layers, top_k) expert ids, row-major, -1 for dense layers: the
 /// `experts` array of models/tidal-mini/routing_trace.npz. Thread-safe; meant for one sequence at a
 /// time (rows are appended / consumed in call order).
+/// The k highest of each row's E logits, highest first, lower id on ties (moe_route's top-k),
+/// into out[rows][k]. For predictions (Note [Router lookahead]).
+void top_k_ids(const float* logits, int64_t rows, int64_t E, int64_t k, int32_t* out);
+
 class RoutingControl {
  public:
   RoutingControl(int64_t num_layers, int64_t num_experts, int64_t top_k)

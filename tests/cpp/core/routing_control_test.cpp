@@ -55,3 +55,18 @@ TEST(RoutingControl, LookaheadRejectsBadPredictK) {
 
 }  // namespace
 }  // namespace tidal::core
+
+namespace tidal::core {
+namespace {
+
+// top_k_ids: highest first, ties broken toward the lower id (as the routers' top-k), per row.
+TEST(RoutingControl, TopKIdsHighestFirstLowerIdOnTies) {
+  const std::vector<float> logits = {0.5f, 2.f, 2.f, -1.f, 3.f,   // row 0
+                                     1.f,  1.f, 1.f, 1.f,  1.f};  // row 1: all tied
+  std::vector<int32_t> out(6, -7);
+  top_k_ids(logits.data(), 2, 5, 3, out.data());
+  EXPECT_EQ(out, (std::vector<int32_t>{4, 1, 2, 0, 1, 2}));
+}
+
+}  // namespace
+}  // namespace tidal::core
