@@ -964,14 +964,25 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
   for (int64_t e0 = 0; e0 < E; e0 += px_group) {
     const int64_t e1 = std::min(E, e0 + px_group);
     if (px_off[static_cast<size_t>(e1)] == px_off[static_cast<size_t>(e0)]) continue;
-    for (int64_t e = e0; e < e1; ++e) {
-      if (px_count[static_cast<size_t>(e)] == 0) continue;
-      const uint8_t* src = stage + e * px_stride;
-      uint16_t* wgu = px_wgu + (e - e0) * 2 * I * H;
-      kc::dequant_expert_matrix(gu, src, wgu, stream);
-      kc::dequant_expert_matrix(gu, src + gu.bytes(), wgu + I * H, stream);
-      kc::dequant_expert_matrix(dn, src + 2 * gu.bytes(), px_wdn + (e - e0) * H * I, stream);
-    }
+    // The group's gate and up, then its down, each one launch (experts with no token too: at
+    // the chunk sizes that stream, nearly every expert has some).
+    kc::DequantBatch b;
+    b.src = stage + e0 * px_stride;
+    b.src_stride = px_stride;
+    b.experts = e1 - e0;
+    b.mats = 2;
+    b.mat_src_stride = gu.bytes();
+    b.dst = px_wgu;
+    b.dst_stride = 2 * I * H;
+    b.mat_dst_stride = I * H;
+    kc::dequant_expert_matrices(gu, b, stream);
+    b.src += 2 * gu.bytes();
+    b.mats = 1;
+    b.mat_src_stride = 0;
+    b.dst = px_wdn;
+    b.dst_stride = H * I;
+    b.mat_dst_stride = 0;
+    kc::dequant_expert_matrices(dn, b, stream);
     for (int64_t e = e0; e < e1; ++e) {
       const int64_t n = px_count[static_cast<size_t>(e)], r0 = px_off[static_cast<size_t>(e)];
       if (n == 0) continue;

@@ -208,12 +208,16 @@ namespace {
 // One 16-byte unit per thread (Note [GPU experts from the packed layout]): rows 4(u % 4) .. +3 of
 // 64-byte block u / 4, decoded and written to their columns of the row-major BF16 matrix.
 template <int DT>
-__global__ void dequant_kernel(const ExpertMatrixLayout L, const uint8_t* packed,
-                               __nv_bfloat16* dst) {
+// blockIdx.z: matrix z % mats of expert z / mats (DequantBatch).
+__global__ void dequant_kernel(const ExpertMatrixLayout L, const DequantBatch d_) {
   const int64_t tile = blockIdx.y;
   const int64_t nu = L.data_bytes / 16;
   const int64_t u = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (u >= nu) return;
+  const int64_t e = blockIdx.z / d_.mats, m = blockIdx.z % d_.mats;
+  const uint8_t* packed = d_.src + e * d_.src_stride + m * d_.mat_src_stride;
+  __nv_bfloat16* dst =
+      reinterpret_cast<__nv_bfloat16*>(d_.dst) + e * d_.dst_stride + m * d_.mat_dst_stride;
   const uint8_t* t = packed + tile * L.tile_bytes;
   const uint4 v = __ldg(reinterpret_cast<const uint4*>(t) + u);
   const uint32_t r4[4] = {v.x, v.y, v.z, v.w};
@@ -292,18 +296,25 @@ bool dequant_supported(const ExpertMatrixLayout& L) {
          (L.dtype == 0 || (L.group_bytes % 64 == 0 && L.group > 0));
 }
 
-void dequant_expert_matrix(const ExpertMatrixLayout& L, const uint8_t* packed, uint16_t* dst,
-                           cudaStream_t s) {
+void dequant_expert_matrices(const ExpertMatrixLayout& L, const DequantBatch& b, cudaStream_t s) {
+  if (b.experts <= 0 || b.mats <= 0) return;
   const int64_t nu = L.data_bytes / 16;
   const dim3 grid(static_cast<unsigned>((nu + kThreads - 1) / kThreads),
-                  static_cast<unsigned>(L.num_tiles));
-  auto* d = reinterpret_cast<__nv_bfloat16*>(dst);
+                  static_cast<unsigned>(L.num_tiles), static_cast<unsigned>(b.experts * b.mats));
   if (L.dtype == 0)
-    dequant_kernel<0><<<grid, kThreads, 0, s>>>(L, packed, d);
+    dequant_kernel<0><<<grid, kThreads, 0, s>>>(L, b);
   else if (L.dtype == 1)
-    dequant_kernel<1><<<grid, kThreads, 0, s>>>(L, packed, d);
+    dequant_kernel<1><<<grid, kThreads, 0, s>>>(L, b);
   else
-    dequant_kernel<2><<<grid, kThreads, 0, s>>>(L, packed, d);
+    dequant_kernel<2><<<grid, kThreads, 0, s>>>(L, b);
+}
+
+void dequant_expert_matrix(const ExpertMatrixLayout& L, const uint8_t* packed, uint16_t* dst,
+                           cudaStream_t s) {
+  DequantBatch b;
+  b.src = packed;
+  b.dst = dst;
+  dequant_expert_matrices(L, b, s);
 }
 
 void gather_rows_bf16(const float* x, int64_t ldx, const int32_t* rows, int64_t nrows, int64_t h,

@@ -63,6 +63,17 @@ void add_vector(float* y, const float* x, int64_t n, cudaStream_t s);
 /// element as kernels::cpu::packed_value decodes it, rounded to BF16 (nearest even).
 void dequant_expert_matrix(const ExpertMatrixLayout& L, const uint8_t* packed, uint16_t* dst,
                            cudaStream_t s);
+/// Many matrices of one layout in one launch: for expert e < experts and matrix m < mats, the
+/// packed matrix at src + e·src_stride + m·mat_src_stride (bytes) to dst + e·dst_stride +
+/// m·mat_dst_stride (BF16 elements). A streamed layer's gate and up (mats 2) or down (mats 1),
+/// a group of experts at a time. experts · mats ≤ 65535.
+struct DequantBatch {
+  const uint8_t* src = nullptr;
+  uint16_t* dst = nullptr;
+  int64_t experts = 1, mats = 1;
+  int64_t src_stride = 0, mat_src_stride = 0, dst_stride = 0, mat_dst_stride = 0;
+};
+void dequant_expert_matrices(const ExpertMatrixLayout& L, const DequantBatch& b, cudaStream_t s);
 /// Whether dequant_expert_matrix takes this layout (dtype 0-2, 64-byte blocks).
 bool dequant_supported(const ExpertMatrixLayout& L);
 /// dst[r] (BF16, h values) = x[rows[r]] (fp32 rows of stride ldx), r < nrows.

@@ -201,6 +201,71 @@ TEST(CudaExperts, DequantMatchesPackedValues) {
   ASSERT_NO_FATAL_FAILURE(run_dequant(kc::ExpertDType::kINT4, 2048, 512, 64));  // and down
 }
 
+// dequant_expert_matrices: a streamed layer's experts in the store's layout (gate, up, down per
+// expert at a fixed stride), gate and up of three experts in one launch, their downs in another,
+// each element equal to the per-matrix decode.
+TEST(CudaExperts, DequantBatchMatchesPackedValues) {
+  if (!test::have_gpu()) GTEST_SKIP() << test::kNoGpu;
+  for (const auto dt : {kc::ExpertDType::kBF16, kc::ExpertDType::kINT8, kc::ExpertDType::kINT4}) {
+    SCOPED_TRACE(::testing::Message() << "dtype " << static_cast<int>(dt));
+    const int64_t H = 200, I = 40, group = 64, E = 3;
+    const auto lgu = kc::make_layout(dt, I, H, group), ldn = kc::make_layout(dt, H, I, group);
+    const int64_t stride = (2 * lgu.bytes() + ldn.bytes() + 255) / 256 * 256;
+    std::vector<uint8_t> store(static_cast<size_t>(E * stride), 0);
+    uint32_t seed = 40;
+    for (int64_t e = 0; e < E; ++e)
+      for (int m = 0; m < 3; ++m) {
+        const auto& l = m < 2 ? lgu : ldn;
+        const auto w = test::random_vec(static_cast<size_t>(l.n * l.k), seed++, 0.2f);
+        kc::pack_weights(l, w.data(), DType::kF32, l.k, store.data() + e * stride + m * lgu.bytes(),
+                         0, l.num_tiles);
+      }
+    uint8_t* d_store = nullptr;
+    uint16_t *d_gu = nullptr, *d_dn = nullptr;
+    ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_store), store.size()), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_gu), size_t(E * 2 * I * H) * 2), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_dn), size_t(E * H * I) * 2), cudaSuccess);
+    cudaMemcpy(d_store, store.data(), store.size(), cudaMemcpyHostToDevice);
+    DequantBatch b;
+    b.src = d_store;
+    b.src_stride = stride;
+    b.experts = E;
+    b.mats = 2;
+    b.mat_src_stride = lgu.bytes();
+    b.dst = d_gu;
+    b.dst_stride = 2 * I * H;
+    b.mat_dst_stride = I * H;
+    dequant_expert_matrices(gpu_layout(lgu), b, nullptr);
+    b.src = d_store + 2 * lgu.bytes();
+    b.mats = 1;
+    b.mat_src_stride = 0;
+    b.dst = d_dn;
+    b.dst_stride = H * I;
+    b.mat_dst_stride = 0;
+    dequant_expert_matrices(gpu_layout(ldn), b, nullptr);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+    std::vector<uint16_t> gu(static_cast<size_t>(E * 2 * I * H)),
+        dn(static_cast<size_t>(E * H * I));
+    cudaMemcpy(gu.data(), d_gu, gu.size() * 2, cudaMemcpyDeviceToHost);
+    cudaMemcpy(dn.data(), d_dn, dn.size() * 2, cudaMemcpyDeviceToHost);
+    for (int64_t e = 0; e < E; ++e)
+      for (int m = 0; m < 3; ++m) {
+        const auto& l = m < 2 ? lgu : ldn;
+        const uint8_t* src = store.data() + e * stride + m * lgu.bytes();
+        const uint16_t* got = m < 2 ? gu.data() + e * 2 * I * H + m * I * H : dn.data() + e * H * I;
+        for (int64_t r = 0; r < l.n; ++r)
+          for (int64_t c = 0; c < l.k; ++c)
+            ASSERT_EQ(bf16_to_f32(got[r * l.k + c]),
+                      bf16_to_f32(f32_to_bf16(kc::packed_value(l, src, r, c).value)))
+                << "expert " << e << " matrix " << m << " row " << r << " col " << c;
+      }
+    cudaFree(d_store);
+    cudaFree(d_gu);
+    cudaFree(d_dn);
+  }
+}
+
 // gather_rows_bf16, silu_mul_bf16 and combine_routed against host loops: rows in expert order,
 // tokens with repeated and out-of-order positions.
 TEST(CudaExperts, GatherActivateCombine) {
