@@ -918,7 +918,7 @@ void CudaModel::Impl::px_issue(int layer) {
 void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
   const int64_t k = cfg.num_experts_per_tok, E = cfg.num_experts, H = cfg.hidden_size;
   const int64_t I = px_gu.n, R = T * k;
-  const int b = px_moe_index[static_cast<size_t>(layer)] & 1;
+  const int buf = px_moe_index[static_cast<size_t>(layer)] & 1;
   routing_to_host(T, W);
   cuda_check(cudaEventRecord(ev_d2h, stream), "event record");
   px_issue(layer);  // normally issued a layer ago
@@ -957,32 +957,32 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
   // queue behind it on a shared copy engine).
   px_issue(px_next_moe[static_cast<size_t>(layer)]);
   kc::gather_rows_bf16(xn, H, px_rows, R, H, px_xs, stream);
-  cuda_check(cudaStreamWaitEvent(stream, px_ev_filled[b]), "stream wait");
+  cuda_check(cudaStreamWaitEvent(stream, px_ev_filled[buf]), "stream wait");
   const kc::ExpertMatrixLayout &gu = px_gu, &dn = px_dn;
-  const uint8_t* stage = px_stage[b];
+  const uint8_t* stage = px_stage[buf];
   const float one = 1.f, zero = 0.f;
   for (int64_t e0 = 0; e0 < E; e0 += px_group) {
     const int64_t e1 = std::min(E, e0 + px_group);
     if (px_off[static_cast<size_t>(e1)] == px_off[static_cast<size_t>(e0)]) continue;
     // The group's gate and up, then its down, each one launch (experts with no token too: at
     // the chunk sizes that stream, nearly every expert has some).
-    kc::DequantBatch b;
-    b.src = stage + e0 * px_stride;
-    b.src_stride = px_stride;
-    b.experts = e1 - e0;
-    b.mats = 2;
-    b.mat_src_stride = gu.bytes();
-    b.dst = px_wgu;
-    b.dst_stride = 2 * I * H;
-    b.mat_dst_stride = I * H;
-    kc::dequant_expert_matrices(gu, b, stream);
-    b.src += 2 * gu.bytes();
-    b.mats = 1;
-    b.mat_src_stride = 0;
-    b.dst = px_wdn;
-    b.dst_stride = H * I;
-    b.mat_dst_stride = 0;
-    kc::dequant_expert_matrices(dn, b, stream);
+    kc::DequantBatch dq;
+    dq.src = stage + e0 * px_stride;
+    dq.src_stride = px_stride;
+    dq.experts = e1 - e0;
+    dq.mats = 2;
+    dq.mat_src_stride = gu.bytes();
+    dq.dst = px_wgu;
+    dq.dst_stride = 2 * I * H;
+    dq.mat_dst_stride = I * H;
+    kc::dequant_expert_matrices(gu, dq, stream);
+    dq.src += 2 * gu.bytes();
+    dq.mats = 1;
+    dq.mat_src_stride = 0;
+    dq.dst = px_wdn;
+    dq.dst_stride = H * I;
+    dq.mat_dst_stride = 0;
+    kc::dequant_expert_matrices(dn, dq, stream);
     for (int64_t e = e0; e < e1; ++e) {
       const int64_t n = px_count[static_cast<size_t>(e)], r0 = px_off[static_cast<size_t>(e)];
       if (n == 0) continue;
@@ -1010,7 +1010,7 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
           "cublasGemmEx");
     }
   }
-  cuda_check(cudaEventRecord(px_ev_free[b], stream), "event record");
+  cuda_check(cudaEventRecord(px_ev_free[buf], stream), "event record");
   kc::combine_routed(px_out, px_pos, rw, T, static_cast<int>(k), H, y, stream);
   mark("mlp: streamed routed experts");
   std::lock_guard lock(vx_mu);
