@@ -48,6 +48,12 @@ struct Reader {
                 source, key, shown(v));
     return v.get<double>();
   }
+  std::string get_string(const char* key) const {
+    const json& v = j.at(key);
+    TIDAL_CHECK(v.is_string(), FormatError, "config \"{}\": field \"{}\" must be a string, got {}",
+                source, key, shown(v));
+    return v.get<std::string>();
+  }
   bool get_bool(const char* key, bool dflt) const {
     if (!has(key)) return dflt;
     const json& v = j.at(key);
@@ -80,9 +86,9 @@ RopeConfig parse_rope(const json& text, const Reader& r, ArchFamily family) {
   Reader dr{d, r.source};
   RopeConfig rope;
   if (dr.has("rope_type"))
-    rope.rope_type = d.at("rope_type").get<std::string>();
+    rope.rope_type = dr.get_string("rope_type");
   else if (dr.has("type"))
-    rope.rope_type = d.at("type").get<std::string>();
+    rope.rope_type = dr.get_string("type");
   rope.rope_theta = dr.get_double("rope_theta", r.get_double("rope_theta", 10000.0));
   const double pr_default = family == ArchFamily::kQwen3Moe ? 1.0 : 0.25;
   rope.partial_rotary_factor =
@@ -198,7 +204,7 @@ ModelConfig parse_config(const json& root, const std::string& source) {
   TIDAL_CHECK(!r.get_bool("attention_bias", false), Unsupported,
               "config \"{}\": attention_bias=true is not supported by tidal", source);
   if (r.has("hidden_act")) {
-    const auto act = text->at("hidden_act").get<std::string>();
+    const auto act = r.get_string("hidden_act");
     TIDAL_CHECK(act == "silu", Unsupported,
                 "config \"{}\": hidden_act \"{}\" is not supported (only silu)", source, act);
   }
@@ -262,7 +268,8 @@ ModelConfig parse_config(const json& root, const std::string& source) {
     if (r.has("mlp_only_layers")) {
       TIDAL_CHECK(text->at("mlp_only_layers").is_array(), FormatError,
                   "config \"{}\": mlp_only_layers must be a list of layer indices", source);
-      mlp_only = text->at("mlp_only_layers").get<std::vector<int64_t>>();
+      for (const json& v : text->at("mlp_only_layers"))
+        mlp_only.push_back(r.as_int("mlp_only_layers", v));  // an integer (not 1e30, not "3")
     }
     for (int64_t i = 0; i < L; ++i) {
       const bool in_list = std::find(mlp_only.begin(), mlp_only.end(), i) != mlp_only.end();

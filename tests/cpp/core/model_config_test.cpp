@@ -98,6 +98,20 @@ TEST(ModelConfig, WrapperAndQwen3Moe) {
   EXPECT_EQ(q.head_dim, 16);    // hidden / heads
   EXPECT_EQ(q.rotary_dim, 16);  // partial factor 1.0
   EXPECT_FALSE(q.norm_topk_prob);
+  // mlp_only_layers: layer indices; anything but integers is a FormatError naming the field (a
+  // number too large for an integer once reached an unchecked conversion: fuzzer, 2026-12-06).
+  m["intermediate_size"] = 32;  // a dense layer's MLP
+  m["mlp_only_layers"] = json::array({1});
+  EXPECT_FALSE(ModelConfig::from_json(m, "m").layer_is_moe[1]);
+  for (const json& bad : {json::array({7.7e108}), json::array({"1"}), json::array({0.5})}) {
+    m["mlp_only_layers"] = bad;
+    try {
+      ModelConfig::from_json(m, "m");
+      FAIL() << "expected FormatError for " << bad.dump();
+    } catch (const FormatError& e) {
+      EXPECT_NE(std::string(e.what()).find("mlp_only_layers"), std::string::npos) << e.what();
+    }
+  }
 }
 
 TEST(ModelConfig, Errors) {
