@@ -57,8 +57,9 @@ def test_config_missing_field(golden_copy):
 # a field of the wrong JSON type escaped as a JSON library error instead of a FormatError. Values
 # nested deeply are not printed whole (printing recursed as deep as the input).
 @pytest.mark.parametrize("field,value,msg", [
-    ("hidden_act", False, "wrong type"),
-    ("mlp_only_layers", ["x"], "wrong type"),
+    ("hidden_act", False, 'field "hidden_act" must be a string, got false'),
+    ("mlp_only_layers", ["x"], 'field "mlp_only_layers" must be an integer, got "x"'),
+    ("mlp_only_layers", [7.7e108], 'field "mlp_only_layers" must be an integer'),  # once an unchecked conversion
     ("hidden_size", [[[[1]]]], "must be an integer, got a JSON array"),
     ("layer_types", {"a": 1}, "layer_types must be a list"),
 ])
