@@ -148,6 +148,8 @@ void attn_prep(const AttnPrepArgs& a, cudaStream_t s);
 /// Causal GQA attention of T new tokens (positions pos0..pos0+T−1) over the BF16 KV cache of
 /// `layer`, flash style (online softmax, fp32), split over the keys into at most `max_splits`
 /// parts that a second kernel combines; the combine applies the sigmoid output gate when given.
+/// A prompt chunk with enough rows runs on tensor cores in one kernel instead, without splits
+/// (Note [tensor-core prefill attention] in ops.cu).
 /// `partial` is workspace of attention_workspace_floats(T, nh, d, max_splits) floats.
 struct AttentionArgs {
   const float* q = nullptr;     ///< (T, nh, d)
@@ -176,7 +178,8 @@ struct AttentionArgs {
   AttnPrepArgs prep;
 };
 void attention(const AttentionArgs& a, cudaStream_t s);
-/// Whether `attention(a)` runs the tensor-core decode kernel (tests check which kernel they test).
+/// Whether `attention(a)` runs a tensor-core kernel: the decode kernel (T = 1) or the prefill
+/// kernel (T ≥ 2, GQA group dividing 64, T·nh·d ≥ 65536); tests check which kernel they test.
 bool attention_uses_tensor_cores(const AttentionArgs& a);
 size_t attention_workspace_floats(int64_t T, int64_t nh, int64_t d, int max_splits);
 /// The split count used for T tokens (enough blocks to fill `sm_count` SMs); `per_sm` > 0
@@ -226,7 +229,8 @@ bool delta_rule_normed(const float* q, const float* k, const float* v, const flo
                        bool l2norm_qk = false);
 
 /// Gated delta rule over T tokens on the fp32 state of `layer` (model-spec §3.4), token by token
-/// with the state in registers: out (T, nv, dv). d_k and d_v must be multiples of 32 (≤ 256).
+/// with the state in registers: out (T, nv, dv); T ≥ 2 stages the tokens in chunks through shared
+/// memory (Note [delta rule over a prompt] in ops.cu). d_k and d_v must be multiples of 32 (≤ 256).
 /// `rows` > 1: that many sequences of T tokens each, packed one after the other (state step[r]).
 /// `l2norm_qk`: q and k are raw conv outputs (gemv_gdn_in), L2-normalised here (q also scaled by
 /// 1/sqrt(d_k)), as gdn_conv_prep_step would; the same flag on delta_rule_normed.

@@ -556,8 +556,12 @@ TEST_P(CudaAttentionTest, PrepAndAttentionMatchCpu) {
       // case here); elsewhere the SIMT kernels stand in and are what this checks.
       int major = 0;
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
-      if (tc && major >= 9 && c.T == 1 && !c.kv_f32 && (c.d == 64 || c.d == 128 || c.d == 256)) {
-        EXPECT_TRUE(attention_uses_tensor_cores(a)) << "nh=" << c.nh << " d=" << c.d;
+      const int64_t G = c.nh / c.nkv;
+      const bool prefill_tc = c.T >= 2 && 64 % G == 0 && c.T * c.nh * c.d >= 65536;
+      if (tc && major >= 9 && (c.T == 1 || prefill_tc) && !c.kv_f32 &&
+          (c.d == 64 || c.d == 128 || c.d == 256)) {
+        EXPECT_TRUE(attention_uses_tensor_cores(a))
+            << "nh=" << c.nh << " d=" << c.d << " T=" << c.T;
       }
       if (!tc) {
         EXPECT_FALSE(attention_uses_tensor_cores(a));
@@ -615,7 +619,7 @@ TEST_P(CudaAttentionTest, PrepAndAttentionMatchCpu) {
       EXPECT_LT(max_abs_diff(dout.get(), ref), 2e-5f)
           << "splits=" << splits << " tensor_cores=" << tc << " nh=" << c.nh << " nkv=" << c.nkv
           << " d=" << c.d << " pos0=" << c.pos0 << " T=" << c.T;
-      if (!(tc && attention_uses_tensor_cores(a))) continue;
+      if (!(tc && attention_uses_tensor_cores(a)) || c.T != 1) continue;
       // The same step with the prep inside the attention kernel (fused_prep, Note [attention prep
       // in the decode kernel]), from the cache as it was before this step's row was written, at
       // the default and at a larger minimum of keys per split: the same output, and the same new
@@ -666,12 +670,37 @@ INSTANTIATE_TEST_SUITE_P(
                       AttnCase{16, 2, 256, 4999, 1, true},  // many tiles per split, odd tail
                       AttnCase{16, 2, 64, 31, 1, false},    // d = 64, 32 keys (one full tile)
                       AttnCase{16, 2, 256, 513, 1, true, true},  // fp32 cache, decode
-                      AttnCase{4, 2, 24, 9, 30, false, true}));  // fp32 cache, prefill, odd d
+                      AttnCase{4, 2, 24, 9, 30, false, true},    // fp32 cache, prefill, odd d
+                      // Tensor-core prefill (Note [tensor-core prefill attention]): several row
+                      // tiles with a partial last one, a prefix that is no multiple of a tile,
+                      // G = 1 and G = 32, a long prefix
+                      AttnCase{16, 2, 256, 0, 300, true},  // 35B shape, first chunk
+                      AttnCase{16, 2, 128, 1000, 150, false},
+                      AttnCase{8, 8, 64, 5, 1100, true},       // G = 1: a block is 64 tokens
+                      AttnCase{64, 2, 128, 3, 40, true},       // G = 32: two tokens per block
+                      AttnCase{16, 2, 256, 4001, 70, true}));  // long prefix, tile-crossing rows
 
 // -------------------------------------------------------------------------- Gated DeltaNet
 
 TEST(CudaOps, ConvAndPrepMatchCpu) {
   REQUIRE_GPU();
+  // A short prompt (one thread per channel) and a long one (parallel over time, the state
+  // written after): the prep below runs on the long one.
+  for (int64_t Ts : {5, 200}) {
+    const int64_t nk = 2, nv = 4, dk = 16, dv = 32, K = 4, C = 2 * nk * dk + nv * dv;
+    auto src = random_vec(Ts * C, 20), w = random_vec(C * K, 21, 0.3f),
+         st0 = random_vec((K - 1) * C, 22);
+    Dev<float> dsrc(src), dw(w), dst0(st0), dout(Ts * C);
+    LayerStateDev ls{nullptr, nullptr, dst0.p, nullptr};
+    Dev<LayerStateDev> dls(std::vector<LayerStateDev>{ls});
+    Dev<StepDev> dstep(std::vector<StepDev>{StepDev{0, dls.p}});
+    causal_conv1d_silu(dsrc.p, 0, Ts, C, K, dw.p, dstep.p, 0, dout.p, nullptr);
+    std::vector<float> ref(Ts * C), st = st0;
+    auto ex = cpu();
+    cpu::causal_conv1d_silu(src.data(), Ts, C, K, w.data(), st.data(), ref.data(), *ex);
+    EXPECT_LT(max_abs_diff(dout.get(), ref), 1e-5f) << "T=" << Ts;
+    EXPECT_EQ(max_abs_diff(dst0.get(), st), 0.f) << "T=" << Ts;
+  }
   const int64_t T = 70, nk = 2, nv = 4, dk = 16, dv = 32, K = 4, C = 2 * nk * dk + nv * dv;
   auto src = random_vec(T * C, 20), w = random_vec(C * K, 21, 0.3f),
        st0 = random_vec((K - 1) * C, 22);
@@ -755,11 +784,54 @@ TEST_P(CudaDeltaRuleTest, MatchesCpuAcrossChunkBoundariesThenDecode) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaDeltaRuleTest,
-                         ::testing::Values(DeltaCase{1, 16, 32, 128, 128},   // 35B decode
-                                           DeltaCase{70, 16, 32, 128, 128},  // 64 + 6
-                                           DeltaCase{129, 2, 4, 16, 16},     // fixtures
-                                           DeltaCase{33, 2, 4, 64, 64},      // tidal-mini
-                                           DeltaCase{5, 1, 2, 32, 16}));     // dv < 32
+                         ::testing::Values(DeltaCase{1, 16, 32, 128, 128},    // 35B decode
+                                           DeltaCase{70, 16, 32, 128, 128},   // 64 + 6
+                                           DeltaCase{129, 2, 4, 16, 16},      // fixtures
+                                           DeltaCase{33, 2, 4, 64, 64},       // tidal-mini
+                                           DeltaCase{5, 1, 2, 32, 16},        // dv < 32
+                                           DeltaCase{301, 16, 32, 128, 128},  // many chunks
+                                           DeltaCase{17, 2, 2, 256, 32}));    // d_k = 256
+
+/// In-kernel q/k L2 normalisation (l2norm_qk) over a prompt equals normalising first (Note [delta
+/// rule over a prompt]: the staged kernel computes the factors per chunk).
+TEST(CudaOps, DeltaRulePromptNormalisesQkInKernel) {
+  REQUIRE_GPU();
+  const int64_t T = 37, nk = 2, nv = 4, dk = 64, dv = 64;
+  auto q = random_vec(T * nk * dk, 60), k = random_vec(T * nk * dk, 61),
+       v = random_vec(T * nv * dv, 62), g = random_vec(T * nv, 63, 0.1f),
+       beta = random_vec(T * nv, 64, 0.3f), s0 = random_vec(nv * dk * dv, 65, 0.1f);
+  for (auto& x : g) x = -std::fabs(x);
+  for (auto& x : beta) x = cpu::sigmoid(x);
+  auto qn = q, kn = k;
+  for (int64_t r = 0; r < T * nk; ++r) {
+    double sq = 0, sk = 0;
+    for (int64_t i = 0; i < dk; ++i) {
+      sq += double{q[r * dk + i]} * q[r * dk + i];
+      sk += double{k[r * dk + i]} * k[r * dk + i];
+    }
+    const float fq =
+        1.0f / std::sqrt(static_cast<float>(sq) + 1e-6f) / std::sqrt(static_cast<float>(dk));
+    const float fk = 1.0f / std::sqrt(static_cast<float>(sk) + 1e-6f);
+    for (int64_t i = 0; i < dk; ++i) {
+      qn[r * dk + i] *= fq;
+      kn[r * dk + i] *= fk;
+    }
+  }
+  Dev<float> dq(q), dk_(k), dqn(qn), dkn(kn), dvv(v), dg(g), db(beta), ds1(s0), ds2(s0),
+      o1(T * nv * dv), o2(T * nv * dv);
+  LayerStateDev l1{nullptr, nullptr, nullptr, ds1.p}, l2{nullptr, nullptr, nullptr, ds2.p};
+  Dev<LayerStateDev> dl1(std::vector<LayerStateDev>{l1}), dl2(std::vector<LayerStateDev>{l2});
+  Dev<StepDev> st1(std::vector<StepDev>{StepDev{0, dl1.p}}),
+      st2(std::vector<StepDev>{StepDev{0, dl2.p}});
+  delta_rule(dq.p, dk_.p, dvv.p, dg.p, db.p, st1.p, 0, o1.p, T, nk, nv, dk, dv, nullptr, 1, true);
+  delta_rule(dqn.p, dkn.p, dvv.p, dg.p, db.p, st2.p, 0, o2.p, T, nk, nv, dk, dv, nullptr, 1, false);
+  const auto a = o1.get(), b = o2.get();
+  float scale = 0.f;
+  for (float x : b) scale = std::max(scale, std::fabs(x));
+  ASSERT_GT(scale, 1e-3f);
+  EXPECT_LT(max_abs_diff(a, b), 1e-5f * std::max(1.f, scale));
+  EXPECT_LT(max_abs_diff(ds1.get(), ds2.get()), 1e-5f);
+}
 
 /// The decode-step fusions equal the unfused kernels: conv1d + prep in one kernel, the delta rule
 /// with the gated norm, the residual add with the gated shared expert.
