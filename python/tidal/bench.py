@@ -184,12 +184,15 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
               expert_dtype: str = "auto", gpu_memory: str | int | None = None, gpu_weights: str = "bf16",
               gpu_precision: str | None = None, expert_group_size: int = 0,
               trace_path: str | os.PathLike | None = None, gpu_expert_slots: int | None = 0,
-              gpu_expert_policy: str = "lfu") -> dict[str, Any]:
+              gpu_expert_policy: str = "lfu", router_lookahead: int | None = None) -> dict[str, Any]:
     """Run the tests and return the JSON-ready report. `routing`: a trace (tokens, layers, top_k) the
     MoE layers follow instead of their routers (see tidal.routing). `expert_dtype`, `gpu_memory`,
     `gpu_weights`, `gpu_precision`: as Runtime.load (the gpu_* ones with device="cuda" only).
     `trace_path`: after the tests, record a 32-token prompt and 8 decode steps with rt.trace() into
-    this Chrome trace file and summarise the decode steps in the report ("trace")."""
+    this Chrome trace file and summarise the decode steps in the report ("trace").
+    `router_lookahead`: turn the router lookahead on (rt.set_router_lookahead) with this many
+    predicted experts per layer (0: top_k) and report each tg test's prediction precision and
+    recall ("prediction"). Under a routing trace the router is overridden, so nothing is predicted."""
     from . import Runtime, _tidal, inspect
 
     if repetitions < 1:
@@ -220,6 +223,10 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
                 raise ValueError(f"tg{n}@d{d}: must have 1 <= n and depth + n < {ctx}")
     if routing is not None:
         rt._engine.set_routing_replay(np.asarray(routing))
+    if router_lookahead is not None:
+        if isinstance(router_lookahead, bool) or not isinstance(router_lookahead, int) or router_lookahead < 0:
+            raise ValueError(f"router_lookahead must be an int >= 0 (0: top_k), got {router_lookahead!r}")
+        rt.set_router_lookahead(True, router_lookahead or None)
     # Host read bandwidth, measured before and again after the tests (the larger counts): a single
     # reading can be pulled down by other activity, e.g. the kernel writing back a checkpoint that
     # was just written, which would make the bound too low and a result look better than it is.
@@ -271,9 +278,11 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
                 # plus the routing (ids and weights). No weights move.
                 c = rt.config
                 need["pcie"] = sum(c.layer_is_moe) * (2 * c.hidden_size * 4 + c.num_experts_per_tok * 8)
-            before = rt._engine.stats() if on_gpu else None
+            before = rt._engine.stats() if on_gpu or router_lookahead is not None else None
             measure(f"tg{n}@d{d}", n, lambda n=n, d=d: _time_tg(rt, n, d, rng), depth=d, bytes_per_token=need)
             r = results[-1]
+            if router_lookahead is not None:
+                r["prediction"] = _prediction_delta(before, rt._engine.stats())
             if before is not None and before.get("gpu_expert_slots"):
                 # The VRAM expert cache (Note [VRAM expert cache]): the routed experts it computed
                 # were read from VRAM, not host RAM, and its copies crossed PCIe. The bound takes
@@ -356,6 +365,16 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
     }
 
 
+def _prediction_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Router lookahead precision and recall over one test (its prompts included): ids predicted
+    for the next MoE layer that it then routed, over those predicted and over those routed."""
+    pred = sum(after["lookahead_predicted"]) - sum(before["lookahead_predicted"])
+    routed = sum(after["lookahead_routed"]) - sum(before["lookahead_routed"])
+    hits = sum(after["lookahead_hits"]) - sum(before["lookahead_hits"])
+    return {"predicted": pred, "routed": routed, "hits": hits,
+            "precision": hits / pred if pred else None, "recall": hits / routed if routed else None}
+
+
 def format_table(report: dict[str, Any]) -> str:
     s, m = report["system"], report["model"]
     bw = report["bounds"]["host_read_bytes_per_s"]
@@ -377,6 +396,12 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"| {r['test']:<14} | {r['tok_s_median']:>14.1f} | {r['tok_s_min']:>9.1f} | {r['tok_s_max']:>9.1f} "
                      f"| {bound:>11} | {frac:>8} |")
     lines.append("")
+    for r in report["results"]:
+        p = r.get("prediction")
+        if p is not None:
+            pr = "n/a" if p["precision"] is None else f"{100 * p['precision']:.1f}%"
+            rc = "n/a" if p["recall"] is None else f"{100 * p['recall']:.1f}%"
+            lines.append(f"{r['test']}: router lookahead precision {pr}, recall {rc} ({p['predicted']} ids predicted)")
     if report["bounds"].get("gpu_read_bytes_per_s"):
         pcie = next((r["bytes_per_token"].get("pcie") for r in report["results"] if "bytes_per_token" in r), None)
         lines.append("bound: routed-expert bytes per token at the host read bandwidth plus the GPU-resident bytes "
@@ -440,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="replay a synthetic trace: Zipf exponent of expert popularity (0: uniform)")
     ap.add_argument("--routing-reuse", type=float, default=0.5,
                     help="synthetic trace: probability that an expert repeats from the previous token")
+    ap.add_argument("--router-lookahead", type=int, default=None, metavar="K",
+                    help="turn the router lookahead on, predicting K experts per layer (0: top_k), and report "
+                         "each tg test's prediction precision and recall")
     ap.add_argument("--json", default=None, help="also write the report as JSON to this path ('-' for stdout)")
     ap.add_argument("--trace", default=None,
                     help="after the tests, write a Chrome trace of a prompt and 8 decode steps to this path")
@@ -478,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
                            gpu_precision=a.gpu_precision, expert_group_size=a.expert_group_size,
                            trace_path=a.trace,
                            gpu_expert_slots=None if a.gpu_expert_slots in (None, "auto") else int(a.gpu_expert_slots),
-                           gpu_expert_policy=a.gpu_expert_policy)
+                           gpu_expert_policy=a.gpu_expert_policy, router_lookahead=a.router_lookahead)
         if a.preset:
             report["model"]["preset"] = a.preset
     except (ValueError, FileNotFoundError, NotImplementedError, OSError, MemoryError) as exc:

@@ -337,3 +337,23 @@ def test_bench_trace(tmp_path):
     # exceed it; these are medians over 8 similar steps, hence 5% of slack (a span counted in two
     # steps, as a window reaching into the previous call did, made it 11% more).
     assert t["cpu_experts_us"] + t["cpu_dense_us"] <= t["decode_step_us"] * 1.05
+
+
+def test_bench_router_lookahead(tmp_path, capsys):
+    """--router-lookahead K: each tg test reports the lookahead's precision and recall over its own
+    steps (tidal-mini's trained routers, so the prediction is far better than chance)."""
+    c = tidal.inspect(MINI).config
+    k = c.num_experts_per_tok
+    r = bench.run_bench(MINI, pp=[], tg=[8], depths=[0, 16], repetitions=1, router_lookahead=2 * k)
+    for x in r["results"]:
+        p = x["prediction"]
+        # 2k ids predicted for every k routed, so recall is twice the precision, exactly.
+        assert p["routed"] > 0 and p["predicted"] == 2 * p["routed"], p
+        assert 0 <= p["hits"] <= p["routed"]
+        assert p["recall"] == pytest.approx(2 * p["precision"])
+        assert p["recall"] > 2 * k / c.num_experts  # better than a random pick of 2k experts
+    # The CLI prints the figures; a negative K is a clear error.
+    assert bench.main([str(MINI), "-p", "4", "-n", "4", "-r", "1", "--router-lookahead", "0"]) == 0
+    assert "router lookahead precision" in capsys.readouterr().out
+    assert bench.main([str(MINI), "-p", "4", "-n", "4", "-r", "1", "--router-lookahead", "-1"]) == 2
+    assert "router_lookahead" in capsys.readouterr().err
