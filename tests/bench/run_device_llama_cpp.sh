@@ -6,7 +6,9 @@
 #
 # 1. build: tidal with CUDA (tests/bench/run_device_cuda.sh's build) and llama.cpp's llama-bench and
 #    llama-completion with CUDA, from LLAMA_SRC (default .devcarry/llama.cpp-src.tar.xz, made by
-#    tests/bench/pack_llama_cpp.sh: the source is not committed).
+#    tests/bench/pack_llama_cpp.sh: the source is not committed); or, where LLAMA_BIN (default
+#    .devcarry/llama.cpp-bin.tar.xz, made by tests/bench/build_llama_cpp_bin.sh) exists, those
+#    programs prebuilt, unpacked instead of compiled.
 # 2. check: llama.cpp runs tidal-mini converted by tidal.gguf and continues a prompt exactly as tidal
 #    does (tests/python/test_llama_cpp.py), so both engines run the same model.
 # 3. bench: tidal.synth writes the Qwen3.6-35B-A3B shape (LAYERS layers, default 8, real width) as
@@ -40,7 +42,15 @@ mkdir -p "$work"
 for d in /usr/local/cuda/bin /usr/local/cuda-*/bin; do [ -x "$d/nvcc" ] && export PATH="$PATH:$d"; done
 export LD_LIBRARY_PATH=/tmp/deps/lib:${LD_LIBRARY_PATH:-}
 llama=build/llama/bin
-if [[ $steps == *build* ]]; then
+if [[ $steps == *build* ]] && [ -f "${LLAMA_BIN:-.devcarry/llama.cpp-bin.tar.xz}" ]; then
+  # llama.cpp prebuilt on the development machine (tests/bench/build_llama_cpp_bin.sh): unpacked,
+  # not compiled here.
+  STEPS=build OUT="$out" bash tests/bench/run_device_cuda.sh
+  rm -rf build/llama && mkdir -p build/llama
+  tar -xJf "${LLAMA_BIN:-.devcarry/llama.cpp-bin.tar.xz}" -C build/llama
+  cp build/llama/bin/SOURCE.txt "$out/llama_source.txt"
+  echo "llama.cpp prebuilt: $(head -1 "$out/llama_source.txt")"
+elif [[ $steps == *build* ]]; then
   STEPS=build OUT="$out" bash tests/bench/run_device_cuda.sh
   src=${LLAMA_SRC:-.devcarry/llama.cpp-src.tar.xz}
   if [ -f "$src" ]; then
@@ -64,6 +74,9 @@ if [[ $steps == *check* ]]; then
   tail -3 "$out/pytest_gguf.log"; grep -E "^FAILED|^E  " "$out/pytest_gguf.log" | head -20 || true
 fi
 export PYTHONPATH=$PWD/python
+# The prebuilt llama.cpp's shared libraries sit beside its programs (its RPATH names the build
+# machine's tree); the CPU and CUDA backends are loaded from there at run time.
+export LD_LIBRARY_PATH=$PWD/$llama:$LD_LIBRARY_PATH
 run_llama() {  # GGUF, tag
   sync  # files just written are flushed before anything is timed
   # VRAM use of llama.cpp: nvidia-smi sampled every 200 ms during its run.
