@@ -7,6 +7,7 @@
 #   tests  the CUDA C++ tests (*Cuda*, *ExpertStore*) and tests/python/test_cuda.py (VRAM expert
 #          cache, prefill expert streaming), with their [cuda-measure] lines
 #   model  the 40-layer Qwen3.6-35B-A3B shape with pre-packed INT4 experts (/tmp/m40, 21 GB)
+#   profile  tests/bench/profile_prefill.py: GPU time per op of an 8192-token streamed prefill
 #   probe  tests/bench/cache_probe.py on it: Runtime.load with the VRAM expert cache (SLOTS,
 #          default auto) and 256 decode steps, under a 240 s limit (the start hung before the
 #          store was copied out of its file mapping)
@@ -78,6 +79,14 @@ if [[ $steps == *probe* ]]; then
   kill $pid 2>/dev/null && { echo "probe killed at 240 s"; failed=1; } || wait $pid || failed=1
   cut -c1-600 "$out/probe.log"
   echo "probe done ($SECONDS s)"
+fi
+if [[ $steps == *profile* ]]; then
+  # GPU time per op of an 8192-token prefill, streamed in one chunk (tests/bench/profile_prefill.py).
+  TIDAL_CUDA_PROFILE=1 TIDAL_CUDA_PREFILL_STREAM=1 TIDAL_CUDA_STREAM_CHUNK=8192 TIDAL_CUDA_STREAM_MIN_TOKENS=512 \
+    TIDAL_EXECUTOR=spin timeout 150 python3 tests/bench/profile_prefill.py "$m" --tokens 8192 --cpu-threads 15 \
+    --expert-dtype int4 > "$out/profile8192.txt" 2>&1 || failed=1
+  sed -n '/^rep 1/,$p' "$out/profile8192.txt" | head -12
+  echo "profile done ($SECONDS s)"
 fi
 if [[ $steps == *tg* ]]; then
   bench tg_cache -p 512 -n 128 --gpu-expert-slots auto
