@@ -81,11 +81,16 @@ if [[ $steps == *probe* ]]; then
   echo "probe done ($SECONDS s)"
 fi
 if [[ $steps == *profile* ]]; then
-  # GPU time per op of an 8192-token prefill, streamed in one chunk (tests/bench/profile_prefill.py).
-  TIDAL_CUDA_PROFILE=1 TIDAL_CUDA_PREFILL_STREAM=1 TIDAL_CUDA_STREAM_CHUNK=8192 TIDAL_CUDA_STREAM_MIN_TOKENS=512 \
-    TIDAL_EXECUTOR=spin timeout 150 python3 tests/bench/profile_prefill.py "$m" --tokens 8192 --cpu-threads 15 \
-    --expert-dtype int4 > "$out/profile8192.txt" 2>&1 || failed=1
-  sed -n '/^rep 1/,$p' "$out/profile8192.txt" | head -12
+  # GPU time per op of an 8192-token prefill, streamed in one chunk (tests/bench/profile_prefill.py),
+  # for each TIDAL_CUDA_DELTA_CHUNKED value in DELTA_CHUNKED (default "0"; "0 1" compares the
+  # delta-rule kernels where the chunked one exists).
+  for dc in ${DELTA_CHUNKED:-0}; do
+    TIDAL_CUDA_DELTA_CHUNKED=$dc TIDAL_CUDA_PROFILE=1 TIDAL_CUDA_PREFILL_STREAM=1 TIDAL_CUDA_STREAM_CHUNK=8192 \
+      TIDAL_CUDA_STREAM_MIN_TOKENS=512 TIDAL_EXECUTOR=spin timeout 150 python3 tests/bench/profile_prefill.py "$m" \
+      --tokens 8192 --cpu-threads 15 --expert-dtype int4 > "$out/profile8192_dc$dc.txt" 2>&1 || failed=1
+    echo "-- TIDAL_CUDA_DELTA_CHUNKED=$dc"
+    sed -n '/^rep 1/,$p' "$out/profile8192_dc$dc.txt" | head -8
+  done
   echo "profile done ($SECONDS s)"
 fi
 if [[ $steps == *tg* ]]; then
