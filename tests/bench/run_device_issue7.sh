@@ -14,7 +14,8 @@
 #   tg     tidal.bench tg128 with the cache (auto slots) and without (one bench each)
 #   route  tidal.bench tg128 through the cache (auto slots) on synthetic routing: uniform, then
 #          skewed and temporally correlated (Zipf 1.0, reuse 0.5), the latter also with 64 copies
-#          in flight (TIDAL_CUDA_EXPERT_FILLS): issue 7's hit-rate line
+#          in flight (TIDAL_CUDA_EXPERT_FILLS): issue 7's hit-rate line; then tg64 with the router
+#          lookahead on (--router-lookahead 0): its precision and recall
 #   pp     tidal.bench pp512 and pp8192 with prefill expert streaming (TIDAL_CUDA_PREFILL_STREAM=1,
 #          chunks of each of STREAM_CHUNKS, default "4096 8192"; prompts from STREAM_MIN, default 512
 #          tokens) and with the experts on the host
@@ -103,6 +104,10 @@ if [[ $steps == *route* ]]; then
   # 64 copies in flight instead of 16: the simulator's 55.7% -> 80.0% GPU share on this trace
   TIDAL_CUDA_EXPERT_FILLS=64 bench route_skewed_fills64 -p 512 -n 128 --gpu-expert-slots auto \
     --routing-skew 1.0 --routing-reuse 0.5
+  # The router lookahead's precision and recall on the model's own (random-weight) routers: traces
+  # override the routers, so prediction is measured on the free run.
+  bench route_lookahead -p 512 -n 64 --gpu-expert-slots auto --router-lookahead 0
+  grep "router lookahead" "$out/route_lookahead.txt" || true
 fi
 if [[ $steps == *pp* ]]; then
   for c in ${STREAM_CHUNKS:-4096 8192}; do
