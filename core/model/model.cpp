@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 
 #include "core/error.h"
@@ -335,7 +336,8 @@ void Model::delta_net_layer(const LayerWeights& w, LayerState& ls, const float* 
 }
 
 void Model::mlp_block(int64_t layer, const MlpWeights& w, const float* xn, int64_t T, float* out,
-                      Executor& ex, ForwardProfile* profile, std::vector<int32_t>* routed) const {
+                      Executor& ex, ForwardProfile* profile, std::vector<int32_t>* routed,
+                      float* deferred, int64_t defer) const {
   const int64_t H = cfg_.hidden_size;
   if (!w.is_moe) {
     TraceSpan span(trace_.get(), "dense_mlp", "cpu_dense", layer);
@@ -356,7 +358,23 @@ void Model::mlp_block(int64_t layer, const MlpWeights& w, const float* xn, int64
   }
   if (routed) *routed = ids;
   std::fill(out, out + T * H, 0.f);
-  {
+  if (deferred != nullptr && defer > 0 && defer < k) {
+    // Note [Expert deferral study]: the last `defer` of each token's ranked experts go to
+    // `deferred`, the others to `out`.
+    const int64_t kn = k - defer;
+    std::vector<int32_t> ids_now(static_cast<size_t>(T * kn)),
+        ids_later(static_cast<size_t>(T * defer));
+    std::vector<float> w_now(ids_now.size()), w_later(ids_later.size());
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < k; ++j) {
+        const bool now = j < kn;
+        (now ? ids_now[t * kn + j] : ids_later[t * defer + j - kn]) = ids[t * k + j];
+        (now ? w_now[t * kn + j] : w_later[t * defer + j - kn]) = weights[t * k + j];
+      }
+    std::fill(deferred, deferred + T * H, 0.f);
+    experts_->forward(layer, xn, T, ids_now.data(), w_now.data(), kn, out, ex);
+    experts_->forward(layer, xn, T, ids_later.data(), w_later.data(), defer, deferred, ex);
+  } else {
     TraceSpan span(tr, "routed_experts", "cpu_experts", layer);
     if (profile) {
       const auto t0 = std::chrono::steady_clock::now();
@@ -425,6 +443,18 @@ void Model::cpu_layers(std::span<SequenceState* const> states, int64_t T,
   std::vector<float> y(x.size());
   for (int64_t t = 0; t < R; ++t)
     for (int64_t i = 0; i < H; ++i) x[t * H + i] = embed_tokens_.at(ids[t], i);
+  // Note [Expert deferral study]
+  // KTransformers defers part of a layer's CPU expert output by one layer so the GPU need not wait
+  // for it: the next layer runs on a residual stream without it, and it is added after that layer.
+  // TIDAL_STUDY_DEFER_EXPERTS=n does exactly that here, on the CPU path only, with each token's n
+  // lowest-ranked routed experts, so that tests/bench/deferral_study.py can measure what it does
+  // to the model's outputs before any GPU pipeline is built for it (docs/performance.md).
+  static const int64_t defer_n = [] {
+    const char* e = std::getenv("TIDAL_STUDY_DEFER_EXPERTS");
+    return e ? std::max<int64_t>(0, std::atoll(e)) : int64_t{0};
+  }();
+  std::vector<float> def_cur, def_prev;
+  bool have_prev = false;
   // Note [Router lookahead]: predictions for the next MoE layer, made one layer early.
   const bool lookahead = routing_->lookahead();
   const int64_t kp = lookahead ? routing_->lookahead_k() : 0;
@@ -453,14 +483,25 @@ void Model::cpu_layers(std::span<SequenceState* const> states, int64_t T,
       predict_experts(l + 1, x.data(), R, kp, next_pred, ex);
     }
     const bool check = have_pred && w.mlp.is_moe;
+    const bool defer_here = defer_n > 0 && w.mlp.is_moe && l + 1 < layers_.size();
+    if (defer_here) def_cur.resize(x.size());
     mlp_block(static_cast<int64_t>(l), w.mlp, xn.data(), R, y.data(), ex, profile,
-              check ? &routed : nullptr);  // all rows
+              check ? &routed : nullptr, defer_here ? def_cur.data() : nullptr,
+              defer_here ? defer_n : 0);  // all rows
     if (check)
       routing_->add_lookahead(static_cast<int64_t>(l), pred.data(), kp, routed.data(),
                               c.num_experts_per_tok, R);
     std::swap(pred, next_pred);
     have_pred = predict_next;
     for (size_t i = 0; i < x.size(); ++i) x[i] += y[i];
+    if (have_prev) {  // the previous MoE layer's deferred experts, one layer late
+      for (size_t i = 0; i < x.size(); ++i) x[i] += def_prev[i];
+      have_prev = false;
+    }
+    if (defer_here) {
+      std::swap(def_prev, def_cur);
+      have_prev = true;
+    }
   }
   for (auto* st : states) st->num_tokens += T;
 }

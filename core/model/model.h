@@ -125,9 +125,12 @@ class Model {
                   std::vector<float>& x, std::vector<float>& xn, kernels::Executor& ex,
                   ForwardProfile* profile) const;
   /// `routed`, when given, receives the T x top_k expert ids the layer used (MoE layers only).
+  /// `deferred`, when given (MoE layers only), receives the weighted output of each token's
+  /// `defer` last-ranked routed experts instead of `out` (Note [Expert deferral study]).
   void mlp_block(int64_t layer, const MlpWeights& w, const float* xn, int64_t T, float* out,
                  kernels::Executor& ex, ForwardProfile* profile,
-                 std::vector<int32_t>* routed = nullptr) const;
+                 std::vector<int32_t>* routed = nullptr, float* deferred = nullptr,
+                 int64_t defer = 0) const;
   /// Note [Router lookahead]: layer `next`'s router on the residual stream `x` (R rows) normed
   /// with layer `next`'s post-attention norm; the kp highest logits per row into `pred`.
   void predict_experts(size_t next, const float* x, int64_t R, int64_t kp,
