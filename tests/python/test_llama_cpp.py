@@ -30,7 +30,10 @@ def test_llama_cpp_continues_like_tidal(tmp_path, expert_type):
     out = tg.convert(MINI, tmp_path / "mini.gguf", expert_type=expert_type, dense_type="f32", workers=1,
                      progress=False)
     res = subprocess.run([str(pathlib.Path(LLAMA_BIN) / "llama-completion"), "-m", str(out), "-p", prompt, "-n", "40",
-                          "--temp", "0", "--no-warmup", "-t", "4", "-ngl", "99", "-ot", "exps=CPU"],
+                          "--temp", "0", "--no-warmup", "-t", "4", "-ngl", "99", "-ot", "exps=CPU",
+                          # plain continuation: the GGUF carries the chat template, which would
+                          # otherwise put llama-completion in conversation mode
+                          "-no-cnv"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.startswith(prompt), res.stdout[:200]
