@@ -50,6 +50,14 @@ if [[ $steps == *build* ]] && [ -f "${LLAMA_BIN:-.devcarry/llama.cpp-bin.tar.xz}
   tar -xJf "${LLAMA_BIN:-.devcarry/llama.cpp-bin.tar.xz}" -C build/llama
   cp build/llama/bin/SOURCE.txt "$out/llama_source.txt"
   echo "llama.cpp prebuilt: $(head -1 "$out/llama_source.txt")"
+  # Its CUDA backend must load (else llama-bench would quietly run on the CPU alone).
+  for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [ -d "$d" ] && export LD_LIBRARY_PATH=$d:${LD_LIBRARY_PATH:-}
+  done
+  LD_LIBRARY_PATH=$PWD/build/llama/bin:$LD_LIBRARY_PATH build/llama/bin/llama-bench --list-devices \
+    > "$out/llama_devices.txt" 2>&1 || true
+  grep -q "CUDA0" "$out/llama_devices.txt" || { echo "llama.cpp's CUDA backend did not load:"; cat "$out/llama_devices.txt"; exit 1; }
+  grep -i -E "cuda|cpu" "$out/llama_devices.txt" | head -3
 elif [[ $steps == *build* ]]; then
   STEPS=build OUT="$out" bash tests/bench/run_device_cuda.sh
   src=${LLAMA_SRC:-.devcarry/llama.cpp-src.tar.xz}
