@@ -42,6 +42,12 @@ mkdir -p "$work"
 for d in /usr/local/cuda/bin /usr/local/cuda-*/bin; do [ -x "$d/nvcc" ] && export PATH="$PATH:$d"; done
 export LD_LIBRARY_PATH=/tmp/deps/lib:${LD_LIBRARY_PATH:-}
 llama=build/llama/bin
+# The prebuilt llama.cpp's shared libraries sit beside its programs (its RUNPATH names the build
+# machine's tree); the CPU and CUDA backends are loaded from there at run time.
+export LD_LIBRARY_PATH=$PWD/$llama:$LD_LIBRARY_PATH
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  [ -d "$d" ] && export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$d
+done
 if [[ $steps == *build* ]] && [ -f "${LLAMA_BIN:-.devcarry/llama.cpp-bin.tar.xz}" ]; then
   # llama.cpp prebuilt on the development machine (tests/bench/build_llama_cpp_bin.sh): unpacked,
   # not compiled here.
@@ -51,11 +57,7 @@ if [[ $steps == *build* ]] && [ -f "${LLAMA_BIN:-.devcarry/llama.cpp-bin.tar.xz}
   cp build/llama/bin/SOURCE.txt "$out/llama_source.txt"
   echo "llama.cpp prebuilt: $(head -1 "$out/llama_source.txt")"
   # Its CUDA backend must load (else llama-bench would quietly run on the CPU alone).
-  for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-    [ -d "$d" ] && export LD_LIBRARY_PATH=$d:${LD_LIBRARY_PATH:-}
-  done
-  LD_LIBRARY_PATH=$PWD/build/llama/bin:$LD_LIBRARY_PATH build/llama/bin/llama-bench --list-devices \
-    > "$out/llama_devices.txt" 2>&1 || true
+  build/llama/bin/llama-bench --list-devices > "$out/llama_devices.txt" 2>&1 || true
   grep -q "CUDA0" "$out/llama_devices.txt" || { echo "llama.cpp's CUDA backend did not load:"; cat "$out/llama_devices.txt"; exit 1; }
   grep -i -E "cuda|cpu" "$out/llama_devices.txt" | head -3
 elif [[ $steps == *build* ]]; then
@@ -82,9 +84,6 @@ if [[ $steps == *check* ]]; then
   tail -3 "$out/pytest_gguf.log"; grep -E "^FAILED|^E  " "$out/pytest_gguf.log" | head -20 || true
 fi
 export PYTHONPATH=$PWD/python
-# The prebuilt llama.cpp's shared libraries sit beside its programs (its RPATH names the build
-# machine's tree); the CPU and CUDA backends are loaded from there at run time.
-export LD_LIBRARY_PATH=$PWD/$llama:$LD_LIBRARY_PATH
 run_llama() {  # GGUF, tag
   sync  # files just written are flushed before anything is timed
   # VRAM use of llama.cpp: nvidia-smi sampled every 200 ms during its run.
@@ -96,6 +95,7 @@ run_llama() {  # GGUF, tag
   "$llama"/llama-bench -m "$1" -p "$prompts" -n 128 -r "$reps" -t "$threads" -ngl 99 -ot "exps=CPU" -fa on \
     -lm none -b 8192 -ub 512,2048 -o json > "$out/llama_$2.json" 2> "$out/llama_$2.log" || tail -20 "$out/llama_$2.log"
   kill $poll || true
+  grep -q '"backends": "CUDA' "$out/llama_$2.json" || echo "WARNING: llama-bench did not run with its CUDA backend"
 }
 run_tidal() {  # model dir, expert dtype
   sync
