@@ -358,32 +358,31 @@ void Model::mlp_block(int64_t layer, const MlpWeights& w, const float* xn, int64
   }
   if (routed) *routed = ids;
   std::fill(out, out + T * H, 0.f);
-  if (deferred != nullptr && defer > 0 && defer < k) {
-    // Note [Expert deferral study]: the last `defer` of each token's ranked experts go to
-    // `deferred`, the others to `out`.
-    const int64_t kn = k - defer;
-    std::vector<int32_t> ids_now(static_cast<size_t>(T * kn)),
-        ids_later(static_cast<size_t>(T * defer));
-    std::vector<float> w_now(ids_now.size()), w_later(ids_later.size());
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t j = 0; j < k; ++j) {
-        const bool now = j < kn;
-        (now ? ids_now[t * kn + j] : ids_later[t * defer + j - kn]) = ids[t * k + j];
-        (now ? w_now[t * kn + j] : w_later[t * defer + j - kn]) = weights[t * k + j];
-      }
-    std::fill(deferred, deferred + T * H, 0.f);
-    experts_->forward(layer, xn, T, ids_now.data(), w_now.data(), kn, out, ex);
-    experts_->forward(layer, xn, T, ids_later.data(), w_later.data(), defer, deferred, ex);
-  } else {
+  {
     TraceSpan span(tr, "routed_experts", "cpu_experts", layer);
-    if (profile) {
-      const auto t0 = std::chrono::steady_clock::now();
-      experts_->forward(layer, xn, T, ids.data(), weights.data(), k, out, ex);
-      profile->routed_experts +=
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const auto t0 = std::chrono::steady_clock::now();
+    if (deferred != nullptr && defer > 0 && defer < k) {
+      // Note [Expert deferral study]: the last `defer` of each token's ranked experts go to
+      // `deferred`, the others to `out`.
+      const int64_t kn = k - defer;
+      std::vector<int32_t> ids_now(static_cast<size_t>(T * kn)),
+          ids_later(static_cast<size_t>(T * defer));
+      std::vector<float> w_now(ids_now.size()), w_later(ids_later.size());
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t j = 0; j < k; ++j) {
+          const bool now = j < kn;
+          (now ? ids_now[t * kn + j] : ids_later[t * defer + j - kn]) = ids[t * k + j];
+          (now ? w_now[t * kn + j] : w_later[t * defer + j - kn]) = weights[t * k + j];
+        }
+      std::fill(deferred, deferred + T * H, 0.f);
+      experts_->forward(layer, xn, T, ids_now.data(), w_now.data(), kn, out, ex);
+      experts_->forward(layer, xn, T, ids_later.data(), w_later.data(), defer, deferred, ex);
     } else {
       experts_->forward(layer, xn, T, ids.data(), weights.data(), k, out, ex);
     }
+    if (profile)
+      profile->routed_experts +=
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
   if (cfg_.shared_expert_intermediate_size > 0) {
     TraceSpan span(tr, "shared_expert", "cpu_dense", layer);

@@ -103,6 +103,16 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaSt
   cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
+/// Lets `kernel` use `bytes` of dynamic shared memory (past the 48 KB default); false, with the
+/// error cleared, where the device cannot give that much.
+template <typename... KArgs>
+bool allow_smem(void (*kernel)(KArgs...), size_t bytes) {
+  const bool ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(bytes)) == cudaSuccess;
+  if (!ok) cudaGetLastError();  // the error of this probe only
+  return ok;
+}
+
 // ------------------------------------------------------------------------------------------ GEMV
 
 /// Element j of row `row` as float (any format), for the scalar tail and gathers.
@@ -1330,15 +1340,8 @@ bool launch_tile(const AttentionArgs& a, cudaStream_t s) {
   static_assert((256 / (D / 2)) * G * D * 4 <= 4 * kTileKeys * D * 2, "slice reduction fits");
   const size_t smem = static_cast<size_t>(4 * kTileKeys * D) * 2 +
                       static_cast<size_t>(kTileKeys * G) * 4 + 3 * G * 4;
-  static const bool ok = [&] {
-    return cudaFuncSetAttribute(attention_tile_kernel<D, G>,
-                                cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                static_cast<int>(smem)) == cudaSuccess;
-  }();
-  if (!ok) {
-    cudaGetLastError();
-    return false;
-  }
+  static const bool ok = allow_smem(attention_tile_kernel<D, G>, smem);
+  if (!ok) return false;
   const dim3 grid(static_cast<unsigned>(a.max_splits), static_cast<unsigned>(a.nkv));
   launch(attention_tile_kernel<D, G>, grid, 256, smem, s, a, a.max_splits);
   return true;
@@ -1420,6 +1423,29 @@ __device__ __forceinline__ void split_pack(float x0, float x1, uint32_t& hi, uin
        (static_cast<uint32_t>(__bfloat16_as_ushort(l1)) << 16);
 }
 
+/// Keys [b0, b0 + nb) of one KV head's BF16 cache (rows kv_stride apart) into a shared-memory
+/// stage of kTileKeys keys, K then V, 16-byte chunks XOR-swizzled by key; keys nb.. are zero-filled
+/// (P is 0 there, and 0 · garbage could be NaN). Commits one cp.async group. Shared by the
+/// tensor-core decode and prefill kernels.
+template <int D>
+__device__ __forceinline__ void stage_kv_tile(const uint16_t* kg, const uint16_t* vg,
+                                              int64_t kv_stride, int64_t b0, int nb,
+                                              uint16_t* dst) {
+  constexpr int kChunks = D / 8;
+  for (int i = threadIdx.x; i < kTileKeys * kChunks; i += blockDim.x) {
+    const int key = i / kChunks, c = i % kChunks, pc = c ^ (key & 7);
+    uint16_t* dk = dst + key * D + pc * 8;
+    uint16_t* dv = dst + kTileKeys * D + key * D + pc * 8;
+    if (key < nb) {
+      __pipeline_memcpy_async(dk, kg + (b0 + key) * kv_stride + c * 8, 16);
+      __pipeline_memcpy_async(dv, vg + (b0 + key) * kv_stride + c * 8, 16);
+    } else {
+      *reinterpret_cast<uint4*>(dk) = make_uint4(0, 0, 0, 0);
+      *reinterpret_cast<uint4*>(dv) = make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
 constexpr int kMmaStages = 3;
 constexpr int kMmaPitch = kTileKeys + 8;  // P rows in shared memory (bf16), padded
 
@@ -1499,25 +1525,11 @@ __global__ void __launch_bounds__(256, 2) attention_mma_kernel(AttentionArgs a, 
   const uint16_t* kg = static_cast<const uint16_t*>(ls.k_cache) + kvh * D;
   const uint16_t* vg = static_cast<const uint16_t*>(ls.v_cache) + kvh * D;
   const int64_t h0 = kvh * G;
-  // Rows at or past nb of the last tile are zero-filled: P is 0 there, and 0 · garbage could be
-  // NaN.
   auto load_tile = [&](int64_t t, uint16_t* dst) {
     if (t < ntiles) {
       const int64_t b0 = u0 + t * kTileKeys;
-      const int nb = static_cast<int>(u1 - b0 < kTileKeys ? u1 - b0 : kTileKeys);
-      for (int i = tid; i < kTileKeys * kChunks; i += blockDim.x) {
-        const int key = i / kChunks, c = i % kChunks;
-        const int pc = c ^ (key & 7);
-        uint16_t* dk = dst + key * D + pc * 8;
-        uint16_t* dv = dst + kTileKeys * D + key * D + pc * 8;
-        if (key < nb) {
-          __pipeline_memcpy_async(dk, kg + (b0 + key) * kv_stride + c * 8, 16);
-          __pipeline_memcpy_async(dv, vg + (b0 + key) * kv_stride + c * 8, 16);
-        } else {
-          *reinterpret_cast<uint4*>(dk) = make_uint4(0, 0, 0, 0);
-          *reinterpret_cast<uint4*>(dv) = make_uint4(0, 0, 0, 0);
-        }
-      }
+      stage_kv_tile<D>(kg, vg, kv_stride, b0,
+                       static_cast<int>(u1 - b0 < kTileKeys ? u1 - b0 : kTileKeys), dst);
     }
     __pipeline_commit();  // an empty group past the last tile keeps the wait counts uniform
   };
@@ -1715,13 +1727,7 @@ size_t attention_mma_smem() {
 /// at D = 256, more than sm_86/89 give a block).
 template <int D>
 bool mma_ready() {
-  static const bool ok = [] {
-    const bool r =
-        cudaFuncSetAttribute(attention_mma_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(attention_mma_smem<D>())) == cudaSuccess;
-    if (!r) cudaGetLastError();  // the error of this probe only
-    return r;
-  }();
+  static const bool ok = allow_smem(attention_mma_kernel<D>, attention_mma_smem<D>());
   return ok;
 }
 
@@ -1795,8 +1801,8 @@ bool attention_tile(const AttentionArgs& a, cudaStream_t s) {
 // (those with the most keys) so the last wave is short. No split over keys and no combine: it
 // pays where there are enough rows to fill the GPU (attention_prefill_applies), the warp kernel
 // with its key splits takes the rest (a few tokens after a long context).
-constexpr int kPfRows = 64;  // query rows per block: 4 warps × 16
-constexpr int kPfKeys = 32;  // keys per tile
+constexpr int kPfRows = 64;         // query rows per block: 4 warps × 16
+constexpr int kPfKeys = kTileKeys;  // keys per tile (the decode kernels' tiles: stage_kv_tile)
 
 template <int D>
 constexpr size_t attention_prefill_smem() {
@@ -1828,23 +1834,12 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(AttentionArgs a,
   const int64_t kv_stride = a.nkv * D;
   const uint16_t* kg = static_cast<const uint16_t*>(ls.k_cache) + kvh * D;
   const uint16_t* vg = static_cast<const uint16_t*>(ls.v_cache) + kvh * D;
-  // Keys at or past nkeys are zero-filled (masked below; 0 · garbage could be NaN).
+  // Keys at or past nkeys are zero-filled by stage_kv_tile (and masked below).
   auto load_tile = [&](int64_t t, uint16_t* dst) {
     if (t < ntiles) {
       const int64_t b0 = t * kPfKeys;
-      const int nb = static_cast<int>(nkeys - b0 < kPfKeys ? nkeys - b0 : kPfKeys);
-      for (int i = tid; i < kPfKeys * kChunks; i += blockDim.x) {
-        const int key = i / kChunks, c = i % kChunks, pc = c ^ (key & 7);
-        uint16_t* dk = dst + key * D + pc * 8;
-        uint16_t* dv = dst + kPfKeys * D + key * D + pc * 8;
-        if (key < nb) {
-          __pipeline_memcpy_async(dk, kg + (b0 + key) * kv_stride + c * 8, 16);
-          __pipeline_memcpy_async(dv, vg + (b0 + key) * kv_stride + c * 8, 16);
-        } else {
-          *reinterpret_cast<uint4*>(dk) = make_uint4(0, 0, 0, 0);
-          *reinterpret_cast<uint4*>(dv) = make_uint4(0, 0, 0, 0);
-        }
-      }
+      stage_kv_tile<D>(kg, vg, kv_stride, b0,
+                       static_cast<int>(nkeys - b0 < kPfKeys ? nkeys - b0 : kPfKeys), dst);
     }
     __pipeline_commit();
   };
@@ -1994,13 +1989,7 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(AttentionArgs a,
 
 template <int D>
 bool prefill_ready() {
-  static const bool ok = [] {
-    const bool r = cudaFuncSetAttribute(
-                       attention_prefill_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                       static_cast<int>(attention_prefill_smem<D>())) == cudaSuccess;
-    if (!r) cudaGetLastError();  // the error of this probe only
-    return r;
-  }();
+  static const bool ok = allow_smem(attention_prefill_kernel<D>, attention_prefill_smem<D>());
   return ok;
 }
 
@@ -2919,16 +2908,9 @@ void delta_rule(const float* q, const float* k, const float* v, const float* g, 
     const dim3 grid(static_cast<unsigned>(nv), static_cast<unsigned>(dv / cbp),
                     static_cast<unsigned>(rows));
     const size_t smem = delta_rule_prefill_smem(dk, cbp);
-    static const bool big_smem = [] {  // up to d_k = 256 with 32 columns: ~75 KB
-      const int b = 96 * 1024;
-      bool ok = cudaFuncSetAttribute(delta_rule_prefill_kernel<32>,
-                                     cudaFuncAttributeMaxDynamicSharedMemorySize, b) == cudaSuccess;
-      ok = cudaFuncSetAttribute(delta_rule_prefill_kernel<16>,
-                                cudaFuncAttributeMaxDynamicSharedMemorySize, b) == cudaSuccess &&
-           ok;
-      if (!ok) cudaGetLastError();
-      return ok;
-    }();
+    static const bool big_smem =  // up to d_k = 256 with 16 columns: ~68 KB
+        allow_smem(delta_rule_prefill_kernel<32>, 96 * 1024) &&
+        allow_smem(delta_rule_prefill_kernel<16>, 96 * 1024);
     if (smem <= 48 * 1024 || big_smem) {
       if (rpt == 32)
         launch(delta_rule_prefill_kernel<32>, grid, cbp * RG, smem, s, q, k, v, g, beta, step,
