@@ -2426,22 +2426,25 @@ __global__ void delta_rule_prefill_kernel(const float* __restrict__ q, const flo
 #pragma unroll
   for (int i = 0; i < RPT; ++i) st[i] = S[(i * RG + rg) * dv + col];
   pdl_begin();
+  // Staging without divisions (a 64-bit division per element cost more than the recurrence).
+  const int dki = static_cast<int>(dk), nth = static_cast<int>(blockDim.x);
+  const int tid = static_cast<int>(threadIdx.x);
   auto stage = [&](int64_t c0, int buf) {
     const int n = static_cast<int>(T - c0 < kDrChunk ? T - c0 : kDrChunk);
     float* qd = qks + buf * kDrChunk * pitch;
-    for (int64_t i = threadIdx.x; i < n * 2 * dk; i += blockDim.x) {
-      const int64_t tt = i / (2 * dk), j = i % (2 * dk), t = c0 + tt;
-      const float* src = j < dk ? q + (t * nk + kh) * dk + j : k + (t * nk + kh) * dk + (j - dk);
-      __pipeline_memcpy_async(qd + tt * pitch + j, src, 4);
+    for (int tt = 0; tt < n; ++tt) {
+      const int64_t off = ((c0 + tt) * nk + kh) * dk;
+      for (int j = tid; j < dki; j += nth) {
+        __pipeline_memcpy_async(qd + tt * pitch + j, q + off + j, 4);
+        __pipeline_memcpy_async(qd + tt * pitch + dki + j, k + off + j, 4);
+      }
+      const int64_t voff = ((c0 + tt) * nv + h) * dv + blockIdx.y * static_cast<int64_t>(CB);
+      for (int c = tid; c < CB; c += nth)
+        __pipeline_memcpy_async(vs + (buf * kDrChunk + tt) * CB + c, v + voff + c, 4);
     }
-    for (int64_t i = threadIdx.x; i < n * CB; i += blockDim.x) {
-      const int64_t tt = i / CB, c = i % CB;
-      __pipeline_memcpy_async(vs + (buf * kDrChunk + tt) * CB + c,
-                              v + ((c0 + tt) * nv + h) * dv + blockIdx.y * CB + c, 4);
-    }
-    for (int64_t i = threadIdx.x; i < 2 * n; i += blockDim.x) {
-      const int64_t tt = i / 2, t = c0 + tt;
-      __pipeline_memcpy_async(gbs + (buf * kDrChunk + tt) * 2 + (i % 2),
+    for (int i = tid; i < 2 * n; i += nth) {
+      const int64_t t = c0 + i / 2;
+      __pipeline_memcpy_async(gbs + buf * kDrChunk * 2 + i,
                               i % 2 ? beta + t * nv + h : g + t * nv + h, 4);
     }
     __pipeline_commit();
@@ -2470,20 +2473,24 @@ __global__ void delta_rule_prefill_kernel(const float* __restrict__ q, const flo
       const float fq = qk_l2 ? fs[2 * tt] : 1.f, fk = qk_l2 ? fs[2 * tt + 1] : 1.f;
       const float decay = expf(gbs[(buf * kDrChunk + tt) * 2]);
       const float bt = gbs[(buf * kDrChunk + tt) * 2 + 1];
-      float mem = 0.f;
+      // Four partial sums each: the recurrence is a chain of dependent steps, and each step's
+      // latency (not the GPU's throughput) sets the kernel's time.
+      float m4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int i = 0; i < RPT; ++i) {
         st[i] *= decay;
-        mem = fmaf(st[i], kk[i * RG], mem);
+        m4[i % 4] = fmaf(st[i], kk[i * RG], m4[i % 4]);
       }
+      float mem = (m4[0] + m4[1]) + (m4[2] + m4[3]);
       for (int off = 1; off < RG; off <<= 1) mem += __shfl_xor_sync(lanes, mem, off);
       const float delta = bt * (vs[(buf * kDrChunk + tt) * CB + cl] - mem * fk) * fk;
-      float o = 0.f;
+      float o4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int i = 0; i < RPT; ++i) {
         st[i] = fmaf(kk[i * RG], delta, st[i]);
-        o = fmaf(st[i], qq[i * RG], o);
+        o4[i % 4] = fmaf(st[i], qq[i * RG], o4[i % 4]);
       }
+      float o = (o4[0] + o4[1]) + (o4[2] + o4[3]);
       for (int off = 1; off < RG; off <<= 1) o += __shfl_xor_sync(lanes, o, off);
       if (rg == 0) out[((c0 + tt) * nv + h) * dv + col] = o * fq;
     }
