@@ -30,6 +30,10 @@ struct DevMatrix {
 /// `set_pdl_enabled` switches it. Graphs keep what they were captured with.
 bool pdl_enabled();
 void set_pdl_enabled(bool on);
+/// Prompts (T ≥ 2) through the chunked delta rule (Note [chunked delta rule] in ops.cu) instead of
+/// the staged token-by-token kernel. TIDAL_CUDA_DELTA_CHUNKED=1 sets it at start.
+void set_delta_rule_chunked(bool on);
+bool delta_rule_chunked();
 
 /// Rows of activations the GEMV kernel takes at once; more rows go to cuBLAS (gemm.h).
 constexpr int64_t kMaxGemvRows = 8;

@@ -739,12 +739,25 @@ struct DeltaCase {
   int64_t T, nk, nv, dk, dv;
 };
 class CudaDeltaRuleTest : public ::testing::TestWithParam<DeltaCase> {};
+void check_delta_rule_case(const DeltaCase& c);
 
 /// The register-resident recurrence against the CPU chunked form (T not a multiple of the chunk)
 /// and recurrent form, then a decode step after it.
 TEST_P(CudaDeltaRuleTest, MatchesCpuAcrossChunkBoundariesThenDecode) {
   REQUIRE_GPU();
-  const auto c = GetParam();
+  struct ChunkedRestore {
+    bool was = delta_rule_chunked();
+    ~ChunkedRestore() { set_delta_rule_chunked(was); }
+  } restore;
+  // The staged token-by-token kernel and the chunked form (Note [chunked delta rule]).
+  for (bool chunked : {false, true}) {
+    set_delta_rule_chunked(chunked);
+    SCOPED_TRACE(chunked ? "chunked" : "staged");
+    check_delta_rule_case(GetParam());
+  }
+}
+
+void check_delta_rule_case(const DeltaCase& c) {
   auto q = random_vec(c.T * c.nk * c.dk, 30, 0.2f), k = random_vec(c.T * c.nk * c.dk, 31, 0.2f),
        v = random_vec(c.T * c.nv * c.dv, 32), g = random_vec(c.T * c.nv, 33, 0.1f),
        beta = random_vec(c.T * c.nv, 34, 0.3f), s0 = random_vec(c.nv * c.dk * c.dv, 35, 0.1f);
@@ -816,7 +829,14 @@ TEST(CudaOps, DeltaRulePromptNormalisesQkInKernel) {
   Dev<LayerStateDev> dl1(std::vector<LayerStateDev>{l1}), dl2(std::vector<LayerStateDev>{l2});
   Dev<StepDev> st1(std::vector<StepDev>{StepDev{0, dl1.p}}),
       st2(std::vector<StepDev>{StepDev{0, dl2.p}});
+  struct ChunkedRestore {
+    bool was = delta_rule_chunked();
+    ~ChunkedRestore() { set_delta_rule_chunked(was); }
+  } restore;
+  // Chunked in-kernel normalisation against staged pre-normalised input: two kernels, one answer.
+  set_delta_rule_chunked(true);
   delta_rule(dq.p, dk_.p, dvv.p, dg.p, db.p, st1.p, 0, o1.p, T, nk, nv, dk, dv, nullptr, 1, true);
+  set_delta_rule_chunked(false);
   delta_rule(dqn.p, dkn.p, dvv.p, dg.p, db.p, st2.p, 0, o2.p, T, nk, nv, dk, dv, nullptr, 1, false);
   const auto a = o1.get(), b = o2.get();
   float scale = 0.f;
