@@ -2515,8 +2515,8 @@ size_t delta_rule_prefill_smem(int64_t dk, int CB) {
 // and only the triangular solve stays sequential (one step per token of the chunk, a barrier each).
 // Everything but A, W and Q Kᵀ is separable by the value column, so a block takes one head and
 // kDcCols of its value columns (the state slice S[:, cols] in shared memory for the whole prompt);
-// A, W and Q Kᵀ are recomputed by each of a head's column blocks. fp32 throughout (SIMT), the same
-// arithmetic as the CPU's chunked form up to summation order.
+// A, W and Q Kᵀ are recomputed by each of a head's column blocks. fp32 throughout (SIMT): the CPU's
+// chunked form with 32-token chunks instead of its 64 (the same maths, other roundings).
 constexpr int kDcChunk = 32;  // tokens per chunk
 constexpr int kDcCols = 32;   // value columns per block
 constexpr int kDcThreads = 256;
@@ -3100,13 +3100,16 @@ void delta_rule(const float* q, const float* k, const float* v, const float* g, 
       (dv % kDcCols == 0 || dv < kDcCols)) {  // Note [chunked delta rule]
     const int cols = static_cast<int>(std::min<int64_t>(dv, kDcCols));
     const size_t smem = delta_rule_chunk_smem(dk, cols);
-    bool ok = smem <= 48 * 1024;
-    if (!ok) {
-      ok =
-          cudaFuncSetAttribute(delta_rule_chunk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(smem)) == cudaSuccess;
-      if (!ok) cudaGetLastError();  // too much for this device: the staged kernel below
-    }
+    // The largest shared memory it can need (d_k = 256, 32 columns: ~145 KB), set once; a device
+    // that cannot give it runs the staged kernel below for anything over 48 KB.
+    static const bool big_smem = [] {
+      const bool r = cudaFuncSetAttribute(
+                         delta_rule_chunk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         static_cast<int>(delta_rule_chunk_smem(256, kDcCols))) == cudaSuccess;
+      if (!r) cudaGetLastError();  // the error of this probe only
+      return r;
+    }();
+    const bool ok = smem <= 48 * 1024 || (big_smem && dk <= 256);
     if (ok) {
       const dim3 grid(static_cast<unsigned>(nv), static_cast<unsigned>(dv / cols),
                       static_cast<unsigned>(rows));
