@@ -3102,13 +3102,8 @@ void delta_rule(const float* q, const float* k, const float* v, const float* g, 
     const size_t smem = delta_rule_chunk_smem(dk, cols);
     // The largest shared memory it can need (d_k = 256, 32 columns: ~145 KB), set once; a device
     // that cannot give it runs the staged kernel below for anything over 48 KB.
-    static const bool big_smem = [] {
-      const bool r = cudaFuncSetAttribute(
-                         delta_rule_chunk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         static_cast<int>(delta_rule_chunk_smem(256, kDcCols))) == cudaSuccess;
-      if (!r) cudaGetLastError();  // the error of this probe only
-      return r;
-    }();
+    static const bool big_smem =
+        allow_smem(delta_rule_chunk_kernel, delta_rule_chunk_smem(256, kDcCols));
     const bool ok = smem <= 48 * 1024 || (big_smem && dk <= 256);
     if (ok) {
       const dim3 grid(static_cast<unsigned>(nv), static_cast<unsigned>(dv / cols),
