@@ -57,10 +57,13 @@ if [[ $steps == *tests* ]]; then
   timeout 200 ./build/gpu/tests/tidal_tests --gtest_filter='*Cuda*:*ExpertStore*' \
     > "$out/cpp_tests.log" 2>&1 || failed=1
   tail -1 "$out/cpp_tests.log"; grep -E "^\[  FAILED|Failure" "$out/cpp_tests.log" | sort -u | head -20 || true
-  (cd tests/python && timeout 300 python3 -m pytest -q -s -p no:cacheprovider test_cuda.py \
-    > "$out/pytest_cuda.log" 2>&1) || failed=1
-  echo "pytest test_cuda.py: $(tail -1 "$out/pytest_cuda.log") ($SECONDS s)"
-  grep -E "^FAILED|^E  |cuda-measure\] (vram|prefill)" "$out/pytest_cuda.log" | cut -c1-400 | head -40 || true
+  # test_cuda.py under each delta-rule kernel of DELTA_CHUNKED (default "0")
+  for dc in ${DELTA_CHUNKED:-0}; do
+    (cd tests/python && TIDAL_CUDA_DELTA_CHUNKED=$dc timeout 300 python3 -m pytest -q -s -p no:cacheprovider \
+      test_cuda.py > "$out/pytest_cuda_dc$dc.log" 2>&1) || failed=1
+    echo "pytest test_cuda.py, TIDAL_CUDA_DELTA_CHUNKED=$dc: $(tail -1 "$out/pytest_cuda_dc$dc.log") ($SECONDS s)"
+    grep -E "^FAILED|^E  |cuda-measure\] (vram|prefill)" "$out/pytest_cuda_dc$dc.log" | cut -c1-400 | head -30 || true
+  done
 fi
 if [[ $steps == *model* ]] && [ ! -f "$m/config.json" ]; then
   python3 -m tidal.synth --preset qwen3.6-35b-a3b --layers 40 --expert-dtype int4 "$m" > "$out/synth.log" 2>&1 \
