@@ -2426,22 +2426,25 @@ __global__ void delta_rule_prefill_kernel(const float* __restrict__ q, const flo
 #pragma unroll
   for (int i = 0; i < RPT; ++i) st[i] = S[(i * RG + rg) * dv + col];
   pdl_begin();
+  // Staging without divisions (a 64-bit division per element cost more than the recurrence).
+  const int dki = static_cast<int>(dk), nth = static_cast<int>(blockDim.x);
+  const int tid = static_cast<int>(threadIdx.x);
   auto stage = [&](int64_t c0, int buf) {
     const int n = static_cast<int>(T - c0 < kDrChunk ? T - c0 : kDrChunk);
     float* qd = qks + buf * kDrChunk * pitch;
-    for (int64_t i = threadIdx.x; i < n * 2 * dk; i += blockDim.x) {
-      const int64_t tt = i / (2 * dk), j = i % (2 * dk), t = c0 + tt;
-      const float* src = j < dk ? q + (t * nk + kh) * dk + j : k + (t * nk + kh) * dk + (j - dk);
-      __pipeline_memcpy_async(qd + tt * pitch + j, src, 4);
+    for (int tt = 0; tt < n; ++tt) {
+      const int64_t off = ((c0 + tt) * nk + kh) * dk;
+      for (int j = tid; j < dki; j += nth) {
+        __pipeline_memcpy_async(qd + tt * pitch + j, q + off + j, 4);
+        __pipeline_memcpy_async(qd + tt * pitch + dki + j, k + off + j, 4);
+      }
+      const int64_t voff = ((c0 + tt) * nv + h) * dv + blockIdx.y * static_cast<int64_t>(CB);
+      for (int c = tid; c < CB; c += nth)
+        __pipeline_memcpy_async(vs + (buf * kDrChunk + tt) * CB + c, v + voff + c, 4);
     }
-    for (int64_t i = threadIdx.x; i < n * CB; i += blockDim.x) {
-      const int64_t tt = i / CB, c = i % CB;
-      __pipeline_memcpy_async(vs + (buf * kDrChunk + tt) * CB + c,
-                              v + ((c0 + tt) * nv + h) * dv + blockIdx.y * CB + c, 4);
-    }
-    for (int64_t i = threadIdx.x; i < 2 * n; i += blockDim.x) {
-      const int64_t tt = i / 2, t = c0 + tt;
-      __pipeline_memcpy_async(gbs + (buf * kDrChunk + tt) * 2 + (i % 2),
+    for (int i = tid; i < 2 * n; i += nth) {
+      const int64_t t = c0 + i / 2;
+      __pipeline_memcpy_async(gbs + buf * kDrChunk * 2 + i,
                               i % 2 ? beta + t * nv + h : g + t * nv + h, 4);
     }
     __pipeline_commit();
@@ -2470,20 +2473,24 @@ __global__ void delta_rule_prefill_kernel(const float* __restrict__ q, const flo
       const float fq = qk_l2 ? fs[2 * tt] : 1.f, fk = qk_l2 ? fs[2 * tt + 1] : 1.f;
       const float decay = expf(gbs[(buf * kDrChunk + tt) * 2]);
       const float bt = gbs[(buf * kDrChunk + tt) * 2 + 1];
-      float mem = 0.f;
+      // Four partial sums each: the recurrence is a chain of dependent steps, and each step's
+      // latency (not the GPU's throughput) sets the kernel's time.
+      float m4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int i = 0; i < RPT; ++i) {
         st[i] *= decay;
-        mem = fmaf(st[i], kk[i * RG], mem);
+        m4[i % 4] = fmaf(st[i], kk[i * RG], m4[i % 4]);
       }
+      float mem = (m4[0] + m4[1]) + (m4[2] + m4[3]);
       for (int off = 1; off < RG; off <<= 1) mem += __shfl_xor_sync(lanes, mem, off);
       const float delta = bt * (vs[(buf * kDrChunk + tt) * CB + cl] - mem * fk) * fk;
-      float o = 0.f;
+      float o4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int i = 0; i < RPT; ++i) {
         st[i] = fmaf(kk[i * RG], delta, st[i]);
-        o = fmaf(st[i], qq[i * RG], o);
+        o4[i % 4] = fmaf(st[i], qq[i * RG], o4[i % 4]);
       }
+      float o = (o4[0] + o4[1]) + (o4[2] + o4[3]);
       for (int off = 1; off < RG; off <<= 1) o += __shfl_xor_sync(lanes, o, off);
       if (rg == 0) out[((c0 + tt) * nv + h) * dv + col] = o * fq;
     }
@@ -2497,6 +2504,189 @@ size_t delta_rule_prefill_smem(int64_t dk, int CB) {
                              2 * kDrChunk) *
          sizeof(float);
 }
+
+// Note [chunked delta rule]
+// The staged kernel above still walks a prompt token by token: each step is a chain of dependent
+// sums whose latency, not the GPU's throughput, sets the time (321 ms for the 35B-A3B's 30 layers
+// at 8K tokens on the H100). The chunked form of model-spec §3.4 (as cpu::delta_rule_chunked) turns
+// chunks of kDcChunk tokens into small dense products: per chunk, with γ the cumulative log decay,
+//   A_ts = β_t (k_t·k_s) e^{γ_t−γ_s} (s < t);  (I + A) U = diag(β) V;  (I + A) W = diag(β e^γ) K
+//   V' = U − W S;  O = diag(e^γ) Q S + (Q Kᵀ ⊙ Γ) V';  S ← e^{γ_c} S + Σ_t e^{γ_c−γ_t} k_t V'_tᵀ
+// and only the triangular solve stays sequential (one step per token of the chunk, a barrier each).
+// Everything but A, W and Q Kᵀ is separable by the value column, so a block takes one head and
+// kDcCols of its value columns (the state slice S[:, cols] in shared memory for the whole prompt);
+// A, W and Q Kᵀ are recomputed by each of a head's column blocks. fp32 throughout (SIMT): the CPU's
+// chunked form with 32-token chunks instead of its 64 (the same maths, other roundings).
+constexpr int kDcChunk = 32;  // tokens per chunk
+constexpr int kDcCols = 32;   // value columns per block
+constexpr int kDcThreads = 256;
+
+size_t delta_rule_chunk_smem(int64_t dk, int cols) {
+  const int64_t C = kDcChunk, pk = dk + 1, pc = cols + 1;
+  return static_cast<size_t>(3 * C * pk + C * pc + 2 * C * (C + 1) + dk * cols + 4 * C) *
+         sizeof(float);
+}
+
+__global__ void __launch_bounds__(kDcThreads)
+    delta_rule_chunk_kernel(const float* __restrict__ q, const float* __restrict__ k,
+                            const float* __restrict__ v, const float* __restrict__ g,
+                            const float* __restrict__ beta, const StepDev* step, int layer,
+                            float* __restrict__ out, int64_t T, int64_t nk, int64_t nv, int64_t dk,
+                            int64_t dv, int cols, bool qk_l2) {
+  extern __shared__ float dcs[];
+  constexpr int C = kDcChunk;
+  const int r = blockIdx.z;  // row r: its own sequence of T tokens
+  q += r * T * nk * dk;
+  k += r * T * nk * dk;
+  v += r * T * nv * dv;
+  g += r * T * nv;
+  beta += r * T * nv;
+  out += r * T * nv * dv;
+  step += r;
+  const int dki = static_cast<int>(dk), pk = dki + 1, pc = cols + 1;
+  float* Ks = dcs;               // [C][pk]
+  float* Qs = Ks + C * pk;       // [C][pk]
+  float* Ws = Qs + C * pk;       // [C][pk]
+  float* Us = Ws + C * pk;       // [C][pc]: V, then U, then V'
+  float* As = Us + C * pc;       // [C][C + 1]: A (strictly lower)
+  float* Ps = As + C * (C + 1);  // [C][C + 1]: (Q Kᵀ ⊙ Γ), lower with the diagonal
+  float* Ss = Ps + C * (C + 1);  // [dk][cols]: the state slice
+  float* gam = Ss + dki * cols;  // [C] cumulative log decay
+  float* egs = gam + C;          // [C] e^γ
+  float* fts = egs + C;          // [C] e^{γ_c − γ_t}
+  float* bts = fts + C;          // [C] β
+  const int tid = threadIdx.x, nth = blockDim.x, lane = tid % kWarp, wid = tid / kWarp;
+  const int h = blockIdx.x;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.y) * cols;
+  const int64_t kh = h / (nv / nk);
+  float* S = step->layers[layer].recurrent + static_cast<int64_t>(h) * dk * dv;
+  pdl_begin();
+  for (int idx = tid; idx < dki * cols; idx += nth)
+    Ss[idx] = S[(idx / cols) * dv + col0 + idx % cols];
+  for (int64_t c0 = 0; c0 < T; c0 += C) {
+    const int c = static_cast<int>(T - c0 < C ? T - c0 : C);
+    // Load the chunk (the previous chunk's last phase ended with a barrier).
+    for (int t = 0; t < c; ++t) {
+      const int64_t off = ((c0 + t) * nk + kh) * dk;
+      for (int x = tid; x < 2 * dki; x += nth) {
+        if (x < dki)
+          Ks[t * pk + x] = k[off + x];
+        else
+          Qs[t * pk + (x - dki)] = q[off + (x - dki)];
+      }
+      const int64_t voff = ((c0 + t) * nv + h) * dv + col0;
+      for (int j = tid; j < cols; j += nth) Us[t * pc + j] = v[voff + j];
+    }
+    if (tid < c) {
+      gam[tid] = g[(c0 + tid) * nv + h];
+      bts[tid] = beta[(c0 + tid) * nv + h];
+    }
+    __syncthreads();
+    if (qk_l2) {  // raw conv outputs: L2-normalise q and k rows (q also by 1/sqrt(d_k))
+      for (int row = wid; row < 2 * c; row += nth / kWarp) {
+        float* x = row < c ? Ks + row * pk : Qs + (row - c) * pk;
+        float ss = 0.f;
+        for (int i = lane; i < dki; i += kWarp) ss = fmaf(x[i], x[i], ss);
+        ss = warp_sum(ss);
+        const float f =
+            (1.0f / sqrtf(ss + 1e-6f)) * (row < c ? 1.0f : rsqrtf(static_cast<float>(dk)));
+        for (int i = lane; i < dki; i += kWarp) x[i] *= f;
+      }
+    }
+    if (tid == 0) {  // cumulative log decay (c adds, in order, as the CPU does)
+      float acc = 0.f;
+      for (int t = 0; t < c; ++t) {
+        acc += gam[t];
+        gam[t] = acc;
+        egs[t] = expf(acc);
+      }
+      for (int t = 0; t < c; ++t) fts[t] = expf(acc - gam[t]);
+    }
+    __syncthreads();
+    // A, Q Kᵀ ⊙ Γ, and the right-hand sides β V and β e^γ K.
+    for (int idx = tid; idx < c * c; idx += nth) {
+      const int t = idx / c, s = idx % c;
+      float a = 0.f, p = 0.f;
+      if (s <= t) {
+        const float* kt = Ks + t * pk;
+        const float* ks = Ks + s * pk;
+        const float* qt = Qs + t * pk;
+        float dkk = 0.f, dqk = 0.f;
+        for (int i = 0; i < dki; ++i) {
+          dkk = fmaf(kt[i], ks[i], dkk);
+          dqk = fmaf(qt[i], ks[i], dqk);
+        }
+        const float e = expf(gam[t] - gam[s]);
+        if (s < t) a = bts[t] * dkk * e;
+        p = dqk * e;
+      }
+      As[t * (C + 1) + s] = a;
+      Ps[t * (C + 1) + s] = p;
+    }
+    for (int idx = tid; idx < c * (dki + cols); idx += nth) {
+      const int t = idx / (dki + cols), x = idx % (dki + cols);
+      if (x < dki)
+        Ws[t * pk + x] = bts[t] * egs[t] * Ks[t * pk + x];
+      else
+        Us[t * pc + (x - dki)] *= bts[t];
+    }
+    __syncthreads();
+    // (I + A) [W | U] = [β e^γ K | β V], row by row (forward substitution).
+    for (int t = 1; t < c; ++t) {
+      const float* at = As + t * (C + 1);
+      for (int x = tid; x < dki + cols; x += nth) {
+        if (x < dki) {
+          float w = Ws[t * pk + x];
+          for (int s = 0; s < t; ++s) w = fmaf(-at[s], Ws[s * pk + x], w);
+          Ws[t * pk + x] = w;
+        } else {
+          const int j = x - dki;
+          float u = Us[t * pc + j];
+          for (int s = 0; s < t; ++s) u = fmaf(-at[s], Us[s * pc + j], u);
+          Us[t * pc + j] = u;
+        }
+      }
+      __syncthreads();
+    }
+    // V' = U − W S (in place: each thread its own (t, j)).
+    for (int idx = tid; idx < c * cols; idx += nth) {
+      const int t = idx / cols, j = idx % cols;
+      const float* wt = Ws + t * pk;
+      float acc = Us[t * pc + j];
+      for (int i = 0; i < dki; ++i) acc = fmaf(-wt[i], Ss[i * cols + j], acc);
+      Us[t * pc + j] = acc;
+    }
+    __syncthreads();
+    // O = diag(e^γ) Q S + (Q Kᵀ ⊙ Γ) V'.
+    for (int idx = tid; idx < c * cols; idx += nth) {
+      const int t = idx / cols, j = idx % cols;
+      const float* qt = Qs + t * pk;
+      float qs = 0.f;
+      for (int i = 0; i < dki; ++i) qs = fmaf(qt[i], Ss[i * cols + j], qs);
+      float acc = egs[t] * qs;
+      const float* pt = Ps + t * (C + 1);
+      for (int s = 0; s <= t; ++s) acc = fmaf(pt[s], Us[s * pc + j], acc);
+      out[((c0 + t) * nv + h) * dv + col0 + j] = acc;
+    }
+    __syncthreads();
+    // S ← e^{γ_c} S + Σ_t e^{γ_c − γ_t} k_t V'_tᵀ.
+    const float ec = egs[c - 1];
+    for (int idx = tid; idx < dki * cols; idx += nth) {
+      const int i = idx / cols, j = idx % cols;
+      float acc = ec * Ss[idx];
+      for (int t = 0; t < c; ++t) acc = fmaf(fts[t] * Ks[t * pk + i], Us[t * pc + j], acc);
+      Ss[idx] = acc;
+    }
+    __syncthreads();
+  }
+  for (int idx = tid; idx < dki * cols; idx += nth)
+    S[(idx / cols) * dv + col0 + idx % cols] = Ss[idx];
+}
+
+std::atomic<bool> g_delta_chunked{[] {
+  const char* e = std::getenv("TIDAL_CUDA_DELTA_CHUNKED");
+  return e != nullptr && e[0] == '1';
+}()};
 
 __global__ void rms_norm_gated_kernel(const float* x, const float* z, int64_t ld_z, int64_t rpt,
                                       const float* w, float* y, int64_t rows, int64_t dim,
@@ -2637,6 +2827,9 @@ bool pdl_enabled() {
   }
   return v == 1;
 }
+
+void set_delta_rule_chunked(bool on) { g_delta_chunked.store(on, std::memory_order_relaxed); }
+bool delta_rule_chunked() { return g_delta_chunked.load(std::memory_order_relaxed); }
 
 void set_pdl_enabled(bool on) {
   g_pdl.store(on && pdl_supported() ? 1 : 0, std::memory_order_relaxed);
@@ -2903,6 +3096,23 @@ void delta_rule(const float* q, const float* k, const float* v, const float* g, 
   const int rpt = dk % 32 == 0 && dk >= 64 ? 32 : 16;  // rows per thread; dk / rpt ≤ 8 lanes
   const int CB = static_cast<int>(std::min<int64_t>(32, dv));
   const int RG = static_cast<int>(dk / rpt);
+  if (T >= 2 && g_delta_chunked.load(std::memory_order_relaxed) &&
+      (dv % kDcCols == 0 || dv < kDcCols)) {  // Note [chunked delta rule]
+    const int cols = static_cast<int>(std::min<int64_t>(dv, kDcCols));
+    const size_t smem = delta_rule_chunk_smem(dk, cols);
+    // The largest shared memory it can need (d_k = 256, 32 columns: ~145 KB), set once; a device
+    // that cannot give it runs the staged kernel below for anything over 48 KB.
+    static const bool big_smem =
+        allow_smem(delta_rule_chunk_kernel, delta_rule_chunk_smem(256, kDcCols));
+    const bool ok = smem <= 48 * 1024 || (big_smem && dk <= 256);
+    if (ok) {
+      const dim3 grid(static_cast<unsigned>(nv), static_cast<unsigned>(dv / cols),
+                      static_cast<unsigned>(rows));
+      launch(delta_rule_chunk_kernel, grid, kDcThreads, smem, s, q, k, v, g, beta, step, layer, out,
+             T, nk, nv, dk, dv, cols, l2norm_qk);
+      return;
+    }
+  }
   if (T >= 2 && dk % rpt == 0 && (RG & (RG - 1)) == 0) {  // Note [delta rule over a prompt]
     const int cbp = dv % 16 == 0 ? 16 : CB;
     const dim3 grid(static_cast<unsigned>(nv), static_cast<unsigned>(dv / cbp),

@@ -30,6 +30,10 @@ struct DevMatrix {
 /// `set_pdl_enabled` switches it. Graphs keep what they were captured with.
 bool pdl_enabled();
 void set_pdl_enabled(bool on);
+/// Prompts (T ≥ 2) through the chunked delta rule (Note [chunked delta rule] in ops.cu) instead of
+/// the staged token-by-token kernel. TIDAL_CUDA_DELTA_CHUNKED=1 sets it at start.
+void set_delta_rule_chunked(bool on);
+bool delta_rule_chunked();
 
 /// Rows of activations the GEMV kernel takes at once; more rows go to cuBLAS (gemm.h).
 constexpr int64_t kMaxGemvRows = 8;
@@ -230,7 +234,8 @@ bool delta_rule_normed(const float* q, const float* k, const float* v, const flo
 
 /// Gated delta rule over T tokens on the fp32 state of `layer` (model-spec §3.4), token by token
 /// with the state in registers: out (T, nv, dv); T ≥ 2 stages the tokens in chunks through shared
-/// memory (Note [delta rule over a prompt] in ops.cu). d_k and d_v must be multiples of 32 (≤ 256).
+/// memory (Note [delta rule over a prompt] in ops.cu), or, with set_delta_rule_chunked, runs the
+/// chunked form (Note [chunked delta rule]). d_k and d_v must be multiples of 32 (≤ 256).
 /// `rows` > 1: that many sequences of T tokens each, packed one after the other (state step[r]).
 /// `l2norm_qk`: q and k are raw conv outputs (gemv_gdn_in), L2-normalised here (q also scaled by
 /// 1/sqrt(d_k)), as gdn_conv_prep_step would; the same flag on delta_rule_normed.

@@ -18,7 +18,8 @@
 #          lookahead on (--router-lookahead 0): its precision and recall
 #   pp     tidal.bench pp512 and pp8192 with prefill expert streaming (TIDAL_CUDA_PREFILL_STREAM=1,
 #          chunks of each of STREAM_CHUNKS, default "4096 8192"; prompts from STREAM_MIN, default 512
-#          tokens) and with the experts on the host
+#          tokens; each delta-rule kernel of DELTA_CHUNKED, default "0") and with the experts on the
+#          host (PP_HOST=0 leaves that out)
 #   q80    the Qwen3-Next-80B-A3B shape (48 layers, 512 experts, INT4 pre-packed: 45 GB, written to
 #          /tmp/q80 after /tmp/m40 is removed: the disk is 64 GB) loaded under the same caps,
 #          tidal.bench pp512 and tg128 with the expert cache
@@ -56,10 +57,13 @@ if [[ $steps == *tests* ]]; then
   timeout 200 ./build/gpu/tests/tidal_tests --gtest_filter='*Cuda*:*ExpertStore*' \
     > "$out/cpp_tests.log" 2>&1 || failed=1
   tail -1 "$out/cpp_tests.log"; grep -E "^\[  FAILED|Failure" "$out/cpp_tests.log" | sort -u | head -20 || true
-  (cd tests/python && timeout 300 python3 -m pytest -q -s -p no:cacheprovider test_cuda.py \
-    > "$out/pytest_cuda.log" 2>&1) || failed=1
-  echo "pytest test_cuda.py: $(tail -1 "$out/pytest_cuda.log") ($SECONDS s)"
-  grep -E "^FAILED|^E  |cuda-measure\] (vram|prefill)" "$out/pytest_cuda.log" | cut -c1-400 | head -40 || true
+  # test_cuda.py under each delta-rule kernel of DELTA_CHUNKED (default "0")
+  for dc in ${DELTA_CHUNKED:-0}; do
+    (cd tests/python && TIDAL_CUDA_DELTA_CHUNKED=$dc timeout 300 python3 -m pytest -q -s -p no:cacheprovider \
+      test_cuda.py > "$out/pytest_cuda_dc$dc.log" 2>&1) || failed=1
+    echo "pytest test_cuda.py, TIDAL_CUDA_DELTA_CHUNKED=$dc: $(tail -1 "$out/pytest_cuda_dc$dc.log") ($SECONDS s)"
+    grep -E "^FAILED|^E  |cuda-measure\] (vram|prefill)" "$out/pytest_cuda_dc$dc.log" | cut -c1-400 | head -30 || true
+  done
 fi
 if [[ $steps == *model* ]] && [ ! -f "$m/config.json" ]; then
   python3 -m tidal.synth --preset qwen3.6-35b-a3b --layers 40 --expert-dtype int4 "$m" > "$out/synth.log" 2>&1 \
@@ -110,11 +114,13 @@ if [[ $steps == *route* ]]; then
   grep "router lookahead" "$out/route_lookahead.txt" || true
 fi
 if [[ $steps == *pp* ]]; then
-  for c in ${STREAM_CHUNKS:-4096 8192}; do
-    TIDAL_CUDA_PREFILL_STREAM=1 TIDAL_CUDA_STREAM_CHUNK=$c TIDAL_CUDA_STREAM_MIN_TOKENS=${STREAM_MIN:-512} \
-      bench pp_stream$c -p 512,8192 -n 16
+  for dc in ${DELTA_CHUNKED:-0}; do
+    for c in ${STREAM_CHUNKS:-4096 8192}; do
+      TIDAL_CUDA_DELTA_CHUNKED=$dc TIDAL_CUDA_PREFILL_STREAM=1 TIDAL_CUDA_STREAM_CHUNK=$c \
+        TIDAL_CUDA_STREAM_MIN_TOKENS=${STREAM_MIN:-512} bench pp_stream${c}_dc$dc -p 512,8192 -n 16
+    done
   done
-  bench pp_host -p 512,8192 -n 16
+  [ "${PP_HOST:-1}" = 0 ] || bench pp_host -p 512,8192 -n 16
 fi
 if [[ $steps == *q80* ]]; then
   rm -rf /tmp/m40  # the disk holds one of the two

@@ -90,10 +90,12 @@ run_llama() {  # GGUF, tag
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$out/vram_llama_$2.txt" &
   local poll=$!
   # llama.cpp at its best: weights loaded into pinned host buffers (-lm none; with mmap its prompt
-  # processing copies experts to the GPU from pageable memory, 3-5x slower), micro-batches of 512
-  # and 2048 (side_by_side.py takes the faster one per test).
+  # processing copies experts to the GPU from pageable memory, 3-5x slower), micro-batches of 512,
+  # 2048 and 8192 (UBATCH; a whole 8K prompt in one micro-batch crosses PCIe with each layer's
+  # experts once, as tidal's 8192-token streaming chunk does; side_by_side.py takes the faster one
+  # per test).
   "$llama"/llama-bench -m "$1" -p "$prompts" -n 128 -r "$reps" -t "$threads" -ngl 99 -ot "exps=CPU" -fa on \
-    -lm none -b 8192 -ub 512,2048 -o json > "$out/llama_$2.json" 2> "$out/llama_$2.log" || tail -20 "$out/llama_$2.log"
+    -lm none -b 8192 -ub "${UBATCH:-512,2048,8192}" -o json > "$out/llama_$2.json" 2> "$out/llama_$2.log" || tail -20 "$out/llama_$2.log"
   kill $poll || true
   grep -q '"backends": "CUDA' "$out/llama_$2.json" || echo "WARNING: llama-bench did not run with its CUDA backend"
 }

@@ -739,12 +739,25 @@ struct DeltaCase {
   int64_t T, nk, nv, dk, dv;
 };
 class CudaDeltaRuleTest : public ::testing::TestWithParam<DeltaCase> {};
+void check_delta_rule_case(const DeltaCase& c);
 
 /// The register-resident recurrence against the CPU chunked form (T not a multiple of the chunk)
 /// and recurrent form, then a decode step after it.
 TEST_P(CudaDeltaRuleTest, MatchesCpuAcrossChunkBoundariesThenDecode) {
   REQUIRE_GPU();
-  const auto c = GetParam();
+  struct ChunkedRestore {
+    bool was = delta_rule_chunked();
+    ~ChunkedRestore() { set_delta_rule_chunked(was); }
+  } restore;
+  // The staged token-by-token kernel and the chunked form (Note [chunked delta rule]).
+  for (bool chunked : {false, true}) {
+    set_delta_rule_chunked(chunked);
+    SCOPED_TRACE(chunked ? "chunked" : "staged");
+    check_delta_rule_case(GetParam());
+  }
+}
+
+void check_delta_rule_case(const DeltaCase& c) {
   auto q = random_vec(c.T * c.nk * c.dk, 30, 0.2f), k = random_vec(c.T * c.nk * c.dk, 31, 0.2f),
        v = random_vec(c.T * c.nv * c.dv, 32), g = random_vec(c.T * c.nv, 33, 0.1f),
        beta = random_vec(c.T * c.nv, 34, 0.3f), s0 = random_vec(c.nv * c.dk * c.dv, 35, 0.1f);
@@ -816,14 +829,25 @@ TEST(CudaOps, DeltaRulePromptNormalisesQkInKernel) {
   Dev<LayerStateDev> dl1(std::vector<LayerStateDev>{l1}), dl2(std::vector<LayerStateDev>{l2});
   Dev<StepDev> st1(std::vector<StepDev>{StepDev{0, dl1.p}}),
       st2(std::vector<StepDev>{StepDev{0, dl2.p}});
-  delta_rule(dq.p, dk_.p, dvv.p, dg.p, db.p, st1.p, 0, o1.p, T, nk, nv, dk, dv, nullptr, 1, true);
+  struct ChunkedRestore {
+    bool was = delta_rule_chunked();
+    ~ChunkedRestore() { set_delta_rule_chunked(was); }
+  } restore;
+  // The staged kernel on pre-normalised input is the reference; each kernel's in-kernel
+  // normalisation must give the same answer.
+  set_delta_rule_chunked(false);
   delta_rule(dqn.p, dkn.p, dvv.p, dg.p, db.p, st2.p, 0, o2.p, T, nk, nv, dk, dv, nullptr, 1, false);
-  const auto a = o1.get(), b = o2.get();
+  const auto b = o2.get();
   float scale = 0.f;
   for (float x : b) scale = std::max(scale, std::fabs(x));
   ASSERT_GT(scale, 1e-3f);
-  EXPECT_LT(max_abs_diff(a, b), 1e-5f * std::max(1.f, scale));
-  EXPECT_LT(max_abs_diff(ds1.get(), ds2.get()), 1e-5f);
+  for (bool chunked : {false, true}) {
+    set_delta_rule_chunked(chunked);
+    ds1.put(s0);
+    delta_rule(dq.p, dk_.p, dvv.p, dg.p, db.p, st1.p, 0, o1.p, T, nk, nv, dk, dv, nullptr, 1, true);
+    EXPECT_LT(max_abs_diff(o1.get(), b), 1e-5f * std::max(1.f, scale)) << "chunked=" << chunked;
+    EXPECT_LT(max_abs_diff(ds1.get(), ds2.get()), 1e-5f) << "chunked=" << chunked;
+  }
 }
 
 /// The decode-step fusions equal the unfused kernels: conv1d + prep in one kernel, the delta rule
