@@ -2426,7 +2426,7 @@ __global__ void delta_rule_prefill_kernel(const float* __restrict__ q, const flo
 #pragma unroll
   for (int i = 0; i < RPT; ++i) st[i] = S[(i * RG + rg) * dv + col];
   pdl_begin();
-  // Staging without divisions (a 64-bit division per element cost more than the recurrence).
+  // Staging without divisions: the 64-bit division and remainder per staged element are gone.
   const int dki = static_cast<int>(dk), nth = static_cast<int>(blockDim.x);
   const int tid = static_cast<int>(threadIdx.x);
   auto stage = [&](int64_t c0, int buf) {
@@ -2517,6 +2517,13 @@ size_t delta_rule_prefill_smem(int64_t dk, int CB) {
 // kDcCols of its value columns (the state slice S[:, cols] in shared memory for the whole prompt);
 // A, W and Q Kᵀ are recomputed by each of a head's column blocks. fp32 throughout (SIMT): the CPU's
 // chunked form with 32-token chunks instead of its 64 (the same maths, other roundings).
+// Measured (H200, the 40-layer 35B-A3B shape with INT4 experts streamed, pp8192, one device call):
+// 6715 tok/s end to end against 9969 with the staged kernel, so it stays opt-in. A block needs
+// ~145 KB of shared memory (one per SM); 32 heads x 4 column blocks = 128 blocks, each walking 256
+// chunks in sequence with a barrier per token of the solve: the walk is still a sequential chain,
+// now with barriers in it. What could make it pay: A, W and U do not depend on S, so a first pass
+// over all chunks at once (the whole grid) can compute them; the sequential pass then only forms
+// V' = U - W S, the output and the state update per chunk.
 constexpr int kDcChunk = 32;  // tokens per chunk
 constexpr int kDcCols = 32;   // value columns per block
 constexpr int kDcThreads = 256;
