@@ -32,6 +32,11 @@
 set -euo pipefail
 mkdir -p "${OUT:-bench-out}"
 out=$(cd "${OUT:-bench-out}" && pwd)
+# The device tool returns at most 8 files from $OUT (the first 8 by name): everything also goes
+# into one archive named to come first, at exit and when a timeout stops the script.
+pack_out() { tar -czf "$out/0-all.tar.gz" -C "$out" --exclude=0-all.tar.gz . 2>/dev/null || true; }
+trap pack_out EXIT
+trap 'pack_out; exit 143' TERM
 steps=${STEPS:-build check bench}
 layers=${LAYERS:-8}
 threads=${THREADS:-16}
