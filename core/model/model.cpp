@@ -360,7 +360,8 @@ void Model::mlp_block(int64_t layer, const MlpWeights& w, const float* xn, int64
   std::fill(out, out + T * H, 0.f);
   {
     TraceSpan span(tr, "routed_experts", "cpu_experts", layer);
-    const auto t0 = std::chrono::steady_clock::now();
+    const auto t0 =
+        profile ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
     if (deferred != nullptr && defer > 0 && defer < k) {
       // Note [Expert deferral study]: the last `defer` of each token's ranked experts go to
       // `deferred`, the others to `out`.

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "kernels/cuda/ops.h"
@@ -1717,6 +1718,22 @@ __global__ void __launch_bounds__(256, 2) attention_mma_kernel(AttentionArgs a, 
   }
 }
 
+/// f(std::integral_constant<int, D>{}) for the head dims the tensor-core attention kernels are
+/// instantiated for (64, 128, 256); false for any other.
+template <class F>
+bool by_head_dim(int64_t d, F&& f) {
+  switch (d) {
+    case 64:
+      return f(std::integral_constant<int, 64>{});
+    case 128:
+      return f(std::integral_constant<int, 128>{});
+    case 256:
+      return f(std::integral_constant<int, 256>{});
+    default:
+      return false;
+  }
+}
+
 template <int D>
 size_t attention_mma_smem() {
   return static_cast<size_t>(kMmaStages) * 2 * kTileKeys * D * 2 + 2 * 16 * kTileKeys * 4 +
@@ -1733,16 +1750,7 @@ bool mma_ready() {
 
 bool mma_applies(const AttentionArgs& a) {
   if (a.T != 1 || a.kv_f32 || a.nh % a.nkv != 0 || a.nh / a.nkv > 16) return false;
-  switch (a.d) {
-    case 64:
-      return mma_ready<64>();
-    case 128:
-      return mma_ready<128>();
-    case 256:
-      return mma_ready<256>();
-    default:
-      return false;
-  }
+  return by_head_dim(a.d, [](auto D) { return mma_ready<decltype(D)::value>(); });
 }
 
 template <int D>
@@ -1754,14 +1762,10 @@ void launch_mma(const AttentionArgs& a, cudaStream_t s) {
 /// The tensor-core decode kernel when it applies (one token, BF16 cache, head_dim 64/128/256, GQA
 /// group ≤ 16, shared memory for it); false: try the others.
 bool attention_mma(const AttentionArgs& a, cudaStream_t s) {
-  if (!mma_applies(a)) return false;
-  if (a.d == 64)
-    launch_mma<64>(a, s);
-  else if (a.d == 128)
-    launch_mma<128>(a, s);
-  else
-    launch_mma<256>(a, s);
-  return true;
+  return mma_applies(a) && by_head_dim(a.d, [&](auto D) {
+           launch_mma<decltype(D)::value>(a, s);
+           return true;
+         });
 }
 
 /// The tiled decode kernel when it applies (one token, BF16 cache, head_dim 64/128/256, GQA group
@@ -1769,16 +1773,7 @@ bool attention_mma(const AttentionArgs& a, cudaStream_t s) {
 bool attention_tile(const AttentionArgs& a, cudaStream_t s) {
   if (a.T != 1 || a.kv_f32 || a.nh % a.nkv != 0) return false;
   const int64_t G = a.nh / a.nkv;
-  switch (a.d) {
-    case 64:
-      return launch_tile_g<64>(a, G, s);
-    case 128:
-      return launch_tile_g<128>(a, G, s);
-    case 256:
-      return launch_tile_g<256>(a, G, s);
-    default:
-      return false;
-  }
+  return by_head_dim(a.d, [&](auto D) { return launch_tile_g<decltype(D)::value>(a, G, s); });
 }
 
 // ------------------------------------------------------------- prefill attention, tensor cores
@@ -2005,16 +2000,7 @@ bool attention_prefill_applies(const AttentionArgs& a) {
   if (a.T < 2 || a.kv_f32 || a.fused_prep || a.nkv <= 0 || a.nh % a.nkv != 0) return false;
   const int64_t G = a.nh / a.nkv;
   if (G > kPfRows || kPfRows % G != 0 || a.T * a.nh * a.d < kPrefillMinWork) return false;
-  switch (a.d) {
-    case 64:
-      return prefill_ready<64>();
-    case 128:
-      return prefill_ready<128>();
-    case 256:
-      return prefill_ready<256>();
-    default:
-      return false;
-  }
+  return by_head_dim(a.d, [](auto D) { return prefill_ready<decltype(D)::value>(); });
 }
 
 template <int D>
@@ -2026,14 +2012,10 @@ void launch_prefill(const AttentionArgs& a, cudaStream_t s) {
 
 /// The tensor-core prefill kernel when it applies; false: use the others.
 bool attention_prefill(const AttentionArgs& a, cudaStream_t s) {
-  if (!attention_prefill_applies(a)) return false;
-  if (a.d == 64)
-    launch_prefill<64>(a, s);
-  else if (a.d == 128)
-    launch_prefill<128>(a, s);
-  else
-    launch_prefill<256>(a, s);
-  return true;
+  return attention_prefill_applies(a) && by_head_dim(a.d, [&](auto D) {
+           launch_prefill<decltype(D)::value>(a, s);
+           return true;
+         });
 }
 
 template <typename KT, int DPL>

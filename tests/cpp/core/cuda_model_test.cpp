@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <nlohmann/json.hpp>
+#include <string>
 #include <vector>
 
 #include "core/model/model.h"
@@ -160,19 +161,10 @@ TEST(CudaModel, FusedDecodeMatchesUnfusedKernels) {
   const auto fused_plain = run(cfg, hw, true, true);
   kernels::cuda::set_pdl_enabled(pdl_was);
   ASSERT_EQ(unfused.size(), fused.size());
-  // The fused-vs-unfused difference of every step, relative to its largest logit, printed whether
-  // or not a step fails: how it grows over the steps tells rounding amplified by the model from a
-  // wrong value (which shows at once).
-  std::printf("[fused vs unfused] max |diff| / max |logit| per step:");
-  for (size_t s = 0; s < unfused.size(); ++s) {
-    float scale = 0.f, diff = 0.f;
-    for (size_t i = 0; i < unfused[s].size(); ++i) {
-      scale = std::max(scale, std::fabs(unfused[s][i]));
-      diff = std::max(diff, std::fabs(fused[s][i] - unfused[s][i]));
-    }
-    std::printf(" %.2e", scale > 0.f ? static_cast<double>(diff / scale) : 0.0);
-  }
-  std::printf("\n");
+  // The fused-vs-unfused difference of every step, relative to its largest logit, is printed
+  // whether or not a step fails: how it grows over the steps tells rounding amplified by the
+  // model from a wrong value (which shows at once).
+  std::string growth;
   for (size_t s = 0; s < unfused.size(); ++s) {
     float scale = 0.f, diff = 0.f;
     for (size_t i = 0; i < unfused[s].size(); ++i) {
@@ -181,6 +173,9 @@ TEST(CudaModel, FusedDecodeMatchesUnfusedKernels) {
       diff = std::max(diff, std::fabs(fused[s][i] - unfused[s][i]));
     }
     ASSERT_GT(scale, 0.f);
+    char rel[16];
+    std::snprintf(rel, sizeof rel, " %.2e", static_cast<double>(diff / scale));
+    growth += rel;
     // fp32 throughout; the fused path adds the same terms in another order (the shared expert
     // before the next residual, the norm's scale after the dot product): rounding only.
     EXPECT_LE(diff, 1e-4f * scale) << "step " << s << " (0 = prompt), max |logit| " << scale;
@@ -198,6 +193,7 @@ TEST(CudaModel, FusedDecodeMatchesUnfusedKernels) {
     EXPECT_EQ(fused[s], fused_eager[s]) << "step " << s;
     EXPECT_EQ(fused[s], fused_plain[s]) << "step " << s << " (PDL off)";
   }
+  std::printf("[fused vs unfused] max |diff| / max |logit| per step:%s\n", growth.c_str());
   // After a 200-token prompt, so each decode step's attention spans several splits of 64 keys:
   // the tensor-core kernel's tile loads issued before the dependency wait, the last split's
   // cache write (Note [attention prep in the decode kernel]) and the combine over several
