@@ -147,6 +147,37 @@ def _time_tg(rt: Any, n: int, depth: int, rng: np.random.Generator) -> float:
     return time.perf_counter() - t0
 
 
+def _gpu_step_seconds(rt: Any, depth: int, rng: np.random.Generator, steps: int = 16) -> float:
+    """GPU time of one decode step at `depth` tokens of context, measured in this process: the
+    GPU track of rt.trace() (CUDA events around each GPU segment of a forward call, Note [Step
+    trace]) summed per decode step, median over `steps` steps after two untimed ones. The segments
+    hold everything the GPU does in a step (dense layers, routers, shared experts, experts served
+    from the VRAM cache, the activations' copies over PCIe); the CPU experts run between them."""
+    from . import _tidal
+
+    seq = rt.new_sequence()
+    sampler = _tidal.Sampler(temperature=0.0)
+    tok = seq.step(rng.integers(0, rt.config.vocab_size, max(1, depth)).tolist(), sampler)
+    for _ in range(2):
+        tok = seq.step([tok], sampler)
+    with rt.trace() as tr:
+        for _ in range(steps):
+            tok = seq.step([tok], sampler)
+    segs = tr.spans("gpu", "gpu_segment")
+    per_step = [sum(e["dur"] for e in segs if f["ts"] <= e["ts"] <= f["ts"] + f["dur"]) for f in tr.spans("step")]
+    per_step = [t for t in per_step if t > 0]
+    if not per_step:
+        raise RuntimeError("tidal.bench: the step trace recorded no GPU segment")
+    return statistics.median(per_step) * 1e-6
+
+
+def step_bound(need: dict[str, int], host_read: float, gpu_step_s: float) -> float:
+    """tok/s allowed by the routed-expert bytes that must come from host RAM (at `host_read`) plus
+    the GPU step time measured in the same run (issue 7's bound: what a step costs if the CPU
+    experts ran at the bandwidth limit and nothing overlapped)."""
+    return 1.0 / (need["routed_experts"] / host_read + gpu_step_s)
+
+
 def _trace_steps(rt: Any, path: str | os.PathLike, seed: int) -> dict[str, Any]:
     """rt.trace() of a 32-token prompt and 8 decode steps; medians per decode step by category."""
     import statistics
@@ -306,6 +337,8 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
             r["bound_tok_s"] = decode_bound(need, bw, gpu_bw.get("hbm_read_bytes_per_s"),
                                             gpu_bw.get("pinned_h2d_bytes_per_s"))
             r["fraction_of_bound"] = r["tok_s_median"] / r["bound_tok_s"]
+            if on_gpu and routing is None:
+                r["gpu_step_ms"] = 1e3 * _gpu_step_seconds(rt, d + n // 2, rng)
     bw_after = _tidal.measure_read_bandwidth(bandwidth_bytes, rt.num_threads, 3)
     if on_gpu:  # the GPU figures, too, are the larger of two readings
         again = _tidal.measure_gpu_bandwidth(int(device.split(":")[1]) if ":" in device else 0)
@@ -320,6 +353,10 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
                 r["bound_tok_s"] = decode_bound(r["bytes_per_token"], bw, gpu_bw.get("hbm_read_bytes_per_s"),
                                                 gpu_bw.get("pinned_h2d_bytes_per_s"))
                 r["fraction_of_bound"] = r["tok_s_median"] / r["bound_tok_s"]
+    for r in results:
+        if "gpu_step_ms" in r:
+            r["step_bound_tok_s"] = step_bound(r["bytes_per_token"], bw, 1e-3 * r["gpu_step_ms"])
+            r["fraction_of_step_bound"] = r["tok_s_median"] / r["step_bound_tok_s"]
     h2d = gpu_bw.get("pinned_h2d_bytes_per_s")
     for r in results:
         if r.get("pcie_bytes") and h2d:
@@ -396,6 +433,11 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"| {r['test']:<14} | {r['tok_s_median']:>14.1f} | {r['tok_s_min']:>9.1f} | {r['tok_s_max']:>9.1f} "
                      f"| {bound:>11} | {frac:>8} |")
     lines.append("")
+    for r in report["results"]:
+        if "step_bound_tok_s" in r:
+            lines.append(f"{r['test']}: {100 * r['fraction_of_step_bound']:.0f}% of {r['step_bound_tok_s']:.1f} tok/s, "
+                         f"the bound from the host expert bytes plus the GPU step time measured here "
+                         f"({r['gpu_step_ms']:.3f} ms)")
     for r in report["results"]:
         p = r.get("prediction")
         if p is not None:

@@ -307,6 +307,8 @@ def test_gpu_bound_logic_without_a_gpu(monkeypatch):
 
     monkeypatch.setattr(tidal.Runtime, "load", staticmethod(fake_load))
     monkeypatch.setattr(tidal._tidal, "measure_gpu_bandwidth", lambda device=0: next(readings))
+    depths_seen = []
+    monkeypatch.setattr(bench, "_gpu_step_seconds", lambda rt, depth, rng: depths_seen.append(depth) or 2e-3)
     r = bench.run_bench(MINI, pp=[8], tg=[4], depths=[0], repetitions=1, device="cuda", gpu_memory="3GiB",
                         gpu_weights="int8")
     assert r["caps"]["gpu_memory"] == "3GiB" and r["gpu_memory"]["used"] == 60
@@ -321,6 +323,12 @@ def test_gpu_bound_logic_without_a_gpu(monkeypatch):
     want = 1 / (need["routed_experts"] / host + (need["total"] - need["routed_experts"]) / 2e12 + need["pcie"] / 2e10)
     assert tg["bound_tok_s"] == pytest.approx(want)
     assert tg["fraction_of_bound"] == pytest.approx(tg["tok_s_median"] / want)
+    # Issue 7's bound: the host expert bytes plus the GPU step time measured in the run (at the
+    # tg test's mean context: depth 0 + 4 // 2), the larger host bandwidth reading.
+    assert depths_seen == [2] and tg["gpu_step_ms"] == pytest.approx(2.0)
+    assert tg["step_bound_tok_s"] == pytest.approx(1 / (need["routed_experts"] / host + 2e-3))
+    assert tg["fraction_of_step_bound"] == pytest.approx(tg["tok_s_median"] / tg["step_bound_tok_s"])
+    assert "the GPU step time measured here (2.000 ms)" in bench.format_table(r)
 
 
 def test_bench_trace(tmp_path):
