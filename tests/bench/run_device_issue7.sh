@@ -42,7 +42,7 @@ bench() {  # name, then tidal.bench arguments
     --gpu-memory 12GiB --cpu-threads 15 --expert-dtype int4 -r 3 "$@" --json "$out/$name.json" \
     > "$out/$name.txt" 2>&1 || { failed=1; tail -5 "$out/$name.txt"; }
   echo "== $name ($SECONDS s)"
-  grep -E "^\| (pp|tg)" "$out/$name.txt" || true
+  grep -E "^\| (pp|tg)|GPU step time measured" "$out/$name.txt" || true
   python3 - "$out/$name.json" <<'EOF' || true
 import json, sys
 d = json.load(open(sys.argv[1]))
