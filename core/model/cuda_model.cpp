@@ -176,6 +176,14 @@ struct CudaModel::Impl {
   std::vector<cudaEvent_t> vx_running;  // recorded after the copies issued at this step's start
   std::vector<cudaEvent_t> vx_events;   // free
   std::vector<void*> vx_registered;     // page-locked layer ranges of the host store
+  // Note [Lookahead prefetch]: slots per buffer, their copy stream, one event per layer (the
+  // main stream waits for it before that layer's cached experts), two pinned staging rows.
+  int64_t vx_pf = 0;
+  int vx_pf_row = 0;
+  cudaStream_t vx_pf_copy = nullptr;
+  std::vector<cudaEvent_t> vx_ev_pf;
+  int32_t* vx_pf_rows = nullptr;
+  void vx_prefetch_after(int64_t layer, kernels::Executor& ex);
   uint64_t vx_bytes = 0;
   float* yg = nullptr;
   std::vector<int32_t> vx_ids, vx_host;
@@ -202,6 +210,7 @@ struct CudaModel::Impl {
     vx_on = vx_step = false;
     cudaStreamSynchronize(stream);
     if (vx_copy) cudaStreamSynchronize(vx_copy);
+    if (vx_pf_copy) cudaStreamSynchronize(vx_pf_copy);
     cudaGetLastError();
     for (auto g : graphs) cudaGraphExecDestroy(g);
     graphs.clear();
@@ -268,10 +277,13 @@ struct CudaModel::Impl {
   // layer's ids arrive. Measurement only (rt.set_router_lookahead); skipped where a weight of
   // layer L's norm is zero, and in streamed prefill (no xn on the host).
   const std::vector<LayerWeights>* host_layers = nullptr;
-  std::vector<float> la_x, la_logits;
+  std::vector<float> la_x, la_logits, la_f;
   std::vector<int32_t> la_pred;
   int64_t la_layer = -1, la_k = 0;
   void lookahead_after(int64_t layer, int64_t T, kernels::Executor& ex);
+  /// The top `kp` experts per token of MoE layer `next`, predicted from this layer's normed
+  /// input (h_xn) through the next router, into la_pred; false where no prediction is possible.
+  bool predict_next(int64_t layer, size_t next, int64_t T, int64_t kp, kernels::Executor& ex);
   /// The router's ids and weights for T rows to h_rids / h_w (and, under routing control, its
   /// logits, the first E of each row of `proj`, W wide, to h_rlogits), on the stream.
   void routing_to_host(int64_t T, int64_t W) {
@@ -602,8 +614,12 @@ void CudaModel::Impl::vx_init_impl(kernels::Executor& ex) {
                               static_cast<int64_t>(avail / static_cast<uint64_t>(vx.slot_bytes)));
   }
   slots = std::min(slots, moe_layers * E);
+  // Lookahead prefetch needs the routers on the host (Note [Lookahead prefetch]); its two
+  // buffers come out of what the budget leaves (automatic slots) or on top of a given count.
+  const int64_t pf = host_layers != nullptr ? std::max<int64_t>(0, opts.expert_prefetch) : 0;
+  if (opts.expert_slots < 0) slots -= 2 * pf;
   if (slots <= 0) return;
-  const uint64_t bytes = static_cast<uint64_t>(slots * vx.slot_bytes);
+  const uint64_t bytes = static_cast<uint64_t>((slots + 2 * pf) * vx.slot_bytes);
   if (opts.expert_slots > 0) {
     const uint64_t used = weight_bytes + ws_bytes + px_bytes + kv_bytes + linear_bytes;
     TIDAL_CHECK(
@@ -631,7 +647,23 @@ void CudaModel::Impl::vx_init_impl(kernels::Executor& ex) {
   cuda_check(cudaEventCreateWithFlags(&vx_ev_table, cudaEventDisableTiming), "event creation");
   vx_sched = std::make_unique<offload::ExpertCacheSchedule>(
       L, E, slots, offload::parse_cache_policy(opts.expert_cache_policy),
-      std::max<int64_t>(1, opts.expert_fills));
+      std::max<int64_t>(1, opts.expert_fills), 0.98, 256, pf);
+  vx_pf = pf;
+  if (pf > 0) {
+    int lo = 0, hi = 0;  // the prefetch copies first where the copy engines queue
+    cuda_check(cudaDeviceGetStreamPriorityRange(&lo, &hi), "stream priorities");
+    cuda_check(cudaStreamCreateWithPriority(&vx_pf_copy, cudaStreamNonBlocking, hi),
+               "stream creation");
+    cuda_check(
+        cudaMallocHost(reinterpret_cast<void**>(&vx_pf_rows), static_cast<size_t>(2 * E) * 4),
+        "expert prefetch rows");
+    vx_ev_pf.assign(static_cast<size_t>(L), nullptr);
+    for (auto& e : vx_ev_pf) {
+      cuda_check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "event creation");
+      cuda_check(cudaEventRecord(e, vx_pf_copy), "event record");  // complete: nothing to wait for
+    }
+    cuda_check(cudaStreamSynchronize(vx_pf_copy), "expert prefetch");
+  }
   register_host_store(ex);
   vx_bytes = bytes + side;
   std::lock_guard lock(vx_mu);
@@ -639,6 +671,7 @@ void CudaModel::Impl::vx_init_impl(kernels::Executor& ex) {
   vx_stats.slots = slots;
   vx_stats.policy = opts.expert_cache_policy;
   vx_stats.slot_bytes = static_cast<uint64_t>(vx.slot_bytes);
+  vx_stats.prefetch_slots = pf;
   vx_stats.layer_gpu_pairs.assign(static_cast<size_t>(L), 0);
   vx_stats.layer_cpu_pairs.assign(static_cast<size_t>(L), 0);
   vx_on = true;
@@ -706,33 +739,94 @@ void CudaModel::Impl::vx_begin_step_impl() {
   cuda_check(cudaEventRecord(vx_running.back(), vx_copy), "event record");
 }
 
+bool CudaModel::Impl::predict_next(int64_t layer, size_t next, int64_t T, int64_t kp,
+                                   kernels::Executor& ex) {
+  const int64_t H = cfg.hidden_size, E = cfg.num_experts;
+  if (host_layers == nullptr || next >= layers.size() || !experts_on_host(layers[next]))
+    return false;
+  const auto& wl = (*host_layers)[static_cast<size_t>(layer)].post_attention_layernorm;
+  const auto& wn = (*host_layers)[next].post_attention_layernorm;
+  if (static_cast<int64_t>(wl.size()) != H || static_cast<int64_t>(wn.size()) != H) return false;
+  const bool zc = cfg.is_hybrid();  // zero-centred norms scale by 1 + w
+  la_f.resize(static_cast<size_t>(H));
+  for (int64_t i = 0; i < H; ++i) {
+    const float a = zc ? 1.f + wl[i] : wl[i], b = zc ? 1.f + wn[i] : wn[i];
+    if (a == 0.f) return false;
+    la_f[i] = b / a;
+  }
+  la_x.resize(static_cast<size_t>(T * H));
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < H; ++i) la_x[t * H + i] = h_xn[t * H + i] * la_f[i];
+  la_logits.resize(static_cast<size_t>(T * E));
+  kernels::cpu::linear(la_x.data(), T, (*host_layers)[next].mlp.router, la_logits.data(), ex);
+  la_pred.resize(static_cast<size_t>(T * kp));
+  top_k_ids(la_logits.data(), T, E, kp, la_pred.data());
+  return true;
+}
+
 void CudaModel::Impl::lookahead_after(int64_t layer, int64_t T, kernels::Executor& ex) {
-  const int64_t k = cfg.num_experts_per_tok, H = cfg.hidden_size, E = cfg.num_experts;
+  const int64_t k = cfg.num_experts_per_tok, E = cfg.num_experts;
   if (la_layer == layer)  // predicted one MoE layer ago: count against this layer's ids
     routing->add_lookahead(layer, la_pred.data(), la_k, h_rids, k, T);
   la_layer = -1;
   const size_t next = static_cast<size_t>(layer) + 1;
-  if (host_layers == nullptr || next >= layers.size() || !experts_on_host(layers[next])) return;
-  const auto& wl = (*host_layers)[static_cast<size_t>(layer)].post_attention_layernorm;
-  const auto& wn = (*host_layers)[next].post_attention_layernorm;
-  if (static_cast<int64_t>(wl.size()) != H || static_cast<int64_t>(wn.size()) != H) return;
-  const bool zc = cfg.is_hybrid();  // zero-centred norms scale by 1 + w
-  std::vector<float> f(static_cast<size_t>(H));
-  for (int64_t i = 0; i < H; ++i) {
-    const float a = zc ? 1.f + wl[i] : wl[i], b = zc ? 1.f + wn[i] : wn[i];
-    if (a == 0.f) return;
-    f[i] = b / a;
-  }
-  la_x.resize(static_cast<size_t>(T * H));
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = 0; i < H; ++i) la_x[t * H + i] = h_xn[t * H + i] * f[i];
-  la_logits.resize(static_cast<size_t>(T * E));
-  kernels::cpu::linear(la_x.data(), T, (*host_layers)[next].mlp.router, la_logits.data(), ex);
   la_k = routing->lookahead_k();
   if (la_k <= 0 || la_k > E) la_k = k;
-  la_pred.resize(static_cast<size_t>(T * la_k));
-  top_k_ids(la_logits.data(), T, E, la_k, la_pred.data());
-  la_layer = static_cast<int64_t>(next);
+  if (predict_next(layer, next, T, la_k, ex)) la_layer = static_cast<int64_t>(next);
+}
+
+// Note [Lookahead prefetch]
+// Issue 7's router lookahead turned into copies. One-token decode with the expert cache: when
+// layer L's router ids and normed input reach the host, and before it computes L's experts, the
+// host applies the next MoE layer's router to that input (scaled by the ratio of the two layers'
+// norm weights, as Note [Router lookahead] measures it) and takes its top k. Of those, the ones
+// the step's table does not hold get prefetch slots (offload::ExpertCacheSchedule::prefetch, up
+// to expert_prefetch of them, two buffers outside the policy's pool), their bytes are copied on
+// their own stream (`vx_pf_copy`, beside the demand fills on `vx_copy`, so they do not queue
+// behind them), then the layer's table row, and an event per layer is recorded after. The step's
+// graph waits for that event (an external event wait node) just before the layer's cached experts,
+// so the copies run beside the host's experts of L and the GPU's work of the next layer up to its
+// router; a layer nothing was prefetched for waits for an event long complete. The host splits
+// the next layer by the same row, so a correct prediction moves an expert from the host to the
+// GPU in the same step, and a wrong one costs its copy only. Host RAM is read once per copied
+// expert either way, during the wait for the next router that leaves it idle otherwise; so this
+// pays only if the predictions are mostly right and the copy lands before the GPU needs it.
+// Buffer reuse is safe: the buffer of layer m_j is handed out again for m_{j+2}, which the host
+// predicts after it saw m_{j+1}'s router ids, recorded after m_j's cached experts on the stream.
+void CudaModel::Impl::vx_prefetch_after(int64_t layer, kernels::Executor& ex) {
+  size_t next = static_cast<size_t>(layer) + 1;
+  while (next < layers.size() && !experts_on_host(layers[next])) ++next;
+  const int64_t k = cfg.num_experts_per_tok, E = cfg.num_experts;
+  if (!predict_next(layer, next, 1, k, ex)) return;
+  const auto& fills = vx_sched->prefetch(static_cast<int64_t>(next), la_pred.data(), k);
+  if (fills.empty()) return;
+  uint8_t* base = const_cast<uint8_t*>(vx.slots);
+  const size_t gub = static_cast<size_t>(vx.gate_up.bytes()),
+               dnb = static_cast<size_t>(vx.down.bytes());
+  for (const auto& f : fills) {
+    const auto v = experts->packed_expert(f.layer, f.expert);
+    TIDAL_ASSERT(v.gate && v.up && v.down, "no packed bytes for expert {} of layer {}", f.expert,
+                 f.layer);
+    uint8_t* dst = base + static_cast<int64_t>(f.slot) * vx.slot_bytes;
+    cuda_check(cudaMemcpyAsync(dst, v.gate, gub, cudaMemcpyHostToDevice, vx_pf_copy),
+               "expert prefetch");
+    cuda_check(cudaMemcpyAsync(dst + gub, v.up, gub, cudaMemcpyHostToDevice, vx_pf_copy),
+               "expert prefetch");
+    cuda_check(cudaMemcpyAsync(dst + 2 * gub, v.down, dnb, cudaMemcpyHostToDevice, vx_pf_copy),
+               "expert prefetch");
+  }
+  int32_t* row = vx_pf_rows + vx_pf_row * E;
+  vx_pf_row ^= 1;
+  const auto& table = vx_sched->table();
+  std::copy(table.begin() + static_cast<int64_t>(next) * E,
+            table.begin() + static_cast<int64_t>(next + 1) * E, row);
+  cuda_check(cudaMemcpyAsync(vx_dtable + static_cast<int64_t>(next) * E, row,
+                             static_cast<size_t>(E) * 4, cudaMemcpyHostToDevice, vx_pf_copy),
+             "expert prefetch");
+  cuda_check(cudaEventRecord(vx_ev_pf[next], vx_pf_copy), "event record");
+  std::lock_guard lock(vx_mu);
+  vx_stats.prefetched += static_cast<int64_t>(fills.size());
+  vx_stats.bytes_in += fills.size() * static_cast<uint64_t>(2 * gub + dnb);
 }
 
 void CudaModel::Impl::cached_experts(int64_t layer) {
@@ -764,6 +858,7 @@ void CudaModel::Impl::host_experts(int64_t layer, int64_t T, kernels::Executor& 
   }
   // One token: the schedule splits the routed experts by this step's table (the GPU computes the
   // others into yg) and admits misses.
+  const int64_t ph0 = vx_sched->prefetch_hits();
   const int64_t on_gpu = vx_sched->route(layer, h_rids, k, vx_host);
   vx_ids.clear();
   vx_w.clear();
@@ -778,6 +873,7 @@ void CudaModel::Impl::host_experts(int64_t layer, int64_t T, kernels::Executor& 
   vx_stats.gpu_pairs += on_gpu;
   vx_stats.layer_cpu_pairs[static_cast<size_t>(layer)] += on_cpu;
   vx_stats.layer_gpu_pairs[static_cast<size_t>(layer)] += on_gpu;
+  vx_stats.prefetch_hits += vx_sched->prefetch_hits() - ph0;
 }
 
 namespace {
@@ -1047,6 +1143,17 @@ void CudaModel::Impl::px_free() {
 
 void CudaModel::Impl::vx_free() {
   if (vx_copy) cudaStreamSynchronize(vx_copy);
+  if (vx_pf_copy) {
+    cudaStreamSynchronize(vx_pf_copy);
+    cudaStreamDestroy(vx_pf_copy);
+    vx_pf_copy = nullptr;
+  }
+  for (auto e : vx_ev_pf)
+    if (e != nullptr) cudaEventDestroy(e);
+  vx_ev_pf.clear();
+  if (vx_pf_rows) cudaFreeHost(vx_pf_rows);
+  vx_pf_rows = nullptr;
+  vx_pf = 0;
   for (auto e : vx_running) vx_events.push_back(e);
   for (auto e : vx_events) cudaEventDestroy(e);
   vx_events.clear();
@@ -1279,7 +1386,15 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
                "event record");
     // The resident routed experts, while the host computes the others. Under routing control
     // the host may rewrite the ids: they run once it has (run_segments), from its ids.
-    if (vx_step && !route_ctl) cached_experts(layer);
+    if (vx_step && !route_ctl) {
+      if (vx_pf > 0)  // this layer's prefetch copies (Note [Lookahead prefetch])
+        cuda_check(cap == cudaStreamCaptureStatusActive
+                       ? cudaStreamWaitEvent(stream, vx_ev_pf[static_cast<size_t>(layer)],
+                                             cudaEventWaitExternal)
+                       : cudaStreamWaitEvent(stream, vx_ev_pf[static_cast<size_t>(layer)]),
+                   "stream wait");
+      cached_experts(layer);
+    }
   }
   // The shared expert runs on the GPU while the host computes the routed experts.
   // The MLP output reaches x in the next fused residual + norm: routed experts in y (copied from
@@ -2002,6 +2117,10 @@ void CudaModel::Impl::run_segments(int64_t T, LogitsMode cm, std::vector<cudaGra
                    "copy to device");
         cached_experts(layer);
       }
+      if (vx_step && !route_ctl && vx_pf > 0 && T == 1) {
+        TraceSpan pspan(tr, "prefetch", "cpu_experts", layer);
+        vx_prefetch_after(layer, ex);
+      }
       TraceSpan span(tr, "routed_experts", "cpu_experts", layer);
       const auto t0 = std::chrono::steady_clock::now();
       host_experts(layer, T, ex);
@@ -2150,6 +2269,7 @@ void CudaModel::reset_expert_cache_stats() {
   std::lock_guard lock(m.vx_mu);
   m.vx_stats.gpu_pairs = m.vx_stats.cpu_pairs = m.vx_stats.fills = 0;
   m.vx_stats.bytes_in = 0;
+  m.vx_stats.prefetched = m.vx_stats.prefetch_hits = 0;
   m.vx_stats.stream_layers = m.vx_stats.stream_pairs = 0;
   m.vx_stats.stream_bytes = 0;
   std::fill(m.vx_stats.layer_gpu_pairs.begin(), m.vx_stats.layer_gpu_pairs.end(), 0);

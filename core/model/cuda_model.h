@@ -80,6 +80,11 @@ struct CudaOptions {
   /// Most expert copies queued or in flight at once (each step's misses beyond it stay on the
   /// CPU without being admitted). TIDAL_CUDA_EXPERT_FILLS overrides it.
   int64_t expert_fills = env_int("TIDAL_CUDA_EXPERT_FILLS", 16);
+  /// Lookahead prefetch (Note [Lookahead prefetch] in cuda_model.cpp): at each MoE layer the host
+  /// predicts the next MoE layer's experts (its router on this layer's normed input) and copies up
+  /// to this many of the predicted misses into prefetch slots, which the GPU computes from once
+  /// they land. 0 (the default until measured) turns it off; TIDAL_CUDA_EXPERT_PREFETCH.
+  int64_t expert_prefetch = env_int("TIDAL_CUDA_EXPERT_PREFETCH", 0);
   /// Tokens of KV cache the automatic slot count leaves room for (Runtime: max_context if set).
   int64_t kv_reserve_tokens = 32768;
   /// The environment variable `name` as a flag ("1" on, "0" off), `fallback` when unset.
@@ -116,7 +121,10 @@ struct GpuExpertCacheStats {
   int64_t gpu_pairs = 0;  ///< routed (token, expert) pairs computed from a slot
   int64_t cpu_pairs = 0;  ///< ... on the host (not resident, or a one-token step without it)
   int64_t fills = 0;      ///< experts copied into a slot (completed)
-  uint64_t bytes_in = 0;  ///< their bytes
+  uint64_t bytes_in = 0;  ///< their bytes (prefetch copies included)
+  /// Lookahead prefetch: slots per buffer (two buffers), experts copied, and routed pairs the GPU
+  /// computed from a prefetch slot (the copies the prediction got right).
+  int64_t prefetch_slots = 0, prefetched = 0, prefetch_hits = 0;
   std::vector<int64_t> layer_gpu_pairs, layer_cpu_pairs;  ///< per layer
   /// Prefill expert streaming (Note [Prefill expert streaming]): MoE layers computed from
   /// streamed experts, their (token, expert) pairs, and the packed bytes copied for them.

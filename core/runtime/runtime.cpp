@@ -491,6 +491,9 @@ RuntimeStats Runtime::stats() const {
     s.host_expert_pairs = c.cpu_pairs;
     s.gpu_expert_fills = c.fills;
     s.gpu_expert_bytes_in = c.bytes_in;
+    s.gpu_expert_prefetch_slots = c.prefetch_slots;
+    s.gpu_expert_prefetched = c.prefetched;
+    s.gpu_expert_prefetch_hits = c.prefetch_hits;
     s.layer_gpu_expert_pairs = c.layer_gpu_pairs;
     s.layer_host_expert_pairs = c.layer_cpu_pairs;
     s.gpu_streamed_layers = c.stream_layers;

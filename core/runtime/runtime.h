@@ -98,6 +98,9 @@ struct RuntimeStats {
   std::string gpu_expert_policy;
   int64_t gpu_expert_pairs = 0, host_expert_pairs = 0, gpu_expert_fills = 0;
   uint64_t gpu_expert_bytes_in = 0;
+  /// Lookahead prefetch (TIDAL_CUDA_EXPERT_PREFETCH): slots per buffer, experts copied, and
+  /// routed pairs computed from a prefetch slot.
+  int64_t gpu_expert_prefetch_slots = 0, gpu_expert_prefetched = 0, gpu_expert_prefetch_hits = 0;
   std::vector<int64_t> layer_gpu_expert_pairs, layer_host_expert_pairs;
   /// Prefill expert streaming (device="cuda", TIDAL_CUDA_PREFILL_STREAM=1): MoE layers whose
   /// routed experts ran on the GPU from experts copied for the chunk, those pairs, those bytes.

@@ -131,6 +131,9 @@ py::dict stats_dict(const runtime::RuntimeStats& s) {
   d["host_expert_pairs"] = s.host_expert_pairs;
   d["gpu_expert_fills"] = s.gpu_expert_fills;
   d["gpu_expert_bytes_in"] = s.gpu_expert_bytes_in;
+  d["gpu_expert_prefetch_slots"] = s.gpu_expert_prefetch_slots;
+  d["gpu_expert_prefetched"] = s.gpu_expert_prefetched;
+  d["gpu_expert_prefetch_hits"] = s.gpu_expert_prefetch_hits;
   d["layer_gpu_expert_pairs"] = s.layer_gpu_expert_pairs;
   d["layer_host_expert_pairs"] = s.layer_host_expert_pairs;
   d["gpu_streamed_layers"] = s.gpu_streamed_layers;

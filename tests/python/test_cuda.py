@@ -540,3 +540,39 @@ def test_router_lookahead_on_gpu():
     assert gpu_c["lookahead_routed"] == cpu_c["lookahead_routed"]
     assert sorted(gpu.prediction_per_layer) == sorted(cpu.prediction_per_layer)
     assert abs(gpu.prediction_precision - cpu.prediction_precision) <= 0.02
+
+
+@pytest.mark.parametrize("slots", [5, 40], ids=["five", "forty"])
+def test_lookahead_prefetch_matches_host_experts(slots, monkeypatch):
+    """Note [Lookahead prefetch]: with TIDAL_CUDA_EXPERT_PREFETCH=2 the host copies up to two
+    predicted misses of the next MoE layer per layer into prefetch slots, which the GPU computes
+    from in the same step. The logits stay those of the host-only engine (BF16 experts: rounding
+    only, the same bound as the cache), every routed pair still runs exactly once, and tidal-mini's
+    trained routers are predictable enough that most prefetched experts are then routed."""
+    monkeypatch.setenv("TIDAL_CUDA_EXPERT_PREFETCH", "2")
+    ids = [int(i) for i in np.random.default_rng(2).integers(5, 8000, 200)]
+    host = _vx_reference("bf16", ids)
+    rt = _load(MINI, expert_dtype="bf16", gpu_expert_slots=slots)
+    got = _teacher_forced(rt, ids, 40)
+    st = rt._engine.stats()
+    cfg = rt.config
+    k, moe, steps = cfg.num_experts_per_tok, sum(cfg.layer_is_moe), len(ids) - 40
+    scale = float(np.abs(host).max())
+    err = float(np.abs(got - host).max())
+    _record(f"lookahead prefetch slots={slots}", max_abs_err=err, logit_scale=scale,
+            prefetched=st["gpu_expert_prefetched"], prefetch_hits=st["gpu_expert_prefetch_hits"],
+            gpu_pairs=st["gpu_expert_pairs"], host_pairs=st["host_expert_pairs"])
+    assert err <= VX_BF16_RTOL * scale
+    assert st["gpu_expert_prefetch_slots"] == 2 and st["gpu_expert_slots"] == slots
+    assert st["gpu_expert_pairs"] + st["host_expert_pairs"] == k * moe * len(ids)
+    # Every decode step predicts the MoE layers after the first: at most 2 copies each.
+    assert 0 < st["gpu_expert_prefetched"] <= 2 * (moe - 1) * steps
+    assert 0 < st["gpu_expert_prefetch_hits"] <= st["gpu_expert_prefetched"]
+    assert st["gpu_expert_prefetch_hits"] >= 0.3 * st["gpu_expert_prefetched"]
+    assert st["gpu_expert_prefetch_hits"] <= st["gpu_expert_pairs"]
+    # Prefetching is on top of the cache: more pairs on the GPU than the same cache without it.
+    monkeypatch.setenv("TIDAL_CUDA_EXPERT_PREFETCH", "0")
+    plain = _load(MINI, expert_dtype="bf16", gpu_expert_slots=slots)
+    _teacher_forced(plain, ids, 40)
+    assert plain._engine.stats()["gpu_expert_prefetched"] == 0
+    assert st["gpu_expert_pairs"] > plain._engine.stats()["gpu_expert_pairs"]
