@@ -214,10 +214,13 @@ def _what_fits(p: Plan) -> str:
 
 
 def plan(summary: CheckpointSummary, device: str = "cpu", gpu_memory: str | int | None = None,
-         context_tokens: int | None = None) -> Plan:
+         context_tokens: int | None = None, gpu_weights: str = "bf16") -> Plan:
     """The placement plan of `summary` for `device` ("cpu" or "cuda") and a GPU memory budget.
     context_tokens: the context the KV cache is sized for (default: 32768, or the model's
-    max_position_embeddings when smaller)."""
+    max_position_embeddings when smaller). gpu_weights: "int8" counts the pinned weights at about
+    half their BF16 bytes (weight-only INT8 matrices)."""
+    if gpu_weights not in ("bf16", "int8"):
+        raise ValueError(f'gpu_weights must be "bf16" or "int8", got {gpu_weights!r}')
     if context_tokens is None:
         context_tokens = min(32768, summary.config.max_position_embeddings)
     if context_tokens < 1:
@@ -236,7 +239,8 @@ def plan(summary: CheckpointSummary, device: str = "cpu", gpu_memory: str | int 
     if gpu_memory is None:
         raise ValueError("a GPU plan needs gpu_memory (e.g. '12G')")
     p.gpu_budget = parse_bytes(gpu_memory)
-    p.vram = {"pinned weights": s.pinned_bytes,
+    pinned = s.pinned_bytes // 2 if gpu_weights == "int8" else s.pinned_bytes
+    p.vram = {"pinned weights" + (" (int8)" if gpu_weights == "int8" else ""): pinned,
               f"kv_cache ({context_tokens} tok)": s.kv_bytes_per_token() * context_tokens,
               "deltanet_state": s.deltanet_state_bytes(),
               "cuda context + workspace": GPU_RESERVE_BYTES}
@@ -244,7 +248,7 @@ def plan(summary: CheckpointSummary, device: str = "cpu", gpu_memory: str | int 
     if free < 0:
         p.fits = False
         p.problem = (f"the GPU part needs {format_bytes(p.vram_used)} (pinned weights "
-                     f"{format_bytes(s.pinned_bytes)}, KV cache for {context_tokens} tokens) but the budget is "
+                     f"{format_bytes(pinned)}, KV cache for {context_tokens} tokens) but the budget is "
                      f"{format_bytes(p.gpu_budget)}: {format_bytes(-free)} missing; " + _what_fits(p))
         return p
     p.expert_cache_slots = int(min(free // max(1, s.expert_bytes), s.config.num_experts * sum(s.config.layer_is_moe)))

@@ -141,3 +141,20 @@ def test_plan_that_does_not_fit_says_what_would():
     # Exactly what it needs: it fits, and says nothing.
     p = plan(s, device="cuda", gpu_memory=need, context_tokens=4096)
     assert p.fits and p.problem == ""
+    # int8 GPU weights count about half the pinned bytes: the budget 2 MiB short now fits.
+    p = plan(s, device="cuda", gpu_memory=budget, context_tokens=4096, gpu_weights="int8")
+    assert p.fits and p.vram["pinned weights (int8)"] == s.pinned_bytes // 2
+    with pytest.raises(ValueError, match="gpu_weights"):
+        plan(s, device="cuda", gpu_memory=budget, gpu_weights="fp8")
+
+
+def test_load_refuses_a_budget_the_plan_cannot_hold():
+    """Runtime.load(device="cuda", gpu_memory=..., max_context=...) checks the plan before it reads
+    or allocates anything: the error says how much is missing and what would fit (so it is the
+    same on a machine without a GPU, where CI runs it)."""
+    from tidal.plan import GPU_RESERVE_BYTES
+
+    s = tidal.inspect(MINI)
+    need = s.pinned_bytes + s.kv_bytes_per_token() * 4096 + s.deltanet_state_bytes() + GPU_RESERVE_BYTES
+    with pytest.raises(MemoryError, match=r"Runtime.load: the GPU part needs .* missing; would fit: .*max_context"):
+        tidal.Runtime.load(MINI, device="cuda", gpu_memory=need - (2 << 20), max_context=4096, progress=False)
