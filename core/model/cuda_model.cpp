@@ -674,6 +674,8 @@ void CudaModel::Impl::vx_init_impl(kernels::Executor& ex) {
   vx_stats.prefetch_slots = pf;
   vx_stats.layer_gpu_pairs.assign(static_cast<size_t>(L), 0);
   vx_stats.layer_cpu_pairs.assign(static_cast<size_t>(L), 0);
+  vx_stats.layer_fills.assign(static_cast<size_t>(L), 0);
+  vx_stats.layer_evictions.assign(static_cast<size_t>(L), 0);
   vx_on = true;
 }
 
@@ -859,7 +861,10 @@ void CudaModel::Impl::host_experts(int64_t layer, int64_t T, kernels::Executor& 
   // One token: the schedule splits the routed experts by this step's table (the GPU computes the
   // others into yg) and admits misses.
   const int64_t ph0 = vx_sched->prefetch_hits();
+  const auto& cl = vx_sched->cache().stats()[static_cast<size_t>(layer)];
+  const int64_t ad0 = cl.admitted, ev0 = cl.evictions;
   const int64_t on_gpu = vx_sched->route(layer, h_rids, k, vx_host);
+  const int64_t admitted = cl.admitted - ad0, evicted = cl.evictions - ev0;
   vx_ids.clear();
   vx_w.clear();
   for (const int32_t i : vx_host) {
@@ -874,6 +879,8 @@ void CudaModel::Impl::host_experts(int64_t layer, int64_t T, kernels::Executor& 
   vx_stats.layer_cpu_pairs[static_cast<size_t>(layer)] += on_cpu;
   vx_stats.layer_gpu_pairs[static_cast<size_t>(layer)] += on_gpu;
   vx_stats.prefetch_hits += vx_sched->prefetch_hits() - ph0;
+  vx_stats.layer_fills[static_cast<size_t>(layer)] += admitted;
+  vx_stats.layer_evictions[static_cast<size_t>(layer)] += evicted;
 }
 
 namespace {
@@ -2274,6 +2281,8 @@ void CudaModel::reset_expert_cache_stats() {
   m.vx_stats.stream_bytes = 0;
   std::fill(m.vx_stats.layer_gpu_pairs.begin(), m.vx_stats.layer_gpu_pairs.end(), 0);
   std::fill(m.vx_stats.layer_cpu_pairs.begin(), m.vx_stats.layer_cpu_pairs.end(), 0);
+  std::fill(m.vx_stats.layer_fills.begin(), m.vx_stats.layer_fills.end(), 0);
+  std::fill(m.vx_stats.layer_evictions.begin(), m.vx_stats.layer_evictions.end(), 0);
 }
 
 GpuMemoryReport CudaModel::memory_report() const {

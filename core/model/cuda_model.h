@@ -126,6 +126,8 @@ struct GpuExpertCacheStats {
   /// computed from a prefetch slot (the copies the prediction got right).
   int64_t prefetch_slots = 0, prefetched = 0, prefetch_hits = 0;
   std::vector<int64_t> layer_gpu_pairs, layer_cpu_pairs;  ///< per layer
+  /// Per layer: misses admitted (copied in, bytes: fills · slot_bytes) and experts they evicted.
+  std::vector<int64_t> layer_fills, layer_evictions;
   /// Prefill expert streaming (Note [Prefill expert streaming]): MoE layers computed from
   /// streamed experts, their (token, expert) pairs, and the packed bytes copied for them.
   int64_t stream_layers = 0, stream_pairs = 0;

@@ -496,6 +496,9 @@ RuntimeStats Runtime::stats() const {
     s.gpu_expert_prefetch_hits = c.prefetch_hits;
     s.layer_gpu_expert_pairs = c.layer_gpu_pairs;
     s.layer_host_expert_pairs = c.layer_cpu_pairs;
+    s.layer_gpu_expert_fills = c.layer_fills;
+    s.layer_gpu_expert_evictions = c.layer_evictions;
+    s.gpu_expert_slot_bytes = c.slot_bytes;
     s.gpu_streamed_layers = c.stream_layers;
     s.gpu_streamed_pairs = c.stream_pairs;
     s.gpu_streamed_bytes = c.stream_bytes;

@@ -102,6 +102,9 @@ struct RuntimeStats {
   /// routed pairs computed from a prefetch slot.
   int64_t gpu_expert_prefetch_slots = 0, gpu_expert_prefetched = 0, gpu_expert_prefetch_hits = 0;
   std::vector<int64_t> layer_gpu_expert_pairs, layer_host_expert_pairs;
+  /// Per layer: misses admitted into a slot (each copies slot_bytes) and experts they evicted.
+  std::vector<int64_t> layer_gpu_expert_fills, layer_gpu_expert_evictions;
+  uint64_t gpu_expert_slot_bytes = 0;
   /// Prefill expert streaming (device="cuda", TIDAL_CUDA_PREFILL_STREAM=1): MoE layers whose
   /// routed experts ran on the GPU from experts copied for the chunk, those pairs, those bytes.
   int64_t gpu_streamed_layers = 0, gpu_streamed_pairs = 0;

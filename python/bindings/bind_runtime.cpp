@@ -136,6 +136,9 @@ py::dict stats_dict(const runtime::RuntimeStats& s) {
   d["gpu_expert_prefetch_hits"] = s.gpu_expert_prefetch_hits;
   d["layer_gpu_expert_pairs"] = s.layer_gpu_expert_pairs;
   d["layer_host_expert_pairs"] = s.layer_host_expert_pairs;
+  d["layer_gpu_expert_fills"] = s.layer_gpu_expert_fills;
+  d["layer_gpu_expert_evictions"] = s.layer_gpu_expert_evictions;
+  d["gpu_expert_slot_bytes"] = s.gpu_expert_slot_bytes;
   d["gpu_streamed_layers"] = s.gpu_streamed_layers;
   d["gpu_streamed_pairs"] = s.gpu_streamed_pairs;
   d["gpu_streamed_bytes"] = s.gpu_streamed_bytes;

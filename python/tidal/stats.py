@@ -24,6 +24,25 @@ def _rss_bytes() -> int | None:
         return None
 
 
+def _expert_cache_layers(s: dict[str, Any]) -> dict[int, dict[str, float]]:
+    """Per MoE layer of the VRAM expert cache (device="cuda"): routed pairs computed from a slot
+    (hits) and on the host (misses), misses admitted (fills), the experts they evicted, and the
+    bytes copied for the fills; empty without a cache."""
+    if not s.get("gpu_expert_slots"):
+        return {}
+    out = {}
+    gpu, host = s["layer_gpu_expert_pairs"], s["layer_host_expert_pairs"]
+    fills, ev = s.get("layer_gpu_expert_fills", []), s.get("layer_gpu_expert_evictions", [])
+    for layer in range(len(gpu)):
+        if gpu[layer] + host[layer] == 0:
+            continue
+        f = fills[layer] if layer < len(fills) else 0
+        out[layer] = {"hits": gpu[layer], "misses": host[layer], "hit_rate": gpu[layer] / (gpu[layer] + host[layer]),
+                      "fills": f, "evictions": ev[layer] if layer < len(ev) else 0,
+                      "bytes_in": f * s.get("gpu_expert_slot_bytes", 0)}
+    return out
+
+
 def _expert_cache_hit_rate(s: dict[str, Any]) -> float | None:
     """Routed (token, expert) pairs computed from the VRAM expert cache over all routed pairs since
     load / reset_stats (None without a cache, or before any pair)."""
@@ -58,6 +77,7 @@ class Stats:
     cached_prompt_tokens: int
     last: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    expert_cache_layers: dict[int, dict[str, float]] = field(default_factory=dict)
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -101,7 +121,8 @@ class Stats:
                    expert_cache_hit_rate=_expert_cache_hit_rate(s), prediction_precision=precision, prediction_recall=recall,
                    prediction_per_layer=per_layer, memory=memory,
                    live_sequences=s["live_sequences"], prompt_tokens=rt._prompt_tokens,
-                   cached_prompt_tokens=rt._cached_prompt_tokens, last=last, notes=notes)
+                   cached_prompt_tokens=rt._cached_prompt_tokens, last=last, notes=notes,
+                   expert_cache_layers=_expert_cache_layers(s))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

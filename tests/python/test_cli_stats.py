@@ -106,6 +106,7 @@ def test_stats_account_for_generation():
     assert st.time["cpu_experts"] > 0 and st.time["cpu_dense"] > 0 and st.time["gpu"] == 0
     assert abs(sum(st.time.values()) - (st.prefill_seconds + st.decode_seconds)) < 1e-6
     assert st.expert_cache_hit_rate is None and st.prediction_precision is None and st.notes
+    assert st.expert_cache_layers == {}
     raw = rt._engine.stats()
     assert st.memory["weights_ram"] + st.memory["experts_ram"] == raw["weight_bytes"]
     assert st.memory["experts_ram"] == raw["expert_bytes"] > 0 and st.memory["weights_ram"] > 0

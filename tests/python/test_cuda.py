@@ -387,6 +387,20 @@ def test_vram_expert_cache_matches_host_experts(dtype, slots, policy):
     assert rt.memory_report()["expert_cache"] > 0
     assert rt.stats().expert_cache_hit_rate == pytest.approx(
         st["gpu_expert_pairs"] / (st["gpu_expert_pairs"] + st["host_expert_pairs"]))
+    # Per layer in rt.stats(): hits and misses add up to the totals; admitted misses (fills, counted
+    # when admitted, so at least the landed ones) and the experts they evicted.
+    per = rt.stats().expert_cache_layers
+    assert sorted(per) == [i for i, m in enumerate(cfg.layer_is_moe) if m]
+    assert sum(v["hits"] for v in per.values()) == st["gpu_expert_pairs"]
+    assert sum(v["misses"] for v in per.values()) == st["host_expert_pairs"]
+    fills = sum(v["fills"] for v in per.values())
+    assert st["gpu_expert_fills"] <= fills <= st["gpu_expert_fills"] + 16
+    assert all(v["bytes_in"] == v["fills"] * st["gpu_expert_slot_bytes"] for v in per.values())
+    evictions = sum(v["evictions"] for v in per.values())
+    if slots is None:
+        assert evictions == 0  # a slot for every expert: nothing is ever replaced
+    elif policy != "static":
+        assert 0 < evictions <= fills
 
 
 @pytest.mark.parametrize("slots", [None, 5], ids=["every_expert", "five"])
