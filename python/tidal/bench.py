@@ -334,6 +334,13 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
                 r["expert_cache"] = {"slots": after["gpu_expert_slots"], "policy": after["gpu_expert_policy"],
                                      "hit_rate": hit,
                                      "fills_per_token": (after["gpu_expert_fills"] - before["gpu_expert_fills"]) / tokens}
+                if after.get("gpu_expert_prefetch_slots"):
+                    # Note [Lookahead prefetch]: copies per token, and the share of them then routed.
+                    pf = after["gpu_expert_prefetched"] - before["gpu_expert_prefetched"]
+                    pf_hits = after["gpu_expert_prefetch_hits"] - before["gpu_expert_prefetch_hits"]
+                    r["expert_cache"].update({"prefetch_slots": after["gpu_expert_prefetch_slots"],
+                                              "prefetched_per_token": pf / tokens,
+                                              "prefetch_precision": pf_hits / pf if pf else None})
             r["bound_tok_s"] = decode_bound(need, bw, gpu_bw.get("hbm_read_bytes_per_s"),
                                             gpu_bw.get("pinned_h2d_bytes_per_s"))
             r["fraction_of_bound"] = r["tok_s_median"] / r["bound_tok_s"]

@@ -11,7 +11,8 @@
 #   probe  tests/bench/cache_probe.py on it: Runtime.load with the VRAM expert cache (SLOTS,
 #          default auto) and 256 decode steps, under a 240 s limit (the start hung before the
 #          store was copied out of its file mapping)
-#   tg     tidal.bench tg128 with the cache (auto slots) and without (one bench each)
+#   tg     tidal.bench tg128 with the cache (auto slots) and without (NOCACHE= leaves it out), then
+#          with the cache and lookahead prefetch of each of PREFETCH (e.g. "2 4"; default none)
 #   route  tidal.bench tg128 through the cache (auto slots) on synthetic routing: uniform, then
 #          skewed and temporally correlated (Zipf 1.0, reuse 0.5), the latter also with 64 copies
 #          in flight (TIDAL_CUDA_EXPERT_FILLS): issue 7's hit-rate line; then tg64 with the router
@@ -105,7 +106,11 @@ if [[ $steps == *profile* ]]; then
 fi
 if [[ $steps == *tg* ]]; then
   bench tg_cache -p 512 -n 128 --gpu-expert-slots auto
-  bench tg_nocache -p 512 -n 128 --gpu-expert-slots 0
+  [ -n "${NOCACHE-1}" ] && bench tg_nocache -p 512 -n 128 --gpu-expert-slots 0
+  # Lookahead prefetch (Note [Lookahead prefetch]): PREFETCH experts per layer, each of the list
+  for pf in ${PREFETCH:-}; do
+    TIDAL_CUDA_EXPERT_PREFETCH=$pf bench "tg_cache_pf$pf" -p 512 -n 128 --gpu-expert-slots auto
+  done
 fi
 if [[ $steps == *route* ]]; then
   bench route_uniform -p 512 -n 128 --gpu-expert-slots auto --routing-skew 0 --routing-reuse 0
