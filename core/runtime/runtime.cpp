@@ -147,6 +147,16 @@ bool routed_expert_tensor(const std::string& name) {
 
 /// MemAvailable of /proc/meminfo in bytes (0 when unknown).
 uint64_t available_memory() {
+  // TIDAL_MEM_AVAILABLE (bytes) stands in for MemAvailable: the tests' way to load a small model
+  // into "too little RAM" (tests/python/test_errors.py), and a user's to plan for less than is
+  // free.
+  if (const char* e = std::getenv("TIDAL_MEM_AVAILABLE"); e != nullptr && *e != '\0') {
+    char* end = nullptr;
+    const unsigned long long v = std::strtoull(e, &end, 10);
+    TIDAL_CHECK(end != nullptr && *end == '\0' && v > 0, InvalidArgument,
+                "TIDAL_MEM_AVAILABLE must be a positive number of bytes, got \"{}\"", e);
+    return v;
+  }
   std::ifstream f("/proc/meminfo");
   std::string key;
   uint64_t kb = 0;

@@ -3,6 +3,7 @@
 
 import json
 import os
+import pathlib
 
 import pytest
 import tidal
@@ -247,3 +248,20 @@ def test_bad_device_and_threads():
         tidal.Runtime.load(GOLDEN / "qwen3_moe", num_threads=-2)
     with pytest.raises(ValueError, match="num_threads=10000000"):
         tidal.Runtime.load(GOLDEN / "qwen3_moe", num_threads=10**7)
+
+
+def test_model_larger_than_ram_fails_at_load_with_the_numbers(monkeypatch):
+    """A model whose weights do not fit the RAM available fails before packing anything, saying
+    how much it needs and how much there is (TIDAL_MEM_AVAILABLE stands in for MemAvailable)."""
+    mini = pathlib.Path(__file__).resolve().parents[2] / "models" / "tidal-mini"
+    monkeypatch.setenv("TIDAL_MEM_AVAILABLE", str(1 << 20))
+    with pytest.raises(MemoryError, match=r"needs \d+\.\d GiB of RAM .*but 0\.0 GiB is available"):
+        tidal.Runtime.load(mini, progress=False)
+    with pytest.raises(MemoryError, match=r"int4 experts need .* GiB of RAM"):
+        tidal.Runtime.load(mini, expert_dtype="int4", progress=False)
+    monkeypatch.setenv("TIDAL_MEM_AVAILABLE", "lots")
+    with pytest.raises(ValueError, match="TIDAL_MEM_AVAILABLE"):
+        tidal.Runtime.load(mini, progress=False)
+    # Enough of it: loads.
+    monkeypatch.setenv("TIDAL_MEM_AVAILABLE", str(64 << 30))
+    assert tidal.Runtime.load(mini, progress=False).logits([5, 6]).shape[-1] > 0
