@@ -33,6 +33,7 @@ ExpertCacheSchedule::ExpertCacheSchedule(int64_t layers, int64_t experts, int64_
 }
 
 const std::vector<ExpertCacheSchedule::Fill>& ExpertCacheSchedule::begin_step() {
+  if (in_step_) end_prefetches();   // a step that never ended: its prefetches leave the table
   for (const Fill& f : running_) {  // issued at the last step's start, landed since
     if (cache_.expert_in(f.slot) != std::pair<int64_t, int64_t>{f.layer, f.expert}) continue;
     next_[static_cast<size_t>(f.layer * experts_ + f.expert)] = f.slot;
@@ -119,12 +120,16 @@ const std::vector<ExpertCacheSchedule::Fill>& ExpertCacheSchedule::prefetch(
   return pf_fills_;
 }
 
-void ExpertCacheSchedule::end_step() {
+void ExpertCacheSchedule::end_prefetches() {
   in_step_ = false;
   for (const Fill& f : pf_set_)  // this step's only: the policy's table is what stays
     table_[static_cast<size_t>(f.layer * experts_ + f.expert)] = ExpertSlotCache::kNone;
   stale_ = stale_ || !pf_set_.empty();
   pf_set_.clear();
+}
+
+void ExpertCacheSchedule::end_step() {
+  end_prefetches();
   ++steps_;
   cache_.release_pins();  // a queued copy's slot is pinned again when begin_step issues it
   cache_.next_token();

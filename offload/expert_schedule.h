@@ -110,6 +110,7 @@ class ExpertCacheSchedule {
   std::vector<Fill> pf_fills_, pf_set_;
   std::vector<uint8_t> layer_seen_;
   bool in_step_ = false, stale_ = false;
+  void end_prefetches();  // takes this step's prefetches out of the table
 };
 
 }  // namespace tidal::offload

@@ -219,6 +219,9 @@ struct CudaModel::Impl {
   /// to rewrite), then end the step.
   void step_failed() {
     cudaStreamSynchronize(stream);
+    // Prefetch copies and table rows queued for a layer the failed step never reached must land
+    // before the next step's table upload (and before their staging rows are rewritten).
+    if (vx_pf_copy) cudaStreamSynchronize(vx_pf_copy);
     cudaGetLastError();
     vx_end_step();
   }
@@ -283,7 +286,9 @@ struct CudaModel::Impl {
   void lookahead_after(int64_t layer, int64_t T, kernels::Executor& ex);
   /// The top `kp` experts per token of MoE layer `next`, predicted from this layer's normed
   /// input (h_xn) through the next router, into la_pred; false where no prediction is possible.
-  bool predict_next(int64_t layer, size_t next, int64_t T, int64_t kp, kernels::Executor& ex);
+  bool predict_next(int64_t layer, size_t next, int64_t T, int64_t kp, kernels::Executor& ex,
+                    std::vector<int32_t>& pred);
+  std::vector<int32_t> pf_pred;  // the prefetch's prediction (la_pred is the measurement's)
   /// The router's ids and weights for T rows to h_rids / h_w (and, under routing control, its
   /// logits, the first E of each row of `proj`, W wide, to h_rlogits), on the stream.
   void routing_to_host(int64_t T, int64_t W) {
@@ -613,20 +618,27 @@ void CudaModel::Impl::vx_init_impl(kernels::Executor& ex) {
     slots = std::min<int64_t>(slots,
                               static_cast<int64_t>(avail / static_cast<uint64_t>(vx.slot_bytes)));
   }
+  // Lookahead prefetch needs the routers on the host (Note [Lookahead prefetch]); at most top_k
+  // experts per layer are predicted. Its two buffers come out of what the budget leaves
+  // (automatic slots: none where the budget holds every expert, since then nothing is ever
+  // missing, or where it holds no more than the buffers) or on top of a given count.
+  int64_t pf = host_layers != nullptr
+                   ? std::clamp<int64_t>(opts.expert_prefetch, 0, std::max<int64_t>(1, k))
+                   : 0;
+  if (opts.expert_slots < 0) {
+    if (slots >= moe_layers * E || slots <= 2 * pf) pf = 0;
+    slots -= 2 * pf;
+  }
   slots = std::min(slots, moe_layers * E);
-  // Lookahead prefetch needs the routers on the host (Note [Lookahead prefetch]); its two
-  // buffers come out of what the budget leaves (automatic slots) or on top of a given count.
-  const int64_t pf = host_layers != nullptr ? std::max<int64_t>(0, opts.expert_prefetch) : 0;
-  if (opts.expert_slots < 0) slots -= 2 * pf;
   if (slots <= 0) return;
   const uint64_t bytes = static_cast<uint64_t>((slots + 2 * pf) * vx.slot_bytes);
   if (opts.expert_slots > 0) {
     const uint64_t used = weight_bytes + ws_bytes + px_bytes + kv_bytes + linear_bytes;
     TIDAL_CHECK(
         opts.memory_limit == 0 || used + bytes + side <= opts.memory_limit, OutOfMemory,
-        "{} expert cache slots need {:.2f} GiB of VRAM, over the gpu_memory limit of {:.2f} "
-        "GiB ({:.2f} GiB in use)",
-        slots, gib(bytes + side), gib(opts.memory_limit), gib(used));
+        "{} expert cache slots (+ {} for lookahead prefetch) need {:.2f} GiB of VRAM, over the "
+        "gpu_memory limit of {:.2f} GiB ({:.2f} GiB in use)",
+        slots, 2 * pf, gib(bytes + side), gib(opts.memory_limit), gib(used));
   }
   uint8_t* slot_mem = nullptr;
   cuda_check(cudaMalloc(reinterpret_cast<void**>(&slot_mem), bytes), "expert cache slots");
@@ -650,10 +662,7 @@ void CudaModel::Impl::vx_init_impl(kernels::Executor& ex) {
       std::max<int64_t>(1, opts.expert_fills), 0.98, 256, pf);
   vx_pf = pf;
   if (pf > 0) {
-    int lo = 0, hi = 0;  // the prefetch copies first where the copy engines queue
-    cuda_check(cudaDeviceGetStreamPriorityRange(&lo, &hi), "stream priorities");
-    cuda_check(cudaStreamCreateWithPriority(&vx_pf_copy, cudaStreamNonBlocking, hi),
-               "stream creation");
+    cuda_check(cudaStreamCreateWithFlags(&vx_pf_copy, cudaStreamNonBlocking), "stream creation");
     cuda_check(
         cudaMallocHost(reinterpret_cast<void**>(&vx_pf_rows), static_cast<size_t>(2 * E) * 4),
         "expert prefetch rows");
@@ -742,7 +751,7 @@ void CudaModel::Impl::vx_begin_step_impl() {
 }
 
 bool CudaModel::Impl::predict_next(int64_t layer, size_t next, int64_t T, int64_t kp,
-                                   kernels::Executor& ex) {
+                                   kernels::Executor& ex, std::vector<int32_t>& pred) {
   const int64_t H = cfg.hidden_size, E = cfg.num_experts;
   if (host_layers == nullptr || next >= layers.size() || !experts_on_host(layers[next]))
     return false;
@@ -761,8 +770,8 @@ bool CudaModel::Impl::predict_next(int64_t layer, size_t next, int64_t T, int64_
     for (int64_t i = 0; i < H; ++i) la_x[t * H + i] = h_xn[t * H + i] * la_f[i];
   la_logits.resize(static_cast<size_t>(T * E));
   kernels::cpu::linear(la_x.data(), T, (*host_layers)[next].mlp.router, la_logits.data(), ex);
-  la_pred.resize(static_cast<size_t>(T * kp));
-  top_k_ids(la_logits.data(), T, E, kp, la_pred.data());
+  pred.resize(static_cast<size_t>(T * kp));
+  top_k_ids(la_logits.data(), T, E, kp, pred.data());
   return true;
 }
 
@@ -774,7 +783,7 @@ void CudaModel::Impl::lookahead_after(int64_t layer, int64_t T, kernels::Executo
   const size_t next = static_cast<size_t>(layer) + 1;
   la_k = routing->lookahead_k();
   if (la_k <= 0 || la_k > E) la_k = k;
-  if (predict_next(layer, next, T, la_k, ex)) la_layer = static_cast<int64_t>(next);
+  if (predict_next(layer, next, T, la_k, ex, la_pred)) la_layer = static_cast<int64_t>(next);
 }
 
 // Note [Lookahead prefetch]
@@ -783,12 +792,17 @@ void CudaModel::Impl::lookahead_after(int64_t layer, int64_t T, kernels::Executo
 // host applies the next MoE layer's router to that input (scaled by the ratio of the two layers'
 // norm weights, as Note [Router lookahead] measures it) and takes its top k. Of those, the ones
 // the step's table does not hold get prefetch slots (offload::ExpertCacheSchedule::prefetch, up
-// to expert_prefetch of them, two buffers outside the policy's pool), their bytes are copied on
-// their own stream (`vx_pf_copy`, beside the demand fills on `vx_copy`, so they do not queue
-// behind them), then the layer's table row, and an event per layer is recorded after. The step's
-// graph waits for that event (an external event wait node) just before the layer's cached experts,
-// so the copies run beside the host's experts of L and the GPU's work of the next layer up to its
-// router; a layer nothing was prefetched for waits for an event long complete. The host splits
+// to expert_prefetch of them, at most top_k, two buffers outside the policy's pool; automatic
+// slots keep none for them where the budget holds every expert), their bytes are copied on their
+// own stream (`vx_pf_copy`, beside the demand fills on `vx_copy`, so they are not ordered behind
+// them; the copy engines share the link), then the layer's table row, and an event per layer is
+// recorded after. The step's graph waits for that event (an external event wait node) just
+// before the layer's cached experts, so the copies run beside the host's experts of L and the
+// GPU's work of the next layer up to its router; a layer nothing was prefetched for waits for an
+// event long complete. The host records a layer's event before it launches the segment holding
+// the wait, and not again until the step has ended, so the wait sees this step's record whether
+// the node reads the event at launch or when it runs (keep it so). A failed step synchronizes
+// the prefetch stream too, so no row copy lands after the next step's table upload. The host splits
 // the next layer by the same row, so a correct prediction moves an expert from the host to the
 // GPU in the same step, and a wrong one costs its copy only. Host RAM is read once per copied
 // expert either way, during the wait for the next router that leaves it idle otherwise; so this
@@ -799,8 +813,8 @@ void CudaModel::Impl::vx_prefetch_after(int64_t layer, kernels::Executor& ex) {
   size_t next = static_cast<size_t>(layer) + 1;
   while (next < layers.size() && !experts_on_host(layers[next])) ++next;
   const int64_t k = cfg.num_experts_per_tok, E = cfg.num_experts;
-  if (!predict_next(layer, next, 1, k, ex)) return;
-  const auto& fills = vx_sched->prefetch(static_cast<int64_t>(next), la_pred.data(), k);
+  if (!predict_next(layer, next, 1, k, ex, pf_pred)) return;
+  const auto& fills = vx_sched->prefetch(static_cast<int64_t>(next), pf_pred.data(), k);
   if (fills.empty()) return;
   uint8_t* base = const_cast<uint8_t*>(vx.slots);
   const size_t gub = static_cast<size_t>(vx.gate_up.bytes()),

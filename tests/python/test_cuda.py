@@ -590,3 +590,7 @@ def test_lookahead_prefetch_matches_host_experts(slots, monkeypatch):
     _teacher_forced(plain, ids, 40)
     assert plain._engine.stats()["gpu_expert_prefetched"] == 0
     assert st["gpu_expert_pairs"] > plain._engine.stats()["gpu_expert_pairs"]
+    # Automatic slots on a budget that holds every expert keep none for prefetching: nothing misses.
+    monkeypatch.setenv("TIDAL_CUDA_EXPERT_PREFETCH", "2")
+    every = _load(MINI, expert_dtype="bf16", gpu_expert_slots=None)._engine.stats()
+    assert every["gpu_expert_prefetch_slots"] == 0 and every["gpu_expert_slots"] == moe * cfg.num_experts

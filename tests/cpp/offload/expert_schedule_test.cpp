@@ -266,6 +266,14 @@ TEST(ExpertCacheSchedule, PrefetchServesItsStepOnly) {
   EXPECT_EQ(s.prefetched(), 4);
   s.end_step();
   EXPECT_THROW(ExpertCacheSchedule(1, 4, 2, CachePolicy::kLru, 1, 0.98, 256, -1), InvalidArgument);
+  // A step that never ended (a failed forward): the next begin_step takes its prefetches out.
+  s.begin_step();
+  ASSERT_EQ(s.prefetch(1, pred.data(), 1).size(), 1u);
+  EXPECT_EQ(s.table()[16 + 7], 2);
+  s.begin_step();
+  EXPECT_EQ(s.table()[16 + 7], ExpertSlotCache::kNone);
+  EXPECT_TRUE(s.table_changed());
+  s.end_step();
 }
 
 }  // namespace
