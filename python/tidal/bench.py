@@ -344,7 +344,9 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
             r["bound_tok_s"] = decode_bound(need, bw, gpu_bw.get("hbm_read_bytes_per_s"),
                                             gpu_bw.get("pinned_h2d_bytes_per_s"))
             r["fraction_of_bound"] = r["tok_s_median"] / r["bound_tok_s"]
-            if on_gpu and routing is None:
+            if on_gpu and routing is None and router_lookahead is None:
+                # (Routing control, replay or the lookahead's measurement, runs steps without graphs:
+                # their GPU track would count launch gaps.)
                 r["gpu_step_ms"] = 1e3 * _gpu_step_seconds(rt, d + n // 2, rng)
     bw_after = _tidal.measure_read_bandwidth(bandwidth_bytes, rt.num_threads, 3)
     if on_gpu:  # the GPU figures, too, are the larger of two readings
