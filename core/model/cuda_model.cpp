@@ -184,6 +184,8 @@ struct CudaModel::Impl {
   std::vector<cudaEvent_t> vx_ev_pf;
   int32_t* vx_pf_rows = nullptr;
   void vx_prefetch_after(int64_t layer, kernels::Executor& ex);
+  /// Copies a fill's expert (gate, up, down as the host packed them) into its slot on `on`.
+  void copy_expert(const offload::ExpertCacheSchedule::Fill& f, cudaStream_t on);
   uint64_t vx_bytes = 0;
   float* yg = nullptr;
   std::vector<int32_t> vx_ids, vx_host;
@@ -697,6 +699,19 @@ void CudaModel::Impl::vx_begin_step() {
   }
 }
 
+void CudaModel::Impl::copy_expert(const offload::ExpertCacheSchedule::Fill& f, cudaStream_t on) {
+  const auto v = experts->packed_expert(f.layer, f.expert);
+  TIDAL_ASSERT(v.gate && v.up && v.down, "no packed bytes for expert {} of layer {}", f.expert,
+               f.layer);
+  uint8_t* dst = const_cast<uint8_t*>(vx.slots) + static_cast<int64_t>(f.slot) * vx.slot_bytes;
+  const size_t gub = static_cast<size_t>(vx.gate_up.bytes()),
+               dnb = static_cast<size_t>(vx.down.bytes());
+  cuda_check(cudaMemcpyAsync(dst, v.gate, gub, cudaMemcpyHostToDevice, on), "expert copy");
+  cuda_check(cudaMemcpyAsync(dst + gub, v.up, gub, cudaMemcpyHostToDevice, on), "expert copy");
+  cuda_check(cudaMemcpyAsync(dst + 2 * gub, v.down, dnb, cudaMemcpyHostToDevice, on),
+             "expert copy");
+}
+
 void CudaModel::Impl::vx_begin_step_impl() {
   // The copies issued at the last step's start have landed: they ran beside that step (at most
   // expert_fills experts, ~1 ms over PCIe against a step of several), so this wait is normally
@@ -726,20 +741,7 @@ void CudaModel::Impl::vx_begin_step_impl() {
   // The copies start once this step's table (without the experts they replace) is in place.
   cuda_check(cudaEventRecord(vx_ev_table, stream), "event record");
   cuda_check(cudaStreamWaitEvent(vx_copy, vx_ev_table), "stream wait");
-  uint8_t* base = const_cast<uint8_t*>(vx.slots);
-  const size_t gub = static_cast<size_t>(vx.gate_up.bytes()),
-               dnb = static_cast<size_t>(vx.down.bytes());
-  for (const auto& f : issue) {
-    const auto v = experts->packed_expert(f.layer, f.expert);
-    TIDAL_ASSERT(v.gate && v.up && v.down, "no packed bytes for expert {} of layer {}", f.expert,
-                 f.layer);
-    uint8_t* dst = base + static_cast<int64_t>(f.slot) * vx.slot_bytes;
-    cuda_check(cudaMemcpyAsync(dst, v.gate, gub, cudaMemcpyHostToDevice, vx_copy), "expert copy");
-    cuda_check(cudaMemcpyAsync(dst + gub, v.up, gub, cudaMemcpyHostToDevice, vx_copy),
-               "expert copy");
-    cuda_check(cudaMemcpyAsync(dst + 2 * gub, v.down, dnb, cudaMemcpyHostToDevice, vx_copy),
-               "expert copy");
-  }
+  for (const auto& f : issue) copy_expert(f, vx_copy);
   if (vx_events.empty()) {
     cudaEvent_t e = nullptr;
     cuda_check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "event creation");
@@ -816,21 +818,7 @@ void CudaModel::Impl::vx_prefetch_after(int64_t layer, kernels::Executor& ex) {
   if (!predict_next(layer, next, 1, k, ex, pf_pred)) return;
   const auto& fills = vx_sched->prefetch(static_cast<int64_t>(next), pf_pred.data(), k);
   if (fills.empty()) return;
-  uint8_t* base = const_cast<uint8_t*>(vx.slots);
-  const size_t gub = static_cast<size_t>(vx.gate_up.bytes()),
-               dnb = static_cast<size_t>(vx.down.bytes());
-  for (const auto& f : fills) {
-    const auto v = experts->packed_expert(f.layer, f.expert);
-    TIDAL_ASSERT(v.gate && v.up && v.down, "no packed bytes for expert {} of layer {}", f.expert,
-                 f.layer);
-    uint8_t* dst = base + static_cast<int64_t>(f.slot) * vx.slot_bytes;
-    cuda_check(cudaMemcpyAsync(dst, v.gate, gub, cudaMemcpyHostToDevice, vx_pf_copy),
-               "expert prefetch");
-    cuda_check(cudaMemcpyAsync(dst + gub, v.up, gub, cudaMemcpyHostToDevice, vx_pf_copy),
-               "expert prefetch");
-    cuda_check(cudaMemcpyAsync(dst + 2 * gub, v.down, dnb, cudaMemcpyHostToDevice, vx_pf_copy),
-               "expert prefetch");
-  }
+  for (const auto& f : fills) copy_expert(f, vx_pf_copy);
   int32_t* row = vx_pf_rows + vx_pf_row * E;
   vx_pf_row ^= 1;
   const auto& table = vx_sched->table();
@@ -842,7 +830,8 @@ void CudaModel::Impl::vx_prefetch_after(int64_t layer, kernels::Executor& ex) {
   cuda_check(cudaEventRecord(vx_ev_pf[next], vx_pf_copy), "event record");
   std::lock_guard lock(vx_mu);
   vx_stats.prefetched += static_cast<int64_t>(fills.size());
-  vx_stats.bytes_in += fills.size() * static_cast<uint64_t>(2 * gub + dnb);
+  vx_stats.bytes_in +=
+      fills.size() * static_cast<uint64_t>(2 * vx.gate_up.bytes() + vx.down.bytes());
 }
 
 void CudaModel::Impl::cached_experts(int64_t layer) {
