@@ -282,12 +282,20 @@ struct CudaModel::Impl {
   // layer's ids arrive. Measurement only (rt.set_router_lookahead); skipped where a weight of
   // layer L's norm is zero, and in streamed prefill (no xn on the host).
   const std::vector<LayerWeights>* host_layers = nullptr;
-  std::vector<float> la_x, la_logits, la_f;
+  std::vector<float> la_x, la_logits;
+  // Per layer L: the next router's input from L's normed input, xn_L · (w_next / w_L) elementwise
+  // (computed once; the weights do not change), for the MoE layer `next` (-1: not yet), empty
+  // where no element-wise ratio exists (a zero weight of L's norm).
+  struct NormRatio {
+    int64_t next = -1;
+    std::vector<float> f;
+  };
+  std::vector<NormRatio> la_ratio;
   std::vector<int32_t> la_pred;
   int64_t la_layer = -1, la_k = 0;
   void lookahead_after(int64_t layer, int64_t T, kernels::Executor& ex);
   /// The top `kp` experts per token of MoE layer `next`, predicted from this layer's normed
-  /// input (h_xn) through the next router, into la_pred; false where no prediction is possible.
+  /// input (h_xn) through the next router, into `pred`; false where no prediction is possible.
   bool predict_next(int64_t layer, size_t next, int64_t T, int64_t kp, kernels::Executor& ex,
                     std::vector<int32_t>& pred);
   std::vector<int32_t> pf_pred;  // the prefetch's prediction (la_pred is the measurement's)
@@ -757,19 +765,29 @@ bool CudaModel::Impl::predict_next(int64_t layer, size_t next, int64_t T, int64_
   const int64_t H = cfg.hidden_size, E = cfg.num_experts;
   if (host_layers == nullptr || next >= layers.size() || !experts_on_host(layers[next]))
     return false;
-  const auto& wl = (*host_layers)[static_cast<size_t>(layer)].post_attention_layernorm;
-  const auto& wn = (*host_layers)[next].post_attention_layernorm;
-  if (static_cast<int64_t>(wl.size()) != H || static_cast<int64_t>(wn.size()) != H) return false;
-  const bool zc = cfg.is_hybrid();  // zero-centred norms scale by 1 + w
-  la_f.resize(static_cast<size_t>(H));
-  for (int64_t i = 0; i < H; ++i) {
-    const float a = zc ? 1.f + wl[i] : wl[i], b = zc ? 1.f + wn[i] : wn[i];
-    if (a == 0.f) return false;
-    la_f[i] = b / a;
+  la_ratio.resize(layers.size());
+  NormRatio& r = la_ratio[static_cast<size_t>(layer)];
+  if (r.next != static_cast<int64_t>(next)) {
+    r.next = static_cast<int64_t>(next);
+    r.f.clear();
+    const auto& wl = (*host_layers)[static_cast<size_t>(layer)].post_attention_layernorm;
+    const auto& wn = (*host_layers)[next].post_attention_layernorm;
+    if (static_cast<int64_t>(wl.size()) == H && static_cast<int64_t>(wn.size()) == H) {
+      const bool zc = cfg.is_hybrid();  // zero-centred norms scale by 1 + w
+      r.f.resize(static_cast<size_t>(H));
+      for (int64_t i = 0; i < H && !r.f.empty(); ++i) {
+        const float a = zc ? 1.f + wl[i] : wl[i], b = zc ? 1.f + wn[i] : wn[i];
+        if (a == 0.f)
+          r.f.clear();
+        else
+          r.f[i] = b / a;
+      }
+    }
   }
+  if (r.f.empty()) return false;
   la_x.resize(static_cast<size_t>(T * H));
   for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = 0; i < H; ++i) la_x[t * H + i] = h_xn[t * H + i] * la_f[i];
+    for (int64_t i = 0; i < H; ++i) la_x[t * H + i] = h_xn[t * H + i] * r.f[i];
   la_logits.resize(static_cast<size_t>(T * E));
   kernels::cpu::linear(la_x.data(), T, (*host_layers)[next].mlp.router, la_logits.data(), ex);
   pred.resize(static_cast<size_t>(T * kp));

@@ -219,11 +219,12 @@ class Runtime:
         if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
                                         or max_context < 1):
             raise ValueError(f"max_context must be a positive number of tokens (or None), got {max_context!r}")
-        if device != "cpu" and gpu_memory is not None and max_context is not None:
+        if device != "cpu" and gpu_memory is not None and max_context is not None and gpu_weights in ("bf16", "int8"):
             # The planner's check before anything is read or allocated (issue 7: an impossible
-            # budget is a clear error saying what is missing and what would fit).
+            # budget is a clear error saying what is missing and what would fit); a bad
+            # gpu_weights is left to the engine's own error.
             pre = plan(inspect(p), device="cuda", gpu_memory=gpu_bytes, context_tokens=max_context,
-                       gpu_weights=gpu_weights if gpu_weights in ("bf16", "int8") else "bf16")
+                       gpu_weights=gpu_weights)
             if not pre.fits:
                 raise MemoryError(f"Runtime.load: {pre.problem}")
         update, close = _progress_bar(progress)

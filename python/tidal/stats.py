@@ -32,14 +32,13 @@ def _expert_cache_layers(s: dict[str, Any]) -> dict[int, dict[str, float]]:
         return {}
     out = {}
     gpu, host = s["layer_gpu_expert_pairs"], s["layer_host_expert_pairs"]
-    fills, ev = s.get("layer_gpu_expert_fills", []), s.get("layer_gpu_expert_evictions", [])
+    fills, ev = s["layer_gpu_expert_fills"], s["layer_gpu_expert_evictions"]
     for layer in range(len(gpu)):
         if gpu[layer] + host[layer] == 0:
             continue
-        f = fills[layer] if layer < len(fills) else 0
         out[layer] = {"hits": gpu[layer], "misses": host[layer], "hit_rate": gpu[layer] / (gpu[layer] + host[layer]),
-                      "fills": f, "evictions": ev[layer] if layer < len(ev) else 0,
-                      "bytes_in": f * s.get("gpu_expert_slot_bytes", 0)}
+                      "fills": fills[layer], "evictions": ev[layer],
+                      "bytes_in": fills[layer] * s["gpu_expert_slot_bytes"]}
     return out
 
 
