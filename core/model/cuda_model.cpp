@@ -90,6 +90,75 @@ struct CudaModel::Impl {
   RoutedExperts* experts = nullptr;
   RoutingControl* routing = nullptr;
   StepTrace* trace = nullptr;
+  // Note [Step trace] for the expert copies: while a traced forward runs (tr_step), each batch of
+  // host-to-device expert copies is bracketed by CUDA events on its own stream; tr_end places
+  // them on the copy track, timed from tr_ev0 (recorded on the compute stream at the forward's
+  // start, whose host time is tr_ev0_us), once they have landed.
+  struct CopySpan {
+    cudaEvent_t a = nullptr, b = nullptr;
+    const char* name = nullptr;
+    int64_t layer = -1;
+  };
+  StepTrace* tr_step = nullptr;
+  cudaEvent_t tr_ev0 = nullptr;
+  double tr_ev0_us = 0;
+  std::vector<CopySpan> tr_copies;
+  std::vector<cudaEvent_t> tr_pool;  // free events (timing enabled)
+  cudaEvent_t tr_event() {
+    if (tr_pool.empty()) {
+      cudaEvent_t e = nullptr;
+      cuda_check(cudaEventCreate(&e), "trace event");
+      return e;
+    }
+    cudaEvent_t e = tr_pool.back();
+    tr_pool.pop_back();
+    return e;
+  }
+  /// At a forward's start: records tr_ev0 if the trace is on.
+  void tr_begin() {
+    tr_step = trace != nullptr && trace->on() ? trace : nullptr;
+    if (tr_step == nullptr) return;
+    if (tr_ev0 == nullptr) cuda_check(cudaEventCreate(&tr_ev0), "trace event");
+    cuda_check(cudaEventRecord(tr_ev0, stream), "trace event");
+    tr_ev0_us = tr_step->us(StepTrace::Clock::now());
+  }
+  /// Before a batch of copies on `s` (opens a span) and after it (closes the last one).
+  void tr_copy_begin(cudaStream_t s, const char* name, int64_t layer) {
+    if (tr_step == nullptr) return;
+    CopySpan c;
+    c.name = name;
+    c.layer = layer;
+    c.a = tr_event();
+    tr_copies.push_back(c);  // owned by tr_copies from here (tr_end returns it to the pool)
+    cuda_check(cudaEventRecord(c.a, s), "trace event");
+  }
+  void tr_copy_end(cudaStream_t s) {
+    if (tr_step == nullptr || tr_copies.empty() || tr_copies.back().b != nullptr) return;
+    tr_copies.back().b = tr_event();
+    cuda_check(cudaEventRecord(tr_copies.back().b, s), "trace event");
+  }
+  /// After the forward (or its failure, with `ok` false: nothing added): waits for the traced
+  /// copies to land and adds them to the copy track.
+  void tr_end(bool ok) {
+    if (tr_step != nullptr && ok)
+      for (const auto& c : tr_copies) {
+        if (c.b == nullptr) continue;
+        float t0 = 0.f, t1 = 0.f;
+        cuda_check(cudaEventSynchronize(c.b), "trace event");
+        cuda_check(cudaEventElapsedTime(&t0, tr_ev0, c.a), "trace event");
+        cuda_check(cudaEventElapsedTime(&t1, tr_ev0, c.b), "trace event");
+        t0 = std::max(t0, 0.f);
+        tr_step->add_us(c.name, "copies", tr_ev0_us + 1e3 * t0, 1e3 * std::max(t1 - t0, 0.f),
+                        StepTrace::kCopy, c.layer);
+      }
+    for (const auto& c : tr_copies) {
+      if (!ok && c.b != nullptr) cudaEventSynchronize(c.b);  // not reused while pending
+      tr_pool.push_back(c.a);
+      if (c.b != nullptr) tr_pool.push_back(c.b);
+    }
+    tr_copies.clear();
+    tr_step = nullptr;
+  }
   int sm_count = 1;
   std::string name;
   cudaStream_t stream = nullptr;
@@ -749,7 +818,9 @@ void CudaModel::Impl::vx_begin_step_impl() {
   // The copies start once this step's table (without the experts they replace) is in place.
   cuda_check(cudaEventRecord(vx_ev_table, stream), "event record");
   cuda_check(cudaStreamWaitEvent(vx_copy, vx_ev_table), "stream wait");
+  tr_copy_begin(vx_copy, "expert_fills", -1);
   for (const auto& f : issue) copy_expert(f, vx_copy);
+  tr_copy_end(vx_copy);
   if (vx_events.empty()) {
     cudaEvent_t e = nullptr;
     cuda_check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "event creation");
@@ -836,6 +907,7 @@ void CudaModel::Impl::vx_prefetch_after(int64_t layer, kernels::Executor& ex) {
   if (!predict_next(layer, next, 1, k, ex, pf_pred)) return;
   const auto& fills = vx_sched->prefetch(static_cast<int64_t>(next), pf_pred.data(), k);
   if (fills.empty()) return;
+  tr_copy_begin(vx_pf_copy, "expert_prefetch", static_cast<int64_t>(next));
   for (const auto& f : fills) copy_expert(f, vx_pf_copy);
   int32_t* row = vx_pf_rows + vx_pf_row * E;
   vx_pf_row ^= 1;
@@ -845,6 +917,7 @@ void CudaModel::Impl::vx_prefetch_after(int64_t layer, kernels::Executor& ex) {
   cuda_check(cudaMemcpyAsync(vx_dtable + static_cast<int64_t>(next) * E, row,
                              static_cast<size_t>(E) * 4, cudaMemcpyHostToDevice, vx_pf_copy),
              "expert prefetch");
+  tr_copy_end(vx_pf_copy);
   cuda_check(cudaEventRecord(vx_ev_pf[next], vx_pf_copy), "event record");
   std::lock_guard lock(vx_mu);
   vx_stats.prefetched += static_cast<int64_t>(fills.size());
@@ -1030,9 +1103,11 @@ void CudaModel::Impl::px_issue(int layer) {
   const uint8_t* src = experts->packed_expert(layer, 0).gate;
   // The buffer's previous layer is done with it (a never-recorded event: nothing to wait for).
   cuda_check(cudaStreamWaitEvent(px_copy, px_ev_free[b]), "stream wait");
+  tr_copy_begin(px_copy, "stream_layer", layer);
   cuda_check(cudaMemcpyAsync(px_stage[b], src, static_cast<size_t>(px_layer_bytes),
                              cudaMemcpyHostToDevice, px_copy),
              "expert copy");
+  tr_copy_end(px_copy);
   cuda_check(cudaEventRecord(px_ev_filled[b], px_copy), "event record");
   px_stage_layer[b] = layer;
   std::lock_guard lock(vx_mu);
@@ -1885,6 +1960,12 @@ CudaModel::Impl::~Impl() {
   px_free();
   for (void* r : vx_registered) cudaHostUnregister(r);
   for (auto e : prof_events) cudaEventDestroy(e);
+  for (auto e : tr_pool) cudaEventDestroy(e);
+  for (const auto& c : tr_copies) {
+    cudaEventDestroy(c.a);
+    if (c.b != nullptr) cudaEventDestroy(c.b);
+  }
+  if (tr_ev0) cudaEventDestroy(tr_ev0);
   if (stream) cudaStreamDestroy(stream);
   cudaFree(wbase);
   cudaFree(ws);
@@ -2008,6 +2089,7 @@ void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, Logi
     m.vx_step = m.vx_on && T == 1;
     m.px_step = stream;
     try {
+      m.tr_begin();
       if (m.vx_step) m.vx_begin_step();
       if (m.px_step)  // the first MoE layer's experts, while the layers before it run
         for (size_t l = 0; l < m.layers.size(); ++l)
@@ -2016,8 +2098,10 @@ void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, Logi
             break;
           }
       m.run_segments(T, cm, use_graph ? &m.graphs : nullptr, ex, profile);
+      m.tr_end(true);
     } catch (...) {
       m.step_failed();
+      m.tr_end(false);
       throw;
     }
     m.vx_end_step();
@@ -2211,11 +2295,14 @@ void CudaModel::forward_batch(std::span<SequenceState* const> states, std::span<
   m.vx_step = m.vx_on && B == 1;
   m.px_step = false;
   try {
+    m.tr_begin();
     if (m.vx_step) m.vx_begin_step();
     m.run_segments(B, LogitsMode::kLast, graphs, ex, profile);
+    m.tr_end(true);
   } catch (...) {
     m.batched = false;
     m.step_failed();
+    m.tr_end(false);
     throw;
   }
   m.vx_end_step();

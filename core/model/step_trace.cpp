@@ -12,7 +12,9 @@
 ///   the host's launch, its wait for the router ids ("waits"), and the routed experts on the CPU;
 ///   the segments' GPU execution from CUDA events on the GPU track. GPU times are placed from the
 ///   moment the step's first event was recorded on the host, so the GPU track is shifted by the
-///   launch queue's delay (microseconds).
+///   launch queue's delay (microseconds). The expert copies (the VRAM cache's demand fills at a
+///   step's start, lookahead prefetches, prefill streaming's layer copies) are timed with CUDA
+///   events on their streams and go on the copy track, placed the same way.
 /// Names and categories are static strings; recording takes a mutex per span (tens of spans per
 /// layer and step), so it is meant for inspecting a few steps, not for production serving.
 #include "core/model/step_trace.h"
@@ -24,9 +26,10 @@
 namespace tidal::core {
 namespace {
 
-// The calling thread's track: 2, 3, ... in the order threads first record (1 is the GPU).
+// The calling thread's track: 3, 4, ... in the order threads first record (1 is the GPU, 2 the
+// expert copies).
 int host_track() {
-  static std::atomic<int> next{2};
+  static std::atomic<int> next{3};
   thread_local const int tid = next.fetch_add(1, std::memory_order_relaxed);
   return tid;
 }
@@ -57,8 +60,9 @@ std::string StepTrace::stop_json() {
          {"pid", 1},
          {"tid", t},
          {"args",
-          {{"name", t == kGpu ? std::string("GPU stream")
-                              : "host thread " + std::to_string(t - 1) + " (forward calls)"}}}});
+          {{"name", t == kGpu    ? std::string("GPU stream")
+                    : t == kCopy ? std::string("expert copies (host to GPU)")
+                                 : "host thread " + std::to_string(t - 2) + " (forward calls)"}}}});
   for (const auto& e : ev) {
     nlohmann::json j = {{"name", e.name}, {"cat", e.cat}, {"ph", "X"},     {"ts", e.ts},
                         {"dur", e.dur},   {"pid", 1},     {"tid", e.track}};

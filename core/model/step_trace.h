@@ -17,16 +17,17 @@ class StepTrace {
  public:
   using Clock = std::chrono::steady_clock;
   /// Tracks (Chrome trace "tid"s): kHost stands for the calling thread (each application thread
-  /// gets its own tid, 2 and up, so concurrent forward calls do not interleave on one track), and
-  /// kGpu for the GPU stream (tid 1).
-  enum Track : int { kHost = 0, kGpu = 1 };
+  /// gets its own tid, 3 and up, so concurrent forward calls do not interleave on one track), kGpu
+  /// for the GPU stream (tid 1), kCopy for the host-to-device expert copies (tid 2: the VRAM
+  /// expert cache's fills and prefetches, prefill streaming's layer copies).
+  enum Track : int { kHost = 0, kGpu = 1, kCopy = 2 };
 
   /// Starts recording (drops earlier events); the origin of the timeline is now.
   void start();
   /// Stops recording; returns {"traceEvents": [...], "displayTimeUnit": "ms"}. Events are complete
   /// events ("ph": "X") with ts / dur in µs from start(); `cat` is one of step, gpu, cpu_dense,
-  /// cpu_experts, waits; args.layer where the span belongs to one layer. Spans that began before
-  /// start() are dropped.
+  /// cpu_experts, waits, copies; args.layer where the span belongs to one layer. Spans that began
+  /// before start() are dropped.
   std::string stop_json();
   /// Recording (a lock-free check, so the model pays one atomic load per span otherwise).
   bool on() const { return on_.load(std::memory_order_acquire); }

@@ -195,9 +195,9 @@ def _trace_steps(rt: Any, path: str | os.PathLike, seed: int) -> dict[str, Any]:
         t0, t1 = f["ts"], f["ts"] + f["dur"]
         sums: dict[str, float] = {}
         for e in tr.spans():
-            # Host spans lie inside their forward call; the GPU track starts there (within the
-            # launch queue's delay).
-            inside = (t0 <= e["ts"] and e["ts"] + e["dur"] <= t1 + 1e-3) if e["tid"] != 1 else t0 <= e["ts"] <= t1
+            # Host spans (tid 3 and up) lie inside their forward call; the GPU and copy tracks
+            # (tid 1, 2) start there (within the launch queue's delay) and may end after it.
+            inside = (t0 <= e["ts"] and e["ts"] + e["dur"] <= t1 + 1e-3) if e["tid"] > 2 else t0 <= e["ts"] <= t1
             if e["cat"] != "step" and inside:
                 key = e["cat"] + ("_gpu_track" if e["tid"] == 1 else "")
                 sums[key] = sums.get(key, 0.0) + e["dur"]

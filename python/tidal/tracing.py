@@ -16,9 +16,10 @@ __all__ = ["Trace", "record"]
 @dataclass
 class Trace:
     """What `rt.trace()` recorded. `events`: Chrome trace events ("ph": "X" spans with ts / dur in
-    µs from the start of the block, "cat" one of step, gpu, cpu_dense, cpu_experts, waits; "tid" 1
-    is the GPU stream, 2 and up the application threads that ran forward calls; args.layer where a
-    span belongs to one layer)."""
+    µs from the start of the block, "cat" one of step, gpu, cpu_dense, cpu_experts, waits, copies;
+    "tid" 1 is the GPU stream, 2 the expert copies from host to GPU (the VRAM expert cache's fills
+    and prefetches, prefill streaming's layers), 3 and up the application threads that ran forward
+    calls; args.layer where a span belongs to one layer)."""
 
     path: str | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
