@@ -31,6 +31,27 @@ __all__ = ["Runtime"]
 Prompt = Union[str, Sequence[int], np.ndarray]
 
 
+def _default_gpu_expert_slots() -> int | None:
+    """Runtime.load's default gpu_expert_slots: 0, or TIDAL_GPU_EXPERT_SLOTS ("auto" for None, or a
+    count) read when tidal is imported, so that a whole test suite can run with the cache on by
+    default before the default changes."""
+    v = os.environ.get("TIDAL_GPU_EXPERT_SLOTS", "").strip()
+    if not v:
+        return 0
+    if v == "auto":
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"TIDAL_GPU_EXPERT_SLOTS must be 'auto' or an int >= 0, got {v!r}")
+    return n
+
+
+_GPU_EXPERT_SLOTS = _default_gpu_expert_slots()
+
+
 def _progress_bar(enabled: bool):
     """A tqdm byte counter for loading (None when disabled or tqdm is missing)."""
     if not enabled:
@@ -133,7 +154,7 @@ class Runtime:
              num_threads: int | None = None, gpu_memory: str | int | None = None, gpu_weights: str = "bf16",
              gpu_precision: str = "bf16x2", cuda_graphs: bool = True,
              kv_cache_dtype: str = "bf16", tokenizer: str | os.PathLike | None = None,
-             max_context: int | None = None, gpu_expert_slots: int | None = 0,
+             max_context: int | None = None, gpu_expert_slots: int | None = _GPU_EXPERT_SLOTS,
              gpu_expert_policy: str = "lfu") -> "Runtime":
         """Load a Hugging Face checkpoint directory (config.json + safetensors, tokenizer files optional;
         BF16 or official FP8 weights) or a llama.cpp GGUF file (the first part of a split one).
@@ -198,7 +219,8 @@ class Runtime:
             the weights, workspaces and a KV cache of max_context tokens, at most every routed expert
             (measured at full depth: the 35B-A3B shape decodes 2.3x llama.cpp with it); 0 (the default
             until the GPU test suite has run with the cache on by default): none, every routed expert on
-            the CPU; a number: that many.
+            the CPU; a number: that many. The environment variable TIDAL_GPU_EXPERT_SLOTS ("auto" or a
+            number), read when tidal is imported, replaces the default.
         gpu_expert_policy : {"lfu", "lru", "static"}
             Which cached expert a missed one replaces: decayed use counts, least recently used, or none
             (placed as "lfu" over the first 256 decode steps, then frozen: no copies after that).

@@ -265,3 +265,21 @@ def test_model_larger_than_ram_fails_at_load_with_the_numbers(monkeypatch):
     # Enough of it: loads.
     monkeypatch.setenv("TIDAL_MEM_AVAILABLE", str(64 << 30))
     assert tidal.Runtime.load(mini, progress=False).logits([5, 6]).shape[-1] > 0
+
+
+@pytest.mark.parametrize("value,default", [("", "0"), ("auto", "None"), ("12", "12"), ("-1", None), ("many", None)])
+def test_gpu_expert_slots_default_from_the_environment(value, default):
+    """TIDAL_GPU_EXPERT_SLOTS replaces Runtime.load's default gpu_expert_slots when tidal is imported
+    ("auto": None, a number: that many); anything else is a ValueError naming the variable."""
+    import subprocess
+    import sys
+
+    code = ("import inspect, tidal; "
+            "print(inspect.signature(tidal.Runtime.load).parameters['gpu_expert_slots'].default)")
+    env = dict(os.environ, TIDAL_GPU_EXPERT_SLOTS=value)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if default is None:
+        assert r.returncode != 0 and "TIDAL_GPU_EXPERT_SLOTS" in r.stderr and "ValueError" in r.stderr
+    else:
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == default
