@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
-# One device call that checks the GPU code: builds (run_device_cuda.sh's build), runs the CUDA C++
-# tests (*Cuda*, *ExpertStore*, ExpertCacheSchedule*) and tests/python/test_cuda.py, then, while
-# the call's time allows (LIMIT, default 585 s), test_cuda.py again with the VRAM expert cache on
-# by default (TIDAL_GPU_EXPERT_SLOTS=auto). Logs in $OUT; the summary on stdout.
+# One device call that checks the GPU code: builds (run_device_cuda.sh's build), then runs PARTS in
+# order while the call's time allows (LIMIT seconds from the start, default 585):
+#   cpp    the CUDA C++ tests (*Cuda*, *ExpertStore*, ExpertCacheSchedule*)
+#   py     tests/python/test_cuda.py
+#   cache  test_cuda.py with the VRAM expert cache on by default (TIDAL_GPU_EXPERT_SLOTS=auto)
+# (default PARTS="cpp py cache"). Logs in $OUT; the summary on stdout.
 set -uo pipefail
 out=${OUT:-bench-out}
 mkdir -p "$out"
@@ -12,10 +14,14 @@ limit=${LIMIT:-585}
 STEPS=build bash tests/bench/run_device_issue7.sh || exit 1
 export LD_LIBRARY_PATH=/tmp/deps/lib:${LD_LIBRARY_PATH:-} PYTHONPATH=$PWD/python
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-timeout 150 ./build/gpu/tests/tidal_tests --gtest_filter='*Cuda*:*ExpertStore*:ExpertCacheSchedule*' \
-  > "$out/cpp.log" 2>&1
-echo "C++: $(tail -1 "$out/cpp.log") ($SECONDS s)"
-grep -E "^\[  FAILED|fused vs unfused|Failure" "$out/cpp.log" | sort -u | head -30
+run_cpp() {
+  local left=$((limit - SECONDS))
+  [ "$left" -gt 30 ] || { echo "cpp: no time left"; return; }
+  timeout "$left" ./build/gpu/tests/tidal_tests \
+    --gtest_filter='*Cuda*:*ExpertStore*:ExpertCacheSchedule*' > "$out/cpp.log" 2>&1
+  echo "C++: $(tail -1 "$out/cpp.log") ($SECONDS s)"
+  grep -E "^\[  FAILED|fused vs unfused|Failure" "$out/cpp.log" | sort -u | head -30
+}
 run_py() {  # log name, then pytest arguments
   local name=$1 left=$((limit - SECONDS))
   shift
@@ -24,5 +30,11 @@ run_py() {  # log name, then pytest arguments
   echo "$name: $(tail -1 "$out/$name.log") ($SECONDS s)"
   grep -E "^FAILED|^E  |lookahead prefetch|cuda-measure\] vram" "$out/$name.log" | cut -c1-300 | head -30
 }
-run_py pyc test_cuda.py
-TIDAL_GPU_EXPERT_SLOTS=auto run_py pyc_cache_default test_cuda.py
+for part in ${PARTS:-cpp py cache}; do
+  case $part in
+    cpp) run_cpp ;;
+    py) run_py pyc test_cuda.py ;;
+    cache) TIDAL_GPU_EXPERT_SLOTS=auto run_py pyc_cache_default test_cuda.py ;;
+    *) echo "unknown part $part" ;;
+  esac
+done
