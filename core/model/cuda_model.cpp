@@ -93,7 +93,9 @@ struct CudaModel::Impl {
   // Note [Step trace] for the expert copies: while a traced forward runs (tr_step), each batch of
   // host-to-device expert copies is bracketed by CUDA events on its own stream; tr_end places
   // them on the copy track, timed from tr_ev0 (recorded on the compute stream at the forward's
-  // start, whose host time is tr_ev0_us), once they have landed.
+  // start, whose host time is tr_ev0_t), once they have landed. Tracing so waits for the step's
+  // demand fills at its end instead of at the next step's start: a trace is for inspecting steps,
+  // and the GPU track's segments are timed by their own events either way.
   struct CopySpan {
     cudaEvent_t a = nullptr, b = nullptr;
     const char* name = nullptr;
@@ -101,7 +103,7 @@ struct CudaModel::Impl {
   };
   StepTrace* tr_step = nullptr;
   cudaEvent_t tr_ev0 = nullptr;
-  double tr_ev0_us = 0;
+  StepTrace::Clock::time_point tr_ev0_t{};
   std::vector<CopySpan> tr_copies;
   std::vector<cudaEvent_t> tr_pool;  // free events (timing enabled)
   cudaEvent_t tr_event() {
@@ -120,7 +122,7 @@ struct CudaModel::Impl {
     if (tr_step == nullptr) return;
     if (tr_ev0 == nullptr) cuda_check(cudaEventCreate(&tr_ev0), "trace event");
     cuda_check(cudaEventRecord(tr_ev0, stream), "trace event");
-    tr_ev0_us = tr_step->us(StepTrace::Clock::now());
+    tr_ev0_t = StepTrace::Clock::now();
   }
   /// Before a batch of copies on `s` (opens a span) and after it (closes the last one).
   void tr_copy_begin(cudaStream_t s, const char* name, int64_t layer) {
@@ -140,7 +142,9 @@ struct CudaModel::Impl {
   /// After the forward (or its failure, with `ok` false: nothing added): waits for the traced
   /// copies to land and adds them to the copy track.
   void tr_end(bool ok) {
-    if (tr_step != nullptr && ok)
+    // From the trace's origin now (a trace restarted during the forward drops the spans).
+    const double ev0_us = tr_step != nullptr ? tr_step->us(tr_ev0_t) : -1.0;
+    if (tr_step != nullptr && ok && ev0_us >= 0)
       for (const auto& c : tr_copies) {
         if (c.b == nullptr) continue;
         float t0 = 0.f, t1 = 0.f;
@@ -148,7 +152,7 @@ struct CudaModel::Impl {
         cuda_check(cudaEventElapsedTime(&t0, tr_ev0, c.a), "trace event");
         cuda_check(cudaEventElapsedTime(&t1, tr_ev0, c.b), "trace event");
         t0 = std::max(t0, 0.f);
-        tr_step->add_us(c.name, "copies", tr_ev0_us + 1e3 * t0, 1e3 * std::max(t1 - t0, 0.f),
+        tr_step->add_us(c.name, "copies", ev0_us + 1e3 * t0, 1e3 * std::max(t1 - t0, 0.f),
                         StepTrace::kCopy, c.layer);
       }
     for (const auto& c : tr_copies) {
@@ -158,6 +162,7 @@ struct CudaModel::Impl {
     }
     tr_copies.clear();
     tr_step = nullptr;
+    if (!ok) cudaGetLastError();  // after a failed step: leave no error for the next launch check
   }
   int sm_count = 1;
   std::string name;
@@ -2084,7 +2089,10 @@ void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, Logi
     // Routing control is read once per chunk: the graph, the host's split of the experts and
     // on_route must agree for the whole step.
     m.route_ctl = m.experts && m.routing->active();
-    const bool use_graph = m.opts.graphs && T == 1 && cm == LogitsMode::kLast && !m.route_ctl;
+    // A streamed chunk (prefill expert streaming) is never captured, even of one token: its
+    // layers wait on the host mid-segment.
+    const bool use_graph =
+        m.opts.graphs && T == 1 && cm == LogitsMode::kLast && !m.route_ctl && !stream;
     m.batched = false;
     m.vx_step = m.vx_on && T == 1;
     m.px_step = stream;

@@ -275,7 +275,8 @@ def test_trace_on_gpu(tmp_path):
     # 8 MoE layers: 8 host expert calls, so 9 segments per forward call (the last ends at lm_head).
     assert len(segments) == (layers + 1) * len(forwards)
     assert all(e["tid"] == 1 and e["dur"] > 0 for e in segments)
-    assert all(e["tid"] >= 2 for e in tr.spans() if e["cat"] != "gpu" or e["name"] != "gpu_segment")
+    assert all(e["tid"] >= 3 for e in tr.spans() if e["cat"] != "copies" and e["name"] != "gpu_segment")
+    assert not tr.spans("copies")  # no expert cache, no streaming: nothing copied
     experts = tr.spans("cpu_experts", "routed_experts")
     assert sorted({e["args"]["layer"] for e in experts}) == list(range(layers))
     assert len(experts) == layers * len(forwards)
@@ -286,25 +287,26 @@ def test_trace_on_gpu(tmp_path):
         assert all(a["ts"] + a["dur"] <= b["ts"] + 1.0 for a, b in zip(segs, segs[1:]))
 
 
-def test_trace_shows_expert_copies_on_gpu(tmp_path):
+def test_trace_shows_expert_copies_on_gpu(tmp_path, monkeypatch):
     """Issue 7's timeline: the VRAM expert cache's copies go on their own track (tid 2), timed with
     CUDA events on the copy stream. Five slots for 8 layers x 48 experts evict constantly, so
     decode steps issue demand fills; every span lies after its step began and has a duration."""
+    monkeypatch.delenv("TIDAL_CUDA_EXPERT_PREFETCH", raising=False)  # demand fills only
     rt = _load(MINI, expert_dtype="int4", gpu_expert_slots=5)
     rt.generate("def f(x):", max_new_tokens=2)
     before = rt._engine.stats()["gpu_expert_fills"]
     with rt.trace(tmp_path / "copies.json") as tr:
         rt.generate("def read_lines(path):", max_new_tokens=8)
-    issued = rt._engine.stats()["gpu_expert_fills"] - before
+    landed = rt._engine.stats()["gpu_expert_fills"] - before
     copies = tr.spans("copies")
-    assert issued > 0 and copies, "five slots must evict and refill while decoding"
+    assert landed > 0 and copies, "five slots must evict and refill while decoding"
     assert {e["name"] for e in copies} == {"expert_fills"}
     assert all(e["tid"] == 2 and e["dur"] > 0 for e in copies)
-    # At most one batch of fills per decode step, each at or after its forward call's start.
+    # One batch of fills at most per decode step, issued at its start: each span begins inside a
+    # forward call (within the launch queue's delay).
     forwards = tr.spans("step", "forward")
     assert len(copies) <= len(forwards)
-    first = min(f["ts"] for f in forwards)
-    assert all(e["ts"] >= first - 50 for e in copies)
+    assert all(any(f["ts"] - 50 <= e["ts"] <= f["ts"] + f["dur"] for f in forwards) for e in copies)
     names = {e["args"]["name"] for e in tr.events if e.get("ph") == "M"}
     assert "expert copies (host to GPU)" in names
 

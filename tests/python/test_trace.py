@@ -40,7 +40,7 @@ def test_trace_of_a_generation(rt, tmp_path):
         assert by["lm_head"] == [None]
         # The layer spans do not overlap on the host thread, so they fit in their forward call.
         assert sum(e["dur"] for e in inside) <= f["dur"] * 1.001 + 1.0
-        assert all(e["dur"] >= 0 and e["tid"] >= 2 for e in inside)  # host tracks; 1 is the GPU
+        assert all(e["dur"] >= 0 and e["tid"] >= 3 for e in inside)  # host tracks; 1 GPU, 2 copies
     assert tr.total_us("cpu_experts") > 0
     cats = {e["cat"] for e in tr.spans()}
     assert cats == {"step", "cpu_dense", "cpu_experts"}  # no GPU on device="cpu"
