@@ -61,7 +61,8 @@ struct Weights {
 /// steps (fixed ids), per option set.
 std::vector<std::vector<float>> run(const ModelConfig& cfg, const HostWeights& hw, bool fuse,
                                     bool graphs, bool gdn_split = false, bool gdn_conv = true,
-                                    bool attn_prep_in_kernel = true, int64_t prompt_len = 7) {
+                                    bool attn_prep_in_kernel = true, int64_t prompt_len = 7,
+                                    const char* kv_dtype = "bf16") {
   auto ex = kernels::make_tbb_executor(2);
   RoutingControl routing(cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok);
   CudaOptions o;
@@ -71,6 +72,7 @@ std::vector<std::vector<float>> run(const ModelConfig& cfg, const HostWeights& h
   o.attention_prep_in_kernel = attn_prep_in_kernel;
   o.attention_tensor_cores = true;
   o.graphs = graphs;
+  o.kv_dtype = kv_dtype;
   CudaModel model(cfg, hw, nullptr, &routing, o, *ex);
   SequenceState st;
   st.layers.resize(static_cast<size_t>(cfg.num_hidden_layers));
@@ -160,11 +162,16 @@ TEST(CudaModel, FusedDecodeMatchesUnfusedKernels) {
   kernels::cuda::set_pdl_enabled(false);  // plain launches: the order PDL must reproduce
   const auto fused_plain = run(cfg, hw, true, true);
   kernels::cuda::set_pdl_enabled(pdl_was);
+  // With an fp32 KV cache (no tensor-core attention, so no attention prep in its kernel): fp32
+  // throughout, so the fusions may only reorder fp32 sums.
+  const auto unfused_f32 = run(cfg, hw, false, true, false, true, true, 7, "fp32");
+  const auto fused_f32 = run(cfg, hw, true, true, false, true, true, 7, "fp32");
   ASSERT_EQ(unfused.size(), fused.size());
+  ASSERT_EQ(unfused_f32.size(), fused_f32.size());
   // The fused-vs-unfused difference of every step, relative to its largest logit, is printed
   // whether or not a step fails: how it grows over the steps tells rounding amplified by the
   // model from a wrong value (which shows at once).
-  std::string growth;
+  std::string growth, growth_f32;
   for (size_t s = 0; s < unfused.size(); ++s) {
     float scale = 0.f, diff = 0.f;
     for (size_t i = 0; i < unfused[s].size(); ++i) {
@@ -176,14 +183,27 @@ TEST(CudaModel, FusedDecodeMatchesUnfusedKernels) {
     char rel[16];
     std::snprintf(rel, sizeof rel, " %.2e", static_cast<double>(diff / scale));
     growth += rel;
-    // fp32 throughout; the fused path adds the same terms in another order (the shared expert
-    // before the next residual, the norm's scale after the dot product): rounding only.
-    EXPECT_LE(diff, 1e-4f * scale) << "step " << s << " (0 = prompt), max |logit| " << scale;
+    // fp32 KV: the fused path adds the same terms in another order (the shared expert before
+    // the next residual, the norm's scale after the dot product): rounding only.
+    float scale32 = 0.f, diff32 = 0.f;
+    for (size_t i = 0; i < unfused_f32[s].size(); ++i) {
+      scale32 = std::max(scale32, std::fabs(unfused_f32[s][i]));
+      diff32 = std::max(diff32, std::fabs(fused_f32[s][i] - unfused_f32[s][i]));
+    }
+    std::snprintf(rel, sizeof rel, " %.2e", static_cast<double>(diff32 / scale32));
+    growth_f32 += rel;
+    EXPECT_LE(diff32, 1e-4f * scale32) << "fp32 KV, step " << s << ", max |logit| " << scale32;
+    // BF16 KV: the same reordering, but a key or value that lands next to a BF16 rounding
+    // boundary rounds the other way (2^-8 of that element) and stays in the cache; the 5th
+    // session's H200 run saw 1.45e-4 of the largest logit at one step of 13 (the fused and the
+    // unfused paths alike against the split ones). A wrong value moves the logits by far more
+    // (> 1e-2) at once.
+    EXPECT_LE(diff, 1e-3f * scale) << "step " << s << " (0 = prompt), max |logit| " << scale;
     for (const auto* v : {&split_fused, &split_unfused, &conv_kernel, &prep_kernel}) {
       float d2 = 0.f;
       for (size_t i = 0; i < unfused[s].size(); ++i)
         d2 = std::max(d2, std::fabs((*v)[s][i] - unfused[s][i]));
-      EXPECT_LE(d2, 1e-4f * scale) << (v == &conv_kernel   ? "DeltaNet conv kernel"
+      EXPECT_LE(d2, 1e-3f * scale) << (v == &conv_kernel   ? "DeltaNet conv kernel"
                                        : v == &prep_kernel ? "attention prep kernel"
                                                            : "DeltaNet split")
                                    << ", step " << s << ", fused " << (v != &split_unfused);
@@ -194,6 +214,7 @@ TEST(CudaModel, FusedDecodeMatchesUnfusedKernels) {
     EXPECT_EQ(fused[s], fused_plain[s]) << "step " << s << " (PDL off)";
   }
   std::printf("[fused vs unfused] max |diff| / max |logit| per step:%s\n", growth.c_str());
+  std::printf("[fused vs unfused, fp32 KV] per step:%s\n", growth_f32.c_str());
   // After a 200-token prompt, so each decode step's attention spans several splits of 64 keys:
   // the tensor-core kernel's tile loads issued before the dependency wait, the last split's
   // cache write (Note [attention prep in the decode kernel]) and the combine over several
@@ -214,7 +235,8 @@ TEST(CudaModel, FusedDecodeMatchesUnfusedKernels) {
       diff = std::max(diff, std::fabs(long_fused[s][i] - long_unfused[s][i]));
     }
     ASSERT_GT(scale, 0.f);
-    EXPECT_LE(diff, 1e-4f * scale) << "long prompt, step " << s << ", max |logit| " << scale;
+    EXPECT_LE(diff, 1e-3f * scale)  // BF16 KV: rounding flips, as above
+        << "long prompt, step " << s << ", max |logit| " << scale;
     EXPECT_EQ(long_fused[s], long_eager[s]) << "long prompt, step " << s;
     EXPECT_EQ(long_fused[s], long_plain[s]) << "long prompt, step " << s << " (PDL off)";
   }
