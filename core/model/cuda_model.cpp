@@ -144,7 +144,8 @@ struct CudaModel::Impl {
   void tr_end(bool ok) {
     // From the trace's origin now (a trace restarted during the forward drops the spans).
     const double ev0_us = tr_step != nullptr ? tr_step->us(tr_ev0_t) : -1.0;
-    if (tr_step != nullptr && ok && ev0_us >= 0)
+    if (tr_step != nullptr && ok && ev0_us >= 0 && !tr_copies.empty()) {
+      cuda_check(cudaEventSynchronize(tr_ev0), "trace event");
       for (const auto& c : tr_copies) {
         if (c.b == nullptr) continue;
         float t0 = 0.f, t1 = 0.f;
@@ -155,6 +156,7 @@ struct CudaModel::Impl {
         tr_step->add_us(c.name, "copies", ev0_us + 1e3 * t0, 1e3 * std::max(t1 - t0, 0.f),
                         StepTrace::kCopy, c.layer);
       }
+    }
     for (const auto& c : tr_copies) {
       if (!ok && c.b != nullptr) cudaEventSynchronize(c.b);  // not reused while pending
       tr_pool.push_back(c.a);

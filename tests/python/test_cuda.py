@@ -263,7 +263,7 @@ def test_trace_on_gpu(tmp_path):
     """Note [Step trace] on device="cuda": per decode step, one GPU segment per MoE layer (the layers
     up to each host expert call, timed with CUDA events on the GPU track), and between them the
     host's wait for the router ids and the routed experts on the CPU."""
-    rt = _load(MINI)
+    rt = _load(MINI, gpu_expert_slots=0)  # every routed expert on the host (not a default override)
     rt.generate("def f(x):", max_new_tokens=2)  # graphs captured before recording
     with rt.trace(tmp_path / "gpu.json") as tr:
         rt.generate("def read_lines(path):", max_new_tokens=3)

@@ -161,11 +161,12 @@ TEST(CudaModel, FusedDecodeMatchesUnfusedKernels) {
   const auto prep_kernel = run(cfg, hw, true, true, false, true, false);
   kernels::cuda::set_pdl_enabled(false);  // plain launches: the order PDL must reproduce
   const auto fused_plain = run(cfg, hw, true, true);
-  kernels::cuda::set_pdl_enabled(pdl_was);
   // With an fp32 KV cache (no tensor-core attention, so no attention prep in its kernel): fp32
   // throughout, so the fusions may only reorder fp32 sums.
+  kernels::cuda::set_pdl_enabled(true);
   const auto unfused_f32 = run(cfg, hw, false, true, false, true, true, 7, "fp32");
   const auto fused_f32 = run(cfg, hw, true, true, false, true, true, 7, "fp32");
+  kernels::cuda::set_pdl_enabled(pdl_was);
   ASSERT_EQ(unfused.size(), fused.size());
   ASSERT_EQ(unfused_f32.size(), fused_f32.size());
   // The fused-vs-unfused difference of every step, relative to its largest logit, is printed
@@ -194,16 +195,18 @@ TEST(CudaModel, FusedDecodeMatchesUnfusedKernels) {
     growth_f32 += rel;
     EXPECT_LE(diff32, 1e-4f * scale32) << "fp32 KV, step " << s << ", max |logit| " << scale32;
     // BF16 KV: the same reordering, but a key or value that lands next to a BF16 rounding
-    // boundary rounds the other way (2^-8 of that element) and stays in the cache; the 5th
-    // session's H200 run saw 1.45e-4 of the largest logit at one step of 13 (the fused and the
-    // unfused paths alike against the split ones). A wrong value moves the logits by far more
-    // (> 1e-2) at once.
-    EXPECT_LE(diff, 1e-3f * scale) << "step " << s << " (0 = prompt), max |logit| " << scale;
+    // boundary may round the other way (2^-8 of that element) and stay in the cache (the likely
+    // cause, to be confirmed by the fp32 comparison above). The fifth session's H200 run saw
+    // 1.45e-4 of the largest logit at one step of 13, for the fused path and its conv-kernel and
+    // prep-kernel variants alike (the same fused sums), while the split DeltaNet paths stayed
+    // within 1e-4. 3e-4 is about twice what was seen; tighten it again if the fp32 comparison
+    // shows that the difference is not KV rounding.
+    EXPECT_LE(diff, 3e-4f * scale) << "step " << s << " (0 = prompt), max |logit| " << scale;
     for (const auto* v : {&split_fused, &split_unfused, &conv_kernel, &prep_kernel}) {
       float d2 = 0.f;
       for (size_t i = 0; i < unfused[s].size(); ++i)
         d2 = std::max(d2, std::fabs((*v)[s][i] - unfused[s][i]));
-      EXPECT_LE(d2, 1e-3f * scale) << (v == &conv_kernel   ? "DeltaNet conv kernel"
+      EXPECT_LE(d2, 3e-4f * scale) << (v == &conv_kernel   ? "DeltaNet conv kernel"
                                        : v == &prep_kernel ? "attention prep kernel"
                                                            : "DeltaNet split")
                                    << ", step " << s << ", fused " << (v != &split_unfused);
@@ -235,8 +238,7 @@ TEST(CudaModel, FusedDecodeMatchesUnfusedKernels) {
       diff = std::max(diff, std::fabs(long_fused[s][i] - long_unfused[s][i]));
     }
     ASSERT_GT(scale, 0.f);
-    EXPECT_LE(diff, 1e-3f * scale)  // BF16 KV: rounding flips, as above
-        << "long prompt, step " << s << ", max |logit| " << scale;
+    EXPECT_LE(diff, 1e-4f * scale) << "long prompt, step " << s << ", max |logit| " << scale;
     EXPECT_EQ(long_fused[s], long_eager[s]) << "long prompt, step " << s;
     EXPECT_EQ(long_fused[s], long_plain[s]) << "long prompt, step " << s << " (PDL off)";
   }
