@@ -6,7 +6,14 @@
 
 #include <hwloc.h>
 
+#include <vector>
+
 namespace tidal::kernels {
+
+/// The order in which workers take cores (Note [NUMA spread] in core_pinning.cpp): given the
+/// cores (hwloc logical indices) of each NUMA node, every prefix of the result draws from the
+/// nodes in proportion to their core counts (ties to the lower node). One node: its cores in order.
+std::vector<int> spread_core_order(const std::vector<std::vector<int>>& cores_by_node);
 
 /// The machine's cores, loaded once per executor. Inactive (bind() does nothing) with
 /// TIDAL_PIN_THREADS=0, when hwloc cannot load the topology, or when `threads` plus `reserved`
@@ -19,13 +26,21 @@ class CorePinning {
   CorePinning(const CorePinning&) = delete;
   CorePinning& operator=(const CorePinning&) = delete;
   bool active() const { return cores_ > 0; }
-  /// Binds the calling thread to the first hardware thread of core `index` mod the core count;
-  /// best effort (a refusal is harmless).
+  /// Binds the calling thread to the first hardware thread of the `index`-th core of
+  /// core_order() (mod the core count); best effort (a refusal is harmless).
   void bind(int index) const;
+  /// NUMA nodes that hold cores (1 where hwloc reports none), and the spread core order.
+  int numa_nodes() const { return nodes_; }
+  const std::vector<int>& core_order() const { return order_; }
+  /// The NUMA node (0-based, among those with cores) that bind(index) places a thread on.
+  int node_of(int index) const;
 
  private:
   hwloc_topology_t topo_ = nullptr;
   int cores_ = 0;
+  int nodes_ = 1;
+  std::vector<int> order_;         // core logical indices, spread over the nodes
+  std::vector<int> node_of_core_;  // by core logical index
 };
 
 }  // namespace tidal::kernels

@@ -288,7 +288,8 @@ class SpinExecutor final : public Executor {
   const int n_;
   const bool oversubscribed_;
   const int64_t spin_ns_;
-  CorePinning pins_;  // Note [Worker pinning] (executor_tbb.cpp): worker i on core i
+  CorePinning pins_;  // Note [Worker pinning] (executor_tbb.cpp): worker i on the i-th core of the
+                      // spread order
   std::vector<std::thread> workers_;
 
   // The job: written by the caller before gen_ is bumped, read by workers after they see it.

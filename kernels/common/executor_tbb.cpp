@@ -5,7 +5,8 @@
 ///
 /// Note [Worker pinning]
 /// Each TBB worker thread, the first time it enters the arena, is bound to one physical core (its
-/// first hardware thread): cores are handed out in order from core 1, so the expert kernels'
+/// first hardware thread): cores are handed out in order from core 1 (of CorePinning's order,
+/// spread over NUMA nodes: Note [NUMA spread] in core_pinning.cpp), so the expert kernels'
 /// per-thread streams do not migrate and two workers do not share a core's caches and
 /// prefetchers. TBB calls the observer every time a worker joins the arena (that can be every
 /// parallel job), so later entries cost one thread-local check: no allocation or syscall per job.

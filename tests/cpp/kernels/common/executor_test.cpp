@@ -270,3 +270,61 @@ TEST(CorePinning, ReservedCoresTurnPinningOff) {
 
 }  // namespace
 }  // namespace tidal::kernels
+
+namespace tidal::kernels {
+namespace {
+
+// Note [NUMA spread]: every prefix of the order draws from the nodes in proportion to their
+// cores; one node keeps hwloc's order.
+TEST(CorePinning, SpreadOrderFollowsTheNodesShares) {
+  EXPECT_EQ(spread_core_order({{0, 1, 2, 3}}), (std::vector<int>{0, 1, 2, 3}));
+  EXPECT_EQ(spread_core_order({{0, 1, 2}, {3, 4, 5}}), (std::vector<int>{0, 3, 1, 4, 2, 5}));
+  // 4 + 2 cores: node 0 is never more than one core ahead of its two-thirds share.
+  EXPECT_EQ(spread_core_order({{0, 1, 2, 3}, {4, 5}}), (std::vector<int>{0, 4, 1, 2, 5, 3}));
+  EXPECT_EQ(spread_core_order({{}, {7, 8}}), (std::vector<int>{7, 8}));
+  EXPECT_TRUE(spread_core_order({}).empty());
+  // Four nodes of 8: the first 4 workers land on 4 different nodes, any 8 take 2 of each.
+  std::vector<std::vector<int>> four(4);
+  for (int n = 0; n < 4; ++n)
+    for (int c = 0; c < 8; ++c) four[static_cast<size_t>(n)].push_back(8 * n + c);
+  const auto o = spread_core_order(four);
+  ASSERT_EQ(o.size(), 32u);
+  for (size_t start = 0; start + 8 <= o.size(); start += 8) {
+    int per[4] = {0, 0, 0, 0};
+    for (size_t i = start; i < start + 8; ++i) ++per[o[i] / 8];
+    for (int n = 0; n < 4; ++n) EXPECT_EQ(per[n], 2) << "block at " << start << ", node " << n;
+  }
+  EXPECT_EQ((std::vector<int>{o[0] / 8, o[1] / 8, o[2] / 8, o[3] / 8}),
+            (std::vector<int>{0, 1, 2, 3}));
+}
+
+// A two-socket machine through hwloc's synthetic topology (HWLOC_SYNTHETIC): workers alternate
+// between the sockets' nodes; node_of says where each one runs.
+TEST(CorePinning, WorkersSpreadOverNumaNodes) {
+  const char* pin = std::getenv("TIDAL_PIN_THREADS");
+  if (pin != nullptr && std::string(pin) == "0") GTEST_SKIP() << "TIDAL_PIN_THREADS=0 is set";
+  const char* old = std::getenv("HWLOC_SYNTHETIC");
+  const std::string saved = old ? old : "";
+  setenv("HWLOC_SYNTHETIC", "pack:2 numa:1 core:3 pu:2", 1);
+  const CorePinning two(4);
+  const CorePinning too_many(7);  // more threads than cores: no pinning, whatever the nodes
+  setenv("HWLOC_SYNTHETIC", "pack:1 numa:1 core:4 pu:1", 1);
+  const CorePinning one(4);
+  if (old)
+    setenv("HWLOC_SYNTHETIC", saved.c_str(), 1);
+  else
+    unsetenv("HWLOC_SYNTHETIC");
+  if (!two.active()) GTEST_SKIP() << "hwloc did not load the synthetic topology";
+  EXPECT_EQ(two.numa_nodes(), 2);
+  EXPECT_EQ(two.core_order(), (std::vector<int>{0, 3, 1, 4, 2, 5}));
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(two.node_of(i), i % 2) << "worker " << i;
+  EXPECT_EQ(two.node_of(6), 0);  // wraps like bind()
+  EXPECT_FALSE(too_many.active());
+  ASSERT_TRUE(one.active());
+  EXPECT_EQ(one.numa_nodes(), 1);
+  EXPECT_EQ(one.core_order(), (std::vector<int>{0, 1, 2, 3}));
+  EXPECT_EQ(one.node_of(3), 0);
+}
+
+}  // namespace
+}  // namespace tidal::kernels
