@@ -7,11 +7,11 @@
 /// hwloc's order would put a run of fewer threads than cores on the first node alone, leaving the
 /// other nodes' memory controllers idle while the expert kernels are bound by memory bandwidth.
 /// Workers instead take cores in spread_core_order: every prefix of the order draws from the
-/// nodes in proportion to their core counts (node 0, node 1, node 0, node 1, ... for two equal
-/// sockets). On one node the order is hwloc's own, so nothing changes there (the desktop tidal
-/// targets, and the GPU test machine). This is the first step of NUMA placement; placing each
-/// node's share of the expert pages on that node and ordering the decode items by node are the
-/// next (docs/architecture.md, "Where the next pieces go").
+/// nodes about in proportion to their core counts (each within a core or so of its share) (node 0,
+/// node 1, node 0, node 1, ... for two equal sockets). On one node the order is hwloc's own, so
+/// nothing changes there (the desktop tidal targets, and the GPU test machine). This is the first
+/// step of NUMA placement; placing each node's share of the expert pages on that node and ordering
+/// the decode items by node are the next (docs/architecture.md, "Where the next pieces go").
 #include "kernels/common/core_pinning.h"
 
 #include <algorithm>
@@ -66,12 +66,20 @@ CorePinning::CorePinning(int threads, int reserved) {
   for (int c = 0; c < cores && all_placed; ++c) {
     const hwloc_obj_t core = hwloc_get_obj_by_type(topo_, HWLOC_OBJ_CORE, static_cast<unsigned>(c));
     int node = -1;
-    for (int n = 0; n < nodes && node < 0; ++n) {
+    // The most local node holding the core: the smallest cpuset among those that include it
+    // (memory attached to a whole package or machine, HBM or CXL, spans several nodes' cores).
+    int best_weight = 0;
+    for (int n = 0; n < nodes; ++n) {
       const hwloc_obj_t nn =
           hwloc_get_obj_by_type(topo_, HWLOC_OBJ_NUMANODE, static_cast<unsigned>(n));
-      if (core != nullptr && nn != nullptr && core->cpuset != nullptr && nn->cpuset != nullptr &&
-          hwloc_bitmap_isincluded(core->cpuset, nn->cpuset))
+      if (core == nullptr || nn == nullptr || core->cpuset == nullptr || nn->cpuset == nullptr ||
+          !hwloc_bitmap_isincluded(core->cpuset, nn->cpuset))
+        continue;
+      const int w = hwloc_bitmap_weight(nn->cpuset);
+      if (node < 0 || w < best_weight) {
         node = n;
+        best_weight = w;
+      }
     }
     if (node < 0)
       all_placed = false;

@@ -12,7 +12,8 @@ namespace tidal::kernels {
 
 /// The order in which workers take cores (Note [NUMA spread] in core_pinning.cpp): given the
 /// cores (hwloc logical indices) of each NUMA node, every prefix of the result draws from the
-/// nodes in proportion to their core counts (ties to the lower node). One node: its cores in order.
+/// nodes about in proportion to their core counts (the node furthest behind its share next, ties
+/// to the lower node). One node: its cores in order.
 std::vector<int> spread_core_order(const std::vector<std::vector<int>>& cores_by_node);
 
 /// The machine's cores, loaded once per executor. Inactive (bind() does nothing) with
@@ -29,7 +30,8 @@ class CorePinning {
   /// Binds the calling thread to the first hardware thread of the `index`-th core of
   /// core_order() (mod the core count); best effort (a refusal is harmless).
   void bind(int index) const;
-  /// NUMA nodes that hold cores (1 where hwloc reports none), and the spread core order.
+  /// NUMA nodes that hold cores (1 where hwloc reports none, and whenever pinning is off), and
+  /// the spread core order.
   int numa_nodes() const { return nodes_; }
   const std::vector<int>& core_order() const { return order_; }
   /// The NUMA node (0-based, among those with cores) that bind(index) places a thread on.
