@@ -62,7 +62,7 @@ struct Weights {
 std::vector<std::vector<float>> run(const ModelConfig& cfg, const HostWeights& hw, bool fuse,
                                     bool graphs, bool gdn_split = false, bool gdn_conv = true,
                                     bool attn_prep_in_kernel = true, int64_t prompt_len = 7,
-                                    const char* kv_dtype = "bf16") {
+                                    const char* kv_dtype = "bf16", bool tensor_cores = true) {
   auto ex = kernels::make_tbb_executor(2);
   RoutingControl routing(cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok);
   CudaOptions o;
@@ -70,7 +70,7 @@ std::vector<std::vector<float>> run(const ModelConfig& cfg, const HostWeights& h
   o.deltanet_split = gdn_split;
   o.deltanet_conv_in_gemv = gdn_conv;
   o.attention_prep_in_kernel = attn_prep_in_kernel;
-  o.attention_tensor_cores = true;
+  o.attention_tensor_cores = tensor_cores;
   o.graphs = graphs;
   o.kv_dtype = kv_dtype;
   CudaModel model(cfg, hw, nullptr, &routing, o, *ex);
@@ -166,13 +166,18 @@ TEST(CudaModel, FusedDecodeMatchesUnfusedKernels) {
   kernels::cuda::set_pdl_enabled(true);
   const auto unfused_f32 = run(cfg, hw, false, true, false, true, true, 7, "fp32");
   const auto fused_f32 = run(cfg, hw, true, true, false, true, true, 7, "fp32");
+  // BF16 KV without the tensor-core attention kernel: with the fp32 growth, tells KV rounding
+  // (this one like the default's) from the tensor-core kernel (this one like fp32's).
+  const auto unfused_nt = run(cfg, hw, false, true, false, true, true, 7, "bf16", false);
+  const auto fused_nt = run(cfg, hw, true, true, false, true, true, 7, "bf16", false);
   kernels::cuda::set_pdl_enabled(pdl_was);
   ASSERT_EQ(unfused.size(), fused.size());
   ASSERT_EQ(unfused_f32.size(), fused_f32.size());
+  ASSERT_EQ(unfused_nt.size(), fused_nt.size());
   // The fused-vs-unfused difference of every step, relative to its largest logit, is printed
   // whether or not a step fails: how it grows over the steps tells rounding amplified by the
   // model from a wrong value (which shows at once).
-  std::string growth, growth_f32;
+  std::string growth, growth_f32, growth_nt;
   for (size_t s = 0; s < unfused.size(); ++s) {
     float scale = 0.f, diff = 0.f;
     for (size_t i = 0; i < unfused[s].size(); ++i) {
@@ -193,6 +198,14 @@ TEST(CudaModel, FusedDecodeMatchesUnfusedKernels) {
     }
     std::snprintf(rel, sizeof rel, " %.2e", static_cast<double>(diff32 / scale32));
     growth_f32 += rel;
+    float scale_nt = 0.f, diff_nt = 0.f;
+    for (size_t i = 0; i < unfused_nt[s].size(); ++i) {
+      scale_nt = std::max(scale_nt, std::fabs(unfused_nt[s][i]));
+      diff_nt = std::max(diff_nt, std::fabs(fused_nt[s][i] - unfused_nt[s][i]));
+    }
+    std::snprintf(rel, sizeof rel, " %.2e", static_cast<double>(diff_nt / scale_nt));
+    growth_nt += rel;
+    EXPECT_LE(diff_nt, 3e-4f * scale_nt) << "BF16 KV, no tensor cores, step " << s;
     EXPECT_LE(diff32, 1e-4f * scale32) << "fp32 KV, step " << s << ", max |logit| " << scale32;
     // BF16 KV: the same reordering, but a key or value that lands next to a BF16 rounding
     // boundary may round the other way (2^-8 of that element) and stay in the cache (the likely
@@ -218,6 +231,7 @@ TEST(CudaModel, FusedDecodeMatchesUnfusedKernels) {
   }
   std::printf("[fused vs unfused] max |diff| / max |logit| per step:%s\n", growth.c_str());
   std::printf("[fused vs unfused, fp32 KV] per step:%s\n", growth_f32.c_str());
+  std::printf("[fused vs unfused, BF16 KV, no tensor cores] per step:%s\n", growth_nt.c_str());
   // After a 200-token prompt, so each decode step's attention spans several splits of 64 keys:
   // the tensor-core kernel's tile loads issued before the dependency wait, the last split's
   // cache write (Note [attention prep in the decode kernel]) and the combine over several
