@@ -447,6 +447,7 @@ std::map<std::string, std::string> Runtime::describe() const {
   d["threads"] = std::to_string(executor_->num_threads());
   d["cpu_executor"] = executor_->name();
   d["cpu_pinned"] = executor_->pinned() ? "yes" : "no";  // Note [A core for the GPU thread]
+  d["cpu_numa_nodes"] = std::to_string(executor_->numa_nodes());  // Note [NUMA spread]
   if (const auto* g = model_->cuda()) {
     d["gpu"] = g->device_name();
     d["gpu_weights"] = opts_.gpu_weights;

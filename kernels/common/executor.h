@@ -20,6 +20,8 @@ class Executor {
   virtual const char* name() const = 0;
   /// Whether its workers are pinned one per core (CorePinning; Runtime.describe()["cpu_pinned"]).
   virtual bool pinned() const { return false; }
+  /// NUMA nodes its pinned workers are spread over (Note [NUMA spread]); 1 when not pinned.
+  virtual int numa_nodes() const { return 1; }
   /// Calls fn(begin, end) on disjoint sub-ranges covering [0, n); blocks until all are done.
   /// `grain` is the smallest sub-range worth a task.
   virtual void parallel_for(int64_t n, int64_t grain,

@@ -129,6 +129,7 @@ class SpinExecutor final : public Executor {
   int num_threads() const override { return n_; }
   const char* name() const override { return "spin"; }
   bool pinned() const override { return n_ > 1 && pins_.active(); }
+  int numa_nodes() const override { return pinned() ? pins_.numa_nodes() : 1; }
 
   void parallel_for(int64_t n, int64_t grain,
                     const std::function<void(int64_t, int64_t)>& fn) override {

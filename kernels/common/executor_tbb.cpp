@@ -38,6 +38,7 @@ class CorePinner final : public tbb::task_scheduler_observer {
   }
   ~CorePinner() override { observe(false); }
   bool active() const { return cores_.active(); }
+  int numa_nodes() const { return cores_.active() ? cores_.numa_nodes() : 1; }
   void on_scheduler_entry(bool is_worker) override {
     if (is_worker) cores_.bind(tbb::this_task_arena::current_thread_index());
   }
@@ -54,6 +55,7 @@ class TbbExecutor final : public Executor {
   int num_threads() const override { return arena_.max_concurrency(); }
   const char* name() const override { return "tbb"; }
   bool pinned() const override { return pinner_.active(); }
+  int numa_nodes() const override { return pinner_.numa_nodes(); }
   void parallel_for(int64_t n, int64_t grain,
                     const std::function<void(int64_t, int64_t)>& fn) override {
     if (n <= 0) return;

@@ -394,7 +394,7 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
                   "active_weight_bytes_per_token": active, "dtypes": summary.dtypes},
         "load": load,
         "caps": {"device": device, "cpu_threads": rt.num_threads, "cpu_executor": d.get("cpu_executor"),
-                 "cpu_pinned": d.get("cpu_pinned"), "gpu_memory": gpu_memory if on_gpu else None,
+                 "cpu_pinned": d.get("cpu_pinned"), "cpu_numa_nodes": d.get("cpu_numa_nodes"), "gpu_memory": gpu_memory if on_gpu else None,
                  "gpu_weights": gpu_weights if on_gpu else None,
                  "gpu_precision": (gpu_precision or d.get("gpu_precision")) if on_gpu else None,
                  "expert_dtype": d["expert_dtype"], "expert_group_size": int(d["expert_group_size"]),

@@ -67,6 +67,9 @@ def test_load_options_and_describe():
     # The runtime's CPU threads: tidal's spinning workers unless TIDAL_EXECUTOR=tbb asks for TBB.
     assert d["cpu_executor"] == os.environ.get("TIDAL_EXECUTOR", "spin")
     assert d["cpu_pinned"] in ("yes", "no")
+    # NUMA nodes the pinned workers spread over (Note [NUMA spread]): at least one, one when unpinned.
+    assert int(d["cpu_numa_nodes"]) >= 1
+    assert d["cpu_pinned"] == "yes" or d["cpu_numa_nodes"] == "1"
     # One thread has no workers to pin; on a CPU runtime a thread count above the cores is unpinned.
     assert tidal.Runtime.load(ckpt, cpu_threads=1, progress=False).describe()["cpu_pinned"] == "no"
     assert tidal.Runtime.load(ckpt, cpu_threads=4 * (os.cpu_count() or 1), progress=False).describe()["cpu_pinned"] == "no"
