@@ -90,21 +90,23 @@ struct CudaModel::Impl {
   RoutedExperts* experts = nullptr;
   RoutingControl* routing = nullptr;
   StepTrace* trace = nullptr;
-  // Note [Step trace] for the expert copies: while a traced forward runs (tr_step), each batch of
-  // host-to-device expert copies is bracketed by CUDA events on its own stream; tr_end places
-  // them on the copy track, timed from tr_ev0 (recorded on the compute stream at the forward's
-  // start, whose host time is tr_ev0_t), once they have landed. Tracing so waits for the step's
-  // demand fills at its end instead of at the next step's start: a trace is for inspecting steps,
-  // and the GPU track's segments are timed by their own events either way.
-  struct CopySpan {
+  // Note [Step trace] on the GPU: while a traced forward runs (tr_step), each GPU segment (on the
+  // compute stream) and each batch of host-to-device expert copies (on its copy stream) is
+  // bracketed by CUDA events; tr_end places them on the GPU and copy tracks, timed from tr_ev0
+  // (recorded on the compute stream at the forward's start, whose host time is tr_ev0_t), once
+  // they have finished. Tracing so waits for the step's demand fills at its end instead of at the
+  // next step's start: a trace is for inspecting steps.
+  struct GpuSpan {
     cudaEvent_t a = nullptr, b = nullptr;
     const char* name = nullptr;
+    const char* cat = nullptr;
+    int track = StepTrace::kGpu;
     int64_t layer = -1;
   };
   StepTrace* tr_step = nullptr;
   cudaEvent_t tr_ev0 = nullptr;
   StepTrace::Clock::time_point tr_ev0_t{};
-  std::vector<CopySpan> tr_copies;
+  std::vector<GpuSpan> tr_spans;
   std::vector<cudaEvent_t> tr_pool;  // free events (timing enabled)
   cudaEvent_t tr_event() {
     if (tr_pool.empty()) {
@@ -124,45 +126,51 @@ struct CudaModel::Impl {
     cuda_check(cudaEventRecord(tr_ev0, stream), "trace event");
     tr_ev0_t = StepTrace::Clock::now();
   }
-  /// Before a batch of copies on `s` (opens a span) and after it (closes the last one).
-  void tr_copy_begin(cudaStream_t s, const char* name, int64_t layer) {
-    if (tr_step == nullptr) return;
-    CopySpan c;
-    c.name = name;
-    c.layer = layer;
-    c.a = tr_event();
-    tr_copies.push_back(c);  // owned by tr_copies from here (tr_end returns it to the pool)
-    cuda_check(cudaEventRecord(c.a, s), "trace event");
+  /// Opens a span of work enqueued on `s` (returns its index, -1 when not tracing) and closes it.
+  int tr_span_begin(cudaStream_t s, const char* name, const char* cat, int track, int64_t layer) {
+    if (tr_step == nullptr) return -1;
+    GpuSpan g;
+    g.name = name;
+    g.cat = cat;
+    g.track = track;
+    g.layer = layer;
+    g.a = tr_event();
+    tr_spans.push_back(g);  // owned by tr_spans from here (tr_end returns it to the pool)
+    cuda_check(cudaEventRecord(g.a, s), "trace event");
+    return static_cast<int>(tr_spans.size()) - 1;
   }
-  void tr_copy_end(cudaStream_t s) {
-    if (tr_step == nullptr || tr_copies.empty() || tr_copies.back().b != nullptr) return;
-    tr_copies.back().b = tr_event();
-    cuda_check(cudaEventRecord(tr_copies.back().b, s), "trace event");
+  void tr_span_end(int i, cudaStream_t s) {
+    if (i < 0) return;
+    tr_spans[static_cast<size_t>(i)].b = tr_event();
+    cuda_check(cudaEventRecord(tr_spans[static_cast<size_t>(i)].b, s), "trace event");
+  }
+  int tr_copy_begin(cudaStream_t s, const char* name, int64_t layer) {
+    return tr_span_begin(s, name, "copies", StepTrace::kCopy, layer);
   }
   /// After the forward (or its failure, with `ok` false: nothing added): waits for the traced
-  /// copies to land and adds them to the copy track.
+  /// spans to finish and adds them to their tracks.
   void tr_end(bool ok) {
     // From the trace's origin now (a trace restarted during the forward drops the spans).
     const double ev0_us = tr_step != nullptr ? tr_step->us(tr_ev0_t) : -1.0;
-    if (tr_step != nullptr && ok && ev0_us >= 0 && !tr_copies.empty()) {
+    if (tr_step != nullptr && ok && ev0_us >= 0 && !tr_spans.empty()) {
       cuda_check(cudaEventSynchronize(tr_ev0), "trace event");
-      for (const auto& c : tr_copies) {
-        if (c.b == nullptr) continue;
+      for (const auto& g : tr_spans) {
+        if (g.b == nullptr) continue;
         float t0 = 0.f, t1 = 0.f;
-        cuda_check(cudaEventSynchronize(c.b), "trace event");
-        cuda_check(cudaEventElapsedTime(&t0, tr_ev0, c.a), "trace event");
-        cuda_check(cudaEventElapsedTime(&t1, tr_ev0, c.b), "trace event");
+        cuda_check(cudaEventSynchronize(g.b), "trace event");
+        cuda_check(cudaEventElapsedTime(&t0, tr_ev0, g.a), "trace event");
+        cuda_check(cudaEventElapsedTime(&t1, tr_ev0, g.b), "trace event");
         t0 = std::max(t0, 0.f);
-        tr_step->add_us(c.name, "copies", ev0_us + 1e3 * t0, 1e3 * std::max(t1 - t0, 0.f),
-                        StepTrace::kCopy, c.layer);
+        tr_step->add_us(g.name, g.cat, ev0_us + 1e3 * t0, 1e3 * std::max(t1 - t0, 0.f), g.track,
+                        g.layer);
       }
     }
-    for (const auto& c : tr_copies) {
-      if (!ok && c.b != nullptr) cudaEventSynchronize(c.b);  // not reused while pending
-      tr_pool.push_back(c.a);
-      if (c.b != nullptr) tr_pool.push_back(c.b);
+    for (const auto& g : tr_spans) {
+      if (!ok && g.b != nullptr) cudaEventSynchronize(g.b);  // not reused while pending
+      tr_pool.push_back(g.a);
+      if (g.b != nullptr) tr_pool.push_back(g.b);
     }
-    tr_copies.clear();
+    tr_spans.clear();
     tr_step = nullptr;
     if (!ok) cudaGetLastError();  // after a failed step: leave no error for the next launch check
   }
@@ -825,9 +833,9 @@ void CudaModel::Impl::vx_begin_step_impl() {
   // The copies start once this step's table (without the experts they replace) is in place.
   cuda_check(cudaEventRecord(vx_ev_table, stream), "event record");
   cuda_check(cudaStreamWaitEvent(vx_copy, vx_ev_table), "stream wait");
-  tr_copy_begin(vx_copy, "expert_fills", -1);
+  const int span = tr_copy_begin(vx_copy, "expert_fills", -1);
   for (const auto& f : issue) copy_expert(f, vx_copy);
-  tr_copy_end(vx_copy);
+  tr_span_end(span, vx_copy);
   if (vx_events.empty()) {
     cudaEvent_t e = nullptr;
     cuda_check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "event creation");
@@ -914,7 +922,7 @@ void CudaModel::Impl::vx_prefetch_after(int64_t layer, kernels::Executor& ex) {
   if (!predict_next(layer, next, 1, k, ex, pf_pred)) return;
   const auto& fills = vx_sched->prefetch(static_cast<int64_t>(next), pf_pred.data(), k);
   if (fills.empty()) return;
-  tr_copy_begin(vx_pf_copy, "expert_prefetch", static_cast<int64_t>(next));
+  const int span = tr_copy_begin(vx_pf_copy, "expert_prefetch", static_cast<int64_t>(next));
   for (const auto& f : fills) copy_expert(f, vx_pf_copy);
   int32_t* row = vx_pf_rows + vx_pf_row * E;
   vx_pf_row ^= 1;
@@ -924,7 +932,7 @@ void CudaModel::Impl::vx_prefetch_after(int64_t layer, kernels::Executor& ex) {
   cuda_check(cudaMemcpyAsync(vx_dtable + static_cast<int64_t>(next) * E, row,
                              static_cast<size_t>(E) * 4, cudaMemcpyHostToDevice, vx_pf_copy),
              "expert prefetch");
-  tr_copy_end(vx_pf_copy);
+  tr_span_end(span, vx_pf_copy);
   cuda_check(cudaEventRecord(vx_ev_pf[next], vx_pf_copy), "event record");
   std::lock_guard lock(vx_mu);
   vx_stats.prefetched += static_cast<int64_t>(fills.size());
@@ -1110,11 +1118,11 @@ void CudaModel::Impl::px_issue(int layer) {
   const uint8_t* src = experts->packed_expert(layer, 0).gate;
   // The buffer's previous layer is done with it (a never-recorded event: nothing to wait for).
   cuda_check(cudaStreamWaitEvent(px_copy, px_ev_free[b]), "stream wait");
-  tr_copy_begin(px_copy, "stream_layer", layer);
+  const int span = tr_copy_begin(px_copy, "stream_layer", layer);
   cuda_check(cudaMemcpyAsync(px_stage[b], src, static_cast<size_t>(px_layer_bytes),
                              cudaMemcpyHostToDevice, px_copy),
              "expert copy");
-  tr_copy_end(px_copy);
+  tr_span_end(span, px_copy);
   cuda_check(cudaEventRecord(px_ev_filled[b], px_copy), "event record");
   px_stage_layer[b] = layer;
   std::lock_guard lock(vx_mu);
@@ -1968,9 +1976,9 @@ CudaModel::Impl::~Impl() {
   for (void* r : vx_registered) cudaHostUnregister(r);
   for (auto e : prof_events) cudaEventDestroy(e);
   for (auto e : tr_pool) cudaEventDestroy(e);
-  for (const auto& c : tr_copies) {
-    cudaEventDestroy(c.a);
-    if (c.b != nullptr) cudaEventDestroy(c.b);
+  for (const auto& g : tr_spans) {
+    cudaEventDestroy(g.a);
+    if (g.b != nullptr) cudaEventDestroy(g.b);
   }
   if (tr_ev0) cudaEventDestroy(tr_ev0);
   if (stream) cudaStreamDestroy(stream);
@@ -2192,24 +2200,12 @@ void CudaModel::Impl::run_segments(int64_t T, LogitsMode cm, std::vector<cudaGra
       throw;
     }
   }
-  // Note [Step trace]: while recording, CUDA events around each segment give the GPU track.
-  StepTrace* tr = trace != nullptr && trace->on() ? trace : nullptr;
-  struct TraceEvents {
-    std::vector<cudaEvent_t> ev;
-    ~TraceEvents() {
-      for (auto e : ev)
-        if (e != nullptr) cudaEventDestroy(e);  // a null one would set the last CUDA error
-    }
-  } tev;
-  StepTrace::Clock::time_point anchor{};
-  if (tr) {
-    tev.ev.assign(2 * segs.size(), nullptr);
-    for (auto& e : tev.ev) cuda_check(cudaEventCreate(&e), "trace event");
-    anchor = StepTrace::Clock::now();
-  }
+  // Note [Step trace]: while recording (tr_begin), CUDA events around each segment give the GPU
+  // track (tr_end adds it).
+  StepTrace* tr = tr_step;
   for (size_t s = 0; s < segs.size(); ++s) {
     const int64_t last_layer = static_cast<int64_t>(segs[s].second) - 1;
-    if (tr) cuda_check(cudaEventRecord(tev.ev[2 * s], stream), "trace event");
+    const int seg_span = tr_span_begin(stream, "gpu_segment", "gpu", StepTrace::kGpu, last_layer);
     {
       TraceSpan span(tr, "gpu_launch", "gpu", last_layer);
       if (graphs)
@@ -2218,7 +2214,7 @@ void CudaModel::Impl::run_segments(int64_t T, LogitsMode cm, std::vector<cudaGra
         enqueue_segment(s, T, cm, false);
       cuda_check(cudaGetLastError(), "kernel launch");
     }
-    if (tr) cuda_check(cudaEventRecord(tev.ev[2 * s + 1], stream), "trace event");
+    tr_span_end(seg_span, stream);
     if (s + 1 < segs.size() &&
         !px_step) {  // routed experts of layer segs[s].second - 1 on the host
       const int64_t layer = last_layer;
@@ -2250,17 +2246,6 @@ void CudaModel::Impl::run_segments(int64_t T, LogitsMode cm, std::vector<cudaGra
       if (profile)
         profile->routed_experts +=
             std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    }
-  }
-  if (tr) {
-    cuda_check(cudaEventSynchronize(tev.ev.back()), "trace event");
-    const double base = tr->us(anchor);
-    for (size_t s = 0; s < segs.size(); ++s) {
-      float t0 = 0.f, t1 = 0.f;
-      cuda_check(cudaEventElapsedTime(&t0, tev.ev[0], tev.ev[2 * s]), "trace event");
-      cuda_check(cudaEventElapsedTime(&t1, tev.ev[0], tev.ev[2 * s + 1]), "trace event");
-      tr->add_us("gpu_segment", "gpu", base + 1e3 * t0, 1e3 * (t1 - t0), StepTrace::kGpu,
-                 static_cast<int64_t>(segs[s].second) - 1);
     }
   }
 }
