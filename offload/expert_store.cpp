@@ -410,6 +410,7 @@ void ExpertStore::pack(const ExpertStoreOptions& opts, kernels::Executor& ex,
     cache_state_ = state;
     file_backed_ = true;
     assign_pointers();
+    place_on_numa_nodes(ex, static_cast<const uint8_t*>(region_), true);
     if (progress) progress(source_bytes_);
     sources_.clear();
     owned_.reset();
@@ -458,6 +459,7 @@ void ExpertStore::pack(const ExpertStoreOptions& opts, kernels::Executor& ex,
   madvise(region_, region_bytes_, MADV_HUGEPAGE);
 #endif
   assign_pointers();
+  place_on_numa_nodes(ex, static_cast<const uint8_t*>(region_), false);
   const uint64_t layer_source = moe_layers ? source_bytes_ / static_cast<uint64_t>(moe_layers) : 0;
   uint64_t done = 0;
   const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
@@ -520,6 +522,67 @@ std::vector<std::pair<void*, size_t>> ExpertStore::packed_layer_regions() const 
   return r;
 }
 
+std::vector<NodePageRange> numa_page_ranges(const std::vector<size_t>& layer_offsets,
+                                            size_t per_expert, int64_t experts, int nodes,
+                                            size_t page) {
+  std::vector<NodePageRange> r;
+  if (nodes <= 1 || experts <= 0 || per_expert == 0 || page == 0) return r;
+  for (const size_t base : layer_offsets) {
+    for (int n = 0; n < nodes; ++n) {
+      const auto e0 = static_cast<size_t>(kc::first_expert_of_node(n, experts, nodes));
+      const auto e1 = static_cast<size_t>(kc::first_expert_of_node(n + 1, experts, nodes));
+      size_t b = (base + e0 * per_expert) / page * page;
+      const size_t last = base + e1 * per_expert;
+      size_t e = n + 1 == nodes ? (last + page - 1) / page * page : last / page * page;
+      if (n == 0) b = base / page * page;
+      if (e > b) r.push_back({b, e, n});
+    }
+  }
+  return r;
+}
+
+// Note [Packed experts on their NUMA nodes]
+// With workers on several NUMA nodes (executor numa_nodes() > 1, Note [NUMA spread]), each MoE
+// layer's experts are split into one contiguous range per node (Note [NUMA expert placement] in
+// kernels/cpu/moe_experts.cpp says why whole experts) and each range is bound to its node with
+// hwloc_set_area_membind: before the packing threads first write a fresh region, so its pages
+// are allocated there whoever packs them; with page migration for experts mapped from the cache
+// file or a pre-packed file (their pages were read in by load_cache), and before the parallel
+// copy into anonymous memory for GPU copies. The ranges are one per (layer, node), so the number
+// of memory areas stays far below the kernel's per-process limit and huge pages survive. The
+// decode job then orders its work by node (MoeExpertsArgs::numa_nodes). Binding is best effort:
+// where the system refuses (no mbind, a synthetic hwloc topology), numa_placement() says so and
+// the job keeps the plain order. One node: nothing is bound and nothing changes.
+void ExpertStore::place_on_numa_nodes(kernels::Executor& ex, const uint8_t* base, bool migrate) {
+  const int nodes = ex.numa_nodes();
+  numa_nodes_ = 1;
+  if (nodes <= 1) {
+    numa_state_ = "one node";
+    return;
+  }
+  std::vector<size_t> layers;
+  for (const auto& experts : packed_)
+    if (!experts.empty())
+      layers.push_back(
+          static_cast<size_t>(experts.front().gate - static_cast<const uint8_t*>(region_)));
+  const auto per_expert = static_cast<size_t>(2 * gate_up_.bytes() + down_.bytes());
+  const auto page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  int refused = 0, bound = 0;
+  for (const auto& r : numa_page_ranges(layers, per_expert, num_experts_, nodes, page)) {
+    if (ex.bind_memory(const_cast<uint8_t*>(base) + r.begin, r.end - r.begin, r.node, migrate))
+      ++bound;
+    else
+      ++refused;
+  }
+  if (refused == 0 && bound > 0) {
+    numa_nodes_ = nodes;
+    numa_state_ = fmt::format("bound to {} nodes", nodes);
+  } else {
+    numa_state_ =
+        fmt::format("not bound: the system refused {} of {} page ranges", refused, refused + bound);
+  }
+}
+
 // Note [Packed experts out of the file mapping]
 // The VRAM expert cache copies experts with DMA, which needs their host pages page-locked
 // (cudaHostRegister). Registering a large file mapping (a pre-packed checkpoint, or a cache
@@ -544,6 +607,7 @@ void ExpertStore::copy_packed_to_anonymous(kernels::Executor& ex) {
 #ifdef MADV_HUGEPAGE
   madvise(m, region_bytes_, MADV_HUGEPAGE);
 #endif
+  place_on_numa_nodes(ex, static_cast<const uint8_t*>(m), false);
   constexpr int64_t kPiece = int64_t{8} << 20;
   const auto* from = static_cast<const uint8_t*>(region_);
   auto* to = static_cast<uint8_t*>(m);
@@ -598,6 +662,7 @@ void ExpertStore::forward(int64_t layer, const float* src, int64_t num_tokens, c
   a.top_k = top_k;
   a.dst = dst;
   a.ld_dst = hidden_;
+  a.numa_nodes = ex.numa_nodes() == numa_nodes_ ? numa_nodes_ : 1;
   op.run(a, ex);
   {  // distinct experts of this call (each read from RAM once), and the pairs computed
     thread_local std::vector<uint8_t> seen;

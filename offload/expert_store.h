@@ -72,6 +72,9 @@ class ExpertStore final : public core::RoutedExperts {
   void copy_packed_to_anonymous(kernels::Executor& ex) override;
 
   const ExpertStoreOptions& options() const { return opts_; }
+  /// Where the packed experts' pages are (Note [Packed experts on their NUMA nodes]): "one node",
+  /// "bound to N nodes", or "not bound: <why>".
+  const std::string& numa_placement() const { return numa_state_; }
   /// The checkpoint's expert formats ("BF16", "Q4_K+Q6_K", "F8_E4M3").
   std::string source_format() const;
   /// Whether the experts are stored quantised (GGUF blocks, FP8) rather than as BF16/F16/F32.
@@ -121,12 +124,29 @@ class ExpertStore final : public core::RoutedExperts {
   std::filesystem::path prepacked_file_;
   kernels::cpu::ExpertDType prepacked_dtype_ = kernels::cpu::ExpertDType::kBF16;
   int64_t prepacked_group_ = 0;
+  int numa_nodes_ = 1;  // nodes the experts' pages are bound over (1: none)
+  std::string numa_state_ = "one node";
+  void place_on_numa_nodes(kernels::Executor& ex, const uint8_t* base, bool migrate);
   std::string cache_key() const;
   bool load_cache(const std::function<void(uint64_t)>& progress);
   void write_cache();
   std::atomic<const char*> last_small_{nullptr}, last_large_{nullptr};
   std::atomic<uint64_t> reads_{0}, pairs_{0};
 };
+
+/// A page range of the packed region and the NUMA node it goes to.
+struct NodePageRange {
+  size_t begin = 0, end = 0;  ///< byte offsets from the region's start, multiples of `page`
+  int node = 0;
+};
+/// Note [Packed experts on their NUMA nodes]: the ranges of a packed region whose MoE layers start
+/// at `layer_offsets` (bytes from the region's start, a page-aligned address), each `experts`
+/// experts of `per_expert` bytes: node n gets experts [first_expert_of_node(n),
+/// first_expert_of_node(n + 1)) of every layer. Boundaries inside a layer round down to `page`,
+/// a layer's end up; empty ranges are left out. One node: nothing.
+std::vector<NodePageRange> numa_page_ranges(const std::vector<size_t>& layer_offsets,
+                                            size_t per_expert, int64_t experts, int nodes,
+                                            size_t page);
 
 /// Writes a pre-packed experts file (Note [Pre-packed experts]) for `cfg`: one add_layer() per MoE
 /// layer in order, with that layer's experts as fused tensors (gate_up [E, 2I, H], down [E, H, I];

@@ -442,6 +442,7 @@ std::map<std::string, std::string> Runtime::describe() const {
   d["expert_layout"] = std::string(kernels::cpu::kExpertLayoutName);
   d["expert_kernels"] = experts_->last_kernels();
   d["expert_cache"] = experts_->cache_state();
+  d["expert_numa"] = experts_->numa_placement();  // Note [Packed experts on their NUMA nodes]
   d["expert_source"] = experts_->prepacked() ? "pre-packed" : experts_->source_format();
   d["expert_cache_file"] = experts_->cache_file().string();
   d["threads"] = std::to_string(executor_->num_threads());

@@ -95,18 +95,38 @@ CorePinning::CorePinning(int threads, int reserved) {
   }
   // Nodes without cores (memory-only) take no workers: renumber the others 0, 1, ...
   std::vector<std::vector<int>> with_cores;
-  for (auto& v : by_node)
-    if (!v.empty()) {
-      for (int c : v) node_of_core_[static_cast<size_t>(c)] = static_cast<int>(with_cores.size());
-      with_cores.push_back(std::move(v));
+  for (size_t n = 0; n < by_node.size(); ++n) {
+    auto& v = by_node[n];
+    if (v.empty()) continue;
+    for (int c : v) node_of_core_[static_cast<size_t>(c)] = static_cast<int>(with_cores.size());
+    with_cores.push_back(std::move(v));
+    if (all_placed) {
+      const hwloc_obj_t nn =
+          hwloc_get_obj_by_type(topo_, HWLOC_OBJ_NUMANODE, static_cast<unsigned>(n));
+      node_os_.push_back(nn != nullptr ? nn->os_index : 0u);
     }
+  }
   nodes_ = static_cast<int>(with_cores.size());
+  if (nodes_ < 2) node_os_.clear();
   order_ = spread_core_order(with_cores);
 }
 
 int CorePinning::node_of(int index) const {
   if (!active() || index < 0) return 0;
   return node_of_core_[static_cast<size_t>(order_[static_cast<size_t>(index % cores_)])];
+}
+
+bool CorePinning::bind_memory(void* addr, size_t len, int node, bool migrate) const {
+  if (!active() || nodes_ < 2 || node < 0 || node >= nodes_ || len == 0 ||
+      node_os_.size() != static_cast<size_t>(nodes_))
+    return false;
+  hwloc_bitmap_t set = hwloc_bitmap_alloc();
+  if (set == nullptr) return false;
+  hwloc_bitmap_only(set, node_os_[static_cast<size_t>(node)]);
+  const int flags = HWLOC_MEMBIND_BYNODESET | (migrate ? HWLOC_MEMBIND_MIGRATE : 0);
+  const int rc = hwloc_set_area_membind(topo_, addr, len, set, HWLOC_MEMBIND_BIND, flags);
+  hwloc_bitmap_free(set);
+  return rc == 0;
 }
 
 CorePinning::~CorePinning() {

@@ -6,6 +6,7 @@
 
 #include <hwloc.h>
 
+#include <cstddef>
 #include <vector>
 
 namespace tidal::kernels {
@@ -36,6 +37,11 @@ class CorePinning {
   const std::vector<int>& core_order() const { return order_; }
   /// The NUMA node (0-based, among those with cores) that bind(index) places a thread on.
   int node_of(int index) const;
+  /// Binds the pages of [addr, addr + len) to NUMA node `node` (0-based, as node_of) with
+  /// hwloc_set_area_membind: pages touched later are allocated there; with `migrate`, pages
+  /// already resident move there too. False where nothing was bound: one node (there is nothing
+  /// to choose), pinning inactive, or the system refused (a synthetic topology, no mbind).
+  bool bind_memory(void* addr, size_t len, int node, bool migrate) const;
 
  private:
   hwloc_topology_t topo_ = nullptr;
@@ -43,6 +49,7 @@ class CorePinning {
   int nodes_ = 1;
   std::vector<int> order_;         // core logical indices, spread over the nodes
   std::vector<int> node_of_core_;  // by core logical index
+  std::vector<unsigned> node_os_;  // hwloc os_index of each node (only with 2+ nodes)
 };
 
 }  // namespace tidal::kernels

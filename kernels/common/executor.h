@@ -4,6 +4,7 @@
 #pragma once
 
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -22,6 +23,21 @@ class Executor {
   virtual bool pinned() const { return false; }
   /// NUMA nodes its pinned workers are spread over (Note [NUMA spread]); 1 when not pinned.
   virtual int numa_nodes() const { return 1; }
+  /// The NUMA node (0-based, < numa_nodes()) that share i of try_run_concurrent runs on; 0 when
+  /// not known. Note [NUMA expert placement] (kernels/cpu/moe_experts.cpp).
+  virtual int node_of_share(int i) const {
+    (void)i;
+    return 0;
+  }
+  /// Binds [addr, addr + len) to NUMA node `node` (CorePinning::bind_memory); false where nothing
+  /// was bound (one node, not pinned, refused).
+  virtual bool bind_memory(void* addr, size_t len, int node, bool migrate) {
+    (void)addr;
+    (void)len;
+    (void)node;
+    (void)migrate;
+    return false;
+  }
   /// Calls fn(begin, end) on disjoint sub-ranges covering [0, n); blocks until all are done.
   /// `grain` is the smallest sub-range worth a task.
   virtual void parallel_for(int64_t n, int64_t grain,

@@ -130,6 +130,12 @@ class SpinExecutor final : public Executor {
   const char* name() const override { return "spin"; }
   bool pinned() const override { return n_ > 1 && pins_.active(); }
   int numa_nodes() const override { return pinned() ? pins_.numa_nodes() : 1; }
+  // Share i runs on worker i (share 0 on the calling thread, which no worker's core takes: the
+  // first core of the spread order is left to it).
+  int node_of_share(int i) const override { return pinned() ? pins_.node_of(i) : 0; }
+  bool bind_memory(void* addr, size_t len, int node, bool migrate) override {
+    return pinned() && pins_.bind_memory(addr, len, node, migrate);
+  }
 
   void parallel_for(int64_t n, int64_t grain,
                     const std::function<void(int64_t, int64_t)>& fn) override {

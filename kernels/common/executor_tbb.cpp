@@ -39,6 +39,9 @@ class CorePinner final : public tbb::task_scheduler_observer {
   ~CorePinner() override { observe(false); }
   bool active() const { return cores_.active(); }
   int numa_nodes() const { return cores_.active() ? cores_.numa_nodes() : 1; }
+  bool bind_memory(void* addr, size_t len, int node, bool migrate) const {
+    return cores_.bind_memory(addr, len, node, migrate);
+  }
   void on_scheduler_entry(bool is_worker) override {
     if (is_worker) cores_.bind(tbb::this_task_arena::current_thread_index());
   }
@@ -56,6 +59,9 @@ class TbbExecutor final : public Executor {
   const char* name() const override { return "tbb"; }
   bool pinned() const override { return pinner_.active(); }
   int numa_nodes() const override { return pinner_.numa_nodes(); }
+  bool bind_memory(void* addr, size_t len, int node, bool migrate) override {
+    return pinner_.bind_memory(addr, len, node, migrate);
+  }
   void parallel_for(int64_t n, int64_t grain,
                     const std::function<void(int64_t, int64_t)>& fn) override {
     if (n <= 0) return;

@@ -32,6 +32,24 @@
 /// sum over 8-10 slots written by other cores cost ~5 µs per call at 16 threads. The arithmetic is
 /// that of the two-phase path, item for item and column for column (tested bitwise);
 /// TIDAL_EXPERT_DATAFLOW=0 turns it off.
+///
+/// Note [NUMA expert placement]
+/// On a machine of several NUMA nodes (several sockets) decode is bound by memory bandwidth, and a
+/// core reads its own node's memory at full speed, another node's over the socket link at a
+/// fraction of it. So each node holds a contiguous range of every MoE layer's experts
+/// (expert_numa_node: node n holds experts [n·E/N, (n+1)·E/N)), the store binds those pages to it
+/// before they are first written (ExpertStore, Note [Packed experts on their NUMA nodes]), and in
+/// the hand-off job the threads of node n split the items of node n's active experts among
+/// themselves (NumaShares), then take from their own node's shares, and from other nodes' last.
+/// Whole experts rather than row blocks of every expert: row blocks would keep every token's work
+/// even across nodes, but they need a page range per (expert, matrix, node), i.e. ~60-150k memory
+/// areas for the 35B-A3B / 80B-A3B shapes, against Linux's default limit of 65530 mappings per
+/// process, and they break the 2 MiB transparent huge pages into 4 KiB ones. Whole-expert ranges
+/// are one area per (layer, node) and keep the huge pages; the cost is that a token's 8-10
+/// experts fall unevenly on the nodes, which the stealing evens out with some remote reads. One
+/// node (the desktop tidal targets, the GPU test machine): the shares, order and memory are
+/// exactly those without this note. Not measured on a multi-socket machine yet; prefill (the
+/// guided split) and the executor without concurrent shares (TBB) do not order by node.
 #include "kernels/cpu/moe_experts.h"
 
 #include <algorithm>
@@ -76,6 +94,37 @@ uint64_t pack_range(int64_t front, int64_t back) {
 }
 
 }  // namespace
+
+void NumaShares::set(const int* share_node, int shares, int nodes) {
+  nodes = std::max(1, nodes);
+  node_.assign(static_cast<size_t>(std::max(0, shares)), 0);
+  rank_.assign(node_.size(), 0);
+  count_.assign(static_cast<size_t>(nodes), 0);
+  for (int i = 0; i < shares; ++i) {
+    const int n = share_node[i] >= 0 && share_node[i] < nodes ? share_node[i] : 0;
+    node_[static_cast<size_t>(i)] = n;
+    rank_[static_cast<size_t>(i)] = count_[static_cast<size_t>(n)]++;
+  }
+}
+
+void NumaShares::split(const int64_t* node_begin, int64_t* out) const {
+  const int T = shares(), N = nodes();
+  bool by_node = true;
+  for (int n = 0; n < N; ++n)
+    if (node_begin[n + 1] > node_begin[n] && count_[static_cast<size_t>(n)] == 0) by_node = false;
+  for (int i = 0; i < T; ++i) {
+    int64_t b = node_begin[0], len = node_begin[N] - node_begin[0], r = i, c = T;
+    if (by_node) {
+      const int n = node_[static_cast<size_t>(i)];
+      b = node_begin[n];
+      len = node_begin[n + 1] - node_begin[n];
+      r = rank_[static_cast<size_t>(i)];
+      c = count_[static_cast<size_t>(n)];
+    }
+    out[2 * i] = b + len * r / c;
+    out[2 * i + 1] = b + len * (r + 1) / c;
+  }
+}
 
 // The owner's next item (from the front), or -1 when the range is empty.
 int64_t MoeExperts::take_front(Range& r) {
@@ -382,9 +431,30 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
       ranges_ = std::make_unique<Range[]>(static_cast<size_t>(2 * T));
       ranges_cap_ = 2 * T;
     }
-    for (int i = 0; i < T; ++i) {
-      ranges_[i].v.store(pack_range(n1 * i / T, n1 * (i + 1) / T), std::memory_order_relaxed);
-      ranges_[T + i].v.store(pack_range(n2 * i / T, n2 * (i + 1) / T), std::memory_order_relaxed);
+    // Shares by NUMA node (Note [NUMA expert placement]): active_ ascends, so the items of each
+    // node's experts are contiguous; with one node, share i is [n·i/T, n·(i+1)/T).
+    const int N = std::max(1, a.numa_nodes);
+    if (numa_ex_ != &ex || numa_.shares() != T || numa_.nodes() != N) {
+      std::vector<int> nodes(static_cast<size_t>(T));
+      for (int i = 0; i < T; ++i) nodes[static_cast<size_t>(i)] = N > 1 ? ex.node_of_share(i) : 0;
+      numa_.set(nodes.data(), T, N);
+      numa_ex_ = &ex;
+    }
+    node_first_.resize(static_cast<size_t>(N + 1));
+    node_items_.resize(static_cast<size_t>(N + 1));
+    share_items_.resize(static_cast<size_t>(2 * T));
+    for (int n = 0, j = 0; n <= N; ++n) {
+      const int64_t first = first_expert_of_node(n, E, N);
+      while (j < num_active && active_[j] < first) ++j;
+      node_first_[static_cast<size_t>(n)] = j;
+    }
+    for (int phase = 0; phase < 2; ++phase) {
+      const int64_t per = phase == 0 ? tiles_i : pairs;
+      for (int n = 0; n <= N; ++n) node_items_[static_cast<size_t>(n)] = node_first_[n] * per;
+      numa_.split(node_items_.data(), share_items_.data());
+      for (int i = 0; i < T; ++i)
+        ranges_[phase * T + i].v.store(pack_range(share_items_[2 * i], share_items_[2 * i + 1]),
+                                       std::memory_order_relaxed);
     }
     auto gate_up_item = [&](int64_t w) {
       phase1(w, w + 1);
@@ -411,10 +481,15 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
         for (int phase = 0; phase < 2; ++phase) {
           Range* r = ranges_.get() + phase * T;
           for (int64_t w; (w = take_front(r[i])) >= 0;) phase == 0 ? gate_up_item(w) : down_item(w);
-          for (int q = 1; q < T; ++q)
-            for (int64_t w; (w = take_back(r[(i + q) % T])) >= 0;) {
-              stolen_.fetch_add(1, std::memory_order_relaxed);
-              phase == 0 ? gate_up_item(w) : down_item(w);
+          // Others' shares: on this thread's node first (Note [NUMA expert placement]).
+          for (int remote = 0; remote < (numa_.nodes() > 1 ? 2 : 1); ++remote)
+            for (int q = 1; q < T; ++q) {
+              const int k = (i + q) % T;
+              if (numa_.nodes() > 1 && (numa_.node(k) != numa_.node(i)) != (remote == 1)) continue;
+              for (int64_t w; (w = take_back(r[k])) >= 0;) {
+                stolen_.fetch_add(1, std::memory_order_relaxed);
+                phase == 0 ? gate_up_item(w) : down_item(w);
+              }
             }
         }
       } catch (...) {

@@ -36,6 +36,38 @@ struct MoeExpertsArgs {
   int64_t top_k = 0;
   float* dst = nullptr;  ///< (m, H), row stride ld_dst; accumulated into
   int64_t ld_dst = 0;
+  /// NUMA nodes the experts are placed over, in contiguous expert ranges (expert_numa_node); the
+  /// executor's share i runs on its node_of_share(i). 1: no placement. Note [NUMA expert
+  /// placement] in moe_experts.cpp.
+  int numa_nodes = 1;
+};
+
+/// Note [NUMA expert placement]: the node of expert e of E over `nodes` nodes (contiguous
+/// ranges: node n holds experts [first_expert_of_node(n), first_expert_of_node(n + 1))).
+inline int expert_numa_node(int64_t e, int64_t E, int nodes) {
+  return nodes <= 1 || E <= 0 ? 0 : static_cast<int>(e * nodes / E);
+}
+inline int64_t first_expert_of_node(int n, int64_t E, int nodes) {
+  return nodes <= 1 ? (n <= 0 ? 0 : E) : (static_cast<int64_t>(n) * E + nodes - 1) / nodes;
+}
+
+/// One contiguous share of work items per thread, items laid out node-major (Note [NUMA expert
+/// placement]): set() takes the node of each share (allocates); split() then gives share i an
+/// even part of its node's items, in share order, without allocating. With one node it is the
+/// plain even split; where a node with items has no share, too.
+class NumaShares {
+ public:
+  /// `share_node[i]` in [0, nodes) (other values count as node 0).
+  void set(const int* share_node, int shares, int nodes);
+  /// `node_begin`: nodes + 1 offsets (node n's items are [node_begin[n], node_begin[n + 1]));
+  /// writes share i's [begin, end) to out[2i], out[2i + 1].
+  void split(const int64_t* node_begin, int64_t* out) const;
+  int shares() const { return static_cast<int>(node_.size()); }
+  int nodes() const { return static_cast<int>(count_.size()); }
+  int node(int i) const { return node_[static_cast<size_t>(i)]; }
+
+ private:
+  std::vector<int> node_, rank_, count_;
 };
 
 /// The op with its workspace (reused across calls: after the largest call nothing is allocated).
@@ -110,6 +142,11 @@ class MoeExperts {
   };
   std::unique_ptr<Range[]> ranges_;  // per phase and thread (hand-off)
   int ranges_cap_ = 0;
+  // Note [NUMA expert placement]: the shares' nodes (kept while the executor and node count
+  // stay), the first active expert of each node, and the shares' item ranges.
+  NumaShares numa_;
+  const Executor* numa_ex_ = nullptr;
+  std::vector<int64_t> node_first_, node_items_, share_items_;
   static int64_t take_front(Range& r);
   static int64_t take_back(Range& r);
 };

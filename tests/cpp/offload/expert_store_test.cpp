@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -18,6 +19,7 @@
 #include "core/config/model_config.h"
 #include "kernels/common/dtype.h"
 #include "kernels/common/executor.h"
+#include "kernels/cpu/moe_experts.h"
 #include "tolerances.h"
 
 namespace tidal::offload {
@@ -134,6 +136,146 @@ TEST(ExpertStore, PackedExpertsMoveOutOfTheCacheFileUnchanged) {
   EXPECT_EQ(total, region.second);
   store.copy_packed_to_anonymous(*ex);  // already anonymous: nothing moves
   EXPECT_EQ(store.packed_region().first, region.first);
+  std::filesystem::remove_all(dir);
+}
+
+// Note [Packed experts on their NUMA nodes]: one page range per (layer, node), page-aligned,
+// disjoint, covering each layer, node n's range holding experts [first_expert_of_node(n), ...).
+TEST(ExpertStore, NumaPageRangesFollowTheExpertRanges) {
+  const size_t page = 4096, per = 3000;
+  const std::vector<size_t> layers{0, 10 * per, 20 * per};
+  EXPECT_TRUE(numa_page_ranges(layers, per, 10, 1, page).empty());
+  for (int nodes : {2, 3}) {
+    const auto r = numa_page_ranges(layers, per, 10, nodes, page);
+    for (size_t l = 0; l < layers.size(); ++l) {
+      size_t at = layers[l] / page * page;
+      for (const auto& x : r) {
+        if (x.begin < layers[l] / page * page ||
+            x.end > (layers[l] + 10 * per + page - 1) / page * page)
+          continue;  // another layer's
+        EXPECT_EQ(x.begin % page, 0u);
+        EXPECT_EQ(x.end % page, 0u);
+        EXPECT_EQ(x.begin, at) << "layer " << l << " nodes " << nodes;  // contiguous, in order
+        at = x.end;
+        // Every page that lies wholly inside one expert is on that expert's node.
+        for (size_t pg = x.begin; pg < x.end; pg += page) {
+          const size_t e0 = (pg - std::min(pg, layers[l])) / per;
+          const size_t e1 = (pg + page - 1 - layers[l]) / per;
+          if (pg >= layers[l] && e0 == e1 && e1 < 10) {
+            EXPECT_EQ(kernels::cpu::expert_numa_node(static_cast<int64_t>(e0), 10, nodes), x.node)
+                << "page at " << pg;
+          }
+        }
+      }
+      EXPECT_EQ(at, (layers[l] + 10 * per + page - 1) / page * page) << "layer " << l;
+    }
+  }
+}
+
+// An executor over a real one that reports two NUMA nodes and records the binding requests (as
+// if the system granted them, or refusing them).
+class TwoNodes final : public kernels::Executor {
+ public:
+  TwoNodes(kernels::Executor& inner, bool grant) : inner_(inner), grant_(grant) {}
+  struct Call {
+    const uint8_t* addr;
+    size_t len;
+    int node;
+    bool migrate;
+  };
+  std::vector<Call> calls;
+  int num_threads() const override { return inner_.num_threads(); }
+  const char* name() const override { return "two-nodes"; }
+  int numa_nodes() const override { return 2; }
+  int node_of_share(int i) const override { return i % 2; }
+  bool bind_memory(void* addr, size_t len, int node, bool migrate) override {
+    calls.push_back({static_cast<const uint8_t*>(addr), len, node, migrate});
+    return grant_;
+  }
+  void parallel_for(int64_t n, int64_t grain,
+                    const std::function<void(int64_t, int64_t)>& fn) override {
+    inner_.parallel_for(n, grain, fn);
+  }
+  bool try_run_concurrent(int n, const std::function<void(int)>& fn) override {
+    return inner_.try_run_concurrent(n, fn);
+  }
+
+ private:
+  kernels::Executor& inner_;
+  bool grant_;
+};
+
+// On two nodes the store binds each layer's expert ranges before packing (fresh region), with
+// migration for a cache hit's file pages, and again before copying them into anonymous memory;
+// the results stay bit-identical to one node's. A refusal is reported and changes nothing else.
+TEST(ExpertStore, BindsExpertRangesToNumaNodes) {
+  const auto dir = std::filesystem::path(testing::TempDir()) / "tidal_expert_store_numa";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  auto t = make_tiny(dir);
+  auto spin = kernels::make_spin_executor(3);
+  ExpertStoreOptions o;
+  o.dtype = kernels::cpu::ExpertDType::kINT4;
+  o.group_size = 32;
+  o.cache_dir = dir / "cache";
+  ExpertStore one(t.cfg, *t.ck);
+  one.pack(o, *spin, {});
+  EXPECT_EQ(one.numa_placement(), "one node");
+
+  const int64_t T = 3, k = 2;
+  const auto x = test::random_vec(static_cast<size_t>(T * kH), 5);
+  std::vector<int32_t> ids{0, 7, 3, 4, 6, 1};
+  std::vector<float> w{0.5f, 0.25f, 0.75f, 0.125f, 0.5f, 0.5f};
+  auto run = [&](ExpertStore& s, kernels::Executor& ex) {
+    std::vector<float> out;
+    for (int64_t l = 0; l < kLayers; ++l) {
+      std::vector<float> y(static_cast<size_t>(T * kH), 0.f);
+      s.forward(l, x.data(), T, ids.data(), w.data(), k, y.data(), ex);
+      out.insert(out.end(), y.begin(), y.end());
+    }
+    return out;
+  };
+  const auto want = run(one, *spin);
+
+  auto check_calls = [&](const TwoNodes& ex, const void* base, size_t bytes, bool migrate) {
+    ASSERT_EQ(ex.calls.size(), static_cast<size_t>(2 * kLayers));
+    const auto* b = static_cast<const uint8_t*>(base);
+    for (size_t i = 0; i < ex.calls.size(); ++i) {
+      const auto& c = ex.calls[i];
+      EXPECT_EQ(c.node, static_cast<int>(i % 2));
+      EXPECT_EQ(c.migrate, migrate);
+      EXPECT_GE(c.addr, b);
+      EXPECT_LE(c.addr + c.len, b + (bytes + 4095) / 4096 * 4096);
+    }
+  };
+  // Packing drops the source pages it read (MADV_DONTNEED), which zeroes this test's in-memory
+  // checkpoint: each pack from the source gets its own.
+  auto t2 = make_tiny(dir), t3 = make_tiny(dir);
+  TwoNodes fresh_ex(*spin, true);
+  ExpertStore fresh(t2.cfg, *t2.ck);
+  ExpertStoreOptions no_cache = o;
+  no_cache.cache_dir.clear();
+  fresh.pack(no_cache, fresh_ex, {});
+  EXPECT_EQ(fresh.numa_placement(), "bound to 2 nodes");
+  check_calls(fresh_ex, fresh.packed_region().first, fresh.packed_region().second, false);
+  EXPECT_EQ(run(fresh, fresh_ex), want);
+
+  TwoNodes hit_ex(*spin, true);
+  ExpertStore hit(t.cfg, *t.ck);
+  hit.pack(o, hit_ex, {});
+  ASSERT_EQ(hit.cache_state(), "hit");
+  check_calls(hit_ex, hit.packed_region().first, hit.packed_region().second, true);
+  EXPECT_EQ(run(hit, hit_ex), want);
+  hit_ex.calls.clear();
+  hit.copy_packed_to_anonymous(hit_ex);
+  check_calls(hit_ex, hit.packed_region().first, hit.packed_region().second, false);
+  EXPECT_EQ(run(hit, hit_ex), want);
+
+  TwoNodes refused_ex(*spin, false);
+  ExpertStore refused(t3.cfg, *t3.ck);
+  refused.pack(no_cache, refused_ex, {});
+  EXPECT_EQ(refused.numa_placement(), "not bound: the system refused 6 of 6 page ranges");
+  EXPECT_EQ(run(refused, refused_ex), want);
   std::filesystem::remove_all(dir);
 }
 

@@ -325,6 +325,12 @@ TEST(CorePinning, WorkersSpreadOverNumaNodes) {
   EXPECT_EQ(one.numa_nodes(), 1);
   EXPECT_EQ(one.core_order(), (std::vector<int>{0, 1, 2, 3}));
   EXPECT_EQ(one.node_of(3), 0);
+  // Memory binding (Note [Packed experts on their NUMA nodes]): one node has nothing to choose,
+  // and a node that does not exist is refused.
+  alignas(4096) static char buf[8192];
+  EXPECT_FALSE(one.bind_memory(buf, sizeof buf, 0, false));
+  EXPECT_FALSE(two.bind_memory(buf, sizeof buf, 2, false));
+  EXPECT_FALSE(two.bind_memory(buf, sizeof buf, -1, false));
 }
 
 }  // namespace

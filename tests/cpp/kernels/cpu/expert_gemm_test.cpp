@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -687,6 +688,123 @@ TEST(MoeExperts, HandOffStealsFromASlowThreadAndStaysExact) {
     ASSERT_TRUE(a.last_dataflow());
     EXPECT_GT(a.last_stolen(), 0) << "the held-back thread's items were not taken by the others";
     EXPECT_EQ(flow, two) << expert_dtype_name(dt);
+  }
+}
+
+// Note [NUMA expert placement]: shares split each node's items among that node's threads.
+TEST(NumaShares, SplitsEachNodesItemsAmongItsThreads) {
+  NumaShares one;
+  const std::vector<int> zeros(5, 0);
+  one.set(zeros.data(), 5, 1);
+  const int64_t all[2] = {0, 23};
+  std::vector<int64_t> out(10);
+  one.split(all, out.data());
+  for (int i = 0; i < 5; ++i) {  // one node: the plain even split
+    EXPECT_EQ(out[2 * i], 23 * i / 5);
+    EXPECT_EQ(out[2 * i + 1], 23 * (i + 1) / 5);
+  }
+  // Two nodes, shares alternating as the spread core order places them (0, 1, 0, 1, 0).
+  NumaShares two;
+  const std::vector<int> alt{0, 1, 0, 1, 0};
+  two.set(alt.data(), 5, 2);
+  EXPECT_EQ(two.nodes(), 2);
+  for (const auto& bounds :
+       std::vector<std::array<int64_t, 3>>{{0, 16, 40}, {0, 0, 9}, {0, 7, 7}, {0, 1, 2}}) {
+    two.split(bounds.data(), out.data());
+    std::vector<int> taken(static_cast<size_t>(bounds[2]), 0);
+    for (int i = 0; i < 5; ++i) {
+      const int n = alt[static_cast<size_t>(i)];
+      for (int64_t w = out[2 * i]; w < out[2 * i + 1]; ++w) {
+        ++taken[static_cast<size_t>(w)];
+        EXPECT_TRUE(w >= bounds[n] && w < bounds[n + 1])
+            << "share " << i << " (node " << n << ") got item " << w << " of node range ["
+            << bounds[n] << ", " << bounds[n + 1] << ")";
+      }
+    }
+    for (size_t w = 0; w < taken.size(); ++w) EXPECT_EQ(taken[w], 1) << "item " << w;
+  }
+  // Node 0's 3 shares split its 16 items evenly: 5, 5, 6.
+  const std::array<int64_t, 3> b{0, 16, 40};
+  two.split(b.data(), out.data());
+  EXPECT_EQ(out[0], 0);
+  EXPECT_EQ(out[1], 5);
+  EXPECT_EQ(out[4], 5);
+  EXPECT_EQ(out[5], 10);
+  EXPECT_EQ(out[8], 10);
+  EXPECT_EQ(out[9], 16);
+  // A node with items but no share: the plain even split, so that no item is left out.
+  NumaShares lopsided;
+  const std::vector<int> all0{0, 0, 0};
+  lopsided.set(all0.data(), 3, 2);
+  lopsided.split(b.data(), out.data());
+  EXPECT_EQ(out[0], 0);
+  EXPECT_EQ(out[5], 40);
+  // Expert ranges per node: contiguous, covering [0, E), consistent with expert_numa_node.
+  for (int64_t E : {1, 7, 10, 256, 512})
+    for (int nodes : {1, 2, 3, 4}) {
+      EXPECT_EQ(first_expert_of_node(0, E, nodes), 0);
+      EXPECT_EQ(first_expert_of_node(nodes, E, nodes), E);
+      for (int64_t e = 0; e < E; ++e) {
+        const int n = expert_numa_node(e, E, nodes);
+        EXPECT_GE(e, first_expert_of_node(n, E, nodes)) << E << " " << nodes;
+        EXPECT_LT(e, first_expert_of_node(n + 1, E, nodes)) << E << " " << nodes;
+      }
+    }
+}
+
+// An executor that says its shares run on NUMA nodes i % nodes (a two-socket machine as the op
+// sees it), over a real spinning executor; optionally holds share 0 back so others steal.
+class FakeNodes final : public Executor {
+ public:
+  FakeNodes(Executor& inner, int nodes, bool late_first)
+      : inner_(inner), nodes_(nodes), late_(late_first) {}
+  int num_threads() const override { return inner_.num_threads(); }
+  const char* name() const override { return "fake-nodes"; }
+  int numa_nodes() const override { return nodes_; }
+  int node_of_share(int i) const override { return i % nodes_; }
+  void parallel_for(int64_t n, int64_t grain,
+                    const std::function<void(int64_t, int64_t)>& fn) override {
+    inner_.parallel_for(n, grain, fn);
+  }
+  bool try_run_concurrent(int n, const std::function<void(int)>& fn) override {
+    return inner_.try_run_concurrent(n, [&](int i) {
+      if (late_ && i == 0) std::this_thread::sleep_for(std::chrono::milliseconds(30));
+      fn(i);
+    });
+  }
+
+ private:
+  Executor& inner_;
+  int nodes_;
+  bool late_;
+};
+
+// The node-ordered hand-off (Note [NUMA expert placement]) does the same items with the same
+// arithmetic: bit-identical to one node, also when a token's experts all sit on one node, and
+// when a held-back thread's items are stolen across nodes.
+TEST(MoeExperts, NumaOrderedHandOffIsBitwiseTheSame) {
+  auto spin = make_spin_executor(5);
+  for (int nodes : {2, 3}) {
+    for (bool late : {false, true}) {
+      FakeNodes fake(*spin, nodes, late);
+      for (auto dt : {ExpertDType::kBF16, ExpertDType::kINT8, ExpertDType::kINT4}) {
+        for (int64_t m : {1, 4, 16}) {
+          for (int64_t unused : {0, 5}) {  // 5 of 10 unused: every expert on node 0 of 2
+            MoeProblem p(72, 40, 10, 3, m, dt, 64, 300 + static_cast<uint32_t>(m), unused);
+            std::vector<float> got(static_cast<size_t>(m * 72), 0.5f), want(got);
+            MoeExperts a(cpu_features().best), b(cpu_features().best);
+            auto args = p.args(got.data());
+            args.numa_nodes = nodes;
+            a.run(args, fake);
+            b.run(p.args(want.data()), *spin);
+            ASSERT_TRUE(a.last_dataflow());
+            EXPECT_EQ(got, want) << expert_dtype_name(dt) << " m=" << m << " nodes=" << nodes
+                                 << " late=" << late << " unused=" << unused;
+            if (late && m == 1) EXPECT_GT(a.last_stolen(), 0);
+          }
+        }
+      }
+    }
   }
 }
 
