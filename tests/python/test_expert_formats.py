@@ -70,6 +70,11 @@ def test_load_options_and_describe():
     # NUMA nodes the pinned workers spread over (Note [NUMA spread]): at least one, one when unpinned.
     assert int(d["cpu_numa_nodes"]) >= 1
     assert d["cpu_pinned"] == "yes" or d["cpu_numa_nodes"] == "1"
+    # The experts' pages (Note [Packed experts on their NUMA nodes]): nothing to place on one node.
+    if d["cpu_numa_nodes"] == "1":
+        assert d["expert_numa"] == "one node"
+    else:
+        assert d["expert_numa"].startswith(("bound to " + d["cpu_numa_nodes"] + " nodes", "not bound: "))
     # One thread has no workers to pin; on a CPU runtime a thread count above the cores is unpinned.
     assert tidal.Runtime.load(ckpt, cpu_threads=1, progress=False).describe()["cpu_pinned"] == "no"
     assert tidal.Runtime.load(ckpt, cpu_threads=4 * (os.cpu_count() or 1), progress=False).describe()["cpu_pinned"] == "no"
