@@ -214,7 +214,7 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
               routing: np.ndarray | None = None, routing_info: dict[str, Any] | None = None,
               expert_dtype: str = "auto", gpu_memory: str | int | None = None, gpu_weights: str = "bf16",
               gpu_precision: str | None = None, expert_group_size: int = 0,
-              trace_path: str | os.PathLike | None = None, gpu_expert_slots: int | None = 0,
+              trace_path: str | os.PathLike | None = None, gpu_expert_slots: int | None = None,
               gpu_expert_policy: str = "lfu", router_lookahead: int | None = None) -> dict[str, Any]:
     """Run the tests and return the JSON-ready report. `routing`: a trace (tokens, layers, top_k) the
     MoE layers follow instead of their routers (see tidal.routing). `expert_dtype`, `gpu_memory`,
@@ -235,7 +235,7 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
                   "gpu_expert_policy": gpu_expert_policy}
         if gpu_precision is not None:
             gpu_kw["gpu_precision"] = gpu_precision
-    elif gpu_memory is not None or gpu_weights != "bf16" or gpu_precision is not None or gpu_expert_slots != 0:
+    elif gpu_memory is not None or gpu_weights != "bf16" or gpu_precision is not None or gpu_expert_slots not in (None, 0):
         raise ValueError("--gpu-memory, --gpu-weights, --gpu-precision and --gpu-expert-slots need --device cuda")
     rt = Runtime.load(model, device=device, num_threads=cpu_threads, progress=False, expert_dtype=expert_dtype,
                       expert_group_size=expert_group_size, **gpu_kw)
@@ -503,10 +503,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="format of the GPU-resident matrices (--device cuda)")
     ap.add_argument("--gpu-precision", default=None, choices=["bf16x2", "bf16", "fp32"],
                     help="prefill matrix products on the GPU (default: Runtime.load's)")
-    ap.add_argument("--gpu-expert-slots", default="0",
-                    help="VRAM expert cache slots (--device cuda): a number (0, the default: no cache), or 'auto' "
-                         "(Runtime.load's gpu_expert_slots=None: what --gpu-memory leaves); with --routing-* "
-                         "the cache sees the replayed experts")
+    ap.add_argument("--gpu-expert-slots", default="auto",
+                    help="VRAM expert cache slots (--device cuda): 'auto' (the default, as Runtime.load's "
+                         "gpu_expert_slots=None: what --gpu-memory leaves), or a number (0: no cache); with "
+                         "--routing-* the cache sees the replayed experts")
     ap.add_argument("--gpu-expert-policy", default="lfu", choices=["lfu", "lru", "static"])
     ap.add_argument("--expert-dtype", default="auto", choices=["auto", "bf16", "int8", "int4"],
                     help="routed-expert format in RAM (Runtime.load's expert_dtype)")

@@ -32,13 +32,11 @@ Prompt = Union[str, Sequence[int], np.ndarray]
 
 
 def _default_gpu_expert_slots() -> int | None:
-    """Runtime.load's default gpu_expert_slots: 0, or TIDAL_GPU_EXPERT_SLOTS ("auto" for None, or a
-    count) read when tidal is imported, so that a whole test suite can run with the cache on by
-    default before the default changes."""
+    """Runtime.load's default gpu_expert_slots: None (the VRAM expert cache sized automatically), or
+    TIDAL_GPU_EXPERT_SLOTS ("auto" for None, or a count; "0" turns the cache off) read when tidal is
+    imported, so that a whole script or test suite can run with another default."""
     v = os.environ.get("TIDAL_GPU_EXPERT_SLOTS", "").strip()
-    if not v:
-        return 0
-    if v == "auto":
+    if not v or v == "auto":
         return None
     try:
         n = int(v)
@@ -217,10 +215,10 @@ class Runtime:
             device="cuda": routed experts kept in a VRAM cache and computed on the GPU during decode
             (docs/architecture.md, "The VRAM expert cache"). None: as many as gpu_memory leaves after
             the weights, workspaces and a KV cache of max_context tokens, at most every routed expert
-            (measured at full depth: the 35B-A3B shape decodes 2.3x llama.cpp with it); 0 (the default
-            until the GPU test suite has run with the cache on by default): none, every routed expert on
-            the CPU; a number: that many. The environment variable TIDAL_GPU_EXPERT_SLOTS ("auto" or a
-            number), read when tidal is imported, replaces the default.
+            (the default; measured at full depth: the 35B-A3B shape decodes 2.3x llama.cpp with it); 0:
+            none, every routed expert on the CPU; a number: that many. The environment variable
+            TIDAL_GPU_EXPERT_SLOTS ("auto" or a number, e.g. 0), read when tidal is imported, replaces
+            the default.
         gpu_expert_policy : {"lfu", "lru", "static"}
             Which cached expert a missed one replaces: decayed use counts, least recently used, or none
             (placed as "lfu" over the first 256 decode steps, then frozen: no copies after that).

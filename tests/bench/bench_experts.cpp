@@ -142,8 +142,13 @@ __attribute__((target("amx-tile,amx-bf16,amx-int8"))) void amx_spin(bool int8, i
     cfg.rows[t] = 16;
     cfg.colsb[t] = 64;
   }
+  // GCC's tile intrinsics are asm statements without a memory clobber: without the barrier the
+  // stores to cfg may be dropped or sunk below ldtilecfg, which then loads palette 0 and the first
+  // tile load faults (SIGILL; seen on the development machine's Xeon).
+  __asm__ __volatile__("" ::: "memory");
   _tile_loadconfig(&cfg);
   alignas(64) static thread_local uint8_t z[1024] = {};
+  __asm__ __volatile__("" ::: "memory");
   _tile_loadd(4, z, 64);
   _tile_loadd(5, z, 64);
   _tile_loadd(6, z, 64);

@@ -267,10 +267,12 @@ def test_model_larger_than_ram_fails_at_load_with_the_numbers(monkeypatch):
     assert tidal.Runtime.load(mini, progress=False).logits([5, 6]).shape[-1] > 0
 
 
-@pytest.mark.parametrize("value,default", [("", "0"), ("auto", "None"), ("12", "12"), ("-1", None), ("many", None)])
+@pytest.mark.parametrize("value,default", [("", "None"), ("auto", "None"), ("0", "0"), ("12", "12"), ("-1", None),
+                                           ("many", None)])
 def test_gpu_expert_slots_default_from_the_environment(value, default):
-    """TIDAL_GPU_EXPERT_SLOTS replaces Runtime.load's default gpu_expert_slots when tidal is imported
-    ("auto": None, a number: that many); anything else is a ValueError naming the variable."""
+    """TIDAL_GPU_EXPERT_SLOTS replaces Runtime.load's default gpu_expert_slots (None: the cache sized
+    automatically) when tidal is imported ("auto": None, a number: that many, 0 turns the cache off);
+    anything else is a ValueError naming the variable."""
     import subprocess
     import sys
 
