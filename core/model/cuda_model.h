@@ -83,7 +83,8 @@ struct CudaOptions {
   /// Lookahead prefetch (Note [Lookahead prefetch] in cuda_model.cpp): at each MoE layer the host
   /// predicts the next MoE layer's experts (its router on this layer's normed input) and copies up
   /// to this many of the predicted misses into prefetch slots, which the GPU computes from once
-  /// they land. 0 (the default until measured) turns it off; TIDAL_CUDA_EXPERT_PREFETCH.
+  /// they land. 0 (the default: measured slower, docs/performance.md 2026-12-07) turns it off;
+  /// TIDAL_CUDA_EXPERT_PREFETCH.
   int64_t expert_prefetch = env_int("TIDAL_CUDA_EXPERT_PREFETCH", 0);
   /// Tokens of KV cache the automatic slot count leaves room for (Runtime: max_context if set).
   int64_t kv_reserve_tokens = 32768;

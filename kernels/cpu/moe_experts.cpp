@@ -284,20 +284,26 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   };
   // Each token is prepared once (per kind in use), then copied to its K expert slots.
   const bool any_small = rows_small > 0, any_large = rows_large > 0;
+  // Note [One token reads its own row]: with one token every expert's phase 1 input is that
+  // token's row, so the experts read it in place instead of K copies. The copies were the bulk of
+  // a decode call's serial preparation: K rows (16 KiB at H = 2048) whose cache lines every worker
+  // had read in the previous call, so each write first took the line back from another core.
+  const bool own_row = M == 1 && !any_large && !small.whole_tiles();
   // The per-token rows are only copied from: no spare rows (ActBuffer::reserve).
   if (any_small) tok_small_.reserve(small.act, lgu, M, isa_, false);
   if (any_large) tok_large_.reserve(large.act, lgu, M, isa_, false);
-  act_small_.reserve(small.act, lgu, rows_small, isa_, small.whole_tiles());
+  if (!own_row) act_small_.reserve(small.act, lgu, rows_small, isa_, small.whole_tiles());
   if (any_large) act_large_.reserve(large.act, lgu, rows_large, isa_, large.whole_tiles());
   for_slots(ex, M, [&](int64_t t) {
     if (any_small) tok_small_.prepare(t, a.src + t * a.ld_src);
     if (any_large) tok_large_.prepare(t, a.src + t * a.ld_src);
   });
-  for_slots(ex, S, [&](int64_t s) {
-    const bool big = slot_is_large(s);
-    (big ? act_large_ : act_small_)
-        .copy_row(slot_row_[s], big ? tok_large_ : tok_small_, slot_token_[s]);
-  });
+  if (!own_row)
+    for_slots(ex, S, [&](int64_t s) {
+      const bool big = slot_is_large(s);
+      (big ? act_large_ : act_small_)
+          .copy_row(slot_row_[s], big ? tok_large_ : tok_small_, slot_token_[s]);
+    });
   lap(0);
   const bool vec_silu = isa_ >= Isa::kAvx512;
 
@@ -311,13 +317,14 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
       const int64_t j = w / tiles_i, tile = w % tiles_i, e = active_[j];
       const bool big = large_[j];
       const ExpertGemmVariant& v = big ? large : small;
-      const ActBuffer& buf = big ? act_large_ : act_small_;
+      const ActBuffer& buf = big ? act_large_ : own_row ? tok_small_ : act_small_;
+      const int64_t buf_row0 = own_row ? 0 : row0_[j];
       const uint8_t* gt = a.experts[e].gate + tile * lgu.tile_bytes;
       const uint8_t* ut = a.experts[e].up + tile * lgu.tile_bytes;
       const int64_t col0 = tile * kTileRows, ncol = std::min(kTileRows, I - col0);
       for (int64_t c0 = 0; c0 < count_[e]; c0 += kMaxRowsPerCall) {
         const int64_t mc = std::min(kMaxRowsPerCall, count_[e] - c0);
-        v.run_pair(lgu, gt, ut, buf.rows(row0_[j] + c0), mc, g, u);
+        v.run_pair(lgu, gt, ut, buf.rows(buf_row0 + c0), mc, g, u);
         for (int64_t i = 0; i < mc; ++i) {
           float* h = hidden_.data() + (offset_[e] + c0 + i) * I + col0;
           if (vec_silu) {
