@@ -288,7 +288,12 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   // token's row, so the experts read it in place instead of K copies. The copies were the bulk of
   // a decode call's serial preparation: K rows (16 KiB at H = 2048) whose cache lines every worker
   // had read in the previous call, so each write first took the line back from another core.
-  const bool own_row = M == 1 && !any_large && !small.whole_tiles();
+  // TIDAL_EXPERT_OWN_ROW=0 keeps the copies (for comparison).
+  static const bool own_row_on = [] {
+    const char* e = std::getenv("TIDAL_EXPERT_OWN_ROW");
+    return e == nullptr || std::string(e) != "0";
+  }();
+  const bool own_row = own_row_on && M == 1 && !any_large && !small.whole_tiles();
   // The per-token rows are only copied from: no spare rows (ActBuffer::reserve).
   if (any_small) tok_small_.reserve(small.act, lgu, M, isa_, false);
   if (any_large) tok_large_.reserve(large.act, lgu, M, isa_, false);
