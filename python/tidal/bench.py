@@ -446,7 +446,8 @@ def format_table(report: dict[str, Any]) -> str:
         if "step_bound_tok_s" in r:
             lines.append(f"{r['test']}: {100 * r['fraction_of_step_bound']:.0f}% of {r['step_bound_tok_s']:.1f} tok/s, "
                          f"the bound from the host expert bytes plus the GPU step time measured here "
-                         f"({r['gpu_step_ms']:.3f} ms)")
+                         f"({r['gpu_step_ms']:.3f} ms; it assumes the CPU and GPU parts never overlap, so an "
+                         f"overlapping step can beat it)")
     for r in report["results"]:
         p = r.get("prediction")
         if p is not None:
