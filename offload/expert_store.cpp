@@ -527,14 +527,17 @@ std::vector<NodePageRange> numa_page_ranges(const std::vector<size_t>& layer_off
                                             size_t page) {
   std::vector<NodePageRange> r;
   if (nodes <= 1 || experts <= 0 || per_expert == 0 || page == 0) return r;
-  for (const size_t base : layer_offsets) {
+  // Every boundary rounds down to a page, the last layer's end up: the ranges are disjoint (a page
+  // shared by two experts goes to the later one's node) and tile the layers' pages.
+  for (size_t l = 0; l < layer_offsets.size(); ++l) {
+    const size_t base = layer_offsets[l];
     for (int n = 0; n < nodes; ++n) {
       const auto e0 = static_cast<size_t>(kc::first_expert_of_node(n, experts, nodes));
       const auto e1 = static_cast<size_t>(kc::first_expert_of_node(n + 1, experts, nodes));
-      size_t b = (base + e0 * per_expert) / page * page;
+      const size_t b = (base + e0 * per_expert) / page * page;
       const size_t last = base + e1 * per_expert;
-      size_t e = n + 1 == nodes ? (last + page - 1) / page * page : last / page * page;
-      if (n == 0) b = base / page * page;
+      const bool end_of_all = n + 1 == nodes && l + 1 == layer_offsets.size();
+      const size_t e = end_of_all ? (last + page - 1) / page * page : last / page * page;
       if (e > b) r.push_back({b, e, n});
     }
   }
@@ -549,10 +552,14 @@ std::vector<NodePageRange> numa_page_ranges(const std::vector<size_t>& layer_off
 // are allocated there whoever packs them; with page migration for experts mapped from the cache
 // file or a pre-packed file (their pages were read in by load_cache), and before the parallel
 // copy into anonymous memory for GPU copies. The ranges are one per (layer, node), so the number
-// of memory areas stays far below the kernel's per-process limit and huge pages survive. The
-// decode job then orders its work by node (MoeExpertsArgs::numa_nodes). Binding is best effort:
-// where the system refuses (no mbind, a synthetic hwloc topology), numa_placement() says so and
-// the job keeps the plain order. One node: nothing is bound and nothing changes.
+// of memory areas stays far below the kernel's per-process limit and huge pages survive (but for
+// one per boundary). The decode job then orders its work by node (MoeExpertsArgs::numa_nodes).
+// The policy is hwloc's BIND without STRICT, which Linux applies as a preference: a full node
+// falls back to another instead of failing an allocation. Best effort throughout: where the
+// system refuses (no mbind, a synthetic hwloc topology), numa_placement() says so and the job
+// keeps the plain order; migrating a mapped file's pages skips pages another process also maps,
+// and file pages read in again after eviction follow the reading thread, not the range. One
+// node: nothing is bound and nothing changes.
 void ExpertStore::place_on_numa_nodes(kernels::Executor& ex, const uint8_t* base, bool migrate) {
   const int nodes = ex.numa_nodes();
   numa_nodes_ = 1;
@@ -567,6 +574,10 @@ void ExpertStore::place_on_numa_nodes(kernels::Executor& ex, const uint8_t* base
           static_cast<size_t>(experts.front().gate - static_cast<const uint8_t*>(region_)));
   const auto per_expert = static_cast<size_t>(2 * gate_up_.bytes() + down_.bytes());
   const auto page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  if (layers.empty()) {
+    numa_state_ = "no routed experts";
+    return;
+  }
   int refused = 0, bound = 0;
   for (const auto& r : numa_page_ranges(layers, per_expert, num_experts_, nodes, page)) {
     if (ex.bind_memory(const_cast<uint8_t*>(base) + r.begin, r.end - r.begin, r.node, migrate))

@@ -73,7 +73,8 @@ class ExpertStore final : public core::RoutedExperts {
 
   const ExpertStoreOptions& options() const { return opts_; }
   /// Where the packed experts' pages are (Note [Packed experts on their NUMA nodes]): "one node",
-  /// "bound to N nodes", or "not bound: <why>".
+  /// "bound to N nodes" (a preference, as Linux applies hwloc's BIND), "no routed experts", or
+  /// "not bound: <why>".
   const std::string& numa_placement() const { return numa_state_; }
   /// The checkpoint's expert formats ("BF16", "Q4_K+Q6_K", "F8_E4M3").
   std::string source_format() const;
@@ -142,8 +143,8 @@ struct NodePageRange {
 /// Note [Packed experts on their NUMA nodes]: the ranges of a packed region whose MoE layers start
 /// at `layer_offsets` (bytes from the region's start, a page-aligned address), each `experts`
 /// experts of `per_expert` bytes: node n gets experts [first_expert_of_node(n),
-/// first_expert_of_node(n + 1)) of every layer. Boundaries inside a layer round down to `page`,
-/// a layer's end up; empty ranges are left out. One node: nothing.
+/// first_expert_of_node(n + 1)) of every layer. Every boundary rounds down to `page` and the last
+/// layer's end up, so the ranges are disjoint; empty ones are left out. One node: nothing.
 std::vector<NodePageRange> numa_page_ranges(const std::vector<size_t>& layer_offsets,
                                             size_t per_expert, int64_t experts, int nodes,
                                             size_t page);

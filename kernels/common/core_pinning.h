@@ -37,9 +37,12 @@ class CorePinning {
   const std::vector<int>& core_order() const { return order_; }
   /// The NUMA node (0-based, among those with cores) that bind(index) places a thread on.
   int node_of(int index) const;
+  /// hwloc's OS index of each node (only with 2+ nodes; empty otherwise).
+  const std::vector<unsigned>& node_os_indices() const { return node_os_; }
   /// Binds the pages of [addr, addr + len) to NUMA node `node` (0-based, as node_of) with
-  /// hwloc_set_area_membind: pages touched later are allocated there; with `migrate`, pages
-  /// already resident move there too. False where nothing was bound: one node (there is nothing
+  /// hwloc_set_area_membind (BIND without STRICT: on Linux a preference, so a full node falls back
+  /// rather than failing): pages touched later are allocated there; with `migrate`, pages already
+  /// resident move there too. False where nothing was bound: one node (there is nothing
   /// to choose), pinning inactive, or the system refused (a synthetic topology, no mbind).
   bool bind_memory(void* addr, size_t len, int node, bool migrate) const;
 

@@ -49,7 +49,11 @@
 /// experts fall unevenly on the nodes, which the stealing evens out with some remote reads. One
 /// node (the desktop tidal targets, the GPU test machine): the shares, order and memory are
 /// exactly those without this note. Not measured on a multi-socket machine yet; prefill (the
-/// guided split) and the executor without concurrent shares (TBB) do not order by node.
+/// guided split) and the executor without concurrent shares (TBB) do not order by node. Share 0
+/// runs on the calling thread, which is not pinned (with a GPU it is the GPU thread, Note [A core
+/// for the GPU thread]): it counts as the node of the first core of the spread order, which no
+/// worker takes, so where the OS runs it elsewhere its items are read across the link; asking
+/// the caller's node per call (sched_getcpu) is the next refinement.
 #include "kernels/cpu/moe_experts.h"
 
 #include <algorithm>
@@ -182,6 +186,14 @@ bool MoeExperts::default_even_split() {
   return on;
 }
 
+bool MoeExperts::default_own_row() {
+  static const bool on = [] {
+    const char* e = std::getenv("TIDAL_EXPERT_OWN_ROW");
+    return e == nullptr || std::string(e) != "0";
+  }();
+  return on;
+}
+
 bool MoeExperts::default_dataflow() {
   static const bool on = [] {
     const char* e = std::getenv("TIDAL_EXPERT_DATAFLOW");
@@ -288,12 +300,10 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   // token's row, so the experts read it in place instead of K copies. The copies were the bulk of
   // a decode call's serial preparation: K rows (16 KiB at H = 2048) whose cache lines every worker
   // had read in the previous call, so each write first took the line back from another core.
-  // TIDAL_EXPERT_OWN_ROW=0 keeps the copies (for comparison).
-  static const bool own_row_on = [] {
-    const char* e = std::getenv("TIDAL_EXPERT_OWN_ROW");
-    return e == nullptr || std::string(e) != "0";
-  }();
-  const bool own_row = own_row_on && M == 1 && !any_large && !small.whole_tiles();
+  // Only where each expert has the one slot (a router may not repeat an id within a token, but
+  // the op allows it: then the copies are needed). set_own_row(false) or TIDAL_EXPERT_OWN_ROW=0
+  // keeps the copies (for comparison).
+  const bool own_row = own_row_ && M == 1 && num_active == K && !any_large && !small.whole_tiles();
   // The per-token rows are only copied from: no spare rows (ActBuffer::reserve).
   if (any_small) tok_small_.reserve(small.act, lgu, M, isa_, false);
   if (any_large) tok_large_.reserve(large.act, lgu, M, isa_, false);
@@ -446,15 +456,18 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
     // Shares by NUMA node (Note [NUMA expert placement]): active_ ascends, so the items of each
     // node's experts are contiguous; with one node, share i is [n·i/T, n·(i+1)/T).
     const int N = std::max(1, a.numa_nodes);
+    // (Recomputed when the executor or node count changes; the vectors keep their capacity, so
+    // a thread alternating between executors of one size does not allocate.)
     if (numa_ex_ != &ex || numa_.shares() != T || numa_.nodes() != N) {
-      std::vector<int> nodes(static_cast<size_t>(T));
-      for (int i = 0; i < T; ++i) nodes[static_cast<size_t>(i)] = N > 1 ? ex.node_of_share(i) : 0;
-      numa_.set(nodes.data(), T, N);
+      share_node_.assign(static_cast<size_t>(T), 0);
+      for (int i = 0; i < T; ++i)
+        share_node_[static_cast<size_t>(i)] = N > 1 ? ex.node_of_share(i) : 0;
+      numa_.set(share_node_.data(), T, N);
       numa_ex_ = &ex;
     }
     node_first_.resize(static_cast<size_t>(N + 1));
     node_items_.resize(static_cast<size_t>(N + 1));
-    share_items_.resize(static_cast<size_t>(2 * T));
+    share_items_.resize(static_cast<size_t>(4 * T));
     for (int n = 0, j = 0; n <= N; ++n) {
       const int64_t first = first_expert_of_node(n, E, N);
       while (j < num_active && active_[j] < first) ++j;
@@ -463,9 +476,10 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
     for (int phase = 0; phase < 2; ++phase) {
       const int64_t per = phase == 0 ? tiles_i : pairs;
       for (int n = 0; n <= N; ++n) node_items_[static_cast<size_t>(n)] = node_first_[n] * per;
-      numa_.split(node_items_.data(), share_items_.data());
+      int64_t* items = share_items_.data() + phase * 2 * T;
+      numa_.split(node_items_.data(), items);
       for (int i = 0; i < T; ++i)
-        ranges_[phase * T + i].v.store(pack_range(share_items_[2 * i], share_items_[2 * i + 1]),
+        ranges_[phase * T + i].v.store(pack_range(items[2 * i], items[2 * i + 1]),
                                        std::memory_order_relaxed);
     }
     auto gate_up_item = [&](int64_t w) {
@@ -481,6 +495,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
     // the executor hands the exception to the caller.
     abort_.store(false, std::memory_order_relaxed);
     stolen_.store(0, std::memory_order_relaxed);
+    remote_stolen_.store(0, std::memory_order_relaxed);
     auto down_item = [&](int64_t w) {
       for (int spins = 0; ready_[w / pairs].load(std::memory_order_acquire) == 0; ++spins) {
         if (abort_.load(std::memory_order_relaxed)) return;
@@ -500,6 +515,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
               if (numa_.nodes() > 1 && (numa_.node(k) != numa_.node(i)) != (remote == 1)) continue;
               for (int64_t w; (w = take_back(r[k])) >= 0;) {
                 stolen_.fetch_add(1, std::memory_order_relaxed);
+                if (remote == 1) remote_stolen_.fetch_add(1, std::memory_order_relaxed);
                 phase == 0 ? gate_up_item(w) : down_item(w);
               }
             }

@@ -100,6 +100,13 @@ class MoeExperts {
   bool last_dataflow() const { return used_dataflow_; }
   /// Items the last hand-off run took from other threads' shares.
   int64_t last_stolen() const { return stolen_.load(std::memory_order_relaxed); }
+  /// Of those, the items taken from shares on another NUMA node (Note [NUMA expert placement]).
+  int64_t last_remote_stolen() const { return remote_stolen_.load(std::memory_order_relaxed); }
+  /// The item shares of the last hand-off run: [phase][thread][begin, end) (4 × threads values).
+  const std::vector<int64_t>& last_share_items() const { return share_items_; }
+  /// A one-token call reads the token's row in place (Note [One token reads its own row]).
+  /// Default: on unless TIDAL_EXPERT_OWN_ROW=0.
+  void set_own_row(bool on) { own_row_ = on; }
   /// Names of the tile kernels the last run used (e.g. "avx512_vnni_int4+amx_int4").
   std::string last_variants() const;
   /// With profiling on, run() records the wall time of its phases: prepare x, gate/up, prepare
@@ -118,6 +125,8 @@ class MoeExperts {
   static Approximation default_approximation();
   bool even_split_ = default_even_split();
   static bool default_even_split();
+  bool own_row_ = default_own_row();
+  static bool default_own_row();
   bool dataflow_ = default_dataflow();
   bool used_dataflow_ = false;
   static bool default_dataflow();
@@ -134,9 +143,10 @@ class MoeExperts {
   std::unique_ptr<std::atomic<int64_t>[]> done_;
   std::unique_ptr<std::atomic<int32_t>[]> ready_;
   int64_t flags_cap_ = 0;
-  alignas(64) std::atomic<int> left_{0};  // threads still in phase 2 (hand-off)
-  std::atomic<bool> abort_{false};        // a share threw (hand-off)
-  std::atomic<int64_t> stolen_{0};        // items taken from others' shares (hand-off)
+  alignas(64) std::atomic<int> left_{0};   // threads still in phase 2 (hand-off)
+  std::atomic<bool> abort_{false};         // a share threw (hand-off)
+  std::atomic<int64_t> stolen_{0};         // items taken from others' shares (hand-off)
+  std::atomic<int64_t> remote_stolen_{0};  // ... from shares on another NUMA node
   struct alignas(64) Range {
     std::atomic<uint64_t> v{0};  // [front, back) of a share of items: front low, back high
   };
@@ -146,6 +156,7 @@ class MoeExperts {
   // stay), the first active expert of each node, and the shares' item ranges.
   NumaShares numa_;
   const Executor* numa_ex_ = nullptr;
+  std::vector<int> share_node_;
   std::vector<int64_t> node_first_, node_items_, share_items_;
   static int64_t take_front(Range& r);
   static int64_t take_back(Range& r);

@@ -320,9 +320,11 @@ TEST(CorePinning, WorkersSpreadOverNumaNodes) {
   EXPECT_EQ(two.numa_nodes(), 2);
   EXPECT_EQ(two.core_order(), (std::vector<int>{0, 3, 1, 4, 2, 5}));
   for (int i = 0; i < 6; ++i) EXPECT_EQ(two.node_of(i), i % 2) << "worker " << i;
-  EXPECT_EQ(two.node_of(6), 0);  // wraps like bind()
+  EXPECT_EQ(two.node_of(6), 0);                                     // wraps like bind()
+  EXPECT_EQ(two.node_os_indices(), (std::vector<unsigned>{0, 1}));  // what bind_memory binds to
   EXPECT_FALSE(too_many.active());
   EXPECT_EQ(one.numa_nodes(), 1);
+  EXPECT_TRUE(one.node_os_indices().empty());
   EXPECT_EQ(one.core_order(), (std::vector<int>{0, 1, 2, 3}));
   EXPECT_EQ(one.node_of(3), 0);
   // Memory binding (Note [Packed experts on their NUMA nodes]): one node has nothing to choose,

@@ -752,6 +752,32 @@ TEST(NumaShares, SplitsEachNodesItemsAmongItsThreads) {
     }
 }
 
+// Note [One token reads its own row]: one token reading its row in place computes what the K
+// copies did, bit for bit; a token that names one expert twice (allowed by the op) keeps the
+// copies and matches the reference.
+TEST(MoeExperts, OneTokenOwnRowEqualsCopiesBitwise) {
+  auto spin = make_spin_executor(3);
+  for (auto dt : {ExpertDType::kBF16, ExpertDType::kINT8, ExpertDType::kINT4}) {
+    MoeProblem p(72, 40, 10, 3, 1, dt, 64, 404);
+    for (bool repeat : {false, true}) {
+      if (repeat) p.ids[2] = p.ids[0];  // expert ids[0] twice in the token's top-3
+      for (int flow : {0, 1}) {
+        std::vector<float> own(72, 0.5f), copies(own), ref(own);
+        MoeExperts a(cpu_features().best), b(cpu_features().best);
+        a.set_own_row(true);
+        b.set_own_row(false);
+        a.set_dataflow(flow != 0);
+        b.set_dataflow(flow != 0);
+        a.run(p.args(own.data()), *spin);
+        b.run(p.args(copies.data()), *spin);
+        EXPECT_EQ(own, copies) << expert_dtype_name(dt) << " repeat=" << repeat << " flow=" << flow;
+        moe_experts_ref(p.args(ref.data()));
+        EXPECT_LT(rel_l2(own, ref), 5e-5) << expert_dtype_name(dt) << " repeat=" << repeat;
+      }
+    }
+  }
+}
+
 // An executor that says its shares run on NUMA nodes i % nodes (a two-socket machine as the op
 // sees it), over a real spinning executor; optionally holds share 0 back so others steal.
 class FakeNodes final : public Executor {
@@ -801,6 +827,21 @@ TEST(MoeExperts, NumaOrderedHandOffIsBitwiseTheSame) {
             EXPECT_EQ(got, want) << expert_dtype_name(dt) << " m=" << m << " nodes=" << nodes
                                  << " late=" << late << " unused=" << unused;
             if (late && m == 1) EXPECT_GT(a.last_stolen(), 0);
+            // The shares followed the nodes: with every routed expert on node 0 of 2 the shares
+            // of node 1 (odd threads) own no items and node 0's own them all; one node never
+            // steals across nodes.
+            const auto& sh = a.last_share_items();
+            ASSERT_EQ(sh.size(), size_t{4 * 5});
+            for (int phase = 0; phase < 2; ++phase) {
+              int64_t total = 0;
+              for (int i = 0; i < 5; ++i) {
+                const int64_t len = sh[phase * 10 + 2 * i + 1] - sh[phase * 10 + 2 * i];
+                total += len;
+                if (nodes == 2 && unused == 5 && i % 2 == 1) EXPECT_EQ(len, 0) << "share " << i;
+              }
+              EXPECT_GT(total, 0);
+            }
+            EXPECT_EQ(b.last_remote_stolen(), 0);
           }
         }
       }
