@@ -68,16 +68,28 @@ Tiny make_tiny(const std::filesystem::path& dir) {
   return t;
 }
 
-TEST(ExpertStore, PackedExpertsMoveOutOfTheCacheFileUnchanged) {
-  const auto dir = std::filesystem::path(testing::TempDir()) / "tidal_expert_store_test";
+// An empty directory for a test's checkpoint and packed-expert cache.
+std::filesystem::path fresh_dir(const char* name) {
+  const auto dir = std::filesystem::path(testing::TempDir()) / name;
   std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir);
-  auto t = make_tiny(dir);
-  auto ex = kernels::make_tbb_executor(2);
+  return dir;
+}
+
+// Group-32 experts of `dtype`, cached under dir/cache.
+ExpertStoreOptions cached(kernels::cpu::ExpertDType dtype, const std::filesystem::path& dir) {
   ExpertStoreOptions o;
-  o.dtype = kernels::cpu::ExpertDType::kINT8;
+  o.dtype = dtype;
   o.group_size = 32;
   o.cache_dir = dir / "cache";
+  return o;
+}
+
+TEST(ExpertStore, PackedExpertsMoveOutOfTheCacheFileUnchanged) {
+  const auto dir = fresh_dir("tidal_expert_store_test");
+  auto t = make_tiny(dir);
+  auto ex = kernels::make_tbb_executor(2);
+  const ExpertStoreOptions o = cached(kernels::cpu::ExpertDType::kINT8, dir);
   ExpertStore first(t.cfg, *t.ck);
   first.pack(o, *ex, {});
   ASSERT_EQ(first.cache_state(), "written");
@@ -207,15 +219,10 @@ class TwoNodes final : public kernels::Executor {
 // migration for a cache hit's file pages, and again before copying them into anonymous memory;
 // the results stay bit-identical to one node's. A refusal is reported and changes nothing else.
 TEST(ExpertStore, BindsExpertRangesToNumaNodes) {
-  const auto dir = std::filesystem::path(testing::TempDir()) / "tidal_expert_store_numa";
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
+  const auto dir = fresh_dir("tidal_expert_store_numa");
   auto t = make_tiny(dir);
   auto spin = kernels::make_spin_executor(3);
-  ExpertStoreOptions o;
-  o.dtype = kernels::cpu::ExpertDType::kINT4;
-  o.group_size = 32;
-  o.cache_dir = dir / "cache";
+  const ExpertStoreOptions o = cached(kernels::cpu::ExpertDType::kINT4, dir);
   ExpertStore one(t.cfg, *t.ck);
   one.pack(o, *spin, {});
   EXPECT_EQ(one.numa_placement(), "one node");
