@@ -512,7 +512,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
           for (int remote = 0; remote < (numa_.nodes() > 1 ? 2 : 1); ++remote)
             for (int q = 1; q < T; ++q) {
               const int k = (i + q) % T;
-              if (numa_.nodes() > 1 && (numa_.node(k) != numa_.node(i)) != (remote == 1)) continue;
+              if ((numa_.node(k) != numa_.node(i)) != (remote == 1)) continue;  // this pass's nodes
               for (int64_t w; (w = take_back(r[k])) >= 0;) {
                 stolen_.fetch_add(1, std::memory_order_relaxed);
                 if (remote == 1) remote_stolen_.fetch_add(1, std::memory_order_relaxed);

@@ -85,6 +85,20 @@ ExpertStoreOptions cached(kernels::cpu::ExpertDType dtype, const std::filesystem
   return o;
 }
 
+// Every MoE layer's routed-expert output for T tokens (top-k ids and weights), one vector per
+// layer.
+std::vector<std::vector<float>> forward_layers(ExpertStore& s, kernels::Executor& ex,
+                                               const std::vector<float>& x,
+                                               const std::vector<int32_t>& ids,
+                                               const std::vector<float>& w, int64_t T, int64_t k) {
+  std::vector<std::vector<float>> out;
+  for (int64_t l = 0; l < kLayers; ++l) {
+    out.emplace_back(static_cast<size_t>(T * kH), 0.f);
+    s.forward(l, x.data(), T, ids.data(), w.data(), k, out.back().data(), ex);
+  }
+  return out;
+}
+
 TEST(ExpertStore, PackedExpertsMoveOutOfTheCacheFileUnchanged) {
   const auto dir = fresh_dir("tidal_expert_store_test");
   auto t = make_tiny(dir);
@@ -107,14 +121,7 @@ TEST(ExpertStore, PackedExpertsMoveOutOfTheCacheFileUnchanged) {
     ids[i] = static_cast<int32_t>((i * 5 + i / 2) % kE);
     w[i] = 0.25f + 0.125f * static_cast<float>(i % 3);
   }
-  auto run = [&](ExpertStore& s) {
-    std::vector<std::vector<float>> out;
-    for (int64_t l = 0; l < kLayers; ++l) {
-      out.emplace_back(static_cast<size_t>(T * kH), 0.f);
-      s.forward(l, x.data(), T, ids.data(), w.data(), k, out.back().data(), *ex);
-    }
-    return out;
-  };
+  auto run = [&](ExpertStore& s) { return forward_layers(s, *ex, x, ids, w, T, k); };
   const auto before = run(store);
   EXPECT_EQ(before, run(first));  // the cache file holds what was packed
   const auto old_region = store.packed_region();
@@ -232,13 +239,7 @@ TEST(ExpertStore, BindsExpertRangesToNumaNodes) {
   std::vector<int32_t> ids{0, 7, 3, 4, 6, 1};
   std::vector<float> w{0.5f, 0.25f, 0.75f, 0.125f, 0.5f, 0.5f};
   auto run = [&](ExpertStore& s, kernels::Executor& ex) {
-    std::vector<float> out;
-    for (int64_t l = 0; l < kLayers; ++l) {
-      std::vector<float> y(static_cast<size_t>(T * kH), 0.f);
-      s.forward(l, x.data(), T, ids.data(), w.data(), k, y.data(), ex);
-      out.insert(out.end(), y.begin(), y.end());
-    }
-    return out;
+    return forward_layers(s, ex, x, ids, w, T, k);
   };
   const auto want = run(one, *spin);
 
