@@ -86,4 +86,29 @@ LayerSplit split_layer(const ExpertCostInputs& in, const std::vector<int64_t>& t
   return s;
 }
 
+PrefillLayerCost prefill_layer_cost(const ExpertCostInputs& in, int64_t tokens, int64_t experts,
+                                    int64_t top_k) {
+  check(in);
+  TIDAL_CHECK(tokens >= 0 && experts > 0 && top_k > 0 && top_k <= experts, InvalidArgument,
+              "expert cost model: {} tokens, {} experts, top_k {}", tokens, experts, top_k);
+  PrefillLayerCost c;
+  if (tokens == 0) return c;
+  const double pairs = static_cast<double>(tokens) * static_cast<double>(top_k);
+  const double touched = std::min(static_cast<double>(experts), pairs);
+  const double n = pairs / touched;
+  c.host_seconds = touched * std::max(in.expert_bytes / in.cpu_bytes_per_s,
+                                      n * in.flops_per_token / in.cpu_flops_per_s);
+  c.stream_seconds = static_cast<double>(experts) * in.expert_bytes / in.pcie_bytes_per_s +
+                     pairs * in.flops_per_token / in.gpu_flops_per_s;
+  return c;
+}
+
+int64_t min_stream_tokens(const ExpertCostInputs& in, int64_t experts, int64_t top_k,
+                          int64_t max_tokens) {
+  TIDAL_CHECK(max_tokens >= 1, InvalidArgument, "expert cost model: max_tokens {}", max_tokens);
+  for (int64_t t = 1; t <= max_tokens; ++t)
+    if (prefill_layer_cost(in, t, experts, top_k).stream()) return t;
+  return -1;
+}
+
 }  // namespace tidal::offload

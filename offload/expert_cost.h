@@ -60,4 +60,32 @@ double gpu_expert_seconds(const ExpertCostInputs& in, int64_t tokens, bool resid
 LayerSplit split_layer(const ExpertCostInputs& in, const std::vector<int64_t>& tokens,
                        const std::vector<uint8_t>& resident, bool allow_copies = true);
 
+// Note [Streaming a prefill chunk]
+// In prefill the CudaModel either computes a chunk's routed experts on the CPU engine or copies
+// each MoE layer's experts to the GPU whole (one contiguous DMA, the next layer's while this one
+// computes; Note [Prefill expert streaming] in core/model/cuda_model.cpp). The copy for layer L+1
+// is issued before L+1's router has run, so the choice is made per chunk from its length T, with
+// the routing assumed spread evenly: T·k (token, expert) pairs over min(E, T·k) experts.
+//   host:   min(E, T·k) experts, each max(bytes / cpu_bytes_per_s, n · flops / cpu_flops_per_s)
+//           with n = T·k / min(E, T·k) tokens (cpu_expert_seconds);
+//   stream: E · bytes / pcie_bytes_per_s + T·k · flops / gpu_flops_per_s (the copy and the GEMMs
+//           counted one after the other: a bound; on the H100 the copy is ~90% of it).
+// Skewed routing makes the host side cheaper (fewer experts touched) and leaves the stream side
+// unchanged, so the even spread favours streaming a little at the threshold. The rates are the
+// ones the CudaModel measures at load (Note [Measuring the stream threshold]).
+
+/// Seconds of one MoE layer's routed experts for a chunk of `tokens`, on the host and streamed.
+struct PrefillLayerCost {
+  double host_seconds = 0, stream_seconds = 0;
+  bool stream() const { return stream_seconds < host_seconds; }
+};
+PrefillLayerCost prefill_layer_cost(const ExpertCostInputs& in, int64_t tokens, int64_t experts,
+                                    int64_t top_k);
+/// The shortest chunk (1 ... max_tokens) whose layers stream faster than the host computes them,
+/// -1 if none does. With the GPU's products faster than the CPU's and PCIe slower than the CPU's
+/// memory, the host side grows faster with T than the stream side once it streams at all, so
+/// every longer chunk streams too (the CudaModel streams chunks of at least this many tokens).
+int64_t min_stream_tokens(const ExpertCostInputs& in, int64_t experts, int64_t top_k,
+                          int64_t max_tokens);
+
 }  // namespace tidal::offload

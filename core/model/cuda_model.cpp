@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cinttypes>
@@ -27,6 +28,7 @@
 #include "kernels/cuda/experts_layout.h"
 #include "kernels/cuda/ops.h"
 #include "offload/expert_cache.h"
+#include "offload/expert_cost.h"
 #include "offload/expert_schedule.h"
 
 namespace tidal::core {
@@ -207,6 +209,18 @@ struct CudaModel::Impl {
   size_t wscratch_elems = 0;
   int64_t logits_rows = 1;
   kc::StepDev* d_step = nullptr;
+  /// The workspaces for chunks of T tokens: total bytes, each pointer's share, and the sizes
+  /// that depend on T (Note [Measuring the stream threshold] re-plans them for streaming).
+  struct WorkspacePlan {
+    size_t bytes = 0;
+    std::vector<std::pair<void**, size_t>> parts;
+    int64_t logits_rows = 1, max_batch = 1;
+    size_t wscratch_elems = 0;
+  };
+  WorkspacePlan plan_workspaces(int64_t T);
+  /// Frees the workspaces and pinned staging (and the graphs that hold their addresses), then
+  /// allocates them for chunks of T tokens from `p` (Tmax = T).
+  void allocate_workspaces(const WorkspacePlan& p, int64_t T);
 
   // pinned host staging
   void* pinned = nullptr;
@@ -348,6 +362,11 @@ struct CudaModel::Impl {
   uint64_t px_bytes = 0;
   bool host_registered = false;
   void px_init(kernels::Executor& ex);
+  /// Note [Measuring the stream threshold]: the shortest prompt the cost model streams (-1: none).
+  int64_t px_measure(kernels::Executor& ex);
+  int64_t px_min_tokens = -1;
+  offload::ExpertCostInputs px_cost;
+  std::string px_plan = "off", px_rates;  // for describe()
   /// Issues the copy of `layer`'s experts into its buffer unless the buffer holds it already.
   void px_issue(int layer);
   /// Layer `layer`'s routed experts for T rows of xn on the GPU into y (Note above).
@@ -1031,7 +1050,23 @@ void CudaModel::Impl::register_host_store(kernels::Executor& ex) {
 }
 
 void CudaModel::Impl::px_init(kernels::Executor& ex) {
-  if (!opts.prefill_stream || experts == nullptr || px_on) return;
+  if (px_on) return;
+  if (opts.prefill_stream == 0 || experts == nullptr) {
+    px_plan = experts == nullptr ? "off: no routed experts on the host"
+                                 : "off (TIDAL_CUDA_PREFILL_STREAM=0)";
+    return;
+  }
+  if (opts.prefill_stream < 0 && opts.precision == "fp32") {  // streaming computes in BF16
+    px_plan = "off: gpu_precision=\"fp32\" keeps the routed experts' products on the host";
+    return;
+  }
+  TIDAL_CHECK(opts.stream_chunk < 0 || opts.stream_chunk >= 16, InvalidArgument,
+              "prefill expert streaming: TIDAL_CUDA_STREAM_CHUNK must be >= 16, got {}",
+              opts.stream_chunk);
+  TIDAL_CHECK(opts.stream_group >= 1, InvalidArgument,
+              "prefill expert streaming: TIDAL_CUDA_STREAM_GROUP must be >= 1, got {}",
+              opts.stream_group);
+  px_plan = "off: the experts are not packed in a layout the GPU decodes";
   kernels::cpu::PackedLayout gu, dn;
   if (!experts->packed_layouts(gu, dn)) return;
   const auto ggu = kc::gpu_layout(gu), gdn = kc::gpu_layout(dn);
@@ -1068,34 +1103,101 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
   px_gu = ggu;
   px_dn = gdn;
   px_group = std::clamp<int64_t>(opts.stream_group, 1, E);
+  px_group = std::clamp<int64_t>(opts.stream_group, 1, E);
+  // VRAM for streaming chunks of T tokens: two layers of experts, a group's BF16 weights, and
+  // the routed rows' activations.
+  auto px_sizes = [&](int64_t T) {
+    const size_t R = static_cast<size_t>(T * k);
+    return std::array<size_t, 10>{static_cast<size_t>(px_layer_bytes),
+                                  static_cast<size_t>(px_layer_bytes),
+                                  static_cast<size_t>(px_group * 2 * I * H) * 2,
+                                  static_cast<size_t>(px_group * H * I) * 2,
+                                  R * static_cast<size_t>(H) * 2,
+                                  R * static_cast<size_t>(2 * I) * 4,
+                                  R * static_cast<size_t>(I) * 2,
+                                  R * static_cast<size_t>(H) * 4,
+                                  R * 4,
+                                  R * 4};
+  };
+  auto px_total = [&](int64_t T) {
+    uint64_t t = 0;
+    for (const size_t b : px_sizes(T)) t += align_up(b);
+    return t;
+  };
+  // Note [Measuring the stream threshold]
+  // Streaming is on by default where it fits and pays (TIDAL_CUDA_PREFILL_STREAM=0 turns it off,
+  // =1 forces it). Its chunk length: TIDAL_CUDA_STREAM_CHUNK, or the longest of 8192, 4096,
+  // 2048 and 1024 tokens whose extra VRAM (workspaces for chunks that long, plus the buffers
+  // above) takes at most 3/4 of what the budget leaves for the expert cache after the weights and
+  // a KV cache of kv_reserve_tokens. The cache is the one that gives way: at full depth the whole
+  // cache adds ~15% to decode (134 against 117 tok/s, docs/performance.md 2026-12-06), while
+  // 8192-token chunks make an 8K prompt 7.5x faster than the host experts. Each layer's experts
+  // then cross PCIe once per chunk, so longer chunks pay less per token.
+  const uint64_t cur_ws = ws_bytes;
+  uint64_t room = 0;
+  {
+    int64_t n_attn = 0;
+    for (const auto& g : layers) n_attn += g.type == LayerType::kFullAttention;
+    const int64_t reserve = std::min<int64_t>(opts.kv_reserve_tokens, cfg.max_position_embeddings);
+    const uint64_t kv_full =
+        static_cast<uint64_t>(2 * n_attn * reserve * cfg.num_key_value_heads * cfg.head_dim) *
+        (kv_f32() ? 4 : 2);
+    const uint64_t used = weight_bytes + cur_ws + std::max<uint64_t>(kv_bytes, kv_full) +
+                          linear_bytes + (uint64_t{256} << 20);
+    size_t free_b = 0, total_b = 0;
+    cuda_check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
+    const uint64_t limit = opts.memory_limit == 0 ? used + free_b : opts.memory_limit;
+    room = limit > used ? std::min<uint64_t>(limit - used, free_b) : 0;
+  }
+  const bool forced = opts.prefill_stream > 0;
+  std::vector<int64_t> lengths;
+  if (opts.stream_chunk > 0)
+    lengths = {opts.stream_chunk};
+  else
+    lengths = {8192, 4096, 2048, 1024};
+  int64_t Tc = 0;
+  uint64_t need = 0;
+  // An explicit chunk length is the chunk length; the automatic ones never shorten max_chunk.
+  auto target = [&](int64_t T) { return opts.stream_chunk > 0 ? T : std::max(T, Tmax); };
+  for (const int64_t T : lengths) {
+    const int64_t Tw = target(T);
+    const uint64_t ws_new = plan_workspaces(Tw).bytes + (size_t{32} << 20);
+    need = (ws_new > cur_ws ? ws_new - cur_ws : 0) + px_total(Tw);
+    const bool fits = forced ? need <= room : need <= room / 4 * 3;
+    if (fits) {
+      Tc = T;
+      break;
+    }
+  }
+  TIDAL_CHECK(!forced || Tc > 0, OutOfMemory,
+              "prefill expert streaming (TIDAL_CUDA_PREFILL_STREAM=1) needs {:.2f} GiB of VRAM for "
+              "chunks of {} tokens (two layers of experts and workspaces), but the gpu_memory "
+              "budget leaves {:.2f} GiB; a smaller TIDAL_CUDA_STREAM_CHUNK, or no streaming, fits",
+              gib(need), lengths.back(), gib(room));
+  if (Tc == 0) {
+    px_plan = fmt::format(
+        "off: chunks of {} tokens need {:.2f} GiB of VRAM, more than 3/4 of the {:.2f} GiB the "
+        "budget leaves for the expert cache",
+        lengths.back(), gib(need), gib(room));
+    return;
+  }
+  if (target(Tc) != Tmax) {
+    const int64_t Tw = target(Tc);
+    const auto plan = plan_workspaces(Tw);
+    allocate_workspaces(plan, Tw);
+    ws_bytes = plan.bytes + (size_t{32} << 20);
+  }
   px_rows_max = Tmax * k;
-  const size_t R = static_cast<size_t>(px_rows_max);
-  const size_t bytes[10] = {static_cast<size_t>(px_layer_bytes),
-                            static_cast<size_t>(px_layer_bytes),
-                            static_cast<size_t>(px_group * 2 * I * H) * 2,
-                            static_cast<size_t>(px_group * H * I) * 2,
-                            R * static_cast<size_t>(H) * 2,
-                            R * static_cast<size_t>(2 * I) * 4,
-                            R * static_cast<size_t>(I) * 2,
-                            R * static_cast<size_t>(H) * 4,
-                            R * 4,
-                            R * 4};
-  uint64_t total = 0;
-  for (const size_t b : bytes) total += align_up(b);
-  const uint64_t used = weight_bytes + ws_bytes + kv_bytes + linear_bytes;
-  TIDAL_CHECK(
-      opts.memory_limit == 0 || used + total <= opts.memory_limit, OutOfMemory,
-      "prefill expert streaming needs {:.2f} GiB of VRAM (two layers of experts and "
-      "workspaces for chunks of {} tokens), over the gpu_memory limit of {:.2f} GiB "
-      "({:.2f} GiB in use); a smaller TIDAL_CUDA_STREAM_CHUNK, or no streaming, fits better",
-      gib(total), Tmax, gib(opts.memory_limit), gib(used));
+  const auto bytes = px_sizes(Tmax);
+  const uint64_t total = px_total(Tmax);
   void** ptrs[10] = {reinterpret_cast<void**>(&px_stage[0]), reinterpret_cast<void**>(&px_stage[1]),
                      reinterpret_cast<void**>(&px_wgu),      reinterpret_cast<void**>(&px_wdn),
                      reinterpret_cast<void**>(&px_xs),       reinterpret_cast<void**>(&px_hb),
                      reinterpret_cast<void**>(&px_act),      reinterpret_cast<void**>(&px_out),
                      reinterpret_cast<void**>(&px_rows),     reinterpret_cast<void**>(&px_pos)};
   for (int i = 0; i < 10; ++i)
-    cuda_check(cudaMalloc(ptrs[i], bytes[i]), "prefill expert streaming");
+    cuda_check(cudaMalloc(ptrs[i], bytes[static_cast<size_t>(i)]), "prefill expert streaming");
+  const size_t R = static_cast<size_t>(px_rows_max);
   cuda_check(cudaMallocHost(reinterpret_cast<void**>(&h_px_rows), R * 4), "pinned host allocation");
   cuda_check(cudaMallocHost(reinterpret_cast<void**>(&h_px_pos), R * 4), "pinned host allocation");
   cuda_check(cudaStreamCreateWithFlags(&px_copy, cudaStreamNonBlocking), "stream creation");
@@ -1109,6 +1211,145 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
   px_bytes = total;
   px_on = true;
   register_host_store(ex);
+  px_min_tokens = px_measure(ex);
+  if (opts.stream_min_tokens >= 0)
+    px_min_tokens = opts.stream_min_tokens;
+  else if (forced && px_min_tokens < 0)
+    px_min_tokens = Tmax;   // forced on: at least whole chunks stream
+  if (px_min_tokens < 0) {  // streaming never pays on this machine: the VRAM goes back
+    px_plan = fmt::format("off: {}", px_rates);
+    px_free();
+    if (Tmax != opts.max_chunk) {
+      const auto plan = plan_workspaces(opts.max_chunk);
+      allocate_workspaces(plan, opts.max_chunk);
+      ws_bytes = plan.bytes + (size_t{32} << 20);
+    }
+    return;
+  }
+  px_plan = fmt::format("{}: chunks of up to {} tokens, prompts of {} tokens or more; {}",
+                        forced ? "on" : "auto", Tmax, px_min_tokens, px_rates);
+}
+
+// Note [Measuring the stream threshold] (continued)
+// Once the buffers exist, px_measure times, on this machine: one MoE layer's packed experts
+// copied into a stage buffer (pinned host to device, the faster of two), the host expert engine
+// on that layer for E/k tokens (every expert one token: one pass over the weights) and for 16
+// times as many (16 tokens per expert: its matrix products), and one expert group's BF16 GEMMs
+// on the GPU at the chunk's tokens per expert. Those rates go into the cost model
+// (offload::min_stream_tokens, Note [Streaming a prefill chunk]), whose answer is the shortest
+// prompt that streams: ~0.1 s at load for the 35B-A3B shape. The routing is synthetic (token t's
+// i-th expert is (t·k + i) mod E) and the inputs zeros: the kernels' time does not depend on the
+// values. TIDAL_CUDA_STREAM_MIN_TOKENS overrides the threshold.
+int64_t CudaModel::Impl::px_measure(kernels::Executor& ex) {
+  const int64_t E = cfg.num_experts, H = cfg.hidden_size, k = cfg.num_experts_per_tok;
+  const int64_t I = px_gu.n;
+  int first = -1;
+  for (size_t l = 0; l < layers.size() && first < 0; ++l)
+    if (px_moe_index[l] >= 0) first = static_cast<int>(l);
+  cudaEvent_t t0 = nullptr, t1 = nullptr;
+  cuda_check(cudaEventCreate(&t0), "event creation");
+  cuda_check(cudaEventCreate(&t1), "event creation");
+  auto elapsed = [&] {
+    float ms = 0;
+    cuda_check(cudaEventElapsedTime(&ms, t0, t1), "event timing");
+    return static_cast<double>(ms) * 1e-3;
+  };
+  const uint8_t* src = experts->packed_expert(first, 0).gate;
+  double copy_s = 1e30;
+  for (int rep = 0; rep < 2; ++rep) {
+    cuda_check(cudaEventRecord(t0, px_copy), "event record");
+    cuda_check(cudaMemcpyAsync(px_stage[0], src, static_cast<size_t>(px_layer_bytes),
+                               cudaMemcpyHostToDevice, px_copy),
+               "expert copy");
+    cuda_check(cudaEventRecord(t1, px_copy), "event record");
+    cuda_check(cudaEventSynchronize(t1), "event wait");
+    copy_s = std::min(copy_s, elapsed());
+  }
+  // One group's dequant + gate/up + down GEMMs at the chunk's mean tokens per expert.
+  const int64_t n = std::max<int64_t>(1, Tmax * k / E);
+  const int64_t g = std::min<int64_t>(px_group, E);
+  cuda_check(cudaMemsetAsync(px_xs, 0, static_cast<size_t>(g * n * H) * 2, stream), "memset");
+  cuda_check(cudaMemsetAsync(px_act, 0, static_cast<size_t>(g * n * I) * 2, stream), "memset");
+  const float one = 1.f, zero = 0.f;
+  double gemm_s = 1e30;
+  for (int rep = 0; rep < 2; ++rep) {
+    cuda_check(cudaEventRecord(t0, stream), "event record");
+    kc::DequantBatch dq;
+    dq.src = px_stage[0];
+    dq.src_stride = px_stride;
+    dq.experts = g;
+    dq.mats = 2;
+    dq.mat_src_stride = px_gu.bytes();
+    dq.dst = px_wgu;
+    dq.dst_stride = 2 * I * H;
+    dq.mat_dst_stride = I * H;
+    kc::dequant_expert_matrices(px_gu, dq, stream);
+    dq.src += 2 * px_gu.bytes();
+    dq.mats = 1;
+    dq.mat_src_stride = 0;
+    dq.dst = px_wdn;
+    dq.dst_stride = H * I;
+    dq.mat_dst_stride = 0;
+    kc::dequant_expert_matrices(px_dn, dq, stream);
+    for (int64_t e = 0; e < g; ++e) {
+      cublas_check(
+          cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(2 * I), static_cast<int>(n),
+                       static_cast<int>(H), &one, px_wgu + e * 2 * I * H, CUDA_R_16BF,
+                       static_cast<int>(H), px_xs + e * n * H, CUDA_R_16BF, static_cast<int>(H),
+                       &zero, px_hb + e * n * 2 * I, CUDA_R_32F, static_cast<int>(2 * I),
+                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+          "cublasGemmEx");
+      cublas_check(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(H),
+                                static_cast<int>(n), static_cast<int>(I), &one, px_wdn + e * H * I,
+                                CUDA_R_16BF, static_cast<int>(I), px_act + e * n * I, CUDA_R_16BF,
+                                static_cast<int>(I), &zero, px_out + e * n * H, CUDA_R_32F,
+                                static_cast<int>(H), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                   "cublasGemmEx");
+    }
+    cuda_check(cudaEventRecord(t1, stream), "event record");
+    cuda_check(cudaEventSynchronize(t1), "event wait");
+    gemm_s = std::min(gemm_s, elapsed());
+  }
+  cudaEventDestroy(t0);
+  cudaEventDestroy(t1);
+  // The host expert engine on the first MoE layer.
+  auto host = [&](int64_t T) {
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < k; ++i) {
+        h_rids[t * k + i] = static_cast<int32_t>((t * k + i) % E);
+        h_w[t * k + i] = 1.f / static_cast<float>(k);
+      }
+    std::fill(h_xn, h_xn + T * H, 0.f);
+    double best = 1e30;
+    for (int rep = 0; rep < 2; ++rep) {
+      std::fill(h_out, h_out + T * H, 0.f);
+      const auto a = std::chrono::steady_clock::now();
+      experts->forward(first, h_xn, T, h_rids, h_w, k, h_out, ex);
+      best = std::min(best,
+                      std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count());
+    }
+    return best;
+  };
+  const int64_t T1 = std::min(Tmax, (E + k - 1) / k), T2 = std::min(Tmax, 16 * T1);
+  const double h1 = host(T1), h2 = host(T2);
+  offload::ExpertCostInputs in;
+  const double fpt = 2.0 * 3.0 * static_cast<double>(H) * static_cast<double>(I);
+  in.expert_bytes = static_cast<double>(px_stride);
+  in.flops_per_token = fpt;
+  in.pcie_bytes_per_s = static_cast<double>(px_layer_bytes) / copy_s;
+  in.cpu_bytes_per_s = static_cast<double>(std::min(E, T1 * k)) * in.expert_bytes / h1;
+  in.cpu_flops_per_s = static_cast<double>(T2 * k) * fpt / h2;
+  in.gpu_flops_per_s = static_cast<double>(g * n) * fpt / gemm_s;
+  in.gpu_bytes_per_s = in.pcie_bytes_per_s;  // unused by the prefill choice
+  px_cost = in;
+  const int64_t t = offload::min_stream_tokens(in, E, k, Tmax);
+  px_rates = fmt::format(
+      "measured: PCIe {:.1f} GB/s, CPU experts {:.1f} GB/s and {:.2f} TFLOP/s, GPU experts "
+      "{:.1f} TFLOP/s; the cost model streams {}",
+      in.pcie_bytes_per_s * 1e-9, in.cpu_bytes_per_s * 1e-9, in.cpu_flops_per_s * 1e-12,
+      in.gpu_flops_per_s * 1e-12,
+      t < 0 ? fmt::format("no chunk of up to {} tokens", Tmax) : fmt::format("from {} tokens", t));
+  return t;
 }
 
 void CudaModel::Impl::px_issue(int layer) {
@@ -1577,21 +1818,144 @@ bool CudaOptions::env_flag(const char* name, bool fallback) {
   return fallback;
 }
 
+// The device workspaces for chunks of T tokens (Tmax): their total and where each one goes;
+// nothing is allocated (allocate_workspaces does that).
+CudaModel::Impl::WorkspacePlan CudaModel::Impl::plan_workspaces(int64_t T) {
+  WorkspacePlan p;
+  const auto& c = cfg;
+  const int64_t H = c.hidden_size;
+  auto W = [&](auto** ptr, size_t bytes) {
+    p.parts.emplace_back(reinterpret_cast<void**>(ptr), bytes);
+    p.bytes += align_up(bytes);
+  };
+  const size_t f = 4;
+  W(&x, T * H * f);
+  W(&xn, T * H * f);
+  W(&y, T * H * f);
+  W(&hs, T * H * f);
+  W(&ids, T * 4);
+  int64_t Wmax = 1;  // widest stacked projection output
+  for (const auto& g : layers) Wmax = std::max({Wmax, g.mix.rows, g.mlp_in.rows});
+  W(&proj, T * Wmax * f);
+  int64_t Kmax = std::max<int64_t>(H, c.num_attention_heads * c.head_dim);
+  bool has_attention = false;
+  for (const auto& g : layers) has_attention = has_attention || g.type == LayerType::kFullAttention;
+  if (has_attention) {
+    const int64_t nh = c.num_attention_heads, nkv = c.num_key_value_heads, d = c.head_dim;
+    W(&qb, T * nh * d * f);
+    W(&gate, T * nh * d * f);
+    W(&ao, T * nh * d * f);
+    // Shorter chunks use more splits: the worst case over every chunk length.
+    size_t pf = 0;
+    for (int64_t t = 1; t <= T; ++t)
+      pf = std::max(
+          pf, kc::attention_workspace_floats(t, nh, d, kc::attention_max_splits(t, nkv, sm_count)));
+    W(&partial, pf * f);
+  }
+  if (c.is_hybrid()) {
+    const int64_t nk = c.linear_num_key_heads, nv = c.linear_num_value_heads,
+                  dk = c.linear_key_head_dim, dv = c.linear_value_head_dim,
+                  C = c.linear_conv_channels();
+    if (c.family == ArchFamily::kQwen3Next) {  // de-interleaved projections
+      W(&mixed, T * C * f);
+      W(&zb, T * nv * dv * f);
+      W(&bb, T * nv * f);
+      W(&ab, T * nv * f);
+    }
+    W(&u, T * C * f);
+    W(&gq, T * nk * dk * f);
+    W(&gk, T * nk * dk * f);
+    W(&gv, T * nv * dv * f);
+    W(&beta, T * nv * f);
+    W(&gg, T * nv * f);
+    W(&go, T * nv * dv * f);
+    Kmax = std::max(Kmax, nv * dv);
+  }
+  int64_t Imax = 1;  // widest SwiGLU intermediate (down projection input)
+  for (const auto& g : layers) Imax = std::max(Imax, g.down.cols);
+  Kmax = std::max(Kmax, Imax);
+  const int64_t k = std::max<int64_t>(1, c.num_experts_per_tok);
+  W(&rids, T * k * 4);
+  W(&rw, T * k * f);
+  W(&hmid, T * Imax * f);
+  // logits in row blocks of at most 64 MiB
+  p.logits_rows = std::clamp<int64_t>((int64_t{64} << 20) / (c.vocab_size * 4), 1, T);
+  W(&logits, static_cast<size_t>(p.logits_rows * c.vocab_size) * f);
+  W(&act16, static_cast<size_t>(2 * T * Kmax) * 2);  // hi and lo halves
+  // Weight conversion scratch for prefill GEMMs whose weights are not in the GEMM's format.
+  {
+    const WFormat want = opts.precision == "fp32" ? WFormat::kF32 : WFormat::kBF16;
+    int64_t most = 0;
+    auto see = [&](const DevMatrix& d) {
+      if (d.rows && d.format != want) most = std::max(most, d.rows * d.cols);
+    };
+    see(lm_head);
+    for (const auto& g : layers)
+      for (const DevMatrix* d : {&g.mix, &g.o, &g.out, &g.mlp_in, &g.down}) see(*d);
+    p.wscratch_elems = static_cast<size_t>(std::min<int64_t>(most, int64_t{16} << 20));
+    p.wscratch_elems = std::max(p.wscratch_elems, static_cast<size_t>(Kmax));
+    W(&wscratch, p.wscratch_elems * (want == WFormat::kF32 ? 4 : 2));
+  }
+  // Batched decode: up to 64 sequences a step, their logits in one block.
+  p.max_batch = std::min<int64_t>({64, p.logits_rows, T});
+  W(&d_step, static_cast<size_t>(p.max_batch) * sizeof(kc::StepDev));
+  return p;
+}
+
+void CudaModel::Impl::allocate_workspaces(const WorkspacePlan& p, int64_t T) {
+  if (stream) cuda_check(cudaStreamSynchronize(stream), "workspace reallocation");
+  for (auto g : graphs) cudaGraphExecDestroy(g);  // they hold the old workspace addresses
+  graphs.clear();
+  for (auto& [n, gs] : batch_graphs)
+    for (auto g : gs) cudaGraphExecDestroy(g);
+  batch_graphs.clear();
+  cudaFree(ws);
+  ws = nullptr;
+  if (pinned) cudaFreeHost(pinned);
+  pinned = nullptr;
+  Tmax = T;
+  logits_rows = p.logits_rows;
+  max_batch = p.max_batch;
+  wscratch_elems = p.wscratch_elems;
+  cuda_check(cudaMalloc(reinterpret_cast<void**>(&ws), p.bytes), "workspace allocation");
+  size_t off = 0;
+  for (auto& [ptr, bytes] : p.parts) {
+    *ptr = ws + off;
+    off += align_up(bytes);
+  }
+  // Pinned staging.
+  const auto& c = cfg;
+  const size_t f = 4, H = static_cast<size_t>(c.hidden_size), Tz = static_cast<size_t>(T),
+               k = static_cast<size_t>(std::max<int64_t>(1, c.num_experts_per_tok)),
+               E = static_cast<size_t>(std::max<int64_t>(1, c.num_experts));
+  const size_t pin = align_up(static_cast<size_t>(max_batch) * sizeof(kc::StepDev)) +
+                     align_up(Tz * 4) + 2 * align_up(Tz * H * f) + 2 * align_up(Tz * k * 4) +
+                     align_up(Tz * E * f) +
+                     align_up(static_cast<size_t>(logits_rows * c.vocab_size) * f);
+  cuda_check(cudaMallocHost(&pinned, pin), "pinned host allocation");
+  char* hp = static_cast<char*>(pinned);
+  auto take = [&](size_t bytes) {
+    char* r = hp;
+    hp += align_up(bytes);
+    return r;
+  };
+  h_step =
+      reinterpret_cast<kc::StepDev*>(take(static_cast<size_t>(max_batch) * sizeof(kc::StepDev)));
+  h_ids = reinterpret_cast<int32_t*>(take(Tz * 4));
+  h_xn = reinterpret_cast<float*>(take(Tz * H * f));
+  h_out = reinterpret_cast<float*>(take(Tz * H * f));
+  h_rids = reinterpret_cast<int32_t*>(take(Tz * k * 4));
+  h_w = reinterpret_cast<float*>(take(Tz * k * 4));
+  h_rlogits = reinterpret_cast<float*>(take(Tz * E * f));
+  h_logits = reinterpret_cast<float*>(take(static_cast<size_t>(logits_rows * c.vocab_size) * f));
+}
+
 CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExperts* experts,
                      RoutingControl* routing, const CudaOptions& opts, kernels::Executor& ex)
     : impl_(std::make_unique<Impl>()) {
   Impl& m = *impl_;
   m.cfg = cfg;
   m.opts = opts;
-  if (opts.prefill_stream && experts != nullptr) {
-    TIDAL_CHECK(opts.stream_chunk >= 16 && opts.stream_group >= 1 &&
-                    opts.stream_min_tokens <= opts.stream_chunk,
-                InvalidArgument,
-                "prefill expert streaming: TIDAL_CUDA_STREAM_CHUNK must be >= 16 and >= "
-                "TIDAL_CUDA_STREAM_MIN_TOKENS, TIDAL_CUDA_STREAM_GROUP >= 1 (got {}, {}, {})",
-                opts.stream_chunk, opts.stream_min_tokens, opts.stream_group);
-    m.opts.max_chunk = opts.stream_chunk;
-  }
   m.profiling = CudaOptions::env_flag("TIDAL_CUDA_PROFILE", false);
   m.experts = experts;
   m.routing = routing;
@@ -1811,90 +2175,11 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
 
   // ------------------------------------------------------------------ workspace plan
   const auto& c = cfg;
-  const int64_t T = m.opts.max_chunk, H = c.hidden_size;
-  m.Tmax = T;
+  const int64_t T = m.opts.max_chunk;
   m.attn_splits_decode =
       kc::attention_max_splits(1, std::max<int64_t>(1, c.num_key_value_heads), m.sm_count);
-  size_t wsz = 0;
-  std::vector<std::pair<void**, size_t>> wl;
-  auto W = [&](auto** p, size_t bytes) {
-    wl.emplace_back(reinterpret_cast<void**>(p), bytes);
-    wsz += align_up(bytes);
-  };
-  const size_t f = 4;
-  W(&m.x, T * H * f);
-  W(&m.xn, T * H * f);
-  W(&m.y, T * H * f);
-  W(&m.hs, T * H * f);
-  W(&m.ids, T * 4);
-  int64_t Wmax = 1;  // widest stacked projection output
-  for (const auto& g : m.layers) Wmax = std::max({Wmax, g.mix.rows, g.mlp_in.rows});
-  W(&m.proj, T * Wmax * f);
-  int64_t Kmax = std::max<int64_t>(H, c.num_attention_heads * c.head_dim);
-  bool has_attention = false;
-  for (const auto& g : m.layers)
-    has_attention = has_attention || g.type == LayerType::kFullAttention;
-  if (has_attention) {
-    const int64_t nh = c.num_attention_heads, nkv = c.num_key_value_heads, d = c.head_dim;
-    W(&m.qb, T * nh * d * f);
-    W(&m.gate, T * nh * d * f);
-    W(&m.ao, T * nh * d * f);
-    // Shorter chunks use more splits: the worst case over every chunk length.
-    size_t pf = 0;
-    for (int64_t t = 1; t <= T; ++t)
-      pf = std::max(pf, kc::attention_workspace_floats(
-                            t, nh, d, kc::attention_max_splits(t, nkv, m.sm_count)));
-    W(&m.partial, pf * f);
-  }
-  if (c.is_hybrid()) {
-    const int64_t nk = c.linear_num_key_heads, nv = c.linear_num_value_heads,
-                  dk = c.linear_key_head_dim, dv = c.linear_value_head_dim,
-                  C = c.linear_conv_channels();
-    if (c.family == ArchFamily::kQwen3Next) {  // de-interleaved projections
-      W(&m.mixed, T * C * f);
-      W(&m.zb, T * nv * dv * f);
-      W(&m.bb, T * nv * f);
-      W(&m.ab, T * nv * f);
-    }
-    W(&m.u, T * C * f);
-    W(&m.gq, T * nk * dk * f);
-    W(&m.gk, T * nk * dk * f);
-    W(&m.gv, T * nv * dv * f);
-    W(&m.beta, T * nv * f);
-    W(&m.gg, T * nv * f);
-    W(&m.go, T * nv * dv * f);
-    Kmax = std::max(Kmax, nv * dv);
-  }
-  int64_t Imax = 1;  // widest SwiGLU intermediate (down projection input)
-  for (const auto& g : m.layers) Imax = std::max(Imax, g.down.cols);
-  Kmax = std::max(Kmax, Imax);
-  const int64_t E = std::max<int64_t>(1, c.num_experts),
-                k = std::max<int64_t>(1, c.num_experts_per_tok);
-  W(&m.rids, T * k * 4);
-  W(&m.rw, T * k * f);
-  W(&m.hmid, T * Imax * f);
-  // logits in row blocks of at most 64 MiB
-  m.logits_rows = std::clamp<int64_t>((int64_t{64} << 20) / (c.vocab_size * 4), 1, T);
-  W(&m.logits, static_cast<size_t>(m.logits_rows * c.vocab_size) * f);
-  W(&m.act16, static_cast<size_t>(2 * T * Kmax) * 2);  // hi and lo halves
-  // Weight conversion scratch for prefill GEMMs whose weights are not in the GEMM's format.
-  {
-    const WFormat want = opts.precision == "fp32" ? WFormat::kF32 : WFormat::kBF16;
-    int64_t most = 0;
-    auto see = [&](const DevMatrix& d) {
-      if (d.rows && d.format != want) most = std::max(most, d.rows * d.cols);
-    };
-    see(m.lm_head);
-    for (const auto& g : m.layers)
-      for (const DevMatrix* d : {&g.mix, &g.o, &g.out, &g.mlp_in, &g.down}) see(*d);
-    m.wscratch_elems = static_cast<size_t>(std::min<int64_t>(most, int64_t{16} << 20));
-    m.wscratch_elems = std::max(m.wscratch_elems, static_cast<size_t>(Kmax));
-    W(&m.wscratch, m.wscratch_elems * (want == WFormat::kF32 ? 4 : 2));
-  }
-  // Batched decode: up to 64 sequences a step, their logits in one block.
-  m.max_batch = std::min<int64_t>({64, m.logits_rows, T});
-  W(&m.d_step, static_cast<size_t>(m.max_batch) * sizeof(kc::StepDev));
-  m.ws_bytes = wsz + (size_t{32} << 20);  // + cuBLAS workspace
+  const Impl::WorkspacePlan wplan = m.plan_workspaces(T);
+  m.ws_bytes = wplan.bytes + (size_t{32} << 20);  // + cuBLAS workspace
 
   const uint64_t need = m.weight_bytes + m.ws_bytes;
   TIDAL_CHECK(
@@ -1918,39 +2203,12 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
   }
   for (auto& [dst, ui] : vecs) *dst = reinterpret_cast<const float*>(m.wbase + ups[ui].off);
 
-  cuda_check(cudaMalloc(reinterpret_cast<void**>(&m.ws), wsz), "workspace allocation");
-  size_t off = 0;
-  for (auto& [p, bytes] : wl) {
-    *p = m.ws + off;
-    off += align_up(bytes);
-  }
+  m.allocate_workspaces(wplan, T);
   cublas_check(cublasCreate(&m.blas), "cublasCreate");
   cublas_check(cublasSetStream(m.blas, m.stream), "cublasSetStream");
   cuda_check(cudaMalloc(&m.blas_ws, size_t{32} << 20), "cuBLAS workspace");
   cublas_check(cublasSetWorkspace(m.blas, m.blas_ws, size_t{32} << 20), "cublasSetWorkspace");
 
-  // Pinned staging.
-  const size_t pin = align_up(static_cast<size_t>(m.max_batch) * sizeof(kc::StepDev)) +
-                     align_up(T * 4) + 2 * align_up(T * H * f) + 2 * align_up(T * k * 4) +
-                     align_up(T * E * f) +
-                     align_up(static_cast<size_t>(m.logits_rows * c.vocab_size) * f);
-  cuda_check(cudaMallocHost(&m.pinned, pin), "pinned host allocation");
-  char* hp = static_cast<char*>(m.pinned);
-  auto take = [&](size_t bytes) {
-    char* r = hp;
-    hp += align_up(bytes);
-    return r;
-  };
-  m.h_step =
-      reinterpret_cast<kc::StepDev*>(take(static_cast<size_t>(m.max_batch) * sizeof(kc::StepDev)));
-  m.h_ids = reinterpret_cast<int32_t*>(take(T * 4));
-  m.h_xn = reinterpret_cast<float*>(take(T * H * f));
-  m.h_out = reinterpret_cast<float*>(take(T * H * f));
-  m.h_rids = reinterpret_cast<int32_t*>(take(T * k * 4));
-  m.h_w = reinterpret_cast<float*>(take(T * k * 4));
-  m.h_rlogits = reinterpret_cast<float*>(take(T * E * f));
-  m.h_logits =
-      reinterpret_cast<float*>(take(static_cast<size_t>(m.logits_rows * c.vocab_size) * f));
   cuda_check(cudaEventCreateWithFlags(&m.ev_d2h, cudaEventDisableTiming), "event creation");
   cuda_check(cudaStreamCreateWithFlags(&m.side, cudaStreamNonBlocking), "stream creation");
   cuda_check(cudaEventCreateWithFlags(&m.ev_fork, cudaEventDisableTiming), "event creation");
@@ -1989,6 +2247,10 @@ CudaModel::Impl::~Impl() {
 }
 
 std::string CudaModel::device_name() const { return impl_->name; }
+
+std::string CudaModel::prefill_stream_plan() const {
+  return impl_->px_plan;  // written at load (init_expert_cache), before any forward
+}
 
 std::string CudaModel::decode_kernels() const {
   const Impl& m = *impl_;
@@ -2078,7 +2340,7 @@ void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, Logi
   if (!m.vx_tried) m.vx_init(ex);
   // Note [Prefill expert streaming]: a prompt long enough streams every chunk, in equal chunks
   // (no short last one).
-  const bool stream = m.px_on && total >= std::max<int64_t>(2, m.opts.stream_min_tokens);
+  const bool stream = m.px_on && total >= std::max<int64_t>(2, m.px_min_tokens);
   const int64_t nchunks = (total + m.Tmax - 1) / m.Tmax;
   const int64_t chunk = stream ? (total + nchunks - 1) / nchunks : m.Tmax;
   for (int64_t c0 = 0; c0 < total; c0 += chunk) {

@@ -92,14 +92,16 @@ struct CudaOptions {
   static bool env_flag(const char* name, bool fallback);
   int64_t max_chunk = 512;  ///< tokens per GPU pass; longer inputs run in chunks
   /// Prefill expert streaming (Note [Prefill expert streaming] in cuda_model.cpp): a prompt of at
-  /// least stream_min_tokens computes its routed experts on the GPU, each MoE layer's packed
-  /// experts copied to VRAM whole (the next layer's while this one computes), in equal chunks of
-  /// at most stream_chunk tokens (it replaces max_chunk), so each layer's experts cross PCIe once
-  /// per chunk. Off by default until measured on a GPU; TIDAL_CUDA_PREFILL_STREAM=1,
-  /// TIDAL_CUDA_STREAM_MIN_TOKENS (<= the chunk), TIDAL_CUDA_STREAM_CHUNK.
-  bool prefill_stream = env_flag("TIDAL_CUDA_PREFILL_STREAM", false);
-  int64_t stream_min_tokens = env_int("TIDAL_CUDA_STREAM_MIN_TOKENS", 1024);
-  int64_t stream_chunk = env_int("TIDAL_CUDA_STREAM_CHUNK", 4096);
+  /// least the threshold computes its routed experts on the GPU, each MoE layer's packed experts
+  /// copied to VRAM whole (the next layer's while this one computes), in equal chunks of at most
+  /// the stream chunk (it replaces max_chunk when longer), so each layer's experts cross PCIe once
+  /// per chunk. -1 (the default): on where it fits the budget and the cost model says it pays,
+  /// chunk and threshold chosen at load (Note [Measuring the stream threshold]); 0: off; 1: on.
+  /// TIDAL_CUDA_PREFILL_STREAM; TIDAL_CUDA_STREAM_CHUNK and TIDAL_CUDA_STREAM_MIN_TOKENS override
+  /// the chunk length and the threshold (-1: chosen).
+  int64_t prefill_stream = env_int("TIDAL_CUDA_PREFILL_STREAM", -1);
+  int64_t stream_min_tokens = env_int("TIDAL_CUDA_STREAM_MIN_TOKENS", -1);
+  int64_t stream_chunk = env_int("TIDAL_CUDA_STREAM_CHUNK", -1);
   /// Experts decoded to BF16 at once (their VRAM workspace) while streaming.
   int64_t stream_group = env_int("TIDAL_CUDA_STREAM_GROUP", 16);
   int64_t initial_context = 1024;  ///< first KV capacity of a sequence (grows by doubling)
@@ -187,6 +189,10 @@ class CudaModel {
   std::string device_name() const;
   /// The one-token decode path in use: attention kernel, programmatic dependent launch, fusion.
   std::string decode_kernels() const;
+  /// Prefill expert streaming as set up at load: off (and why), or the chunk length, the shortest
+  /// prompt that streams and the rates measured for the choice (Note [Measuring the stream
+  /// threshold]).
+  std::string prefill_stream_plan() const;
   /// With TIDAL_CUDA_PROFILE=1: GPU seconds per op label over the uncaptured forwards so far.
   std::map<std::string, double> profile_seconds() const;
   /// Device bytes of one sequence's state (KV capacity + DeltaNet states).

@@ -456,6 +456,7 @@ std::map<std::string, std::string> Runtime::describe() const {
     d["kv_cache_dtype"] = opts_.gpu_precision == "fp32" ? "fp32" : opts_.kv_cache_dtype;
     d["cuda_graphs"] = opts_.cuda_graphs ? "on" : "off";
     d["cuda_decode"] = g->decode_kernels();
+    d["prefill_stream"] = g->prefill_stream_plan();
   }
   return d;
 }

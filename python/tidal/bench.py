@@ -12,8 +12,8 @@ Every run also measures the host read bandwidth (all threads). It prints the phy
 the bytes that must be read from RAM per generated token on this placement, and the tok/s that the
 bandwidth allows. So a result reads as a fraction of its limit. On device="cpu", every byte of active
 weights comes from RAM (there is no PCIe traffic). A prompt whose routed experts were streamed to the
-GPU (TIDAL_CUDA_PREFILL_STREAM=1) is bounded by the streamed bytes at the pinned host-to-device
-bandwidth.
+GPU (by default from a prompt length measured at load; TIDAL_CUDA_PREFILL_STREAM) is bounded by the
+streamed bytes at the pinned host-to-device bandwidth.
 """
 
 from __future__ import annotations
@@ -401,7 +401,8 @@ def run_bench(model: str | os.PathLike, *, pp: list[int], tg: list[int], depths:
                  "gpu_weights": gpu_weights if on_gpu else None,
                  "gpu_precision": (gpu_precision or d.get("gpu_precision")) if on_gpu else None,
                  "expert_dtype": d["expert_dtype"], "expert_group_size": int(d["expert_group_size"]),
-                 "cpu_isa": d["cpu_isa"], "expert_kernels": d["expert_kernels"]},
+                 "cpu_isa": d["cpu_isa"], "expert_kernels": d["expert_kernels"],
+                 "prefill_stream": d.get("prefill_stream") if on_gpu else None},
         "bounds": {"host_read_bytes_per_s": bw, "host_read_before_after": [bw_before, bw_after],
                    "pinned_h2d_bytes_per_s": gpu_bw.get("pinned_h2d_bytes_per_s"),
                    "gpu_read_bytes_per_s": gpu_bw.get("hbm_read_bytes_per_s")},
@@ -436,6 +437,8 @@ def format_table(report: dict[str, Any]) -> str:
              + (f" | GPU read {report['bounds']['gpu_read_bytes_per_s'] / 1e9:.0f} GB/s | pinned H2D "
                 f"{report['bounds']['pinned_h2d_bytes_per_s'] / 1e9:.1f} GB/s"
                 if report["bounds"].get("gpu_read_bytes_per_s") else ""),
+             *([f"prefill expert streaming: {report['caps']['prefill_stream']}"]
+               if report["caps"].get("prefill_stream") else []),
              "",
              f"| {'test':<14} | {'tok/s (median)':>14} | {'min':>9} | {'max':>9} | {'bound tok/s':>11} | {'of bound':>8} |",
              f"|{'-' * 16}|{'-' * 16}:|{'-' * 10}:|{'-' * 10}:|{'-' * 12}:|{'-' * 9}:|"]

@@ -130,7 +130,12 @@ if [[ $steps == *pp* ]]; then
         TIDAL_CUDA_STREAM_MIN_TOKENS=${STREAM_MIN:-512} bench pp_stream${c}_dc$dc -p 512,8192 -n 16
     done
   done
-  [ "${PP_HOST:-1}" = 0 ] || bench pp_host -p 512,8192 -n 16
+  [ "${PP_HOST:-1}" = 0 ] || TIDAL_CUDA_PREFILL_STREAM=0 bench pp_host -p 512,8192 -n 16
+fi
+if [[ $steps == *auto* ]]; then  # the defaults (streaming chosen at load) against streaming off
+  bench auto -p 512,8192 -n 128
+  grep "prefill expert streaming" "$out/auto.txt" || true
+  TIDAL_CUDA_PREFILL_STREAM=0 bench stream_off -p 512,8192 -n 128
 fi
 if [[ $steps == *q80* ]]; then
   rm -rf /tmp/m40  # the disk holds one of the two

@@ -512,7 +512,7 @@ def test_prefill_expert_streaming_matches_host_experts(dtype, chunk, n_prompt, m
     """(1024-token chunks: longer than the 512 of the host path, so the attention and DeltaNet
     prefill kernels run at a chunk size only streaming uses.)"""
     ids = [int(i) for i in np.random.default_rng(5).integers(5, 8000, n_prompt + 24)]
-    monkeypatch.delenv("TIDAL_CUDA_PREFILL_STREAM", raising=False)
+    monkeypatch.setenv("TIDAL_CUDA_PREFILL_STREAM", "0")
     ref = {}
     for d in ("bf16", "int4"):
         host_rt = _load(MINI, expert_dtype=d, gpu_expert_slots=0)
@@ -555,6 +555,87 @@ def test_prefill_expert_streaming_threshold(monkeypatch):
     assert rt._engine.stats()["gpu_streamed_layers"] == 0
     seq.prefill(list(range(5, 105)))  # 100 tokens: one streamed chunk
     assert rt._engine.stats()["gpu_streamed_layers"] == sum(rt.config.layer_is_moe)
+
+
+def _auto_plan(rt):
+    """describe()["prefill_stream"] of a runtime with automatic streaming: (chunk, threshold), or None
+    where it stayed off (the reason is in the text)."""
+    import re
+    plan = rt.describe()["prefill_stream"]
+    m = re.match(r"auto: chunks of up to (\d+) tokens, prompts of (\d+) tokens or more; measured: PCIe "
+                 r"([\d.]+) GB/s, CPU experts ([\d.]+) GB/s and ([\d.]+) TFLOP/s, GPU experts ([\d.]+) "
+                 r"TFLOP/s; the cost model streams (from (\d+) tokens|no chunk)", plan)
+    if m is None:
+        assert plan.startswith("off: "), plan
+        return None, plan
+    for g in (3, 4, 5, 6):
+        assert float(m.group(g)) > 0, plan  # every rate measured
+    return (int(m.group(1)), int(m.group(2)), int(m.group(8)) if m.group(8) else -1), plan
+
+
+def test_prefill_stream_auto_is_measured_and_follows_its_threshold(monkeypatch):
+    """Note [Measuring the stream threshold]: by default (TIDAL_CUDA_PREFILL_STREAM unset) the load
+    measures PCIe, the host experts and the GPU's expert GEMMs, and the cost model picks the shortest
+    prompt that streams. A prompt one token shorter stays on the host, one that long streams every MoE
+    layer, with the logits of the host path within the streaming tolerance."""
+    monkeypatch.setenv("TIDAL_CUDA_PREFILL_STREAM", "auto")
+    rt = _load(MINI, expert_dtype="bf16", gpu_expert_slots=0)
+    got_plan, text = _auto_plan(rt)
+    _record("prefill stream auto (tidal-mini)", plan=text)
+    if got_plan is None:
+        # Off is a measured outcome too: then nothing streams and the workspaces are the host path's.
+        assert "measured" in text or "VRAM" in text, text
+        seq = rt.new_sequence()
+        seq.prefill(list(range(5, 600)))
+        assert rt._engine.stats()["gpu_streamed_layers"] == 0
+        return
+    chunk, threshold, model_says = got_plan
+    assert threshold == model_says and 1 <= threshold <= chunk
+    assert chunk in (1024, 2048, 4096, 8192)
+    moe = sum(rt.config.layer_is_moe)
+    n = max(threshold, 2)
+    if n > rt.config.max_position_embeddings:  # a slow link: nothing tidal-mini can hold streams
+        rt.new_sequence().prefill(list(range(5, 5 + rt.config.max_position_embeddings)))
+        assert rt._engine.stats()["gpu_streamed_layers"] == 0
+        return
+    ids = [int(i) for i in np.random.default_rng(9).integers(5, 8000, n)]
+    if n > 2:
+        rt.new_sequence().prefill(ids[:n - 1])
+        assert rt._engine.stats()["gpu_streamed_layers"] == 0
+    got = np.asarray(rt.new_sequence().forward(ids, all_logits=True)).reshape(n, -1)
+    assert rt._engine.stats()["gpu_streamed_layers"] == moe * -(-n // chunk)
+    monkeypatch.setenv("TIDAL_CUDA_PREFILL_STREAM", "0")
+    host_rt = _load(MINI, expert_dtype="bf16", gpu_expert_slots=0)
+    assert host_rt.describe()["prefill_stream"].startswith("off")
+    host = np.asarray(host_rt.new_sequence().forward(ids, all_logits=True)).reshape(n, -1)
+    assert float((got.argmax(-1) == host.argmax(-1)).mean()) >= VX_INT4_TOP1
+    # The host path's own INT4 error bounds the BF16 GEMMs' rounding, as in the forced test above.
+    i4 = _load(MINI, expert_dtype="int4", gpu_expert_slots=0)
+    int4 = np.asarray(i4.new_sequence().forward(ids, all_logits=True)).reshape(n, -1)
+    assert float(np.abs(got - host).mean()) <= float(np.abs(int4 - host).mean())
+
+
+def test_prefill_stream_auto_threshold_override_and_fp32(monkeypatch):
+    """TIDAL_CUDA_STREAM_MIN_TOKENS replaces the measured threshold (the chunk is still chosen by the
+    budget); gpu_precision="fp32" keeps automatic streaming off (it computes in BF16); =0 is off."""
+    monkeypatch.setenv("TIDAL_CUDA_PREFILL_STREAM", "auto")
+    monkeypatch.setenv("TIDAL_CUDA_STREAM_MIN_TOKENS", "40")
+    rt = _load(MINI, expert_dtype="int4", gpu_expert_slots=0)
+    plan = rt.describe()["prefill_stream"]
+    assert plan.startswith("auto: chunks of up to ") and "prompts of 40 tokens or more" in plan, plan
+    seq = rt.new_sequence()
+    seq.prefill(list(range(5, 44)))  # 39 tokens
+    assert rt._engine.stats()["gpu_streamed_layers"] == 0
+    seq.prefill(list(range(5, 45)))  # 40
+    assert rt._engine.stats()["gpu_streamed_layers"] == sum(rt.config.layer_is_moe)
+    assert rt.memory_report()["workspaces"] > 0
+    fp = _load(MINI, expert_dtype="int4", gpu_expert_slots=0, gpu_precision="fp32")
+    assert fp.describe()["prefill_stream"].startswith("off: gpu_precision"), fp.describe()["prefill_stream"]
+    monkeypatch.setenv("TIDAL_CUDA_PREFILL_STREAM", "0")
+    off = _load(MINI, expert_dtype="int4", gpu_expert_slots=0)
+    assert off.describe()["prefill_stream"] == "off (TIDAL_CUDA_PREFILL_STREAM=0)"
+    # Streaming's buffers and longer chunks' workspaces are VRAM the host path does not take.
+    assert off.memory_report()["workspaces"] < rt.memory_report()["workspaces"]
 
 
 def test_router_lookahead_on_gpu():

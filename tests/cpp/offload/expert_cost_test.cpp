@@ -95,5 +95,44 @@ TEST(ExpertCost, BadInputsAreClearErrors) {
   EXPECT_EQ(gpu_expert_seconds(in, 0, false), 0.0);
 }
 
+TEST(ExpertCost, PrefillStreamsFromTheChunkWhereTheCopyIsCheaperThanTheCpu) {
+  const auto in = desktop();
+  const double f = in.flops_per_token;
+  // 512 tokens, top-8 of 256: 16 tokens per expert. Host: 256 · max(11.3 µs, 16 · 6.29 MFLOP /
+  // 2 TFLOP/s = 50.3 µs) = 12.9 ms. Stream: 256 · 1.7 MB / 55 GB/s = 7.9 ms + 4096 pairs on the
+  // GPU (51.5 µs).
+  const auto c = prefill_layer_cost(in, 512, 256, 8);
+  EXPECT_NEAR(c.host_seconds, 256 * (16 * f / in.cpu_flops_per_s), 1e-12);
+  EXPECT_NEAR(c.stream_seconds,
+              256 * in.expert_bytes / in.pcie_bytes_per_s + 4096 * f / in.gpu_flops_per_s, 1e-12);
+  EXPECT_TRUE(c.stream());
+  // 4 tokens: 32 pairs, 32 experts of one token each, bound by the CPU's products (3.1 µs each
+  // is below the 11.3 µs pass over the weights): 0.36 ms on the host against the 7.9 ms copy.
+  const auto d = prefill_layer_cost(in, 4, 256, 8);
+  EXPECT_NEAR(d.host_seconds, 32 * in.expert_bytes / in.cpu_bytes_per_s, 1e-12);
+  EXPECT_FALSE(d.stream());
+  EXPECT_EQ(prefill_layer_cost(in, 0, 256, 8).host_seconds, 0.0);
+  // The threshold: host = 256 · (8T/256) · f / cpu_flops = 8T · f / cpu against the copy.
+  const int64_t t = min_stream_tokens(in, 256, 8, 8192);
+  ASSERT_GT(t, 1);
+  EXPECT_TRUE(prefill_layer_cost(in, t, 256, 8).stream());
+  EXPECT_FALSE(prefill_layer_cost(in, t - 1, 256, 8).stream());
+  const double copy = 256 * in.expert_bytes / in.pcie_bytes_per_s;
+  const double expect = copy / (8 * f / in.cpu_flops_per_s - 8 * f / in.gpu_flops_per_s);
+  EXPECT_NEAR(static_cast<double>(t), expect, 1.0);
+  for (int64_t u = t; u <= 8192; u += 97) EXPECT_TRUE(prefill_layer_cost(in, u, 256, 8).stream());
+  // A slow link (a desktop's PCIe 3.0 x8, 6 GB/s) moves the threshold up; one slower than the
+  // CPU at every length never streams.
+  auto slow = in;
+  slow.pcie_bytes_per_s = 6e9;
+  EXPECT_GT(min_stream_tokens(slow, 256, 8, 8192), t * 8);
+  slow.pcie_bytes_per_s = 1e8;
+  EXPECT_EQ(min_stream_tokens(slow, 256, 8, 8192), -1);
+  EXPECT_THROW(prefill_layer_cost(in, 8, 256, 0), InvalidArgument);
+  EXPECT_THROW(prefill_layer_cost(in, 8, 4, 8), InvalidArgument);
+  EXPECT_THROW(prefill_layer_cost(in, -1, 256, 8), InvalidArgument);
+  EXPECT_THROW(min_stream_tokens(in, 256, 8, 0), InvalidArgument);
+}
+
 }  // namespace
 }  // namespace tidal::offload
