@@ -5,6 +5,8 @@
 #   cpp    the CUDA C++ tests (*Cuda*, *ExpertStore*, ExpertCacheSchedule*)
 #   py     tests/python/test_cuda.py
 #   cache  test_cuda.py with the VRAM expert cache on by default (TIDAL_GPU_EXPERT_SLOTS=auto)
+#   auto   test_cuda.py with prefill expert streaming as a user gets it (TIDAL_CUDA_PREFILL_STREAM=auto;
+#          tests/python/conftest.py turns it off unless asked)
 # (default PARTS="cpp py cache"). Logs in $OUT; the summary on stdout; exit status 1 when a part
 # failed, timed out or had no time left.
 set -uo pipefail
@@ -31,13 +33,14 @@ run_py() {  # log name, then pytest arguments
   (cd tests/python && timeout "$left" python3 -m pytest -q -s -p no:cacheprovider "$@" > "$out/$name.log" 2>&1) \
     || failed=1
   echo "$name: $(tail -1 "$out/$name.log") ($SECONDS s)"
-  grep -E "^FAILED|^E  |lookahead prefetch|cuda-measure\] vram" "$out/$name.log" | cut -c1-300 | head -30 || true
+  grep -E "^FAILED|^E  |lookahead prefetch|cuda-measure\] (vram|prefill)" "$out/$name.log" | cut -c1-300 | head -30 || true
 }
 for part in ${PARTS:-cpp py cache}; do
   case $part in
     cpp) run_cpp ;;
     py) run_py pyc test_cuda.py ;;
     cache) TIDAL_GPU_EXPERT_SLOTS=auto run_py pyc_cache_default test_cuda.py ;;
+    auto) TIDAL_CUDA_PREFILL_STREAM=auto run_py pyc_stream_auto test_cuda.py ;;
     *) echo "unknown part $part"; failed=1 ;;
   esac
 done
