@@ -1103,7 +1103,6 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
   px_gu = ggu;
   px_dn = gdn;
   px_group = std::clamp<int64_t>(opts.stream_group, 1, E);
-  px_group = std::clamp<int64_t>(opts.stream_group, 1, E);
   // VRAM for streaming chunks of T tokens: two layers of experts, a group's BF16 weights, and
   // the routed rows' activations.
   auto px_sizes = [&](int64_t T) {
