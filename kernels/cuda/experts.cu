@@ -262,19 +262,28 @@ __global__ void dequant_kernel(const ExpertMatrixLayout L, const DequantBatch d_
   }
 }
 
+// v as BF16 into hi[o], and where lo is given, the rest (v - hi, rounded) into lo[o].
+__device__ __forceinline__ void store_bf16_split(float v, __nv_bfloat16* hi, __nv_bfloat16* lo,
+                                                 int64_t o) {
+  const __nv_bfloat16 h = __float2bfloat16_rn(v);
+  hi[o] = h;
+  if (lo != nullptr) lo[o] = __float2bfloat16_rn(v - __bfloat162float(h));
+}
+
 __global__ void gather_rows_kernel(const float* x, int64_t ldx, const int32_t* rows, int64_t h,
-                                   __nv_bfloat16* dst) {
+                                   __nv_bfloat16* dst, __nv_bfloat16* lo) {
   const int64_t r = blockIdx.x;
   const float* src = x + static_cast<int64_t>(rows[r]) * ldx;
   for (int64_t j = threadIdx.x; j < h; j += blockDim.x)
-    dst[r * h + j] = __float2bfloat16_rn(src[j]);
+    store_bf16_split(src[j], dst, lo, r * h + j);
 }
 
-__global__ void silu_mul_bf16_kernel(const float* gu, int64_t i, __nv_bfloat16* dst) {
+__global__ void silu_mul_bf16_kernel(const float* gu, int64_t i, __nv_bfloat16* dst,
+                                     __nv_bfloat16* lo) {
   const int64_t r = blockIdx.x;
   const float* g = gu + r * 2 * i;
   for (int64_t j = threadIdx.x; j < i; j += blockDim.x)
-    dst[r * i + j] = __float2bfloat16_rn(siluf(g[j]) * g[i + j]);
+    store_bf16_split(siluf(g[j]) * g[i + j], dst, lo, r * i + j);
 }
 
 __global__ void combine_routed_kernel(const float* out, const int32_t* pos, const float* w, int k,
@@ -318,16 +327,17 @@ void dequant_expert_matrix(const ExpertMatrixLayout& L, const uint8_t* packed, u
 }
 
 void gather_rows_bf16(const float* x, int64_t ldx, const int32_t* rows, int64_t nrows, int64_t h,
-                      uint16_t* dst, cudaStream_t s) {
+                      uint16_t* dst, cudaStream_t s, uint16_t* lo) {
   if (nrows <= 0) return;
   gather_rows_kernel<<<static_cast<unsigned>(nrows), 256, 0, s>>>(
-      x, ldx, rows, h, reinterpret_cast<__nv_bfloat16*>(dst));
+      x, ldx, rows, h, reinterpret_cast<__nv_bfloat16*>(dst), reinterpret_cast<__nv_bfloat16*>(lo));
 }
 
-void silu_mul_bf16(const float* gu, int64_t rows, int64_t i, uint16_t* dst, cudaStream_t s) {
+void silu_mul_bf16(const float* gu, int64_t rows, int64_t i, uint16_t* dst, cudaStream_t s,
+                   uint16_t* lo) {
   if (rows <= 0) return;
   silu_mul_bf16_kernel<<<static_cast<unsigned>(rows), 256, 0, s>>>(
-      gu, i, reinterpret_cast<__nv_bfloat16*>(dst));
+      gu, i, reinterpret_cast<__nv_bfloat16*>(dst), reinterpret_cast<__nv_bfloat16*>(lo));
 }
 
 void combine_routed(const float* out, const int32_t* pos, const float* w, int64_t T, int k,

@@ -76,11 +76,14 @@ struct DequantBatch {
 void dequant_expert_matrices(const ExpertMatrixLayout& L, const DequantBatch& b, cudaStream_t s);
 /// Whether dequant_expert_matrix takes this layout (dtype 0-2, 64-byte blocks).
 bool dequant_supported(const ExpertMatrixLayout& L);
-/// dst[r] (BF16, h values) = x[rows[r]] (fp32 rows of stride ldx), r < nrows.
+/// dst[r] (BF16, h values) = x[rows[r]] (fp32 rows of stride ldx), r < nrows. With `lo`, also
+/// lo[r] = BF16(x[rows[r]] - dst[r]): hi + lo carry ~16 mantissa bits (gpu_precision="bf16x2").
 void gather_rows_bf16(const float* x, int64_t ldx, const int32_t* rows, int64_t nrows, int64_t h,
-                      uint16_t* dst, cudaStream_t s);
-/// dst[r][j] (BF16, rows x i) = silu(gu[r][j]) * gu[r][i + j] for fp32 rows gu of 2i values.
-void silu_mul_bf16(const float* gu, int64_t rows, int64_t i, uint16_t* dst, cudaStream_t s);
+                      uint16_t* dst, cudaStream_t s, uint16_t* lo = nullptr);
+/// dst[r][j] (BF16, rows x i) = silu(gu[r][j]) * gu[r][i + j] for fp32 rows gu of 2i values;
+/// with `lo`, the remainder as above.
+void silu_mul_bf16(const float* gu, int64_t rows, int64_t i, uint16_t* dst, cudaStream_t s,
+                   uint16_t* lo = nullptr);
 /// y[t] = Σ_j w[t·k + j] · out[pos[t·k + j]] (rows of h floats), t < T: each token's routed
 /// experts' rows, summed in routing order (deterministic).
 void combine_routed(const float* out, const int32_t* pos, const float* w, int64_t T, int k,

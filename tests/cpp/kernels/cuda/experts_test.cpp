@@ -325,9 +325,41 @@ TEST(CudaExperts, GatherActivateCombine) {
       for (int64_t j = 0; j < k; ++j) want += double(w[t * k + j]) * out[pos[t * k + j] * h + c];
       ASSERT_NEAR(y[t * h + c], want, 1e-5) << t << "," << c;
     }
+  // Two-term BF16 (gpu_precision="bf16x2"): the same hi, and a lo that is the rounded remainder,
+  // so hi + lo is within 2^-16 relative of the fp32 value (the one-term error is 2^-9).
+  uint16_t *d_xs_lo, *d_act_lo;
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_xs_lo), static_cast<size_t>(R * h) * 2),
+            cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_act_lo), static_cast<size_t>(R * I) * 2),
+            cudaSuccess);
+  gather_rows_bf16(d_x, h, d_rows, R, h, d_xs, nullptr, d_xs_lo);
+  silu_mul_bf16(d_gu, R, I, d_act, nullptr, d_act_lo);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<uint16_t> xs2(xs.size()), xs_lo(xs.size()), act2(act.size()), act_lo(act.size());
+  cudaMemcpy(xs2.data(), d_xs, xs2.size() * 2, cudaMemcpyDeviceToHost);
+  cudaMemcpy(xs_lo.data(), d_xs_lo, xs_lo.size() * 2, cudaMemcpyDeviceToHost);
+  cudaMemcpy(act2.data(), d_act, act2.size() * 2, cudaMemcpyDeviceToHost);
+  cudaMemcpy(act_lo.data(), d_act_lo, act_lo.size() * 2, cudaMemcpyDeviceToHost);
+  EXPECT_EQ(xs2, xs);
+  EXPECT_EQ(act2, act);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < h; ++j) {
+      const float v = x[rows[r] * h + j], hi = bf16_to_f32(xs[r * h + j]);
+      ASSERT_EQ(xs_lo[r * h + j], f32_to_bf16(v - hi)) << r << "," << j;
+      ASSERT_LE(std::fabs(hi + bf16_to_f32(xs_lo[r * h + j]) - v), std::ldexp(std::fabs(v), -16))
+          << r << "," << j;
+    }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < I; ++j) {
+      const double g = gu[r * 2 * I + j], u = gu[r * 2 * I + I + j];
+      const double want = g / (1.0 + std::exp(-g)) * u;
+      const double got = double(bf16_to_f32(act[r * I + j])) + bf16_to_f32(act_lo[r * I + j]);
+      ASSERT_NEAR(got, want, 3e-5 * std::fabs(want) + 1e-6) << r << "," << j;
+    }
   for (void* p : {static_cast<void*>(d_x), static_cast<void*>(d_gu), static_cast<void*>(d_out),
                   static_cast<void*>(d_w), static_cast<void*>(d_y), static_cast<void*>(d_rows),
-                  static_cast<void*>(d_pos), static_cast<void*>(d_xs), static_cast<void*>(d_act)})
+                  static_cast<void*>(d_pos), static_cast<void*>(d_xs), static_cast<void*>(d_act),
+                  static_cast<void*>(d_xs_lo), static_cast<void*>(d_act_lo)})
     cudaFree(p);
 }
 
