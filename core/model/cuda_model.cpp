@@ -1431,6 +1431,7 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
   px_issue(px_next_moe[static_cast<size_t>(layer)]);
   kc::gather_rows_bf16(xn, H, px_rows, R, H, px_xs, stream, px_xs_lo);
   cuda_check(cudaStreamWaitEvent(stream, px_ev_filled[buf]), "stream wait");
+  mark("mlp: streamed experts' copy wait (row gather included)");
   const kc::ExpertMatrixLayout &gu = px_gu, &dn = px_dn;
   const uint8_t* stage = px_stage[buf];
   const float one = 1.f, zero = 0.f;
