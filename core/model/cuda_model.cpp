@@ -322,6 +322,8 @@ struct CudaModel::Impl {
     // Prefetch copies and table rows queued for a layer the failed step never reached must land
     // before the next step's table upload (and before their staging rows are rewritten).
     if (vx_pf_copy) cudaStreamSynchronize(vx_pf_copy);
+    for (cudaStream_t l : px_lane)  // streamed experts' GEMMs forked before the failure
+      if (l) cudaStreamSynchronize(l);
     cudaGetLastError();
     vx_end_step();
   }
@@ -357,6 +359,17 @@ struct CudaModel::Impl {
   // (Note [Two-term activations in streamed experts]); null otherwise.
   uint16_t *px_xs_lo = nullptr, *px_act_lo = nullptr;
   bool px_split = false;
+  // Note [Expert GEMMs on lanes]: streams, cuBLAS handles (each its own workspace) and events
+  // that run the experts of a group side by side.
+  static constexpr int kPxLanes = 8;  // at most; px_lanes in use (TIDAL_CUDA_STREAM_LANES, 4)
+  static constexpr size_t kPxLaneWorkspace = size_t{8} << 20;
+  int px_lanes = 4;
+  cudaStream_t px_lane[kPxLanes] = {};
+  cublasHandle_t px_lane_blas[kPxLanes] = {};
+  void* px_lane_ws[kPxLanes] = {};
+  cudaEvent_t px_ev_fork = nullptr, px_ev_lane[kPxLanes] = {};
+  void px_fork();  // the lanes wait for what the stream has queued
+  void px_join();  // the stream waits for what the lanes have queued
   float *px_hb = nullptr, *px_out = nullptr;
   int32_t *px_rows = nullptr, *px_pos = nullptr;      // device
   int32_t *h_px_rows = nullptr, *h_px_pos = nullptr;  // pinned
@@ -1118,6 +1131,8 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
   // are ~10% of a streamed layer beside its copy. INT4/INT8 experts keep one term: their weights
   // are rounded to BF16 here, and the host quantises activations to int8 per group.
   px_split = opts.precision != "bf16" && ggu.dtype == 0 && gdn.dtype == 0;
+  px_lanes = static_cast<int>(
+      std::clamp<int64_t>(CudaOptions::env_int("TIDAL_CUDA_STREAM_LANES", 4), 1, kPxLanes));
   auto px_sizes = [&](int64_t T) {
     const size_t R = static_cast<size_t>(T * k);
     return std::array<size_t, 12>{static_cast<size_t>(px_layer_bytes),
@@ -1134,7 +1149,7 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
                                   px_split ? R * static_cast<size_t>(I) * 2 : 0};
   };
   auto px_total = [&](int64_t T) {
-    uint64_t t = 0;
+    uint64_t t = static_cast<uint64_t>(px_lanes) * kPxLaneWorkspace;
     for (const size_t b : px_sizes(T)) t += align_up(b);
     return t;
   };
@@ -1222,6 +1237,16 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
                "event creation");
     cuda_check(cudaEventCreateWithFlags(&px_ev_free[b], cudaEventDisableTiming), "event creation");
   }
+  cuda_check(cudaEventCreateWithFlags(&px_ev_fork, cudaEventDisableTiming), "event creation");
+  for (int j = 0; j < px_lanes; ++j) {
+    cuda_check(cudaStreamCreateWithFlags(&px_lane[j], cudaStreamNonBlocking), "stream creation");
+    cuda_check(cudaEventCreateWithFlags(&px_ev_lane[j], cudaEventDisableTiming), "event creation");
+    cublas_check(cublasCreate(&px_lane_blas[j]), "cublasCreate");
+    cublas_check(cublasSetStream(px_lane_blas[j], px_lane[j]), "cublasSetStream");
+    cuda_check(cudaMalloc(&px_lane_ws[j], kPxLaneWorkspace), "cuBLAS workspace");
+    cublas_check(cublasSetWorkspace(px_lane_blas[j], px_lane_ws[j], kPxLaneWorkspace),
+                 "cublasSetWorkspace");
+  }
   px_count.assign(static_cast<size_t>(E), 0);
   px_off.assign(static_cast<size_t>(E) + 1, 0);
   px_bytes = total;
@@ -1307,23 +1332,25 @@ int64_t CudaModel::Impl::px_measure(kernels::Executor& ex) {
     dq.dst_stride = H * I;
     dq.mat_dst_stride = 0;
     kc::dequant_expert_matrices(px_dn, dq, stream);
+    px_fork();  // as px_layer runs them (Note [Expert GEMMs on lanes])
     for (int64_t term = 0; term < (px_split ? 2 : 1); ++term)  // both terms where split
       for (int64_t e = 0; e < g; ++e) {
+        cublas_check(cublasGemmEx(px_lane_blas[e % px_lanes], CUBLAS_OP_T, CUBLAS_OP_N,
+                                  static_cast<int>(2 * I), static_cast<int>(n), static_cast<int>(H),
+                                  &one, px_wgu + e * 2 * I * H, CUDA_R_16BF, static_cast<int>(H),
+                                  px_xs + e * n * H, CUDA_R_16BF, static_cast<int>(H), &zero,
+                                  px_hb + e * n * 2 * I, CUDA_R_32F, static_cast<int>(2 * I),
+                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                     "cublasGemmEx");
         cublas_check(
-            cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(2 * I),
-                         static_cast<int>(n), static_cast<int>(H), &one, px_wgu + e * 2 * I * H,
-                         CUDA_R_16BF, static_cast<int>(H), px_xs + e * n * H, CUDA_R_16BF,
-                         static_cast<int>(H), &zero, px_hb + e * n * 2 * I, CUDA_R_32F,
-                         static_cast<int>(2 * I), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-            "cublasGemmEx");
-        cublas_check(
-            cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(H), static_cast<int>(n),
-                         static_cast<int>(I), &one, px_wdn + e * H * I, CUDA_R_16BF,
-                         static_cast<int>(I), px_act + e * n * I, CUDA_R_16BF, static_cast<int>(I),
-                         &zero, px_out + e * n * H, CUDA_R_32F, static_cast<int>(H),
-                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+            cublasGemmEx(px_lane_blas[e % px_lanes], CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(H),
+                         static_cast<int>(n), static_cast<int>(I), &one, px_wdn + e * H * I,
+                         CUDA_R_16BF, static_cast<int>(I), px_act + e * n * I, CUDA_R_16BF,
+                         static_cast<int>(I), &zero, px_out + e * n * H, CUDA_R_32F,
+                         static_cast<int>(H), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
             "cublasGemmEx");
       }
+    px_join();
     cuda_check(cudaEventRecord(t1, stream), "event record");
     cuda_check(cudaEventSynchronize(t1), "event wait");
     gemm_s = std::min(gemm_s, elapsed());
@@ -1457,36 +1484,43 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
     dq.dst_stride = H * I;
     dq.mat_dst_stride = 0;
     kc::dequant_expert_matrices(dn, dq, stream);
+    px_fork();
+    int lane = 0;
     for (int64_t e = e0; e < e1; ++e) {
       const int64_t n = px_count[static_cast<size_t>(e)], r0 = px_off[static_cast<size_t>(e)];
       if (n == 0) continue;
+      cublasHandle_t h = px_lane_blas[lane++ % px_lanes];
       // hb[r0 .. r0+n) (rows of 2I) = xs rows · [gate; up]^T (+ the lo rows', accumulated)
       for (int term = 0; term < (px_split ? 2 : 1); ++term)
         cublas_check(
-            cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(2 * I),
-                         static_cast<int>(n), static_cast<int>(H), &one,
-                         px_wgu + (e - e0) * 2 * I * H, CUDA_R_16BF, static_cast<int>(H),
-                         (term ? px_xs_lo : px_xs) + r0 * H, CUDA_R_16BF, static_cast<int>(H),
-                         term ? &one : &zero, px_hb + r0 * 2 * I, CUDA_R_32F,
+            cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(2 * I), static_cast<int>(n),
+                         static_cast<int>(H), &one, px_wgu + (e - e0) * 2 * I * H, CUDA_R_16BF,
+                         static_cast<int>(H), (term ? px_xs_lo : px_xs) + r0 * H, CUDA_R_16BF,
+                         static_cast<int>(H), term ? &one : &zero, px_hb + r0 * 2 * I, CUDA_R_32F,
                          static_cast<int>(2 * I), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
             "cublasGemmEx");
     }
+    px_join();
     const int64_t ra = px_off[static_cast<size_t>(e0)], rb = px_off[static_cast<size_t>(e1)];
     kc::silu_mul_bf16(px_hb + ra * 2 * I, rb - ra, I, px_act + ra * I, stream,
                       px_split ? px_act_lo + ra * I : nullptr);
+    px_fork();
+    lane = 0;
     for (int64_t e = e0; e < e1; ++e) {
       const int64_t n = px_count[static_cast<size_t>(e)], r0 = px_off[static_cast<size_t>(e)];
       if (n == 0) continue;
+      cublasHandle_t h = px_lane_blas[lane++ % px_lanes];
       // out[r0 .. r0+n) (rows of H) = act rows · down^T (+ the lo rows', accumulated)
       for (int term = 0; term < (px_split ? 2 : 1); ++term)
         cublas_check(
-            cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(H), static_cast<int>(n),
+            cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(H), static_cast<int>(n),
                          static_cast<int>(I), &one, px_wdn + (e - e0) * H * I, CUDA_R_16BF,
                          static_cast<int>(I), (term ? px_act_lo : px_act) + r0 * I, CUDA_R_16BF,
                          static_cast<int>(I), term ? &one : &zero, px_out + r0 * H, CUDA_R_32F,
                          static_cast<int>(H), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
             "cublasGemmEx");
     }
+    px_join();  // the next group's dequant overwrites these weights
   }
   cuda_check(cudaEventRecord(px_ev_free[buf], stream), "event record");
   kc::combine_routed(px_out, px_pos, rw, T, static_cast<int>(k), H, y, stream);
@@ -1494,6 +1528,29 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
   std::lock_guard lock(vx_mu);
   ++vx_stats.stream_layers;
   vx_stats.stream_pairs += R;
+}
+
+// Note [Expert GEMMs on lanes]
+// One expert's GEMMs at prefill chunk sizes are small: 2I x n x H with n ~ T·k/E (256 rows at
+// 8192 tokens of the 35B-A3B) gives cuBLAS 16-32 tiles for the GPU's 132 SMs, and one after
+// another on the stream they ran at 57 TFLOP/s (the load's measurement, H100). So a group's experts
+// go round-robin on px_lanes streams (TIDAL_CUDA_STREAM_LANES, default 4; 1 runs them one after
+// another on one lane), each with its own cuBLAS handle and workspace (a handle's
+// workspace must not be shared by kernels in flight on two streams); the main stream forks to the
+// lanes after the group's dequant and joins them before the SwiGLU, and again around the down
+// GEMMs (the next group's dequant overwrites the BF16 weights they read). Each expert's rows are
+// its own, so the lanes write disjoint rows and the result does not depend on the order.
+void CudaModel::Impl::px_fork() {
+  cuda_check(cudaEventRecord(px_ev_fork, stream), "event record");
+  for (int j = 0; j < px_lanes; ++j)
+    cuda_check(cudaStreamWaitEvent(px_lane[j], px_ev_fork), "stream wait");
+}
+
+void CudaModel::Impl::px_join() {
+  for (int j = 0; j < px_lanes; ++j) {
+    cuda_check(cudaEventRecord(px_ev_lane[j], px_lane[j]), "event record");
+    cuda_check(cudaStreamWaitEvent(stream, px_ev_lane[j]), "stream wait");
+  }
 }
 
 void CudaModel::Impl::px_free() {
@@ -1508,6 +1565,19 @@ void CudaModel::Impl::px_free() {
   }
   if (px_copy) cudaStreamDestroy(px_copy);
   px_copy = nullptr;
+  for (int j = 0; j < kPxLanes; ++j) {
+    if (px_lane[j]) cudaStreamSynchronize(px_lane[j]);
+    if (px_lane_blas[j]) cublasDestroy(px_lane_blas[j]);
+    if (px_lane[j]) cudaStreamDestroy(px_lane[j]);
+    if (px_ev_lane[j]) cudaEventDestroy(px_ev_lane[j]);
+    cudaFree(px_lane_ws[j]);
+    px_lane[j] = nullptr;
+    px_lane_blas[j] = nullptr;
+    px_ev_lane[j] = nullptr;
+    px_lane_ws[j] = nullptr;
+  }
+  if (px_ev_fork) cudaEventDestroy(px_ev_fork);
+  px_ev_fork = nullptr;
   for (void* p : {static_cast<void*>(px_wgu), static_cast<void*>(px_wdn), static_cast<void*>(px_xs),
                   static_cast<void*>(px_hb), static_cast<void*>(px_act), static_cast<void*>(px_out),
                   static_cast<void*>(px_rows), static_cast<void*>(px_pos),
