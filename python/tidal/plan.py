@@ -27,6 +27,13 @@ PARTS = ("embeddings", "attention", "deltanet", "router", "shared_experts", "den
 GPU_RESERVE_BYTES = 768 << 20
 # The KV cache on the GPU is BF16.
 KV_BYTES_PER_VALUE = 2
+# Prefill expert streaming (docs/architecture.md, "Prefill expert streaming"): the chunk lengths
+# the load tries, longest first, and the share of what the budget leaves for the expert cache it
+# may take (Note [Measuring the stream threshold] in core/model/cuda_model.cpp); the GPU pass
+# length without it (CudaOptions::max_chunk).
+STREAM_CHUNKS = (8192, 4096, 2048, 1024)
+STREAM_SHARE = 0.75
+HOST_CHUNK = 512
 
 
 def _part(name: str) -> str:
@@ -107,6 +114,43 @@ class CheckpointSummary:
         return n_lin * 4 * (rec + (c.linear_conv_kernel_dim - 1) * channels)
 
 
+def _activation_bytes_per_token(c: Any) -> int:
+    """The GPU workspaces per token of a prefill chunk (CudaModel::Impl::plan_workspaces, fp32
+    rows and a two-term BF16 copy of the widest GEMM input), approximately. For the 40-layer
+    35B-A3B shape with INT4 experts, stream_vram_bytes(8192) comes to 4.04 GB; the load allocated
+    4.03 GB (H100, docs/performance.md 2026-12-07, ninth session)."""
+    H, E, k = c.hidden_size, max(1, c.num_experts), max(1, c.num_experts_per_tok)
+    nh, nkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    attn_rows = 2 * nh * d + 2 * nkv * d  # gated q, k, v
+    b = 4 * H * 4 + 4 + 2 * k * 4
+    widest = max(attn_rows, E + 2 * (c.shared_expert_intermediate_size or 0) + 1,
+                 2 * (c.intermediate_size or 0))
+    kmax = max(H, nh * d, c.shared_expert_intermediate_size or 0, c.intermediate_size or 0)
+    if any(t == "full_attention" for t in c.layer_types):
+        b += 3 * nh * d * 4 + nh * (d + 2) * 4
+    if any(t == "linear_attention" for t in c.layer_types):
+        nk, nv, dk, dv = c.linear_num_key_heads, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim
+        conv = 2 * nk * dk + nv * dv
+        widest = max(widest, conv + nv * dv + 2 * nv)
+        b += (conv + 2 * nk * dk + 2 * nv * dv + 2 * nv) * 4  # u, q, k, v, beta, g, out
+        if "next" in str(c.family).lower():  # de-interleaved projections
+            b += (conv + nv * dv + 2 * nv) * 4
+        kmax = max(kmax, nv * dv)
+    b += widest * 4 + max(c.shared_expert_intermediate_size or 0, c.intermediate_size or 0) * 4 + 2 * kmax * 2
+    return b
+
+
+def stream_vram_bytes(summary: CheckpointSummary, tokens: int) -> int:
+    """Approximate VRAM that prefill expert streaming takes for chunks of `tokens`: two MoE layers'
+    routed experts, 16 experts' BF16 weights, the routed rows' activations, the lanes' cuBLAS
+    workspaces, and the workspaces of chunks that long beyond the default 512-token ones."""
+    c = summary.config
+    H, I, k, E = c.hidden_size, c.moe_intermediate_size, c.num_experts_per_tok, c.num_experts
+    fixed = 2 * E * summary.expert_bytes + 16 * 3 * H * I * 2 + 4 * (8 << 20)
+    rows = tokens * k * (6 * H + 10 * I + 8)
+    return fixed + rows + max(0, tokens - HOST_CHUNK) * _activation_bytes_per_token(c)
+
+
 def inspect(path: str | os.PathLike) -> CheckpointSummary:
     """Summarise a checkpoint directory without reading its weights."""
     from . import _tidal
@@ -140,6 +184,7 @@ class Plan:
     vram: dict[str, int] = field(default_factory=dict)
     ram: dict[str, int] = field(default_factory=dict)
     expert_cache_slots: int = 0
+    stream_chunk: int = 0  # prefill expert streaming's chunk length (0: off)
     fits: bool = True
     problem: str = ""
     ram_available: int | None = None
@@ -165,11 +210,11 @@ class Plan:
             budget = format_bytes(self.gpu_budget) if self.gpu_budget is not None else "?"
             out.append(f"placement (device={self.device}, GPU budget {budget}, context {self.context_tokens} tokens):")
             for k, v in self.vram.items():
-                out.append(f"  VRAM  {k:<22} {format_bytes(v):>12}")
+                out.append(f"  VRAM  {k:<28} {format_bytes(v):>12}")
             total_experts = max(1, s.config.num_experts * sum(s.config.layer_is_moe))
-            out.append(f"  VRAM  {'free':<22} {format_bytes(max(0, (self.gpu_budget or 0) - self.vram_used)):>12}")
+            out.append(f"  VRAM  {'free':<28} {format_bytes(max(0, (self.gpu_budget or 0) - self.vram_used)):>12}")
             for k, v in self.ram.items():
-                out.append(f"  RAM   {k:<22} {format_bytes(v):>12}")
+                out.append(f"  RAM   {k:<28} {format_bytes(v):>12}")
             if self.fits:
                 out.append(f"  expert cache: {self.expert_cache_slots} of {total_experts} routed experts "
                            f"({100.0 * self.expert_cache_slots / total_experts:.1f}%), {format_bytes(s.expert_bytes)} each")
@@ -214,11 +259,14 @@ def _what_fits(p: Plan) -> str:
 
 
 def plan(summary: CheckpointSummary, device: str = "cpu", gpu_memory: str | int | None = None,
-         context_tokens: int | None = None, gpu_weights: str = "bf16") -> Plan:
+         context_tokens: int | None = None, gpu_weights: str = "bf16", prefill_stream: bool = True) -> Plan:
     """The placement plan of `summary` for `device` ("cpu" or "cuda") and a GPU memory budget.
     context_tokens: the context the KV cache is sized for (default: 32768, or the model's
     max_position_embeddings when smaller). gpu_weights: "int8" counts the pinned weights at about
-    half their BF16 bytes (weight-only INT8 matrices)."""
+    half their BF16 bytes (weight-only INT8 matrices). prefill_stream: whether prefill expert
+    streaming takes its share (the load's rule: the longest chunk of 8192 ... 1024 tokens whose
+    buffers fit 3/4 of what the expert cache would get; whether it then streams at all, and from
+    how many tokens, the load measures: `Runtime.describe()["prefill_stream"]`)."""
     if gpu_weights not in ("bf16", "int8"):
         raise ValueError(f'gpu_weights must be "bf16" or "int8", got {gpu_weights!r}')
     if context_tokens is None:
@@ -251,6 +299,14 @@ def plan(summary: CheckpointSummary, device: str = "cpu", gpu_memory: str | int 
                      f"{format_bytes(pinned)}, KV cache for {context_tokens} tokens) but the budget is "
                      f"{format_bytes(p.gpu_budget)}: {format_bytes(-free)} missing; " + _what_fits(p))
         return p
+    if prefill_stream and s.config.num_experts > 0 and sum(s.config.layer_is_moe):
+        for t in STREAM_CHUNKS:
+            need = stream_vram_bytes(s, t)
+            if need <= free * STREAM_SHARE:
+                p.stream_chunk = t
+                p.vram[f"prefill streaming ({t} tok)"] = need
+                free -= need
+                break
     p.expert_cache_slots = int(min(free // max(1, s.expert_bytes), s.config.num_experts * sum(s.config.layer_is_moe)))
     p.vram["expert cache"] = p.expert_cache_slots * s.expert_bytes
     p.ram = {"routed_experts": s.part_bytes["routed_experts"]}

@@ -262,15 +262,22 @@ class Runtime:
                 close()
         summary = inspect(p)
         on_gpu = device != "cpu"
+        stream_plan = dict(engine.describe()).get("prefill_stream", "off") if on_gpu else "off"
         rt = cls(engine, p, plan(summary, device="cuda" if on_gpu else "cpu",
                                  gpu_memory=engine.memory_report()["limit"] if on_gpu else None,
-                                 context_tokens=max_context or min(32768, summary.config.max_position_embeddings)),
+                                 context_tokens=max_context or min(32768, summary.config.max_position_embeddings),
+                                 prefill_stream=not stream_plan.startswith("off")),
                  tokenizer=tokenizer)
         if progress:
             st = engine.stats()
             print(f"tidal: loaded {p.name} ({rt.config.model_type}, {format_bytes(st['weight_bytes'])}) in "
                   f"{st['load_seconds']:.2f}s, {engine.num_threads} threads", file=sys.stderr)
             print(rt.plan, file=sys.stderr)
+            if on_gpu:  # what the load allocated and chose, beside the plan's estimate
+                m = engine.memory_report()
+                print(f"  loaded: VRAM weights {format_bytes(m['weights'])}, workspaces {format_bytes(m['workspaces'])}, "
+                      f"expert cache {format_bytes(m['expert_cache'])} ({engine.stats()['gpu_expert_slots']} slots); "
+                      f"prefill expert streaming {stream_plan}", file=sys.stderr)
         return rt
 
     # ---------------------------------------------------------------- engine passthrough
