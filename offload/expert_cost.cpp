@@ -106,9 +106,11 @@ PrefillLayerCost prefill_layer_cost(const ExpertCostInputs& in, int64_t tokens, 
 int64_t min_stream_tokens(const ExpertCostInputs& in, int64_t experts, int64_t top_k,
                           int64_t max_tokens) {
   TIDAL_CHECK(max_tokens >= 1, InvalidArgument, "expert cost model: max_tokens {}", max_tokens);
-  for (int64_t t = 1; t <= max_tokens; ++t)
-    if (prefill_layer_cost(in, t, experts, top_k).stream()) return t;
-  return -1;
+  // Down from the longest chunk: the shortest t from which every longer chunk streams too.
+  if (!prefill_layer_cost(in, max_tokens, experts, top_k).stream()) return -1;
+  int64_t t = max_tokens;
+  while (t > 1 && prefill_layer_cost(in, t - 1, experts, top_k).stream()) --t;
+  return t;
 }
 
 }  // namespace tidal::offload

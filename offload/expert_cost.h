@@ -81,10 +81,11 @@ struct PrefillLayerCost {
 };
 PrefillLayerCost prefill_layer_cost(const ExpertCostInputs& in, int64_t tokens, int64_t experts,
                                     int64_t top_k);
-/// The shortest chunk (1 ... max_tokens) whose layers stream faster than the host computes them,
-/// -1 if none does. With the GPU's products faster than the CPU's and PCIe slower than the CPU's
-/// memory, the host side grows faster with T than the stream side once it streams at all, so
-/// every longer chunk streams too (the CudaModel streams chunks of at least this many tokens).
+/// The shortest chunk t (1 ... max_tokens) from which every chunk up to max_tokens streams faster
+/// than the host computes it, -1 if max_tokens does not (the CudaModel streams chunks of at least
+/// t tokens). Where PCIe is slower than the CPU's memory and the GPU's products faster than the
+/// CPU's, that is simply the first chunk that streams; otherwise a window of shorter chunks may
+/// stream too (the host side is flat while every expert is read once), and it is left out.
 int64_t min_stream_tokens(const ExpertCostInputs& in, int64_t experts, int64_t top_k,
                           int64_t max_tokens);
 

@@ -1158,10 +1158,14 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
   // =1 forces it). Its chunk length: TIDAL_CUDA_STREAM_CHUNK, or the longest of 8192, 4096,
   // 2048 and 1024 tokens whose extra VRAM (workspaces for chunks that long, plus the buffers
   // above) takes at most 3/4 of what the budget leaves for the expert cache after the weights and
-  // a KV cache of kv_reserve_tokens. The cache is the one that gives way: at full depth the whole
-  // cache adds ~15% to decode (134 against 117 tok/s, docs/performance.md 2026-12-06), while
-  // 8192-token chunks make an 8K prompt 7.5x faster than the host experts. Each layer's experts
-  // then cross PCIe once per chunk, so longer chunks pay less per token.
+  // a KV cache of kv_reserve_tokens (and after the slots gpu_expert_slots=N asks for), and no
+  // longer than that context needs. The cache is the one that gives way: at full depth the cache
+  // with 1662 slots instead of 4074 hits 40% against 41% and decodes as fast (140 against 138
+  // tok/s), while 8192-token chunks make an 8K prompt 8.5x faster (docs/performance.md, ninth
+  // session). Each layer's experts cross PCIe once per chunk, so longer chunks pay less per
+  // token. A failure while setting it up (out of memory) leaves automatic streaming off; forced,
+  // it is the load's error. A prompt streams when its chunks (equal, of at most the chunk length)
+  // are at least the threshold long.
   const uint64_t cur_ws = ws_bytes;
   uint64_t room = 0;
   {
@@ -1179,11 +1183,22 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
     room = limit > used ? std::min<uint64_t>(limit - used, free_b) : 0;
   }
   const bool forced = opts.prefill_stream > 0;
+  // Slots asked for by number (gpu_expert_slots=N) come first: streaming takes from what is left.
+  if (opts.expert_slots > 0) {
+    const uint64_t want =
+        static_cast<uint64_t>(opts.expert_slots + 2 * std::max<int64_t>(0, opts.expert_prefetch)) *
+            static_cast<uint64_t>(stride) +
+        (uint64_t{64} << 20);
+    room = room > want ? room - want : 0;
+  }
   std::vector<int64_t> lengths;
-  if (opts.stream_chunk > 0)
+  if (opts.stream_chunk > 0) {
     lengths = {opts.stream_chunk};
-  else
-    lengths = {8192, 4096, 2048, 1024};
+  } else {  // no longer than the context needs: the shortest of them that holds it at most
+    const int64_t ctx = std::min<int64_t>(opts.kv_reserve_tokens, cfg.max_position_embeddings);
+    for (const int64_t T : {8192, 4096, 2048, 1024})
+      if (T == 1024 || T / 2 < ctx) lengths.push_back(T);
+  }
   int64_t Tc = 0;
   uint64_t need = 0;
   // An explicit chunk length is the chunk length; the automatic ones never shorten max_chunk.
@@ -1210,61 +1225,79 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
         lengths.back(), gib(need), gib(room));
     return;
   }
-  if (target(Tc) != Tmax) {
-    const int64_t Tw = target(Tc);
-    const auto plan = plan_workspaces(Tw);
-    allocate_workspaces(plan, Tw);
-    ws_bytes = plan.bytes + (size_t{32} << 20);
-  }
-  px_rows_max = Tmax * k;
-  const auto bytes = px_sizes(Tmax);
-  const uint64_t total = px_total(Tmax);
-  void** ptrs[12] = {reinterpret_cast<void**>(&px_stage[0]), reinterpret_cast<void**>(&px_stage[1]),
-                     reinterpret_cast<void**>(&px_wgu),      reinterpret_cast<void**>(&px_wdn),
-                     reinterpret_cast<void**>(&px_xs),       reinterpret_cast<void**>(&px_hb),
-                     reinterpret_cast<void**>(&px_act),      reinterpret_cast<void**>(&px_out),
-                     reinterpret_cast<void**>(&px_rows),     reinterpret_cast<void**>(&px_pos),
-                     reinterpret_cast<void**>(&px_xs_lo),    reinterpret_cast<void**>(&px_act_lo)};
-  for (int i = 0; i < 12; ++i)
-    if (bytes[static_cast<size_t>(i)] > 0)
-      cuda_check(cudaMalloc(ptrs[i], bytes[static_cast<size_t>(i)]), "prefill expert streaming");
-  const size_t R = static_cast<size_t>(px_rows_max);
-  cuda_check(cudaMallocHost(reinterpret_cast<void**>(&h_px_rows), R * 4), "pinned host allocation");
-  cuda_check(cudaMallocHost(reinterpret_cast<void**>(&h_px_pos), R * 4), "pinned host allocation");
-  cuda_check(cudaStreamCreateWithFlags(&px_copy, cudaStreamNonBlocking), "stream creation");
-  for (int b = 0; b < 2; ++b) {
-    cuda_check(cudaEventCreateWithFlags(&px_ev_filled[b], cudaEventDisableTiming),
-               "event creation");
-    cuda_check(cudaEventCreateWithFlags(&px_ev_free[b], cudaEventDisableTiming), "event creation");
-  }
-  cuda_check(cudaEventCreateWithFlags(&px_ev_fork, cudaEventDisableTiming), "event creation");
-  for (int j = 0; j < px_lanes; ++j) {
-    cuda_check(cudaStreamCreateWithFlags(&px_lane[j], cudaStreamNonBlocking), "stream creation");
-    cuda_check(cudaEventCreateWithFlags(&px_ev_lane[j], cudaEventDisableTiming), "event creation");
-    cublas_check(cublasCreate(&px_lane_blas[j]), "cublasCreate");
-    cublas_check(cublasSetStream(px_lane_blas[j], px_lane[j]), "cublasSetStream");
-    cuda_check(cudaMalloc(&px_lane_ws[j], kPxLaneWorkspace), "cuBLAS workspace");
-    cublas_check(cublasSetWorkspace(px_lane_blas[j], px_lane_ws[j], kPxLaneWorkspace),
-                 "cublasSetWorkspace");
-  }
-  px_count.assign(static_cast<size_t>(E), 0);
-  px_off.assign(static_cast<size_t>(E) + 1, 0);
-  px_bytes = total;
-  px_on = true;
-  register_host_store(ex);
-  px_min_tokens = px_measure(ex);
-  if (opts.stream_min_tokens >= 0)
-    px_min_tokens = opts.stream_min_tokens;
-  else if (forced && px_min_tokens < 0)
-    px_min_tokens = Tmax;   // forced on: at least whole chunks stream
-  if (px_min_tokens < 0) {  // streaming never pays on this machine: the VRAM goes back
-    px_plan = fmt::format("off: {}", px_rates);
+  try {
+    if (target(Tc) != Tmax) {
+      const int64_t Tw = target(Tc);
+      const auto plan = plan_workspaces(Tw);
+      allocate_workspaces(plan, Tw);
+      ws_bytes = plan.bytes + (size_t{32} << 20);
+    }
+    px_rows_max = Tmax * k;
+    const auto bytes = px_sizes(Tmax);
+    const uint64_t total = px_total(Tmax);
+    void** ptrs[12] = {
+        reinterpret_cast<void**>(&px_stage[0]), reinterpret_cast<void**>(&px_stage[1]),
+        reinterpret_cast<void**>(&px_wgu),      reinterpret_cast<void**>(&px_wdn),
+        reinterpret_cast<void**>(&px_xs),       reinterpret_cast<void**>(&px_hb),
+        reinterpret_cast<void**>(&px_act),      reinterpret_cast<void**>(&px_out),
+        reinterpret_cast<void**>(&px_rows),     reinterpret_cast<void**>(&px_pos),
+        reinterpret_cast<void**>(&px_xs_lo),    reinterpret_cast<void**>(&px_act_lo)};
+    for (int i = 0; i < 12; ++i)
+      if (bytes[static_cast<size_t>(i)] > 0)
+        cuda_check(cudaMalloc(ptrs[i], bytes[static_cast<size_t>(i)]), "prefill expert streaming");
+    const size_t R = static_cast<size_t>(px_rows_max);
+    cuda_check(cudaMallocHost(reinterpret_cast<void**>(&h_px_rows), R * 4),
+               "pinned host allocation");
+    cuda_check(cudaMallocHost(reinterpret_cast<void**>(&h_px_pos), R * 4),
+               "pinned host allocation");
+    cuda_check(cudaStreamCreateWithFlags(&px_copy, cudaStreamNonBlocking), "stream creation");
+    for (int b = 0; b < 2; ++b) {
+      cuda_check(cudaEventCreateWithFlags(&px_ev_filled[b], cudaEventDisableTiming),
+                 "event creation");
+      cuda_check(cudaEventCreateWithFlags(&px_ev_free[b], cudaEventDisableTiming),
+                 "event creation");
+    }
+    cuda_check(cudaEventCreateWithFlags(&px_ev_fork, cudaEventDisableTiming), "event creation");
+    for (int j = 0; j < px_lanes; ++j) {
+      cuda_check(cudaStreamCreateWithFlags(&px_lane[j], cudaStreamNonBlocking), "stream creation");
+      cuda_check(cudaEventCreateWithFlags(&px_ev_lane[j], cudaEventDisableTiming),
+                 "event creation");
+      cublas_check(cublasCreate(&px_lane_blas[j]), "cublasCreate");
+      cublas_check(cublasSetStream(px_lane_blas[j], px_lane[j]), "cublasSetStream");
+      cuda_check(cudaMalloc(&px_lane_ws[j], kPxLaneWorkspace), "cuBLAS workspace");
+      cublas_check(cublasSetWorkspace(px_lane_blas[j], px_lane_ws[j], kPxLaneWorkspace),
+                   "cublasSetWorkspace");
+    }
+    px_count.assign(static_cast<size_t>(E), 0);
+    px_off.assign(static_cast<size_t>(E) + 1, 0);
+    px_bytes = total;
+    px_on = true;
+    register_host_store(ex);
+    px_min_tokens = px_measure(ex);
+    if (opts.stream_min_tokens >= 0)
+      px_min_tokens = opts.stream_min_tokens;
+    else if (forced && px_min_tokens < 0)
+      px_min_tokens = Tmax;   // forced on: at least whole chunks stream
+    if (px_min_tokens < 0) {  // streaming never pays on this machine: the VRAM goes back
+      px_plan = fmt::format("off: {}", px_rates);
+      px_free();
+      if (Tmax != opts.max_chunk) {
+        const auto plan = plan_workspaces(opts.max_chunk);
+        allocate_workspaces(plan, opts.max_chunk);
+        ws_bytes = plan.bytes + (size_t{32} << 20);
+      }
+      return;
+    }
+  } catch (const std::exception& e) {
+    if (forced) throw;
+    // Automatic: a failure setting streaming up (a transient out-of-memory) leaves it off.
     px_free();
     if (Tmax != opts.max_chunk) {
       const auto plan = plan_workspaces(opts.max_chunk);
       allocate_workspaces(plan, opts.max_chunk);
       ws_bytes = plan.bytes + (size_t{32} << 20);
     }
+    px_plan = fmt::format("off: setting it up failed ({})", e.what());
     return;
   }
   px_plan = fmt::format("{}: chunks of up to {} tokens, prompts of {} tokens or more; {}",
@@ -1308,7 +1341,8 @@ int64_t CudaModel::Impl::px_measure(kernels::Executor& ex) {
   }
   // One group's dequant + gate/up + down GEMMs at the chunk's mean tokens per expert.
   const int64_t n = std::max<int64_t>(1, Tmax * k / E);
-  const int64_t g = std::min<int64_t>(px_group, E);
+  // g experts of n rows each within the row buffers (Tmax·k rows).
+  const int64_t g = std::max<int64_t>(1, std::min<int64_t>({px_group, E, Tmax * k / n}));
   cuda_check(cudaMemsetAsync(px_xs, 0, static_cast<size_t>(g * n * H) * 2, stream), "memset");
   cuda_check(cudaMemsetAsync(px_act, 0, static_cast<size_t>(g * n * I) * 2, stream), "memset");
   const float one = 1.f, zero = 0.f;
@@ -1389,8 +1423,8 @@ int64_t CudaModel::Impl::px_measure(kernels::Executor& ex) {
   px_cost = in;
   const int64_t t = offload::min_stream_tokens(in, E, k, Tmax);
   px_rates = fmt::format(
-      "measured: PCIe {:.1f} GB/s, CPU experts {:.1f} GB/s and {:.2f} TFLOP/s, GPU experts "
-      "{:.1f} TFLOP/s; the cost model streams {}",
+      "measured: PCIe {:.1f} GB/s, CPU experts {:.1f} GB/s and {:.3g} TFLOP/s, GPU experts "
+      "{:.3g} TFLOP/s; the cost model streams {}",
       in.pcie_bytes_per_s * 1e-9, in.cpu_bytes_per_s * 1e-9, in.cpu_flops_per_s * 1e-12,
       in.gpu_flops_per_s * 1e-12,
       t < 0 ? fmt::format("no chunk of up to {} tokens", Tmax) : fmt::format("from {} tokens", t));
@@ -2007,6 +2041,11 @@ void CudaModel::Impl::allocate_workspaces(const WorkspacePlan& p, int64_t T) {
   ws = nullptr;
   if (pinned) cudaFreeHost(pinned);
   pinned = nullptr;
+  for (const auto& part : p.parts) *part.first = nullptr;  // nothing dangles if an allocation fails
+  h_step = nullptr;
+  h_ids = nullptr;
+  h_xn = h_out = h_w = h_rlogits = h_logits = nullptr;
+  h_rids = nullptr;
   Tmax = T;
   logits_rows = p.logits_rows;
   max_batch = p.max_batch;
@@ -2434,9 +2473,11 @@ void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, Logi
   if (!m.vx_tried) m.vx_init(ex);
   // Note [Prefill expert streaming]: a prompt long enough streams every chunk, in equal chunks
   // (no short last one).
-  const bool stream = m.px_on && total >= std::max<int64_t>(2, m.px_min_tokens);
+  // The threshold is for a chunk: a 10000-token prompt runs as two chunks of 5000.
   const int64_t nchunks = (total + m.Tmax - 1) / m.Tmax;
-  const int64_t chunk = stream ? (total + nchunks - 1) / nchunks : m.Tmax;
+  const int64_t even = (total + nchunks - 1) / nchunks;
+  const bool stream = m.px_on && even >= std::max<int64_t>(2, m.px_min_tokens);
+  const int64_t chunk = stream ? even : m.Tmax;
   for (int64_t c0 = 0; c0 < total; c0 += chunk) {
     const int64_t T = std::min(chunk, total - c0);
     const bool last_chunk = c0 + T == total;
@@ -2620,6 +2661,8 @@ void CudaModel::forward_batch(std::span<SequenceState* const> states, std::span<
                               ForwardProfile* profile) {
   Impl& m = *impl_;
   std::lock_guard lock(m.mu);
+  // First: it may plan the workspaces and staging again (Note [Measuring the stream threshold]).
+  if (!m.vx_tried) m.vx_init(ex);
   const int64_t B = static_cast<int64_t>(ids.size()), V = m.cfg.vocab_size;
   TIDAL_CHECK(B >= 1 && B <= m.max_batch, InvalidArgument,
               "a batch of {} sequences (this model takes 1 to {} per step on the GPU)", B,
@@ -2642,7 +2685,6 @@ void CudaModel::forward_batch(std::span<SequenceState* const> states, std::span<
   std::vector<cudaGraphExec_t>* graphs = !use_graph ? nullptr
                                          : B == 1   ? &m.graphs
                                                     : &m.batch_graphs[B];
-  if (!m.vx_tried) m.vx_init(ex);
   m.vx_step = m.vx_on && B == 1;
   m.px_step = false;
   try {

@@ -420,6 +420,9 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
   // The VRAM expert cache: slots sized and allocated, host experts registered for DMA, now (a
   // budget it cannot meet is a load error, not a first-request one).
   if (auto* g = rt->model_->cuda()) g->init_expert_cache(*rt->executor_);
+  // The load's own expert calls (Note [Measuring the stream threshold]) are not the user's.
+  rt->reads_base_ = experts->expert_reads();
+  rt->pairs_base_ = experts->expert_pairs();
 #endif
   rt->stats_.expert_bytes = experts->resident_bytes();
   rt->stats_.weight_bytes = used_bytes + experts->resident_bytes();

@@ -300,7 +300,8 @@ def plan(summary: CheckpointSummary, device: str = "cpu", gpu_memory: str | int 
                      f"{format_bytes(p.gpu_budget)}: {format_bytes(-free)} missing; " + _what_fits(p))
         return p
     if prefill_stream and s.config.num_experts > 0 and sum(s.config.layer_is_moe):
-        for t in STREAM_CHUNKS:
+        # No longer than the context needs (the shortest chunk that holds it at most).
+        for t in [t for t in STREAM_CHUNKS if t == STREAM_CHUNKS[-1] or t // 2 < context_tokens]:
             need = stream_vram_bytes(s, t)
             if need <= free * STREAM_SHARE:
                 p.stream_chunk = t

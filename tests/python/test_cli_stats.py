@@ -77,15 +77,21 @@ def test_plan_numbers():
     free = (1 << 30) - (s.pinned_bytes + s.kv_bytes_per_token() * 1024 + s.deltanet_state_bytes() + (768 << 20))
     assert p.fits and p.expert_cache_slots == min(384, free // s.expert_bytes)
     # Prefill expert streaming takes the longest chunk's buffers that fit 3/4 of what the cache would
-    # get (tidal-mini at 1 GiB: 8192 tokens need 256 MiB of the 208 MiB left, 4096 need 141 MiB).
+    # get (tidal-mini at 1 GiB with an 8192-token context: 8192-token chunks need 256 MiB of the
+    # ~204 MiB left, 4096 need 141 MiB), no longer than the context needs.
     from tidal.plan import STREAM_CHUNKS, stream_vram_bytes
     assert [stream_vram_bytes(s, t) < stream_vram_bytes(s, 2 * t) for t in STREAM_CHUNKS[1:]] == [True] * 3
-    assert p.stream_chunk == 4096 and stream_vram_bytes(s, 8192) > 0.75 * free >= stream_vram_bytes(s, 4096)
-    assert p.vram["prefill streaming (4096 tok)"] == stream_vram_bytes(s, 4096)
-    assert any("prefill streaming (4096 tok)" in line for line in p.lines())
-    off = tidal.plan(s, device="cuda", gpu_memory="1G", context_tokens=1024, prefill_stream=False)
+    assert p.stream_chunk == 1024  # a 1024-token context
+    p8 = tidal.plan(s, device="cuda", gpu_memory="1G", context_tokens=8192)
+    free8 = (1 << 30) - (s.pinned_bytes + s.kv_bytes_per_token() * 8192 + s.deltanet_state_bytes() + (768 << 20))
+    assert p8.stream_chunk == 4096 and stream_vram_bytes(s, 8192) > 0.75 * free8 >= stream_vram_bytes(s, 4096)
+    assert p8.vram["prefill streaming (4096 tok)"] == stream_vram_bytes(s, 4096)
+    assert any("prefill streaming (4096 tok)" in line for line in p8.lines())
+    assert tidal.plan(s, device="cuda", gpu_memory="12G", context_tokens=4096).stream_chunk == 4096
+    assert tidal.plan(s, device="cuda", gpu_memory="12G", context_tokens=5000).stream_chunk == 8192
+    off = tidal.plan(s, device="cuda", gpu_memory="1G", context_tokens=8192, prefill_stream=False)
     assert off.stream_chunk == 0 and not any("prefill" in k for k in off.vram)
-    assert off.vram_used == p.vram_used - stream_vram_bytes(s, 4096)  # the same cache: every expert fits
+    assert off.vram_used == p8.vram_used - stream_vram_bytes(s, 4096)  # the same cache: every expert fits
     tight = tidal.plan(s, device="cuda", gpu_memory=800 << 20, context_tokens=1024)
     assert tight.fits and 0 < tight.expert_cache_slots < 384 and tight.stream_chunk == 0
     assert not tidal.plan(s, device="cuda", gpu_memory="700M").fits

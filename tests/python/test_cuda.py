@@ -586,26 +586,19 @@ def test_prefill_stream_auto_is_measured_and_follows_its_threshold(monkeypatch):
     rt = _load(MINI, expert_dtype="bf16", gpu_expert_slots=0)
     got_plan, text = _auto_plan(rt)
     _record("prefill stream auto (tidal-mini)", plan=text)
-    if got_plan is None:
-        # Off is a measured outcome too: then nothing streams and the workspaces are the host path's.
-        assert "measured" in text or "VRAM" in text, text
-        seq = rt.new_sequence()
-        seq.prefill(list(range(5, 600)))
-        assert rt._engine.stats()["gpu_streamed_layers"] == 0
-        return
+    # tidal-mini's tiny experts run at ~0.2 TFLOP/s on the host: on any GPU link some prompt it can
+    # hold streams faster (measured on the H100 machine: from 55-72 tokens).
+    assert got_plan is not None, text
     chunk, threshold, model_says = got_plan
     assert threshold == model_says and 1 <= threshold <= chunk
-    assert chunk in (1024, 2048, 4096, 8192)
+    assert chunk in (1024, 2048, 4096)  # no longer than tidal-mini's 4096-token context needs
     moe = sum(rt.config.layer_is_moe)
-    n = max(threshold, 2)
-    if n > rt.config.max_position_embeddings:  # a slow link: nothing tidal-mini can hold streams
-        rt.new_sequence().prefill(list(range(5, 5 + rt.config.max_position_embeddings)))
+    assert threshold < rt.config.max_position_embeddings, text
+    if threshold > 2:
+        rt.new_sequence().prefill(list(range(5, 5 + threshold - 1)))
         assert rt._engine.stats()["gpu_streamed_layers"] == 0
-        return
+    n = max(threshold, 32)  # enough rows that one near-tied top-1 does not decide the agreement
     ids = [int(i) for i in np.random.default_rng(9).integers(5, 8000, n)]
-    if n > 2:
-        rt.new_sequence().prefill(ids[:n - 1])
-        assert rt._engine.stats()["gpu_streamed_layers"] == 0
     got = np.asarray(rt.new_sequence().forward(ids, all_logits=True)).reshape(n, -1)
     assert rt._engine.stats()["gpu_streamed_layers"] == moe * -(-n // chunk)
     monkeypatch.setenv("TIDAL_CUDA_PREFILL_STREAM", "0")
@@ -617,6 +610,24 @@ def test_prefill_stream_auto_is_measured_and_follows_its_threshold(monkeypatch):
     i4 = _load(MINI, expert_dtype="int4", gpu_expert_slots=0)
     int4 = np.asarray(i4.new_sequence().forward(ids, all_logits=True)).reshape(n, -1)
     assert float(np.abs(got - host).mean()) <= float(np.abs(int4 - host).mean())
+
+
+def test_streamed_prefill_keeps_the_bf16x2_bound(case, monkeypatch):
+    """Note [Two-term activations in streamed experts]: a prompt whose BF16 experts stream through the
+    GPU (forced, from 2 tokens) is held to the same bound against transformers as the host experts
+    under gpu_precision "bf16x2"; one BF16 term missed it by 4-77x on the golden models. (Automatic
+    streaming stays off under "fp32", whose bound is the CPU engine's.)"""
+    name, ckpt, ref = case
+    precision = "bf16x2"
+    monkeypatch.setenv("TIDAL_CUDA_PREFILL_STREAM", "1")
+    monkeypatch.setenv("TIDAL_CUDA_STREAM_MIN_TOKENS", "2")
+    rt = _load(ckpt, gpu_precision=precision, kv_cache_dtype="fp32", expert_dtype="bf16")
+    got = rt.logits(ref["prompt_ids"])
+    st = rt._engine.stats()
+    err = float(np.abs(got - ref["logits"]).max())
+    _record(f"{name} streamed prefill {precision}", max_abs_err=err, streamed_layers=st["gpu_streamed_layers"])
+    assert st["gpu_streamed_layers"] == sum(rt.config.layer_is_moe)
+    assert err <= CUDA_LOGITS_ATOL[f"{precision}-kv_fp32"], f"{name}: {err}"
 
 
 def test_prefill_stream_auto_threshold_override_and_fp32(monkeypatch):

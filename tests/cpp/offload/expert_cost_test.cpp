@@ -128,6 +128,22 @@ TEST(ExpertCost, PrefillStreamsFromTheChunkWhereTheCopyIsCheaperThanTheCpu) {
   EXPECT_GT(min_stream_tokens(slow, 256, 8, 8192), t * 8);
   slow.pcie_bytes_per_s = 1e8;
   EXPECT_EQ(min_stream_tokens(slow, 256, 8, 8192), -1);
+  // PCIe faster than the CPU's memory, GPU products only a little faster than the CPU's: chunks
+  // of 16 to 93 tokens stream (the host reads every expert once from 32 tokens on, a flat 2.9 ms,
+  // against a 1.1 ms copy plus the GPU's products), 94 to 187 do not (the products catch up while
+  // the host side stays flat), and from 188 on every chunk streams: the threshold is 188.
+  auto odd = in;
+  odd.pcie_bytes_per_s = 400e9;
+  odd.gpu_flops_per_s = 2.6e12;
+  const int64_t u = min_stream_tokens(odd, 256, 8, 8192);
+  EXPECT_EQ(u, 188);
+  for (int64_t v = u; v <= 8192; v += 53)
+    EXPECT_TRUE(prefill_layer_cost(odd, v, 256, 8).stream()) << v;
+  EXPECT_FALSE(prefill_layer_cost(odd, u - 1, 256, 8).stream());
+  bool window = false;
+  for (int64_t v = 1; v < u - 1; ++v)
+    window = window || prefill_layer_cost(odd, v, 256, 8).stream();
+  EXPECT_TRUE(window);  // the earlier window exists, and is not the threshold
   EXPECT_THROW(prefill_layer_cost(in, 8, 256, 0), InvalidArgument);
   EXPECT_THROW(prefill_layer_cost(in, 8, 4, 8), InvalidArgument);
   EXPECT_THROW(prefill_layer_cost(in, -1, 256, 8), InvalidArgument);
