@@ -331,10 +331,11 @@ struct CudaModel::Impl {
   // Note [Prefill expert streaming]
   // A long prompt reads every routed expert many times over, and the host computes those
   // products at a fraction of the GPU's rate: llama.cpp copies each layer's experts to the GPU for
-  // large batches instead. With CudaOptions::prefill_stream, a prompt of at least
-  // stream_min_tokens does the same for each of its chunks (equal chunks of at most stream_chunk
-  // tokens, so no short last chunk pays a whole pass of expert copies; with streaming on, every
-  // prompt runs in chunks of up to stream_chunk). Each MoE layer's packed experts (one
+  // large batches instead. With prefill streaming (CudaOptions::prefill_stream; chosen at load,
+  // Note [Measuring the stream threshold]) a prompt whose chunks are at least the threshold long
+  // does the same for each of its chunks (chunks as equal as ceil division makes them, of at most
+  // the stream chunk, so no short last chunk pays a whole pass of expert copies; with streaming
+  // on, every prompt runs in chunks of up to that length). Each MoE layer's packed experts (one
   // contiguous range of the host store, page-locked) are copied whole into one of two VRAM buffers
   // on their own stream: the first MoE layer's at the chunk's start, layer L+1's when layer L's
   // experts are enqueued (once the buffer's previous layer is done with it), so the copies run
@@ -1277,7 +1278,7 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
     if (opts.stream_min_tokens >= 0)
       px_min_tokens = opts.stream_min_tokens;
     else if (forced && px_min_tokens < 0)
-      px_min_tokens = Tmax;   // forced on: at least whole chunks stream
+      px_min_tokens = std::min<int64_t>(Tmax, 1024);  // forced on: chunks of 1024 and more
     if (px_min_tokens < 0) {  // streaming never pays on this machine: the VRAM goes back
       px_plan = fmt::format("off: {}", px_rates);
       px_free();
@@ -1290,9 +1291,10 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
     }
   } catch (const std::exception& e) {
     if (forced) throw;
-    // Automatic: a failure setting streaming up (a transient out-of-memory) leaves it off.
+    // Automatic: a failure setting streaming up (a transient out-of-memory) leaves it off, with
+    // the default workspaces (planned again also where a re-plan failed halfway).
     px_free();
-    if (Tmax != opts.max_chunk) {
+    if (Tmax != opts.max_chunk || ws == nullptr || pinned == nullptr) {
       const auto plan = plan_workspaces(opts.max_chunk);
       allocate_workspaces(plan, opts.max_chunk);
       ws_bytes = plan.bytes + (size_t{32} << 20);
@@ -1300,7 +1302,7 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
     px_plan = fmt::format("off: setting it up failed ({})", e.what());
     return;
   }
-  px_plan = fmt::format("{}: chunks of up to {} tokens, prompts of {} tokens or more; {}",
+  px_plan = fmt::format("{}: chunks of up to {} tokens, streamed from {} tokens a chunk; {}",
                         forced ? "on" : "auto", Tmax, px_min_tokens, px_rates);
 }
 
@@ -1321,6 +1323,13 @@ int64_t CudaModel::Impl::px_measure(kernels::Executor& ex) {
   for (size_t l = 0; l < layers.size() && first < 0; ++l)
     if (px_moe_index[l] >= 0) first = static_cast<int>(l);
   cudaEvent_t t0 = nullptr, t1 = nullptr;
+  struct Events {  // destroyed on every way out
+    cudaEvent_t &a, &b;
+    ~Events() {
+      if (a) cudaEventDestroy(a);
+      if (b) cudaEventDestroy(b);
+    }
+  } events{t0, t1};
   cuda_check(cudaEventCreate(&t0), "event creation");
   cuda_check(cudaEventCreate(&t1), "event creation");
   auto elapsed = [&] {
@@ -1389,8 +1398,6 @@ int64_t CudaModel::Impl::px_measure(kernels::Executor& ex) {
     cuda_check(cudaEventSynchronize(t1), "event wait");
     gemm_s = std::min(gemm_s, elapsed());
   }
-  cudaEventDestroy(t0);
-  cudaEventDestroy(t1);
   // The host expert engine on the first MoE layer.
   auto host = [&](int64_t T) {
     for (int64_t t = 0; t < T; ++t)
@@ -1423,8 +1430,8 @@ int64_t CudaModel::Impl::px_measure(kernels::Executor& ex) {
   px_cost = in;
   const int64_t t = offload::min_stream_tokens(in, E, k, Tmax);
   px_rates = fmt::format(
-      "measured: PCIe {:.1f} GB/s, CPU experts {:.1f} GB/s and {:.3g} TFLOP/s, GPU experts "
-      "{:.3g} TFLOP/s; the cost model streams {}",
+      "measured: PCIe {:.1f} GB/s, CPU experts {:.1f} GB/s and {:.3f} TFLOP/s, GPU experts "
+      "{:.3f} TFLOP/s; the cost model streams {}",
       in.pcie_bytes_per_s * 1e-9, in.cpu_bytes_per_s * 1e-9, in.cpu_flops_per_s * 1e-12,
       in.gpu_flops_per_s * 1e-12,
       t < 0 ? fmt::format("no chunk of up to {} tokens", Tmax) : fmt::format("from {} tokens", t));
@@ -2471,9 +2478,9 @@ void CudaModel::forward(std::span<const int64_t> ids, SequenceState& state, Logi
   else
     logits.clear();
   if (!m.vx_tried) m.vx_init(ex);
-  // Note [Prefill expert streaming]: a prompt long enough streams every chunk, in equal chunks
-  // (no short last one).
-  // The threshold is for a chunk: a 10000-token prompt runs as two chunks of 5000.
+  // Note [Prefill expert streaming]: a prompt streams in chunks as equal as ceil division makes
+  // them (no short last one paying a whole pass of copies), when they are at least the threshold
+  // long: a 10000-token prompt with 8192-token chunks runs as 5000 + 5000.
   const int64_t nchunks = (total + m.Tmax - 1) / m.Tmax;
   const int64_t even = (total + nchunks - 1) / nchunks;
   const bool stream = m.px_on && even >= std::max<int64_t>(2, m.px_min_tokens);

@@ -301,7 +301,8 @@ def plan(summary: CheckpointSummary, device: str = "cpu", gpu_memory: str | int 
         return p
     if prefill_stream and s.config.num_experts > 0 and sum(s.config.layer_is_moe):
         # No longer than the context needs (the shortest chunk that holds it at most).
-        for t in [t for t in STREAM_CHUNKS if t == STREAM_CHUNKS[-1] or t // 2 < context_tokens]:
+        ctx = min(context_tokens, s.config.max_position_embeddings)
+        for t in [t for t in STREAM_CHUNKS if t == STREAM_CHUNKS[-1] or t // 2 < ctx]:
             need = stream_vram_bytes(s, t)
             if need <= free * STREAM_SHARE:
                 p.stream_chunk = t

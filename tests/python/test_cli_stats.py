@@ -88,7 +88,8 @@ def test_plan_numbers():
     assert p8.vram["prefill streaming (4096 tok)"] == stream_vram_bytes(s, 4096)
     assert any("prefill streaming (4096 tok)" in line for line in p8.lines())
     assert tidal.plan(s, device="cuda", gpu_memory="12G", context_tokens=4096).stream_chunk == 4096
-    assert tidal.plan(s, device="cuda", gpu_memory="12G", context_tokens=5000).stream_chunk == 8192
+    assert tidal.plan(s, device="cuda", gpu_memory="12G", context_tokens=3000).stream_chunk == 4096
+    assert tidal.plan(s, device="cuda", gpu_memory="12G", context_tokens=5000).stream_chunk == 4096  # its 4096 positions
     off = tidal.plan(s, device="cuda", gpu_memory="1G", context_tokens=8192, prefill_stream=False)
     assert off.stream_chunk == 0 and not any("prefill" in k for k in off.vram)
     assert off.vram_used == p8.vram_used - stream_vram_bytes(s, 4096)  # the same cache: every expert fits

@@ -566,7 +566,7 @@ def _auto_plan(rt):
     where it stayed off (the reason is in the text)."""
     import re
     plan = rt.describe()["prefill_stream"]
-    m = re.match(r"auto: chunks of up to (\d+) tokens, prompts of (\d+) tokens or more; measured: PCIe "
+    m = re.match(r"auto: chunks of up to (\d+) tokens, streamed from (\d+) tokens a chunk; measured: PCIe "
                  r"([\d.]+) GB/s, CPU experts ([\d.]+) GB/s and ([\d.]+) TFLOP/s, GPU experts ([\d.]+) "
                  r"TFLOP/s; the cost model streams (from (\d+) tokens|no chunk)", plan)
     if m is None:
@@ -637,7 +637,7 @@ def test_prefill_stream_auto_threshold_override_and_fp32(monkeypatch):
     monkeypatch.setenv("TIDAL_CUDA_STREAM_MIN_TOKENS", "40")
     rt = _load(MINI, expert_dtype="int4", gpu_expert_slots=0)
     plan = rt.describe()["prefill_stream"]
-    assert plan.startswith("auto: chunks of up to ") and "prompts of 40 tokens or more" in plan, plan
+    assert plan.startswith("auto: chunks of up to ") and "streamed from 40 tokens a chunk" in plan, plan
     seq = rt.new_sequence()
     seq.prefill(list(range(5, 44)))  # 39 tokens
     assert rt._engine.stats()["gpu_streamed_layers"] == 0
