@@ -350,6 +350,11 @@ struct CudaModel::Impl {
   // and weights are what gets uploaded). Off by default until measured.
   bool px_on = false, px_step = false;
   int64_t px_stride = 0, px_layer_bytes = 0, px_group = 16, px_rows_max = 0;
+  // Note [Padded expert batches]: TIDAL_CUDA_STREAM_BATCHED=1; the row buffers' capacity (pairs,
+  // or 3/2 of them for the padding), and per layer each group's padded rows and their offsets.
+  bool px_pad = false;
+  int64_t px_rows_cap = 0;
+  std::vector<int64_t> px_gn, px_goff;
   kc::ExpertMatrixLayout px_gu, px_dn;
   uint8_t* px_stage[2] = {nullptr, nullptr};
   int px_stage_layer[2] = {-1, -1};
@@ -1134,20 +1139,22 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
   px_split = opts.precision != "bf16" && ggu.dtype == 0 && gdn.dtype == 0;
   px_lanes = static_cast<int>(
       std::clamp<int64_t>(CudaOptions::env_int("TIDAL_CUDA_STREAM_LANES", 4), 1, kPxLanes));
+  px_pad = CudaOptions::env_flag("TIDAL_CUDA_STREAM_BATCHED", false);
+  auto rows_cap = [&](int64_t T) { return px_pad ? T * k + T * k / 2 : T * k; };
   auto px_sizes = [&](int64_t T) {
-    const size_t R = static_cast<size_t>(T * k);
+    const size_t R = static_cast<size_t>(T * k), Rc = static_cast<size_t>(rows_cap(T));
     return std::array<size_t, 12>{static_cast<size_t>(px_layer_bytes),
                                   static_cast<size_t>(px_layer_bytes),
                                   static_cast<size_t>(px_group * 2 * I * H) * 2,
                                   static_cast<size_t>(px_group * H * I) * 2,
-                                  R * static_cast<size_t>(H) * 2,
-                                  R * static_cast<size_t>(2 * I) * 4,
-                                  R * static_cast<size_t>(I) * 2,
-                                  R * static_cast<size_t>(H) * 4,
+                                  Rc * static_cast<size_t>(H) * 2,
+                                  Rc * static_cast<size_t>(2 * I) * 4,
+                                  Rc * static_cast<size_t>(I) * 2,
+                                  Rc * static_cast<size_t>(H) * 4,
+                                  Rc * 4,
                                   R * 4,
-                                  R * 4,
-                                  px_split ? R * static_cast<size_t>(H) * 2 : 0,
-                                  px_split ? R * static_cast<size_t>(I) * 2 : 0};
+                                  px_split ? Rc * static_cast<size_t>(H) * 2 : 0,
+                                  px_split ? Rc * static_cast<size_t>(I) * 2 : 0};
   };
   auto px_total = [&](int64_t T) {
     uint64_t t = static_cast<uint64_t>(px_lanes) * kPxLaneWorkspace;
@@ -1234,6 +1241,7 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
       ws_bytes = plan.bytes + (size_t{32} << 20);
     }
     px_rows_max = Tmax * k;
+    px_rows_cap = rows_cap(Tmax);
     const auto bytes = px_sizes(Tmax);
     const uint64_t total = px_total(Tmax);
     void** ptrs[12] = {
@@ -1247,8 +1255,9 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
       if (bytes[static_cast<size_t>(i)] > 0)
         cuda_check(cudaMalloc(ptrs[i], bytes[static_cast<size_t>(i)]), "prefill expert streaming");
     const size_t R = static_cast<size_t>(px_rows_max);
-    cuda_check(cudaMallocHost(reinterpret_cast<void**>(&h_px_rows), R * 4),
-               "pinned host allocation");
+    cuda_check(
+        cudaMallocHost(reinterpret_cast<void**>(&h_px_rows), static_cast<size_t>(px_rows_cap) * 4),
+        "pinned host allocation");
     cuda_check(cudaMallocHost(reinterpret_cast<void**>(&h_px_pos), R * 4),
                "pinned host allocation");
     cuda_check(cudaStreamCreateWithFlags(&px_copy, cudaStreamNonBlocking), "stream creation");
@@ -1375,8 +1384,29 @@ int64_t CudaModel::Impl::px_measure(kernels::Executor& ex) {
     dq.dst_stride = H * I;
     dq.mat_dst_stride = 0;
     kc::dequant_expert_matrices(px_dn, dq, stream);
-    px_fork();  // as px_layer runs them (Note [Expert GEMMs on lanes])
-    for (int64_t term = 0; term < (px_split ? 2 : 1); ++term)  // both terms where split
+    if (px_pad) {  // as px_layer runs them (Note [Padded expert batches])
+      for (int term = 0; term < (px_split ? 2 : 1); ++term) {
+        cublas_check(cublasGemmStridedBatchedEx(
+                         blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(2 * I),
+                         static_cast<int>(n), static_cast<int>(H), &one, px_wgu, CUDA_R_16BF,
+                         static_cast<int>(H), 2 * I * H, px_xs, CUDA_R_16BF, static_cast<int>(H),
+                         n * H, &zero, px_hb, CUDA_R_32F, static_cast<int>(2 * I), n * 2 * I,
+                         static_cast<int>(g), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                     "cublasGemmStridedBatchedEx");
+        cublas_check(cublasGemmStridedBatchedEx(
+                         blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(H), static_cast<int>(n),
+                         static_cast<int>(I), &one, px_wdn, CUDA_R_16BF, static_cast<int>(I), H * I,
+                         px_act, CUDA_R_16BF, static_cast<int>(I), n * I, &zero, px_out, CUDA_R_32F,
+                         static_cast<int>(H), n * H, static_cast<int>(g), CUBLAS_COMPUTE_32F,
+                         CUBLAS_GEMM_DEFAULT),
+                     "cublasGemmStridedBatchedEx");
+      }
+    }
+    if (!px_pad) px_fork();  // as px_layer runs them (Note [Expert GEMMs on lanes])
+    for (int64_t term = 0; term < (px_pad     ? 0
+                                   : px_split ? 2
+                                              : 1);
+         ++term)  // both terms where split
       for (int64_t e = 0; e < g; ++e) {
         cublas_check(cublasGemmEx(px_lane_blas[e % px_lanes], CUBLAS_OP_T, CUBLAS_OP_N,
                                   static_cast<int>(2 * I), static_cast<int>(n), static_cast<int>(H),
@@ -1393,7 +1423,7 @@ int64_t CudaModel::Impl::px_measure(kernels::Executor& ex) {
                          static_cast<int>(H), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
             "cublasGemmEx");
       }
-    px_join();
+    if (!px_pad) px_join();
     cuda_check(cudaEventRecord(t1, stream), "event record");
     cuda_check(cudaEventSynchronize(t1), "event wait");
     gemm_s = std::min(gemm_s, elapsed());
@@ -1478,7 +1508,36 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
   for (int64_t e = 0; e < E; ++e)
     px_off[static_cast<size_t>(e) + 1] =
         px_off[static_cast<size_t>(e)] + px_count[static_cast<size_t>(e)];
-  {
+  // Note [Padded expert batches]: where asked for and the padded rows fit, each group's experts
+  // are padded to its longest one, expert e's rows at px_goff[g] + (e - e0) * px_gn[g].
+  const int64_t ngroups = (E + px_group - 1) / px_group;
+  bool pad = false;
+  int64_t rows = R;
+  if (px_pad) {
+    px_gn.assign(static_cast<size_t>(ngroups), 0);
+    px_goff.assign(static_cast<size_t>(ngroups) + 1, 0);
+    for (int64_t g = 0; g < ngroups; ++g) {
+      const int64_t e0 = g * px_group, e1 = std::min(E, e0 + px_group);
+      int64_t nmax = 0;
+      for (int64_t e = e0; e < e1; ++e) nmax = std::max(nmax, px_count[static_cast<size_t>(e)]);
+      px_gn[static_cast<size_t>(g)] = nmax;
+      px_goff[static_cast<size_t>(g) + 1] = px_goff[static_cast<size_t>(g)] + (e1 - e0) * nmax;
+    }
+    pad = px_goff[static_cast<size_t>(ngroups)] <= px_rows_cap;
+    if (pad) rows = px_goff[static_cast<size_t>(ngroups)];
+  }
+  if (pad) {
+    std::fill(h_px_rows, h_px_rows + rows, 0);  // padding reads token 0; never combined
+    std::vector<int64_t> next(static_cast<size_t>(E), 0);
+    for (int64_t p = 0; p < R; ++p) {
+      const int64_t e = h_rids[p], g = e / px_group;
+      const int64_t r = px_goff[static_cast<size_t>(g)] +
+                        (e - g * px_group) * px_gn[static_cast<size_t>(g)] +
+                        next[static_cast<size_t>(e)]++;
+      h_px_rows[r] = static_cast<int32_t>(p / k);
+      h_px_pos[p] = static_cast<int32_t>(r);
+    }
+  } else {
     std::vector<int64_t> cur(px_off.begin(), px_off.end() - 1);
     for (int64_t p = 0; p < R; ++p) {
       const int64_t r = cur[static_cast<size_t>(h_rids[p])]++;
@@ -1486,8 +1545,8 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
       h_px_pos[p] = static_cast<int32_t>(r);
     }
   }
-  cuda_check(cudaMemcpyAsync(px_rows, h_px_rows, static_cast<size_t>(R) * 4, cudaMemcpyHostToDevice,
-                             stream),
+  cuda_check(cudaMemcpyAsync(px_rows, h_px_rows, static_cast<size_t>(rows) * 4,
+                             cudaMemcpyHostToDevice, stream),
              "copy to device");
   cuda_check(
       cudaMemcpyAsync(px_pos, h_px_pos, static_cast<size_t>(R) * 4, cudaMemcpyHostToDevice, stream),
@@ -1497,7 +1556,7 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
   // The next layer's experts, beside this one (after the small uploads above, so they do not
   // queue behind it on a shared copy engine).
   px_issue(px_next_moe[static_cast<size_t>(layer)]);
-  kc::gather_rows_bf16(xn, H, px_rows, R, H, px_xs, stream, px_xs_lo);
+  kc::gather_rows_bf16(xn, H, px_rows, rows, H, px_xs, stream, px_xs_lo);
   cuda_check(cudaStreamWaitEvent(stream, px_ev_filled[buf]), "stream wait");
   mark("mlp: streamed experts' copy wait (row gather included)");
   const kc::ExpertMatrixLayout &gu = px_gu, &dn = px_dn;
@@ -1525,6 +1584,31 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
     dq.dst_stride = H * I;
     dq.mat_dst_stride = 0;
     kc::dequant_expert_matrices(dn, dq, stream);
+    if (pad) {  // one strided-batched call per GEMM (and term) for the group
+      const size_t g = static_cast<size_t>(e0 / px_group);
+      const int64_t n = px_gn[g], r0 = px_goff[g], ne = e1 - e0;
+      for (int term = 0; term < (px_split ? 2 : 1); ++term)
+        cublas_check(
+            cublasGemmStridedBatchedEx(
+                blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(2 * I), static_cast<int>(n),
+                static_cast<int>(H), &one, px_wgu, CUDA_R_16BF, static_cast<int>(H), 2 * I * H,
+                (term ? px_xs_lo : px_xs) + r0 * H, CUDA_R_16BF, static_cast<int>(H), n * H,
+                term ? &one : &zero, px_hb + r0 * 2 * I, CUDA_R_32F, static_cast<int>(2 * I),
+                n * 2 * I, static_cast<int>(ne), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+            "cublasGemmStridedBatchedEx");
+      kc::silu_mul_bf16(px_hb + r0 * 2 * I, ne * n, I, px_act + r0 * I, stream,
+                        px_split ? px_act_lo + r0 * I : nullptr);
+      for (int term = 0; term < (px_split ? 2 : 1); ++term)
+        cublas_check(
+            cublasGemmStridedBatchedEx(
+                blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(H), static_cast<int>(n),
+                static_cast<int>(I), &one, px_wdn, CUDA_R_16BF, static_cast<int>(I), H * I,
+                (term ? px_act_lo : px_act) + r0 * I, CUDA_R_16BF, static_cast<int>(I), n * I,
+                term ? &one : &zero, px_out + r0 * H, CUDA_R_32F, static_cast<int>(H), n * H,
+                static_cast<int>(ne), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+            "cublasGemmStridedBatchedEx");
+      continue;
+    }
     px_fork();
     int lane = 0;
     for (int64_t e = e0; e < e1; ++e) {
@@ -1568,8 +1652,21 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
   mark("mlp: streamed routed experts");
   std::lock_guard lock(vx_mu);
   ++vx_stats.stream_layers;
+  vx_stats.stream_padded_layers += pad ? 1 : 0;
   vx_stats.stream_pairs += R;
 }
+
+// Note [Padded expert batches]
+// The per-expert GEMMs of a streamed layer are 512 cuBLAS calls (256 experts, gate/up and down)
+// of ~256 rows each at 8192-token chunks: the lanes (Note [Expert GEMMs on lanes]) moved the
+// load's measured GEMM rate only from 57 to 62 TFLOP/s, so the calls' cost on the host, not the
+// SMs, looks like the bound. With TIDAL_CUDA_STREAM_BATCHED=1 each group of px_group experts is
+// padded to its longest expert's row count and runs as one strided-batched call per GEMM:
+// expert e's rows sit at px_goff[g] + (e - e0)·px_gn[g] (padding rows read token 0 and are never
+// combined: combine_routed reads only the pairs' rows), 32 calls per layer instead of 512, each
+// with 16x the tiles. The row buffers hold 3/2 of the pairs; a layer whose padded rows do not
+// fit (routing skewed within a group) runs the per-expert path. Uniform routing pads ~10-25%.
+// Off by default until measured on a GPU (the lanes stay the default path).
 
 // Note [Expert GEMMs on lanes]
 // One expert's GEMMs at prefill chunk sizes are small: 2I x n x H with n ~ T·k/E (256 rows at
@@ -2785,7 +2882,7 @@ void CudaModel::reset_expert_cache_stats() {
   m.vx_stats.gpu_pairs = m.vx_stats.cpu_pairs = m.vx_stats.fills = 0;
   m.vx_stats.bytes_in = 0;
   m.vx_stats.prefetched = m.vx_stats.prefetch_hits = 0;
-  m.vx_stats.stream_layers = m.vx_stats.stream_pairs = 0;
+  m.vx_stats.stream_layers = m.vx_stats.stream_pairs = m.vx_stats.stream_padded_layers = 0;
   m.vx_stats.stream_bytes = 0;
   std::fill(m.vx_stats.layer_gpu_pairs.begin(), m.vx_stats.layer_gpu_pairs.end(), 0);
   std::fill(m.vx_stats.layer_cpu_pairs.begin(), m.vx_stats.layer_cpu_pairs.end(), 0);

@@ -3,7 +3,8 @@
 # Prefill expert streaming's trade, one device call (after STEPS="build model" of
 # run_device_issue7.sh): prompt (pp512, pp8192) and decode (tg128) speed with streaming as chosen
 # at load (TIDAL_CUDA_PREFILL_STREAM unset: its buffers come out of the expert cache's share), the
-# same with the streamed experts' GEMMs one after another (TIDAL_CUDA_STREAM_LANES=1), and streaming
+# same with each group's experts padded into one strided-batched GEMM (TIDAL_CUDA_STREAM_BATCHED=1),
+# with the streamed experts' GEMMs one after another (TIDAL_CUDA_STREAM_LANES=1), and streaming
 # off (every byte to the cache): same model, same caps, same call. PROFILE=1 adds where an 8K
 # prefill's GPU time goes (TIDAL_CUDA_PROFILE=1, tests/bench/profile_prefill.py).
 #   STEPS="build model" bash tests/bench/run_device_issue7.sh && bash tests/bench/run_device_stream_tradeoff.sh
@@ -12,7 +13,7 @@ set -uo pipefail
 out=$(mkdir -p "${OUT:-bench-out}" && cd "${OUT:-bench-out}" && pwd)
 m=${MODEL:-/tmp/m40}
 export LD_LIBRARY_PATH=/tmp/deps/lib:${LD_LIBRARY_PATH:-} PYTHONPATH=$PWD/python TIDAL_EXECUTOR=spin
-for mode in ${MODES:-auto lanes1=TIDAL_CUDA_STREAM_LANES=1 off=TIDAL_CUDA_PREFILL_STREAM=0}; do
+for mode in ${MODES:-auto batched=TIDAL_CUDA_STREAM_BATCHED=1 lanes1=TIDAL_CUDA_STREAM_LANES=1 off=TIDAL_CUDA_PREFILL_STREAM=0}; do
   s=${mode%%=*}
   envs=()
   [[ $mode == *=* ]] && IFS=, read -r -a envs <<< "${mode#*=}"

@@ -549,6 +549,31 @@ def test_prefill_expert_streaming_matches_host_experts(dtype, chunk, n_prompt, m
         assert m["mean_abs_err"] <= int4_noise
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "int4"])
+def test_padded_expert_batches_match_per_expert_gemms(dtype, monkeypatch):
+    """Note [Padded expert batches] (TIDAL_CUDA_STREAM_BATCHED=1): each group's experts padded to its
+    longest and run as one strided-batched GEMM give the per-expert GEMMs' logits up to the GEMM
+    kernels' fp32 summation order (bound: 2e-3 of the logit scale; the padding rows are never
+    combined, so a wrong offset shows as an O(1) error)."""
+    ids = [int(i) for i in np.random.default_rng(11).integers(5, 8000, 300)]
+    for k, v in STREAM_ENV.items():
+        monkeypatch.setenv(k, v)
+    got = {}
+    for batched in ("0", "1"):
+        monkeypatch.setenv("TIDAL_CUDA_STREAM_BATCHED", batched)
+        rt = _load(MINI, expert_dtype=dtype, gpu_expert_slots=0)
+        got[batched] = _prompt_and_decode(rt, ids, 256)
+        st = rt._engine.stats()
+        assert st["gpu_streamed_layers"] == 2 * sum(rt.config.layer_is_moe)
+        # Padded when asked (a layer whose skewed routing pads past 3/2 of the pairs runs per expert).
+        padded = st["gpu_streamed_padded_layers"]
+        assert (padded > 0 if batched == "1" else padded == 0), padded
+    scale = float(np.abs(got["0"]).max())
+    err = float(np.abs(got["1"] - got["0"]).max())
+    _record(f"padded expert batches {dtype}", max_abs_err=err, logit_scale=scale)
+    assert err <= 2e-3 * scale
+
+
 def test_prefill_expert_streaming_threshold(monkeypatch):
     """A prompt shorter than TIDAL_CUDA_STREAM_MIN_TOKENS keeps its experts on the host."""
     for k, v in STREAM_ENV.items():
