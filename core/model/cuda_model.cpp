@@ -347,7 +347,8 @@ struct CudaModel::Impl {
   // order into y (deterministic). The shared expert and everything after are unchanged. Chunks grow
   // to stream_chunk tokens, so the experts cross PCIe once per stream_chunk tokens: 17 GB per 4096
   // tokens for the 35B-A3B at INT4, ~0.3 s at 55 GB/s. Routing control works (its rewritten ids
-  // and weights are what gets uploaded). Off by default until measured.
+  // and weights are what gets uploaded). On by default where it fits and pays (Note [Measuring the
+  // stream threshold]); measured in docs/performance.md (ninth session).
   bool px_on = false, px_step = false;
   int64_t px_stride = 0, px_layer_bytes = 0, px_group = 16, px_rows_max = 0;
   // Note [Padded expert batches]: TIDAL_CUDA_STREAM_BATCHED=1; the row buffers' capacity (pairs,
