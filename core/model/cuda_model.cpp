@@ -354,8 +354,12 @@ struct CudaModel::Impl {
   // Note [Padded expert batches]: TIDAL_CUDA_STREAM_BATCHED=1; the row buffers' capacity (pairs,
   // or 3/2 of them for the padding), and per layer each group's padded rows and their offsets.
   bool px_pad = false;
-  int64_t px_rows_cap = 0;
-  std::vector<int64_t> px_gn, px_goff;
+  int64_t px_pad_rows = 0, px_plist_cap = 0;  // scratch rows for one group; padded-list capacity
+  std::vector<int64_t> px_gn, px_goff;        // per group: padded rows per expert (0: per expert)
+  uint16_t *px_pxs = nullptr, *px_pxs_lo = nullptr, *px_pact = nullptr, *px_pact_lo = nullptr;
+  float *px_phb = nullptr, *px_pout = nullptr;
+  int32_t *px_ptok = nullptr, *px_pdst = nullptr;      // device: each padded row's token, its row
+  int32_t *h_px_ptok = nullptr, *h_px_pdst = nullptr;  // pinned
   kc::ExpertMatrixLayout px_gu, px_dn;
   uint8_t* px_stage[2] = {nullptr, nullptr};
   int px_stage_layer[2] = {-1, -1};
@@ -1141,21 +1145,32 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
   px_lanes = static_cast<int>(
       std::clamp<int64_t>(CudaOptions::env_int("TIDAL_CUDA_STREAM_LANES", 4), 1, kPxLanes));
   px_pad = CudaOptions::env_flag("TIDAL_CUDA_STREAM_BATCHED", false);
-  auto rows_cap = [&](int64_t T) { return px_pad ? T * k + T * k / 2 : T * k; };
+  const int64_t ngroups = (E + px_group - 1) / px_group;
+  // Note [Padded expert batches]: one group's padded rows, at most half the chunk's pairs.
+  auto pad_rows = [&](int64_t T) { return px_pad ? std::max<int64_t>(px_group, T * k / 2) : 0; };
   auto px_sizes = [&](int64_t T) {
-    const size_t R = static_cast<size_t>(T * k), Rc = static_cast<size_t>(rows_cap(T));
-    return std::array<size_t, 12>{static_cast<size_t>(px_layer_bytes),
+    const size_t R = static_cast<size_t>(T * k), S = static_cast<size_t>(pad_rows(T)),
+                 L = static_cast<size_t>(ngroups) * S;
+    return std::array<size_t, 20>{static_cast<size_t>(px_layer_bytes),
                                   static_cast<size_t>(px_layer_bytes),
                                   static_cast<size_t>(px_group * 2 * I * H) * 2,
                                   static_cast<size_t>(px_group * H * I) * 2,
-                                  Rc * static_cast<size_t>(H) * 2,
-                                  Rc * static_cast<size_t>(2 * I) * 4,
-                                  Rc * static_cast<size_t>(I) * 2,
-                                  Rc * static_cast<size_t>(H) * 4,
-                                  Rc * 4,
+                                  R * static_cast<size_t>(H) * 2,
+                                  R * static_cast<size_t>(2 * I) * 4,
+                                  R * static_cast<size_t>(I) * 2,
+                                  R * static_cast<size_t>(H) * 4,
                                   R * 4,
-                                  px_split ? Rc * static_cast<size_t>(H) * 2 : 0,
-                                  px_split ? Rc * static_cast<size_t>(I) * 2 : 0};
+                                  R * 4,
+                                  px_split ? R * static_cast<size_t>(H) * 2 : 0,
+                                  px_split ? R * static_cast<size_t>(I) * 2 : 0,
+                                  S * static_cast<size_t>(H) * 2,
+                                  px_split ? S * static_cast<size_t>(H) * 2 : 0,
+                                  S * static_cast<size_t>(2 * I) * 4,
+                                  S * static_cast<size_t>(I) * 2,
+                                  px_split ? S * static_cast<size_t>(I) * 2 : 0,
+                                  S * static_cast<size_t>(H) * 4,
+                                  L * 4,
+                                  L * 4};
   };
   auto px_total = [&](int64_t T) {
     uint64_t t = static_cast<uint64_t>(px_lanes) * kPxLaneWorkspace;
@@ -1242,23 +1257,32 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
       ws_bytes = plan.bytes + (size_t{32} << 20);
     }
     px_rows_max = Tmax * k;
-    px_rows_cap = rows_cap(Tmax);
+    px_pad_rows = pad_rows(Tmax);
+    px_plist_cap = ngroups * px_pad_rows;
     const auto bytes = px_sizes(Tmax);
     const uint64_t total = px_total(Tmax);
-    void** ptrs[12] = {
+    void** ptrs[20] = {
         reinterpret_cast<void**>(&px_stage[0]), reinterpret_cast<void**>(&px_stage[1]),
         reinterpret_cast<void**>(&px_wgu),      reinterpret_cast<void**>(&px_wdn),
         reinterpret_cast<void**>(&px_xs),       reinterpret_cast<void**>(&px_hb),
         reinterpret_cast<void**>(&px_act),      reinterpret_cast<void**>(&px_out),
         reinterpret_cast<void**>(&px_rows),     reinterpret_cast<void**>(&px_pos),
-        reinterpret_cast<void**>(&px_xs_lo),    reinterpret_cast<void**>(&px_act_lo)};
-    for (int i = 0; i < 12; ++i)
+        reinterpret_cast<void**>(&px_xs_lo),    reinterpret_cast<void**>(&px_act_lo),
+        reinterpret_cast<void**>(&px_pxs),      reinterpret_cast<void**>(&px_pxs_lo),
+        reinterpret_cast<void**>(&px_phb),      reinterpret_cast<void**>(&px_pact),
+        reinterpret_cast<void**>(&px_pact_lo),  reinterpret_cast<void**>(&px_pout),
+        reinterpret_cast<void**>(&px_ptok),     reinterpret_cast<void**>(&px_pdst)};
+    for (int i = 0; i < 20; ++i)
       if (bytes[static_cast<size_t>(i)] > 0)
         cuda_check(cudaMalloc(ptrs[i], bytes[static_cast<size_t>(i)]), "prefill expert streaming");
     const size_t R = static_cast<size_t>(px_rows_max);
-    cuda_check(
-        cudaMallocHost(reinterpret_cast<void**>(&h_px_rows), static_cast<size_t>(px_rows_cap) * 4),
-        "pinned host allocation");
+    cuda_check(cudaMallocHost(reinterpret_cast<void**>(&h_px_rows), R * 4),
+               "pinned host allocation");
+    if (px_pad) {
+      const size_t L = static_cast<size_t>(px_plist_cap) * 4;
+      cuda_check(cudaMallocHost(reinterpret_cast<void**>(&h_px_ptok), L), "pinned host allocation");
+      cuda_check(cudaMallocHost(reinterpret_cast<void**>(&h_px_pdst), L), "pinned host allocation");
+    }
     cuda_check(cudaMallocHost(reinterpret_cast<void**>(&h_px_pos), R * 4),
                "pinned host allocation");
     cuda_check(cudaStreamCreateWithFlags(&px_copy, cudaStreamNonBlocking), "stream creation");
@@ -1361,7 +1385,8 @@ int64_t CudaModel::Impl::px_measure(kernels::Executor& ex) {
   // One group's dequant + gate/up + down GEMMs at the chunk's mean tokens per expert.
   const int64_t n = std::max<int64_t>(1, Tmax * k / E);
   // g experts of n rows each within the row buffers (Tmax·k rows).
-  const int64_t g = std::max<int64_t>(1, std::min<int64_t>({px_group, E, Tmax * k / n}));
+  const int64_t g = std::max<int64_t>(
+      1, std::min<int64_t>({px_group, E, Tmax * k / n, px_pad ? px_pad_rows / n : px_group}));
   cuda_check(cudaMemsetAsync(px_xs, 0, static_cast<size_t>(g * n * H) * 2, stream), "memset");
   cuda_check(cudaMemsetAsync(px_act, 0, static_cast<size_t>(g * n * I) * 2, stream), "memset");
   const float one = 1.f, zero = 0.f;
@@ -1385,21 +1410,21 @@ int64_t CudaModel::Impl::px_measure(kernels::Executor& ex) {
     dq.dst_stride = H * I;
     dq.mat_dst_stride = 0;
     kc::dequant_expert_matrices(px_dn, dq, stream);
-    if (px_pad) {  // as px_layer runs them (Note [Padded expert batches])
+    if (px_pad) {  // as px_layer runs them (Note [Padded expert batches]), g·n <= px_pad_rows
       for (int term = 0; term < (px_split ? 2 : 1); ++term) {
         cublas_check(cublasGemmStridedBatchedEx(
                          blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(2 * I),
                          static_cast<int>(n), static_cast<int>(H), &one, px_wgu, CUDA_R_16BF,
                          static_cast<int>(H), 2 * I * H, px_xs, CUDA_R_16BF, static_cast<int>(H),
-                         n * H, &zero, px_hb, CUDA_R_32F, static_cast<int>(2 * I), n * 2 * I,
+                         n * H, &zero, px_phb, CUDA_R_32F, static_cast<int>(2 * I), n * 2 * I,
                          static_cast<int>(g), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                      "cublasGemmStridedBatchedEx");
         cublas_check(cublasGemmStridedBatchedEx(
                          blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(H), static_cast<int>(n),
                          static_cast<int>(I), &one, px_wdn, CUDA_R_16BF, static_cast<int>(I), H * I,
-                         px_act, CUDA_R_16BF, static_cast<int>(I), n * I, &zero, px_out, CUDA_R_32F,
-                         static_cast<int>(H), n * H, static_cast<int>(g), CUBLAS_COMPUTE_32F,
-                         CUBLAS_GEMM_DEFAULT),
+                         px_act, CUDA_R_16BF, static_cast<int>(I), n * I, &zero, px_pout,
+                         CUDA_R_32F, static_cast<int>(H), n * H, static_cast<int>(g),
+                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                      "cublasGemmStridedBatchedEx");
       }
     }
@@ -1509,36 +1534,7 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
   for (int64_t e = 0; e < E; ++e)
     px_off[static_cast<size_t>(e) + 1] =
         px_off[static_cast<size_t>(e)] + px_count[static_cast<size_t>(e)];
-  // Note [Padded expert batches]: where asked for and the padded rows fit, each group's experts
-  // are padded to its longest one, expert e's rows at px_goff[g] + (e - e0) * px_gn[g].
-  const int64_t ngroups = (E + px_group - 1) / px_group;
-  bool pad = false;
-  int64_t rows = R;
-  if (px_pad) {
-    px_gn.assign(static_cast<size_t>(ngroups), 0);
-    px_goff.assign(static_cast<size_t>(ngroups) + 1, 0);
-    for (int64_t g = 0; g < ngroups; ++g) {
-      const int64_t e0 = g * px_group, e1 = std::min(E, e0 + px_group);
-      int64_t nmax = 0;
-      for (int64_t e = e0; e < e1; ++e) nmax = std::max(nmax, px_count[static_cast<size_t>(e)]);
-      px_gn[static_cast<size_t>(g)] = nmax;
-      px_goff[static_cast<size_t>(g) + 1] = px_goff[static_cast<size_t>(g)] + (e1 - e0) * nmax;
-    }
-    pad = px_goff[static_cast<size_t>(ngroups)] <= px_rows_cap;
-    if (pad) rows = px_goff[static_cast<size_t>(ngroups)];
-  }
-  if (pad) {
-    std::fill(h_px_rows, h_px_rows + rows, 0);  // padding reads token 0; never combined
-    std::vector<int64_t> next(static_cast<size_t>(E), 0);
-    for (int64_t p = 0; p < R; ++p) {
-      const int64_t e = h_rids[p], g = e / px_group;
-      const int64_t r = px_goff[static_cast<size_t>(g)] +
-                        (e - g * px_group) * px_gn[static_cast<size_t>(g)] +
-                        next[static_cast<size_t>(e)]++;
-      h_px_rows[r] = static_cast<int32_t>(p / k);
-      h_px_pos[p] = static_cast<int32_t>(r);
-    }
-  } else {
+  {
     std::vector<int64_t> cur(px_off.begin(), px_off.end() - 1);
     for (int64_t p = 0; p < R; ++p) {
       const int64_t r = cur[static_cast<size_t>(h_rids[p])]++;
@@ -1546,9 +1542,42 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
       h_px_pos[p] = static_cast<int32_t>(r);
     }
   }
-  cuda_check(cudaMemcpyAsync(px_rows, h_px_rows, static_cast<size_t>(rows) * 4,
-                             cudaMemcpyHostToDevice, stream),
+  cuda_check(cudaMemcpyAsync(px_rows, h_px_rows, static_cast<size_t>(R) * 4, cudaMemcpyHostToDevice,
+                             stream),
              "copy to device");
+  // Note [Padded expert batches]: the groups whose experts, padded to the group's longest, fit
+  // one group's scratch; each padded row's token and its row in the unpadded layout (-1: padding).
+  const int64_t ngroups = (E + px_group - 1) / px_group;
+  if (px_pad) {
+    px_gn.assign(static_cast<size_t>(ngroups), 0);
+    px_goff.assign(static_cast<size_t>(ngroups), 0);
+    int64_t plist = 0;
+    for (int64_t g = 0; g < ngroups; ++g) {
+      const int64_t e0 = g * px_group, e1 = std::min(E, e0 + px_group);
+      int64_t nmax = 0;
+      for (int64_t e = e0; e < e1; ++e) nmax = std::max(nmax, px_count[static_cast<size_t>(e)]);
+      if (nmax == 0 || (e1 - e0) * nmax > px_pad_rows) continue;  // per expert
+      px_gn[static_cast<size_t>(g)] = nmax;
+      px_goff[static_cast<size_t>(g)] = plist;
+      for (int64_t e = e0; e < e1; ++e)
+        for (int64_t i = 0; i < nmax; ++i) {
+          const int64_t idx = plist + (e - e0) * nmax + i;
+          const bool real = i < px_count[static_cast<size_t>(e)];
+          const int64_t r = px_off[static_cast<size_t>(e)] + i;
+          h_px_ptok[idx] = real ? h_px_rows[r] : 0;  // padding reads token 0, is never stored
+          h_px_pdst[idx] = real ? static_cast<int32_t>(r) : -1;
+        }
+      plist += (e1 - e0) * nmax;
+    }
+    if (plist > 0) {
+      cuda_check(cudaMemcpyAsync(px_ptok, h_px_ptok, static_cast<size_t>(plist) * 4,
+                                 cudaMemcpyHostToDevice, stream),
+                 "copy to device");
+      cuda_check(cudaMemcpyAsync(px_pdst, h_px_pdst, static_cast<size_t>(plist) * 4,
+                                 cudaMemcpyHostToDevice, stream),
+                 "copy to device");
+    }
+  }
   cuda_check(
       cudaMemcpyAsync(px_pos, h_px_pos, static_cast<size_t>(R) * 4, cudaMemcpyHostToDevice, stream),
       "copy to device");
@@ -1557,7 +1586,7 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
   // The next layer's experts, beside this one (after the small uploads above, so they do not
   // queue behind it on a shared copy engine).
   px_issue(px_next_moe[static_cast<size_t>(layer)]);
-  kc::gather_rows_bf16(xn, H, px_rows, rows, H, px_xs, stream, px_xs_lo);
+  kc::gather_rows_bf16(xn, H, px_rows, R, H, px_xs, stream, px_xs_lo);
   cuda_check(cudaStreamWaitEvent(stream, px_ev_filled[buf]), "stream wait");
   mark("mlp: streamed experts' copy wait (row gather included)");
   const kc::ExpertMatrixLayout &gu = px_gu, &dn = px_dn;
@@ -1585,29 +1614,34 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
     dq.dst_stride = H * I;
     dq.mat_dst_stride = 0;
     kc::dequant_expert_matrices(dn, dq, stream);
-    if (pad) {  // one strided-batched call per GEMM (and term) for the group
+    if (px_pad && px_gn[static_cast<size_t>(e0 / px_group)] > 0) {
+      // One strided-batched call per GEMM (and term) for the group, in its padded scratch, then
+      // its real rows into the unpadded layout (Note [Padded expert batches]).
       const size_t g = static_cast<size_t>(e0 / px_group);
-      const int64_t n = px_gn[g], r0 = px_goff[g], ne = e1 - e0;
+      const int64_t n = px_gn[g], ne = e1 - e0, rows = ne * n;
+      kc::gather_rows_bf16(xn, H, px_ptok + px_goff[g], rows, H, px_pxs, stream,
+                           px_split ? px_pxs_lo : nullptr);
       for (int term = 0; term < (px_split ? 2 : 1); ++term)
         cublas_check(
             cublasGemmStridedBatchedEx(
                 blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(2 * I), static_cast<int>(n),
                 static_cast<int>(H), &one, px_wgu, CUDA_R_16BF, static_cast<int>(H), 2 * I * H,
-                (term ? px_xs_lo : px_xs) + r0 * H, CUDA_R_16BF, static_cast<int>(H), n * H,
-                term ? &one : &zero, px_hb + r0 * 2 * I, CUDA_R_32F, static_cast<int>(2 * I),
-                n * 2 * I, static_cast<int>(ne), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-            "cublasGemmStridedBatchedEx");
-      kc::silu_mul_bf16(px_hb + r0 * 2 * I, ne * n, I, px_act + r0 * I, stream,
-                        px_split ? px_act_lo + r0 * I : nullptr);
-      for (int term = 0; term < (px_split ? 2 : 1); ++term)
-        cublas_check(
-            cublasGemmStridedBatchedEx(
-                blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(H), static_cast<int>(n),
-                static_cast<int>(I), &one, px_wdn, CUDA_R_16BF, static_cast<int>(I), H * I,
-                (term ? px_act_lo : px_act) + r0 * I, CUDA_R_16BF, static_cast<int>(I), n * I,
-                term ? &one : &zero, px_out + r0 * H, CUDA_R_32F, static_cast<int>(H), n * H,
+                term ? px_pxs_lo : px_pxs, CUDA_R_16BF, static_cast<int>(H), n * H,
+                term ? &one : &zero, px_phb, CUDA_R_32F, static_cast<int>(2 * I), n * 2 * I,
                 static_cast<int>(ne), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
             "cublasGemmStridedBatchedEx");
+      kc::silu_mul_bf16(px_phb, rows, I, px_pact, stream, px_split ? px_pact_lo : nullptr);
+      for (int term = 0; term < (px_split ? 2 : 1); ++term)
+        cublas_check(cublasGemmStridedBatchedEx(
+                         blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(H), static_cast<int>(n),
+                         static_cast<int>(I), &one, px_wdn, CUDA_R_16BF, static_cast<int>(I), H * I,
+                         term ? px_pact_lo : px_pact, CUDA_R_16BF, static_cast<int>(I), n * I,
+                         term ? &one : &zero, px_pout, CUDA_R_32F, static_cast<int>(H), n * H,
+                         static_cast<int>(ne), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                     "cublasGemmStridedBatchedEx");
+      kc::scatter_rows(px_pout, px_pdst + px_goff[g], rows, H, px_out, stream);
+      std::lock_guard lock(vx_mu);
+      ++vx_stats.stream_padded_groups;
       continue;
     }
     px_fork();
@@ -1653,7 +1687,6 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
   mark("mlp: streamed routed experts");
   std::lock_guard lock(vx_mu);
   ++vx_stats.stream_layers;
-  vx_stats.stream_padded_layers += pad ? 1 : 0;
   vx_stats.stream_pairs += R;
 }
 
@@ -1661,13 +1694,15 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
 // The per-expert GEMMs of a streamed layer are 512 cuBLAS calls (256 experts, gate/up and down)
 // of ~256 rows each at 8192-token chunks: the lanes (Note [Expert GEMMs on lanes]) moved the
 // load's measured GEMM rate only from 57 to 62 TFLOP/s, so the calls' cost on the host, not the
-// SMs, looks like the bound. With TIDAL_CUDA_STREAM_BATCHED=1 each group of px_group experts is
-// padded to its longest expert's row count and runs as one strided-batched call per GEMM:
-// expert e's rows sit at px_goff[g] + (e - e0)·px_gn[g] (padding rows read token 0 and are never
-// combined: combine_routed reads only the pairs' rows), 32 calls per layer instead of 512, each
-// with 16x the tiles. The row buffers hold 3/2 of the pairs; a layer whose padded rows do not
-// fit (routing skewed within a group) runs the per-expert path. Uniform routing pads ~10-25%.
-// Off by default until measured on a GPU (the lanes stay the default path).
+// SMs, looks like the bound. With TIDAL_CUDA_STREAM_BATCHED=1 a group of px_group experts whose
+// rows, padded to its longest expert's count, fit one group's scratch (half the chunk's pairs)
+// runs as one strided-batched call per GEMM: its rows are gathered padded (expert e's at
+// (e - e0)·n; padding rows read token 0), the products and SwiGLU run on the scratch, and the real
+// rows are scattered into the unpadded layout (padding rows are marked -1 and never stored), so
+// the combine and every other group are unchanged. A group too skewed for the scratch runs per
+// expert on the lanes. The scratch is per group, not per layer: trained routers are skewed (a
+// group of tidal-mini's pads to ~2x its pairs), and a per-layer padded layout would have to hold
+// several times the pairs. Off by default until measured on a GPU.
 
 // Note [Expert GEMMs on lanes]
 // One expert's GEMMs at prefill chunk sizes are small: 2I x n x H with n ~ T·k/E (256 rows at
@@ -1717,12 +1752,21 @@ void CudaModel::Impl::px_free() {
   }
   if (px_ev_fork) cudaEventDestroy(px_ev_fork);
   px_ev_fork = nullptr;
-  for (void* p : {static_cast<void*>(px_wgu), static_cast<void*>(px_wdn), static_cast<void*>(px_xs),
-                  static_cast<void*>(px_hb), static_cast<void*>(px_act), static_cast<void*>(px_out),
-                  static_cast<void*>(px_rows), static_cast<void*>(px_pos),
-                  static_cast<void*>(px_xs_lo), static_cast<void*>(px_act_lo)})
+  for (void* p :
+       {static_cast<void*>(px_wgu), static_cast<void*>(px_wdn), static_cast<void*>(px_xs),
+        static_cast<void*>(px_hb), static_cast<void*>(px_act), static_cast<void*>(px_out),
+        static_cast<void*>(px_rows), static_cast<void*>(px_pos), static_cast<void*>(px_xs_lo),
+        static_cast<void*>(px_act_lo), static_cast<void*>(px_pxs), static_cast<void*>(px_pxs_lo),
+        static_cast<void*>(px_phb), static_cast<void*>(px_pact), static_cast<void*>(px_pact_lo),
+        static_cast<void*>(px_pout), static_cast<void*>(px_ptok), static_cast<void*>(px_pdst)})
     cudaFree(p);
   px_wgu = px_wdn = px_xs = px_act = px_xs_lo = px_act_lo = nullptr;
+  px_pxs = px_pxs_lo = px_pact = px_pact_lo = nullptr;
+  px_phb = px_pout = nullptr;
+  px_ptok = px_pdst = nullptr;
+  if (h_px_ptok) cudaFreeHost(h_px_ptok);
+  if (h_px_pdst) cudaFreeHost(h_px_pdst);
+  h_px_ptok = h_px_pdst = nullptr;
   px_hb = px_out = nullptr;
   px_rows = px_pos = nullptr;
   if (h_px_rows) cudaFreeHost(h_px_rows);
@@ -2883,7 +2927,7 @@ void CudaModel::reset_expert_cache_stats() {
   m.vx_stats.gpu_pairs = m.vx_stats.cpu_pairs = m.vx_stats.fills = 0;
   m.vx_stats.bytes_in = 0;
   m.vx_stats.prefetched = m.vx_stats.prefetch_hits = 0;
-  m.vx_stats.stream_layers = m.vx_stats.stream_pairs = m.vx_stats.stream_padded_layers = 0;
+  m.vx_stats.stream_layers = m.vx_stats.stream_pairs = m.vx_stats.stream_padded_groups = 0;
   m.vx_stats.stream_bytes = 0;
   std::fill(m.vx_stats.layer_gpu_pairs.begin(), m.vx_stats.layer_gpu_pairs.end(), 0);
   std::fill(m.vx_stats.layer_cpu_pairs.begin(), m.vx_stats.layer_cpu_pairs.end(), 0);

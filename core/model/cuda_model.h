@@ -134,7 +134,8 @@ struct GpuExpertCacheStats {
   /// Prefill expert streaming (Note [Prefill expert streaming]): MoE layers computed from
   /// streamed experts, their (token, expert) pairs, and the packed bytes copied for them.
   int64_t stream_layers = 0, stream_pairs = 0;
-  int64_t stream_padded_layers = 0;  ///< of them, in padded batches (Note [Padded expert batches])
+  /// Expert groups run in padded batches (Note [Padded expert batches]).
+  int64_t stream_padded_groups = 0;
   uint64_t stream_bytes = 0;
 };
 

@@ -516,7 +516,7 @@ RuntimeStats Runtime::stats() const {
     s.layer_gpu_expert_evictions = c.layer_evictions;
     s.gpu_expert_slot_bytes = c.slot_bytes;
     s.gpu_streamed_layers = c.stream_layers;
-    s.gpu_streamed_padded_layers = c.stream_padded_layers;
+    s.gpu_streamed_padded_groups = c.stream_padded_groups;
     s.gpu_streamed_pairs = c.stream_pairs;
     s.gpu_streamed_bytes = c.stream_bytes;
   }

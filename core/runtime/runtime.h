@@ -108,8 +108,8 @@ struct RuntimeStats {
   /// Prefill expert streaming (device="cuda", TIDAL_CUDA_PREFILL_STREAM=1): MoE layers whose
   /// routed experts ran on the GPU from experts copied for the chunk, those pairs, those bytes.
   int64_t gpu_streamed_layers = 0, gpu_streamed_pairs = 0;
-  int64_t gpu_streamed_padded_layers =
-      0;  ///< of them, in padded batches (TIDAL_CUDA_STREAM_BATCHED)
+  /// Expert groups run in padded batches (TIDAL_CUDA_STREAM_BATCHED).
+  int64_t gpu_streamed_padded_groups = 0;
   uint64_t gpu_streamed_bytes = 0;
 };
 

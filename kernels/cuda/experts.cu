@@ -286,6 +286,14 @@ __global__ void silu_mul_bf16_kernel(const float* gu, int64_t i, __nv_bfloat16* 
     store_bf16_split(siluf(g[j]) * g[i + j], dst, lo, r * i + j);
 }
 
+__global__ void scatter_rows_kernel(const float* src, const int32_t* rows, int64_t h, float* dst) {
+  const int64_t r = blockIdx.x;
+  const int32_t to = rows[r];
+  if (to < 0) return;
+  for (int64_t j = threadIdx.x; j < h; j += blockDim.x)
+    dst[static_cast<int64_t>(to) * h + j] = src[r * h + j];
+}
+
 __global__ void combine_routed_kernel(const float* out, const int32_t* pos, const float* w, int k,
                                       int64_t h, float* y) {
   const int64_t t = blockIdx.x;
@@ -338,6 +346,12 @@ void silu_mul_bf16(const float* gu, int64_t rows, int64_t i, uint16_t* dst, cuda
   if (rows <= 0) return;
   silu_mul_bf16_kernel<<<static_cast<unsigned>(rows), 256, 0, s>>>(
       gu, i, reinterpret_cast<__nv_bfloat16*>(dst), reinterpret_cast<__nv_bfloat16*>(lo));
+}
+
+void scatter_rows(const float* src, const int32_t* rows, int64_t n, int64_t h, float* dst,
+                  cudaStream_t s) {
+  if (n <= 0) return;
+  scatter_rows_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(src, rows, h, dst);
 }
 
 void combine_routed(const float* out, const int32_t* pos, const float* w, int64_t T, int k,

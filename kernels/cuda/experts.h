@@ -84,6 +84,9 @@ void gather_rows_bf16(const float* x, int64_t ldx, const int32_t* rows, int64_t 
 /// with `lo`, the remainder as above.
 void silu_mul_bf16(const float* gu, int64_t rows, int64_t i, uint16_t* dst, cudaStream_t s,
                    uint16_t* lo = nullptr);
+/// dst[rows[r]] = src[r] (rows of h floats) for r < n where rows[r] >= 0; a row of -1 is skipped.
+void scatter_rows(const float* src, const int32_t* rows, int64_t n, int64_t h, float* dst,
+                  cudaStream_t s);
 /// y[t] = Σ_j w[t·k + j] · out[pos[t·k + j]] (rows of h floats), t < T: each token's routed
 /// experts' rows, summed in routing order (deterministic).
 void combine_routed(const float* out, const int32_t* pos, const float* w, int64_t T, int k,

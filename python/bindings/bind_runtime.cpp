@@ -140,7 +140,7 @@ py::dict stats_dict(const runtime::RuntimeStats& s) {
   d["layer_gpu_expert_evictions"] = s.layer_gpu_expert_evictions;
   d["gpu_expert_slot_bytes"] = s.gpu_expert_slot_bytes;
   d["gpu_streamed_layers"] = s.gpu_streamed_layers;
-  d["gpu_streamed_padded_layers"] = s.gpu_streamed_padded_layers;
+  d["gpu_streamed_padded_groups"] = s.gpu_streamed_padded_groups;
   d["gpu_streamed_pairs"] = s.gpu_streamed_pairs;
   d["gpu_streamed_bytes"] = s.gpu_streamed_bytes;
   return d;

@@ -356,6 +356,33 @@ TEST(CudaExperts, GatherActivateCombine) {
       const double got = double(bf16_to_f32(act[r * I + j])) + bf16_to_f32(act_lo[r * I + j]);
       ASSERT_NEAR(got, want, 3e-5 * std::fabs(want) + 1e-6) << r << "," << j;
     }
+  // scatter_rows: the R rows of `out` to the rows `pos` names (a permutation of [0, R)), except
+  // the rows marked -1, whose destinations keep what was there (Note [Padded expert batches]).
+  std::vector<int32_t> to(static_cast<size_t>(R));
+  for (int64_t r = 0; r < R; ++r) to[r] = r % 4 == 3 ? -1 : pos[r];
+  int32_t* d_to;
+  float* d_sc;
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_to), to.size() * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_sc), out.size() * 4), cudaSuccess);
+  cudaMemcpy(d_to, to.data(), to.size() * 4, cudaMemcpyHostToDevice);
+  const std::vector<float> before(out.size(), -7.0f);
+  cudaMemcpy(d_sc, before.data(), before.size() * 4, cudaMemcpyHostToDevice);
+  scatter_rows(d_out, d_to, R, h, d_sc, nullptr);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<float> sc(out.size());
+  cudaMemcpy(sc.data(), d_sc, sc.size() * 4, cudaMemcpyDeviceToHost);
+  std::vector<int> written(static_cast<size_t>(R), 0);
+  for (int64_t r = 0; r < R; ++r)
+    if (to[r] >= 0) {
+      written[to[r]] = 1;
+      for (int64_t j = 0; j < h; ++j) ASSERT_EQ(sc[to[r] * h + j], out[r * h + j]) << r << "," << j;
+    }
+  for (int64_t r = 0; r < R; ++r) {
+    if (written[r]) continue;
+    for (int64_t j = 0; j < h; ++j) ASSERT_EQ(sc[r * h + j], -7.0f) << r << "," << j;
+  }
+  cudaFree(d_to);
+  cudaFree(d_sc);
   for (void* p : {static_cast<void*>(d_x), static_cast<void*>(d_gu), static_cast<void*>(d_out),
                   static_cast<void*>(d_w), static_cast<void*>(d_y), static_cast<void*>(d_rows),
                   static_cast<void*>(d_pos), static_cast<void*>(d_xs), static_cast<void*>(d_act),
