@@ -1569,10 +1569,10 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
       for (int64_t e = e0; e < e1; ++e)
         for (int64_t i = 0; i < nmax; ++i) {
           const int64_t idx = plist + (e - e0) * nmax + i;
-          const bool real = i < px_count[static_cast<size_t>(e)];
+          const bool is_row = i < px_count[static_cast<size_t>(e)];
           const int64_t r = px_off[static_cast<size_t>(e)] + i;
-          h_px_ptok[idx] = real ? h_px_rows[r] : 0;  // padding reads token 0, is never stored
-          h_px_pdst[idx] = real ? static_cast<int32_t>(r) : -1;
+          h_px_ptok[idx] = is_row ? h_px_rows[r] : 0;  // padding reads token 0, is never stored
+          h_px_pdst[idx] = is_row ? static_cast<int32_t>(r) : -1;
         }
       plist += (e1 - e0) * nmax;
     }
