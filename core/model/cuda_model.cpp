@@ -379,6 +379,9 @@ struct CudaModel::Impl {
   cublasHandle_t px_lane_blas[kPxLanes] = {};
   void* px_lane_ws[kPxLanes] = {};
   cudaEvent_t px_ev_fork = nullptr, px_ev_lane[kPxLanes] = {};
+  /// `experts` experts' gate/up and down from the packed layout at `src` (a layer's stage buffer)
+  /// to BF16 in px_wgu / px_wdn, on the stream.
+  void px_dequant(const uint8_t* src, int64_t experts);
   void px_fork();  // the lanes wait for what the stream has queued
   void px_join();  // the stream waits for what the lanes have queued
   float *px_hb = nullptr, *px_out = nullptr;
@@ -1394,23 +1397,7 @@ int64_t CudaModel::Impl::px_measure(kernels::Executor& ex) {
   double gemm_s = 1e30;
   for (int rep = 0; rep < 2; ++rep) {
     cuda_check(cudaEventRecord(t0, stream), "event record");
-    kc::DequantBatch dq;
-    dq.src = px_stage[0];
-    dq.src_stride = px_stride;
-    dq.experts = g;
-    dq.mats = 2;
-    dq.mat_src_stride = px_gu.bytes();
-    dq.dst = px_wgu;
-    dq.dst_stride = 2 * I * H;
-    dq.mat_dst_stride = I * H;
-    kc::dequant_expert_matrices(px_gu, dq, stream);
-    dq.src += 2 * px_gu.bytes();
-    dq.mats = 1;
-    dq.mat_src_stride = 0;
-    dq.dst = px_wdn;
-    dq.dst_stride = H * I;
-    dq.mat_dst_stride = 0;
-    kc::dequant_expert_matrices(px_dn, dq, stream);
+    px_dequant(px_stage[0], g);
     if (px_pad) {  // as px_layer runs them (Note [Padded expert batches]), g·n <= px_pad_rows
       for (int term = 0; term < (px_split ? 2 : 1); ++term) {
         cublas_check(cublasGemmStridedBatchedEx(
@@ -1596,7 +1583,6 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
   if (need_rows) kc::gather_rows_bf16(xn, H, px_rows, R, H, px_xs, stream, px_xs_lo);
   cuda_check(cudaStreamWaitEvent(stream, px_ev_filled[buf]), "stream wait");
   mark("mlp: streamed experts' copy wait (row gather included)");
-  const kc::ExpertMatrixLayout &gu = px_gu, &dn = px_dn;
   const uint8_t* stage = px_stage[buf];
   const float one = 1.f, zero = 0.f;
   for (int64_t e0 = 0; e0 < E; e0 += px_group) {
@@ -1604,23 +1590,7 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
     if (px_off[static_cast<size_t>(e1)] == px_off[static_cast<size_t>(e0)]) continue;
     // The group's gate and up, then its down, each one launch (experts with no token too: at
     // the chunk sizes that stream, nearly every expert has some).
-    kc::DequantBatch dq;
-    dq.src = stage + e0 * px_stride;
-    dq.src_stride = px_stride;
-    dq.experts = e1 - e0;
-    dq.mats = 2;
-    dq.mat_src_stride = gu.bytes();
-    dq.dst = px_wgu;
-    dq.dst_stride = 2 * I * H;
-    dq.mat_dst_stride = I * H;
-    kc::dequant_expert_matrices(gu, dq, stream);
-    dq.src += 2 * gu.bytes();
-    dq.mats = 1;
-    dq.mat_src_stride = 0;
-    dq.dst = px_wdn;
-    dq.dst_stride = H * I;
-    dq.mat_dst_stride = 0;
-    kc::dequant_expert_matrices(dn, dq, stream);
+    px_dequant(stage + e0 * px_stride, e1 - e0);
     if (px_pad && px_gn[static_cast<size_t>(e0 / px_group)] > 0) {
       // One strided-batched call per GEMM (and term) for the group, in its padded scratch, then
       // its real rows into the unpadded layout (Note [Padded expert batches]).
@@ -1722,6 +1692,27 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
 // lanes after the group's dequant and joins them before the SwiGLU, and again around the down
 // GEMMs (the next group's dequant overwrites the BF16 weights they read). Each expert's rows are
 // its own, so the lanes write disjoint rows and the result does not depend on the order.
+void CudaModel::Impl::px_dequant(const uint8_t* src, int64_t experts) {
+  const int64_t H = cfg.hidden_size, I = px_gu.n;
+  kc::DequantBatch dq;
+  dq.src = src;
+  dq.src_stride = px_stride;
+  dq.experts = experts;
+  dq.mats = 2;
+  dq.mat_src_stride = px_gu.bytes();
+  dq.dst = px_wgu;
+  dq.dst_stride = 2 * I * H;
+  dq.mat_dst_stride = I * H;
+  kc::dequant_expert_matrices(px_gu, dq, stream);
+  dq.src += 2 * px_gu.bytes();
+  dq.mats = 1;
+  dq.mat_src_stride = 0;
+  dq.dst = px_wdn;
+  dq.dst_stride = H * I;
+  dq.mat_dst_stride = 0;
+  kc::dequant_expert_matrices(px_dn, dq, stream);
+}
+
 void CudaModel::Impl::px_fork() {
   cuda_check(cudaEventRecord(px_ev_fork, stream), "event record");
   for (int j = 0; j < px_lanes; ++j)
