@@ -12,11 +12,16 @@
 namespace tidal::offload {
 namespace {
 
-void check(const ExpertCostInputs& in) {
+/// Every rate and size the model uses must be positive; the prefill choice does not read the
+/// GPU's bytes rate (a streamed expert is read from its copy once per chunk, in the products).
+void check(const ExpertCostInputs& in, bool gpu_bytes = true) {
   const std::pair<const char*, double> fields[] = {
-      {"pcie_bytes_per_s", in.pcie_bytes_per_s}, {"cpu_bytes_per_s", in.cpu_bytes_per_s},
-      {"cpu_flops_per_s", in.cpu_flops_per_s},   {"gpu_bytes_per_s", in.gpu_bytes_per_s},
-      {"gpu_flops_per_s", in.gpu_flops_per_s},   {"expert_bytes", in.expert_bytes},
+      {"pcie_bytes_per_s", in.pcie_bytes_per_s},
+      {"cpu_bytes_per_s", in.cpu_bytes_per_s},
+      {"cpu_flops_per_s", in.cpu_flops_per_s},
+      {"gpu_bytes_per_s", gpu_bytes ? in.gpu_bytes_per_s : 1},
+      {"gpu_flops_per_s", in.gpu_flops_per_s},
+      {"expert_bytes", in.expert_bytes},
       {"flops_per_token", in.flops_per_token}};
   for (const auto& [name, v] : fields)
     TIDAL_CHECK(v > 0, InvalidArgument, "expert cost model: {} must be > 0, got {}", name, v);
@@ -88,7 +93,7 @@ LayerSplit split_layer(const ExpertCostInputs& in, const std::vector<int64_t>& t
 
 PrefillLayerCost prefill_layer_cost(const ExpertCostInputs& in, int64_t tokens, int64_t experts,
                                     int64_t top_k) {
-  check(in);
+  check(in, false);
   TIDAL_CHECK(tokens >= 0 && experts > 0 && top_k > 0 && top_k <= experts, InvalidArgument,
               "expert cost model: {} tokens, {} experts, top_k {}", tokens, experts, top_k);
   PrefillLayerCost c;

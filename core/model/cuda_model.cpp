@@ -218,9 +218,13 @@ struct CudaModel::Impl {
     size_t wscratch_elems = 0;
   };
   WorkspacePlan plan_workspaces(int64_t T);
+  static constexpr size_t kBlasWorkspace = size_t{32} << 20;  // counted in ws_bytes
   /// Frees the workspaces and pinned staging (and the graphs that hold their addresses), then
-  /// allocates them for chunks of T tokens from `p` (Tmax = T).
+  /// allocates them for chunks of T tokens from `p` (Tmax = T, ws_bytes = p.bytes + cuBLAS's).
   void allocate_workspaces(const WorkspacePlan& p, int64_t T);
+  void replan_workspaces(int64_t T) { allocate_workspaces(plan_workspaces(T), T); }
+  /// A KV cache of kv_reserve_tokens (at most the model's context) for every attention layer.
+  uint64_t kv_reserve_bytes() const;
 
   // pinned host staging
   void* pinned = nullptr;
@@ -351,8 +355,8 @@ struct CudaModel::Impl {
   // stream threshold]); measured in docs/performance.md (ninth session).
   bool px_on = false, px_step = false;
   int64_t px_stride = 0, px_layer_bytes = 0, px_group = 16, px_rows_max = 0;
-  // Note [Padded expert batches]: TIDAL_CUDA_STREAM_BATCHED=1; the row buffers' capacity (pairs,
-  // or 3/2 of them for the padding), and per layer each group's padded rows and their offsets.
+  // Note [Padded expert batches]: TIDAL_CUDA_STREAM_BATCHED=1; one group's scratch rows and the
+  // padded lists' capacity, per layer each group's padded rows per expert and its list offset.
   bool px_pad = false;
   int64_t px_pad_rows = 0, px_plist_cap = 0;  // scratch rows for one group; padded-list capacity
   std::vector<int64_t> px_gn, px_goff;        // per group: padded rows per expert (0: per expert)
@@ -382,6 +386,12 @@ struct CudaModel::Impl {
   /// `experts` experts' gate/up and down from the packed layout at `src` (a layer's stage buffer)
   /// to BF16 in px_wgu / px_wdn, on the stream.
   void px_dequant(const uint8_t* src, int64_t experts);
+  /// out = x · W^T for `ne` of the group's BF16 experts from its expert `first` (gate_up: px_wgu,
+  /// 2I x H; else px_wdn, H x I), n rows each (expert j's rows at x + j·n·K, its output at
+  /// out + j·n·M), plus x_lo's rows accumulated where given (two-term activations): a plain
+  /// GEMM for one expert, one strided-batched call for several, on handle h's stream.
+  void px_gemm(cublasHandle_t h, bool gate_up, int64_t first, int64_t ne, int64_t n,
+               const uint16_t* x, const uint16_t* x_lo, float* out);
   void px_fork();  // the lanes wait for what the stream has queued
   void px_join();  // the stream waits for what the lanes have queued
   float *px_hb = nullptr, *px_out = nullptr;
@@ -396,7 +406,6 @@ struct CudaModel::Impl {
   /// Note [Measuring the stream threshold]: the shortest prompt the cost model streams (-1: none).
   int64_t px_measure(kernels::Executor& ex);
   int64_t px_min_tokens = -1;
-  offload::ExpertCostInputs px_cost;
   std::string px_plan = "off", px_rates;  // for describe()
   /// Issues the copy of `layer`'s experts into its buffer unless the buffer holds it already.
   void px_issue(int layer);
@@ -723,6 +732,14 @@ void CudaModel::Impl::vx_init(kernels::Executor& ex) {
   }
 }
 
+uint64_t CudaModel::Impl::kv_reserve_bytes() const {
+  int64_t n_attn = 0;
+  for (const auto& g : layers) n_attn += g.type == LayerType::kFullAttention;
+  const int64_t reserve = std::min<int64_t>(opts.kv_reserve_tokens, cfg.max_position_embeddings);
+  return static_cast<uint64_t>(2 * n_attn * reserve * cfg.num_key_value_heads * cfg.head_dim) *
+         (kv_f32() ? 4 : 2);
+}
+
 void CudaModel::Impl::vx_init_impl(kernels::Executor& ex) {
   if (experts == nullptr || opts.expert_slots == 0) return;
   kernels::cpu::PackedLayout gu, dn;
@@ -742,15 +759,8 @@ void CudaModel::Impl::vx_init_impl(kernels::Executor& ex) {
                         align_up(static_cast<size_t>(H) * 4);
   int64_t slots = opts.expert_slots;
   if (slots < 0) {  // what the budget leaves after a KV cache of kv_reserve_tokens
-    int64_t n_attn = 0;
-    for (const auto& g : layers) n_attn += g.type == LayerType::kFullAttention;
-    const int64_t reserve_tokens =
-        std::min<int64_t>(opts.kv_reserve_tokens, cfg.max_position_embeddings);
-    const uint64_t kv_full = static_cast<uint64_t>(2 * n_attn * reserve_tokens *
-                                                   cfg.num_key_value_heads * cfg.head_dim) *
-                             (kv_f32() ? 4 : 2);
     const uint64_t used = weight_bytes + ws_bytes + px_bytes +
-                          std::max<uint64_t>(kv_bytes, kv_full) + linear_bytes + side +
+                          std::max<uint64_t>(kv_bytes, kv_reserve_bytes()) + linear_bytes + side +
                           (uint64_t{256} << 20);
     slots = used < opts.memory_limit ? static_cast<int64_t>((opts.memory_limit - used) /
                                                             static_cast<uint64_t>(vx.slot_bytes))
@@ -1196,13 +1206,7 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
   const uint64_t cur_ws = ws_bytes;
   uint64_t room = 0;
   {
-    int64_t n_attn = 0;
-    for (const auto& g : layers) n_attn += g.type == LayerType::kFullAttention;
-    const int64_t reserve = std::min<int64_t>(opts.kv_reserve_tokens, cfg.max_position_embeddings);
-    const uint64_t kv_full =
-        static_cast<uint64_t>(2 * n_attn * reserve * cfg.num_key_value_heads * cfg.head_dim) *
-        (kv_f32() ? 4 : 2);
-    const uint64_t used = weight_bytes + cur_ws + std::max<uint64_t>(kv_bytes, kv_full) +
+    const uint64_t used = weight_bytes + cur_ws + std::max<uint64_t>(kv_bytes, kv_reserve_bytes()) +
                           linear_bytes + (uint64_t{256} << 20);
     size_t free_b = 0, total_b = 0;
     cuda_check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
@@ -1232,7 +1236,7 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
   auto target = [&](int64_t T) { return opts.stream_chunk > 0 ? T : std::max(T, Tmax); };
   for (const int64_t T : lengths) {
     const int64_t Tw = target(T);
-    const uint64_t ws_new = plan_workspaces(Tw).bytes + (size_t{32} << 20);
+    const uint64_t ws_new = plan_workspaces(Tw).bytes + kBlasWorkspace;
     need = (ws_new > cur_ws ? ws_new - cur_ws : 0) + px_total(Tw);
     const bool fits = forced ? need <= room : need <= room / 4 * 3;
     if (fits) {
@@ -1253,12 +1257,7 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
     return;
   }
   try {
-    if (target(Tc) != Tmax) {
-      const int64_t Tw = target(Tc);
-      const auto plan = plan_workspaces(Tw);
-      allocate_workspaces(plan, Tw);
-      ws_bytes = plan.bytes + (size_t{32} << 20);
-    }
+    if (target(Tc) != Tmax) replan_workspaces(target(Tc));
     px_rows_max = Tmax * k;
     px_pad_rows = pad_rows(Tmax);
     px_plist_cap = ngroups * px_pad_rows;
@@ -1319,11 +1318,7 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
     if (px_min_tokens < 0) {  // streaming never pays on this machine: the VRAM goes back
       px_plan = fmt::format("off: {}", px_rates);
       px_free();
-      if (Tmax != opts.max_chunk) {
-        const auto plan = plan_workspaces(opts.max_chunk);
-        allocate_workspaces(plan, opts.max_chunk);
-        ws_bytes = plan.bytes + (size_t{32} << 20);
-      }
+      if (Tmax != opts.max_chunk) replan_workspaces(opts.max_chunk);
       return;
     }
   } catch (const std::exception& e) {
@@ -1331,11 +1326,8 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
     // Automatic: a failure setting streaming up (a transient out-of-memory) leaves it off, with
     // the default workspaces (planned again also where a re-plan failed halfway).
     px_free();
-    if (Tmax != opts.max_chunk || ws == nullptr || pinned == nullptr) {
-      const auto plan = plan_workspaces(opts.max_chunk);
-      allocate_workspaces(plan, opts.max_chunk);
-      ws_bytes = plan.bytes + (size_t{32} << 20);
-    }
+    if (Tmax != opts.max_chunk || ws == nullptr || pinned == nullptr)
+      replan_workspaces(opts.max_chunk);
     px_plan = fmt::format("off: setting it up failed ({})", e.what());
     return;
   }
@@ -1393,51 +1385,24 @@ int64_t CudaModel::Impl::px_measure(kernels::Executor& ex) {
       1, std::min<int64_t>({px_group, E, Tmax * k / n, px_pad ? px_pad_rows / n : px_group}));
   cuda_check(cudaMemsetAsync(px_xs, 0, static_cast<size_t>(g * n * H) * 2, stream), "memset");
   cuda_check(cudaMemsetAsync(px_act, 0, static_cast<size_t>(g * n * I) * 2, stream), "memset");
-  const float one = 1.f, zero = 0.f;
   double gemm_s = 1e30;
   for (int rep = 0; rep < 2; ++rep) {
     cuda_check(cudaEventRecord(t0, stream), "event record");
     px_dequant(px_stage[0], g);
     if (px_pad) {  // as px_layer runs them (Note [Padded expert batches]), g·n <= px_pad_rows
-      for (int term = 0; term < (px_split ? 2 : 1); ++term) {
-        cublas_check(cublasGemmStridedBatchedEx(
-                         blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(2 * I),
-                         static_cast<int>(n), static_cast<int>(H), &one, px_wgu, CUDA_R_16BF,
-                         static_cast<int>(H), 2 * I * H, px_xs, CUDA_R_16BF, static_cast<int>(H),
-                         n * H, &zero, px_phb, CUDA_R_32F, static_cast<int>(2 * I), n * 2 * I,
-                         static_cast<int>(g), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                     "cublasGemmStridedBatchedEx");
-        cublas_check(cublasGemmStridedBatchedEx(
-                         blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(H), static_cast<int>(n),
-                         static_cast<int>(I), &one, px_wdn, CUDA_R_16BF, static_cast<int>(I), H * I,
-                         px_act, CUDA_R_16BF, static_cast<int>(I), n * I, &zero, px_pout,
-                         CUDA_R_32F, static_cast<int>(H), n * H, static_cast<int>(g),
-                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                     "cublasGemmStridedBatchedEx");
-      }
-    }
-    if (!px_pad) px_fork();  // as px_layer runs them (Note [Expert GEMMs on lanes])
-    for (int64_t term = 0; term < (px_pad     ? 0
-                                   : px_split ? 2
-                                              : 1);
-         ++term)  // both terms where split
+      px_gemm(blas, true, 0, g, n, px_xs, px_split ? px_xs : nullptr, px_phb);
+      px_gemm(blas, false, 0, g, n, px_act, px_split ? px_act : nullptr, px_pout);
+    } else {  // as px_layer runs them (Note [Expert GEMMs on lanes])
+      px_fork();
       for (int64_t e = 0; e < g; ++e) {
-        cublas_check(cublasGemmEx(px_lane_blas[e % px_lanes], CUBLAS_OP_T, CUBLAS_OP_N,
-                                  static_cast<int>(2 * I), static_cast<int>(n), static_cast<int>(H),
-                                  &one, px_wgu + e * 2 * I * H, CUDA_R_16BF, static_cast<int>(H),
-                                  px_xs + e * n * H, CUDA_R_16BF, static_cast<int>(H), &zero,
-                                  px_hb + e * n * 2 * I, CUDA_R_32F, static_cast<int>(2 * I),
-                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                     "cublasGemmEx");
-        cublas_check(
-            cublasGemmEx(px_lane_blas[e % px_lanes], CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(H),
-                         static_cast<int>(n), static_cast<int>(I), &one, px_wdn + e * H * I,
-                         CUDA_R_16BF, static_cast<int>(I), px_act + e * n * I, CUDA_R_16BF,
-                         static_cast<int>(I), &zero, px_out + e * n * H, CUDA_R_32F,
-                         static_cast<int>(H), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-            "cublasGemmEx");
+        cublasHandle_t h = px_lane_blas[e % px_lanes];
+        px_gemm(h, true, e, 1, n, px_xs + e * n * H, px_split ? px_xs : nullptr,
+                px_hb + e * n * 2 * I);
+        px_gemm(h, false, e, 1, n, px_act + e * n * I, px_split ? px_act : nullptr,
+                px_out + e * n * H);
       }
-    if (!px_pad) px_join();
+      px_join();
+    }
     cuda_check(cudaEventRecord(t1, stream), "event record");
     cuda_check(cudaEventSynchronize(t1), "event wait");
     gemm_s = std::min(gemm_s, elapsed());
@@ -1470,8 +1435,6 @@ int64_t CudaModel::Impl::px_measure(kernels::Executor& ex) {
   in.cpu_bytes_per_s = static_cast<double>(std::min(E, T1 * k)) * in.expert_bytes / h1;
   in.cpu_flops_per_s = static_cast<double>(T2 * k) * fpt / h2;
   in.gpu_flops_per_s = static_cast<double>(g * n) * fpt / gemm_s;
-  in.gpu_bytes_per_s = in.pcie_bytes_per_s;  // unused by the prefill choice
-  px_cost = in;
   const int64_t t = offload::min_stream_tokens(in, E, k, Tmax);
   px_rates = fmt::format(
       "measured: PCIe {:.1f} GB/s, CPU experts {:.1f} GB/s and {:.3f} TFLOP/s, GPU experts "
@@ -1584,7 +1547,7 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
   cuda_check(cudaStreamWaitEvent(stream, px_ev_filled[buf]), "stream wait");
   mark("mlp: streamed experts' copy wait (row gather included)");
   const uint8_t* stage = px_stage[buf];
-  const float one = 1.f, zero = 0.f;
+  int64_t padded = 0;  // groups in padded batches
   for (int64_t e0 = 0; e0 < E; e0 += px_group) {
     const int64_t e1 = std::min(E, e0 + px_group);
     if (px_off[static_cast<size_t>(e1)] == px_off[static_cast<size_t>(e0)]) continue;
@@ -1598,27 +1561,11 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
       const int64_t n = px_gn[g], ne = e1 - e0, rows = ne * n;
       kc::gather_rows_bf16(xn, H, px_ptok + px_goff[g], rows, H, px_pxs, stream,
                            px_split ? px_pxs_lo : nullptr);
-      for (int term = 0; term < (px_split ? 2 : 1); ++term)
-        cublas_check(
-            cublasGemmStridedBatchedEx(
-                blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(2 * I), static_cast<int>(n),
-                static_cast<int>(H), &one, px_wgu, CUDA_R_16BF, static_cast<int>(H), 2 * I * H,
-                term ? px_pxs_lo : px_pxs, CUDA_R_16BF, static_cast<int>(H), n * H,
-                term ? &one : &zero, px_phb, CUDA_R_32F, static_cast<int>(2 * I), n * 2 * I,
-                static_cast<int>(ne), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-            "cublasGemmStridedBatchedEx");
+      px_gemm(blas, true, 0, ne, n, px_pxs, px_split ? px_pxs_lo : nullptr, px_phb);
       kc::silu_mul_bf16(px_phb, rows, I, px_pact, stream, px_split ? px_pact_lo : nullptr);
-      for (int term = 0; term < (px_split ? 2 : 1); ++term)
-        cublas_check(cublasGemmStridedBatchedEx(
-                         blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(H), static_cast<int>(n),
-                         static_cast<int>(I), &one, px_wdn, CUDA_R_16BF, static_cast<int>(I), H * I,
-                         term ? px_pact_lo : px_pact, CUDA_R_16BF, static_cast<int>(I), n * I,
-                         term ? &one : &zero, px_pout, CUDA_R_32F, static_cast<int>(H), n * H,
-                         static_cast<int>(ne), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                     "cublasGemmStridedBatchedEx");
+      px_gemm(blas, false, 0, ne, n, px_pact, px_split ? px_pact_lo : nullptr, px_pout);
       kc::scatter_rows(px_pout, px_pdst + px_goff[g], rows, H, px_out, stream);
-      std::lock_guard lock(vx_mu);
-      ++vx_stats.stream_padded_groups;
+      ++padded;
       continue;
     }
     px_fork();
@@ -1628,14 +1575,8 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
       if (n == 0) continue;
       cublasHandle_t h = px_lane_blas[lane++ % px_lanes];
       // hb[r0 .. r0+n) (rows of 2I) = xs rows · [gate; up]^T (+ the lo rows', accumulated)
-      for (int term = 0; term < (px_split ? 2 : 1); ++term)
-        cublas_check(
-            cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(2 * I), static_cast<int>(n),
-                         static_cast<int>(H), &one, px_wgu + (e - e0) * 2 * I * H, CUDA_R_16BF,
-                         static_cast<int>(H), (term ? px_xs_lo : px_xs) + r0 * H, CUDA_R_16BF,
-                         static_cast<int>(H), term ? &one : &zero, px_hb + r0 * 2 * I, CUDA_R_32F,
-                         static_cast<int>(2 * I), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-            "cublasGemmEx");
+      px_gemm(h, true, e - e0, 1, n, px_xs + r0 * H, px_split ? px_xs_lo + r0 * H : nullptr,
+              px_hb + r0 * 2 * I);
     }
     px_join();
     const int64_t ra = px_off[static_cast<size_t>(e0)], rb = px_off[static_cast<size_t>(e1)];
@@ -1648,14 +1589,8 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
       if (n == 0) continue;
       cublasHandle_t h = px_lane_blas[lane++ % px_lanes];
       // out[r0 .. r0+n) (rows of H) = act rows · down^T (+ the lo rows', accumulated)
-      for (int term = 0; term < (px_split ? 2 : 1); ++term)
-        cublas_check(
-            cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(H), static_cast<int>(n),
-                         static_cast<int>(I), &one, px_wdn + (e - e0) * H * I, CUDA_R_16BF,
-                         static_cast<int>(I), (term ? px_act_lo : px_act) + r0 * I, CUDA_R_16BF,
-                         static_cast<int>(I), term ? &one : &zero, px_out + r0 * H, CUDA_R_32F,
-                         static_cast<int>(H), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-            "cublasGemmEx");
+      px_gemm(h, false, e - e0, 1, n, px_act + r0 * I, px_split ? px_act_lo + r0 * I : nullptr,
+              px_out + r0 * H);
     }
     px_join();  // the next group's dequant overwrites these weights
   }
@@ -1664,6 +1599,7 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
   mark("mlp: streamed routed experts");
   std::lock_guard lock(vx_mu);
   ++vx_stats.stream_layers;
+  vx_stats.stream_padded_groups += padded;
   vx_stats.stream_pairs += R;
 }
 
@@ -1711,6 +1647,33 @@ void CudaModel::Impl::px_dequant(const uint8_t* src, int64_t experts) {
   dq.dst_stride = H * I;
   dq.mat_dst_stride = 0;
   kc::dequant_expert_matrices(px_dn, dq, stream);
+}
+
+void CudaModel::Impl::px_gemm(cublasHandle_t h, bool gate_up, int64_t first, int64_t ne, int64_t n,
+                              const uint16_t* x, const uint16_t* x_lo, float* out) {
+  const int64_t H = cfg.hidden_size, I = px_gu.n;
+  const int64_t M = gate_up ? 2 * I : H, K = gate_up ? H : I;
+  const uint16_t* w = (gate_up ? px_wgu : px_wdn) + first * M * K;
+  const float one = 1.f, zero = 0.f;
+  for (int term = 0; term < (x_lo != nullptr ? 2 : 1); ++term) {
+    const uint16_t* xt = term ? x_lo : x;
+    const float* beta = term ? &one : &zero;  // the remainder accumulates onto the first term
+    if (ne == 1)
+      cublas_check(
+          cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(M), static_cast<int>(n),
+                       static_cast<int>(K), &one, w, CUDA_R_16BF, static_cast<int>(K), xt,
+                       CUDA_R_16BF, static_cast<int>(K), beta, out, CUDA_R_32F, static_cast<int>(M),
+                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+          "cublasGemmEx");
+    else
+      cublas_check(
+          cublasGemmStridedBatchedEx(
+              h, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(M), static_cast<int>(n),
+              static_cast<int>(K), &one, w, CUDA_R_16BF, static_cast<int>(K), M * K, xt,
+              CUDA_R_16BF, static_cast<int>(K), n * K, beta, out, CUDA_R_32F, static_cast<int>(M),
+              n * M, static_cast<int>(ne), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+          "cublasGemmStridedBatchedEx");
+  }
 }
 
 void CudaModel::Impl::px_fork() {
@@ -2195,6 +2158,7 @@ void CudaModel::Impl::allocate_workspaces(const WorkspacePlan& p, int64_t T) {
   h_xn = h_out = h_w = h_rlogits = h_logits = nullptr;
   h_rids = nullptr;
   Tmax = T;
+  ws_bytes = p.bytes + kBlasWorkspace;
   logits_rows = p.logits_rows;
   max_batch = p.max_batch;
   wscratch_elems = p.wscratch_elems;
@@ -2460,7 +2424,7 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
   m.attn_splits_decode =
       kc::attention_max_splits(1, std::max<int64_t>(1, c.num_key_value_heads), m.sm_count);
   const Impl::WorkspacePlan wplan = m.plan_workspaces(T);
-  m.ws_bytes = wplan.bytes + (size_t{32} << 20);  // + cuBLAS workspace
+  m.ws_bytes = wplan.bytes + Impl::kBlasWorkspace;
 
   const uint64_t need = m.weight_bytes + m.ws_bytes;
   TIDAL_CHECK(
@@ -2487,8 +2451,8 @@ CudaModel::CudaModel(const ModelConfig& cfg, const HostWeights& hw, RoutedExpert
   m.allocate_workspaces(wplan, T);
   cublas_check(cublasCreate(&m.blas), "cublasCreate");
   cublas_check(cublasSetStream(m.blas, m.stream), "cublasSetStream");
-  cuda_check(cudaMalloc(&m.blas_ws, size_t{32} << 20), "cuBLAS workspace");
-  cublas_check(cublasSetWorkspace(m.blas, m.blas_ws, size_t{32} << 20), "cublasSetWorkspace");
+  cuda_check(cudaMalloc(&m.blas_ws, Impl::kBlasWorkspace), "cuBLAS workspace");
+  cublas_check(cublasSetWorkspace(m.blas, m.blas_ws, Impl::kBlasWorkspace), "cublasSetWorkspace");
 
   cuda_check(cudaEventCreateWithFlags(&m.ev_d2h, cudaEventDisableTiming), "event creation");
   cuda_check(cudaStreamCreateWithFlags(&m.side, cudaStreamNonBlocking), "stream creation");

@@ -148,6 +148,12 @@ TEST(ExpertCost, PrefillStreamsFromTheChunkWhereTheCopyIsCheaperThanTheCpu) {
   EXPECT_THROW(prefill_layer_cost(in, 8, 4, 8), InvalidArgument);
   EXPECT_THROW(prefill_layer_cost(in, -1, 256, 8), InvalidArgument);
   EXPECT_THROW(min_stream_tokens(in, 256, 8, 0), InvalidArgument);
+  auto no_gpu_bytes = in;  // the prefill choice does not read the GPU's bytes rate
+  no_gpu_bytes.gpu_bytes_per_s = 0;
+  EXPECT_EQ(min_stream_tokens(no_gpu_bytes, 256, 8, 8192), t);
+  auto no_pcie = in;
+  no_pcie.pcie_bytes_per_s = 0;
+  EXPECT_THROW(prefill_layer_cost(no_pcie, 8, 256, 8), InvalidArgument);
 }
 
 }  // namespace
