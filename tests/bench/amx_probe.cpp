@@ -242,6 +242,47 @@ double run_two_sets(int64_t groups, const uint8_t* stream, size_t stream_bytes) 
   return now() - t0;
 }
 
+// Note [TMUL and the vector ports]
+// Do tile products and AVX-512 arithmetic run at the same time? `iters` iterations of 4
+// `tdpbf16ps` on resident tiles (64 TMUL cycles), of `nfma` independent register-only FMAs (8
+// chains), and of both. Measured on the development machine's Xeon (one core; 2026-12-07):
+// 4 products 18-20 ns, 64 FMAs 9 ns, both 19-20 ns; 128 FMAs 19 ns, both 36 ns; 256 FMAs 39 ns,
+// both 84 ns. Up to ~64 FMAs hide under the products, beyond that the times add up: while the
+// TMUL works, vector arithmetic issues on one port only (port 5; port 0 feeds the TMUL), so
+// every vector instruction in an AMX loop (an INT group's fp32 epilogue, a dequantisation)
+// costs about twice its usual issue time. That is why the INT kernel's epilogue does not hide
+// under its products (the "+store+epi_late" line is the sum of "+store" and "epilogue_only").
+double run_overlap(int what, int nfma, int64_t iters) {
+  __m512 x0 = _mm512_set1_ps(1.f), x1 = x0, x2 = x0, x3 = x0, x4 = x0, x5 = x0, x6 = x0, x7 = x0;
+  const __m512 m = _mm512_set1_ps(0.999f);
+  const double t0 = now();
+  for (int64_t i = 0; i < iters; ++i) {
+    if (what & 1) {
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    if (what & 2) {
+      for (int r = 0; r < nfma / 8; ++r) {
+        x0 = _mm512_fmadd_ps(x0, m, m);
+        x1 = _mm512_fmadd_ps(x1, m, m);
+        x2 = _mm512_fmadd_ps(x2, m, m);
+        x3 = _mm512_fmadd_ps(x3, m, m);
+        x4 = _mm512_fmadd_ps(x4, m, m);
+        x5 = _mm512_fmadd_ps(x5, m, m);
+        x6 = _mm512_fmadd_ps(x6, m, m);
+        x7 = _mm512_fmadd_ps(x7, m, m);
+      }
+      __asm__ __volatile__(""
+                           : "+v"(x0), "+v"(x1), "+v"(x2), "+v"(x3), "+v"(x4), "+v"(x5), "+v"(x6),
+                             "+v"(x7));
+    }
+  }
+  _tile_stored(0, cbuf[0], 64);
+  return now() - t0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -302,6 +343,26 @@ int main(int argc, char** argv) {
                 2.0 * kMacs / ns / 1e3);
     std::fflush(stdout);
   }
+  // Note [TMUL and the vector ports]: products, FMAs, both (tiles 4-7 hold zeros: no denormals).
+  std::memset(b_l1, 0, sizeof b_l1);
+  _tile_loadd(4, b_l1, 64);
+  _tile_loadd(5, b_l1 + 1024, 64);
+  _tile_loadd(6, b_l1, 64);
+  _tile_loadd(7, b_l1 + 1024, 64);
+  for (int nfma : {64, 128, 256}) {
+    double ns[3];
+    for (int what = 1; what <= 3; ++what) {
+      double best = 1e30;
+      for (int rep = 0; rep < 5; ++rep) best = std::min(best, run_overlap(what, nfma, groups));
+      ns[what - 1] = best / static_cast<double>(groups) * 1e9;
+    }
+    std::printf(
+        "{\"probe\":\"tmul_vs_fma\",\"fmas\":%d,\"products_ns\":%.1f,\"fmas_ns\":%.1f,"
+        "\"both_ns\":%.1f}\n",
+        nfma, ns[0], ns[1], ns[2]);
+    std::fflush(stdout);
+  }
+  for (auto& v : b_l1) v = 3;
   for (int where = 0; where < 3; ++where) {
     double best = 1e30;
     const uint8_t* s = where == 0 ? nullptr : where == 1 ? l2 : mem;
