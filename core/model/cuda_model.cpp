@@ -1921,8 +1921,12 @@ void CudaModel::Impl::enqueue_deltanet(const GpuLayer& L, int layer, int64_t T) 
                                    go, Tr, nk, nv, dk, dv, stream, nseq, conv_done)) {
     mark("gdn: delta rule + gated norm");
   } else {
+    // The attention q buffer is free while a DeltaNet layer runs: the two-pass chunked delta
+    // rule's scratch (Note [two-pass chunked delta rule]).
+    const size_t qb_bytes =
+        qb ? static_cast<size_t>(Tmax * cfg.num_attention_heads * cfg.head_dim) * sizeof(float) : 0;
     kc::delta_rule(dq, dk_, dvv, dg, dbeta, d_step, layer, go, Tr, nk, nv, dk, dv, stream, nseq,
-                   conv_done);
+                   conv_done, qb, qb_bytes);
     mark("gdn: delta rule");
     kc::rms_norm_gated(go, z, ld_z, nv, L.gnorm, go, T * nv, dv, eps, stream);
     mark("gdn: gated norm");

@@ -2672,9 +2672,259 @@ __global__ void __launch_bounds__(kDcThreads)
     S[(idx / cols) * dv + col0 + idx % cols] = Ss[idx];
 }
 
-std::atomic<bool> g_delta_chunked{[] {
+// Note [two-pass chunked delta rule]
+// delta_rule_chunk_kernel (Note [chunked delta rule]) walks a prompt's chunks in sequence and, per
+// chunk, builds A, solves the triangular system and forms W and U before it can touch the state:
+// all of it on the sequential path, recomputed by each of a head's column blocks. Only V' = U - W
+// S, the output and the state update depend on the state. So a range of the prompt runs in two
+// kernels:
+//  1. delta_wy_kernel, one block per (chunk, value head), all chunks at once: q, k normalised (when
+//     qk_l2), γ, A, P = (Q Kᵀ ⊙ Γ) with the diagonal, the solve (I + A) [W | U] = [β e^γ K | β V]
+//     (each thread owns whole columns: column x of row t needs only column x of the rows before,
+//     so the solve has no barrier), Q' = diag(e^γ) Q and K' = diag(e^{γ_c - γ}) K. Written to a
+//     scratch area per (chunk, head): W, Q', K' (C x d_k), U (C x d_v), P (C x C), e^{γ_c}; rows
+//     past a short last chunk are zeros.
+//  2. delta_wy_state_kernel, one block per (value head, block of kDwCols value columns), the state
+//     slice in shared memory, per chunk: V' = U - W S, O = Q' S + P V', S <- e^{γ_c} S + K'ᵀ V'.
+//     The products read their rows as float4 broadcasts (all lanes of a warp share a row) and
+//     the state by column, so shared-memory wavefronts, not the FMAs, set the pace.
+// The prompt goes through in ranges whose scratch fits the space the caller lends (the attention
+// q buffer, free while a DeltaNet layer runs). Same maths as the one-pass kernel (fp32, the same
+// order within each dot product), other summation order across the two passes; tested against
+// the CPU chunked form (CudaDeltaRuleTest).
+constexpr int kDwChunk = 32;  // tokens per chunk
+constexpr int kDwCols = 32;   // value columns per state block
+constexpr int kDwThreads = 256;
+
+/// Floats of scratch per (chunk, head): W, Q', K', U, P, e^{γ_c} (padded to 4).
+__host__ __device__ inline int64_t delta_wy_floats(int64_t dk, int64_t dv) {
+  return kDwChunk * (3 * dk + dv) + kDwChunk * kDwChunk + 4;
+}
+size_t delta_wy_smem(int64_t dk, int64_t dv) {
+  const int64_t p = std::max(dk, dv) + 1;
+  return static_cast<size_t>(2 * kDwChunk * p + kDwChunk * (kDwChunk + 1) + 4 * kDwChunk) *
+         sizeof(float);
+}
+size_t delta_wy_state_smem(int64_t dk) {
+  return static_cast<size_t>(dk * kDwCols + 3 * kDwChunk * dk + kDwChunk * (kDwCols + 1) +
+                             kDwChunk * kDwChunk + 4) *
+         sizeof(float);
+}
+
+/// Pass 1 over chunks [0, gridDim.x) of the range that starts at token t0 (n tokens in it).
+__global__ void __launch_bounds__(kDwThreads)
+    delta_wy_kernel(const float* __restrict__ q, const float* __restrict__ k,
+                    const float* __restrict__ v, const float* __restrict__ g,
+                    const float* __restrict__ beta, int64_t t0, int64_t n, int64_t nk, int64_t nv,
+                    int64_t dk, int64_t dv, bool qk_l2, float* __restrict__ scr) {
+  extern __shared__ float wys[];
+  constexpr int C = kDwChunk;
+  const int dki = static_cast<int>(dk), dvi = static_cast<int>(dv);
+  const int p = (dki > dvi ? dki : dvi) + 1;
+  float* Ks = wys;         // [C][p]: K, then W
+  float* Xs = Ks + C * p;  // [C][p]: Q, then U
+  float* As = Xs + C * p;  // [C][C + 1]: A (strictly lower)
+  float* gam = As + C * (C + 1);
+  float* egs = gam + C;
+  float* fts = egs + C;
+  float* bts = fts + C;
+  const int tid = threadIdx.x, nth = blockDim.x, lane = tid % kWarp, wid = tid / kWarp;
+  const int64_t ch = blockIdx.x, h = blockIdx.y, kh = h / (nv / nk);
+  const int64_t c0 = t0 + ch * C;
+  const int c = static_cast<int>(min(static_cast<int64_t>(C), t0 + n - c0));
+  float* out = scr + (ch * nv + h) * delta_wy_floats(dk, dv);
+  float* Wg = out;
+  float* Qg = Wg + C * dk;
+  float* Kg = Qg + C * dk;
+  float* Ug = Kg + C * dk;
+  float* Pg = Ug + C * dv;
+  pdl_begin();
+  for (int t = 0; t < C; ++t) {
+    const int64_t off = ((c0 + t) * nk + kh) * dk;
+    for (int x = tid; x < dki; x += nth) {
+      Ks[t * p + x] = t < c ? k[off + x] : 0.f;
+      Xs[t * p + x] = t < c ? q[off + x] : 0.f;
+    }
+  }
+  if (tid < C) {
+    gam[tid] = tid < c ? g[(c0 + tid) * nv + h] : 0.f;
+    bts[tid] = tid < c ? beta[(c0 + tid) * nv + h] : 0.f;
+  }
+  __syncthreads();
+  if (qk_l2) {  // raw conv outputs: L2-normalise q and k rows (q also by 1/sqrt(d_k))
+    for (int row = wid; row < 2 * c; row += nth / kWarp) {
+      float* x = row < c ? Ks + row * p : Xs + (row - c) * p;
+      float ss = 0.f;
+      for (int i = lane; i < dki; i += kWarp) ss = fmaf(x[i], x[i], ss);
+      ss = warp_sum(ss);
+      const float f =
+          (1.0f / sqrtf(ss + 1e-6f)) * (row < c ? 1.0f : rsqrtf(static_cast<float>(dk)));
+      for (int i = lane; i < dki; i += kWarp) x[i] *= f;
+    }
+  }
+  if (tid == 0) {  // cumulative log decay (c adds, in order, as the CPU does)
+    float acc = 0.f;
+    for (int t = 0; t < c; ++t) {
+      acc += gam[t];
+      gam[t] = acc;
+      egs[t] = expf(acc);
+    }
+    for (int t = 0; t < C; ++t) {
+      fts[t] = t < c ? expf(acc - gam[t]) : 0.f;
+      if (t >= c) egs[t] = 0.f;
+    }
+    out[C * (3 * dk + dv) + C * C] = c > 0 ? expf(acc) : 1.f;
+  }
+  __syncthreads();
+  // A and P = Q Kᵀ ⊙ Γ (lower with the diagonal; zero elsewhere and past c).
+  for (int idx = tid; idx < C * C; idx += nth) {
+    const int t = idx / C, s = idx % C;
+    float a = 0.f, pv = 0.f;
+    if (s <= t && t < c) {
+      const float* kt = Ks + t * p;
+      const float* ks = Ks + s * p;
+      const float* qt = Xs + t * p;
+      float dkk = 0.f, dqk = 0.f;
+      for (int i = 0; i < dki; ++i) {
+        dkk = fmaf(kt[i], ks[i], dkk);
+        dqk = fmaf(qt[i], ks[i], dqk);
+      }
+      const float e = expf(gam[t] - gam[s]);
+      if (s < t) a = bts[t] * dkk * e;
+      pv = dqk * e;
+    }
+    As[t * (C + 1) + s] = a;
+    Pg[idx] = pv;
+  }
+  // Q' = e^γ Q and K' = e^{γ_c - γ} K.
+  for (int idx = tid; idx < C * dki; idx += nth) {
+    const int t = idx / dki, i = idx % dki;
+    Qg[idx] = egs[t] * Xs[t * p + i];
+    Kg[idx] = fts[t] * Ks[t * p + i];
+  }
+  __syncthreads();  // Q read: its rows take V
+  for (int t = 0; t < C; ++t) {
+    const int64_t voff = ((c0 + t) * nv + h) * dv;
+    for (int j = tid; j < dvi; j += nth) Xs[t * p + j] = t < c ? bts[t] * v[voff + j] : 0.f;
+  }
+  for (int idx = tid; idx < C * dki; idx += nth) {
+    const int t = idx / dki, i = idx % dki;
+    Ks[t * p + i] *= bts[t] * egs[t];
+  }
+  __syncthreads();
+  // (I + A) [W | U] = [β e^γ K | β V]: each thread owns whole columns (column x of row t needs
+  // only column x of the rows before it, so no barrier inside), solved in place.
+  for (int x = tid; x < dki + dvi; x += nth) {
+    float* col = x < dki ? Ks + x : Xs + (x - dki);
+    for (int t = 1; t < c; ++t) {
+      const float* at = As + t * (C + 1);
+      float w = col[t * p];
+      for (int s = 0; s < t; ++s) w = fmaf(-at[s], col[s * p], w);
+      col[t * p] = w;
+    }
+    if (x < dki) {
+      for (int t = 0; t < C; ++t) Wg[t * dk + x] = col[t * p];
+    } else {
+      for (int t = 0; t < C; ++t) Ug[t * dv + (x - dki)] = col[t * p];
+    }
+  }
+}
+
+/// Pass 2 over the range's `chunks` chunks: block (head, kDwCols value columns), state in shared
+/// memory, tokens [t0, t0 + n).
+__global__ void __launch_bounds__(kDwThreads)
+    delta_wy_state_kernel(const float* __restrict__ scr, const StepDev* step, int layer,
+                          float* __restrict__ o, int64_t t0, int64_t n, int64_t chunks, int64_t nv,
+                          int64_t dk, int64_t dv) {
+  extern __shared__ float dws[];
+  constexpr int C = kDwChunk, CB = kDwCols;
+  const int dki = static_cast<int>(dk);
+  float* Ss = dws;                // [dk][CB]
+  float* Ws = Ss + dki * CB;      // [C][dk]
+  float* Qs = Ws + C * dki;       // [C][dk]
+  float* Ks = Qs + C * dki;       // [C][dk]
+  float* Vs = Ks + C * dki;       // [C][CB + 1]: U, then V'
+  float* Ps = Vs + C * (CB + 1);  // [C][C]
+  float* ecs = Ps + C * C;
+  const int tid = threadIdx.x, nth = blockDim.x;
+  const int64_t h = blockIdx.x, col0 = static_cast<int64_t>(blockIdx.y) * CB;
+  float* S = step->layers[layer].recurrent + h * dk * dv;
+  const int64_t F = delta_wy_floats(dk, dv);
+  pdl_begin();
+  for (int idx = tid; idx < dki * CB; idx += nth) Ss[idx] = S[(idx / CB) * dv + col0 + idx % CB];
+  // Thread (tq, j): rows t = tq + 8 r (r < 4) of column j for V' and O; (ig, j): state rows
+  // i = ig + 8 r (r < dk / 8) of column j.
+  const int j = tid % CB, tq = tid / CB;  // 256 threads: tq < 8
+  const int rows_s = dki / 8;
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const float* src = scr + (ch * nv + h) * F;
+    {
+      const float4* s4 = reinterpret_cast<const float4*>(src);
+      float4* d4 = reinterpret_cast<float4*>(Ws);
+      for (int idx = tid; idx < 3 * C * dki / 4; idx += nth) d4[idx] = s4[idx];
+      const float* ug = src + 3 * C * dk;
+      for (int idx = tid; idx < C * CB; idx += nth)
+        Vs[(idx / CB) * (CB + 1) + idx % CB] = ug[(idx / CB) * dv + col0 + idx % CB];
+      const float4* p4 = reinterpret_cast<const float4*>(src + C * (3 * dk + dv));
+      float4* pd = reinterpret_cast<float4*>(Ps);
+      for (int idx = tid; idx < C * C / 4 + 1; idx += nth) pd[idx] = p4[idx];  // P, then e^{γ_c}
+    }
+    __syncthreads();
+    // V' = U - W S and Q' S for rows t = tq + 8 r.
+    float aw[4] = {0.f, 0.f, 0.f, 0.f}, aq[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int i = 0; i < dki; i += 4) {
+      const float s0 = Ss[(i + 0) * CB + j], s1 = Ss[(i + 1) * CB + j];
+      const float s2 = Ss[(i + 2) * CB + j], s3 = Ss[(i + 3) * CB + j];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int t = tq + 8 * r;
+        const float4 w = *reinterpret_cast<const float4*>(Ws + t * dki + i);
+        const float4 qv = *reinterpret_cast<const float4*>(Qs + t * dki + i);
+        aw[r] = fmaf(w.x, s0, aw[r]);
+        aw[r] = fmaf(w.y, s1, aw[r]);
+        aw[r] = fmaf(w.z, s2, aw[r]);
+        aw[r] = fmaf(w.w, s3, aw[r]);
+        aq[r] = fmaf(qv.x, s0, aq[r]);
+        aq[r] = fmaf(qv.y, s1, aq[r]);
+        aq[r] = fmaf(qv.z, s2, aq[r]);
+        aq[r] = fmaf(qv.w, s3, aq[r]);
+      }
+    }
+    __syncthreads();  // every thread has read S and U's rows before V' replaces U
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int t = tq + 8 * r;
+      Vs[t * (CB + 1) + j] -= aw[r];
+    }
+    __syncthreads();
+    // O = Q' S + P V' (rows past the range are not written).
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int t = tq + 8 * r;
+      const float* pt = Ps + t * C;
+      float acc = aq[r];
+      for (int s = 0; s <= t; ++s) acc = fmaf(pt[s], Vs[s * (CB + 1) + j], acc);
+      const int64_t tok = t0 + ch * C + t;
+      if (tok < t0 + n) o[(tok * nv + h) * dv + col0 + j] = acc;
+    }
+    // S <- e^{γ_c} S + K'ᵀ V' for rows i = tq + 8 r.
+    const float ec = ecs[0];
+    for (int r = 0; r < rows_s; ++r) {
+      const int i = tq + 8 * r;
+      float acc = ec * Ss[i * CB + j];
+      for (int t = 0; t < C; ++t) acc = fmaf(Ks[t * dki + i], Vs[t * (CB + 1) + j], acc);
+      Ss[i * CB + j] = acc;
+    }
+    __syncthreads();  // S updated, staging buffers free
+  }
+  for (int idx = tid; idx < dki * CB; idx += nth) S[(idx / CB) * dv + col0 + idx % CB] = Ss[idx];
+}
+
+// 0: the staged kernel; 1: the one-pass chunked kernel; 2: the two-pass chunked form (where the
+// caller lends scratch). TIDAL_CUDA_DELTA_CHUNKED=1 / 2.
+std::atomic<int> g_delta_mode{[] {
   const char* e = std::getenv("TIDAL_CUDA_DELTA_CHUNKED");
-  return e != nullptr && e[0] == '1';
+  return e != nullptr && (e[0] == '1' || e[0] == '2') ? e[0] - '0' : 0;
 }()};
 
 __global__ void rms_norm_gated_kernel(const float* x, const float* z, int64_t ld_z, int64_t rpt,
@@ -2817,8 +3067,16 @@ bool pdl_enabled() {
   return v == 1;
 }
 
-void set_delta_rule_chunked(bool on) { g_delta_chunked.store(on, std::memory_order_relaxed); }
-bool delta_rule_chunked() { return g_delta_chunked.load(std::memory_order_relaxed); }
+void set_delta_rule_chunked(bool on) { g_delta_mode.store(on ? 1 : 0, std::memory_order_relaxed); }
+bool delta_rule_chunked() { return g_delta_mode.load(std::memory_order_relaxed) == 1; }
+void set_delta_rule_mode(int mode) {
+  g_delta_mode.store(mode >= 0 && mode <= 2 ? mode : 0, std::memory_order_relaxed);
+}
+int delta_rule_mode() { return g_delta_mode.load(std::memory_order_relaxed); }
+size_t delta_rule_scratch_bytes(int64_t T, int64_t nv, int64_t dk, int64_t dv) {
+  const int64_t chunks = (T + kDwChunk - 1) / kDwChunk;
+  return static_cast<size_t>(chunks * nv * delta_wy_floats(dk, dv)) * sizeof(float);
+}
 
 void set_pdl_enabled(bool on) {
   g_pdl.store(on && pdl_supported() ? 1 : 0, std::memory_order_relaxed);
@@ -3080,13 +3338,36 @@ void gdn_prep(const float* u, const float* b, const float* a, int64_t ld_ba, con
 
 void delta_rule(const float* q, const float* k, const float* v, const float* g, const float* beta,
                 const StepDev* step, int layer, float* out, int64_t T, int64_t nk, int64_t nv,
-                int64_t dk, int64_t dv, cudaStream_t s, int64_t rows, bool l2norm_qk) {
+                int64_t dk, int64_t dv, cudaStream_t s, int64_t rows, bool l2norm_qk,
+                float* scratch, size_t scratch_bytes) {
   if (rows == 0) return;
   const int rpt = dk % 32 == 0 && dk >= 64 ? 32 : 16;  // rows per thread; dk / rpt ≤ 8 lanes
   const int CB = static_cast<int>(std::min<int64_t>(32, dv));
   const int RG = static_cast<int>(dk / rpt);
-  if (T >= 2 && g_delta_chunked.load(std::memory_order_relaxed) &&
-      (dv % kDcCols == 0 || dv < kDcCols)) {  // Note [chunked delta rule]
+  const int mode = g_delta_mode.load(std::memory_order_relaxed);
+  if (T >= 2 && mode == 2 && rows == 1 && scratch != nullptr && dv % kDwCols == 0 && dk % 8 == 0 &&
+      dk <= 256 && dv <= 256) {  // Note [two-pass chunked delta rule]
+    const size_t per_chunk = static_cast<size_t>(nv * delta_wy_floats(dk, dv)) * sizeof(float);
+    const int64_t max_chunks = static_cast<int64_t>(scratch_bytes / per_chunk);
+    static const bool big_smem = allow_smem(delta_wy_kernel, delta_wy_smem(256, 256)) &&
+                                 allow_smem(delta_wy_state_kernel, delta_wy_state_smem(256));
+    const size_t smem1 = delta_wy_smem(dk, dv), smem2 = delta_wy_state_smem(dk);
+    if (max_chunks >= 1 && (big_smem || std::max(smem1, smem2) <= 48 * 1024)) {
+      for (int64_t t0 = 0; t0 < T;) {
+        const int64_t n = std::min(T - t0, max_chunks * kDwChunk);
+        const int64_t chunks = (n + kDwChunk - 1) / kDwChunk;
+        launch(delta_wy_kernel, dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(nv)),
+               kDwThreads, smem1, s, q, k, v, g, beta, t0, n, nk, nv, dk, dv, l2norm_qk, scratch);
+        launch(delta_wy_state_kernel,
+               dim3(static_cast<unsigned>(nv), static_cast<unsigned>(dv / kDwCols)), kDwThreads,
+               smem2, s, static_cast<const float*>(scratch), step, layer, out, t0, n, chunks, nv,
+               dk, dv);
+        t0 += n;
+      }
+      return;
+    }
+  }
+  if (T >= 2 && mode == 1 && (dv % kDcCols == 0 || dv < kDcCols)) {  // Note [chunked delta rule]
     const int cols = static_cast<int>(std::min<int64_t>(dv, kDcCols));
     const size_t smem = delta_rule_chunk_smem(dk, cols);
     // The largest shared memory it can need (d_k = 256, 32 columns: ~145 KB), set once; a device

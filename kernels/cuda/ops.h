@@ -35,6 +35,11 @@ void set_pdl_enabled(bool on);
 /// slower end to end at 8K tokens on an H200 (see the Note).
 void set_delta_rule_chunked(bool on);
 bool delta_rule_chunked();
+/// The delta rule over a prompt: 0 the staged token-by-token kernel, 1 the one-pass chunked
+/// kernel (Note [chunked delta rule]), 2 the two-pass chunked form (Note [two-pass chunked delta
+/// rule]). Default from TIDAL_CUDA_DELTA_CHUNKED (0).
+void set_delta_rule_mode(int mode);
+int delta_rule_mode();
 
 /// Rows of activations the GEMV kernel takes at once; more rows go to cuBLAS (gemm.h).
 constexpr int64_t kMaxGemvRows = 8;
@@ -243,9 +248,15 @@ bool delta_rule_normed(const float* q, const float* k, const float* v, const flo
 /// Reads the layer's state before the programmatic-launch wait (Note [programmatic dependent
 /// launch]): the kernel just before it on the stream must not write that state (run another
 /// kernel, a copy or a sync in between, as a forward always does).
+/// `scratch` (`scratch_bytes`): device memory the two-pass chunked form may use (Note [two-pass
+/// chunked delta rule]; set_delta_rule_mode(2)): the prompt runs in ranges whose scratch fits
+/// (delta_rule_scratch_bytes per range); without it, or for one token, the kernels above run.
 void delta_rule(const float* q, const float* k, const float* v, const float* g, const float* beta,
                 const StepDev* step, int layer, float* out, int64_t T, int64_t nk, int64_t nv,
-                int64_t dk, int64_t dv, cudaStream_t s, int64_t rows = 1, bool l2norm_qk = false);
+                int64_t dk, int64_t dv, cudaStream_t s, int64_t rows = 1, bool l2norm_qk = false,
+                float* scratch = nullptr, size_t scratch_bytes = 0);
+/// Scratch bytes for a range of T tokens of the two-pass chunked delta rule.
+size_t delta_rule_scratch_bytes(int64_t T, int64_t nv, int64_t dk, int64_t dv);
 
 /// y = w · rms_norm(x) · silu(z), rows of dim (the DeltaNet output norm).
 /// z row r sits at z + (r / rows_per_token) · ld_z + (r % rows_per_token) · dim.

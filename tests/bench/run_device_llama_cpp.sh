@@ -91,18 +91,49 @@ fi
 export PYTHONPATH=$PWD/python
 run_llama() {  # GGUF, tag
   sync  # files just written are flushed before anything is timed
-  # VRAM use of llama.cpp: nvidia-smi sampled every 200 ms during its run.
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$out/vram_llama_$2.txt" &
-  local poll=$!
   # llama.cpp at its best: weights loaded into pinned host buffers (-lm none; with mmap its prompt
-  # processing copies experts to the GPU from pageable memory, 3-5x slower), micro-batches of 512,
-  # 2048 and 8192 (UBATCH; a whole 8K prompt in one micro-batch crosses PCIe with each layer's
-  # experts once, as tidal's 8192-token streaming chunk does; side_by_side.py takes the faster one
-  # per test).
-  "$llama"/llama-bench -m "$1" -p "$prompts" -n 128 -r "$reps" -t "$threads" -ngl 99 -ot "exps=CPU" -fa on \
-    -lm none -b 8192 -ub "${UBATCH:-512,2048,8192}" -o json > "$out/llama_$2.json" 2> "$out/llama_$2.log" || tail -20 "$out/llama_$2.log"
-  kill $poll || true
-  grep -q '"backends": "CUDA' "$out/llama_$2.json" || echo "WARNING: llama-bench did not run with its CUDA backend"
+  # processing copies experts to the GPU from pageable memory, 3-5x slower), each micro-batch of
+  # UBATCH (default 512,2048,8192; a whole 8K prompt in one micro-batch crosses PCIe with each
+  # layer's experts once, as tidal's 8192-token streaming chunk does) in its own llama-bench run
+  # with its own VRAM trace (nvidia-smi every 200 ms), so that side_by_side.py can pick the fastest
+  # micro-batch within the cap as well as the fastest overall. UBATCH_FULL (default: the first of
+  # UBATCH) runs every test; the others run the prompts of UB_PROMPTS (default 8192) only.
+  local ubs=${UBATCH:-512,2048,8192} full first=1 rows=()
+  full=${UBATCH_FULL:-${ubs%%,*}}
+  for ub in ${ubs//,/ }; do
+    local tests=(-p "$prompts" -n 128)
+    [ "$ub" = "$full" ] || tests=(-p "${UB_PROMPTS:-8192}" -n 0)
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$out/vram_llama_$2_ub$ub.txt" &
+    local poll=$!
+    "$llama"/llama-bench -m "$1" "${tests[@]}" -r "$reps" -t "$threads" -ngl 99 -ot "exps=CPU" -fa on \
+      -lm none -b 8192 -ub "$ub" -o json > "$out/llama_$2_ub$ub.json" 2> "$out/llama_$2_ub$ub.log" \
+      || tail -20 "$out/llama_$2_ub$ub.log"
+    kill $poll || true
+    grep -q '"backends": "CUDA' "$out/llama_$2_ub$ub.json" || echo "WARNING: llama-bench did not run with its CUDA backend (ub $ub)"
+    rows+=("$out/llama_$2_ub$ub.json")
+  done
+  # One JSON list for side_by_side.py, each row with the VRAM peak over idle of its own run.
+  python3 - "$out/llama_$2.json" "${rows[@]}" <<'PY'
+import json, pathlib, sys
+rows = []
+for f in sys.argv[2:]:
+    p = pathlib.Path(f)
+    try:
+        rs = json.loads(p.read_text())
+    except (OSError, ValueError):
+        continue
+    v = pathlib.Path(str(p).replace("/llama_", "/vram_llama_").replace(".json", ".txt"))
+    try:
+        vals = [float(x) for x in v.read_text().split() if x.strip()]
+    except (OSError, ValueError):
+        vals = []
+    for r in rs:
+        if len(vals) > 1:
+            r["vram_peak_over_idle_gib"] = (max(vals) - vals[0]) / 1024
+        rows.append(r)
+json.dump(rows, open(sys.argv[1], "w"), indent=1)
+PY
+  cat "$out"/vram_llama_$2_ub*.txt > "$out/vram_llama_$2.txt" 2>/dev/null || true
 }
 run_tidal() {  # model dir, expert dtype
   sync

@@ -7,6 +7,9 @@
 #   cache  test_cuda.py with the VRAM expert cache on by default (TIDAL_GPU_EXPERT_SLOTS=auto)
 #   auto   test_cuda.py with prefill expert streaming as a user gets it (TIDAL_CUDA_PREFILL_STREAM=auto;
 #          tests/python/conftest.py turns it off unless asked)
+#   dc2    test_cuda.py with the two-pass chunked delta rule (TIDAL_CUDA_DELTA_CHUNKED=2)
+#   pp     the 40-layer 35B-A3B shape (run_device_issue7.sh's model, /tmp/m40), then tidal.bench
+#          pp8192 (streaming chosen at load) with each delta-rule mode of DELTA_MODES (default "0 2")
 # (default PARTS="cpp py cache"). Logs in $OUT; the summary on stdout; exit status 1 when a part
 # failed, timed out or had no time left.
 set -uo pipefail
@@ -41,6 +44,20 @@ for part in ${PARTS:-cpp py cache}; do
     py) run_py pyc test_cuda.py ;;
     cache) TIDAL_GPU_EXPERT_SLOTS=auto run_py pyc_cache_default test_cuda.py ;;
     auto) TIDAL_CUDA_PREFILL_STREAM=auto run_py pyc_stream_auto test_cuda.py ;;
+    dc2) TIDAL_CUDA_DELTA_CHUNKED=2 run_py pyc_dc2 test_cuda.py ;;
+    pp)
+      left=$((limit - SECONDS))
+      if [ "$left" -lt 120 ]; then echo "pp: no time left"; failed=1; continue; fi
+      STEPS=model OUT="$out" timeout "$left" bash tests/bench/run_device_issue7.sh > "$out/model.log" 2>&1 \
+        || { echo "pp: model failed"; tail -5 "$out/model.log"; failed=1; continue; }
+      for dm in ${DELTA_MODES:-0 2}; do
+        left=$((limit - SECONDS))
+        [ "$left" -gt 60 ] || { echo "pp dc$dm: no time left"; failed=1; break; }
+        TIDAL_CUDA_DELTA_CHUNKED=$dm TIDAL_EXECUTOR=spin timeout "$left" python3 -m tidal.bench /tmp/m40 \
+          --device cuda --gpu-memory 12GiB --cpu-threads 15 --expert-dtype int4 -p 8192 -n "" -r 2 \
+          --json "$out/pp_dc$dm.json" > "$out/pp_dc$dm.txt" 2>&1 || failed=1
+        echo "pp8192, TIDAL_CUDA_DELTA_CHUNKED=$dm ($SECONDS s): $(grep -E '^\| pp' "$out/pp_dc$dm.txt" | head -1)"
+      done ;;
     *) echo "unknown part $part"; failed=1 ;;
   esac
 done

@@ -7,7 +7,8 @@
 Reads OUT_DIR/tidal_{int4,int8}.json (python -m tidal.bench --json) and OUT_DIR/llama_{q4_k,q8_0}.json
 (llama-bench -o json) and prints a markdown table: tok/s of each engine per test (tidal: median of
 the repetitions with min-max; llama.cpp: mean with standard deviation, as llama-bench reports, of
-its fastest configuration for that test),
+its fastest configuration for that test, and where each micro-batch ran on its own with its own
+VRAM trace, also its fastest within tidal's cap),
 tidal / llama.cpp (tidal's median over llama.cpp's mean), and for tg tidal's fraction of its
 memory-bandwidth bound. VRAM: tidal's own accounting at load (memory_report "used": weights and
 workspaces, before any KV cache) and, like for like, the largest nvidia-smi reading during each
@@ -37,6 +38,18 @@ def _vram(path: pathlib.Path) -> float | None:
     except (OSError, ValueError):
         return None
     return (max(vals) - vals[0]) / 1024 if len(vals) > 1 else None
+
+
+def _gib(size: str) -> float | None:
+    """'12GiB' / '11.5 GiB' / '12GB' -> GiB (None if it does not parse)."""
+    s = size.strip().replace(" ", "")
+    for unit, f in (("GiB", 1.0), ("GB", 1e9 / 2**30), ("MiB", 1 / 1024)):
+        if s.endswith(unit):
+            try:
+                return float(s[: -len(unit)]) * f
+            except ValueError:
+                return None
+    return None
 
 
 def _rates(out: pathlib.Path) -> tuple[int, dict[tuple[str, str], float]]:
@@ -92,11 +105,17 @@ def main(argv: list[str]) -> int:
             continue
         t = json.loads(tp.read_text())
         lrows = json.loads(lp.read_text())
+        cap = _gib(str(t["caps"].get("gpu_memory", "")))
         llama: dict[str, Any] = {}  # the fastest llama.cpp configuration of each test
+        within: dict[str, Any] = {}  # ... of those whose own VRAM peak stayed within the cap
         for r in lrows:
             name = f"pp{r['n_prompt']}" if r["n_gen"] == 0 else f"tg{r['n_gen']}"
             if name not in llama or r["avg_ts"] > llama[name]["avg_ts"]:
                 llama[name] = r
+            peak = r.get("vram_peak_over_idle_gib")
+            if cap and peak is not None and peak <= cap and (
+                    name not in within or r["avg_ts"] > within[name]["avg_ts"]):
+                within[name] = r
         m = t["model"]
         vram_t = (t.get("gpu_memory") or {}).get("used")
         vram_l = _vram(out / f"vram_llama_{q}.txt")
@@ -110,9 +129,23 @@ def main(argv: list[str]) -> int:
             desc += f"; nvidia-smi peak over idle: tidal {vram_ts:.2f} GiB"
         if vram_l is not None:
             desc += f"{',' if vram_ts is not None else '; nvidia-smi peak over idle:'} llama.cpp {vram_l:.2f} GiB"
-        lines += [f"### {label}", "", desc, "",
-                  "| test | tidal tok/s (min-max) | llama.cpp tok/s (± sd, best micro-batch) | tidal / llama.cpp | tidal of its bound |",
-                  "|---|---:|---:|---:|---:|"]
+        def cell(lr: dict[str, Any] | None) -> str:
+            if lr is None:
+                return "-"
+            peak = lr.get("vram_peak_over_idle_gib")
+            at = f", {peak:.2f} GiB" if peak is not None else ""
+            return f"{lr['avg_ts']:.1f} ± {lr['stddev_ts']:.1f} (ub {lr['n_ubatch']}{at})"
+
+        per_run = any("vram_peak_over_idle_gib" in r for r in lrows)
+        if per_run:  # one llama-bench run per micro-batch, each with its own VRAM peak
+            lines += [f"### {label}", "", desc, "",
+                      f"| test | tidal tok/s (min-max) | llama.cpp within the cap ({t['caps'].get('gpu_memory')}) "
+                      "| tidal / it | llama.cpp fastest (any VRAM) | tidal / it | tidal of its bound |",
+                      "|---|---:|---:|---:|---:|---:|---:|"]
+        else:
+            lines += [f"### {label}", "", desc, "",
+                      "| test | tidal tok/s (min-max) | llama.cpp tok/s (± sd, best micro-batch) | tidal / llama.cpp | tidal of its bound |",
+                      "|---|---:|---:|---:|---:|"]
         for r in t["results"]:
             name = r["test"].split("@")[0]
             lr = llama.get(name)
@@ -120,8 +153,14 @@ def main(argv: list[str]) -> int:
                 continue
             ratio = r["tok_s_median"] / lr["avg_ts"]
             frac = f"{100 * r['fraction_of_bound']:.0f}%" if "fraction_of_bound" in r else "-"
-            lines.append(f"| {name} | {r['tok_s_median']:.1f} ({r['tok_s_min']:.1f}-{r['tok_s_max']:.1f}) | "
-                         f"{lr['avg_ts']:.1f} ± {lr['stddev_ts']:.1f} (ub {lr['n_ubatch']}) | {ratio:.2f}x | {frac} |")
+            td_cell = f"{r['tok_s_median']:.1f} ({r['tok_s_min']:.1f}-{r['tok_s_max']:.1f})"
+            if per_run:
+                wr = within.get(name)
+                wratio = f"{r['tok_s_median'] / wr['avg_ts']:.2f}x" if wr else "-"
+                lines.append(f"| {name} | {td_cell} | {cell(wr)} | {wratio} | {cell(lr)} | {ratio:.2f}x | {frac} |")
+            else:
+                lines.append(f"| {name} | {td_cell} | "
+                             f"{lr['avg_ts']:.1f} ± {lr['stddev_ts']:.1f} (ub {lr['n_ubatch']}) | {ratio:.2f}x | {frac} |")
         lines.append("")
     s = json.loads((out / f"tidal_{PAIRS[0][0]}.json").read_text())["system"] if (out / "tidal_int4.json").exists() else {}
     if s:

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -739,25 +740,33 @@ struct DeltaCase {
   int64_t T, nk, nv, dk, dv;
 };
 class CudaDeltaRuleTest : public ::testing::TestWithParam<DeltaCase> {};
-void check_delta_rule_case(const DeltaCase& c);
+void check_delta_rule_case(const DeltaCase& c, size_t scratch_bytes);
 
 /// The register-resident recurrence against the CPU chunked form (T not a multiple of the chunk)
 /// and recurrent form, then a decode step after it.
 TEST_P(CudaDeltaRuleTest, MatchesCpuAcrossChunkBoundariesThenDecode) {
   REQUIRE_GPU();
-  struct ChunkedRestore {
-    bool was = delta_rule_chunked();
-    ~ChunkedRestore() { set_delta_rule_chunked(was); }
+  struct ModeRestore {
+    int was = delta_rule_mode();
+    ~ModeRestore() { set_delta_rule_mode(was); }
   } restore;
-  // The staged token-by-token kernel and the chunked form (Note [chunked delta rule]).
-  for (bool chunked : {false, true}) {
-    set_delta_rule_chunked(chunked);
-    SCOPED_TRACE(chunked ? "chunked" : "staged");
-    check_delta_rule_case(GetParam());
+  // The staged token-by-token kernel, the chunked form (Note [chunked delta rule]) and the
+  // two-pass chunked form (Note [two-pass chunked delta rule]) with scratch for the whole prompt
+  // and for two chunks at a time (ranges end inside the prompt).
+  for (int mode : {0, 1, 2, 3}) {
+    set_delta_rule_mode(mode == 3 ? 2 : mode);
+    SCOPED_TRACE(mode == 0   ? "staged"
+                 : mode == 1 ? "chunked"
+                 : mode == 2 ? "two-pass"
+                             : "two-pass, ranges");
+    const DeltaCase& c = GetParam();
+    check_delta_rule_case(c, mode == 2   ? delta_rule_scratch_bytes(c.T, c.nv, c.dk, c.dv)
+                             : mode == 3 ? delta_rule_scratch_bytes(64, c.nv, c.dk, c.dv)
+                                         : 0);
   }
 }
 
-void check_delta_rule_case(const DeltaCase& c) {
+void check_delta_rule_case(const DeltaCase& c, size_t scratch_bytes) {
   auto q = random_vec(c.T * c.nk * c.dk, 30, 0.2f), k = random_vec(c.T * c.nk * c.dk, 31, 0.2f),
        v = random_vec(c.T * c.nv * c.dv, 32), g = random_vec(c.T * c.nv, 33, 0.1f),
        beta = random_vec(c.T * c.nv, 34, 0.3f), s0 = random_vec(c.nv * c.dk * c.dv, 35, 0.1f);
@@ -767,8 +776,11 @@ void check_delta_rule_case(const DeltaCase& c) {
   LayerStateDev ls{nullptr, nullptr, nullptr, ds.p};
   Dev<LayerStateDev> dls(std::vector<LayerStateDev>{ls});
   Dev<StepDev> dstep(std::vector<StepDev>{StepDev{0, dls.p}});
-  delta_rule(dq.p, dk.p, dv.p, dg.p, db.p, dstep.p, 0, dout.p, c.T, c.nk, c.nv, c.dk, c.dv,
-             nullptr);
+  // Scratch filled with NaN: whatever the two-pass form reads must be what it wrote.
+  Dev<float> scr(std::vector<float>(scratch_bytes / sizeof(float) + 1,
+                                    std::numeric_limits<float>::quiet_NaN()));
+  delta_rule(dq.p, dk.p, dv.p, dg.p, db.p, dstep.p, 0, dout.p, c.T, c.nk, c.nv, c.dk, c.dv, nullptr,
+             1, false, scratch_bytes ? scr.p : nullptr, scratch_bytes);
   std::vector<float> ref(dout.n), S = s0;
   cpu::DeltaRuleArgs a{q.data(),   k.data(), v.data(), g.data(), beta.data(), S.data(),
                        ref.data(), c.T,      c.nk,     c.nv,     c.dk,        c.dv};
@@ -829,24 +841,27 @@ TEST(CudaOps, DeltaRulePromptNormalisesQkInKernel) {
   Dev<LayerStateDev> dl1(std::vector<LayerStateDev>{l1}), dl2(std::vector<LayerStateDev>{l2});
   Dev<StepDev> st1(std::vector<StepDev>{StepDev{0, dl1.p}}),
       st2(std::vector<StepDev>{StepDev{0, dl2.p}});
-  struct ChunkedRestore {
-    bool was = delta_rule_chunked();
-    ~ChunkedRestore() { set_delta_rule_chunked(was); }
+  struct ModeRestore {
+    int was = delta_rule_mode();
+    ~ModeRestore() { set_delta_rule_mode(was); }
   } restore;
   // The staged kernel on pre-normalised input is the reference; each kernel's in-kernel
   // normalisation must give the same answer.
-  set_delta_rule_chunked(false);
+  set_delta_rule_mode(0);
   delta_rule(dqn.p, dkn.p, dvv.p, dg.p, db.p, st2.p, 0, o2.p, T, nk, nv, dk, dv, nullptr, 1, false);
   const auto b = o2.get();
   float scale = 0.f;
   for (float x : b) scale = std::max(scale, std::fabs(x));
   ASSERT_GT(scale, 1e-3f);
-  for (bool chunked : {false, true}) {
-    set_delta_rule_chunked(chunked);
+  const size_t scratch_bytes = delta_rule_scratch_bytes(T, nv, dk, dv);
+  Dev<float> scr(scratch_bytes / sizeof(float));
+  for (int mode : {0, 1, 2}) {
+    set_delta_rule_mode(mode);
     ds1.put(s0);
-    delta_rule(dq.p, dk_.p, dvv.p, dg.p, db.p, st1.p, 0, o1.p, T, nk, nv, dk, dv, nullptr, 1, true);
-    EXPECT_LT(max_abs_diff(o1.get(), b), 1e-5f * std::max(1.f, scale)) << "chunked=" << chunked;
-    EXPECT_LT(max_abs_diff(ds1.get(), ds2.get()), 1e-5f) << "chunked=" << chunked;
+    delta_rule(dq.p, dk_.p, dvv.p, dg.p, db.p, st1.p, 0, o1.p, T, nk, nv, dk, dv, nullptr, 1, true,
+               scr.p, scratch_bytes);
+    EXPECT_LT(max_abs_diff(o1.get(), b), 1e-5f * std::max(1.f, scale)) << "mode=" << mode;
+    EXPECT_LT(max_abs_diff(ds1.get(), ds2.get()), 1e-5f) << "mode=" << mode;
   }
 }
 
