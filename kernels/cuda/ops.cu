@@ -2852,8 +2852,8 @@ __global__ void __launch_bounds__(kDwThreads)
   const int64_t F = delta_wy_floats(dk, dv);
   pdl_begin();
   for (int idx = tid; idx < dki * CB; idx += nth) Ss[idx] = S[(idx / CB) * dv + col0 + idx % CB];
-  // Thread (tq, j): rows t = tq + 8 r (r < 4) of column j for V' and O; (ig, j): state rows
-  // i = ig + 8 r (r < dk / 8) of column j.
+  // Thread (tq, j): rows t = tq + 8 r (r < 4) of column j for V' and O, and state rows
+  // [tq·d_k/8, (tq + 1)·d_k/8) of column j.
   const int j = tid % CB, tq = tid / CB;  // 256 threads: tq < 8
   const int rows_s = dki / 8;
   for (int64_t ch = 0; ch < chunks; ++ch) {
@@ -2907,13 +2907,34 @@ __global__ void __launch_bounds__(kDwThreads)
       const int64_t tok = t0 + ch * C + t;
       if (tok < t0 + n) o[(tok * nv + h) * dv + col0 + j] = acc;
     }
-    // S <- e^{γ_c} S + K'ᵀ V' for rows i = tq + 8 r.
+    // S <- e^{γ_c} S + K'ᵀ V' for this thread's rows i = tq·rows_s + r, four at a time (K' rows
+    // as float4 broadcasts) where d_k allows.
     const float ec = ecs[0];
-    for (int r = 0; r < rows_s; ++r) {
-      const int i = tq + 8 * r;
-      float acc = ec * Ss[i * CB + j];
-      for (int t = 0; t < C; ++t) acc = fmaf(Ks[t * dki + i], Vs[t * (CB + 1) + j], acc);
-      Ss[i * CB + j] = acc;
+    const int i0 = tq * rows_s;
+    if (rows_s % 4 == 0) {
+      for (int r = 0; r < rows_s; r += 4) {
+        float a0 = ec * Ss[(i0 + r) * CB + j], a1 = ec * Ss[(i0 + r + 1) * CB + j];
+        float a2 = ec * Ss[(i0 + r + 2) * CB + j], a3 = ec * Ss[(i0 + r + 3) * CB + j];
+        for (int t = 0; t < C; ++t) {
+          const float vt = Vs[t * (CB + 1) + j];
+          const float4 kv = *reinterpret_cast<const float4*>(Ks + t * dki + i0 + r);
+          a0 = fmaf(kv.x, vt, a0);
+          a1 = fmaf(kv.y, vt, a1);
+          a2 = fmaf(kv.z, vt, a2);
+          a3 = fmaf(kv.w, vt, a3);
+        }
+        Ss[(i0 + r) * CB + j] = a0;
+        Ss[(i0 + r + 1) * CB + j] = a1;
+        Ss[(i0 + r + 2) * CB + j] = a2;
+        Ss[(i0 + r + 3) * CB + j] = a3;
+      }
+    } else {
+      for (int r = 0; r < rows_s; ++r) {
+        const int i = i0 + r;
+        float acc = ec * Ss[i * CB + j];
+        for (int t = 0; t < C; ++t) acc = fmaf(Ks[t * dki + i], Vs[t * (CB + 1) + j], acc);
+        Ss[i * CB + j] = acc;
+      }
     }
     __syncthreads();  // S updated, staging buffers free
   }
