@@ -30,6 +30,7 @@ for r in json.load(open(sys.argv[1])):
 PY
 # tidal's pp8192 again under each TIDAL_CUDA_DELTA_CHUNKED value of EXTRA_DELTA_MODES (default
 # none), for comparison with the run above.
+export PYTHONPATH=$PWD/python LD_LIBRARY_PATH=/tmp/deps/lib:${LD_LIBRARY_PATH:-}
 for dm in ${EXTRA_DELTA_MODES:-}; do
   TIDAL_CUDA_DELTA_CHUNKED=$dm TIDAL_EXECUTOR=spin timeout 150 python3 -m tidal.bench "${MODEL:-/tmp/m40}" \
     --device cuda --gpu-memory 12GiB --cpu-threads 15 --expert-dtype int4 -p 8192 -n "" -r 3 \

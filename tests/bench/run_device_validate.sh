@@ -8,6 +8,8 @@
 #   auto   test_cuda.py with prefill expert streaming as a user gets it (TIDAL_CUDA_PREFILL_STREAM=auto;
 #          tests/python/conftest.py turns it off unless asked)
 #   dc2    test_cuda.py with the two-pass chunked delta rule (TIDAL_CUDA_DELTA_CHUNKED=2)
+#   profile  the 40-layer 35B-A3B shape, then GPU time per op of an 8192-token streamed prefill
+#          (run_device_issue7.sh's profile) under each delta-rule mode of DELTA_MODES (default "0 2")
 #   pp     the 40-layer 35B-A3B shape (run_device_issue7.sh's model, /tmp/m40), then tidal.bench
 #          pp8192 (streaming chosen at load) with each delta-rule mode of DELTA_MODES (default "0 2")
 # (default PARTS="cpp py cache"). Logs in $OUT; the summary on stdout; exit status 1 when a part
@@ -45,6 +47,11 @@ for part in ${PARTS:-cpp py cache}; do
     cache) TIDAL_GPU_EXPERT_SLOTS=auto run_py pyc_cache_default test_cuda.py ;;
     auto) TIDAL_CUDA_PREFILL_STREAM=auto run_py pyc_stream_auto test_cuda.py ;;
     dc2) TIDAL_CUDA_DELTA_CHUNKED=2 run_py pyc_dc2 test_cuda.py ;;
+    profile)
+      left=$((limit - SECONDS))
+      if [ "$left" -lt 150 ]; then echo "profile: no time left"; failed=1; continue; fi
+      STEPS="model profile" DELTA_CHUNKED="${DELTA_MODES:-0 2}" OUT="$out" timeout "$left" \
+        bash tests/bench/run_device_issue7.sh 2>&1 | tail -22 || failed=1 ;;
     pp)
       left=$((limit - SECONDS))
       if [ "$left" -lt 120 ]; then echo "pp: no time left"; failed=1; continue; fi
