@@ -2941,11 +2941,11 @@ __global__ void __launch_bounds__(kDwThreads)
   for (int idx = tid; idx < dki * CB; idx += nth) S[(idx / CB) * dv + col0 + idx % CB] = Ss[idx];
 }
 
-// 0: the staged kernel; 1: the one-pass chunked kernel; 2: the two-pass chunked form (where the
-// caller lends scratch). TIDAL_CUDA_DELTA_CHUNKED=1 / 2.
+// 0: the staged kernel; 1: the one-pass chunked kernel; 2 (the default): the two-pass chunked
+// form where the caller lends scratch (else the staged kernel). TIDAL_CUDA_DELTA_CHUNKED=0 / 1 / 2.
 std::atomic<int> g_delta_mode{[] {
   const char* e = std::getenv("TIDAL_CUDA_DELTA_CHUNKED");
-  return e != nullptr && (e[0] == '1' || e[0] == '2') ? e[0] - '0' : 0;
+  return e != nullptr && (e[0] == '0' || e[0] == '1' || e[0] == '2') ? e[0] - '0' : 2;
 }()};
 
 __global__ void rms_norm_gated_kernel(const float* x, const float* z, int64_t ld_z, int64_t rpt,
