@@ -11,7 +11,8 @@
 #   profile  the 40-layer 35B-A3B shape, then GPU time per op of an 8192-token streamed prefill
 #          (run_device_issue7.sh's profile) under each delta-rule mode of DELTA_MODES (default "0 2")
 #   pp     the 40-layer 35B-A3B shape (run_device_issue7.sh's model, /tmp/m40), then tidal.bench
-#          pp8192 (streaming chosen at load) with each delta-rule mode of DELTA_MODES (default "0 2")
+#          pp8192 (streaming chosen at load) once per entry of PP_ENVS (ENV=VALUE, or "-" for the
+#          defaults; default "- TIDAL_CUDA_DELTA_CHUNKED=0")
 # (default PARTS="cpp py cache"). Logs in $OUT; the summary on stdout; exit status 1 when a part
 # failed, timed out or had no time left.
 set -uo pipefail
@@ -57,13 +58,17 @@ for part in ${PARTS:-cpp py cache}; do
       if [ "$left" -lt 120 ]; then echo "pp: no time left"; failed=1; continue; fi
       STEPS=model OUT="$out" timeout "$left" bash tests/bench/run_device_issue7.sh > "$out/model.log" 2>&1 \
         || { echo "pp: model failed"; tail -5 "$out/model.log"; failed=1; continue; }
-      for dm in ${DELTA_MODES:-0 2}; do
+      # PP_ENVS: one run per entry, each an environment assignment (ENV=VALUE) or "-" (defaults).
+      for v in ${PP_ENVS:-- TIDAL_CUDA_DELTA_CHUNKED=0}; do
         left=$((limit - SECONDS))
-        [ "$left" -gt 60 ] || { echo "pp dc$dm: no time left"; failed=1; break; }
-        TIDAL_CUDA_DELTA_CHUNKED=$dm TIDAL_EXECUTOR=spin timeout "$left" python3 -m tidal.bench /tmp/m40 \
-          --device cuda --gpu-memory 12GiB --cpu-threads 15 --expert-dtype int4 -p 8192 -n "" -r 2 \
-          --json "$out/pp_dc$dm.json" > "$out/pp_dc$dm.txt" 2>&1 || failed=1
-        echo "pp8192, TIDAL_CUDA_DELTA_CHUNKED=$dm ($SECONDS s): $(grep -E '^\| pp' "$out/pp_dc$dm.txt" | head -1)"
+        [ "$left" -gt 40 ] || { echo "pp $v: no time left"; failed=1; break; }
+        name=${v//[^A-Za-z0-9]/_}
+        if [ "$v" = "-" ]; then set --; else set -- "$v"; fi
+        env "$@" TIDAL_EXECUTOR=spin timeout "$left" python3 -m tidal.bench /tmp/m40 \
+          --device cuda --gpu-memory 12GiB --cpu-threads 15 --expert-dtype int4 -p 8192 -n "" -r 3 \
+          --json "$out/pp_$name.json" > "$out/pp_$name.txt" 2>&1 || failed=1
+        echo "pp8192 [$v] ($SECONDS s): $(grep -E '^\| pp' "$out/pp_$name.txt" | head -1)"
+        grep -E "^prefill expert streaming" "$out/pp_$name.txt" | cut -c1-200
       done ;;
     *) echo "unknown part $part"; failed=1 ;;
   esac
