@@ -196,7 +196,10 @@ struct CudaModel::Impl {
   uint64_t ws_bytes = 0;
   int64_t Tmax = 0;
   float *x = nullptr, *xn = nullptr, *y = nullptr, *hs = nullptr;
+  // qb: the attention q rows; also the two-pass delta rule's scratch while a DeltaNet layer runs
+  // (no attention then; Note [two-pass chunked delta rule]). qb_bytes: its planned size.
   float *qb = nullptr, *gate = nullptr, *ao = nullptr;
+  size_t qb_bytes = 0;
   float* partial = nullptr;
   int attn_splits_decode = 1;
   float *mixed = nullptr, *zb = nullptr, *bb = nullptr, *ab = nullptr, *u = nullptr, *gq = nullptr,
@@ -1923,10 +1926,8 @@ void CudaModel::Impl::enqueue_deltanet(const GpuLayer& L, int layer, int64_t T) 
   } else {
     // The attention q buffer is free while a DeltaNet layer runs: the two-pass chunked delta
     // rule's scratch (Note [two-pass chunked delta rule]).
-    const size_t qb_bytes =
-        qb ? static_cast<size_t>(Tmax * cfg.num_attention_heads * cfg.head_dim) * sizeof(float) : 0;
     kc::delta_rule(dq, dk_, dvv, dg, dbeta, d_step, layer, go, Tr, nk, nv, dk, dv, stream, nseq,
-                   conv_done, qb, qb_bytes);
+                   conv_done, qb, qb ? qb_bytes : 0);
     mark("gdn: delta rule");
     kc::rms_norm_gated(go, z, ld_z, nv, L.gnorm, go, T * nv, dv, eps, stream);
     mark("gdn: gated norm");
@@ -2168,9 +2169,11 @@ void CudaModel::Impl::allocate_workspaces(const WorkspacePlan& p, int64_t T) {
   wscratch_elems = p.wscratch_elems;
   cuda_check(cudaMalloc(reinterpret_cast<void**>(&ws), p.bytes), "workspace allocation");
   size_t off = 0;
+  qb_bytes = 0;
   for (auto& [ptr, bytes] : p.parts) {
     *ptr = ws + off;
     off += align_up(bytes);
+    if (ptr == reinterpret_cast<void**>(&qb)) qb_bytes = bytes;
   }
   // Pinned staging.
   const auto& c = cfg;

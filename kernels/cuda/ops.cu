@@ -2695,6 +2695,9 @@ __global__ void __launch_bounds__(kDcThreads)
 constexpr int kDwChunk = 32;  // tokens per chunk
 constexpr int kDwCols = 32;   // value columns per state block
 constexpr int kDwThreads = 256;
+// delta_wy_state_kernel's thread map: thread (tq, j), tq < 8, takes rows tq + 8 r (r < 4) of a
+// chunk and d_k / 8 state rows of column j.
+static_assert(kDwThreads == 8 * kDwCols && kDwChunk == 4 * 8, "delta_wy_state_kernel thread map");
 
 /// Floats of scratch per (chunk, head): W, Q', K', U, P, e^{γ_c} (padded to 4).
 __host__ __device__ inline int64_t delta_wy_floats(int64_t dk, int64_t dv) {
@@ -2773,7 +2776,9 @@ __global__ void __launch_bounds__(kDwThreads)
       fts[t] = t < c ? expf(acc - gam[t]) : 0.f;
       if (t >= c) egs[t] = 0.f;
     }
-    out[C * (3 * dk + dv) + C * C] = c > 0 ? expf(acc) : 1.f;
+    float* ec = out + C * (3 * dk + dv) + C * C;  // e^{γ_c}, then 3 floats of padding
+    ec[0] = expf(acc);
+    ec[1] = ec[2] = ec[3] = 0.f;
   }
   __syncthreads();
   // A and P = Q Kᵀ ⊙ Γ (lower with the diagonal; zero elsewhere and past c).
@@ -2890,7 +2895,8 @@ __global__ void __launch_bounds__(kDwThreads)
         aq[r] = fmaf(qv.w, s3, aq[r]);
       }
     }
-    __syncthreads();  // every thread has read S and U's rows before V' replaces U
+    // Each thread turns its own U entries into V' (no barrier before: nobody else reads them in
+    // this phase, and S is not written until the update below).
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int t = tq + 8 * r;
@@ -2945,7 +2951,9 @@ __global__ void __launch_bounds__(kDwThreads)
 // form where the caller lends scratch (else the staged kernel). TIDAL_CUDA_DELTA_CHUNKED=0 / 1 / 2.
 std::atomic<int> g_delta_mode{[] {
   const char* e = std::getenv("TIDAL_CUDA_DELTA_CHUNKED");
-  return e != nullptr && (e[0] == '0' || e[0] == '1' || e[0] == '2') ? e[0] - '0' : 2;
+  // Anything but 0, 1 or 2: the default.
+  return e != nullptr && (e[0] == '0' || e[0] == '1' || e[0] == '2') && e[1] == '\0' ? e[0] - '0'
+                                                                                     : 2;
 }()};
 
 __global__ void rms_norm_gated_kernel(const float* x, const float* z, int64_t ld_z, int64_t rpt,
@@ -3094,6 +3102,28 @@ void set_delta_rule_mode(int mode) {
   g_delta_mode.store(mode >= 0 && mode <= 2 ? mode : 0, std::memory_order_relaxed);
 }
 int delta_rule_mode() { return g_delta_mode.load(std::memory_order_relaxed); }
+bool delta_rule_two_pass_applies(int64_t T, int64_t rows, int64_t nk, int64_t nv, int64_t dk,
+                                 int64_t dv, const void* scratch, size_t scratch_bytes) {
+  if (T < 2 || rows != 1 || scratch == nullptr || nk < 1 || nv % nk != 0 || dv % kDwCols != 0 ||
+      dk % 8 != 0 || dk > 256 || dv > 256 || reinterpret_cast<uintptr_t>(scratch) % 16 != 0)
+    return false;
+  if (scratch_bytes < static_cast<size_t>(nv * delta_wy_floats(dk, dv)) * sizeof(float))
+    return false;  // not even one chunk
+  // Shared memory past 48 KB as far as this device allows (set once, for the largest shape).
+  static const int optin = [] {
+    int dev = 0, v = 48 * 1024;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+      cudaGetLastError();
+      v = 48 * 1024;
+    }
+    const bool ok =
+        allow_smem(delta_wy_kernel, std::min<size_t>(delta_wy_smem(256, 256), v)) &&
+        allow_smem(delta_wy_state_kernel, std::min<size_t>(delta_wy_state_smem(256), v));
+    return ok ? v : 48 * 1024;
+  }();
+  return std::max(delta_wy_smem(dk, dv), delta_wy_state_smem(dk)) <= static_cast<size_t>(optin);
+}
 size_t delta_rule_scratch_bytes(int64_t T, int64_t nv, int64_t dk, int64_t dv) {
   const int64_t chunks = (T + kDwChunk - 1) / kDwChunk;
   return static_cast<size_t>(chunks * nv * delta_wy_floats(dk, dv)) * sizeof(float);
@@ -3366,27 +3396,23 @@ void delta_rule(const float* q, const float* k, const float* v, const float* g, 
   const int CB = static_cast<int>(std::min<int64_t>(32, dv));
   const int RG = static_cast<int>(dk / rpt);
   const int mode = g_delta_mode.load(std::memory_order_relaxed);
-  if (T >= 2 && mode == 2 && rows == 1 && scratch != nullptr && dv % kDwCols == 0 && dk % 8 == 0 &&
-      dk <= 256 && dv <= 256) {  // Note [two-pass chunked delta rule]
-    const size_t per_chunk = static_cast<size_t>(nv * delta_wy_floats(dk, dv)) * sizeof(float);
-    const int64_t max_chunks = static_cast<int64_t>(scratch_bytes / per_chunk);
-    static const bool big_smem = allow_smem(delta_wy_kernel, delta_wy_smem(256, 256)) &&
-                                 allow_smem(delta_wy_state_kernel, delta_wy_state_smem(256));
+  if (mode == 2 && delta_rule_two_pass_applies(T, rows, nk, nv, dk, dv, scratch, scratch_bytes)) {
+    // Note [two-pass chunked delta rule]
+    const int64_t max_chunks = static_cast<int64_t>(
+        scratch_bytes / (static_cast<size_t>(nv * delta_wy_floats(dk, dv)) * sizeof(float)));
     const size_t smem1 = delta_wy_smem(dk, dv), smem2 = delta_wy_state_smem(dk);
-    if (max_chunks >= 1 && (big_smem || std::max(smem1, smem2) <= 48 * 1024)) {
-      for (int64_t t0 = 0; t0 < T;) {
-        const int64_t n = std::min(T - t0, max_chunks * kDwChunk);
-        const int64_t chunks = (n + kDwChunk - 1) / kDwChunk;
-        launch(delta_wy_kernel, dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(nv)),
-               kDwThreads, smem1, s, q, k, v, g, beta, t0, n, nk, nv, dk, dv, l2norm_qk, scratch);
-        launch(delta_wy_state_kernel,
-               dim3(static_cast<unsigned>(nv), static_cast<unsigned>(dv / kDwCols)), kDwThreads,
-               smem2, s, static_cast<const float*>(scratch), step, layer, out, t0, n, chunks, nv,
-               dk, dv);
-        t0 += n;
-      }
-      return;
+    for (int64_t t0 = 0; t0 < T;) {
+      const int64_t n = std::min(T - t0, max_chunks * kDwChunk);
+      const int64_t chunks = (n + kDwChunk - 1) / kDwChunk;
+      launch(delta_wy_kernel, dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(nv)),
+             kDwThreads, smem1, s, q, k, v, g, beta, t0, n, nk, nv, dk, dv, l2norm_qk, scratch);
+      launch(delta_wy_state_kernel,
+             dim3(static_cast<unsigned>(nv), static_cast<unsigned>(dv / kDwCols)), kDwThreads,
+             smem2, s, static_cast<const float*>(scratch), step, layer, out, t0, n, chunks, nv, dk,
+             dv);
+      t0 += n;
     }
+    return;
   }
   if (T >= 2 && mode == 1 && (dv % kDcCols == 0 || dv < kDcCols)) {  // Note [chunked delta rule]
     const int cols = static_cast<int>(std::min<int64_t>(dv, kDcCols));

@@ -30,9 +30,7 @@ struct DevMatrix {
 /// `set_pdl_enabled` switches it. Graphs keep what they were captured with.
 bool pdl_enabled();
 void set_pdl_enabled(bool on);
-/// Prompts (T ≥ 2) through the chunked delta rule (Note [chunked delta rule] in ops.cu) instead of
-/// the staged token-by-token kernel. TIDAL_CUDA_DELTA_CHUNKED=1 sets it at start. Off by default:
-/// slower end to end at 8K tokens on an H200 (see the Note).
+/// Mode 1 (on) or 0 (off) of set_delta_rule_mode below, kept for the one-pass kernel's tests.
 void set_delta_rule_chunked(bool on);
 bool delta_rule_chunked();
 /// The delta rule over a prompt: 0 the staged token-by-token kernel, 1 the one-pass chunked
@@ -240,9 +238,10 @@ bool delta_rule_normed(const float* q, const float* k, const float* v, const flo
                        bool l2norm_qk = false);
 
 /// Gated delta rule over T tokens on the fp32 state of `layer` (model-spec §3.4), token by token
-/// with the state in registers: out (T, nv, dv); T ≥ 2 stages the tokens in chunks through shared
-/// memory (Note [delta rule over a prompt] in ops.cu), or, with set_delta_rule_chunked, runs the
-/// chunked form (Note [chunked delta rule]). d_k and d_v must be multiples of 32 (≤ 256).
+/// with the state in registers: out (T, nv, dv); T ≥ 2 runs the mode of set_delta_rule_mode: the
+/// two-pass chunked form where delta_rule_two_pass_applies, else the tokens staged in chunks
+/// through shared memory (Note [delta rule over a prompt] in ops.cu); mode 1 the one-pass chunked
+/// kernel (Note [chunked delta rule]). d_k and d_v ≤ 256, multiples of 16.
 /// `rows` > 1: that many sequences of T tokens each, packed one after the other (state step[r]).
 /// `l2norm_qk`: q and k are raw conv outputs (gemv_gdn_in), L2-normalised here (q also scaled by
 /// 1/sqrt(d_k)), as gdn_conv_prep_step would; the same flag on delta_rule_normed.
@@ -258,6 +257,11 @@ void delta_rule(const float* q, const float* k, const float* v, const float* g, 
                 float* scratch = nullptr, size_t scratch_bytes = 0);
 /// Scratch bytes for a range of T tokens of the two-pass chunked delta rule.
 size_t delta_rule_scratch_bytes(int64_t T, int64_t nv, int64_t dk, int64_t dv);
+/// Whether delta_rule in mode 2 runs the two-pass form for this call: T ≥ 2, one sequence, d_v a
+/// multiple of 32 and d_k of 8 (both ≤ 256), 16-byte aligned scratch for at least one chunk (it
+/// must not alias the inputs or `out`), and shared memory the device can give. Else: staged.
+bool delta_rule_two_pass_applies(int64_t T, int64_t rows, int64_t nk, int64_t nv, int64_t dk,
+                                 int64_t dv, const void* scratch, size_t scratch_bytes);
 
 /// y = w · rms_norm(x) · silu(z), rows of dim (the DeltaNet output norm).
 /// z row r sits at z + (r / rows_per_token) · ld_z + (r % rows_per_token) · dim.

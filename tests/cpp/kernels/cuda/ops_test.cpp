@@ -781,6 +781,17 @@ void check_delta_rule_case(const DeltaCase& c, size_t scratch_bytes) {
                                     std::numeric_limits<float>::quiet_NaN()));
   delta_rule(dq.p, dk.p, dv.p, dg.p, db.p, dstep.p, 0, dout.p, c.T, c.nk, c.nv, c.dk, c.dv, nullptr,
              1, false, scratch_bytes ? scr.p : nullptr, scratch_bytes);
+  if (scratch_bytes > 0 && delta_rule_mode() == 2) {
+    // The two-pass form ran where its shape qualifies (not a silent fallback): its first pass
+    // overwrote the scratch's NaNs.
+    const bool applies =
+        delta_rule_two_pass_applies(c.T, 1, c.nk, c.nv, c.dk, c.dv, scr.p, scratch_bytes);
+    // (d_k = 256 needs ~139 KB of shared memory a block: only where the device has it.)
+    if (c.dk <= 128) EXPECT_EQ(applies, c.T >= 2 && c.dv % 32 == 0 && c.dk % 8 == 0);
+    float first = 0.f;
+    cudaMemcpy(&first, scr.p, sizeof first, cudaMemcpyDeviceToHost);
+    EXPECT_EQ(std::isnan(first), !applies);
+  }
   std::vector<float> ref(dout.n), S = s0;
   cpu::DeltaRuleArgs a{q.data(),   k.data(), v.data(), g.data(), beta.data(), S.data(),
                        ref.data(), c.T,      c.nk,     c.nv,     c.dk,        c.dv};
@@ -808,6 +819,7 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaDeltaRuleTest,
                                            DeltaCase{33, 2, 4, 64, 64},       // tidal-mini
                                            DeltaCase{5, 1, 2, 32, 16},        // dv < 32
                                            DeltaCase{301, 16, 32, 128, 128},  // many chunks
+                                           DeltaCase{100, 2, 4, 16, 64},      // d_v > d_k
                                            DeltaCase{17, 2, 2, 256, 32}));    // d_k = 256
 
 /// In-kernel q/k L2 normalisation (l2norm_qk) over a prompt equals normalising first (Note [delta
