@@ -2506,6 +2506,39 @@ size_t delta_rule_prefill_smem(int64_t dk, int CB) {
 // now with barriers in it. What could make it pay: A, W and U do not depend on S, so a first pass
 // over all chunks at once (the whole grid) can compute them; the sequential pass then only forms
 // V' = U - W S, the output and the state update per chunk.
+/// A chunk of c tokens staged in shared memory (k rows at Ks, q rows at Qs, `pitch` floats
+/// apart; γ = the log decays at gam): the q and k rows L2-normalised where they are raw conv
+/// outputs (qk_l2; q also by 1/sqrt(d_k)), then γ made cumulative (c adds, in order, as the CPU
+/// does) with e^γ and e^{γ_c − γ}; entries c..n-1 of those two are zero. Ends with a barrier.
+__device__ void delta_chunk_decay(float* Ks, float* Qs, int pitch, int c, int n, int dk, bool qk_l2,
+                                  float* gam, float* egs, float* fts) {
+  const int tid = threadIdx.x, nth = blockDim.x, lane = tid % kWarp, wid = tid / kWarp;
+  if (qk_l2) {
+    for (int row = wid; row < 2 * c; row += nth / kWarp) {
+      float* x = row < c ? Ks + row * pitch : Qs + (row - c) * pitch;
+      float ss = 0.f;
+      for (int i = lane; i < dk; i += kWarp) ss = fmaf(x[i], x[i], ss);
+      ss = warp_sum(ss);
+      const float f =
+          (1.0f / sqrtf(ss + 1e-6f)) * (row < c ? 1.0f : rsqrtf(static_cast<float>(dk)));
+      for (int i = lane; i < dk; i += kWarp) x[i] *= f;
+    }
+  }
+  if (tid == 0) {
+    float acc = 0.f;
+    for (int t = 0; t < c; ++t) {
+      acc += gam[t];
+      gam[t] = acc;
+      egs[t] = expf(acc);
+    }
+    for (int t = 0; t < n; ++t) {
+      fts[t] = t < c ? expf(acc - gam[t]) : 0.f;
+      if (t >= c) egs[t] = 0.f;
+    }
+  }
+  __syncthreads();
+}
+
 constexpr int kDcChunk = 32;  // tokens per chunk
 constexpr int kDcCols = 32;   // value columns per block
 constexpr int kDcThreads = 256;
@@ -2544,7 +2577,7 @@ __global__ void __launch_bounds__(kDcThreads)
   float* egs = gam + C;          // [C] e^γ
   float* fts = egs + C;          // [C] e^{γ_c − γ_t}
   float* bts = fts + C;          // [C] β
-  const int tid = threadIdx.x, nth = blockDim.x, lane = tid % kWarp, wid = tid / kWarp;
+  const int tid = threadIdx.x, nth = blockDim.x;
   const int h = blockIdx.x;
   const int64_t col0 = static_cast<int64_t>(blockIdx.y) * cols;
   const int64_t kh = h / (nv / nk);
@@ -2571,27 +2604,7 @@ __global__ void __launch_bounds__(kDcThreads)
       bts[tid] = beta[(c0 + tid) * nv + h];
     }
     __syncthreads();
-    if (qk_l2) {  // raw conv outputs: L2-normalise q and k rows (q also by 1/sqrt(d_k))
-      for (int row = wid; row < 2 * c; row += nth / kWarp) {
-        float* x = row < c ? Ks + row * pk : Qs + (row - c) * pk;
-        float ss = 0.f;
-        for (int i = lane; i < dki; i += kWarp) ss = fmaf(x[i], x[i], ss);
-        ss = warp_sum(ss);
-        const float f =
-            (1.0f / sqrtf(ss + 1e-6f)) * (row < c ? 1.0f : rsqrtf(static_cast<float>(dk)));
-        for (int i = lane; i < dki; i += kWarp) x[i] *= f;
-      }
-    }
-    if (tid == 0) {  // cumulative log decay (c adds, in order, as the CPU does)
-      float acc = 0.f;
-      for (int t = 0; t < c; ++t) {
-        acc += gam[t];
-        gam[t] = acc;
-        egs[t] = expf(acc);
-      }
-      for (int t = 0; t < c; ++t) fts[t] = expf(acc - gam[t]);
-    }
-    __syncthreads();
+    delta_chunk_decay(Ks, Qs, pk, c, c, dki, qk_l2, gam, egs, fts);
     // A, Q Kᵀ ⊙ Γ, and the right-hand sides β V and β e^γ K.
     for (int idx = tid; idx < c * c; idx += nth) {
       const int t = idx / c, s = idx % c;
@@ -2731,7 +2744,7 @@ __global__ void __launch_bounds__(kDwThreads)
   float* egs = gam + C;
   float* fts = egs + C;
   float* bts = fts + C;
-  const int tid = threadIdx.x, nth = blockDim.x, lane = tid % kWarp, wid = tid / kWarp;
+  const int tid = threadIdx.x, nth = blockDim.x;
   const int64_t ch = blockIdx.x, h = blockIdx.y, kh = h / (nv / nk);
   const int64_t c0 = t0 + ch * C;
   const int c = static_cast<int>(min(static_cast<int64_t>(C), t0 + n - c0));
@@ -2754,33 +2767,12 @@ __global__ void __launch_bounds__(kDwThreads)
     bts[tid] = tid < c ? beta[(c0 + tid) * nv + h] : 0.f;
   }
   __syncthreads();
-  if (qk_l2) {  // raw conv outputs: L2-normalise q and k rows (q also by 1/sqrt(d_k))
-    for (int row = wid; row < 2 * c; row += nth / kWarp) {
-      float* x = row < c ? Ks + row * p : Xs + (row - c) * p;
-      float ss = 0.f;
-      for (int i = lane; i < dki; i += kWarp) ss = fmaf(x[i], x[i], ss);
-      ss = warp_sum(ss);
-      const float f =
-          (1.0f / sqrtf(ss + 1e-6f)) * (row < c ? 1.0f : rsqrtf(static_cast<float>(dk)));
-      for (int i = lane; i < dki; i += kWarp) x[i] *= f;
-    }
-  }
-  if (tid == 0) {  // cumulative log decay (c adds, in order, as the CPU does)
-    float acc = 0.f;
-    for (int t = 0; t < c; ++t) {
-      acc += gam[t];
-      gam[t] = acc;
-      egs[t] = expf(acc);
-    }
-    for (int t = 0; t < C; ++t) {
-      fts[t] = t < c ? expf(acc - gam[t]) : 0.f;
-      if (t >= c) egs[t] = 0.f;
-    }
-    float* ec = out + C * (3 * dk + dv) + C * C;  // e^{γ_c}, then 3 floats of padding
-    ec[0] = expf(acc);
+  delta_chunk_decay(Ks, Xs, p, c, C, dki, qk_l2, gam, egs, fts);
+  if (tid == 0) {  // e^{γ_c}, then 3 floats of padding
+    float* ec = out + C * (3 * dk + dv) + C * C;
+    ec[0] = egs[c - 1];
     ec[1] = ec[2] = ec[3] = 0.f;
   }
-  __syncthreads();
   // A and P = Q Kᵀ ⊙ Γ (lower with the diagonal; zero elsewhere and past c).
   for (int idx = tid; idx < C * C; idx += nth) {
     const int t = idx / C, s = idx % C;
