@@ -282,11 +282,19 @@ struct OnednnMoe {
     p.wei_dn = {{I, H}, wdt, tag::any};
     p.dst_dn = {{m, H}, dt::f32, tag::ab};
     dnnl::primitive_attr attr;
+#if DNNL_VERSION_MAJOR >= 3
+    // oneDNN 3: per-output-channel weight scales (mask over dimension 1 of [K, N]), given at run
+    // time as DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS.
+    if (int8) attr.set_scales_mask(DNNL_ARG_WEIGHTS, 1 << 1);
+    auto pd_gu = dnnl::matmul::primitive_desc(eng, p.src_gu, p.wei_gu, p.dst_gu, attr);
+    auto pd_dn = dnnl::matmul::primitive_desc(eng, p.src_dn, p.wei_dn, p.dst_dn, attr);
+#else
     if (int8) attr.set_output_scales(2, {DNNL_RUNTIME_F32_VAL});
     auto pd_gu =
         dnnl::matmul::primitive_desc(dnnl::matmul::desc(p.src_gu, p.wei_gu, p.dst_gu), attr, eng);
     auto pd_dn =
         dnnl::matmul::primitive_desc(dnnl::matmul::desc(p.src_dn, p.wei_dn, p.dst_dn), attr, eng);
+#endif
     p.wei_gu = pd_gu.weights_desc();
     p.wei_dn = pd_dn.weights_desc();
     p.gu = dnnl::matmul(pd_gu);
@@ -483,7 +491,12 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
                                     scales_i.data());
                   dnnl::memory sc_h({{s.hidden}, dt_::f32, dnnl::memory::format_tag::a}, od.eng,
                                     scales_h.data());
-                  if (i8) args[DNNL_ARG_ATTR_OUTPUT_SCALES] = sc_i;
+#if DNNL_VERSION_MAJOR >= 3
+                  constexpr int kScalesArg = DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS;
+#else
+                  constexpr int kScalesArg = DNNL_ARG_ATTR_OUTPUT_SCALES;
+#endif
+                  if (i8) args[kScalesArg] = sc_i;
                   p.gu.execute(od.strm, args);
                   args[DNNL_ARG_WEIGHTS] = ws[e].up;
                   args[DNNL_ARG_DST] = udst;
@@ -504,7 +517,7 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
                   dnnl::memory ydst(p.dst_dn, od.eng, ybuf.data() + off * s.hidden);
                   std::unordered_map<int, dnnl::memory> a2 = {
                       {DNNL_ARG_SRC, hsrc}, {DNNL_ARG_WEIGHTS, ws[e].down}, {DNNL_ARG_DST, ydst}};
-                  if (i8) a2[DNNL_ARG_ATTR_OUTPUT_SCALES] = sc_h;
+                  if (i8) a2[kScalesArg] = sc_h;
                   p.dn.execute(od.strm, a2);
                   off += me;
                 }

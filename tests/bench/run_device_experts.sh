@@ -7,7 +7,8 @@
 # (or ./bench-out); the exit status is non-zero when a test failed.
 #
 # What that machine lacks travels in .devcarry/deps.tar.xz (see tests/bench/make_devcarry.sh):
-# TBB (PyPI wheels), oneDNN 2.6 + its OpenCL loader (Debian .debs), the kt-kernel wheel.
+# TBB (PyPI wheels), oneDNN 2.6 + its OpenCL loader (Debian .debs), the kt-kernel wheel; and, where
+# it exists, .devcarry/onednn3.tar.xz (tests/bench/build_onednn3.sh) for a oneDNN 3 baseline.
 # STEPS (default "tests python bench kt") selects parts; "decode" is the M = 1 comparison of the
 # executors and of the per-expert hand-off (Note [Spinning workers], Note [Per-expert hand-off]).
 set -euo pipefail
@@ -19,8 +20,17 @@ tar -xJf .devcarry/deps.tar.xz -C /tmp/deps
 export LD_LIBRARY_PATH=/tmp/deps/lib:${LD_LIBRARY_PATH:-}
 threads=${THREADS:-$(nproc)}
 log=/tmp/tidal-device-build.log
+# oneDNN 3 for the prefill baseline where .devcarry/onednn3.tar.xz exists (build_onednn3.sh);
+# otherwise Debian's oneDNN 2.6 from deps.tar.xz.
+dnnl=()
+if [ -f .devcarry/onednn3.tar.xz ]; then
+  mkdir -p /tmp/onednn3 && tar -xJf .devcarry/onednn3.tar.xz -C /tmp/onednn3
+  dnnl=(-DTIDAL_DNNL_INCLUDE=/tmp/onednn3/include -DTIDAL_DNNL_LIBRARY=/tmp/onednn3/lib/libdnnl.so)
+  export LD_LIBRARY_PATH=/tmp/onednn3/lib:$LD_LIBRARY_PATH
+  head -1 /tmp/onednn3/SOURCE.txt
+fi
 cmake -S . -B build/bench -G Ninja -DTIDAL_CUDA=OFF -DTIDAL_BUILD_TESTS=ON -DTIDAL_BUILD_BENCHMARKS=ON \
-  -DTIDAL_BUILD_PYTHON=OFF -DCMAKE_PREFIX_PATH=/tmp/deps > "$log" 2>&1 || { tail -30 "$log"; exit 1; }
+  -DTIDAL_BUILD_PYTHON=OFF -DCMAKE_PREFIX_PATH=/tmp/deps "${dnnl[@]}" > "$log" 2>&1 || { tail -30 "$log"; exit 1; }
 ninja -C build/bench tidal_tests tidal_bench_experts >> "$log" 2>&1 || { tail -30 "$log"; exit 1; }
 echo "built in ${SECONDS}s"
 if [[ $steps == *tests* ]]; then
