@@ -7,7 +7,8 @@
 #   cache  test_cuda.py with the VRAM expert cache on by default (TIDAL_GPU_EXPERT_SLOTS=auto)
 #   auto   test_cuda.py with prefill expert streaming as a user gets it (TIDAL_CUDA_PREFILL_STREAM=auto;
 #          tests/python/conftest.py turns it off unless asked)
-#   dc2    test_cuda.py with the two-pass chunked delta rule (TIDAL_CUDA_DELTA_CHUNKED=2)
+#   dc0    test_cuda.py with the staged delta rule (TIDAL_CUDA_DELTA_CHUNKED=0; the two-pass chunked
+#          form is the default)
 #   profile  the 40-layer 35B-A3B shape, then GPU time per op of an 8192-token streamed prefill
 #          (run_device_issue7.sh's profile) under each delta-rule mode of DELTA_MODES (default "0 2")
 #   pp     the 40-layer 35B-A3B shape (run_device_issue7.sh's model, /tmp/m40), then tidal.bench
@@ -47,7 +48,7 @@ for part in ${PARTS:-cpp py cache}; do
     py) run_py pyc test_cuda.py ;;
     cache) TIDAL_GPU_EXPERT_SLOTS=auto run_py pyc_cache_default test_cuda.py ;;
     auto) TIDAL_CUDA_PREFILL_STREAM=auto run_py pyc_stream_auto test_cuda.py ;;
-    dc2) TIDAL_CUDA_DELTA_CHUNKED=2 run_py pyc_dc2 test_cuda.py ;;
+    dc0) TIDAL_CUDA_DELTA_CHUNKED=0 run_py pyc_dc0 test_cuda.py ;;
     profile)
       left=$((limit - SECONDS))
       if [ "$left" -lt 150 ]; then echo "profile: no time left"; failed=1; continue; fi
