@@ -2539,6 +2539,24 @@ __device__ void delta_chunk_decay(float* Ks, float* Qs, int pitch, int c, int n,
   __syncthreads();
 }
 
+/// Entry (t, s ≤ t) of a staged chunk's A (s < t: β_t (k_t·k_s) e^{γ_t − γ_s}; left alone on the
+/// diagonal) and of P = Q Kᵀ ⊙ Γ ((q_t·k_s) e^{γ_t − γ_s}).
+__device__ __forceinline__ void delta_chunk_pair(const float* Ks, const float* Qs, int pitch, int t,
+                                                 int s, int dk, const float* gam, const float* bts,
+                                                 float& a, float& p) {
+  const float* kt = Ks + t * pitch;
+  const float* ks = Ks + s * pitch;
+  const float* qt = Qs + t * pitch;
+  float dkk = 0.f, dqk = 0.f;
+  for (int i = 0; i < dk; ++i) {
+    dkk = fmaf(kt[i], ks[i], dkk);
+    dqk = fmaf(qt[i], ks[i], dqk);
+  }
+  const float e = expf(gam[t] - gam[s]);
+  if (s < t) a = bts[t] * dkk * e;
+  p = dqk * e;
+}
+
 constexpr int kDcChunk = 32;  // tokens per chunk
 constexpr int kDcCols = 32;   // value columns per block
 constexpr int kDcThreads = 256;
@@ -2609,19 +2627,7 @@ __global__ void __launch_bounds__(kDcThreads)
     for (int idx = tid; idx < c * c; idx += nth) {
       const int t = idx / c, s = idx % c;
       float a = 0.f, p = 0.f;
-      if (s <= t) {
-        const float* kt = Ks + t * pk;
-        const float* ks = Ks + s * pk;
-        const float* qt = Qs + t * pk;
-        float dkk = 0.f, dqk = 0.f;
-        for (int i = 0; i < dki; ++i) {
-          dkk = fmaf(kt[i], ks[i], dkk);
-          dqk = fmaf(qt[i], ks[i], dqk);
-        }
-        const float e = expf(gam[t] - gam[s]);
-        if (s < t) a = bts[t] * dkk * e;
-        p = dqk * e;
-      }
+      if (s <= t) delta_chunk_pair(Ks, Qs, pk, t, s, dki, gam, bts, a, p);
       As[t * (C + 1) + s] = a;
       Ps[t * (C + 1) + s] = p;
     }
@@ -2777,19 +2783,7 @@ __global__ void __launch_bounds__(kDwThreads)
   for (int idx = tid; idx < C * C; idx += nth) {
     const int t = idx / C, s = idx % C;
     float a = 0.f, pv = 0.f;
-    if (s <= t && t < c) {
-      const float* kt = Ks + t * p;
-      const float* ks = Ks + s * p;
-      const float* qt = Xs + t * p;
-      float dkk = 0.f, dqk = 0.f;
-      for (int i = 0; i < dki; ++i) {
-        dkk = fmaf(kt[i], ks[i], dkk);
-        dqk = fmaf(qt[i], ks[i], dqk);
-      }
-      const float e = expf(gam[t] - gam[s]);
-      if (s < t) a = bts[t] * dkk * e;
-      pv = dqk * e;
-    }
+    if (s <= t && t < c) delta_chunk_pair(Ks, Xs, p, t, s, dki, gam, bts, a, pv);
     As[t * (C + 1) + s] = a;
     Pg[idx] = pv;
   }
