@@ -3082,8 +3082,6 @@ bool pdl_enabled() {
   return v == 1;
 }
 
-void set_delta_rule_chunked(bool on) { g_delta_mode.store(on ? 1 : 0, std::memory_order_relaxed); }
-bool delta_rule_chunked() { return g_delta_mode.load(std::memory_order_relaxed) == 1; }
 void set_delta_rule_mode(int mode) {
   g_delta_mode.store(mode >= 0 && mode <= 2 ? mode : 0, std::memory_order_relaxed);
 }

@@ -30,9 +30,6 @@ struct DevMatrix {
 /// `set_pdl_enabled` switches it. Graphs keep what they were captured with.
 bool pdl_enabled();
 void set_pdl_enabled(bool on);
-/// Mode 1 (on) or 0 (off) of set_delta_rule_mode below, kept for the one-pass kernel's tests.
-void set_delta_rule_chunked(bool on);
-bool delta_rule_chunked();
 /// The delta rule over a prompt: 0 the staged token-by-token kernel, 1 the one-pass chunked
 /// kernel (Note [chunked delta rule]), 2 the two-pass chunked form (Note [two-pass chunked delta
 /// rule]; the default: 20% faster end to end at 8K tokens than the staged kernel). Default from
