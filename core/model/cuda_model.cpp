@@ -395,6 +395,18 @@ struct CudaModel::Impl {
   /// GEMM for one expert, one strided-batched call for several, on handle h's stream.
   void px_gemm(cublasHandle_t h, bool gate_up, int64_t first, int64_t ne, int64_t n,
                const uint16_t* x, const uint16_t* x_lo, float* out);
+  // Note [Grouped expert GEMM] (kernels/cuda/experts.cu): a group's experts in one launch per
+  // GEMM (the default where the shapes allow it; TIDAL_CUDA_STREAM_GEMM=cublas runs them per
+  // expert on the lanes). Per layer, each group's tiles (triples) at px_tgoff[g] of px_tiles,
+  // px_tgn[g] of them; h_px_tiles is their pinned staging, px_tiles_cap triples each.
+  bool px_grouped = false;
+  int32_t *px_tiles = nullptr, *h_px_tiles = nullptr;
+  int64_t px_tiles_cap = 0;
+  std::vector<int64_t> px_tgoff, px_tgn;
+  /// out (+)= x · W^T over the tiles (px_tiles + 3·t0, nt of them) of the group's experts in
+  /// px_wgu (gate_up) or px_wdn, and x_lo's rows accumulated where given.
+  void px_grouped_gemm(bool gate_up, int64_t t0, int64_t nt, const uint16_t* x,
+                       const uint16_t* x_lo, float* out);
   void px_fork();  // the lanes wait for what the stream has queued
   void px_join();  // the stream waits for what the lanes have queued
   float *px_hb = nullptr, *px_out = nullptr;
@@ -1161,6 +1173,12 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
   px_lanes = static_cast<int>(
       std::clamp<int64_t>(CudaOptions::env_int("TIDAL_CUDA_STREAM_LANES", 4), 1, kPxLanes));
   px_pad = CudaOptions::env_flag("TIDAL_CUDA_STREAM_BATCHED", false);
+  {
+    const char* g = std::getenv("TIDAL_CUDA_STREAM_GEMM");
+    px_grouped = !(g != nullptr && std::string(g) == "cublas") &&
+                 kc::grouped_expert_gemm_supported(2 * I, H) &&
+                 kc::grouped_expert_gemm_supported(H, I);
+  }
   const int64_t ngroups = (E + px_group - 1) / px_group;
   // Note [Padded expert batches]: one group's padded rows, at most half the chunk's pairs.
   auto pad_rows = [&](int64_t T) { return px_pad ? std::max<int64_t>(px_group, T * k / 2) : 0; };
@@ -1290,6 +1308,13 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
     }
     cuda_check(cudaMallocHost(reinterpret_cast<void**>(&h_px_pos), R * 4),
                "pinned host allocation");
+    if (px_grouped) {  // tiles: at most one partial tile per expert beyond R / tile rows
+      px_tiles_cap = px_rows_max / kc::kGroupedGemmRows + E + 1;
+      const size_t tb = static_cast<size_t>(px_tiles_cap) * 12;
+      cuda_check(cudaMalloc(reinterpret_cast<void**>(&px_tiles), tb), "prefill expert streaming");
+      cuda_check(cudaMallocHost(reinterpret_cast<void**>(&h_px_tiles), tb),
+                 "pinned host allocation");
+    }
     cuda_check(cudaStreamCreateWithFlags(&px_copy, cudaStreamNonBlocking), "stream creation");
     for (int b = 0; b < 2; ++b) {
       cuda_check(cudaEventCreateWithFlags(&px_ev_filled[b], cudaEventDisableTiming),
@@ -1388,6 +1413,15 @@ int64_t CudaModel::Impl::px_measure(kernels::Executor& ex) {
       1, std::min<int64_t>({px_group, E, Tmax * k / n, px_pad ? px_pad_rows / n : px_group}));
   cuda_check(cudaMemsetAsync(px_xs, 0, static_cast<size_t>(g * n * H) * 2, stream), "memset");
   cuda_check(cudaMemsetAsync(px_act, 0, static_cast<size_t>(g * n * I) * 2, stream), "memset");
+  int64_t nt_measure = 0;  // the g experts' tiles, n rows each
+  if (px_grouped && !px_pad) {
+    std::vector<int64_t> off(static_cast<size_t>(g) + 1);
+    for (int64_t e = 0; e <= g; ++e) off[static_cast<size_t>(e)] = e * n;
+    nt_measure = kc::grouped_expert_gemm_tiles(off.data(), g, h_px_tiles);
+    cuda_check(cudaMemcpyAsync(px_tiles, h_px_tiles, static_cast<size_t>(nt_measure) * 12,
+                               cudaMemcpyHostToDevice, stream),
+               "copy to device");
+  }
   double gemm_s = 1e30;
   for (int rep = 0; rep < 2; ++rep) {
     cuda_check(cudaEventRecord(t0, stream), "event record");
@@ -1395,6 +1429,9 @@ int64_t CudaModel::Impl::px_measure(kernels::Executor& ex) {
     if (px_pad) {  // as px_layer runs them (Note [Padded expert batches]), g·n <= px_pad_rows
       px_gemm(blas, true, 0, g, n, px_xs, px_split ? px_xs : nullptr, px_phb);
       px_gemm(blas, false, 0, g, n, px_act, px_split ? px_act : nullptr, px_pout);
+    } else if (px_grouped) {  // as px_layer runs them (Note [Grouped expert GEMM])
+      px_grouped_gemm(true, 0, nt_measure, px_xs, px_split ? px_xs : nullptr, px_hb);
+      px_grouped_gemm(false, 0, nt_measure, px_act, px_split ? px_act : nullptr, px_out);
     } else {  // as px_layer runs them (Note [Expert GEMMs on lanes])
       px_fork();
       for (int64_t e = 0; e < g; ++e) {
@@ -1538,6 +1575,27 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
                  "copy to device");
     }
   }
+  if (px_grouped) {  // each group's tiles (Note [Grouped expert GEMM]); padded groups have none
+    px_tgoff.assign(static_cast<size_t>(ngroups), 0);
+    px_tgn.assign(static_cast<size_t>(ngroups), 0);
+    int64_t nt = 0;
+    for (int64_t g = 0; g < ngroups; ++g) {
+      if (px_pad && px_gn[static_cast<size_t>(g)] > 0) continue;
+      const int64_t e0 = g * px_group, e1 = std::min(E, e0 + px_group);
+      // Experts local to the group (its weights start at px_wgu), rows of the whole layer.
+      const int64_t n = kc::grouped_expert_gemm_tiles(px_off.data() + e0, e1 - e0,
+                                                      h_px_tiles + 3 * nt);
+      px_tgoff[static_cast<size_t>(g)] = nt;
+      px_tgn[static_cast<size_t>(g)] = n;
+      nt += n;
+    }
+    TIDAL_ASSERT(nt <= px_tiles_cap, "layer {}: {} expert GEMM tiles, room for {}", layer, nt,
+                 px_tiles_cap);
+    if (nt > 0)
+      cuda_check(cudaMemcpyAsync(px_tiles, h_px_tiles, static_cast<size_t>(nt) * 12,
+                                 cudaMemcpyHostToDevice, stream),
+                 "copy to device");
+  }
   cuda_check(
       cudaMemcpyAsync(px_pos, h_px_pos, static_cast<size_t>(R) * 4, cudaMemcpyHostToDevice, stream),
       "copy to device");
@@ -1557,6 +1615,7 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
     // The group's gate and up, then its down, each one launch (experts with no token too: at
     // the chunk sizes that stream, nearly every expert has some).
     px_dequant(stage + e0 * px_stride, e1 - e0);
+    mark("mlp: streamed experts' dequant");
     if (px_pad && px_gn[static_cast<size_t>(e0 / px_group)] > 0) {
       // One strided-batched call per GEMM (and term) for the group, in its padded scratch, then
       // its real rows into the unpadded layout (Note [Padded expert batches]).
@@ -1569,6 +1628,19 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
       px_gemm(blas, false, 0, ne, n, px_pact, px_split ? px_pact_lo : nullptr, px_pout);
       kc::scatter_rows(px_pout, px_pdst + px_goff[g], rows, H, px_out, stream);
       ++padded;
+      continue;
+    }
+    if (px_grouped) {  // one launch per GEMM (and term) for the group's experts
+      const size_t g = static_cast<size_t>(e0 / px_group);
+      const int64_t ra = px_off[static_cast<size_t>(e0)], rb = px_off[static_cast<size_t>(e1)];
+      px_grouped_gemm(true, px_tgoff[g], px_tgn[g], px_xs, px_split ? px_xs_lo : nullptr, px_hb);
+      mark("mlp: streamed experts' gate/up GEMM");
+      kc::silu_mul_bf16(px_hb + ra * 2 * I, rb - ra, I, px_act + ra * I, stream,
+                        px_split ? px_act_lo + ra * I : nullptr);
+      mark("mlp: streamed experts' SwiGLU");
+      px_grouped_gemm(false, px_tgoff[g], px_tgn[g], px_act, px_split ? px_act_lo : nullptr,
+                      px_out);
+      mark("mlp: streamed experts' down GEMM");
       continue;
     }
     px_fork();
@@ -1679,6 +1751,23 @@ void CudaModel::Impl::px_gemm(cublasHandle_t h, bool gate_up, int64_t first, int
   }
 }
 
+void CudaModel::Impl::px_grouped_gemm(bool gate_up, int64_t t0, int64_t nt, const uint16_t* x,
+                                      const uint16_t* x_lo, float* out) {
+  const int64_t H = cfg.hidden_size, I = px_gu.n;
+  kc::GroupedGemmArgs a;
+  a.w = gate_up ? px_wgu : px_wdn;
+  a.out = out;
+  a.tiles = px_tiles + 3 * t0;
+  a.ntiles = nt;
+  a.m = gate_up ? 2 * I : H;
+  a.k = gate_up ? H : I;
+  for (int term = 0; term < (x_lo != nullptr ? 2 : 1); ++term) {
+    a.x = term ? x_lo : x;
+    a.accumulate = term == 1;  // the remainder adds onto the first term
+    kc::grouped_expert_gemm(a, stream);
+  }
+}
+
 void CudaModel::Impl::px_fork() {
   cuda_check(cudaEventRecord(px_ev_fork, stream), "event record");
   for (int j = 0; j < px_lanes; ++j)
@@ -1735,6 +1824,10 @@ void CudaModel::Impl::px_free() {
   px_hb = px_out = nullptr;
   px_rows = px_pos = nullptr;
   if (h_px_rows) cudaFreeHost(h_px_rows);
+  cudaFree(px_tiles);
+  if (h_px_tiles) cudaFreeHost(h_px_tiles);
+  px_tiles = h_px_tiles = nullptr;
+  px_tiles_cap = 0;
   if (h_px_pos) cudaFreeHost(h_px_pos);
   h_px_rows = h_px_pos = nullptr;
   px_bytes = 0;

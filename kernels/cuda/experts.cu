@@ -3,6 +3,7 @@
 /// \brief Routed experts from VRAM cache slots, one-token decode (experts.h).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <mma.h>
 
 #include "kernels/cuda/experts.h"
 
@@ -233,6 +234,10 @@ __global__ void dequant_kernel(const ExpertMatrixLayout L, const DequantBatch d_
     const uint32_t r = r4[i];
     if constexpr (DT == 0) {
       const int64_t c = 2 * b;
+      if (L.k % 2 == 0 && c + 2 <= L.k) {  // the two BF16 values as they are, one 4-byte store
+        *reinterpret_cast<uint32_t*>(d + c) = r;
+        continue;
+      }
       if (c < L.k) d[c] = __float2bfloat16_rn(bf16_lo(r));
       if (c + 1 < L.k) d[c + 1] = __float2bfloat16_rn(bf16_hi(r));
     } else {
@@ -240,6 +245,16 @@ __global__ void dequant_kernel(const ExpertMatrixLayout L, const DequantBatch d_
       const float scale = __half2float(sc[g * kTileRows + 4 * q + i]);
       if constexpr (DT == 1) {
         const int64_t c0 = g * L.group + (b % bpg) * 4;
+        if (L.k % 4 == 0 && c0 + 4 <= L.k) {  // the row's 4 values in one 8-byte store
+          __nv_bfloat162 p[2];
+#pragma unroll
+          for (int c = 0; c < 2; ++c)
+            p[c] = __floats2bfloat162_rn(
+                static_cast<float>(static_cast<int>((r >> (16 * c)) & 0xff) - 128) * scale,
+                static_cast<float>(static_cast<int>((r >> (16 * c + 8)) & 0xff) - 128) * scale);
+          *reinterpret_cast<uint2*>(d + c0) = *reinterpret_cast<const uint2*>(p);
+          continue;
+        }
 #pragma unroll
         for (int c = 0; c < 4; ++c)
           if (c0 + c < L.k)
@@ -247,6 +262,19 @@ __global__ void dequant_kernel(const ExpertMatrixLayout L, const DequantBatch d_
                 static_cast<float>(static_cast<int>((r >> (8 * c)) & 0xff) - 128) * scale);
       } else {
         const int64_t c0 = g * L.group + (b % bpg) * 8;
+        if (L.k % 8 == 0 && c0 + 8 <= L.k) {  // the row's 8 values in one 16-byte store
+          __nv_bfloat162 p[4];  // columns c0 .. c0+3: low nibbles of bytes 0..3; c0+4 ..: high
+#pragma unroll
+          for (int c = 0; c < 4; c += 2) {
+            const uint32_t b0 = (r >> (8 * c)) & 0xff, b1 = (r >> (8 * c + 8)) & 0xff;
+            p[c / 2] = __floats2bfloat162_rn(static_cast<float>(static_cast<int>(b0 & 0xf) - 8) * scale,
+                                             static_cast<float>(static_cast<int>(b1 & 0xf) - 8) * scale);
+            p[2 + c / 2] = __floats2bfloat162_rn(static_cast<float>(static_cast<int>(b0 >> 4) - 8) * scale,
+                                                 static_cast<float>(static_cast<int>(b1 >> 4) - 8) * scale);
+          }
+          *reinterpret_cast<uint4*>(d + c0) = *reinterpret_cast<const uint4*>(p);
+          continue;
+        }
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const uint32_t byte = (r >> (8 * c)) & 0xff;
@@ -305,6 +333,126 @@ __global__ void combine_routed_kernel(const float* out, const int32_t* pos, cons
   }
 }
 
+// Note [Grouped expert GEMM]
+// A streamed layer's experts each get ~T·k/E rows (256 at 8192-token chunks of the 35B-A3B):
+// one cuBLAS call per expert and matrix is 512 launches per layer whose small grids leave most
+// SMs idle between them (57-62 TFLOP/s measured at load on an H100, Note [Expert GEMMs on
+// lanes]). Here one launch covers a group: the host lists tiles of up to 128 rows of one expert
+// (grouped_expert_gemm_tiles), and block (tile, column block) computes 128 rows x 128 columns of
+// that expert's product with BF16 tensor-core MMAs (WMMA 16x16x16, fp32 accumulators): 8 warps
+// as 2 x 4, each 64 x 32 (4 x 2 fragments). The k dimension goes in steps of 32 through a
+// 4-stage cp.async ring in shared memory (rows padded to 40 elements, so the fragment loads'
+// rows start in different banks); rows past the tile's end and columns past k or m are zero
+// filled. Each warp writes its fragments through a 1 KiB staging area, so only the tile's own
+// rows (< r1) are stored: the next rows belong to the next expert.
+namespace gg {
+constexpr int kBM = 128, kBN = 128, kBK = 32, kStages = 4, kLd = kBK + 8, kThreadsG = 256;
+constexpr int kStageElems = (kBM + kBN) * kLd;
+constexpr int kSmemBytes = kStages * kStageElems * 2;  // 80 KiB: needs the opt-in
+static_assert(kBM == kGroupedGemmRows, "a tile is one block's rows");
+}  // namespace gg
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* g, int src_bytes) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(g), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__global__ void __launch_bounds__(gg::kThreadsG) grouped_gemm_kernel(GroupedGemmArgs a) {
+  using namespace gg;
+  namespace w = nvcuda::wmma;
+  extern __shared__ __align__(128) unsigned char gg_smem[];
+  __nv_bfloat16* sm = reinterpret_cast<__nv_bfloat16*>(gg_smem);
+  const int32_t* tile = a.tiles + 3 * static_cast<int64_t>(blockIdx.x);
+  const int64_t e = tile[0], r0 = tile[1], r1 = tile[2];
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBN, K = a.k, M = a.m;
+  const __nv_bfloat16* X = reinterpret_cast<const __nv_bfloat16*>(a.x);
+  const __nv_bfloat16* Wm = reinterpret_cast<const __nv_bfloat16*>(a.w) + e * M * K;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int wm = warp >> 2, wn = warp & 3;
+  const int64_t KT = (K + kBK - 1) / kBK;
+  auto load = [&](int stage, int64_t kt) {
+    __nv_bfloat16* As = sm + stage * kStageElems;
+    __nv_bfloat16* Bs = As + kBM * kLd;
+    const int64_t k0 = kt * kBK;
+#pragma unroll
+    for (int c = tid; c < kBM * 4; c += kThreadsG) {
+      const int row = c >> 2, part = c & 3;
+      const int64_t gr = r0 + row, kc = k0 + part * 8;
+      const bool ok = gr < r1 && kc < K;
+      cp_async16(As + row * kLd + part * 8, X + (ok ? gr * K + kc : r0 * K), ok ? 16 : 0);
+    }
+#pragma unroll
+    for (int c = tid; c < kBN * 4; c += kThreadsG) {
+      const int row = c >> 2, part = c & 3;
+      const int64_t gc = m0 + row, kc = k0 + part * 8;
+      const bool ok = gc < M && kc < K;
+      cp_async16(Bs + row * kLd + part * 8, Wm + (ok ? gc * K + kc : 0), ok ? 16 : 0);
+    }
+  };
+  w::fragment<w::accumulator, 16, 16, 16, float> acc[4][2];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) w::fill_fragment(acc[i][j], 0.f);
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < KT) load(s, s);
+    cp_async_commit();
+  }
+  for (int64_t kt = 0; kt < KT; ++kt) {
+    cp_async_wait<kStages - 2>();  // stage kt has landed (for this thread) ...
+    __syncthreads();               // ... for every thread, and stage kt - 1 is consumed
+    if (kt + kStages - 1 < KT) load(static_cast<int>((kt + kStages - 1) % kStages), kt + kStages - 1);
+    cp_async_commit();
+    const __nv_bfloat16* As = sm + (kt % kStages) * kStageElems;
+    const __nv_bfloat16* Bs = As + kBM * kLd;
+#pragma unroll
+    for (int kk = 0; kk < kBK; kk += 16) {
+      w::fragment<w::matrix_a, 16, 16, 16, __nv_bfloat16, w::row_major> fa[4];
+      w::fragment<w::matrix_b, 16, 16, 16, __nv_bfloat16, w::col_major> fb[2];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) w::load_matrix_sync(fa[i], As + (wm * 64 + i * 16) * kLd + kk, kLd);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) w::load_matrix_sync(fb[j], Bs + (wn * 32 + j * 16) * kLd + kk, kLd);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) w::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  float* st = reinterpret_cast<float*>(gg_smem) + warp * 256;
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      w::store_matrix_sync(st, acc[i][j], 16, w::mem_row_major);
+      __syncwarp();
+      for (int q = lane; q < 64; q += 32) {
+        const int rr = q >> 2, c4 = (q & 3) * 4;
+        const int64_t gr = r0 + wm * 64 + i * 16 + rr, gc = m0 + wn * 32 + j * 16 + c4;
+        if (gr >= r1 || gc >= M) continue;  // m % 8 == 0: a quad is all in or all out
+        float4 v = *reinterpret_cast<const float4*>(st + rr * 16 + c4);
+        float4* o = reinterpret_cast<float4*>(a.out + gr * M + gc);
+        if (a.accumulate) {
+          const float4 p = *o;
+          v.x += p.x;
+          v.y += p.y;
+          v.z += p.z;
+          v.w += p.w;
+        }
+        *o = v;
+      }
+      __syncwarp();
+    }
+}
+
 }  // namespace
 
 bool dequant_supported(const ExpertMatrixLayout& L) {
@@ -358,6 +506,32 @@ void combine_routed(const float* out, const int32_t* pos, const float* w, int64_
                     int64_t h, float* y, cudaStream_t s) {
   if (T <= 0) return;
   combine_routed_kernel<<<static_cast<unsigned>(T), 256, 0, s>>>(out, pos, w, k, h, y);
+}
+
+bool grouped_expert_gemm_supported(int64_t m, int64_t k) {
+  return m > 0 && k > 0 && m % 8 == 0 && k % 8 == 0 && (m + gg::kBN - 1) / gg::kBN <= 65535;
+}
+
+void grouped_expert_gemm(const GroupedGemmArgs& a, cudaStream_t s) {
+  if (a.ntiles <= 0) return;
+  // The 80 KiB ring is over the 48 KiB default: opt in (cheap; per device, so every launch).
+  cudaFuncSetAttribute(grouped_gemm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                       gg::kSmemBytes);
+  const dim3 grid(static_cast<unsigned>(a.ntiles),
+                  static_cast<unsigned>((a.m + gg::kBN - 1) / gg::kBN));
+  grouped_gemm_kernel<<<grid, gg::kThreadsG, gg::kSmemBytes, s>>>(a);
+}
+
+int64_t grouped_expert_gemm_tiles(const int64_t* off, int64_t experts, int32_t* tiles) {
+  int64_t n = 0;
+  for (int64_t e = 0; e < experts; ++e)
+    for (int64_t r = off[e]; r < off[e + 1]; r += kGroupedGemmRows) {
+      tiles[3 * n] = static_cast<int32_t>(e);
+      tiles[3 * n + 1] = static_cast<int32_t>(r);
+      tiles[3 * n + 2] = static_cast<int32_t>(off[e + 1]);
+      ++n;
+    }
+  return n;
 }
 
 }  // namespace tidal::kernels::cuda

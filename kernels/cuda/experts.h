@@ -87,6 +87,26 @@ void silu_mul_bf16(const float* gu, int64_t rows, int64_t i, uint16_t* dst, cuda
 /// dst[rows[r]] = src[r] (rows of h floats) for r < n where rows[r] >= 0; a row of -1 is skipped.
 void scatter_rows(const float* src, const int32_t* rows, int64_t n, int64_t h, float* dst,
                   cudaStream_t s);
+/// Note [Grouped expert GEMM] (experts.cu): every expert of a streamed group in one launch.
+/// For each tile (expert e, rows r0 .. r1), out[r][c] (+)= Σ_j x[r][j] · w_e[c][j] for
+/// r0 ≤ r < r1, c < m: x holds BF16 rows of k (row stride k), w_e = w + e·m·k a row-major
+/// m x k BF16 matrix, out fp32 rows of m. A tile covers at most kGroupedGemmRows rows.
+struct GroupedGemmArgs {
+  const uint16_t* x = nullptr;
+  const uint16_t* w = nullptr;
+  float* out = nullptr;
+  const int32_t* tiles = nullptr;  ///< device: ntiles triples (e, r0, r1)
+  int64_t ntiles = 0, m = 0, k = 0;
+  bool accumulate = false;  ///< add to out instead of overwriting it
+};
+constexpr int64_t kGroupedGemmRows = 128;
+/// Whether grouped_expert_gemm takes an m x k weight (m and k multiples of 8: 16-byte rows).
+bool grouped_expert_gemm_supported(int64_t m, int64_t k);
+void grouped_expert_gemm(const GroupedGemmArgs& a, cudaStream_t s);
+/// The tiles of experts 0 .. experts-1 whose rows are off[e] .. off[e+1] (experts + 1 offsets),
+/// written to tiles (at most Σ_e ceil((off[e+1] - off[e]) / kGroupedGemmRows) triples, the
+/// returned count); experts with no row have none.
+int64_t grouped_expert_gemm_tiles(const int64_t* off, int64_t experts, int32_t* tiles);
 /// y[t] = Σ_j w[t·k + j] · out[pos[t·k + j]] (rows of h floats), t < T: each token's routed
 /// experts' rows, summed in routing order (deterministic).
 void combine_routed(const float* out, const int32_t* pos, const float* w, int64_t T, int k,

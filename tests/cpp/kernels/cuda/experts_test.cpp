@@ -390,5 +390,124 @@ TEST(CudaExperts, GatherActivateCombine) {
     cudaFree(p);
 }
 
+// grouped_expert_gemm (Note [Grouped expert GEMM]) against an fp64 reference of the same BF16
+// inputs: experts with 0, 1, 127, 128, 129 and 300 rows (tiles that end inside a block), m and k
+// that are not whole 128-column blocks or 32-wide k steps, the 35B-A3B gate/up and down shapes,
+// overwrite and accumulate. Only the tiles of every other expert run first: the rows of the
+// experts left out (each next to a computed expert's last tile) must keep their sentinel.
+void run_grouped(const std::vector<int64_t>& counts, int64_t m, int64_t k) {
+  SCOPED_TRACE(::testing::Message() << "m " << m << " k " << k);
+  ASSERT_TRUE(grouped_expert_gemm_supported(m, k));
+  const int64_t E = static_cast<int64_t>(counts.size());
+  std::vector<int64_t> off(static_cast<size_t>(E) + 1, 0);
+  for (int64_t e = 0; e < E; ++e) off[e + 1] = off[e] + counts[static_cast<size_t>(e)];
+  const int64_t R = off[E];
+  std::vector<uint16_t> x(static_cast<size_t>(R * k)), w(static_cast<size_t>(E * m * k));
+  {
+    const auto xf = test::random_vec(x.size(), 21, 1.0f), wf = test::random_vec(w.size(), 22, 0.1f);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = f32_to_bf16(xf[i]);
+    for (size_t i = 0; i < w.size(); ++i) w[i] = f32_to_bf16(wf[i]);
+  }
+  std::vector<double> ref(static_cast<size_t>(R * m)), mag(ref.size());
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t r = off[e]; r < off[e + 1]; ++r)
+      for (int64_t c = 0; c < m; ++c) {
+        double s = 0, a = 0;
+        for (int64_t j = 0; j < k; ++j) {
+          const double p = double(bf16_to_f32(x[r * k + j])) * bf16_to_f32(w[(e * m + c) * k + j]);
+          s += p;
+          a += std::fabs(p);
+        }
+        ref[r * m + c] = s;
+        mag[r * m + c] = a;
+      }
+  // Tiles of the even experts only, then of all of them.
+  std::vector<int32_t> tiles(static_cast<size_t>(3 * (R / kGroupedGemmRows + E + 1)));
+  const int64_t nall = grouped_expert_gemm_tiles(off.data(), E, tiles.data());
+  int64_t expect = 0;
+  for (int64_t c : counts) expect += (c + kGroupedGemmRows - 1) / kGroupedGemmRows;
+  ASSERT_EQ(nall, expect);
+  std::vector<int32_t> even;
+  for (int64_t t = 0; t < nall; ++t)
+    if (tiles[3 * t] % 2 == 0) even.insert(even.end(), &tiles[3 * t], &tiles[3 * t + 3]);
+  uint16_t *d_x = nullptr, *d_w = nullptr;
+  float* d_out = nullptr;
+  int32_t* d_tiles = nullptr;
+  const size_t out_n = static_cast<size_t>(R * m) + 64;  // + a guard band
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_x), x.size() * 2 + 16), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_w), w.size() * 2), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_out), out_n * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_tiles), tiles.size() * 4 + 4), cudaSuccess);
+  cudaMemcpy(d_x, x.data(), x.size() * 2, cudaMemcpyHostToDevice);
+  cudaMemcpy(d_w, w.data(), w.size() * 2, cudaMemcpyHostToDevice);
+  const std::vector<float> sentinel(out_n, -7.25f);
+  cudaMemcpy(d_out, sentinel.data(), out_n * 4, cudaMemcpyHostToDevice);
+  GroupedGemmArgs a;
+  a.x = d_x;
+  a.w = d_w;
+  a.out = d_out;
+  a.tiles = d_tiles;
+  a.m = m;
+  a.k = k;
+  std::vector<float> out(out_n);
+  auto run = [&](const std::vector<int32_t>& t, int64_t n, bool acc) {
+    cudaMemcpy(d_tiles, t.data(), static_cast<size_t>(n) * 12, cudaMemcpyHostToDevice);
+    a.ntiles = n;
+    a.accumulate = acc;
+    grouped_expert_gemm(a, nullptr);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+    cudaMemcpy(out.data(), d_out, out_n * 4, cudaMemcpyDeviceToHost);
+  };
+  auto check = [&](int64_t e, double add) {
+    for (int64_t r = off[e]; r < off[e + 1]; ++r)
+      for (int64_t c = 0; c < m; ++c) {
+        const size_t i = static_cast<size_t>(r * m + c);
+        ASSERT_NEAR(out[i], ref[i] + add, 1e-5 * mag[i] + 1e-6)
+            << "expert " << e << " row " << r << " col " << c;
+      }
+  };
+  ASSERT_NO_FATAL_FAILURE(run(even, static_cast<int64_t>(even.size() / 3), false));
+  for (int64_t e = 0; e < E; ++e) {
+    if (e % 2 == 0) {
+      ASSERT_NO_FATAL_FAILURE(check(e, 0));
+    } else {
+      for (int64_t i = off[e] * m; i < off[e + 1] * m; ++i)
+        ASSERT_EQ(out[static_cast<size_t>(i)], -7.25f) << "expert " << e << " written, index " << i;
+    }
+  }
+  ASSERT_NO_FATAL_FAILURE(run(tiles, nall, false));
+  for (int64_t e = 0; e < E; ++e) ASSERT_NO_FATAL_FAILURE(check(e, 0));
+  // accumulate: out = out + product, i.e. twice the product
+  ASSERT_NO_FATAL_FAILURE(run(tiles, nall, true));
+  for (size_t i = 0; i < ref.size(); ++i)
+    ASSERT_NEAR(out[i], 2 * ref[i], 2e-5 * mag[i] + 1e-6) << "accumulated, index " << i;
+  for (size_t i = static_cast<size_t>(R * m); i < out_n; ++i) ASSERT_EQ(out[i], -7.25f) << i;
+  for (void* p : {static_cast<void*>(d_x), static_cast<void*>(d_w), static_cast<void*>(d_out),
+                  static_cast<void*>(d_tiles)})
+    cudaFree(p);
+}
+
+TEST(CudaExperts, GroupedGemmMatchesReference) {
+  if (!test::have_gpu()) GTEST_SKIP() << test::kNoGpu;
+  ASSERT_NO_FATAL_FAILURE(run_grouped({3, 0, 129, 1, 300, 128, 127, 5}, 136, 88));
+  ASSERT_NO_FATAL_FAILURE(run_grouped({40, 17, 0, 64}, 64, 256));   // one partial column block
+  ASSERT_NO_FATAL_FAILURE(run_grouped({70, 133, 9}, 1024, 2048));   // 35B-A3B gate + up
+  ASSERT_NO_FATAL_FAILURE(run_grouped({200, 1, 56}, 2048, 512));    // and down
+  EXPECT_FALSE(grouped_expert_gemm_supported(100, 84));  // rows of 16 bytes only
+  EXPECT_FALSE(grouped_expert_gemm_supported(0, 64));
+}
+
+// grouped_expert_gemm_tiles: tiles of at most kGroupedGemmRows rows in expert order, none for an
+// empty expert (runs without a GPU).
+TEST(CudaExperts, GroupedGemmTiles) {
+  const std::vector<int64_t> off = {0, 0, 1, 257, 257, 385};
+  std::vector<int32_t> t(3 * 8, -1);
+  ASSERT_EQ(grouped_expert_gemm_tiles(off.data(), 5, t.data()), 4);
+  // expert 1: row 0; expert 2: rows 1 .. 256 in two tiles; expert 4: rows 257 .. 384.
+  EXPECT_EQ(t, (std::vector<int32_t>{1, 0, 1, 2, 1, 257, 2, 129, 257, 4, 257, 385, -1, -1, -1,
+                                     -1, -1, -1, -1, -1, -1, -1, -1, -1}));
+}
+
 }  // namespace
 }  // namespace tidal::kernels::cuda
