@@ -1583,8 +1583,8 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
       if (px_pad && px_gn[static_cast<size_t>(g)] > 0) continue;
       const int64_t e0 = g * px_group, e1 = std::min(E, e0 + px_group);
       // Experts local to the group (its weights start at px_wgu), rows of the whole layer.
-      const int64_t n = kc::grouped_expert_gemm_tiles(px_off.data() + e0, e1 - e0,
-                                                      h_px_tiles + 3 * nt);
+      const int64_t n =
+          kc::grouped_expert_gemm_tiles(px_off.data() + e0, e1 - e0, h_px_tiles + 3 * nt);
       px_tgoff[static_cast<size_t>(g)] = nt;
       px_tgn[static_cast<size_t>(g)] = n;
       nt += n;

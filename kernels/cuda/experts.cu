@@ -267,10 +267,12 @@ __global__ void dequant_kernel(const ExpertMatrixLayout L, const DequantBatch d_
 #pragma unroll
           for (int c = 0; c < 4; c += 2) {
             const uint32_t b0 = (r >> (8 * c)) & 0xff, b1 = (r >> (8 * c + 8)) & 0xff;
-            p[c / 2] = __floats2bfloat162_rn(static_cast<float>(static_cast<int>(b0 & 0xf) - 8) * scale,
-                                             static_cast<float>(static_cast<int>(b1 & 0xf) - 8) * scale);
-            p[2 + c / 2] = __floats2bfloat162_rn(static_cast<float>(static_cast<int>(b0 >> 4) - 8) * scale,
-                                                 static_cast<float>(static_cast<int>(b1 >> 4) - 8) * scale);
+            p[c / 2] =
+                __floats2bfloat162_rn(static_cast<float>(static_cast<int>(b0 & 0xf) - 8) * scale,
+                                      static_cast<float>(static_cast<int>(b1 & 0xf) - 8) * scale);
+            p[2 + c / 2] =
+                __floats2bfloat162_rn(static_cast<float>(static_cast<int>(b0 >> 4) - 8) * scale,
+                                      static_cast<float>(static_cast<int>(b1 >> 4) - 8) * scale);
           }
           *reinterpret_cast<uint4*>(d + c0) = *reinterpret_cast<const uint4*>(p);
           continue;
@@ -407,7 +409,8 @@ __global__ void __launch_bounds__(gg::kThreadsG) grouped_gemm_kernel(GroupedGemm
   for (int64_t kt = 0; kt < KT; ++kt) {
     cp_async_wait<kStages - 2>();  // stage kt has landed (for this thread) ...
     __syncthreads();               // ... for every thread, and stage kt - 1 is consumed
-    if (kt + kStages - 1 < KT) load(static_cast<int>((kt + kStages - 1) % kStages), kt + kStages - 1);
+    if (kt + kStages - 1 < KT)
+      load(static_cast<int>((kt + kStages - 1) % kStages), kt + kStages - 1);
     cp_async_commit();
     const __nv_bfloat16* As = sm + (kt % kStages) * kStageElems;
     const __nv_bfloat16* Bs = As + kBM * kLd;
@@ -416,9 +419,11 @@ __global__ void __launch_bounds__(gg::kThreadsG) grouped_gemm_kernel(GroupedGemm
       w::fragment<w::matrix_a, 16, 16, 16, __nv_bfloat16, w::row_major> fa[4];
       w::fragment<w::matrix_b, 16, 16, 16, __nv_bfloat16, w::col_major> fb[2];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) w::load_matrix_sync(fa[i], As + (wm * 64 + i * 16) * kLd + kk, kLd);
+      for (int i = 0; i < 4; ++i)
+        w::load_matrix_sync(fa[i], As + (wm * 64 + i * 16) * kLd + kk, kLd);
 #pragma unroll
-      for (int j = 0; j < 2; ++j) w::load_matrix_sync(fb[j], Bs + (wn * 32 + j * 16) * kLd + kk, kLd);
+      for (int j = 0; j < 2; ++j)
+        w::load_matrix_sync(fb[j], Bs + (wn * 32 + j * 16) * kLd + kk, kLd);
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -509,14 +514,26 @@ void combine_routed(const float* out, const int32_t* pos, const float* w, int64_
 }
 
 bool grouped_expert_gemm_supported(int64_t m, int64_t k) {
-  return m > 0 && k > 0 && m % 8 == 0 && k % 8 == 0 && (m + gg::kBN - 1) / gg::kBN <= 65535;
+  // The 80 KiB ring is over the 48 KiB default: opted into once, where the device allows it
+  // (every architecture tidal builds for does: sm_86 and up allow 99 KiB and more).
+  static const bool smem_ok = [] {
+    int dev = 0, v = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+        v < gg::kSmemBytes ||
+        cudaFuncSetAttribute(grouped_gemm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             gg::kSmemBytes) != cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    return true;
+  }();
+  return smem_ok && m > 0 && k > 0 && m % 8 == 0 && k % 8 == 0 &&
+         (m + gg::kBN - 1) / gg::kBN <= 65535;
 }
 
 void grouped_expert_gemm(const GroupedGemmArgs& a, cudaStream_t s) {
   if (a.ntiles <= 0) return;
-  // The 80 KiB ring is over the 48 KiB default: opt in (cheap; per device, so every launch).
-  cudaFuncSetAttribute(grouped_gemm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                       gg::kSmemBytes);
   const dim3 grid(static_cast<unsigned>(a.ntiles),
                   static_cast<unsigned>((a.m + gg::kBN - 1) / gg::kBN));
   grouped_gemm_kernel<<<grid, gg::kThreadsG, gg::kSmemBytes, s>>>(a);

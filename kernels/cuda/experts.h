@@ -100,7 +100,8 @@ struct GroupedGemmArgs {
   bool accumulate = false;  ///< add to out instead of overwriting it
 };
 constexpr int64_t kGroupedGemmRows = 128;
-/// Whether grouped_expert_gemm takes an m x k weight (m and k multiples of 8: 16-byte rows).
+/// Whether grouped_expert_gemm takes an m x k weight (m and k multiples of 8: 16-byte rows) on
+/// this device (its 80 KiB of shared memory per block; call before grouped_expert_gemm).
 bool grouped_expert_gemm_supported(int64_t m, int64_t k);
 void grouped_expert_gemm(const GroupedGemmArgs& a, cudaStream_t s);
 /// The tiles of experts 0 .. experts-1 whose rows are off[e] .. off[e+1] (experts + 1 offsets),

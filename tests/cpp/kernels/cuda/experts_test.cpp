@@ -491,10 +491,10 @@ void run_grouped(const std::vector<int64_t>& counts, int64_t m, int64_t k) {
 TEST(CudaExperts, GroupedGemmMatchesReference) {
   if (!test::have_gpu()) GTEST_SKIP() << test::kNoGpu;
   ASSERT_NO_FATAL_FAILURE(run_grouped({3, 0, 129, 1, 300, 128, 127, 5}, 136, 88));
-  ASSERT_NO_FATAL_FAILURE(run_grouped({40, 17, 0, 64}, 64, 256));   // one partial column block
-  ASSERT_NO_FATAL_FAILURE(run_grouped({70, 133, 9}, 1024, 2048));   // 35B-A3B gate + up
-  ASSERT_NO_FATAL_FAILURE(run_grouped({200, 1, 56}, 2048, 512));    // and down
-  EXPECT_FALSE(grouped_expert_gemm_supported(100, 84));  // rows of 16 bytes only
+  ASSERT_NO_FATAL_FAILURE(run_grouped({40, 17, 0, 64}, 64, 256));  // one partial column block
+  ASSERT_NO_FATAL_FAILURE(run_grouped({70, 133, 9}, 1024, 2048));  // 35B-A3B gate + up
+  ASSERT_NO_FATAL_FAILURE(run_grouped({200, 1, 56}, 2048, 512));   // and down
+  EXPECT_FALSE(grouped_expert_gemm_supported(100, 84));            // rows of 16 bytes only
   EXPECT_FALSE(grouped_expert_gemm_supported(0, 64));
 }
 
@@ -505,8 +505,8 @@ TEST(CudaExperts, GroupedGemmTiles) {
   std::vector<int32_t> t(3 * 8, -1);
   ASSERT_EQ(grouped_expert_gemm_tiles(off.data(), 5, t.data()), 4);
   // expert 1: row 0; expert 2: rows 1 .. 256 in two tiles; expert 4: rows 257 .. 384.
-  EXPECT_EQ(t, (std::vector<int32_t>{1, 0, 1, 2, 1, 257, 2, 129, 257, 4, 257, 385, -1, -1, -1,
-                                     -1, -1, -1, -1, -1, -1, -1, -1, -1}));
+  EXPECT_EQ(t, (std::vector<int32_t>{1,  0,  1,  2,  1,  257, 2,  129, 257, 4,  257, 385,
+                                     -1, -1, -1, -1, -1, -1,  -1, -1,  -1,  -1, -1,  -1}));
 }
 
 }  // namespace
