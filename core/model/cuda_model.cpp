@@ -400,13 +400,18 @@ struct CudaModel::Impl {
   // expert on the lanes). Per layer, each group's tiles (triples) at px_tgoff[g] of px_tiles,
   // px_tgn[g] of them; h_px_tiles is their pinned staging, px_tiles_cap triples each.
   bool px_grouped = false;
+  // Note [Grouped expert GEMM from packed INT4]: INT4 experts multiplied from the stage buffer's
+  // packed bytes, every expert of the layer in one launch per GEMM (no BF16 copy, no groups);
+  // TIDAL_CUDA_STREAM_GEMM=bf16 decodes them to BF16 per group first.
+  bool px_fused = false;
   int32_t *px_tiles = nullptr, *h_px_tiles = nullptr;
   int64_t px_tiles_cap = 0;
   std::vector<int64_t> px_tgoff, px_tgn;
   /// out (+)= x · W^T over the tiles (px_tiles + 3·t0, nt of them) of the group's experts in
-  /// px_wgu (gate_up) or px_wdn, and x_lo's rows accumulated where given.
+  /// px_wgu (gate_up) or px_wdn, and x_lo's rows accumulated where given; with `packed` (a
+  /// stage buffer), of the layer's packed INT4 experts there instead (px_fused).
   void px_grouped_gemm(bool gate_up, int64_t t0, int64_t nt, const uint16_t* x,
-                       const uint16_t* x_lo, float* out);
+                       const uint16_t* x_lo, float* out, const uint8_t* packed = nullptr);
   void px_fork();  // the lanes wait for what the stream has queued
   void px_join();  // the stream waits for what the lanes have queued
   float *px_hb = nullptr, *px_out = nullptr;
@@ -1175,9 +1180,15 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
   px_pad = CudaOptions::env_flag("TIDAL_CUDA_STREAM_BATCHED", false);
   {
     const char* g = std::getenv("TIDAL_CUDA_STREAM_GEMM");
-    px_grouped = !(g != nullptr && std::string(g) == "cublas") &&
-                 kc::grouped_expert_gemm_supported(2 * I, H) &&
+    const std::string mode = g != nullptr ? g : "";
+    TIDAL_CHECK(mode.empty() || mode == "cublas" || mode == "bf16" || mode == "int4",
+                InvalidArgument,
+                "TIDAL_CUDA_STREAM_GEMM={} is not one of cublas, bf16, int4 (or unset)", mode);
+    px_grouped = mode != "cublas" && kc::grouped_expert_gemm_supported(2 * I, H) &&
                  kc::grouped_expert_gemm_supported(H, I);
+    px_fused = px_grouped && mode != "bf16" && !px_pad &&
+               kc::grouped_expert_gemm_int4_supported(ggu, 2) &&
+               kc::grouped_expert_gemm_int4_supported(gdn, 1);
   }
   const int64_t ngroups = (E + px_group - 1) / px_group;
   // Note [Padded expert batches]: one group's padded rows, at most half the chunk's pairs.
@@ -1187,8 +1198,8 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
                  L = static_cast<size_t>(ngroups) * S;
     return std::array<size_t, 20>{static_cast<size_t>(px_layer_bytes),
                                   static_cast<size_t>(px_layer_bytes),
-                                  static_cast<size_t>(px_group * 2 * I * H) * 2,
-                                  static_cast<size_t>(px_group * H * I) * 2,
+                                  px_fused ? 0 : static_cast<size_t>(px_group * 2 * I * H) * 2,
+                                  px_fused ? 0 : static_cast<size_t>(px_group * H * I) * 2,
                                   R * static_cast<size_t>(H) * 2,
                                   R * static_cast<size_t>(2 * I) * 4,
                                   R * static_cast<size_t>(I) * 2,
@@ -1413,8 +1424,8 @@ int64_t CudaModel::Impl::px_measure(kernels::Executor& ex) {
       1, std::min<int64_t>({px_group, E, Tmax * k / n, px_pad ? px_pad_rows / n : px_group}));
   cuda_check(cudaMemsetAsync(px_xs, 0, static_cast<size_t>(g * n * H) * 2, stream), "memset");
   cuda_check(cudaMemsetAsync(px_act, 0, static_cast<size_t>(g * n * I) * 2, stream), "memset");
-  int64_t nt_measure = 0;  // the g experts' tiles, n rows each
-  if (px_grouped && !px_pad) {
+  int64_t nt_measure = 0;       // the g experts' tiles, n rows each
+  if (px_grouped && !px_pad) {  // (fused: the first g experts of the stage buffer)
     std::vector<int64_t> off(static_cast<size_t>(g) + 1);
     for (int64_t e = 0; e <= g; ++e) off[static_cast<size_t>(e)] = e * n;
     nt_measure = kc::grouped_expert_gemm_tiles(off.data(), g, h_px_tiles);
@@ -1425,8 +1436,12 @@ int64_t CudaModel::Impl::px_measure(kernels::Executor& ex) {
   double gemm_s = 1e30;
   for (int rep = 0; rep < 2; ++rep) {
     cuda_check(cudaEventRecord(t0, stream), "event record");
-    px_dequant(px_stage[0], g);
-    if (px_pad) {  // as px_layer runs them (Note [Padded expert batches]), g·n <= px_pad_rows
+    if (!px_fused) px_dequant(px_stage[0], g);
+    if (px_fused) {  // as px_layer runs them (Note [Grouped expert GEMM from packed INT4])
+      px_grouped_gemm(true, 0, nt_measure, px_xs, nullptr, px_hb, px_stage[0]);
+      px_grouped_gemm(false, 0, nt_measure, px_act, nullptr, px_out, px_stage[0]);
+    } else if (px_pad) {  // as px_layer runs them (Note [Padded expert batches]), g·n <=
+                          // px_pad_rows
       px_gemm(blas, true, 0, g, n, px_xs, px_split ? px_xs : nullptr, px_phb);
       px_gemm(blas, false, 0, g, n, px_act, px_split ? px_act : nullptr, px_pout);
     } else if (px_grouped) {  // as px_layer runs them (Note [Grouped expert GEMM])
@@ -1575,7 +1590,17 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
                  "copy to device");
     }
   }
-  if (px_grouped) {  // each group's tiles (Note [Grouped expert GEMM]); padded groups have none
+  if (px_fused) {  // every expert's tiles, one list (Note [Grouped expert GEMM from packed INT4])
+    const int64_t nt = kc::grouped_expert_gemm_tiles(px_off.data(), E, h_px_tiles);
+    TIDAL_ASSERT(nt <= px_tiles_cap, "layer {}: {} expert GEMM tiles, room for {}", layer, nt,
+                 px_tiles_cap);
+    px_tgoff.assign(1, 0);
+    px_tgn.assign(1, nt);
+    if (nt > 0)
+      cuda_check(cudaMemcpyAsync(px_tiles, h_px_tiles, static_cast<size_t>(nt) * 12,
+                                 cudaMemcpyHostToDevice, stream),
+                 "copy to device");
+  } else if (px_grouped) {  // each group's tiles (Note [Grouped expert GEMM]); padded: none
     px_tgoff.assign(static_cast<size_t>(ngroups), 0);
     px_tgn.assign(static_cast<size_t>(ngroups), 0);
     int64_t nt = 0;
@@ -1609,7 +1634,15 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
   mark("mlp: streamed experts' copy wait (row gather included)");
   const uint8_t* stage = px_stage[buf];
   int64_t padded = 0;  // groups in padded batches
-  for (int64_t e0 = 0; e0 < E; e0 += px_group) {
+  if (px_fused) {      // every expert from its packed bytes, one launch per GEMM
+    px_grouped_gemm(true, 0, px_tgn[0], px_xs, nullptr, px_hb, stage);
+    mark("mlp: streamed experts' gate/up GEMM");
+    kc::silu_mul_bf16(px_hb, R, I, px_act, stream);
+    mark("mlp: streamed experts' SwiGLU");
+    px_grouped_gemm(false, 0, px_tgn[0], px_act, nullptr, px_out, stage);
+    mark("mlp: streamed experts' down GEMM");
+  }
+  for (int64_t e0 = 0; e0 < (px_fused ? 0 : E); e0 += px_group) {
     const int64_t e1 = std::min(E, e0 + px_group);
     if (px_off[static_cast<size_t>(e1)] == px_off[static_cast<size_t>(e0)]) continue;
     // The group's gate and up, then its down, each one launch (experts with no token too: at
@@ -1752,10 +1785,21 @@ void CudaModel::Impl::px_gemm(cublasHandle_t h, bool gate_up, int64_t first, int
 }
 
 void CudaModel::Impl::px_grouped_gemm(bool gate_up, int64_t t0, int64_t nt, const uint16_t* x,
-                                      const uint16_t* x_lo, float* out) {
+                                      const uint16_t* x_lo, float* out, const uint8_t* packed) {
   const int64_t H = cfg.hidden_size, I = px_gu.n;
   kc::GroupedGemmArgs a;
   a.w = gate_up ? px_wgu : px_wdn;
+  if (packed != nullptr) {  // gate and up (I rows each) or down (H rows) of each expert
+    const kc::ExpertMatrixLayout& L = gate_up ? px_gu : px_dn;
+    a.w = nullptr;
+    a.packed = packed + (gate_up ? 0 : 2 * px_gu.bytes());
+    a.packed_stride = px_stride;
+    a.mat_rows = L.n;
+    a.mat_bytes = L.bytes();
+    a.tile_bytes = L.tile_bytes;
+    a.data_bytes = L.data_bytes;
+    a.group = L.group;
+  }
   a.out = out;
   a.tiles = px_tiles + 3 * t0;
   a.ntiles = nt;

@@ -5,6 +5,8 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 
+#include <algorithm>
+
 #include "kernels/cuda/experts.h"
 
 namespace tidal::kernels::cuda {
@@ -339,19 +341,37 @@ __global__ void combine_routed_kernel(const float* out, const int32_t* pos, cons
 // A streamed layer's experts each get ~T·k/E rows (256 at 8192-token chunks of the 35B-A3B):
 // one cuBLAS call per expert and matrix is 512 launches per layer whose small grids leave most
 // SMs idle between them (57-62 TFLOP/s measured at load on an H100, Note [Expert GEMMs on
-// lanes]). Here one launch covers a group: the host lists tiles of up to 128 rows of one expert
-// (grouped_expert_gemm_tiles), and block (tile, column block) computes 128 rows x 128 columns of
-// that expert's product with BF16 tensor-core MMAs (WMMA 16x16x16, fp32 accumulators): 8 warps
-// as 2 x 4, each 64 x 32 (4 x 2 fragments). The k dimension goes in steps of 32 through a
-// 4-stage cp.async ring in shared memory (rows padded to 40 elements, so the fragment loads'
-// rows start in different banks); rows past the tile's end and columns past k or m are zero
-// filled. Each warp writes its fragments through a 1 KiB staging area, so only the tile's own
-// rows (< r1) are stored: the next rows belong to the next expert.
+// lanes]). Here one launch covers many experts: the host lists tiles of up to 128 rows of one
+// expert (grouped_expert_gemm_tiles), and block (tile, column block) computes 128 rows x 128
+// columns of that expert's product with BF16 tensor-core MMAs (WMMA 16x16x16, fp32
+// accumulators): 8 warps as 2 x 4, each 64 x 32 (4 x 2 fragments). The k dimension goes in steps
+// of 32 through a 4-stage cp.async ring in shared memory (rows padded to 40 elements, so the
+// fragment loads' rows start in different banks); rows past the tile's end and columns past k or
+// m are zero filled. Each warp writes its fragments through a 1 KiB staging area, so only the
+// tile's own rows (< r1) are stored: the next rows belong to the next expert.
+//
+// Note [Grouped expert GEMM from packed INT4]
+// With INT4 experts the weights need not be decoded to BF16 in VRAM first (a pass that wrote
+// 1.6 GB per layer of the 35B-A3B and took 38 of 556 ms of an 8K prefill): the ring holds each
+// k step's packed bytes as copied from the host (Note [Expert weight layout tidal_n16_v1]: per
+// 16-row tile, 64-byte blocks of 8 columns x 16 rows, then fp16 scales per group and row), 256
+// bytes of data and 32 of scales per row tile, a quarter of the BF16 tile. Each warp decodes the
+// 32 rows it multiplies (lane = row: four 4-byte words, 32 values, times the row's scale) into its
+// own BF16 tile, so the decode needs no block-wide barrier; the two warps that share columns both
+// decode them. Needs groups of a multiple of 32 columns (one scale per k step) and matrices whose
+// rows are whole column blocks (a block's 128 rows lie in gate or in up).
 namespace gg {
 constexpr int kBM = 128, kBN = 128, kBK = 32, kStages = 4, kLd = kBK + 8, kThreadsG = 256;
+// BF16 weights: A and B tiles per stage.
 constexpr int kStageElems = (kBM + kBN) * kLd;
 constexpr int kSmemBytes = kStages * kStageElems * 2;  // 80 KiB: needs the opt-in
+// Packed INT4 weights: A tile + 8 row tiles' data (256 B) and scales (32 B) per stage, then each
+// warp's decoded 32 x kLd BF16 tile.
+constexpr int kRawBytes = (kBN / 16) * (256 + 32);
+constexpr int kStageBytesQ = kBM * kLd * 2 + kRawBytes;
+constexpr int kSmemBytesQ = kStages * kStageBytesQ + 8 * 32 * kLd * 2;
 static_assert(kBM == kGroupedGemmRows, "a tile is one block's rows");
+static_assert(kStageBytesQ % 128 == 0, "stages stay 128-byte aligned");
 }  // namespace gg
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* g, int src_bytes) {
@@ -364,38 +384,73 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// Two INT4 values (nibbles lo, hi of q + 8) times the scale, as a BF16 pair.
+__device__ __forceinline__ __nv_bfloat162 int4_pair(uint32_t lo, uint32_t hi, float scale) {
+  return __floats2bfloat162_rn(static_cast<float>(static_cast<int>(lo) - 8) * scale,
+                               static_cast<float>(static_cast<int>(hi) - 8) * scale);
+}
+
+template <bool kInt4>
 __global__ void __launch_bounds__(gg::kThreadsG) grouped_gemm_kernel(GroupedGemmArgs a) {
   using namespace gg;
   namespace w = nvcuda::wmma;
   extern __shared__ __align__(128) unsigned char gg_smem[];
-  __nv_bfloat16* sm = reinterpret_cast<__nv_bfloat16*>(gg_smem);
   const int32_t* tile = a.tiles + 3 * static_cast<int64_t>(blockIdx.x);
   const int64_t e = tile[0], r0 = tile[1], r1 = tile[2];
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBN, K = a.k, M = a.m;
   const __nv_bfloat16* X = reinterpret_cast<const __nv_bfloat16*>(a.x);
-  const __nv_bfloat16* Wm = reinterpret_cast<const __nv_bfloat16*>(a.w) + e * M * K;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wm = warp >> 2, wn = warp & 3;
   const int64_t KT = (K + kBK - 1) / kBK;
+  constexpr int kStage = kInt4 ? kStageBytesQ : kStageElems * 2;  // bytes per stage
+  auto a_tile = [&](int stage) {
+    return reinterpret_cast<__nv_bfloat16*>(gg_smem + stage * kStage);
+  };
+  // kInt4: the packed matrix (gate or up) that holds this block's rows, and its first row tile.
+  const __nv_bfloat16* Wm = nullptr;
+  const uint8_t* P = nullptr;
+  if constexpr (kInt4) {
+    const int64_t mat = m0 / a.mat_rows;
+    P = a.packed + e * a.packed_stride + mat * a.mat_bytes +
+        ((m0 - mat * a.mat_rows) / 16) * a.tile_bytes;
+  } else {
+    Wm = reinterpret_cast<const __nv_bfloat16*>(a.w) + e * M * K;
+  }
   auto load = [&](int stage, int64_t kt) {
-    __nv_bfloat16* As = sm + stage * kStageElems;
-    __nv_bfloat16* Bs = As + kBM * kLd;
+    __nv_bfloat16* As = a_tile(stage);
     const int64_t k0 = kt * kBK;
-#pragma unroll
     for (int c = tid; c < kBM * 4; c += kThreadsG) {
       const int row = c >> 2, part = c & 3;
       const int64_t gr = r0 + row, kc = k0 + part * 8;
       const bool ok = gr < r1 && kc < K;
       cp_async16(As + row * kLd + part * 8, X + (ok ? gr * K + kc : r0 * K), ok ? 16 : 0);
     }
-#pragma unroll
-    for (int c = tid; c < kBN * 4; c += kThreadsG) {
-      const int row = c >> 2, part = c & 3;
-      const int64_t gc = m0 + row, kc = k0 + part * 8;
-      const bool ok = gc < M && kc < K;
-      cp_async16(Bs + row * kLd + part * 8, Wm + (ok ? gc * K + kc : 0), ok ? 16 : 0);
+    if constexpr (kInt4) {
+      // Row tile j's four data blocks of this k step (256 B), then its 16 scales of the step's
+      // group (32 B).
+      uint8_t* raw = reinterpret_cast<uint8_t*>(As + kBM * kLd);
+      if (tid < (kBN / 16) * 18) {
+        const int j = tid < 128 ? tid / 16 : (tid - 128) / 2;
+        const uint8_t* t = P + j * a.tile_bytes;
+        if (tid < 128)
+          cp_async16(raw + tid * 16, t + kt * 256 + (tid % 16) * 16, 16);
+        else
+          cp_async16(raw + 2048 + (tid - 128) * 16,
+                     t + a.data_bytes + (k0 / a.group) * 32 + (tid % 2) * 16, 16);
+      }
+    } else {
+      __nv_bfloat16* Bs = As + kBM * kLd;
+      for (int c = tid; c < kBN * 4; c += kThreadsG) {
+        const int row = c >> 2, part = c & 3;
+        const int64_t gc = m0 + row, kc = k0 + part * 8;
+        const bool ok = gc < M && kc < K;
+        cp_async16(Bs + row * kLd + part * 8, Wm + (ok ? gc * K + kc : 0), ok ? 16 : 0);
+      }
     }
   };
+  // kInt4: this warp's decoded rows (wn·32 .. +32 of the block's columns).
+  __nv_bfloat16* Bw =
+      reinterpret_cast<__nv_bfloat16*>(gg_smem + kStages * kStageBytesQ) + warp * 32 * kLd;
   w::fragment<w::accumulator, 16, 16, 16, float> acc[4][2];
 #pragma unroll
   for (int i = 0; i < 4; ++i)
@@ -412,8 +467,33 @@ __global__ void __launch_bounds__(gg::kThreadsG) grouped_gemm_kernel(GroupedGemm
     if (kt + kStages - 1 < KT)
       load(static_cast<int>((kt + kStages - 1) % kStages), kt + kStages - 1);
     cp_async_commit();
-    const __nv_bfloat16* As = sm + (kt % kStages) * kStageElems;
-    const __nv_bfloat16* Bs = As + kBM * kLd;
+    const __nv_bfloat16* As = a_tile(static_cast<int>(kt % kStages));
+    const __nv_bfloat16* Bs;
+    int ldb;
+    if constexpr (kInt4) {
+      // Lane l decodes row wn·32 + l: row tile 2·wn + l / 16, row l % 16 within it.
+      const uint8_t* raw = reinterpret_cast<const uint8_t*>(As + kBM * kLd);
+      const int j = 2 * wn + lane / 16, rr = lane % 16;
+      const float scale =
+          __half2float(*reinterpret_cast<const __half*>(raw + 2048 + j * 32 + rr * 2));
+      __nv_bfloat16* dst = Bw + lane * kLd;
+#pragma unroll
+      for (int blk = 0; blk < 4; ++blk) {
+        const uint32_t v = *reinterpret_cast<const uint32_t*>(raw + j * 256 + blk * 64 + rr * 4);
+        __nv_bfloat162 p[4];  // columns 8·blk + 0..3: low nibbles of bytes 0..3; + 4..7: high
+        p[0] = int4_pair(v & 0xf, (v >> 8) & 0xf, scale);
+        p[1] = int4_pair((v >> 16) & 0xf, (v >> 24) & 0xf, scale);
+        p[2] = int4_pair((v >> 4) & 0xf, (v >> 12) & 0xf, scale);
+        p[3] = int4_pair((v >> 20) & 0xf, (v >> 28) & 0xf, scale);
+        *reinterpret_cast<uint4*>(dst + blk * 8) = *reinterpret_cast<const uint4*>(p);
+      }
+      __syncwarp();
+      Bs = Bw;
+      ldb = 0;  // the warp's own rows start at 0
+    } else {
+      Bs = As + kBM * kLd;
+      ldb = wn * 32;
+    }
 #pragma unroll
     for (int kk = 0; kk < kBK; kk += 16) {
       w::fragment<w::matrix_a, 16, 16, 16, __nv_bfloat16, w::row_major> fa[4];
@@ -422,13 +502,13 @@ __global__ void __launch_bounds__(gg::kThreadsG) grouped_gemm_kernel(GroupedGemm
       for (int i = 0; i < 4; ++i)
         w::load_matrix_sync(fa[i], As + (wm * 64 + i * 16) * kLd + kk, kLd);
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
-        w::load_matrix_sync(fb[j], Bs + (wn * 32 + j * 16) * kLd + kk, kLd);
+      for (int j = 0; j < 2; ++j) w::load_matrix_sync(fb[j], Bs + (ldb + j * 16) * kLd + kk, kLd);
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < 2; ++j) w::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
     }
+    if constexpr (kInt4) __syncwarp();  // the fragments are loaded before Bw is written again
   }
   cp_async_wait<0>();
   __syncthreads();
@@ -513,30 +593,49 @@ void combine_routed(const float* out, const int32_t* pos, const float* w, int64_
   combine_routed_kernel<<<static_cast<unsigned>(T), 256, 0, s>>>(out, pos, w, k, h, y);
 }
 
-bool grouped_expert_gemm_supported(int64_t m, int64_t k) {
-  // The 80 KiB ring is over the 48 KiB default: opted into once, where the device allows it
-  // (every architecture tidal builds for does: sm_86 and up allow 99 KiB and more).
-  static const bool smem_ok = [] {
+namespace {
+// The rings are over the 48 KiB default: opted into once, where the device allows it (every
+// architecture tidal builds for does: sm_86 and up allow 99 KiB and more).
+bool grouped_smem_ok() {
+  static const bool ok = [] {
     int dev = 0, v = 0;
     if (cudaGetDevice(&dev) != cudaSuccess ||
         cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
-        v < gg::kSmemBytes ||
-        cudaFuncSetAttribute(grouped_gemm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             gg::kSmemBytes) != cudaSuccess) {
+        v < std::max(gg::kSmemBytes, gg::kSmemBytesQ) ||
+        cudaFuncSetAttribute(grouped_gemm_kernel<false>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             gg::kSmemBytes) != cudaSuccess ||
+        cudaFuncSetAttribute(grouped_gemm_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             gg::kSmemBytesQ) != cudaSuccess) {
       cudaGetLastError();
       return false;
     }
     return true;
   }();
-  return smem_ok && m > 0 && k > 0 && m % 8 == 0 && k % 8 == 0 &&
+  return ok;
+}
+}  // namespace
+
+bool grouped_expert_gemm_supported(int64_t m, int64_t k) {
+  return grouped_smem_ok() && m > 0 && k > 0 && m % 8 == 0 && k % 8 == 0 &&
          (m + gg::kBN - 1) / gg::kBN <= 65535;
+}
+
+bool grouped_expert_gemm_int4_supported(const ExpertMatrixLayout& L, int64_t mats) {
+  return grouped_smem_ok() && L.dtype == 2 && mats >= 1 && L.n % gg::kBN == 0 && L.k % 8 == 0 &&
+         L.group % gg::kBK == 0 && L.data_bytes % 256 == 0 &&
+         L.data_bytes >= (L.k + 31) / 32 * 256 && L.tile_bytes % 16 == 0 &&
+         L.num_tiles * 16 == L.n && L.n * mats / gg::kBN <= 65535;
 }
 
 void grouped_expert_gemm(const GroupedGemmArgs& a, cudaStream_t s) {
   if (a.ntiles <= 0) return;
   const dim3 grid(static_cast<unsigned>(a.ntiles),
                   static_cast<unsigned>((a.m + gg::kBN - 1) / gg::kBN));
-  grouped_gemm_kernel<<<grid, gg::kThreadsG, gg::kSmemBytes, s>>>(a);
+  if (a.packed != nullptr)
+    grouped_gemm_kernel<true><<<grid, gg::kThreadsG, gg::kSmemBytesQ, s>>>(a);
+  else
+    grouped_gemm_kernel<false><<<grid, gg::kThreadsG, gg::kSmemBytes, s>>>(a);
 }
 
 int64_t grouped_expert_gemm_tiles(const int64_t* off, int64_t experts, int32_t* tiles) {

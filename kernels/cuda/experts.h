@@ -98,11 +98,19 @@ struct GroupedGemmArgs {
   const int32_t* tiles = nullptr;  ///< device: ntiles triples (e, r0, r1)
   int64_t ntiles = 0, m = 0, k = 0;
   bool accumulate = false;  ///< add to out instead of overwriting it
+  /// Packed INT4 weights instead of w (Note [Grouped expert GEMM from packed INT4]): expert e's
+  /// rows c < m lie in matrix c / mat_rows at packed + e·packed_stride + (c / mat_rows)·mat_bytes,
+  /// each in the host's packed layout (tile_bytes, data_bytes and group of its layout).
+  const uint8_t* packed = nullptr;
+  int64_t packed_stride = 0, mat_rows = 0, mat_bytes = 0, tile_bytes = 0, data_bytes = 0, group = 0;
 };
 constexpr int64_t kGroupedGemmRows = 128;
 /// Whether grouped_expert_gemm takes an m x k weight (m and k multiples of 8: 16-byte rows) on
 /// this device (its 80 KiB of shared memory per block; call before grouped_expert_gemm).
 bool grouped_expert_gemm_supported(int64_t m, int64_t k);
+/// Whether grouped_expert_gemm takes `mats` stacked matrices of layout L from their packed INT4
+/// bytes (rows a multiple of 128, groups of a multiple of 32 columns) on this device.
+bool grouped_expert_gemm_int4_supported(const ExpertMatrixLayout& L, int64_t mats);
 void grouped_expert_gemm(const GroupedGemmArgs& a, cudaStream_t s);
 /// The tiles of experts 0 .. experts-1 whose rows are off[e] .. off[e+1] (experts + 1 offsets),
 /// written to tiles (at most Σ_e ceil((off[e+1] - off[e]) / kGroupedGemmRows) triples, the

@@ -509,5 +509,118 @@ TEST(CudaExperts, GroupedGemmTiles) {
                                      -1, -1, -1, -1, -1, -1,  -1, -1,  -1,  -1, -1,  -1}));
 }
 
+// grouped_expert_gemm from packed INT4 bytes (Note [Grouped expert GEMM from packed INT4]):
+// experts in the store's layout (gate, up, down at a fixed stride), gate and up as one m = 2I
+// product and down, against an fp64 reference of the decoded elements (packed_value) and the same
+// BF16 rows; k not a multiple of 32 (zero-padded groups), groups of 32, 64 and 128 columns, experts
+// with 0, 1, 129 and 300 rows, and the 35B-A3B shape.
+void run_grouped_int4(int64_t H, int64_t I, int64_t group, const std::vector<int64_t>& counts) {
+  SCOPED_TRACE(::testing::Message() << "H " << H << " I " << I << " group " << group);
+  const auto lgu = kc::make_layout(kc::ExpertDType::kINT4, I, H, group);
+  const auto ldn = kc::make_layout(kc::ExpertDType::kINT4, H, I, group);
+  const auto ggu = gpu_layout(lgu), gdn = gpu_layout(ldn);
+  ASSERT_TRUE(grouped_expert_gemm_int4_supported(ggu, 2));
+  ASSERT_TRUE(grouped_expert_gemm_int4_supported(gdn, 1));
+  const int64_t E = static_cast<int64_t>(counts.size());
+  const int64_t stride = (2 * lgu.bytes() + ldn.bytes() + 255) / 256 * 256;
+  std::vector<uint8_t> store(static_cast<size_t>(E * stride), 0);
+  uint32_t seed = 70;
+  for (int64_t e = 0; e < E; ++e)
+    for (int m = 0; m < 3; ++m) {
+      const auto& l = m < 2 ? lgu : ldn;
+      const auto w = test::random_vec(static_cast<size_t>(l.n * l.k), seed++, 0.2f);
+      kc::pack_weights(l, w.data(), DType::kF32, l.k, store.data() + e * stride + m * lgu.bytes(),
+                       0, l.num_tiles);
+    }
+  std::vector<int64_t> off(static_cast<size_t>(E) + 1, 0);
+  for (int64_t e = 0; e < E; ++e) off[e + 1] = off[e] + counts[static_cast<size_t>(e)];
+  const int64_t R = off[E];
+  std::vector<int32_t> tiles(static_cast<size_t>(3 * (R / kGroupedGemmRows + E + 1)));
+  const int64_t nt = grouped_expert_gemm_tiles(off.data(), E, tiles.data());
+  uint8_t* d_store = nullptr;
+  uint16_t *d_x = nullptr, *d_h = nullptr;
+  float* d_out = nullptr;
+  int32_t* d_tiles = nullptr;
+  const int64_t wmax = std::max(2 * I, H);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_store), store.size()), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_x), size_t(R * H) * 2 + 16), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_h), size_t(R * I) * 2 + 16), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_out), size_t(R * wmax) * 4 + 16), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_tiles), tiles.size() * 4 + 4), cudaSuccess);
+  cudaMemcpy(d_store, store.data(), store.size(), cudaMemcpyHostToDevice);
+  cudaMemcpy(d_tiles, tiles.data(), static_cast<size_t>(nt) * 12, cudaMemcpyHostToDevice);
+  for (int pass = 0; pass < 2; ++pass) {  // gate and up, then down
+    const bool gu = pass == 0;
+    const int64_t m = gu ? 2 * I : H, k = gu ? H : I;
+    SCOPED_TRACE(gu ? "gate/up" : "down");
+    std::vector<uint16_t> x(static_cast<size_t>(R * k));
+    const auto xf = test::random_vec(x.size(), 80 + pass, 1.0f);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = f32_to_bf16(xf[i]);
+    cudaMemcpy(gu ? d_x : d_h, x.data(), x.size() * 2, cudaMemcpyHostToDevice);
+    cudaMemset(d_out, 0xff, size_t(R * wmax) * 4);
+    GroupedGemmArgs a;
+    a.x = gu ? d_x : d_h;
+    a.out = d_out;
+    a.tiles = d_tiles;
+    a.ntiles = nt;
+    a.m = m;
+    a.k = k;
+    const auto& L = gu ? ggu : gdn;
+    a.packed = d_store + (gu ? 0 : 2 * lgu.bytes());
+    a.packed_stride = stride;
+    a.mat_rows = L.n;
+    a.mat_bytes = L.bytes();
+    a.tile_bytes = L.tile_bytes;
+    a.data_bytes = L.data_bytes;
+    a.group = L.group;
+    grouped_expert_gemm(a, nullptr);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+    std::vector<float> out(static_cast<size_t>(R * m));
+    cudaMemcpy(out.data(), d_out, out.size() * 4, cudaMemcpyDeviceToHost);
+    for (int64_t e = 0; e < E; ++e) {
+      const uint8_t* base = store.data() + e * stride;
+      for (int64_t c = 0; c < m; ++c) {
+        // row c of gate (c < I), of up, or of down
+        const auto& l = gu ? lgu : ldn;
+        const uint8_t* mat = gu ? base + (c / I) * lgu.bytes() : base + 2 * lgu.bytes();
+        const int64_t row = gu ? c % I : c;
+        std::vector<double> wr(static_cast<size_t>(k));
+        for (int64_t j = 0; j < k; ++j) wr[j] = kc::packed_value(l, mat, row, j).value;
+        for (int64_t r = off[e]; r < off[e + 1]; ++r) {
+          double s = 0, mag = 0;
+          for (int64_t j = 0; j < k; ++j) {
+            const double p = double(bf16_to_f32(x[r * k + j])) *
+                             double(bf16_to_f32(f32_to_bf16(static_cast<float>(wr[j]))));
+            s += p;
+            mag += std::fabs(p);
+          }
+          ASSERT_NEAR(out[r * m + c], s, 1e-5 * mag + 1e-6)
+              << "expert " << e << " row " << r << " col " << c;
+        }
+      }
+    }
+  }
+  for (void* p : {static_cast<void*>(d_store), static_cast<void*>(d_x), static_cast<void*>(d_h),
+                  static_cast<void*>(d_out), static_cast<void*>(d_tiles)})
+    cudaFree(p);
+}
+
+TEST(CudaExperts, GroupedGemmFromPackedInt4MatchesReference) {
+  if (!test::have_gpu()) GTEST_SKIP() << test::kNoGpu;
+  ASSERT_NO_FATAL_FAILURE(run_grouped_int4(256, 128, 64, {3, 0, 129, 1, 300}));
+  ASSERT_NO_FATAL_FAILURE(run_grouped_int4(200, 128, 32, {17, 140}));  // k = 200: padded group
+  ASSERT_NO_FATAL_FAILURE(run_grouped_int4(384, 256, 128, {0, 45, 128}));
+  ASSERT_NO_FATAL_FAILURE(run_grouped_int4(2048, 512, 64, {70, 133}));  // 35B-A3B
+  // Shapes it does not take: rows not whole 128-column blocks, a group of 16 columns, INT8.
+  EXPECT_FALSE(grouped_expert_gemm_int4_supported(
+      gpu_layout(kc::make_layout(kc::ExpertDType::kINT4, 96, 256, 64)), 2));
+  auto g16 = gpu_layout(kc::make_layout(kc::ExpertDType::kINT4, 128, 256, 32));
+  g16.group = 16;
+  EXPECT_FALSE(grouped_expert_gemm_int4_supported(g16, 1));
+  EXPECT_FALSE(grouped_expert_gemm_int4_supported(
+      gpu_layout(kc::make_layout(kc::ExpertDType::kINT8, 128, 256, 64)), 1));
+}
+
 }  // namespace
 }  // namespace tidal::kernels::cuda
