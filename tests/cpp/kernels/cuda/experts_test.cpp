@@ -512,8 +512,9 @@ TEST(CudaExperts, GroupedGemmTiles) {
 // grouped_expert_gemm from packed INT4 bytes (Note [Grouped expert GEMM from packed INT4]):
 // experts in the store's layout (gate, up, down at a fixed stride), gate and up as one m = 2I
 // product and down, against an fp64 reference of the decoded elements (packed_value) and the same
-// BF16 rows; k not a multiple of 32 (zero-padded groups), groups of 32, 64 and 128 columns, experts
-// with 0, 1, 129 and 300 rows, and the 35B-A3B shape.
+// BF16 rows; groups of 32, 64 and 128 columns, experts with 0, 1, 129 and 300 rows, and the 35B-A3B
+// shape. (k is always a multiple of 32 here: gate/up take k = H, the down matrix's rows, and down
+// k = I, gate's rows, both whole 128-row blocks.)
 void run_grouped_int4(int64_t H, int64_t I, int64_t group, const std::vector<int64_t>& counts) {
   SCOPED_TRACE(::testing::Message() << "H " << H << " I " << I << " group " << group);
   const auto lgu = kc::make_layout(kc::ExpertDType::kINT4, I, H, group);
@@ -609,7 +610,7 @@ void run_grouped_int4(int64_t H, int64_t I, int64_t group, const std::vector<int
 TEST(CudaExperts, GroupedGemmFromPackedInt4MatchesReference) {
   if (!test::have_gpu()) GTEST_SKIP() << test::kNoGpu;
   ASSERT_NO_FATAL_FAILURE(run_grouped_int4(256, 128, 64, {3, 0, 129, 1, 300}));
-  ASSERT_NO_FATAL_FAILURE(run_grouped_int4(200, 128, 32, {17, 140}));  // k = 200: padded group
+  ASSERT_NO_FATAL_FAILURE(run_grouped_int4(256, 128, 32, {17, 140}));
   ASSERT_NO_FATAL_FAILURE(run_grouped_int4(384, 256, 128, {0, 45, 128}));
   ASSERT_NO_FATAL_FAILURE(run_grouped_int4(2048, 512, 64, {70, 133}));  // 35B-A3B
   // Shapes it does not take: rows not whole 128-column blocks, a group of 16 columns, INT8.
