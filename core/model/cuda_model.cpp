@@ -1189,6 +1189,12 @@ void CudaModel::Impl::px_init(kernels::Executor& ex) {
     px_fused = px_grouped && mode != "bf16" && !px_pad &&
                kc::grouped_expert_gemm_int4_supported(ggu, 2) &&
                kc::grouped_expert_gemm_int4_supported(gdn, 1);
+    TIDAL_CHECK(mode != "int4" || px_fused, InvalidArgument,
+                "TIDAL_CUDA_STREAM_GEMM=int4: the experts' GEMMs from packed INT4 need INT4 "
+                "experts whose matrices have whole 128-row blocks (gate/up {} x {}, down {} x "
+                "{}, expert dtype {}), a device with 80 KiB of shared memory per block, and "
+                "TIDAL_CUDA_STREAM_BATCHED off",
+                ggu.n, ggu.k, gdn.n, gdn.k, ggu.dtype == 2 ? "int4" : "not int4");
   }
   const int64_t ngroups = (E + px_group - 1) / px_group;
   // Note [Padded expert batches]: one group's padded rows, at most half the chunk's pairs.
@@ -1416,7 +1422,9 @@ int64_t CudaModel::Impl::px_measure(kernels::Executor& ex) {
     cuda_check(cudaEventSynchronize(t1), "event wait");
     copy_s = std::min(copy_s, elapsed());
   }
-  // One group's dequant + gate/up + down GEMMs at the chunk's mean tokens per expert.
+  // One group's dequant + gate/up + down GEMMs at the chunk's mean tokens per expert (from packed
+  // INT4, px_group experts' GEMMs in one launch each: in the layer all E go in one, at a rate the
+  // profile put within 10% of this one's, docs/performance.md, eleventh session).
   const int64_t n =
       std::max<int64_t>(1, std::min<int64_t>(Tmax * k / E, px_pad ? px_pad_rows : Tmax * k));
   // g experts of n rows each within the row buffers (Tmax·k rows).
@@ -1428,7 +1436,9 @@ int64_t CudaModel::Impl::px_measure(kernels::Executor& ex) {
   if (px_grouped && !px_pad) {  // (fused: the first g experts of the stage buffer)
     std::vector<int64_t> off(static_cast<size_t>(g) + 1);
     for (int64_t e = 0; e <= g; ++e) off[static_cast<size_t>(e)] = e * n;
-    nt_measure = kc::grouped_expert_gemm_tiles(off.data(), g, h_px_tiles);
+    nt_measure = kc::grouped_expert_gemm_tiles(off.data(), g, h_px_tiles, px_tiles_cap);
+    TIDAL_ASSERT(nt_measure <= px_tiles_cap, "{} expert GEMM tiles, room for {}", nt_measure,
+                 px_tiles_cap);
     cuda_check(cudaMemcpyAsync(px_tiles, h_px_tiles, static_cast<size_t>(nt_measure) * 12,
                                cudaMemcpyHostToDevice, stream),
                "copy to device");
@@ -1591,7 +1601,7 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
     }
   }
   if (px_fused) {  // every expert's tiles, one list (Note [Grouped expert GEMM from packed INT4])
-    const int64_t nt = kc::grouped_expert_gemm_tiles(px_off.data(), E, h_px_tiles);
+    const int64_t nt = kc::grouped_expert_gemm_tiles(px_off.data(), E, h_px_tiles, px_tiles_cap);
     TIDAL_ASSERT(nt <= px_tiles_cap, "layer {}: {} expert GEMM tiles, room for {}", layer, nt,
                  px_tiles_cap);
     px_tgoff.assign(1, 0);
@@ -1609,7 +1619,8 @@ void CudaModel::Impl::px_layer(int layer, int64_t T, int64_t W) {
       const int64_t e0 = g * px_group, e1 = std::min(E, e0 + px_group);
       // Experts local to the group (its weights start at px_wgu), rows of the whole layer.
       const int64_t n =
-          kc::grouped_expert_gemm_tiles(px_off.data() + e0, e1 - e0, h_px_tiles + 3 * nt);
+          kc::grouped_expert_gemm_tiles(px_off.data() + e0, e1 - e0, h_px_tiles + 3 * nt,
+                                        std::max<int64_t>(0, px_tiles_cap - nt));
       px_tgoff[static_cast<size_t>(g)] = nt;
       px_tgn[static_cast<size_t>(g)] = n;
       nt += n;

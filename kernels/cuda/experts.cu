@@ -622,10 +622,13 @@ bool grouped_expert_gemm_supported(int64_t m, int64_t k) {
 }
 
 bool grouped_expert_gemm_int4_supported(const ExpertMatrixLayout& L, int64_t mats) {
+  // The packed INT4 layout as make_layout builds it: 8 columns per 64-byte block (group_bytes =
+  // 8·group), the scales ([num_groups][16] fp16) after the data, one group per k step at most.
   return grouped_smem_ok() && L.dtype == 2 && mats >= 1 && L.n % gg::kBN == 0 && L.k % 8 == 0 &&
-         L.group % gg::kBK == 0 && L.data_bytes % 256 == 0 &&
-         L.data_bytes >= (L.k + 31) / 32 * 256 && L.tile_bytes % 16 == 0 &&
-         L.num_tiles * 16 == L.n && L.n * mats / gg::kBN <= 65535;
+         L.group > 0 && L.group % gg::kBK == 0 && L.group_bytes == 8 * L.group &&
+         L.num_groups * L.group_bytes == L.data_bytes && L.num_groups * L.group >= L.k &&
+         L.data_bytes % 256 == 0 && L.tile_bytes >= L.data_bytes + 32 * L.num_groups &&
+         L.tile_bytes % 16 == 0 && L.num_tiles * 16 == L.n && L.n * mats / gg::kBN <= 65535;
 }
 
 void grouped_expert_gemm(const GroupedGemmArgs& a, cudaStream_t s) {
@@ -638,13 +641,16 @@ void grouped_expert_gemm(const GroupedGemmArgs& a, cudaStream_t s) {
     grouped_gemm_kernel<false><<<grid, gg::kThreadsG, gg::kSmemBytes, s>>>(a);
 }
 
-int64_t grouped_expert_gemm_tiles(const int64_t* off, int64_t experts, int32_t* tiles) {
+int64_t grouped_expert_gemm_tiles(const int64_t* off, int64_t experts, int32_t* tiles,
+                                  int64_t max_tiles) {
   int64_t n = 0;
   for (int64_t e = 0; e < experts; ++e)
     for (int64_t r = off[e]; r < off[e + 1]; r += kGroupedGemmRows) {
-      tiles[3 * n] = static_cast<int32_t>(e);
-      tiles[3 * n + 1] = static_cast<int32_t>(r);
-      tiles[3 * n + 2] = static_cast<int32_t>(off[e + 1]);
+      if (n < max_tiles) {
+        tiles[3 * n] = static_cast<int32_t>(e);
+        tiles[3 * n + 1] = static_cast<int32_t>(r);
+        tiles[3 * n + 2] = static_cast<int32_t>(off[e + 1]);
+      }
       ++n;
     }
   return n;

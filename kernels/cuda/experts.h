@@ -60,7 +60,9 @@ void add_vector(float* y, const float* x, int64_t n, cudaStream_t s);
 // over the tokens routed to each, rows grouped by expert.
 
 /// dst (row-major L.n x L.k BF16, row stride L.k) = the packed matrix at `packed`, element for
-/// element as kernels::cpu::packed_value decodes it, rounded to BF16 (nearest even).
+/// element as kernels::cpu::packed_value decodes it, rounded to BF16 (nearest even). Where L.k is
+/// a multiple of 2 (BF16), 4 (INT8) or 8 (INT4), each row's values go out in one 4/8/16-byte
+/// store: dst (and a batch's strides, in bytes) must then be aligned to that size.
 void dequant_expert_matrix(const ExpertMatrixLayout& L, const uint8_t* packed, uint16_t* dst,
                            cudaStream_t s);
 /// Many matrices of one layout in one launch: for expert e < experts and matrix m < mats, the
@@ -90,7 +92,8 @@ void scatter_rows(const float* src, const int32_t* rows, int64_t n, int64_t h, f
 /// Note [Grouped expert GEMM] (experts.cu): every expert of a streamed group in one launch.
 /// For each tile (expert e, rows r0 .. r1), out[r][c] (+)= Σ_j x[r][j] · w_e[c][j] for
 /// r0 ≤ r < r1, c < m: x holds BF16 rows of k (row stride k), w_e = w + e·m·k a row-major
-/// m x k BF16 matrix, out fp32 rows of m. A tile covers at most kGroupedGemmRows rows.
+/// m x k BF16 matrix, out fp32 rows of m. A tile covers at most kGroupedGemmRows rows. x, w, out
+/// and packed must be 16-byte aligned (cudaMalloc's are), as must packed_stride and mat_bytes.
 struct GroupedGemmArgs {
   const uint16_t* x = nullptr;
   const uint16_t* w = nullptr;
@@ -112,10 +115,12 @@ bool grouped_expert_gemm_supported(int64_t m, int64_t k);
 /// bytes (rows a multiple of 128, groups of a multiple of 32 columns) on this device.
 bool grouped_expert_gemm_int4_supported(const ExpertMatrixLayout& L, int64_t mats);
 void grouped_expert_gemm(const GroupedGemmArgs& a, cudaStream_t s);
-/// The tiles of experts 0 .. experts-1 whose rows are off[e] .. off[e+1] (experts + 1 offsets),
-/// written to tiles (at most Σ_e ceil((off[e+1] - off[e]) / kGroupedGemmRows) triples, the
-/// returned count); experts with no row have none.
-int64_t grouped_expert_gemm_tiles(const int64_t* off, int64_t experts, int32_t* tiles);
+/// The tiles of experts 0 .. experts-1 whose rows are off[e] .. off[e+1] (experts + 1 offsets):
+/// Σ_e ceil((off[e+1] - off[e]) / kGroupedGemmRows) triples, returned; the first max_tiles of them
+/// are written to tiles (a count over max_tiles means the list did not fit). Experts with no row
+/// have none.
+int64_t grouped_expert_gemm_tiles(const int64_t* off, int64_t experts, int32_t* tiles,
+                                  int64_t max_tiles);
 /// y[t] = Σ_j w[t·k + j] · out[pos[t·k + j]] (rows of h floats), t < T: each token's routed
 /// experts' rows, summed in routing order (deterministic).
 void combine_routed(const float* out, const int32_t* pos, const float* w, int64_t T, int k,

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "gpu.h"
@@ -196,6 +197,7 @@ TEST(CudaExperts, DequantMatchesPackedValues) {
     ASSERT_NO_FATAL_FAILURE(run_dequant(dt, 64, 256, 32));
     ASSERT_NO_FATAL_FAILURE(run_dequant(dt, 40, 200, 64));   // n not a tile, k not a group
     ASSERT_NO_FATAL_FAILURE(run_dequant(dt, 72, 136, 128));  // k padded to 128
+    ASSERT_NO_FATAL_FAILURE(run_dequant(dt, 24, 203, 64));   // odd k: the per-value stores
   }
   ASSERT_NO_FATAL_FAILURE(run_dequant(kc::ExpertDType::kINT4, 512, 2048, 64));  // 35B-A3B gate
   ASSERT_NO_FATAL_FAILURE(run_dequant(kc::ExpertDType::kINT4, 2048, 512, 64));  // and down
@@ -423,7 +425,8 @@ void run_grouped(const std::vector<int64_t>& counts, int64_t m, int64_t k) {
       }
   // Tiles of the even experts only, then of all of them.
   std::vector<int32_t> tiles(static_cast<size_t>(3 * (R / kGroupedGemmRows + E + 1)));
-  const int64_t nall = grouped_expert_gemm_tiles(off.data(), E, tiles.data());
+  const int64_t nall = grouped_expert_gemm_tiles(off.data(), E, tiles.data(),
+                                                 static_cast<int64_t>(tiles.size() / 3));
   int64_t expect = 0;
   for (int64_t c : counts) expect += (c + kGroupedGemmRows - 1) / kGroupedGemmRows;
   ASSERT_EQ(nall, expect);
@@ -503,10 +506,14 @@ TEST(CudaExperts, GroupedGemmMatchesReference) {
 TEST(CudaExperts, GroupedGemmTiles) {
   const std::vector<int64_t> off = {0, 0, 1, 257, 257, 385};
   std::vector<int32_t> t(3 * 8, -1);
-  ASSERT_EQ(grouped_expert_gemm_tiles(off.data(), 5, t.data()), 4);
+  ASSERT_EQ(grouped_expert_gemm_tiles(off.data(), 5, t.data(), 8), 4);
   // expert 1: row 0; expert 2: rows 1 .. 256 in two tiles; expert 4: rows 257 .. 384.
   EXPECT_EQ(t, (std::vector<int32_t>{1,  0,  1,  2,  1,  257, 2,  129, 257, 4,  257, 385,
                                      -1, -1, -1, -1, -1, -1,  -1, -1,  -1,  -1, -1,  -1}));
+  // Room for two: the count says four, and nothing past the second is written.
+  std::vector<int32_t> u(3 * 3, -1);
+  ASSERT_EQ(grouped_expert_gemm_tiles(off.data(), 5, u.data(), 2), 4);
+  EXPECT_EQ(u, (std::vector<int32_t>{1, 0, 1, 2, 1, 257, -1, -1, -1}));
 }
 
 // grouped_expert_gemm from packed INT4 bytes (Note [Grouped expert GEMM from packed INT4]):
@@ -537,7 +544,8 @@ void run_grouped_int4(int64_t H, int64_t I, int64_t group, const std::vector<int
   for (int64_t e = 0; e < E; ++e) off[e + 1] = off[e] + counts[static_cast<size_t>(e)];
   const int64_t R = off[E];
   std::vector<int32_t> tiles(static_cast<size_t>(3 * (R / kGroupedGemmRows + E + 1)));
-  const int64_t nt = grouped_expert_gemm_tiles(off.data(), E, tiles.data());
+  const int64_t nt = grouped_expert_gemm_tiles(off.data(), E, tiles.data(),
+                                               static_cast<int64_t>(tiles.size() / 3));
   uint8_t* d_store = nullptr;
   uint16_t *d_x = nullptr, *d_h = nullptr;
   float* d_out = nullptr;
@@ -546,7 +554,8 @@ void run_grouped_int4(int64_t H, int64_t I, int64_t group, const std::vector<int
   ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_store), store.size()), cudaSuccess);
   ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_x), size_t(R * H) * 2 + 16), cudaSuccess);
   ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_h), size_t(R * I) * 2 + 16), cudaSuccess);
-  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_out), size_t(R * wmax) * 4 + 16), cudaSuccess);
+  const size_t out_n = size_t(R * wmax) + 64;  // + a guard band
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_out), out_n * 4), cudaSuccess);
   ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_tiles), tiles.size() * 4 + 4), cudaSuccess);
   cudaMemcpy(d_store, store.data(), store.size(), cudaMemcpyHostToDevice);
   cudaMemcpy(d_tiles, tiles.data(), static_cast<size_t>(nt) * 12, cudaMemcpyHostToDevice);
@@ -558,7 +567,7 @@ void run_grouped_int4(int64_t H, int64_t I, int64_t group, const std::vector<int
     const auto xf = test::random_vec(x.size(), 80 + pass, 1.0f);
     for (size_t i = 0; i < x.size(); ++i) x[i] = f32_to_bf16(xf[i]);
     cudaMemcpy(gu ? d_x : d_h, x.data(), x.size() * 2, cudaMemcpyHostToDevice);
-    cudaMemset(d_out, 0xff, size_t(R * wmax) * 4);
+    cudaMemset(d_out, 0xff, out_n * 4);
     GroupedGemmArgs a;
     a.x = gu ? d_x : d_h;
     a.out = d_out;
@@ -577,8 +586,23 @@ void run_grouped_int4(int64_t H, int64_t I, int64_t group, const std::vector<int
     grouped_expert_gemm(a, nullptr);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     ASSERT_EQ(cudaGetLastError(), cudaSuccess);
-    std::vector<float> out(static_cast<size_t>(R * m));
-    cudaMemcpy(out.data(), d_out, out.size() * 4, cudaMemcpyDeviceToHost);
+    std::vector<float> out(out_n), again(out_n);
+    cudaMemcpy(out.data(), d_out, out_n * 4, cudaMemcpyDeviceToHost);
+    // Past the product (R rows of m): untouched (0xff bytes).
+    for (size_t i = static_cast<size_t>(R * m); i < out_n; ++i) {
+      uint32_t bits = 0;
+      std::memcpy(&bits, &out[i], 4);
+      ASSERT_EQ(bits, 0xffffffffu) << "written past the rows, index " << i;
+    }
+    // accumulate: the same product added again gives twice each value
+    a.accumulate = true;
+    grouped_expert_gemm(a, nullptr);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    cudaMemcpy(again.data(), d_out, out_n * 4, cudaMemcpyDeviceToHost);
+    for (int64_t i = 0; i < R * m; ++i)
+      ASSERT_NEAR(again[static_cast<size_t>(i)], 2 * out[static_cast<size_t>(i)],
+                  1e-6 * std::fabs(out[static_cast<size_t>(i)]) + 1e-6)
+          << "accumulated, index " << i;
     for (int64_t e = 0; e < E; ++e) {
       const uint8_t* base = store.data() + e * stride;
       for (int64_t c = 0; c < m; ++c) {
