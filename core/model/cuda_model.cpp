@@ -1800,17 +1800,8 @@ void CudaModel::Impl::px_grouped_gemm(bool gate_up, int64_t t0, int64_t nt, cons
   const int64_t H = cfg.hidden_size, I = px_gu.n;
   kc::GroupedGemmArgs a;
   a.w = gate_up ? px_wgu : px_wdn;
-  if (packed != nullptr) {  // gate and up (I rows each) or down (H rows) of each expert
-    const kc::ExpertMatrixLayout& L = gate_up ? px_gu : px_dn;
-    a.w = nullptr;
-    a.packed = packed + (gate_up ? 0 : 2 * px_gu.bytes());
-    a.packed_stride = px_stride;
-    a.mat_rows = L.n;
-    a.mat_bytes = L.bytes();
-    a.tile_bytes = L.tile_bytes;
-    a.data_bytes = L.data_bytes;
-    a.group = L.group;
-  }
+  if (packed != nullptr)  // gate and up (I rows each) or down (H rows) of each expert
+    a.set_packed(packed + (gate_up ? 0 : 2 * px_gu.bytes()), px_stride, gate_up ? px_gu : px_dn);
   a.out = out;
   a.tiles = px_tiles + 3 * t0;
   a.ntiles = nt;

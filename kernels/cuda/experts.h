@@ -106,6 +106,18 @@ struct GroupedGemmArgs {
   /// each in the host's packed layout (tile_bytes, data_bytes and group of its layout).
   const uint8_t* packed = nullptr;
   int64_t packed_stride = 0, mat_rows = 0, mat_bytes = 0, tile_bytes = 0, data_bytes = 0, group = 0;
+  /// The packed source: expert e's first matrix of layout L at p + e·stride, the next (up after
+  /// gate) L.bytes() after it.
+  void set_packed(const uint8_t* p, int64_t stride, const ExpertMatrixLayout& L) {
+    w = nullptr;
+    packed = p;
+    packed_stride = stride;
+    mat_rows = L.n;
+    mat_bytes = L.bytes();
+    tile_bytes = L.tile_bytes;
+    data_bytes = L.data_bytes;
+    group = L.group;
+  }
 };
 constexpr int64_t kGroupedGemmRows = 128;
 /// Whether grouped_expert_gemm takes an m x k weight (m and k multiples of 8: 16-byte rows) on

@@ -575,14 +575,7 @@ void run_grouped_int4(int64_t H, int64_t I, int64_t group, const std::vector<int
     a.ntiles = nt;
     a.m = m;
     a.k = k;
-    const auto& L = gu ? ggu : gdn;
-    a.packed = d_store + (gu ? 0 : 2 * lgu.bytes());
-    a.packed_stride = stride;
-    a.mat_rows = L.n;
-    a.mat_bytes = L.bytes();
-    a.tile_bytes = L.tile_bytes;
-    a.data_bytes = L.data_bytes;
-    a.group = L.group;
+    a.set_packed(d_store + (gu ? 0 : 2 * lgu.bytes()), stride, gu ? ggu : gdn);
     grouped_expert_gemm(a, nullptr);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     ASSERT_EQ(cudaGetLastError(), cudaSuccess);
