@@ -1432,6 +1432,7 @@ int64_t CudaModel::Impl::px_measure(kernels::Executor& ex) {
       1, std::min<int64_t>({px_group, E, Tmax * k / n, px_pad ? px_pad_rows / n : px_group}));
   cuda_check(cudaMemsetAsync(px_xs, 0, static_cast<size_t>(g * n * H) * 2, stream), "memset");
   cuda_check(cudaMemsetAsync(px_act, 0, static_cast<size_t>(g * n * I) * 2, stream), "memset");
+  // (padded: g·n <= px_pad_rows)
   int64_t nt_measure = 0;       // the g experts' tiles, n rows each
   if (px_grouped && !px_pad) {  // (fused: the first g experts of the stage buffer)
     std::vector<int64_t> off(static_cast<size_t>(g) + 1);
@@ -1450,8 +1451,7 @@ int64_t CudaModel::Impl::px_measure(kernels::Executor& ex) {
     if (px_fused) {  // as px_layer runs them (Note [Grouped expert GEMM from packed INT4])
       px_grouped_gemm(true, 0, nt_measure, px_xs, nullptr, px_hb, px_stage[0]);
       px_grouped_gemm(false, 0, nt_measure, px_act, nullptr, px_out, px_stage[0]);
-    } else if (px_pad) {  // as px_layer runs them (Note [Padded expert batches]), g·n <=
-                          // px_pad_rows
+    } else if (px_pad) {  // as px_layer runs them (Note [Padded expert batches])
       px_gemm(blas, true, 0, g, n, px_xs, px_split ? px_xs : nullptr, px_phb);
       px_gemm(blas, false, 0, g, n, px_act, px_split ? px_act : nullptr, px_pout);
     } else if (px_grouped) {  // as px_layer runs them (Note [Grouped expert GEMM])
