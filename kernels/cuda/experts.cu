@@ -19,6 +19,12 @@ __device__ __forceinline__ float bf16_lo(uint32_t v) { return __uint_as_float(v 
 __device__ __forceinline__ float bf16_hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
 __device__ __forceinline__ float siluf(float x) { return x / (1.0f + expf(-x)); }
 
+// Two INT4 values (nibbles lo, hi of q + 8) times the scale, as a BF16 pair.
+__device__ __forceinline__ __nv_bfloat162 int4_pair(uint32_t lo, uint32_t hi, float scale) {
+  return __floats2bfloat162_rn(static_cast<float>(static_cast<int>(lo) - 8) * scale,
+                               static_cast<float>(static_cast<int>(hi) - 8) * scale);
+}
+
 // Note [GPU experts from the packed layout]
 // The host packs a matrix in tiles of 16 rows (Note [Expert weight layout tidal_n16_v1]); within
 // a tile every 64-byte block holds 4 bytes per row, so a 16-byte load at offset 16·u holds rows
@@ -269,12 +275,8 @@ __global__ void dequant_kernel(const ExpertMatrixLayout L, const DequantBatch d_
 #pragma unroll
           for (int c = 0; c < 4; c += 2) {
             const uint32_t b0 = (r >> (8 * c)) & 0xff, b1 = (r >> (8 * c + 8)) & 0xff;
-            p[c / 2] =
-                __floats2bfloat162_rn(static_cast<float>(static_cast<int>(b0 & 0xf) - 8) * scale,
-                                      static_cast<float>(static_cast<int>(b1 & 0xf) - 8) * scale);
-            p[2 + c / 2] =
-                __floats2bfloat162_rn(static_cast<float>(static_cast<int>(b0 >> 4) - 8) * scale,
-                                      static_cast<float>(static_cast<int>(b1 >> 4) - 8) * scale);
+            p[c / 2] = int4_pair(b0 & 0xf, b1 & 0xf, scale);
+            p[2 + c / 2] = int4_pair(b0 >> 4, b1 >> 4, scale);
           }
           *reinterpret_cast<uint4*>(d + c0) = *reinterpret_cast<const uint4*>(p);
           continue;
@@ -382,12 +384,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// Two INT4 values (nibbles lo, hi of q + 8) times the scale, as a BF16 pair.
-__device__ __forceinline__ __nv_bfloat162 int4_pair(uint32_t lo, uint32_t hi, float scale) {
-  return __floats2bfloat162_rn(static_cast<float>(static_cast<int>(lo) - 8) * scale,
-                               static_cast<float>(static_cast<int>(hi) - 8) * scale);
 }
 
 template <bool kInt4>
