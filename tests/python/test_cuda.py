@@ -549,6 +549,40 @@ def test_prefill_expert_streaming_matches_host_experts(dtype, chunk, n_prompt, m
         assert m["mean_abs_err"] <= int4_noise
 
 
+def test_streamed_int4_from_packed_bytes_matches_bf16_decode(tmp_path, monkeypatch):
+    """Note [Grouped expert GEMM from packed INT4]: a streamed prompt's INT4 experts multiplied from
+    their packed bytes (one launch per GEMM for the layer) against the same experts decoded to BF16
+    first and multiplied per group of 5 (the path tidal-mini's streaming tests check against the host
+    and transformers). The decoded weights are the same BF16 values and the kernel sums in the same
+    order, so the logits agree to rounding; a wrong matrix offset or tile would be O(1). The packed
+    path needs whole 128-row blocks: the tiny preset with I = H = 128 (tidal-mini's I = 32 is not,
+    and TIDAL_CUDA_STREAM_GEMM=int4 refuses it by name)."""
+    from tidal import synth
+
+    cfg = synth.preset_config("tiny")
+    cfg["moe_intermediate_size"] = 128
+    path = synth.write_checkpoint(cfg, tmp_path / "tiny128", expert_dtype="int4", progress=False)
+    ids = [int(i) for i in np.random.default_rng(13).integers(5, 1000, 300)]
+    for k, v in STREAM_ENV.items():
+        monkeypatch.setenv(k, v)
+    out = {}
+    for mode in ("int4", "bf16"):
+        monkeypatch.setenv("TIDAL_CUDA_STREAM_GEMM", mode)
+        rt = _load(path, expert_dtype="int4", gpu_expert_slots=0)
+        out[mode] = np.asarray(rt.new_sequence().forward(ids, all_logits=True))
+        st = rt._engine.stats()
+        assert st["gpu_streamed_layers"] == 3 * cfg["num_hidden_layers"]  # 3 chunks of 100 tokens
+        del rt
+    scale = float(np.abs(out["bf16"]).max())
+    rel = float(np.abs(out["int4"] - out["bf16"]).max()) / scale
+    _record("streamed int4 packed vs bf16 decode", max_rel_diff=rel, logit_scale=scale)
+    assert np.isfinite(out["int4"]).all()
+    assert rel <= 1e-5
+    monkeypatch.setenv("TIDAL_CUDA_STREAM_GEMM", "int4")
+    with pytest.raises(ValueError, match="whole 128-row blocks"):
+        _load(MINI, expert_dtype="int4", gpu_expert_slots=0)
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "int4"])
 def test_padded_expert_batches_match_per_expert_gemms(dtype, monkeypatch):
     """Note [Padded expert batches] (TIDAL_CUDA_STREAM_BATCHED=1): each group's experts padded to its
