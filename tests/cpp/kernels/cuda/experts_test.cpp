@@ -203,6 +203,25 @@ TEST(CudaExperts, DequantMatchesPackedValues) {
   ASSERT_NO_FATAL_FAILURE(run_dequant(kc::ExpertDType::kINT4, 2048, 512, 64));  // and down
 }
 
+// A layer of E experts in the store's layout: gate, up (layout lgu) and down (ldn) of each expert
+// packed from random weights, expert e at e·store_stride.
+int64_t store_stride(const kc::PackedLayout& lgu, const kc::PackedLayout& ldn) {
+  return (2 * lgu.bytes() + ldn.bytes() + 255) / 256 * 256;
+}
+std::vector<uint8_t> pack_store(const kc::PackedLayout& lgu, const kc::PackedLayout& ldn, int64_t E,
+                                uint32_t seed) {
+  const int64_t stride = store_stride(lgu, ldn);
+  std::vector<uint8_t> store(static_cast<size_t>(E * stride), 0);
+  for (int64_t e = 0; e < E; ++e)
+    for (int m = 0; m < 3; ++m) {
+      const auto& l = m < 2 ? lgu : ldn;
+      const auto w = test::random_vec(static_cast<size_t>(l.n * l.k), seed++, 0.2f);
+      kc::pack_weights(l, w.data(), DType::kF32, l.k, store.data() + e * stride + m * lgu.bytes(),
+                       0, l.num_tiles);
+    }
+  return store;
+}
+
 // dequant_expert_matrices: a streamed layer's experts in the store's layout (gate, up, down per
 // expert at a fixed stride), gate and up of three experts in one launch, their downs in another,
 // each element equal to the per-matrix decode.
@@ -212,16 +231,8 @@ TEST(CudaExperts, DequantBatchMatchesPackedValues) {
     SCOPED_TRACE(::testing::Message() << "dtype " << static_cast<int>(dt));
     const int64_t H = 200, I = 40, group = 64, E = 3;
     const auto lgu = kc::make_layout(dt, I, H, group), ldn = kc::make_layout(dt, H, I, group);
-    const int64_t stride = (2 * lgu.bytes() + ldn.bytes() + 255) / 256 * 256;
-    std::vector<uint8_t> store(static_cast<size_t>(E * stride), 0);
-    uint32_t seed = 40;
-    for (int64_t e = 0; e < E; ++e)
-      for (int m = 0; m < 3; ++m) {
-        const auto& l = m < 2 ? lgu : ldn;
-        const auto w = test::random_vec(static_cast<size_t>(l.n * l.k), seed++, 0.2f);
-        kc::pack_weights(l, w.data(), DType::kF32, l.k, store.data() + e * stride + m * lgu.bytes(),
-                         0, l.num_tiles);
-      }
+    const int64_t stride = store_stride(lgu, ldn);
+    const auto store = pack_store(lgu, ldn, E, 40);
     uint8_t* d_store = nullptr;
     uint16_t *d_gu = nullptr, *d_dn = nullptr;
     ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_store), store.size()), cudaSuccess);
@@ -530,16 +541,8 @@ void run_grouped_int4(int64_t H, int64_t I, int64_t group, const std::vector<int
   ASSERT_TRUE(grouped_expert_gemm_int4_supported(ggu, 2));
   ASSERT_TRUE(grouped_expert_gemm_int4_supported(gdn, 1));
   const int64_t E = static_cast<int64_t>(counts.size());
-  const int64_t stride = (2 * lgu.bytes() + ldn.bytes() + 255) / 256 * 256;
-  std::vector<uint8_t> store(static_cast<size_t>(E * stride), 0);
-  uint32_t seed = 70;
-  for (int64_t e = 0; e < E; ++e)
-    for (int m = 0; m < 3; ++m) {
-      const auto& l = m < 2 ? lgu : ldn;
-      const auto w = test::random_vec(static_cast<size_t>(l.n * l.k), seed++, 0.2f);
-      kc::pack_weights(l, w.data(), DType::kF32, l.k, store.data() + e * stride + m * lgu.bytes(),
-                       0, l.num_tiles);
-    }
+  const int64_t stride = store_stride(lgu, ldn);
+  const auto store = pack_store(lgu, ldn, E, 70);
   std::vector<int64_t> off(static_cast<size_t>(E) + 1, 0);
   for (int64_t e = 0; e < E; ++e) off[e + 1] = off[e] + counts[static_cast<size_t>(e)];
   const int64_t R = off[E];
