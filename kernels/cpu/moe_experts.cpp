@@ -162,6 +162,12 @@ double now_seconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 template <class Fn>
 void for_slots(Executor& ex, int64_t S, const Fn& fn) {
   if (S <= kSerialSlots) {
@@ -202,6 +208,14 @@ bool MoeExperts::default_dataflow() {
   return on;
 }
 
+bool MoeExperts::default_decode_cols() {
+  static const bool on = [] {
+    const char* e = std::getenv("TIDAL_EXPERT_DECODE_COLS");
+    return e != nullptr && std::string(e) == "1";
+  }();
+  return on;
+}
+
 Approximation MoeExperts::default_approximation() {
   static const Approximation a = [] {
     const char* e = std::getenv("TIDAL_EXPERT_AMX_BF16");
@@ -225,8 +239,9 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   const PackedLayout& ldn = *a.down;
   const int64_t H = ldn.n, I = lgu.n;
   used_small_ = used_large_ = nullptr;
-  used_dataflow_ = false;
+  used_dataflow_ = cols_used_ = false;
   if (M <= 0 || K <= 0) return;
+  const int64_t t_entry = trace_on_ ? now_ns() : 0;
 
   // Group (token, weight) slots per expert, experts ascending, tokens ascending within one.
   count_.assign(static_cast<size_t>(E), 0);
@@ -431,7 +446,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   if (decode && slot_major && dataflow_ && rows_large == 0 && ex.num_threads() > 1) {
     hid_small_.reserve(small.act, ldn, rows_small, isa_, small.whole_tiles());
     if (rows_large > 0) hid_large_.reserve(large.act, ldn, rows_large, isa_, large.whole_tiles());
-    slot_out_.resize(static_cast<size_t>(S * H));
+    if (!(decode_cols_ && a.numa_nodes <= 1)) slot_out_.resize(static_cast<size_t>(S * H));
     if (flags_cap_ < num_active) {
       done_ = std::make_unique<std::atomic<int64_t>[]>(static_cast<size_t>(num_active));
       ready_ = std::make_unique<std::atomic<int32_t>[]>(static_cast<size_t>(num_active));
@@ -442,7 +457,12 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
       ready_[j].store(0, std::memory_order_relaxed);
     }
     const int T = ex.num_threads();
-    const int64_t n1 = num_active * tiles_i, n2 = num_active * pairs;
+    // Note [Decode down by column blocks]: phase 2 items are column pairs over every expert, each
+    // added into dst as it is made; no slot outputs, no barrier and no reduction at the end.
+    const int N = std::max(1, a.numa_nodes);
+    const bool by_cols = decode_cols_ && N == 1;
+    cols_used_ = by_cols;
+    const int64_t n2 = by_cols ? pairs : num_active * pairs;
     order_token_slots();
     left_.store(T, std::memory_order_relaxed);
     // Column blocks of the final reduction: whole cache lines per thread.
@@ -455,7 +475,6 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
     }
     // Shares by NUMA node (Note [NUMA expert placement]): active_ ascends, so the items of each
     // node's experts are contiguous; with one node, share i is [n·i/T, n·(i+1)/T).
-    const int N = std::max(1, a.numa_nodes);
     // (Recomputed when the executor or node count changes; the vectors keep their capacity, so
     // a thread alternating between executors of one size does not allocate.)
     if (numa_ex_ != &ex || numa_.shares() != T || numa_.nodes() != N) {
@@ -476,12 +495,19 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
     for (int phase = 0; phase < 2; ++phase) {
       const int64_t per = phase == 0 ? tiles_i : pairs;
       for (int n = 0; n <= N; ++n) node_items_[static_cast<size_t>(n)] = node_first_[n] * per;
+      if (phase == 1 && by_cols) node_items_[static_cast<size_t>(N)] = n2;  // one node: [0, n2)
       int64_t* items = share_items_.data() + phase * 2 * T;
       numa_.split(node_items_.data(), items);
       for (int i = 0; i < T; ++i)
         ranges_[phase * T + i].v.store(pack_range(items[2 * i], items[2 * i + 1]),
                                        std::memory_order_relaxed);
     }
+    // Tracing (set_trace): share i's marks at trace_[i · kTracePoints + point].
+    const bool tr = trace_on_;
+    if (tr) trace_.assign(static_cast<size_t>((T + 1) * kTracePoints), 0);
+    auto mark = [&](int i, int point) {
+      if (tr) trace_[static_cast<size_t>(i * kTracePoints + point)] = now_ns();
+    };
     auto gate_up_item = [&](int64_t w) {
       phase1(w, w + 1);
       // The thread that completes expert j's tiles prepares its phase 2 activations.
@@ -496,18 +522,65 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
     abort_.store(false, std::memory_order_relaxed);
     stolen_.store(0, std::memory_order_relaxed);
     remote_stolen_.store(0, std::memory_order_relaxed);
-    auto down_item = [&](int64_t w) {
-      for (int spins = 0; ready_[w / pairs].load(std::memory_order_acquire) == 0; ++spins) {
-        if (abort_.load(std::memory_order_relaxed)) return;
-        wait_a_little(spins);
+    auto down_item = [&](int64_t w, int i) {
+      if (ready_[w / pairs].load(std::memory_order_acquire) == 0) {
+        const int64_t t0 = tr ? now_ns() : 0;
+        for (int spins = 0; ready_[w / pairs].load(std::memory_order_acquire) == 0; ++spins) {
+          if (abort_.load(std::memory_order_relaxed)) return;
+          wait_a_little(spins);
+        }
+        if (tr) trace_[static_cast<size_t>(i * kTracePoints + kWaitNs)] += now_ns() - t0;
       }
       phase2_slots(w, w + 1);
     };
+    // Column pair w of dst over every active expert, ascending: the expert's down tiles, then
+    // dst += weight · y per slot (the additions reduce_block makes, in its order).
+    auto cols_item = [&](int64_t w, int i) {
+      alignas(64) float y0[kMaxRowsPerCall * kTileRows], y1[kMaxRowsPerCall * kTileRows];
+      const int64_t tile = 2 * w;
+      const bool two = tile + 1 < ldn.num_tiles;
+      const int64_t col0 = tile * kTileRows, ncol = std::min(2 * kTileRows, H - col0);
+      const int64_t n0 = std::min(kTileRows, ncol), nb = ncol - n0;
+      for (int64_t j = 0; j < num_active; ++j) {
+        if (ready_[j].load(std::memory_order_acquire) == 0) {
+          const int64_t t0 = tr ? now_ns() : 0;
+          for (int spins = 0; ready_[j].load(std::memory_order_acquire) == 0; ++spins) {
+            if (abort_.load(std::memory_order_relaxed)) return;
+            wait_a_little(spins);
+          }
+          if (tr) trace_[static_cast<size_t>(i * kTracePoints + kWaitNs)] += now_ns() - t0;
+        }
+        const int64_t e = active_[j];
+        const uint8_t* t0 = a.experts[e].down + tile * ldn.tile_bytes;
+        for (int64_t c0 = 0; c0 < count_[e]; c0 += kMaxRowsPerCall) {
+          const int64_t mc = std::min(kMaxRowsPerCall, count_[e] - c0);
+          const ActRows rows = hid_small_.rows(row0_[j] + c0);
+          if (two)
+            small.run_pair(ldn, t0, t0 + ldn.tile_bytes, rows, mc, y0, y1);
+          else
+            small.run(ldn, t0, rows, mc, y0);
+          for (int64_t q = 0; q < mc; ++q) {
+            const int64_t s = offset_[e] + c0 + q;
+            float* d = a.dst + slot_token_[s] * a.ld_dst + col0;
+            const float wgt = slot_weight_[s];
+            const float* ya = y0 + q * kTileRows;
+            const float* yb = y1 + q * kTileRows;
+#pragma omp simd
+            for (int64_t r = 0; r < n0; ++r) d[r] += wgt * ya[r];
+#pragma omp simd
+            for (int64_t r = 0; r < nb; ++r) d[kTileRows + r] += wgt * yb[r];
+          }
+        }
+      }
+    };
     auto share = [&](int i) {
+      mark(i, kShareStart);
       try {
         for (int phase = 0; phase < 2; ++phase) {
           Range* r = ranges_.get() + phase * T;
-          for (int64_t w; (w = take_front(r[i])) >= 0;) phase == 0 ? gate_up_item(w) : down_item(w);
+          for (int64_t w; (w = take_front(r[i])) >= 0;)
+            phase == 0 ? gate_up_item(w) : by_cols ? cols_item(w, i) : down_item(w, i);
+          mark(i, phase == 0 ? kOwnGateUpDone : kOwnDownDone);
           // Others' shares: on this thread's node first (Note [NUMA expert placement]).
           for (int remote = 0; remote < (numa_.nodes() > 1 ? 2 : 1); ++remote)
             for (int q = 1; q < T; ++q) {
@@ -516,21 +589,30 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
               for (int64_t w; (w = take_back(r[k])) >= 0;) {
                 stolen_.fetch_add(1, std::memory_order_relaxed);
                 if (remote == 1) remote_stolen_.fetch_add(1, std::memory_order_relaxed);
-                phase == 0 ? gate_up_item(w) : down_item(w);
+                phase == 0 ? gate_up_item(w) : by_cols ? cols_item(w, i) : down_item(w, i);
               }
             }
+          mark(i, phase == 0 ? kGateUpDone : kDownDone);
         }
       } catch (...) {
         abort_.store(true, std::memory_order_relaxed);
         left_.fetch_sub(1, std::memory_order_acq_rel);
         throw;
       }
+      if (by_cols) return;  // dst is complete when every share has returned
       // Once every slot output exists, each thread adds its block of columns into dst.
       left_.fetch_sub(1, std::memory_order_acq_rel);
       for (int spins = 0; left_.load(std::memory_order_acquire) != 0; ++spins) wait_a_little(spins);
+      mark(i, kBarrierDone);
       if (!abort_.load(std::memory_order_relaxed)) reduce_block(0, M, col(i), col(i + 1));
+      mark(i, kReduceDone);
     };
+    if (tr) {
+      trace_[static_cast<size_t>(T * kTracePoints)] = t_entry;
+      mark(T, 1);
+    }
     if (ex.try_run_concurrent(T, std::ref(share))) {
+      mark(T, 2);
       used_dataflow_ = true;
       lap(1);
       phase_s_[2] = phase_s_[3] = 0.0;  // one job: all of it counts as phase 1

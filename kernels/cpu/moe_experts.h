@@ -98,6 +98,11 @@ class MoeExperts {
   void set_dataflow(bool on) { dataflow_ = on; }
   /// Whether the last run took the hand-off path.
   bool last_dataflow() const { return used_dataflow_; }
+  /// Hand-off decode on one NUMA node: phase 2 by column pairs over every expert, straight into
+  /// dst (Note [Decode down by column blocks]). Default: TIDAL_EXPERT_DECODE_COLS (off unless 1).
+  void set_decode_cols(bool on) { decode_cols_ = on; }
+  /// Whether the last hand-off run used it.
+  bool last_decode_cols() const { return cols_used_; }
   /// Items the last hand-off run took from other threads' shares.
   int64_t last_stolen() const { return stolen_.load(std::memory_order_relaxed); }
   /// Of those, the items taken from shares on another NUMA node (Note [NUMA expert placement]).
@@ -113,6 +118,22 @@ class MoeExperts {
   /// h, down (seconds of the last call).
   void set_profile(bool on) { profile_ = on; }
   const double* phase_seconds() const { return phase_s_; }
+  /// With tracing on, a hand-off run records per share (thread) when it reached each point of
+  /// its job, in steady-clock nanoseconds (TraceAt), plus the run's own marks at index
+  /// kTracePoints · shares (run entry, job dispatch, job return). Off by default: no clock reads.
+  enum TraceAt : int {
+    kShareStart,     // the share's job began on its thread
+    kOwnGateUpDone,  // its own phase 1 items done
+    kGateUpDone,     // phase 1 items taken from others done too
+    kWaitNs,         // (a duration) time spent waiting for experts' h in phase 2
+    kOwnDownDone,    // its own phase 2 items done
+    kDownDone,       // phase 2 items taken from others done too
+    kBarrierDone,    // every share's slot outputs exist
+    kReduceDone,     // its column block added into dst
+    kTracePoints
+  };
+  void set_trace(bool on) { trace_on_ = on; }
+  const std::vector<int64_t>& last_trace() const { return trace_; }
   /// The variants of the last run as static strings (null where unused); no allocation.
   const char* used_small() const { return used_small_; }
   const char* used_large() const { return used_large_; }
@@ -122,12 +143,17 @@ class MoeExperts {
   Approximation approximation_ = default_approximation();
   int64_t slot_major_limit_ = int64_t{1} << 20;
   bool profile_ = false;
+  bool trace_on_ = false;
+  std::vector<int64_t> trace_;
   static Approximation default_approximation();
   bool even_split_ = default_even_split();
   static bool default_even_split();
   bool own_row_ = default_own_row();
   static bool default_own_row();
   bool dataflow_ = default_dataflow();
+  bool decode_cols_ = default_decode_cols();
+  bool cols_used_ = false;
+  static bool default_decode_cols();
   bool used_dataflow_ = false;
   static bool default_dataflow();
   double phase_s_[4] = {};

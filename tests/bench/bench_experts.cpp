@@ -317,6 +317,7 @@ std::unique_ptr<Executor> make_named_executor(const std::string& kind, int threa
 
 // --gap-us: idle time between the op's calls (see run_shape).
 double gap_us = 0;
+bool trace_calls = false;  // --trace: per-thread timeline of hand-off decode calls
 
 void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
                const std::vector<int64_t>& ms, const std::vector<int64_t>& threads, double seconds,
@@ -445,6 +446,57 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
                 f.brand.c_str(), std::string(tidal::kernels::isa_name(isa)).c_str(), exname.c_str(),
                 op.last_dataflow() ? 1 : 0, anon_huge_kb(), gap_us, ph[0], ph[1], ph[2], ph[3]);
             std::fflush(stdout);
+            if (trace_calls && op.last_dataflow()) {
+              // Per-thread timeline (MoeExperts::set_trace) over at least `seconds` of calls:
+              // for each share and point, the median offset from the job's dispatch (µs; the
+              // wait point is a duration), then the run's own marks.
+              using Op = kc::MoeExperts;
+              op.set_trace(true);
+              const int P = Op::kTracePoints;
+              const int T = static_cast<int>(nt);
+              std::vector<std::vector<double>> pts(static_cast<size_t>((T + 1) * P));
+              const double t_stop = now_s() + seconds;
+              while (now_s() < t_stop || pts[static_cast<size_t>(T * P + 1)].size() < 5) {
+                call(i++);
+                const auto& tr = op.last_trace();
+                if (static_cast<int>(tr.size()) != (T + 1) * P) break;
+                const int64_t t0 = tr[static_cast<size_t>(T * P + 1)];  // dispatch
+                for (int q = 0; q < (T + 1) * P; ++q) {
+                  const bool dur = q < T * P && q % P == Op::kWaitNs;
+                  if (!dur && tr[static_cast<size_t>(q)] == 0) continue;  // point not reached
+                  pts[static_cast<size_t>(q)].push_back(
+                      static_cast<double>(dur ? tr[static_cast<size_t>(q)]
+                                              : tr[static_cast<size_t>(q)] - t0) /
+                      1e3);
+                }
+              }
+              op.set_trace(false);
+              auto med = [](std::vector<double>& v) {
+                if (v.empty()) return 0.0;
+                std::sort(v.begin(), v.end());
+                return v[v.size() / 2];
+              };
+              std::printf(
+                  "{\"bench\":\"decode_trace\",\"shape\":\"%s\",\"dtype\":\"%s\",\"m\":%ld,"
+                  "\"threads\":%d,\"decode_cols\":%d,\"calls\":%zu,\"points\":[\"start\",\"own_"
+                  "gate_up\","
+                  "\"gate_up\",\"wait_us\",\"own_down\",\"down\",\"barrier\",\"reduce\"],"
+                  "\"entry_us\":%.2f,\"return_us\":%.2f,\"shares\":[",
+                  s.name, dname.c_str(), static_cast<long>(m), T, op.last_decode_cols() ? 1 : 0,
+                  pts[static_cast<size_t>(T * P + 1)].size(), med(pts[static_cast<size_t>(T * P)]),
+                  med(pts[static_cast<size_t>(T * P + 2)]));
+              for (int sh = 0; sh < T; ++sh) {
+                std::printf("%s[", sh ? "," : "");
+                for (int q = 0; q < P; ++q)
+                  if (pts[static_cast<size_t>(sh * P + q)].empty())
+                    std::printf("%snull", q ? "," : "");  // e.g. no reduction by column pairs
+                  else
+                    std::printf("%s%.2f", q ? "," : "", med(pts[static_cast<size_t>(sh * P + q)]));
+                std::printf("]");
+              }
+              std::printf("]}\n");
+              std::fflush(stdout);
+            }
 #ifdef TIDAL_BENCH_ONEDNN
             if (onednn && dt != kc::ExpertDType::kINT4 && m >= 128) {
               OnednnMoe od(s, dt == kc::ExpertDType::kINT8);
@@ -643,6 +695,8 @@ int main(int argc, char** argv) {
       gap_us = std::stod(next());
     else if (a == "--onednn")
       onednn = true;
+    else if (a == "--trace")
+      trace_calls = true;
     else if (a == "--micro")
       micro = true;
     else if (a == "--executors")  // spin (the runtime's), tbb, or both: spin,tbb

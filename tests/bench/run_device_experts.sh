@@ -82,6 +82,32 @@ for f in sys.argv[1:]:
                   f'phases {d["phase_us"]}')
 PY
 fi
+if [[ $steps == *trace* ]]; then
+  # M = 1 decode, interleaved: phase 2 per expert with a final reduction (the default) against
+  # column pairs over every expert (TIDAL_EXPERT_DECODE_COLS=1, Note [Decode down by column
+  # blocks]), each with the per-thread timeline of its calls (--trace).
+  for rep in 1 2 3; do
+    for cols in 0 1; do
+      TIDAL_EXPERT_DECODE_COLS=$cols "$b" --shape ${TRACE_SHAPES:-35b,80b} --m 1 --threads "$threads" \
+        --dtypes int4,int8 --seconds 1 --trace | sed "s/^{/{\"rep\":$rep,\"cols\":$cols,/"
+    done
+  done > "$out/decode_trace.jsonl"
+  python3 - "$out"/decode_trace.jsonl <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    d = json.loads(line)
+    if d["bench"] == "moe_experts":
+        print(f'rep {d["rep"]} cols={d["cols"]} {d["shape"][:10]} {d["dtype"]} {d["median_us"]:7.1f} us '
+              f'{d["bw_fraction"]:.3f} of {d["read_bw_gbps"]:.0f} GB/s')
+    elif d["bench"] == "decode_trace":
+        sh = d["shares"]
+        col = lambda k: [s[k] for s in sh if s[k] is not None]
+        mx = lambda k: max(col(k)) if col(k) else float("nan")
+        print(f'  trace: entry {d["entry_us"]:.1f} start {min(col(0)):.1f}-{mx(0):.1f} own_gu {min(col(1)):.1f}-{mx(1):.1f} '
+              f'gu {min(col(2)):.1f}-{mx(2):.1f} wait max {mx(3):.1f} own_dn {min(col(4)):.1f}-{mx(4):.1f} '
+              f'dn {min(col(5)):.1f}-{mx(5):.1f} barrier {mx(6):.1f} reduce {mx(7):.1f} return {d["return_us"]:.1f}')
+PY
+fi
 if [[ $steps == *prefill* ]]; then
   # AMX prefill: the late group epilogue against the previous order (TIDAL_AMX_LATE_EPILOGUE=0),
   # BF16 with bf16 activations against the hi + lo split (Note [AMX BF16 is opt-in]).
