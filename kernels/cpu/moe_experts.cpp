@@ -33,6 +33,18 @@
 /// that of the two-phase path, item for item and column for column (tested bitwise);
 /// TIDAL_EXPERT_DATAFLOW=0 turns it off.
 ///
+/// Note [Decode down by column blocks]
+/// The hand-off's phase 2 ends in a barrier and a reduction: every thread waits for the slowest,
+/// then adds its block of columns of the 8-10 slot outputs, which other cores wrote, into dst. With
+/// TIDAL_EXPERT_DECODE_COLS=1 (set_decode_cols) a phase 2 item is instead one pair of 16-row tiles
+/// of H over every active expert in ascending id: it waits for each expert's h in turn, runs that
+/// expert's two down tiles, and adds weight · y into dst's 32 columns right away. These are the
+/// additions reduce_block makes, in its order, so the results are bit-identical; nothing is
+/// written per slot, and the job ends when its last item does. The price: an item reads 8-10
+/// short runs (one per expert, 2 x 4 KiB at INT4) instead of one long run of one expert, and it
+/// needs every expert's h, where an item of the default waits for its own expert only. One NUMA
+/// node only (every item reads every expert). Measured in docs/performance.md.
+///
 /// Note [NUMA expert placement]
 /// On a machine of several NUMA nodes (several sockets) decode is bound by memory bandwidth, and a
 /// core reads its own node's memory at full speed, another node's over the socket link at a
