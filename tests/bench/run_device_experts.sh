@@ -108,6 +108,26 @@ for line in open(sys.argv[1]):
               f'dn {min(col(5)):.1f}-{mx(5):.1f} barrier {mx(6):.1f} reduce {mx(7):.1f} return {d["return_us"]:.1f}')
 PY
 fi
+if [[ $steps == *onednn* ]]; then
+  # Issue 11's prefill line: the op at 512 and 2048 tokens (roofline printed per line) next to
+  # oneDNN's matmul on the same total work, with the exact kernels (the default) and with the
+  # bf16-activation AMX kernel for BF16 (TIDAL_EXPERT_AMX_BF16=bf16; INT8's AMX path is exact).
+  for ab in 0 bf16; do
+    TIDAL_EXPERT_AMX_BF16=$ab "$b" --shape 35b --m ${PREFILL_M:-512,2048} --threads "$threads" \
+      --dtypes int8,bf16 --onednn | sed "s/^{/{\"amx_bf16\":\"$ab\",/"
+  done > "$out/onednn.jsonl"
+  python3 - "$out"/onednn.jsonl <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    d = json.loads(line)
+    if d["bench"] == "moe_experts":
+        print(f'amx_bf16={d["amx_bf16"]} {d["dtype"]} m={d["m"]} {d["kernels"]} {d["median_us"]:8.0f} us {d["tflops"]:.2f} TFLOP/s '
+              f'{d["roofline_fraction"]:.3f} of roofline {d["roofline_tflops"]:.1f} (bw {d["read_bw_gbps"]:.0f} GB/s, '
+              f'peak bf16 {d["amx_peak_bf16_tflops"]:.1f} int8 {d["amx_peak_int8_tops"]:.1f})')
+    elif d["bench"].startswith("onednn"):
+        print(f'  oneDNN {d["onednn"]} {d["dtype"]} m={d["m"]}: {d["median_us"]:8.0f} us {d["tflops"]:.2f} TFLOP/s; tidal {d["tidal_speedup"]:.2f}x')
+PY
+fi
 if [[ $steps == *prefill* ]]; then
   # AMX prefill: the late group epilogue against the previous order (TIDAL_AMX_LATE_EPILOGUE=0),
   # BF16 with bf16 activations against the hi + lo split (Note [AMX BF16 is opt-in]).
