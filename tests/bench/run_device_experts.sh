@@ -86,10 +86,11 @@ if [[ $steps == *trace* ]]; then
   # M = 1 decode, interleaved: phase 2 per expert with a final reduction (the default) against
   # column pairs over every expert (TIDAL_EXPERT_DECODE_COLS=1, Note [Decode down by column
   # blocks]), each with the per-thread timeline of its calls (--trace).
+  # TRACE_ENVS: one run per entry and repetition, each an environment assignment.
   for rep in 1 2 3; do
-    for cols in 0 1; do
-      TIDAL_EXPERT_DECODE_COLS=$cols "$b" --shape ${TRACE_SHAPES:-35b,80b} --m 1 --threads "$threads" \
-        --dtypes int4,int8 --seconds 1 --trace | sed "s/^{/{\"rep\":$rep,\"cols\":$cols,/"
+    for v in ${TRACE_ENVS:-TIDAL_EXPERT_DECODE_COLS=0 TIDAL_EXPERT_DECODE_COLS=1}; do
+      env "$v" "$b" --shape ${TRACE_SHAPES:-35b,80b} --m 1 --threads "$threads" \
+        --dtypes int4,int8 --seconds 1 --trace | sed "s/^{/{\"rep\":$rep,\"env\":\"$v\",/"
     done
   done > "$out/decode_trace.jsonl"
   python3 - "$out"/decode_trace.jsonl <<'PY'
@@ -97,7 +98,7 @@ import json, sys
 for line in open(sys.argv[1]):
     d = json.loads(line)
     if d["bench"] == "moe_experts":
-        print(f'rep {d["rep"]} cols={d["cols"]} {d["shape"][:10]} {d["dtype"]} {d["median_us"]:7.1f} us '
+        print(f'rep {d["rep"]} {d["env"]} {d["shape"][:10]} {d["dtype"]} {d["median_us"]:7.1f} us '
               f'{d["bw_fraction"]:.3f} of {d["read_bw_gbps"]:.0f} GB/s')
     elif d["bench"] == "decode_trace":
         sh = d["shares"]
