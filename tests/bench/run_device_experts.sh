@@ -87,7 +87,7 @@ if [[ $steps == *trace* ]]; then
   # column pairs over every expert (TIDAL_EXPERT_DECODE_COLS=1, Note [Decode down by column
   # blocks]), each with the per-thread timeline of its calls (--trace).
   # TRACE_ENVS: one run per entry and repetition, each an environment assignment.
-  for rep in 1 2 3; do
+  for rep in $(seq "${TRACE_REPS:-3}"); do
     for v in ${TRACE_ENVS:-TIDAL_EXPERT_DECODE_COLS=0 TIDAL_EXPERT_DECODE_COLS=1}; do
       env "$v" "$b" --shape ${TRACE_SHAPES:-35b,80b} --m 1 --threads "$threads" \
         --dtypes int4,int8 --seconds 1 --trace | sed "s/^{/{\"rep\":$rep,\"env\":\"$v\",/"
