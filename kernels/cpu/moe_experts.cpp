@@ -448,6 +448,22 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
     else
       ex.parallel_for(M, 1, std::ref(reduce_tokens));
   };
+  // dst[t][col0 ..] += w · y for slots c0 .. c0 + mc of expert e, from the two tiles' outputs
+  // y0 (n0 columns) and y1 (n1 columns): the column-block paths' additions, in their order.
+  auto add_slots = [&](int64_t e, int64_t c0, int64_t mc, int64_t col0, int64_t n0, int64_t n1,
+                       const float* y0, const float* y1) {
+    for (int64_t i = 0; i < mc; ++i) {
+      const int64_t s = offset_[e] + c0 + i;
+      float* d = a.dst + slot_token_[s] * a.ld_dst + col0;
+      const float wgt = slot_weight_[s];
+      const float* ya = y0 + i * kTileRows;
+      const float* yb = y1 + i * kTileRows;
+#pragma omp simd
+      for (int64_t r = 0; r < n0; ++r) d[r] += wgt * ya[r];
+#pragma omp simd
+      for (int64_t r = 0; r < n1; ++r) d[kTileRows + r] += wgt * yb[r];
+    }
+  };
   const bool decode = even_split_ && M <= 16;
   const bool slot_major = S * H <= slot_major_limit_;
 
@@ -571,17 +587,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
             small.run_pair(ldn, t0, t0 + ldn.tile_bytes, rows, mc, y0, y1);
           else
             small.run(ldn, t0, rows, mc, y0);
-          for (int64_t q = 0; q < mc; ++q) {
-            const int64_t s = offset_[e] + c0 + q;
-            float* d = a.dst + slot_token_[s] * a.ld_dst + col0;
-            const float wgt = slot_weight_[s];
-            const float* ya = y0 + q * kTileRows;
-            const float* yb = y1 + q * kTileRows;
-#pragma omp simd
-            for (int64_t r = 0; r < n0; ++r) d[r] += wgt * ya[r];
-#pragma omp simd
-            for (int64_t r = 0; r < nb; ++r) d[kTileRows + r] += wgt * yb[r];
-          }
+          add_slots(e, c0, mc, col0, n0, nb, y0, y1);
         }
       }
     };
@@ -694,17 +700,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
             else
               v.run(ldn, t0, rows, mc, y0);
             const int64_t n0 = std::min(kTileRows, ncol), n1 = ncol - n0;
-            for (int64_t i = 0; i < mc; ++i) {
-              const int64_t s = offset_[e] + c0 + i;
-              float* d = a.dst + slot_token_[s] * a.ld_dst + col0;
-              const float wgt = slot_weight_[s];
-              const float* ya = y0 + i * kTileRows;
-              const float* yb = y1 + i * kTileRows;
-#pragma omp simd
-              for (int64_t r = 0; r < n0; ++r) d[r] += wgt * ya[r];
-#pragma omp simd
-              for (int64_t r = 0; r < n1; ++r) d[kTileRows + r] += wgt * yb[r];
-            }
+            add_slots(e, c0, mc, col0, n0, n1, y0, y1);
           }
         }
       }
