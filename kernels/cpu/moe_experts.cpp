@@ -33,18 +33,6 @@
 /// that of the two-phase path, item for item and column for column (tested bitwise);
 /// TIDAL_EXPERT_DATAFLOW=0 turns it off.
 ///
-/// Note [Decode down by column blocks]
-/// The hand-off's phase 2 ends in a barrier and a reduction: every thread waits for the slowest,
-/// then adds its block of columns of the 8-10 slot outputs, which other cores wrote, into dst. With
-/// TIDAL_EXPERT_DECODE_COLS=1 (set_decode_cols) a phase 2 item is instead one pair of 16-row tiles
-/// of H over every active expert in ascending id: it waits for each expert's h in turn, runs that
-/// expert's two down tiles, and adds weight · y into dst's 32 columns right away. These are the
-/// additions reduce_block makes, in its order, so the results are bit-identical; nothing is
-/// written per slot, and the job ends when its last item does. The price: an item reads 8-10
-/// short runs (one per expert, 2 x 4 KiB at INT4) instead of one long run of one expert, and it
-/// needs every expert's h, where an item of the default waits for its own expert only. One NUMA
-/// node only (every item reads every expert). Measured in docs/performance.md.
-///
 /// Note [NUMA expert placement]
 /// On a machine of several NUMA nodes (several sockets) decode is bound by memory bandwidth, and a
 /// core reads its own node's memory at full speed, another node's over the socket link at a
@@ -220,14 +208,6 @@ bool MoeExperts::default_dataflow() {
   return on;
 }
 
-bool MoeExperts::default_decode_cols() {
-  static const bool on = [] {
-    const char* e = std::getenv("TIDAL_EXPERT_DECODE_COLS");
-    return e != nullptr && std::string(e) == "1";
-  }();
-  return on;
-}
-
 Approximation MoeExperts::default_approximation() {
   static const Approximation a = [] {
     const char* e = std::getenv("TIDAL_EXPERT_AMX_BF16");
@@ -251,7 +231,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   const PackedLayout& ldn = *a.down;
   const int64_t H = ldn.n, I = lgu.n;
   used_small_ = used_large_ = nullptr;
-  used_dataflow_ = cols_used_ = false;
+  used_dataflow_ = false;
   if (M <= 0 || K <= 0) return;
   const int64_t t_entry = trace_on_ ? now_ns() : 0;
 
@@ -448,22 +428,6 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
     else
       ex.parallel_for(M, 1, std::ref(reduce_tokens));
   };
-  // dst[t][col0 ..] += w · y for slots c0 .. c0 + mc of expert e, from the two tiles' outputs
-  // y0 (n0 columns) and y1 (n1 columns): the column-block paths' additions, in their order.
-  auto add_slots = [&](int64_t e, int64_t c0, int64_t mc, int64_t col0, int64_t n0, int64_t n1,
-                       const float* y0, const float* y1) {
-    for (int64_t i = 0; i < mc; ++i) {
-      const int64_t s = offset_[e] + c0 + i;
-      float* d = a.dst + slot_token_[s] * a.ld_dst + col0;
-      const float wgt = slot_weight_[s];
-      const float* ya = y0 + i * kTileRows;
-      const float* yb = y1 + i * kTileRows;
-#pragma omp simd
-      for (int64_t r = 0; r < n0; ++r) d[r] += wgt * ya[r];
-#pragma omp simd
-      for (int64_t r = 0; r < n1; ++r) d[kTileRows + r] += wgt * yb[r];
-    }
-  };
   const bool decode = even_split_ && M <= 16;
   const bool slot_major = S * H <= slot_major_limit_;
 
@@ -474,7 +438,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   if (decode && slot_major && dataflow_ && rows_large == 0 && ex.num_threads() > 1) {
     hid_small_.reserve(small.act, ldn, rows_small, isa_, small.whole_tiles());
     if (rows_large > 0) hid_large_.reserve(large.act, ldn, rows_large, isa_, large.whole_tiles());
-    if (!(decode_cols_ && a.numa_nodes <= 1)) slot_out_.resize(static_cast<size_t>(S * H));
+    slot_out_.resize(static_cast<size_t>(S * H));
     if (flags_cap_ < num_active) {
       done_ = std::make_unique<std::atomic<int64_t>[]>(static_cast<size_t>(num_active));
       ready_ = std::make_unique<std::atomic<int32_t>[]>(static_cast<size_t>(num_active));
@@ -485,12 +449,6 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
       ready_[j].store(0, std::memory_order_relaxed);
     }
     const int T = ex.num_threads();
-    // Note [Decode down by column blocks]: phase 2 items are column pairs over every expert, each
-    // added into dst as it is made; no slot outputs, no barrier and no reduction at the end.
-    const int N = std::max(1, a.numa_nodes);
-    const bool by_cols = decode_cols_ && N == 1;
-    cols_used_ = by_cols;
-    const int64_t n2 = by_cols ? pairs : num_active * pairs;
     order_token_slots();
     left_.store(T, std::memory_order_relaxed);
     // Column blocks of the final reduction: whole cache lines per thread.
@@ -503,6 +461,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
     }
     // Shares by NUMA node (Note [NUMA expert placement]): active_ ascends, so the items of each
     // node's experts are contiguous; with one node, share i is [n·i/T, n·(i+1)/T).
+    const int N = std::max(1, a.numa_nodes);
     // (Recomputed when the executor or node count changes; the vectors keep their capacity, so
     // a thread alternating between executors of one size does not allocate.)
     if (numa_ex_ != &ex || numa_.shares() != T || numa_.nodes() != N) {
@@ -523,7 +482,6 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
     for (int phase = 0; phase < 2; ++phase) {
       const int64_t per = phase == 0 ? tiles_i : pairs;
       for (int n = 0; n <= N; ++n) node_items_[static_cast<size_t>(n)] = node_first_[n] * per;
-      if (phase == 1 && by_cols) node_items_[static_cast<size_t>(N)] = n2;  // one node: [0, n2)
       int64_t* items = share_items_.data() + phase * 2 * T;
       numa_.split(node_items_.data(), items);
       for (int i = 0; i < T; ++i)
@@ -561,43 +519,13 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
       }
       phase2_slots(w, w + 1);
     };
-    // Column pair w of dst over every active expert, ascending: the expert's down tiles, then
-    // dst += weight · y per slot (the additions reduce_block makes, in its order).
-    auto cols_item = [&](int64_t w, int i) {
-      alignas(64) float y0[kMaxRowsPerCall * kTileRows], y1[kMaxRowsPerCall * kTileRows];
-      const int64_t tile = 2 * w;
-      const bool two = tile + 1 < ldn.num_tiles;
-      const int64_t col0 = tile * kTileRows, ncol = std::min(2 * kTileRows, H - col0);
-      const int64_t n0 = std::min(kTileRows, ncol), nb = ncol - n0;
-      for (int64_t j = 0; j < num_active; ++j) {
-        if (ready_[j].load(std::memory_order_acquire) == 0) {
-          const int64_t t0 = tr ? now_ns() : 0;
-          for (int spins = 0; ready_[j].load(std::memory_order_acquire) == 0; ++spins) {
-            if (abort_.load(std::memory_order_relaxed)) return;
-            wait_a_little(spins);
-          }
-          if (tr) trace_[static_cast<size_t>(i * kTracePoints + kWaitNs)] += now_ns() - t0;
-        }
-        const int64_t e = active_[j];
-        const uint8_t* t0 = a.experts[e].down + tile * ldn.tile_bytes;
-        for (int64_t c0 = 0; c0 < count_[e]; c0 += kMaxRowsPerCall) {
-          const int64_t mc = std::min(kMaxRowsPerCall, count_[e] - c0);
-          const ActRows rows = hid_small_.rows(row0_[j] + c0);
-          if (two)
-            small.run_pair(ldn, t0, t0 + ldn.tile_bytes, rows, mc, y0, y1);
-          else
-            small.run(ldn, t0, rows, mc, y0);
-          add_slots(e, c0, mc, col0, n0, nb, y0, y1);
-        }
-      }
-    };
     auto share = [&](int i) {
       mark(i, kShareStart);
       try {
         for (int phase = 0; phase < 2; ++phase) {
           Range* r = ranges_.get() + phase * T;
           for (int64_t w; (w = take_front(r[i])) >= 0;)
-            phase == 0 ? gate_up_item(w) : by_cols ? cols_item(w, i) : down_item(w, i);
+            phase == 0 ? gate_up_item(w) : down_item(w, i);
           mark(i, phase == 0 ? kOwnGateUpDone : kOwnDownDone);
           // Others' shares: on this thread's node first (Note [NUMA expert placement]).
           for (int remote = 0; remote < (numa_.nodes() > 1 ? 2 : 1); ++remote)
@@ -607,7 +535,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
               for (int64_t w; (w = take_back(r[k])) >= 0;) {
                 stolen_.fetch_add(1, std::memory_order_relaxed);
                 if (remote == 1) remote_stolen_.fetch_add(1, std::memory_order_relaxed);
-                phase == 0 ? gate_up_item(w) : by_cols ? cols_item(w, i) : down_item(w, i);
+                phase == 0 ? gate_up_item(w) : down_item(w, i);
               }
             }
           mark(i, phase == 0 ? kGateUpDone : kDownDone);
@@ -617,7 +545,6 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
         left_.fetch_sub(1, std::memory_order_acq_rel);
         throw;
       }
-      if (by_cols) return;  // dst is complete when every share has returned
       // Once every slot output exists, each thread adds its block of columns into dst.
       left_.fetch_sub(1, std::memory_order_acq_rel);
       for (int spins = 0; left_.load(std::memory_order_acquire) != 0; ++spins) wait_a_little(spins);
@@ -700,7 +627,17 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
             else
               v.run(ldn, t0, rows, mc, y0);
             const int64_t n0 = std::min(kTileRows, ncol), n1 = ncol - n0;
-            add_slots(e, c0, mc, col0, n0, n1, y0, y1);
+            for (int64_t i = 0; i < mc; ++i) {
+              const int64_t s = offset_[e] + c0 + i;
+              float* d = a.dst + slot_token_[s] * a.ld_dst + col0;
+              const float wgt = slot_weight_[s];
+              const float* ya = y0 + i * kTileRows;
+              const float* yb = y1 + i * kTileRows;
+#pragma omp simd
+              for (int64_t r = 0; r < n0; ++r) d[r] += wgt * ya[r];
+#pragma omp simd
+              for (int64_t r = 0; r < n1; ++r) d[kTileRows + r] += wgt * yb[r];
+            }
           }
         }
       }

@@ -98,11 +98,6 @@ class MoeExperts {
   void set_dataflow(bool on) { dataflow_ = on; }
   /// Whether the last run took the hand-off path.
   bool last_dataflow() const { return used_dataflow_; }
-  /// Hand-off decode on one NUMA node: phase 2 by column pairs over every expert, straight into
-  /// dst (Note [Decode down by column blocks]). Default: TIDAL_EXPERT_DECODE_COLS (off unless 1).
-  void set_decode_cols(bool on) { decode_cols_ = on; }
-  /// Whether the last hand-off run used it.
-  bool last_decode_cols() const { return cols_used_; }
   /// Items the last hand-off run took from other threads' shares.
   int64_t last_stolen() const { return stolen_.load(std::memory_order_relaxed); }
   /// Of those, the items taken from shares on another NUMA node (Note [NUMA expert placement]).
@@ -151,9 +146,6 @@ class MoeExperts {
   bool own_row_ = default_own_row();
   static bool default_own_row();
   bool dataflow_ = default_dataflow();
-  bool decode_cols_ = default_decode_cols();
-  bool cols_used_ = false;
-  static bool default_decode_cols();
   bool used_dataflow_ = false;
   static bool default_dataflow();
   double phase_s_[4] = {};

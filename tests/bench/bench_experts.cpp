@@ -463,7 +463,6 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
                 const int64_t t0 = tr[static_cast<size_t>(T * P + 1)];  // dispatch
                 for (int q = 0; q < (T + 1) * P; ++q) {
                   const bool dur = q < T * P && q % P == Op::kWaitNs;
-                  if (!dur && tr[static_cast<size_t>(q)] == 0) continue;  // point not reached
                   pts[static_cast<size_t>(q)].push_back(
                       static_cast<double>(dur ? tr[static_cast<size_t>(q)]
                                               : tr[static_cast<size_t>(q)] - t0) /
@@ -478,20 +477,16 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
               };
               std::printf(
                   "{\"bench\":\"decode_trace\",\"shape\":\"%s\",\"dtype\":\"%s\",\"m\":%ld,"
-                  "\"threads\":%d,\"decode_cols\":%d,\"calls\":%zu,\"points\":[\"start\",\"own_"
-                  "gate_up\","
+                  "\"threads\":%d,\"calls\":%zu,\"points\":[\"start\",\"own_gate_up\","
                   "\"gate_up\",\"wait_us\",\"own_down\",\"down\",\"barrier\",\"reduce\"],"
                   "\"entry_us\":%.2f,\"return_us\":%.2f,\"shares\":[",
-                  s.name, dname.c_str(), static_cast<long>(m), T, op.last_decode_cols() ? 1 : 0,
+                  s.name, dname.c_str(), static_cast<long>(m), T,
                   pts[static_cast<size_t>(T * P + 1)].size(), med(pts[static_cast<size_t>(T * P)]),
                   med(pts[static_cast<size_t>(T * P + 2)]));
               for (int sh = 0; sh < T; ++sh) {
                 std::printf("%s[", sh ? "," : "");
                 for (int q = 0; q < P; ++q)
-                  if (pts[static_cast<size_t>(sh * P + q)].empty())
-                    std::printf("%snull", q ? "," : "");  // e.g. no reduction by column pairs
-                  else
-                    std::printf("%s%.2f", q ? "," : "", med(pts[static_cast<size_t>(sh * P + q)]));
+                  std::printf("%s%.2f", q ? "," : "", med(pts[static_cast<size_t>(sh * P + q)]));
                 std::printf("]");
               }
               std::printf("]}\n");

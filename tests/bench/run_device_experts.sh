@@ -10,7 +10,9 @@
 # TBB (PyPI wheels), oneDNN 2.6 + its OpenCL loader (Debian .debs), the kt-kernel wheel; and, where
 # it exists, .devcarry/onednn3.tar.xz (tests/bench/build_onednn3.sh) for a oneDNN 3 baseline.
 # STEPS (default "tests python bench kt") selects parts; "decode" is the M = 1 comparison of the
-# executors and of the per-expert hand-off (Note [Spinning workers], Note [Per-expert hand-off]).
+# executors and of the per-expert hand-off (Note [Spinning workers], Note [Per-expert hand-off]);
+# "trace" the per-thread timeline of M = 1 calls (tidal_bench_experts --trace); "prefill" the AMX
+# prefill (with ONEDNN=1, next to oneDNN's matmul).
 set -euo pipefail
 mkdir -p "${OUT:-bench-out}" /tmp/deps
 out=$(cd "${OUT:-bench-out}" && pwd)
@@ -83,12 +85,11 @@ for f in sys.argv[1:]:
 PY
 fi
 if [[ $steps == *trace* ]]; then
-  # M = 1 decode, interleaved: phase 2 per expert with a final reduction (the default) against
-  # column pairs over every expert (TIDAL_EXPERT_DECODE_COLS=1, Note [Decode down by column
-  # blocks]), each with the per-thread timeline of its calls (--trace).
+  # M = 1 decode with the per-thread timeline of its calls (--trace), interleaved under each
+  # entry of TRACE_ENVS (default: the software prefetch distance, 4 against 8 KiB).
   # TRACE_ENVS: one run per entry and repetition, each an environment assignment.
   for rep in $(seq "${TRACE_REPS:-3}"); do
-    for v in ${TRACE_ENVS:-TIDAL_EXPERT_DECODE_COLS=0 TIDAL_EXPERT_DECODE_COLS=1}; do
+    for v in ${TRACE_ENVS:-TIDAL_EXPERT_PREFETCH=4096 TIDAL_EXPERT_PREFETCH=8192}; do
       env "$v" "$b" --shape ${TRACE_SHAPES:-35b,80b} --m 1 --threads "$threads" \
         --dtypes int4,int8 --seconds 1 --trace | sed "s/^{/{\"rep\":$rep,\"env\":\"$v\",/"
     done
@@ -102,31 +103,11 @@ for line in open(sys.argv[1]):
               f'{d["bw_fraction"]:.3f} of {d["read_bw_gbps"]:.0f} GB/s')
     elif d["bench"] == "decode_trace":
         sh = d["shares"]
-        col = lambda k: [s[k] for s in sh if s[k] is not None]
-        mx = lambda k: max(col(k)) if col(k) else float("nan")
+        col = lambda k: [s[k] for s in sh]
+        mx = lambda k: max(col(k))
         print(f'  trace: entry {d["entry_us"]:.1f} start {min(col(0)):.1f}-{mx(0):.1f} own_gu {min(col(1)):.1f}-{mx(1):.1f} '
               f'gu {min(col(2)):.1f}-{mx(2):.1f} wait max {mx(3):.1f} own_dn {min(col(4)):.1f}-{mx(4):.1f} '
               f'dn {min(col(5)):.1f}-{mx(5):.1f} barrier {mx(6):.1f} reduce {mx(7):.1f} return {d["return_us"]:.1f}')
-PY
-fi
-if [[ $steps == *onednn* ]]; then
-  # Issue 11's prefill line: the op at 512 and 2048 tokens (roofline printed per line) next to
-  # oneDNN's matmul on the same total work, with the exact kernels (the default) and with the
-  # bf16-activation AMX kernel for BF16 (TIDAL_EXPERT_AMX_BF16=bf16; INT8's AMX path is exact).
-  for ab in 0 bf16; do
-    TIDAL_EXPERT_AMX_BF16=$ab "$b" --shape 35b --m ${PREFILL_M:-512,2048} --threads "$threads" \
-      --dtypes int8,bf16 --onednn | sed "s/^{/{\"amx_bf16\":\"$ab\",/"
-  done > "$out/onednn.jsonl"
-  python3 - "$out"/onednn.jsonl <<'PY'
-import json, sys
-for line in open(sys.argv[1]):
-    d = json.loads(line)
-    if d["bench"] == "moe_experts":
-        print(f'amx_bf16={d["amx_bf16"]} {d["dtype"]} m={d["m"]} {d["kernels"]} {d["median_us"]:8.0f} us {d["tflops"]:.2f} TFLOP/s '
-              f'{d["roofline_fraction"]:.3f} of roofline {d["roofline_tflops"]:.1f} (bw {d["read_bw_gbps"]:.0f} GB/s, '
-              f'peak bf16 {d["amx_peak_bf16_tflops"]:.1f} int8 {d["amx_peak_int8_tops"]:.1f})')
-    elif d["bench"].startswith("onednn"):
-        print(f'  oneDNN {d["onednn"]} {d["dtype"]} m={d["m"]}: {d["median_us"]:8.0f} us {d["tflops"]:.2f} TFLOP/s; tidal {d["tidal_speedup"]:.2f}x')
 PY
 fi
 if [[ $steps == *prefill* ]]; then

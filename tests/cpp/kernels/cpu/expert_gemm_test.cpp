@@ -621,33 +621,28 @@ TEST(MoeExperts, BothPhase2SchedulesAgreeBitwise) {
 TEST(MoeExperts, HandOffEqualsTwoPhasesBitwise) {
   // Note [Per-expert hand-off]: the one-job decode path does the two-phase arithmetic item for
   // item, for every thread count (more threads than experts' tiles included) and both variants.
-  // Note [Decode down by column blocks]: phase 2 by column pairs over every expert (H = 72: the
-  // last pair is one half tile) makes the same additions in the same order.
   for (int threads : {2, 3, 5}) {
     auto pool = make_spin_executor(threads);
-    for (auto dt : {ExpertDType::kBF16, ExpertDType::kINT8, ExpertDType::kINT4})
-      for (bool cols : {false, true})
-        for (int64_t m : {1, 3, 16}) {
-          MoeProblem p(72, 40, 10, 3, m, dt, 64, 50 + static_cast<uint32_t>(m));
-          std::vector<float> flow(static_cast<size_t>(m * 72), 0.5f), two(flow), ref(flow);
-          MoeExperts a(cpu_features().best), b(cpu_features().best);
-          a.set_dataflow(true);
-          a.set_decode_cols(cols);
-          b.set_dataflow(false);
-          a.run(p.args(flow.data()), *pool);
-          b.run(p.args(two.data()), *pool);
-          EXPECT_TRUE(a.last_dataflow()) << threads << " threads";
-          EXPECT_EQ(a.last_decode_cols(), cols);
-          EXPECT_FALSE(b.last_dataflow());
-          EXPECT_EQ(flow, two) << expert_dtype_name(dt) << " m=" << m << " threads=" << threads
-                               << " cols=" << cols;
-          moe_experts_ref(p.args(ref.data()));
-          EXPECT_LT(rel_l2(flow, ref), 5e-5) << expert_dtype_name(dt) << " m=" << m;
-          // Repeated calls reuse the hand-off flags.
-          std::vector<float> again(flow.size(), 0.5f);
-          a.run(p.args(again.data()), *pool);
-          EXPECT_EQ(again, flow);
-        }
+    for (auto dt : {ExpertDType::kBF16, ExpertDType::kINT8, ExpertDType::kINT4}) {
+      for (int64_t m : {1, 3, 16}) {
+        MoeProblem p(72, 40, 10, 3, m, dt, 64, 50 + static_cast<uint32_t>(m));
+        std::vector<float> flow(static_cast<size_t>(m * 72), 0.5f), two(flow), ref(flow);
+        MoeExperts a(cpu_features().best), b(cpu_features().best);
+        a.set_dataflow(true);
+        b.set_dataflow(false);
+        a.run(p.args(flow.data()), *pool);
+        b.run(p.args(two.data()), *pool);
+        EXPECT_TRUE(a.last_dataflow()) << threads << " threads";
+        EXPECT_FALSE(b.last_dataflow());
+        EXPECT_EQ(flow, two) << expert_dtype_name(dt) << " m=" << m << " threads=" << threads;
+        moe_experts_ref(p.args(ref.data()));
+        EXPECT_LT(rel_l2(flow, ref), 5e-5) << expert_dtype_name(dt) << " m=" << m;
+        // Repeated calls reuse the hand-off flags.
+        std::vector<float> again(flow.size(), 0.5f);
+        a.run(p.args(again.data()), *pool);
+        EXPECT_EQ(again, flow);
+      }
+    }
   }
   // TBB cannot promise concurrent shares: the op falls back to the two phases.
   auto tbb = make_tbb_executor(3);
@@ -656,6 +651,39 @@ TEST(MoeExperts, HandOffEqualsTwoPhasesBitwise) {
   MoeExperts op(cpu_features().best);
   op.run(p.args(dst.data()), *tbb);
   EXPECT_FALSE(op.last_dataflow());
+}
+
+// MoeExperts::set_trace: each share's marks come in its job's order, between the run's entry,
+// dispatch and return; the wait is a duration; off, a run records nothing.
+TEST(MoeExperts, HandOffTraceIsOrdered) {
+  using Op = MoeExperts;
+  constexpr int T = 3, P = Op::kTracePoints;
+  auto pool = make_spin_executor(T);
+  MoeProblem p(72, 40, 10, 3, 1, ExpertDType::kINT4, 64, 9);
+  std::vector<float> dst(72, 0.f);
+  MoeExperts op(cpu_features().best);
+  op.run(p.args(dst.data()), *pool);
+  EXPECT_TRUE(op.last_trace().empty());
+  op.set_trace(true);
+  for (int call = 0; call < 3; ++call) {
+    op.run(p.args(dst.data()), *pool);
+    ASSERT_TRUE(op.last_dataflow());
+    const auto& tr = op.last_trace();
+    ASSERT_EQ(tr.size(), static_cast<size_t>((T + 1) * P));
+    const int64_t entry = tr[T * P], dispatch = tr[T * P + 1], ret = tr[T * P + 2];
+    EXPECT_GT(entry, 0);
+    EXPECT_LE(entry, dispatch);
+    for (int i = 0; i < T; ++i) {
+      const int64_t* m = tr.data() + i * P;
+      const int order[] = {Op::kShareStart, Op::kOwnGateUpDone, Op::kGateUpDone, Op::kOwnDownDone,
+                           Op::kDownDone,   Op::kBarrierDone,   Op::kReduceDone};
+      EXPECT_LE(dispatch, m[order[0]]) << "share " << i;
+      for (int q = 1; q < 7; ++q) EXPECT_LE(m[order[q - 1]], m[order[q]]) << "share " << i;
+      EXPECT_LE(m[Op::kReduceDone], ret) << "share " << i;
+      EXPECT_GE(m[Op::kWaitNs], 0);
+      EXPECT_LE(m[Op::kWaitNs], m[Op::kDownDone] - m[Op::kGateUpDone] + 1) << "share " << i;
+    }
+  }
 }
 
 // Runs try_run_concurrent on an inner executor with thread 0 held back, so that the others run
@@ -683,20 +711,17 @@ class LateFirstThread final : public Executor {
 TEST(MoeExperts, HandOffStealsFromASlowThreadAndStaysExact) {
   auto spin = make_spin_executor(3);
   LateFirstThread late(*spin);
-  for (auto dt : {ExpertDType::kINT8, ExpertDType::kINT4})
-    for (bool cols : {false, true}) {
-      MoeProblem p(72, 40, 10, 3, 2, dt, 64, 71);
-      std::vector<float> flow(static_cast<size_t>(2 * 72), 0.5f), two(flow);
-      MoeExperts a(cpu_features().best), b(cpu_features().best);
-      a.set_decode_cols(cols);
-      b.set_dataflow(false);
-      a.run(p.args(flow.data()), late);
-      b.run(p.args(two.data()), *spin);
-      ASSERT_TRUE(a.last_dataflow());
-      EXPECT_EQ(a.last_decode_cols(), cols);
-      EXPECT_GT(a.last_stolen(), 0) << "the held-back thread's items were not taken by the others";
-      EXPECT_EQ(flow, two) << expert_dtype_name(dt) << " cols=" << cols;
-    }
+  for (auto dt : {ExpertDType::kINT8, ExpertDType::kINT4}) {
+    MoeProblem p(72, 40, 10, 3, 2, dt, 64, 71);
+    std::vector<float> flow(static_cast<size_t>(2 * 72), 0.5f), two(flow);
+    MoeExperts a(cpu_features().best), b(cpu_features().best);
+    b.set_dataflow(false);
+    a.run(p.args(flow.data()), late);
+    b.run(p.args(two.data()), *spin);
+    ASSERT_TRUE(a.last_dataflow());
+    EXPECT_GT(a.last_stolen(), 0) << "the held-back thread's items were not taken by the others";
+    EXPECT_EQ(flow, two) << expert_dtype_name(dt);
+  }
 }
 
 // Note [NUMA expert placement]: shares split each node's items among that node's threads.
@@ -827,13 +852,11 @@ TEST(MoeExperts, NumaOrderedHandOffIsBitwiseTheSame) {
             MoeProblem p(72, 40, 10, 3, m, dt, 64, 300 + static_cast<uint32_t>(m), unused);
             std::vector<float> got(static_cast<size_t>(m * 72), 0.5f), want(got);
             MoeExperts a(cpu_features().best), b(cpu_features().best);
-            a.set_decode_cols(true);  // one node only (Note [Decode down by column blocks])
             auto args = p.args(got.data());
             args.numa_nodes = nodes;
             a.run(args, fake);
             b.run(p.args(want.data()), *spin);
             ASSERT_TRUE(a.last_dataflow());
-            EXPECT_FALSE(a.last_decode_cols());
             EXPECT_EQ(got, want) << expert_dtype_name(dt) << " m=" << m << " nodes=" << nodes
                                  << " late=" << late << " unused=" << unused;
             if (late && m == 1) EXPECT_GT(a.last_stolen(), 0);
