@@ -27,11 +27,21 @@
 /// Shares of both phases follow expert order, so a thread mostly waits for itself and its
 /// neighbours. A thread whose share of a phase is done takes items from the back of the other
 /// threads' shares (one atomic word per share holds its [front, back)), so one slow core (a
-/// shared machine's noise) does not hold up the call. After its last phase 2 item a thread waits
-/// for all (a spin barrier) and adds the slot outputs of its block of columns into dst: the serial
-/// sum over 8-10 slots written by other cores cost ~5 µs per call at 16 threads. The arithmetic is
-/// that of the two-phase path, item for item and column for column (tested bitwise);
-/// TIDAL_EXPERT_DATAFLOW=0 turns it off.
+/// shared machine's noise) does not hold up the call. The slot outputs reach dst by column
+/// blocks (Note [Column blocks finish the call]). The arithmetic is that of the two-phase path,
+/// item for item and column for column (tested bitwise); TIDAL_EXPERT_DATAFLOW=0 turns it off.
+///
+/// Note [Column blocks finish the call]
+/// A phase 2 item of the hand-off is (expert, block of down_tiles / 2 tile pairs of H). Each
+/// column block counts its finished items; the thread whose item brings the count to the number
+/// of active experts adds the block's slot outputs into dst, per token in ascending expert id
+/// (the same additions as reduce_slots). The call then ends when its last item does: no thread
+/// waits for all. Before, every thread waited at a spin barrier after its last item and then
+/// added its share of the columns: the twelfth session's trace of an INT4 35B-A3B call at 16
+/// threads put ~3 µs in the barrier (the slowest thread's lag) and 2-3.5 µs in the sum, 3-4% of
+/// the call, on the critical path. TIDAL_EXPERT_BLOCK_REDUCE=0 keeps the barrier (comparison).
+/// A serial sum over 8-10 slots written by other cores cost ~5 µs per call at 16 threads, which
+/// is why neither form leaves the sum to the calling thread.
 ///
 /// Note [NUMA expert placement]
 /// On a machine of several NUMA nodes (several sockets) decode is bound by memory bandwidth, and a
@@ -203,6 +213,24 @@ bool MoeExperts::default_own_row() {
 bool MoeExperts::default_dataflow() {
   static const bool on = [] {
     const char* e = std::getenv("TIDAL_EXPERT_DATAFLOW");
+    return e == nullptr || std::string(e) != "0";
+  }();
+  return on;
+}
+
+int MoeExperts::default_down_tiles() {
+  static const int n = [] {
+    const char* e = std::getenv("TIDAL_EXPERT_DOWN_TILES");
+    return e == nullptr ? 2 : std::atoi(e);
+  }();
+  return n >= 8 ? 8 : n >= 4 ? 4 : 2;
+}
+
+void MoeExperts::set_down_tiles(int tiles) { down_tiles_ = tiles >= 8 ? 8 : tiles >= 4 ? 4 : 2; }
+
+bool MoeExperts::default_block_reduce() {
+  static const bool on = [] {
+    const char* e = std::getenv("TIDAL_EXPERT_BLOCK_REDUCE");
     return e == nullptr || std::string(e) != "0";
   }();
   return on;
@@ -451,6 +479,14 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
     const int T = ex.num_threads();
     order_token_slots();
     left_.store(T, std::memory_order_relaxed);
+    // Phase 2 items: (expert, block of down_tiles_ / 2 tile pairs of H).
+    const int64_t dn_pairs = down_tiles_ / 2, dn_blocks = (pairs + dn_pairs - 1) / dn_pairs;
+    const bool block_reduce = block_reduce_;
+    if (col_done_cap_ < dn_blocks) {
+      col_done_ = std::make_unique<Counter[]>(static_cast<size_t>(dn_blocks));
+      col_done_cap_ = dn_blocks;
+    }
+    for (int64_t b = 0; b < dn_blocks; ++b) col_done_[b].n.store(0, std::memory_order_relaxed);
     // Column blocks of the final reduction: whole cache lines per thread.
     auto col = [&](int i) { return i >= T ? H : H * i / T / 16 * 16; };
     // Item ranges [front, back) per thread and phase: the owner takes from the front, a thread
@@ -480,7 +516,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
       node_first_[static_cast<size_t>(n)] = j;
     }
     for (int phase = 0; phase < 2; ++phase) {
-      const int64_t per = phase == 0 ? tiles_i : pairs;
+      const int64_t per = phase == 0 ? tiles_i : dn_blocks;
       for (int n = 0; n <= N; ++n) node_items_[static_cast<size_t>(n)] = node_first_[n] * per;
       int64_t* items = share_items_.data() + phase * 2 * T;
       numa_.split(node_items_.data(), items);
@@ -509,15 +545,25 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
     stolen_.store(0, std::memory_order_relaxed);
     remote_stolen_.store(0, std::memory_order_relaxed);
     auto down_item = [&](int64_t w, int i) {
-      if (ready_[w / pairs].load(std::memory_order_acquire) == 0) {
+      const int64_t j = w / dn_blocks, b = w % dn_blocks;
+      if (ready_[j].load(std::memory_order_acquire) == 0) {
         const int64_t t0 = tr ? now_ns() : 0;
-        for (int spins = 0; ready_[w / pairs].load(std::memory_order_acquire) == 0; ++spins) {
+        for (int spins = 0; ready_[j].load(std::memory_order_acquire) == 0; ++spins) {
           if (abort_.load(std::memory_order_relaxed)) return;
           wait_a_little(spins);
         }
         if (tr) trace_[static_cast<size_t>(i * kTracePoints + kWaitNs)] += now_ns() - t0;
       }
-      phase2_slots(w, w + 1);
+      const int64_t p0 = b * dn_pairs, p1 = std::min(pairs, p0 + dn_pairs);
+      phase2_slots(j * pairs + p0, j * pairs + p1);
+      // Note [Column blocks finish the call]: the item that completes column block b (its last
+      // expert) adds the block's slot outputs into dst.
+      if (block_reduce &&
+          col_done_[b].n.fetch_add(1, std::memory_order_acq_rel) + 1 == num_active) {
+        const int64_t t0 = tr ? now_ns() : 0;
+        reduce_block(0, M, p0 * 2 * kTileRows, std::min(H, p1 * 2 * kTileRows));
+        if (tr) trace_[static_cast<size_t>(i * kTracePoints + kReduceNs)] += now_ns() - t0;
+      }
     };
     auto share = [&](int i) {
       mark(i, kShareStart);
@@ -544,6 +590,11 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
         abort_.store(true, std::memory_order_relaxed);
         left_.fetch_sub(1, std::memory_order_acq_rel);
         throw;
+      }
+      if (block_reduce) {  // every column block was added by the item that completed it
+        mark(i, kBarrierDone);
+        mark(i, kReduceDone);
+        return;
       }
       // Once every slot output exists, each thread adds its block of columns into dst.
       left_.fetch_sub(1, std::memory_order_acq_rel);

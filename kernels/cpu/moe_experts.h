@@ -98,6 +98,15 @@ class MoeExperts {
   void set_dataflow(bool on) { dataflow_ = on; }
   /// Whether the last run took the hand-off path.
   bool last_dataflow() const { return used_dataflow_; }
+  /// Hand-off phase 2: 16-row tiles of H per work item (2, 4 or 8; other values are rounded
+  /// down to one of those). Default: TIDAL_EXPERT_DOWN_TILES, else 2.
+  void set_down_tiles(int tiles);
+  int down_tiles() const { return down_tiles_; }
+  /// Hand-off end (Note [Column blocks finish the call]): on (the default unless
+  /// TIDAL_EXPERT_BLOCK_REDUCE=0), the thread that completes a column block's last item adds
+  /// that block into dst; off, every thread waits for all at a barrier and then adds its share
+  /// of the columns.
+  void set_block_reduce(bool on) { block_reduce_ = on; }
   /// Items the last hand-off run took from other threads' shares.
   int64_t last_stolen() const { return stolen_.load(std::memory_order_relaxed); }
   /// Of those, the items taken from shares on another NUMA node (Note [NUMA expert placement]).
@@ -123,8 +132,9 @@ class MoeExperts {
     kWaitNs,         // (a duration) time spent waiting for experts' h in phase 2
     kOwnDownDone,    // its own phase 2 items done
     kDownDone,       // phase 2 items taken from others done too
-    kBarrierDone,    // every share's slot outputs exist
-    kReduceDone,     // its column block added into dst
+    kBarrierDone,    // every share's slot outputs exist (block reduce: = kDownDone)
+    kReduceDone,     // its columns added into dst (block reduce: = kDownDone)
+    kReduceNs,       // (a duration) time spent adding column blocks into dst
     kTracePoints
   };
   void set_trace(bool on) { trace_on_ = on; }
@@ -148,6 +158,10 @@ class MoeExperts {
   bool dataflow_ = default_dataflow();
   bool used_dataflow_ = false;
   static bool default_dataflow();
+  int down_tiles_ = default_down_tiles();
+  static int default_down_tiles();
+  bool block_reduce_ = default_block_reduce();
+  static bool default_block_reduce();
   double phase_s_[4] = {};
   const char* used_small_ = nullptr;
   const char* used_large_ = nullptr;
@@ -170,6 +184,11 @@ class MoeExperts {
   };
   std::unique_ptr<Range[]> ranges_;  // per phase and thread (hand-off)
   int ranges_cap_ = 0;
+  struct alignas(64) Counter {
+    std::atomic<int64_t> n{0};
+  };
+  std::unique_ptr<Counter[]> col_done_;  // per phase 2 column block: items done (hand-off)
+  int64_t col_done_cap_ = 0;
   // Note [NUMA expert placement]: the shares' nodes (kept while the executor and node count
   // stay), the first active expert of each node, and the shares' item ranges.
   NumaShares numa_;

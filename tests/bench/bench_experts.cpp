@@ -462,7 +462,7 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
                 if (static_cast<int>(tr.size()) != (T + 1) * P) break;
                 const int64_t t0 = tr[static_cast<size_t>(T * P + 1)];  // dispatch
                 for (int q = 0; q < (T + 1) * P; ++q) {
-                  const bool dur = q < T * P && q % P == Op::kWaitNs;
+                  const bool dur = q < T * P && (q % P == Op::kWaitNs || q % P == Op::kReduceNs);
                   pts[static_cast<size_t>(q)].push_back(
                       static_cast<double>(dur ? tr[static_cast<size_t>(q)]
                                               : tr[static_cast<size_t>(q)] - t0) /
@@ -478,7 +478,8 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
               std::printf(
                   "{\"bench\":\"decode_trace\",\"shape\":\"%s\",\"dtype\":\"%s\",\"m\":%ld,"
                   "\"threads\":%d,\"calls\":%zu,\"points\":[\"start\",\"own_gate_up\","
-                  "\"gate_up\",\"wait_us\",\"own_down\",\"down\",\"barrier\",\"reduce\"],"
+                  "\"gate_up\",\"wait_us\",\"own_down\",\"down\",\"barrier\",\"reduce\","
+                  "\"reduce_us\"],"
                   "\"entry_us\":%.2f,\"return_us\":%.2f,\"shares\":[",
                   s.name, dname.c_str(), static_cast<long>(m), T,
                   pts[static_cast<size_t>(T * P + 1)].size(), med(pts[static_cast<size_t>(T * P)]),

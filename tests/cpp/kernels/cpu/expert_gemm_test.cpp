@@ -653,6 +653,47 @@ TEST(MoeExperts, HandOffEqualsTwoPhasesBitwise) {
   EXPECT_FALSE(op.last_dataflow());
 }
 
+// Note [Column blocks finish the call]: phase 2 items of 2, 4 or 8 tiles of H, and the end by
+// column blocks or by the barrier, all give the two-phase result bit for bit; H of 5 and 13 tiles
+// leaves a partial pair and a partial block.
+TEST(MoeExperts, HandOffDownBlocksAgreeBitwise) {
+  for (int threads : {2, 5}) {
+    auto pool = make_spin_executor(threads);
+    for (auto dt : {ExpertDType::kBF16, ExpertDType::kINT4}) {
+      for (int64_t H : {72, 200}) {
+        for (int64_t m : {1, 16}) {
+          MoeProblem p(H, 40, 10, 3, m, dt, 64, 70 + static_cast<uint32_t>(m + H));
+          std::vector<float> two(static_cast<size_t>(m * H), 0.5f);
+          MoeExperts b(cpu_features().best);
+          b.set_dataflow(false);
+          b.run(p.args(two.data()), *pool);
+          for (int tiles : {2, 4, 8})
+            for (bool blocks : {true, false}) {
+              std::vector<float> flow(two.size(), 0.5f);
+              MoeExperts a(cpu_features().best);
+              a.set_down_tiles(tiles);
+              a.set_block_reduce(blocks);
+              EXPECT_EQ(a.down_tiles(), tiles);
+              for (int call = 0; call < 2; ++call) {  // the second reuses the counters
+                std::fill(flow.begin(), flow.end(), 0.5f);
+                a.run(p.args(flow.data()), *pool);
+                ASSERT_TRUE(a.last_dataflow());
+                EXPECT_EQ(flow, two)
+                    << expert_dtype_name(dt) << " H=" << H << " m=" << m << " threads=" << threads
+                    << " tiles=" << tiles << " blocks=" << blocks << " call " << call;
+              }
+            }
+        }
+      }
+    }
+  }
+  MoeExperts op(Isa::kRef);
+  op.set_down_tiles(5);
+  EXPECT_EQ(op.down_tiles(), 4);
+  op.set_down_tiles(0);
+  EXPECT_EQ(op.down_tiles(), 2);
+}
+
 // MoeExperts::set_trace: each share's marks come in its job's order, between the run's entry,
 // dispatch and return; the wait is a duration; off, a run records nothing.
 TEST(MoeExperts, HandOffTraceIsOrdered) {
@@ -682,6 +723,8 @@ TEST(MoeExperts, HandOffTraceIsOrdered) {
       EXPECT_LE(m[Op::kReduceDone], ret) << "share " << i;
       EXPECT_GE(m[Op::kWaitNs], 0);
       EXPECT_LE(m[Op::kWaitNs], m[Op::kDownDone] - m[Op::kGateUpDone] + 1) << "share " << i;
+      EXPECT_GE(m[Op::kReduceNs], 0);
+      EXPECT_LE(m[Op::kReduceNs], m[Op::kDownDone] - m[Op::kGateUpDone] + 1) << "share " << i;
     }
   }
 }
