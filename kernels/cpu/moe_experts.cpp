@@ -43,6 +43,16 @@
 /// A serial sum over 8-10 slots written by other cores cost ~5 µs per call at 16 threads, which
 /// is why neither form leaves the sum to the calling thread.
 ///
+/// Note [The token's row inside the job]
+/// A one-token hand-off call reads the token's row in place (Note [One token reads its own
+/// row]). Preparing it (int8 groups of 2048 values) took ~1.7 µs on the calling thread before the
+/// job was dispatched, and the workers then needed ~1.5 µs to start: ~3 µs of a ~156 µs INT4
+/// call (twelfth session's trace) in which no expert byte moved. Here share 0 prepares the row
+/// inside the job and raises a flag; meanwhile every share prefetches the first 4 KiB of its
+/// first gate and up tiles into L2 (the kernels' software prefetch runs 4 KiB ahead, so those
+/// lines were demand misses) and then waits for the flag. TIDAL_EXPERT_LATE_ROW=0 prepares the
+/// row before the job, as before (comparison).
+///
 /// Note [NUMA expert placement]
 /// On a machine of several NUMA nodes (several sockets) decode is bound by memory bandwidth, and a
 /// core reads its own node's memory at full speed, another node's over the socket link at a
@@ -90,6 +100,14 @@ namespace {
 constexpr int64_t kSlotsPerTask = 8;
 constexpr int64_t kSerialSlots = 32;
 
+// Note [Grouping a few slots]
+// Grouping the slots per expert by counting over all E experts (256-512) cost ~1.3 µs of a
+// one-token call on the development machine, before any worker starts: a pass over E counts and
+// a loop-carried prefix sum. Up to kSparseSlots slots (one to four decode tokens) are instead
+// sorted by expert id directly (insertion sort, O(S²) but S ≤ 32), which gives the same slot
+// order.
+constexpr int64_t kSparseSlots = 32;
+
 // Waiting for another thread's share (Note [Per-expert hand-off]): spin briefly, then yield, so
 // that an oversubscribed machine still runs the thread being waited for.
 inline void wait_a_little(int spins) {
@@ -100,6 +118,17 @@ inline void wait_a_little(int spins) {
   } else {
     std::this_thread::yield();
   }
+}
+
+// Prefetches `lines` cache lines from p into L2.
+inline void prefetch_l2(const uint8_t* p, int64_t lines) {
+#if defined(__x86_64__) || defined(__i386__)
+  for (int64_t l = 0; l < lines; ++l)
+    _mm_prefetch(reinterpret_cast<const char*>(p + 64 * l), _MM_HINT_T1);
+#else
+  (void)p;
+  (void)lines;
+#endif
 }
 
 // A work range [front, back) in one atomic word: front in the low, back in the high 32 bits.
@@ -228,6 +257,14 @@ int MoeExperts::default_down_tiles() {
 
 void MoeExperts::set_down_tiles(int tiles) { down_tiles_ = tiles >= 8 ? 8 : tiles >= 4 ? 4 : 2; }
 
+bool MoeExperts::default_late_row() {
+  static const bool on = [] {
+    const char* e = std::getenv("TIDAL_EXPERT_LATE_ROW");
+    return e == nullptr || std::string(e) != "0";
+  }();
+  return on;
+}
+
 bool MoeExperts::default_block_reduce() {
   static const bool on = [] {
     const char* e = std::getenv("TIDAL_EXPERT_BLOCK_REDUCE");
@@ -264,33 +301,59 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   const int64_t t_entry = trace_on_ ? now_ns() : 0;
 
   // Group (token, weight) slots per expert, experts ascending, tokens ascending within one.
-  count_.assign(static_cast<size_t>(E), 0);
-  for (int64_t s = 0; s < M * K; ++s) {
+  const int64_t S = M * K;
+  for (int64_t s = 0; s < S; ++s) {
     const int32_t e = a.ids[s];
     if (e < 0 || e >= E)
       throw std::invalid_argument("moe_experts: expert id " + std::to_string(e) + " of token " +
                                   std::to_string(s / K) + " is outside [0, " + std::to_string(E) +
                                   ")");
-    ++count_[static_cast<size_t>(e)];
   }
-  offset_.resize(static_cast<size_t>(E + 1));
-  offset_[0] = 0;
-  active_.clear();
-  for (int64_t e = 0; e < E; ++e) {
-    offset_[e + 1] = offset_[e] + count_[e];
-    if (count_[e] > 0) active_.push_back(e);
-  }
-  const int64_t S = M * K;
   slot_token_.resize(static_cast<size_t>(S));
   slot_weight_.resize(static_cast<size_t>(S));
   slot_row_.resize(static_cast<size_t>(S));
-  fill_.assign(offset_.begin(), offset_.end() - 1);
-  for (int64_t t = 0; t < M; ++t)
-    for (int64_t i = 0; i < K; ++i) {
-      const int64_t s = fill_[a.ids[t * K + i]]++;
-      slot_token_[s] = t;
-      slot_weight_[s] = a.weights[t * K + i];
+  count_.resize(static_cast<size_t>(E));
+  offset_.resize(static_cast<size_t>(E + 1));
+  active_.clear();
+  if (S <= kSparseSlots) {
+    // Note [Grouping a few slots]: the slots in (expert, token) order by a stable insertion
+    // sort; count_ and offset_ are written for the active experts only (nothing reads the
+    // others').
+    fill_.resize(static_cast<size_t>(S));
+    for (int64_t s = 0; s < S; ++s) {
+      int64_t k = s;
+      for (; k > 0 && a.ids[fill_[k - 1]] > a.ids[s]; --k) fill_[k] = fill_[k - 1];
+      fill_[k] = s;
     }
+    for (int64_t k = 0; k < S;) {
+      const int32_t e = a.ids[fill_[k]];
+      int64_t n = 0;
+      for (; k + n < S && a.ids[fill_[k + n]] == e; ++n) {
+        slot_token_[k + n] = fill_[k + n] / K;
+        slot_weight_[k + n] = a.weights[fill_[k + n]];
+      }
+      active_.push_back(e);
+      count_[e] = n;
+      offset_[e] = k;
+      offset_[e + 1] = k + n;
+      k += n;
+    }
+  } else {
+    std::fill(count_.begin(), count_.end(), 0);
+    for (int64_t s = 0; s < S; ++s) ++count_[static_cast<size_t>(a.ids[s])];
+    offset_[0] = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      offset_[e + 1] = offset_[e] + count_[e];
+      if (count_[e] > 0) active_.push_back(e);
+    }
+    fill_.assign(offset_.begin(), offset_.end() - 1);
+    for (int64_t t = 0; t < M; ++t)
+      for (int64_t i = 0; i < K; ++i) {
+        const int64_t s = fill_[a.ids[t * K + i]]++;
+        slot_token_[s] = t;
+        slot_weight_[s] = a.weights[t * K + i];
+      }
+  }
 
   // Kernel per expert: the large-m variant (AMX) where it accepts the expert's token count.
   const ExpertDType dt = lgu.dtype;
@@ -344,10 +407,24 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   if (any_large) tok_large_.reserve(large.act, lgu, M, isa_, false);
   if (!own_row) act_small_.reserve(small.act, lgu, rows_small, isa_, small.whole_tiles());
   if (any_large) act_large_.reserve(large.act, lgu, rows_large, isa_, large.whole_tiles());
-  for_slots(ex, M, [&](int64_t t) {
-    if (any_small) tok_small_.prepare(t, a.src + t * a.ld_src);
-    if (any_large) tok_large_.prepare(t, a.src + t * a.ld_src);
-  });
+  const bool decode = even_split_ && M <= 16;
+  const bool slot_major = S * H <= slot_major_limit_;
+  // Decode on an executor whose shares run at once: one job, phase 2 of an expert starting as
+  // soon as its own gate/up tiles are done. See Note [Per-expert hand-off].
+  // Only where every expert runs the small variant: AMX BF16 (2+ tokens, opt-in) reads whole
+  // 16-row activation tiles, i.e. rows of the next expert that another thread may be preparing.
+  const bool hand_off =
+      decode && slot_major && dataflow_ && rows_large == 0 && ex.num_threads() > 1;
+  // Note [The token's row inside the job]: one token read in place is prepared by share 0 of
+  // the hand-off job while the other threads wake up.
+  const bool late_row = hand_off && own_row && late_row_;
+  const int64_t t_grouped = trace_on_ ? now_ns() : 0;
+  if (!late_row)
+    for_slots(ex, M, [&](int64_t t) {
+      if (any_small) tok_small_.prepare(t, a.src + t * a.ld_src);
+      if (any_large) tok_large_.prepare(t, a.src + t * a.ld_src);
+    });
+  const int64_t t_prepared = trace_on_ && !late_row ? now_ns() : 0;
   if (!own_row)
     for_slots(ex, S, [&](int64_t s) {
       const bool big = slot_is_large(s);
@@ -456,14 +533,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
     else
       ex.parallel_for(M, 1, std::ref(reduce_tokens));
   };
-  const bool decode = even_split_ && M <= 16;
-  const bool slot_major = S * H <= slot_major_limit_;
-
-  // Decode on an executor whose shares run at once: one job, phase 2 of an expert starting as
-  // soon as its own gate/up tiles are done. See Note [Per-expert hand-off].
-  // Only where every expert runs the small variant: AMX BF16 (2+ tokens, opt-in) reads whole
-  // 16-row activation tiles, i.e. rows of the next expert that another thread may be preparing.
-  if (decode && slot_major && dataflow_ && rows_large == 0 && ex.num_threads() > 1) {
+  if (hand_off) {
     hid_small_.reserve(small.act, ldn, rows_small, isa_, small.whole_tiles());
     if (rows_large > 0) hid_large_.reserve(large.act, ldn, rows_large, isa_, large.whole_tiles());
     slot_out_.resize(static_cast<size_t>(S * H));
@@ -565,9 +635,28 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
         if (tr) trace_[static_cast<size_t>(i * kTracePoints + kReduceNs)] += now_ns() - t0;
       }
     };
+    row_ready_.store(late_row ? 0 : 1, std::memory_order_relaxed);
     auto share = [&](int i) {
       mark(i, kShareStart);
       try {
+        if (late_row && i == 0) {
+          tok_small_.prepare(0, a.src);
+          row_ready_.store(1, std::memory_order_release);
+          if (tr) trace_[static_cast<size_t>(T * kTracePoints + 4)] = now_ns();
+        }
+        // The first lines of this share's first gate/up tiles, ahead of the kernel's own
+        // software prefetch (which starts kPrefetchBytes in), while the row is prepared.
+        const int64_t w0 = share_items_[2 * i];
+        if (w0 < share_items_[2 * i + 1]) {
+          const int64_t e = active_[w0 / tiles_i], tile = w0 % tiles_i;
+          const int64_t lines = late_row_ ? std::min<int64_t>(64, lgu.tile_bytes / 64) : 0;
+          prefetch_l2(a.experts[e].gate + tile * lgu.tile_bytes, lines);
+          prefetch_l2(a.experts[e].up + tile * lgu.tile_bytes, lines);
+        }
+        for (int spins = 0; row_ready_.load(std::memory_order_acquire) == 0; ++spins) {
+          if (abort_.load(std::memory_order_relaxed)) break;  // share 0 threw: the call fails
+          wait_a_little(spins);
+        }
         for (int phase = 0; phase < 2; ++phase) {
           Range* r = ranges_.get() + phase * T;
           for (int64_t w; (w = take_front(r[i])) >= 0;)
@@ -605,6 +694,8 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
     };
     if (tr) {
       trace_[static_cast<size_t>(T * kTracePoints)] = t_entry;
+      trace_[static_cast<size_t>(T * kTracePoints + 3)] = t_grouped;
+      if (!late_row) trace_[static_cast<size_t>(T * kTracePoints + 4)] = t_prepared;
       mark(T, 1);
     }
     if (ex.try_run_concurrent(T, std::ref(share))) {
@@ -614,6 +705,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
       phase_s_[2] = phase_s_[3] = 0.0;  // one job: all of it counts as phase 1
       return;
     }
+    if (late_row) tok_small_.prepare(0, a.src);  // the two phases below read it
   }
 
   // Decode-sized calls: every item costs the same; one contiguous share per thread (long runs of

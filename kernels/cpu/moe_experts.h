@@ -107,6 +107,11 @@ class MoeExperts {
   /// that block into dst; off, every thread waits for all at a barrier and then adds its share
   /// of the columns.
   void set_block_reduce(bool on) { block_reduce_ = on; }
+  /// Hand-off start (Note [The token's row inside the job]): on (the default unless
+  /// TIDAL_EXPERT_LATE_ROW=0), a one-token call prepares its row in share 0 of the job while the
+  /// other threads prefetch the first 4 KiB of their first gate/up tiles; off, the row is
+  /// prepared before the job and nothing is prefetched.
+  void set_late_row(bool on) { late_row_ = on; }
   /// Items the last hand-off run took from other threads' shares.
   int64_t last_stolen() const { return stolen_.load(std::memory_order_relaxed); }
   /// Of those, the items taken from shares on another NUMA node (Note [NUMA expert placement]).
@@ -124,7 +129,8 @@ class MoeExperts {
   const double* phase_seconds() const { return phase_s_; }
   /// With tracing on, a hand-off run records per share (thread) when it reached each point of
   /// its job, in steady-clock nanoseconds (TraceAt), plus the run's own marks at index
-  /// kTracePoints · shares (run entry, job dispatch, job return). Off by default: no clock reads.
+  /// kTracePoints · shares (run entry, job dispatch, job return, routing grouped, token rows
+  /// prepared). Off by default: no clock reads.
   enum TraceAt : int {
     kShareStart,     // the share's job began on its thread
     kOwnGateUpDone,  // its own phase 1 items done
@@ -161,6 +167,8 @@ class MoeExperts {
   int down_tiles_ = default_down_tiles();
   static int default_down_tiles();
   bool block_reduce_ = default_block_reduce();
+  bool late_row_ = default_late_row();
+  static bool default_late_row();
   static bool default_block_reduce();
   double phase_s_[4] = {};
   const char* used_small_ = nullptr;
@@ -175,10 +183,11 @@ class MoeExperts {
   std::unique_ptr<std::atomic<int64_t>[]> done_;
   std::unique_ptr<std::atomic<int32_t>[]> ready_;
   int64_t flags_cap_ = 0;
-  alignas(64) std::atomic<int> left_{0};   // threads still in phase 2 (hand-off)
-  std::atomic<bool> abort_{false};         // a share threw (hand-off)
-  std::atomic<int64_t> stolen_{0};         // items taken from others' shares (hand-off)
-  std::atomic<int64_t> remote_stolen_{0};  // ... from shares on another NUMA node
+  alignas(64) std::atomic<int> left_{0};       // threads still in phase 2 (hand-off)
+  std::atomic<bool> abort_{false};             // a share threw (hand-off)
+  alignas(64) std::atomic<int> row_ready_{0};  // the token's row is prepared (hand-off)
+  std::atomic<int64_t> stolen_{0};             // items taken from others' shares (hand-off)
+  std::atomic<int64_t> remote_stolen_{0};      // ... from shares on another NUMA node
   struct alignas(64) Range {
     std::atomic<uint64_t> v{0};  // [front, back) of a share of items: front low, back high
   };

@@ -480,9 +480,12 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
                   "\"threads\":%d,\"calls\":%zu,\"points\":[\"start\",\"own_gate_up\","
                   "\"gate_up\",\"wait_us\",\"own_down\",\"down\",\"barrier\",\"reduce\","
                   "\"reduce_us\"],"
-                  "\"entry_us\":%.2f,\"return_us\":%.2f,\"shares\":[",
+                  "\"entry_us\":%.2f,\"grouped_us\":%.2f,\"prepared_us\":%.2f,"
+                  "\"return_us\":%.2f,\"shares\":[",
                   s.name, dname.c_str(), static_cast<long>(m), T,
                   pts[static_cast<size_t>(T * P + 1)].size(), med(pts[static_cast<size_t>(T * P)]),
+                  med(pts[static_cast<size_t>(T * P + 3)]),
+                  med(pts[static_cast<size_t>(T * P + 4)]),
                   med(pts[static_cast<size_t>(T * P + 2)]));
               for (int sh = 0; sh < T; ++sh) {
                 std::printf("%s[", sh ? "," : "");

@@ -86,12 +86,13 @@ PY
 fi
 if [[ $steps == *trace* ]]; then
   # M = 1 decode with the per-thread timeline of its calls (--trace), interleaved under each
-  # entry of TRACE_ENVS (default: the hand-off's end by barrier against by column blocks, and
-  # phase 2 items of 2, 4 and 8 tiles; Note [Column blocks finish the call]).
-  # TRACE_ENVS: one run per entry and repetition, each an environment assignment.
+  # entry of TRACE_ENVS (default: the hand-off as the twelfth session had it, i.e. the barrier
+  # and the row prepared before the job, against the defaults with phase 2 items of 2, 4 and 8
+  # tiles; Note [Column blocks finish the call], Note [The token's row inside the job]).
+  # TRACE_ENVS: one run per entry and repetition, each environment assignments joined by '+'.
   for rep in $(seq "${TRACE_REPS:-3}"); do
-    for v in ${TRACE_ENVS:-TIDAL_EXPERT_BLOCK_REDUCE=0 TIDAL_EXPERT_BLOCK_REDUCE=1 TIDAL_EXPERT_DOWN_TILES=4 TIDAL_EXPERT_DOWN_TILES=8}; do
-      env "$v" "$b" --shape ${TRACE_SHAPES:-35b,80b} --m 1 --threads "$threads" \
+    for v in ${TRACE_ENVS:-TIDAL_EXPERT_BLOCK_REDUCE=0+TIDAL_EXPERT_LATE_ROW=0 TIDAL_EXPERT_DOWN_TILES=2 TIDAL_EXPERT_DOWN_TILES=4 TIDAL_EXPERT_DOWN_TILES=8}; do
+      env ${v//+/ } "$b" --shape ${TRACE_SHAPES:-35b,80b} --m 1 --threads "$threads" \
         --dtypes int4,int8 --seconds 1 --trace | sed "s/^{/{\"rep\":$rep,\"env\":\"$v\",/"
     done
   done > "$out/decode_trace.jsonl"
@@ -106,7 +107,7 @@ for line in open(sys.argv[1]):
         sh = d["shares"]
         col = lambda k: [s[k] for s in sh]
         mx = lambda k: max(col(k))
-        print(f'  trace: entry {d["entry_us"]:.1f} start {min(col(0)):.1f}-{mx(0):.1f} own_gu {min(col(1)):.1f}-{mx(1):.1f} '
+        print(f'  trace: entry {d["entry_us"]:.1f} grouped {d["grouped_us"]:.1f} prepared {d["prepared_us"]:.1f} start {min(col(0)):.1f}-{mx(0):.1f} own_gu {min(col(1)):.1f}-{mx(1):.1f} '
               f'gu {min(col(2)):.1f}-{mx(2):.1f} wait max {mx(3):.1f} own_dn {min(col(4)):.1f}-{mx(4):.1f} '
               f'dn {min(col(5)):.1f}-{mx(5):.1f} barrier {mx(6):.1f} reduce {mx(7):.1f} '
               f'reduce_us max {mx(8):.1f} return {d["return_us"]:.1f}')

@@ -673,6 +673,7 @@ TEST(MoeExperts, HandOffDownBlocksAgreeBitwise) {
               MoeExperts a(cpu_features().best);
               a.set_down_tiles(tiles);
               a.set_block_reduce(blocks);
+              a.set_late_row(tiles != 4);  // Note [The token's row inside the job]
               EXPECT_EQ(a.down_tiles(), tiles);
               for (int call = 0; call < 2; ++call) {  // the second reuses the counters
                 std::fill(flow.begin(), flow.end(), 0.5f);
@@ -694,6 +695,34 @@ TEST(MoeExperts, HandOffDownBlocksAgreeBitwise) {
   EXPECT_EQ(op.down_tiles(), 2);
 }
 
+// Note [Grouping a few slots]: up to 32 slots are grouped by sorting, more by counting over all
+// experts. Either way a batch gives, bit for bit, what its tokens give one call each (every
+// token's slots fewer than 32), repeated ids within a token included.
+TEST(MoeExperts, GroupingBySortAndByCountAgree) {
+  auto pool = make_tbb_executor(3);
+  for (auto [K, M] : {std::pair<int64_t, int64_t>{4, 8}, {3, 11}, {8, 16}}) {  // S = 32, 33, 128
+    MoeProblem p(72, 40, 12, K, M, ExpertDType::kINT4, 64, 31 + static_cast<uint32_t>(K));
+    p.ids[static_cast<size_t>(K + 1)] = p.ids[static_cast<size_t>(K)];  // token 1 repeats an id
+    p.ids[static_cast<size_t>(M * K - 1)] = 0;                          // the last token uses 0
+    p.ids[static_cast<size_t>(M * K - 2)] = 0;
+    std::vector<float> batch(static_cast<size_t>(M * 72), 0.25f), single(batch);
+    MoeExperts a(cpu_features().best), b(cpu_features().best);
+    a.run(p.args(batch.data()), *pool);
+    for (int64_t t = 0; t < M; ++t) {
+      MoeExpertsArgs one = p.args(single.data() + t * 72);
+      one.m = 1;
+      one.src = p.src.data() + t * 72;
+      one.ids = p.ids.data() + t * K;
+      one.weights = p.w.data() + t * K;
+      b.run(one, *pool);
+    }
+    EXPECT_EQ(batch, single) << "K=" << K << " M=" << M;
+    std::vector<float> ref(batch.size(), 0.25f);
+    moe_experts_ref(p.args(ref.data()));
+    EXPECT_LT(rel_l2(batch, ref), 5e-5) << "K=" << K << " M=" << M;
+  }
+}
+
 // MoeExperts::set_trace: each share's marks come in its job's order, between the run's entry,
 // dispatch and return; the wait is a duration; off, a run records nothing.
 TEST(MoeExperts, HandOffTraceIsOrdered) {
@@ -706,14 +735,27 @@ TEST(MoeExperts, HandOffTraceIsOrdered) {
   op.run(p.args(dst.data()), *pool);
   EXPECT_TRUE(op.last_trace().empty());
   op.set_trace(true);
-  for (int call = 0; call < 3; ++call) {
+  for (int call = 0; call < 4; ++call) {  // the row inside the job or not; blocks or barrier
+    const bool late = call % 2 == 0;
+    op.set_late_row(late);
+    op.set_block_reduce(call < 2);
     op.run(p.args(dst.data()), *pool);
     ASSERT_TRUE(op.last_dataflow());
     const auto& tr = op.last_trace();
     ASSERT_EQ(tr.size(), static_cast<size_t>((T + 1) * P));
-    const int64_t entry = tr[T * P], dispatch = tr[T * P + 1], ret = tr[T * P + 2];
+    const int64_t entry = tr[T * P], dispatch = tr[T * P + 1], ret = tr[T * P + 2],
+                  grouped = tr[T * P + 3], prepared = tr[T * P + 4];
     EXPECT_GT(entry, 0);
-    EXPECT_LE(entry, dispatch);
+    EXPECT_LE(entry, grouped);
+    EXPECT_LE(grouped, dispatch);
+    // Note [The token's row inside the job]: prepared in the job, or before it.
+    if (late) {
+      EXPECT_LE(dispatch, prepared);
+      EXPECT_LE(prepared, ret);
+    } else {
+      EXPECT_LE(grouped, prepared);
+      EXPECT_LE(prepared, dispatch);
+    }
     for (int i = 0; i < T; ++i) {
       const int64_t* m = tr.data() + i * P;
       const int order[] = {Op::kShareStart, Op::kOwnGateUpDone, Op::kGateUpDone, Op::kOwnDownDone,
