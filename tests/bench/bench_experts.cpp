@@ -455,11 +455,13 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
               const int P = Op::kTracePoints;
               const int T = static_cast<int>(nt);
               std::vector<std::vector<double>> pts(static_cast<size_t>((T + 1) * P));
+              std::vector<double> stolen;  // items taken from other shares, per call
               const double t_stop = now_s() + seconds;
               while (now_s() < t_stop || pts[static_cast<size_t>(T * P + 1)].size() < 5) {
                 call(i++);
                 const auto& tr = op.last_trace();
                 if (static_cast<int>(tr.size()) != (T + 1) * P) break;
+                stolen.push_back(static_cast<double>(op.last_stolen()));
                 const int64_t t0 = tr[static_cast<size_t>(T * P + 1)];  // dispatch
                 for (int q = 0; q < (T + 1) * P; ++q) {
                   const bool dur = q < T * P && (q % P == Op::kWaitNs || q % P == Op::kReduceNs);
@@ -481,12 +483,12 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
                   "\"gate_up\",\"wait_us\",\"own_down\",\"down\",\"barrier\",\"reduce\","
                   "\"reduce_us\"],"
                   "\"entry_us\":%.2f,\"grouped_us\":%.2f,\"prepared_us\":%.2f,"
-                  "\"return_us\":%.2f,\"shares\":[",
+                  "\"return_us\":%.2f,\"stolen_items\":%.0f,\"shares\":[",
                   s.name, dname.c_str(), static_cast<long>(m), T,
                   pts[static_cast<size_t>(T * P + 1)].size(), med(pts[static_cast<size_t>(T * P)]),
                   med(pts[static_cast<size_t>(T * P + 3)]),
                   med(pts[static_cast<size_t>(T * P + 4)]),
-                  med(pts[static_cast<size_t>(T * P + 2)]));
+                  med(pts[static_cast<size_t>(T * P + 2)]), med(stolen));
               for (int sh = 0; sh < T; ++sh) {
                 std::printf("%s[", sh ? "," : "");
                 for (int q = 0; q < P; ++q)

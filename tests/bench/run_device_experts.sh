@@ -110,7 +110,7 @@ for line in open(sys.argv[1]):
         print(f'  trace: entry {d["entry_us"]:.1f} grouped {d["grouped_us"]:.1f} prepared {d["prepared_us"]:.1f} start {min(col(0)):.1f}-{mx(0):.1f} own_gu {min(col(1)):.1f}-{mx(1):.1f} '
               f'gu {min(col(2)):.1f}-{mx(2):.1f} wait max {mx(3):.1f} own_dn {min(col(4)):.1f}-{mx(4):.1f} '
               f'dn {min(col(5)):.1f}-{mx(5):.1f} barrier {mx(6):.1f} reduce {mx(7):.1f} '
-              f'reduce_us max {mx(8):.1f} return {d["return_us"]:.1f}')
+              f'reduce_us max {mx(8):.1f} return {d["return_us"]:.1f} stolen {d["stolen_items"]:.0f}')
 PY
 fi
 if [[ $steps == *prefill* ]]; then
