@@ -53,6 +53,17 @@
 /// lines were demand misses) and then waits for the flag. TIDAL_EXPERT_LATE_ROW=0 prepares the
 /// row before the job, as before (comparison).
 ///
+/// Note [Stealing half a share]
+/// A thread out of work used to take one item at a time from the back of another share. Each
+/// stolen item then started a new stream, just below the previous one in memory: the kernels'
+/// software prefetch runs ahead (upwards) into lines already taken, so the first 4 KiB of every
+/// stolen tile (a down tile is 4.25 KiB at I = 512) came as demand misses, and owner and thief
+/// took turns on the share's atomic word for every item. Now the thief moves the back half of the
+/// share (the middle item included) into its own range with one compare-and-swap and streams it
+/// upwards like its own work; others may take from that range in turn. An item is only ever
+/// taken from a range's front or moved with a back half, so a range never holds again a value it
+/// held before (no ABA). TIDAL_EXPERT_STEAL_HALF=0 takes single items (comparison).
+///
 /// Note [NUMA expert placement]
 /// On a machine of several NUMA nodes (several sockets) decode is bound by memory bandwidth, and a
 /// core reads its own node's memory at full speed, another node's over the socket link at a
@@ -195,6 +206,21 @@ int64_t MoeExperts::take_back(Range& r) {
   }
 }
 
+bool MoeExperts::take_back_half(Range& r, int64_t& b0, int64_t& b1) {
+  uint64_t v = r.v.load(std::memory_order_acquire);
+  for (;;) {
+    const uint64_t f = v & 0xffffffffu, b = v >> 32;
+    if (f >= b) return false;
+    const uint64_t m = b - (b - f + 1) / 2;  // the back half, the middle item included
+    if (r.v.compare_exchange_weak(v, pack_range(static_cast<int64_t>(f), static_cast<int64_t>(m)),
+                                  std::memory_order_acq_rel)) {
+      b0 = static_cast<int64_t>(m);
+      b1 = static_cast<int64_t>(b);
+      return true;
+    }
+  }
+}
+
 namespace {
 
 double now_seconds() {
@@ -256,6 +282,14 @@ int MoeExperts::default_down_tiles() {
 }
 
 void MoeExperts::set_down_tiles(int tiles) { down_tiles_ = tiles >= 8 ? 8 : tiles >= 4 ? 4 : 2; }
+
+bool MoeExperts::default_steal_half() {
+  static const bool on = [] {
+    const char* e = std::getenv("TIDAL_EXPERT_STEAL_HALF");
+    return e == nullptr || std::string(e) != "0";
+  }();
+  return on;
+}
 
 bool MoeExperts::default_late_row() {
   static const bool on = [] {
@@ -551,7 +585,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
     left_.store(T, std::memory_order_relaxed);
     // Phase 2 items: (expert, block of down_tiles_ / 2 tile pairs of H).
     const int64_t dn_pairs = down_tiles_ / 2, dn_blocks = (pairs + dn_pairs - 1) / dn_pairs;
-    const bool block_reduce = block_reduce_;
+    const bool block_reduce = block_reduce_, steal_half = steal_half_;
     if (col_done_cap_ < dn_blocks) {
       col_done_ = std::make_unique<Counter[]>(static_cast<size_t>(dn_blocks));
       col_done_cap_ = dn_blocks;
@@ -667,6 +701,20 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
             for (int q = 1; q < T; ++q) {
               const int k = (i + q) % T;
               if ((numa_.node(k) != numa_.node(i)) != (remote == 1)) continue;  // this pass's nodes
+              if (steal_half) {
+                // Note [Stealing half a share]: the back half moves to this thread's own
+                // (empty) range, where others may take from it in turn; then look again from
+                // the nearest share.
+                int64_t b0, b1;
+                if (!take_back_half(r[k], b0, b1)) continue;
+                stolen_.fetch_add(b1 - b0, std::memory_order_relaxed);
+                if (remote == 1) remote_stolen_.fetch_add(b1 - b0, std::memory_order_relaxed);
+                r[i].v.store(pack_range(b0, b1), std::memory_order_release);
+                for (int64_t w; (w = take_front(r[i])) >= 0;)
+                  phase == 0 ? gate_up_item(w) : down_item(w, i);
+                q = 0;
+                continue;
+              }
               for (int64_t w; (w = take_back(r[k])) >= 0;) {
                 stolen_.fetch_add(1, std::memory_order_relaxed);
                 if (remote == 1) remote_stolen_.fetch_add(1, std::memory_order_relaxed);

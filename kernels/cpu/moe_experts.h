@@ -112,6 +112,10 @@ class MoeExperts {
   /// other threads prefetch the first 4 KiB of their first gate/up tiles; off, the row is
   /// prepared before the job and nothing is prefetched.
   void set_late_row(bool on) { late_row_ = on; }
+  /// Hand-off stealing (Note [Stealing half a share]): on (the default unless
+  /// TIDAL_EXPERT_STEAL_HALF=0), a thread out of work moves the back half of another share into
+  /// its own range; off, it takes one item at a time.
+  void set_steal_half(bool on) { steal_half_ = on; }
   /// Items the last hand-off run took from other threads' shares.
   int64_t last_stolen() const { return stolen_.load(std::memory_order_relaxed); }
   /// Of those, the items taken from shares on another NUMA node (Note [NUMA expert placement]).
@@ -168,6 +172,8 @@ class MoeExperts {
   static int default_down_tiles();
   bool block_reduce_ = default_block_reduce();
   bool late_row_ = default_late_row();
+  bool steal_half_ = default_steal_half();
+  static bool default_steal_half();
   static bool default_late_row();
   static bool default_block_reduce();
   double phase_s_[4] = {};
@@ -206,6 +212,8 @@ class MoeExperts {
   std::vector<int64_t> node_first_, node_items_, share_items_;
   static int64_t take_front(Range& r);
   static int64_t take_back(Range& r);
+  // Moves the back half of r, [b0, b1), out of it; false when r is empty.
+  static bool take_back_half(Range& r, int64_t& b0, int64_t& b1);
 };
 
 /// Scalar reference of the op: token by token, experts in ascending id, reference tile kernels

@@ -673,7 +673,8 @@ TEST(MoeExperts, HandOffDownBlocksAgreeBitwise) {
               MoeExperts a(cpu_features().best);
               a.set_down_tiles(tiles);
               a.set_block_reduce(blocks);
-              a.set_late_row(tiles != 4);  // Note [The token's row inside the job]
+              a.set_late_row(tiles != 4);    // Note [The token's row inside the job]
+              a.set_steal_half(tiles != 8);  // Note [Stealing half a share]
               EXPECT_EQ(a.down_tiles(), tiles);
               for (int call = 0; call < 2; ++call) {  // the second reuses the counters
                 std::fill(flow.begin(), flow.end(), 0.5f);
@@ -798,14 +799,22 @@ TEST(MoeExperts, HandOffStealsFromASlowThreadAndStaysExact) {
   LateFirstThread late(*spin);
   for (auto dt : {ExpertDType::kINT8, ExpertDType::kINT4}) {
     MoeProblem p(72, 40, 10, 3, 2, dt, 64, 71);
-    std::vector<float> flow(static_cast<size_t>(2 * 72), 0.5f), two(flow);
-    MoeExperts a(cpu_features().best), b(cpu_features().best);
+    std::vector<float> two(static_cast<size_t>(2 * 72), 0.5f);
+    MoeExperts b(cpu_features().best);
     b.set_dataflow(false);
-    a.run(p.args(flow.data()), late);
     b.run(p.args(two.data()), *spin);
-    ASSERT_TRUE(a.last_dataflow());
-    EXPECT_GT(a.last_stolen(), 0) << "the held-back thread's items were not taken by the others";
-    EXPECT_EQ(flow, two) << expert_dtype_name(dt);
+    // Single items or half shares (Note [Stealing half a share]), each with both ends of the
+    // call (Note [Column blocks finish the call]).
+    for (int mode = 0; mode < 4; ++mode) {
+      std::vector<float> flow(two.size(), 0.5f);
+      MoeExperts a(cpu_features().best);
+      a.set_steal_half(mode < 2);
+      a.set_block_reduce(mode % 2 == 0);
+      a.run(p.args(flow.data()), late);
+      ASSERT_TRUE(a.last_dataflow());
+      EXPECT_GT(a.last_stolen(), 0) << "the held-back thread's items were not taken by the others";
+      EXPECT_EQ(flow, two) << expert_dtype_name(dt) << " mode " << mode;
+    }
   }
 }
 
