@@ -117,7 +117,9 @@ fi
 if [[ $steps == *prefill* ]]; then
   # AMX prefill: the late group epilogue against the previous order (TIDAL_AMX_LATE_EPILOGUE=0),
   # BF16 with bf16 activations against the hi + lo split (Note [AMX BF16 is opt-in]).
-  for late in 1 0; do
+  # PREFILL_MICRO=0: the op alone (with ONEDNN=1, next to oneDNN), no micro calls and no late=0 op.
+  : > "$out/prefill_micro.jsonl"
+  [[ ${PREFILL_MICRO:-1} == 1 ]] && for late in 1 0; do
     for amx in bf16 split; do
       TIDAL_AMX_LATE_EPILOGUE=$late TIDAL_EXPERT_AMX_BF16=$amx "$b" --micro --dtypes int8,int4,bf16 \
         --m 16,32,64,128 | sed "s/^{/{\"late\":$late,\"amx_bf16\":\"$amx\",/"
@@ -125,8 +127,8 @@ if [[ $steps == *prefill* ]]; then
   done > "$out/prefill_micro.jsonl"
   TIDAL_EXPERT_AMX_BF16=bf16 "$b" --shape 35b --m ${PREFILL_M:-512,2048} --threads "$threads" \
     --dtypes int8,int4,bf16 ${ONEDNN:+--onednn} | sed 's/^{/{"late":1,"amx_bf16":"bf16",/' > "$out/prefill.jsonl"
-  TIDAL_AMX_LATE_EPILOGUE=0 TIDAL_EXPERT_AMX_BF16=split "$b" --shape 35b --m 2048 --threads "$threads" \
-    --dtypes int8,int4,bf16 | sed 's/^{/{"late":0,"amx_bf16":"split",/' >> "$out/prefill.jsonl"
+  [[ ${PREFILL_MICRO:-1} == 1 ]] && TIDAL_AMX_LATE_EPILOGUE=0 TIDAL_EXPERT_AMX_BF16=split "$b" --shape 35b \
+    --m 2048 --threads "$threads" --dtypes int8,int4,bf16 | sed 's/^{/{"late":0,"amx_bf16":"split",/' >> "$out/prefill.jsonl"
   python3 - "$out"/prefill_micro.jsonl "$out"/prefill.jsonl <<'PY'
 import json, sys
 for f in sys.argv[1:]:
