@@ -60,9 +60,10 @@
 /// stolen tile (a down tile is 4.25 KiB at I = 512) came as demand misses, and owner and thief
 /// took turns on the share's atomic word for every item. Now the thief moves the back half of the
 /// share (the middle item included) into its own range with one compare-and-swap and streams it
-/// upwards like its own work; others may take from that range in turn. An item is only ever
-/// taken from a range's front or moved with a back half, so a range never holds again a value it
-/// held before (no ABA). TIDAL_EXPERT_STEAL_HALF=0 takes single items (comparison).
+/// upwards like its own work; others may take from that range in turn. Only the owner stores
+/// into its range, and only while the range is empty; the word is the whole state of a range, so
+/// a compare-and-swap that finds the value it loaded is right whatever happened in between.
+/// TIDAL_EXPERT_STEAL_HALF=0 takes single items (comparison).
 ///
 /// Note [NUMA expert placement]
 /// On a machine of several NUMA nodes (several sockets) decode is bound by memory bandwidth, and a
