@@ -32,7 +32,10 @@
 /// item for item and column for column (tested bitwise); TIDAL_EXPERT_DATAFLOW=0 turns it off.
 ///
 /// Note [Column blocks finish the call]
-/// A phase 2 item of the hand-off is (expert, block of down_tiles / 2 tile pairs of H). Each
+/// A phase 2 item of the hand-off is (expert, block of down_tiles / 2 tile pairs of H): 8 tiles
+/// by default (34 KiB of INT4 down weights at I = 512, the bytes of one gate/up item). With 2
+/// tiles, phase 2 of an INT4 35B-A3B call at 16 threads took 42-45 µs, with 4 39-41, with 8
+/// 37-40 (thirteenth session, two interleaved repetitions; docs/performance.md). Each
 /// column block counts its finished items; the thread whose item brings the count to the number
 /// of active experts adds the block's slot outputs into dst, per token in ascending expert id
 /// (the same additions as reduce_slots). The call then ends when its last item does: no thread
@@ -274,15 +277,20 @@ bool MoeExperts::default_dataflow() {
   return on;
 }
 
+namespace {
+// 2, 4, 8 or 16: the largest of those not above `tiles` (2 below 2).
+int round_down_tiles(int tiles) { return tiles >= 16 ? 16 : tiles >= 8 ? 8 : tiles >= 4 ? 4 : 2; }
+}  // namespace
+
 int MoeExperts::default_down_tiles() {
   static const int n = [] {
     const char* e = std::getenv("TIDAL_EXPERT_DOWN_TILES");
-    return e == nullptr ? 2 : std::atoi(e);
+    return round_down_tiles(e == nullptr ? 8 : std::atoi(e));
   }();
-  return n >= 8 ? 8 : n >= 4 ? 4 : 2;
+  return n;
 }
 
-void MoeExperts::set_down_tiles(int tiles) { down_tiles_ = tiles >= 8 ? 8 : tiles >= 4 ? 4 : 2; }
+void MoeExperts::set_down_tiles(int tiles) { down_tiles_ = round_down_tiles(tiles); }
 
 bool MoeExperts::default_steal_half() {
   static const bool on = [] {

@@ -98,8 +98,8 @@ class MoeExperts {
   void set_dataflow(bool on) { dataflow_ = on; }
   /// Whether the last run took the hand-off path.
   bool last_dataflow() const { return used_dataflow_; }
-  /// Hand-off phase 2: 16-row tiles of H per work item (2, 4 or 8; other values are rounded
-  /// down to one of those). Default: TIDAL_EXPERT_DOWN_TILES, else 2.
+  /// Hand-off phase 2: 16-row tiles of H per work item (2, 4, 8 or 16; other values are rounded
+  /// down to one of those, 2 at least). Default: TIDAL_EXPERT_DOWN_TILES, else 8.
   void set_down_tiles(int tiles);
   int down_tiles() const { return down_tiles_; }
   /// Hand-off end (Note [Column blocks finish the call]): on (the default unless

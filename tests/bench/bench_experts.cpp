@@ -556,7 +556,7 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
                   p.gu.execute(od.strm, args);
                   // silu(g)·u into the down projection's source (bf16 or u8), threaded like ours.
                   uint8_t* hs = xs.data() + off * s.inter * es;
-                  ex->parallel_for(me, 1, [&](int64_t a0, int64_t a1) {
+                  auto silu_rows = [&](int64_t a0, int64_t a1) {
                     for (int64_t q = a0 * s.inter; q < a1 * s.inter; ++q) {
                       const float h = tidal::kernels::cpu::silu(gbuf[off * s.inter + q]) *
                                       ubuf[off * s.inter + q];
@@ -565,7 +565,18 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
                       else
                         reinterpret_cast<uint16_t*>(hs)[q] = tidal::kernels::f32_to_bf16(h);
                     }
-                  });
+                  };
+#ifdef TIDAL_BENCH_OMP
+                  // Note [oneDNN on its own threads]: a job on tidal's spinning workers here
+                  // kept them polling for 2 ms (TIDAL_SPIN_US) on the cores oneDNN's OpenMP
+                  // threads run on, after every expert: the 16-thread oneDNN 3 matmul then took
+                  // ~1 s per layer (twelfth-session code, thirteenth session's first device call)
+                  // against ~0.2 s on one thread. So the baseline runs all its work on OpenMP.
+#pragma omp parallel for
+                  for (int64_t a0 = 0; a0 < me; ++a0) silu_rows(a0, a0 + 1);
+#else
+                  ex->parallel_for(me, 1, silu_rows);
+#endif
                   dnnl::memory hsrc(p.src_dn, od.eng, hs);
                   dnnl::memory ydst(p.dst_dn, od.eng, ybuf.data() + off * s.hidden);
                   std::unordered_map<int, dnnl::memory> a2 = {

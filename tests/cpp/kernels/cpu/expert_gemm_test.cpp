@@ -653,7 +653,7 @@ TEST(MoeExperts, HandOffEqualsTwoPhasesBitwise) {
   EXPECT_FALSE(op.last_dataflow());
 }
 
-// Note [Column blocks finish the call]: phase 2 items of 2, 4 or 8 tiles of H, and the end by
+// Note [Column blocks finish the call]: phase 2 items of 2, 4, 8 or 16 tiles of H, and the end by
 // column blocks or by the barrier, all give the two-phase result bit for bit; H of 5 and 13 tiles
 // leaves a partial pair and a partial block.
 TEST(MoeExperts, HandOffDownBlocksAgreeBitwise) {
@@ -667,7 +667,7 @@ TEST(MoeExperts, HandOffDownBlocksAgreeBitwise) {
           MoeExperts b(cpu_features().best);
           b.set_dataflow(false);
           b.run(p.args(two.data()), *pool);
-          for (int tiles : {2, 4, 8})
+          for (int tiles : {2, 4, 8, 16})
             for (bool blocks : {true, false}) {
               std::vector<float> flow(two.size(), 0.5f);
               MoeExperts a(cpu_features().best);
@@ -694,6 +694,8 @@ TEST(MoeExperts, HandOffDownBlocksAgreeBitwise) {
   EXPECT_EQ(op.down_tiles(), 4);
   op.set_down_tiles(0);
   EXPECT_EQ(op.down_tiles(), 2);
+  op.set_down_tiles(40);
+  EXPECT_EQ(op.down_tiles(), 16);
 }
 
 // Note [Grouping a few slots]: up to 32 slots are grouped by sorting, more by counting over all
