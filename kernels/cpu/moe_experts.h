@@ -109,8 +109,9 @@ class MoeExperts {
   void set_block_reduce(bool on) { block_reduce_ = on; }
   /// Hand-off start (Note [The token's row inside the job]): on (the default unless
   /// TIDAL_EXPERT_LATE_ROW=0), a one-token call prepares its row in share 0 of the job while the
-  /// other threads prefetch the first 4 KiB of their first gate/up tiles; off, the row is
-  /// prepared before the job and nothing is prefetched.
+  /// other threads prefetch the first 4 KiB of their first gate/up tiles, and the row goes to
+  /// the next of a ring of rows (Note [A ring of token rows]); off, the one row is prepared
+  /// before the job and nothing is prefetched.
   void set_late_row(bool on) { late_row_ = on; }
   /// Hand-off stealing (Note [Stealing half a share]): on (the default unless
   /// TIDAL_EXPERT_STEAL_HALF=0), a thread out of work moves the back half of another share into
@@ -172,6 +173,7 @@ class MoeExperts {
   static int default_down_tiles();
   bool block_reduce_ = default_block_reduce();
   bool late_row_ = default_late_row();
+  int64_t row_turn_ = 0;  // Note [A ring of token rows]: the row the last call wrote
   bool steal_half_ = default_steal_half();
   static bool default_steal_half();
   static bool default_late_row();
