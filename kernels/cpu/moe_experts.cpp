@@ -120,7 +120,8 @@ constexpr int64_t kSerialSlots = 32;
 // one-token call on the development machine, before any worker starts: a pass over E counts and
 // a loop-carried prefix sum. Up to kSparseSlots slots (one to four decode tokens) are instead
 // sorted by expert id directly (insertion sort, O(S²) but S ≤ 32), which gives the same slot
-// order.
+// order: 0.5 µs from entry to grouped there. On the GPU machine entry to grouped stayed at
+// ~1 µs either way (thirteenth session): there the caller's metadata misses dominate.
 constexpr int64_t kSparseSlots = 32;
 
 // Note [A ring of token rows]
