@@ -685,8 +685,10 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
       phase2_slots(j * pairs + p0, j * pairs + p1);
       // Note [Column blocks finish the call]: the item that completes column block b (its last
       // expert) adds the block's slot outputs into dst.
+      // (A call whose share threw leaves dst with the blocks completed before the throw.)
       if (block_reduce &&
-          col_done_[b].n.fetch_add(1, std::memory_order_acq_rel) + 1 == num_active) {
+          col_done_[b].n.fetch_add(1, std::memory_order_acq_rel) + 1 == num_active &&
+          !abort_.load(std::memory_order_relaxed)) {
         const int64_t t0 = tr ? now_ns() : 0;
         reduce_block(0, M, p0 * 2 * kTileRows, std::min(H, p1 * 2 * kTileRows));
         if (tr) trace_[static_cast<size_t>(i * kTracePoints + kReduceNs)] += now_ns() - t0;
@@ -706,7 +708,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
         const int64_t w0 = share_items_[2 * i];
         if (w0 < share_items_[2 * i + 1]) {
           const int64_t e = active_[w0 / tiles_i], tile = w0 % tiles_i;
-          const int64_t lines = late_row_ ? std::min<int64_t>(64, lgu.tile_bytes / 64) : 0;
+          const int64_t lines = late_row ? std::min<int64_t>(64, lgu.tile_bytes / 64) : 0;
           prefetch_l2(a.experts[e].gate + tile * lgu.tile_bytes, lines);
           prefetch_l2(a.experts[e].up + tile * lgu.tile_bytes, lines);
         }

@@ -117,9 +117,12 @@ class MoeExperts {
   /// TIDAL_EXPERT_STEAL_HALF=0), a thread out of work moves the back half of another share into
   /// its own range; off, it takes one item at a time.
   void set_steal_half(bool on) { steal_half_ = on; }
-  /// Items the last hand-off run took from other threads' shares.
+  /// Items the last hand-off run took from other threads' shares. With half-share stealing
+  /// (Note [Stealing half a share]) an item counts once per move, so an item moved on from a
+  /// thief's range counts twice: compare it only between runs of one stealing mode.
   int64_t last_stolen() const { return stolen_.load(std::memory_order_relaxed); }
-  /// Of those, the items taken from shares on another NUMA node (Note [NUMA expert placement]).
+  /// Of those, the items taken from shares on another NUMA node (Note [NUMA expert placement]);
+  /// an item moved on from a thief's range counts by the node of that thief.
   int64_t last_remote_stolen() const { return remote_stolen_.load(std::memory_order_relaxed); }
   /// The item shares of the last hand-off run: [phase][thread][begin, end) (4 × threads values).
   const std::vector<int64_t>& last_share_items() const { return share_items_; }
