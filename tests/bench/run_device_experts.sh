@@ -89,8 +89,8 @@ if [[ $steps == *trace* ]]; then
   # entry of TRACE_ENVS (default: the hand-off as the twelfth session had it, i.e. phase 2 items
   # of 2 tiles, the barrier, the row prepared before the job and single stolen items, against the
   # defaults, the row before the job alone, single stolen items alone, and phase 2 items of 4 and
-  # 16 tiles; Note [Column blocks
-  # finish the call], Note [The token's row inside the job], Note [Stealing half a share]).
+  # 16 tiles; Note [Column blocks finish the call], Note [The token's row inside the job], Note
+  # [Stealing half a share]).
   # TRACE_ENVS: one run per entry and repetition, each environment assignments joined by '+'.
   for rep in $(seq "${TRACE_REPS:-3}"); do
     for v in ${TRACE_ENVS:-TIDAL_EXPERT_DOWN_TILES=2+TIDAL_EXPERT_BLOCK_REDUCE=0+TIDAL_EXPERT_LATE_ROW=0+TIDAL_EXPERT_STEAL_HALF=0 TIDAL_EXPERT_DOWN_TILES=8 TIDAL_EXPERT_LATE_ROW=0 TIDAL_EXPERT_STEAL_HALF=0 TIDAL_EXPERT_DOWN_TILES=4 TIDAL_EXPERT_DOWN_TILES=16}; do
