@@ -800,22 +800,26 @@ TEST(MoeExperts, HandOffStealsFromASlowThreadAndStaysExact) {
   auto spin = make_spin_executor(3);
   LateFirstThread late(*spin);
   for (auto dt : {ExpertDType::kINT8, ExpertDType::kINT4}) {
-    MoeProblem p(72, 40, 10, 3, 2, dt, 64, 71);
-    std::vector<float> two(static_cast<size_t>(2 * 72), 0.5f);
-    MoeExperts b(cpu_features().best);
-    b.set_dataflow(false);
-    b.run(p.args(two.data()), *spin);
-    // Single items or half shares (Note [Stealing half a share]), each with both ends of the
-    // call (Note [Column blocks finish the call]).
-    for (int mode = 0; mode < 4; ++mode) {
-      std::vector<float> flow(two.size(), 0.5f);
-      MoeExperts a(cpu_features().best);
-      a.set_steal_half(mode < 2);
-      a.set_block_reduce(mode % 2 == 0);
-      a.run(p.args(flow.data()), late);
-      ASSERT_TRUE(a.last_dataflow());
-      EXPECT_GT(a.last_stolen(), 0) << "the held-back thread's items were not taken by the others";
-      EXPECT_EQ(flow, two) << expert_dtype_name(dt) << " mode " << mode;
+    for (int64_t H : {72, 200}) {  // one column block, or several (13 tiles of H)
+      MoeProblem p(H, 40, 10, 3, 2, dt, 64, 71);
+      std::vector<float> two(static_cast<size_t>(2 * H), 0.5f);
+      MoeExperts b(cpu_features().best);
+      b.set_dataflow(false);
+      b.run(p.args(two.data()), *spin);
+      // Single items or half shares (Note [Stealing half a share]), each with both ends of the
+      // call (Note [Column blocks finish the call]) and phase 2 items of 2 or 8 tiles.
+      for (int mode = 0; mode < 8; ++mode) {
+        std::vector<float> flow(two.size(), 0.5f);
+        MoeExperts a(cpu_features().best);
+        a.set_steal_half(mode % 4 < 2);
+        a.set_block_reduce(mode % 2 == 0);
+        a.set_down_tiles(mode < 4 ? 2 : 8);
+        a.run(p.args(flow.data()), late);
+        ASSERT_TRUE(a.last_dataflow());
+        EXPECT_GT(a.last_stolen(), 0)
+            << "the held-back thread's items were not taken by the others";
+        EXPECT_EQ(flow, two) << expert_dtype_name(dt) << " H=" << H << " mode " << mode;
+      }
     }
   }
 }
