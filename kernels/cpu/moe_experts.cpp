@@ -262,29 +262,27 @@ void for_slots(Executor& ex, int64_t S, const Fn& fn) {
   ex.parallel_for((S + kSlotsPerTask - 1) / kSlotsPerTask, 1, std::ref(body));
 }
 
+// A knob that is on unless the environment variable is "0" (read once per process by the
+// callers' statics).
+bool env_on(const char* name) {
+  const char* e = std::getenv(name);
+  return e == nullptr || std::string(e) != "0";
+}
+
 }  // namespace
 
 bool MoeExperts::default_even_split() {
-  static const bool on = [] {
-    const char* e = std::getenv("TIDAL_EXPERT_EVEN");
-    return e == nullptr || std::string(e) != "0";
-  }();
+  static const bool on = env_on("TIDAL_EXPERT_EVEN");
   return on;
 }
 
 bool MoeExperts::default_own_row() {
-  static const bool on = [] {
-    const char* e = std::getenv("TIDAL_EXPERT_OWN_ROW");
-    return e == nullptr || std::string(e) != "0";
-  }();
+  static const bool on = env_on("TIDAL_EXPERT_OWN_ROW");
   return on;
 }
 
 bool MoeExperts::default_dataflow() {
-  static const bool on = [] {
-    const char* e = std::getenv("TIDAL_EXPERT_DATAFLOW");
-    return e == nullptr || std::string(e) != "0";
-  }();
+  static const bool on = env_on("TIDAL_EXPERT_DATAFLOW");
   return on;
 }
 
@@ -304,26 +302,17 @@ int MoeExperts::default_down_tiles() {
 void MoeExperts::set_down_tiles(int tiles) { down_tiles_ = round_down_tiles(tiles); }
 
 bool MoeExperts::default_steal_half() {
-  static const bool on = [] {
-    const char* e = std::getenv("TIDAL_EXPERT_STEAL_HALF");
-    return e == nullptr || std::string(e) != "0";
-  }();
+  static const bool on = env_on("TIDAL_EXPERT_STEAL_HALF");
   return on;
 }
 
 bool MoeExperts::default_late_row() {
-  static const bool on = [] {
-    const char* e = std::getenv("TIDAL_EXPERT_LATE_ROW");
-    return e == nullptr || std::string(e) != "0";
-  }();
+  static const bool on = env_on("TIDAL_EXPERT_LATE_ROW");
   return on;
 }
 
 bool MoeExperts::default_block_reduce() {
-  static const bool on = [] {
-    const char* e = std::getenv("TIDAL_EXPERT_BLOCK_REDUCE");
-    return e == nullptr || std::string(e) != "0";
-  }();
+  static const bool on = env_on("TIDAL_EXPERT_BLOCK_REDUCE");
   return on;
 }
 
