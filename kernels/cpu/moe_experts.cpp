@@ -695,9 +695,9 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
         // The first lines of this share's first gate/up tiles, ahead of the kernel's own
         // software prefetch (which starts kPrefetchBytes in), while the row is prepared.
         const int64_t w0 = share_items_[2 * i];
-        if (w0 < share_items_[2 * i + 1]) {
+        if (late_row && w0 < share_items_[2 * i + 1]) {
           const int64_t e = active_[w0 / tiles_i], tile = w0 % tiles_i;
-          const int64_t lines = late_row ? std::min<int64_t>(64, lgu.tile_bytes / 64) : 0;
+          const int64_t lines = std::min<int64_t>(64, lgu.tile_bytes / 64);
           prefetch_l2(a.experts[e].gate + tile * lgu.tile_bytes, lines);
           prefetch_l2(a.experts[e].up + tile * lgu.tile_bytes, lines);
         }
