@@ -94,6 +94,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <cstdlib>
 #include <functional>
 #include <stdexcept>
@@ -155,6 +156,60 @@ inline void prefetch_l2(const uint8_t* p, int64_t lines) {
   (void)p;
   (void)lines;
 #endif
+}
+
+// Note [Prefill down: the next expert ahead]
+// Prefill phase 2 runs, per task, every active expert in turn against the task's few tile pairs
+// of H: per expert a few short weight streams (16 KB per INT8 pair at K = 512) and the expert's
+// activation rows, which other threads wrote in L3. The L2 streamer needs a few misses to pick
+// up each short stream, and every AMX tile load that misses stalls the in-order tile unit: at
+// 2048 tokens phase 2 read its bytes at ~0.6x the rate of phase 1, whose streams are long (the
+// thirteenth session's call 1: INT8 10.9 ms for a third of the bytes against 12.5 ms for two
+// thirds). So while a task adds expert j's products into dst, row by row, it asks L2 for expert
+// j + 1's tiles of its columns and activation rows, a few lines per row, so that they are there
+// when j + 1 starts. Prefetches only: the arithmetic is unchanged.
+class LineAhead {
+ public:
+  void clear() { n_ = cur_ = 0, off_ = 0, total_ = 0; }
+  void add(const void* p, int64_t bytes) {
+    if (p == nullptr || bytes <= 0 || n_ == kSpans) return;
+    const auto a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63};
+    const auto b = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes);
+    spans_[n_++] = {reinterpret_cast<const uint8_t*>(a), static_cast<int64_t>((b - a + 63) / 64)};
+    total_ += spans_[n_ - 1].lines;
+  }
+  int64_t total() const { return total_; }
+  // The next `lines` lines into L2.
+  void issue(int64_t lines) {
+    while (lines > 0 && cur_ < n_) {
+      const int64_t take = std::min(lines, spans_[cur_].lines - off_);
+      prefetch_l2(spans_[cur_].p + 64 * off_, take);
+      lines -= take;
+      off_ += take;
+      if (off_ == spans_[cur_].lines) ++cur_, off_ = 0;
+    }
+  }
+
+ private:
+  struct Span {
+    const uint8_t* p;
+    int64_t lines;
+  };
+  static constexpr int kSpans = 8;
+  Span spans_[kSpans];
+  int n_ = 0, cur_ = 0;
+  int64_t off_ = 0, total_ = 0;
+};
+
+// The bytes of rows [row0, row0 + count) of an activation buffer.
+void add_rows(LineAhead& ahead, const ActBuffer& b, int64_t row0, int64_t count) {
+  const ActRows r = b.rows(row0);
+  ahead.add(r.f32, count * b.ld * 4);
+  ahead.add(r.bf16, count * b.ld * 2);
+  ahead.add(r.bf16_lo, count * b.ld * 2);
+  ahead.add(r.q, count * b.ld);
+  ahead.add(r.q_scale, count * b.ld_group * 4);
+  ahead.add(r.q_sum, count * b.ld_group * 4);
 }
 
 // A work range [front, back) in one atomic word: front in the low, back in the high 32 bits.
@@ -304,6 +359,19 @@ void MoeExperts::set_down_tiles(int tiles) { down_tiles_ = round_down_tiles(tile
 bool MoeExperts::default_steal_half() {
   static const bool on = env_on("TIDAL_EXPERT_STEAL_HALF");
   return on;
+}
+
+bool MoeExperts::default_prefill_ahead() {
+  static const bool on = env_on("TIDAL_EXPERT_PREFILL_AHEAD");
+  return on;
+}
+
+int MoeExperts::default_prefill_pairs() {
+  static const int n = [] {
+    const char* e = std::getenv("TIDAL_EXPERT_PREFILL_PAIRS");
+    return e == nullptr ? 0 : std::max(0, std::atoi(e));
+  }();
+  return n;
 }
 
 bool MoeExperts::default_late_row() {
@@ -807,11 +875,16 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   // takes a block of pairs so that each expert's activations (A tiles) are read once per block
   // from L3 and then reused from L2 across its pairs: with one pair per task, 64 tasks each
   // re-read every expert's activations (18 MB at 2048 tokens).
-  const int64_t per_task = std::max<int64_t>(
-      1, pairs / std::max<int64_t>(1, 2 * static_cast<int64_t>(ex.num_threads())));
+  const int64_t per_task =
+      prefill_pairs_ > 0
+          ? std::min<int64_t>(pairs, prefill_pairs_)
+          : std::max<int64_t>(
+                1, pairs / std::max<int64_t>(1, 2 * static_cast<int64_t>(ex.num_threads())));
   const int64_t blocks = (pairs + per_task - 1) / per_task;
+  const bool ahead_on = prefill_ahead_;
   auto phase2 = [&](int64_t b0, int64_t b1) {
     alignas(64) float y0[kMaxRowsPerCall * kTileRows], y1[kMaxRowsPerCall * kTileRows];
+    LineAhead ahead;
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t q0 = blk * per_task, q1 = std::min(pairs, q0 + per_task);
       for (int64_t j = 0; j < num_active; ++j) {
@@ -819,6 +892,18 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
         const bool big = large_[j];
         const ExpertGemmVariant& v = big ? large : small;
         const ActBuffer& buf = big ? hid_large_ : hid_small_;
+        // Note [Prefill down: the next expert ahead]: expert j + 1's tiles and rows, spread over
+        // this expert's rows of every pair.
+        ahead.clear();
+        int64_t per_row = 0;
+        if (ahead_on && j + 1 < num_active) {
+          const int64_t e1 = active_[j + 1];
+          const int64_t first = 2 * q0, last = std::min(2 * q1, ldn.num_tiles);
+          ahead.add(a.experts[e1].down + first * ldn.tile_bytes, (last - first) * ldn.tile_bytes);
+          add_rows(ahead, large_[j + 1] ? hid_large_ : hid_small_, row0_[j + 1], count_[e1]);
+          const int64_t steps = std::max<int64_t>(1, count_[e] * (q1 - q0));
+          per_row = (ahead.total() + steps - 1) / steps;
+        }
         for (int64_t c0 = 0; c0 < count_[e]; c0 += kMaxRowsPerCall) {
           const int64_t mc = std::min(kMaxRowsPerCall, count_[e] - c0);
           const ActRows rows = buf.rows(row0_[j] + c0);
@@ -833,6 +918,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
               v.run(ldn, t0, rows, mc, y0);
             const int64_t n0 = std::min(kTileRows, ncol), n1 = ncol - n0;
             for (int64_t i = 0; i < mc; ++i) {
+              if (per_row > 0) ahead.issue(per_row);
               const int64_t s = offset_[e] + c0 + i;
               float* d = a.dst + slot_token_[s] * a.ld_dst + col0;
               const float wgt = slot_weight_[s];

@@ -117,6 +117,14 @@ class MoeExperts {
   /// TIDAL_EXPERT_STEAL_HALF=0), a thread out of work moves the back half of another share into
   /// its own range; off, it takes one item at a time.
   void set_steal_half(bool on) { steal_half_ = on; }
+  /// Prefill phase 2 (Note [Prefill down: the next expert ahead]): on (the default unless
+  /// TIDAL_EXPERT_PREFILL_AHEAD=0), while a task adds one expert's down products into dst it
+  /// prefetches into L2 the next expert's down tiles of the task's columns and its activation
+  /// rows.
+  void set_prefill_ahead(bool on) { prefill_ahead_ = on; }
+  /// Prefill phase 2: tile pairs of H per task; 0 (the default unless
+  /// TIDAL_EXPERT_PREFILL_PAIRS is set) picks pairs / (2 · threads).
+  void set_prefill_pairs(int pairs) { prefill_pairs_ = pairs < 0 ? 0 : pairs; }
   /// Items the last hand-off run took from other threads' shares. With half-share stealing
   /// (Note [Stealing half a share]) an item counts once per move, so an item moved on from a
   /// thief's range counts twice: compare it only between runs of one stealing mode.
@@ -178,6 +186,10 @@ class MoeExperts {
   bool late_row_ = default_late_row();
   int64_t row_turn_ = 0;  // Note [A ring of token rows]: the row the last call wrote
   bool steal_half_ = default_steal_half();
+  bool prefill_ahead_ = default_prefill_ahead();
+  static bool default_prefill_ahead();
+  int prefill_pairs_ = default_prefill_pairs();
+  static int default_prefill_pairs();
   static bool default_steal_half();
   static bool default_late_row();
   static bool default_block_reduce();

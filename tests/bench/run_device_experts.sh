@@ -126,8 +126,22 @@ if [[ $steps == *prefill* ]]; then
         --m 16,32,64,128 | sed "s/^{/{\"late\":$late,\"amx_bf16\":\"$amx\",/"
     done
   done > "$out/prefill_micro.jsonl"
-  TIDAL_EXPERT_AMX_BF16=bf16 "$b" --shape 35b --m ${PREFILL_M:-512,2048} --threads "$threads" \
-    --dtypes int8,int4,bf16 ${ONEDNN:+--onednn} | sed 's/^{/{"late":1,"amx_bf16":"bf16",/' > "$out/prefill.jsonl"
+  # PREFILL_ENVS: one op run per entry and repetition (PREFILL_REPS, default 1), interleaved, each
+  # environment assignments joined by '+' or "-" for the defaults; oneDNN (ONEDNN=1) runs with the
+  # first entry of the first repetition only.
+  : > "$out/prefill.jsonl"
+  for rep in $(seq "${PREFILL_REPS:-1}"); do
+    for v in ${PREFILL_ENVS:--}; do
+      dnn=${ONEDNN:+--onednn}
+      [[ $rep == 1 && $v == "${PREFILL_ENVS%% *}" ]] || dnn=
+      [[ -z ${PREFILL_ENVS:-} ]] && dnn=${ONEDNN:+--onednn}
+      e=${v//+/ }
+      [[ $v == - ]] && e=
+      env $e TIDAL_EXPERT_AMX_BF16=bf16 "$b" --shape 35b --m ${PREFILL_M:-512,2048} --threads "$threads" \
+        --dtypes "${PREFILL_DTYPES:-int8,int4,bf16}" $dnn \
+        | sed "s/^{/{\"late\":1,\"amx_bf16\":\"bf16\",\"rep\":$rep,\"env\":\"$v\",/" >> "$out/prefill.jsonl"
+    done
+  done
   [[ ${PREFILL_MICRO:-1} == 1 ]] && TIDAL_AMX_LATE_EPILOGUE=0 TIDAL_EXPERT_AMX_BF16=split "$b" --shape 35b \
     --m 2048 --threads "$threads" --dtypes int8,int4,bf16 | sed 's/^{/{"late":0,"amx_bf16":"split",/' >> "$out/prefill.jsonl"
   python3 - "$out"/prefill_micro.jsonl "$out"/prefill.jsonl <<'PY'
@@ -138,7 +152,7 @@ for f in sys.argv[1:]:
         if d["bench"] == "micro" and d["variant"].startswith("amx"):
             print(f'micro late={d["late"]} {d["variant"]:13s} m={d["m"]:3d} cold={d["cold"]} {d["us_per_call"]:7.2f} us {d["tflops"]:.3f} TFLOP/s')
         elif d["bench"] == "moe_experts":
-            print(f'op late={d["late"]} {d["dtype"]} m={d["m"]} {d["kernels"]} {d["median_us"]:8.0f} us {d["tflops"]:.2f} TFLOP/s '
+            print(f'op rep={d.get("rep", 1)} env={d.get("env", "-")} late={d["late"]} {d["dtype"]} m={d["m"]} {d["kernels"]} {d["median_us"]:8.0f} us {d["tflops"]:.2f} TFLOP/s '
                   f'{d["roofline_fraction"]:.3f} of roofline {d["roofline_tflops"]:.1f} (bw {d["read_bw_gbps"]:.0f} GB/s, '
                   f'peak bf16 {d["amx_peak_bf16_tflops"]:.1f} int8 {d["amx_peak_int8_tops"]:.1f}) phases {d["phase_us"]}')
         elif d["bench"].startswith("onednn"):

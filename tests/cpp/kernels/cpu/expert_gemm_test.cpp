@@ -604,17 +604,30 @@ TEST(MoeExperts, AmxKnobsKeepResultsBitwise) {
   amx::set_prefetch(0, false);
 }
 
+// The prefill schedule of phase 2 (column blocks over all experts) agrees with the slot-major
+// one bit for bit, for every block size (1 pair to all, the partial last pair of H = 72 included)
+// and with or without the next expert's lines ahead (Note [Prefill down: the next expert ahead]).
 TEST(MoeExperts, BothPhase2SchedulesAgreeBitwise) {
   auto pool = make_tbb_executor(3);
   for (auto dt : {ExpertDType::kBF16, ExpertDType::kINT8, ExpertDType::kINT4}) {
-    MoeProblem p(72, 40, 10, 3, 17, dt, 64, 5);
-    std::vector<float> slot(static_cast<size_t>(17 * 72), 0.5f), column(slot);
-    MoeExperts a(cpu_features().best), b(cpu_features().best);
-    a.set_slot_major_limit(int64_t{1} << 30);
-    b.set_slot_major_limit(0);
-    a.run(p.args(slot.data()), *pool);
-    b.run(p.args(column.data()), *pool);
-    EXPECT_EQ(slot, column) << expert_dtype_name(dt);
+    for (int64_t m : {17, 64}) {
+      MoeProblem p(72, 40, 10, 3, m, dt, 64, 5 + static_cast<uint32_t>(m));
+      std::vector<float> slot(static_cast<size_t>(m * 72), 0.5f);
+      MoeExperts a(cpu_features().best);
+      a.set_slot_major_limit(int64_t{1} << 30);
+      a.run(p.args(slot.data()), *pool);
+      for (int pairs : {0, 1, 2, 3, 100})
+        for (bool ahead : {true, false}) {
+          std::vector<float> column(slot.size(), 0.5f);
+          MoeExperts b(cpu_features().best);
+          b.set_slot_major_limit(0);
+          b.set_prefill_pairs(pairs);
+          b.set_prefill_ahead(ahead);
+          b.run(p.args(column.data()), *pool);
+          EXPECT_EQ(slot, column) << expert_dtype_name(dt) << " m=" << m << " pairs=" << pairs
+                                  << " ahead=" << ahead;
+        }
+    }
   }
 }
 
