@@ -439,6 +439,10 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
               ph[p] = phases[p][phases[p].size() / 2] * 1e6;
             }
             const double t = times[times.size() / 2];
+            // Decode sizes: the probe again right after the op's calls, since on a shared host
+            // it moves by several percent between minutes; bw_fraction_worst divides by the
+            // larger of the two readings.
+            const double bw_after = m <= 16 ? measure_bandwidth(*ex, size_t{2} << 30, 5) : bw;
             double uniq = 0;
             for (const auto& r : routes) uniq += static_cast<double>(r.unique);
             uniq /= kRoutings;
@@ -453,6 +457,7 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
                 "\"threads\":%ld,\"kernels\":\"%s\",\"median_us\":%.1f,\"min_us\":%.1f,\"calls\":%"
                 "zu,"
                 "\"expert_bytes_per_call\":%.0f,\"gbps\":%.2f,\"read_bw_gbps\":%.2f,"
+                "\"read_bw_after_gbps\":%.2f,\"bw_fraction_worst\":%.3f,"
                 "\"bw_fraction\":%.3f,\"tflops\":%.3f,\"amx_peak_bf16_tflops\":%.2f,"
                 "\"amx_peak_int8_tops\":%.2f,\"roofline_tflops\":%.3f,\"roofline_fraction\":%.3f,"
                 "\"layers\":%d,\"llc_bytes\":%ld,\"cpu\":\"%s\",\"isa\":\"%s\","
@@ -462,7 +467,8 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
                 "\n",
                 s.name, dname.c_str(), static_cast<long>(G), static_cast<long>(m),
                 static_cast<long>(nt), op.last_variants().c_str(), t * 1e6, times.front() * 1e6,
-                times.size(), bytes, bytes / t / 1e9, bw / 1e9, bytes / t / bw, flops / t / 1e12,
+                times.size(), bytes, bytes / t / 1e9, bw / 1e9, bw_after / 1e9,
+                bytes / t / std::max(bw, bw_after), bytes / t / bw, flops / t / 1e12,
                 peak_bf16 / 1e12, peak_int8 / 1e12, roof / 1e12, flops / t / roof, num_layers, llc,
                 f.brand.c_str(), std::string(tidal::kernels::isa_name(isa)).c_str(), exname.c_str(),
                 op.last_dataflow() ? 1 : 0, anon_huge_kb(), gap_us, ph[0], ph[1], ph[2], ph[3]);

@@ -3,7 +3,8 @@
 trace step): the op's median time and fraction of the read bandwidth, then from the per-thread
 timeline the entry, when the token's row was ready, when the last gate/up and down items finished
 (medians per thread, their maximum), phase 2's length, the caller's return and the items stolen,
-followed by the median fraction per environment and dtype over the repetitions.
+followed by the median fraction per environment and dtype over the repetitions, also against the
+larger of the two bandwidth probes (before and right after the op's calls).
 
     python3 tests/bench/trace_summary.py bench-out/decode_trace.jsonl
 """
@@ -16,6 +17,7 @@ from collections import defaultdict
 def main(path):
     op = None
     fractions = defaultdict(list)
+    worst = defaultdict(list)
     for line in open(path):
         d = json.loads(line)
         if d["bench"] == "moe_experts":
@@ -26,14 +28,17 @@ def main(path):
             down = max(s[5] for s in shares)
             env = d.get("env", "-").replace("TIDAL_EXPERT_", "")
             fractions[(env, op["dtype"], op["shape"])].append(op["bw_fraction"])
+            worst[(env, op["dtype"], op["shape"])].append(op.get("bw_fraction_worst", op["bw_fraction"]))
             print(f'{d.get("rep", "-")} {env[:48]:48s} {op["shape"][:10]} {op["dtype"]} '
-                  f'{op["median_us"]:6.1f} us {op["bw_fraction"]:.3f} of {op["read_bw_gbps"]:.0f} GB/s | '
+                  f'{op["median_us"]:6.1f} us {op["bw_fraction"]:.3f} of {op["read_bw_gbps"]:.0f} GB/s '
+                  f'(after {op.get("read_bw_after_gbps", 0):.0f}) | '
                   f'entry {d["entry_us"]:.1f} row {d.get("prepared_us", 0):.1f} gu {gate_up:.1f} '
                   f'dn {down:.1f} ph2 {down - gate_up:.1f} ret {d["return_us"]:.1f} '
                   f'stolen {d.get("stolen_items", 0):.0f}')
     for (env, dtype, shape), f in sorted(fractions.items()):
         print(f'median of {len(f)}: {env[:48]:48s} {shape[:10]} {dtype} {statistics.median(f):.3f} '
-              f'(min {min(f):.3f}, max {max(f):.3f})')
+              f'(min {min(f):.3f}, max {max(f):.3f}); against the larger probe '
+              f'{statistics.median(worst[(env, dtype, shape)]):.3f}')
 
 
 if __name__ == "__main__":
