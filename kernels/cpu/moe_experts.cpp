@@ -42,7 +42,9 @@
 /// waits for all. Before, every thread waited at a spin barrier after its last item and then
 /// added its share of the columns: the twelfth session's trace of an INT4 35B-A3B call at 16
 /// threads put ~3 µs in the barrier (the slowest thread's lag) and 2-3.5 µs in the sum, 3-4% of
-/// the call, on the critical path. TIDAL_EXPERT_BLOCK_REDUCE=0 keeps the barrier (comparison).
+/// the call, on the critical path. With the barrier instead (same binary, interleaved processes)
+/// INT4 read 0.759 of the bandwidth against 0.804 (fourteenth session, medians of 3); the barrier
+/// is gone.
 /// A serial sum over 8-10 slots written by other cores cost ~5 µs per call at 16 threads, which
 /// is why neither form leaves the sum to the calling thread.
 ///
@@ -53,8 +55,9 @@
 /// call (twelfth session's trace) in which no expert byte moved. Here share 0 prepares the row
 /// inside the job and raises a flag; meanwhile every share prefetches the first 4 KiB of its
 /// first gate and up tiles into L2 (the kernels' software prefetch runs 4 KiB ahead, so those
-/// lines were demand misses) and then waits for the flag. TIDAL_EXPERT_LATE_ROW=0 prepares the
-/// row before the job, as before (comparison).
+/// lines were demand misses) and then waits for the flag. With the row prepared before the job,
+/// INT4 read 0.796 of the bandwidth against 0.804 (fourteenth session, medians of 3); that form
+/// is gone.
 ///
 /// Note [Stealing half a share]
 /// A thread out of work used to take one item at a time from the back of another share. Each
@@ -66,7 +69,8 @@
 /// upwards like its own work; others may take from that range in turn. Only the owner stores
 /// into its range, and only while the range is empty; the word is the whole state of a range, so
 /// a compare-and-swap that finds the value it loaded is right whatever happened in between.
-/// TIDAL_EXPERT_STEAL_HALF=0 takes single items (comparison).
+/// Single steals read 0.792 of the bandwidth against 0.804 (fourteenth session, medians of 3) and
+/// are gone.
 ///
 /// Note [NUMA expert placement]
 /// On a machine of several NUMA nodes (several sockets) decode is bound by memory bandwidth, and a
@@ -132,7 +136,7 @@ constexpr int64_t kSparseSlots = 32;
 // took 1.0-1.4 µs on the calling thread (thirteenth session's trace) against 0.4 µs with 2
 // threads. A call writes the next of kRowRing rows instead: a row written kRowRing - 1 calls
 // ago, whose lines the cores have since pushed out of their L2 with ~3 calls of weights (~2.5
-// MiB per core at 16 threads). Part of TIDAL_EXPERT_LATE_ROW (off: one row, as before).
+// MiB per core at 16 threads).
 constexpr int64_t kRowRing = 4;
 
 // Waiting for another thread's share (Note [Per-expert hand-off]): spin briefly, then yield, so
@@ -167,7 +171,9 @@ inline void prefetch_l2(const uint8_t* p, int64_t lines) {
 // thirteenth session's call 1: INT8 10.9 ms for a third of the bytes against 12.5 ms for two
 // thirds). So while a task adds expert j's products into dst, row by row, it asks L2 for expert
 // j + 1's tiles of its columns and activation rows, a few lines per row, so that they are there
-// when j + 1 starts. Prefetches only: the arithmetic is unchanged.
+// when j + 1 starts. Prefetches only: the arithmetic is unchanged. Measured (fourteenth session,
+// 2048 tokens, 16 threads, two interleaved repetitions): INT8 phase 2 7.6-7.7 ms against 8.2 ms
+// without; BF16 10.4-12.6 against 10.5-10.6 ms, no gain beyond that host's noise.
 class LineAhead {
  public:
   void clear() { n_ = cur_ = 0, off_ = 0, total_ = 0; }
@@ -263,19 +269,6 @@ int64_t MoeExperts::take_front(Range& r) {
   }
 }
 
-// Another thread's item (from the back), or -1 when the range is empty.
-int64_t MoeExperts::take_back(Range& r) {
-  uint64_t v = r.v.load(std::memory_order_acquire);
-  for (;;) {
-    const uint64_t f = v & 0xffffffffu, b = v >> 32;
-    if (f >= b) return -1;
-    if (r.v.compare_exchange_weak(v,
-                                  pack_range(static_cast<int64_t>(f), static_cast<int64_t>(b - 1)),
-                                  std::memory_order_acq_rel))
-      return static_cast<int64_t>(b - 1);
-  }
-}
-
 bool MoeExperts::take_back_half(Range& r, int64_t& b0, int64_t& b1) {
   uint64_t v = r.v.load(std::memory_order_acquire);
   for (;;) {
@@ -356,11 +349,6 @@ int MoeExperts::default_down_tiles() {
 
 void MoeExperts::set_down_tiles(int tiles) { down_tiles_ = round_down_tiles(tiles); }
 
-bool MoeExperts::default_steal_half() {
-  static const bool on = env_on("TIDAL_EXPERT_STEAL_HALF");
-  return on;
-}
-
 bool MoeExperts::default_prefill_ahead() {
   static const bool on = env_on("TIDAL_EXPERT_PREFILL_AHEAD");
   return on;
@@ -372,16 +360,6 @@ int MoeExperts::default_prefill_pairs() {
     return e == nullptr ? 0 : std::max(0, std::atoi(e));
   }();
   return n;
-}
-
-bool MoeExperts::default_late_row() {
-  static const bool on = env_on("TIDAL_EXPERT_LATE_ROW");
-  return on;
-}
-
-bool MoeExperts::default_block_reduce() {
-  static const bool on = env_on("TIDAL_EXPERT_BLOCK_REDUCE");
-  return on;
 }
 
 Approximation MoeExperts::default_approximation() {
@@ -515,7 +493,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   const bool own_row = own_row_ && M == 1 && num_active == K && !any_large && !small.whole_tiles();
   // The per-token rows are only copied from: no spare rows (ActBuffer::reserve).
   // Note [A ring of token rows]: a one-token call read in place writes the next of kRowRing rows.
-  const bool ring = own_row && late_row_;
+  const bool ring = own_row;
   const int64_t x_row = ring ? (row_turn_ = (row_turn_ + 1) % kRowRing) : 0;
   if (any_small) tok_small_.reserve(small.act, lgu, ring ? kRowRing : M, isa_, false);
   if (any_large) tok_large_.reserve(large.act, lgu, M, isa_, false);
@@ -531,7 +509,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
       decode && slot_major && dataflow_ && rows_large == 0 && ex.num_threads() > 1;
   // Note [The token's row inside the job]: one token read in place is prepared by share 0 of
   // the hand-off job while the other threads wake up.
-  const bool late_row = hand_off && own_row && late_row_;
+  const bool late_row = hand_off && own_row;
   const int64_t t_grouped = trace_on_ ? now_ns() : 0;
   if (!late_row)
     for_slots(ex, M, [&](int64_t t) {
@@ -662,17 +640,13 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
     }
     const int T = ex.num_threads();
     order_token_slots();
-    left_.store(T, std::memory_order_relaxed);
     // Phase 2 items: (expert, block of down_tiles_ / 2 tile pairs of H).
     const int64_t dn_pairs = down_tiles_ / 2, dn_blocks = (pairs + dn_pairs - 1) / dn_pairs;
-    const bool block_reduce = block_reduce_, steal_half = steal_half_;
     if (col_done_cap_ < dn_blocks) {
       col_done_ = std::make_unique<Counter[]>(static_cast<size_t>(dn_blocks));
       col_done_cap_ = dn_blocks;
     }
     for (int64_t b = 0; b < dn_blocks; ++b) col_done_[b].n.store(0, std::memory_order_relaxed);
-    // Column blocks of the final reduction: whole cache lines per thread.
-    auto col = [&](int i) { return i >= T ? H : H * i / T / 16 * 16; };
     // Item ranges [front, back) per thread and phase: the owner takes from the front, a thread
     // that has run out takes from the back of the others' (Note [Per-expert hand-off]).
     if (ranges_cap_ < 2 * T) {
@@ -743,8 +717,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
       // Note [Column blocks finish the call]: the item that completes column block b (its last
       // expert) adds the block's slot outputs into dst.
       // (A call whose share threw leaves dst with the blocks completed before the throw.)
-      if (block_reduce &&
-          col_done_[b].n.fetch_add(1, std::memory_order_acq_rel) + 1 == num_active &&
+      if (col_done_[b].n.fetch_add(1, std::memory_order_acq_rel) + 1 == num_active &&
           !abort_.load(std::memory_order_relaxed)) {
         const int64_t t0 = tr ? now_ns() : 0;
         reduce_block(0, M, p0 * 2 * kTileRows, std::min(H, p1 * 2 * kTileRows));
@@ -783,43 +756,27 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
             for (int q = 1; q < T; ++q) {
               const int k = (i + q) % T;
               if ((numa_.node(k) != numa_.node(i)) != (remote == 1)) continue;  // this pass's nodes
-              if (steal_half) {
-                // Note [Stealing half a share]: the back half moves to this thread's own
-                // (empty) range, where others may take from it in turn; then look again from
-                // the nearest share.
-                int64_t b0, b1;
-                if (!take_back_half(r[k], b0, b1)) continue;
-                stolen_.fetch_add(b1 - b0, std::memory_order_relaxed);
-                if (remote == 1) remote_stolen_.fetch_add(b1 - b0, std::memory_order_relaxed);
-                r[i].v.store(pack_range(b0, b1), std::memory_order_release);
-                for (int64_t w; (w = take_front(r[i])) >= 0;)
-                  phase == 0 ? gate_up_item(w) : down_item(w, i);
-                q = 0;
-                continue;
-              }
-              for (int64_t w; (w = take_back(r[k])) >= 0;) {
-                stolen_.fetch_add(1, std::memory_order_relaxed);
-                if (remote == 1) remote_stolen_.fetch_add(1, std::memory_order_relaxed);
+              // Note [Stealing half a share]: the back half moves to this thread's own (empty)
+              // range, where others may take from it in turn; then look again from the nearest
+              // share.
+              int64_t b0, b1;
+              if (!take_back_half(r[k], b0, b1)) continue;
+              stolen_.fetch_add(b1 - b0, std::memory_order_relaxed);
+              if (remote == 1) remote_stolen_.fetch_add(b1 - b0, std::memory_order_relaxed);
+              r[i].v.store(pack_range(b0, b1), std::memory_order_release);
+              for (int64_t w; (w = take_front(r[i])) >= 0;)
                 phase == 0 ? gate_up_item(w) : down_item(w, i);
-              }
+              q = 0;
             }
           mark(i, phase == 0 ? kGateUpDone : kDownDone);
         }
       } catch (...) {
         abort_.store(true, std::memory_order_relaxed);
-        left_.fetch_sub(1, std::memory_order_acq_rel);
         throw;
       }
-      if (block_reduce) {  // every column block was added by the item that completed it
-        mark(i, kBarrierDone);
-        mark(i, kReduceDone);
-        return;
-      }
-      // Once every slot output exists, each thread adds its block of columns into dst.
-      left_.fetch_sub(1, std::memory_order_acq_rel);
-      for (int spins = 0; left_.load(std::memory_order_acquire) != 0; ++spins) wait_a_little(spins);
+      // Every column block was added by the item that completed it (Note [Column blocks finish
+      // the call]); the two marks stay in the trace's format.
       mark(i, kBarrierDone);
-      if (!abort_.load(std::memory_order_relaxed)) reduce_block(0, M, col(i), col(i + 1));
       mark(i, kReduceDone);
     };
     if (tr) {
@@ -874,12 +831,13 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   // Phase 2: dst[t] += w · down h over blocks of column-tile pairs of H, experts ascending. A task
   // takes a block of pairs so that each expert's activations (A tiles) are read once per block
   // from L3 and then reused from L2 across its pairs: with one pair per task, 64 tasks each
-  // re-read every expert's activations (18 MB at 2048 tokens).
+  // re-read every expert's activations (18 MB at 2048 tokens). One block per thread: every block
+  // runs the same experts with the same token counts, so the blocks cost the same. At 2048 tokens
+  // and 16 threads (4 pairs per task) phase 2 took 7.0-7.1 ms (INT8) and 9.5-9.8 ms (BF16)
+  // against 7.6-7.7 and 10.4-12.6 ms with two blocks per thread (fourteenth session).
   const int64_t per_task =
-      prefill_pairs_ > 0
-          ? std::min<int64_t>(pairs, prefill_pairs_)
-          : std::max<int64_t>(
-                1, pairs / std::max<int64_t>(1, 2 * static_cast<int64_t>(ex.num_threads())));
+      prefill_pairs_ > 0 ? std::min<int64_t>(pairs, prefill_pairs_)
+                         : std::max<int64_t>(1, (pairs + ex.num_threads() - 1) / ex.num_threads());
   const int64_t blocks = (pairs + per_task - 1) / per_task;
   const bool ahead_on = prefill_ahead_;
   auto phase2 = [&](int64_t b0, int64_t b1) {

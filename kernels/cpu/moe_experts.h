@@ -102,28 +102,13 @@ class MoeExperts {
   /// down to one of those, 2 at least). Default: TIDAL_EXPERT_DOWN_TILES, else 8.
   void set_down_tiles(int tiles);
   int down_tiles() const { return down_tiles_; }
-  /// Hand-off end (Note [Column blocks finish the call]): on (the default unless
-  /// TIDAL_EXPERT_BLOCK_REDUCE=0), the thread that completes a column block's last item adds
-  /// that block into dst; off, every thread waits for all at a barrier and then adds its share
-  /// of the columns.
-  void set_block_reduce(bool on) { block_reduce_ = on; }
-  /// Hand-off start (Note [The token's row inside the job]): on (the default unless
-  /// TIDAL_EXPERT_LATE_ROW=0), a one-token call prepares its row in share 0 of the job while the
-  /// other threads prefetch the first 4 KiB of their first gate/up tiles, and the row goes to
-  /// the next of a ring of rows (Note [A ring of token rows]); off, the one row is prepared
-  /// before the job and nothing is prefetched.
-  void set_late_row(bool on) { late_row_ = on; }
-  /// Hand-off stealing (Note [Stealing half a share]): on (the default unless
-  /// TIDAL_EXPERT_STEAL_HALF=0), a thread out of work moves the back half of another share into
-  /// its own range; off, it takes one item at a time.
-  void set_steal_half(bool on) { steal_half_ = on; }
   /// Prefill phase 2 (Note [Prefill down: the next expert ahead]): on (the default unless
   /// TIDAL_EXPERT_PREFILL_AHEAD=0), while a task adds one expert's down products into dst it
   /// prefetches into L2 the next expert's down tiles of the task's columns and its activation
   /// rows.
   void set_prefill_ahead(bool on) { prefill_ahead_ = on; }
   /// Prefill phase 2: tile pairs of H per task; 0 (the default unless
-  /// TIDAL_EXPERT_PREFILL_PAIRS is set) picks pairs / (2 · threads).
+  /// TIDAL_EXPERT_PREFILL_PAIRS is set) picks one block per thread, ceil(pairs / threads).
   void set_prefill_pairs(int pairs) { prefill_pairs_ = pairs < 0 ? 0 : pairs; }
   /// Items the last hand-off run took from other threads' shares. With half-share stealing
   /// (Note [Stealing half a share]) an item counts once per move, so an item moved on from a
@@ -182,17 +167,11 @@ class MoeExperts {
   static bool default_dataflow();
   int down_tiles_ = default_down_tiles();
   static int default_down_tiles();
-  bool block_reduce_ = default_block_reduce();
-  bool late_row_ = default_late_row();
   int64_t row_turn_ = 0;  // Note [A ring of token rows]: the row the last call wrote
-  bool steal_half_ = default_steal_half();
   bool prefill_ahead_ = default_prefill_ahead();
   static bool default_prefill_ahead();
   int prefill_pairs_ = default_prefill_pairs();
   static int default_prefill_pairs();
-  static bool default_steal_half();
-  static bool default_late_row();
-  static bool default_block_reduce();
   double phase_s_[4] = {};
   const char* used_small_ = nullptr;
   const char* used_large_ = nullptr;
@@ -206,7 +185,6 @@ class MoeExperts {
   std::unique_ptr<std::atomic<int64_t>[]> done_;
   std::unique_ptr<std::atomic<int32_t>[]> ready_;
   int64_t flags_cap_ = 0;
-  alignas(64) std::atomic<int> left_{0};       // threads still in phase 2 (hand-off)
   std::atomic<bool> abort_{false};             // a share threw (hand-off)
   alignas(64) std::atomic<int> row_ready_{0};  // the token's row is prepared (hand-off)
   std::atomic<int64_t> stolen_{0};             // items taken from others' shares (hand-off)
@@ -228,7 +206,6 @@ class MoeExperts {
   std::vector<int> share_node_;
   std::vector<int64_t> node_first_, node_items_, share_items_;
   static int64_t take_front(Range& r);
-  static int64_t take_back(Range& r);
   // Moves the back half of r, [b0, b1), out of it; false when r is empty.
   static bool take_back_half(Range& r, int64_t& b0, int64_t& b1);
 };

@@ -86,14 +86,11 @@ PY
 fi
 if [[ $steps == *trace* ]]; then
   # M = 1 decode with the per-thread timeline of its calls (--trace), interleaved under each
-  # entry of TRACE_ENVS (default: the hand-off as the twelfth session had it, i.e. phase 2 items
-  # of 2 tiles, the barrier, the row prepared before the job and single stolen items, against the
-  # defaults, the row before the job alone, single stolen items alone, and phase 2 items of 4 and
-  # 16 tiles; Note [Column blocks finish the call], Note [The token's row inside the job], Note
-  # [Stealing half a share]).
+  # entry of TRACE_ENVS (default: the defaults, and phase 2 items of 4 and 16 tiles; Note [Column
+  # blocks finish the call]). TIDAL_BENCH_RUN=defaults is a placeholder that sets nothing.
   # TRACE_ENVS: one run per entry and repetition, each environment assignments joined by '+'.
   for rep in $(seq "${TRACE_REPS:-3}"); do
-    for v in ${TRACE_ENVS:-TIDAL_EXPERT_DOWN_TILES=2+TIDAL_EXPERT_BLOCK_REDUCE=0+TIDAL_EXPERT_LATE_ROW=0+TIDAL_EXPERT_STEAL_HALF=0 TIDAL_EXPERT_DOWN_TILES=8 TIDAL_EXPERT_LATE_ROW=0 TIDAL_EXPERT_STEAL_HALF=0 TIDAL_EXPERT_DOWN_TILES=4 TIDAL_EXPERT_DOWN_TILES=16}; do
+    for v in ${TRACE_ENVS:-TIDAL_BENCH_RUN=defaults TIDAL_EXPERT_DOWN_TILES=4 TIDAL_EXPERT_DOWN_TILES=16}; do
       env ${v//+/ } "$b" --shape ${TRACE_SHAPES:-35b,80b} --m 1 --threads "$threads" \
         --dtypes int4,int8 --seconds 1 --trace | sed "s/^{/{\"rep\":$rep,\"env\":\"$v\",/"
     done
@@ -127,7 +124,8 @@ if [[ $steps == *prefill* ]]; then
     done
   done > "$out/prefill_micro.jsonl"
   # PREFILL_ENVS: one op run per entry and repetition (PREFILL_REPS, default 1), interleaved, each
-  # environment assignments joined by '+' or "-" for the defaults; oneDNN (ONEDNN=1) runs with the
+  # environment assignments joined by '+' (TIDAL_BENCH_RUN=defaults sets nothing) or "-" for the
+  # defaults; oneDNN (ONEDNN=1) runs with the
   # first entry of the first repetition only.
   : > "$out/prefill.jsonl"
   for rep in $(seq "${PREFILL_REPS:-1}"); do

@@ -666,9 +666,8 @@ TEST(MoeExperts, HandOffEqualsTwoPhasesBitwise) {
   EXPECT_FALSE(op.last_dataflow());
 }
 
-// Note [Column blocks finish the call]: phase 2 items of 2, 4, 8 or 16 tiles of H, and the end by
-// column blocks or by the barrier, all give the two-phase result bit for bit; H of 5 and 13 tiles
-// leaves a partial pair and a partial block.
+// Note [Column blocks finish the call]: phase 2 items of 2, 4, 8 or 16 tiles of H give the
+// two-phase result bit for bit; H of 5 and 13 tiles leaves a partial pair and a partial block.
 TEST(MoeExperts, HandOffDownBlocksAgreeBitwise) {
   for (int threads : {2, 5}) {
     auto pool = make_spin_executor(threads);
@@ -680,24 +679,20 @@ TEST(MoeExperts, HandOffDownBlocksAgreeBitwise) {
           MoeExperts b(cpu_features().best);
           b.set_dataflow(false);
           b.run(p.args(two.data()), *pool);
-          for (int tiles : {2, 4, 8, 16})
-            for (bool blocks : {true, false}) {
-              std::vector<float> flow(two.size(), 0.5f);
-              MoeExperts a(cpu_features().best);
-              a.set_down_tiles(tiles);
-              a.set_block_reduce(blocks);
-              a.set_late_row(tiles != 4);    // Note [The token's row inside the job]
-              a.set_steal_half(tiles != 8);  // Note [Stealing half a share]
-              EXPECT_EQ(a.down_tiles(), tiles);
-              for (int call = 0; call < 2; ++call) {  // the second reuses the counters
-                std::fill(flow.begin(), flow.end(), 0.5f);
-                a.run(p.args(flow.data()), *pool);
-                ASSERT_TRUE(a.last_dataflow());
-                EXPECT_EQ(flow, two)
-                    << expert_dtype_name(dt) << " H=" << H << " m=" << m << " threads=" << threads
-                    << " tiles=" << tiles << " blocks=" << blocks << " call " << call;
-              }
+          for (int tiles : {2, 4, 8, 16}) {
+            std::vector<float> flow(two.size(), 0.5f);
+            MoeExperts a(cpu_features().best);
+            a.set_down_tiles(tiles);
+            EXPECT_EQ(a.down_tiles(), tiles);
+            for (int call = 0; call < 2; ++call) {  // the second reuses the counters
+              std::fill(flow.begin(), flow.end(), 0.5f);
+              a.run(p.args(flow.data()), *pool);
+              ASSERT_TRUE(a.last_dataflow());
+              EXPECT_EQ(flow, two)
+                  << expert_dtype_name(dt) << " H=" << H << " m=" << m << " threads=" << threads
+                  << " tiles=" << tiles << " call " << call;
             }
+          }
         }
       }
     }
@@ -745,17 +740,18 @@ TEST(MoeExperts, HandOffTraceIsOrdered) {
   using Op = MoeExperts;
   constexpr int T = 3, P = Op::kTracePoints;
   auto pool = make_spin_executor(T);
-  MoeProblem p(72, 40, 10, 3, 1, ExpertDType::kINT4, 64, 9);
-  std::vector<float> dst(72, 0.f);
+  // One token: its row is prepared inside the job (Note [The token's row inside the job]); two
+  // tokens: before it.
+  MoeProblem p1(72, 40, 10, 3, 1, ExpertDType::kINT4, 64, 9),
+      p2(72, 40, 10, 3, 2, ExpertDType::kINT4, 64, 9);
+  std::vector<float> dst(2 * 72, 0.f);
   MoeExperts op(cpu_features().best);
-  op.run(p.args(dst.data()), *pool);
+  op.run(p1.args(dst.data()), *pool);
   EXPECT_TRUE(op.last_trace().empty());
   op.set_trace(true);
-  for (int call = 0; call < 4; ++call) {  // the row inside the job or not; blocks or barrier
+  for (int call = 0; call < 4; ++call) {
     const bool late = call % 2 == 0;
-    op.set_late_row(late);
-    op.set_block_reduce(call < 2);
-    op.run(p.args(dst.data()), *pool);
+    op.run((late ? p1 : p2).args(dst.data()), *pool);
     ASSERT_TRUE(op.last_dataflow());
     const auto& tr = op.last_trace();
     ASSERT_EQ(tr.size(), static_cast<size_t>((T + 1) * P));
@@ -819,14 +815,11 @@ TEST(MoeExperts, HandOffStealsFromASlowThreadAndStaysExact) {
       MoeExperts b(cpu_features().best);
       b.set_dataflow(false);
       b.run(p.args(two.data()), *spin);
-      // Single items or half shares (Note [Stealing half a share]), each with both ends of the
-      // call (Note [Column blocks finish the call]) and phase 2 items of 2 or 8 tiles.
-      for (int mode = 0; mode < 8; ++mode) {
+      // Half shares stolen (Note [Stealing half a share]) with phase 2 items of 2, 4 or 8 tiles.
+      for (int mode = 0; mode < 3; ++mode) {
         std::vector<float> flow(two.size(), 0.5f);
         MoeExperts a(cpu_features().best);
-        a.set_steal_half(mode % 4 < 2);
-        a.set_block_reduce(mode % 2 == 0);
-        a.set_down_tiles(mode < 4 ? 2 : 8);
+        a.set_down_tiles(2 << mode);
         a.run(p.args(flow.data()), late);
         ASSERT_TRUE(a.last_dataflow());
         EXPECT_GT(a.last_stolen(), 0)
