@@ -110,9 +110,8 @@ class MoeExperts {
   /// Prefill phase 2: tile pairs of H per task; 0 (the default unless
   /// TIDAL_EXPERT_PREFILL_PAIRS is set) picks one block per thread, ceil(pairs / threads).
   void set_prefill_pairs(int pairs) { prefill_pairs_ = pairs < 0 ? 0 : pairs; }
-  /// Items the last hand-off run took from other threads' shares. With half-share stealing
-  /// (Note [Stealing half a share]) an item counts once per move, so an item moved on from a
-  /// thief's range counts twice: compare it only between runs of one stealing mode.
+  /// Items the last hand-off run took from other threads' shares. An item counts once per move
+  /// (Note [Stealing half a share]), so one moved on from a thief's range counts twice.
   int64_t last_stolen() const { return stolen_.load(std::memory_order_relaxed); }
   /// Of those, the items taken from shares on another NUMA node (Note [NUMA expert placement]);
   /// an item moved on from a thief's range counts by the node of that thief.
@@ -139,8 +138,8 @@ class MoeExperts {
     kWaitNs,         // (a duration) time spent waiting for experts' h in phase 2
     kOwnDownDone,    // its own phase 2 items done
     kDownDone,       // phase 2 items taken from others done too
-    kBarrierDone,    // every share's slot outputs exist (block reduce: = kDownDone)
-    kReduceDone,     // its columns added into dst (block reduce: = kDownDone)
+    kBarrierDone,    // = kDownDone (kept in the format: the call once ended at a barrier)
+    kReduceDone,     // = kDownDone (column blocks are added by the items that complete them)
     kReduceNs,       // (a duration) time spent adding column blocks into dst
     kTracePoints
   };

@@ -128,11 +128,11 @@ if [[ $steps == *prefill* ]]; then
   # defaults; oneDNN (ONEDNN=1) runs with the
   # first entry of the first repetition only.
   : > "$out/prefill.jsonl"
+  envs=${PREFILL_ENVS:--}
   for rep in $(seq "${PREFILL_REPS:-1}"); do
-    for v in ${PREFILL_ENVS:--}; do
-      dnn=${ONEDNN:+--onednn}
-      [[ $rep == 1 && $v == "${PREFILL_ENVS%% *}" ]] || dnn=
-      [[ -z ${PREFILL_ENVS:-} ]] && dnn=${ONEDNN:+--onednn}
+    for v in $envs; do
+      dnn=
+      [[ $rep == 1 && $v == "${envs%% *}" ]] && dnn=${ONEDNN:+--onednn}
       e=${v//+/ }
       [[ $v == - ]] && e=
       env $e TIDAL_EXPERT_AMX_BF16=bf16 "$b" --shape 35b --m ${PREFILL_M:-512,2048} --threads "$threads" \
