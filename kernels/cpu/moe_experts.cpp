@@ -72,6 +72,36 @@
 /// Single steals read 0.792 of the bandwidth against 0.804 (fourteenth session, medians of 3) and
 /// are gone.
 ///
+/// Note [A call's setup leaves the workers' lines alone]
+/// Before a hand-off call's job starts, the calling thread used to reset every expert's done count
+/// and ready flag, every column block's count, both phases' item range of every thread, the
+/// stolen-item counters and the row flag: ~60 cache lines at 16 threads, each last written or
+/// read by a worker, so each store first had to take its line back from another core. The
+/// thirteenth and fourteenth sessions' traces put ~1.9 µs between the op's entry and the job's
+/// dispatch, and ~0.9 µs more before the caller's own share began (the job's publishing waits
+/// for those stores). Now nothing needs resetting: the item that completes a count sets it back
+/// to 0 for the next call; flags hold the call's number (`epoch_`) instead of 1; the stolen-item
+/// counters carry it in their high half (add_for_call); each share writes its own two ranges
+/// when it starts (init_range), and the per-call arrays the workers read are written only where a
+/// value changed (set_if; one-token calls keep slot rows, counts and offsets). A range word
+/// carries a 16-bit tag of its call, so a thread out of work still takes items from a share
+/// whose thread has not started yet: it reads a range of another call as that share's whole
+/// [front, back) and moves the back half out with one compare-and-swap, after which the owner's
+/// init_range leaves the range alone (HandOffStealsFromASlowThreadAndStaysExact). Tags cycle
+/// through 65535 values and every call rewrites the tag of every range in [0, 2T), so a range of
+/// an earlier call never carries the current tag; when T changes, all ranges are set to no call.
+/// After a call whose share threw (abort_), the next call resets the counts as before.
+/// TIDAL_EXPERT_LOCAL_SETUP=0 (set_local_setup(false)) makes the caller store every count,
+/// flag and range again, for comparison.
+///
+/// Note [Phase 2's first lines]
+/// The kernels' software prefetch runs 4 KiB ahead of their loads, so the first 4 KiB of every
+/// new stream are demand misses: a thread's first phase 2 item, and the first item of every range
+/// it steals. With the hand-off on (TIDAL_EXPERT_DOWN_AHEAD=0 turns this off), a thread asks L2
+/// for those 64 lines (for a stolen gate/up item, of both tiles) before it starts the item, and a
+/// thread whose next down item waits for its expert's h spends the wait asking L2 for that item's
+/// weights, 8 lines per poll. Prefetches only: the arithmetic is unchanged.
+///
 /// Note [NUMA expert placement]
 /// On a machine of several NUMA nodes (several sockets) decode is bound by memory bandwidth, and a
 /// core reads its own node's memory at full speed, another node's over the socket link at a
@@ -162,6 +192,23 @@ inline void prefetch_l2(const uint8_t* p, int64_t lines) {
 #endif
 }
 
+// The lines that the kernels' software prefetch does not cover at the start of a stream: it runs
+// 4 KiB ahead of the loads (kPrefetchBytes in expert_gemm_avx512.cpp).
+constexpr int64_t kAheadLines = 64;
+
+// Note [A call's setup leaves the workers' lines alone]: a count of this call in one word, the
+// call's number (low 32 bits) in the high half, so that no one resets it between calls.
+void add_for_call(std::atomic<uint64_t>& c, int64_t epoch, int64_t n) {
+  const uint64_t tag = static_cast<uint64_t>(epoch) << 32;
+  uint64_t v = c.load(std::memory_order_relaxed);
+  for (;;) {
+    const uint64_t base = (v & ~uint64_t{0xffffffffu}) == tag ? (v & 0xffffffffu) : 0;
+    if (c.compare_exchange_weak(v, tag | (base + static_cast<uint64_t>(n)),
+                                std::memory_order_relaxed))
+      return;
+  }
+}
+
 // Note [Prefill down: the next expert ahead]
 // Prefill phase 2 runs, per task, every active expert in turn against the task's few tile pairs
 // of H: per expert a few short weight streams (16 KB per INT8 pair at K = 512) and the expert's
@@ -218,10 +265,27 @@ void add_rows(LineAhead& ahead, const ActBuffer& b, int64_t row0, int64_t count)
   ahead.add(r.q_sum, count * b.ld_group * 4);
 }
 
-// A work range [front, back) in one atomic word: front in the low, back in the high 32 bits.
-uint64_t pack_range(int64_t front, int64_t back) {
-  return static_cast<uint64_t>(front) | (static_cast<uint64_t>(back) << 32);
+// Note [A call's setup leaves the workers' lines alone]: stores a value only where it differs.
+template <class T, class V>
+inline void set_if(T& dst, V v) {
+  if (dst != static_cast<T>(v)) dst = static_cast<T>(v);
 }
+
+// A work range [front, back) in one atomic word with the tag of its call (Note [A call's setup
+// leaves the workers' lines alone]): tag in the top 16 bits, back in the next 24, front in the
+// low 24.
+constexpr int kRangeBits = 24;
+constexpr uint64_t kRangeMask = (uint64_t{1} << kRangeBits) - 1;
+uint64_t pack_range(uint64_t tag, int64_t front, int64_t back) {
+  return (tag << (2 * kRangeBits)) | (static_cast<uint64_t>(back) << kRangeBits) |
+         static_cast<uint64_t>(front);
+}
+uint64_t range_tag(uint64_t v) { return v >> (2 * kRangeBits); }
+int64_t range_front(uint64_t v) { return static_cast<int64_t>(v & kRangeMask); }
+int64_t range_back(uint64_t v) { return static_cast<int64_t>((v >> kRangeBits) & kRangeMask); }
+// Call tags cycle through [0, kNoTag); kNoTag marks a range of no call.
+constexpr uint64_t kNoTag = 0xffff;
+uint64_t call_tag(int64_t epoch) { return static_cast<uint64_t>(epoch) % kNoTag; }
 
 }  // namespace
 
@@ -256,29 +320,36 @@ void NumaShares::split(const int64_t* node_begin, int64_t* out) const {
   }
 }
 
+void MoeExperts::init_range(Range& r, uint64_t tag, int64_t front, int64_t back) {
+  uint64_t v = r.v.load(std::memory_order_acquire);
+  while (range_tag(v) != tag)
+    if (r.v.compare_exchange_weak(v, pack_range(tag, front, back), std::memory_order_acq_rel))
+      return;
+}
+
 // The owner's next item (from the front), or -1 when the range is empty.
 int64_t MoeExperts::take_front(Range& r) {
   uint64_t v = r.v.load(std::memory_order_acquire);
   for (;;) {
-    const uint64_t f = v & 0xffffffffu, b = v >> 32;
+    const int64_t f = range_front(v), b = range_back(v);
     if (f >= b) return -1;
-    if (r.v.compare_exchange_weak(v,
-                                  pack_range(static_cast<int64_t>(f + 1), static_cast<int64_t>(b)),
-                                  std::memory_order_acq_rel))
-      return static_cast<int64_t>(f);
+    if (r.v.compare_exchange_weak(v, pack_range(range_tag(v), f + 1, b), std::memory_order_acq_rel))
+      return f;
   }
 }
 
-bool MoeExperts::take_back_half(Range& r, int64_t& b0, int64_t& b1) {
+bool MoeExperts::take_back_half(Range& r, uint64_t tag, int64_t front, int64_t back, int64_t& b0,
+                                int64_t& b1) {
   uint64_t v = r.v.load(std::memory_order_acquire);
   for (;;) {
-    const uint64_t f = v & 0xffffffffu, b = v >> 32;
+    // A range still of an earlier call: its owner has not started; [front, back) is its share.
+    const bool current = range_tag(v) == tag;
+    const int64_t f = current ? range_front(v) : front, b = current ? range_back(v) : back;
     if (f >= b) return false;
-    const uint64_t m = b - (b - f + 1) / 2;  // the back half, the middle item included
-    if (r.v.compare_exchange_weak(v, pack_range(static_cast<int64_t>(f), static_cast<int64_t>(m)),
-                                  std::memory_order_acq_rel)) {
-      b0 = static_cast<int64_t>(m);
-      b1 = static_cast<int64_t>(b);
+    const int64_t m = b - (b - f + 1) / 2;  // the back half, the middle item included
+    if (r.v.compare_exchange_weak(v, pack_range(tag, f, m), std::memory_order_acq_rel)) {
+      b0 = m;
+      b1 = b;
       return true;
     }
   }
@@ -349,6 +420,16 @@ int MoeExperts::default_down_tiles() {
 
 void MoeExperts::set_down_tiles(int tiles) { down_tiles_ = round_down_tiles(tiles); }
 
+bool MoeExperts::default_local_setup() {
+  static const bool on = env_on("TIDAL_EXPERT_LOCAL_SETUP");
+  return on;
+}
+
+bool MoeExperts::default_down_ahead() {
+  static const bool on = env_on("TIDAL_EXPERT_DOWN_AHEAD");
+  return on;
+}
+
 bool MoeExperts::default_prefill_ahead() {
   static const bool on = env_on("TIDAL_EXPERT_PREFILL_AHEAD");
   return on;
@@ -403,7 +484,6 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   slot_row_.resize(static_cast<size_t>(S));
   count_.resize(static_cast<size_t>(E));
   offset_.resize(static_cast<size_t>(E + 1));
-  active_.clear();
   if (S <= kSparseSlots) {
     // Note [Grouping a few slots]: the slots in (expert, token) order by a stable insertion
     // sort; count_ and offset_ are written for the active experts only (nothing reads the
@@ -414,20 +494,29 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
       for (; k > 0 && a.ids[fill_[k - 1]] > a.ids[s]; --k) fill_[k] = fill_[k - 1];
       fill_[k] = s;
     }
+    // The workers read these arrays: set_if (Note [A call's setup leaves the workers' lines
+    // alone]).
+    size_t na = 0;
     for (int64_t k = 0; k < S;) {
       const int32_t e = a.ids[fill_[k]];
       int64_t n = 0;
       for (; k + n < S && a.ids[fill_[k + n]] == e; ++n) {
-        slot_token_[k + n] = fill_[k + n] / K;
-        slot_weight_[k + n] = a.weights[fill_[k + n]];
+        set_if(slot_token_[k + n], fill_[k + n] / K);
+        set_if(slot_weight_[k + n], a.weights[fill_[k + n]]);
       }
-      active_.push_back(e);
+      if (na < active_.size())
+        set_if(active_[na], e);
+      else
+        active_.push_back(e);
+      ++na;
       count_[e] = n;
       offset_[e] = k;
       offset_[e + 1] = k + n;
       k += n;
     }
+    active_.resize(na);
   } else {
+    active_.clear();
     std::fill(count_.begin(), count_.end(), 0);
     for (int64_t s = 0; s < S; ++s) ++count_[static_cast<size_t>(a.ids[s])];
     offset_[0] = 0;
@@ -454,14 +543,19 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   const int64_t num_active = static_cast<int64_t>(active_.size());
   large_.resize(static_cast<size_t>(num_active));
   row0_.resize(static_cast<size_t>(num_active));
+  jcount_.resize(static_cast<size_t>(num_active));
+  joffset_.resize(static_cast<size_t>(num_active));
   int64_t rows_small = 0, rows_large = 0;
   for (int64_t j = 0; j < num_active; ++j) {
     const int64_t e = active_[j], c = count_[e];
     const bool big = &large != &small && c >= large.min_rows;
-    large_[j] = big;
+    set_if(large_[j], big);
     int64_t& rows = big ? rows_large : rows_small;
-    row0_[j] = rows;
-    for (int64_t s = offset_[e]; s < offset_[e + 1]; ++s) slot_row_[s] = rows + (s - offset_[e]);
+    set_if(row0_[j], rows);
+    set_if(jcount_[j], c);
+    set_if(joffset_[j], offset_[e]);
+    for (int64_t s = offset_[e]; s < offset_[e + 1]; ++s)
+      set_if(slot_row_[s], rows + (s - offset_[e]));
     rows += c;
     (big ? used_large_ : used_small_) = big ? large.name : small.name;
   }
@@ -505,8 +599,10 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   // soon as its own gate/up tiles are done. See Note [Per-expert hand-off].
   // Only where every expert runs the small variant: AMX BF16 (2+ tokens, opt-in) reads whole
   // 16-row activation tiles, i.e. rows of the next expert that another thread may be preparing.
+  // (Work items are numbered in 24 bits: pack_range.)
   const bool hand_off =
-      decode && slot_major && dataflow_ && rows_large == 0 && ex.num_threads() > 1;
+      decode && slot_major && dataflow_ && rows_large == 0 && ex.num_threads() > 1 &&
+      num_active * std::max(lgu.num_tiles, ldn.num_tiles) < static_cast<int64_t>(kRangeMask);
   // Note [The token's row inside the job]: one token read in place is prepared by share 0 of
   // the hand-off job while the other threads wake up.
   const bool late_row = hand_off && own_row;
@@ -541,11 +637,11 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
       const uint8_t* gt = a.experts[e].gate + tile * lgu.tile_bytes;
       const uint8_t* ut = a.experts[e].up + tile * lgu.tile_bytes;
       const int64_t col0 = tile * kTileRows, ncol = std::min(kTileRows, I - col0);
-      for (int64_t c0 = 0; c0 < count_[e]; c0 += kMaxRowsPerCall) {
-        const int64_t mc = std::min(kMaxRowsPerCall, count_[e] - c0);
+      for (int64_t c0 = 0; c0 < jcount_[j]; c0 += kMaxRowsPerCall) {
+        const int64_t mc = std::min(kMaxRowsPerCall, jcount_[j] - c0);
         v.run_pair(lgu, gt, ut, buf.rows(buf_row0 + c0), mc, g, u);
         for (int64_t i = 0; i < mc; ++i) {
-          float* h = hidden_.data() + (offset_[e] + c0 + i) * I + col0;
+          float* h = hidden_.data() + (joffset_[j] + c0 + i) * I + col0;
           if (vec_silu) {
             avx512::silu_mul(g + i * kTileRows, u + i * kTileRows, h, ncol);
           } else {
@@ -558,9 +654,8 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   };
   // Phase 2 activations of active expert j: silu(g)·u of its slots.
   auto prepare_hidden = [&](int64_t j) {
-    const int64_t e = active_[j];
     ActBuffer& buf = large_[j] ? hid_large_ : hid_small_;
-    for (int64_t s = offset_[e]; s < offset_[e + 1]; ++s)
+    for (int64_t s = joffset_[j]; s < joffset_[j] + jcount_[j]; ++s)
       buf.prepare(slot_row_[s], hidden_.data() + s * I);
   };
   const int64_t pairs = (ldn.num_tiles + 1) / 2;
@@ -579,15 +674,15 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
       const int64_t col0 = tile * kTileRows, ncol = std::min(2 * kTileRows, H - col0);
       const int64_t n0 = std::min(kTileRows, ncol), n1 = ncol - n0;
       const uint8_t* t0 = a.experts[e].down + tile * ldn.tile_bytes;
-      for (int64_t c0 = 0; c0 < count_[e]; c0 += kMaxRowsPerCall) {
-        const int64_t mc = std::min(kMaxRowsPerCall, count_[e] - c0);
+      for (int64_t c0 = 0; c0 < jcount_[j]; c0 += kMaxRowsPerCall) {
+        const int64_t mc = std::min(kMaxRowsPerCall, jcount_[j] - c0);
         const ActRows rows = buf.rows(row0_[j] + c0);
         if (two)
           v.run_pair(ldn, t0, t0 + ldn.tile_bytes, rows, mc, y0, y1);
         else
           v.run(ldn, t0, rows, mc, y0);
         for (int64_t i = 0; i < mc; ++i) {
-          float* y = slot_out_.data() + (offset_[e] + c0 + i) * H + col0;
+          float* y = slot_out_.data() + (joffset_[j] + c0 + i) * H + col0;
           std::copy(y0 + i * kTileRows, y0 + i * kTileRows + n0, y);
           std::copy(y1 + i * kTileRows, y1 + i * kTileRows + n1, y + kTileRows);
         }
@@ -600,9 +695,9 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
     token_slots_.resize(static_cast<size_t>(M * K));
     fill_.assign(static_cast<size_t>(M), 0);
     for (int64_t j = 0; j < num_active; ++j)
-      for (int64_t s = offset_[active_[j]]; s < offset_[active_[j] + 1]; ++s) {
+      for (int64_t s = joffset_[j]; s < joffset_[j] + jcount_[j]; ++s) {
         const int64_t t = slot_token_[s];
-        token_slots_[t * K + fill_[t]++] = s;
+        set_if(token_slots_[t * K + fill_[t]++], s);
       }
   };
   auto reduce_block = [&](int64_t t0, int64_t t1, int64_t c0, int64_t c1) {
@@ -629,16 +724,29 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
     hid_small_.reserve(small.act, ldn, rows_small, isa_, small.whole_tiles());
     if (rows_large > 0) hid_large_.reserve(large.act, ldn, rows_large, isa_, large.whole_tiles());
     slot_out_.resize(static_cast<size_t>(S * H));
+    // Note [A call's setup leaves the workers' lines alone]: the counters return to 0 through
+    // the items that complete them, flags carry the call's number, and each share writes its own
+    // ranges. Only after a call whose share threw (abort_), or with set_local_setup(false), does
+    // the caller reset them here.
+    const int T = ex.num_threads();
+    const int64_t epoch = ++epoch_;
+    const bool local = local_setup_;
+    const bool reset_all = abort_.load(std::memory_order_relaxed);
+    if (reset_all) abort_.store(false, std::memory_order_relaxed);
     if (flags_cap_ < num_active) {
       done_ = std::make_unique<std::atomic<int64_t>[]>(static_cast<size_t>(num_active));
-      ready_ = std::make_unique<std::atomic<int32_t>[]>(static_cast<size_t>(num_active));
+      ready_ = std::make_unique<std::atomic<int64_t>[]>(static_cast<size_t>(num_active));
       flags_cap_ = num_active;
+      for (int64_t j = 0; j < num_active; ++j) {
+        done_[j].store(0, std::memory_order_relaxed);
+        ready_[j].store(0, std::memory_order_relaxed);
+      }
     }
-    for (int64_t j = 0; j < num_active; ++j) {
-      done_[j].store(0, std::memory_order_relaxed);
-      ready_[j].store(0, std::memory_order_relaxed);
-    }
-    const int T = ex.num_threads();
+    if (!local || reset_all)
+      for (int64_t j = 0; j < (reset_all ? flags_cap_ : num_active); ++j) {
+        done_[j].store(0, std::memory_order_relaxed);
+        ready_[j].store(0, std::memory_order_relaxed);
+      }
     order_token_slots();
     // Phase 2 items: (expert, block of down_tiles_ / 2 tile pairs of H).
     const int64_t dn_pairs = down_tiles_ / 2, dn_blocks = (pairs + dn_pairs - 1) / dn_pairs;
@@ -646,12 +754,22 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
       col_done_ = std::make_unique<Counter[]>(static_cast<size_t>(dn_blocks));
       col_done_cap_ = dn_blocks;
     }
-    for (int64_t b = 0; b < dn_blocks; ++b) col_done_[b].n.store(0, std::memory_order_relaxed);
+    if (!local || reset_all)
+      for (int64_t b = 0; b < (reset_all ? col_done_cap_ : dn_blocks); ++b)
+        col_done_[b].n.store(0, std::memory_order_relaxed);
     // Item ranges [front, back) per thread and phase: the owner takes from the front, a thread
     // that has run out takes from the back of the others' (Note [Per-expert hand-off]).
     if (ranges_cap_ < 2 * T) {
-      ranges_ = std::make_unique<Range[]>(static_cast<size_t>(2 * T));
+      ranges_ = std::make_unique<Range[]>(static_cast<size_t>(2 * T));  // of no call
       ranges_cap_ = 2 * T;
+    }
+    // Every call's shares tag ranges [0, 2T) with the call's tag, so that a range of the last
+    // call never carries the current one; after a change of T the others would keep old tags.
+    const uint64_t tag = call_tag(epoch);
+    if (ranges_threads_ != T) {
+      for (int q = 0; q < ranges_cap_; ++q)
+        ranges_[q].v.store(pack_range(kNoTag, 0, 0), std::memory_order_relaxed);
+      ranges_threads_ = T;
     }
     // Shares by NUMA node (Note [NUMA expert placement]): active_ ascends, so the items of each
     // node's experts are contiguous; with one node, share i is [n·i/T, n·(i+1)/T).
@@ -668,6 +786,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
     node_first_.resize(static_cast<size_t>(N + 1));
     node_items_.resize(static_cast<size_t>(N + 1));
     share_items_.resize(static_cast<size_t>(4 * T));
+    share_scratch_.resize(static_cast<size_t>(4 * T));
     for (int n = 0, j = 0; n <= N; ++n) {
       const int64_t first = first_expert_of_node(n, E, N);
       while (j < num_active && active_[j] < first) ++j;
@@ -676,11 +795,13 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
     for (int phase = 0; phase < 2; ++phase) {
       const int64_t per = phase == 0 ? tiles_i : dn_blocks;
       for (int n = 0; n <= N; ++n) node_items_[static_cast<size_t>(n)] = node_first_[n] * per;
-      int64_t* items = share_items_.data() + phase * 2 * T;
+      int64_t* items = share_scratch_.data() + phase * 2 * T;
       numa_.split(node_items_.data(), items);
-      for (int i = 0; i < T; ++i)
-        ranges_[phase * T + i].v.store(pack_range(items[2 * i], items[2 * i + 1]),
-                                       std::memory_order_relaxed);
+      for (int q = 0; q < 2 * T; ++q) set_if(share_items_[phase * 2 * T + q], items[q]);
+      if (!local)
+        for (int i = 0; i < T; ++i)
+          ranges_[phase * T + i].v.store(pack_range(tag, items[2 * i], items[2 * i + 1]),
+                                         std::memory_order_relaxed);
     }
     // Tracing (set_trace): share i's marks at trace_[i · kTracePoints + point].
     const bool tr = trace_on_;
@@ -690,24 +811,59 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
     };
     auto gate_up_item = [&](int64_t w) {
       phase1(w, w + 1);
-      // The thread that completes expert j's tiles prepares its phase 2 activations.
+      // The thread that completes expert j's tiles resets its count for the next call, prepares
+      // its phase 2 activations and raises its flag (the call's number).
       const int64_t j = w / tiles_i;
       if (done_[j].fetch_add(1, std::memory_order_acq_rel) + 1 == tiles_i) {
+        done_[j].store(0, std::memory_order_relaxed);
         prepare_hidden(j);
-        ready_[j].store(1, std::memory_order_release);
+        ready_[j].store(epoch, std::memory_order_release);
       }
     };
     // A share that throws raises `abort_`, so that no other share waits for its work forever;
     // the executor hands the exception to the caller.
-    abort_.store(false, std::memory_order_relaxed);
-    stolen_.store(0, std::memory_order_relaxed);
-    remote_stolen_.store(0, std::memory_order_relaxed);
+    if (!local) {
+      stolen_.store(0, std::memory_order_relaxed);
+      remote_stolen_.store(0, std::memory_order_relaxed);
+    }
+    const bool ahead = down_ahead_;
+    // Where item w of a phase starts (phase 0: its gate tile), and its bytes.
+    auto item_bytes = [&](int phase, int64_t w, int64_t& bytes) -> const uint8_t* {
+      if (phase == 0) {
+        const int64_t e = active_[w / tiles_i], tile = w % tiles_i;
+        bytes = lgu.tile_bytes;
+        return a.experts[e].gate + tile * lgu.tile_bytes;
+      }
+      const int64_t e = active_[w / dn_blocks], b = w % dn_blocks;
+      const int64_t t0 = 2 * b * dn_pairs, t1 = std::min(ldn.num_tiles, t0 + 2 * dn_pairs);
+      bytes = (t1 - t0) * ldn.tile_bytes;
+      return a.experts[e].down + t0 * ldn.tile_bytes;
+    };
+    auto first_lines = [&](int phase, int64_t w) {
+      int64_t bytes = 0;
+      const uint8_t* p = item_bytes(phase, w, bytes);
+      const int64_t lines = std::min<int64_t>(kAheadLines, bytes / 64);
+      prefetch_l2(p, lines);
+      if (phase == 0)  // and the same lines of its up tile
+        prefetch_l2(a.experts[active_[w / tiles_i]].up + (w % tiles_i) * lgu.tile_bytes, lines);
+    };
     auto down_item = [&](int64_t w, int i) {
       const int64_t j = w / dn_blocks, b = w % dn_blocks;
-      if (ready_[j].load(std::memory_order_acquire) == 0) {
+      if (ready_[j].load(std::memory_order_acquire) != epoch) {
         const int64_t t0 = tr ? now_ns() : 0;
-        for (int spins = 0; ready_[j].load(std::memory_order_acquire) == 0; ++spins) {
+        // Note [Phase 2's first lines]: while expert j's h is not ready, this item's weights
+        // into L2, a few lines per poll.
+        int64_t bytes = 0, issued = 0;
+        const uint8_t* p = item_bytes(1, w, bytes);
+        const int64_t lines = ahead ? bytes / 64 : 0;
+        for (int spins = 0; ready_[j].load(std::memory_order_acquire) != epoch; ++spins) {
           if (abort_.load(std::memory_order_relaxed)) return;
+          if (issued < lines) {
+            const int64_t n = std::min<int64_t>(8, lines - issued);
+            prefetch_l2(p + 64 * issued, n);
+            issued += n;
+            continue;
+          }
           wait_a_little(spins);
         }
         if (tr) trace_[static_cast<size_t>(i * kTracePoints + kWaitNs)] += now_ns() - t0;
@@ -715,39 +871,47 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
       const int64_t p0 = b * dn_pairs, p1 = std::min(pairs, p0 + dn_pairs);
       phase2_slots(j * pairs + p0, j * pairs + p1);
       // Note [Column blocks finish the call]: the item that completes column block b (its last
-      // expert) adds the block's slot outputs into dst.
+      // expert) resets its count for the next call and adds the block's slot outputs into dst.
       // (A call whose share threw leaves dst with the blocks completed before the throw.)
       if (col_done_[b].n.fetch_add(1, std::memory_order_acq_rel) + 1 == num_active &&
           !abort_.load(std::memory_order_relaxed)) {
+        col_done_[b].n.store(0, std::memory_order_relaxed);
         const int64_t t0 = tr ? now_ns() : 0;
         reduce_block(0, M, p0 * 2 * kTileRows, std::min(H, p1 * 2 * kTileRows));
         if (tr) trace_[static_cast<size_t>(i * kTracePoints + kReduceNs)] += now_ns() - t0;
       }
     };
-    row_ready_.store(late_row ? 0 : 1, std::memory_order_relaxed);
+    if (!late_row || !local) row_ready_.store(late_row ? 0 : epoch, std::memory_order_relaxed);
     auto share = [&](int i) {
       mark(i, kShareStart);
       try {
+        // This share's own ranges (Note [A call's setup leaves the workers' lines alone]),
+        // unless a thread out of work got there first.
+        if (local)
+          for (int phase = 0; phase < 2; ++phase)
+            init_range(ranges_[phase * T + i], tag, share_items_[phase * 2 * T + 2 * i],
+                       share_items_[phase * 2 * T + 2 * i + 1]);
         if (late_row && i == 0) {
           tok_small_.prepare(x_row, a.src);
-          row_ready_.store(1, std::memory_order_release);
+          row_ready_.store(epoch, std::memory_order_release);
           if (tr) trace_[static_cast<size_t>(T * kTracePoints + 4)] = now_ns();
         }
         // The first lines of this share's first gate/up tiles, ahead of the kernel's own
         // software prefetch (which starts kPrefetchBytes in), while the row is prepared.
         const int64_t w0 = share_items_[2 * i];
-        if (late_row && w0 < share_items_[2 * i + 1]) {
-          const int64_t e = active_[w0 / tiles_i], tile = w0 % tiles_i;
-          const int64_t lines = std::min<int64_t>(64, lgu.tile_bytes / 64);
-          prefetch_l2(a.experts[e].gate + tile * lgu.tile_bytes, lines);
-          prefetch_l2(a.experts[e].up + tile * lgu.tile_bytes, lines);
-        }
-        for (int spins = 0; row_ready_.load(std::memory_order_acquire) == 0; ++spins) {
+        if (late_row && w0 < share_items_[2 * i + 1]) first_lines(0, w0);
+        for (int spins = 0; row_ready_.load(std::memory_order_acquire) != epoch; ++spins) {
           if (abort_.load(std::memory_order_relaxed)) break;  // share 0 threw: the call fails
           wait_a_little(spins);
         }
+        int64_t stolen = 0, remote_stolen = 0;
         for (int phase = 0; phase < 2; ++phase) {
           Range* r = ranges_.get() + phase * T;
+          // Note [Phase 2's first lines]: the first lines of this share's first down item.
+          if (phase == 1 && ahead) {
+            const uint64_t v = r[i].v.load(std::memory_order_relaxed);
+            if (range_front(v) < range_back(v)) first_lines(1, range_front(v));
+          }
           for (int64_t w; (w = take_front(r[i])) >= 0;)
             phase == 0 ? gate_up_item(w) : down_item(w, i);
           mark(i, phase == 0 ? kOwnGateUpDone : kOwnDownDone);
@@ -760,16 +924,20 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
               // range, where others may take from it in turn; then look again from the nearest
               // share.
               int64_t b0, b1;
-              if (!take_back_half(r[k], b0, b1)) continue;
-              stolen_.fetch_add(b1 - b0, std::memory_order_relaxed);
-              if (remote == 1) remote_stolen_.fetch_add(b1 - b0, std::memory_order_relaxed);
-              r[i].v.store(pack_range(b0, b1), std::memory_order_release);
+              const int64_t* own = share_items_.data() + phase * 2 * T + 2 * k;
+              if (!take_back_half(r[k], tag, own[0], own[1], b0, b1)) continue;
+              stolen += b1 - b0;
+              if (remote == 1) remote_stolen += b1 - b0;
+              r[i].v.store(pack_range(tag, b0, b1), std::memory_order_release);
+              if (ahead) first_lines(phase, b0);
               for (int64_t w; (w = take_front(r[i])) >= 0;)
                 phase == 0 ? gate_up_item(w) : down_item(w, i);
               q = 0;
             }
           mark(i, phase == 0 ? kGateUpDone : kDownDone);
         }
+        if (stolen > 0) add_for_call(stolen_, epoch, stolen);
+        if (remote_stolen > 0) add_for_call(remote_stolen_, epoch, remote_stolen);
       } catch (...) {
         abort_.store(true, std::memory_order_relaxed);
         throw;

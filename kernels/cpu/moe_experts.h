@@ -112,10 +112,18 @@ class MoeExperts {
   void set_prefill_pairs(int pairs) { prefill_pairs_ = pairs < 0 ? 0 : pairs; }
   /// Items the last hand-off run took from other threads' shares. An item counts once per move
   /// (Note [Stealing half a share]), so one moved on from a thief's range counts twice.
-  int64_t last_stolen() const { return stolen_.load(std::memory_order_relaxed); }
+  int64_t last_stolen() const { return for_last_call(stolen_); }
   /// Of those, the items taken from shares on another NUMA node (Note [NUMA expert placement]);
   /// an item moved on from a thief's range counts by the node of that thief.
-  int64_t last_remote_stolen() const { return remote_stolen_.load(std::memory_order_relaxed); }
+  int64_t last_remote_stolen() const { return for_last_call(remote_stolen_); }
+  /// Hand-off setup (Note [A call's setup leaves the workers' lines alone]): on (the default
+  /// unless TIDAL_EXPERT_LOCAL_SETUP=0), the caller writes no counter, flag or range that the
+  /// workers used in the last call; off, it resets them all before the job (for comparison).
+  void set_local_setup(bool on) { local_setup_ = on; }
+  /// Hand-off (Note [Phase 2's first lines]): on (the default unless TIDAL_EXPERT_DOWN_AHEAD=0),
+  /// a thread asks L2 for the first lines of its first phase 2 item and of every range it
+  /// steals, and for the item's weights while it waits for the expert's h.
+  void set_down_ahead(bool on) { down_ahead_ = on; }
   /// The item shares of the last hand-off run: [phase][thread][begin, end) (4 × threads values).
   const std::vector<int64_t>& last_share_items() const { return share_items_; }
   /// A one-token call reads the token's row in place (Note [One token reads its own row]).
@@ -171,28 +179,44 @@ class MoeExperts {
   static bool default_prefill_ahead();
   int prefill_pairs_ = default_prefill_pairs();
   static int default_prefill_pairs();
+  bool local_setup_ = default_local_setup();
+  static bool default_local_setup();
+  bool down_ahead_ = default_down_ahead();
+  static bool default_down_ahead();
+  int64_t epoch_ = 0;  // hand-off calls so far: the number of the current one
+  int64_t for_last_call(const std::atomic<uint64_t>& c) const {
+    const uint64_t v = c.load(std::memory_order_relaxed);
+    return (v >> 32) == (static_cast<uint64_t>(epoch_) & 0xffffffffu)
+               ? static_cast<int64_t>(v & 0xffffffffu)
+               : 0;
+  }
   double phase_s_[4] = {};
   const char* used_small_ = nullptr;
   const char* used_large_ = nullptr;
   // Workspace.
   std::vector<int64_t> count_, offset_, fill_, active_, row0_, slot_token_, slot_row_;
+  std::vector<int64_t> jcount_, joffset_;  // count_ and offset_ per active expert (its index j)
   std::vector<float> slot_weight_, hidden_, slot_out_;
   std::vector<int64_t> token_slots_;
   std::vector<uint8_t> large_;  // per active expert: 1 if it runs the large-m variant
   ActBuffer tok_small_, tok_large_, act_small_, act_large_, hid_small_, hid_large_;
   // Per active expert (hand-off): gate/up tiles done, phase 2 activations ready.
   std::unique_ptr<std::atomic<int64_t>[]> done_;
-  std::unique_ptr<std::atomic<int32_t>[]> ready_;
+  std::unique_ptr<std::atomic<int64_t>[]> ready_;  // the call's number once h is ready
   int64_t flags_cap_ = 0;
-  std::atomic<bool> abort_{false};             // a share threw (hand-off)
-  alignas(64) std::atomic<int> row_ready_{0};  // the token's row is prepared (hand-off)
-  std::atomic<int64_t> stolen_{0};             // items taken from others' shares (hand-off)
-  std::atomic<int64_t> remote_stolen_{0};      // ... from shares on another NUMA node
+  std::atomic<bool> abort_{false};                 // a share threw (hand-off)
+  alignas(64) std::atomic<int64_t> row_ready_{0};  // the call's number once its token row is ready
+  // Items taken from others' shares (hand-off), and those from shares on another NUMA node, with
+  // the call's number (add_for_call).
+  alignas(64) std::atomic<uint64_t> stolen_{0};
+  std::atomic<uint64_t> remote_stolen_{0};
   struct alignas(64) Range {
-    std::atomic<uint64_t> v{0};  // [front, back) of a share of items: front low, back high
+    // The call's tag and [front, back) of a share (pack_range); at first of no call (tag 0xffff).
+    std::atomic<uint64_t> v{uint64_t{0xffff} << 48};
   };
   std::unique_ptr<Range[]> ranges_;  // per phase and thread (hand-off)
   int ranges_cap_ = 0;
+  int ranges_threads_ = 0;  // the thread count of the last hand-off call
   struct alignas(64) Counter {
     std::atomic<int64_t> n{0};
   };
@@ -203,10 +227,14 @@ class MoeExperts {
   NumaShares numa_;
   const Executor* numa_ex_ = nullptr;
   std::vector<int> share_node_;
-  std::vector<int64_t> node_first_, node_items_, share_items_;
+  std::vector<int64_t> node_first_, node_items_, share_items_, share_scratch_;
+  // Gives r the share [front, back) of the call tagged `tag` unless r is already the call's.
+  static void init_range(Range& r, uint64_t tag, int64_t front, int64_t back);
   static int64_t take_front(Range& r);
-  // Moves the back half of r, [b0, b1), out of it; false when r is empty.
-  static bool take_back_half(Range& r, int64_t& b0, int64_t& b1);
+  // Moves the back half of r, [b0, b1), out of it (r as [front, back) where it is not yet of the
+  // call tagged `tag`); false when r is empty.
+  static bool take_back_half(Range& r, uint64_t tag, int64_t front, int64_t back, int64_t& b0,
+                             int64_t& b1);
 };
 
 /// Scalar reference of the op: token by token, experts in ascending id, reference tile kernels

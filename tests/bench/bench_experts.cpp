@@ -483,6 +483,8 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
               const int T = static_cast<int>(nt);
               std::vector<std::vector<double>> pts(static_cast<size_t>((T + 1) * P));
               std::vector<double> stolen;  // items taken from other shares, per call
+              // Per call: the last share's start, gate/up end and down end (µs from dispatch).
+              std::vector<double> last_start, last_gate_up, last_down;
               const double t_stop = now_s() + seconds;
               while (now_s() < t_stop || pts[static_cast<size_t>(T * P + 1)].size() < 5) {
                 call(i++);
@@ -490,6 +492,15 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
                 if (static_cast<int>(tr.size()) != (T + 1) * P) break;
                 stolen.push_back(static_cast<double>(op.last_stolen()));
                 const int64_t t0 = tr[static_cast<size_t>(T * P + 1)];  // dispatch
+                int64_t ls = 0, lg = 0, ld = 0;
+                for (int sh = 0; sh < T; ++sh) {
+                  ls = std::max(ls, tr[static_cast<size_t>(sh * P + Op::kShareStart)] - t0);
+                  lg = std::max(lg, tr[static_cast<size_t>(sh * P + Op::kGateUpDone)] - t0);
+                  ld = std::max(ld, tr[static_cast<size_t>(sh * P + Op::kDownDone)] - t0);
+                }
+                last_start.push_back(static_cast<double>(ls) / 1e3);
+                last_gate_up.push_back(static_cast<double>(lg) / 1e3);
+                last_down.push_back(static_cast<double>(ld) / 1e3);
                 for (int q = 0; q < (T + 1) * P; ++q) {
                   const bool dur = q < T * P && (q % P == Op::kWaitNs || q % P == Op::kReduceNs);
                   pts[static_cast<size_t>(q)].push_back(
@@ -510,12 +521,14 @@ void run_shape(const Shape& s, const std::vector<std::string>& dtypes,
                   "\"gate_up\",\"wait_us\",\"own_down\",\"down\",\"barrier\",\"reduce\","
                   "\"reduce_us\"],"
                   "\"entry_us\":%.2f,\"grouped_us\":%.2f,\"prepared_us\":%.2f,"
-                  "\"return_us\":%.2f,\"stolen_items\":%.0f,\"shares\":[",
+                  "\"return_us\":%.2f,\"stolen_items\":%.0f,\"last_start_us\":%.2f,"
+                  "\"last_gate_up_us\":%.2f,\"last_down_us\":%.2f,\"shares\":[",
                   s.name, dname.c_str(), static_cast<long>(m), T,
                   pts[static_cast<size_t>(T * P + 1)].size(), med(pts[static_cast<size_t>(T * P)]),
                   med(pts[static_cast<size_t>(T * P + 3)]),
                   med(pts[static_cast<size_t>(T * P + 4)]),
-                  med(pts[static_cast<size_t>(T * P + 2)]), med(stolen));
+                  med(pts[static_cast<size_t>(T * P + 2)]), med(stolen), med(last_start),
+                  med(last_gate_up), med(last_down));
               for (int sh = 0; sh < T; ++sh) {
                 std::printf("%s[", sh ? "," : "");
                 for (int q = 0; q < P; ++q)

@@ -3,6 +3,8 @@
 trace step): the op's median time and fraction of the read bandwidth, then from the per-thread
 timeline the entry, when the token's row was ready, when the last gate/up and down items finished
 (medians per thread, their maximum), phase 2's length, the caller's return and the items stolen,
+then (newer traces) the medians over calls of each call's last share start, gate/up end and down
+end, and the return's distance from that last down end,
 followed by the median fraction per environment and dtype over the repetitions, also against the
 larger of the two bandwidth probes (before and right after the op's calls).
 
@@ -34,7 +36,10 @@ def main(path):
                   f'(after {op.get("read_bw_after_gbps", 0):.0f}) | '
                   f'entry {d["entry_us"]:.1f} row {d.get("prepared_us", 0):.1f} gu {gate_up:.1f} '
                   f'dn {down:.1f} ph2 {down - gate_up:.1f} ret {d["return_us"]:.1f} '
-                  f'stolen {d.get("stolen_items", 0):.0f}')
+                  f'stolen {d.get("stolen_items", 0):.0f}'
+                  + (f' | per call: last start {d["last_start_us"]:.1f} gu {d["last_gate_up_us"]:.1f} '
+                     f'dn {d["last_down_us"]:.1f} end {d["return_us"] - d["last_down_us"]:.1f}'
+                     if "last_down_us" in d else ''))
     for (env, dtype, shape), f in sorted(fractions.items()):
         print(f'median of {len(f)}: {env[:48]:48s} {shape[:10]} {dtype} {statistics.median(f):.3f} '
               f'(min {min(f):.3f}, max {max(f):.3f}); against the larger probe '

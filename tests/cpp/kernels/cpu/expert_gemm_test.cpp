@@ -917,6 +917,79 @@ TEST(MoeExperts, OneTokenOwnRowEqualsCopiesBitwise) {
   }
 }
 
+// An executor whose share `skip` throws instead of running, once, on the call after `arm()`: the
+// other shares must take all of its items (its ranges were never set for that call).
+class SkipsAShare final : public Executor {
+ public:
+  SkipsAShare(Executor& inner, int skip) : inner_(inner), skip_(skip) {}
+  void arm() { armed_ = true; }
+  int num_threads() const override { return inner_.num_threads(); }
+  const char* name() const override { return "skips-a-share"; }
+  void parallel_for(int64_t n, int64_t grain,
+                    const std::function<void(int64_t, int64_t)>& fn) override {
+    inner_.parallel_for(n, grain, fn);
+  }
+  bool try_run_concurrent(int n, const std::function<void(int)>& fn) override {
+    const bool skip = armed_;
+    armed_ = false;
+    return inner_.try_run_concurrent(n, [&](int i) {
+      if (skip && i == skip_) throw std::runtime_error("share skipped");
+      fn(i);
+    });
+  }
+
+ private:
+  Executor& inner_;
+  int skip_;
+  bool armed_ = false;
+};
+
+// Note [A call's setup leaves the workers' lines alone] and Note [Phase 2's first lines]: one op
+// over a sequence of calls that changes the routing, the token count and the thread count
+// between calls, holds a thread back, and skips a share altogether, gives every call the
+// two-phase result bit for bit, with the caller's setup local or not and the prefetches on or
+// off.
+TEST(MoeExperts, HandOffCallSequencesAgreeBitwise) {
+  auto two = make_spin_executor(2), five = make_spin_executor(5), three = make_spin_executor(3);
+  LateFirstThread late(*three);
+  SkipsAShare skips(*five, 1);
+  Executor* pools[] = {two.get(), five.get(), &late, &skips, five.get(), two.get()};
+  for (auto dt : {ExpertDType::kINT8, ExpertDType::kINT4, ExpertDType::kBF16}) {
+    std::vector<MoeProblem> probs;
+    for (int64_t k = 0; k < 4; ++k)
+      probs.emplace_back(200, 40, 10, 3, k == 2 ? 3 : 1, dt, 64, 900 + static_cast<uint32_t>(k));
+    std::vector<std::vector<float>> want;
+    for (const auto& p : probs) {
+      want.emplace_back(static_cast<size_t>(p.m * 200), 0.5f);
+      MoeExperts b(cpu_features().best);
+      b.set_dataflow(false);
+      b.run(p.args(want.back().data()), *two);
+    }
+    for (bool local : {true, false})
+      for (bool ahead : {true, false}) {
+        MoeExperts a(cpu_features().best);
+        a.set_local_setup(local);
+        a.set_down_ahead(ahead);
+        for (int call = 0; call < 18; ++call) {
+          const size_t k = static_cast<size_t>(call % 4);
+          Executor* pool = pools[call % 6];
+          std::vector<float> got(want[k].size(), 0.5f);
+          if (pool == &skips) {
+            skips.arm();
+            EXPECT_THROW(a.run(probs[k].args(got.data()), skips), std::runtime_error);
+            continue;
+          }
+          a.run(probs[k].args(got.data()), *pool);
+          ASSERT_TRUE(a.last_dataflow());
+          EXPECT_EQ(got, want[k]) << expert_dtype_name(dt) << " local=" << local
+                                  << " ahead=" << ahead << " call " << call;
+          if (pool == &late && probs[k].m == 1)
+            EXPECT_GT(a.last_stolen(), 0) << "call " << call << ": the held-back share's items";
+        }
+      }
+  }
+}
+
 // An executor that says its shares run on NUMA nodes i % nodes (a two-socket machine as the op
 // sees it), over a real spinning executor; optionally holds share 0 back so others steal.
 class FakeNodes final : public Executor {
