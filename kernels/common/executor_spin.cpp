@@ -91,6 +91,14 @@ int usable_cpus() {
   return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
+// Stores v where it differs: a job's fields sit on a line that every worker read during the last
+// job, and a store that changes nothing would still take the line back from all of them (Note [A
+// mailbox per worker]).
+template <class T, class V>
+inline void set_if(T& dst, V v) {
+  if (dst != v) dst = v;
+}
+
 // Polling starts with `pause` for this long after a job (consecutive jobs of one step), then
 // yields the core between polls (Note [Spinning workers]). TIDAL_SPIN_PAUSE_US overrides it (a
 // benchmark knob: yielding costs a system call per poll, which is slow in some virtual machines).
@@ -166,10 +174,10 @@ class SpinExecutor final : public Executor {
       fn(0, n);
       return;
     }
-    mode_ = Mode::kGuided;
-    range_fn_ = &fn;
-    items_ = n;
-    grain_ = grain;
+    set_if(mode_, Mode::kGuided);
+    set_if(range_fn_, &fn);
+    set_if(items_, n);
+    set_if(grain_, grain);
     next_.store(0, std::memory_order_relaxed);
     run_job();
   }
@@ -180,18 +188,18 @@ class SpinExecutor final : public Executor {
       fn(0, n);
       return;
     }
-    mode_ = Mode::kEven;
-    range_fn_ = &fn;
-    items_ = n;
+    set_if(mode_, Mode::kEven);
+    set_if(range_fn_, &fn);
+    set_if(items_, n);
     run_job();
   }
 
   bool try_run_concurrent(int n, const std::function<void(int)>& fn) override {
     if (n <= 0) return true;
     if (n > n_ || !begin_job()) return false;
-    mode_ = Mode::kConcurrent;
-    index_fn_ = &fn;
-    items_ = n;
+    set_if(mode_, Mode::kConcurrent);
+    set_if(index_fn_, &fn);
+    set_if(items_, n);
     run_job();
     return true;
   }
@@ -225,7 +233,6 @@ class SpinExecutor final : public Executor {
   }
 
   void run_job() {
-    error_ = nullptr;
     if (!mailboxes_) remaining_.store(n_ - 1, std::memory_order_relaxed);
     // seq_cst with the workers' sleepers_ increment: either this load sees a sleeper, or the
     // sleeper's wait sees the new generation (Note [Spinning workers]).
@@ -250,8 +257,8 @@ class SpinExecutor final : public Executor {
       else
         cpu_relax();
     }
-    std::exception_ptr err = error_;
-    error_ = nullptr;
+    std::exception_ptr err;
+    if (error_) std::swap(err, error_);
     busy_.store(false, std::memory_order_release);
     if (err) std::rethrow_exception(err);
   }
