@@ -59,6 +59,34 @@ inline int32_t load_i32(const void* p) {
 // from L2, too close to the ~13 GB/s a core must stream when 16 share the memory bus). Integer
 // sums are exact, so the chains change nothing in the result. The group size is a template
 // argument so the block loop is fully unrolled.
+// One group's int32 sums of MC tokens folded into their fp32 accumulators: the unsigned weight
+// offset undone, then times the weight scales of the 16 rows and the token's activation scale.
+template <int MC, bool kInt4>
+inline __attribute__((always_inline)) void fold_group(__m512i (&acc)[4][MC], const uint16_t* scales,
+                                                      int64_t g, const ActRows& a,
+                                                      __m512 (&accf)[MC]) {
+  constexpr int32_t kOffset = kInt4 ? 8 : 128;
+  const __m512 ws =
+      _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + g * kTileRows)));
+  for (int i = 0; i < MC; ++i) {
+    const int64_t gi = i * a.ld_group + g;
+    // Undo the unsigned weight offset: Σ (q_w + off) q_x - off Σ q_x, exact in int32.
+    const __m512i corr = _mm512_set1_epi32(kOffset * a.q_sum[gi]);
+    __m512i sum;
+    if constexpr (kInt4) {
+      const __m512i lo_sum = _mm512_add_epi32(acc[0][i], acc[2][i]);
+      const __m512i hi_sum = _mm512_srai_epi32(_mm512_add_epi32(acc[1][i], acc[3][i]), 4);
+      sum = _mm512_add_epi32(lo_sum, hi_sum);
+    } else {
+      sum = _mm512_add_epi32(_mm512_add_epi32(acc[0][i], acc[1][i]),
+                             _mm512_add_epi32(acc[2][i], acc[3][i]));
+    }
+    sum = _mm512_sub_epi32(sum, corr);
+    accf[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum),
+                              _mm512_mul_ps(ws, _mm512_set1_ps(a.q_scale[gi])), accf[i]);
+  }
+}
+
 template <int MC, bool kInt4, int G>
 void int_block(const PackedLayout& l, const uint8_t* tile, const ActRows& a, float* dst) {
   __m512 accf[MC];
@@ -66,7 +94,6 @@ void int_block(const PackedLayout& l, const uint8_t* tile, const ActRows& a, flo
   const auto* scales = reinterpret_cast<const uint16_t*>(tile + l.data_bytes);
   const __m512i nibble = _mm512_set1_epi8(0x0f);
   const __m512i high_nibble = _mm512_set1_epi8(static_cast<char>(0xf0));
-  constexpr int32_t kOffset = kInt4 ? 8 : 128;
   constexpr int64_t kGroupBytes = kInt4 ? G * 8 : G * 16;
   const int64_t pf = kPrefetchBytes;
   for (int64_t g = 0; g < l.num_groups; ++g) {
@@ -107,28 +134,83 @@ void int_block(const PackedLayout& l, const uint8_t* tile, const ActRows& a, flo
         }
       }
     }
-    const __m512 ws = _mm512_cvtph_ps(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + g * kTileRows)));
-    for (int i = 0; i < MC; ++i) {
-      const int64_t gi = i * a.ld_group + g;
-      // Undo the unsigned weight offset: Σ (q_w + off) q_x - off Σ q_x, exact in int32.
-      const __m512i corr = _mm512_set1_epi32(kOffset * a.q_sum[gi]);
-      __m512i sum;
-      if constexpr (kInt4) {
-        const __m512i lo_sum = _mm512_add_epi32(acc[0][i], acc[2][i]);
-        const __m512i hi_sum = _mm512_srai_epi32(_mm512_add_epi32(acc[1][i], acc[3][i]), 4);
-        sum = _mm512_add_epi32(lo_sum, hi_sum);
-      } else {
-        sum = _mm512_add_epi32(_mm512_add_epi32(acc[0][i], acc[1][i]),
-                               _mm512_add_epi32(acc[2][i], acc[3][i]));
-      }
-      sum = _mm512_sub_epi32(sum, corr);
-      accf[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum),
-                                _mm512_mul_ps(ws, _mm512_set1_ps(a.q_scale[gi])), accf[i]);
-    }
+    fold_group<MC, kInt4>(acc, scales, g, a, accf);
   }
   for (int i = 0; i < MC; ++i) _mm512_storeu_ps(dst + i * kTileRows, accf[i]);
 }
+
+// Note [Two tiles per pass at decode]
+// A one-token call's down tiles are 4.25 KiB (K = 512, INT4): the tile loop's fixed costs (its
+// setup, the store, the call and its dispatch) come 4x as often per byte as on the gate/up tiles
+// (K = 2048), and the fourteenth session's trace read phase 2 at ~0.81 of the bandwidth against
+// ~0.88 for phase 1. The pair entry point (run_pair: the gate and up tiles of one item, or two
+// neighbouring down tiles) runs both tiles in one pass at one token: one activation broadcast
+// feeds both tiles' `vpdpbusd`, eight independent accumulator chains, and two weight streams in
+// flight. Each tile's group epilogue is fold_group, as in int_block, so the results are those of
+// two single passes bit for bit (tested). Prefetch: each stream kPrefetchBytes ahead, except for
+// neighbouring tiles (a down pair), where both streams ask for the next pair at their offset.
+// TIDAL_EXPERT_VNNI_PAIR=0 runs the two tiles one after the other (for comparison).
+template <bool kInt4, int G>
+void int_block2(const PackedLayout& l, const uint8_t* ta, const uint8_t* tb, const ActRows& a,
+                float* da, float* db) {
+  __m512 fa[1] = {_mm512_setzero_ps()}, fb[1] = {_mm512_setzero_ps()};
+  const auto* sa = reinterpret_cast<const uint16_t*>(ta + l.data_bytes);
+  const auto* sb = reinterpret_cast<const uint16_t*>(tb + l.data_bytes);
+  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  const __m512i high_nibble = _mm512_set1_epi8(static_cast<char>(0xf0));
+  constexpr int64_t kGroupBytes = kInt4 ? G * 8 : G * 16;
+  const int64_t pf = kPrefetchBytes == 0       ? 0
+                     : tb == ta + l.tile_bytes ? 2 * l.tile_bytes
+                                               : kPrefetchBytes;
+  for (int64_t g = 0; g < l.num_groups; ++g) {
+    const uint8_t* ga = ta + g * kGroupBytes;
+    const uint8_t* gb = tb + g * kGroupBytes;
+    __m512i acc[4][1], accb[4][1];
+    for (int c = 0; c < 4; ++c) acc[c][0] = accb[c][0] = _mm512_setzero_si512();
+    const int8_t* xq = a.q + g * G;
+    if constexpr (kInt4) {
+#pragma GCC unroll 16
+      for (int j = 0; j < G / 8; ++j) {
+        if (pf) {
+          prefetch_line(ga + 64 * j + pf);
+          prefetch_line(gb + 64 * j + pf);
+        }
+        const __m512i ra = _mm512_loadu_si512(ga + 64 * j);
+        const __m512i rb = _mm512_loadu_si512(gb + 64 * j);
+        const __m512i xl = _mm512_set1_epi32(load_i32(xq + 8 * j));
+        const __m512i xh = _mm512_set1_epi32(load_i32(xq + 8 * j + 4));
+        const int c = 2 * (j % 2);
+        acc[c][0] = _mm512_dpbusd_epi32(acc[c][0], _mm512_and_si512(ra, nibble), xl);
+        acc[c + 1][0] = _mm512_dpbusd_epi32(acc[c + 1][0], _mm512_and_si512(ra, high_nibble), xh);
+        accb[c][0] = _mm512_dpbusd_epi32(accb[c][0], _mm512_and_si512(rb, nibble), xl);
+        accb[c + 1][0] = _mm512_dpbusd_epi32(accb[c + 1][0], _mm512_and_si512(rb, high_nibble), xh);
+      }
+    } else {
+#pragma GCC unroll 16
+      for (int j = 0; j < G / 4; j += 4) {
+        if (pf)
+          for (int c = 0; c < 4; ++c) {
+            prefetch_line(ga + 64 * (j + c) + pf);
+            prefetch_line(gb + 64 * (j + c) + pf);
+          }
+        for (int c = 0; c < 4; ++c) {
+          const __m512i x = _mm512_set1_epi32(load_i32(xq + 4 * (j + c)));
+          acc[c][0] = _mm512_dpbusd_epi32(acc[c][0], _mm512_loadu_si512(ga + 64 * (j + c)), x);
+          accb[c][0] = _mm512_dpbusd_epi32(accb[c][0], _mm512_loadu_si512(gb + 64 * (j + c)), x);
+        }
+      }
+    }
+    fold_group<1, kInt4>(acc, sa, g, a, fa);
+    fold_group<1, kInt4>(accb, sb, g, a, fb);
+  }
+  _mm512_storeu_ps(da, fa[0]);
+  _mm512_storeu_ps(db, fb[0]);
+}
+
+const bool kVnniPair = [] {
+  const char* e = std::getenv("TIDAL_EXPERT_VNNI_PAIR");
+  return e == nullptr || e[0] != '0';
+}();
 
 template <int MC, bool kInt4>
 void int_block_any(const PackedLayout& l, const uint8_t* tile, const ActRows& a, float* dst) {
@@ -231,6 +313,43 @@ void tile_int8(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int
 void tile_int4(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m,
                float* dst) {
   run_blocks<Int4Block>(l, tile, a, m, dst);
+}
+
+namespace {
+template <bool kInt4>
+void tile2_int(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a,
+               int64_t m, float* d0, float* d1) {
+  if (m != 1 || !kVnniPair) {  // Note [Two tiles per pass at decode]: one token only
+    if constexpr (kInt4) {
+      run_blocks<Int4Block>(l, t0, a, m, d0);
+      run_blocks<Int4Block>(l, t1, a, m, d1);
+    } else {
+      run_blocks<Int8Block>(l, t0, a, m, d0);
+      run_blocks<Int8Block>(l, t1, a, m, d1);
+    }
+    return;
+  }
+  switch (l.group) {
+    case 32:
+      int_block2<kInt4, 32>(l, t0, t1, a, d0, d1);
+      break;
+    case 64:
+      int_block2<kInt4, 64>(l, t0, t1, a, d0, d1);
+      break;
+    default:
+      int_block2<kInt4, 128>(l, t0, t1, a, d0, d1);
+      break;
+  }
+}
+}  // namespace
+
+void tile2_int8(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a,
+                int64_t m, float* d0, float* d1) {
+  tile2_int<false>(l, t0, t1, a, m, d0, d1);
+}
+void tile2_int4(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a,
+                int64_t m, float* d0, float* d1) {
+  tile2_int<true>(l, t0, t1, a, m, d0, d1);
 }
 
 namespace {

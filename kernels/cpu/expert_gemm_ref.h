@@ -25,6 +25,12 @@ namespace avx512 {
 void tile_bf16(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
 void tile_int8(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
 void tile_int4(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
+/// Two tiles against the same activations: one pass at one token (Note [Two tiles per pass at
+/// decode]), two single passes otherwise; the same results either way.
+void tile2_int8(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a,
+                int64_t m, float* d0, float* d1);
+void tile2_int4(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a,
+                int64_t m, float* d0, float* d1);
 /// h[i] = silu(g[i]) · u[i], vectorised exp (~2 ulp).
 void silu_mul(const float* g, const float* u, float* h, int64_t n);
 /// ActBuffer::prepare for kBf16Split (hi into dst, lo; lo null: kBf16) and kInt8Groups,

@@ -293,17 +293,21 @@ TEST(ExpertGemm, VariantsMatchReference) {
                                          << " tile=" << t << " token=" << i << " row=" << r;
             }
         }
-        // The pair entry point (AMX: two tiles in one 2x2-blocked pass) on tiles 0 and last.
+        // The pair entry point (AMX: two tiles in one 2x2-blocked pass; VNNI at one token: one
+        // interleaved pass, Note [Two tiles per pass at decode]) on tiles 0 and last, and on the
+        // neighbouring tiles 0 and 1 (another prefetch distance).
         std::vector<float> o0(out.size()), o1(out.size()), w0(out.size()), w1(out.size());
-        const int64_t tl = p.layout.num_tiles - 1;
-        uint8_t* ta = p.data();
-        uint8_t* tb = p.data() + tl * p.layout.tile_bytes;
-        v.run_pair(p.layout, ta, tb, a.rows(0), m, o0.data(), o1.data());
-        v.run(p.layout, ta, a.rows(0), m, w0.data());
-        v.run(p.layout, tb, a.rows(0), m, w1.data());
-        for (int64_t q = 0; q < m * kTileRows; ++q) {
-          ASSERT_EQ(o0[q], w0[q]) << "repro: run_pair tile 0, variant=" << v.name << " m=" << m;
-          ASSERT_EQ(o1[q], w1[q]) << "repro: run_pair last tile, variant=" << v.name << " m=" << m;
+        for (int64_t tl : {p.layout.num_tiles - 1, std::min<int64_t>(1, p.layout.num_tiles - 1)}) {
+          uint8_t* ta = p.data();
+          uint8_t* tb = p.data() + tl * p.layout.tile_bytes;
+          v.run_pair(p.layout, ta, tb, a.rows(0), m, o0.data(), o1.data());
+          v.run(p.layout, ta, a.rows(0), m, w0.data());
+          v.run(p.layout, tb, a.rows(0), m, w1.data());
+          for (int64_t q = 0; q < m * kTileRows; ++q) {
+            ASSERT_EQ(o0[q], w0[q]) << "repro: run_pair tile 0, variant=" << v.name << " m=" << m;
+            ASSERT_EQ(o1[q], w1[q])
+                << "repro: run_pair tile " << tl << ", variant=" << v.name << " m=" << m;
+          }
         }
         ++tested;
       }
