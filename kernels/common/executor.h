@@ -76,11 +76,9 @@ std::unique_ptr<Executor> make_tbb_executor(int num_threads, int reserved_cores 
 
 /// An executor of `num_threads` threads (the caller plus num_threads - 1 pinned workers) that
 /// spin between jobs for `spin_us` µs (< 0: TIDAL_SPIN_US, default 2000) and then sleep. See
-/// Note [Spinning workers] in executor_spin.cpp. `mailboxes`: 1 publishes a job and learns of its
-/// end through one cache line per worker, 0 through one shared generation word and counter, < 0
-/// TIDAL_SPIN_MAILBOX (default 1; Note [A mailbox per worker]).
+/// Note [Spinning workers] in executor_spin.cpp.
 std::unique_ptr<Executor> make_spin_executor(int num_threads, int64_t spin_us = -1,
-                                             int reserved_cores = 0, int mailboxes = -1);
+                                             int reserved_cores = 0);
 
 /// Waits, up to `max_wait`, until no worker of any spinning executor is polling for work (all
 /// asleep or busy), and says whether that happened. For measurements that need every core to

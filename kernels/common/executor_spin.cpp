@@ -20,19 +20,11 @@
 /// 2-core CI machine's server test lose its race. Where the pool has more threads than the
 /// cores it may use, the workers yield from the start and poll only 20 µs.
 ///
-/// Note [A mailbox per worker]
-/// The first form published a job by bumping one generation word that all n - 1 workers poll,
-/// and each worker ended it by decrementing one shared counter. At 16 threads on the GPU
-/// machine a one-token expert call's trace put the caller's own share 0.9 µs after the dispatch
-/// and every worker's 1.7 µs after it (fourteenth session): the bump has to take the line from 15
-/// polling cores, each of which then misses on it, and at the end 15 read-modify-writes of one
-/// word queue behind each other while the caller polls it. Now each worker polls a line of its
-/// own (`Mailbox::go`), which only the caller writes, and reports its end on a second line of its
-/// own (`Mailbox::done`), which only it writes; the caller's stores to the 15 lines leave its
-/// store buffer in parallel, and its wait reads the 15 done lines with independent loads. The
-/// generation word stays for the futex of sleeping workers (bumped before the mailboxes, so a
-/// worker that wakes on it finds its mailbox filled a moment later). TIDAL_SPIN_MAILBOX=0 keeps
-/// the shared word and counter (for comparison).
+/// A mailbox line per worker (the caller storing into 15 lines, each polled by one worker, and
+/// each worker reporting its end on a line of its own) measured worse than the one generation word
+/// and counter here (fifteenth session, 16 threads, 8 processes): share 0 had the token's row ready
+/// 3.1-3.4 µs after the dispatch against 2.1-2.6 µs, and the caller saw the job's end 0.8 µs after
+/// the last share against 0.6 µs. It is gone again.
 ///
 /// Jobs: `parallel_for_even` gives thread i the i-th contiguous share (the caller is thread 0);
 /// `parallel_for` hands out guided chunks (half the remaining work divided by the threads, at
@@ -92,8 +84,7 @@ int usable_cpus() {
 }
 
 // Stores v where it differs: a job's fields sit on a line that every worker read during the last
-// job, and a store that changes nothing would still take the line back from all of them (Note [A
-// mailbox per worker]).
+// job, and a store that changes nothing would still take the line back from all of them.
 template <class T, class V>
 inline void set_if(T& dst, V v) {
   if (dst != v) dst = v;
@@ -106,11 +97,6 @@ const int64_t kPauseNs = [] {
   const char* e = std::getenv("TIDAL_SPIN_PAUSE_US");
   return (e != nullptr && *e != '\0' ? std::max<long long>(0, std::atoll(e)) : 50) * 1000;
 }();
-
-bool default_mailboxes() {
-  const char* e = std::getenv("TIDAL_SPIN_MAILBOX");
-  return e == nullptr || *e == '\0' || *e != '0';
-}
 
 int64_t default_spin_us() {
   const char* e = std::getenv("TIDAL_SPIN_US");
@@ -137,12 +123,10 @@ std::atomic<int> g_polling{0};  // the executor whose job this thread is running
 
 class SpinExecutor final : public Executor {
  public:
-  SpinExecutor(int num_threads, int64_t spin_us, int reserved_cores, bool mailboxes)
+  SpinExecutor(int num_threads, int64_t spin_us, int reserved_cores)
       : n_(std::max(1, num_threads)),
         oversubscribed_(n_ > usable_cpus()),
         spin_ns_((oversubscribed_ ? std::min<int64_t>(spin_us, 20) : spin_us) * 1000),
-        mailboxes_(mailboxes),
-        boxes_(std::make_unique<Mailbox[]>(static_cast<size_t>(n_))),
         pins_(n_, reserved_cores) {
     workers_.reserve(static_cast<size_t>(n_ - 1));
     try {
@@ -210,8 +194,7 @@ class SpinExecutor final : public Executor {
   // Takes the pool for one job, or returns false (nested call, or another thread's job running).
   void shut_down() {
     stop_.store(true, std::memory_order_seq_cst);
-    const uint32_t g = gen_.fetch_add(1, std::memory_order_seq_cst) + 1;
-    for (int i = 1; i < n_; ++i) boxes_[i].go.store(g, std::memory_order_seq_cst);
+    gen_.fetch_add(1, std::memory_order_seq_cst);
     futex_wake_all(gen_);
     for (auto& t : workers_) t.join();
     workers_.clear();
@@ -233,25 +216,15 @@ class SpinExecutor final : public Executor {
   }
 
   void run_job() {
-    if (!mailboxes_) remaining_.store(n_ - 1, std::memory_order_relaxed);
+    remaining_.store(n_ - 1, std::memory_order_relaxed);
     // seq_cst with the workers' sleepers_ increment: either this load sees a sleeper, or the
     // sleeper's wait sees the new generation (Note [Spinning workers]).
-    const uint32_t g = gen_.fetch_add(1, std::memory_order_seq_cst) + 1;
-    // Note [A mailbox per worker]: the job fields above reach a worker with its mailbox (release).
-    if (mailboxes_)
-      for (int i = 1; i < n_; ++i) boxes_[i].go.store(g, std::memory_order_release);
+    gen_.fetch_add(1, std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) futex_wake_all(gen_);
     t_inside = this;
     run_share(0);
     t_inside = nullptr;
-    for (;;) {
-      bool done = true;
-      if (mailboxes_) {
-        for (int i = 1; i < n_; ++i) done &= boxes_[i].done.load(std::memory_order_acquire) == g;
-      } else {
-        done = remaining_.load(std::memory_order_acquire) == 0;
-      }
-      if (done) break;
+    while (remaining_.load(std::memory_order_acquire) != 0) {
       if (oversubscribed_)
         std::this_thread::yield();
       else
@@ -299,10 +272,8 @@ class SpinExecutor final : public Executor {
     // Generation 0 is the pool's state before any job; reading gen_ here instead would miss a job
     // published before this thread got going.
     uint32_t seen = 0;
-    // The word this worker polls: its mailbox, or the shared generation.
-    std::atomic<uint32_t>& word = mailboxes_ ? boxes_[i].go : gen_;
     for (;;) {
-      uint32_t g = word.load(std::memory_order_acquire);
+      uint32_t g = gen_.load(std::memory_order_acquire);
       if (g == seen) {
         g_polling.fetch_add(1, std::memory_order_relaxed);
         const int64_t t0 = now_ns();
@@ -320,7 +291,7 @@ class SpinExecutor final : public Executor {
             sleepers_.fetch_sub(1, std::memory_order_seq_cst);
             g_polling.fetch_add(1, std::memory_order_relaxed);
           }
-          g = word.load(std::memory_order_acquire);
+          g = gen_.load(std::memory_order_acquire);
         }
         g_polling.fetch_sub(1, std::memory_order_relaxed);
       }
@@ -329,24 +300,13 @@ class SpinExecutor final : public Executor {
       t_inside = this;
       run_share(i);
       t_inside = nullptr;
-      if (mailboxes_)
-        boxes_[i].done.store(g, std::memory_order_release);
-      else
-        remaining_.fetch_sub(1, std::memory_order_release);
+      remaining_.fetch_sub(1, std::memory_order_release);
     }
   }
-
-  // Note [A mailbox per worker]: go and done on lines of their own.
-  struct alignas(64) Mailbox {
-    std::atomic<uint32_t> go{0};
-    alignas(64) std::atomic<uint32_t> done{0};
-  };
 
   const int n_;
   const bool oversubscribed_;
   const int64_t spin_ns_;
-  const bool mailboxes_;
-  std::unique_ptr<Mailbox[]> boxes_;
   CorePinning pins_;  // Note [Worker pinning] (executor_tbb.cpp): worker i on the i-th core of the
                       // spread order
   std::vector<std::thread> workers_;
@@ -369,13 +329,11 @@ class SpinExecutor final : public Executor {
 
 }  // namespace
 
-std::unique_ptr<Executor> make_spin_executor(int num_threads, int64_t spin_us, int reserved_cores,
-                                             int mailboxes) {
+std::unique_ptr<Executor> make_spin_executor(int num_threads, int64_t spin_us, int reserved_cores) {
   if (num_threads <= 0)
     num_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   return std::make_unique<SpinExecutor>(num_threads, spin_us < 0 ? default_spin_us() : spin_us,
-                                        reserved_cores,
-                                        mailboxes < 0 ? default_mailboxes() : mailboxes != 0);
+                                        reserved_cores);
 }
 
 bool wait_for_idle_workers(std::chrono::milliseconds max_wait) {

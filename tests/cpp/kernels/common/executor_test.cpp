@@ -200,37 +200,35 @@ TEST(SpinExecutor, SleepingWorkersWakeForTheNextJob) {
   }
 }
 
-TEST(SpinExecutor, BothWaysOfPublishingAJob) {
-  // Note [A mailbox per worker]: mailboxes (1) and the shared generation word and counter (0),
-  // with workers that poll and workers that sleep between jobs: every index once, concurrent
-  // shares, exceptions, many jobs in a row.
-  for (int mailboxes : {0, 1})
-    for (int64_t spin_us : {int64_t{2000}, int64_t{0}})
-      for (int threads : {1, 2, 3, 5}) {
-        auto ex = make_spin_executor(threads, spin_us, 0, mailboxes);
-        for (int round = 0; round < 30; ++round) {
-          expect_cover(*ex, 1 + round * 37, 1 + round % 3, round % 2 == 0);
-          std::atomic<int> arrived{0};
-          std::vector<int> ran(static_cast<size_t>(threads), 0);
-          ASSERT_TRUE(ex->try_run_concurrent(threads, [&](int i) {
-            arrived.fetch_add(1);
-            while (arrived.load() < threads) std::this_thread::yield();
-            ran[static_cast<size_t>(i)] = 1;
-          }));
-          for (int i = 0; i < threads; ++i) {
-            EXPECT_EQ(ran[static_cast<size_t>(i)], 1)
-                << "mailboxes " << mailboxes << " threads " << threads << " share " << i;
-          }
-          if (round % 10 == 9) {
-            EXPECT_THROW(ex->try_run_concurrent(threads,
-                                                [&](int i) {
-                                                  if (i == threads - 1)
-                                                    throw std::runtime_error("boom");
-                                                }),
-                         std::runtime_error);
-          }
+TEST(SpinExecutor, ManyJobsOfEveryKindInARow) {
+  // Workers that poll and workers that sleep between jobs: every index once, concurrent shares,
+  // exceptions, jobs of every kind one after another.
+  for (int64_t spin_us : {int64_t{2000}, int64_t{0}})
+    for (int threads : {1, 2, 3, 5}) {
+      auto ex = make_spin_executor(threads, spin_us);
+      for (int round = 0; round < 30; ++round) {
+        expect_cover(*ex, 1 + round * 37, 1 + round % 3, round % 2 == 0);
+        std::atomic<int> arrived{0};
+        std::vector<int> ran(static_cast<size_t>(threads), 0);
+        ASSERT_TRUE(ex->try_run_concurrent(threads, [&](int i) {
+          arrived.fetch_add(1);
+          while (arrived.load() < threads) std::this_thread::yield();
+          ran[static_cast<size_t>(i)] = 1;
+        }));
+        for (int i = 0; i < threads; ++i) {
+          EXPECT_EQ(ran[static_cast<size_t>(i)], 1)
+              << "spin_us " << spin_us << " threads " << threads << " share " << i;
+        }
+        if (round % 10 == 9) {
+          EXPECT_THROW(ex->try_run_concurrent(threads,
+                                              [&](int i) {
+                                                if (i == threads - 1)
+                                                  throw std::runtime_error("boom");
+                                              }),
+                       std::runtime_error);
         }
       }
+    }
 }
 
 TEST(SpinExecutor, IdleWorkersCanBeAwaited) {

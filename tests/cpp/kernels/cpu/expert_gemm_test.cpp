@@ -987,7 +987,8 @@ TEST(MoeExperts, HandOffCallSequencesAgreeBitwise) {
           ASSERT_TRUE(a.last_dataflow());
           EXPECT_EQ(got, want[k]) << expert_dtype_name(dt) << " local=" << local
                                   << " ahead=" << ahead << " call " << call;
-          if (pool == &late && probs[k].m == 1)
+          // (At one token the others wait for share 0 anyway: it prepares the token's row.)
+          if (pool == &late && probs[k].m > 1)
             EXPECT_GT(a.last_stolen(), 0) << "call " << call << ": the held-back share's items";
         }
       }
