@@ -149,7 +149,10 @@ void int_block(const PackedLayout& l, const uint8_t* tile, const ActRows& a, flo
 // flight. Each tile's group epilogue is fold_group, as in int_block, so the results are those of
 // two single passes bit for bit (tested). Prefetch: each stream kPrefetchBytes ahead, except for
 // neighbouring tiles (a down pair), where both streams ask for the next pair at their offset.
-// TIDAL_EXPERT_VNNI_PAIR=0 runs the two tiles one after the other (for comparison).
+// TIDAL_EXPERT_VNNI_PAIR=0 runs the two tiles one after the other (for comparison). On the
+// fifteenth session's one noisy host (2 processes each) the op did not separate from the two
+// passes beyond the noise (INT4 against the larger probe 0.713 / 0.772 with, 0.737 / 0.753
+// without; INT8 0.857 / 0.827 against 0.815 / 0.832); kept on for the reason above.
 template <bool kInt4, int G>
 void int_block2(const PackedLayout& l, const uint8_t* ta, const uint8_t* tb, const ActRows& a,
                 float* da, float* db) {

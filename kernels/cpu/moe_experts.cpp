@@ -92,7 +92,10 @@
 /// an earlier call never carries the current tag; when T changes, all ranges are set to no call.
 /// After a call whose share threw (abort_), the next call resets the counts as before.
 /// TIDAL_EXPERT_LOCAL_SETUP=0 (set_local_setup(false)) makes the caller store every count,
-/// flag and range again, for comparison.
+/// flag and range again, for comparison. Measured (fifteenth session, INT4 and INT8 35B-A3B calls
+/// at 16 threads, 2 interleaved processes per setting on one host): the op's entry came 1.6-2.8 µs
+/// before the dispatch against 2.5-3.0 µs with the caller's resets; the op's time moved inside
+/// that host's noise (its read probe gave 115-155 GB/s between processes).
 ///
 /// Note [Phase 2's first lines]
 /// The kernels' software prefetch runs 4 KiB ahead of their loads, so the first 4 KiB of every
@@ -100,7 +103,10 @@
 /// it steals. With the hand-off on (TIDAL_EXPERT_DOWN_AHEAD=0 turns this off), a thread asks L2
 /// for those 64 lines (for a stolen gate/up item, of both tiles) before it starts the item, and a
 /// thread whose next down item waits for its expert's h spends the wait asking L2 for that item's
-/// weights, 8 lines per poll. Prefetches only: the arithmetic is unchanged.
+/// weights, 8 lines per poll. Prefetches only: the arithmetic is unchanged. On the fifteenth
+/// session's one (noisy) host, 2 processes each, the op did not separate from the form without
+/// (INT4 against the larger probe: 0.713 and 0.772 with, 0.795 and 0.735 without); kept on for the
+/// reason above, to be measured again on a quieter host.
 ///
 /// Note [NUMA expert placement]
 /// On a machine of several NUMA nodes (several sockets) decode is bound by memory bandwidth, and a
