@@ -769,10 +769,12 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
       ranges_ = std::make_unique<Range[]>(static_cast<size_t>(2 * T));  // of no call
       ranges_cap_ = 2 * T;
     }
-    // Every call's shares tag ranges [0, 2T) with the call's tag, so that a range of the last
-    // call never carries the current one; after a change of T the others would keep old tags.
+    // A call whose every share ran tags ranges [0, 2T) with its tag, so that after it no range
+    // carries the next call's tag. Where the last call was not such a call (its job declined or
+    // threw, so some ranges may hold older tags, one of which could come round again), or T
+    // changed, every range is set to no call first.
     const uint64_t tag = call_tag(epoch);
-    if (ranges_threads_ != T) {
+    if (ranges_threads_ != T || tagged_epoch_ != epoch - 1) {
       for (int q = 0; q < ranges_cap_; ++q)
         ranges_[q].v.store(pack_range(kNoTag, 0, 0), std::memory_order_relaxed);
       ranges_threads_ = T;
@@ -962,6 +964,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
     if (ex.try_run_concurrent(T, std::ref(share))) {
       mark(T, 2);
       used_dataflow_ = true;
+      tagged_epoch_ = epoch;  // every share ran: ranges [0, 2T) carry this call's tag
       lap(1);
       phase_s_[2] = phase_s_[3] = 0.0;  // one job: all of it counts as phase 1
       return;

@@ -183,7 +183,8 @@ class MoeExperts {
   static bool default_local_setup();
   bool down_ahead_ = default_down_ahead();
   static bool default_down_ahead();
-  int64_t epoch_ = 0;  // hand-off calls so far: the number of the current one
+  int64_t epoch_ = 0;         // hand-off calls so far: the number of the current one
+  int64_t tagged_epoch_ = 0;  // the last hand-off call whose every share ran (ranges' tags)
   int64_t for_last_call(const std::atomic<uint64_t>& c) const {
     const uint64_t v = c.load(std::memory_order_relaxed);
     return (v >> 32) == (static_cast<uint64_t>(epoch_) & 0xffffffffu)

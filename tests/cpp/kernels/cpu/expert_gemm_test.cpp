@@ -950,14 +950,16 @@ class SkipsAShare final : public Executor {
 
 // Note [A call's setup leaves the workers' lines alone] and Note [Phase 2's first lines]: one op
 // over a sequence of calls that changes the routing, the token count and the thread count
-// between calls, holds a thread back, and skips a share altogether, gives every call the
-// two-phase result bit for bit, with the caller's setup local or not and the prefetches on or
-// off.
+// between calls, holds a thread back, skips a share altogether, and meets an executor that
+// declines the one-job form (TBB: the two phases run instead), gives every call the two-phase
+// result bit for bit, with the caller's setup local or not and the prefetches on or off.
 TEST(MoeExperts, HandOffCallSequencesAgreeBitwise) {
   auto two = make_spin_executor(2), five = make_spin_executor(5), three = make_spin_executor(3);
   LateFirstThread late(*three);
   SkipsAShare skips(*five, 1);
-  Executor* pools[] = {two.get(), five.get(), &late, &skips, five.get(), two.get()};
+  auto tbb = make_tbb_executor(5);
+  Executor* pools[] = {two.get(),  five.get(), &late,      &skips,
+                       five.get(), tbb.get(),  five.get(), two.get()};
   for (auto dt : {ExpertDType::kINT8, ExpertDType::kINT4, ExpertDType::kBF16}) {
     std::vector<MoeProblem> probs;
     for (int64_t k = 0; k < 4; ++k)
@@ -974,9 +976,9 @@ TEST(MoeExperts, HandOffCallSequencesAgreeBitwise) {
         MoeExperts a(cpu_features().best);
         a.set_local_setup(local);
         a.set_down_ahead(ahead);
-        for (int call = 0; call < 18; ++call) {
+        for (int call = 0; call < 24; ++call) {
           const size_t k = static_cast<size_t>(call % 4);
-          Executor* pool = pools[call % 6];
+          Executor* pool = pools[call % 8];
           std::vector<float> got(want[k].size(), 0.5f);
           if (pool == &skips) {
             skips.arm();
@@ -984,7 +986,7 @@ TEST(MoeExperts, HandOffCallSequencesAgreeBitwise) {
             continue;
           }
           a.run(probs[k].args(got.data()), *pool);
-          ASSERT_TRUE(a.last_dataflow());
+          ASSERT_EQ(a.last_dataflow(), pool != tbb.get());
           EXPECT_EQ(got, want[k]) << expert_dtype_name(dt) << " local=" << local
                                   << " ahead=" << ahead << " call " << call;
           // (At one token the others wait for share 0 anyway: it prepares the token's row.)
