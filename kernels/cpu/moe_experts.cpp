@@ -136,10 +136,12 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -272,9 +274,15 @@ void add_rows(LineAhead& ahead, const ActBuffer& b, int64_t row0, int64_t count)
 }
 
 // Note [A call's setup leaves the workers' lines alone]: stores a value only where it differs.
+// (Floats compare by their bits: -0 and +0 differ, a NaN equals itself.)
 template <class T, class V>
 inline void set_if(T& dst, V v) {
-  if (dst != static_cast<T>(v)) dst = static_cast<T>(v);
+  const T w = static_cast<T>(v);
+  if constexpr (std::is_floating_point_v<T>) {
+    if (std::memcmp(&dst, &w, sizeof w) != 0) dst = w;
+  } else if (dst != w) {
+    dst = w;
+  }
 }
 
 // A work range [front, back) in one atomic word with the tag of its call (Note [A call's setup
@@ -864,7 +872,8 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
         int64_t bytes = 0, issued = 0;
         const uint8_t* p = item_bytes(1, w, bytes);
         const int64_t lines = ahead ? bytes / 64 : 0;
-        for (int spins = 0; ready_[j].load(std::memory_order_acquire) != epoch; ++spins) {
+        // (Polls that prefetch do not count towards wait_a_little's yielding.)
+        for (int spins = 0; ready_[j].load(std::memory_order_acquire) != epoch;) {
           if (abort_.load(std::memory_order_relaxed)) return;
           if (issued < lines) {
             const int64_t n = std::min<int64_t>(8, lines - issued);
@@ -872,7 +881,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
             issued += n;
             continue;
           }
-          wait_a_little(spins);
+          wait_a_little(spins++);
         }
         if (tr) trace_[static_cast<size_t>(i * kTracePoints + kWaitNs)] += now_ns() - t0;
       }
@@ -889,26 +898,28 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
         if (tr) trace_[static_cast<size_t>(i * kTracePoints + kReduceNs)] += now_ns() - t0;
       }
     };
-    if (!late_row || !local) row_ready_.store(late_row ? 0 : epoch, std::memory_order_relaxed);
+    // Only a row prepared inside the job is waited for (row_ready_ holds the call's number).
+    if (late_row && !local) row_ready_.store(0, std::memory_order_relaxed);
     auto share = [&](int i) {
       mark(i, kShareStart);
       try {
+        if (late_row && i == 0) {  // first: every share waits for it
+          tok_small_.prepare(x_row, a.src);
+          row_ready_.store(epoch, std::memory_order_release);
+          if (tr) trace_[static_cast<size_t>(T * kTracePoints + 4)] = now_ns();
+        }
         // This share's own ranges (Note [A call's setup leaves the workers' lines alone]),
         // unless a thread out of work got there first.
         if (local)
           for (int phase = 0; phase < 2; ++phase)
             init_range(ranges_[phase * T + i], tag, share_items_[phase * 2 * T + 2 * i],
                        share_items_[phase * 2 * T + 2 * i + 1]);
-        if (late_row && i == 0) {
-          tok_small_.prepare(x_row, a.src);
-          row_ready_.store(epoch, std::memory_order_release);
-          if (tr) trace_[static_cast<size_t>(T * kTracePoints + 4)] = now_ns();
-        }
         // The first lines of this share's first gate/up tiles, ahead of the kernel's own
         // software prefetch (which starts kPrefetchBytes in), while the row is prepared.
         const int64_t w0 = share_items_[2 * i];
         if (late_row && w0 < share_items_[2 * i + 1]) first_lines(0, w0);
-        for (int spins = 0; row_ready_.load(std::memory_order_acquire) != epoch; ++spins) {
+        for (int spins = 0; late_row && row_ready_.load(std::memory_order_acquire) != epoch;
+             ++spins) {
           if (abort_.load(std::memory_order_relaxed)) break;  // share 0 threw: the call fails
           wait_a_little(spins);
         }

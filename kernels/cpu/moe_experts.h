@@ -124,6 +124,10 @@ class MoeExperts {
   /// a thread asks L2 for the first lines of its first phase 2 item and of every range it
   /// steals, and for the item's weights while it waits for the expert's h.
   void set_down_ahead(bool on) { down_ahead_ = on; }
+  /// Advances the op's count of hand-off calls by n, as n declined calls would (for tests: a work
+  /// range's 16-bit call tag comes round every 65535 calls; Note [A call's setup leaves the
+  /// workers' lines alone]).
+  void skip_calls(int64_t n) { epoch_ += n; }
   /// The item shares of the last hand-off run: [phase][thread][begin, end) (4 × threads values).
   const std::vector<int64_t>& last_share_items() const { return share_items_; }
   /// A one-token call reads the token's row in place (Note [One token reads its own row]).

@@ -997,6 +997,29 @@ TEST(MoeExperts, HandOffCallSequencesAgreeBitwise) {
   }
 }
 
+// A range's call tag comes round every 65535 calls: a call whose tag equals that of the last call
+// whose shares all ran (the calls in between declined) must not take that call's drained ranges
+// as its own.
+TEST(MoeExperts, HandOffRangeTagsComeRound) {
+  auto five = make_spin_executor(5);
+  MoeProblem p(200, 40, 10, 3, 1, ExpertDType::kINT4, 64, 77);
+  std::vector<float> want(200, 0.5f);
+  MoeExperts b(cpu_features().best);
+  b.set_dataflow(false);
+  b.run(p.args(want.data()), *five);
+  for (int64_t skip : {int64_t{65534}, int64_t{2 * 65535 - 1}, int64_t{0}}) {
+    MoeExperts a(cpu_features().best);
+    std::vector<float> got(200, 0.5f);
+    a.run(p.args(got.data()), *five);
+    ASSERT_EQ(got, want);
+    a.skip_calls(skip);  // the next call's tag: the first call's when skip + 1 is 65535·n
+    std::fill(got.begin(), got.end(), 0.5f);
+    a.run(p.args(got.data()), *five);
+    ASSERT_TRUE(a.last_dataflow());
+    EXPECT_EQ(got, want) << "after " << skip << " skipped calls";
+  }
+}
+
 // An executor that says its shares run on NUMA nodes i % nodes (a two-socket machine as the op
 // sees it), over a real spinning executor; optionally holds share 0 back so others steal.
 class FakeNodes final : public Executor {
