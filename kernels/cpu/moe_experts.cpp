@@ -88,9 +88,13 @@
 /// whose thread has not started yet: it reads a range of another call as that share's whole
 /// [front, back) and moves the back half out with one compare-and-swap, after which the owner's
 /// init_range leaves the range alone (HandOffStealsFromASlowThreadAndStaysExact). Tags cycle
-/// through 65535 values and every call rewrites the tag of every range in [0, 2T), so a range of
-/// an earlier call never carries the current tag; when T changes, all ranges are set to no call.
-/// After a call whose share threw (abort_), the next call resets the counts as before.
+/// through 65535 values, and a call whose shares all ran leaves every range in [0, 2T) with its
+/// tag, so after it no range carries the next call's tag. Where the last call was not such a call
+/// (its job declined, as on TBB, or threw), some ranges may keep an older tag that could come
+/// round again (HandOffRangeTagsComeRound), and where T changed, the others keep theirs: then the
+/// caller sets every range to no call first. After a call whose share threw (abort_), the next
+/// call also resets the counts as before. The only row flag is that of a row prepared inside the
+/// job; share 0 prepares it before it writes its own ranges.
 /// TIDAL_EXPERT_LOCAL_SETUP=0 (set_local_setup(false)) makes the caller store every count,
 /// flag and range again, for comparison. Measured (fifteenth session, INT4 and INT8 35B-A3B calls
 /// at 16 threads, 2 interleaved processes per setting on one host): the op's entry came 1.6-2.8 µs
