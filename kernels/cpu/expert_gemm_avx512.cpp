@@ -323,13 +323,9 @@ template <bool kInt4>
 void tile2_int(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, const ActRows& a,
                int64_t m, float* d0, float* d1) {
   if (m != 1 || !kVnniPair) {  // Note [Two tiles per pass at decode]: one token only
-    if constexpr (kInt4) {
-      run_blocks<Int4Block>(l, t0, a, m, d0);
-      run_blocks<Int4Block>(l, t1, a, m, d1);
-    } else {
-      run_blocks<Int8Block>(l, t0, a, m, d0);
-      run_blocks<Int8Block>(l, t1, a, m, d1);
-    }
+    const TileKernelFn one = kInt4 ? tile_int4 : tile_int8;
+    one(l, t0, a, m, d0);
+    one(l, t1, a, m, d1);
     return;
   }
   switch (l.group) {
