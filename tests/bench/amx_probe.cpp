@@ -6,18 +6,26 @@
 /// one stage out and take differences" (no perf on the GPU machine). Standalone, so that it builds
 /// in seconds on the device: the `tidal_amx_probe` benchmark target, or
 ///   g++ -O2 -march=sapphirerapids -o /tmp/amx_probe tests/bench/amx_probe.cpp && /tmp/amx_probe
+/// `amx_probe [groups] [loaded]`: with `loaded` = N > 0, N other threads, pinned to cores 1..N
+/// (the probe runs on core 0), stream-read memory of their own for the whole run, as the other
+/// cores of a 16-thread prefill do, so that each stage's cost under a loaded memory system shows
+/// next to its cost on an idle one (the fourteenth session's planning note in
+/// docs/performance.md). Every line then carries "loaded": N.
 /// A "group" is the kernel's unit for INT8 group 128 with 32 tokens (NB = 2): 2 x 4 `tdpbsud`
 /// (16x16x64 each) = 131072 int8 MACs (262144 ops), 4 C tiles of 16x16 int32.
 #include <immintrin.h>
+#include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -283,11 +291,43 @@ double run_overlap(int what, int nfma, int64_t iters) {
   return now() - t0;
 }
 
+void pin_to(int core) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(core, &set);
+  sched_setaffinity(0, sizeof set, &set);  // best effort: unpinned where refused
+}
+
+// Streams reads over 256 MiB of its own (first touched by itself) until `stop`.
+void stream_reader(int core, const std::atomic<bool>* stop, std::atomic<uint64_t>* sink) {
+  pin_to(core);
+  constexpr size_t kBytes = size_t{256} << 20;
+  auto* buf = static_cast<uint8_t*>(std::aligned_alloc(4096, kBytes));
+  std::memset(buf, 1, kBytes);
+  __m512i acc = _mm512_setzero_si512();
+  while (!stop->load(std::memory_order_relaxed))
+    for (size_t o = 0; o < kBytes; o += 256) {
+      acc = _mm512_add_epi64(acc, _mm512_load_si512(buf + o));
+      acc = _mm512_add_epi64(acc, _mm512_load_si512(buf + o + 64));
+      acc = _mm512_add_epi64(acc, _mm512_load_si512(buf + o + 128));
+      acc = _mm512_add_epi64(acc, _mm512_load_si512(buf + o + 192));
+    }
+  sink->fetch_add(static_cast<uint64_t>(_mm512_reduce_add_epi64(acc)));
+  std::free(buf);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  setup_amx();
   const int64_t groups = argc > 1 ? std::atoll(argv[1]) : 200000;
+  const int loaded = argc > 2 ? std::atoi(argv[2]) : 0;
+  pin_to(0);
+  setup_amx();
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> sink{0};
+  std::vector<std::thread> readers;
+  for (int i = 0; i < loaded; ++i) readers.emplace_back(stream_reader, i + 1, &stop, &sink);
+  if (loaded > 0) std::this_thread::sleep_for(std::chrono::milliseconds(500));  // their memset
   for (size_t i = 0; i < sizeof act; ++i) act[i] = static_cast<int8_t>((i * 7) % 255 - 127);
   for (auto& v : b_l1) v = 3;
   for (auto& v : a_l1) v = 1;
@@ -339,8 +379,8 @@ int main(int argc, char** argv) {
       best = std::min(best, run(v.mask, groups, s, sb));
     }
     const double ns = best / static_cast<double>(groups) * 1e9;
-    std::printf("{\"probe\":\"%s\",\"ns_per_group\":%.1f,\"tops\":%.3f}\n", v.name, ns,
-                2.0 * kMacs / ns / 1e3);
+    std::printf("{\"loaded\":%d,\"probe\":\"%s\",\"ns_per_group\":%.1f,\"tops\":%.3f}\n", loaded,
+                v.name, ns, 2.0 * kMacs / ns / 1e3);
     std::fflush(stdout);
   }
   // Note [TMUL and the vector ports]: products, FMAs, both (tiles 4-7 hold zeros: no denormals).
@@ -357,9 +397,9 @@ int main(int argc, char** argv) {
       ns[what - 1] = best / static_cast<double>(groups) * 1e9;
     }
     std::printf(
-        "{\"probe\":\"tmul_vs_fma\",\"fmas\":%d,\"products_ns\":%.1f,\"fmas_ns\":%.1f,"
-        "\"both_ns\":%.1f}\n",
-        nfma, ns[0], ns[1], ns[2]);
+        "{\"loaded\":%d,\"probe\":\"tmul_vs_fma\",\"fmas\":%d,\"products_ns\":%.1f,"
+        "\"fmas_ns\":%.1f,\"both_ns\":%.1f}\n",
+        loaded, nfma, ns[0], ns[1], ns[2]);
     std::fflush(stdout);
   }
   for (auto& v : b_l1) v = 3;
@@ -369,12 +409,18 @@ int main(int argc, char** argv) {
     const size_t sb = where == 2 ? mem_bytes : l2_bytes;
     for (int rep = 0; rep < 5; ++rep) best = std::min(best, run_two_sets(groups, s, sb));
     const double ns = best / static_cast<double>(groups) * 1e9;
-    std::printf("{\"probe\":\"two_sets_nb1,B_%s\",\"ns_per_group\":%.1f,\"tops\":%.3f}\n",
-                where == 0   ? "L1"
-                : where == 1 ? "L2stream"
-                             : "DRAMstream",
-                ns, 2.0 * (kMacs / 2) / ns / 1e3);
+    std::printf(
+        "{\"loaded\":%d,\"probe\":\"two_sets_nb1,B_%s\",\"ns_per_group\":%.1f,\"tops\":%.3f}\n",
+        loaded,
+        where == 0   ? "L1"
+        : where == 1 ? "L2stream"
+                     : "DRAMstream",
+        ns, 2.0 * (kMacs / 2) / ns / 1e3);
     std::fflush(stdout);
   }
+  stop.store(true);
+  for (auto& t : readers) t.join();
+  if (loaded > 0)  // (uses the readers' sums, so that their loads stay)
+    std::fprintf(stderr, "readers' checksum %llu\n", static_cast<unsigned long long>(sink.load()));
   return 0;
 }
