@@ -58,6 +58,7 @@
 
 #include "kernels/common/core_pinning.h"
 #include "kernels/common/executor.h"
+#include "kernels/common/set_if.h"
 
 namespace tidal::kernels {
 namespace {
@@ -81,13 +82,6 @@ int usable_cpus() {
   CPU_ZERO(&set);
   if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
   return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-}
-
-// Stores v where it differs: a job's fields sit on a line that every worker read during the last
-// job, and a store that changes nothing would still take the line back from all of them.
-template <class T, class V>
-inline void set_if(T& dst, V v) {
-  if (dst != v) dst = v;
 }
 
 // Polling starts with `pause` for this long after a job (consecutive jobs of one step), then

@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/common/set_if.h"
 #include "kernels/cpu/expert_gemm.h"
 #include "kernels/cpu/expert_gemm_ref.h"
 #include "kernels/cpu/weight_decode.h"
@@ -271,23 +272,18 @@ PackedValue packed_value(const PackedLayout& l, const uint8_t* packed, int64_t r
 
 void ActBuffer::reserve(ActKind kind_, const PackedLayout& l, int64_t rows_, Isa isa_,
                         bool zero_spare) {
-  // Fields stored only where they change: at decode every worker reads them on every call, and a
-  // store that changes nothing would still take their line back from all of them (Note [A call's
-  // setup leaves the workers' lines alone] in moe_experts.cpp).
-  auto set = [](auto& dst, auto v) {
-    if (dst != v) dst = v;
-  };
-  set(kind, kind_);
-  set(isa, isa_);
-  set(k, l.k);
-  set(k_pad, l.k_pad);
-  set(group, l.dtype == ExpertDType::kBF16 ? l.k_pad : l.group);
-  set(num_groups, k_pad / group);
+  // Fields stored only where they change: at decode every worker reads them on every call.
+  set_if(kind, kind_);
+  set_if(isa, isa_);
+  set_if(k, l.k);
+  set_if(k_pad, l.k_pad);
+  set_if(group, l.dtype == ExpertDType::kBF16 ? l.k_pad : l.group);
+  set_if(num_groups, k_pad / group);
   // Rows are 64 bytes (32 elements) longer than k_pad: with a power-of-two row pitch the 16 rows
   // of an AMX A tile would all fall in one L1 set.
-  set(ld, k_pad + 32);
-  set(ld_group, num_groups);
-  set(num_rows, rows_);
+  set_if(ld, k_pad + 32);
+  set_if(ld_group, num_groups);
+  set_if(num_rows, rows_);
   // kTileRows spare rows: AMX loads whole 16-row A tiles.
   const auto cap = static_cast<size_t>((rows_ + kTileRows) * ld);
   auto grow_zero = [&](auto& v, size_t n) {

@@ -140,17 +140,16 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <functional>
 #include <stdexcept>
 #include <string>
 #include <thread>
-#include <type_traits>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 
+#include "kernels/common/set_if.h"
 #include "kernels/cpu/expert_gemm_ref.h"
 #include "kernels/cpu/rms_norm.h"
 
@@ -220,6 +219,13 @@ void add_for_call(std::atomic<uint64_t>& c, int64_t epoch, int64_t n) {
       return;
   }
 }
+// The count add_for_call kept for call `epoch` (0 where no item of that call was counted).
+int64_t count_for_call(const std::atomic<uint64_t>& c, int64_t epoch) {
+  const uint64_t v = c.load(std::memory_order_relaxed);
+  return (v >> 32) == (static_cast<uint64_t>(epoch) & 0xffffffffu)
+             ? static_cast<int64_t>(v & 0xffffffffu)
+             : 0;
+}
 
 // Note [Prefill down: the next expert ahead]
 // Prefill phase 2 runs, per task, every active expert in turn against the task's few tile pairs
@@ -277,18 +283,6 @@ void add_rows(LineAhead& ahead, const ActBuffer& b, int64_t row0, int64_t count)
   ahead.add(r.q_sum, count * b.ld_group * 4);
 }
 
-// Note [A call's setup leaves the workers' lines alone]: stores a value only where it differs.
-// (Floats compare by their bits: -0 and +0 differ, a NaN equals itself.)
-template <class T, class V>
-inline void set_if(T& dst, V v) {
-  const T w = static_cast<T>(v);
-  if constexpr (std::is_floating_point_v<T>) {
-    if (std::memcmp(&dst, &w, sizeof w) != 0) dst = w;
-  } else if (dst != w) {
-    dst = w;
-  }
-}
-
 // A work range [front, back) in one atomic word with the tag of its call (Note [A call's setup
 // leaves the workers' lines alone]): tag in the top 16 bits, back in the next 24, front in the
 // low 24.
@@ -337,6 +331,9 @@ void NumaShares::split(const int64_t* node_begin, int64_t* out) const {
     out[2 * i + 1] = b + len * (r + 1) / c;
   }
 }
+
+int64_t MoeExperts::last_stolen() const { return count_for_call(stolen_, epoch_); }
+int64_t MoeExperts::last_remote_stolen() const { return count_for_call(remote_stolen_, epoch_); }
 
 void MoeExperts::init_range(Range& r, uint64_t tag, int64_t front, int64_t back) {
   uint64_t v = r.v.load(std::memory_order_acquire);

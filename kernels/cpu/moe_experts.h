@@ -112,10 +112,10 @@ class MoeExperts {
   void set_prefill_pairs(int pairs) { prefill_pairs_ = pairs < 0 ? 0 : pairs; }
   /// Items the last hand-off run took from other threads' shares. An item counts once per move
   /// (Note [Stealing half a share]), so one moved on from a thief's range counts twice.
-  int64_t last_stolen() const { return for_last_call(stolen_); }
+  int64_t last_stolen() const;
   /// Of those, the items taken from shares on another NUMA node (Note [NUMA expert placement]);
   /// an item moved on from a thief's range counts by the node of that thief.
-  int64_t last_remote_stolen() const { return for_last_call(remote_stolen_); }
+  int64_t last_remote_stolen() const;
   /// Hand-off setup (Note [A call's setup leaves the workers' lines alone]): on (the default
   /// unless TIDAL_EXPERT_LOCAL_SETUP=0), the caller writes no counter, flag or range that the
   /// workers used in the last call; off, it resets them all before the job (for comparison).
@@ -189,12 +189,6 @@ class MoeExperts {
   static bool default_down_ahead();
   int64_t epoch_ = 0;         // hand-off calls so far: the number of the current one
   int64_t tagged_epoch_ = 0;  // the last hand-off call whose every share ran (ranges' tags)
-  int64_t for_last_call(const std::atomic<uint64_t>& c) const {
-    const uint64_t v = c.load(std::memory_order_relaxed);
-    return (v >> 32) == (static_cast<uint64_t>(epoch_) & 0xffffffffu)
-               ? static_cast<int64_t>(v & 0xffffffffu)
-               : 0;
-  }
   double phase_s_[4] = {};
   const char* used_small_ = nullptr;
   const char* used_large_ = nullptr;
