@@ -407,7 +407,8 @@ void prepare_int8(const float* x, int64_t k, int64_t group, int64_t num_groups, 
       const __mmask16 m = k - c >= 16 ? __mmask16(0xffff)
                           : k > c     ? __mmask16((1u << (k - c)) - 1)
                                       : 0;
-      amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + c)));
+      // (|x| first: a NaN keeps the running maximum, as std::max(amax, |x|) in the scalar code.)
+      amax = _mm512_max_ps(_mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + c)), amax);
     }
     const float am = _mm512_reduce_max_ps(amax);
     const float inv = am > 0.f ? 127.f / am : 0.f;

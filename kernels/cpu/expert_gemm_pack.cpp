@@ -355,6 +355,11 @@ void ActBuffer::prepare(int64_t row, const float* x) {
                              q_sum.data() + row * num_groups);
         break;
       }
+      if (isa >= Isa::kAvx2 && group % 32 == 0) {
+        avx2::prepare_int8(x, k, group, num_groups, qd, q_scale.data() + row * num_groups,
+                           q_sum.data() + row * num_groups);
+        break;
+      }
       for (int64_t g = 0; g < num_groups; ++g) {
         const int64_t c0 = g * group, c1 = std::min(k, c0 + group);
         float amax = 0.f;

@@ -19,6 +19,11 @@ namespace avx2 {
 void tile_bf16(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
 void tile_int8(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
 void tile_int4(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int64_t m, float* dst);
+/// h[i] = silu(g[i]) · u[i], vectorised exp (~2 ulp), as avx512::silu_mul.
+void silu_mul(const float* g, const float* u, float* h, int64_t n);
+/// ActBuffer::prepare for kInt8Groups, bit-identical to the scalar code (group 32, 64 or 128).
+void prepare_int8(const float* x, int64_t k, int64_t group, int64_t num_groups, int8_t* q,
+                  float* scale, int32_t* sum);
 }  // namespace avx2
 
 namespace avx512 {

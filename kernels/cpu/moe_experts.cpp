@@ -635,7 +635,7 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
           .copy_row(slot_row_[s], big ? tok_large_ : tok_small_, slot_token_[s]);
     });
   lap(0);
-  const bool vec_silu = isa_ >= Isa::kAvx512;
+  const bool vec_silu = isa_ >= Isa::kAvx2;
 
   // Phase 1: h = silu(gate x) * up x per (expert, 16-row tile of I). See Note [Two-phase expert
   // schedule].
@@ -658,7 +658,10 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
         for (int64_t i = 0; i < mc; ++i) {
           float* h = hidden_.data() + (joffset_[j] + c0 + i) * I + col0;
           if (vec_silu) {
-            avx512::silu_mul(g + i * kTileRows, u + i * kTileRows, h, ncol);
+            if (isa_ >= Isa::kAvx512)
+              avx512::silu_mul(g + i * kTileRows, u + i * kTileRows, h, ncol);
+            else
+              avx2::silu_mul(g + i * kTileRows, u + i * kTileRows, h, ncol);
           } else {
             for (int64_t r = 0; r < ncol; ++r)
               h[r] = silu(g[i * kTileRows + r]) * u[i * kTileRows + r];

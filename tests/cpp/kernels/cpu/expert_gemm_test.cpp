@@ -14,8 +14,10 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <new>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -210,22 +212,72 @@ TEST(ExpertFormat, ApproximationParsing) {
 }
 
 TEST(ExpertFormat, VectorPreparationIsBitIdentical) {
-  if (cpu_features().best < Isa::kAvx512) GTEST_SKIP() << "AVX-512 not available on this CPU";
-  for (int64_t k : {1, 45, 100, 2048}) {
-    const auto l = make_layout(ExpertDType::kINT8, 16, k, 32);
-    auto x = random_vec(static_cast<size_t>(k), 9 + static_cast<uint32_t>(k), 3.f);
-    x[0] = 0.f;
-    for (ActKind kind : {ActKind::kBf16Split, ActKind::kInt8Groups, ActKind::kBf16}) {
-      ActBuffer s, v;
-      s.reserve(kind, l, 2, Isa::kRef);
-      v.reserve(kind, l, 2, Isa::kAvx512);
-      s.prepare(1, x.data());
-      v.prepare(1, x.data());
-      EXPECT_EQ(s.bf16, v.bf16) << k;
-      EXPECT_EQ(s.bf16_lo, v.bf16_lo) << k;
-      EXPECT_EQ(s.q, v.q) << k;
-      EXPECT_EQ(s.q_scale, v.q_scale) << k;
-      EXPECT_EQ(s.q_sum, v.q_sum) << k;
+  bool ran = false;
+  for (Isa isa : {Isa::kAvx2, Isa::kAvx512}) {
+    if (!isa_available(isa)) {
+      std::printf("[ SKIPPED ] preparation at %s: not available on this CPU (%s)\n",
+                  std::string(isa_name(isa)).c_str(), cpu_features().brand.c_str());
+      continue;
+    }
+    ran = true;
+    for (int64_t group : {32, 64, 128})
+      for (int64_t k : {1, 45, 100, 2048, 2049}) {
+        const auto l = make_layout(ExpertDType::kINT8, 16, k, group);
+        auto x = random_vec(static_cast<size_t>(k), 9 + static_cast<uint32_t>(k), 3.f);
+        x[0] = 0.f;
+        if (k > 40) {
+          x[7] = std::nanf("");  // a NaN does not replace a group's maximum (std::max's order)
+          x[39] = std::numeric_limits<float>::infinity();
+          x[k - 1] = x[k - 2];  // a repeated value rounds alike
+        }
+        for (ActKind kind : {ActKind::kBf16Split, ActKind::kInt8Groups, ActKind::kBf16}) {
+          ActBuffer s, v;
+          s.reserve(kind, l, 2, Isa::kRef);
+          v.reserve(kind, l, 2, isa);
+          s.prepare(1, x.data());
+          v.prepare(1, x.data());
+          const std::string what = std::string(isa_name(isa)) + " k=" + std::to_string(k) +
+                                   " group " + std::to_string(group);
+          EXPECT_EQ(s.bf16, v.bf16) << what;
+          EXPECT_EQ(s.bf16_lo, v.bf16_lo) << what;
+          EXPECT_EQ(s.q, v.q) << what;
+          EXPECT_EQ(s.q_scale, v.q_scale) << what;
+          EXPECT_EQ(s.q_sum, v.q_sum) << what;
+        }
+      }
+  }
+  if (!ran) GTEST_SKIP() << "neither AVX2 nor AVX-512 on this CPU (" << cpu_features().brand << ")";
+}
+
+// AVX2's SiLU·up (phase 1 of the expert op) against the scalar silu: ~2 ulp of the exp, then a
+// division and a product; saturates cleanly at both ends.
+TEST(ExpertFormat, VectorSiluMatchesScalar) {
+  for (Isa isa : {Isa::kAvx2, Isa::kAvx512}) {
+    if (!isa_available(isa)) {
+      std::printf("[ SKIPPED ] silu_mul at %s: not available on this CPU (%s)\n",
+                  std::string(isa_name(isa)).c_str(), cpu_features().brand.c_str());
+      continue;
+    }
+    for (int64_t n : {1, 7, 16, 37}) {
+      auto g = random_vec(static_cast<size_t>(n), 5 + static_cast<uint32_t>(n), 12.f);
+      auto u = random_vec(static_cast<size_t>(n), 6 + static_cast<uint32_t>(n), 2.f);
+      if (n > 5) {
+        g[1] = 100.f;   // e^-100: silu(g) = g
+        g[2] = -100.f;  // e^100: silu(g) = -0
+        g[3] = 0.f;
+        g[4] = -88.f;
+      }
+      std::vector<float> h(static_cast<size_t>(n) + 1, 42.f);  // one past the end: untouched
+      if (isa == Isa::kAvx2)
+        avx2::silu_mul(g.data(), u.data(), h.data(), n);
+      else
+        avx512::silu_mul(g.data(), u.data(), h.data(), n);
+      for (int64_t i = 0; i < n; ++i) {
+        const double want = g[i] / (1.0 + std::exp(-static_cast<double>(g[i]))) * u[i];
+        EXPECT_NEAR(h[i], want, 1e-6 * std::fabs(want) + 1e-30)
+            << isa_name(isa) << " n=" << n << " g=" << g[i];
+      }
+      EXPECT_EQ(h[static_cast<size_t>(n)], 42.f) << isa_name(isa) << " n=" << n;
     }
   }
 }
