@@ -105,6 +105,20 @@ enum class Approximation : uint8_t { kExact = 0, kSplit = 1, kBf16Activations = 
 /// kBf16Activations; anything else throws std::invalid_argument naming the accepted values.
 Approximation parse_approximation(std::string_view s);
 
+/// kInt8Groups: 127 / max|x| of a group, or 0 for an all-zero group. A group whose maximum is below
+/// 127 / FLT_MAX (where the inverse would be infinite) is quantised as zero too: `amax` is set to
+/// 0, so its scale is 0. Every ISA's preparation calls this (bit-identical results). `static`: each
+/// translation unit, compiled with its own ISA flags, keeps its own copy (no ODR merge of a copy
+/// built with AVX-512 into the scalar path).
+static inline float act_inverse_scale(float& amax) {
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  if (inv > 3.40282347e38f) {  // +inf: amax < 127 / FLT_MAX
+    amax = 0.f;
+    return 0.f;
+  }
+  return inv;
+}
+
 /// Prepared activation rows for one micro-kernel call (row i at base + i * ld).
 struct ActRows {
   const float* f32 = nullptr;

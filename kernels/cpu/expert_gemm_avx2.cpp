@@ -203,13 +203,14 @@ void tile_int4(const PackedLayout& l, const uint8_t* tile, const ActRows& a, int
 namespace {
 
 // e^x, ~2 ulp, for the SiLU of phase 1 (the AVX-512 kernel's polynomial: 2^(x log2 e), integer
-// part into the exponent, the fraction by a degree-6 Taylor polynomial on [-0.5, 0.5]). The
-// integer part is clamped to [-126, 127]: below, e^x is 0 to within 2^-126 (SiLU's 1 + e^x is 1),
-// above, the result is ~2^127 or inf (SiLU's x / (1 + e^x) is 0 either way).
+// part into the exponent, the fraction by a degree-6 Taylor polynomial on [-0.5, 0.5]). x log2 e
+// is clamped to [-126, 128] before it is split, so that the fraction stays in range: below, e^x is
+// 2^-126 instead of smaller (SiLU's 1 + e^x is 1 either way); at 128 the exponent field is 255,
+// i.e. inf, as e^x is there. NaN stays NaN through SiLU's x / (1 + e^-x).
 inline __m256 exp_ps(__m256 x) {
-  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
-  __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  n = _mm256_min_ps(_mm256_max_ps(n, _mm256_set1_ps(-126.f)), _mm256_set1_ps(127.f));
+  __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+  t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-126.f)), _mm256_set1_ps(128.f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_mul_ps(_mm256_sub_ps(t, n), _mm256_set1_ps(0.69314718055994531f));
   __m256 p = _mm256_set1_ps(1.f / 720);
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f / 120));
@@ -229,19 +230,27 @@ inline __m256i lane_mask(int64_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(n, 0, 8))), idx);
 }
 
+// Lanes [0, n) from p, the rest zero; nothing is read for n <= 0 (AMD documents faults of
+// zero-masked lanes as implementation dependent).
 inline __m256 load_upto(const float* p, int64_t n) {
-  return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lane_mask(n));
+  if (n >= 8) return _mm256_loadu_ps(p);
+  if (n <= 0) return _mm256_setzero_ps();
+  return _mm256_maskload_ps(p, lane_mask(n));
 }
 
 }  // namespace
 
 void silu_mul(const float* g, const float* u, float* h, int64_t n) {
-  for (int64_t i = 0; i < n; i += 8) {
-    const __m256i k = lane_mask(n - i);
-    const __m256 x = _mm256_maskload_ps(g + i, k);
+  auto one = [](__m256 x, __m256 up) {
     const __m256 e = exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), x));
-    const __m256 s = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), e));
-    _mm256_maskstore_ps(h + i, k, _mm256_mul_ps(s, _mm256_maskload_ps(u + i, k)));
+    return _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), e)), up);
+  };
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(h + i, one(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
+  if (i < n) {
+    const __m256i k = lane_mask(n - i);
+    _mm256_maskstore_ps(h + i, k, one(_mm256_maskload_ps(g + i, k), _mm256_maskload_ps(u + i, k)));
   }
 }
 
@@ -261,7 +270,7 @@ void prepare_int8(const float* x, int64_t k, int64_t group, int64_t num_groups, 
     _mm256_store_ps(lanes, amax);
     float am = 0.f;
     for (float v : lanes) am = std::max(am, v);
-    const float inv = am > 0.f ? 127.f / am : 0.f;
+    const float inv = act_inverse_scale(am);
     const __m256 vinv = _mm256_set1_ps(inv);
     const __m256i hi = _mm256_set1_epi32(127), lo = _mm256_set1_epi32(-127);
     __m256i acc = _mm256_setzero_si256();

@@ -354,9 +354,12 @@ void tile2_int4(const PackedLayout& l, const uint8_t* t0, const uint8_t* t1, con
 namespace {
 
 // e^x for x <= 88 (larger gives inf), ~2 ulp: 2^(x log2 e) with the integer part through scalef
-// and the fraction by a degree-6 minimax-style Taylor polynomial on [-0.5, 0.5].
+// and the fraction by a degree-6 minimax-style Taylor polynomial on [-0.5, 0.5]. x log2 e is
+// clamped to ±160 first (2^±160 is already inf / 0 in fp32), so that x = ±inf gives inf / 0, not
+// inf - inf = NaN in the fraction.
 inline __m512 exp_ps(__m512 x) {
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-160.f)), _mm512_set1_ps(160.f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));
   __m512 p = _mm512_set1_ps(1.f / 720);
@@ -410,8 +413,8 @@ void prepare_int8(const float* x, int64_t k, int64_t group, int64_t num_groups, 
       // (|x| first: a NaN keeps the running maximum, as std::max(amax, |x|) in the scalar code.)
       amax = _mm512_max_ps(_mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + c)), amax);
     }
-    const float am = _mm512_reduce_max_ps(amax);
-    const float inv = am > 0.f ? 127.f / am : 0.f;
+    float am = _mm512_reduce_max_ps(amax);
+    const float inv = act_inverse_scale(am);
     const __m512 vinv = _mm512_set1_ps(inv);
     __m512i acc = _mm512_setzero_si512();
     for (int64_t c = c0; c < c0 + group; c += 16) {

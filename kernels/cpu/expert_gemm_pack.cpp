@@ -364,7 +364,7 @@ void ActBuffer::prepare(int64_t row, const float* x) {
         const int64_t c0 = g * group, c1 = std::min(k, c0 + group);
         float amax = 0.f;
         for (int64_t c = c0; c < c1; ++c) amax = std::max(amax, std::fabs(x[c]));
-        const float inv = amax > 0.f ? 127.f / amax : 0.f;
+        const float inv = act_inverse_scale(amax);
         int32_t sum = 0;
         for (int64_t c = c0; c < c1; ++c) {
           const int v = std::clamp(static_cast<int>(std::nearbyint(x[c] * inv)), -127, 127);

@@ -12,7 +12,9 @@
 # STEPS (default "tests python bench kt") selects parts; "decode" is the M = 1 comparison of the
 # executors and of the per-expert hand-off (Note [Spinning workers], Note [Per-expert hand-off]);
 # "trace" the per-thread timeline of M = 1 calls (tidal_bench_experts --trace); "prefill" the AMX
-# prefill (with ONEDNN=1, next to oneDNN's matmul).
+# prefill (with ONEDNN=1, next to oneDNN's matmul); "probe" the AMX stage probe on core 0 alone and
+# with the other cores streaming memory (tidal_amx_probe [groups] [loaded]); "avx2" the AVX2 kernels
+# (TIDAL_CPU_ISA=avx2: the path of CPUs without AVX-512) at M = 1 on 1, 4 and all threads.
 set -euo pipefail
 mkdir -p "${OUT:-bench-out}" /tmp/deps
 out=$(cd "${OUT:-bench-out}" && pwd)
@@ -33,7 +35,9 @@ if [ -f .devcarry/onednn3.tar.xz ]; then
 fi
 cmake -S . -B build/bench -G Ninja -DTIDAL_CUDA=OFF -DTIDAL_BUILD_TESTS=ON -DTIDAL_BUILD_BENCHMARKS=ON \
   -DTIDAL_BUILD_PYTHON=OFF -DCMAKE_PREFIX_PATH=/tmp/deps "${dnnl[@]}" > "$log" 2>&1 || { tail -30 "$log"; exit 1; }
-ninja -C build/bench tidal_tests tidal_bench_experts >> "$log" 2>&1 || { tail -30 "$log"; exit 1; }
+targets=(tidal_tests tidal_bench_experts)
+[[ $steps == *probe* ]] && targets+=(tidal_amx_probe)
+ninja -C build/bench "${targets[@]}" >> "$log" 2>&1 || { tail -30 "$log"; exit 1; }
 echo "built in ${SECONDS}s"
 if [[ $steps == *tests* ]]; then
   ./build/bench/tests/tidal_tests --gtest_filter="${GTEST_FILTER:-*}" > "$out/cpp_tests.log" 2>&1 || failed=1
@@ -155,6 +159,35 @@ for f in sys.argv[1:]:
                   f'peak bf16 {d["amx_peak_bf16_tflops"]:.1f} int8 {d["amx_peak_int8_tops"]:.1f}) phases {d["phase_us"]}')
         elif d["bench"].startswith("onednn"):
             print("onednn", {k: d[k] for k in d if k not in ("bench",)})
+PY
+fi
+if [[ $steps == *probe* ]]; then
+  # Each stage of an AMX INT8 group on core 0, idle and while the other cores stream-read memory of
+  # their own (the fifteenth session's plan for the prefill roofline).
+  for loaded in 0 $((threads - 1)); do
+    echo "== amx_probe loaded=$loaded"
+    ./build/bench/tests/bench/tidal_amx_probe "${PROBE_GROUPS:-200000}" "$loaded" || failed=1
+  done > "$out/amx_probe.txt" 2>&1
+  tail -40 "$out/amx_probe.txt"
+fi
+if [[ $steps == *avx2* ]]; then
+  # The AVX2 kernels (Note [AVX2 weight stream]) on this machine's memory system, next to the
+  # default ISA in the same process order.
+  for rep in 1 2; do
+    for isa in avx2 auto; do
+      TIDAL_CPU_ISA=$isa "$b" --shape 35b --m 1 --threads 1,4,"$threads" --dtypes int4,int8 --seconds 1 \
+        | sed "s/^{/{\"rep\":$rep,\"cpu_isa\":\"$isa\",/" || failed=1
+    done
+  done > "$out/decode_avx2.jsonl"
+  python3 - "$out"/decode_avx2.jsonl <<'PY' || failed=1
+import json, sys
+for line in open(sys.argv[1]):
+    if not line.startswith("{"):
+        continue
+    d = json.loads(line)
+    if d["bench"] == "moe_experts":
+        print(f'rep={d["rep"]} isa={d["cpu_isa"]:4s} {d["kernels"]:16s} {d["threads"]:2d} threads {d["median_us"]:8.1f} us '
+              f'{d["bw_fraction"]:.3f} of {d["read_bw_gbps"]:.0f} GB/s')
 PY
 fi
 if [[ $steps == *kt* ]]; then
