@@ -66,6 +66,13 @@ void int_block(const PackedLayout& l, const uint8_t* tile, const ActRows& a, flo
       const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(xb, ws));
       acc[i][h] = _mm256_add_epi32(acc[i][h], _mm256_madd_epi16(p, ones));
     };
+    // Half h (8 rows) of INT4 block j as its low and high nibble quads.
+    auto nibbles = [&](int64_t j, int h, __m256i& lo, __m256i& hi) {
+      const __m256i raw =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gb + 64 * j + 32 * h));
+      lo = _mm256_and_si256(raw, nibble);
+      hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+    };
     auto dot4 = [&](int i, int h, __m256i w, int32_t x4) {
       // u4 x s8: |pair sum| <= 2*15*127, no saturation
       const __m256i p = _mm256_maddubs_epi16(w, _mm256_set1_epi32(x4));
@@ -85,10 +92,8 @@ void int_block(const PackedLayout& l, const uint8_t* tile, const ActRows& a, flo
         for (int64_t j = j0; j < j0 + 4; ++j) {
           if (pf) prefetch_line(gb + 64 * j + pf);
           for (int h = 0; h < 2; ++h) {
-            const __m256i raw =
-                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gb + 64 * j + 32 * h));
-            const __m256i lo = _mm256_and_si256(raw, nibble);
-            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+            __m256i lo, hi;
+            nibbles(j, h, lo, hi);
             for (int i = 0; i < MC; ++i) {
               const int8_t* xq = a.q + i * a.ld + g * G + 8 * j;
               const __m256i p =
@@ -106,10 +111,8 @@ void int_block(const PackedLayout& l, const uint8_t* tile, const ActRows& a, flo
       for (int64_t j = 0; j < G / 8; ++j) {
         if (pf) prefetch_line(gb + 64 * j + pf);
         for (int h = 0; h < 2; ++h) {
-          const __m256i raw =
-              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gb + 64 * j + 32 * h));
-          const __m256i lo = _mm256_and_si256(raw, nibble);
-          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+          __m256i lo, hi;
+          nibbles(j, h, lo, hi);
           for (int i = 0; i < MC; ++i) {
             const int8_t* xq = a.q + i * a.ld + g * G + 8 * j;
             dot4(i, h, lo, load_i32(xq));
