@@ -67,7 +67,12 @@ CpuFeatures detect() {
     f.avx512_bf16 = (r[0] >> 5) & 1;
   }
   cpuid(0x80000000u, 0, r);
-  if (r[0] >= 0x80000004u) {
+  const uint32_t max_ext = r[0];
+  if (max_ext >= 0x80000001u) {
+    cpuid(0x80000001u, 0, r);
+    f.prfchw = (r[2] >> 8) & 1;
+  }
+  if (max_ext >= 0x80000004u) {
     char b[49] = {};
     for (uint32_t i = 0; i < 3; ++i) {
       cpuid(0x80000002u + i, 0, r);

@@ -32,6 +32,7 @@ struct CpuFeatures {
   bool amx_tile = false, amx_bf16 = false, amx_int8 = false;
   bool os_avx512 = false;  ///< XCR0 has opmask/ZMM state enabled.
   bool os_amx = false;     ///< XCR0 has tile state and arch_prctl granted XTILEDATA.
+  bool prfchw = false;     ///< PREFETCHW (CPUID 0x80000001 ECX bit 8).
   Isa best = Isa::kRef;    ///< Highest level the kernels may use here.
   std::string brand;       ///< CPUID brand string.
 };

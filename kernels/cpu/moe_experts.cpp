@@ -203,6 +203,35 @@ inline void prefetch_l2(const uint8_t* p, int64_t lines) {
 #endif
 }
 
+// Note [The token's row ahead]
+// A one-token call's first serial work on the token is share 0 preparing its row (Note [The
+// token's row inside the job]) while 15 threads wait for it: it reads the input row (8 KiB at
+// H = 2048; in a hybrid decode step written by a copy from the GPU, so in no cache) and writes
+// the next ring row (Note [A ring of token rows]), whose lines other cores read some calls ago.
+// On the GPU machine that took 1.4 µs (fifteenth session's trace) for ~0.3 µs of arithmetic. With
+// this on, run() first asks for the input row's lines and, with PREFETCHW where the CPU has it,
+// for ownership of the ring row's lines, so that they arrive while the routing is grouped (1-3
+// µs). Prefetches only: results unchanged. Off by default (TIDAL_EXPERT_ROW_AHEAD=1 turns it on):
+// on the development machine's 2 threads (sixteenth session) the preparation took the same
+// 0.7-1.3 µs either way (its hot arithmetic alone is 0.5-0.7 µs there, and the benchmark's input
+// row is hot) while the 160 prefetches added ~0.3 µs before the dispatch. To be measured on the
+// GPU machine, where 15 cores share the ring row's lines.
+template <bool kWrite>
+void prefetch_bytes(const void* p, int64_t bytes) {
+#if defined(__x86_64__) || defined(__i386__)
+  const auto* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) {
+    if constexpr (kWrite)
+      asm volatile("prefetchw %0" : : "m"(c[o]));
+    else
+      _mm_prefetch(c + o, _MM_HINT_T0);
+  }
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 // The lines that the kernels' software prefetch does not cover at the start of a stream: it runs
 // 4 KiB ahead of the loads (kPrefetchBytes in expert_gemm_avx512.cpp).
 constexpr int64_t kAheadLines = 64;
@@ -445,6 +474,14 @@ bool MoeExperts::default_down_ahead() {
   return on;
 }
 
+bool MoeExperts::default_row_ahead() {
+  static const bool on = [] {
+    const char* e = std::getenv("TIDAL_EXPERT_ROW_AHEAD");
+    return e != nullptr && std::string(e) == "1";
+  }();
+  return on;
+}
+
 bool MoeExperts::default_prefill_ahead() {
   static const bool on = env_on("TIDAL_EXPERT_PREFILL_AHEAD");
   return on;
@@ -484,6 +521,18 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   used_dataflow_ = false;
   if (M <= 0 || K <= 0) return;
   const int64_t t_entry = trace_on_ ? now_ns() : 0;
+  // Note [The token's row ahead]: the row this call reads, and the ring row it will write.
+  if (M == 1 && row_ahead_) {
+    prefetch_bytes<false>(a.src, lgu.k * static_cast<int64_t>(sizeof(float)));
+    const ActBuffer& b = tok_small_;
+    const int64_t next = (row_turn_ + 1) % kRowRing;
+    if (cpu_features().prfchw && b.kind == ActKind::kInt8Groups && b.num_rows > next &&
+        b.k == lgu.k) {
+      prefetch_bytes<true>(b.q.data() + next * b.ld, b.k_pad);
+      prefetch_bytes<true>(b.q_scale.data() + next * b.ld_group, b.num_groups * 4);
+      prefetch_bytes<true>(b.q_sum.data() + next * b.ld_group, b.num_groups * 4);
+    }
+  }
 
   // Group (token, weight) slots per expert, experts ascending, tokens ascending within one.
   const int64_t S = M * K;

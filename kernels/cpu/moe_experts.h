@@ -124,6 +124,9 @@ class MoeExperts {
   /// a thread asks L2 for the first lines of its first phase 2 item and of every range it
   /// steals, and for the item's weights while it waits for the expert's h.
   void set_down_ahead(bool on) { down_ahead_ = on; }
+  /// One-token calls (Note [The token's row ahead]): on (off by default; TIDAL_EXPERT_ROW_AHEAD=1),
+  /// run() first asks for the token's input row and, for writing, the ring row it will prepare.
+  void set_row_ahead(bool on) { row_ahead_ = on; }
   /// Advances the op's count of hand-off calls by n, as n declined calls would (for tests: a work
   /// range's 16-bit call tag comes round every 65535 calls; Note [A call's setup leaves the
   /// workers' lines alone]).
@@ -187,6 +190,8 @@ class MoeExperts {
   static bool default_local_setup();
   bool down_ahead_ = default_down_ahead();
   static bool default_down_ahead();
+  bool row_ahead_ = default_row_ahead();
+  static bool default_row_ahead();
   int64_t epoch_ = 0;         // hand-off calls so far: the number of the current one
   int64_t tagged_epoch_ = 0;  // the last hand-off call whose every share ran (ranges' tags)
   double phase_s_[4] = {};

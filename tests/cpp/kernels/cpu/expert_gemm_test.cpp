@@ -1076,6 +1076,7 @@ TEST(MoeExperts, HandOffCallSequencesAgreeBitwise) {
         MoeExperts a(cpu_features().best);
         a.set_local_setup(local);
         a.set_down_ahead(ahead);
+        a.set_row_ahead(ahead);  // Note [The token's row ahead]: prefetches only
         for (int call = 0; call < 24; ++call) {
           const size_t k = static_cast<size_t>(call % 4);
           Executor* pool = pools[call % 8];
