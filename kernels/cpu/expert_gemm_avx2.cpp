@@ -66,59 +66,38 @@ void int_block(const PackedLayout& l, const uint8_t* tile, const ActRows& a, flo
       const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(xb, ws));
       acc[i][h] = _mm256_add_epi32(acc[i][h], _mm256_madd_epi16(p, ones));
     };
-    // Half h (8 rows) of INT4 block j as its low and high nibble quads.
-    auto nibbles = [&](int64_t j, int h, __m256i& lo, __m256i& hi) {
-      const __m256i raw =
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gb + 64 * j + 32 * h));
-      lo = _mm256_and_si256(raw, nibble);
-      hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
-    };
-    auto dot4 = [&](int i, int h, __m256i w, int32_t x4) {
-      // u4 x s8: |pair sum| <= 2*15*127, no saturation
-      const __m256i p = _mm256_maddubs_epi16(w, _mm256_set1_epi32(x4));
-      acc[i][h] = _mm256_add_epi32(acc[i][h], _mm256_madd_epi16(p, ones));
-    };
-    if constexpr (kInt4 && MC == 1) {
+    if constexpr (kInt4) {
       // Note [AVX2 INT4 sums in 16 bits]: a `vpmaddubsw` lane of u4 x s8 is at most 2·15·127 =
-      // 3810 in magnitude, so the low and high nibbles' lanes of 4 blocks (8 products each) sum
-      // to at most 30480 and stay in int16: one `vpmaddwd` widening per 4 blocks instead of one
-      // per product. Exact integer sums: the results do not change. One token only: at two
-      // (MC = 2) the 16-bit sums need 4 more of the 16 ymm registers and the block spilled
-      // (Zen 3, one core, hot tile calls: m = 1 0.45-0.51 µs against 0.54-0.70; m = 4 1.95-2.01
-      // against 1.69-2.10; m = 16 7.9-9.4 against 6.8-7.0).
-      for (int64_t j0 = 0; j0 < G / 8; j0 += 4) {  // G / 8: 4, 8 or 16
-        __m256i s16[MC][2];
-        for (int i = 0; i < MC; ++i) s16[i][0] = s16[i][1] = _mm256_setzero_si256();
+      // 3810 in magnitude, so a block's low and high nibble lanes add to at most 7620 in int16,
+      // and at one token 4 blocks' to at most 30480: one `vpmaddwd` widening per 4 blocks instead
+      // of one per product. Exact integer sums: the results do not change. At two tokens the
+      // 4-block sums need 4 more of the 16 ymm registers and the block spilled (Zen 3, one core,
+      // hot tile calls: m = 1 0.45-0.51 µs against 0.54-0.70; m = 4 1.95-2.01 against 1.69-2.10),
+      // so there each block's sum is widened at once.
+      for (int64_t j0 = 0; j0 < G / 8; j0 += 4) {                           // G / 8: 4, 8 or 16
+        __m256i s16[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};  // MC == 1
         for (int64_t j = j0; j < j0 + 4; ++j) {
           if (pf) prefetch_line(gb + 64 * j + pf);
           for (int h = 0; h < 2; ++h) {
-            __m256i lo, hi;
-            nibbles(j, h, lo, hi);
+            const __m256i raw =
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gb + 64 * j + 32 * h));
+            const __m256i lo = _mm256_and_si256(raw, nibble);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
             for (int i = 0; i < MC; ++i) {
               const int8_t* xq = a.q + i * a.ld + g * G + 8 * j;
               const __m256i p =
                   _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(xq))),
                                    _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(xq + 4))));
-              s16[i][h] = _mm256_add_epi16(s16[i][h], p);
+              if constexpr (MC == 1)
+                s16[h] = _mm256_add_epi16(s16[h], p);
+              else
+                acc[i][h] = _mm256_add_epi32(acc[i][h], _mm256_madd_epi16(p, ones));
             }
           }
         }
-        for (int i = 0; i < MC; ++i)
+        if constexpr (MC == 1)
           for (int h = 0; h < 2; ++h)
-            acc[i][h] = _mm256_add_epi32(acc[i][h], _mm256_madd_epi16(s16[i][h], ones));
-      }
-    } else if constexpr (kInt4) {
-      for (int64_t j = 0; j < G / 8; ++j) {
-        if (pf) prefetch_line(gb + 64 * j + pf);
-        for (int h = 0; h < 2; ++h) {
-          __m256i lo, hi;
-          nibbles(j, h, lo, hi);
-          for (int i = 0; i < MC; ++i) {
-            const int8_t* xq = a.q + i * a.ld + g * G + 8 * j;
-            dot4(i, h, lo, load_i32(xq));
-            dot4(i, h, hi, load_i32(xq + 4));
-          }
-        }
+            acc[0][h] = _mm256_add_epi32(acc[0][h], _mm256_madd_epi16(s16[h], ones));
       }
     } else {
       for (int64_t j = 0; j < G / 4; ++j) {

@@ -216,16 +216,11 @@ inline void prefetch_l2(const uint8_t* p, int64_t lines) {
 // 0.7-1.3 µs either way (its hot arithmetic alone is 0.5-0.7 µs there, and the benchmark's input
 // row is hot) while the 160 prefetches added ~0.3 µs before the dispatch. To be measured on the
 // GPU machine, where 15 cores share the ring row's lines.
-template <bool kWrite>
-void prefetch_bytes(const void* p, int64_t bytes) {
+// Asks for ownership of [p, p + bytes) (PREFETCHW; only where cpu_features().prfchw).
+void prefetch_for_write(const void* p, int64_t bytes) {
 #if defined(__x86_64__) || defined(__i386__)
   const auto* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < bytes; o += 64) {
-    if constexpr (kWrite)
-      asm volatile("prefetchw %0" : : "m"(c[o]));
-    else
-      _mm_prefetch(c + o, _MM_HINT_T0);
-  }
+  for (int64_t o = 0; o < bytes; o += 64) asm volatile("prefetchw %0" : : "m"(c[o]));
 #else
   (void)p;
   (void)bytes;
@@ -523,14 +518,14 @@ void MoeExperts::run(const MoeExpertsArgs& a, Executor& ex) {
   const int64_t t_entry = trace_on_ ? now_ns() : 0;
   // Note [The token's row ahead]: the row this call reads, and the ring row it will write.
   if (M == 1 && row_ahead_) {
-    prefetch_bytes<false>(a.src, lgu.k * static_cast<int64_t>(sizeof(float)));
+    prefetch_l2(reinterpret_cast<const uint8_t*>(a.src), (lgu.k * 4 + 63) / 64);
     const ActBuffer& b = tok_small_;
     const int64_t next = (row_turn_ + 1) % kRowRing;
     if (cpu_features().prfchw && b.kind == ActKind::kInt8Groups && b.num_rows > next &&
         b.k == lgu.k) {
-      prefetch_bytes<true>(b.q.data() + next * b.ld, b.k_pad);
-      prefetch_bytes<true>(b.q_scale.data() + next * b.ld_group, b.num_groups * 4);
-      prefetch_bytes<true>(b.q_sum.data() + next * b.ld_group, b.num_groups * 4);
+      prefetch_for_write(b.q.data() + next * b.ld, b.k_pad);
+      prefetch_for_write(b.q_scale.data() + next * b.ld_group, b.num_groups * 4);
+      prefetch_for_write(b.q_sum.data() + next * b.ld_group, b.num_groups * 4);
     }
   }
 
