@@ -212,6 +212,9 @@ struct CudaModel::Impl {
   size_t wscratch_elems = 0;
   int64_t logits_rows = 1;
   kc::StepDev* d_step = nullptr;
+  /// Two counters per layer for gemv_delta_gated_norm (Note [Delta rule in out_proj]), zeroed
+  /// when allocated; each launch leaves them zero.
+  unsigned* d_sync = nullptr;
   /// The workspaces for chunks of T tokens: total bytes, each pointer's share, and the sizes
   /// that depend on T (Note [Measuring the stream threshold] re-plans them for streaming).
   struct WorkspacePlan {
@@ -2043,6 +2046,30 @@ void CudaModel::Impl::enqueue_deltanet(const GpuLayer& L, int layer, int64_t T) 
                  stream);
     mark("gdn: l2norm, beta, g");
   }
+  // One-token fused decode: the delta rule as the prologue of out_proj's GEMV (Note [Delta rule
+  // in out_proj]).
+  if (T == 1 && !batched && fused && opts.deltanet_in_out_proj) {
+    kc::DeltaPrologue dp;
+    dp.q = dq;
+    dp.k = dk_;
+    dp.v = dvv;
+    dp.g = dg;
+    dp.beta = dbeta;
+    dp.step = d_step;
+    dp.layer = layer;
+    dp.nk = nk;
+    dp.nv = nv;
+    dp.dk = dk;
+    dp.dv = dv;
+    dp.l2norm_qk = conv_done;
+    dp.out = go;
+    dp.sync = d_sync + 2 * layer;
+    if (kc::gemv_delta_gated_norm(L.out, dp, z, L.gnorm, eps, x, true, stream)) {
+      pend(nullptr);
+      mark("gdn: delta rule + gated norm + out_proj");
+      return;
+    }
+  }
   // One-token decode: the delta rule in column blocks (4x the blocks of one per value head) and
   // its gated output norm applied by out_proj's streaming GEMV while it stages its input row.
   if (T == 1 && !batched && opts.deltanet_split) {
@@ -2282,6 +2309,8 @@ CudaModel::Impl::WorkspacePlan CudaModel::Impl::plan_workspaces(int64_t T) {
   // Batched decode: up to 64 sequences a step, their logits in one block.
   p.max_batch = std::min<int64_t>({64, p.logits_rows, T});
   W(&d_step, static_cast<size_t>(p.max_batch) * sizeof(kc::StepDev));
+  W(&d_sync,
+    static_cast<size_t>(2 * std::max<int64_t>(1, cfg.num_hidden_layers)) * sizeof(unsigned));
   return p;
 }
 
@@ -2314,6 +2343,10 @@ void CudaModel::Impl::allocate_workspaces(const WorkspacePlan& p, int64_t T) {
     off += align_up(bytes);
     if (ptr == reinterpret_cast<void**>(&qb)) qb_bytes = bytes;
   }
+  cuda_check(cudaMemset(d_sync, 0,
+                        static_cast<size_t>(2 * std::max<int64_t>(1, cfg.num_hidden_layers)) *
+                            sizeof(unsigned)),
+             "workspace counters");
   // Pinned staging.
   const auto& c = cfg;
   const size_t f = 4, H = static_cast<size_t>(c.hidden_size), Tz = static_cast<size_t>(T),
@@ -2660,7 +2693,9 @@ std::string CudaModel::decode_kernels() const {
       "attention on {}, programmatic launch {}, fused norms {}, DeltaNet {}, router {}",
       tc ? "tensor cores" : "CUDA cores", kc::pdl_enabled() ? "on" : "off",
       m.opts.fuse_decode ? "on" : "off",
-      m.opts.deltanet_split ? "split (norm in out_proj)" : "block per head",
+      m.opts.deltanet_in_out_proj ? "in out_proj's GEMV"
+      : m.opts.deltanet_split     ? "split (norm in out_proj)"
+                                  : "block per head",
       m.opts.side_route ? "on a side stream" : "in line");
 }
 

@@ -55,6 +55,11 @@ struct CudaOptions {
   /// norm inside (false). Both measured the same decode step on an H100 (docs/performance.md), so
   /// the simpler one is the default; TIDAL_CUDA_GDN_SPLIT=1 selects the other.
   bool deltanet_split = env_flag("TIDAL_CUDA_GDN_SPLIT", false);
+  /// One-token fused DeltaNet decode: the delta rule run by the first blocks of out_proj's
+  /// streaming GEMV, the other blocks waiting for it inside the kernel (Note [Delta rule in
+  /// out_proj] in kernels/cuda/ops.cu): one launch less per DeltaNet layer. Falls back to the
+  /// separate kernels where the shape or device does not take it. TIDAL_CUDA_GDN_OUT.
+  bool deltanet_in_out_proj = env_flag("TIDAL_CUDA_GDN_OUT", false);
   /// Fused GPU-only decode: the router's top-k on a side stream beside the shared expert (true)
   /// or in line on the main stream. TIDAL_CUDA_SIDE_ROUTE.
   bool side_route = env_flag("TIDAL_CUDA_SIDE_ROUTE", true);

@@ -80,11 +80,53 @@ __device__ __forceinline__ void pdl_trigger() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
+// Note [Kernel stamps]
+// Where a graph-replayed decode step spends its time, kernel by kernel, without a profiler: while
+// stamps are on (stamps_begin), thread 0 of block 0 of every kernel that passes pdl_begin records
+// %globaltimer when it reaches the dependency wait and when the wait releases it, with its grid
+// and block size, into the next slot of a device buffer (an atomic counter orders them). With
+// programmatic dependent launch a kernel's release is the moment the kernel before it finished and
+// its writes became visible, so the gaps between consecutive releases split the step's critical
+// path into one share per kernel (its own time plus the launch boundary after it); an entry well
+// before the release shows the kernel was resident early. Off, the cost is one constant-cache
+// load by one thread per kernel; the graphs need no recapture (the switch lives in constant
+// memory and is read at run time).
+__constant__ KernelStamp* c_stamps = nullptr;
+__constant__ unsigned c_stamp_cap = 0;
+__device__ unsigned g_stamp_n = 0;
+
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
 /// Start of every kernel launched through `launch`: wait for the kernel before it, then let the
-/// next one be scheduled.
-__device__ __forceinline__ void pdl_begin() {
+/// next one be scheduled. `name`: the kernel's __func__ (Note [Kernel stamps]).
+__device__ __forceinline__ void pdl_begin(const char* name) {
+  const bool first =
+      (threadIdx.x | threadIdx.y | threadIdx.z | blockIdx.x | blockIdx.y | blockIdx.z) == 0;
+  KernelStamp* st = first ? c_stamps : nullptr;
+  const unsigned long long entry = st ? global_ns() : 0;
   pdl_wait();
+  unsigned i = 0;
+  if (st) {
+    const unsigned long long release = global_ns();
+    i = atomicAdd(&g_stamp_n, 1u);
+    if (i < c_stamp_cap) {
+      st[i].entry_ns = entry;
+      st[i].release_ns = release;
+      st[i].blocks = gridDim.x * gridDim.y * gridDim.z;
+      st[i].threads = blockDim.x * blockDim.y * blockDim.z;
+    }
+  }
   pdl_trigger();
+  if (st && i < c_stamp_cap) {  // after the trigger: the name copy is off the chain
+    int j = 0;
+    for (; j + 1 < static_cast<int>(sizeof(st[i].name)) && name && name[j]; ++j)
+      st[i].name[j] = name[j];
+    st[i].name[j] = 0;
+  }
 }
 
 /// Launches `kernel` on `s`, with programmatic stream serialisation where the device has it.
@@ -195,6 +237,7 @@ struct GemvParams {
   int wpr = 1;
   int64_t group = 0;    ///< kGroupNormGated: values per RMS-normalised group (a value head)
   GdnConvEpilogue gdn;  ///< gemv_stream_kernel<..., true>: the DeltaNet decode epilogue
+  DeltaPrologue delta;  ///< gemv_stream_kernel<..., DR = true>: Note [Delta rule in out_proj]
 };
 /// How the GEMV forms its input vector from x.
 enum class GemvIn { kPlain, kGated, kNormed, kGroupNormGated };
@@ -243,7 +286,7 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp) gemv_kernel(const GemvParam
     const int64_t c = c_begin + i * kWarp;
     if (p.vec && active && c < c_end) pre[i] = __ldg(base + c);
   }
-  pdl_begin();
+  pdl_begin(__func__);
   const float nw0 = p.zero_centred ? 1.0f : 0.0f;
   // acc[m] += the chunk's E weights · the input at chunk c.
   auto fma_chunk = [&](const uint4 raw, int64_t c) {
@@ -370,8 +413,11 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
 /// Stages the GEMV's input row (K floats; K % 4 == 0 and 16-byte aligned, checked by the
 /// launchers) in shared memory `xs`, transformed as IN says; every thread of the block calls it
 /// (block-wide syncs). Returns the factor the row results take (the RMSNorm's rsqrt for kNormed).
-template <GemvIn IN>
+template <GemvIn IN, bool CG = false>
 __device__ float stage_row(const GemvParams& p, float* xs, int64_t K, int warp, int lane) {
+  // CG: x was written by other blocks of this kernel (Note [Delta rule in out_proj]): read it
+  // from L2, never from a line this SM's L1 may hold from an earlier layer.
+  auto xat = [&](int64_t j) { return CG ? __ldcg(p.x + j) : p.x[j]; };
   const float nw0 = p.zero_centred ? 1.0f : 0.0f;
   float ss = 0.f;
   __shared__ float ginv[kStreamMaxGroups];  // kGroupNormGated: rsqrt(mean square) per group
@@ -382,14 +428,15 @@ __device__ float stage_row(const GemvParams& p, float* xs, int64_t K, int warp, 
     const int64_t G = p.group;
     for (int64_t gi = warp; gi < K / G; gi += kStreamWarps) {
       float s2 = 0.f;
-      for (int64_t j = lane; j < G; j += kWarp) s2 = fmaf(p.x[gi * G + j], p.x[gi * G + j], s2);
+      for (int64_t j = lane; j < G; j += kWarp) s2 = fmaf(xat(gi * G + j), xat(gi * G + j), s2);
       s2 = warp_sum(s2);
       if (lane == 0) ginv[gi] = rsqrtf(s2 / static_cast<float>(G) + p.eps);
     }
     __syncthreads();
   }
   for (int64_t j = threadIdx.x * 4; j < K; j += blockDim.x * 4) {
-    float4 v = *reinterpret_cast<const float4*>(p.x + j);
+    float4 v = CG ? __ldcg(reinterpret_cast<const float4*>(p.x + j))
+                  : *reinterpret_cast<const float4*>(p.x + j);
     if constexpr (IN == GemvIn::kGroupNormGated) {  // w · (o · inv) · silu(z), as rms_norm_gated
       const float4 z = *reinterpret_cast<const float4*>(p.xu + j);
       const float4 g = *reinterpret_cast<const float4*>(p.norm_w + j % p.group);
@@ -431,7 +478,85 @@ __device__ float stage_row(const GemvParams& p, float* xs, int64_t K, int warp, 
 // warp forms the conv sum with shuffles and lanes 0..K−2 store the shifted window. The state is
 // read before the dependency wait, as gdn_conv_prep_step reads it (Note [programmatic dependent
 // launch]): only this layer's conv step writes it, never as the kernel just before this one.
-template <WFormat F, GemvIn IN, bool GDN>
+// Note [Delta rule in out_proj]
+// A DeltaNet decode layer ran the delta rule (a latency-bound kernel of 32 blocks) between its
+// in-projection and out_proj, so the step paid one more kernel boundary per layer: the delta
+// rule's grid draining, then out_proj's release. Here out_proj's streaming GEMV carries the delta
+// rule as a prologue. Blocks b < nv · d_v / 32 each own 32 value columns of one head: 256 threads,
+// thread (column, row group of 8) holding 16 rows of its state column in registers, loaded before
+// the dependency wait like the weights (only this layer's delta rule writes the state, never as
+// the kernel just before: Note [programmatic dependent launch]). After the wait each runs the
+// token's step exactly as delta_rule_kernel does (same arithmetic and order up to the 8-way row
+// split), writes its columns of the output row and the state, and adds 1 to sync[0] after a
+// fence. Every block then waits (thread 0 spinning on an acquire load) until sync[0] counts all
+// prologue blocks, stages the gated norm of the output row from L2 and runs the GEMV with the
+// weight segments it loaded before the wait. The last block past the spin (sync[1]) zeroes both
+// counters for the next launch; every block has passed by then, and the next launch that reads
+// them starts after this grid has completed.
+// Spinning needs every block resident at once: the launcher takes this path only when the grid
+// (at least the prologue's blocks) fits one wave of the kernel's occupancy on the device; blocks
+// of the kernel before it drain (they wait on nothing of this one), and the kernel after it cannot
+// start before every block here has passed the trigger.
+constexpr int kDrRows = 16;  // state rows per thread: d_k = 128 in row groups of 8
+constexpr int kDrCols = 32;  // value columns per prologue block
+
+__device__ __forceinline__ unsigned ld_acquire_gpu(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+/// The one-token delta rule for prologue block `blk` (Note [Delta rule in out_proj]); `st` holds
+/// the thread's 16 state rows, `qk` 2·d_k floats of shared memory. Block-wide syncs.
+__device__ void delta_prologue_step(const DeltaPrologue& d, int blk, float (&st)[kDrRows],
+                                    float* qk, float* S) {
+  __shared__ float qkf[2];
+  const int tid = threadIdx.x, lane = tid % kWarp, wid = tid / kWarp;
+  const int ncb = static_cast<int>(d.dv / kDrCols), h = blk / ncb;
+  const int col = (blk % ncb) * kDrCols + tid / 8, rg = tid % 8;
+  const int64_t dk = d.dk, kh = h / (d.nv / d.nk);
+  for (int64_t i = tid; i < 2 * dk; i += blockDim.x)
+    qk[i] = i < dk ? d.q[kh * dk + i] : d.k[kh * dk + (i - dk)];
+  __syncthreads();
+  float fq = 1.f, fk = 1.f;
+  if (d.l2norm_qk) {  // as delta_rule_kernel: warp 0 for q (with 1/sqrt(d_k)), warp 1 for k
+    if (wid < 2) {
+      float ss = 0.f;
+      for (int64_t i = lane; i < dk; i += kWarp) ss = fmaf(qk[wid * dk + i], qk[wid * dk + i], ss);
+      ss = warp_sum(ss);
+      if (lane == 0)
+        qkf[wid] = (1.0f / sqrtf(ss + 1e-6f)) * (wid == 0 ? rsqrtf(static_cast<float>(dk)) : 1.0f);
+    }
+    __syncthreads();
+    fq = qkf[0];
+    fk = qkf[1];
+  }
+  const float decay = expf(d.g[h]);
+  const float bt = d.beta[h];
+  const float* kk = qk + dk + rg * kDrRows;
+  const float* qq = qk + rg * kDrRows;
+  float mem = 0.f;
+#pragma unroll
+  for (int i = 0; i < kDrRows; ++i) {
+    st[i] *= decay;
+    mem = fmaf(st[i], kk[i], mem);
+  }
+  for (int off = 1; off < 8; off <<= 1) mem += __shfl_xor_sync(0xffffffffu, mem, off);
+  const float delta = bt * (d.v[h * d.dv + col] - mem * fk) * fk;
+  float o = 0.f;
+#pragma unroll
+  for (int i = 0; i < kDrRows; ++i) {
+    st[i] = fmaf(kk[i], delta, st[i]);
+    o = fmaf(st[i], qq[i], o);
+  }
+  for (int off = 1; off < 8; off <<= 1) o += __shfl_xor_sync(0xffffffffu, o, off);
+  if (rg == 0) d.out[h * d.dv + col] = o * fq;
+#pragma unroll
+  for (int i = 0; i < kDrRows; ++i) S[(rg * kDrRows + i) * d.dv + col] = st[i];
+  __syncthreads();  // every thread's writes issued (and qk free) before the block signals
+}
+
+template <WFormat F, GemvIn IN, bool GDN, bool DR = false>
 __global__ void __launch_bounds__(kStreamWarps* kWarp) gemv_stream_kernel(const GemvParams p) {
   constexpr int E = Chunk<F>::E;
   extern __shared__ float4 xs4[];  // the input row, K floats (transformed)
@@ -476,8 +601,40 @@ __global__ void __launch_bounds__(kStreamWarps* kWarp) gemv_stream_kernel(const 
   uint4 a[kSeg], b[kSeg];
   if (items > 0) load(a, epa, 0);
   if (items > 1) load(b, epb, 1);
-  pdl_begin();
-  const float inv = stage_row<IN>(p, xs, K, warp, lane);
+  // DR: Note [Delta rule in out_proj].
+  float dst[DR ? kDrRows : 1];
+  float* dS = nullptr;
+  const int dblocks = DR ? static_cast<int>(p.delta.nv * (p.delta.dv / kDrCols)) : 0;
+  if constexpr (DR) {
+    if (static_cast<int>(blockIdx.x) < dblocks) {
+      const DeltaPrologue& d = p.delta;
+      const int ncb = static_cast<int>(d.dv / kDrCols), h = static_cast<int>(blockIdx.x) / ncb;
+      const int col = (static_cast<int>(blockIdx.x) % ncb) * kDrCols + threadIdx.x / 8;
+      const int rg = threadIdx.x % 8;
+      dS = d.step->layers[d.layer].recurrent + static_cast<int64_t>(h) * d.dk * d.dv;
+#pragma unroll
+      for (int i = 0; i < kDrRows; ++i) dst[i] = dS[(rg * kDrRows + i) * d.dv + col];
+    }
+  }
+  pdl_begin(__func__);
+  if constexpr (DR) {
+    if (static_cast<int>(blockIdx.x) < dblocks) {
+      delta_prologue_step(p.delta, static_cast<int>(blockIdx.x), dst, xs, dS);
+      if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(p.delta.sync, 1u);
+      }
+    }
+    if (threadIdx.x == 0) {
+      while (ld_acquire_gpu(p.delta.sync) < static_cast<unsigned>(dblocks)) __nanosleep(32);
+      if (atomicAdd(p.delta.sync + 1, 1u) == gridDim.x - 1) {  // the last block past the spin
+        p.delta.sync[0] = 0;
+        p.delta.sync[1] = 0;
+      }
+    }
+    __syncthreads();
+  }
+  const float inv = stage_row<IN, DR>(p, xs, K, warp, lane);
   const float gate = p.out_gate ? sigmoidf_(p.out_gate[0]) : 1.0f;
   float acc = 0.f;
   auto fma_seg = [&](const uint4(&buf)[kSeg], int64_t t) {
@@ -574,11 +731,13 @@ int device_sm_count() {
   return n;
 }
 
-/// Launches gemv_stream_kernel<F, IN, GDN>: one wave of `bps` resident blocks per SM, bps =
-/// TIDAL_GEMV_BPS (1-8) or the occupancy limit.
-template <WFormat F, GemvIn IN, bool GDN = false>
-void stream_launch(const GemvParams& p, size_t smem, cudaStream_t s) {
-  void (*k)(GemvParams) = gemv_stream_kernel<F, IN, GDN>;
+/// Launches gemv_stream_kernel<F, IN, GDN, DR>: one wave of `bps` resident blocks per SM, bps =
+/// TIDAL_GEMV_BPS (1-8) or the occupancy limit. `min_blocks`: at least that many blocks, all of
+/// them resident at once (Note [Delta rule in out_proj]); false, launching nothing, where one
+/// wave holds fewer.
+template <WFormat F, GemvIn IN, bool GDN = false, bool DR = false>
+bool stream_launch(const GemvParams& p, size_t smem, cudaStream_t s, int64_t min_blocks = 0) {
+  void (*k)(GemvParams) = gemv_stream_kernel<F, IN, GDN, DR>;
   int bps = forced_blocks_per_sm();
   if (bps == 0) {
     static std::atomic<long> cached{-1};  // (smem << 8) | blocks of the last query
@@ -597,9 +756,11 @@ void stream_launch(const GemvParams& p, size_t smem, cudaStream_t s) {
     }
   }
   const int64_t want = (p.w.rows + kStreamWarps - 1) / kStreamWarps;
-  const dim3 grid(static_cast<unsigned>(
-      std::min<int64_t>(want, static_cast<int64_t>(device_sm_count()) * bps)));
+  const int64_t wave = static_cast<int64_t>(device_sm_count()) * bps;
+  if (min_blocks > wave) return false;
+  const dim3 grid(static_cast<unsigned>(std::max(min_blocks, std::min<int64_t>(want, wave))));
   launch(k, grid, kStreamWarps * kWarp, smem, s, p);
+  return true;
 }
 
 /// Launches the streaming GEMV (one input row) when the shape suits it; false otherwise. With
@@ -704,7 +865,7 @@ void gemv_launch(GemvParams p, int64_t m, cudaStream_t s) {
 }
 
 __global__ void weight_convert_kernel(DevMatrix w, uint16_t* bf, float* f) {
-  pdl_begin();
+  pdl_begin(__func__);
   const int64_t n = w.rows * w.cols;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -716,7 +877,7 @@ __global__ void weight_convert_kernel(DevMatrix w, uint16_t* bf, float* f) {
 
 __global__ void f32_to_bf16_kernel(const float* x, int64_t ldx, uint16_t* y, int64_t rows,
                                    int64_t cols) {
-  pdl_begin();
+  pdl_begin(__func__);
   const int64_t n = rows * cols;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -727,7 +888,7 @@ __global__ void f32_to_bf16_kernel(const float* x, int64_t ldx, uint16_t* y, int
 
 __global__ void f32_to_bf16_split_kernel(const float* x, int64_t ldx, uint16_t* hi, uint16_t* lo,
                                          int64_t rows, int64_t cols) {
-  pdl_begin();
+  pdl_begin(__func__);
   const int64_t n = rows * cols;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -745,7 +906,7 @@ int grid_stride_blocks(int64_t n) {
 // ------------------------------------------------------------------------------- element-wise
 
 __global__ void embed_kernel(DevMatrix t, const int32_t* ids, float* out) {
-  pdl_begin();
+  pdl_begin(__func__);
   const int64_t row = ids[blockIdx.x];
   for (int64_t i = threadIdx.x; i < t.cols; i += blockDim.x)
     out[blockIdx.x * t.cols + i] = weight_at(t, row, i);
@@ -759,7 +920,7 @@ __global__ void __launch_bounds__(256)
                         float* __restrict__ x_add, const float* __restrict__ y_add,
                         const float* __restrict__ hs, const float* __restrict__ gate,
                         int64_t ld_gate) {
-  pdl_begin();
+  pdl_begin(__func__);
   constexpr int kPer = 16;
   const int64_t r = blockIdx.x;
   const int tid = threadIdx.x;
@@ -797,7 +958,7 @@ __global__ void __launch_bounds__(256)
 __global__ void rms_norm_kernel(const float* x, int64_t ldx, const float* w, float* y, int64_t ldy,
                                 int64_t dim, float eps, bool zc, float* x_add, const float* y_add,
                                 const float* hs, const float* gate, int64_t ld_gate) {
-  pdl_begin();
+  pdl_begin(__func__);
   const int64_t r = blockIdx.x;
   float ss = 0.f;
   if (x_add) {  // fused residual: x += y + sigmoid(gate)·hs, then normalise x
@@ -826,7 +987,7 @@ __global__ void rms_norm_kernel(const float* x, int64_t ldx, const float* w, flo
 
 __global__ void silu_mul_kernel(const float* g, const float* u, int64_t ld, float* h, int64_t T,
                                 int64_t I) {
-  pdl_begin();
+  pdl_begin(__func__);
   const int64_t n = T * I;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -846,7 +1007,7 @@ __device__ __forceinline__ void store_kv(void* cache, int64_t i, float v, bool f
 
 /// Block per (token, head): heads [0, nh) are queries, [nh, nh+nkv) keys, then values.
 __global__ void attn_prep_kernel(AttnPrepArgs a) {
-  pdl_begin();
+  pdl_begin(__func__);
   extern __shared__ float sh[];  // d floats
   const int64_t t = blockIdx.x, h = blockIdx.y, d = a.d;
   const int64_t pos = a.step->pos0 + t;
@@ -1011,7 +1172,7 @@ __device__ __forceinline__ void split_plan(int64_t n, int splits, int64_t min_ke
 template <typename KT, int DPL, int R>
 __global__ void __launch_bounds__(kAttnWarps* kWarp)
     attention_kernel(AttentionArgs a, int subsets, int splits) {
-  pdl_begin();
+  pdl_begin(__func__);
   __shared__ float sp[kAttnWarps][R][kWarp];
   const int lane = threadIdx.x % kWarp, wid = threadIdx.x / kWarp;
   const int split = blockIdx.x * kAttnWarps + wid;
@@ -1125,7 +1286,7 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
 /// Block per (token, head, 32 dims): merges the used splits' (m, l, o), applies the gate. Warps
 /// take splits round-robin, then reduce through shared memory.
 __global__ void attention_combine_kernel(AttentionArgs a, int splits, int64_t min_keys) {
-  pdl_begin();
+  pdl_begin(__func__);
   __shared__ float wts[kMaxSplits];
   __shared__ float red[8][kWarp + 1];
   __shared__ float stat[1];
@@ -1190,7 +1351,7 @@ constexpr int64_t kTileMinSplitKeys = 64;  // a split of the tiled kernel covers
 /// 2·G accumulators, slices summed at the end. Partial (m, l, o) per split as in attention_kernel.
 template <int D, int G>
 __global__ void __launch_bounds__(256) attention_tile_kernel(AttentionArgs a, int splits) {
-  pdl_begin();
+  pdl_begin(__func__);
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int kChunks = D / 8;               // 16-byte chunks per row = lanes per key
   constexpr int kKeysPerPass = 256 / kChunks;  // keys scored at once by the block
@@ -1515,7 +1676,7 @@ __global__ void __launch_bounds__(256, 2) attention_mma_kernel(AttentionArgs a, 
   int64_t chunk, used;
   split_plan(n, splits, a.min_split_keys, chunk, used);
   if (split >= used) {
-    pdl_begin();
+    pdl_begin(__func__);
     return;
   }
   const int64_t u0 = split * chunk, u1 = u0 + chunk < n ? u0 + chunk : n;
@@ -1540,7 +1701,7 @@ __global__ void __launch_bounds__(256, 2) attention_mma_kernel(AttentionArgs a, 
     load_tile(0, stages);
     load_tile(1, stages + kStage);
   }
-  pdl_begin();
+  pdl_begin(__func__);
   float* qs = reinterpret_cast<float*>(stages + 2 * kStage);  // fused_prep: G q rows, then k
   if (a.fused_prep) {
     const AttnPrepArgs& p = a.prep;
@@ -1814,7 +1975,7 @@ __global__ void __launch_bounds__(128) attention_prefill_kernel(AttentionArgs a,
   uint16_t* qhs = reinterpret_cast<uint16_t*>(smem);
   uint16_t* qls = qhs + kPfRows * D;
   uint16_t* kvs = qls + kPfRows * D;
-  pdl_begin();
+  pdl_begin(__func__);
   const int tid = threadIdx.x, lane = tid % kWarp, wid = tid / kWarp;
   const int64_t G = a.nh / a.nkv;
   const int64_t rt = nrt - 1 - static_cast<int64_t>(blockIdx.x);  // the longest rows first
@@ -2064,7 +2225,7 @@ void attention_dispatch(const AttentionArgs& a, int dpl, int R, int subsets, int
 __global__ void gdn_split_next_kernel(const float* p, const float* ba, int64_t ld, float* mixed,
                                       float* z, float* b, float* a, int64_t nk, int64_t nv,
                                       int64_t dk, int64_t dv) {
-  pdl_begin();
+  pdl_begin(__func__);
   const int64_t t = blockIdx.x, rho = nv / nk, gw = 2 * dk + 2 * rho * dv,
                 C = 2 * nk * dk + nv * dv;
   const float* pt = p + t * (ld ? ld : nk * gw);
@@ -2096,7 +2257,7 @@ __global__ void gdn_split_next_kernel(const float* p, const float* ba, int64_t l
 /// Thread per channel, sequential over tokens (K ≤ 8).
 __global__ void conv1d_kernel(const float* src, int64_t ld, int64_t T, int64_t C, int64_t K,
                               const float* w, const StepDev* step, int layer, float* dst) {
-  pdl_begin();
+  pdl_begin(__func__);
   const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (c >= C) return;
   float* state = step->layers[layer].conv;
@@ -2124,7 +2285,7 @@ __global__ void conv1d_kernel(const float* src, int64_t ld, int64_t T, int64_t C
 constexpr int64_t kConvSeg = 32;
 __global__ void conv1d_seg_kernel(const float* src, int64_t ld, int64_t T, int64_t C, int64_t K,
                                   const float* w, const StepDev* step, int layer, float* dst) {
-  pdl_begin();
+  pdl_begin(__func__);
   const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (c >= C) return;
   const int64_t t0 = blockIdx.y * kConvSeg, t1 = t0 + kConvSeg < T ? t0 + kConvSeg : T;
@@ -2149,7 +2310,7 @@ __global__ void conv1d_seg_kernel(const float* src, int64_t ld, int64_t T, int64
 /// The conv state after T ≥ K − 1 tokens: their last K − 1 inputs.
 __global__ void conv1d_state_kernel(const float* src, int64_t ld, int64_t T, int64_t C, int64_t K,
                                     const StepDev* step, int layer) {
-  pdl_begin();
+  pdl_begin(__func__);
   const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (c >= C) return;
   float* state = step->layers[layer].conv;
@@ -2197,7 +2358,7 @@ __global__ void gdn_conv_prep_step_kernel(const float* src, const float* cw, con
         if (j + 1 < K) str[j] = state[j * C + ch];
       }
   }
-  pdl_begin();
+  pdl_begin(__func__);
   float u = 0.f;
   if (pre) {
     const float x = src[ch];
@@ -2238,7 +2399,7 @@ __global__ void gdn_prep_kernel(const float* u, const float* b, const float* a, 
                                 const float* A_log, const float* dt_bias, float* q, float* k,
                                 float* v, float* beta, float* g, int64_t nk, int64_t nv, int64_t dk,
                                 int64_t dv) {
-  pdl_begin();
+  pdl_begin(__func__);
   const int64_t t = blockIdx.x, C = 2 * nk * dk + nv * dv;
   const float* ut = u + t * C;
   const int lane = threadIdx.x % kWarp, wid = threadIdx.x / kWarp, nw = blockDim.x / kWarp;
@@ -2295,7 +2456,7 @@ __global__ void delta_rule_kernel(const float* __restrict__ q, const float* __re
   float st[RPT];
 #pragma unroll
   for (int i = 0; i < RPT; ++i) st[i] = S[(rg * RPT + i) * dv + col];
-  pdl_begin();
+  pdl_begin(__func__);
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t i = threadIdx.x; i < 2 * dk; i += blockDim.x)
       qk[i] = i < dk ? q[(t * nk + kh) * dk + i] : k[(t * nk + kh) * dk + (i - dk)];
@@ -2407,7 +2568,7 @@ __global__ void delta_rule_prefill_kernel(const float* __restrict__ q, const flo
   float st[RPT];
 #pragma unroll
   for (int i = 0; i < RPT; ++i) st[i] = S[(i * RG + rg) * dv + col];
-  pdl_begin();
+  pdl_begin(__func__);
   // Staging without divisions: the 64-bit division and remainder per staged element are gone.
   const int dki = static_cast<int>(dk), nth = static_cast<int>(blockDim.x);
   const int tid = static_cast<int>(threadIdx.x);
@@ -2600,7 +2761,7 @@ __global__ void __launch_bounds__(kDcThreads)
   const int64_t col0 = static_cast<int64_t>(blockIdx.y) * cols;
   const int64_t kh = h / (nv / nk);
   float* S = step->layers[layer].recurrent + static_cast<int64_t>(h) * dk * dv;
-  pdl_begin();
+  pdl_begin(__func__);
   for (int idx = tid; idx < dki * cols; idx += nth)
     Ss[idx] = S[(idx / cols) * dv + col0 + idx % cols];
   for (int64_t c0 = 0; c0 < T; c0 += C) {
@@ -2760,7 +2921,7 @@ __global__ void __launch_bounds__(kDwThreads)
   float* Kg = Qg + C * dk;
   float* Ug = Kg + C * dk;
   float* Pg = Ug + C * dv;
-  pdl_begin();
+  pdl_begin(__func__);
   for (int t = 0; t < C; ++t) {
     const int64_t off = ((c0 + t) * nk + kh) * dk;
     for (int x = tid; x < dki; x += nth) {
@@ -2841,7 +3002,7 @@ __global__ void __launch_bounds__(kDwThreads)
   const int64_t h = blockIdx.x, col0 = static_cast<int64_t>(blockIdx.y) * CB;
   float* S = step->layers[layer].recurrent + h * dk * dv;
   const int64_t F = delta_wy_floats(dk, dv);
-  pdl_begin();
+  pdl_begin(__func__);
   for (int idx = tid; idx < dki * CB; idx += nth) Ss[idx] = S[(idx / CB) * dv + col0 + idx % CB];
   // Thread (tq, j): rows t = tq + 8 r (r < 4) of column j for V' and O, and state rows
   // [tq·d_k/8, (tq + 1)·d_k/8) of column j.
@@ -2945,7 +3106,7 @@ std::atomic<int> g_delta_mode{[] {
 __global__ void rms_norm_gated_kernel(const float* x, const float* z, int64_t ld_z, int64_t rpt,
                                       const float* w, float* y, int64_t rows, int64_t dim,
                                       float eps) {
-  pdl_begin();
+  pdl_begin(__func__);
   const int lane = threadIdx.x % kWarp;
   const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x / kWarp) + threadIdx.x / kWarp;
   if (r >= rows) return;
@@ -2964,7 +3125,7 @@ __global__ void rms_norm_gated_kernel(const float* x, const float* z, int64_t ld
 template <int kMaxPer>  // ceil(E / 32) rounded up to a power of two
 __global__ void moe_route_kernel(const float* logits, int64_t ld, int64_t T, int64_t E, int64_t k,
                                  bool renorm, int32_t* ids, float* weights) {
-  pdl_begin();
+  pdl_begin(__func__);
   const int lane = threadIdx.x % kWarp;
   const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x / kWarp) + threadIdx.x / kWarp;
   if (t >= T) return;
@@ -3117,6 +3278,54 @@ void set_pdl_enabled(bool on) {
   g_pdl.store(on && pdl_supported() ? 1 : 0, std::memory_order_relaxed);
 }
 
+namespace {
+KernelStamp* g_stamp_buf = nullptr;
+int g_stamp_buf_cap = 0;
+void stamp_check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("kernel stamps: ") + what + ": " + cudaGetErrorString(e));
+}
+}  // namespace
+
+void stamps_begin(int capacity) {
+  capacity = std::max(capacity, 1);
+  if (capacity > g_stamp_buf_cap) {
+    if (g_stamp_buf) stamp_check(cudaFree(g_stamp_buf), "cudaFree");
+    g_stamp_buf = nullptr;
+    g_stamp_buf_cap = 0;
+    stamp_check(cudaMalloc(reinterpret_cast<void**>(&g_stamp_buf),
+                           static_cast<size_t>(capacity) * sizeof(KernelStamp)),
+                "cudaMalloc");
+    g_stamp_buf_cap = capacity;
+  }
+  const unsigned zero = 0, cap = static_cast<unsigned>(capacity);
+  stamp_check(cudaDeviceSynchronize(), "synchronize");
+  stamp_check(cudaMemcpyToSymbol(g_stamp_n, &zero, sizeof(zero)), "reset count");
+  stamp_check(cudaMemcpyToSymbol(c_stamp_cap, &cap, sizeof(cap)), "set capacity");
+  stamp_check(cudaMemcpyToSymbol(c_stamps, &g_stamp_buf, sizeof(g_stamp_buf)), "set buffer");
+}
+
+std::vector<KernelStamp> stamps_end() {
+  std::vector<KernelStamp> out;
+  stamp_check(cudaDeviceSynchronize(), "synchronize");
+  KernelStamp* cur = nullptr;
+  stamp_check(cudaMemcpyFromSymbol(&cur, c_stamps, sizeof(cur)), "read buffer");
+  if (!cur) return out;
+  KernelStamp* off = nullptr;
+  stamp_check(cudaMemcpyToSymbol(c_stamps, &off, sizeof(off)), "clear buffer");
+  unsigned n = 0, cap = 0;
+  stamp_check(cudaMemcpyFromSymbol(&n, g_stamp_n, sizeof(n)), "read count");
+  stamp_check(cudaMemcpyFromSymbol(&cap, c_stamp_cap, sizeof(cap)), "read capacity");
+  out.resize(std::min(n, cap));
+  if (!out.empty())
+    stamp_check(
+        cudaMemcpy(out.data(), cur, out.size() * sizeof(KernelStamp), cudaMemcpyDeviceToHost),
+        "copy stamps");
+  std::sort(out.begin(), out.end(),
+            [](const KernelStamp& a, const KernelStamp& b) { return a.release_ns < b.release_ns; });
+  return out;
+}
+
 size_t DevMatrix::bytes() const {
   const size_t n = static_cast<size_t>(rows * cols);
   switch (format) {
@@ -3188,6 +3397,42 @@ bool gemv_gdn_in(const DevMatrix& w, const float* x, const float* norm_w, float 
   p.zero_centred = zero_centred;
   p.gdn = e;
   return gemv_stream_only(p, s);
+}
+
+bool gemv_delta_gated_norm(const DevMatrix& w, const DeltaPrologue& d, const float* z,
+                           const float* norm_w, float eps, float* y, bool accumulate,
+                           cudaStream_t s) {
+  if (w.rows == 0 || stream_off()) return false;
+  // The prologue's thread map: d_k = 128 (8 row groups of 16 rows), 32 columns per block.
+  if (d.dk != 8 * kDrRows || d.dv % kDrCols != 0 || d.nk <= 0 || d.nv % d.nk != 0 ||
+      w.cols != d.nv * d.dv || w.cols % 16 != 0 || w.cols < 2 * d.dk ||
+      w.cols / d.dv > kStreamMaxGroups || !d.sync || !d.step || !d.out)
+    return false;
+  GemvParams p;
+  p.w = w;
+  p.x = d.out;
+  p.xu = z;
+  p.norm_w = norm_w;
+  p.group = d.dv;
+  p.eps = eps;
+  p.y = y;
+  p.accumulate = accumulate;
+  p.delta = d;
+  const auto a16 = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+  if (!a16(w.data) || !a16(d.out) || !a16(z) || !a16(norm_w)) return false;
+  const size_t smem = static_cast<size_t>(w.cols) * 4;
+  if (w.cols > kStreamMaxK) return false;
+  const int64_t blocks = d.nv * (d.dv / kDrCols);
+  switch (w.format) {
+    case WFormat::kBF16:
+      return stream_launch<WFormat::kBF16, GemvIn::kGroupNormGated, false, true>(p, smem, s,
+                                                                                 blocks);
+    case WFormat::kI8:
+      return stream_launch<WFormat::kI8, GemvIn::kGroupNormGated, false, true>(p, smem, s, blocks);
+    case WFormat::kF32:
+      return stream_launch<WFormat::kF32, GemvIn::kGroupNormGated, false, true>(p, smem, s, blocks);
+  }
+  return false;
 }
 
 bool gemv_gated_norm(const DevMatrix& w, const float* o, const float* z, const float* norm_w,

@@ -9,6 +9,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace tidal::kernels::cuda {
 
@@ -30,6 +31,22 @@ struct DevMatrix {
 /// `set_pdl_enabled` switches it. Graphs keep what they were captured with.
 bool pdl_enabled();
 void set_pdl_enabled(bool on);
+
+/// One kernel's stamp (Note [Kernel stamps] in ops.cu): %globaltimer when block 0 reached the
+/// dependency wait and when the wait released it, the grid's blocks and threads per block, and
+/// the kernel's name (__func__, cut to 47 characters).
+struct KernelStamp {
+  unsigned long long entry_ns = 0, release_ns = 0;
+  unsigned blocks = 0, threads = 0;
+  char name[48] = {};
+};
+/// Turns stamps on for up to `capacity` kernels (a device buffer; the count restarts at zero).
+/// Every kernel launched after this (graph replays included) records one until `stamps_end`.
+/// Throws std::runtime_error on a CUDA error.
+void stamps_begin(int capacity);
+/// Synchronises the device, turns stamps off and returns them in release order (at most the
+/// capacity; the rest were dropped). Empty when stamps were not on.
+std::vector<KernelStamp> stamps_end();
 /// The delta rule over a prompt: 0 the staged token-by-token kernel, 1 the one-pass chunked
 /// kernel (Note [chunked delta rule]), 2 the two-pass chunked form (Note [two-pass chunked delta
 /// rule]; the default: 20% faster end to end at 8K tokens than the staged kernel). Default from
@@ -88,6 +105,29 @@ struct GdnConvEpilogue {
 /// gdn_conv_prep_step does.
 bool gemv_gdn_in(const DevMatrix& w, const float* x, const float* norm_w, float eps,
                  bool zero_centred, float* y, const GdnConvEpilogue& e, cudaStream_t s);
+
+/// The one-token DeltaNet delta rule as the prologue of out_proj's streaming GEMV (Note [Delta
+/// rule in out_proj] in ops.cu): its inputs as delta_rule takes them (q, k unnormalised when
+/// `l2norm_qk`), `out` the delta rule's output row (nv·dv floats; the GEMV's input before the gated
+/// norm) and `sync` two counters that are zero between launches (the caller zeroes them once).
+struct DeltaPrologue {
+  const float *q = nullptr, *k = nullptr, *v = nullptr, *g = nullptr, *beta = nullptr;
+  const StepDev* step = nullptr;
+  int layer = 0;
+  int64_t nk = 0, nv = 0, dk = 0, dv = 0;
+  bool l2norm_qk = false;
+  float* out = nullptr;
+  unsigned* sync = nullptr;
+};
+/// y [+]= W · gated_norm(delta_rule(...), z) for one token in one launch: the first nv·dv/32
+/// blocks run the delta rule (32 value columns each, the state slice read before the dependency
+/// wait), every block waits for them, stages the gated norm and runs the GEMV. Returns false,
+/// launching nothing, where the shape or the device does not take it (d_k ≠ 128, d_v not a
+/// multiple of 32, not every block resident at once); the caller then runs delta_rule and
+/// gemv_gated_norm.
+bool gemv_delta_gated_norm(const DevMatrix& w, const DeltaPrologue& d, const float* z,
+                           const float* norm_w, float eps, float* y, bool accumulate,
+                           cudaStream_t s);
 
 /// hi = BF16(x), lo = BF16(x − hi): x = hi + lo to ~16 significant bits, so a BF16 GEMM on each
 /// half (summed) gives near-fp32 products against BF16 weights (gpu_precision="bf16x2").

@@ -16,7 +16,11 @@
 ///   - "decode_gemv_chain_persistent": the GEMV chain in one cooperative kernel with grid barriers
 ///     (an experiment for a persistent decode kernel, tests/bench/persistent_chain.cu).
 /// Usage: tidal_bench_cuda [--contexts 1024,32768,131072] [--step-context 4096] [--weights
-/// bf16,int8] [--only-step | --no-step | --gemv-only | --profile-step]
+/// bf16,int8] [--only-step | --no-step | --gemv-only | --profile-step] [--stamps]
+///   - --stamps: "decode_step_stamps", the default step's kernels in release order from a graph
+///     replay (Note [Kernel stamps] in kernels/cuda/ops.cu), each kernel's share of the step's
+///     critical path (the gap to the next kernel's release), and those shares summed per kernel
+///     name; the median share over 5 stamped steps.
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 #include <fmt/format.h>
@@ -26,6 +30,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
@@ -120,7 +125,7 @@ int main(int argc, char** argv) {
   std::vector<int64_t> contexts = {1024, 32768, 131072};
   int64_t step_ctx = 4096;
   std::vector<std::string> wfmts = {"bf16", "int8"};
-  bool only_step = false, no_step = false, profile_step = false, gemv_only = false;
+  bool only_step = false, no_step = false, profile_step = false, gemv_only = false, stamps = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--only-step")
@@ -131,6 +136,8 @@ int main(int argc, char** argv) {
       only_step = profile_step = true;
     else if (a == "--no-step")
       no_step = true;
+    else if (a == "--stamps")  // the default step's kernel timeline (Note [Kernel stamps])
+      stamps = true;
     else if (a == "--contexts" && i + 1 < argc)
       contexts = parse_list(argv[++i]);
     else if (a == "--step-context" && i + 1 < argc)
@@ -148,7 +155,7 @@ int main(int argc, char** argv) {
     } else {
       fmt::print(stderr,
                  "usage: {} [--contexts A,B] [--step-context N] [--weights bf16,int8] "
-                 "[--only-step | --no-step | --gemv-only | --profile-step]\n",
+                 "[--only-step | --no-step | --gemv-only | --profile-step] [--stamps]\n",
                  argv[0]);
       return 2;
     }
@@ -781,6 +788,57 @@ int main(int argc, char** argv) {
           std::sort(g.begin(), g.end());
           gpu_ms = g[g.size() / 2];
         }
+      }
+      if (stamps && graphs && pdl && mode.fuse) {
+        // Five stamped steps; per kernel position the median share and entry lead.
+        std::vector<std::vector<kc::KernelStamp>> runs;
+        for (int i = 0; i < 5; ++i) {
+          st.num_tokens = step_ctx;
+          kc::stamps_begin(4096);
+          model.forward(tok, st, tidal::core::LogitsMode::kLast, logits, *ex, nullptr);
+          runs.push_back(kc::stamps_end());
+        }
+        const size_t n = runs[0].size();
+        bool same = true;
+        for (const auto& r : runs) same = same && r.size() == n;
+        auto median = [](std::vector<double> v) {
+          std::sort(v.begin(), v.end());
+          return v.empty() ? 0.0 : v[v.size() / 2];
+        };
+        nlohmann::json ks = nlohmann::json::array();
+        std::map<std::string, std::pair<int, double>> by_name;
+        double span = 0;
+        for (size_t k = 0; k + 1 < n && same; ++k) {
+          std::vector<double> share, lead;
+          for (const auto& r : runs) {
+            share.push_back(static_cast<double>(r[k + 1].release_ns - r[k].release_ns) * 1e-3);
+            lead.push_back(static_cast<double>(r[k].release_ns - r[k].entry_ns) * 1e-3);
+          }
+          const auto& s0 = runs[0][k];
+          const double sh = median(share);
+          span += sh;
+          ks.push_back({s0.name, s0.blocks, s0.threads, std::round(sh * 100) / 100,
+                        std::round(median(lead) * 100) / 100});
+          auto& b = by_name[fmt::format("{} x{}", s0.name, s0.blocks)];
+          b.first += 1;
+          b.second += sh;
+        }
+        nlohmann::json sum = nlohmann::json::array();
+        std::vector<std::pair<double, std::string>> order;
+        for (const auto& [k, v] : by_name) order.push_back({v.second, k});
+        std::sort(order.rbegin(), order.rend());
+        for (const auto& [tot, k] : order)
+          sum.push_back({k, by_name[k].first, std::round(tot * 10) / 10});
+        fmt::print("{}\n", nlohmann::json{{"bench", "decode_step_stamps"},
+                                          {"weights", f},
+                                          {"context", step_ctx},
+                                          {"kernels", n},
+                                          {"same_count_in_every_step", same},
+                                          {"first_to_last_release_us", span},
+                                          {"by_kernel", sum},
+                                          {"columns", "name, blocks, threads, share_us, lead_us"},
+                                          {"timeline", ks}}
+                               .dump());
       }
       std::sort(ts.begin() + 3, ts.end());
       const double t = ts[3 + (ts.size() - 3) / 2];

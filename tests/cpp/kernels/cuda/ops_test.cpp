@@ -425,6 +425,57 @@ TEST(CudaOps, ProgrammaticLaunchChainEqualsPlainLaunches) {
   cudaStreamDestroy(s);
 }
 
+TEST(CudaOps, KernelStampsRecordEachKernelOnceInOrder) {
+  REQUIRE_GPU();
+  // Note [Kernel stamps]: three kernels, one graph replay of them, then nothing once stamps end.
+  const int64_t H = 512, R = 256;
+  auto w = random_vec(static_cast<size_t>(R * H), 41, 0.05f);
+  Dev<uint16_t> dw(to_bf16(w));
+  Dev<float> dx(random_vec(H, 42)), dnw(random_vec(H, 43, 0.1f)), dxn(H), dy(R);
+  DevMatrix m{dw.p, nullptr, WFormat::kBF16, R, H};
+  cudaStream_t s = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+  auto chain = [&] {
+    rms_norm(dx.p, H, dnw.p, dxn.p, H, 1, H, 1e-6f, false, s);
+    gemv(m, dxn.p, H, dy.p, R, 1, false, s);
+    rms_norm(dx.p, H, dnw.p, dxn.p, H, 1, H, 1e-6f, false, s);
+  };
+  stamps_begin(2);  // capacity 2 of 3: the third is dropped, not written past the buffer
+  chain();
+  auto st = stamps_end();
+  ASSERT_EQ(st.size(), 2u);
+  stamps_begin(64);
+  chain();
+  cudaGraph_t g = nullptr;
+  cudaGraphExec_t e = nullptr;
+  ASSERT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  chain();
+  ASSERT_EQ(cudaStreamEndCapture(s, &g), cudaSuccess);
+  ASSERT_EQ(cudaGraphInstantiate(&e, g, 0), cudaSuccess);
+  ASSERT_EQ(cudaGraphLaunch(e, s), cudaSuccess);
+  st = stamps_end();
+  ASSERT_EQ(st.size(), 6u);  // three launched, three replayed (capture itself runs nothing)
+  for (size_t i = 0; i < st.size(); ++i) {
+    const std::string name = st[i].name;
+    if (i % 3 == 1)  // the streaming GEMV, or the block-per-rows one under TIDAL_GEMV_STREAM=0
+      EXPECT_EQ(name.rfind("gemv", 0), 0u) << name;
+    else
+      EXPECT_EQ(name, "rms_norm_kernel") << i;
+    EXPECT_GE(st[i].release_ns, st[i].entry_ns) << i;
+    EXPECT_GT(st[i].blocks, 0u);
+    EXPECT_GT(st[i].threads, 0u);
+    if (i > 0) {
+      EXPECT_GE(st[i].release_ns, st[i - 1].release_ns) << i;
+    }
+  }
+  ASSERT_EQ(cudaGraphLaunch(e, s), cudaSuccess);  // stamps off: nothing recorded
+  EXPECT_TRUE(stamps_end().empty());
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  cudaGraphExecDestroy(e);
+  cudaGraphDestroy(g);
+  cudaStreamDestroy(s);
+}
+
 // --------------------------------------------------------------------------------- norms etc.
 
 TEST(CudaOps, RmsNormVariantsAndFusedResidual) {
@@ -939,6 +990,94 @@ TEST(CudaOps, FusedDecodeKernelsMatchUnfused) {
     cpu::rms_norm_row(&xs[t * H], w.data(), &ref[t * H], H, 1e-6f, cpu::NormScale::kZeroCentred);
   EXPECT_LT(max_abs_diff(dx.get(), xs), 1e-6f);
   EXPECT_LT(max_abs_diff(dxn.get(), ref), 1e-5f);
+}
+
+/// Note [Delta rule in out_proj]: the delta rule as the prologue of out_proj's GEMV equals
+/// delta_rule then gemv_gated_norm, for the output row added into y and for the recurrent state,
+/// over several steps in a row (the counters must come back to zero after each launch), with q
+/// and k normalised in the kernel or not, in BF16 and F32 weights; shapes it does not take launch
+/// nothing and leave y and the state alone.
+TEST(CudaOps, DeltaRuleInOutProjMatchesSeparateKernels) {
+  REQUIRE_GPU();
+  struct Case {
+    int64_t nk, nv, dk, dv, H;
+    WFormat fmt;
+    bool l2, takes;
+  };
+  for (const Case c : {Case{16, 32, 128, 128, 2048, WFormat::kBF16, true, true},
+                       Case{16, 32, 128, 128, 2048, WFormat::kBF16, false, true},
+                       Case{2, 6, 128, 64, 301, WFormat::kF32, true, true},
+                       Case{1, 3, 128, 96, 77, WFormat::kBF16, true, true},
+                       Case{2, 4, 64, 64, 100, WFormat::kBF16, true, false},     // d_k 64
+                       Case{1, 1, 128, 48, 64, WFormat::kBF16, true, false}}) {  // d_v 48
+    const int64_t nk = c.nk, nv = c.nv, dk = c.dk, dv = c.dv, H = c.H, Kc = nv * dv;
+    const std::string what =
+        "nv=" + std::to_string(nv) + " dv=" + std::to_string(dv) + " l2=" + std::to_string(c.l2);
+    auto wv = random_vec(static_cast<size_t>(H * Kc), 70, 0.05f);
+    auto z = random_vec(Kc, 71), nw = random_vec(dv, 72, 0.2f),
+         s0 = random_vec(nv * dk * dv, 73, 0.1f);
+    auto y0 = random_vec(H, 74);
+    Dev<uint16_t> wb(to_bf16(wv));
+    Dev<float> wf(wv), dz(z), dnw(nw);
+    const DevMatrix W{c.fmt == WFormat::kBF16 ? static_cast<const void*>(wb.p) : wf.p, nullptr,
+                      c.fmt, H, Kc};
+    std::vector<std::vector<float>> res[2];
+    for (int fused = 0; fused < 2; ++fused) {
+      Dev<float> rec(s0), o(Kc), y(y0);
+      Dev<unsigned> sync(2);
+      LayerStateDev ls{nullptr, nullptr, nullptr, rec.p};
+      Dev<LayerStateDev> dls(std::vector<LayerStateDev>{ls});
+      Dev<StepDev> dstep(std::vector<StepDev>{StepDev{0, dls.p}});
+      for (int step = 0; step < 3; ++step) {
+        Dev<float> q(random_vec(nk * dk, 80 + step)),
+            k(random_vec(nk * dk, 90 + step, c.l2 ? 1.f : 0.08f)),
+            v(random_vec(nv * dv, 100 + step)), beta(random_vec(nv, 110 + step, 0.5f)),
+            g(random_vec(nv, 120 + step, 0.3f));
+        if (fused) {
+          DeltaPrologue d;
+          d.q = q.p;
+          d.k = k.p;
+          d.v = v.p;
+          d.g = g.p;
+          d.beta = beta.p;
+          d.step = dstep.p;
+          d.layer = 0;
+          d.nk = nk;
+          d.nv = nv;
+          d.dk = dk;
+          d.dv = dv;
+          d.l2norm_qk = c.l2;
+          d.out = o.p;
+          d.sync = sync.p;
+          const bool ran = gemv_delta_gated_norm(W, d, dz.p, dnw.p, 1e-6f, y.p, true, nullptr);
+          ASSERT_EQ(ran, c.takes) << what;
+          if (!ran) {
+            EXPECT_EQ(max_abs_diff(y.get(), y0), 0.f) << what;
+            EXPECT_EQ(max_abs_diff(rec.get(), s0), 0.f) << what;
+            break;
+          }
+          const auto cnt = sync.get();
+          EXPECT_EQ(cnt[0], 0u) << what << " step " << step;
+          EXPECT_EQ(cnt[1], 0u) << what << " step " << step;
+        } else {
+          delta_rule(q.p, k.p, v.p, g.p, beta.p, dstep.p, 0, o.p, 1, nk, nv, dk, dv, nullptr, 1,
+                     c.l2);
+          ASSERT_TRUE(gemv_gated_norm(W, o.p, dz.p, dnw.p, dv, 1e-6f, y.p, true, nullptr)) << what;
+        }
+        res[fused].push_back(y.get());
+        res[fused].push_back(rec.get());
+      }
+      EXPECT_EQ(cudaGetLastError(), cudaSuccess) << what;
+    }
+    if (!c.takes) continue;
+    ASSERT_EQ(res[0].size(), res[1].size());
+    for (size_t i = 0; i < res[0].size(); ++i) {
+      float scale = 0.f;
+      for (float x : res[0][i]) scale = std::max(scale, std::abs(x));
+      EXPECT_LT(max_abs_diff(res[0][i], res[1][i]), 2e-5f * std::max(1.f, scale))
+          << what << (i % 2 ? " state" : " y") << " after step " << i / 2;
+    }
+  }
 }
 
 /// The DeltaNet decode's conv, SiLU, beta and g in the in-projection's epilogue (gemv_gdn_in,

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+# One device call for the GPU decode step and the CPU expert kernels together (a machine start is
+# the scarce thing): build with CUDA (run_device_cuda.sh's build: the tests, tidal_bench_cuda and
+# tidal_bench_experts), run the whole C++ suite once (CPU kernels on this machine's AVX-512 / AMX
+# and the CUDA tests), then the decode step under each entry of STEP_ENVS (ENV=VALUE joined by
+# '+', "-" for the defaults; STEP_REPS rounds, interleaved) with its kernel stamps (Note [Kernel
+# stamps]), then the M = 1 expert op (EXPERT_REPS runs of int4 and int8 on all threads).
+# Each part is cut at LIMIT seconds from the start (default 580). Outputs in $OUT: cpp_tests.log
+# (its summary on stdout), step.jsonl, step_summary.txt, experts.jsonl.
+set -uo pipefail
+out=$(mkdir -p "${OUT:-bench-out}" && cd "${OUT:-bench-out}" && pwd)
+limit=${LIMIT:-580}
+failed=0
+left() { echo $((limit - SECONDS)); }
+OUT="$out" STEPS=build NINJA_TARGETS="tidal_tests tidal_bench_cuda tidal_bench_experts" \
+  bash tests/bench/run_device_cuda.sh || exit 1
+echo "built at ${SECONDS}s"
+export LD_LIBRARY_PATH=/tmp/deps/lib:${LD_LIBRARY_PATH:-}
+lscpu | grep -E "Model name|NUMA node\(s\)" || true
+if [ -z "${SKIP_TESTS:-}" ]; then
+  t=$(( $(left) - ${RESERVE:-200} ))
+  if [ "$t" -gt 30 ]; then
+    timeout "$t" ./build/gpu/tests/tidal_tests --gtest_filter="${GTEST_FILTER:-*}" > "$out/cpp_tests.log" 2>&1 || failed=1
+    tail -3 "$out/cpp_tests.log"
+    grep -E "^\[  FAILED|Failure" "$out/cpp_tests.log" | sort -u | head -20 || true
+    echo "tests done at ${SECONDS}s"
+  else
+    echo "tests: no time left"; failed=1
+  fi
+fi
+: > "$out/step.jsonl"
+for rep in $(seq "${STEP_REPS:-2}"); do
+  for v in ${STEP_ENVS:--}; do
+    [ "$(left)" -gt 40 ] || { echo "step $v: no time left"; break 2; }
+    e=${v//+/ }; [ "$v" = - ] && e=
+    env $e timeout "$(left)" ./build/gpu/tests/bench/tidal_bench_cuda --only-step --weights bf16 --stamps \
+      | python3 -c 'import json,sys
+for l in sys.stdin:
+    if l.startswith("{"):
+        d = json.loads(l); d["env"] = sys.argv[1]; d["rep"] = int(sys.argv[2]); print(json.dumps(d))' "$v" "$rep" \
+      >> "$out/step.jsonl" || failed=1
+  done
+done
+python3 - "$out/step.jsonl" > "$out/step_summary.txt" <<'PY' || true
+import json, sys
+for line in open(sys.argv[1]):
+    d = json.loads(line)
+    if d["bench"] == "decode_step":
+        print(f'rep {d["rep"]} {d["env"]:28s} graphs={d["graphs"]:d} pdl={d["pdl"]:d} fused={d["fused_decode"]:d} '
+              f'gpu {d["gpu_ms"]:.4f} ms = {d["gpu_ratio_to_bandwidth_time"]:.3f}x of {d["bytes_at_measured_bw_ms"]:.3f} ms; wall {d["ms"]:.3f}')
+    elif d["bench"] == "decode_step_stamps":
+        print(f'rep {d["rep"]} {d["env"]:28s} stamps: {d["kernels"]} kernels, first-to-last release {d["first_to_last_release_us"]:.1f} us')
+        for name, n, tot in d["by_kernel"][:14]:
+            print(f'    {name:48s} x{n:3d} {tot:8.1f} us')
+PY
+cat "$out/step_summary.txt"
+b=./build/gpu/tests/bench/tidal_bench_experts
+for rep in $(seq "${EXPERT_REPS:-3}"); do
+  [ "$(left)" -gt 25 ] || { echo "experts: no time left"; break; }
+  timeout "$(left)" "$b" --shape 35b --m 1 --threads "$(nproc)" --dtypes int4,int8 --seconds 1 || failed=1
+done > "$out/experts.jsonl"
+python3 - "$out/experts.jsonl" <<'PY' || true
+import json, sys
+for line in open(sys.argv[1]):
+    if line.startswith("{"):
+        d = json.loads(line)
+        if d["bench"] == "moe_experts":
+            print(f'experts {d["dtype"]} m=1 {d["threads"]} threads {d["median_us"]:.1f} us {d["bw_fraction"]:.3f} of {d["read_bw_gbps"]:.0f} GB/s')
+PY
+echo "done at ${SECONDS}s"
+exit $failed
