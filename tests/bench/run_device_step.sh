@@ -3,7 +3,7 @@
 # One device call for the GPU decode step and the CPU expert kernels together (a machine start is
 # the scarce thing): build with CUDA (run_device_cuda.sh's build: the tests, tidal_bench_cuda and
 # tidal_bench_experts), run the whole C++ suite once (CPU kernels on this machine's AVX-512 / AMX
-# and the CUDA tests), then the decode step under each entry of STEP_ENVS (ENV=VALUE joined by
+# and the CUDA tests; the CudaModel tests again under each of TEST_ENVS), then the decode step under each entry of STEP_ENVS (ENV=VALUE joined by
 # '+', "-" for the defaults; STEP_REPS rounds, interleaved) with its kernel stamps (Note [Kernel
 # stamps]), then the M = 1 expert op (EXPERT_REPS runs of int4 and int8 on all threads).
 # Each part is cut at LIMIT seconds from the start (default 580). Outputs in $OUT: cpp_tests.log
@@ -25,6 +25,11 @@ if [ -z "${SKIP_TESTS:-}" ]; then
     tail -3 "$out/cpp_tests.log"
     grep -E "^\[  FAILED|Failure" "$out/cpp_tests.log" | sort -u | head -20 || true
     echo "tests done at ${SECONDS}s"
+    # The model tests again under each of TEST_ENVS (ENV=VALUE joined by '+').
+    for v in ${TEST_ENVS:-}; do
+      timeout 90 env ${v//+/ } ./build/gpu/tests/tidal_tests --gtest_filter='*CudaModel*' > "$out/cpp_variant.log" 2>&1 || failed=1
+      echo "$v: $(tail -1 "$out/cpp_variant.log")"; grep -E "^\[  FAILED" "$out/cpp_variant.log" | head -5 || true
+    done
   else
     echo "tests: no time left"; failed=1
   fi
