@@ -1971,6 +1971,17 @@ void CudaModel::Impl::enqueue_attention(const GpuLayer& L, int layer, int64_t T)
       kc::attn_prep(p, stream);
   }
   if (!a.fused_prep) mark("attn: norms, rope, cache write");
+  if (nseq == 1 && Tr == 1 && fused && opts.attention_in_o_proj) {
+    a.q = qb;
+    a.gate = gated ? gate : nullptr;
+    a.out = ao;
+    a.step = d_step;
+    if (kc::attention_out_proj(a, L.o, x, true, d_sync + 2 * layer, stream)) {
+      pend(nullptr);
+      mark("attn: attention + combine + o_proj");
+      return;
+    }
+  }
   for (int64_t r = 0; r < nseq; ++r) {
     a.q = qb + r * nh * d;
     a.gate = gated ? gate + r * nh * d : nullptr;

@@ -60,6 +60,10 @@ struct CudaOptions {
   /// out_proj] in kernels/cuda/ops.cu): one launch less per DeltaNet layer. Falls back to the
   /// separate kernels where the shape or device does not take it. TIDAL_CUDA_GDN_OUT.
   bool deltanet_in_out_proj = env_flag("TIDAL_CUDA_GDN_OUT", false);
+  /// One-token fused decode: the merge of the attention's splits run by the first blocks of
+  /// o_proj's streaming GEMV (Note [Attention combine in o_proj] in kernels/cuda/ops.cu): one
+  /// launch less per attention layer. TIDAL_CUDA_ATTN_OUT.
+  bool attention_in_o_proj = env_flag("TIDAL_CUDA_ATTN_OUT", false);
   /// Fused GPU-only decode: the router's top-k on a side stream beside the shared expert (true)
   /// or in line on the main stream. TIDAL_CUDA_SIDE_ROUTE.
   bool side_route = env_flag("TIDAL_CUDA_SIDE_ROUTE", true);

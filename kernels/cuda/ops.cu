@@ -220,6 +220,21 @@ constexpr int kGemvWarps = 8;  // warps per block
 /// per warp (32 registers a thread).
 constexpr int kGemvPrefetch = 8;
 
+/// What merging a decode attention's splits takes (attention_combine_kernel, and the prologue of
+/// o_proj's GEMV: Note [Attention combine in o_proj]). The output gate of head h, token t is
+/// gate_src[(t·nh + h)·gate_stride + gate_off + dim] where gate_src is set.
+struct CombinePrologue {
+  const float* partial = nullptr;
+  const StepDev* step = nullptr;
+  const float* gate_src = nullptr;
+  int64_t gate_stride = 0, gate_off = 0;
+  float* out = nullptr;
+  int64_t nh = 0, d = 0;
+  int splits = 1;
+  int64_t min_keys = 0;
+  unsigned* sync = nullptr;
+};
+
 /// What a GEMV launch takes (ops.h `gemv`, `gemv_rms_norm`).
 struct GemvParams {
   DevMatrix w;
@@ -237,8 +252,12 @@ struct GemvParams {
   int wpr = 1;
   int64_t group = 0;    ///< kGroupNormGated: values per RMS-normalised group (a value head)
   GdnConvEpilogue gdn;  ///< gemv_stream_kernel<..., true>: the DeltaNet decode epilogue
-  DeltaPrologue delta;  ///< gemv_stream_kernel<..., DR = true>: Note [Delta rule in out_proj]
+  DeltaPrologue delta;  ///< gemv_stream_kernel<..., kProDelta>: Note [Delta rule in out_proj]
+  CombinePrologue
+      comb;  ///< gemv_stream_kernel<..., kProCombine>: Note [Attention combine in o_proj]
 };
+/// What the first blocks of a streaming GEMV do before the GEMV (the others wait for them).
+constexpr int kProNone = 0, kProDelta = 1, kProCombine = 2;
 /// How the GEMV forms its input vector from x.
 enum class GemvIn { kPlain, kGated, kNormed, kGroupNormGated };
 
@@ -478,6 +497,91 @@ __device__ float stage_row(const GemvParams& p, float* xs, int64_t K, int warp, 
 // warp forms the conv sum with shuffles and lanes 0..K−2 store the shifted window. The state is
 // read before the dependency wait, as gdn_conv_prep_step reads it (Note [programmatic dependent
 // launch]): only this layer's conv step writes it, never as the kernel just before this one.
+constexpr int kMaxSplits = 512;
+
+/// Keys per split and splits in use for a query that sees n keys.
+__device__ __forceinline__ void split_plan(int64_t n, int splits, int64_t min_keys, int64_t& chunk,
+                                           int64_t& used) {
+  chunk = (n + splits - 1) / splits;
+  chunk = chunk < min_keys ? min_keys : (chunk + 31) / 32 * 32;
+  used = (n + chunk - 1) / chunk;
+}
+
+__host__ __device__ CombinePrologue combine_args(const AttentionArgs& a, int splits,
+                                                 int64_t min_keys) {
+  CombinePrologue c;
+  c.partial = a.partial;
+  c.step = a.step;
+  c.out = a.out;
+  c.nh = a.nh;
+  c.d = a.d;
+  c.splits = splits;
+  c.min_keys = min_keys;
+  if (a.fused_prep) {  // the gate in the projection output, [q_h | gate_h] per head (T = 1)
+    if (a.prep.gated) {
+      c.gate_src = a.prep.qg;
+      c.gate_stride = 2 * a.d;
+      c.gate_off = a.d;
+    }
+  } else if (a.gate) {
+    c.gate_src = a.gate;
+    c.gate_stride = a.d;
+  }
+  return c;
+}
+
+/// One block (256 threads) of the split merge: token t, head h, dims [32·zs, 32·zs + 32) of T
+/// tokens. Warps take splits round-robin, then reduce through shared memory.
+__device__ void combine_block(const CombinePrologue& a, int64_t t, int64_t h, int64_t zs,
+                              int64_t T) {
+  __shared__ float wts[kMaxSplits];
+  __shared__ float red[8][kWarp + 1];
+  __shared__ float stat[1];
+  const int splits = a.splits;
+  const int64_t d = a.d;
+  const int lane = threadIdx.x % kWarp, wid = threadIdx.x / kWarp, nw = blockDim.x / kWarp;
+  const int64_t nrow_total = T * a.nh * splits;
+  const float* pm = a.partial;
+  const float* pl = a.partial + nrow_total;
+  const float* po = a.partial + 2 * nrow_total;
+  const int64_t base = (t * a.nh + h) * splits;
+  int64_t chunk, used;
+  split_plan(a.step->pos0 + t + 1, splits, a.min_keys, chunk, used);
+  float mx = -INFINITY;
+  for (int64_t s = threadIdx.x; s < used; s += blockDim.x) mx = fmaxf(mx, pm[base + s]);
+  mx = warp_max(mx);
+  if (lane == 0) red[wid][0] = mx;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float M = red[0][0];
+    for (int w = 1; w < nw; ++w) M = fmaxf(M, red[w][0]);
+    stat[0] = M;
+  }
+  __syncthreads();
+  const float M = stat[0];
+  float lsum = 0.f;
+  for (int64_t s = threadIdx.x; s < used; s += blockDim.x) {
+    const float w = expf(pm[base + s] - M);
+    wts[s] = w;
+    lsum += w * pl[base + s];
+  }
+  lsum = block_sum(lsum);  // synchronises, so wts is visible below
+  const int64_t dim = zs * kWarp + lane;
+  float acc = 0.f;
+  if (dim < d)
+    for (int64_t s = wid; s < used; s += nw) acc += wts[s] * po[(base + s) * d + dim];
+  red[wid][lane] = acc;
+  __syncthreads();
+  if (wid == 0 && dim < d) {
+    float v = 0.f;
+    for (int w = 0; w < nw; ++w) v += red[w][lane];
+    v /= lsum;
+    if (a.gate_src) v *= sigmoidf_(a.gate_src[(t * a.nh + h) * a.gate_stride + a.gate_off + dim]);
+    a.out[(t * a.nh + h) * d + dim] = v;
+  }
+  __syncthreads();  // red and stat are read before a later call's writes; out stores issued
+}
+
 // Note [Delta rule in out_proj]
 // A DeltaNet decode layer ran the delta rule (a latency-bound kernel of 32 blocks) between its
 // in-projection and out_proj, so the step paid one more kernel boundary per layer: the delta
@@ -556,7 +660,7 @@ __device__ void delta_prologue_step(const DeltaPrologue& d, int blk, float (&st)
   __syncthreads();  // every thread's writes issued (and qk free) before the block signals
 }
 
-template <WFormat F, GemvIn IN, bool GDN, bool DR = false>
+template <WFormat F, GemvIn IN, bool GDN, int PRO = kProNone>
 __global__ void __launch_bounds__(kStreamWarps* kWarp) gemv_stream_kernel(const GemvParams p) {
   constexpr int E = Chunk<F>::E;
   extern __shared__ float4 xs4[];  // the input row, K floats (transformed)
@@ -601,10 +705,15 @@ __global__ void __launch_bounds__(kStreamWarps* kWarp) gemv_stream_kernel(const 
   uint4 a[kSeg], b[kSeg];
   if (items > 0) load(a, epa, 0);
   if (items > 1) load(b, epb, 1);
-  // DR: Note [Delta rule in out_proj].
+  // Prologues: Note [Delta rule in out_proj], Note [Attention combine in o_proj].
+  constexpr bool DR = PRO == kProDelta;
   float dst[DR ? kDrRows : 1];
   float* dS = nullptr;
-  const int dblocks = DR ? static_cast<int>(p.delta.nv * (p.delta.dv / kDrCols)) : 0;
+  unsigned* sync = PRO == kProDelta ? p.delta.sync : p.comb.sync;
+  const int nz = static_cast<int>((p.comb.d + kWarp - 1) / kWarp);  // kProCombine: dim slices
+  const int dblocks = PRO == kProDelta     ? static_cast<int>(p.delta.nv * (p.delta.dv / kDrCols))
+                      : PRO == kProCombine ? static_cast<int>(p.comb.nh) * nz
+                                           : 0;
   if constexpr (DR) {
     if (static_cast<int>(blockIdx.x) < dblocks) {
       const DeltaPrologue& d = p.delta;
@@ -617,24 +726,27 @@ __global__ void __launch_bounds__(kStreamWarps* kWarp) gemv_stream_kernel(const 
     }
   }
   pdl_begin(__func__);
-  if constexpr (DR) {
+  if constexpr (PRO != kProNone) {
     if (static_cast<int>(blockIdx.x) < dblocks) {
-      delta_prologue_step(p.delta, static_cast<int>(blockIdx.x), dst, xs, dS);
+      if constexpr (DR)
+        delta_prologue_step(p.delta, static_cast<int>(blockIdx.x), dst, xs, dS);
+      else
+        combine_block(p.comb, 0, blockIdx.x / nz, blockIdx.x % nz, 1);
       if (threadIdx.x == 0) {
         __threadfence();
-        atomicAdd(p.delta.sync, 1u);
+        atomicAdd(sync, 1u);
       }
     }
     if (threadIdx.x == 0) {
-      while (ld_acquire_gpu(p.delta.sync) < static_cast<unsigned>(dblocks)) __nanosleep(32);
-      if (atomicAdd(p.delta.sync + 1, 1u) == gridDim.x - 1) {  // the last block past the spin
-        p.delta.sync[0] = 0;
-        p.delta.sync[1] = 0;
+      while (ld_acquire_gpu(sync) < static_cast<unsigned>(dblocks)) __nanosleep(32);
+      if (atomicAdd(sync + 1, 1u) == gridDim.x - 1) {  // the last block past the spin
+        sync[0] = 0;
+        sync[1] = 0;
       }
     }
     __syncthreads();
   }
-  const float inv = stage_row<IN, DR>(p, xs, K, warp, lane);
+  const float inv = stage_row<IN, PRO != kProNone>(p, xs, K, warp, lane);
   const float gate = p.out_gate ? sigmoidf_(p.out_gate[0]) : 1.0f;
   float acc = 0.f;
   auto fma_seg = [&](const uint4(&buf)[kSeg], int64_t t) {
@@ -731,13 +843,13 @@ int device_sm_count() {
   return n;
 }
 
-/// Launches gemv_stream_kernel<F, IN, GDN, DR>: one wave of `bps` resident blocks per SM, bps =
+/// Launches gemv_stream_kernel<F, IN, GDN, PRO>: one wave of `bps` resident blocks per SM, bps =
 /// TIDAL_GEMV_BPS (1-8) or the occupancy limit. `min_blocks`: at least that many blocks, all of
 /// them resident at once (Note [Delta rule in out_proj]); false, launching nothing, where one
 /// wave holds fewer.
-template <WFormat F, GemvIn IN, bool GDN = false, bool DR = false>
+template <WFormat F, GemvIn IN, bool GDN = false, int PRO = kProNone>
 bool stream_launch(const GemvParams& p, size_t smem, cudaStream_t s, int64_t min_blocks = 0) {
-  void (*k)(GemvParams) = gemv_stream_kernel<F, IN, GDN, DR>;
+  void (*k)(GemvParams) = gemv_stream_kernel<F, IN, GDN, PRO>;
   int bps = forced_blocks_per_sm();
   if (bps == 0) {
     static std::atomic<long> cached{-1};  // (smem << 8) | blocks of the last query
@@ -1155,15 +1267,6 @@ __device__ __forceinline__ void raw_to_f32(const RawKV<uint16_t, DPL>& r, float*
 constexpr int kAttnWarps = 4;
 constexpr int kKeyGroup = 8;            // cache rows loaded before any is used
 constexpr int64_t kMinSplitKeys = 256;  // a split covers at least this many keys
-constexpr int kMaxSplits = 512;
-
-/// Keys per split and splits in use for a query that sees n keys.
-__device__ __forceinline__ void split_plan(int64_t n, int splits, int64_t min_keys, int64_t& chunk,
-                                           int64_t& used) {
-  chunk = (n + splits - 1) / splits;
-  chunk = chunk < min_keys ? min_keys : (chunk + 31) / 32 * 32;
-  used = (n + chunk - 1) / chunk;
-}
 
 /// One warp per (token, kv head, head subset, split): R query heads of the GQA group against keys
 /// [u0, u1) of the split, 32 keys at a time (scores to shared memory, online softmax per row, then
@@ -1283,58 +1386,11 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
   }
 }
 
-/// Block per (token, head, 32 dims): merges the used splits' (m, l, o), applies the gate. Warps
-/// take splits round-robin, then reduce through shared memory.
+/// Block per (token, head, 32 dims): merges the used splits' (m, l, o), applies the gate
+/// (combine_block).
 __global__ void attention_combine_kernel(AttentionArgs a, int splits, int64_t min_keys) {
   pdl_begin(__func__);
-  __shared__ float wts[kMaxSplits];
-  __shared__ float red[8][kWarp + 1];
-  __shared__ float stat[1];
-  const int64_t t = blockIdx.x, h = blockIdx.y, d = a.d;
-  const int lane = threadIdx.x % kWarp, wid = threadIdx.x / kWarp, nw = blockDim.x / kWarp;
-  const int64_t nrow_total = static_cast<int64_t>(gridDim.x) * a.nh * splits;
-  const float* pm = a.partial;
-  const float* pl = a.partial + nrow_total;
-  const float* po = a.partial + 2 * nrow_total;
-  const int64_t base = (t * a.nh + h) * splits;
-  int64_t chunk, used;
-  split_plan(a.step->pos0 + t + 1, splits, min_keys, chunk, used);
-  float mx = -INFINITY;
-  for (int64_t s = threadIdx.x; s < used; s += blockDim.x) mx = fmaxf(mx, pm[base + s]);
-  mx = warp_max(mx);
-  if (lane == 0) red[wid][0] = mx;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float M = red[0][0];
-    for (int w = 1; w < nw; ++w) M = fmaxf(M, red[w][0]);
-    stat[0] = M;
-  }
-  __syncthreads();
-  const float M = stat[0];
-  float lsum = 0.f;
-  for (int64_t s = threadIdx.x; s < used; s += blockDim.x) {
-    const float w = expf(pm[base + s] - M);
-    wts[s] = w;
-    lsum += w * pl[base + s];
-  }
-  lsum = block_sum(lsum);  // synchronises, so wts is visible below
-  const int64_t dim = blockIdx.z * kWarp + lane;
-  float acc = 0.f;
-  if (dim < d)
-    for (int64_t s = wid; s < used; s += nw) acc += wts[s] * po[(base + s) * d + dim];
-  red[wid][lane] = acc;
-  __syncthreads();
-  if (wid == 0 && dim < d) {
-    float v = 0.f;
-    for (int w = 0; w < nw; ++w) v += red[w][lane];
-    v /= lsum;
-    if (a.fused_prep) {  // the gate in the projection output, [q_h | gate_h] per head (T = 1)
-      if (a.prep.gated) v *= sigmoidf_(a.prep.qg[h * 2 * d + d + dim]);
-    } else if (a.gate) {
-      v *= sigmoidf_(a.gate[(t * a.nh + h) * d + dim]);
-    }
-    a.out[(t * a.nh + h) * d + dim] = v;
-  }
+  combine_block(combine_args(a, splits, min_keys), blockIdx.x, blockIdx.y, blockIdx.z, gridDim.x);
 }
 
 // ------------------------------------------------------------------ decode attention, tiled
@@ -3425,12 +3481,14 @@ bool gemv_delta_gated_norm(const DevMatrix& w, const DeltaPrologue& d, const flo
   const int64_t blocks = d.nv * (d.dv / kDrCols);
   switch (w.format) {
     case WFormat::kBF16:
-      return stream_launch<WFormat::kBF16, GemvIn::kGroupNormGated, false, true>(p, smem, s,
-                                                                                 blocks);
+      return stream_launch<WFormat::kBF16, GemvIn::kGroupNormGated, false, kProDelta>(p, smem, s,
+                                                                                      blocks);
     case WFormat::kI8:
-      return stream_launch<WFormat::kI8, GemvIn::kGroupNormGated, false, true>(p, smem, s, blocks);
+      return stream_launch<WFormat::kI8, GemvIn::kGroupNormGated, false, kProDelta>(p, smem, s,
+                                                                                    blocks);
     case WFormat::kF32:
-      return stream_launch<WFormat::kF32, GemvIn::kGroupNormGated, false, true>(p, smem, s, blocks);
+      return stream_launch<WFormat::kF32, GemvIn::kGroupNormGated, false, kProDelta>(p, smem, s,
+                                                                                     blocks);
   }
   return false;
 }
@@ -3535,16 +3593,20 @@ bool attention_uses_tensor_cores(const AttentionArgs& a) {
   return a.tensor_cores && (mma_applies(a) || attention_prefill_applies(a));
 }
 
-void attention(const AttentionArgs& a, cudaStream_t s) {
-  if (a.T == 0) return;
-  if (a.tensor_cores && attention_prefill(a, s)) return;  // no splits, no combine
+namespace {
+/// attention() up to the split merge: launches the kernel that writes the splits' partials and
+/// returns the merge's arguments (b, splits, min_keys); false where the prefill kernel ran
+/// (no splits, nothing to merge).
+bool attention_partials(const AttentionArgs& a, cudaStream_t s, AttentionArgs& b, int& splits,
+                        int64_t& min_keys) {
+  if (a.tensor_cores && attention_prefill(a, s)) return false;  // no splits, no combine
   const int64_t group = a.nh / a.nkv;
   const int dpl = a.d <= 32 ? 1 : a.d <= 64 ? 2 : a.d <= 128 ? 4 : 8;
   // Rows per warp: the GQA group (a power of two, ≤ 16), with at most 64 registers of q.
   int R = 1;
   while (R < group && R < 16 && R * 2 * dpl <= 64) R *= 2;
   const int subsets = static_cast<int>((group + R - 1) / R);
-  const int splits = a.max_splits;
+  splits = a.max_splits;
   const dim3 grid(static_cast<unsigned>((splits + kAttnWarps - 1) / kAttnWarps),
                   static_cast<unsigned>(a.T), static_cast<unsigned>(a.nkv * subsets));
   // The tensor-core and tile kernels' minimum keys per split: the caller's,
@@ -3554,12 +3616,12 @@ void attention(const AttentionArgs& a, cudaStream_t s) {
     const int64_t v = e ? std::atoll(e) : 0;
     return v >= kTileKeys && v <= (int64_t{1} << 20) ? v / kTileKeys * kTileKeys : int64_t{0};
   }();
-  AttentionArgs b = a;
+  b = a;
   if (b.min_split_keys <= 0)
     b.min_split_keys = env_min_keys ? env_min_keys : kTileMinSplitKeys;
   else  // whole tiles, like the environment's value
     b.min_split_keys = std::max<int64_t>(kTileKeys, b.min_split_keys / kTileKeys * kTileKeys);
-  int64_t min_keys = kMinSplitKeys;
+  min_keys = kMinSplitKeys;
   if ((b.tensor_cores && attention_mma(b, s)) || (!b.fused_prep && attention_tile(b, s)))
     min_keys = b.min_split_keys;
   else if (b.fused_prep)
@@ -3569,9 +3631,92 @@ void attention(const AttentionArgs& a, cudaStream_t s) {
     attention_dispatch<float>(a, dpl, R, subsets, splits, grid, s);
   else
     attention_dispatch<uint16_t>(a, dpl, R, subsets, splits, grid, s);
+  return true;
+}
+}  // namespace
+
+void attention(const AttentionArgs& a, cudaStream_t s) {
+  if (a.T == 0) return;
+  AttentionArgs b;
+  int splits = 1;
+  int64_t min_keys = 0;
+  if (!attention_partials(a, s, b, splits, min_keys)) return;
   const dim3 cgrid(static_cast<unsigned>(a.T), static_cast<unsigned>(a.nh),
                    static_cast<unsigned>((a.d + kWarp - 1) / kWarp));
   launch(attention_combine_kernel, cgrid, 256, 0, s, b, splits, min_keys);
+}
+
+// Note [Attention combine in o_proj]
+// One-token decode attention ends in two launches: the split kernel, then the merge of its splits
+// (attention_combine_kernel, nh · d/32 blocks of little work each), whose output row o_proj's
+// GEMV then stages. As with the delta rule (Note [Delta rule in out_proj]), the merge becomes the
+// prologue of o_proj's streaming GEMV: block b < nh · ceil(d/32) merges head b / ceil(d/32),
+// dims of slice b % ceil(d/32) (combine_block, the merge kernel's own code), writes them and
+// signals; every block waits for all of them, stages the row from L2 and runs the GEMV with the
+// weight segments it loaded before the dependency wait. One launch boundary less per attention
+// layer. The same residency rule applies: all blocks in one wave, or the separate launches.
+bool attention_out_proj(const AttentionArgs& a, const DevMatrix& w, float* y, bool accumulate,
+                        unsigned* sync, cudaStream_t s) {
+  if (a.T != 1 || w.rows == 0 || !sync || stream_off() || !a.out) return false;
+  const int64_t K = a.nh * a.d, nz = (a.d + kWarp - 1) / kWarp;
+  if (w.cols != K || K % 16 != 0 || K > kStreamMaxK) return false;
+  if (reinterpret_cast<uintptr_t>(w.data) % 16 != 0 || reinterpret_cast<uintptr_t>(a.out) % 16 != 0)
+    return false;
+  // The prefill kernel (no splits) never runs for one token; the merge's blocks must fit one
+  // wave of the GEMV (checked before anything is launched).
+  int bps = forced_blocks_per_sm();
+  if (bps == 0) {
+    int n = 0;
+    void (*k)(GemvParams) = nullptr;
+    switch (w.format) {
+      case WFormat::kBF16:
+        k = gemv_stream_kernel<WFormat::kBF16, GemvIn::kPlain, false, kProCombine>;
+        break;
+      case WFormat::kI8:
+        k = gemv_stream_kernel<WFormat::kI8, GemvIn::kPlain, false, kProCombine>;
+        break;
+      case WFormat::kF32:
+        k = gemv_stream_kernel<WFormat::kF32, GemvIn::kPlain, false, kProCombine>;
+        break;
+    }
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k, kStreamWarps * kWarp,
+                                                      static_cast<size_t>(K) * 4) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    bps = std::min(n, 8);
+  }
+  if (a.nh * nz > static_cast<int64_t>(device_sm_count()) * bps) return false;
+  AttentionArgs b;
+  int splits = 1;
+  int64_t min_keys = 0;
+  if (!attention_partials(a, s, b, splits, min_keys)) return false;  // (T = 1: not reached)
+  GemvParams p;
+  p.w = w;
+  p.x = a.out;
+  p.y = y;
+  p.accumulate = accumulate;
+  p.comb = combine_args(b, splits, min_keys);
+  p.comb.sync = sync;
+  const size_t smem = static_cast<size_t>(K) * 4;
+  bool ok = false;
+  switch (w.format) {
+    case WFormat::kBF16:
+      ok = stream_launch<WFormat::kBF16, GemvIn::kPlain, false, kProCombine>(p, smem, s, a.nh * nz);
+      break;
+    case WFormat::kI8:
+      ok = stream_launch<WFormat::kI8, GemvIn::kPlain, false, kProCombine>(p, smem, s, a.nh * nz);
+      break;
+    case WFormat::kF32:
+      ok = stream_launch<WFormat::kF32, GemvIn::kPlain, false, kProCombine>(p, smem, s, a.nh * nz);
+      break;
+  }
+  if (!ok) {  // not after the wave check above; should it happen, the separate launches
+    const dim3 cgrid(1, static_cast<unsigned>(a.nh), static_cast<unsigned>(nz));
+    launch(attention_combine_kernel, cgrid, 256, 0, s, b, splits, min_keys);
+    gemv(w, a.out, K, y, w.rows, 1, accumulate, s);
+  }
+  return true;
 }
 
 void gdn_split_next(const float* p, const float* ba, int64_t ld, float* mixed, float* z, float* b,

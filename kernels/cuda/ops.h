@@ -224,6 +224,13 @@ struct AttentionArgs {
   AttnPrepArgs prep;
 };
 void attention(const AttentionArgs& a, cudaStream_t s);
+/// One-token decode: attention(a), then y [+]= W_o · a.out, with the merge of the attention's
+/// splits run by the first blocks of W_o's streaming GEMV (Note [Attention combine in o_proj] in
+/// ops.cu): one launch less. `sync`: two counters, zero between launches. Returns false, launching
+/// nothing, where it does not apply (T ≠ 1, W_o not [·, nh·d], the merge's blocks not resident in
+/// one wave); the caller then runs attention() and the GEMV.
+bool attention_out_proj(const AttentionArgs& a, const DevMatrix& w, float* y, bool accumulate,
+                        unsigned* sync, cudaStream_t s);
 /// Whether `attention(a)` runs a tensor-core kernel: the decode kernel (T = 1) or the prefill
 /// kernel (T ≥ 2, GQA group dividing 64, T·nh·d ≥ 65536); tests check which kernel they test.
 bool attention_uses_tensor_cores(const AttentionArgs& a);

@@ -16,7 +16,8 @@
 ///   - "decode_gemv_chain_persistent": the GEMV chain in one cooperative kernel with grid barriers
 ///     (an experiment for a persistent decode kernel, tests/bench/persistent_chain.cu).
 /// Usage: tidal_bench_cuda [--contexts 1024,32768,131072] [--step-context 4096] [--weights
-/// bf16,int8] [--only-step | --no-step | --gemv-only | --profile-step] [--stamps]
+/// bf16,int8] [--only-step | --no-step | --gemv-only | --profile-step] [--stamps] [--default-only]
+///   - --default-only: the decode step in today's default mode only (graphs, PDL, fused).
 ///   - --stamps: "decode_step_stamps", the default step's kernels in release order from a graph
 ///     replay (Note [Kernel stamps] in kernels/cuda/ops.cu), each kernel's share of the step's
 ///     critical path (the gap to the next kernel's release), and those shares summed per kernel
@@ -125,7 +126,8 @@ int main(int argc, char** argv) {
   std::vector<int64_t> contexts = {1024, 32768, 131072};
   int64_t step_ctx = 4096;
   std::vector<std::string> wfmts = {"bf16", "int8"};
-  bool only_step = false, no_step = false, profile_step = false, gemv_only = false, stamps = false;
+  bool only_step = false, no_step = false, profile_step = false, gemv_only = false, stamps = false,
+       default_only = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--only-step")
@@ -138,6 +140,8 @@ int main(int argc, char** argv) {
       no_step = true;
     else if (a == "--stamps")  // the default step's kernel timeline (Note [Kernel stamps])
       stamps = true;
+    else if (a == "--default-only")  // the step with today's defaults only (graphs, PDL, fused)
+      default_only = true;
     else if (a == "--contexts" && i + 1 < argc)
       contexts = parse_list(argv[++i]);
     else if (a == "--step-context" && i + 1 < argc)
@@ -153,10 +157,11 @@ int main(int argc, char** argv) {
         p = q + 1;
       }
     } else {
-      fmt::print(stderr,
-                 "usage: {} [--contexts A,B] [--step-context N] [--weights bf16,int8] "
-                 "[--only-step | --no-step | --gemv-only | --profile-step] [--stamps]\n",
-                 argv[0]);
+      fmt::print(
+          stderr,
+          "usage: {} [--contexts A,B] [--step-context N] [--weights bf16,int8] "
+          "[--only-step | --no-step | --gemv-only | --profile-step] [--stamps] [--default-only]\n",
+          argv[0]);
       return 2;
     }
   }
@@ -686,6 +691,7 @@ int main(int argc, char** argv) {
     // --profile-step: today's default decode (fused), eager, so a kernel profiler (ncu
     // --profile-from-start off) sees exactly one step's kernels.
     if (profile_step) modes = {Mode{false, true, true}};
+    if (default_only && !profile_step) modes = {Mode{true, true, true}};
     for (const Mode mode : modes) {
       const bool graphs = mode.graphs, pdl = mode.pdl;
       kc::set_pdl_enabled(pdl);

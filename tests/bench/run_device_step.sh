@@ -39,7 +39,7 @@ for rep in $(seq "${STEP_REPS:-2}"); do
   for v in ${STEP_ENVS:--}; do
     [ "$(left)" -gt 40 ] || { echo "step $v: no time left"; break 2; }
     e=${v//+/ }; [ "$v" = - ] && e=
-    env $e timeout "$(left)" ./build/gpu/tests/bench/tidal_bench_cuda --only-step --weights bf16 --stamps \
+    env $e timeout "$(left)" ./build/gpu/tests/bench/tidal_bench_cuda --only-step --weights bf16 --stamps ${STEP_ARGS:---default-only} \
       | python3 -c 'import json,sys
 for l in sys.stdin:
     if l.startswith("{"):

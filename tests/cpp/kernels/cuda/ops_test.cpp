@@ -992,6 +992,90 @@ TEST(CudaOps, FusedDecodeKernelsMatchUnfused) {
   EXPECT_LT(max_abs_diff(dxn.get(), ref), 1e-5f);
 }
 
+/// Note [Attention combine in o_proj]: attention_out_proj equals attention() then the o_proj GEMV
+/// bit for bit (the merge and the GEMV run the same code), for several split counts, both decode
+/// kernels and BF16 / INT8 weights, twice in a row (the counters come back to zero); where it does
+/// not apply (T = 2) it launches nothing.
+TEST(CudaOps, AttentionCombineInOutProjMatchesSeparateKernels) {
+  REQUIRE_GPU();
+  if (const char* e = std::getenv("TIDAL_GEMV_STREAM"); e && std::string(e) == "0")
+    GTEST_SKIP() << "TIDAL_GEMV_STREAM=0 turns the streaming GEMV, and so this path, off";
+  struct Case {
+    int64_t nh, nkv, d, pos0, H;
+    bool gated;
+  };
+  for (const Case c : {Case{16, 2, 256, 4095, 2048, true}, Case{8, 2, 128, 700, 301, false},
+                       Case{4, 1, 64, 37, 96, true}}) {
+    const int64_t kvw = c.nkv * c.d, n = c.pos0 + 1, K = c.nh * c.d;
+    auto q = random_vec(K, 130), gate = random_vec(K, 131);
+    auto kh = round_bf16(random_vec(n * kvw, 132)), vh = round_bf16(random_vec(n * kvw, 133));
+    Dev<uint16_t> dk(to_bf16(kh)), dv(to_bf16(vh));
+    LayerStateDev ls{dk.p, dv.p, nullptr, nullptr};
+    Dev<LayerStateDev> dls(std::vector<LayerStateDev>{ls});
+    Dev<StepDev> dstep(std::vector<StepDev>{StepDev{c.pos0, dls.p}});
+    Dev<float> dq(q), dgate(gate), out_ref(K), out(K);
+    auto wv = random_vec(static_cast<size_t>(c.H * K), 134, 0.05f), y0 = random_vec(c.H, 135);
+    Dev<uint16_t> wb(to_bf16(wv));
+    std::vector<int8_t> w8(wv.size());
+    std::vector<float> sc(c.H);
+    for (int64_t r = 0; r < c.H; ++r) {
+      float m = 0.f;
+      for (int64_t j = 0; j < K; ++j) m = std::max(m, std::abs(wv[r * K + j]));
+      sc[r] = m > 0 ? m / 127.f : 1.f;
+      for (int64_t j = 0; j < K; ++j)
+        w8[r * K + j] = static_cast<int8_t>(std::lround(wv[r * K + j] / sc[r]));
+    }
+    Dev<int8_t> wq(w8);
+    Dev<float> dsc(sc);
+    Dev<unsigned> sync(2);
+    for (const DevMatrix W : {DevMatrix{wb.p, nullptr, WFormat::kBF16, c.H, K},
+                              DevMatrix{wq.p, dsc.p, WFormat::kI8, c.H, K}})
+      for (int splits : {1, 3, attention_max_splits(1, c.nkv, 132)})
+        for (bool tc : {true, false}) {
+          const std::string what = "nh=" + std::to_string(c.nh) + " d=" + std::to_string(c.d) +
+                                   " splits=" + std::to_string(splits) +
+                                   " tc=" + std::to_string(tc) +
+                                   " i8=" + std::to_string(W.format == WFormat::kI8);
+          AttentionArgs a;
+          a.q = dq.p;
+          a.gate = c.gated ? dgate.p : nullptr;
+          a.step = dstep.p;
+          a.T = 1;
+          a.nh = c.nh;
+          a.nkv = c.nkv;
+          a.d = c.d;
+          a.scale = 1.0f / std::sqrt(static_cast<float>(c.d));
+          a.max_splits = splits;
+          a.tensor_cores = tc;
+          Dev<float> part(attention_workspace_floats(1, c.nh, c.d, splits));
+          a.partial = part.p;
+          a.out = out_ref.p;
+          Dev<float> y_ref(y0);
+          attention(a, nullptr);
+          gemv(W, out_ref.p, K, y_ref.p, c.H, 1, true, nullptr);
+          const auto want_out = out_ref.get(), want_y = y_ref.get();
+          a.out = out.p;
+          for (int rep = 0; rep < 2; ++rep) {
+            Dev<float> y(y0);
+            ASSERT_TRUE(attention_out_proj(a, W, y.p, true, sync.p, nullptr)) << what;
+            EXPECT_EQ(max_abs_diff(out.get(), want_out), 0.f) << what << " rep " << rep;
+            EXPECT_EQ(max_abs_diff(y.get(), want_y), 0.f) << what << " rep " << rep;
+            const auto cnt = sync.get();
+            EXPECT_EQ(cnt[0] + cnt[1], 0u) << what << " rep " << rep;
+          }
+          EXPECT_EQ(cudaGetLastError(), cudaSuccess) << what;
+        }
+    AttentionArgs two;  // two tokens: not this path; nothing launched, y untouched
+    two.T = 2;
+    two.nh = c.nh;
+    two.d = c.d;
+    Dev<float> y(y0);
+    EXPECT_FALSE(attention_out_proj(two, DevMatrix{wb.p, nullptr, WFormat::kBF16, c.H, K}, y.p,
+                                    true, sync.p, nullptr));
+    EXPECT_EQ(max_abs_diff(y.get(), y0), 0.f);
+  }
+}
+
 /// Note [Delta rule in out_proj]: the delta rule as the prologue of out_proj's GEMV equals
 /// delta_rule then gemv_gated_norm, for the output row added into y and for the recurrent state,
 /// over several steps in a row (the counters must come back to zero after each launch), with q
@@ -999,6 +1083,8 @@ TEST(CudaOps, FusedDecodeKernelsMatchUnfused) {
 /// nothing and leave y and the state alone.
 TEST(CudaOps, DeltaRuleInOutProjMatchesSeparateKernels) {
   REQUIRE_GPU();
+  if (const char* e = std::getenv("TIDAL_GEMV_STREAM"); e && std::string(e) == "0")
+    GTEST_SKIP() << "TIDAL_GEMV_STREAM=0 turns the streaming GEMV, and so this path, off";
   struct Case {
     int64_t nk, nv, dk, dv, H;
     WFormat fmt;
