@@ -212,8 +212,8 @@ struct CudaModel::Impl {
   size_t wscratch_elems = 0;
   int64_t logits_rows = 1;
   kc::StepDev* d_step = nullptr;
-  /// Two counters per layer for gemv_delta_gated_norm (Note [Delta rule in out_proj]), zeroed
-  /// when allocated; each launch leaves them zero.
+  /// Two counters per layer (gemv_route uses the first: Note [Router in the MoE in-projection]),
+  /// zeroed when allocated; each launch leaves them zero.
   unsigned* d_sync = nullptr;
   /// The workspaces for chunks of T tokens: total bytes, each pointer's share, and the sizes
   /// that depend on T (Note [Measuring the stream threshold] re-plans them for streaming).
@@ -1971,17 +1971,6 @@ void CudaModel::Impl::enqueue_attention(const GpuLayer& L, int layer, int64_t T)
       kc::attn_prep(p, stream);
   }
   if (!a.fused_prep) mark("attn: norms, rope, cache write");
-  if (nseq == 1 && Tr == 1 && fused && opts.attention_in_o_proj) {
-    a.q = qb;
-    a.gate = gated ? gate : nullptr;
-    a.out = ao;
-    a.step = d_step;
-    if (kc::attention_out_proj(a, L.o, x, true, d_sync + 2 * layer, stream)) {
-      pend(nullptr);
-      mark("attn: attention + combine + o_proj");
-      return;
-    }
-  }
   for (int64_t r = 0; r < nseq; ++r) {
     a.q = qb + r * nh * d;
     a.gate = gated ? gate + r * nh * d : nullptr;
@@ -2057,30 +2046,6 @@ void CudaModel::Impl::enqueue_deltanet(const GpuLayer& L, int layer, int64_t T) 
                  stream);
     mark("gdn: l2norm, beta, g");
   }
-  // One-token fused decode: the delta rule as the prologue of out_proj's GEMV (Note [Delta rule
-  // in out_proj]).
-  if (T == 1 && !batched && fused && opts.deltanet_in_out_proj) {
-    kc::DeltaPrologue dp;
-    dp.q = dq;
-    dp.k = dk_;
-    dp.v = dvv;
-    dp.g = dg;
-    dp.beta = dbeta;
-    dp.step = d_step;
-    dp.layer = layer;
-    dp.nk = nk;
-    dp.nv = nv;
-    dp.dk = dk;
-    dp.dv = dv;
-    dp.l2norm_qk = conv_done;
-    dp.out = go;
-    dp.sync = d_sync + 2 * layer;
-    if (kc::gemv_delta_gated_norm(L.out, dp, z, L.gnorm, eps, x, true, stream)) {
-      pend(nullptr);
-      mark("gdn: delta rule + gated norm + out_proj");
-      return;
-    }
-  }
   // One-token decode: the delta rule in column blocks (4x the blocks of one per value head) and
   // its gated output norm applied by out_proj's streaming GEMV while it stages its input row.
   if (T == 1 && !batched && opts.deltanet_split) {
@@ -2117,8 +2082,27 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
   const auto& c = cfg;
   const int64_t H = c.hidden_size;
   const int64_t W = L.mlp_in.rows;
-  linear(L.mlp_in, xn, H, proj, W, T);
-  mark("mlp: in-proj [router|shared]");
+  const int64_t k = c.num_experts_per_tok;
+  // One-token decode: the router's top-k by the in-projection's last block (Note [Router in the
+  // MoE in-projection]).
+  bool routed_in_gemv = false;
+  if (L.is_moe && T == 1 && !batched && opts.route_in_gemv) {
+    kc::RouteTail rt;
+    rt.E = c.num_experts;
+    rt.k = k;
+    rt.renorm = c.norm_topk_prob;
+    rt.ids = rids;
+    rt.weights = rw;
+    rt.sync = d_sync + 2 * layer;
+    const bool pending = norm_pending != nullptr;
+    routed_in_gemv =
+        kc::gemv_route(L.mlp_in, pending ? x : xn, norm_pending, static_cast<float>(c.rms_norm_eps),
+                       c.is_hybrid(), proj, rt, stream);
+    if (routed_in_gemv) norm_pending = nullptr;
+  }
+  if (!routed_in_gemv) linear(L.mlp_in, xn, H, proj, W, T);
+  mark(routed_in_gemv ? "mlp: in-proj [router|shared] + router top-k"
+                      : "mlp: in-proj [router|shared]");
   // SwiGLU: down(silu(gate) ⊙ up), the product fused into the GEMV for decode.
   auto swiglu_down = [&](const float* gu, int64_t I, float* dst) {
     if (fused) {  // x += [sigmoid(gate) ·] down(silu(g) ⊙ u)
@@ -2139,9 +2123,10 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
     pend(fused ? nullptr : y);
     return;
   }
-  const int64_t k = c.num_experts_per_tok;
-  if (fused && !experts && opts.side_route) {  // nothing on this stream reads the ids: route
-                                               // beside the shared expert
+  if (routed_in_gemv) {
+    // the ids and weights are written
+  } else if (fused && !experts && opts.side_route) {  // nothing on this stream reads the ids: route
+                                                      // beside the shared expert
     cuda_check(cudaEventRecord(ev_fork, stream), "event record");
     cuda_check(cudaStreamWaitEvent(side, ev_fork), "stream wait");
     kc::moe_route(proj, W, T, E, k, c.norm_topk_prob, rids, rw, side);
@@ -2704,9 +2689,7 @@ std::string CudaModel::decode_kernels() const {
       "attention on {}, programmatic launch {}, fused norms {}, DeltaNet {}, router {}",
       tc ? "tensor cores" : "CUDA cores", kc::pdl_enabled() ? "on" : "off",
       m.opts.fuse_decode ? "on" : "off",
-      m.opts.deltanet_in_out_proj ? "in out_proj's GEMV"
-      : m.opts.deltanet_split     ? "split (norm in out_proj)"
-                                  : "block per head",
+      m.opts.deltanet_split ? "split (norm in out_proj)" : "block per head",
       m.opts.side_route ? "on a side stream" : "in line");
 }
 

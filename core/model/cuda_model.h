@@ -55,15 +55,10 @@ struct CudaOptions {
   /// norm inside (false). Both measured the same decode step on an H100 (docs/performance.md), so
   /// the simpler one is the default; TIDAL_CUDA_GDN_SPLIT=1 selects the other.
   bool deltanet_split = env_flag("TIDAL_CUDA_GDN_SPLIT", false);
-  /// One-token fused DeltaNet decode: the delta rule run by the first blocks of out_proj's
-  /// streaming GEMV, the other blocks waiting for it inside the kernel (Note [Delta rule in
-  /// out_proj] in kernels/cuda/ops.cu): one launch less per DeltaNet layer. Falls back to the
-  /// separate kernels where the shape or device does not take it. TIDAL_CUDA_GDN_OUT.
-  bool deltanet_in_out_proj = env_flag("TIDAL_CUDA_GDN_OUT", false);
-  /// One-token fused decode: the merge of the attention's splits run by the first blocks of
-  /// o_proj's streaming GEMV (Note [Attention combine in o_proj] in kernels/cuda/ops.cu): one
-  /// launch less per attention layer. TIDAL_CUDA_ATTN_OUT.
-  bool attention_in_o_proj = env_flag("TIDAL_CUDA_ATTN_OUT", false);
+  /// One-token decode: the router's top-k run by the MoE in-projection's streaming GEMV (its last
+  /// block; Note [Router in the MoE in-projection] in kernels/cuda/ops.cu) instead of a kernel of
+  /// its own (or a side stream). TIDAL_CUDA_ROUTE_IN_GEMV.
+  bool route_in_gemv = env_flag("TIDAL_CUDA_ROUTE_IN_GEMV", false);
   /// Fused GPU-only decode: the router's top-k on a side stream beside the shared expert (true)
   /// or in line on the main stream. TIDAL_CUDA_SIDE_ROUTE.
   bool side_route = env_flag("TIDAL_CUDA_SIDE_ROUTE", true);

@@ -220,9 +220,8 @@ constexpr int kGemvWarps = 8;  // warps per block
 /// per warp (32 registers a thread).
 constexpr int kGemvPrefetch = 8;
 
-/// What merging a decode attention's splits takes (attention_combine_kernel, and the prologue of
-/// o_proj's GEMV: Note [Attention combine in o_proj]). The output gate of head h, token t is
-/// gate_src[(t·nh + h)·gate_stride + gate_off + dim] where gate_src is set.
+/// What merging a decode attention's splits takes (attention_combine_kernel). The output gate of
+/// head h, token t is gate_src[(t·nh + h)·gate_stride + gate_off + dim] where gate_src is set.
 struct CombinePrologue {
   const float* partial = nullptr;
   const StepDev* step = nullptr;
@@ -232,7 +231,6 @@ struct CombinePrologue {
   int64_t nh = 0, d = 0;
   int splits = 1;
   int64_t min_keys = 0;
-  unsigned* sync = nullptr;
 };
 
 /// What a GEMV launch takes (ops.h `gemv`, `gemv_rms_norm`).
@@ -252,12 +250,8 @@ struct GemvParams {
   int wpr = 1;
   int64_t group = 0;    ///< kGroupNormGated: values per RMS-normalised group (a value head)
   GdnConvEpilogue gdn;  ///< gemv_stream_kernel<..., true>: the DeltaNet decode epilogue
-  DeltaPrologue delta;  ///< gemv_stream_kernel<..., kProDelta>: Note [Delta rule in out_proj]
-  CombinePrologue
-      comb;  ///< gemv_stream_kernel<..., kProCombine>: Note [Attention combine in o_proj]
+  RouteTail route;  ///< gemv_stream_kernel<..., RT = true>: Note [Router in the MoE in-projection]
 };
-/// What the first blocks of a streaming GEMV do before the GEMV (the others wait for them).
-constexpr int kProNone = 0, kProDelta = 1, kProCombine = 2;
 /// How the GEMV forms its input vector from x.
 enum class GemvIn { kPlain, kGated, kNormed, kGroupNormGated };
 
@@ -432,11 +426,8 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
 /// Stages the GEMV's input row (K floats; K % 4 == 0 and 16-byte aligned, checked by the
 /// launchers) in shared memory `xs`, transformed as IN says; every thread of the block calls it
 /// (block-wide syncs). Returns the factor the row results take (the RMSNorm's rsqrt for kNormed).
-template <GemvIn IN, bool CG = false>
+template <GemvIn IN>
 __device__ float stage_row(const GemvParams& p, float* xs, int64_t K, int warp, int lane) {
-  // CG: x was written by other blocks of this kernel (Note [Delta rule in out_proj]): read it
-  // from L2, never from a line this SM's L1 may hold from an earlier layer.
-  auto xat = [&](int64_t j) { return CG ? __ldcg(p.x + j) : p.x[j]; };
   const float nw0 = p.zero_centred ? 1.0f : 0.0f;
   float ss = 0.f;
   __shared__ float ginv[kStreamMaxGroups];  // kGroupNormGated: rsqrt(mean square) per group
@@ -447,15 +438,14 @@ __device__ float stage_row(const GemvParams& p, float* xs, int64_t K, int warp, 
     const int64_t G = p.group;
     for (int64_t gi = warp; gi < K / G; gi += kStreamWarps) {
       float s2 = 0.f;
-      for (int64_t j = lane; j < G; j += kWarp) s2 = fmaf(xat(gi * G + j), xat(gi * G + j), s2);
+      for (int64_t j = lane; j < G; j += kWarp) s2 = fmaf(p.x[gi * G + j], p.x[gi * G + j], s2);
       s2 = warp_sum(s2);
       if (lane == 0) ginv[gi] = rsqrtf(s2 / static_cast<float>(G) + p.eps);
     }
     __syncthreads();
   }
   for (int64_t j = threadIdx.x * 4; j < K; j += blockDim.x * 4) {
-    float4 v = CG ? __ldcg(reinterpret_cast<const float4*>(p.x + j))
-                  : *reinterpret_cast<const float4*>(p.x + j);
+    float4 v = *reinterpret_cast<const float4*>(p.x + j);
     if constexpr (IN == GemvIn::kGroupNormGated) {  // w · (o · inv) · silu(z), as rms_norm_gated
       const float4 z = *reinterpret_cast<const float4*>(p.xu + j);
       const float4 g = *reinterpret_cast<const float4*>(p.norm_w + j % p.group);
@@ -547,8 +537,13 @@ __device__ void combine_block(const CombinePrologue& a, int64_t t, int64_t h, in
   const int64_t base = (t * a.nh + h) * splits;
   int64_t chunk, used;
   split_plan(a.step->pos0 + t + 1, splits, a.min_keys, chunk, used);
-  float mx = -INFINITY;
-  for (int64_t s = threadIdx.x; s < used; s += blockDim.x) mx = fmaxf(mx, pm[base + s]);
+  // The thread's first split's m and l in one round trip (the sums below are unchanged).
+  const bool has0 = threadIdx.x < used;
+  const float m0 = has0 ? pm[base + threadIdx.x] : -INFINITY;
+  const float l0 = has0 ? pl[base + threadIdx.x] : 0.f;
+  float mx = fmaxf(-INFINITY, m0);
+  for (int64_t s = threadIdx.x + blockDim.x; s < used; s += blockDim.x)
+    mx = fmaxf(mx, pm[base + s]);
   mx = warp_max(mx);
   if (lane == 0) red[wid][0] = mx;
   __syncthreads();
@@ -561,15 +556,26 @@ __device__ void combine_block(const CombinePrologue& a, int64_t t, int64_t h, in
   const float M = stat[0];
   float lsum = 0.f;
   for (int64_t s = threadIdx.x; s < used; s += blockDim.x) {
-    const float w = expf(pm[base + s] - M);
+    const bool first = s == threadIdx.x;
+    const float w = expf((first ? m0 : pm[base + s]) - M);
     wts[s] = w;
-    lsum += w * pl[base + s];
+    lsum += w * (first ? l0 : pl[base + s]);
   }
   lsum = block_sum(lsum);  // synchronises, so wts is visible below
   const int64_t dim = zs * kWarp + lane;
   float acc = 0.f;
-  if (dim < d)
-    for (int64_t s = wid; s < used; s += nw) acc += wts[s] * po[(base + s) * d + dim];
+  if (dim < d) {  // four splits' loads in flight at a time, added in split order as before
+    int64_t s = wid;
+    for (; s + 3 * nw < used; s += 4 * nw) {
+      const float p0 = po[(base + s) * d + dim], p1 = po[(base + s + nw) * d + dim],
+                  p2 = po[(base + s + 2 * nw) * d + dim], p3 = po[(base + s + 3 * nw) * d + dim];
+      acc += wts[s] * p0;
+      acc += wts[s + nw] * p1;
+      acc += wts[s + 2 * nw] * p2;
+      acc += wts[s + 3 * nw] * p3;
+    }
+    for (; s < used; s += nw) acc += wts[s] * po[(base + s) * d + dim];
+  }
   red[wid][lane] = acc;
   __syncthreads();
   if (wid == 0 && dim < d) {
@@ -582,85 +588,83 @@ __device__ void combine_block(const CombinePrologue& a, int64_t t, int64_t h, in
   __syncthreads();  // red and stat are read before a later call's writes; out stores issued
 }
 
-// Note [Delta rule in out_proj]
-// A DeltaNet decode layer ran the delta rule (a latency-bound kernel of 32 blocks) between its
-// in-projection and out_proj, so the step paid one more kernel boundary per layer: the delta
-// rule's grid draining, then out_proj's release. Here out_proj's streaming GEMV carries the delta
-// rule as a prologue. Blocks b < nv · d_v / 32 each own 32 value columns of one head: 256 threads,
-// thread (column, row group of 8) holding 16 rows of its state column in registers, loaded before
-// the dependency wait like the weights (only this layer's delta rule writes the state, never as
-// the kernel just before: Note [programmatic dependent launch]). After the wait each runs the
-// token's step exactly as delta_rule_kernel does (same arithmetic and order up to the 8-way row
-// split), writes its columns of the output row and the state, and adds 1 to sync[0] after a
-// fence. Every block then waits (thread 0 spinning on an acquire load) until sync[0] counts all
-// prologue blocks, stages the gated norm of the output row from L2 and runs the GEMV with the
-// weight segments it loaded before the wait. The last block past the spin (sync[1]) zeroes both
-// counters for the next launch; every block has passed by then, and the next launch that reads
-// them starts after this grid has completed.
-// Spinning needs every block resident at once: the launcher takes this path only when the grid
-// (at least the prologue's blocks) fits one wave of the kernel's occupancy on the device; blocks
-// of the kernel before it drain (they wait on nothing of this one), and the kernel after it cannot
-// start before every block here has passed the trigger.
-constexpr int kDrRows = 16;  // state rows per thread: d_k = 128 in row groups of 8
-constexpr int kDrCols = 32;  // value columns per prologue block
-
-__device__ __forceinline__ unsigned ld_acquire_gpu(const unsigned* p) {
-  unsigned v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-/// The one-token delta rule for prologue block `blk` (Note [Delta rule in out_proj]); `st` holds
-/// the thread's 16 state rows, `qk` 2·d_k floats of shared memory. Block-wide syncs.
-__device__ void delta_prologue_step(const DeltaPrologue& d, int blk, float (&st)[kDrRows],
-                                    float* qk, float* S) {
-  __shared__ float qkf[2];
-  const int tid = threadIdx.x, lane = tid % kWarp, wid = tid / kWarp;
-  const int ncb = static_cast<int>(d.dv / kDrCols), h = blk / ncb;
-  const int col = (blk % ncb) * kDrCols + tid / 8, rg = tid % 8;
-  const int64_t dk = d.dk, kh = h / (d.nv / d.nk);
-  for (int64_t i = tid; i < 2 * dk; i += blockDim.x)
-    qk[i] = i < dk ? d.q[kh * dk + i] : d.k[kh * dk + (i - dk)];
-  __syncthreads();
-  float fq = 1.f, fk = 1.f;
-  if (d.l2norm_qk) {  // as delta_rule_kernel: warp 0 for q (with 1/sqrt(d_k)), warp 1 for k
-    if (wid < 2) {
-      float ss = 0.f;
-      for (int64_t i = lane; i < dk; i += kWarp) ss = fmaf(qk[wid * dk + i], qk[wid * dk + i], ss);
-      ss = warp_sum(ss);
-      if (lane == 0)
-        qkf[wid] = (1.0f / sqrtf(ss + 1e-6f)) * (wid == 0 ? rsqrtf(static_cast<float>(dk)) : 1.0f);
+/// The router for one token's logits l[0, E) by one warp: softmax, top-k (ties to the lower id),
+/// renormalised when `renorm`; ids / weights get k entries. `CG`: the logits were written by other
+/// blocks of the running kernel, so they are read from L2 (Note [Router in the MoE
+/// in-projection]).
+template <int kMaxPer, bool CG = false>
+__device__ void route_row(const float* l, int64_t E, int64_t k, bool renorm, int32_t* ids,
+                          float* weights) {
+  const int lane = threadIdx.x % kWarp;
+  float p[kMaxPer];
+  float mx = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < kMaxPer; ++i) {
+    const int64_t e = lane + i * kWarp;
+    p[i] = e < E ? (CG ? __ldcg(l + e) : l[e]) : -INFINITY;
+    mx = fmaxf(mx, p[i]);
+  }
+  mx = warp_max(mx);
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < kMaxPer; ++i) {
+    const int64_t e = lane + i * kWarp;
+    p[i] = e < E ? expf(p[i] - mx) : 0.f;
+    sum += p[i];
+  }
+  sum = warp_sum(sum);
+  const float inv = 1.0f / sum;
+#pragma unroll
+  for (int i = 0; i < kMaxPer; ++i) p[i] *= inv;
+  float top_sum = 0.f, my_w = 0.f;
+  int my_id = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    float best = -1.f;
+    int best_e = 0x7fffffff;
+#pragma unroll
+    for (int i = 0; i < kMaxPer; ++i) {
+      const int e = lane + i * kWarp;
+      if (e < E && (p[i] > best || (p[i] == best && e < best_e))) {
+        best = p[i];
+        best_e = e;
+      }
     }
-    __syncthreads();
-    fq = qkf[0];
-    fk = qkf[1];
-  }
-  const float decay = expf(d.g[h]);
-  const float bt = d.beta[h];
-  const float* kk = qk + dk + rg * kDrRows;
-  const float* qq = qk + rg * kDrRows;
-  float mem = 0.f;
 #pragma unroll
-  for (int i = 0; i < kDrRows; ++i) {
-    st[i] *= decay;
-    mem = fmaf(st[i], kk[i], mem);
-  }
-  for (int off = 1; off < 8; off <<= 1) mem += __shfl_xor_sync(0xffffffffu, mem, off);
-  const float delta = bt * (d.v[h * d.dv + col] - mem * fk) * fk;
-  float o = 0.f;
+    for (int off = 16; off > 0; off >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best, off);
+      const int oe = __shfl_xor_sync(0xffffffffu, best_e, off);
+      if (ob > best || (ob == best && oe < best_e)) {
+        best = ob;
+        best_e = oe;
+      }
+    }
 #pragma unroll
-  for (int i = 0; i < kDrRows; ++i) {
-    st[i] = fmaf(kk[i], delta, st[i]);
-    o = fmaf(st[i], qq[i], o);
+    for (int i = 0; i < kMaxPer; ++i)  // mark taken (static indices: p stays in registers)
+      if (lane + i * kWarp == best_e) p[i] = -2.f;
+    if (lane == j) {
+      my_id = best_e;
+      my_w = best;
+    }
+    top_sum += best;
   }
-  for (int off = 1; off < 8; off <<= 1) o += __shfl_xor_sync(0xffffffffu, o, off);
-  if (rg == 0) d.out[h * d.dv + col] = o * fq;
-#pragma unroll
-  for (int i = 0; i < kDrRows; ++i) S[(rg * kDrRows + i) * d.dv + col] = st[i];
-  __syncthreads();  // every thread's writes issued (and qk free) before the block signals
+  if (lane < k) {
+    ids[lane] = my_id;
+    weights[lane] = renorm ? my_w / top_sum : my_w;
+  }
 }
 
-template <WFormat F, GemvIn IN, bool GDN, int PRO = kProNone>
+// Note [Router in the MoE in-projection]
+// A MoE layer's in-projection produces the router logits (its first E rows) beside the shared
+// expert's gate and up rows, and the router's top-k ran as a kernel of its own after it: one more
+// launch boundary per layer on the decode chain, or, on a side stream beside the shared expert, a
+// fork and a join that the next layer's projection waited on without programmatic launch (kernel
+// stamps put that join at ~9 µs per layer on an H100, docs/performance.md). Here the block of the
+// in-projection's streaming GEMV that finishes last runs the top-k: every block, once its rows are
+// stored, fences and counts itself in (route.sync); the block that brings the count to the grid
+// size fences again, reads the logits from L2 and routes with one warp, then zeroes the counter
+// (the next launch that uses it starts after this grid has completed). No block waits for another,
+// so nothing needs the grid resident at once. The arithmetic is moe_route_kernel's (route_row).
+template <WFormat F, GemvIn IN, bool GDN, bool RT = false>
 __global__ void __launch_bounds__(kStreamWarps* kWarp) gemv_stream_kernel(const GemvParams p) {
   constexpr int E = Chunk<F>::E;
   extern __shared__ float4 xs4[];  // the input row, K floats (transformed)
@@ -705,48 +709,8 @@ __global__ void __launch_bounds__(kStreamWarps* kWarp) gemv_stream_kernel(const 
   uint4 a[kSeg], b[kSeg];
   if (items > 0) load(a, epa, 0);
   if (items > 1) load(b, epb, 1);
-  // Prologues: Note [Delta rule in out_proj], Note [Attention combine in o_proj].
-  constexpr bool DR = PRO == kProDelta;
-  float dst[DR ? kDrRows : 1];
-  float* dS = nullptr;
-  unsigned* sync = PRO == kProDelta ? p.delta.sync : p.comb.sync;
-  const int nz = static_cast<int>((p.comb.d + kWarp - 1) / kWarp);  // kProCombine: dim slices
-  const int dblocks = PRO == kProDelta     ? static_cast<int>(p.delta.nv * (p.delta.dv / kDrCols))
-                      : PRO == kProCombine ? static_cast<int>(p.comb.nh) * nz
-                                           : 0;
-  if constexpr (DR) {
-    if (static_cast<int>(blockIdx.x) < dblocks) {
-      const DeltaPrologue& d = p.delta;
-      const int ncb = static_cast<int>(d.dv / kDrCols), h = static_cast<int>(blockIdx.x) / ncb;
-      const int col = (static_cast<int>(blockIdx.x) % ncb) * kDrCols + threadIdx.x / 8;
-      const int rg = threadIdx.x % 8;
-      dS = d.step->layers[d.layer].recurrent + static_cast<int64_t>(h) * d.dk * d.dv;
-#pragma unroll
-      for (int i = 0; i < kDrRows; ++i) dst[i] = dS[(rg * kDrRows + i) * d.dv + col];
-    }
-  }
   pdl_begin(__func__);
-  if constexpr (PRO != kProNone) {
-    if (static_cast<int>(blockIdx.x) < dblocks) {
-      if constexpr (DR)
-        delta_prologue_step(p.delta, static_cast<int>(blockIdx.x), dst, xs, dS);
-      else
-        combine_block(p.comb, 0, blockIdx.x / nz, blockIdx.x % nz, 1);
-      if (threadIdx.x == 0) {
-        __threadfence();
-        atomicAdd(sync, 1u);
-      }
-    }
-    if (threadIdx.x == 0) {
-      while (ld_acquire_gpu(sync) < static_cast<unsigned>(dblocks)) __nanosleep(32);
-      if (atomicAdd(sync + 1, 1u) == gridDim.x - 1) {  // the last block past the spin
-        sync[0] = 0;
-        sync[1] = 0;
-      }
-    }
-    __syncthreads();
-  }
-  const float inv = stage_row<IN, PRO != kProNone>(p, xs, K, warp, lane);
+  const float inv = stage_row<IN>(p, xs, K, warp, lane);
   const float gate = p.out_gate ? sigmoidf_(p.out_gate[0]) : 1.0f;
   float acc = 0.f;
   auto fma_seg = [&](const uint4(&buf)[kSeg], int64_t t) {
@@ -811,6 +775,29 @@ __global__ void __launch_bounds__(kStreamWarps* kWarp) gemv_stream_kernel(const 
       if (t + 3 < items) load(b, epb, t + 3);
     }
   }
+  if constexpr (RT) {  // Note [Router in the MoE in-projection]
+    __shared__ bool last;
+    __threadfence();  // this thread's row stores, before the block counts itself in
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(p.route.sync, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (last) {
+      __threadfence();
+      const RouteTail& r = p.route;
+      if (warp == 0) {
+        const int64_t per = (r.E + kWarp - 1) / kWarp;
+        if (per <= 4)
+          route_row<4, true>(p.y, r.E, r.k, r.renorm, r.ids, r.weights);
+        else if (per <= 8)
+          route_row<8, true>(p.y, r.E, r.k, r.renorm, r.ids, r.weights);
+        else if (per <= 16)
+          route_row<16, true>(p.y, r.E, r.k, r.renorm, r.ids, r.weights);
+        else
+          route_row<32, true>(p.y, r.E, r.k, r.renorm, r.ids, r.weights);
+      }
+      if (threadIdx.x == 0) *r.sync = 0;
+    }
+  }
 }
 
 /// TIDAL_GEMV_STREAM=0: the block-per-rows kernel for every shape.
@@ -843,13 +830,11 @@ int device_sm_count() {
   return n;
 }
 
-/// Launches gemv_stream_kernel<F, IN, GDN, PRO>: one wave of `bps` resident blocks per SM, bps =
-/// TIDAL_GEMV_BPS (1-8) or the occupancy limit. `min_blocks`: at least that many blocks, all of
-/// them resident at once (Note [Delta rule in out_proj]); false, launching nothing, where one
-/// wave holds fewer.
-template <WFormat F, GemvIn IN, bool GDN = false, int PRO = kProNone>
-bool stream_launch(const GemvParams& p, size_t smem, cudaStream_t s, int64_t min_blocks = 0) {
-  void (*k)(GemvParams) = gemv_stream_kernel<F, IN, GDN, PRO>;
+/// Launches gemv_stream_kernel<F, IN, GDN, RT>: one wave of `bps` resident blocks per SM, bps =
+/// TIDAL_GEMV_BPS (1-8) or the occupancy limit.
+template <WFormat F, GemvIn IN, bool GDN = false, bool RT = false>
+void stream_launch(const GemvParams& p, size_t smem, cudaStream_t s) {
+  void (*k)(GemvParams) = gemv_stream_kernel<F, IN, GDN, RT>;
   int bps = forced_blocks_per_sm();
   if (bps == 0) {
     static std::atomic<long> cached{-1};  // (smem << 8) | blocks of the last query
@@ -868,11 +853,9 @@ bool stream_launch(const GemvParams& p, size_t smem, cudaStream_t s, int64_t min
     }
   }
   const int64_t want = (p.w.rows + kStreamWarps - 1) / kStreamWarps;
-  const int64_t wave = static_cast<int64_t>(device_sm_count()) * bps;
-  if (min_blocks > wave) return false;
-  const dim3 grid(static_cast<unsigned>(std::max(min_blocks, std::min<int64_t>(want, wave))));
+  const dim3 grid(static_cast<unsigned>(
+      std::min<int64_t>(want, static_cast<int64_t>(device_sm_count()) * bps)));
   launch(k, grid, kStreamWarps * kWarp, smem, s, p);
-  return true;
 }
 
 /// Launches the streaming GEMV (one input row) when the shape suits it; false otherwise. With
@@ -2514,6 +2497,18 @@ __global__ void delta_rule_kernel(const float* __restrict__ q, const float* __re
   for (int i = 0; i < RPT; ++i) st[i] = S[(rg * RPT + i) * dv + col];
   pdl_begin(__func__);
   for (int64_t t = 0; t < T; ++t) {
+    // The token's v, g, β (and z, the norm weight) requested with q and k, before the barrier:
+    // one round trip to L2 for all of them instead of one per barrier-separated use.
+    const float vt = v[(t * nv + h) * dv + col];
+    const float gt = g[t * nv + h];
+    const float bt = beta[t * nv + h];
+    float zt = 0.f, nwt = 0.f;
+    if constexpr (NORM) {
+      if (rg == 0) {
+        zt = z[t * ld_z + h * dv + col];
+        nwt = nw[col];
+      }
+    }
     for (int64_t i = threadIdx.x; i < 2 * dk; i += blockDim.x)
       qk[i] = i < dk ? q[(t * nk + kh) * dk + i] : k[(t * nk + kh) * dk + (i - dk)];
     __syncthreads();
@@ -2545,8 +2540,7 @@ __global__ void delta_rule_kernel(const float* __restrict__ q, const float* __re
       fq = qkf[0];
       fk = qkf[1];
     }
-    const float decay = expf(g[t * nv + h]);
-    const float bt = beta[t * nv + h];
+    const float decay = expf(gt);
     const float* kk = qk + dk + rg * RPT;
     const float* qq = qk + rg * RPT;
     float mem = 0.f;
@@ -2556,7 +2550,7 @@ __global__ void delta_rule_kernel(const float* __restrict__ q, const float* __re
       mem = fmaf(st[i], kk[i], mem);
     }
     for (int off = 1; off < RG; off <<= 1) mem += __shfl_xor_sync(0xffffffffu, mem, off);
-    const float delta = bt * (v[(t * nv + h) * dv + col] - mem * fk) * fk;
+    const float delta = bt * (vt - mem * fk) * fk;
     float o = 0.f;
 #pragma unroll
     for (int i = 0; i < RPT; ++i) {
@@ -2568,8 +2562,7 @@ __global__ void delta_rule_kernel(const float* __restrict__ q, const float* __re
     if constexpr (NORM) {  // the block holds the whole head: y = w · rms_norm(o) · silu(z)
       const float ss = block_sum(rg == 0 ? o * o : 0.f);
       const float inv = rsqrtf(ss / static_cast<float>(dv) + eps);
-      if (rg == 0)
-        out[(t * nv + h) * dv + col] = nw[col] * (o * inv) * siluf_(z[t * ld_z + h * dv + col]);
+      if (rg == 0) out[(t * nv + h) * dv + col] = nwt * (o * inv) * siluf_(zt);
     } else {
       if (rg == 0) out[(t * nv + h) * dv + col] = o;
     }
@@ -3182,65 +3175,9 @@ template <int kMaxPer>  // ceil(E / 32) rounded up to a power of two
 __global__ void moe_route_kernel(const float* logits, int64_t ld, int64_t T, int64_t E, int64_t k,
                                  bool renorm, int32_t* ids, float* weights) {
   pdl_begin(__func__);
-  const int lane = threadIdx.x % kWarp;
   const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x / kWarp) + threadIdx.x / kWarp;
   if (t >= T) return;
-  const float* l = logits + t * ld;
-  float p[kMaxPer];
-  float mx = -INFINITY;
-#pragma unroll
-  for (int i = 0; i < kMaxPer; ++i) {
-    const int64_t e = lane + i * kWarp;
-    p[i] = e < E ? l[e] : -INFINITY;
-    mx = fmaxf(mx, p[i]);
-  }
-  mx = warp_max(mx);
-  float sum = 0.f;
-#pragma unroll
-  for (int i = 0; i < kMaxPer; ++i) {
-    const int64_t e = lane + i * kWarp;
-    p[i] = e < E ? expf(p[i] - mx) : 0.f;
-    sum += p[i];
-  }
-  sum = warp_sum(sum);
-  const float inv = 1.0f / sum;
-#pragma unroll
-  for (int i = 0; i < kMaxPer; ++i) p[i] *= inv;
-  float top_sum = 0.f, my_w = 0.f;
-  int my_id = 0;
-  for (int64_t j = 0; j < k; ++j) {
-    float best = -1.f;
-    int best_e = 0x7fffffff;
-#pragma unroll
-    for (int i = 0; i < kMaxPer; ++i) {
-      const int e = lane + i * kWarp;
-      if (e < E && (p[i] > best || (p[i] == best && e < best_e))) {
-        best = p[i];
-        best_e = e;
-      }
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      const float ob = __shfl_xor_sync(0xffffffffu, best, off);
-      const int oe = __shfl_xor_sync(0xffffffffu, best_e, off);
-      if (ob > best || (ob == best && oe < best_e)) {
-        best = ob;
-        best_e = oe;
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kMaxPer; ++i)  // mark taken (static indices: p stays in registers)
-      if (lane + i * kWarp == best_e) p[i] = -2.f;
-    if (lane == j) {
-      my_id = best_e;
-      my_w = best;
-    }
-    top_sum += best;
-  }
-  if (lane < k) {
-    ids[t * k + lane] = my_id;
-    weights[t * k + lane] = renorm ? my_w / top_sum : my_w;
-  }
+  route_row<kMaxPer>(logits + t * ld, E, k, renorm, ids + t * k, weights + t * k);
 }
 
 __global__ void read_probe_kernel(const uint4* p, size_t n, unsigned* sink) {
@@ -3455,40 +3392,39 @@ bool gemv_gdn_in(const DevMatrix& w, const float* x, const float* norm_w, float 
   return gemv_stream_only(p, s);
 }
 
-bool gemv_delta_gated_norm(const DevMatrix& w, const DeltaPrologue& d, const float* z,
-                           const float* norm_w, float eps, float* y, bool accumulate,
-                           cudaStream_t s) {
-  if (w.rows == 0 || stream_off()) return false;
-  // The prologue's thread map: d_k = 128 (8 row groups of 16 rows), 32 columns per block.
-  if (d.dk != 8 * kDrRows || d.dv % kDrCols != 0 || d.nk <= 0 || d.nv % d.nk != 0 ||
-      w.cols != d.nv * d.dv || w.cols % 16 != 0 || w.cols < 2 * d.dk ||
-      w.cols / d.dv > kStreamMaxGroups || !d.sync || !d.step || !d.out)
+bool gemv_route(const DevMatrix& w, const float* x, const float* norm_w, float eps,
+                bool zero_centred, float* y, const RouteTail& r, cudaStream_t s) {
+  if (!r.sync || !r.ids || !r.weights || r.E < 1 || r.E > 1024 || r.k < 1 || r.k > r.E ||
+      r.k > kWarp || w.rows < r.E || w.cols == 0 || w.cols > kStreamMaxK || stream_off())
     return false;
   GemvParams p;
   p.w = w;
-  p.x = d.out;
-  p.xu = z;
-  p.norm_w = norm_w;
-  p.group = d.dv;
-  p.eps = eps;
+  p.x = x;
   p.y = y;
-  p.accumulate = accumulate;
-  p.delta = d;
-  const auto a16 = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
-  if (!a16(w.data) || !a16(d.out) || !a16(z) || !a16(norm_w)) return false;
+  p.norm_w = norm_w;
+  p.eps = eps;
+  p.zero_centred = zero_centred;
+  p.route = r;
+  p.vec = reinterpret_cast<uintptr_t>(w.data) % 16 == 0 &&
+          reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+          reinterpret_cast<uintptr_t>(norm_w) % 16 == 0 && w.cols % 16 == 0;
+  if (!p.vec) return false;
   const size_t smem = static_cast<size_t>(w.cols) * 4;
-  if (w.cols > kStreamMaxK) return false;
-  const int64_t blocks = d.nv * (d.dv / kDrCols);
+  auto go = [&](auto f) {
+    constexpr WFormat F = decltype(f)::value;
+    if (norm_w)
+      stream_launch<F, GemvIn::kNormed, false, true>(p, smem, s);
+    else
+      stream_launch<F, GemvIn::kPlain, false, true>(p, smem, s);
+    return true;
+  };
   switch (w.format) {
-    case WFormat::kBF16:
-      return stream_launch<WFormat::kBF16, GemvIn::kGroupNormGated, false, kProDelta>(p, smem, s,
-                                                                                      blocks);
-    case WFormat::kI8:
-      return stream_launch<WFormat::kI8, GemvIn::kGroupNormGated, false, kProDelta>(p, smem, s,
-                                                                                    blocks);
     case WFormat::kF32:
-      return stream_launch<WFormat::kF32, GemvIn::kGroupNormGated, false, kProDelta>(p, smem, s,
-                                                                                     blocks);
+      return go(std::integral_constant<WFormat, WFormat::kF32>{});
+    case WFormat::kBF16:
+      return go(std::integral_constant<WFormat, WFormat::kBF16>{});
+    case WFormat::kI8:
+      return go(std::integral_constant<WFormat, WFormat::kI8>{});
   }
   return false;
 }
@@ -3644,79 +3580,6 @@ void attention(const AttentionArgs& a, cudaStream_t s) {
   const dim3 cgrid(static_cast<unsigned>(a.T), static_cast<unsigned>(a.nh),
                    static_cast<unsigned>((a.d + kWarp - 1) / kWarp));
   launch(attention_combine_kernel, cgrid, 256, 0, s, b, splits, min_keys);
-}
-
-// Note [Attention combine in o_proj]
-// One-token decode attention ends in two launches: the split kernel, then the merge of its splits
-// (attention_combine_kernel, nh · d/32 blocks of little work each), whose output row o_proj's
-// GEMV then stages. As with the delta rule (Note [Delta rule in out_proj]), the merge becomes the
-// prologue of o_proj's streaming GEMV: block b < nh · ceil(d/32) merges head b / ceil(d/32),
-// dims of slice b % ceil(d/32) (combine_block, the merge kernel's own code), writes them and
-// signals; every block waits for all of them, stages the row from L2 and runs the GEMV with the
-// weight segments it loaded before the dependency wait. One launch boundary less per attention
-// layer. The same residency rule applies: all blocks in one wave, or the separate launches.
-bool attention_out_proj(const AttentionArgs& a, const DevMatrix& w, float* y, bool accumulate,
-                        unsigned* sync, cudaStream_t s) {
-  if (a.T != 1 || w.rows == 0 || !sync || stream_off() || !a.out) return false;
-  const int64_t K = a.nh * a.d, nz = (a.d + kWarp - 1) / kWarp;
-  if (w.cols != K || K % 16 != 0 || K > kStreamMaxK) return false;
-  if (reinterpret_cast<uintptr_t>(w.data) % 16 != 0 || reinterpret_cast<uintptr_t>(a.out) % 16 != 0)
-    return false;
-  // The prefill kernel (no splits) never runs for one token; the merge's blocks must fit one
-  // wave of the GEMV (checked before anything is launched).
-  int bps = forced_blocks_per_sm();
-  if (bps == 0) {
-    int n = 0;
-    void (*k)(GemvParams) = nullptr;
-    switch (w.format) {
-      case WFormat::kBF16:
-        k = gemv_stream_kernel<WFormat::kBF16, GemvIn::kPlain, false, kProCombine>;
-        break;
-      case WFormat::kI8:
-        k = gemv_stream_kernel<WFormat::kI8, GemvIn::kPlain, false, kProCombine>;
-        break;
-      case WFormat::kF32:
-        k = gemv_stream_kernel<WFormat::kF32, GemvIn::kPlain, false, kProCombine>;
-        break;
-    }
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k, kStreamWarps * kWarp,
-                                                      static_cast<size_t>(K) * 4) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return false;
-    }
-    bps = std::min(n, 8);
-  }
-  if (a.nh * nz > static_cast<int64_t>(device_sm_count()) * bps) return false;
-  AttentionArgs b;
-  int splits = 1;
-  int64_t min_keys = 0;
-  if (!attention_partials(a, s, b, splits, min_keys)) return false;  // (T = 1: not reached)
-  GemvParams p;
-  p.w = w;
-  p.x = a.out;
-  p.y = y;
-  p.accumulate = accumulate;
-  p.comb = combine_args(b, splits, min_keys);
-  p.comb.sync = sync;
-  const size_t smem = static_cast<size_t>(K) * 4;
-  bool ok = false;
-  switch (w.format) {
-    case WFormat::kBF16:
-      ok = stream_launch<WFormat::kBF16, GemvIn::kPlain, false, kProCombine>(p, smem, s, a.nh * nz);
-      break;
-    case WFormat::kI8:
-      ok = stream_launch<WFormat::kI8, GemvIn::kPlain, false, kProCombine>(p, smem, s, a.nh * nz);
-      break;
-    case WFormat::kF32:
-      ok = stream_launch<WFormat::kF32, GemvIn::kPlain, false, kProCombine>(p, smem, s, a.nh * nz);
-      break;
-  }
-  if (!ok) {  // not after the wave check above; should it happen, the separate launches
-    const dim3 cgrid(1, static_cast<unsigned>(a.nh), static_cast<unsigned>(nz));
-    launch(attention_combine_kernel, cgrid, 256, 0, s, b, splits, min_keys);
-    gemv(w, a.out, K, y, w.rows, 1, accumulate, s);
-  }
-  return true;
 }
 
 void gdn_split_next(const float* p, const float* ba, int64_t ld, float* mixed, float* z, float* b,

@@ -106,28 +106,23 @@ struct GdnConvEpilogue {
 bool gemv_gdn_in(const DevMatrix& w, const float* x, const float* norm_w, float eps,
                  bool zero_centred, float* y, const GdnConvEpilogue& e, cudaStream_t s);
 
-/// The one-token DeltaNet delta rule as the prologue of out_proj's streaming GEMV (Note [Delta
-/// rule in out_proj] in ops.cu): its inputs as delta_rule takes them (q, k unnormalised when
-/// `l2norm_qk`), `out` the delta rule's output row (nv·dv floats; the GEMV's input before the gated
-/// norm) and `sync` two counters that are zero between launches (the caller zeroes them once).
-struct DeltaPrologue {
-  const float *q = nullptr, *k = nullptr, *v = nullptr, *g = nullptr, *beta = nullptr;
-  const StepDev* step = nullptr;
-  int layer = 0;
-  int64_t nk = 0, nv = 0, dk = 0, dv = 0;
-  bool l2norm_qk = false;
-  float* out = nullptr;
+/// The router's top-k run by the MoE in-projection's streaming GEMV (Note [Router in the MoE
+/// in-projection] in ops.cu): over its output's first E values, k ids and weights (renormalised
+/// when `renorm`). `sync`: a counter that is zero between launches (the caller zeroes it once).
+struct RouteTail {
+  int64_t E = 0, k = 0;
+  bool renorm = false;
+  int32_t* ids = nullptr;
+  float* weights = nullptr;
   unsigned* sync = nullptr;
 };
-/// y [+]= W · gated_norm(delta_rule(...), z) for one token in one launch: the first nv·dv/32
-/// blocks run the delta rule (32 value columns each, the state slice read before the dependency
-/// wait), every block waits for them, stages the gated norm and runs the GEMV. Returns false,
-/// launching nothing, where the shape or the device does not take it (d_k ≠ 128, d_v not a
-/// multiple of 32, not every block resident at once); the caller then runs delta_rule and
-/// gemv_gated_norm.
-bool gemv_delta_gated_norm(const DevMatrix& w, const DeltaPrologue& d, const float* z,
-                           const float* norm_w, float eps, float* y, bool accumulate,
-                           cudaStream_t s);
+/// y = W · x' for one row, x' = rms_norm(x) ⊙ norm_w (⊙ (1 + norm_w) when `zero_centred`) or x
+/// when norm_w is null, then moe_route over y[0, r.E) in the same launch (the block that finishes
+/// last routes). Returns false, launching nothing, where the streaming GEMV does not take the
+/// shape, r.E > 1024, r.k > min(32, E) or W has fewer than E rows; the caller then runs the GEMV
+/// and moe_route.
+bool gemv_route(const DevMatrix& w, const float* x, const float* norm_w, float eps,
+                bool zero_centred, float* y, const RouteTail& r, cudaStream_t s);
 
 /// hi = BF16(x), lo = BF16(x − hi): x = hi + lo to ~16 significant bits, so a BF16 GEMM on each
 /// half (summed) gives near-fp32 products against BF16 weights (gpu_precision="bf16x2").
@@ -224,13 +219,6 @@ struct AttentionArgs {
   AttnPrepArgs prep;
 };
 void attention(const AttentionArgs& a, cudaStream_t s);
-/// One-token decode: attention(a), then y [+]= W_o · a.out, with the merge of the attention's
-/// splits run by the first blocks of W_o's streaming GEMV (Note [Attention combine in o_proj] in
-/// ops.cu): one launch less. `sync`: two counters, zero between launches. Returns false, launching
-/// nothing, where it does not apply (T ≠ 1, W_o not [·, nh·d], the merge's blocks not resident in
-/// one wave); the caller then runs attention() and the GEMV.
-bool attention_out_proj(const AttentionArgs& a, const DevMatrix& w, float* y, bool accumulate,
-                        unsigned* sync, cudaStream_t s);
 /// Whether `attention(a)` runs a tensor-core kernel: the decode kernel (T = 1) or the prefill
 /// kernel (T ≥ 2, GQA group dividing 64, T·nh·d ≥ 65536); tests check which kernel they test.
 bool attention_uses_tensor_cores(const AttentionArgs& a);

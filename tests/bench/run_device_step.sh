@@ -13,7 +13,7 @@ out=$(mkdir -p "${OUT:-bench-out}" && cd "${OUT:-bench-out}" && pwd)
 limit=${LIMIT:-580}
 failed=0
 left() { echo $((limit - SECONDS)); }
-OUT="$out" STEPS=build NINJA_TARGETS="tidal_tests tidal_bench_cuda tidal_bench_experts" \
+OUT="$out" STEPS=build NINJA_TARGETS="${NINJA_TARGETS:-tidal_tests tidal_bench_cuda tidal_bench_experts}" \
   bash tests/bench/run_device_cuda.sh || exit 1
 echo "built at ${SECONDS}s"
 export LD_LIBRARY_PATH=/tmp/deps/lib:${LD_LIBRARY_PATH:-}
@@ -73,5 +73,16 @@ for line in open(sys.argv[1]):
         if d["bench"] == "moe_experts":
             print(f'experts {d["dtype"]} m=1 {d["threads"]} threads {d["median_us"]:.1f} us {d["bw_fraction"]:.3f} of {d["read_bw_gbps"]:.0f} GB/s')
 PY
+# PY_ENVS: tests/python/test_cuda.py (golden fixtures on device="cuda") under each entry, in the
+# time left (needs "_tidal" in NINJA_TARGETS).
+for v in ${PY_ENVS:-}; do
+  t=$(( $(left) - 5 ))
+  [ "$t" -gt 60 ] || { echo "test_cuda.py $v: no time left"; break; }
+  e=${v//+/ }; [ "$v" = - ] && e=
+  (cd tests/python && env $e PYTHONPATH="$PWD/../../python" timeout "$t" python3 -m pytest -q -x -p no:cacheprovider \
+    test_cuda.py > "$out/pytest_cuda.log" 2>&1) || failed=1
+  echo "test_cuda.py [$v]: $(tail -1 "$out/pytest_cuda.log")"
+  grep -E "^FAILED|^E  " "$out/pytest_cuda.log" | head -10 || true
+done
 echo "done at ${SECONDS}s"
 exit $failed
