@@ -2343,6 +2343,8 @@ void CudaModel::Impl::allocate_workspaces(const WorkspacePlan& p, int64_t T) {
                         static_cast<size_t>(2 * std::max<int64_t>(1, cfg.num_hidden_layers)) *
                             sizeof(unsigned)),
              "workspace counters");
+  // The memset runs on the legacy stream, which the model's non-blocking stream does not wait for.
+  cuda_check(cudaDeviceSynchronize(), "workspace counters");
   // Pinned staging.
   const auto& c = cfg;
   const size_t f = 4, H = static_cast<size_t>(c.hidden_size), Tz = static_cast<size_t>(T),

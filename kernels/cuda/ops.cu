@@ -537,13 +537,8 @@ __device__ void combine_block(const CombinePrologue& a, int64_t t, int64_t h, in
   const int64_t base = (t * a.nh + h) * splits;
   int64_t chunk, used;
   split_plan(a.step->pos0 + t + 1, splits, a.min_keys, chunk, used);
-  // The thread's first split's m and l in one round trip (the sums below are unchanged).
-  const bool has0 = threadIdx.x < used;
-  const float m0 = has0 ? pm[base + threadIdx.x] : -INFINITY;
-  const float l0 = has0 ? pl[base + threadIdx.x] : 0.f;
-  float mx = fmaxf(-INFINITY, m0);
-  for (int64_t s = threadIdx.x + blockDim.x; s < used; s += blockDim.x)
-    mx = fmaxf(mx, pm[base + s]);
+  float mx = -INFINITY;
+  for (int64_t s = threadIdx.x; s < used; s += blockDim.x) mx = fmaxf(mx, pm[base + s]);
   mx = warp_max(mx);
   if (lane == 0) red[wid][0] = mx;
   __syncthreads();
@@ -556,26 +551,15 @@ __device__ void combine_block(const CombinePrologue& a, int64_t t, int64_t h, in
   const float M = stat[0];
   float lsum = 0.f;
   for (int64_t s = threadIdx.x; s < used; s += blockDim.x) {
-    const bool first = s == threadIdx.x;
-    const float w = expf((first ? m0 : pm[base + s]) - M);
+    const float w = expf(pm[base + s] - M);
     wts[s] = w;
-    lsum += w * (first ? l0 : pl[base + s]);
+    lsum += w * pl[base + s];
   }
   lsum = block_sum(lsum);  // synchronises, so wts is visible below
   const int64_t dim = zs * kWarp + lane;
   float acc = 0.f;
-  if (dim < d) {  // four splits' loads in flight at a time, added in split order as before
-    int64_t s = wid;
-    for (; s + 3 * nw < used; s += 4 * nw) {
-      const float p0 = po[(base + s) * d + dim], p1 = po[(base + s + nw) * d + dim],
-                  p2 = po[(base + s + 2 * nw) * d + dim], p3 = po[(base + s + 3 * nw) * d + dim];
-      acc += wts[s] * p0;
-      acc += wts[s + nw] * p1;
-      acc += wts[s + 2 * nw] * p2;
-      acc += wts[s + 3 * nw] * p3;
-    }
-    for (; s < used; s += nw) acc += wts[s] * po[(base + s) * d + dim];
-  }
+  if (dim < d)
+    for (int64_t s = wid; s < used; s += nw) acc += wts[s] * po[(base + s) * d + dim];
   red[wid][lane] = acc;
   __syncthreads();
   if (wid == 0 && dim < d) {
@@ -2497,18 +2481,6 @@ __global__ void delta_rule_kernel(const float* __restrict__ q, const float* __re
   for (int i = 0; i < RPT; ++i) st[i] = S[(rg * RPT + i) * dv + col];
   pdl_begin(__func__);
   for (int64_t t = 0; t < T; ++t) {
-    // The token's v, g, β (and z, the norm weight) requested with q and k, before the barrier:
-    // one round trip to L2 for all of them instead of one per barrier-separated use.
-    const float vt = v[(t * nv + h) * dv + col];
-    const float gt = g[t * nv + h];
-    const float bt = beta[t * nv + h];
-    float zt = 0.f, nwt = 0.f;
-    if constexpr (NORM) {
-      if (rg == 0) {
-        zt = z[t * ld_z + h * dv + col];
-        nwt = nw[col];
-      }
-    }
     for (int64_t i = threadIdx.x; i < 2 * dk; i += blockDim.x)
       qk[i] = i < dk ? q[(t * nk + kh) * dk + i] : k[(t * nk + kh) * dk + (i - dk)];
     __syncthreads();
@@ -2540,7 +2512,8 @@ __global__ void delta_rule_kernel(const float* __restrict__ q, const float* __re
       fq = qkf[0];
       fk = qkf[1];
     }
-    const float decay = expf(gt);
+    const float decay = expf(g[t * nv + h]);
+    const float bt = beta[t * nv + h];
     const float* kk = qk + dk + rg * RPT;
     const float* qq = qk + rg * RPT;
     float mem = 0.f;
@@ -2550,7 +2523,7 @@ __global__ void delta_rule_kernel(const float* __restrict__ q, const float* __re
       mem = fmaf(st[i], kk[i], mem);
     }
     for (int off = 1; off < RG; off <<= 1) mem += __shfl_xor_sync(0xffffffffu, mem, off);
-    const float delta = bt * (vt - mem * fk) * fk;
+    const float delta = bt * (v[(t * nv + h) * dv + col] - mem * fk) * fk;
     float o = 0.f;
 #pragma unroll
     for (int i = 0; i < RPT; ++i) {
@@ -2562,7 +2535,8 @@ __global__ void delta_rule_kernel(const float* __restrict__ q, const float* __re
     if constexpr (NORM) {  // the block holds the whole head: y = w · rms_norm(o) · silu(z)
       const float ss = block_sum(rg == 0 ? o * o : 0.f);
       const float inv = rsqrtf(ss / static_cast<float>(dv) + eps);
-      if (rg == 0) out[(t * nv + h) * dv + col] = nwt * (o * inv) * siluf_(zt);
+      if (rg == 0)
+        out[(t * nv + h) * dv + col] = nw[col] * (o * inv) * siluf_(z[t * ld_z + h * dv + col]);
     } else {
       if (rg == 0) out[(t * nv + h) * dv + col] = o;
     }
@@ -3296,6 +3270,8 @@ void stamps_begin(int capacity) {
   stamp_check(cudaMemcpyToSymbol(g_stamp_n, &zero, sizeof(zero)), "reset count");
   stamp_check(cudaMemcpyToSymbol(c_stamp_cap, &cap, sizeof(cap)), "set capacity");
   stamp_check(cudaMemcpyToSymbol(c_stamps, &g_stamp_buf, sizeof(g_stamp_buf)), "set buffer");
+  // A copy from pageable memory may return before it lands; kernels on other streams must see it.
+  stamp_check(cudaDeviceSynchronize(), "synchronize");
 }
 
 std::vector<KernelStamp> stamps_end() {
@@ -3306,6 +3282,7 @@ std::vector<KernelStamp> stamps_end() {
   if (!cur) return out;
   KernelStamp* off = nullptr;
   stamp_check(cudaMemcpyToSymbol(c_stamps, &off, sizeof(off)), "clear buffer");
+  stamp_check(cudaDeviceSynchronize(), "synchronize");
   unsigned n = 0, cap = 0;
   stamp_check(cudaMemcpyFromSymbol(&n, g_stamp_n, sizeof(n)), "read count");
   stamp_check(cudaMemcpyFromSymbol(&cap, c_stamp_cap, sizeof(cap)), "read capacity");
