@@ -212,8 +212,8 @@ struct CudaModel::Impl {
   size_t wscratch_elems = 0;
   int64_t logits_rows = 1;
   kc::StepDev* d_step = nullptr;
-  /// Two counters per layer (gemv_route uses the first: Note [Router in the MoE in-projection]),
-  /// zeroed when allocated; each launch leaves them zero.
+  /// Two counters per layer, zeroed when allocated; gemv_route uses the first (Note [Router in
+  /// the MoE in-projection]) and leaves it zero; the second is spare.
   unsigned* d_sync = nullptr;
   /// The workspaces for chunks of T tokens: total bytes, each pointer's share, and the sizes
   /// that depend on T (Note [Measuring the stream threshold] re-plans them for streaming).
@@ -2692,7 +2692,9 @@ std::string CudaModel::decode_kernels() const {
       tc ? "tensor cores" : "CUDA cores", kc::pdl_enabled() ? "on" : "off",
       m.opts.fuse_decode ? "on" : "off",
       m.opts.deltanet_split ? "split (norm in out_proj)" : "block per head",
-      m.opts.side_route ? "on a side stream" : "in line");
+      m.opts.route_in_gemv ? "in the in-projection's last block"
+      : m.opts.side_route  ? "on a side stream"
+                           : "in line");
 }
 
 std::map<std::string, double> CudaModel::profile_seconds() const { return impl_->prof_seconds; }

@@ -222,7 +222,7 @@ constexpr int kGemvPrefetch = 8;
 
 /// What merging a decode attention's splits takes (attention_combine_kernel). The output gate of
 /// head h, token t is gate_src[(t·nh + h)·gate_stride + gate_off + dim] where gate_src is set.
-struct CombinePrologue {
+struct CombineArgs {
   const float* partial = nullptr;
   const StepDev* step = nullptr;
   const float* gate_src = nullptr;
@@ -497,9 +497,8 @@ __device__ __forceinline__ void split_plan(int64_t n, int splits, int64_t min_ke
   used = (n + chunk - 1) / chunk;
 }
 
-__host__ __device__ CombinePrologue combine_args(const AttentionArgs& a, int splits,
-                                                 int64_t min_keys) {
-  CombinePrologue c;
+__host__ __device__ CombineArgs combine_args(const AttentionArgs& a, int splits, int64_t min_keys) {
+  CombineArgs c;
   c.partial = a.partial;
   c.step = a.step;
   c.out = a.out;
@@ -522,8 +521,7 @@ __host__ __device__ CombinePrologue combine_args(const AttentionArgs& a, int spl
 
 /// One block (256 threads) of the split merge: token t, head h, dims [32·zs, 32·zs + 32) of T
 /// tokens. Warps take splits round-robin, then reduce through shared memory.
-__device__ void combine_block(const CombinePrologue& a, int64_t t, int64_t h, int64_t zs,
-                              int64_t T) {
+__device__ void combine_block(const CombineArgs& a, int64_t t, int64_t h, int64_t zs, int64_t T) {
   __shared__ float wts[kMaxSplits];
   __shared__ float red[8][kWarp + 1];
   __shared__ float stat[1];
@@ -763,7 +761,10 @@ __global__ void __launch_bounds__(kStreamWarps* kWarp) gemv_stream_kernel(const 
     __shared__ bool last;
     __threadfence();  // this thread's row stores, before the block counts itself in
     __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(p.route.sync, 1u) == gridDim.x - 1;
+    if (threadIdx.x == 0) {
+      last = atomicAdd(p.route.sync, 1u) == gridDim.x - 1;
+      __threadfence();  // acquire side of the count, as a grid barrier does
+    }
     __syncthreads();
     if (last) {
       __threadfence();

@@ -838,7 +838,9 @@ void check_delta_rule_case(const DeltaCase& c, size_t scratch_bytes) {
     const bool applies =
         delta_rule_two_pass_applies(c.T, 1, c.nk, c.nv, c.dk, c.dv, scr.p, scratch_bytes);
     // (d_k = 256 needs ~139 KB of shared memory a block: only where the device has it.)
-    if (c.dk <= 128) EXPECT_EQ(applies, c.T >= 2 && c.dv % 32 == 0 && c.dk % 8 == 0);
+    if (c.dk <= 128) {
+      EXPECT_EQ(applies, c.T >= 2 && c.dv % 32 == 0 && c.dk % 8 == 0);
+    }
     float first = 0.f;
     cudaMemcpy(&first, scr.p, sizeof first, cudaMemcpyDeviceToHost);
     EXPECT_EQ(std::isnan(first), !applies);
@@ -1004,15 +1006,18 @@ TEST(CudaOps, RouterInGemvMatchesGemvThenRoute) {
     int64_t E, k, rows, K;
     bool renorm;
   };
-  for (const Case c : {Case{256, 8, 1281, 2048, true}, Case{512, 10, 1537, 2048, true},
-                       Case{60, 4, 75, 96, false}, Case{1, 1, 5, 64, true}})
+  // The models' experts (256 of 8, 512 of 10), an odd count, one expert, the largest E taken
+  // (route_row<32>), and more rows than one wave of warps (each warp takes several rows).
+  for (const Case c :
+       {Case{256, 8, 1281, 2048, true}, Case{512, 10, 1537, 2048, true}, Case{60, 4, 75, 96, false},
+        Case{1, 1, 5, 64, true}, Case{1024, 32, 1030, 64, true}, Case{256, 8, 20000, 64, true}})
     for (const WFormat fmt : {WFormat::kBF16, WFormat::kI8, WFormat::kF32})
       for (const bool normed : {true, false}) {
         const std::string what = "E=" + std::to_string(c.E) +
                                  " fmt=" + std::to_string(static_cast<int>(fmt)) +
                                  " normed=" + std::to_string(normed);
         auto wv = random_vec(static_cast<size_t>(c.rows * c.K), 140, 0.05f);
-        auto x = random_vec(c.K, 141), nw = random_vec(c.K, 142, 0.1f);
+        auto nw = random_vec(c.K, 142, 0.1f);
         std::vector<int8_t> w8(wv.size());
         std::vector<float> sc(c.rows);
         for (int64_t r = 0; r < c.rows; ++r) {
@@ -1023,20 +1028,13 @@ TEST(CudaOps, RouterInGemvMatchesGemvThenRoute) {
             w8[r * c.K + j] = static_cast<int8_t>(std::lround(wv[r * c.K + j] / sc[r]));
         }
         Dev<uint16_t> wb(to_bf16(wv));
-        Dev<float> wf(wv), dsc(sc), dx(x), dnw(nw), yref(c.rows), y(c.rows), wref(c.k), wgot(c.k);
+        Dev<float> wf(wv), dsc(sc), dx(c.K), dnw(nw), yref(c.rows), y(c.rows), wref(c.k), wgot(c.k);
         Dev<int8_t> wq(w8);
         Dev<int32_t> iref(c.k), igot(c.k);
         Dev<unsigned> sync(2);
         const DevMatrix W = fmt == WFormat::kBF16 ? DevMatrix{wb.p, nullptr, fmt, c.rows, c.K}
                             : fmt == WFormat::kI8 ? DevMatrix{wq.p, dsc.p, fmt, c.rows, c.K}
                                                   : DevMatrix{wf.p, nullptr, fmt, c.rows, c.K};
-        if (normed)
-          gemv_rms_norm(W, dx.p, dnw.p, 1e-6f, true, yref.p, false, nullptr);
-        else
-          gemv(W, dx.p, c.K, yref.p, c.rows, 1, false, nullptr);
-        moe_route(yref.p, c.rows, 1, c.E, c.k, c.renorm, iref.p, wref.p, nullptr);
-        const auto want_y = yref.get(), want_w = wref.get();
-        const auto want_i = iref.get();
         RouteTail rt;
         rt.E = c.E;
         rt.k = c.k;
@@ -1044,22 +1042,35 @@ TEST(CudaOps, RouterInGemvMatchesGemvThenRoute) {
         rt.ids = igot.p;
         rt.weights = wgot.p;
         rt.sync = sync.p;
+        // Two calls in a row on different inputs, the outputs poisoned before each: the second
+        // must route again (the counter came back to zero) from its own logits.
         for (int rep = 0; rep < 2; ++rep) {
+          dx.put(random_vec(c.K, 141 + static_cast<uint32_t>(rep)));
+          if (normed)
+            gemv_rms_norm(W, dx.p, dnw.p, 1e-6f, true, yref.p, false, nullptr);
+          else
+            gemv(W, dx.p, c.K, yref.p, c.rows, 1, false, nullptr);
+          moe_route(yref.p, c.rows, 1, c.E, c.k, c.renorm, iref.p, wref.p, nullptr);
+          const auto want_y = yref.get(), want_w = wref.get();
+          const auto want_i = iref.get();
+          y.put(std::vector<float>(c.rows, std::nanf("")));
+          igot.put(std::vector<int32_t>(c.k, -1));
+          wgot.put(std::vector<float>(c.k, std::nanf("")));
           ASSERT_TRUE(gemv_route(W, dx.p, normed ? dnw.p : nullptr, 1e-6f, true, y.p, rt, nullptr))
               << what;
-          EXPECT_EQ(max_abs_diff(y.get(), want_y), 0.f) << what;
-          EXPECT_EQ(igot.get(), want_i) << what;
-          EXPECT_EQ(max_abs_diff(wgot.get(), want_w), 0.f) << what;
-          EXPECT_EQ(sync.get()[0], 0u) << what;
+          EXPECT_EQ(max_abs_diff(y.get(), want_y), 0.f) << what << " rep " << rep;
+          EXPECT_EQ(igot.get(), want_i) << what << " rep " << rep;
+          EXPECT_EQ(max_abs_diff(wgot.get(), want_w), 0.f) << what << " rep " << rep;
+          EXPECT_EQ(sync.get()[0], 0u) << what << " rep " << rep;
+          float ws = 0.f;  // real routing: distinct ids, weights summing to 1 when renormalised
+          for (float v : want_w) ws += v;
+          if (c.renorm) {
+            EXPECT_NEAR(ws, 1.0f, 1e-5f) << what;
+          }
+          auto ids = want_i;
+          std::sort(ids.begin(), ids.end());
+          EXPECT_EQ(std::unique(ids.begin(), ids.end()), ids.end()) << what;
         }
-        float ws = 0.f;  // real routing: distinct ids, weights summing to 1 when renormalised
-        for (float v : want_w) ws += v;
-        if (c.renorm) {
-          EXPECT_NEAR(ws, 1.0f, 1e-5f) << what;
-        }
-        auto ids = want_i;
-        std::sort(ids.begin(), ids.end());
-        EXPECT_EQ(std::unique(ids.begin(), ids.end()), ids.end()) << what;
         EXPECT_EQ(cudaGetLastError(), cudaSuccess) << what;
       }
   // Not taken: more experts than rows, k above 32; nothing launched.
