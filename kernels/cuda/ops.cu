@@ -3342,8 +3342,10 @@ void gemv(const DevMatrix& w, const float* x, int64_t ldx, float* y, int64_t ldy
   gemv_dispatch(p, m, s);
 }
 
-void gemv_rms_norm(const DevMatrix& w, const float* x, const float* norm_w, float eps,
-                   bool zero_centred, float* y, bool accumulate, cudaStream_t s) {
+namespace {
+/// One row's GEMV with its input x' = rms_norm(x) ⊙ norm_w (or x when norm_w is null).
+GemvParams row_params(const DevMatrix& w, const float* x, const float* norm_w, float eps,
+                      bool zero_centred, float* y) {
   GemvParams p;
   p.w = w;
   p.x = x;
@@ -3351,6 +3353,13 @@ void gemv_rms_norm(const DevMatrix& w, const float* x, const float* norm_w, floa
   p.norm_w = norm_w;
   p.eps = eps;
   p.zero_centred = zero_centred;
+  return p;
+}
+}  // namespace
+
+void gemv_rms_norm(const DevMatrix& w, const float* x, const float* norm_w, float eps,
+                   bool zero_centred, float* y, bool accumulate, cudaStream_t s) {
+  GemvParams p = row_params(w, x, norm_w, eps, zero_centred, y);
   p.accumulate = accumulate;
   gemv_dispatch(p, 1, s);
 }
@@ -3359,13 +3368,7 @@ bool gemv_gdn_in(const DevMatrix& w, const float* x, const float* norm_w, float 
                  bool zero_centred, float* y, const GdnConvEpilogue& e, cudaStream_t s) {
   if (w.rows == 0) return true;
   if (!e.conv_w || !e.step || e.C > e.ba_row || e.ba_row + 2 * e.nv > w.rows) return false;
-  GemvParams p;
-  p.w = w;
-  p.x = x;
-  p.y = y;
-  p.norm_w = norm_w;
-  p.eps = eps;
-  p.zero_centred = zero_centred;
+  GemvParams p = row_params(w, x, norm_w, eps, zero_centred, y);
   p.gdn = e;
   return gemv_stream_only(p, s);
 }
@@ -3375,13 +3378,7 @@ bool gemv_route(const DevMatrix& w, const float* x, const float* norm_w, float e
   if (!r.sync || !r.ids || !r.weights || r.E < 1 || r.E > 1024 || r.k < 1 || r.k > r.E ||
       r.k > kWarp || w.rows < r.E || w.cols == 0 || w.cols > kStreamMaxK || stream_off())
     return false;
-  GemvParams p;
-  p.w = w;
-  p.x = x;
-  p.y = y;
-  p.norm_w = norm_w;
-  p.eps = eps;
-  p.zero_centred = zero_centred;
+  GemvParams p = row_params(w, x, norm_w, eps, zero_centred, y);
   p.route = r;
   p.vec = reinterpret_cast<uintptr_t>(w.data) % 16 == 0 &&
           reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
