@@ -212,8 +212,8 @@ struct CudaModel::Impl {
   size_t wscratch_elems = 0;
   int64_t logits_rows = 1;
   kc::StepDev* d_step = nullptr;
-  /// Two counters per layer, zeroed when allocated; gemv_route uses the first (Note [Router in
-  /// the MoE in-projection]) and leaves it zero; the second is spare.
+  /// One counter per layer for gemv_route (Note [Router in the MoE in-projection]), zeroed when
+  /// allocated; each launch leaves it zero.
   unsigned* d_sync = nullptr;
   /// The workspaces for chunks of T tokens: total bytes, each pointer's share, and the sizes
   /// that depend on T (Note [Measuring the stream threshold] re-plans them for streaming).
@@ -2093,7 +2093,7 @@ void CudaModel::Impl::enqueue_mlp(const GpuLayer& L, int layer, int64_t T) {
     rt.renorm = c.norm_topk_prob;
     rt.ids = rids;
     rt.weights = rw;
-    rt.sync = d_sync + 2 * layer;
+    rt.sync = d_sync + layer;
     const bool pending = norm_pending != nullptr;
     routed_in_gemv =
         kc::gemv_route(L.mlp_in, pending ? x : xn, norm_pending, static_cast<float>(c.rms_norm_eps),
@@ -2305,8 +2305,7 @@ CudaModel::Impl::WorkspacePlan CudaModel::Impl::plan_workspaces(int64_t T) {
   // Batched decode: up to 64 sequences a step, their logits in one block.
   p.max_batch = std::min<int64_t>({64, p.logits_rows, T});
   W(&d_step, static_cast<size_t>(p.max_batch) * sizeof(kc::StepDev));
-  W(&d_sync,
-    static_cast<size_t>(2 * std::max<int64_t>(1, cfg.num_hidden_layers)) * sizeof(unsigned));
+  W(&d_sync, static_cast<size_t>(std::max<int64_t>(1, cfg.num_hidden_layers)) * sizeof(unsigned));
   return p;
 }
 
@@ -2340,7 +2339,7 @@ void CudaModel::Impl::allocate_workspaces(const WorkspacePlan& p, int64_t T) {
     if (ptr == reinterpret_cast<void**>(&qb)) qb_bytes = bytes;
   }
   cuda_check(cudaMemset(d_sync, 0,
-                        static_cast<size_t>(2 * std::max<int64_t>(1, cfg.num_hidden_layers)) *
+                        static_cast<size_t>(std::max<int64_t>(1, cfg.num_hidden_layers)) *
                             sizeof(unsigned)),
              "workspace counters");
   // The memset runs on the legacy stream, which the model's non-blocking stream does not wait for.

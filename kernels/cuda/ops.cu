@@ -220,19 +220,6 @@ constexpr int kGemvWarps = 8;  // warps per block
 /// per warp (32 registers a thread).
 constexpr int kGemvPrefetch = 8;
 
-/// What merging a decode attention's splits takes (attention_combine_kernel). The output gate of
-/// head h, token t is gate_src[(t·nh + h)·gate_stride + gate_off + dim] where gate_src is set.
-struct CombineArgs {
-  const float* partial = nullptr;
-  const StepDev* step = nullptr;
-  const float* gate_src = nullptr;
-  int64_t gate_stride = 0, gate_off = 0;
-  float* out = nullptr;
-  int64_t nh = 0, d = 0;
-  int splits = 1;
-  int64_t min_keys = 0;
-};
-
 /// What a GEMV launch takes (ops.h `gemv`, `gemv_rms_norm`).
 struct GemvParams {
   DevMatrix w;
@@ -487,89 +474,6 @@ __device__ float stage_row(const GemvParams& p, float* xs, int64_t K, int warp, 
 // warp forms the conv sum with shuffles and lanes 0..K−2 store the shifted window. The state is
 // read before the dependency wait, as gdn_conv_prep_step reads it (Note [programmatic dependent
 // launch]): only this layer's conv step writes it, never as the kernel just before this one.
-constexpr int kMaxSplits = 512;
-
-/// Keys per split and splits in use for a query that sees n keys.
-__device__ __forceinline__ void split_plan(int64_t n, int splits, int64_t min_keys, int64_t& chunk,
-                                           int64_t& used) {
-  chunk = (n + splits - 1) / splits;
-  chunk = chunk < min_keys ? min_keys : (chunk + 31) / 32 * 32;
-  used = (n + chunk - 1) / chunk;
-}
-
-__host__ __device__ CombineArgs combine_args(const AttentionArgs& a, int splits, int64_t min_keys) {
-  CombineArgs c;
-  c.partial = a.partial;
-  c.step = a.step;
-  c.out = a.out;
-  c.nh = a.nh;
-  c.d = a.d;
-  c.splits = splits;
-  c.min_keys = min_keys;
-  if (a.fused_prep) {  // the gate in the projection output, [q_h | gate_h] per head (T = 1)
-    if (a.prep.gated) {
-      c.gate_src = a.prep.qg;
-      c.gate_stride = 2 * a.d;
-      c.gate_off = a.d;
-    }
-  } else if (a.gate) {
-    c.gate_src = a.gate;
-    c.gate_stride = a.d;
-  }
-  return c;
-}
-
-/// One block (256 threads) of the split merge: token t, head h, dims [32·zs, 32·zs + 32) of T
-/// tokens. Warps take splits round-robin, then reduce through shared memory.
-__device__ void combine_block(const CombineArgs& a, int64_t t, int64_t h, int64_t zs, int64_t T) {
-  __shared__ float wts[kMaxSplits];
-  __shared__ float red[8][kWarp + 1];
-  __shared__ float stat[1];
-  const int splits = a.splits;
-  const int64_t d = a.d;
-  const int lane = threadIdx.x % kWarp, wid = threadIdx.x / kWarp, nw = blockDim.x / kWarp;
-  const int64_t nrow_total = T * a.nh * splits;
-  const float* pm = a.partial;
-  const float* pl = a.partial + nrow_total;
-  const float* po = a.partial + 2 * nrow_total;
-  const int64_t base = (t * a.nh + h) * splits;
-  int64_t chunk, used;
-  split_plan(a.step->pos0 + t + 1, splits, a.min_keys, chunk, used);
-  float mx = -INFINITY;
-  for (int64_t s = threadIdx.x; s < used; s += blockDim.x) mx = fmaxf(mx, pm[base + s]);
-  mx = warp_max(mx);
-  if (lane == 0) red[wid][0] = mx;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float M = red[0][0];
-    for (int w = 1; w < nw; ++w) M = fmaxf(M, red[w][0]);
-    stat[0] = M;
-  }
-  __syncthreads();
-  const float M = stat[0];
-  float lsum = 0.f;
-  for (int64_t s = threadIdx.x; s < used; s += blockDim.x) {
-    const float w = expf(pm[base + s] - M);
-    wts[s] = w;
-    lsum += w * pl[base + s];
-  }
-  lsum = block_sum(lsum);  // synchronises, so wts is visible below
-  const int64_t dim = zs * kWarp + lane;
-  float acc = 0.f;
-  if (dim < d)
-    for (int64_t s = wid; s < used; s += nw) acc += wts[s] * po[(base + s) * d + dim];
-  red[wid][lane] = acc;
-  __syncthreads();
-  if (wid == 0 && dim < d) {
-    float v = 0.f;
-    for (int w = 0; w < nw; ++w) v += red[w][lane];
-    v /= lsum;
-    if (a.gate_src) v *= sigmoidf_(a.gate_src[(t * a.nh + h) * a.gate_stride + a.gate_off + dim]);
-    a.out[(t * a.nh + h) * d + dim] = v;
-  }
-  __syncthreads();  // red and stat are read before a later call's writes; out stores issued
-}
-
 /// The router for one token's logits l[0, E) by one warp: softmax, top-k (ties to the lower id),
 /// renormalised when `renorm`; ids / weights get k entries. `CG`: the logits were written by other
 /// blocks of the running kernel, so they are read from L2 (Note [Router in the MoE
@@ -1235,6 +1139,15 @@ __device__ __forceinline__ void raw_to_f32(const RawKV<uint16_t, DPL>& r, float*
 constexpr int kAttnWarps = 4;
 constexpr int kKeyGroup = 8;            // cache rows loaded before any is used
 constexpr int64_t kMinSplitKeys = 256;  // a split covers at least this many keys
+constexpr int kMaxSplits = 512;
+
+/// Keys per split and splits in use for a query that sees n keys.
+__device__ __forceinline__ void split_plan(int64_t n, int splits, int64_t min_keys, int64_t& chunk,
+                                           int64_t& used) {
+  chunk = (n + splits - 1) / splits;
+  chunk = chunk < min_keys ? min_keys : (chunk + 31) / 32 * 32;
+  used = (n + chunk - 1) / chunk;
+}
 
 /// One warp per (token, kv head, head subset, split): R query heads of the GQA group against keys
 /// [u0, u1) of the split, 32 keys at a time (scores to shared memory, online softmax per row, then
@@ -1354,11 +1267,58 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
   }
 }
 
-/// Block per (token, head, 32 dims): merges the used splits' (m, l, o), applies the gate
-/// (combine_block).
+/// Block per (token, head, 32 dims): merges the used splits' (m, l, o), applies the gate. Warps
+/// take splits round-robin, then reduce through shared memory.
 __global__ void attention_combine_kernel(AttentionArgs a, int splits, int64_t min_keys) {
   pdl_begin(__func__);
-  combine_block(combine_args(a, splits, min_keys), blockIdx.x, blockIdx.y, blockIdx.z, gridDim.x);
+  __shared__ float wts[kMaxSplits];
+  __shared__ float red[8][kWarp + 1];
+  __shared__ float stat[1];
+  const int64_t t = blockIdx.x, h = blockIdx.y, d = a.d;
+  const int lane = threadIdx.x % kWarp, wid = threadIdx.x / kWarp, nw = blockDim.x / kWarp;
+  const int64_t nrow_total = static_cast<int64_t>(gridDim.x) * a.nh * splits;
+  const float* pm = a.partial;
+  const float* pl = a.partial + nrow_total;
+  const float* po = a.partial + 2 * nrow_total;
+  const int64_t base = (t * a.nh + h) * splits;
+  int64_t chunk, used;
+  split_plan(a.step->pos0 + t + 1, splits, min_keys, chunk, used);
+  float mx = -INFINITY;
+  for (int64_t s = threadIdx.x; s < used; s += blockDim.x) mx = fmaxf(mx, pm[base + s]);
+  mx = warp_max(mx);
+  if (lane == 0) red[wid][0] = mx;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float M = red[0][0];
+    for (int w = 1; w < nw; ++w) M = fmaxf(M, red[w][0]);
+    stat[0] = M;
+  }
+  __syncthreads();
+  const float M = stat[0];
+  float lsum = 0.f;
+  for (int64_t s = threadIdx.x; s < used; s += blockDim.x) {
+    const float w = expf(pm[base + s] - M);
+    wts[s] = w;
+    lsum += w * pl[base + s];
+  }
+  lsum = block_sum(lsum);  // synchronises, so wts is visible below
+  const int64_t dim = blockIdx.z * kWarp + lane;
+  float acc = 0.f;
+  if (dim < d)
+    for (int64_t s = wid; s < used; s += nw) acc += wts[s] * po[(base + s) * d + dim];
+  red[wid][lane] = acc;
+  __syncthreads();
+  if (wid == 0 && dim < d) {
+    float v = 0.f;
+    for (int w = 0; w < nw; ++w) v += red[w][lane];
+    v /= lsum;
+    if (a.fused_prep) {  // the gate in the projection output, [q_h | gate_h] per head (T = 1)
+      if (a.prep.gated) v *= sigmoidf_(a.prep.qg[h * 2 * d + d + dim]);
+    } else if (a.gate) {
+      v *= sigmoidf_(a.gate[(t * a.nh + h) * d + dim]);
+    }
+    a.out[(t * a.nh + h) * d + dim] = v;
+  }
 }
 
 // ------------------------------------------------------------------ decode attention, tiled
@@ -3504,20 +3464,16 @@ bool attention_uses_tensor_cores(const AttentionArgs& a) {
   return a.tensor_cores && (mma_applies(a) || attention_prefill_applies(a));
 }
 
-namespace {
-/// attention() up to the split merge: launches the kernel that writes the splits' partials and
-/// returns the merge's arguments (b, splits, min_keys); false where the prefill kernel ran
-/// (no splits, nothing to merge).
-bool attention_partials(const AttentionArgs& a, cudaStream_t s, AttentionArgs& b, int& splits,
-                        int64_t& min_keys) {
-  if (a.tensor_cores && attention_prefill(a, s)) return false;  // no splits, no combine
+void attention(const AttentionArgs& a, cudaStream_t s) {
+  if (a.T == 0) return;
+  if (a.tensor_cores && attention_prefill(a, s)) return;  // no splits, no combine
   const int64_t group = a.nh / a.nkv;
   const int dpl = a.d <= 32 ? 1 : a.d <= 64 ? 2 : a.d <= 128 ? 4 : 8;
   // Rows per warp: the GQA group (a power of two, ≤ 16), with at most 64 registers of q.
   int R = 1;
   while (R < group && R < 16 && R * 2 * dpl <= 64) R *= 2;
   const int subsets = static_cast<int>((group + R - 1) / R);
-  splits = a.max_splits;
+  const int splits = a.max_splits;
   const dim3 grid(static_cast<unsigned>((splits + kAttnWarps - 1) / kAttnWarps),
                   static_cast<unsigned>(a.T), static_cast<unsigned>(a.nkv * subsets));
   // The tensor-core and tile kernels' minimum keys per split: the caller's,
@@ -3527,12 +3483,12 @@ bool attention_partials(const AttentionArgs& a, cudaStream_t s, AttentionArgs& b
     const int64_t v = e ? std::atoll(e) : 0;
     return v >= kTileKeys && v <= (int64_t{1} << 20) ? v / kTileKeys * kTileKeys : int64_t{0};
   }();
-  b = a;
+  AttentionArgs b = a;
   if (b.min_split_keys <= 0)
     b.min_split_keys = env_min_keys ? env_min_keys : kTileMinSplitKeys;
   else  // whole tiles, like the environment's value
     b.min_split_keys = std::max<int64_t>(kTileKeys, b.min_split_keys / kTileKeys * kTileKeys);
-  min_keys = kMinSplitKeys;
+  int64_t min_keys = kMinSplitKeys;
   if ((b.tensor_cores && attention_mma(b, s)) || (!b.fused_prep && attention_tile(b, s)))
     min_keys = b.min_split_keys;
   else if (b.fused_prep)
@@ -3542,16 +3498,6 @@ bool attention_partials(const AttentionArgs& a, cudaStream_t s, AttentionArgs& b
     attention_dispatch<float>(a, dpl, R, subsets, splits, grid, s);
   else
     attention_dispatch<uint16_t>(a, dpl, R, subsets, splits, grid, s);
-  return true;
-}
-}  // namespace
-
-void attention(const AttentionArgs& a, cudaStream_t s) {
-  if (a.T == 0) return;
-  AttentionArgs b;
-  int splits = 1;
-  int64_t min_keys = 0;
-  if (!attention_partials(a, s, b, splits, min_keys)) return;
   const dim3 cgrid(static_cast<unsigned>(a.T), static_cast<unsigned>(a.nh),
                    static_cast<unsigned>((a.d + kWarp - 1) / kWarp));
   launch(attention_combine_kernel, cgrid, 256, 0, s, b, splits, min_keys);
