@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 
@@ -102,8 +103,9 @@ __device__ __forceinline__ unsigned long long global_ns() {
 }
 
 /// Start of every kernel launched through `launch`: wait for the kernel before it, then let the
-/// next one be scheduled. `name`: the kernel's __func__ (Note [Kernel stamps]).
-__device__ __forceinline__ void pdl_begin(const char* name) {
+/// next one be scheduled. `name`: the kernel's __func__ (Note [Kernel stamps]). Returns this
+/// kernel's stamp where one is recorded (block 0, thread 0, stamps on), else null.
+__device__ __forceinline__ KernelStamp* pdl_begin(const char* name) {
   const bool first =
       (threadIdx.x | threadIdx.y | threadIdx.z | blockIdx.x | blockIdx.y | blockIdx.z) == 0;
   KernelStamp* st = first ? c_stamps : nullptr;
@@ -118,6 +120,7 @@ __device__ __forceinline__ void pdl_begin(const char* name) {
       st[i].release_ns = release;
       st[i].blocks = gridDim.x * gridDim.y * gridDim.z;
       st[i].threads = blockDim.x * blockDim.y * blockDim.z;
+      st[i].mark_ns[0] = st[i].mark_ns[1] = st[i].mark_ns[2] = 0;
     }
   }
   pdl_trigger();
@@ -127,6 +130,11 @@ __device__ __forceinline__ void pdl_begin(const char* name) {
       st[i].name[j] = name[j];
     st[i].name[j] = 0;
   }
+  return st && i < c_stamp_cap ? st + i : nullptr;
+}
+/// Records the time of stage `j` (< 3) in the kernel's stamp (from pdl_begin; null: nothing).
+__device__ __forceinline__ void stamp_mark(KernelStamp* st, int j) {
+  if (st) st->mark_ns[j] = global_ns();
 }
 
 /// Launches `kernel` on `s`, with programmatic stream serialisation where the device has it.
@@ -1270,7 +1278,7 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
 /// Block per (token, head, 32 dims): merges the used splits' (m, l, o), applies the gate. Warps
 /// take splits round-robin, then reduce through shared memory.
 __global__ void attention_combine_kernel(AttentionArgs a, int splits, int64_t min_keys) {
-  pdl_begin(__func__);
+  KernelStamp* const ks = pdl_begin(__func__);
   __shared__ float wts[kMaxSplits];
   __shared__ float red[8][kWarp + 1];
   __shared__ float stat[1];
@@ -1294,6 +1302,7 @@ __global__ void attention_combine_kernel(AttentionArgs a, int splits, int64_t mi
     stat[0] = M;
   }
   __syncthreads();
+  stamp_mark(ks, 0);  // the maximum
   const float M = stat[0];
   float lsum = 0.f;
   for (int64_t s = threadIdx.x; s < used; s += blockDim.x) {
@@ -1302,12 +1311,14 @@ __global__ void attention_combine_kernel(AttentionArgs a, int splits, int64_t mi
     lsum += w * pl[base + s];
   }
   lsum = block_sum(lsum);  // synchronises, so wts is visible below
+  stamp_mark(ks, 1);       // the weights and their sum
   const int64_t dim = blockIdx.z * kWarp + lane;
   float acc = 0.f;
   if (dim < d)
     for (int64_t s = wid; s < used; s += nw) acc += wts[s] * po[(base + s) * d + dim];
   red[wid][lane] = acc;
   __syncthreads();
+  stamp_mark(ks, 2);  // the o sums
   if (wid == 0 && dim < d) {
     float v = 0.f;
     for (int w = 0; w < nw; ++w) v += red[w][lane];
@@ -1317,6 +1328,85 @@ __global__ void attention_combine_kernel(AttentionArgs a, int splits, int64_t mi
     } else if (a.gate) {
       v *= sigmoidf_(a.gate[(t * a.nh + h) * d + dim]);
     }
+    a.out[(t * a.nh + h) * d + dim] = v;
+  }
+}
+
+/// attention_combine_kernel with every global load issued before the first barrier (Note [early
+/// loads]): thread s < 256 loads split s's m and l, each warp the o values of its first kPre
+/// splits, warp 0 the gate; splits past those are read in the later loops as before. The sums
+/// run in the same order, so the result is bit-identical to attention_combine_kernel's.
+__global__ void attention_combine_early_kernel(AttentionArgs a, int splits, int64_t min_keys) {
+  constexpr int kPre = 8;
+  KernelStamp* const ks = pdl_begin(__func__);
+  __shared__ float wts[kMaxSplits];
+  __shared__ float red[8][kWarp + 1];
+  const int64_t t = blockIdx.x, h = blockIdx.y, d = a.d;
+  const int lane = threadIdx.x % kWarp, wid = threadIdx.x / kWarp, nw = blockDim.x / kWarp;
+  const int64_t nrow_total = static_cast<int64_t>(gridDim.x) * a.nh * splits;
+  const float* pm = a.partial;
+  const float* pl = a.partial + nrow_total;
+  const float* po = a.partial + 2 * nrow_total;
+  const int64_t base = (t * a.nh + h) * splits;
+  int64_t chunk, used;
+  split_plan(a.step->pos0 + t + 1, splits, min_keys, chunk, used);
+  const int64_t dim = blockIdx.z * kWarp + lane;
+  const int64_t s0 = threadIdx.x;
+  const float m0 = s0 < used ? pm[base + s0] : -INFINITY;
+  const float l0 = s0 < used ? pl[base + s0] : 0.f;
+  float ov[kPre];
+#pragma unroll
+  for (int j = 0; j < kPre; ++j) {
+    const int64_t s = wid + static_cast<int64_t>(j) * nw;
+    ov[j] = dim < d && s < used ? po[(base + s) * d + dim] : 0.f;
+  }
+  float gv = 0.f;
+  if (wid == 0 && dim < d) {
+    if (a.fused_prep) {
+      if (a.prep.gated) gv = a.prep.qg[h * 2 * d + d + dim];
+    } else if (a.gate) {
+      gv = a.gate[(t * a.nh + h) * d + dim];
+    }
+  }
+  float mx = m0;
+  for (int64_t s = s0 + blockDim.x; s < used; s += blockDim.x) mx = fmaxf(mx, pm[base + s]);
+  mx = warp_max(mx);
+  if (lane == 0) red[wid][0] = mx;
+  __syncthreads();
+  stamp_mark(ks, 0);  // the maximum
+  float M = red[0][0];
+  for (int w = 1; w < nw; ++w) M = fmaxf(M, red[w][0]);
+  float lsum = 0.f;
+  if (s0 < used) {
+    const float w = expf(m0 - M);
+    wts[s0] = w;
+    lsum += w * l0;
+  }
+  for (int64_t s = s0 + blockDim.x; s < used; s += blockDim.x) {
+    const float w = expf(pm[base + s] - M);
+    wts[s] = w;
+    lsum += w * pl[base + s];
+  }
+  lsum = block_sum(lsum);  // synchronises (after every thread read red above), so wts is visible
+  stamp_mark(ks, 1);       // the weights and their sum
+  float acc = 0.f;
+  if (dim < d) {
+#pragma unroll
+    for (int j = 0; j < kPre; ++j) {
+      const int64_t s = wid + static_cast<int64_t>(j) * nw;
+      if (s < used) acc += wts[s] * ov[j];
+    }
+    for (int64_t s = wid + static_cast<int64_t>(kPre) * nw; s < used; s += nw)
+      acc += wts[s] * po[(base + s) * d + dim];
+  }
+  red[wid][lane] = acc;
+  __syncthreads();
+  stamp_mark(ks, 2);  // the o sums
+  if (wid == 0 && dim < d) {
+    float v = 0.f;
+    for (int w = 0; w < nw; ++w) v += red[w][lane];
+    v /= lsum;
+    if (a.fused_prep ? a.prep.gated : a.gate != nullptr) v *= sigmoidf_(gv);
     a.out[(t * a.nh + h) * d + dim] = v;
   }
 }
@@ -2410,7 +2500,7 @@ __global__ void gdn_prep_kernel(const float* u, const float* b, const float* a, 
 /// Block per (v head, slice of CB value columns); thread (col, row group) keeps RPT rows of one
 /// state column in registers; lanes of one column are adjacent, so the dot products over d_k are
 /// warp shuffles. Tokens are processed in order.
-template <int RPT, bool NORM>
+template <int RPT, bool NORM, bool EARLY>
 __global__ void delta_rule_kernel(const float* __restrict__ q, const float* __restrict__ k,
                                   const float* __restrict__ v, const float* __restrict__ g,
                                   const float* __restrict__ beta, const StepDev* step, int layer,
@@ -2440,11 +2530,25 @@ __global__ void delta_rule_kernel(const float* __restrict__ q, const float* __re
   float st[RPT];
 #pragma unroll
   for (int i = 0; i < RPT; ++i) st[i] = S[(rg * RPT + i) * dv + col];
-  pdl_begin(__func__);
+  KernelStamp* const ks = pdl_begin(__func__);
   for (int64_t t = 0; t < T; ++t) {
+    // EARLY: this token's v, g, beta (and z, the norm weight) loaded with q and k, before the
+    // first barrier (Note [early loads]).
+    float ev = 0.f, eg = 0.f, eb = 0.f, ez = 0.f, ew = 0.f;
+    if constexpr (EARLY) {
+      eg = g[t * nv + h];
+      eb = beta[t * nv + h];
+      ev = v[(t * nv + h) * dv + col];
+      if constexpr (NORM)
+        if (rg == 0) {
+          ez = z[t * ld_z + h * dv + col];
+          ew = nw[col];
+        }
+    }
     for (int64_t i = threadIdx.x; i < 2 * dk; i += blockDim.x)
       qk[i] = i < dk ? q[(t * nk + kh) * dk + i] : k[(t * nk + kh) * dk + (i - dk)];
     __syncthreads();
+    if (t == 0) stamp_mark(ks, 0);  // q and k in shared memory
     // qk_l2: q and k as they come from the conv (gemv_gdn_in), L2-normalised here as
     // gdn_conv_prep_step does (q also by 1/sqrt(d_k)); the factors scale the sums below.
     float fq = 1.f, fk = 1.f;
@@ -2473,8 +2577,8 @@ __global__ void delta_rule_kernel(const float* __restrict__ q, const float* __re
       fq = qkf[0];
       fk = qkf[1];
     }
-    const float decay = expf(g[t * nv + h]);
-    const float bt = beta[t * nv + h];
+    const float decay = expf(EARLY ? eg : g[t * nv + h]);
+    const float bt = EARLY ? eb : beta[t * nv + h];
     const float* kk = qk + dk + rg * RPT;
     const float* qq = qk + rg * RPT;
     float mem = 0.f;
@@ -2484,7 +2588,7 @@ __global__ void delta_rule_kernel(const float* __restrict__ q, const float* __re
       mem = fmaf(st[i], kk[i], mem);
     }
     for (int off = 1; off < RG; off <<= 1) mem += __shfl_xor_sync(0xffffffffu, mem, off);
-    const float delta = bt * (v[(t * nv + h) * dv + col] - mem * fk) * fk;
+    const float delta = bt * ((EARLY ? ev : v[(t * nv + h) * dv + col]) - mem * fk) * fk;
     float o = 0.f;
 #pragma unroll
     for (int i = 0; i < RPT; ++i) {
@@ -2493,16 +2597,19 @@ __global__ void delta_rule_kernel(const float* __restrict__ q, const float* __re
     }
     for (int off = 1; off < RG; off <<= 1) o += __shfl_xor_sync(0xffffffffu, o, off);
     o *= fq;
+    if (t == 0) stamp_mark(ks, 1);  // the state updated, the output column computed
     if constexpr (NORM) {  // the block holds the whole head: y = w · rms_norm(o) · silu(z)
       const float ss = block_sum(rg == 0 ? o * o : 0.f);
       const float inv = rsqrtf(ss / static_cast<float>(dv) + eps);
       if (rg == 0)
-        out[(t * nv + h) * dv + col] = nw[col] * (o * inv) * siluf_(z[t * ld_z + h * dv + col]);
+        out[(t * nv + h) * dv + col] =
+            (EARLY ? ew : nw[col]) * (o * inv) * siluf_(EARLY ? ez : z[t * ld_z + h * dv + col]);
     } else {
       if (rg == 0) out[(t * nv + h) * dv + col] = o;
     }
     __syncthreads();
   }
+  stamp_mark(ks, 2);  // the outputs written, the state's store next
 #pragma unroll
   for (int i = 0; i < RPT; ++i) S[(rg * RPT + i) * dv + col] = st[i];
 }
@@ -3078,6 +3185,20 @@ __global__ void __launch_bounds__(kDwThreads)
   for (int idx = tid; idx < dki * CB; idx += nth) S[(idx / CB) * dv + col0 + idx % CB] = Ss[idx];
 }
 
+// Note [early loads]
+// The stamps (Note [kernel stamps]) put the delta rule at ~10 µs and the split merge at ~9 µs per
+// layer of a decode step: not their bytes (a few KB) but their chain of dependent round trips to
+// L2, each load issued after the barrier or reduction before it, though its address depends on
+// neither. With early loads on, each kernel issues every load whose address it knows at the start
+// (the delta rule: v, g, beta, z and the norm weight with q and k; the merge: m, l, the first
+// splits' o and the gate together), so the chain is one round trip then arithmetic. Same sums in
+// the same order: bit-identical outputs (CudaOps.EarlyLoadsAreBitIdentical).
+// TIDAL_CUDA_EARLY_LOADS=1 (off until measured on a GPU).
+std::atomic<bool> g_early_loads{[] {
+  const char* e = std::getenv("TIDAL_CUDA_EARLY_LOADS");
+  return e != nullptr && std::string_view(e) == "1";
+}()};
+
 // 0: the staged kernel; 1: the one-pass chunked kernel; 2 (the default): the two-pass chunked
 // form where the caller lends scratch (else the staged kernel). TIDAL_CUDA_DELTA_CHUNKED=0 / 1 / 2.
 std::atomic<int> g_delta_mode{[] {
@@ -3171,6 +3292,8 @@ bool pdl_enabled() {
   return v == 1;
 }
 
+void set_early_loads(bool on) { g_early_loads.store(on, std::memory_order_relaxed); }
+bool early_loads() { return g_early_loads.load(std::memory_order_relaxed); }
 void set_delta_rule_mode(int mode) {
   g_delta_mode.store(mode >= 0 && mode <= 2 ? mode : 0, std::memory_order_relaxed);
 }
@@ -3500,7 +3623,8 @@ void attention(const AttentionArgs& a, cudaStream_t s) {
     attention_dispatch<uint16_t>(a, dpl, R, subsets, splits, grid, s);
   const dim3 cgrid(static_cast<unsigned>(a.T), static_cast<unsigned>(a.nh),
                    static_cast<unsigned>((a.d + kWarp - 1) / kWarp));
-  launch(attention_combine_kernel, cgrid, 256, 0, s, b, splits, min_keys);
+  launch(early_loads() ? attention_combine_early_kernel : attention_combine_kernel, cgrid, 256, 0,
+         s, b, splits, min_keys);
 }
 
 void gdn_split_next(const float* p, const float* ba, int64_t ld, float* mixed, float* z, float* b,
@@ -3610,11 +3734,13 @@ void delta_rule(const float* q, const float* k, const float* v, const float* g, 
                   static_cast<unsigned>(rows));
   const size_t smem = static_cast<size_t>(2 * dk) * sizeof(float);
   if (rpt == 32)
-    launch(delta_rule_kernel<32, false>, grid, CB * RG, smem, s, q, k, v, g, beta, step, layer, out,
-           T, nk, nv, dk, dv, CB, nullptr, 0, nullptr, 0.f, l2norm_qk);
+    launch(early_loads() ? delta_rule_kernel<32, false, true> : delta_rule_kernel<32, false, false>,
+           grid, CB * RG, smem, s, q, k, v, g, beta, step, layer, out, T, nk, nv, dk, dv, CB,
+           nullptr, 0, nullptr, 0.f, l2norm_qk);
   else
-    launch(delta_rule_kernel<16, false>, grid, CB * RG, smem, s, q, k, v, g, beta, step, layer, out,
-           T, nk, nv, dk, dv, CB, nullptr, 0, nullptr, 0.f, l2norm_qk);
+    launch(early_loads() ? delta_rule_kernel<16, false, true> : delta_rule_kernel<16, false, false>,
+           grid, CB * RG, smem, s, q, k, v, g, beta, step, layer, out, T, nk, nv, dk, dv, CB,
+           nullptr, 0, nullptr, 0.f, l2norm_qk);
 }
 
 bool delta_rule_normed(const float* q, const float* k, const float* v, const float* g,
@@ -3630,11 +3756,13 @@ bool delta_rule_normed(const float* q, const float* k, const float* v, const flo
   const size_t smem = static_cast<size_t>(2 * dk) * sizeof(float);
   const int CB = static_cast<int>(dv);
   if (rpt == 32)
-    launch(delta_rule_kernel<32, true>, grid, CB * RG, smem, s, q, k, v, g, beta, step, layer, out,
-           T, nk, nv, dk, dv, CB, z, ld_z, w, eps, l2norm_qk);
+    launch(early_loads() ? delta_rule_kernel<32, true, true> : delta_rule_kernel<32, true, false>,
+           grid, CB * RG, smem, s, q, k, v, g, beta, step, layer, out, T, nk, nv, dk, dv, CB, z,
+           ld_z, w, eps, l2norm_qk);
   else
-    launch(delta_rule_kernel<16, true>, grid, CB * RG, smem, s, q, k, v, g, beta, step, layer, out,
-           T, nk, nv, dk, dv, CB, z, ld_z, w, eps, l2norm_qk);
+    launch(early_loads() ? delta_rule_kernel<16, true, true> : delta_rule_kernel<16, true, false>,
+           grid, CB * RG, smem, s, q, k, v, g, beta, step, layer, out, T, nk, nv, dk, dv, CB, z,
+           ld_z, w, eps, l2norm_qk);
   return true;
 }
 

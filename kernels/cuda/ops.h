@@ -37,6 +37,9 @@ void set_pdl_enabled(bool on);
 /// the kernel's name (__func__, cut to 47 characters).
 struct KernelStamp {
   unsigned long long entry_ns = 0, release_ns = 0;
+  /// Points inside the kernel that it marks itself (stamp_mark; 0: not marked): the delta rule and
+  /// the split merge mark their stages (Note [Kernel stamps]).
+  unsigned long long mark_ns[3] = {};
   unsigned blocks = 0, threads = 0;
   char name[48] = {};
 };
@@ -47,6 +50,10 @@ void stamps_begin(int capacity);
 /// Synchronises the device, turns stamps off and returns them in release order (at most the
 /// capacity; the rest were dropped). Empty when stamps were not on.
 std::vector<KernelStamp> stamps_end();
+/// The one-token delta rule and the split-attention merge with every load issued up front (Note
+/// [early loads] in ops.cu; bit-identical). Default from TIDAL_CUDA_EARLY_LOADS (unset: off).
+void set_early_loads(bool on);
+bool early_loads();
 /// The delta rule over a prompt: 0 the staged token-by-token kernel, 1 the one-pass chunked
 /// kernel (Note [chunked delta rule]), 2 the two-pass chunked form (Note [two-pass chunked delta
 /// rule]; the default: 20% faster end to end at 8K tokens than the staged kernel). Default from

@@ -823,8 +823,19 @@ int main(int argc, char** argv) {
           const auto& s0 = runs[0][k];
           const double sh = median(share);
           span += sh;
-          ks.push_back({s0.name, s0.blocks, s0.threads, std::round(sh * 100) / 100,
-                        std::round(median(lead) * 100) / 100});
+          nlohmann::json row = {s0.name, s0.blocks, s0.threads, std::round(sh * 100) / 100,
+                                std::round(median(lead) * 100) / 100};
+          // Stages the kernel marked itself (stamp_mark): µs after its release, median.
+          nlohmann::json marks = nlohmann::json::array();
+          for (int j = 0; j < 3 && s0.mark_ns[j] != 0; ++j) {
+            std::vector<double> m;
+            for (const auto& r : runs)
+              if (r[k].mark_ns[j] != 0)
+                m.push_back(static_cast<double>(r[k].mark_ns[j] - r[k].release_ns) * 1e-3);
+            marks.push_back(std::round(median(m) * 100) / 100);
+          }
+          if (!marks.empty()) row.push_back(marks);
+          ks.push_back(row);
           auto& b = by_name[fmt::format("{} x{}", s0.name, s0.blocks)];
           b.first += 1;
           b.second += sh;
@@ -842,7 +853,8 @@ int main(int argc, char** argv) {
                                           {"same_count_in_every_step", same},
                                           {"first_to_last_release_us", span},
                                           {"by_kernel", sum},
-                                          {"columns", "name, blocks, threads, share_us, lead_us"},
+                                          {"columns",
+                                           "name, blocks, threads, share_us, lead_us[, marks_us]"},
                                           {"timeline", ks}}
                                .dump());
       }

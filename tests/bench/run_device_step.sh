@@ -58,6 +58,14 @@ for line in open(sys.argv[1]):
         print(f'rep {d["rep"]} {d["env"]:28s} stamps: {d["kernels"]} kernels, first-to-last release {d["first_to_last_release_us"]:.1f} us')
         for name, n, tot in d["by_kernel"][:14]:
             print(f'    {name:48s} x{n:3d} {tot:8.1f} us')
+        marked = {}  # kernels that mark their stages: mean share, lead and marks over the step
+        for row in d["timeline"]:
+            if len(row) > 5:
+                marked.setdefault(row[0], []).append(row)
+        for name, rows in marked.items():
+            mean = lambda xs: sum(xs) / len(xs)
+            marks = [round(mean([r[5][j] for r in rows if len(r[5]) > j]), 2) for j in range(len(rows[0][5]))]
+            print(f'    marks {name:42s} x{len(rows):3d} share {mean([r[3] for r in rows]):.2f} lead {mean([r[4] for r in rows]):.2f} marks {marks}')
 PY
 cat "$out/step_summary.txt"
 b=./build/gpu/tests/bench/tidal_bench_experts

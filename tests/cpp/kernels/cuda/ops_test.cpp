@@ -10,9 +10,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "gpu.h"
@@ -468,8 +470,28 @@ TEST(CudaOps, KernelStampsRecordEachKernelOnceInOrder) {
       EXPECT_GE(st[i].release_ns, st[i - 1].release_ns) << i;
     }
   }
-  ASSERT_EQ(cudaGraphLaunch(e, s), cudaSuccess);  // stamps off: nothing recorded
+  for (const auto& k : st) EXPECT_EQ(k.mark_ns[0], 0u) << k.name;  // these mark nothing
+  ASSERT_EQ(cudaGraphLaunch(e, s), cudaSuccess);                   // stamps off: nothing recorded
   EXPECT_TRUE(stamps_end().empty());
+  // A kernel that marks its stages (the one-token delta rule): three marks, in order, after its
+  // release.
+  {
+    const int64_t nk = 2, nv = 4, dk = 64, dv = 64;
+    Dev<float> q(random_vec(nk * dk, 44)), k(random_vec(nk * dk, 45)), v(random_vec(nv * dv, 46)),
+        g(std::vector<float>(nv, -0.1f)), b(std::vector<float>(nv, 0.5f)), o(nv * dv),
+        rec(nv * dk * dv);
+    Dev<LayerStateDev> dls(
+        std::vector<LayerStateDev>{LayerStateDev{nullptr, nullptr, nullptr, rec.p}});
+    Dev<StepDev> dstep(std::vector<StepDev>{StepDev{0, dls.p}});
+    stamps_begin(8);
+    delta_rule(q.p, k.p, v.p, g.p, b.p, dstep.p, 0, o.p, 1, nk, nv, dk, dv, s);
+    st = stamps_end();
+    ASSERT_EQ(st.size(), 1u);
+    EXPECT_EQ(std::string(st[0].name).rfind("delta_rule", 0), 0u) << st[0].name;
+    EXPECT_GE(st[0].mark_ns[0], st[0].release_ns);
+    EXPECT_GE(st[0].mark_ns[1], st[0].mark_ns[0]);
+    EXPECT_GE(st[0].mark_ns[2], st[0].mark_ns[1]);
+  }
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
   cudaGraphExecDestroy(e);
   cudaGraphDestroy(g);
@@ -992,6 +1014,155 @@ TEST(CudaOps, FusedDecodeKernelsMatchUnfused) {
     cpu::rms_norm_row(&xs[t * H], w.data(), &ref[t * H], H, 1e-6f, cpu::NormScale::kZeroCentred);
   EXPECT_LT(max_abs_diff(dx.get(), xs), 1e-6f);
   EXPECT_LT(max_abs_diff(dxn.get(), ref), 1e-5f);
+}
+
+/// Note [early loads]: the one-token delta rule (plain and normed, q/k normalised first or in the
+/// kernel, one and two rows) and the split-attention merge (few and many splits: more than the
+/// eight per warp loaded early and more than the 256 m/l loaded early; gated, ungated and the
+/// fused prep's gate; tensor-core and SIMT kernels) give the same bits with and without.
+TEST(CudaOps, EarlyLoadsAreBitIdentical) {
+  REQUIRE_GPU();
+  struct Restore {
+    bool was = early_loads();
+    ~Restore() { set_early_loads(was); }
+  } restore;
+  for (auto [nk, nv, dk, dv] : {std::tuple<int64_t, int64_t, int64_t, int64_t>{16, 32, 128, 128},
+                                {2, 4, 64, 64},
+                                {1, 2, 32, 64},
+                                {2, 4, 16, 16}})
+    for (int64_t rows : {1, 2})
+      for (bool l2 : {false, true})
+        for (bool normed : {false, true}) {
+          auto q = random_vec(rows * nk * dk, 70, 0.5f), k = random_vec(rows * nk * dk, 71, 0.5f),
+               v = random_vec(rows * nv * dv, 72), g = random_vec(rows * nv, 73, 0.1f),
+               beta = random_vec(rows * nv, 74, 0.3f), z = random_vec(rows * nv * dv, 75),
+               nw = random_vec(dv, 76, 0.2f);
+          for (auto& x : g) x = -std::fabs(x);
+          for (auto& x : beta) x = cpu::sigmoid(x);
+          Dev<float> dq(q), dk_(k), dvv(v), dg(g), db(beta), dz(z), dnw(nw);
+          std::vector<std::vector<float>> outs;
+          for (bool early : {false, true}) {
+            set_early_loads(early);
+            std::vector<LayerStateDev> lss;
+            std::vector<std::unique_ptr<Dev<float>>> states;
+            for (int64_t r = 0; r < rows; ++r) {
+              states.push_back(
+                  std::make_unique<Dev<float>>(random_vec(nv * dk * dv, 77 + r, 0.1f)));
+              lss.push_back(LayerStateDev{nullptr, nullptr, nullptr, states.back()->p});
+            }
+            std::vector<std::unique_ptr<Dev<LayerStateDev>>> dls;
+            std::vector<StepDev> steps;
+            for (int64_t r = 0; r < rows; ++r) {
+              dls.push_back(
+                  std::make_unique<Dev<LayerStateDev>>(std::vector<LayerStateDev>{lss[r]}));
+              steps.push_back(StepDev{0, dls.back()->p});
+            }
+            Dev<StepDev> dstep(steps);
+            Dev<float> o(
+                std::vector<float>(rows * nv * dv, std::numeric_limits<float>::quiet_NaN()));
+            bool ran = false;
+            if (normed)
+              ran = delta_rule_normed(dq.p, dk_.p, dvv.p, dg.p, db.p, dstep.p, 0, dz.p, nv * dv,
+                                      dnw.p, 1e-6f, o.p, 1, nk, nv, dk, dv, nullptr, rows, l2);
+            if (!normed) {
+              delta_rule(dq.p, dk_.p, dvv.p, dg.p, db.p, dstep.p, 0, o.p, 1, nk, nv, dk, dv,
+                         nullptr, rows, l2);
+              ran = true;
+            }
+            if (!ran) continue;  // d_v < 32: no normed kernel (FusedDecodeKernelsMatchUnfused)
+            auto out = o.get();
+            for (auto& st : states) {
+              const auto sv = st->get();
+              out.insert(out.end(), sv.begin(), sv.end());
+            }
+            outs.push_back(std::move(out));
+          }
+          if (outs.size() < 2) continue;
+          ASSERT_EQ(outs[0].size(), outs[1].size());
+          size_t diff = 0;
+          for (size_t i = 0; i < outs[0].size(); ++i) {
+            EXPECT_FALSE(std::isnan(outs[0][i])) << i;
+            diff += std::memcmp(&outs[0][i], &outs[1][i], sizeof(float)) != 0;
+          }
+          EXPECT_EQ(diff, 0u) << "delta rule nk=" << nk << " dv=" << dv << " rows=" << rows
+                              << " l2=" << l2 << " normed=" << normed;
+        }
+  // The merge: decode over caches of 1000, 5000 (79 of 132 splits used) and 20000 keys (more
+  // than 256 of 512 splits used), and a 3-token chunk on the SIMT kernels.
+  struct Case {
+    int64_t nh, nkv, d, pos0, T;
+    int splits;
+  };
+  for (const Case c : {Case{16, 2, 256, 1000, 1, 132}, Case{16, 2, 256, 4999, 1, 132},
+                       Case{16, 2, 256, 20000, 1, 512}, Case{4, 2, 64, 300, 3, 17}})
+    for (bool tc : {true, false})
+      for (int gate_mode = 0; gate_mode < 3; ++gate_mode) {  // none, gate tensor, fused prep
+        if (gate_mode == 2 && (!tc || c.T != 1)) continue;
+        const int64_t n = c.pos0 + c.T, kvw = c.nkv * c.d;
+        const auto kh = to_bf16(random_vec(n * kvw, 80, 1.0f)),
+                   vh = to_bf16(random_vec(n * kvw, 81, 1.0f));
+        const auto qv = random_vec(c.T * c.nh * c.d, 82), gv = random_vec(c.T * c.nh * c.d, 83);
+        const auto qg = random_vec(c.nh * c.d * 2, 84), kn = random_vec(kvw, 85),
+                   vn = random_vec(kvw, 86), qnorm = random_vec(c.d, 87, 0.1f),
+                   knorm = random_vec(c.d, 88, 0.1f);
+        const auto table = cpu::rope_table_default(1e7, c.d / 4);
+        Dev<uint16_t> dkc(kh), dvc(vh);
+        Dev<LayerStateDev> dls(
+            std::vector<LayerStateDev>{LayerStateDev{dkc.p, dvc.p, nullptr, nullptr}});
+        Dev<StepDev> dstep(std::vector<StepDev>{StepDev{c.pos0, dls.p}});
+        Dev<float> dq(qv), dgate(gv), dqg(qg), dkn(kn), dvn(vn), dqn(qnorm), dkn2(knorm),
+            dinv(table.inv_freq);
+        Dev<float> part(attention_workspace_floats(c.T, c.nh, c.d, c.splits));
+        AttentionArgs a;
+        a.q = dq.p;
+        a.gate = gate_mode == 1 ? dgate.p : nullptr;
+        a.step = dstep.p;
+        a.T = c.T;
+        a.nh = c.nh;
+        a.nkv = c.nkv;
+        a.d = c.d;
+        a.scale = 1.0f / std::sqrt(static_cast<float>(c.d));
+        a.max_splits = c.splits;
+        a.tensor_cores = tc;
+        a.partial = part.p;
+        if (gate_mode == 2) {
+          a.fused_prep = true;
+          a.q = nullptr;
+          AttnPrepArgs& p = a.prep;
+          p.qg = dqg.p;
+          p.k = dkn.p;
+          p.v = dvn.p;
+          p.q_norm = dqn.p;
+          p.k_norm = dkn2.p;
+          p.inv_freq = dinv.p;
+          p.step = dstep.p;
+          p.T = 1;
+          p.nh = c.nh;
+          p.nkv = c.nkv;
+          p.d = c.d;
+          p.rotary_dim = c.d / 4;
+          p.zero_centred = true;
+          p.gated = true;
+          if (!attention_uses_tensor_cores(a)) continue;
+        }
+        std::vector<std::vector<float>> outs;
+        for (bool early : {false, true}) {
+          set_early_loads(early);
+          Dev<float> out(
+              std::vector<float>(c.T * c.nh * c.d, std::numeric_limits<float>::quiet_NaN()));
+          a.out = out.p;
+          attention(a, nullptr);
+          outs.push_back(out.get());
+        }
+        size_t diff = 0, nan = 0;
+        for (size_t i = 0; i < outs[0].size(); ++i) {
+          nan += std::isnan(outs[0][i]);
+          diff += std::memcmp(&outs[0][i], &outs[1][i], sizeof(float)) != 0;
+        }
+        EXPECT_EQ(nan, 0u);
+        EXPECT_EQ(diff, 0u) << "merge pos0=" << c.pos0 << " T=" << c.T << " splits=" << c.splits
+                            << " tc=" << tc << " gate_mode=" << gate_mode;
+      }
 }
 
 /// Note [Router in the MoE in-projection]: gemv_route equals the GEMV then moe_route bit for bit
