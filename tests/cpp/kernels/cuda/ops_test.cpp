@@ -334,6 +334,22 @@ TEST(CudaOps, ConvertersEmbeddingAndSiluMul) {
     for (size_t t = 0; t < ids.size(); ++t)
       for (int64_t c = 0; c < cols; ++c) ASSERT_EQ(got[t * cols + c], table[ids[t] * cols + c]);
   }
+  // Rows wider than one pass of the kernel (8 values a thread, 256 threads) with a partial tail,
+  // and exactly one pass.
+  for (int64_t wide : {int64_t{2048}, int64_t{4099}}) {
+    auto wt = random_vec(static_cast<size_t>(3 * wide), 73);
+    Dev<uint16_t> dwt(to_bf16(wt));
+    const DevMatrix mt{dwt.p, nullptr, WFormat::kBF16, 3, wide};
+    const std::vector<int32_t> tid = {2, 0, 2};
+    Dev<int32_t> dtid(tid);
+    Dev<float> out(std::vector<float>(tid.size() * wide, std::numeric_limits<float>::quiet_NaN()));
+    embed(mt, dtid.p, static_cast<int64_t>(tid.size()), out.p, nullptr);
+    const auto got = out.get();
+    for (size_t t = 0; t < tid.size(); ++t)
+      for (int64_t c = 0; c < wide; ++c)
+        ASSERT_EQ(got[t * wide + c], bf16_to_f32(kernels::f32_to_bf16(wt[tid[t] * wide + c])))
+            << "wide=" << wide << " t=" << t << " c=" << c;
+  }
   // silu_mul with strided [g | u] rows.
   const int64_t T = 4, I = 29, ldg = 2 * I + 6;
   auto gu = random_vec(static_cast<size_t>(T * ldg), 72);
