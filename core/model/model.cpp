@@ -184,13 +184,13 @@ void norm_rows(const float* x, const std::vector<float>& w, float* y, int64_t T,
 
 /// out (T, H) = down( silu(gate x) ⊙ up x ).
 void swiglu(const float* x, int64_t T, const WeightView& gate, const WeightView& up,
-            const WeightView& down, float* out, Executor& ex) {
+            const WeightView& down, float* out, Executor& ex, kernels::Isa isa) {
   const int64_t I = gate.rows;
   std::vector<float> g(static_cast<size_t>(T * I)), u(static_cast<size_t>(T * I));
-  kc::linear(x, T, gate, g.data(), ex);
-  kc::linear(x, T, up, u.data(), ex);
+  kc::linear(x, T, gate, g.data(), ex, false, isa);
+  kc::linear(x, T, up, u.data(), ex, false, isa);
   for (int64_t i = 0; i < T * I; ++i) g[i] = kc::silu(g[i]) * u[i];
-  kc::linear(g.data(), T, down, out, ex);
+  kc::linear(g.data(), T, down, out, ex, false, isa);
 }
 
 }  // namespace
@@ -204,7 +204,7 @@ void Model::attention_layer(const LayerWeights& w, LayerState& ls, int64_t pos0,
   const float eps = static_cast<float>(c.rms_norm_eps);
   const int64_t qw = w.attn.q_proj.rows;  // nh·d, or 2·nh·d with the gate
   std::vector<float> qg(static_cast<size_t>(T * qw));
-  kc::linear(xn, T, w.attn.q_proj, qg.data(), ex);
+  kc::linear(xn, T, w.attn.q_proj, qg.data(), ex, false, cpu_isa_);
   // q: (T, nh, d) rows of stride nh·d; gate: (T, nh·d). The hybrid q_proj packs [q_h | gate_h] per
   // head.
   std::vector<float> q(static_cast<size_t>(T * nh * d)),
@@ -220,8 +220,8 @@ void Model::attention_layer(const LayerWeights& w, LayerState& ls, int64_t pos0,
   ls.v_cache.resize(old + static_cast<size_t>(T * nkv * d));
   float* k_new = ls.k_cache.data() + old;
   float* v_new = ls.v_cache.data() + old;
-  kc::linear(xn, T, w.attn.k_proj, k_new, ex);
-  kc::linear(xn, T, w.attn.v_proj, v_new, ex);
+  kc::linear(xn, T, w.attn.k_proj, k_new, ex, false, cpu_isa_);
+  kc::linear(xn, T, w.attn.v_proj, v_new, ex, false, cpu_isa_);
   norm_rows(q.data(), w.attn.q_norm, q.data(), T * nh, d, d, eps, scale);
   norm_rows(k_new, w.attn.k_norm, k_new, T * nkv, d, d, eps, scale);
   kc::rope_apply(q.data(), T, nh * d, nh, d, pos0, rope_->table);
@@ -242,7 +242,7 @@ void Model::attention_layer(const LayerWeights& w, LayerState& ls, int64_t pos0,
   kc::attention(args, ex);
   if (gated)
     for (size_t i = 0; i < o.size(); ++i) o[i] *= kc::sigmoid(gate[i]);
-  kc::linear(o.data(), T, w.attn.o_proj, out, ex);
+  kc::linear(o.data(), T, w.attn.o_proj, out, ex, false, cpu_isa_);
 }
 
 void Model::delta_net_layer(const LayerWeights& w, LayerState& ls, const float* xn, int64_t T,
@@ -259,8 +259,8 @@ void Model::delta_net_layer(const LayerWeights& w, LayerState& ls, const float* 
     // a(ρ)].
     const int64_t gw = 2 * dk + 2 * rho * dv;
     std::vector<float> p(static_cast<size_t>(T * nk * gw)), ba(static_cast<size_t>(T * 2 * nv));
-    kc::linear(xn, T, g.in_proj_qkvz, p.data(), ex);
-    kc::linear(xn, T, g.in_proj_ba, ba.data(), ex);
+    kc::linear(xn, T, g.in_proj_qkvz, p.data(), ex, false, cpu_isa_);
+    kc::linear(xn, T, g.in_proj_ba, ba.data(), ex, false, cpu_isa_);
     for (int64_t t = 0; t < T; ++t) {
       const float* pt = p.data() + t * nk * gw;
       float* mt = m.data() + t * C;
@@ -279,10 +279,10 @@ void Model::delta_net_layer(const LayerWeights& w, LayerState& ls, const float* 
       }
     }
   } else {
-    kc::linear(xn, T, g.in_proj_qkv, m.data(), ex);
-    kc::linear(xn, T, g.in_proj_z, z.data(), ex);
-    kc::linear(xn, T, g.in_proj_b, b.data(), ex);
-    kc::linear(xn, T, g.in_proj_a, a.data(), ex);
+    kc::linear(xn, T, g.in_proj_qkv, m.data(), ex, false, cpu_isa_);
+    kc::linear(xn, T, g.in_proj_z, z.data(), ex, false, cpu_isa_);
+    kc::linear(xn, T, g.in_proj_b, b.data(), ex, false, cpu_isa_);
+    kc::linear(xn, T, g.in_proj_a, a.data(), ex, false, cpu_isa_);
   }
   std::vector<float> u(static_cast<size_t>(T * C));
   kc::causal_conv1d_silu(m.data(), T, C, K, g.conv1d.data(), ls.conv.data(), u.data(), ex);
@@ -332,7 +332,7 @@ void Model::delta_net_layer(const LayerWeights& w, LayerState& ls, const float* 
   for (int64_t r = 0; r < T * nv; ++r)
     kc::rms_norm_gated_row(o.data() + r * dv, z.data() + r * dv, g.norm.data(), o.data() + r * dv,
                            dv, eps);
-  kc::linear(o.data(), T, g.out_proj, out, ex);
+  kc::linear(o.data(), T, g.out_proj, out, ex, false, cpu_isa_);
 }
 
 void Model::mlp_block(int64_t layer, const MlpWeights& w, const float* xn, int64_t T, float* out,
@@ -341,7 +341,7 @@ void Model::mlp_block(int64_t layer, const MlpWeights& w, const float* xn, int64
   const int64_t H = cfg_.hidden_size;
   if (!w.is_moe) {
     TraceSpan span(trace_.get(), "dense_mlp", "cpu_dense", layer);
-    swiglu(xn, T, w.gate_proj, w.up_proj, w.down_proj, out, ex);
+    swiglu(xn, T, w.gate_proj, w.up_proj, w.down_proj, out, ex, cpu_isa_);
     return;
   }
   const int64_t E = cfg_.num_experts, k = cfg_.num_experts_per_tok;
@@ -351,7 +351,7 @@ void Model::mlp_block(int64_t layer, const MlpWeights& w, const float* xn, int64
   {
     TraceSpan span(tr, "router", "cpu_dense", layer);
     std::vector<float> logits(static_cast<size_t>(T * E));
-    kc::linear(xn, T, w.router, logits.data(), ex);
+    kc::linear(xn, T, w.router, logits.data(), ex, false, cpu_isa_);
     kc::moe_route(logits.data(), T, E, k, cfg_.norm_topk_prob, ids.data(), weights.data());
     if (routing_->active())
       routing_->on_route(layer, logits.data(), T, cfg_.norm_topk_prob, ids.data(), weights.data());
@@ -388,7 +388,8 @@ void Model::mlp_block(int64_t layer, const MlpWeights& w, const float* xn, int64
   if (cfg_.shared_expert_intermediate_size > 0) {
     TraceSpan span(tr, "shared_expert", "cpu_dense", layer);
     std::vector<float> hs(static_cast<size_t>(T * H));
-    swiglu(xn, T, w.shared_gate_proj, w.shared_up_proj, w.shared_down_proj, hs.data(), ex);
+    swiglu(xn, T, w.shared_gate_proj, w.shared_up_proj, w.shared_down_proj, hs.data(), ex,
+           cpu_isa_);
     for (int64_t t = 0; t < T; ++t) {
       float dot = 0.f;
       for (int64_t i = 0; i < H; ++i) dot += w.shared_expert_gate[i] * xn[t * H + i];
@@ -416,7 +417,7 @@ void Model::predict_experts(size_t next, const float* x, int64_t R, int64_t kp,
   std::vector<float> xn(static_cast<size_t>(R * H)), logits(static_cast<size_t>(R * E));
   norm_rows(x, w.post_attention_layernorm, xn.data(), R, H, H,
             static_cast<float>(cfg_.rms_norm_eps), scale);
-  kc::linear(xn.data(), R, w.mlp.router, logits.data(), ex);
+  kc::linear(xn.data(), R, w.mlp.router, logits.data(), ex, false, cpu_isa_);
   pred.resize(static_cast<size_t>(R * kp));
   top_k_ids(logits.data(), R, E, kp, pred.data());
 }
@@ -547,7 +548,7 @@ void Model::forward(std::span<const int64_t> ids, SequenceState& state, LogitsMo
   TraceSpan span(trace_.get(), "lm_head", "cpu_dense");
   norm_rows(x.data() + first * H, final_norm_, xn.data(), rows, H, H, eps, scale);
   logits.resize(static_cast<size_t>(rows * c.vocab_size));
-  kc::linear(xn.data(), rows, lm_head_, logits.data(), ex);
+  kc::linear(xn.data(), rows, lm_head_, logits.data(), ex, false, cpu_isa_);
 }
 
 void Model::reserve(SequenceState& state, int64_t tokens) const {
@@ -599,7 +600,7 @@ void Model::forward_batch(std::span<SequenceState* const> states, std::span<cons
   TraceSpan span(trace_.get(), "lm_head", "cpu_dense");
   norm_rows(x.data(), final_norm_, xn.data(), B, H, H, eps, scale);
   logits.resize(static_cast<size_t>(B * c.vocab_size));
-  kc::linear(xn.data(), B, lm_head_, logits.data(), ex);
+  kc::linear(xn.data(), B, lm_head_, logits.data(), ex, false, cpu_isa_);
   if (profile)
     profile->total +=
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();

@@ -18,6 +18,7 @@
 #include "core/model/weight_loader.h"
 #include "kernels/common/dtype.h"
 #include "kernels/common/executor.h"
+#include "kernels/cpu/linear.h"
 
 namespace tidal::core {
 
@@ -113,6 +114,11 @@ class Model {
   /// The GPU part (device="cuda"), or null.
   CudaModel* cuda() const { return cuda_.get(); }
 
+  /// Highest ISA of the dense CPU projections (kernels::cpu::linear); default
+  /// linear_default_isa(). Runtime sets its cpu_isa here.
+  void set_cpu_isa(kernels::Isa isa) { cpu_isa_ = isa; }
+  kernels::Isa cpu_isa() const { return cpu_isa_; }
+
  private:
   void attention_layer(const LayerWeights& w, LayerState& ls, int64_t pos0, const float* xn,
                        int64_t T, float* out, kernels::Executor& ex) const;
@@ -137,6 +143,7 @@ class Model {
                        std::vector<int32_t>& pred, kernels::Executor& ex) const;
 
   ModelConfig cfg_;
+  kernels::Isa cpu_isa_ = kernels::cpu::linear_default_isa();
   std::shared_ptr<OwnedWeights> owned_;
   std::shared_ptr<RoutedExperts> experts_;
   std::shared_ptr<RoutingControl> routing_;

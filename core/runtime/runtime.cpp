@@ -279,6 +279,7 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
   } catch (const std::invalid_argument& e) {
     throw InvalidArgument(e.what());
   }
+  rt->model_->set_cpu_isa(eopts.isa);  // the dense CPU projections too (Note [CPU linear])
   TIDAL_CHECK(opts.expert_group_size == 0 || opts.expert_group_size == 32 ||
                   opts.expert_group_size == 64 || opts.expert_group_size == 128,
               InvalidArgument, "expert_group_size must be 32, 64 or 128 (0: default), got {}",

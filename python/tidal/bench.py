@@ -45,6 +45,11 @@ def _ints(text: str) -> list[int]:
     return vals
 
 
+def _is_checkout(root: pathlib.Path) -> bool:
+    """Whether `root` is a tidal source tree (python/tidal inside it, as in the repository)."""
+    return (root / "pyproject.toml").is_file() and (root / "kernels").is_dir() and (root / "python" / "tidal").is_dir()
+
+
 def system_info() -> dict[str, Any]:
     """tidal version and commit, CPU model and cores, GPU and driver (when nvidia-smi answers)."""
     from . import __version__
@@ -77,9 +82,11 @@ def system_info() -> dict[str, Any]:
     here = pathlib.Path(__file__).resolve().parent
     if os.environ.get("TIDAL_COMMIT"):  # set by the device scripts: a copied tree's git metadata may lag
         info["commit"] = os.environ["TIDAL_COMMIT"]
-    else:
+    elif _is_checkout(here.parent.parent):
+        # Only a tidal checkout's own commit: an installed package sits in site-packages, which may
+        # lie inside some other repository (a pyenv tree), whose commit would be reported instead.
         try:
-            info["commit"] = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+            info["commit"] = subprocess.run(["git", "-C", str(here.parent.parent), "rev-parse", "--short", "HEAD"],
                                             capture_output=True, text=True, timeout=5).stdout.strip() or None
         except (OSError, subprocess.SubprocessError):
             pass

@@ -15,10 +15,12 @@ struct Shape {
   int64_t m, n, k;
 };
 
-class LinearTest : public ::testing::TestWithParam<std::tuple<Shape, DType, bool>> {};
+class LinearTest : public ::testing::TestWithParam<std::tuple<Shape, DType, bool, Isa>> {};
 
 TEST_P(LinearTest, ThreadedMatchesReference) {
-  const auto [s, dt, accumulate] = GetParam();
+  const auto [s, dt, accumulate, isa] = GetParam();
+  if (cpu_features().best < isa)
+    GTEST_SKIP() << "this CPU lacks " << isa_name(isa) << " (the device machine runs it)";
   const int64_t ld_src = s.k + 3;  // strided rows
   const auto src = test::random_vec(static_cast<size_t>(s.m * ld_src), 1);
   const auto wf = test::random_vec(static_cast<size_t>(s.n * s.k), 2, 0.5f);
@@ -29,7 +31,7 @@ TEST_P(LinearTest, ThreadedMatchesReference) {
   std::vector<float> ref = init, got = init;
   linear_ref({src.data(), ld_src, w, ref.data(), s.n, s.m, accumulate});
   auto ex = make_tbb_executor(4);
-  linear({src.data(), ld_src, w, got.data(), s.n, s.m, accumulate}, *ex);
+  linear({src.data(), ld_src, w, got.data(), s.n, s.m, accumulate}, *ex, isa);
   ASSERT_GT(test::norm2(ref), 0.0);
   for (size_t i = 0; i < ref.size(); ++i)
     ASSERT_NEAR(got[i], ref[i],
@@ -37,20 +39,25 @@ TEST_P(LinearTest, ThreadedMatchesReference) {
                     test::kF32Rtol * std::sqrt(static_cast<float>(s.k)) * std::abs(ref[i]) +
                     1e-6f * std::sqrt(static_cast<float>(s.k)))
         << "linear m=" << s.m << " n=" << s.n << " k=" << s.k << " dtype=" << dtype_name(dt)
-        << " acc=" << accumulate << " at " << i;
+        << " acc=" << accumulate << " isa=" << isa_name(isa) << " at " << i;
   // Determinism: same input, same threads -> bit-identical.
   std::vector<float> again = init;
-  linear({src.data(), ld_src, w, again.data(), s.n, s.m, accumulate}, *ex);
+  linear({src.data(), ld_src, w, again.data(), s.n, s.m, accumulate}, *ex, isa);
   ASSERT_EQ(again, got);
 }
 
-INSTANTIATE_TEST_SUITE_P(OddShapes, LinearTest,
-                         ::testing::Combine(::testing::Values(Shape{1, 1, 1}, Shape{1, 17, 64},
-                                                              Shape{2, 33, 7}, Shape{3, 15, 130},
-                                                              Shape{5, 64, 63}, Shape{17, 31, 257},
-                                                              Shape{33, 100, 96}),
-                                            ::testing::Values(DType::kF32, DType::kBF16),
-                                            ::testing::Bool()));
+INSTANTIATE_TEST_SUITE_P(
+    OddShapes, LinearTest,
+    ::testing::Combine(::testing::Values(Shape{1, 1, 1}, Shape{1, 17, 64}, Shape{2, 33, 7},
+                                         Shape{3, 15, 130}, Shape{5, 64, 63}, Shape{17, 31, 257},
+                                         Shape{33, 100, 96},
+                                         // several k blocks with a tail
+                                         // (Note [CPU linear]), odd token
+                                         // pairs and row quads, tasks
+                                         Shape{1, 37, 1000}, Shape{2, 19, 600}, Shape{3, 35, 513},
+                                         Shape{64, 21, 770}),
+                       ::testing::Values(DType::kF32, DType::kBF16), ::testing::Bool(),
+                       ::testing::Values(Isa::kRef, Isa::kAvx2)));
 
 TEST(LinearRef, ExactOnSmallIntegers) {
   // Oracle by hand: [[1, 2, 3]] · [[1, 0, -1], [2, 2, 2]]ᵀ = [[-2, 12]]
