@@ -77,19 +77,18 @@ void linear(const LinearArgs& a, Executor& ex, Isa isa) {
   const bool avx2 = isa >= Isa::kAvx2 && cpu_features().best >= Isa::kAvx2;
   const int64_t num_blocks = (n + kLinearRowsPerTask - 1) / kLinearRowsPerTask;
   ex.parallel_for(num_blocks, 1, [&](int64_t b0, int64_t b1) {
+    // The task's scratch (64 KiB): the AVX2 path's widened k block, the portable path's widened
+    // row (rows wider than it widen into the heap, once per task).
+    alignas(64) float scratch[detail::kLinearScratchFloats];
     if (avx2) {
-      alignas(64) float scratch[detail::kLinearScratchFloats];
       for (int64_t b = b0; b < b1; ++b)
         detail::linear_rows_avx2(a, b * kLinearRowsPerTask,
                                  std::min(n, (b + 1) * kLinearRowsPerTask), scratch);
       return;
     }
-    // One widened row; rows wider than the stack buffer widen into the heap once per task.
-    constexpr int64_t kStackRow = 8192;
-    alignas(64) float stack_row[kStackRow];
     std::vector<float> heap_row;
-    float* wrow = stack_row;
-    if (a.wei.dtype == DType::kBF16 && k > kStackRow) {
+    float* wrow = scratch;
+    if (a.wei.dtype == DType::kBF16 && k > detail::kLinearScratchFloats) {
       heap_row.resize(static_cast<size_t>(k));
       wrow = heap_row.data();
     }

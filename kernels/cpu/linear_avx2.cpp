@@ -113,7 +113,7 @@ void rows_blocked(const LinearArgs& a, int64_t j0, int64_t j1, int64_t kb, int64
 void linear_rows_avx2(const LinearArgs& a, int64_t j0, int64_t j1, float* scratch) {
   const int64_t k = a.wei.cols;
   const bool bf16 = a.wei.dtype == DType::kBF16;
-  if (a.m <= kLinearDirectTokens) {
+  if (a.m <= kLinearDirectTokens || k == 0) {  // (k = 0: every sum is 0; no k block would store)
     // Decode: weights streamed once from memory, widened in registers, the whole k per tile;
     // a row quad's weights (16 KiB at k = 2048) stay in cache for the later token pairs.
     for (int64_t j = j0; j < j1; j += 4) {

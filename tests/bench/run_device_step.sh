@@ -5,7 +5,8 @@
 # tidal_bench_experts), run the whole C++ suite once (CPU kernels on this machine's AVX-512 / AMX
 # and the CUDA tests; the CudaModel tests again under each of TEST_ENVS), then the decode step under each entry of STEP_ENVS (ENV=VALUE joined by
 # '+', "-" for the defaults; STEP_REPS rounds, interleaved) with its kernel stamps (Note [Kernel
-# stamps]), then the M = 1 expert op (EXPERT_REPS runs of int4 and int8 on all threads).
+# stamps]), then the M = 1 expert op (EXPERT_REPS rounds of int4 and int8 on all threads, one
+# process per entry of EXPERT_ENVS).
 # Each part is cut at LIMIT seconds from the start (default 580). Outputs in $OUT: cpp_tests.log
 # (its summary on stdout), step.jsonl, step_summary.txt, experts.jsonl.
 set -uo pipefail
@@ -69,9 +70,18 @@ for line in open(sys.argv[1]):
 PY
 cat "$out/step_summary.txt"
 b=./build/gpu/tests/bench/tidal_bench_experts
+# EXPERT_ENVS: settings of the expert runs (ENV=VALUE joined by '+', "-" for the defaults),
+# interleaved per round; each JSON line gets "env" and "rep".
 for rep in $(seq "${EXPERT_REPS:-3}"); do
-  [ "$(left)" -gt 25 ] || { echo "experts: no time left"; break; }
-  timeout "$(left)" "$b" --shape 35b --m 1 --threads "$(nproc)" --dtypes int4,int8 --seconds 1 || failed=1
+  for v in ${EXPERT_ENVS:--}; do
+    [ "$(left)" -gt 25 ] || { echo "experts: no time left"; break 2; }
+    e=${v//+/ }; [ "$v" = - ] && e=
+    env $e timeout "$(left)" "$b" --shape 35b --m 1 --threads "$(nproc)" --dtypes int4,int8 --seconds 1 \
+      | python3 -c 'import json,sys
+for l in sys.stdin:
+    if l.startswith("{"):
+        d = json.loads(l); d["env"] = sys.argv[1]; d["rep"] = int(sys.argv[2]); print(json.dumps(d))' "$v" "$rep" || failed=1
+  done
 done > "$out/experts.jsonl"
 python3 - "$out/experts.jsonl" <<'PY' || true
 import json, sys
@@ -79,7 +89,7 @@ for line in open(sys.argv[1]):
     if line.startswith("{"):
         d = json.loads(line)
         if d["bench"] == "moe_experts":
-            print(f'experts {d["dtype"]} m=1 {d["threads"]} threads {d["median_us"]:.1f} us {d["bw_fraction"]:.3f} of {d["read_bw_gbps"]:.0f} GB/s')
+            print(f'experts rep {d.get("rep")} {d.get("env", "-")} {d["dtype"]} m=1 {d["threads"]} threads {d["median_us"]:.1f} us {d["bw_fraction"]:.3f} of {d["read_bw_gbps"]:.0f} GB/s')
 PY
 # PY_ENVS: tests/python/test_cuda.py (golden fixtures on device="cuda") under each entry, in the
 # time left (needs "_tidal" in NINJA_TARGETS).

@@ -59,6 +59,22 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Values(DType::kF32, DType::kBF16), ::testing::Bool(),
                        ::testing::Values(Isa::kRef, Isa::kAvx2)));
 
+TEST(Linear, EmptyRowsGiveZerosOrKeepDst) {
+  // k = 0: every dot product is 0, at every ISA and token count (decode and k-blocked paths).
+  for (Isa isa : {Isa::kRef, Isa::kAvx2}) {
+    if (cpu_features().best < isa) continue;
+    for (int64_t m : {1, 9}) {
+      const float w = 0.f, src = 0.f;
+      std::vector<float> dst(static_cast<size_t>(m * 5), 7.f);
+      auto ex = make_tbb_executor(2);
+      linear({&src, 0, WeightView{&w, DType::kBF16, 5, 0}, dst.data(), 5, m, true}, *ex, isa);
+      EXPECT_EQ(dst, std::vector<float>(dst.size(), 7.f)) << isa_name(isa) << " m=" << m;
+      linear({&src, 0, WeightView{&w, DType::kBF16, 5, 0}, dst.data(), 5, m, false}, *ex, isa);
+      EXPECT_EQ(dst, std::vector<float>(dst.size(), 0.f)) << isa_name(isa) << " m=" << m;
+    }
+  }
+}
+
 TEST(LinearRef, ExactOnSmallIntegers) {
   // Oracle by hand: [[1, 2, 3]] · [[1, 0, -1], [2, 2, 2]]ᵀ = [[-2, 12]]
   const float src[3] = {1, 2, 3};
