@@ -19,6 +19,7 @@
 #include "core/model/sequence_state.h"
 #include "kernels/common/dtype.h"
 #include "kernels/common/executor.h"
+#include "kernels/cpu/linear.h"
 
 namespace tidal::core {
 
@@ -90,6 +91,8 @@ struct CudaOptions {
   /// they land. 0 (the default: measured slower, docs/performance.md 2026-12-07) turns it off;
   /// TIDAL_CUDA_EXPERT_PREFETCH.
   int64_t expert_prefetch = env_int("TIDAL_CUDA_EXPERT_PREFETCH", 0);
+  /// Highest ISA of the host-side projections (the lookahead router; Runtime: its cpu_isa).
+  kernels::Isa host_isa = kernels::cpu::linear_default_isa();
   /// Tokens of KV cache the automatic slot count leaves room for (Runtime: max_context if set).
   int64_t kv_reserve_tokens = 32768;
   /// The environment variable `name` as a flag ("1" on, "0" off), `fallback` when unset.

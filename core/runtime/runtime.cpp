@@ -253,10 +253,17 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
   const int default_threads = std::max(1, physical_core_count() - reserve);
   rt->executor_ =
       kernels::make_executor(opts.num_threads > 0 ? opts.num_threads : default_threads, reserve);
+  kernels::Isa cpu_isa;
+  try {
+    cpu_isa = kernels::resolve_isa(opts.cpu_isa);
+  } catch (const std::invalid_argument& e) {
+    throw InvalidArgument(e.what());
+  }
   std::optional<core::CudaOptions> cuda;
   if (cuda_ordinal >= 0) {
     cuda.emplace();
     cuda->device = cuda_ordinal;
+    cuda->host_isa = cpu_isa;
     cuda->weights = opts.gpu_weights;
     cuda->precision = opts.gpu_precision;
     cuda->memory_limit = opts.gpu_memory;
@@ -274,12 +281,8 @@ std::shared_ptr<Runtime> Runtime::load(const fs::path& path, const RuntimeOption
                                              cuda ? &*cuda : nullptr, rt->executor_.get());
 
   offload::ExpertStoreOptions eopts;
-  try {
-    eopts.isa = kernels::resolve_isa(opts.cpu_isa);
-  } catch (const std::invalid_argument& e) {
-    throw InvalidArgument(e.what());
-  }
-  rt->model_->set_cpu_isa(eopts.isa);  // the dense CPU projections too (Note [CPU linear])
+  eopts.isa = cpu_isa;
+  rt->model_->set_cpu_isa(cpu_isa);  // the dense CPU projections too (Note [CPU linear])
   TIDAL_CHECK(opts.expert_group_size == 0 || opts.expert_group_size == 32 ||
                   opts.expert_group_size == 64 || opts.expert_group_size == 128,
               InvalidArgument, "expert_group_size must be 32, 64 or 128 (0: default), got {}",

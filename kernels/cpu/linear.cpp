@@ -24,6 +24,9 @@ namespace tidal::kernels::cpu {
 //    every pair of tokens passes over it with the same 4 × 2 tiles; partial sums go to dst.
 // Every sum is fp32 in eight lanes (then the lanes, then the tail), so results differ from the
 // fp64 reference by rounding only (tests/cpp/kernels/cpu/linear_test.cpp bounds it per ISA).
+// Both paths sum per k block and add the blocks into dst in the same order, so a token's outputs
+// are the same bits whatever the number of tokens in the call (batch invariance: the dense
+// projections add nothing that depends on how many sequences forward_batch runs together).
 // The portable path (no AVX2, or an ISA cap below it) widens each row once and runs one dot per
 // token with `omp simd`.
 

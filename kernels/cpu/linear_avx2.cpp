@@ -2,14 +2,23 @@
 /// \file linear_avx2.cpp
 /// \brief linear()'s AVX2 + FMA rows (compiled with the AVX2 flags only; Note [CPU linear]).
 #include <immintrin.h>
-
-#include <algorithm>
-#include <cmath>
+#include <math.h>
 
 #include "kernels/cpu/linear_detail.h"
 
 namespace tidal::kernels::cpu::detail {
 namespace {
+
+// This file is built with the AVX2 flags: it calls no inline function or template of a shared
+// header (bf16_to_f32, std::min, std::fma), whose one merged copy the linker could take from here
+// for baseline code too. Local copies and the C library's fmaf instead.
+inline int64_t lmin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline float widen(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, sizeof f);
+  return f;
+}
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t* p) {  // 8 BF16 values widened to fp32 (a 16-bit shift)
@@ -17,7 +26,7 @@ inline __m256 load8(const uint16_t* p) {  // 8 BF16 values widened to fp32 (a 16
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
 inline float value(const float* p) { return *p; }
-inline float value(const uint16_t* p) { return bf16_to_f32(*p); }
+inline float value(const uint16_t* p) { return widen(*p); }
 
 inline float hsum(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -48,7 +57,7 @@ inline void tile(const W* w, int64_t ldw, const float* x, int64_t ldx, int64_t k
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < M; ++t) {
       float s = hsum(acc[r][t]);
-      for (int64_t q = p; q < kl; ++q) s = std::fma(value(w + r * ldw + q), x[t * ldx + q], s);
+      for (int64_t q = p; q < kl; ++q) s = fmaf(value(w + r * ldw + q), x[t * ldx + q], s);
       out[r][t] = s;
     }
 }
@@ -95,11 +104,11 @@ void rows_blocked(const LinearArgs& a, int64_t j0, int64_t j1, int64_t kb, int64
                   int64_t ldw) {
   const bool first = kb == 0;
   for (int64_t i0 = 0; i0 < a.m; i0 += kLinearTokenBlock) {
-    const int64_t i1 = std::min(a.m, i0 + kLinearTokenBlock);
+    const int64_t i1 = lmin(a.m, i0 + kLinearTokenBlock);
     for (int64_t j = j0; j < j1; j += 4) {
-      const int nr = static_cast<int>(std::min<int64_t>(4, j1 - j));
+      const int nr = static_cast<int>(lmin(4, j1 - j));
       for (int64_t i = i0; i < i1; i += 2) {
-        const int nt = static_cast<int>(std::min<int64_t>(2, i1 - i));
+        const int nt = static_cast<int>(lmin(2, i1 - i));
         float s[4][2];
         tile_any(nr, nt, wb + (j - j0) * ldw, ldw, a.src + i * a.ld_src + kb, a.ld_src, kl, s);
         store(a, j, i, nr, nt, first, s);
@@ -114,20 +123,27 @@ void linear_rows_avx2(const LinearArgs& a, int64_t j0, int64_t j1, float* scratc
   const int64_t k = a.wei.cols;
   const bool bf16 = a.wei.dtype == DType::kBF16;
   if (a.m <= kLinearDirectTokens || k == 0) {  // (k = 0: every sum is 0; no k block would store)
-    // Decode: weights streamed once from memory, widened in registers, the whole k per tile;
-    // a row quad's weights (16 KiB at k = 2048) stay in cache for the later token pairs.
+    // Decode: weights streamed once from memory, widened in registers; a row quad's weights
+    // (16 KiB at k = 2048) stay in cache for the later token pairs. Summed per k block and added
+    // into dst block by block exactly as the k-blocked path below does, so a token's outputs do
+    // not depend on how many tokens share the call (batch invariance; the test checks it).
     for (int64_t j = j0; j < j1; j += 4) {
-      const int nr = static_cast<int>(std::min<int64_t>(4, j1 - j));
+      const int nr = static_cast<int>(lmin(4, j1 - j));
       for (int64_t i = 0; i < a.m; i += 2) {
-        const int nt = static_cast<int>(std::min<int64_t>(2, a.m - i));
-        float s[4][2];
-        if (bf16)
-          tile_any(nr, nt, static_cast<const uint16_t*>(a.wei.data) + j * k, k,
-                   a.src + i * a.ld_src, a.ld_src, k, s);
-        else
-          tile_any(nr, nt, static_cast<const float*>(a.wei.data) + j * k, k, a.src + i * a.ld_src,
-                   a.ld_src, k, s);
-        store(a, j, i, nr, nt, true, s);
+        const int nt = static_cast<int>(lmin(2, a.m - i));
+        int64_t kb = 0;
+        do {
+          const int64_t kl = lmin(kLinearKBlock, k - kb);
+          float s[4][2];
+          if (bf16)
+            tile_any(nr, nt, static_cast<const uint16_t*>(a.wei.data) + j * k + kb, k,
+                     a.src + i * a.ld_src + kb, a.ld_src, kl, s);
+          else
+            tile_any(nr, nt, static_cast<const float*>(a.wei.data) + j * k + kb, k,
+                     a.src + i * a.ld_src + kb, a.ld_src, kl, s);
+          store(a, j, i, nr, nt, kb == 0, s);
+          kb += kl;
+        } while (kb < k);
       }
     }
     return;
@@ -135,7 +151,7 @@ void linear_rows_avx2(const LinearArgs& a, int64_t j0, int64_t j1, float* scratc
   // Prefill: per k block, the rows' weights (widened once into `scratch` for BF16) stay in L1
   // while every token pair passes over them.
   for (int64_t kb = 0; kb < k; kb += kLinearKBlock) {
-    const int64_t kl = std::min(kLinearKBlock, k - kb);
+    const int64_t kl = lmin(kLinearKBlock, k - kb);
     if (bf16) {
       const auto* w = static_cast<const uint16_t*>(a.wei.data);
       for (int64_t j = j0; j < j1; ++j) {
@@ -143,7 +159,7 @@ void linear_rows_avx2(const LinearArgs& a, int64_t j0, int64_t j1, float* scratc
         float* dst = scratch + (j - j0) * kLinearKBlock;
         int64_t p = 0;
         for (; p + 8 <= kl; p += 8) _mm256_storeu_ps(dst + p, load8(src + p));
-        for (; p < kl; ++p) dst[p] = bf16_to_f32(src[p]);
+        for (; p < kl; ++p) dst[p] = widen(src[p]);
       }
       rows_blocked(a, j0, j1, kb, kl, static_cast<const float*>(scratch), kLinearKBlock);
     } else {

@@ -1390,9 +1390,9 @@ __global__ void attention_combine_early_kernel(AttentionArgs a, int splits, int6
   mx = warp_max(mx);
   if (lane == 0) red[wid][0] = mx;
   __syncthreads();
-  stamp_mark(ks, 0);  // the maximum
   float M = red[0][0];
   for (int w = 1; w < nw; ++w) M = fmaxf(M, red[w][0]);
+  stamp_mark(ks, 0);  // the maximum
   float lsum = 0.f;
   if (s0 < used) {
     const float w = expf(m0 - M);

@@ -52,6 +52,7 @@ void stamps_begin(int capacity);
 std::vector<KernelStamp> stamps_end();
 /// The one-token delta rule and the split-attention merge with every load issued up front (Note
 /// [early loads] in ops.cu; bit-identical). Default from TIDAL_CUDA_EARLY_LOADS (unset: off).
+/// Read when a kernel is launched: graphs captured before a change keep what they captured.
 void set_early_loads(bool on);
 bool early_loads();
 /// The delta rule over a prompt: 0 the staged token-by-token kernel, 1 the one-pass chunked

@@ -6,6 +6,10 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
 #include "tolerances.h"
 
 namespace tidal::kernels::cpu {
@@ -27,11 +31,13 @@ TEST_P(LinearTest, ThreadedMatchesReference) {
   std::vector<uint16_t> wb(wf.size());
   for (size_t i = 0; i < wf.size(); ++i) wb[i] = f32_to_bf16(wf[i]);
   WeightView w{dt == DType::kBF16 ? static_cast<const void*>(wb.data()) : wf.data(), dt, s.n, s.k};
-  const auto init = test::random_vec(static_cast<size_t>(s.m * s.n), 3);
+  // dst rows strided (two padding columns each, which must keep their values).
+  const int64_t ld_dst = s.n + 2;
+  const auto init = test::random_vec(static_cast<size_t>(s.m * ld_dst), 3);
   std::vector<float> ref = init, got = init;
-  linear_ref({src.data(), ld_src, w, ref.data(), s.n, s.m, accumulate});
+  linear_ref({src.data(), ld_src, w, ref.data(), ld_dst, s.m, accumulate});
   auto ex = make_tbb_executor(4);
-  linear({src.data(), ld_src, w, got.data(), s.n, s.m, accumulate}, *ex, isa);
+  linear({src.data(), ld_src, w, got.data(), ld_dst, s.m, accumulate}, *ex, isa);
   ASSERT_GT(test::norm2(ref), 0.0);
   for (size_t i = 0; i < ref.size(); ++i)
     ASSERT_NEAR(got[i], ref[i],
@@ -40,10 +46,20 @@ TEST_P(LinearTest, ThreadedMatchesReference) {
                     1e-6f * std::sqrt(static_cast<float>(s.k)))
         << "linear m=" << s.m << " n=" << s.n << " k=" << s.k << " dtype=" << dtype_name(dt)
         << " acc=" << accumulate << " isa=" << isa_name(isa) << " at " << i;
+  for (int64_t i = 0; i < s.m; ++i)
+    for (int64_t c = s.n; c < ld_dst; ++c) ASSERT_EQ(got[i * ld_dst + c], init[i * ld_dst + c]);
   // Determinism: same input, same threads -> bit-identical.
   std::vector<float> again = init;
-  linear({src.data(), ld_src, w, again.data(), s.n, s.m, accumulate}, *ex, isa);
+  linear({src.data(), ld_src, w, again.data(), ld_dst, s.m, accumulate}, *ex, isa);
   ASSERT_EQ(again, got);
+  // Batch invariance: each token alone (the decode path) gives the bits it got among all m
+  // (the k-blocked path past kLinearDirectTokens tokens; Note [CPU linear]).
+  for (int64_t i = 0; i < s.m; i += std::max<int64_t>(1, s.m / 3)) {
+    std::vector<float> one(init.begin() + i * ld_dst, init.begin() + (i + 1) * ld_dst);
+    linear({src.data() + i * ld_src, ld_src, w, one.data(), ld_dst, 1, accumulate}, *ex, isa);
+    for (int64_t c = 0; c < s.n; ++c)
+      ASSERT_EQ(one[c], got[i * ld_dst + c]) << "token " << i << " of " << s.m << ", column " << c;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -51,11 +67,14 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Combine(::testing::Values(Shape{1, 1, 1}, Shape{1, 17, 64}, Shape{2, 33, 7},
                                          Shape{3, 15, 130}, Shape{5, 64, 63}, Shape{17, 31, 257},
                                          Shape{33, 100, 96},
-                                         // several k blocks with a tail
-                                         // (Note [CPU linear]), odd token
-                                         // pairs and row quads, tasks
+                                         // odd token pairs and row quads, several tasks
                                          Shape{1, 37, 1000}, Shape{2, 19, 600}, Shape{3, 35, 513},
-                                         Shape{64, 21, 770}),
+                                         Shape{64, 21, 770},
+                                         // several k blocks of 1024 with a tail, on the direct
+                                         // (≤ 8 tokens) and the k-blocked path (Note [CPU
+                                         // linear]); rows wider than the portable path's scratch
+                                         Shape{2, 9, 2100}, Shape{9, 5, 1025}, Shape{33, 21, 2100},
+                                         Shape{2, 3, 16500}),
                        ::testing::Values(DType::kF32, DType::kBF16), ::testing::Bool(),
                        ::testing::Values(Isa::kRef, Isa::kAvx2)));
 

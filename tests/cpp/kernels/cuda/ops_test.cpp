@@ -1110,18 +1110,18 @@ TEST(CudaOps, EarlyLoadsAreBitIdentical) {
     int splits;
   };
   for (const Case c : {Case{16, 2, 256, 1000, 1, 132}, Case{16, 2, 256, 4999, 1, 132},
-                       Case{16, 2, 256, 20000, 1, 512}, Case{4, 2, 64, 300, 3, 17}})
+                       Case{16, 2, 256, 20000, 1, 512}, Case{4, 2, 64, 300, 3, 17}}) {
+    const int64_t n = c.pos0 + c.T, kvw = c.nkv * c.d;
+    const auto kh = to_bf16(random_vec(n * kvw, 80, 1.0f)),
+               vh = to_bf16(random_vec(n * kvw, 81, 1.0f));
+    const auto qv = random_vec(c.T * c.nh * c.d, 82), gv = random_vec(c.T * c.nh * c.d, 83);
+    const auto qg = random_vec(c.nh * c.d * 2, 84), kn = random_vec(kvw, 85),
+               vn = random_vec(kvw, 86), qnorm = random_vec(c.d, 87, 0.1f),
+               knorm = random_vec(c.d, 88, 0.1f);
+    const auto table = cpu::rope_table_default(1e7, c.d / 4);
     for (bool tc : {true, false})
       for (int gate_mode = 0; gate_mode < 3; ++gate_mode) {  // none, gate tensor, fused prep
         if (gate_mode == 2 && (!tc || c.T != 1)) continue;
-        const int64_t n = c.pos0 + c.T, kvw = c.nkv * c.d;
-        const auto kh = to_bf16(random_vec(n * kvw, 80, 1.0f)),
-                   vh = to_bf16(random_vec(n * kvw, 81, 1.0f));
-        const auto qv = random_vec(c.T * c.nh * c.d, 82), gv = random_vec(c.T * c.nh * c.d, 83);
-        const auto qg = random_vec(c.nh * c.d * 2, 84), kn = random_vec(kvw, 85),
-                   vn = random_vec(kvw, 86), qnorm = random_vec(c.d, 87, 0.1f),
-                   knorm = random_vec(c.d, 88, 0.1f);
-        const auto table = cpu::rope_table_default(1e7, c.d / 4);
         Dev<uint16_t> dkc(kh), dvc(vh);
         Dev<LayerStateDev> dls(
             std::vector<LayerStateDev>{LayerStateDev{dkc.p, dvc.p, nullptr, nullptr}});
@@ -1179,6 +1179,7 @@ TEST(CudaOps, EarlyLoadsAreBitIdentical) {
         EXPECT_EQ(diff, 0u) << "merge pos0=" << c.pos0 << " T=" << c.T << " splits=" << c.splits
                             << " tc=" << tc << " gate_mode=" << gate_mode;
       }
+  }
 }
 
 /// Note [Router in the MoE in-projection]: gemv_route equals the GEMV then moe_route bit for bit
