@@ -958,8 +958,8 @@ bool CudaModel::Impl::predict_next(int64_t layer, size_t next, int64_t T, int64_
   for (int64_t t = 0; t < T; ++t)
     for (int64_t i = 0; i < H; ++i) la_x[t * H + i] = h_xn[t * H + i] * r.f[i];
   la_logits.resize(static_cast<size_t>(T * E));
-  kernels::cpu::linear(la_x.data(), T, (*host_layers)[next].mlp.router, la_logits.data(), ex,
-                       false, opts.host_isa);
+  kernels::cpu::linear(la_x.data(), T, (*host_layers)[next].mlp.router, la_logits.data(), ex, false,
+                       opts.host_isa);
   pred.resize(static_cast<size_t>(T * kp));
   top_k_ids(la_logits.data(), T, E, kp, pred.data());
   return true;

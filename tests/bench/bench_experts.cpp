@@ -46,18 +46,7 @@ using tidal::bench::alloc_region;
 using tidal::bench::measure_bandwidth;
 using tidal::bench::now_s;
 using tidal::bench::parse_list;
-
-std::vector<std::string> parse_names(const std::string& s) {
-  std::vector<std::string> v;
-  size_t p = 0;
-  while (p < s.size()) {
-    size_t q = s.find(',', p);
-    if (q == std::string::npos) q = s.size();
-    v.push_back(s.substr(p, q - p));
-    p = q + 1;
-  }
-  return v;
-}
+using tidal::bench::parse_names;
 
 bool layer_hugepages() {
   const char* e = std::getenv("TIDAL_BENCH_HUGEPAGES");

@@ -28,6 +28,7 @@ namespace kc = tidal::kernels::cpu;
 using tidal::bench::measure_bandwidth;
 using tidal::bench::now_s;
 using tidal::bench::parse_list;
+using tidal::bench::parse_names;
 using tidal::kernels::Executor;
 using tidal::kernels::Isa;
 
@@ -89,14 +90,7 @@ int main(int argc, char** argv) {
     } else if (a == "--m") {
       ms = parse_list(next());
     } else if (a == "--isas") {
-      isas.clear();
-      const std::string v = next();
-      for (size_t p = 0; p < v.size();) {
-        size_t q = v.find(',', p);
-        if (q == std::string::npos) q = v.size();
-        isas.push_back(v.substr(p, q - p));
-        p = q + 1;
-      }
+      isas = parse_names(next());
     } else if (a == "--seconds") {
       seconds = std::stod(next());
     } else {

@@ -41,6 +41,19 @@ inline std::vector<int64_t> parse_list(const std::string& s) {
   return v;
 }
 
+/// Comma-separated names.
+inline std::vector<std::string> parse_names(const std::string& s) {
+  std::vector<std::string> v;
+  size_t p = 0;
+  while (p < s.size()) {
+    size_t q = s.find(',', p);
+    if (q == std::string::npos) q = s.size();
+    v.push_back(s.substr(p, q - p));
+    p = q + 1;
+  }
+  return v;
+}
+
 // Read bandwidth with the benchmark's own threads: every thread streams its slice with 64-byte
 // loads (4 independent accumulators), best of `repeats` passes over a buffer far larger than LLC.
 __attribute__((target("avx512f"))) inline uint64_t read_slice_avx512(const uint8_t* p, size_t n) {
